@@ -1,0 +1,74 @@
+/**
+ * The block device contract every layer speaks: backends (file, memory), mapped devices (dm/) and
+ * NBD exports (nbd/) all implement or consume it.
+ *
+ * Offsets and lengths are in bytes (`number`, safe below 2^53 = 8 PiB). Callers (the NBD edge, the
+ * mapped device) validate range and alignment once; implementations may assert.
+ * Reads fill the caller's buffer completely or throw a CryptmapError (never a short read).
+ */
+
+export interface BlockDeviceCapabilities {
+  /** Writes allowed (false = read-only device). */
+  write: boolean;
+  /** flush() makes completed writes durable (false: flush is a no-op, e.g. memory). */
+  flush: boolean;
+  /** write(..., {fua:true}) makes that write durable before it resolves. */
+  fua: boolean;
+  /** discard() releases space (hole punching). */
+  discard: boolean;
+  /** writeZeroes() is efficient (otherwise the core emulates it with writes). */
+  writeZeroes: boolean;
+  /** blockStatus() can tell holes and zero ranges (NBD base:allocation). */
+  blockStatus: boolean;
+  /** Safe to serve over several NBD connections at once (flush visible across all). */
+  multiConn: boolean;
+}
+
+export interface BlockDeviceLimits {
+  /** Smallest unit of I/O; offsets and lengths are multiples of it. 512..4096. */
+  logicalBlockBytes: number;
+  /** Preferred unit (4096 for files). */
+  physicalBlockBytes: number;
+  /** Largest single request the device accepts; the core splits larger ones. */
+  maxRequestBytes: number;
+}
+
+export interface WriteFlags {
+  /** Force unit access: durable before the promise resolves. */
+  fua?: boolean;
+}
+
+export interface WriteZeroesFlags extends WriteFlags {
+  /** Do not punch a hole: allocate and write zeros (NBD_CMD_FLAG_NO_HOLE). */
+  noHole?: boolean;
+}
+
+/** One extent from blockStatus: NBD base:allocation flags. */
+export interface Extent {
+  lengthBytes: number;
+  /** NBD_STATE_HOLE */
+  hole: boolean;
+  /** NBD_STATE_ZERO */
+  zero: boolean;
+}
+
+export interface BlockDevice {
+  readonly sizeBytes: number;
+  readonly capabilities: BlockDeviceCapabilities;
+  readonly limits: BlockDeviceLimits;
+
+  /** Fill `buf` with the bytes at `offsetBytes`. */
+  read(offsetBytes: number, buf: Uint8Array): Promise<void>;
+  /** Write all of `data` at `offsetBytes`. */
+  write(offsetBytes: number, data: Uint8Array, flags?: WriteFlags): Promise<void>;
+  /** Make every completed write durable. */
+  flush(): Promise<void>;
+  /** Release a range (contents afterwards are unspecified unless the device says zero). */
+  discard(offsetBytes: number, lengthBytes: number): Promise<void>;
+  /** Make a range read back as zeros. */
+  writeZeroes(offsetBytes: number, lengthBytes: number, flags?: WriteZeroesFlags): Promise<void>;
+  /** Allocation status of a range (only when capabilities.blockStatus). */
+  blockStatus?(offsetBytes: number, lengthBytes: number): Promise<Extent[]>;
+  /** Release resources; idempotent. Flushes first when the device is writable. */
+  close(): Promise<void>;
+}

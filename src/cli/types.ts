@@ -1,0 +1,9 @@
+/** The shape of one CLI verb: a thin function from argv to an exit code. Logic lives in modules. */
+export interface CliIO {
+  stdin: NodeJS.ReadableStream & { isTTY?: boolean; fd?: number };
+  stdout: NodeJS.WritableStream;
+  stderr: NodeJS.WritableStream;
+  env: NodeJS.ProcessEnv;
+}
+
+export type VerbMain = (argv: string[], io: CliIO) => Promise<number>;

@@ -1,0 +1,42 @@
+/**
+ * The dm-crypt sector transform contract (implemented in engine/, used by the dm crypt target,
+ * LUKS keyslot areas and benchmarks).
+ *
+ * A SectorCipher encrypts or decrypts a run of whole crypto sectors. Positions are given in
+ * 512-byte units (`sector`), exactly like a dm-crypt bio sector relative to the target start:
+ *   ivSector = sector + ivOffsetSectors                  (advances by sectorBytes/512 per crypto sector)
+ *   ivSector = (sector + ivOffsetSectors) >> log2(sectorBytes/512)   with ivLargeSectors
+ * Data length must be a multiple of sectorBytes and `sector` a multiple of sectorBytes/512.
+ */
+
+export type SectorBytes = 512 | 1024 | 2048 | 4096;
+
+export interface SectorCipherOptions {
+  /** dm-crypt cipher spec: `aes-xts-plain64`, `aes-cbc-essiv:sha256`, `capi:xts(aes)-plain64`, ... */
+  spec: string;
+  /** Raw key bytes (for multi-key specs, all keys concatenated). Copied; the caller keeps ownership. */
+  key: Uint8Array;
+  /** Crypto sector size; default 512. */
+  sectorBytes?: SectorBytes;
+  /** dm-crypt `iv_large_sectors`: count IVs in sectorBytes units instead of 512-byte units. */
+  ivLargeSectors?: boolean;
+  /** dm-crypt `<iv_offset>`, in 512-byte units; default 0. */
+  ivOffsetSectors?: bigint;
+  /** Force a backend; default: CRYPTMAP_CRYPTO_BACKEND env, else native when built, else js. */
+  backend?: 'native' | 'js';
+}
+
+export interface SectorCipher {
+  readonly spec: string;
+  readonly sectorBytes: SectorBytes;
+  readonly keyBytes: number;
+  readonly backend: 'native' | 'js';
+  /** Encrypt `src` (whole sectors starting at 512-byte sector `sector`) into `dst` (default: in place). */
+  encrypt(src: Uint8Array, sector: bigint, dst?: Uint8Array): void;
+  decrypt(src: Uint8Array, sector: bigint, dst?: Uint8Array): void;
+  /** Same, off the calling thread for large requests (pool of threads); small ones may run inline. */
+  encryptAsync(src: Uint8Array, sector: bigint, dst?: Uint8Array): Promise<void>;
+  decryptAsync(src: Uint8Array, sector: bigint, dst?: Uint8Array): Promise<void>;
+  /** Wipe the key schedule; further use throws. Idempotent. */
+  dispose(): void;
+}

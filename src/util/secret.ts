@@ -1,0 +1,54 @@
+/**
+ * Owned secret bytes: key material that is wiped on dispose and never printed.
+ * `toString`, `toJSON` and `util.inspect` all give a redacted form, so a secret that slips into a
+ * log line or an error message shows as `[secret N bytes]`.
+ */
+import { inspect } from 'node:util';
+
+export class Secret {
+  #bytes: Buffer | null;
+
+  /** Takes ownership of `bytes` (it is wiped on dispose). */
+  constructor(bytes: Uint8Array) {
+    this.#bytes = Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  }
+
+  static copyOf(bytes: Uint8Array): Secret {
+    return new Secret(Buffer.from(bytes));
+  }
+
+  get length(): number {
+    return this.#bytes?.length ?? 0;
+  }
+
+  get disposed(): boolean {
+    return this.#bytes === null;
+  }
+
+  /** The bytes themselves; callers must not keep or log them. */
+  expose(): Buffer {
+    if (this.#bytes === null) throw new Error('secret used after dispose');
+    return this.#bytes;
+  }
+
+  dispose(): void {
+    this.#bytes?.fill(0);
+    this.#bytes = null;
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+
+  toString(): string {
+    return `[secret ${this.length} bytes]`;
+  }
+
+  toJSON(): string {
+    return this.toString();
+  }
+
+  [inspect.custom](): string {
+    return this.toString();
+  }
+}
