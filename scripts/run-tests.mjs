@@ -1,14 +1,15 @@
-// Runs the compiled test files (dist/test/**/*.test.js) with node's test runner.
+// Runs the compiled test files (<dist>/test/**/*.test.js) with node's test runner.
 // `--unit` leaves out files named *.interop.test.js and *.slow.test.js.
 // Any further argument filters files by substring: node scripts/run-tests.mjs --unit engine
+// CRYPTMAP_DIST picks another build directory (parallel builds: tsc --outDir dist-foo).
 import { spawnSync } from 'node:child_process';
 import { readdirSync, statSync } from 'node:fs';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 
 const args = process.argv.slice(2);
 const unitOnly = args.includes('--unit');
 const filters = args.filter((a) => !a.startsWith('--'));
-const root = new URL('../dist/test', import.meta.url).pathname;
+const root = resolve(new URL('..', import.meta.url).pathname, process.env.CRYPTMAP_DIST ?? 'dist', 'test');
 
 function walk(dir) {
   const out = [];
