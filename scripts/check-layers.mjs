@@ -14,6 +14,7 @@ const LAYER = {
   activate: 4,
   keyservice: 4,
   reconciler: 5,
+  control: 5,
   daemon: 6,
   cli: 6,
 };

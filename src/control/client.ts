@@ -1,0 +1,85 @@
+/**
+ * Control socket client used by the CLI: connect, send requests, map error responses back to
+ * CryptmapError with the daemon's code and exit code.
+ */
+import { type Socket, connect } from 'node:net';
+import { CryptmapError } from '../util/errors.js';
+import { type ControlResponse, lineSplitter } from './protocol.js';
+import { controlSocketPath } from './runtime-dir.js';
+
+export const DAEMON_NOT_RUNNING = "cryptmap: the daemon is not running (start it with 'cryptmap daemon')";
+
+export class ControlClient {
+  readonly #sock: Socket;
+  #nextId = 1;
+  readonly #waiting = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
+  #closedError: Error | null = null;
+
+  private constructor(sock: Socket) {
+    this.#sock = sock;
+    const fail = (e: Error) => {
+      this.#closedError = e;
+      for (const w of this.#waiting.values()) w.reject(e);
+      this.#waiting.clear();
+    };
+    sock.on(
+      'data',
+      lineSplitter(
+        (line) => {
+          let r: ControlResponse;
+          try {
+            r = JSON.parse(line) as ControlResponse;
+          } catch {
+            fail(new CryptmapError('EPROTO', 'daemon sent an invalid response'));
+            sock.destroy();
+            return;
+          }
+          const w = r.id === null ? undefined : this.#waiting.get(r.id);
+          if (r.id !== null) this.#waiting.delete(r.id);
+          if (!w) {
+            if (!r.ok) fail(new CryptmapError(r.error.code, r.error.message, { exitCode: r.error.exitCode }));
+            return;
+          }
+          if (r.ok) w.resolve(r.result);
+          else w.reject(new CryptmapError(r.error.code, r.error.message, { exitCode: r.error.exitCode }));
+        },
+        () => {
+          fail(new CryptmapError('EPROTO', 'daemon response too long'));
+          sock.destroy();
+        },
+      ),
+    );
+    sock.on('error', (e) => fail(e));
+    sock.on('close', () => fail(new CryptmapError('EDAEMON_GONE', 'the cryptmap daemon closed the connection', { exitCode: 1 })));
+  }
+
+  /** Connect to the daemon in `runtimeDir`; a clear error when it is not running. */
+  static async connect(runtimeDir: string): Promise<ControlClient> {
+    const path = controlSocketPath(runtimeDir);
+    const sock = connect(path);
+    await new Promise<void>((res, rej) => {
+      sock.once('connect', () => res());
+      sock.once('error', (e: NodeJS.ErrnoException) => {
+        if (e.code === 'ENOENT' || e.code === 'ECONNREFUSED') {
+          rej(new CryptmapError('EDAEMON_DOWN', `${DAEMON_NOT_RUNNING} [no daemon at ${path}]`, { exitCode: 1 }));
+        } else if (e.code === 'EACCES' || e.code === 'EPERM') {
+          rej(new CryptmapError('EDAEMON_PERM', `cryptmap: permission denied on ${path} (the daemon accepts only its owner and root)`, { exitCode: 2 }));
+        } else rej(e);
+      });
+    });
+    return new ControlClient(sock);
+  }
+
+  call<T = unknown>(op: string, args: Record<string, unknown> = {}): Promise<T> {
+    if (this.#closedError) return Promise.reject(this.#closedError);
+    const id = this.#nextId++;
+    return new Promise<T>((resolve, reject) => {
+      this.#waiting.set(id, { resolve: resolve as (v: unknown) => void, reject });
+      this.#sock.write(JSON.stringify({ id, op, args }) + '\n');
+    });
+  }
+
+  close(): void {
+    this.#sock.end();
+  }
+}

@@ -1,0 +1,109 @@
+/**
+ * Control socket server: a table of handlers keyed by op name ("dm.create", "volume.open", ...).
+ * Requests on one connection run concurrently; the daemon serialises lifecycle per device below.
+ */
+import { chmodSync, existsSync, unlinkSync } from 'node:fs';
+import { type Server, type Socket, connect, createServer } from 'node:net';
+import { CryptmapError, isCryptmapError } from '../util/errors.js';
+import { logger } from '../util/log.js';
+import { type ControlResponse, lineSplitter, parseRequest } from './protocol.js';
+
+export type ControlHandler = (args: Record<string, unknown>) => Promise<unknown>;
+export type ControlHandlers = Record<string, ControlHandler>;
+
+const log = logger('control');
+
+export class ControlServer {
+  readonly #handlers: ControlHandlers;
+  #server: Server | null = null;
+  #path = '';
+  readonly #sockets = new Set<Socket>();
+
+  constructor(handlers: ControlHandlers) {
+    this.#handlers = handlers;
+  }
+
+  /** Listen on `path` (mode 0600). A stale socket file is replaced; a live one means another daemon runs. */
+  async listen(path: string): Promise<void> {
+    if (existsSync(path)) {
+      if (await isAlive(path)) {
+        throw new CryptmapError('EDAEMON_RUNNING', `another cryptmap daemon is already listening on ${path}`, { exitCode: 5, errno: 'EBUSY' });
+      }
+      unlinkSync(path);
+    }
+    const server = createServer((s) => this.#serve(s));
+    await new Promise<void>((res, rej) => {
+      server.once('error', rej);
+      server.listen(path, () => {
+        server.off('error', rej);
+        res();
+      });
+    });
+    chmodSync(path, 0o600);
+    this.#server = server;
+    this.#path = path;
+  }
+
+  #serve(sock: Socket): void {
+    this.#sockets.add(sock);
+    sock.on('close', () => this.#sockets.delete(sock));
+    sock.on('error', () => sock.destroy());
+    const send = (r: ControlResponse) => {
+      if (!sock.destroyed) sock.write(JSON.stringify(r) + '\n');
+    };
+    const push = lineSplitter(
+      (line) => {
+        if (line.trim() === '') return;
+        let req: ReturnType<typeof parseRequest>;
+        try {
+          req = parseRequest(line);
+        } catch (e) {
+          send({ id: null, ok: false, error: errorBody(e) });
+          sock.end();
+          return;
+        }
+        const handler = Object.hasOwn(this.#handlers, req.op) ? this.#handlers[req.op] : undefined;
+        if (!handler) {
+          send({ id: req.id, ok: false, error: { code: 'EUNKNOWN_OP', message: `unknown control operation '${req.op}'`, exitCode: 1 } });
+          return;
+        }
+        handler(req.args).then(
+          (result) => send({ id: req.id, ok: true, result: result ?? null }),
+          (e) => {
+            if (!isCryptmapError(e)) log.error('control operation failed', { op: req.op, error: e instanceof Error ? e.message : String(e) });
+            send({ id: req.id, ok: false, error: errorBody(e) });
+          },
+        );
+      },
+      () => {
+        send({ id: null, ok: false, error: { code: 'EPROTO', message: 'control request line too long', exitCode: 1 } });
+        sock.end();
+      },
+    );
+    sock.on('data', push);
+  }
+
+  async close(): Promise<void> {
+    const server = this.#server;
+    this.#server = null;
+    for (const s of this.#sockets) s.destroy();
+    if (server) await new Promise<void>((res) => server.close(() => res()));
+    if (this.#path && existsSync(this.#path)) unlinkSync(this.#path);
+  }
+}
+
+function errorBody(e: unknown): { code: string; message: string; exitCode: number } {
+  if (isCryptmapError(e)) return { code: e.code, message: e.message, exitCode: e.exitCode };
+  return { code: 'EINTERNAL', message: `internal error: ${e instanceof Error ? e.message : String(e)}`, exitCode: 1 };
+}
+
+async function isAlive(path: string): Promise<boolean> {
+  return new Promise((res) => {
+    const s = connect(path);
+    s.once('connect', () => {
+      s.destroy();
+      res(true);
+    });
+    s.once('error', () => res(false));
+  });
+}

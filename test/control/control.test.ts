@@ -1,0 +1,73 @@
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, statSync } from 'node:fs';
+import { connect } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { ControlClient } from '../../src/control/client.js';
+import { MAX_LINE_BYTES } from '../../src/control/protocol.js';
+import { controlSocketPath, ensureRuntimeDir } from '../../src/control/runtime-dir.js';
+import { ControlServer } from '../../src/control/server.js';
+import { CryptmapError } from '../../src/util/errors.js';
+
+function tmp(): string {
+  const d = mkdtempSync(join(tmpdir(), 'cm-control-'));
+  ensureRuntimeDir(join(d, 'run'));
+  return join(d, 'run');
+}
+
+test('requests reach handlers; errors come back with code and exit code', async () => {
+  const dir = tmp();
+  const server = new ControlServer({
+    'echo.args': async (a) => a,
+    'fail.busy': async () => {
+      throw new CryptmapError('EBUSY_DEV', 'device x is busy', { exitCode: 5 });
+    },
+  });
+  await server.listen(controlSocketPath(dir));
+  try {
+    assert.equal(statSync(dir).mode & 0o777, 0o700);
+    assert.equal(statSync(controlSocketPath(dir)).mode & 0o777, 0o600);
+    const c = await ControlClient.connect(dir);
+    assert.deepEqual(await c.call('echo.args', { a: 1 }), { a: 1 });
+    await assert.rejects(c.call('fail.busy'), (e: CryptmapError) => e.code === 'EBUSY_DEV' && e.exitCode === 5);
+    await assert.rejects(c.call('no.such'), (e: CryptmapError) => e.code === 'EUNKNOWN_OP');
+    c.close();
+    await assert.rejects(new ControlServer({}).listen(controlSocketPath(dir)), (e: CryptmapError) => e.code === 'EDAEMON_RUNNING');
+  } finally {
+    await server.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a missing daemon gives a clear error saying how to start it', async () => {
+  const dir = tmp();
+  await assert.rejects(ControlClient.connect(dir), (e: CryptmapError) => e.code === 'EDAEMON_DOWN' && /cryptmap daemon/.test(e.message));
+  rmSync(dir, { recursive: true, force: true });
+});
+
+test('malformed and oversized lines get an error reply and a closed connection', async () => {
+  const dir = tmp();
+  const server = new ControlServer({ ok: async () => 1 });
+  await server.listen(controlSocketPath(dir));
+  try {
+    for (const payload of ['not json\n', '{"id":"x","op":"ok"}\n', Buffer.alloc(MAX_LINE_BYTES + 10, 0x61)]) {
+      const reply = await new Promise<string>((res) => {
+        const s = connect(controlSocketPath(dir));
+        let got = '';
+        s.on('data', (d) => {
+          got += d.toString();
+        });
+        s.on('close', () => res(got));
+        s.on('error', () => res(got));
+        s.write(payload);
+      });
+      const r = JSON.parse(reply.split('\n')[0] ?? '');
+      assert.equal(r.ok, false);
+      assert.equal(r.error.code, 'EPROTO');
+    }
+  } finally {
+    await server.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
