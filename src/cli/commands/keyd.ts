@@ -1,0 +1,149 @@
+/**
+ * `cryptmap keyd`: run the key service (docs/keyservice.md).
+ *
+ *   cryptmap keyd --state-dir DIR [--socket PATH] [--listen HOST:PORT --tls-cert F --tls-key F --tls-ca F]
+ *                 [--policy FILE] [--passphrase-file FILE] [--audit-log FILE]
+ *   cryptmap keyd token NAME      print a new client token and its policy entry
+ *
+ * Serves until SIGINT or SIGTERM; SIGHUP reloads the policy file.
+ */
+import { readFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { parseArgs } from 'node:util';
+import { type AuditSink, openAuditFile } from '../../keyservice/audit.js';
+import { isValidName } from '../../keyservice/derive.js';
+import { DEFAULT_POLICY, loadPolicy, tokenDigest } from '../../keyservice/policy.js';
+import { loadOrCreateRootSecret } from '../../keyservice/root-secret.js';
+import { listenTls, listenUnix, newClientToken, type RunningServer } from '../../keyservice/server.js';
+import { KeyService } from '../../keyservice/service.js';
+import { CryptmapError, fromSystemError } from '../../util/errors.js';
+import { Secret } from '../../util/secret.js';
+import type { VerbMain } from '../types.js';
+
+const HELP = `usage: cryptmap keyd --state-dir DIR [options]
+       cryptmap keyd token NAME
+
+  --state-dir DIR         root secret (root.key, 0600) and audit log live here (dir 0700)
+  --socket PATH           Unix socket (mode 0600; default DIR/keyd.sock)
+  --listen HOST:PORT      also serve HTTPS with client certificates (needs the three --tls-*)
+  --tls-cert F --tls-key F --tls-ca F   server certificate and key (PEM), CA for client certificates
+  --policy FILE           who may have which keys (YAML/JSON; default: local clients, all services)
+  --passphrase-file FILE  keep the root secret wrapped by this passphrase (Argon2id)
+  --audit-log FILE        JSON lines (default DIR/audit.log)
+`;
+
+function parseListen(s: string): { host: string; port: number } {
+  const m = /^(\[[^\]]+\]|[^:]+):([0-9]{1,5})$/.exec(s);
+  const port = m ? Number(m[2]) : Number.NaN;
+  if (!m || port > 65535) throw new CryptmapError('EARGS', `--listen '${s}' must be HOST:PORT`);
+  return { host: m[1]!.replace(/^\[|\]$/g, ''), port };
+}
+
+function readFileArg(flag: string, p: string): Buffer {
+  try {
+    return readFileSync(p);
+  } catch (e) {
+    throw fromSystemError('EARGS', `${flag} ${p}`, e);
+  }
+}
+
+const keyd: VerbMain = async (argv, io) => {
+  if (argv[1] === 'token') {
+    const name = argv[2];
+    if (name === undefined || !isValidName(name)) throw new CryptmapError('EARGS', 'usage: cryptmap keyd token NAME (NAME: letters, digits, . _ -)');
+    const token = newClientToken();
+    io.stdout.write(`token: ${token}\n# policy entry (store the token in the client's 0600 token file, not here):\n`);
+    io.stdout.write(`- identity: token:${name}\n  tokenSha256: ${tokenDigest(token)}\n  services: []\n`);
+    return 0;
+  }
+  const { values } = parseArgs({
+    args: argv.slice(1),
+    options: {
+      'state-dir': { type: 'string' },
+      socket: { type: 'string' },
+      listen: { type: 'string' },
+      'tls-cert': { type: 'string' },
+      'tls-key': { type: 'string' },
+      'tls-ca': { type: 'string' },
+      policy: { type: 'string' },
+      'passphrase-file': { type: 'string' },
+      'audit-log': { type: 'string' },
+      help: { type: 'boolean', short: 'h' },
+    },
+    strict: true,
+    allowPositionals: false,
+  });
+  if (values.help) {
+    io.stdout.write(HELP);
+    return 0;
+  }
+  if (!values['state-dir']) throw new CryptmapError('EARGS', `--state-dir is required\n${HELP}`);
+  const stateDir = resolve(values['state-dir']);
+  const tls = [values['tls-cert'], values['tls-key'], values['tls-ca']];
+  if (values.listen && tls.some((x) => !x)) throw new CryptmapError('EARGS', '--listen needs --tls-cert, --tls-key and --tls-ca');
+  if (!values.listen && tls.some((x) => x)) throw new CryptmapError('EARGS', '--tls-* options need --listen HOST:PORT');
+  const listen = values.listen ? parseListen(values.listen) : undefined;
+  const policyPath = values.policy ? resolve(values.policy) : undefined;
+  let policy = policyPath ? await loadPolicy(policyPath) : DEFAULT_POLICY;
+
+  let passphrase: Secret | undefined;
+  if (values['passphrase-file']) {
+    const raw = readFileArg('--passphrase-file', values['passphrase-file']);
+    // cryptsetup convention: a key file is used whole; a trailing newline from `echo` is dropped.
+    const end = raw.length > 0 && raw[raw.length - 1] === 0x0a ? raw.length - 1 : raw.length;
+    passphrase = new Secret(Buffer.from(raw.subarray(0, end)));
+    raw.fill(0);
+  }
+  const root = await loadOrCreateRootSecret(stateDir, { passphrase });
+  passphrase?.dispose();
+  let audit: AuditSink | undefined;
+  const servers: RunningServer[] = [];
+  try {
+    audit = await openAuditFile(values['audit-log'] ? resolve(values['audit-log']) : join(stateDir, 'audit.log'));
+    const service = new KeyService({ root: root.secret, policy, audit });
+    io.stdout.write(`keyd: root secret ${root.created ? 'created' : 'loaded'} (${root.wrapped ? 'wrapped' : 'raw'}) at ${root.path}\n`);
+    const socketPath = resolve(values.socket ?? join(stateDir, 'keyd.sock'));
+    servers.push(await listenUnix(service, socketPath));
+    io.stdout.write(`keyd: listening on unix:${socketPath}\n`);
+    if (listen) {
+      const s = await listenTls(service, {
+        host: listen.host,
+        port: listen.port,
+        cert: readFileArg('--tls-cert', tls[0]!),
+        key: readFileArg('--tls-key', tls[1]!),
+        ca: readFileArg('--tls-ca', tls[2]!),
+      });
+      servers.push(s);
+      io.stdout.write(`keyd: listening on ${s.address}\n`);
+    }
+    await new Promise<void>((res) => {
+      const stop = () => {
+        process.off('SIGINT', stop);
+        process.off('SIGTERM', stop);
+        process.off('SIGHUP', reload);
+        res();
+      };
+      const reload = () => {
+        if (!policyPath) return;
+        loadPolicy(policyPath).then(
+          (p) => {
+            policy = p;
+            service.setPolicy(p);
+            io.stdout.write('keyd: policy reloaded\n');
+          },
+          (e) => io.stderr.write(`keyd: policy not reloaded: ${(e as Error).message}\n`),
+        );
+      };
+      process.on('SIGINT', stop);
+      process.on('SIGTERM', stop);
+      process.on('SIGHUP', reload);
+    });
+    io.stdout.write('keyd: stopping\n');
+    return 0;
+  } finally {
+    for (const s of servers) await s.close();
+    await audit?.close();
+    root.secret.dispose();
+  }
+};
+export default keyd;
