@@ -1,0 +1,75 @@
+/**
+ * The LUKS anti-forensic information splitter (LUKS1 spec §2.4 "AF-Splitter"; cryptsetup
+ * lib/luks1/af.c; identical in LUKS2). A key of `keyBytes` is expanded to `keyBytes * stripes`
+ * bytes so that destroying any part of the stored material destroys the key.
+ *
+ *   diffuse(d): for each digest-sized block i of d: block_i = H(be32(i) || block_i), truncated
+ *   split:      d = 0; for i < n-1: s_i = random; d = diffuse(d ^ s_i);  s_{n-1} = key ^ d
+ *   merge:      the same loop over the stored s_0..s_{n-2}; key = s_{n-1} ^ d
+ */
+import { createHash, randomFillSync } from 'node:crypto';
+import { CryptmapError } from '../util/errors.js';
+import { hashDigestBytes, nodeHashName } from './kdf/hash.js';
+
+/** Bytes the split material occupies on disk: whole 512-byte sectors (AF_split_sectors). */
+export function afSplitBytes(keyBytes: number, stripes: number): number {
+  return Math.ceil((keyBytes * stripes) / 512) * 512;
+}
+
+function diffuse(d: Buffer, hashName: string, ds: number, counter: Buffer): void {
+  const len = d.length;
+  const blocks = Math.ceil(len / ds);
+  for (let i = 0; i < blocks; i++) {
+    const start = i * ds;
+    const end = Math.min(start + ds, len);
+    counter.writeUInt32BE(i, 0);
+    const h = createHash(hashName).update(counter).update(d.subarray(start, end)).digest();
+    h.copy(d, start, 0, end - start);
+    h.fill(0);
+  }
+}
+
+function check(keyBytes: number, stripes: number): void {
+  if (!Number.isInteger(keyBytes) || keyBytes < 1 || keyBytes > 4096 || !Number.isInteger(stripes) || stripes < 1 || stripes > 65536) {
+    throw new CryptmapError('EAFPARAM', `Invalid AF parameters (key ${keyBytes} bytes, ${stripes} stripes).`);
+  }
+}
+
+/** Split `key` into `afSplitBytes(key.length, stripes)` bytes (padding after the stripes is zero). */
+export function afSplit(key: Uint8Array, stripes: number, hash: string): Buffer {
+  const keyBytes = key.length;
+  check(keyBytes, stripes);
+  const hashName = nodeHashName(hash);
+  const ds = hashDigestBytes(hash);
+  const out = Buffer.alloc(afSplitBytes(keyBytes, stripes));
+  const d = Buffer.alloc(keyBytes);
+  const counter = Buffer.alloc(4);
+  for (let s = 0; s < stripes - 1; s++) {
+    const stripe = out.subarray(s * keyBytes, (s + 1) * keyBytes);
+    randomFillSync(stripe);
+    for (let j = 0; j < keyBytes; j++) d[j]! ^= stripe[j]!;
+    diffuse(d, hashName, ds, counter);
+  }
+  const last = out.subarray((stripes - 1) * keyBytes, stripes * keyBytes);
+  for (let j = 0; j < keyBytes; j++) last[j] = key[j]! ^ d[j]!;
+  d.fill(0);
+  return out;
+}
+
+/** Recover the key from split material (at least keyBytes*stripes bytes). The caller wipes the result. */
+export function afMerge(material: Uint8Array, keyBytes: number, stripes: number, hash: string): Buffer {
+  check(keyBytes, stripes);
+  if (material.length < keyBytes * stripes) throw new CryptmapError('EAFPARAM', 'AF material is too short.');
+  const hashName = nodeHashName(hash);
+  const ds = hashDigestBytes(hash);
+  const d = Buffer.alloc(keyBytes);
+  const counter = Buffer.alloc(4);
+  for (let s = 0; s < stripes - 1; s++) {
+    const base = s * keyBytes;
+    for (let j = 0; j < keyBytes; j++) d[j]! ^= material[base + j]!;
+    diffuse(d, hashName, ds, counter);
+  }
+  const base = (stripes - 1) * keyBytes;
+  for (let j = 0; j < keyBytes; j++) d[j] = material[base + j]! ^ d[j]!;
+  return d;
+}

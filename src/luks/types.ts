@@ -1,0 +1,84 @@
+/**
+ * The format-independent view of a LUKS volume that the activation layer and the CLI use. LUKS1
+ * (luks1.ts) and LUKS2 (luks2.ts) both implement `LuksVolume`.
+ */
+import type { KdfParams } from '../crypto/kdf/index.js';
+import type { SectorBytes } from '../engine/types.js';
+import type { Secret } from '../util/secret.js';
+
+/** Where and how the encrypted data lives (what a dm-crypt table needs). */
+export interface DataSegment {
+  /** Byte offset of the data on the data device (0 with a detached header and no --offset). */
+  offsetBytes: number;
+  /** Data length, or 'dynamic' = up to the end of the device. */
+  sizeBytes: number | 'dynamic';
+  /** dm-crypt cipher spec, e.g. `aes-xts-plain64`. */
+  cipher: string;
+  sectorBytes: SectorBytes;
+  /** dm-crypt iv_offset in 512-byte sectors (LUKS2 `iv_tweak`, 0 for LUKS1). */
+  ivTweak: bigint;
+  /** Volume key length in bytes. */
+  keyBytes: number;
+}
+
+export type KeyslotPriority = 'ignore' | 'normal' | 'prefer';
+
+export interface KeyslotInfo {
+  id: number;
+  /** 'luks2', 'reencrypt', 'luks1', or an unknown type string. */
+  type: string;
+  active: boolean;
+  priority: KeyslotPriority;
+  kdf: string;
+}
+
+/** How a mutating operation proves it knows the volume key. */
+export type KeyAuth = { passphrase: Uint8Array } | { volumeKey: Secret };
+
+export interface NewKeyslotOptions {
+  /** Slot number; default: the lowest free one. */
+  keySlot?: number;
+  /** KDF parameters; default: calibrated to iterTimeMs. */
+  kdf?: KdfParams;
+  /** For calibration: target time (cryptsetup --iter-time). */
+  iterTimeMs?: number;
+  /** For calibration: 'pbkdf2' | 'argon2i' | 'argon2id', memory and lanes ceilings. */
+  pbkdf?: 'pbkdf2' | 'argon2i' | 'argon2id';
+  pbkdfMemoryKiB?: number;
+  pbkdfParallel?: number;
+  hash?: string;
+}
+
+export interface UnlockResult {
+  volumeKey: Secret;
+  keyslot: number;
+}
+
+export interface LuksVolume {
+  readonly type: 'luks1' | 'luks2';
+  readonly uuid: string;
+  readonly label: string;
+  readonly subsystem: string;
+  readonly dataSegment: DataSegment;
+  /** False when the metadata carries requirements cryptmap does not know (no activation, no changes). */
+  readonly activatable: boolean;
+  /** Bytes of header + keyslot areas (what a header backup holds). */
+  readonly headerBytes: number;
+  keyslots(): KeyslotInfo[];
+  /** Try the slots (priority order, or only `keySlot`); "No key available with this passphrase." (exit 2) otherwise. */
+  unlock(passphrase: Uint8Array, opts?: { keySlot?: number }): Promise<UnlockResult>;
+  /** True when `vk` is this volume's key. */
+  verifyVolumeKey(vk: Uint8Array): Promise<boolean>;
+  /** Add a keyslot; returns its number. */
+  addKey(auth: KeyAuth, newPassphrase: Uint8Array, opts?: NewKeyslotOptions): Promise<number>;
+  /** Replace the passphrase of the slot `oldPassphrase` opens; returns the slot number. */
+  changeKey(oldPassphrase: Uint8Array, newPassphrase: Uint8Array, opts?: NewKeyslotOptions): Promise<number>;
+  /** Remove the slot the passphrase opens; returns its number. */
+  removeKey(passphrase: Uint8Array, opts?: { keySlot?: number }): Promise<number>;
+  killSlot(slot: number): Promise<void>;
+  setUuid(uuid: string): Promise<void>;
+  /** Erase every keyslot (the volume becomes permanently inaccessible). */
+  erase(): Promise<void>;
+  /** Flush and close the underlying devices' use by this object (does not close devices passed in). */
+  close(): Promise<void>;
+}
