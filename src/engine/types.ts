@@ -24,6 +24,13 @@ export interface SectorCipherOptions {
   ivOffsetSectors?: bigint;
   /** Force a backend; default: CRYPTMAP_CRYPTO_BACKEND env, else native when built, else js. */
   backend?: 'native' | 'js';
+  /**
+   * dm-crypt `same_cpu_crypt`: the async forms run on the calling thread too (no thread pool).
+   * Default false: requests of at least `asyncMinBytes` go to the libuv thread pool (native backend).
+   */
+  sameCpu?: boolean;
+  /** Smallest request the async forms send to the pool; smaller ones run inline. Default 65536. */
+  asyncMinBytes?: number;
 }
 
 export interface SectorCipher {

@@ -1,0 +1,197 @@
+/**
+ * The pure TypeScript sector-cipher backend over node:crypto (no native code). Correct first, not
+ * fast: it is the fallback when the addon is absent and the reference the native backend is
+ * tested against.
+ *
+ * - xts: computed here over AES-ECB (IEEE 1619 section 5.3): all initial tweaks of a request in one
+ *   ECB call under K2, per-block tweaks by GF(2^128) doubling, then one ECB call under K1. Doing XTS
+ *   ourselves also covers keys whose halves are equal (OpenSSL 3 refuses those for XTS encryption)
+ *   and aes-192-xts (48-byte keys), which node:crypto lacks.
+ * - cbc: encryption chains one CBC cipher object across the request, folding each sector's IV into
+ *   its first block; decryption is one ECB call plus XORs (in place safe: blocks run backwards).
+ * - ecb: one call. cipher_null: copy.
+ *
+ * node:crypto keeps its own copy of the key schedule inside OpenSSL until the cipher objects are
+ * garbage collected; dispose drops our references and wipes our key copies (see docs/secrets.md).
+ */
+import { type Cipher, createCipheriv, createDecipheriv, type Decipher } from 'node:crypto';
+import { wipe } from '../../util/bytes.js';
+import { CryptmapError } from '../../util/errors.js';
+import type { CipherSpec } from '../cipher-spec.js';
+import { IV_BYTES, type IvInstance } from '../iv/index.js';
+import type { BackendOps, SectorRun, SectorTransform } from './types.js';
+import { gfDouble } from './xts-math.js';
+
+type Ecb = Cipher | Decipher;
+
+function ecb(key: Uint8Array, encrypt: boolean): Ecb {
+  const algo = `aes-${key.length * 8}-ecb`;
+  return (encrypt ? createCipheriv(algo, key, null) : createDecipheriv(algo, key, null)).setAutoPadding(false);
+}
+
+function xorInto(dst: Uint8Array, a: Uint8Array, b: Uint8Array, n: number): void {
+  for (let i = 0; i < n; i++) dst[i] = a[i]! ^ b[i]!;
+}
+
+function disposedError(): CryptmapError {
+  return new CryptmapError('EDISPOSED', 'sector cipher used after dispose');
+}
+
+function makeIvs(iv: IvInstance | undefined, r: SectorRun): Buffer {
+  const ivs = Buffer.alloc(r.count * IV_BYTES);
+  iv?.generate(ivs, r.count, r.ivLo, r.ivHi, r.ivStep);
+  return ivs;
+}
+
+class JsXts implements SectorTransform {
+  #k1e: Ecb | null;
+  #k1d: Ecb | null;
+  #k2e: Ecb | null;
+  constructor(
+    key: Uint8Array,
+    readonly sectorBytes: number,
+    readonly iv: IvInstance | undefined,
+  ) {
+    const half = key.length / 2;
+    const k1 = Buffer.from(key.subarray(0, half));
+    const k2 = Buffer.from(key.subarray(half));
+    this.#k1e = ecb(k1, true);
+    this.#k1d = ecb(k1, false);
+    this.#k2e = ecb(k2, true);
+    wipe(k1, k2);
+  }
+  run(r: SectorRun): void {
+    if (this.#k2e === null || this.#k1e === null || this.#k1d === null) throw disposedError();
+    const n = r.count * this.sectorBytes;
+    const ivs = makeIvs(this.iv, r);
+    const t0 = this.#k2e.update(ivs);
+    const tw = Buffer.allocUnsafe(n);
+    const blocks = this.sectorBytes / 16;
+    for (let s = 0; s < r.count; s++) {
+      let off = s * this.sectorBytes;
+      tw.set(t0.subarray(s * 16, s * 16 + 16), off);
+      for (let b = 1; b < blocks; b++, off += 16) gfDouble(tw, off, off + 16);
+    }
+    const x = Buffer.allocUnsafe(n);
+    xorInto(x, r.src, tw, n);
+    const y = (r.encrypt ? this.#k1e : this.#k1d).update(x);
+    xorInto(r.dst, y, tw, n);
+    wipe(x, y, tw, t0);
+  }
+  runAsync(r: SectorRun): Promise<void> {
+    return runAsSync(this, r);
+  }
+  dispose(): void {
+    this.#k1e = this.#k1d = this.#k2e = null;
+  }
+}
+
+class JsCbc implements SectorTransform {
+  #key: Buffer | null;
+  #d: Ecb | null;
+  constructor(
+    key: Uint8Array,
+    readonly sectorBytes: number,
+    readonly iv: IvInstance | undefined,
+  ) {
+    this.#key = Buffer.from(key);
+    this.#d = ecb(this.#key, false);
+  }
+  run(r: SectorRun): void {
+    const key = this.#key;
+    const d = this.#d;
+    if (key === null || d === null) throw disposedError();
+    const sb = this.sectorBytes;
+    const ivs = makeIvs(this.iv, r);
+    if (r.encrypt) {
+      // One CBC object for the run: its chaining value after sector i-1 is that sector's last
+      // ciphertext block c; feeding P0 ^ IV_i ^ c makes the cipher see P0 ^ IV_i, as dm-crypt does.
+      const c = createCipheriv(`aes-${key.length * 8}-cbc`, key, ivs.subarray(0, 16)).setAutoPadding(false);
+      const scratch = Buffer.allocUnsafe(sb);
+      for (let s = 0; s < r.count; s++) {
+        const off = s * sb;
+        scratch.set(r.src.subarray(off, off + sb));
+        if (s > 0) {
+          for (let i = 0; i < 16; i++) scratch[i] = scratch[i]! ^ ivs[s * 16 + i]! ^ r.dst[off - 16 + i]!;
+        }
+        const out = c.update(scratch);
+        r.dst.set(out, off);
+      }
+      wipe(scratch);
+    } else {
+      const y = d.update(r.src);
+      for (let s = 0; s < r.count; s++) {
+        const off = s * sb;
+        // Backwards so that in place (dst === src) every ciphertext block is read before it is overwritten.
+        for (let b = sb - 16; b > 0; b -= 16) {
+          for (let i = 0; i < 16; i++) r.dst[off + b + i] = y[off + b + i]! ^ r.src[off + b - 16 + i]!;
+        }
+        for (let i = 0; i < 16; i++) r.dst[off + i] = y[off + i]! ^ ivs[s * 16 + i]!;
+      }
+      wipe(y);
+    }
+  }
+  runAsync(r: SectorRun): Promise<void> {
+    return runAsSync(this, r);
+  }
+  dispose(): void {
+    wipe(this.#key);
+    this.#key = null;
+    this.#d = null;
+  }
+}
+
+class JsEcb implements SectorTransform {
+  #e: Ecb | null;
+  #d: Ecb | null;
+  constructor(key: Uint8Array) {
+    this.#e = ecb(key, true);
+    this.#d = ecb(key, false);
+  }
+  run(r: SectorRun): void {
+    const c = r.encrypt ? this.#e : this.#d;
+    if (c === null) throw disposedError();
+    const y = c.update(r.src);
+    r.dst.set(y);
+    wipe(y);
+  }
+  runAsync(r: SectorRun): Promise<void> {
+    return runAsSync(this, r);
+  }
+  dispose(): void {
+    this.#e = this.#d = null;
+  }
+}
+
+class JsNull implements SectorTransform {
+  #live = true;
+  run(r: SectorRun): void {
+    if (!this.#live) throw disposedError();
+    if (r.dst !== r.src) r.dst.set(r.src);
+  }
+  runAsync(r: SectorRun): Promise<void> {
+    return runAsSync(this, r);
+  }
+  dispose(): void {
+    this.#live = false;
+  }
+}
+
+async function runAsSync(t: SectorTransform, r: SectorRun): Promise<void> {
+  t.run(r);
+}
+
+export const jsBackend: BackendOps = {
+  name: 'js',
+  create(spec: CipherSpec, key: Uint8Array, sectorBytes: number, iv: IvInstance | undefined): SectorTransform {
+    if (spec.cipher === 'cipher_null') return new JsNull();
+    switch (spec.chainMode) {
+      case 'xts':
+        return new JsXts(key, sectorBytes, iv);
+      case 'cbc':
+        return new JsCbc(key, sectorBytes, iv);
+      case 'ecb':
+        return new JsEcb(key);
+    }
+  },
+};

@@ -1,0 +1,11 @@
+/**
+ * The engine's public surface: dm-crypt sector ciphers (see types.ts for the IV numbering contract).
+ *   createSectorCipher({ spec, key, sectorBytes?, ivLargeSectors?, ivOffsetSectors?, backend?, sameCpu? })
+ *   parseCipherSpec('aes-xts-plain64')     strict dm-crypt spec grammar, both syntaxes
+ *   defaultBackend()                        'native' | 'js' as chosen without an explicit backend
+ */
+export { defaultBackend, type BackendName } from '../crypto/backends/index.js';
+export { type CipherSpec, checkKeyBytes, parseCipherSpec } from '../crypto/cipher-spec.js';
+export { nativeAvailable } from '../crypto/backends/native.js';
+export { createSectorCipher, DEFAULT_ASYNC_MIN_BYTES } from './sector-cipher.js';
+export type { SectorBytes, SectorCipher, SectorCipherOptions } from './types.js';

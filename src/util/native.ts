@@ -1,0 +1,92 @@
+/**
+ * Loader for cryptmap's optional native addon (native/cryptmap.c, built by node-gyp into
+ * build/Release/cryptmap.node at the package root). Layer 0 so that blockdev (file helpers) and
+ * crypto (sector ciphers) can both use it.
+ *
+ * `loadNative()` returns the addon or null, cached. It does not look at CRYPTMAP_CRYPTO_BACKEND:
+ * that variable only steers the crypto backend choice (crypto/backends), never the file helpers.
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+/** Opaque key handle owned by the addon (an N-API external). */
+export type NativeKeyHandle = { readonly __brand: 'cryptmap-native-key' };
+
+export interface NativeAddon {
+  /** ABI version of the addon's JS interface; bumped on incompatible change. */
+  readonly abiVersion: number;
+  /**
+   * Create a key handle. chain: 0 xts, 1 cbc, 2 ecb, 3 null. ivMode: 0 null, 1 plain, 2 plain64,
+   * 3 plain64be, 4 essiv (ivKey = salt), 5 benbi. The addon copies key and ivKey.
+   */
+  cipherCreate(chain: number, key: Uint8Array, ivMode: number, ivKey: Uint8Array | null, sectorBytes: number): NativeKeyHandle;
+  /** Transform `count` sectors from src to dst (same length; the same bytes or disjoint). */
+  cipherRun(h: NativeKeyHandle, encrypt: boolean, src: Uint8Array, dst: Uint8Array, count: number, ivLo: number, ivHi: number, ivStep: number): void;
+  /** The same on the libuv thread pool; resolves when done. */
+  cipherRunAsync(h: NativeKeyHandle, encrypt: boolean, src: Uint8Array, dst: Uint8Array, count: number, ivLo: number, ivHi: number, ivStep: number): Promise<void>;
+  /** Wipe and free the key schedule (deferred until in-flight async runs finish). Idempotent. */
+  cipherDispose(h: NativeKeyHandle): void;
+  /** XTS implementation selector for benchmarks: 0 auto, 1 EVP xts per sector, 2 own tweaks over ECB. */
+  setXtsImpl(h: NativeKeyHandle, impl: number): void;
+  /** fallocate(PUNCH_HOLE | KEEP_SIZE); throws an Error with `code` = errno name on failure. */
+  punchHole(fd: number, offsetBytes: number, lengthBytes: number): void;
+  /** lseek(SEEK_DATA); -1 on ENXIO (no data at or after offset); throws on other errors. */
+  seekData(fd: number, offsetBytes: number): number;
+  /** lseek(SEEK_HOLE); -1 on ENXIO; throws on other errors. */
+  seekHole(fd: number, offsetBytes: number): number;
+}
+
+export const NATIVE_ABI_VERSION = 1;
+
+let cached: NativeAddon | null | undefined;
+let loadError: string | undefined;
+
+/** The package root: the nearest ancestor directory with a package.json named cryptmap. */
+export function packageRoot(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    const pj = join(dir, 'package.json');
+    if (existsSync(pj)) {
+      try {
+        if ((JSON.parse(readFileSync(pj, 'utf8')) as { name?: string }).name === 'cryptmap') return dir;
+      } catch {
+        // not ours; keep walking
+      }
+    }
+    const up = dirname(dir);
+    if (up === dir) throw new Error('cryptmap package root not found');
+    dir = up;
+  }
+}
+
+/** The native addon, or null when it is not built or fails to load (see nativeLoadError()). */
+export function loadNative(): NativeAddon | null {
+  if (cached !== undefined) return cached;
+  try {
+    const file = join(packageRoot(), 'build', 'Release', 'cryptmap.node');
+    if (!existsSync(file)) {
+      loadError = `${file} not found (build it with: node scripts/build-native.mjs)`;
+      cached = null;
+      return null;
+    }
+    const addon = createRequire(import.meta.url)(file) as NativeAddon;
+    if (addon.abiVersion !== NATIVE_ABI_VERSION) {
+      loadError = `${file} has ABI ${addon.abiVersion}, expected ${NATIVE_ABI_VERSION}: rebuild it`;
+      cached = null;
+      return null;
+    }
+    cached = addon;
+  } catch (e) {
+    loadError = e instanceof Error ? e.message : String(e);
+    cached = null;
+  }
+  return cached;
+}
+
+/** Why loadNative() returned null, if it did. */
+export function nativeLoadError(): string | undefined {
+  loadNative();
+  return loadError;
+}

@@ -1,0 +1,3 @@
+/** One import point for the engine tests. */
+export { createSectorCipher, defaultBackend, parseCipherSpec } from '../../src/engine/index.js';
+export { isCryptmapError } from '../../src/util/errors.js';
