@@ -1,0 +1,228 @@
+/**
+ * One NBD client connection: owns the socket (raw, then TLS after STARTTLS), the receive queue, the
+ * corked reply writer and the state (see states.ts). It runs the phases in order:
+ * handshake.ts (greeting, client flags) -> options.ts (option haggling) -> transmission.ts.
+ *
+ * Disconnects (proto.md "Terminating the transmission phase"): a soft close ends the stream after
+ * the last reply (and TLS close_notify); a hard disconnect destroys the socket at once.
+ */
+import type { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
+import { logger } from '../util/log.js';
+import { greet } from './handshake.js';
+import { negotiate } from './options.js';
+import { ConnectionClosed, RecvQueue } from './recv.js';
+import { type ConnState, canTransition } from './states.js';
+import { transmit } from './transmission.js';
+import type { ExportEntry, ServerContext } from './types.js';
+
+const log = logger('nbd');
+
+/** A peer broke a MUST of the protocol: the connection ends with a hard disconnect. */
+export class ProtocolViolation extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'ProtocolViolation';
+  }
+}
+
+let nextId = 1;
+
+export class Connection {
+  readonly id = nextId++;
+  readonly server: ServerContext;
+  readonly raw: Socket;
+  socket: Duplex;
+  readonly rx: RecvQueue;
+  state: ConnState = 'GREETING';
+
+  // Negotiated in the handshake phase.
+  noZeroes = false;
+  fixedNewstyle = false;
+  tlsActive = false;
+  structuredReplies = false;
+  /** Metadata contexts selected by the last NBD_OPT_SET_META_CONTEXT. */
+  meta: { exportName: string; baseAllocationId: number } | null = null;
+  optionCount = 0;
+
+  // Transmission phase.
+  export: ExportEntry | null = null;
+  transmissionFlags = 0;
+  inflightRequests = 0;
+  inflightBytes = 0;
+  #roomWaiter: (() => void) | null = null;
+  #idleWaiters: (() => void)[] = [];
+  draining = false;
+
+  #corked = false;
+  #handshakeTimer: NodeJS.Timeout | null = null;
+  readonly done: Promise<void>;
+
+  constructor(server: ServerContext, raw: Socket, handshakeTimeoutMs: number) {
+    this.server = server;
+    this.raw = raw;
+    this.socket = raw;
+    this.rx = new RecvQueue(Math.max(4 << 20, server.limits.maxPayloadBytes + 28));
+    raw.on('error', (e) => log.debug('socket error', { conn: this.id, error: e.message }));
+    if (typeof raw.setNoDelay === 'function') raw.setNoDelay(true);
+    if (handshakeTimeoutMs > 0) {
+      this.#handshakeTimer = setTimeout(() => {
+        log.info('handshake timed out, disconnecting', { conn: this.id, state: this.state });
+        this.hardDisconnect();
+      }, handshakeTimeoutMs);
+      this.#handshakeTimer.unref();
+    }
+    this.rx.attach(raw);
+    this.done = this.#run();
+  }
+
+  async #run(): Promise<void> {
+    try {
+      await greet(this);
+      const entered = await negotiate(this);
+      if (entered) {
+        this.clearHandshakeTimer();
+        await transmit(this);
+      }
+    } catch (e) {
+      if (e instanceof ProtocolViolation) {
+        log.info('protocol violation, disconnecting', { conn: this.id, state: this.state, reason: e.message });
+        this.hardDisconnect();
+      } else if (!(e instanceof ConnectionClosed)) {
+        log.error('connection failed', { conn: this.id, state: this.state, error: e instanceof Error ? e.message : String(e) });
+        this.hardDisconnect();
+      }
+    } finally {
+      this.clearHandshakeTimer();
+      this.export?.connections.delete(this);
+      this.rx.close();
+      this.state = 'CLOSED';
+      this.#endSocket();
+    }
+  }
+
+  clearHandshakeTimer(): void {
+    if (this.#handshakeTimer) {
+      clearTimeout(this.#handshakeTimer);
+      this.#handshakeTimer = null;
+    }
+  }
+
+  /** Move to `to`; an edge missing from the STATES table is a bug, so it throws. */
+  transition(to: ConnState): void {
+    if (!canTransition(this.state, to)) throw new Error(`nbd: illegal state transition ${this.state} -> ${to}`);
+    this.state = to;
+  }
+
+  get writable(): boolean {
+    return !this.socket.destroyed && this.socket.writable;
+  }
+
+  /** Queue bytes for the peer. Writes within one tick go out together (cork/uncork). */
+  send(buf: Uint8Array): void {
+    if (!this.writable) return;
+    if (!this.#corked) {
+      this.#corked = true;
+      this.socket.cork();
+      process.nextTick(this.#uncork);
+    }
+    this.socket.write(buf);
+  }
+
+  readonly #uncork = (): void => {
+    this.#corked = false;
+    if (!this.socket.destroyed) this.socket.uncork();
+  };
+
+  /** Send and wait until the bytes were handed to the kernel (before STARTTLS takes the socket over). */
+  sendNow(buf: Uint8Array): Promise<void> {
+    return new Promise((resolve) => {
+      if (!this.writable) return resolve();
+      if (this.#corked) this.#uncork();
+      this.socket.write(buf, () => resolve());
+    });
+  }
+
+  /** Bytes the socket still holds for the peer (write backpressure). */
+  get pendingWriteBytes(): number {
+    return this.socket.writableLength;
+  }
+
+  hardDisconnect(): void {
+    this.rx.close();
+    this.state = 'CLOSED';
+    this.socket.destroy();
+    if (this.socket !== this.raw) this.raw.destroy();
+  }
+
+  /** Soft close: end the stream after queued replies (TLS sends close_notify first). */
+  #endSocket(): void {
+    if (this.socket.destroyed) return;
+    this.socket.end();
+    // A peer that never reads must not keep the socket forever.
+    const t = setTimeout(() => {
+      this.socket.destroy();
+      this.raw.destroy();
+    }, 5000);
+    t.unref();
+    this.socket.once('close', () => clearTimeout(t));
+  }
+
+  // ---- in-flight accounting (transmission.ts) ----
+
+  /** Resolve once `cost` more bytes fit within the per-connection limits (never blocks when idle). */
+  waitForRoom(cost: number): Promise<void> | null {
+    const lim = this.server.limits;
+    const fits = () =>
+      this.inflightRequests === 0 ||
+      (this.inflightBytes + cost <= lim.maxInflightBytes && this.inflightRequests < lim.maxInflightRequests && this.pendingWriteBytes <= lim.maxInflightBytes);
+    if (fits()) return null;
+    return new Promise<void>((resolve) => {
+      const check = () => {
+        if (fits() || !this.writable) {
+          this.socket.off('drain', check);
+          this.#roomWaiter = null;
+          resolve();
+        }
+      };
+      this.#roomWaiter = check;
+      this.socket.on('drain', check);
+    });
+  }
+
+  started(cost: number): void {
+    this.inflightRequests++;
+    this.inflightBytes += cost;
+  }
+
+  finished(cost: number): void {
+    this.inflightRequests--;
+    this.inflightBytes -= cost;
+    this.#roomWaiter?.();
+    if (this.inflightRequests === 0) {
+      const ws = this.#idleWaiters;
+      this.#idleWaiters = [];
+      for (const w of ws) w();
+    }
+  }
+
+  /** Resolve when no request is in flight. */
+  idle(): Promise<void> {
+    if (this.inflightRequests === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#idleWaiters.push(resolve));
+  }
+
+  /**
+   * Server shutdown or export removal: stop reading requests, let in-flight ones finish and reply,
+   * then close. During the handshake the connection is simply closed.
+   */
+  async drain(): Promise<void> {
+    this.draining = true;
+    if (this.state === 'TRANSMISSION' || this.state === 'DRAINING') {
+      this.rx.close();
+    } else if (this.state !== 'CLOSED') {
+      this.hardDisconnect();
+    }
+    await this.done;
+  }
+}

@@ -1,0 +1,87 @@
+/**
+ * Public and shared types of the NBD server: export definitions, server options, the limits every
+ * connection enforces before it allocates anything.
+ */
+import type { BlockDevice } from '../blockdev/types.js';
+
+/** What an export serves. The server never closes `device`: its owner does, after removeExport. */
+export interface NbdExport {
+  device: BlockDevice;
+  /** Shown by `nbdinfo` (NBD_INFO_DESCRIPTION and NBD_REP_SERVER). */
+  description?: string;
+  /** Serve read-only even when the device is writable. */
+  readOnly?: boolean;
+}
+
+/**
+ * TLS per proto.md "TLS support": 'off' = NOTLS (STARTTLS answered NBD_REP_ERR_POLICY);
+ * 'on' = SELECTIVETLS with no TLS-only export (STARTTLS optional); 'require' = FORCEDTLS (every
+ * option but STARTTLS and ABORT answered NBD_REP_ERR_TLS_REQD until TLS is up).
+ */
+export type NbdTlsMode = 'off' | 'on' | 'require';
+
+export interface NbdTlsCredentials {
+  /** PEM server private key. */
+  key: string | Buffer;
+  /** PEM server certificate (chain). */
+  cert: string | Buffer;
+  /** PEM CA used to verify client certificates (with verifyClient). */
+  ca?: string | Buffer;
+  /** Demand a client certificate signed by `ca`. */
+  verifyClient?: boolean;
+}
+
+export interface NbdServerOptions {
+  tls?: NbdTlsMode;
+  tlsCredentials?: NbdTlsCredentials;
+  /** Largest READ/WRITE payload (NBD_INFO_BLOCK_SIZE maximum). Default 32 MiB. */
+  maxPayloadBytes?: number;
+  /** Bytes of READ/WRITE payload in flight per connection before the server stops reading requests. Default 64 MiB. */
+  maxInflightBytes?: number;
+  /** Requests in flight per connection. Default 256. */
+  maxInflightRequests?: number;
+  /** Largest option data accepted during the handshake; larger ⇒ hard disconnect. Default 64 KiB. */
+  maxOptionBytes?: number;
+  /** Options accepted per connection before the server gives up on it. Default 256. */
+  maxOptions?: number;
+  /** Open connections across the server. Default 1024. */
+  maxConnections?: number;
+  /** A client must reach the transmission phase within this time (0 = no limit). Default 30 s. */
+  handshakeTimeoutMs?: number;
+  /** Export served for the empty name ("default export"). */
+  defaultExport?: string;
+  /** Answer READ with OFFSET_HOLE chunks where the device reports zero extents. Default true. */
+  sparseReads?: boolean;
+}
+
+export interface ResolvedLimits {
+  maxPayloadBytes: number;
+  maxInflightBytes: number;
+  maxInflightRequests: number;
+  maxOptionBytes: number;
+  maxOptions: number;
+  sparseReads: boolean;
+}
+
+/** A live export inside the server. */
+export interface ExportEntry {
+  readonly name: string;
+  readonly device: BlockDevice;
+  readonly description: string | undefined;
+  readonly readOnly: boolean;
+  /** Connections in the transmission phase on this export. */
+  readonly connections: Set<{ drain(): Promise<void> }>;
+  removing: boolean;
+}
+
+/** What a connection needs from its server. */
+export interface ServerContext {
+  readonly limits: ResolvedLimits;
+  readonly tlsMode: NbdTlsMode;
+  readonly shuttingDown: boolean;
+  lookup(name: string): ExportEntry | undefined;
+  list(): ExportEntry[];
+  /** Upgrade a raw socket to TLS (STARTTLS); undefined when TLS is off. */
+  readonly secureContext: import('node:tls').SecureContext | undefined;
+  readonly verifyClient: boolean;
+}
