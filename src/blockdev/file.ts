@@ -1,0 +1,289 @@
+/**
+ * File and block-device backend for the BlockDevice contract (types.ts).
+ *
+ * - Regular files and block devices, read-write or read-only; `createFileDevice` makes a sparse file.
+ * - flush = fdatasync(2); a FUA write = write then fdatasync.
+ * - Short reads and writes are retried in a loop; end of file in the middle of a request is a
+ *   CryptmapError (`ESHORTIO`), never a silent short transfer.
+ * - Block device size: fstat gives 0 for block devices, so the size is read from
+ *   /sys/dev/block/MAJ:MIN/size (512-byte sectors), the logical block size from .../queue/.
+ * - Discard (FALLOC_FL_PUNCH_HOLE) and SEEK_DATA/SEEK_HOLE are not in Node: they come from the
+ *   optional native addon (`src/util/native.ts`, `loadNative()`). They are advertised only when the
+ *   addon loads and a probe punch (past end of file, so harmless) succeeds on this file; block
+ *   devices never advertise them here.
+ * - A regular file whose size is not a multiple of the logical block size is exposed rounded down.
+ */
+import type { FileHandle } from 'node:fs/promises';
+import { open, readFile } from 'node:fs/promises';
+import { constants as fsConstants } from 'node:fs';
+import { CryptmapError, fromSystemError, isCryptmapError } from '../util/errors.js';
+import { type NativeAddon, loadNative } from '../util/native.js';
+import type { BlockDevice, BlockDeviceCapabilities, BlockDeviceLimits, Extent, WriteFlags, WriteZeroesFlags } from './types.js';
+
+/** The part of the native addon this backend uses (src/util/native.ts). */
+type NativeHoles = Pick<NativeAddon, 'punchHole' | 'seekData' | 'seekHole'>;
+
+export interface FileDeviceOptions {
+  /** Open O_RDONLY; writes, discards and write-zeroes are refused. */
+  readOnly?: boolean;
+  /** Logical block size to expose for regular files (default 512). */
+  logicalBlockBytes?: number;
+  /** Ignore the native addon (tests of the fallback path). */
+  noNative?: boolean;
+}
+
+const MAX_REQUEST_BYTES = 64 << 20;
+const ZERO_CHUNK_BYTES = 1 << 20;
+
+/** Linux dev_t split (glibc `major()`/`minor()`), for numbers below 2^53. */
+function devMajor(rdev: number): number {
+  return Math.floor(rdev / 256) % 4096 | (Math.floor(rdev / 2 ** 32) & ~0xfff);
+}
+function devMinor(rdev: number): number {
+  return (rdev % 256) | (Math.floor(rdev / 4096) & ~0xff);
+}
+
+async function readSysNumber(path: string): Promise<number | undefined> {
+  try {
+    const v = Number((await readFile(path, 'utf8')).trim());
+    return Number.isSafeInteger(v) ? v : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+export class FileDevice implements BlockDevice {
+  readonly path: string;
+  readonly sizeBytes: number;
+  readonly capabilities: BlockDeviceCapabilities;
+  readonly limits: BlockDeviceLimits;
+  /** True for a block device node, false for a regular file. */
+  readonly isBlockDevice: boolean;
+  #fh: FileHandle | null;
+  #native: NativeHoles | null;
+  #zeros: Buffer | undefined;
+
+  private constructor(path: string, fh: FileHandle, sizeBytes: number, lbs: number, isBlock: boolean, readOnly: boolean, native: NativeHoles | null) {
+    this.path = path;
+    this.#fh = fh;
+    this.sizeBytes = sizeBytes;
+    this.isBlockDevice = isBlock;
+    this.#native = native;
+    const holes = native !== null && !readOnly;
+    this.capabilities = {
+      write: !readOnly,
+      flush: true,
+      fua: true,
+      discard: holes,
+      writeZeroes: holes,
+      blockStatus: native !== null,
+      multiConn: true,
+    };
+    this.limits = { logicalBlockBytes: lbs, physicalBlockBytes: Math.max(lbs, 4096), maxRequestBytes: MAX_REQUEST_BYTES };
+  }
+
+  /** Open an existing file or block device. */
+  static async open(path: string, opts: FileDeviceOptions = {}): Promise<FileDevice> {
+    const readOnly = opts.readOnly ?? false;
+    let fh: FileHandle;
+    try {
+      fh = await open(path, readOnly ? fsConstants.O_RDONLY : fsConstants.O_RDWR);
+    } catch (e) {
+      throw fromSystemError('EOPEN', `cannot open ${path}${readOnly ? ' read-only' : ''}`, e, { path });
+    }
+    try {
+      return await FileDevice.#init(path, fh, readOnly, opts);
+    } catch (e) {
+      await fh.close().catch(() => {});
+      throw e;
+    }
+  }
+
+  /** Create a new sparse file of `sizeBytes` (fails if it exists) and open it read-write. */
+  static async create(path: string, sizeBytes: number, opts: FileDeviceOptions = {}): Promise<FileDevice> {
+    const lbs = opts.logicalBlockBytes ?? 512;
+    if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0 || sizeBytes % lbs !== 0) {
+      throw new CryptmapError('EDEVSIZE', `file device size ${sizeBytes} is not a multiple of ${lbs} bytes`, { context: { path } });
+    }
+    let fh: FileHandle;
+    try {
+      fh = await open(path, fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_EXCL, 0o600);
+    } catch (e) {
+      throw fromSystemError('ECREATE', `cannot create ${path}`, e, { path });
+    }
+    try {
+      await fh.truncate(sizeBytes);
+      return await FileDevice.#init(path, fh, false, opts);
+    } catch (e) {
+      await fh.close().catch(() => {});
+      throw isCryptmapError(e) ? e : fromSystemError('ECREATE', `cannot size ${path}`, e, { path });
+    }
+  }
+
+  static async #init(path: string, fh: FileHandle, readOnly: boolean, opts: FileDeviceOptions): Promise<FileDevice> {
+    const st = await fh.stat();
+    let sizeBytes: number;
+    let lbs = opts.logicalBlockBytes ?? 512;
+    const isBlock = st.isBlockDevice();
+    if (isBlock) {
+      const sys = `/sys/dev/block/${devMajor(st.rdev)}:${devMinor(st.rdev)}`;
+      const sectors = await readSysNumber(`${sys}/size`);
+      if (sectors === undefined) throw new CryptmapError('EDEVSIZE', `cannot read the size of block device ${path} from ${sys}/size`, { context: { path } });
+      sizeBytes = sectors * 512;
+      lbs = (await readSysNumber(`${sys}/queue/logical_block_size`)) ?? 512;
+    } else if (st.isFile()) {
+      sizeBytes = st.size;
+    } else {
+      throw new CryptmapError('ENOTBLK', `${path} is neither a regular file nor a block device`, { context: { path } });
+    }
+    sizeBytes -= sizeBytes % lbs;
+    let native = opts.noNative || isBlock ? null : loadNative();
+    if (native !== null && !readOnly) {
+      try {
+        // Probe past the end of the file: harmless, and fails where the file system cannot punch holes.
+        native.punchHole(fh.fd, Math.max(st.size, sizeBytes) + 4096, 4096);
+      } catch {
+        native = null;
+      }
+    }
+    return new FileDevice(path, fh, sizeBytes, lbs, isBlock, readOnly, native);
+  }
+
+  #handle(op: string): FileHandle {
+    if (this.#fh === null) throw new CryptmapError('ECLOSED', `${this.path} is closed (${op})`, { errno: 'EIO' });
+    return this.#fh;
+  }
+
+  #check(offsetBytes: number, lengthBytes: number, op: string): void {
+    if (offsetBytes < 0 || lengthBytes < 0 || offsetBytes + lengthBytes > this.sizeBytes) {
+      throw new CryptmapError('ERANGE', `${op} of ${lengthBytes} bytes at ${offsetBytes} is past the end of ${this.path} (${this.sizeBytes} bytes)`, {
+        errno: op === 'write' ? 'ENOSPC' : 'EINVAL',
+        context: { path: this.path, offsetBytes, lengthBytes },
+      });
+    }
+  }
+
+  #writable(op: string): void {
+    if (!this.capabilities.write) throw new CryptmapError('EROFS', `${this.path} is open read-only (${op})`, { errno: 'EPERM', exitCode: 2 });
+  }
+
+  async read(offsetBytes: number, buf: Uint8Array): Promise<void> {
+    const fh = this.#handle('read');
+    this.#check(offsetBytes, buf.length, 'read');
+    let done = 0;
+    while (done < buf.length) {
+      let n: number;
+      try {
+        ({ bytesRead: n } = await fh.read(buf, done, buf.length - done, offsetBytes + done));
+      } catch (e) {
+        throw fromSystemError('EREAD', `read of ${buf.length} bytes at ${offsetBytes} from ${this.path} failed`, e, { path: this.path });
+      }
+      if (n === 0) {
+        throw new CryptmapError('ESHORTIO', `unexpected end of file reading ${this.path} at ${offsetBytes + done}`, { errno: 'EIO', context: { path: this.path } });
+      }
+      done += n;
+    }
+  }
+
+  async write(offsetBytes: number, data: Uint8Array, flags?: WriteFlags): Promise<void> {
+    const fh = this.#handle('write');
+    this.#writable('write');
+    this.#check(offsetBytes, data.length, 'write');
+    let done = 0;
+    while (done < data.length) {
+      let n: number;
+      try {
+        ({ bytesWritten: n } = await fh.write(data, done, data.length - done, offsetBytes + done));
+      } catch (e) {
+        throw fromSystemError('EWRITE', `write of ${data.length} bytes at ${offsetBytes} to ${this.path} failed`, e, { path: this.path });
+      }
+      if (n === 0) {
+        throw new CryptmapError('ESHORTIO', `${this.path} accepted no bytes at ${offsetBytes + done}`, { errno: 'EIO', context: { path: this.path } });
+      }
+      done += n;
+    }
+    if (flags?.fua) await this.flush();
+  }
+
+  async flush(): Promise<void> {
+    const fh = this.#handle('flush');
+    try {
+      await fh.datasync();
+    } catch (e) {
+      throw fromSystemError('EFLUSH', `flush of ${this.path} failed`, e, { path: this.path });
+    }
+  }
+
+  async discard(offsetBytes: number, lengthBytes: number): Promise<void> {
+    const fh = this.#handle('discard');
+    this.#writable('discard');
+    if (!this.capabilities.discard || this.#native === null) {
+      throw new CryptmapError('ENOTSUP', `${this.path} does not support discard`, { errno: 'ENOTSUP' });
+    }
+    this.#check(offsetBytes, lengthBytes, 'discard');
+    if (lengthBytes === 0) return;
+    try {
+      this.#native.punchHole(fh.fd, offsetBytes, lengthBytes);
+    } catch (e) {
+      throw fromSystemError('EDISCARD', `discard of ${lengthBytes} bytes at ${offsetBytes} on ${this.path} failed`, e, { path: this.path });
+    }
+  }
+
+  async writeZeroes(offsetBytes: number, lengthBytes: number, flags?: WriteZeroesFlags): Promise<void> {
+    this.#handle('write zeroes');
+    this.#writable('write zeroes');
+    this.#check(offsetBytes, lengthBytes, 'write');
+    if (lengthBytes === 0) return;
+    if (this.capabilities.discard && !flags?.noHole) {
+      // A punched hole in a regular file reads back as zeros.
+      await this.discard(offsetBytes, lengthBytes);
+      if (flags?.fua) await this.flush();
+      return;
+    }
+    this.#zeros ??= Buffer.alloc(ZERO_CHUNK_BYTES);
+    for (let pos = 0; pos < lengthBytes; pos += ZERO_CHUNK_BYTES) {
+      const n = Math.min(ZERO_CHUNK_BYTES, lengthBytes - pos);
+      await this.write(offsetBytes + pos, this.#zeros.subarray(0, n));
+    }
+    if (flags?.fua) await this.flush();
+  }
+
+  async blockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    const fh = this.#handle('block status');
+    this.#check(offsetBytes, lengthBytes, 'block status');
+    const end = offsetBytes + lengthBytes;
+    if (this.#native === null) return lengthBytes === 0 ? [] : [{ lengthBytes, hole: false, zero: false }];
+    const out: Extent[] = [];
+    const push = (n: number, hole: boolean) => {
+      if (n <= 0) return;
+      const last = out[out.length - 1];
+      if (last && last.hole === hole) last.lengthBytes += n;
+      else out.push({ lengthBytes: n, hole, zero: hole });
+    };
+    let pos = offsetBytes;
+    while (pos < end) {
+      const data = this.#native.seekData(fh.fd, pos);
+      if (data < 0 || data >= end) {
+        push(end - pos, true);
+        break;
+      }
+      push(data - pos, true);
+      const hole = this.#native.seekHole(fh.fd, data);
+      const dataEnd = hole < 0 ? end : Math.min(hole, end);
+      push(dataEnd - data, false);
+      pos = dataEnd;
+    }
+    return out;
+  }
+
+  async close(): Promise<void> {
+    const fh = this.#fh;
+    if (fh === null) return;
+    this.#fh = null;
+    try {
+      if (this.capabilities.write) await fh.datasync().catch(() => {});
+    } finally {
+      await fh.close();
+    }
+  }
+}

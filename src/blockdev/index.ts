@@ -1,0 +1,13 @@
+/**
+ * Public surface of blockdev/: the BlockDevice contract and its backends (file, memory).
+ */
+export type {
+  BlockDevice,
+  BlockDeviceCapabilities,
+  BlockDeviceLimits,
+  Extent,
+  WriteFlags,
+  WriteZeroesFlags,
+} from './types.js';
+export { MemoryDevice, type MemoryDeviceOptions } from './memory.js';
+export { FileDevice, type FileDeviceOptions } from './file.js';

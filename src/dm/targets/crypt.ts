@@ -1,0 +1,243 @@
+/**
+ * The `crypt` target: dm-crypt (kernel drivers/md/dm-crypt.c; Documentation/admin-guide/
+ * device-mapper/dm-crypt.rst). Sectors are run through the engine's SectorCipher on their way to
+ * and from <dev>; the IV sector is (sector relative to the target start) + <iv_offset>, in 512-byte
+ * units (or sector_size units with iv_large_sectors), exactly as the kernel's crypt_convert_init.
+ *
+ * Kernel behaviour kept: without allow_discards discards are refused; <iv_offset>, <offset> and
+ * the length must be multiples of sector_size/512; `message key set|wipe` only while suspended;
+ * resume refused while the key is wiped; the table line shows the key only when asked (hidden as
+ * zeros of the same length, as `dmsetup table` does without --showkeys; key references and `-`
+ * are always shown); optional parameters are printed back in the kernel's order.
+ * Not supported yet (rejected by name): integrity:<bytes>:<type>, integrity_key_size:<n>, high_priority.
+ */
+import type { BlockDevice } from '../../blockdev/types.js';
+import { createSectorCipher, parseCipherSpec } from '../../engine/index.js';
+import type { SectorBytes, SectorCipher } from '../../engine/index.js';
+import { isPowerOfTwo, parseU64, toHex } from '../../util/bytes.js';
+import { CryptmapError, isCryptmapError } from '../../util/errors.js';
+import { Secret } from '../../util/secret.js';
+import type { KeyRef, KeyStore, TargetInstance, TargetType } from '../types.js';
+import { checkDeviceSize, uintArg } from './args.js';
+
+const KEY_TYPES = new Set(['logon', 'user', 'encrypted', 'trusted']);
+const FLAGS = ['allow_discards', 'same_cpu_crypt', 'submit_from_crypt_cpus', 'no_read_workqueue', 'no_write_workqueue'] as const;
+type Flag = (typeof FLAGS)[number];
+const UNSUPPORTED = new Set(['high_priority', 'integrity', 'integrity_key_size']);
+/** Kernel limit on optional parameters (crypt_ctr_optional). */
+const MAX_OPT_PARAMS = 9;
+
+/** A parsed <key> argument: raw hex bytes, the empty key `-`, or a key-store reference. */
+type KeySource = { kind: 'hex'; bytes: number } | { kind: 'empty' } | { kind: 'ref'; ref: KeyRef };
+
+function parseKeyRef(s: string): KeyRef | null {
+  const m = /^:([0-9]+):([a-z]+):(.+)$/.exec(s);
+  if (m === null) return null;
+  const keyBytes = Number(m[1]);
+  if (!Number.isSafeInteger(keyBytes) || keyBytes < 1 || keyBytes > 1024 || !KEY_TYPES.has(m[2]!)) return null;
+  return { keyBytes, type: m[2]!, description: m[3]! };
+}
+
+/** Resolve a <key> argument into a Secret (the caller disposes it). Never puts key bytes in messages. */
+async function loadKey(arg: string, keyStore: KeyStore | undefined, fail: (msg: string, code?: string) => CryptmapError): Promise<{ source: KeySource; key: Secret }> {
+  if (arg === '-') return { source: { kind: 'empty' }, key: new Secret(Buffer.alloc(0)) };
+  if (arg.startsWith(':')) {
+    const ref = parseKeyRef(arg);
+    if (ref === null) throw fail("a key reference must look like ':<bytes>:<logon|user|encrypted|trusted>:<description>'");
+    if (keyStore === undefined) throw fail(`no key store is configured to resolve the key reference '${arg}'`, 'ENOKEYSTORE');
+    let key: Secret;
+    try {
+      key = await keyStore.resolve(ref);
+    } catch (e) {
+      throw fail(`the key store cannot resolve '${arg}': ${(e as Error).message}`, 'EKEYREF');
+    }
+    if (key.length !== ref.keyBytes) {
+      key.dispose();
+      throw fail(`the key store returned ${key.length} bytes for '${arg}', which declares ${ref.keyBytes}`, 'EKEYREF');
+    }
+    return { source: { kind: 'ref', ref }, key };
+  }
+  if (arg.length % 2 !== 0 || !/^[0-9a-fA-F]+$/.test(arg)) throw fail(`is not valid hex, '-' or a key reference (${arg.length} characters)`);
+  return { source: { kind: 'hex', bytes: arg.length / 2 }, key: new Secret(Buffer.from(arg, 'hex')) };
+}
+
+function keyText(source: KeySource, key: Secret | null, showKeys: boolean): string {
+  switch (source.kind) {
+    case 'empty':
+      return '-';
+    case 'ref':
+      return `:${source.ref.keyBytes}:${source.ref.type}:${source.ref.description}`;
+    case 'hex':
+      return showKeys && key !== null ? toHex(key.expose()) : '0'.repeat(source.bytes * 2);
+  }
+}
+
+/*
+ * Table grammar:
+ *   crypt <cipher> <key> <iv_offset> <dev> <offset> [<#opt_params> <opt_params>...]
+ *   <cipher>     dm-crypt cipher spec (aes-xts-plain64, capi:xts(aes)-plain64, ...)
+ *   <key>        hex, '-' (empty key, cipher_null) or :<bytes>:<logon|user|encrypted|trusted>:<desc>
+ *   <iv_offset>  added to the sector number for the IV, 512-byte units (u64)
+ *   <dev>        file path, block device or mapped device name
+ *   <offset>     start of the encrypted data on <dev>, 512-byte sectors
+ *   opt params:  allow_discards same_cpu_crypt submit_from_crypt_cpus no_read_workqueue
+ *                no_write_workqueue sector_size:<512..4096, power of two> iv_large_sectors
+ */
+export const crypt: TargetType = {
+  name: 'crypt',
+  version: [1, 24, 0],
+  async ctr(args, ctx): Promise<TargetInstance> {
+    if (args.length < 5) {
+      const names = ['cipher', 'key', 'iv_offset', 'dev', 'offset'];
+      throw ctx.error(names[args.length]!, "missing argument (expected 'crypt <cipher> <key> <iv_offset> <dev> <offset> [<#opt_params> <opt_params>...]')");
+    }
+    const [cipherArg, keyArg, ivArg, devArg, offArg, ...rest] = args as [string, string, string, string, string, ...string[]];
+
+    // Optional parameters first: they decide sector_size, which the other checks need.
+    const flags = new Set<Flag>();
+    let sectorBytes: SectorBytes = 512;
+    let ivLargeSectors = false;
+    if (rest.length > 0) {
+      const n = uintArg(rest[0]!, ctx, '#opt_params', 1000);
+      if (n > MAX_OPT_PARAMS) throw ctx.error('#opt_params', `${n} is more than the ${MAX_OPT_PARAMS} optional parameters dm-crypt accepts`);
+      if (rest.length - 1 !== n) throw ctx.error('#opt_params', `says ${n} optional parameters but ${rest.length - 1} follow`);
+      for (const opt of rest.slice(1)) {
+        const name = opt.split(':')[0]!;
+        if ((FLAGS as readonly string[]).includes(opt)) flags.add(opt as Flag);
+        else if (opt === 'iv_large_sectors') ivLargeSectors = true;
+        else if (name === 'sector_size' && opt.startsWith('sector_size:')) {
+          const v = opt.slice('sector_size:'.length);
+          const b = /^[0-9]+$/.test(v) ? Number(v) : Number.NaN;
+          if (!isPowerOfTwo(b) || b < 512 || b > 4096) throw ctx.error('opt_params', `'${opt}': sector_size must be a power of two from 512 to 4096`);
+          sectorBytes = b as SectorBytes;
+        } else if (UNSUPPORTED.has(name)) {
+          throw ctx.error('opt_params', `'${opt}' is not supported by cryptmap yet`, 'EUNSUPPORTED');
+        } else throw ctx.error('opt_params', `unknown optional parameter '${opt}'`);
+      }
+    }
+    const step = sectorBytes / 512;
+
+    try {
+      parseCipherSpec(cipherArg);
+    } catch (e) {
+      throw ctx.error('cipher', (e as Error).message, isCryptmapError(e) ? e.code : 'ECIPHER');
+    }
+    let ivOffsetSectors: bigint;
+    try {
+      ivOffsetSectors = parseU64(ivArg, '<iv_offset>');
+    } catch {
+      throw ctx.error('iv_offset', `'${ivArg}' is not an unsigned 64-bit decimal number`);
+    }
+    if (ivOffsetSectors % BigInt(step) !== 0n) throw ctx.error('iv_offset', `${ivArg} is not a multiple of sector_size/512 (${step})`);
+    const offsetSectors = uintArg(offArg, ctx, 'offset');
+    if (offsetSectors % step !== 0) throw ctx.error('offset', `${offArg} is not a multiple of sector_size/512 (${step})`);
+    if (ctx.lengthSectors % step !== 0) throw ctx.error('opt_params', `the target length ${ctx.lengthSectors} is not a multiple of sector_size/512 (${step})`);
+
+    const { source, key: firstKey } = await loadKey(keyArg, ctx.keyStore, (m, code) => ctx.error('key', m, code));
+    let key: Secret | null = firstKey;
+    let cipher: SectorCipher | null = null;
+    const make = (k: Secret): SectorCipher =>
+      createSectorCipher({ spec: cipherArg, key: k.expose(), sectorBytes, ivLargeSectors, ivOffsetSectors, sameCpu: flags.has('same_cpu_crypt') });
+    const dispose = () => {
+      cipher?.dispose();
+      cipher = null;
+      key?.dispose();
+      key = null;
+    };
+    try {
+      try {
+        cipher = make(firstKey);
+      } catch (e) {
+        throw ctx.error('key', (e as Error).message, isCryptmapError(e) ? e.code : 'EKEY');
+      }
+      const dev: BlockDevice = await ctx.openDevice(devArg, 'dev');
+      checkDeviceSize(dev, devArg, ctx, 'dev', offsetSectors + ctx.lengthSectors);
+      const base = offsetSectors * 512;
+      const allowDiscards = flags.has('allow_discards');
+
+      const live = (): SectorCipher => {
+        if (cipher === null) throw new CryptmapError('ENOKEY', `I/O on crypt target (table line ${ctx.line}) while its key is wiped`, { errno: 'EIO' });
+        return cipher;
+      };
+      const instance: TargetInstance = {
+        capabilities: {
+          write: dev.capabilities.write,
+          flush: dev.capabilities.flush,
+          discard: allowDiscards && dev.capabilities.discard,
+          writeZeroes: false,
+          multiConn: dev.capabilities.multiConn,
+        },
+        limits: {
+          logicalBlockBytes: Math.max(sectorBytes, dev.limits.logicalBlockBytes),
+          physicalBlockBytes: Math.max(sectorBytes, dev.limits.physicalBlockBytes),
+          maxRequestBytes: dev.limits.maxRequestBytes,
+        },
+        async read(o, buf) {
+          const c = live();
+          await dev.read(base + o, buf);
+          await c.decryptAsync(buf, BigInt(o / 512));
+        },
+        async write(o, data, wflags) {
+          const c = live();
+          // One scratch buffer per request: the caller's data stays untouched.
+          const scratch = Buffer.allocUnsafe(data.length);
+          await c.encryptAsync(data, BigInt(o / 512), scratch);
+          await dev.write(base + o, scratch, wflags);
+        },
+        flush: () => dev.flush(),
+        async discard(o, n) {
+          if (!allowDiscards) {
+            throw new CryptmapError('ENOTSUP', `crypt target (table line ${ctx.line}) refuses discards: its table has no allow_discards`, { errno: 'ENOTSUP' });
+          }
+          await dev.discard(base + o, n);
+        },
+        status(kind, showKeys) {
+          if (kind === 'status') return '';
+          const opts: string[] = [];
+          for (const f of FLAGS) if (flags.has(f)) opts.push(f);
+          if (sectorBytes !== 512) opts.push(`sector_size:${sectorBytes}`);
+          if (ivLargeSectors) opts.push('iv_large_sectors');
+          const head = `${cipherArg} ${keyText(source, key, showKeys)} ${ivOffsetSectors} ${devArg} ${offsetSectors}`;
+          return opts.length === 0 ? head : `${head} ${opts.length} ${opts.join(' ')}`;
+        },
+        async message(margs, suspended) {
+          if (margs[0] !== 'key' || !((margs[1] === 'set' && margs.length === 3) || (margs[1] === 'wipe' && margs.length === 2))) {
+            throw new CryptmapError('EMESSAGE', `crypt target: unrecognised message '${margs.join(' ')}' (expected 'key set <key>' or 'key wipe')`);
+          }
+          if (!suspended) throw new CryptmapError('EMESSAGE', 'crypt target: the device must be suspended for key manipulation');
+          if (margs[1] === 'wipe') {
+            dispose();
+            return '';
+          }
+          const fail = (m: string, code?: string) => new CryptmapError(code ?? 'EMESSAGE', `crypt target: new <key> ${m}`);
+          const next = await loadKey(margs[2]!, ctx.keyStore, fail);
+          const wantBytes = source.kind === 'hex' ? source.bytes : source.kind === 'ref' ? source.ref.keyBytes : 0;
+          if (next.key.length !== wantBytes) {
+            next.key.dispose();
+            throw fail(`has ${next.key.length} bytes; this table's key has ${wantBytes}`);
+          }
+          let nextCipher: SectorCipher;
+          try {
+            nextCipher = make(next.key);
+          } catch (e) {
+            next.key.dispose();
+            throw fail((e as Error).message);
+          }
+          dispose();
+          cipher = nextCipher;
+          key = next.key;
+          Object.assign(source, next.source);
+          return '';
+        },
+        preresume() {
+          if (cipher === null) throw new CryptmapError('ENOKEY', `aborting resume: the crypt key of table line ${ctx.line} is not set (message 'key set <key>' first)`);
+        },
+        dispose,
+      };
+      return instance;
+    } catch (e) {
+      dispose();
+      throw e;
+    }
+  },
+};

@@ -1,0 +1,19 @@
+/**
+ * The built-in target types, keyed by their table name (the ops-table registry the core consults).
+ */
+import type { TargetType } from '../types.js';
+import { crypt } from './crypt.js';
+import { error } from './error.js';
+import { linear } from './linear.js';
+import { striped } from './striped.js';
+import { zero } from './zero.js';
+
+export const BUILTIN_TARGETS: Readonly<Record<string, TargetType>> = Object.freeze({
+  crypt,
+  error,
+  linear,
+  striped,
+  zero,
+});
+
+export { crypt, error, linear, striped, zero };
