@@ -1,0 +1,63 @@
+/**
+ * Exclusive lock on a LUKS image while its header is updated (cryptsetup "LUKS2 header locking":
+ * flock(2) on the device, lock files in /run/cryptsetup for block devices).
+ *
+ * Node has no flock(2), and spawning `flock` would be a process per change, so cryptmap uses lock
+ * files: `<runtime dir>/locks/L_<st_dev>_<st_ino>` created with O_EXCL (`wx`) holding the owner's pid.
+ * Keyed by device and inode, so every path to the same image (symlinks, bind mounts) takes the same
+ * lock. The runtime dir is `$CRYPTMAP_LOCK_DIR`, else `/run/cryptmap/locks` for root, else
+ * `$XDG_RUNTIME_DIR/cryptmap/locks` (or the temp dir), created 0700. A lock whose pid is gone (a
+ * crashed process) is broken. This serialises cryptmap processes; against other tools (cryptsetup)
+ * the seqid check in luks2.ts detects concurrent updates.
+ */
+import { mkdir, open, readFile, stat, unlink } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { CryptmapError, EXIT_BUSY } from '../util/errors.js';
+
+export function lockDir(env: NodeJS.ProcessEnv = process.env): string {
+  if (env.CRYPTMAP_LOCK_DIR) return env.CRYPTMAP_LOCK_DIR;
+  if (process.getuid?.() === 0) return '/run/cryptmap/locks';
+  return join(env.XDG_RUNTIME_DIR ?? tmpdir(), `cryptmap-${process.getuid?.() ?? 0}`, 'locks');
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** Run `fn` holding the exclusive update lock of the image or device at `path`. */
+export async function withDeviceLock<T>(path: string, fn: () => Promise<T>, opts: { timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<T> {
+  const st = await stat(path).catch(() => null);
+  if (!st) return fn(); // nothing to lock yet; opening the device reports the error
+  const dir = lockDir(opts.env);
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  const file = join(dir, `L_${st.dev}_${st.ino}`);
+  const deadline = Date.now() + (opts.timeoutMs ?? 30000);
+  for (;;) {
+    try {
+      const fh = await open(file, 'wx', 0o600);
+      await fh.writeFile(String(process.pid));
+      await fh.close();
+      break;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+      const owner = Number((await readFile(file, 'utf8').catch(() => '')).trim());
+      if (Number.isInteger(owner) && owner > 0 && !alive(owner)) {
+        await unlink(file).catch(() => {});
+        continue;
+      }
+      if (Date.now() > deadline) throw new CryptmapError('ELOCKED', `Device ${path} is busy (locked by process ${owner || '?'}).`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+  try {
+    return await fn();
+  } finally {
+    await unlink(file).catch(() => {});
+  }
+}
