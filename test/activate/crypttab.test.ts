@@ -1,0 +1,97 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { parseCrypttab, plainParams } from '../../src/activate/crypttab.js';
+
+const SAMPLE = `# /etc/crypttab
+# <name> <device> <key> <options>
+
+home   UUID=2f9a1c3e-0000-4000-8000-000000000001  none   luks,discard,tries=0
+data   /dev/disk/by-id/ata-X  /etc/keys/data.key  luks,header=/etc/hdr/data.img,keyfile-offset=16,keyfile-size=64,key-slot=1,nofail,noauto
+swap   /dev/sda2  /dev/urandom  swap,cipher=aes-xts-plain64,size=512,sector-size=4096
+scratch PARTLABEL=scratch /dev/urandom tmp=ext2,discard
+legacy LABEL=old -  plain,cipher=aes-cbc-essiv:sha256,size=256,hash=sha256,offset=8,skip=16,read-only,_netdev,x-systemd.device-timeout=10s
+	raw /dev/vdb
+`;
+
+test('parses fields, device forms, key sources and options', () => {
+  const es = parseCrypttab(SAMPLE, '/etc/crypttab');
+  assert.deepEqual(
+    es.map((e) => [e.line, e.name, e.type]),
+    [
+      [4, 'home', 'luks'],
+      [5, 'data', 'luks'],
+      [6, 'swap', 'swap'],
+      [7, 'scratch', 'tmp'],
+      [8, 'legacy', 'plain'],
+      [9, 'raw', 'luks'],
+    ],
+  );
+  const [home, data, swap, scratch, legacy, raw] = es as [(typeof es)[0], (typeof es)[0], (typeof es)[0], (typeof es)[0], (typeof es)[0], (typeof es)[0]];
+  assert.deepEqual(home.device, { kind: 'uuid', value: '2f9a1c3e-0000-4000-8000-000000000001' });
+  assert.deepEqual(home.key, { kind: 'prompt' });
+  assert.equal(home.discard, true);
+  assert.equal(home.tries, 0);
+  assert.deepEqual(data.key, { kind: 'file', path: '/etc/keys/data.key' });
+  assert.equal(data.header, '/etc/hdr/data.img');
+  assert.equal(data.keyfileOffset, 16);
+  assert.equal(data.keyfileSize, 64);
+  assert.equal(data.keySlot, 1);
+  assert.ok(data.nofail && data.noauto);
+  assert.deepEqual(swap.key, { kind: 'random', path: '/dev/urandom' });
+  assert.deepEqual(plainParams(swap), { cipher: 'aes-xts-plain64', keySizeBits: 512, hash: 'plain', sectorSize: 4096, offsetSectors: 0, skipSectors: 0 });
+  assert.deepEqual(scratch.device, { kind: 'partlabel', value: 'scratch' });
+  assert.equal(scratch.tmpFilesystem, 'ext2');
+  assert.deepEqual(legacy.device, { kind: 'label', value: 'old' });
+  assert.ok(legacy.readonly);
+  assert.deepEqual(legacy.ignored, ['_netdev', 'x-systemd.device-timeout=10s']);
+  assert.deepEqual(plainParams(legacy), { cipher: 'aes-cbc-essiv:sha256', keySizeBits: 256, hash: 'sha256', sectorSize: 512, offsetSectors: 8, skipSectors: 16 });
+  assert.equal(raw.tries, 3);
+  assert.throws(() => plainParams(raw), /LUKS entry/);
+});
+
+test('systemd plain defaults: ripemd160 only for a typed passphrase', () => {
+  const [typed, keyed] = parseCrypttab('a /dev/x none plain\nb /dev/y /k plain\n');
+  assert.deepEqual(plainParams(typed!), { cipher: 'aes-cbc-essiv:sha256', keySizeBits: 256, hash: 'ripemd160', sectorSize: 512, offsetSectors: 0, skipSectors: 0 });
+  assert.equal(plainParams(keyed!).hash, 'plain');
+});
+
+test('errors give file, line and the option, and name unsupported features', () => {
+  const bad: [string, RegExp][] = [
+    ['\n\nx /dev/a none tcrypt', /^ct:3: option 'tcrypt' is not supported: TrueCrypt/],
+    ['x /dev/a none bitlk', /^ct:1: option 'bitlk' is not supported: BitLocker/],
+    ['x /dev/a none luks,tpm2-device=auto', /option 'tpm2-device' is not supported: TPM2/],
+    ['x /dev/a none fido2-device=auto', /'fido2-device' is not supported/],
+    ['x /dev/a none pkcs11-uri=auto', /'pkcs11-uri' is not supported/],
+    ['x /dev/a none frobnicate', /ct:1: unknown option 'frobnicate'/],
+    ['x /dev/a none size=300', /multiple of 8/],
+    ['x /dev/a none plain,sector-size=1000', /power of two/],
+    ['x /dev/a none discard=1', /takes no value/],
+    ['x /dev/a none cipher=', /needs a value/],
+    ['x /dev/a /dev/urandom luks', /random key.*unreadable/],
+    ['x /dev/a none luks,offset=8', /offset= applies to plain devices only/],
+    ['x /dev/a none luks,plain', /contradict/],
+    ['x /dev/a none swap,tmp', /contradict/],
+    ['x /dev/a none plain,key-slot=1', /LUKS devices only/],
+    ['x /dev/a none swap,read-only', /contradicts swap/],
+    ['x relative none', /absolute path/],
+    ['x ID=3 none', /only UUID=/],
+    ['x /dev/a key', /key file 'key' must be an absolute path/],
+    ['x /dev/a none luks extra', /5 fields/],
+    ['x', /at least a name and a device/],
+    ['a/b /dev/a', /name 'a\/b'/],
+    ['x /dev/a\nx /dev/b', /ct:2: name 'x' was already used on line 1/],
+    ['x /dev/a none plain,sector-size=4096,offset=3', /not a multiple of sector-size/],
+    ['x /dev/a none tries=x', /unsigned number/],
+    ['x /dev/a none luks,,discard', /empty option/],
+  ];
+  for (const [text, re] of bad) {
+    assert.throws(
+      () => parseCrypttab(text, 'ct'),
+      (e: Error & { code?: string }) => {
+        assert.equal(e.code, 'ECRYPTTAB', text);
+        assert.match(e.message, re, text);
+        return true;
+      },
+    );
+  }
+});
