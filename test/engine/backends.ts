@@ -5,4 +5,4 @@
  */
 import type { BackendName } from '../../src/engine/index.js';
 
-export const TEST_BACKENDS: readonly BackendName[] = ['js'];
+export const TEST_BACKENDS: readonly BackendName[] = ['js', 'native'];

@@ -1,0 +1,665 @@
+/*
+ * cryptmap native addon: the dm-crypt sector loop over Node's own OpenSSL (EVP symbols exported by
+ * the node binary; no other library), plus three small file helpers for the file block device.
+ *
+ * Sector cipher (see src/util/native.ts for the JS-facing contract):
+ *   - one call per request; the IV loop runs here (dm-crypt IV modes null, plain, plain64, plain64be,
+ *     essiv, benbi; Linux drivers/md/dm-crypt.c "IV modes" comment);
+ *   - XTS (IEEE Std 1619-2007) two ways: OpenSSL's EVP xts with the context reused and only the IV
+ *     reset per sector, or our own tweak arithmetic over AES-ECB: all initial tweaks of a chunk in one
+ *     ECB call under K2, per-block tweaks by doubling in GF(2^128), XOR, one ECB call under K1 for the
+ *     whole chunk, XOR again. The second needs no per-sector EVP call, also handles keys with equal
+ *     halves (OpenSSL refuses those for XTS encryption) and aes-192-xts;
+ *   - the key schedule lives in EVP contexts owned by a handle (an N-API external); dispose frees them
+ *     (OpenSSL clears cipher contexts on free) and cleanses our key copy. Each concurrent run takes a
+ *     context set from a small per-key free list, so requests on one key can run on several threads;
+ *   - async runs go to the libuv thread pool (napi async work): no copies, buffers pinned by refs.
+ */
+#define NAPI_VERSION 8
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <node_api.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define ABI_VERSION 1
+
+enum { CH_XTS = 0, CH_CBC = 1, CH_ECB = 2, CH_NULL = 3 };
+enum { IV_NULL = 0, IV_PLAIN = 1, IV_PLAIN64 = 2, IV_PLAIN64BE = 3, IV_ESSIV = 4, IV_BENBI = 5 };
+enum { XTS_AUTO = 0, XTS_EVP = 1, XTS_OWN = 2 };
+
+/* Bytes per inner chunk of the own-XTS loop: large enough to amortise the EVP calls, small enough to
+ * stay in L1/L2 between the three passes. */
+#define CHUNK_BYTES 16384
+#define MAX_CHUNK_SECTORS (CHUNK_BYTES / 512)
+
+typedef struct ctxset {
+  struct ctxset *next;
+  EVP_CIPHER_CTX *e1, *d1; /* ECB K1 (xts own, ecb) or CBC (cbc) */
+  EVP_CIPHER_CTX *e2;      /* ECB K2 (xts own) */
+  EVP_CIPHER_CTX *xe, *xd; /* EVP xts (when usable) */
+  EVP_CIPHER_CTX *ive;     /* ESSIV ECB */
+  uint8_t ivbuf[MAX_CHUNK_SECTORS * 16];
+} ctxset;
+
+typedef struct {
+  int chain, iv_mode, sector_bytes, xts_impl, evp_xts_ok;
+  uint8_t key[64];
+  int key_len;
+  uint8_t ivkey[32];
+  int ivkey_len;
+  pthread_mutex_t mu;
+  ctxset *free_sets;
+  int disposed, inflight, destroyed;
+} cm_key;
+
+/* ---------- helpers ---------- */
+
+static void ctxset_free(ctxset *cs) {
+  if (!cs) return;
+  EVP_CIPHER_CTX_free(cs->e1);
+  EVP_CIPHER_CTX_free(cs->d1);
+  EVP_CIPHER_CTX_free(cs->e2);
+  EVP_CIPHER_CTX_free(cs->xe);
+  EVP_CIPHER_CTX_free(cs->xd);
+  EVP_CIPHER_CTX_free(cs->ive);
+  OPENSSL_cleanse(cs->ivbuf, sizeof cs->ivbuf);
+  free(cs);
+}
+
+static const EVP_CIPHER *aes_ecb(int bytes) {
+  return bytes == 16 ? EVP_aes_128_ecb() : bytes == 24 ? EVP_aes_192_ecb() : bytes == 32 ? EVP_aes_256_ecb() : NULL;
+}
+static const EVP_CIPHER *aes_cbc(int bytes) {
+  return bytes == 16 ? EVP_aes_128_cbc() : bytes == 24 ? EVP_aes_192_cbc() : bytes == 32 ? EVP_aes_256_cbc() : NULL;
+}
+
+static EVP_CIPHER_CTX *mkctx(const EVP_CIPHER *c, const uint8_t *key, int enc) {
+  if (!c) return NULL;
+  EVP_CIPHER_CTX *x = EVP_CIPHER_CTX_new();
+  if (!x) return NULL;
+  if (EVP_CipherInit_ex(x, c, NULL, key, NULL, enc) != 1 || EVP_CIPHER_CTX_set_padding(x, 0) != 1) {
+    EVP_CIPHER_CTX_free(x);
+    return NULL;
+  }
+  return x;
+}
+
+static ctxset *ctxset_new(cm_key *k) {
+  ctxset *cs = calloc(1, sizeof *cs);
+  if (!cs) return NULL;
+  int ok = 1;
+  switch (k->chain) {
+    case CH_XTS: {
+      int half = k->key_len / 2;
+      ok = (cs->e1 = mkctx(aes_ecb(half), k->key, 1)) && (cs->d1 = mkctx(aes_ecb(half), k->key, 0)) &&
+           (cs->e2 = mkctx(aes_ecb(half), k->key + half, 1));
+      if (ok && k->evp_xts_ok) {
+        const EVP_CIPHER *x = half == 16 ? EVP_aes_128_xts() : EVP_aes_256_xts();
+        ok = (cs->xe = mkctx(x, k->key, 1)) && (cs->xd = mkctx(x, k->key, 0));
+      }
+      break;
+    }
+    case CH_CBC:
+      ok = (cs->e1 = mkctx(aes_cbc(k->key_len), k->key, 1)) && (cs->d1 = mkctx(aes_cbc(k->key_len), k->key, 0));
+      break;
+    case CH_ECB:
+      ok = (cs->e1 = mkctx(aes_ecb(k->key_len), k->key, 1)) && (cs->d1 = mkctx(aes_ecb(k->key_len), k->key, 0));
+      break;
+    default:
+      break;
+  }
+  if (ok && k->iv_mode == IV_ESSIV) ok = (cs->ive = mkctx(aes_ecb(k->ivkey_len), k->ivkey, 1)) != NULL;
+  if (!ok) {
+    ctxset_free(cs);
+    return NULL;
+  }
+  return cs;
+}
+
+static ctxset *take_set(cm_key *k) {
+  pthread_mutex_lock(&k->mu);
+  ctxset *cs = k->free_sets;
+  if (cs) k->free_sets = cs->next;
+  pthread_mutex_unlock(&k->mu);
+  return cs ? cs : ctxset_new(k);
+}
+
+static void give_set(cm_key *k, ctxset *cs) {
+  pthread_mutex_lock(&k->mu);
+  cs->next = k->free_sets;
+  k->free_sets = cs;
+  pthread_mutex_unlock(&k->mu);
+}
+
+static void key_destroy(cm_key *k) {
+  if (k->destroyed) return;
+  k->destroyed = 1;
+  pthread_mutex_lock(&k->mu);
+  ctxset *cs = k->free_sets;
+  k->free_sets = NULL;
+  pthread_mutex_unlock(&k->mu);
+  while (cs) {
+    ctxset *n = cs->next;
+    ctxset_free(cs);
+    cs = n;
+  }
+  OPENSSL_cleanse(k->key, sizeof k->key);
+  OPENSSL_cleanse(k->ivkey, sizeof k->ivkey);
+}
+
+static inline void st_le64(uint8_t *p, uint64_t v) {
+  for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+static inline void st_be64(uint8_t *p, uint64_t v) {
+  for (int i = 0; i < 8; i++) p[7 - i] = (uint8_t)(v >> (8 * i));
+}
+static inline uint64_t ld64(const uint8_t *p) {
+  uint64_t v;
+  memcpy(&v, p, 8);
+  return v;
+}
+static inline void st64(uint8_t *p, uint64_t v) {
+  memcpy(p, &v, 8);
+}
+
+/* IVs for n sectors starting at IV sector s, advancing by step. Returns 0 on EVP failure. */
+static int gen_ivs(cm_key *k, ctxset *cs, uint8_t *out, uint32_t n, uint64_t s, uint32_t step) {
+  memset(out, 0, (size_t)n * 16);
+  switch (k->iv_mode) {
+    case IV_PLAIN:
+      for (uint32_t i = 0; i < n; i++, s += step) {
+        uint32_t lo = (uint32_t)s;
+        out[i * 16] = (uint8_t)lo;
+        out[i * 16 + 1] = (uint8_t)(lo >> 8);
+        out[i * 16 + 2] = (uint8_t)(lo >> 16);
+        out[i * 16 + 3] = (uint8_t)(lo >> 24);
+      }
+      break;
+    case IV_PLAIN64:
+    case IV_ESSIV:
+      for (uint32_t i = 0; i < n; i++, s += step) st_le64(out + i * 16, s);
+      break;
+    case IV_PLAIN64BE:
+      for (uint32_t i = 0; i < n; i++, s += step) st_be64(out + i * 16 + 8, s);
+      break;
+    case IV_BENBI:
+      for (uint32_t i = 0; i < n; i++, s += step) st_be64(out + i * 16 + 8, (s << 5) + 1);
+      break;
+    default:
+      break;
+  }
+  if (k->iv_mode == IV_ESSIV) {
+    int outl;
+    if (EVP_CipherUpdate(cs->ive, out, &outl, out, (int)n * 16) != 1) return 0;
+  }
+  return 1;
+}
+
+/* tweak *= alpha in GF(2^128), little-endian 64-bit halves. */
+static inline void gf_double(uint64_t *lo, uint64_t *hi) {
+  uint64_t carry = *hi >> 63;
+  *hi = (*hi << 1) | (*lo >> 63);
+  *lo = (*lo << 1) ^ (0x87 & (0 - carry));
+}
+
+static int run_xts_own(cm_key *k, ctxset *cs, int enc, const uint8_t *src, uint8_t *dst, uint32_t count, uint64_t s, uint32_t step) {
+  const size_t sb = (size_t)k->sector_bytes;
+  const uint32_t per = (uint32_t)(CHUNK_BYTES / sb) ? (uint32_t)(CHUNK_BYTES / sb) : 1;
+  const size_t blocks = sb / 16;
+  EVP_CIPHER_CTX *c1 = enc ? cs->e1 : cs->d1;
+  while (count > 0) {
+    uint32_t n = count < per ? count : per;
+    int outl;
+    if (!gen_ivs(k, cs, cs->ivbuf, n, s, step)) return 0;
+    if (EVP_CipherUpdate(cs->e2, cs->ivbuf, &outl, cs->ivbuf, (int)n * 16) != 1) return 0;
+    for (uint32_t i = 0; i < n; i++) {
+      uint64_t tl = ld64(cs->ivbuf + i * 16), th = ld64(cs->ivbuf + i * 16 + 8);
+      const uint8_t *p = src + i * sb;
+      uint8_t *q = dst + i * sb;
+      for (size_t b = 0; b < blocks; b++, p += 16, q += 16) {
+        st64(q, ld64(p) ^ tl);
+        st64(q + 8, ld64(p + 8) ^ th);
+        gf_double(&tl, &th);
+      }
+    }
+    if (EVP_CipherUpdate(c1, dst, &outl, dst, (int)(n * sb)) != 1) return 0;
+    for (uint32_t i = 0; i < n; i++) {
+      uint64_t tl = ld64(cs->ivbuf + i * 16), th = ld64(cs->ivbuf + i * 16 + 8);
+      uint8_t *q = dst + i * sb;
+      for (size_t b = 0; b < blocks; b++, q += 16) {
+        st64(q, ld64(q) ^ tl);
+        st64(q + 8, ld64(q + 8) ^ th);
+        gf_double(&tl, &th);
+      }
+    }
+    src += n * sb;
+    dst += n * sb;
+    s += (uint64_t)n * step;
+    count -= n;
+  }
+  return 1;
+}
+
+/* Per sector: reset the IV of a reused EVP context (xts or cbc), one update per sector. */
+static int run_per_sector(cm_key *k, ctxset *cs, EVP_CIPHER_CTX *c, const uint8_t *src, uint8_t *dst, uint32_t count, uint64_t s, uint32_t step) {
+  const size_t sb = (size_t)k->sector_bytes;
+  while (count > 0) {
+    uint32_t n = count < MAX_CHUNK_SECTORS ? count : MAX_CHUNK_SECTORS;
+    if (!gen_ivs(k, cs, cs->ivbuf, n, s, step)) return 0;
+    for (uint32_t i = 0; i < n; i++) {
+      int outl;
+      if (EVP_CipherInit_ex(c, NULL, NULL, NULL, cs->ivbuf + i * 16, -1) != 1) return 0;
+      if (EVP_CipherUpdate(c, dst, &outl, src, (int)sb) != 1) return 0;
+      src += sb;
+      dst += sb;
+    }
+    s += (uint64_t)n * step;
+    count -= n;
+  }
+  return 1;
+}
+
+static int use_evp_xts(cm_key *k) {
+  if (!k->evp_xts_ok) return 0;
+  if (k->xts_impl == XTS_EVP) return 1;
+  if (k->xts_impl == XTS_OWN) return 0;
+  return k->sector_bytes >= 4096;
+}
+
+/* The whole request; returns 1 on success. */
+static int run(cm_key *k, int enc, const uint8_t *src, uint8_t *dst, uint32_t count, uint64_t s, uint32_t step) {
+  if (k->chain == CH_NULL) {
+    if (dst != src) memmove(dst, src, (size_t)count * k->sector_bytes);
+    return 1;
+  }
+  ctxset *cs = take_set(k);
+  if (!cs) return 0;
+  int ok;
+  switch (k->chain) {
+    case CH_XTS:
+      ok = use_evp_xts(k) ? run_per_sector(k, cs, enc ? cs->xe : cs->xd, src, dst, count, s, step) : run_xts_own(k, cs, enc, src, dst, count, s, step);
+      break;
+    case CH_CBC:
+      ok = run_per_sector(k, cs, enc ? cs->e1 : cs->d1, src, dst, count, s, step);
+      break;
+    default: {
+      int outl;
+      ok = EVP_CipherUpdate(enc ? cs->e1 : cs->d1, dst, &outl, src, (int)((size_t)count * k->sector_bytes)) == 1;
+      break;
+    }
+  }
+  if (ok) {
+    give_set(k, cs);
+  } else {
+    ctxset_free(cs); /* an EVP failure may leave the context in an unknown state */
+  }
+  return ok;
+}
+
+/* ---------- N-API glue ---------- */
+
+#define CHECK(env, call)                                          \
+  do {                                                            \
+    if ((call) != napi_ok) {                                      \
+      napi_throw_error((env), "ENATIVE", "N-API call failed: " #call); \
+      return NULL;                                                \
+    }                                                             \
+  } while (0)
+
+static int get_bytes(napi_env env, napi_value v, uint8_t **data, size_t *len) {
+  bool is_ta;
+  if (napi_is_typedarray(env, v, &is_ta) != napi_ok || !is_ta) return 0;
+  napi_typedarray_type t;
+  size_t n;
+  void *p;
+  napi_value ab;
+  size_t off;
+  if (napi_get_typedarray_info(env, v, &t, &n, &p, &ab, &off) != napi_ok || t != napi_uint8_array) return 0;
+  *data = (uint8_t *)p;
+  *len = n;
+  return 1;
+}
+
+static void finalize_key(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  cm_key *k = data;
+  key_destroy(k);
+  pthread_mutex_destroy(&k->mu);
+  OPENSSL_cleanse(k, sizeof *k);
+  free(k);
+}
+
+static cm_key *get_key(napi_env env, napi_value v) {
+  napi_valuetype t;
+  void *p = NULL;
+  if (napi_typeof(env, v, &t) != napi_ok || t != napi_external || napi_get_value_external(env, v, &p) != napi_ok || !p) {
+    napi_throw_type_error(env, "EINVAL", "not a cryptmap key handle");
+    return NULL;
+  }
+  return p;
+}
+
+/* cipherCreate(chain, key, ivMode, ivKey|null, sectorBytes) */
+static napi_value cipher_create(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value a[5];
+  CHECK(env, napi_get_cb_info(env, info, &argc, a, NULL, NULL));
+  int32_t chain, iv_mode, sb;
+  uint8_t *key, *ivkey = NULL;
+  size_t key_len, ivkey_len = 0;
+  napi_valuetype t4;
+  if (argc < 5 || napi_get_value_int32(env, a[0], &chain) != napi_ok || napi_get_value_int32(env, a[2], &iv_mode) != napi_ok ||
+      napi_get_value_int32(env, a[4], &sb) != napi_ok || !get_bytes(env, a[1], &key, &key_len) || napi_typeof(env, a[3], &t4) != napi_ok) {
+    napi_throw_type_error(env, "EINVAL", "cipherCreate(chain, key, ivMode, ivKey, sectorBytes): bad arguments");
+    return NULL;
+  }
+  if (t4 != napi_null && t4 != napi_undefined && !get_bytes(env, a[3], &ivkey, &ivkey_len)) {
+    napi_throw_type_error(env, "EINVAL", "cipherCreate: ivKey must be a Uint8Array or null");
+    return NULL;
+  }
+  int good_sb = sb == 512 || sb == 1024 || sb == 2048 || sb == 4096;
+  int good_key = chain == CH_NULL || (chain == CH_XTS && (key_len == 32 || key_len == 48 || key_len == 64)) ||
+                 ((chain == CH_CBC || chain == CH_ECB) && (key_len == 16 || key_len == 24 || key_len == 32));
+  int good_iv = iv_mode >= IV_NULL && iv_mode <= IV_BENBI &&
+                (iv_mode != IV_ESSIV || (ivkey && (ivkey_len == 16 || ivkey_len == 24 || ivkey_len == 32)));
+  if (!good_sb || !good_key || !good_iv || chain < CH_XTS || chain > CH_NULL) {
+    napi_throw_range_error(env, "EINVAL", "cipherCreate: unsupported chain, key length, IV mode or sector size");
+    return NULL;
+  }
+  cm_key *k = calloc(1, sizeof *k);
+  if (!k) {
+    napi_throw_error(env, "ENOMEM", "out of memory");
+    return NULL;
+  }
+  pthread_mutex_init(&k->mu, NULL);
+  k->chain = chain;
+  k->iv_mode = iv_mode;
+  k->sector_bytes = sb;
+  k->xts_impl = XTS_AUTO;
+  if (chain != CH_NULL) {
+    memcpy(k->key, key, key_len);
+    k->key_len = (int)key_len;
+  }
+  if (iv_mode == IV_ESSIV) {
+    memcpy(k->ivkey, ivkey, ivkey_len);
+    k->ivkey_len = (int)ivkey_len;
+  }
+  k->evp_xts_ok = chain == CH_XTS && key_len != 48 && CRYPTO_memcmp(k->key, k->key + key_len / 2, key_len / 2) != 0;
+  /* Build one context set now so bad keys fail here, not on first use. */
+  if (chain != CH_NULL) {
+    ctxset *cs = ctxset_new(k);
+    if (!cs) {
+      key_destroy(k);
+      pthread_mutex_destroy(&k->mu);
+      free(k);
+      napi_throw_error(env, "ENATIVE", "OpenSSL refused the key");
+      return NULL;
+    }
+    give_set(k, cs);
+  }
+  napi_value ext;
+  if (napi_create_external(env, k, finalize_key, NULL, &ext) != napi_ok) {
+    key_destroy(k);
+    pthread_mutex_destroy(&k->mu);
+    free(k);
+    napi_throw_error(env, "ENATIVE", "napi_create_external failed");
+    return NULL;
+  }
+  return ext;
+}
+
+typedef struct {
+  cm_key *k;
+  int enc;
+  uint8_t *src, *dst;
+  uint32_t count, step;
+  uint64_t s;
+} run_args;
+
+/* Parses (h, enc, src, dst, count, ivLo, ivHi, ivStep); throws and returns 0 on bad input. */
+static int parse_run(napi_env env, napi_callback_info info, napi_value *a, run_args *r) {
+  size_t argc = 8;
+  if (napi_get_cb_info(env, info, &argc, a, NULL, NULL) != napi_ok || argc < 8) {
+    napi_throw_type_error(env, "EINVAL", "cipherRun: 8 arguments expected");
+    return 0;
+  }
+  r->k = get_key(env, a[0]);
+  if (!r->k) return 0;
+  bool enc;
+  uint32_t lo, hi;
+  size_t sl, dl;
+  if (napi_get_value_bool(env, a[1], &enc) != napi_ok || !get_bytes(env, a[2], &r->src, &sl) || !get_bytes(env, a[3], &r->dst, &dl) ||
+      napi_get_value_uint32(env, a[4], &r->count) != napi_ok || napi_get_value_uint32(env, a[5], &lo) != napi_ok ||
+      napi_get_value_uint32(env, a[6], &hi) != napi_ok || napi_get_value_uint32(env, a[7], &r->step) != napi_ok) {
+    napi_throw_type_error(env, "EINVAL", "cipherRun: bad arguments");
+    return 0;
+  }
+  r->enc = enc;
+  r->s = ((uint64_t)hi << 32) | lo;
+  if (r->k->disposed) {
+    napi_throw_error(env, "EDISPOSED", "sector cipher used after dispose");
+    return 0;
+  }
+  if (sl != dl || sl != (size_t)r->count * (size_t)r->k->sector_bytes || sl > 0x7fffffff) {
+    napi_throw_range_error(env, "EINVAL", "cipherRun: buffer lengths do not match count * sectorBytes (or exceed 2 GiB)");
+    return 0;
+  }
+  if (r->src != r->dst && r->src < r->dst + dl && r->dst < r->src + sl) {
+    napi_throw_range_error(env, "EOVERLAP", "cipherRun: source and destination overlap partially");
+    return 0;
+  }
+  return 1;
+}
+
+static napi_value cipher_run(napi_env env, napi_callback_info info) {
+  napi_value a[8];
+  run_args r;
+  if (!parse_run(env, info, a, &r)) return NULL;
+  if (r.count > 0 && !run(r.k, r.enc, r.src, r.dst, r.count, r.s, r.step)) {
+    napi_throw_error(env, "ENATIVE", "OpenSSL cipher operation failed");
+  }
+  return NULL;
+}
+
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  napi_ref h_ref, src_ref, dst_ref;
+  run_args r;
+  int ok;
+} job;
+
+static void job_execute(napi_env env, void *data) {
+  (void)env;
+  job *j = data;
+  j->ok = run(j->r.k, j->r.enc, j->r.src, j->r.dst, j->r.count, j->r.s, j->r.step);
+}
+
+static void job_complete(napi_env env, napi_status status, void *data) {
+  job *j = data;
+  cm_key *k = j->r.k;
+  k->inflight--;
+  if (k->disposed && k->inflight == 0) key_destroy(k);
+  napi_value v;
+  if (status == napi_ok && j->ok) {
+    napi_get_undefined(env, &v);
+    napi_resolve_deferred(env, j->deferred, v);
+  } else {
+    napi_value code, msg;
+    napi_create_string_utf8(env, "ENATIVE", NAPI_AUTO_LENGTH, &code);
+    napi_create_string_utf8(env, status == napi_cancelled ? "sector cipher work cancelled" : "OpenSSL cipher operation failed", NAPI_AUTO_LENGTH, &msg);
+    napi_create_error(env, code, msg, &v);
+    napi_reject_deferred(env, j->deferred, v);
+  }
+  napi_delete_reference(env, j->h_ref);
+  napi_delete_reference(env, j->src_ref);
+  napi_delete_reference(env, j->dst_ref);
+  napi_delete_async_work(env, j->work);
+  free(j);
+}
+
+static napi_value cipher_run_async(napi_env env, napi_callback_info info) {
+  napi_value a[8];
+  run_args r;
+  if (!parse_run(env, info, a, &r)) return NULL;
+  napi_value promise;
+  job *j = calloc(1, sizeof *j);
+  if (!j) {
+    napi_throw_error(env, "ENOMEM", "out of memory");
+    return NULL;
+  }
+  j->r = r;
+  napi_value name;
+  CHECK(env, napi_create_promise(env, &j->deferred, &promise));
+  CHECK(env, napi_create_reference(env, a[0], 1, &j->h_ref));
+  CHECK(env, napi_create_reference(env, a[2], 1, &j->src_ref));
+  CHECK(env, napi_create_reference(env, a[3], 1, &j->dst_ref));
+  CHECK(env, napi_create_string_utf8(env, "cryptmap.sectorCipher", NAPI_AUTO_LENGTH, &name));
+  CHECK(env, napi_create_async_work(env, NULL, name, job_execute, job_complete, j, &j->work));
+  r.k->inflight++;
+  if (napi_queue_async_work(env, j->work) != napi_ok) {
+    r.k->inflight--;
+    napi_throw_error(env, "ENATIVE", "napi_queue_async_work failed");
+    return NULL;
+  }
+  return promise;
+}
+
+static napi_value cipher_dispose(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value a[1];
+  CHECK(env, napi_get_cb_info(env, info, &argc, a, NULL, NULL));
+  if (argc < 1) return NULL;
+  cm_key *k = get_key(env, a[0]);
+  if (!k) return NULL;
+  k->disposed = 1;
+  if (k->inflight == 0) key_destroy(k);
+  return NULL;
+}
+
+static napi_value set_xts_impl(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value a[2];
+  CHECK(env, napi_get_cb_info(env, info, &argc, a, NULL, NULL));
+  cm_key *k = argc < 2 ? NULL : get_key(env, a[0]);
+  if (!k) return NULL;
+  int32_t impl;
+  if (napi_get_value_int32(env, a[1], &impl) != napi_ok || impl < XTS_AUTO || impl > XTS_OWN) {
+    napi_throw_range_error(env, "EINVAL", "setXtsImpl: 0 (auto), 1 (evp) or 2 (own)");
+    return NULL;
+  }
+  k->xts_impl = impl;
+  return NULL;
+}
+
+/* ---------- file helpers ---------- */
+
+static const char *errno_name(int e) {
+  switch (e) {
+    case EBADF: return "EBADF";
+    case EINVAL: return "EINVAL";
+    case EOPNOTSUPP: return "EOPNOTSUPP";
+    case ENOSPC: return "ENOSPC";
+    case EIO: return "EIO";
+    case EPERM: return "EPERM";
+    case EACCES: return "EACCES";
+    case EROFS: return "EROFS";
+    case ENODEV: return "ENODEV";
+    case ESPIPE: return "ESPIPE";
+    case EFBIG: return "EFBIG";
+    case EINTR: return "EINTR";
+    case ENXIO: return "ENXIO";
+    case ENOSYS: return "ENOSYS";
+    case ETXTBSY: return "ETXTBSY";
+    default: return "EIO";
+  }
+}
+
+static void throw_errno(napi_env env, int e, const char *syscall) {
+  char msg[160];
+  snprintf(msg, sizeof msg, "%s: %s", syscall, strerror(e));
+  napi_value code, m, err, num, sc;
+  napi_create_string_utf8(env, errno_name(e), NAPI_AUTO_LENGTH, &code);
+  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &m);
+  napi_create_error(env, code, m, &err);
+  napi_create_int32(env, -e, &num);
+  napi_set_named_property(env, err, "errno", num);
+  napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &sc);
+  napi_set_named_property(env, err, "syscall", sc);
+  napi_throw(env, err);
+}
+
+static int get_fd_off(napi_env env, napi_callback_info info, size_t want, int32_t *fd, int64_t *v) {
+  size_t argc = 3;
+  napi_value a[3];
+  if (napi_get_cb_info(env, info, &argc, a, NULL, NULL) != napi_ok || argc < want || napi_get_value_int32(env, a[0], fd) != napi_ok) goto bad;
+  for (size_t i = 1; i < want; i++) {
+    if (napi_get_value_int64(env, a[i], &v[i - 1]) != napi_ok || v[i - 1] < 0) goto bad;
+  }
+  return 1;
+bad:
+  napi_throw_type_error(env, "EINVAL", "expected (fd, non-negative offsets)");
+  return 0;
+}
+
+static napi_value punch_hole(napi_env env, napi_callback_info info) {
+  int32_t fd;
+  int64_t v[2];
+  if (!get_fd_off(env, info, 3, &fd, v)) return NULL;
+  if (v[1] == 0) return NULL;
+  if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)v[0], (off_t)v[1]) != 0) throw_errno(env, errno, "fallocate");
+  return NULL;
+}
+
+static napi_value seek_whence(napi_env env, napi_callback_info info, int whence, const char *name) {
+  int32_t fd;
+  int64_t v[1];
+  if (!get_fd_off(env, info, 2, &fd, v)) return NULL;
+  off_t r = lseek(fd, (off_t)v[0], whence);
+  if (r < 0) {
+    if (errno == ENXIO) r = -1;
+    else {
+      throw_errno(env, errno, name);
+      return NULL;
+    }
+  }
+  napi_value out;
+  CHECK(env, napi_create_int64(env, (int64_t)r, &out));
+  return out;
+}
+
+static napi_value seek_data(napi_env env, napi_callback_info info) {
+  return seek_whence(env, info, SEEK_DATA, "lseek(SEEK_DATA)");
+}
+static napi_value seek_hole(napi_env env, napi_callback_info info) {
+  return seek_whence(env, info, SEEK_HOLE, "lseek(SEEK_HOLE)");
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_property_descriptor d[] = {
+      {"cipherCreate", NULL, cipher_create, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"cipherRun", NULL, cipher_run, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"cipherRunAsync", NULL, cipher_run_async, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"cipherDispose", NULL, cipher_dispose, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"setXtsImpl", NULL, set_xts_impl, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_enumerable, NULL},
+  };
+  CHECK(env, napi_define_properties(env, exports, sizeof d / sizeof d[0], d));
+  napi_value ver;
+  CHECK(env, napi_create_int32(env, ABI_VERSION, &ver));
+  CHECK(env, napi_set_named_property(env, exports, "abiVersion", ver));
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

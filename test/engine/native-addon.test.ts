@@ -1,0 +1,84 @@
+/**
+ * The native addon: loads (required when CRYPTMAP_REQUIRE_NATIVE=1, as CI sets), the backend choice
+ * (explicit, CRYPTMAP_CRYPTO_BACKEND, default), dispose while async work is in flight, and the file
+ * helpers the file block device uses (fallocate punch hole, SEEK_DATA / SEEK_HOLE).
+ */
+import assert from 'node:assert/strict';
+import { closeSync, fstatSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, it } from 'node:test';
+import { loadNative, nativeLoadError } from '../../src/util/native.js';
+import { createSectorCipher, defaultBackend, isCryptmapError } from './imports.js';
+
+function addon() {
+  const a = loadNative();
+  assert.ok(a, `native addon did not load (${nativeLoadError()}); build it with: node scripts/build-native.mjs (needs g++, make, python3 and Node headers)`);
+  return a;
+}
+
+describe('native addon', () => {
+  it('loads, and is the default backend unless CRYPTMAP_CRYPTO_BACKEND says otherwise', () => {
+    if (process.env.CRYPTMAP_REQUIRE_NATIVE === '1') assert.ok(loadNative(), `CRYPTMAP_REQUIRE_NATIVE=1 but: ${nativeLoadError()}`);
+    addon();
+    assert.equal(defaultBackend({}), 'native');
+    assert.equal(defaultBackend({ CRYPTMAP_CRYPTO_BACKEND: 'js' }), 'js');
+    assert.equal(defaultBackend({ CRYPTMAP_CRYPTO_BACKEND: 'native' }), 'native');
+    assert.throws(() => defaultBackend({ CRYPTMAP_CRYPTO_BACKEND: 'gpu' }), (e: unknown) => isCryptmapError(e, 'EBACKEND'));
+  });
+
+  it('finishes in-flight async work after dispose, then refuses new work', async () => {
+    addon();
+    const key = Buffer.alloc(64);
+    for (let i = 0; i < 64; i++) key[i] = i;
+    const c = createSectorCipher({ spec: 'aes-xts-plain64', key, backend: 'native', sectorBytes: 4096 });
+    const want = Buffer.alloc(1 << 20, 7);
+    c.encrypt(want, 0n);
+    const got = Buffer.alloc(1 << 20, 7);
+    const p = c.encryptAsync(got, 0n);
+    c.dispose();
+    await p;
+    assert.ok(got.equals(want));
+    assert.throws(() => c.encrypt(Buffer.alloc(4096), 0n), (e: unknown) => isCryptmapError(e, 'EDISPOSED'));
+  });
+
+  it('rejects bad arguments at the native edge too', () => {
+    const a = addon();
+    assert.throws(() => a.cipherCreate(0, Buffer.alloc(20), 2, null, 512));
+    assert.throws(() => a.cipherCreate(1, Buffer.alloc(32), 4, null, 512)); // essiv without its key
+    const h = a.cipherCreate(0, Buffer.alloc(64, 1).fill(2, 32), 2, null, 512);
+    assert.throws(() => a.cipherRun(h, true, Buffer.alloc(512), Buffer.alloc(1024), 1, 0, 0, 1));
+    const b = Buffer.alloc(2048);
+    assert.throws(() => a.cipherRun(h, true, b.subarray(0, 1024), b.subarray(512, 1536), 2, 0, 0, 1));
+    a.cipherDispose(h);
+    assert.throws(() => a.cipherRun(h, true, Buffer.alloc(512), Buffer.alloc(512), 1, 0, 0, 1));
+  });
+
+  it('punches holes and finds data and holes', () => {
+    const a = addon();
+    const dir = mkdtempSync(join(tmpdir(), 'cryptmap-native-'));
+    const file = join(dir, 'f');
+    const fd = openSync(file, 'w+', 0o600);
+    try {
+      const mib = 1 << 20;
+      writeSync(fd, Buffer.alloc(4 * mib, 0xab), 0, 4 * mib, 0);
+      assert.equal(a.seekData(fd, 0), 0);
+      a.punchHole(fd, mib, 2 * mib);
+      assert.equal(fstatSync(fd).size, 4 * mib);
+      const hole = a.seekHole(fd, 0);
+      // The file system rounds to its block size; tmpfs and ext4 use 4 KiB.
+      assert.ok(hole >= 0 && hole <= mib, `hole at ${hole}`);
+      assert.equal(a.seekData(fd, mib), 3 * mib);
+      assert.equal(a.seekData(fd, 4 * mib), -1);
+      assert.equal(a.seekHole(fd, 4 * mib + 1), -1);
+      a.punchHole(fd, 0, 0);
+      assert.throws(
+        () => a.punchHole(-1, 0, 4096),
+        (e: unknown) => (e as NodeJS.ErrnoException).code === 'EBADF',
+      );
+    } finally {
+      closeSync(fd);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
