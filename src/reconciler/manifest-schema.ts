@@ -1,0 +1,85 @@
+/**
+ * JSON Schema (draft 2020-12 subset, validated by ajv) of the cryptmap manifest, version 1.
+ * Documented in docs/manifest.md. `x-message` is our annotation: the message shown when the
+ * property fails (ajv's own wording otherwise). Semantic rules that a schema cannot say well
+ * (unique names, mountpoint vs filesystem, size multiple of the sector size) live in manifest.ts.
+ */
+export const NAME_PATTERN = '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$';
+export const SIZE_PATTERN = '^[1-9][0-9]{0,15}(K|M|G|T|KiB|MiB|GiB|TiB)$';
+
+const name = { type: 'string', pattern: NAME_PATTERN, 'x-message': 'must be 1-64 letters, digits, . _ - starting with a letter or digit' };
+const size = { type: 'string', pattern: SIZE_PATTERN, 'x-message': 'must be a size like 512M or 2G' };
+const cipher = { type: 'string', pattern: '^[a-z0-9]+(-[a-z0-9]+)+(:[a-z0-9]+)?$', 'x-message': 'must be a cipher specification like aes-xts-plain64' };
+const keySize = { type: 'integer', enum: [128, 256, 512], 'x-message': 'must be the key size in bits: 128, 256 or 512' };
+const sectorSize = { type: 'integer', enum: [512, 1024, 2048, 4096], 'x-message': 'must be 512, 1024, 2048 or 4096' };
+
+export const MANIFEST_SCHEMA = {
+  $id: 'https://cryptmap.invalid/manifest-v1.json',
+  type: 'object',
+  additionalProperties: false,
+  required: ['version'],
+  properties: {
+    version: { const: 1, 'x-message': 'must be 1' },
+    keyService: {
+      type: 'object',
+      additionalProperties: false,
+      required: ['address'],
+      properties: {
+        address: {
+          type: 'string',
+          pattern: '^(embedded|unix:/.+|/.+|https://[^/\\s]+)$',
+          'x-message': 'must be embedded, unix:/path/to/keyd.sock or https://host:port',
+        },
+        tokenFile: { type: 'string', pattern: '^/', 'x-message': 'must be an absolute path' },
+        tls: {
+          type: 'object',
+          additionalProperties: false,
+          required: ['cert', 'key', 'ca'],
+          properties: {
+            cert: { type: 'string', minLength: 1 },
+            key: { type: 'string', minLength: 1 },
+            ca: { type: 'string', minLength: 1 },
+          },
+        },
+      },
+    },
+    services: {
+      type: 'array',
+      items: {
+        type: 'object',
+        additionalProperties: false,
+        required: ['name', 'volumes'],
+        properties: {
+          name,
+          volumes: {
+            type: 'array',
+            items: {
+              type: 'object',
+              additionalProperties: false,
+              required: ['name', 'size'],
+              properties: {
+                name,
+                size,
+                class: { type: 'string', enum: ['ephemeral', 'persistent'], 'x-message': 'must be ephemeral or persistent' },
+                filesystem: { type: 'string', enum: ['ext4', 'ext3', 'ext2', 'none'], 'x-message': 'must be ext4, ext3, ext2 or none' },
+                mountpoint: { type: 'string', pattern: '^/', 'x-message': 'must be an absolute path' },
+                cipher,
+                keySize,
+                sectorSize,
+              },
+            },
+          },
+        },
+      },
+    },
+    swap: {
+      type: 'array',
+      items: {
+        type: 'object',
+        additionalProperties: false,
+        required: ['name', 'size'],
+        properties: { name, size, cipher, keySize, sectorSize },
+      },
+    },
+  },
+} as const;

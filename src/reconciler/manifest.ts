@@ -1,0 +1,268 @@
+/**
+ * The cryptmap manifest (docs/manifest.md): YAML naming services, their scratch volumes, swap areas
+ * and the key service. Parsed with `yaml` (keeping source positions), validated against
+ * MANIFEST_SCHEMA with ajv, then by ordered semantic checks. Every error reads
+ * `FILE:LINE: field.path: message`, e.g.
+ * `manifest.yaml:12: services[1].volumes[0].size: must be a size like 512M or 2G`.
+ */
+import { readFile } from 'node:fs/promises';
+import { posix } from 'node:path';
+import { Ajv, type ErrorObject } from 'ajv';
+import { isMap, isPair, isScalar, isSeq, LineCounter, type Node, parseDocument } from 'yaml';
+import { CryptmapError, fromSystemError } from '../util/errors.js';
+import { MANIFEST_SCHEMA } from './manifest-schema.js';
+
+export type VolumeClass = 'ephemeral' | 'persistent';
+export type Filesystem = 'ext4' | 'ext3' | 'ext2' | 'none';
+
+export const DEFAULT_CIPHER = 'aes-xts-plain64';
+export const DEFAULT_KEY_BITS = 512;
+export const DEFAULT_SECTOR_SIZE = 4096;
+export const MIN_VOLUME_BYTES = 1024 * 1024;
+
+export interface VolumeSpec {
+  name: string;
+  /** As written (e.g. `64M`). */
+  size: string;
+  sizeBytes: number;
+  class: VolumeClass;
+  filesystem: Filesystem;
+  mountpoint?: string;
+  cipher: string;
+  keySizeBits: number;
+  sectorSize: number;
+  /** Line of the volume in the manifest (1-based). */
+  line: number;
+}
+
+export interface ServiceSpec {
+  name: string;
+  volumes: VolumeSpec[];
+  line: number;
+}
+
+export interface SwapSpec {
+  name: string;
+  size: string;
+  sizeBytes: number;
+  cipher: string;
+  keySizeBits: number;
+  sectorSize: number;
+  line: number;
+}
+
+export interface KeyServiceRef {
+  /** `embedded` (an in-process key service), `unix:/path` or `https://host:port`. */
+  address: string;
+  tokenFile?: string;
+  tls?: { cert: string; key: string; ca: string };
+}
+
+export interface Manifest {
+  version: 1;
+  file: string;
+  keyService: KeyServiceRef;
+  services: ServiceSpec[];
+  swap: SwapSpec[];
+}
+
+export interface ManifestProblem {
+  file: string;
+  line: number;
+  path: string;
+  message: string;
+}
+
+const UNITS: Record<string, number> = { K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 };
+
+/** `512M` -> 536870912. Binary units (K = 1024); `MiB` and `M` mean the same. */
+export function parseSize(s: string): number {
+  const m = /^([1-9][0-9]{0,15})(K|M|G|T)(iB)?$/.exec(s);
+  if (!m) throw new CryptmapError('ESIZE', `'${s}' must be a size like 512M or 2G`);
+  const n = Number(m[1]) * UNITS[m[2]!]!;
+  if (!Number.isSafeInteger(n)) throw new CryptmapError('ESIZE', `'${s}' is too large`);
+  return n;
+}
+
+let validator: ReturnType<Ajv['compile']> | undefined;
+function validate() {
+  if (!validator) {
+    const ajv = new Ajv({ allErrors: true, verbose: true, strict: true });
+    ajv.addKeyword({ keyword: 'x-message', schemaType: 'string' });
+    validator = ajv.compile(MANIFEST_SCHEMA);
+  }
+  return validator;
+}
+
+type Seg = string | number;
+
+function pathText(path: Seg[]): string {
+  let s = '';
+  for (const p of path) s += typeof p === 'number' ? `[${p}]` : s === '' ? p : `.${p}`;
+  return s || '(top level)';
+}
+
+/** The line of the node at `path` (the key's line for a map entry), or of its nearest ancestor. */
+function lineOf(doc: ReturnType<typeof parseDocument>, lc: LineCounter, path: Seg[]): number {
+  let node: unknown = doc.contents;
+  let line = node && (node as Node).range ? lc.linePos((node as Node).range![0]).line : 1;
+  for (const seg of path) {
+    let next: unknown;
+    let keyNode: unknown;
+    if (isMap(node)) {
+      const pair = node.items.find((p) => isPair(p) && isScalar(p.key) && p.key.value === seg);
+      keyNode = pair?.key;
+      next = pair?.value;
+    } else if (isSeq(node) && typeof seg === 'number') {
+      next = node.items[seg];
+      keyNode = next;
+    }
+    const r = (keyNode as Node | undefined)?.range;
+    if (!r) break;
+    line = lc.linePos(r[0]).line;
+    node = next;
+  }
+  return line;
+}
+
+function pointerToPath(p: string): Seg[] {
+  if (p === '') return [];
+  return p
+    .slice(1)
+    .split('/')
+    .map((s) => s.replace(/~1/g, '/').replace(/~0/g, '~'))
+    .map((s) => (/^[0-9]+$/.test(s) ? Number(s) : s));
+}
+
+function describe(e: ErrorObject): { path: Seg[]; message: string } {
+  const path = pointerToPath(e.instancePath);
+  switch (e.keyword) {
+    case 'required':
+      return { path: [...path, (e.params as { missingProperty: string }).missingProperty], message: 'is required' };
+    case 'additionalProperties':
+      return { path: [...path, (e.params as { additionalProperty: string }).additionalProperty], message: 'is not a known field' };
+    default: {
+      const custom = (e.parentSchema as Record<string, unknown> | undefined)?.['x-message'];
+      if (typeof custom === 'string' && e.keyword !== 'type') return { path, message: custom };
+      if (e.keyword === 'type') return { path, message: `must be ${e.params.type === 'array' ? 'a list' : e.params.type === 'object' ? 'a mapping' : `a ${e.params.type}`}` };
+      return { path, message: e.message ?? 'is invalid' };
+    }
+  }
+}
+
+function fail(problems: ManifestProblem[]): never {
+  const lines = problems.map((p) => `${p.file}:${p.line}: ${p.path}: ${p.message}`);
+  throw new CryptmapError('EMANIFEST', lines.join('\n'), { context: { problems } });
+}
+
+/** Parse and validate a manifest's text. Throws EMANIFEST listing every problem found. */
+export function parseManifest(text: string, file = 'manifest.yaml'): Manifest {
+  const lc = new LineCounter();
+  const doc = parseDocument(text, { lineCounter: lc, keepSourceTokens: true, uniqueKeys: true, prettyErrors: false });
+  if (doc.errors.length > 0) {
+    fail(doc.errors.map((e) => ({ file, line: e.linePos?.[0]?.line ?? 1, path: '(syntax)', message: e.message.split('\n')[0]! })));
+  }
+  const data = doc.toJS() as unknown;
+  if (data === null || data === undefined) fail([{ file, line: 1, path: '(top level)', message: 'the manifest is empty' }]);
+  const v = validate();
+  if (!v(data)) {
+    const seen = new Set<string>();
+    const problems: ManifestProblem[] = [];
+    for (const e of v.errors ?? []) {
+      if (e.keyword === 'if') continue;
+      const d = describe(e);
+      const key = `${pathText(d.path)}|${d.message}`;
+      if (seen.has(key)) continue;
+      seen.add(key);
+      problems.push({ file, line: lineOf(doc, lc, d.path), path: pathText(d.path), message: d.message });
+    }
+    problems.sort((a, b) => a.line - b.line);
+    fail(problems);
+  }
+  const raw = data as {
+    keyService?: KeyServiceRef;
+    services?: { name: string; volumes: Record<string, unknown>[] }[];
+    swap?: Record<string, unknown>[];
+  };
+  const problems: ManifestProblem[] = [];
+  const problem = (path: Seg[], message: string) => problems.push({ file, line: lineOf(doc, lc, path), path: pathText(path), message });
+
+  const keyService: KeyServiceRef = raw.keyService ?? { address: 'embedded' };
+  if (keyService.address.startsWith('https://') && !keyService.tls) problem(['keyService', 'tls'], 'an https key service needs tls.cert, tls.key and tls.ca');
+  if (!keyService.address.startsWith('https://') && keyService.tls) problem(['keyService', 'tls'], 'applies to https key services only');
+  if (keyService.tokenFile && !/^(unix:)?\//.test(keyService.address)) problem(['keyService', 'tokenFile'], 'applies to unix socket key services only');
+
+  const services: ServiceSpec[] = [];
+  const serviceNames = new Map<string, number>();
+  const mountpoints = new Map<string, string>();
+  const checkCrypto = (path: Seg[], cipher: string, keySizeBits: number, sizeBytes: number, sector: number) => {
+    if (/-xts-/.test(cipher) && keySizeBits === 128) problem([...path, 'keySize'], 'XTS needs two keys: 256 or 512 bits');
+    if (sizeBytes % sector !== 0) problem([...path, 'size'], `must be a multiple of the sector size (${sector} bytes)`);
+    if (sizeBytes < MIN_VOLUME_BYTES) problem([...path, 'size'], 'must be at least 1M');
+  };
+  (raw.services ?? []).forEach((s, i) => {
+    const sp: Seg[] = ['services', i];
+    if (serviceNames.has(s.name)) problem([...sp, 'name'], `service '${s.name}' is already defined (services[${serviceNames.get(s.name)}])`);
+    serviceNames.set(s.name, i);
+    const volNames = new Set<string>();
+    const volumes: VolumeSpec[] = s.volumes.map((rv, j) => {
+      const vp: Seg[] = [...sp, 'volumes', j];
+      const vol: VolumeSpec = {
+        name: rv.name as string,
+        size: rv.size as string,
+        sizeBytes: parseSize(rv.size as string),
+        class: (rv.class as VolumeClass | undefined) ?? 'ephemeral',
+        filesystem: (rv.filesystem as Filesystem | undefined) ?? 'ext4',
+        cipher: (rv.cipher as string | undefined) ?? DEFAULT_CIPHER,
+        keySizeBits: (rv.keySize as number | undefined) ?? DEFAULT_KEY_BITS,
+        sectorSize: (rv.sectorSize as number | undefined) ?? DEFAULT_SECTOR_SIZE,
+        line: lineOf(doc, lc, vp),
+      };
+      if (rv.mountpoint !== undefined) vol.mountpoint = rv.mountpoint as string;
+      if (volNames.has(vol.name)) problem([...vp, 'name'], `volume '${vol.name}' is already defined in service '${s.name}'`);
+      volNames.add(vol.name);
+      checkCrypto(vp, vol.cipher, vol.keySizeBits, vol.sizeBytes, vol.sectorSize);
+      if (vol.mountpoint !== undefined) {
+        if (vol.filesystem === 'none') problem([...vp, 'mountpoint'], 'a volume with filesystem none cannot be mounted');
+        if (posix.normalize(vol.mountpoint) !== vol.mountpoint || vol.mountpoint === '/' || vol.mountpoint.endsWith('/')) {
+          problem([...vp, 'mountpoint'], 'must be a normalized absolute path other than /');
+        }
+        const other = mountpoints.get(vol.mountpoint);
+        if (other) problem([...vp, 'mountpoint'], `is already used by ${other}`);
+        mountpoints.set(vol.mountpoint, `${s.name}/${vol.name}`);
+      }
+      return vol;
+    });
+    services.push({ name: s.name, volumes, line: lineOf(doc, lc, sp) });
+  });
+  const swapNames = new Set<string>();
+  const swap: SwapSpec[] = (raw.swap ?? []).map((rs, i) => {
+    const p: Seg[] = ['swap', i];
+    const sw: SwapSpec = {
+      name: rs.name as string,
+      size: rs.size as string,
+      sizeBytes: parseSize(rs.size as string),
+      cipher: (rs.cipher as string | undefined) ?? DEFAULT_CIPHER,
+      keySizeBits: (rs.keySize as number | undefined) ?? DEFAULT_KEY_BITS,
+      sectorSize: (rs.sectorSize as number | undefined) ?? DEFAULT_SECTOR_SIZE,
+      line: lineOf(doc, lc, p),
+    };
+    if (swapNames.has(sw.name)) problem([...p, 'name'], `swap '${sw.name}' is already defined`);
+    swapNames.add(sw.name);
+    checkCrypto(p, sw.cipher, sw.keySizeBits, sw.sizeBytes, sw.sectorSize);
+    return sw;
+  });
+  if (problems.length > 0) fail(problems.sort((a, b) => a.line - b.line));
+  return { version: 1, file, keyService, services, swap };
+}
+
+/** Read and parse a manifest file. */
+export async function loadManifest(path: string): Promise<Manifest> {
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (e) {
+    throw fromSystemError('EMANIFEST', `cannot read manifest ${path}`, e);
+  }
+  return parseManifest(text, path);
+}

@@ -1,0 +1,107 @@
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { test } from 'node:test';
+import { DEFAULT_MANIFEST_YAML } from '../../src/reconciler/default-manifest.js';
+import { parseManifest, parseSize } from '../../src/reconciler/manifest.js';
+
+const EXAMPLE = readFileSync(new URL('../../../examples/manifest.yaml', import.meta.url), 'utf8');
+
+function problems(text: string): string[] {
+  try {
+    parseManifest(text, 'm.yaml');
+  } catch (e) {
+    assert.equal((e as { code?: string }).code, 'EMANIFEST');
+    return (e as Error).message.split('\n');
+  }
+  assert.fail('expected EMANIFEST');
+}
+
+test('the example manifest parses, with defaults filled in, and is the embedded default', () => {
+  assert.equal(DEFAULT_MANIFEST_YAML, EXAMPLE);
+  const m = parseManifest(EXAMPLE, 'examples/manifest.yaml');
+  assert.equal(m.keyService.address, 'embedded');
+  assert.deepEqual(
+    m.services.map((s) => s.volumes.map((v) => [s.name, v.name, v.class, v.sizeBytes, v.filesystem, v.mountpoint, v.cipher, v.keySizeBits, v.sectorSize])),
+    [[['web', 'cache', 'ephemeral', 64 << 20, 'ext4', '/srv/web/cache', 'aes-xts-plain64', 512, 4096]], [['db', 'data', 'persistent', 128 << 20, 'ext4', '/srv/db', 'aes-xts-plain64', 512, 4096]]],
+  );
+  assert.deepEqual(m.swap.map((s) => [s.name, s.sizeBytes]), [['swap0', 64 << 20]]);
+  assert.ok(m.services[0]!.volumes[0]!.line > 1);
+  const minimal = parseManifest('version: 1\nservices:\n  - name: a\n    volumes:\n      - {name: v, size: 2M}\n');
+  assert.equal(minimal.services[0]!.volumes[0]!.class, 'ephemeral');
+  assert.equal(minimal.keyService.address, 'embedded');
+  assert.deepEqual(minimal.swap, []);
+});
+
+test('sizes', () => {
+  assert.equal(parseSize('512M'), 512 * 2 ** 20);
+  assert.equal(parseSize('2G'), 2 ** 31);
+  assert.equal(parseSize('4KiB'), 4096);
+  for (const bad of ['0M', '12', '1.5G', '1 G', 'M', '-1M', '1m']) assert.throws(() => parseSize(bad), /size like 512M/);
+});
+
+test('schema errors give file, line and field path', () => {
+  const text = `version: 1
+services:
+  - name: web
+    volumes:
+      - name: cache
+        size: 64M
+  - name: db
+    volumes:
+      - name: data
+        size: lots
+        class: forever
+        colour: blue
+      - size: 4M
+swap:
+  - name: s0
+`;
+  assert.deepEqual(problems(text), [
+    "m.yaml:10: services[1].volumes[0].size: must be a size like 512M or 2G",
+    'm.yaml:11: services[1].volumes[0].class: must be ephemeral or persistent',
+    'm.yaml:12: services[1].volumes[0].colour: is not a known field',
+    'm.yaml:13: services[1].volumes[1].name: is required',
+    'm.yaml:15: swap[0].size: is required',
+  ]);
+  assert.deepEqual(problems('version: 2\n'), ['m.yaml:1: version: must be 1']);
+  assert.deepEqual(problems('version: 1\nservices: {}\n'), ['m.yaml:2: services: must be a list']);
+  assert.deepEqual(problems('version: 1\nkeyService:\n  address: ftp://x\n'), ['m.yaml:3: keyService.address: must be embedded, unix:/path/to/keyd.sock or https://host:port']);
+  assert.match(problems('version: 1\nservices: [\n')[0]!, /^m\.yaml:\d+: \(syntax\): /);
+  assert.match(problems('version: 1\nversion: 1\n')[0]!, /^m\.yaml:\d+: \(syntax\): .*unique/);
+  assert.deepEqual(problems(''), ['m.yaml:1: (top level): the manifest is empty']);
+});
+
+test('semantic errors give file, line and field path', () => {
+  const text = `version: 1
+keyService:
+  address: https://keys.example:7443
+services:
+  - name: a
+    volumes:
+      - {name: v, size: 4M, mountpoint: /srv/x}
+      - {name: v, size: 4M, mountpoint: /srv/x}
+      - {name: w, size: 4M, filesystem: none, mountpoint: /srv/w}
+      - {name: x, size: 512K}
+      - {name: y, size: 6K, sectorSize: 4096, cipher: aes-xts-plain64, keySize: 128}
+  - name: a
+    volumes: []
+swap:
+  - {name: s, size: 1M}
+  - {name: s, size: 1M, mountpoint: /x}
+`;
+  assert.deepEqual(problems(text), [
+    'm.yaml:16: swap[1].mountpoint: is not a known field',
+  ]);
+  assert.deepEqual(problems(text.replace(', mountpoint: /x', '')), [
+    'm.yaml:2: keyService.tls: an https key service needs tls.cert, tls.key and tls.ca',
+    "m.yaml:8: services[0].volumes[1].name: volume 'v' is already defined in service 'a'",
+    'm.yaml:8: services[0].volumes[1].mountpoint: is already used by a/v',
+    'm.yaml:9: services[0].volumes[2].mountpoint: a volume with filesystem none cannot be mounted',
+    'm.yaml:10: services[0].volumes[3].size: must be at least 1M',
+    'm.yaml:11: services[0].volumes[4].keySize: XTS needs two keys: 256 or 512 bits',
+    'm.yaml:11: services[0].volumes[4].size: must be a multiple of the sector size (4096 bytes)',
+    'm.yaml:11: services[0].volumes[4].size: must be at least 1M',
+    "m.yaml:12: services[1].name: service 'a' is already defined (services[0])",
+    "m.yaml:16: swap[1].name: swap 's' is already defined",
+  ]);
+});
