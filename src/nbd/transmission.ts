@@ -451,8 +451,8 @@ function validate(conn: Connection, ops: CommandOps, req: Request, offsetHi: num
   if ((tf & NBD_FLAG_SEND_DF) === 0) allowed &= ~NBD_CMD_FLAG_DF;
   if ((tf & NBD_FLAG_SEND_FAST_ZERO) === 0) allowed &= ~NBD_CMD_FLAG_FAST_ZERO;
   if ((req.flags & ~allowed) !== 0) return { error: NBD_EINVAL, why: `${ops.name}: invalid command flags 0x${req.flags.toString(16)}` };
-  if (ops.needs !== 0 && (tf & ops.needs) === 0) return { error: NBD_EINVAL, why: `${ops.name} was not negotiated for this export` };
   if (ops.writes && (tf & NBD_FLAG_READ_ONLY) !== 0) return { error: NBD_EPERM, why: `${ops.name} on a read-only export` };
+  if (ops.needs !== 0 && (tf & ops.needs) === 0) return { error: NBD_EINVAL, why: `${ops.name} was not negotiated for this export` };
   if (ops === flush) {
     if (req.offset !== 0 || req.length !== 0 || offsetHi !== 0) return { error: NBD_EINVAL, why: 'NBD_CMD_FLUSH: offset and length must be zero' };
     return null;
@@ -460,6 +460,9 @@ function validate(conn: Connection, ops: CommandOps, req: Request, offsetHi: num
   if (ops === blockStatus) {
     if (!conn.meta) return { error: NBD_EINVAL, why: 'NBD_CMD_BLOCK_STATUS without a metadata context (NBD_OPT_SET_META_CONTEXT)' };
     if (req.length === 0) return { error: NBD_EINVAL, why: 'NBD_CMD_BLOCK_STATUS of length 0' };
+  }
+  if (ops.payload && req.length > conn.server.limits.maxPayloadBytes) {
+    return { error: NBD_EINVAL, why: `${ops.name} of ${req.length} bytes exceeds the maximum payload of ${conn.server.limits.maxPayloadBytes}` };
   }
   const size = entry.device.sizeBytes;
   // offsetHi above 2^21 means an offset beyond 2^53: past the end of any export.
@@ -469,9 +472,6 @@ function validate(conn: Connection, ops: CommandOps, req: Request, offsetHi: num
   const min = entry.device.limits.logicalBlockBytes;
   if (req.offset % min !== 0 || req.length % min !== 0) {
     return { error: NBD_EINVAL, why: `${ops.name} at ${req.offset} length ${req.length} is not aligned to the ${min}-byte block size` };
-  }
-  if (ops.payload && req.length > conn.server.limits.maxPayloadBytes) {
-    return { error: NBD_EINVAL, why: `${ops.name} of ${req.length} bytes exceeds the maximum payload of ${conn.server.limits.maxPayloadBytes}` };
   }
   return null;
 }

@@ -1,0 +1,686 @@
+/**
+ * NBD server at the byte level (proto.md): handshake, every option, every command, and the
+ * malformed input a hostile or buggy client can send. Raw sockets, no external tools.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import fc from 'fast-check';
+import { MemoryDevice } from '../../src/blockdev/memory.js';
+import { CryptmapError } from '../../src/util/errors.js';
+import { NbdServer } from '../../src/nbd/server.js';
+import { canTransition, STATES } from '../../src/nbd/states.js';
+import { nbdTcpUri, nbdUnixUri } from '../../src/nbd/uri.js';
+import { type Fixture, goData, metaData, openClient, RawClient, seededBytes, startServer } from './helpers.js';
+
+const NBD_OPT_EXPORT_NAME = 1;
+const NBD_OPT_ABORT = 2;
+const NBD_OPT_LIST = 3;
+const NBD_OPT_STARTTLS = 5;
+const NBD_OPT_INFO = 6;
+const NBD_OPT_GO = 7;
+const NBD_OPT_STRUCTURED_REPLY = 8;
+const NBD_OPT_LIST_META_CONTEXT = 9;
+const NBD_OPT_SET_META_CONTEXT = 10;
+const NBD_OPT_EXTENDED_HEADERS = 11;
+const ACK = 1;
+const REP_SERVER = 2;
+const REP_INFO = 3;
+const REP_META = 4;
+const ERR = 0x80000000;
+const ERR_UNSUP = ERR + 1;
+const ERR_POLICY = ERR + 2;
+const ERR_INVALID = ERR + 3;
+const ERR_TLS_REQD = ERR + 5;
+const ERR_UNKNOWN = ERR + 6;
+const CMD_READ = 0;
+const CMD_WRITE = 1;
+const CMD_DISC = 2;
+const CMD_FLUSH = 3;
+const CMD_TRIM = 4;
+const CMD_CACHE = 5;
+const CMD_WRITE_ZEROES = 6;
+const CMD_BLOCK_STATUS = 7;
+const EPERM = 1;
+const EIO = 5;
+const EINVAL = 22;
+const ENOSPC = 28;
+const ENOTSUP = 95;
+
+let f: Fixture;
+before(async () => {
+  f = await startServer({ handshakeTimeoutMs: 20_000 });
+});
+after(async () => {
+  await f.close();
+});
+
+/** The server still serves a fresh client after whatever a test did. */
+async function assertServerHealthy(): Promise<void> {
+  const c = await openClient(f);
+  c.sendRequest(CMD_READ, 0, 512, { cookie: 77n });
+  const r = await c.readSimpleReply();
+  assert.equal(r.error, 0);
+  assert.equal(r.cookie, 77n);
+  await c.read(512);
+  c.close();
+}
+
+describe('state table', () => {
+  test('every state lists only known states, CLOSED is terminal', () => {
+    for (const [name, spec] of Object.entries(STATES)) {
+      for (const n of spec.next) assert.ok(n in STATES, `${name} -> ${n}`);
+    }
+    assert.deepEqual(STATES.CLOSED.next, []);
+    assert.ok(canTransition('OPTIONS', 'TRANSMISSION'));
+    assert.ok(!canTransition('GREETING', 'TRANSMISSION'));
+    assert.ok(!canTransition('TRANSMISSION', 'OPTIONS'));
+  });
+
+  test('URIs', () => {
+    assert.equal(nbdUnixUri('vol 1', '/run/cryptmap/nbd.sock'), 'nbd+unix:///vol%201?socket=/run/cryptmap/nbd.sock');
+    assert.equal(nbdTcpUri('d', '::1', 10809, true), 'nbds://[::1]:10809/d');
+  });
+});
+
+describe('handshake', () => {
+  test('greeting has NBDMAGIC, IHAVEOPT, FIXED_NEWSTYLE|NO_ZEROES', async () => {
+    const c = await RawClient.connect(f.sock);
+    const flags = await c.handshake();
+    assert.equal(flags, 3);
+    c.close();
+  });
+
+  test('unknown client flag bits end the session', async () => {
+    const c = await RawClient.connect(f.sock);
+    await c.handshake(0x80000001);
+    assert.ok(await c.closedByServer());
+    await assertServerHealthy();
+  });
+
+  test('wrong option magic ends the session', async () => {
+    const c = await RawClient.connect(f.sock);
+    await c.handshake();
+    c.send(Buffer.from('IHAVEOPX\0\0\0\x07\0\0\0\0', 'latin1'));
+    assert.ok(await c.closedByServer());
+  });
+
+  test('oversized option length ends the session before any allocation', async () => {
+    const c = await RawClient.connect(f.sock);
+    await c.handshake();
+    c.sendOption(NBD_OPT_GO, Buffer.alloc(0), 0xfffffff0);
+    assert.ok(await c.closedByServer());
+    await assertServerHealthy();
+  });
+
+  test('non-fixed-newstyle client may only use EXPORT_NAME', async () => {
+    const c = await RawClient.connect(f.sock);
+    await c.handshake(0);
+    c.sendOption(NBD_OPT_EXPORT_NAME, Buffer.from('disk'));
+    const r = await c.read(10 + 124); // size, flags, 124 zero bytes (NO_ZEROES not negotiated)
+    assert.equal(r.readBigUInt64BE(0), BigInt(16 << 20));
+    assert.ok(r.subarray(10).every((b) => b === 0));
+    c.close();
+    const d = await RawClient.connect(f.sock);
+    await d.handshake(0);
+    d.sendOption(NBD_OPT_LIST);
+    assert.ok(await d.closedByServer());
+  });
+});
+
+describe('options', () => {
+  test('unknown options, EXTENDED_HEADERS included, get ERR_UNSUP and haggling continues', async () => {
+    const c = await RawClient.connect(f.sock);
+    await c.handshake();
+    for (const opt of [NBD_OPT_EXTENDED_HEADERS, 4, 12345, 0xffffffff]) {
+      c.sendOption(opt, Buffer.from('junk'));
+      const r = await c.readOptionReply();
+      assert.equal(r.opt, opt);
+      assert.equal(r.type, ERR_UNSUP);
+    }
+    await c.go('disk');
+    c.close();
+  });
+
+  test('LIST names every export with its description', async () => {
+    const c = await RawClient.connect(f.sock);
+    await c.handshake();
+    c.sendOption(NBD_OPT_LIST);
+    const replies = await c.readOptionReplies();
+    assert.equal(replies.at(-1)!.type, ACK);
+    const names = replies
+      .filter((r) => r.type === REP_SERVER)
+      .map((r) => {
+        const n = r.data.readUInt32BE(0);
+        return [r.data.toString('utf8', 4, 4 + n), r.data.toString('utf8', 4 + n)];
+      });
+    assert.deepEqual(names, [
+      ['disk', 'test disk'],
+      ['ro', ''],
+    ]);
+    c.sendOption(NBD_OPT_LIST, Buffer.from('x'));
+    assert.equal((await c.readOptionReply()).type, ERR_INVALID);
+    c.close();
+  });
+
+  test('INFO returns EXPORT, NAME, DESCRIPTION, BLOCK_SIZE and stays in haggling', async () => {
+    const c = await RawClient.connect(f.sock);
+    await c.handshake();
+    c.sendOption(NBD_OPT_INFO, goData('disk', [0, 1, 2, 3]));
+    const replies = await c.readOptionReplies();
+    assert.equal(replies.at(-1)!.type, ACK);
+    const infos = new Map(replies.filter((r) => r.type === REP_INFO).map((r) => [r.data.readUInt16BE(0), r.data.subarray(2)]));
+    assert.equal(infos.get(0)!.readBigUInt64BE(0), BigInt(16 << 20));
+    assert.equal(infos.get(1)!.toString(), 'disk');
+    assert.equal(infos.get(2)!.toString(), 'test disk');
+    const bs = infos.get(3)!;
+    assert.deepEqual([bs.readUInt32BE(0), bs.readUInt32BE(4), bs.readUInt32BE(8)], [512, 4096, 32 << 20]);
+    const { flags } = await c.go('ro');
+    assert.ok(flags & 2, 'READ_ONLY');
+    c.close();
+  });
+
+  test('GO on an unknown export is ERR_UNKNOWN, then GO on a good one works', async () => {
+    const c = await RawClient.connect(f.sock);
+    await c.handshake();
+    c.sendOption(NBD_OPT_GO, goData('nope'));
+    const r = await c.readOptionReply();
+    assert.equal(r.type, ERR_UNKNOWN);
+    assert.match(r.data.toString(), /not found/);
+    const { size, flags } = await c.go('disk');
+    assert.equal(size, BigInt(16 << 20));
+    // HAS_FLAGS, SEND_FLUSH, SEND_FUA, SEND_TRIM, SEND_WRITE_ZEROES, CAN_MULTI_CONN, SEND_CACHE, SEND_FAST_ZERO
+    assert.equal(flags, 1 | 4 | 8 | 32 | 64 | 256 | 1024 | 2048);
+    c.close();
+  });
+
+  test('malformed GO data is ERR_INVALID', async () => {
+    const c = await RawClient.connect(f.sock);
+    await c.handshake();
+    const bad = goData('disk', [3]);
+    bad.writeUInt32BE(1000, 0); // name length beyond the data
+    c.sendOption(NBD_OPT_GO, bad);
+    assert.equal((await c.readOptionReply()).type, ERR_INVALID);
+    c.sendOption(NBD_OPT_GO, goData('disk', [3]).subarray(0, 9)); // truncated info list
+    assert.equal((await c.readOptionReply()).type, ERR_INVALID);
+    c.sendOption(NBD_OPT_INFO, Buffer.alloc(3));
+    assert.equal((await c.readOptionReply()).type, ERR_INVALID);
+    c.close();
+  });
+
+  test('EXPORT_NAME of an unknown export is a hard disconnect', async () => {
+    const c = await RawClient.connect(f.sock);
+    await c.handshake();
+    c.sendOption(NBD_OPT_EXPORT_NAME, Buffer.from('missing'));
+    assert.ok(await c.closedByServer());
+  });
+
+  test('EXPORT_NAME with NO_ZEROES sends size and flags only', async () => {
+    const c = await RawClient.connect(f.sock);
+    await c.handshake(3);
+    c.sendOption(NBD_OPT_EXPORT_NAME, Buffer.from('disk'));
+    const r = await c.read(10);
+    assert.equal(r.readBigUInt64BE(0), BigInt(16 << 20));
+    c.sendRequest(CMD_FLUSH, 0, 0, { cookie: 5n });
+    assert.deepEqual(await c.readSimpleReply(), { error: 0, cookie: 5n });
+    c.close();
+  });
+
+  test('ABORT is acknowledged and the server closes', async () => {
+    const c = await RawClient.connect(f.sock);
+    await c.handshake();
+    c.sendOption(NBD_OPT_ABORT);
+    assert.equal((await c.readOptionReply()).type, ACK);
+    assert.ok(await c.closedByServer());
+  });
+
+  test('STARTTLS without TLS configured is ERR_POLICY', async () => {
+    const c = await RawClient.connect(f.sock);
+    await c.handshake();
+    c.sendOption(NBD_OPT_STARTTLS);
+    assert.equal((await c.readOptionReply()).type, ERR_POLICY);
+    c.sendOption(NBD_OPT_STARTTLS, Buffer.from('x'));
+    assert.equal((await c.readOptionReply()).type, ERR_INVALID);
+    c.close();
+  });
+
+  test('meta contexts: need structured replies; LIST and SET base:allocation', async () => {
+    const c = await RawClient.connect(f.sock);
+    await c.handshake();
+    c.sendOption(NBD_OPT_SET_META_CONTEXT, metaData('disk', ['base:allocation']));
+    assert.equal((await c.readOptionReply()).type, ERR_INVALID);
+    c.sendOption(NBD_OPT_STRUCTURED_REPLY);
+    assert.equal((await c.readOptionReply()).type, ACK);
+    c.sendOption(NBD_OPT_STRUCTURED_REPLY, Buffer.from('x'));
+    assert.equal((await c.readOptionReply()).type, ERR_INVALID);
+    for (const q of [[], ['base:'], ['base:allocation', 'x-other:thing']]) {
+      c.sendOption(NBD_OPT_LIST_META_CONTEXT, metaData('disk', q));
+      const rs = await c.readOptionReplies();
+      assert.equal(rs.at(-1)!.type, ACK);
+      assert.deepEqual(
+        rs.filter((r) => r.type === REP_META).map((r) => r.data.toString('utf8', 4)),
+        ['base:allocation'],
+      );
+    }
+    c.sendOption(NBD_OPT_LIST_META_CONTEXT, metaData('disk', ['qemu:dirty-bitmap:x']));
+    assert.deepEqual(
+      (await c.readOptionReplies()).map((r) => r.type),
+      [ACK],
+    );
+    c.sendOption(NBD_OPT_SET_META_CONTEXT, metaData('nope', ['base:allocation']));
+    assert.equal((await c.readOptionReply()).type, ERR_UNKNOWN);
+    const bad = metaData('disk', ['base:allocation']);
+    bad.writeUInt32BE(99, 8); // query count beyond the data
+    c.sendOption(NBD_OPT_SET_META_CONTEXT, bad);
+    assert.equal((await c.readOptionReply()).type, ERR_INVALID);
+    c.sendOption(NBD_OPT_SET_META_CONTEXT, metaData('disk', ['base:allocation']));
+    const rs = await c.readOptionReplies();
+    assert.deepEqual(
+      rs.map((r) => r.type),
+      [REP_META, ACK],
+    );
+    const id = rs[0]!.data.readUInt32BE(0);
+    await c.go('disk');
+    // A fresh export has one hole; write 64 KiB at 1 MiB and ask again.
+    c.sendRequest(CMD_BLOCK_STATUS, 0, 4 << 20, { cookie: 1n });
+    let r = await c.readReply();
+    assert.equal(r.kind, 'chunk');
+    if (r.kind !== 'chunk') return;
+    assert.equal(r.type, 5);
+    assert.equal(r.flags & 1, 1);
+    assert.equal(r.payload.readUInt32BE(0), id);
+    assert.deepEqual([r.payload.readUInt32BE(4), r.payload.readUInt32BE(8)], [4 << 20, 3]);
+    c.sendRequest(CMD_WRITE, 1 << 20, 65536, { cookie: 2n, data: Buffer.alloc(65536, 1) });
+    assert.equal((await c.readReply()).kind, 'simple');
+    c.sendRequest(CMD_BLOCK_STATUS, 0, 4 << 20, { cookie: 3n });
+    r = await c.readReply();
+    if (r.kind !== 'chunk') return assert.fail('expected a chunk');
+    const descs = [];
+    for (let i = 4; i < r.payload.length; i += 8) descs.push([r.payload.readUInt32BE(i), r.payload.readUInt32BE(i + 4)]);
+    assert.deepEqual(descs, [
+      [1 << 20, 3],
+      [65536, 0],
+      [(3 << 20) - 65536, 3],
+    ]);
+    c.sendRequest(CMD_BLOCK_STATUS, 0, 4 << 20, { cookie: 4n, flags: 8 }); // REQ_ONE
+    r = await c.readReply();
+    if (r.kind !== 'chunk') return assert.fail('expected a chunk');
+    assert.equal(r.payload.length, 12);
+    assert.deepEqual([r.payload.readUInt32BE(4), r.payload.readUInt32BE(8)], [1 << 20, 3]);
+    await f.disk.writeZeroes(1 << 20, 65536);
+    c.close();
+  });
+
+  test('BLOCK_STATUS without a meta context is EINVAL', async () => {
+    const c = await openClient(f, 'disk', true);
+    c.sendRequest(CMD_BLOCK_STATUS, 0, 4096, { cookie: 9n });
+    assert.equal(await c.readError(), EINVAL);
+    c.close();
+  });
+
+  test('too many options end the session', async () => {
+    const c = await RawClient.connect(f.sock);
+    await c.handshake();
+    let closed = false;
+    for (let i = 0; i < 300 && !closed; i++) {
+      c.sendOption(NBD_OPT_STRUCTURED_REPLY);
+      try {
+        await c.readOptionReply();
+      } catch {
+        closed = true;
+      }
+    }
+    assert.ok(closed, 'server gave up after its option limit');
+  });
+});
+
+describe('transmission, simple replies', () => {
+  let c: RawClient;
+  before(async () => {
+    c = await openClient(f);
+  });
+  after(() => c.close());
+
+  test('write then read back, with FUA', async () => {
+    const data = seededBytes(128 << 10, 1);
+    c.sendRequest(CMD_WRITE, 8192, data.length, { cookie: 10n, data, flags: 1 });
+    assert.deepEqual(await c.readSimpleReply(), { error: 0, cookie: 10n });
+    c.sendRequest(CMD_READ, 8192, data.length, { cookie: 11n });
+    assert.deepEqual(await c.readSimpleReply(), { error: 0, cookie: 11n });
+    assert.ok((await c.read(data.length)).equals(data));
+  });
+
+  test('unaligned requests are EINVAL', async () => {
+    c.sendRequest(CMD_READ, 100, 512, { cookie: 12n });
+    assert.deepEqual(await c.readSimpleReply(), { error: EINVAL, cookie: 12n });
+    c.sendRequest(CMD_WRITE, 0, 100, { cookie: 13n, data: Buffer.alloc(100) });
+    assert.deepEqual(await c.readSimpleReply(), { error: EINVAL, cookie: 13n });
+  });
+
+  test('write past the end is ENOSPC, read past the end is EINVAL, huge offsets too', async () => {
+    const end = 16 << 20;
+    c.sendRequest(CMD_WRITE, end - 512, 1024, { cookie: 14n, data: Buffer.alloc(1024) });
+    assert.deepEqual(await c.readSimpleReply(), { error: ENOSPC, cookie: 14n });
+    c.sendRequest(CMD_WRITE_ZEROES, end, 512, { cookie: 15n });
+    assert.deepEqual(await c.readSimpleReply(), { error: ENOSPC, cookie: 15n });
+    c.sendRequest(CMD_READ, end, 512, { cookie: 16n });
+    assert.deepEqual(await c.readSimpleReply(), { error: EINVAL, cookie: 16n });
+    c.sendRequest(CMD_TRIM, 0xffffffffffff0000n, 512, { cookie: 17n });
+    assert.deepEqual(await c.readSimpleReply(), { error: EINVAL, cookie: 17n });
+    c.sendRequest(CMD_READ, 0xfffffffffffffe00n, 512, { cookie: 18n });
+    assert.deepEqual(await c.readSimpleReply(), { error: EINVAL, cookie: 18n });
+  });
+
+  test('oversize requests are EINVAL; an oversize WRITE payload is skipped and the stream stays in sync', async () => {
+    c.sendRequest(CMD_READ, 0, (32 << 20) + 512, { cookie: 19n });
+    assert.deepEqual(await c.readSimpleReply(), { error: EINVAL, cookie: 19n });
+    const big = (32 << 20) + 4096;
+    c.sendRequest(CMD_WRITE, 0, big, { cookie: 20n, data: Buffer.alloc(big, 0xee) });
+    assert.deepEqual(await c.readSimpleReply(), { error: EINVAL, cookie: 20n });
+    c.sendRequest(CMD_READ, 0, 512, { cookie: 21n });
+    assert.deepEqual(await c.readSimpleReply(), { error: 0, cookie: 21n });
+    assert.ok((await c.read(512)).every((b) => b !== 0xee));
+  });
+
+  test('unknown command and unknown flags are EINVAL', async () => {
+    c.sendRequest(99, 0, 0, { cookie: 22n });
+    assert.deepEqual(await c.readSimpleReply(), { error: EINVAL, cookie: 22n });
+    c.sendRequest(CMD_READ, 0, 512, { cookie: 23n, flags: 0x40 });
+    assert.deepEqual(await c.readSimpleReply(), { error: EINVAL, cookie: 23n });
+    c.sendRequest(CMD_READ, 0, 512, { cookie: 24n, flags: 4 }); // DF without structured replies
+    assert.deepEqual(await c.readSimpleReply(), { error: EINVAL, cookie: 24n });
+    c.sendRequest(CMD_FLUSH, 512, 0, { cookie: 25n });
+    assert.deepEqual(await c.readSimpleReply(), { error: EINVAL, cookie: 25n });
+  });
+
+  test('trim, write zeroes (NO_HOLE), cache, flush, zero-length requests', async () => {
+    c.sendRequest(CMD_WRITE, 0, 4096, { cookie: 30n, data: Buffer.alloc(4096, 7) });
+    assert.equal((await c.readSimpleReply()).error, 0);
+    c.sendRequest(CMD_WRITE_ZEROES, 0, 1024, { cookie: 31n, flags: 2 });
+    assert.equal((await c.readSimpleReply()).error, 0);
+    c.sendRequest(CMD_TRIM, 1024, 1024, { cookie: 32n });
+    assert.equal((await c.readSimpleReply()).error, 0);
+    c.sendRequest(CMD_CACHE, 0, 4096, { cookie: 33n });
+    assert.equal((await c.readSimpleReply()).error, 0);
+    c.sendRequest(CMD_FLUSH, 0, 0, { cookie: 34n });
+    assert.equal((await c.readSimpleReply()).error, 0);
+    c.sendRequest(CMD_READ, 0, 0, { cookie: 35n });
+    assert.deepEqual(await c.readSimpleReply(), { error: 0, cookie: 35n });
+    c.sendRequest(CMD_WRITE, 0, 0, { cookie: 36n });
+    assert.deepEqual(await c.readSimpleReply(), { error: 0, cookie: 36n });
+    c.sendRequest(CMD_READ, 0, 4096, { cookie: 37n });
+    await c.readSimpleReply();
+    const back = await c.read(4096);
+    assert.ok(back.subarray(0, 1024).every((b) => b === 0));
+    assert.ok(back.subarray(2048).every((b) => b === 7));
+  });
+
+  test('FAST_ZERO is accepted on a device that zeroes fast', async () => {
+    c.sendRequest(CMD_WRITE_ZEROES, 0, 65536, { cookie: 38n, flags: 16 });
+    assert.equal((await c.readSimpleReply()).error, 0);
+  });
+
+  test('many requests in flight are all answered, each with its cookie', async () => {
+    const n = 200;
+    for (let i = 0; i < n; i++) {
+      c.sendRequest(CMD_WRITE, i * 4096, 4096, { cookie: BigInt(1000 + i), data: Buffer.alloc(4096, i & 0xff) });
+    }
+    const seen = new Set<bigint>();
+    for (let i = 0; i < n; i++) {
+      const r = await c.readSimpleReply();
+      assert.equal(r.error, 0);
+      seen.add(r.cookie);
+    }
+    assert.equal(seen.size, n);
+    for (let i = 0; i < n; i++) c.sendRequest(CMD_READ, i * 4096, 4096, { cookie: BigInt(5000 + i) });
+    for (let i = 0; i < n; i++) {
+      const r = await c.readSimpleReply();
+      const body = await c.read(4096);
+      const k = Number(r.cookie) - 5000;
+      assert.ok(body.every((b) => b === (k & 0xff)), `read ${k}`);
+    }
+  });
+});
+
+describe('transmission, structured replies', () => {
+  test('READ answers with OFFSET_DATA and OFFSET_HOLE chunks; DF gives one data chunk; errors are ERROR chunks', async () => {
+    const c = await openClient(f, 'disk', true);
+    const data = seededBytes(65536, 3);
+    c.sendRequest(CMD_WRITE, 2 << 20, data.length, { cookie: 1n, data });
+    assert.equal((await c.readReply()).kind, 'simple');
+    c.sendRequest(CMD_READ, (2 << 20) - 65536, 3 * 65536, { cookie: 2n });
+    const got = Buffer.alloc(3 * 65536, 0xff);
+    let done = false;
+    const types: number[] = [];
+    while (!done) {
+      const r = await c.readReply();
+      if (r.kind !== 'chunk') return assert.fail('READ must use structured replies');
+      assert.equal(r.cookie, 2n);
+      types.push(r.type);
+      const off = Number(r.payload.readBigUInt64BE(0)) - ((2 << 20) - 65536);
+      if (r.type === 1) r.payload.copy(got, off, 8);
+      else if (r.type === 2) got.fill(0, off, off + r.payload.readUInt32BE(8));
+      else assert.fail(`unexpected chunk type ${r.type}`);
+      done = (r.flags & 1) === 1;
+    }
+    assert.deepEqual(types, [2, 1, 2]);
+    assert.ok(got.subarray(65536, 131072).equals(data));
+    assert.ok(got.subarray(0, 65536).every((b) => b === 0));
+    c.sendRequest(CMD_READ, (2 << 20) - 65536, 3 * 65536, { cookie: 3n, flags: 4 }); // DF
+    const r = await c.readReply();
+    if (r.kind !== 'chunk') return assert.fail('expected a chunk');
+    assert.deepEqual([r.type, r.flags, r.payload.length], [1, 1, 8 + 3 * 65536]);
+    c.sendRequest(CMD_READ, 1, 512, { cookie: 4n });
+    const e = await c.readReply();
+    if (e.kind !== 'chunk') return assert.fail('a READ error must be a structured chunk');
+    assert.equal(e.type, 0x8001);
+    assert.equal(e.payload.readUInt32BE(0), EINVAL);
+    const msgLen = e.payload.readUInt16BE(4);
+    assert.match(e.payload.toString('utf8', 6, 6 + msgLen), /aligned/);
+    c.sendRequest(CMD_READ, 0, 0, { cookie: 5n });
+    const z = await c.readReply();
+    assert.ok(z.kind === 'chunk' && z.type === 0 && z.flags === 1);
+    c.close();
+  });
+});
+
+describe('read-only export and device errors', () => {
+  test('writes, trims and zeroes on a read-only export are EPERM', async () => {
+    const c = await openClient(f, 'ro');
+    c.sendRequest(CMD_WRITE, 0, 512, { cookie: 1n, data: Buffer.alloc(512) });
+    assert.deepEqual(await c.readSimpleReply(), { error: EPERM, cookie: 1n });
+    c.sendRequest(CMD_TRIM, 0, 512, { cookie: 2n });
+    assert.equal((await c.readSimpleReply()).error, EPERM);
+    c.sendRequest(CMD_WRITE_ZEROES, 0, 512, { cookie: 3n });
+    assert.equal((await c.readSimpleReply()).error, EPERM);
+    c.sendRequest(CMD_READ, 0, 512, { cookie: 4n });
+    assert.equal((await c.readSimpleReply()).error, 0);
+    await c.read(512);
+    c.close();
+  });
+
+  test('CryptmapError.errno from the device becomes the NBD error', async () => {
+    const server = new NbdServer();
+    const dev = new MemoryDevice({ sizeBytes: 1 << 20 });
+    dev.read = async () => {
+      throw new CryptmapError('EBAD', 'backing store failed', { errno: 'EIO' });
+    };
+    dev.write = async () => {
+      throw new Error('not a CryptmapError');
+    };
+    const origZero = dev.writeZeroes.bind(dev);
+    dev.writeZeroes = async (o, l, fl) => {
+      if (l === 512) throw new CryptmapError('ENOSPACE', 'full', { errno: 'ENOSPC' });
+      return origZero(o, l, fl);
+    };
+    server.addExport('bad', { device: dev });
+    await server.listenUnix(`${f.dir}/bad.sock`);
+    const c = await RawClient.connect(`${f.dir}/bad.sock`);
+    await c.handshake();
+    await c.go('bad');
+    c.sendRequest(CMD_READ, 0, 512, { cookie: 1n });
+    assert.deepEqual(await c.readSimpleReply(), { error: EIO, cookie: 1n });
+    c.sendRequest(CMD_WRITE, 0, 512, { cookie: 2n, data: Buffer.alloc(512) });
+    assert.deepEqual(await c.readSimpleReply(), { error: EIO, cookie: 2n });
+    c.sendRequest(CMD_WRITE_ZEROES, 0, 512, { cookie: 3n });
+    assert.deepEqual(await c.readSimpleReply(), { error: ENOSPC, cookie: 3n });
+    c.close();
+    await server.close();
+  });
+
+  test('FAST_ZERO on a device without efficient zeroing is ENOTSUP', async () => {
+    const server = new NbdServer();
+    const dev = new MemoryDevice({ sizeBytes: 1 << 20 });
+    (dev.capabilities as { writeZeroes: boolean }).writeZeroes = false;
+    server.addExport('slow', { device: dev });
+    await server.listenUnix(`${f.dir}/slow.sock`);
+    const c = await RawClient.connect(`${f.dir}/slow.sock`);
+    await c.handshake();
+    await c.go('slow');
+    c.sendRequest(CMD_WRITE_ZEROES, 0, 4096, { cookie: 1n, flags: 16 });
+    assert.deepEqual(await c.readSimpleReply(), { error: ENOTSUP, cookie: 1n });
+    c.sendRequest(CMD_WRITE_ZEROES, 0, 4096, { cookie: 2n });
+    assert.deepEqual(await c.readSimpleReply(), { error: 0, cookie: 2n });
+    c.close();
+    await server.close();
+  });
+});
+
+describe('hostile and broken clients', () => {
+  test('bad request magic is a hard disconnect', async () => {
+    const c = await openClient(f);
+    c.send(Buffer.alloc(28, 0x41));
+    assert.ok(await c.closedByServer());
+    await assertServerHealthy();
+  });
+
+  test('client disconnecting mid-request (half a WRITE payload, and with reads in flight)', async () => {
+    const c = await openClient(f);
+    c.sendRequest(CMD_WRITE, 0, 1 << 20, { cookie: 1n });
+    c.send(Buffer.alloc(300_000, 9));
+    c.close();
+    const d = await openClient(f);
+    for (let i = 0; i < 64; i++) d.sendRequest(CMD_READ, 0, 1 << 20, { cookie: BigInt(i) });
+    d.close();
+    await assertServerHealthy();
+  });
+
+  test('a hundred idle connections, then a normal client still works', async () => {
+    const idle: RawClient[] = [];
+    for (let i = 0; i < 100; i++) {
+      const c = await RawClient.connect(f.sock);
+      if (i % 3 !== 0) await c.handshake();
+      if (i % 3 === 2) await c.go('disk');
+      idle.push(c);
+    }
+    await assertServerHealthy();
+    for (const c of idle) c.close();
+  });
+
+  test('random bytes in every phase never crash the server (seeded)', async () => {
+    await fc.assert(
+      fc.asyncProperty(fc.uint8Array({ minLength: 0, maxLength: 600 }), fc.integer({ min: 0, max: 2 }), async (junk, phase) => {
+        const c = await RawClient.connect(f.sock);
+        if (phase >= 1) await c.handshake();
+        if (phase >= 2) await c.go('disk');
+        c.send(Buffer.from(junk));
+        await new Promise((r) => setTimeout(r, 2));
+        c.close();
+      }),
+      { numRuns: 60, seed: 42 },
+    );
+    await assertServerHealthy();
+  });
+});
+
+describe('lifecycle', () => {
+  test('exports can be added and removed at runtime; removal drains connected clients', async () => {
+    const dev = new MemoryDevice({ sizeBytes: 1 << 20 });
+    f.server.addExport('late', { device: dev });
+    assert.throws(() => f.server.addExport('late', { device: dev }), /already exists/);
+    const c = await openClient(f, 'late');
+    c.sendRequest(CMD_WRITE, 0, 4096, { cookie: 1n, data: Buffer.alloc(4096, 1) });
+    assert.equal((await c.readSimpleReply()).error, 0);
+    assert.equal(f.server.connectionCount('late'), 1);
+    await f.server.removeExport('late');
+    assert.ok(await c.closedByServer());
+    assert.equal(f.server.hasExport('late'), false);
+    const d = await RawClient.connect(f.sock);
+    await d.handshake();
+    d.sendOption(NBD_OPT_GO, goData('late'));
+    assert.equal((await d.readOptionReply()).type, ERR_UNKNOWN);
+    d.close();
+    await assert.rejects(f.server.removeExport('late'), /does not exist/);
+  });
+
+  test('close() finishes in-flight requests, then refuses new clients', async () => {
+    const g = await startServer();
+    const c = await openClient(g);
+    const data = seededBytes(1 << 20, 9);
+    c.sendRequest(CMD_WRITE, 0, data.length, { cookie: 1n, data });
+    assert.equal((await c.readSimpleReply()).error, 0);
+    for (let i = 0; i < 8; i++) c.sendRequest(CMD_READ, 0, 1 << 20, { cookie: BigInt(10 + i) });
+    const first = await c.readSimpleReply(); // at least one request is in flight when close starts
+    const closing = g.close();
+    let replies = 1;
+    await c.read(1 << 20);
+    for (;;) {
+      try {
+        await c.readSimpleReply();
+        await c.read(1 << 20);
+        replies++;
+      } catch {
+        break;
+      }
+    }
+    await closing;
+    assert.equal(first.error, 0);
+    assert.ok(replies >= 1);
+    await assert.rejects(RawClient.connect(g.sock));
+  });
+
+  test('TLS credentials are validated when the server is made', async () => {
+    const { generateKeyPairSync } = await import('node:crypto');
+    assert.throws(() => new NbdServer({ tls: 'require' }), /tlsCredentials/);
+    const { privateKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+    assert.throws(() => new NbdServer({ tls: 'on', tlsCredentials: { key: privateKey.export({ type: 'pkcs8', format: 'pem' }), cert: 'garbage' } }), /certificate/);
+  });
+});
+
+describe('TLS require mode without a handshake', () => {
+  test('options are refused with ERR_TLS_REQD', async () => {
+    const { execFileSync } = await import('node:child_process');
+    const { mkdtempSync, readFileSync, rmSync } = await import('node:fs');
+    const dir = mkdtempSync(`${f.dir}/pki-`);
+    try {
+      execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', `${dir}/k.pem`, '-out', `${dir}/c.pem`, '-days', '1', '-subj', '/CN=localhost'], {
+        stdio: 'ignore',
+      });
+    } catch {
+      throw new Error('openssl is not installed: install the Debian package openssl (scripts/install-deps.sh)');
+    }
+    const server = new NbdServer({ tls: 'require', tlsCredentials: { key: readFileSync(`${dir}/k.pem`), cert: readFileSync(`${dir}/c.pem`) } });
+    server.addExport('disk', { device: new MemoryDevice({ sizeBytes: 1 << 20 }) });
+    await server.listenUnix(`${dir}/s.sock`);
+    const c = await RawClient.connect(`${dir}/s.sock`);
+    await c.handshake();
+    for (const opt of [NBD_OPT_LIST, NBD_OPT_STRUCTURED_REPLY, NBD_OPT_INFO, NBD_OPT_GO, 999]) {
+      c.sendOption(opt, opt === NBD_OPT_GO || opt === NBD_OPT_INFO ? goData('disk') : Buffer.alloc(0));
+      assert.equal((await c.readOptionReply()).type, ERR_TLS_REQD, `option ${opt}`);
+    }
+    c.sendOption(NBD_OPT_EXPORT_NAME, Buffer.from('disk'));
+    assert.ok(await c.closedByServer());
+    c.close();
+    await server.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+});
+
+test('NBD_CMD_DISC: outstanding requests are answered, then the server closes', async () => {
+  const c = await openClient(f);
+  c.sendRequest(CMD_READ, 0, 65536, { cookie: 1n });
+  c.sendRequest(CMD_DISC, 0, 0, { cookie: 2n });
+  const r = await c.readSimpleReply();
+  assert.deepEqual(r, { error: 0, cookie: 1n });
+  await c.read(65536);
+  assert.ok(await c.closedByServer());
+});
