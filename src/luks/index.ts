@@ -45,7 +45,7 @@ export async function openLuks(dev: BlockDevice): Promise<Luks1Volume | Luks2Vol
     await readLuks2(dev);
     return Luks2Volume.open(dev);
   } catch {
-    throw new CryptmapError('ENOTLUKS', 'Device is not a valid LUKS device.', { exitCode: EXIT_WRONG_DEVICE });
+    throw new CryptmapError('ENOTLUKS', 'Device is not a valid LUKS device.', { exitCode: 1 });
   }
 }
 

@@ -78,7 +78,7 @@ export function hasLuks1Magic(buf: Uint8Array): boolean {
 
 export function decodeLuks1(buf: Uint8Array): Luks1Header {
   const b = Buffer.from(buf.buffer, buf.byteOffset, buf.byteLength);
-  if (b.length < LUKS_PHDR_BYTES || !hasLuks1Magic(b)) throw new CryptmapError('ENOTLUKS', 'Device is not a valid LUKS device.', { exitCode: EXIT_WRONG_DEVICE });
+  if (b.length < LUKS_PHDR_BYTES || !hasLuks1Magic(b)) throw new CryptmapError('ENOTLUKS', 'Device is not a valid LUKS device.', { exitCode: 1 });
   const keyblock: Luks1Keyblock[] = [];
   for (let i = 0; i < LUKS_NUMKEYS; i++) {
     const o = 208 + 48 * i;
@@ -196,7 +196,7 @@ export class Luks1Volume implements LuksVolume {
 
   static async open(dev: BlockDevice): Promise<Luks1Volume> {
     const buf = Buffer.alloc(1024);
-    if (dev.sizeBytes < 1024) throw new CryptmapError('ENOTLUKS', 'Device is not a valid LUKS device.', { exitCode: EXIT_WRONG_DEVICE });
+    if (dev.sizeBytes < 1024) throw new CryptmapError('ENOTLUKS', 'Device is not a valid LUKS device.', { exitCode: 1 });
     await dev.read(0, buf);
     const h = decodeLuks1(buf);
     validateLuks1(h, dev.sizeBytes);

@@ -88,7 +88,7 @@ export async function readLuks2(dev: BlockDevice): Promise<Luks2ReadResult> {
   if (!primary.ok && !secondary.ok) {
     const err = primary.error ?? secondary.error;
     if (err?.code === 'ELUKS2MAGIC' && secondary.error?.code !== 'ELUKS2CSUM' && secondary.error?.code !== 'ELUKS2JSON') {
-      throw new CryptmapError('ENOTLUKS', 'Device is not a valid LUKS device.', { exitCode: EXIT_WRONG_DEVICE, cause: err });
+      throw new CryptmapError('ENOTLUKS', 'Device is not a valid LUKS device.', { exitCode: 1, cause: err });
     }
     throw new CryptmapError('ELUKS2HDR', `LUKS2 header is damaged beyond repair: ${err?.message ?? 'no valid copy'}`, { exitCode: EXIT_WRONG_DEVICE, cause: err });
   }

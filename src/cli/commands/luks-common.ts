@@ -1,0 +1,297 @@
+/**
+ * What the LUKS verbs share: cryptsetup's option table, passphrase and key-file input (cryptsetup(8)
+ * NOTES ON PASSPHRASE PROCESSING: a terminal line without echo; stdin up to the first newline; a key
+ * file read whole, newlines included, after --keyfile-offset and up to --keyfile-size), the YES
+ * confirmation, device opening and KDF options. No LUKS logic here.
+ */
+import { readFile, stat } from 'node:fs/promises';
+import { cpus, totalmem } from 'node:os';
+import { parseArgs } from 'node:util';
+import { FileDevice } from '../../blockdev/file.js';
+import type { NewKeyslotOptions } from '../../luks/index.js';
+import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import type { CliIO } from '../types.js';
+
+/** Compiled maximum key file size in cryptsetup (default-keyfile-size-maxkb 8192). */
+export const KEYFILE_MAX_BYTES = 8192 * 1024;
+export const PASSPHRASE_MAX_BYTES = 512;
+
+export const LUKS_OPTIONS = {
+  type: { type: 'string' },
+  cipher: { type: 'string', short: 'c' },
+  'key-size': { type: 'string', short: 's' },
+  hash: { type: 'string', short: 'h' },
+  'sector-size': { type: 'string' },
+  pbkdf: { type: 'string' },
+  'pbkdf-memory': { type: 'string' },
+  'pbkdf-parallel': { type: 'string' },
+  'pbkdf-force-iterations': { type: 'string' },
+  'iter-time': { type: 'string', short: 'i' },
+  'key-file': { type: 'string', short: 'd' },
+  'keyfile-offset': { type: 'string' },
+  'keyfile-size': { type: 'string', short: 'l' },
+  'new-keyfile': { type: 'string' },
+  'new-keyfile-offset': { type: 'string' },
+  'new-keyfile-size': { type: 'string' },
+  'key-slot': { type: 'string', short: 'S' },
+  'new-key-slot': { type: 'string' },
+  header: { type: 'string' },
+  offset: { type: 'string', short: 'o' },
+  uuid: { type: 'string' },
+  label: { type: 'string' },
+  subsystem: { type: 'string' },
+  'luks2-metadata-size': { type: 'string' },
+  'luks2-keyslots-size': { type: 'string' },
+  'volume-key-file': { type: 'string' },
+  'master-key-file': { type: 'string' },
+  'batch-mode': { type: 'boolean', short: 'q' },
+  verbose: { type: 'boolean', short: 'v' },
+  debug: { type: 'boolean' },
+  'dump-json-metadata': { type: 'boolean' },
+  'dump-volume-key': { type: 'boolean' },
+  'dump-master-key': { type: 'boolean' },
+  json: { type: 'boolean' },
+  'header-backup-file': { type: 'string' },
+  priority: { type: 'string' },
+  'token-id': { type: 'string' },
+  'json-file': { type: 'string' },
+  'key-description': { type: 'string' },
+  'test-passphrase': { type: 'boolean' },
+  'use-urandom': { type: 'boolean' },
+  'use-random': { type: 'boolean' },
+  'force-password': { type: 'boolean' },
+  'disable-locks': { type: 'boolean' },
+  readonly: { type: 'boolean', short: 'r' },
+  timeout: { type: 'string', short: 't' },
+  tries: { type: 'string', short: 'T' },
+  'token-only': { type: 'boolean' },
+  'disable-keyring': { type: 'boolean' },
+  'disable-external-tokens': { type: 'boolean' },
+  help: { type: 'boolean' },
+} as const;
+
+export type LuksArgs = ReturnType<typeof parseLuksArgs>['values'];
+
+export function parseLuksArgs(argv: string[]) {
+  try {
+    return parseArgs({ args: argv.slice(1), options: LUKS_OPTIONS, allowPositionals: true, strict: true });
+  } catch (e) {
+    throw new CryptmapError('EARGS', (e as Error).message, { exitCode: EXIT_WRONG_PARAMS });
+  }
+}
+
+/** Parse a non-negative integer option strictly. */
+export function intOpt(v: string | undefined, name: string, min = 0, max = Number.MAX_SAFE_INTEGER): number | undefined {
+  if (v === undefined) return undefined;
+  if (!/^[0-9]+$/.test(v) || Number(v) < min || Number(v) > max) throw new CryptmapError('EARGS', `Invalid ${name} value ${v}.`, { exitCode: EXIT_WRONG_PARAMS });
+  return Number(v);
+}
+
+export function needDevice(positionals: string[], usage: string): string {
+  const d = positionals[0];
+  if (!d) throw new CryptmapError('EARGS', `Command requires device as argument.\nUsage: ${usage}`, { exitCode: EXIT_WRONG_PARAMS });
+  return d;
+}
+
+/** Open an image or device; cryptsetup's message when it is missing. */
+export async function openDevice(path: string, write: boolean): Promise<FileDevice> {
+  try {
+    await stat(path);
+  } catch {
+    throw new CryptmapError('ENODEV', `Device ${path} does not exist or access denied.`, { exitCode: EXIT_WRONG_DEVICE });
+  }
+  try {
+    return await FileDevice.open(path, { readOnly: !write });
+  } catch (e) {
+    throw new CryptmapError('ENODEV', `Cannot open device ${path}${write ? ' for read-write access' : ''}.`, { exitCode: EXIT_WRONG_DEVICE, cause: e });
+  }
+}
+
+// ---- input ----------------------------------------------------------------------------------
+
+let stdinBuffer: Buffer | null = null;
+let stdinPos = 0;
+
+async function readAllStdin(io: CliIO): Promise<Buffer> {
+  if (stdinBuffer) return stdinBuffer;
+  const chunks: Buffer[] = [];
+  for await (const c of io.stdin as AsyncIterable<Buffer | string>) chunks.push(typeof c === 'string' ? Buffer.from(c) : c);
+  stdinBuffer = Buffer.concat(chunks);
+  return stdinBuffer;
+}
+
+/** Reset the buffered stdin (tests call verbs repeatedly in one process). */
+export function resetStdin(): void {
+  stdinBuffer?.fill(0);
+  stdinBuffer = null;
+  stdinPos = 0;
+}
+
+/** One line from a terminal without echo. */
+async function readTtyLine(io: CliIO, prompt: string): Promise<Buffer> {
+  io.stderr.write(prompt);
+  const stdin = io.stdin as NodeJS.ReadStream;
+  stdin.setRawMode?.(true);
+  stdin.resume();
+  const bytes: number[] = [];
+  try {
+    await new Promise<void>((resolve, reject) => {
+      const onData = (d: Buffer) => {
+        for (const b of d) {
+          if (b === 0x0d || b === 0x0a) {
+            stdin.off('data', onData);
+            resolve();
+            return;
+          }
+          if (b === 0x03) {
+            stdin.off('data', onData);
+            reject(new CryptmapError('EINTR', 'Operation interrupted.', { exitCode: EXIT_WRONG_PARAMS }));
+            return;
+          }
+          if (b === 0x7f || b === 0x08) bytes.pop();
+          else bytes.push(b);
+        }
+      };
+      stdin.on('data', onData);
+    });
+  } finally {
+    stdin.setRawMode?.(false);
+    stdin.pause();
+    io.stderr.write('\n');
+  }
+  const out = Buffer.from(bytes);
+  bytes.fill(0);
+  return out;
+}
+
+export interface PassphraseSource {
+  keyFile?: string;
+  keyfileOffset?: number;
+  keyfileSize?: number;
+}
+
+/** Read a key file (or '-' = stdin) whole, after offset, up to size (cryptsetup semantics). */
+export async function readKeyFile(io: CliIO, src: Required<Pick<PassphraseSource, 'keyFile'>> & PassphraseSource): Promise<Buffer> {
+  let data: Buffer;
+  if (src.keyFile === '-') {
+    const all = await readAllStdin(io);
+    data = Buffer.from(all.subarray(stdinPos));
+    stdinPos = all.length;
+  } else {
+    try {
+      data = await readFile(src.keyFile);
+    } catch {
+      throw new CryptmapError('EKEYFILE', 'Failed to open key file.', { exitCode: EXIT_WRONG_PARAMS });
+    }
+  }
+  const off = src.keyfileOffset ?? 0;
+  if (off > data.length) {
+    data.fill(0);
+    throw new CryptmapError('EKEYFILE', 'Cannot seek to requested keyfile offset.', { exitCode: EXIT_WRONG_PARAMS });
+  }
+  let end = data.length;
+  if (src.keyfileSize !== undefined && src.keyfileSize > 0) {
+    end = off + src.keyfileSize;
+    if (end > data.length) {
+      data.fill(0);
+      throw new CryptmapError('EKEYFILE', 'Cannot read requested amount of data.', { exitCode: EXIT_WRONG_PARAMS });
+    }
+  }
+  if (end - off > KEYFILE_MAX_BYTES) {
+    data.fill(0);
+    throw new CryptmapError('EKEYFILE', `Maximum keyfile size exceeded.`, { exitCode: EXIT_WRONG_PARAMS });
+  }
+  const out = Buffer.from(data.subarray(off, end));
+  data.fill(0);
+  return out;
+}
+
+/**
+ * Get a passphrase: from the key file when given; else from a terminal (prompt, no echo, and a
+ * second prompt when `verify`); else from stdin up to the first newline.
+ */
+export async function getPassphrase(io: CliIO, prompt: string, src: PassphraseSource = {}, verify = false): Promise<Buffer> {
+  if (src.keyFile !== undefined) return readKeyFile(io, { ...src, keyFile: src.keyFile });
+  if (io.stdin.isTTY) {
+    const p = await readTtyLine(io, prompt);
+    if (verify) {
+      const q = await readTtyLine(io, 'Verify passphrase: ');
+      const same = p.equals(q);
+      q.fill(0);
+      if (!same) {
+        p.fill(0);
+        throw new CryptmapError('EVERIFY', 'Passphrases do not match.', { exitCode: EXIT_NO_PERMISSION });
+      }
+    }
+    if (p.length > PASSPHRASE_MAX_BYTES) throw new CryptmapError('EPASS', 'Passphrase is too long.', { exitCode: EXIT_WRONG_PARAMS });
+    return p;
+  }
+  const all = await readAllStdin(io);
+  const nl = all.indexOf(0x0a, stdinPos);
+  const end = nl < 0 ? all.length : nl;
+  const out = Buffer.from(all.subarray(stdinPos, end));
+  stdinPos = nl < 0 ? all.length : nl + 1;
+  if (out.length > KEYFILE_MAX_BYTES) throw new CryptmapError('EPASS', 'Maximum keyfile size exceeded.', { exitCode: EXIT_WRONG_PARAMS });
+  return out;
+}
+
+/**
+ * cryptsetup's yesDialog: ask only when stdin is a terminal and not in batch mode; anything but
+ * "YES" aborts (exit 1, "Operation aborted.").
+ */
+export async function confirm(io: CliIO, question: string, batch: boolean | undefined): Promise<void> {
+  if (batch || !io.stdin.isTTY) return;
+  io.stderr.write(`\nWARNING!\n========\n${question}\n\nAre you sure? (Type 'yes' in capital letters): `);
+  const stdin = io.stdin as NodeJS.ReadStream;
+  stdin.resume();
+  const line = await new Promise<string>((resolve) => {
+    let acc = '';
+    const onData = (d: Buffer | string) => {
+      acc += d.toString();
+      const i = acc.indexOf('\n');
+      if (i >= 0) {
+        stdin.off('data', onData);
+        resolve(acc.slice(0, i).replace(/\r$/, ''));
+      }
+    };
+    stdin.on('data', onData);
+  });
+  stdin.pause();
+  if (line !== 'YES') throw new CryptmapError('EABORT', 'Operation aborted.', { exitCode: EXIT_WRONG_PARAMS });
+}
+
+/** KDF options from --pbkdf, --pbkdf-force-iterations, --pbkdf-memory, --pbkdf-parallel, --iter-time, --hash. */
+export function keyslotOptions(v: LuksArgs, type: 'luks1' | 'luks2'): NewKeyslotOptions {
+  const pbkdf = (v.pbkdf ?? (type === 'luks1' ? 'pbkdf2' : 'argon2id')) as 'pbkdf2' | 'argon2i' | 'argon2id';
+  if (!['pbkdf2', 'argon2i', 'argon2id'].includes(pbkdf)) throw new CryptmapError('EARGS', `Unknown PBKDF type ${pbkdf}.`, { exitCode: EXIT_WRONG_PARAMS });
+  if (type === 'luks1' && pbkdf !== 'pbkdf2') throw new CryptmapError('EARGS', 'Only PBKDF2 is supported in LUKS1.', { exitCode: EXIT_WRONG_PARAMS });
+  const hash = v.hash ?? 'sha256';
+  const forced = intOpt(v['pbkdf-force-iterations'], '--pbkdf-force-iterations', 1, 0xffffffff);
+  const memory = intOpt(v['pbkdf-memory'], '--pbkdf-memory', 32, 4 * 1024 * 1024);
+  const parallel = intOpt(v['pbkdf-parallel'], '--pbkdf-parallel', 1, 4);
+  const iterTime = intOpt(v['iter-time'], '--iter-time', 1);
+  const keySlot = intOpt(v['key-slot'], '--key-slot', 0, type === 'luks1' ? 7 : 31);
+  const o: NewKeyslotOptions = { pbkdf, hash, ...(keySlot !== undefined ? { keySlot } : {}), ...(iterTime !== undefined ? { iterTimeMs: iterTime } : {}) };
+  if (memory !== undefined) o.pbkdfMemoryKiB = memory;
+  if (parallel !== undefined) o.pbkdfParallel = parallel;
+  if (forced !== undefined) {
+    if (pbkdf === 'pbkdf2') {
+      if (forced < 1000) throw new CryptmapError('EARGS', 'Forced iteration count is too low for pbkdf2 (minimum is 1000).', { exitCode: EXIT_WRONG_PARAMS });
+      o.kdf = { type: 'pbkdf2', hash, iterations: forced };
+    } else {
+      if (forced < 4) throw new CryptmapError('EARGS', 'Forced iteration count is too low for argon2 (minimum is 4).', { exitCode: EXIT_WRONG_PARAMS });
+      o.kdf = { type: pbkdf, time: forced, memoryKiB: Math.min(memory ?? 1024 * 1024, Math.floor(totalmem() / 2048)), parallel: Math.min(parallel ?? 4, cpus().length || 1) };
+    }
+  }
+  return o;
+}
+
+/** Where the header lives: --header (detached) or the device itself. */
+export function headerPath(v: LuksArgs, device: string): string {
+  return v.header ?? device;
+}
+
+/** Secret-safe close of a device, ignoring errors after a failure. */
+export async function closeQuietly(dev: { close(): Promise<void> } | undefined): Promise<void> {
+  await dev?.close().catch(() => {});
+}

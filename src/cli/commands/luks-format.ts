@@ -1,0 +1,109 @@
+/**
+ * `cryptmap luksFormat <device> [<key file>]` with cryptsetup's options and behaviour
+ * (cryptsetup-luksFormat(8)): YES confirmation on a terminal unless -q, passphrase with
+ * verification, LUKS2 by default (--type luks1 for LUKS1), detached header with --header.
+ */
+import { open, stat, truncate } from 'node:fs/promises';
+import { Luks1Volume, Luks2Volume, withDeviceLock } from '../../luks/index.js';
+import type { SectorBytes } from '../../engine/types.js';
+import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import type { CliIO, VerbMain } from '../types.js';
+import { closeQuietly, confirm, getPassphrase, intOpt, keyslotOptions, needDevice, openDevice, parseLuksArgs, readKeyFile } from './luks-common.js';
+
+/** Sizes like cryptsetup's --luks2-metadata-size (bytes, or with k/m/g suffix). */
+function sizeOpt(v: string | undefined, name: string): number | undefined {
+  if (v === undefined) return undefined;
+  const m = /^([0-9]+)([kKmMgG]?)[iI]?[bB]?$/.exec(v);
+  if (!m) throw new CryptmapError('EARGS', `Invalid ${name} value ${v}.`, { exitCode: EXIT_WRONG_PARAMS });
+  const mult = { '': 1, k: 1024, m: 1 << 20, g: 1 << 30 }[m[2]!.toLowerCase() as '' | 'k' | 'm' | 'g'];
+  return Number(m[1]) * mult;
+}
+
+const main: VerbMain = async (argv: string[], io: CliIO) => {
+  const { values: v, positionals } = parseLuksArgs(argv);
+  const device = needDevice(positionals, 'cryptmap luksFormat [OPTION...] <device> [<key file>]');
+  const type = v.type ?? 'luks2';
+  if (type !== 'luks1' && type !== 'luks2' && type !== 'luks') throw new CryptmapError('EARGS', `Unknown LUKS type ${type}.`, { exitCode: EXIT_WRONG_PARAMS });
+  const luks = type === 'luks1' ? 'luks1' : 'luks2';
+  const cipher = v.cipher ?? 'aes-xts-plain64';
+  const keyBits = intOpt(v['key-size'], '--key-size', 8, 4096) ?? (/-xts-|^xts|xts\(/.test(cipher) ? 512 : 256);
+  if (keyBits % 8 !== 0) throw new CryptmapError('EARGS', 'Key size must be a multiple of 8 bits', { exitCode: EXIT_WRONG_PARAMS });
+  const sectorOpt = intOpt(v['sector-size'], '--sector-size', 512, 4096);
+  if (sectorOpt !== undefined && ![512, 1024, 2048, 4096].includes(sectorOpt)) throw new CryptmapError('EARGS', `Unsupported encryption sector size.`, { exitCode: EXIT_WRONG_PARAMS });
+  if (luks === 'luks1' && sectorOpt !== undefined && sectorOpt !== 512) throw new CryptmapError('EARGS', 'Unsupported encryption sector size.', { exitCode: EXIT_WRONG_PARAMS });
+  const offsetSectors = intOpt(v.offset, '--offset');
+  const headerFile = v.header;
+  const ks = keyslotOptions(v, luks);
+  const keyFile = v['key-file'] ?? positionals[1];
+
+  try {
+    await stat(device);
+  } catch {
+    throw new CryptmapError('ENODEV', `Device ${device} does not exist or access denied.`, { exitCode: 4 });
+  }
+  await confirm(io, `This will overwrite data on ${headerFile ?? device} irrevocably.`, v['batch-mode']);
+
+  let volumeKey: Buffer | undefined;
+  if (v['volume-key-file'] ?? v['master-key-file']) {
+    volumeKey = await readKeyFile(io, { keyFile: (v['volume-key-file'] ?? v['master-key-file'])!, keyfileSize: keyBits / 8 });
+    if (volumeKey.length !== keyBits / 8) throw new CryptmapError('EVK', 'Cannot read volume key file.', { exitCode: EXIT_WRONG_PARAMS });
+  }
+  const pass = await getPassphrase(
+    io,
+    `Enter passphrase for ${device}: `,
+    { keyFile, keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'), keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size') },
+    true,
+  );
+  // A detached header file is created (or grown) to hold the metadata and keyslots.
+  const hdrPath = headerFile ?? device;
+  const md = sizeOpt(v['luks2-metadata-size'], '--luks2-metadata-size');
+  const kss = sizeOpt(v['luks2-keyslots-size'], '--luks2-keyslots-size');
+  if (headerFile) {
+    const need = luks === 'luks1' ? 4096 * 512 : 2 * (md ?? 0x4000) + (kss ?? 0x1000000 - 2 * (md ?? 0x4000));
+    const st = await stat(headerFile).catch(() => null);
+    if (!st) await (await open(headerFile, 'wx', 0o600)).close();
+    if (!st || (st.isFile() && st.size < need)) await truncate(headerFile, need);
+  }
+  let sectorBytes = (sectorOpt ?? 512) as SectorBytes;
+  if (sectorOpt === undefined && luks === 'luks2') {
+    // cryptsetup picks 4096-byte sectors for images in regular files.
+    const st = await stat(device);
+    if (st.isFile() && (offsetSectors === undefined || (offsetSectors * 512) % 4096 === 0)) sectorBytes = 4096;
+  }
+  const dev = await openDevice(hdrPath, true);
+  try {
+    await withDeviceLock(hdrPath, async () => {
+      const common = {
+        cipher,
+        keyBytes: keyBits / 8,
+        ...(volumeKey ? { volumeKey } : {}),
+        hash: v.hash ?? 'sha256',
+        ...(v.uuid ? { uuid: v.uuid } : {}),
+        ...(offsetSectors !== undefined ? { offsetBytes: offsetSectors * 512 } : {}),
+        detachedHeader: headerFile !== undefined,
+        keyslot: ks,
+      };
+      if (luks === 'luks1') {
+        if (v.label || v.subsystem) throw new CryptmapError('EARGS', 'Label and subsystem are supported only for LUKS2.', { exitCode: EXIT_WRONG_PARAMS });
+        await Luks1Volume.format(dev, pass, common);
+      } else {
+        await Luks2Volume.format(dev, pass, {
+          ...common,
+          sectorBytes,
+          ...(v.label !== undefined ? { label: v.label } : {}),
+          ...(v.subsystem !== undefined ? { subsystem: v.subsystem } : {}),
+          ...(md !== undefined ? { metadataBytes: md } : {}),
+          ...(kss !== undefined ? { keyslotsBytes: kss } : {}),
+        });
+      }
+    });
+  } finally {
+    pass.fill(0);
+    volumeKey?.fill(0);
+    await closeQuietly(dev);
+  }
+  if (v.verbose) io.stdout.write(`Key slot ${ks.keySlot ?? 0} created.\nCommand successful.\n`);
+  return 0;
+};
+
+export default main;
