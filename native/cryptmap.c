@@ -17,6 +17,7 @@
  */
 #define NAPI_VERSION 8
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <node_api.h>
@@ -33,7 +34,24 @@
 
 enum { CH_XTS = 0, CH_CBC = 1, CH_ECB = 2, CH_NULL = 3 };
 enum { IV_NULL = 0, IV_PLAIN = 1, IV_PLAIN64 = 2, IV_PLAIN64BE = 3, IV_ESSIV = 4, IV_BENBI = 5 };
-enum { XTS_AUTO = 0, XTS_EVP = 1, XTS_OWN = 2 };
+enum { XTS_AUTO = 0, XTS_EVP = 1, XTS_OWN = 2, XTS_AESNI = 3 };
+
+/*
+ * Fast path: OpenSSL's own AES-NI XTS routine, called directly once per sector (no EVP dispatch,
+ * no per-sector context re-initialisation). Node exports these symbols but they are not public API,
+ * so they are looked up at load time with dlsym, used only when the CPU has AES-NI, and verified
+ * against the EVP path on a known vector first; otherwise the EVP / own paths are used.
+ * Layout of OpenSSL's AES_KEY (include/openssl/aes.h): 4*(14+1) round-key words, then rounds.
+ */
+typedef struct {
+  uint32_t rd_key[60];
+  int rounds;
+} cm_aes_key;
+typedef int (*aesni_set_key_fn)(const unsigned char *user_key, int bits, cm_aes_key *key);
+typedef void (*aesni_xts_fn)(const unsigned char *in, unsigned char *out, size_t length, const cm_aes_key *key1, const cm_aes_key *key2, const unsigned char iv[16]);
+static aesni_set_key_fn p_set_enc, p_set_dec;
+static aesni_xts_fn p_xts_enc, p_xts_dec;
+static int aesni_ok;
 
 /* Bytes per inner chunk of the own-XTS loop: large enough to amortise the EVP calls, small enough to
  * stay in L1/L2 between the three passes. */
@@ -49,8 +67,14 @@ typedef struct ctxset {
   uint8_t ivbuf[MAX_CHUNK_SECTORS * 16];
 } ctxset;
 
+/* AES-NI XTS schedules (read-only once built, so shared by all threads). */
+typedef struct {
+  cm_aes_key k1e, k1d, k2e;
+} aesni_keys;
+
 typedef struct {
   int chain, iv_mode, sector_bytes, xts_impl, evp_xts_ok;
+  aesni_keys *ak; /* NULL unless the AES-NI path is available */
   uint8_t key[64];
   int key_len;
   uint8_t ivkey[32];
@@ -153,6 +177,16 @@ static void key_destroy(cm_key *k) {
   }
   OPENSSL_cleanse(k->key, sizeof k->key);
   OPENSSL_cleanse(k->ivkey, sizeof k->ivkey);
+  if (k->ak) {
+    OPENSSL_cleanse(k->ak, sizeof *k->ak);
+    free(k->ak);
+    k->ak = NULL;
+  }
+}
+
+static int aesni_keys_init(aesni_keys *ak, const uint8_t *key, int key_len) {
+  int bits = key_len * 4;
+  return p_set_enc(key, bits, &ak->k1e) == 0 && p_set_dec(key, bits, &ak->k1d) == 0 && p_set_enc(key + key_len / 2, bits, &ak->k2e) == 0;
 }
 
 static inline void st_le64(uint8_t *p, uint64_t v) {
@@ -267,11 +301,29 @@ static int run_per_sector(cm_key *k, ctxset *cs, EVP_CIPHER_CTX *c, const uint8_
   return 1;
 }
 
+static int run_xts_aesni(cm_key *k, ctxset *cs, int enc, const uint8_t *src, uint8_t *dst, uint32_t count, uint64_t s, uint32_t step) {
+  const size_t sb = (size_t)k->sector_bytes;
+  const cm_aes_key *k1 = enc ? &k->ak->k1e : &k->ak->k1d;
+  aesni_xts_fn f = enc ? p_xts_enc : p_xts_dec;
+  while (count > 0) {
+    uint32_t n = count < MAX_CHUNK_SECTORS ? count : MAX_CHUNK_SECTORS;
+    if (!gen_ivs(k, cs, cs->ivbuf, n, s, step)) return 0;
+    for (uint32_t i = 0; i < n; i++) {
+      f(src, dst, sb, k1, &k->ak->k2e, cs->ivbuf + i * 16);
+      src += sb;
+      dst += sb;
+    }
+    s += (uint64_t)n * step;
+    count -= n;
+  }
+  return 1;
+}
+
 static int use_evp_xts(cm_key *k) {
   if (!k->evp_xts_ok) return 0;
   if (k->xts_impl == XTS_EVP) return 1;
   if (k->xts_impl == XTS_OWN) return 0;
-  return k->sector_bytes >= 4096;
+  return 1; /* measured: EVP with the IV reset per sector beats own-over-ECB at 512 and 4096 bytes */
 }
 
 /* The whole request; returns 1 on success. */
@@ -285,7 +337,8 @@ static int run(cm_key *k, int enc, const uint8_t *src, uint8_t *dst, uint32_t co
   int ok;
   switch (k->chain) {
     case CH_XTS:
-      ok = use_evp_xts(k) ? run_per_sector(k, cs, enc ? cs->xe : cs->xd, src, dst, count, s, step) : run_xts_own(k, cs, enc, src, dst, count, s, step);
+      ok = k->ak && (k->xts_impl == XTS_AUTO || k->xts_impl == XTS_AESNI) ? run_xts_aesni(k, cs, enc, src, dst, count, s, step)
+         : use_evp_xts(k) ? run_per_sector(k, cs, enc ? cs->xe : cs->xd, src, dst, count, s, step) : run_xts_own(k, cs, enc, src, dst, count, s, step);
       break;
     case CH_CBC:
       ok = run_per_sector(k, cs, enc ? cs->e1 : cs->d1, src, dst, count, s, step);
@@ -394,6 +447,14 @@ static napi_value cipher_create(napi_env env, napi_callback_info info) {
     k->ivkey_len = (int)ivkey_len;
   }
   k->evp_xts_ok = chain == CH_XTS && key_len != 48 && CRYPTO_memcmp(k->key, k->key + key_len / 2, key_len / 2) != 0;
+  if (chain == CH_XTS && aesni_ok) {
+    k->ak = aligned_alloc(64, (sizeof(aesni_keys) + 63) / 64 * 64);
+    if (k->ak && !aesni_keys_init(k->ak, k->key, (int)key_len)) {
+      OPENSSL_cleanse(k->ak, sizeof *k->ak);
+      free(k->ak);
+      k->ak = NULL;
+    }
+  }
   /* Build one context set now so bad keys fail here, not on first use. */
   if (chain != CH_NULL) {
     ctxset *cs = ctxset_new(k);
@@ -553,8 +614,8 @@ static napi_value set_xts_impl(napi_env env, napi_callback_info info) {
   cm_key *k = argc < 2 ? NULL : get_key(env, a[0]);
   if (!k) return NULL;
   int32_t impl;
-  if (napi_get_value_int32(env, a[1], &impl) != napi_ok || impl < XTS_AUTO || impl > XTS_OWN) {
-    napi_throw_range_error(env, "EINVAL", "setXtsImpl: 0 (auto), 1 (evp) or 2 (own)");
+  if (napi_get_value_int32(env, a[1], &impl) != napi_ok || impl < XTS_AUTO || impl > XTS_AESNI) {
+    napi_throw_range_error(env, "EINVAL", "setXtsImpl: 0 (auto), 1 (evp), 2 (own) or 3 (aesni)");
     return NULL;
   }
   k->xts_impl = impl;
@@ -644,7 +705,40 @@ static napi_value seek_hole(napi_env env, napi_callback_info info) {
   return seek_whence(env, info, SEEK_HOLE, "lseek(SEEK_HOLE)");
 }
 
+/* Look up OpenSSL's AES-NI XTS routines and check them against EVP on IEEE 1619 vector 10 data. */
+static void aesni_probe(void) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("aes") || getenv("CRYPTMAP_NO_AESNI")) return;
+  p_set_enc = (aesni_set_key_fn)dlsym(RTLD_DEFAULT, "aesni_set_encrypt_key");
+  p_set_dec = (aesni_set_key_fn)dlsym(RTLD_DEFAULT, "aesni_set_decrypt_key");
+  p_xts_enc = (aesni_xts_fn)dlsym(RTLD_DEFAULT, "aesni_xts_encrypt");
+  p_xts_dec = (aesni_xts_fn)dlsym(RTLD_DEFAULT, "aesni_xts_decrypt");
+  if (!p_set_enc || !p_set_dec || !p_xts_enc || !p_xts_dec) return;
+  uint8_t key[64], iv[16] = {0xff}, pt[512], a[512], b[512], c[512];
+  for (int i = 0; i < 64; i++) key[i] = (uint8_t)(i * 37 + 11);
+  for (int i = 0; i < 512; i++) pt[i] = (uint8_t)i;
+  aesni_keys *ak = aligned_alloc(64, (sizeof(aesni_keys) + 63) / 64 * 64);
+  EVP_CIPHER_CTX *x = EVP_CIPHER_CTX_new();
+  int outl, good = ak && x && aesni_keys_init(ak, key, 64) && EVP_CipherInit_ex(x, EVP_aes_256_xts(), NULL, key, iv, 1) == 1 &&
+                   EVP_CipherUpdate(x, a, &outl, pt, 512) == 1;
+  if (good) {
+    p_xts_enc(pt, b, 512, &ak->k1e, &ak->k2e, iv);
+    p_xts_dec(b, c, 512, &ak->k1d, &ak->k2e, iv);
+    good = memcmp(a, b, 512) == 0 && memcmp(c, pt, 512) == 0;
+  }
+  EVP_CIPHER_CTX_free(x);
+  if (ak) {
+    OPENSSL_cleanse(ak, sizeof *ak);
+    free(ak);
+  }
+  aesni_ok = good;
+#endif
+}
+
 static napi_value init(napi_env env, napi_value exports) {
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  pthread_once(&once, aesni_probe);
   napi_property_descriptor d[] = {
       {"cipherCreate", NULL, cipher_create, NULL, NULL, NULL, napi_enumerable, NULL},
       {"cipherRun", NULL, cipher_run, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -659,6 +753,9 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_value ver;
   CHECK(env, napi_create_int32(env, ABI_VERSION, &ver));
   CHECK(env, napi_set_named_property(env, exports, "abiVersion", ver));
+  napi_value fast;
+  CHECK(env, napi_get_boolean(env, aesni_ok, &fast));
+  CHECK(env, napi_set_named_property(env, exports, "aesniXts", fast));
   return exports;
 }
 

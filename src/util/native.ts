@@ -17,6 +17,8 @@ export type NativeKeyHandle = { readonly __brand: 'cryptmap-native-key' };
 export interface NativeAddon {
   /** ABI version of the addon's JS interface; bumped on incompatible change. */
   readonly abiVersion: number;
+  /** True when OpenSSL's AES-NI XTS routine was found and passed the load-time self-test. */
+  readonly aesniXts: boolean;
   /**
    * Create a key handle. chain: 0 xts, 1 cbc, 2 ecb, 3 null. ivMode: 0 null, 1 plain, 2 plain64,
    * 3 plain64be, 4 essiv (ivKey = salt), 5 benbi. The addon copies key and ivKey.
@@ -28,7 +30,11 @@ export interface NativeAddon {
   cipherRunAsync(h: NativeKeyHandle, encrypt: boolean, src: Uint8Array, dst: Uint8Array, count: number, ivLo: number, ivHi: number, ivStep: number): Promise<void>;
   /** Wipe and free the key schedule (deferred until in-flight async runs finish). Idempotent. */
   cipherDispose(h: NativeKeyHandle): void;
-  /** XTS implementation selector for benchmarks: 0 auto, 1 EVP xts per sector, 2 own tweaks over ECB. */
+  /**
+   * XTS implementation selector (benchmarks, tests): 0 auto (aesni when available, else EVP, else own),
+   * 1 EVP xts with the IV reset per sector, 2 own tweaks over ECB, 3 OpenSSL's AES-NI XTS per sector.
+   * A choice that cannot serve the key falls back to the next one (equal halves: own).
+   */
   setXtsImpl(h: NativeKeyHandle, impl: number): void;
   /** fallocate(PUNCH_HOLE | KEEP_SIZE); throws an Error with `code` = errno name on failure. */
   punchHole(fd: number, offsetBytes: number, lengthBytes: number): void;
