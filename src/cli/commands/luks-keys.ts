@@ -1,0 +1,115 @@
+/**
+ * Keyslot verbs with cryptsetup's syntax, prompts and exit codes (cryptsetup(8) luksAddKey,
+ * luksRemoveKey, luksKillSlot, luksChangeKey):
+ *   luksAddKey <device> [<new key file>]     luksRemoveKey <device> [<key file>]
+ *   luksKillSlot <device> <key slot>         luksChangeKey <device> [<new key file>]
+ * The image is locked while its header changes (luks/lock.ts).
+ */
+import { openLuks, withDeviceLock } from '../../luks/index.js';
+import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import { Secret } from '../../util/secret.js';
+import type { CliIO, VerbMain } from '../types.js';
+import { closeQuietly, confirm, getPassphrase, headerPath, intOpt, keyslotOptions, type LuksArgs, needDevice, openDevice, parseLuksArgs, readKeyFile } from './luks-common.js';
+
+function existingSource(v: LuksArgs) {
+  return { keyFile: v['key-file'], keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'), keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size') };
+}
+function newSource(v: LuksArgs, positional: string | undefined) {
+  return {
+    keyFile: v['new-keyfile'] ?? positional,
+    keyfileOffset: intOpt(v['new-keyfile-offset'], '--new-keyfile-offset'),
+    keyfileSize: intOpt(v['new-keyfile-size'], '--new-keyfile-size'),
+  };
+}
+
+const main: VerbMain = async (argv: string[], io: CliIO) => {
+  const verb = argv[0]!;
+  const { values: v, positionals } = parseLuksArgs(argv);
+  const device = needDevice(positionals, `cryptmap ${verb} [OPTION...] <device> ${verb === 'luksKillSlot' ? '<key slot>' : '[<key file>]'}`);
+  const hdr = headerPath(v, device);
+  const dev = await openDevice(hdr, true);
+  const secrets: Buffer[] = [];
+  try {
+    return await withDeviceLock(hdr, async () => {
+      const vol = await openLuks(dev);
+      const ks = keyslotOptions(v, vol.type);
+      const say = (s: string) => {
+        if (v.verbose) io.stdout.write(s);
+      };
+      if (verb === 'luksAddKey') {
+        const newSlot = intOpt(v['new-key-slot'], '--new-key-slot') ?? ks.keySlot;
+        let auth: { passphrase: Uint8Array } | { volumeKey: Secret };
+        const vkFile = v['volume-key-file'] ?? v['master-key-file'];
+        if (vkFile) {
+          const vk = await readKeyFile(io, { keyFile: vkFile, keyfileSize: vol.dataSegment.keyBytes });
+          auth = { volumeKey: new Secret(vk) };
+        } else {
+          const p = await getPassphrase(io, 'Enter any existing passphrase: ', existingSource(v));
+          secrets.push(p);
+          auth = { passphrase: p };
+        }
+        // Check the existing passphrase before asking for the new one, as cryptsetup does.
+        if ('passphrase' in auth) (await vol.unlock(auth.passphrase)).volumeKey.dispose();
+        const np = await getPassphrase(io, 'Enter new passphrase for key slot: ', newSource(v, positionals[1]), true);
+        secrets.push(np);
+        const slot = await vol.addKey(auth, np, { ...ks, ...(newSlot !== undefined ? { keySlot: newSlot } : { keySlot: undefined }) });
+        if ('volumeKey' in auth) auth.volumeKey.dispose();
+        say(`Key slot ${slot} created.\nCommand successful.\n`);
+        return 0;
+      }
+      if (verb === 'luksChangeKey') {
+        const p = await getPassphrase(io, 'Enter passphrase to be changed: ', existingSource(v));
+        secrets.push(p);
+        const { volumeKey, keyslot } = await vol.unlock(p, { keySlot: ks.keySlot });
+        volumeKey.dispose();
+        say(`Key slot ${keyslot} unlocked.\n`);
+        const np = await getPassphrase(io, 'Enter new passphrase: ', newSource(v, positionals[1]), true);
+        secrets.push(np);
+        const slot = await vol.changeKey(p, np, { ...ks, keySlot: keyslot });
+        say(`Key slot ${keyslot} changed.\n`);
+        void slot;
+        say('Command successful.\n');
+        return 0;
+      }
+      if (verb === 'luksRemoveKey') {
+        const p = await getPassphrase(io, 'Enter passphrase to be deleted: ', {
+          ...existingSource(v),
+          keyFile: v['key-file'] ?? positionals[1],
+        });
+        secrets.push(p);
+        const { volumeKey, keyslot } = await vol.unlock(p);
+        volumeKey.dispose();
+        say(`Key slot ${keyslot} selected for deletion.\n`);
+        if (vol.keyslots().filter((k) => k.active).length === 1) {
+          await confirm(io, 'This is the last keyslot. Device will become unusable after purging this key.', v['batch-mode']);
+        }
+        await vol.killSlot(keyslot);
+        say('Command successful.\n');
+        return 0;
+      }
+      if (verb === 'luksKillSlot') {
+        const slot = intOpt(positionals[1], 'key slot', 0, vol.type === 'luks1' ? 7 : 31);
+        if (slot === undefined) throw new CryptmapError('EARGS', 'Command requires key slot as argument.', { exitCode: EXIT_WRONG_PARAMS });
+        const info = vol.keyslots().find((k) => k.id === slot);
+        if (!info?.active) throw new CryptmapError('EKEYSLOT', `Keyslot ${slot} is not active.`, { exitCode: EXIT_WRONG_PARAMS });
+        const active = vol.keyslots().filter((k) => k.active);
+        if (active.length === 1) {
+          await confirm(io, 'This is the last keyslot. Device will become unusable after purging this key.', v['batch-mode']);
+        } else if (!v['batch-mode'] || v['key-file'] !== undefined || !io.stdin.isTTY) {
+          const p = await getPassphrase(io, 'Enter any remaining passphrase: ', existingSource(v));
+          secrets.push(p);
+          (await vol.unlock(p)).volumeKey.dispose();
+        }
+        await vol.killSlot(slot);
+        say('Command successful.\n');
+        return 0;
+      }
+      throw new CryptmapError('EARGS', `Unknown verb ${verb}.`, { exitCode: EXIT_WRONG_PARAMS });
+    });
+  } finally {
+    for (const s of secrets) s.fill(0);
+    await closeQuietly(dev);
+  }
+};
+
+export default main;

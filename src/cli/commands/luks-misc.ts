@@ -1,0 +1,155 @@
+/**
+ * Header-level verbs with cryptsetup's syntax (cryptsetup(8)): luksUUID [--uuid], isLuks [--type],
+ * luksHeaderBackup / luksHeaderRestore --header-backup-file, config --label --subsystem --priority,
+ * repair, erase (luksErase), token import|export|remove --token-id [--json-file].
+ */
+import { readFile } from 'node:fs/promises';
+import { detectLuks, headerBackup, headerRestore, type Luks2Volume, openLuks, withDeviceLock } from '../../luks/index.js';
+import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import type { CliIO, VerbMain } from '../types.js';
+import { closeQuietly, confirm, headerPath, intOpt, type LuksArgs, needDevice, openDevice, parseLuksArgs } from './luks-common.js';
+
+function needLuks2<T extends { type: string }>(vol: T, what: string): asserts vol is T & Luks2Volume {
+  if (vol.type !== 'luks2') throw new CryptmapError('EARGS', `${what} is supported only for LUKS2 devices.`, { exitCode: EXIT_WRONG_PARAMS });
+}
+
+async function readStdin(io: CliIO): Promise<string> {
+  const chunks: Buffer[] = [];
+  for await (const c of io.stdin as AsyncIterable<Buffer | string>) chunks.push(typeof c === 'string' ? Buffer.from(c) : c);
+  return Buffer.concat(chunks).toString('utf8');
+}
+
+async function token(io: CliIO, v: LuksArgs, positionals: string[]): Promise<number> {
+  const action = positionals[0];
+  const device = positionals[1];
+  if (!action || !device) throw new CryptmapError('EARGS', 'Usage: cryptmap token <import|export|remove> <device> [--token-id N] [--json-file FILE]', { exitCode: EXIT_WRONG_PARAMS });
+  const id = intOpt(v['token-id'], '--token-id', 0, 31);
+  const hdr = headerPath(v, device);
+  const dev = await openDevice(hdr, action !== 'export');
+  try {
+    return await withDeviceLock(hdr, async () => {
+      const vol = await openLuks(dev);
+      needLuks2(vol, 'Tokens');
+      if (action === 'export') {
+        if (id === undefined) throw new CryptmapError('EARGS', 'Option --token-id is required for this action.', { exitCode: EXIT_WRONG_PARAMS });
+        let text: string;
+        try {
+          text = vol.exportToken(id);
+        } catch (e) {
+          throw new CryptmapError('ETOKEN', `Failed to get token ${id} for export.`, { exitCode: EXIT_WRONG_PARAMS, cause: e });
+        }
+        io.stdout.write(text);
+        return 0;
+      }
+      if (action === 'remove') {
+        if (id === undefined) throw new CryptmapError('EARGS', 'Option --token-id is required for this action.', { exitCode: EXIT_WRONG_PARAMS });
+        await vol.removeToken(id);
+        return 0;
+      }
+      if (action === 'import') {
+        const json = v['json-file'] && v['json-file'] !== '-' ? await readFile(v['json-file'], 'utf8') : await readStdin(io);
+        const got = await vol.importToken(json.trim(), id);
+        if (v.verbose) io.stdout.write(`Token ${got} created.\n`);
+        return 0;
+      }
+      throw new CryptmapError('EARGS', `Invalid token action ${action}.`, { exitCode: EXIT_WRONG_PARAMS });
+    });
+  } finally {
+    await closeQuietly(dev);
+  }
+}
+
+const main: VerbMain = async (argv: string[], io: CliIO) => {
+  const verb = argv[0]!;
+  const { values: v, positionals } = parseLuksArgs(argv);
+  if (verb === 'token') return token(io, v, positionals);
+  const device = needDevice(positionals, `cryptmap ${verb} [OPTION...] <device>`);
+  const hdr = headerPath(v, device);
+  if (verb === 'isLuks') {
+    let dev: Awaited<ReturnType<typeof openDevice>> | undefined;
+    try {
+      dev = await openDevice(hdr, false);
+      const t = await detectLuks(dev);
+      if (t === null) {
+        if (v.verbose) io.stderr.write(`Device ${hdr} is not a valid LUKS device.\n`);
+        return 1;
+      }
+      if (v.type && v.type !== t && v.type !== 'luks') return 1;
+      return 0;
+    } finally {
+      await closeQuietly(dev);
+    }
+  }
+  const write = !(verb === 'luksUUID' && v.uuid === undefined) && verb !== 'luksHeaderBackup';
+  const dev = await openDevice(hdr, write);
+  try {
+    const run = async (): Promise<number> => {
+      if (verb === 'luksHeaderRestore') {
+        const file = v['header-backup-file'];
+        if (!file) throw new CryptmapError('EARGS', 'Option --header-backup-file is required.', { exitCode: EXIT_WRONG_PARAMS });
+        const backup = await openDevice(file, false);
+        try {
+          const cur = await detectLuks(dev);
+          await confirm(
+            io,
+            cur
+              ? `Device ${hdr} already contains ${cur.toUpperCase()} header. Replacing header will destroy existing keyslots.`
+              : `Device ${hdr} does not contain LUKS header. Replacing header can destroy data on that device.`,
+            v['batch-mode'],
+          );
+          await headerRestore(dev, backup);
+        } finally {
+          await closeQuietly(backup);
+        }
+        return 0;
+      }
+      const vol = await openLuks(dev).catch((e) => {
+        if (e instanceof CryptmapError && e.code === 'ENOTLUKS') throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid LUKS device.`, { exitCode: 1 });
+        throw e;
+      });
+      switch (verb) {
+        case 'luksUUID':
+          if (v.uuid !== undefined) {
+            await confirm(io, 'Do you really want to change UUID of device?', v['batch-mode']);
+            await vol.setUuid(v.uuid);
+          } else io.stdout.write(`${vol.uuid}\n`);
+          return 0;
+        case 'luksHeaderBackup': {
+          const file = v['header-backup-file'];
+          if (!file) throw new CryptmapError('EARGS', 'Option --header-backup-file is required.', { exitCode: EXIT_WRONG_PARAMS });
+          await headerBackup(dev, vol, file);
+          return 0;
+        }
+        case 'config': {
+          needLuks2(vol, 'Config');
+          if (v.priority !== undefined) {
+            const slot = intOpt(v['key-slot'], '--key-slot', 0, 31);
+            if (slot === undefined) throw new CryptmapError('EARGS', 'Keyslot specification is required.', { exitCode: EXIT_WRONG_PARAMS });
+            if (!['ignore', 'normal', 'prefer'].includes(v.priority)) throw new CryptmapError('EARGS', 'Option --priority can be only ignore/normal/prefer.', { exitCode: EXIT_WRONG_PARAMS });
+            await vol.setPriority(slot, v.priority as 'ignore' | 'normal' | 'prefer');
+          }
+          if (v.label !== undefined || v.subsystem !== undefined) await vol.setLabel(v.label, v.subsystem);
+          return 0;
+        }
+        case 'repair':
+          if (vol.type === 'luks2') {
+            await confirm(io, 'Really proceed with LUKS2 repair?', v['batch-mode'] || !vol.needsRepair);
+            await vol.repair();
+          }
+          return 0;
+        case 'erase':
+        case 'luksErase':
+          await confirm(io, `This operation will erase all keyslots on device ${hdr}.\nDevice will become unusable after this operation.`, v['batch-mode']);
+          await vol.erase();
+          return 0;
+        default:
+          throw new CryptmapError('EARGS', `Unknown verb ${verb}.`, { exitCode: EXIT_WRONG_PARAMS });
+      }
+    };
+    return write ? await withDeviceLock(hdr, run) : await run();
+  } finally {
+    await closeQuietly(dev);
+  }
+};
+
+export default main;
