@@ -52,8 +52,9 @@ async function loadKey(arg: string, keyStore: KeyStore | undefined, fail: (msg: 
       throw fail(`the key store cannot resolve '${arg}': ${(e as Error).message}`, 'EKEYREF');
     }
     if (key.length !== ref.keyBytes) {
+      const got = key.length;
       key.dispose();
-      throw fail(`the key store returned ${key.length} bytes for '${arg}', which declares ${ref.keyBytes}`, 'EKEYREF');
+      throw fail(`the key store returned ${got} bytes for '${arg}', which declares ${ref.keyBytes}`, 'EKEYREF');
     }
     return { source: { kind: 'ref', ref }, key };
   }
@@ -213,8 +214,9 @@ export const crypt: TargetType = {
           const next = await loadKey(margs[2]!, ctx.keyStore, fail);
           const wantBytes = source.kind === 'hex' ? source.bytes : source.kind === 'ref' ? source.ref.keyBytes : 0;
           if (next.key.length !== wantBytes) {
+            const got = next.key.length;
             next.key.dispose();
-            throw fail(`has ${next.key.length} bytes; this table's key has ${wantBytes}`);
+            throw fail(`has ${got} bytes; this table's key has ${wantBytes}`);
           }
           let nextCipher: SectorCipher;
           try {
