@@ -6,10 +6,10 @@ import { pbkdf2 as nodePbkdf2 } from 'node:crypto';
 import { CryptmapError } from '../../util/errors.js';
 import { nodeHashName } from './hash.js';
 
-export function pbkdf2(hash: string, password: Uint8Array, salt: Uint8Array, iterations: number, keyBytes: number): Promise<Buffer> {
+export async function pbkdf2(hash: string, password: Uint8Array, salt: Uint8Array, iterations: number, keyBytes: number): Promise<Buffer> {
   const name = nodeHashName(hash);
   if (!Number.isSafeInteger(iterations) || iterations < 1 || iterations > 0xffffffff) {
-    return Promise.reject(new CryptmapError('EKDFPARAM', `Invalid PBKDF2 iteration count ${iterations}.`));
+    throw new CryptmapError('EKDFPARAM', `Invalid PBKDF2 iteration count ${iterations}.`);
   }
   return new Promise((resolve, reject) => {
     nodePbkdf2(password, salt, iterations, keyBytes, name, (err, key) => (err ? reject(err) : resolve(key)));

@@ -1,0 +1,36 @@
+// KDF vectors. PBKDF2: RFC 6070 §2 (sha1) and RFC 7914 §11 (sha256). Argon2: outputs of the
+// reference `argon2` CLI (Debian package argon2, version 0x13) computed on 2026-11-28:
+//   echo -n password | argon2 somesalt -id -t 2 -m 16 -p 4 -l 32 -r
+//   echo -n password | argon2 somesalt -i  -t 3 -m 12 -p 1 -l 32 -r
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { argon2, calibrateKdf, deriveKey, pbkdf2 } from '../../src/crypto/kdf/index.js';
+
+test('PBKDF2-SHA1 RFC 6070 vectors', async () => {
+  assert.equal((await pbkdf2('sha1', Buffer.from('password'), Buffer.from('salt'), 1, 20)).toString('hex'), '0c60c80f961f0e71f3a9b524af6012062fe037a6');
+  assert.equal((await pbkdf2('sha1', Buffer.from('password'), Buffer.from('salt'), 4096, 20)).toString('hex'), '4b007901b765489abead49d926f721d065a429c1');
+});
+
+test('PBKDF2-SHA256 RFC 7914 vector', async () => {
+  const out = await pbkdf2('sha256', Buffer.from('passwd'), Buffer.from('salt'), 1, 64);
+  assert.equal(out.toString('hex').slice(0, 32), '55ac046e56e3089fec1691c22544b605');
+});
+
+test('Argon2id and Argon2i match the reference CLI', async () => {
+  const id = await argon2('argon2id', Buffer.from('password'), Buffer.from('somesalt'), 2, 1 << 16, 4, 32);
+  assert.equal(id.toString('hex'), '1a9677b0afe81fda7b548895e7a1bfeb8668ffc19a530e37e088a668fab1c02a');
+  const i = await deriveKey({ type: 'argon2i', time: 3, memoryKiB: 1 << 12, parallel: 1 }, Buffer.from('password'), Buffer.from('somesalt'), 32);
+  assert.equal(i.toString('hex'), '896874eaf0fc172dbbc1ff67a67e855d68825f82baa56e947b5067cf3d3b67c0');
+});
+
+test('unknown hash is a clear error', async () => {
+  await assert.rejects(pbkdf2('whirlpool', Buffer.from('a'), Buffer.from('b'), 1000, 32), { code: 'EHASH' });
+});
+
+test('calibration respects minimums', async () => {
+  const p = await calibrateKdf({ type: 'pbkdf2', hash: 'sha256', iterTimeMs: 1, keyBytes: 32 });
+  assert.equal(p.type, 'pbkdf2');
+  assert.ok(p.type === 'pbkdf2' && p.iterations >= 1000);
+  const a = await calibrateKdf({ type: 'argon2id', iterTimeMs: 1, maxMemoryKiB: 1024, parallel: 1, keyBytes: 32 });
+  assert.ok(a.type === 'argon2id' && a.time >= 4 && a.memoryKiB >= 32 && a.memoryKiB <= 1024);
+});
