@@ -9,3 +9,4 @@ export { type CipherSpec, checkKeyBytes, parseCipherSpec } from '../crypto/ciphe
 export { nativeAvailable } from '../crypto/backends/native.js';
 export { createSectorCipher, DEFAULT_ASYNC_MIN_BYTES } from './sector-cipher.js';
 export type { SectorBytes, SectorCipher, SectorCipherOptions } from './types.js';
+export { type BenchmarkOptions, type BenchmarkResult, benchmarkCipher } from './benchmark.js';

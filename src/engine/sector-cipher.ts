@@ -148,6 +148,11 @@ class Engine implements SectorCipher {
     return this.#t!.runAsync(r);
   }
 
+  /** Benchmarks and tests only (not part of SectorCipher): native XTS path, 0 auto, 1 EVP, 2 own, 3 AES-NI. */
+  setXtsImplForBench(impl: number): void {
+    this.#t?.setXtsImpl?.(impl);
+  }
+
   dispose(): void {
     this.#disposed = true;
     this.#t?.dispose();

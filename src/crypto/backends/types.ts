@@ -26,6 +26,8 @@ export interface SectorTransform {
   /** Off the calling thread (native: libuv pool). src/dst must stay untouched until it settles. */
   runAsync(r: SectorRun): Promise<void>;
   dispose(): void;
+  /** Benchmarks and tests only: pick the native XTS implementation (see NativeAddon.setXtsImpl). */
+  setXtsImpl?(impl: number): void;
 }
 
 export interface BackendOps {

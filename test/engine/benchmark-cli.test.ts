@@ -1,0 +1,52 @@
+/** `cryptmap benchmark`: table and --json shapes, option checks (tiny --seconds: no timing is asserted). */
+import assert from 'node:assert/strict';
+import { PassThrough } from 'node:stream';
+import { describe, it } from 'node:test';
+import benchmark from '../../src/cli/commands/benchmark.js';
+import { isCryptmapError } from './imports.js';
+
+async function run(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ code: number; out: string }> {
+  const stdout = new PassThrough();
+  const stderr = new PassThrough();
+  let out = '';
+  stdout.on('data', (d: Buffer) => {
+    out += d.toString();
+  });
+  const code = await benchmark(['benchmark', ...args], { stdin: new PassThrough(), stdout, stderr, env });
+  return { code, out };
+}
+
+describe('cryptmap benchmark', () => {
+  it('prints a table of the default ciphers', async () => {
+    const { code, out } = await run(['--seconds', '0.01']);
+    assert.equal(code, 0);
+    assert.match(out, /aes-xts-plain64\s+512b\s+[\d.]+ MB\/s\s+[\d.]+ MB\/s/);
+    assert.match(out, /aes-cbc-plain64\s+128b/);
+  });
+
+  it('prints JSON for one cipher, sector size and thread count', async () => {
+    const { code, out } = await run(['--cipher', 'aes-xts', '--key-size', '256', '--sector-size', '4096', '--threads', '2', '--json', '--seconds', '0.01']);
+    assert.equal(code, 0);
+    const rows = JSON.parse(out) as Record<string, unknown>[];
+    assert.equal(rows.length, 1);
+    const r = rows[0]!;
+    assert.deepEqual(Object.keys(r).sort(), ['cipher', 'decryptMBps', 'encryptMBps', 'keyBits', 'sectorSize', 'threads']);
+    assert.equal(r.cipher, 'aes-xts-plain64');
+    assert.equal(r.keyBits, 256);
+    assert.equal(r.sectorSize, 4096);
+    assert.equal(r.threads, 2);
+    assert.ok((r.encryptMBps as number) > 0 && (r.decryptMBps as number) > 0);
+  });
+
+  it('uses the js backend when told to', async () => {
+    const { out } = await run(['--cipher', 'aes-cbc-essiv:sha256', '--seconds', '0.01'], { CRYPTMAP_CRYPTO_BACKEND: 'js' });
+    assert.match(out, /backend js/);
+  });
+
+  it('rejects bad options with typed errors', async () => {
+    await assert.rejects(run(['--sector-size', '333']), (e: unknown) => isCryptmapError(e, 'ESECTOR_SIZE'));
+    await assert.rejects(run(['--cipher', 'serpent-xts']), (e: unknown) => isCryptmapError(e, 'ECIPHER_UNSUPPORTED'));
+    await assert.rejects(run(['--cipher', 'aes-xts', '--key-size', '100']), (e: unknown) => isCryptmapError(e, 'EKEY_SIZE'));
+    await assert.rejects(run(['--threads', '0']), (e: unknown) => isCryptmapError(e, 'EINVAL'));
+  });
+});
