@@ -1,0 +1,429 @@
+/**
+ * The apply loop: observe (state record + port probes), plan (plan.ts), execute the steps through
+ * the ports one by one, saving the record around every step, then observe again to report.
+ *
+ * - Resumable: the record is saved `creating` before a file is made and updated after each step, so
+ *   a crash at any point (even between a step's effect and the save) is repaired by the next run.
+ * - Keys: ephemeral volumes and swap get a fresh random key when they are (re)made, kept only in the
+ *   EphemeralKeyStore; persistent volumes get their key from the key service (HKDF purpose
+ *   `scratch`, 32 bytes, used as the LUKS2 keyslot passphrase) BEFORE anything is created, with retry
+ *   and exponential backoff while it is unreachable. A volume whose key cannot be had is reported
+ *   `waiting-for-keys` and left as it is: volumes already open keep serving.
+ * - Rollback: if creating the file or formatting fails (a full disk...), the new file is deleted and
+ *   its record dropped, so nothing half-made confuses the next run.
+ * - A step failing on one volume stops that volume only; the others proceed.
+ */
+import { randomBytes } from 'node:crypto';
+import { CryptmapError, isCryptmapError } from '../util/errors.js';
+import { type Logger, logger } from '../util/log.js';
+import { Secret } from '../util/secret.js';
+import { type ObservedVolume, plan, type Step } from './plan.js';
+import type { EphemeralKeyStore, KeyPort, VolumePorts, VolumeTarget } from './ports.js';
+import type { AgentState, StepKind, VolumeRecord } from './state.js';
+
+export interface StatePort {
+  load(): Promise<AgentState>;
+  save(state: AgentState): Promise<void>;
+}
+
+export interface RetryPolicy {
+  /** Tries in all (>= 1). */
+  attempts: number;
+  baseMs: number;
+  maxMs: number;
+}
+
+export const DEFAULT_RETRY: RetryPolicy = { attempts: 6, baseMs: 250, maxMs: 8000 };
+
+export interface ApplyOptions {
+  targets: VolumeTarget[];
+  store: StatePort;
+  ports: VolumePorts;
+  keys: KeyPort;
+  ephemeralKeys: EphemeralKeyStore;
+  bootId: string;
+  retry?: RetryPolicy;
+  sleep?: (ms: number) => Promise<void>;
+  log?: Logger;
+  /** Random bytes for per-boot keys (tests may seed it). */
+  random?: (n: number) => Buffer;
+}
+
+export type VolumeState = 'ready' | 'refused' | 'failed' | 'waiting-for-keys' | 'retired' | 'removed';
+
+export interface VolumeReport {
+  id: string;
+  state: VolumeState;
+  reason?: string;
+  code?: string;
+  record?: VolumeRecord;
+}
+
+export interface ApplyReport {
+  /** Steps executed, in order (refusals included). */
+  executed: Step[];
+  volumes: VolumeReport[];
+  /** Nothing is left to do except refusals and volumes waiting for keys or failed. */
+  converged: boolean;
+  /** Some volume waits for the key service: run again later. */
+  retryLater: boolean;
+}
+
+/** Bytes of the LUKS2 keyslot passphrase: derived or random, 256 bits need no stretching. */
+export const VOLUME_PASSPHRASE_BYTES = 32;
+
+/** The VolumeTarget a record describes (for volumes no longer in the manifest). */
+export function targetOfRecord(r: VolumeRecord): VolumeTarget {
+  const parts = r.id.split('/');
+  const t: VolumeTarget = {
+    id: r.id,
+    kind: r.kind,
+    service: r.kind === 'swap' ? 'swap' : (parts[1] ?? ''),
+    volume: parts[parts.length - 1] ?? '',
+    class: r.class,
+    path: r.path,
+    sizeBytes: 0,
+    filesystem: r.filesystem,
+    cipher: '',
+    keySizeBits: 0,
+    sectorSize: 0,
+    mapping: r.mapping,
+  };
+  if (r.mountpoint !== undefined) t.mountpoint = r.mountpoint;
+  return t;
+}
+
+/** The key service could not give a persistent volume's key (unreachable after retries, or refused). */
+class KeyUnavailable extends Error {
+  readonly keyError: CryptmapError;
+  constructor(e: CryptmapError) {
+    super(e.message);
+    this.keyError = e;
+  }
+}
+
+/** A volume was refused mid-way (its key does not unlock it). */
+class Refused extends Error {}
+
+/** A volume was refused mid-way (its key does not unlock it). */
+
+/** Observe every volume the manifest names or the record remembers. */
+export async function observe(
+  targets: VolumeTarget[],
+  state: AgentState,
+  ports: VolumePorts,
+  ephemeralKeys: EphemeralKeyStore,
+  bootId: string,
+  unlockFailed: ReadonlyMap<string, string> = new Map(),
+): Promise<Map<string, ObservedVolume>> {
+  const out = new Map<string, ObservedVolume>();
+  const all = new Map<string, VolumeTarget>();
+  for (const r of Object.values(state.volumes)) all.set(r.id, targetOfRecord(r));
+  for (const t of targets) all.set(t.id, t);
+  for (const [id, t] of all) {
+    const o: ObservedVolume = { probe: await ports.probe(t), keyAvailable: ephemeralKeys.get(id, bootId) !== undefined };
+    const rec = state.volumes[id];
+    if (rec) o.record = rec;
+    const u = unlockFailed.get(id);
+    if (u !== undefined) o.unlockFailed = u;
+    out.set(id, o);
+  }
+  return out;
+}
+
+function errText(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}
+
+/** Run one reconciliation. Never throws for a single volume's failure; see the report. */
+export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
+  const log = opts.log ?? logger('reconciler');
+  const retry = opts.retry ?? DEFAULT_RETRY;
+  const sleep = opts.sleep ?? ((ms: number) => new Promise<void>((r) => setTimeout(r, ms)));
+  const random = opts.random ?? randomBytes;
+  const { ports, ephemeralKeys, bootId } = opts;
+  const state = await opts.store.load();
+  const targets = new Map(opts.targets.map((t) => [t.id, t]));
+  const desired = new Set(targets.keys());
+  const outcome = new Map<string, VolumeReport>();
+  const unlockFailed = new Map<string, string>();
+  const derived = new Map<string, Secret>();
+  const executed: Step[] = [];
+  const now = () => new Date().toISOString();
+  const save = () => opts.store.save(state);
+
+  const targetOf = (id: string): VolumeTarget => targets.get(id) ?? targetOfRecord(state.volumes[id]!);
+
+  /** The persistent volume's key, from the key service, with backoff while it is unreachable. */
+  const derivedKey = async (t: VolumeTarget): Promise<Secret> => {
+    const have = derived.get(t.id);
+    if (have) return have;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const k = await opts.keys.deriveKey({ purpose: 'scratch', service: t.service, volume: t.volume, length: VOLUME_PASSPHRASE_BYTES });
+        derived.set(t.id, k);
+        return k;
+      } catch (e) {
+        const unreachable = isCryptmapError(e, 'EKEYD_UNREACHABLE');
+        if (!unreachable || attempt >= retry.attempts) {
+          throw new KeyUnavailable(isCryptmapError(e) ? e : new CryptmapError('EKEYD_PROTO', errText(e)));
+        }
+        const delay = Math.min(retry.maxMs, retry.baseMs * 2 ** (attempt - 1));
+        log.warn('key service unreachable; retrying', { volume: t.id, attempt, delayMs: delay });
+        await sleep(delay);
+      }
+    }
+  };
+
+  const newRecord = (t: VolumeTarget): VolumeRecord => {
+    const r: VolumeRecord = {
+      id: t.id,
+      kind: t.kind,
+      class: t.class,
+      path: t.path,
+      filesystem: t.filesystem,
+      mapping: t.mapping,
+      bootId,
+      phase: 'creating',
+      created: true,
+      formatted: false,
+      mkfsDone: false,
+      updatedAt: now(),
+    };
+    if (t.mountpoint !== undefined) r.mountpoint = t.mountpoint;
+    return r;
+  };
+
+  /** Adopt a persistent volume found without a record (a copy from another node). */
+  const recordFor = (t: VolumeTarget): VolumeRecord => {
+    let r = state.volumes[t.id];
+    if (!r) {
+      r = { ...newRecord(t), phase: 'formatted', created: false, formatted: true };
+      state.volumes[t.id] = r;
+    }
+    return r;
+  };
+
+  const execute = async (step: Step): Promise<void> => {
+    const t = targetOf(step.id);
+    const isDesired = desired.has(t.id);
+    const touch = (kind: StepKind) => {
+      const r = state.volumes[t.id];
+      if (r) {
+        r.reached = kind;
+        r.updatedAt = now();
+      }
+    };
+    switch (step.kind) {
+      case 'refuse': {
+        const r = state.volumes[t.id];
+        if (r) {
+          r.phase = 'refused';
+          r.refused = step.reason;
+          touch('refuse');
+          await save();
+        }
+        log.error('volume refused', { volume: t.id, reason: step.reason });
+        outcome.set(t.id, { id: t.id, state: 'refused', reason: step.reason ?? 'refused' });
+        return;
+      }
+      case 'createFile': {
+        // Persistent: have the key before anything exists, so an unreachable key service leaves nothing behind.
+        if (t.kind === 'scratch' && t.class === 'persistent') await derivedKey(t);
+        state.volumes[t.id] = newRecord(t);
+        await save();
+        try {
+          await ports.createFile(t);
+        } catch (e) {
+          await rollback(t);
+          throw e;
+        }
+        touch('createFile');
+        await save();
+        return;
+      }
+      case 'format': {
+        let key: Secret;
+        if (t.class === 'persistent') key = await derivedKey(t);
+        else {
+          key = new Secret(random(VOLUME_PASSPHRASE_BYTES));
+          ephemeralKeys.put(t.id, bootId, key);
+        }
+        try {
+          await ports.format(t, key);
+        } catch (e) {
+          await rollback(t);
+          throw e;
+        }
+        const r = state.volumes[t.id]!;
+        r.formatted = true;
+        r.phase = 'formatted';
+        touch('format');
+        await save();
+        return;
+      }
+      case 'open': {
+        if (t.kind === 'swap') {
+          let key = ephemeralKeys.get(t.id, bootId);
+          if (!key) {
+            key = new Secret(random(t.keySizeBits / 8));
+            ephemeralKeys.put(t.id, bootId, key);
+          }
+          await ports.openPlain(t, key);
+        } else if (t.class === 'persistent') {
+          const key = await derivedKey(t);
+          try {
+            await ports.open(t, key);
+          } catch (e) {
+            if (isCryptmapError(e, 'EUNLOCK')) {
+              unlockFailed.set(t.id, e.message);
+              const reason = `${t.path} does not unlock with the service's key`;
+              await execute({ kind: 'refuse', id: t.id, reason });
+              throw new Refused(reason);
+            }
+            throw e;
+          }
+          const r = recordFor(t);
+          r.bootId = bootId;
+        } else {
+          const key = ephemeralKeys.get(t.id, bootId);
+          if (!key) throw new CryptmapError('EKEYLOST', `the per-boot key of ${t.id} is gone; the volume will be remade`);
+          await ports.open(t, key);
+        }
+        touch('open');
+        await save();
+        return;
+      }
+      case 'attach': {
+        const info = await ports.attach(t);
+        const r = state.volumes[t.id];
+        if (r) r.attach = info;
+        touch('attach');
+        await save();
+        if (info.nbdUri) log.info('volume served', { volume: t.id, nbd: info.nbdUri, ...(info.device ? { device: info.device } : {}) });
+        return;
+      }
+      case 'mkfs': {
+        await ports.mkfs(t);
+        const r = state.volumes[t.id];
+        if (r) r.mkfsDone = true;
+        touch('mkfs');
+        await save();
+        return;
+      }
+      case 'mount': {
+        await ports.mount(t);
+        const r = state.volumes[t.id];
+        if (r) r.phase = 'ready';
+        touch('mount');
+        await save();
+        return;
+      }
+      case 'unmount':
+      case 'detach':
+      case 'close': {
+        await ports[step.kind](t);
+        const r = state.volumes[t.id];
+        if (step.kind === 'detach' && r) delete r.attach;
+        if (step.kind === 'close' && r && !isDesired && r.class === 'persistent') r.phase = 'retired';
+        touch(step.kind);
+        await save();
+        return;
+      }
+      case 'deleteFile': {
+        await ports.deleteFile(t);
+        ephemeralKeys.drop(t.id);
+        delete state.volumes[t.id];
+        await save();
+        if (!isDesired) outcome.set(t.id, { id: t.id, state: 'removed' });
+        return;
+      }
+    }
+  };
+
+  /** Undo a half-made volume: delete its file and forget it. Best effort. */
+  const rollback = async (t: VolumeTarget): Promise<void> => {
+    try {
+      await ports.deleteFile(t);
+    } catch (e) {
+      log.error('rollback could not delete the file', { volume: t.id, error: errText(e) });
+    }
+    ephemeralKeys.drop(t.id);
+    delete state.volumes[t.id];
+    try {
+      await save();
+    } catch (e) {
+      log.error('rollback could not save the state', { volume: t.id, error: errText(e) });
+    }
+  };
+
+  try {
+    const steps = plan(opts.targets, await observe(opts.targets, state, ports, ephemeralKeys, bootId), bootId);
+    const stopped = new Set<string>();
+    for (const step of steps) {
+      if (stopped.has(step.id)) continue;
+      try {
+        executed.push(step);
+        await execute(step);
+        if (step.kind === 'refuse') stopped.add(step.id);
+      } catch (e) {
+        stopped.add(step.id);
+        if (e instanceof Refused) continue;
+        if (e instanceof KeyUnavailable) {
+          const waiting = e.keyError.code === 'EKEYD_UNREACHABLE';
+          log.error(waiting ? 'key service unreachable; volume left as it is' : 'key service refused the key', { volume: step.id, error: e.message });
+          outcome.set(step.id, { id: step.id, state: waiting ? 'waiting-for-keys' : 'failed', reason: e.message, code: e.keyError.code });
+          continue;
+        }
+        log.error(`step ${step.kind} failed`, { volume: step.id, error: errText(e) });
+        outcome.set(step.id, { id: step.id, state: 'failed', reason: `${step.kind}: ${errText(e)}`, code: isCryptmapError(e) ? e.code : 'EINTERNAL' });
+      }
+    }
+    // Housekeeping: forget removed volumes whose files are gone; retire removed persistent ones.
+    const after = await observe(opts.targets, state, ports, ephemeralKeys, bootId, unlockFailed);
+    let dirty = false;
+    for (const [id, o] of after) {
+      const r = o.record;
+      if (!r || desired.has(id) || o.probe.open || o.probe.attached || o.probe.mounted) continue;
+      if (r.class === 'persistent' && r.formatted) {
+        if (r.phase !== 'retired') {
+          r.phase = 'retired';
+          dirty = true;
+        }
+        if (!outcome.has(id)) outcome.set(id, { id, state: 'retired', reason: 'not in the manifest; file kept' });
+      } else if (!o.probe.fileExists || !r.created) {
+        delete state.volumes[id];
+        dirty = true;
+        if (!outcome.has(id)) outcome.set(id, { id, state: 'removed' });
+      }
+    }
+    for (const [id, o] of after) {
+      if (!desired.has(id) || outcome.has(id)) continue;
+      const r = state.volumes[id];
+      if (o.probe.open && o.probe.attached && r) {
+        if (r.phase !== 'ready') {
+          r.phase = 'ready';
+          dirty = true;
+        }
+        outcome.set(id, { id, state: 'ready' });
+      }
+    }
+    if (dirty) await save();
+    const remaining = plan(opts.targets, after, bootId).filter((s) => s.kind !== 'refuse');
+    const volumes: VolumeReport[] = [];
+    for (const id of new Set([...desired, ...outcome.keys()])) {
+      const rep = outcome.get(id) ?? { id, state: 'failed' as const, reason: 'not converged' };
+      const r = state.volumes[id];
+      volumes.push(r ? { ...rep, record: r } : rep);
+    }
+    return {
+      executed,
+      volumes,
+      converged: remaining.length === 0,
+      retryLater: volumes.some((v) => v.state === 'waiting-for-keys'),
+    };
+  } finally {
+    for (const k of derived.values()) k.dispose();
+  }
+}
+

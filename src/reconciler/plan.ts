@@ -1,0 +1,243 @@
+/**
+ * Planning: a pure function from (desired volumes, observed state, boot id) to an ordered list of
+ * steps. Each step is idempotent; after a crash at any point, planning again from what is then
+ * observed gives the steps still missing (test/reconciler/apply.test.ts proves it step by step).
+ *
+ * Rules:
+ * - Volumes no longer in the manifest are torn down first (unmount, detach, close); ephemeral and
+ *   swap files are deleted, persistent ones kept (record `retired`; `cryptmap volume delete` removes them).
+ * - Ephemeral volumes and swap are made afresh (teardown, delete, create...) after a new boot id, or
+ *   when their per-boot key is no longer in memory; otherwise they are reopened where they stopped.
+ * - Persistent volumes are reopened, never reformatted: a file that exists but is not LUKS, is
+ *   damaged, went missing after it was made, or does not unlock gives a `refuse` step with a reason.
+ *   A file this agent was still creating (record `creating`) holds no data: it is deleted and remade.
+ * - mkfs runs only on a file this agent made and formatted itself, and only once.
+ * - A file at a volume's path that no record explains is refused, never deleted.
+ */
+import { join } from 'node:path';
+import type { Manifest } from './manifest.js';
+import type { VolumeProbe, VolumeTarget } from './ports.js';
+import type { StepKind, VolumeRecord } from './state.js';
+
+export interface Step {
+  kind: StepKind;
+  /** VolumeTarget.id (or a record id, for removed volumes). */
+  id: string;
+  /** Why (refuse), or what triggered a rebuild. */
+  reason?: string;
+}
+
+export interface ObservedVolume {
+  record?: VolumeRecord;
+  probe: VolumeProbe;
+  /** The per-boot key of an ephemeral volume or swap is in memory for this boot. */
+  keyAvailable: boolean;
+  /** Opening failed in this run with a key that does not unlock it (reason). */
+  unlockFailed?: string;
+}
+
+/** The volumes a manifest asks for, in manifest order (services, then swap). */
+export function desiredVolumes(m: Manifest, volumeDir: string): VolumeTarget[] {
+  const out: VolumeTarget[] = [];
+  for (const s of m.services) {
+    for (const v of s.volumes) {
+      const t: VolumeTarget = {
+        id: `scratch/${s.name}/${v.name}`,
+        kind: 'scratch',
+        service: s.name,
+        volume: v.name,
+        class: v.class,
+        path: join(volumeDir, 'scratch', s.name, `${v.name}.img`),
+        sizeBytes: v.sizeBytes,
+        filesystem: v.filesystem,
+        cipher: v.cipher,
+        keySizeBits: v.keySizeBits,
+        sectorSize: v.sectorSize,
+        mapping: `scratch:${s.name}:${v.name}`,
+      };
+      if (v.mountpoint !== undefined) t.mountpoint = v.mountpoint;
+      out.push(t);
+    }
+  }
+  for (const w of m.swap) {
+    out.push({
+      id: `swap/${w.name}`,
+      kind: 'swap',
+      service: 'swap',
+      volume: w.name,
+      class: 'ephemeral',
+      path: join(volumeDir, 'swap', `${w.name}.img`),
+      sizeBytes: w.sizeBytes,
+      filesystem: 'swap',
+      cipher: w.cipher,
+      keySizeBits: w.keySizeBits,
+      sectorSize: w.sectorSize,
+      mapping: `swap:${w.name}`,
+    });
+  }
+  return out;
+}
+
+/** Unmount, detach, close: whatever of it is currently up. */
+function volatileTeardown(id: string, p: VolumeProbe, steps: Step[]): void {
+  if (p.mounted) steps.push({ kind: 'unmount', id });
+  if (p.attached) steps.push({ kind: 'detach', id });
+  if (p.open) steps.push({ kind: 'close', id });
+}
+
+/** Everything from an empty path to a mounted volume. */
+function build(v: VolumeTarget, steps: Step[], reason?: string): void {
+  steps.push({ kind: 'createFile', id: v.id, ...(reason ? { reason } : {}) });
+  if (v.kind === 'scratch') steps.push({ kind: 'format', id: v.id });
+  steps.push({ kind: 'open', id: v.id }, { kind: 'attach', id: v.id });
+  if (v.filesystem !== 'none') steps.push({ kind: 'mkfs', id: v.id });
+  if (wantsMount(v)) steps.push({ kind: 'mount', id: v.id });
+}
+
+/** From an existing, usable file: whatever is not up yet. */
+function bringUp(v: VolumeTarget, o: ObservedVolume, steps: Step[]): void {
+  const p = o.probe;
+  const r = o.record;
+  // mkfs only on a file this agent made, once, and never under a mounted file system.
+  const mayMkfs = v.filesystem !== 'none' && r !== undefined && r.created && !r.mkfsDone && !p.mounted;
+  if (!p.open) steps.push({ kind: 'open', id: v.id });
+  if (!p.attached) steps.push({ kind: 'attach', id: v.id });
+  if (mayMkfs) steps.push({ kind: 'mkfs', id: v.id });
+  if (wantsMount(v) && !p.mounted) steps.push({ kind: 'mount', id: v.id });
+}
+
+function wantsMount(v: VolumeTarget): boolean {
+  return v.kind === 'swap' || v.mountpoint !== undefined;
+}
+
+function rebuild(v: VolumeTarget, o: ObservedVolume, steps: Step[], reason: string): void {
+  volatileTeardown(v.id, o.probe, steps);
+  if (o.probe.fileExists) steps.push({ kind: 'deleteFile', id: v.id, reason });
+  build(v, steps, reason);
+}
+
+function planEphemeral(v: VolumeTarget, o: ObservedVolume, bootId: string, steps: Step[]): void {
+  const p = o.probe;
+  const r = o.record;
+  if (!p.fileExists) {
+    if (p.open || p.attached || p.mounted) volatileTeardown(v.id, p, steps);
+    build(v, steps);
+    return;
+  }
+  if (!r) {
+    steps.push({ kind: 'refuse', id: v.id, reason: `${v.path} exists but this agent did not make it; move it away (it is never deleted automatically)` });
+    return;
+  }
+  if (r.class === 'persistent' && r.formatted) {
+    steps.push({
+      kind: 'refuse',
+      id: v.id,
+      reason: 'this volume was persistent; making it ephemeral would destroy its data. Delete it explicitly (cryptmap volume delete) first',
+    });
+    return;
+  }
+  if (r.bootId !== bootId) {
+    rebuild(v, o, steps, 'new boot');
+    return;
+  }
+  if (!o.keyAvailable) {
+    rebuild(v, o, steps, 'per-boot key no longer in memory');
+    return;
+  }
+  if (r.phase === 'creating' || !r.formatted) {
+    rebuild(v, o, steps, 'creation was interrupted');
+    return;
+  }
+  bringUp(v, o, steps);
+}
+
+function planSwap(v: VolumeTarget, o: ObservedVolume, bootId: string, steps: Step[]): void {
+  const p = o.probe;
+  const r = o.record;
+  if (!p.fileExists) {
+    if (p.open || p.attached || p.mounted) volatileTeardown(v.id, p, steps);
+    build(v, steps);
+    return;
+  }
+  if (!r) {
+    steps.push({ kind: 'refuse', id: v.id, reason: `${v.path} exists but this agent did not make it; move it away (it is never deleted automatically)` });
+    return;
+  }
+  if (r.bootId !== bootId) {
+    rebuild(v, o, steps, 'new boot');
+    return;
+  }
+  if (!o.keyAvailable) {
+    rebuild(v, o, steps, 'per-boot key no longer in memory');
+    return;
+  }
+  if (r.phase === 'creating') {
+    rebuild(v, o, steps, 'creation was interrupted');
+    return;
+  }
+  bringUp(v, o, steps);
+}
+
+function planPersistent(v: VolumeTarget, o: ObservedVolume, steps: Step[]): void {
+  const p = o.probe;
+  const r = o.record;
+  const creating = r?.created === true && (r.phase === 'creating' || !r.formatted);
+  if (!p.fileExists) {
+    if (r?.formatted && r.class === 'persistent') {
+      steps.push({ kind: 'refuse', id: v.id, reason: `${v.path} has disappeared; restore it, or run cryptmap volume delete to start afresh` });
+      return;
+    }
+    if (p.open || p.attached || p.mounted) volatileTeardown(v.id, p, steps);
+    build(v, steps);
+    return;
+  }
+  if (r !== undefined && r.class !== 'persistent' && r.created) {
+    rebuild(v, o, steps, 'was ephemeral');
+    return;
+  }
+  if (creating) {
+    rebuild(v, o, steps, 'creation was interrupted');
+    return;
+  }
+  if (p.isLuks === false) {
+    steps.push({ kind: 'refuse', id: v.id, reason: `${v.path} is not a LUKS volume (altered?); a persistent volume is never reformatted automatically` });
+    return;
+  }
+  if (p.damage !== undefined) {
+    steps.push({ kind: 'refuse', id: v.id, reason: `${v.path}: ${p.damage}; a persistent volume is never reformatted automatically` });
+    return;
+  }
+  if (o.unlockFailed !== undefined) {
+    steps.push({ kind: 'refuse', id: v.id, reason: `${v.path} does not unlock with the service's key (${o.unlockFailed})` });
+    return;
+  }
+  bringUp(v, o, steps);
+}
+
+/** Teardown of a volume the manifest no longer names. */
+function planRemoved(r: VolumeRecord, p: VolumeProbe, steps: Step[]): void {
+  volatileTeardown(r.id, p, steps);
+  // Only files this agent made, and never persistent ones.
+  if (r.class !== 'persistent' && r.created && p.fileExists) steps.push({ kind: 'deleteFile', id: r.id, reason: 'removed from the manifest' });
+}
+
+/**
+ * The steps that make `observed` match `desired`, in order: removed volumes first (so their
+ * mountpoints are free), then the desired ones in manifest order.
+ * @example plan(desiredVolumes(m, dir), observed, bootId) // [{kind:'createFile', id:'scratch/web/cache'}, ...]
+ */
+export function plan(desired: VolumeTarget[], observed: ReadonlyMap<string, ObservedVolume>, bootId: string): Step[] {
+  const steps: Step[] = [];
+  const wanted = new Set(desired.map((v) => v.id));
+  for (const [id, o] of observed) {
+    if (wanted.has(id) || o.record === undefined) continue;
+    planRemoved(o.record, o.probe, steps);
+  }
+  for (const v of desired) {
+    const o = observed.get(v.id) ?? { probe: { fileExists: false, open: false, attached: false, mounted: false }, keyAvailable: false };
+    if (v.kind === 'swap') planSwap(v, o, bootId, steps);
+    else if (v.class === 'ephemeral') planEphemeral(v, o, bootId, steps);
+    else planPersistent(v, o, steps);
+  }
+  return steps;
+}

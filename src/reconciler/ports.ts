@@ -1,0 +1,127 @@
+/**
+ * The ports the apply loop drives: everything that touches files, LUKS, mappings, NBD, file systems
+ * and the key service sits behind these interfaces, so the reconciler is tested now with fakes and
+ * wired to the real data path (activate, luks, dm, nbd) by the agent later.
+ *
+ * Contract for implementers (each operation must be idempotent or fail cleanly):
+ * - createFile: make the sparse backing file (parent directories too). Fails if the file exists.
+ * - deleteFile: remove the backing file; succeeds if it is already gone.
+ * - format: write a LUKS2 header using `key` as the passphrase of keyslot 0 with the cheapest PBKDF
+ *   cryptsetup accepts (the key is 256 bits of uniform randomness or HKDF output, so no stretching
+ *   is needed: pbkdf2, 1000 iterations), cipher/keySizeBits/sectorSize from the target; data area
+ *   `sizeBytes`. On failure nothing must be half-open; the apply loop deletes the file of a new volume.
+ * - open: unlock keyslot with `key` and set up the mapping. A key that does not unlock must throw a
+ *   CryptmapError with code `EUNLOCK`. Opening an already open mapping succeeds.
+ * - openPlain (swap): a plain dm-crypt mapping with `key` (no header, nothing written).
+ * - close, detach, unmount: succeed if already done.
+ * - attach: serve the mapping (NBD export; kernel device where possible) and say where.
+ * - mkfs: make `filesystem` (or mkswap when it is `swap`) on the open mapping.
+ * - mount: mount at `mountpoint` (or swapon for swap; refusing with a clear error where unsafe).
+ * - probe: what is true right now. `damage` reports a backing file that was altered or truncated
+ *   (size smaller than the LUKS data segment, unreadable header): the reconciler refuses it.
+ */
+import type { DeriveRequest } from '../keyservice/derive.js';
+import type { Secret } from '../util/secret.js';
+import type { Filesystem, VolumeClass } from './manifest.js';
+
+export type TargetKind = 'scratch' | 'swap';
+
+/** One volume the manifest asks for, with everything a port needs. */
+export interface VolumeTarget {
+  /** `scratch/<service>/<volume>` or `swap/<name>`: unique, stable, the state key. */
+  id: string;
+  kind: TargetKind;
+  /** Service name (scratch) or `swap`. */
+  service: string;
+  /** Volume name (scratch) or the swap entry's name. */
+  volume: string;
+  class: VolumeClass;
+  /** Backing file. */
+  path: string;
+  /** Usable size (the data area). */
+  sizeBytes: number;
+  filesystem: Filesystem | 'swap';
+  mountpoint?: string;
+  cipher: string;
+  keySizeBits: number;
+  sectorSize: number;
+  /** Name of the mapping and of its NBD export, e.g. `scratch:web:cache`. */
+  mapping: string;
+}
+
+export interface VolumeProbe {
+  fileExists: boolean;
+  fileBytes?: number;
+  /** A LUKS header is present (meaningful when fileExists). */
+  isLuks?: boolean;
+  /** Why the file cannot be trusted (truncated, header damaged), if so. */
+  damage?: string;
+  open: boolean;
+  attached: boolean;
+  /** Mounted (swap: swapped on). */
+  mounted: boolean;
+}
+
+export interface AttachInfo {
+  /** e.g. `nbd+unix:///scratch:web:cache?socket=/run/cryptmap/nbd.sock` */
+  nbdUri?: string;
+  /** A kernel block device, when attached through one (loop over nbdfuse, or /dev/nbdN). */
+  device?: string;
+  /** A note for the status (e.g. "served over NBD only: not root"). */
+  note?: string;
+}
+
+export interface VolumePorts {
+  probe(v: VolumeTarget): Promise<VolumeProbe>;
+  createFile(v: VolumeTarget): Promise<void>;
+  deleteFile(v: VolumeTarget): Promise<void>;
+  format(v: VolumeTarget, key: Secret): Promise<void>;
+  open(v: VolumeTarget, key: Secret): Promise<void>;
+  openPlain(v: VolumeTarget, key: Secret): Promise<void>;
+  close(v: VolumeTarget): Promise<void>;
+  attach(v: VolumeTarget): Promise<AttachInfo>;
+  detach(v: VolumeTarget): Promise<void>;
+  mkfs(v: VolumeTarget): Promise<void>;
+  mount(v: VolumeTarget): Promise<void>;
+  unmount(v: VolumeTarget): Promise<void>;
+}
+
+/** The key service as the reconciler sees it (a KeyClient fits). */
+export interface KeyPort {
+  deriveKey(req: DeriveRequest): Promise<Secret>;
+}
+
+/**
+ * Per-boot random keys of ephemeral volumes and swap. Held in memory (or on a tmpfs that does not
+ * survive reboot); never on persistent storage. Keyed by (volume id, boot id).
+ */
+export interface EphemeralKeyStore {
+  get(id: string, bootId: string): Secret | undefined;
+  put(id: string, bootId: string, key: Secret): void;
+  drop(id: string): void;
+}
+
+/** The default store: process memory only. Keys die with the process or the boot. */
+export class MemoryKeyStore implements EphemeralKeyStore {
+  readonly #keys = new Map<string, { bootId: string; key: Secret }>();
+
+  get(id: string, bootId: string): Secret | undefined {
+    const e = this.#keys.get(id);
+    return e && e.bootId === bootId && !e.key.disposed ? e.key : undefined;
+  }
+
+  put(id: string, bootId: string, key: Secret): void {
+    this.drop(id);
+    this.#keys.set(id, { bootId, key });
+  }
+
+  drop(id: string): void {
+    this.#keys.get(id)?.key.dispose();
+    this.#keys.delete(id);
+  }
+
+  /** Wipe every key (agent shutdown). */
+  clear(): void {
+    for (const id of [...this.#keys.keys()]) this.drop(id);
+  }
+}
