@@ -211,6 +211,8 @@ export function inprocKeyClient(service: KeyService, identity = 'local'): KeyCli
 }
 
 export interface ConnectOptions {
+  /** Unix socket only: the client token, or a 0600 file holding it. */
+  token?: string;
   tokenFile?: string;
   tlsCert?: string;
   tlsKey?: string;
@@ -226,7 +228,7 @@ export interface ConnectOptions {
 export function connectKeyService(address: string, opts: ConnectOptions = {}): KeyClient {
   if (address.startsWith('unix:') || address.startsWith('/')) {
     const socketPath = address.startsWith('unix:') ? address.slice(5) : address;
-    return unixKeyClient({ socketPath, tokenFile: opts.tokenFile, timeoutMs: opts.timeoutMs });
+    return unixKeyClient({ socketPath, token: opts.token, tokenFile: opts.tokenFile, timeoutMs: opts.timeoutMs });
   }
   if (address.startsWith('https://')) {
     if (!opts.tlsCert || !opts.tlsKey || !opts.tlsCa) {
