@@ -13,7 +13,9 @@
  *   - the key schedule lives in EVP contexts owned by a handle (an N-API external); dispose frees them
  *     (OpenSSL clears cipher contexts on free) and cleanses our key copy. Each concurrent run takes a
  *     context set from a small per-key free list, so requests on one key can run on several threads;
- *   - async runs go to the libuv thread pool (napi async work): no copies, buffers pinned by refs.
+ *   - async runs go to our own crypt thread pool (like dm-crypt's kcryptd workqueue; size settable,
+ *     default the CPU count), completions come back through a thread-safe function: no copies,
+ *     buffers pinned by references until the promise settles.
  */
 #define NAPI_VERSION 8
 #define _GNU_SOURCE
@@ -531,47 +533,153 @@ static napi_value cipher_run(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-typedef struct {
-  napi_async_work work;
+/*
+ * The crypt thread pool (dm-crypt's kcryptd): a fixed set of worker threads per Node environment,
+ * a FIFO of requests, and completions delivered to the JS thread through a thread-safe function.
+ * Requests queue when all threads are busy, so a pool of N threads stays saturated with more than N
+ * requests in flight. Its size is settable (setPoolThreads) and defaults to the online CPU count.
+ */
+#define MAX_POOL_THREADS 256
+
+typedef struct job {
+  struct job *next;
   napi_deferred deferred;
   napi_ref h_ref, src_ref, dst_ref;
   run_args r;
   int ok;
 } job;
 
-static void job_execute(napi_env env, void *data) {
-  (void)env;
-  job *j = data;
-  j->ok = run(j->r.k, j->r.enc, j->r.src, j->r.dst, j->r.count, j->r.s, j->r.step);
-}
+typedef struct {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  job *head, *tail;
+  pthread_t th[MAX_POOL_THREADS];
+  int started, want, stop;
+  napi_threadsafe_function tsfn;
+  long inflight; /* JS thread only */
+} pool_t;
 
-static void job_complete(napi_env env, napi_status status, void *data) {
-  job *j = data;
+typedef struct {
+  pool_t *pool;
+  int index;
+} worker_arg;
+
+static void job_finish(napi_env env, job *j) {
   cm_key *k = j->r.k;
   k->inflight--;
   if (k->disposed && k->inflight == 0) key_destroy(k);
   napi_value v;
-  if (status == napi_ok && j->ok) {
+  if (j->ok) {
     napi_get_undefined(env, &v);
     napi_resolve_deferred(env, j->deferred, v);
   } else {
     napi_value code, msg;
     napi_create_string_utf8(env, "ENATIVE", NAPI_AUTO_LENGTH, &code);
-    napi_create_string_utf8(env, status == napi_cancelled ? "sector cipher work cancelled" : "OpenSSL cipher operation failed", NAPI_AUTO_LENGTH, &msg);
+    napi_create_string_utf8(env, "OpenSSL cipher operation failed", NAPI_AUTO_LENGTH, &msg);
     napi_create_error(env, code, msg, &v);
     napi_reject_deferred(env, j->deferred, v);
   }
   napi_delete_reference(env, j->h_ref);
   napi_delete_reference(env, j->src_ref);
   napi_delete_reference(env, j->dst_ref);
-  napi_delete_async_work(env, j->work);
   free(j);
+}
+
+/* On the JS thread: one completed job. */
+static void pool_call_js(napi_env env, napi_value js_cb, void *context, void *data) {
+  (void)js_cb;
+  pool_t *p = context;
+  job *j = data;
+  if (env == NULL || j == NULL) return; /* environment shutting down */
+  job_finish(env, j);
+  if (--p->inflight == 0) napi_unref_threadsafe_function(env, p->tsfn);
+}
+
+static void *pool_worker(void *arg) {
+  worker_arg *wa = arg;
+  pool_t *p = wa->pool;
+  int idx = wa->index;
+  free(wa);
+  for (;;) {
+    pthread_mutex_lock(&p->mu);
+    while (!p->stop && (p->head == NULL || idx >= p->want)) pthread_cond_wait(&p->cv, &p->mu);
+    if (p->stop) {
+      pthread_mutex_unlock(&p->mu);
+      return NULL;
+    }
+    job *j = p->head;
+    p->head = j->next;
+    if (!p->head) p->tail = NULL;
+    pthread_mutex_unlock(&p->mu);
+    j->ok = run(j->r.k, j->r.enc, j->r.src, j->r.dst, j->r.count, j->r.s, j->r.step);
+    napi_call_threadsafe_function(p->tsfn, j, napi_tsfn_nonblocking);
+  }
+}
+
+static void pool_cleanup(void *arg) {
+  pool_t *p = arg;
+  pthread_mutex_lock(&p->mu);
+  p->stop = 1;
+  pthread_cond_broadcast(&p->cv);
+  pthread_mutex_unlock(&p->mu);
+  for (int i = 0; i < p->started; i++) pthread_join(p->th[i], NULL);
+  /* Jobs never run are abandoned with the environment; their buffers belong to it. */
+  while (p->head) {
+    job *n = p->head->next;
+    free(p->head);
+    p->head = n;
+  }
+  pthread_cond_destroy(&p->cv);
+  pthread_mutex_destroy(&p->mu);
+  free(p);
+}
+
+static pool_t *get_pool(napi_env env) {
+  pool_t *p = NULL;
+  if (napi_get_instance_data(env, (void **)&p) == napi_ok && p) return p;
+  p = calloc(1, sizeof *p);
+  if (!p) return NULL;
+  pthread_mutex_init(&p->mu, NULL);
+  pthread_cond_init(&p->cv, NULL);
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  p->want = n < 1 ? 1 : n > MAX_POOL_THREADS ? MAX_POOL_THREADS : (int)n;
+  napi_value name;
+  napi_create_string_utf8(env, "cryptmap.cryptPool", NAPI_AUTO_LENGTH, &name);
+  if (napi_create_threadsafe_function(env, NULL, NULL, name, 0, 1, NULL, NULL, p, pool_call_js, &p->tsfn) != napi_ok) {
+    free(p);
+    return NULL;
+  }
+  napi_unref_threadsafe_function(env, p->tsfn);
+  napi_set_instance_data(env, p, NULL, NULL);
+  napi_add_env_cleanup_hook(env, pool_cleanup, p);
+  return p;
+}
+
+/* Start threads up to p->want (JS thread). Returns 0 when none could be started. */
+static int pool_grow(pool_t *p) {
+  while (p->started < p->want) {
+    worker_arg *wa = malloc(sizeof *wa);
+    if (!wa) break;
+    wa->pool = p;
+    wa->index = p->started;
+    if (pthread_create(&p->th[p->started], NULL, pool_worker, wa) != 0) {
+      free(wa);
+      break;
+    }
+    p->started++;
+  }
+  return p->started > 0;
 }
 
 static napi_value cipher_run_async(napi_env env, napi_callback_info info) {
   napi_value a[8];
   run_args r;
   if (!parse_run(env, info, a, &r)) return NULL;
+  pool_t *p = get_pool(env);
+  if (!p || !pool_grow(p)) {
+    napi_throw_error(env, "ENATIVE", "cannot start the crypt thread pool");
+    return NULL;
+  }
   napi_value promise;
   job *j = calloc(1, sizeof *j);
   if (!j) {
@@ -579,20 +687,44 @@ static napi_value cipher_run_async(napi_env env, napi_callback_info info) {
     return NULL;
   }
   j->r = r;
-  napi_value name;
   CHECK(env, napi_create_promise(env, &j->deferred, &promise));
   CHECK(env, napi_create_reference(env, a[0], 1, &j->h_ref));
   CHECK(env, napi_create_reference(env, a[2], 1, &j->src_ref));
   CHECK(env, napi_create_reference(env, a[3], 1, &j->dst_ref));
-  CHECK(env, napi_create_string_utf8(env, "cryptmap.sectorCipher", NAPI_AUTO_LENGTH, &name));
-  CHECK(env, napi_create_async_work(env, NULL, name, job_execute, job_complete, j, &j->work));
   r.k->inflight++;
-  if (napi_queue_async_work(env, j->work) != napi_ok) {
-    r.k->inflight--;
-    napi_throw_error(env, "ENATIVE", "napi_queue_async_work failed");
+  if (p->inflight++ == 0) napi_ref_threadsafe_function(env, p->tsfn);
+  pthread_mutex_lock(&p->mu);
+  if (p->tail) p->tail->next = j;
+  else p->head = j;
+  p->tail = j;
+  pthread_cond_signal(&p->cv);
+  pthread_mutex_unlock(&p->mu);
+  return promise;
+}
+
+/* setPoolThreads(n): how many pool threads take requests (1..256). Returns the previous value. */
+static napi_value set_pool_threads(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value a[1];
+  CHECK(env, napi_get_cb_info(env, info, &argc, a, NULL, NULL));
+  int32_t n;
+  if (argc < 1 || napi_get_value_int32(env, a[0], &n) != napi_ok || n < 1 || n > MAX_POOL_THREADS) {
+    napi_throw_range_error(env, "EINVAL", "setPoolThreads: 1..256 threads");
     return NULL;
   }
-  return promise;
+  pool_t *p = get_pool(env);
+  if (!p) {
+    napi_throw_error(env, "ENATIVE", "cannot create the crypt thread pool");
+    return NULL;
+  }
+  int prev = p->want;
+  pthread_mutex_lock(&p->mu);
+  p->want = n;
+  pthread_cond_broadcast(&p->cv);
+  pthread_mutex_unlock(&p->mu);
+  napi_value out;
+  CHECK(env, napi_create_int32(env, prev, &out));
+  return out;
 }
 
 static napi_value cipher_dispose(napi_env env, napi_callback_info info) {
@@ -745,6 +877,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"cipherRunAsync", NULL, cipher_run_async, NULL, NULL, NULL, napi_enumerable, NULL},
       {"cipherDispose", NULL, cipher_dispose, NULL, NULL, NULL, napi_enumerable, NULL},
       {"setXtsImpl", NULL, set_xts_impl, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"setPoolThreads", NULL, set_pool_threads, NULL, NULL, NULL, napi_enumerable, NULL},
       {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_enumerable, NULL},
       {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_enumerable, NULL},
       {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_enumerable, NULL},

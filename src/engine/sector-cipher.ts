@@ -11,6 +11,7 @@ import { parseCipherSpec, checkKeyBytes } from '../crypto/cipher-spec.js';
 import { BACKENDS, type BackendName, defaultBackend, type SectorRun, type SectorTransform } from '../crypto/backends/index.js';
 import { IV_GENERATORS, type IvInstance } from '../crypto/iv/index.js';
 import { CryptmapError } from '../util/errors.js';
+import { loadNative } from '../util/native.js';
 import type { SectorBytes, SectorCipher, SectorCipherOptions } from './types.js';
 
 const U64_MAX = 0xffffffffffffffffn;
@@ -168,6 +169,17 @@ class Engine implements SectorCipher {
   toJSON(): Record<string, unknown> {
     return { spec: this.spec, sectorBytes: this.sectorBytes, keyBytes: this.keyBytes, backend: this.backend };
   }
+}
+
+/**
+ * Set how many threads of the native crypt pool take async requests (default: the CPU count).
+ * Process-wide, like dm-crypt's kcryptd workqueue. Returns the previous value, or 0 when the native
+ * addon is not loaded (the js backend runs async requests inline).
+ */
+export function setCryptThreads(n: number): number {
+  if (!Number.isSafeInteger(n) || n < 1 || n > 256) throw new CryptmapError('EINVAL', `crypt threads must be 1..256, not ${n}`);
+  const addon = loadNative();
+  return addon === null ? 0 : addon.setPoolThreads(n);
 }
 
 /**

@@ -26,7 +26,7 @@ export interface NativeAddon {
   cipherCreate(chain: number, key: Uint8Array, ivMode: number, ivKey: Uint8Array | null, sectorBytes: number): NativeKeyHandle;
   /** Transform `count` sectors from src to dst (same length; the same bytes or disjoint). */
   cipherRun(h: NativeKeyHandle, encrypt: boolean, src: Uint8Array, dst: Uint8Array, count: number, ivLo: number, ivHi: number, ivStep: number): void;
-  /** The same on the libuv thread pool; resolves when done. */
+  /** The same on the addon's crypt thread pool (see setPoolThreads); resolves when done. */
   cipherRunAsync(h: NativeKeyHandle, encrypt: boolean, src: Uint8Array, dst: Uint8Array, count: number, ivLo: number, ivHi: number, ivStep: number): Promise<void>;
   /** Wipe and free the key schedule (deferred until in-flight async runs finish). Idempotent. */
   cipherDispose(h: NativeKeyHandle): void;
@@ -36,6 +36,11 @@ export interface NativeAddon {
    * A choice that cannot serve the key falls back to the next one (equal halves: own).
    */
   setXtsImpl(h: NativeKeyHandle, impl: number): void;
+  /**
+   * Number of crypt pool threads that take requests (1..256; default: online CPUs). Process-wide
+   * (per Node environment), like dm-crypt's kcryptd. Returns the previous value.
+   */
+  setPoolThreads(n: number): number;
   /** fallocate(PUNCH_HOLE | KEEP_SIZE); throws an Error with `code` = errno name on failure. */
   punchHole(fd: number, offsetBytes: number, lengthBytes: number): void;
   /** lseek(SEEK_DATA); -1 on ENXIO (no data at or after offset); throws on other errors. */

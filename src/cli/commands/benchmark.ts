@@ -5,8 +5,8 @@
  *   cryptmap benchmark [--cipher SPEC] [--key-size BITS] [--sector-size 512|1024|2048|4096]
  *                      [--threads N] [--json] [--seconds S]
  *
- * `--cipher aes-xts` means aes-xts-plain64 (an IV mode is added when missing). `--threads N` keeps N
- * requests in flight on the thread pool (default 1: the calling thread). `--json` prints an array of
+ * `--cipher aes-xts` means aes-xts-plain64 (an IV mode is added when missing). `--threads N` runs the
+ * requests on a crypt pool of N threads (default 1: the calling thread). `--json` prints an array of
  * {cipher, keyBits, sectorSize, threads, encryptMBps, decryptMBps}. MB/s are 10^6 bytes per second.
  */
 import { parseArgs } from 'node:util';
@@ -27,7 +27,7 @@ In-memory encryption and decryption throughput of dm-crypt sector ciphers (MB/s 
   --cipher SPEC       e.g. aes-xts-plain64, aes-cbc-essiv:sha256 (aes-xts means aes-xts-plain64)
   --key-size BITS     key size in bits (default: 512 for xts, 256 otherwise)
   --sector-size N     512 (default), 1024, 2048 or 4096
-  --threads N         requests in flight on the thread pool (default 1: the calling thread)
+  --threads N         crypt pool threads (default 1: the calling thread)
   --seconds S         time per direction (default 0.15)
   --json              print a JSON array instead of the table
 Backend: CRYPTMAP_CRYPTO_BACKEND=native|js forces one.
@@ -65,8 +65,6 @@ const benchmark: VerbMain = async (argv, io) => {
   if (threads < 1) throw new CryptmapError('EINVAL', '--threads must be at least 1');
   const seconds = values.seconds === undefined ? 0.15 : Number(values.seconds);
   if (!Number.isFinite(seconds) || seconds <= 0 || seconds > 60) throw new CryptmapError('EINVAL', `--seconds '${values.seconds}': a number of seconds in (0, 60] expected`);
-  // libuv sizes its pool (default 4) on first use; make room for more requests in flight.
-  if (threads > 4 && io.env.UV_THREADPOOL_SIZE === undefined) process.env.UV_THREADPOOL_SIZE = String(Math.min(threads, 1024));
 
   let configs: [string, number][];
   if (values.cipher !== undefined) {
