@@ -1,0 +1,170 @@
+// Malformed LUKS2 headers, generated at test time from a valid image that cryptsetup makes, after the
+// categories of cryptsetup's tests/generators + tests/luks2-validation-test (R = must load, F = must be
+// rejected, never crash). Every case is also run through the real `cryptsetup luksDump` as the
+// oracle, and cryptmap must agree with both the expectation and the oracle.
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { chmodSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Readable, Writable } from 'node:stream';
+import { after, before, test } from 'node:test';
+import { main } from '../../src/cli/main.js';
+
+// biome-ignore lint/suspicious/noExplicitAny: test mutations poke at arbitrary JSON
+type J = Record<string, any>;
+type Case = { name: string; expect: 'R' | 'F'; json?: (j: J) => void; raw?: (img: Buffer) => void; text?: (t: string) => Buffer; keepHdr1?: boolean };
+
+const MD = 16384;
+let dir = '';
+let base: Buffer;
+
+function rechecksum(img: Buffer, off: number): void {
+  img.fill(0, off + 448, off + 512);
+  const h = createHash('sha256').update(img.subarray(off, off + 4096)).update(img.subarray(off + 4096, off + MD)).digest();
+  h.copy(img, off + 448);
+}
+function setJson(img: Buffer, off: number, text: Buffer): void {
+  img.fill(0, off + 4096, off + MD);
+  text.copy(img, off + 4096, 0, Math.min(text.length, MD - 4096));
+  rechecksum(img, off);
+}
+function jsonOf(img: Buffer, off: number): J {
+  const a = img.subarray(off + 4096, off + MD);
+  return JSON.parse(a.subarray(0, a.indexOf(0)).toString());
+}
+
+const seg = (j: J) => j.segments['0'];
+const CASES: Case[] = [
+  { name: 'invalid-checksum-hdr0', expect: 'R', raw: (b) => (b[448]! ^= 1), keepHdr1: true },
+  { name: 'invalid-checksum-hdr1', expect: 'R', raw: (b) => (b[MD + 448]! ^= 1), keepHdr1: true },
+  { name: 'invalid-checksum-both-hdrs', expect: 'F', raw: (b) => {
+      b[448]! ^= 1;
+      b[MD + 448]! ^= 1;
+    }, keepHdr1: true },
+  { name: 'corrupted-hdr0-with-correct-chks', expect: 'R', text: () => Buffer.from('{"keyslots":'), keepHdr1: true },
+  { name: 'pbkdf2-leftover-params', expect: 'R', json: (j) => Object.assign(j.keyslots['0'].kdf, { time: 4, memory: 1024 }) },
+  { name: 'argon2-leftover-params', expect: 'R', json: (j) => Object.assign(j.keyslots['2'].kdf, { hash: 'sha256', iterations: 1000 }) },
+  { name: 'non-null-byte-beyond-json0', expect: 'F', text: (t) => Buffer.from(`${t}X`) },
+  { name: 'non-null-bytes-beyond-json0', expect: 'F', text: (t) => Buffer.concat([Buffer.from(t), Buffer.alloc(100), Buffer.from('junk')]) },
+  { name: 'missing-trailing-null-byte-json0', expect: 'F', text: (t) => Buffer.from(t.padEnd(MD - 4096, ' ')) },
+  { name: 'invalid-opening-char-json0', expect: 'F', text: (t) => Buffer.from(` ${t}`) },
+  { name: 'invalid-object-type-json0', expect: 'F', json: (j) => (j.keyslots = []) },
+  { name: 'overlapping-areas-c0', expect: 'F', json: (j) => (j.keyslots['1'].area.offset = j.keyslots['0'].area.offset) },
+  { name: 'overlapping-areas-c1', expect: 'F', json: (j) => (j.keyslots['1'].area.offset = String(Number(j.keyslots['0'].area.offset) + 4096)) },
+  { name: 'area-in-json-hdr-space', expect: 'F', json: (j) => (j.keyslots['0'].area.offset = '16384') },
+  { name: 'missing-keyslot-referenced-in-digest', expect: 'F', json: (j) => j.digests['0'].keyslots.push('7') },
+  { name: 'missing-segment-referenced-in-digest', expect: 'F', json: (j) => j.digests['0'].segments.push('3') },
+  { name: 'missing-keyslot-referenced-in-token', expect: 'F', json: (j) => (j.tokens['0'] = { type: 'x', keyslots: ['5'] }) },
+  { name: 'keyslot-missing-digest', expect: 'F', json: (j) => (j.digests['0'].keyslots = ['0', '2']) },
+  { name: 'keyslot-too-many-digests', expect: 'F', json: (j) => (j.digests['1'] = structuredClone(j.digests['0'])) },
+  { name: 'uint64-max-segment-size', expect: 'R', json: (j) => (seg(j).size = '18446744073709551104') },
+  { name: 'uint64-overflow-segment-size', expect: 'F', json: (j) => (seg(j).size = '18446744073709551616') },
+  { name: 'uint64-signed-segment-size', expect: 'F', json: (j) => (seg(j).size = '-512') },
+  { name: 'segment-missing-type', expect: 'F', json: (j) => delete seg(j).type },
+  { name: 'segment-wrong-type', expect: 'F', json: (j) => (seg(j).type = 42) },
+  { name: 'segment-missing-offset', expect: 'F', json: (j) => delete seg(j).offset },
+  { name: 'segment-wrong-offset', expect: 'F', json: (j) => (seg(j).offset = '4194305') },
+  { name: 'segment-missing-size', expect: 'F', json: (j) => delete seg(j).size },
+  { name: 'segment-wrong-size-0', expect: 'F', json: (j) => (seg(j).size = '0') },
+  { name: 'segment-wrong-size-1', expect: 'F', json: (j) => (seg(j).size = '511') },
+  { name: 'segment-wrong-size-2', expect: 'F', json: (j) => (seg(j).size = '1024x') },
+  { name: 'segment-crypt-missing-encryption', expect: 'F', json: (j) => delete seg(j).encryption },
+  { name: 'segment-crypt-wrong-encryption', expect: 'F', json: (j) => (seg(j).encryption = {}) },
+  { name: 'segment-crypt-empty-encryption', expect: 'F', json: (j) => (seg(j).encryption = '') },
+  { name: 'segment-crypt-missing-ivoffset', expect: 'F', json: (j) => delete seg(j).iv_tweak },
+  { name: 'segment-crypt-wrong-ivoffset', expect: 'F', json: (j) => (seg(j).iv_tweak = '-1') },
+  { name: 'segment-crypt-missing-sectorsize', expect: 'F', json: (j) => delete seg(j).sector_size },
+  { name: 'segment-crypt-wrong-sectorsize-0', expect: 'F', json: (j) => (seg(j).sector_size = 0) },
+  { name: 'segment-crypt-wrong-sectorsize-1', expect: 'F', json: (j) => (seg(j).sector_size = 1000) },
+  { name: 'segment-crypt-wrong-sectorsize-2', expect: 'F', json: (j) => (seg(j).sector_size = '512') },
+  {
+    name: 'segment-unknown-type',
+    expect: 'R',
+    json: (j) => {
+      j.segments['0'] = { type: 'some', offset: seg(j).offset, size: 'dynamic' };
+    },
+  },
+  {
+    name: 'segment-two',
+    expect: 'R',
+    json: (j) => {
+      seg(j).size = '1048576';
+      j.segments['1'] = { ...structuredClone(seg(j)), offset: String(Number(seg(j).offset) + 1048576), size: 'dynamic' };
+      j.digests['0'].segments.push('1');
+    },
+  },
+  { name: 'segment-wrong-flags', expect: 'F', json: (j) => (seg(j).flags = 'flag') },
+  { name: 'segment-wrong-flags-element', expect: 'F', json: (j) => (seg(j).flags = [1]) },
+  { name: 'segment-wrong-backup-key-0', expect: 'F', json: (j) => (j.segments['2'] = { ...structuredClone(seg(j)), flags: ['backup-final'] }) },
+  { name: 'invalid-keyslots-size-c0', expect: 'F', json: (j) => (j.config.keyslots_size = '8388608') },
+  { name: 'invalid-keyslots-size-c1', expect: 'F', json: (j) => (j.config.keyslots_size = '4161537') },
+  { name: 'invalid-keyslots-size-c2', expect: 'F', json: (j) => (j.config.keyslots_size = '4096') },
+  { name: 'invalid-json-size-c0', expect: 'F', json: (j) => (j.config.json_size = 'big') },
+  { name: 'invalid-json-size-c2', expect: 'F', json: (j) => (j.config.json_size = '28672') },
+  { name: 'invalid-tokens', expect: 'F', json: (j) => (j.tokens = { '0': { type: '', keyslots: [] } }) },
+  { name: 'invalid-top-objects', expect: 'F', json: (j) => delete j.digests },
+  { name: 'keyslot-invalid-area', expect: 'F', json: (j) => (j.keyslots['0'].area.type = 'cooked') },
+  { name: 'keyslot-invalid-area-size', expect: 'F', json: (j) => (j.keyslots['0'].area.size = '18446744073709551615') },
+  { name: 'keyslot-invalid-objects', expect: 'F', json: (j) => (j.keyslots['0'].kdf = 'pbkdf2') },
+  { name: 'keyslot-invalid-af', expect: 'F', json: (j) => (j.keyslots['0'].af.type = 'luks2') },
+];
+
+class Sink extends Writable {
+  override _write(_c: Buffer, _e: string, cb: () => void) {
+    cb();
+  }
+}
+
+function build(c: Case): Buffer {
+  const img = Buffer.from(base);
+  if (c.raw) c.raw(img);
+  if (c.json || c.text) {
+    const j = jsonOf(img, 0);
+    let text: Buffer;
+    if (c.json) {
+      c.json(j);
+      text = Buffer.from(JSON.stringify(j));
+    } else text = c.text!(JSON.stringify(j));
+    setJson(img, 0, text);
+  }
+  if (!c.keepHdr1) Buffer.from('VACUUM').copy(img, MD); // kill the secondary so the mangled primary is all there is
+  return img;
+}
+
+before(() => {
+  if (spawnSync('sh', ['-c', 'command -v cryptsetup']).status !== 0) assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin');
+  dir = mkdtempSync(join(tmpdir(), 'cryptmap-gen-'));
+  chmodSync(dir, 0o700);
+  const img = join(dir, 'valid.img');
+  writeFileSync(img, '');
+  truncateSync(img, 6 << 20);
+  const key = join(dir, 'key');
+  writeFileSync(key, 'valid', { mode: 0o600 });
+  const cs = (...a: string[]) => assert.equal(spawnSync('cryptsetup', a).status, 0, `cryptsetup ${a.join(' ')}`);
+  cs('luksFormat', '--batch-mode', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-size', '256', '--sector-size', '512', '--offset', '8192', '--key-file', key, img);
+  cs('luksAddKey', '--batch-mode', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, '--new-keyfile', key, img);
+  cs('luksAddKey', '--batch-mode', '--pbkdf', 'argon2id', '--pbkdf-force-iterations', '4', '--pbkdf-memory', '32768', '--pbkdf-parallel', '1', '--key-file', key, '--new-keyfile', key, img);
+  base = readFileSync(img);
+});
+after(() => rmSync(dir, { recursive: true, force: true }));
+
+test('cryptmap accepts and rejects mutated headers as cryptsetup does', async () => {
+  const mismatches: string[] = [];
+  for (const c of CASES) {
+    const img = build(c);
+    const ours = join(dir, `${c.name}.img`);
+    const theirs = join(dir, `${c.name}.oracle.img`);
+    writeFileSync(ours, img);
+    writeFileSync(theirs, img);
+    const code = await main(['luksDump', ours], { stdin: Readable.from([]) as unknown as NodeJS.ReadableStream, stdout: new Sink(), stderr: new Sink(), env: {} });
+    const oracle = spawnSync('cryptsetup', ['luksDump', theirs]).status;
+    const got = code === 0 ? 'R' : 'F';
+    const cs = oracle === 0 ? 'R' : 'F';
+    if (got !== c.expect || cs !== c.expect) mismatches.push(`${c.name}: expected ${c.expect}, cryptmap ${got}, cryptsetup ${cs}`);
+    rmSync(ours);
+    rmSync(theirs);
+  }
+  assert.deepEqual(mismatches, []);
+});
