@@ -195,10 +195,12 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
   };
 
   /** Adopt a persistent volume found without a record (a copy from another node). */
-  const recordFor = (t: VolumeTarget): VolumeRecord => {
+  const recordFor = async (t: VolumeTarget): Promise<VolumeRecord> => {
     let r = state.volumes[t.id];
     if (!r) {
       r = { ...newRecord(t), phase: 'formatted', created: false, formatted: true };
+      const bytes = (await ports.probe(t)).fileBytes;
+      if (bytes !== undefined) r.fileBytes = bytes;
       state.volumes[t.id] = r;
     }
     return r;
@@ -238,6 +240,9 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
           await rollback(t);
           throw e;
         }
+        const made = state.volumes[t.id]!;
+        const bytes = (await ports.probe(t)).fileBytes;
+        if (bytes !== undefined) made.fileBytes = bytes;
         touch('createFile');
         await save();
         return;
@@ -283,7 +288,7 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
             }
             throw e;
           }
-          const r = recordFor(t);
+          const r = await recordFor(t);
           r.bootId = bootId;
         } else {
           const key = ephemeralKeys.get(t.id, bootId);

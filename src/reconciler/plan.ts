@@ -9,7 +9,8 @@
  * - Ephemeral volumes and swap are made afresh (teardown, delete, create...) after a new boot id, or
  *   when their per-boot key is no longer in memory; otherwise they are reopened where they stopped.
  * - Persistent volumes are reopened, never reformatted: a file that exists but is not LUKS, is
- *   damaged, went missing after it was made, or does not unlock gives a `refuse` step with a reason.
+ *   damaged or truncated, went missing after it was made, or does not unlock gives a `refuse` step
+ *   with a reason. An ephemeral volume altered within its boot is refused too (remade next boot).
  *   A file this agent was still creating (record `creating`) holds no data: it is deleted and remade.
  * - mkfs runs only on a file this agent made and formatted itself, and only once.
  * - A file at a volume's path that no record explains is refused, never deleted.
@@ -116,6 +117,12 @@ function rebuild(v: VolumeTarget, o: ObservedVolume, steps: Step[], reason: stri
   build(v, steps, reason);
 }
 
+/** The file is smaller than when it was made or adopted. */
+function truncation(r: VolumeRecord | undefined, p: VolumeProbe): string | undefined {
+  if (r?.fileBytes === undefined || p.fileBytes === undefined || p.fileBytes >= r.fileBytes) return undefined;
+  return `file is truncated (${p.fileBytes} bytes, was ${r.fileBytes})`;
+}
+
 function planEphemeral(v: VolumeTarget, o: ObservedVolume, bootId: string, steps: Step[]): void {
   const p = o.probe;
   const r = o.record;
@@ -146,6 +153,11 @@ function planEphemeral(v: VolumeTarget, o: ObservedVolume, bootId: string, steps
   }
   if (r.phase === 'creating' || !r.formatted) {
     rebuild(v, o, steps, 'creation was interrupted');
+    return;
+  }
+  const damage = p.damage ?? truncation(r, p) ?? (p.isLuks === false ? 'not a LUKS volume any more' : undefined);
+  if (damage !== undefined) {
+    steps.push({ kind: 'refuse', id: v.id, reason: `${v.path}: ${damage} (altered by someone else?); it will be remade after the next boot` });
     return;
   }
   bringUp(v, o, steps);
@@ -203,8 +215,9 @@ function planPersistent(v: VolumeTarget, o: ObservedVolume, steps: Step[]): void
     steps.push({ kind: 'refuse', id: v.id, reason: `${v.path} is not a LUKS volume (altered?); a persistent volume is never reformatted automatically` });
     return;
   }
-  if (p.damage !== undefined) {
-    steps.push({ kind: 'refuse', id: v.id, reason: `${v.path}: ${p.damage}; a persistent volume is never reformatted automatically` });
+  const damage = p.damage ?? truncation(r, p);
+  if (damage !== undefined) {
+    steps.push({ kind: 'refuse', id: v.id, reason: `${v.path}: ${damage}; a persistent volume is never reformatted automatically` });
     return;
   }
   if (o.unlockFailed !== undefined) {

@@ -37,6 +37,8 @@ export interface VolumeRecord {
   created: boolean;
   formatted: boolean;
   mkfsDone: boolean;
+  /** Size of the backing file when this agent made or adopted it: a smaller file was truncated. */
+  fileBytes?: number;
   reached?: StepKind;
   refused?: string;
   attach?: AttachInfo;

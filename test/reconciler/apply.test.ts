@@ -261,7 +261,7 @@ test('altered, truncated, foreign or vanished persistent files are refused, neve
   await run(n, 'boot-1');
   n.world.write(DATA, 'precious');
   n.world.restart();
-  n.world.files.get(DATA.path)!.damage = 'file is 4096 bytes, smaller than its LUKS2 data segment end';
+  n.world.files.get(DATA.path)!.bytes = 4096; // truncated by someone
   n.world.files.get(RAW.path)!.luksKey = undefined; // header overwritten by someone
   n.world.calls = [];
   const r = await run(n, 'boot-1', [DATA, RAW]);
@@ -272,9 +272,15 @@ test('altered, truncated, foreign or vanished persistent files are refused, neve
       [RAW.id, 'refused'],
     ],
   );
-  assert.match(r.volumes[0]!.reason!, /smaller than its LUKS2 data segment.*never reformatted/);
+  assert.match(r.volumes[0]!.reason!, /file is truncated \(4096 bytes, was 25165824\).*never reformatted/);
   assert.match(r.volumes[1]!.reason!, /not a LUKS volume/);
   assert.ok(!n.world.calls.some((x) => /(format|mkfs|deleteFile|createFile) scratch\/db/.test(x)), n.world.calls.join());
+  // An ephemeral volume altered within its boot is refused too (remade after the next boot).
+  const e = node();
+  await run(e, 'boot-1');
+  e.world.files.get(CACHE.path)!.bytes = 1;
+  const re = await run(e, 'boot-1');
+  assert.match(re.volumes.find((v) => v.id === CACHE.id)!.reason!, /truncated.*remade after the next boot/);
   n.world.files.delete(DATA.path);
   const gone = await run(n, 'boot-1', [DATA]);
   assert.match(gone.volumes[0]!.reason!, /has disappeared/);
