@@ -221,7 +221,8 @@ export class Luks1Volume implements LuksVolume {
     const vk = o.volumeKey ? Buffer.from(o.volumeKey) : randomBytes(keyBytes);
     try {
       const mkSalt = randomBytes(LUKS_SALTSIZE);
-      const mkIter = o.digestIterations ?? (o.keyslot?.kdf ? LUKS_MKD_ITERATIONS_MIN : Math.max(LUKS_MKD_ITERATIONS_MIN, Math.floor(((await pbkdf2Iterations({ iterTimeMs: 125 }, hash, keyBytes)) * 1) / 1)));
+      // Digest iterations: benchmarked for 125 ms (min 1000), or the minimum when the KDF is forced (as cryptsetup).
+      const mkIter = o.digestIterations ?? (o.keyslot?.kdf ? LUKS_MKD_ITERATIONS_MIN : Math.max(LUKS_MKD_ITERATIONS_MIN, await pbkdf2Iterations({ iterTimeMs: 125 }, hash, keyBytes)));
       const h: Luks1Header = {
         version: 1,
         cipherName: name,
