@@ -41,7 +41,10 @@ export interface SectorCipher {
   /** Encrypt `src` (whole sectors starting at 512-byte sector `sector`) into `dst` (default: in place). */
   encrypt(src: Uint8Array, sector: bigint, dst?: Uint8Array): void;
   decrypt(src: Uint8Array, sector: bigint, dst?: Uint8Array): void;
-  /** Same, off the calling thread for large requests (pool of threads); small ones may run inline. */
+  /**
+   * Same, off the calling thread for large requests (pool of threads); small ones may run inline.
+   * `src` and `dst` must not be touched (or detached) until the promise settles.
+   */
   encryptAsync(src: Uint8Array, sector: bigint, dst?: Uint8Array): Promise<void>;
   decryptAsync(src: Uint8Array, sector: bigint, dst?: Uint8Array): Promise<void>;
   /** Wipe the key schedule; further use throws. Idempotent. */

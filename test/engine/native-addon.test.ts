@@ -8,6 +8,7 @@ import { closeSync, fstatSync, mkdtempSync, openSync, rmSync, writeSync } from '
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
+import { pieces } from '../../src/crypto/backends/native.js';
 import { loadNative, nativeLoadError } from '../../src/util/native.js';
 import { createSectorCipher, defaultBackend, isCryptmapError } from './imports.js';
 
@@ -116,4 +117,22 @@ describe('native XTS implementations agree', () => {
       }
     });
   }
+});
+
+describe('native request splitting', () => {
+  it('splits runs over the per-call limit and carries the IV sector across pieces and the 2^32 boundary', () => {
+    const src = Buffer.alloc(4096 * 10);
+    const dst = Buffer.alloc(4096 * 10);
+    const ps = pieces({ encrypt: true, src, dst, count: 10, ivLo: 0xffffffe8, ivHi: 7, ivStep: 8 }, 4096 * 3);
+    assert.deepEqual(
+      ps.map((p) => [p.count, p.ivHi, p.ivLo, p.src.byteOffset - src.byteOffset, p.dst.byteLength]),
+      [
+        [3, 7, 0xffffffe8, 0, 12288],
+        [3, 8, 0x00000000, 12288, 12288],
+        [3, 8, 0x00000018, 24576, 12288],
+        [1, 8, 0x00000030, 36864, 4096],
+      ],
+    );
+    assert.equal(pieces({ encrypt: true, src, dst, count: 10, ivLo: 0, ivHi: 0, ivStep: 1 }).length, 1);
+  });
 });

@@ -13,6 +13,34 @@ import type { BackendOps, SectorRun, SectorTransform } from './types.js';
 
 const CHAIN = { xts: 0, cbc: 1, ecb: 2 } as const;
 
+/** The addon takes at most 2 GiB - 1 per call (OpenSSL lengths are int): split bigger runs. */
+const MAX_PIECE_BYTES = 1 << 30;
+
+interface Piece {
+  src: Uint8Array;
+  dst: Uint8Array;
+  count: number;
+  ivLo: number;
+  ivHi: number;
+}
+
+/** Split a run into pieces of at most maxBytes (a multiple of the sector size), IVs carried on. */
+export function pieces(r: SectorRun, maxBytes = MAX_PIECE_BYTES): Piece[] {
+  const sectorBytes = r.src.byteLength / r.count;
+  if (r.src.byteLength <= maxBytes) return [{ src: r.src, dst: r.dst, count: r.count, ivLo: r.ivLo, ivHi: r.ivHi }];
+  const per = Math.floor(maxBytes / sectorBytes);
+  const out: Piece[] = [];
+  let iv = BigInt(r.ivHi) * 0x100000000n + BigInt(r.ivLo);
+  for (let first = 0; first < r.count; first += per) {
+    const count = Math.min(per, r.count - first);
+    const a = first * sectorBytes;
+    const b = a + count * sectorBytes;
+    out.push({ src: r.src.subarray(a, b), dst: r.dst.subarray(a, b), count, ivLo: Number(iv & 0xffffffffn), ivHi: Number(iv >> 32n) });
+    iv += BigInt(count * r.ivStep);
+  }
+  return out;
+}
+
 class NativeTransform implements SectorTransform {
   #h: NativeKeyHandle | null;
   constructor(
@@ -26,10 +54,12 @@ class NativeTransform implements SectorTransform {
     return this.#h;
   }
   run(r: SectorRun): void {
-    this.addon.cipherRun(this.#handle(), r.encrypt, r.src, r.dst, r.count, r.ivLo, r.ivHi, r.ivStep);
+    const h = this.#handle();
+    for (const p of pieces(r)) this.addon.cipherRun(h, r.encrypt, p.src, p.dst, p.count, p.ivLo, p.ivHi, r.ivStep);
   }
-  runAsync(r: SectorRun): Promise<void> {
-    return this.addon.cipherRunAsync(this.#handle(), r.encrypt, r.src, r.dst, r.count, r.ivLo, r.ivHi, r.ivStep);
+  async runAsync(r: SectorRun): Promise<void> {
+    const h = this.#handle();
+    await Promise.all(pieces(r).map((p) => this.addon.cipherRunAsync(h, r.encrypt, p.src, p.dst, p.count, p.ivLo, p.ivHi, r.ivStep)));
   }
   /** Benchmarks and tests: 0 auto, 1 EVP xts, 2 own tweaks over ECB, 3 AES-NI XTS (see NativeAddon.setXtsImpl). */
   setXtsImpl(impl: number): void {
