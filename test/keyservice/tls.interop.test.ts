@@ -2,6 +2,7 @@
 // Certificates are made by the openssl CLI (Debian package: openssl).
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -79,7 +80,6 @@ test('HTTPS: identity is the client certificate CN; others refused', async () =>
   }
 });
 
-import { readFileSync } from 'node:fs';
 function readFileSyncish(dir: string, n: string): Buffer {
   return readFileSync(join(dir, n));
 }
