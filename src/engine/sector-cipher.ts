@@ -35,6 +35,9 @@ class Engine implements SectorCipher {
   readonly #ivLarge: boolean;
   readonly #spb: number;
   readonly #spbShift: bigint;
+  readonly #spbMask: bigint;
+  /** Requests whose last IV sector stays below this need no 2^64 check (2^64 - 2^33, see #prepare). */
+  readonly #safeFirst: bigint;
   readonly #sameCpu: boolean;
   readonly #asyncMin: number;
   #iv: IvInstance | undefined;
@@ -55,6 +58,8 @@ class Engine implements SectorCipher {
     }
     this.#spb = sb / 512;
     this.#spbShift = BigInt(Math.log2(this.#spb));
+    this.#spbMask = BigInt(this.#spb - 1);
+    this.#safeFirst = U64_MAX - (1n << 33n);
     if (ivOffset % BigInt(this.#spb) !== 0n) {
       throw alignError(`iv offset ${ivOffset} is not a multiple of the sector size (${this.#spb} x 512 bytes)`, { ivOffsetSectors: ivOffset, sectorBytes: sb });
     }
@@ -98,12 +103,14 @@ class Engine implements SectorCipher {
     if (sector < 0n || sector > U64_MAX) {
       throw new CryptmapError('ERANGE', `sector ${sector} is not an unsigned 64-bit number`, { errno: 'EOVERFLOW', context: { sector } });
     }
-    if (sector % BigInt(this.#spb) !== 0n) {
+    if ((sector & this.#spbMask) !== 0n) {
       throw alignError(`sector ${sector} is not aligned to the ${this.sectorBytes}-byte sector size`, { sector, sectorBytes: this.sectorBytes });
     }
     const count = len / this.sectorBytes;
     const first = sector + this.#ivOffset;
-    if (count > 0 && first + BigInt(count * this.#spb) - 1n > U64_MAX) {
+    // A request spans at most 2^33 512-byte sectors (lengths are below 2^42 bytes), so only a first
+    // IV sector near the top of the range needs the exact check.
+    if (count > 0 && first > this.#safeFirst && first + BigInt(count * this.#spb) - 1n > U64_MAX) {
       throw new CryptmapError('ERANGE', `IV sectors of the request (sector ${sector}, ${count} sectors, iv offset ${this.#ivOffset}) pass 2^64`, {
         errno: 'EOVERFLOW',
         context: { sector, count, ivOffsetSectors: this.#ivOffset },
