@@ -13,13 +13,19 @@
  *   `ignored`; volume types and features cryptmap does not implement (`tcrypt`, `bitlk`,
  *   `tpm2-device=`, `fido2-device=`, `pkcs11-uri=`, ...) are errors naming the option; any other
  *   option is an error (never guess).
- * Errors read `FILE:LINE: message` (code ECRYPTTAB).
+ * Errors read `FILE:LINE: message` (code ECRYPTTAB). `resolveCrypttabKey` turns an entry's key field into
+ * a volume key (plain) or a passphrase (LUKS) with cryptsetup's key file semantics (notes C8).
  *
  * `swap` and `tmp` imply plain mode and a fresh format at every open; plain defaults follow
  * systemd-cryptsetup: cipher aes-cbc-essiv:sha256, 256-bit key, hash ripemd160 only when the key is
  * typed (a key file is read raw: exactly key-size bytes).
  */
-import { CryptmapError } from '../util/errors.js';
+import { randomBytes } from 'node:crypto';
+import { type FileHandle, open, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { CryptmapError, fromSystemError } from '../util/errors.js';
+import { Secret } from '../util/secret.js';
+import { plainKeyFromPassphrase } from './plain-key.js';
 
 export type CrypttabType = 'luks' | 'plain' | 'swap' | 'tmp';
 
@@ -318,4 +324,106 @@ export function plainParams(e: CrypttabEntry): PlainParams {
     offsetSectors: e.offsetSectors ?? 0,
     skipSectors: e.skipSectors ?? 0,
   };
+}
+
+/** What an entry's key source yields: the volume key itself (plain, swap, tmp) or a passphrase (LUKS). */
+export type CrypttabKey = { kind: 'volumeKey'; key: Secret } | { kind: 'passphrase'; passphrase: Secret };
+
+export interface CrypttabKeyOptions {
+  /** Asked when the key field is `none`/`-` and no key file is found in `keyDirs`. */
+  askPassphrase?: (prompt: string) => Promise<Secret>;
+  /** Where systemd looks for `<name>.key` when no key file is given. */
+  keyDirs?: string[];
+}
+
+/** cryptsetup's compiled key file limit (`default-keyfile-size-maxkb` = 8192). */
+export const KEYFILE_MAX_BYTES = 8192 * 1024;
+export const SYSTEMD_KEY_DIRS = ['/etc/cryptsetup-keys.d', '/run/cryptsetup-keys.d'];
+
+async function readKeyFile(e: CrypttabEntry, path: string, exact?: number): Promise<Buffer> {
+  const where = `${e.file}:${e.line}: ${e.name}`;
+  let fh: FileHandle;
+  try {
+    fh = await open(path, 'r');
+  } catch (err) {
+    throw fromSystemError('ECRYPTTAB_KEY', `${where}: cannot open key file ${path}`, err);
+  }
+  try {
+    const offset = e.keyfileOffset ?? 0;
+    const want = e.keyfileSize ?? exact ?? KEYFILE_MAX_BYTES + 1;
+    const buf = Buffer.alloc(want);
+    let got = 0;
+    while (got < want) {
+      const { bytesRead } = await fh.read(buf, got, want - got, offset + got);
+      if (bytesRead === 0) break;
+      got += bytesRead;
+    }
+    if (e.keyfileSize === undefined && exact === undefined && got > KEYFILE_MAX_BYTES) {
+      buf.fill(0);
+      throw new CryptmapError('ECRYPTTAB_KEY', `${where}: key file ${path} is larger than ${KEYFILE_MAX_BYTES} bytes; set keyfile-size=`);
+    }
+    const need = e.keyfileSize ?? exact;
+    if (need !== undefined && got < need) {
+      buf.fill(0);
+      throw new CryptmapError('ECRYPTTAB_KEY', `${where}: key file ${path} has ${got} bytes after keyfile-offset=${offset}; ${need} needed`);
+    }
+    const out = Buffer.from(buf.subarray(0, got));
+    buf.fill(0);
+    return out;
+  } finally {
+    await fh.close();
+  }
+}
+
+async function exists(p: string): Promise<boolean> {
+  try {
+    await stat(p);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Resolve an entry's key the way systemd-cryptsetup and cryptsetup do:
+ * - random (`/dev/urandom`): a fresh volume key from the CSPRNG (plain, swap, tmp only);
+ * - a key file: for LUKS the passphrase is the file's bytes (after keyfile-offset, at most
+ *   keyfile-size, else the whole file up to 8 MiB); for plain the file is the volume key itself
+ *   (exactly key-size bytes, no hashing);
+ * - `none`: `<name>.key` in /etc/cryptsetup-keys.d or /run/cryptsetup-keys.d if present, else a
+ *   typed passphrase (plain: hashed per `hash=`, default ripemd160; see plain-key.ts).
+ */
+export async function resolveCrypttabKey(e: CrypttabEntry, opts: CrypttabKeyOptions = {}): Promise<CrypttabKey> {
+  const plain = e.type !== 'luks' ? plainParams(e) : undefined;
+  const keyBytes = plain ? plain.keySizeBits / 8 : 0;
+  if (e.key.kind === 'random') return { kind: 'volumeKey', key: new Secret(randomBytes(keyBytes)) };
+  let file = e.key.kind === 'file' ? e.key.path : undefined;
+  if (file === undefined) {
+    for (const d of opts.keyDirs ?? SYSTEMD_KEY_DIRS) {
+      const p = join(d, `${e.name}.key`);
+      if (await exists(p)) {
+        file = p;
+        break;
+      }
+    }
+  }
+  if (file !== undefined) {
+    const bytes = await readKeyFile(e, file, plain ? keyBytes : undefined);
+    if (!plain) return { kind: 'passphrase', passphrase: new Secret(bytes) };
+    if (bytes.length !== keyBytes) {
+      bytes.fill(0);
+      throw new CryptmapError('ECRYPTTAB_KEY', `${e.file}:${e.line}: ${e.name}: keyfile-size=${e.keyfileSize} differs from the key size (${keyBytes} bytes)`);
+    }
+    return { kind: 'volumeKey', key: new Secret(bytes) };
+  }
+  if (!opts.askPassphrase) {
+    throw new CryptmapError('ECRYPTTAB_KEY', `${e.file}:${e.line}: ${e.name} needs a passphrase and none can be asked for here`, { exitCode: 2 });
+  }
+  const pass = await opts.askPassphrase(`Please enter passphrase for disk ${e.name}: `);
+  if (!plain) return { kind: 'passphrase', passphrase: pass };
+  try {
+    return { kind: 'volumeKey', key: plainKeyFromPassphrase(pass.expose(), plain.hash, keyBytes) };
+  } finally {
+    pass.dispose();
+  }
 }
