@@ -26,6 +26,13 @@ import type { Filesystem, VolumeClass } from './manifest.js';
 
 export type TargetKind = 'scratch' | 'swap';
 
+/**
+ * The keyslot KDF for volume keys from the key service or the CSPRNG: 256 uniformly random bits
+ * need no stretching, so the cheapest PBKDF cryptsetup 2.6 accepts (pbkdf2 has a floor of 1000
+ * iterations; `--pbkdf-force-iterations 999` is refused). Unlocking then costs about a millisecond.
+ */
+export const VOLUME_KEYSLOT_PBKDF = { type: 'pbkdf2', hash: 'sha256', iterations: 1000 } as const;
+
 /** One volume the manifest asks for, with everything a port needs. */
 export interface VolumeTarget {
   /** `scratch/<service>/<volume>` or `swap/<name>`: unique, stable, the state key. */
