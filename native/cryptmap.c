@@ -10,6 +10,7 @@
  *     ECB call under K2, per-block tweaks by doubling in GF(2^128), XOR, one ECB call under K1 for the
  *     whole chunk, XOR again. The second needs no per-sector EVP call, also handles keys with equal
  *     halves (OpenSSL refuses those for XTS encryption) and aes-192-xts;
+ *   - cbc likewise calls OpenSSL's AES-NI CBC routine once per sector when available (EVP otherwise);
  *   - the key schedule lives in EVP contexts owned by a handle (an N-API external); dispose frees them
  *     (OpenSSL clears cipher contexts on free) and cleanses our key copy. Each concurrent run takes a
  *     context set from a small per-key free list, so requests on one key can run on several threads;
@@ -39,7 +40,7 @@ enum { IV_NULL = 0, IV_PLAIN = 1, IV_PLAIN64 = 2, IV_PLAIN64BE = 3, IV_ESSIV = 4
 enum { XTS_AUTO = 0, XTS_EVP = 1, XTS_OWN = 2, XTS_AESNI = 3 };
 
 /*
- * Fast path: OpenSSL's own AES-NI XTS routine, called directly once per sector (no EVP dispatch,
+ * Fast path: OpenSSL's own AES-NI XTS (and CBC) routines, called directly once per sector (no EVP dispatch,
  * no per-sector context re-initialisation). Node exports these symbols but they are not public API,
  * so they are looked up at load time with dlsym, used only when the CPU has AES-NI, and verified
  * against the EVP path on a known vector first; otherwise the EVP / own paths are used.
@@ -54,6 +55,10 @@ typedef void (*aesni_xts_fn)(const unsigned char *in, unsigned char *out, size_t
 static aesni_set_key_fn p_set_enc, p_set_dec;
 static aesni_xts_fn p_xts_enc, p_xts_dec;
 static int aesni_ok;
+/* aesni_cbc_encrypt updates ivec in place; in == out is allowed. */
+typedef void (*aesni_cbc_fn)(const unsigned char *in, unsigned char *out, size_t length, const cm_aes_key *key, unsigned char *ivec, int enc);
+static aesni_cbc_fn p_cbc;
+static int aesni_cbc_ok;
 
 /* Bytes per inner chunk of the own-XTS loop: large enough to amortise the EVP calls, small enough to
  * stay in L1/L2 between the three passes. */
@@ -184,6 +189,11 @@ static void key_destroy(cm_key *k) {
     free(k->ak);
     k->ak = NULL;
   }
+}
+
+/* CBC: k1e/k1d are the encrypt/decrypt schedules of the whole key (k2e unused). */
+static int aesni_cbc_keys_init(aesni_keys *ak, const uint8_t *key, int key_len) {
+  return p_set_enc(key, key_len * 8, &ak->k1e) == 0 && p_set_dec(key, key_len * 8, &ak->k1d) == 0;
 }
 
 static int aesni_keys_init(aesni_keys *ak, const uint8_t *key, int key_len) {
@@ -321,6 +331,26 @@ static int run_xts_aesni(cm_key *k, ctxset *cs, int enc, const uint8_t *src, uin
   return 1;
 }
 
+static int run_cbc_aesni(cm_key *k, ctxset *cs, int enc, const uint8_t *src, uint8_t *dst, uint32_t count, uint64_t s, uint32_t step) {
+  const size_t sb = (size_t)k->sector_bytes;
+  const cm_aes_key *key = enc ? &k->ak->k1e : &k->ak->k1d;
+  uint8_t iv[16];
+  while (count > 0) {
+    uint32_t n = count < MAX_CHUNK_SECTORS ? count : MAX_CHUNK_SECTORS;
+    if (!gen_ivs(k, cs, cs->ivbuf, n, s, step)) return 0;
+    for (uint32_t i = 0; i < n; i++) {
+      memcpy(iv, cs->ivbuf + i * 16, 16);
+      p_cbc(src, dst, sb, key, iv, enc);
+      src += sb;
+      dst += sb;
+    }
+    s += (uint64_t)n * step;
+    count -= n;
+  }
+  OPENSSL_cleanse(iv, sizeof iv);
+  return 1;
+}
+
 static int use_evp_xts(cm_key *k) {
   if (!k->evp_xts_ok) return 0;
   if (k->xts_impl == XTS_EVP) return 1;
@@ -343,7 +373,7 @@ static int run(cm_key *k, int enc, const uint8_t *src, uint8_t *dst, uint32_t co
          : use_evp_xts(k) ? run_per_sector(k, cs, enc ? cs->xe : cs->xd, src, dst, count, s, step) : run_xts_own(k, cs, enc, src, dst, count, s, step);
       break;
     case CH_CBC:
-      ok = run_per_sector(k, cs, enc ? cs->e1 : cs->d1, src, dst, count, s, step);
+      ok = k->ak ? run_cbc_aesni(k, cs, enc, src, dst, count, s, step) : run_per_sector(k, cs, enc ? cs->e1 : cs->d1, src, dst, count, s, step);
       break;
     default: {
       int outl;
@@ -449,9 +479,9 @@ static napi_value cipher_create(napi_env env, napi_callback_info info) {
     k->ivkey_len = (int)ivkey_len;
   }
   k->evp_xts_ok = chain == CH_XTS && key_len != 48 && CRYPTO_memcmp(k->key, k->key + key_len / 2, key_len / 2) != 0;
-  if (chain == CH_XTS && aesni_ok) {
+  if ((chain == CH_XTS && aesni_ok) || (chain == CH_CBC && aesni_cbc_ok)) {
     k->ak = aligned_alloc(64, (sizeof(aesni_keys) + 63) / 64 * 64);
-    if (k->ak && !aesni_keys_init(k->ak, k->key, (int)key_len)) {
+    if (k->ak && !(chain == CH_XTS ? aesni_keys_init(k->ak, k->key, (int)key_len) : aesni_cbc_keys_init(k->ak, k->key, (int)key_len))) {
       OPENSSL_cleanse(k->ak, sizeof *k->ak);
       free(k->ak);
       k->ak = NULL;
@@ -859,12 +889,28 @@ static void aesni_probe(void) {
     p_xts_dec(b, c, 512, &ak->k1d, &ak->k2e, iv);
     good = memcmp(a, b, 512) == 0 && memcmp(c, pt, 512) == 0;
   }
+  aesni_ok = good;
+  /* CBC: aesni_cbc_encrypt against EVP aes-256-cbc, both directions, in place for decryption. */
+  p_cbc = (aesni_cbc_fn)dlsym(RTLD_DEFAULT, "aesni_cbc_encrypt");
+  if (p_cbc && ak && x) {
+    uint8_t civ[16];
+    good = aesni_cbc_keys_init(ak, key, 32) && EVP_CipherInit_ex(x, EVP_aes_256_cbc(), NULL, key, iv, 1) == 1 &&
+           EVP_CIPHER_CTX_set_padding(x, 0) == 1 && EVP_CipherUpdate(x, a, &outl, pt, 512) == 1;
+    if (good) {
+      memcpy(civ, iv, 16);
+      p_cbc(pt, b, 512, &ak->k1e, civ, 1);
+      good = memcmp(a, b, 512) == 0;
+      memcpy(civ, iv, 16);
+      p_cbc(b, b, 512, &ak->k1d, civ, 0);
+      good = good && memcmp(b, pt, 512) == 0;
+    }
+    aesni_cbc_ok = good;
+  }
   EVP_CIPHER_CTX_free(x);
   if (ak) {
     OPENSSL_cleanse(ak, sizeof *ak);
     free(ak);
   }
-  aesni_ok = good;
 #endif
 }
 
@@ -889,6 +935,8 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_value fast;
   CHECK(env, napi_get_boolean(env, aesni_ok, &fast));
   CHECK(env, napi_set_named_property(env, exports, "aesniXts", fast));
+  CHECK(env, napi_get_boolean(env, aesni_cbc_ok, &fast));
+  CHECK(env, napi_set_named_property(env, exports, "aesniCbc", fast));
   return exports;
 }
 

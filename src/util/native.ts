@@ -19,6 +19,8 @@ export interface NativeAddon {
   readonly abiVersion: number;
   /** True when OpenSSL's AES-NI XTS routine was found and passed the load-time self-test. */
   readonly aesniXts: boolean;
+  /** Same for OpenSSL's AES-NI CBC routine (used for cbc per sector). */
+  readonly aesniCbc: boolean;
   /**
    * Create a key handle. chain: 0 xts, 1 cbc, 2 ecb, 3 null. ivMode: 0 null, 1 plain, 2 plain64,
    * 3 plain64be, 4 essiv (ivKey = salt), 5 benbi. The addon copies key and ivKey.
