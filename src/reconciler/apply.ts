@@ -131,6 +131,12 @@ export async function observe(
   return out;
 }
 
+/** createFile failed because the file already exists (EEXIST from the port or its cause). */
+function fileExisted(e: unknown): boolean {
+  const x = e as { errno?: unknown; code?: unknown; cause?: { code?: unknown } } | undefined;
+  return x?.errno === 'EEXIST' || x?.code === 'EEXIST' || x?.cause?.code === 'EEXIST';
+}
+
 function errText(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
@@ -237,7 +243,11 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
         try {
           await ports.createFile(t);
         } catch (e) {
-          await rollback(t);
+          // A file that appeared meanwhile is not ours: forget the record, never delete that file.
+          if (fileExisted(e)) {
+            delete state.volumes[t.id];
+            await save();
+          } else await rollback(t);
           throw e;
         }
         const made = state.volumes[t.id]!;

@@ -10,7 +10,7 @@
  */
 import { constants, promises as fs } from 'node:fs';
 import { dirname } from 'node:path';
-import { fromSystemError } from '../util/errors.js';
+import { CryptmapError, fromSystemError } from '../util/errors.js';
 
 export const LUKS_MAGIC = Buffer.from([0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe]);
 
@@ -34,6 +34,9 @@ export async function createSparseFile(path: string, bytes: number): Promise<voi
   try {
     fh = await fs.open(path, constants.O_RDWR | constants.O_CREAT | constants.O_EXCL, 0o600);
   } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'EEXIST') {
+      throw new CryptmapError('ECREATE', `cannot create ${path}: it already exists`, { errno: 'EEXIST', exitCode: 5, cause: e });
+    }
     throw fromSystemError('ECREATE', `cannot create ${path}`, e);
   }
   try {

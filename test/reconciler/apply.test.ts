@@ -310,6 +310,19 @@ test('full disk during format: clean rollback, nothing half-made; the next run s
   await assertConverged(n, 'boot-1');
 });
 
+test('a file that appears just before createFile is not ours: never deleted', async () => {
+  const n = node();
+  const racy = Object.create(n.world) as FakeWorld;
+  racy.createFile = async (v: VolumeTarget) => {
+    n.world.files.set(v.path, { bytes: 1, data: ['theirs'], foreign: true });
+    return n.world.createFile(v);
+  };
+  const r = await apply({ targets: [CACHE], store: n.state, ports: racy, keys: n.keys, ephemeralKeys: n.ephemeralKeys, bootId: 'b' });
+  assert.equal(r.volumes[0]?.state, 'failed');
+  assert.deepEqual(n.world.files.get(CACHE.path)?.data, ['theirs']);
+  assert.equal((await n.state.load()).volumes[CACHE.id], undefined);
+});
+
 test('unreachable key service: retry with backoff, report, keep open volumes serving, converge later', async () => {
   let down = false;
   let calls = 0;

@@ -15,7 +15,7 @@ test('sparse backing files: exclusive create, probe, delete', async () => {
     assert.equal(st.mode & 0o777, 0o600);
     assert.ok(st.blocks * 512 < 1 << 20, 'sparse');
     assert.equal((await stat(join(t.dir, 'volumes', 'scratch', 'db'))).mode & 0o777, 0o700);
-    await assert.rejects(createSparseFile(p, 1), { code: 'ECREATE' });
+    await assert.rejects(createSparseFile(p, 1), { code: 'ECREATE', errno: 'EEXIST' });
     assert.deepEqual(await probeBackingFile(p), { exists: true, bytes: 64 << 20, isLuks: false });
     await writeFile(p, Buffer.concat([LUKS_MAGIC, Buffer.from([0, 2])]));
     assert.deepEqual(await probeBackingFile(p), { exists: true, bytes: 8, isLuks: true });
