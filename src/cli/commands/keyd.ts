@@ -47,16 +47,9 @@ function readFileArg(flag: string, p: string): Buffer {
   }
 }
 
-const keyd: VerbMain = async (argv, io) => {
-  if (argv[1] === 'token') {
-    const name = argv[2];
-    if (name === undefined || !isValidName(name)) throw new CryptmapError('EARGS', 'usage: cryptmap keyd token NAME (NAME: letters, digits, . _ -)');
-    const token = newClientToken();
-    io.stdout.write(`token: ${token}\n# policy entry (store the token in the client's 0600 token file, not here):\n`);
-    io.stdout.write(`- identity: token:${name}\n  tokenSha256: ${tokenDigest(token)}\n  services: []\n`);
-    return 0;
-  }
-  const { values } = parseArgs({
+/** Strict flag parsing (unknown flags and positionals are errors). */
+function parse(argv: string[]) {
+  return parseArgs({
     args: argv.slice(1),
     options: {
       'state-dir': { type: 'string' },
@@ -73,6 +66,23 @@ const keyd: VerbMain = async (argv, io) => {
     strict: true,
     allowPositionals: false,
   });
+}
+
+const keyd: VerbMain = async (argv, io) => {
+  if (argv[1] === 'token') {
+    const name = argv[2];
+    if (name === undefined || !isValidName(name)) throw new CryptmapError('EARGS', 'usage: cryptmap keyd token NAME (NAME: letters, digits, . _ -)');
+    const token = newClientToken();
+    io.stdout.write(`token: ${token}\n# policy entry (store the token in the client's 0600 token file, not here):\n`);
+    io.stdout.write(`- identity: token:${name}\n  tokenSha256: ${tokenDigest(token)}\n  services: []\n`);
+    return 0;
+  }
+  let values: ReturnType<typeof parse>['values'];
+  try {
+    ({ values } = parse(argv));
+  } catch (e) {
+    throw new CryptmapError('EARGS', `cryptmap keyd: ${(e as Error).message}\n${HELP}`);
+  }
   if (values.help) {
     io.stdout.write(HELP);
     return 0;
