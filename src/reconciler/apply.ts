@@ -47,9 +47,14 @@ export interface ApplyOptions {
   log?: Logger;
   /** Random bytes for per-boot keys (tests may seed it). */
   random?: (n: number) => Buffer;
+  /**
+   * `shutdown`: tear everything down as if the manifest were empty, except that persistent volumes
+   * are recorded `stopped` (not `retired`); ephemeral and swap files are deleted, their keys wiped.
+   */
+  mode?: 'reconcile' | 'shutdown';
 }
 
-export type VolumeState = 'ready' | 'refused' | 'failed' | 'waiting-for-keys' | 'retired' | 'removed';
+export type VolumeState = 'ready' | 'refused' | 'failed' | 'waiting-for-keys' | 'retired' | 'stopped' | 'removed';
 
 export interface VolumeReport {
   id: string;
@@ -149,7 +154,10 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
   const random = opts.random ?? randomBytes;
   const { ports, ephemeralKeys, bootId } = opts;
   const state = await opts.store.load();
-  const targets = new Map(opts.targets.map((t) => [t.id, t]));
+  const shutdown = opts.mode === 'shutdown';
+  const wantedTargets = shutdown ? [] : opts.targets;
+  const kept = shutdown ? ('stopped' as const) : ('retired' as const);
+  const targets = new Map(wantedTargets.map((t) => [t.id, t]));
   const desired = new Set(targets.keys());
   const outcome = new Map<string, VolumeReport>();
   const unlockFailed = new Map<string, string>();
@@ -340,7 +348,7 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
         await ports[step.kind](t);
         const r = state.volumes[t.id];
         if (step.kind === 'detach' && r) delete r.attach;
-        if (step.kind === 'close' && r && !isDesired && r.class === 'persistent') r.phase = 'retired';
+        if (step.kind === 'close' && r && !isDesired && r.class === 'persistent') r.phase = kept;
         touch(step.kind);
         await save();
         return;
@@ -373,7 +381,7 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
   };
 
   try {
-    const steps = plan(opts.targets, await observe(opts.targets, state, ports, ephemeralKeys, bootId), bootId);
+    const steps = plan(wantedTargets, await observe(wantedTargets, state, ports, ephemeralKeys, bootId), bootId);
     const stopped = new Set<string>();
     for (const step of steps) {
       if (stopped.has(step.id)) continue;
@@ -395,17 +403,17 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
       }
     }
     // Housekeeping: forget removed volumes whose files are gone; retire removed persistent ones.
-    const after = await observe(opts.targets, state, ports, ephemeralKeys, bootId, unlockFailed);
+    const after = await observe(wantedTargets, state, ports, ephemeralKeys, bootId, unlockFailed);
     let dirty = false;
     for (const [id, o] of after) {
       const r = o.record;
       if (!r || desired.has(id) || o.probe.open || o.probe.attached || o.probe.mounted) continue;
       if (r.class === 'persistent' && r.formatted) {
-        if (r.phase !== 'retired') {
-          r.phase = 'retired';
+        if (r.phase !== kept) {
+          r.phase = kept;
           dirty = true;
         }
-        if (!outcome.has(id)) outcome.set(id, { id, state: 'retired', reason: 'not in the manifest; file kept' });
+        if (!outcome.has(id)) outcome.set(id, { id, state: kept, reason: shutdown ? 'closed; file kept' : 'not in the manifest; file kept' });
       } else if (!o.probe.fileExists || !r.created) {
         delete state.volumes[id];
         dirty = true;
@@ -424,7 +432,7 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
       }
     }
     if (dirty) await save();
-    const remaining = plan(opts.targets, after, bootId).filter((s) => s.kind !== 'refuse');
+    const remaining = plan(wantedTargets, after, bootId).filter((s) => s.kind !== 'refuse');
     const volumes: VolumeReport[] = [];
     for (const id of new Set([...desired, ...outcome.keys()])) {
       const rep = outcome.get(id) ?? { id, state: 'failed' as const, reason: 'not converged' };

@@ -20,7 +20,8 @@ export const STATE_VERSION = 1;
 
 export type StepKind = 'createFile' | 'format' | 'open' | 'attach' | 'mkfs' | 'mount' | 'unmount' | 'detach' | 'close' | 'deleteFile' | 'refuse';
 
-export type VolumePhase = 'creating' | 'formatted' | 'ready' | 'refused' | 'retired';
+/** `stopped`: closed by an agent shutdown (reopened at the next start); `retired`: no longer in the manifest. */
+export type VolumePhase = 'creating' | 'formatted' | 'ready' | 'refused' | 'retired' | 'stopped';
 
 export interface VolumeRecord {
   id: string;
