@@ -33,12 +33,16 @@ export interface BenchmarkResult {
   encryptMBps: number;
   decryptMBps: number;
   backend: 'native' | 'js';
+  /** Average CPU cores this process used while encrypting (user + system time / wall time). */
+  encryptCores: number;
 }
 
-async function measure(run: () => Promise<number>, seconds: number): Promise<number> {
+/** [MB/s, CPU cores used] */
+async function measure(run: () => Promise<number>, seconds: number): Promise<[number, number]> {
   // Warm up briefly (first calls build contexts and fault pages in), then time.
   await run();
   let bytes = 0;
+  const c0 = process.cpuUsage();
   const t0 = performance.now();
   const limit = seconds * 1000;
   let ms = 0;
@@ -46,7 +50,8 @@ async function measure(run: () => Promise<number>, seconds: number): Promise<num
     bytes += await run();
     ms = performance.now() - t0;
   }
-  return bytes / (ms * 1000);
+  const cpu = process.cpuUsage(c0);
+  return [bytes / (ms * 1000), (cpu.user + cpu.system) / (ms * 1000)];
 }
 
 /** Measure one configuration; see BenchmarkOptions. */
@@ -80,9 +85,9 @@ export async function benchmarkCipher(o: BenchmarkOptions): Promise<BenchmarkRes
       );
       return reps * requestBytes * inFlight;
     };
-    const encryptMBps = await measure(one(true), seconds);
-    const decryptMBps = await measure(one(false), seconds);
-    return { cipher: o.spec, keyBits: o.keyBytes * 8, sectorSize: sectorBytes, threads, encryptMBps, decryptMBps, backend: c.backend };
+    const [encryptMBps, encryptCores] = await measure(one(true), seconds);
+    const [decryptMBps] = await measure(one(false), seconds);
+    return { cipher: o.spec, keyBits: o.keyBytes * 8, sectorSize: sectorBytes, threads, encryptMBps, decryptMBps, backend: c.backend, encryptCores };
   } finally {
     c.dispose();
     if (prevThreads > 0) setCryptThreads(prevThreads);
