@@ -55,11 +55,19 @@ class NativeTransform implements SectorTransform {
   }
   run(r: SectorRun): void {
     const h = this.#handle();
-    for (const p of pieces(r)) this.addon.cipherRun(h, r.encrypt, p.src, p.dst, p.count, p.ivLo, p.ivHi, r.ivStep);
+    try {
+      for (const p of pieces(r)) this.addon.cipherRun(h, r.encrypt, p.src, p.dst, p.count, p.ivLo, p.ivHi, r.ivStep);
+    } catch (e) {
+      throw nativeError(e);
+    }
   }
   async runAsync(r: SectorRun): Promise<void> {
     const h = this.#handle();
-    await Promise.all(pieces(r).map((p) => this.addon.cipherRunAsync(h, r.encrypt, p.src, p.dst, p.count, p.ivLo, p.ivHi, r.ivStep)));
+    try {
+      await Promise.all(pieces(r).map((p) => this.addon.cipherRunAsync(h, r.encrypt, p.src, p.dst, p.count, p.ivLo, p.ivHi, r.ivStep)));
+    } catch (e) {
+      throw nativeError(e);
+    }
   }
   /** Benchmarks and tests: 0 auto, 1 EVP xts, 2 own tweaks over ECB, 3 AES-NI XTS (see NativeAddon.setXtsImpl). */
   setXtsImpl(impl: number): void {
@@ -69,6 +77,17 @@ class NativeTransform implements SectorTransform {
     if (this.#h !== null) this.addon.cipherDispose(this.#h);
     this.#h = null;
   }
+}
+
+/** Errors from the addon become CryptmapErrors with the addon's code (ENATIVE, EINVAL, ...). */
+function nativeError(e: unknown): CryptmapError {
+  if (e instanceof CryptmapError) return e;
+  const code = (e as { code?: unknown }).code;
+  const message = e instanceof Error ? e.message : String(e);
+  return new CryptmapError(typeof code === 'string' ? code : 'ENATIVE', `native sector cipher: ${message}`, {
+    errno: code === 'EINVAL' || code === 'EOVERLAP' ? 'EINVAL' : 'EIO',
+    cause: e,
+  });
 }
 
 export function nativeAvailable(): boolean {
@@ -87,6 +106,8 @@ export const nativeBackend: BackendOps = {
     const k = Buffer.from(key);
     try {
       return new NativeTransform(addon, addon.cipherCreate(chain, k, ivMode, iv?.nativeKey ?? null, sectorBytes));
+    } catch (e) {
+      throw nativeError(e);
     } finally {
       wipe(k);
     }
