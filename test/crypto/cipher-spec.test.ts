@@ -1,6 +1,7 @@
 /** dm-crypt cipher spec grammar: both syntaxes, legacy defaults, and the error split (malformed vs unsupported). */
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
+import fc from 'fast-check';
 import { parseCipherSpec } from '../../src/crypto/cipher-spec.js';
 import { isCryptmapError } from '../../src/util/errors.js';
 
@@ -71,4 +72,20 @@ describe('parseCipherSpec', () => {
       );
     });
   }
+
+  it('never fails with anything but ECIPHER_SPEC or ECIPHER_UNSUPPORTED (property)', () => {
+    const parts = fc.constantFrom('aes', 'capi:', 'xts', 'cbc', 'ecb', '(', ')', '-', ':', 'plain64', 'essiv', 'sha256', 'benbi', 'null', '2', 'cipher_null', 'x');
+    const spec = fc.oneof(fc.string(), fc.array(parts, { maxLength: 8 }).map((a) => a.join('')));
+    fc.assert(
+      fc.property(spec, (s) => {
+        try {
+          const r = parseCipherSpec(s);
+          return r.cipher === 'aes' || r.cipher === 'cipher_null';
+        } catch (e) {
+          return isCryptmapError(e, 'ECIPHER_SPEC') || isCryptmapError(e, 'ECIPHER_UNSUPPORTED');
+        }
+      }),
+      { seed: 1619, numRuns: 2000 },
+    );
+  });
 });
