@@ -108,6 +108,7 @@ const keyd: VerbMain = async (argv, io) => {
   passphrase?.dispose();
   let audit: AuditSink | undefined;
   const servers: RunningServer[] = [];
+  let tlsKey: Buffer | undefined;
   try {
     audit = await openAuditFile(values['audit-log'] ? resolve(values['audit-log']) : join(stateDir, 'audit.log'));
     const service = new KeyService({ root: root.secret, policy, audit });
@@ -116,11 +117,12 @@ const keyd: VerbMain = async (argv, io) => {
     servers.push(await listenUnix(service, socketPath));
     io.stdout.write(`keyd: listening on unix:${socketPath}\n`);
     if (listen) {
+      tlsKey = readFileArg('--tls-key', tls[1]!);
       const s = await listenTls(service, {
         host: listen.host,
         port: listen.port,
         cert: readFileArg('--tls-cert', tls[0]!),
-        key: readFileArg('--tls-key', tls[1]!),
+        key: tlsKey,
         ca: readFileArg('--tls-ca', tls[2]!),
       });
       servers.push(s);
@@ -152,6 +154,7 @@ const keyd: VerbMain = async (argv, io) => {
     return 0;
   } finally {
     for (const s of servers) await s.close();
+    tlsKey?.fill(0);
     await audit?.close();
     root.secret.dispose();
   }
