@@ -16,7 +16,11 @@
  * - close, detach, unmount: succeed if already done.
  * - attach: serve the mapping (NBD export; kernel device where possible) and say where.
  * - mkfs: make `filesystem` (or mkswap when it is `swap`) on the open mapping.
- * - mount: mount at `mountpoint` (or swapon for swap; refusing with a clear error where unsafe).
+ * - mount: mount at `mountpoint`, or swapon for swap. swapon is safe only where the block device
+ *   cannot need memory to make progress (kernel NBD client with its swap option); through FUSE or a
+ *   loop device over FUSE it must throw a CryptmapError (code ESWAPUNSAFE) that explains why, unless
+ *   the port was built with a force option. The apply loop reports that volume `failed` with the
+ *   message, keeps the swap area open and attached, and tries again on the next run.
  * - probe: what is true right now. `damage` reports a backing file that was altered or truncated
  *   (size smaller than the LUKS data segment, unreadable header): the reconciler refuses it.
  */
