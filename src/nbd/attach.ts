@@ -10,10 +10,15 @@
  * Only paths and the export name appear in the argv of the spawned tools; no secret ever does (the
  * export already serves decrypted data). Detach undoes the steps in reverse order. AttachInfo is
  * plain JSON so a daemon can record it and detach after a restart.
+ *
+ * The NBD server usually runs in the calling process, so nothing here touches the FUSE file or the
+ * block device synchronously: a blocking call would stall the event loop that must answer the NBD
+ * requests the kernel makes meanwhile (deadlock). Only fs/promises and spawned tools go near them.
  */
 import { execFile, spawn } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
+import { rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { CryptmapError, EXIT_FAILURE } from '../util/errors.js';
 import { nbdUnixUri } from './uri.js';
@@ -106,7 +111,7 @@ export async function detachExport(info: AttachInfo): Promise<void> {
     for (let i = 0; i < 100 && alive(info.fusePid); i++) await sleep(50);
     if (alive(info.fusePid)) process.kill(info.fusePid, 'SIGTERM');
   }
-  if (dir) rmSync(dir, { recursive: true, force: true });
+  if (dir) await rm(dir, { recursive: true, force: true });
 }
 
 function loopDetached(dev: string): boolean {
@@ -161,7 +166,7 @@ async function attachFuse(opts: AttachOptions): Promise<AttachInfo> {
     child.unref();
     info.fusePid = child.pid;
     const deadline = Date.now() + (opts.timeoutMs ?? 20_000);
-    while (!existsSync(pidFile) || !existsSync(join(mnt, 'disk'))) {
+    while (!existsSync(pidFile) || !(await exists(join(mnt, 'disk')))) {
       if (spawnError) {
         const missing = (spawnError as NodeJS.ErrnoException).code === 'ENOENT';
         throw new CryptmapError('EATTACH', missing ? 'nbdfuse is not installed (Debian package libnbd-bin)' : `cannot start nbdfuse: ${(spawnError as Error).message}`, {
@@ -179,6 +184,15 @@ async function attachFuse(opts: AttachOptions): Promise<AttachInfo> {
   } catch (e) {
     await detachExport(info).catch(() => {});
     throw e;
+  }
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await stat(path);
+    return true;
+  } catch {
+    return false;
   }
 }
 
