@@ -133,9 +133,6 @@ export class MappedDevice implements BlockDevice {
 
   // ---------------------------------------------------------------- data path
 
-  #enter(): void {
-    this.#inflight++;
-  }
   #leave = (): void => {
     if (--this.#inflight === 0 && this.#drained !== null) {
       const d = this.#drained;
@@ -143,22 +140,27 @@ export class MappedDevice implements BlockDevice {
       d.resolve();
     }
   };
-  #leaveErr = (e: unknown): never => {
-    this.#leave();
-    throw e;
-  };
+
+  /**
+   * Count `p` as in flight until it settles. The caller gets `p` itself (no extra promise hop on
+   * the hot path); the bookkeeping reaction is registered first, so it runs before the caller's.
+   */
+  #track(p: Promise<void>): Promise<void> {
+    this.#inflight++;
+    p.then(this.#leave, this.#leave);
+    return p;
+  }
 
   /** Run `start` now, or after resume when suspended (queued FIFO). */
   #run(start: () => Promise<void>): Promise<void> {
     if (this.#gate !== null) return this.#queued(start);
-    this.#enter();
     let p: Promise<void>;
     try {
       p = start();
     } catch (e) {
-      p = Promise.reject(e);
+      return Promise.reject(e);
     }
-    return p.then(this.#leave, this.#leaveErr);
+    return this.#track(p);
   }
 
   async #queued(start: () => Promise<void>): Promise<void> {
@@ -187,6 +189,12 @@ export class MappedDevice implements BlockDevice {
         context: { device: this.name, offsetBytes, lengthBytes },
       });
     }
+  }
+
+  /** The cheap form of #check for the hot path (false: take the slow path, which reports). */
+  #inRange(t: Table, offsetBytes: number, lengthBytes: number): boolean {
+    const lbs = t.limits.logicalBlockBytes;
+    return offsetBytes >= 0 && lengthBytes > 0 && offsetBytes + lengthBytes <= t.sizeBytes && offsetBytes % lbs === 0 && lengthBytes % lbs === 0;
   }
 
   #writable(t: Table, op: string): void {
@@ -223,6 +231,20 @@ export class MappedDevice implements BlockDevice {
   }
 
   read(offsetBytes: number, buf: Uint8Array): Promise<void> {
+    // Hot path: not suspended, the request inside one target and under the size limit.
+    const t = this.#live;
+    if (this.#gate === null && t !== null && this.#inRange(t, offsetBytes, buf.length)) {
+      const e = t.entries[t.find(offsetBytes)]!;
+      if (offsetBytes + buf.length <= e.endBytes && buf.length <= t.limits.maxRequestBytes) {
+        let p: Promise<void>;
+        try {
+          p = e.instance.read(offsetBytes - e.startBytes, buf);
+        } catch (err) {
+          return Promise.reject(err);
+        }
+        return this.#track(p);
+      }
+    }
     return this.#run(() => {
       const t = this.#table('read');
       this.#check(t, offsetBytes, buf.length, 'read');
@@ -231,6 +253,19 @@ export class MappedDevice implements BlockDevice {
   }
 
   write(offsetBytes: number, data: Uint8Array, flags?: WriteFlags): Promise<void> {
+    const t = this.#live;
+    if (this.#gate === null && t !== null && !this.readOnly && t.capabilities.write && this.#inRange(t, offsetBytes, data.length)) {
+      const e = t.entries[t.find(offsetBytes)]!;
+      if (offsetBytes + data.length <= e.endBytes && data.length <= t.limits.maxRequestBytes) {
+        let p: Promise<void>;
+        try {
+          p = e.instance.write(offsetBytes - e.startBytes, data, flags);
+        } catch (err) {
+          return Promise.reject(err);
+        }
+        return this.#track(p);
+      }
+    }
     return this.#run(() => {
       const t = this.#table('write');
       this.#writable(t, 'write');
