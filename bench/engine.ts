@@ -4,7 +4,7 @@
  * For aes-256-xts (512-bit keys) at 512- and 4096-byte units it runs, interleaved, for several rounds:
  *   openssl speed -evp aes-256-xts -bytes N -seconds 1 -mr      (machine-readable: "+F:idx:name:bytes/s")
  * the engine's native backend on one thread (synchronous calls, 1 MiB requests), its crypt pool with 2
- * threads (4 requests of 1 MiB in flight), each native XTS implementation, and once the js backend.
+ * threads (8 requests of 1 MiB in flight), each native XTS implementation, and once the js backend.
  * Each figure is the best of its rounds (the machine may be shared: noise only ever slows a run
  * down), printed with its ratio to OpenSSL (the pool: to one thread).
  *

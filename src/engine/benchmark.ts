@@ -1,7 +1,7 @@
 /**
  * Throughput measurement of sector ciphers, shared by `cryptmap benchmark` (like `cryptsetup
  * benchmark`: in-memory, no I/O) and bench/engine.ts. One thread: synchronous calls on the calling
- * thread. N threads: the native crypt pool set to N threads and 2N requests kept in flight through the
+ * thread. N threads: the native crypt pool set to N threads and 4N requests kept in flight through the
  * async form, so that no pool thread waits for the JS thread to hand it the next request.
  * MB/s are 10^6 bytes per second.
  */
@@ -14,7 +14,7 @@ export interface BenchmarkOptions {
   spec: string;
   keyBytes: number;
   sectorBytes?: SectorBytes;
-  /** 1: synchronous on this thread; N > 1: the crypt pool sized to N threads, 2N requests in flight. */
+  /** 1: synchronous on this thread; N > 1: the crypt pool sized to N threads, 4N requests in flight. */
   threads?: number;
   /** Bytes per request (default 1 MiB). */
   requestBytes?: number;
@@ -67,7 +67,7 @@ export async function benchmarkCipher(o: BenchmarkOptions): Promise<BenchmarkRes
   o.configure?.(c);
   const prevThreads = threads > 1 ? setCryptThreads(threads) : 0;
   try {
-    const inFlight = threads > 1 ? 2 * threads : 1;
+    const inFlight = threads > 1 ? 4 * threads : 1;
     const bufs = Array.from({ length: inFlight }, () => randomFillSync(Buffer.alloc(requestBytes)));
     const one = (encrypt: boolean) => async (): Promise<number> => {
       if (threads <= 1) {
