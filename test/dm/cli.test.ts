@@ -8,6 +8,9 @@ import { Readable, Writable } from 'node:stream';
 import { test } from 'node:test';
 import dmMain, { DAEMON_NOT_RUNNING, runDm } from '../../src/cli/commands/dm.js';
 import type { CliIO } from '../../src/cli/types.js';
+import { dmHandlers } from '../../src/control/dm-remote.js';
+import { controlSocketPath, ensureRuntimeDir } from '../../src/control/runtime-dir.js';
+import { ControlServer } from '../../src/control/server.js';
 import { InProcessDmControl } from '../../src/dm/control.js';
 import { memRegistry, xtsKey } from './helpers.js';
 
@@ -139,12 +142,47 @@ test('usage errors name the problem and exit 1', async () => {
 });
 
 test('without a daemon: arguments are checked, then the daemon message, exit 1', async () => {
-  const stderr = sink();
-  const io: CliIO = { stdin: Readable.from([]), stdout: sink(), stderr, env: {} };
-  assert.equal(await dmMain(['dm', 'ls'], io), 1);
-  assert.equal(stderr.text(), `${DAEMON_NOT_RUNNING}\n`);
-  assert.equal(DAEMON_NOT_RUNNING, "cryptmap: the daemon is not running (start it with 'cryptmap daemon')");
-  const stderr2 = sink();
-  assert.equal(await runDm(['dm', 'create'], { ...io, stderr: stderr2 }, null), 1);
-  assert.match(stderr2.text(), /create: missing argument/);
+  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-nodaemon-'));
+  try {
+    const stderr = sink();
+    const io: CliIO = { stdin: Readable.from([]), stdout: sink(), stderr, env: { CRYPTMAP_RUNTIME_DIR: dir } };
+    assert.equal(await dmMain(['dm', 'ls'], io), 1);
+    assert.ok(stderr.text().startsWith(DAEMON_NOT_RUNNING), stderr.text());
+    assert.equal(DAEMON_NOT_RUNNING, "cryptmap: the daemon is not running (start it with 'cryptmap daemon')");
+    const stderr2 = sink();
+    assert.equal(await dmMain(['dm', 'create'], { ...io, stderr: stderr2 }), 1);
+    assert.match(stderr2.text(), /create: missing argument/);
+    const stderr3 = sink();
+    assert.equal(await runDm(['dm', 'ls'], { ...io, stderr: stderr3 }, null), 1);
+    assert.equal(stderr3.text(), `${DAEMON_NOT_RUNNING}\n`);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('with a daemon: the verbs reach its registry over the control socket', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-daemon-'));
+  const run = join(dir, 'run');
+  ensureRuntimeDir(run);
+  const { registry } = memRegistry({ a: 1 << 20 });
+  const server = new ControlServer(dmHandlers(new InProcessDmControl(registry)));
+  await server.listen(controlSocketPath(run));
+  try {
+    const call = async (args: string[]) => {
+      const stdout = sink();
+      const stderr = sink();
+      const code = await dmMain(['dm', ...args], { stdin: Readable.from([]), stdout, stderr, env: { CRYPTMAP_RUNTIME_DIR: run } });
+      return { code, out: stdout.text(), err: stderr.text() };
+    };
+    assert.equal((await call(['create', 'r', '--table', '0 16 linear /mem/a 0', '-u', 'U'])).code, 0);
+    assert.deepEqual(await call(['table', 'r']), { code: 0, out: '0 16 linear /mem/a 0\n', err: '' });
+    assert.deepEqual(await call(['ls']), { code: 0, out: 'r\t(253:0)\n', err: '' });
+    assert.deepEqual(await call(['remove', 'nope']), { code: 4, out: '', err: 'device nope does not exist\n' });
+    assert.equal((await call(['remove', 'r'])).code, 0);
+    assert.equal(registry.list().length, 0);
+  } finally {
+    await server.close();
+    await registry.closeAll();
+    rmSync(dir, { recursive: true, force: true });
+  }
 });

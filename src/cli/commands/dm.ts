@@ -6,12 +6,15 @@
  *   suspend [--noflush] NAME   resume NAME   rename OLD NEW
  *   table [--showkeys] [NAME]  status [NAME]  info [NAME]  ls   message NAME SECTOR MSG...
  *
- * Devices live in the daemon; until the CLI can reach it this verb reports that the daemon is not
- * running. Tests (and the daemon) call `runDm(argv, io, control)` with an in-process DmControl.
+ * Devices live in the daemon: the CLI talks to it over the control socket; when no daemon runs,
+ * the verb reports so and exits 1. Tests call `runDm(argv, io, control)` with an in-process DmControl.
  * In table text given with --table, `;` separates lines, as in dmsetup.
  */
 import { readFile } from 'node:fs/promises';
 import { type ParseArgsConfig, parseArgs } from 'node:util';
+import { ControlClient, DAEMON_NOT_RUNNING } from '../../control/client.js';
+import { remoteDmControl } from '../../control/dm-remote.js';
+import { runtimeDir } from '../../control/runtime-dir.js';
 import { type DmControl, formatInfo, formatLines, formatLs } from '../../dm/control.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { reportError } from '../main.js';
@@ -33,7 +36,7 @@ const USAGE = `usage: cryptmap dm <command> [options] [args]
 Tables are read from standard input when neither --table nor a file is given; in --table text
 ';' separates lines. Sectors are 512 bytes.`;
 
-export const DAEMON_NOT_RUNNING = "cryptmap: the daemon is not running (start it with 'cryptmap daemon')";
+export { DAEMON_NOT_RUNNING };
 
 function usageError(message: string): CryptmapError {
   return new CryptmapError('EUSAGE', `${message}\n${USAGE}`, { exitCode: EXIT_WRONG_PARAMS });
@@ -75,25 +78,37 @@ function parse(args: string[], options: ParseArgsConfig['options'], minPos: numb
  * Run a dm command. `argv[0]` is the verb `dm`, `argv[1]` the dmsetup command. With a null control
  * (no daemon), arguments are still checked, then the daemon-not-running message is printed.
  */
-export async function runDm(argv: string[], io: CliIO, control: DmControl | null): Promise<number> {
+export async function runDm(argv: string[], io: CliIO, control: DmControl | null | DmConnector): Promise<number> {
+  let session: { control: DmControl; close(): void } | null = null;
+  const need = async (): Promise<DmControl> => {
+    if (control !== null && typeof control === 'object' && 'connect' in control) {
+      session ??= await control.connect();
+      return session.control;
+    }
+    if (control === null) throw new CryptmapError('ENODAEMON', DAEMON_NOT_RUNNING, { exitCode: 1 });
+    return control;
+  };
   try {
-    return await dispatch(argv.slice(1), io, control);
+    return await dispatch(argv.slice(1), io, need);
   } catch (e) {
     return reportError(e, io);
+  } finally {
+    (session as { close(): void } | null)?.close();
   }
 }
 
-async function dispatch(args: string[], io: CliIO, control: DmControl | null): Promise<number> {
+/** Connects to a DmControl only when a command needs one (usage errors never connect). */
+export interface DmConnector {
+  connect(): Promise<{ control: DmControl; close(): void }>;
+}
+
+async function dispatch(args: string[], io: CliIO, need: () => Promise<DmControl>): Promise<number> {
   const cmd = args[0];
   const rest = args.slice(1);
   if (cmd === undefined || cmd === '--help' || cmd === '-h' || cmd === 'help') {
     io.stdout.write(USAGE + '\n');
     return cmd === undefined ? EXIT_WRONG_PARAMS : 0;
   }
-  const need = (): DmControl => {
-    if (control === null) throw new CryptmapError('ENODAEMON', DAEMON_NOT_RUNNING, { exitCode: 1 });
-    return control;
-  };
   switch (cmd) {
     case 'create': {
       const { values, positionals } = parse(
@@ -105,14 +120,14 @@ async function dispatch(args: string[], io: CliIO, control: DmControl | null): P
       );
       const [name, file] = positionals as [string, string | undefined];
       if (values.notable && (values.table !== undefined || file !== undefined)) throw usageError('create: --notable excludes a table');
-      const c = need();
+      const c = await need();
       const table = values.notable ? undefined : await tableText(io, values.table as string | undefined, file);
       await c.create(name, { table, uuid: values.uuid as string | undefined, readOnly: values.readonly === true });
       return 0;
     }
     case 'remove': {
       const { values, positionals } = parse(rest, { force: { type: 'boolean', short: 'f' } }, 1, Number.POSITIVE_INFINITY, 'remove');
-      const c = need();
+      const c = await need();
       for (const n of positionals) await c.remove(n, { force: values.force === true });
       return 0;
     }
@@ -120,48 +135,48 @@ async function dispatch(args: string[], io: CliIO, control: DmControl | null): P
     case 'reload': {
       const { values, positionals } = parse(rest, { table: { type: 'string' } }, 1, 2, cmd);
       const [name, file] = positionals as [string, string | undefined];
-      const c = need();
+      const c = await need();
       await c.load(name, await tableText(io, values.table as string | undefined, file));
       return 0;
     }
     case 'clear':
     case 'resume': {
       const { positionals } = parse(rest, {}, 1, 1, cmd);
-      const c = need();
+      const c = await need();
       await (cmd === 'clear' ? c.clear(positionals[0]!) : c.resume(positionals[0]!));
       return 0;
     }
     case 'suspend': {
       const { values, positionals } = parse(rest, { noflush: { type: 'boolean' } }, 1, 1, 'suspend');
-      await need().suspend(positionals[0]!, { noflush: values.noflush === true });
+      await (await need()).suspend(positionals[0]!, { noflush: values.noflush === true });
       return 0;
     }
     case 'rename': {
       const { positionals } = parse(rest, {}, 2, 2, 'rename');
-      await need().rename(positionals[0]!, positionals[1]!);
+      await (await need()).rename(positionals[0]!, positionals[1]!);
       return 0;
     }
     case 'table': {
       const { values, positionals } = parse(rest, { showkeys: { type: 'boolean' } }, 0, 1, 'table');
       const name = positionals[0];
-      io.stdout.write(formatLines(await need().table(name, { showKeys: values.showkeys === true }), name === undefined));
+      io.stdout.write(formatLines(await (await need()).table(name, { showKeys: values.showkeys === true }), name === undefined));
       return 0;
     }
     case 'status': {
       const { positionals } = parse(rest, {}, 0, 1, 'status');
       const name = positionals[0];
-      io.stdout.write(formatLines(await need().status(name), name === undefined));
+      io.stdout.write(formatLines(await (await need()).status(name), name === undefined));
       return 0;
     }
     case 'info': {
       const { positionals } = parse(rest, {}, 0, 1, 'info');
-      const list = await need().info(positionals[0]);
+      const list = await (await need()).info(positionals[0]);
       io.stdout.write(list.length === 0 ? 'No devices found\n' : list.map(formatInfo).join(''));
       return 0;
     }
     case 'ls': {
       parse(rest, {}, 0, 0, 'ls');
-      io.stdout.write(formatLs(await need().ls()));
+      io.stdout.write(formatLs(await (await need()).ls()));
       return 0;
     }
     case 'message': {
@@ -169,7 +184,7 @@ async function dispatch(args: string[], io: CliIO, control: DmControl | null): P
       if (rest.length < 3) throw usageError('message: expected NAME SECTOR MESSAGE...');
       const [name, sectorArg, ...msg] = rest as [string, string, ...string[]];
       if (!/^[0-9]+$/.test(sectorArg) || !Number.isSafeInteger(Number(sectorArg))) throw usageError(`message: SECTOR '${sectorArg}' is not an unsigned decimal number`);
-      const reply = await need().message(name, Number(sectorArg), msg);
+      const reply = await (await need()).message(name, Number(sectorArg), msg);
       if (reply !== '') io.stdout.write(reply.endsWith('\n') ? reply : reply + '\n');
       return 0;
     }
@@ -178,6 +193,16 @@ async function dispatch(args: string[], io: CliIO, control: DmControl | null): P
   }
 }
 
-/** The CLI entry: no daemon connection yet, so every command ends with the daemon message. */
-const dmMain: VerbMain = (argv, io) => runDm(argv, io, null);
+/**
+ * The CLI entry: commands go to the daemon's registry over its control socket (runtime dir from
+ * CRYPTMAP_RUNTIME_DIR, else /run/cryptmap). Without a daemon: the daemon-not-running message, exit 1.
+ * Paths in tables are opened by the daemon, so give absolute paths.
+ */
+const dmMain: VerbMain = (argv, io) =>
+  runDm(argv, io, {
+    async connect() {
+      const c = await ControlClient.connect(runtimeDir(undefined, io.env));
+      return { control: remoteDmControl(c), close: () => c.close() };
+    },
+  });
 export default dmMain;
