@@ -336,7 +336,12 @@ export class MappedDevice implements BlockDevice {
       close: async () => {
         if (!open) return;
         open = false;
-        dev.#openCount--;
+        try {
+          // The contract: close flushes a writable device first (not while suspended: it would wait).
+          if (!dev.#removed && dev.#live !== null && !dev.#suspended && dev.capabilities.write) await dev.flush();
+        } finally {
+          dev.#openCount--;
+        }
       },
     };
   }

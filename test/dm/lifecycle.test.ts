@@ -276,3 +276,18 @@ test('lifecycle operations on one device run one after another', async () => {
   await dev.close();
   await registry.closeAll();
 });
+
+test('offsets and chunks must fit the logical block size of the device below', async () => {
+  const { registry } = memRegistry({ a: MiB });
+  const key = xtsKey(12).toString('hex');
+  await registry.create('c4k', { table: `0 1024 crypt aes-xts-plain64 ${key} 0 /mem/a 0 1 sector_size:4096` });
+  await assert.rejects(registry.create('x', { table: '0 8 linear c4k 1' }), {
+    code: 'EALIGN',
+    message: 'table line 1: linear <offset>: offset 1 is not aligned to the 4096-byte logical blocks of device c4k',
+  });
+  await assert.rejects(registry.create('x', { table: '0 16 striped 1 8 c4k 4' }), { code: 'EALIGN', message: /striped <offset #0>: offset 4 is not aligned/ });
+  await assert.rejects(registry.create('x', { table: `0 8 crypt aes-xts-plain64 ${key} 0 c4k 2` }), { code: 'EALIGN', message: /crypt <offset>: offset 2 is not aligned/ });
+  await registry.create('ok', { table: '0 16 linear c4k 8' });
+  assert.equal(registry.open('ok').limits.logicalBlockBytes, 4096);
+  await registry.closeAll();
+});

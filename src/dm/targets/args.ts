@@ -40,3 +40,11 @@ export function passThroughCapabilities(devs: readonly BlockDevice[]): TargetCap
     multiConn: devs.every((d) => d.capabilities.multiConn),
   };
 }
+
+/** The offset on `dev` must fall on its logical block size (dm-table's alignment check). */
+export function checkDeviceAlignment(dev: BlockDevice, arg: string, ctx: TargetContext, name: string, offsetSectors: number): void {
+  const lbs = dev.limits.logicalBlockBytes;
+  if ((offsetSectors * 512) % lbs !== 0) {
+    throw ctx.error(name, `offset ${offsetSectors} is not aligned to the ${lbs}-byte logical blocks of device ${arg}`, 'EALIGN');
+  }
+}

@@ -18,7 +18,7 @@ import { isPowerOfTwo, parseU64, toHex } from '../../util/bytes.js';
 import { CryptmapError, isCryptmapError } from '../../util/errors.js';
 import { Secret } from '../../util/secret.js';
 import type { KeyRef, KeyStore, TargetInstance, TargetType } from '../types.js';
-import { checkDeviceSize, uintArg } from './args.js';
+import { checkDeviceAlignment, checkDeviceSize, uintArg } from './args.js';
 
 const KEY_TYPES = new Set(['logon', 'user', 'encrypted', 'trusted']);
 const FLAGS = ['allow_discards', 'same_cpu_crypt', 'submit_from_crypt_cpus', 'no_read_workqueue', 'no_write_workqueue'] as const;
@@ -153,6 +153,7 @@ export const crypt: TargetType = {
       }
       const dev: BlockDevice = await ctx.openDevice(devArg, 'dev');
       checkDeviceSize(dev, devArg, ctx, 'dev', offsetSectors + ctx.lengthSectors);
+      checkDeviceAlignment(dev, devArg, ctx, 'offset', offsetSectors);
       const base = offsetSectors * 512;
       const allowDiscards = flags.has('allow_discards');
 

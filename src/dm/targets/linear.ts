@@ -4,7 +4,7 @@
  */
 import type { BlockDevice } from '../../blockdev/types.js';
 import type { TargetInstance, TargetType } from '../types.js';
-import { checkDeviceSize, expectArgs, passThroughCapabilities, uintArg } from './args.js';
+import { checkDeviceAlignment, checkDeviceSize, expectArgs, passThroughCapabilities, uintArg } from './args.js';
 
 /*
  * Table grammar:  linear <dev> <offset>
@@ -20,6 +20,7 @@ export const linear: TargetType = {
     const offsetSectors = uintArg(offArg, ctx, 'offset');
     const dev: BlockDevice = await ctx.openDevice(devArg, 'dev');
     checkDeviceSize(dev, devArg, ctx, 'dev', offsetSectors + ctx.lengthSectors);
+    checkDeviceAlignment(dev, devArg, ctx, 'offset', offsetSectors);
     const base = offsetSectors * 512;
     return {
       capabilities: passThroughCapabilities([dev]),

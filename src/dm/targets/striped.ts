@@ -12,7 +12,7 @@
 import type { BlockDevice } from '../../blockdev/types.js';
 import { isPowerOfTwo } from '../../util/bytes.js';
 import type { TargetInstance, TargetType } from '../types.js';
-import { checkDeviceSize, passThroughCapabilities, uintArg } from './args.js';
+import { checkDeviceAlignment, checkDeviceSize, passThroughCapabilities, uintArg } from './args.js';
 
 const MIN_CHUNK_SECTORS = 8;
 
@@ -58,6 +58,7 @@ export const striped: TargetType = {
     for (let i = 0; i < stripes; i++) {
       const d = await ctx.openDevice(devArgs[i]!, `dev #${i}`);
       checkDeviceSize(d, devArgs[i]!, ctx, `dev #${i}`, offsets[i]! + widthSectors);
+      checkDeviceAlignment(d, devArgs[i]!, ctx, `offset #${i}`, offsets[i]!);
       devs.push(d);
     }
     const chunkBytes = chunkSectors * 512;
