@@ -16,7 +16,7 @@
  * Major/minor: every mapped device has major 253 (DM_MAJOR, the usual dynamic dm major) and the
  * lowest minor not in use in its registry, like the kernel's idr allocation.
  */
-import type { BlockDevice, BlockDeviceCapabilities, BlockDeviceLimits, WriteFlags, WriteZeroesFlags } from '../blockdev/types.js';
+import type { BlockDevice, BlockDeviceCapabilities, BlockDeviceLimits, Extent, WriteFlags, WriteZeroesFlags } from '../blockdev/types.js';
 import { CryptmapError, EXIT_BUSY } from '../util/errors.js';
 import type { Table } from './table.js';
 import type { TargetInstance } from './types.js';
@@ -93,7 +93,7 @@ export class MappedDevice implements BlockDevice {
       fua: c.fua,
       discard: c.discard && !this.readOnly,
       writeZeroes: c.writeZeroes && !this.readOnly,
-      blockStatus: false,
+      blockStatus: c.blockStatus,
       multiConn: c.multiConn,
     };
   }
@@ -307,6 +307,30 @@ export class MappedDevice implements BlockDevice {
     });
   }
 
+  /** Allocation status, split at target edges and merged (only when capabilities.blockStatus). */
+  blockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    const out: Extent[] = [];
+    return this.#run(async () => {
+      const t = this.#table('block status');
+      if (!t.capabilities.blockStatus) {
+        throw new CryptmapError('ENOTSUP', `device ${this.name} cannot report block status (a target in its table cannot)`, { errno: 'ENOTSUP' });
+      }
+      this.#check(t, offsetBytes, lengthBytes, 'block status');
+      const end = offsetBytes + lengthBytes;
+      let pos = offsetBytes;
+      for (let i = t.find(offsetBytes); pos < end; i++) {
+        const e = t.entries[i]!;
+        const n = Math.min(e.endBytes, end) - pos;
+        for (const x of await e.instance.blockStatus!(pos - e.startBytes, n)) {
+          const last = out[out.length - 1];
+          if (last && last.hole === x.hole && last.zero === x.zero) last.lengthBytes += x.lengthBytes;
+          else out.push({ ...x });
+        }
+        pos += n;
+      }
+    }).then(() => out);
+  }
+
   /** The device object itself stays until removed from its registry; close() only flushes. */
   async close(): Promise<void> {
     if (this.#live !== null && !this.#removed && !this.#suspended) await this.flush();
@@ -333,6 +357,7 @@ export class MappedDevice implements BlockDevice {
       flush: () => dev.flush(),
       discard: (o, l) => dev.discard(o, l),
       writeZeroes: (o, l, f) => dev.writeZeroes(o, l, f),
+      blockStatus: (o, l) => dev.blockStatus(o, l),
       close: async () => {
         if (!open) return;
         open = false;

@@ -98,7 +98,7 @@ export interface TableEnvironment {
 export class Table {
   readonly entries: readonly TableEntry[];
   readonly sizeBytes: number;
-  readonly capabilities: TargetCapabilities & { fua: boolean };
+  readonly capabilities: TargetCapabilities & { fua: boolean; blockStatus: boolean };
   readonly limits: BlockDeviceLimits;
   /** Mapped devices this table uses (opaque here; the registry uses them for loop detection). */
   readonly mappedDeps: ReadonlySet<unknown>;
@@ -123,6 +123,7 @@ export class Table {
       discard: all((c) => c.discard),
       writeZeroes: all((c) => c.writeZeroes),
       multiConn: all((c) => c.multiConn),
+      blockStatus: entries.every((e) => e.instance.blockStatus !== undefined),
     };
     let lbs = 512;
     let pbs = 512;

@@ -8,7 +8,7 @@
  * Offsets handed to a target are bytes relative to the target's start; they are already validated
  * (inside the target, multiples of the table's logical block size).
  */
-import type { BlockDevice, BlockDeviceLimits, WriteFlags, WriteZeroesFlags } from '../blockdev/types.js';
+import type { BlockDevice, BlockDeviceLimits, Extent, WriteFlags, WriteZeroesFlags } from '../blockdev/types.js';
 import type { CryptmapError } from '../util/errors.js';
 import type { Secret } from '../util/secret.js';
 
@@ -66,6 +66,8 @@ export interface TargetInstance {
   flush(): Promise<void>;
   /** Only called when capabilities.discard. */
   discard?(offsetBytes: number, lengthBytes: number): Promise<void>;
+  /** Allocation status (NBD base:allocation); the mapped device offers it only when every target has it. */
+  blockStatus?(offsetBytes: number, lengthBytes: number): Promise<Extent[]>;
   /** Optional: when absent the core writes zero buffers through write(). */
   writeZeroes?(offsetBytes: number, lengthBytes: number, flags?: WriteZeroesFlags): Promise<void>;
   /**

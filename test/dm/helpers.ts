@@ -70,6 +70,7 @@ export function shareOf(dev: BlockDevice): BlockDevice {
     flush: () => dev.flush(),
     discard: (o, n) => dev.discard(o, n),
     writeZeroes: (o, n, f) => dev.writeZeroes(o, n, f),
+    blockStatus: dev.blockStatus ? (o, n) => dev.blockStatus!(o, n) : undefined,
     close: async () => {},
   };
 }

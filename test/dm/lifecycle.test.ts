@@ -291,3 +291,23 @@ test('offsets and chunks must fit the logical block size of the device below', a
   assert.equal(registry.open('ok').limits.logicalBlockBytes, 4096);
   await registry.closeAll();
 });
+
+test('block status passes through linear and zero targets and merges extents', async () => {
+  const { registry } = memRegistry({ a: MiB });
+  await registry.create('bs', { table: '0 256 linear /mem/a 0\n256 128 zero\n384 640 linear /mem/a 256' });
+  const dev = registry.open('bs');
+  assert.equal(dev.capabilities.blockStatus, true);
+  await dev.write(64 << 10, Buffer.alloc(64 << 10, 1)); // memory chunk 1 (64 KiB chunks)
+  assert.deepEqual(await dev.blockStatus!(0, 1024 * 512), [
+    { lengthBytes: 64 << 10, hole: true, zero: true },
+    { lengthBytes: 64 << 10, hole: false, zero: false },
+    { lengthBytes: 1024 * 512 - (128 << 10), hole: true, zero: true },
+  ]);
+  assert.deepEqual(await dev.blockStatus!(512, 0), []);
+  const key = xtsKey(13).toString('hex');
+  await registry.create('enc', { table: `0 64 crypt aes-xts-plain64 ${key} 0 /mem/a 0` });
+  const enc = registry.open('enc');
+  assert.equal(enc.capabilities.blockStatus, false);
+  await assert.rejects(enc.blockStatus!(0, 512), { code: 'ENOTSUP', message: 'device enc cannot report block status (a target in its table cannot)' });
+  await registry.closeAll();
+});

@@ -24,6 +24,7 @@ export const zero: TargetType = {
       flush: () => RESOLVED,
       discard: () => RESOLVED,
       writeZeroes: () => RESOLVED,
+      blockStatus: async (_o, n) => [{ lengthBytes: n, hole: true, zero: true }],
       status: () => '',
       dispose() {},
     };
