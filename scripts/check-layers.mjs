@@ -16,7 +16,7 @@ const LAYER = {
   reconciler: 5,
   control: 5,
   daemon: 6,
-  cli: 6,
+  cli: 7,
 };
 // Same-layer imports that are forbidden even though the layer number would allow them.
 const FORBIDDEN = { luks: ['dm', 'nbd'], nbd: ['dm', 'luks'], dm: ['luks', 'nbd'], blockdev: ['crypto'], crypto: ['blockdev'] };

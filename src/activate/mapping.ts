@@ -1,0 +1,198 @@
+/**
+ * Activation: the bridge from an unlocked LUKS volume (or a plain-mode spec) to a dm `crypt` table.
+ * cryptsetup builds the same table (`lib/libdevmapper.c` get_dm_crypt_params):
+ *
+ *   0 <size_sectors> crypt <cipher> <key> <iv_offset> <device> <offset_sectors> [<#opt> <opt>...]
+ *
+ * The key never goes into the table text: the volume key is kept in the daemon's keyring and the
+ * table names it as `:<bytes>:logon:<description>`, like cryptsetup with the kernel keyring, so
+ * `table --showkeys`, status and logs never show it.
+ */
+import { FileDevice } from '../blockdev/file.js';
+import type { BlockDevice } from '../blockdev/types.js';
+import type { SectorBytes } from '../engine/types.js';
+import { openLuks } from '../luks/index.js';
+import { SECTOR_BYTES } from '../util/bytes.js';
+import { CryptmapError, EXIT_WRONG_DEVICE } from '../util/errors.js';
+import type { Secret } from '../util/secret.js';
+
+export type MappingType = 'LUKS1' | 'LUKS2' | 'PLAIN';
+
+/** Everything the daemon needs to create a crypt mapping, except the key itself. */
+export interface CryptMapping {
+  name: string;
+  type: MappingType;
+  /** LUKS uuid ('' for plain). */
+  uuid: string;
+  /** Data device path (as given by the user, resolved to absolute). */
+  device: string;
+  /** Detached header path, if any. */
+  header?: string;
+  cipher: string;
+  keyBytes: number;
+  sectorBytes: SectorBytes;
+  /** dm iv_offset (512-byte units). */
+  ivOffsetSectors: bigint;
+  /** Where the data starts on `device` (512-byte units). */
+  offsetSectors: number;
+  /** Mapping length (512-byte units). */
+  sizeSectors: number;
+  readOnly: boolean;
+  allowDiscards: boolean;
+  sameCpuCrypt?: boolean;
+  submitFromCryptCpus?: boolean;
+  noReadWorkqueue?: boolean;
+  noWriteWorkqueue?: boolean;
+  ivLargeSectors?: boolean;
+  /** Keyslot that unlocked the volume (LUKS), for status. */
+  keyslot?: number;
+}
+
+/** The keyring description a mapping's volume key is stored under. */
+export function keyDescription(name: string): string {
+  return `cryptmap:${name}`;
+}
+
+/** dm uuid as cryptsetup names it: CRYPT-LUKS2-<uuid without dashes>-<name>, CRYPT-PLAIN-<name>. */
+export function dmUuid(m: Pick<CryptMapping, 'type' | 'uuid' | 'name'>): string {
+  return m.type === 'PLAIN' ? `CRYPT-PLAIN-${m.name}` : `CRYPT-${m.type}-${m.uuid.replace(/-/g, '')}-${m.name}`;
+}
+
+/** The crypt table line (one target covering the whole mapping). `keyArg` is hex or a key reference. */
+export function cryptTableLine(m: CryptMapping, keyArg: string): string {
+  const opts: string[] = [];
+  if (m.allowDiscards) opts.push('allow_discards');
+  if (m.sameCpuCrypt) opts.push('same_cpu_crypt');
+  if (m.submitFromCryptCpus) opts.push('submit_from_crypt_cpus');
+  if (m.noReadWorkqueue) opts.push('no_read_workqueue');
+  if (m.noWriteWorkqueue) opts.push('no_write_workqueue');
+  if (m.sectorBytes !== SECTOR_BYTES) opts.push(`sector_size:${m.sectorBytes}`);
+  if (m.ivLargeSectors) opts.push('iv_large_sectors');
+  const tail = opts.length ? ` ${opts.length} ${opts.join(' ')}` : '';
+  return `0 ${m.sizeSectors} crypt ${m.cipher} ${keyArg} ${m.ivOffsetSectors} ${m.device} ${m.offsetSectors}${tail}`;
+}
+
+/** Key reference naming the daemon keyring entry of `m`. */
+export function keyRefArg(m: Pick<CryptMapping, 'name' | 'keyBytes'>): string {
+  return `:${m.keyBytes}:logon:${keyDescription(m.name)}`;
+}
+
+export interface LuksOpenOptions {
+  name: string;
+  device: string;
+  header?: string;
+  passphrase: Uint8Array;
+  keySlot?: number;
+  readOnly?: boolean;
+  allowDiscards?: boolean;
+}
+
+async function withDevice<T>(path: string, readOnly: boolean, fn: (d: BlockDevice) => Promise<T>): Promise<T> {
+  let dev: BlockDevice;
+  try {
+    dev = await FileDevice.open(path, { readOnly });
+  } catch (e) {
+    throw new CryptmapError('ENODEVICE', `Device ${path} does not exist or access denied.`, { exitCode: EXIT_WRONG_DEVICE, cause: e });
+  }
+  try {
+    return await fn(dev);
+  } finally {
+    await dev.close();
+  }
+}
+
+/**
+ * Unlock a LUKS volume and describe its crypt mapping. The caller owns the returned volume key.
+ * Size: the segment size, or (dynamic) what is left of the data device after the data offset.
+ */
+export async function prepareLuks(o: LuksOpenOptions): Promise<{ mapping: CryptMapping; volumeKey: Secret }> {
+  const headerPath = o.header ?? o.device;
+  return withDevice(headerPath, true, async (hdrDev) => {
+    const vol = await openLuks(hdrDev);
+    try {
+      if (!vol.activatable) {
+        throw new CryptmapError('EREQUIREMENTS', 'Device has unknown mandatory requirements; refusing to activate.', { exitCode: 1 });
+      }
+      const seg = vol.dataSegment;
+      const dataBytes =
+        o.header === undefined ? hdrDev.sizeBytes : await withDevice(o.device, true, async (d) => d.sizeBytes);
+      let sizeBytes: number;
+      if (seg.sizeBytes === 'dynamic') {
+        sizeBytes = dataBytes - seg.offsetBytes;
+        sizeBytes -= sizeBytes % seg.sectorBytes;
+      } else sizeBytes = seg.sizeBytes;
+      if (sizeBytes <= 0 || seg.offsetBytes + sizeBytes > dataBytes) {
+        throw new CryptmapError('EDEVSMALL', `Device ${o.device} is too small for the data segment.`, { exitCode: EXIT_WRONG_DEVICE });
+      }
+      const { volumeKey, keyslot } = await vol.unlock(o.passphrase, o.keySlot === undefined ? {} : { keySlot: o.keySlot });
+      const mapping: CryptMapping = {
+        name: o.name,
+        type: vol.type === 'luks1' ? 'LUKS1' : 'LUKS2',
+        uuid: vol.uuid,
+        device: o.device,
+        cipher: seg.cipher,
+        keyBytes: seg.keyBytes,
+        sectorBytes: seg.sectorBytes,
+        ivOffsetSectors: seg.ivTweak,
+        offsetSectors: seg.offsetBytes / SECTOR_BYTES,
+        sizeSectors: sizeBytes / SECTOR_BYTES,
+        readOnly: o.readOnly ?? false,
+        allowDiscards: (o.allowDiscards ?? false) || persistentDiscards(vol),
+        keyslot,
+      };
+      if (o.header !== undefined) mapping.header = o.header;
+      return { mapping, volumeKey };
+    } finally {
+      await vol.close();
+    }
+  });
+}
+
+/** LUKS2 persistent flag `allow-discards` in config.flags (cryptsetup `--persistent --allow-discards`). */
+function persistentDiscards(vol: Awaited<ReturnType<typeof openLuks>>): boolean {
+  if (vol.type !== 'luks2') return false;
+  const flags = (vol.json.config as { flags?: unknown }).flags;
+  return Array.isArray(flags) && flags.includes('allow-discards');
+}
+
+export interface PlainOpenOptions {
+  name: string;
+  device: string;
+  key: Secret;
+  cipher: string;
+  sectorBytes?: SectorBytes;
+  /** --offset: start of data on the device (512-byte sectors). */
+  offsetSectors?: number;
+  /** --skip: IV offset (512-byte sectors). */
+  skipSectors?: number;
+  /** --size: mapping length (512-byte sectors); default the rest of the device. */
+  sizeSectors?: number;
+  readOnly?: boolean;
+  allowDiscards?: boolean;
+  ivLargeSectors?: boolean;
+}
+
+/** Describe a plain-mode mapping (no header: every parameter comes from the caller). */
+export async function preparePlain(o: PlainOpenOptions): Promise<CryptMapping> {
+  const sectorBytes = o.sectorBytes ?? SECTOR_BYTES;
+  const offset = o.offsetSectors ?? 0;
+  const devBytes = await withDevice(o.device, true, async (d) => d.sizeBytes);
+  const avail = Math.floor(devBytes / SECTOR_BYTES) - offset;
+  const size = o.sizeSectors ?? avail - (avail % (sectorBytes / SECTOR_BYTES));
+  if (size <= 0 || size > avail) throw new CryptmapError('EDEVSMALL', `Device ${o.device} is too small.`, { exitCode: EXIT_WRONG_DEVICE });
+  return {
+    name: o.name,
+    type: 'PLAIN',
+    uuid: '',
+    device: o.device,
+    cipher: o.cipher,
+    keyBytes: o.key.length,
+    sectorBytes,
+    ivOffsetSectors: BigInt(o.skipSectors ?? 0),
+    offsetSectors: offset,
+    sizeSectors: size,
+    readOnly: o.readOnly ?? false,
+    allowDiscards: o.allowDiscards ?? false,
+    ivLargeSectors: o.ivLargeSectors ?? false,
+  };
+}

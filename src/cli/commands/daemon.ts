@@ -1,0 +1,126 @@
+/**
+ * `cryptmap daemon`: owns mapped devices and serves each over NBD (export name = mapping name) on
+ * `<runtime-dir>/nbd.sock`; takes CLI requests on `<runtime-dir>/control.sock`. Foreground by
+ * default (systemd style); `--detach` forks a background daemon and returns once it answers.
+ *
+ *   cryptmap daemon [--runtime-dir DIR] [--detach] [--listen HOST:PORT]
+ *                   [--tls off|on|require --tls-cert PEM --tls-key PEM [--tls-ca PEM --tls-verify-client]]
+ */
+import { spawn } from 'node:child_process';
+import { openSync, readFileSync, writeFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { ControlClient } from '../../control/client.js';
+import { controlSocketPath, ensureRuntimeDir, nbdSocketPath, runtimeDir } from '../../control/runtime-dir.js';
+import { ControlServer } from '../../control/server.js';
+import { DaemonCore } from '../../daemon/core.js';
+import { daemonHandlers } from '../../daemon/handlers.js';
+import type { NbdServerOptions, NbdTlsMode } from '../../nbd/types.js';
+import { CryptmapError } from '../../util/errors.js';
+import { logger } from '../../util/log.js';
+import type { VerbMain } from '../types.js';
+
+const log = logger('daemon');
+
+const daemon: VerbMain = async (argv, io) => {
+  const { values } = parseArgs({
+    args: argv.slice(1),
+    options: {
+      'runtime-dir': { type: 'string' },
+      detach: { type: 'boolean' },
+      listen: { type: 'string' },
+      tls: { type: 'string' },
+      'tls-cert': { type: 'string' },
+      'tls-key': { type: 'string' },
+      'tls-ca': { type: 'string' },
+      'tls-verify-client': { type: 'boolean' },
+      help: { type: 'boolean', short: 'h' },
+    },
+    strict: true,
+    allowPositionals: false,
+  });
+  if (values.help) {
+    io.stdout.write('usage: cryptmap daemon [--runtime-dir DIR] [--detach] [--listen HOST:PORT] [--tls off|on|require --tls-cert F --tls-key F [--tls-ca F --tls-verify-client]]\n');
+    return 0;
+  }
+  const dir = runtimeDir(values['runtime-dir'], io.env);
+  ensureRuntimeDir(dir);
+
+  if (values.detach) return detach(argv, dir, io);
+
+  const nbdOpts: NbdServerOptions = {};
+  const tls = (values.tls ?? (values['tls-cert'] ? 'on' : 'off')) as NbdTlsMode;
+  if (!['off', 'on', 'require'].includes(tls)) throw new CryptmapError('EARGS', `--tls must be off, on or require (got '${tls}')`);
+  if (tls !== 'off') {
+    if (!values['tls-cert'] || !values['tls-key']) throw new CryptmapError('EARGS', '--tls needs --tls-cert and --tls-key');
+    nbdOpts.tls = tls;
+    nbdOpts.tlsCredentials = {
+      cert: readFileSync(values['tls-cert']),
+      key: readFileSync(values['tls-key']),
+      ...(values['tls-ca'] ? { ca: readFileSync(values['tls-ca']) } : {}),
+      verifyClient: values['tls-verify-client'] ?? false,
+    };
+  }
+  let tcp: { host: string; port: number } | undefined;
+  if (values.listen) {
+    const m = /^(?:\[([^\]]+)\]|([^:]+)):([0-9]{1,5})$/.exec(values.listen);
+    if (!m) throw new CryptmapError('EARGS', `--listen wants HOST:PORT (got '${values.listen}')`);
+    tcp = { host: m[1] ?? m[2] ?? '127.0.0.1', port: Number(m[3]) };
+  }
+
+  const core = new DaemonCore({ nbdSocketPath: nbdSocketPath(dir), attachDir: join(dir, 'attach'), nbd: nbdOpts });
+  const control = new ControlServer(daemonHandlers(core));
+  await control.listen(controlSocketPath(dir));
+  try {
+    await core.listen(tcp);
+  } catch (e) {
+    await control.close();
+    throw e;
+  }
+  const pidFile = join(dir, 'daemon.pid');
+  writeFileSync(pidFile, `${process.pid}\n`, { mode: 0o600 });
+  log.info('daemon ready', { control: controlSocketPath(dir), nbd: nbdSocketPath(dir), ...(tcp ? { tcp: `${tcp.host}:${tcp.port}` } : {}) });
+
+  await new Promise<void>((resolve) => {
+    const stop = (sig: string) => {
+      log.info('shutting down', { signal: sig });
+      process.off('SIGTERM', onTerm);
+      process.off('SIGINT', onInt);
+      resolve();
+    };
+    const onTerm = () => stop('SIGTERM');
+    const onInt = () => stop('SIGINT');
+    process.on('SIGTERM', onTerm);
+    process.on('SIGINT', onInt);
+  });
+  await control.close();
+  await core.shutdown();
+  rmSync(pidFile, { force: true });
+  log.info('daemon stopped');
+  return 0;
+};
+
+/** Start the same command without --detach in the background; return once it answers a ping. */
+async function detach(argv: string[], dir: string, io: Parameters<VerbMain>[1]): Promise<number> {
+  const args = argv.filter((a) => a !== '--detach');
+  const logFile = join(dir, 'daemon.log');
+  const out = openSync(logFile, 'a', 0o600);
+  const bin = new URL('../../../../bin/cryptmap.js', import.meta.url).pathname;
+  const child = spawn(process.execPath, [bin, ...args], { detached: true, stdio: ['ignore', out, out], env: io.env });
+  child.unref();
+  for (let i = 0; i < 100; i++) {
+    await new Promise((r) => setTimeout(r, 100));
+    try {
+      const c = await ControlClient.connect(dir);
+      await c.call('daemon.ping');
+      c.close();
+      io.stdout.write(`${child.pid}\n`);
+      return 0;
+    } catch {
+      if (child.exitCode !== null) break;
+    }
+  }
+  throw new CryptmapError('EDAEMON_START', `the daemon did not start; see ${logFile}`, { exitCode: 1 });
+}
+
+export default daemon;

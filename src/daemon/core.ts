@@ -1,0 +1,286 @@
+/**
+ * The daemon's state: mapped devices (dm registry), the volume keys they use (keyring), an NBD
+ * server exporting every mapped device with a live table under its own name, and kernel block
+ * device attachments. The control socket handlers and the agent (in-process) both call this.
+ *
+ * Lifecycle per name is serialised by a promise chain; data I/O never waits on it.
+ */
+import type { CryptMapping } from '../activate/mapping.js';
+import { cryptTableLine, dmUuid, keyDescription, keyRefArg } from '../activate/mapping.js';
+import type { BlockDevice } from '../blockdev/types.js';
+import { type DmControl, DeviceRegistry, InProcessDmControl } from '../dm/index.js';
+import { type AttachInfo, attachExport, detachExport, NbdServer, nbdUnixUri } from '../nbd/index.js';
+import type { NbdServerOptions } from '../nbd/types.js';
+import { CryptmapError, EXIT_BUSY, EXIT_WRONG_DEVICE } from '../util/errors.js';
+import { logger } from '../util/log.js';
+import type { Secret } from '../util/secret.js';
+import { Keyring } from './keyring.js';
+
+const log = logger('daemon');
+
+export interface DaemonCoreOptions {
+  /** Unix socket the NBD server listens on (exports are reached through it). */
+  nbdSocketPath: string;
+  /** Where attach work directories go (0700). */
+  attachDir: string;
+  nbd?: NbdServerOptions;
+}
+
+export interface VolumeStatus {
+  name: string;
+  active: boolean;
+  mapping?: Omit<CryptMapping, 'ivOffsetSectors'> & { ivOffsetSectors: string };
+  nbdUri: string;
+  attachedDevice?: string;
+  suspended: boolean;
+  openCount: number;
+  nbdConnections: number;
+}
+
+export class DaemonCore {
+  readonly keyring = new Keyring();
+  readonly registry: DeviceRegistry;
+  readonly nbd: NbdServer;
+  readonly #dm: InProcessDmControl;
+  readonly #opts: DaemonCoreOptions;
+  readonly #handles = new Map<string, BlockDevice>();
+  readonly #volumes = new Map<string, CryptMapping>();
+  readonly #attachments = new Map<string, AttachInfo>();
+  readonly #chains = new Map<string, Promise<unknown>>();
+  #closing = false;
+
+  constructor(opts: DaemonCoreOptions) {
+    this.#opts = opts;
+    this.registry = new DeviceRegistry({ keyStore: this.keyring });
+    this.#dm = new InProcessDmControl(this.registry);
+    this.nbd = new NbdServer(opts.nbd ?? {});
+  }
+
+  get nbdSocketPath(): string {
+    return this.#opts.nbdSocketPath;
+  }
+
+  /** Run `fn` after every earlier lifecycle operation on `name` finished. */
+  #serial<T>(name: string, fn: () => Promise<T>): Promise<T> {
+    if (this.#closing) return Promise.reject(new CryptmapError('ESHUTDOWN', 'the cryptmap daemon is shutting down', { errno: 'ESHUTDOWN', exitCode: EXIT_BUSY }));
+    const prev = this.#chains.get(name) ?? Promise.resolve();
+    const next = prev.then(fn, fn);
+    const tail = next.catch(() => undefined);
+    this.#chains.set(name, tail);
+    void tail.then(() => {
+      if (this.#chains.get(name) === tail) this.#chains.delete(name);
+    });
+    return next;
+  }
+
+  /** Export `name` over NBD when it has a live table and is not exported yet. */
+  #exportIfLive(name: string): void {
+    const dev = this.registry.find(name);
+    if (!dev?.hasLiveTable || this.#handles.has(name)) return;
+    const handle = this.registry.open(name);
+    try {
+      this.nbd.addExport(name, { device: handle, description: `cryptmap ${name}`, readOnly: dev.readOnly });
+    } catch (e) {
+      void handle.close();
+      throw e;
+    }
+    this.#handles.set(name, handle);
+  }
+
+  /** Stop exporting `name` (refused while NBD clients or an attachment use it, unless forced). */
+  async #unexport(name: string, force: boolean): Promise<void> {
+    const handle = this.#handles.get(name);
+    if (!handle) return;
+    if (!force && this.#attachments.has(name)) {
+      throw new CryptmapError('EBUSY', `Device ${name} is still attached as ${this.#attachments.get(name)?.devicePath}; detach it first.`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+    }
+    const conns = this.nbd.connectionCount(name);
+    if (!force && conns > 0) {
+      throw new CryptmapError('EBUSY', `Device ${name} is still in use (${conns} NBD connection${conns === 1 ? '' : 's'}).`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+    }
+    if (this.#attachments.has(name)) await this.detach(name);
+    await this.nbd.removeExport(name);
+    this.#handles.delete(name);
+    await handle.close();
+  }
+
+  /** The dmsetup verbs, with NBD exports following the devices. */
+  dm(): DmControl {
+    const dm = this.#dm;
+    return {
+      create: (name, opts) =>
+        this.#serial(name, async () => {
+          await dm.create(name, opts);
+          try {
+            this.#exportIfLive(name);
+          } catch (e) {
+            await dm.remove(name, { force: true });
+            throw e;
+          }
+        }),
+      remove: (name, opts) => this.#serial(name, () => this.#remove(name, opts?.force ?? false)),
+      load: (name, table) => this.#serial(name, () => dm.load(name, table)),
+      clear: (name) => this.#serial(name, () => dm.clear(name)),
+      suspend: (name, opts) => this.#serial(name, () => dm.suspend(name, opts)),
+      resume: (name) =>
+        this.#serial(name, async () => {
+          await dm.resume(name);
+          this.#exportIfLive(name);
+        }),
+      rename: (oldName, newName) =>
+        this.#serial(oldName, async () => {
+          if (this.#volumes.has(oldName)) throw new CryptmapError('EBUSY', `Device ${oldName} is a cryptmap volume; close and reopen it under the new name.`, { exitCode: EXIT_BUSY });
+          const exported = this.#handles.has(oldName);
+          await this.#unexport(oldName, false);
+          try {
+            await dm.rename(oldName, newName);
+          } finally {
+            if (exported) this.#exportIfLive(this.registry.find(newName) ? newName : oldName);
+          }
+        }),
+      table: (name, opts) => dm.table(name, opts),
+      status: (name) => dm.status(name),
+      info: (name) => dm.info(name),
+      ls: () => dm.ls(),
+      message: (name, sector, msg) => this.#serial(name, () => dm.message(name, sector, msg)),
+    };
+  }
+
+  async #remove(name: string, force: boolean): Promise<void> {
+    this.registry.get(name);
+    const wasExported = this.#handles.has(name);
+    await this.#unexport(name, force);
+    try {
+      await this.#dm.remove(name, { force });
+    } catch (e) {
+      if (wasExported) this.#exportIfLive(name);
+      throw e;
+    }
+    this.#volumes.delete(name);
+    this.keyring.delete(keyDescription(name));
+  }
+
+  /** Create a crypt mapping for an unlocked volume and export it. Takes a copy of the key. */
+  openVolume(m: CryptMapping, volumeKey: Secret): Promise<VolumeStatus> {
+    return this.#serial(m.name, async () => {
+      if (this.registry.find(m.name)) {
+        throw new CryptmapError('EEXIST', `Device ${m.name} already exists.`, { exitCode: EXIT_BUSY, errno: 'EEXIST' });
+      }
+      if (volumeKey.length !== m.keyBytes) throw new CryptmapError('EKEY_SIZE', `volume key has ${volumeKey.length} bytes, mapping needs ${m.keyBytes}`);
+      const desc = keyDescription(m.name);
+      this.keyring.set(desc, volumeKey.expose());
+      try {
+        await this.#dm.create(m.name, { table: cryptTableLine(m, keyRefArg(m)), uuid: dmUuid(m), readOnly: m.readOnly });
+        try {
+          this.#exportIfLive(m.name);
+        } catch (e) {
+          await this.#dm.remove(m.name, { force: true });
+          throw e;
+        }
+      } catch (e) {
+        this.keyring.delete(desc);
+        throw e;
+      }
+      this.#volumes.set(m.name, m);
+      log.info('volume opened', { name: m.name, type: m.type, device: m.device, nbd: nbdUnixUri(m.name, this.nbdSocketPath) });
+      return this.statusOf(m.name);
+    });
+  }
+
+  closeVolume(name: string, opts: { force?: boolean } = {}): Promise<void> {
+    return this.#serial(name, async () => {
+      if (!this.registry.find(name)) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOENT' });
+      await this.#remove(name, opts.force ?? false);
+      log.info('volume closed', { name });
+    });
+  }
+
+  statusOf(name: string): VolumeStatus {
+    const dev = this.registry.find(name);
+    const nbdUri = nbdUnixUri(name, this.nbdSocketPath);
+    if (!dev) return { name, active: false, nbdUri, suspended: false, openCount: 0, nbdConnections: 0 };
+    const m = this.#volumes.get(name);
+    const st: VolumeStatus = {
+      name,
+      active: true,
+      nbdUri,
+      suspended: dev.suspended,
+      openCount: dev.openCount,
+      nbdConnections: this.nbd.connectionCount(name),
+    };
+    if (m) st.mapping = { ...m, ivOffsetSectors: m.ivOffsetSectors.toString() };
+    const a = this.#attachments.get(name);
+    if (a) st.attachedDevice = a.devicePath;
+    return st;
+  }
+
+  volumes(): VolumeStatus[] {
+    return this.registry.list().map((d) => this.statusOf(d.name));
+  }
+
+  /** Make the export a kernel block device (nbd-client, or nbdfuse + loop). */
+  attach(name: string, opts: { readOnly?: boolean } = {}): Promise<AttachInfo> {
+    return this.#serial(`attach:${name}`, async () => {
+      if (!this.#handles.has(name)) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOENT' });
+      const have = this.#attachments.get(name);
+      if (have) return have;
+      const dev = this.registry.get(name);
+      const info = await attachExport({
+        socketPath: this.nbdSocketPath,
+        exportName: name,
+        workDir: this.#opts.attachDir,
+        readOnly: (opts.readOnly ?? false) || dev.readOnly,
+      });
+      this.#attachments.set(name, info);
+      log.info('volume attached', { name, device: info.devicePath, method: info.method });
+      return info;
+    });
+  }
+
+  detach(name: string): Promise<void> {
+    return this.#serial(`attach:${name}`, async () => {
+      const info = this.#attachments.get(name);
+      if (!info) throw new CryptmapError('ENOTATTACHED', `Device ${name} is not attached.`, { exitCode: EXIT_WRONG_DEVICE });
+      await detachExport(info);
+      this.#attachments.delete(name);
+      log.info('volume detached', { name });
+    });
+  }
+
+  /** Listen for NBD clients on the Unix socket (and TCP when asked). */
+  async listen(tcp?: { host: string; port: number }): Promise<void> {
+    await this.nbd.listenUnix(this.#opts.nbdSocketPath, { mode: 0o600 });
+    if (tcp) await this.nbd.listenTcp(tcp.port, tcp.host);
+  }
+
+  /** Clean shutdown: detach, stop NBD (flushing every export), remove devices (top of stacks first), wipe keys. */
+  async shutdown(): Promise<void> {
+    if (this.#closing) return;
+    this.#closing = true;
+    await Promise.allSettled([...this.#chains.values()]);
+    for (const [name, info] of this.#attachments) {
+      try {
+        await detachExport(info);
+      } catch (e) {
+        log.error('detach failed at shutdown', { name, error: e instanceof Error ? e.message : String(e) });
+      }
+    }
+    this.#attachments.clear();
+    await this.nbd.close();
+    for (const h of this.#handles.values()) await h.close();
+    this.#handles.clear();
+    // Remove until nothing is left: devices used by others (stacks) go after their users.
+    for (let round = 0; round < 64 && this.registry.list().length > 0; round++) {
+      for (const d of this.registry.list()) {
+        try {
+          await this.#dm.remove(d.name);
+        } catch {
+          // still used by another mapped device: next round
+        }
+      }
+    }
+    for (const d of this.registry.list()) await this.#dm.remove(d.name, { force: true }).catch(() => undefined);
+    this.#volumes.clear();
+    this.keyring.clear();
+  }
+}

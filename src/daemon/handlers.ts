@@ -1,0 +1,70 @@
+/**
+ * Control-socket operations of the daemon: `dm.*` (dmsetup verbs), `volume.*` (open, close,
+ * status, list), `attach`/`detach`, `daemon.ping`. Args never reach a log: they may carry keys.
+ */
+import type { CryptMapping } from '../activate/mapping.js';
+import { dmHandlers } from '../control/dm-remote.js';
+import type { ControlHandlers } from '../control/server.js';
+import { fromHex, wipe } from '../util/bytes.js';
+import { CryptmapError } from '../util/errors.js';
+import { Secret } from '../util/secret.js';
+import type { DaemonCore } from './core.js';
+
+function need<T>(v: unknown, check: (x: unknown) => boolean, what: string): T {
+  if (!check(v)) throw new CryptmapError('EPROTO', `control request: bad or missing '${what}'`);
+  return v as T;
+}
+const isStr = (x: unknown) => typeof x === 'string' && x.length > 0;
+const isUint = (x: unknown) => typeof x === 'number' && Number.isSafeInteger(x) && x >= 0;
+
+/** Rebuild a CryptMapping from its JSON form, checking every field. */
+export function mappingFromJson(v: unknown): CryptMapping {
+  const o = need<Record<string, unknown>>(v, (x) => typeof x === 'object' && x !== null, 'mapping');
+  const m: CryptMapping = {
+    name: need(o.name, isStr, 'mapping.name'),
+    type: need(o.type, (x) => x === 'LUKS1' || x === 'LUKS2' || x === 'PLAIN', 'mapping.type'),
+    uuid: need(o.uuid, (x) => typeof x === 'string', 'mapping.uuid'),
+    device: need(o.device, isStr, 'mapping.device'),
+    cipher: need(o.cipher, isStr, 'mapping.cipher'),
+    keyBytes: need(o.keyBytes, isUint, 'mapping.keyBytes'),
+    sectorBytes: need(o.sectorBytes, (x) => x === 512 || x === 1024 || x === 2048 || x === 4096, 'mapping.sectorBytes'),
+    ivOffsetSectors: BigInt(need<string>(o.ivOffsetSectors, (x) => typeof x === 'string' && /^[0-9]+$/.test(x), 'mapping.ivOffsetSectors')),
+    offsetSectors: need(o.offsetSectors, isUint, 'mapping.offsetSectors'),
+    sizeSectors: need(o.sizeSectors, isUint, 'mapping.sizeSectors'),
+    readOnly: o.readOnly === true,
+    allowDiscards: o.allowDiscards === true,
+  };
+  for (const k of ['sameCpuCrypt', 'submitFromCryptCpus', 'noReadWorkqueue', 'noWriteWorkqueue', 'ivLargeSectors'] as const) {
+    if (o[k] === true) m[k] = true;
+  }
+  if (typeof o.header === 'string') m.header = o.header;
+  if (isUint(o.keyslot)) m.keyslot = o.keyslot as number;
+  return m;
+}
+
+export function mappingToJson(m: CryptMapping): Record<string, unknown> {
+  return { ...m, ivOffsetSectors: m.ivOffsetSectors.toString() };
+}
+
+export function daemonHandlers(core: DaemonCore): ControlHandlers {
+  return {
+    ...dmHandlers(core.dm()),
+    'daemon.ping': async () => ({ pid: process.pid, nbdSocket: core.nbdSocketPath }),
+    'volume.open': async (a) => {
+      const m = mappingFromJson(a.mapping);
+      const raw = fromHex(need<string>(a.key, (x) => typeof x === 'string', 'key'), 'volume key');
+      const key = new Secret(raw);
+      try {
+        return await core.openVolume(m, key);
+      } finally {
+        key.dispose();
+        wipe(raw);
+      }
+    },
+    'volume.close': async (a) => core.closeVolume(need(a.name, isStr, 'name'), { force: a.force === true }),
+    'volume.status': async (a) => core.statusOf(need(a.name, isStr, 'name')),
+    'volume.list': async () => core.volumes(),
+    attach: async (a) => core.attach(need(a.name, isStr, 'name'), { readOnly: a.readOnly === true }),
+    detach: async (a) => core.detach(need(a.name, isStr, 'name')),
+  };
+}
