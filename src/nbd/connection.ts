@@ -53,6 +53,8 @@ export class Connection {
   #roomWaiter: (() => void) | null = null;
   #idleWaiters: (() => void)[] = [];
   draining = false;
+  /** Allocator for WRITE payloads that span receive chunks. */
+  readonly payloadAlloc: (n: number) => Buffer;
 
   #corked = false;
   #handshakeTimer: NodeJS.Timeout | null = null;
@@ -62,6 +64,7 @@ export class Connection {
     this.server = server;
     this.raw = raw;
     this.socket = raw;
+    this.payloadAlloc = (n) => server.pool.acquire(n);
     this.rx = new RecvQueue(Math.max(4 << 20, server.limits.maxPayloadBytes + 28));
     raw.on('error', (e) => log.debug('socket error', { conn: this.id, error: e.message }));
     if (typeof raw.setNoDelay === 'function') raw.setNoDelay(true);
@@ -118,15 +121,22 @@ export class Connection {
     return !this.socket.destroyed && this.socket.writable;
   }
 
-  /** Queue bytes for the peer. Writes within one tick go out together (cork/uncork). */
-  send(buf: Uint8Array): void {
-    if (!this.writable) return;
+  /**
+   * Queue bytes for the peer. Writes within one tick go out together (cork/uncork). With `pooled`,
+   * `buf` goes back to the server's buffer pool once the socket is done with it.
+   */
+  send(buf: Uint8Array, pooled = false): void {
+    if (!this.writable) {
+      if (pooled) this.server.pool.release(buf);
+      return;
+    }
     if (!this.#corked) {
       this.#corked = true;
       this.socket.cork();
       process.nextTick(this.#uncork);
     }
-    this.socket.write(buf);
+    if (pooled) this.socket.write(buf, () => this.server.pool.release(buf));
+    else this.socket.write(buf);
   }
 
   readonly #uncork = (): void => {

@@ -94,17 +94,20 @@ export class RecvQueue {
   }
 
   /** Exactly `n` bytes, or null when they are not queued yet. */
-  tryRead(n: number): Buffer | null {
+  tryRead(n: number, alloc?: (n: number) => Buffer): Buffer | null {
     if (this.#queued < n) return null;
-    return this.#take(n);
+    return this.#take(n, alloc);
   }
 
-  /** Exactly `n` bytes; rejects with ConnectionClosed when the peer goes away first. */
-  async read(n: number): Promise<Buffer> {
-    const b = this.tryRead(n);
+  /**
+   * Exactly `n` bytes; rejects with ConnectionClosed when the peer goes away first. `alloc` makes
+   * the buffer when the bytes span several chunks (a view of one chunk needs none).
+   */
+  async read(n: number, alloc?: (n: number) => Buffer): Promise<Buffer> {
+    const b = this.tryRead(n, alloc);
     if (b) return b;
     await this.#waitFor(n);
-    return this.#take(n);
+    return this.#take(n, alloc);
   }
 
   /** Discard `n` bytes as they arrive, without buffering them all (oversized payloads). */
@@ -138,7 +141,7 @@ export class RecvQueue {
     });
   }
 
-  #take(n: number): Buffer {
+  #take(n: number, alloc?: (n: number) => Buffer): Buffer {
     const first = this.#chunks[0];
     if (n === 0 || !first) return Buffer.alloc(0);
     const avail = first.length - this.#head;
@@ -147,7 +150,7 @@ export class RecvQueue {
       out = first.subarray(this.#head, this.#head + n);
       this.#advance(n);
     } else {
-      out = Buffer.allocUnsafe(n);
+      out = alloc ? alloc(n) : Buffer.allocUnsafe(n);
       let done = 0;
       while (done < n) {
         const c = this.#chunks[0]!;

@@ -20,6 +20,7 @@ import { createSecureContext, type SecureContext } from 'node:tls';
 import { CryptmapError, EXIT_BUSY, fromSystemError } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import { Connection } from './connection.js';
+import { BufferPool } from './pool.js';
 import type { ExportEntry, NbdExport, NbdServerOptions, NbdTlsMode, ResolvedLimits, ServerContext } from './types.js';
 
 const log = logger('nbd');
@@ -85,6 +86,7 @@ export class NbdServer {
       list: () => [...this.#exports.values()].filter((e) => !e.removing),
       secureContext: this.#secureContext,
       verifyClient: this.#verifyClient,
+      pool: new BufferPool(num(opts.bufferPoolBytes, 64 << 20, 0, 2 ** 40, 'bufferPoolBytes')),
     };
   }
 

@@ -255,11 +255,17 @@ const read: CommandOps = {
   async run(conn, req) {
     const dev = conn.export!.device;
     const len = req.length;
+    const pool = conn.server.pool;
     if (!conn.structuredReplies) {
-      const b = Buffer.allocUnsafe(SIMPLE_REPLY_HEADER_BYTES + len);
-      if (len > 0) await readDevice(dev, req.offset, b.subarray(SIMPLE_REPLY_HEADER_BYTES));
+      const b = pool.acquire(SIMPLE_REPLY_HEADER_BYTES + len);
+      try {
+        if (len > 0) await readDevice(dev, req.offset, b.subarray(SIMPLE_REPLY_HEADER_BYTES));
+      } catch (e) {
+        pool.release(b);
+        throw e;
+      }
       simpleHeader(b, 0, req);
-      conn.send(b);
+      conn.send(b, true);
       return;
     }
     if (len === 0) {
@@ -272,11 +278,16 @@ const read: CommandOps = {
       const extents = await dev.blockStatus(req.offset, len);
       if (await sparseRead(conn, dev, req, extents)) return;
     }
-    const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_BYTES + 8 + len);
-    await readDevice(dev, req.offset, b.subarray(STRUCTURED_REPLY_HEADER_BYTES + 8));
+    const b = pool.acquire(STRUCTURED_REPLY_HEADER_BYTES + 8 + len);
+    try {
+      await readDevice(dev, req.offset, b.subarray(STRUCTURED_REPLY_HEADER_BYTES + 8));
+    } catch (e) {
+      pool.release(b);
+      throw e;
+    }
     chunkHeader(b, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req, 8 + len);
     writeU64(b, STRUCTURED_REPLY_HEADER_BYTES, req.offset);
-    conn.send(b);
+    conn.send(b, true);
   },
 };
 
@@ -487,6 +498,8 @@ async function execute(conn: Connection, ops: CommandOps, req: Request, data: Bu
     else log.error('request failed', { conn: conn.id, cmd: ops.name, offset: req.offset, length: req.length, error: e instanceof Error ? e.message : String(e) });
     replyError(conn, req, error, message);
   } finally {
+    // The device is done with a WRITE payload once the request completed.
+    if (data) conn.server.pool.release(data);
     conn.finished(cost);
   }
 }
@@ -522,7 +535,7 @@ export async function transmit(conn: Connection): Promise<void> {
       }
       const room = conn.waitForRoom(cost);
       if (room) await room;
-      const data = req.type === NBD_CMD_WRITE ? await rx.read(req.length) : null;
+      const data = req.type === NBD_CMD_WRITE ? await rx.read(req.length, conn.payloadAlloc) : null;
       conn.started(cost);
       void execute(conn, ops!, req, data, cost);
     }

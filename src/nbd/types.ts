@@ -52,6 +52,8 @@ export interface NbdServerOptions {
   defaultExport?: string;
   /** Answer READ with OFFSET_HOLE chunks where the device reports zero extents. Default true. */
   sparseReads?: boolean;
+  /** Idle READ/WRITE buffers kept for reuse across the server (0 disables the pool). Default 64 MiB. */
+  bufferPoolBytes?: number;
 }
 
 export interface ResolvedLimits {
@@ -84,4 +86,5 @@ export interface ServerContext {
   /** Upgrade a raw socket to TLS (STARTTLS); undefined when TLS is off. */
   readonly secureContext: import('node:tls').SecureContext | undefined;
   readonly verifyClient: boolean;
+  readonly pool: import('./pool.js').BufferPool;
 }
