@@ -97,17 +97,26 @@ test('discard and block status follow the native addon', async () => {
   assert.equal(dev.capabilities.blockStatus, native);
   await dev.write(1 << 20, Buffer.alloc(1 << 20, 3));
   if (native) {
-    assert.deepEqual(await dev.blockStatus(0, 4 << 20), [
-      { lengthBytes: 1 << 20, hole: true, zero: true },
-      { lengthBytes: 1 << 20, hole: false, zero: false },
-      { lengthBytes: 2 << 20, hole: true, zero: true },
-    ]);
+    // File systems may round allocation to their blocks: check coverage, not exact extents.
+    const statusAt = async (off: number, len: number, at: number) => {
+      const ext = await dev.blockStatus(off, len);
+      assert.equal(
+        ext.reduce((a, e) => a + e.lengthBytes, 0),
+        len,
+      );
+      let pos = off;
+      for (const e of ext) {
+        if (at >= pos && at < pos + e.lengthBytes) return e.hole;
+        pos += e.lengthBytes;
+      }
+      throw new Error('offset not covered');
+    };
+    assert.equal(await statusAt(0, 4 << 20, 0), true, 'start of the sparse file is a hole');
+    assert.equal(await statusAt(0, 4 << 20, (1 << 20) + 4096), false, 'written range is data');
+    assert.equal(await statusAt(0, 4 << 20, 3 << 20), true, 'end of the sparse file is a hole');
     await dev.discard((1 << 20) + 65536, 65536);
-    assert.deepEqual(await dev.blockStatus(1 << 20, 1 << 20), [
-      { lengthBytes: 65536, hole: false, zero: false },
-      { lengthBytes: 65536, hole: true, zero: true },
-      { lengthBytes: (1 << 20) - 131072, hole: false, zero: false },
-    ]);
+    assert.equal(await statusAt(1 << 20, 1 << 20, (1 << 20) + 65536 + 4096), true, 'punched range is a hole');
+    assert.equal(await statusAt(1 << 20, 1 << 20, 1 << 20), false);
     await dev.discard(0, 0);
     const b = Buffer.alloc(65536);
     await dev.read((1 << 20) + 65536, b);
