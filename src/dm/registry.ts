@@ -280,7 +280,7 @@ export class DeviceRegistry {
 
   async #openDevice(self: MappedDevice, arg: string, line: number, what: string): Promise<{ device: BlockDevice; release: () => Promise<void>; mapped?: unknown }> {
     const wrap = (e: unknown): CryptmapError => {
-      const c = isCryptmapError(e) ? e : new CryptmapError('EOPEN', String(e));
+      const c = isCryptmapError(e) ? e : new CryptmapError('EOPEN', `cannot open ${arg}: ${e instanceof Error ? e.message : String(e)}`, { exitCode: EXIT_WRONG_DEVICE });
       return new CryptmapError(c.code, `table line ${line}: ${what}: ${c.message}`, { exitCode: c.exitCode, errno: c.errno, cause: e, context: { line, arg } });
     };
     let m: MappedDevice | undefined | 'self';

@@ -391,3 +391,17 @@ test('striped status marks a stripe that saw an I/O error', async () => {
   assert.deepEqual(registry.get('s').liveTable!.format('status', false), ['0 32 striped 2 /mem/a bad  AD']);
   await registry.closeAll();
 });
+
+test('a failing file opener is reported with the line, the argument and the path', async () => {
+  const registry = new DeviceRegistry({
+    openFile: async () => {
+      throw new Error('boom');
+    },
+  });
+  await assert.rejects(registry.create('x', { table: '0 8 linear /some/file 0' }), {
+    code: 'EOPEN',
+    exitCode: 4,
+    message: 'table line 1: linear <dev>: cannot open /some/file: boom',
+  });
+  assert.deepEqual(registry.list(), []);
+});
