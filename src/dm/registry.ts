@@ -9,6 +9,13 @@
  *   2. `MAJ:MIN` of another major -> the block device /dev/<DEVNAME from /sys/dev/block/MAJ:MIN/uevent>
  *   3. anything else -> a file or block device path (relative paths against the process's cwd)
  * Files are opened once per path and mode and shared (reference counted) across tables.
+ *
+ * @example
+ *   const reg = new DeviceRegistry({ keyStore });
+ *   await reg.create('s', { table: '0 2048 striped 2 8 /var/lib/a.img 0 /var/lib/b.img 0' });
+ *   await reg.create('c', { table: `0 2048 crypt aes-xts-plain64 ${hexKey} 0 s 0` });
+ *   const dev = reg.open('c');            // a BlockDevice; dev.close() releases it
+ *   await reg.load('c', newTable); await reg.suspend('c'); await reg.resume('c');
  */
 import { readFile } from 'node:fs/promises';
 import { resolve as resolvePath } from 'node:path';
