@@ -8,6 +8,7 @@
  * table names it as `:<bytes>:logon:<description>`, like cryptsetup with the kernel keyring, so
  * `table --showkeys`, status and logs never show it.
  */
+import { resolve } from 'node:path';
 import { FileDevice } from '../blockdev/file.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import type { SectorBytes } from '../engine/types.js';
@@ -106,6 +107,7 @@ async function withDevice<T>(path: string, readOnly: boolean, fn: (d: BlockDevic
  * Size: the segment size, or (dynamic) what is left of the data device after the data offset.
  */
 export async function prepareLuks(o: LuksOpenOptions): Promise<{ mapping: CryptMapping; volumeKey: Secret }> {
+  o = { ...o, device: resolve(o.device), ...(o.header === undefined ? {} : { header: resolve(o.header) }) };
   const headerPath = o.header ?? o.device;
   return withDevice(headerPath, true, async (hdrDev) => {
     const vol = await openLuks(hdrDev);
@@ -174,6 +176,7 @@ export interface PlainOpenOptions {
 
 /** Describe a plain-mode mapping (no header: every parameter comes from the caller). */
 export async function preparePlain(o: PlainOpenOptions): Promise<CryptMapping> {
+  o = { ...o, device: resolve(o.device) };
   const sectorBytes = o.sectorBytes ?? SECTOR_BYTES;
   const offset = o.offsetSectors ?? 0;
   const devBytes = await withDevice(o.device, true, async (d) => d.sizeBytes);

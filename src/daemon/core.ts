@@ -5,6 +5,7 @@
  *
  * Lifecycle per name is serialised by a promise chain; data I/O never waits on it.
  */
+import { readFileSync } from 'node:fs';
 import type { CryptMapping } from '../activate/mapping.js';
 import { cryptTableLine, dmUuid, keyDescription, keyRefArg } from '../activate/mapping.js';
 import type { BlockDevice } from '../blockdev/types.js';
@@ -17,6 +18,21 @@ import type { Secret } from '../util/secret.js';
 import { Keyring } from './keyring.js';
 
 const log = logger('daemon');
+
+/** Where `devicePath` is mounted (first match in /proc/self/mounts), if anywhere. */
+export function mountedAt(devicePath: string): string | undefined {
+  let text: string;
+  try {
+    text = readFileSync('/proc/self/mounts', 'utf8');
+  } catch {
+    return undefined;
+  }
+  for (const line of text.split('\n')) {
+    const [dev, at] = line.split(' ');
+    if (dev === devicePath && at !== undefined) return at.replace(/\\040/g, ' ');
+  }
+  return undefined;
+}
 
 export interface DaemonCoreOptions {
   /** Unix socket the NBD server listens on (exports are reached through it). */
@@ -91,14 +107,18 @@ export class DaemonCore {
   async #unexport(name: string, force: boolean): Promise<void> {
     const handle = this.#handles.get(name);
     if (!handle) return;
-    if (!force && this.#attachments.has(name)) {
-      throw new CryptmapError('EBUSY', `Device ${name} is still attached as ${this.#attachments.get(name)?.devicePath}; detach it first.`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+    const attached = this.#attachments.get(name);
+    if (attached) {
+      const where = mountedAt(attached.devicePath);
+      if (where !== undefined && !force) {
+        throw new CryptmapError('EBUSY', `Device ${name} is still in use (${attached.devicePath} is mounted on ${where}).`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+      }
+      await this.#detachNow(name, attached);
     }
     const conns = this.nbd.connectionCount(name);
     if (!force && conns > 0) {
       throw new CryptmapError('EBUSY', `Device ${name} is still in use (${conns} NBD connection${conns === 1 ? '' : 's'}).`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
     }
-    if (this.#attachments.has(name)) await this.detach(name);
     await this.nbd.removeExport(name);
     this.#handles.delete(name);
     await handle.close();
@@ -230,6 +250,7 @@ export class DaemonCore {
         exportName: name,
         workDir: this.#opts.attachDir,
         readOnly: (opts.readOnly ?? false) || dev.readOnly,
+        logicalBlockBytes: dev.limits.logicalBlockBytes,
       });
       this.#attachments.set(name, info);
       log.info('volume attached', { name, device: info.devicePath, method: info.method });
@@ -241,10 +262,18 @@ export class DaemonCore {
     return this.#serial(`attach:${name}`, async () => {
       const info = this.#attachments.get(name);
       if (!info) throw new CryptmapError('ENOTATTACHED', `Device ${name} is not attached.`, { exitCode: EXIT_WRONG_DEVICE });
-      await detachExport(info);
-      this.#attachments.delete(name);
-      log.info('volume detached', { name });
+      const where = mountedAt(info.devicePath);
+      if (where !== undefined) {
+        throw new CryptmapError('EBUSY', `Device ${info.devicePath} is mounted on ${where}; unmount it first.`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+      }
+      await this.#detachNow(name, info);
     });
+  }
+
+  async #detachNow(name: string, info: AttachInfo): Promise<void> {
+    await detachExport(info);
+    this.#attachments.delete(name);
+    log.info('volume detached', { name });
   }
 
   /** Listen for NBD clients on the Unix socket (and TCP when asked). */

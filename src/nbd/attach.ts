@@ -37,6 +37,12 @@ export interface AttachOptions {
   readOnly?: boolean;
   /** How long to wait for nbdfuse to come up. Default 20 s. */
   timeoutMs?: number;
+  /**
+   * The export's minimum block size (NBD_INFO_BLOCK_SIZE minimum). The kernel device gets it as its
+   * logical block size (losetup --sector-size, nbd-client -b), so the kernel never sends smaller I/O,
+   * like /dev/mapper/NAME of a dm-crypt table with sector_size:4096.
+   */
+  logicalBlockBytes?: number;
 }
 
 export interface AttachInfo {
@@ -177,7 +183,8 @@ async function attachFuse(opts: AttachOptions): Promise<AttachInfo> {
       if (Date.now() > deadline) throw new CryptmapError('EATTACH', `nbdfuse did not come up in time: ${readLog(logFile)}`, { errno: 'EIO' });
       await sleep(25);
     }
-    const out = await run('losetup', ['-f', '--show', ...(opts.readOnly ? ['-r'] : []), join(mnt, 'disk')]);
+    const sector = opts.logicalBlockBytes !== undefined && opts.logicalBlockBytes > 512 ? ['--sector-size', String(opts.logicalBlockBytes)] : [];
+    const out = await run('losetup', ['-f', '--show', ...sector, ...(opts.readOnly ? ['-r'] : []), join(mnt, 'disk')]);
     info.devicePath = out.trim();
     if (!info.devicePath.startsWith('/dev/')) throw new CryptmapError('EATTACH', `losetup printed no device: ${JSON.stringify(out)}`, { errno: 'EIO' });
     return info;
@@ -228,6 +235,7 @@ function freeNbdDevice(): string {
 async function attachKernel(opts: AttachOptions): Promise<AttachInfo> {
   if (!existsSync(SYS_NBD_MODULE)) throw new CryptmapError('EATTACH', 'the nbd kernel module is not loaded (modprobe nbd)', { errno: 'ENOENT' });
   const dev = freeNbdDevice();
-  await run('nbd-client', ['-unix', opts.socketPath, '-N', opts.exportName, dev, ...(opts.readOnly ? ['-readonly'] : [])]);
+  const bs = opts.logicalBlockBytes !== undefined && opts.logicalBlockBytes > 512 ? ['-b', String(opts.logicalBlockBytes)] : [];
+  await run('nbd-client', ['-unix', opts.socketPath, '-N', opts.exportName, dev, ...bs, ...(opts.readOnly ? ['-readonly'] : [])]);
   return { method: 'kernel', devicePath: dev, exportName: opts.exportName };
 }

@@ -105,8 +105,8 @@ async function detach(argv: string[], dir: string, io: Parameters<VerbMain>[1]):
   const args = argv.filter((a) => a !== '--detach');
   const logFile = join(dir, 'daemon.log');
   const out = openSync(logFile, 'a', 0o600);
-  const bin = new URL('../../../../bin/cryptmap.js', import.meta.url).pathname;
-  const child = spawn(process.execPath, [bin, ...args], { detached: true, stdio: ['ignore', out, out], env: io.env });
+  const entry = process.argv[1] ?? new URL('../entry.js', import.meta.url).pathname;
+  const child = spawn(process.execPath, [entry, ...args], { detached: true, stdio: ['ignore', out, out], env: io.env });
   child.unref();
   for (let i = 0; i < 100; i++) {
     await new Promise((r) => setTimeout(r, 100));

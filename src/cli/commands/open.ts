@@ -1,13 +1,56 @@
 /**
- * `cryptmap open <device> [<name>]` (cryptsetup-open(8)). Only `--test-passphrase` is handled here
- * (`openTestPassphrase`): it checks that a passphrase unlocks a keyslot, without activating anything.
- * Activation proper goes through the daemon (wired by the activation layer); until then `open`
- * without --test-passphrase reports that the daemon is not running.
+ * `cryptmap open [--type luks|luks1|luks2|plain] <device> <name>` (cryptsetup-open(8)).
+ *
+ * The passphrase is read and the KDF runs here, in the CLI process, as cryptsetup does; the daemon
+ * gets the mapping and the volume key over its 0600 control socket and serves the mapping over NBD
+ * (`cryptmap status NAME` shows the URI). `--attach` also makes it a kernel block device.
+ * `--test-passphrase` only checks the passphrase (`openTestPassphrase`), without the daemon.
+ *
+ * Plain mode (cryptsetup 2.6 defaults): aes-cbc-essiv:sha256, 256-bit key, passphrase hashed with
+ * ripemd160. With --key-file and no --hash, the key is read directly (key-size bytes at
+ * --keyfile-offset), as cryptsetup does for plain key files.
  */
+import { parseArgs } from 'node:util';
+import { type CryptMapping, prepareLuks, preparePlain } from '../../activate/mapping.js';
+import { plainKeyFromPassphrase } from '../../activate/plain-key.js';
+import type { ControlClient } from '../../control/client.js';
+import { ControlClient as Client } from '../../control/client.js';
+import { runtimeDir } from '../../control/runtime-dir.js';
+import type { VolumeStatus } from '../../daemon/core.js';
+import { mappingToJson } from '../../daemon/handlers.js';
+import type { SectorBytes } from '../../engine/types.js';
 import { openLuks } from '../../luks/index.js';
+import { toHex, wipe } from '../../util/bytes.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import { Secret } from '../../util/secret.js';
+import type { AttachInfo } from '../../nbd/attach.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { closeQuietly, getPassphrase, headerPath, intOpt, type LuksArgs, needDevice, openDevice, parseLuksArgs } from './luks-common.js';
+import { closeQuietly, getPassphrase, headerPath, intOpt, LUKS_OPTIONS, type LuksArgs, needDevice, openDevice, readKeyFile } from './luks-common.js';
+
+const OPEN_OPTIONS = {
+  ...LUKS_OPTIONS,
+  'allow-discards': { type: 'boolean' },
+  persistent: { type: 'boolean' },
+  skip: { type: 'string', short: 'p' },
+  size: { type: 'string', short: 'b' },
+  'iv-large-sectors': { type: 'boolean' },
+  'perf-same_cpu_crypt': { type: 'boolean' },
+  'perf-submit_from_crypt_cpus': { type: 'boolean' },
+  'perf-no_read_workqueue': { type: 'boolean' },
+  'perf-no_write_workqueue': { type: 'boolean' },
+  'runtime-dir': { type: 'string' },
+  attach: { type: 'boolean' },
+} as const;
+
+type OpenArgs = ReturnType<typeof parse>['values'];
+
+function parse(argv: string[]) {
+  try {
+    return parseArgs({ args: argv.slice(1), options: OPEN_OPTIONS, allowPositionals: true, strict: true });
+  } catch (e) {
+    throw new CryptmapError('EARGS', (e as Error).message, { exitCode: EXIT_WRONG_PARAMS });
+  }
+}
 
 /** Unlock test: exit 0 when the passphrase opens a keyslot, 2 ("No key available with this passphrase.") otherwise. */
 export async function openTestPassphrase(io: CliIO, device: string, v: LuksArgs): Promise<number> {
@@ -20,36 +63,144 @@ export async function openTestPassphrase(io: CliIO, device: string, v: LuksArgs)
       throw e;
     });
     if (v.type && v.type !== 'luks' && v.type !== vol.type) throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid ${v.type.toUpperCase()} device.`, { exitCode: 1 });
-    const tries = v['key-file'] !== undefined || !io.stdin.isTTY ? 1 : (intOpt(v.tries, '--tries', 1) ?? 3);
-    for (let i = 0; ; i++) {
-      const pass = await getPassphrase(io, `Enter passphrase for ${device}: `, {
-        keyFile: v['key-file'],
-        keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
-        keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
-      });
-      try {
-        const r = await vol.unlock(pass, { keySlot: intOpt(v['key-slot'], '--key-slot') });
-        r.volumeKey.dispose();
-        if (v.verbose) io.stdout.write(`Key slot ${r.keyslot} unlocked.\nCommand successful.\n`);
-        return 0;
-      } catch (e) {
-        if (!(e instanceof CryptmapError && e.code === 'ENOKEY') || i + 1 >= tries) throw e;
-        io.stderr.write(`${e.message}\n`);
-      } finally {
-        pass.fill(0);
-      }
-    }
+    return await withTries(io, device, v, async (pass) => {
+      const r = await vol.unlock(pass, { keySlot: intOpt(v['key-slot'], '--key-slot') });
+      r.volumeKey.dispose();
+      if (v.verbose) io.stdout.write(`Key slot ${r.keyslot} unlocked.\nCommand successful.\n`);
+      return 0;
+    });
   } finally {
     await closeQuietly(dev);
   }
 }
 
+/** Ask for the passphrase up to --tries times (terminal only), calling `fn` with each. */
+async function withTries<T>(io: CliIO, device: string, v: LuksArgs, fn: (pass: Buffer) => Promise<T>): Promise<T> {
+  const tries = v['key-file'] !== undefined || !io.stdin.isTTY ? 1 : (intOpt(v.tries, '--tries', 1) ?? 3);
+  for (let i = 0; ; i++) {
+    const pass = await getPassphrase(io, `Enter passphrase for ${device}: `, {
+      keyFile: v['key-file'],
+      keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
+      keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
+    });
+    try {
+      return await fn(pass);
+    } catch (e) {
+      if (!(e instanceof CryptmapError && e.code === 'ENOKEY') || i + 1 >= tries) throw e;
+      io.stderr.write(`${e.message}\n`);
+    } finally {
+      pass.fill(0);
+    }
+  }
+}
+
+function perfFlags(v: OpenArgs): Partial<CryptMapping> {
+  const m: Partial<CryptMapping> = {};
+  if (v['perf-same_cpu_crypt']) m.sameCpuCrypt = true;
+  if (v['perf-submit_from_crypt_cpus']) m.submitFromCryptCpus = true;
+  if (v['perf-no_read_workqueue']) m.noReadWorkqueue = true;
+  if (v['perf-no_write_workqueue']) m.noWriteWorkqueue = true;
+  return m;
+}
+
+async function preparePlainFromArgs(io: CliIO, device: string, name: string, v: OpenArgs): Promise<{ mapping: CryptMapping; volumeKey: Secret }> {
+  const cipher = v.cipher ?? 'aes-cbc-essiv:sha256';
+  const keyBits = intOpt(v['key-size'], '--key-size', 8, 4096) ?? 256;
+  if (keyBits % 8 !== 0) throw new CryptmapError('EARGS', 'Key size must be a multiple of 8 bits', { exitCode: EXIT_WRONG_PARAMS });
+  const keyBytes = keyBits / 8;
+  let key: Secret;
+  if (v['key-file'] !== undefined && v.hash === undefined) {
+    const raw = await readKeyFile(io, { keyFile: v['key-file'], keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'), keyfileSize: keyBytes });
+    key = new Secret(raw);
+  } else {
+    const pass = await getPassphrase(io, 'Enter passphrase: ', {
+      keyFile: v['key-file'],
+      keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
+      keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
+    });
+    try {
+      key = plainKeyFromPassphrase(pass, v.hash ?? 'ripemd160', keyBytes);
+    } finally {
+      wipe(pass);
+    }
+  }
+  const sector = intOpt(v['sector-size'], '--sector-size') ?? 512;
+  if (![512, 1024, 2048, 4096].includes(sector)) throw new CryptmapError('EARGS', `Unsupported encryption sector size ${sector}.`, { exitCode: EXIT_WRONG_PARAMS });
+  const opts: Parameters<typeof preparePlain>[0] = {
+    name,
+    device,
+    key,
+    cipher,
+    sectorBytes: sector as SectorBytes,
+    readOnly: v.readonly ?? false,
+    allowDiscards: v['allow-discards'] ?? false,
+    ivLargeSectors: v['iv-large-sectors'] ?? false,
+  };
+  const offset = intOpt(v.offset, '--offset');
+  const skip = intOpt(v.skip, '--skip');
+  const size = intOpt(v.size, '--size', 1);
+  if (offset !== undefined) opts.offsetSectors = offset;
+  if (skip !== undefined) opts.skipSectors = skip;
+  if (size !== undefined) opts.sizeSectors = size;
+  try {
+    return { mapping: { ...(await preparePlain(opts)), ...perfFlags(v) }, volumeKey: key };
+  } catch (e) {
+    key.dispose();
+    throw e;
+  }
+}
+
+async function prepareLuksFromArgs(io: CliIO, device: string, name: string, v: OpenArgs): Promise<{ mapping: CryptMapping; volumeKey: Secret }> {
+  return withTries(io, device, v, async (passphrase) => {
+    const o: Parameters<typeof prepareLuks>[0] = { name, device, passphrase, readOnly: v.readonly ?? false, allowDiscards: v['allow-discards'] ?? false };
+    if (v.header !== undefined) o.header = v.header;
+    const slot = intOpt(v['key-slot'], '--key-slot');
+    if (slot !== undefined) o.keySlot = slot;
+    const r = await prepareLuks(o);
+    if (v.type && v.type !== 'luks' && v.type.toUpperCase() !== r.mapping.type) {
+      r.volumeKey.dispose();
+      throw new CryptmapError('ENOTLUKS', `Device ${device} is not a valid ${v.type.toUpperCase()} device.`, { exitCode: 1 });
+    }
+    return { mapping: { ...r.mapping, ...perfFlags(v) }, volumeKey: r.volumeKey };
+  });
+}
+
+/** Send an unlocked mapping to the daemon (key as hex over the 0600 socket; wiped here afterwards). */
+export async function sendOpen(c: ControlClient, mapping: CryptMapping, volumeKey: Secret): Promise<VolumeStatus> {
+  let hex = toHex(volumeKey.expose());
+  try {
+    return await c.call<VolumeStatus>('volume.open', { mapping: mappingToJson(mapping), key: hex });
+  } finally {
+    hex = '';
+    volumeKey.dispose();
+  }
+}
+
 const main: VerbMain = async (argv: string[], io: CliIO) => {
-  const { values: v, positionals } = parseLuksArgs(argv);
+  const { values: v, positionals } = parse(argv);
   const device = needDevice(positionals, 'cryptmap open [OPTION...] <device> <name>');
   if (v['test-passphrase']) return openTestPassphrase(io, device, v);
-  io.stderr.write("cryptmap: the daemon is not running (start it with 'cryptmap daemon')\n");
-  return 1;
+  if (positionals.length !== 2) throw new CryptmapError('EARGS', 'Command requires device and mapped name as arguments.', { exitCode: EXIT_WRONG_PARAMS });
+  const name = positionals[1]!;
+  const type = v.type ?? 'luks';
+  if (!['luks', 'luks1', 'luks2', 'plain'].includes(type)) {
+    throw new CryptmapError('EARGS', `Unsupported device type ${type} (cryptmap opens luks, luks1, luks2 and plain).`, { exitCode: EXIT_WRONG_PARAMS });
+  }
+  // Reach the daemon first: no point running a KDF when nothing can take the mapping.
+  const client = await Client.connect(runtimeDir(v['runtime-dir'], io.env));
+  try {
+    const { mapping, volumeKey } = type === 'plain' ? await preparePlainFromArgs(io, device, name, v) : await prepareLuksFromArgs(io, device, name, v);
+    const st = await sendOpen(client, mapping, volumeKey);
+    if (v.verbose && mapping.keyslot !== undefined) io.stdout.write(`Key slot ${mapping.keyslot} unlocked.\n`);
+    if (v.attach) {
+      const info = await client.call<AttachInfo>('attach', { name, readOnly: v.readonly === true });
+      io.stdout.write(`${info.devicePath}\n`);
+    } else if (v.verbose) io.stdout.write(`${st.nbdUri}\n`);
+    if (v.verbose) io.stdout.write('Command successful.\n');
+    return 0;
+  } finally {
+    client.close();
+  }
 };
 
 export default main;

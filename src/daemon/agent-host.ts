@@ -1,0 +1,255 @@
+/**
+ * The agent process (`cryptmap agent`, `npm start`): a DaemonCore in process (runtime dir
+ * `<state>/run`, 0700: `nbd.sock` serving every volume, `control.sock` for `cryptmap status` and
+ * friends with `--runtime-dir <state>/run`), the key service the manifest names, the real
+ * VolumePorts (volume-ports.ts), and the reconciler's loop (reconciler/agent.ts) over them.
+ *
+ * State directory layout: `agent-state.json` (the record, never keys), `agent.pid` (while running),
+ * `volumes/scratch/<service>/<volume>.img`, `volumes/swap/<name>.img`, `keyd/` (embedded key
+ * service: root secret, audit log), `run/` (sockets, attach work dirs, temporary mkfs images).
+ *
+ * Stop: every volume is unmounted, detached and closed (persistent files kept and reopened at the
+ * next start; ephemeral and swap files deleted, their per-boot keys wiped), then the core shuts down.
+ */
+import { promises as fs, readdirSync, readFileSync } from 'node:fs';
+import { isAbsolute, join, resolve } from 'node:path';
+import { ControlServer } from '../control/server.js';
+import { controlSocketPath, ensureRuntimeDir, nbdSocketPath } from '../control/runtime-dir.js';
+import { reconcileUntilSettled, shutdown } from '../reconciler/agent.js';
+import type { ApplyReport, RetryPolicy } from '../reconciler/apply.js';
+import { keyServiceForManifest } from '../reconciler/keys.js';
+import type { Manifest } from '../reconciler/manifest.js';
+import { desiredVolumes } from '../reconciler/plan.js';
+import { type KeyPort, MemoryKeyStore, type VolumeTarget } from '../reconciler/ports.js';
+import { StateStore } from '../reconciler/state.js';
+import { CryptmapError, EXIT_BUSY } from '../util/errors.js';
+import { type Logger, logger } from '../util/log.js';
+import { DaemonCore } from './core.js';
+import { daemonHandlers } from './handlers.js';
+import { DataPathPorts, detectServeMode, type Runner, runTool, type ServeMode } from './volume-ports.js';
+
+export const AGENT_PID_FILE = 'agent.pid';
+export const AGENT_RUN_DIR = 'run';
+export const AGENT_VOLUME_DIR = 'volumes';
+
+export interface AgentHostOptions {
+  manifest: Manifest;
+  stateDir: string;
+  bootId: string;
+  /** Relative key-service file paths are resolved against it (default: the manifest's directory). */
+  manifestDir?: string;
+  /** `auto` (default): attach when root and possible, else NBD only. */
+  serve?: 'auto' | 'nbd-only';
+  forceSwap?: boolean;
+  /** Mount absolute mountpoints under this directory instead of `/` (npm start: `.cryptmap/mnt`). */
+  mountRoot?: string;
+  /** Instead of the manifest's key service (tests). */
+  keys?: KeyPort;
+  retry?: RetryPolicy;
+  intervalMs?: number;
+  run?: Runner;
+  log?: Logger;
+}
+
+/** The pid in `<state>/agent.pid` when that process is alive. */
+export function runningAgentPid(stateDir: string): number | undefined {
+  try {
+    const pid = Number(readFileSync(join(stateDir, AGENT_PID_FILE), 'utf8').trim());
+    if (!Number.isSafeInteger(pid) || pid <= 0) return undefined;
+    process.kill(pid, 0);
+    return pid;
+  } catch {
+    return undefined;
+  }
+}
+
+export class AgentHost {
+  readonly stateDir: string;
+  readonly runDir: string;
+  readonly core: DaemonCore;
+  readonly ports: DataPathPorts;
+  readonly targets: VolumeTarget[];
+  readonly mode: ServeMode;
+  readonly modeReason: string | undefined;
+  readonly keyServiceDescription: string;
+  readonly #opts: AgentHostOptions;
+  readonly #store: StateStore;
+  readonly #keys: KeyPort;
+  readonly #closeKeys: () => Promise<void>;
+  readonly #control: ControlServer;
+  readonly #ephemeralKeys = new MemoryKeyStore();
+  readonly #log: Logger;
+  #stopped = false;
+
+  private constructor(init: {
+    opts: AgentHostOptions;
+    stateDir: string;
+    runDir: string;
+    core: DaemonCore;
+    ports: DataPathPorts;
+    targets: VolumeTarget[];
+    mode: { mode: ServeMode; reason?: string };
+    keys: KeyPort;
+    closeKeys: () => Promise<void>;
+    keyDescribe: string;
+    control: ControlServer;
+  }) {
+    this.#opts = init.opts;
+    this.stateDir = init.stateDir;
+    this.runDir = init.runDir;
+    this.core = init.core;
+    this.ports = init.ports;
+    this.targets = init.targets;
+    this.mode = init.mode.mode;
+    this.modeReason = init.mode.reason;
+    this.#keys = init.keys;
+    this.#closeKeys = init.closeKeys;
+    this.keyServiceDescription = init.keyDescribe;
+    this.#control = init.control;
+    this.#store = new StateStore(init.stateDir);
+    this.#log = init.opts.log ?? logger('agent');
+  }
+
+  /** Make the state and runtime dirs, serve NBD and the control socket, connect the key service. */
+  static async start(opts: AgentHostOptions): Promise<AgentHost> {
+    const log = opts.log ?? logger('agent');
+    const stateDir = resolve(opts.stateDir);
+    await fs.mkdir(stateDir, { recursive: true, mode: 0o700 });
+    const runDir = join(stateDir, AGENT_RUN_DIR);
+    ensureRuntimeDir(runDir);
+    const other = runningAgentPid(stateDir);
+    if (other !== undefined && other !== process.pid) {
+      throw new CryptmapError('EAGENT_RUNNING', `another cryptmap agent (pid ${other}) uses ${stateDir}`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+    }
+    const run = opts.run ?? runTool;
+    await cleanStaleAttachments(join(runDir, 'attach'), run, log);
+    const mode = opts.serve === 'nbd-only' ? { mode: 'nbd-only' as const, reason: 'served over NBD only (--nbd-only)' } : detectServeMode();
+    const targets = desiredVolumes(opts.manifest, join(stateDir, AGENT_VOLUME_DIR)).map((t) => rebaseMount(t, opts.mountRoot));
+    const core = new DaemonCore({ nbdSocketPath: nbdSocketPath(runDir), attachDir: join(runDir, 'attach') });
+    const control = new ControlServer(daemonHandlers(core));
+    let keys: KeyPort;
+    let closeKeys = async () => {};
+    let keyDescribe = 'given by the caller';
+    try {
+      await control.listen(controlSocketPath(runDir));
+      await core.listen();
+      if (opts.keys) keys = opts.keys;
+      else {
+        const ks = await keyServiceForManifest(opts.manifest.keyService, stateDir, opts.manifestDir ?? manifestDirOf(opts.manifest));
+        keys = ks.keys;
+        closeKeys = () => ks.close();
+        keyDescribe = ks.describe;
+      }
+    } catch (e) {
+      await control.close().catch(() => {});
+      await core.shutdown().catch(() => {});
+      throw e;
+    }
+    await fs.writeFile(join(stateDir, AGENT_PID_FILE), `${process.pid}\n`, { mode: 0o600 });
+    const portOpts: ConstructorParameters<typeof DataPathPorts>[0] = { core, mode: mode.mode, workDir: runDir, run, forceSwap: opts.forceSwap ?? false };
+    if (mode.reason) portOpts.nbdOnlyReason = mode.reason;
+    const ports = new DataPathPorts(portOpts);
+    log.info('agent started', { state: stateDir, nbd: core.nbdSocketPath, keys: keyDescribe, mode: mode.mode, ...(mode.reason ? { why: mode.reason } : {}) });
+    return new AgentHost({ opts, stateDir, runDir, core, ports, targets, mode, keys, closeKeys, keyDescribe, control });
+  }
+
+  #common() {
+    const c = {
+      store: this.#store,
+      ports: this.ports,
+      keys: this.#keys,
+      ephemeralKeys: this.#ephemeralKeys,
+      bootId: this.#opts.bootId,
+      log: this.#log,
+    };
+    return this.#opts.retry ? { ...c, retry: this.#opts.retry } : c;
+  }
+
+  /** Reconcile until nothing waits for the key service (or `signal` aborts). */
+  reconcile(signal?: AbortSignal): Promise<ApplyReport> {
+    return reconcileUntilSettled({
+      ...this.#common(),
+      targets: this.targets,
+      intervalMs: this.#opts.intervalMs ?? 5000,
+      ...(signal ? { signal } : {}),
+    });
+  }
+
+  /** Tear every volume down (persistent kept), then stop serving. Idempotent. */
+  async stop(): Promise<ApplyReport | undefined> {
+    if (this.#stopped) return undefined;
+    this.#stopped = true;
+    let report: ApplyReport | undefined;
+    try {
+      this.ports.forceClose = true;
+      report = await shutdown(this.#common());
+    } finally {
+      await this.#control.close().catch(() => {});
+      await this.core.shutdown();
+      this.#ephemeralKeys.clear();
+      await this.#closeKeys().catch(() => {});
+      await fs.rm(join(this.stateDir, AGENT_PID_FILE), { force: true });
+      this.#log.info('agent stopped', { state: this.stateDir });
+    }
+    return report;
+  }
+}
+
+function manifestDirOf(m: Manifest): string {
+  return m.file.startsWith('(') ? process.cwd() : resolve(m.file, '..');
+}
+
+/** `/srv/db` under `root` -> `<root>/srv/db` (npm start keeps everything under ./.cryptmap). */
+function rebaseMount(t: VolumeTarget, root: string | undefined): VolumeTarget {
+  if (root === undefined || t.mountpoint === undefined) return t;
+  const mp = isAbsolute(t.mountpoint) ? t.mountpoint.slice(1) : t.mountpoint;
+  return { ...t, mountpoint: join(resolve(root), mp) };
+}
+
+/**
+ * After a crash the kernel may still hold what the dead agent attached: mounts and swap on loop
+ * devices over nbdfuse files in `<run>/attach/nbdfuse-*`. Undo them (lazy unmount: the server they
+ * need is gone) so the volumes can be attached again. Best effort; logs what it does.
+ */
+export async function cleanStaleAttachments(attachDir: string, run: Runner, log: Logger): Promise<void> {
+  let dirs: string[];
+  try {
+    dirs = readdirSync(attachDir).filter((d) => d.startsWith('nbdfuse-'));
+  } catch {
+    return;
+  }
+  if (dirs.length === 0) return;
+  const loops: { dev: string; backing: string }[] = [];
+  try {
+    for (const n of readdirSync('/sys/block').filter((x) => x.startsWith('loop'))) {
+      try {
+        loops.push({ dev: `/dev/${n}`, backing: readFileSync(`/sys/block/${n}/loop/backing_file`, 'utf8').trim() });
+      } catch {}
+    }
+  } catch {}
+  const mountLines = (): string[][] => {
+    try {
+      return readFileSync('/proc/self/mounts', 'utf8')
+        .split('\n')
+        .filter(Boolean)
+        .map((l) => l.split(' '));
+    } catch {
+      return [];
+    }
+  };
+  for (const d of dirs) {
+    const dir = join(attachDir, d);
+    for (const l of loops.filter((x) => x.backing.startsWith(`${dir}/`))) {
+      for (const m of mountLines().filter((x) => x[0] === l.dev)) {
+        log.warn('stale mount from a previous run: lazy unmount', { device: l.dev, mountpoint: m[1] });
+        await run('umount', ['-l', m[1] ?? '']).catch(() => {});
+      }
+      await run('swapoff', [l.dev]).catch(() => {});
+      log.warn('stale loop device from a previous run: detaching', { device: l.dev });
+      await run('losetup', ['-d', l.dev]).catch(() => {});
+    }
+    const mnt = join(dir, 'mnt');
+    if (mountLines().some((x) => x[1] === mnt)) await run('fusermount3', ['-u', '-z', mnt]).catch(() => {});
+    await fs.rm(dir, { recursive: true, force: true }).catch(() => {});
+  }
+}

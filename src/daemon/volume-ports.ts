@@ -1,0 +1,395 @@
+/**
+ * The reconciler's VolumePorts (src/reconciler/ports.ts) over the real data path: backing files
+ * (reconciler/file-ops), LUKS2 format with the cheapest keyslot PBKDF (luks), unlock and crypt
+ * mappings (activate/mapping), mapped devices served over NBD by an in-process DaemonCore, kernel
+ * block devices (DaemonCore.attach: nbd-client, or nbdfuse + loop), mkfs/mkswap, mount/swapon.
+ *
+ * Two serving modes:
+ * - `attach` (root, and attach possible): the export becomes /dev/nbdN or /dev/loopN; mkfs, mount
+ *   and swapon work on that device.
+ * - `nbd-only` (not root, or no way to attach): volumes are served over NBD only. mkfs still runs
+ *   (mkfs.ext4/mkswap on a temporary sparse image under the runtime dir, copied into the mapping in
+ *   process, then removed: the image holds fresh file-system metadata only, never data or keys);
+ *   `mount` records the volume as served and reports the mode in the volume's note.
+ *
+ * Swap (ports.ts contract): swapon only through the kernel nbd client with its swap option; through
+ * FUSE (nbdfuse + loop) it is refused with ESWAPUNSAFE unless `forceSwap`.
+ *
+ * Spawned tools (mkfs.*, mkswap, mount, umount, swapon, swapoff) get paths only in their argv; keys
+ * are handed to the DaemonCore in memory. Nothing here blocks the event loop near a FUSE file or an
+ * attached device: the NBD server that answers them runs in this process (see nbd/attach.ts).
+ */
+import { execFile } from 'node:child_process';
+import { constants, existsSync, promises as fs, readFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { prepareLuks, preparePlain } from '../activate/mapping.js';
+import { FileDevice } from '../blockdev/file.js';
+import { openLuks } from '../luks/index.js';
+import { Luks2Volume } from '../luks/luks2.js';
+import { createSparseFile, deleteBackingFile, probeBackingFile } from '../reconciler/file-ops.js';
+import { type AttachInfo, VOLUME_KEYSLOT_PBKDF, type VolumePorts, type VolumeProbe, type VolumeTarget } from '../reconciler/ports.js';
+import { CryptmapError, EXIT_FAILURE, isCryptmapError } from '../util/errors.js';
+import { logger } from '../util/log.js';
+import type { Secret } from '../util/secret.js';
+import type { DaemonCore } from './core.js';
+
+const log = logger('volumes');
+
+/** LUKS2 data offset of the volumes the agent formats (cryptsetup's default, 16 MiB). */
+export const VOLUME_HEADER_BYTES = 16 << 20;
+/** LUKS2 digest iterations: cryptsetup's floor (the passphrase is 256 uniform bits). */
+const DIGEST_ITERATIONS = 1000;
+const COPY_CHUNK_BYTES = 1 << 20;
+
+export type ServeMode = 'attach' | 'nbd-only';
+
+/** Spawns a tool with `args` (never a secret) and gives its stdout. */
+export type Runner = (cmd: string, args: string[]) => Promise<string>;
+
+export interface DataPathPortsOptions {
+  core: DaemonCore;
+  mode: ServeMode;
+  /** Why volumes are served over NBD only (for the volume note). */
+  nbdOnlyReason?: string;
+  /** swapon through FUSE anyway (`--force-swap`). */
+  forceSwap?: boolean;
+  /** Temporary mkfs images (nbd-only mode); a 0700 directory, e.g. the agent's runtime dir. */
+  workDir: string;
+  /** Spawner (tests capture the argv). */
+  run?: Runner;
+}
+
+const PACKAGE_OF: Record<string, string> = {
+  'mkfs.ext4': 'e2fsprogs',
+  'mkfs.ext3': 'e2fsprogs',
+  'mkfs.ext2': 'e2fsprogs',
+  mkswap: 'util-linux',
+  swapon: 'util-linux',
+  swapoff: 'util-linux',
+  mount: 'mount',
+  umount: 'mount',
+};
+
+/** execFile with a CryptmapError naming the tool (and its Debian package when it is missing). */
+export const runTool: Runner = (cmd, args) =>
+  new Promise((res, rej) => {
+    execFile(cmd, args, { encoding: 'utf8', timeout: 120_000 }, (err, stdout, stderr) => {
+      if (!err) return res(stdout);
+      const missing = (err as NodeJS.ErrnoException).code === 'ENOENT';
+      rej(
+        new CryptmapError('ETOOL', missing ? `${cmd} is not installed (Debian package ${PACKAGE_OF[cmd] ?? cmd})` : `${cmd} ${args.join(' ')} failed: ${(stderr || err.message).trim()}`, {
+          exitCode: EXIT_FAILURE,
+          errno: 'EIO',
+          cause: err,
+        }),
+      );
+    });
+  });
+
+/** Lines of /proc/self/mounts as [source, mountpoint]. */
+function mounts(): [string, string][] {
+  try {
+    return readFileSync('/proc/self/mounts', 'utf8')
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => {
+        const f = l.split(' ');
+        return [unescapeMount(f[0] ?? ''), unescapeMount(f[1] ?? '')];
+      });
+  } catch {
+    return [];
+  }
+}
+
+function unescapeMount(s: string): string {
+  return s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(Number.parseInt(o, 8)));
+}
+
+/** Devices swapped on (/proc/swaps). */
+function swaps(): string[] {
+  try {
+    return readFileSync('/proc/swaps', 'utf8')
+      .split('\n')
+      .slice(1)
+      .filter(Boolean)
+      .map((l) => unescapeMount(l.split(/\s+/)[0] ?? ''));
+  } catch {
+    return [];
+  }
+}
+
+/** Whether this process can attach exports as kernel block devices, and why not. */
+export function detectServeMode(): { mode: ServeMode; reason?: string } {
+  if (process.getuid?.() !== 0) return { mode: 'nbd-only', reason: 'served over NBD only: not root' };
+  if (existsSync('/sys/module/nbd')) return { mode: 'attach' };
+  for (const p of ['/dev/fuse', '/dev/loop-control']) {
+    if (!existsSync(p)) return { mode: 'nbd-only', reason: `served over NBD only: no nbd kernel module and no ${p}` };
+  }
+  return { mode: 'attach' };
+}
+
+export class DataPathPorts implements VolumePorts {
+  readonly core: DaemonCore;
+  readonly mode: ServeMode;
+  readonly #opts: DataPathPortsOptions;
+  readonly #run: Runner;
+  /** nbd-only: volumes whose export was handed out (attach) and "mounted" (served). */
+  readonly #served = new Set<string>();
+  readonly #pseudoMounted = new Set<string>();
+  /** Close even while NBD clients are connected (agent shutdown). */
+  forceClose = false;
+
+  constructor(opts: DataPathPortsOptions) {
+    this.core = opts.core;
+    this.mode = opts.mode;
+    this.#opts = opts;
+    this.#run = opts.run ?? runTool;
+  }
+
+  #device(v: VolumeTarget): string | undefined {
+    return this.core.statusOf(v.mapping).attachedDevice;
+  }
+
+  #mountpoint(v: VolumeTarget): string | undefined {
+    return v.mountpoint === undefined ? undefined : resolve(v.mountpoint);
+  }
+
+  #isMounted(v: VolumeTarget): boolean {
+    if (this.mode === 'nbd-only') return this.#pseudoMounted.has(v.mapping);
+    const dev = this.#device(v);
+    if (!dev) return false;
+    if (v.kind === 'swap') return swaps().includes(dev);
+    const mp = this.#mountpoint(v);
+    return mp !== undefined && mounts().some(([src, at]) => src === dev && at === mp);
+  }
+
+  async probe(v: VolumeTarget): Promise<VolumeProbe> {
+    const f = await probeBackingFile(v.path);
+    const open = this.core.registry.find(v.mapping) !== undefined;
+    const attached = open && (this.mode === 'nbd-only' ? this.#served.has(v.mapping) : this.#device(v) !== undefined);
+    const p: VolumeProbe = { fileExists: f.exists, open, attached, mounted: attached && this.#isMounted(v) };
+    if (f.exists) {
+      p.fileBytes = f.bytes ?? 0;
+      p.isLuks = f.isLuks ?? false;
+      if (p.isLuks && !open && v.kind === 'scratch') {
+        const damage = await luksDamage(v.path, p.fileBytes);
+        if (damage) p.damage = damage;
+      }
+    }
+    return p;
+  }
+
+  async createFile(v: VolumeTarget): Promise<void> {
+    await createSparseFile(v.path, v.sizeBytes + (v.kind === 'scratch' ? VOLUME_HEADER_BYTES : 0));
+  }
+
+  async deleteFile(v: VolumeTarget): Promise<void> {
+    if (this.core.registry.find(v.mapping)) throw new CryptmapError('EBUSY', `${v.id} is still open; close it first`, { errno: 'EBUSY' });
+    await deleteBackingFile(v.path);
+  }
+
+  async format(v: VolumeTarget, key: Secret): Promise<void> {
+    const dev = await FileDevice.open(v.path, { readOnly: false });
+    try {
+      const vol = await Luks2Volume.format(dev, key.expose(), {
+        cipher: v.cipher,
+        keyBytes: v.keySizeBits / 8,
+        sectorBytes: v.sectorSize as 512 | 1024 | 2048 | 4096,
+        offsetBytes: VOLUME_HEADER_BYTES,
+        subsystem: 'cryptmap',
+        keyslot: { kdf: { ...VOLUME_KEYSLOT_PBKDF } },
+        digestIterations: DIGEST_ITERATIONS,
+      });
+      await vol.close();
+      await dev.flush();
+    } finally {
+      await dev.close();
+    }
+  }
+
+  async open(v: VolumeTarget, key: Secret): Promise<void> {
+    if (this.core.registry.find(v.mapping)) return;
+    let prepared: Awaited<ReturnType<typeof prepareLuks>>;
+    try {
+      prepared = await prepareLuks({ name: v.mapping, device: v.path, passphrase: key.expose() });
+    } catch (e) {
+      if (isCryptmapError(e, 'ENOKEY')) throw new CryptmapError('EUNLOCK', `${v.path}: no keyslot unlocks with this volume's key`, { exitCode: 2, errno: 'EPERM' });
+      throw e;
+    }
+    try {
+      await this.core.openVolume(prepared.mapping, prepared.volumeKey);
+    } finally {
+      prepared.volumeKey.dispose();
+    }
+  }
+
+  async openPlain(v: VolumeTarget, key: Secret): Promise<void> {
+    if (this.core.registry.find(v.mapping)) return;
+    const m = await preparePlain({ name: v.mapping, device: v.path, key, cipher: v.cipher, sectorBytes: v.sectorSize as 512 | 1024 | 2048 | 4096 });
+    await this.core.openVolume(m, key);
+  }
+
+  async close(v: VolumeTarget): Promise<void> {
+    if (!this.core.registry.find(v.mapping)) return;
+    this.#served.delete(v.mapping);
+    await this.core.closeVolume(v.mapping, { force: this.forceClose });
+  }
+
+  async attach(v: VolumeTarget): Promise<AttachInfo> {
+    const st = this.core.statusOf(v.mapping);
+    if (!st.active) throw new CryptmapError('ENODEV', `${v.id} is not open`, { errno: 'ENOENT' });
+    if (this.mode === 'nbd-only') {
+      this.#served.add(v.mapping);
+      const info: AttachInfo = { nbdUri: st.nbdUri };
+      if (this.#opts.nbdOnlyReason) info.note = this.#opts.nbdOnlyReason;
+      return info;
+    }
+    const a = await this.core.attach(v.mapping);
+    return { nbdUri: st.nbdUri, device: a.devicePath };
+  }
+
+  async detach(v: VolumeTarget): Promise<void> {
+    this.#served.delete(v.mapping);
+    this.#pseudoMounted.delete(v.mapping);
+    if (this.mode === 'nbd-only' || this.#device(v) === undefined) return;
+    await this.core.detach(v.mapping);
+  }
+
+  async mkfs(v: VolumeTarget): Promise<void> {
+    if (v.filesystem === 'none') return;
+    const tool = v.filesystem === 'swap' ? 'mkswap' : `mkfs.${v.filesystem}`;
+    const toolArgs = (target: string) => (v.filesystem === 'swap' ? ['-L', v.volume, target] : ['-q', '-F', '-E', 'nodiscard', '-L', v.volume.slice(0, 16), target]);
+    if (this.mode === 'attach') {
+      const dev = this.#device(v);
+      if (!dev) throw new CryptmapError('ENOTATTACHED', `${v.id} is not attached`);
+      await this.#run(tool, toolArgs(dev));
+      return;
+    }
+    // nbd-only: make the file system in a plaintext scratch image, then copy it through the mapping.
+    const st = this.core.statusOf(v.mapping);
+    if (!st.mapping) throw new CryptmapError('ENODEV', `${v.id} is not open`, { errno: 'ENOENT' });
+    const bytes = st.mapping.sizeSectors * 512;
+    await fs.mkdir(this.#opts.workDir, { recursive: true, mode: 0o700 });
+    const img = join(this.#opts.workDir, `mkfs-${v.mapping.replace(/[^A-Za-z0-9_.-]/g, '_')}.img`);
+    await fs.rm(img, { force: true });
+    const fh0 = await fs.open(img, constants.O_RDWR | constants.O_CREAT | constants.O_EXCL, 0o600);
+    try {
+      await fh0.truncate(bytes);
+    } finally {
+      await fh0.close();
+    }
+    try {
+      await this.#run(tool, toolArgs(img));
+      await this.#copyInto(v.mapping, img, bytes);
+    } finally {
+      await fs.rm(img, { force: true });
+    }
+  }
+
+  /** Copy the whole image (zeros too: the fresh mapping reads as noise) into the mapped device. */
+  async #copyInto(name: string, img: string, bytes: number): Promise<void> {
+    const dev = this.core.registry.open(name);
+    const fh = await fs.open(img, 'r');
+    const buf = Buffer.alloc(COPY_CHUNK_BYTES);
+    try {
+      for (let off = 0; off < bytes; off += COPY_CHUNK_BYTES) {
+        const n = Math.min(COPY_CHUNK_BYTES, bytes - off);
+        const chunk = buf.subarray(0, n);
+        const { bytesRead } = await fh.read(chunk, 0, n, off);
+        if (bytesRead < n) chunk.fill(0, bytesRead);
+        await dev.write(off, chunk);
+      }
+      await dev.flush();
+    } finally {
+      await fh.close();
+      await dev.close();
+    }
+  }
+
+  async mount(v: VolumeTarget): Promise<void> {
+    if (this.mode === 'nbd-only') {
+      this.#pseudoMounted.add(v.mapping);
+      return;
+    }
+    if (this.#isMounted(v)) return;
+    const dev = this.#device(v);
+    if (!dev) throw new CryptmapError('ENOTATTACHED', `${v.id} is not attached`);
+    if (v.kind === 'swap') {
+      if (!this.#opts.forceSwap) {
+        throw new CryptmapError(
+          'ESWAPUNSAFE',
+          `swapon refused for ${v.id}: ${dev} is a loop device over nbdfuse (FUSE). Paging out would need this process and nbdfuse to run, and they may need memory to do so: under memory pressure that deadlocks. Swap is safe only through the kernel nbd client with its swap option (modprobe nbd); --force-swap overrides.`,
+          { errno: 'EPERM' },
+        );
+      }
+      await this.#run('swapon', [dev]);
+      return;
+    }
+    const mp = this.#mountpoint(v);
+    if (mp === undefined) return;
+    await fs.mkdir(mp, { recursive: true, mode: 0o755 });
+    await this.#run('mount', ['-t', v.filesystem, dev, mp]);
+  }
+
+  async unmount(v: VolumeTarget): Promise<void> {
+    if (this.mode === 'nbd-only') {
+      this.#pseudoMounted.delete(v.mapping);
+      return;
+    }
+    if (!this.#isMounted(v)) return;
+    const dev = this.#device(v);
+    if (v.kind === 'swap') {
+      if (dev) await this.#run('swapoff', [dev]);
+      return;
+    }
+    const mp = this.#mountpoint(v);
+    if (mp === undefined) return;
+    for (let i = 0; ; i++) {
+      try {
+        await this.#run('umount', [mp]);
+        return;
+      } catch (e) {
+        if (i >= 20 || !this.#isMounted(v)) {
+          if (!this.#isMounted(v)) return;
+          throw e;
+        }
+        await new Promise((r) => setTimeout(r, 100)); // a process leaving the mountpoint
+      }
+    }
+  }
+
+  /** Volumes this port set up (for the agent's summary). */
+  describe(v: VolumeTarget): { nbdUri: string; device?: string; mountpoint?: string; mode: ServeMode } {
+    const st = this.core.statusOf(v.mapping);
+    const out: { nbdUri: string; device?: string; mountpoint?: string; mode: ServeMode } = { nbdUri: st.nbdUri, mode: this.mode };
+    if (st.attachedDevice) out.device = st.attachedDevice;
+    if (this.#isMounted(v) && this.mode === 'attach' && v.kind === 'scratch' && v.mountpoint) out.mountpoint = resolve(v.mountpoint);
+    return out;
+  }
+}
+
+/** Why a LUKS file cannot be trusted (header unreadable, data segment past the end), if so. */
+async function luksDamage(path: string, fileBytes: number): Promise<string | undefined> {
+  let dev: FileDevice;
+  try {
+    dev = await FileDevice.open(path, { readOnly: true });
+  } catch (e) {
+    return `cannot open: ${e instanceof Error ? e.message : String(e)}`;
+  }
+  try {
+    const vol = await openLuks(dev);
+    try {
+      const seg = vol.dataSegment;
+      const end = seg.sizeBytes === 'dynamic' ? seg.offsetBytes + seg.sectorBytes : seg.offsetBytes + seg.sizeBytes;
+      if (fileBytes < end) return `truncated: ${fileBytes} bytes, the LUKS data segment needs ${end}`;
+      return undefined;
+    } finally {
+      await vol.close();
+    }
+  } catch (e) {
+    log.warn('LUKS header unreadable', { path, error: e instanceof Error ? e.message : String(e) });
+    return `LUKS header unreadable: ${e instanceof Error ? e.message : String(e)}`;
+  } finally {
+    await dev.close();
+  }
+}

@@ -1,0 +1,201 @@
+/**
+ * The CLI as a user runs it: `cryptmap daemon` in the background, then luksFormat, open, status,
+ * close (cryptsetup's flags and exit codes), data over NBD with qemu-io and nbdcopy, and, as root,
+ * the whole path: open --attach, mkfs.ext4, mount, files, unmount, close, reopen, files intact, and
+ * cryptsetup decrypting the ciphertext to the same file system.
+ */
+import assert from 'node:assert/strict';
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { ControlClient } from '../../src/control/client.js';
+
+const ENTRY = new URL('../../src/cli/entry.js', import.meta.url).pathname;
+const MiB = 1 << 20;
+let dir: string;
+let run: string;
+let daemon: ChildProcess;
+let daemonLog = '';
+
+interface Result {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+function exec(cmd: string, args: string[], input?: string): Promise<Result> {
+  return new Promise((resolve, reject) => {
+    const child = execFile(cmd, args, { encoding: 'utf8', timeout: 120_000, maxBuffer: 64 * MiB }, (err, stdout, stderr) => {
+      if (err && (err as NodeJS.ErrnoException).code === 'ENOENT') return reject(new Error(`${cmd} is not installed (run scripts/install-deps.sh)`));
+      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
+    });
+    child.stdin?.on('error', () => undefined);
+    child.stdin?.end(input ?? '');
+  });
+}
+
+function cm(...args: string[]): Promise<Result> {
+  return exec(process.execPath, [ENTRY, ...args]);
+}
+
+async function ok(cmd: string, args: string[]): Promise<string> {
+  const r = await exec(cmd, args);
+  assert.equal(r.code, 0, `${cmd} ${args.join(' ')} failed: ${r.stderr}`);
+  return r.stdout;
+}
+
+before(async () => {
+  dir = mkdtempSync(join(tmpdir(), 'cm-cli-'));
+  run = join(dir, 'run');
+  daemon = spawn(process.execPath, [ENTRY, 'daemon', '--runtime-dir', run], { stdio: ['ignore', 'pipe', 'pipe'] });
+  daemon.stderr?.on('data', (d) => {
+    daemonLog += d.toString();
+  });
+  for (let i = 0; i < 100; i++) {
+    try {
+      (await ControlClient.connect(run)).close();
+      return;
+    } catch {
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  throw new Error(`daemon did not start: ${daemonLog}`);
+});
+
+after(async () => {
+  if (daemon.exitCode === null) {
+    const exited = new Promise((r) => daemon.once('exit', r));
+    daemon.kill('SIGTERM');
+    await exited;
+  }
+  rmSync(dir, { recursive: true, force: true });
+});
+
+test('luksFormat, open, status, data over NBD, close; exit codes as cryptsetup', async () => {
+  const img = join(dir, 'a.img');
+  const key = join(dir, 'a.key');
+  writeFileSync(key, 'correct horse battery staple', { mode: 0o600 });
+  writeFileSync(img, Buffer.alloc(0));
+  await ok('truncate', ['-s', '40M', img]);
+  let r = await cm('luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, img);
+  assert.equal(r.code, 0, r.stderr);
+
+  r = await cm('open', '--runtime-dir', run, '--key-file', key, img, 'avol');
+  assert.equal(r.code, 0, r.stderr);
+  r = await cm('status', '--runtime-dir', run, 'avol');
+  assert.equal(r.code, 0);
+  assert.match(r.stdout, /^\/dev\/mapper\/avol is active\./);
+  assert.match(r.stdout, /type: {4}LUKS2/);
+  assert.match(r.stdout, /cipher: {2}aes-xts-plain64/);
+  assert.match(r.stdout, /keysize: 512 bits/);
+  assert.match(r.stdout, /size: {4}49152 sectors/);
+  const uri = /nbd: +(\S+)/.exec(r.stdout)?.[1] ?? '';
+  assert.match(uri, /^nbd\+unix:\/\/\/avol\?socket=/);
+
+  const data = randomBytes(2 * MiB);
+  const src = join(dir, 'src.bin');
+  const dst = join(dir, 'dst.bin');
+  writeFileSync(src, data);
+  await ok('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x7e 0 1M']);
+  await ok('nbdcopy', [uri, dst]);
+  const whole = readFileSync(dst);
+  assert.equal(whole.length, 49152 * 512);
+  assert.ok(whole.subarray(0, MiB).every((b) => b === 0x7e));
+
+  // Same name again: busy/exists (5). Wrong passphrase: 2 with cryptsetup's message.
+  r = await cm('open', '--runtime-dir', run, '--key-file', key, img, 'avol');
+  assert.equal(r.code, 5, r.stderr);
+  const bad = join(dir, 'bad.key');
+  writeFileSync(bad, 'wrong', { mode: 0o600 });
+  r = await cm('open', '--runtime-dir', run, '--key-file', bad, img, 'bvol');
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /No key available with this passphrase\./);
+
+  r = await cm('close', '--runtime-dir', run, 'avol');
+  assert.equal(r.code, 0, r.stderr);
+  r = await cm('status', '--runtime-dir', run, 'avol');
+  assert.equal(r.code, 4);
+  assert.match(r.stdout, /is inactive/);
+  r = await cm('close', '--runtime-dir', run, 'avol');
+  assert.equal(r.code, 4);
+
+  // Reopen: the data written through NBD is still there.
+  r = await cm('open', '--runtime-dir', run, '--key-file', key, img, 'avol');
+  assert.equal(r.code, 0, r.stderr);
+  await ok('qemu-io', ['-f', 'raw', uri, '-c', 'read -P 0x7e 0 1M']);
+  await cm('close', '--runtime-dir', run, 'avol');
+});
+
+test('plain mode: key file read directly; same ciphertext as the engine computes', async () => {
+  const img = join(dir, 'p.img');
+  const key = join(dir, 'p.key');
+  writeFileSync(key, randomBytes(64), { mode: 0o600 });
+  writeFileSync(img, Buffer.alloc(4 * MiB));
+  let r = await cm('open', '--runtime-dir', run, '--type', 'plain', '--cipher', 'aes-xts-plain64', '--key-size', '512', '--key-file', key, '--offset', '8', img, 'pvol');
+  assert.equal(r.code, 0, r.stderr);
+  r = await cm('status', '--runtime-dir', run, 'pvol');
+  assert.match(r.stdout, /type: {4}PLAIN/);
+  assert.match(r.stdout, /offset: {2}8 sectors/);
+  const uri = /nbd: +(\S+)/.exec(r.stdout)?.[1] ?? '';
+  await ok('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x33 0 64k']);
+  r = await cm('close', '--runtime-dir', run, 'pvol');
+  assert.equal(r.code, 0);
+  const raw = readFileSync(img);
+  assert.ok(raw.subarray(0, 4096).every((b) => b === 0), 'nothing written before --offset');
+  assert.ok(!raw.subarray(4096, 4096 + 65536).every((b) => b === 0x33), 'data on disk is encrypted');
+});
+
+test('no daemon: a clear error saying how to start it', async () => {
+  const r = await cm('open', '--runtime-dir', join(dir, 'nowhere'), '--key-file', '/dev/null', '/dev/null', 'x');
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /daemon is not running \(start it with 'cryptmap daemon'\)/);
+});
+
+test('as root: open --attach, mkfs.ext4, mount, files survive close and reopen; cryptsetup decrypts the same file system', { skip: process.getuid?.() !== 0 ? 'needs root (CI runs as root)' : false }, async () => {
+  const data = join(dir, 'fs.img');
+  const hdr = join(dir, 'fs.hdr');
+  const key = join(dir, 'fs.key');
+  const mnt = join(dir, 'mnt');
+  mkdirSync(mnt);
+  writeFileSync(key, 'fs passphrase', { mode: 0o600 });
+  writeFileSync(data, Buffer.alloc(0));
+  await ok('truncate', ['-s', '64M', data]);
+  let r = await cm('luksFormat', '-q', '--type', 'luks2', '--header', hdr, '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, data);
+  assert.equal(r.code, 0, r.stderr);
+  r = await cm('open', '--runtime-dir', run, '--header', hdr, '--key-file', key, '--attach', data, 'fsvol');
+  assert.equal(r.code, 0, r.stderr + daemonLog);
+  const dev = r.stdout.trim();
+  assert.match(dev, /^\/dev\/(loop|nbd)\d+$/);
+  try {
+    await ok('mkfs.ext4', ['-q', '-F', dev]);
+    await ok('mount', [dev, mnt]);
+    writeFileSync(join(mnt, 'hello.txt'), 'hello from cryptmap\n');
+    await ok('umount', [mnt]);
+  } finally {
+    await exec('umount', [mnt]);
+  }
+  r = await cm('close', '--runtime-dir', run, 'fsvol');
+  assert.equal(r.code, 0, r.stderr);
+
+  r = await cm('open', '--runtime-dir', run, '--header', hdr, '--key-file', key, '--attach', data, 'fsvol');
+  assert.equal(r.code, 0, r.stderr);
+  const dev2 = r.stdout.trim();
+  try {
+    await ok('mount', [dev2, mnt]);
+    assert.equal(readFileSync(join(mnt, 'hello.txt'), 'utf8'), 'hello from cryptmap\n');
+    await ok('umount', [mnt]);
+  } finally {
+    await exec('umount', [mnt]);
+  }
+  r = await cm('close', '--runtime-dir', run, 'fsvol');
+  assert.equal(r.code, 0, r.stderr);
+
+  // cryptsetup decrypts the ciphertext in place: the result is the same ext4 file system.
+  await ok('cryptsetup', ['reencrypt', '--decrypt', '--force-offline-reencrypt', '--header', hdr, '--batch-mode', '--key-file', key, data]);
+  const cat = await ok('debugfs', ['-R', 'cat /hello.txt', data]);
+  assert.equal(cat, 'hello from cryptmap\n');
+  assert.ok(existsSync(hdr));
+});
