@@ -2,13 +2,15 @@
  * NBD server throughput: nbdcopy sequential write (tmpfs file -> export) and read (export -> null:)
  * of a 1 GiB MemoryDevice export served by cryptmap's NbdServer, against `nbdkit memory 1G` with
  * the same client, same data, same run, alternating. Prints MB/s per round, the best of each and
- * the ratio cryptmap / nbdkit. Not a test: numbers depend on the machine.
+ * the ratio cryptmap / nbdkit. Also the server's CPU seconds per GiB (user + system; for cryptmap
+ * the whole bench process, which idles while nbdcopy runs), which is steadier than wall time on a
+ * loaded machine. Not a test: numbers depend on the machine.
  *
  * Usage: npm run bench:nbd [-- --size-mib 1024 --rounds 3]
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -34,11 +36,28 @@ function run(cmd: string, args: string[]): Promise<void> {
   });
 }
 
-async function timed(cmd: string, args: string[]): Promise<number> {
+/** CPU seconds (user + system) used so far by a process: this one, or a child via /proc. */
+function cpuSeconds(pid?: number): number {
+  if (pid === undefined) {
+    const u = process.cpuUsage();
+    return (u.user + u.system) / 1e6;
+  }
+  const f = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = f.slice(f.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks (USER_HZ 100)
+}
+
+interface Sample {
+  mbps: number;
+  cpuPerGiB: number;
+}
+
+async function timed(cmd: string, args: string[], serverPid?: number): Promise<Sample> {
+  const c0 = cpuSeconds(serverPid);
   const t0 = process.hrtime.bigint();
   await run(cmd, args);
   const s = Number(process.hrtime.bigint() - t0) / 1e9;
-  return sizeBytes / 1e6 / s;
+  return { mbps: sizeBytes / 1e6 / s, cpuPerGiB: ((cpuSeconds(serverPid) - c0) * 1073741824) / sizeBytes };
 }
 
 async function waitFor(path: string): Promise<void> {
@@ -69,22 +88,27 @@ async function main(): Promise<void> {
     const ours = nbdUnixUri('mem', ourSock);
     const theirs = `nbd+unix:///?socket=${kitSock}`;
     const best = { ourW: 0, kitW: 0, ourR: 0, kitR: 0 };
-    console.log(`nbdcopy, ${sizeBytes / 1048576} MiB, source file in ${shm}; MB/s (1 MB = 10^6 bytes)`);
+    const cpu = { ourW: Infinity, kitW: Infinity, ourR: Infinity, kitR: Infinity };
+    const fmt = (x: Sample) => `${x.mbps.toFixed(0)} MB/s (${x.cpuPerGiB.toFixed(2)} CPU-s/GiB)`;
+    console.log(`nbdcopy, ${sizeBytes / 1048576} MiB, source file in ${shm}; 1 MB = 10^6 bytes; server CPU seconds per GiB in ()`);
     for (let r = 1; r <= rounds; r++) {
-      const ourW = await timed('nbdcopy', [src, ours]);
-      const kitW = await timed('nbdcopy', [src, theirs]);
-      const ourR = await timed('nbdcopy', [ours, 'null:']);
-      const kitR = await timed('nbdcopy', [theirs, 'null:']);
-      best.ourW = Math.max(best.ourW, ourW);
-      best.kitW = Math.max(best.kitW, kitW);
-      best.ourR = Math.max(best.ourR, ourR);
-      best.kitR = Math.max(best.kitR, kitR);
-      console.log(
-        `round ${r}: write cryptmap ${ourW.toFixed(0)} nbdkit ${kitW.toFixed(0)} | read cryptmap ${ourR.toFixed(0)} nbdkit ${kitR.toFixed(0)}`,
-      );
+      const s = {
+        ourW: await timed('nbdcopy', [src, ours]),
+        kitW: await timed('nbdcopy', [src, theirs], kit.pid),
+        ourR: await timed('nbdcopy', [ours, 'null:']),
+        kitR: await timed('nbdcopy', [theirs, 'null:'], kit.pid),
+      };
+      for (const k of ['ourW', 'kitW', 'ourR', 'kitR'] as const) {
+        best[k] = Math.max(best[k], s[k].mbps);
+        cpu[k] = Math.min(cpu[k], s[k].cpuPerGiB);
+      }
+      console.log(`round ${r}: write cryptmap ${fmt(s.ourW)}, nbdkit ${fmt(s.kitW)} | read cryptmap ${fmt(s.ourR)}, nbdkit ${fmt(s.kitR)}`);
     }
-    console.log(`best write: cryptmap ${best.ourW.toFixed(0)} MB/s, nbdkit memory ${best.kitW.toFixed(0)} MB/s, ratio ${(best.ourW / best.kitW).toFixed(2)}`);
-    console.log(`best read:  cryptmap ${best.ourR.toFixed(0)} MB/s, nbdkit memory ${best.kitR.toFixed(0)} MB/s, ratio ${(best.ourR / best.kitR).toFixed(2)}`);
+    const line = (what: string, o: 'ourW' | 'ourR', k: 'kitW' | 'kitR') =>
+      `best ${what}: cryptmap ${best[o].toFixed(0)} MB/s, nbdkit memory ${best[k].toFixed(0)} MB/s, ratio ${(best[o] / best[k]).toFixed(2)}; ` +
+      `CPU-s/GiB cryptmap ${cpu[o].toFixed(2)}, nbdkit ${cpu[k].toFixed(2)}`;
+    console.log(line('write', 'ourW', 'kitW'));
+    console.log(line('read ', 'ourR', 'kitR'));
   } finally {
     kit.kill('SIGTERM');
     await server.close();

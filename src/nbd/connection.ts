@@ -122,7 +122,7 @@ export class Connection {
   }
 
   /**
-   * Queue bytes for the peer. Writes within one tick go out together (cork/uncork). With `pooled`,
+   * Queue bytes for the peer. Writes within one event-loop turn go out in one writev (cork, then uncork in setImmediate). With `pooled`,
    * `buf` goes back to the server's buffer pool once the socket is done with it.
    */
   send(buf: Uint8Array, pooled = false): void {
@@ -133,7 +133,7 @@ export class Connection {
     if (!this.#corked) {
       this.#corked = true;
       this.socket.cork();
-      process.nextTick(this.#uncork);
+      setImmediate(this.#uncork);
     }
     if (pooled) this.socket.write(buf, () => this.server.pool.release(buf));
     else this.socket.write(buf);
