@@ -3,9 +3,11 @@
  * client that speaks the wire format byte by byte (for malformed input), and a runner for the real
  * client tools that fails with the Debian package name when a tool is missing.
  */
-import { spawn, spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
+import { connect as tlsConnect } from 'node:tls';
+import type { Duplex } from 'node:stream';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
@@ -49,24 +51,38 @@ export async function startServer(opts: NbdServerOptions = {}, sizeBytes = 16 <<
 
 /** A byte-level client: send raw bytes, read exact counts, see the server hang up. */
 export class RawClient {
-  readonly socket: Socket;
+  readonly socket: Duplex;
   #buf = Buffer.alloc(0);
   #ended = false;
   #waiter: (() => void) | null = null;
+  readonly #onData = (d: Buffer) => {
+    this.#buf = Buffer.concat([this.#buf, d]);
+    this.#waiter?.();
+  };
+  readonly #onEnd = () => {
+    this.#ended = true;
+    this.#waiter?.();
+  };
 
-  private constructor(socket: Socket) {
+  private constructor(socket: Duplex) {
     this.socket = socket;
-    socket.on('data', (d: Buffer) => {
-      this.#buf = Buffer.concat([this.#buf, d]);
-      this.#waiter?.();
+    socket.on('data', this.#onData);
+    socket.on('end', this.#onEnd);
+    socket.on('close', this.#onEnd);
+    socket.on('error', this.#onEnd);
+  }
+
+  /** After an NBD_OPT_STARTTLS ACK: run a TLS client handshake on this socket; talk through the result. */
+  async startTls(ca: Buffer): Promise<RawClient> {
+    this.socket.off('data', this.#onData);
+    this.socket.off('end', this.#onEnd);
+    this.socket.off('close', this.#onEnd);
+    const t = tlsConnect({ socket: this.socket as Socket, ca, servername: 'localhost' });
+    await new Promise<void>((resolve, reject) => {
+      t.once('secureConnect', () => resolve());
+      t.once('error', reject);
     });
-    const end = () => {
-      this.#ended = true;
-      this.#waiter?.();
-    };
-    socket.on('end', end);
-    socket.on('close', end);
-    socket.on('error', end);
+    return new RawClient(t);
   }
 
   static connect(path: string): Promise<RawClient> {
@@ -324,4 +340,15 @@ export function seededBytes(n: number, seed: number): Buffer {
     else for (let j = i; j < n; j++) b[j] = (x >>> ((j - i) * 8)) & 0xff;
   }
   return b;
+}
+
+/** A self-signed EC certificate for CN=localhost (openssl), as PEM key and cert. */
+export function selfSignedCert(dir: string): { key: Buffer; cert: Buffer } {
+  requireTool('openssl');
+  execFileSync(
+    'openssl',
+    ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', `${dir}/key.pem`, '-out', `${dir}/cert.pem`, '-days', '2', '-subj', '/CN=localhost', '-addext', 'subjectAltName=DNS:localhost'],
+    { stdio: 'ignore' },
+  );
+  return { key: readFileSync(`${dir}/key.pem`), cert: readFileSync(`${dir}/cert.pem`) };
 }

@@ -7,10 +7,12 @@ import { after, before, describe, test } from 'node:test';
 import fc from 'fast-check';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { CryptmapError } from '../../src/util/errors.js';
+import { OPTION_HANDLERS } from '../../src/nbd/options.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { canTransition, STATES } from '../../src/nbd/states.js';
+import { COMMANDS } from '../../src/nbd/transmission.js';
 import { nbdTcpUri, nbdUnixUri } from '../../src/nbd/uri.js';
-import { type Fixture, goData, metaData, openClient, RawClient, seededBytes, startServer } from './helpers.js';
+import { type Fixture, goData, metaData, openClient, RawClient, seededBytes, selfSignedCert, startServer } from './helpers.js';
 
 const NBD_OPT_EXPORT_NAME = 1;
 const NBD_OPT_ABORT = 2;
@@ -646,22 +648,13 @@ describe('lifecycle', () => {
   });
 });
 
-describe('TLS require mode without a handshake', () => {
-  test('options are refused with ERR_TLS_REQD', async () => {
-    const { execFileSync } = await import('node:child_process');
-    const { mkdtempSync, readFileSync, rmSync } = await import('node:fs');
-    const dir = mkdtempSync(`${f.dir}/pki-`);
-    try {
-      execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', `${dir}/k.pem`, '-out', `${dir}/c.pem`, '-days', '1', '-subj', '/CN=localhost'], {
-        stdio: 'ignore',
-      });
-    } catch {
-      throw new Error('openssl is not installed: install the Debian package openssl (scripts/install-deps.sh)');
-    }
-    const server = new NbdServer({ tls: 'require', tlsCredentials: { key: readFileSync(`${dir}/k.pem`), cert: readFileSync(`${dir}/c.pem`) } });
+describe('TLS', () => {
+  test('require mode: options other than STARTTLS/ABORT are ERR_TLS_REQD, EXPORT_NAME disconnects', async () => {
+    const { key, cert } = selfSignedCert(f.dir);
+    const server = new NbdServer({ tls: 'require', tlsCredentials: { key, cert } });
     server.addExport('disk', { device: new MemoryDevice({ sizeBytes: 1 << 20 }) });
-    await server.listenUnix(`${dir}/s.sock`);
-    const c = await RawClient.connect(`${dir}/s.sock`);
+    await server.listenUnix(`${f.dir}/req.sock`);
+    const c = await RawClient.connect(`${f.dir}/req.sock`);
     await c.handshake();
     for (const opt of [NBD_OPT_LIST, NBD_OPT_STRUCTURED_REPLY, NBD_OPT_INFO, NBD_OPT_GO, 999]) {
       c.sendOption(opt, opt === NBD_OPT_GO || opt === NBD_OPT_INFO ? goData('disk') : Buffer.alloc(0));
@@ -671,7 +664,80 @@ describe('TLS require mode without a handshake', () => {
     assert.ok(await c.closedByServer());
     c.close();
     await server.close();
-    rmSync(dir, { recursive: true, force: true });
+  });
+
+  test('STARTTLS upgrades the session, forgets earlier negotiation, refuses a second STARTTLS', async () => {
+    const { key, cert } = selfSignedCert(f.dir);
+    const server = new NbdServer({ tls: 'on', tlsCredentials: { key, cert } });
+    server.addExport('disk', { device: new MemoryDevice({ sizeBytes: 1 << 20 }) });
+    await server.listenUnix(`${f.dir}/on.sock`);
+    const raw = await RawClient.connect(`${f.dir}/on.sock`);
+    await raw.handshake();
+    raw.sendOption(NBD_OPT_STRUCTURED_REPLY);
+    assert.equal((await raw.readOptionReply()).type, ACK);
+    raw.sendOption(NBD_OPT_STARTTLS);
+    assert.equal((await raw.readOptionReply()).type, ACK);
+    const c = await raw.startTls(cert);
+    c.sendOption(NBD_OPT_STARTTLS);
+    assert.equal((await c.readOptionReply()).type, ERR_INVALID);
+    // Structured replies were negotiated before STARTTLS and must be forgotten.
+    c.sendOption(NBD_OPT_SET_META_CONTEXT, metaData('disk', ['base:allocation']));
+    assert.equal((await c.readOptionReply()).type, ERR_INVALID);
+    await c.go('disk');
+    const data = seededBytes(8192, 21);
+    c.sendRequest(CMD_WRITE, 4096, data.length, { cookie: 1n, data });
+    assert.deepEqual(await c.readSimpleReply(), { error: 0, cookie: 1n });
+    c.sendRequest(CMD_READ, 4096, data.length, { cookie: 2n });
+    assert.deepEqual(await c.readSimpleReply(), { error: 0, cookie: 2n });
+    assert.ok((await c.read(data.length)).equals(data));
+    c.sendRequest(CMD_DISC, 0, 0);
+    assert.ok(await c.closedByServer());
+    // Plaintext still works in 'on' mode.
+    const p = await RawClient.connect(`${f.dir}/on.sock`);
+    await p.handshake();
+    await p.go('disk');
+    p.close();
+    await server.close();
+  });
+});
+
+describe('limits', () => {
+  test('the option and command tables match the state table', () => {
+    assert.deepEqual(Object.keys(OPTION_HANDLERS).map(Number).sort(), [...STATES.OPTIONS.accepts].sort());
+    assert.deepEqual([...Object.keys(COMMANDS).map(Number), CMD_DISC].sort(), [...STATES.TRANSMISSION.accepts].sort());
+  });
+
+  test('a client that never finishes the handshake is dropped after the timeout', async () => {
+    const server = new NbdServer({ handshakeTimeoutMs: 200 });
+    server.addExport('disk', { device: new MemoryDevice({ sizeBytes: 1 << 20 }) });
+    await server.listenUnix(`${f.dir}/slowpoke.sock`);
+    const c = await RawClient.connect(`${f.dir}/slowpoke.sock`);
+    await c.handshake();
+    assert.ok(await c.closedByServer(20_000));
+    await server.close();
+  });
+
+  test('connections beyond maxConnections are refused; the others keep working', async () => {
+    const server = new NbdServer({ maxConnections: 2 });
+    server.addExport('disk', { device: new MemoryDevice({ sizeBytes: 1 << 20 }) });
+    await server.listenUnix(`${f.dir}/few.sock`);
+    const a = await RawClient.connect(`${f.dir}/few.sock`);
+    const b = await RawClient.connect(`${f.dir}/few.sock`);
+    await a.handshake();
+    await b.handshake();
+    const c = await RawClient.connect(`${f.dir}/few.sock`);
+    assert.ok(await c.closedByServer());
+    await a.go('disk');
+    a.close();
+    b.close();
+    await server.close();
+  });
+
+  test('server options are range-checked', () => {
+    assert.throws(() => new NbdServer({ maxPayloadBytes: 100 }), /maxPayloadBytes/);
+    assert.throws(() => new NbdServer({ maxConnections: 0 }), /maxConnections/);
+    const s = new NbdServer();
+    assert.throws(() => s.addExport('x'.repeat(5000), { device: new MemoryDevice({ sizeBytes: 4096 }) }), /4096 bytes/);
   });
 });
 
