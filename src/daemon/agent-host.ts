@@ -184,6 +184,7 @@ export class AgentHost {
       this.ports.forceClose = true;
       report = await shutdown(this.#common());
     } finally {
+      await this.ports.releaseAll();
       await this.#control.close().catch(() => {});
       await this.core.shutdown();
       this.#ephemeralKeys.clear();

@@ -159,8 +159,14 @@ export class DataPathPorts implements VolumePorts {
     const dev = this.#device(v);
     if (!dev) return false;
     if (v.kind === 'swap') return swaps().includes(dev);
-    const mp = this.#mountpoint(v);
-    return mp !== undefined && mounts().some(([src, at]) => src === dev && at === mp);
+    return this.#mountedAt(dev).length > 0;
+  }
+
+  /** Where the attached device (ours alone) is mounted, wherever the record thinks it is. */
+  #mountedAt(dev: string): string[] {
+    return mounts()
+      .filter(([src]) => src === dev)
+      .map(([, at]) => at);
   }
 
   async probe(v: VolumeTarget): Promise<VolumeProbe> {
@@ -258,7 +264,8 @@ export class DataPathPorts implements VolumePorts {
   async mkfs(v: VolumeTarget): Promise<void> {
     if (v.filesystem === 'none') return;
     const tool = v.filesystem === 'swap' ? 'mkswap' : `mkfs.${v.filesystem}`;
-    const toolArgs = (target: string) => (v.filesystem === 'swap' ? ['-L', v.volume, target] : ['-q', '-F', '-E', 'nodiscard', '-L', v.volume.slice(0, 16), target]);
+    // 4 KiB blocks: never smaller than the mapping's logical block size (mkfs on an image cannot see it).
+    const toolArgs = (target: string) => (v.filesystem === 'swap' ? ['-L', v.volume, target] : ['-q', '-F', '-b', '4096', '-E', 'nodiscard', '-L', v.volume.slice(0, 16), target]);
     if (this.mode === 'attach') {
       const dev = this.#device(v);
       if (!dev) throw new CryptmapError('ENOTATTACHED', `${v.id} is not attached`);
@@ -342,18 +349,31 @@ export class DataPathPorts implements VolumePorts {
       if (dev) await this.#run('swapoff', [dev]);
       return;
     }
-    const mp = this.#mountpoint(v);
-    if (mp === undefined) return;
-    for (let i = 0; ; i++) {
-      try {
-        await this.#run('umount', [mp]);
-        return;
-      } catch (e) {
-        if (i >= 20 || !this.#isMounted(v)) {
-          if (!this.#isMounted(v)) return;
-          throw e;
+    if (!dev) return;
+    for (const mp of this.#mountedAt(dev).reverse()) {
+      for (let i = 0; ; i++) {
+        try {
+          await this.#run('umount', [mp]);
+          break;
+        } catch (e) {
+          if (!this.#mountedAt(dev).includes(mp)) break;
+          if (i >= 20) throw e;
+          await new Promise((r) => setTimeout(r, 100)); // a process leaving the mountpoint
         }
-        await new Promise((r) => setTimeout(r, 100)); // a process leaving the mountpoint
+      }
+    }
+  }
+
+  /** Last resort at shutdown: lazily unmount and swap off whatever is still on our devices. */
+  async releaseAll(): Promise<void> {
+    if (this.mode === 'nbd-only') return;
+    for (const st of this.core.volumes()) {
+      const dev = st.attachedDevice;
+      if (!dev) continue;
+      if (swaps().includes(dev)) await this.#run('swapoff', [dev]).catch(() => {});
+      for (const mp of this.#mountedAt(dev).reverse()) {
+        log.warn('lazy unmount at shutdown', { device: dev, mountpoint: mp });
+        await this.#run('umount', ['-l', mp]).catch(() => {});
       }
     }
   }
@@ -363,7 +383,10 @@ export class DataPathPorts implements VolumePorts {
     const st = this.core.statusOf(v.mapping);
     const out: { nbdUri: string; device?: string; mountpoint?: string; mode: ServeMode } = { nbdUri: st.nbdUri, mode: this.mode };
     if (st.attachedDevice) out.device = st.attachedDevice;
-    if (this.#isMounted(v) && this.mode === 'attach' && v.kind === 'scratch' && v.mountpoint) out.mountpoint = resolve(v.mountpoint);
+    if (st.attachedDevice && this.mode === 'attach' && v.kind === 'scratch') {
+      const at = this.#mountedAt(st.attachedDevice)[0];
+      if (at !== undefined) out.mountpoint = at;
+    }
     return out;
   }
 }

@@ -337,7 +337,12 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
       case 'mount': {
         await ports.mount(t);
         const r = state.volumes[t.id];
-        if (r) r.phase = 'ready';
+        if (r) {
+          r.phase = 'ready';
+          // The manifest may have moved the mountpoint since the volume was made.
+          if (t.mountpoint === undefined) delete r.mountpoint;
+          else r.mountpoint = t.mountpoint;
+        }
         touch('mount');
         await save();
         return;

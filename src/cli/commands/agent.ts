@@ -1,0 +1,134 @@
+/**
+ * `cryptmap agent`: the per-service volume reconciler (issue 6, docs/manifest.md), hosting the
+ * data path in process (daemon/agent-host.ts).
+ *
+ *   cryptmap agent [--manifest FILE] --state-dir DIR [--boot-id ID] [--once] [--nbd-only]
+ *                  [--force-swap] [--mount-root DIR]
+ *   cryptmap agent status [--json] --state-dir DIR
+ *
+ * Without --manifest the built-in default manifest (examples/manifest.yaml) is used: what `npm start`
+ * runs. Runs until SIGINT/SIGTERM, then tears down (unmount, detach, close; persistent files kept).
+ * --once: reconcile, print, tear down and exit (0 when every volume came up).
+ */
+import { parseArgs } from 'node:util';
+import { AgentHost, runningAgentPid } from '../../daemon/agent-host.js';
+import { readBootId } from '../../reconciler/agent.js';
+import type { ApplyReport } from '../../reconciler/apply.js';
+import { DEFAULT_MANIFEST_FILE, DEFAULT_MANIFEST_YAML } from '../../reconciler/default-manifest.js';
+import { loadManifest, type Manifest, parseManifest } from '../../reconciler/manifest.js';
+import { StateStore } from '../../reconciler/state.js';
+import { formatStatus, statusRows } from '../../reconciler/status.js';
+import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import type { CliIO, VerbMain } from '../types.js';
+
+const USAGE = `usage: cryptmap agent [--manifest FILE] --state-dir DIR [--boot-id ID] [--once] [--nbd-only] [--force-swap] [--mount-root DIR]
+       cryptmap agent status [--json] --state-dir DIR
+`;
+
+function usageError(msg: string): CryptmapError {
+  return new CryptmapError('EARGS', `${msg}\n${USAGE.trimEnd()}`, { exitCode: EXIT_WRONG_PARAMS });
+}
+
+function parse(argv: string[]) {
+  try {
+    return parseArgs({
+      args: argv,
+      options: {
+        manifest: { type: 'string' },
+        'state-dir': { type: 'string' },
+        'boot-id': { type: 'string' },
+        once: { type: 'boolean' },
+        'nbd-only': { type: 'boolean' },
+        'force-swap': { type: 'boolean' },
+        'mount-root': { type: 'string' },
+        json: { type: 'boolean' },
+        help: { type: 'boolean', short: 'h' },
+      },
+      strict: true,
+      allowPositionals: true,
+    });
+  } catch (e) {
+    throw usageError((e as Error).message);
+  }
+}
+
+/** One block per volume: what it is and how to reach it. */
+export function formatReport(host: AgentHost, r: ApplyReport): string {
+  const lines: string[] = [];
+  for (const t of host.targets) {
+    const v = r.volumes.find((x) => x.id === t.id);
+    const d = host.ports.describe(t);
+    const state = v?.code === 'ESWAPUNSAFE' ? 'served (swapon refused)' : (v?.state ?? 'unknown');
+    lines.push(`${t.id} (${t.class}${t.kind === 'swap' ? ' swap' : ''}, ${t.filesystem}): ${state}`);
+    lines.push(`    nbd:    ${d.nbdUri}`);
+    if (d.device) lines.push(`    device: ${d.device}`);
+    if (d.mountpoint) lines.push(`    mount:  ${d.mountpoint}`);
+    if (v?.reason) lines.push(`    note:   ${v.reason}`);
+    else if (host.modeReason) lines.push(`    note:   ${host.modeReason}`);
+  }
+  for (const v of r.volumes) if (!host.targets.some((t) => t.id === v.id)) lines.push(`${v.id}: ${v.state}${v.reason ? ` (${v.reason})` : ''}`);
+  return lines.join('\n') + '\n';
+}
+
+async function status(v: ReturnType<typeof parse>['values'], io: CliIO): Promise<number> {
+  const dir = v['state-dir'];
+  if (!dir) throw usageError('--state-dir is required');
+  const rows = statusRows(await new StateStore(dir).load());
+  const pid = runningAgentPid(dir);
+  if (v.json) io.stdout.write(JSON.stringify({ running: pid !== undefined, pid: pid ?? null, volumes: rows }, null, 2) + '\n');
+  else io.stdout.write((pid !== undefined ? `agent running (pid ${pid})\n` : 'agent not running\n') + formatStatus(rows));
+  return 0;
+}
+
+const agent: VerbMain = async (argv, io) => {
+  const { values: v, positionals } = parse(argv.slice(1));
+  if (v.help) {
+    io.stdout.write(USAGE);
+    return 0;
+  }
+  if (positionals[0] === 'status' && positionals.length === 1) return status(v, io);
+  if (positionals.length > 0) throw usageError(`unexpected argument '${positionals[0]}'`);
+  const stateDir = v['state-dir'];
+  if (!stateDir) throw usageError('--state-dir is required');
+  const manifest: Manifest = v.manifest ? await loadManifest(v.manifest) : parseManifest(DEFAULT_MANIFEST_YAML, DEFAULT_MANIFEST_FILE);
+  const bootId = await readBootId(v['boot-id']);
+  const host = await AgentHost.start({
+    manifest,
+    stateDir,
+    bootId,
+    serve: v['nbd-only'] ? 'nbd-only' : 'auto',
+    forceSwap: v['force-swap'] ?? false,
+    ...(v['mount-root'] ? { mountRoot: v['mount-root'] } : {}),
+  });
+  const ac = new AbortController();
+  let signalled: (() => void) | undefined;
+  const stopped = new Promise<void>((res) => {
+    signalled = res;
+  });
+  const onSignal = () => {
+    ac.abort();
+    signalled?.();
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  let ok = false;
+  try {
+    io.stdout.write(`cryptmap agent: manifest ${manifest.file}, state ${host.stateDir}, keys ${host.keyServiceDescription}\n`);
+    const report = await host.reconcile(ac.signal);
+    ok = report.volumes.every((x) => x.state === 'ready' || x.code === 'ESWAPUNSAFE');
+    io.stdout.write(formatReport(host, report));
+    if (!v.once && !ac.signal.aborted) {
+      io.stdout.write(`Serving on ${host.core.nbdSocketPath} (status: cryptmap agent status --state-dir ${stateDir}). Press Ctrl-C to stop.\n`);
+      await stopped;
+    }
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    io.stdout.write('cryptmap agent: tearing down (persistent volumes are kept)\n');
+    const down = await host.stop();
+    for (const x of down?.volumes ?? []) io.stdout.write(`${x.id}: ${x.state}${x.reason ? ` (${x.reason})` : ''}\n`);
+  }
+  return v.once && !ok ? 1 : 0;
+};
+
+export default agent;

@@ -1,0 +1,87 @@
+/**
+ * `cryptmap volume delete ID --state-dir DIR [--manifest FILE]`: remove a persistent volume's file
+ * for good (reconciler/delete.ts). Refused while an agent runs on DIR, while the manifest still names
+ * the volume (without --manifest: while the record does not say `retired`, i.e. the last agent run
+ * still had it in its manifest), and while it is in use.
+ */
+import { parseArgs } from 'node:util';
+import { AGENT_VOLUME_DIR, runningAgentPid } from '../../daemon/agent-host.js';
+import { deleteVolume } from '../../reconciler/delete.js';
+import { deleteBackingFile, probeBackingFile } from '../../reconciler/file-ops.js';
+import { loadManifest } from '../../reconciler/manifest.js';
+import { desiredVolumes } from '../../reconciler/plan.js';
+import type { VolumePorts, VolumeTarget } from '../../reconciler/ports.js';
+import { StateStore } from '../../reconciler/state.js';
+import { CryptmapError, EXIT_BUSY, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import type { VerbMain } from '../types.js';
+
+const USAGE = 'usage: cryptmap volume delete ID --state-dir DIR [--manifest FILE]\n';
+
+/** Ports for a stopped agent: files only (nothing can be open without the agent process). */
+function filePorts(): VolumePorts {
+  const no = async (): Promise<never> => {
+    throw new CryptmapError('EINTERNAL', 'not available without a running agent');
+  };
+  return {
+    async probe(t) {
+      const f = await probeBackingFile(t.path);
+      const p = { fileExists: f.exists, open: false, attached: false, mounted: false };
+      return f.bytes === undefined ? p : { ...p, fileBytes: f.bytes, isLuks: f.isLuks ?? false };
+    },
+    createFile: no,
+    deleteFile: (t) => deleteBackingFile(t.path),
+    format: no,
+    open: no,
+    openPlain: no,
+    close: no,
+    attach: no,
+    detach: no,
+    mkfs: no,
+    mount: no,
+    unmount: no,
+  };
+}
+
+const volume: VerbMain = async (argv, io) => {
+  let parsed: ReturnType<typeof parseArgs<{ options: { 'state-dir': { type: 'string' }; manifest: { type: 'string' }; help: { type: 'boolean'; short: 'h' } }; allowPositionals: true; strict: true }>>;
+  try {
+    parsed = parseArgs({
+      args: argv.slice(1),
+      options: { 'state-dir': { type: 'string' }, manifest: { type: 'string' }, help: { type: 'boolean', short: 'h' } },
+      allowPositionals: true,
+      strict: true,
+    });
+  } catch (e) {
+    throw new CryptmapError('EARGS', `${(e as Error).message}\n${USAGE.trimEnd()}`, { exitCode: EXIT_WRONG_PARAMS });
+  }
+  const { values: v, positionals } = parsed;
+  if (v.help) {
+    io.stdout.write(USAGE);
+    return 0;
+  }
+  const [sub, id, ...rest] = positionals;
+  if (sub !== 'delete' || id === undefined || rest.length > 0 || !v['state-dir']) {
+    throw new CryptmapError('EARGS', USAGE.trimEnd(), { exitCode: EXIT_WRONG_PARAMS });
+  }
+  const stateDir = v['state-dir'];
+  const pid = runningAgentPid(stateDir);
+  if (pid !== undefined) throw new CryptmapError('EAGENT_RUNNING', `a cryptmap agent (pid ${pid}) is running on ${stateDir}; remove the volume from its manifest and stop the agent first`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+  const store = new StateStore(stateDir);
+  let desired: VolumeTarget[];
+  if (v.manifest) desired = desiredVolumes(await loadManifest(v.manifest), `${stateDir}/${AGENT_VOLUME_DIR}`);
+  else {
+    const r = (await store.load()).volumes[id];
+    if (r && r.phase !== 'retired') {
+      throw new CryptmapError('EVOLUME_NAMED', `${id} was still in the agent's manifest at its last run (state ${r.phase}); remove it from the manifest and run the agent, or give --manifest`, {
+        exitCode: EXIT_BUSY,
+        errno: 'EBUSY',
+      });
+    }
+    desired = [];
+  }
+  const { path } = await deleteVolume({ id, store, ports: filePorts(), desired });
+  io.stdout.write(`deleted ${id} (${path})\n`);
+  return 0;
+};
+
+export default volume;
