@@ -65,7 +65,8 @@ export class Connection {
     this.raw = raw;
     this.socket = raw;
     this.payloadAlloc = (n) => server.pool.acquire(n);
-    this.rx = new RecvQueue(Math.max(4 << 20, server.limits.maxPayloadBytes + 28));
+    // Small: a reader that needs more (a large WRITE payload) is let through past the mark.
+    this.rx = new RecvQueue(2 << 20);
     raw.on('error', (e) => log.debug('socket error', { conn: this.id, error: e.message }));
     if (typeof raw.setNoDelay === 'function') raw.setNoDelay(true);
     if (handshakeTimeoutMs > 0) {
