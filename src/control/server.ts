@@ -67,7 +67,11 @@ export class ControlServer {
           send({ id: req.id, ok: false, error: { code: 'EUNKNOWN_OP', message: `unknown control operation '${req.op}'`, exitCode: 1 } });
           return;
         }
-        handler(req.args).then(
+        // A handler may throw synchronously (argument checks): that must become a response, not an
+        // uncaught exception that takes the daemon down.
+        Promise.resolve()
+          .then(() => handler(req.args))
+          .then(
           (result) => send({ id: req.id, ok: true, result: result ?? null }),
           (e) => {
             if (!isCryptmapError(e)) log.error('control operation failed', { op: req.op, error: e instanceof Error ? e.message : String(e) });
