@@ -60,6 +60,12 @@ describe('nbdinfo', () => {
   });
 });
 
+test('nbd-client (the kernel client negotiation code) lists the exports', async () => {
+  const out = await mustRun('nbd-client', ['-unix', f.sock, '-l']);
+  assert.match(out, /^disk: test disk$/m);
+  assert.match(out, /^ro$/m);
+});
+
 describe('qemu', () => {
   test('qemu-io writes patterns and reads them back', async () => {
     const out = await mustRun('qemu-io', [

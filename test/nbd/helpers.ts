@@ -284,6 +284,7 @@ const PACKAGES: Record<string, string> = {
   losetup: 'util-linux',
   'mkfs.ext4': 'e2fsprogs',
   fusermount3: 'fuse3',
+  'nbd-client': 'nbd-client',
 };
 
 /** Throws (never skips) when a tool is missing, naming the Debian package that provides it. */
