@@ -29,7 +29,7 @@ services:
   - name: db
     volumes:
       - name: data
-        size: 128M
+        size: 64M
         class: persistent
         filesystem: ext4
         mountpoint: /srv/db
