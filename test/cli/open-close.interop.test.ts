@@ -148,6 +148,40 @@ test('plain mode: key file read directly; same ciphertext as the engine computes
   assert.ok(!raw.subarray(4096, 4096 + 65536).every((b) => b === 0x33), 'data on disk is encrypted');
 });
 
+test('dm verbs through the daemon: create from stdin, table, info, ls, suspend/resume, remove; exported over NBD', async () => {
+  const img = join(dir, 'lin.img');
+  writeFileSync(img, Buffer.alloc(MiB, 0xa5));
+  let r = await exec(process.execPath, [ENTRY, 'dm', 'create', 'lin', '--runtime-dir', run], `0 1024 linear ${img} 1024\n`);
+  assert.equal(r.code, 0, r.stderr);
+  r = await cm('dm', 'table', '--runtime-dir', run, 'lin');
+  assert.equal(r.stdout, `0 1024 linear ${img} 1024\n`);
+  r = await cm('dm', 'info', '--runtime-dir', run, 'lin');
+  assert.match(r.stdout, /State: +ACTIVE/);
+  r = await cm('dm', 'ls', '--runtime-dir', run);
+  assert.match(r.stdout, /^lin\t\(253:\d+\)$/m);
+  const sock = join(run, 'nbd.sock');
+  const info = await ok('nbdinfo', ['--size', `nbd+unix:///lin?socket=${sock}`]);
+  assert.equal(info.trim(), String(1024 * 512));
+  await ok('qemu-io', ['-f', 'raw', `nbd+unix:///lin?socket=${sock}`, '-c', 'read -P 0xa5 0 512k']);
+  r = await cm('dm', 'suspend', '--runtime-dir', run, 'lin');
+  assert.equal(r.code, 0, r.stderr);
+  r = await cm('dm', 'info', '--runtime-dir', run, 'lin');
+  assert.match(r.stdout, /State: +SUSPENDED/);
+  r = await cm('dm', 'resume', '--runtime-dir', run, 'lin');
+  assert.equal(r.code, 0, r.stderr);
+  r = await cm('dm', 'create', 'bad', '--runtime-dir', run, '--table', '0 10 nosuchtarget');
+  assert.notEqual(r.code, 0);
+  assert.match(r.stderr, /nosuchtarget/);
+  r = await cm('dm', 'reload', '--runtime-dir', run, 'lin', '--table', `0 1024 zero`);
+  assert.equal(r.code, 0, r.stderr);
+  r = await cm('dm', 'info', '--runtime-dir', run, 'lin');
+  assert.match(r.stdout, /Tables present: +LIVE & INACTIVE/);
+  r = await cm('dm', 'remove', '--runtime-dir', run, 'lin');
+  assert.equal(r.code, 0, r.stderr);
+  r = await cm('dm', 'ls', '--runtime-dir', run);
+  assert.match(r.stdout, /No devices found/);
+});
+
 test('no daemon: a clear error saying how to start it', async () => {
   const r = await cm('open', '--runtime-dir', join(dir, 'nowhere'), '--key-file', '/dev/null', '/dev/null', 'x');
   assert.equal(r.code, 1);

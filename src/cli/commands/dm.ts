@@ -195,14 +195,24 @@ async function dispatch(args: string[], io: CliIO, need: () => Promise<DmControl
 
 /**
  * The CLI entry: commands go to the daemon's registry over its control socket (runtime dir from
- * CRYPTMAP_RUNTIME_DIR, else /run/cryptmap). Without a daemon: the daemon-not-running message, exit 1.
- * Paths in tables are opened by the daemon, so give absolute paths.
+ * `--runtime-dir DIR` anywhere on the line, else CRYPTMAP_RUNTIME_DIR, else /run/cryptmap). Without a
+ * daemon: the daemon-not-running message, exit 1. Paths in tables are opened by the daemon, so give
+ * absolute paths.
  */
-const dmMain: VerbMain = (argv, io) =>
-  runDm(argv, io, {
+const dmMain: VerbMain = (argv, io) => {
+  let dirFlag: string | undefined;
+  const args: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    if (a === '--runtime-dir' && i + 1 < argv.length) dirFlag = argv[++i];
+    else if (a.startsWith('--runtime-dir=')) dirFlag = a.slice('--runtime-dir='.length);
+    else args.push(a);
+  }
+  return runDm(args, io, {
     async connect() {
-      const c = await ControlClient.connect(runtimeDir(undefined, io.env));
+      const c = await ControlClient.connect(runtimeDir(dirFlag, io.env));
       return { control: remoteDmControl(c), close: () => c.close() };
     },
   });
+};
 export default dmMain;
