@@ -8,7 +8,8 @@
  *     written, then EIO), `tear` (a seeded subset of the logical blocks is written, then the
  *     device "crashes"), `crash` (nothing written, the device is dead from then on);
  *   - `crashAfterWrites`: every mutating call after the first N throws (power cut after N writes);
- *   - flushes at chosen numbers (or all) fail with EIO; the failure is reported, never hidden;
+ *   - flushes at chosen numbers (or all) fail with EIO; the failure is reported, never hidden
+ *     (with all flushes failing, FUA writes fail too, after their data was written);
  *   - reads or writes touching `badRanges` fail with EIO (a bad sector area);
  *   - `capacityBytes`: a thin device that can hold only that many distinct bytes (4 KiB grain):
  *     writes that would allocate beyond it fail with ENOSPC (a full disk), rewrites succeed.
@@ -152,7 +153,12 @@ export class FaultDevice implements BlockDevice {
 
   async write(offsetBytes: number, data: Uint8Array, flags?: WriteFlags): Promise<void> {
     const f = this.#nextWriteFault(offsetBytes, data.length);
-    if (f === undefined) return this.inner.write(offsetBytes, data, flags);
+    if (f === undefined) {
+      await this.inner.write(offsetBytes, data, flags);
+      // A FUA write is a write plus a flush of it: when flushes fail, so does FUA (data not durable).
+      if (flags?.fua && this.plan.failFlushes === true) throw this.#fault('flush', 'fua write', offsetBytes);
+      return;
+    }
     const lbs = this.inner.limits.logicalBlockBytes;
     const blocks = Math.floor(data.length / lbs);
     switch (f) {
@@ -181,7 +187,11 @@ export class FaultDevice implements BlockDevice {
 
   async writeZeroes(offsetBytes: number, lengthBytes: number, flags?: WriteZeroesFlags): Promise<void> {
     const f = this.#nextWriteFault(offsetBytes, lengthBytes);
-    if (f === undefined) return this.inner.writeZeroes(offsetBytes, lengthBytes, flags);
+    if (f === undefined) {
+      await this.inner.writeZeroes(offsetBytes, lengthBytes, flags);
+      if (flags?.fua && this.plan.failFlushes === true) throw this.#fault('flush', 'fua write zeroes', offsetBytes);
+      return;
+    }
     if (f === 'crash' || f === 'tear') this.#dead = true;
     throw this.#fault(f === 'bad' ? 'fail' : f, 'write zeroes', offsetBytes, f === 'enospc' ? 'ENOSPC' : 'EIO');
   }

@@ -12,11 +12,13 @@
  *   CRYPTMAP_FUZZ_MS       time budget per target (default: a fixed number of runs, ~1-3 s)
  *   CRYPTMAP_FUZZ_SEED     fast-check seed (default: fixed per target, so CI is deterministic)
  *   CRYPTMAP_FUZZ_SAVE=1   write failing inputs to test/fuzz/corpus/<target>/ (scripts/fuzz.mjs)
+ *   CRYPTMAP_FUZZ_INFLIGHT=FILE  write each input there before running it, so a watchdog that kills
+ *                          a hung process can save the input that hung it (scripts/fuzz.mjs)
  *   CRYPTMAP_RELIABILITY_OUT  append one JSON line of figures per target/suite (the report)
  * Every file under test/fuzz/corpus/<target>/ is replayed first: found bugs stay fixed.
  */
 import { createHash } from 'node:crypto';
-import { appendFileSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { appendFileSync, closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { CryptmapError } from '../../src/util/errors.js';
@@ -95,7 +97,7 @@ export async function checkOne(target: string, fn: FuzzFn, input: Buffer, timeou
   if (grew > maxMiB) throw new Error(`${target}: memory grew by ${grew.toFixed(0)} MiB (limit ${maxMiB})`);
 }
 
-function saveInput(target: string, input: Buffer): string {
+export function saveInput(target: string, input: Buffer): string {
   const dir = join(CORPUS_DIR, target);
   mkdirSync(dir, { recursive: true });
   const file = join(dir, `${createHash('sha256').update(input).digest('hex').slice(0, 16)}.bin`);
@@ -120,12 +122,18 @@ export async function fuzz(target: string, arb: fc.Arbitrary<Buffer>, fn: FuzzFn
   }
   const budgetMs = process.env.CRYPTMAP_FUZZ_MS ? Number(process.env.CRYPTMAP_FUZZ_MS) : undefined;
   const seed = process.env.CRYPTMAP_FUZZ_SEED ? Number(process.env.CRYPTMAP_FUZZ_SEED) : opts.seed;
+  const inflightPath = process.env.CRYPTMAP_FUZZ_INFLIGHT;
+  const inflight = inflightPath ? openSync(inflightPath, 'w', 0o600) : undefined;
   let inputs = 0;
   let failing: Buffer | undefined;
   const deadline = budgetMs === undefined ? Number.POSITIVE_INFINITY : Date.now() + budgetMs;
   const prop = fc.asyncProperty(arb, async (input) => {
     if (Date.now() > deadline) return; // budget spent: let fast-check wind down
     inputs++;
+    if (inflight !== undefined) {
+      writeSync(inflight, input, 0, input.length, 0);
+      ftruncateSync(inflight, input.length);
+    }
     try {
       await checkOne(target, fn, input, timeoutMs, baseMem, maxMiB);
       await opts.after?.();
@@ -142,12 +150,14 @@ export async function fuzz(target: string, arb: fc.Arbitrary<Buffer>, fn: FuzzFn
       endOnFailure: true,
     });
   } catch (e) {
+    if (inflight !== undefined) closeSync(inflight);
     if (failing && process.env.CRYPTMAP_FUZZ_SAVE === '1') {
       const file = saveInput(target, failing);
       throw new Error(`${(e as Error).message}\nfailing input saved to ${file}`);
     }
     throw e;
   }
+  if (inflight !== undefined) closeSync(inflight);
   const result = { target, inputs, corpus, ms: Date.now() - started, seed };
   report({ kind: 'fuzz', ...result });
   return result;
