@@ -23,6 +23,8 @@ export { Luks2Volume, readLuks2, noKeyError } from './luks2.js';
 export type { Luks2Json } from './luks2-json.js';
 export { CHECK_NAMES, validateLuks2Json, parseJsonArea } from './luks2-json.js';
 export { withDeviceLock, lockDir } from './lock.js';
+export type { TokenUnlockOptions, TokenUnlockResult } from './token-unlock.js';
+export { tokenCandidates, unlockByToken } from './token-unlock.js';
 export type * from './types.js';
 
 /** 'luks1', 'luks2' or null, from the first bytes (isLuks; cryptsetup checks the primary magic only). */

@@ -156,6 +156,12 @@ export const DIGEST_HANDLERS: Record<string, DigestHandler> = { pbkdf2: pbkdf2Di
 export interface TokenHandler {
   name: string;
   validate(tok: Obj, path: string): void;
+  /**
+   * Produce the passphrase of the token's keyslots (cryptsetup's token `open`), or throw a
+   * CryptmapError saying why the token cannot be used here. A handler without `open` marks a type
+   * cryptmap keeps intact but cannot unlock with ("No usable token").
+   */
+  open?(tok: Obj, tokenId: number): Promise<Buffer>;
 }
 
 const keyringToken: TokenHandler = {
@@ -165,6 +171,15 @@ const keyringToken: TokenHandler = {
     if (keys.length !== 3 || !isStr(tok.key_description) || !Array.isArray(tok.keyslots)) {
       throw new CryptmapError('ELUKS2TOKEN', `LUKS2 metadata invalid (token_types: ${path}): luks2-keyring needs exactly type, keyslots, key_description`);
     }
+  },
+  // The passphrase lives in the kernel keyring (key_description), which a userspace cryptmap
+  // process does not read. Exit 2 like cryptsetup when the keyring holds no usable key.
+  async open(_tok, tokenId) {
+    throw new CryptmapError(
+      'ETOKENKEYRING',
+      `Token ${tokenId} (luks2-keyring) cannot be used: the kernel keyring is not available to cryptmap in userspace. Use a passphrase or key file.`,
+      { exitCode: 2, errno: 'EPERM', context: { tokenId } },
+    );
   },
 };
 

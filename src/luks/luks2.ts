@@ -20,7 +20,7 @@ import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_DEVICE, isCryptmapError }
 import { logger } from '../util/log.js';
 import { Secret } from '../util/secret.js';
 import { wipeArea } from './keyslot-area.js';
-import { LUKS2_HDR_BIN_LEN, LUKS2_HDR_SIZES, type Luks2BinHeader, type Luks2DiskCopy, readCopy, writeCopy } from './luks2-disk.js';
+import { hasLuks2Magic, LUKS2_HDR_BIN_LEN, LUKS2_HDR_SIZES, type Luks2BinHeader, type Luks2DiskCopy, readCopy, writeCopy } from './luks2-disk.js';
 import { DIGEST_HANDLERS, KEYSLOT_HANDLERS, kdfJson, LUKS_SALTSIZE, LUKS_STRIPES, repairKeyslotKdf, TOKEN_HANDLERS, VALIDATORS } from './luks2-handlers.js';
 import { buildJsonArea, type L2Keyslot, type L2Token, type Luks2Json, parseJsonArea, u64, unknownRequirements, validateLuks2Json } from './luks2-json.js';
 import type { DataSegment, KeyAuth, KeyslotInfo, KeyslotPriority, LuksVolume, NewKeyslotOptions, UnlockResult } from './types.js';
@@ -70,6 +70,11 @@ export interface Luks2ReadResult {
   used: 'primary' | 'secondary';
   /** A copy is bad or stale and should be rewritten from the good one. */
   needsRepair: boolean;
+  /**
+   * The copy cryptsetup's load-time recovery rewrites from the good one: the invalid copy, or the
+   * one with the lower seqid; null when both are valid with the same seqid.
+   */
+  stale: 'primary' | 'secondary' | null;
 }
 
 /** Read both copies (secondary at hdr_size, else scanned at the nine offsets) and pick the good, newest one. */
@@ -102,7 +107,10 @@ export async function readLuks2(dev: BlockDevice): Promise<Luks2ReadResult> {
     primary.copy!.bin.hdrSize !== secondary.copy!.bin.hdrSize ||
     !primary.copy!.jsonArea.equals(secondary.copy!.jsonArea);
   if (needsRepair) log.debug('LUKS2 header copies differ or one is damaged', { used, primary: primary.error?.message, secondary: secondary.error?.message });
-  return { bin: chosen.copy!.bin, json: chosen.json!, primary, secondary, used, needsRepair };
+  let stale: 'primary' | 'secondary' | null = null;
+  if (!primary.ok || !secondary.ok) stale = primary.ok ? 'secondary' : 'primary';
+  else if (primary.copy!.bin.seqid !== secondary.copy!.bin.seqid) stale = used === 'primary' ? 'secondary' : 'primary';
+  return { bin: chosen.copy!.bin, json: chosen.json!, primary, secondary, used, needsRepair, stale };
 }
 
 function priorityName(p: number | undefined): KeyslotPriority {
@@ -170,7 +178,7 @@ export class Luks2Volume implements LuksVolume {
     this.#salts = r.salts;
   }
 
-  /** Load from a device (the header device when detached). Does not write; see `repair()`. */
+  /** Load from a device (the header device when detached). Does not write; see `recoverHeader()` and `repair()`. */
   static async open(dev: BlockDevice): Promise<Luks2Volume> {
     const r = await readLuks2(dev);
     return new Luks2Volume(dev, {
@@ -278,6 +286,46 @@ export class Luks2Volume implements LuksVolume {
   }
   get needsRepair(): boolean {
     return this.#needsRepair;
+  }
+
+  /**
+   * Load-time recovery as cryptsetup does it on every load (LUKS2_disk_hdr_read with recovery): the
+   * invalid copy, or the one with the lower seqid, is rewritten from the good one, byte for byte (its
+   * JSON area and seqid), with a fresh salt for the rewritten copy; the good copy is not touched.
+   * Nothing is written when the device is read-only, when both copies agree, or when the damaged
+   * primary area does not look like a LUKS2 header (no primary magic and not zeroed): that area may
+   * hold something else, and only an explicit `repair` overwrites it (cryptsetup refuses auto-recovery
+   * over "ambiguous signatures" likewise). Returns the copy written, or null.
+   */
+  async recoverHeader(): Promise<'primary' | 'secondary' | null> {
+    if (!this.#dev.capabilities.write) return null;
+    const r = await readLuks2(this.#dev);
+    if (r.stale === null) return null;
+    if (r.bin.seqid !== this.#bin.seqid) {
+      throw new CryptmapError('ECONCURRENT', 'Detected attempt for concurrent LUKS2 metadata update. Aborting operation.', { exitCode: 1, errno: 'EBUSY' });
+    }
+    const good = (r.used === 'primary' ? r.primary : r.secondary).copy!;
+    const hdrSize = good.bin.hdrSize;
+    const offset = r.stale === 'primary' ? 0 : hdrSize;
+    if (offset + hdrSize > this.#dev.sizeBytes) return null;
+    if (r.stale === 'primary' && !r.primary.ok) {
+      const head = Buffer.alloc(512);
+      await this.#dev.read(0, head);
+      if (hasLuks2Magic(head) !== 'primary' && head.some((b) => b !== 0)) {
+        log.debug('damaged LUKS2 primary area carries no LUKS2 magic; not recovering it automatically');
+        return null;
+      }
+    }
+    const salt = randomBytes(64);
+    const b = good.bin;
+    await writeCopy(
+      this.#dev,
+      { kind: r.stale, hdrSize, seqid: b.seqid, label: b.label, checksumAlg: b.checksumAlg, salt, uuid: b.uuid, subsystem: b.subsystem, hdrOffset: BigInt(offset) },
+      good.jsonArea,
+    );
+    this.#salts[r.stale] = salt;
+    this.#needsRepair = false;
+    return r.stale;
   }
   /** A deep copy of the JSON metadata. */
   get json(): Luks2Json {

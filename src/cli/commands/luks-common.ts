@@ -2,14 +2,15 @@
  * What the LUKS verbs share: cryptsetup's option table, passphrase and key-file input (cryptsetup(8)
  * NOTES ON PASSPHRASE PROCESSING: a terminal line without echo; stdin up to the first newline; a key
  * file read whole, newlines included, after --keyfile-offset and up to --keyfile-size), the YES
- * confirmation, device opening and KDF options. No LUKS logic here.
+ * confirmation, device opening and KDF options; loading a header the way cryptsetup's crypt_load does
+ * (with recovery of a damaged LUKS2 copy) and the unlock sequence of `open` (tokens, then passphrase).
  */
 import { readFile, stat } from 'node:fs/promises';
 import { cpus, totalmem } from 'node:os';
 import { parseArgs } from 'node:util';
 import { FileDevice } from '../../blockdev/file.js';
-import type { NewKeyslotOptions } from '../../luks/index.js';
-import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import { type Luks1Volume, type Luks2Volume, type NewKeyslotOptions, openLuks, type UnlockResult, unlockByToken, withDeviceLock } from '../../luks/index.js';
+import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
 import type { CliIO } from '../types.js';
 
 /** Compiled maximum key file size in cryptsetup (default-keyfile-size-maxkb 8192). */
@@ -65,6 +66,7 @@ export const LUKS_OPTIONS = {
   timeout: { type: 'string', short: 't' },
   tries: { type: 'string', short: 'T' },
   'token-only': { type: 'boolean' },
+  'token-type': { type: 'string' },
   'disable-keyring': { type: 'boolean' },
   'disable-external-tokens': { type: 'boolean' },
   help: { type: 'boolean' },
@@ -294,4 +296,152 @@ export function headerPath(v: LuksArgs, device: string): string {
 /** Secret-safe close of a device, ignoring errors after a failure. */
 export async function closeQuietly(dev: { close(): Promise<void> } | undefined): Promise<void> {
   await dev?.close().catch(() => {});
+}
+
+// ---- loading and unlocking -------------------------------------------------------------------
+
+/** openLuks with cryptsetup's message for a device that is not LUKS. */
+export async function loadLuks(dev: FileDevice, hdr: string): Promise<Luks1Volume | Luks2Volume> {
+  return openLuks(dev).catch((e) => {
+    if (e instanceof CryptmapError && e.code === 'ENOTLUKS') throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid LUKS device.`, { exitCode: 1 });
+    throw e;
+  });
+}
+
+/**
+ * Load-time recovery of a damaged or stale LUKS2 header copy from the good one (Luks2Volume
+ * `recoverHeader`), for a volume loaded from a device opened for writing, under the device lock
+ * when `lock` is set (callers already holding it pass false). LUKS1 and healthy headers: no-op.
+ */
+export async function recoverLoaded(vol: Luks1Volume | Luks2Volume, hdr: string, lock = true): Promise<void> {
+  if (vol.type !== 'luks2' || !vol.needsRepair) return;
+  if (lock) await withDeviceLock(hdr, () => vol.recoverHeader());
+  else await vol.recoverHeader();
+}
+
+/**
+ * Load the header at `hdr` for a verb that only reads it (luksDump, open --test-passphrase, open,
+ * luksUUID without --uuid, luksHeaderBackup). The device is opened read-only; when a LUKS2 copy is
+ * damaged or stale and neither --readonly nor a read-only device forbids it, a second, writable
+ * handle rewrites that copy under the device lock, as cryptsetup does on every load. A device that
+ * is not LUKS is never opened for writing. The caller closes `dev`.
+ */
+export async function loadLuksForRead(hdr: string, v: LuksArgs): Promise<{ dev: FileDevice; vol: Luks1Volume | Luks2Volume }> {
+  const dev = await openDevice(hdr, false);
+  try {
+    const vol = await loadLuks(dev, hdr);
+    if (vol.type === 'luks2' && vol.needsRepair && !v.readonly) {
+      const rw = await FileDevice.open(hdr, { readOnly: false }).catch(() => null);
+      if (rw) {
+        try {
+          await withDeviceLock(hdr, async () => {
+            const fresh = await loadLuks(rw, hdr);
+            if (fresh.type === 'luks2') await fresh.recoverHeader();
+          });
+        } catch (e) {
+          // Recovery is best effort (cryptsetup only logs a failed recovery); the good copy is loaded.
+          if (!isCryptmapError(e)) throw e;
+        } finally {
+          await closeQuietly(rw);
+        }
+      }
+    }
+    return { dev, vol };
+  } catch (e) {
+    await closeQuietly(dev);
+    throw e;
+  }
+}
+
+/** --token-id, --token-type, --token-only and --key-slot as `open` takes them. */
+export interface TokenArgs {
+  tokenId?: number;
+  tokenType?: string;
+  tokenOnly: boolean;
+  keySlot?: number;
+}
+
+export function tokenArgs(v: LuksArgs): TokenArgs {
+  const tokenId = intOpt(v['token-id'], '--token-id', 0, 31);
+  const keySlot = intOpt(v['key-slot'], '--key-slot', 0, 31);
+  return {
+    ...(tokenId !== undefined ? { tokenId } : {}),
+    ...(v['token-type'] !== undefined ? { tokenType: v['token-type'] } : {}),
+    ...(keySlot !== undefined ? { keySlot } : {}),
+    tokenOnly: v['token-only'] === true,
+  };
+}
+
+/**
+ * The token step of `open` (cryptsetup src/cryptsetup.c action_open_luks): LUKS2 tokens are tried
+ * first, always; on failure `null` tells the caller to go on with a passphrase, unless --token-only,
+ * where the token's error is thrown (exit 1 no usable token, exit 2 token could not unlock). Messages
+ * of failed tokens are printed with --verbose, as cryptsetup does, and the luks2-keyring one also
+ * whenever a token option was given (it says why: no kernel keyring in userspace).
+ */
+export async function tryTokenUnlock(io: CliIO, vol: Luks1Volume | Luks2Volume, v: LuksArgs): Promise<UnlockResult | null> {
+  const t = tokenArgs(v);
+  const explicit = t.tokenOnly || t.tokenId !== undefined || t.tokenType !== undefined;
+  if (vol.type !== 'luks2') {
+    if (explicit && t.tokenOnly) throw new CryptmapError('ETOKENLUKS1', 'Tokens are supported only for LUKS2 devices.', { exitCode: EXIT_WRONG_PARAMS });
+    return null;
+  }
+  try {
+    const r = await unlockByToken(vol, t);
+    if (v.verbose) io.stdout.write(`Key slot ${r.keyslot} unlocked.\n`);
+    return r;
+  } catch (e) {
+    if (!isCryptmapError(e)) throw e;
+    if (t.tokenOnly) throw e;
+    // A volume without tokens: nothing to say (cryptsetup stays silent too).
+    if (v.verbose || (explicit && e.code === 'ETOKENKEYRING')) io.stderr.write(`${e.message}\n`);
+    return null;
+  }
+}
+
+/**
+ * The whole unlock sequence of `open` / `open --test-passphrase`: tokens (tryTokenUnlock), then the
+ * passphrase from --key-file or a prompt, with --tries on a terminal (default 3). The caller disposes
+ * the volume key. `device` is the name used in the prompt.
+ */
+export async function unlockForOpen(io: CliIO, vol: Luks1Volume | Luks2Volume, device: string, v: LuksArgs): Promise<UnlockResult> {
+  const byToken = await tryTokenUnlock(io, vol, v);
+  if (byToken) return byToken;
+  const tries = v['key-file'] !== undefined || !io.stdin.isTTY ? 1 : (intOpt(v.tries, '--tries', 1) ?? 3);
+  for (let i = 0; ; i++) {
+    const pass = await getPassphrase(io, `Enter passphrase for ${device}: `, {
+      keyFile: v['key-file'],
+      keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
+      keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
+    });
+    try {
+      const r = await vol.unlock(pass, { keySlot: intOpt(v['key-slot'], '--key-slot') });
+      if (v.verbose) io.stdout.write(`Key slot ${r.keyslot} unlocked.\n`);
+      return r;
+    } catch (e) {
+      if (!(e instanceof CryptmapError && e.code === 'ENOKEY') || i + 1 >= tries) throw e;
+      io.stderr.write(`${e.message}\n`);
+    } finally {
+      pass.fill(0);
+    }
+  }
+}
+
+/**
+ * `open --test-passphrase` complete (what open.ts calls): load the header (with load-time recovery),
+ * check --type, run the unlock sequence, report; exit 0, or the error's exit code.
+ */
+export async function testPassphrase(io: CliIO, device: string, v: LuksArgs): Promise<number> {
+  if (v.type && !['luks', 'luks1', 'luks2'].includes(v.type)) throw new CryptmapError('EARGS', `Device type ${v.type} is not supported with --test-passphrase.`, { exitCode: EXIT_WRONG_PARAMS });
+  const hdr = headerPath(v, device);
+  const { dev, vol } = await loadLuksForRead(hdr, v);
+  try {
+    if (v.type && v.type !== 'luks' && v.type !== vol.type) throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid ${v.type.toUpperCase()} device.`, { exitCode: 1 });
+    const r = await unlockForOpen(io, vol, device, v);
+    r.volumeKey.dispose();
+    if (v.verbose) io.stdout.write('Command successful.\n');
+    return 0;
+  } finally {
+    await closeQuietly(dev);
+  }
 }

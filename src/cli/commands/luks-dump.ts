@@ -5,10 +5,10 @@
  * `--json` (cryptmap's machine-readable summary).
  */
 import { open as fsOpen } from 'node:fs/promises';
-import { type Luks1Volume, type Luks2Volume, openLuks } from '../../luks/index.js';
+import type { Luks1Volume, Luks2Volume } from '../../luks/index.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { closeQuietly, confirm, getPassphrase, headerPath, intOpt, needDevice, openDevice, parseLuksArgs } from './luks-common.js';
+import { closeQuietly, confirm, getPassphrase, headerPath, intOpt, loadLuksForRead, needDevice, parseLuksArgs } from './luks-common.js';
 
 /** json-c JSON_C_TO_STRING_PRETTY: two-space indent, no space after ':', closing bracket at the key's indent. */
 export function jsonPretty(v: unknown, level = 0): string {
@@ -152,12 +152,9 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   const { values: v, positionals } = parseLuksArgs(argv);
   const device = needDevice(positionals, 'cryptmap luksDump [OPTION...] <device>');
   const hdr = headerPath(v, device);
-  const dev = await openDevice(hdr, false);
+  // Loaded as cryptsetup's crypt_load does: a damaged LUKS2 copy is rewritten unless --readonly.
+  const { dev, vol } = await loadLuksForRead(hdr, v);
   try {
-    const vol = await openLuks(dev).catch((e) => {
-      if (e instanceof CryptmapError && e.code === 'ENOTLUKS') throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid LUKS device.`, { exitCode: 1 });
-      throw e;
-    });
     if (v['dump-json-metadata']) {
       if (vol.type !== 'luks2') throw new CryptmapError('EARGS', 'Dump operation is not supported for this device type.', { exitCode: EXIT_WRONG_PARAMS });
       io.stdout.write(jsonPretty(vol.json));

@@ -5,11 +5,25 @@
  *   luksKillSlot <device> <key slot>         luksChangeKey <device> [<new key file>]
  * The image is locked while its header changes (luks/lock.ts).
  */
-import { openLuks, withDeviceLock } from '../../luks/index.js';
+import { withDeviceLock } from '../../luks/index.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { Secret } from '../../util/secret.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { closeQuietly, confirm, getPassphrase, headerPath, intOpt, keyslotOptions, type LuksArgs, needDevice, openDevice, parseLuksArgs, readKeyFile } from './luks-common.js';
+import {
+  closeQuietly,
+  confirm,
+  getPassphrase,
+  headerPath,
+  intOpt,
+  keyslotOptions,
+  type LuksArgs,
+  loadLuks,
+  needDevice,
+  openDevice,
+  parseLuksArgs,
+  readKeyFile,
+  recoverLoaded,
+} from './luks-common.js';
 
 function existingSource(v: LuksArgs) {
   return { keyFile: v['key-file'], keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'), keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size') };
@@ -31,7 +45,8 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   const secrets: Buffer[] = [];
   try {
     return await withDeviceLock(hdr, async () => {
-      const vol = await openLuks(dev);
+      const vol = await loadLuks(dev, hdr);
+      await recoverLoaded(vol, hdr, false);
       const ks = keyslotOptions(v, vol.type);
       const say = (s: string) => {
         if (v.verbose) io.stdout.write(s);

@@ -4,10 +4,10 @@
  * repair, erase (luksErase), token import|export|remove --token-id [--json-file].
  */
 import { readFile } from 'node:fs/promises';
-import { detectLuks, headerBackup, headerRestore, type Luks2Volume, openLuks, withDeviceLock } from '../../luks/index.js';
+import { detectLuks, headerBackup, headerRestore, type Luks2Volume, withDeviceLock } from '../../luks/index.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { closeQuietly, confirm, headerPath, intOpt, type LuksArgs, needDevice, openDevice, parseLuksArgs } from './luks-common.js';
+import { closeQuietly, confirm, headerPath, intOpt, type LuksArgs, loadLuks, needDevice, openDevice, parseLuksArgs, recoverLoaded } from './luks-common.js';
 
 function needLuks2<T extends { type: string }>(vol: T, what: string): asserts vol is T & Luks2Volume {
   if (vol.type !== 'luks2') throw new CryptmapError('EARGS', `${what} is supported only for LUKS2 devices.`, { exitCode: EXIT_WRONG_PARAMS });
@@ -28,8 +28,9 @@ async function token(io: CliIO, v: LuksArgs, positionals: string[]): Promise<num
   const dev = await openDevice(hdr, action !== 'export');
   try {
     return await withDeviceLock(hdr, async () => {
-      const vol = await openLuks(dev);
+      const vol = await loadLuks(dev, hdr);
       needLuks2(vol, 'Tokens');
+      if (action !== 'export') await recoverLoaded(vol, hdr, false);
       if (action === 'export') {
         if (id === undefined) throw new CryptmapError('EARGS', 'Option --token-id is required for this action.', { exitCode: EXIT_WRONG_PARAMS });
         let text: string;
@@ -103,10 +104,10 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         }
         return 0;
       }
-      const vol = await openLuks(dev).catch((e) => {
-        if (e instanceof CryptmapError && e.code === 'ENOTLUKS') throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid LUKS device.`, { exitCode: 1 });
-        throw e;
-      });
+      const vol = await loadLuks(dev, hdr);
+      // Load-time recovery of a damaged LUKS2 copy, as cryptsetup's crypt_load (not for `repair`,
+      // which rewrites both copies itself, nor for read-only verbs here).
+      if (write && verb !== 'repair') await recoverLoaded(vol, hdr, false);
       switch (verb) {
         case 'luksUUID':
           if (v.uuid !== undefined) {
