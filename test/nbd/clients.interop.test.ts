@@ -8,6 +8,7 @@ import { createHash } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { FileDevice } from '../../src/blockdev/file.js';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { type Fixture, mustRun, runTool, seededBytes, startServer } from './helpers.js';
@@ -117,6 +118,24 @@ test('nbdcopy round-trips a random image', async () => {
   assert.equal(h(readFileSync(back)), h(data));
   await mustRun('nbdcopy', ['--connections=4', '--requests=16', f.uri(), back]);
   assert.equal(h(readFileSync(back)), h(data));
+});
+
+test('a FileDevice export: qemu-io writes with FUA and flush land in the file', async () => {
+  const path = join(f.dir, 'backing.img');
+  const dev = await FileDevice.create(path, 8 << 20);
+  f.server.addExport('file', { device: dev });
+  try {
+    const j = JSON.parse(await mustRun('nbdinfo', ['--json', f.uri('file')])).exports[0];
+    assert.equal(j.can_flush, true);
+    assert.equal(j.can_fua, true);
+    await mustRun('qemu-io', ['-f', 'raw', f.uri('file'), '-c', 'write -f -P 0x42 0 1M', '-c', 'write -P 0x43 2M 64k', '-c', 'flush', '-c', 'read -P 0x42 0 1M']);
+    const onDisk = readFileSync(path);
+    assert.ok(onDisk.subarray(0, 1 << 20).every((b) => b === 0x42));
+    assert.ok(onDisk.subarray(2 << 20, (2 << 20) + 65536).every((b) => b === 0x43));
+  } finally {
+    await f.server.removeExport('file');
+    await dev.close();
+  }
 });
 
 describe('fio nbd engine with verify=crc32c', () => {
