@@ -162,7 +162,14 @@ export function parseManifest(text: string, file = 'manifest.yaml'): Manifest {
   if (doc.errors.length > 0) {
     fail(doc.errors.map((e) => ({ file, line: e.linePos?.[0]?.line ?? 1, path: '(syntax)', message: e.message.split('\n')[0]! })));
   }
-  const data = doc.toJS() as unknown;
+  // toJS throws (ReferenceError) on an alias to an undefined anchor and on alias bombs
+  // (maxAliasCount): a manifest problem, not a crash.
+  let data: unknown;
+  try {
+    data = doc.toJS({ maxAliasCount: 100 }) as unknown;
+  } catch (e) {
+    fail([{ file, line: 1, path: '(syntax)', message: e instanceof Error ? e.message : String(e) }]);
+  }
   if (data === null || data === undefined) fail([{ file, line: 1, path: '(top level)', message: 'the manifest is empty' }]);
   const v = validate();
   if (!v(data)) {
