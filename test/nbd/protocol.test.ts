@@ -485,6 +485,29 @@ describe('transmission, structured replies', () => {
   });
 });
 
+test('offsets beyond 4 GiB (u64 on the wire) address the right bytes of an 8 TiB export', async () => {
+  const server = new NbdServer();
+  server.addExport('huge', { device: new MemoryDevice({ sizeBytes: 8 * 2 ** 40 }) });
+  await server.listenUnix(`${f.dir}/huge.sock`);
+  const c = await RawClient.connect(`${f.dir}/huge.sock`);
+  await c.handshake();
+  const { size } = await c.go('huge');
+  assert.equal(size, 8n << 40n);
+  const at = 5n * 2n ** 40n + 3n * 2n ** 32n + 4096n;
+  const data = seededBytes(8192, 99);
+  c.sendRequest(CMD_WRITE, at, data.length, { cookie: 1n, data });
+  assert.equal((await c.readSimpleReply()).error, 0);
+  c.sendRequest(CMD_READ, at - 4096n, 16384, { cookie: 2n });
+  assert.equal((await c.readSimpleReply()).error, 0);
+  const back = await c.read(16384);
+  assert.ok(back.subarray(0, 4096).every((b) => b === 0));
+  assert.ok(back.subarray(4096, 4096 + 8192).equals(data));
+  c.sendRequest(CMD_WRITE, (8n << 40n) - 512n, 1024, { cookie: 3n, data: Buffer.alloc(1024) });
+  assert.equal((await c.readSimpleReply()).error, ENOSPC);
+  c.close();
+  await server.close();
+});
+
 describe('read-only export and device errors', () => {
   test('writes, trims and zeroes on a read-only export are EPERM', async () => {
     const c = await openClient(f, 'ro');
