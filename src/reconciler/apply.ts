@@ -371,12 +371,14 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
 
   /** Undo a half-made volume: delete its file and forget it. Best effort. */
   const rollback = async (t: VolumeTarget): Promise<void> => {
+    ephemeralKeys.drop(t.id);
     try {
       await ports.deleteFile(t);
     } catch (e) {
+      // Keep the `creating` record: the next run knows the file is ours and half-made, and remakes it.
       log.error('rollback could not delete the file', { volume: t.id, error: errText(e) });
+      return;
     }
-    ephemeralKeys.drop(t.id);
     delete state.volumes[t.id];
     try {
       await save();

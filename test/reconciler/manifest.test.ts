@@ -22,7 +22,7 @@ test('the example manifest parses, with defaults filled in, and is the embedded 
   assert.equal(m.keyService.address, 'embedded');
   assert.deepEqual(
     m.services.map((s) => s.volumes.map((v) => [s.name, v.name, v.class, v.sizeBytes, v.filesystem, v.mountpoint, v.cipher, v.keySizeBits, v.sectorSize])),
-    [[['web', 'cache', 'ephemeral', 64 << 20, 'ext4', '/srv/web/cache', 'aes-xts-plain64', 512, 4096]], [['db', 'data', 'persistent', 128 << 20, 'ext4', '/srv/db', 'aes-xts-plain64', 512, 4096]]],
+    [[['web', 'cache', 'ephemeral', 64 << 20, 'ext4', '/srv/web/cache', 'aes-xts-plain64', 512, 4096]], [['db', 'data', 'persistent', 64 << 20, 'ext4', '/srv/db', 'aes-xts-plain64', 512, 4096]]],
   );
   assert.deepEqual(m.swap.map((s) => [s.name, s.sizeBytes]), [['swap0', 64 << 20]]);
   assert.ok(m.services[0]!.volumes[0]!.line > 1);
