@@ -453,4 +453,94 @@ export class Luks1Volume implements LuksVolume {
   async close(): Promise<void> {
     await this.#dev.flush();
   }
+
+  /**
+   * `repair` for LUKS1, what cryptsetup 2.6 repairs (lib/luks1/keymanage.c `_keyslot_repair`; checked
+   * against cryptsetup 2.6.1): a hash name with capitals is lower-cased ("Cipher hash repaired to
+   * lowercase"); when the keyslot checks fail, every keyslot that is not active gets the standard
+   * offset and stripes back (the layout luksFormat makes: from sector 8, each slot's AF material
+   * rounded up to 8 sectors) and is disabled with its salt and iterations wiped, as is keyslot 6 when
+   * an MS-DOS partition signature (0x55AA at byte 510) sits in it. Active keyslots are never touched.
+   * Refused (nothing written): a non-standard key size, keyslots not 4 KiB aligned (cryptsetup 1.0),
+   * or a header that still fails the checks after repair. The header is written only when something
+   * changed. Returns cryptsetup's messages, in order.
+   */
+  static async repair(dev: BlockDevice): Promise<{ messages: string[]; written: boolean }> {
+    if (dev.sizeBytes < 1024) throw new CryptmapError('ENOTLUKS', 'Device is not a valid LUKS device.', { exitCode: 1 });
+    const raw = Buffer.alloc(1024);
+    await dev.read(0, raw);
+    if (!hasLuks1Magic(raw)) throw new CryptmapError('ENOTLUKS', 'Device is not a valid LUKS device.', { exitCode: 1 });
+    const h = decodeLuks1(raw);
+    const messages: string[] = [];
+    const fail = (msg: string): never => {
+      throw new CryptmapError('EREPAIR', msg, { exitCode: 1, context: { messages } });
+    };
+    let needWrite = false;
+    const lower = h.hashSpec.toLowerCase();
+    if (lower !== h.hashSpec) {
+      messages.push(`LUKS hash ${h.hashSpec} is invalid.`, `Cipher hash repaired to lowercase (${lower}).`);
+      h.hashSpec = lower;
+      needWrite = true;
+    }
+    hashDigestBytes(h.hashSpec);
+    let keyslotsOk = true;
+    try {
+      validateLuks1(h);
+    } catch (e) {
+      if (!isCryptmapError(e)) throw e;
+      messages.push(e.message);
+      keyslotsOk = false;
+    }
+    if (!keyslotsOk || needWrite) {
+      if (h.keyBytes !== 16 && h.keyBytes !== 32 && h.keyBytes !== 64) fail('Non standard key size, manual repair required.');
+      if (h.keyblock[0]!.keyMaterialOffset < LUKS_ALIGN_KEYSLOTS_SECTORS) fail('Non standard keyslots alignment, manual repair required.');
+      messages.push('Repairing keyslots.');
+      const afSectors = afSplitBytes(h.keyBytes, LUKS_STRIPES) / 512;
+      let next = LUKS_ALIGN_KEYSLOTS_SECTORS;
+      for (let i = 0; i < LUKS_NUMKEYS; i++) {
+        const want = next;
+        next = Math.ceil((next + afSectors) / LUKS_ALIGN_KEYSLOTS_SECTORS) * LUKS_ALIGN_KEYSLOTS_SECTORS;
+        const k = h.keyblock[i]!;
+        if (k.active === LUKS_KEY_ENABLED) continue;
+        let bad = false;
+        if (k.keyMaterialOffset !== want) {
+          messages.push(`Keyslot ${i}: offset repaired (${k.keyMaterialOffset} -> ${want}).`);
+          k.keyMaterialOffset = want;
+          bad = true;
+        }
+        if (k.stripes !== LUKS_STRIPES) {
+          messages.push(`Keyslot ${i}: stripes repaired (${k.stripes} -> ${LUKS_STRIPES}).`);
+          k.stripes = LUKS_STRIPES;
+          bad = true;
+        }
+        if (i === 6 && raw[0x1fe] === 0x55 && raw[0x1ff] === 0xaa) {
+          messages.push(`Keyslot ${i}: bogus partition signature.`);
+          bad = true;
+        }
+        if (bad) {
+          messages.push(`Keyslot ${i}: salt wiped.`);
+          k.active = LUKS_KEY_DISABLED;
+          k.salt.fill(0);
+          k.iterations = 0;
+          needWrite = true;
+        }
+      }
+      try {
+        validateLuks1(h);
+      } catch (e) {
+        if (!isCryptmapError(e)) throw e;
+        fail('Repair failed.');
+      }
+    }
+    if (!needWrite) {
+      messages.push('No known problems detected for LUKS header.');
+      return { messages, written: false };
+    }
+    if (!dev.capabilities.write) throw new CryptmapError('EREADONLY', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
+    messages.push('Writing LUKS header to disk.');
+    const out = encodeLuks1(h);
+    await dev.write(0, out.subarray(0, LUKS_PHDR_BYTES));
+    await dev.flush();
+    return { messages, written: true };
+  }
 }

@@ -20,7 +20,8 @@ import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_DEVICE, isCryptmapError }
 import { logger } from '../util/log.js';
 import { Secret } from '../util/secret.js';
 import { wipeArea } from './keyslot-area.js';
-import { hasLuks2Magic, LUKS2_HDR_BIN_LEN, LUKS2_HDR_SIZES, type Luks2BinHeader, type Luks2DiskCopy, readCopy, writeCopy } from './luks2-disk.js';
+import { foreignSignature } from './signatures.js';
+import { LUKS2_HDR_BIN_LEN, LUKS2_HDR_SIZES, type Luks2BinHeader, type Luks2DiskCopy, readCopy, writeCopy } from './luks2-disk.js';
 import { DIGEST_HANDLERS, KEYSLOT_HANDLERS, kdfJson, LUKS_SALTSIZE, LUKS_STRIPES, repairKeyslotKdf, TOKEN_HANDLERS, VALIDATORS } from './luks2-handlers.js';
 import { buildJsonArea, type L2Keyslot, type L2Token, type Luks2Json, parseJsonArea, u64, unknownRequirements, validateLuks2Json } from './luks2-json.js';
 import type { DataSegment, KeyAuth, KeyslotInfo, KeyslotPriority, LuksVolume, NewKeyslotOptions, UnlockResult } from './types.js';
@@ -293,9 +294,9 @@ export class Luks2Volume implements LuksVolume {
    * invalid copy, or the one with the lower seqid, is rewritten from the good one, byte for byte (its
    * JSON area and seqid), with a fresh salt for the rewritten copy; the good copy is not touched.
    * Nothing is written when the device is read-only, when both copies agree, or when the damaged
-   * primary area does not look like a LUKS2 header (no primary magic and not zeroed): that area may
-   * hold something else, and only an explicit `repair` overwrites it (cryptsetup refuses auto-recovery
-   * over "ambiguous signatures" likewise). Returns the copy written, or null.
+   * primary area carries the signature of another format (signatures.ts; cryptsetup refuses
+   * auto-recovery over "ambiguous signatures" likewise): only an explicit `repair` overwrites that.
+   * Returns the copy written, or null.
    */
   async recoverHeader(): Promise<'primary' | 'secondary' | null> {
     if (!this.#dev.capabilities.write) return null;
@@ -309,10 +310,11 @@ export class Luks2Volume implements LuksVolume {
     const offset = r.stale === 'primary' ? 0 : hdrSize;
     if (offset + hdrSize > this.#dev.sizeBytes) return null;
     if (r.stale === 'primary' && !r.primary.ok) {
-      const head = Buffer.alloc(512);
-      await this.#dev.read(0, head);
-      if (hasLuks2Magic(head) !== 'primary' && head.some((b) => b !== 0)) {
-        log.debug('damaged LUKS2 primary area carries no LUKS2 magic; not recovering it automatically');
+      const area = Buffer.alloc(hdrSize);
+      await this.#dev.read(0, area);
+      const other = foreignSignature(area);
+      if (other !== null) {
+        log.warn('Device contains ambiguous signatures, cannot auto-recover LUKS2; run repair to recover it', { signature: other });
         return null;
       }
     }

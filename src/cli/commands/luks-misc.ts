@@ -4,7 +4,8 @@
  * repair, erase (luksErase), token import|export|remove --token-id [--json-file].
  */
 import { readFile } from 'node:fs/promises';
-import { detectLuks, headerBackup, headerRestore, type Luks2Volume, withDeviceLock } from '../../luks/index.js';
+import type { FileDevice } from '../../blockdev/file.js';
+import { detectLuks, headerBackup, headerRestore, Luks1Volume, type Luks2Volume, withDeviceLock } from '../../luks/index.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { CliIO, VerbMain } from '../types.js';
 import { closeQuietly, confirm, headerPath, intOpt, type LuksArgs, loadLuks, needDevice, openDevice, parseLuksArgs, recoverLoaded } from './luks-common.js';
@@ -60,6 +61,24 @@ async function token(io: CliIO, v: LuksArgs, positionals: string[]): Promise<num
   }
 }
 
+/** Messages of LUKS1 repair that cryptsetup prints only with --verbose (the others are errors, always shown). */
+const REPAIR_VERBOSE = new Set(['Repairing keyslots.', 'Writing LUKS header to disk.', 'No known problems detected for LUKS header.']);
+
+async function repairLuks1(io: CliIO, dev: FileDevice, v: LuksArgs): Promise<number> {
+  await confirm(io, 'Really try to repair LUKS device header?', v['batch-mode']);
+  const say = (msgs: string[]) => {
+    for (const m of msgs) if (v.verbose || !REPAIR_VERBOSE.has(m)) io.stderr.write(`${m}\n`);
+  };
+  try {
+    say((await Luks1Volume.repair(dev)).messages);
+  } catch (e) {
+    if (e instanceof CryptmapError && Array.isArray(e.context?.messages)) say(e.context.messages as string[]);
+    throw e;
+  }
+  if (v.verbose) io.stdout.write('Command successful.\n');
+  return 0;
+}
+
 const main: VerbMain = async (argv: string[], io: CliIO) => {
   const verb = argv[0]!;
   const { values: v, positionals } = parseLuksArgs(argv);
@@ -104,6 +123,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         }
         return 0;
       }
+      if (verb === 'repair' && (await detectLuks(dev)) === 'luks1') return repairLuks1(io, dev, v);
       const vol = await loadLuks(dev, hdr);
       // Load-time recovery of a damaged LUKS2 copy, as cryptsetup's crypt_load (not for `repair`,
       // which rewrites both copies itself, nor for read-only verbs here).
