@@ -257,13 +257,10 @@ const read: CommandOps = {
     const len = req.length;
     const pool = conn.server.pool;
     if (!conn.structuredReplies) {
+      // A failed read's buffer is not given back to the pool: a device that fans a request out may
+      // still be filling it after the first part failed.
       const b = pool.acquire(SIMPLE_REPLY_HEADER_BYTES + len);
-      try {
-        if (len > 0) await readDevice(dev, req.offset, b.subarray(SIMPLE_REPLY_HEADER_BYTES));
-      } catch (e) {
-        pool.release(b);
-        throw e;
-      }
+      if (len > 0) await readDevice(dev, req.offset, b.subarray(SIMPLE_REPLY_HEADER_BYTES));
       simpleHeader(b, 0, req);
       conn.send(b, true);
       return;
@@ -279,12 +276,7 @@ const read: CommandOps = {
       if (await sparseRead(conn, dev, req, extents)) return;
     }
     const b = pool.acquire(STRUCTURED_REPLY_HEADER_BYTES + 8 + len);
-    try {
-      await readDevice(dev, req.offset, b.subarray(STRUCTURED_REPLY_HEADER_BYTES + 8));
-    } catch (e) {
-      pool.release(b);
-      throw e;
-    }
+    await readDevice(dev, req.offset, b.subarray(STRUCTURED_REPLY_HEADER_BYTES + 8));
     chunkHeader(b, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req, 8 + len);
     writeU64(b, STRUCTURED_REPLY_HEADER_BYTES, req.offset);
     conn.send(b, true);
@@ -492,14 +484,15 @@ function validate(conn: Connection, ops: CommandOps, req: Request, offsetHi: num
 async function execute(conn: Connection, ops: CommandOps, req: Request, data: Buffer | null, cost: number): Promise<void> {
   try {
     await ops.run(conn, req, data);
+    // The device is done with a WRITE payload once the request succeeded. After a failure it is left
+    // to the GC: parts of a fanned-out write may still be reading it.
+    if (data) conn.server.pool.release(data);
   } catch (e) {
     const { error, message } = toNbdError(e);
     if (e instanceof CryptmapError) log.debug('request failed', { conn: conn.id, cmd: ops.name, offset: req.offset, length: req.length, error: message });
     else log.error('request failed', { conn: conn.id, cmd: ops.name, offset: req.offset, length: req.length, error: e instanceof Error ? e.message : String(e) });
     replyError(conn, req, error, message);
   } finally {
-    // The device is done with a WRITE payload once the request completed.
-    if (data) conn.server.pool.release(data);
     conn.finished(cost);
   }
 }
