@@ -1,0 +1,96 @@
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { AgentHost } from '../../src/daemon/agent-host.js';
+import { detectServeMode } from '../../src/daemon/volume-ports.js';
+import { parseManifest } from '../../src/reconciler/manifest.js';
+import { setLogSink } from '../../src/util/log.js';
+import { tempDir } from '../keyservice/helpers.js';
+
+setLogSink(() => {});
+
+const isRoot = process.getuid?.() === 0;
+
+const MANIFEST = `version: 1
+services:
+  - name: web
+    volumes:
+      - name: cache
+        size: 16M
+        mountpoint: /srv/web/cache
+  - name: db
+    volumes:
+      - name: data
+        size: 16M
+        class: persistent
+        mountpoint: /srv/db
+swap:
+  - name: swap0
+    size: 4M
+`;
+
+/** Whatever a failed test left under `dir`: lazy unmounts, loop devices, FUSE mounts. */
+function cleanupKernelState(dir: string): void {
+  const mounts = () =>
+    readFileSync('/proc/self/mounts', 'utf8')
+      .split('\n')
+      .map((l) => l.split(' '))
+      .filter((f) => f[1]?.startsWith(dir));
+  for (const m of mounts().reverse()) {
+    try {
+      execFileSync('umount', ['-l', m[1]!]);
+    } catch {}
+  }
+  const loops = execFileSync('losetup', ['-a'], { encoding: 'utf8' });
+  for (const l of loops.split('\n').filter((x) => x.includes(dir))) {
+    try {
+      execFileSync('losetup', ['-d', l.split(':')[0]!]);
+    } catch {}
+  }
+}
+
+test('as root: attach, mkfs.ext4, mount; files survive an agent restart; swapon through FUSE refused', { skip: isRoot ? false : 'needs root (CI runs as root)' }, async () => {
+  assert.equal(detectServeMode().mode, 'attach', 'as root here, attach (nbd module, or /dev/fuse + /dev/loop-control) must be possible');
+  const t = await tempDir('cryptmap-agent-mount-');
+  const manifest = parseManifest(MANIFEST);
+  const start = { manifest, stateDir: join(t.dir, 'state'), bootId: 'boot-1', mountRoot: join(t.dir, 'mnt') };
+  let host: AgentHost | undefined;
+  try {
+    host = await AgentHost.start(start);
+    assert.equal(host.mode, 'attach');
+    const r = await host.reconcile();
+    const byId = new Map(r.volumes.map((v) => [v.id, v]));
+    assert.equal(byId.get('scratch/web/cache')?.state, 'ready', JSON.stringify(r.volumes));
+    assert.equal(byId.get('scratch/db/data')?.state, 'ready', JSON.stringify(r.volumes));
+    assert.equal(byId.get('swap/swap0')?.code, 'ESWAPUNSAFE');
+    assert.match(byId.get('swap/swap0')?.reason ?? '', /FUSE.*deadlock.*--force-swap/s);
+    const db = host.targets.find((x) => x.id === 'scratch/db/data')!;
+    const d = host.ports.describe(db);
+    assert.match(d.device ?? '', /^\/dev\/(loop|nbd)[0-9]+$/);
+    assert.equal(d.mountpoint, join(t.dir, 'mnt', 'srv', 'db'));
+    await writeFile(join(d.mountpoint!, 'hello.txt'), 'kept across restarts\n');
+    await host.stop();
+    host = undefined;
+    assert.ok(!readFileSync('/proc/self/mounts', 'utf8').includes(t.dir), 'everything unmounted at stop');
+    assert.ok(!execFileSync('losetup', ['-a'], { encoding: 'utf8' }).includes(t.dir), 'every loop device detached at stop');
+
+    host = await AgentHost.start({ ...start, bootId: 'boot-2' });
+    const r2 = await host.reconcile();
+    assert.equal(r2.volumes.find((v) => v.id === 'scratch/db/data')?.state, 'ready');
+    assert.deepEqual(
+      r2.executed.filter((s) => s.id === 'scratch/db/data').map((s) => s.kind),
+      ['open', 'attach', 'mount'],
+      'reopened and mounted, never formatted or mkfs-ed again',
+    );
+    assert.equal(await readFile(join(t.dir, 'mnt', 'srv', 'db', 'hello.txt'), 'utf8'), 'kept across restarts\n');
+    await host.stop();
+    host = undefined;
+  } finally {
+    await host?.stop().catch(() => {});
+    cleanupKernelState(t.dir);
+    await t.cleanup();
+  }
+});
