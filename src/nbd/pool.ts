@@ -6,7 +6,8 @@
  * (tracked in a WeakSet) are taken back, and idle buffers are capped at `maxIdleBytes`.
  */
 const HEADROOM = 64;
-const MIN_CLASS = 16 * 1024;
+// Below this Buffer.allocUnsafe's shared slab is cheaper (it serves sizes under 4 KiB).
+const MIN_CLASS = 4096;
 
 export class BufferPool {
   readonly #free = new Map<number, ArrayBuffer[]>();

@@ -70,6 +70,8 @@ const log = logger('nbd');
 
 /** proto.md NBD_REPLY_TYPE_BLOCK_STATUS: at most 2^20 descriptors per chunk. */
 const MAX_EXTENTS = 1 << 20;
+/** Reads shorter than this skip the hole lookup: a hole chunk saves little, the lookup costs a call. */
+const SPARSE_READ_MIN_BYTES = 64 * 1024;
 /** proto.md NBD_REPLY_TYPE_ERROR: message at most 4096 bytes. */
 const MAX_ERROR_MESSAGE_BYTES = 4096;
 
@@ -271,7 +273,13 @@ const read: CommandOps = {
       conn.send(b);
       return;
     }
-    if (conn.server.limits.sparseReads && (req.flags & NBD_CMD_FLAG_DF) === 0 && dev.capabilities.blockStatus && dev.blockStatus) {
+    if (
+      len >= SPARSE_READ_MIN_BYTES &&
+      conn.server.limits.sparseReads &&
+      (req.flags & NBD_CMD_FLAG_DF) === 0 &&
+      dev.capabilities.blockStatus &&
+      dev.blockStatus
+    ) {
       const extents = await dev.blockStatus(req.offset, len);
       if (await sparseRead(conn, dev, req, extents)) return;
     }
