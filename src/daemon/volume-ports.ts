@@ -323,9 +323,14 @@ export class DataPathPorts implements VolumePorts {
     if (!dev) throw new CryptmapError('ENOTATTACHED', `${v.id} is not attached`);
     if (v.kind === 'swap') {
       if (!this.#opts.forceSwap) {
+        // The kernel client is safe only with nbd-client's -swap (memory-pressure-safe socket, locked
+        // server memory); the attach layer does not pass it, so every path is refused for now.
+        const how = dev.startsWith('/dev/nbd')
+          ? `${dev} was attached by nbd-client without its -swap option`
+          : `${dev} is a loop device over nbdfuse (FUSE)`;
         throw new CryptmapError(
           'ESWAPUNSAFE',
-          `swapon refused for ${v.id}: ${dev} is a loop device over nbdfuse (FUSE). Paging out would need this process and nbdfuse to run, and they may need memory to do so: under memory pressure that deadlocks. Swap is safe only through the kernel nbd client with its swap option (modprobe nbd); --force-swap overrides.`,
+          `swapon refused for ${v.id}: ${how}. Paging out would need this userspace NBD server (and nbdfuse) to run, and they may need memory to do so: under memory pressure that deadlocks. Swap is safe only through the kernel nbd client with its swap option (modprobe nbd); --force-swap overrides.`,
           { errno: 'EPERM' },
         );
       }
