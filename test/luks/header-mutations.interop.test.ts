@@ -168,3 +168,155 @@ test('cryptmap accepts and rejects mutated headers as cryptsetup does', async ()
   }
   assert.deepEqual(mismatches, []);
 });
+
+// ---- metadata sizes (generate-luks2-metadata-size-*): all nine sizes, for the primary copy and, with
+// the primary killed, for the secondary found by scanning; plus the invalid variants -------------
+
+const MB = 1 << 20;
+const SIZES: Record<string, number> = { '16k': 16384, '32k': 32768, '64k': 65536, '128k': 131072, '256k': 262144, '512k': 524288, '1m': MB, '2m': 2 * MB, '4m': 4 * MB };
+
+/** Header copy at `off` with hdr_size `size` (bin header bytes taken from the valid image's copy at `from`). */
+function putCopy(img: Buffer, from: number, off: number, size: number, json: string, hdrSizeField = size): void {
+  const bin = Buffer.from(base.subarray(from, from + 4096));
+  bin.writeBigUInt64BE(BigInt(hdrSizeField), 8);
+  bin.writeBigUInt64BE(BigInt(off), 256);
+  bin.fill(0, 448, 512);
+  const area = Buffer.alloc(size - 4096);
+  area.write(json, 'utf8');
+  createHash('sha256').update(bin).update(area).digest().copy(bin, 448);
+  bin.copy(img, off);
+  area.copy(img, off + 4096);
+}
+
+type MdCase = { name: string; expect: 'R' | 'F'; size: number; kill: 'primary' | 'secondary'; json?: (j: J, size: number) => void; bogusHdrSize?: boolean };
+
+function mdJson(j: J, size: number, overlapJson = false): void {
+  const diff = 2 * (size - MD) - (overlapJson ? 1 : 0);
+  for (const ks of Object.values(j.keyslots) as J[]) ks.area.offset = String(Number(ks.area.offset) + diff);
+  j.config.json_size = String(size - 4096);
+  j.segments['0'].offset = '16777216';
+}
+
+const MD_CASES: MdCase[] = [
+  ...Object.entries(SIZES).flatMap(([n, size]): MdCase[] => [
+    { name: `metadata-size-${n}`, expect: 'R', size, kill: 'secondary' },
+    { name: `metadata-size-${n}-secondary`, expect: 'R', size, kill: 'primary' },
+  ]),
+  { name: 'metadata-size-64k-inv-area-c0', expect: 'F', size: SIZES['64k']!, kill: 'secondary', json: (j, s) => mdJson(j, s, true) },
+  {
+    name: 'metadata-size-64k-inv-area-c1',
+    expect: 'F',
+    size: SIZES['64k']!,
+    kill: 'secondary',
+    json: (j, s) => {
+      mdJson(j, s);
+      const last = Object.keys(j.keyslots).sort((a, b) => Number(b) - Number(a))[0]!;
+      j.keyslots[last].area.offset = String(Number(j.config.keyslots_size) + 2 * s - Number(j.keyslots[last].area.size) + 1);
+    },
+  },
+  {
+    name: 'metadata-size-64k-inv-keyslots-size-c0',
+    expect: 'F',
+    size: SIZES['64k']!,
+    kill: 'secondary',
+    json: (j, s) => {
+      mdJson(j, s);
+      j.config.keyslots_size = String(16777216 - 2 * s + 4096);
+    },
+  },
+  { name: 'metadata-size-invalid', expect: 'F', size: SIZES['1m']!, kill: 'secondary', bogusHdrSize: true },
+  { name: 'metadata-size-invalid-secondary', expect: 'F', size: SIZES['1m']!, kill: 'primary', bogusHdrSize: true },
+];
+
+function buildMd(c: MdCase): Buffer {
+  const img = Buffer.alloc(Math.max(base.length, 2 * c.size));
+  base.copy(img);
+  img.fill(0, 0, 2 * c.size);
+  const j = jsonOf(base, 0);
+  (c.json ?? mdJson)(j, c.size);
+  const text = JSON.stringify(j);
+  const bogus = c.bogusHdrSize ? c.size * 2048 : c.size;
+  putCopy(img, 0, 0, c.size, text, c.kill === 'secondary' || !c.bogusHdrSize ? bogus : c.size);
+  putCopy(img, MD, c.size, c.size, text, bogus);
+  Buffer.from('VACUUM').copy(img, c.kill === 'primary' ? 0 : c.size);
+  return img;
+}
+
+async function dumpBoth(img: Buffer, name: string, sizeBytes: number): Promise<{ ours: number; theirs: number }> {
+  const ours = join(dir, `${name}.img`);
+  const theirs = join(dir, `${name}.oracle.img`);
+  for (const p of [ours, theirs]) {
+    writeFileSync(p, img);
+    truncateSync(p, sizeBytes);
+  }
+  const code = await main(['luksDump', ours], { stdin: Readable.from([]) as unknown as NodeJS.ReadableStream, stdout: new Sink(), stderr: new Sink(), env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') } });
+  const oracle = spawnSync('cryptsetup', ['luksDump', theirs]).status;
+  rmSync(ours);
+  rmSync(theirs);
+  return { ours: code, theirs: oracle ?? -1 };
+}
+
+test('all nine metadata sizes, primary and secondary copy, and their invalid variants', async () => {
+  const mismatches: string[] = [];
+  for (const c of MD_CASES) {
+    const r = await dumpBoth(buildMd(c), c.name, 20 * MB);
+    const got = r.ours === 0 ? 'R' : 'F';
+    const cs = r.theirs === 0 ? 'R' : 'F';
+    if (got !== c.expect || cs !== c.expect) mismatches.push(`${c.name}: expected ${c.expect}, cryptmap ${got}, cryptsetup ${cs}`);
+  }
+  assert.deepEqual(mismatches, []);
+});
+
+// ---- "T" cases (generate-luks2-non-compact-json-*token-0): valid but non-compact JSON with a token 0;
+// `token remove --token-id 0` must leave compact JSON followed only by NUL bytes in both copies -----
+
+function nonCompact(fill4k: boolean): Buffer {
+  const j = jsonOf(base, 0);
+  j.tokens['0'] = { type: 'a', keyslots: [] };
+  const compact = JSON.stringify(j);
+  const pad = fill4k ? ' '.repeat(4096 - (compact.length % 4096)) : ' ';
+  const text = compact.replace('"type":"luks2"', `"type":${pad}"luks2"`);
+  const img = Buffer.from(base);
+  putCopy(img, 0, 0, MD, text);
+  putCopy(img, MD, MD, MD, text);
+  return img;
+}
+
+function jsonAreaCompact(img: Buffer, off: number): boolean {
+  const area = img.subarray(off + 4096, off + MD);
+  const end = area.indexOf(0);
+  const text = area.subarray(0, end).toString();
+  return end > 0 && area.subarray(end).every((b) => b === 0) && text === JSON.stringify(JSON.parse(text));
+}
+
+test('token remove on non-compact JSON rewrites compact JSON with no trailing bytes (cryptsetup "T" cases)', async () => {
+  for (const [name, fill] of [
+    ['non-compact-json-token-0', false],
+    ['non-compact-json-4k-token-0', true],
+  ] as const) {
+    const img = nonCompact(fill);
+    const ours = join(dir, `${name}.img`);
+    const theirs = join(dir, `${name}.oracle.img`);
+    writeFileSync(ours, img);
+    writeFileSync(theirs, img);
+    const code = await main(['token', 'remove', '--token-id', '0', ours], {
+      stdin: Readable.from([]) as unknown as NodeJS.ReadableStream,
+      stdout: new Sink(),
+      stderr: new Sink(),
+      env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') },
+    });
+    assert.equal(code, 0, name);
+    assert.equal(spawnSync('cryptsetup', ['token', 'remove', '--token-id', '0', theirs]).status, 0, `${name}: oracle`);
+    for (const [who, p] of [
+      ['cryptmap', ours],
+      ['cryptsetup', theirs],
+    ] as const) {
+      const b = readFileSync(p);
+      assert.ok(jsonAreaCompact(b, 0) && jsonAreaCompact(b, MD), `${name}: ${who} left non-compact bytes`);
+      assert.deepEqual(jsonOf(b, 0).tokens, {}, `${name}: ${who}`);
+    }
+    assert.equal(spawnSync('cryptsetup', ['luksDump', ours]).status, 0, `${name}: cryptsetup rejects cryptmap's result`);
+    rmSync(ours);
+    rmSync(theirs);
+  }
+});
