@@ -17,6 +17,8 @@ const MiB = 1 << 20;
 const DATA_BYTES = 128 * MiB;
 const HEADER_BYTES = 16 * MiB;
 const PASS = 'load-test passphrase 7f3a';
+/** Seconds each fio client runs (bounded: the whole suite stays under a minute). */
+const RUNTIME_S = 8;
 
 interface FioJob {
   name: string;
@@ -46,6 +48,8 @@ function jobFile(uri: string, j: FioJob): string {
     'verify_fatal=1',
     'verify_backlog=256',
     'randrepeat=1',
+    'time_based=1',
+    `runtime=${RUNTIME_S}`,
     'randseed=1234',
     `[${j.name}]`,
     `bs=${j.bs}`,
@@ -146,6 +150,7 @@ test('concurrent fio clients with crc32c verify, then SIGKILL: acknowledged FLUS
 
     // ---- 2. SIGKILL mid-load ----
     const bg = runFio(dir, uri, { name: 'bg', bs: '32k', iodepth: 16, offsetMiB: 64, sizeMiB: 32 });
+    await new Promise((r) => setTimeout(r, 500)); // let the background load get going
     const fx = { sock } as Fixture;
     const c = await openClient(fx, 'vol');
     const base = 100 * MiB;
