@@ -3,8 +3,8 @@
  * of a 1 GiB MemoryDevice export served by cryptmap's NbdServer, against `nbdkit memory 1G` with
  * the same client, same data, same run, alternating. Prints MB/s per round, the best of each and
  * the ratio cryptmap / nbdkit. Also the server's CPU seconds per GiB (user + system; for cryptmap
- * the whole bench process, which idles while nbdcopy runs), which is steadier than wall time on a
- * loaded machine. Not a test: numbers depend on the machine.
+ * the whole bench process, which idles while nbdcopy runs, minus what spawning a child costs it),
+ * which is steadier than wall time on a loaded machine. Not a test: numbers depend on the machine.
  *
  * Then fio random 4 KiB reads at queue depth 32 (nbd engine) against both, IOPS.
  *
@@ -74,12 +74,24 @@ interface Sample {
   cpuPerGiB: number;
 }
 
+/**
+ * CPU this process spends just spawning a child (fork of a process holding a 1 GiB device copies
+ * page tables): subtracted from cryptmap's figure, which is measured on this very process.
+ */
+async function spawnCost(): Promise<number> {
+  const c0 = cpuSeconds();
+  await run('true', []);
+  return cpuSeconds() - c0;
+}
+
 async function timed(cmd: string, args: string[], serverPid?: number): Promise<Sample> {
+  const overhead = serverPid === undefined ? await spawnCost() : 0;
   const c0 = cpuSeconds(serverPid);
   const t0 = process.hrtime.bigint();
   await run(cmd, args);
   const s = Number(process.hrtime.bigint() - t0) / 1e9;
-  return { mbps: sizeBytes / 1e6 / s, cpuPerGiB: ((cpuSeconds(serverPid) - c0) * 1073741824) / sizeBytes };
+  const cpu = Math.max(0, cpuSeconds(serverPid) - c0 - overhead);
+  return { mbps: sizeBytes / 1e6 / s, cpuPerGiB: (cpu * 1073741824) / sizeBytes };
 }
 
 async function waitFor(path: string): Promise<void> {
