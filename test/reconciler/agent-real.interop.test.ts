@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { copyFile, mkdir, readdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, open, readdir, readFile, stat, truncate, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { PassThrough } from 'node:stream';
 import { test } from 'node:test';
@@ -283,6 +283,45 @@ test('CLI: manifest errors with file and line; agent --once, agent status --json
     assert.equal(await main(['volume', 'delete', 'scratch/db/data', '--state-dir', st, '--manifest', none], c5.io), 0, c5.err());
     await assert.rejects(stat(join(st, 'volumes', 'scratch', 'db', 'data.img')), { code: 'ENOENT' });
   } finally {
+    await t.cleanup();
+  }
+});
+
+test('a persistent volume file truncated or overwritten by someone else is refused, never reformatted', async () => {
+  const t = await tempDir('cryptmap-agent-altered-');
+  const node = await TestNode.start({ dir: t.dir, keys: inprocKeyClient(keyService(13)) });
+  const only = `version: 1
+services:
+  - name: db
+    volumes:
+      - name: data
+        size: 8M
+        class: persistent
+        filesystem: none
+`;
+  try {
+    const targets = targetsIn(t.dir, only);
+    const db = targets[0]!;
+    assert.ok((await node.reconcile(targets, 'b1')).converged);
+    await node.stop('b1');
+    const full = (await stat(db.path)).size;
+    await truncate(db.path, full - (1 << 20));
+    await node.restart();
+    const r1 = await node.reconcile(targets, 'b1');
+    assert.equal(r1.volumes[0]?.state, 'refused');
+    assert.match(r1.volumes[0]?.reason ?? '', /truncated|smaller/);
+    assert.equal((await stat(db.path)).size, full - (1 << 20), 'file left as it is');
+    await truncate(db.path, full);
+    const fh = await open(db.path, 'r+');
+    await fh.write(Buffer.alloc(1 << 20), 0, 1 << 20, 0);
+    await fh.close();
+    await node.restart();
+    const r2 = await node.reconcile(targets, 'b1');
+    assert.equal(r2.volumes[0]?.state, 'refused');
+    assert.ok(!r2.executed.some((s) => s.kind === 'format' || s.kind === 'createFile' || s.kind === 'deleteFile'));
+    assert.equal(node.core.statusOf(db.mapping).active, false);
+  } finally {
+    await node.core.shutdown();
     await t.cleanup();
   }
 });
