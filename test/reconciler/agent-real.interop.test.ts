@@ -1,14 +1,16 @@
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { copyFile, mkdir, open, readdir, readFile, stat, truncate, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { PassThrough } from 'node:stream';
 import { test } from 'node:test';
 import { prepareLuks } from '../../src/activate/mapping.js';
+import { AgentHost } from '../../src/daemon/agent-host.js';
 import { main } from '../../src/cli/main.js';
 import { memoryAudit } from '../../src/keyservice/audit.js';
 import { inprocKeyClient, unixKeyClient } from '../../src/keyservice/client.js';
-import { DEFAULT_POLICY } from '../../src/keyservice/policy.js';
-import { listenUnix } from '../../src/keyservice/server.js';
+import { DEFAULT_POLICY, policyFromObject } from '../../src/keyservice/policy.js';
+import { listenTls, listenUnix } from '../../src/keyservice/server.js';
 import { KeyService } from '../../src/keyservice/service.js';
 import { parseManifest } from '../../src/reconciler/manifest.js';
 import { desiredVolumes } from '../../src/reconciler/plan.js';
@@ -322,6 +324,79 @@ services:
     assert.equal(node.core.statusOf(db.mapping).active, false);
   } finally {
     await node.core.shutdown();
+    await t.cleanup();
+  }
+});
+
+function ossl(cwd: string, args: string[]): void {
+  const r = spawnSync('openssl', args, { cwd, encoding: 'utf8' });
+  if (r.error) assert.fail('openssl is missing: install the Debian package openssl');
+  assert.equal(r.status, 0, `openssl ${args.join(' ')}: ${r.stderr}`);
+}
+
+test('agents on two nodes share a persistent volume through keyd: node A over its Unix socket, node B over HTTPS with a client certificate', async () => {
+  const t = await tempDir('cryptmap-agent-mtls-');
+  const pki = join(t.dir, 'pki');
+  await mkdir(pki, { mode: 0o700 });
+  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
+  ossl(pki, ['req', '-x509', ...ec, '-keyout', 'ca.key', '-out', 'ca.crt', '-subj', '/CN=agent-test-ca', '-days', '2']);
+  await writeFile(join(pki, 'srv.ext'), 'subjectAltName=IP:127.0.0.1\n');
+  for (const [name, cn, ext] of [
+    ['srv', 'keyd', 'srv.ext'],
+    ['nodeb', 'node-b.example', undefined],
+  ] as const) {
+    ossl(pki, ['req', ...ec, '-keyout', `${name}.key`, '-out', `${name}.csr`, '-subj', `/CN=${cn}`]);
+    ossl(pki, ['x509', '-req', '-in', `${name}.csr`, '-CA', 'ca.crt', '-CAkey', 'ca.key', '-CAcreateserial', '-out', `${name}.crt`, '-days', '2', ...(ext ? ['-extfile', ext] : [])]);
+  }
+  const service = new KeyService({
+    root: Secret.copyOf(Buffer.alloc(32, 21)),
+    policy: policyFromObject({
+      version: 1,
+      clients: [
+        { identity: 'local', services: ['db'] },
+        { identity: 'cn:node-b.example', services: ['db'] },
+      ],
+    }),
+    audit: memoryAudit(),
+  });
+  const sock = join(t.dir, 'keyd.sock');
+  const unixSrv = await listenUnix(service, sock);
+  const f = (n: string) => readFile(join(pki, n));
+  const tlsSrv = await listenTls(service, { host: '127.0.0.1', port: 0, cert: await f('srv.crt'), key: await f('srv.key'), ca: await f('ca.crt') });
+  const vol = '  - name: db\n    volumes:\n      - name: data\n        size: 8M\n        class: persistent\n        filesystem: none\n';
+  const manA = parseManifest(`version: 1\nkeyService:\n  address: unix:${sock}\nservices:\n${vol}`, join(t.dir, 'a.yaml'));
+  const manB = parseManifest(
+    `version: 1\nkeyService:\n  address: ${tlsSrv.address}\n  tls: {cert: pki/nodeb.crt, key: pki/nodeb.key, ca: pki/ca.crt}\nservices:\n${vol}`,
+    join(t.dir, 'b.yaml'),
+  );
+  let host: AgentHost | undefined;
+  try {
+    host = await AgentHost.start({ manifest: manA, stateDir: join(t.dir, 'a'), bootId: 'a1', serve: 'nbd-only' });
+    assert.equal(host.keyServiceDescription, `unix:${sock}`);
+    assert.ok((await host.reconcile()).converged);
+    const dev = host.core.registry.open('scratch:db:data');
+    const block = Buffer.alloc(4096);
+    MARKER.copy(block);
+    await dev.write(0, block);
+    await dev.close();
+    await host.stop();
+    host = undefined;
+    await mkdir(join(t.dir, 'b', 'volumes', 'scratch', 'db'), { recursive: true, mode: 0o700 });
+    await copyFile(join(t.dir, 'a', 'volumes', 'scratch', 'db', 'data.img'), join(t.dir, 'b', 'volumes', 'scratch', 'db', 'data.img'));
+    host = await AgentHost.start({ manifest: manB, stateDir: join(t.dir, 'b'), bootId: 'b1', serve: 'nbd-only' });
+    const r = await host.reconcile();
+    assert.ok(r.converged, JSON.stringify(r.volumes));
+    const devB = host.core.registry.open('scratch:db:data');
+    const got = Buffer.alloc(4096);
+    await devB.read(0, got);
+    await devB.close();
+    assert.deepEqual(got.subarray(0, MARKER.length), MARKER);
+    await host.stop();
+    host = undefined;
+  } finally {
+    await host?.stop().catch(() => {});
+    await tlsSrv.close();
+    await unixSrv.close();
     await t.cleanup();
   }
 });
