@@ -10,11 +10,14 @@
  */
 import { open as fsOpen } from 'node:fs/promises';
 import type { BlockDevice } from '../blockdev/types.js';
-import { CryptmapError, EXIT_WRONG_DEVICE } from '../util/errors.js';
+import { CryptmapError, EXIT_WRONG_DEVICE, isCryptmapError } from '../util/errors.js';
+import { logger } from '../util/log.js';
 import { hasLuks1Magic, Luks1Volume } from './luks1.js';
 import { hasLuks2Magic } from './luks2-disk.js';
 import { Luks2Volume, readLuks2 } from './luks2.js';
 import type { LuksVolume } from './types.js';
+
+const log = logger('luks');
 
 export type { Luks1FormatOptions } from './luks1.js';
 export { Luks1Volume, validateLuks1, decodeLuks1, encodeLuks1 } from './luks1.js';
@@ -72,9 +75,18 @@ export async function headerBackup(dev: BlockDevice, vol: LuksVolume, file: stri
 }
 
 /**
- * Restore a header backup (luksHeaderRestore): the backup must be a valid LUKS header of the same
- * type; keyslot areas are written first, then the header copies (primary, then secondary), so a crash
- * before the final writes leaves the previous header in place.
+ * Restore a header backup (luksHeaderRestore): the backup must be a valid LUKS header; afterwards the
+ * device's header and keyslot areas are byte for byte the backup's. Written so that a crash between
+ * any two writes leaves the device openable with the old or the restored secrets:
+ *  1. keyslots of the volume on the device whose material the restore would change are first moved
+ *     to free space the backup does not use (LUKS2 `relocateKeyslot`: copy, then header write);
+ *  2. every changed part of the keyslot region outside the old header's live keyslots is written;
+ *  3. the header copies (LUKS2: primary, then secondary; the copy with the higher seqid wins while they
+ *     differ) - from here the restored header is in charge;
+ *  4. the rest of the changes (the old keyslots' material, now unreferenced).
+ * Not crash-safe, with a warning: an old LUKS1 header whose keyslots collide with the backup's (LUKS1
+ * keyslots cannot move), or a LUKS2 keyslots area with no room to move them; and a restore that
+ * changes the metadata size while old keyslots sit where the new header copies go.
  */
 export async function headerRestore(dev: BlockDevice, backup: BlockDevice): Promise<LuksVolume> {
   const src = await openLuks(backup);
@@ -84,7 +96,45 @@ export async function headerRestore(dev: BlockDevice, backup: BlockDevice): Prom
   const buf = Buffer.alloc(n);
   await backup.read(0, buf);
   const hdrBytes = src.type === 'luks2' ? 2 * src.metadataBytes : 4096;
-  if (n > hdrBytes) await dev.write(hdrBytes, buf.subarray(hdrBytes));
+  const cur = Buffer.alloc(n);
+  await dev.read(0, cur);
+  const differs = (o: number, e: number) => !buf.subarray(o, e).equals(cur.subarray(o, e));
+  const overlap = (a: Range, b: Range): Range | null => (a[0] < b[1] && b[0] < a[1] ? [Math.max(a[0], b[0]), Math.min(a[1], b[1])] : null);
+  const span = (a: { offsetBytes: number; sizeBytes: number }): Range => [a.offsetBytes, a.offsetBytes + a.sizeBytes];
+  const newAreas = src.keyslotAreas().map(span);
+  const old = await openLuks(dev).catch(() => null);
+  let oldLive: Range[] = [];
+  if (old) {
+    const keep: Range[] = [[0, hdrBytes], ...newAreas];
+    for (const a of old.keyslotAreas()) {
+      const clash = keep.some((b) => {
+        const o = overlap(span(a), b);
+        return o !== null && differs(o[0], Math.min(o[1], n));
+      });
+      if (!clash) continue;
+      const moved =
+        old.type === 'luks2' &&
+        (await old.relocateKeyslot(a.id, keep).catch((e) => {
+          if (isCryptmapError(e)) return false; // e.g. unknown requirements: cannot change that header
+          throw e;
+        }));
+      if (!moved) log.warn('header restore overwrites a live keyslot before the new header is written; not crash-safe', { keyslot: a.id });
+    }
+    await dev.read(0, cur);
+    oldLive = old.keyslotAreas().map(span);
+  }
+  // Changed runs of 4 KiB blocks in the keyslot region, split into before and after the header switch.
+  const now: Range[] = [];
+  const later: Range[] = [];
+  for (let o = hdrBytes; o < n; o += 4096) {
+    const e = Math.min(o + 4096, n);
+    if (!differs(o, e)) continue;
+    const list = oldLive.some((r) => overlap([o, e], r) !== null) ? later : now;
+    const last = list[list.length - 1];
+    if (last && last[1] === o) last[1] = e;
+    else list.push([o, e]);
+  }
+  for (const [o, e] of now) await dev.write(o, buf.subarray(o, e));
   await dev.flush();
   if (src.type === 'luks2') {
     const md = src.metadataBytes;
@@ -95,5 +145,9 @@ export async function headerRestore(dev: BlockDevice, backup: BlockDevice): Prom
     await dev.write(0, buf.subarray(0, hdrBytes));
   }
   await dev.flush();
+  for (const [o, e] of later) await dev.write(o, buf.subarray(o, e));
+  await dev.flush();
   return openLuks(dev);
 }
+
+type Range = [number, number];

@@ -24,7 +24,7 @@ import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_DEVICE, isCryptmapError }
 import { Secret } from '../util/secret.js';
 import { readKeyslotArea, wipeArea, writeKeyslotArea } from './keyslot-area.js';
 import { noKeyError } from './luks2.js';
-import type { DataSegment, KeyAuth, KeyslotInfo, LuksVolume, NewKeyslotOptions, UnlockResult } from './types.js';
+import type { DataSegment, KeyAuth, KeyslotArea, KeyslotInfo, LuksVolume, NewKeyslotOptions, UnlockResult } from './types.js';
 
 export const LUKS_MAGIC = Buffer.from([0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe]);
 export const LUKS_NUMKEYS = 8;
@@ -278,6 +278,11 @@ export class Luks1Volume implements LuksVolume {
 
   keyslots(): KeyslotInfo[] {
     return this.#h.keyblock.map((k, id) => ({ id, type: 'luks1', active: k.active === LUKS_KEY_ENABLED, priority: 'normal', kdf: 'pbkdf2' }));
+  }
+
+  keyslotAreas(): KeyslotArea[] {
+    const bytes = afSplitBytes(this.#h.keyBytes, LUKS_STRIPES);
+    return this.#h.keyblock.flatMap((k, id) => (k.active === LUKS_KEY_ENABLED ? [{ id, offsetBytes: k.keyMaterialOffset * 512, sizeBytes: bytes }] : []));
   }
 
   async verifyVolumeKey(vk: Uint8Array): Promise<boolean> {

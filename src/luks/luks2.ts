@@ -24,7 +24,7 @@ import { foreignSignature } from './signatures.js';
 import { LUKS2_HDR_BIN_LEN, LUKS2_HDR_SIZES, type Luks2BinHeader, type Luks2DiskCopy, readCopy, writeCopy } from './luks2-disk.js';
 import { DIGEST_HANDLERS, KEYSLOT_HANDLERS, kdfJson, LUKS_SALTSIZE, LUKS_STRIPES, repairKeyslotKdf, TOKEN_HANDLERS, VALIDATORS } from './luks2-handlers.js';
 import { buildJsonArea, type L2Keyslot, type L2Token, type Luks2Json, parseJsonArea, u64, unknownRequirements, validateLuks2Json } from './luks2-json.js';
-import type { DataSegment, KeyAuth, KeyslotInfo, KeyslotPriority, LuksVolume, NewKeyslotOptions, UnlockResult } from './types.js';
+import type { DataSegment, KeyAuth, KeyslotArea, KeyslotInfo, KeyslotPriority, LuksVolume, NewKeyslotOptions, UnlockResult } from './types.js';
 
 const log = logger('luks2');
 
@@ -364,6 +364,58 @@ export class Luks2Volume implements LuksVolume {
         const ks = this.#json.keyslots[String(id)]!;
         return { id, type: ks.type, active: true, priority: priorityName(ks.priority), kdf: ks.kdf?.type ?? '' };
       });
+  }
+
+  keyslotAreas(): KeyslotArea[] {
+    return Object.entries(this.#json.keyslots)
+      .filter(([, ks]) => ks.area?.offset !== undefined && ks.area.size !== undefined)
+      .map(([id, ks]) => ({ id: Number(id), offsetBytes: Number(ks.area.offset), sizeBytes: Number(ks.area.size) }));
+  }
+
+  /**
+   * Move a keyslot's material to a free place in the keyslots area that overlaps none of `avoid`
+   * (byte ranges [start, end)), then point the header at it: copy first, header write second, so a
+   * crash leaves the keyslot usable at its old or its new place. The material is position independent
+   * (keyslot area IVs count from the area start). Returns false, writing nothing, when no gap fits.
+   */
+  async relocateKeyslot(slot: number, avoid: ReadonlyArray<readonly [number, number]>): Promise<boolean> {
+    this.#requireChangeable();
+    const ks = this.#json.keyslots[String(slot)];
+    if (!ks?.area) throw new CryptmapError('EKEYSLOT', `Keyslot ${slot} is not active.`, { errno: 'ENOENT' });
+    const size = Number(ks.area.size);
+    const start = 2 * this.#bin.hdrSize;
+    const end = start + this.keyslotsBytes;
+    const busy = [
+      ...avoid.map(([a, b]) => ({ o: a, e: b })),
+      ...Object.entries(this.#json.keyslots)
+        .filter(([id]) => id !== String(slot))
+        .map(([, k]) => ({ o: Number(k.area.offset), e: Number(k.area.offset) + Number(k.area.size) })),
+      { o: Number(ks.area.offset), e: Number(ks.area.offset) + size },
+    ].sort((a, b) => a.o - b.o);
+    let off = start;
+    for (const u of busy) {
+      if (u.e <= off) continue;
+      if (u.o >= off + size) break;
+      off = alignUp(Math.max(off, u.e), 4096);
+    }
+    if (off + size > end) return false;
+    const material = Buffer.alloc(size);
+    try {
+      await this.#dev.read(Number(ks.area.offset), material);
+      await this.#dev.write(off, material);
+      await this.#dev.flush();
+    } finally {
+      material.fill(0);
+    }
+    const before = ks.area.offset;
+    ks.area.offset = String(off);
+    try {
+      await this.#write();
+    } catch (e) {
+      ks.area.offset = before;
+      throw e;
+    }
+    return true;
   }
 
   #requireChangeable(): void {

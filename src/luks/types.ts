@@ -32,6 +32,13 @@ export interface KeyslotInfo {
   kdf: string;
 }
 
+/** Where one keyslot's key material lies on the header device. */
+export interface KeyslotArea {
+  id: number;
+  offsetBytes: number;
+  sizeBytes: number;
+}
+
 /** How a mutating operation proves it knows the volume key. */
 export type KeyAuth = { passphrase: Uint8Array } | { volumeKey: Secret };
 
@@ -65,6 +72,8 @@ export interface LuksVolume {
   /** Bytes of header + keyslot areas (what a header backup holds). */
   readonly headerBytes: number;
   keyslots(): KeyslotInfo[];
+  /** Byte ranges of the active keyslots' key material (used to order a header restore crash-safely). */
+  keyslotAreas(): KeyslotArea[];
   /** Try the slots (priority order, or only `keySlot`); "No key available with this passphrase." (exit 2) otherwise. */
   unlock(passphrase: Uint8Array, opts?: { keySlot?: number }): Promise<UnlockResult>;
   /** True when `vk` is this volume's key. */
