@@ -70,10 +70,19 @@ const PACKAGE_OF: Record<string, string> = {
   umount: 'mount',
 };
 
+/** `cmd` on PATH, else in /usr/sbin or /sbin (not on an ordinary user's PATH on Debian). */
+function resolveTool(cmd: string): string {
+  if (cmd.includes('/')) return cmd;
+  for (const d of [...(process.env.PATH ?? '').split(':').filter(Boolean), '/usr/sbin', '/sbin']) {
+    if (existsSync(join(d, cmd))) return join(d, cmd);
+  }
+  return cmd;
+}
+
 /** execFile with a CryptmapError naming the tool (and its Debian package when it is missing). */
 export const runTool: Runner = (cmd, args) =>
   new Promise((res, rej) => {
-    execFile(cmd, args, { encoding: 'utf8', timeout: 120_000 }, (err, stdout, stderr) => {
+    execFile(resolveTool(cmd), args, { encoding: 'utf8', timeout: 120_000 }, (err, stdout, stderr) => {
       if (!err) return res(stdout);
       const missing = (err as NodeJS.ErrnoException).code === 'ENOENT';
       rej(
