@@ -94,3 +94,35 @@ test('as root: attach, mkfs.ext4, mount; files survive an agent restart; swapon 
     await t.cleanup();
   }
 });
+
+test('as root: a full disk during format rolls back (no file, no record), and the next run on a roomier disk converges', { skip: isRoot ? false : 'needs root (tmpfs mount)' }, async () => {
+  const t = await tempDir('cryptmap-agent-full-');
+  const state = join(t.dir, 'state');
+  const manifest = parseManifest('version: 1\nservices:\n  - name: db\n    volumes:\n      - name: data\n        size: 8M\n        class: persistent\n        filesystem: none\n');
+  let host: AgentHost | undefined;
+  try {
+    execFileSync('mkdir', ['-p', state]);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=64k,mode=0700', 'tmpfs', state]);
+    host = await AgentHost.start({ manifest, stateDir: state, bootId: 'b1', serve: 'nbd-only' });
+    const r = await host.reconcile();
+    assert.equal(r.volumes[0]?.state, 'failed', JSON.stringify(r.volumes));
+    assert.match(r.volumes[0]?.reason ?? '', /format: .*(ENOSPC|No space left|space)/i);
+    await assert.rejects(readFile(join(state, 'volumes', 'scratch', 'db', 'data.img')), { code: 'ENOENT' });
+    const rec = JSON.parse(await readFile(join(state, 'agent-state.json'), 'utf8')) as { volumes: Record<string, unknown> };
+    assert.deepEqual(Object.keys(rec.volumes), [], 'the half-made volume is forgotten');
+    await host.stop();
+    host = undefined;
+    execFileSync('mount', ['-o', 'remount,size=64m', state]);
+    host = await AgentHost.start({ manifest, stateDir: state, bootId: 'b1', serve: 'nbd-only' });
+    const r2 = await host.reconcile();
+    assert.equal(r2.volumes[0]?.state, 'ready', JSON.stringify(r2.volumes));
+    await host.stop();
+    host = undefined;
+  } finally {
+    await host?.stop().catch(() => {});
+    try {
+      execFileSync('umount', ['-l', state]);
+    } catch {}
+    await t.cleanup();
+  }
+});
