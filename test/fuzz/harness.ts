@@ -151,11 +151,12 @@ export async function fuzz(target: string, arb: fc.Arbitrary<Buffer>, fn: FuzzFn
     });
   } catch (e) {
     if (inflight !== undefined) closeSync(inflight);
-    if (failing && process.env.CRYPTMAP_FUZZ_SAVE === '1') {
-      const file = saveInput(target, failing);
-      throw new Error(`${(e as Error).message}\nfailing input saved to ${file}`);
-    }
-    throw e;
+    // fast-check keeps the property's own error in `cause`: show it, it names the violation.
+    const cause = (e as Error).cause;
+    const why = cause instanceof Error ? `\n${cause.message}` : '';
+    let saved = '';
+    if (failing && process.env.CRYPTMAP_FUZZ_SAVE === '1') saved = `\nfailing input saved to ${saveInput(target, failing)}`;
+    throw new Error(`${(e as Error).message}${why}${saved}`, { cause: e });
   }
   if (inflight !== undefined) closeSync(inflight);
   const result = { target, inputs, corpus, ms: Date.now() - started, seed };
