@@ -68,7 +68,7 @@ export class AgentHost {
   readonly runDir: string;
   readonly core: DaemonCore;
   readonly ports: DataPathPorts;
-  readonly targets: VolumeTarget[];
+  #targets: VolumeTarget[];
   readonly mode: ServeMode;
   readonly modeReason: string | undefined;
   readonly keyServiceDescription: string;
@@ -99,7 +99,7 @@ export class AgentHost {
     this.runDir = init.runDir;
     this.core = init.core;
     this.ports = init.ports;
-    this.targets = init.targets;
+    this.#targets = init.targets;
     this.mode = init.mode.mode;
     this.modeReason = init.mode.reason;
     this.#keys = init.keys;
@@ -153,6 +153,16 @@ export class AgentHost {
     return new AgentHost({ opts, stateDir, runDir, core, ports, targets, mode, keys, closeKeys, keyDescribe, control });
   }
 
+  /** The volumes the current manifest asks for. */
+  get targets(): VolumeTarget[] {
+    return this.#targets;
+  }
+
+  /** Take a new manifest (SIGHUP); the next reconcile applies it. The key service is kept. */
+  setManifest(m: Manifest): void {
+    this.#targets = desiredVolumes(m, join(this.stateDir, AGENT_VOLUME_DIR)).map((t) => rebaseMount(t, this.#opts.mountRoot));
+  }
+
   #common() {
     const c = {
       store: this.#store,
@@ -169,7 +179,7 @@ export class AgentHost {
   reconcile(signal?: AbortSignal): Promise<ApplyReport> {
     return reconcileUntilSettled({
       ...this.#common(),
-      targets: this.targets,
+      targets: this.#targets,
       intervalMs: this.#opts.intervalMs ?? 5000,
       ...(signal ? { signal } : {}),
     });

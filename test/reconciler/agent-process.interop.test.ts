@@ -80,10 +80,15 @@ test('cryptmap agent process: SIGTERM tears down cleanly (NBD only); after a SIG
     const a = await startAgent(['--manifest', manifestPath, '--state-dir', state, '--boot-id', 'b1', '--nbd-only']);
     children.push(a.child);
     assert.match(a.out(), /scratch\/db\/data \(persistent, ext4\): ready\n {4}nbd: {4}nbd\+unix:\/\/\/scratch%3Adb%3Adata\?socket=.*\n {4}note: {3}served over NBD only \(--nbd-only\)/);
+    // SIGHUP with the web service gone: its volume is torn down, the other keeps serving.
+    await writeFile(manifestPath, MANIFEST.replace(/ {2}- name: web\n(?: {4}.*\n)+/, ''));
+    a.child.kill('SIGHUP');
+    for (let i = 0; i < 200 && !/reloaded[\s\S]*scratch\/web\/cache: removed/.test(a.out()); i++) await new Promise((r) => setTimeout(r, 50));
+    assert.match(a.out(), /manifest .* reloaded\n[\s\S]*scratch\/web\/cache: removed/);
     a.child.kill('SIGTERM');
     assert.equal(await a.exited, 0);
+    await writeFile(manifestPath, MANIFEST);
     assert.match(a.out(), /scratch\/db\/data: stopped/);
-    assert.match(a.out(), /scratch\/web\/cache: removed/);
 
     // 2. As root with mounts: killed hard while serving, then a new agent cleans up and converges.
     if (!isRoot) return;

@@ -8,7 +8,8 @@
  *
  * Without --manifest the built-in default manifest (examples/manifest.yaml) is used: what `npm start`
  * runs. Runs until SIGINT/SIGTERM, then tears down (unmount, detach, close; persistent files kept).
- * --once: reconcile, print, tear down and exit (0 when every volume came up).
+ * --once: reconcile, print, tear down and exit (0 when every volume came up). SIGHUP reloads --manifest
+ * and reconciles again (a service removed from it is torn down; its persistent files are kept).
  */
 import { parseArgs } from 'node:util';
 import { AgentHost, runningAgentPid } from '../../daemon/agent-host.js';
@@ -109,8 +110,28 @@ const agent: VerbMain = async (argv, io) => {
     ac.abort();
     signalled?.();
   };
+  // SIGHUP: read the manifest again and reconcile (a removed service is torn down, a new one made).
+  let busy: Promise<void> = Promise.resolve();
+  const manifestPath = v.manifest;
+  const onHup = () => {
+    busy = busy.then(async () => {
+      if (ac.signal.aborted) return;
+      if (manifestPath === undefined) {
+        io.stdout.write('cryptmap agent: SIGHUP ignored (built-in manifest)\n');
+        return;
+      }
+      try {
+        host.setManifest(await loadManifest(manifestPath));
+        io.stdout.write(`cryptmap agent: manifest ${manifestPath} reloaded\n`);
+        io.stdout.write(formatReport(host, await host.reconcile(ac.signal)));
+      } catch (e) {
+        io.stderr.write(`cryptmap agent: reload failed, keeping the previous manifest:\n${e instanceof Error ? e.message : String(e)}\n`);
+      }
+    });
+  };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
+  process.on('SIGHUP', onHup);
   let ok = false;
   try {
     io.stdout.write(`cryptmap agent: manifest ${manifest.file}, state ${host.stateDir}, keys ${host.keyServiceDescription}\n`);
@@ -124,6 +145,8 @@ const agent: VerbMain = async (argv, io) => {
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
+    process.off('SIGHUP', onHup);
+    await busy;
     io.stdout.write('cryptmap agent: tearing down (persistent volumes are kept)\n');
     const down = await host.stop();
     for (const x of down?.volumes ?? []) io.stdout.write(`${x.id}: ${x.state}${x.reason ? ` (${x.reason})` : ''}\n`);
