@@ -16,7 +16,7 @@ const root = resolve(new URL('..', import.meta.url).pathname);
 const dist = resolve(root, process.env.CRYPTMAP_DIST ?? 'dist');
 
 const SUITES = {
-  fault: ['test/blockdev/fault.test.js', 'test/dm/fault-nbd.test.js', 'test/luks/fault.test.js'],
+  fault: ['test/blockdev/fault.test.js', 'test/dm/fault-nbd.test.js', 'test/dm/fault-daemon.test.js', 'test/luks/fault.test.js'],
   load: ['test/load/nbd-load.slow.test.js'],
   secrets: ['test/security/secrets.test.js'],
 };
@@ -80,7 +80,16 @@ async function main() {
     const inputs = r.reduce((a, x) => a + x.inputs, 0);
     const corpus = r.reduce((a, x) => a + x.corpus, 0);
     const secs = r.reduce((a, x) => a + x.ms, 0) / 1000;
-    return [t, fmtInt(inputs), String(corpus), `${secs.toFixed(1)} s`, status[`fuzz:${t}`]?.ok ? 'held' : '**FAILED**'];
+    const outcomes = {};
+    for (const x of r) for (const [k, v] of Object.entries(x.outcomes ?? {})) outcomes[k] = (outcomes[k] ?? 0) + v;
+    const accepted = outcomes.ok ?? 0;
+    const rejects = Object.entries(outcomes)
+      .filter(([k]) => k !== 'ok')
+      .sort((a, b) => b[1] - a[1])
+      .slice(0, 4)
+      .map(([k, v]) => `${k} ${fmtInt(v)}`)
+      .join(', ');
+    return [t, fmtInt(inputs), fmtInt(accepted), rejects || '-', String(corpus), `${secs.toFixed(1)} s`, status[`fuzz:${t}`]?.ok ? 'held' : '**FAILED**'];
   });
   const faults = new Map();
   for (const x of recs.filter((r) => r.kind === 'fault')) {
@@ -95,6 +104,7 @@ async function main() {
     'nbd-flush': 'NBD: failed FLUSH / FUA reported to the client',
     'nbd-enospc': 'NBD: full device answers ENOSPC, acknowledged data intact',
     'nbd-rate': 'NBD: seeded write-fault rate under pipelined load',
+    'daemon-eio': 'daemon: EIO on a broken device, the LUKS volume next to it keeps serving',
   };
   const faultRows = [...faults].map(([k, v]) => [faultNames[k] ?? k, fmtInt(v.injected), fmtInt(v.survived)]);
   const load = recs.filter((r) => r.kind === 'load');
@@ -114,15 +124,15 @@ async function main() {
     '',
     '## Fuzzing',
     '',
-    'Oracle: each input returns or fails with a CryptmapError, settles within 5 s, and keeps memory within 512 MiB of the start. Socket targets also require that the server hangs up or answers, cleans up the connection and keeps serving. "Corpus" counts the regression inputs replayed first (test/fuzz/corpus/).',
+    'Oracle: each input returns or fails with a CryptmapError, settles within 5 s, and keeps memory within 512 MiB of the start. Socket targets also require that the server hangs up or answers, cleans up the connection and keeps serving ("accepted" there means the session ended cleanly; protocol errors are answered to the client). "Accepted" inputs were valid enough to load; the rejected ones show which check caught them. "Corpus" counts the regression inputs replayed first (test/fuzz/corpus/).',
     '',
-    table(['target', 'inputs', 'corpus', 'time', 'result'], fuzzRows),
+    table(['target', 'inputs', 'accepted', 'rejected (top codes)', 'corpus', 'time', 'result'], fuzzRows),
     '',
     '## Fault injection',
     '',
     table(['scenario', 'faults injected', 'survived'], faultRows.length ? faultRows : [['(no figures)', '0', '0']]),
     '',
-    `Suites: ${status.fault?.ok ? 'passed' : '**FAILED**'} (test/blockdev/fault.test.ts, test/dm/fault-nbd.test.ts, test/luks/fault.test.ts).`,
+    `Suites: ${status.fault?.ok ? 'passed' : '**FAILED**'} (test/blockdev/fault.test.ts, test/dm/fault-nbd.test.ts, test/dm/fault-daemon.test.ts, test/luks/fault.test.ts: clean crash after every write).`,
     '',
     '## Load',
     '',

@@ -46,6 +46,8 @@ export interface FuzzResult {
   corpus: number;
   ms: number;
   seed: number;
+  /** How inputs ended: 'ok' (accepted) or the CryptmapError code that rejected them. */
+  outcomes: Record<string, number>;
 }
 
 const MiB = 1 << 20;
@@ -77,8 +79,9 @@ export function recordFaults(suite: string, injected: number, survived: number):
   }
 }
 
-/** The oracle for one input; throws an Error describing the violation. */
-export async function checkOne(target: string, fn: FuzzFn, input: Buffer, timeoutMs: number, baseMem: number, maxMiB: number): Promise<void> {
+/** The oracle for one input; throws an Error describing the violation. Returns 'ok' or the reject code. */
+export async function checkOne(target: string, fn: FuzzFn, input: Buffer, timeoutMs: number, baseMem: number, maxMiB: number): Promise<string> {
+  let outcome = 'ok';
   let timer: NodeJS.Timeout | undefined;
   const hang = new Promise<never>((_, reject) => {
     timer = setTimeout(() => reject(new Error(`${target}: input did not settle within ${timeoutMs} ms (hang)`)), timeoutMs);
@@ -90,11 +93,13 @@ export async function checkOne(target: string, fn: FuzzFn, input: Buffer, timeou
       const what = e instanceof Error ? `${e.name}: ${e.message}\n${e.stack ?? ''}` : String(e);
       throw new Error(`${target}: threw something other than a CryptmapError: ${what}`);
     }
+    outcome = e.code;
   } finally {
     clearTimeout(timer);
   }
   const grew = (memNow() - baseMem) / MiB;
   if (grew > maxMiB) throw new Error(`${target}: memory grew by ${grew.toFixed(0)} MiB (limit ${maxMiB})`);
+  return outcome;
 }
 
 export function saveInput(target: string, input: Buffer): string {
@@ -125,6 +130,7 @@ export async function fuzz(target: string, arb: fc.Arbitrary<Buffer>, fn: FuzzFn
   const inflightPath = process.env.CRYPTMAP_FUZZ_INFLIGHT;
   const inflight = inflightPath ? openSync(inflightPath, 'w', 0o600) : undefined;
   let inputs = 0;
+  const outcomes: Record<string, number> = {};
   let failing: Buffer | undefined;
   const deadline = budgetMs === undefined ? Number.POSITIVE_INFINITY : Date.now() + budgetMs;
   const prop = fc.asyncProperty(arb, async (input) => {
@@ -135,7 +141,8 @@ export async function fuzz(target: string, arb: fc.Arbitrary<Buffer>, fn: FuzzFn
       ftruncateSync(inflight, input.length);
     }
     try {
-      await checkOne(target, fn, input, timeoutMs, baseMem, maxMiB);
+      const o = await checkOne(target, fn, input, timeoutMs, baseMem, maxMiB);
+      outcomes[o] = (outcomes[o] ?? 0) + 1;
       await opts.after?.();
     } catch (e) {
       failing = input;
@@ -159,7 +166,7 @@ export async function fuzz(target: string, arb: fc.Arbitrary<Buffer>, fn: FuzzFn
     throw new Error(`${(e as Error).message}${why}${saved}`, { cause: e });
   }
   if (inflight !== undefined) closeSync(inflight);
-  const result = { target, inputs, corpus, ms: Date.now() - started, seed };
+  const result = { target, inputs, corpus, ms: Date.now() - started, seed, outcomes };
   report({ kind: 'fuzz', ...result });
   return result;
 }
