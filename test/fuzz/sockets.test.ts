@@ -161,7 +161,7 @@ after(async () => {
 });
 
 async function settled(): Promise<void> {
-  for (let i = 0; i < 500 && fx.server.connectionCount() > 0; i++) await new Promise((r) => setTimeout(r, 10));
+  for (let i = 0; i < 1000 && fx.server.connectionCount() > 0; i++) await new Promise((r) => setTimeout(r, 10));
   assert.equal(fx.server.connectionCount(), 0, 'server still counts a connection whose client left');
 }
 
