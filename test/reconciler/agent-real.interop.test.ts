@@ -12,6 +12,7 @@ import { inprocKeyClient, unixKeyClient } from '../../src/keyservice/client.js';
 import { DEFAULT_POLICY, policyFromObject } from '../../src/keyservice/policy.js';
 import { listenTls, listenUnix } from '../../src/keyservice/server.js';
 import { KeyService } from '../../src/keyservice/service.js';
+import { reconcileUntilSettled } from '../../src/reconciler/agent.js';
 import { parseManifest } from '../../src/reconciler/manifest.js';
 import { desiredVolumes } from '../../src/reconciler/plan.js';
 import { statusRows } from '../../src/reconciler/status.js';
@@ -397,6 +398,46 @@ test('agents on two nodes share a persistent volume through keyd: node A over it
     await host?.stop().catch(() => {});
     await tlsSrv.close();
     await unixSrv.close();
+    await t.cleanup();
+  }
+});
+
+test('key service unreachable: the persistent volume waits (nothing made), the ephemeral one serves; once keyd is up it converges', async () => {
+  const t = await tempDir('cryptmap-agent-keywait-');
+  const sock = join(t.dir, 'keyd.sock');
+  const node = await TestNode.start({ dir: join(t.dir, 'n'), keys: unixKeyClient({ socketPath: sock, timeoutMs: 2000 }) });
+  let keyd: Awaited<ReturnType<typeof listenUnix>> | undefined;
+  try {
+    const targets = targetsIn(node.dir).filter((x) => x.kind === 'scratch');
+    const [cache, db] = [targets[0]!, targets[1]!];
+    const ac = new AbortController();
+    const r1 = await reconcileUntilSettled({
+      targets,
+      store: node.store,
+      ports: node.ports,
+      keys: node.keys,
+      ephemeralKeys: node.ephemeralKeys,
+      bootId: 'b1',
+      retry: { attempts: 2, baseMs: 1, maxMs: 1 },
+      intervalMs: 1,
+      signal: ac.signal,
+      onReport: () => ac.abort(),
+    });
+    assert.equal(r1.volumes.find((v) => v.id === db.id)?.state, 'waiting-for-keys');
+    assert.equal(r1.volumes.find((v) => v.id === cache.id)?.state, 'ready');
+    await assert.rejects(stat(db.path), { code: 'ENOENT' }, 'nothing made for the volume without its key');
+    assert.equal(node.core.statusOf(cache.mapping).active, true, 'the ephemeral volume serves meanwhile');
+    keyd = await listenUnix(keyService(31), sock);
+    const r2 = await node.reconcile(targets, 'b1');
+    assert.ok(r2.converged, JSON.stringify(r2.volumes));
+    assert.deepEqual(
+      r2.executed.map((s) => `${s.kind} ${s.id}`),
+      ['createFile scratch/db/data', 'format scratch/db/data', 'open scratch/db/data', 'attach scratch/db/data'],
+    );
+    await node.stop('b1');
+  } finally {
+    await node.core.shutdown();
+    await keyd?.close();
     await t.cleanup();
   }
 });
