@@ -296,9 +296,10 @@ export class Luks2Volume implements LuksVolume {
    * Nothing is written when the device is read-only, when both copies agree, or when the damaged
    * primary area carries the signature of another format (signatures.ts; cryptsetup refuses
    * auto-recovery over "ambiguous signatures" likewise): only an explicit `repair` overwrites that.
-   * Returns the copy written, or null.
+   * Returns the copy written, or null. `force` (the explicit `repair` verb, after its confirmation)
+   * skips the signature check.
    */
-  async recoverHeader(): Promise<'primary' | 'secondary' | null> {
+  async recoverHeader(opts: { force?: boolean } = {}): Promise<'primary' | 'secondary' | null> {
     if (!this.#dev.capabilities.write) return null;
     const r = await readLuks2(this.#dev);
     if (r.stale === null) return null;
@@ -309,7 +310,7 @@ export class Luks2Volume implements LuksVolume {
     const hdrSize = good.bin.hdrSize;
     const offset = r.stale === 'primary' ? 0 : hdrSize;
     if (offset + hdrSize > this.#dev.sizeBytes) return null;
-    if (r.stale === 'primary' && !r.primary.ok) {
+    if (r.stale === 'primary' && !r.primary.ok && !opts.force) {
       const area = Buffer.alloc(hdrSize);
       await this.#dev.read(0, area);
       const other = foreignSignature(area);

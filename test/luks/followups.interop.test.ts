@@ -221,7 +221,7 @@ test('a damaged or stale LUKS2 header copy is rewritten from the good one on loa
   }
 });
 
-test('load-time recovery writes nothing with --readonly, nor over a primary area holding another format', async () => {
+test('load-time recovery writes nothing with --readonly, nor over a primary area holding another format (repair does)', async () => {
   const base = image('ro.img');
   cs('luksFormat', '--batch-mode', '--type', 'luks2', ...FAST, '--key-file', key, base);
   const img = join(dir, 'ro-damaged.img');
@@ -239,6 +239,20 @@ test('load-time recovery writes nothing with --readonly, nor over a primary area
   const amb = sha(b);
   assert.equal((await cm(['luksDump', img])).code, 0);
   assert.equal(sha(readFileSync(img)), amb);
+  // The explicit repair (confirmed with -q) does overwrite it; cryptsetup then finds nothing to repair.
+  assert.equal((await cm(['repair', '-q', img])).code, 0);
+  const repaired = readFileSync(img);
+  assert.notEqual(sha(repaired), amb);
+  const probe = join(dir, 'ro-probe.img');
+  copyFileSync(img, probe);
+  assert.equal(run('cryptsetup', ['luksDump', probe]).code, 0);
+  assert.ok(readFileSync(probe).equals(repaired), 'cryptsetup still had to repair the header');
+  // A healthy LUKS2 header: repair writes nothing, as cryptsetup's.
+  const healthy = sha(readFileSync(base));
+  const r = await cm(['repair', '-q', '-v', base]);
+  assert.equal(r.code, 0);
+  assert.match(r.err, /No known problems detected for LUKS header\./);
+  assert.equal(sha(readFileSync(base)), healthy);
 });
 
 test('LUKS1 repair: the same bytes as cryptsetup repair (hash lower-casing, damaged inactive keyslot)', async () => {

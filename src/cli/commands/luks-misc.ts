@@ -153,10 +153,14 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
           return 0;
         }
         case 'repair':
-          if (vol.type === 'luks2') {
-            await confirm(io, 'Really proceed with LUKS2 repair?', v['batch-mode'] || !vol.needsRepair);
-            await vol.repair();
+          // As cryptsetup 2.6: a LUKS2 header that loads gets the load-time recovery only (a bad or
+          // stale copy rewritten from the good one) and "No known problems"; the confirmation is
+          // asked only to overwrite a damaged primary area that carries another format's signature.
+          if (vol.type === 'luks2' && vol.needsRepair && (await vol.recoverHeader()) === null && vol.needsRepair) {
+            await confirm(io, 'Really try to repair LUKS device header?', v['batch-mode']);
+            await vol.recoverHeader({ force: true });
           }
+          if (v.verbose) io.stderr.write('No known problems detected for LUKS header.\n');
           return 0;
         case 'erase':
         case 'luksErase':
