@@ -188,6 +188,7 @@ test('a damaged or stale LUKS2 header copy is rewritten from the good one on loa
   const verbs: { name: string; run: (img: string) => Promise<{ code: number; err: string }> }[] = [
     { name: 'luksDump', run: (img) => cm(['luksDump', img]) },
     { name: 'open --test-passphrase', run: (img) => cmTest(['--key-file', key, img]) },
+    { name: 'luksUUID', run: (img) => cm(['luksUUID', img]) },
     { name: 'luksAddKey', run: (img) => cm(['luksAddKey', ...FAST, '--key-file', key, img, key]) },
   ];
   for (const how of cases) {

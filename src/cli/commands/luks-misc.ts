@@ -8,7 +8,7 @@ import type { FileDevice } from '../../blockdev/file.js';
 import { detectLuks, headerBackup, headerRestore, Luks1Volume, type Luks2Volume, withDeviceLock } from '../../luks/index.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { closeQuietly, confirm, headerPath, intOpt, type LuksArgs, loadLuks, needDevice, openDevice, parseLuksArgs, recoverLoaded } from './luks-common.js';
+import { closeQuietly, confirm, headerPath, intOpt, type LuksArgs, loadLuks, loadLuksForRead, needDevice, openDevice, parseLuksArgs, recoverLoaded } from './luks-common.js';
 
 function needLuks2<T extends { type: string }>(vol: T, what: string): asserts vol is T & Luks2Volume {
   if (vol.type !== 'luks2') throw new CryptmapError('EARGS', `${what} is supported only for LUKS2 devices.`, { exitCode: EXIT_WRONG_PARAMS });
@@ -100,7 +100,17 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       await closeQuietly(dev);
     }
   }
-  const write = !(verb === 'luksUUID' && v.uuid === undefined) && verb !== 'luksHeaderBackup';
+  if (verb === 'luksUUID' && v.uuid === undefined) {
+    // A read, loaded as cryptsetup's crypt_load does (with load-time recovery of a bad LUKS2 copy).
+    const { dev, vol } = await loadLuksForRead(hdr, v);
+    try {
+      io.stdout.write(`${vol.uuid}\n`);
+      return 0;
+    } finally {
+      await closeQuietly(dev);
+    }
+  }
+  const write = verb !== 'luksHeaderBackup';
   const dev = await openDevice(hdr, write);
   try {
     const run = async (): Promise<number> => {
