@@ -28,6 +28,10 @@ export { CHECK_NAMES, validateLuks2Json, parseJsonArea } from './luks2-json.js';
 export { withDeviceLock, lockDir } from './lock.js';
 export type { TokenUnlockOptions, TokenUnlockResult } from './token-unlock.js';
 export { tokenCandidates, unlockByToken } from './token-unlock.js';
+/** Token handlers keyed by type: a layer above may register a type with an `open` (the unlock extension point). */
+export type { TokenHandler } from './luks2-handlers.js';
+export { TOKEN_HANDLERS } from './luks2-handlers.js';
+export { foreignSignature } from './signatures.js';
 export type * from './types.js';
 
 /** 'luks1', 'luks2' or null, from the first bytes (isLuks; cryptsetup checks the primary magic only). */
