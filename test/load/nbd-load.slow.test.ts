@@ -47,6 +47,7 @@ function jobFile(uri: string, j: FioJob): string {
     'verify=crc32c',
     'verify_fatal=1',
     'verify_backlog=256',
+    'verify_state_save=0',
     'randrepeat=1',
     'time_based=1',
     `runtime=${RUNTIME_S}`,
@@ -74,7 +75,8 @@ function runFio(dir: string, uri: string, j: FioJob): Promise<FioResult> {
   const file = join(dir, `${j.name}.fio`);
   writeFileSync(file, jobFile(uri, j), { mode: 0o600 });
   return new Promise((resolve, reject) => {
-    const p = spawn('fio', ['--output-format=json', file], { stdio: ['ignore', 'pipe', 'pipe'] });
+    // cwd: fio drops state files in its working directory; keep them in the temp dir.
+    const p = spawn('fio', ['--output-format=json', file], { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     let err = '';
     p.stdout.on('data', (d) => (out += d));
