@@ -13,6 +13,7 @@ import { FileDevice } from '../blockdev/file.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import type { SectorBytes } from '../engine/types.js';
 import { openLuks } from '../luks/index.js';
+import type { LuksVolume, UnlockResult } from '../luks/types.js';
 import { SECTOR_BYTES } from '../util/bytes.js';
 import { CryptmapError, EXIT_WRONG_DEVICE } from '../util/errors.js';
 import type { Secret } from '../util/secret.js';
@@ -82,7 +83,9 @@ export interface LuksOpenOptions {
   name: string;
   device: string;
   header?: string;
-  passphrase: Uint8Array;
+  /** How to get the volume key: a passphrase (tried on the slots by priority), or a custom unlock (tokens, prompts with retries). */
+  passphrase?: Uint8Array;
+  unlock?: (vol: LuksVolume) => Promise<UnlockResult>;
   keySlot?: number;
   readOnly?: boolean;
   allowDiscards?: boolean;
@@ -126,7 +129,11 @@ export async function prepareLuks(o: LuksOpenOptions): Promise<{ mapping: CryptM
       if (sizeBytes <= 0 || seg.offsetBytes + sizeBytes > dataBytes) {
         throw new CryptmapError('EDEVSMALL', `Device ${o.device} is too small for the data segment.`, { exitCode: EXIT_WRONG_DEVICE });
       }
-      const { volumeKey, keyslot } = await vol.unlock(o.passphrase, o.keySlot === undefined ? {} : { keySlot: o.keySlot });
+      let unlocked: UnlockResult;
+      if (o.unlock) unlocked = await o.unlock(vol);
+      else if (o.passphrase) unlocked = await vol.unlock(o.passphrase, o.keySlot === undefined ? {} : { keySlot: o.keySlot });
+      else throw new CryptmapError('EARGS', 'prepareLuks needs a passphrase or an unlock function');
+      const { volumeKey, keyslot } = unlocked;
       const mapping: CryptMapping = {
         name: o.name,
         type: vol.type === 'luks1' ? 'LUKS1' : 'LUKS2',

@@ -19,13 +19,13 @@ import { runtimeDir } from '../../control/runtime-dir.js';
 import type { VolumeStatus } from '../../daemon/core.js';
 import { mappingToJson } from '../../daemon/handlers.js';
 import type { SectorBytes } from '../../engine/types.js';
-import { openLuks } from '../../luks/index.js';
+import type { Luks1Volume, Luks2Volume } from '../../luks/index.js';
 import { toHex, wipe } from '../../util/bytes.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { Secret } from '../../util/secret.js';
 import type { AttachInfo } from '../../nbd/attach.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { closeQuietly, getPassphrase, headerPath, intOpt, LUKS_OPTIONS, type LuksArgs, needDevice, openDevice, readKeyFile } from './luks-common.js';
+import { closeQuietly, getPassphrase, headerPath, intOpt, LUKS_OPTIONS, type LuksArgs, loadLuksForRead, needDevice, readKeyFile, testPassphrase, unlockForOpen } from './luks-common.js';
 
 const OPEN_OPTIONS = {
   ...LUKS_OPTIONS,
@@ -52,46 +52,9 @@ function parse(argv: string[]) {
   }
 }
 
-/** Unlock test: exit 0 when the passphrase opens a keyslot, 2 ("No key available with this passphrase.") otherwise. */
-export async function openTestPassphrase(io: CliIO, device: string, v: LuksArgs): Promise<number> {
-  if (v.type && !['luks', 'luks1', 'luks2'].includes(v.type)) throw new CryptmapError('EARGS', `Device type ${v.type} is not supported with --test-passphrase.`, { exitCode: EXIT_WRONG_PARAMS });
-  const hdr = headerPath(v, device);
-  const dev = await openDevice(hdr, false);
-  try {
-    const vol = await openLuks(dev).catch((e) => {
-      if (e instanceof CryptmapError && e.code === 'ENOTLUKS') throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid LUKS device.`, { exitCode: 1 });
-      throw e;
-    });
-    if (v.type && v.type !== 'luks' && v.type !== vol.type) throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid ${v.type.toUpperCase()} device.`, { exitCode: 1 });
-    return await withTries(io, device, v, async (pass) => {
-      const r = await vol.unlock(pass, { keySlot: intOpt(v['key-slot'], '--key-slot') });
-      r.volumeKey.dispose();
-      if (v.verbose) io.stdout.write(`Key slot ${r.keyslot} unlocked.\nCommand successful.\n`);
-      return 0;
-    });
-  } finally {
-    await closeQuietly(dev);
-  }
-}
-
-/** Ask for the passphrase up to --tries times (terminal only), calling `fn` with each. */
-async function withTries<T>(io: CliIO, device: string, v: LuksArgs, fn: (pass: Buffer) => Promise<T>): Promise<T> {
-  const tries = v['key-file'] !== undefined || !io.stdin.isTTY ? 1 : (intOpt(v.tries, '--tries', 1) ?? 3);
-  for (let i = 0; ; i++) {
-    const pass = await getPassphrase(io, `Enter passphrase for ${device}: `, {
-      keyFile: v['key-file'],
-      keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
-      keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
-    });
-    try {
-      return await fn(pass);
-    } catch (e) {
-      if (!(e instanceof CryptmapError && e.code === 'ENOKEY') || i + 1 >= tries) throw e;
-      io.stderr.write(`${e.message}\n`);
-    } finally {
-      pass.fill(0);
-    }
-  }
+/** Unlock test (`--test-passphrase`): tokens, then the passphrase; header recovery as cryptsetup. */
+export function openTestPassphrase(io: CliIO, device: string, v: LuksArgs): Promise<number> {
+  return testPassphrase(io, device, v);
 }
 
 function perfFlags(v: OpenArgs): Partial<CryptMapping> {
@@ -151,18 +114,23 @@ async function preparePlainFromArgs(io: CliIO, device: string, name: string, v: 
 }
 
 async function prepareLuksFromArgs(io: CliIO, device: string, name: string, v: OpenArgs): Promise<{ mapping: CryptMapping; volumeKey: Secret }> {
-  return withTries(io, device, v, async (passphrase) => {
-    const o: Parameters<typeof prepareLuks>[0] = { name, device, passphrase, readOnly: v.readonly ?? false, allowDiscards: v['allow-discards'] ?? false };
-    if (v.header !== undefined) o.header = v.header;
-    const slot = intOpt(v['key-slot'], '--key-slot');
-    if (slot !== undefined) o.keySlot = slot;
-    const r = await prepareLuks(o);
-    if (v.type && v.type !== 'luks' && v.type.toUpperCase() !== r.mapping.type) {
-      r.volumeKey.dispose();
-      throw new CryptmapError('ENOTLUKS', `Device ${device} is not a valid ${v.type.toUpperCase()} device.`, { exitCode: 1 });
-    }
-    return { mapping: { ...r.mapping, ...perfFlags(v) }, volumeKey: r.volumeKey };
-  });
+  // Load once for load-time header recovery (a damaged copy is rewritten from the good one).
+  const { dev } = await loadLuksForRead(headerPath(v, device), v);
+  await closeQuietly(dev);
+  const o: Parameters<typeof prepareLuks>[0] = {
+    name,
+    device,
+    unlock: (vol) => unlockForOpen(io, vol as Luks1Volume | Luks2Volume, device, v),
+    readOnly: v.readonly ?? false,
+    allowDiscards: v['allow-discards'] ?? false,
+  };
+  if (v.header !== undefined) o.header = v.header;
+  const r = await prepareLuks(o);
+  if (v.type && v.type !== 'luks' && v.type.toUpperCase() !== r.mapping.type) {
+    r.volumeKey.dispose();
+    throw new CryptmapError('ENOTLUKS', `Device ${device} is not a valid ${v.type.toUpperCase()} device.`, { exitCode: 1 });
+  }
+  return { mapping: { ...r.mapping, ...perfFlags(v) }, volumeKey: r.volumeKey };
 }
 
 /** Send an unlocked mapping to the daemon (key as hex over the 0600 socket; wiped here afterwards). */
