@@ -160,6 +160,7 @@ describe('fio nbd engine with verify=crc32c', () => {
           '--offset_increment=8M',
           '--verify=crc32c',
           '--verify_fatal=1',
+          '--verify_state_save=0',
           '--randseed=1234',
           '--runtime=30',
           '--output-format=json',
