@@ -406,6 +406,11 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
           continue;
         }
         log.error(`step ${step.kind} failed`, { volume: step.id, error: errText(e) });
+        const fr = state.volumes[step.id];
+        if (fr) {
+          fr.failed = `${step.kind}: ${errText(e)}`;
+          await save().catch(() => {});
+        }
         outcome.set(step.id, { id: step.id, state: 'failed', reason: `${step.kind}: ${errText(e)}`, code: isCryptmapError(e) ? e.code : 'EINTERNAL' });
       }
     }
@@ -431,8 +436,9 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
       if (!desired.has(id) || outcome.has(id)) continue;
       const r = state.volumes[id];
       if (o.probe.open && o.probe.attached && r) {
-        if (r.phase !== 'ready') {
+        if (r.phase !== 'ready' || r.failed !== undefined) {
           r.phase = 'ready';
+          delete r.failed;
           dirty = true;
         }
         outcome.set(id, { id, state: 'ready' });

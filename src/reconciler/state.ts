@@ -42,6 +42,8 @@ export interface VolumeRecord {
   fileBytes?: number;
   reached?: StepKind;
   refused?: string;
+  /** The last step that failed on this volume and why (cleared when it is ready). */
+  failed?: string;
   attach?: AttachInfo;
   updatedAt: string;
 }

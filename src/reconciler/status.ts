@@ -31,7 +31,7 @@ export function statusRows(state: AgentState): StatusRow[] {
       nbdUri: r.attach?.nbdUri ?? null,
       device: r.attach?.device ?? null,
       path: r.path,
-      note: r.refused ?? r.attach?.note ?? null,
+      note: r.refused ?? r.failed ?? r.attach?.note ?? null,
     }));
 }
 
