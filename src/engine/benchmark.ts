@@ -16,6 +16,11 @@ export interface BenchmarkOptions {
   sectorBytes?: SectorBytes;
   /** 1: synchronous on this thread; N > 1: the crypt pool sized to N threads, 4N requests in flight. */
   threads?: number;
+  /**
+   * Distinct request buffers the run cycles through (default 1 on one thread, one per request in
+   * flight on the pool). The cache footprint matters: compare thread counts at equal buffers.
+   */
+  buffers?: number;
   /** Bytes per request (default 1 MiB). */
   requestBytes?: number;
   /** Time per direction (default 0.15 s). */
@@ -68,18 +73,24 @@ export async function benchmarkCipher(o: BenchmarkOptions): Promise<BenchmarkRes
   const prevThreads = threads > 1 ? setCryptThreads(threads) : 0;
   try {
     const inFlight = threads > 1 ? 4 * threads : 1;
-    const bufs = Array.from({ length: inFlight }, () => randomFillSync(Buffer.alloc(requestBytes)));
+    const nbufs = Math.max(inFlight, o.buffers ?? 1);
+    const bufs = Array.from({ length: nbufs }, () => randomFillSync(Buffer.alloc(requestBytes)));
+    let next = 0;
     const one = (encrypt: boolean) => async (): Promise<number> => {
       if (threads <= 1) {
         // Batch several synchronous calls per await so the loop overhead stays out of the figure.
-        const b = bufs[0]!;
         const reps = Math.max(1, Math.floor((4 << 20) / requestBytes));
-        for (let i = 0; i < reps; i++) (encrypt ? c.encrypt(b, 0n) : c.decrypt(b, 0n));
+        for (let i = 0; i < reps; i++) {
+          const b = bufs[next]!;
+          next = (next + 1) % nbufs;
+          if (encrypt) c.encrypt(b, 0n);
+          else c.decrypt(b, 0n);
+        }
         return reps * requestBytes;
       }
       const reps = Math.max(1, Math.floor((8 << 20) / (requestBytes * inFlight)));
       await Promise.all(
-        bufs.map(async (b) => {
+        bufs.slice(0, inFlight).map(async (b) => {
           for (let i = 0; i < reps; i++) await (encrypt ? c.encryptAsync(b, 0n) : c.decryptAsync(b, 0n));
         }),
       );
