@@ -181,23 +181,33 @@ export class Connection {
 
   // ---- in-flight accounting (transmission.ts) ----
 
-  /** Resolve once `cost` more bytes fit within the per-connection limits (never blocks when idle). */
+  /**
+   * Resolve once `cost` more bytes fit within the per-connection limits: replies the peer has not
+   * taken yet stay under maxInflightBytes, and so do the requests being served (one request is always
+   * let through when none is in flight, whatever its size). Null when there is room already.
+   */
   waitForRoom(cost: number): Promise<void> | null {
     const lim = this.server.limits;
+    // Devices often complete in a microtask, so "nothing in flight" says nothing about the peer
+    // keeping up: unsent reply bytes are checked on their own.
     const fits = () =>
-      this.inflightRequests === 0 ||
-      (this.inflightBytes + cost <= lim.maxInflightBytes && this.inflightRequests < lim.maxInflightRequests && this.pendingWriteBytes <= lim.maxInflightBytes);
+      this.pendingWriteBytes <= lim.maxInflightBytes &&
+      (this.inflightRequests === 0 || (this.inflightBytes + cost <= lim.maxInflightBytes && this.inflightRequests < lim.maxInflightRequests));
     if (fits()) return null;
+    const socket = this.socket;
     return new Promise<void>((resolve) => {
+      // Woken by a finished request, the socket draining or closing, or drain() (server shutdown).
       const check = () => {
-        if (fits() || !this.writable) {
-          this.socket.off('drain', check);
+        if (fits() || !this.writable || this.draining) {
+          socket.off('drain', check);
+          socket.off('close', check);
           this.#roomWaiter = null;
           resolve();
         }
       };
       this.#roomWaiter = check;
-      this.socket.on('drain', check);
+      socket.on('drain', check);
+      socket.on('close', check);
     });
   }
 
@@ -231,6 +241,7 @@ export class Connection {
     this.draining = true;
     if (this.state === 'TRANSMISSION' || this.state === 'DRAINING') {
       this.rx.close();
+      this.#roomWaiter?.();
     } else if (this.state !== 'CLOSED') {
       this.hardDisconnect();
     }

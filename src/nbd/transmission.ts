@@ -535,7 +535,10 @@ export async function transmit(conn: Connection): Promise<void> {
         continue;
       }
       const room = conn.waitForRoom(cost);
-      if (room) await room;
+      if (room) {
+        await room;
+        if (conn.draining || !conn.writable) break;
+      }
       const data = req.type === NBD_CMD_WRITE ? await rx.read(req.length, conn.payloadAlloc) : null;
       conn.started(cost);
       void execute(conn, ops!, req, data, cost);

@@ -52,11 +52,13 @@ export async function startServer(opts: NbdServerOptions = {}, sizeBytes = 16 <<
 /** A byte-level client: send raw bytes, read exact counts, see the server hang up. */
 export class RawClient {
   readonly socket: Duplex;
-  #buf = Buffer.alloc(0);
+  #chunks: Buffer[] = [];
+  #len = 0;
   #ended = false;
   #waiter: (() => void) | null = null;
   readonly #onData = (d: Buffer) => {
-    this.#buf = Buffer.concat([this.#buf, d]);
+    this.#chunks.push(d);
+    this.#len += d.length;
     this.#waiter?.();
   };
   readonly #onEnd = () => {
@@ -99,14 +101,28 @@ export class RawClient {
 
   async read(n: number, timeoutMs = 10_000): Promise<Buffer> {
     const deadline = Date.now() + timeoutMs;
-    while (this.#buf.length < n) {
-      if (this.#ended) throw new Error(`connection closed after ${this.#buf.length} of ${n} bytes`);
+    while (this.#len < n) {
+      if (this.#ended) throw new Error(`connection closed after ${this.#len} of ${n} bytes`);
       await this.#wait(deadline - Date.now());
-      if (Date.now() > deadline) throw new Error(`timed out waiting for ${n} bytes (have ${this.#buf.length})`);
+      if (Date.now() > deadline) throw new Error(`timed out waiting for ${n} bytes (have ${this.#len})`);
     }
-    const out = this.#buf.subarray(0, n);
-    this.#buf = this.#buf.subarray(n);
-    return out;
+    // Take exactly n bytes from the front of the chunk list (no quadratic re-concatenation).
+    const parts: Buffer[] = [];
+    let need = n;
+    while (need > 0) {
+      const c = this.#chunks[0]!;
+      if (c.length <= need) {
+        parts.push(c);
+        this.#chunks.shift();
+        need -= c.length;
+      } else {
+        parts.push(c.subarray(0, need));
+        this.#chunks[0] = c.subarray(need);
+        need = 0;
+      }
+    }
+    this.#len -= n;
+    return parts.length === 1 ? parts[0]! : Buffer.concat(parts, n);
   }
 
   /** Resolves true when the server closes the connection (after any bytes still queued). */

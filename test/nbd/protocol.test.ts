@@ -589,6 +589,40 @@ describe('hostile and broken clients', () => {
     await assertServerHealthy();
   });
 
+  test('a client that does not read its replies cannot make the server buffer without bound', async () => {
+    const g = await startServer({ maxInflightBytes: 16 << 20 }, 64 << 20);
+    const c = await openClient(g);
+    try {
+      c.socket.pause(); // this client reads nothing: the kernel socket buffers fill up
+      const before = process.memoryUsage().arrayBuffers;
+      const n = 1000; // 1000 x 1 MiB of replies = 1 GiB if nothing pushed back
+      for (let i = 0; i < n; i++) c.sendRequest(CMD_READ, (i % 64) << 20, 1 << 20, { cookie: BigInt(i) });
+      await new Promise((r) => setTimeout(r, 500));
+      const grown = process.memoryUsage().arrayBuffers - before;
+      assert.ok(grown < 128 << 20, `server buffered ${grown} bytes`);
+      // Everything is still answered once the client reads.
+      c.socket.resume();
+      for (let i = 0; i < n; i++) {
+        const r = await c.readSimpleReply();
+        assert.equal(r.error, 0);
+        await c.read(1 << 20);
+      }
+    } finally {
+      c.close();
+      await g.close();
+    }
+  });
+
+  test('close() completes even when a client stopped reading its replies', async () => {
+    const g = await startServer({ maxInflightBytes: 4 << 20 }, 16 << 20);
+    const c = await openClient(g);
+    c.socket.pause();
+    for (let i = 0; i < 200; i++) c.sendRequest(CMD_READ, (i % 16) << 20, 1 << 20, { cookie: BigInt(i) });
+    await new Promise((r) => setTimeout(r, 200));
+    await g.close(); // drains what is in flight, then gives the stalled peer a grace period
+    c.close();
+  });
+
   test('a hundred idle connections, then a normal client still works', async () => {
     const idle: RawClient[] = [];
     for (let i = 0; i < 100; i++) {
