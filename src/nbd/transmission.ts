@@ -526,18 +526,19 @@ export async function transmit(conn: Connection): Promise<void> {
       const bad = ops
         ? validate(conn, ops, req, offsetHi)
         : { error: NBD_EINVAL, why: `unknown command ${COMMAND_NAMES[req.type] ?? req.type}` };
-      const cost = ops?.payload ? req.length : 0;
+      const cost = !bad && ops?.payload ? req.length : 0;
+      // Refused requests wait too: their error replies must not pile up for a peer that does not read.
+      const room = conn.waitForRoom(cost);
+      if (room) {
+        await room;
+        if (conn.draining || !conn.writable) break;
+      }
       if (bad) {
         // The payload of a refused WRITE is consumed without being buffered whole.
         if (req.type === NBD_CMD_WRITE) await rx.skip(req.length);
         log.debug('request refused', { conn: conn.id, why: bad.why });
         replyError(conn, req, bad.error, bad.why);
         continue;
-      }
-      const room = conn.waitForRoom(cost);
-      if (room) {
-        await room;
-        if (conn.draining || !conn.writable) break;
       }
       const data = req.type === NBD_CMD_WRITE ? await rx.read(req.length, conn.payloadAlloc) : null;
       conn.started(cost);
