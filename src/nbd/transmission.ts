@@ -195,7 +195,18 @@ const SYSTEM_TO_NBD: Readonly<Record<string, number>> = {
   ESHUTDOWN: NBD_ESHUTDOWN,
 };
 
-/** Map a failure from the device to an NBD error value and a message for the client. */
+const NBD_ERROR_TEXT: Readonly<Record<number, string>> = {
+  [NBD_EPERM]: 'operation not permitted',
+  [NBD_EIO]: 'input/output error',
+  [NBD_ENOMEM]: 'cannot allocate memory',
+  [NBD_EINVAL]: 'invalid argument',
+  [NBD_ENOSPC]: 'no space left on device',
+  [NBD_EOVERFLOW]: 'value too large',
+  [NBD_ENOTSUP]: 'operation not supported',
+  [NBD_ESHUTDOWN]: 'server is shutting down',
+};
+
+/** Map a failure from the device to an NBD error value and the message for the server's log. */
 export function toNbdError(e: unknown): { error: number; message: string } {
   if (e instanceof CryptmapError) return { error: ERRNO_TO_NBD[e.errno] ?? NBD_EIO, message: e.message };
   const code = (e as NodeJS.ErrnoException | undefined)?.code;
@@ -499,7 +510,8 @@ async function execute(conn: Connection, ops: CommandOps, req: Request, data: Bu
     const { error, message } = toNbdError(e);
     if (e instanceof CryptmapError) log.debug('request failed', { conn: conn.id, cmd: ops.name, offset: req.offset, length: req.length, error: message });
     else log.error('request failed', { conn: conn.id, cmd: ops.name, offset: req.offset, length: req.length, error: e instanceof Error ? e.message : String(e) });
-    replyError(conn, req, error, message);
+    // The client gets the errno's text only: device messages may name server-side paths.
+    replyError(conn, req, error, `${ops.name} failed: ${NBD_ERROR_TEXT[error] ?? 'error'}`);
   } finally {
     conn.finished(cost);
   }

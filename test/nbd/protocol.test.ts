@@ -549,6 +549,19 @@ describe('read-only export and device errors', () => {
     c.sendRequest(CMD_WRITE_ZEROES, 0, 512, { cookie: 3n });
     assert.deepEqual(await c.readSimpleReply(), { error: ENOSPC, cookie: 3n });
     c.close();
+    // With structured replies the error chunk carries the errno's text, not the device's message.
+    const d = await RawClient.connect(`${f.dir}/bad.sock`);
+    await d.handshake();
+    d.sendOption(NBD_OPT_STRUCTURED_REPLY);
+    await d.readOptionReply();
+    await d.go('bad');
+    d.sendRequest(CMD_READ, 0, 512, { cookie: 4n });
+    const r = await d.readReply();
+    if (r.kind !== 'chunk') return assert.fail('expected an error chunk');
+    assert.equal(r.payload.readUInt32BE(0), EIO);
+    const text = r.payload.toString('utf8', 6, 6 + r.payload.readUInt16BE(4));
+    assert.equal(text, 'NBD_CMD_READ failed: input/output error');
+    d.close();
     await server.close();
   });
 
