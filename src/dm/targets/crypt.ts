@@ -26,6 +26,49 @@ type Flag = (typeof FLAGS)[number];
 const UNSUPPORTED = new Set(['high_priority', 'integrity', 'integrity_key_size']);
 /** Kernel limit on optional parameters (crypt_ctr_optional). */
 const MAX_OPT_PARAMS = 9;
+/** Smallest pooled scratch buffer; smaller writes take a fresh one (cheap: Node's slab). */
+const SCRATCH_MIN_BYTES = 16384;
+/** Idle scratch memory kept per target. */
+const SCRATCH_IDLE_BYTES = 16 << 20;
+
+/**
+ * Write scratch buffers (the ciphertext of a write; the caller's data stays untouched), reused by
+ * power-of-two size class like the kernel's crypt page pool: a fresh 256 KiB buffer per write costs
+ * an mmap, 64 page faults and GC work on every request.
+ */
+class ScratchPool {
+  readonly #free = new Map<number, ArrayBuffer[]>();
+  #idleBytes = 0;
+
+  acquire(n: number): Buffer {
+    if (n < SCRATCH_MIN_BYTES) return Buffer.allocUnsafe(n);
+    let cls = SCRATCH_MIN_BYTES;
+    while (cls < n) cls *= 2;
+    const ab = this.#free.get(cls)?.pop();
+    if (ab === undefined) return Buffer.from(Buffer.allocUnsafeSlow(cls).buffer, 0, n);
+    this.#idleBytes -= cls;
+    return Buffer.from(ab, 0, n);
+  }
+
+  release(b: Buffer): void {
+    const ab = b.buffer as ArrayBuffer;
+    const cls = ab.byteLength;
+    // Only whole buffers this pool made (power-of-two classes, view from 0) come back.
+    if (b.length < SCRATCH_MIN_BYTES || b.byteOffset !== 0 || (cls & (cls - 1)) !== 0 || this.#idleBytes + cls > SCRATCH_IDLE_BYTES) return;
+    let list = this.#free.get(cls);
+    if (list === undefined) {
+      list = [];
+      this.#free.set(cls, list);
+    }
+    list.push(ab);
+    this.#idleBytes += cls;
+  }
+
+  clear(): void {
+    this.#free.clear();
+    this.#idleBytes = 0;
+  }
+}
 
 /** A parsed <key> argument: raw hex bytes, the empty key `-`, or a key-store reference. */
 type KeySource = { kind: 'hex'; bytes: number } | { kind: 'empty' } | { kind: 'ref'; ref: KeyRef };
@@ -139,7 +182,9 @@ export const crypt: TargetType = {
     let cipher: SectorCipher | null = null;
     const make = (k: Secret): SectorCipher =>
       createSectorCipher({ spec: cipherArg, key: k.expose(), sectorBytes, ivLargeSectors, ivOffsetSectors, sameCpu: flags.has('same_cpu_crypt') });
+    const scratch = new ScratchPool();
     const dispose = () => {
+      scratch.clear();
       cipher?.dispose();
       cipher = null;
       key?.dispose();
@@ -181,10 +226,13 @@ export const crypt: TargetType = {
         },
         async write(o, data, wflags) {
           const c = live();
-          // One scratch buffer per request: the caller's data stays untouched.
-          const scratch = Buffer.allocUnsafe(data.length);
-          await c.encryptAsync(data, BigInt(o / 512), scratch);
-          await dev.write(base + o, scratch, wflags);
+          const buf = scratch.acquire(data.length);
+          try {
+            await c.encryptAsync(data, BigInt(o / 512), buf);
+            await dev.write(base + o, buf, wflags);
+          } finally {
+            scratch.release(buf);
+          }
         },
         flush: () => dev.flush(),
         async discard(o, n) {
