@@ -2,9 +2,10 @@
  * NBD server throughput: nbdcopy sequential write (tmpfs file -> export) and read (export -> null:)
  * of a 1 GiB MemoryDevice export served by cryptmap's NbdServer, against `nbdkit memory 1G` with
  * the same client, same data, same run, alternating. Prints MB/s per round, the best of each and
- * the ratio cryptmap / nbdkit. Also the server's CPU seconds per GiB (user + system; for cryptmap
- * the whole bench process, which idles while nbdcopy runs, minus what spawning a child costs it),
- * which is steadier than wall time on a loaded machine. Not a test: numbers depend on the machine.
+ * the ratio cryptmap / nbdkit. Also each server's CPU seconds per GiB (user + system, from /proc),
+ * which is steadier than wall time on a loaded machine. cryptmap's server runs in a child process
+ * like nbdkit: a process holding a 1 GiB device that spawns clients pays copy-on-write faults on
+ * every page after each fork, which would be charged to the server. Not a test: numbers depend on the machine.
  *
  * Then fio random 4 KiB reads at queue depth 32 (nbd engine) against both, IOPS.
  *
@@ -15,13 +16,19 @@ import { randomFillSync } from 'node:crypto';
 import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { MemoryDevice } from '../src/blockdev/memory.js';
 import { NbdServer } from '../src/nbd/server.js';
 import { nbdUnixUri } from '../src/nbd/uri.js';
 
 const { values } = parseArgs({
-  options: { 'size-mib': { type: 'string', default: '1024' }, rounds: { type: 'string', default: '3' } },
+  options: {
+    'size-mib': { type: 'string', default: '1024' },
+    rounds: { type: 'string', default: '3' },
+    /** Internal: run only the server on this socket (the bench starts itself in this mode). */
+    serve: { type: 'string' },
+  },
 });
 const sizeBytes = Number(values['size-mib']) * 1024 * 1024;
 const rounds = Number(values.rounds);
@@ -58,12 +65,8 @@ async function randread(uri: string): Promise<number> {
   return JSON.parse(out.slice(out.indexOf('{'))).jobs[0].read.iops as number;
 }
 
-/** CPU seconds (user + system) used so far by a process: this one, or a child via /proc. */
-function cpuSeconds(pid?: number): number {
-  if (pid === undefined) {
-    const u = process.cpuUsage();
-    return (u.user + u.system) / 1e6;
-  }
+/** CPU seconds (user + system) used so far by a process, from /proc. */
+function cpuSeconds(pid: number): number {
   const f = readFileSync(`/proc/${pid}/stat`, 'utf8');
   const fields = f.slice(f.lastIndexOf(')') + 2).split(' ');
   return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks (USER_HZ 100)
@@ -74,24 +77,12 @@ interface Sample {
   cpuPerGiB: number;
 }
 
-/**
- * CPU this process spends just spawning a child (fork of a process holding a 1 GiB device copies
- * page tables): subtracted from cryptmap's figure, which is measured on this very process.
- */
-async function spawnCost(): Promise<number> {
-  const c0 = cpuSeconds();
-  await run('true', []);
-  return cpuSeconds() - c0;
-}
-
-async function timed(cmd: string, args: string[], serverPid?: number): Promise<Sample> {
-  const overhead = serverPid === undefined ? await spawnCost() : 0;
+async function timed(cmd: string, args: string[], serverPid: number): Promise<Sample> {
   const c0 = cpuSeconds(serverPid);
   const t0 = process.hrtime.bigint();
   await run(cmd, args);
   const s = Number(process.hrtime.bigint() - t0) / 1e9;
-  const cpu = Math.max(0, cpuSeconds(serverPid) - c0 - overhead);
-  return { mbps: sizeBytes / 1e6 / s, cpuPerGiB: (cpu * 1073741824) / sizeBytes };
+  return { mbps: sizeBytes / 1e6 / s, cpuPerGiB: ((cpuSeconds(serverPid) - c0) * 1073741824) / sizeBytes };
 }
 
 async function waitFor(path: string): Promise<void> {
@@ -112,10 +103,11 @@ async function main(): Promise<void> {
   }
   closeSync(fd);
 
-  const server = new NbdServer();
-  server.addExport('mem', { device: new MemoryDevice({ sizeBytes }) });
   const ourSock = join(dir, 'cryptmap.sock');
-  await server.listenUnix(ourSock);
+  const ourServer: ChildProcess = spawn(process.execPath, [fileURLToPath(import.meta.url), '--serve', ourSock, '--size-mib', String(values['size-mib'])], {
+    stdio: 'inherit',
+  });
+  const ourPid = ourServer.pid!;
   const kitSock = join(dir, 'nbdkit.sock');
   const kit: ChildProcess = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', kitSock, 'memory', String(sizeBytes)], { stdio: 'ignore' });
   kit.on('error', (e) => {
@@ -124,6 +116,7 @@ async function main(): Promise<void> {
   });
   try {
     await waitFor(kitSock);
+    await waitFor(ourSock);
     const ours = nbdUnixUri('mem', ourSock);
     const theirs = `nbd+unix:///?socket=${kitSock}`;
     const best = { ourW: 0, kitW: 0, ourR: 0, kitR: 0 };
@@ -132,10 +125,10 @@ async function main(): Promise<void> {
     console.log(`nbdcopy, ${sizeBytes / 1048576} MiB, source file in ${shm}; 1 MB = 10^6 bytes; server CPU seconds per GiB in ()`);
     for (let r = 1; r <= rounds; r++) {
       const s = {
-        ourW: await timed('nbdcopy', [src, ours]),
-        kitW: await timed('nbdcopy', [src, theirs], kit.pid),
-        ourR: await timed('nbdcopy', [ours, 'null:']),
-        kitR: await timed('nbdcopy', [theirs, 'null:'], kit.pid),
+        ourW: await timed('nbdcopy', [src, ours], ourPid),
+        kitW: await timed('nbdcopy', [src, theirs], kit.pid!),
+        ourR: await timed('nbdcopy', [ours, 'null:'], ourPid),
+        kitR: await timed('nbdcopy', [theirs, 'null:'], kit.pid!),
       };
       for (const k of ['ourW', 'kitW', 'ourR', 'kitR'] as const) {
         best[k] = Math.max(best[k], s[k].mbps);
@@ -157,9 +150,21 @@ async function main(): Promise<void> {
     console.log(`fio randread 4k QD32: cryptmap ${ourIops.toFixed(0)} IOPS, nbdkit memory ${kitIops.toFixed(0)} IOPS, ratio ${(ourIops / kitIops).toFixed(2)}`);
   } finally {
     kit.kill('SIGTERM');
-    await server.close();
+    ourServer.kill('SIGTERM');
+    await new Promise((r) => ourServer.once('exit', r));
     rmSync(dir, { recursive: true, force: true });
   }
 }
 
-await main();
+/** Server mode: serve a MemoryDevice until SIGTERM, then shut down cleanly. */
+async function serve(sock: string): Promise<void> {
+  const server = new NbdServer();
+  server.addExport('mem', { device: new MemoryDevice({ sizeBytes }) });
+  await server.listenUnix(sock);
+  process.once('SIGTERM', () => {
+    void server.close().then(() => process.exit(0));
+  });
+}
+
+if (values.serve) await serve(values.serve);
+else await main();
