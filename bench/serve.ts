@@ -22,7 +22,7 @@ import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { cryptTableLine, keyRefArg, prepareLuks } from '../src/activate/mapping.js';
+import { prepareLuks } from '../src/activate/mapping.js';
 import { DaemonCore } from '../src/daemon/core.js';
 import { nbdUnixUri } from '../src/nbd/uri.js';
 
@@ -56,6 +56,14 @@ function loadavg(): string {
   return readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
 }
 
+/** CPU seconds (user + system, all threads) a process used so far (/proc/PID/stat utime, stime). */
+function cpuSeconds(pid: number | undefined): number {
+  if (pid === undefined) return Number.NaN;
+  const f = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = f.slice(f.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100; // USER_HZ 100
+}
+
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   return s[Math.floor(s.length / 2)]!;
@@ -75,10 +83,6 @@ async function child(sock: string, img: string, keyFile: string, attachDir: stri
     volumeKey.dispose();
   }
   await core.dm().create('plain', { table: `0 ${mapping.sizeSectors} linear ${img} ${mapping.offsetSectors}` });
-  if (process.env.CRYPTMAP_BENCH_SAME_CPU === '1') {
-    // Experiment: the same volume with same_cpu_crypt (crypto on the event-loop thread).
-    await core.dm().create('crypt-same', { table: cryptTableLine({ ...mapping, sameCpuCrypt: true }, keyRefArg(mapping)) });
-  }
   await core.listen();
   const stop = () => {
     void core.shutdown().then(() => process.exit(0));
@@ -183,10 +187,13 @@ async function main(): Promise<void> {
     }
 
     const mbps = (secs: number) => sizeBytes / 1e6 / secs;
-    const timed = async (args: string[]) => {
+    /** MB/s of one nbdcopy and the server's CPU seconds per GiB moved (steadier than MB/s under load). */
+    const timed = async (args: string[], pid: number | undefined) => {
+      const c0 = cpuSeconds(pid);
       const t0 = process.hrtime.bigint();
       await run('nbdcopy', args, 'libnbd-bin');
-      return mbps(Number(process.hrtime.bigint() - t0) / 1e9);
+      const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+      return { mbps: mbps(secs), cpu: ((cpuSeconds(pid) - c0) * 1073741824) / sizeBytes };
     };
     const fio = async (uri: string) => {
       const out = await run(
@@ -198,17 +205,26 @@ async function main(): Promise<void> {
       return j.jobs[0]!.read.iops;
     };
 
-    const res = new Map<string, { w: number[]; r: number[]; iops: number[] }>();
-    for (const s of servers) res.set(s.name, { w: [], r: [], iops: [] });
+    const res = new Map<string, { w: number[]; r: number[]; iops: number[]; wCpu: number[]; rCpu: number[] }>();
+    for (const s of servers) res.set(s.name, { w: [], r: [], iops: [], wCpu: [], rCpu: [] });
     console.log(`cryptmap bench:serve: ${sizeBytes / 1048576} MiB LUKS1 aes-xts-plain64 (512-bit key) in ${shm}; nbdcopy default settings; 1 MB = 10^6 bytes`);
     console.log(`load average before: ${loadavg()} (cores: ${availableParallelism()})`);
+    // One untimed pass per server first: JIT, buffer pools, thread pools and page cache warm up.
+    for (const s of servers) {
+      await run('nbdcopy', [src, s.uri], 'libnbd-bin');
+      await run('nbdcopy', [s.uri, 'null:'], 'libnbd-bin');
+    }
     for (let r = 1; r <= repeat; r++) {
       const line: string[] = [];
       // Interleaved so that load changes hit every server alike.
       for (const s of servers) {
         const x = res.get(s.name)!;
-        x.w.push(await timed([src, s.uri]));
-        x.r.push(await timed([s.uri, 'null:']));
+        const w = await timed([src, s.uri], s.proc.pid);
+        const rd = await timed([s.uri, 'null:'], s.proc.pid);
+        x.w.push(w.mbps);
+        x.wCpu.push(w.cpu);
+        x.r.push(rd.mbps);
+        x.rCpu.push(rd.cpu);
         if (s.name !== 'cryptmap-plain') x.iops.push(await fio(s.uri));
         line.push(`${s.name} W ${x.w.at(-1)!.toFixed(0)} R ${x.r.at(-1)!.toFixed(0)}${x.iops.length ? ` IOPS ${x.iops.at(-1)!.toFixed(0)}` : ''}`);
       }
@@ -216,13 +232,13 @@ async function main(): Promise<void> {
     }
 
     console.log('\nmedian of', repeat, 'runs:');
-    console.log('server           write MB/s   read MB/s   4k randread IOPS (qd32)');
+    console.log('server           write MB/s   read MB/s   4k randread IOPS (qd32)   server CPU-s/GiB write, read');
     const med = new Map<string, { w: number; r: number; iops: number }>();
     for (const s of servers) {
       const x = res.get(s.name)!;
-      const m = { w: median(x.w), r: median(x.r), iops: x.iops.length ? median(x.iops) : Number.NaN };
+      const m = { w: median(x.w), r: median(x.r), iops: x.iops.length ? median(x.iops) : Number.NaN, wCpu: median(x.wCpu), rCpu: median(x.rCpu) };
       med.set(s.name, m);
-      console.log(`${s.name.padEnd(16)} ${m.w.toFixed(0).padStart(10)} ${m.r.toFixed(0).padStart(11)} ${Number.isNaN(m.iops) ? '-'.padStart(18) : m.iops.toFixed(0).padStart(18)}`);
+      console.log(`${s.name.padEnd(16)} ${m.w.toFixed(0).padStart(10)} ${m.r.toFixed(0).padStart(11)} ${Number.isNaN(m.iops) ? '-'.padStart(18) : m.iops.toFixed(0).padStart(18)}   ${m.wCpu.toFixed(2).padStart(10)}, ${m.rCpu.toFixed(2)}`);
     }
     const a = med.get('cryptmap');
     const b = med.get('nbdkit');
