@@ -130,9 +130,19 @@ function swaps(): string[] {
 /** Whether this process can attach exports as kernel block devices, and why not. */
 export function detectServeMode(): { mode: ServeMode; reason?: string } {
   if (process.getuid?.() !== 0) return { mode: 'nbd-only', reason: 'served over NBD only: not root' };
-  if (existsSync('/sys/module/nbd')) return { mode: 'attach' };
+  if (existsSync('/sys/module/nbd')) {
+    if (resolveTool('nbd-client') !== 'nbd-client') return { mode: 'attach' };
+    return { mode: 'nbd-only', reason: 'served over NBD only: nbd-client is not installed (Debian package nbd-client)' };
+  }
   for (const p of ['/dev/fuse', '/dev/loop-control']) {
     if (!existsSync(p)) return { mode: 'nbd-only', reason: `served over NBD only: no nbd kernel module and no ${p}` };
+  }
+  for (const [tool, pkg] of [
+    ['nbdfuse', 'libnbd-bin'],
+    ['losetup', 'mount'],
+    ['fusermount3', 'fuse3'],
+  ]) {
+    if (resolveTool(tool!) === tool) return { mode: 'nbd-only', reason: `served over NBD only: ${tool} is not installed (Debian package ${pkg})` };
   }
   return { mode: 'attach' };
 }
