@@ -243,7 +243,7 @@ export class DaemonCore {
   }
 
   /** Make the export a kernel block device (nbd-client, or nbdfuse + loop). */
-  attach(name: string, opts: { readOnly?: boolean } = {}): Promise<AttachInfo> {
+  attach(name: string, opts: { readOnly?: boolean; swap?: boolean } = {}): Promise<AttachInfo> {
     return this.#serial(`attach:${name}`, async () => {
       if (!this.#handles.has(name)) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOENT' });
       const have = this.#attachments.get(name);
@@ -255,6 +255,7 @@ export class DaemonCore {
         workDir: this.#opts.attachDir,
         readOnly: (opts.readOnly ?? false) || dev.readOnly,
         logicalBlockBytes: dev.limits.logicalBlockBytes,
+        swap: opts.swap ?? false,
       });
       this.#attachments.set(name, info);
       log.info('volume attached', { name, device: info.devicePath, method: info.method });

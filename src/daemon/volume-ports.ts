@@ -154,6 +154,8 @@ export class DataPathPorts implements VolumePorts {
   readonly #run: Runner;
   /** nbd-only: volumes whose export was handed out (attach) and "mounted" (served). */
   readonly #served = new Set<string>();
+  /** Mappings attached through the kernel client with its swap option (swapon is safe there). */
+  readonly #swapSafe = new Set<string>();
   readonly #pseudoMounted = new Set<string>();
   /** Close even while NBD clients are connected (agent shutdown). */
   forceClose = false;
@@ -269,13 +271,15 @@ export class DataPathPorts implements VolumePorts {
       if (this.#opts.nbdOnlyReason) info.note = this.#opts.nbdOnlyReason;
       return info;
     }
-    const a = await this.core.attach(v.mapping);
+    const a = await this.core.attach(v.mapping, { swap: v.kind === 'swap' });
+    if (a.swap) this.#swapSafe.add(v.mapping);
     return { nbdUri: st.nbdUri, device: a.devicePath };
   }
 
   async detach(v: VolumeTarget): Promise<void> {
     this.#served.delete(v.mapping);
     this.#pseudoMounted.delete(v.mapping);
+    this.#swapSafe.delete(v.mapping);
     if (this.mode === 'nbd-only' || this.#device(v) === undefined) return;
     await this.core.detach(v.mapping);
   }
@@ -341,9 +345,9 @@ export class DataPathPorts implements VolumePorts {
     const dev = this.#device(v);
     if (!dev) throw new CryptmapError('ENOTATTACHED', `${v.id} is not attached`);
     if (v.kind === 'swap') {
-      if (!this.#opts.forceSwap) {
-        // The kernel client is safe only with nbd-client's -swap (memory-pressure-safe socket, locked
-        // server memory); the attach layer does not pass it, so every path is refused for now.
+      if (!this.#opts.forceSwap && !this.#swapSafe.has(v.mapping)) {
+        // Safe only through the kernel client attached with nbd-client -swap (memory-pressure-safe
+        // socket, locked client memory); a loop device over nbdfuse (FUSE) never is.
         const how = dev.startsWith('/dev/nbd')
           ? `${dev} was attached by nbd-client without its -swap option`
           : `${dev} is a loop device over nbdfuse (FUSE)`;

@@ -43,6 +43,12 @@ export interface AttachOptions {
    * like /dev/mapper/NAME of a dm-crypt table with sector_size:4096.
    */
   logicalBlockBytes?: number;
+  /**
+   * The device will hold swap: with the kernel client, nbd-client runs with `-swap` (locks its memory
+   * and marks the socket for memory-pressure-safe I/O), recorded in AttachInfo.swap. nbdfuse has no
+   * equivalent, so a FUSE attachment never has `swap` set.
+   */
+  swap?: boolean;
 }
 
 export interface AttachInfo {
@@ -54,6 +60,8 @@ export interface AttachInfo {
   fuseDir?: string;
   /** fuse: nbdfuse's process id. */
   fusePid?: number;
+  /** kernel: attached with nbd-client -swap (safe for swapon). */
+  swap?: boolean;
 }
 
 const SYS_NBD_MODULE = '/sys/module/nbd';
@@ -236,6 +244,6 @@ async function attachKernel(opts: AttachOptions): Promise<AttachInfo> {
   if (!existsSync(SYS_NBD_MODULE)) throw new CryptmapError('EATTACH', 'the nbd kernel module is not loaded (modprobe nbd)', { errno: 'ENOENT' });
   const dev = freeNbdDevice();
   const bs = opts.logicalBlockBytes !== undefined && opts.logicalBlockBytes > 512 ? ['-b', String(opts.logicalBlockBytes)] : [];
-  await run('nbd-client', ['-unix', opts.socketPath, '-N', opts.exportName, dev, ...bs, ...(opts.readOnly ? ['-readonly'] : [])]);
-  return { method: 'kernel', devicePath: dev, exportName: opts.exportName };
+  await run('nbd-client', ['-unix', opts.socketPath, '-N', opts.exportName, dev, ...bs, ...(opts.readOnly ? ['-readonly'] : []), ...(opts.swap ? ['-swap'] : [])]);
+  return { method: 'kernel', devicePath: dev, exportName: opts.exportName, ...(opts.swap ? { swap: true } : {}) };
 }
