@@ -139,21 +139,27 @@ class Engine implements SectorCipher {
     if (r !== null) this.#t!.run(r);
   }
 
-  async encryptAsync(src: Uint8Array, sector: bigint, dst?: Uint8Array): Promise<void> {
-    return this.#async(this.#prepare(true, src, sector, dst));
+  encryptAsync(src: Uint8Array, sector: bigint, dst?: Uint8Array): Promise<void> {
+    return this.#async(true, src, sector, dst);
   }
 
-  async decryptAsync(src: Uint8Array, sector: bigint, dst?: Uint8Array): Promise<void> {
-    return this.#async(this.#prepare(false, src, sector, dst));
+  decryptAsync(src: Uint8Array, sector: bigint, dst?: Uint8Array): Promise<void> {
+    return this.#async(false, src, sector, dst);
   }
 
-  #async(r: SectorRun | null): Promise<void> | undefined {
-    if (r === null) return undefined;
-    if (this.#sameCpu || r.src.byteLength < this.#asyncMin) {
-      this.#t!.run(r);
-      return undefined;
+  /** Errors (validation included) become rejections, never synchronous throws. */
+  #async(encrypt: boolean, src: Uint8Array, sector: bigint, dst: Uint8Array | undefined): Promise<void> {
+    try {
+      const r = this.#prepare(encrypt, src, sector, dst);
+      if (r === null) return Promise.resolve();
+      if (this.#sameCpu || r.src.byteLength < this.#asyncMin) {
+        this.#t!.run(r);
+        return Promise.resolve();
+      }
+      return this.#t!.runAsync(r);
+    } catch (e) {
+      return Promise.reject(e);
     }
-    return this.#t!.runAsync(r);
   }
 
   /** Benchmarks and tests only (not part of SectorCipher): native XTS path, 0 auto, 1 EVP, 2 own, 3 AES-NI. */
