@@ -7,6 +7,7 @@
 import { randomBytes } from 'node:crypto';
 import type { BlockDevice } from '../blockdev/types.js';
 import { afMerge, afSplit, afSplitBytes } from '../crypto/af.js';
+import { checkKeyBytes, parseCipherSpec } from '../crypto/cipher-spec.js';
 import { deriveKey, hashDigestBytes, type KdfParams, PBKDF2_MIN_ITERATIONS, pbkdf2 } from '../crypto/kdf/index.js';
 import { constantTimeEqual } from '../util/bytes.js';
 import { CryptmapError } from '../util/errors.js';
@@ -82,8 +83,19 @@ const luks2Keyslot: KeyslotHandler = {
     if (encryption === 'cipher_null' || encryption.startsWith('cipher_null-')) {
       if (passphrase.length !== 0) throw new CryptmapError('ENOKEY', 'No key available with this passphrase.', { exitCode: 2, errno: 'EPERM' });
     }
+    // The KDF output length is the area key size: refuse one the area cipher cannot take before
+    // deriving, or a forged header asks for gigabytes of KDF output (a hang; found by the fuzzer).
+    const areaKeyBytes = ks.area.key_size!;
+    if (areaKeyBytes > 1024 || !encryption.startsWith('cipher_null')) {
+      try {
+        if (areaKeyBytes > 1024) throw new CryptmapError('EKEY_SIZE', `area key of ${areaKeyBytes} bytes`);
+        checkKeyBytes(parseCipherSpec(encryption), areaKeyBytes);
+      } catch (e) {
+        throw new CryptmapError('ELUKS2AREA', `Keyslot area key size ${areaKeyBytes} does not fit its cipher ${encryption}.`, { cause: e });
+      }
+    }
     const salt = b64decode(ks.kdf.salt, 'kdf salt');
-    const kd = await deriveKey(params, passphrase, salt, ks.area.key_size!);
+    const kd = await deriveKey(params, passphrase, salt, areaKeyBytes);
     let material: Buffer;
     try {
       material = await readKeyslotArea(dev, Number(ks.area.offset), afBytes, encryption, kd);
