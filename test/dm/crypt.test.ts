@@ -137,7 +137,12 @@ test('key messages: only while suspended; wipe blocks resume; set installs a new
   await dev.write(0, data);
 
   await assert.rejects(registry.message('c', 0, ['key', 'wipe']), { code: 'EMESSAGE', message: 'crypt target: the device must be suspended for key manipulation' });
-  await assert.rejects(registry.message('c', 0, ['key', 'set']), { code: 'EMESSAGE', message: "crypt target: unrecognised message 'key set' (expected 'key set <key>' or 'key wipe')" });
+  await assert.rejects(registry.message('c', 0, ['key', 'set']), {
+    code: 'EMESSAGE',
+    message: "crypt target: unrecognised message 'key set' with 2 words (expected 'key set <key>' or 'key wipe')",
+  });
+  // A malformed 'key set' never echoes the key hex it carries.
+  await assert.rejects(registry.message('c', 0, ['key', 'set', k2, 'extra']), (e: Error) => !e.message.includes(k2.slice(0, 16)));
   await assert.rejects(registry.message('c', 0, ['hello']), { code: 'EMESSAGE' });
   await registry.suspend('c');
   await registry.message('c', 0, ['key', 'wipe']);

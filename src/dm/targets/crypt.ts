@@ -252,7 +252,8 @@ export const crypt: TargetType = {
         },
         async message(margs, suspended) {
           if (margs[0] !== 'key' || !((margs[1] === 'set' && margs.length === 3) || (margs[1] === 'wipe' && margs.length === 2))) {
-            throw new CryptmapError('EMESSAGE', `crypt target: unrecognised message '${margs.join(' ')}' (expected 'key set <key>' or 'key wipe')`);
+            // Only the first two words are echoed: a malformed 'key set' may carry key hex after them.
+            throw new CryptmapError('EMESSAGE', `crypt target: unrecognised message '${margs.slice(0, 2).join(' ')}' with ${margs.length} words (expected 'key set <key>' or 'key wipe')`);
           }
           if (!suspended) throw new CryptmapError('EMESSAGE', 'crypt target: the device must be suspended for key manipulation');
           if (margs[1] === 'wipe') {
