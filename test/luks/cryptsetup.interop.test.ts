@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { chmodSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
@@ -140,6 +140,18 @@ test('cryptmap-made LUKS2 passes cryptsetup: dump, test-passphrase, addKey, repa
   assert.equal((await cm('luksDump', img)).out, cs('luksDump', img));
   const dk = await cm('luksDump', '--dump-volume-key', '-q', '--key-file', key, img);
   assert.equal(dk.out, cs('luksDump', '--dump-volume-key', '--batch-mode', '--key-file', key, img));
+  // --volume-key-file as cryptsetup: a new owner-read-only file; an existing one is refused, untouched.
+  const vkOurs = join(dir, 'vk-ours');
+  const dkf = await cm('luksDump', '--dump-volume-key', '-q', '--key-file', key, '--volume-key-file', vkOurs, img);
+  assert.equal(dkf.code, 0, dkf.err);
+  assert.equal(statSync(vkOurs).mode & 0o777, 0o400);
+  assert.equal(readFileSync(vkOurs).toString('hex'), vkFromCryptsetup(img, key));
+  const existing = keyFile('vk-existing', 'old');
+  chmodSync(existing, 0o644);
+  const refused = await cm('luksDump', '--dump-volume-key', '-q', '--key-file', key, '--volume-key-file', existing, img);
+  assert.equal(refused.code, run('cryptsetup', ['luksDump', '--dump-volume-key', '-q', '--key-file', key, '--volume-key-file', existing, img]).code);
+  assert.equal(refused.code, 1);
+  assert.equal(readFileSync(existing, 'utf8'), 'old');
   r = await cm('luksChangeKey', ...FAST, '--key-file', key, img, keyFile('k3d', 'changed'));
   assert.equal(r.code, 0, r.err);
   cs('open', '--test-passphrase', '--key-file', join(dir, 'k3d'), img);

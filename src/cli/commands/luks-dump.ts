@@ -183,8 +183,10 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       try {
         const vkFile = v['volume-key-file'] ?? v['master-key-file'];
         if (vkFile) {
-          const fh = await fsOpen(vkFile, 'w', 0o600).catch((e) => {
-            throw new CryptmapError('EVKFILE', `Cannot write volume key file ${vkFile}.`, { exitCode: 1, cause: e });
+          // As cryptsetup: create the file exclusively, owner read-only (an existing file, perhaps
+          // world-readable, is refused rather than overwritten).
+          const fh = await fsOpen(vkFile, 'wx', 0o400).catch((e) => {
+            throw new CryptmapError('EVKFILE', `Cannot open keyfile ${vkFile} for write.`, { exitCode: 1, cause: e });
           });
           await fh.writeFile(vk);
           await fh.close();

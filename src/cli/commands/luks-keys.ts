@@ -57,6 +57,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         const vkFile = v['volume-key-file'] ?? v['master-key-file'];
         if (vkFile) {
           const vk = await readKeyFile(io, { keyFile: vkFile, keyfileSize: vol.dataSegment.keyBytes });
+          secrets.push(vk); // wiped in the finally below even when addKey fails
           auth = { volumeKey: new Secret(vk) };
         } else {
           const p = await getPassphrase(io, 'Enter any existing passphrase: ', existingSource(v));
