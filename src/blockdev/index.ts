@@ -11,3 +11,4 @@ export type {
 } from './types.js';
 export { MemoryDevice, type MemoryDeviceOptions } from './memory.js';
 export { FileDevice, type FileDeviceOptions } from './file.js';
+export { deviceView } from './view.js';

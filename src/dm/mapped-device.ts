@@ -17,6 +17,7 @@
  * lowest minor not in use in its registry, like the kernel's idr allocation.
  */
 import type { BlockDevice, BlockDeviceCapabilities, BlockDeviceLimits, Extent, WriteFlags, WriteZeroesFlags } from '../blockdev/types.js';
+import { deviceView } from '../blockdev/view.js';
 import { CryptmapError, EXIT_BUSY } from '../util/errors.js';
 import type { Table } from './table.js';
 import type { TargetInstance } from './types.js';
@@ -341,34 +342,16 @@ export class MappedDevice implements BlockDevice {
     if (this.#removed) throw new CryptmapError('ENODEV', `device ${this.name} has been removed`, { errno: 'ENOENT', exitCode: 4 });
     this.#openCount++;
     let open = true;
-    const dev = this;
-    return {
-      get sizeBytes() {
-        return dev.sizeBytes;
-      },
-      get capabilities() {
-        return dev.capabilities;
-      },
-      get limits() {
-        return dev.limits;
-      },
-      read: (o, b) => dev.read(o, b),
-      write: (o, d, f) => dev.write(o, d, f),
-      flush: () => dev.flush(),
-      discard: (o, l) => dev.discard(o, l),
-      writeZeroes: (o, l, f) => dev.writeZeroes(o, l, f),
-      blockStatus: (o, l) => dev.blockStatus(o, l),
-      close: async () => {
-        if (!open) return;
-        open = false;
-        try {
-          // The contract: close flushes a writable device first (not while suspended: it would wait).
-          if (!dev.#removed && dev.#live !== null && !dev.#suspended && dev.capabilities.write) await dev.flush();
-        } finally {
-          dev.#openCount--;
-        }
-      },
-    };
+    return deviceView(this, async () => {
+      if (!open) return;
+      open = false;
+      try {
+        // The contract: close flushes a writable device first (not while suspended: it would wait).
+        if (!this.#removed && this.#live !== null && !this.#suspended && this.capabilities.write) await this.flush();
+      } finally {
+        this.#openCount--;
+      }
+    });
   }
 
   // ---------------------------------------------------------------- lifecycle (call under lifecycle())

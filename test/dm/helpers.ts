@@ -1,6 +1,7 @@
 // Shared helpers for the dm tests: a registry whose file paths `/mem/NAME` are memory devices,
 // deterministic byte patterns, and a small seeded PRNG.
 import { MemoryDevice } from '../../src/blockdev/memory.js';
+import { deviceView } from '../../src/blockdev/view.js';
 import type { BlockDevice } from '../../src/blockdev/types.js';
 import { CryptmapError } from '../../src/util/errors.js';
 import { DeviceRegistry, type DeviceRegistryOptions } from '../../src/dm/registry.js';
@@ -55,24 +56,7 @@ export function xtsKey(seed = 1): Buffer {
 
 /** A view of `dev` whose close() does nothing (the test owns the device). */
 export function shareOf(dev: BlockDevice): BlockDevice {
-  return {
-    get sizeBytes() {
-      return dev.sizeBytes;
-    },
-    get capabilities() {
-      return dev.capabilities;
-    },
-    get limits() {
-      return dev.limits;
-    },
-    read: (o, b) => dev.read(o, b),
-    write: (o, d, f) => dev.write(o, d, f),
-    flush: () => dev.flush(),
-    discard: (o, n) => dev.discard(o, n),
-    writeZeroes: (o, n, f) => dev.writeZeroes(o, n, f),
-    blockStatus: dev.blockStatus ? (o, n) => dev.blockStatus!(o, n) : undefined,
-    close: async () => {},
-  };
+  return deviceView(dev, async () => {});
 }
 
 /**
