@@ -119,6 +119,7 @@ async function readAllStdin(io: CliIO): Promise<Buffer> {
   const chunks: Buffer[] = [];
   for await (const c of io.stdin as AsyncIterable<Buffer | string>) chunks.push(typeof c === 'string' ? Buffer.from(c) : c);
   stdinBuffer = Buffer.concat(chunks);
+  for (const c of chunks) c.fill(0); // the concatenated copy is the only one kept (wiped by resetStdin)
   return stdinBuffer;
 }
 
@@ -139,19 +140,23 @@ async function readTtyLine(io: CliIO, prompt: string): Promise<Buffer> {
   try {
     await new Promise<void>((resolve, reject) => {
       const onData = (d: Buffer) => {
-        for (const b of d) {
-          if (b === 0x0d || b === 0x0a) {
-            stdin.off('data', onData);
-            resolve();
-            return;
+        try {
+          for (const b of d) {
+            if (b === 0x0d || b === 0x0a) {
+              stdin.off('data', onData);
+              resolve();
+              return;
+            }
+            if (b === 0x03) {
+              stdin.off('data', onData);
+              reject(new CryptmapError('EINTR', 'Operation interrupted.', { exitCode: EXIT_WRONG_PARAMS }));
+              return;
+            }
+            if (b === 0x7f || b === 0x08) bytes.pop();
+            else bytes.push(b);
           }
-          if (b === 0x03) {
-            stdin.off('data', onData);
-            reject(new CryptmapError('EINTR', 'Operation interrupted.', { exitCode: EXIT_WRONG_PARAMS }));
-            return;
-          }
-          if (b === 0x7f || b === 0x08) bytes.pop();
-          else bytes.push(b);
+        } finally {
+          if (Buffer.isBuffer(d)) d.fill(0); // raw terminal input: the passphrase bytes
         }
       };
       stdin.on('data', onData);
@@ -225,7 +230,10 @@ export async function getPassphrase(io: CliIO, prompt: string, src: PassphraseSo
         throw new CryptmapError('EVERIFY', 'Passphrases do not match.', { exitCode: EXIT_NO_PERMISSION });
       }
     }
-    if (p.length > PASSPHRASE_MAX_BYTES) throw new CryptmapError('EPASS', 'Passphrase is too long.', { exitCode: EXIT_WRONG_PARAMS });
+    if (p.length > PASSPHRASE_MAX_BYTES) {
+      p.fill(0);
+      throw new CryptmapError('EPASS', 'Passphrase is too long.', { exitCode: EXIT_WRONG_PARAMS });
+    }
     return p;
   }
   const all = await readAllStdin(io);
@@ -233,7 +241,10 @@ export async function getPassphrase(io: CliIO, prompt: string, src: PassphraseSo
   const end = nl < 0 ? all.length : nl;
   const out = Buffer.from(all.subarray(stdinPos, end));
   stdinPos = nl < 0 ? all.length : nl + 1;
-  if (out.length > KEYFILE_MAX_BYTES) throw new CryptmapError('EPASS', 'Maximum keyfile size exceeded.', { exitCode: EXIT_WRONG_PARAMS });
+  if (out.length > KEYFILE_MAX_BYTES) {
+    out.fill(0);
+    throw new CryptmapError('EPASS', 'Maximum keyfile size exceeded.', { exitCode: EXIT_WRONG_PARAMS });
+  }
   return out;
 }
 
