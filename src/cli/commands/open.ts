@@ -71,6 +71,12 @@ async function preparePlainFromArgs(io: CliIO, device: string, name: string, v: 
   const keyBits = intOpt(v['key-size'], '--key-size', 8, 4096) ?? 256;
   if (keyBits % 8 !== 0) throw new CryptmapError('EARGS', 'Key size must be a multiple of 8 bits', { exitCode: EXIT_WRONG_PARAMS });
   const keyBytes = keyBits / 8;
+  // Every option is checked before the key exists, so no failure below leaves it unwiped.
+  const sector = intOpt(v['sector-size'], '--sector-size') ?? 512;
+  if (![512, 1024, 2048, 4096].includes(sector)) throw new CryptmapError('EARGS', `Unsupported encryption sector size ${sector}.`, { exitCode: EXIT_WRONG_PARAMS });
+  const offset = intOpt(v.offset, '--offset');
+  const skip = intOpt(v.skip, '--skip');
+  const size = intOpt(v.size, '--size', 1);
   let key: Secret;
   if (v['key-file'] !== undefined && v.hash === undefined) {
     const raw = await readKeyFile(io, { keyFile: v['key-file'], keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'), keyfileSize: keyBytes });
@@ -87,8 +93,6 @@ async function preparePlainFromArgs(io: CliIO, device: string, name: string, v: 
       wipe(pass);
     }
   }
-  const sector = intOpt(v['sector-size'], '--sector-size') ?? 512;
-  if (![512, 1024, 2048, 4096].includes(sector)) throw new CryptmapError('EARGS', `Unsupported encryption sector size ${sector}.`, { exitCode: EXIT_WRONG_PARAMS });
   const opts: Parameters<typeof preparePlain>[0] = {
     name,
     device,
@@ -99,9 +103,6 @@ async function preparePlainFromArgs(io: CliIO, device: string, name: string, v: 
     allowDiscards: v['allow-discards'] ?? false,
     ivLargeSectors: v['iv-large-sectors'] ?? false,
   };
-  const offset = intOpt(v.offset, '--offset');
-  const skip = intOpt(v.skip, '--skip');
-  const size = intOpt(v.size, '--size', 1);
   if (offset !== undefined) opts.offsetSectors = offset;
   if (skip !== undefined) opts.skipSectors = skip;
   if (size !== undefined) opts.sizeSectors = size;
