@@ -104,8 +104,12 @@ const keyd: VerbMain = async (argv, io) => {
     passphrase = new Secret(Buffer.from(raw.subarray(0, end)));
     raw.fill(0);
   }
-  const root = await loadOrCreateRootSecret(stateDir, { passphrase });
-  passphrase?.dispose();
+  let root: Awaited<ReturnType<typeof loadOrCreateRootSecret>>;
+  try {
+    root = await loadOrCreateRootSecret(stateDir, { passphrase });
+  } finally {
+    passphrase?.dispose(); // also when unwrapping fails (wrong passphrase, damaged file)
+  }
   let audit: AuditSink | undefined;
   const servers: RunningServer[] = [];
   let tlsKey: Buffer | undefined;
