@@ -2,7 +2,6 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { PassThrough } from 'node:stream';
 import { test } from 'node:test';
 import { FileDevice } from '../../src/blockdev/file.js';
 import { main } from '../../src/cli/main.js';
@@ -15,19 +14,9 @@ import { createSparseFile } from '../../src/reconciler/file-ops.js';
 import { VOLUME_KEYSLOT_PBKDF } from '../../src/reconciler/ports.js';
 import { setLogSink } from '../../src/util/log.js';
 import { tempDir } from '../keyservice/helpers.js';
+import { captureIO } from './helpers.js';
 
 setLogSink(() => {});
-
-function captureIO() {
-  const out: string[] = [];
-  const err: string[] = [];
-  const sink = (arr: string[]) => {
-    const s = new PassThrough();
-    s.on('data', (c: Buffer) => arr.push(c.toString()));
-    return s;
-  };
-  return { io: { stdin: new PassThrough(), stdout: sink(out), stderr: sink(err), env: {} }, out: () => out.join(''), err: () => err.join('') };
-}
 
 test('crypttab open/close through the daemon: LUKS2 with a key file, plain with a raw key file, noauto left alone, errors with lines', async () => {
   const t = await tempDir('cryptmap-crypttab-');

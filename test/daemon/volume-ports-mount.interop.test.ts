@@ -9,6 +9,7 @@ import { detectServeMode } from '../../src/daemon/volume-ports.js';
 import { parseManifest } from '../../src/reconciler/manifest.js';
 import { setLogSink } from '../../src/util/log.js';
 import { tempDir } from '../keyservice/helpers.js';
+import { cleanupKernelState } from './helpers.js';
 
 setLogSink(() => {});
 
@@ -31,26 +32,6 @@ swap:
   - name: swap0
     size: 4M
 `;
-
-/** Whatever a failed test left under `dir`: lazy unmounts, loop devices, FUSE mounts. */
-function cleanupKernelState(dir: string): void {
-  const mounts = () =>
-    readFileSync('/proc/self/mounts', 'utf8')
-      .split('\n')
-      .map((l) => l.split(' '))
-      .filter((f) => f[1]?.startsWith(dir));
-  for (const m of mounts().reverse()) {
-    try {
-      execFileSync('umount', ['-l', m[1]!]);
-    } catch {}
-  }
-  const loops = execFileSync('losetup', ['-a'], { encoding: 'utf8' });
-  for (const l of loops.split('\n').filter((x) => x.includes(dir))) {
-    try {
-      execFileSync('losetup', ['-d', l.split(':')[0]!]);
-    } catch {}
-  }
-}
 
 test('as root: attach, mkfs.ext4, mount; files survive an agent restart; swapon through FUSE refused', { skip: isRoot ? false : 'needs root (CI runs as root)' }, async () => {
   assert.equal(detectServeMode().mode, 'attach', 'as root here, attach (nbd module, or /dev/fuse + /dev/loop-control) must be possible');

@@ -8,6 +8,7 @@ import { test } from 'node:test';
 import { AgentHost } from '../../src/daemon/agent-host.js';
 import { parseManifest } from '../../src/reconciler/manifest.js';
 import { setLogSink } from '../../src/util/log.js';
+import { cleanupKernelState } from '../daemon/helpers.js';
 import { tempDir } from '../keyservice/helpers.js';
 
 setLogSink(() => {});
@@ -46,25 +47,6 @@ function startAgent(args: string[]): Promise<{ child: ChildProcess; out: () => s
     });
     void exited.then((code) => reject(new Error(`agent exited (${code}) before serving:\n${out}\n${err}`)));
   });
-}
-
-function cleanupKernelState(dir: string): void {
-  const mounts = readFileSync('/proc/self/mounts', 'utf8')
-    .split('\n')
-    .map((l) => l.split(' '))
-    .filter((f) => f[1]?.startsWith(dir));
-  for (const m of mounts.reverse()) {
-    try {
-      execFileSync('umount', ['-l', m[1]!]);
-    } catch {}
-  }
-  for (const l of execFileSync('losetup', ['-a'], { encoding: 'utf8' })
-    .split('\n')
-    .filter((x) => x.includes(dir))) {
-    try {
-      execFileSync('losetup', ['-d', l.split(':')[0]!]);
-    } catch {}
-  }
 }
 
 test('cryptmap agent process: SIGTERM tears down cleanly (NBD only); after a SIGKILL the next agent recovers and converges', async () => {

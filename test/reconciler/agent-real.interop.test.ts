@@ -2,7 +2,6 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { copyFile, mkdir, open, readdir, readFile, stat, truncate, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
-import { PassThrough } from 'node:stream';
 import { test } from 'node:test';
 import { prepareLuks } from '../../src/activate/mapping.js';
 import { AgentHost } from '../../src/daemon/agent-host.js';
@@ -19,6 +18,7 @@ import { statusRows } from '../../src/reconciler/status.js';
 import { setLogSink } from '../../src/util/log.js';
 import { Secret } from '../../src/util/secret.js';
 import { Crash, TestNode } from '../daemon/volume-ports-harness.js';
+import { captureIO } from '../daemon/helpers.js';
 import { tempDir } from '../keyservice/helpers.js';
 
 const logs: string[] = [];
@@ -239,17 +239,6 @@ services:
     await t.cleanup();
   }
 });
-
-function captureIO() {
-  const out: string[] = [];
-  const err: string[] = [];
-  const sink = (arr: string[]) => {
-    const s = new PassThrough();
-    s.on('data', (c: Buffer) => arr.push(c.toString()));
-    return s;
-  };
-  return { io: { stdin: new PassThrough(), stdout: sink(out), stderr: sink(err), env: {} }, out: () => out.join(''), err: () => err.join('') };
-}
 
 test('CLI: manifest errors with file and line; agent --once, agent status --json, volume delete', async () => {
   const t = await tempDir('cryptmap-agent-cli-');
