@@ -68,7 +68,11 @@ export async function headerBackup(dev: BlockDevice, vol: LuksVolume, file: stri
     fh = await fsOpen(file, 'wx', 0o400);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    throw new CryptmapError('EBACKUP', code === 'EEXIST' ? `Requested header backup file ${file} already exists.` : `Cannot create header backup file ${file}.`, { exitCode: 4, cause: e });
+    throw new CryptmapError('EBACKUP', code === 'EEXIST' ? `Requested header backup file ${file} already exists.` : `Cannot create header backup file ${file}.`, {
+      exitCode: 1, // cryptsetup returns -EINVAL for both
+      errno: code === 'EEXIST' ? 'EEXIST' : 'EINVAL',
+      cause: e,
+    });
   }
   try {
     await fh.writeFile(buf);

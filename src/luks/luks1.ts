@@ -23,7 +23,7 @@ import { constantTimeEqual } from '../util/bytes.js';
 import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_DEVICE, isCryptmapError } from '../util/errors.js';
 import { Secret } from '../util/secret.js';
 import { readKeyslotArea, wipeArea, writeKeyslotArea } from './keyslot-area.js';
-import { noKeyError } from './luks2.js';
+import { noKeyError, noUsableKeyslot } from './luks2.js';
 import type { DataSegment, KeyAuth, KeyslotArea, KeyslotInfo, LuksVolume, NewKeyslotOptions, UnlockResult } from './types.js';
 
 export const LUKS_MAGIC = Buffer.from([0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe]);
@@ -314,7 +314,7 @@ export class Luks1Volume implements LuksVolume {
       const k = this.#h.keyblock[i];
       if (!k) throw new CryptmapError('EKEYSLOT', `Key slot ${i} is invalid.`);
       if (k.active !== LUKS_KEY_ENABLED) {
-        if (opts.keySlot !== undefined) throw new CryptmapError('EKEYSLOT', `Keyslot ${i} is not active.`, { exitCode: EXIT_NO_PERMISSION, errno: 'ENOENT' });
+        if (opts.keySlot !== undefined) throw noUsableKeyslot(i);
         continue;
       }
       let vk: Buffer | null;

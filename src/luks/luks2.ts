@@ -40,6 +40,11 @@ export function noKeyError(): CryptmapError {
   return new CryptmapError('ENOKEY', 'No key available with this passphrase.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
 }
 
+/** Unlock with a named --key-slot that is not active: cryptsetup's -ENOENT (exit 1) and its message. */
+export function noUsableKeyslot(slot: number): CryptmapError {
+  return new CryptmapError('EKEYSLOT', 'No usable keyslot is available.', { exitCode: 1, errno: 'ENOENT', context: { keyslot: slot } });
+}
+
 interface CopyState {
   ok: boolean;
   copy?: Luks2DiskCopy;
@@ -446,7 +451,7 @@ export class Luks2Volume implements LuksVolume {
   /** Slots to try, in cryptsetup's order: priority prefer, then normal (ignore only when named). */
   #candidates(keySlot?: number): string[] {
     if (keySlot !== undefined) {
-      if (!this.#json.keyslots[String(keySlot)]) throw new CryptmapError('EKEYSLOT', `Keyslot ${keySlot} is not active.`, { exitCode: EXIT_NO_PERMISSION, errno: 'ENOENT' });
+      if (!this.#json.keyslots[String(keySlot)]) throw noUsableKeyslot(keySlot);
       return [String(keySlot)];
     }
     const ids = Object.keys(this.#json.keyslots).sort((a, b) => Number(a) - Number(b));

@@ -152,6 +152,19 @@ test('cryptmap-made LUKS2 passes cryptsetup: dump, test-passphrase, addKey, repa
   assert.equal(refused.code, run('cryptsetup', ['luksDump', '--dump-volume-key', '-q', '--key-file', key, '--volume-key-file', existing, img]).code);
   assert.equal(refused.code, 1);
   assert.equal(readFileSync(existing, 'utf8'), 'old');
+  // Same exit code and message as cryptsetup: an inactive --key-slot (-ENOENT), a backup over an
+  // existing file (-EINVAL); luksDump --dump-volume-key ignores --key-slot.
+  for (const args of [
+    ['open', '--test-passphrase', '--key-slot', '30', '--key-file', key, img],
+    ['luksHeaderBackup', img, '--header-backup-file', existing],
+    ['luksDump', '--dump-volume-key', '-q', '--key-slot', '30', '--key-file', key, img],
+  ]) {
+    const ours = await cm(...args);
+    const theirs = run('cryptsetup', args);
+    assert.equal(ours.code, theirs.code, `${args[0]}: ours ${ours.err} theirs ${theirs.err}`);
+    assert.equal(ours.err, theirs.err);
+    assert.equal(ours.out, theirs.out);
+  }
   r = await cm('luksChangeKey', ...FAST, '--key-file', key, img, keyFile('k3d', 'changed'));
   assert.equal(r.code, 0, r.err);
   cs('open', '--test-passphrase', '--key-file', join(dir, 'k3d'), img);

@@ -173,7 +173,8 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       });
       let vk: Buffer;
       try {
-        const r = await vol.unlock(pass, { keySlot: intOpt(v['key-slot'], '--key-slot') });
+        // Any keyslot, as cryptsetup (crypt_volume_key_get with CRYPT_ANY_SLOT): --key-slot is ignored.
+        const r = await vol.unlock(pass);
         vk = Buffer.from(r.volumeKey.expose());
         r.volumeKey.dispose();
         if (v.verbose) io.stdout.write(`Key slot ${r.keyslot} unlocked.\n`);
