@@ -97,9 +97,16 @@ export async function headerBackup(dev: BlockDevice, vol: LuksVolume, file: stri
  * changes the metadata size while old keyslots sit where the new header copies go.
  */
 export async function headerRestore(dev: BlockDevice, backup: BlockDevice): Promise<LuksVolume> {
-  const src = await openLuks(backup);
+  // cryptsetup: -EINVAL (exit 1) for a backup that is not a usable LUKS header.
+  const src = await openLuks(backup).catch((e) => {
+    if (isCryptmapError(e, 'ENOTLUKS')) throw new CryptmapError('EBACKUP', 'Header backup file does not contain compatible LUKS header.', { exitCode: 1, cause: e });
+    if (isCryptmapError(e) && e.code !== 'ENOMEM' && e.code !== 'EIO') {
+      throw new CryptmapError('EBACKUP', 'Backup file does not contain valid LUKS header.', { exitCode: 1, cause: e, context: { why: e.message } });
+    }
+    throw e;
+  });
   const n = src.headerBytes;
-  if (n > backup.sizeBytes) throw new CryptmapError('EBACKUP', 'Backup file does not contain valid LUKS header.', { exitCode: EXIT_WRONG_DEVICE });
+  if (n > backup.sizeBytes) throw new CryptmapError('EBACKUP', 'Backup file does not contain valid LUKS header.', { exitCode: 1 });
   if (n > dev.sizeBytes) throw new CryptmapError('EBACKUP', 'Device is too small for the header backup.', { exitCode: EXIT_WRONG_DEVICE });
   const buf = Buffer.alloc(n);
   await backup.read(0, buf);

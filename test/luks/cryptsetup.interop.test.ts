@@ -153,8 +153,15 @@ test('cryptmap-made LUKS2 passes cryptsetup: dump, test-passphrase, addKey, repa
   assert.equal(refused.code, 1);
   assert.equal(readFileSync(existing, 'utf8'), 'old');
   // Same exit code and message as cryptsetup: an inactive --key-slot (-ENOENT), a backup over an
-  // existing file (-EINVAL); luksDump --dump-volume-key ignores --key-slot.
+  // existing file, a restore from a missing, foreign or truncated backup (-EINVAL); luksDump
+  // --dump-volume-key ignores --key-slot.
+  const truncated = join(dir, 'backup-truncated');
+  cs('luksHeaderBackup', img, '--header-backup-file', join(dir, 'backup-whole'));
+  writeFileSync(truncated, readFileSync(join(dir, 'backup-whole')).subarray(0, 8192));
   for (const args of [
+    ['luksHeaderRestore', '-q', img, '--header-backup-file', join(dir, 'no-such-backup')],
+    ['luksHeaderRestore', '-q', img, '--header-backup-file', existing],
+    ['luksHeaderRestore', '-q', img, '--header-backup-file', truncated],
     ['open', '--test-passphrase', '--key-slot', '30', '--key-file', key, img],
     ['luksHeaderBackup', img, '--header-backup-file', existing],
     ['luksDump', '--dump-volume-key', '-q', '--key-slot', '30', '--key-file', key, img],

@@ -117,7 +117,10 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       if (verb === 'luksHeaderRestore') {
         const file = v['header-backup-file'];
         if (!file) throw new CryptmapError('EARGS', 'Option --header-backup-file is required.', { exitCode: EXIT_WRONG_PARAMS });
-        const backup = await openDevice(file, false);
+        const backup = await openDevice(file, false).catch((e) => {
+          // cryptsetup says both, and exits 1 (-EINVAL), not 4.
+          throw new CryptmapError('EBACKUP', `${(e as Error).message}\nHeader backup file does not contain compatible LUKS header.`, { exitCode: 1, cause: e });
+        });
         try {
           const cur = await detectLuks(dev);
           await confirm(
