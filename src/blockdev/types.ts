@@ -36,6 +36,11 @@ export interface BlockDeviceLimits {
 export interface WriteFlags {
   /** Force unit access: durable before the promise resolves. */
   fua?: boolean;
+  /**
+   * The caller never reads `data` again: the device may overwrite it (the crypt target encrypts in
+   * place instead of into a copy). The NBD server sets it for WRITE payloads it owns.
+   */
+  scratch?: boolean;
 }
 
 export interface WriteZeroesFlags extends WriteFlags {

@@ -450,11 +450,14 @@ export class MappedDevice implements BlockDevice {
   }
 }
 
+const FUA: WriteFlags = { fua: true };
+
 async function emulateWriteZeroes(inst: TargetInstance, relBytes: number, lengthBytes: number, flags?: WriteFlags): Promise<void> {
   zeroChunk ??= Buffer.alloc(ZERO_CHUNK_BYTES);
   for (let pos = 0; pos < lengthBytes; pos += ZERO_CHUNK_BYTES) {
     const n = Math.min(ZERO_CHUNK_BYTES, lengthBytes - pos);
     const last = pos + n >= lengthBytes;
-    await inst.write(relBytes + pos, zeroChunk.subarray(0, n), last ? flags : undefined);
+    // The zero chunk is shared: never offered as scratch.
+    await inst.write(relBytes + pos, zeroChunk.subarray(0, n), last && flags?.fua ? FUA : undefined);
   }
 }

@@ -11,7 +11,7 @@
  *
  * READ replies are built in one buffer (reply header + payload) that the device reads into directly.
  */
-import type { BlockDevice, Extent } from '../blockdev/types.js';
+import type { BlockDevice, Extent, WriteFlags } from '../blockdev/types.js';
 import { CryptmapError, type Errno } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import {
@@ -224,9 +224,13 @@ async function readDevice(dev: BlockDevice, offset: number, buf: Buffer): Promis
   }
 }
 
+/** A WRITE payload is the server's own buffer, dropped or pooled afterwards: the device may use it as scratch. */
+const WRITE_FLAGS: WriteFlags = { scratch: true };
+const WRITE_FUA_FLAGS: WriteFlags = { fua: true, scratch: true };
+
 async function writeDevice(dev: BlockDevice, offset: number, data: Buffer, fua: boolean): Promise<void> {
   const max = dev.limits.maxRequestBytes;
-  const flags = fua && dev.capabilities.fua ? { fua: true } : undefined;
+  const flags = fua && dev.capabilities.fua ? WRITE_FUA_FLAGS : WRITE_FLAGS;
   if (data.length <= max) await dev.write(offset, data, flags);
   else {
     for (let done = 0; done < data.length; done += max) {

@@ -24,6 +24,8 @@ const KEY_TYPES = new Set(['logon', 'user', 'encrypted', 'trusted']);
 const FLAGS = ['allow_discards', 'same_cpu_crypt', 'submit_from_crypt_cpus', 'no_read_workqueue', 'no_write_workqueue'] as const;
 type Flag = (typeof FLAGS)[number];
 const UNSUPPORTED = new Set(['high_priority', 'integrity', 'integrity_key_size']);
+/** 16 or more bytes of hex in a word: key material, never echoed in a message. */
+const KEY_LIKE = /(^|\s)[0-9a-fA-F]{32,}(\s|$)/;
 /** Kernel limit on optional parameters (crypt_ctr_optional). */
 const MAX_OPT_PARAMS = 9;
 /** Smallest pooled scratch buffer; smaller writes take a fresh one (cheap: Node's slab). */
@@ -136,6 +138,10 @@ export const crypt: TargetType = {
       throw ctx.error(names[args.length]!, "missing argument (expected 'crypt <cipher> <key> <iv_offset> <dev> <offset> [<#opt_params> <opt_params>...]')");
     }
     const [cipherArg, keyArg, ivArg, devArg, offArg, ...rest] = args as [string, string, string, string, string, ...string[]];
+    // A <key> in the wrong place (arguments swapped) must not be echoed by the checks below.
+    for (const [name, arg] of [['cipher', cipherArg], ['iv_offset', ivArg], ['offset', offArg], ['opt_params', rest.join(' ')]] as const) {
+      if (KEY_LIKE.test(arg)) throw ctx.error(name, `has ${arg.length} hex digits (not shown): is the <key> in the wrong place?`, 'EKEYPLACE');
+    }
 
     // Optional parameters first: they decide sector_size, which the other checks need.
     const flags = new Set<Flag>();
@@ -226,6 +232,12 @@ export const crypt: TargetType = {
         },
         async write(o, data, wflags) {
           const c = live();
+          if (wflags?.scratch) {
+            // The caller gave up the plaintext (an NBD WRITE payload): encrypt in place, no copy.
+            await c.encryptAsync(data, BigInt(o / 512));
+            await dev.write(base + o, data, wflags);
+            return;
+          }
           const buf = scratch.acquire(data.length);
           try {
             await c.encryptAsync(data, BigInt(o / 512), buf);
