@@ -89,6 +89,11 @@ export function reportError(e: unknown, io: CliIO): number {
     return e.exitCode;
   }
   const err = e instanceof Error ? e : new CryptmapError('EINTERNAL', String(e));
+  // node:util parseArgs (strict) in a verb: an unknown or malformed option is a usage error, not an internal one.
+  if (String((err as NodeJS.ErrnoException).code).startsWith('ERR_PARSE_ARGS_')) {
+    io.stderr.write(`${err.message}\n`);
+    return EXIT_WRONG_PARAMS;
+  }
   io.stderr.write(`cryptmap: internal error: ${err.message}\n`);
   if (io.env.CRYPTMAP_DEBUG) io.stderr.write(`${err.stack}\n`);
   return 1;

@@ -1,0 +1,25 @@
+// The CLI entry point's error reporting: usage errors from any verb's option parsing exit 1 with
+// the parser's message, never as an "internal error".
+import assert from 'node:assert/strict';
+import { PassThrough } from 'node:stream';
+import { test } from 'node:test';
+import { main } from '../../src/cli/main.js';
+
+async function run(argv: string[]): Promise<{ code: number; err: string }> {
+  let err = '';
+  const stderr = new PassThrough();
+  stderr.on('data', (c: Buffer) => {
+    err += c.toString();
+  });
+  const code = await main(argv, { stdin: new PassThrough(), stdout: new PassThrough(), stderr, env: {} });
+  return { code, err };
+}
+
+test('an unknown option is a usage error (exit 1) for every verb, not an internal error', async () => {
+  for (const verb of ['status', 'close', 'attach', 'benchmark', 'daemon', 'luksDump', 'open']) {
+    const r = await run([verb, '--no-such-option']);
+    assert.equal(r.code, 1, verb);
+    assert.match(r.err, /Unknown option '--no-such-option'/, verb);
+    assert.doesNotMatch(r.err, /internal error/, verb);
+  }
+});
