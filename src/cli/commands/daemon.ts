@@ -16,11 +16,23 @@ import { ControlServer } from '../../control/server.js';
 import { DaemonCore } from '../../daemon/core.js';
 import { daemonHandlers } from '../../daemon/handlers.js';
 import type { NbdServerOptions, NbdTlsMode } from '../../nbd/types.js';
-import { CryptmapError } from '../../util/errors.js';
+import { CryptmapError, fromSystemError } from '../../util/errors.js';
 import { logger } from '../../util/log.js';
 import type { VerbMain } from '../types.js';
 
 const log = logger('daemon');
+
+function readTlsFile(flag: string, path: string): Buffer {
+  try {
+    return readFileSync(path);
+  } catch (e) {
+    throw fromSystemError('EARGS', `${flag} ${path}`, e);
+  }
+}
+
+function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || host.startsWith('127.');
+}
 
 const daemon: VerbMain = async (argv, io) => {
   const { values } = parseArgs({
@@ -55,9 +67,9 @@ const daemon: VerbMain = async (argv, io) => {
     if (!values['tls-cert'] || !values['tls-key']) throw new CryptmapError('EARGS', '--tls needs --tls-cert and --tls-key');
     nbdOpts.tls = tls;
     nbdOpts.tlsCredentials = {
-      cert: readFileSync(values['tls-cert']),
-      key: readFileSync(values['tls-key']),
-      ...(values['tls-ca'] ? { ca: readFileSync(values['tls-ca']) } : {}),
+      cert: readTlsFile('--tls-cert', values['tls-cert']),
+      key: readTlsFile('--tls-key', values['tls-key']),
+      ...(values['tls-ca'] ? { ca: readTlsFile('--tls-ca', values['tls-ca']) } : {}),
       verifyClient: values['tls-verify-client'] ?? false,
     };
   }
@@ -66,6 +78,10 @@ const daemon: VerbMain = async (argv, io) => {
     const m = /^(?:\[([^\]]+)\]|([^:]+)):([0-9]{1,5})$/.exec(values.listen);
     if (!m) throw new CryptmapError('EARGS', `--listen wants HOST:PORT (got '${values.listen}')`);
     tcp = { host: m[1] ?? m[2] ?? '127.0.0.1', port: Number(m[3]) };
+    if (!isLoopback(tcp.host) && !(tls === 'require' && values['tls-verify-client'])) {
+      // Anyone who reaches the port reads and writes the decrypted volumes.
+      log.warn('NBD over TCP beyond loopback without --tls require --tls-verify-client: clients are not authenticated', { listen: values.listen });
+    }
   }
 
   const core = new DaemonCore({ nbdSocketPath: nbdSocketPath(dir), attachDir: join(dir, 'attach'), nbd: nbdOpts });
