@@ -162,6 +162,7 @@ test('cryptmap-made LUKS2 passes cryptsetup: dump, test-passphrase, addKey, repa
     ['luksHeaderRestore', '-q', img, '--header-backup-file', join(dir, 'no-such-backup')],
     ['luksHeaderRestore', '-q', img, '--header-backup-file', existing],
     ['luksHeaderRestore', '-q', img, '--header-backup-file', truncated],
+    ['token', 'import', '--json-file', join(dir, 'no-such.json'), img],
     ['open', '--test-passphrase', '--key-slot', '30', '--key-file', key, img],
     ['luksHeaderBackup', img, '--header-backup-file', existing],
     ['luksDump', '--dump-volume-key', '-q', '--key-slot', '30', '--key-file', key, img],

@@ -49,7 +49,13 @@ async function token(io: CliIO, v: LuksArgs, positionals: string[]): Promise<num
         return 0;
       }
       if (action === 'import') {
-        const json = v['json-file'] && v['json-file'] !== '-' ? await readFile(v['json-file'], 'utf8') : await readStdin(io);
+        const file = v['json-file'];
+        const json =
+          file && file !== '-'
+            ? await readFile(file, 'utf8').catch((e) => {
+                throw new CryptmapError('EJSONFILE', `Failed to open file ${file} in read-only mode.`, { exitCode: EXIT_WRONG_PARAMS, cause: e });
+              })
+            : await readStdin(io);
         const got = await vol.importToken(json.trim(), id);
         if (v.verbose) io.stdout.write(`Token ${got} created.\n`);
         return 0;
