@@ -49,7 +49,7 @@ function startAgent(args: string[]): Promise<{ child: ChildProcess; out: () => s
   });
 }
 
-test('cryptmap agent process: SIGTERM tears down cleanly (NBD only); after a SIGKILL the next agent recovers and converges', async () => {
+test('cryptmap agent process: SIGTERM tears down cleanly (NBD only); after a SIGKILL the next agent recovers and converges', async (ctx) => {
   const t = await tempDir('cryptmap-agent-proc-');
   const manifestPath = join(t.dir, 'manifest.yaml');
   await writeFile(manifestPath, MANIFEST);
@@ -73,7 +73,10 @@ test('cryptmap agent process: SIGTERM tears down cleanly (NBD only); after a SIG
     assert.match(a.out(), /scratch\/db\/data: stopped/);
 
     // 2. As root with mounts: killed hard while serving, then a new agent cleans up and converges.
-    if (!isRoot) return;
+    if (!isRoot) {
+      ctx.diagnostic('part 2 (mounts, SIGKILL while serving) needs root: not run');
+      return;
+    }
     const b = await startAgent(['--manifest', manifestPath, '--state-dir', state, '--boot-id', 'b1', '--mount-root', mnt]);
     children.push(b.child);
     assert.match(b.out(), /mount: {2}.*\/srv\/db/);
