@@ -3,9 +3,10 @@
  * Requests on one connection run concurrently; the daemon serialises lifecycle per device below.
  */
 import { chmodSync, existsSync, unlinkSync } from 'node:fs';
-import { type Server, type Socket, connect, createServer } from 'node:net';
+import { type Server, type Socket, createServer } from 'node:net';
 import { CryptmapError, isCryptmapError } from '../util/errors.js';
 import { logger } from '../util/log.js';
+import { clearStaleSocket } from '../util/unix-socket.js';
 import { type ControlResponse, lineSplitter, parseRequest } from './protocol.js';
 
 export type ControlHandler = (args: Record<string, unknown>) => Promise<unknown>;
@@ -25,12 +26,9 @@ export class ControlServer {
 
   /** Listen on `path` (mode 0600). A stale socket file is replaced; a live one means another daemon runs. */
   async listen(path: string): Promise<void> {
-    if (existsSync(path)) {
-      if (await isAlive(path)) {
-        throw new CryptmapError('EDAEMON_RUNNING', `another cryptmap daemon is already listening on ${path}`, { exitCode: 5, errno: 'EBUSY' });
-      }
-      unlinkSync(path);
-    }
+    const state = await clearStaleSocket(path);
+    if (state === 'live') throw new CryptmapError('EDAEMON_RUNNING', `another cryptmap daemon is already listening on ${path}`, { exitCode: 5, errno: 'EBUSY' });
+    if (state === 'not-socket') throw new CryptmapError('ECONTROL_SOCKET', `${path} exists and is not a socket; refusing to replace it`, { exitCode: 5, errno: 'EEXIST' });
     const server = createServer((s) => this.#serve(s));
     await new Promise<void>((res, rej) => {
       server.once('error', rej);
@@ -99,15 +97,4 @@ export class ControlServer {
 function errorBody(e: unknown): { code: string; message: string; exitCode: number } {
   if (isCryptmapError(e)) return { code: e.code, message: e.message, exitCode: e.exitCode };
   return { code: 'EINTERNAL', message: `internal error: ${e instanceof Error ? e.message : String(e)}`, exitCode: 1 };
-}
-
-async function isAlive(path: string): Promise<boolean> {
-  return new Promise((res) => {
-    const s = connect(path);
-    s.once('connect', () => {
-      s.destroy();
-      res(true);
-    });
-    s.once('error', () => res(false));
-  });
 }

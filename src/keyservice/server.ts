@@ -15,12 +15,13 @@
  *   identity is `cn:<subject CN>` of the verified certificate.
  */
 import { randomBytes } from 'node:crypto';
-import { chmodSync, existsSync, mkdtempSync, renameSync, rmdirSync, unlinkSync } from 'node:fs';
+import { chmodSync, mkdtempSync, renameSync, rmdirSync, unlinkSync } from 'node:fs';
 import { type Server as HttpsServer, createServer as createHttpsServer } from 'node:https';
-import { type Server, type Socket, connect, createServer } from 'node:net';
+import { type Server, type Socket, createServer } from 'node:net';
 import { basename, dirname, join } from 'node:path';
 import type { TLSSocket } from 'node:tls';
 import { CryptmapError, fromSystemError } from '../util/errors.js';
+import { clearStaleSocket } from '../util/unix-socket.js';
 import { identityForToken } from './policy.js';
 import { type KeyResponse, type KeyService, MAX_REQUEST_BYTES } from './service.js';
 
@@ -28,17 +29,6 @@ export interface RunningServer {
   /** Where it listens: the socket path, or `https://host:port`. */
   readonly address: string;
   close(): Promise<void>;
-}
-
-async function isAlive(path: string): Promise<boolean> {
-  return new Promise((res) => {
-    const s = connect(path);
-    s.once('connect', () => {
-      s.destroy();
-      res(true);
-    });
-    s.once('error', () => res(false));
-  });
 }
 
 function identityOf(service: KeyService, msg: unknown): { identity: string; refused?: string } {
@@ -51,10 +41,9 @@ function identityOf(service: KeyService, msg: unknown): { identity: string; refu
 
 /** Serve `service` on a Unix socket at `path` (mode 0600). A stale socket file is replaced. */
 export async function listenUnix(service: KeyService, path: string): Promise<RunningServer> {
-  if (existsSync(path)) {
-    if (await isAlive(path)) throw new CryptmapError('EKEYD_RUNNING', `a key service is already listening on ${path}`, { exitCode: 5, errno: 'EBUSY' });
-    unlinkSync(path);
-  }
+  const state = await clearStaleSocket(path);
+  if (state === 'live') throw new CryptmapError('EKEYD_RUNNING', `a key service is already listening on ${path}`, { exitCode: 5, errno: 'EBUSY' });
+  if (state === 'not-socket') throw new CryptmapError('EKEYD_SOCKET', `${path} exists and is not a socket; refusing to replace it`, { exitCode: 5, errno: 'EEXIST' });
   const sockets = new Set<Socket>();
   const server: Server = createServer((sock) => {
     sockets.add(sock);

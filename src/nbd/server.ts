@@ -14,11 +14,12 @@
  * // nbdinfo 'nbd+unix:///disk?socket=/run/cryptmap/nbd.sock'
  * await server.close();
  */
-import { chmodSync, lstatSync, unlinkSync } from 'node:fs';
-import { createConnection, createServer, type Server, type Socket } from 'node:net';
+import { chmodSync, unlinkSync } from 'node:fs';
+import { createServer, type Server, type Socket } from 'node:net';
 import { createSecureContext, type SecureContext } from 'node:tls';
 import { CryptmapError, EXIT_BUSY, fromSystemError } from '../util/errors.js';
 import { logger } from '../util/log.js';
+import { clearStaleSocket } from '../util/unix-socket.js';
 import { Connection } from './connection.js';
 import { BufferPool } from './pool.js';
 import type { ExportEntry, NbdExport, NbdServerOptions, NbdTlsMode, ResolvedLimits, ServerContext } from './types.js';
@@ -238,21 +239,7 @@ function listen(server: Server, start: () => void, what: string): Promise<void> 
 }
 
 async function removeStaleSocket(path: string): Promise<void> {
-  let st: import('node:fs').Stats;
-  try {
-    st = lstatSync(path);
-  } catch {
-    return;
-  }
-  if (!st.isSocket()) throw new CryptmapError('ENBDLISTEN', `${path} exists and is not a socket`, { errno: 'EEXIST' });
-  const live = await new Promise<boolean>((resolve) => {
-    const s = createConnection(path);
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
-  if (live) throw new CryptmapError('ENBDLISTEN', `${path} is in use by another server`, { errno: 'EBUSY', exitCode: EXIT_BUSY });
-  unlinkSync(path);
+  const state = await clearStaleSocket(path);
+  if (state === 'not-socket') throw new CryptmapError('ENBDLISTEN', `${path} exists and is not a socket`, { errno: 'EEXIST' });
+  if (state === 'live') throw new CryptmapError('ENBDLISTEN', `${path} is in use by another server`, { errno: 'EBUSY', exitCode: EXIT_BUSY });
 }
