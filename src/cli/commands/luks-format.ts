@@ -44,34 +44,40 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   await confirm(io, `This will overwrite data on ${headerFile ?? device} irrevocably.`, v['batch-mode']);
 
   let volumeKey: Buffer | undefined;
-  if (v['volume-key-file'] ?? v['master-key-file']) {
-    volumeKey = await readKeyFile(io, { keyFile: (v['volume-key-file'] ?? v['master-key-file'])!, keyfileSize: keyBits / 8 });
-    if (volumeKey.length !== keyBits / 8) throw new CryptmapError('EVK', 'Cannot read volume key file.', { exitCode: EXIT_WRONG_PARAMS });
-  }
-  const pass = await getPassphrase(
-    io,
-    `Enter passphrase for ${device}: `,
-    { keyFile, keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'), keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size') },
-    true,
-  );
-  // A detached header file is created (or grown) to hold the metadata and keyslots.
-  const hdrPath = headerFile ?? device;
-  const md = sizeOpt(v['luks2-metadata-size'], '--luks2-metadata-size');
-  const kss = sizeOpt(v['luks2-keyslots-size'], '--luks2-keyslots-size');
-  if (headerFile) {
-    const need = luks === 'luks1' ? 4096 * 512 : 2 * (md ?? 0x4000) + (kss ?? 0x1000000 - 2 * (md ?? 0x4000));
-    const st = await stat(headerFile).catch(() => null);
-    if (!st) await (await open(headerFile, 'wx', 0o600)).close();
-    if (!st || (st.isFile() && st.size < need)) await truncate(headerFile, need);
-  }
-  let sectorBytes = (sectorOpt ?? 512) as SectorBytes;
-  if (sectorOpt === undefined && luks === 'luks2') {
-    // cryptsetup picks 4096-byte sectors for images in regular files.
-    const st = await stat(device);
-    if (st.isFile() && (offsetSectors === undefined || (offsetSectors * 512) % 4096 === 0)) sectorBytes = 4096;
-  }
-  const dev = await openDevice(hdrPath, true);
+  let pass: Buffer | undefined;
+  let dev: Awaited<ReturnType<typeof openDevice>> | undefined;
+  // One cleanup path: whatever fails once a secret has been read wipes it.
   try {
+    if (v['volume-key-file'] ?? v['master-key-file']) {
+      volumeKey = await readKeyFile(io, { keyFile: (v['volume-key-file'] ?? v['master-key-file'])!, keyfileSize: keyBits / 8 });
+      if (volumeKey.length !== keyBits / 8) throw new CryptmapError('EVK', 'Cannot read volume key file.', { exitCode: EXIT_WRONG_PARAMS });
+    }
+    pass = await getPassphrase(
+      io,
+      `Enter passphrase for ${device}: `,
+      { keyFile, keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'), keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size') },
+      true,
+    );
+    // A detached header file is created (or grown) to hold the metadata and keyslots.
+    const hdrPath = headerFile ?? device;
+    const md = sizeOpt(v['luks2-metadata-size'], '--luks2-metadata-size');
+    const kss = sizeOpt(v['luks2-keyslots-size'], '--luks2-keyslots-size');
+    if (headerFile) {
+      const need = luks === 'luks1' ? 4096 * 512 : 2 * (md ?? 0x4000) + (kss ?? 0x1000000 - 2 * (md ?? 0x4000));
+      const st = await stat(headerFile).catch(() => null);
+      if (!st) await (await open(headerFile, 'wx', 0o600)).close();
+      if (!st || (st.isFile() && st.size < need)) await truncate(headerFile, need);
+    }
+    let sectorBytes = (sectorOpt ?? 512) as SectorBytes;
+    if (sectorOpt === undefined && luks === 'luks2') {
+      // cryptsetup picks 4096-byte sectors for images in regular files.
+      const st = await stat(device);
+      if (st.isFile() && (offsetSectors === undefined || (offsetSectors * 512) % 4096 === 0)) sectorBytes = 4096;
+    }
+    dev = await openDevice(hdrPath, true);
+    // Narrowed for the closure below.
+    const fmtDev = dev;
+    const fmtPass = pass;
     await withDeviceLock(hdrPath, async () => {
       const common = {
         cipher,
@@ -85,9 +91,9 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       };
       if (luks === 'luks1') {
         if (v.label || v.subsystem) throw new CryptmapError('EARGS', 'Label and subsystem are supported only for LUKS2.', { exitCode: EXIT_WRONG_PARAMS });
-        await Luks1Volume.format(dev, pass, common);
+        await Luks1Volume.format(fmtDev, fmtPass, common);
       } else {
-        await Luks2Volume.format(dev, pass, {
+        await Luks2Volume.format(fmtDev, fmtPass, {
           ...common,
           sectorBytes,
           ...(v.label !== undefined ? { label: v.label } : {}),
@@ -98,7 +104,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       }
     });
   } finally {
-    pass.fill(0);
+    pass?.fill(0);
     volumeKey?.fill(0);
     await closeQuietly(dev);
   }
