@@ -6,7 +6,7 @@
 // Figures come from the suites themselves (CRYPTMAP_RELIABILITY_OUT, one JSON line per figure).
 // Exit status 0 only when every part held and no secret leaked.
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { availableParallelism, cpus, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -38,6 +38,15 @@ function runTests(files, env) {
 
 const fmtBytes = (n) => (n >= 1 << 30 ? `${(n / 2 ** 30).toFixed(2)} GiB` : `${(n / 2 ** 20).toFixed(1)} MiB`);
 const fmtInt = (n) => n.toLocaleString('en-US');
+
+/** test/fuzz/corpus/<target>/<file> as a markdown list. */
+function corpusList() {
+  const dir = join(root, 'test', 'fuzz', 'corpus');
+  if (!existsSync(dir)) return ['- (none)'];
+  const out = [];
+  for (const t of readdirSync(dir).sort()) for (const f of readdirSync(join(dir, t)).sort()) out.push(`- \`${t}/${f}\``);
+  return out.length ? out : ['- (none)'];
+}
 
 function table(head, rows) {
   return [`| ${head.join(' | ')} |`, `|${head.map(() => '---').join('|')}|`, ...rows.map((r) => `| ${r.join(' | ')} |`)].join('\n');
@@ -127,6 +136,10 @@ async function main() {
     'Oracle: each input returns or fails with a CryptmapError, settles within 5 s, and keeps memory within 512 MiB of the start. Socket targets also require that the server hangs up or answers, cleans up the connection and keeps serving ("accepted" there means the session ended cleanly; protocol errors are answered to the client). "Accepted" inputs were valid enough to load; the rejected ones show which check caught them. "Corpus" counts the regression inputs replayed first (test/fuzz/corpus/).',
     '',
     table(['target', 'inputs', 'accepted', 'rejected (top codes)', 'corpus', 'time', 'result'], fuzzRows),
+    '',
+    'Regression inputs (each one a bug the fuzzers found, fixed, and replayed by every `npm test`):',
+    '',
+    ...corpusList(),
     '',
     '## Fault injection',
     '',
