@@ -9,7 +9,7 @@
  *   EKEYREQ            the request was malformed
  *   EKEYD_PROTO        the answer made no sense
  */
-import { readFileSync } from 'node:fs';
+import { readFileSync, statSync } from 'node:fs';
 import { request as httpsRequest } from 'node:https';
 import { connect } from 'node:net';
 import { fromHex, wipe } from '../util/bytes.js';
@@ -93,10 +93,19 @@ export function unixKeyClient(opts: UnixClientOptions): KeyClient {
   const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
   let token = opts.token;
   if (token === undefined && opts.tokenFile !== undefined) {
+    let mode: number;
     try {
+      mode = statSync(opts.tokenFile).mode;
       token = readFileSync(opts.tokenFile, 'utf8').trim();
     } catch (e) {
       throw fromSystemError('EKEYD_TOKEN', `cannot read token file ${opts.tokenFile}`, e);
+    }
+    // The token is a credential: refuse one others may have read (as the root secret file).
+    if ((mode & 0o077) !== 0) {
+      throw new CryptmapError('EKEYD_TOKEN', `token file ${opts.tokenFile} is accessible by group or others (mode ${(mode & 0o777).toString(8)}); chmod 600 it`, {
+        exitCode: EXIT_NO_PERMISSION,
+        errno: 'EPERM',
+      });
     }
   }
   let seq = 0;

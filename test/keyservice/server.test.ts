@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { readdir, readFile, stat } from 'node:fs/promises';
+import { chmod, readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { memoryAudit, openAuditFile } from '../../src/keyservice/audit.js';
@@ -55,6 +55,16 @@ test('unix socket: 0600, local and token identities, refusals audited without ke
     await assert.rejects(unixKeyClient({ socketPath: sock, token: 'forged' }).deriveKey({ purpose: 'scratch', service: 'web', volume: 'data' }), {
       code: 'EKEYD_DENIED',
     });
+    // A token file: 0600 works; one readable by others is refused before it is used.
+    const tokenFile = join(t.dir, 'client.token');
+    await writeFile(tokenFile, `${TOKEN}\n`, { mode: 0o600 });
+    const fileClient = unixKeyClient({ socketPath: sock, tokenFile });
+    (await fileClient.deriveKey({ purpose: 'scratch', service: 'db', volume: 'pgdata' })).dispose();
+    await chmod(tokenFile, 0o644);
+    assert.throws(() => unixKeyClient({ socketPath: sock, tokenFile }), { code: 'EKEYD_TOKEN', exitCode: 2 });
+    // Something that is not a socket at the socket path is never replaced.
+    await assert.rejects(listenUnix(service, tokenFile), { code: 'EKEYD_SOCKET' });
+    assert.equal((await readFile(tokenFile, 'utf8')).trim(), TOKEN);
     // A second keyd on the same socket is refused; a malformed request gets an error reply.
     await assert.rejects(listenUnix(service, sock), { code: 'EKEYD_RUNNING' });
     await srv.close();
@@ -64,7 +74,7 @@ test('unix socket: 0600, local and token identities, refusals audited without ke
     const lines = log.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
     assert.deepEqual(
       lines.map((l) => `${l.identity} ${l.service ?? '-'} ${l.result}`),
-      ['local web granted', 'local db denied', 'token:backup db granted', 'token:backup web denied', 'token:? - denied'],
+      ['local web granted', 'local db denied', 'token:backup db granted', 'token:backup web denied', 'token:? - denied', 'token:backup db granted'],
     );
     for (const v of VECTORS) assert.ok(!log.includes(v.key.slice(0, 16)), 'no key material in the audit log');
     assert.equal((await stat(auditPath)).mode & 0o777, 0o600);
