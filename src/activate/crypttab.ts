@@ -350,13 +350,24 @@ async function readKeyFile(e: CrypttabEntry, path: string, exact?: number): Prom
   }
   try {
     const offset = e.keyfileOffset ?? 0;
-    const want = e.keyfileSize ?? exact ?? KEYFILE_MAX_BYTES + 1;
+    // Without a size, read the whole file (up to the limit + 1, to notice a larger one): size the
+    // buffer from the file rather than allocating 8 MiB for a 32-byte key (devices report size 0).
+    let want = e.keyfileSize ?? exact ?? KEYFILE_MAX_BYTES + 1;
+    if (e.keyfileSize === undefined && exact === undefined) {
+      const st = await fh.stat();
+      if (st.isFile()) want = Math.min(want, Math.max(0, st.size - offset));
+    }
     const buf = Buffer.alloc(want);
     let got = 0;
-    while (got < want) {
-      const { bytesRead } = await fh.read(buf, got, want - got, offset + got);
-      if (bytesRead === 0) break;
-      got += bytesRead;
+    try {
+      while (got < want) {
+        const { bytesRead } = await fh.read(buf, got, want - got, offset + got);
+        if (bytesRead === 0) break;
+        got += bytesRead;
+      }
+    } catch (err) {
+      buf.fill(0);
+      throw fromSystemError('ECRYPTTAB_KEY', `${where}: cannot read key file ${path}`, err);
     }
     if (e.keyfileSize === undefined && exact === undefined && got > KEYFILE_MAX_BYTES) {
       buf.fill(0);

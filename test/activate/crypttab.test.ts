@@ -114,6 +114,8 @@ test('key resolution: key files with offset/size, random keys, key dirs, typed p
       'lp /dev/a none luks',
       'kd /dev/a none plain,size=128',
       `short /dev/a ${kf} plain,size=512,keyfile-offset=60`,
+      `big /dev/a ${join(dir, 'big')} luks`,
+      `lwo /dev/a ${kf} luks,keyfile-offset=90`,
     ].join('\n');
     const e = Object.fromEntries(parseCrypttab(text, 'ct').map((x) => [x.name, x]));
     const hex = async (name: string, o = {}) => {
@@ -135,6 +137,10 @@ test('key resolution: key files with offset/size, random keys, key dirs, typed p
     await writeFile(join(dir, 'keys.d', 'kd.key'), Buffer.alloc(16, 0xaa), { mode: 0o600 });
     assert.deepEqual(await hex('kd'), ['volumeKey', 'aa'.repeat(16)]);
     await assert.rejects(resolveCrypttabKey(e.short!), /ct:8: short: key file .* has 40 bytes after keyfile-offset=60; 64 needed/);
+    // Whole-file reads: the rest after an offset; a file past the 8 MiB limit is refused.
+    assert.deepEqual(await hex('lwo'), ['passphrase', '5a5b5c5d5e5f60616263']);
+    await writeFile(join(dir, 'big'), Buffer.alloc(8192 * 1024 + 1, 1), { mode: 0o600 });
+    await assert.rejects(resolveCrypttabKey(e.big!), /ct:9: big: key file .* is larger than 8388608 bytes; set keyfile-size=/);
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
