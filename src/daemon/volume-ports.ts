@@ -63,6 +63,8 @@ const PACKAGE_OF: Record<string, string> = {
   'mkfs.ext4': 'e2fsprogs',
   'mkfs.ext3': 'e2fsprogs',
   'mkfs.ext2': 'e2fsprogs',
+  'mkfs.xfs': 'xfsprogs',
+  'mkfs.btrfs': 'btrfs-progs',
   mkswap: 'util-linux',
   swapon: 'util-linux',
   swapoff: 'util-linux',

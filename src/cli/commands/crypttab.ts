@@ -10,7 +10,6 @@
  * already active is left alone. `nofail` entries report their errors without failing the command.
  * close: detach (when attached) and close each entry's mapping.
  */
-import { execFile } from 'node:child_process';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -18,6 +17,7 @@ import { type CrypttabEntry, parseCrypttab, plainParams, resolveCrypttabKey } fr
 import { type CryptMapping, prepareLuks, preparePlain } from '../../activate/mapping.js';
 import type { ControlClient } from '../../control/client.js';
 import type { VolumeStatus } from '../../daemon/core.js';
+import { runTool } from '../../daemon/volume-ports.js';
 import type { SectorBytes } from '../../engine/types.js';
 import type { AttachInfo } from '../../nbd/attach.js';
 import { CryptmapError, EXIT_WRONG_PARAMS, fromSystemError, isCryptmapError } from '../../util/errors.js';
@@ -35,16 +35,6 @@ const BY_DIR: Record<string, string> = { uuid: '/dev/disk/by-uuid', partuuid: '/
 function devicePath(e: CrypttabEntry): string {
   if (e.device.kind === 'path') return e.device.path;
   return join(BY_DIR[e.device.kind]!, e.device.value);
-}
-
-function run(cmd: string, args: string[]): Promise<void> {
-  return new Promise((res, rej) =>
-    execFile(cmd, args, { encoding: 'utf8' }, (err, _out, stderr) => {
-      if (!err) return res();
-      const missing = (err as NodeJS.ErrnoException).code === 'ENOENT';
-      rej(new CryptmapError('ETOOL', missing ? `${cmd} is not installed (Debian package ${cmd === 'mkswap' ? 'util-linux' : 'e2fsprogs'})` : `${cmd} ${args.join(' ')} failed: ${stderr.trim()}`));
-    }),
-  );
 }
 
 async function prepare(e: CrypttabEntry, io: CliIO): Promise<{ mapping: CryptMapping; volumeKey: Secret }> {
@@ -101,8 +91,8 @@ async function openEntry(c: ControlClient, e: CrypttabEntry, io: CliIO): Promise
     try {
       const info = await c.call<AttachInfo>('attach', { name: e.name });
       where = info.devicePath;
-      if (e.type === 'swap') await run('mkswap', [info.devicePath]);
-      else await run(`mkfs.${e.tmpFilesystem ?? 'ext4'}`, ['-q', '-F', info.devicePath]);
+      if (e.type === 'swap') await runTool('mkswap', [info.devicePath]);
+      else await runTool(`mkfs.${e.tmpFilesystem ?? 'ext4'}`, ['-q', '-F', info.devicePath]);
     } catch (err) {
       await c.call('volume.close', { name: e.name, force: true }).catch(() => {});
       throw err;
