@@ -6,6 +6,7 @@
  */
 import { CryptmapError, EXIT_BUSY } from '../util/errors.js';
 import { type StatePort, targetOfRecord } from './apply.js';
+import { deleteBackingFile, probeBackingFile } from './file-ops.js';
 import type { VolumePorts, VolumeTarget } from './ports.js';
 
 export interface DeleteOptions {
@@ -34,3 +35,29 @@ export async function deleteVolume(opts: DeleteOptions): Promise<{ path: string 
   await opts.store.save(state);
   return { path: r.path };
 }
+
+/** Ports for a stopped agent (what `cryptmap volume delete` uses): files only, since nothing can be open without the agent process. */
+export function stoppedAgentPorts(): VolumePorts {
+  const no = async (): Promise<never> => {
+    throw new CryptmapError('EINTERNAL', 'not available without a running agent');
+  };
+  return {
+    async probe(t) {
+      const f = await probeBackingFile(t.path);
+      const p = { fileExists: f.exists, open: false, attached: false, mounted: false };
+      return f.bytes === undefined ? p : { ...p, fileBytes: f.bytes, isLuks: f.isLuks ?? false };
+    },
+    createFile: no,
+    deleteFile: (t) => deleteBackingFile(t.path),
+    format: no,
+    open: no,
+    openPlain: no,
+    close: no,
+    attach: no,
+    detach: no,
+    mkfs: no,
+    mount: no,
+    unmount: no,
+  };
+}
+

@@ -6,41 +6,15 @@
  */
 import { parseArgs } from 'node:util';
 import { AGENT_VOLUME_DIR, runningAgentPid } from '../../daemon/agent-host.js';
-import { deleteVolume } from '../../reconciler/delete.js';
-import { deleteBackingFile, probeBackingFile } from '../../reconciler/file-ops.js';
+import { deleteVolume, stoppedAgentPorts } from '../../reconciler/delete.js';
 import { loadManifest } from '../../reconciler/manifest.js';
 import { desiredVolumes } from '../../reconciler/plan.js';
-import type { VolumePorts, VolumeTarget } from '../../reconciler/ports.js';
+import type { VolumeTarget } from '../../reconciler/ports.js';
 import { StateStore } from '../../reconciler/state.js';
 import { CryptmapError, EXIT_BUSY, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { VerbMain } from '../types.js';
 
 const USAGE = 'usage: cryptmap volume delete ID --state-dir DIR [--manifest FILE]\n';
-
-/** Ports for a stopped agent: files only (nothing can be open without the agent process). */
-function filePorts(): VolumePorts {
-  const no = async (): Promise<never> => {
-    throw new CryptmapError('EINTERNAL', 'not available without a running agent');
-  };
-  return {
-    async probe(t) {
-      const f = await probeBackingFile(t.path);
-      const p = { fileExists: f.exists, open: false, attached: false, mounted: false };
-      return f.bytes === undefined ? p : { ...p, fileBytes: f.bytes, isLuks: f.isLuks ?? false };
-    },
-    createFile: no,
-    deleteFile: (t) => deleteBackingFile(t.path),
-    format: no,
-    open: no,
-    openPlain: no,
-    close: no,
-    attach: no,
-    detach: no,
-    mkfs: no,
-    mount: no,
-    unmount: no,
-  };
-}
 
 const volume: VerbMain = async (argv, io) => {
   let parsed: ReturnType<typeof parseArgs<{ options: { 'state-dir': { type: 'string' }; manifest: { type: 'string' }; help: { type: 'boolean'; short: 'h' } }; allowPositionals: true; strict: true }>>;
@@ -79,7 +53,7 @@ const volume: VerbMain = async (argv, io) => {
     }
     desired = [];
   }
-  const { path } = await deleteVolume({ id, store, ports: filePorts(), desired });
+  const { path } = await deleteVolume({ id, store, ports: stoppedAgentPorts(), desired });
   io.stdout.write(`deleted ${id} (${path})\n`);
   return 0;
 };
