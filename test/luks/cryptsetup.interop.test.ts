@@ -3,17 +3,18 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { chmodSync, mkdtempSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Writable } from 'node:stream';
 import { after, before, test } from 'node:test';
 import { FileDevice } from '../../src/blockdev/file.js';
 import { main } from '../../src/cli/main.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import { openLuks } from '../../src/luks/index.js';
+import { interopTools, Sink } from './helpers.js';
 
 let dir = '';
+const { run, cs, image } = interopTools(() => dir);
 const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 const FAST_ARGON = ['--pbkdf', 'argon2id', '--pbkdf-force-iterations', '4', '--pbkdf-memory', '32768', '--pbkdf-parallel', '1'];
 
@@ -21,32 +22,10 @@ function tool(cmd: string, pkg: string): void {
   const r = spawnSync('sh', ['-c', `command -v ${cmd}`]);
   if (r.status !== 0) assert.fail(`${cmd} is missing: install the Debian package ${pkg} (scripts/install-deps.sh)`);
 }
-function run(cmd: string, args: string[], input?: Buffer | string): { code: number; out: string; err: string } {
-  const r = spawnSync(cmd, args, { input, cwd: dir, env: { ...process.env, LC_ALL: 'C' } });
-  return { code: r.status ?? -1, out: r.stdout?.toString() ?? '', err: r.stderr?.toString() ?? '' };
-}
-function cs(...args: string[]): string {
-  const r = run('cryptsetup', args);
-  assert.equal(r.code, 0, `cryptsetup ${args.join(' ')} failed: ${r.err}`);
-  return r.out;
-}
 function keyFile(name: string, content: string | Buffer): string {
   const p = join(dir, name);
   writeFileSync(p, content, { mode: 0o600 });
   return p;
-}
-function image(name: string, size = 20 << 20): string {
-  const p = join(dir, name);
-  writeFileSync(p, '');
-  truncateSync(p, size);
-  return p;
-}
-class Sink extends Writable {
-  data = '';
-  override _write(c: Buffer, _e: string, cb: () => void) {
-    this.data += c.toString();
-    cb();
-  }
 }
 async function cm(...argv: string[]): Promise<{ code: number; out: string; err: string }> {
   const stdout = new Sink();

@@ -5,10 +5,10 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmodSync, copyFileSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { chmodSync, copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Readable, Writable } from 'node:stream';
+import { Readable } from 'node:stream';
 import { after, before, test } from 'node:test';
 import { FileDevice } from '../../src/blockdev/file.js';
 import { parseLuksArgs, resetStdin, testPassphrase } from '../../src/cli/commands/luks-common.js';
@@ -16,34 +16,14 @@ import { main } from '../../src/cli/main.js';
 import type { CliIO } from '../../src/cli/types.js';
 import { type Luks2Volume, openLuks, unlockByToken } from '../../src/luks/index.js';
 import { isCryptmapError } from '../../src/util/errors.js';
+import { interopTools, Sink } from './helpers.js';
 
 let dir = '';
+const { run, cs, image } = interopTools(() => dir);
 let key = '';
 const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 const MD = 16384;
 
-function run(cmd: string, args: string[], input?: string): { code: number; out: string; err: string } {
-  const r = spawnSync(cmd, args, { input, cwd: dir, env: { ...process.env, LC_ALL: 'C' } });
-  return { code: r.status ?? -1, out: r.stdout?.toString() ?? '', err: r.stderr?.toString() ?? '' };
-}
-function cs(...args: string[]): string {
-  const r = run('cryptsetup', args);
-  assert.equal(r.code, 0, `cryptsetup ${args.join(' ')} failed: ${r.err}`);
-  return r.out;
-}
-function image(name: string, size = 20 << 20): string {
-  const p = join(dir, name);
-  writeFileSync(p, '');
-  truncateSync(p, size);
-  return p;
-}
-class Sink extends Writable {
-  data = '';
-  override _write(c: Buffer, _e: string, cb: () => void) {
-    this.data += c.toString();
-    cb();
-  }
-}
 function io(input: string[] = [], tty = false): CliIO & { stdout: Sink; stderr: Sink } {
   const stdin = Readable.from(input) as unknown as CliIO['stdin'];
   if (tty) Object.assign(stdin, { isTTY: true });
