@@ -13,7 +13,7 @@
  */
 import type { BlockDevice } from '../../blockdev/types.js';
 import { availableParallelism } from 'node:os';
-import { createSectorCipher, DEFAULT_ASYNC_MIN_BYTES, parseCipherSpec } from '../../engine/index.js';
+import { createSectorCipher, parseCipherSpec } from '../../engine/index.js';
 import type { SectorBytes, SectorCipher } from '../../engine/index.js';
 import { isPowerOfTwo, parseU64, toHex } from '../../util/bytes.js';
 import { CryptmapError, isCryptmapError } from '../../util/errors.js';
@@ -34,14 +34,17 @@ const SCRATCH_MIN_BYTES = 16384;
 /** Idle scratch memory kept per target. */
 const SCRATCH_IDLE_BYTES = 16 << 20;
 /**
- * Requests below this are en/decrypted on the calling thread, larger ones in the engine's crypt
- * pool. A hand-off to the pool costs ~15-25 us of CPU (promise, references, a futex wake, the
- * completion callback), 30-50 % of a 256 KiB AES-XTS run, and only pays when a core is idle to take
- * it. With two CPUs or fewer the NBD client and the main thread keep both busy: bench:serve
- * (nbdcopy, 256 KiB requests, 2 cores, load ~5) measured the crypt volume's server CPU at 1.0 s/GiB
- * write / 0.78 read through the pool against 0.84 / 0.70 on the calling thread (plain: 0.66 / 0.57).
+ * Writes below this are encrypted on the calling thread, larger ones in the engine's crypt pool
+ * (reads keep the engine's default: the pool from 64 KiB). A hand-off to the pool costs ~15-25 us
+ * of CPU (promise, references, a futex wake, the completion callback), 30-50 % of a 256 KiB
+ * AES-XTS run, and pays only when a core is idle to take it. With two CPUs or fewer, a writing NBD
+ * client (reading its source, sending) and the main thread keep both busy: bench:serve (nbdcopy,
+ * 256 KiB requests, 2 cores, load ~5) measured crypt write server CPU at 1.0 s/GiB through the pool
+ * against 0.84 on the calling thread (plain 0.66) at the same MB/s ratio. Reads on the calling thread
+ * saved less (0.78 -> 0.70) and lost wall time when a core was free (crypt/plain 0.75 against
+ * 0.86-1.0): a reading client leaves the second core idle more often.
  */
-const ASYNC_MIN_BYTES = availableParallelism() > 2 ? DEFAULT_ASYNC_MIN_BYTES : 1 << 20;
+const WRITE_ASYNC_MIN_BYTES = availableParallelism() > 2 ? 0 : 1 << 20;
 
 /**
  * Write scratch buffers (the ciphertext of a write; the caller's data stays untouched), reused by
@@ -204,7 +207,6 @@ export const crypt: TargetType = {
         ivLargeSectors,
         ivOffsetSectors,
         sameCpu: flags.has('same_cpu_crypt'),
-        asyncMinBytes: ASYNC_MIN_BYTES,
       });
     const scratch = new ScratchPool();
     const dispose = () => {
@@ -252,13 +254,15 @@ export const crypt: TargetType = {
           const c = live();
           if (wflags?.scratch) {
             // The caller gave up the plaintext (an NBD WRITE payload): encrypt in place, no copy.
-            await c.encryptAsync(data, BigInt(o / 512));
+            if (data.length < WRITE_ASYNC_MIN_BYTES) c.encrypt(data, BigInt(o / 512));
+            else await c.encryptAsync(data, BigInt(o / 512));
             await dev.write(base + o, data, wflags);
             return;
           }
           const buf = scratch.acquire(data.length);
           try {
-            await c.encryptAsync(data, BigInt(o / 512), buf);
+            if (data.length < WRITE_ASYNC_MIN_BYTES) c.encrypt(data, BigInt(o / 512), buf);
+            else await c.encryptAsync(data, BigInt(o / 512), buf);
             await dev.write(base + o, buf, wflags);
           } finally {
             scratch.release(buf);
