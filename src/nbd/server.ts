@@ -21,6 +21,7 @@ import { CryptmapError, EXIT_BUSY, fromSystemError } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import { clearStaleSocket } from '../util/unix-socket.js';
 import { Connection } from './connection.js';
+import { PayloadBudget } from './budget.js';
 import { BufferPool } from './pool.js';
 import type { ExportEntry, NbdExport, NbdServerOptions, NbdTlsMode, ResolvedLimits, ServerContext } from './types.js';
 
@@ -88,6 +89,7 @@ export class NbdServer {
       secureContext: this.#secureContext,
       verifyClient: this.#verifyClient,
       pool: new BufferPool(num(opts.bufferPoolBytes, 64 << 20, 0, 2 ** 40, 'bufferPoolBytes')),
+      budget: new PayloadBudget(num(opts.maxServerInflightBytes, 256 << 20, 1 << 20, 2 ** 40, 'maxServerInflightBytes')),
     };
   }
 
@@ -127,6 +129,11 @@ export class NbdServer {
     } finally {
       this.#exports.delete(name);
     }
+  }
+
+  /** READ/WRITE payload bytes in flight across all connections (bounded by maxServerInflightBytes). */
+  get payloadBytesInFlight(): number {
+    return this.#ctx.budget.usedBytes;
   }
 
   hasExport(name: string): boolean {

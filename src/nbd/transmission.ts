@@ -518,6 +518,7 @@ async function execute(conn: Connection, ops: CommandOps, req: Request, data: Bu
     replyError(conn, req, error, `${ops.name} failed: ${NBD_ERROR_TEXT[error] ?? 'error'}`);
   } finally {
     conn.finished(cost);
+    conn.server.budget.release(cost);
   }
 }
 
@@ -556,7 +557,17 @@ export async function transmit(conn: Connection): Promise<void> {
         replyError(conn, req, bad.error, bad.why);
         continue;
       }
-      const data = req.type === NBD_CMD_WRITE ? await rx.read(req.length, conn.payloadAlloc) : null;
+      // Server-wide budget before the payload is read (the receive queue pauses while we wait).
+      const grant = conn.server.budget.acquire(cost);
+      if (grant) await grant;
+      let data: Buffer | null = null;
+      try {
+        if (conn.draining || !conn.writable) throw new ConnectionClosed();
+        if (req.type === NBD_CMD_WRITE) data = await rx.read(req.length, conn.payloadAlloc);
+      } catch (e) {
+        conn.server.budget.release(cost);
+        throw e;
+      }
       conn.started(cost);
       void execute(conn, ops!, req, data, cost);
     }

@@ -40,6 +40,8 @@ export interface NbdServerOptions {
   maxInflightBytes?: number;
   /** Requests in flight per connection. Default 256. */
   maxInflightRequests?: number;
+  /** READ/WRITE payload bytes in flight across all connections (budget.ts). Default 256 MiB. */
+  maxServerInflightBytes?: number;
   /** Largest option data accepted during the handshake; larger ⇒ hard disconnect. Default 64 KiB. */
   maxOptionBytes?: number;
   /** Options accepted per connection before the server gives up on it. Default 256. */
@@ -87,4 +89,5 @@ export interface ServerContext {
   readonly secureContext: import('node:tls').SecureContext | undefined;
   readonly verifyClient: boolean;
   readonly pool: import('./pool.js').BufferPool;
+  readonly budget: import('./budget.js').PayloadBudget;
 }
