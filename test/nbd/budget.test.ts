@@ -37,6 +37,9 @@ test('many clients starting large WRITEs: the server never holds more than its b
       c.sendRequest(NBD_CMD_WRITE, i * MiB, MiB, { cookie: BigInt(i) });
       c.send(payloads[i]!.subarray(0, MiB / 2));
     });
+    // Wait (bounded) until the server has parsed a WRITE header and granted it, then check that the
+    // grant stays the only one while every other client waits with its payload unread.
+    for (let k = 0; k < 500 && g.server.payloadBytesInFlight === 0; k++) await new Promise((r) => setTimeout(r, 10));
     for (let k = 0; k < 20; k++) {
       await new Promise((r) => setTimeout(r, 10));
       assert.equal(g.server.payloadBytesInFlight, MiB, "exactly one WRITE holds the budget; the others wait unread");
