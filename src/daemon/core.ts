@@ -5,7 +5,6 @@
  *
  * Lifecycle per name is serialised by a promise chain; data I/O never waits on it.
  */
-import { readFileSync } from 'node:fs';
 import type { CryptMapping } from '../activate/mapping.js';
 import { cryptTableLine, dmUuid, keyDescription, keyRefArg } from '../activate/mapping.js';
 import type { BlockDevice } from '../blockdev/types.js';
@@ -14,25 +13,11 @@ import { type AttachInfo, attachExport, detachExport, NbdServer, nbdUnixUri } fr
 import type { NbdServerOptions } from '../nbd/types.js';
 import { CryptmapError, EXIT_BUSY, EXIT_WRONG_DEVICE } from '../util/errors.js';
 import { logger } from '../util/log.js';
+import { mountedAt } from '../util/tools.js';
 import type { Secret } from '../util/secret.js';
 import { Keyring } from './keyring.js';
 
 const log = logger('daemon');
-
-/** Where `devicePath` is mounted (first match in /proc/self/mounts), if anywhere. */
-export function mountedAt(devicePath: string): string | undefined {
-  let text: string;
-  try {
-    text = readFileSync('/proc/self/mounts', 'utf8');
-  } catch {
-    return undefined;
-  }
-  for (const line of text.split('\n')) {
-    const [dev, at] = line.split(' ');
-    if (dev === devicePath && at !== undefined) return at.replace(/\\040/g, ' ');
-  }
-  return undefined;
-}
 
 export interface DaemonCoreOptions {
   /** Unix socket the NBD server listens on (exports are reached through it). */

@@ -19,7 +19,6 @@
  * are handed to the DaemonCore in memory. Nothing here blocks the event loop near a FUSE file or an
  * attached device: the NBD server that answers them runs in this process (see nbd/attach.ts).
  */
-import { execFile } from 'node:child_process';
 import { constants, existsSync, promises as fs, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { prepareLuks, preparePlain } from '../activate/mapping.js';
@@ -28,8 +27,9 @@ import { openLuks } from '../luks/index.js';
 import { Luks2Volume } from '../luks/luks2.js';
 import { createSparseFile, deleteBackingFile, probeBackingFile } from '../reconciler/file-ops.js';
 import { type AttachInfo, VOLUME_KEYSLOT_PBKDF, type VolumePorts, type VolumeProbe, type VolumeTarget } from '../reconciler/ports.js';
-import { CryptmapError, EXIT_FAILURE, isCryptmapError } from '../util/errors.js';
+import { CryptmapError, isCryptmapError } from '../util/errors.js';
 import { logger } from '../util/log.js';
+import { mounts, resolveTool, runTool as runUtilTool, unescapeMount } from '../util/tools.js';
 import type { Secret } from '../util/secret.js';
 import type { DaemonCore } from './core.js';
 
@@ -59,62 +59,8 @@ export interface DataPathPortsOptions {
   run?: Runner;
 }
 
-const PACKAGE_OF: Record<string, string> = {
-  'mkfs.ext4': 'e2fsprogs',
-  'mkfs.ext3': 'e2fsprogs',
-  'mkfs.ext2': 'e2fsprogs',
-  'mkfs.xfs': 'xfsprogs',
-  'mkfs.btrfs': 'btrfs-progs',
-  mkswap: 'util-linux',
-  swapon: 'util-linux',
-  swapoff: 'util-linux',
-  mount: 'mount',
-  umount: 'mount',
-};
-
-/** `cmd` on PATH, else in /usr/sbin or /sbin (not on an ordinary user's PATH on Debian). */
-function resolveTool(cmd: string): string {
-  if (cmd.includes('/')) return cmd;
-  for (const d of [...(process.env.PATH ?? '').split(':').filter(Boolean), '/usr/sbin', '/sbin']) {
-    if (existsSync(join(d, cmd))) return join(d, cmd);
-  }
-  return cmd;
-}
-
-/** execFile with a CryptmapError naming the tool (and its Debian package when it is missing). */
-export const runTool: Runner = (cmd, args) =>
-  new Promise((res, rej) => {
-    execFile(resolveTool(cmd), args, { encoding: 'utf8', timeout: 120_000 }, (err, stdout, stderr) => {
-      if (!err) return res(stdout);
-      const missing = (err as NodeJS.ErrnoException).code === 'ENOENT';
-      rej(
-        new CryptmapError('ETOOL', missing ? `${cmd} is not installed (Debian package ${PACKAGE_OF[cmd] ?? cmd})` : `${cmd} ${args.join(' ')} failed: ${(stderr || err.message).trim()}`, {
-          exitCode: EXIT_FAILURE,
-          errno: 'EIO',
-          cause: err,
-        }),
-      );
-    });
-  });
-
-/** Lines of /proc/self/mounts as [source, mountpoint]. */
-function mounts(): [string, string][] {
-  try {
-    return readFileSync('/proc/self/mounts', 'utf8')
-      .split('\n')
-      .filter(Boolean)
-      .map((l) => {
-        const f = l.split(' ');
-        return [unescapeMount(f[0] ?? ''), unescapeMount(f[1] ?? '')];
-      });
-  } catch {
-    return [];
-  }
-}
-
-function unescapeMount(s: string): string {
-  return s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(Number.parseInt(o, 8)));
-}
+/** The system-tool runner (util/tools.ts), as the ports' default Runner. */
+export const runTool: Runner = (cmd, args) => runUtilTool(cmd, args);
 
 /** Devices swapped on (/proc/swaps). */
 function swaps(): string[] {

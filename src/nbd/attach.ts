@@ -15,12 +15,13 @@
  * block device synchronously: a blocking call would stall the event loop that must answer the NBD
  * requests the kernel makes meanwhile (deadlock). Only fs/promises and spawned tools go near them.
  */
-import { execFile, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { CryptmapError, EXIT_FAILURE } from '../util/errors.js';
+import { CryptmapError } from '../util/errors.js';
+import { runTool } from '../util/tools.js';
 import { nbdUnixUri } from './uri.js';
 
 export type AttachMethod = 'kernel' | 'fuse';
@@ -66,29 +67,7 @@ export interface AttachInfo {
 
 const SYS_NBD_MODULE = '/sys/module/nbd';
 
-function run(cmd: string, args: string[], timeoutMs = 60_000): Promise<string> {
-  return new Promise((resolve, reject) => {
-    execFile(cmd, args, { timeout: timeoutMs, encoding: 'utf8' }, (err, stdout, stderr) => {
-      if (err) {
-        const missing = (err as NodeJS.ErrnoException).code === 'ENOENT';
-        reject(
-          new CryptmapError(
-            'EATTACH',
-            missing ? `${cmd} is not installed (${PACKAGE_OF[cmd] ?? cmd})` : `${cmd} ${args.join(' ')} failed: ${(stderr || err.message).trim()}`,
-            { errno: 'EIO', exitCode: EXIT_FAILURE, cause: err },
-          ),
-        );
-      } else resolve(stdout);
-    });
-  });
-}
-
-const PACKAGE_OF: Record<string, string> = {
-  nbdfuse: 'Debian package libnbd-bin',
-  losetup: 'Debian package util-linux',
-  fusermount3: 'Debian package fuse3',
-  'nbd-client': 'Debian package nbd-client',
-};
+const run = (cmd: string, args: string[], timeoutMs = 60_000): Promise<string> => runTool(cmd, args, { code: 'EATTACH', timeoutMs });
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
