@@ -33,7 +33,7 @@ swap:
     size: 4M
 `;
 
-test('as root: attach, mkfs.ext4, mount; files survive an agent restart; swapon through FUSE refused', { skip: isRoot ? false : 'needs root (CI runs as root)' }, async () => {
+test('as root: attach, mkfs.ext4, mount; files survive an agent restart; swapon through FUSE refused', { skip: isRoot || process.env.CI ? false : 'needs root (CI runs as root)' }, async () => {
   assert.equal(detectServeMode().mode, 'attach', 'as root here, attach (nbd module, or /dev/fuse + /dev/loop-control) must be possible');
   const t = await tempDir('cryptmap-agent-mount-');
   const manifest = parseManifest(MANIFEST);
@@ -76,7 +76,7 @@ test('as root: attach, mkfs.ext4, mount; files survive an agent restart; swapon 
   }
 });
 
-test('as root: a full disk during format rolls back (no file, no record), and the next run on a roomier disk converges', { skip: isRoot ? false : 'needs root (tmpfs mount)' }, async () => {
+test('as root: a full disk during format rolls back (no file, no record), and the next run on a roomier disk converges', { skip: isRoot || process.env.CI ? false : 'needs root (tmpfs mount)' }, async () => {
   const t = await tempDir('cryptmap-agent-full-');
   const state = join(t.dir, 'state');
   const manifest = parseManifest('version: 1\nservices:\n  - name: db\n    volumes:\n      - name: data\n        size: 8M\n        class: persistent\n        filesystem: none\n');
