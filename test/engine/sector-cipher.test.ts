@@ -8,7 +8,7 @@ import { describe, it } from 'node:test';
 import fc from 'fast-check';
 import type { SectorBytes } from '../../src/engine/index.js';
 import { TEST_BACKENDS } from './backends.js';
-import { createSectorCipher, isCryptmapError } from './imports.js';
+import { createSectorCipher, isCryptmapError, setCryptThreads } from './imports.js';
 import { refCrypt } from './reference.js';
 
 const SPECS: { spec: string; chain: string; iv: string | undefined; opts?: string; keys: number[] }[] = [
@@ -242,6 +242,38 @@ for (const backend of TEST_BACKENDS) {
       await s.encryptAsync(t, 0n);
       assert.ok(t.equals(want));
       s.dispose();
+    });
+
+    it('a deep queue of large requests (completions delivered in batches) settles every request with the right bytes', async () => {
+      const key = rng(14)(64);
+      const c = createSectorCipher({ spec: 'aes-xts-plain64', key, sectorBytes: 4096, backend, asyncMinBytes: 0 });
+      const mib = 1 << 20;
+      const data = rng(15)(24 * mib);
+      const want = Buffer.alloc(data.length);
+      c.encrypt(data, 0n, want);
+      for (const threads of [1, 2]) {
+        const prev = setCryptThreads(threads);
+        try {
+          // 24 requests of 1 MiB in flight plus small ones mixed in: the pool holds completions back
+          // while its queue is deep; every promise must still settle, in any order, with the right bytes.
+          const got = Buffer.from(data);
+          const settled: number[] = [];
+          await Promise.all(
+            Array.from({ length: 24 }, async (_, i) => {
+              await c.encryptAsync(got.subarray(i * mib, (i + 1) * mib), BigInt((i * mib) / 512));
+              settled.push(i);
+            }),
+          );
+          assert.equal(settled.length, 24);
+          assert.ok(got.equals(want), `pool of ${threads}: ciphertext differs`);
+          const small = Buffer.from(data.subarray(0, 4096));
+          await c.decryptAsync(Buffer.from(want.subarray(0, 4096)), 0n, small);
+          assert.ok(small.equals(data.subarray(0, 4096)));
+        } finally {
+          if (prev > 0) setCryptThreads(prev);
+        }
+      }
+      c.dispose();
     });
 
     it('rejects bad input with stable codes', async () => {
