@@ -16,7 +16,10 @@
  *     context set from a small per-key free list, so requests on one key can run on several threads;
  *   - async runs go to our own crypt thread pool (like dm-crypt's kcryptd workqueue; size settable,
  *     default the CPU count), completions come back through a thread-safe function: no copies,
- *     buffers pinned by references until the promise settles.
+ *     buffers pinned by references until the promise settles; while the queue is deep, completions
+ *     are delivered in batches (see pool_worker);
+ *   - a job may carry its file I/O (cipherRunFileAsync): pread then decrypt, or encrypt then pwrite,
+ *     on the same crypt thread, so a file-backed crypt target needs one hand-off per request.
  */
 #define NAPI_VERSION 8
 #define _GNU_SOURCE
@@ -33,7 +36,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#define ABI_VERSION 1
+#define ABI_VERSION 2
 
 enum { CH_XTS = 0, CH_CBC = 1, CH_ECB = 2, CH_NULL = 3 };
 enum { IV_NULL = 0, IV_PLAIN = 1, IV_PLAIN64 = 2, IV_PLAIN64BE = 3, IV_ESSIV = 4, IV_BENBI = 5 };
@@ -574,13 +577,47 @@ static napi_value cipher_run(napi_env env, napi_callback_info info) {
  * at 6 GB/s, longer than a wake-up of the JS thread takes (see pool_worker). */
 #define WAKE_QUEUE_BYTES (512u * 1024u)
 
+/* File I/O fused with a job (cipherRunFileAsync): pread before decrypting, pwrite after encrypting. */
+enum { IO_NONE = 0, IO_PREAD = 1, IO_PWRITE = 2 };
+
 typedef struct job {
   struct job *next;
   napi_deferred deferred;
   napi_ref h_ref, src_ref, dst_ref;
   run_args r;
+  int io, fd;
+  int64_t foff;
   int ok;
+  int err; /* errno of the failed pread/pwrite; -1: end of file in a pread; 0: none */
 } job;
+
+/* pread/pwrite all of n bytes (short transfers retried, EINTR retried). 0, an errno, or -1 at end of file. */
+static int full_io(int io, int fd, uint8_t *p, size_t n, int64_t off) {
+  while (n > 0) {
+    ssize_t r = io == IO_PREAD ? pread(fd, p, n, (off_t)off) : pwrite(fd, p, n, (off_t)off);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (r == 0) return io == IO_PREAD ? -1 : EIO;
+    p += r;
+    n -= (size_t)r;
+    off += r;
+  }
+  return 0;
+}
+
+/* The work of one job on a crypt thread. */
+static void job_run(job *j) {
+  run_args *r = &j->r;
+  size_t len = (size_t)r->count * (size_t)r->k->sector_bytes;
+  if (j->io == IO_PREAD && (j->err = full_io(IO_PREAD, j->fd, r->src, len, j->foff)) != 0) {
+    j->ok = 0;
+    return;
+  }
+  j->ok = r->count == 0 || run(r->k, r->enc, r->src, r->dst, r->count, r->s, r->step);
+  if (j->ok && j->io == IO_PWRITE && (j->err = full_io(IO_PWRITE, j->fd, r->dst, len, j->foff)) != 0) j->ok = 0;
+}
 
 typedef struct {
   pthread_mutex_t mu;
@@ -611,9 +648,28 @@ static void job_finish(napi_env env, job *j) {
     napi_resolve_deferred(env, j->deferred, v);
   } else {
     napi_value code, msg;
-    napi_create_string_utf8(env, "ENATIVE", NAPI_AUTO_LENGTH, &code);
-    napi_create_string_utf8(env, "OpenSSL cipher operation failed", NAPI_AUTO_LENGTH, &msg);
+    char text[160];
+    const char *c = "ENATIVE";
+    if (j->err == -1) {
+      c = "ESHORTIO";
+      snprintf(text, sizeof text, "end of file reading %zu bytes at %lld", (size_t)j->r.count * (size_t)j->r.k->sector_bytes, (long long)j->foff);
+    } else if (j->err != 0) {
+      const char *name = strerrorname_np(j->err);
+      c = name ? name : "EIO";
+      snprintf(text, sizeof text, "%s of %zu bytes at %lld: %s", j->io == IO_PREAD ? "pread" : "pwrite", (size_t)j->r.count * (size_t)j->r.k->sector_bytes,
+               (long long)j->foff, strerror(j->err));
+    } else {
+      snprintf(text, sizeof text, "OpenSSL cipher operation failed");
+    }
+    napi_create_string_utf8(env, c, NAPI_AUTO_LENGTH, &code);
+    napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &msg);
     napi_create_error(env, code, msg, &v);
+    if (j->err > 0) {
+      napi_value en;
+      napi_create_int32(env, -j->err, &en);
+      napi_set_named_property(env, v, "errno", en);
+      napi_set_named_property(env, v, "syscall", msg);
+    }
     napi_reject_deferred(env, j->deferred, v);
   }
   napi_delete_reference(env, j->h_ref);
@@ -659,7 +715,7 @@ static void *pool_worker(void *arg) {
     p->queued--;
     p->queued_bytes -= (size_t)j->r.count * (size_t)j->r.k->sector_bytes;
     pthread_mutex_unlock(&p->mu);
-    j->ok = run(j->r.k, j->r.enc, j->r.src, j->r.dst, j->r.count, j->r.s, j->r.step);
+    job_run(j);
     /*
      * Completion batching. Each wake-up of the JS thread costs an eventfd write, often an IPI and two
      * context switches (on a 2-CPU machine the JS thread preempts a crypt thread), which measured as
@@ -741,10 +797,8 @@ static int pool_grow(pool_t *p) {
   return p->started > 0;
 }
 
-static napi_value cipher_run_async(napi_env env, napi_callback_info info) {
-  napi_value a[8];
-  run_args r;
-  if (!parse_run(env, info, a, &r)) return NULL;
+/* Queue a job on the pool; a[] as parsed by parse_run. Returns the promise or NULL (thrown). */
+static napi_value submit(napi_env env, napi_value *a, run_args r, int io, int fd, int64_t foff) {
   pool_t *p = get_pool(env);
   if (!p || !pool_grow(p)) {
     napi_throw_error(env, "ENATIVE", "cannot start the crypt thread pool");
@@ -757,6 +811,9 @@ static napi_value cipher_run_async(napi_env env, napi_callback_info info) {
     return NULL;
   }
   j->r = r;
+  j->io = io;
+  j->fd = fd;
+  j->foff = foff;
   CHECK(env, napi_create_promise(env, &j->deferred, &promise));
   CHECK(env, napi_create_reference(env, a[0], 1, &j->h_ref));
   CHECK(env, napi_create_reference(env, a[2], 1, &j->src_ref));
@@ -775,6 +832,38 @@ static napi_value cipher_run_async(napi_env env, napi_callback_info info) {
   else pthread_cond_signal(&p->cv);
   pthread_mutex_unlock(&p->mu);
   return promise;
+}
+
+static napi_value cipher_run_async(napi_env env, napi_callback_info info) {
+  napi_value a[8];
+  run_args r;
+  if (!parse_run(env, info, a, &r)) return NULL;
+  return submit(env, a, r, IO_NONE, -1, 0);
+}
+
+/*
+ * cipherRunFileAsync(h, enc, src, dst, count, ivLo, ivHi, ivStep, fd, fileOffset): one crypt-thread job
+ * that, decrypting, first preads src from fd at fileOffset, or, encrypting, pwrites dst afterwards.
+ * The caller keeps fd open until the promise settles.
+ */
+static napi_value cipher_run_file_async(napi_env env, napi_callback_info info) {
+  napi_value a[10];
+  run_args r;
+  size_t argc = 10;
+  if (napi_get_cb_info(env, info, &argc, a, NULL, NULL) != napi_ok || argc < 10) {
+    napi_throw_type_error(env, "EINVAL", "cipherRunFileAsync: 10 arguments expected");
+    return NULL;
+  }
+  if (!parse_run(env, info, a, &r)) return NULL;
+  int32_t fd;
+  int64_t foff;
+  double d;
+  if (napi_get_value_int32(env, a[8], &fd) != napi_ok || fd < 0 || napi_get_value_double(env, a[9], &d) != napi_ok || !(d >= 0) || d > 9007199254740991.0 ||
+      (double)(foff = (int64_t)d) != d) {
+    napi_throw_range_error(env, "EINVAL", "cipherRunFileAsync: fd must be a descriptor and fileOffset a non-negative integer");
+    return NULL;
+  }
+  return submit(env, a, r, r.enc ? IO_PWRITE : IO_PREAD, fd, foff);
 }
 
 /* setPoolThreads(n): how many pool threads take requests (1..256). Returns the previous value. */
@@ -966,6 +1055,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"cipherCreate", NULL, cipher_create, NULL, NULL, NULL, napi_enumerable, NULL},
       {"cipherRun", NULL, cipher_run, NULL, NULL, NULL, napi_enumerable, NULL},
       {"cipherRunAsync", NULL, cipher_run_async, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"cipherRunFileAsync", NULL, cipher_run_file_async, NULL, NULL, NULL, napi_enumerable, NULL},
       {"cipherDispose", NULL, cipher_dispose, NULL, NULL, NULL, napi_enumerable, NULL},
       {"setXtsImpl", NULL, set_xts_impl, NULL, NULL, NULL, napi_enumerable, NULL},
       {"setPoolThreads", NULL, set_pool_threads, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -24,7 +24,7 @@ import { open, readFile, statfs } from 'node:fs/promises';
 import { constants as fsConstants, readSync, writeSync } from 'node:fs';
 import { CryptmapError, fromSystemError, isCryptmapError } from '../util/errors.js';
 import { type NativeAddon, loadNative } from '../util/native.js';
-import type { BlockDevice, BlockDeviceCapabilities, BlockDeviceLimits, Extent, WriteFlags, WriteZeroesFlags } from './types.js';
+import type { BlockDevice, BlockDeviceCapabilities, BlockDeviceLimits, DirectIo, Extent, WriteFlags, WriteZeroesFlags } from './types.js';
 
 /** The part of the native addon this backend uses (src/util/native.ts). */
 type NativeHoles = Pick<NativeAddon, 'punchHole' | 'seekData' | 'seekHole'>;
@@ -89,6 +89,10 @@ export class FileDevice implements BlockDevice {
   #zeros: Buffer | undefined;
   /** Requests up to this size use synchronous pread/pwrite (0: never). */
   readonly #inlineMax: number;
+  /** DirectIo runs in progress; close() waits for them before closing the descriptor. */
+  #directRuns = 0;
+  #directDrained: (() => void) | null = null;
+  readonly directIo: DirectIo = { run: (op, o, n, io) => this.#direct(op, o, n, io) };
 
   private constructor(
     path: string,
@@ -247,6 +251,27 @@ export class FileDevice implements BlockDevice {
     if (flags?.fua) await this.flush();
   }
 
+  async #direct(op: 'read' | 'write', offsetBytes: number, lengthBytes: number, io: (fd: number, fileOffsetBytes: number) => Promise<void>): Promise<void> {
+    const fh = this.#handle(op);
+    if (op === 'write') this.#writable('write');
+    this.#check(offsetBytes, lengthBytes, op);
+    this.#directRuns++;
+    try {
+      await io(fh.fd, offsetBytes);
+    } catch (e) {
+      if (isCryptmapError(e)) throw e;
+      if ((e as { code?: unknown }).code === 'ESHORTIO') {
+        const what = op === 'read' ? `unexpected end of file reading ${this.path}` : `${this.path} accepted no bytes`;
+        throw new CryptmapError('ESHORTIO', `${what} in ${lengthBytes} bytes at ${offsetBytes}`, { errno: 'EIO', context: { path: this.path } });
+      }
+      throw op === 'read'
+        ? fromSystemError('EREAD', `read of ${lengthBytes} bytes at ${offsetBytes} from ${this.path} failed`, e, { path: this.path })
+        : fromSystemError('EWRITE', `write of ${lengthBytes} bytes at ${offsetBytes} to ${this.path} failed`, e, { path: this.path });
+    } finally {
+      if (--this.#directRuns === 0) this.#directDrained?.();
+    }
+  }
+
   async flush(): Promise<void> {
     const fh = this.#handle('flush');
     try {
@@ -322,6 +347,13 @@ export class FileDevice implements BlockDevice {
     const fh = this.#fh;
     if (fh === null) return;
     this.#fh = null;
+    // A DirectIo run holds the raw descriptor: closing under it could let the number be reused.
+    if (this.#directRuns > 0) {
+      await new Promise<void>((resolve) => {
+        this.#directDrained = resolve;
+      });
+      this.#directDrained = null;
+    }
     try {
       if (this.capabilities.write) await fh.datasync().catch(() => {});
     } finally {

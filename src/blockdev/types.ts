@@ -57,10 +57,29 @@ export interface Extent {
   zero: boolean;
 }
 
+/**
+ * Direct access to the file that holds a device's bytes, for a layer that does its own I/O off the
+ * event loop together with other work (the crypt target reads and decrypts, or encrypts and writes, in
+ * one crypt-thread job). Only devices whose bytes are exactly a file range offer it (the file
+ * backend); wrappers that change what reads and writes do (fault injection, mapped devices) do not.
+ */
+export interface DirectIo {
+  /**
+   * Check the range and access as read()/write() would, then run `io` with the file descriptor and
+   * the file offset of `offsetBytes`; `io` must transfer exactly `lengthBytes`. The device stays open
+   * until `io` settles (close() waits). A rejection with a system error (`code` = errno name, or
+   * ESHORTIO) is reported as a read or write error of this device, with the same codes read() and
+   * write() use. FUA is the caller's business (flush() afterwards).
+   */
+  run(op: 'read' | 'write', offsetBytes: number, lengthBytes: number, io: (fd: number, fileOffsetBytes: number) => Promise<void>): Promise<void>;
+}
+
 export interface BlockDevice {
   readonly sizeBytes: number;
   readonly capabilities: BlockDeviceCapabilities;
   readonly limits: BlockDeviceLimits;
+  /** See DirectIo; absent on most devices. */
+  readonly directIo?: DirectIo;
 
   /** Fill `buf` with the bytes at `offsetBytes`. */
   read(offsetBytes: number, buf: Uint8Array): Promise<void>;

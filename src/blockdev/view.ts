@@ -20,6 +20,9 @@ export function deviceView(dev: BlockDevice, close: () => Promise<void>): BlockD
     get limits() {
       return dev.limits;
     },
+    get directIo() {
+      return dev.directIo;
+    },
     read: (o, b) => dev.read(o, b),
     write: (o, d, f) => dev.write(o, d, f),
     flush: () => dev.flush(),

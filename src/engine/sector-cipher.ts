@@ -7,6 +7,7 @@
  * per crypto sector; with ivLargeSectors it is shifted right by log2(sectorBytes/512) and advances
  * by 1. The kernel wraps silently at 2^64; we refuse (ERANGE) a request whose IV sectors would.
  */
+import { read, write } from 'node:fs';
 import { parseCipherSpec, checkKeyBytes } from '../crypto/cipher-spec.js';
 import { BACKENDS, type BackendName, defaultBackend, type SectorRun, type SectorTransform } from '../crypto/backends/index.js';
 import { IV_GENERATORS, type IvInstance } from '../crypto/iv/index.js';
@@ -17,6 +18,22 @@ import type { SectorBytes, SectorCipher, SectorCipherOptions } from './types.js'
 const U64_MAX = 0xffffffffffffffffn;
 const SECTOR_SIZES = [512, 1024, 2048, 4096];
 export const DEFAULT_ASYNC_MIN_BYTES = 65536;
+
+/** Read or write all of `buf` at `pos` of `fd` (short transfers continued); ESHORTIO at end of file. */
+async function fileIo(op: 'read' | 'write', fd: number, buf: Uint8Array, pos: number): Promise<void> {
+  let done = 0;
+  while (done < buf.byteLength) {
+    const n = await new Promise<number>((resolve, reject) => {
+      const cb = (e: NodeJS.ErrnoException | null, k: number) => (e ? reject(e) : resolve(k));
+      if (op === 'read') read(fd, buf, done, buf.byteLength - done, pos + done, cb);
+      else write(fd, buf, done, buf.byteLength - done, pos + done, cb);
+    });
+    if (n === 0) {
+      throw Object.assign(new Error(`end of file ${op === 'read' ? 'reading' : 'writing'} ${buf.byteLength} bytes at ${pos}`), { code: 'ESHORTIO' });
+    }
+    done += n;
+  }
+}
 
 function alignError(what: string, context: Record<string, unknown>): CryptmapError {
   return new CryptmapError('EALIGN', what, { context });
@@ -157,6 +174,32 @@ class Engine implements SectorCipher {
         return Promise.resolve();
       }
       return this.#t!.runAsync(r);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+  }
+
+  readDecryptAsync(fd: number, fileOffsetBytes: number, buf: Uint8Array, sector: bigint): Promise<void> {
+    return this.#file(false, fd, fileOffsetBytes, buf, sector, undefined);
+  }
+
+  encryptWriteAsync(fd: number, fileOffsetBytes: number, src: Uint8Array, sector: bigint, dst?: Uint8Array): Promise<void> {
+    return this.#file(true, fd, fileOffsetBytes, src, sector, dst);
+  }
+
+  #file(encrypt: boolean, fd: number, fileOffsetBytes: number, src: Uint8Array, sector: bigint, dst: Uint8Array | undefined): Promise<void> {
+    try {
+      if (!Number.isSafeInteger(fd) || fd < 0) throw new CryptmapError('EINVAL', `file descriptor ${fd} is not a non-negative integer`);
+      if (!Number.isSafeInteger(fileOffsetBytes) || fileOffsetBytes < 0) {
+        throw new CryptmapError('EINVAL', `file offset ${fileOffsetBytes} is not a non-negative integer`);
+      }
+      const r = this.#prepare(encrypt, src, sector, dst);
+      if (r === null) return Promise.resolve();
+      const t = this.#t!;
+      if (!this.#sameCpu && t.runFileAsync !== undefined) return t.runFileAsync(r, fd, fileOffsetBytes);
+      // Generic form: the I/O on the libuv pool, the cipher as the async forms do it.
+      if (encrypt) return this.#async(true, src, sector, dst).then(() => fileIo('write', fd, r.dst, fileOffsetBytes));
+      return fileIo('read', fd, r.src, fileOffsetBytes).then(() => this.#async(false, src, sector, dst));
     } catch (e) {
       return Promise.reject(e);
     }

@@ -47,6 +47,16 @@ export interface SectorCipher {
    */
   encryptAsync(src: Uint8Array, sector: bigint, dst?: Uint8Array): Promise<void>;
   decryptAsync(src: Uint8Array, sector: bigint, dst?: Uint8Array): Promise<void>;
+  /**
+   * Read `buf.byteLength` bytes of file descriptor `fd` at `fileOffsetBytes` into `buf` and decrypt
+   * them in place (whole sectors starting at 512-byte sector `sector`). On the native backend the read
+   * and the cipher are one job on a crypt thread: one hand-off instead of two (the libuv pool for
+   * the read, then the crypt pool). The caller keeps `fd` open until the promise settles. I/O errors
+   * reject with the system error (its `code` is the errno name; ESHORTIO at end of file).
+   */
+  readDecryptAsync(fd: number, fileOffsetBytes: number, buf: Uint8Array, sector: bigint): Promise<void>;
+  /** Encrypt `src` into `dst` (default: in place) and write `dst` to `fd` at `fileOffsetBytes`; as above. */
+  encryptWriteAsync(fd: number, fileOffsetBytes: number, src: Uint8Array, sector: bigint, dst?: Uint8Array): Promise<void>;
   /** Wipe the key schedule; further use throws. Idempotent. */
   dispose(): void;
 }

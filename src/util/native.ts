@@ -30,6 +30,23 @@ export interface NativeAddon {
   cipherRun(h: NativeKeyHandle, encrypt: boolean, src: Uint8Array, dst: Uint8Array, count: number, ivLo: number, ivHi: number, ivStep: number): void;
   /** The same on the addon's crypt thread pool (see setPoolThreads); resolves when done. */
   cipherRunAsync(h: NativeKeyHandle, encrypt: boolean, src: Uint8Array, dst: Uint8Array, count: number, ivLo: number, ivHi: number, ivStep: number): Promise<void>;
+  /**
+   * cipherRunAsync fused with file I/O in the same crypt-thread job: decrypting, src is first filled by
+   * pread(fd, fileOffset); encrypting, dst is written by pwrite(fd, fileOffset) afterwards. Rejects with
+   * `code` = errno name and `errno` set on an I/O error, `code` ESHORTIO at end of file.
+   */
+  cipherRunFileAsync(
+    h: NativeKeyHandle,
+    encrypt: boolean,
+    src: Uint8Array,
+    dst: Uint8Array,
+    count: number,
+    ivLo: number,
+    ivHi: number,
+    ivStep: number,
+    fd: number,
+    fileOffset: number,
+  ): Promise<void>;
   /** Wipe and free the key schedule (deferred until in-flight async runs finish). Idempotent. */
   cipherDispose(h: NativeKeyHandle): void;
   /**
@@ -51,7 +68,7 @@ export interface NativeAddon {
   seekHole(fd: number, offsetBytes: number): number;
 }
 
-export const NATIVE_ABI_VERSION = 1;
+export const NATIVE_ABI_VERSION = 2;
 
 let cached: NativeAddon | null | undefined;
 let loadError: string | undefined;

@@ -1,7 +1,7 @@
 // The file backend: sparse creation, strict ranges, read-only, short I/O, flush/FUA, discard and
 // block status through the native addon when it loads (and not advertised otherwise).
 import assert from 'node:assert/strict';
-import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
@@ -140,4 +140,66 @@ test('every operation on a closed device fails with ECLOSED', async () => {
   await assert.rejects(dev.discard(0, 512), { code: 'ECLOSED' });
   await assert.rejects(dev.writeZeroes(0, 512), { code: 'ECLOSED' });
   await assert.rejects(dev.blockStatus(0, 512), { code: 'ECLOSED' });
+});
+
+test('directIo: range and access checked like read/write, errors typed like theirs, close waits for a run', async () => {
+  const p = path();
+  const dev = await FileDevice.create(p, 1 << 20);
+  const d = dev.directIo;
+  // The run gets the descriptor and the file offset; the device's own I/O sees what it wrote.
+  await d.run('write', 4096, 512, async (fd, at) => {
+    assert.equal(at, 4096);
+    writeSync(fd, Buffer.alloc(512, 0x42), 0, 512, at);
+  });
+  const back = Buffer.alloc(512);
+  await dev.read(4096, back);
+  assert.ok(back.equals(Buffer.alloc(512, 0x42)));
+  let ran = false;
+  const io = async () => {
+    ran = true;
+  };
+  await assert.rejects(d.run('read', (1 << 20) - 512, 1024, io), { code: 'ERANGE' });
+  await assert.rejects(d.run('write', 1 << 20, 512, io), { code: 'ERANGE', errno: 'ENOSPC' });
+  assert.equal(ran, false, 'nothing runs for a bad range');
+  await assert.rejects(
+    d.run('read', 0, 512, async () => {
+      throw Object.assign(new Error('EBADF: bad file descriptor'), { code: 'EBADF' });
+    }),
+    { code: 'EREAD', errno: 'EIO', message: /read of 512 bytes at 0 from .* failed: EBADF/ },
+  );
+  await assert.rejects(
+    d.run('write', 0, 512, async () => {
+      throw Object.assign(new Error('no space'), { code: 'ENOSPC' });
+    }),
+    { code: 'EWRITE', errno: 'ENOSPC' },
+  );
+  await assert.rejects(
+    d.run('read', 0, 512, async () => {
+      throw Object.assign(new Error('eof'), { code: 'ESHORTIO' });
+    }),
+    { code: 'ESHORTIO', errno: 'EIO', message: /end of file/ },
+  );
+  // close() waits for a run in progress: the descriptor must not be closed (and reused) under it.
+  let release!: () => void;
+  const running = d.run('read', 0, 512, (fd) => {
+    assert.ok(fd >= 0);
+    return new Promise<void>((r) => {
+      release = r;
+    });
+  });
+  let closed = false;
+  const closing = dev.close().then(() => {
+    closed = true;
+  });
+  await new Promise((r) => setTimeout(r, 30));
+  assert.equal(closed, false, 'close waits for the direct run');
+  await assert.rejects(d.run('read', 0, 512, io), { code: 'ECLOSED' });
+  release();
+  await running;
+  await closing;
+  assert.equal(closed, true);
+  const ro = await FileDevice.open(p, { readOnly: true });
+  await assert.rejects(ro.directIo.run('write', 0, 512, io), { code: 'EROFS' });
+  assert.equal(ran, false);
+  await ro.close();
 });

@@ -4,6 +4,9 @@
  * in place and into a destination, async forms, equal XTS key halves, and the error codes for bad input.
  */
 import assert from 'node:assert/strict';
+import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import fc from 'fast-check';
 import type { SectorBytes } from '../../src/engine/index.js';
@@ -274,6 +277,52 @@ for (const backend of TEST_BACKENDS) {
         }
       }
       c.dispose();
+    });
+
+    it('file forms: encryptWriteAsync writes what encrypt produces, readDecryptAsync reads it back; I/O errors keep their errno code', async () => {
+      const dir = mkdtempSync(join(tmpdir(), 'cryptmap-engine-file-'));
+      const file = join(dir, 'f');
+      writeFileSync(file, Buffer.alloc(3 << 20, 0xaa), { mode: 0o600 });
+      const fd = openSync(file, 'r+');
+      try {
+        const key = rng(16)(64);
+        const data = rng(17)(1 << 20);
+        const want = Buffer.alloc(data.length);
+        for (const sameCpu of [false, true]) {
+          const c = createSectorCipher({ spec: 'aes-xts-plain64', key, sectorBytes: 4096, backend, sameCpu });
+          c.encrypt(data, 8n, want);
+          // Into a separate buffer (the source stays plaintext), at a file offset unrelated to the sector.
+          const dst = Buffer.alloc(data.length);
+          await c.encryptWriteAsync(fd, 4096, data, 8n, dst);
+          assert.ok(dst.equals(want));
+          assert.ok(readFileSync(file).subarray(4096, 4096 + data.length).equals(want), `ciphertext in the file (sameCpu ${sameCpu})`);
+          assert.ok(readFileSync(file).subarray(0, 4096).equals(Buffer.alloc(4096, 0xaa)), 'bytes before untouched');
+          // In place.
+          const inPlace = Buffer.from(data);
+          await c.encryptWriteAsync(fd, 2 << 20, inPlace, 8n);
+          assert.ok(inPlace.equals(want));
+          const back = Buffer.alloc(data.length);
+          await c.readDecryptAsync(fd, 2 << 20, back, 8n);
+          assert.ok(back.equals(data), 'plaintext read back');
+          await c.readDecryptAsync(fd, 0, Buffer.alloc(0), 0n); // nothing to do
+          // Past the end of the file: a short read, never silently zero-filled plaintext.
+          await assert.rejects(c.readDecryptAsync(fd, (3 << 20) - 4096, Buffer.alloc(8192), 0n), { code: 'ESHORTIO' });
+          await assert.rejects(c.readDecryptAsync(fd, -1, Buffer.alloc(4096), 0n), code('EINVAL'));
+          await assert.rejects(c.encryptWriteAsync(1.5, 0, Buffer.alloc(4096), 0n), code('EINVAL'));
+          await assert.rejects(c.readDecryptAsync(fd, 0, Buffer.alloc(100), 0n), code('EALIGN'));
+          c.dispose();
+        }
+        // A descriptor that is not open: the system's errno name comes back as the code.
+        const c = createSectorCipher({ spec: 'aes-xts-plain64', key, sectorBytes: 4096, backend });
+        const closed = openSync(file, 'r');
+        closeSync(closed);
+        await assert.rejects(c.readDecryptAsync(closed, 0, Buffer.alloc(4096), 0n), { code: 'EBADF' });
+        await assert.rejects(c.encryptWriteAsync(closed, 0, Buffer.alloc(4096), 0n), { code: 'EBADF' });
+        c.dispose();
+      } finally {
+        closeSync(fd);
+        rmSync(dir, { recursive: true, force: true });
+      }
     });
 
     it('rejects bad input with stable codes', async () => {

@@ -72,6 +72,29 @@ class NativeTransform implements SectorTransform {
         : Promise.all(ps.map((x) => this.addon.cipherRunAsync(h, r.encrypt, x.src, x.dst, x.count, x.ivLo, x.ivHi, r.ivStep))).then(() => undefined);
     return p.catch(rethrowNative);
   }
+  runFileAsync(r: SectorRun, fd: number, fileOffsetBytes: number): Promise<void> {
+    const h = this.#handle();
+    const sectorBytes = r.src.byteLength / r.count;
+    const ps = pieces(r);
+    const one = (x: Piece, off: number) => this.addon.cipherRunFileAsync(h, r.encrypt, x.src, x.dst, x.count, x.ivLo, x.ivHi, r.ivStep, fd, off);
+    let off = fileOffsetBytes;
+    const p =
+      ps.length === 1
+        ? one(ps[0]!, off)
+        : Promise.all(
+            ps.map((x) => {
+              const at = off;
+              off += x.count * sectorBytes;
+              return one(x, at);
+            }),
+          ).then(() => undefined);
+    // I/O errors keep the addon's errno code (the device layer reports them); others become CryptmapErrors.
+    return p.catch((e: unknown) => {
+      const code = (e as { code?: unknown }).code;
+      if ((e as { errno?: unknown }).errno !== undefined || code === 'ESHORTIO') throw e;
+      throw nativeError(e);
+    });
+  }
   /** Benchmarks and tests: 0 auto, 1 EVP xts, 2 own tweaks over ECB, 3 AES-NI XTS (see NativeAddon.setXtsImpl). */
   setXtsImpl(impl: number): void {
     this.addon.setXtsImpl(this.#handle(), impl);

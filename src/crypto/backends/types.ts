@@ -25,6 +25,13 @@ export interface SectorTransform {
   run(r: SectorRun): void;
   /** Off the calling thread (native: libuv pool). src/dst must stay untouched until it settles. */
   runAsync(r: SectorRun): Promise<void>;
+  /**
+   * Optional: runAsync fused with file I/O in the same off-thread job: decrypting, first read
+   * src.byteLength bytes of `fd` at `fileOffsetBytes` into src; encrypting, afterwards write dst
+   * there. I/O errors reject with an Error whose `code` is the errno name (ESHORTIO at end of file).
+   * The caller keeps `fd` open until the promise settles.
+   */
+  runFileAsync?(r: SectorRun, fd: number, fileOffsetBytes: number): Promise<void>;
   dispose(): void;
   /** Benchmarks and tests only: pick the native XTS implementation (see NativeAddon.setXtsImpl). */
   setXtsImpl?(impl: number): void;

@@ -47,6 +47,17 @@ const SCRATCH_IDLE_BYTES = 16 << 20;
 const WRITE_ASYNC_MIN_BYTES = availableParallelism() > 2 ? 0 : 1 << 20;
 
 /**
+ * Requests above this size on a device that offers DirectIo (a file) go to the crypt pool as one job
+ * that does the pread and the decryption, or the encryption and the pwrite: one hand-off instead of
+ * two (libuv pool for the I/O, crypt pool for the cipher) and the data still in the crypt thread's
+ * cache between the two steps. bench:serve (nbdcopy, 256 KiB requests, 2 CPUs): crypt/plain read
+ * 0.77-0.84 -> 0.94-0.97, write 0.73-0.93 -> 1.04-1.13, server CPU per GiB read 0.74 -> 0.64.
+ * Smaller requests keep the paths above: the file backend does them inline on tmpfs and the engine
+ * ciphers them on the calling thread, both cheaper than any hand-off.
+ */
+const DIRECT_ABOVE_BYTES = 64 << 10;
+
+/**
  * Write scratch buffers (the ciphertext of a write; the caller's data stays untouched), reused by
  * power-of-two size class like the kernel's crypt page pool: a fresh 256 KiB buffer per write costs
  * an mmap, 64 page faults and GC work on every request.
@@ -247,11 +258,28 @@ export const crypt: TargetType = {
         },
         async read(o, buf) {
           const c = live();
+          const direct = dev.directIo;
+          if (direct !== undefined && buf.length > DIRECT_ABOVE_BYTES) {
+            await direct.run('read', base + o, buf.length, (fd, at) => c.readDecryptAsync(fd, at, buf, BigInt(o / 512)));
+            return;
+          }
           await dev.read(base + o, buf);
           await c.decryptAsync(buf, BigInt(o / 512));
         },
         async write(o, data, wflags) {
           const c = live();
+          const direct = dev.directIo;
+          if (direct !== undefined && data.length > DIRECT_ABOVE_BYTES) {
+            // An NBD WRITE payload (scratch) is encrypted in place, anything else into a pooled copy.
+            const copy = wflags?.scratch ? null : scratch.acquire(data.length);
+            try {
+              await direct.run('write', base + o, data.length, (fd, at) => c.encryptWriteAsync(fd, at, data, BigInt(o / 512), copy ?? data));
+            } finally {
+              if (copy !== null) scratch.release(copy);
+            }
+            if (wflags?.fua) await dev.flush();
+            return;
+          }
           if (wflags?.scratch) {
             // The caller gave up the plaintext (an NBD WRITE payload): encrypt in place, no copy.
             if (data.length < WRITE_ASYNC_MIN_BYTES) c.encrypt(data, BigInt(o / 512));
