@@ -3,6 +3,7 @@
 // for every request size on both sides of the threshold, scratch or not, FUA or not, and I/O errors
 // must come back as the file device's typed errors.
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { chmodSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -80,3 +81,40 @@ test('file-backed crypt target: a file shrunk under it gives a typed short-I/O e
   await dev.close();
   await registry.closeAll();
 });
+
+const isRoot = process.getuid?.() === 0;
+
+test(
+  'file-backed crypt target on a full file system: a large write fails with a typed ENOSPC error, written data stays readable',
+  { skip: !isRoot && !process.env.CI ? 'needs root to mount a small tmpfs' : false },
+  async () => {
+    const mnt = mkdtempSync(join(tmpdir(), 'cryptmap-full-'));
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m,mode=0700', 'tmpfs', mnt]);
+    try {
+      // A sparse 8 MiB file on a 2 MiB file system: writes past about 2 MiB cannot be allocated.
+      const file = join(mnt, 'sparse.img');
+      writeFileSync(file, '', { mode: 0o600 });
+      truncateSync(file, 8 * MiB);
+      const key = xtsKey(10);
+      const registry = new DeviceRegistry();
+      await registry.create('f', { table: `0 16384 crypt aes-xts-plain64 ${key.toString('hex')} 0 ${file} 0` });
+      const dev = registry.open('f');
+      const first = pattern(MiB, 41);
+      await dev.write(0, Buffer.from(first), { scratch: true });
+      await assert.rejects(dev.write(MiB, pattern(4 * MiB, 42), { scratch: true }), (e: Error & { code?: string; errno?: string }) => {
+        assert.equal(e.code, 'EWRITE');
+        assert.equal(e.errno, 'ENOSPC');
+        assert.match(e.message, /write of 4194304 bytes at 1048576 to .*sparse\.img failed/);
+        return true;
+      });
+      const back = Buffer.alloc(MiB);
+      await dev.read(0, back);
+      assert.ok(back.equals(first), 'what was written before the failure reads back');
+      await dev.close();
+      await registry.closeAll();
+    } finally {
+      execFileSync('umount', [mnt]);
+      rmSync(mnt, { recursive: true, force: true });
+    }
+  },
+);
