@@ -34,6 +34,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define ABI_VERSION 2
@@ -576,6 +577,15 @@ static napi_value cipher_run(napi_env env, napi_callback_info info) {
 /* Queued bytes per thread below which a completion wakes the JS thread at once: about 80 us of work
  * at 6 GB/s, longer than a wake-up of the JS thread takes (see pool_worker). */
 #define WAKE_QUEUE_BYTES (512u * 1024u)
+/* A completion never waits longer than this for its wake-up, however deep the queue stays (new
+ * requests may keep arriving while old ones complete): bounds the latency batching adds. */
+#define WAKE_MAX_DELAY_NS 1000000LL
+
+static int64_t now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
 
 /* File I/O fused with a job (cipherRunFileAsync): pread before decrypting, pwrite after encrypting. */
 enum { IO_NONE = 0, IO_PREAD = 1, IO_PWRITE = 2 };
@@ -627,6 +637,7 @@ typedef struct {
   size_t queued_bytes;      /* their payload */
   job *done_head, *done_tail; /* finished, not yet delivered to JS */
   int notified;             /* a wake-up of the JS thread is pending */
+  int64_t done_since_ns;    /* when the done list last became non-empty */
   pthread_t th[MAX_POOL_THREADS];
   int started, want, stop;
   napi_threadsafe_function tsfn;
@@ -723,14 +734,20 @@ static void *pool_worker(void *arg) {
      * and more jobs than threads, the JS thread is not needed to keep the pool busy (the threads have
      * more queued work than a wake-up takes), so the completion waits on the done list and the wake-up
      * is sent once the queue runs short: light loads and small requests complete at once, deep queues
-     * of large requests deliver completions in batches. The last job always notifies (queue empty).
+     * of large requests deliver completions in batches. The last job always notifies (queue empty), and
+     * no completion waits more than WAKE_MAX_DELAY_NS.
      */
     j->next = NULL;
+    int64_t t = now_ns();
     pthread_mutex_lock(&p->mu);
-    if (p->done_tail) p->done_tail->next = j;
-    else p->done_head = j;
+    if (p->done_tail) {
+      p->done_tail->next = j;
+    } else {
+      p->done_head = j;
+      p->done_since_ns = t;
+    }
     p->done_tail = j;
-    int wake = !p->notified && (p->queued <= p->want || p->queued_bytes <= (size_t)p->want * WAKE_QUEUE_BYTES);
+    int wake = !p->notified && (p->queued <= p->want || p->queued_bytes <= (size_t)p->want * WAKE_QUEUE_BYTES || t - p->done_since_ns >= WAKE_MAX_DELAY_NS);
     if (wake) p->notified = 1;
     pthread_mutex_unlock(&p->mu);
     if (wake) napi_call_threadsafe_function(p->tsfn, NULL, napi_tsfn_nonblocking);
