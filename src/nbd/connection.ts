@@ -211,6 +211,11 @@ export class Connection {
     });
   }
 
+  /** The request loop waits in waitForRoom (the peer is not taking its replies, or an in-flight limit is reached). */
+  get waitingForRoom(): boolean {
+    return this.#roomWaiter !== null;
+  }
+
   started(cost: number): void {
     this.inflightRequests++;
     this.inflightBytes += cost;

@@ -136,6 +136,17 @@ export class NbdServer {
     return this.#ctx.budget.usedBytes;
   }
 
+  /**
+   * Connections whose request loop is held back by the per-connection limits: their peer is not
+   * taking its replies, or too much is in flight on them. With payloadBytesInFlight at 0, such a
+   * connection stays as it is until its peer reads.
+   */
+  get connectionsWaitingForRoom(): number {
+    let n = 0;
+    for (const c of this.#connections) if (c.waitingForRoom) n++;
+    return n;
+  }
+
   hasExport(name: string): boolean {
     return this.#exports.has(name);
   }

@@ -64,6 +64,24 @@ after(async () => {
   await f.close();
 });
 
+/**
+ * Wait (bounded: fail after 10 s) until the server pushes back on a client that does not read: a
+ * connection waits for room and no payload is in flight, so it holds what it holds until the client
+ * reads. A server that kept reading and answering would never get there.
+ */
+async function untilServerWaitsForClient(server: NbdServer, what: string): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  while (server.connectionsWaitingForRoom === 0 || server.payloadBytesInFlight !== 0) {
+    if (Date.now() > deadline) {
+      assert.fail(
+        `${what}: after 10 s the server still does not wait for the client to read ` +
+          `(connections waiting for room: ${server.connectionsWaitingForRoom}, payload bytes in flight: ${server.payloadBytesInFlight})`,
+      );
+    }
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
 /** The server still serves a fresh client after whatever a test did. */
 async function assertServerHealthy(): Promise<void> {
   const c = await openClient(f);
@@ -619,7 +637,7 @@ describe('hostile and broken clients', () => {
       const before = process.memoryUsage().arrayBuffers;
       const n = 300; // 300 x 1 MiB of replies if nothing pushed back
       for (let i = 0; i < n; i++) c.sendRequest(CMD_READ, (i % 64) << 20, 1 << 20, { cookie: BigInt(i) });
-      await new Promise((r) => setTimeout(r, 500));
+      await untilServerWaitsForClient(g.server, `${n} READs of 1 MiB`);
       forceGc(); // count what the server holds, not garbage a loaded machine has not collected yet
       const grown = process.memoryUsage().arrayBuffers - before;
       assert.ok(grown < 96 << 20, `server buffered ${grown} bytes`);
@@ -649,7 +667,7 @@ describe('hostile and broken clients', () => {
         batch.writeUInt16BE(99, i * 28 + 6); // unknown command: an error chunk with a message each
       }
       for (let k = 0; k < 10; k++) c.send(batch);
-      await new Promise((r) => setTimeout(r, 500));
+      await untilServerWaitsForClient(g.server, '500000 refused requests');
       forceGc();
       const after = process.memoryUsage();
       const grown = after.arrayBuffers - before.arrayBuffers + (after.heapUsed - before.heapUsed);
@@ -665,7 +683,11 @@ describe('hostile and broken clients', () => {
     const c = await openClient(g);
     c.socket.pause();
     for (let i = 0; i < 200; i++) c.sendRequest(CMD_READ, (i % 16) << 20, 1 << 20, { cookie: BigInt(i) });
-    await new Promise((r) => setTimeout(r, 200));
+    await untilServerWaitsForClient(g.server, '200 READs of 1 MiB').catch(async (e: unknown) => {
+      c.close();
+      await g.close();
+      throw e;
+    });
     await g.close(); // drains what is in flight, then gives the stalled peer a grace period
     c.close();
   });
