@@ -123,17 +123,22 @@ function truncation(r: VolumeRecord | undefined, p: VolumeProbe): string | undef
   return `file is truncated (${p.fileBytes} bytes, was ${r.fileBytes})`;
 }
 
-function planEphemeral(v: VolumeTarget, o: ObservedVolume, bootId: string, steps: Step[]): void {
+/**
+ * The checks ephemeral volumes and swap open with. Returns the record when planning goes on with it;
+ * undefined when these checks settled the volume (their steps are pushed). A formatted persistent
+ * volume is refused here, before anything could delete, reformat or open it as volatile.
+ */
+function volatilePrelude(v: VolumeTarget, o: ObservedVolume, bootId: string, steps: Step[]): VolumeRecord | undefined {
   const p = o.probe;
   const r = o.record;
   if (!p.fileExists) {
     if (p.open || p.attached || p.mounted) volatileTeardown(v.id, p, steps);
     build(v, steps);
-    return;
+    return undefined;
   }
   if (!r) {
     steps.push({ kind: 'refuse', id: v.id, reason: `${v.path} exists but this agent did not make it; move it away (it is never deleted automatically)` });
-    return;
+    return undefined;
   }
   if (r.class === 'persistent' && r.formatted) {
     steps.push({
@@ -141,16 +146,23 @@ function planEphemeral(v: VolumeTarget, o: ObservedVolume, bootId: string, steps
       id: v.id,
       reason: 'this volume was persistent; making it ephemeral would destroy its data. Delete it explicitly (cryptmap volume delete) first',
     });
-    return;
+    return undefined;
   }
   if (r.bootId !== bootId) {
     rebuild(v, o, steps, 'new boot');
-    return;
+    return undefined;
   }
   if (!o.keyAvailable) {
     rebuild(v, o, steps, 'per-boot key no longer in memory');
-    return;
+    return undefined;
   }
+  return r;
+}
+
+function planEphemeral(v: VolumeTarget, o: ObservedVolume, bootId: string, steps: Step[]): void {
+  const r = volatilePrelude(v, o, bootId, steps);
+  if (r === undefined) return;
+  const p = o.probe;
   if (r.phase === 'creating' || !r.formatted) {
     rebuild(v, o, steps, 'creation was interrupted');
     return;
@@ -164,25 +176,8 @@ function planEphemeral(v: VolumeTarget, o: ObservedVolume, bootId: string, steps
 }
 
 function planSwap(v: VolumeTarget, o: ObservedVolume, bootId: string, steps: Step[]): void {
-  const p = o.probe;
-  const r = o.record;
-  if (!p.fileExists) {
-    if (p.open || p.attached || p.mounted) volatileTeardown(v.id, p, steps);
-    build(v, steps);
-    return;
-  }
-  if (!r) {
-    steps.push({ kind: 'refuse', id: v.id, reason: `${v.path} exists but this agent did not make it; move it away (it is never deleted automatically)` });
-    return;
-  }
-  if (r.bootId !== bootId) {
-    rebuild(v, o, steps, 'new boot');
-    return;
-  }
-  if (!o.keyAvailable) {
-    rebuild(v, o, steps, 'per-boot key no longer in memory');
-    return;
-  }
+  const r = volatilePrelude(v, o, bootId, steps);
+  if (r === undefined) return;
   if (r.phase === 'creating') {
     rebuild(v, o, steps, 'creation was interrupted');
     return;

@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import fc from 'fast-check';
 import { parseManifest } from '../../src/reconciler/manifest.js';
 import { desiredVolumes, type ObservedVolume, plan } from '../../src/reconciler/plan.js';
 import type { VolumeProbe } from '../../src/reconciler/ports.js';
@@ -105,4 +106,35 @@ test('removed volumes: torn down first; only ephemeral files this agent made are
   // An unexplained file at an ephemeral path is refused, not deleted.
   const foreign = plan([CACHE], new Map([[CACHE.id, { probe: stopped, keyAvailable: false }]]), 'b1');
   assert.deepEqual(kinds(foreign, CACHE.id), ['refuse']);
+});
+
+test('a formatted persistent volume is never deleted, reformatted or opened as ephemeral or swap (any probe, boot, key)', () => {
+  const probe = fc.record({
+    fileExists: fc.constant(true),
+    isLuks: fc.option(fc.boolean(), { nil: undefined }),
+    open: fc.boolean(),
+    attached: fc.boolean(),
+    mounted: fc.boolean(),
+    damage: fc.option(fc.constant('truncated'), { nil: undefined }),
+  });
+  const record = fc.record({
+    bootId: fc.constantFrom('b1', 'b0'),
+    phase: fc.constantFrom('creating', 'ready'),
+    created: fc.boolean(),
+    mkfsDone: fc.boolean(),
+  });
+  fc.assert(
+    fc.property(fc.constantFrom(CACHE, SWAP), probe, record, fc.boolean(), (t, p, over, keyAvailable) => {
+      const r = rec(t.id, { ...over, class: 'persistent', formatted: true } as Partial<VolumeRecord>);
+      const steps = plan([t], new Map([[t.id, { record: r, probe: p as VolumeProbe, keyAvailable }]]), 'b1');
+      assert.deepEqual(kinds(steps, t.id), ['refuse'], `${t.id}: ${JSON.stringify(steps)}`);
+      assert.match(steps[0]!.reason!, /was persistent; making it ephemeral would destroy its data/);
+    }),
+    { numRuns: 300, seed: 7 },
+  );
+  // The same file as a persistent volume: opened as it is, never rebuilt or formatted.
+  for (const p of [stopped, up, { ...stopped, damage: 'truncated' }, { ...stopped, isLuks: false }]) {
+    const steps = plan([DATA], new Map([[DATA.id, { record: rec(DATA.id), probe: p, keyAvailable: false }]]), 'b2');
+    for (const s of steps) assert.ok(['open', 'attach', 'mount', 'refuse'].includes(s.kind), JSON.stringify(steps));
+  }
 });
