@@ -9,34 +9,17 @@ import { detectServeMode } from '../../src/daemon/volume-ports.js';
 import { parseManifest } from '../../src/reconciler/manifest.js';
 import { setLogSink } from '../../src/util/log.js';
 import { tempDir } from '../keyservice/helpers.js';
+import { dbOnlyManifest, mountedManifest } from '../reconciler/manifests.js';
 import { cleanupKernelState } from './helpers.js';
 
 setLogSink(() => {});
 
 const isRoot = process.getuid?.() === 0;
 
-const MANIFEST = `version: 1
-services:
-  - name: web
-    volumes:
-      - name: cache
-        size: 16M
-        mountpoint: /srv/web/cache
-  - name: db
-    volumes:
-      - name: data
-        size: 16M
-        class: persistent
-        mountpoint: /srv/db
-swap:
-  - name: swap0
-    size: 4M
-`;
-
 test('as root: attach, mkfs.ext4, mount; files survive an agent restart; swapon through FUSE refused', { skip: isRoot || process.env.CI ? false : 'needs root (CI runs as root)' }, async () => {
   assert.equal(detectServeMode().mode, 'attach', 'as root here, attach (nbd module, or /dev/fuse + /dev/loop-control) must be possible');
   const t = await tempDir('cryptmap-agent-mount-');
-  const manifest = parseManifest(MANIFEST);
+  const manifest = parseManifest(mountedManifest());
   const start = { manifest, stateDir: join(t.dir, 'state'), bootId: 'boot-1', mountRoot: join(t.dir, 'mnt') };
   let host: AgentHost | undefined;
   try {
@@ -79,7 +62,7 @@ test('as root: attach, mkfs.ext4, mount; files survive an agent restart; swapon 
 test('as root: a full disk during format rolls back (no file, no record), and the next run on a roomier disk converges', { skip: isRoot || process.env.CI ? false : 'needs root (tmpfs mount)' }, async () => {
   const t = await tempDir('cryptmap-agent-full-');
   const state = join(t.dir, 'state');
-  const manifest = parseManifest('version: 1\nservices:\n  - name: db\n    volumes:\n      - name: data\n        size: 8M\n        class: persistent\n        filesystem: none\n');
+  const manifest = parseManifest(dbOnlyManifest());
   let host: AgentHost | undefined;
   try {
     execFileSync('mkdir', ['-p', state]);

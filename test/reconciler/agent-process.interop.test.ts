@@ -10,26 +10,14 @@ import { parseManifest } from '../../src/reconciler/manifest.js';
 import { setLogSink } from '../../src/util/log.js';
 import { cleanupKernelState } from '../daemon/helpers.js';
 import { tempDir } from '../keyservice/helpers.js';
+import { dbDataService, manifestText, mountedManifest } from './manifests.js';
 
 setLogSink(() => {});
 
 const ENTRY = fileURLToPath(new URL('../../src/cli/entry.js', import.meta.url));
 const isRoot = process.getuid?.() === 0;
 
-const MANIFEST = `version: 1
-services:
-  - name: web
-    volumes:
-      - name: cache
-        size: 16M
-        mountpoint: /srv/web/cache
-  - name: db
-    volumes:
-      - name: data
-        size: 16M
-        class: persistent
-        mountpoint: /srv/db
-`;
+const MANIFEST = mountedManifest({ swap: false });
 
 /** Start `cryptmap agent` as a child; resolve once it serves (its stdout says so). */
 function startAgent(args: string[]): Promise<{ child: ChildProcess; out: () => string; exited: Promise<number | null> }> {
@@ -63,7 +51,7 @@ test('cryptmap agent process: SIGTERM tears down cleanly (NBD only); after a SIG
     children.push(a.child);
     assert.match(a.out(), /scratch\/db\/data \(persistent, ext4\): ready\n {4}nbd: {4}nbd\+unix:\/\/\/scratch%3Adb%3Adata\?socket=.*\n {4}note: {3}served over NBD only \(--nbd-only\)/);
     // SIGHUP with the web service gone: its volume is torn down, the other keeps serving.
-    await writeFile(manifestPath, MANIFEST.replace(/ {2}- name: web\n(?: {4}.*\n)+/, ''));
+    await writeFile(manifestPath, manifestText([dbDataService('16M', '/srv/db')]));
     a.child.kill('SIGHUP');
     for (let i = 0; i < 200 && !/reloaded[\s\S]*scratch\/web\/cache: removed/.test(a.out()); i++) await new Promise((r) => setTimeout(r, 50));
     assert.match(a.out(), /manifest .* reloaded\n[\s\S]*scratch\/web\/cache: removed/);

@@ -20,33 +20,16 @@ import { Secret } from '../../src/util/secret.js';
 import { Crash, TestNode } from '../daemon/volume-ports-harness.js';
 import { captureIO } from '../daemon/helpers.js';
 import { tempDir } from '../keyservice/helpers.js';
+import { dbOnlyManifest, NBD_MANIFEST } from './manifests.js';
 
 const logs: string[] = [];
 setLogSink((l) => logs.push(l));
-
-const MANIFEST = `version: 1
-services:
-  - name: web
-    volumes:
-      - name: cache
-        size: 16M
-        mountpoint: /srv/web/cache
-  - name: db
-    volumes:
-      - name: data
-        size: 8M
-        class: persistent
-        filesystem: none
-swap:
-  - name: swap0
-    size: 4M
-`;
 
 function keyService(seed = 7): KeyService {
   return new KeyService({ root: Secret.copyOf(Buffer.alloc(32, seed)), policy: DEFAULT_POLICY, audit: memoryAudit() });
 }
 
-function targetsIn(dir: string, text = MANIFEST) {
+function targetsIn(dir: string, text = NBD_MANIFEST) {
   return desiredVolumes(parseManifest(text), join(dir, 'volumes'));
 }
 
@@ -194,15 +177,7 @@ test('a second node with its own state dir opens a copy of a persistent volume t
   const service = keyService(11);
   const sock = join(t.dir, 'keyd.sock');
   const keyd = await listenUnix(service, sock);
-  const only = `version: 1
-services:
-  - name: db
-    volumes:
-      - name: data
-        size: 8M
-        class: persistent
-        filesystem: none
-`;
+  const only = dbOnlyManifest();
   const a = await TestNode.start({ dir: join(t.dir, 'a'), keys: unixKeyClient({ socketPath: sock }) });
   let b: TestNode | undefined;
   try {
@@ -252,7 +227,7 @@ test('CLI: manifest errors with file and line; agent --once, agent status --json
     assert.match(c1.err(), new RegExp(`${bad}:7: services\\[0\\]\\.volumes\\[0\\]\\.colour: is not a known field`));
 
     const good = join(t.dir, 'good.yaml');
-    await writeFile(good, 'version: 1\nservices:\n  - name: db\n    volumes:\n      - name: data\n        size: 4M\n        class: persistent\n        filesystem: none\n');
+    await writeFile(good, dbOnlyManifest('4M'));
     const st = join(t.dir, 'st');
     const c2 = captureIO();
     assert.equal(await main(['agent', '--manifest', good, '--state-dir', st, '--once', '--nbd-only', '--boot-id', 'b1'], c2.io), 0, c2.err());
@@ -282,15 +257,7 @@ test('CLI: manifest errors with file and line; agent --once, agent status --json
 test('a persistent volume file truncated or overwritten by someone else is refused, never reformatted', async () => {
   const t = await tempDir('cryptmap-agent-altered-');
   const node = await TestNode.start({ dir: t.dir, keys: inprocKeyClient(keyService(13)) });
-  const only = `version: 1
-services:
-  - name: db
-    volumes:
-      - name: data
-        size: 8M
-        class: persistent
-        filesystem: none
-`;
+  const only = dbOnlyManifest();
   try {
     const targets = targetsIn(t.dir, only);
     const db = targets[0]!;
@@ -353,10 +320,9 @@ test('agents on two nodes share a persistent volume through keyd: node A over it
   const unixSrv = await listenUnix(service, sock);
   const f = (n: string) => readFile(join(pki, n));
   const tlsSrv = await listenTls(service, { host: '127.0.0.1', port: 0, cert: await f('srv.crt'), key: await f('srv.key'), ca: await f('ca.crt') });
-  const vol = '  - name: db\n    volumes:\n      - name: data\n        size: 8M\n        class: persistent\n        filesystem: none\n';
-  const manA = parseManifest(`version: 1\nkeyService:\n  address: unix:${sock}\nservices:\n${vol}`, join(t.dir, 'a.yaml'));
+  const manA = parseManifest(dbOnlyManifest('8M', `keyService:\n  address: unix:${sock}\n`), join(t.dir, 'a.yaml'));
   const manB = parseManifest(
-    `version: 1\nkeyService:\n  address: ${tlsSrv.address}\n  tls: {cert: pki/nodeb.crt, key: pki/nodeb.key, ca: pki/ca.crt}\nservices:\n${vol}`,
+    dbOnlyManifest('8M', `keyService:\n  address: ${tlsSrv.address}\n  tls: {cert: pki/nodeb.crt, key: pki/nodeb.key, ca: pki/ca.crt}\n`),
     join(t.dir, 'b.yaml'),
   );
   let host: AgentHost | undefined;
