@@ -4,9 +4,10 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import type { BlockDevice } from '../../src/blockdev/types.js';
+import { CryptmapError } from '../../src/util/errors.js';
 import { headerRestore, Luks1Volume, Luks2Volume, type LuksVolume, openLuks } from '../../src/luks/index.js';
-import { cloneDevice, CrashError, FaultDevice } from './fault-device.js';
-import { FAST_PBKDF2, P } from './helpers.js';
+import { FaultDevice } from '../../src/blockdev/fault.js';
+import { cloneDevice, FAST_PBKDF2, P } from './helpers.js';
 
 const SIZE = 4 << 20;
 const LUKS2 = { keyslot: { kdf: FAST_PBKDF2 }, offsetBytes: 2 << 20, keyslotsBytes: (2 << 20) - 2 * 16384 - 4096 * 0 };
@@ -22,18 +23,26 @@ async function opens(dev: BlockDevice, pass: string): Promise<boolean> {
   }
 }
 
+/** A power cut after `n` writes: every later write, write-zeroes or discard fails and reaches nothing. */
+const crashAfter = (dev: BlockDevice, n: number) => new FaultDevice(dev, { crashAfterWrites: n });
+
+/** Only the injected power cut may end the operation early. */
+function expectCrash(e: unknown): void {
+  if (!(e instanceof CryptmapError && e.code === 'EFAULT_CRASH')) throw e;
+}
+
 type Op = { name: string; run(v: LuksVolume): Promise<unknown>; old: string[]; neu: string[] };
 
 async function sweep(base: BlockDevice, op: Op): Promise<number> {
   for (let n = 0; ; n++) {
     const img = await cloneDevice(base, mk, SIZE);
-    const fd = new FaultDevice(img, n);
+    const fd = crashAfter(img, n);
     let crashed = false;
     try {
       const v = await openLuks(fd);
       await op.run(v);
     } catch (e) {
-      if (!(e instanceof CrashError)) throw e;
+      expectCrash(e);
       crashed = true;
     }
     const oldOk = (await Promise.all(op.old.map((p) => opens(img, p)))).every(Boolean);
@@ -66,9 +75,9 @@ test('LUKS2 format: after any crash the image is unformatted/invalid or opens wi
     const img = mk(SIZE);
     let crashed = false;
     try {
-      await Luks2Volume.format(new FaultDevice(img, n), P('new'), LUKS2);
+      await Luks2Volume.format(crashAfter(img, n), P('new'), LUKS2);
     } catch (e) {
-      if (!(e instanceof CrashError)) throw e;
+      expectCrash(e);
       crashed = true;
     }
     const ok = await opens(img, 'new');
@@ -106,9 +115,9 @@ async function restoreSweep(name: string, base: BlockDevice, backup: BlockDevice
     const img = await cloneDevice(base, mk, SIZE);
     let crashed = false;
     try {
-      await headerRestore(new FaultDevice(img, n), backup);
+      await headerRestore(crashAfter(img, n), backup);
     } catch (e) {
-      if (!(e instanceof CrashError)) throw e;
+      expectCrash(e);
       crashed = true;
     }
     const oldOk = (await Promise.all(old.map((p) => opens(img, p)))).every(Boolean);

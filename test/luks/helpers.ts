@@ -5,6 +5,7 @@ import { truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
+import type { BlockDevice } from '../../src/blockdev/types.js';
 import type { KdfParams } from '../../src/crypto/kdf/index.js';
 
 export const FAST_PBKDF2: KdfParams = { type: 'pbkdf2', hash: 'sha256', iterations: 1000 };
@@ -13,6 +14,15 @@ export const P = (s: string) => Buffer.from(s);
 
 export function memDev(sizeBytes = 20 << 20): MemoryDevice {
   return new MemoryDevice({ sizeBytes });
+}
+
+/** A deep copy of the first `bytes` of a device into a new one from `make` (snapshot before an operation). */
+export async function cloneDevice(src: BlockDevice, make: (size: number) => BlockDevice, bytes: number): Promise<BlockDevice> {
+  const d = make(src.sizeBytes);
+  const buf = Buffer.alloc(bytes);
+  await src.read(0, buf);
+  await d.write(0, buf);
+  return d;
 }
 
 /** Collects what a CLI verb writes (stdout or stderr of a CliIO). */
