@@ -25,6 +25,7 @@ import { Secret } from '../util/secret.js';
 import { readKeyslotArea, wipeArea, writeKeyslotArea } from './keyslot-area.js';
 import { noKeyError, noUsableKeyslot } from './luks2.js';
 import type { DataSegment, KeyAuth, KeyslotArea, KeyslotInfo, LuksVolume, NewKeyslotOptions, UnlockResult } from './types.js';
+import { removeKeyByPassphrase } from './volume-common.js';
 
 export const LUKS_MAGIC = Buffer.from([0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe]);
 export const LUKS_NUMKEYS = 8;
@@ -420,11 +421,8 @@ export class Luks1Volume implements LuksVolume {
     }
   }
 
-  async removeKey(passphrase: Uint8Array, opts: { keySlot?: number } = {}): Promise<number> {
-    const { volumeKey, keyslot } = await this.unlock(passphrase, opts);
-    volumeKey.dispose();
-    await this.killSlot(keyslot);
-    return keyslot;
+  removeKey(passphrase: Uint8Array, opts: { keySlot?: number } = {}): Promise<number> {
+    return removeKeyByPassphrase(this, passphrase, opts);
   }
 
   async killSlot(slot: number): Promise<void> {

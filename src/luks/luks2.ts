@@ -25,6 +25,7 @@ import { LUKS2_HDR_BIN_LEN, LUKS2_HDR_SIZES, type Luks2BinHeader, type Luks2Disk
 import { DIGEST_HANDLERS, KEYSLOT_HANDLERS, kdfJson, LUKS_SALTSIZE, LUKS_STRIPES, repairKeyslotKdf, TOKEN_HANDLERS, VALIDATORS } from './luks2-handlers.js';
 import { buildJsonArea, type L2Keyslot, type L2Token, type Luks2Json, parseJsonArea, u64, unknownRequirements, validateLuks2Json } from './luks2-json.js';
 import type { DataSegment, KeyAuth, KeyslotArea, KeyslotInfo, KeyslotPriority, LuksVolume, NewKeyslotOptions, UnlockResult } from './types.js';
+import { removeKeyByPassphrase } from './volume-common.js';
 
 const log = logger('luks2');
 
@@ -621,11 +622,8 @@ export class Luks2Volume implements LuksVolume {
     }
   }
 
-  async removeKey(passphrase: Uint8Array, opts: { keySlot?: number } = {}): Promise<number> {
-    const { volumeKey, keyslot } = await this.unlock(passphrase, opts);
-    volumeKey.dispose();
-    await this.killSlot(keyslot);
-    return keyslot;
+  removeKey(passphrase: Uint8Array, opts: { keySlot?: number } = {}): Promise<number> {
+    return removeKeyByPassphrase(this, passphrase, opts);
   }
 
   async killSlot(slot: number): Promise<void> {
