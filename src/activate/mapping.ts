@@ -110,51 +110,64 @@ async function withDevice<T>(path: string, readOnly: boolean, fn: (d: BlockDevic
  * Size: the segment size, or (dynamic) what is left of the data device after the data offset.
  */
 export async function prepareLuks(o: LuksOpenOptions): Promise<{ mapping: CryptMapping; volumeKey: Secret }> {
-  o = { ...o, device: resolve(o.device), ...(o.header === undefined ? {} : { header: resolve(o.header) }) };
-  const headerPath = o.header ?? o.device;
+  const headerPath = o.header === undefined ? resolve(o.device) : resolve(o.header);
   return withDevice(headerPath, true, async (hdrDev) => {
     const vol = await openLuks(hdrDev);
     try {
-      if (!vol.activatable) {
-        throw new CryptmapError('EREQUIREMENTS', 'Device has unknown mandatory requirements; refusing to activate.', { exitCode: 1 });
-      }
-      const seg = vol.dataSegment;
-      const dataBytes =
-        o.header === undefined ? hdrDev.sizeBytes : await withDevice(o.device, true, async (d) => d.sizeBytes);
-      let sizeBytes: number;
-      if (seg.sizeBytes === 'dynamic') {
-        sizeBytes = dataBytes - seg.offsetBytes;
-        sizeBytes -= sizeBytes % seg.sectorBytes;
-      } else sizeBytes = seg.sizeBytes;
-      if (sizeBytes <= 0 || seg.offsetBytes + sizeBytes > dataBytes) {
-        throw new CryptmapError('EDEVSMALL', `Device ${o.device} is too small for the data segment.`, { exitCode: EXIT_WRONG_DEVICE });
-      }
-      let unlocked: UnlockResult;
-      if (o.unlock) unlocked = await o.unlock(vol);
-      else if (o.passphrase) unlocked = await vol.unlock(o.passphrase, o.keySlot === undefined ? {} : { keySlot: o.keySlot });
-      else throw new CryptmapError('EARGS', 'prepareLuks needs a passphrase or an unlock function');
-      const { volumeKey, keyslot } = unlocked;
-      const mapping: CryptMapping = {
-        name: o.name,
-        type: vol.type === 'luks1' ? 'LUKS1' : 'LUKS2',
-        uuid: vol.uuid,
-        device: o.device,
-        cipher: seg.cipher,
-        keyBytes: seg.keyBytes,
-        sectorBytes: seg.sectorBytes,
-        ivOffsetSectors: seg.ivTweak,
-        offsetSectors: seg.offsetBytes / SECTOR_BYTES,
-        sizeSectors: sizeBytes / SECTOR_BYTES,
-        readOnly: o.readOnly ?? false,
-        allowDiscards: (o.allowDiscards ?? false) || persistentDiscards(vol),
-        keyslot,
-      };
-      if (o.header !== undefined) mapping.header = o.header;
-      return { mapping, volumeKey };
+      return await prepareLoadedLuks(vol, hdrDev, o);
     } finally {
       await vol.close();
     }
   });
+}
+
+/**
+ * `prepareLuks` for a volume the caller already loaded from its header device `hdrDev` (the file
+ * `o.header`, or `o.device` when the header is not detached), e.g. after load-time header recovery:
+ * the header is not read again. The caller keeps owning `vol` and `hdrDev` and owns the volume key.
+ *
+ * @example
+ *   const vol = await openLuks(hdrDev);
+ *   try { ({ mapping, volumeKey } = await prepareLoadedLuks(vol, hdrDev, { name, device, passphrase })); }
+ *   finally { await vol.close(); await hdrDev.close(); }
+ */
+export async function prepareLoadedLuks(vol: Awaited<ReturnType<typeof openLuks>>, hdrDev: BlockDevice, o: LuksOpenOptions): Promise<{ mapping: CryptMapping; volumeKey: Secret }> {
+  o = { ...o, device: resolve(o.device), ...(o.header === undefined ? {} : { header: resolve(o.header) }) };
+  if (!vol.activatable) {
+    throw new CryptmapError('EREQUIREMENTS', 'Device has unknown mandatory requirements; refusing to activate.', { exitCode: 1 });
+  }
+  const seg = vol.dataSegment;
+  const dataBytes = o.header === undefined ? hdrDev.sizeBytes : await withDevice(o.device, true, async (d) => d.sizeBytes);
+  let sizeBytes: number;
+  if (seg.sizeBytes === 'dynamic') {
+    sizeBytes = dataBytes - seg.offsetBytes;
+    sizeBytes -= sizeBytes % seg.sectorBytes;
+  } else sizeBytes = seg.sizeBytes;
+  if (sizeBytes <= 0 || seg.offsetBytes + sizeBytes > dataBytes) {
+    throw new CryptmapError('EDEVSMALL', `Device ${o.device} is too small for the data segment.`, { exitCode: EXIT_WRONG_DEVICE });
+  }
+  let unlocked: UnlockResult;
+  if (o.unlock) unlocked = await o.unlock(vol);
+  else if (o.passphrase) unlocked = await vol.unlock(o.passphrase, o.keySlot === undefined ? {} : { keySlot: o.keySlot });
+  else throw new CryptmapError('EARGS', 'prepareLuks needs a passphrase or an unlock function');
+  const { volumeKey, keyslot } = unlocked;
+  const mapping: CryptMapping = {
+    name: o.name,
+    type: vol.type === 'luks1' ? 'LUKS1' : 'LUKS2',
+    uuid: vol.uuid,
+    device: o.device,
+    cipher: seg.cipher,
+    keyBytes: seg.keyBytes,
+    sectorBytes: seg.sectorBytes,
+    ivOffsetSectors: seg.ivTweak,
+    offsetSectors: seg.offsetBytes / SECTOR_BYTES,
+    sizeSectors: sizeBytes / SECTOR_BYTES,
+    readOnly: o.readOnly ?? false,
+    allowDiscards: (o.allowDiscards ?? false) || persistentDiscards(vol),
+    keyslot,
+  };
+  if (o.header !== undefined) mapping.header = o.header;
+  return { mapping, volumeKey };
 }
 
 /** LUKS2 persistent flag `allow-discards` in config.flags (cryptsetup `--persistent --allow-discards`). */

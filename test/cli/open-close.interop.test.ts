@@ -11,7 +11,9 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
+import { FileDevice } from '../../src/blockdev/file.js';
 import { ControlClient } from '../../src/control/client.js';
+import { readLuks2 } from '../../src/luks/index.js';
 
 const ENTRY = new URL('../../src/cli/entry.js', import.meta.url).pathname;
 const MiB = 1 << 20;
@@ -127,6 +129,53 @@ test('luksFormat, open, status, data over NBD, close; exit codes as cryptsetup',
   assert.equal(r.code, 0, r.stderr);
   await ok('qemu-io', ['-f', 'raw', uri, '-c', 'read -P 0x7e 0 1M']);
   await cm('close', '--runtime-dir', run, 'avol');
+});
+
+/** Both LUKS2 header copies of `img` as the loader sees them. */
+async function headerState(img: string): Promise<{ needsRepair: boolean; stale: string | null }> {
+  const dev = await FileDevice.open(img, { readOnly: true });
+  try {
+    const r = await readLuks2(dev);
+    return { needsRepair: r.needsRepair, stale: r.stale };
+  } finally {
+    await dev.close();
+  }
+}
+
+test('open through the daemon rewrites a damaged secondary LUKS2 header copy from the good one; the volume opens with its data', async () => {
+  const img = join(dir, 'rec.img');
+  const key = join(dir, 'rec.key');
+  writeFileSync(key, 'recovery passphrase', { mode: 0o600 });
+  writeFileSync(img, Buffer.alloc(0));
+  await ok('truncate', ['-s', '20M', img]);
+  let r = await cm('luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, img);
+  assert.equal(r.code, 0, r.stderr);
+  r = await cm('open', '--runtime-dir', run, '--key-file', key, img, 'recvol');
+  assert.equal(r.code, 0, r.stderr);
+  const uri = /nbd: +(\S+)/.exec((await cm('status', '--runtime-dir', run, 'recvol')).stdout)?.[1] ?? '';
+  await ok('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x5c 0 256k']);
+  assert.equal((await cm('close', '--runtime-dir', run, 'recvol')).code, 0);
+
+  // Flip a byte of the secondary copy's checksum (binary header field csum at 448, the copy at hdr_size).
+  const b = readFileSync(img);
+  const hdrSize = Number(b.readBigUInt64BE(8));
+  const primary = Buffer.from(b.subarray(0, hdrSize));
+  b[hdrSize + 448]! ^= 0x5a;
+  writeFileSync(img, b);
+  assert.deepEqual(await headerState(img), { needsRepair: true, stale: 'secondary' });
+
+  r = await cm('open', '--runtime-dir', run, '--key-file', key, img, 'recvol');
+  assert.equal(r.code, 0, r.stderr + daemonLog);
+  try {
+    assert.deepEqual(await headerState(img), { needsRepair: false, stale: null }, 'secondary copy not repaired by open');
+    const after = readFileSync(img);
+    assert.ok(after.subarray(0, hdrSize).equals(primary), 'the good primary copy changed');
+    r = await cm('status', '--runtime-dir', run, 'recvol');
+    assert.match(r.stdout, /is active\./);
+    await ok('qemu-io', ['-f', 'raw', uri, '-c', 'read -P 0x5c 0 256k']);
+  } finally {
+    await cm('close', '--runtime-dir', run, 'recvol');
+  }
 });
 
 test('plain mode: key file read directly; same ciphertext as the engine computes', async () => {

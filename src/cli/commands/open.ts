@@ -11,7 +11,7 @@
  * --keyfile-offset), as cryptsetup does for plain key files.
  */
 import { parseArgs } from 'node:util';
-import { type CryptMapping, prepareLuks, preparePlain } from '../../activate/mapping.js';
+import { type CryptMapping, prepareLoadedLuks, preparePlain } from '../../activate/mapping.js';
 import { plainKeyFromPassphrase } from '../../activate/plain-key.js';
 import type { ControlClient } from '../../control/client.js';
 import { ControlClient as Client } from '../../control/client.js';
@@ -19,7 +19,6 @@ import { runtimeDir } from '../../control/runtime-dir.js';
 import type { VolumeStatus } from '../../daemon/core.js';
 import { mappingToJson } from '../../daemon/handlers.js';
 import type { SectorBytes } from '../../engine/types.js';
-import type { Luks1Volume, Luks2Volume } from '../../luks/index.js';
 import { toHex, wipe } from '../../util/bytes.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { Secret } from '../../util/secret.js';
@@ -115,18 +114,27 @@ async function preparePlainFromArgs(io: CliIO, device: string, name: string, v: 
 }
 
 async function prepareLuksFromArgs(io: CliIO, device: string, name: string, v: OpenArgs): Promise<{ mapping: CryptMapping; volumeKey: Secret }> {
-  // Load once for load-time header recovery (a damaged copy is rewritten from the good one).
-  const { dev } = await loadLuksForRead(headerPath(v, device), v);
-  await closeQuietly(dev);
-  const o: Parameters<typeof prepareLuks>[0] = {
-    name,
-    device,
-    unlock: (vol) => unlockForOpen(io, vol as Luks1Volume | Luks2Volume, device, v),
-    readOnly: v.readonly ?? false,
-    allowDiscards: v['allow-discards'] ?? false,
-  };
-  if (v.header !== undefined) o.header = v.header;
-  const r = await prepareLuks(o);
+  // One load: load-time header recovery (a damaged copy is rewritten from the good one, as
+  // cryptsetup does), then the mapping from that same loaded volume.
+  const { dev, vol } = await loadLuksForRead(headerPath(v, device), v);
+  let r: { mapping: CryptMapping; volumeKey: Secret };
+  try {
+    const o: Parameters<typeof prepareLoadedLuks>[2] = {
+      name,
+      device,
+      unlock: () => unlockForOpen(io, vol, device, v),
+      readOnly: v.readonly ?? false,
+      allowDiscards: v['allow-discards'] ?? false,
+    };
+    if (v.header !== undefined) o.header = v.header;
+    r = await prepareLoadedLuks(vol, dev, o);
+  } finally {
+    try {
+      await vol.close();
+    } finally {
+      await closeQuietly(dev);
+    }
+  }
   if (v.type && v.type !== 'luks' && v.type.toUpperCase() !== r.mapping.type) {
     r.volumeKey.dispose();
     throw new CryptmapError('ENOTLUKS', `Device ${device} is not a valid ${v.type.toUpperCase()} device.`, { exitCode: 1 });
