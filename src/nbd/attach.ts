@@ -50,6 +50,8 @@ export interface AttachOptions {
    * equivalent, so a FUSE attachment never has `swap` set.
    */
   swap?: boolean;
+  /** Where sysfs is mounted (the nbd module and /sys/block/nbdN are looked up there). Default /sys; tests use a fake tree. */
+  sysRoot?: string;
 }
 
 export interface AttachInfo {
@@ -65,7 +67,8 @@ export interface AttachInfo {
   swap?: boolean;
 }
 
-const SYS_NBD_MODULE = '/sys/module/nbd';
+const SYS_ROOT = '/sys';
+const nbdModuleLoaded = (sysRoot: string) => existsSync(join(sysRoot, 'module', 'nbd'));
 
 const run = (cmd: string, args: string[], timeoutMs = 60_000): Promise<string> => runTool(cmd, args, { code: 'EATTACH', timeoutMs });
 
@@ -83,7 +86,7 @@ function alive(pid: number): boolean {
 /** Attach `exportName` and return where it is. Cleans up after itself when a step fails. */
 export async function attachExport(opts: AttachOptions): Promise<AttachInfo> {
   let method = opts.method ?? 'auto';
-  if (method === 'auto') method = existsSync(SYS_NBD_MODULE) ? 'kernel' : 'fuse';
+  if (method === 'auto') method = nbdModuleLoaded(opts.sysRoot ?? SYS_ROOT) ? 'kernel' : 'fuse';
   return method === 'kernel' ? attachKernel(opts) : attachFuse(opts);
 }
 
@@ -199,18 +202,19 @@ function readLog(file: string): string {
 }
 
 /** First /dev/nbdN the kernel is not using (no `pid` attribute, size 0). */
-function freeNbdDevice(): string {
+function freeNbdDevice(sysRoot: string): string {
+  const block = join(sysRoot, 'block');
   let names: string[] = [];
   try {
-    names = readdirSync('/sys/block').filter((n) => /^nbd[0-9]+$/.test(n));
+    names = readdirSync(block).filter((n) => /^nbd[0-9]+$/.test(n));
   } catch {
     // no sysfs
   }
   names.sort((a, b) => Number(a.slice(3)) - Number(b.slice(3)));
   for (const n of names) {
-    if (existsSync(`/sys/block/${n}/pid`)) continue;
+    if (existsSync(join(block, n, 'pid'))) continue;
     try {
-      if (readFileSync(`/sys/block/${n}/size`, 'utf8').trim() !== '0') continue;
+      if (readFileSync(join(block, n, 'size'), 'utf8').trim() !== '0') continue;
     } catch {
       continue;
     }
@@ -220,8 +224,9 @@ function freeNbdDevice(): string {
 }
 
 async function attachKernel(opts: AttachOptions): Promise<AttachInfo> {
-  if (!existsSync(SYS_NBD_MODULE)) throw new CryptmapError('EATTACH', 'the nbd kernel module is not loaded (modprobe nbd)', { errno: 'ENOENT' });
-  const dev = freeNbdDevice();
+  const sysRoot = opts.sysRoot ?? SYS_ROOT;
+  if (!nbdModuleLoaded(sysRoot)) throw new CryptmapError('EATTACH', 'the nbd kernel module is not loaded (modprobe nbd)', { errno: 'ENOENT' });
+  const dev = freeNbdDevice(sysRoot);
   const bs = opts.logicalBlockBytes !== undefined && opts.logicalBlockBytes > 512 ? ['-b', String(opts.logicalBlockBytes)] : [];
   await run('nbd-client', ['-unix', opts.socketPath, '-N', opts.exportName, dev, ...bs, ...(opts.readOnly ? ['-readonly'] : []), ...(opts.swap ? ['-swap'] : [])]);
   return { method: 'kernel', devicePath: dev, exportName: opts.exportName, ...(opts.swap ? { swap: true } : {}) };
