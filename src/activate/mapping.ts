@@ -163,18 +163,36 @@ export async function prepareLoadedLuks(vol: Awaited<ReturnType<typeof openLuks>
     offsetSectors: seg.offsetBytes / SECTOR_BYTES,
     sizeSectors: sizeBytes / SECTOR_BYTES,
     readOnly: o.readOnly ?? false,
-    allowDiscards: (o.allowDiscards ?? false) || persistentDiscards(vol),
+    allowDiscards: o.allowDiscards ?? false,
     keyslot,
   };
+  // LUKS2 persistent flags (open --persistent) apply as if given on the command line.
+  for (const f of persistentFlagsOf(vol)) mapping[PERSISTENT_FLAGS[f]] = true;
   if (o.header !== undefined) mapping.header = o.header;
   return { mapping, volumeKey };
 }
 
-/** LUKS2 persistent flag `allow-discards` in config.flags (cryptsetup `--persistent --allow-discards`). */
-function persistentDiscards(vol: Awaited<ReturnType<typeof openLuks>>): boolean {
-  if (vol.type !== 'luks2') return false;
+/**
+ * LUKS2 persistent activation flags (config.flags) that mean something here, in cryptsetup's spelling
+ * (lib/luks2/luks2_json_metadata.c persistent_flags) and their CryptMapping field, in cryptsetup's
+ * order. `high_priority` and `no-journal` (dm-integrity) are kept in the header but change nothing
+ * in userspace, so they are not mapped.
+ */
+export const PERSISTENT_FLAGS = {
+  'allow-discards': 'allowDiscards',
+  'same-cpu-crypt': 'sameCpuCrypt',
+  'submit-from-crypt-cpus': 'submitFromCryptCpus',
+  'no-read-workqueue': 'noReadWorkqueue',
+  'no-write-workqueue': 'noWriteWorkqueue',
+} as const satisfies Record<string, keyof CryptMapping>;
+export type PersistentFlag = keyof typeof PERSISTENT_FLAGS;
+
+/** The known persistent flags a LUKS2 header carries (none for LUKS1). */
+export function persistentFlagsOf(vol: Awaited<ReturnType<typeof openLuks>>): PersistentFlag[] {
+  if (vol.type !== 'luks2') return [];
   const flags = (vol.json.config as { flags?: unknown }).flags;
-  return Array.isArray(flags) && flags.includes('allow-discards');
+  if (!Array.isArray(flags)) return [];
+  return flags.filter((f): f is PersistentFlag => typeof f === 'string' && Object.hasOwn(PERSISTENT_FLAGS, f));
 }
 
 export interface PlainOpenOptions {

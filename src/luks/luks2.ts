@@ -667,6 +667,23 @@ export class Luks2Volume implements LuksVolume {
     }
   }
 
+  /**
+   * Persistent activation flags (config.flags; cryptsetup `open --persistent`, lib/luks2
+   * LUKS2_config_set_flags): the array is replaced by `flags`, in the order given.
+   */
+  async setPersistentFlags(flags: readonly string[]): Promise<void> {
+    this.#requireChangeable();
+    const before = this.#json.config.flags;
+    this.#json.config.flags = [...flags];
+    try {
+      await this.#write();
+    } catch (e) {
+      if (before === undefined) delete this.#json.config.flags;
+      else this.#json.config.flags = before;
+      throw e;
+    }
+  }
+
   /** cryptsetup config --priority: 'normal' removes the field, as cryptsetup does. */
   async setPriority(slot: number, priority: KeyslotPriority): Promise<void> {
     this.#requireChangeable();

@@ -11,7 +11,7 @@
  * --keyfile-offset), as cryptsetup does for plain key files.
  */
 import { parseArgs } from 'node:util';
-import { type CryptMapping, prepareLoadedLuks, preparePlain } from '../../activate/mapping.js';
+import { type CryptMapping, type PersistentFlag, prepareLoadedLuks, preparePlain } from '../../activate/mapping.js';
 import { plainKeyFromPassphrase } from '../../activate/plain-key.js';
 import type { ControlClient } from '../../control/client.js';
 import { ControlClient as Client } from '../../control/client.js';
@@ -19,12 +19,27 @@ import { runtimeDir } from '../../control/runtime-dir.js';
 import type { VolumeStatus } from '../../daemon/core.js';
 import { mappingToJson } from '../../daemon/handlers.js';
 import type { SectorBytes } from '../../engine/types.js';
+import { withDeviceLock } from '../../luks/index.js';
 import { toHex, wipe } from '../../util/bytes.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { Secret } from '../../util/secret.js';
 import type { AttachInfo } from '../../nbd/attach.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { closeQuietly, getPassphrase, headerPath, intOpt, LUKS_OPTIONS, type LuksArgs, loadLuksForRead, needDevice, readKeyFile, testPassphrase, unlockForOpen } from './luks-common.js';
+import {
+  closeQuietly,
+  getPassphrase,
+  headerPath,
+  intOpt,
+  LUKS_OPTIONS,
+  type LuksArgs,
+  loadLuks,
+  loadLuksForRead,
+  needDevice,
+  openDevice,
+  readKeyFile,
+  testPassphrase,
+  unlockForOpen,
+} from './luks-common.js';
 
 const OPEN_OPTIONS = {
   ...LUKS_OPTIONS,
@@ -63,6 +78,36 @@ function perfFlags(v: OpenArgs): Partial<CryptMapping> {
   if (v['perf-no_read_workqueue']) m.noReadWorkqueue = true;
   if (v['perf-no_write_workqueue']) m.noWriteWorkqueue = true;
   return m;
+}
+
+/**
+ * `--persistent` (cryptsetup 2.6 action_open_luks): after a successful activation the LUKS2 header's
+ * persistent flags become exactly the flags given on this command line (none given: cleared). Where
+ * that cannot be done (LUKS1, plain, a header that cannot be written) cryptsetup only says so and the
+ * open still succeeds.
+ */
+async function makeFlagsPersistent(io: CliIO, device: string, v: OpenArgs): Promise<void> {
+  const flags: PersistentFlag[] = [];
+  if (v['allow-discards']) flags.push('allow-discards');
+  if (v['perf-same_cpu_crypt']) flags.push('same-cpu-crypt');
+  if (v['perf-submit_from_crypt_cpus']) flags.push('submit-from-crypt-cpus');
+  if (v['perf-no_read_workqueue']) flags.push('no-read-workqueue');
+  if (v['perf-no_write_workqueue']) flags.push('no-write-workqueue');
+  const hdr = headerPath(v, device);
+  try {
+    const dev = await openDevice(hdr, true);
+    try {
+      await withDeviceLock(hdr, async () => {
+        const vol = await loadLuks(dev, hdr);
+        if (vol.type !== 'luks2') throw new CryptmapError('ENOTSUP', 'persistent flags need LUKS2');
+        await vol.setPersistentFlags(flags);
+      });
+    } finally {
+      await closeQuietly(dev);
+    }
+  } catch {
+    io.stderr.write('Device activated but cannot make flags persistent.\n');
+  }
 }
 
 async function preparePlainFromArgs(io: CliIO, device: string, name: string, v: OpenArgs): Promise<{ mapping: CryptMapping; volumeKey: Secret }> {
@@ -156,6 +201,9 @@ export async function sendOpen(c: ControlClient, mapping: CryptMapping, volumeKe
 const main: VerbMain = async (argv: string[], io: CliIO) => {
   const { values: v, positionals } = parse(argv);
   const device = needDevice(positionals, 'cryptmap open [OPTION...] <device> <name>');
+  if (v.persistent && v['test-passphrase']) {
+    throw new CryptmapError('EARGS', 'Option --persistent is not allowed with --test-passphrase.', { exitCode: EXIT_WRONG_PARAMS });
+  }
   if (v['test-passphrase']) return openTestPassphrase(io, device, v);
   if (positionals.length !== 2) throw new CryptmapError('EARGS', 'Command requires device and mapped name as arguments.', { exitCode: EXIT_WRONG_PARAMS });
   const name = positionals[1]!;
@@ -168,6 +216,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   try {
     const { mapping, volumeKey } = type === 'plain' ? await preparePlainFromArgs(io, device, name, v) : await prepareLuksFromArgs(io, device, name, v);
     const st = await sendOpen(client, mapping, volumeKey);
+    if (v.persistent) await makeFlagsPersistent(io, device, v);
     if (v.verbose && mapping.keyslot !== undefined) io.stdout.write(`Key slot ${mapping.keyslot} unlocked.\n`);
     if (v.attach) {
       const info = await client.call<AttachInfo>('attach', { name, readOnly: v.readonly === true });

@@ -24,7 +24,9 @@ export function formatStatus(s: VolumeStatus): string {
     if (m.ivOffsetSectors !== '0') out += `  skipped: ${m.ivOffsetSectors} sectors\n`;
     out += `  size:    ${m.sizeSectors} sectors\n`;
     out += `  mode:    ${m.readOnly ? 'readonly' : 'read/write'}\n`;
-    if (m.allowDiscards) out += `  flags:   discards\n`;
+    // cryptsetup 2.6 action_status: the activation flags, each followed by a space but the last.
+    const flags = `${m.allowDiscards ? 'discards ' : ''}${m.sameCpuCrypt ? 'same_cpu_crypt ' : ''}${m.submitFromCryptCpus ? 'submit_from_crypt_cpus ' : ''}${m.noReadWorkqueue ? 'no_read_workqueue ' : ''}${m.noWriteWorkqueue ? 'no_write_workqueue' : ''}`;
+    if (flags !== '') out += `  flags:   ${flags}\n`;
   }
   if (s.suspended) out += `  (suspended)\n`;
   out += `  nbd:     ${s.nbdUri}\n`;

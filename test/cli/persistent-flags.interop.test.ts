@@ -1,0 +1,119 @@
+/**
+ * `cryptmap open --persistent` (cryptsetup-open(8) --persistent): the activation flags given on the
+ * command line are written to the LUKS2 header (config.flags, which `cryptsetup luksDump` shows) and
+ * apply to every later open; `--persistent` without flags clears them; LUKS1 cannot hold them (the
+ * open succeeds with cryptsetup's warning); `--persistent --test-passphrase` is refused.
+ */
+import assert from 'node:assert/strict';
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { ControlClient } from '../../src/control/client.js';
+
+const ENTRY = new URL('../../src/cli/entry.js', import.meta.url).pathname;
+let dir: string;
+let run: string;
+let daemon: ChildProcess;
+let daemonLog = '';
+
+interface Result {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+function exec(cmd: string, args: string[]): Promise<Result> {
+  return new Promise((resolve, reject) => {
+    const child = execFile(cmd, args, { encoding: 'utf8', timeout: 120_000 }, (err, stdout, stderr) => {
+      if (err && (err as NodeJS.ErrnoException).code === 'ENOENT') return reject(new Error(`${cmd} is not installed (run scripts/install-deps.sh; Debian package cryptsetup-bin)`));
+      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
+    });
+    child.stdin?.on('error', () => undefined);
+    child.stdin?.end('');
+  });
+}
+
+const cm = (...args: string[]) => exec(process.execPath, [ENTRY, ...args]);
+
+async function ok(cmd: string, args: string[]): Promise<string> {
+  const r = await exec(cmd, args);
+  assert.equal(r.code, 0, `${cmd} ${args.join(' ')} failed: ${r.stderr}`);
+  return r.stdout;
+}
+
+before(async () => {
+  dir = mkdtempSync(join(tmpdir(), 'cm-persist-'));
+  run = join(dir, 'run');
+  daemon = spawn(process.execPath, [ENTRY, 'daemon', '--runtime-dir', run], { stdio: ['ignore', 'pipe', 'pipe'] });
+  daemon.stderr?.on('data', (d) => {
+    daemonLog += d.toString();
+  });
+  for (let i = 0; i < 100; i++) {
+    try {
+      (await ControlClient.connect(run)).close();
+      return;
+    } catch {
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  throw new Error(`daemon did not start: ${daemonLog}`);
+});
+
+after(async () => {
+  if (daemon.exitCode === null) {
+    const exited = new Promise((r) => daemon.once('exit', r));
+    daemon.kill('SIGTERM');
+    await exited;
+  }
+  rmSync(dir, { recursive: true, force: true });
+});
+
+async function format(type: 'luks1' | 'luks2', name: string): Promise<{ img: string; key: string }> {
+  const img = join(dir, `${name}.img`);
+  const key = join(dir, `${name}.key`);
+  writeFileSync(key, `passphrase of ${name}`, { mode: 0o600 });
+  writeFileSync(img, Buffer.alloc(0));
+  await ok('truncate', ['-s', '32M', img]);
+  await ok('cryptsetup', ['luksFormat', '--batch-mode', '--type', type, '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, img]);
+  return { img, key };
+}
+
+const flagsLine = (dump: string) => /^Flags:\s*(.*)$/m.exec(dump)?.[1]?.trim();
+
+test('open --persistent stores the flags in the LUKS2 header (cryptsetup luksDump shows them); later opens use them; --persistent alone clears them', async () => {
+  const { img, key } = await format('luks2', 'p2');
+  assert.equal(flagsLine(await ok('cryptsetup', ['luksDump', img])), '(no flags)');
+  const first = await cm('open', '--runtime-dir', run, '--key-file', key, '--persistent', '--allow-discards', '--perf-no_read_workqueue', img, 'p2');
+  assert.equal(first.code, 0, first.stderr);
+  assert.equal(first.stderr, '');
+  assert.equal(flagsLine(await ok('cryptsetup', ['luksDump', img])), 'allow-discards no-read-workqueue');
+  assert.match((await cm('status', '--runtime-dir', run, 'p2')).stdout, /^ {2}flags: {3}discards no_read_workqueue $/m);
+  assert.equal((await cm('close', '--runtime-dir', run, 'p2')).code, 0);
+  // cryptsetup still accepts the header, and a plain open now gets the stored flags.
+  await ok('cryptsetup', ['open', '--test-passphrase', '--key-file', key, img]);
+  assert.equal((await cm('open', '--runtime-dir', run, '--key-file', key, img, 'p2')).code, 0);
+  assert.match((await cm('status', '--runtime-dir', run, 'p2')).stdout, /^ {2}flags: {3}discards no_read_workqueue $/m);
+  assert.equal((await cm('close', '--runtime-dir', run, 'p2')).code, 0);
+  // --persistent with no flags: the stored flags are cleared, as cryptsetup does (after this
+  // activation, which was made with the flags the header still held).
+  assert.equal((await cm('open', '--runtime-dir', run, '--key-file', key, '--persistent', img, 'p2')).code, 0);
+  assert.equal(flagsLine(await ok('cryptsetup', ['luksDump', img])), '(no flags)');
+  assert.equal((await cm('close', '--runtime-dir', run, 'p2')).code, 0);
+  assert.equal((await cm('open', '--runtime-dir', run, '--key-file', key, img, 'p2')).code, 0);
+  assert.doesNotMatch((await cm('status', '--runtime-dir', run, 'p2')).stdout, /flags:/);
+  assert.equal((await cm('close', '--runtime-dir', run, 'p2')).code, 0);
+});
+
+test('open --persistent on LUKS1 activates and warns; --persistent --test-passphrase is refused', async () => {
+  const { img, key } = await format('luks1', 'p1');
+  const r = await cm('open', '--runtime-dir', run, '--key-file', key, '--persistent', '--allow-discards', img, 'p1');
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(r.stderr, 'Device activated but cannot make flags persistent.\n');
+  assert.match((await cm('status', '--runtime-dir', run, 'p1')).stdout, /flags: {3}discards/);
+  assert.equal((await cm('close', '--runtime-dir', run, 'p1')).code, 0);
+  const t = await cm('open', '--test-passphrase', '--persistent', '--key-file', key, img);
+  assert.equal(t.code, 1);
+  assert.match(t.stderr, /Option --persistent is not allowed with --test-passphrase\./);
+});
