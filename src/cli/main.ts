@@ -30,6 +30,8 @@ const VERBS: Record<string, string> = {
   close: 'close',
   luksClose: 'close',
   status: 'status',
+  luksSuspend: 'suspend',
+  luksResume: 'suspend',
   daemon: 'daemon',
   attach: 'attach',
   detach: 'attach',

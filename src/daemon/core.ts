@@ -5,13 +5,15 @@
  *
  * Lifecycle per name is serialised by a promise chain; data I/O never waits on it.
  */
+import { createHmac, randomBytes } from 'node:crypto';
 import type { CryptMapping } from '../activate/mapping.js';
 import { cryptTableLine, dmUuid, keyDescription, keyRefArg } from '../activate/mapping.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import { type DmControl, DeviceRegistry, InProcessDmControl } from '../dm/index.js';
 import { type AttachInfo, attachExport, detachExport, NbdServer, nbdUnixUri } from '../nbd/index.js';
 import type { NbdServerOptions } from '../nbd/types.js';
-import { CryptmapError, EXIT_BUSY, EXIT_WRONG_DEVICE } from '../util/errors.js';
+import { constantTimeEqual, wipe } from '../util/bytes.js';
+import { CryptmapError, EXIT_BUSY, EXIT_FAILURE, EXIT_WRONG_DEVICE } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import { mountedAt } from '../util/tools.js';
 import type { Secret } from '../util/secret.js';
@@ -48,6 +50,8 @@ export class DaemonCore {
   readonly #volumes = new Map<string, CryptMapping>();
   readonly #attachments = new Map<string, AttachInfo>();
   readonly #chains = new Map<string, Promise<unknown>>();
+  /** luksSuspend'ed volumes: HMAC-SHA256 of the wiped key under a random salt, to check the key resume brings. */
+  readonly #suspendedKeyTags = new Map<string, { salt: Buffer; tag: Buffer }>();
   #closing = false;
 
   constructor(opts: DaemonCoreOptions) {
@@ -166,6 +170,7 @@ export class DaemonCore {
       throw e;
     }
     this.#volumes.delete(name);
+    this.#suspendedKeyTags.delete(name);
     this.keyring.delete(keyDescription(name));
   }
 
@@ -198,9 +203,120 @@ export class DaemonCore {
 
   closeVolume(name: string, opts: { force?: boolean } = {}): Promise<void> {
     return this.#serial(name, async () => {
-      if (!this.registry.find(name)) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOENT' });
-      await this.#remove(name, opts.force ?? false);
+      const dev = this.registry.find(name);
+      if (!dev) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOENT' });
+      if (dev.suspended) await this.#removeSuspended(name, opts.force ?? false);
+      else await this.#remove(name, opts.force ?? false);
       log.info('volume closed', { name });
+    });
+  }
+
+  /**
+   * Remove a suspended device (as the kernel does, without resuming it). Its data was flushed when it
+   * was suspended; the export's flush and any queued NBD request would wait at the closed gate for
+   * ever, so the device goes first (queued I/O then fails with EIO), then the export. An attached
+   * device is refused: detaching flushes through the kernel client, which would wait too.
+   */
+  async #removeSuspended(name: string, force: boolean): Promise<void> {
+    const attached = this.#attachments.get(name);
+    if (attached) {
+      throw new CryptmapError('EBUSY', `Device ${name} is still in use (suspended and attached as ${attached.devicePath}; resume it first).`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+    }
+    const conns = this.nbd.connectionCount(name);
+    if (!force && conns > 0) {
+      throw new CryptmapError('EBUSY', `Device ${name} is still in use (${conns} NBD connection${conns === 1 ? '' : 's'}).`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+    }
+    // Other openers than the export (the kernel's open count check).
+    const others = this.registry.get(name).openCount - (this.#handles.has(name) ? 1 : 0);
+    if (!force && others > 0) throw new CryptmapError('EBUSY', `Device ${name} is still in use.`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+    await this.#dm.remove(name, { force: true });
+    await this.#unexport(name, true);
+    this.#volumes.delete(name);
+    this.#suspendedKeyTags.delete(name);
+    this.keyring.delete(keyDescription(name));
+  }
+
+  /**
+   * luksSuspend (cryptsetup lib/setup.c crypt_suspend): suspend the device (new I/O waits, in-flight
+   * I/O drains, flush), wipe the crypt target's key (`key wipe` message) and drop the volume key from
+   * the keyring. Only LUKS volumes opened through this daemon. Errors as cryptsetup 2.6:
+   * not active -> exit 4; not LUKS or already suspended -> exit 1.
+   */
+  suspendVolume(name: string): Promise<VolumeStatus> {
+    return this.#serial(name, async () => {
+      const dev = this.registry.find(name);
+      if (!dev) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOENT' });
+      const m = this.#volumes.get(name);
+      if (m === undefined || (m.type !== 'LUKS1' && m.type !== 'LUKS2')) {
+        throw new CryptmapError('ENOTLUKS', 'This operation is supported only for LUKS device.', { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
+      }
+      if (dev.suspended) throw new CryptmapError('ESUSPENDED', `Volume ${name} is already suspended.`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
+      const desc = keyDescription(name);
+      let keyTag: { salt: Buffer; tag: Buffer } | undefined;
+      if (this.keyring.has(desc)) {
+        const key = await this.keyring.resolve({ type: 'logon', description: desc, keyBytes: m.keyBytes });
+        const salt = randomBytes(32);
+        keyTag = { salt, tag: createHmac('sha256', salt).update(key.expose()).digest() };
+        key.dispose();
+      }
+      try {
+        await this.#dm.suspend(name);
+      } catch (e) {
+        throw new CryptmapError('ESUSPEND', `Error during suspending device ${name}.`, { exitCode: EXIT_FAILURE, cause: e });
+      }
+      try {
+        await this.#dm.message(name, 0, ['key', 'wipe']);
+      } catch (e) {
+        await this.#dm.resume(name);
+        throw new CryptmapError('ESUSPEND', `Error during suspending device ${name}.`, { exitCode: EXIT_FAILURE, cause: e });
+      }
+      this.keyring.delete(desc);
+      if (keyTag) this.#suspendedKeyTags.set(name, keyTag);
+      log.info('volume suspended', { name });
+      return this.statusOf(name);
+    });
+  }
+
+  /**
+   * luksResume (cryptsetup lib/setup.c crypt_resume_by_*, libdevmapper.c dm_resume_and_reinstate_key):
+   * put the volume key back in the keyring, `key set :<bytes>:logon:cryptmap:<name>` (the reference
+   * the table already uses), resume. The caller has unlocked a keyslot with it; the daemon also checks
+   * it is the key the volume was suspended with (a keyed hash kept at suspend). Takes a copy of the key.
+   * Errors as cryptsetup 2.6: not active -> exit 4; not LUKS, not suspended -> exit 1. On failure the
+   * device stays suspended with its key wiped (retryable).
+   */
+  resumeVolume(name: string, volumeKey: Secret): Promise<VolumeStatus> {
+    return this.#serial(name, async () => {
+      const dev = this.registry.find(name);
+      if (!dev) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOENT' });
+      const m = this.#volumes.get(name);
+      if (m === undefined || (m.type !== 'LUKS1' && m.type !== 'LUKS2')) {
+        throw new CryptmapError('ENOTLUKS', `${name} is not active LUKS device name or header is missing.`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
+      }
+      if (!dev.suspended) throw new CryptmapError('ENOTSUSPENDED', `Volume ${name} is not suspended.`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
+      if (volumeKey.length !== m.keyBytes) throw new CryptmapError('EKEY_SIZE', `volume key has ${volumeKey.length} bytes, ${name} needs ${m.keyBytes}`);
+      const was = this.#suspendedKeyTags.get(name);
+      if (was !== undefined) {
+        const tag = createHmac('sha256', was.salt).update(volumeKey.expose()).digest();
+        const same = constantTimeEqual(tag, was.tag);
+        wipe(tag);
+        if (!same) throw new CryptmapError('EKEYMISMATCH', `The volume key does not match the key of suspended device ${name}.`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
+      }
+      const desc = keyDescription(name);
+      this.keyring.set(desc, volumeKey.expose());
+      let keySet = false;
+      try {
+        await this.#dm.message(name, 0, ['key', 'set', keyRefArg(m)]);
+        keySet = true;
+        await this.#dm.resume(name);
+      } catch (e) {
+        if (keySet) await this.#dm.message(name, 0, ['key', 'wipe']).catch(() => undefined);
+        this.keyring.delete(desc);
+        throw new CryptmapError('ERESUME', `Error during resuming device ${name}.`, { exitCode: EXIT_FAILURE, cause: e });
+      }
+      this.#suspendedKeyTags.delete(name);
+      log.info('volume resumed', { name });
+      return this.statusOf(name);
     });
   }
 
@@ -277,6 +393,12 @@ export class DaemonCore {
     if (this.#closing) return;
     this.#closing = true;
     await Promise.allSettled([...this.#chains.values()]);
+    // Suspended devices go first (their data was flushed at suspend): detaching, the NBD server's
+    // flush and their queued requests would otherwise wait for a resume that cannot come.
+    for (const d of this.registry.list()) {
+      if (d.suspended) await this.#dm.remove(d.name, { force: true }).catch(() => undefined);
+    }
+    this.#suspendedKeyTags.clear();
     for (const [name, info] of this.#attachments) {
       try {
         await detachExport(info);

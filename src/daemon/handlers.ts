@@ -1,6 +1,6 @@
 /**
  * Control-socket operations of the daemon: `dm.*` (dmsetup verbs), `volume.*` (open, close,
- * status, list), `attach`/`detach`, `daemon.ping`. Args never reach a log: they may carry keys.
+ * suspend, resume, status, list), `attach`/`detach`, `daemon.ping`. Args never reach a log: they may carry keys.
  */
 import type { CryptMapping } from '../activate/mapping.js';
 import { dmHandlers } from '../control/dm-remote.js';
@@ -56,6 +56,18 @@ export function daemonHandlers(core: DaemonCore): ControlHandlers {
       const key = new Secret(raw);
       try {
         return await core.openVolume(m, key);
+      } finally {
+        key.dispose();
+        wipe(raw);
+      }
+    },
+    'volume.suspend': async (a) => core.suspendVolume(need(a.name, isStr, 'name')),
+    'volume.resume': async (a) => {
+      const name = need<string>(a.name, isStr, 'name');
+      const raw = fromHex(need<string>(a.key, (x) => typeof x === 'string', 'key'), 'volume key');
+      const key = new Secret(raw);
+      try {
+        return await core.resumeVolume(name, key);
       } finally {
         key.dispose();
         wipe(raw);

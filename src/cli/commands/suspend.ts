@@ -1,0 +1,153 @@
+/**
+ * `cryptmap luksSuspend NAME` and `cryptmap luksResume NAME` (cryptsetup-luksSuspend(8),
+ * cryptsetup-luksResume(8); behaviour of cryptsetup 2.6 src/cryptsetup.c action_luksSuspend /
+ * action_luksResume and lib/setup.c crypt_suspend / crypt_resume_by_passphrase).
+ *
+ * luksSuspend: the daemon suspends the active LUKS volume (new I/O waits, in-flight I/O drains,
+ * flush), wipes the crypt target's key and drops the volume key from its keyring. NBD clients wait.
+ *
+ * luksResume: as `open`, the passphrase is read and the KDF runs here. The header of the active
+ * mapping (its device, or its detached header, or --header) is loaded; its UUID and type must match
+ * the mapping's dm uuid (CRYPT-LUKS2-<uuid>-<name>), else cryptsetup's "not active LUKS device name
+ * or header is missing". Then tokens, then the passphrase (prompt with --tries, or --key-file), and
+ * the volume key goes to the daemon once, as hex over the 0600 control socket (docs/secrets.md),
+ * which puts it back in its keyring, sends `key set :<bytes>:logon:cryptmap:<name>` and resumes.
+ * A wrong passphrase leaves the device suspended (exit 2, retryable).
+ *
+ * Messages and exit codes (cryptsetup 2.6.1): not active "Device NAME is not active." 4; not a
+ * LUKS volume 1; already suspended / not suspended 1; wrong passphrase 2.
+ */
+import { parseArgs } from 'node:util';
+import { dmUuid } from '../../activate/mapping.js';
+import { ControlClient } from '../../control/client.js';
+import { runtimeDir } from '../../control/runtime-dir.js';
+import type { VolumeStatus } from '../../daemon/core.js';
+import type { DmInfo } from '../../dm/control.js';
+import type { Luks1Volume, Luks2Volume } from '../../luks/index.js';
+import { toHex } from '../../util/bytes.js';
+import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
+import type { FileDevice } from '../../blockdev/file.js';
+import type { CliIO, VerbMain } from '../types.js';
+import { closeQuietly, LUKS_OPTIONS, type LuksArgs, loadLuksForRead, unlockForOpen } from './luks-common.js';
+
+const SUSPEND_OPTIONS = {
+  header: { type: 'string' },
+  'runtime-dir': { type: 'string' },
+  'batch-mode': { type: 'boolean', short: 'q' },
+  verbose: { type: 'boolean', short: 'v' },
+  debug: { type: 'boolean' },
+  'disable-locks': { type: 'boolean' },
+} as const;
+
+const RESUME_OPTIONS = { ...LUKS_OPTIONS, 'runtime-dir': { type: 'string' } } as const;
+
+function parseSuspend(argv: string[]) {
+  try {
+    return parseArgs({ args: argv.slice(1), options: SUSPEND_OPTIONS, allowPositionals: true, strict: true });
+  } catch (e) {
+    throw new CryptmapError('EARGS', (e as Error).message, { exitCode: EXIT_WRONG_PARAMS });
+  }
+}
+
+function parseResume(argv: string[]) {
+  try {
+    return parseArgs({ args: argv.slice(1), options: RESUME_OPTIONS, allowPositionals: true, strict: true });
+  } catch (e) {
+    throw new CryptmapError('EARGS', (e as Error).message, { exitCode: EXIT_WRONG_PARAMS });
+  }
+}
+
+/** cryptsetup's help_args: "<action>: requires <device> as arguments", exit 1. */
+function needName(verb: string, positionals: string[]): string {
+  if (positionals.length !== 1) throw new CryptmapError('EARGS', `${verb}: requires <device> as arguments`, { exitCode: EXIT_WRONG_PARAMS });
+  return positionals[0]!;
+}
+
+const notActive = (name: string) => new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE });
+const notLuks = (name: string) => new CryptmapError('ENOTLUKS', `${name} is not active LUKS device name or header is missing.`, { exitCode: EXIT_FAILURE });
+
+export const luksSuspend: VerbMain = async (argv, io) => {
+  const { values: v, positionals } = parseSuspend(argv);
+  const name = needName('luksSuspend', positionals);
+  // --header is accepted as cryptsetup does; the daemon knows the volume's type without it.
+  const c = await ControlClient.connect(runtimeDir(v['runtime-dir'], io.env));
+  try {
+    await c.call<VolumeStatus>('volume.suspend', { name });
+  } finally {
+    c.close();
+  }
+  if (v.verbose) io.stdout.write('Command successful.\n');
+  return 0;
+};
+
+/**
+ * Load the header of the active mapping and check it is the one the mapping was made from
+ * (cryptsetup's crypt_init_by_name_and_header: the header type and UUID must give the dm uuid).
+ */
+async function loadMatchingHeader(name: string, st: VolumeStatus, dmUuidNow: string, v: LuksArgs): Promise<{ dev: FileDevice; vol: Luks1Volume | Luks2Volume }> {
+  const m = st.mapping;
+  if (m === undefined || (m.type !== 'LUKS1' && m.type !== 'LUKS2')) throw notLuks(name);
+  const hdr = v.header ?? m.header ?? m.device;
+  let loaded: { dev: FileDevice; vol: Luks1Volume | Luks2Volume };
+  try {
+    loaded = await loadLuksForRead(hdr, v);
+  } catch (e) {
+    if (!isCryptmapError(e)) throw e;
+    throw notLuks(name);
+  }
+  const { dev, vol } = loaded;
+  const type = vol.type === 'luks1' ? 'LUKS1' : 'LUKS2';
+  if (dmUuid({ type, uuid: vol.uuid, name }) !== dmUuidNow) {
+    await closeQuietly(dev);
+    throw notLuks(name);
+  }
+  return loaded;
+}
+
+export const luksResume: VerbMain = async (argv, io) => {
+  const { values: v, positionals } = parseResume(argv);
+  const name = needName('luksResume', positionals);
+  const reqType = v.type;
+  if (reqType !== undefined && !['luks', 'luks1', 'luks2'].includes(reqType)) {
+    // cryptsetup returns -EINVAL here without a message; say why.
+    throw new CryptmapError('EARGS', `luksResume works on LUKS devices only (--type ${reqType}).`, { exitCode: EXIT_WRONG_PARAMS });
+  }
+  const c = await ControlClient.connect(runtimeDir(v['runtime-dir'], io.env));
+  try {
+    const st = await c.call<VolumeStatus>('volume.status', { name });
+    if (!st.active) throw notActive(name);
+    const info = (await c.call<DmInfo[]>('dm.info', { name }))[0];
+    if (info === undefined) throw notActive(name);
+    const { dev, vol } = await loadMatchingHeader(name, st, info.uuid, v);
+    let hex = '';
+    try {
+      const type = vol.type === 'luks1' ? 'LUKS1' : 'LUKS2';
+      if (reqType !== undefined && reqType !== 'luks' && reqType.toUpperCase() !== type) {
+        throw new CryptmapError('ENOTLUKS', `${name} is not active ${reqType.toUpperCase()} device name.`, { exitCode: EXIT_FAILURE });
+      }
+      if (!st.suspended) throw new CryptmapError('ENOTSUSPENDED', `Volume ${name} is not suspended.`, { exitCode: EXIT_FAILURE });
+      // Prompt with the data device's name, as cryptsetup's tools_get_key does.
+      const r = await unlockForOpen(io, vol, st.mapping!.device, v);
+      try {
+        hex = toHex(r.volumeKey.expose());
+      } finally {
+        r.volumeKey.dispose();
+      }
+      await c.call<VolumeStatus>('volume.resume', { name, key: hex });
+    } finally {
+      hex = '';
+      try {
+        await vol.close();
+      } finally {
+        await closeQuietly(dev);
+      }
+    }
+    if (v.verbose) io.stdout.write('Command successful.\n');
+    return 0;
+  } finally {
+    c.close();
+  }
+};
+
+const main: VerbMain = (argv: string[], io: CliIO) => (argv[0] === 'luksResume' ? luksResume(argv, io) : luksSuspend(argv, io));
+export default main;

@@ -1,0 +1,198 @@
+/**
+ * `cryptmap luksSuspend` / `luksResume` as a user runs them, against a `cryptmap daemon` child: a
+ * volume formatted by cryptsetup 2.6, data written over NBD with qemu-io, suspend (an NBD read
+ * started meanwhile waits), a wrong key file (exit 2, still suspended), the right one (the read
+ * finishes, data intact), a passphrase on stdin; cryptsetup's messages and exit codes for a plain
+ * volume, an unknown name, a volume that is not (or already) suspended, a wrong --type or --header.
+ */
+import assert from 'node:assert/strict';
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { chmodSync, mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { ControlClient } from '../../src/control/client.js';
+
+const ENTRY = new URL('../../src/cli/entry.js', import.meta.url).pathname;
+const MiB = 1 << 20;
+let dir: string;
+let run: string;
+let daemon: ChildProcess;
+let daemonLog = '';
+
+interface Result {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+function exec(cmd: string, args: string[], input?: string): Promise<Result> {
+  return new Promise((resolve, reject) => {
+    const child = execFile(cmd, args, { encoding: 'utf8', timeout: 120_000, maxBuffer: 16 * MiB }, (err, stdout, stderr) => {
+      if (err && (err as NodeJS.ErrnoException).code === 'ENOENT') return reject(new Error(`${cmd} is not installed (Debian package ${PKG[cmd] ?? cmd}; run scripts/install-deps.sh)`));
+      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
+    });
+    child.stdin?.on('error', () => undefined);
+    child.stdin?.end(input ?? '');
+  });
+}
+const PKG: Record<string, string> = { cryptsetup: 'cryptsetup-bin', 'qemu-io': 'qemu-utils' };
+
+function cm(args: string[], input?: string): Promise<Result> {
+  return exec(process.execPath, [ENTRY, args[0]!, '--runtime-dir', run, ...args.slice(1)], input);
+}
+
+async function ok(cmd: string, args: string[]): Promise<string> {
+  const r = await exec(cmd, args);
+  assert.equal(r.code, 0, `${cmd} ${args.join(' ')} failed: ${r.stderr}`);
+  return r.stdout;
+}
+
+function secretFile(name: string, content: string | Buffer): string {
+  const p = join(dir, name);
+  writeFileSync(p, content, { mode: 0o600 });
+  return p;
+}
+
+before(async () => {
+  dir = mkdtempSync(join(tmpdir(), 'cm-suspend-cli-'));
+  chmodSync(dir, 0o700);
+  run = join(dir, 'run');
+  daemon = spawn(process.execPath, [ENTRY, 'daemon', '--runtime-dir', run], { stdio: ['ignore', 'pipe', 'pipe'] });
+  daemon.stderr?.on('data', (d) => {
+    daemonLog += d.toString();
+  });
+  for (let i = 0; i < 100; i++) {
+    try {
+      (await ControlClient.connect(run)).close();
+      return;
+    } catch {
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  throw new Error(`daemon did not start: ${daemonLog}`);
+});
+
+after(async () => {
+  if (daemon.exitCode === null) {
+    const exited = new Promise((r) => daemon.once('exit', r));
+    daemon.kill('SIGTERM');
+    await exited;
+  }
+  rmSync(dir, { recursive: true, force: true });
+});
+
+test('luksSuspend / luksResume of a cryptsetup-made LUKS2 volume: NBD I/O waits, wrong key exit 2, right key resumes with the data intact', async () => {
+  const img = join(dir, 'a.img');
+  writeFileSync(img, Buffer.alloc(0));
+  truncateSync(img, 40 * MiB);
+  const key = secretFile('a.key', 'suspend me softly');
+  const bad = secretFile('bad.key', 'not the passphrase');
+  await ok('cryptsetup', ['luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, img]);
+
+  let r = await cm(['open', '--key-file', key, img, 'sv']);
+  assert.equal(r.code, 0, r.stderr);
+  const uri = `nbd+unix:///sv?socket=${join(run, 'nbd.sock')}`;
+  await ok('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x5a 0 1M', '-c', 'write -P 0xa5 1M 1M']);
+
+  r = await cm(['luksSuspend', 'sv']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(r.stdout + r.stderr, '');
+  r = await cm(['status', 'sv']);
+  assert.equal(r.code, 0);
+  assert.match(r.stdout, /\(suspended\)/);
+  r = await cm(['status', '--json', 'sv']);
+  assert.equal(JSON.parse(r.stdout).suspended, true);
+
+  // An NBD client reading now waits (as on a suspended dm device) until the resume.
+  let readDone = false;
+  const reader = exec('qemu-io', ['-f', 'raw', uri, '-c', 'read -P 0x5a 0 1M', '-c', 'read -P 0xa5 1M 1M']).finally(() => {
+    readDone = true;
+  });
+
+  // Already suspended: cryptsetup's message, exit 1.
+  r = await cm(['luksSuspend', 'sv']);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /^Volume sv is already suspended\.$/m);
+
+  // Wrong key file: exit 2, cryptsetup's message, still suspended (retryable).
+  r = await cm(['luksResume', '--key-file', bad, 'sv']);
+  assert.equal(r.code, 2, r.stderr);
+  assert.match(r.stderr, /No key available with this passphrase\./);
+  r = await cm(['status', 'sv']);
+  assert.match(r.stdout, /\(suspended\)/);
+  // Wrong --type, or a --header that is not this volume's: cryptsetup's messages, exit 1.
+  r = await cm(['luksResume', '--type', 'luks1', '--key-file', key, 'sv']);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /^sv is not active LUKS1 device name\.$/m);
+  r = await cm(['luksResume', '--header', bad, '--key-file', key, 'sv']);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /^sv is not active LUKS device name or header is missing\.$/m);
+  // The reader is connected (bounded poll) and its read has not finished: it waits at the gate.
+  for (let i = 0; i < 100; i++) {
+    r = await cm(['status', '--json', 'sv']);
+    if (JSON.parse(r.stdout).nbdConnections >= 1 || readDone) break;
+    await new Promise((res) => setTimeout(res, 100));
+  }
+  assert.equal(JSON.parse(r.stdout).nbdConnections, 1, 'qemu-io is connected');
+  assert.equal(readDone, false, 'the NBD read is still waiting');
+
+  r = await cm(['luksResume', '-v', '--key-file', key, 'sv']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout, /Key slot 0 unlocked\./);
+  const read = await reader;
+  assert.equal(read.code, 0, `the waiting read failed after resume: ${read.stdout}${read.stderr}`);
+  assert.doesNotMatch(read.stdout, /Pattern verification failed/);
+  r = await cm(['status', 'sv']);
+  assert.doesNotMatch(r.stdout, /suspended/);
+
+  // Not suspended: cryptsetup's message, exit 1.
+  r = await cm(['luksResume', '--key-file', key, 'sv']);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /^Volume sv is not suspended\.$/m);
+
+  // Passphrase on stdin (up to the first newline), as cryptsetup reads it without --key-file.
+  r = await cm(['luksSuspend', 'sv']);
+  assert.equal(r.code, 0, r.stderr);
+  r = await cm(['luksResume', 'sv'], 'suspend me softly\n');
+  assert.equal(r.code, 0, r.stderr);
+  await ok('qemu-io', ['-f', 'raw', uri, '-c', 'read -P 0x5a 0 1M', '-c', 'read -P 0xa5 1M 1M']);
+
+  // Suspended volumes close without a resume.
+  r = await cm(['luksSuspend', 'sv']);
+  assert.equal(r.code, 0, r.stderr);
+  r = await cm(['close', 'sv']);
+  assert.equal(r.code, 0, r.stderr);
+  r = await cm(['status', 'sv']);
+  assert.equal(r.code, 4);
+  assert.doesNotMatch(daemonLog, /suspend me softly/);
+});
+
+test('luksSuspend / luksResume refusals: plain volume (1), unknown name (4), no name (1)', async () => {
+  const img = join(dir, 'p.img');
+  writeFileSync(img, Buffer.alloc(0));
+  truncateSync(img, 4 * MiB);
+  const key = secretFile('p.key', Buffer.alloc(64, 0x42).fill(0x24, 32));
+  let r = await cm(['open', '--type', 'plain', '--cipher', 'aes-xts-plain64', '--key-size', '512', '--key-file', key, img, 'pv']);
+  assert.equal(r.code, 0, r.stderr);
+  r = await cm(['luksSuspend', 'pv']);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /^This operation is supported only for LUKS device\.$/m);
+  r = await cm(['luksResume', '--key-file', key, 'pv']);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /^pv is not active LUKS device name or header is missing\.$/m);
+  r = await cm(['status', 'pv']);
+  assert.doesNotMatch(r.stdout, /suspended/);
+  r = await cm(['close', 'pv']);
+  assert.equal(r.code, 0, r.stderr);
+
+  r = await cm(['luksSuspend', 'nosuch']);
+  assert.equal(r.code, 4);
+  assert.match(r.stderr, /^Device nosuch is not active\.$/m);
+  r = await cm(['luksResume', '--key-file', key, 'nosuch']);
+  assert.equal(r.code, 4);
+  assert.match(r.stderr, /^Device nosuch is not active\.$/m);
+  r = await cm(['luksSuspend']);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /luksSuspend: requires <device> as arguments/);
+});
