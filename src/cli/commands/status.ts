@@ -23,12 +23,13 @@ export function formatStatus(s: VolumeStatus): string {
     out += `  offset:  ${m.offsetSectors} sectors\n`;
     if (m.ivOffsetSectors !== '0') out += `  skipped: ${m.ivOffsetSectors} sectors\n`;
     out += `  size:    ${m.sizeSectors} sectors\n`;
-    out += `  mode:    ${m.readOnly ? 'readonly' : 'read/write'}\n`;
+    // cryptsetup 2.6 action_status: a suspended device says so on its mode line.
+    out += `  mode:    ${m.readOnly ? 'readonly' : 'read/write'}${s.suspended ? ' (suspended)' : ''}\n`;
     // cryptsetup 2.6 action_status: the activation flags, each followed by a space but the last.
     const flags = `${m.allowDiscards ? 'discards ' : ''}${m.sameCpuCrypt ? 'same_cpu_crypt ' : ''}${m.submitFromCryptCpus ? 'submit_from_crypt_cpus ' : ''}${m.noReadWorkqueue ? 'no_read_workqueue ' : ''}${m.noWriteWorkqueue ? 'no_write_workqueue' : ''}`;
     if (flags !== '') out += `  flags:   ${flags}\n`;
   }
-  if (s.suspended) out += `  (suspended)\n`;
+  else if (s.suspended) out += `  (suspended)\n`;
   out += `  nbd:     ${s.nbdUri}\n`;
   if (s.attachedDevice) out += `  attached: ${s.attachedDevice}\n`;
   return out;
