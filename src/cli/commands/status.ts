@@ -28,8 +28,7 @@ export function formatStatus(s: VolumeStatus): string {
     // cryptsetup 2.6 action_status: the activation flags, each followed by a space but the last.
     const flags = `${m.allowDiscards ? 'discards ' : ''}${m.sameCpuCrypt ? 'same_cpu_crypt ' : ''}${m.submitFromCryptCpus ? 'submit_from_crypt_cpus ' : ''}${m.noReadWorkqueue ? 'no_read_workqueue ' : ''}${m.noWriteWorkqueue ? 'no_write_workqueue' : ''}`;
     if (flags !== '') out += `  flags:   ${flags}\n`;
-  }
-  else if (s.suspended) out += `  (suspended)\n`;
+  } else if (s.suspended) out += `  (suspended)\n`;
   out += `  nbd:     ${s.nbdUri}\n`;
   if (s.attachedDevice) out += `  attached: ${s.attachedDevice}\n`;
   return out;
