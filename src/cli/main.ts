@@ -32,6 +32,7 @@ const VERBS: Record<string, string> = {
   status: 'status',
   luksSuspend: 'suspend',
   luksResume: 'suspend',
+  refresh: 'refresh',
   daemon: 'daemon',
   attach: 'attach',
   detach: 'attach',
@@ -45,7 +46,7 @@ const USAGE = `usage: cryptmap <verb> [options] [args]
 
 Verbs (cryptsetup names): luksFormat open close status luksDump luksAddKey luksRemoveKey
   luksKillSlot luksChangeKey luksUUID isLuks luksHeaderBackup luksHeaderRestore config repair
-  erase token benchmark
+  erase token luksSuspend luksResume refresh benchmark
 Device mapper (dmsetup syntax): dm create|remove|reload|load|suspend|resume|table|status|info|ls|message|rename
 Serving and services: daemon attach detach agent keyd crypttab volume
 

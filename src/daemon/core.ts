@@ -40,6 +40,9 @@ export interface VolumeStatus {
   nbdConnections: number;
 }
 
+/** Activation flags `refresh` sets (absent = off), as in CryptMapping. */
+export type RefreshFlags = Partial<Pick<CryptMapping, 'allowDiscards' | 'sameCpuCrypt' | 'submitFromCryptCpus' | 'noReadWorkqueue' | 'noWriteWorkqueue'>>;
+
 export class DaemonCore {
   readonly keyring = new Keyring();
   readonly registry: DeviceRegistry;
@@ -316,6 +319,48 @@ export class DaemonCore {
       }
       this.#suspendedKeyTags.delete(name);
       log.info('volume resumed', { name });
+      return this.statusOf(name);
+    });
+  }
+
+  /**
+   * cryptsetup refresh (open --refresh; lib/setup.c with CRYPT_ACTIVATE_REFRESH): reload the active
+   * LUKS volume's table with new activation flags and swap it in (dmsetup load, suspend, resume: I/O
+   * drains and continues under the new table). The caller unlocked a keyslot; its key must be the one
+   * the volume runs with. Errors: not active -> exit 4; not LUKS, suspended, other key -> exit 1; a
+   * failed load leaves the old table live.
+   */
+  refreshVolume(name: string, flags: RefreshFlags, volumeKey: Secret): Promise<VolumeStatus> {
+    return this.#serial(name, async () => {
+      const dev = this.registry.find(name);
+      if (!dev) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOENT' });
+      const m = this.#volumes.get(name);
+      if (m === undefined || (m.type !== 'LUKS1' && m.type !== 'LUKS2')) {
+        throw new CryptmapError('ENOTLUKS', `${name} is not active LUKS device name or header is missing.`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
+      }
+      if (dev.suspended) throw new CryptmapError('ESUSPENDED', `Volume ${name} is suspended (luksResume it first).`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
+      const live = await this.keyring.resolve({ type: 'logon', description: keyDescription(name), keyBytes: m.keyBytes });
+      const same = volumeKey.length === live.length && constantTimeEqual(volumeKey.expose(), live.expose());
+      live.dispose();
+      if (!same) throw new CryptmapError('EKEYMISMATCH', 'Volume key does not match the volume.', { exitCode: EXIT_FAILURE, errno: 'EPERM' });
+      const next: CryptMapping = {
+        ...m,
+        allowDiscards: flags.allowDiscards === true,
+        sameCpuCrypt: flags.sameCpuCrypt === true,
+        submitFromCryptCpus: flags.submitFromCryptCpus === true,
+        noReadWorkqueue: flags.noReadWorkqueue === true,
+        noWriteWorkqueue: flags.noWriteWorkqueue === true,
+      };
+      try {
+        await this.#dm.load(name, cryptTableLine(next, keyRefArg(next)));
+      } catch (e) {
+        await this.#dm.clear(name).catch(() => undefined);
+        throw new CryptmapError('EREFRESH', `Cannot refresh ${name}: ${(e as Error).message}`, { exitCode: EXIT_FAILURE, cause: e });
+      }
+      await this.#dm.suspend(name);
+      await this.#dm.resume(name);
+      this.#volumes.set(name, next);
+      log.info('volume refreshed', { name });
       return this.statusOf(name);
     });
   }

@@ -8,7 +8,7 @@ import type { ControlHandlers } from '../control/server.js';
 import { fromHex, wipe } from '../util/bytes.js';
 import { CryptmapError } from '../util/errors.js';
 import { Secret } from '../util/secret.js';
-import type { DaemonCore } from './core.js';
+import type { DaemonCore, RefreshFlags } from './core.js';
 
 function need<T>(v: unknown, check: (x: unknown) => boolean, what: string): T {
   if (!check(v)) throw new CryptmapError('EPROTO', `control request: bad or missing '${what}'`);
@@ -68,6 +68,21 @@ export function daemonHandlers(core: DaemonCore): ControlHandlers {
       const key = new Secret(raw);
       try {
         return await core.resumeVolume(name, key);
+      } finally {
+        key.dispose();
+        wipe(raw);
+      }
+    },
+    'volume.refresh': async (a) => {
+      const name = need<string>(a.name, isStr, 'name');
+      const f = (a.flags ?? {}) as Record<string, unknown>;
+      if (typeof f !== 'object' || f === null || Array.isArray(f)) throw new CryptmapError('EPROTO', 'flags must be an object');
+      const flags: RefreshFlags = {};
+      for (const k of ['allowDiscards', 'sameCpuCrypt', 'submitFromCryptCpus', 'noReadWorkqueue', 'noWriteWorkqueue'] as const) flags[k] = f[k] === true;
+      const raw = fromHex(need<string>(a.key, (x) => typeof x === 'string', 'key'), 'volume key');
+      const key = new Secret(raw);
+      try {
+        return await core.refreshVolume(name, flags, key);
       } finally {
         key.dispose();
         wipe(raw);

@@ -117,3 +117,39 @@ test('open --persistent on LUKS1 activates and warns; --persistent --test-passph
   assert.equal(t.code, 1);
   assert.match(t.stderr, /Option --persistent is not allowed with --test-passphrase\./);
 });
+
+test('refresh changes the flags of an active LUKS volume without closing it; wrong key, plain, unknown names as cryptsetup', async () => {
+  const { img, key } = await format('luks2', 'r2');
+  assert.equal((await cm('open', '--runtime-dir', run, '--key-file', key, img, 'r2')).code, 0);
+  // Data written before the refresh reads back after it, over the same export.
+  const uri = `nbd+unix:///r2?socket=${join(run, 'nbd.sock')}`;
+  await ok('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5c 1M 64k', uri]);
+  const r = await cm('refresh', '--runtime-dir', run, '--key-file', key, '--allow-discards', '--perf-same_cpu_crypt', 'r2');
+  assert.equal(r.code, 0, r.stderr);
+  assert.match((await cm('status', '--runtime-dir', run, 'r2')).stdout, /^ {2}flags: {3}discards same_cpu_crypt $/m);
+  assert.match(await ok('qemu-io', ['-f', 'raw', '-c', 'read -P 0x5c 1M 64k', uri]), /read 65536\/65536 bytes/);
+  assert.equal(flagsLine(await ok('cryptsetup', ['luksDump', img])), '(no flags)', 'without --persistent the header is unchanged');
+  // A wrong key file: exit 2, flags unchanged.
+  const wrong = join(dir, 'wrong.key');
+  writeFileSync(wrong, 'not the passphrase', { mode: 0o600 });
+  assert.equal((await cm('refresh', '--runtime-dir', run, '--key-file', wrong, 'r2')).code, 2);
+  assert.match((await cm('status', '--runtime-dir', run, 'r2')).stdout, /flags: {3}discards same_cpu_crypt/);
+  // No flags given: back to none; with --persistent the given flags land in the header too.
+  assert.equal((await cm('refresh', '--runtime-dir', run, '--key-file', key, 'r2')).code, 0);
+  assert.doesNotMatch((await cm('status', '--runtime-dir', run, 'r2')).stdout, /flags:/);
+  assert.equal((await cm('refresh', '--runtime-dir', run, '--key-file', key, '--persistent', '--allow-discards', 'r2')).code, 0);
+  assert.equal(flagsLine(await ok('cryptsetup', ['luksDump', img])), 'allow-discards');
+  assert.match((await cm('status', '--runtime-dir', run, 'r2')).stdout, /^ {2}flags: {3}discards $/m);
+  assert.equal((await cm('close', '--runtime-dir', run, 'r2')).code, 0);
+  // Not active: exit 4. A plain volume: not refreshed here, exit 1.
+  const gone = await cm('refresh', '--runtime-dir', run, '--key-file', key, 'r2');
+  assert.equal(gone.code, 4);
+  assert.match(gone.stderr, /Device r2 is not active\./);
+  const plainKey = join(dir, 'plain.key');
+  writeFileSync(plainKey, Buffer.alloc(32, 7), { mode: 0o600 });
+  assert.equal((await cm('open', '--runtime-dir', run, '--type', 'plain', '--key-file', plainKey, img, 'pl')).code, 0);
+  const pl = await cm('refresh', '--runtime-dir', run, '--key-file', plainKey, 'pl');
+  assert.equal(pl.code, 1);
+  assert.match(pl.stderr, /pl is not active LUKS device name or header is missing\./);
+  assert.equal((await cm('close', '--runtime-dir', run, 'pl')).code, 0);
+});

@@ -58,6 +58,9 @@ const OPEN_OPTIONS = {
 
 type OpenArgs = ReturnType<typeof parse>['values'];
 
+/** The flags `--persistent` stores, and where the header is (open and refresh). */
+export type PersistentArgs = Pick<OpenArgs, 'allow-discards' | 'perf-same_cpu_crypt' | 'perf-submit_from_crypt_cpus' | 'perf-no_read_workqueue' | 'perf-no_write_workqueue' | 'header'>;
+
 function parse(argv: string[]) {
   try {
     return parseArgs({ args: argv.slice(1), options: OPEN_OPTIONS, allowPositionals: true, strict: true });
@@ -86,14 +89,14 @@ function perfFlags(v: OpenArgs): Partial<CryptMapping> {
  * that cannot be done (LUKS1, plain, a header that cannot be written) cryptsetup only says so and the
  * open still succeeds.
  */
-async function makeFlagsPersistent(io: CliIO, device: string, v: OpenArgs): Promise<void> {
+export async function makeFlagsPersistent(io: CliIO, device: string, v: PersistentArgs): Promise<void> {
   const flags: PersistentFlag[] = [];
   if (v['allow-discards']) flags.push('allow-discards');
   if (v['perf-same_cpu_crypt']) flags.push('same-cpu-crypt');
   if (v['perf-submit_from_crypt_cpus']) flags.push('submit-from-crypt-cpus');
   if (v['perf-no_read_workqueue']) flags.push('no-read-workqueue');
   if (v['perf-no_write_workqueue']) flags.push('no-write-workqueue');
-  const hdr = headerPath(v, device);
+  const hdr = v.header ?? device;
   try {
     const dev = await openDevice(hdr, true);
     try {

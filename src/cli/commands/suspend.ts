@@ -84,7 +84,7 @@ export const luksSuspend: VerbMain = async (argv, io) => {
  * Load the header of the active mapping and check it is the one the mapping was made from
  * (cryptsetup's crypt_init_by_name_and_header: the header type and UUID must give the dm uuid).
  */
-async function loadMatchingHeader(name: string, st: VolumeStatus, dmUuidNow: string, v: LuksArgs): Promise<{ dev: FileDevice; vol: Luks1Volume | Luks2Volume }> {
+export async function loadMatchingHeader(name: string, st: VolumeStatus, dmUuidNow: string, v: LuksArgs): Promise<{ dev: FileDevice; vol: Luks1Volume | Luks2Volume }> {
   const m = st.mapping;
   if (m === undefined || (m.type !== 'LUKS1' && m.type !== 'LUKS2')) throw notLuks(name);
   const hdr = v.header ?? m.header ?? m.device;

@@ -1,0 +1,100 @@
+/**
+ * `cryptmap refresh NAME` (cryptsetup-refresh(8); cryptsetup 2.6 `open --refresh`): change the
+ * activation flags of an active LUKS volume without closing it: `--allow-discards` and the
+ * `--perf-*` flags, as given (absent = off), plus the LUKS2 header's persistent flags, as at open.
+ * Like cryptsetup, the passphrase (or key file, or a token) must unlock a keyslot of the volume's
+ * header; the header must be the one the mapping was made from (its UUID gives the dm uuid). The
+ * daemon then checks the key is the one the volume runs with, reloads its table and swaps it in
+ * (I/O drains and goes on under the new table). `--persistent` also stores the given flags in the
+ * LUKS2 header, as `open --persistent` does.
+ *
+ * Plain volumes are not refreshed here (cryptsetup can): close and open them again.
+ * Exit codes as cryptsetup: not active 4, not a LUKS volume 1, wrong passphrase 2.
+ */
+import { parseArgs } from 'node:util';
+import { PERSISTENT_FLAGS, persistentFlagsOf } from '../../activate/mapping.js';
+import { ControlClient } from '../../control/client.js';
+import { runtimeDir } from '../../control/runtime-dir.js';
+import type { RefreshFlags, VolumeStatus } from '../../daemon/core.js';
+import type { DmInfo } from '../../dm/control.js';
+import { toHex } from '../../util/bytes.js';
+import { CryptmapError, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import type { VerbMain } from '../types.js';
+import { closeQuietly, LUKS_OPTIONS, unlockForOpen } from './luks-common.js';
+import { makeFlagsPersistent } from './open.js';
+import { loadMatchingHeader } from './suspend.js';
+
+const REFRESH_OPTIONS = {
+  ...LUKS_OPTIONS,
+  'allow-discards': { type: 'boolean' },
+  persistent: { type: 'boolean' },
+  'perf-same_cpu_crypt': { type: 'boolean' },
+  'perf-submit_from_crypt_cpus': { type: 'boolean' },
+  'perf-no_read_workqueue': { type: 'boolean' },
+  'perf-no_write_workqueue': { type: 'boolean' },
+  'runtime-dir': { type: 'string' },
+} as const;
+
+function parse(argv: string[]) {
+  try {
+    return parseArgs({ args: argv.slice(1), options: REFRESH_OPTIONS, allowPositionals: true, strict: true });
+  } catch (e) {
+    throw new CryptmapError('EARGS', (e as Error).message, { exitCode: EXIT_WRONG_PARAMS });
+  }
+}
+
+const refresh: VerbMain = async (argv, io) => {
+  const { values: v, positionals } = parse(argv);
+  if (positionals.length !== 1) throw new CryptmapError('EARGS', 'refresh: requires <name> as arguments', { exitCode: EXIT_WRONG_PARAMS });
+  const name = positionals[0]!;
+  if (v.type !== undefined && !['luks', 'luks1', 'luks2'].includes(v.type)) {
+    throw new CryptmapError('EARGS', `cryptmap refreshes LUKS volumes only (--type ${v.type}); close and open a plain volume again.`, { exitCode: EXIT_WRONG_PARAMS });
+  }
+  const flags: RefreshFlags = {
+    allowDiscards: v['allow-discards'] === true,
+    sameCpuCrypt: v['perf-same_cpu_crypt'] === true,
+    submitFromCryptCpus: v['perf-submit_from_crypt_cpus'] === true,
+    noReadWorkqueue: v['perf-no_read_workqueue'] === true,
+    noWriteWorkqueue: v['perf-no_write_workqueue'] === true,
+  };
+  const c = await ControlClient.connect(runtimeDir(v['runtime-dir'], io.env));
+  let device: string;
+  try {
+    const st = await c.call<VolumeStatus>('volume.status', { name });
+    const info = st.active ? (await c.call<DmInfo[]>('dm.info', { name }))[0] : undefined;
+    if (info === undefined) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE });
+    const { dev, vol } = await loadMatchingHeader(name, st, info.uuid, v);
+    device = st.mapping!.device;
+    let hex = '';
+    try {
+      const type = vol.type === 'luks1' ? 'LUKS1' : 'LUKS2';
+      if (v.type !== undefined && v.type !== 'luks' && v.type.toUpperCase() !== type) {
+        throw new CryptmapError('ENOTLUKS', `${name} is not active ${v.type.toUpperCase()} device name.`, { exitCode: 1 });
+      }
+      // Persistent flags of the header apply on top of the command line's, as at open.
+      // (With --persistent too: cryptsetup activates with them and then stores the command line's.)
+      for (const f of persistentFlagsOf(vol)) flags[PERSISTENT_FLAGS[f]] = true;
+      const r = await unlockForOpen(io, vol, device, v);
+      try {
+        hex = toHex(r.volumeKey.expose());
+      } finally {
+        r.volumeKey.dispose();
+      }
+      await c.call<VolumeStatus>('volume.refresh', { name, flags, key: hex });
+    } finally {
+      hex = '';
+      try {
+        await vol.close();
+      } finally {
+        await closeQuietly(dev);
+      }
+    }
+    if (v.persistent) await makeFlagsPersistent(io, device, { ...v, header: v.header ?? st.mapping!.header });
+  } finally {
+    c.close();
+  }
+  if (v.verbose) io.stdout.write('Command successful.\n');
+  return 0;
+};
+
+export default refresh;
