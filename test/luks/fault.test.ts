@@ -65,6 +65,7 @@ test('LUKS2 header changes survive a crash after any write', async () => {
     { name: 'removeKey', run: (x) => x.removeKey(P('two')), old: ['one'], neu: ['one'] },
     { name: 'token', run: (x) => (x as Luks2Volume).importToken('{"type":"t","keyslots":["0"]}'), old: ['one', 'two'], neu: ['one', 'two'] },
     { name: 'config', run: (x) => (x as Luks2Volume).setLabel('L', 'S'), old: ['one'], neu: ['one'] },
+    { name: 'persistent flags', run: (x) => (x as Luks2Volume).setPersistentFlags(['allow-discards', 'no-read-workqueue']), old: ['one'], neu: ['one'] },
     { name: 'uuid', run: (x) => x.setUuid('12345678-1234-1234-1234-123456789abc'), old: ['one'], neu: ['one'] },
   ];
   for (const op of ops) assert.ok((await sweep(base, op)) > 0);
