@@ -16,10 +16,18 @@ async function run(argv: string[]): Promise<{ code: number; err: string }> {
 }
 
 test('an unknown option is a usage error (exit 1) for every verb, not an internal error', async () => {
-  for (const verb of ['status', 'close', 'attach', 'benchmark', 'daemon', 'luksDump', 'open']) {
+  for (const verb of ['status', 'close', 'attach', 'benchmark', 'daemon', 'luksDump', 'open', 'refresh', 'luksSuspend', 'luksResume']) {
     const r = await run([verb, '--no-such-option']);
     assert.equal(r.code, 1, verb);
     assert.match(r.err, /Unknown option '--no-such-option'/, verb);
     assert.doesNotMatch(r.err, /internal error/, verb);
+  }
+});
+
+test('daemon --crypt-threads takes 1..256 and refuses anything else before starting', async () => {
+  for (const bad of ['0', '257', '2x', '1.5', '']) {
+    const r = await run(['daemon', '--crypt-threads', bad, '--runtime-dir', '/nonexistent/never-created']);
+    assert.equal(r.code, 1, bad);
+    assert.match(r.err, /--crypt-threads wants a number of threads from 1 to 256/, bad);
   }
 });

@@ -3,8 +3,13 @@
  * `<runtime-dir>/nbd.sock`; takes CLI requests on `<runtime-dir>/control.sock`. Foreground by
  * default (systemd style); `--detach` forks a background daemon and returns once it answers.
  *
- *   cryptmap daemon [--runtime-dir DIR] [--detach] [--listen HOST:PORT]
+ *   cryptmap daemon [--runtime-dir DIR] [--detach] [--listen HOST:PORT] [--crypt-threads N]
  *                   [--tls off|on|require --tls-cert PEM --tls-key PEM [--tls-ca PEM --tls-verify-client]]
+ *
+ * `--crypt-threads N` sizes the crypt thread pool (dm-crypt's kcryptd; default: the CPU count). Those
+ * threads also do the file I/O of crypt requests above 64 KiB (pread + decrypt, encrypt + pwrite in
+ * one job), so N is also how many such requests wait on storage at once: raise it for storage with
+ * high latency (network or rotating disks).
  */
 import { spawn } from 'node:child_process';
 import { openSync, readFileSync, writeFileSync, rmSync } from 'node:fs';
@@ -14,6 +19,7 @@ import { ControlClient } from '../../control/client.js';
 import { controlSocketPath, ensureRuntimeDir, nbdSocketPath, runtimeDir } from '../../control/runtime-dir.js';
 import { ControlServer } from '../../control/server.js';
 import { DaemonCore } from '../../daemon/core.js';
+import { setCryptThreads } from '../../engine/index.js';
 import { daemonHandlers } from '../../daemon/handlers.js';
 import type { NbdServerOptions, NbdTlsMode } from '../../nbd/types.js';
 import { CryptmapError, fromSystemError } from '../../util/errors.js';
@@ -46,14 +52,24 @@ const daemon: VerbMain = async (argv, io) => {
       'tls-key': { type: 'string' },
       'tls-ca': { type: 'string' },
       'tls-verify-client': { type: 'boolean' },
+      'crypt-threads': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
     strict: true,
     allowPositionals: false,
   });
   if (values.help) {
-    io.stdout.write('usage: cryptmap daemon [--runtime-dir DIR] [--detach] [--listen HOST:PORT] [--tls off|on|require --tls-cert F --tls-key F [--tls-ca F --tls-verify-client]]\n');
+    io.stdout.write(
+      'usage: cryptmap daemon [--runtime-dir DIR] [--detach] [--listen HOST:PORT] [--crypt-threads N] [--tls off|on|require --tls-cert F --tls-key F [--tls-ca F --tls-verify-client]]\n',
+    );
     return 0;
+  }
+  let cryptThreads: number | undefined;
+  if (values['crypt-threads'] !== undefined) {
+    cryptThreads = Number(values['crypt-threads']);
+    if (!/^[0-9]+$/.test(values['crypt-threads']) || cryptThreads < 1 || cryptThreads > 256) {
+      throw new CryptmapError('EARGS', `--crypt-threads wants a number of threads from 1 to 256 (got '${values['crypt-threads']}')`);
+    }
   }
   const dir = runtimeDir(values['runtime-dir'], io.env);
   ensureRuntimeDir(dir);
@@ -84,6 +100,7 @@ const daemon: VerbMain = async (argv, io) => {
     }
   }
 
+  if (cryptThreads !== undefined) setCryptThreads(cryptThreads);
   const core = new DaemonCore({ nbdSocketPath: nbdSocketPath(dir), attachDir: join(dir, 'attach'), nbd: nbdOpts });
   const control = new ControlServer(daemonHandlers(core));
   await control.listen(controlSocketPath(dir));
