@@ -79,7 +79,7 @@ async function readSysNumber(path: string): Promise<number | undefined> {
 
 export class FileDevice implements BlockDevice {
   readonly path: string;
-  readonly sizeBytes: number;
+  #sizeBytes: number;
   readonly capabilities: BlockDeviceCapabilities;
   readonly limits: BlockDeviceLimits;
   /** True for a block device node, false for a regular file. */
@@ -107,7 +107,7 @@ export class FileDevice implements BlockDevice {
     this.path = path;
     this.#fh = fh;
     this.#inlineMax = inline ? INLINE_MAX_BYTES : 0;
-    this.sizeBytes = sizeBytes;
+    this.#sizeBytes = sizeBytes;
     this.isBlockDevice = isBlock;
     this.#native = native;
     const holes = native !== null && !readOnly;
@@ -189,6 +189,27 @@ export class FileDevice implements BlockDevice {
     }
     const inline = opts.inlineIo ?? (!isBlock && (await memoryBacked(path)));
     return new FileDevice(path, fh, sizeBytes, lbs, isBlock, readOnly, native, inline);
+  }
+
+  get sizeBytes(): number {
+    return this.#sizeBytes;
+  }
+
+  /**
+   * Measure the file or block device again (after it grew or shrank underneath, as before
+   * `cryptsetup resize`) and return the new size; later range checks use it.
+   */
+  async refreshSize(): Promise<number> {
+    const fh = this.#handle('refresh size');
+    const st = await fh.stat();
+    let size: number;
+    if (this.isBlockDevice) {
+      const sectors = await readSysNumber(`/sys/dev/block/${devMajor(st.rdev)}:${devMinor(st.rdev)}/size`);
+      if (sectors === undefined) throw new CryptmapError('EDEVSIZE', `cannot read the size of block device ${this.path}`, { context: { path: this.path } });
+      size = sectors * 512;
+    } else size = st.size;
+    this.#sizeBytes = size - (size % this.limits.logicalBlockBytes);
+    return this.#sizeBytes;
   }
 
   #handle(op: string): FileHandle {

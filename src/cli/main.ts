@@ -33,6 +33,7 @@ const VERBS: Record<string, string> = {
   luksSuspend: 'suspend',
   luksResume: 'suspend',
   refresh: 'refresh',
+  resize: 'resize',
   daemon: 'daemon',
   attach: 'attach',
   detach: 'attach',
@@ -46,7 +47,7 @@ const USAGE = `usage: cryptmap <verb> [options] [args]
 
 Verbs (cryptsetup names): luksFormat open close status luksDump luksAddKey luksRemoveKey
   luksKillSlot luksChangeKey luksUUID isLuks luksHeaderBackup luksHeaderRestore config repair
-  erase token luksSuspend luksResume refresh benchmark
+  erase token luksSuspend luksResume refresh resize benchmark
 Device mapper (dmsetup syntax): dm create|remove|reload|load|suspend|resume|table|status|info|ls|message|rename
 Serving and services: daemon attach detach agent keyd crypttab volume
 

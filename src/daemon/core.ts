@@ -365,6 +365,53 @@ export class DaemonCore {
     });
   }
 
+  /**
+   * cryptsetup resize (lib/setup.c crypt_resize): measure the volume's device again, then reload its
+   * table with `sizeSectors` (default: all of the device after the data offset, rounded down to the
+   * crypto sector) and swap it in. For LUKS2 the caller must bring the volume key (cryptsetup asks for
+   * the passphrase, the key being in the keyring); it must be the running one. New NBD connections
+   * see the new size. Errors as cryptsetup 2.6: not active -> exit 4; misaligned or too large -> 1.
+   */
+  resizeVolume(name: string, sizeSectors: number | undefined, volumeKey?: Secret): Promise<VolumeStatus> {
+    return this.#serial(name, async () => {
+      const dev = this.registry.find(name);
+      if (!dev) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOENT' });
+      const m = this.#volumes.get(name);
+      if (m === undefined) throw new CryptmapError('ENOTSUP', 'This operation is not supported for this device type.', { exitCode: EXIT_FAILURE, errno: 'ENOTSUP' });
+      if (dev.suspended) throw new CryptmapError('ESUSPENDED', `Volume ${name} is suspended (luksResume it first).`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
+      if (m.type === 'LUKS2') {
+        if (volumeKey === undefined) throw new CryptmapError('EKEY', `Resizing LUKS2 volume ${name} needs its volume key (the passphrase).`, { exitCode: EXIT_FAILURE });
+        const live = await this.keyring.resolve({ type: 'logon', description: keyDescription(name), keyBytes: m.keyBytes });
+        const same = volumeKey.length === live.length && constantTimeEqual(volumeKey.expose(), live.expose());
+        live.dispose();
+        if (!same) throw new CryptmapError('EKEYMISMATCH', 'Volume key does not match the volume.', { exitCode: EXIT_FAILURE, errno: 'EPERM' });
+      }
+      // A file or block device is measured again; a mapped device below has its live size.
+      const deviceBytes = (await this.registry.refreshFileSize(m.device)) ?? this.registry.find(m.device.replace(/^\/dev\/mapper\//, ''))?.sizeBytes ?? 0;
+      const availableSectors = Math.floor(deviceBytes / 512) - m.offsetSectors;
+      const perSector = m.sectorBytes / 512;
+      const size = sizeSectors ?? availableSectors - (availableSectors % perSector);
+      if (sizeSectors !== undefined && (!Number.isSafeInteger(sizeSectors) || sizeSectors <= 0)) {
+        throw new CryptmapError('EARGS', `Invalid size ${sizeSectors}.`, { exitCode: EXIT_FAILURE });
+      }
+      if (size % perSector !== 0) throw new CryptmapError('EALIGN', 'Device size is not aligned to requested sector size.', { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
+      if (size <= 0 || size > availableSectors) throw new CryptmapError('EDEVSMALL', `Device ${m.device} is too small.`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
+      if (size === m.sizeSectors) return this.statusOf(name);
+      const next: CryptMapping = { ...m, sizeSectors: size };
+      try {
+        await this.#dm.load(name, cryptTableLine(next, keyRefArg(next)));
+      } catch (e) {
+        await this.#dm.clear(name).catch(() => undefined);
+        throw new CryptmapError('ERESIZE', `Cannot resize ${name}: ${(e as Error).message}`, { exitCode: EXIT_FAILURE, cause: e });
+      }
+      await this.#dm.suspend(name);
+      await this.#dm.resume(name);
+      this.#volumes.set(name, next);
+      log.info('volume resized', { name, sizeSectors: size });
+      return this.statusOf(name);
+    });
+  }
+
   statusOf(name: string): VolumeStatus {
     const dev = this.registry.find(name);
     const nbdUri = nbdUnixUri(name, this.nbdSocketPath);

@@ -88,6 +88,19 @@ export function daemonHandlers(core: DaemonCore): ControlHandlers {
         wipe(raw);
       }
     },
+    'volume.resize': async (a) => {
+      const name = need<string>(a.name, isStr, 'name');
+      const size = a.sizeSectors === undefined ? undefined : need<number>(a.sizeSectors, (x) => typeof x === 'number' && Number.isSafeInteger(x), 'sizeSectors');
+      if (a.key === undefined) return core.resizeVolume(name, size);
+      const raw = fromHex(need<string>(a.key, (x) => typeof x === 'string', 'key'), 'volume key');
+      const key = new Secret(raw);
+      try {
+        return await core.resizeVolume(name, size, key);
+      } finally {
+        key.dispose();
+        wipe(raw);
+      }
+    },
     'volume.close': async (a) => core.closeVolume(need(a.name, isStr, 'name'), { force: a.force === true }),
     'volume.status': async (a) => core.statusOf(need(a.name, isStr, 'name')),
     'volume.list': async () => core.volumes(),

@@ -78,6 +78,23 @@ export class DeviceRegistry {
     this.#openFile = opts.openFile ?? ((p, ro) => FileDevice.open(p, { readOnly: ro }));
   }
 
+  /**
+   * Measure again the file or block device at `path` that live tables use (after it grew or shrank
+   * underneath, before a reload that resizes a mapping: `cryptsetup resize`). Devices without
+   * `refreshSize` (memory, test doubles) keep their size. Returns the new size of the read-write
+   * share (else the read-only one), or undefined when no table uses the path.
+   */
+  async refreshFileSize(path: string): Promise<number | undefined> {
+    const abs = resolvePath(path);
+    let size: number | undefined;
+    for (const mode of ['ro', 'rw']) {
+      const dev = this.#files.get(`${mode}:${abs}`)?.dev as (BlockDevice & { refreshSize?: () => Promise<number> }) | undefined;
+      if (dev === undefined) continue;
+      size = dev.refreshSize ? await dev.refreshSize() : dev.sizeBytes;
+    }
+    return size;
+  }
+
   /** Target types this registry knows. */
   get targets(): Readonly<Record<string, TargetType>> {
     return this.#targets;

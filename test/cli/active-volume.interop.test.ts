@@ -1,8 +1,10 @@
 /**
- * `cryptmap open --persistent` (cryptsetup-open(8) --persistent): the activation flags given on the
- * command line are written to the LUKS2 header (config.flags, which `cryptsetup luksDump` shows) and
- * apply to every later open; `--persistent` without flags clears them; LUKS1 cannot hold them (the
- * open succeeds with cryptsetup's warning); `--persistent --test-passphrase` is refused.
+ * Verbs that change an active volume, as a user runs them against `cryptmap daemon`:
+ * - `open --persistent` (cryptsetup-open(8)): the command line's activation flags go to the LUKS2
+ *   header (config.flags, shown by `cryptsetup luksDump`) and apply to every later open; alone it
+ *   clears them; LUKS1 warns; `--persistent --test-passphrase` is refused.
+ * - `refresh` (cryptsetup-refresh(8)): new flags without closing.
+ * - `resize` (cryptsetup-resize(8)): the mapping follows a grown file, or takes --size/--device-size.
  */
 import assert from 'node:assert/strict';
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
@@ -152,4 +154,57 @@ test('refresh changes the flags of an active LUKS volume without closing it; wro
   assert.equal(pl.code, 1);
   assert.match(pl.stderr, /pl is not active LUKS device name or header is missing\./);
   assert.equal((await cm('close', '--runtime-dir', run, 'pl')).code, 0);
+});
+
+test('resize follows a grown file, takes --size and --device-size, and refuses what cryptsetup refuses', async () => {
+  const { img, key } = await format('luks2', 'z2');
+  const dump = await ok('cryptsetup', ['luksDump', img]);
+  const offsetSectors = Number(/offset:\s+(\d+) \[bytes\]/.exec(dump)?.[1]) / 512;
+  assert.ok(offsetSectors > 0);
+  assert.equal((await cm('open', '--runtime-dir', run, '--key-file', key, img, 'z2')).code, 0);
+  const uri = `nbd+unix:///z2?socket=${join(run, 'nbd.sock')}`;
+  const sizeOf = async () => Number((await ok('nbdinfo', ['--size', uri])).trim());
+  assert.equal(await sizeOf(), 32 * 1048576 - offsetSectors * 512);
+  await ok('qemu-io', ['-f', 'raw', '-c', 'write -P 0x3d 0 1M', uri]);
+  // The file grows: resize without a size takes all of it (LUKS2 asks for the passphrase, as cryptsetup).
+  await ok('truncate', ['-s', '64M', img]);
+  const grow = await cm('resize', '--runtime-dir', run, '--key-file', key, 'z2');
+  assert.equal(grow.code, 0, grow.stderr);
+  assert.equal(await sizeOf(), 64 * 1048576 - offsetSectors * 512);
+  assert.match((await cm('status', '--runtime-dir', run, 'z2')).stdout, new RegExp(`size: {4}${(64 * 2048 - offsetSectors).toString()} sectors`));
+  assert.match(await ok('qemu-io', ['-f', 'raw', '-c', 'read -P 0x3d 0 1M', uri]), /read 1048576\/1048576 bytes/);
+  await ok('qemu-io', ['-f', 'raw', '-c', 'write -P 0x4e 40M 1M', uri]);
+  // Explicit sizes: sectors, bytes; misaligned to the 4096-byte crypto sector; larger than the device.
+  assert.equal((await cm('resize', '--runtime-dir', run, '--key-file', key, '--size', '40960', 'z2')).code, 0);
+  assert.equal(await sizeOf(), 40960 * 512);
+  assert.equal((await cm('resize', '--runtime-dir', run, '--key-file', key, '--device-size', '25165824', 'z2')).code, 0);
+  assert.equal(await sizeOf(), 25165824);
+  const odd = await cm('resize', '--runtime-dir', run, '--key-file', key, '--size', '40961', 'z2');
+  assert.equal(odd.code, 1);
+  assert.match(odd.stderr, /Device size is not aligned to requested sector size\./);
+  const big = await cm('resize', '--runtime-dir', run, '--key-file', key, '--size', String(128 * 2048), 'z2');
+  assert.equal(big.code, 1);
+  assert.match(big.stderr, /is too small\./);
+  const both = await cm('resize', '--runtime-dir', run, '--size', '8', '--device-size', '4096', 'z2');
+  assert.equal(both.code, 1);
+  assert.match(both.stderr, /Options --device-size and --size cannot be combined\./);
+  const wrong = join(dir, 'wrong-z.key');
+  writeFileSync(wrong, 'nope', { mode: 0o600 });
+  assert.equal((await cm('resize', '--runtime-dir', run, '--key-file', wrong, 'z2')).code, 2);
+  assert.equal(await sizeOf(), 25165824, 'a refused resize changes nothing');
+  // Back to the whole device: the data written past 24 MiB before the shrink is still there.
+  assert.equal((await cm('resize', '--runtime-dir', run, '--key-file', key, 'z2')).code, 0);
+  assert.match(await ok('qemu-io', ['-f', 'raw', '-c', 'read -P 0x4e 40M 1M', uri]), /read 1048576\/1048576 bytes/);
+  assert.equal((await cm('close', '--runtime-dir', run, 'z2')).code, 0);
+  const gone = await cm('resize', '--runtime-dir', run, 'z2');
+  assert.equal(gone.code, 4);
+  // LUKS1 (key in the table, not the keyring): no passphrase needed, as cryptsetup.
+  const l1 = await format('luks1', 'z1');
+  assert.equal((await cm('open', '--runtime-dir', run, '--key-file', l1.key, l1.img, 'z1')).code, 0);
+  await ok('truncate', ['-s', '48M', l1.img]);
+  const r1 = await cm('resize', '--runtime-dir', run, 'z1');
+  assert.equal(r1.code, 0, r1.stderr);
+  const l1Offset = Number(/Payload offset:\s+(\d+)/.exec(await ok('cryptsetup', ['luksDump', l1.img]))?.[1]);
+  assert.equal(Number((await ok('nbdinfo', ['--size', `nbd+unix:///z1?socket=${join(run, 'nbd.sock')}`])).trim()), 48 * 1048576 - l1Offset * 512);
+  assert.equal((await cm('close', '--runtime-dir', run, 'z1')).code, 0);
 });

@@ -1,0 +1,88 @@
+/**
+ * `cryptmap resize NAME [--size SECTORS | --device-size BYTES]` (cryptsetup-resize(8); cryptsetup 2.6
+ * action_resize and lib/setup.c crypt_resize): the daemon measures the volume's device again (a file
+ * that was extended, a block device that grew) and reloads the mapping with the new size; without a
+ * size, all of the device after the data offset, rounded down to the crypto sector. It changes only how
+ * much of the device the mapping shows, never the device or the LUKS header.
+ *
+ * LUKS2 volumes need the passphrase (or key file, or a token), as cryptsetup asks for it when the
+ * volume key lives in the keyring: the CLI unlocks a keyslot of the volume's header and the daemon
+ * checks the key is the running one. LUKS1 and plain volumes resize without it.
+ * New NBD connections see the new size; connected clients keep the size they negotiated.
+ * Exit codes as cryptsetup: not active 4; misaligned, too large, wrong passphrase 1/2.
+ */
+import { parseArgs } from 'node:util';
+import { ControlClient } from '../../control/client.js';
+import { runtimeDir } from '../../control/runtime-dir.js';
+import type { VolumeStatus } from '../../daemon/core.js';
+import type { DmInfo } from '../../dm/control.js';
+import { toHex } from '../../util/bytes.js';
+import { CryptmapError, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import type { VerbMain } from '../types.js';
+import { closeQuietly, intOpt, LUKS_OPTIONS, unlockForOpen } from './luks-common.js';
+import { loadMatchingHeader } from './suspend.js';
+
+const RESIZE_OPTIONS = {
+  ...LUKS_OPTIONS,
+  size: { type: 'string', short: 'b' },
+  'device-size': { type: 'string' },
+  'runtime-dir': { type: 'string' },
+} as const;
+
+function parse(argv: string[]) {
+  try {
+    return parseArgs({ args: argv.slice(1), options: RESIZE_OPTIONS, allowPositionals: true, strict: true });
+  } catch (e) {
+    throw new CryptmapError('EARGS', (e as Error).message, { exitCode: EXIT_WRONG_PARAMS });
+  }
+}
+
+const resize: VerbMain = async (argv, io) => {
+  const { values: v, positionals } = parse(argv);
+  if (positionals.length !== 1) throw new CryptmapError('EARGS', 'resize: requires <name> as arguments', { exitCode: EXIT_WRONG_PARAMS });
+  const name = positionals[0]!;
+  if (v.size !== undefined && v['device-size'] !== undefined) {
+    throw new CryptmapError('EARGS', 'Options --device-size and --size cannot be combined.', { exitCode: EXIT_WRONG_PARAMS });
+  }
+  let sizeSectors = intOpt(v.size, '--size', 1);
+  if (v['device-size'] !== undefined) {
+    const bytes = intOpt(v['device-size'], '--device-size', 512)!;
+    if (bytes % 512 !== 0) throw new CryptmapError('EARGS', 'Device size must be multiple of 512 bytes sector.', { exitCode: EXIT_WRONG_PARAMS });
+    sizeSectors = bytes / 512;
+  }
+  const c = await ControlClient.connect(runtimeDir(v['runtime-dir'], io.env));
+  try {
+    const st = await c.call<VolumeStatus>('volume.status', { name });
+    const info = st.active ? (await c.call<DmInfo[]>('dm.info', { name }))[0] : undefined;
+    if (info === undefined) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE });
+    const req: Record<string, unknown> = { name, ...(sizeSectors === undefined ? {} : { sizeSectors }) };
+    if (st.mapping?.type !== 'LUKS2') {
+      await c.call<VolumeStatus>('volume.resize', req);
+    } else {
+      const { dev, vol } = await loadMatchingHeader(name, st, info.uuid, v);
+      let hex = '';
+      try {
+        const r = await unlockForOpen(io, vol, st.mapping.device, v);
+        try {
+          hex = toHex(r.volumeKey.expose());
+        } finally {
+          r.volumeKey.dispose();
+        }
+        await c.call<VolumeStatus>('volume.resize', { ...req, key: hex });
+      } finally {
+        hex = '';
+        try {
+          await vol.close();
+        } finally {
+          await closeQuietly(dev);
+        }
+      }
+    }
+  } finally {
+    c.close();
+  }
+  if (v.verbose) io.stdout.write('Command successful.\n');
+  return 0;
+};
+
+export default resize;
