@@ -5,6 +5,7 @@ import type { TargetType } from '../types.js';
 import { crypt } from './crypt.js';
 import { error } from './error.js';
 import { linear } from './linear.js';
+import { mirror } from './mirror.js';
 import { striped } from './striped.js';
 import { zero } from './zero.js';
 
@@ -12,8 +13,9 @@ export const BUILTIN_TARGETS: Readonly<Record<string, TargetType>> = Object.free
   crypt,
   error,
   linear,
+  mirror,
   striped,
   zero,
 });
 
-export { crypt, error, linear, striped, zero };
+export { crypt, error, linear, mirror, striped, zero };
