@@ -63,6 +63,15 @@ test('mirror tables parse and print back in the kernel canonical form (round tri
   await registry.create('m', { table: '0 1000 mirror core 2 64 nosync 2 /mem/a 0 /mem/b 0' });
   assert.equal(status(registry, 'm'), '0 1000 mirror 2 /mem/a /mem/b 16/16 1 AA 1 core');
   await registry.closeAll();
+  // The resync copies the short last region and nothing past the target's end.
+  const r2 = memRegistry({ a: MiB, b: MiB });
+  await r2.mems.get('a')!.write(0, Buffer.alloc(MiB, 5));
+  await r2.mems.get('b')!.write(0, Buffer.alloc(MiB, 6));
+  await r2.registry.create('m', { table: '0 1000 mirror core 1 64 2 /mem/a 0 /mem/b 0' });
+  assert.equal(await waitInSync(r2.registry, 'm'), '0 1000 mirror 2 /mem/a /mem/b 16/16 1 AA 1 core');
+  assert.ok((await raw(r2, 'b', 0, 1000 * 512)).equals(Buffer.alloc(1000 * 512, 5)));
+  assert.ok((await raw(r2, 'b', 1000 * 512, 48 * 512)).equals(Buffer.alloc(48 * 512, 6)), 'past the end untouched');
+  await r2.registry.closeAll();
 });
 
 test('bad mirror tables are refused with the line, the argument and a stable code', async () => {
