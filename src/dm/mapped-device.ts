@@ -9,9 +9,11 @@
  *
  * Lifecycle (serialised per device by a promise-chain lock; data operations are not serialised):
  *   load     -> the new table becomes the inactive table (the previous inactive one is disposed)
- *   suspend  -> new I/O waits (FIFO) at a gate, in-flight I/O drains, then the live table is flushed
+ *   suspend  -> new I/O waits (FIFO) at a gate, in-flight I/O drains, then the live table is flushed,
+ *               then its postsuspend hooks run (background writers stop)
  *   resume   -> preresume hooks, swap in the inactive table (suspending first when needed), dispose
- *               the old live table, open the gate: queued I/O runs in arrival order on the new table
+ *               the old live table, resume hooks of the live table, open the gate: queued I/O runs in
+ *               arrival order on the new table
  *   remove   -> refused while open unless forced; forced: in-flight drains, I/O then fails with EIO
  * Major/minor: every mapped device has major 253 (DM_MAJOR, the usual dynamic dm major) and the
  * lowest minor not in use in its registry, like the kernel's idr allocation.
@@ -388,6 +390,7 @@ export class MappedDevice implements BlockDevice {
         throw e;
       }
     }
+    if (t !== null) await Promise.allSettled(t.entries.map(async (e) => e.instance.postsuspend?.()));
   }
 
   #openGate(): void {
@@ -408,6 +411,8 @@ export class MappedDevice implements BlockDevice {
       this.#inactive = null;
       if (old !== null) await old.dispose();
     }
+    const live = this.#live;
+    if (live !== null) for (const e of live.entries) e.instance.resume?.();
     this.#openGate();
   }
 

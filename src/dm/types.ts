@@ -79,6 +79,13 @@ export interface TargetInstance {
   message?(args: string[], suspended: boolean): Promise<string>;
   /** Called before the table goes live on resume; throw to refuse (crypt without a key). */
   preresume?(): void;
+  /** Called when the table is live and I/O flows again (after every resume), e.g. to (re)start background work. */
+  resume?(): void;
+  /**
+   * Called once the device is suspended, its I/O drained and flushed: background work that writes
+   * (mirror resync) must stop here, as the kernel's postsuspend; the suspend completes when it settles.
+   */
+  postsuspend?(): Promise<void> | void;
   /** Release what the constructor acquired (keys, ciphers); idempotent, copes with half-built state. */
   dispose(): void;
 }

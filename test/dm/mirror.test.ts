@@ -247,6 +247,24 @@ test('dispose stops the resync: no leg I/O after the mirror is removed', async (
   await registry.closeAll();
 });
 
+test('suspend pauses the resync (no leg I/O until resume, as the kernel stops recovery); resume finishes it', async () => {
+  const { ctl, registry } = faulty();
+  await registry.create('la', { table: '0 2048 trace /mem/a 0 A' });
+  await registry.create('lb', { table: '0 2048 trace /mem/b 0 B' });
+  await registry.create('m', { table: '0 2048 mirror core 1 2 2 la 0 lb 0' });
+  for (let turn = 0; turn < 10_000 && ctl.log.length < 20; turn++) await settle();
+  assert.ok(ctl.log.length >= 20, 'the resync is running');
+  await registry.suspend('m');
+  const n = ctl.log.length;
+  const before = status(registry, 'm');
+  for (let turn = 0; turn < 50; turn++) await settle();
+  assert.equal(ctl.log.length, n, 'no resync I/O while suspended');
+  assert.equal(status(registry, 'm'), before);
+  await registry.resume('m');
+  assert.match(await waitInSync(registry, 'm'), / 1024\/1024 1 AA 1 core$/);
+  await registry.closeAll();
+});
+
 test('handle_errors: a leg whose write fails is dropped (D), I/O goes on on the others', async () => {
   const { registry, mems } = faulty();
   await registry.create('fb', { table: '0 1024 fault /mem/b 0' });

@@ -27,10 +27,11 @@
  *     retries the next healthy in-sync leg. Without handle_errors the kernel ignores write errors;
  *     cryptmap instead returns every error to the caller (the safe choice: the caller learns the
  *     data is not on every leg), still records it in the health chars and keeps writing to all legs.
- *   - The resync starts on resume (preresume), copies one region at a time under that region's lock
- *     (a write to a region not yet in sync waits for its copy, so the copy can never overwrite newer
- *     data), yields to the event loop between regions, and stops on dispose. It does not pause while
- *     the device is suspended (the target is not told); it never writes leg 0.
+ *   - The resync starts when the table is live (the resume hook), copies one region at a time under
+ *     that region's lock (a write to a region not yet in sync waits for its copy, so the copy can
+ *     never overwrite newer data), yields to the event loop between regions, pauses when the device
+ *     is suspended (postsuspend waits for the region being copied, as the kernel stops recovery),
+ *     goes on at the next resume and stops on dispose. It never writes leg 0.
  */
 import type { BlockDevice, BlockDeviceLimits, WriteFlags, WriteZeroesFlags } from '../../blockdev/types.js';
 import { isPowerOfTwo } from '../../util/bytes.js';
@@ -161,8 +162,11 @@ class MirrorSet implements TargetInstance {
   #syncCount: number;
   /** Per-region lock tails: held by the resync copy and by writes to regions not yet in sync. */
   readonly #locks = new Map<number, Promise<void>>();
-  #started = false;
   #stopped = false;
+  /** Suspended: the resync waits for the next resume. */
+  #paused = false;
+  /** The region copy in progress, if any. */
+  #copying: Promise<void> | undefined;
   #cursor = 0;
   #immediate: NodeJS.Immediate | undefined;
   #copyBuf: Buffer | undefined;
@@ -323,11 +327,19 @@ class MirrorSet implements TargetInstance {
     return `${this.#legs.length} ${this.#legs.map((l) => `${l.arg} `).join('')}${this.#syncCount}/${this.#regions} 1 ${health} 1 core`;
   }
 
-  /** The resync starts when the table goes live (the kernel starts recovery on resume). */
-  preresume(): void {
-    if (this.#started || this.#stopped) return;
-    this.#started = true;
-    if (this.#syncCount < this.#regions) this.#schedule();
+  /** The resync runs while the table is live and not suspended (the kernel starts recovery on resume). */
+  resume(): void {
+    if (this.#stopped) return;
+    this.#paused = false;
+    if (this.#syncCount < this.#regions && this.#copying === undefined && this.#immediate === undefined) this.#schedule();
+  }
+
+  /** Suspended: no resync writes until the next resume; waits for the region being copied. */
+  async postsuspend(): Promise<void> {
+    this.#paused = true;
+    if (this.#immediate !== undefined) clearImmediate(this.#immediate);
+    this.#immediate = undefined;
+    await this.#copying;
   }
 
   #schedule(): void {
@@ -339,16 +351,19 @@ class MirrorSet implements TargetInstance {
 
   /** Copy the next region not in sync, then yield to the event loop before the one after. */
   #step(): void {
-    if (this.#stopped) return;
+    if (this.#stopped || this.#paused) return;
     while (this.#cursor < this.#regions && this.#inSync[this.#cursor]) this.#cursor++;
     if (this.#cursor >= this.#regions) return;
     const r = this.#cursor;
-    this.#withRegion(r, () => this.#copyRegion(r)).then(
+    this.#copying = this.#withRegion(r, () => this.#copyRegion(r)).then(
       (goOn) => {
+        this.#copying = undefined;
         this.#cursor = r + 1;
-        if (goOn && !this.#stopped) this.#schedule();
+        if (goOn && !this.#stopped && !this.#paused) this.#schedule();
       },
-      () => {}, // #copyRegion reports through leg health, never by rejecting
+      () => {
+        this.#copying = undefined; // #copyRegion reports through leg health, never by rejecting
+      },
     );
   }
 
