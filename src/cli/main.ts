@@ -16,6 +16,7 @@ const VERBS: Record<string, string> = {
   luksRemoveKey: 'luks-keys',
   luksKillSlot: 'luks-keys',
   luksChangeKey: 'luks-keys',
+  luksConvertKey: 'luks-keys',
   luksUUID: 'luks-misc',
   isLuks: 'luks-misc',
   luksHeaderBackup: 'luks-misc',
@@ -46,7 +47,7 @@ const VERBS: Record<string, string> = {
 const USAGE = `usage: cryptmap <verb> [options] [args]
 
 Verbs (cryptsetup names): luksFormat open close status luksDump luksAddKey luksRemoveKey
-  luksKillSlot luksChangeKey luksUUID isLuks luksHeaderBackup luksHeaderRestore config repair
+  luksKillSlot luksChangeKey luksConvertKey luksUUID isLuks luksHeaderBackup luksHeaderRestore config repair
   erase token luksSuspend luksResume refresh resize benchmark
 Device mapper (dmsetup syntax): dm create|remove|reload|load|suspend|resume|table|status|info|ls|message|rename
 Serving and services: daemon attach detach agent keyd crypttab volume

@@ -333,3 +333,37 @@ test('no verb writes to a file that is not LUKS (batch mode, key files given); l
     assert.equal(sha(readFileSync(img)), want, `${argv[0]} wrote without confirmation`);
   }
 });
+
+test('luksConvertKey rewrites a keyslot under another PBKDF (argon2id -> pbkdf2 for bootloaders, and back); cryptsetup agrees', async () => {
+  const img = image('convert.img');
+  cs('luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'argon2id', '--pbkdf-memory', '32768', '--pbkdf-force-iterations', '4', '--pbkdf-parallel', '1', '--key-file', key, img);
+  const slot0 = (dump: string) => dump.slice(dump.indexOf('Keyslots:'), dump.indexOf('Tokens:'));
+  assert.match(slot0(cs('luksDump', img)), /PBKDF:\s+argon2id/);
+  let r = await cm(['luksConvertKey', '-v', ...FAST, '--key-file', key, img]);
+  assert.equal(r.code, 0, r.err);
+  assert.match(r.out, /Key slot 0 created\.\nCommand successful\./);
+  const dump = slot0(cs('luksDump', img));
+  assert.match(dump, /PBKDF:\s+pbkdf2/);
+  assert.match(dump, /Iterations:\s+1000/);
+  cs('open', '--test-passphrase', '--key-file', key, img);
+  // And back, on an explicit keyslot.
+  r = await cm(['luksConvertKey', '--pbkdf', 'argon2id', '--pbkdf-memory', '32768', '--pbkdf-force-iterations', '4', '--key-slot', '0', '--key-file', key, img]);
+  assert.equal(r.code, 0, r.err);
+  assert.match(slot0(cs('luksDump', img)), /PBKDF:\s+argon2id/);
+  cs('open', '--test-passphrase', '--key-file', key, img);
+  // Wrong passphrase: exit 2, nothing changed. Inactive keyslot, LUKS1: exit 1 with cryptsetup's messages.
+  const wrong = join(dir, 'wrong-convert');
+  writeFileSync(wrong, 'nope', { mode: 0o600 });
+  const before = readFileSync(img);
+  r = await cm(['luksConvertKey', ...FAST, '--key-file', wrong, img]);
+  assert.equal(r.code, 2);
+  assert.ok(readFileSync(img).equals(before), 'a refused conversion writes nothing');
+  r = await cm(['luksConvertKey', ...FAST, '--key-slot', '5', '--key-file', key, img]);
+  assert.equal(r.code, 1);
+  assert.match(r.err, /Keyslot 5 is not active\./);
+  const l1 = image('convert1.img');
+  cs('luksFormat', '-q', '--type', 'luks1', ...FAST, '--key-file', key, l1);
+  r = await cm(['luksConvertKey', ...FAST, '--key-file', key, l1]);
+  assert.equal(r.code, 1);
+  assert.match(r.err, /is not a valid LUKS2 device\./);
+});

@@ -3,6 +3,7 @@
  * luksRemoveKey, luksKillSlot, luksChangeKey):
  *   luksAddKey <device> [<new key file>]     luksRemoveKey <device> [<key file>]
  *   luksKillSlot <device> <key slot>         luksChangeKey <device> [<new key file>]
+ *   luksConvertKey <device>                  (LUKS2: the keyslot again under the PBKDF given now)
  * The image is locked while its header changes (luks/lock.ts).
  */
 import { withDeviceLock } from '../../luks/index.js';
@@ -70,6 +71,20 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         secrets.push(np);
         const slot = await vol.addKey(auth, np, { ...ks, ...(newSlot !== undefined ? { keySlot: newSlot } : { keySlot: undefined }) });
         if ('volumeKey' in auth) auth.volumeKey.dispose();
+        say(`Key slot ${slot} created.\nCommand successful.\n`);
+        return 0;
+      }
+      if (verb === 'luksConvertKey') {
+        // cryptsetup 2.6 action_luksConvertKey: the keyslot is rewritten with the same passphrase and the
+        // PBKDF given now (--pbkdf pbkdf2 for bootloaders without Argon2, or back), through the same
+        // crash-safe path as luksChangeKey (new material in a free area, one header write, old area wiped).
+        if (vol.type !== 'luks2') throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid LUKS2 device.`, { exitCode: 1 });
+        if (ks.keySlot !== undefined && vol.json.keyslots[String(ks.keySlot)] === undefined) {
+          throw new CryptmapError('EKEYSLOT', `Keyslot ${ks.keySlot} is not active.`, { exitCode: 1 });
+        }
+        const p = await getPassphrase(io, 'Enter passphrase for keyslot to be converted: ', existingSource(v));
+        secrets.push(p);
+        const slot = await vol.changeKey(p, p, ks);
         say(`Key slot ${slot} created.\nCommand successful.\n`);
         return 0;
       }
