@@ -35,6 +35,8 @@ const JOBS: FioJob[] = [
   { name: 'qd32', bs: '64k', iodepth: 32, offsetMiB: 24, sizeMiB: 24 },
   // multi-conn: two connections (fio jobs) on disjoint halves of one region
   { name: 'mc', bs: '8k', iodepth: 16, offsetMiB: 48, sizeMiB: 12, numjobs: 2 },
+  // above 64 KiB: the crypt target's fused pread+decrypt / encrypt+pwrite jobs on the crypt threads
+  { name: 'big', bs: '256k', iodepth: 8, offsetMiB: 108, sizeMiB: 20 },
 ];
 
 function jobFile(uri: string, j: FioJob): string {
