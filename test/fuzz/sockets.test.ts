@@ -202,12 +202,16 @@ const CTRL_SAMPLES = [
   { id: 8, op: 'volume.close', args: { name: 'v' } },
   { id: 9, op: 'dm.table', args: { name: 'z' } },
   { id: 10, op: 'attach', args: { name: 'nope' } },
+  { id: 11, op: 'volume.suspend', args: { name: 'v' } },
+  { id: 12, op: 'volume.resume', args: { name: 'v', key: '00'.repeat(64) } },
+  { id: 13, op: 'volume.refresh', args: { name: 'v', key: '00'.repeat(64), flags: { allowDiscards: true } } },
+  { id: 14, op: 'volume.resize', args: { name: 'v', sizeSectors: 8, key: '00'.repeat(64) } },
 ];
 
 const jsonOdd = fc.oneof(fc.jsonValue({ maxDepth: 2 }), fc.constantFrom<unknown>(null, -1, 1e300, '', 'z', '0 8 zero', '0 8 error', { toString: 1 }, [], {}, '__proto__', 2 ** 53 + 2));
 export const controlArb = fc
   .array(
-    fc.tuple(fc.constantFrom(...CTRL_SAMPLES), fc.array(fc.tuple(fc.constantFrom('id', 'op', 'args', 'name', 'table', 'mapping', 'key', 'force', 'sector', 'message', 'cipher', 'keyBytes', 'sizeSectors', 'sectorBytes', 'ivOffsetSectors'), jsonOdd), { maxLength: 3 })).map(([base, edits]) => {
+    fc.tuple(fc.constantFrom(...CTRL_SAMPLES), fc.array(fc.tuple(fc.constantFrom('id', 'op', 'args', 'name', 'table', 'mapping', 'key', 'force', 'sector', 'message', 'cipher', 'keyBytes', 'sizeSectors', 'sectorBytes', 'ivOffsetSectors', 'flags'), jsonOdd), { maxLength: 3 })).map(([base, edits]) => {
       const r = structuredClone(base) as Record<string, unknown>;
       for (const [k, v] of edits) {
         const obj = (x: unknown) => (x !== null && typeof x === 'object' && !Array.isArray(x) ? (x as Record<string, unknown>) : undefined);
