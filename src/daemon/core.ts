@@ -339,10 +339,7 @@ export class DaemonCore {
         throw new CryptmapError('ENOTLUKS', `${name} is not active LUKS device name or header is missing.`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
       }
       if (dev.suspended) throw new CryptmapError('ESUSPENDED', `Volume ${name} is suspended (luksResume it first).`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
-      const live = await this.keyring.resolve({ type: 'logon', description: keyDescription(name), keyBytes: m.keyBytes });
-      const same = volumeKey.length === live.length && constantTimeEqual(volumeKey.expose(), live.expose());
-      live.dispose();
-      if (!same) throw new CryptmapError('EKEYMISMATCH', 'Volume key does not match the volume.', { exitCode: EXIT_FAILURE, errno: 'EPERM' });
+      await this.#checkRunningKey(m, volumeKey);
       const next: CryptMapping = {
         ...m,
         allowDiscards: flags.allowDiscards === true,
@@ -351,15 +348,7 @@ export class DaemonCore {
         noReadWorkqueue: flags.noReadWorkqueue === true,
         noWriteWorkqueue: flags.noWriteWorkqueue === true,
       };
-      try {
-        await this.#dm.load(name, cryptTableLine(next, keyRefArg(next)));
-      } catch (e) {
-        await this.#dm.clear(name).catch(() => undefined);
-        throw new CryptmapError('EREFRESH', `Cannot refresh ${name}: ${(e as Error).message}`, { exitCode: EXIT_FAILURE, cause: e });
-      }
-      await this.#dm.suspend(name);
-      await this.#dm.resume(name);
-      this.#volumes.set(name, next);
+      await this.#swapTable(next, 'EREFRESH', 'refresh');
       log.info('volume refreshed', { name });
       return this.statusOf(name);
     });
@@ -381,10 +370,7 @@ export class DaemonCore {
       if (dev.suspended) throw new CryptmapError('ESUSPENDED', `Volume ${name} is suspended (luksResume it first).`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
       if (m.type === 'LUKS2') {
         if (volumeKey === undefined) throw new CryptmapError('EKEY', `Resizing LUKS2 volume ${name} needs its volume key (the passphrase).`, { exitCode: EXIT_FAILURE });
-        const live = await this.keyring.resolve({ type: 'logon', description: keyDescription(name), keyBytes: m.keyBytes });
-        const same = volumeKey.length === live.length && constantTimeEqual(volumeKey.expose(), live.expose());
-        live.dispose();
-        if (!same) throw new CryptmapError('EKEYMISMATCH', 'Volume key does not match the volume.', { exitCode: EXIT_FAILURE, errno: 'EPERM' });
+        await this.#checkRunningKey(m, volumeKey);
       }
       // A file or block device is measured again; a mapped device below has its live size.
       const deviceBytes = (await this.registry.refreshFileSize(m.device)) ?? this.registry.find(m.device.replace(/^\/dev\/mapper\//, ''))?.sizeBytes ?? 0;
@@ -397,19 +383,31 @@ export class DaemonCore {
       if (size % perSector !== 0) throw new CryptmapError('EALIGN', 'Device size is not aligned to requested sector size.', { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
       if (size <= 0 || size > availableSectors) throw new CryptmapError('EDEVSMALL', `Device ${m.device} is too small.`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
       if (size === m.sizeSectors) return this.statusOf(name);
-      const next: CryptMapping = { ...m, sizeSectors: size };
-      try {
-        await this.#dm.load(name, cryptTableLine(next, keyRefArg(next)));
-      } catch (e) {
-        await this.#dm.clear(name).catch(() => undefined);
-        throw new CryptmapError('ERESIZE', `Cannot resize ${name}: ${(e as Error).message}`, { exitCode: EXIT_FAILURE, cause: e });
-      }
-      await this.#dm.suspend(name);
-      await this.#dm.resume(name);
-      this.#volumes.set(name, next);
+      await this.#swapTable({ ...m, sizeSectors: size }, 'ERESIZE', 'resize');
       log.info('volume resized', { name, sizeSectors: size });
       return this.statusOf(name);
     });
+  }
+
+  /** The key a caller brings (refresh, resize) must be the one volume `m` runs with (constant-time compare). */
+  async #checkRunningKey(m: CryptMapping, volumeKey: Secret): Promise<void> {
+    const live = await this.keyring.resolve({ type: 'logon', description: keyDescription(m.name), keyBytes: m.keyBytes });
+    const same = volumeKey.length === live.length && constantTimeEqual(volumeKey.expose(), live.expose());
+    live.dispose();
+    if (!same) throw new CryptmapError('EKEYMISMATCH', 'Volume key does not match the volume.', { exitCode: EXIT_FAILURE, errno: 'EPERM' });
+  }
+
+  /** Load `next`'s table for its volume, then swap it in (suspend: I/O drains; resume). A failed load leaves the old table live. */
+  async #swapTable(next: CryptMapping, code: string, what: string): Promise<void> {
+    try {
+      await this.#dm.load(next.name, cryptTableLine(next, keyRefArg(next)));
+    } catch (e) {
+      await this.#dm.clear(next.name).catch(() => undefined);
+      throw new CryptmapError(code, `Cannot ${what} ${next.name}: ${(e as Error).message}`, { exitCode: EXIT_FAILURE, cause: e });
+    }
+    await this.#dm.suspend(next.name);
+    await this.#dm.resume(next.name);
+    this.#volumes.set(next.name, next);
   }
 
   statusOf(name: string): VolumeStatus {

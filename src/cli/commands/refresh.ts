@@ -16,13 +16,11 @@ import { PERSISTENT_FLAGS, persistentFlagsOf } from '../../activate/mapping.js';
 import { ControlClient } from '../../control/client.js';
 import { runtimeDir } from '../../control/runtime-dir.js';
 import type { RefreshFlags, VolumeStatus } from '../../daemon/core.js';
-import type { DmInfo } from '../../dm/control.js';
-import { toHex } from '../../util/bytes.js';
-import { CryptmapError, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { VerbMain } from '../types.js';
-import { closeQuietly, LUKS_OPTIONS, unlockForOpen } from './luks-common.js';
+import { activeVolume, sendActiveVolumeKey } from './active-luks.js';
+import { LUKS_OPTIONS } from './luks-common.js';
 import { makeFlagsPersistent } from './open.js';
-import { loadMatchingHeader } from './suspend.js';
 
 const REFRESH_OPTIONS = {
   ...LUKS_OPTIONS,
@@ -58,38 +56,28 @@ const refresh: VerbMain = async (argv, io) => {
     noWriteWorkqueue: v['perf-no_write_workqueue'] === true,
   };
   const c = await ControlClient.connect(runtimeDir(v['runtime-dir'], io.env));
-  let device: string;
   try {
-    const st = await c.call<VolumeStatus>('volume.status', { name });
-    const info = st.active ? (await c.call<DmInfo[]>('dm.info', { name }))[0] : undefined;
-    if (info === undefined) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE });
-    const { dev, vol } = await loadMatchingHeader(name, st, info.uuid, v);
-    device = st.mapping!.device;
-    let hex = '';
-    try {
-      const type = vol.type === 'luks1' ? 'LUKS1' : 'LUKS2';
-      if (v.type !== undefined && v.type !== 'luks' && v.type.toUpperCase() !== type) {
-        throw new CryptmapError('ENOTLUKS', `${name} is not active ${v.type.toUpperCase()} device name.`, { exitCode: 1 });
-      }
-      // Persistent flags of the header apply on top of the command line's, as at open.
-      // (With --persistent too: cryptsetup activates with them and then stores the command line's.)
-      for (const f of persistentFlagsOf(vol)) flags[PERSISTENT_FLAGS[f]] = true;
-      const r = await unlockForOpen(io, vol, device, v);
-      try {
-        hex = toHex(r.volumeKey.expose());
-      } finally {
-        r.volumeKey.dispose();
-      }
-      await c.call<VolumeStatus>('volume.refresh', { name, flags, key: hex });
-    } finally {
-      hex = '';
-      try {
-        await vol.close();
-      } finally {
-        await closeQuietly(dev);
-      }
-    }
-    if (v.persistent) await makeFlagsPersistent(io, device, { ...v, header: v.header ?? st.mapping!.header });
+    const active = await activeVolume(c, name);
+    await sendActiveVolumeKey(
+      io,
+      name,
+      active,
+      v,
+      async (key) => {
+        await c.call<VolumeStatus>('volume.refresh', { name, flags, key });
+      },
+      (vol) => {
+        const type = vol.type === 'luks1' ? 'LUKS1' : 'LUKS2';
+        if (v.type !== undefined && v.type !== 'luks' && v.type.toUpperCase() !== type) {
+          throw new CryptmapError('ENOTLUKS', `${name} is not active ${v.type.toUpperCase()} device name.`, { exitCode: 1 });
+        }
+        // Persistent flags of the header apply on top of the command line's, as at open.
+        // (With --persistent too: cryptsetup activates with them and then stores the command line's.)
+        for (const f of persistentFlagsOf(vol)) flags[PERSISTENT_FLAGS[f]] = true;
+      },
+    );
+    const m = active.st.mapping!;
+    if (v.persistent) await makeFlagsPersistent(io, m.device, { ...v, header: v.header ?? m.header });
   } finally {
     c.close();
   }

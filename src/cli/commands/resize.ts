@@ -15,12 +15,10 @@ import { parseArgs } from 'node:util';
 import { ControlClient } from '../../control/client.js';
 import { runtimeDir } from '../../control/runtime-dir.js';
 import type { VolumeStatus } from '../../daemon/core.js';
-import type { DmInfo } from '../../dm/control.js';
-import { toHex } from '../../util/bytes.js';
-import { CryptmapError, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { VerbMain } from '../types.js';
-import { closeQuietly, intOpt, LUKS_OPTIONS, unlockForOpen } from './luks-common.js';
-import { loadMatchingHeader } from './suspend.js';
+import { activeVolume, sendActiveVolumeKey } from './active-luks.js';
+import { intOpt, LUKS_OPTIONS } from './luks-common.js';
 
 const RESIZE_OPTIONS = {
   ...LUKS_OPTIONS,
@@ -52,32 +50,13 @@ const resize: VerbMain = async (argv, io) => {
   }
   const c = await ControlClient.connect(runtimeDir(v['runtime-dir'], io.env));
   try {
-    const st = await c.call<VolumeStatus>('volume.status', { name });
-    const info = st.active ? (await c.call<DmInfo[]>('dm.info', { name }))[0] : undefined;
-    if (info === undefined) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE });
+    const active = await activeVolume(c, name);
     const req: Record<string, unknown> = { name, ...(sizeSectors === undefined ? {} : { sizeSectors }) };
-    if (st.mapping?.type !== 'LUKS2') {
-      await c.call<VolumeStatus>('volume.resize', req);
-    } else {
-      const { dev, vol } = await loadMatchingHeader(name, st, info.uuid, v);
-      let hex = '';
-      try {
-        const r = await unlockForOpen(io, vol, st.mapping.device, v);
-        try {
-          hex = toHex(r.volumeKey.expose());
-        } finally {
-          r.volumeKey.dispose();
-        }
-        await c.call<VolumeStatus>('volume.resize', { ...req, key: hex });
-      } finally {
-        hex = '';
-        try {
-          await vol.close();
-        } finally {
-          await closeQuietly(dev);
-        }
-      }
-    }
+    if (active.st.mapping?.type !== 'LUKS2') await c.call<VolumeStatus>('volume.resize', req);
+    else
+      await sendActiveVolumeKey(io, name, active, v, async (key) => {
+        await c.call<VolumeStatus>('volume.resize', { ...req, key });
+      });
   } finally {
     c.close();
   }

@@ -18,17 +18,13 @@
  * LUKS volume 1; already suspended / not suspended 1; wrong passphrase 2.
  */
 import { parseArgs } from 'node:util';
-import { dmUuid } from '../../activate/mapping.js';
 import { ControlClient } from '../../control/client.js';
 import { runtimeDir } from '../../control/runtime-dir.js';
 import type { VolumeStatus } from '../../daemon/core.js';
-import type { DmInfo } from '../../dm/control.js';
-import type { Luks1Volume, Luks2Volume } from '../../luks/index.js';
-import { toHex } from '../../util/bytes.js';
-import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
-import type { FileDevice } from '../../blockdev/file.js';
+import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { closeQuietly, LUKS_OPTIONS, type LuksArgs, loadLuksForRead, unlockForOpen } from './luks-common.js';
+import { activeVolume, sendActiveVolumeKey } from './active-luks.js';
+import { LUKS_OPTIONS } from './luks-common.js';
 
 const SUSPEND_OPTIONS = {
   header: { type: 'string' },
@@ -63,9 +59,6 @@ function needName(verb: string, positionals: string[]): string {
   return positionals[0]!;
 }
 
-const notActive = (name: string) => new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE });
-const notLuks = (name: string) => new CryptmapError('ENOTLUKS', `${name} is not active LUKS device name or header is missing.`, { exitCode: EXIT_FAILURE });
-
 export const luksSuspend: VerbMain = async (argv, io) => {
   const { values: v, positionals } = parseSuspend(argv);
   const name = needName('luksSuspend', positionals);
@@ -80,30 +73,6 @@ export const luksSuspend: VerbMain = async (argv, io) => {
   return 0;
 };
 
-/**
- * Load the header of the active mapping and check it is the one the mapping was made from
- * (cryptsetup's crypt_init_by_name_and_header: the header type and UUID must give the dm uuid).
- */
-export async function loadMatchingHeader(name: string, st: VolumeStatus, dmUuidNow: string, v: LuksArgs): Promise<{ dev: FileDevice; vol: Luks1Volume | Luks2Volume }> {
-  const m = st.mapping;
-  if (m === undefined || (m.type !== 'LUKS1' && m.type !== 'LUKS2')) throw notLuks(name);
-  const hdr = v.header ?? m.header ?? m.device;
-  let loaded: { dev: FileDevice; vol: Luks1Volume | Luks2Volume };
-  try {
-    loaded = await loadLuksForRead(hdr, v);
-  } catch (e) {
-    if (!isCryptmapError(e)) throw e;
-    throw notLuks(name);
-  }
-  const { dev, vol } = loaded;
-  const type = vol.type === 'luks1' ? 'LUKS1' : 'LUKS2';
-  if (dmUuid({ type, uuid: vol.uuid, name }) !== dmUuidNow) {
-    await closeQuietly(dev);
-    throw notLuks(name);
-  }
-  return loaded;
-}
-
 export const luksResume: VerbMain = async (argv, io) => {
   const { values: v, positionals } = parseResume(argv);
   const name = needName('luksResume', positionals);
@@ -114,34 +83,23 @@ export const luksResume: VerbMain = async (argv, io) => {
   }
   const c = await ControlClient.connect(runtimeDir(v['runtime-dir'], io.env));
   try {
-    const st = await c.call<VolumeStatus>('volume.status', { name });
-    if (!st.active) throw notActive(name);
-    const info = (await c.call<DmInfo[]>('dm.info', { name }))[0];
-    if (info === undefined) throw notActive(name);
-    const { dev, vol } = await loadMatchingHeader(name, st, info.uuid, v);
-    let hex = '';
-    try {
-      const type = vol.type === 'luks1' ? 'LUKS1' : 'LUKS2';
-      if (reqType !== undefined && reqType !== 'luks' && reqType.toUpperCase() !== type) {
-        throw new CryptmapError('ENOTLUKS', `${name} is not active ${reqType.toUpperCase()} device name.`, { exitCode: EXIT_FAILURE });
-      }
-      if (!st.suspended) throw new CryptmapError('ENOTSUSPENDED', `Volume ${name} is not suspended.`, { exitCode: EXIT_FAILURE });
-      // Prompt with the data device's name, as cryptsetup's tools_get_key does.
-      const r = await unlockForOpen(io, vol, st.mapping!.device, v);
-      try {
-        hex = toHex(r.volumeKey.expose());
-      } finally {
-        r.volumeKey.dispose();
-      }
-      await c.call<VolumeStatus>('volume.resume', { name, key: hex });
-    } finally {
-      hex = '';
-      try {
-        await vol.close();
-      } finally {
-        await closeQuietly(dev);
-      }
-    }
+    const active = await activeVolume(c, name);
+    await sendActiveVolumeKey(
+      io,
+      name,
+      active,
+      v,
+      async (key) => {
+        await c.call<VolumeStatus>('volume.resume', { name, key });
+      },
+      (vol) => {
+        const type = vol.type === 'luks1' ? 'LUKS1' : 'LUKS2';
+        if (reqType !== undefined && reqType !== 'luks' && reqType.toUpperCase() !== type) {
+          throw new CryptmapError('ENOTLUKS', `${name} is not active ${reqType.toUpperCase()} device name.`, { exitCode: EXIT_FAILURE });
+        }
+        if (!active.st.suspended) throw new CryptmapError('ENOTSUSPENDED', `Volume ${name} is not suspended.`, { exitCode: EXIT_FAILURE });
+      },
+    );
     if (v.verbose) io.stdout.write('Command successful.\n');
     return 0;
   } finally {

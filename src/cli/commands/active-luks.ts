@@ -1,0 +1,84 @@
+/**
+ * Shared by the verbs that need the volume key of an active LUKS volume again (luksResume, refresh,
+ * resize): as cryptsetup's crypt_init_by_name_and_header, the header is the mapping's (its device, or
+ * its detached header, or --header), and its type and UUID must give the mapping's dm uuid
+ * (CRYPT-LUKS2-<uuid>-<name>); then a keyslot is unlocked exactly as `open` does (tokens, prompt with
+ * --tries, key file) and the volume key goes to the daemon once, as hex over the 0600 control socket
+ * (docs/secrets.md).
+ */
+import { dmUuid } from '../../activate/mapping.js';
+import type { FileDevice } from '../../blockdev/file.js';
+import type { ControlClient } from '../../control/client.js';
+import type { VolumeStatus } from '../../daemon/core.js';
+import type { DmInfo } from '../../dm/control.js';
+import type { Luks1Volume, Luks2Volume } from '../../luks/index.js';
+import { toHex } from '../../util/bytes.js';
+import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_DEVICE, isCryptmapError } from '../../util/errors.js';
+import type { CliIO } from '../types.js';
+import { closeQuietly, type LuksArgs, loadLuksForRead, unlockForOpen } from './luks-common.js';
+
+export const notActive = (name: string) => new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE });
+export const notLuks = (name: string) => new CryptmapError('ENOTLUKS', `${name} is not active LUKS device name or header is missing.`, { exitCode: EXIT_FAILURE });
+
+/** The daemon's status of `name` and its dm uuid; cryptsetup's "Device NAME is not active." (exit 4) otherwise. */
+export async function activeVolume(c: ControlClient, name: string): Promise<{ st: VolumeStatus; uuid: string }> {
+  const st = await c.call<VolumeStatus>('volume.status', { name });
+  const info = st.active ? (await c.call<DmInfo[]>('dm.info', { name }))[0] : undefined;
+  if (info === undefined) throw notActive(name);
+  return { st, uuid: info.uuid };
+}
+
+/** Load the header of the active mapping and check it is the one the mapping was made from. */
+export async function loadMatchingHeader(name: string, st: VolumeStatus, dmUuidNow: string, v: LuksArgs): Promise<{ dev: FileDevice; vol: Luks1Volume | Luks2Volume }> {
+  const m = st.mapping;
+  if (m === undefined || (m.type !== 'LUKS1' && m.type !== 'LUKS2')) throw notLuks(name);
+  const hdr = v.header ?? m.header ?? m.device;
+  let loaded: { dev: FileDevice; vol: Luks1Volume | Luks2Volume };
+  try {
+    loaded = await loadLuksForRead(hdr, v);
+  } catch (e) {
+    if (!isCryptmapError(e)) throw e;
+    throw notLuks(name);
+  }
+  const { dev, vol } = loaded;
+  const type = vol.type === 'luks1' ? 'LUKS1' : 'LUKS2';
+  if (dmUuid({ type, uuid: vol.uuid, name }) !== dmUuidNow) {
+    await closeQuietly(dev);
+    throw notLuks(name);
+  }
+  return loaded;
+}
+
+/**
+ * Unlock the matching header of active volume `name` and give its volume key, as hex, to `send`.
+ * `check` runs on the loaded header before any passphrase is asked (type checks, reading flags).
+ */
+export async function sendActiveVolumeKey(
+  io: CliIO,
+  name: string,
+  active: { st: VolumeStatus; uuid: string },
+  v: LuksArgs,
+  send: (hex: string) => Promise<void>,
+  check?: (vol: Luks1Volume | Luks2Volume) => void,
+): Promise<void> {
+  const { dev, vol } = await loadMatchingHeader(name, active.st, active.uuid, v);
+  let hex = '';
+  try {
+    check?.(vol);
+    // Prompt with the data device's name, as cryptsetup's tools_get_key does.
+    const r = await unlockForOpen(io, vol, active.st.mapping!.device, v);
+    try {
+      hex = toHex(r.volumeKey.expose());
+    } finally {
+      r.volumeKey.dispose();
+    }
+    await send(hex);
+  } finally {
+    hex = '';
+    try {
+      await vol.close();
+    } finally {
+      await closeQuietly(dev);
+    }
+  }
+}
