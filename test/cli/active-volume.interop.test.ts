@@ -7,74 +7,17 @@
  * - `resize` (cryptsetup-resize(8)): the mapping follows a grown file, or takes --size/--device-size.
  */
 import assert from 'node:assert/strict';
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, before, test } from 'node:test';
-import { ControlClient } from '../../src/control/client.js';
+import { test } from 'node:test';
+import { cryptmap, ok, useDaemon } from './harness.js';
 
-const ENTRY = new URL('../../src/cli/entry.js', import.meta.url).pathname;
-let dir: string;
-let run: string;
-let daemon: ChildProcess;
-let daemonLog = '';
-
-interface Result {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-function exec(cmd: string, args: string[]): Promise<Result> {
-  return new Promise((resolve, reject) => {
-    const child = execFile(cmd, args, { encoding: 'utf8', timeout: 120_000 }, (err, stdout, stderr) => {
-      if (err && (err as NodeJS.ErrnoException).code === 'ENOENT') return reject(new Error(`${cmd} is not installed (run scripts/install-deps.sh; Debian package cryptsetup-bin)`));
-      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
-    });
-    child.stdin?.on('error', () => undefined);
-    child.stdin?.end('');
-  });
-}
-
-const cm = (...args: string[]) => exec(process.execPath, [ENTRY, ...args]);
-
-async function ok(cmd: string, args: string[]): Promise<string> {
-  const r = await exec(cmd, args);
-  assert.equal(r.code, 0, `${cmd} ${args.join(' ')} failed: ${r.stderr}`);
-  return r.stdout;
-}
-
-before(async () => {
-  dir = mkdtempSync(join(tmpdir(), 'cm-persist-'));
-  run = join(dir, 'run');
-  daemon = spawn(process.execPath, [ENTRY, 'daemon', '--runtime-dir', run], { stdio: ['ignore', 'pipe', 'pipe'] });
-  daemon.stderr?.on('data', (d) => {
-    daemonLog += d.toString();
-  });
-  for (let i = 0; i < 100; i++) {
-    try {
-      (await ControlClient.connect(run)).close();
-      return;
-    } catch {
-      await new Promise((r) => setTimeout(r, 100));
-    }
-  }
-  throw new Error(`daemon did not start: ${daemonLog}`);
-});
-
-after(async () => {
-  if (daemon.exitCode === null) {
-    const exited = new Promise((r) => daemon.once('exit', r));
-    daemon.kill('SIGTERM');
-    await exited;
-  }
-  rmSync(dir, { recursive: true, force: true });
-});
+const fx = useDaemon('cm-persist-');
+const cm = (...args: string[]) => cryptmap(args);
 
 async function format(type: 'luks1' | 'luks2', name: string): Promise<{ img: string; key: string }> {
-  const img = join(dir, `${name}.img`);
-  const key = join(dir, `${name}.key`);
+  const img = join(fx.dir, `${name}.img`);
+  const key = join(fx.dir, `${name}.key`);
   writeFileSync(key, `passphrase of ${name}`, { mode: 0o600 });
   writeFileSync(img, Buffer.alloc(0));
   await ok('truncate', ['-s', '32M', img]);
@@ -87,34 +30,34 @@ const flagsLine = (dump: string) => /^Flags:\s*(.*)$/m.exec(dump)?.[1]?.trim();
 test('open --persistent stores the flags in the LUKS2 header (cryptsetup luksDump shows them); later opens use them; --persistent alone clears them', async () => {
   const { img, key } = await format('luks2', 'p2');
   assert.equal(flagsLine(await ok('cryptsetup', ['luksDump', img])), '(no flags)');
-  const first = await cm('open', '--runtime-dir', run, '--key-file', key, '--persistent', '--allow-discards', '--perf-no_read_workqueue', img, 'p2');
+  const first = await cm('open', '--runtime-dir', fx.run, '--key-file', key, '--persistent', '--allow-discards', '--perf-no_read_workqueue', img, 'p2');
   assert.equal(first.code, 0, first.stderr);
   assert.equal(first.stderr, '');
   assert.equal(flagsLine(await ok('cryptsetup', ['luksDump', img])), 'allow-discards no-read-workqueue');
-  assert.match((await cm('status', '--runtime-dir', run, 'p2')).stdout, /^ {2}flags: {3}discards no_read_workqueue $/m);
-  assert.equal((await cm('close', '--runtime-dir', run, 'p2')).code, 0);
+  assert.match((await cm('status', '--runtime-dir', fx.run, 'p2')).stdout, /^ {2}flags: {3}discards no_read_workqueue $/m);
+  assert.equal((await cm('close', '--runtime-dir', fx.run, 'p2')).code, 0);
   // cryptsetup still accepts the header, and a plain open now gets the stored flags.
   await ok('cryptsetup', ['open', '--test-passphrase', '--key-file', key, img]);
-  assert.equal((await cm('open', '--runtime-dir', run, '--key-file', key, img, 'p2')).code, 0);
-  assert.match((await cm('status', '--runtime-dir', run, 'p2')).stdout, /^ {2}flags: {3}discards no_read_workqueue $/m);
-  assert.equal((await cm('close', '--runtime-dir', run, 'p2')).code, 0);
+  assert.equal((await cm('open', '--runtime-dir', fx.run, '--key-file', key, img, 'p2')).code, 0);
+  assert.match((await cm('status', '--runtime-dir', fx.run, 'p2')).stdout, /^ {2}flags: {3}discards no_read_workqueue $/m);
+  assert.equal((await cm('close', '--runtime-dir', fx.run, 'p2')).code, 0);
   // --persistent with no flags: the stored flags are cleared, as cryptsetup does (after this
   // activation, which was made with the flags the header still held).
-  assert.equal((await cm('open', '--runtime-dir', run, '--key-file', key, '--persistent', img, 'p2')).code, 0);
+  assert.equal((await cm('open', '--runtime-dir', fx.run, '--key-file', key, '--persistent', img, 'p2')).code, 0);
   assert.equal(flagsLine(await ok('cryptsetup', ['luksDump', img])), '(no flags)');
-  assert.equal((await cm('close', '--runtime-dir', run, 'p2')).code, 0);
-  assert.equal((await cm('open', '--runtime-dir', run, '--key-file', key, img, 'p2')).code, 0);
-  assert.doesNotMatch((await cm('status', '--runtime-dir', run, 'p2')).stdout, /flags:/);
-  assert.equal((await cm('close', '--runtime-dir', run, 'p2')).code, 0);
+  assert.equal((await cm('close', '--runtime-dir', fx.run, 'p2')).code, 0);
+  assert.equal((await cm('open', '--runtime-dir', fx.run, '--key-file', key, img, 'p2')).code, 0);
+  assert.doesNotMatch((await cm('status', '--runtime-dir', fx.run, 'p2')).stdout, /flags:/);
+  assert.equal((await cm('close', '--runtime-dir', fx.run, 'p2')).code, 0);
 });
 
 test('open --persistent on LUKS1 activates and warns; --persistent --test-passphrase is refused', async () => {
   const { img, key } = await format('luks1', 'p1');
-  const r = await cm('open', '--runtime-dir', run, '--key-file', key, '--persistent', '--allow-discards', img, 'p1');
+  const r = await cm('open', '--runtime-dir', fx.run, '--key-file', key, '--persistent', '--allow-discards', img, 'p1');
   assert.equal(r.code, 0, r.stderr);
   assert.equal(r.stderr, 'Device activated but cannot make flags persistent.\n');
-  assert.match((await cm('status', '--runtime-dir', run, 'p1')).stdout, /flags: {3}discards/);
-  assert.equal((await cm('close', '--runtime-dir', run, 'p1')).code, 0);
+  assert.match((await cm('status', '--runtime-dir', fx.run, 'p1')).stdout, /flags: {3}discards/);
+  assert.equal((await cm('close', '--runtime-dir', fx.run, 'p1')).code, 0);
   const t = await cm('open', '--test-passphrase', '--persistent', '--key-file', key, img);
   assert.equal(t.code, 1);
   assert.match(t.stderr, /Option --persistent is not allowed with --test-passphrase\./);
@@ -122,38 +65,38 @@ test('open --persistent on LUKS1 activates and warns; --persistent --test-passph
 
 test('refresh changes the flags of an active LUKS volume without closing it; wrong key, plain, unknown names as cryptsetup', async () => {
   const { img, key } = await format('luks2', 'r2');
-  assert.equal((await cm('open', '--runtime-dir', run, '--key-file', key, img, 'r2')).code, 0);
+  assert.equal((await cm('open', '--runtime-dir', fx.run, '--key-file', key, img, 'r2')).code, 0);
   // Data written before the refresh reads back after it, over the same export.
-  const uri = `nbd+unix:///r2?socket=${join(run, 'nbd.sock')}`;
+  const uri = `nbd+unix:///r2?socket=${join(fx.run, 'nbd.sock')}`;
   await ok('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5c 1M 64k', uri]);
-  const r = await cm('refresh', '--runtime-dir', run, '--key-file', key, '--allow-discards', '--perf-same_cpu_crypt', 'r2');
+  const r = await cm('refresh', '--runtime-dir', fx.run, '--key-file', key, '--allow-discards', '--perf-same_cpu_crypt', 'r2');
   assert.equal(r.code, 0, r.stderr);
-  assert.match((await cm('status', '--runtime-dir', run, 'r2')).stdout, /^ {2}flags: {3}discards same_cpu_crypt $/m);
+  assert.match((await cm('status', '--runtime-dir', fx.run, 'r2')).stdout, /^ {2}flags: {3}discards same_cpu_crypt $/m);
   assert.match(await ok('qemu-io', ['-f', 'raw', '-c', 'read -P 0x5c 1M 64k', uri]), /read 65536\/65536 bytes/);
   assert.equal(flagsLine(await ok('cryptsetup', ['luksDump', img])), '(no flags)', 'without --persistent the header is unchanged');
   // A wrong key file: exit 2, flags unchanged.
-  const wrong = join(dir, 'wrong.key');
+  const wrong = join(fx.dir, 'wrong.key');
   writeFileSync(wrong, 'not the passphrase', { mode: 0o600 });
-  assert.equal((await cm('refresh', '--runtime-dir', run, '--key-file', wrong, 'r2')).code, 2);
-  assert.match((await cm('status', '--runtime-dir', run, 'r2')).stdout, /flags: {3}discards same_cpu_crypt/);
+  assert.equal((await cm('refresh', '--runtime-dir', fx.run, '--key-file', wrong, 'r2')).code, 2);
+  assert.match((await cm('status', '--runtime-dir', fx.run, 'r2')).stdout, /flags: {3}discards same_cpu_crypt/);
   // No flags given: back to none; with --persistent the given flags land in the header too.
-  assert.equal((await cm('refresh', '--runtime-dir', run, '--key-file', key, 'r2')).code, 0);
-  assert.doesNotMatch((await cm('status', '--runtime-dir', run, 'r2')).stdout, /flags:/);
-  assert.equal((await cm('refresh', '--runtime-dir', run, '--key-file', key, '--persistent', '--allow-discards', 'r2')).code, 0);
+  assert.equal((await cm('refresh', '--runtime-dir', fx.run, '--key-file', key, 'r2')).code, 0);
+  assert.doesNotMatch((await cm('status', '--runtime-dir', fx.run, 'r2')).stdout, /flags:/);
+  assert.equal((await cm('refresh', '--runtime-dir', fx.run, '--key-file', key, '--persistent', '--allow-discards', 'r2')).code, 0);
   assert.equal(flagsLine(await ok('cryptsetup', ['luksDump', img])), 'allow-discards');
-  assert.match((await cm('status', '--runtime-dir', run, 'r2')).stdout, /^ {2}flags: {3}discards $/m);
-  assert.equal((await cm('close', '--runtime-dir', run, 'r2')).code, 0);
+  assert.match((await cm('status', '--runtime-dir', fx.run, 'r2')).stdout, /^ {2}flags: {3}discards $/m);
+  assert.equal((await cm('close', '--runtime-dir', fx.run, 'r2')).code, 0);
   // Not active: exit 4. A plain volume: not refreshed here, exit 1.
-  const gone = await cm('refresh', '--runtime-dir', run, '--key-file', key, 'r2');
+  const gone = await cm('refresh', '--runtime-dir', fx.run, '--key-file', key, 'r2');
   assert.equal(gone.code, 4);
   assert.match(gone.stderr, /Device r2 is not active\./);
-  const plainKey = join(dir, 'plain.key');
+  const plainKey = join(fx.dir, 'plain.key');
   writeFileSync(plainKey, Buffer.alloc(32, 7), { mode: 0o600 });
-  assert.equal((await cm('open', '--runtime-dir', run, '--type', 'plain', '--key-file', plainKey, img, 'pl')).code, 0);
-  const pl = await cm('refresh', '--runtime-dir', run, '--key-file', plainKey, 'pl');
+  assert.equal((await cm('open', '--runtime-dir', fx.run, '--type', 'plain', '--key-file', plainKey, img, 'pl')).code, 0);
+  const pl = await cm('refresh', '--runtime-dir', fx.run, '--key-file', plainKey, 'pl');
   assert.equal(pl.code, 1);
   assert.match(pl.stderr, /pl is not active LUKS device name or header is missing\./);
-  assert.equal((await cm('close', '--runtime-dir', run, 'pl')).code, 0);
+  assert.equal((await cm('close', '--runtime-dir', fx.run, 'pl')).code, 0);
 });
 
 test('resize follows a grown file, takes --size and --device-size, and refuses what cryptsetup refuses', async () => {
@@ -161,50 +104,50 @@ test('resize follows a grown file, takes --size and --device-size, and refuses w
   const dump = await ok('cryptsetup', ['luksDump', img]);
   const offsetSectors = Number(/offset:\s+(\d+) \[bytes\]/.exec(dump)?.[1]) / 512;
   assert.ok(offsetSectors > 0);
-  assert.equal((await cm('open', '--runtime-dir', run, '--key-file', key, img, 'z2')).code, 0);
-  const uri = `nbd+unix:///z2?socket=${join(run, 'nbd.sock')}`;
+  assert.equal((await cm('open', '--runtime-dir', fx.run, '--key-file', key, img, 'z2')).code, 0);
+  const uri = `nbd+unix:///z2?socket=${join(fx.run, 'nbd.sock')}`;
   const sizeOf = async () => Number((await ok('nbdinfo', ['--size', uri])).trim());
   assert.equal(await sizeOf(), 32 * 1048576 - offsetSectors * 512);
   await ok('qemu-io', ['-f', 'raw', '-c', 'write -P 0x3d 0 1M', uri]);
   // The file grows: resize without a size takes all of it (LUKS2 asks for the passphrase, as cryptsetup).
   await ok('truncate', ['-s', '64M', img]);
-  const grow = await cm('resize', '--runtime-dir', run, '--key-file', key, 'z2');
+  const grow = await cm('resize', '--runtime-dir', fx.run, '--key-file', key, 'z2');
   assert.equal(grow.code, 0, grow.stderr);
   assert.equal(await sizeOf(), 64 * 1048576 - offsetSectors * 512);
-  assert.match((await cm('status', '--runtime-dir', run, 'z2')).stdout, new RegExp(`size: {4}${(64 * 2048 - offsetSectors).toString()} sectors`));
+  assert.match((await cm('status', '--runtime-dir', fx.run, 'z2')).stdout, new RegExp(`size: {4}${(64 * 2048 - offsetSectors).toString()} sectors`));
   assert.match(await ok('qemu-io', ['-f', 'raw', '-c', 'read -P 0x3d 0 1M', uri]), /read 1048576\/1048576 bytes/);
   await ok('qemu-io', ['-f', 'raw', '-c', 'write -P 0x4e 40M 1M', uri]);
   // Explicit sizes: sectors, bytes; misaligned to the 4096-byte crypto sector; larger than the device.
-  assert.equal((await cm('resize', '--runtime-dir', run, '--key-file', key, '--size', '40960', 'z2')).code, 0);
+  assert.equal((await cm('resize', '--runtime-dir', fx.run, '--key-file', key, '--size', '40960', 'z2')).code, 0);
   assert.equal(await sizeOf(), 40960 * 512);
-  assert.equal((await cm('resize', '--runtime-dir', run, '--key-file', key, '--device-size', '25165824', 'z2')).code, 0);
+  assert.equal((await cm('resize', '--runtime-dir', fx.run, '--key-file', key, '--device-size', '25165824', 'z2')).code, 0);
   assert.equal(await sizeOf(), 25165824);
-  const odd = await cm('resize', '--runtime-dir', run, '--key-file', key, '--size', '40961', 'z2');
+  const odd = await cm('resize', '--runtime-dir', fx.run, '--key-file', key, '--size', '40961', 'z2');
   assert.equal(odd.code, 1);
   assert.match(odd.stderr, /Device size is not aligned to requested sector size\./);
-  const big = await cm('resize', '--runtime-dir', run, '--key-file', key, '--size', String(128 * 2048), 'z2');
+  const big = await cm('resize', '--runtime-dir', fx.run, '--key-file', key, '--size', String(128 * 2048), 'z2');
   assert.equal(big.code, 1);
   assert.match(big.stderr, /is too small\./);
-  const both = await cm('resize', '--runtime-dir', run, '--size', '8', '--device-size', '4096', 'z2');
+  const both = await cm('resize', '--runtime-dir', fx.run, '--size', '8', '--device-size', '4096', 'z2');
   assert.equal(both.code, 1);
   assert.match(both.stderr, /Options --device-size and --size cannot be combined\./);
-  const wrong = join(dir, 'wrong-z.key');
+  const wrong = join(fx.dir, 'wrong-z.key');
   writeFileSync(wrong, 'nope', { mode: 0o600 });
-  assert.equal((await cm('resize', '--runtime-dir', run, '--key-file', wrong, 'z2')).code, 2);
+  assert.equal((await cm('resize', '--runtime-dir', fx.run, '--key-file', wrong, 'z2')).code, 2);
   assert.equal(await sizeOf(), 25165824, 'a refused resize changes nothing');
   // Back to the whole device: the data written past 24 MiB before the shrink is still there.
-  assert.equal((await cm('resize', '--runtime-dir', run, '--key-file', key, 'z2')).code, 0);
+  assert.equal((await cm('resize', '--runtime-dir', fx.run, '--key-file', key, 'z2')).code, 0);
   assert.match(await ok('qemu-io', ['-f', 'raw', '-c', 'read -P 0x4e 40M 1M', uri]), /read 1048576\/1048576 bytes/);
-  assert.equal((await cm('close', '--runtime-dir', run, 'z2')).code, 0);
-  const gone = await cm('resize', '--runtime-dir', run, 'z2');
+  assert.equal((await cm('close', '--runtime-dir', fx.run, 'z2')).code, 0);
+  const gone = await cm('resize', '--runtime-dir', fx.run, 'z2');
   assert.equal(gone.code, 4);
   // LUKS1 (key in the table, not the keyring): no passphrase needed, as cryptsetup.
   const l1 = await format('luks1', 'z1');
-  assert.equal((await cm('open', '--runtime-dir', run, '--key-file', l1.key, l1.img, 'z1')).code, 0);
+  assert.equal((await cm('open', '--runtime-dir', fx.run, '--key-file', l1.key, l1.img, 'z1')).code, 0);
   await ok('truncate', ['-s', '48M', l1.img]);
-  const r1 = await cm('resize', '--runtime-dir', run, 'z1');
+  const r1 = await cm('resize', '--runtime-dir', fx.run, 'z1');
   assert.equal(r1.code, 0, r1.stderr);
   const l1Offset = Number(/Payload offset:\s+(\d+)/.exec(await ok('cryptsetup', ['luksDump', l1.img]))?.[1]);
-  assert.equal(Number((await ok('nbdinfo', ['--size', `nbd+unix:///z1?socket=${join(run, 'nbd.sock')}`])).trim()), 48 * 1048576 - l1Offset * 512);
-  assert.equal((await cm('close', '--runtime-dir', run, 'z1')).code, 0);
+  assert.equal(Number((await ok('nbdinfo', ['--size', `nbd+unix:///z1?socket=${join(fx.run, 'nbd.sock')}`])).trim()), 48 * 1048576 - l1Offset * 512);
+  assert.equal((await cm('close', '--runtime-dir', fx.run, 'z1')).code, 0);
 });

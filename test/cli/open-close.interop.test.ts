@@ -5,89 +5,30 @@
  * cryptsetup decrypting the ciphertext to the same file system.
  */
 import assert from 'node:assert/strict';
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import { FileDevice } from '../../src/blockdev/file.js';
-import { ControlClient } from '../../src/control/client.js';
+import { cryptmap, exec, ok, useDaemon } from './harness.js';
 import { readLuks2 } from '../../src/luks/index.js';
 
-const ENTRY = new URL('../../src/cli/entry.js', import.meta.url).pathname;
+const fx = useDaemon('cm-cli-');
+const cm = (...args: string[]) => cryptmap(args);
 const MiB = 1 << 20;
-let dir: string;
-let run: string;
-let daemon: ChildProcess;
-let daemonLog = '';
-
-interface Result {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-function exec(cmd: string, args: string[], input?: string): Promise<Result> {
-  return new Promise((resolve, reject) => {
-    const child = execFile(cmd, args, { encoding: 'utf8', timeout: 120_000, maxBuffer: 64 * MiB }, (err, stdout, stderr) => {
-      if (err && (err as NodeJS.ErrnoException).code === 'ENOENT') return reject(new Error(`${cmd} is not installed (run scripts/install-deps.sh)`));
-      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
-    });
-    child.stdin?.on('error', () => undefined);
-    child.stdin?.end(input ?? '');
-  });
-}
-
-function cm(...args: string[]): Promise<Result> {
-  return exec(process.execPath, [ENTRY, ...args]);
-}
-
-async function ok(cmd: string, args: string[]): Promise<string> {
-  const r = await exec(cmd, args);
-  assert.equal(r.code, 0, `${cmd} ${args.join(' ')} failed: ${r.stderr}`);
-  return r.stdout;
-}
-
-before(async () => {
-  dir = mkdtempSync(join(tmpdir(), 'cm-cli-'));
-  run = join(dir, 'run');
-  daemon = spawn(process.execPath, [ENTRY, 'daemon', '--runtime-dir', run], { stdio: ['ignore', 'pipe', 'pipe'] });
-  daemon.stderr?.on('data', (d) => {
-    daemonLog += d.toString();
-  });
-  for (let i = 0; i < 100; i++) {
-    try {
-      (await ControlClient.connect(run)).close();
-      return;
-    } catch {
-      await new Promise((r) => setTimeout(r, 100));
-    }
-  }
-  throw new Error(`daemon did not start: ${daemonLog}`);
-});
-
-after(async () => {
-  if (daemon.exitCode === null) {
-    const exited = new Promise((r) => daemon.once('exit', r));
-    daemon.kill('SIGTERM');
-    await exited;
-  }
-  rmSync(dir, { recursive: true, force: true });
-});
 
 test('luksFormat, open, status, data over NBD, close; exit codes as cryptsetup', async () => {
-  const img = join(dir, 'a.img');
-  const key = join(dir, 'a.key');
+  const img = join(fx.dir, 'a.img');
+  const key = join(fx.dir, 'a.key');
   writeFileSync(key, 'correct horse battery staple', { mode: 0o600 });
   writeFileSync(img, Buffer.alloc(0));
   await ok('truncate', ['-s', '40M', img]);
   let r = await cm('luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, img);
   assert.equal(r.code, 0, r.stderr);
 
-  r = await cm('open', '--runtime-dir', run, '--key-file', key, img, 'avol');
+  r = await cm('open', '--runtime-dir', fx.run, '--key-file', key, img, 'avol');
   assert.equal(r.code, 0, r.stderr);
-  r = await cm('status', '--runtime-dir', run, 'avol');
+  r = await cm('status', '--runtime-dir', fx.run, 'avol');
   assert.equal(r.code, 0);
   assert.match(r.stdout, /^\/dev\/mapper\/avol is active\./);
   assert.match(r.stdout, /type: {4}LUKS2/);
@@ -98,8 +39,8 @@ test('luksFormat, open, status, data over NBD, close; exit codes as cryptsetup',
   assert.match(uri, /^nbd\+unix:\/\/\/avol\?socket=/);
 
   const data = randomBytes(2 * MiB);
-  const src = join(dir, 'src.bin');
-  const dst = join(dir, 'dst.bin');
+  const src = join(fx.dir, 'src.bin');
+  const dst = join(fx.dir, 'dst.bin');
   writeFileSync(src, data);
   await ok('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x7e 0 1M']);
   await ok('nbdcopy', [uri, dst]);
@@ -108,27 +49,27 @@ test('luksFormat, open, status, data over NBD, close; exit codes as cryptsetup',
   assert.ok(whole.subarray(0, MiB).every((b) => b === 0x7e));
 
   // Same name again: busy/exists (5). Wrong passphrase: 2 with cryptsetup's message.
-  r = await cm('open', '--runtime-dir', run, '--key-file', key, img, 'avol');
+  r = await cm('open', '--runtime-dir', fx.run, '--key-file', key, img, 'avol');
   assert.equal(r.code, 5, r.stderr);
-  const bad = join(dir, 'bad.key');
+  const bad = join(fx.dir, 'bad.key');
   writeFileSync(bad, 'wrong', { mode: 0o600 });
-  r = await cm('open', '--runtime-dir', run, '--key-file', bad, img, 'bvol');
+  r = await cm('open', '--runtime-dir', fx.run, '--key-file', bad, img, 'bvol');
   assert.equal(r.code, 2);
   assert.match(r.stderr, /No key available with this passphrase\./);
 
-  r = await cm('close', '--runtime-dir', run, 'avol');
+  r = await cm('close', '--runtime-dir', fx.run, 'avol');
   assert.equal(r.code, 0, r.stderr);
-  r = await cm('status', '--runtime-dir', run, 'avol');
+  r = await cm('status', '--runtime-dir', fx.run, 'avol');
   assert.equal(r.code, 4);
   assert.match(r.stdout, /is inactive/);
-  r = await cm('close', '--runtime-dir', run, 'avol');
+  r = await cm('close', '--runtime-dir', fx.run, 'avol');
   assert.equal(r.code, 4);
 
   // Reopen: the data written through NBD is still there.
-  r = await cm('open', '--runtime-dir', run, '--key-file', key, img, 'avol');
+  r = await cm('open', '--runtime-dir', fx.run, '--key-file', key, img, 'avol');
   assert.equal(r.code, 0, r.stderr);
   await ok('qemu-io', ['-f', 'raw', uri, '-c', 'read -P 0x7e 0 1M']);
-  await cm('close', '--runtime-dir', run, 'avol');
+  await cm('close', '--runtime-dir', fx.run, 'avol');
 });
 
 /** Both LUKS2 header copies of `img` as the loader sees them. */
@@ -143,18 +84,18 @@ async function headerState(img: string): Promise<{ needsRepair: boolean; stale: 
 }
 
 test('open through the daemon rewrites a damaged secondary LUKS2 header copy from the good one; the volume opens with its data', async () => {
-  const img = join(dir, 'rec.img');
-  const key = join(dir, 'rec.key');
+  const img = join(fx.dir, 'rec.img');
+  const key = join(fx.dir, 'rec.key');
   writeFileSync(key, 'recovery passphrase', { mode: 0o600 });
   writeFileSync(img, Buffer.alloc(0));
   await ok('truncate', ['-s', '20M', img]);
   let r = await cm('luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, img);
   assert.equal(r.code, 0, r.stderr);
-  r = await cm('open', '--runtime-dir', run, '--key-file', key, img, 'recvol');
+  r = await cm('open', '--runtime-dir', fx.run, '--key-file', key, img, 'recvol');
   assert.equal(r.code, 0, r.stderr);
-  const uri = /nbd: +(\S+)/.exec((await cm('status', '--runtime-dir', run, 'recvol')).stdout)?.[1] ?? '';
+  const uri = /nbd: +(\S+)/.exec((await cm('status', '--runtime-dir', fx.run, 'recvol')).stdout)?.[1] ?? '';
   await ok('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x5c 0 256k']);
-  assert.equal((await cm('close', '--runtime-dir', run, 'recvol')).code, 0);
+  assert.equal((await cm('close', '--runtime-dir', fx.run, 'recvol')).code, 0);
 
   // Flip a byte of the secondary copy's checksum (binary header field csum at 448, the copy at hdr_size).
   const b = readFileSync(img);
@@ -164,33 +105,33 @@ test('open through the daemon rewrites a damaged secondary LUKS2 header copy fro
   writeFileSync(img, b);
   assert.deepEqual(await headerState(img), { needsRepair: true, stale: 'secondary' });
 
-  r = await cm('open', '--runtime-dir', run, '--key-file', key, img, 'recvol');
-  assert.equal(r.code, 0, r.stderr + daemonLog);
+  r = await cm('open', '--runtime-dir', fx.run, '--key-file', key, img, 'recvol');
+  assert.equal(r.code, 0, r.stderr + fx.log);
   try {
     assert.deepEqual(await headerState(img), { needsRepair: false, stale: null }, 'secondary copy not repaired by open');
     const after = readFileSync(img);
     assert.ok(after.subarray(0, hdrSize).equals(primary), 'the good primary copy changed');
-    r = await cm('status', '--runtime-dir', run, 'recvol');
+    r = await cm('status', '--runtime-dir', fx.run, 'recvol');
     assert.match(r.stdout, /is active\./);
     await ok('qemu-io', ['-f', 'raw', uri, '-c', 'read -P 0x5c 0 256k']);
   } finally {
-    await cm('close', '--runtime-dir', run, 'recvol');
+    await cm('close', '--runtime-dir', fx.run, 'recvol');
   }
 });
 
 test('plain mode: key file read directly; same ciphertext as the engine computes', async () => {
-  const img = join(dir, 'p.img');
-  const key = join(dir, 'p.key');
+  const img = join(fx.dir, 'p.img');
+  const key = join(fx.dir, 'p.key');
   writeFileSync(key, randomBytes(64), { mode: 0o600 });
   writeFileSync(img, Buffer.alloc(4 * MiB));
-  let r = await cm('open', '--runtime-dir', run, '--type', 'plain', '--cipher', 'aes-xts-plain64', '--key-size', '512', '--key-file', key, '--offset', '8', img, 'pvol');
+  let r = await cm('open', '--runtime-dir', fx.run, '--type', 'plain', '--cipher', 'aes-xts-plain64', '--key-size', '512', '--key-file', key, '--offset', '8', img, 'pvol');
   assert.equal(r.code, 0, r.stderr);
-  r = await cm('status', '--runtime-dir', run, 'pvol');
+  r = await cm('status', '--runtime-dir', fx.run, 'pvol');
   assert.match(r.stdout, /type: {4}PLAIN/);
   assert.match(r.stdout, /offset: {2}8 sectors/);
   const uri = /nbd: +(\S+)/.exec(r.stdout)?.[1] ?? '';
   await ok('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x33 0 64k']);
-  r = await cm('close', '--runtime-dir', run, 'pvol');
+  r = await cm('close', '--runtime-dir', fx.run, 'pvol');
   assert.equal(r.code, 0);
   const raw = readFileSync(img);
   assert.ok(raw.subarray(0, 4096).every((b) => b === 0), 'nothing written before --offset');
@@ -198,58 +139,58 @@ test('plain mode: key file read directly; same ciphertext as the engine computes
 });
 
 test('dm verbs through the daemon: create from stdin, table, info, ls, suspend/resume, remove; exported over NBD', async () => {
-  const img = join(dir, 'lin.img');
+  const img = join(fx.dir, 'lin.img');
   writeFileSync(img, Buffer.alloc(MiB, 0xa5));
-  let r = await exec(process.execPath, [ENTRY, 'dm', 'create', 'lin', '--runtime-dir', run], `0 1024 linear ${img} 1024\n`);
+  let r = await cryptmap(['dm', 'create', 'lin', '--runtime-dir', fx.run], `0 1024 linear ${img} 1024\n`);
   assert.equal(r.code, 0, r.stderr);
-  r = await cm('dm', 'table', '--runtime-dir', run, 'lin');
+  r = await cm('dm', 'table', '--runtime-dir', fx.run, 'lin');
   assert.equal(r.stdout, `0 1024 linear ${img} 1024\n`);
-  r = await cm('dm', 'info', '--runtime-dir', run, 'lin');
+  r = await cm('dm', 'info', '--runtime-dir', fx.run, 'lin');
   assert.match(r.stdout, /State: +ACTIVE/);
-  r = await cm('dm', 'ls', '--runtime-dir', run);
+  r = await cm('dm', 'ls', '--runtime-dir', fx.run);
   assert.match(r.stdout, /^lin\t\(253:\d+\)$/m);
-  const sock = join(run, 'nbd.sock');
+  const sock = join(fx.run, 'nbd.sock');
   const info = await ok('nbdinfo', ['--size', `nbd+unix:///lin?socket=${sock}`]);
   assert.equal(info.trim(), String(1024 * 512));
   await ok('qemu-io', ['-f', 'raw', `nbd+unix:///lin?socket=${sock}`, '-c', 'read -P 0xa5 0 512k']);
-  r = await cm('dm', 'suspend', '--runtime-dir', run, 'lin');
+  r = await cm('dm', 'suspend', '--runtime-dir', fx.run, 'lin');
   assert.equal(r.code, 0, r.stderr);
-  r = await cm('dm', 'info', '--runtime-dir', run, 'lin');
+  r = await cm('dm', 'info', '--runtime-dir', fx.run, 'lin');
   assert.match(r.stdout, /State: +SUSPENDED/);
-  r = await cm('dm', 'resume', '--runtime-dir', run, 'lin');
+  r = await cm('dm', 'resume', '--runtime-dir', fx.run, 'lin');
   assert.equal(r.code, 0, r.stderr);
-  r = await cm('dm', 'create', 'bad', '--runtime-dir', run, '--table', '0 10 nosuchtarget');
+  r = await cm('dm', 'create', 'bad', '--runtime-dir', fx.run, '--table', '0 10 nosuchtarget');
   assert.notEqual(r.code, 0);
   assert.match(r.stderr, /nosuchtarget/);
-  r = await cm('dm', 'reload', '--runtime-dir', run, 'lin', '--table', `0 1024 zero`);
+  r = await cm('dm', 'reload', '--runtime-dir', fx.run, 'lin', '--table', `0 1024 zero`);
   assert.equal(r.code, 0, r.stderr);
-  r = await cm('dm', 'info', '--runtime-dir', run, 'lin');
+  r = await cm('dm', 'info', '--runtime-dir', fx.run, 'lin');
   assert.match(r.stdout, /Tables present: +LIVE & INACTIVE/);
-  r = await cm('dm', 'remove', '--runtime-dir', run, 'lin');
+  r = await cm('dm', 'remove', '--runtime-dir', fx.run, 'lin');
   assert.equal(r.code, 0, r.stderr);
-  r = await cm('dm', 'ls', '--runtime-dir', run);
+  r = await cm('dm', 'ls', '--runtime-dir', fx.run);
   assert.match(r.stdout, /No devices found/);
 });
 
 test('no daemon: a clear error saying how to start it', async () => {
-  const r = await cm('open', '--runtime-dir', join(dir, 'nowhere'), '--key-file', '/dev/null', '/dev/null', 'x');
+  const r = await cm('open', '--runtime-dir', join(fx.dir, 'nowhere'), '--key-file', '/dev/null', '/dev/null', 'x');
   assert.equal(r.code, 1);
   assert.match(r.stderr, /daemon is not running \(start it with 'cryptmap daemon'\)/);
 });
 
 test('as root: open --attach, mkfs.ext4, mount, files survive close and reopen; cryptsetup decrypts the same file system', { skip: process.getuid?.() !== 0 && !process.env.CI ? 'needs root (CI runs as root)' : false }, async () => {
-  const data = join(dir, 'fs.img');
-  const hdr = join(dir, 'fs.hdr');
-  const key = join(dir, 'fs.key');
-  const mnt = join(dir, 'mnt');
+  const data = join(fx.dir, 'fs.img');
+  const hdr = join(fx.dir, 'fs.hdr');
+  const key = join(fx.dir, 'fs.key');
+  const mnt = join(fx.dir, 'mnt');
   mkdirSync(mnt);
   writeFileSync(key, 'fs passphrase', { mode: 0o600 });
   writeFileSync(data, Buffer.alloc(0));
   await ok('truncate', ['-s', '64M', data]);
   let r = await cm('luksFormat', '-q', '--type', 'luks2', '--header', hdr, '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, data);
   assert.equal(r.code, 0, r.stderr);
-  r = await cm('open', '--runtime-dir', run, '--header', hdr, '--key-file', key, '--attach', data, 'fsvol');
-  assert.equal(r.code, 0, r.stderr + daemonLog);
+  r = await cm('open', '--runtime-dir', fx.run, '--header', hdr, '--key-file', key, '--attach', data, 'fsvol');
+  assert.equal(r.code, 0, r.stderr + fx.log);
   const dev = r.stdout.trim();
   assert.match(dev, /^\/dev\/(loop|nbd)\d+$/);
   try {
@@ -260,10 +201,10 @@ test('as root: open --attach, mkfs.ext4, mount, files survive close and reopen; 
   } finally {
     await exec('umount', [mnt]);
   }
-  r = await cm('close', '--runtime-dir', run, 'fsvol');
+  r = await cm('close', '--runtime-dir', fx.run, 'fsvol');
   assert.equal(r.code, 0, r.stderr);
 
-  r = await cm('open', '--runtime-dir', run, '--header', hdr, '--key-file', key, '--attach', data, 'fsvol');
+  r = await cm('open', '--runtime-dir', fx.run, '--header', hdr, '--key-file', key, '--attach', data, 'fsvol');
   assert.equal(r.code, 0, r.stderr);
   const dev2 = r.stdout.trim();
   try {
@@ -273,7 +214,7 @@ test('as root: open --attach, mkfs.ext4, mount, files survive close and reopen; 
   } finally {
     await exec('umount', [mnt]);
   }
-  r = await cm('close', '--runtime-dir', run, 'fsvol');
+  r = await cm('close', '--runtime-dir', fx.run, 'fsvol');
   assert.equal(r.code, 0, r.stderr);
 
   // cryptsetup decrypts the ciphertext in place: the result is the same ext4 file system.

@@ -6,84 +6,23 @@
  * volume, an unknown name, a volume that is not (or already) suspended, a wrong --type or --header.
  */
 import assert from 'node:assert/strict';
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
-import { chmodSync, mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, before, test } from 'node:test';
-import { ControlClient } from '../../src/control/client.js';
+import { test } from 'node:test';
+import { cryptmap, exec, ok, useDaemon } from './harness.js';
 
-const ENTRY = new URL('../../src/cli/entry.js', import.meta.url).pathname;
+const fx = useDaemon('cm-suspend-cli-');
+const cm = (args: string[], input?: string) => cryptmap([args[0]!, '--runtime-dir', fx.run, ...args.slice(1)], input);
 const MiB = 1 << 20;
-let dir: string;
-let run: string;
-let daemon: ChildProcess;
-let daemonLog = '';
-
-interface Result {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-function exec(cmd: string, args: string[], input?: string): Promise<Result> {
-  return new Promise((resolve, reject) => {
-    const child = execFile(cmd, args, { encoding: 'utf8', timeout: 120_000, maxBuffer: 16 * MiB }, (err, stdout, stderr) => {
-      if (err && (err as NodeJS.ErrnoException).code === 'ENOENT') return reject(new Error(`${cmd} is not installed (Debian package ${PKG[cmd] ?? cmd}; run scripts/install-deps.sh)`));
-      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
-    });
-    child.stdin?.on('error', () => undefined);
-    child.stdin?.end(input ?? '');
-  });
-}
-const PKG: Record<string, string> = { cryptsetup: 'cryptsetup-bin', 'qemu-io': 'qemu-utils' };
-
-function cm(args: string[], input?: string): Promise<Result> {
-  return exec(process.execPath, [ENTRY, args[0]!, '--runtime-dir', run, ...args.slice(1)], input);
-}
-
-async function ok(cmd: string, args: string[]): Promise<string> {
-  const r = await exec(cmd, args);
-  assert.equal(r.code, 0, `${cmd} ${args.join(' ')} failed: ${r.stderr}`);
-  return r.stdout;
-}
 
 function secretFile(name: string, content: string | Buffer): string {
-  const p = join(dir, name);
+  const p = join(fx.dir, name);
   writeFileSync(p, content, { mode: 0o600 });
   return p;
 }
 
-before(async () => {
-  dir = mkdtempSync(join(tmpdir(), 'cm-suspend-cli-'));
-  chmodSync(dir, 0o700);
-  run = join(dir, 'run');
-  daemon = spawn(process.execPath, [ENTRY, 'daemon', '--runtime-dir', run], { stdio: ['ignore', 'pipe', 'pipe'] });
-  daemon.stderr?.on('data', (d) => {
-    daemonLog += d.toString();
-  });
-  for (let i = 0; i < 100; i++) {
-    try {
-      (await ControlClient.connect(run)).close();
-      return;
-    } catch {
-      await new Promise((r) => setTimeout(r, 100));
-    }
-  }
-  throw new Error(`daemon did not start: ${daemonLog}`);
-});
-
-after(async () => {
-  if (daemon.exitCode === null) {
-    const exited = new Promise((r) => daemon.once('exit', r));
-    daemon.kill('SIGTERM');
-    await exited;
-  }
-  rmSync(dir, { recursive: true, force: true });
-});
-
 test('luksSuspend / luksResume of a cryptsetup-made LUKS2 volume: NBD I/O waits, wrong key exit 2, right key resumes with the data intact', async () => {
-  const img = join(dir, 'a.img');
+  const img = join(fx.dir, 'a.img');
   writeFileSync(img, Buffer.alloc(0));
   truncateSync(img, 40 * MiB);
   const key = secretFile('a.key', 'suspend me softly');
@@ -92,7 +31,7 @@ test('luksSuspend / luksResume of a cryptsetup-made LUKS2 volume: NBD I/O waits,
 
   let r = await cm(['open', '--key-file', key, img, 'sv']);
   assert.equal(r.code, 0, r.stderr);
-  const uri = `nbd+unix:///sv?socket=${join(run, 'nbd.sock')}`;
+  const uri = `nbd+unix:///sv?socket=${join(fx.run, 'nbd.sock')}`;
   await ok('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x5a 0 1M', '-c', 'write -P 0xa5 1M 1M']);
 
   r = await cm(['luksSuspend', 'sv']);
@@ -165,11 +104,11 @@ test('luksSuspend / luksResume of a cryptsetup-made LUKS2 volume: NBD I/O waits,
   assert.equal(r.code, 0, r.stderr);
   r = await cm(['status', 'sv']);
   assert.equal(r.code, 4);
-  assert.doesNotMatch(daemonLog, /suspend me softly/);
+  assert.doesNotMatch(fx.log, /suspend me softly/);
 });
 
 test('luksSuspend / luksResume refusals: plain volume (1), unknown name (4), no name (1)', async () => {
-  const img = join(dir, 'p.img');
+  const img = join(fx.dir, 'p.img');
   writeFileSync(img, Buffer.alloc(0));
   truncateSync(img, 4 * MiB);
   const key = secretFile('p.key', Buffer.alloc(64, 0x42).fill(0x24, 32));

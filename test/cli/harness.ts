@@ -1,0 +1,89 @@
+/**
+ * Shared by the CLI interop tests: run a command and collect its output, and a `cryptmap daemon`
+ * child in a fresh 0700 temp dir that starts before the file's tests and gets SIGTERM after them.
+ */
+import assert from 'node:assert/strict';
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before } from 'node:test';
+import { ControlClient } from '../../src/control/client.js';
+
+export const ENTRY = new URL('../../src/cli/entry.js', import.meta.url).pathname;
+
+export interface Result {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Debian packages of the tools the CLI tests run, for the message when one is missing. */
+const PKG: Record<string, string> = { cryptsetup: 'cryptsetup-bin', 'qemu-io': 'qemu-utils', 'qemu-img': 'qemu-utils', nbdinfo: 'libnbd-bin', nbdcopy: 'libnbd-bin' };
+
+/** Run `cmd` (stdin: `input`, then EOF) and collect its exit code and output; a missing tool rejects naming its package. */
+export function exec(cmd: string, args: string[], input?: string | Buffer): Promise<Result> {
+  return new Promise((resolve, reject) => {
+    const child = execFile(cmd, args, { encoding: 'utf8', timeout: 120_000, maxBuffer: 64 << 20 }, (err, stdout, stderr) => {
+      if (err && (err as NodeJS.ErrnoException).code === 'ENOENT') return reject(new Error(`${cmd} is not installed (Debian package ${PKG[cmd] ?? cmd}; run scripts/install-deps.sh)`));
+      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
+    });
+    child.stdin?.on('error', () => undefined);
+    child.stdin?.end(input ?? '');
+  });
+}
+
+/** `exec` that must succeed; its stdout. */
+export async function ok(cmd: string, args: string[]): Promise<string> {
+  const r = await exec(cmd, args);
+  assert.equal(r.code, 0, `${cmd} ${args.join(' ')} failed: ${r.stderr}`);
+  return r.stdout;
+}
+
+/** The cryptmap CLI in a child process. */
+export function cryptmap(args: string[], input?: string | Buffer): Promise<Result> {
+  return exec(process.execPath, [ENTRY, ...args], input);
+}
+
+export interface DaemonFixture {
+  /** The temp dir of this test file (0700), removed afterwards. */
+  readonly dir: string;
+  /** The daemon's runtime dir (`--runtime-dir`). */
+  readonly run: string;
+  /** What the daemon wrote to stderr so far. */
+  readonly log: string;
+}
+
+/** Registers before/after hooks: a temp dir and a `cryptmap daemon` serving from `<dir>/run`. */
+export function useDaemon(prefix: string): DaemonFixture {
+  const f = { dir: '', run: '', log: '' };
+  let daemon: ChildProcess | undefined;
+  before(async () => {
+    f.dir = mkdtempSync(join(tmpdir(), prefix));
+    chmodSync(f.dir, 0o700);
+    f.run = join(f.dir, 'run');
+    daemon = spawn(process.execPath, [ENTRY, 'daemon', '--runtime-dir', f.run], { stdio: ['ignore', 'pipe', 'pipe'] });
+    daemon.stderr?.on('data', (d) => {
+      f.log += d.toString();
+    });
+    for (let i = 0; i < 100; i++) {
+      try {
+        (await ControlClient.connect(f.run)).close();
+        return;
+      } catch {
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    }
+    throw new Error(`daemon did not start: ${f.log}`);
+  });
+  after(async () => {
+    if (daemon && daemon.exitCode === null) {
+      const d = daemon;
+      const exited = new Promise((r) => d.once('exit', r));
+      d.kill('SIGTERM');
+      await exited;
+    }
+    if (f.dir) rmSync(f.dir, { recursive: true, force: true });
+  });
+  return f;
+}
