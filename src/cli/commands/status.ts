@@ -4,11 +4,40 @@
  */
 import { parseArgs } from 'node:util';
 import type { VolumeStatus } from '../../daemon/core.js';
+import type { DmInfo, DmLines } from '../../dm/control.js';
 import { CryptmapError, EXIT_WRONG_DEVICE } from '../../util/errors.js';
 import { withDaemon } from '../daemon-client.js';
 import type { VerbMain } from '../types.js';
 
-export function formatStatus(s: VolumeStatus): string {
+/**
+ * The fields cryptsetup prints for a dm-crypt device it did not make (`type: n/a`), read from the
+ * live table line `<start> <len> crypt <cipher> <key> <iv_offset> <dev> <offset> [<#opts> <opts>...]`
+ * (keys are never shown: a hex key is zeros here, a keyring reference names its size). Empty when the
+ * table is not one crypt target.
+ */
+export function rawCryptFields(tableLine: string, readOnly: boolean): string {
+  const w = tableLine.trim().split(/\s+/);
+  if (w.length < 8 || w[2] !== 'crypt') return '';
+  const [, len, , cipher, key, ivOffset, dev, offset, , ...opts] = w as [string, string, string, string, string, string, string, string, ...string[]];
+  const keyBits = key === '-' ? 0 : key.startsWith(':') ? Number(key.split(':')[1]) * 8 : key.length * 4;
+  const sector = opts.find((o) => o.startsWith('sector_size:'))?.slice('sector_size:'.length) ?? '512';
+  let out = '  type:    n/a\n';
+  out += `  cipher:  ${cipher}\n`;
+  out += `  keysize: ${keyBits} bits\n`;
+  out += `  key location: ${key.startsWith(':') ? 'keyring' : 'dm-crypt'}\n`;
+  out += `  device:  ${dev}\n`;
+  out += `  sector size:  ${sector}\n`;
+  out += `  offset:  ${offset} sectors\n`;
+  if (ivOffset !== '0') out += `  skipped: ${ivOffset} sectors\n`;
+  out += `  size:    ${len} sectors\n`;
+  out += `  mode:    ${readOnly ? 'readonly' : 'read/write'}\n`;
+  const has = (o: string) => opts.includes(o);
+  const flags = `${has('allow_discards') ? 'discards ' : ''}${has('same_cpu_crypt') ? 'same_cpu_crypt ' : ''}${has('submit_from_crypt_cpus') ? 'submit_from_crypt_cpus ' : ''}${has('no_read_workqueue') ? 'no_read_workqueue ' : ''}${has('no_write_workqueue') ? 'no_write_workqueue' : ''}`;
+  if (flags !== '') out += `  flags:   ${flags}\n`;
+  return out;
+}
+
+export function formatStatus(s: VolumeStatus, raw = ''): string {
   if (!s.active) return `/dev/mapper/${s.name} is inactive.\n`;
   let out = `/dev/mapper/${s.name} is active${s.openCount > 1 ? ' and is in use' : ''}.\n`;
   const m = s.mapping;
@@ -28,7 +57,10 @@ export function formatStatus(s: VolumeStatus): string {
     // cryptsetup 2.6 action_status: the activation flags, each followed by a space but the last.
     const flags = `${m.allowDiscards ? 'discards ' : ''}${m.sameCpuCrypt ? 'same_cpu_crypt ' : ''}${m.submitFromCryptCpus ? 'submit_from_crypt_cpus ' : ''}${m.noReadWorkqueue ? 'no_read_workqueue ' : ''}${m.noWriteWorkqueue ? 'no_write_workqueue' : ''}`;
     if (flags !== '') out += `  flags:   ${flags}\n`;
-  } else if (s.suspended) out += `  (suspended)\n`;
+  } else {
+    out += raw;
+    if (s.suspended) out += `  (suspended)\n`;
+  }
   out += `  nbd:     ${s.nbdUri}\n`;
   if (s.attachedDevice) out += `  attached: ${s.attachedDevice}\n`;
   return out;
@@ -41,8 +73,16 @@ const status: VerbMain = async (argv, io) => {
     allowPositionals: true,
   });
   if (positionals.length !== 1) throw new CryptmapError('EARGS', 'Command requires device name as argument.');
-  const s = await withDaemon(values['runtime-dir'], io.env, (c) => c.call<VolumeStatus>('volume.status', { name: positionals[0] }));
-  io.stdout.write(values.json ? JSON.stringify(s, null, 2) + '\n' : formatStatus(s));
+  const name = positionals[0]!;
+  const { s, raw } = await withDaemon(values['runtime-dir'], io.env, async (c) => {
+    const st = await c.call<VolumeStatus>('volume.status', { name });
+    // A device made with `cryptmap dm` rather than `open`: the fields come from its crypt table.
+    if (!st.active || st.mapping || values.json) return { s: st, raw: '' };
+    const lines = (await c.call<DmLines[]>('dm.table', { name }))[0]?.lines ?? [];
+    const info = (await c.call<DmInfo[]>('dm.info', { name }))[0];
+    return { s: st, raw: lines.length === 1 ? rawCryptFields(lines[0]!, info?.readOnly ?? false) : '' };
+  });
+  io.stdout.write(values.json ? JSON.stringify(s, null, 2) + '\n' : formatStatus(s, raw));
   return s.active ? 0 : EXIT_WRONG_DEVICE;
 };
 export default status;
