@@ -44,6 +44,40 @@ const VERBS: Record<string, string> = {
   volume: 'volume',
 };
 
+/**
+ * `cryptmap <verb> --help` for the verbs that follow cryptsetup (their options and exit codes are
+ * cryptsetup 2.6's, see cryptsetup-<verb>(8)); the other verbs print their own help.
+ */
+const SYNOPSIS: Record<string, string> = {
+  luksFormat: 'luksFormat [OPTION...] <device> [<key file>]',
+  luksDump: 'luksDump [--dump-json-metadata | --dump-volume-key [--volume-key-file F]] [OPTION...] <device>',
+  luksAddKey: 'luksAddKey [OPTION...] <device> [<new key file>]',
+  luksRemoveKey: 'luksRemoveKey [OPTION...] <device> [<key file>]',
+  luksKillSlot: 'luksKillSlot [OPTION...] <device> <key slot>',
+  luksChangeKey: 'luksChangeKey [OPTION...] <device> [<new key file>]',
+  luksConvertKey: 'luksConvertKey [--pbkdf ...] [--key-slot N] [OPTION...] <device>',
+  luksUUID: 'luksUUID [--uuid UUID] <device>',
+  isLuks: 'isLuks [--type luks1|luks2] [-v] <device>',
+  luksHeaderBackup: 'luksHeaderBackup --header-backup-file FILE <device>',
+  luksHeaderRestore: 'luksHeaderRestore --header-backup-file FILE <device>',
+  config: 'config [--label L] [--subsystem S] [--priority ignore|normal|prefer --key-slot N] <device>',
+  repair: 'repair <device>',
+  erase: 'erase <device>',
+  luksErase: 'luksErase <device>',
+  token: 'token add|remove|import|export [OPTION...] <device>',
+  open: 'open [--type luks|luks1|luks2|plain] [OPTION...] [--attach] [--persistent] <device> <name>',
+  luksOpen: 'luksOpen [OPTION...] <device> <name>',
+  close: 'close [--runtime-dir DIR] <name>',
+  luksClose: 'luksClose [--runtime-dir DIR] <name>',
+  status: 'status [--json] [--runtime-dir DIR] <name>',
+  luksSuspend: 'luksSuspend [--runtime-dir DIR] <name>',
+  luksResume: 'luksResume [--key-file F] [--key-slot N] [--header H] [--runtime-dir DIR] <name>',
+  refresh: 'refresh [--allow-discards] [--perf-*] [--persistent] [--key-file F] [--runtime-dir DIR] <name>',
+  resize: 'resize [--size SECTORS | --device-size BYTES] [--key-file F] [--runtime-dir DIR] <name>',
+  attach: 'attach [--readonly] [--runtime-dir DIR] <name>',
+  detach: 'detach [--runtime-dir DIR] <name>',
+};
+
 const USAGE = `usage: cryptmap <verb> [options] [args]
 
 Verbs (cryptsetup names): luksFormat open close status luksDump luksAddKey luksRemoveKey
@@ -68,6 +102,11 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
   if (file === undefined) {
     io.stderr.write(`cryptmap: unknown verb '${verb}'.\n${USAGE}\n`);
     return EXIT_WRONG_PARAMS;
+  }
+  const synopsis = SYNOPSIS[verb];
+  if (synopsis !== undefined && argv.slice(1).some((a) => a === '--help' || a === '-h')) {
+    io.stdout.write(`usage: cryptmap ${synopsis}\nOptions, messages and exit codes as cryptsetup 2.6 (see cryptsetup(8)).\n`);
+    return 0;
   }
   let mod: { default: VerbMain };
   try {

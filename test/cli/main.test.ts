@@ -31,3 +31,19 @@ test('daemon --crypt-threads takes 1..256 and refuses anything else before start
     assert.match(r.err, /--crypt-threads wants a number of threads from 1 to 256/, bad);
   }
 });
+
+test('every verb answers --help with its usage and exit 0', async () => {
+  const verbs = ['luksFormat', 'luksDump', 'luksAddKey', 'luksRemoveKey', 'luksKillSlot', 'luksChangeKey', 'luksConvertKey', 'luksUUID', 'isLuks'];
+  verbs.push('luksHeaderBackup', 'luksHeaderRestore', 'config', 'repair', 'erase', 'token', 'open', 'close', 'status', 'luksSuspend', 'luksResume');
+  verbs.push('refresh', 'resize', 'attach', 'detach', 'benchmark', 'daemon', 'dm', 'agent', 'keyd', 'crypttab', 'volume');
+  for (const verb of verbs) {
+    let out = '';
+    const stdout = new PassThrough();
+    stdout.on('data', (c: Buffer) => {
+      out += c.toString();
+    });
+    const code = await main([verb, '--help'], { stdin: new PassThrough(), stdout, stderr: new PassThrough(), env: {} });
+    assert.equal(code, 0, verb);
+    assert.match(out, new RegExp(`^usage: cryptmap ${verb}\\b`), verb);
+  }
+});
