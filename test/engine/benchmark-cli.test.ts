@@ -22,6 +22,24 @@ describe('cryptmap benchmark', () => {
     assert.equal(code, 0);
     assert.match(out, /aes-xts-plain64\s+512b\s+[\d.]+ MB\/s\s+[\d.]+ MB\/s/);
     assert.match(out, /aes-cbc-plain64\s+128b/);
+    // The KDFs first, in cryptsetup's format and order.
+    assert.match(out, /^PBKDF2-sha1 +\d+ iterations per second for 256-bit key$/m);
+    assert.match(out, /^PBKDF2-sha256 +\d+ iterations per second for 256-bit key$/m);
+    assert.match(out, /^argon2id +\d+ iterations, +\d+ memory, \d parallel threads \(CPUs\) for 256-bit key \(requested 2000 ms time\)$/m);
+    assert.ok(out.indexOf('argon2id') < out.indexOf('Algorithm'), 'KDF lines before the cipher table');
+  });
+
+  it('measures one KDF with --pbkdf / --hash, as cryptsetup benchmark does', async () => {
+    let r = await run(['--pbkdf', 'argon2i', '--iter-time', '100', '--pbkdf-memory', '32768', '--pbkdf-parallel', '1']);
+    assert.equal(r.code, 0);
+    assert.match(r.out, /^argon2i +\d+ iterations, +\d+ memory, 1 parallel threads \(CPUs\) for 256-bit key \(requested 100 ms time\)$/m);
+    assert.doesNotMatch(r.out, /Algorithm|PBKDF2/);
+    r = await run(['-h', 'sha512', '--key-size', '512', '--json']);
+    const rows = JSON.parse(r.out) as { pbkdf: string; hash: string; keyBits: number; iterations: number }[];
+    assert.equal(rows.length, 1);
+    assert.deepEqual([rows[0]!.pbkdf, rows[0]!.hash, rows[0]!.keyBits], ['pbkdf2', 'sha512', 512]);
+    assert.ok(rows[0]!.iterations >= 1000);
+    await assert.rejects(run(['--pbkdf', 'scrypt']), (e: unknown) => isCryptmapError(e, 'EKDF'));
   });
 
   it('prints JSON for one cipher, sector size and thread count', async () => {

@@ -4,6 +4,13 @@
  *
  *   cryptmap benchmark [--cipher SPEC] [--key-size BITS] [--sector-size 512|1024|2048|4096]
  *                      [--threads N] [--json] [--seconds S]
+ *   cryptmap benchmark --pbkdf pbkdf2|argon2i|argon2id [--hash H] [--iter-time MS]
+ *                      [--pbkdf-memory KIB] [--pbkdf-parallel N] [--key-size BITS] [--json]
+ *
+ * As cryptsetup 2.6 (action_benchmark): with no option the KDFs come first (PBKDF2 iterations per
+ * second for sha1, sha256, sha512, ripemd160, whirlpool - "N/A" where the hash is missing - then the
+ * Argon2 cost for --iter-time, default 2000 ms), then the cipher table; `--pbkdf` or `--hash` measures
+ * one KDF only, `--cipher` one cipher only.
  *
  * `--cipher aes-xts` means aes-xts-plain64 (an IV mode is added when missing). `--threads N` runs the
  * requests on a crypt pool of N threads (default 1: the calling thread). `--json` prints an array of
@@ -11,6 +18,7 @@
  */
 import { parseArgs } from 'node:util';
 import { benchmarkCipher, type BenchmarkResult, defaultBackend, parseCipherSpec, type SectorBytes } from '../../engine/index.js';
+import { calibrateKdf, hashAvailable } from '../../crypto/kdf/index.js';
 import { parseUint } from '../../util/bytes.js';
 import { CryptmapError } from '../../util/errors.js';
 import type { VerbMain } from '../types.js';
@@ -22,7 +30,54 @@ const DEFAULTS: [string, number][] = [
   ['aes-xts-plain64', 512],
 ];
 
+/** cryptsetup's default KDF list (src/cryptsetup.c bkdfs). */
+const DEFAULT_KDFS: [string, string | undefined][] = [
+  ['pbkdf2', 'sha1'],
+  ['pbkdf2', 'sha256'],
+  ['pbkdf2', 'sha512'],
+  ['pbkdf2', 'ripemd160'],
+  ['pbkdf2', 'whirlpool'],
+  ['argon2i', undefined],
+  ['argon2id', undefined],
+];
+
+interface KdfResult {
+  pbkdf: string;
+  hash?: string;
+  keyBits: number;
+  /** PBKDF2: iterations per second; Argon2: the time cost for the requested time. */
+  iterations: number | null;
+  memoryKiB?: number;
+  parallel?: number;
+  requestedMs?: number;
+}
+
+/** One KDF measurement and its line in cryptsetup's format (src/cryptsetup.c action_benchmark_kdf). */
+async function benchmarkKdf(pbkdf: string, hash: string | undefined, keyBits: number, o: { iterTimeMs: number; memoryKiB?: number; parallel?: number }): Promise<[KdfResult, string]> {
+  if (pbkdf === 'pbkdf2') {
+    const h = hash ?? 'sha256';
+    if (!hashAvailable(h)) return [{ pbkdf, hash: h, keyBits, iterations: null }, `PBKDF2-${h.padEnd(9)}     N/A`];
+    // cryptsetup measures PBKDF2 for 1000 ms: the iteration count is per second.
+    const k = await calibrateKdf({ type: 'pbkdf2', hash: h, iterTimeMs: 1000, keyBytes: keyBits / 8 });
+    const it = k.type === 'pbkdf2' ? k.iterations : 0;
+    return [{ pbkdf, hash: h, keyBits, iterations: it }, `PBKDF2-${h.padEnd(9)} ${String(it).padStart(7)} iterations per second for ${keyBits}-bit key`];
+  }
+  const k = await calibrateKdf({
+    type: pbkdf as 'argon2i' | 'argon2id',
+    iterTimeMs: o.iterTimeMs,
+    keyBytes: keyBits / 8,
+    ...(o.memoryKiB !== undefined ? { maxMemoryKiB: o.memoryKiB } : {}),
+    ...(o.parallel !== undefined ? { parallel: o.parallel } : {}),
+  });
+  if (k.type === 'pbkdf2') throw new CryptmapError('EKDF', `unexpected ${k.type}`);
+  return [
+    { pbkdf, keyBits, iterations: k.time, memoryKiB: k.memoryKiB, parallel: k.parallel, requestedMs: o.iterTimeMs },
+    `${pbkdf.padEnd(10)} ${String(k.time).padStart(4)} iterations, ${String(k.memoryKiB).padStart(5)} memory, ${k.parallel} parallel threads (CPUs) for ${keyBits}-bit key (requested ${o.iterTimeMs} ms time)`,
+  ];
+}
+
 const HELP = `usage: cryptmap benchmark [--cipher SPEC] [--key-size BITS] [--sector-size BYTES] [--threads N] [--json]
+       cryptmap benchmark --pbkdf pbkdf2|argon2i|argon2id [--hash H] [--iter-time MS] [--pbkdf-memory KIB] [--pbkdf-parallel N]
 In-memory encryption and decryption throughput of dm-crypt sector ciphers (MB/s = 10^6 bytes/s).
   --cipher SPEC       e.g. aes-xts-plain64, aes-cbc-essiv:sha256 (aes-xts means aes-xts-plain64)
   --key-size BITS     key size in bits (default: 512 for xts, 256 otherwise)
@@ -30,6 +85,8 @@ In-memory encryption and decryption throughput of dm-crypt sector ciphers (MB/s 
   --threads N         crypt pool threads (default 1: the calling thread)
   --seconds S         time per direction (default 0.15)
   --json              print a JSON array instead of the table
+  --pbkdf KDF         measure one KDF (--hash H for PBKDF2, --iter-time MS, --pbkdf-memory KIB and
+                      --pbkdf-parallel N for Argon2); without --cipher or --pbkdf all KDFs come first
 Backend: CRYPTMAP_CRYPTO_BACKEND=native|js forces one.
 `;
 
@@ -48,7 +105,12 @@ const benchmark: VerbMain = async (argv, io) => {
       threads: { type: 'string' },
       seconds: { type: 'string' },
       json: { type: 'boolean' },
-      help: { type: 'boolean', short: 'h' },
+      pbkdf: { type: 'string' },
+      hash: { type: 'string', short: 'h' },
+      'iter-time': { type: 'string', short: 'i' },
+      'pbkdf-memory': { type: 'string' },
+      'pbkdf-parallel': { type: 'string' },
+      help: { type: 'boolean' },
     },
     strict: true,
     allowPositionals: false,
@@ -66,6 +128,25 @@ const benchmark: VerbMain = async (argv, io) => {
   const seconds = values.seconds === undefined ? 0.15 : Number(values.seconds);
   if (!Number.isFinite(seconds) || seconds <= 0 || seconds > 60) throw new CryptmapError('EINVAL', `--seconds '${values.seconds}': a number of seconds in (0, 60] expected`);
 
+  const backend = defaultBackend(io.env);
+  const head = `# Tests are approximate using memory only (no storage IO); backend ${backend}, ${sectorBytes}-byte sectors, ${threads} thread${threads > 1 ? 's' : ''}.\n`;
+  const kdfOpts = {
+    iterTimeMs: values['iter-time'] === undefined ? 2000 : parseUint(values['iter-time'], '--iter-time', 3_600_000),
+    ...(values['pbkdf-memory'] !== undefined ? { memoryKiB: parseUint(values['pbkdf-memory'], '--pbkdf-memory', 4 * 1024 * 1024) } : {}),
+    ...(values['pbkdf-parallel'] !== undefined ? { parallel: parseUint(values['pbkdf-parallel'], '--pbkdf-parallel', 4) } : {}),
+  };
+  if (kdfOpts.iterTimeMs < 1) throw new CryptmapError('EINVAL', '--iter-time must be at least 1 ms');
+  // cryptsetup's KDF benchmarks use --key-size (default 256 bits, its plain default).
+  const kdfKeyBits = values['key-size'] === undefined ? 256 : parseUint(values['key-size'], '--key-size', 4096);
+  if (kdfKeyBits % 8 !== 0 || kdfKeyBits === 0) throw new CryptmapError('EKEY_SIZE', `--key-size ${kdfKeyBits}: must be a multiple of 8`);
+  if (values.pbkdf !== undefined || values.hash !== undefined) {
+    const pbkdf = values.pbkdf ?? 'pbkdf2';
+    if (!['pbkdf2', 'argon2i', 'argon2id'].includes(pbkdf)) throw new CryptmapError('EKDF', `--pbkdf ${pbkdf}: must be pbkdf2, argon2i or argon2id`);
+    const [r, line] = await benchmarkKdf(pbkdf, values.hash, kdfKeyBits, kdfOpts);
+    io.stdout.write(values.json ? `${JSON.stringify([r], null, 2)}\n` : `${head}${line}\n`);
+    return 0;
+  }
+
   let configs: [string, number][];
   if (values.cipher !== undefined) {
     const spec = withIv(values.cipher);
@@ -79,10 +160,12 @@ const benchmark: VerbMain = async (argv, io) => {
     if (configs.length === 0) throw new CryptmapError('EKEY_SIZE', `--key-size ${bits}: no default cipher uses it; give --cipher too`);
   }
 
-  const backend = defaultBackend(io.env);
   const results: BenchmarkResult[] = [];
   if (!values.json) {
-    io.stdout.write(`# Tests are approximate using memory only (no storage IO); backend ${backend}, ${sectorBytes}-byte sectors, ${threads} thread${threads > 1 ? 's' : ''}.\n`);
+    io.stdout.write(head);
+    if (values.cipher === undefined) {
+      for (const [pbkdf, hash] of DEFAULT_KDFS) io.stdout.write(`${(await benchmarkKdf(pbkdf, hash, kdfKeyBits, kdfOpts))[1]}\n`);
+    }
     io.stdout.write(`#${'Algorithm'.padStart(24)} |${'Key'.padStart(6)} |${'Encryption'.padStart(14)} |${'Decryption'.padStart(14)}\n`);
   }
   for (const [spec, bits] of configs) {
