@@ -22,6 +22,7 @@ import type { BlockDevice, BlockDeviceCapabilities, BlockDeviceLimits, Extent, W
 import { deviceView } from '../blockdev/view.js';
 import { CryptmapError, EXIT_BUSY } from '../util/errors.js';
 import type { Table } from './table.js';
+import { settleAll } from './targets/args.js';
 import type { TargetInstance } from './types.js';
 
 export const DM_MAJOR = 253;
@@ -41,11 +42,6 @@ function deferred(): Deferred {
   return { promise, resolve };
 }
 
-/** Wait for every piece (so in-flight accounting stays exact), then throw the first failure. */
-async function settleAll(ps: Promise<void>[]): Promise<void> {
-  const rs = await Promise.allSettled(ps);
-  for (const r of rs) if (r.status === 'rejected') throw r.reason;
-}
 
 const NO_CAPS: BlockDeviceCapabilities = { write: false, flush: false, fua: false, discard: false, writeZeroes: false, blockStatus: false, multiConn: true };
 const NO_LIMITS: BlockDeviceLimits = { logicalBlockBytes: 512, physicalBlockBytes: 512, maxRequestBytes: 64 << 20 };

@@ -2,7 +2,7 @@
  * Argument helpers shared by the target constructors: strict counts and numbers, errors that name
  * the line, the target and the argument (through TargetContext.error).
  */
-import type { BlockDevice } from '../../blockdev/types.js';
+import type { BlockDevice, BlockDeviceLimits } from '../../blockdev/types.js';
 import type { TargetCapabilities, TargetContext } from '../types.js';
 
 /** Exactly `names.length` arguments, else an error listing the grammar. */
@@ -28,6 +28,25 @@ export function checkDeviceSize(dev: BlockDevice, arg: string, ctx: TargetContex
   if (haveSectors < needSectors) {
     throw ctx.error(name, `device ${arg} is too small: it has ${haveSectors} sectors, the target needs ${needSectors} (offset + length)`, 'EDEVSIZE');
   }
+}
+
+/** Wait for every promise (in-flight accounting stays exact, no write is left running), then throw the first failure. */
+export async function settleAll(ps: Promise<void>[]): Promise<void> {
+  const rs = await Promise.allSettled(ps);
+  for (const r of rs) if (r.status === 'rejected') throw r.reason;
+}
+
+/** Limits of a target over several devices: the largest block sizes, the smallest request cap. */
+export function combinedLimits(devs: readonly BlockDevice[]): BlockDeviceLimits {
+  let lbs = 512;
+  let pbs = 512;
+  let max = 64 << 20;
+  for (const d of devs) {
+    lbs = Math.max(lbs, d.limits.logicalBlockBytes);
+    pbs = Math.max(pbs, d.limits.physicalBlockBytes);
+    max = Math.min(max, d.limits.maxRequestBytes);
+  }
+  return { logicalBlockBytes: lbs, physicalBlockBytes: pbs, maxRequestBytes: max };
 }
 
 /** Capabilities of a target that passes I/O straight to `devs`. */

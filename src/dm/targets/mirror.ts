@@ -37,7 +37,7 @@ import type { BlockDevice, BlockDeviceLimits, WriteFlags, WriteZeroesFlags } fro
 import { isPowerOfTwo } from '../../util/bytes.js';
 import { CryptmapError } from '../../util/errors.js';
 import type { TargetCapabilities, TargetContext, TargetInstance, TargetType } from '../types.js';
-import { checkDeviceAlignment, checkDeviceSize, passThroughCapabilities, uintArg } from './args.js';
+import { checkDeviceAlignment, checkDeviceSize, combinedLimits, passThroughCapabilities, settleAll, uintArg } from './args.js';
 
 /** dm-raid1.c MAX_NR_MIRRORS (DM_KCOPYD_MAX_REGIONS + 1). */
 export const MAX_NR_MIRRORS = 9;
@@ -57,10 +57,6 @@ interface Leg {
 
 type SyncMode = 'default' | 'sync' | 'nosync';
 
-async function settleAll(ps: Promise<void>[]): Promise<void> {
-  const rs = await Promise.allSettled(ps);
-  for (const r of rs) if (r.status === 'rejected') throw r.reason;
-}
 
 function u32Arg(s: string, ctx: TargetContext, name: string): number {
   return uintArg(s, ctx, name, 0xffffffff);
@@ -184,15 +180,7 @@ class MirrorSet implements TargetInstance {
     this.#syncCount = sync === 'nosync' ? regions : 0;
     const devs = legs.map((l) => l.dev);
     this.capabilities = passThroughCapabilities(devs);
-    let lbs = 512;
-    let pbs = 512;
-    let max = 64 << 20;
-    for (const d of devs) {
-      lbs = Math.max(lbs, d.limits.logicalBlockBytes);
-      pbs = Math.max(pbs, d.limits.physicalBlockBytes);
-      max = Math.min(max, d.limits.maxRequestBytes);
-    }
-    this.limits = { logicalBlockBytes: lbs, physicalBlockBytes: pbs, maxRequestBytes: max };
+    this.limits = combinedLimits(devs);
   }
 
   get #regions(): number {

@@ -12,14 +12,10 @@
 import type { BlockDevice } from '../../blockdev/types.js';
 import { isPowerOfTwo } from '../../util/bytes.js';
 import type { TargetInstance, TargetType } from '../types.js';
-import { checkDeviceAlignment, checkDeviceSize, passThroughCapabilities, uintArg } from './args.js';
+import { checkDeviceAlignment, checkDeviceSize, combinedLimits, passThroughCapabilities, settleAll, uintArg } from './args.js';
 
 const MIN_CHUNK_SECTORS = 8;
 
-async function settleAll(ps: Promise<void>[]): Promise<void> {
-  const rs = await Promise.allSettled(ps);
-  for (const r of rs) if (r.status === 'rejected') throw r.reason;
-}
 
 /*
  * Table grammar:  striped <#stripes> <chunk_size> <dev> <offset> [<dev> <offset>]...
@@ -87,17 +83,9 @@ export const striped: TargetType = {
       return ps.length === 1 ? ps[0]! : settleAll(ps);
     };
     const caps = passThroughCapabilities(devs);
-    let lbs = 512;
-    let pbs = 512;
-    let max = 64 << 20;
-    for (const d of devs) {
-      lbs = Math.max(lbs, d.limits.logicalBlockBytes);
-      pbs = Math.max(pbs, d.limits.physicalBlockBytes);
-      max = Math.min(max, d.limits.maxRequestBytes);
-    }
     return {
       capabilities: caps,
-      limits: { logicalBlockBytes: lbs, physicalBlockBytes: pbs, maxRequestBytes: max },
+      limits: combinedLimits(devs),
       read: (o, buf) => each(o, buf.length, (s, d, at, n) => devs[s]!.read(d, buf.subarray(at, at + n))),
       write: (o, data, flags) => each(o, data.length, (s, d, at, n) => devs[s]!.write(d, data.subarray(at, at + n), flags)),
       flush: () => settleAll(devs.map((d) => d.flush())),
