@@ -9,7 +9,7 @@ import { createHmac, randomBytes } from 'node:crypto';
 import type { CryptMapping } from '../activate/mapping.js';
 import { cryptTableLine, dmUuid, keyDescription, keyRefArg } from '../activate/mapping.js';
 import type { BlockDevice } from '../blockdev/types.js';
-import { type DmControl, DeviceRegistry, InProcessDmControl } from '../dm/index.js';
+import { type DmControl, DeviceRegistry, InProcessDmControl, type MappedDevice } from '../dm/index.js';
 import { type AttachInfo, attachExport, detachExport, NbdServer, nbdUnixUri } from '../nbd/index.js';
 import type { NbdServerOptions } from '../nbd/types.js';
 import { constantTimeEqual, wipe } from '../util/bytes.js';
@@ -247,12 +247,7 @@ export class DaemonCore {
    */
   suspendVolume(name: string): Promise<VolumeStatus> {
     return this.#serial(name, async () => {
-      const dev = this.registry.find(name);
-      if (!dev) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOENT' });
-      const m = this.#volumes.get(name);
-      if (m === undefined || (m.type !== 'LUKS1' && m.type !== 'LUKS2')) {
-        throw new CryptmapError('ENOTLUKS', 'This operation is supported only for LUKS device.', { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
-      }
+      const { dev, m } = this.#activeVolume(name, 'This operation is supported only for LUKS device.');
       if (dev.suspended) throw new CryptmapError('ESUSPENDED', `Volume ${name} is already suspended.`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
       const desc = keyDescription(name);
       let keyTag: { salt: Buffer; tag: Buffer } | undefined;
@@ -290,12 +285,7 @@ export class DaemonCore {
    */
   resumeVolume(name: string, volumeKey: Secret): Promise<VolumeStatus> {
     return this.#serial(name, async () => {
-      const dev = this.registry.find(name);
-      if (!dev) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOENT' });
-      const m = this.#volumes.get(name);
-      if (m === undefined || (m.type !== 'LUKS1' && m.type !== 'LUKS2')) {
-        throw new CryptmapError('ENOTLUKS', `${name} is not active LUKS device name or header is missing.`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
-      }
+      const { dev, m } = this.#activeVolume(name, `${name} is not active LUKS device name or header is missing.`);
       if (!dev.suspended) throw new CryptmapError('ENOTSUSPENDED', `Volume ${name} is not suspended.`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
       if (volumeKey.length !== m.keyBytes) throw new CryptmapError('EKEY_SIZE', `volume key has ${volumeKey.length} bytes, ${name} needs ${m.keyBytes}`);
       const was = this.#suspendedKeyTags.get(name);
@@ -332,12 +322,7 @@ export class DaemonCore {
    */
   refreshVolume(name: string, flags: RefreshFlags, volumeKey: Secret): Promise<VolumeStatus> {
     return this.#serial(name, async () => {
-      const dev = this.registry.find(name);
-      if (!dev) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOENT' });
-      const m = this.#volumes.get(name);
-      if (m === undefined || (m.type !== 'LUKS1' && m.type !== 'LUKS2')) {
-        throw new CryptmapError('ENOTLUKS', `${name} is not active LUKS device name or header is missing.`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
-      }
+      const { dev, m } = this.#activeVolume(name, `${name} is not active LUKS device name or header is missing.`);
       if (dev.suspended) throw new CryptmapError('ESUSPENDED', `Volume ${name} is suspended (luksResume it first).`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
       await this.#checkRunningKey(m, volumeKey);
       const next: CryptMapping = {
@@ -363,10 +348,7 @@ export class DaemonCore {
    */
   resizeVolume(name: string, sizeSectors: number | undefined, volumeKey?: Secret): Promise<VolumeStatus> {
     return this.#serial(name, async () => {
-      const dev = this.registry.find(name);
-      if (!dev) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOENT' });
-      const m = this.#volumes.get(name);
-      if (m === undefined) throw new CryptmapError('ENOTSUP', 'This operation is not supported for this device type.', { exitCode: EXIT_FAILURE, errno: 'ENOTSUP' });
+      const { dev, m } = this.#activeVolume(name);
       if (dev.suspended) throw new CryptmapError('ESUSPENDED', `Volume ${name} is suspended (luksResume it first).`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
       if (m.type === 'LUKS2') {
         if (volumeKey === undefined) throw new CryptmapError('EKEY', `Resizing LUKS2 volume ${name} needs its volume key (the passphrase).`, { exitCode: EXIT_FAILURE });
@@ -387,6 +369,24 @@ export class DaemonCore {
       log.info('volume resized', { name, sizeSectors: size });
       return this.statusOf(name);
     });
+  }
+
+  /**
+   * The active volume `name` opened through this daemon: cryptsetup's "not active" (exit 4) when
+   * there is no such device; with `notLuksMessage`, only LUKS volumes (else that message, exit 1);
+   * without it, any volume (a bare dm device gets cryptsetup's "not supported", exit 1).
+   */
+  #activeVolume(name: string, notLuksMessage?: string): { dev: MappedDevice; m: CryptMapping } {
+    const dev = this.registry.find(name);
+    if (!dev) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOENT' });
+    const m = this.#volumes.get(name);
+    if (m === undefined && notLuksMessage === undefined) {
+      throw new CryptmapError('ENOTSUP', 'This operation is not supported for this device type.', { exitCode: EXIT_FAILURE, errno: 'ENOTSUP' });
+    }
+    if (notLuksMessage !== undefined && (m === undefined || (m.type !== 'LUKS1' && m.type !== 'LUKS2'))) {
+      throw new CryptmapError('ENOTLUKS', notLuksMessage, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
+    }
+    return { dev, m: m! };
   }
 
   /** The key a caller brings (refresh, resize) must be the one volume `m` runs with (constant-time compare). */

@@ -49,6 +49,14 @@ export async function loadMatchingHeader(name: string, st: VolumeStatus, dmUuidN
   return loaded;
 }
 
+/** `--type luks1|luks2` must name the header's type (cryptsetup: "NAME is not active LUKS1 device name.", exit 1). */
+export function checkLuksType(name: string, reqType: string | undefined, vol: Luks1Volume | Luks2Volume): void {
+  const type = vol.type === 'luks1' ? 'LUKS1' : 'LUKS2';
+  if (reqType !== undefined && reqType !== 'luks' && reqType.toUpperCase() !== type) {
+    throw new CryptmapError('ENOTLUKS', `${name} is not active ${reqType.toUpperCase()} device name.`, { exitCode: EXIT_FAILURE });
+  }
+}
+
 /**
  * Unlock the matching header of active volume `name` and give its volume key, as hex, to `send`.
  * `check` runs on the loaded header before any passphrase is asked (type checks, reading flags).

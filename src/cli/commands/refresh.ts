@@ -18,7 +18,7 @@ import { runtimeDir } from '../../control/runtime-dir.js';
 import type { RefreshFlags, VolumeStatus } from '../../daemon/core.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { VerbMain } from '../types.js';
-import { activeVolume, sendActiveVolumeKey } from './active-luks.js';
+import { activeVolume, checkLuksType, sendActiveVolumeKey } from './active-luks.js';
 import { LUKS_OPTIONS } from './luks-common.js';
 import { makeFlagsPersistent } from './open.js';
 
@@ -67,10 +67,7 @@ const refresh: VerbMain = async (argv, io) => {
         await c.call<VolumeStatus>('volume.refresh', { name, flags, key });
       },
       (vol) => {
-        const type = vol.type === 'luks1' ? 'LUKS1' : 'LUKS2';
-        if (v.type !== undefined && v.type !== 'luks' && v.type.toUpperCase() !== type) {
-          throw new CryptmapError('ENOTLUKS', `${name} is not active ${v.type.toUpperCase()} device name.`, { exitCode: 1 });
-        }
+        checkLuksType(name, v.type, vol);
         // Persistent flags of the header apply on top of the command line's, as at open.
         // (With --persistent too: cryptsetup activates with them and then stores the command line's.)
         for (const f of persistentFlagsOf(vol)) flags[PERSISTENT_FLAGS[f]] = true;

@@ -23,7 +23,7 @@ import { runtimeDir } from '../../control/runtime-dir.js';
 import type { VolumeStatus } from '../../daemon/core.js';
 import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { activeVolume, sendActiveVolumeKey } from './active-luks.js';
+import { activeVolume, checkLuksType, sendActiveVolumeKey } from './active-luks.js';
 import { LUKS_OPTIONS } from './luks-common.js';
 
 const SUSPEND_OPTIONS = {
@@ -93,10 +93,7 @@ export const luksResume: VerbMain = async (argv, io) => {
         await c.call<VolumeStatus>('volume.resume', { name, key });
       },
       (vol) => {
-        const type = vol.type === 'luks1' ? 'LUKS1' : 'LUKS2';
-        if (reqType !== undefined && reqType !== 'luks' && reqType.toUpperCase() !== type) {
-          throw new CryptmapError('ENOTLUKS', `${name} is not active ${reqType.toUpperCase()} device name.`, { exitCode: EXIT_FAILURE });
-        }
+        checkLuksType(name, reqType, vol);
         if (!active.st.suspended) throw new CryptmapError('ENOTSUSPENDED', `Volume ${name} is not suspended.`, { exitCode: EXIT_FAILURE });
       },
     );
