@@ -1,41 +1,18 @@
 /** Daemon core without external tools: failure leaves nothing behind; only the owner reaches the control socket. */
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { chmodSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import type { CryptMapping } from '../../src/activate/mapping.js';
 import { controlSocketPath, ensureRuntimeDir } from '../../src/control/runtime-dir.js';
 import { ControlServer } from '../../src/control/server.js';
-import { DaemonCore } from '../../src/daemon/core.js';
 import { daemonHandlers, mappingFromJson, mappingToJson } from '../../src/daemon/handlers.js';
+import { coreIn, plainMapping } from './fixtures.js';
 import type { CryptmapError } from '../../src/util/errors.js';
 import { Secret } from '../../src/util/secret.js';
 
-function setup(): { dir: string; core: DaemonCore } {
-  const dir = mkdtempSync(join(tmpdir(), 'cm-core-'));
-  chmodSync(dir, 0o700);
-  return { dir, core: new DaemonCore({ nbdSocketPath: join(dir, 'nbd.sock'), attachDir: join(dir, 'attach') }) };
-}
-
-function mapping(dir: string, over: Partial<CryptMapping> = {}): CryptMapping {
-  return {
-    name: 'm0',
-    type: 'PLAIN',
-    uuid: '',
-    device: join(dir, 'disk.img'),
-    cipher: 'aes-xts-plain64',
-    keyBytes: 64,
-    sectorBytes: 512,
-    ivOffsetSectors: 0n,
-    offsetSectors: 0,
-    sizeSectors: 2048,
-    readOnly: false,
-    allowDiscards: false,
-    ...over,
-  };
-}
+const setup = () => coreIn('cm-core-');
+const mapping = plainMapping;
 
 test('a mapping that fails to open leaves no device, export or key behind', async () => {
   const { dir, core } = setup();

@@ -4,36 +4,15 @@
  * suspended or unknown volume is refused with cryptsetup's exit codes.
  */
 import assert from 'node:assert/strict';
-import { chmodSync, mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { rmSync } from 'node:fs';
 import { test } from 'node:test';
-import { prepareLuks } from '../../src/activate/mapping.js';
-import { FileDevice } from '../../src/blockdev/file.js';
-import { DaemonCore } from '../../src/daemon/core.js';
-import { Luks2Volume } from '../../src/luks/index.js';
-import type { CryptmapError } from '../../src/util/errors.js';
 import { Secret } from '../../src/util/secret.js';
-
-const MiB = 1 << 20;
-const PASS = Buffer.from('refresh test passphrase');
-const code = (exitCode: number, re: RegExp) => (e: CryptmapError) => e.exitCode === exitCode && re.test(e.message);
+import { code, coreWithLuks2, MiB, openLuks } from './fixtures.js';
 
 test('refreshVolume swaps in the new flags, keeps the data, and checks key and state', async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'cm-refresh-'));
-  chmodSync(dir, 0o700);
-  const img = join(dir, 'luks.img');
-  writeFileSync(img, Buffer.alloc(0));
-  truncateSync(img, 6 * MiB);
-  const fd = await FileDevice.open(img, { readOnly: false });
-  await Luks2Volume.format(fd, PASS, { keyslot: { kdf: { type: 'pbkdf2', hash: 'sha256', iterations: 1000 } }, offsetBytes: 2 * MiB, keyslotsBytes: 2 * MiB - 2 * 16384, digestIterations: 1000 });
-  await fd.close();
-  const core = new DaemonCore({ nbdSocketPath: join(dir, 'nbd.sock'), attachDir: join(dir, 'attach') });
+  const { dir, core, img } = await coreWithLuks2('cm-refresh-');
   try {
-    const { mapping, volumeKey } = await prepareLuks({ name: 'v', device: img, passphrase: PASS });
-    const key = Secret.copyOf(volumeKey.expose());
-    await core.openVolume(mapping, volumeKey);
-    volumeKey.dispose();
+    const { key } = await openLuks(core, img, 'v');
     const h = core.registry.open('v');
     const data = Buffer.alloc(256 * 1024, 0xa7);
     await h.write(MiB, data);

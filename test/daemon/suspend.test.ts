@@ -5,36 +5,14 @@
  * right bytes; cryptsetup's messages and exit codes; close and shutdown of a suspended volume.
  */
 import assert from 'node:assert/strict';
-import { chmodSync, mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { type CryptMapping, keyDescription, prepareLuks } from '../../src/activate/mapping.js';
-import { FileDevice } from '../../src/blockdev/file.js';
+import { keyDescription } from '../../src/activate/mapping.js';
 import type { BlockDevice } from '../../src/blockdev/types.js';
-import { DaemonCore } from '../../src/daemon/core.js';
-import { Luks2Volume } from '../../src/luks/index.js';
-import type { CryptmapError } from '../../src/util/errors.js';
 import { Secret } from '../../src/util/secret.js';
-
-const MiB = 1 << 20;
-const PASS = Buffer.from('suspend test passphrase');
-const FAST = { type: 'pbkdf2' as const, hash: 'sha256', iterations: 1000 };
-
-/** Deterministic pattern (xorshift32, fixed seed). */
-function pattern(n: number, seed: number): Buffer {
-  const b = Buffer.alloc(n);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i < n; i++) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    b[i] = x & 0xff;
-  }
-  return b;
-}
+import { pattern } from '../dm/helpers.js';
+import { code, coreWithLuks2, MiB, openLuks, plainMapping } from './fixtures.js';
 
 /** Let every ready promise job and I/O callback run (a few loop turns; no timing assertion). */
 async function turns(n = 20): Promise<void> {
@@ -50,34 +28,7 @@ function track<T>(p: Promise<T>): { p: Promise<T>; settled: () => boolean } {
   return { p: q, settled: () => done };
 }
 
-async function setup(): Promise<{ dir: string; core: DaemonCore; img: string }> {
-  const dir = mkdtempSync(join(tmpdir(), 'cm-suspend-'));
-  chmodSync(dir, 0o700);
-  const img = join(dir, 'luks.img');
-  writeFileSync(img, Buffer.alloc(0));
-  truncateSync(img, 6 * MiB);
-  const fd = await FileDevice.open(img, { readOnly: false });
-  try {
-    await Luks2Volume.format(fd, PASS, { keyslot: { kdf: FAST }, offsetBytes: 2 * MiB, keyslotsBytes: 2 * MiB - 2 * 16384, digestIterations: 1000 });
-  } finally {
-    await fd.close();
-  }
-  return { dir, core: new DaemonCore({ nbdSocketPath: join(dir, 'nbd.sock'), attachDir: join(dir, 'attach') }), img };
-}
-
-/** Unlock and open `img` as `name`; returns a copy of the volume key (the caller disposes it). */
-async function openLuks(core: DaemonCore, img: string, name: string): Promise<{ mapping: CryptMapping; key: Secret }> {
-  const { mapping, volumeKey } = await prepareLuks({ name, device: img, passphrase: PASS });
-  const key = Secret.copyOf(volumeKey.expose());
-  try {
-    await core.openVolume(mapping, volumeKey);
-  } finally {
-    volumeKey.dispose();
-  }
-  return { mapping, key };
-}
-
-const code = (exitCode: number, re: RegExp) => (e: CryptmapError) => e.exitCode === exitCode && re.test(e.message);
+const setup = () => coreWithLuks2('cm-suspend-');
 
 test('luksSuspend: I/O waits and the key is gone; a wrong key leaves it suspended; resume finishes the waiting I/O with the data intact', async () => {
   const { dir, core, img } = await setup();
@@ -158,20 +109,7 @@ test('luksSuspend/luksResume refusals: unknown name (exit 4), plain volume (exit
     const k = new Secret(Buffer.alloc(64, 3).fill(4, 32));
     await assert.rejects(core.resumeVolume('nope', k), code(4, /^Device nope is not active\.$/));
     writeFileSync(join(dir, 'plain.img'), Buffer.alloc(MiB));
-    const plain: CryptMapping = {
-      name: 'p',
-      type: 'PLAIN',
-      uuid: '',
-      device: join(dir, 'plain.img'),
-      cipher: 'aes-xts-plain64',
-      keyBytes: 64,
-      sectorBytes: 512,
-      ivOffsetSectors: 0n,
-      offsetSectors: 0,
-      sizeSectors: 2048,
-      readOnly: false,
-      allowDiscards: false,
-    };
+    const plain = plainMapping(dir, { name: 'p', device: join(dir, 'plain.img') });
     await core.openVolume(plain, k);
     await assert.rejects(core.suspendVolume('p'), code(1, /^This operation is supported only for LUKS device\.$/));
     await assert.rejects(core.resumeVolume('p', k), code(1, /^p is not active LUKS device name or header is missing\.$/));
