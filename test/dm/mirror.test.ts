@@ -17,6 +17,17 @@ function faulty() {
   return { ctl, ...mr };
 }
 
+/** A mirror `m` of 1024 two-sector regions over traced legs (la, lb), its resync seen running. */
+async function resyncRunning() {
+  const f = faulty();
+  await f.registry.create('la', { table: '0 2048 trace /mem/a 0 A' });
+  await f.registry.create('lb', { table: '0 2048 trace /mem/b 0 B' });
+  await f.registry.create('m', { table: '0 2048 mirror core 1 2 2 la 0 lb 0' });
+  for (let turn = 0; turn < 10_000 && f.ctl.log.length < 20; turn++) await settle();
+  assert.ok(f.ctl.log.length >= 20, 'the resync is running');
+  return f;
+}
+
 function status(registry: DeviceRegistry, name: string): string {
   return registry.get(name).liveTable!.format('status', false).join('\n');
 }
@@ -233,12 +244,7 @@ test('nosync: every region is in sync at once, nothing is copied, reads come fro
 });
 
 test('dispose stops the resync: no leg I/O after the mirror is removed', async () => {
-  const { ctl, registry } = faulty();
-  await registry.create('la', { table: '0 2048 trace /mem/a 0 A' });
-  await registry.create('lb', { table: '0 2048 trace /mem/b 0 B' });
-  await registry.create('m', { table: '0 2048 mirror core 1 2 2 la 0 lb 0' });
-  for (let turn = 0; turn < 10_000 && ctl.log.length < 20; turn++) await settle();
-  assert.ok(ctl.log.length >= 20, 'the resync is running');
+  const { ctl, registry } = await resyncRunning();
   await registry.remove('m');
   await settle();
   const n = ctl.log.length;
@@ -248,12 +254,7 @@ test('dispose stops the resync: no leg I/O after the mirror is removed', async (
 });
 
 test('suspend pauses the resync (no leg I/O until resume, as the kernel stops recovery); resume finishes it', async () => {
-  const { ctl, registry } = faulty();
-  await registry.create('la', { table: '0 2048 trace /mem/a 0 A' });
-  await registry.create('lb', { table: '0 2048 trace /mem/b 0 B' });
-  await registry.create('m', { table: '0 2048 mirror core 1 2 2 la 0 lb 0' });
-  for (let turn = 0; turn < 10_000 && ctl.log.length < 20; turn++) await settle();
-  assert.ok(ctl.log.length >= 20, 'the resync is running');
+  const { ctl, registry } = await resyncRunning();
   await registry.suspend('m');
   const n = ctl.log.length;
   const before = status(registry, 'm');
