@@ -1,6 +1,8 @@
 // The reliability report (issue 7): runs every fuzz target for a budget (random seeds, failing
 // inputs saved to test/fuzz/corpus/), the fault-injection suites, the load suite and the secret
-// hygiene suite, then prints a table and writes it to docs/reliability.md.
+// hygiene suite and the local attacker suite (every test/security/local-attacker*.test.js: each attack
+// attempt with its outcome, recorded by test/security/attack.ts), then prints a table and writes it
+// to docs/reliability.md.
 //   node scripts/reliability.mjs [--budget SECONDS-PER-FUZZ-TARGET] [--no-write]
 //   npm run reliability                 (builds first; 20 s per fuzz target)
 // Figures come from the suites themselves (CRYPTMAP_RELIABILITY_OUT, one JSON line per figure).
@@ -20,6 +22,16 @@ const SUITES = {
   load: ['test/load/nbd-load.slow.test.js'],
   secrets: ['test/security/secrets.test.js'],
 };
+
+/** Every local attacker test file (test/security/local-attacker*.test.js), found in the build. */
+function attackerFiles() {
+  const dir = join(dist, 'test', 'security');
+  if (!existsSync(dir)) return [];
+  return readdirSync(dir)
+    .filter((f) => f.startsWith('local-attacker') && f.endsWith('.test.js'))
+    .sort()
+    .map((f) => `test/security/${f}`);
+}
 
 function runTests(files, env) {
   const started = Date.now();
@@ -70,7 +82,12 @@ async function main() {
     console.log(r.ok ? 'ok' : 'FAILED');
     if (!r.ok) console.log(r.output.split('\n').slice(-40).join('\n'));
   }
-  for (const [name, files] of Object.entries(SUITES)) {
+  const attackFiles = attackerFiles();
+  for (const [name, files] of [...Object.entries(SUITES), ['local attacker', attackFiles]]) {
+    if (files.length === 0) {
+      status[name] = { ok: true, ms: 0, output: '' };
+      continue;
+    }
     process.stdout.write(`${name} suite ... `);
     const r = await runTests(files, env);
     status[name] = r;
@@ -122,7 +139,9 @@ async function main() {
   const leaked = secrets.reduce((a, x) => a + x.leaked, 0);
   const loadRows = load.map((l) => [String(l.clients), fmtInt(l.ops), fmtBytes(l.bytes), `${l.seconds.toFixed(1)} s`, String(l.verifyErrors), fmtBytes(l.peakRssBytes)]);
   const crashRows = crash.map((c) => [String(c.killed), String(c.durableWrites), String(c.lost)]);
-  const allOk = Object.values(status).every((s) => s.ok) && leaked === 0 && secrets.length > 0;
+  const attacks = recs.filter((r) => r.kind === 'attack');
+  const attackRows = attacks.map((a) => [a.file.replace(/^local-attacker-?/, '').replace(/\.test\.ts$/, '') || '-', a.attempt.replace(/\|/g, '/'), a.outcome.replace(/\|/g, '/'), a.held ? 'held' : '**NOT HELD**']);
+  const allOk = Object.values(status).every((s) => s.ok) && leaked === 0 && secrets.length > 0 && attacks.every((a) => a.held);
 
   const md = [
     '# Reliability report',
@@ -163,6 +182,14 @@ async function main() {
       ['flows', 'texts searched (logs, output, argv)', 'processes spawned', 'secrets leaked'],
       secrets.map((s) => [String(s.flows), String(s.haystacks), String(s.spawned), String(s.leaked)]),
     ),
+    '',
+    '## Local attacker',
+    '',
+    'A second local user (or a crafted input) tries to read, write, starve or learn what is not theirs (issue 11). Each row is one attempt made by the test files named, and what the system did.',
+    '',
+    table(['file (test/security/local-attacker-*)', 'attempt', 'outcome', 'result'], attackRows.length ? attackRows : [['-', '(no attack tests)', '-', '-']]),
+    '',
+    `Suites: ${status['local attacker']?.ok ? 'passed' : '**FAILED**'} (${attackFiles.length ? attackFiles.map((f) => f.replace(/\.js$/, '.ts')).join(', ') : 'none'}).`,
     '',
   ].join('\n');
   console.log(`\n${md}`);
