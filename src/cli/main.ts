@@ -23,6 +23,7 @@ const VERBS: Record<string, string> = {
   luksHeaderRestore: 'luks-misc',
   config: 'luks-misc',
   repair: 'luks-misc',
+  convert: 'luks-misc',
   erase: 'luks-misc',
   luksErase: 'luks-misc',
   token: 'luks-misc',
@@ -62,6 +63,7 @@ const SYNOPSIS: Record<string, string> = {
   luksHeaderRestore: 'luksHeaderRestore --header-backup-file FILE <device>',
   config: 'config [--label L] [--subsystem S] [--priority ignore|normal|prefer --key-slot N] <device>',
   repair: 'repair <device>',
+  convert: 'convert --type luks1|luks2 <device>',
   erase: 'erase <device>',
   luksErase: 'luksErase <device>',
   token: 'token add|remove|import|export [OPTION...] <device>',
@@ -82,7 +84,7 @@ const USAGE = `usage: cryptmap <verb> [options] [args]
 
 Verbs (cryptsetup names): luksFormat open close status luksDump luksAddKey luksRemoveKey
   luksKillSlot luksChangeKey luksConvertKey luksUUID isLuks luksHeaderBackup luksHeaderRestore config repair
-  erase token luksSuspend luksResume refresh resize benchmark
+  convert erase token luksSuspend luksResume refresh resize benchmark
 Device mapper (dmsetup syntax): dm create|remove|reload|load|suspend|resume|table|status|info|ls|message|rename
 Serving and services: daemon attach detach agent keyd crypttab volume
 

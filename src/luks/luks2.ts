@@ -425,6 +425,11 @@ export class Luks2Volume implements LuksVolume {
     return true;
   }
 
+  /** Throws when this header may not be changed (unknown requirements, read-only device). */
+  assertChangeable(): void {
+    this.#requireChangeable();
+  }
+
   #requireChangeable(): void {
     const unknown = unknownRequirements(this.#json);
     if (unknown.length) throw new CryptmapError('EREQUIREMENT', `Operation incompatible with device marked for unknown requirements (${unknown.join(', ')}).`, { errno: 'ENOTSUP' });

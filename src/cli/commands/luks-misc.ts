@@ -1,12 +1,14 @@
 /**
  * Header-level verbs with cryptsetup's syntax (cryptsetup(8)): luksUUID [--uuid], isLuks [--type],
  * luksHeaderBackup / luksHeaderRestore --header-backup-file, config --label --subsystem --priority,
- * repair, erase (luksErase), token import|export|remove --token-id [--json-file].
+ * repair, convert --type luks1|luks2, erase (luksErase), token import|export|remove --token-id [--json-file].
  */
 import { readFile } from 'node:fs/promises';
 import type { FileDevice } from '../../blockdev/file.js';
-import { detectLuks, headerBackup, headerRestore, Luks1Volume, type Luks2Volume, withDeviceLock } from '../../luks/index.js';
-import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import type { VolumeStatus } from '../../daemon/core.js';
+import { convertLuks1ToLuks2, convertLuks2ToLuks1, detectLuks, headerBackup, headerRestore, Luks1Volume, type Luks2Volume, withDeviceLock } from '../../luks/index.js';
+import { CryptmapError, EXIT_BUSY, EXIT_NO_PERMISSION, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
+import { withDaemon } from '../daemon-client.js';
 import type { CliIO, VerbMain } from '../types.js';
 import { closeQuietly, confirm, headerPath, intOpt, type LuksArgs, loadLuks, loadLuksForRead, needDevice, openDevice, parseLuksArgs, recoverLoaded } from './luks-common.js';
 
@@ -67,6 +69,34 @@ async function token(io: CliIO, v: LuksArgs, positionals: string[]): Promise<num
   }
 }
 
+/** True when the cryptmap daemon (if one runs) has a volume with this LUKS UUID open. */
+async function activeInDaemon(io: CliIO, uuid: string): Promise<boolean> {
+  try {
+    return await withDaemon(undefined, io.env, async (c) => (await c.call<VolumeStatus[]>('volume.list', {})).some((s) => s.active && s.mapping?.uuid === uuid));
+  } catch {
+    return false; // no daemon: nothing is active
+  }
+}
+
+/**
+ * cryptsetup convert --type luks1|luks2 (action_luksConvert): the header is loaded as crypt_load does,
+ * the confirmation names the header device, and a volume the daemon has open is refused (exit 5).
+ */
+async function convert(io: CliIO, dev: FileDevice, vol: Luks1Volume | Luks2Volume, hdr: string, v: LuksArgs): Promise<number> {
+  const to = v.type as 'luks1' | 'luks2';
+  if (vol.type === to) throw new CryptmapError('ECONVERT', `Device is already ${to.toUpperCase()} type.`, { exitCode: 1 });
+  try {
+    await confirm(io, `This operation will convert ${hdr} to ${to.toUpperCase()} format.\n`, v['batch-mode']);
+  } catch (e) {
+    if (isCryptmapError(e, 'EABORT')) throw new CryptmapError('EABORT', 'Operation aborted, device was NOT converted.', { exitCode: EXIT_NO_PERMISSION });
+    throw e;
+  }
+  if (await activeInDaemon(io, vol.uuid)) throw new CryptmapError('EBUSY', `Cannot convert device ${hdr} which is still in use.`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+  if (to === 'luks2') await convertLuks1ToLuks2(dev);
+  else await convertLuks2ToLuks1(dev);
+  return 0;
+}
+
 /** Messages of LUKS1 repair that cryptsetup prints only with --verbose (the others are errors, always shown). */
 const REPAIR_VERBOSE = new Set(['Repairing keyslots.', 'Writing LUKS header to disk.', 'No known problems detected for LUKS header.']);
 
@@ -91,6 +121,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   if (verb === 'token') return token(io, v, positionals);
   const device = needDevice(positionals, `cryptmap ${verb} [OPTION...] <device>`);
   const hdr = headerPath(v, device);
+  if (verb === 'convert' && v.type !== 'luks1' && v.type !== 'luks2') throw new CryptmapError('EARGS', 'Invalid LUKS type, only luks1 and luks2 are supported.', { exitCode: 1 });
   if (verb === 'isLuks') {
     let dev: Awaited<ReturnType<typeof openDevice>> | undefined;
     try {
@@ -181,6 +212,8 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
           }
           if (v.verbose) io.stderr.write('No known problems detected for LUKS header.\n');
           return 0;
+        case 'convert':
+          return convert(io, dev, vol, hdr, v);
         case 'erase':
         case 'luksErase':
           await confirm(io, `This operation will erase all keyslots on device ${hdr}.\nDevice will become unusable after this operation.`, v['batch-mode']);
