@@ -1,11 +1,12 @@
 /**
  * The daemon's runtime directory: control socket, NBD socket, pid file. Chosen by `--runtime-dir`,
- * else CRYPTMAP_RUNTIME_DIR, else /run/cryptmap. Created 0700; an existing directory that others can
- * read or write is tightened, one owned by another user is refused.
+ * else CRYPTMAP_RUNTIME_DIR, else /run/cryptmap. Created 0700 one component at a time; an existing
+ * directory is used only when it and every directory above it pass util/trusted-path.ts (owned by
+ * root or us, not writable by others; the runtime dir itself 0700): a 0777 or 0755 directory, or one
+ * owned by another user, is refused with the fix, never tightened (it may hold what others planted).
  */
-import { chmodSync, lstatSync, mkdirSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { CryptmapError, EXIT_NO_PERMISSION } from '../util/errors.js';
+import { ensureTrustedDir } from '../util/trusted-path.js';
 
 export const DEFAULT_RUNTIME_DIR = '/run/cryptmap';
 
@@ -21,16 +22,10 @@ export function nbdSocketPath(dir: string): string {
   return join(dir, 'nbd.sock');
 }
 
-/** Create (or check) the runtime dir with mode 0700. */
-export function ensureRuntimeDir(dir: string): void {
-  mkdirSync(dir, { recursive: true, mode: 0o700 });
-  const st = lstatSync(dir);
-  if (!st.isDirectory()) throw new CryptmapError('ERUNDIR', `runtime dir ${dir} is not a directory`, { exitCode: EXIT_NO_PERMISSION });
-  const uid = process.getuid?.();
-  if (uid !== undefined && st.uid !== uid) {
-    throw new CryptmapError('ERUNDIR', `runtime dir ${dir} belongs to uid ${st.uid}, not to us (uid ${uid}); refusing to use it`, {
-      exitCode: EXIT_NO_PERMISSION,
-    });
-  }
-  if ((st.mode & 0o077) !== 0) chmodSync(dir, 0o700);
+/**
+ * Create (or check) the runtime dir: trusted path, mode 0700. Returns the real path.
+ * @example const dir = ensureRuntimeDir(runtimeDir(flag));
+ */
+export function ensureRuntimeDir(dir: string): string {
+  return ensureTrustedDir(dir, { code: 'ERUNDIR', mode: 0o700, private: true });
 }

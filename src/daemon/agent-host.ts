@@ -23,6 +23,7 @@ import { desiredVolumes } from '../reconciler/plan.js';
 import { type KeyPort, MemoryKeyStore, type VolumeTarget } from '../reconciler/ports.js';
 import { StateStore } from '../reconciler/state.js';
 import { CryptmapError, EXIT_BUSY } from '../util/errors.js';
+import { ensureTrustedDir, writeFileReplacing } from '../util/trusted-path.js';
 import { type Logger, logger } from '../util/log.js';
 import { DaemonCore } from './core.js';
 import { daemonHandlers } from './handlers.js';
@@ -72,6 +73,8 @@ export class AgentHost {
   readonly mode: ServeMode;
   readonly modeReason: string | undefined;
   readonly keyServiceDescription: string;
+  /** Set when the key service's root secret is exposed (the embedded default): shown at start. */
+  readonly keyServiceWarning: string | undefined;
   readonly #opts: AgentHostOptions;
   readonly #store: StateStore;
   readonly #keys: KeyPort;
@@ -92,6 +95,7 @@ export class AgentHost {
     keys: KeyPort;
     closeKeys: () => Promise<void>;
     keyDescribe: string;
+    keyWarning?: string | undefined;
     control: ControlServer;
   }) {
     this.#opts = init.opts;
@@ -105,6 +109,7 @@ export class AgentHost {
     this.#keys = init.keys;
     this.#closeKeys = init.closeKeys;
     this.keyServiceDescription = init.keyDescribe;
+    this.keyServiceWarning = init.keyWarning;
     this.#control = init.control;
     this.#store = new StateStore(init.stateDir);
     this.#log = init.opts.log ?? logger('agent');
@@ -114,7 +119,8 @@ export class AgentHost {
   static async start(opts: AgentHostOptions): Promise<AgentHost> {
     const log = opts.log ?? logger('agent');
     const stateDir = resolve(opts.stateDir);
-    await fs.mkdir(stateDir, { recursive: true, mode: 0o700 });
+    // Owned by root or us, 0700, and so is every directory above (never tightened: refused).
+    ensureTrustedDir(stateDir, { code: 'ESTATEDIR', mode: 0o700, private: true });
     const runDir = join(stateDir, AGENT_RUN_DIR);
     ensureRuntimeDir(runDir);
     const other = runningAgentPid(stateDir);
@@ -130,6 +136,7 @@ export class AgentHost {
     let keys: KeyPort;
     let closeKeys = async () => {};
     let keyDescribe = 'given by the caller';
+    let keyWarning: string | undefined;
     try {
       await control.listen(controlSocketPath(runDir));
       await core.listen();
@@ -139,18 +146,21 @@ export class AgentHost {
         keys = ks.keys;
         closeKeys = () => ks.close();
         keyDescribe = ks.describe;
+        keyWarning = ks.warning;
       }
     } catch (e) {
       await control.close().catch(() => {});
       await core.shutdown().catch(() => {});
       throw e;
     }
-    await fs.writeFile(join(stateDir, AGENT_PID_FILE), `${process.pid}\n`, { mode: 0o600 });
+    // A fresh file renamed over the name: a planted agent.pid link is replaced, never written through.
+    writeFileReplacing(join(stateDir, AGENT_PID_FILE), `${process.pid}\n`, 0o600, { code: 'ESTATEDIR' });
     const portOpts: ConstructorParameters<typeof DataPathPorts>[0] = { core, mode: mode.mode, workDir: runDir, run, forceSwap: opts.forceSwap ?? false };
     if (mode.reason) portOpts.nbdOnlyReason = mode.reason;
     const ports = new DataPathPorts(portOpts);
     log.info('agent started', { state: stateDir, nbd: core.nbdSocketPath, keys: keyDescribe, mode: mode.mode, ...(mode.reason ? { why: mode.reason } : {}) });
-    return new AgentHost({ opts, stateDir, runDir, core, ports, targets, mode, keys, closeKeys, keyDescribe, control });
+    if (keyWarning) log.warn(keyWarning);
+    return new AgentHost({ opts, stateDir, runDir, core, ports, targets, mode, keys, closeKeys, keyDescribe, keyWarning, control });
   }
 
   /** The volumes the current manifest asks for. */

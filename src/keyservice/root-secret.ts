@@ -23,13 +23,23 @@
  *
  * Creation is race-free: the file is written under a temporary name, fsynced, then hard-linked to
  * its final name (link fails if another process won), and the directory is fsynced.
+ *
+ * Trust (util/trusted-path.ts): the state dir and every directory above it must be owned by root or
+ * us and not writable by others (refused otherwise, never tightened); the secret file is opened with
+ * O_NOFOLLOW and must be a regular file owned by root or us, with one link and mode 0600 or tighter,
+ * checked with fstat on the open descriptor. A root.key another user planted is never loaded.
+ *
+ * `rootFile` (the manifest's `keyService.rootSecretFile`, keyd's `--root-secret-file`): the secret is
+ * kept at that path instead (another disk, a removable medium), raw or wrapped by the same format; it
+ * must exist (it is never created there: a medium that is not mounted must not get a fresh secret).
  */
 import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
 import { constants, promises as fs } from 'node:fs';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { CryptmapError, EXIT_NO_PERMISSION, fromSystemError } from '../util/errors.js';
 import { wipe } from '../util/bytes.js';
 import { Secret } from '../util/secret.js';
+import { ensureTrustedDir, readTrustedFile, resolveTrusted } from '../util/trusted-path.js';
 import { ROOT_SECRET_BYTES } from './derive.js';
 
 export const ROOT_FILE = 'root.key';
@@ -54,6 +64,8 @@ export interface RootSecretOptions {
   passphrase?: Secret;
   /** Argon2id parameters used when creating a wrapped file (tests use cheap ones). */
   wrapParams?: Argon2Params;
+  /** Keep the root secret at this existing file (raw, or wrapped when `passphrase` is set) instead. */
+  rootFile?: string;
 }
 
 export interface RootSecretResult {
@@ -63,18 +75,13 @@ export interface RootSecretResult {
   path: string;
 }
 
-/** Create the state dir with mode 0700 if missing; refuse one that others can read or write. */
+/**
+ * Create the state dir with mode 0700 if missing (component by component); refuse one that others
+ * can read or write, or that sits below a directory another user controls.
+ */
 export async function ensurePrivateDir(dir: string): Promise<void> {
   try {
-    await fs.mkdir(dir, { recursive: true, mode: 0o700 });
-    const st = await fs.stat(dir);
-    if (!st.isDirectory()) throw new CryptmapError('ESTATEDIR', `${dir} is not a directory`);
-    if ((st.mode & 0o077) !== 0) {
-      throw new CryptmapError('ESTATEDIR', `${dir} is accessible by group or others (mode ${(st.mode & 0o777).toString(8)}); chmod 700 it`, {
-        exitCode: EXIT_NO_PERMISSION,
-        errno: 'EPERM',
-      });
-    }
+    ensureTrustedDir(dir, { code: 'ESTATEDIR', mode: 0o700, private: true });
   } catch (e) {
     if (e instanceof CryptmapError) throw e;
     throw fromSystemError('ESTATEDIR', `cannot create state directory ${dir}`, e);
@@ -161,30 +168,14 @@ async function exists(p: string): Promise<boolean> {
 }
 
 async function readPrivateFile(p: string): Promise<Buffer> {
-  let fh: fs.FileHandle;
-  try {
-    fh = await fs.open(p, constants.O_RDONLY | constants.O_NOFOLLOW);
-  } catch (e) {
-    throw fromSystemError('EROOTSECRET', `cannot open ${p}`, e);
-  }
-  try {
-    const st = await fh.stat();
-    if ((st.mode & 0o077) !== 0) {
-      throw new CryptmapError('EROOTSECRET', `${p} is accessible by group or others (mode ${(st.mode & 0o777).toString(8)}); chmod 600 it`, {
-        exitCode: EXIT_NO_PERMISSION,
-        errno: 'EPERM',
-      });
-    }
-    return await fh.readFile();
-  } finally {
-    await fh.close();
-  }
+  // O_NOFOLLOW, then fstat: a regular file of root or ours, one link, no group/other bits.
+  return readTrustedFile(p, { code: 'EROOTSECRET', private: true, maxBytes: 4096 });
 }
 
 /** Write `data` to `path` (mode 0600) atomically and exclusively; returns false if it already existed. */
 async function createExclusive(dir: string, path: string, data: Buffer): Promise<boolean> {
   const tmp = join(dir, `.tmp-${process.pid}-${randomBytes(6).toString('hex')}`);
-  const fh = await fs.open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o600);
+  const fh = await fs.open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
   try {
     await fh.writeFile(data);
     await fh.sync();
@@ -214,6 +205,7 @@ async function createExclusive(dir: string, path: string, data: Buffer): Promise
  * passphrase given, or a wrapped file without one, is an error (never silently downgrade).
  */
 export async function loadOrCreateRootSecret(stateDir: string, opts: RootSecretOptions = {}): Promise<RootSecretResult> {
+  if (opts.rootFile !== undefined) return loadRootSecretFile(opts.rootFile, opts.passphrase);
   await ensurePrivateDir(stateDir);
   const rawPath = join(stateDir, ROOT_FILE);
   const wrappedPath = join(stateDir, WRAPPED_FILE);
@@ -253,4 +245,53 @@ export async function loadOrCreateRootSecret(stateDir: string, opts: RootSecretO
     throw new CryptmapError('EROOTSECRET', `${rawPath} must hold exactly ${ROOT_SECRET_BYTES} bytes`);
   }
   return { secret: new Secret(bytes), created: false, wrapped: false, path: rawPath };
+}
+
+/** Load the root secret kept at `path` (never created there): raw 32 bytes, or wrapped with `passphrase`. */
+export async function loadRootSecretFile(path: string, passphrase?: Secret): Promise<RootSecretResult> {
+  const dir = resolve(path, '..');
+  resolveTrusted(dir, { code: 'EROOTSECRET' });
+  if (!(await exists(path))) {
+    throw new CryptmapError(
+      'EROOTSECRET',
+      `root secret file ${path} does not exist (it is never created there: is its medium mounted?). Make one with 'cryptmap keyd --state-dir DIR${passphrase ? ' --passphrase-file F' : ''}' and move DIR/${passphrase ? WRAPPED_FILE : ROOT_FILE} there`,
+      { exitCode: 4, errno: 'ENOENT' },
+    );
+  }
+  const bytes = await readPrivateFile(path);
+  const isWrapped = bytes.length === WRAPPED_BYTES && bytes.toString('latin1', 0, 4) === WRAPPED_MAGIC;
+  if (passphrase) {
+    try {
+      if (!isWrapped) throw new CryptmapError('EROOTSECRET', `${path} is not a wrapped root secret (${WRAPPED_BYTES} bytes starting with ${WRAPPED_MAGIC}) but a passphrase was given`);
+      return { secret: await unwrapRootSecret(bytes, passphrase), created: false, wrapped: true, path };
+    } finally {
+      wipe(bytes);
+    }
+  }
+  if (isWrapped) {
+    wipe(bytes);
+    throw new CryptmapError('EROOTSECRET', `${path} is wrapped by a passphrase: give a passphrase file`);
+  }
+  if (bytes.length !== ROOT_SECRET_BYTES) {
+    wipe(bytes);
+    throw new CryptmapError('EROOTSECRET', `${path} must hold exactly ${ROOT_SECRET_BYTES} bytes`);
+  }
+  return { secret: new Secret(bytes), created: false, wrapped: false, path };
+}
+
+/**
+ * Read the passphrase that wraps the root secret from `path` (keyd's `--passphrase-file`, the
+ * manifest's `keyService.passphraseFile`): O_NOFOLLOW, owned by root or us, mode 0600 or tighter, at
+ * most 8 KiB; a trailing newline (from `echo`) is dropped, as cryptsetup does for passphrases.
+ */
+export function readPassphraseFile(path: string): Secret {
+  const raw = readTrustedFile(path, { code: 'EROOTPASS', private: true, maxBytes: 8192 });
+  const end = raw.length > 0 && raw[raw.length - 1] === 0x0a ? raw.length - 1 : raw.length;
+  const s = new Secret(Buffer.from(raw.subarray(0, end)));
+  wipe(raw);
+  if (s.length === 0) {
+    s.dispose();
+    throw new CryptmapError('EROOTPASS', `passphrase file ${path} is empty`);
+  }
+  return s;
 }

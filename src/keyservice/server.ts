@@ -144,7 +144,7 @@ export async function listenTls(service: KeyService, opts: TlsListenOptions): Pr
       const cn = sock.authorized ? sock.getPeerCertificate()?.subject?.CN : undefined;
       const cnStr = Array.isArray(cn) ? cn[0] : cn;
       if (!cnStr) {
-        service.refuse('https', 'cn:?', 'no verified client certificate');
+        service.refuse('https', 'cn:?', 'no verified client certificate', sock.remoteAddress);
         reply(401, { ok: false, code: 'EACCES', message: 'a client certificate signed by the key service CA is required' });
         return;
       }
@@ -184,8 +184,9 @@ export async function listenTls(service: KeyService, opts: TlsListenOptions): Pr
       });
     },
   );
-  server.on('tlsClientError', () => {
-    service.refuse('https', 'cn:?', 'TLS handshake failed (client certificate missing or not trusted)');
+  server.on('tlsClientError', (_e, sock) => {
+    // Aggregated per peer by the audit sink (audit.ts rateLimitedAudit): a handshake loop is one line per interval.
+    service.refuse('https', 'cn:?', 'TLS handshake failed (client certificate missing or not trusted)', sock.remoteAddress);
   });
   await new Promise<void>((res, rej) => {
     server.once('error', rej);

@@ -98,7 +98,7 @@ export class KeyService {
   }
 
   /** Record a refusal decided by a transport (unknown token, bad certificate, oversized request). */
-  refuse(transport: 'unix' | 'https', identity: string, reason: string): void {
-    this.#audit.record({ transport, identity, op: 'connect', result: 'denied', reason });
+  refuse(transport: 'unix' | 'https', identity: string, reason: string, peer?: string): void {
+    this.#audit.record({ transport, identity, ...(peer ? { peer } : {}), op: 'connect', result: 'denied', reason });
   }
 }

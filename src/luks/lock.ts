@@ -6,14 +6,17 @@
  * files: `<runtime dir>/locks/L_<st_dev>_<st_ino>` created with O_EXCL (`wx`) holding the owner's pid.
  * Keyed by device and inode, so every path to the same image (symlinks, bind mounts) takes the same
  * lock. The runtime dir is `$CRYPTMAP_LOCK_DIR`, else `/run/cryptmap/locks` for root, else
- * `$XDG_RUNTIME_DIR/cryptmap/locks` (or the temp dir), created 0700. A lock whose pid is gone (a
- * crashed process) is broken. This serialises cryptmap processes; against other tools (cryptsetup)
+ * `$XDG_RUNTIME_DIR/cryptmap-UID/locks` (or `/tmp/cryptmap-UID/locks`), created 0700 one component at
+ * a time and checked by util/trusted-path.ts: another user who created `/tmp/cryptmap-UID` first (to
+ * read or remove our locks) is refused, never trusted. Lock files are created with O_EXCL|O_NOFOLLOW.
+ * A lock whose pid is gone (a crashed process) is broken. This serialises cryptmap processes; against other tools (cryptsetup)
  * the seqid check in luks2.ts detects concurrent updates.
  */
-import { mkdir, open, readFile, stat, unlink } from 'node:fs/promises';
+import { readFile, stat, unlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { CryptmapError, EXIT_BUSY } from '../util/errors.js';
+import { createExclusiveFile, ensureTrustedDir } from '../util/trusted-path.js';
 
 export function lockDir(env: NodeJS.ProcessEnv = process.env): string {
   if (env.CRYPTMAP_LOCK_DIR) return env.CRYPTMAP_LOCK_DIR;
@@ -35,14 +38,12 @@ export async function withDeviceLock<T>(path: string, fn: () => Promise<T>, opts
   const st = await stat(path).catch(() => null);
   if (!st) return fn(); // nothing to lock yet; opening the device reports the error
   const dir = lockDir(opts.env);
-  await mkdir(dir, { recursive: true, mode: 0o700 });
+  ensureTrustedDir(dir, { code: 'ELOCKDIR', mode: 0o700, private: true });
   const file = join(dir, `L_${st.dev}_${st.ino}`);
   const deadline = Date.now() + (opts.timeoutMs ?? 30000);
   for (;;) {
     try {
-      const fh = await open(file, 'wx', 0o600);
-      await fh.writeFile(String(process.pid));
-      await fh.close();
+      createExclusiveFile(file, String(process.pid));
       break;
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;

@@ -31,6 +31,8 @@ export const MANIFEST_SCHEMA = {
           'x-message': 'must be embedded, unix:/path/to/keyd.sock or https://host:port',
         },
         tokenFile: { type: 'string', pattern: '^/', 'x-message': 'must be an absolute path' },
+        passphraseFile: { type: 'string', minLength: 1, 'x-message': 'must be a file path (relative to the manifest)' },
+        rootSecretFile: { type: 'string', minLength: 1, 'x-message': 'must be a file path (relative to the manifest)' },
         tls: {
           type: 'object',
           additionalProperties: false,

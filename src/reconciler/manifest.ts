@@ -56,6 +56,10 @@ export interface KeyServiceRef {
   address: string;
   tokenFile?: string;
   tls?: { cert: string; key: string; ca: string };
+  /** embedded only: wrap the root secret with the passphrase in this file (0600). */
+  passphraseFile?: string;
+  /** embedded only: the root secret is kept in this existing file (another path or medium). */
+  rootSecretFile?: string;
 }
 
 export interface Manifest {
@@ -198,6 +202,9 @@ export function parseManifest(text: string, file = 'manifest.yaml'): Manifest {
   if (keyService.address.startsWith('https://') && !keyService.tls) problem(['keyService', 'tls'], 'an https key service needs tls.cert, tls.key and tls.ca');
   if (!keyService.address.startsWith('https://') && keyService.tls) problem(['keyService', 'tls'], 'applies to https key services only');
   if (keyService.tokenFile && !/^(unix:)?\//.test(keyService.address)) problem(['keyService', 'tokenFile'], 'applies to unix socket key services only');
+  for (const k of ['passphraseFile', 'rootSecretFile'] as const) {
+    if (keyService[k] !== undefined && keyService.address !== 'embedded') problem(['keyService', k], 'applies to the embedded key service only (a keyd has its own --passphrase-file and --root-secret-file)');
+  }
 
   const services: ServiceSpec[] = [];
   const serviceNames = new Map<string, number>();

@@ -12,7 +12,8 @@ test('embedded key service: root secret under STATE/keyd, same keys after a rest
   try {
     const req = { purpose: 'scratch' as const, service: 'db', volume: 'data' };
     const a = await keyServiceForManifest({ address: 'embedded' }, t.dir);
-    assert.match(a.describe, /embedded \(root secret created at .*keyd\/root\.key\)/);
+    assert.match(a.describe, /embedded \(raw root secret created at .*keyd\/root\.key\)/);
+    assert.match(a.warning ?? '', /WARNING: .*raw root secret.*decrypt every persistent volume/);
     const k1 = await a.keys.deriveKey(req);
     await a.close();
     const b = await keyServiceForManifest({ address: 'embedded' }, t.dir);

@@ -12,8 +12,11 @@
  * and reconciles again (a service removed from it is torn down; its persistent files are kept).
  */
 import { parseArgs } from 'node:util';
+import { existsSync } from 'node:fs';
+import { resolve } from 'node:path';
 import { AgentHost, runningAgentPid } from '../../daemon/agent-host.js';
 import { readBootId } from '../../reconciler/agent.js';
+import { embeddedRawRootPath, rawRootWarning } from '../../reconciler/keys.js';
 import type { ApplyReport } from '../../reconciler/apply.js';
 import { DEFAULT_MANIFEST_FILE, DEFAULT_MANIFEST_YAML } from '../../reconciler/default-manifest.js';
 import { loadManifest, type Manifest, parseManifest } from '../../reconciler/manifest.js';
@@ -76,8 +79,11 @@ async function status(v: ReturnType<typeof parse>['values'], io: CliIO): Promise
   if (!dir) throw usageError('--state-dir is required');
   const rows = statusRows(await new StateStore(dir).load());
   const pid = runningAgentPid(dir);
-  if (v.json) io.stdout.write(JSON.stringify({ running: pid !== undefined, pid: pid ?? null, volumes: rows }, null, 2) + '\n');
-  else io.stdout.write((pid !== undefined ? `agent running (pid ${pid})\n` : 'agent not running\n') + formatStatus(rows));
+  // The embedded default's raw root secret beside the volumes: repeated here, not only at start.
+  const rawRoot = embeddedRawRootPath(resolve(dir));
+  const warning = existsSync(rawRoot) ? rawRootWarning(rawRoot, resolve(dir)) : undefined;
+  if (v.json) io.stdout.write(JSON.stringify({ running: pid !== undefined, pid: pid ?? null, volumes: rows, ...(warning ? { warning } : {}) }, null, 2) + '\n');
+  else io.stdout.write((pid !== undefined ? `agent running (pid ${pid})\n` : 'agent not running\n') + formatStatus(rows) + (warning ? `\n${warning}\n` : ''));
   return 0;
 }
 
@@ -135,6 +141,7 @@ const agent: VerbMain = async (argv, io) => {
   let ok = false;
   try {
     io.stdout.write(`cryptmap agent: manifest ${manifest.file}, state ${host.stateDir}, keys ${host.keyServiceDescription}\n`);
+    if (host.keyServiceWarning) io.stderr.write(`\n*** ${host.keyServiceWarning} ***\n\n`);
     const report = await host.reconcile(ac.signal);
     ok = report.volumes.every((x) => x.state === 'ready' || x.code === 'ESWAPUNSAFE');
     io.stdout.write(formatReport(host, report));

@@ -12,7 +12,7 @@
  * high latency (network or rotating disks).
  */
 import { spawn } from 'node:child_process';
-import { openSync, readFileSync, writeFileSync, rmSync } from 'node:fs';
+import { closeSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { ControlClient } from '../../control/client.js';
@@ -24,6 +24,7 @@ import { daemonHandlers } from '../../daemon/handlers.js';
 import type { NbdServerOptions, NbdTlsMode } from '../../nbd/types.js';
 import { CryptmapError, fromSystemError } from '../../util/errors.js';
 import { logger } from '../../util/log.js';
+import { openTrustedAppend, writeFileReplacing } from '../../util/trusted-path.js';
 import type { VerbMain } from '../types.js';
 
 const log = logger('daemon');
@@ -111,7 +112,8 @@ const daemon: VerbMain = async (argv, io) => {
     throw e;
   }
   const pidFile = join(dir, 'daemon.pid');
-  writeFileSync(pidFile, `${process.pid}\n`, { mode: 0o600 });
+  // Never through a link someone planted: a new file renamed over the name.
+  writeFileReplacing(pidFile, `${process.pid}\n`, 0o600, { code: 'ERUNDIR' });
   log.info('daemon ready', { control: controlSocketPath(dir), nbd: nbdSocketPath(dir), ...(tcp ? { tcp: `${tcp.host}:${tcp.port}` } : {}) });
 
   await new Promise<void>((resolve) => {
@@ -137,10 +139,12 @@ const daemon: VerbMain = async (argv, io) => {
 async function detach(argv: string[], dir: string, io: Parameters<VerbMain>[1]): Promise<number> {
   const args = argv.filter((a) => a !== '--detach');
   const logFile = join(dir, 'daemon.log');
-  const out = openSync(logFile, 'a', 0o600);
+  // O_NOFOLLOW and an fstat owner check: a planted link or another user's file is refused.
+  const out = openTrustedAppend(logFile, { code: 'ERUNDIR' });
   const entry = process.argv[1] ?? new URL('../entry.js', import.meta.url).pathname;
   const child = spawn(process.execPath, [entry, ...args], { detached: true, stdio: ['ignore', out, out], env: io.env });
   child.unref();
+  closeSync(out);
   for (let i = 0; i < 100; i++) {
     await new Promise((r) => setTimeout(r, 100));
     try {

@@ -2,7 +2,7 @@
  * `cryptmap keyd`: run the key service (docs/keyservice.md).
  *
  *   cryptmap keyd --state-dir DIR [--socket PATH] [--listen HOST:PORT --tls-cert F --tls-key F --tls-ca F]
- *                 [--policy FILE] [--passphrase-file FILE] [--audit-log FILE]
+ *                 [--policy FILE] [--passphrase-file FILE] [--root-secret-file FILE] [--audit-log FILE]
  *   cryptmap keyd token NAME      print a new client token and its policy entry
  *
  * Serves until SIGINT or SIGTERM; SIGHUP reloads the policy file.
@@ -10,14 +10,14 @@
 import { readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { type AuditSink, openAuditFile } from '../../keyservice/audit.js';
+import { type AuditSink, openAuditFile, rateLimitedAudit } from '../../keyservice/audit.js';
 import { isValidName } from '../../keyservice/derive.js';
 import { DEFAULT_POLICY, loadPolicy, tokenDigest } from '../../keyservice/policy.js';
-import { loadOrCreateRootSecret } from '../../keyservice/root-secret.js';
+import { loadOrCreateRootSecret, readPassphraseFile } from '../../keyservice/root-secret.js';
 import { listenTls, listenUnix, newClientToken, type RunningServer } from '../../keyservice/server.js';
 import { KeyService } from '../../keyservice/service.js';
 import { CryptmapError, fromSystemError } from '../../util/errors.js';
-import { Secret } from '../../util/secret.js';
+import type { Secret } from '../../util/secret.js';
 import type { VerbMain } from '../types.js';
 
 const HELP = `usage: cryptmap keyd --state-dir DIR [options]
@@ -28,7 +28,9 @@ const HELP = `usage: cryptmap keyd --state-dir DIR [options]
   --listen HOST:PORT      also serve HTTPS with client certificates (needs the three --tls-*)
   --tls-cert F --tls-key F --tls-ca F   server certificate and key (PEM), CA for client certificates
   --policy FILE           who may have which keys (YAML/JSON; default: local clients, all services)
-  --passphrase-file FILE  keep the root secret wrapped by this passphrase (Argon2id)
+  --passphrase-file FILE  keep the root secret wrapped by this passphrase (Argon2id; FILE 0600)
+  --root-secret-file FILE use the root secret kept in FILE (raw, or wrapped with --passphrase-file;
+                          another disk or a removable medium) instead of DIR/root.key; never created
   --audit-log FILE        JSON lines (default DIR/audit.log)
 `;
 
@@ -60,6 +62,7 @@ function parse(argv: string[]) {
       'tls-ca': { type: 'string' },
       policy: { type: 'string' },
       'passphrase-file': { type: 'string' },
+      'root-secret-file': { type: 'string' },
       'audit-log': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
@@ -97,16 +100,12 @@ const keyd: VerbMain = async (argv, io) => {
   let policy = policyPath ? await loadPolicy(policyPath) : DEFAULT_POLICY;
 
   let passphrase: Secret | undefined;
-  if (values['passphrase-file']) {
-    const raw = readFileArg('--passphrase-file', values['passphrase-file']);
-    // cryptsetup convention: a key file is used whole; a trailing newline from `echo` is dropped.
-    const end = raw.length > 0 && raw[raw.length - 1] === 0x0a ? raw.length - 1 : raw.length;
-    passphrase = new Secret(Buffer.from(raw.subarray(0, end)));
-    raw.fill(0);
-  }
+  // A trailing newline from `echo` is dropped; the file must be ours and 0600 (O_NOFOLLOW, fstat).
+  if (values['passphrase-file']) passphrase = readPassphraseFile(resolve(values['passphrase-file']));
   let root: Awaited<ReturnType<typeof loadOrCreateRootSecret>>;
   try {
-    root = await loadOrCreateRootSecret(stateDir, { passphrase });
+    const rootFile = values['root-secret-file'] ? resolve(values['root-secret-file']) : undefined;
+    root = await loadOrCreateRootSecret(stateDir, { ...(passphrase ? { passphrase } : {}), ...(rootFile ? { rootFile } : {}) });
   } finally {
     passphrase?.dispose(); // also when unwrapping fails (wrong passphrase, damaged file)
   }
@@ -114,7 +113,7 @@ const keyd: VerbMain = async (argv, io) => {
   const servers: RunningServer[] = [];
   let tlsKey: Buffer | undefined;
   try {
-    audit = await openAuditFile(values['audit-log'] ? resolve(values['audit-log']) : join(stateDir, 'audit.log'));
+    audit = rateLimitedAudit(await openAuditFile(values['audit-log'] ? resolve(values['audit-log']) : join(stateDir, 'audit.log')));
     const service = new KeyService({ root: root.secret, policy, audit });
     io.stdout.write(`keyd: root secret ${root.created ? 'created' : 'loaded'} (${root.wrapped ? 'wrapped' : 'raw'}) at ${root.path}\n`);
     const socketPath = resolve(values.socket ?? join(stateDir, 'keyd.sock'));
