@@ -935,6 +935,24 @@ static napi_value set_xts_impl(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* ---------- for native/fuse-export.c (its threads run a request on a key the JS side keeps alive) ---------- */
+
+void *cm_key_from_value(napi_env env, napi_value v) {
+  cm_key *k = get_key(env, v);
+  if (k && k->disposed) {
+    napi_throw_error(env, "EDISPOSED", "sector cipher used after dispose");
+    return NULL;
+  }
+  return k;
+}
+int cm_key_sector_bytes(void *k) {
+  return ((cm_key *)k)->sector_bytes;
+}
+int cm_key_run_inplace(void *k, int enc, uint8_t *buf, uint32_t count, uint64_t iv, uint32_t step) {
+  return run((cm_key *)k, enc, buf, buf, count, iv, step);
+}
+void cm_fuse_register(napi_env env, napi_value exports);
+
 /* ---------- file helpers ---------- */
 
 static const char *errno_name(int e) {
@@ -1081,6 +1099,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   CHECK(env, napi_define_properties(env, exports, sizeof d / sizeof d[0], d));
+  cm_fuse_register(env, exports);
   napi_value ver;
   CHECK(env, napi_create_int32(env, ABI_VERSION, &ver));
   CHECK(env, napi_set_named_property(env, exports, "abiVersion", ver));

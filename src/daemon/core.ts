@@ -9,14 +9,15 @@ import { createHmac, randomBytes } from 'node:crypto';
 import type { CryptMapping } from '../activate/mapping.js';
 import { cryptTableLine, dmUuid, keyDescription, keyRefArg } from '../activate/mapping.js';
 import type { BlockDevice } from '../blockdev/types.js';
-import { type DmControl, DeviceRegistry, InProcessDmControl, type MappedDevice } from '../dm/index.js';
-import { type AttachInfo, attachExport, detachExport, NbdServer, nbdUnixUri } from '../nbd/index.js';
+import { type DmControl, DeviceRegistry, type InProcessDmControl, type MappedDevice } from '../dm/index.js';
+import { NbdServer, nbdUnixUri } from '../nbd/index.js';
 import type { NbdServerOptions } from '../nbd/types.js';
 import { constantTimeEqual, wipe } from '../util/bytes.js';
 import { CryptmapError, EXIT_BUSY, EXIT_FAILURE, EXIT_WRONG_DEVICE } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import { mountedAt } from '../util/tools.js';
 import type { Secret } from '../util/secret.js';
+import { type Attachment, FuseExports, type Via } from './fuse-export.js';
 import { Keyring } from './keyring.js';
 
 const log = logger('daemon');
@@ -35,6 +36,8 @@ export interface VolumeStatus {
   mapping?: Omit<CryptMapping, 'ivOffsetSectors'> & { ivOffsetSectors: string };
   nbdUri: string;
   attachedDevice?: string;
+  /** How it is attached: fuse (built-in FUSE export + loop), nbd (kernel client) or nbdfuse. */
+  attachedVia?: Via;
   suspended: boolean;
   openCount: number;
   nbdConnections: number;
@@ -51,7 +54,8 @@ export class DaemonCore {
   readonly #opts: DaemonCoreOptions;
   readonly #handles = new Map<string, BlockDevice>();
   readonly #volumes = new Map<string, CryptMapping>();
-  readonly #attachments = new Map<string, AttachInfo>();
+  readonly #attachments = new Map<string, Attachment>();
+  readonly #fuse: FuseExports;
   readonly #chains = new Map<string, Promise<unknown>>();
   /** luksSuspend'ed volumes: HMAC-SHA256 of the wiped key under a random salt, to check the key resume brings. */
   readonly #suspendedKeyTags = new Map<string, { salt: Buffer; tag: Buffer }>();
@@ -60,7 +64,15 @@ export class DaemonCore {
   constructor(opts: DaemonCoreOptions) {
     this.#opts = opts;
     this.registry = new DeviceRegistry({ keyStore: this.keyring });
-    this.#dm = new InProcessDmControl(this.registry);
+    this.#fuse = new FuseExports({
+      registry: this.registry,
+      keyring: this.keyring,
+      mappingOf: (n) => this.#volumes.get(n),
+      attachDir: opts.attachDir,
+      nbdSocketPath: opts.nbdSocketPath,
+    });
+    // Suspend, resume and remove switch the FUSE export's direct route off and on (fuse-export.ts).
+    this.#dm = this.#fuse.dmControl();
     // No OFFSET_HOLE READ replies by default: they cost a block-status query (SEEK_DATA/SEEK_HOLE)
     // per READ, and on tmpfs SEEK_HOLE walks the page cache up to the next hole (for a fully
     // written 1 GiB file, 9 ms per READ: 30 MB/s). Crypt targets never report holes anyway; clients
@@ -425,7 +437,10 @@ export class DaemonCore {
     };
     if (m) st.mapping = { ...m, ivOffsetSectors: m.ivOffsetSectors.toString() };
     const a = this.#attachments.get(name);
-    if (a) st.attachedDevice = a.devicePath;
+    if (a) {
+      st.attachedDevice = a.devicePath;
+      st.attachedVia = a.via;
+    }
     return st;
   }
 
@@ -433,23 +448,21 @@ export class DaemonCore {
     return this.registry.list().map((d) => this.statusOf(d.name));
   }
 
-  /** Make the export a kernel block device (nbd-client, or nbdfuse + loop). */
-  attach(name: string, opts: { readOnly?: boolean; swap?: boolean } = {}): Promise<AttachInfo> {
+  /** Make the export a kernel block device: `via` fuse (built-in FUSE export + loop), nbd (nbd-client) or nbdfuse; default the best present. */
+  attach(name: string, opts: { readOnly?: boolean; swap?: boolean; via?: Via | 'auto' } = {}): Promise<Attachment> {
     return this.#serial(`attach:${name}`, async () => {
       if (!this.#handles.has(name)) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOENT' });
       const have = this.#attachments.get(name);
       if (have) return have;
       const dev = this.registry.get(name);
-      const info = await attachExport({
-        socketPath: this.nbdSocketPath,
-        exportName: name,
-        workDir: this.#opts.attachDir,
+      const info = await this.#fuse.attach(name, this.#handles.get(name)!, {
+        via: opts.via,
         readOnly: (opts.readOnly ?? false) || dev.readOnly,
         logicalBlockBytes: dev.limits.logicalBlockBytes,
         swap: opts.swap ?? false,
       });
       this.#attachments.set(name, info);
-      log.info('volume attached', { name, device: info.devicePath, method: info.method });
+      log.info('volume attached', { name, device: info.devicePath, via: info.via });
       return info;
     });
   }
@@ -466,10 +479,15 @@ export class DaemonCore {
     });
   }
 
-  async #detachNow(name: string, info: AttachInfo): Promise<void> {
-    await detachExport(info);
+  async #detachNow(name: string, info: Attachment): Promise<void> {
+    await this.#fuse.detach(info);
     this.#attachments.delete(name);
     log.info('volume detached', { name });
+  }
+
+  /** Request counts of `name`'s FUSE export (tests, status), if it has one. */
+  fuseStats(name: string): ReturnType<FuseExports['stats']> {
+    return this.#fuse.stats(name);
   }
 
   /** Listen for NBD clients on the Unix socket (and TCP when asked). */
@@ -491,7 +509,7 @@ export class DaemonCore {
     this.#suspendedKeyTags.clear();
     for (const [name, info] of this.#attachments) {
       try {
-        await detachExport(info);
+        await this.#fuse.detach(info);
       } catch (e) {
         log.error('detach failed at shutdown', { name, error: e instanceof Error ? e.message : String(e) });
       }

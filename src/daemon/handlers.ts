@@ -9,6 +9,7 @@ import { fromHex, wipe } from '../util/bytes.js';
 import { CryptmapError } from '../util/errors.js';
 import { Secret } from '../util/secret.js';
 import type { DaemonCore, RefreshFlags } from './core.js';
+import { VIAS, type Via } from './fuse-export.js';
 
 function need<T>(v: unknown, check: (x: unknown) => boolean, what: string): T {
   if (!check(v)) throw new CryptmapError('EPROTO', `control request: bad or missing '${what}'`);
@@ -104,7 +105,10 @@ export function daemonHandlers(core: DaemonCore): ControlHandlers {
     'volume.close': async (a) => core.closeVolume(need(a.name, isStr, 'name'), { force: a.force === true }),
     'volume.status': async (a) => core.statusOf(need(a.name, isStr, 'name')),
     'volume.list': async () => core.volumes(),
-    attach: async (a) => core.attach(need(a.name, isStr, 'name'), { readOnly: a.readOnly === true }),
+    attach: async (a) => {
+      const via = a.via === undefined ? 'auto' : need<Via | 'auto'>(a.via, (x) => x === 'auto' || VIAS.includes(x as Via), 'via');
+      return core.attach(need(a.name, isStr, 'name'), { readOnly: a.readOnly === true, via });
+    },
     detach: async (a) => core.detach(need(a.name, isStr, 'name')),
   };
 }

@@ -1,6 +1,7 @@
 /**
- * `cryptmap attach NAME` prints the kernel block device the mapping now is (nbd-client when the
- * nbd module exists, else nbdfuse + loop); `cryptmap detach NAME` undoes it.
+ * `cryptmap attach [--via fuse|nbd|nbdfuse] NAME` prints the kernel block device the mapping now is:
+ * nbd-client when the nbd module exists, else the daemon's own FUSE export + loop (root), else nbdfuse
+ * + loop; `--via` forces one. `cryptmap detach NAME` undoes it.
  */
 import { parseArgs } from 'node:util';
 import type { AttachInfo } from '../../nbd/attach.js';
@@ -12,7 +13,7 @@ const attach: VerbMain = async (argv, io) => {
   const verb = argv[0];
   const { values, positionals } = parseArgs({
     args: argv.slice(1),
-    options: { 'runtime-dir': { type: 'string' }, readonly: { type: 'boolean', short: 'r' } },
+    options: { 'runtime-dir': { type: 'string' }, readonly: { type: 'boolean', short: 'r' }, via: { type: 'string' } },
     allowPositionals: true,
   });
   if (positionals.length !== 1) throw new CryptmapError('EARGS', `usage: cryptmap ${verb} NAME`);
@@ -21,7 +22,9 @@ const attach: VerbMain = async (argv, io) => {
     await withDaemon(values['runtime-dir'], io.env, (c) => c.call('detach', { name }));
     return 0;
   }
-  const info = await withDaemon(values['runtime-dir'], io.env, (c) => c.call<AttachInfo>('attach', { name, readOnly: values.readonly === true }));
+  const via = values.via ?? 'auto';
+  if (!['auto', 'fuse', 'nbd', 'nbdfuse'].includes(via)) throw new CryptmapError('EARGS', `--via must be fuse, nbd or nbdfuse, not '${via}'`);
+  const info = await withDaemon(values['runtime-dir'], io.env, (c) => c.call<AttachInfo>('attach', { name, readOnly: values.readonly === true, via }));
   io.stdout.write(`${info.devicePath}\n`);
   return 0;
 };

@@ -62,7 +62,7 @@ export function formatStatus(s: VolumeStatus, raw = ''): string {
     if (s.suspended) out += `  (suspended)\n`;
   }
   out += `  nbd:     ${s.nbdUri}\n`;
-  if (s.attachedDevice) out += `  attached: ${s.attachedDevice}\n`;
+  if (s.attachedDevice) out += `  attached: ${s.attachedDevice}${s.attachedVia ? ` (via ${s.attachedVia})` : ''}\n`;
   return out;
 }
 

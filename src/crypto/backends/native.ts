@@ -143,3 +143,27 @@ export const nativeBackend: BackendOps = {
     }
   },
 };
+
+/**
+ * A native key handle for `spec` (dm-crypt syntax) with its own copy of the key, for native code that
+ * runs requests without the engine (the FUSE export's direct route, daemon/fuse-export.ts). null when
+ * the addon is not loaded. The caller disposes it (wipes and frees the schedule).
+ */
+export function createNativeKey(spec: CipherSpec, key: Uint8Array, sectorBytes: number): { handle: NativeKeyHandle; dispose(): void } | null {
+  const addon = loadNative();
+  if (addon === null) return null;
+  const iv = spec.ivMode === undefined ? undefined : IV_GENERATORS[spec.ivMode]!.init({ spec, key });
+  try {
+    const chain = spec.cipher === 'cipher_null' ? 3 : CHAIN[spec.chainMode];
+    const ivMode = spec.ivMode === undefined ? 0 : (IV_GENERATORS[spec.ivMode]?.nativeMode ?? 0);
+    const k = Buffer.from(key);
+    try {
+      const handle = addon.cipherCreate(chain, k, ivMode, iv?.nativeKey ?? null, sectorBytes);
+      return { handle, dispose: () => addon.cipherDispose(handle) };
+    } finally {
+      wipe(k);
+    }
+  } finally {
+    iv?.dispose();
+  }
+}
