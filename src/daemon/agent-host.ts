@@ -229,13 +229,13 @@ function rebaseMount(t: VolumeTarget, root: string | undefined): VolumeTarget {
 
 /**
  * After a crash the kernel may still hold what the dead agent attached: mounts and swap on loop
- * devices over nbdfuse files in `<run>/attach/nbdfuse-*`. Undo them (lazy unmount: the server they
+ * devices over nbdfuse files in `<run>/attach/nbdfuse-*` or the built-in FUSE export's `fuse-*`. Undo them (lazy unmount: the server they
  * need is gone) so the volumes can be attached again. Best effort; logs what it does.
  */
 export async function cleanStaleAttachments(attachDir: string, run: Runner, log: Logger): Promise<void> {
   let dirs: string[];
   try {
-    dirs = readdirSync(attachDir).filter((d) => d.startsWith('nbdfuse-'));
+    dirs = readdirSync(attachDir).filter((d) => d.startsWith('nbdfuse-') || d.startsWith('fuse-'));
   } catch {
     return;
   }

@@ -25,7 +25,8 @@
  *
  * After a crash the kernel aborts the FUSE connection (requests fail with ENOTCONN, nothing hangs);
  * the mount point and the loop device stay until cleanStaleFuse (run before the first attach of a
- * daemon) detaches the loop devices on dead `fuse-*` directories and lazily unmounts them.
+ * daemon; the agent's cleanStaleAttachments does the same at its start) lazily unmounts what is
+ * mounted from their loop devices, detaches those and lazily unmounts the dead FUSE mounts.
  */
 import { existsSync, fstatSync, mkdirSync, mkdtempSync, openSync, closeSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
@@ -40,7 +41,7 @@ import { type AttachInfo, attachExport, detachExport } from '../nbd/index.js';
 import { CryptmapError, isCryptmapError } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import { loadNative, type NativeKeyHandle } from '../util/native.js';
-import { runTool } from '../util/tools.js';
+import { runTool, unescapeMount } from '../util/tools.js';
 import type { Keyring } from './keyring.js';
 
 const log = logger('fuse');
@@ -255,6 +256,19 @@ function isMounted(path: string): boolean {
   }
 }
 
+/** Where `device` is mounted (/proc/self/mounts). */
+function mountsOf(device: string): string[] {
+  try {
+    return readFileSync('/proc/self/mounts', 'utf8')
+      .split('\n')
+      .map((l) => l.split(' '))
+      .filter((f) => f[0] === device && f[1] !== undefined)
+      .map((f) => unescapeMount(f[1]!));
+  } catch {
+    return [];
+  }
+}
+
 /** Loop devices whose backing file is `file` (sysfs). */
 function loopsOn(file: string): string[] {
   const out: string[] = [];
@@ -304,6 +318,11 @@ export async function cleanStaleFuse(attachDir: string, live: ReadonlySet<string
     if (live.has(dir)) continue;
     const mnt = join(dir, 'mnt');
     for (const loop of loopsOn(join(mnt, 'disk'))) {
+      // A file system still mounted from the dead device only returns errors: lazily unmount it.
+      for (const at of mountsOf(loop)) {
+        log.warn('stale mount of a dead FUSE export: lazy unmount', { device: loop, mountpoint: at });
+        await runTool('umount', ['-l', at]).catch(() => undefined);
+      }
       await detachLoop(loop).catch((e: unknown) => log.error('cannot detach a stale loop device', { loop, error: (e as Error).message }));
     }
     if (isMounted(mnt)) await runTool('umount', ['-l', mnt]).catch((e: unknown) => log.error('cannot unmount a stale FUSE export', { mnt, error: (e as Error).message }));
