@@ -8,7 +8,7 @@ import { randomBytes } from 'node:crypto';
 import type { BlockDevice } from '../blockdev/types.js';
 import { afMerge, afSplit, afSplitBytes } from '../crypto/af.js';
 import { checkKeyBytes, parseCipherSpec } from '../crypto/cipher-spec.js';
-import { deriveKey, hashDigestBytes, type KdfParams, PBKDF2_MIN_ITERATIONS, pbkdf2 } from '../crypto/kdf/index.js';
+import { ARGON2_MAX_PARALLEL, deriveKey, hashDigestBytes, type KdfParams, PBKDF2_MIN_ITERATIONS, pbkdf2 } from '../crypto/kdf/index.js';
 import { constantTimeEqual } from '../util/bytes.js';
 import { CryptmapError } from '../util/errors.js';
 import { readKeyslotArea, writeKeyslotArea } from './keyslot-area.js';
@@ -24,6 +24,15 @@ type Obj = Record<string, unknown>;
 const isObj = (v: unknown): v is Obj => typeof v === 'object' && v !== null && !Array.isArray(v);
 const isStr = (v: unknown): v is string => typeof v === 'string' && v.length > 0;
 const isInt = (v: unknown): v is number => typeof v === 'number' && Number.isInteger(v);
+
+/**
+ * The handler registered under `type`, looked up among the table's own keys only: a header's
+ * "constructor", "toString" or "__proto__" never reaches Object.prototype.
+ * @example handlerFor(DIGEST_HANDLERS, d.type)?.verify(d, vk)
+ */
+export function handlerFor<T>(table: Readonly<Record<string, T>>, type: unknown): T | undefined {
+  return typeof type === 'string' && Object.hasOwn(table, type) ? table[type] : undefined;
+}
 
 export function b64decode(s: string, what: string): Buffer {
   if (!/^[A-Za-z0-9+/]*={0,2}$/.test(s) || s.length % 4 !== 0) throw new CryptmapError('ELUKS2JSON', `${what} is not valid base64.`);
@@ -76,6 +85,10 @@ const luks2Keyslot: KeyslotHandler = {
   },
   async open(dev, ks, passphrase) {
     const params = kdfParamsOf(ks.kdf);
+    // cryptsetup refuses a keyslot whose Argon2 cpus exceed its limit, before deriving anything.
+    if (params.type !== 'pbkdf2' && !(params.parallel >= 1 && params.parallel <= ARGON2_MAX_PARALLEL)) {
+      throw new CryptmapError('EKDFLIMIT', 'Keyslot open failed.', { exitCode: 1, errno: 'EINVAL', context: { cpus: params.parallel } });
+    }
     if (ks.af.stripes !== LUKS_STRIPES) throw new CryptmapError('ELUKS2AF', `Keyslot AF stripes ${ks.af.stripes} not supported.`);
     const afBytes = afSplitBytes(ks.key_size, LUKS_STRIPES);
     if (BigInt(afBytes) > BigInt(ks.area.size)) throw new CryptmapError('ELUKS2AREA', 'Keyslot area is too small for its key.');
@@ -199,8 +212,8 @@ const keyringToken: TokenHandler = {
 export const TOKEN_HANDLERS: Record<string, TokenHandler> = { 'luks2-keyring': keyringToken };
 
 export const VALIDATORS: TypeValidators = {
-  keyslot: (t) => KEYSLOT_HANDLERS[t]?.validate,
-  token: (t) => TOKEN_HANDLERS[t]?.validate,
+  keyslot: (t) => handlerFor(KEYSLOT_HANDLERS, t)?.validate,
+  token: (t) => handlerFor(TOKEN_HANDLERS, t)?.validate,
 };
 
 /**

@@ -92,6 +92,8 @@ export function parseJsonArea(area: Uint8Array): unknown {
   const nul = buf.indexOf(0);
   if (nul < 0) fail('json_area', 'the JSON text is not NUL-terminated');
   for (let i = nul; i < buf.length; i++) if (buf[i] !== 0) fail('json_area', `non-NUL byte at JSON area offset ${i} after the JSON text`);
+  const depth = nestingDepth(buf, nul);
+  if (depth > JSON_MAX_NESTING) fail('json_area', `JSON nested deeper than ${JSON_MAX_NESTING} levels (json-c's limit, which cryptsetup parses with)`);
   let v: unknown;
   try {
     v = JSON.parse(buf.subarray(0, nul).toString('utf8'));
@@ -100,6 +102,51 @@ export function parseJsonArea(area: Uint8Array): unknown {
   }
   if (typeof v !== 'object' || v === null || Array.isArray(v)) fail('json_area', 'the JSON text is not an object');
   return v;
+}
+
+/**
+ * Deepest nesting of values that cryptsetup accepts: json-c's tokener (JSON_TOKENER_DEFAULT_DEPTH
+ * 32) refuses a value 33 levels down, the top-level object being level 1 and an empty container
+ * adding no level below it (cryptsetup 2.6 luksDump: `{"config":{"x":[[...[]...]]}}` loads with 30
+ * arrays and is "not a valid LUKS device" with 31, or with 30 around a number). Checked before
+ * JSON.parse, whose recursion a deep enough text exhausts ("Maximum call stack size exceeded").
+ */
+export const JSON_MAX_NESTING = 32;
+
+/**
+ * Level of the deepest value in `buf[0, end)` (strings skipped), as json-c counts it; stops once
+ * past JSON_MAX_NESTING. Not a validator: JSON.parse judges the syntax afterwards.
+ */
+function nestingDepth(buf: Buffer, end: number): number {
+  const open: number[] = []; // 0x7b '{' or 0x5b '['
+  let max = 0;
+  let inString = false;
+  let valueNext = true; // the next token starts a value (not an object key)
+  let emptyOk = false; // ...unless it closes an empty array
+  for (let i = 0; i < end; i++) {
+    const c = buf[i]!;
+    if (inString) {
+      if (c === 0x5c) i++; // backslash: skip the escaped byte
+      else if (c === 0x22) inString = false;
+      continue;
+    }
+    if (c === 0x20 || c === 0x09 || c === 0x0a || c === 0x0d) continue;
+    if (valueNext && !(emptyOk && c === 0x5d)) {
+      const level = open.length + 1;
+      if (level > max && (max = level) > JSON_MAX_NESTING) return max;
+    }
+    valueNext = false;
+    emptyOk = false;
+    if (c === 0x22) inString = true;
+    else if (c === 0x7b) open.push(c);
+    else if (c === 0x5b) {
+      open.push(c);
+      valueNext = emptyOk = true;
+    } else if (c === 0x7d || c === 0x5d) open.pop();
+    else if (c === 0x3a) valueNext = true;
+    else if (c === 0x2c && open[open.length - 1] === 0x5b) valueNext = true;
+  }
+  return max;
 }
 
 /** The compact on-disk text (json-c PLAIN|NOSLASHESCAPE: no whitespace, '/' not escaped). */
@@ -414,7 +461,9 @@ function validateCryptSegment(s: Obj, p: string, size: bigint, digests: Obj, key
     if (!isObj(integ)) fail('segments', 'integrity is not an object', p);
     for (const f of ['type', 'journal_encryption', 'journal_integrity']) needStr(integ, f, 'segments', `${p}.integrity`);
   }
-  if (!isU32(ss) || ss === 0 || ss % 512 !== 0) fail('segments', `illegal sector_size ${ss}`, p);
+  // dm-crypt takes 512..4096, a power of two (LUKS2 spec: 512, 1024, 2048 or 4096). cryptsetup's
+  // own validation checks only "non-zero multiple of 512" and fails later, at activation.
+  if (ss !== 512 && ss !== 1024 && ss !== 2048 && ss !== 4096) fail('segments', `illegal sector_size ${ss} (must be 512, 1024, 2048 or 4096)`, p);
   if (u64(ivStr) === null) fail('segments', `illegal iv_tweak '${ivStr}'`, p);
   if (size % BigInt(ss) !== 0n) fail('segments', `size is not aligned to sector_size ${ss}`, p);
   const has = Object.values(digests).some((d) => isObj(d) && Array.isArray(d.segments) && d.segments.includes(key));

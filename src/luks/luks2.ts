@@ -22,7 +22,7 @@ import { Secret } from '../util/secret.js';
 import { wipeArea } from './keyslot-area.js';
 import { foreignSignature } from './signatures.js';
 import { LUKS2_HDR_BIN_LEN, LUKS2_HDR_SIZES, type Luks2BinHeader, type Luks2DiskCopy, readCopy, writeCopy } from './luks2-disk.js';
-import { DIGEST_HANDLERS, KEYSLOT_HANDLERS, kdfJson, LUKS_SALTSIZE, LUKS_STRIPES, repairKeyslotKdf, TOKEN_HANDLERS, VALIDATORS } from './luks2-handlers.js';
+import { DIGEST_HANDLERS, handlerFor, KEYSLOT_HANDLERS, kdfJson, LUKS_SALTSIZE, LUKS_STRIPES, repairKeyslotKdf, TOKEN_HANDLERS, VALIDATORS } from './luks2-handlers.js';
 import { buildJsonArea, type L2Keyslot, type L2Token, type Luks2Json, parseJsonArea, u64, unknownRequirements, validateLuks2Json } from './luks2-json.js';
 import type { DataSegment, KeyAuth, KeyslotArea, KeyslotInfo, KeyslotPriority, LuksVolume, NewKeyslotOptions, UnlockResult } from './types.js';
 import { removeKeyByPassphrase } from './volume-common.js';
@@ -101,6 +101,11 @@ export async function readLuks2(dev: BlockDevice): Promise<Luks2ReadResult> {
     const err = primary.error ?? secondary.error;
     if (err?.code === 'ELUKS2MAGIC' && secondary.error?.code !== 'ELUKS2CSUM' && secondary.error?.code !== 'ELUKS2JSON') {
       throw new CryptmapError('ENOTLUKS', 'Device is not a valid LUKS device.', { exitCode: 1, cause: err });
+    }
+    if (err?.code === 'ELUKS2JSON') {
+      // Metadata that does not parse or fails a named check: cryptsetup's "not a valid LUKS device"
+      // (exit 1); the message keeps the check and key path that failed.
+      throw new CryptmapError('ENOTLUKS', `Device is not a valid LUKS device (${err.message}).`, { exitCode: 1, cause: err, context: err.context });
     }
     throw new CryptmapError('ELUKS2HDR', `LUKS2 header is damaged beyond repair: ${err?.message ?? 'no valid copy'}`, { exitCode: EXIT_WRONG_DEVICE, cause: err });
   }
@@ -449,7 +454,7 @@ export class Luks2Volume implements LuksVolume {
 
   async verifyVolumeKey(vk: Uint8Array): Promise<boolean> {
     const d = this.#json.digests[this.#segmentDigest()]!;
-    const h = DIGEST_HANDLERS[d.type];
+    const h = handlerFor(DIGEST_HANDLERS, d.type);
     if (!h) return false;
     return h.verify(d, vk);
   }
@@ -468,7 +473,7 @@ export class Luks2Volume implements LuksVolume {
   async unlock(passphrase: Uint8Array, opts: { keySlot?: number } = {}): Promise<UnlockResult> {
     for (const k of this.#candidates(opts.keySlot)) {
       const ks = this.#json.keyslots[k]!;
-      const h = KEYSLOT_HANDLERS[ks.type];
+      const h = handlerFor(KEYSLOT_HANDLERS, ks.type);
       if (!h?.open) continue;
       const dId = this.#digestOfKeyslot(k);
       if (dId === undefined) continue;
@@ -479,12 +484,19 @@ export class Luks2Volume implements LuksVolume {
         vk = await h.open(this.#dev, ks, passphrase);
       } catch (e) {
         // Memory exhaustion is reported; a slot we cannot run (unknown KDF, cipher) is skipped.
-        if (isCryptmapError(e) && (e.code === 'ENOMEM' || e.code === 'EIO')) throw e;
+        // So is a KDF cost past cryptsetup's limits ("Keyslot open failed.", as cryptsetup).
+        if (isCryptmapError(e) && (e.code === 'ENOMEM' || e.code === 'EIO' || e.code === 'EKDFLIMIT')) throw e;
         if (isCryptmapError(e) && opts.keySlot !== undefined && e.code !== 'ENOKEY') throw e;
         continue;
       }
-      if (await DIGEST_HANDLERS[d.type]?.verify(d, vk)) return { volumeKey: new Secret(vk), keyslot: Number(k) };
-      vk.fill(0);
+      let ok = false;
+      try {
+        ok = (await handlerFor(DIGEST_HANDLERS, d.type)?.verify(d, vk)) === true;
+      } finally {
+        // A slot whose key does not verify (or whose digest throws) leaves no copy behind.
+        if (!ok) vk.fill(0);
+      }
+      if (ok) return { volumeKey: new Secret(vk), keyslot: Number(k) };
     }
     throw noKeyError();
   }
@@ -730,7 +742,7 @@ export class Luks2Volume implements LuksVolume {
     if (typeof t !== 'object' || t === null || Array.isArray(t)) throw new CryptmapError('ETOKEN', 'Token JSON is not an object.');
     const tok = t as L2Token;
     if (typeof tok.type !== 'string' || !tok.type) throw new CryptmapError('ETOKEN', 'Token is missing its type.');
-    if (tok.type.startsWith('luks2-') && !TOKEN_HANDLERS[tok.type]) throw new CryptmapError('ETOKEN', `Token type ${tok.type} is reserved.`);
+    if (tok.type.startsWith('luks2-') && !handlerFor(TOKEN_HANDLERS, tok.type)) throw new CryptmapError('ETOKEN', `Token type ${tok.type} is reserved.`);
     if (!Array.isArray(tok.keyslots)) throw new CryptmapError('ETOKEN', 'Token is missing its keyslots array.');
     for (const k of tok.keyslots) if (typeof k !== 'string' || !this.#json.keyslots[k]) throw new CryptmapError('ETOKEN', `Token references missing keyslot ${String(k)}.`);
     let id = tokenId;
@@ -740,7 +752,7 @@ export class Luks2Volume implements LuksVolume {
     }
     if (!Number.isInteger(id) || id < 0 || id >= LUKS2_TOKENS_MAX) throw new CryptmapError('ETOKEN', `Token ${id} is invalid.`);
     if (this.#json.tokens[String(id)]) throw new CryptmapError('ETOKEN', `Token ${id} is already in use.`);
-    TOKEN_HANDLERS[tok.type]?.validate(tok, `tokens.${id}`);
+    handlerFor(TOKEN_HANDLERS, tok.type)?.validate(tok, `tokens.${id}`);
     this.#json.tokens[String(id)] = tok;
     sortKeys(this.#json);
     await this.#writeOrReload();

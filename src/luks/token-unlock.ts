@@ -15,7 +15,7 @@
  * none of its keyslots -> ETOKENPASS, exit 2; a handler's own error (e.g. the keyring one, exit 2).
  */
 import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_PARAMS, isCryptmapError } from '../util/errors.js';
-import { TOKEN_HANDLERS } from './luks2-handlers.js';
+import { handlerFor, TOKEN_HANDLERS } from './luks2-handlers.js';
 import type { LuksVolume, UnlockResult } from './types.js';
 
 export interface TokenUnlockOptions {
@@ -74,7 +74,7 @@ export async function unlockByToken(vol: TokenVolume, opts: TokenUnlockOptions =
   let usable = false;
   for (const id of tokenCandidates(vol, opts)) {
     const tok = tokens[String(id)]!;
-    const handler = TOKEN_HANDLERS[tok.type];
+    const handler = handlerFor(TOKEN_HANDLERS, tok.type);
     if (!handler?.open) continue;
     const slots = tokenSlots(vol, tok.keyslots, opts.keySlot);
     if (slots.length === 0) continue;

@@ -109,6 +109,12 @@ const CASES: Case[] = [
   { name: 'keyslot-invalid-area-size', expect: 'F', json: (j) => (j.keyslots['0'].area.size = '18446744073709551615') },
   { name: 'keyslot-invalid-objects', expect: 'F', json: (j) => (j.keyslots['0'].kdf = 'pbkdf2') },
   { name: 'keyslot-invalid-af', expect: 'F', json: (j) => (j.keyslots['0'].af.type = 'luks2') },
+  // json-c's depth limit: a value 32 levels down loads, 33 does not (top-level object, config, arrays).
+  { name: 'json-depth-32', expect: 'R', text: (t) => Buffer.from(t.replace('"config":{', `"config":{"x":${'['.repeat(30)}${']'.repeat(30)},`)) },
+  { name: 'json-depth-32-number', expect: 'R', text: (t) => Buffer.from(t.replace('"config":{', `"config":{"x":${'['.repeat(29)}0${']'.repeat(29)},`)) },
+  { name: 'json-depth-33', expect: 'F', text: (t) => Buffer.from(t.replace('"config":{', `"config":{"x":${'['.repeat(31)}${']'.repeat(31)},`)) },
+  { name: 'json-depth-33-number', expect: 'F', text: (t) => Buffer.from(t.replace('"config":{', `"config":{"x":${'['.repeat(30)}0${']'.repeat(30)},`)) },
+  { name: 'json-depth-33-object', expect: 'F', text: (t) => Buffer.from(t.replace('"config":{', `"config":{"x":${'{"a":'.repeat(30)}{}${'}'.repeat(30)},`)) },
 ];
 
 class Sink extends Writable {

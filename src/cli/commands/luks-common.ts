@@ -314,7 +314,10 @@ export async function closeQuietly(dev: { close(): Promise<void> } | undefined):
 /** openLuks with cryptsetup's message for a device that is not LUKS. */
 export async function loadLuks(dev: FileDevice, hdr: string): Promise<Luks1Volume | Luks2Volume> {
   return openLuks(dev).catch((e) => {
-    if (e instanceof CryptmapError && e.code === 'ENOTLUKS') throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid LUKS device.`, { exitCode: 1 });
+    if (e instanceof CryptmapError && e.code === 'ENOTLUKS') {
+      const why = e.cause instanceof CryptmapError && e.cause.code === 'ELUKS2JSON' ? ` (${e.cause.message})` : '';
+      throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid LUKS device${why}.`, { exitCode: 1 });
+    }
     throw e;
   });
 }

@@ -2,12 +2,12 @@
  * Password-based key derivation for LUKS keyslots: PBKDF2 and Argon2i/Argon2id, both off the main
  * thread, plus calibration like cryptsetup's `--iter-time` (lib/utils_pbkdf.c, lib/crypto_backend/
  * pbkdf_check.c): PBKDF2 iterations scaled to the target time (minimum 1000); Argon2 with memory up to
- * 1 GiB capped at half of RAM, lanes capped at the CPU count, time cost >= 4, memory reduced first when
+ * 1 GiB capped at half of RAM, lanes capped at 4 and the CPU count, time cost >= 4, memory reduced first when
  * even the minimum time cost is too slow.
  */
 import { cpus, totalmem } from 'node:os';
 import { CryptmapError } from '../../util/errors.js';
-import { ARGON2_MIN_MEMORY_KIB, ARGON2_MIN_TIME, type Argon2Type, argon2 } from './argon2.js';
+import { ARGON2_MAX_PARALLEL, ARGON2_MIN_MEMORY_KIB, ARGON2_MIN_TIME, type Argon2Type, argon2 } from './argon2.js';
 import { pbkdf2 } from './pbkdf2.js';
 
 export { argon2, ARGON2_MAX_MEMORY_KIB, ARGON2_MAX_PARALLEL, ARGON2_MIN_MEMORY_KIB, ARGON2_MIN_TIME } from './argon2.js';
@@ -37,7 +37,7 @@ export interface CalibrateOptions {
   iterTimeMs?: number;
   /** Argon2 memory ceiling (cryptsetup --pbkdf-memory), default 1 GiB, capped at half of RAM. */
   maxMemoryKiB?: number;
-  /** Argon2 lanes (cryptsetup --pbkdf-parallel), default 4, capped at the CPU count. */
+  /** Argon2 lanes (cryptsetup --pbkdf-parallel), default 4, capped at 4 and the CPU count. */
   parallel?: number;
   keyBytes: number;
 }
@@ -68,7 +68,7 @@ export async function calibrateKdf(opts: CalibrateOptions): Promise<KdfParams> {
     const scaled = Math.floor((iterations * target) / Math.max(ms, 0.001));
     return { type: 'pbkdf2', hash, iterations: Math.max(PBKDF2_MIN_ITERATIONS, Math.min(scaled, 0xffffffff)) };
   }
-  const parallel = Math.max(1, Math.min(opts.parallel ?? DEFAULT_ARGON2_PARALLEL, cpus().length || 1));
+  const parallel = Math.max(1, Math.min(opts.parallel ?? DEFAULT_ARGON2_PARALLEL, ARGON2_MAX_PARALLEL, cpus().length || 1));
   let memoryKiB = Math.max(ARGON2_MIN_MEMORY_KIB, Math.min(opts.maxMemoryKiB ?? DEFAULT_ARGON2_MEMORY_KIB, memoryCapKiB()));
   // Measure the minimum time cost at a sample memory size, then extrapolate (Argon2 is linear in t*m).
   const sampleKiB = Math.min(memoryKiB, 64 * 1024);
