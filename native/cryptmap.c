@@ -1083,6 +1083,8 @@ static void aesni_probe(void) {
 #endif
 }
 
+void cryptmap_register_peercred(napi_env env, napi_value exports); /* peercred.c */
+
 static napi_value init(napi_env env, napi_value exports) {
   static pthread_once_t once = PTHREAD_ONCE_INIT;
   pthread_once(&once, aesni_probe);
@@ -1108,6 +1110,7 @@ static napi_value init(napi_env env, napi_value exports) {
   CHECK(env, napi_set_named_property(env, exports, "aesniXts", fast));
   CHECK(env, napi_get_boolean(env, aesni_cbc_ok, &fast));
   CHECK(env, napi_set_named_property(env, exports, "aesniCbc", fast));
+  cryptmap_register_peercred(env, exports);
   return exports;
 }
 

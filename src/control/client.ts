@@ -1,9 +1,16 @@
 /**
  * Control socket client used by the CLI: connect, send requests, map error responses back to
  * CryptmapError with the daemon's code and exit code.
+ *
+ * Requests carry volume keys, so before anything is sent the client checks whom it talks to (issue 11
+ * item 3): the runtime dir and every directory above it owned by root or us and not writable by
+ * others, the socket a socket (not a symlink) owned by root or us (util/trusted-path.ts), and the
+ * listening process's uid root or ours (SO_PEERCRED, util/peercred.ts). Otherwise EUNTRUSTED_DAEMON.
  */
 import { type Socket, connect } from 'node:net';
-import { CryptmapError } from '../util/errors.js';
+import { CryptmapError, isCryptmapError } from '../util/errors.js';
+import { untrustedPeer } from '../util/peercred.js';
+import { checkTrustedSocket } from '../util/trusted-path.js';
 import { type ControlResponse, lineSplitter } from './protocol.js';
 import { controlSocketPath } from './runtime-dir.js';
 
@@ -56,17 +63,27 @@ export class ControlClient {
   /** Connect to the daemon in `runtimeDir`; a clear error when it is not running. */
   static async connect(runtimeDir: string): Promise<ControlClient> {
     const path = controlSocketPath(runtimeDir);
+    const mapError = (e: NodeJS.ErrnoException): Error => {
+      const sys = e.code === 'EUNTRUSTED_DAEMON' ? ((e.cause as NodeJS.ErrnoException | undefined)?.code ?? e.code) : e.code;
+      if (sys === 'ENOENT' || sys === 'ECONNREFUSED') return new CryptmapError('EDAEMON_DOWN', `${DAEMON_NOT_RUNNING} [no daemon at ${path}]`, { exitCode: 1 });
+      if (sys === 'EACCES' || sys === 'EPERM') return new CryptmapError('EDAEMON_PERM', `cryptmap: permission denied on ${path} (the daemon accepts only its owner and root)`, { exitCode: 2 });
+      return e;
+    };
+    try {
+      checkTrustedSocket(path, { code: 'EUNTRUSTED_DAEMON' });
+    } catch (e) {
+      throw isCryptmapError(e) && e.cause === undefined ? e : mapError(e as NodeJS.ErrnoException);
+    }
     const sock = connect(path);
     await new Promise<void>((res, rej) => {
       sock.once('connect', () => res());
-      sock.once('error', (e: NodeJS.ErrnoException) => {
-        if (e.code === 'ENOENT' || e.code === 'ECONNREFUSED') {
-          rej(new CryptmapError('EDAEMON_DOWN', `${DAEMON_NOT_RUNNING} [no daemon at ${path}]`, { exitCode: 1 }));
-        } else if (e.code === 'EACCES' || e.code === 'EPERM') {
-          rej(new CryptmapError('EDAEMON_PERM', `cryptmap: permission denied on ${path} (the daemon accepts only its owner and root)`, { exitCode: 2 }));
-        } else rej(e);
-      });
+      sock.once('error', (e: NodeJS.ErrnoException) => rej(mapError(e)));
     });
+    const bad = untrustedPeer(sock, path, 'EUNTRUSTED_DAEMON');
+    if (bad) {
+      sock.destroy();
+      throw bad;
+    }
     return new ControlClient(sock);
   }
 

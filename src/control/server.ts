@@ -6,6 +6,7 @@ import { chmodSync, existsSync, unlinkSync } from 'node:fs';
 import { type Server, type Socket, createServer } from 'node:net';
 import { CryptmapError, isCryptmapError } from '../util/errors.js';
 import { logger } from '../util/log.js';
+import { peerCredentials } from '../util/peercred.js';
 import { clearStaleSocket } from '../util/unix-socket.js';
 import { type ControlResponse, lineSplitter, parseRequest } from './protocol.js';
 
@@ -49,6 +50,15 @@ export class ControlServer {
     const send = (r: ControlResponse) => {
       if (!sock.destroyed) sock.write(JSON.stringify(r) + '\n');
     };
+    // The socket is 0600 in a 0700 dir; SO_PEERCRED checks again that the client is root or our uid.
+    const who = peerCredentials(sock);
+    const me = process.getuid?.() ?? 0;
+    if (who && who.uid !== 0 && who.uid !== me) {
+      log.warn('control client refused: not root and not the daemon user', { pid: who.pid, uid: who.uid });
+      send({ id: null, ok: false, error: { code: 'EDAEMON_PERM', message: `uid ${who.uid} may not use this daemon (only root and uid ${me})`, exitCode: 2 } });
+      sock.end();
+      return;
+    }
     const push = lineSplitter(
       (line) => {
         if (line.trim() === '') return;

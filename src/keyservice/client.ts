@@ -9,11 +9,13 @@
  *   EKEYREQ            the request was malformed
  *   EKEYD_PROTO        the answer made no sense
  */
-import { readFileSync, statSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { request as httpsRequest } from 'node:https';
 import { connect } from 'node:net';
 import { fromHex, wipe } from '../util/bytes.js';
-import { CryptmapError, EXIT_NO_PERMISSION, fromSystemError } from '../util/errors.js';
+import { CryptmapError, EXIT_NO_PERMISSION, fromSystemError, isCryptmapError } from '../util/errors.js';
+import { untrustedPeer } from '../util/peercred.js';
+import { checkTrustedSocket, readTrustedFile } from '../util/trusted-path.js';
 import { Secret } from '../util/secret.js';
 import { type DeriveRequest, validateDeriveRequest } from './derive.js';
 import type { KeyResponse, KeyService } from './service.js';
@@ -53,6 +55,13 @@ export interface UnixClientOptions {
 
 /** One request over a fresh connection: robust to keyd restarts, cheap enough for a boot. */
 function unixCall(path: string, msg: Record<string, unknown>, timeoutMs: number): Promise<KeyResponse> {
+  // Whom we talk to (issue 11 item 3): keys come back on this socket and a token goes out on it.
+  try {
+    checkTrustedSocket(path, { code: 'EKEYD_UNTRUSTED' });
+  } catch (e) {
+    if (isCryptmapError(e) && e.cause === undefined) return Promise.reject(e);
+    return Promise.reject(unreachable(path, (e as Error).cause ?? e));
+  }
   return new Promise((resolve, reject) => {
     const sock = connect(path);
     let buf = '';
@@ -66,7 +75,11 @@ function unixCall(path: string, msg: Record<string, unknown>, timeoutMs: number)
     };
     const timer = setTimeout(() => finish(() => reject(unreachable(path, new Error(`no answer within ${timeoutMs} ms`)))), timeoutMs);
     sock.setEncoding('utf8');
-    sock.on('connect', () => sock.write(JSON.stringify(msg) + '\n'));
+    sock.on('connect', () => {
+      const bad = untrustedPeer(sock, path, 'EKEYD_UNTRUSTED');
+      if (bad) finish(() => reject(bad));
+      else sock.write(JSON.stringify(msg) + '\n');
+    });
     sock.on('data', (c: string) => {
       buf += c;
       const nl = buf.indexOf('\n');
@@ -93,20 +106,10 @@ export function unixKeyClient(opts: UnixClientOptions): KeyClient {
   const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
   let token = opts.token;
   if (token === undefined && opts.tokenFile !== undefined) {
-    let mode: number;
-    try {
-      mode = statSync(opts.tokenFile).mode;
-      token = readFileSync(opts.tokenFile, 'utf8').trim();
-    } catch (e) {
-      throw fromSystemError('EKEYD_TOKEN', `cannot read token file ${opts.tokenFile}`, e);
-    }
-    // The token is a credential: refuse one others may have read (as the root secret file).
-    if ((mode & 0o077) !== 0) {
-      throw new CryptmapError('EKEYD_TOKEN', `token file ${opts.tokenFile} is accessible by group or others (mode ${(mode & 0o777).toString(8)}); chmod 600 it`, {
-        exitCode: EXIT_NO_PERMISSION,
-        errno: 'EPERM',
-      });
-    }
+    // The token is a credential: O_NOFOLLOW, ours or root's, and refused when others may have read it.
+    const raw = readTrustedFile(opts.tokenFile, { code: 'EKEYD_TOKEN', private: true, maxBytes: 4096 });
+    token = raw.toString('utf8').trim();
+    raw.fill(0);
   }
   let seq = 0;
   return {

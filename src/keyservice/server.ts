@@ -2,8 +2,8 @@
  * Key service transports. Both carry the JSON messages of service.ts; they differ in how the
  * caller's identity is established:
  *
- * - Unix socket (JSON lines). Node cannot read SO_PEERCRED, so the socket file itself is the
- *   boundary: it is created with mode 0600 (bound under a private temporary name, chmod-ed, then
+ * - Unix socket (JSON lines). The socket file itself is the boundary (SO_PEERCRED, read through
+ *   the native addon, only names the peer uid in audit lines): it is created with mode 0600 (bound under a private temporary name, chmod-ed, then
  *   renamed into place, so it is never reachable with a wider mode). Only keyd's own uid and root
  *   can connect; such a caller is identity `local`. A request may carry `"token"`: a secret read by
  *   the client from its own 0600 token file; if the token's SHA-256 matches a policy entry the
@@ -21,6 +21,7 @@ import { type Server, type Socket, createServer } from 'node:net';
 import { basename, dirname, join } from 'node:path';
 import type { TLSSocket } from 'node:tls';
 import { CryptmapError, fromSystemError } from '../util/errors.js';
+import { peerCredentials } from '../util/peercred.js';
 import { clearStaleSocket } from '../util/unix-socket.js';
 import { identityForToken } from './policy.js';
 import { type KeyResponse, type KeyService, MAX_REQUEST_BYTES } from './service.js';
@@ -49,6 +50,8 @@ export async function listenUnix(service: KeyService, path: string): Promise<Run
     sockets.add(sock);
     sock.on('close', () => sockets.delete(sock));
     sock.on('error', () => sock.destroy());
+    const cred = peerCredentials(sock); // SO_PEERCRED: who is asking, for the audit log
+    const peer = cred ? `uid:${cred.uid}` : undefined;
     let buf = '';
     const send = (r: KeyResponse) => {
       if (!sock.destroyed) sock.write(JSON.stringify(r) + '\n');
@@ -70,14 +73,14 @@ export async function listenUnix(service: KeyService, path: string): Promise<Run
         }
         const who = identityOf(service, msg);
         if (who.refused) {
-          service.refuse('unix', who.identity, who.refused);
+          service.refuse('unix', who.identity, who.refused, peer);
           send({ id: (msg as Record<string, unknown>)?.id, ok: false, code: 'EACCES', message: 'unknown client token' });
           continue;
         }
         send(service.handle('unix', who.identity, msg));
       }
       if (buf.length > MAX_REQUEST_BYTES) {
-        service.refuse('unix', 'local', 'request too long');
+        service.refuse('unix', 'local', 'request too long', peer);
         send({ id: null, ok: false, code: 'EKEYREQ', message: 'request line too long' });
         sock.end();
         buf = '';

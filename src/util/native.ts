@@ -66,6 +66,11 @@ export interface NativeAddon {
   seekData(fd: number, offsetBytes: number): number;
   /** lseek(SEEK_HOLE); -1 on ENXIO; throws on other errors. */
   seekHole(fd: number, offsetBytes: number): number;
+  /**
+   * getsockopt(SO_PEERCRED) on a connected Unix socket (native/peercred.c). Optional: an addon built
+   * before it was added lacks it (util/peercred.ts then reports the credentials as unknown).
+   */
+  peerCred?(fd: number): { pid: number; uid: number; gid: number };
 }
 
 export const NATIVE_ABI_VERSION = 2;
