@@ -4,7 +4,7 @@
  *   registry.open(name): BlockDevice       an I/O handle (counted in the open count)
  *   new InProcessDmControl(registry)       the dmsetup verbs as data (DmControl)
  *   parseTable(text), formatTableLine(...)  dmsetup table syntax
- *   BUILTIN_TARGETS                        linear, striped, zero, error, crypt, mirror (TargetType ops tables)
+ *   BUILTIN_TARGETS                        linear, striped, zero, error, crypt, mirror, thin-pool, thin (ops tables)
  */
 export { DeviceRegistry, checkDeviceName, type CreateOptions, type DeviceRegistryOptions } from './registry.js';
 export { DM_MAJOR, MappedDevice } from './mapped-device.js';

@@ -59,7 +59,7 @@ export class MappedDevice implements BlockDevice {
   readonly major = DM_MAJOR;
   readonly minor: number;
   readonly readOnly: boolean;
-  /** dm event number (bumped by target events; none of the current targets raise one). */
+  /** dm event number (bumped by target events: the thin pool's low-water mark and mode changes). */
   eventNr = 0;
   #live: Table | null = null;
   #inactive: Table | null = null;

@@ -259,6 +259,10 @@ export class DeviceRegistry {
       targets: this.#targets,
       keyStore: this.#keyStore,
       openDevice: (arg, line, what) => this.#openDevice(self, arg, line, what),
+      owner: self,
+      event: () => {
+        self.eventNr++;
+      },
     };
     return Table.build(lines, env);
   }

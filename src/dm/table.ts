@@ -92,6 +92,10 @@ export interface TableEnvironment {
   keyStore: KeyStore | undefined;
   /** Open `<dev>` for a table; returns the device and a release function. */
   openDevice(arg: string, line: number, argDescription: string): Promise<{ device: BlockDevice; release: () => Promise<void>; mapped?: unknown }>;
+  /** The mapped device the table is built for (opaque; handed to targets as TargetContext.owner). */
+  owner?: object;
+  /** Raise a dm event on that device. */
+  event?: () => void;
 }
 
 /** A constructed table: targets plus what they hold open. */
@@ -142,6 +146,7 @@ export class Table {
     const entries: TableEntry[] = [];
     const releases: (() => Promise<void>)[] = [];
     const mappedDeps = new Set<unknown>();
+    const mappedOf = new Map<BlockDevice, unknown>();
     try {
       for (const l of lines) {
         const type = env.targets[l.target];
@@ -157,9 +162,15 @@ export class Table {
           openDevice: async (arg, argName) => {
             const r = await env.openDevice(arg, l.line, `${l.target} <${argName}>`);
             releases.push(r.release);
-            if (r.mapped !== undefined) mappedDeps.add(r.mapped);
+            if (r.mapped !== undefined) {
+              mappedDeps.add(r.mapped);
+              mappedOf.set(r.device, r.mapped);
+            }
             return r.device;
           },
+          mappedOf: (d) => mappedOf.get(d) as object | undefined,
+          ...(env.owner !== undefined ? { owner: env.owner } : {}),
+          ...(env.event !== undefined ? { event: env.event } : {}),
           error: (argName, message, code = 'ETABLE') => tableError(l.line, `${l.target} <${argName}>: ${message}`, code),
         };
         const instance = await type.ctr(l.args, ctx);

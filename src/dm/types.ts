@@ -56,6 +56,16 @@ export interface TargetContext {
   openDevice(arg: string, argName: string): Promise<BlockDevice>;
   /** A CryptmapError naming the table line, the target and the argument. */
   error(argName: string, message: string, code?: string): CryptmapError;
+  /**
+   * The mapped device behind a device this constructor opened (an opaque identity), or undefined
+   * for files and block devices. The thin target finds its pool this way (the kernel's
+   * dm_get_md + pool table lookup).
+   */
+  mappedOf?(dev: BlockDevice): object | undefined;
+  /** Opaque identity of the mapped device this table belongs to (the kernel's dm_table_get_md). */
+  readonly owner?: object;
+  /** Raise a dm event on the owning device (bumps its event number; the thin pool's low-water mark). */
+  event?(): void;
 }
 
 export interface TargetInstance {

@@ -38,7 +38,7 @@ test('targets reject malformed arguments, naming line, target and argument', asy
   const { registry } = memRegistry({ a: MiB, b: MiB });
   const key = xtsKey().toString('hex');
   const cases: [string, RegExp][] = [
-    ['0 8 nosuch', /table line 1: unknown target type 'nosuch' \(known: crypt, error, linear, mirror, striped, zero\)/],
+    ['0 8 nosuch', /table line 1: unknown target type 'nosuch' \(known: crypt, error, linear, mirror, striped, thin, thin-pool, zero\)/],
     ['0 8 zero extra', /table line 1: zero <args>: unexpected extra argument 'extra' \(expected 'zero'\)/],
     ['0 8 error 1', /table line 1: error <args>: unexpected extra argument '1'/],
     ['0 8 linear /mem/a', /table line 1: linear <offset>: missing <offset> \(expected 'linear <dev> <offset>'\)/],

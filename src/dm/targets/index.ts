@@ -7,6 +7,8 @@ import { error } from './error.js';
 import { linear } from './linear.js';
 import { mirror } from './mirror.js';
 import { striped } from './striped.js';
+import { thin } from './thin.js';
+import { thinPool } from './thin-pool.js';
 import { zero } from './zero.js';
 
 export const BUILTIN_TARGETS: Readonly<Record<string, TargetType>> = Object.freeze({
@@ -15,7 +17,9 @@ export const BUILTIN_TARGETS: Readonly<Record<string, TargetType>> = Object.free
   linear,
   mirror,
   striped,
+  thin,
+  'thin-pool': thinPool,
   zero,
 });
 
-export { crypt, error, linear, mirror, striped, zero };
+export { crypt, error, linear, mirror, striped, thin, thinPool, zero };

@@ -1,0 +1,385 @@
+/**
+ * A thin pool at run time (kernel drivers/md/dm-thin.c `struct pool`): the metadata, the data
+ * device, the pool mode and the I/O paths of the thin devices over it. The `thin-pool` target
+ * creates or binds one per pool mapped device (the kernel's pool table, keyed by the mapped
+ * device); `thin` targets find it through their <pool dev>.
+ *
+ * Behaviour (kernel facts, learnt not copied):
+ *   - A write to an unmapped block allocates a data block; a partial write zeroes the rest of the
+ *     block first unless skip_block_zeroing. A write to a shared block (the device was snapshotted
+ *     after the block was mapped) copies the block to a new one and remaps (break sharing).
+ *   - Metadata commits on REQ_PREFLUSH/FUA (flush() here), after every pool message, and on suspend;
+ *     the data device is flushed before the commit so no committed mapping points at unwritten data.
+ *   - A block freed in a transaction is not reused before the commit; when only such blocks are
+ *     left the pool commits and retries. With no free block at all the pool goes out_of_data_space:
+ *     writes needing a block wait (queue_if_no_space, up to no_space_timeout = 60 s, then fail) or
+ *     fail with ENOSPC at once (error_if_no_space). Growing the pool (reload with a larger length)
+ *     lets them go on.
+ *   - Free data blocks falling to the low water mark raise one dm event (until the pool grows).
+ *   - Discard unmaps whole blocks; a data block no longer referenced is discarded on the data
+ *     device after the next commit (passdown), unless no_discard_passdown.
+ *   - Metadata full: the pool aborts to the last commit and goes read-only (status `ro`); writes to
+ *     provisioned, unshared blocks still work, others fail with EIO.
+ */
+import type { BlockDevice, Extent, WriteZeroesFlags } from '../../blockdev/types.js';
+import { CryptmapError, isCryptmapError } from '../../util/errors.js';
+import { ThinMetadata, type ThinDevice, blockOf, packBlockTime, timeOf } from './metadata.js';
+
+export interface PoolFeatures {
+  zeroNewBlocks: boolean;
+  discardEnabled: boolean;
+  discardPassdown: boolean;
+  readOnly: boolean;
+  errorIfNoSpace: boolean;
+}
+
+export type PoolMode = 'rw' | 'out_of_data_space' | 'ro' | 'fail';
+
+/** The kernel's no_space_timeout module parameter default. */
+export const NO_SPACE_TIMEOUT_MS = 60_000;
+
+/** What the pool needs to know of one active thin target. */
+export interface ThinUser {
+  readonly devId: number;
+  /** True while the thin device's table is live and not suspended. */
+  active: boolean;
+}
+
+function ioError(message: string, errno: 'EIO' | 'ENOSPC' = 'EIO'): CryptmapError {
+  return new CryptmapError(errno === 'ENOSPC' ? 'ENOSPC' : 'EIO', message, { errno });
+}
+
+export class Pool {
+  md: ThinMetadata;
+  metaDev: BlockDevice;
+  dataDev: BlockDevice;
+  readonly blockSectors: number;
+  readonly blockBytes: number;
+  features: PoolFeatures;
+  lowWaterBlocks: number;
+  mode: PoolMode;
+  /** The pool device is suspended (thin targets may not be built then). */
+  suspended = false;
+  raiseEvent: () => void;
+  readonly users = new Set<ThinUser>();
+  /** Pool target instances bound to this pool (the kernel's pool refcount). */
+  refs = 0;
+  #lowWaterTriggered = false;
+  #metaLowTriggered = false;
+  /** Blocks being provisioned or copied, by `${dev}:${vblock}`. */
+  readonly #locks = new Map<string, Promise<void>>();
+  #commitTail: Promise<void> = Promise.resolve();
+  #passdown: number[] = [];
+  #spaceWaiters: (() => void)[] = [];
+
+  constructor(md: ThinMetadata, metaDev: BlockDevice, dataDev: BlockDevice, blockSectors: number, lowWaterBlocks: number, features: PoolFeatures, raiseEvent: () => void) {
+    this.md = md;
+    this.metaDev = metaDev;
+    this.dataDev = dataDev;
+    this.blockSectors = blockSectors;
+    this.blockBytes = blockSectors * 512;
+    this.lowWaterBlocks = lowWaterBlocks;
+    this.features = features;
+    this.mode = features.readOnly ? 'ro' : 'rw';
+    this.raiseEvent = raiseEvent;
+  }
+
+  /** Adopt a new table's devices and settings (the new pool table went live); grow the data space. */
+  rebind(metaDev: BlockDevice, dataDev: BlockDevice, nrDataBlocks: number, lowWaterBlocks: number, features: PoolFeatures, raiseEvent: () => void): void {
+    this.metaDev = metaDev;
+    this.dataDev = dataDev;
+    this.lowWaterBlocks = lowWaterBlocks;
+    this.features = features;
+    this.raiseEvent = raiseEvent;
+    if (this.mode !== 'fail') {
+      if (features.readOnly) this.mode = 'ro';
+      else if (this.mode === 'ro' && this.md.dirty === false) this.mode = 'rw';
+    }
+    if (nrDataBlocks > this.md.nrDataBlocks) {
+      this.md.growData(nrDataBlocks);
+      this.#lowWaterTriggered = false;
+      if (this.mode === 'out_of_data_space') this.mode = 'rw';
+      const w = this.#spaceWaiters;
+      this.#spaceWaiters = [];
+      for (const f of w) f();
+    }
+  }
+
+  device(id: number): ThinDevice {
+    const d = this.md.devices.get(id);
+    if (d === undefined) throw ioError(`thin device ${id} no longer exists in the pool`);
+    return d;
+  }
+
+  // -------------------------------------------------------------------------------- commit
+
+  /** Flush the data device, then commit the metadata if it changed (serialised), then pass down discards. */
+  commit(): Promise<void> {
+    const run = this.#commitTail.then(() => this.#commitNow());
+    this.#commitTail = run.catch(() => {});
+    return run;
+  }
+
+  async #commitNow(): Promise<void> {
+    if (this.mode === 'fail') throw ioError('the thin pool has failed (metadata I/O error)');
+    await this.dataDev.flush();
+    if (!this.md.dirty || this.mode === 'ro') return;
+    const discards = this.#passdown;
+    this.#passdown = [];
+    try {
+      await this.md.commit();
+    } catch (e) {
+      if (isCryptmapError(e, 'ENOSPC_METADATA')) {
+        await this.#abort();
+        throw ioError(`thin pool switched to read-only mode: ${e.message}`);
+      }
+      this.mode = 'fail';
+      throw ioError(`thin pool metadata commit failed: ${e instanceof Error ? e.message : String(e)}`);
+    }
+    this.#checkMetadataLowWater();
+    if (this.features.discardPassdown) {
+      for (const b of discards) {
+        if (this.md.dataCounts[b] === 0) await this.dataDev.discard(b * this.blockBytes, this.blockBytes).catch(() => {});
+      }
+    }
+  }
+
+  /** Out of metadata space: drop the uncommitted changes (reload the last commit) and go read-only. */
+  async #abort(): Promise<void> {
+    this.mode = 'ro';
+    try {
+      const opens = new Map([...this.md.devices].map(([id, d]) => [id, d.openCount]));
+      const md = await ThinMetadata.open(this.metaDev, this.md.dataBlockSectors, this.md.nrDataBlocks);
+      for (const [id, n] of opens) {
+        const d = md.devices.get(id);
+        if (d !== undefined) d.openCount = n;
+      }
+      this.md = md;
+    } catch {
+      this.mode = 'fail';
+    }
+    this.raiseEvent();
+  }
+
+  #checkMetadataLowWater(): void {
+    const free = this.md.nrMetaBlocks - this.md.usedMetadataBlocks;
+    if (free <= this.metadataThreshold()) {
+      if (!this.#metaLowTriggered) {
+        this.#metaLowTriggered = true;
+        this.raiseEvent();
+      }
+    } else this.#metaLowTriggered = false;
+  }
+
+  /** The kernel's calc_metadata_threshold: a quarter of the metadata blocks, at most 1024 (4 MiB). */
+  metadataThreshold(): number {
+    return Math.min(1024, Math.floor(this.md.nrMetaBlocks / 4));
+  }
+
+  // ------------------------------------------------------------------------------ allocation
+
+  async #allocate(): Promise<number> {
+    for (;;) {
+      if (this.mode === 'ro' || this.mode === 'fail') throw ioError(`the thin pool is ${this.mode === 'ro' ? 'read-only' : 'failed'}: no block can be allocated`);
+      let b = this.md.allocDataBlock();
+      if (b === undefined && this.md.freeDataBlocks > 0) {
+        // Only blocks freed in this transaction are left: commit, then they can be reused.
+        await this.commit();
+        b = this.md.allocDataBlock();
+      }
+      if (b !== undefined) {
+        if (this.mode === 'out_of_data_space') this.mode = 'rw';
+        this.#checkLowWater();
+        return b;
+      }
+      if (this.mode === 'rw') {
+        this.mode = 'out_of_data_space';
+        this.raiseEvent();
+      }
+      if (this.features.errorIfNoSpace) throw ioError('the thin pool is out of data space', 'ENOSPC');
+      const grown = await new Promise<boolean>((resolve) => {
+        const t = setTimeout(() => {
+          this.#spaceWaiters = this.#spaceWaiters.filter((f) => f !== wake);
+          resolve(false);
+        }, NO_SPACE_TIMEOUT_MS);
+        t.unref?.();
+        const wake = (): void => {
+          clearTimeout(t);
+          resolve(true);
+        };
+        this.#spaceWaiters.push(wake);
+      });
+      if (!grown) throw ioError(`the thin pool stayed out of data space for ${NO_SPACE_TIMEOUT_MS / 1000} s`, 'ENOSPC');
+    }
+  }
+
+  #checkLowWater(): void {
+    if (!this.#lowWaterTriggered && this.md.allocatableDataBlocks <= this.lowWaterBlocks) {
+      this.#lowWaterTriggered = true;
+      this.raiseEvent();
+    }
+  }
+
+  /** Fail waiters (pool going away). */
+  failWaiters(): void {
+    const w = this.#spaceWaiters;
+    this.#spaceWaiters = [];
+    for (const f of w) f();
+  }
+
+  // -------------------------------------------------------------------------- thin I/O paths
+
+  #shared(d: ThinDevice, v: number): boolean {
+    return d.snapshottedTime > timeOf(v);
+  }
+
+  /** Split [off, off+len) at data block edges. */
+  #pieces(off: number, len: number, f: (vb: number, inOff: number, pos: number, n: number) => Promise<void>): Promise<void> {
+    const bb = this.blockBytes;
+    const ps: Promise<void>[] = [];
+    for (let pos = 0; pos < len; ) {
+      const abs = off + pos;
+      const vb = Math.floor(abs / bb);
+      const inOff = abs - vb * bb;
+      const n = Math.min(len - pos, bb - inOff);
+      ps.push(f(vb, inOff, pos, n));
+      pos += n;
+    }
+    return ps.length === 1 ? ps[0]! : settle(ps);
+  }
+
+  async read(id: number, off: number, buf: Uint8Array): Promise<void> {
+    if (this.mode === 'fail') throw ioError('the thin pool has failed');
+    const d = this.device(id);
+    await this.#pieces(off, buf.length, async (vb, inOff, pos, n) => {
+      const v = d.map.get(vb);
+      const dst = buf.subarray(pos, pos + n);
+      if (v === undefined) dst.fill(0);
+      else await this.dataDev.read(blockOf(v) * this.blockBytes + inOff, dst);
+    });
+  }
+
+  async write(id: number, off: number, data: Uint8Array, fua: boolean): Promise<void> {
+    if (this.mode === 'fail') throw ioError('the thin pool has failed');
+    const d = this.device(id);
+    await this.#pieces(off, data.length, (vb, inOff, pos, n) => this.#writeBlock(d, vb, inOff, data.subarray(pos, pos + n)));
+    if (fua) await this.commit();
+  }
+
+  async #writeBlock(d: ThinDevice, vb: number, inOff: number, chunk: Uint8Array): Promise<void> {
+    const key = `${d.id}:${vb}`;
+    for (;;) {
+      const held = this.#locks.get(key);
+      if (held !== undefined) {
+        await held.catch(() => {});
+        continue;
+      }
+      const v = d.map.get(vb);
+      if (v !== undefined && !this.#shared(d, v)) {
+        await this.dataDev.write(blockOf(v) * this.blockBytes + inOff, chunk);
+        return;
+      }
+      const p = this.#provision(d, vb, v, inOff, chunk);
+      this.#locks.set(key, p);
+      try {
+        await p;
+      } finally {
+        this.#locks.delete(key);
+      }
+      return;
+    }
+  }
+
+  /** Allocate a block for `vb` (copying the shared old one, or zeroing), write `chunk`, map it. */
+  async #provision(d: ThinDevice, vb: number, old: number | undefined, inOff: number, chunk: Uint8Array): Promise<void> {
+    const bb = this.blockBytes;
+    const b = await this.#allocate();
+    try {
+      const full = inOff === 0 && chunk.length === bb;
+      if (full) await this.dataDev.write(b * bb, chunk);
+      else if (old !== undefined || this.features.zeroNewBlocks) {
+        const whole = Buffer.alloc(bb);
+        if (old !== undefined) await this.dataDev.read(blockOf(old) * bb, whole);
+        whole.set(chunk, inOff);
+        await this.dataDev.write(b * bb, whole);
+      } else await this.dataDev.write(b * bb + inOff, chunk);
+    } catch (e) {
+      this.md.decData(b);
+      throw e;
+    }
+    // The device may have been deleted meanwhile (only when not open, so never for a live thin).
+    const cur = d.map.get(vb);
+    d.map.set(vb, packBlockTime(b, this.md.time));
+    if (cur !== undefined) this.md.decData(blockOf(cur));
+    this.md.dirty = true;
+  }
+
+  /** Unmap whole blocks in the range (discard and write-zeroes); partial blocks are left. */
+  async unmap(id: number, off: number, len: number): Promise<void> {
+    if (this.mode === 'ro' || this.mode === 'fail') throw ioError(`the thin pool is ${this.mode === 'ro' ? 'read-only' : 'failed'}`);
+    const d = this.device(id);
+    const bb = this.blockBytes;
+    const first = Math.ceil(off / bb);
+    const end = Math.floor((off + len) / bb);
+    for (let vb = first; vb < end; vb++) {
+      const held = this.#locks.get(`${d.id}:${vb}`);
+      if (held !== undefined) await held.catch(() => {});
+      const v = d.map.get(vb);
+      if (v === undefined) continue;
+      d.map.delete(vb);
+      const b = blockOf(v);
+      if (this.md.decData(b) === 0) this.#passdown.push(b);
+    }
+  }
+
+  async writeZeroes(id: number, off: number, len: number, flags?: WriteZeroesFlags): Promise<void> {
+    const bb = this.blockBytes;
+    const d = this.device(id);
+    const zero = async (o: number, n: number): Promise<void> => {
+      for (let pos = 0; pos < n; ) {
+        const vb = Math.floor((o + pos) / bb);
+        const m = Math.min(n - pos, (vb + 1) * bb - (o + pos));
+        // An unmapped block already reads as zeros.
+        if (d.map.has(vb) || flags?.noHole) await this.write(id, o + pos, Buffer.alloc(m), false);
+        pos += m;
+      }
+    };
+    const first = Math.ceil(off / bb) * bb;
+    const end = Math.floor((off + len) / bb) * bb;
+    if (flags?.noHole || first >= end) await zero(off, len);
+    else {
+      await zero(off, first - off);
+      await this.unmap(id, first, end - first);
+      await zero(end, off + len - end);
+    }
+    if (flags?.fua) await this.commit();
+  }
+
+  blockStatus(id: number, off: number, len: number): Extent[] {
+    const d = this.device(id);
+    const bb = this.blockBytes;
+    const out: Extent[] = [];
+    for (let pos = 0; pos < len; ) {
+      const vb = Math.floor((off + pos) / bb);
+      const n = Math.min(len - pos, (vb + 1) * bb - (off + pos));
+      const hole = !d.map.has(vb);
+      const last = out[out.length - 1];
+      if (last !== undefined && last.hole === hole) last.lengthBytes += n;
+      else out.push({ lengthBytes: n, hole, zero: hole });
+      pos += n;
+    }
+    return out;
+  }
+
+  /** Highest mapped virtual block of a device, or -1. */
+  highestMapped(id: number): number {
+    let hi = -1;
+    for (const k of this.device(id).map.keys()) if (k > hi) hi = k;
+    return hi;
+  }
+}
+
+async function settle(ps: Promise<void>[]): Promise<void> {
+  const rs = await Promise.allSettled(ps);
+  for (const r of rs) if (r.status === 'rejected') throw r.reason;
+}
