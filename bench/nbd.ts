@@ -20,7 +20,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { MemoryDevice } from '../src/blockdev/memory.js';
 import { NbdServer } from '../src/nbd/server.js';
-import { nbdUnixUri } from '../src/nbd/uri.js';
+import { nbdUnixUri } from '../src/nbd-wire/uri.js';
 
 const { values } = parseArgs({
   options: {

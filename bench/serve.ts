@@ -24,7 +24,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { prepareLuks } from '../src/activate/mapping.js';
 import { DaemonCore } from '../src/daemon/core.js';
-import { nbdUnixUri } from '../src/nbd/uri.js';
+import { nbdUnixUri } from '../src/nbd-wire/uri.js';
 
 const PASSPHRASE_BYTES = 32;
 

@@ -11,6 +11,7 @@ const LAYER = {
   dm: 3,
   luks: 3,
   nbd: 3,
+  'nbd-wire': 0,
   activate: 4,
   keyservice: 4,
   reconciler: 5,

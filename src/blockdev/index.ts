@@ -12,3 +12,4 @@ export type {
 export { MemoryDevice, type MemoryDeviceOptions } from './memory.js';
 export { FileDevice, type FileDeviceOptions } from './file.js';
 export { deviceView } from './view.js';
+export { NbdDevice, type NbdDeviceHealth, type NbdDeviceOptions, type NbdDeviceState } from './nbd-client/device.js';

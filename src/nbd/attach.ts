@@ -22,7 +22,7 @@ import { rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { CryptmapError } from '../util/errors.js';
 import { runTool } from '../util/tools.js';
-import { nbdUnixUri } from './uri.js';
+import { nbdUnixUri } from '../nbd-wire/uri.js';
 
 export type AttachMethod = 'kernel' | 'fuse';
 

@@ -11,7 +11,7 @@ import type { Duplex } from 'node:stream';
 import { logger } from '../util/log.js';
 import { greet } from './handshake.js';
 import { negotiate } from './options.js';
-import { ConnectionClosed, RecvQueue } from './recv.js';
+import { ConnectionClosed, RecvQueue } from '../nbd-wire/recv.js';
 import { type ConnState, canTransition } from './states.js';
 import { transmit } from './transmission.js';
 import type { ExportEntry, ServerContext } from './types.js';

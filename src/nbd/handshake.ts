@@ -11,7 +11,7 @@ import {
   NBD_FLAG_FIXED_NEWSTYLE,
   NBD_FLAG_NO_ZEROES,
   NBDMAGIC,
-} from './constants.js';
+} from '../nbd-wire/constants.js';
 import { type Connection, ProtocolViolation } from './connection.js';
 
 const GREETING = (() => {

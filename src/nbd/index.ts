@@ -5,4 +5,4 @@
 export { type AttachInfo, type AttachOptions, attachExport, detachExport } from './attach.js';
 export { NbdServer } from './server.js';
 export type { NbdExport, NbdServerOptions, NbdTlsCredentials, NbdTlsMode } from './types.js';
-export { nbdTcpUri, nbdUnixUri } from './uri.js';
+export { nbdTcpUri, nbdUnixUri } from '../nbd-wire/uri.js';

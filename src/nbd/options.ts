@@ -40,9 +40,9 @@ import {
   OPTION_HEADER_BYTES,
   OPTION_NAMES,
   OPTION_REPLY_HEADER_BYTES,
-} from './constants.js';
+} from '../nbd-wire/constants.js';
 import { type Connection, ProtocolViolation } from './connection.js';
-import { ConnectionClosed } from './recv.js';
+import { ConnectionClosed } from '../nbd-wire/recv.js';
 import { blockSizeFor, transmissionFlagsFor } from './transmission.js';
 import type { ExportEntry } from './types.js';
 

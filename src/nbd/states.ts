@@ -26,7 +26,7 @@ import {
   NBD_OPT_SET_META_CONTEXT,
   NBD_OPT_STARTTLS,
   NBD_OPT_STRUCTURED_REPLY,
-} from './constants.js';
+} from '../nbd-wire/constants.js';
 
 export type ConnState = 'GREETING' | 'CLIENT_FLAGS' | 'OPTIONS' | 'TLS_HANDSHAKE' | 'TRANSMISSION' | 'DRAINING' | 'CLOSED';
 

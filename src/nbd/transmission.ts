@@ -61,9 +61,9 @@ import {
   REQUEST_HEADER_BYTES,
   SIMPLE_REPLY_HEADER_BYTES,
   STRUCTURED_REPLY_HEADER_BYTES,
-} from './constants.js';
+} from '../nbd-wire/constants.js';
 import { type Connection, ProtocolViolation } from './connection.js';
-import { ConnectionClosed } from './recv.js';
+import { ConnectionClosed } from '../nbd-wire/recv.js';
 import type { ExportEntry } from './types.js';
 
 const log = logger('nbd');

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { PassThrough } from 'node:stream';
 import { describe, test } from 'node:test';
 import { BufferPool } from '../../src/nbd/pool.js';
-import { ConnectionClosed, RecvQueue } from '../../src/nbd/recv.js';
+import { ConnectionClosed, RecvQueue } from '../../src/nbd-wire/recv.js';
 
 describe('RecvQueue', () => {
   test('a message inside one chunk is a view; one spanning chunks is a copy from alloc', async () => {
