@@ -30,6 +30,7 @@ import { type AttachInfo, VOLUME_KEYSLOT_PBKDF, type VolumePorts, type VolumePro
 import { CryptmapError, isCryptmapError } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import { mounts, resolveTool, runTool as runUtilTool, unescapeMount } from '../util/tools.js';
+import { ensureMountpoint } from '../util/trusted-path.js';
 import type { Secret } from '../util/secret.js';
 import type { DaemonCore } from './core.js';
 
@@ -310,8 +311,9 @@ export class DataPathPorts implements VolumePorts {
     }
     const mp = this.#mountpoint(v);
     if (mp === undefined) return;
-    await fs.mkdir(mp, { recursive: true, mode: 0o755 });
-    await this.#run('mount', ['-t', v.filesystem, dev, mp]);
+    // Component by component, no symlinks, root-owned all the way, never /etc and friends (issue 11 item 4).
+    const at = ensureMountpoint(mp);
+    await this.#run('mount', ['-t', v.filesystem, dev, at]);
   }
 
   async unmount(v: VolumeTarget): Promise<void> {

@@ -34,6 +34,8 @@ export interface TrustOptions {
   owners?: 'root-or-caller' | 'root';
   /** Error code for refusals (default EUNTRUSTED_PATH); call sites keep their established codes. */
   code?: string;
+  /** `follow` (default): trusted symlinks are followed; `refuse`: any symlink on the path is refused (mountpoints). */
+  symlinks?: 'follow' | 'refuse';
 }
 
 const MAX_SYMLINKS = 40;
@@ -112,6 +114,7 @@ export function resolveTrusted(path: string, o: TrustOptions = {}): ResolvedPath
       throw fromSystemError(o.code ?? 'EUNTRUSTED_PATH', `cannot check ${next}`, e, { path: next });
     }
     if (st.isSymbolicLink()) {
+      if (o.symlinks === 'refuse') throw refuse(o, next, 'it is a symbolic link', 'give the real path (symbolic links are not followed here)');
       if (++hops > MAX_SYMLINKS) throw refuse(o, path, 'too many levels of symbolic links', 'give the real path');
       if (!ownerOk(st, o)) throw refuse(o, next, `it is a symbolic link owned by uid ${st.uid}, not by ${ownersText(o)}`, 'give the real path, or remove the link');
       const target = readlinkSync(next);
@@ -313,4 +316,21 @@ export function checkTrustedSocket(path: string, o: TrustOptions = {}): void {
   if (!st.isSocket()) throw refuse(o, path, 'it is not a socket', 'point at the daemon socket');
   if (!ownerOk(st, o)) throw refuse(o, path, `it belongs to uid ${st.uid}, not to ${ownersText(o)}: another user is listening there`, 'use the socket of a daemon run by root or by you');
   if ((st.mode & 0o022) !== 0) throw refuse(o, path, `it is writable by group or others (mode ${(st.mode & 0o777).toString(8)})`, 'restart the daemon that owns it');
+}
+
+/** Directories never used as mountpoints: mounting over them hides (or replaces) the system. */
+export const SYSTEM_DIRECTORIES: readonly string[] = ['/', '/etc', '/usr', '/boot', '/proc', '/sys', '/dev', '/run', '/bin', '/sbin', '/lib', '/lib64', '/var', '/root', '/home', '/tmp'];
+
+/**
+ * The agent's mountpoints (it runs as root and mounts volumes there): resolved component by
+ * component without following any symlink, every component owned by root and not writable by
+ * group or others (a service user who owns a parent could otherwise point it at /etc), never a
+ * system directory; missing components are created (mode 0755). Returns the path to mount on.
+ * @example await run('mount', [dev, ensureMountpoint('/srv/db')]);
+ */
+export function ensureMountpoint(path: string, code = 'EMOUNTPOINT'): string {
+  const o: EnsureDirOptions = { owners: 'root', symlinks: 'refuse', code, mode: 0o755, private: false };
+  const abs = resolve(path);
+  if (SYSTEM_DIRECTORIES.includes(abs)) throw refuse(o, abs, 'it is a system directory', 'choose a mountpoint below /srv or /mnt');
+  return ensureTrustedDir(abs, o);
 }

@@ -11,6 +11,7 @@ import { ensureRuntimeDir } from '../../src/control/runtime-dir.js';
 import { lockDir, withDeviceLock } from '../../src/luks/lock.js';
 import { ensureTrustedDir, resolveTrusted } from '../../src/util/trusted-path.js';
 import { ENTRY, startDaemon } from '../load/helpers.js';
+import { attack } from './attack.js';
 import { attacker, NEEDS_ROOT } from './attacker.js';
 
 function rootTemp(mode = 0o755): string {
@@ -24,7 +25,7 @@ function runDaemon(args: string[]): { status: number | null; out: string } {
   return { status: r.status, out: r.stdout + r.stderr };
 }
 
-test('runtime dir: a 0777 directory the attacker made is refused, not tightened, and nothing is written through its planted pid link', { skip: NEEDS_ROOT }, () => {
+test('runtime dir: a 0777 directory the attacker made is refused, not tightened, and nothing is written through its planted pid link', { skip: NEEDS_ROOT }, async () => {
   const a = attacker();
   const victim = rootTemp();
   const target = join(victim, 'etc-shadow-stand-in');
@@ -32,27 +33,33 @@ test('runtime dir: a 0777 directory the attacker made is refused, not tightened,
   const run = a.dir(0o777);
   try {
     assert.equal(a.sh(`ln -s ${target} ${run}/daemon.pid && ln -s ${target} ${run}/daemon.log`).status, 0);
-    const r = runDaemon(['--runtime-dir', run, '--detach']);
-    assert.equal(r.status, 2, r.out);
-    assert.match(r.out, new RegExp(`refusing ${run}: it belongs to uid ${a.uid}`));
-    assert.equal(lstatSync(run).mode & 0o7777, 0o777, 'the directory was not chmod-ed');
-    assert.equal(readFileSync(target, 'utf8'), 'precious\n');
+    await attack('daemon --runtime-dir at a 0777 directory another user made, with daemon.pid and daemon.log links planted', () => {
+      const r = runDaemon(['--runtime-dir', run, '--detach']);
+      assert.equal(r.status, 2, r.out);
+      assert.match(r.out, new RegExp(`refusing ${run}: it belongs to uid ${a.uid}`));
+      assert.equal(lstatSync(run).mode & 0o7777, 0o777, 'the directory was not chmod-ed');
+      assert.equal(readFileSync(target, 'utf8'), 'precious\n');
+      return 'refused (exit 2), directory left 0777, link target untouched';
+    });
   } finally {
     rmSync(run, { recursive: true, force: true });
     rmSync(victim, { recursive: true, force: true });
   }
 });
 
-test('runtime dir: root-owned 0777 and sticky 1777 directories are refused and left as they are', { skip: NEEDS_ROOT }, () => {
+test('runtime dir: root-owned 0777 and sticky 1777 directories are refused and left as they are', { skip: NEEDS_ROOT }, async () => {
   const base = rootTemp();
   try {
-    for (const mode of [0o777, 0o1777, 0o755]) {
-      const d = join(base, `d${mode.toString(8)}`);
-      mkdirSync(d);
-      chmodSync(d, mode);
-      assert.throws(() => ensureRuntimeDir(d), (e: Error & { code?: string }) => e.code === 'ERUNDIR' && e.message.includes(d) && /chmod/.test(e.message));
-      assert.equal(lstatSync(d).mode & 0o7777, mode);
-    }
+    await attack('runtime dir pre-existing with mode 0777, 1777 or 0755', () => {
+      for (const mode of [0o777, 0o1777, 0o755]) {
+        const d = join(base, `d${mode.toString(8)}`);
+        mkdirSync(d);
+        chmodSync(d, mode);
+        assert.throws(() => ensureRuntimeDir(d), (e: Error & { code?: string }) => e.code === 'ERUNDIR' && e.message.includes(d) && /chmod/.test(e.message));
+        assert.equal(lstatSync(d).mode & 0o7777, mode);
+      }
+      return 'refused with the fix named; modes (and the sticky bit) unchanged';
+    });
     // Created fresh: 0700, and again accepted.
     const fresh = join(base, 'a', 'b', 'run');
     ensureRuntimeDir(fresh);
@@ -64,13 +71,16 @@ test('runtime dir: root-owned 0777 and sticky 1777 directories are refused and l
   }
 });
 
-test('runtime dir: a parent owned by the attacker is refused (it could be renamed away after the check)', { skip: NEEDS_ROOT }, () => {
+test('runtime dir: a parent owned by the attacker is refused (it could be renamed away after the check)', { skip: NEEDS_ROOT }, async () => {
   const a = attacker();
   const parent = a.dir(0o755);
   try {
     const run = join(parent, 'run');
     mkdirSync(run, { mode: 0o700 }); // root-owned and 0700 itself: only the parent is bad
-    assert.throws(() => ensureRuntimeDir(run), new RegExp(`refusing ${parent}: it belongs to uid ${a.uid}`));
+    await attack('runtime dir 0700 and root-owned, below a parent directory another user owns', () => {
+      assert.throws(() => ensureRuntimeDir(run), new RegExp(`refusing ${parent}: it belongs to uid ${a.uid}`));
+      return 'refused: the parent is checked, not only the last component';
+    });
     // A symlink the attacker owns, pointing at a good directory, is refused too.
     const good = rootTemp(0o700);
     const link = join(rootTemp(), 'link');
@@ -94,19 +104,26 @@ test('daemon pid file and --detach log: planted symlinks in a good runtime dir a
   mkdirSync(run, { mode: 0o700 });
   try {
     symlinkSync(target, join(run, 'daemon.log'));
-    const r = runDaemon(['--runtime-dir', run, '--detach']);
-    assert.equal(r.status, 2, r.out);
-    assert.match(r.out, /daemon\.log: it is a symbolic link/);
+    await attack('daemon --detach with daemon.log a symlink to a root-owned file', () => {
+      const r = runDaemon(['--runtime-dir', run, '--detach']);
+      assert.equal(r.status, 2, r.out);
+      assert.match(r.out, /daemon\.log: it is a symbolic link/);
+      assert.equal(readFileSync(target, 'utf8'), 'precious\n');
+      return 'refused (O_NOFOLLOW), target untouched';
+    });
     rmSync(join(run, 'daemon.log'));
     symlinkSync(target, join(run, 'daemon.pid'));
-    const d = await startDaemon(run);
-    try {
-      assert.ok(!lstatSync(join(run, 'daemon.pid')).isSymbolicLink());
-      assert.equal(readFileSync(join(run, 'daemon.pid'), 'utf8').trim(), String(d.pid));
-    } finally {
-      await d.stop();
-    }
-    assert.equal(readFileSync(target, 'utf8'), 'precious\n');
+    await attack('daemon with daemon.pid a symlink to a root-owned file', async () => {
+      const d = await startDaemon(run);
+      try {
+        assert.ok(!lstatSync(join(run, 'daemon.pid')).isSymbolicLink());
+        assert.equal(readFileSync(join(run, 'daemon.pid'), 'utf8').trim(), String(d.pid));
+      } finally {
+        await d.stop();
+      }
+      assert.equal(readFileSync(target, 'utf8'), 'precious\n');
+      return 'the link was replaced by a new file (rename), the target untouched';
+    });
   } finally {
     rmSync(victim, { recursive: true, force: true });
   }
@@ -120,12 +137,15 @@ test('lock dir: /tmp/cryptmap-UID made by the attacker is refused; ours is creat
   const planted = a.dir(0o755);
   try {
     assert.equal(a.sh(`mkdir -m 777 ${planted}/locks`).status, 0);
-    let ran = false;
-    await assert.rejects(
-      withDeviceLock(img, async () => (ran = true), { env: { CRYPTMAP_LOCK_DIR: join(planted, 'locks') } }),
-      (e: Error & { code?: string }) => e.code === 'ELOCKDIR' && e.message.includes(planted),
-    );
-    assert.equal(ran, false);
+    await attack('LUKS lock dir (/tmp/cryptmap-UID/locks) pre-created by another user', async () => {
+      let ran = false;
+      await assert.rejects(
+        withDeviceLock(img, async () => (ran = true), { env: { CRYPTMAP_LOCK_DIR: join(planted, 'locks') } }),
+        (e: Error & { code?: string }) => e.code === 'ELOCKDIR' && e.message.includes(planted),
+      );
+      assert.equal(ran, false);
+      return 'refused (ELOCKDIR) before the header update ran';
+    });
     const mine = join(victim, 'locks');
     assert.equal(await withDeviceLock(img, async () => lstatSync(mine).mode & 0o777, { env: { CRYPTMAP_LOCK_DIR: mine } }), 0o700);
     assert.equal(lockDir({ CRYPTMAP_LOCK_DIR: mine }), mine);
