@@ -76,7 +76,7 @@ const SYNOPSIS: Record<string, string> = {
   luksResume: 'luksResume [--key-file F] [--key-slot N] [--header H] [--runtime-dir DIR] <name>',
   refresh: 'refresh [--allow-discards] [--perf-*] [--persistent] [--key-file F] [--runtime-dir DIR] <name>',
   resize: 'resize [--size SECTORS | --device-size BYTES] [--key-file F] [--runtime-dir DIR] <name>',
-  attach: 'attach [--readonly] [--runtime-dir DIR] <name>',
+  attach: 'attach [--via fuse|nbd|nbdfuse] [--readonly] [--runtime-dir DIR] <name>',
   detach: 'detach [--runtime-dir DIR] <name>',
 };
 

@@ -17,7 +17,8 @@ import { FileDevice } from '../../src/blockdev/file.js';
 import type { DaemonCore } from '../../src/daemon/core.js';
 import { bestVia } from '../../src/daemon/fuse-export.js';
 import { Luks2Volume } from '../../src/luks/index.js';
-import { coreIn, MiB, PASS } from './fixtures.js';
+import { Secret } from '../../src/util/secret.js';
+import { coreIn, MiB, PASS, plainMapping } from './fixtures.js';
 
 let dir: string;
 let core: DaemonCore;
@@ -180,4 +181,36 @@ test('a non-crypt table (linear over a file) is served through the mapped device
   assert.ok((core.fuseStats('lin')?.js ?? 0) > 8, 'requests went through the JS route');
   await core.detach('lin');
   await core.dm().remove('lin');
+});
+
+test('a full backing file system gives ENOSPC to the writer; a read-only attachment refuses writes', async () => {
+  const small = join(dir, 'small');
+  mkdirSync(small);
+  await sh('mount', ['-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', small]);
+  try {
+    const backing = join(small, 'disk.img');
+    writeFileSync(backing, Buffer.alloc(0));
+    truncateSync(backing, 16 * MiB); // sparse: more than the file system holds
+    const m = plainMapping(dir, { name: 'full', device: backing, sizeSectors: (16 * MiB) / 512 });
+    await core.openVolume(m, new Secret(randomBytes(64)));
+    const info = await core.attach('full', { via: 'fuse' });
+    assert.equal(core.fuseStats('full')?.directOn, true);
+    const r = await sh('dd', ['if=/dev/zero', `of=${info.devicePath}`, 'bs=1M', 'count=12', 'oflag=direct']).then(
+      () => '',
+      (e: Error) => e.message,
+    );
+    assert.match(r, /No space left on device/);
+    await core.detach('full');
+    const ro = await core.attach('full', { via: 'fuse', readOnly: true });
+    const w = await sh('dd', ['if=/dev/zero', `of=${ro.devicePath}`, 'bs=4096', 'count=1', 'oflag=direct']).then(
+      () => '',
+      (e: Error) => e.message,
+    );
+    assert.match(w, /Operation not permitted|Read-only file system|Permission denied/);
+    await assert.rejects(open(join(ro.fuseDir!, 'mnt', 'disk'), 'r+'), { code: 'EROFS' });
+    await core.detach('full');
+    await core.closeVolume('full');
+  } finally {
+    await sh('umount', [small]);
+  }
 });
