@@ -33,6 +33,7 @@ import { mounts, resolveTool, runTool as runUtilTool, unescapeMount } from '../u
 import { ensureMountpoint } from '../util/trusted-path.js';
 import type { Secret } from '../util/secret.js';
 import type { DaemonCore } from './core.js';
+import { fuseUnavailable } from './fuse-export.js';
 
 const log = logger('volumes');
 
@@ -83,6 +84,8 @@ export function detectServeMode(): { mode: ServeMode; reason?: string } {
     if (resolveTool('nbd-client') !== 'nbd-client') return { mode: 'attach' };
     return { mode: 'nbd-only', reason: 'served over NBD only: nbd-client is not installed (Debian package nbd-client)' };
   }
+  // The built-in FUSE export needs no nbdfuse or fusermount3 (fuse-export.ts), only losetup.
+  if (fuseUnavailable() === undefined && existsSync('/dev/loop-control') && resolveTool('losetup') !== 'losetup') return { mode: 'attach' };
   for (const p of ['/dev/fuse', '/dev/loop-control']) {
     if (!existsSync(p)) return { mode: 'nbd-only', reason: `served over NBD only: no nbd kernel module and no ${p}` };
   }
