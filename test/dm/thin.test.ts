@@ -1,0 +1,201 @@
+// The thin-pool and thin targets without the external tools: strict table grammar with errors
+// naming line, target and argument, the kernel's canonical table and status forms, pool messages
+// and their errors, zeroing, discard with passdown, out-of-data-space (error and queue), the
+// low-water-mark event, and a full metadata device turning the pool read-only.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { pattern } from './helpers.js';
+import { BLOCK, MiB, status, table, thinRig } from './thin-helpers.js';
+
+test('thin-pool and thin tables: strict parsing, errors name line, target and argument', async () => {
+  const { registry } = thinRig({ dataBytes: 4 * MiB });
+  const bad: [string, RegExp][] = [
+    ['0 8192 thin-pool /mem/meta /mem/data 128', /table line 1: thin-pool <low water mark>: missing argument/],
+    ['0 8192 thin-pool /mem/meta /mem/data 100 0', /thin-pool <data block size>: invalid block size 100 \(128 to 2097152 sectors, a multiple of 128\)/],
+    ['0 8192 thin-pool /mem/meta /mem/data 4194304 0', /<data block size>: invalid block size/],
+    ['0 8192 thin-pool /mem/meta /mem/data 128 x', /<low water mark>: 'x' is not an unsigned decimal number/],
+    ['0 8192 thin-pool /mem/meta /mem/data 128 0 1 skip_block_zeroing ignore_discard', /<#feature args>: says 1 feature arguments but 2 follow/],
+    ['0 8192 thin-pool /mem/meta /mem/data 128 0 1 no_such', /<feature>: unrecognised pool feature 'no_such'/],
+    ['0 64 thin-pool /mem/meta /mem/data 128 0', /the target \(64 sectors\) is smaller than one data block/],
+    ['0 16384 thin-pool /mem/meta /mem/data 128 0', /<data dev>: device \/mem\/data is too small/],
+    ['0 8192 thin-pool /mem/meta /mem/nope 128 0', /thin-pool <data dev>: cannot open \/mem\/nope/],
+  ];
+  for (const [t, re] of bad) await assert.rejects(registry.create('p', { table: t }), re, t);
+  await registry.create('pool', { table: '0 8192 thin-pool /mem/meta /mem/data 128 10 3 error_if_no_space skip_block_zeroing no_discard_passdown' });
+  // The kernel's canonical form: features in its order, each followed by a space.
+  assert.equal(table(registry, 'pool'), '0 8192 thin-pool /mem/meta /mem/data 128 10 3 skip_block_zeroing no_discard_passdown error_if_no_space ');
+  assert.match(status(registry, 'pool'), /^0 8192 thin-pool 0 [0-9]+\/256 0\/64 - rw no_discard_passdown error_if_no_space - 64 $/);
+  await registry.message('pool', 0, ['create_thin', '3']);
+  const badThin: [string, RegExp][] = [
+    ['0 100 thin pool', /table line 1: thin <dev id>: expected 'thin <pool dev> <dev id> \[<external origin dev>\]', got 1 arguments/],
+    ['0 100 thin pool 16777216', /thin <dev id>: '16777216' is too large \(max 16777215\)/],
+    ['0 100 thin pool 4', /thin <dev id>: couldn't open thin internal device: thin device 4 does not exist/],
+    ['0 100 thin pool 3 /mem/data', /thin <external origin dev>: an external origin is not supported/],
+    ['0 100 thin /mem/data 3', /thin <pool dev>: \/mem\/data is not an active thin-pool device/],
+  ];
+  for (const [t, re] of badThin) await assert.rejects(registry.create('t', { table: t }), re, t);
+  await registry.suspend('pool');
+  await assert.rejects(registry.create('t', { table: '0 100 thin pool 3' }), /unable to activate thin device while pool is suspended/);
+  await registry.resume('pool');
+  await registry.create('t', { table: '0 100 thin pool 3' });
+  assert.equal(table(registry, 't'), '0 100 thin pool 3');
+  assert.equal(status(registry, 't'), '0 100 thin 0 -');
+  // A round trip: the printed table builds the same device.
+  await registry.load('t', table(registry, 't'));
+  await registry.resume('t');
+  assert.equal(table(registry, 't'), '0 100 thin pool 3');
+  await registry.closeAll();
+});
+
+test('pool messages: the kernel verbs and their errors; commits after each', async () => {
+  const { registry } = thinRig({ dataBytes: 4 * MiB });
+  await registry.create('pool', { table: '0 8192 thin-pool /mem/meta /mem/data 128 0' });
+  const msg = (...a: string[]) => registry.message('pool', 0, a);
+  await assert.rejects(msg('frobnicate'), /unrecognised thin pool target message received: frobnicate/);
+  await assert.rejects(msg('create_thin'), /wrong number of arguments for 'create_thin' message: 0 \(expected 1\)/);
+  await assert.rejects(msg('create_thin', 'x'), /invalid device id: x/);
+  await assert.rejects(msg('create_thin', '16777216'), /invalid device id: 16777216/);
+  await msg('create_thin', '16777215');
+  await assert.rejects(msg('create_thin', '16777215'), { code: 'EEXIST', errno: 'EEXIST' });
+  await assert.rejects(msg('create_snap', '1', '2'), /origin thin device 2 does not exist/);
+  await assert.rejects(msg('delete', '5'), /thin device 5 does not exist/);
+  await assert.rejects(msg('set_transaction_id', '1', '2'), /mismatched transaction id: the pool's is 0, the message says 1/);
+  await msg('set_transaction_id', '0', '18446744073709551615');
+  assert.match(status(registry, 'pool'), /^0 8192 thin-pool 18446744073709551615 /);
+  await assert.rejects(msg('release_metadata_snap'), /no metadata snapshot is held/);
+  await msg('delete', '16777215');
+  await registry.closeAll();
+  // Read-only pools refuse messages (EOPNOTSUPP).
+  const r2 = thinRig({ meta: (await thinRigWithPool()).meta, dataBytes: 4 * MiB });
+  await r2.registry.create('pool', { table: '0 8192 thin-pool /mem/meta /mem/data 128 0 1 read_only' });
+  assert.match(status(r2.registry, 'pool'), / - ro discard_passdown queue_if_no_space - /);
+  await assert.rejects(r2.registry.message('pool', 0, ['create_thin', '1']), { code: 'EOPNOTSUPP' });
+  await r2.registry.closeAll();
+});
+
+async function thinRigWithPool() {
+  const r = thinRig({ dataBytes: 4 * MiB });
+  await r.registry.create('pool', { table: '0 8192 thin-pool /mem/meta /mem/data 128 0' });
+  await r.registry.closeAll();
+  return r;
+}
+
+test('zeroing of partially written new blocks, and skip_block_zeroing', async () => {
+  for (const skip of [false, true]) {
+    const { registry, data } = thinRig({ dataBytes: 4 * MiB });
+    await data.write(0, Buffer.alloc(4 * MiB, 0xee));
+    await registry.create('pool', { table: `0 8192 thin-pool /mem/meta /mem/data 128 0${skip ? ' 1 skip_block_zeroing' : ''}` });
+    await registry.message('pool', 0, ['create_thin', '0']);
+    await registry.create('t', { table: '0 8192 thin pool 0' });
+    const h = registry.open('t');
+    await h.write(4096, pattern(4096, 1));
+    const back = Buffer.alloc(BLOCK);
+    await h.read(0, back);
+    assert.deepEqual(back.subarray(4096, 8192), pattern(4096, 1));
+    const rest = Buffer.concat([back.subarray(0, 4096), back.subarray(8192)]);
+    assert.ok(rest.every((x) => x === (skip ? 0xee : 0)), skip ? 'stale data stays without zeroing' : 'the rest of the block is zeroed');
+    await h.close();
+    await registry.closeAll();
+  }
+});
+
+test('discard unmaps whole blocks and passes down after the commit; partial blocks stay; block status shows holes', async () => {
+  const { registry, data } = thinRig({ dataBytes: 4 * MiB });
+  await registry.create('pool', { table: '0 8192 thin-pool /mem/meta /mem/data 128 0' });
+  await registry.message('pool', 0, ['create_thin', '0']);
+  await registry.create('t', { table: '0 8192 thin pool 0' });
+  const h = registry.open('t');
+  await h.write(0, pattern(4 * BLOCK, 5));
+  await h.flush();
+  assert.equal(status(registry, 't'), `0 8192 thin ${4 * 128} ${4 * 128 - 1}`);
+  assert.deepEqual(await h.blockStatus!(0, 8 * BLOCK), [
+    { lengthBytes: 4 * BLOCK, hole: false, zero: false },
+    { lengthBytes: 4 * BLOCK, hole: true, zero: true },
+  ]);
+  // From the middle of block 0 to the middle of block 3: blocks 1 and 2 go.
+  await h.discard(BLOCK / 2, 3 * BLOCK);
+  assert.equal(status(registry, 't'), `0 8192 thin ${2 * 128} ${4 * 128 - 1}`);
+  assert.match(status(registry, 'pool'), / 2\/64 /);
+  const b = Buffer.alloc(BLOCK);
+  await h.read(BLOCK, b);
+  assert.ok(b.every((x) => x === 0));
+  await h.read(0, b);
+  assert.deepEqual(b, pattern(4 * BLOCK, 5).subarray(0, BLOCK), 'a partially discarded block keeps its data');
+  await h.flush();
+  // Passed down: data blocks 1 and 2 were the second and third allocated.
+  const raw = Buffer.alloc(2 * BLOCK);
+  await data.read(BLOCK, raw);
+  assert.ok(raw.every((x) => x === 0), 'the freed data blocks were discarded on the data device');
+  // write-zeroes unmaps whole blocks too.
+  await h.writeZeroes(0, BLOCK);
+  assert.equal(status(registry, 't'), `0 8192 thin ${128} ${4 * 128 - 1}`);
+  await h.close();
+  await registry.closeAll();
+});
+
+test('out of data space: error_if_no_space fails at once; queue_if_no_space waits until the pool grows; low water mark raises an event', async () => {
+  const { registry } = thinRig({ dataBytes: 8 * MiB });
+  // 4 blocks of data, low water mark 1.
+  await registry.create('pool', { table: `0 ${(4 * BLOCK) / 512} thin-pool /mem/meta /mem/data 128 1 1 error_if_no_space` });
+  await registry.message('pool', 0, ['create_thin', '0']);
+  await registry.create('t', { table: '0 8192 thin pool 0' });
+  const h = registry.open('t');
+  const ev0 = registry.get('pool').eventNr;
+  await h.write(0, pattern(3 * BLOCK, 1));
+  assert.equal(registry.get('pool').eventNr, ev0 + 1, 'one event at the low water mark');
+  await h.write(3 * BLOCK, pattern(BLOCK, 2));
+  await assert.rejects(h.write(4 * BLOCK, pattern(4096, 3)), { code: 'ENOSPC', errno: 'ENOSPC' });
+  assert.match(status(registry, 'pool'), / 4\/4 - out_of_data_space discard_passdown error_if_no_space /);
+  assert.ok(registry.get('pool').eventNr >= ev0 + 2, 'an event when the pool ran out');
+  // Freed blocks are reused after a commit (the pool commits by itself when only they are left).
+  await h.discard(0, BLOCK);
+  await h.write(4 * BLOCK, pattern(4096, 3));
+  assert.match(status(registry, 'pool'), / 4\/4 - rw /);
+  // Queue mode: the write waits; growing the pool lets it go on.
+  await registry.load('pool', `0 ${(4 * BLOCK) / 512} thin-pool /mem/meta /mem/data 128 1 0`);
+  await registry.resume('pool');
+  let done = false;
+  const w = h.write(5 * BLOCK, pattern(4096, 4)).then(() => {
+    done = true;
+  });
+  for (let i = 0; i < 50; i++) await new Promise((r) => setImmediate(r));
+  assert.equal(done, false, 'the write is queued');
+  assert.match(status(registry, 'pool'), / out_of_data_space discard_passdown queue_if_no_space /);
+  await registry.load('pool', `0 ${(8 * BLOCK) / 512} thin-pool /mem/meta /mem/data 128 1 0`);
+  await registry.resume('pool');
+  await w;
+  assert.equal(done, true);
+  assert.match(status(registry, 'pool'), / 5\/8 - rw /);
+  const b = Buffer.alloc(4096);
+  await h.read(5 * BLOCK, b);
+  assert.deepEqual(b, pattern(4096, 4));
+  await h.close();
+  await registry.closeAll();
+});
+
+test('a full metadata device turns the pool read-only (the last commit stays); provisioned blocks stay writable', async () => {
+  // 24 metadata blocks: room for two copies of a small image only.
+  const { registry } = thinRig({ metaBytes: 24 * 4096, dataBytes: 4 * MiB });
+  await registry.create('pool', { table: '0 8192 thin-pool /mem/meta /mem/data 128 0' });
+  await registry.message('pool', 0, ['create_thin', '0']);
+  await registry.create('t', { table: '0 8192 thin pool 0' });
+  const h = registry.open('t');
+  await h.write(0, pattern(4096, 1));
+  await h.flush();
+  let failed: unknown;
+  for (let id = 1; id < 20 && failed === undefined; id++) {
+    await registry.message('pool', 0, ['create_thin', String(id)]).catch((e: unknown) => {
+      failed = e;
+    });
+  }
+  assert.ok(failed, 'the metadata device filled up');
+  assert.match(String(failed), /metadata device is full/);
+  assert.match(status(registry, 'pool'), / - ro discard_passdown /);
+  await h.write(0, pattern(4096, 2));
+  await assert.rejects(h.write(BLOCK, pattern(4096, 3)), { errno: 'EIO' });
+  const b = Buffer.alloc(4096);
+  await h.read(0, b);
+  assert.deepEqual(b, pattern(4096, 2));
+  await h.close();
+  await registry.closeAll();
+});
