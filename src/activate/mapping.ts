@@ -8,8 +8,7 @@
  * table names it as `:<bytes>:logon:<description>`, like cryptsetup with the kernel keyring, so
  * `table --showkeys`, status and logs never show it.
  */
-import { resolve } from 'node:path';
-import { FileDevice } from '../blockdev/file.js';
+import { openBlockDevice, resolveDevice } from '../blockdev/open.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import type { SectorBytes } from '../engine/types.js';
 import { openLuks } from '../luks/index.js';
@@ -94,7 +93,7 @@ export interface LuksOpenOptions {
 async function withDevice<T>(path: string, readOnly: boolean, fn: (d: BlockDevice) => Promise<T>): Promise<T> {
   let dev: BlockDevice;
   try {
-    dev = await FileDevice.open(path, { readOnly });
+    dev = await openBlockDevice(path, { readOnly });
   } catch (e) {
     throw new CryptmapError('ENODEVICE', `Device ${path} does not exist or access denied.`, { exitCode: EXIT_WRONG_DEVICE, cause: e });
   }
@@ -110,7 +109,7 @@ async function withDevice<T>(path: string, readOnly: boolean, fn: (d: BlockDevic
  * Size: the segment size, or (dynamic) what is left of the data device after the data offset.
  */
 export async function prepareLuks(o: LuksOpenOptions): Promise<{ mapping: CryptMapping; volumeKey: Secret }> {
-  const headerPath = o.header === undefined ? resolve(o.device) : resolve(o.header);
+  const headerPath = o.header === undefined ? resolveDevice(o.device) : resolveDevice(o.header);
   return withDevice(headerPath, true, async (hdrDev) => {
     const vol = await openLuks(hdrDev);
     try {
@@ -132,7 +131,7 @@ export async function prepareLuks(o: LuksOpenOptions): Promise<{ mapping: CryptM
  *   finally { await vol.close(); await hdrDev.close(); }
  */
 export async function prepareLoadedLuks(vol: Awaited<ReturnType<typeof openLuks>>, hdrDev: BlockDevice, o: LuksOpenOptions): Promise<{ mapping: CryptMapping; volumeKey: Secret }> {
-  o = { ...o, device: resolve(o.device), ...(o.header === undefined ? {} : { header: resolve(o.header) }) };
+  o = { ...o, device: resolveDevice(o.device), ...(o.header === undefined ? {} : { header: resolveDevice(o.header) }) };
   if (!vol.activatable) {
     throw new CryptmapError('EREQUIREMENTS', 'Device has unknown mandatory requirements; refusing to activate.', { exitCode: 1 });
   }
@@ -214,7 +213,7 @@ export interface PlainOpenOptions {
 
 /** Describe a plain-mode mapping (no header: every parameter comes from the caller). */
 export async function preparePlain(o: PlainOpenOptions): Promise<CryptMapping> {
-  o = { ...o, device: resolve(o.device) };
+  o = { ...o, device: resolveDevice(o.device) };
   const sectorBytes = o.sectorBytes ?? SECTOR_BYTES;
   const offset = o.offsetSectors ?? 0;
   const devBytes = await withDevice(o.device, true, async (d) => d.sizeBytes);

@@ -13,3 +13,4 @@ export { MemoryDevice, type MemoryDeviceOptions } from './memory.js';
 export { FileDevice, type FileDeviceOptions } from './file.js';
 export { deviceView } from './view.js';
 export { NbdDevice, type NbdDeviceHealth, type NbdDeviceOptions, type NbdDeviceState } from './nbd-client/device.js';
+export { isRemoteDevice, openBlockDevice, resolveDevice } from './open.js';

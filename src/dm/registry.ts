@@ -7,8 +7,10 @@
  * `<dev>` resolution order:
  *   1. `253:MINOR` or `/dev/mapper/NAME`, or a bare word naming a mapped device -> that device
  *   2. `MAJ:MIN` of another major -> the block device /dev/<DEVNAME from /sys/dev/block/MAJ:MIN/uevent>
- *   3. anything else -> a file or block device path (relative paths against the process's cwd)
- * Files are opened once per path and mode and shared (reference counted) across tables.
+ *   3. an NBD URI (`nbd://host/export`, `nbd+unix:///export?socket=PATH`, `nbds://`...) -> the NBD
+ *      client (blockdev/nbd-client), opened once per URI and mode
+ *   4. anything else -> a file or block device path (relative paths against the process's cwd)
+ * Files and URIs are opened once per path and mode and shared (reference counted) across tables.
  *
  * @example
  *   const reg = new DeviceRegistry({ keyStore });
@@ -20,6 +22,8 @@
 import { readFile } from 'node:fs/promises';
 import { resolve as resolvePath } from 'node:path';
 import { FileDevice } from '../blockdev/file.js';
+import { NbdDevice } from '../blockdev/nbd-client/device.js';
+import { isRemoteDevice } from '../blockdev/open.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import { CryptmapError, EXIT_WRONG_DEVICE, isCryptmapError } from '../util/errors.js';
 import { DM_MAJOR, MappedDevice } from './mapped-device.js';
@@ -38,6 +42,8 @@ export interface DeviceRegistryOptions {
   targets?: Readonly<Record<string, TargetType>>;
   /** How file paths are opened (default FileDevice.open). */
   openFile?: (path: string, readOnly: boolean) => Promise<BlockDevice>;
+  /** How NBD URIs are opened (default NbdDevice.open). */
+  openUri?: (uri: string, readOnly: boolean) => Promise<BlockDevice>;
 }
 
 export interface CreateOptions {
@@ -71,11 +77,13 @@ export class DeviceRegistry {
   readonly #targets: Readonly<Record<string, TargetType>>;
   readonly #keyStore: KeyStore | undefined;
   readonly #openFile: (path: string, readOnly: boolean) => Promise<BlockDevice>;
+  readonly #openUri: (uri: string, readOnly: boolean) => Promise<BlockDevice>;
 
   constructor(opts: DeviceRegistryOptions = {}) {
     this.#targets = opts.targets ?? BUILTIN_TARGETS;
     this.#keyStore = opts.keyStore;
     this.#openFile = opts.openFile ?? ((p, ro) => FileDevice.open(p, { readOnly: ro }));
+    this.#openUri = opts.openUri ?? ((u, ro) => NbdDevice.open(u, { readOnly: ro }));
   }
 
   /**
@@ -325,8 +333,9 @@ export class DeviceRegistry {
       const handle = m.open();
       return { device: handle, release: () => handle.close(), mapped: m };
     }
+    const remote = isRemoteDevice(arg);
     let path = arg;
-    const mm = /^([0-9]+):([0-9]+)$/.exec(arg);
+    const mm = remote ? null : /^([0-9]+):([0-9]+)$/.exec(arg);
     if (mm !== null) {
       try {
         const uevent = await readFile(`/sys/dev/block/${mm[1]}:${mm[2]}/uevent`, 'utf8');
@@ -337,14 +346,14 @@ export class DeviceRegistry {
         throw tableError(line, `${what}: no block device has number ${arg}`, 'ENODEV');
       }
     }
-    const abs = resolvePath(path);
+    const abs = remote ? arg : resolvePath(path);
     const readOnly = self.readOnly;
     const key = `${readOnly ? 'ro' : 'rw'}:${abs}`;
     let shared = this.#files.get(key);
     if (shared === undefined) {
       let dev: BlockDevice;
       try {
-        dev = await this.#openFile(abs, readOnly);
+        dev = await (remote ? this.#openUri(abs, readOnly) : this.#openFile(abs, readOnly));
       } catch (e) {
         throw wrap(e);
       }

@@ -7,7 +7,7 @@
  * (docs/secrets.md).
  */
 import { dmUuid } from '../../activate/mapping.js';
-import type { FileDevice } from '../../blockdev/file.js';
+import type { BlockDevice } from '../../blockdev/types.js';
 import type { ControlClient } from '../../control/client.js';
 import type { VolumeStatus } from '../../daemon/core.js';
 import type { DmInfo } from '../../dm/control.js';
@@ -29,11 +29,11 @@ export async function activeVolume(c: ControlClient, name: string): Promise<{ st
 }
 
 /** Load the header of the active mapping and check it is the one the mapping was made from. */
-export async function loadMatchingHeader(name: string, st: VolumeStatus, dmUuidNow: string, v: LuksArgs): Promise<{ dev: FileDevice; vol: Luks1Volume | Luks2Volume }> {
+export async function loadMatchingHeader(name: string, st: VolumeStatus, dmUuidNow: string, v: LuksArgs): Promise<{ dev: BlockDevice; vol: Luks1Volume | Luks2Volume }> {
   const m = st.mapping;
   if (m === undefined || (m.type !== 'LUKS1' && m.type !== 'LUKS2')) throw notLuks(name);
   const hdr = v.header ?? m.header ?? m.device;
-  let loaded: { dev: FileDevice; vol: Luks1Volume | Luks2Volume };
+  let loaded: { dev: BlockDevice; vol: Luks1Volume | Luks2Volume };
   try {
     loaded = await loadLuksForRead(hdr, v);
   } catch (e) {

@@ -9,6 +9,8 @@ import { readFile, stat } from 'node:fs/promises';
 import { cpus, totalmem } from 'node:os';
 import { parseArgs } from 'node:util';
 import { FileDevice } from '../../blockdev/file.js';
+import { isRemoteDevice, openBlockDevice } from '../../blockdev/open.js';
+import type { BlockDevice } from '../../blockdev/types.js';
 import { type Luks1Volume, type Luks2Volume, type NewKeyslotOptions, openLuks, type UnlockResult, unlockByToken, withDeviceLock } from '../../luks/index.js';
 import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
 import type { CliIO } from '../types.js';
@@ -95,8 +97,16 @@ export function needDevice(positionals: string[], usage: string): string {
   return d;
 }
 
-/** Open an image or device; cryptsetup's message when it is missing. */
-export async function openDevice(path: string, write: boolean): Promise<FileDevice> {
+/** Open an image, a device or an NBD URI; cryptsetup's message when it is missing. */
+export async function openDevice(path: string, write: boolean): Promise<BlockDevice> {
+  if (isRemoteDevice(path)) {
+    try {
+      return await openBlockDevice(path, { readOnly: !write });
+    } catch (e) {
+      const c = isCryptmapError(e) ? e : undefined;
+      throw new CryptmapError('ENODEV', c?.message ?? `Cannot open device ${path}.`, { exitCode: c?.exitCode ?? EXIT_WRONG_DEVICE, cause: e });
+    }
+  }
   try {
     await stat(path);
   } catch {
@@ -312,7 +322,7 @@ export async function closeQuietly(dev: { close(): Promise<void> } | undefined):
 // ---- loading and unlocking -------------------------------------------------------------------
 
 /** openLuks with cryptsetup's message for a device that is not LUKS. */
-export async function loadLuks(dev: FileDevice, hdr: string): Promise<Luks1Volume | Luks2Volume> {
+export async function loadLuks(dev: BlockDevice, hdr: string): Promise<Luks1Volume | Luks2Volume> {
   return openLuks(dev).catch((e) => {
     if (e instanceof CryptmapError && e.code === 'ENOTLUKS') {
       const why = e.cause instanceof CryptmapError && e.cause.code === 'ELUKS2JSON' ? ` (${e.cause.message})` : '';
@@ -340,12 +350,12 @@ export async function recoverLoaded(vol: Luks1Volume | Luks2Volume, hdr: string,
  * handle rewrites that copy under the device lock, as cryptsetup does on every load. A device that
  * is not LUKS is never opened for writing. The caller closes `dev`.
  */
-export async function loadLuksForRead(hdr: string, v: LuksArgs): Promise<{ dev: FileDevice; vol: Luks1Volume | Luks2Volume }> {
+export async function loadLuksForRead(hdr: string, v: LuksArgs): Promise<{ dev: BlockDevice; vol: Luks1Volume | Luks2Volume }> {
   const dev = await openDevice(hdr, false);
   try {
     const vol = await loadLuks(dev, hdr);
     if (vol.type === 'luks2' && vol.needsRepair && !v.readonly) {
-      const rw = await FileDevice.open(hdr, { readOnly: false }).catch(() => null);
+      const rw = await openBlockDevice(hdr, { readOnly: false }).catch(() => null);
       if (rw) {
         try {
           await withDeviceLock(hdr, async () => {

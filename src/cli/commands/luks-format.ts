@@ -3,6 +3,7 @@
  * (cryptsetup-luksFormat(8)): YES confirmation on a terminal unless -q, passphrase with
  * verification, LUKS2 by default (--type luks1 for LUKS1), detached header with --header.
  */
+import { isRemoteDevice } from '../../blockdev/open.js';
 import { open, stat, truncate } from 'node:fs/promises';
 import { Luks1Volume, Luks2Volume, withDeviceLock } from '../../luks/index.js';
 import type { SectorBytes } from '../../engine/types.js';
@@ -37,7 +38,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   const keyFile = v['key-file'] ?? positionals[1];
 
   try {
-    await stat(device);
+    if (!isRemoteDevice(device)) await stat(device);
   } catch {
     throw new CryptmapError('ENODEV', `Device ${device} does not exist or access denied.`, { exitCode: 4 });
   }
@@ -62,7 +63,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
     const hdrPath = headerFile ?? device;
     const md = sizeOpt(v['luks2-metadata-size'], '--luks2-metadata-size');
     const kss = sizeOpt(v['luks2-keyslots-size'], '--luks2-keyslots-size');
-    if (headerFile) {
+    if (headerFile && !isRemoteDevice(headerFile)) {
       const need = luks === 'luks1' ? 4096 * 512 : 2 * (md ?? 0x4000) + (kss ?? 0x1000000 - 2 * (md ?? 0x4000));
       const st = await stat(headerFile).catch(() => null);
       if (!st) await (await open(headerFile, 'wx', 0o600)).close();
@@ -70,9 +71,9 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
     }
     let sectorBytes = (sectorOpt ?? 512) as SectorBytes;
     if (sectorOpt === undefined && luks === 'luks2') {
-      // cryptsetup picks 4096-byte sectors for images in regular files.
-      const st = await stat(device);
-      if (st.isFile() && (offsetSectors === undefined || (offsetSectors * 512) % 4096 === 0)) sectorBytes = 4096;
+      // cryptsetup picks 4096-byte sectors for images in regular files (and so cryptmap for NBD exports).
+      const isFileLike = isRemoteDevice(device) || (await stat(device)).isFile();
+      if (isFileLike && (offsetSectors === undefined || (offsetSectors * 512) % 4096 === 0)) sectorBytes = 4096;
     }
     dev = await openDevice(hdrPath, true);
     // Narrowed for the closure below.

@@ -4,7 +4,7 @@
  * repair, convert --type luks1|luks2, erase (luksErase), token import|export|remove --token-id [--json-file].
  */
 import { readFile } from 'node:fs/promises';
-import type { FileDevice } from '../../blockdev/file.js';
+import type { BlockDevice } from '../../blockdev/types.js';
 import type { VolumeStatus } from '../../daemon/core.js';
 import { convertLuks1ToLuks2, convertLuks2ToLuks1, detectLuks, headerBackup, headerRestore, Luks1Volume, type Luks2Volume, withDeviceLock } from '../../luks/index.js';
 import { CryptmapError, EXIT_BUSY, EXIT_NO_PERMISSION, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
@@ -82,7 +82,7 @@ async function activeInDaemon(io: CliIO, uuid: string): Promise<boolean> {
  * cryptsetup convert --type luks1|luks2 (action_luksConvert): the header is loaded as crypt_load does,
  * the confirmation names the header device, and a volume the daemon has open is refused (exit 5).
  */
-async function convert(io: CliIO, dev: FileDevice, vol: Luks1Volume | Luks2Volume, hdr: string, v: LuksArgs): Promise<number> {
+async function convert(io: CliIO, dev: BlockDevice, vol: Luks1Volume | Luks2Volume, hdr: string, v: LuksArgs): Promise<number> {
   const to = v.type as 'luks1' | 'luks2';
   if (vol.type === to) throw new CryptmapError('ECONVERT', `Device is already ${to.toUpperCase()} type.`, { exitCode: 1 });
   try {
@@ -100,7 +100,7 @@ async function convert(io: CliIO, dev: FileDevice, vol: Luks1Volume | Luks2Volum
 /** Messages of LUKS1 repair that cryptsetup prints only with --verbose (the others are errors, always shown). */
 const REPAIR_VERBOSE = new Set(['Repairing keyslots.', 'Writing LUKS header to disk.', 'No known problems detected for LUKS header.']);
 
-async function repairLuks1(io: CliIO, dev: FileDevice, v: LuksArgs): Promise<number> {
+async function repairLuks1(io: CliIO, dev: BlockDevice, v: LuksArgs): Promise<number> {
   await confirm(io, 'Really try to repair LUKS device header?', v['batch-mode']);
   const say = (msgs: string[]) => {
     for (const m of msgs) if (v.verbose || !REPAIR_VERBOSE.has(m)) io.stderr.write(`${m}\n`);
