@@ -32,3 +32,46 @@ test('embedded key service: root secret under STATE/keyd, same keys after a rest
     await t.cleanup();
   }
 });
+
+test('embedded key service: a wrapped root (passphrase file) and a root secret file elsewhere; no warning for either', async () => {
+  const t = await tempDir('cryptmap-keys-');
+  try {
+    const { writeFile, mkdir, readdir } = await import('node:fs/promises');
+    const { loadOrCreateRootSecret } = await import('../../src/keyservice/root-secret.js');
+    const req = { purpose: 'scratch' as const, service: 'db', volume: 'data' };
+    // Wrapped: STATE/keyd holds root.key.wrapped only; a copy of the state dir is not enough.
+    const pass = join(t.dir, 'root.pass');
+    await writeFile(pass, 'a long passphrase kept elsewhere\n', { mode: 0o600 });
+    const state = join(t.dir, 'state');
+    const w = await keyServiceForManifest({ address: 'embedded', passphraseFile: pass }, state);
+    assert.match(w.describe, /embedded \(wrapped root secret created at .*root\.key\.wrapped\)/);
+    assert.equal(w.warning, undefined);
+    const kw = await w.keys.deriveKey(req);
+    await w.close();
+    assert.deepEqual((await readdir(join(state, 'keyd'))).sort(), ['audit.log', 'root.key.wrapped']);
+    const again = await keyServiceForManifest({ address: 'embedded', passphraseFile: 'root.pass' }, state, t.dir);
+    assert.deepEqual((await again.keys.deriveKey(req)).expose(), kw.expose());
+    await again.close();
+    await writeFile(pass, 'wrong\n', { mode: 0o600 });
+    await assert.rejects(keyServiceForManifest({ address: 'embedded', passphraseFile: pass }, state), { code: 'EROOTPASS' });
+    await assert.rejects(keyServiceForManifest({ address: 'embedded' }, state), /wrapped by a passphrase/);
+    // A passphrase file others can read is refused.
+    await writeFile(join(t.dir, 'loose.pass'), 'x\n', { mode: 0o644 });
+    await assert.rejects(keyServiceForManifest({ address: 'embedded', passphraseFile: join(t.dir, 'loose.pass') }, state), /chmod 600/);
+    // Root secret file on another path: must exist (never created), used as is.
+    const medium = join(t.dir, 'medium');
+    await mkdir(medium, { mode: 0o700 });
+    const rootFile = join(medium, 'cryptmap-root.key');
+    await assert.rejects(keyServiceForManifest({ address: 'embedded', rootSecretFile: rootFile }, join(t.dir, 's2')), /does not exist .*never created/);
+    const made = await loadOrCreateRootSecret(join(t.dir, 'maker'));
+    await writeFile(rootFile, made.secret.expose(), { mode: 0o600 });
+    const f = await keyServiceForManifest({ address: 'embedded', rootSecretFile: rootFile }, join(t.dir, 's2'));
+    assert.equal(f.warning, undefined);
+    assert.deepEqual((await f.keys.deriveKey(req)).expose(), deriveKey(made.secret, req).expose());
+    await f.close();
+    assert.deepEqual(await readdir(join(t.dir, 's2', 'keyd')), ['audit.log'], 'no root secret beside the volumes');
+    made.secret.dispose();
+  } finally {
+    await t.cleanup();
+  }
+});

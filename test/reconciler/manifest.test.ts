@@ -105,3 +105,11 @@ swap:
     "m.yaml:16: swap[1].name: swap 's' is already defined",
   ]);
 });
+
+test('keyService.passphraseFile and rootSecretFile: embedded only', () => {
+  const m = parseManifest('version: 1\nkeyService:\n  address: embedded\n  passphraseFile: secrets/root.pass\n  rootSecretFile: /media/key/root.key.wrapped\n');
+  assert.equal(m.keyService.passphraseFile, 'secrets/root.pass');
+  assert.equal(m.keyService.rootSecretFile, '/media/key/root.key.wrapped');
+  assert.throws(() => parseManifest('version: 1\nkeyService:\n  address: unix:/run/keyd.sock\n  rootSecretFile: /x\n'), /keyService\.rootSecretFile.*embedded key service only/s);
+  assert.throws(() => parseManifest('version: 1\nkeyService:\n  address: embedded\n  passphraseFile: ""\n'), /passphraseFile/);
+});
