@@ -233,36 +233,77 @@ export class Pool {
     return d.snapshottedTime > timeOf(v);
   }
 
-  /** Split [off, off+len) at data block edges. */
-  #pieces(off: number, len: number, f: (vb: number, inOff: number, pos: number, n: number) => Promise<void>): Promise<void> {
+  /**
+   * Walk [off, off+len) block by block: `direct(dataOffset, pos, n)` for pieces whose data block is
+   * mapped (and, for writes, not shared nor being provisioned), merged while consecutive on the
+   * data device (sequentially provisioned blocks are); `other(vb, inOff, pos, n, v)` for the rest.
+   */
+  #walk(
+    d: ThinDevice,
+    off: number,
+    len: number,
+    forWrite: boolean,
+    direct: (dataOffset: number, pos: number, n: number) => Promise<void>,
+    other: (vb: number, inOff: number, pos: number, n: number, v: number | undefined) => Promise<void> | void,
+  ): Promise<void> {
     const bb = this.blockBytes;
     const ps: Promise<void>[] = [];
+    let runAt = -1;
+    let runPos = 0;
+    let runLen = 0;
     for (let pos = 0; pos < len; ) {
       const abs = off + pos;
       const vb = Math.floor(abs / bb);
       const inOff = abs - vb * bb;
       const n = Math.min(len - pos, bb - inOff);
-      ps.push(f(vb, inOff, pos, n));
+      const v = d.map.get(vb);
+      if (v !== undefined && (!forWrite || (!this.#shared(d, v) && !this.#locks.has(`${d.id}:${vb}`)))) {
+        const at = blockOf(v) * bb + inOff;
+        if (runAt >= 0 && runAt + runLen === at) runLen += n;
+        else {
+          if (runAt >= 0) ps.push(direct(runAt, runPos, runLen));
+          runAt = at;
+          runPos = pos;
+          runLen = n;
+        }
+      } else {
+        if (runAt >= 0) ps.push(direct(runAt, runPos, runLen));
+        runAt = -1;
+        const r = other(vb, inOff, pos, n, v);
+        if (r !== undefined) ps.push(r);
+      }
       pos += n;
     }
+    if (runAt >= 0) ps.push(direct(runAt, runPos, runLen));
     return ps.length === 1 ? ps[0]! : settle(ps);
   }
 
   async read(id: number, off: number, buf: Uint8Array): Promise<void> {
     if (this.mode === 'fail') throw ioError('the thin pool has failed');
     const d = this.device(id);
-    await this.#pieces(off, buf.length, async (vb, inOff, pos, n) => {
-      const v = d.map.get(vb);
-      const dst = buf.subarray(pos, pos + n);
-      if (v === undefined) dst.fill(0);
-      else await this.dataDev.read(blockOf(v) * this.blockBytes + inOff, dst);
-    });
+    await this.#walk(
+      d,
+      off,
+      buf.length,
+      false,
+      (at, pos, n) => this.dataDev.read(at, buf.subarray(pos, pos + n)),
+      (_vb, _in, pos, n) => {
+        buf.fill(0, pos, pos + n);
+      },
+    );
   }
 
   async write(id: number, off: number, data: Uint8Array, fua: boolean): Promise<void> {
     if (this.mode === 'fail') throw ioError('the thin pool has failed');
     const d = this.device(id);
-    await this.#pieces(off, data.length, (vb, inOff, pos, n) => this.#writeBlock(d, vb, inOff, data.subarray(pos, pos + n)));
+    await this.#walk(
+      d,
+      off,
+      data.length,
+      true,
+      (at, pos, n) => this.dataDev.write(at, data.subarray(pos, pos + n)),
+      (vb, inOff, pos, n) => this.#writeBlock(d, vb, inOff, data.subarray(pos, pos + n)),
+    );
     if (fua) await this.commit();
   }
 
