@@ -3,52 +3,19 @@
 // filter) and qemu-nbd. Bytes written through the client are read back with nbdcopy and the
 // other way round.
 import assert from 'node:assert/strict';
-import { type ChildProcess, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, test } from 'node:test';
+import { test } from 'node:test';
 import { NbdDevice } from '../../src/blockdev/nbd-client/device.js';
 import { isCryptmapError } from '../../src/util/errors.js';
-import { mustRun, requireTool, seededBytes } from '../nbd/helpers.js';
+import { mustRun, seededBytes } from '../nbd/helpers.js';
+import { useServers } from './nbd-servers.js';
 
-const dir = mkdtempSync(join(tmpdir(), 'cryptmap-nbdci-'));
-const children = new Set<ChildProcess>();
-after(() => {
-  for (const c of children) c.kill('SIGKILL');
-  rmSync(dir, { recursive: true, force: true });
-});
-let n = 0;
+const servers = useServers('cryptmap-nbdci-');
+const dir = servers.dir;
+const startServer = servers.start;
 const sha = (b: Uint8Array) => createHash('sha256').update(b).digest('hex');
-
-/** Start a server in the foreground that listens on a fresh Unix socket; resolves once it is there. */
-export async function startServer(cmd: string, args: (sock: string) => string[]): Promise<{ sock: string; proc: ChildProcess; stop(): Promise<void> }> {
-  requireTool(cmd);
-  const sock = join(dir, `s${n++}.sock`);
-  const proc = spawn(cmd, args(sock), { stdio: ['ignore', 'ignore', 'pipe'] });
-  children.add(proc);
-  let err = '';
-  proc.stderr!.on('data', (d: Buffer) => (err += d.toString()));
-  const t0 = Date.now();
-  while (!existsSync(sock)) {
-    if (proc.exitCode !== null) throw new Error(`${cmd} exited ${proc.exitCode}: ${err}`);
-    if (Date.now() - t0 > 15_000) throw new Error(`${cmd} did not listen on ${sock}: ${err}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  return {
-    sock,
-    proc,
-    async stop() {
-      if (proc.exitCode === null && proc.signalCode === null) {
-        const done = new Promise((r) => proc.once('exit', r));
-        proc.kill('SIGTERM');
-        await done;
-      }
-      children.delete(proc);
-    },
-  };
-}
 
 test('nbdkit memory: writes through the client are what nbdcopy reads, and back', async () => {
   const s = await startServer('nbdkit', (sock) => ['-f', '-U', sock, 'memory', '32M']);
@@ -64,8 +31,7 @@ test('nbdkit memory: writes through the client are what nbdcopy reads, and back'
   await dev.flush();
   const img = join(dir, 'copy.img');
   await mustRun('nbdcopy', [uri, img]);
-  const { readFile } = await import('node:fs/promises');
-  const whole = await readFile(img);
+  const whole = readFileSync(img);
   assert.equal(sha(whole.subarray(4 << 20, 12 << 20)), sha(data));
   // nbdcopy writes, the client reads.
   const other = seededBytes(32 << 20, 9);
@@ -146,6 +112,5 @@ test('qemu-nbd on a raw file: the file holds what the client wrote', async () =>
   assert.ok(back.equals(d));
   await dev.close();
   await s.stop();
-  const { readFile } = await import('node:fs/promises');
-  assert.equal(sha((await readFile(img)).subarray(2 << 20, 6 << 20)), sha(d));
+  assert.equal(sha(readFileSync(img).subarray(2 << 20, 6 << 20)), sha(d));
 });

@@ -1,0 +1,55 @@
+/**
+ * Real NBD servers (nbdkit, qemu-nbd) in the foreground on fresh Unix sockets, for the NBD client
+ * tests: started before use, killed after the file's tests, restartable on the same socket.
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after } from 'node:test';
+import { requireTool } from '../nbd/helpers.js';
+
+export interface RunningServer {
+  sock: string;
+  proc: ChildProcess;
+  /** SIGTERM and wait. */
+  stop(): Promise<void>;
+  /** SIGKILL and wait (a crash: nothing flushed). */
+  kill(): Promise<void>;
+}
+
+/** A temp dir for this test file and a starter that cleans up every server it started. */
+export function useServers(prefix: string): { dir: string; start(cmd: string, args: (sock: string) => string[], sock?: string): Promise<RunningServer> } {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  const children = new Set<ChildProcess>();
+  let n = 0;
+  after(() => {
+    for (const c of children) c.kill('SIGKILL');
+    rmSync(dir, { recursive: true, force: true });
+  });
+  async function start(cmd: string, args: (sock: string) => string[], sockIn?: string): Promise<RunningServer> {
+    requireTool(cmd);
+    const sock = sockIn ?? join(dir, `s${n++}.sock`);
+    rmSync(sock, { force: true });
+    const proc = spawn(cmd, args(sock), { stdio: ['ignore', 'ignore', 'pipe'] });
+    children.add(proc);
+    let err = '';
+    proc.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+    const t0 = Date.now();
+    while (!existsSync(sock)) {
+      if (proc.exitCode !== null) throw new Error(`${cmd} exited ${proc.exitCode}: ${err}`);
+      if (Date.now() - t0 > 15_000) throw new Error(`${cmd} did not listen on ${sock}: ${err}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    const end = async (sig: NodeJS.Signals) => {
+      if (proc.exitCode === null && proc.signalCode === null) {
+        const done = new Promise((r) => proc.once('exit', r));
+        proc.kill(sig);
+        await done;
+      }
+      children.delete(proc);
+    };
+    return { sock, proc, stop: () => end('SIGTERM'), kill: () => end('SIGKILL') };
+  }
+  return { dir, start };
+}
