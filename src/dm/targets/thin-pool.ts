@@ -224,7 +224,8 @@ class PoolTarget implements TargetInstance {
     if (p.mode === 'ro' || p.mode === 'fail') {
       throw msgError('unable to service pool target messages in READ_ONLY or FAIL mode', 'ENOTSUP', 'EOPNOTSUPP');
     }
-    const [cmd, ...rest] = args;
+    // dmsetup joins the message words with spaces and the kernel splits them again (dm_split_args).
+    const [cmd, ...rest] = args.join(' ').trim().split(/\s+/).filter((w) => w !== '');
     const count = (n: number): void => {
       if (rest.length !== n) throw msgError(`wrong number of arguments for '${cmd}' message: ${rest.length} (expected ${n})`);
     };
