@@ -37,11 +37,18 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "xts-vaes.h"
+
 #define ABI_VERSION 2
 
 enum { CH_XTS = 0, CH_CBC = 1, CH_ECB = 2, CH_NULL = 3 };
 enum { IV_NULL = 0, IV_PLAIN = 1, IV_PLAIN64 = 2, IV_PLAIN64BE = 3, IV_ESSIV = 4, IV_BENBI = 5 };
-enum { XTS_AUTO = 0, XTS_EVP = 1, XTS_OWN = 2, XTS_AESNI = 3 };
+enum { XTS_AUTO = 0, XTS_EVP = 1, XTS_OWN = 2, XTS_AESNI = 3, XTS_VAES512 = 4, XTS_VAES256 = 5 };
+
+/* XTS over VAES (xts-vaes.c): the widths usable here, the implementation chosen at load (or forced by
+ * CRYPTMAP_CRYPTO_IMPL) and why a forced choice cannot be served (cipherCreate then refuses). */
+static int vaes_widths, xts_default = XTS_EVP;
+static char impl_error[256];
 
 /*
  * Fast path: OpenSSL's own AES-NI XTS (and CBC) routines, called directly once per sector (no EVP dispatch,
@@ -86,6 +93,7 @@ typedef struct {
 typedef struct {
   int chain, iv_mode, sector_bytes, xts_impl, evp_xts_ok;
   aesni_keys *ak; /* NULL unless the AES-NI path is available */
+  cm_vaes_keys *vk; /* NULL unless VAES is available (xts, 32 or 64-byte keys) */
   uint8_t key[64];
   int key_len;
   uint8_t ivkey[32];
@@ -193,6 +201,8 @@ static void key_destroy(cm_key *k) {
     free(k->ak);
     k->ak = NULL;
   }
+  cm_vaes_keys_free(k->vk);
+  k->vk = NULL;
 }
 
 /* CBC: k1e/k1d are the encrypt/decrypt schedules of the whole key (k2e unused). */
@@ -335,6 +345,30 @@ static int run_xts_aesni(cm_key *k, ctxset *cs, int enc, const uint8_t *src, uin
   return 1;
 }
 
+static int run_xts_vaes(cm_key *k, ctxset *cs, int width, int enc, const uint8_t *src, uint8_t *dst, uint32_t count, uint64_t s, uint32_t step) {
+  const size_t sb = (size_t)k->sector_bytes;
+  while (count > 0) {
+    uint32_t n = count < MAX_CHUNK_SECTORS ? count : MAX_CHUNK_SECTORS;
+    if (!gen_ivs(k, cs, cs->ivbuf, n, s, step)) return 0;
+    cm_vaes_xts(k->vk, width, enc, src, dst, sb, n, cs->ivbuf);
+    src += n * sb;
+    dst += n * sb;
+    s += (uint64_t)n * step;
+    count -= n;
+  }
+  return 1;
+}
+
+/* The XTS implementation serving k: the one asked for if it can, else the next one down. */
+static int xts_impl_of(cm_key *k) {
+  int impl = k->xts_impl == XTS_AUTO ? xts_default : k->xts_impl;
+  if (impl == XTS_VAES512 && !(k->vk && (vaes_widths & CM_VAES_512))) impl = XTS_VAES256;
+  if (impl == XTS_VAES256 && !(k->vk && (vaes_widths & CM_VAES_256))) impl = XTS_AESNI;
+  if (impl == XTS_AESNI && !k->ak) impl = XTS_EVP;
+  if (impl == XTS_EVP && !k->evp_xts_ok) impl = XTS_OWN;
+  return impl;
+}
+
 static int run_cbc_aesni(cm_key *k, ctxset *cs, int enc, const uint8_t *src, uint8_t *dst, uint32_t count, uint64_t s, uint32_t step) {
   const size_t sb = (size_t)k->sector_bytes;
   const cm_aes_key *key = enc ? &k->ak->k1e : &k->ak->k1d;
@@ -355,13 +389,6 @@ static int run_cbc_aesni(cm_key *k, ctxset *cs, int enc, const uint8_t *src, uin
   return 1;
 }
 
-static int use_evp_xts(cm_key *k) {
-  if (!k->evp_xts_ok) return 0;
-  if (k->xts_impl == XTS_EVP) return 1;
-  if (k->xts_impl == XTS_OWN) return 0;
-  return 1; /* measured: EVP with the IV reset per sector beats own-over-ECB at 512 and 4096 bytes */
-}
-
 /* The whole request; returns 1 on success. */
 static int run(cm_key *k, int enc, const uint8_t *src, uint8_t *dst, uint32_t count, uint64_t s, uint32_t step) {
   if (k->chain == CH_NULL) {
@@ -373,8 +400,13 @@ static int run(cm_key *k, int enc, const uint8_t *src, uint8_t *dst, uint32_t co
   int ok;
   switch (k->chain) {
     case CH_XTS:
-      ok = k->ak && (k->xts_impl == XTS_AUTO || k->xts_impl == XTS_AESNI) ? run_xts_aesni(k, cs, enc, src, dst, count, s, step)
-         : use_evp_xts(k) ? run_per_sector(k, cs, enc ? cs->xe : cs->xd, src, dst, count, s, step) : run_xts_own(k, cs, enc, src, dst, count, s, step);
+      switch (xts_impl_of(k)) {
+        case XTS_VAES512: ok = run_xts_vaes(k, cs, CM_VAES_512, enc, src, dst, count, s, step); break;
+        case XTS_VAES256: ok = run_xts_vaes(k, cs, CM_VAES_256, enc, src, dst, count, s, step); break;
+        case XTS_AESNI: ok = run_xts_aesni(k, cs, enc, src, dst, count, s, step); break;
+        case XTS_EVP: ok = run_per_sector(k, cs, enc ? cs->xe : cs->xd, src, dst, count, s, step); break;
+        default: ok = run_xts_own(k, cs, enc, src, dst, count, s, step); break;
+      }
       break;
     case CH_CBC:
       ok = k->ak ? run_cbc_aesni(k, cs, enc, src, dst, count, s, step) : run_per_sector(k, cs, enc ? cs->e1 : cs->d1, src, dst, count, s, step);
@@ -464,6 +496,10 @@ static napi_value cipher_create(napi_env env, napi_callback_info info) {
     napi_throw_range_error(env, "EINVAL", "cipherCreate: unsupported chain, key length, IV mode or sector size");
     return NULL;
   }
+  if (impl_error[0]) {
+    napi_throw_error(env, "EBACKEND", impl_error);
+    return NULL;
+  }
   cm_key *k = calloc(1, sizeof *k);
   if (!k) {
     napi_throw_error(env, "ENOMEM", "out of memory");
@@ -491,6 +527,7 @@ static napi_value cipher_create(napi_env env, napi_callback_info info) {
       k->ak = NULL;
     }
   }
+  if (chain == CH_XTS && vaes_widths) k->vk = cm_vaes_keys_new(k->key, (int)key_len);
   /* Build one context set now so bad keys fail here, not on first use. */
   if (chain != CH_NULL) {
     ctxset *cs = ctxset_new(k);
@@ -927,8 +964,8 @@ static napi_value set_xts_impl(napi_env env, napi_callback_info info) {
   cm_key *k = argc < 2 ? NULL : get_key(env, a[0]);
   if (!k) return NULL;
   int32_t impl;
-  if (napi_get_value_int32(env, a[1], &impl) != napi_ok || impl < XTS_AUTO || impl > XTS_AESNI) {
-    napi_throw_range_error(env, "EINVAL", "setXtsImpl: 0 (auto), 1 (evp), 2 (own) or 3 (aesni)");
+  if (napi_get_value_int32(env, a[1], &impl) != napi_ok || impl < XTS_AUTO || impl > XTS_VAES256) {
+    napi_throw_range_error(env, "EINVAL", "setXtsImpl: 0 (auto), 1 (evp), 2 (own), 3 (aesni), 4 (vaes512) or 5 (vaes256)");
     return NULL;
   }
   k->xts_impl = impl;
@@ -1040,7 +1077,8 @@ static napi_value seek_hole(napi_env env, napi_callback_info info) {
 static void aesni_probe(void) {
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  if (!__builtin_cpu_supports("aes") || getenv("CRYPTMAP_NO_AESNI")) return;
+  const char *forced = getenv("CRYPTMAP_CRYPTO_IMPL");
+  if (!__builtin_cpu_supports("aes") || getenv("CRYPTMAP_NO_AESNI") || (forced && strcmp(forced, "evp") == 0)) return;
   p_set_enc = (aesni_set_key_fn)dlsym(RTLD_DEFAULT, "aesni_set_encrypt_key");
   p_set_dec = (aesni_set_key_fn)dlsym(RTLD_DEFAULT, "aesni_set_decrypt_key");
   p_xts_enc = (aesni_xts_fn)dlsym(RTLD_DEFAULT, "aesni_xts_encrypt");
@@ -1084,10 +1122,36 @@ static void aesni_probe(void) {
 }
 
 void cryptmap_register_peercred(napi_env env, napi_value exports); /* peercred.c */
+static const char *const XTS_NAMES[] = {"auto", "evp", "own", "aesni", "vaes512", "vaes256"};
+
+/* After aesni_probe: VAES widths, then the default XTS implementation or CRYPTMAP_CRYPTO_IMPL's. */
+static void impl_probe(void) {
+  aesni_probe();
+  const char *forced = getenv("CRYPTMAP_CRYPTO_IMPL");
+  if (forced && !*forced) forced = NULL;
+  if (!getenv("CRYPTMAP_NO_AESNI") && !(forced && strcmp(forced, "evp") == 0)) vaes_widths = cm_vaes_probe();
+  xts_default = vaes_widths & CM_VAES_512 ? XTS_VAES512 : vaes_widths & CM_VAES_256 ? XTS_VAES256 : aesni_ok ? XTS_AESNI : XTS_EVP;
+  if (!forced) return;
+  int want = -1;
+  for (int i = XTS_EVP; i <= XTS_VAES256; i++)
+    if (i != XTS_OWN && strcmp(forced, XTS_NAMES[i]) == 0) want = i;
+  const int have = want == XTS_VAES512 ? (vaes_widths & CM_VAES_512) != 0 : want == XTS_VAES256 ? (vaes_widths & CM_VAES_256) != 0 : want == XTS_AESNI ? aesni_ok : want == XTS_EVP;
+  if (want < 0) {
+    snprintf(impl_error, sizeof impl_error, "CRYPTMAP_CRYPTO_IMPL must be vaes512, vaes256, aesni or evp (or unset), not '%.40s'", forced);
+  } else if (!have) {
+    snprintf(impl_error, sizeof impl_error,
+             "CRYPTMAP_CRYPTO_IMPL=%s is not available here (%s); this machine supports: %s%s%sevp", forced,
+             want == XTS_AESNI ? "needs AES-NI and OpenSSL's aesni_xts routines, not disabled by CRYPTMAP_NO_AESNI"
+                               : "needs VAES, VPCLMULQDQ, AVX2 (and AVX512F/VL/BW for vaes512) with the OS saving those registers, and a passed self-test",
+             vaes_widths & CM_VAES_512 ? "vaes512, " : "", vaes_widths & CM_VAES_256 ? "vaes256, " : "", aesni_ok ? "aesni, " : "");
+  } else {
+    xts_default = want;
+  }
+}
 
 static napi_value init(napi_env env, napi_value exports) {
   static pthread_once_t once = PTHREAD_ONCE_INIT;
-  pthread_once(&once, aesni_probe);
+  pthread_once(&once, impl_probe);
   napi_property_descriptor d[] = {
       {"cipherCreate", NULL, cipher_create, NULL, NULL, NULL, napi_enumerable, NULL},
       {"cipherRun", NULL, cipher_run, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -1111,6 +1175,21 @@ static napi_value init(napi_env env, napi_value exports) {
   CHECK(env, napi_get_boolean(env, aesni_cbc_ok, &fast));
   CHECK(env, napi_set_named_property(env, exports, "aesniCbc", fast));
   cryptmap_register_peercred(env, exports);
+  napi_value v, list;
+  CHECK(env, napi_create_string_utf8(env, XTS_NAMES[xts_default], NAPI_AUTO_LENGTH, &v));
+  CHECK(env, napi_set_named_property(env, exports, "xtsImpl", v));
+  CHECK(env, napi_create_array(env, &list));
+  const int avail[] = {vaes_widths & CM_VAES_512, vaes_widths & CM_VAES_256, aesni_ok, 1};
+  const int ids[] = {XTS_VAES512, XTS_VAES256, XTS_AESNI, XTS_EVP};
+  for (uint32_t i = 0, n = 0; i < 4; i++) {
+    if (!avail[i]) continue;
+    CHECK(env, napi_create_string_utf8(env, XTS_NAMES[ids[i]], NAPI_AUTO_LENGTH, &v));
+    CHECK(env, napi_set_element(env, list, n++, v));
+  }
+  CHECK(env, napi_set_named_property(env, exports, "xtsImpls", list));
+  if (impl_error[0]) CHECK(env, napi_create_string_utf8(env, impl_error, NAPI_AUTO_LENGTH, &v));
+  else CHECK(env, napi_get_null(env, &v));
+  CHECK(env, napi_set_named_property(env, exports, "cryptoImplError", v));
   return exports;
 }
 
