@@ -5,7 +5,8 @@
  *   openssl speed -evp aes-256-xts -bytes N -seconds 1 -mr      (machine-readable: "+F:idx:name:bytes/s")
  * the engine's native backend on one thread (synchronous calls, 1 MiB requests; once on one buffer, once
  * cycling over 8 buffers), its crypt pool with 2 threads (8 requests of 1 MiB in flight, so compared with
- * the 8-buffer single-thread run: same cache footprint), each native XTS implementation, and the js backend.
+ * the 8-buffer single-thread run: same cache footprint), each native XTS implementation the CPU supports
+ * (vaes512, vaes256, aesni, evp, own), and the js backend. The first lines name the one in use.
  * Each figure is the best of its rounds (the machine may be shared: noise only ever slows a run
  * down). openssl speed divides by the user CPU time it got, so the engine is compared on the same
  * basis: MB per CPU-second of this process (user + system). The pool's ratio to one thread is
@@ -16,7 +17,7 @@
 import { spawnSync } from 'node:child_process';
 import { parseArgs } from 'node:util';
 import { benchmarkCipher, type BenchmarkOptions } from '../src/engine/index.js';
-import { loadNative } from '../src/util/native.js';
+import { loadNative, XTS_IMPL_IDS } from '../src/util/native.js';
 
 const { values } = parseArgs({ options: { seconds: { type: 'string' }, rounds: { type: 'string' }, json: { type: 'boolean' } } });
 const seconds = Number(values.seconds ?? '0.5');
@@ -52,11 +53,14 @@ interface Best {
 }
 
 const native = loadNative();
+// Each XTS implementation the addon can run here (CRYPTMAP_CRYPTO_IMPL or the CPU decide which one is in use).
 const XTS_IMPLS: [number, string][] = [
-  [1, 'EVP xts, IV reset per sector'],
+  [4, 'vaes512: VAES, 512-bit registers'],
+  [5, 'vaes256: VAES, 256-bit registers'],
+  [3, 'aesni: AES-NI xts per sector'],
+  [1, 'evp: EVP xts, IV reset per sector'],
   [2, 'own tweaks over ECB'],
-  [3, 'AES-NI xts per sector'],
-];
+].filter(([id]) => id === 2 || (native?.xtsImpls ?? []).some((n) => XTS_IMPL_IDS[n] === id)) as [number, string][];
 const rows: Row[] = [];
 
 for (const sb of [512, 4096] as const) {
@@ -98,7 +102,7 @@ for (const sb of [512, 4096] as const) {
   const one = best.get('native1');
   rows.push({ what: 'openssl speed -evp aes-256-xts', sectorSize: sb, encryptMBps: Number.NaN, decryptMBps: Number.NaN, encryptPerCpu: ossl, note: osslNote });
   if (native && one) {
-    rows.push({ what: 'native, 1 thread', sectorSize: sb, encryptMBps: one.e, decryptMBps: one.d, encryptPerCpu: one.cpu, ratio: one.cpu / ossl });
+    rows.push({ what: `native (${native.xtsImpl}), 1 thread`, sectorSize: sb, encryptMBps: one.e, decryptMBps: one.d, encryptPerCpu: one.cpu, ratio: one.cpu / ossl });
     const pool = best.get('pool2')!;
     const base = best.get('native1x8')!;
     rows.push({ what: 'native, 1 thread, 8 buffers (pool base)', sectorSize: sb, encryptMBps: base.e, decryptMBps: base.d, encryptPerCpu: base.cpu, ratio: base.cpu / ossl });
@@ -128,6 +132,7 @@ if (values.json) {
 } else {
   const f = (n: number | undefined) => (n !== undefined && Number.isFinite(n) ? n.toFixed(0).padStart(9) : '        -');
   console.log(`aes-xts-plain64, 512-bit key, 1 MiB requests, best of ${rounds} rounds; MB = 10^6 bytes.`);
+  console.log(`native XTS implementation in use: ${native ? `${native.xtsImpl} (usable here: ${native.xtsImpls.join(', ')})` : 'none (addon not built)'}`);
   console.log('enc/CPU-s: encrypted MB per CPU-second of the process, which is what openssl speed reports (it divides by');
   console.log('user CPU time), so ratios to openssl hold on a busy machine; the pool ratio is wall-clock and needs 2 idle cores.');
   console.log(`${'configuration'.padEnd(48)} ${'sector'.padStart(6)} ${'enc MB/s'.padStart(9)} ${'dec MB/s'.padStart(9)} ${'enc/CPU-s'.padStart(9)}  ratio`);

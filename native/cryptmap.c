@@ -47,7 +47,7 @@ enum { XTS_AUTO = 0, XTS_EVP = 1, XTS_OWN = 2, XTS_AESNI = 3, XTS_VAES512 = 4, X
 
 /* XTS over VAES (xts-vaes.c): the widths usable here, the implementation chosen at load (or forced by
  * CRYPTMAP_CRYPTO_IMPL) and why a forced choice cannot be served (cipherCreate then refuses). */
-static int vaes_widths, xts_default = XTS_EVP;
+static int vaes_widths, vaes_cpu, xts_default = XTS_EVP;
 static char impl_error[256];
 
 /*
@@ -1129,7 +1129,7 @@ static void impl_probe(void) {
   aesni_probe();
   const char *forced = getenv("CRYPTMAP_CRYPTO_IMPL");
   if (forced && !*forced) forced = NULL;
-  if (!getenv("CRYPTMAP_NO_AESNI") && !(forced && strcmp(forced, "evp") == 0)) vaes_widths = cm_vaes_probe();
+  if (!getenv("CRYPTMAP_NO_AESNI") && !(forced && strcmp(forced, "evp") == 0)) vaes_widths = cm_vaes_probe(&vaes_cpu);
   xts_default = vaes_widths & CM_VAES_512 ? XTS_VAES512 : vaes_widths & CM_VAES_256 ? XTS_VAES256 : aesni_ok ? XTS_AESNI : XTS_EVP;
   if (!forced) return;
   int want = -1;
@@ -1187,6 +1187,15 @@ static napi_value init(napi_env env, napi_value exports) {
     CHECK(env, napi_set_element(env, list, n++, v));
   }
   CHECK(env, napi_set_named_property(env, exports, "xtsImpls", list));
+  /* Widths the CPU has whose self-test failed: the tests require this to be empty. */
+  CHECK(env, napi_create_array(env, &list));
+  const int failed = vaes_cpu & ~vaes_widths;
+  for (uint32_t i = 0, n = 0; i < 2; i++) {
+    if (!(failed & (i == 0 ? CM_VAES_512 : CM_VAES_256))) continue;
+    CHECK(env, napi_create_string_utf8(env, XTS_NAMES[i == 0 ? XTS_VAES512 : XTS_VAES256], NAPI_AUTO_LENGTH, &v));
+    CHECK(env, napi_set_element(env, list, n++, v));
+  }
+  CHECK(env, napi_set_named_property(env, exports, "xtsSelfTestFailures", list));
   if (impl_error[0]) CHECK(env, napi_create_string_utf8(env, impl_error, NAPI_AUTO_LENGTH, &v));
   else CHECK(env, napi_get_null(env, &v));
   CHECK(env, napi_set_named_property(env, exports, "cryptoImplError", v));

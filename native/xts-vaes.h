@@ -15,10 +15,10 @@ typedef struct cm_vaes_keys cm_vaes_keys;
 
 /*
  * CPUID + XGETBV (the OS saves the YMM / ZMM and opmask state) for each width, then a self-test of each
- * usable width against OpenSSL's EVP aes-128-xts and aes-256-xts on random keys, data and IVs. Call
- * once at load; 0 off x86-64.
+ * usable width against OpenSSL's EVP aes-128-xts and aes-256-xts on random keys, data and IVs. Returns
+ * the widths that passed; *cpu gets those the CPU and OS support. Call once at load; 0 off x86-64.
  */
-int cm_vaes_probe(void);
+int cm_vaes_probe(int *cpu);
 
 /* Key schedules for an XTS key of 32 or 64 bytes (K1 || K2); NULL for other lengths or on OOM. */
 cm_vaes_keys *cm_vaes_keys_new(const uint8_t *key, int key_len);

@@ -11,6 +11,12 @@ import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
+/** XTS implementations of the addon, as CRYPTMAP_CRYPTO_IMPL names them. */
+export type XtsImplName = 'vaes512' | 'vaes256' | 'aesni' | 'evp';
+
+/** setXtsImpl's number for each CRYPTMAP_CRYPTO_IMPL name. */
+export const XTS_IMPL_IDS: Readonly<Record<XtsImplName, number>> = Object.freeze({ evp: 1, aesni: 3, vaes512: 4, vaes256: 5 });
+
 /** Opaque key handle owned by the addon (an N-API external). */
 export type NativeKeyHandle = { readonly __brand: 'cryptmap-native-key' };
 
@@ -21,6 +27,17 @@ export interface NativeAddon {
   readonly aesniXts: boolean;
   /** Same for OpenSSL's AES-NI CBC routine (used for cbc per sector). */
   readonly aesniCbc: boolean;
+  /**
+   * The XTS implementation chosen at load (native/xts-vaes.c for the vaes ones): the fastest one this
+   * CPU and OS support that passed its self-test against EVP, or CRYPTMAP_CRYPTO_IMPL's.
+   */
+  readonly xtsImpl: XtsImplName;
+  /** Every XTS implementation usable here, fastest first ('evp' always). */
+  readonly xtsImpls: readonly XtsImplName[];
+  /** VAES implementations the CPU and OS support that failed the load-time self-test (left out). */
+  readonly xtsSelfTestFailures: readonly XtsImplName[];
+  /** Why CRYPTMAP_CRYPTO_IMPL cannot be served (cipherCreate then throws EBACKEND with it), else null. */
+  readonly cryptoImplError: string | null;
   /**
    * Create a key handle. chain: 0 xts, 1 cbc, 2 ecb, 3 null. ivMode: 0 null, 1 plain, 2 plain64,
    * 3 plain64be, 4 essiv (ivKey = salt), 5 benbi. The addon copies key and ivKey.
@@ -50,9 +67,10 @@ export interface NativeAddon {
   /** Wipe and free the key schedule (deferred until in-flight async runs finish). Idempotent. */
   cipherDispose(h: NativeKeyHandle): void;
   /**
-   * XTS implementation selector (benchmarks, tests): 0 auto (aesni when available, else EVP, else own),
-   * 1 EVP xts with the IV reset per sector, 2 own tweaks over ECB, 3 OpenSSL's AES-NI XTS per sector.
-   * A choice that cannot serve the key falls back to the next one (equal halves: own).
+   * XTS implementation selector (benchmarks, tests): 0 auto (xtsImpl), 1 EVP xts with the IV reset per
+   * sector, 2 own tweaks over ECB, 3 OpenSSL's AES-NI XTS per sector, 4 VAES on 512-bit registers, 5 VAES
+   * on 256-bit registers. A choice that cannot serve the key falls back to the next one down (vaes512,
+   * vaes256, aesni, evp, own; equal halves or aes-192: own / aesni).
    */
   setXtsImpl(h: NativeKeyHandle, impl: number): void;
   /**

@@ -4,6 +4,7 @@ import { PassThrough } from 'node:stream';
 import { describe, it } from 'node:test';
 import benchmark from '../../src/cli/commands/benchmark.js';
 import { isCryptmapError } from './imports.js';
+import { loadNative } from '../../src/util/native.js';
 
 async function run(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ code: number; out: string }> {
   const stdout = new PassThrough();
@@ -54,6 +55,13 @@ describe('cryptmap benchmark', () => {
     assert.equal(r.sectorSize, 4096);
     assert.equal(r.threads, 2);
     assert.ok((r.encryptMBps as number) > 0 && (r.decryptMBps as number) > 0);
+  });
+
+  it('names the native XTS implementation in use', async () => {
+    const { out } = await run(['--cipher', 'aes-xts', '--seconds', '0.01']);
+    const a = loadNative();
+    assert.ok(a, 'native addon did not load');
+    assert.match(out, new RegExp(`backend native \\(XTS: ${a.xtsImpl}\\)`));
   });
 
   it('uses the js backend when told to', async () => {

@@ -1,5 +1,5 @@
 /**
- * The native backend without OpenSSL's AES-NI routines (CRYPTMAP_NO_AESNI=1, as on a CPU without
+ * The native backend without OpenSSL's AES-NI routines or VAES (CRYPTMAP_NO_AESNI=1, as on a CPU without
  * AES-NI or a Node build that does not export them): the EVP paths must give the same bytes as the
  * js backend. Runs in a child process because the probe happens once, when the addon loads.
  */
@@ -15,7 +15,7 @@ import { createSectorCipher } from ${JSON.stringify(engineUrl)};
 import { loadNative } from ${JSON.stringify(nativeUrl)};
 const a = loadNative();
 if (!a) throw new Error('native addon did not load');
-if (a.aesniXts || a.aesniCbc) throw new Error('AES-NI paths still enabled');
+if (a.aesniXts || a.aesniCbc || a.xtsImpl !== 'evp' || a.xtsImpls.length !== 1) throw new Error('AES-NI or VAES paths still enabled');
 const out = [];
 for (const [spec, keyBytes] of [['aes-xts-plain64', 64], ['aes-xts-plain64', 32], ['aes-cbc-essiv:sha256', 32], ['aes-cbc-plain64', 16], ['aes-ecb', 24]]) {
   for (const sectorBytes of [512, 4096]) {

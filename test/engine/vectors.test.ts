@@ -12,6 +12,7 @@ import { describe, it } from 'node:test';
 import { createSectorCipher, isCryptmapError } from './imports.js';
 import { TEST_BACKENDS } from './backends.js';
 import { IV_VECTORS } from './cryptsetup-iv-vectors.js';
+import { loadNative } from '../../src/util/native.js';
 
 const PT512 = Buffer.alloc(512);
 for (let i = 0; i < 512; i++) PT512[i] = i & 0xff;
@@ -69,6 +70,12 @@ const XTS_VECTORS: XtsVector[] = [
     ct: V10_CT,
   },
 ];
+
+// xts-impls.test.ts reruns this file with CRYPTMAP_CRYPTO_IMPL forcing each native XTS implementation.
+const forced = process.env.CRYPTMAP_CRYPTO_IMPL;
+const inUse = loadNative()?.xtsImpl;
+console.log(`# native XTS implementation: ${inUse ?? 'none (addon not loaded)'}`);
+if (forced) assert.equal(inUse, forced, 'CRYPTMAP_CRYPTO_IMPL not honoured');
 
 for (const backend of TEST_BACKENDS) {
   describe(`IEEE 1619 XTS-AES vectors [${backend}]`, () => {

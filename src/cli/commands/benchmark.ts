@@ -17,7 +17,7 @@
  * {cipher, keyBits, sectorSize, threads, encryptMBps, decryptMBps}. MB/s are 10^6 bytes per second.
  */
 import { parseArgs } from 'node:util';
-import { benchmarkCipher, type BenchmarkResult, defaultBackend, parseCipherSpec, type SectorBytes } from '../../engine/index.js';
+import { benchmarkCipher, type BenchmarkResult, defaultBackend, nativeXtsImpl, parseCipherSpec, type SectorBytes } from '../../engine/index.js';
 import { calibrateKdf, hashAvailable } from '../../crypto/kdf/index.js';
 import { parseUint } from '../../util/bytes.js';
 import { CryptmapError } from '../../util/errors.js';
@@ -87,7 +87,8 @@ In-memory encryption and decryption throughput of dm-crypt sector ciphers (MB/s 
   --json              print a JSON array instead of the table
   --pbkdf KDF         measure one KDF (--hash H for PBKDF2, --iter-time MS, --pbkdf-memory KIB and
                       --pbkdf-parallel N for Argon2); without --cipher or --pbkdf all KDFs come first
-Backend: CRYPTMAP_CRYPTO_BACKEND=native|js forces one.
+Backend: CRYPTMAP_CRYPTO_BACKEND=native|js forces one; CRYPTMAP_CRYPTO_IMPL=vaes512|vaes256|aesni|evp
+forces the native backend's XTS implementation (the header line names the one in use).
 `;
 
 function withIv(spec: string): string {
@@ -129,7 +130,9 @@ const benchmark: VerbMain = async (argv, io) => {
   if (!Number.isFinite(seconds) || seconds <= 0 || seconds > 60) throw new CryptmapError('EINVAL', `--seconds '${values.seconds}': a number of seconds in (0, 60] expected`);
 
   const backend = defaultBackend(io.env);
-  const head = `# Tests are approximate using memory only (no storage IO); backend ${backend}, ${sectorBytes}-byte sectors, ${threads} thread${threads > 1 ? 's' : ''}.\n`;
+  // The native backend names its XTS implementation (CRYPTMAP_CRYPTO_IMPL forces one).
+  const impl = backend === 'native' ? ` (XTS: ${nativeXtsImpl() ?? '?'})` : '';
+  const head = `# Tests are approximate using memory only (no storage IO); backend ${backend}${impl}, ${sectorBytes}-byte sectors, ${threads} thread${threads > 1 ? 's' : ''}.\n`;
   const kdfOpts = {
     iterTimeMs: values['iter-time'] === undefined ? 2000 : parseUint(values['iter-time'], '--iter-time', 3_600_000),
     ...(values['pbkdf-memory'] !== undefined ? { memoryKiB: parseUint(values['pbkdf-memory'], '--pbkdf-memory', 4 * 1024 * 1024) } : {}),

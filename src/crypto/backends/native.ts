@@ -95,7 +95,7 @@ class NativeTransform implements SectorTransform {
       throw nativeError(e);
     });
   }
-  /** Benchmarks and tests: 0 auto, 1 EVP xts, 2 own tweaks over ECB, 3 AES-NI XTS (see NativeAddon.setXtsImpl). */
+  /** Benchmarks and tests: 0 auto, 1 EVP xts, 2 own over ECB, 3 AES-NI, 4 vaes512, 5 vaes256 (see NativeAddon.setXtsImpl). */
   setXtsImpl(impl: number): void {
     this.addon.setXtsImpl(this.#handle(), impl);
   }
@@ -122,6 +122,11 @@ function rethrowNative(e: unknown): never {
 
 export function nativeAvailable(): boolean {
   return loadNative() !== null;
+}
+
+/** The native addon's XTS implementation in use (vaes512, vaes256, aesni or evp), or null without the addon. */
+export function nativeXtsImpl(): string | null {
+  return loadNative()?.xtsImpl ?? null;
 }
 
 export const nativeBackend: BackendOps = {
