@@ -18,7 +18,10 @@ export interface RunningServer {
   kill(): Promise<void>;
 }
 
-/** A temp dir for this test file and a starter that cleans up every server it started. */
+/**
+ * A temp dir for this test file and a starter that cleans up every server it started. `start`
+ * passes `args` the path it waits for: the Unix socket, or a pid file for a TCP server.
+ */
 export function useServers(prefix: string): { dir: string; start(cmd: string, args: (sock: string) => string[], sock?: string): Promise<RunningServer> } {
   const dir = mkdtempSync(join(tmpdir(), prefix));
   const children = new Set<ChildProcess>();

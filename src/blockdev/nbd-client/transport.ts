@@ -100,6 +100,9 @@ export function upgradeTls(raw: Socket, t: NbdUriTarget, creds: TlsCredentials, 
     s.once('secureConnect', () => {
       clearTimeout(timer);
       s.off('error', onError);
+      // Later errors (a server refusing our certificate after TLS 1.3's handshake) close the stream,
+      // which the handshake or the connection reports.
+      s.on('error', () => {});
       resolve(s);
     });
     const onError = (e: Error) => {
