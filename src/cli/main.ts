@@ -4,45 +4,51 @@
  * (luksFormat, luksDump, ...) and dmsetup (`cryptmap dm create ...`).
  */
 import { CryptmapError, EXIT_WRONG_PARAMS, isCryptmapError } from '../util/errors.js';
+import { checkOptionsAllowed, parseCommandLine, takesNextValue } from './options.js';
 import type { CliIO, VerbMain } from './types.js';
 
-/** verb -> module under ./commands (without .js); aliases point at the same module. */
-const VERBS: Record<string, string> = {
-  benchmark: 'benchmark',
-  dm: 'dm',
-  luksFormat: 'luks-format',
-  luksDump: 'luks-dump',
-  luksAddKey: 'luks-keys',
-  luksRemoveKey: 'luks-keys',
-  luksKillSlot: 'luks-keys',
-  luksChangeKey: 'luks-keys',
-  luksConvertKey: 'luks-keys',
-  luksUUID: 'luks-misc',
-  isLuks: 'luks-misc',
-  luksHeaderBackup: 'luks-misc',
-  luksHeaderRestore: 'luks-misc',
-  config: 'luks-misc',
-  repair: 'luks-misc',
-  convert: 'luks-misc',
-  erase: 'luks-misc',
-  luksErase: 'luks-misc',
-  token: 'luks-misc',
-  open: 'open',
-  luksOpen: 'open',
-  close: 'close',
-  luksClose: 'close',
-  status: 'status',
-  luksSuspend: 'suspend',
-  luksResume: 'suspend',
-  refresh: 'refresh',
-  resize: 'resize',
-  daemon: 'daemon',
-  attach: 'attach',
-  detach: 'attach',
-  keyd: 'keyd',
-  agent: 'agent',
-  crypttab: 'crypttab',
-  volume: 'volume',
+/**
+ * verb -> its module under ./commands (without .js) and, for the cryptsetup-style verbs, the
+ * cryptsetup action it is (aliases such as luksOpen are `open`), which decides the options it
+ * accepts (options.ts). Verbs without an action keep their own syntax and parse their own options
+ * (dmsetup's for `dm`, the services'): main only moves the verb word to the front for them.
+ */
+const VERBS: Record<string, { file: string; action?: string }> = {
+  benchmark: { file: 'benchmark' },
+  dm: { file: 'dm' },
+  luksFormat: { file: 'luks-format', action: 'luksFormat' },
+  luksDump: { file: 'luks-dump', action: 'luksDump' },
+  luksAddKey: { file: 'luks-keys', action: 'luksAddKey' },
+  luksRemoveKey: { file: 'luks-keys', action: 'luksRemoveKey' },
+  luksKillSlot: { file: 'luks-keys', action: 'luksKillSlot' },
+  luksChangeKey: { file: 'luks-keys', action: 'luksChangeKey' },
+  luksConvertKey: { file: 'luks-keys', action: 'luksConvertKey' },
+  luksUUID: { file: 'luks-misc', action: 'luksUUID' },
+  isLuks: { file: 'luks-misc', action: 'isLuks' },
+  luksHeaderBackup: { file: 'luks-misc', action: 'luksHeaderBackup' },
+  luksHeaderRestore: { file: 'luks-misc', action: 'luksHeaderRestore' },
+  config: { file: 'luks-misc', action: 'config' },
+  repair: { file: 'luks-misc', action: 'repair' },
+  convert: { file: 'luks-misc', action: 'convert' },
+  erase: { file: 'luks-misc', action: 'erase' },
+  luksErase: { file: 'luks-misc', action: 'erase' },
+  token: { file: 'luks-misc', action: 'token' },
+  open: { file: 'open', action: 'open' },
+  luksOpen: { file: 'open', action: 'open' },
+  close: { file: 'close', action: 'close' },
+  luksClose: { file: 'close', action: 'close' },
+  status: { file: 'status', action: 'status' },
+  luksSuspend: { file: 'suspend', action: 'luksSuspend' },
+  luksResume: { file: 'suspend', action: 'luksResume' },
+  refresh: { file: 'refresh', action: 'open' },
+  resize: { file: 'resize', action: 'resize' },
+  daemon: { file: 'daemon' },
+  attach: { file: 'attach', action: 'attach' },
+  detach: { file: 'attach', action: 'detach' },
+  keyd: { file: 'keyd' },
+  agent: { file: 'agent' },
+  crypttab: { file: 'crypttab' },
+  volume: { file: 'volume' },
 };
 
 /**
@@ -80,7 +86,7 @@ const SYNOPSIS: Record<string, string> = {
   detach: 'detach [--runtime-dir DIR] <name>',
 };
 
-const USAGE = `usage: cryptmap <verb> [options] [args]
+const USAGE = `usage: cryptmap [OPTION...] <verb> [args]
 
 Verbs (cryptsetup names): luksFormat open close status luksDump luksAddKey luksRemoveKey
   luksKillSlot luksChangeKey luksConvertKey luksUUID isLuks luksHeaderBackup luksHeaderRestore config repair
@@ -88,28 +94,69 @@ Verbs (cryptsetup names): luksFormat open close status luksDump luksAddKey luksR
 Device mapper (dmsetup syntax): dm create|remove|reload|load|suspend|resume|table|status|info|ls|message|rename
 Serving and services: daemon attach detach agent keyd crypttab volume
 
+Options may come before or after the verb, as in cryptsetup; '--' ends them.
 'cryptmap <verb> --help' describes a verb.`;
 
-export async function main(argv: string[], io: CliIO): Promise<number> {
-  const verb = argv[0];
-  if (verb === undefined || verb === '--help' || verb === '-h' || verb === 'help') {
-    io.stdout.write(USAGE + '\n');
-    return verb === undefined ? EXIT_WRONG_PARAMS : 0;
+/** Index of the verb word in argv: the first word that is neither an option nor an option's value (before `--` or right after it). */
+function verbIndex(argv: string[]): number {
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    if (a === '--') return i + 1 < argv.length ? i + 1 : -1;
+    if (!a.startsWith('-') || a === '-') return i;
+    if (takesNextValue(a)) i++;
   }
-  if (verb === '--version' || verb === '-V') {
+  return -1;
+}
+
+export async function main(argv: string[], io: CliIO): Promise<number> {
+  try {
+    return await run(argv, io);
+  } catch (e) {
+    return reportError(e, io);
+  }
+}
+
+async function run(argv: string[], io: CliIO): Promise<number> {
+  const at = verbIndex(argv);
+  const verb = at < 0 ? undefined : argv[at]!;
+  const entry = verb === undefined ? undefined : VERBS[verb];
+  // The verb word first, the rest in its order (a verb after `--` leaves the `--` before its arguments).
+  const args = at < 0 ? argv : [argv[at]!, ...argv.slice(0, at), ...argv.slice(at + 1)];
+  if (entry?.action === undefined) {
+    // No verb, an unknown one, or a verb with its own syntax: the table still parses what came before it.
+    const before = parseCommandLine(at < 0 ? argv : argv.slice(0, at));
+    if (before.version) {
+      io.stdout.write('cryptmap 0.1.0\n');
+      return 0;
+    }
+    if (verb === undefined || verb === 'help') {
+      io.stdout.write(USAGE + '\n');
+      return before.help || before.usage || verb === 'help' ? 0 : EXIT_WRONG_PARAMS;
+    }
+    if (entry === undefined) {
+      io.stderr.write(`cryptmap: unknown verb '${verb}'.\n${USAGE}\n`);
+      return EXIT_WRONG_PARAMS;
+    }
+    return runVerb(verb, entry.file, args, io);
+  }
+  const cli = parseCommandLine(args);
+  if (cli.version) {
     io.stdout.write('cryptmap 0.1.0\n');
     return 0;
   }
-  const file = VERBS[verb];
-  if (file === undefined) {
-    io.stderr.write(`cryptmap: unknown verb '${verb}'.\n${USAGE}\n`);
-    return EXIT_WRONG_PARAMS;
-  }
-  const synopsis = SYNOPSIS[verb];
-  if (synopsis !== undefined && argv.slice(1).some((a) => a === '--help' || a === '-h')) {
-    io.stdout.write(`usage: cryptmap ${synopsis}\nOptions, messages and exit codes as cryptsetup 2.6 (see cryptsetup(8)).\n`);
+  if (cli.help || cli.usage) {
+    io.stdout.write(`usage: cryptmap ${SYNOPSIS[verb!] ?? `${verb} [OPTION...]`}\nOptions, messages and exit codes as cryptsetup 2.6 (see cryptsetup(8)).\n`);
     return 0;
   }
+  checkOptionsAllowed(cli.values, entry.action);
+  if (cli.values['test-args']) {
+    io.stdout.write('No action taken. Invoked with --test-args option.\n');
+    return 0;
+  }
+  return runVerb(verb!, entry.file, args, io);
+}
+
+async function runVerb(verb: string, file: string, args: string[], io: CliIO): Promise<number> {
   let mod: { default: VerbMain };
   try {
     mod = (await import(`./commands/${file}.js`)) as { default: VerbMain };
@@ -120,11 +167,7 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
     }
     throw e;
   }
-  try {
-    return await mod.default(argv, io);
-  } catch (e) {
-    return reportError(e, io);
-  }
+  return mod.default(args, io);
 }
 
 /** Print an error the way cryptsetup does (one line, no stack) and give its exit code. */

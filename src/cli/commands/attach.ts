@@ -3,19 +3,15 @@
  * nbd-client when the nbd module exists, else the daemon's own FUSE export + loop (root), else nbdfuse
  * + loop; `--via` forces one. `cryptmap detach NAME` undoes it.
  */
-import { parseArgs } from 'node:util';
 import type { AttachInfo } from '../../nbd/attach.js';
 import { CryptmapError } from '../../util/errors.js';
 import { withDaemon } from '../daemon-client.js';
 import type { VerbMain } from '../types.js';
+import { parseCommandLine } from '../options.js';
 
 const attach: VerbMain = async (argv, io) => {
   const verb = argv[0];
-  const { values, positionals } = parseArgs({
-    args: argv.slice(1),
-    options: { 'runtime-dir': { type: 'string' }, readonly: { type: 'boolean', short: 'r' }, via: { type: 'string' } },
-    allowPositionals: true,
-  });
+  const { values, positionals } = parseCommandLine(argv);
   if (positionals.length !== 1) throw new CryptmapError('EARGS', `usage: cryptmap ${verb} NAME`);
   const name = positionals[0]!;
   if (verb === 'detach') {

@@ -7,81 +7,27 @@
  */
 import { readFile, stat } from 'node:fs/promises';
 import { cpus, totalmem } from 'node:os';
-import { parseArgs } from 'node:util';
 import { FileDevice } from '../../blockdev/file.js';
 import { isRemoteDevice, openBlockDevice } from '../../blockdev/open.js';
 import type { BlockDevice } from '../../blockdev/types.js';
 import { type Luks1Volume, type Luks2Volume, type NewKeyslotOptions, openLuks, type UnlockResult, unlockByToken, withDeviceLock } from '../../luks/index.js';
 import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
+import { type CliValues, parseCommandLine } from '../options.js';
 import type { CliIO } from '../types.js';
 
 /** Compiled maximum key file size in cryptsetup (default-keyfile-size-maxkb 8192). */
 export const KEYFILE_MAX_BYTES = 8192 * 1024;
 export const PASSPHRASE_MAX_BYTES = 512;
 
-export const LUKS_OPTIONS = {
-  type: { type: 'string' },
-  cipher: { type: 'string', short: 'c' },
-  'key-size': { type: 'string', short: 's' },
-  hash: { type: 'string', short: 'h' },
-  'sector-size': { type: 'string' },
-  pbkdf: { type: 'string' },
-  'pbkdf-memory': { type: 'string' },
-  'pbkdf-parallel': { type: 'string' },
-  'pbkdf-force-iterations': { type: 'string' },
-  'iter-time': { type: 'string', short: 'i' },
-  'key-file': { type: 'string', short: 'd' },
-  'keyfile-offset': { type: 'string' },
-  'keyfile-size': { type: 'string', short: 'l' },
-  'new-keyfile': { type: 'string' },
-  'new-keyfile-offset': { type: 'string' },
-  'new-keyfile-size': { type: 'string' },
-  'key-slot': { type: 'string', short: 'S' },
-  'new-key-slot': { type: 'string' },
-  header: { type: 'string' },
-  offset: { type: 'string', short: 'o' },
-  uuid: { type: 'string' },
-  label: { type: 'string' },
-  subsystem: { type: 'string' },
-  'luks2-metadata-size': { type: 'string' },
-  'luks2-keyslots-size': { type: 'string' },
-  'volume-key-file': { type: 'string' },
-  'master-key-file': { type: 'string' },
-  'batch-mode': { type: 'boolean', short: 'q' },
-  verbose: { type: 'boolean', short: 'v' },
-  debug: { type: 'boolean' },
-  'dump-json-metadata': { type: 'boolean' },
-  'dump-volume-key': { type: 'boolean' },
-  'dump-master-key': { type: 'boolean' },
-  json: { type: 'boolean' },
-  'header-backup-file': { type: 'string' },
-  priority: { type: 'string' },
-  'token-id': { type: 'string' },
-  'json-file': { type: 'string' },
-  'key-description': { type: 'string' },
-  'test-passphrase': { type: 'boolean' },
-  'use-urandom': { type: 'boolean' },
-  'use-random': { type: 'boolean' },
-  'force-password': { type: 'boolean' },
-  'disable-locks': { type: 'boolean' },
-  readonly: { type: 'boolean', short: 'r' },
-  timeout: { type: 'string', short: 't' },
-  tries: { type: 'string', short: 'T' },
-  'token-only': { type: 'boolean' },
-  'token-type': { type: 'string' },
-  'disable-keyring': { type: 'boolean' },
-  'disable-external-tokens': { type: 'boolean' },
-  help: { type: 'boolean' },
-} as const;
+export type LuksArgs = CliValues;
 
-export type LuksArgs = ReturnType<typeof parseLuksArgs>['values'];
-
-export function parseLuksArgs(argv: string[]) {
-  try {
-    return parseArgs({ args: argv.slice(1), options: LUKS_OPTIONS, allowPositionals: true, strict: true });
-  } catch (e) {
-    throw new CryptmapError('EARGS', (e as Error).message, { exitCode: EXIT_WRONG_PARAMS });
-  }
+/**
+ * The options and arguments of a cryptsetup-style verb from its argv (`[verb, ...]`, as main hands it
+ * over): the one option table of options.ts, so every verb takes options before or after its arguments.
+ */
+export function parseLuksArgs(argv: string[]): { values: CliValues; positionals: string[] } {
+  const { values, positionals } = parseCommandLine(argv);
+  return { values, positionals };
 }
 
 /** Parse a non-negative integer option strictly. */

@@ -160,7 +160,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       io.stdout.write(jsonPretty(vol.json));
       return 0;
     }
-    if (v['dump-volume-key'] || v['dump-master-key']) {
+    if (v['dump-volume-key']) {
       await confirm(
         io,
         'The header dump with volume key is sensitive information\nthat allows access to encrypted partition without a passphrase.\nThis dump should be stored encrypted in a safe place.',
@@ -182,7 +182,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         pass.fill(0);
       }
       try {
-        const vkFile = v['volume-key-file'] ?? v['master-key-file'];
+        const vkFile = v['volume-key-file'];
         if (vkFile) {
           // As cryptsetup: create the file exclusively, owner read-only (an existing file, perhaps
           // world-readable, is refused rather than overwritten).

@@ -49,8 +49,8 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   let dev: Awaited<ReturnType<typeof openDevice>> | undefined;
   // One cleanup path: whatever fails once a secret has been read wipes it.
   try {
-    if (v['volume-key-file'] ?? v['master-key-file']) {
-      volumeKey = await readKeyFile(io, { keyFile: (v['volume-key-file'] ?? v['master-key-file'])!, keyfileSize: keyBits / 8 });
+    if (v['volume-key-file'] !== undefined) {
+      volumeKey = await readKeyFile(io, { keyFile: v['volume-key-file'], keyfileSize: keyBits / 8 });
       if (volumeKey.length !== keyBits / 8) throw new CryptmapError('EVK', 'Cannot read volume key file.', { exitCode: EXIT_WRONG_PARAMS });
     }
     pass = await getPassphrase(

@@ -55,7 +55,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       if (verb === 'luksAddKey') {
         const newSlot = intOpt(v['new-key-slot'], '--new-key-slot') ?? ks.keySlot;
         let auth: { passphrase: Uint8Array } | { volumeKey: Secret };
-        const vkFile = v['volume-key-file'] ?? v['master-key-file'];
+        const vkFile = v['volume-key-file'];
         if (vkFile) {
           const vk = await readKeyFile(io, { keyFile: vkFile, keyfileSize: vol.dataSegment.keyBytes });
           secrets.push(vk); // wiped in the finally below even when addKey fails

@@ -10,7 +10,6 @@
  * ripemd160. With --key-file and no --hash, the key is read directly (key-size bytes at
  * --keyfile-offset), as cryptsetup does for plain key files.
  */
-import { parseArgs } from 'node:util';
 import { type CryptMapping, type PersistentFlag, prepareLoadedLuks, preparePlain } from '../../activate/mapping.js';
 import { plainKeyFromPassphrase } from '../../activate/plain-key.js';
 import type { ControlClient } from '../../control/client.js';
@@ -30,44 +29,21 @@ import {
   getPassphrase,
   headerPath,
   intOpt,
-  LUKS_OPTIONS,
   type LuksArgs,
   loadLuks,
   loadLuksForRead,
   needDevice,
   openDevice,
+  parseLuksArgs,
   readKeyFile,
   testPassphrase,
   unlockForOpen,
 } from './luks-common.js';
 
-const OPEN_OPTIONS = {
-  ...LUKS_OPTIONS,
-  'allow-discards': { type: 'boolean' },
-  persistent: { type: 'boolean' },
-  skip: { type: 'string', short: 'p' },
-  size: { type: 'string', short: 'b' },
-  'iv-large-sectors': { type: 'boolean' },
-  'perf-same_cpu_crypt': { type: 'boolean' },
-  'perf-submit_from_crypt_cpus': { type: 'boolean' },
-  'perf-no_read_workqueue': { type: 'boolean' },
-  'perf-no_write_workqueue': { type: 'boolean' },
-  'runtime-dir': { type: 'string' },
-  attach: { type: 'boolean' },
-} as const;
-
-type OpenArgs = ReturnType<typeof parse>['values'];
+type OpenArgs = LuksArgs;
 
 /** The flags `--persistent` stores, and where the header is (open and refresh). */
 export type PersistentArgs = Pick<OpenArgs, 'allow-discards' | 'perf-same_cpu_crypt' | 'perf-submit_from_crypt_cpus' | 'perf-no_read_workqueue' | 'perf-no_write_workqueue' | 'header'>;
-
-function parse(argv: string[]) {
-  try {
-    return parseArgs({ args: argv.slice(1), options: OPEN_OPTIONS, allowPositionals: true, strict: true });
-  } catch (e) {
-    throw new CryptmapError('EARGS', (e as Error).message, { exitCode: EXIT_WRONG_PARAMS });
-  }
-}
 
 /** Unlock test (`--test-passphrase`): tokens, then the passphrase; header recovery as cryptsetup. */
 export function openTestPassphrase(io: CliIO, device: string, v: LuksArgs): Promise<number> {
@@ -202,7 +178,7 @@ export async function sendOpen(c: ControlClient, mapping: CryptMapping, volumeKe
 }
 
 const main: VerbMain = async (argv: string[], io: CliIO) => {
-  const { values: v, positionals } = parse(argv);
+  const { values: v, positionals } = parseLuksArgs(argv);
   const device = needDevice(positionals, 'cryptmap open [OPTION...] <device> <name>');
   if (v.persistent && v['test-passphrase']) {
     throw new CryptmapError('EARGS', 'Option --persistent is not allowed with --test-passphrase.', { exitCode: EXIT_WRONG_PARAMS });

@@ -11,7 +11,6 @@
  * Plain volumes are not refreshed here (cryptsetup can): close and open them again.
  * Exit codes as cryptsetup: not active 4, not a LUKS volume 1, wrong passphrase 2.
  */
-import { parseArgs } from 'node:util';
 import { PERSISTENT_FLAGS, persistentFlagsOf } from '../../activate/mapping.js';
 import { ControlClient } from '../../control/client.js';
 import { runtimeDir } from '../../control/runtime-dir.js';
@@ -19,27 +18,9 @@ import type { RefreshFlags, VolumeStatus } from '../../daemon/core.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { VerbMain } from '../types.js';
 import { activeVolume, checkLuksType, sendActiveVolumeKey } from './active-luks.js';
-import { LUKS_OPTIONS } from './luks-common.js';
+import { parseLuksArgs as parse } from './luks-common.js';
 import { makeFlagsPersistent } from './open.js';
 
-const REFRESH_OPTIONS = {
-  ...LUKS_OPTIONS,
-  'allow-discards': { type: 'boolean' },
-  persistent: { type: 'boolean' },
-  'perf-same_cpu_crypt': { type: 'boolean' },
-  'perf-submit_from_crypt_cpus': { type: 'boolean' },
-  'perf-no_read_workqueue': { type: 'boolean' },
-  'perf-no_write_workqueue': { type: 'boolean' },
-  'runtime-dir': { type: 'string' },
-} as const;
-
-function parse(argv: string[]) {
-  try {
-    return parseArgs({ args: argv.slice(1), options: REFRESH_OPTIONS, allowPositionals: true, strict: true });
-  } catch (e) {
-    throw new CryptmapError('EARGS', (e as Error).message, { exitCode: EXIT_WRONG_PARAMS });
-  }
-}
 
 const refresh: VerbMain = async (argv, io) => {
   const { values: v, positionals } = parse(argv);

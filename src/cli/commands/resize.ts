@@ -11,29 +11,14 @@
  * New NBD connections see the new size; connected clients keep the size they negotiated.
  * Exit codes as cryptsetup: not active 4; misaligned, too large, wrong passphrase 1/2.
  */
-import { parseArgs } from 'node:util';
 import { ControlClient } from '../../control/client.js';
 import { runtimeDir } from '../../control/runtime-dir.js';
 import type { VolumeStatus } from '../../daemon/core.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { VerbMain } from '../types.js';
 import { activeVolume, sendActiveVolumeKey } from './active-luks.js';
-import { intOpt, LUKS_OPTIONS } from './luks-common.js';
+import { intOpt, parseLuksArgs as parse } from './luks-common.js';
 
-const RESIZE_OPTIONS = {
-  ...LUKS_OPTIONS,
-  size: { type: 'string', short: 'b' },
-  'device-size': { type: 'string' },
-  'runtime-dir': { type: 'string' },
-} as const;
-
-function parse(argv: string[]) {
-  try {
-    return parseArgs({ args: argv.slice(1), options: RESIZE_OPTIONS, allowPositionals: true, strict: true });
-  } catch (e) {
-    throw new CryptmapError('EARGS', (e as Error).message, { exitCode: EXIT_WRONG_PARAMS });
-  }
-}
 
 const resize: VerbMain = async (argv, io) => {
   const { values: v, positionals } = parse(argv);

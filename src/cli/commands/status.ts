@@ -2,12 +2,12 @@
  * `cryptmap status NAME` (cryptsetup status): cryptsetup's fields, plus where the mapping is
  * served (NBD URI) and attached. Exit 0 when active, 4 when inactive (as cryptsetup).
  */
-import { parseArgs } from 'node:util';
 import type { VolumeStatus } from '../../daemon/core.js';
 import type { DmInfo, DmLines } from '../../dm/control.js';
 import { CryptmapError, EXIT_WRONG_DEVICE } from '../../util/errors.js';
 import { withDaemon } from '../daemon-client.js';
 import type { VerbMain } from '../types.js';
+import { parseCommandLine } from '../options.js';
 
 /**
  * The fields cryptsetup prints for a dm-crypt device it did not make (`type: n/a`), read from the
@@ -67,11 +67,7 @@ export function formatStatus(s: VolumeStatus, raw = ''): string {
 }
 
 const status: VerbMain = async (argv, io) => {
-  const { values, positionals } = parseArgs({
-    args: argv.slice(1),
-    options: { 'runtime-dir': { type: 'string' }, json: { type: 'boolean' } },
-    allowPositionals: true,
-  });
+  const { values, positionals } = parseCommandLine(argv);
   if (positionals.length !== 1) throw new CryptmapError('EARGS', 'Command requires device name as argument.');
   const name = positionals[0]!;
   const { s, raw } = await withDaemon(values['runtime-dir'], io.env, async (c) => {

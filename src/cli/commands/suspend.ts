@@ -17,41 +17,13 @@
  * Messages and exit codes (cryptsetup 2.6.1): not active "Device NAME is not active." 4; not a
  * LUKS volume 1; already suspended / not suspended 1; wrong passphrase 2.
  */
-import { parseArgs } from 'node:util';
 import { ControlClient } from '../../control/client.js';
 import { runtimeDir } from '../../control/runtime-dir.js';
 import type { VolumeStatus } from '../../daemon/core.js';
 import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { CliIO, VerbMain } from '../types.js';
 import { activeVolume, checkLuksType, sendActiveVolumeKey } from './active-luks.js';
-import { LUKS_OPTIONS } from './luks-common.js';
-
-const SUSPEND_OPTIONS = {
-  header: { type: 'string' },
-  'runtime-dir': { type: 'string' },
-  'batch-mode': { type: 'boolean', short: 'q' },
-  verbose: { type: 'boolean', short: 'v' },
-  debug: { type: 'boolean' },
-  'disable-locks': { type: 'boolean' },
-} as const;
-
-const RESUME_OPTIONS = { ...LUKS_OPTIONS, 'runtime-dir': { type: 'string' } } as const;
-
-function parseSuspend(argv: string[]) {
-  try {
-    return parseArgs({ args: argv.slice(1), options: SUSPEND_OPTIONS, allowPositionals: true, strict: true });
-  } catch (e) {
-    throw new CryptmapError('EARGS', (e as Error).message, { exitCode: EXIT_WRONG_PARAMS });
-  }
-}
-
-function parseResume(argv: string[]) {
-  try {
-    return parseArgs({ args: argv.slice(1), options: RESUME_OPTIONS, allowPositionals: true, strict: true });
-  } catch (e) {
-    throw new CryptmapError('EARGS', (e as Error).message, { exitCode: EXIT_WRONG_PARAMS });
-  }
-}
+import { parseLuksArgs } from './luks-common.js';
 
 /** cryptsetup's help_args: "<action>: requires <device> as arguments", exit 1. */
 function needName(verb: string, positionals: string[]): string {
@@ -60,7 +32,7 @@ function needName(verb: string, positionals: string[]): string {
 }
 
 export const luksSuspend: VerbMain = async (argv, io) => {
-  const { values: v, positionals } = parseSuspend(argv);
+  const { values: v, positionals } = parseLuksArgs(argv);
   const name = needName('luksSuspend', positionals);
   // --header is accepted as cryptsetup does; the daemon knows the volume's type without it.
   const c = await ControlClient.connect(runtimeDir(v['runtime-dir'], io.env));
@@ -74,7 +46,7 @@ export const luksSuspend: VerbMain = async (argv, io) => {
 };
 
 export const luksResume: VerbMain = async (argv, io) => {
-  const { values: v, positionals } = parseResume(argv);
+  const { values: v, positionals } = parseLuksArgs(argv);
   const name = needName('luksResume', positionals);
   const reqType = v.type;
   if (reqType !== undefined && !['luks', 'luks1', 'luks2'].includes(reqType)) {

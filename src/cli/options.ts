@@ -1,0 +1,224 @@
+/**
+ * The one option table of the cryptsetup-style verbs and its parser, as cryptsetup 2.6 parses its
+ * command line with popt (src/cryptsetup_arg_list.h, src/cryptsetup.c main): options may come before
+ * the action word, between it and its arguments, or after them; `--` ends the options; the action is
+ * the first word that is not an option or an option's value, which is why the table must say which
+ * options take a value. `--opt=value`, `--opt value`, `-dKEY`, `-d KEY` and grouped flags (`-qv`) all
+ * work; a string option given twice keeps the last value, except --key-file (cryptsetup: "Only one
+ * --key-file argument is allowed.").
+ *
+ * A row: `type` ('string' takes a value, 'boolean' does not), an optional one-letter `short`, and
+ * `verbs`, the actions that accept it (cryptsetup's "Option --X is not allowed with Y action.");
+ * without `verbs` every verb takes it. `alias` stores the value under another row's name
+ * (--master-key-file is --volume-key-file). Adding an option is adding one row.
+ */
+import { CryptmapError, EXIT_WRONG_PARAMS } from '../util/errors.js';
+
+interface OptionRow {
+  readonly type: 'string' | 'boolean';
+  readonly short?: string;
+  readonly verbs?: readonly string[];
+  readonly alias?: string;
+}
+
+// cryptsetup's action lists (cryptsetup_args.h), for the rows below.
+const KDF_VERBS = ['benchmark', 'luksFormat', 'luksAddKey', 'luksChangeKey', 'luksConvertKey'] as const;
+const NEW_KEYSLOT_VERBS = ['luksFormat', 'luksAddKey', 'luksChangeKey', 'luksConvertKey'] as const;
+/** cryptmap's own: the verbs that talk to the daemon. */
+const DAEMON_VERBS = ['open', 'close', 'status', 'luksSuspend', 'luksResume', 'resize', 'attach', 'detach'] as const;
+
+export const OPTIONS = {
+  'align-payload': { type: 'string', verbs: ['luksFormat'] },
+  'allow-discards': { type: 'boolean', verbs: ['open'] },
+  attach: { type: 'boolean', verbs: ['open'] },
+  'batch-mode': { type: 'boolean', short: 'q' },
+  cipher: { type: 'string', short: 'c' },
+  debug: { type: 'boolean' },
+  'debug-json': { type: 'boolean' },
+  deferred: { type: 'boolean', verbs: ['close'] },
+  'device-size': { type: 'string', verbs: ['open', 'resize'] },
+  'disable-external-tokens': { type: 'boolean' },
+  'disable-keyring': { type: 'boolean' },
+  'disable-locks': { type: 'boolean' },
+  'dump-json-metadata': { type: 'boolean' },
+  'dump-volume-key': { type: 'boolean' },
+  'dump-master-key': { type: 'boolean', alias: 'dump-volume-key' },
+  force: { type: 'boolean', verbs: ['close'] },
+  'force-password': { type: 'boolean' },
+  hash: { type: 'string', short: 'h' },
+  header: { type: 'string' },
+  'header-backup-file': { type: 'string' },
+  'iter-time': { type: 'string', short: 'i', verbs: KDF_VERBS },
+  'iv-large-sectors': { type: 'boolean', verbs: ['open'] },
+  json: { type: 'boolean', verbs: ['status', 'benchmark'] },
+  'json-file': { type: 'string' },
+  'key-description': { type: 'string' },
+  'key-file': { type: 'string', short: 'd' },
+  'key-size': { type: 'string', short: 's', verbs: ['open', 'benchmark', 'luksFormat', 'luksAddKey'] },
+  'key-slot': { type: 'string', short: 'S', verbs: ['open', 'config', ...NEW_KEYSLOT_VERBS, 'luksDump', 'token', 'luksResume'] },
+  'keyfile-offset': { type: 'string' },
+  'keyfile-size': { type: 'string', short: 'l' },
+  label: { type: 'string', verbs: ['config', 'luksFormat'] },
+  'luks2-keyslots-size': { type: 'string', verbs: ['luksFormat'] },
+  'luks2-metadata-size': { type: 'string', verbs: ['luksFormat'] },
+  'volume-key-file': { type: 'string' },
+  'master-key-file': { type: 'string', alias: 'volume-key-file' },
+  'new-keyfile': { type: 'string', verbs: ['luksAddKey'] },
+  'new-key-slot': { type: 'string', verbs: ['luksAddKey'] },
+  'new-keyfile-offset': { type: 'string' },
+  'new-keyfile-size': { type: 'string' },
+  offset: { type: 'string', short: 'o', verbs: ['open', 'luksFormat'] },
+  pbkdf: { type: 'string', verbs: KDF_VERBS },
+  'pbkdf-force-iterations': { type: 'string', verbs: NEW_KEYSLOT_VERBS },
+  'pbkdf-memory': { type: 'string' },
+  'pbkdf-parallel': { type: 'string' },
+  'perf-no_read_workqueue': { type: 'boolean' },
+  'perf-no_write_workqueue': { type: 'boolean' },
+  'perf-same_cpu_crypt': { type: 'boolean' },
+  'perf-submit_from_crypt_cpus': { type: 'boolean' },
+  persistent: { type: 'boolean', verbs: ['open'] },
+  priority: { type: 'string', verbs: ['config'] },
+  readonly: { type: 'boolean', short: 'r' },
+  'runtime-dir': { type: 'string', verbs: DAEMON_VERBS },
+  seconds: { type: 'string', verbs: ['benchmark'] },
+  'sector-size': { type: 'string', verbs: ['open', 'luksFormat', 'benchmark'] },
+  size: { type: 'string', short: 'b', verbs: ['open', 'resize'] },
+  skip: { type: 'string', short: 'p', verbs: ['open'] },
+  subsystem: { type: 'string', verbs: ['config', 'luksFormat'] },
+  'test-args': { type: 'boolean' },
+  'test-passphrase': { type: 'boolean', verbs: ['open'] },
+  threads: { type: 'string', verbs: ['benchmark'] },
+  timeout: { type: 'string', short: 't' },
+  'token-id': { type: 'string' },
+  'token-only': { type: 'boolean' },
+  'token-type': { type: 'string' },
+  tries: { type: 'string', short: 'T' },
+  type: { type: 'string', short: 'M' },
+  'use-random': { type: 'boolean', verbs: ['luksFormat'] },
+  'use-urandom': { type: 'boolean', verbs: ['luksFormat'] },
+  uuid: { type: 'string', verbs: ['luksFormat', 'luksUUID'] },
+  verbose: { type: 'boolean', short: 'v' },
+  'verify-passphrase': { type: 'boolean', short: 'y' },
+  via: { type: 'string', verbs: ['attach'] },
+} as const satisfies Record<string, OptionRow>;
+
+type Table = typeof OPTIONS;
+/** Options stored under another row's name. */
+type AliasNames = { [K in keyof Table]: Table[K] extends { alias: string } ? K : never }[keyof Table];
+
+/** Parsed option values: a string for options that take one, `true` for flags; absent when not given. */
+export type CliValues = { -readonly [K in Exclude<keyof Table, AliasNames>]?: Table[K]['type'] extends 'string' ? string : boolean };
+
+export interface ParsedCli {
+  /** The action word (first non-option word), or undefined when there is none. */
+  verb: string | undefined;
+  values: CliValues;
+  /** The words after the action, in order (options removed). */
+  positionals: string[];
+  /** --help / -? / --usage / --version / -V. */
+  help: boolean;
+  usage: boolean;
+  version: boolean;
+}
+
+const ROWS: ReadonlyMap<string, OptionRow> = new Map(Object.entries(OPTIONS));
+const SHORT: ReadonlyMap<string, string> = new Map(Object.entries(OPTIONS as Record<string, OptionRow>).flatMap(([name, r]) => (r.short ? [[r.short, name] as [string, string]] : [])));
+
+function usageError(message: string): CryptmapError {
+  return new CryptmapError('EARGS', message, { exitCode: EXIT_WRONG_PARAMS });
+}
+
+/** Whether `word` is an option that takes its value from the next word (for finding the verb). */
+export function takesNextValue(word: string): boolean {
+  if (word.startsWith('--')) return !word.includes('=') && ROWS.get(word.slice(2))?.type === 'string';
+  if (!word.startsWith('-') || word.length < 2) return false;
+  // -qvd KEY: the last letter of a group takes the next word when it wants a value and none follows it.
+  for (let i = 1; i < word.length; i++) {
+    const name = SHORT.get(word[i]!);
+    if (name && ROWS.get(name)!.type === 'string') return i === word.length - 1;
+  }
+  return false;
+}
+
+/**
+ * Parse a whole command line: options anywhere, `--` ends them, the first other word is the verb.
+ * Unknown options and missing values are usage errors (exit 1).
+ */
+export function parseCommandLine(argv: readonly string[]): ParsedCli {
+  const values: Record<string, string | boolean> = {};
+  const words: string[] = [];
+  const out: ParsedCli = { verb: undefined, values: values as CliValues, positionals: words, help: false, usage: false, version: false };
+  let keyFiles = 0;
+  const set = (name: string, value: string | boolean) => {
+    const row = ROWS.get(name)!;
+    const key = row.alias ?? name;
+    if (key === 'key-file') keyFiles++;
+    values[key] = value;
+  };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    if (a === '--') {
+      words.push(...argv.slice(i + 1));
+      break;
+    }
+    if (a.startsWith('--')) {
+      const eq = a.indexOf('=');
+      const name = eq < 0 ? a.slice(2) : a.slice(2, eq);
+      if (name === 'help') out.help = true;
+      else if (name === 'usage') out.usage = true;
+      else if (name === 'version') out.version = true;
+      else {
+        const row = ROWS.get(name);
+        if (!row) throw usageError(`Unknown option '--${name}'.`);
+        if (row.type === 'boolean') {
+          if (eq >= 0) throw usageError(`Option '--${name}' does not take a value.`);
+          set(name, true);
+        } else if (eq >= 0) set(name, a.slice(eq + 1));
+        else {
+          if (i + 1 >= argv.length) throw usageError(`Option '--${name}' requires an argument.`);
+          set(name, argv[++i]!);
+        }
+      }
+      continue;
+    }
+    if (a.startsWith('-') && a.length > 1) {
+      for (let j = 1; j < a.length; j++) {
+        const c = a[j]!;
+        if (c === '?') {
+          out.help = true;
+          continue;
+        }
+        if (c === 'V') {
+          out.version = true;
+          continue;
+        }
+        const name = SHORT.get(c);
+        if (!name) throw usageError(`Unknown option '-${c}'.`);
+        if (ROWS.get(name)!.type === 'boolean') {
+          set(name, true);
+          continue;
+        }
+        if (j + 1 < a.length) set(name, a.slice(j + 1));
+        else if (i + 1 < argv.length) set(name, argv[++i]!);
+        else throw usageError(`Option '-${c}' requires an argument.`);
+        break;
+      }
+      continue;
+    }
+    words.push(a);
+  }
+  if (keyFiles > 1) throw usageError('Only one --key-file argument is allowed.');
+  out.verb = words.shift();
+  return out;
+}
+
+/**
+ * cryptsetup's tools_check_args: every option given must be one the action accepts.
+ * `action` is the canonical action (luksOpen and refresh are `open`, luksClose is `close`, ...).
+ */
+export function checkOptionsAllowed(values: CliValues, action: string): void {
+  for (const name of Object.keys(values)) {
+    const verbs = ROWS.get(name)?.verbs;
+    if (verbs && !verbs.includes(action)) throw usageError(`Option --${name} is not allowed with ${action} action.`);
+  }
+}
