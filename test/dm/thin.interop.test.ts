@@ -2,10 +2,16 @@
 // thin-provisioning-tools), both ways: what cryptmap commits passes thin_check and thin_dump shows
 // the mappings cryptmap made, pointing at the data blocks that hold the data; metadata made by
 // thin_restore opens in cryptmap with the same mappings (multi-level btrees, shared data blocks);
-// snapshots; the metadata snapshot (thin_dump -m); damaged metadata refused naming the check.
+// snapshots; the metadata snapshot (thin_dump -m); damaged metadata refused naming the check; a
+// pool over NBD exports (the NBD client as <dev>).
 import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { test } from 'node:test';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
+import { DeviceRegistry } from '../../src/dm/registry.js';
+import { NbdServer } from '../../src/nbd/server.js';
 import { pattern } from './helpers.js';
 import { BLOCK, MiB, assertThinCheck, parseDump, status, thinDump, thinRestore, thinRig } from './thin-helpers.js';
 
@@ -201,4 +207,39 @@ test('damaged metadata is refused naming the failed check, never opened', async 
     return node;
   })());
   await assert.rejects(thinRig({ meta }).registry.create('pool', { table: `0 8192 thin-pool /mem/meta /mem/data 256 0` }), /changing the data block size \(from 128 to 256\) is not supported/);
+});
+
+test('thin over the NBD client: a pool whose metadata and data devices are NBD exports; thin_check accepts the served metadata', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-thin-nbd-'));
+  const meta = new MemoryDevice({ sizeBytes: MiB });
+  const data = new MemoryDevice({ sizeBytes: 4 * MiB });
+  const server = new NbdServer();
+  server.addExport('meta', { device: meta, readOnly: false });
+  server.addExport('data', { device: data, readOnly: false });
+  const sock = join(dir, 'nbd.sock');
+  await server.listenUnix(sock);
+  const registry = new DeviceRegistry();
+  try {
+    await registry.create('pool', { table: `0 8192 thin-pool nbd+unix:///meta?socket=${sock} nbd+unix:///data?socket=${sock} 128 0` });
+    await registry.message('pool', 0, ['create_thin', '3']);
+    await registry.create('t', { table: '0 8192 thin pool 3' });
+    const t = registry.open('t');
+    await t.write(BLOCK + 512, pattern(4096, 21));
+    await t.flush();
+    const back = Buffer.alloc(4096);
+    await t.read(BLOCK + 512, back);
+    assert.deepEqual(back, pattern(4096, 21));
+    await t.close();
+    await registry.closeAll();
+    await assertThinCheck(meta, 'metadata written over NBD');
+    const d = parseDump(await thinDump(meta)).devices.get(3)!;
+    assert.deepEqual([...d.map.keys()], [1]);
+    const raw = Buffer.alloc(4096);
+    await data.read(d.map.get(1)![0] * BLOCK + 512, raw);
+    assert.deepEqual(raw, pattern(4096, 21));
+  } finally {
+    await registry.closeAll().catch(() => {});
+    await server.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
