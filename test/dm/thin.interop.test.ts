@@ -2,8 +2,8 @@
 // thin-provisioning-tools), both ways: what cryptmap commits passes thin_check and thin_dump shows
 // the mappings cryptmap made, pointing at the data blocks that hold the data; metadata made by
 // thin_restore opens in cryptmap with the same mappings (multi-level btrees, shared data blocks);
-// snapshots; the metadata snapshot (thin_dump -m); damaged metadata refused naming the check; a
-// pool over NBD exports (the NBD client as <dev>).
+// snapshots (thin_ls sees what is shared); the metadata snapshot (thin_dump -m); damaged metadata
+// refused naming the check; a pool over NBD exports (the NBD client as <dev>).
 import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -13,7 +13,7 @@ import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { DeviceRegistry } from '../../src/dm/registry.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { pattern } from './helpers.js';
-import { BLOCK, MiB, assertThinCheck, parseDump, status, thinDump, thinRestore, thinRig } from './thin-helpers.js';
+import { BLOCK, MiB, assertThinCheck, parseDump, status, thinDump, thinRestore, thinRig, tool, withImage } from './thin-helpers.js';
 
 const POOL = (dataBytes: number, extra = '') => `0 ${dataBytes / 512} thin-pool /mem/meta /mem/data 128 0${extra}`;
 
@@ -135,6 +135,17 @@ test('snapshots: break on write keeps the snapshot image; delete frees its block
   pattern(4096, 9).copy(expect, 4096);
   assert.deepEqual(now, expect);
   assert.match(status(registry, 'pool'), / 3\/64 /, 'blocks 0 and 1 shared, one copy');
+  // thin_ls agrees on what is shared (it reads the metadata cryptmap committed).
+  await h.flush();
+  const ls = await withImage(meta, (p) => tool('thin_ls', ['-o', 'DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS,SHARED_BLOCKS', '--no-headers', p]));
+  assert.equal(ls.status, 0, ls.stderr);
+  assert.deepEqual(
+    ls.stdout.trim().split('\n').map((l) => l.trim().split(/\s+/).map(Number)),
+    [
+      [0, 2, 1, 1],
+      [1, 2, 1, 1],
+    ],
+  );
   await assert.rejects(registry.message('pool', 0, ['delete', '1']), { code: 'EBUSY' }, 'the snapshot is open');
   await s.close();
   await registry.remove('s1');
