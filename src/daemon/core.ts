@@ -41,6 +41,8 @@ export interface VolumeStatus {
   suspended: boolean;
   openCount: number;
   nbdConnections: number;
+  /** The NBD client under a volume whose device is an NBD URI: ready, reconnecting or failed (then I/O fails with EIO). */
+  remote?: { state: string; reconnects: number; lastError?: string };
 }
 
 /** Activation flags `refresh` sets (absent = off), as in CryptMapping. */
@@ -129,7 +131,9 @@ export class DaemonCore {
     }
     await this.nbd.removeExport(name);
     this.#handles.delete(name);
-    await handle.close();
+    // A device whose storage failed (an NBD server gone for good) cannot flush; it still closes, as
+    // the kernel removes a mapping over a dead disk. The failure was already reported to the writers.
+    await handle.close().catch((e: unknown) => log.warn('flush on close failed', { name, error: e instanceof Error ? e.message : String(e) }));
   }
 
   /** The dmsetup verbs, with NBD exports following the devices. */
@@ -436,6 +440,8 @@ export class DaemonCore {
       nbdConnections: this.nbd.connectionCount(name),
     };
     if (m) st.mapping = { ...m, ivOffsetSectors: m.ivOffsetSectors.toString() };
+    const h = m ? this.registry.remoteHealth(m.device) : undefined;
+    if (h) st.remote = { state: h.state, reconnects: h.reconnects, ...(h.lastError !== undefined ? { lastError: h.lastError } : {}) };
     const a = this.#attachments.get(name);
     if (a) {
       st.attachedDevice = a.devicePath;

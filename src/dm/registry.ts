@@ -22,7 +22,7 @@
 import { readFile } from 'node:fs/promises';
 import { resolve as resolvePath } from 'node:path';
 import { FileDevice } from '../blockdev/file.js';
-import { NbdDevice } from '../blockdev/nbd-client/device.js';
+import { NbdDevice, type NbdDeviceHealth } from '../blockdev/nbd-client/device.js';
 import { isRemoteDevice } from '../blockdev/open.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import { CryptmapError, EXIT_WRONG_DEVICE, isCryptmapError } from '../util/errors.js';
@@ -101,6 +101,15 @@ export class DeviceRegistry {
       size = dev.refreshSize ? await dev.refreshSize() : dev.sizeBytes;
     }
     return size;
+  }
+
+  /** How the NBD client behind `uri` fares (ready, reconnecting, failed), when a live table uses it. */
+  remoteHealth(uri: string): NbdDeviceHealth | undefined {
+    for (const mode of ['rw', 'ro']) {
+      const dev = this.#files.get(`${mode}:${uri}`)?.dev;
+      if (dev instanceof NbdDevice) return dev.health;
+    }
+    return undefined;
   }
 
   /** Target types this registry knows. */

@@ -10,8 +10,10 @@ import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
-import { cryptmap, ok, useDaemon } from './harness.js';
+import { cryptmap, exec, ok, useDaemon } from './harness.js';
 
+// The daemon (a child of this process) gives a lost NBD server 1.5 s to come back, not 30.
+process.env.CRYPTMAP_NBD_RECONNECT_TIMEOUT_MS = '1500';
 const fx = useDaemon('cm-remote-');
 const MiB = 1 << 20;
 const sha = (b: Uint8Array) => createHash('sha256').update(b).digest('hex');
@@ -20,7 +22,7 @@ after(() => {
   for (const s of servers) s.kill('SIGKILL');
 });
 
-async function nbdkitFile(img: string, sock: string): Promise<void> {
+async function nbdkitFile(img: string, sock: string): Promise<ChildProcess> {
   const p = spawn('nbdkit', ['-f', '-U', sock, 'file', img], { stdio: 'ignore' });
   p.on('error', () => undefined);
   servers.push(p);
@@ -29,6 +31,7 @@ async function nbdkitFile(img: string, sock: string): Promise<void> {
     await new Promise((r) => setTimeout(r, 20));
   }
   assert.ok(existsSync(sock), 'nbdkit did not start (Debian package nbdkit; scripts/install-deps.sh)');
+  return p;
 }
 
 test('a cryptsetup LUKS2 volume on nbdkit opens through the NBD client and reads the same bytes', async () => {
@@ -54,6 +57,7 @@ test('a cryptsetup LUKS2 volume on nbdkit opens through the NBD client and reads
   r = await cryptmap(['status', '--runtime-dir', fx.run, 'rvol']);
   assert.equal(r.code, 0, r.stderr);
   assert.ok(r.stdout.includes(`device:  ${remote}`), r.stdout);
+  assert.match(r.stdout, /remote: {2}ready\n/);
   const uri = /nbd: +(\S+)/.exec(r.stdout)?.[1] ?? '';
   const out = join(fx.dir, 'out.bin');
   await ok('nbdcopy', [uri, out]);
@@ -105,5 +109,28 @@ test('a dm table names an NBD URI as its <dev>', async () => {
   await ok('nbdcopy', [`nbd+unix:///rlin?socket=${join(fx.run, 'nbd.sock')}`, out]);
   assert.equal(sha(readFileSync(out)), sha(data.subarray(MiB, 3 * MiB)));
   r = await cryptmap(['dm', 'remove', '--runtime-dir', fx.run, 'rlin']);
+  assert.equal(r.code, 0, r.stderr);
+});
+
+test('a storage server that stays gone: I/O fails with EIO and status says why', async () => {
+  const img = join(fx.dir, 'gone.img');
+  writeFileSync(img, Buffer.alloc(0));
+  await ok('truncate', ['-s', '20M', img]);
+  const key = join(fx.dir, 'gone.key');
+  writeFileSync(key, 'k', { mode: 0o600 });
+  await ok('cryptsetup', ['luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, img]);
+  const sock = join(fx.dir, 'gone.sock');
+  const srv = await nbdkitFile(img, sock);
+  const remote = `nbd+unix:///?socket=${sock}`;
+  let r = await cryptmap(['open', '--runtime-dir', fx.run, '--key-file', key, remote, 'gvol']);
+  assert.equal(r.code, 0, r.stderr);
+  r = await cryptmap(['status', '--runtime-dir', fx.run, 'gvol']);
+  const uri = /nbd: +(\S+)/.exec(r.stdout)?.[1] ?? '';
+  srv.kill('SIGKILL');
+  const q = await exec('qemu-io', ['-f', 'raw', uri, '-c', 'read 0 64k']);
+  assert.match(q.stdout + q.stderr, /Input\/output error/);
+  r = await cryptmap(['status', '--runtime-dir', fx.run, 'gvol']);
+  assert.match(r.stdout, /remote: {2}failed \(the server did not come back within 1500 ms/);
+  r = await cryptmap(['close', '--runtime-dir', fx.run, 'gvol']);
   assert.equal(r.code, 0, r.stderr);
 });

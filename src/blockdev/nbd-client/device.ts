@@ -69,7 +69,7 @@ export interface NbdDeviceOptions {
   connections?: number;
   /** One connection attempt, handshake included (default 10 s). */
   connectTimeoutMs?: number;
-  /** How long a lost server may take to come back before the device fails (default 30 s). */
+  /** How long a lost server may take to come back before the device fails (default 30 s, or $CRYPTMAP_NBD_RECONNECT_TIMEOUT_MS). */
   reconnectTimeoutMs?: number;
   /** A connection with requests in flight and no reply for this long is dropped (default 60 s; 0 = never). */
   requestTimeoutMs?: number;
@@ -118,6 +118,11 @@ interface Retained {
 
 const isWriteType = (t: number): boolean => t === NBD_CMD_WRITE || t === NBD_CMD_TRIM || t === NBD_CMD_WRITE_ZEROES;
 
+function envMs(name: string, dflt: number): number {
+  const v = Number(process.env[name]);
+  return Number.isSafeInteger(v) && v > 0 ? v : dflt;
+}
+
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 export class NbdDevice implements BlockDevice {
@@ -163,7 +168,7 @@ export class NbdDevice implements BlockDevice {
     this.#opts = {
       connections: opts.connections ?? 2,
       connectTimeoutMs: opts.connectTimeoutMs ?? 10_000,
-      reconnectTimeoutMs: opts.reconnectTimeoutMs ?? 30_000,
+      reconnectTimeoutMs: opts.reconnectTimeoutMs ?? envMs('CRYPTMAP_NBD_RECONNECT_TIMEOUT_MS', 30_000),
       requestTimeoutMs: opts.requestTimeoutMs ?? 60_000,
       replayBytes: opts.replayBytes ?? 64 << 20,
       maxInflight: opts.maxInflight ?? 64,

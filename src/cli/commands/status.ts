@@ -62,6 +62,7 @@ export function formatStatus(s: VolumeStatus, raw = ''): string {
     if (s.suspended) out += `  (suspended)\n`;
   }
   out += `  nbd:     ${s.nbdUri}\n`;
+  if (s.remote) out += `  remote:  ${s.remote.state}${s.remote.state !== 'ready' && s.remote.lastError ? ` (${s.remote.lastError})` : ''}\n`;
   if (s.attachedDevice) out += `  attached: ${s.attachedDevice}${s.attachedVia ? ` (via ${s.attachedVia})` : ''}\n`;
   return out;
 }
