@@ -162,10 +162,16 @@ test('reserve_metadata_snap keeps a metadata snapshot thin_dump -m reads; releas
   const { registry, meta } = thinRig({ dataBytes: 4 * MiB });
   await registry.create('pool', { table: POOL(4 * MiB) });
   await registry.message('pool', 0, ['create_thin', '0']);
+  await registry.message('pool', 0, ['create_thin', '1']);
   await registry.create('t0', { table: '0 8192 thin pool 0' });
+  await registry.create('t1', { table: '0 8192 thin pool 1' });
   const h = registry.open('t0');
+  const h1 = registry.open('t1');
   await h.write(0, pattern(4096, 1));
+  await h1.write(0, pattern(4096, 1));
   await h.flush();
+  await h1.close();
+  // Device 1 does not change after this: its committed btree is shared by the snapshot and the current image.
   await registry.message('pool', 0, ['reserve_metadata_snap']);
   const held = /thin-pool 0 [0-9]+\/[0-9]+ [0-9]+\/[0-9]+ ([0-9]+) /.exec(status(registry, 'pool'));
   assert.ok(held, `a held root in ${status(registry, 'pool')}`);
@@ -180,6 +186,10 @@ test('reserve_metadata_snap keeps a metadata snapshot thin_dump -m reads; releas
   await registry.message('pool', 0, ['release_metadata_snap']);
   assert.match(status(registry, 'pool'), / - rw /);
   await assertThinCheck(meta, 'after release_metadata_snap');
+  await h.write(6 * BLOCK, pattern(4096, 3));
+  await h.flush();
+  await assertThinCheck(meta, 'after a commit without the metadata snapshot');
+  assert.deepEqual([...parseDump(await thinDump(meta)).devices.get(1)!.map.keys()], [0]);
   await h.close();
   await registry.closeAll();
 });

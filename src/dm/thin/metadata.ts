@@ -18,11 +18,14 @@
  *     then flushed. A block freed in a transaction is not reused before the commit.
  *
  * How cryptmap commits (a choice; the kernel instead shadows only the btree paths it changed):
- * the whole in-core state (devices, mappings, data counts) is written as a fresh image into
- * metadata blocks the last committed image does not use, then the superblock switches to it. A
- * crash at any write leaves the previous commit intact. The cost is that a commit writes all
- * metadata, and the metadata device needs room for two images. Trees are never shared between
- * devices in what cryptmap writes (snapshots share data blocks, counted in the data space map).
+ * the in-core state (devices, mappings, data counts) is written as a new image into metadata
+ * blocks the last committed image does not use, then the superblock switches to it. A crash at any
+ * write leaves the previous commit intact. The mapping btree of a device whose mappings did not
+ * change is kept as committed; the others, the device details, the top level and both space maps
+ * are written anew, so a commit costs O(mappings of the changed devices + data blocks / 16320) and
+ * the metadata device needs room for two copies of what changes. Mapping btrees are never shared
+ * between devices in what cryptmap writes (snapshots share data blocks, counted in the data space
+ * map); a held metadata snapshot may share a device's unchanged btree with the current image.
  */
 import type { BlockDevice } from '../../blockdev/types.js';
 import { CryptmapError } from '../../util/errors.js';
@@ -88,6 +91,10 @@ export interface ThinDevice {
   map: Map<number, number>;
   /** Thin targets using the device (delete refuses while > 0). */
   openCount: number;
+  /** The mappings changed since the last commit (set by every writer of `map`). */
+  changed: boolean;
+  /** This device's mapping btree in the committed image (reused while unchanged). */
+  committed?: { root: number; blocks: number[] };
 }
 
 export function packBlockTime(block: number, time: number): number {
@@ -248,7 +255,7 @@ export class ThinMetadata {
           map.set(key, packBlockTime(block, lo & 0xffffff));
         },
       });
-      md.devices.set(id, { id, transactionId: d.trans, creationTime: d.ctime, snapshottedTime: d.stime, map, openCount: 0 });
+      md.devices.set(id, { id, transactionId: d.trans, creationTime: d.ctime, snapshottedTime: d.stime, map, openCount: 0, changed: true });
     }
     // Data space map: its counts must cover every mapping (thin_check: "data reference counts differ").
     const dataCounts = await readDiskSpaceMap(read, dataRoot, 'data space map');
@@ -359,7 +366,7 @@ export class ThinMetadata {
 
   createThin(id: number): void {
     if (this.devices.has(id)) throw new CryptmapError('EEXIST', `thin device ${id} already exists`, { errno: 'EEXIST' });
-    this.devices.set(id, { id, transactionId: this.transactionId, creationTime: this.time, snapshottedTime: this.time, map: new Map(), openCount: 0 });
+    this.devices.set(id, { id, transactionId: this.transactionId, creationTime: this.time, snapshottedTime: this.time, map: new Map(), openCount: 0, changed: true });
     this.dirty = true;
   }
 
@@ -370,7 +377,7 @@ export class ThinMetadata {
     this.time++;
     for (const v of origin.map.values()) this.dataCounts[blockOf(v)]!++;
     origin.snapshottedTime = this.time;
-    this.devices.set(id, { id, transactionId: this.transactionId, creationTime: this.time, snapshottedTime: this.time, map: new Map(origin.map), openCount: 0 });
+    this.devices.set(id, { id, transactionId: this.transactionId, creationTime: this.time, snapshottedTime: this.time, map: new Map(origin.map), openCount: 0, changed: true });
     this.dirty = true;
   }
 
@@ -457,9 +464,19 @@ export class ThinMetadata {
       alloc,
       out,
     );
+    // A device whose mappings did not change keeps its committed btree (its root gains a
+    // reference when a held metadata snapshot also points at it); the others are written anew.
+    const rebuilt: [ThinDevice, { root: number; blocks: number[] }][] = [];
     const subRoots = devs.map((d) => {
+      if (!d.changed && d.committed !== undefined) {
+        const { root, blocks } = d.committed;
+        if (this.heldCounts.has(root)) used[root]!++;
+        else for (const b of blocks) used[b] = 1;
+        return root;
+      }
       const keys = Float64Array.from(d.map.keys()).sort();
-      return buildBtree(
+      const blocks: number[] = [];
+      const root = buildBtree(
         keys,
         8,
         (node, off, i) => {
@@ -469,9 +486,15 @@ export class ThinMetadata {
           node.writeUInt32LE((((block & 0xff) << 24) | timeOf(v)) >>> 0, off);
           node.writeUInt32LE(Math.floor(block / 256), off + 4);
         },
-        alloc,
+        () => {
+          const b = alloc();
+          blocks.push(b);
+          return b;
+        },
         out,
       );
+      rebuilt.push([d, { root, blocks }]);
+      return root;
     });
     const mappingRoot = buildBtree(ids, 8, (node, off, i) => writeU64(node, off, subRoots[i]!), alloc, out);
     const dataRoot: SpaceMapRoot = writeDiskSpaceMap(this.dataCounts, this.nrDataBlocks, alloc, out);
@@ -496,6 +519,7 @@ export class ThinMetadata {
     // Snapshot the counts this image describes before any await (I/O may change them meanwhile).
     const dataSnapshot = this.dataCounts.slice();
     this.dirty = false;
+    for (const [d] of rebuilt) d.changed = false;
     try {
       const blocks = [...out.keys()].sort((a, b) => a - b);
       for (let i = 0; i < blocks.length; i += 32) {
@@ -506,8 +530,10 @@ export class ThinMetadata {
       await this.dev.flush();
     } catch (e) {
       this.dirty = true;
+      for (const [d] of rebuilt) d.changed = true;
       throw e;
     }
+    for (const [d, c] of rebuilt) d.committed = c;
     this.committedMeta = used;
     this.committedDataCounts = dataSnapshot;
     this.#recountFree();

@@ -351,6 +351,7 @@ export class Pool {
     // The device may have been deleted meanwhile (only when not open, so never for a live thin).
     const cur = d.map.get(vb);
     d.map.set(vb, packBlockTime(b, this.md.time));
+    d.changed = true;
     if (cur !== undefined) this.md.decData(blockOf(cur));
     this.md.dirty = true;
   }
@@ -368,6 +369,7 @@ export class Pool {
       const v = d.map.get(vb);
       if (v === undefined) continue;
       d.map.delete(vb);
+      d.changed = true;
       const b = blockOf(v);
       if (this.md.decData(b) === 0) this.#passdown.push(b);
     }
