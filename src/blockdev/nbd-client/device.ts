@@ -153,6 +153,9 @@ export class NbdDevice implements BlockDevice {
   #flushWaiters: { barrier: number; resolve: () => void }[] = [];
   #retained: Retained[] = [];
   #retainedBytes = 0;
+  /** Released replay copies by size, reused for the next writes (kept and idle together at most 2 x replayBytes). */
+  readonly #freeCopies = new Map<number, Buffer[]>();
+  #freeCopyBytes = 0;
   #autoFlush: Promise<void> | null = null;
   /** replayBytes 0: acknowledged writes were lost with a connection; the next flush reports it. */
   #lostWrites = false;
@@ -374,6 +377,8 @@ export class NbdDevice implements BlockDevice {
     this.#conns = [];
     this.#retained = [];
     this.#retainedBytes = 0;
+    this.#freeCopies.clear();
+    this.#freeCopyBytes = 0;
   }
 
   // ---- checks ----
@@ -474,8 +479,7 @@ export class NbdDevice implements BlockDevice {
       if (this.#replayLimit > 0) {
         const kept: Retained = { seq: r.seq, type: r.type, flags: r.flags & ~NBD_CMD_FLAG_FUA, offset: r.offset, length: r.length };
         if (r.type === NBD_CMD_WRITE) {
-          kept.data = Buffer.allocUnsafe(r.length);
-          kept.data.set(r.buf!);
+          kept.data = this.#copyOut(r.buf!);
           this.#retainedBytes += r.length;
         }
         this.#retained.push(kept);
@@ -522,16 +526,40 @@ export class NbdDevice implements BlockDevice {
     });
   }
 
+  /** A copy of a write's data for replay, in a reused buffer when one of that size is free. */
+  #copyOut(src: Uint8Array): Buffer {
+    const b = this.#freeCopies.get(src.length)?.pop();
+    if (b !== undefined) this.#freeCopyBytes -= b.length;
+    const out = b ?? (src.length < 4096 ? Buffer.allocUnsafe(src.length) : Buffer.allocUnsafeSlow(src.length));
+    out.set(src);
+    return out;
+  }
+
   /** A FLUSH covering every write up to `barrier` succeeded: their copies are no longer needed. */
   #release(barrier: number): void {
     if (this.#retained.length === 0) return;
+    const keep: Retained[] = [];
+    const done: Buffer[] = [];
     let bytes = 0;
-    this.#retained = this.#retained.filter((k) => {
-      if (k.seq <= barrier) return false;
-      bytes += k.data?.length ?? 0;
-      return true;
-    });
+    for (const k of this.#retained) {
+      if (k.seq > barrier) {
+        keep.push(k);
+        bytes += k.data?.length ?? 0;
+      } else if (k.data !== undefined && k.data.length >= 4096) {
+        done.push(k.data);
+      }
+    }
+    this.#retained = keep;
     this.#retainedBytes = bytes;
+    // Keep released buffers for the next copies (fresh ones cost page faults and GC, more than the
+    // copy itself), as long as kept and idle copies stay within twice the replay limit.
+    for (const d of done) {
+      if (this.#freeCopyBytes + bytes + d.length > 2 * this.#replayLimit) break;
+      let list = this.#freeCopies.get(d.length);
+      if (list === undefined) this.#freeCopies.set(d.length, (list = []));
+      list.push(d);
+      this.#freeCopyBytes += d.length;
+    }
   }
 
   // ---- connections and faults ----

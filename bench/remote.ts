@@ -1,0 +1,206 @@
+/**
+ * Volumes on remote storage (issue 15, "Performance to reach"): an `nbdkit memory` export filled with
+ * random bytes, read and written sequentially, in one run:
+ *   (peer)   nbdcopy straight to and from the export (4 connections, 64 requests of 256 KiB each),
+ *   (client) cryptmap's NBD client (blockdev/nbd-client) in this process, 256 KiB requests, 64 in
+ *            flight over its connections: the client alone,
+ *   (crypt)  a LUKS2 aes-xts-plain64 volume whose ciphertext is on the export, served by the cryptmap
+ *            daemon core (a child process) through its NBD client; nbdcopy against cryptmap's export.
+ * Prints MB/s (median of --repeat runs) and the ratios to the peer; the target is crypt >= 0.8 x
+ * nbdcopy in both directions. Not a test: numbers depend on the machine and its load (shown).
+ *
+ * Usage: npm run bench:remote [-- --size-mib 512 --repeat 3 --connections 4]
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import { randomFillSync } from 'node:crypto';
+import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { prepareLuks } from '../src/activate/mapping.js';
+import { NbdDevice } from '../src/blockdev/nbd-client/device.js';
+import { DaemonCore } from '../src/daemon/core.js';
+import { nbdUnixUri } from '../src/nbd-wire/uri.js';
+
+function run(cmd: string, args: string[], pkg: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const c = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    c.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    c.stderr.on('data', (d: Buffer) => (err += d.toString()));
+    c.on('error', (e) => reject(new Error(`${cmd}: ${e.message} (install the Debian package ${pkg})`)));
+    c.on('close', (code) => (code === 0 ? resolve(out) : reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err.trim()}`))));
+  });
+}
+
+async function waitFor(path: string, child: ChildProcess, what: string): Promise<void> {
+  for (let i = 0; i < 400 && !existsSync(path); i++) {
+    if (child.exitCode !== null) throw new Error(`${what} exited with ${child.exitCode} before listening`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  if (!existsSync(path)) throw new Error(`${what}: ${path} did not appear`);
+}
+
+const loadavg = () => readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+
+// ---------------------------------------------------------------- child: the cryptmap daemon core
+
+async function child(sock: string, remote: string, keyFile: string, attachDir: string): Promise<void> {
+  const core = new DaemonCore({ nbdSocketPath: sock, attachDir });
+  const passphrase = readFileSync(keyFile);
+  const { mapping, volumeKey } = await prepareLuks({ name: 'crypt', device: remote, passphrase });
+  passphrase.fill(0);
+  try {
+    await core.openVolume(mapping, volumeKey);
+  } finally {
+    volumeKey.dispose();
+  }
+  await core.listen();
+  const stop = () =>
+    void core
+      .shutdown()
+      .catch(() => undefined)
+      .finally(() => process.exit(0));
+  process.on('SIGTERM', stop);
+  process.on('SIGINT', stop);
+  process.stdout.write('ready\n');
+}
+
+// ---------------------------------------------------------------- parent
+
+/** Sequential pass over [0, size) with `depth` requests of `req` bytes in flight. */
+async function clientPass(dev: NbdDevice, op: 'read' | 'write', sizeBytes: number, req: number, depth: number): Promise<number> {
+  let next = 0;
+  const t0 = process.hrtime.bigint();
+  const worker = async () => {
+    const buf = Buffer.allocUnsafe(req);
+    if (op === 'write') randomFillSync(buf);
+    for (;;) {
+      const at = next;
+      if (at >= sizeBytes) return;
+      next += req;
+      if (op === 'read') await dev.read(at, buf);
+      else await dev.write(at, buf);
+    }
+  };
+  await Promise.all(Array.from({ length: depth }, worker));
+  if (op === 'write') await dev.flush();
+  return sizeBytes / 1e6 / (Number(process.hrtime.bigint() - t0) / 1e9);
+}
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    options: {
+      'size-mib': { type: 'string', default: '512' },
+      repeat: { type: 'string', default: '3' },
+      connections: { type: 'string', default: '4' },
+    },
+  });
+  const sizeBytes = Number(values['size-mib']) * 1048576;
+  const repeat = Number(values.repeat);
+  const conns = Number(values.connections);
+  const shm = existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
+  const dir = mkdtempSync(join(shm, 'cryptmap-bench-remote-'));
+  const procs: ChildProcess[] = [];
+  try {
+    const src = join(dir, 'src.img');
+    const chunk = Buffer.allocUnsafe(16 << 20);
+    const fd = openSync(src, 'w', 0o600);
+    for (let done = 0; done < sizeBytes; done += chunk.length) {
+      randomFillSync(chunk);
+      writeSync(fd, chunk, 0, Math.min(chunk.length, sizeBytes - done));
+    }
+    closeSync(fd);
+    const keyFile = join(dir, 'key');
+    writeFileSync(keyFile, 'bench remote passphrase', { mode: 0o600 });
+
+    // The storage: nbdkit memory, large enough for the volume plus its LUKS2 header.
+    const kitSock = join(dir, 'nbdkit.sock');
+    const kit = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', kitSock, 'memory', String(sizeBytes + (32 << 20))], { stdio: 'ignore' });
+    kit.on('error', (e) => console.error(`nbdkit: ${e.message} (install the Debian package nbdkit)`));
+    procs.push(kit);
+    await waitFor(kitSock, kit, 'nbdkit');
+    const exportUri = `nbd+unix:///?socket=${kitSock}`;
+    await run('nbdcopy', [src, exportUri], 'libnbd-bin'); // no holes anywhere the passes touch
+
+    // (peer) nbdcopy straight to the export.
+    const nbdcopy = async (args: string[]) => {
+      const t0 = process.hrtime.bigint();
+      await run('nbdcopy', args, 'libnbd-bin');
+      return sizeBytes / 1e6 / (Number(process.hrtime.bigint() - t0) / 1e9);
+    };
+    // nbdcopy copies a whole export: the peer gets its own nbdkit memory export of exactly sizeBytes.
+    const peerSock = join(dir, 'peer.sock');
+    const peer = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', peerSock, 'memory', String(sizeBytes)], { stdio: 'ignore' });
+    procs.push(peer);
+    await waitFor(peerSock, peer, 'nbdkit');
+    const peerUri = `nbd+unix:///?socket=${peerSock}`;
+    await run('nbdcopy', [src, peerUri], 'libnbd-bin');
+
+    // (crypt) LUKS2 on the export through cryptmap's client, served by the daemon core.
+    await run(process.execPath, [fileURLToPath(new URL('../src/cli/entry.js', import.meta.url)), 'luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', keyFile, exportUri], 'cryptmap');
+    const cmSock = join(dir, 'cryptmap.sock');
+    const cm = spawn(process.execPath, [...process.execArgv, fileURLToPath(import.meta.url), '--child', cmSock, exportUri, keyFile, join(dir, 'attach')], { stdio: ['ignore', 'pipe', 'inherit'] });
+    procs.push(cm);
+    await waitFor(cmSock, cm, 'cryptmap');
+    const cryptUri = nbdUnixUri('crypt', cmSock);
+    const cryptSize = Number((await run('nbdinfo', ['--size', cryptUri], 'libnbd-bin')).trim());
+    if (cryptSize < sizeBytes) throw new Error(`the volume has ${cryptSize} bytes, fewer than ${sizeBytes}`);
+    // nbdcopy moves the whole volume (a little more than sizeBytes): MB/s are of its size.
+    const cryptMbps = async (args: string[]) => {
+      const t0 = process.hrtime.bigint();
+      await run('nbdcopy', args, 'libnbd-bin');
+      return cryptSize / 1e6 / (Number(process.hrtime.bigint() - t0) / 1e9);
+    };
+    const cryptSrc = join(dir, 'crypt-src.img');
+    {
+      // Random bytes of the volume's size (holes would let nbdcopy skip work).
+      const f = openSync(cryptSrc, 'w', 0o600);
+      for (let done = 0; done < cryptSize; done += chunk.length) {
+        randomFillSync(chunk);
+        writeSync(f, chunk, 0, Math.min(chunk.length, cryptSize - done));
+      }
+      closeSync(f);
+    }
+
+    const dev = await NbdDevice.open(exportUri, { connections: conns });
+    const r: Record<string, number[]> = { peerR: [], peerW: [], clientR: [], clientW: [], cryptR: [], cryptW: [] };
+    for (let i = 0; i < repeat; i++) {
+      r.peerW!.push(await nbdcopy([src, peerUri]));
+      r.peerR!.push(await nbdcopy([peerUri, 'null:']));
+      r.clientW!.push(await clientPass(dev, 'write', sizeBytes, 256 << 10, 64));
+      r.clientR!.push(await clientPass(dev, 'read', sizeBytes, 256 << 10, 64));
+      r.cryptW!.push(await cryptMbps([cryptSrc, cryptUri]));
+      r.cryptR!.push(await cryptMbps([cryptUri, 'null:']));
+    }
+    await dev.close();
+    const m = Object.fromEntries(Object.entries(r).map(([k, v]) => [k, median(v)])) as Record<string, number>;
+    const f = (x: number) => x.toFixed(0).padStart(6);
+    const q = (x: number) => x.toFixed(2);
+    console.log(`remote storage: nbdkit memory, ${sizeBytes >> 20} MiB, median of ${repeat}; load average ${loadavg()}`);
+    console.log('                               write MB/s   read MB/s');
+    console.log(`nbdcopy -> export (peer)         ${f(m.peerW!)}      ${f(m.peerR!)}`);
+    console.log(`cryptmap NBD client (${conns} conns)   ${f(m.clientW!)}      ${f(m.clientR!)}`);
+    console.log(`nbdcopy -> cryptmap LUKS2 -> client ${f(m.cryptW!)}   ${f(m.cryptR!)}`);
+    console.log(`ratio client / nbdcopy:  write ${q(m.clientW! / m.peerW!)}  read ${q(m.clientR! / m.peerR!)}`);
+    console.log(`ratio crypt / nbdcopy:   write ${q(m.cryptW! / m.peerW!)}  read ${q(m.cryptR! / m.peerR!)}  (target 0.8)`);
+  } finally {
+    // cryptmap first (it flushes to the storage), then the storage.
+    for (const p of procs.reverse()) {
+      if (p.exitCode !== null || p.signalCode !== null) continue;
+      const gone = new Promise((r) => p.once('exit', r));
+      p.kill('SIGTERM');
+      await Promise.race([gone, new Promise((r) => setTimeout(r, 10_000))]);
+    }
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+if (process.argv[2] === '--child') {
+  await child(process.argv[3]!, process.argv[4]!, process.argv[5]!, process.argv[6]!);
+} else {
+  await main();
+}
