@@ -11,7 +11,7 @@ import { cryptTableLine, dmUuid, keyDescription, keyRefArg } from '../activate/m
 import type { BlockDevice } from '../blockdev/types.js';
 import { type DmControl, DeviceRegistry, type InProcessDmControl, type MappedDevice } from '../dm/index.js';
 import { NbdServer, nbdUnixUri } from '../nbd/index.js';
-import type { NbdServerOptions } from '../nbd/types.js';
+import type { NbdServerOptions, NbdTlsMode } from '../nbd/types.js';
 import { constantTimeEqual, wipe } from '../util/bytes.js';
 import { CryptmapError, EXIT_BUSY, EXIT_FAILURE, EXIT_WRONG_DEVICE } from '../util/errors.js';
 import { logger } from '../util/log.js';
@@ -496,10 +496,15 @@ export class DaemonCore {
     return this.#fuse.stats(name);
   }
 
-  /** Listen for NBD clients on the Unix socket (and TCP when asked). */
-  async listen(tcp?: { host: string; port: number }): Promise<void> {
-    await this.nbd.listenUnix(this.#opts.nbdSocketPath, { mode: 0o600 });
-    if (tcp) await this.nbd.listenTcp(tcp.port, tcp.host);
+  /**
+   * Listen for NBD clients on the Unix socket (and TCP when asked). The two have separate policies:
+   * the Unix socket (0600 in a private directory) is plaintext whatever TCP requires, so local
+   * attach needs no certificate; TCP takes `tcp.tls` (the caller demands verified client
+   * certificates there, cli/commands/daemon.ts). Each has its own connection cap.
+   */
+  async listen(tcp?: { host: string; port: number; tls?: NbdTlsMode }): Promise<void> {
+    await this.nbd.listenUnix(this.#opts.nbdSocketPath, { mode: 0o600, tls: 'off' });
+    if (tcp) await this.nbd.listenTcp(tcp.port, tcp.host, tcp.tls ? { tls: tcp.tls } : {});
   }
 
   /** Clean shutdown: detach, stop NBD (flushing every export), remove devices (top of stacks first), wipe keys. */

@@ -19,6 +19,7 @@ export class RecvQueue {
   #chunks: Buffer[] = [];
   #head = 0; // read position inside #chunks[0]
   #queued = 0;
+  #received = 0;
   #need = 0; // bytes the pending reader waits for (0: none)
   #wake: (() => void) | null = null;
   #closed = false;
@@ -63,6 +64,11 @@ export class RecvQueue {
     return this.#queued;
   }
 
+  /** Bytes taken from the source so far (progress of a payload being received). */
+  get receivedBytes(): number {
+    return this.#received;
+  }
+
   get closed(): boolean {
     return this.#closed;
   }
@@ -71,6 +77,7 @@ export class RecvQueue {
     if (this.#closed || chunk.length === 0) return;
     this.#chunks.push(chunk);
     this.#queued += chunk.length;
+    this.#received += chunk.length;
     // Pause only when nobody waits for more than is queued (a large WRITE payload may exceed the mark).
     if (this.#queued > this.#highWaterBytes && !this.#paused && this.#queued >= this.#need) {
       this.#paused = true;

@@ -14,7 +14,7 @@ import { negotiate } from './options.js';
 import { ConnectionClosed, RecvQueue } from '../nbd-wire/recv.js';
 import { type ConnState, canTransition } from './states.js';
 import { transmit } from './transmission.js';
-import type { ExportEntry, ServerContext } from './types.js';
+import type { ExportEntry, NbdTlsMode, ServerContext } from './types.js';
 
 const log = logger('nbd');
 
@@ -34,6 +34,8 @@ export class Connection {
   readonly raw: Socket;
   socket: Duplex;
   readonly rx: RecvQueue;
+  /** TLS policy of the listener that accepted this connection. */
+  readonly tlsMode: NbdTlsMode;
   state: ConnState = 'GREETING';
 
   // Negotiated in the handshake phase.
@@ -55,14 +57,21 @@ export class Connection {
   draining = false;
   /** Allocator for WRITE payloads that span receive chunks. */
   readonly payloadAlloc: (n: number) => Buffer;
+  /** A WRITE payload the request loop waits for (transmission.ts), watched by checkStall. */
+  payloadWait: { since: number; length: number; received: number; progressAt: number } | null = null;
+  /** Server-wide budget bytes held by READ replies queued and not yet taken by the peer. */
+  replyBudgetBytes = 0;
+  #written = 0;
+  #writtenAt = 0;
 
   #corked = false;
   #handshakeTimer: NodeJS.Timeout | null = null;
   readonly done: Promise<void>;
 
-  constructor(server: ServerContext, raw: Socket, handshakeTimeoutMs: number) {
+  constructor(server: ServerContext, raw: Socket, handshakeTimeoutMs: number, tlsMode: NbdTlsMode) {
     this.server = server;
     this.raw = raw;
+    this.tlsMode = tlsMode;
     this.socket = raw;
     this.payloadAlloc = (n) => server.pool.acquire(n);
     // Small: a reader that needs more (a large WRITE payload) is let through past the mark.
@@ -124,11 +133,13 @@ export class Connection {
 
   /**
    * Queue bytes for the peer. Writes within one event-loop turn go out in one writev (cork, then uncork in setImmediate). With `pooled`,
-   * `buf` goes back to the server's buffer pool once the socket is done with it.
+   * `buf` goes back to the server's buffer pool once the socket is done with it; `budgetBytes` of the
+   * server-wide budget stay held until then (a READ reply the peer does not take keeps its share).
    */
-  send(buf: Uint8Array, pooled = false): void {
+  send(buf: Uint8Array, pooled = false, budgetBytes = 0): void {
     if (!this.writable) {
       if (pooled) this.server.pool.release(buf);
+      this.server.budget.release(budgetBytes);
       return;
     }
     if (!this.#corked) {
@@ -136,8 +147,48 @@ export class Connection {
       this.socket.cork();
       setImmediate(this.#uncork);
     }
-    if (pooled) this.socket.write(buf, () => this.server.pool.release(buf));
-    else this.socket.write(buf);
+    if (pooled || budgetBytes !== 0) {
+      this.replyBudgetBytes += budgetBytes;
+      // Called once the bytes are handed to the kernel, or with an error when the socket is destroyed.
+      this.socket.write(buf, () => {
+        if (pooled) this.server.pool.release(buf);
+        if (budgetBytes !== 0) {
+          this.replyBudgetBytes -= budgetBytes;
+          this.server.budget.release(budgetBytes);
+        }
+      });
+    } else this.socket.write(buf);
+  }
+
+  /**
+   * Called by the server's sweep (server.ts) every fraction of `stallMs`: drop the connection when
+   * the WRITE payload it waits for stopped arriving (or arrives slower than 1 MiB/s after `stallMs`),
+   * or when READ replies holding budget were not taken by the peer for `stallMs`. Dropping closes
+   * the receive queue, so the request loop gives the payload's budget back; destroyed writes give
+   * back the replies'.
+   */
+  checkStall(now: number, stallMs: number): void {
+    const p = this.payloadWait;
+    if (p) {
+      const got = this.rx.receivedBytes;
+      if (got !== p.received) {
+        p.received = got;
+        p.progressAt = now;
+      }
+      if (now - p.progressAt > stallMs || now - p.since > stallMs + p.length / 1048.576) {
+        log.info('WRITE payload stalled, disconnecting', { conn: this.id, length: p.length, waitedMs: Math.round(now - p.since) });
+        this.hardDisconnect();
+        return;
+      }
+    }
+    const written = this.raw.bytesWritten;
+    if (this.replyBudgetBytes === 0 || written !== this.#written) {
+      this.#written = written;
+      this.#writtenAt = now;
+    } else if (now - this.#writtenAt > stallMs) {
+      log.info('client does not take its replies, disconnecting', { conn: this.id, queuedBytes: this.replyBudgetBytes });
+      this.hardDisconnect();
+    }
   }
 
   readonly #uncork = (): void => {

@@ -120,7 +120,7 @@ function dispatch(conn: Connection, opt: number, data: Buffer): Outcome | Promis
     if (opt === NBD_OPT_EXPORT_NAME) throw new ProtocolViolation('server shutting down');
     return replyError(conn, opt, NBD_REP_ERR_SHUTDOWN, 'server is shutting down');
   }
-  if (conn.server.tlsMode === 'require' && !conn.tlsActive && opt !== NBD_OPT_STARTTLS && opt !== NBD_OPT_ABORT) {
+  if (conn.tlsMode === 'require' && !conn.tlsActive && opt !== NBD_OPT_STARTTLS && opt !== NBD_OPT_ABORT) {
     // FORCEDTLS: NBD_OPT_EXPORT_NAME cannot be answered with an error, so the session ends.
     if (opt === NBD_OPT_EXPORT_NAME) throw new ProtocolViolation('NBD_OPT_EXPORT_NAME before STARTTLS on a TLS-only server');
     return replyError(conn, opt, NBD_REP_ERR_TLS_REQD, `${name}: this server requires TLS (NBD_OPT_STARTTLS) first`);
@@ -179,7 +179,7 @@ const list: OptionHandler = (conn, opt, data) => {
 const starttls: OptionHandler = async (conn, opt, data) => {
   if (data.length !== 0) return replyError(conn, opt, NBD_REP_ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
   const ctx = conn.server.secureContext;
-  if (conn.server.tlsMode === 'off' || !ctx) return replyError(conn, opt, NBD_REP_ERR_POLICY, 'TLS is not enabled on this server');
+  if (conn.tlsMode === 'off' || !ctx) return replyError(conn, opt, NBD_REP_ERR_POLICY, 'TLS is not enabled on this server');
   if (conn.tlsActive) return replyError(conn, opt, NBD_REP_ERR_INVALID, 'TLS is already active');
   conn.transition('TLS_HANDSHAKE');
   // The client starts its TLS handshake only after our ACK, so nothing should be queued; if it is,

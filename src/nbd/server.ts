@@ -23,21 +23,41 @@ import { clearStaleSocket } from '../util/unix-socket.js';
 import { Connection } from './connection.js';
 import { PayloadBudget } from './budget.js';
 import { BufferPool } from './pool.js';
-import type { ExportEntry, NbdExport, NbdServerOptions, NbdTlsMode, ResolvedLimits, ServerContext } from './types.js';
+import type { ExportEntry, NbdExport, NbdListenOptions, NbdServerOptions, NbdTlsMode, ResolvedLimits, ServerContext } from './types.js';
 
 const log = logger('nbd');
 const MAX_NAME_BYTES = 4096;
+const TLS_MODES: readonly NbdTlsMode[] = ['off', 'on', 'require'];
+
+/**
+ * One listening socket and its own policy: TLS mode and connection caps. Unix and TCP listeners
+ * never share a cap, so a flood on one (TCP) cannot lock the other (local attach) out.
+ */
+interface Listener {
+  server: Server;
+  path?: string;
+  tls: NbdTlsMode;
+  maxConnections: number;
+  /** TCP only: cap per peer address (0 for Unix sockets, where every peer is local). */
+  maxPerPeer: number;
+  connections: Set<Connection>;
+  perPeer: Map<string, number>;
+  refused: number;
+}
 
 export class NbdServer {
   readonly #exports = new Map<string, ExportEntry>();
-  readonly #listeners: { server: Server; path?: string }[] = [];
+  readonly #listeners: Listener[] = [];
   readonly #connections = new Set<Connection>();
   readonly #limits: ResolvedLimits;
   readonly #tlsMode: NbdTlsMode;
   readonly #secureContext: SecureContext | undefined;
   readonly #verifyClient: boolean;
   readonly #maxConnections: number;
+  readonly #maxConnectionsPerPeer: number;
   readonly #handshakeTimeoutMs: number;
+  readonly #stallTimeoutMs: number;
+  #sweepTimer: NodeJS.Timeout | null = null;
   readonly #defaultExport: string | undefined;
   #shuttingDown = false;
   #closed: Promise<void> | null = null;
@@ -58,11 +78,14 @@ export class NbdServer {
       sparseReads: opts.sparseReads ?? true,
     };
     this.#maxConnections = num(opts.maxConnections, 1024, 1, 1 << 20, 'maxConnections');
+    this.#maxConnectionsPerPeer = num(opts.maxConnectionsPerPeer, 64, 1, 1 << 20, 'maxConnectionsPerPeer');
     this.#handshakeTimeoutMs = num(opts.handshakeTimeoutMs, 30_000, 0, 2 ** 31 - 1, 'handshakeTimeoutMs');
+    this.#stallTimeoutMs = num(opts.stallTimeoutMs, 10_000, 0, 2 ** 31 - 1, 'stallTimeoutMs');
     this.#tlsMode = opts.tls ?? 'off';
-    if (this.#tlsMode !== 'off') {
+    if (!TLS_MODES.includes(this.#tlsMode)) throw new CryptmapError('ENBDTLS', `NBD TLS mode '${this.#tlsMode}' is not off, on or require`);
+    if (this.#tlsMode !== 'off' && !opts.tlsCredentials) throw new CryptmapError('ENBDTLS', `NBD TLS mode '${this.#tlsMode}' needs tlsCredentials (key and cert)`);
+    if (opts.tlsCredentials) {
       const c = opts.tlsCredentials;
-      if (!c) throw new CryptmapError('ENBDTLS', `NBD TLS mode '${this.#tlsMode}' needs tlsCredentials (key and cert)`);
       try {
         this.#secureContext = createSecureContext({ key: c.key, cert: c.cert, ca: c.ca, minVersion: 'TLSv1.2' });
       } catch (e) {
@@ -77,7 +100,6 @@ export class NbdServer {
     const self = this;
     this.#ctx = {
       limits: this.#limits,
-      tlsMode: this.#tlsMode,
       get shuttingDown() {
         return self.#shuttingDown;
       },
@@ -136,10 +158,18 @@ export class NbdServer {
     return this.#ctx.budget.usedBytes;
   }
 
+  /** Of payloadBytesInFlight, the READ replies queued for peers that have not taken them yet. */
+  get replyBytesQueued(): number {
+    let n = 0;
+    for (const c of this.#connections) n += c.replyBudgetBytes;
+    return n;
+  }
+
   /**
    * Connections whose request loop is held back by the per-connection limits: their peer is not
-   * taking its replies, or too much is in flight on them. With payloadBytesInFlight at 0, such a
-   * connection stays as it is until its peer reads.
+   * taking its replies, or too much is in flight on them. With payloadBytesInFlight equal to
+   * replyBytesQueued (no request being served), such a connection stays as it is until its peer
+   * reads, or until stallTimeoutMs drops it.
    */
   get connectionsWaitingForRoom(): number {
     let n = 0;
@@ -165,45 +195,98 @@ export class NbdServer {
    * Listen on a Unix socket. A stale socket file (nobody accepting) is replaced; a live one is EBUSY.
    * The socket gets `mode` (default 0600: root or the daemon's user only).
    */
-  async listenUnix(path: string, opts: { mode?: number } = {}): Promise<void> {
+  async listenUnix(path: string, opts: { mode?: number } & NbdListenOptions = {}): Promise<void> {
+    const l = this.#listener(opts, false);
     await removeStaleSocket(path);
-    const server = this.#makeServer();
-    await listen(server, () => server.listen(path), `listen on ${path}`);
+    await listen(l.server, () => l.server.listen(path), `listen on ${path}`);
     try {
       chmodSync(path, opts.mode ?? 0o600);
     } catch (e) {
-      server.close();
+      l.server.close();
       throw fromSystemError('ENBDLISTEN', `cannot set the mode of ${path}`, e);
     }
-    this.#listeners.push({ server, path });
+    l.path = path;
+    this.#listeners.push(l);
+    this.#startSweep();
   }
 
   /** Listen on TCP; port 0 picks a free port. Returns the bound address. */
-  async listenTcp(port: number, host = '127.0.0.1'): Promise<{ host: string; port: number }> {
-    const server = this.#makeServer();
-    await listen(server, () => server.listen(port, host), `listen on ${host}:${port}`);
-    this.#listeners.push({ server });
-    const a = server.address();
+  async listenTcp(port: number, host = '127.0.0.1', opts: NbdListenOptions = {}): Promise<{ host: string; port: number }> {
+    const l = this.#listener(opts, true);
+    await listen(l.server, () => l.server.listen(port, host), `listen on ${host}:${port}`);
+    this.#listeners.push(l);
+    this.#startSweep();
+    const a = l.server.address();
     if (!a || typeof a === 'string') throw new CryptmapError('ENBDLISTEN', 'TCP listener has no address');
     return { host: a.address, port: a.port };
   }
 
-  #makeServer(): Server {
-    const server = createServer({ pauseOnConnect: false, noDelay: true }, (sock) => this.#accept(sock));
-    server.on('error', (e) => log.error('listener error', { error: e.message }));
-    return server;
+  #listener(opts: NbdListenOptions, tcp: boolean): Listener {
+    const tls = opts.tls ?? this.#tlsMode;
+    if (!TLS_MODES.includes(tls)) throw new CryptmapError('ENBDTLS', `NBD TLS mode '${tls}' is not off, on or require`);
+    if (tls !== 'off' && !this.#secureContext) throw new CryptmapError('ENBDTLS', `NBD TLS mode '${tls}' needs tlsCredentials (key and cert)`);
+    const cap = (v: number | undefined, def: number, what: string) => {
+      const n = v ?? def;
+      if (!Number.isSafeInteger(n) || n < 1 || n > 1 << 20) throw new CryptmapError('ENBDOPT', `NBD listener option ${what}=${n} is out of range 1..${1 << 20}`);
+      return n;
+    };
+    const l: Listener = {
+      server: createServer({ pauseOnConnect: false, noDelay: true }, (sock) => this.#accept(l, sock)),
+      tls,
+      maxConnections: cap(opts.maxConnections, this.#maxConnections, 'maxConnections'),
+      maxPerPeer: tcp ? cap(opts.maxConnectionsPerPeer, this.#maxConnectionsPerPeer, 'maxConnectionsPerPeer') : 0,
+      connections: new Set(),
+      perPeer: new Map(),
+      refused: 0,
+    };
+    l.server.on('error', (e) => log.error('listener error', { error: e.message }));
+    return l;
   }
 
-  #accept(sock: Socket): void {
-    if (this.#shuttingDown || this.#connections.size >= this.#maxConnections) {
-      log.info('refusing connection', { reason: this.#shuttingDown ? 'shutting down' : 'too many connections' });
+  #accept(l: Listener, sock: Socket): void {
+    // The peer's address, for the per-peer cap ("::ffff:127.0.0.1" and "127.0.0.1" are one peer).
+    const peer = l.maxPerPeer > 0 ? (sock.remoteAddress ?? '?').replace(/^::ffff:/, '') : '';
+    const reason = this.#shuttingDown
+      ? 'shutting down'
+      : l.connections.size >= l.maxConnections
+        ? 'too many connections on this listener'
+        : l.maxPerPeer > 0 && (l.perPeer.get(peer) ?? 0) >= l.maxPerPeer
+          ? 'too many connections from this peer'
+          : null;
+    if (reason) {
+      // One line for the first refusal and then one per 1000: a flood must not flood the log.
+      if (l.refused++ % 1000 === 0) log.info('refusing connection', { reason, ...(peer ? { peer } : {}), refusedSoFar: l.refused });
       sock.on('error', () => {});
       sock.destroy();
       return;
     }
-    const conn = new Connection(this.#ctx, sock, this.#handshakeTimeoutMs);
+    const conn = new Connection(this.#ctx, sock, this.#handshakeTimeoutMs, l.tls);
     this.#connections.add(conn);
-    void conn.done.finally(() => this.#connections.delete(conn));
+    l.connections.add(conn);
+    if (l.maxPerPeer > 0) l.perPeer.set(peer, (l.perPeer.get(peer) ?? 0) + 1);
+    void conn.done.finally(() => {
+      this.#connections.delete(conn);
+      l.connections.delete(conn);
+      if (l.maxPerPeer > 0) {
+        const n = (l.perPeer.get(peer) ?? 1) - 1;
+        if (n === 0) l.perPeer.delete(peer);
+        else l.perPeer.set(peer, n);
+      }
+    });
+  }
+
+  /**
+   * One timer for the whole server checks every connection for a stalled WRITE payload or replies
+   * nobody takes (Connection.checkStall): nothing is armed per request.
+   */
+  #startSweep(): void {
+    if (this.#sweepTimer || this.#stallTimeoutMs === 0) return;
+    const every = Math.max(20, Math.min(1000, Math.floor(this.#stallTimeoutMs / 4)));
+    this.#sweepTimer = setInterval(() => {
+      const now = performance.now();
+      for (const c of this.#connections) c.checkStall(now, this.#stallTimeoutMs);
+    }, every);
+    this.#sweepTimer.unref();
   }
 
   /** Clean shutdown: stop accepting, drain every connection, flush writable devices. Idempotent. */
@@ -214,6 +297,8 @@ export class NbdServer {
 
   async #close(): Promise<void> {
     this.#shuttingDown = true;
+    if (this.#sweepTimer) clearInterval(this.#sweepTimer);
+    this.#sweepTimer = null;
     const closing = this.#listeners.map(
       (l) =>
         new Promise<void>((resolve) => {

@@ -118,6 +118,8 @@ interface Request {
   cookieLo: number;
   offset: number;
   length: number;
+  /** Server-wide budget bytes the request holds; a READ hands them to its reply (Connection.send). */
+  budget: number;
 }
 
 function simpleHeader(b: Buffer, error: number, req: Request): void {
@@ -279,7 +281,8 @@ const read: CommandOps = {
       const b = pool.acquire(SIMPLE_REPLY_HEADER_BYTES + len);
       if (len > 0) await readDevice(dev, req.offset, b.subarray(SIMPLE_REPLY_HEADER_BYTES));
       simpleHeader(b, 0, req);
-      conn.send(b, true);
+      conn.send(b, true, req.budget);
+      req.budget = 0;
       return;
     }
     if (len === 0) {
@@ -302,7 +305,8 @@ const read: CommandOps = {
     await readDevice(dev, req.offset, b.subarray(STRUCTURED_REPLY_HEADER_BYTES + 8));
     chunkHeader(b, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req, 8 + len);
     writeU64(b, STRUCTURED_REPLY_HEADER_BYTES, req.offset);
-    conn.send(b, true);
+    conn.send(b, true, req.budget);
+    req.budget = 0;
   },
 };
 
@@ -342,7 +346,10 @@ async function sparseRead(conn: Connection, dev: BlockDevice, req: Request, exte
   await Promise.all(reads);
   // The last chunk carries NBD_REPLY_FLAG_DONE.
   chunks[chunks.length - 1]!.writeUInt16BE(NBD_REPLY_FLAG_DONE, 4);
-  for (const c of chunks) conn.send(c);
+  for (let i = 0; i < chunks.length - 1; i++) conn.send(chunks[i]!);
+  // The last chunk goes out after the others: it carries the budget until the peer took them all.
+  conn.send(chunks[chunks.length - 1]!, false, req.budget);
+  req.budget = 0;
   return true;
 }
 
@@ -518,7 +525,8 @@ async function execute(conn: Connection, ops: CommandOps, req: Request, data: Bu
     replyError(conn, req, error, `${ops.name} failed: ${NBD_ERROR_TEXT[error] ?? 'error'}`);
   } finally {
     conn.finished(cost);
-    conn.server.budget.release(cost);
+    // What a READ reply did not take over (a failed request, a WRITE) goes back now.
+    conn.server.budget.release(req.budget);
   }
 }
 
@@ -537,6 +545,7 @@ export async function transmit(conn: Connection): Promise<void> {
         cookieLo: hdr.readUInt32BE(12),
         offset: offsetHi * 0x100000000 + hdr.readUInt32BE(20),
         length: hdr.readUInt32BE(24),
+        budget: 0,
       };
       if (req.type === NBD_CMD_DISC) break;
       const ops = COMMANDS[req.type];
@@ -563,11 +572,24 @@ export async function transmit(conn: Connection): Promise<void> {
       let data: Buffer | null = null;
       try {
         if (conn.draining || !conn.writable) throw new ConnectionClosed();
-        if (req.type === NBD_CMD_WRITE) data = await rx.read(req.length, conn.payloadAlloc);
+        if (req.type === NBD_CMD_WRITE) {
+          data = rx.tryRead(req.length, conn.payloadAlloc);
+          if (!data) {
+            // Not all here yet: the server's sweep drops the connection if the rest stalls (checkStall).
+            const now = performance.now();
+            conn.payloadWait = { since: now, length: req.length, received: rx.receivedBytes, progressAt: now };
+            try {
+              data = await rx.read(req.length, conn.payloadAlloc);
+            } finally {
+              conn.payloadWait = null;
+            }
+          }
+        }
       } catch (e) {
         conn.server.budget.release(cost);
         throw e;
       }
+      req.budget = cost;
       conn.started(cost);
       void execute(conn, ops!, req, data, cost);
     }
@@ -581,6 +603,7 @@ export async function transmit(conn: Connection): Promise<void> {
       throw e;
     }
   }
-  conn.transition('DRAINING');
+  // A stalled connection was dropped (Connection.checkStall): already CLOSED, nothing to drain to.
+  if (conn.state !== 'CLOSED') conn.transition('DRAINING');
   await conn.idle();
 }

@@ -32,7 +32,9 @@ export interface NbdTlsCredentials {
 }
 
 export interface NbdServerOptions {
+  /** TLS policy of a listener that names none (listenUnix/listenTcp `tls`). Default 'off'. */
   tls?: NbdTlsMode;
+  /** Key and certificate for every listener whose policy is not 'off'. */
   tlsCredentials?: NbdTlsCredentials;
   /** Largest READ/WRITE payload (NBD_INFO_BLOCK_SIZE maximum). Default 32 MiB. */
   maxPayloadBytes?: number;
@@ -46,16 +48,37 @@ export interface NbdServerOptions {
   maxOptionBytes?: number;
   /** Options accepted per connection before the server gives up on it. Default 256. */
   maxOptions?: number;
-  /** Open connections across the server. Default 1024. */
+  /** Open connections per listener (each Unix or TCP listener has its own). Default 1024. */
   maxConnections?: number;
-  /** A client must reach the transmission phase within this time (0 = no limit). Default 30 s. */
+  /** TCP: open connections from one peer address per listener. Default 64. */
+  maxConnectionsPerPeer?: number;
+  /**
+   * A client must reach the transmission phase (greeting, options, TLS handshake) within this time
+   * (0 = no limit). Default 30 s.
+   */
   handshakeTimeoutMs?: number;
+  /**
+   * A WRITE payload that stops arriving, or READ replies the client stops taking, for this long drop
+   * the connection and give its share of the server-wide budget back; a payload must also keep up
+   * 1 MiB/s after that (0 = never). Default 10 s.
+   */
+  stallTimeoutMs?: number;
   /** Export served for the empty name ("default export"). */
   defaultExport?: string;
   /** Answer READ with OFFSET_HOLE chunks where the device reports zero extents. Default true. */
   sparseReads?: boolean;
   /** Idle READ/WRITE buffers kept for reuse across the server (0 disables the pool). Default 64 MiB. */
   bufferPoolBytes?: number;
+}
+
+/** Per-listener policy (NbdServer.listenUnix, listenTcp); unset fields take the server's options. */
+export interface NbdListenOptions {
+  /** TLS policy of this listener: TCP and the local Unix socket usually differ. */
+  tls?: NbdTlsMode;
+  /** Connections open on this listener at once. */
+  maxConnections?: number;
+  /** TCP only: connections from one peer address at once. */
+  maxConnectionsPerPeer?: number;
 }
 
 export interface ResolvedLimits {
@@ -81,11 +104,10 @@ export interface ExportEntry {
 /** What a connection needs from its server. */
 export interface ServerContext {
   readonly limits: ResolvedLimits;
-  readonly tlsMode: NbdTlsMode;
   readonly shuttingDown: boolean;
   lookup(name: string): ExportEntry | undefined;
   list(): ExportEntry[];
-  /** Upgrade a raw socket to TLS (STARTTLS); undefined when TLS is off. */
+  /** Upgrade a raw socket to TLS (STARTTLS); undefined without credentials. */
   readonly secureContext: import('node:tls').SecureContext | undefined;
   readonly verifyClient: boolean;
   readonly pool: import('./pool.js').BufferPool;

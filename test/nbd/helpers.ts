@@ -87,9 +87,10 @@ export class RawClient {
     return new RawClient(t);
   }
 
-  static connect(path: string): Promise<RawClient> {
+  /** Connect to a Unix socket path, or to `{ port, host }` over TCP. */
+  static connect(path: string | { port: number; host?: string }): Promise<RawClient> {
     return new Promise((resolve, reject) => {
-      const s = connect(path);
+      const s = typeof path === 'string' ? connect(path) : connect(path.port, path.host ?? '127.0.0.1');
       s.once('connect', () => resolve(new RawClient(s)));
       s.once('error', reject);
     });

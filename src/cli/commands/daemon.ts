@@ -3,8 +3,13 @@
  * `<runtime-dir>/nbd.sock`; takes CLI requests on `<runtime-dir>/control.sock`. Foreground by
  * default (systemd style); `--detach` forks a background daemon and returns once it answers.
  *
- *   cryptmap daemon [--runtime-dir DIR] [--detach] [--listen HOST:PORT] [--crypt-threads N]
- *                   [--tls off|on|require --tls-cert PEM --tls-key PEM [--tls-ca PEM --tls-verify-client]]
+ *   cryptmap daemon [--runtime-dir DIR] [--detach] [--crypt-threads N]
+ *                   [--listen HOST:PORT (--tls require --tls-cert PEM --tls-key PEM --tls-ca PEM --tls-verify-client | --insecure-tcp)]
+ *
+ * NBD over TCP serves decrypted volumes, so it requires TLS with client certificates verified
+ * against --tls-ca, loopback included (any local user reaches 127.0.0.1); `--insecure-tcp` opts out
+ * and is warned about at every start. The --tls options apply to the TCP listener only: the Unix
+ * socket (0600 in the private runtime dir) stays plaintext, so local attach needs no certificate.
  *
  * `--crypt-threads N` sizes the crypt thread pool (dm-crypt's kcryptd; default: the CPU count). Those
  * threads also do the file I/O of crypt requests above 64 KiB (pread + decrypt, encrypt + pwrite in
@@ -13,6 +18,7 @@
  */
 import { spawn } from 'node:child_process';
 import { closeSync, readFileSync, rmSync } from 'node:fs';
+import { isIPv4 } from 'node:net';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { ControlClient } from '../../control/client.js';
@@ -37,8 +43,11 @@ function readTlsFile(flag: string, path: string): Buffer {
   }
 }
 
-function isLoopback(host: string): boolean {
-  return host === 'localhost' || host === '::1' || host.startsWith('127.');
+/** A loopback address: localhost, ::1, or an IPv4 address in 127.0.0.0/8 (also IPv4-mapped). Names are not resolved. */
+export function isLoopback(host: string): boolean {
+  const h = host.toLowerCase().replace(/^::ffff:/, '');
+  if (h === 'localhost' || h === '::1' || h === '0:0:0:0:0:0:0:1') return true;
+  return isIPv4(h) && h.startsWith('127.');
 }
 
 const daemon: VerbMain = async (argv, io) => {
@@ -53,6 +62,7 @@ const daemon: VerbMain = async (argv, io) => {
       'tls-key': { type: 'string' },
       'tls-ca': { type: 'string' },
       'tls-verify-client': { type: 'boolean' },
+      'insecure-tcp': { type: 'boolean' },
       'crypt-threads': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
@@ -61,7 +71,7 @@ const daemon: VerbMain = async (argv, io) => {
   });
   if (values.help) {
     io.stdout.write(
-      'usage: cryptmap daemon [--runtime-dir DIR] [--detach] [--listen HOST:PORT] [--crypt-threads N] [--tls off|on|require --tls-cert F --tls-key F [--tls-ca F --tls-verify-client]]\n',
+      'usage: cryptmap daemon [--runtime-dir DIR] [--detach] [--crypt-threads N] [--listen HOST:PORT (--tls require --tls-cert F --tls-key F --tls-ca F --tls-verify-client | --insecure-tcp)]\n',
     );
     return 0;
   }
@@ -82,7 +92,7 @@ const daemon: VerbMain = async (argv, io) => {
   if (!['off', 'on', 'require'].includes(tls)) throw new CryptmapError('EARGS', `--tls must be off, on or require (got '${tls}')`);
   if (tls !== 'off') {
     if (!values['tls-cert'] || !values['tls-key']) throw new CryptmapError('EARGS', '--tls needs --tls-cert and --tls-key');
-    nbdOpts.tls = tls;
+    // Credentials only: the TCP listener takes the --tls policy, the Unix socket stays plaintext.
     nbdOpts.tlsCredentials = {
       cert: readTlsFile('--tls-cert', values['tls-cert']),
       key: readTlsFile('--tls-key', values['tls-key']),
@@ -90,14 +100,25 @@ const daemon: VerbMain = async (argv, io) => {
       verifyClient: values['tls-verify-client'] ?? false,
     };
   }
-  let tcp: { host: string; port: number } | undefined;
+  let tcp: { host: string; port: number; tls: NbdTlsMode } | undefined;
+  if (values['insecure-tcp'] && !values.listen) throw new CryptmapError('EARGS', '--insecure-tcp only goes with --listen HOST:PORT');
   if (values.listen) {
     const m = /^(?:\[([^\]]+)\]|([^:]+)):([0-9]{1,5})$/.exec(values.listen);
     if (!m) throw new CryptmapError('EARGS', `--listen wants HOST:PORT (got '${values.listen}')`);
-    tcp = { host: m[1] ?? m[2] ?? '127.0.0.1', port: Number(m[3]) };
-    if (!isLoopback(tcp.host) && !(tls === 'require' && values['tls-verify-client'])) {
-      // Anyone who reaches the port reads and writes the decrypted volumes.
-      log.warn('NBD over TCP beyond loopback without --tls require --tls-verify-client: clients are not authenticated', { listen: values.listen });
+    tcp = { host: m[1] ?? m[2] ?? '127.0.0.1', port: Number(m[3]), tls };
+    const authenticated = tls === 'require' && values['tls-verify-client'] === true && values['tls-ca'] !== undefined;
+    if (!authenticated && !values['insecure-tcp']) {
+      // Anyone who reaches the port, loopback included (every local user), would read and write the decrypted volumes.
+      throw new CryptmapError(
+        'EARGS',
+        `--listen ${values.listen} would serve decrypted volumes to whoever connects${isLoopback(tcp.host) ? ' (on loopback: every local user)' : ''}: add --tls require --tls-cert F --tls-key F --tls-ca F --tls-verify-client (clients then show a certificate signed by that CA), or --insecure-tcp to serve without authentication`,
+      );
+    }
+    if (!authenticated) {
+      log.warn(
+        `NBD over TCP without client authentication (--insecure-tcp): ${isLoopback(tcp.host) ? 'every local user' : 'anyone who reaches the address'} can read and write the decrypted volumes`,
+        { listen: values.listen },
+      );
     }
   }
 
