@@ -722,6 +722,24 @@ static napi_value fuse_set_size(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/*
+ * fuseInvalidate(h): tell the kernel the file's attributes changed (FUSE_NOTIFY_INVAL_INODE, attributes
+ * only), so the next stat sees a new size after fuseSetSize.
+ */
+static napi_value fuse_invalidate(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value a[1];
+  FCHECK(env, napi_get_cb_info(env, info, &argc, a, NULL, NULL));
+  fexport *ex = argc < 1 ? NULL : fx_get(env, a[0]);
+  if (!ex || ex->fd < 0) return NULL;
+  struct fuse_out_header h = {.unique = 0, .error = FUSE_NOTIFY_INVAL_INODE};
+  struct fuse_notify_inval_inode_out n = {.ino = FX_FILE_INO, .off = -1, .len = 0};
+  struct iovec iov[2] = {{&h, sizeof h}, {&n, sizeof n}};
+  h.len = sizeof h + sizeof n;
+  if (writev(ex->fd, iov, 2) < 0 && errno != ENOENT) fx_throw_errno(env, errno, "FUSE_NOTIFY_INVAL_INODE");
+  return NULL;
+}
+
 /* fuseStats(h): { threads (still running), direct, js, fsync } request counts. */
 static napi_value fuse_stats(napi_env env, napi_callback_info info) {
   size_t argc = 1;
@@ -783,6 +801,7 @@ void cm_fuse_register(napi_env env, napi_value exports) {
       {"fuseComplete", NULL, fuse_complete, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fuseSetDirect", NULL, fuse_set_direct, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fuseSetSize", NULL, fuse_set_size, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"fuseInvalidate", NULL, fuse_invalidate, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fuseStats", NULL, fuse_stats, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fuseDestroy", NULL, fuse_destroy, NULL, NULL, NULL, napi_enumerable, NULL},
   };

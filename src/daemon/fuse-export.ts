@@ -29,7 +29,7 @@
  * mounted from their loop devices, detaches those and lazily unmounts the dead FUSE mounts.
  */
 import { existsSync, fstatSync, mkdirSync, mkdtempSync, openSync, closeSync, readdirSync, readFileSync, statSync } from 'node:fs';
-import { rm } from 'node:fs/promises';
+import { rm, stat } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
 import { join } from 'node:path';
 import { cryptTableLine, type CryptMapping, keyDescription, keyRefArg } from '../activate/mapping.js';
@@ -73,6 +73,7 @@ interface FuseAddon {
   fuseComplete(h: object, thread: number, errno: number): void;
   fuseSetDirect(h: object, key: NativeKeyHandle | null, fd?: number, fileBase?: number, ivLo?: number, ivHi?: number, ivLarge?: boolean): void;
   fuseSetSize(h: object, sizeBytes: number): void;
+  fuseInvalidate(h: object): void;
   fuseStats(h: object): { threads: number; direct: number; js: number; fsync: number; directOn: boolean };
   fuseDestroy(h: object): void;
 }
@@ -124,7 +125,10 @@ export class FuseExport {
   readonly #addon: FuseAddon;
   readonly #h: object;
   readonly #device: BlockDevice;
+  /** One request buffer per FUSE thread (plaintext passes through them: wiped at stop). */
+  readonly #bufs: Buffer[];
   #route: DirectRoute | null = null;
+  #size: number;
   #stopped = false;
 
   private constructor(addon: FuseAddon, device: BlockDevice, mountPoint: string, readOnly: boolean) {
@@ -134,6 +138,7 @@ export class FuseExport {
     this.filePath = join(mountPoint, 'disk');
     const maxWrite = maxRequestBytes();
     const bufs = Array.from({ length: THREADS }, () => Buffer.allocUnsafeSlow(maxWrite + 4096));
+    this.#bufs = bufs;
     const onRequest = (t: number, op: number, off: number, len: number, payload: number): void => {
       const buf = bufs[t]!;
       let p: Promise<void>;
@@ -160,6 +165,7 @@ export class FuseExport {
         (e: unknown) => addon.fuseComplete(this.#h, t, errnoOf(e)),
       );
     };
+    this.#size = device.sizeBytes;
     this.#h = addon.fuseStart(mountPoint, device.sizeBytes, device.limits.logicalBlockBytes, maxWrite, readOnly, bufs, onRequest);
   }
 
@@ -191,11 +197,23 @@ export class FuseExport {
     }
   }
 
+  /**
+   * The device's size changed (resize): the FUSE file follows, and so does every loop device on it
+   * (the kernel's cached attributes are invalidated, then `losetup -c`).
+   */
+  async followSize(): Promise<void> {
+    if (this.#stopped || this.#size === this.#device.sizeBytes) return;
+    this.#size = this.#device.sizeBytes;
+    this.#addon.fuseSetSize(this.#h, this.#size);
+    this.#addon.fuseInvalidate(this.#h);
+    await stat(this.filePath); // a fresh GETATTR: the inode's size is the new one
+    for (const loop of loopsOn(this.filePath)) await runTool('losetup', ['-c', loop], { code: 'EATTACH' });
+  }
+
   /** Switch the direct route on for crypt mapping `m` with `key` (copied); the size follows the device. */
   directOn(m: CryptMapping, key: Uint8Array): boolean {
     this.directOff();
     if (this.#stopped) return false;
-    this.#addon.fuseSetSize(this.#h, this.#device.sizeBytes);
     let nk: DirectRoute['key'] | null = null;
     let fd = -1;
     try {
@@ -232,6 +250,7 @@ export class FuseExport {
     if (this.stats().threads > 0) abortConnection(this.mountPoint);
     for (let i = 0; i < 200 && this.stats().threads > 0; i++) await sleep(10);
     this.#addon.fuseDestroy(this.#h);
+    for (const b of this.#bufs) b.fill(0);
   }
 }
 
@@ -379,6 +398,7 @@ export class FuseExports {
     const e = this.#live.get(name);
     if (!e) return;
     const dev = this.#o.registry.find(name);
+    if (dev !== undefined && !dev.suspended) await e.exp.followSize();
     const m = this.#o.mappingOf(name);
     const t = dev?.liveTable;
     const entry = t?.entries.length === 1 ? t.entries[0] : undefined;

@@ -214,3 +214,17 @@ test('a full backing file system gives ENOSPC to the writer; a read-only attachm
     await sh('umount', [small]);
   }
 });
+
+test('resize: the FUSE file and the loop device on it follow the volume', async () => {
+  const { mapping, volumeKey } = await prepareLuks({ name: 'fr', device: img, passphrase: PASS });
+  await core.openVolume(mapping, volumeKey);
+  const info = await core.attach('fr', { via: 'fuse' });
+  const loopSize = () => Number(readFileSync(`/sys/block/${info.devicePath.slice(5)}/size`, 'utf8').trim());
+  assert.equal(loopSize(), mapping.sizeSectors);
+  await core.resizeVolume('fr', mapping.sizeSectors - 8192, volumeKey);
+  volumeKey.dispose();
+  assert.equal(loopSize(), mapping.sizeSectors - 8192);
+  assert.equal(core.fuseStats('fr')?.directOn, true);
+  await core.detach('fr');
+  await core.closeVolume('fr');
+});
