@@ -205,8 +205,8 @@ async function createExclusive(dir: string, path: string, data: Buffer): Promise
  * passphrase given, or a wrapped file without one, is an error (never silently downgrade).
  */
 export async function loadOrCreateRootSecret(stateDir: string, opts: RootSecretOptions = {}): Promise<RootSecretResult> {
+  await ensurePrivateDir(stateDir); // also with rootFile: the audit log and the socket live there
   if (opts.rootFile !== undefined) return loadRootSecretFile(opts.rootFile, opts.passphrase);
-  await ensurePrivateDir(stateDir);
   const rawPath = join(stateDir, ROOT_FILE);
   const wrappedPath = join(stateDir, WRAPPED_FILE);
   const hasRaw = await exists(rawPath);
