@@ -4,7 +4,8 @@
  *   <name> <device> [<key file> | none | - | /dev/urandom] [<option>[,<option>...]]
  *
  * - `#` starts a comment line; blank lines are skipped; fields are separated by spaces or tabs.
- * - device: an absolute path, or `UUID=`, `PARTUUID=`, `LABEL=`, `PARTLABEL=` (resolved later,
+ * - device: an absolute path, an NBD URI (`nbd://host/export`, `nbd+unix:///export?socket=PATH`: the
+ *   NBD client opens it), or `UUID=`, `PARTUUID=`, `LABEL=`, `PARTLABEL=` (resolved later,
  *   by whoever opens the entry).
  * - key: a file path, `none`/`-`/absent (ask for a passphrase), or `/dev/urandom` (and `/dev/random`,
  *   `/dev/hw_random`): a random key, allowed only for plain, swap and tmp.
@@ -20,6 +21,7 @@
  * systemd-cryptsetup: cipher aes-cbc-essiv:sha256, 256-bit key, hash ripemd160 only when the key is
  * typed (a key file is read raw: exactly key-size bytes).
  */
+import { isNbdUri, parseNbdUri } from '../nbd-wire/uri.js';
 import { randomBytes } from 'node:crypto';
 import { type FileHandle, open, stat } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -224,6 +226,14 @@ const OPTIONS: Record<string, OptionSpec> = {
 };
 
 function parseDevice(ctx: Ctx, s: string): DeviceRef {
+  if (isNbdUri(s)) {
+    try {
+      parseNbdUri(s);
+    } catch (e) {
+      ctx.fail((e as Error).message);
+    }
+    return { kind: 'path', path: s };
+  }
   const m = /^(UUID|PARTUUID|LABEL|PARTLABEL)=(.+)$/.exec(s);
   if (m) return { kind: m[1]!.toLowerCase() as 'uuid', value: m[2]! };
   if (/^[A-Z]+=/.test(s)) ctx.fail(`device '${s}': only UUID=, PARTUUID=, LABEL=, PARTLABEL= or an absolute path are understood`);

@@ -145,3 +145,9 @@ test('key resolution: key files with offset/size, random keys, key dirs, typed p
     await rm(dir, { recursive: true, force: true });
   }
 });
+
+test('an NBD URI is a device (the NBD client opens it); a bad one is diagnosed', () => {
+  const [e] = parseCrypttab('vol nbd+unix:///data?socket=/run/nbd.sock /k luks,_netdev\nrem nbds://storage:10809/db none luks\n');
+  assert.deepEqual(e!.device, { kind: 'path', path: 'nbd+unix:///data?socket=/run/nbd.sock' });
+  assert.throws(() => parseCrypttab('vol nbd+unix:///data /k luks\n', 'ct'), /ct:1: .*need \?socket=PATH/);
+});

@@ -134,3 +134,35 @@ test('a storage server that stays gone: I/O fails with EIO and status says why',
   r = await cryptmap(['close', '--runtime-dir', fx.run, 'gvol']);
   assert.equal(r.code, 0, r.stderr);
 });
+
+test('a detached header may live on either side of the NBD connection', async () => {
+  const data = join(fx.dir, 'det-data.img');
+  const hdr = join(fx.dir, 'det-hdr.img');
+  const key = join(fx.dir, 'det.key');
+  writeFileSync(key, 'detached', { mode: 0o600 });
+  writeFileSync(data, Buffer.alloc(8 * MiB));
+  writeFileSync(hdr, Buffer.alloc(16 * MiB));
+  await ok('cryptsetup', ['luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, '--header', hdr, data]);
+  const dataSock = join(fx.dir, 'det-data.sock');
+  const hdrSock = join(fx.dir, 'det-hdr.sock');
+  await nbdkitFile(data, dataSock);
+  await nbdkitFile(hdr, hdrSock);
+  const dataUri = `nbd+unix:///?socket=${dataSock}`;
+  const hdrUri = `nbd+unix:///?socket=${hdrSock}`;
+  // Header local, data remote: write a pattern.
+  let r = await cryptmap(['open', '--runtime-dir', fx.run, '--key-file', key, '--header', hdr, dataUri, 'dvol']);
+  assert.equal(r.code, 0, r.stderr);
+  r = await cryptmap(['status', '--runtime-dir', fx.run, 'dvol']);
+  const uri = /nbd: +(\S+)/.exec(r.stdout)?.[1] ?? '';
+  await ok('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x5c 0 1M']);
+  r = await cryptmap(['close', '--runtime-dir', fx.run, 'dvol']);
+  assert.equal(r.code, 0, r.stderr);
+  // Header remote, data local: the same plaintext.
+  r = await cryptmap(['open', '--runtime-dir', fx.run, '--key-file', key, '--header', hdrUri, data, 'dvol']);
+  assert.equal(r.code, 0, r.stderr);
+  r = await cryptmap(['status', '--runtime-dir', fx.run, 'dvol']);
+  assert.ok(r.stdout.includes(`header:  ${hdrUri}`), r.stdout);
+  await ok('qemu-io', ['-f', 'raw', /nbd: +(\S+)/.exec(r.stdout)![1]!, '-c', 'read -P 0x5c 0 1M']);
+  r = await cryptmap(['close', '--runtime-dir', fx.run, 'dvol']);
+  assert.equal(r.code, 0, r.stderr);
+});
