@@ -1,9 +1,15 @@
 // The thin-pool and thin targets without the external tools: strict table grammar with errors
 // naming line, target and argument, the kernel's canonical table and status forms, pool messages
 // and their errors, zeroing, discard with passdown, out-of-data-space (error and queue), the
-// low-water-mark event, and a full metadata device turning the pool read-only.
+// low-water-mark event, a full metadata device turning the pool read-only, needs_check, stacks
+// with crypt, and `cryptmap dm` (messages as one dmsetup string).
 import assert from 'node:assert/strict';
+import { Readable, Writable } from 'node:stream';
 import { test } from 'node:test';
+import { runDm } from '../../src/cli/commands/dm.js';
+import type { CliIO } from '../../src/cli/types.js';
+import { InProcessDmControl } from '../../src/dm/control.js';
+import { SUPERBLOCK_CSUM_XOR, sealBlock } from '../../src/dm/thin/persistent-data.js';
 import { pattern, xtsKey } from './helpers.js';
 import { BLOCK, MiB, status, table, thinRig } from './thin-helpers.js';
 
@@ -251,5 +257,53 @@ test('stacks: crypt over a thin device, and a pool over crypt devices; messages 
   await t2.read(2 * BLOCK + 4096, got);
   assert.deepEqual(got, pattern(8192, 12), 'the pool reopens over the crypt devices with its data');
   await t2.close();
+  await r2.registry.closeAll();
+});
+
+test('cryptmap dm: thin-pool tables, a message given as one dmsetup string, status lines', async () => {
+  const { registry } = thinRig({ dataBytes: 4 * MiB });
+  const control = new InProcessDmControl(registry);
+  const dm = async (args: string[]) => {
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    const w = (to: Buffer[]) =>
+      new Writable({
+        write(c, _e, cb) {
+          to.push(Buffer.from(c));
+          cb();
+        },
+      });
+    const io: CliIO = { stdin: Readable.from([]), stdout: w(out), stderr: w(err), env: {} };
+    const code = await runDm(['dm', ...args], io, control);
+    return { code, out: Buffer.concat(out).toString(), err: Buffer.concat(err).toString() };
+  };
+  assert.equal((await dm(['create', 'pool', '--table', '0 8192 thin-pool /mem/meta /mem/data 128 4'])).code, 0);
+  assert.equal((await dm(['message', 'pool', '0', 'create_thin 1'])).code, 0);
+  assert.equal((await dm(['message', 'pool', '0', 'set_transaction_id', '0', '1'])).code, 0);
+  assert.equal((await dm(['create', 'thin1', '--table', '0 4096 thin pool 1'])).code, 0);
+  assert.equal((await dm(['table', 'pool'])).out, '0 8192 thin-pool /mem/meta /mem/data 128 4 0 \n');
+  assert.match((await dm(['status', 'pool'])).out, /^0 8192 thin-pool 1 [0-9]+\/256 0\/64 - rw discard_passdown queue_if_no_space - 64 \n$/);
+  assert.equal((await dm(['status', 'thin1'])).out, '0 4096 thin 0 -\n');
+  const bad = await dm(['message', 'pool', '0', 'create_thin 1']);
+  assert.notEqual(bad.code, 0);
+  assert.match(bad.err, /thin device 1 already exists/);
+  await registry.closeAll();
+});
+
+test('metadata flagged needs_check opens read-only (status needs_check), as the kernel keeps it until repaired', async () => {
+  const { registry, meta } = thinRig({ dataBytes: 4 * MiB });
+  await registry.create('pool', { table: '0 8192 thin-pool /mem/meta /mem/data 128 0' });
+  await registry.closeAll();
+  const sb = Buffer.alloc(4096);
+  await meta.read(0, sb);
+  sb.writeUInt32LE(sb.readUInt32LE(4) | 1, 4);
+  sealBlock(sb, 0, SUPERBLOCK_CSUM_XOR);
+  await meta.write(0, sb);
+  const r2 = thinRig({ meta, dataBytes: 4 * MiB });
+  await r2.registry.create('pool', { table: '0 8192 thin-pool /mem/meta /mem/data 128 0' });
+  assert.match(status(r2.registry, 'pool'), / - ro discard_passdown queue_if_no_space needs_check 64 $/);
+  await assert.rejects(r2.registry.message('pool', 0, ['create_thin', '1']), { code: 'EOPNOTSUPP' });
+  // A reload cannot move the pool to another metadata device.
+  await assert.rejects(r2.registry.load('pool', '0 8192 thin-pool /mem/data /mem/data 128 0'), /a reload cannot switch it to \/mem\/data/);
   await r2.registry.closeAll();
 });

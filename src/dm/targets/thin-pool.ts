@@ -115,6 +115,9 @@ export const thinPool: TargetType = {
     const raise = ctx.event ?? (() => {});
     let pool = pools.get(owner);
     if (pool !== undefined) {
+      if (pool.metadataArg !== metaArg) {
+        throw ctx.error('metadata dev', `the pool uses metadata device ${pool.metadataArg}; a reload cannot switch it to ${metaArg}`, 'EBUSY');
+      }
       if (pool.blockSectors !== blockSectors) {
         throw ctx.error('data block size', `changing the data block size (from ${pool.blockSectors} to ${blockSectors}) is not supported`);
       }
@@ -134,7 +137,7 @@ export const thinPool: TargetType = {
         if (isCryptmapError(e)) throw ctx.error('metadata dev', e.message, e.code);
         throw e;
       }
-      pool = new Pool(md, metaDev, dataDev, blockSectors, lowWater, features, raise);
+      pool = new Pool(md, metaArg, metaDev, dataDev, blockSectors, lowWater, features, raise);
       pools.set(owner, pool);
     }
     pool.refs++;

@@ -23,7 +23,7 @@
  */
 import type { BlockDevice, Extent, WriteZeroesFlags } from '../../blockdev/types.js';
 import { CryptmapError, isCryptmapError } from '../../util/errors.js';
-import { ThinMetadata, type ThinDevice, blockOf, packBlockTime, timeOf } from './metadata.js';
+import { NEEDS_CHECK_FLAG, ThinMetadata, type ThinDevice, blockOf, packBlockTime, timeOf } from './metadata.js';
 
 export interface PoolFeatures {
   zeroNewBlocks: boolean;
@@ -51,6 +51,8 @@ function ioError(message: string, errno: 'EIO' | 'ENOSPC' = 'EIO'): CryptmapErro
 
 export class Pool {
   md: ThinMetadata;
+  /** The <metadata dev> argument the pool was built with (a reload may not change it). */
+  readonly metadataArg: string;
   metaDev: BlockDevice;
   dataDev: BlockDevice;
   readonly blockSectors: number;
@@ -65,6 +67,8 @@ export class Pool {
   /** Pool target instances bound to this pool (the kernel's pool refcount). */
   refs = 0;
   #lowWaterTriggered = false;
+  /** Went read-only after an aborted commit (metadata full): stays so until the pool is rebuilt. */
+  #aborted = false;
   #metaLowTriggered = false;
   /** Blocks being provisioned or copied, by `${dev}:${vblock}`. */
   readonly #locks = new Map<string, Promise<void>>();
@@ -72,15 +76,17 @@ export class Pool {
   #passdown: number[] = [];
   #spaceWaiters: (() => void)[] = [];
 
-  constructor(md: ThinMetadata, metaDev: BlockDevice, dataDev: BlockDevice, blockSectors: number, lowWaterBlocks: number, features: PoolFeatures, raiseEvent: () => void) {
+  constructor(md: ThinMetadata, metadataArg: string, metaDev: BlockDevice, dataDev: BlockDevice, blockSectors: number, lowWaterBlocks: number, features: PoolFeatures, raiseEvent: () => void) {
     this.md = md;
+    this.metadataArg = metadataArg;
     this.metaDev = metaDev;
     this.dataDev = dataDev;
     this.blockSectors = blockSectors;
     this.blockBytes = blockSectors * 512;
     this.lowWaterBlocks = lowWaterBlocks;
     this.features = features;
-    this.mode = features.readOnly ? 'ro' : 'rw';
+    // Metadata flagged needs_check stays read-only until repaired (thin_check/thin_repair), as the kernel's.
+    this.mode = features.readOnly || (md.flags & NEEDS_CHECK_FLAG) !== 0 ? 'ro' : 'rw';
     this.raiseEvent = raiseEvent;
   }
 
@@ -93,7 +99,7 @@ export class Pool {
     this.raiseEvent = raiseEvent;
     if (this.mode !== 'fail') {
       if (features.readOnly) this.mode = 'ro';
-      else if (this.mode === 'ro' && this.md.dirty === false) this.mode = 'rw';
+      else if (this.mode === 'ro' && !this.#aborted && (this.md.flags & NEEDS_CHECK_FLAG) === 0) this.mode = 'rw';
     }
     if (nrDataBlocks > this.md.nrDataBlocks) {
       this.md.growData(nrDataBlocks);
@@ -147,6 +153,7 @@ export class Pool {
   /** Out of metadata space: drop the uncommitted changes (reload the last commit) and go read-only. */
   async #abort(): Promise<void> {
     this.mode = 'ro';
+    this.#aborted = true;
     try {
       const opens = new Map([...this.md.devices].map(([id, d]) => [id, d.openCount]));
       const md = await ThinMetadata.open(this.metaDev, this.md.dataBlockSectors, this.md.nrDataBlocks);
