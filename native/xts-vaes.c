@@ -24,7 +24,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__)
+/* VAES / VPCLMULQDQ intrinsics need GCC 8 or clang 8; older compilers build the stubs below. */
+#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 8 : defined(__GNUC__) && __GNUC__ >= 8)
+#define CM_HAVE_VAES 1
+#endif
+
+#if defined(CM_HAVE_VAES)
 #include <cpuid.h>
 #include <immintrin.h>
 #include <sys/random.h>
@@ -363,7 +368,7 @@ int cm_vaes_probe(int *cpu) {
   return ok;
 }
 
-#else /* not x86-64: no VAES; the addon uses OpenSSL's EVP paths */
+#else /* not x86-64 (or an old compiler): no VAES; the addon uses its AES-NI or EVP paths */
 
 struct cm_vaes_keys {
   int unused;
