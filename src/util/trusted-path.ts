@@ -13,7 +13,9 @@
  * root) can rename or remove it, so `/tmp/cryptmap-0` owned by us stays ours. They are never accepted
  * as the directory itself (a secret never sits directly in /tmp), and they are never modified.
  * OpenSSH refuses them everywhere; we follow systemd here because the non-root lock directory lives
- * under /tmp. A `mode 'root'` walk (mountpoints) trusts root alone.
+ * under /tmp. A `mode 'root'` walk (mountpoints) trusts root alone. One more exception, for `npm start`
+ * in a checkout made with umask 002: a directory of the caller (not root) that is group-writable only
+ * by the caller's user private group (no other member) is accepted on the way (isCallerPrivateGroup).
  *
  * Nothing here ever chmods or chowns a directory that existed before: a directory that fails the
  * rule is refused with an error naming it and the fix. Missing directories are created one component
@@ -23,7 +25,7 @@
  * open descriptor, so what is checked is what is read or written.
  */
 import { randomBytes } from 'node:crypto';
-import { closeSync, constants, fstatSync, lstatSync, mkdirSync, openSync, readlinkSync, readSync, renameSync, type Stats, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, constants, fstatSync, lstatSync, mkdirSync, openSync, readFileSync, readlinkSync, readSync, renameSync, type Stats, unlinkSync, writeSync } from 'node:fs';
 import { basename, dirname, resolve } from 'node:path';
 import { CryptmapError, EXIT_NO_PERMISSION, fromSystemError } from './errors.js';
 
@@ -56,6 +58,35 @@ function ownersText(o: TrustOptions): string {
   return o.owners === 'root' ? 'root' : `root or uid ${callerUid(o)}`;
 }
 
+const privateGroups = new Map<number, boolean>();
+
+/**
+ * True when `gid` is the caller's user private group (Debian/Ubuntu `USERGROUPS_ENAB`, where a
+ * umask of 002 makes a user's checkout group-writable): the caller's own primary group, listed in
+ * /etc/group with no member but the caller, and no other account in /etc/passwd has it as primary.
+ * Group write on such a directory gives nobody else anything. Unknown to /etc/group: false.
+ */
+function isCallerPrivateGroup(gid: number, uid: number): boolean {
+  if (uid === 0 || gid !== process.getgid?.()) return false;
+  const known = privateGroups.get(gid);
+  if (known !== undefined) return known;
+  let ok = false;
+  try {
+    const passwd = readFileSync('/etc/passwd', 'utf8').split('\n').map((l) => l.split(':'));
+    const me = passwd.find((f) => Number(f[2]) === uid)?.[0];
+    const grp = readFileSync('/etc/group', 'utf8')
+      .split('\n')
+      .map((l) => l.split(':'))
+      .find((f) => Number(f[2]) === gid && f.length >= 4);
+    const members = (grp?.[3] ?? '').split(',').filter(Boolean);
+    ok = me !== undefined && grp !== undefined && grp[0] === me && members.every((m) => m === me) && passwd.every((f) => f.length < 4 || Number(f[3]) !== gid || Number(f[2]) === uid);
+  } catch {
+    ok = false;
+  }
+  privateGroups.set(gid, ok);
+  return ok;
+}
+
 /** Why the directory `path` (lstat `st`) is not trustworthy on the way to something, or undefined. */
 function checkDir(path: string, st: Stats, o: TrustOptions, asAncestor: boolean): CryptmapError | undefined {
   if (!ownerOk(st, o)) {
@@ -63,7 +94,8 @@ function checkDir(path: string, st: Stats, o: TrustOptions, asAncestor: boolean)
   }
   if ((st.mode & 0o022) !== 0) {
     const stickyRoot = asAncestor && st.uid === 0 && (st.mode & 0o1000) !== 0;
-    if (!stickyRoot) {
+    const upg = (st.mode & 0o002) === 0 && o.owners !== 'root' && st.uid === callerUid(o) && isCallerPrivateGroup(st.gid, callerUid(o));
+    if (!stickyRoot && !upg) {
       const mode = (st.mode & 0o7777).toString(8);
       return refuse(o, path, `it is writable by group or others (mode ${mode})`, `run 'chmod go-w ${path}' or use another directory`);
     }

@@ -3,7 +3,7 @@
 // up by a real second user (attacker.ts) and must be refused without touching what the attacker made.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { chmodSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, copyFileSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -152,5 +152,26 @@ test('lock dir: /tmp/cryptmap-UID made by the attacker is refused; ours is creat
   } finally {
     rmSync(planted, { recursive: true, force: true });
     rmSync(victim, { recursive: true, force: true });
+  }
+});
+
+test('a non-root user\'s own directories: group-writable only through the user\'s private group is accepted (umask 002 checkouts), a shared group is not', { skip: NEEDS_ROOT }, async () => {
+  const a = attacker(); // here the "caller": a non-root user with a user private group
+  const lib = mkdtempSync(join(tmpdir(), 'cm-lib-'));
+  chmodSync(lib, 0o755);
+  for (const f of ['trusted-path.js', 'errors.js']) copyFileSync(new URL(`../../src/util/${f}`, import.meta.url), join(lib, f));
+  writeFileSync(join(lib, 'package.json'), '{"type":"module"}');
+  const home = a.dir(0o755);
+  try {
+    const script = (dir: string) =>
+      `${process.execPath} --input-type=module -e "import('${lib}/trusted-path.js').then(m=>{try{m.ensureTrustedDir('${dir}');console.log('OK')}catch(e){console.log(e.code+': '+e.message)}})"`;
+    let r = a.sh(`umask 002 && mkdir ${home}/checkout && ${script(`${home}/checkout/.cryptmap`)}`);
+    assert.match(r.stdout, /^OK/, r.stdout + r.stderr);
+    chownSync(join(home, 'checkout'), a.uid, 100); // a group the user shares with others ('users')
+    r = a.sh(script(`${home}/checkout/.cryptmap2`));
+    assert.match(r.stdout, /EUNTRUSTED_PATH: refusing .*checkout: it is writable by group or others \(mode 775\)/, r.stdout + r.stderr);
+  } finally {
+    rmSync(home, { recursive: true, force: true });
+    rmSync(lib, { recursive: true, force: true });
   }
 });
