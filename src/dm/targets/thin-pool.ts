@@ -233,7 +233,6 @@ class PoolTarget implements TargetInstance {
       if (rest.length !== n) throw msgError(`wrong number of arguments for '${cmd}' message: ${rest.length} (expected ${n})`);
     };
     const md = p.md;
-    try {
       switch (cmd) {
         case 'create_thin':
           count(1);
@@ -259,21 +258,15 @@ class PoolTarget implements TargetInstance {
           break;
         case 'reserve_metadata_snap':
           count(0);
-          await md.reserveMetadataSnap();
+          await p.metadataOp((m) => m.reserveMetadataSnap());
           break;
         case 'release_metadata_snap':
           count(0);
-          await md.releaseMetadataSnap();
+          await p.metadataOp((m) => m.releaseMetadataSnap());
           break;
         default:
           throw msgError(`unrecognised thin pool target message received: ${cmd ?? '(none)'} (known: create_thin, create_snap, delete, set_transaction_id, reserve_metadata_snap, release_metadata_snap)`);
       }
-    } catch (e) {
-      if (isCryptmapError(e) && e.code === 'ENOSPC_METADATA') {
-        await p.commit().catch(() => {});
-      }
-      throw e;
-    }
     await p.commit();
     return '';
   }

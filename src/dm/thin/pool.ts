@@ -121,9 +121,34 @@ export class Pool {
 
   /** Flush the data device, then commit the metadata if it changed (serialised), then pass down discards. */
   commit(): Promise<void> {
-    const run = this.#commitTail.then(() => this.#commitNow());
-    this.#commitTail = run.catch(() => {});
+    return this.exclusive(() => this.#commitNow());
+  }
+
+  /**
+   * Run `fn` alone among commits (metadata snapshot messages commit inside it); the data device is
+   * flushed first so no commit can name a block whose data is not durable.
+   */
+  exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.#commitTail.then(fn);
+    this.#commitTail = run.then(
+      () => {},
+      () => {},
+    );
     return run;
+  }
+
+  /** A metadata operation that commits by itself (reserve/release_metadata_snap), serialised with commits. */
+  metadataOp(fn: (md: ThinMetadata) => Promise<void>): Promise<void> {
+    return this.exclusive(async () => {
+      if (this.mode === 'fail') throw ioError('the thin pool has failed (metadata I/O error)');
+      await this.dataDev.flush();
+      try {
+        await fn(this.md);
+      } catch (e) {
+        if (isCryptmapError(e, 'ENOSPC_METADATA')) await this.#abort();
+        throw e;
+      }
+    });
   }
 
   async #commitNow(): Promise<void> {
