@@ -311,6 +311,8 @@ export class Luks1Volume implements LuksVolume {
 
   async unlock(passphrase: Uint8Array, opts: { keySlot?: number } = {}): Promise<UnlockResult> {
     const slots = opts.keySlot !== undefined ? [opts.keySlot] : [0, 1, 2, 3, 4, 5, 6, 7];
+    // No active keyslot at all: cryptsetup's "No usable keyslot is available." (-ENOENT, exit 1).
+    if (!this.#h.keyblock.some((k) => k.active === LUKS_KEY_ENABLED)) throw new CryptmapError('EKEYSLOT', 'No usable keyslot is available.', { exitCode: 1, errno: 'ENOENT' });
     for (const i of slots) {
       const k = this.#h.keyblock[i];
       if (!k) throw new CryptmapError('EKEYSLOT', `Key slot ${i} is invalid.`);

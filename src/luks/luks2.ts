@@ -471,6 +471,7 @@ export class Luks2Volume implements LuksVolume {
   }
 
   async unlock(passphrase: Uint8Array, opts: { keySlot?: number } = {}): Promise<UnlockResult> {
+    let tried = 0;
     for (const k of this.#candidates(opts.keySlot)) {
       const ks = this.#json.keyslots[k]!;
       const h = handlerFor(KEYSLOT_HANDLERS, ks.type);
@@ -480,6 +481,7 @@ export class Luks2Volume implements LuksVolume {
       const d = this.#json.digests[dId]!;
       if (!d.segments.includes('0')) continue;
       let vk: Buffer;
+      tried++;
       try {
         vk = await h.open(this.#dev, ks, passphrase);
       } catch (e) {
@@ -498,6 +500,8 @@ export class Luks2Volume implements LuksVolume {
       }
       if (ok) return { volumeKey: new Secret(vk), keyslot: Number(k) };
     }
+    // No keyslot could even be tried (none active, or none bound to the data segment): cryptsetup's -ENOENT.
+    if (tried === 0) throw new CryptmapError('EKEYSLOT', 'No usable keyslot is available.', { exitCode: 1, errno: 'ENOENT' });
     throw noKeyError();
   }
 

@@ -5,7 +5,7 @@
  * confirmation, device opening and KDF options; loading a header the way cryptsetup's crypt_load does
  * (with recovery of a damaged LUKS2 copy) and the unlock sequence of `open` (tokens, then passphrase).
  */
-import { readFile, stat } from 'node:fs/promises';
+import { type FileHandle, open, stat } from 'node:fs/promises';
 import { cpus, totalmem } from 'node:os';
 import { FileDevice } from '../../blockdev/file.js';
 import { isRemoteDevice, openBlockDevice } from '../../blockdev/open.js';
@@ -13,6 +13,7 @@ import type { BlockDevice } from '../../blockdev/types.js';
 import { type Luks1Volume, type Luks2Volume, type NewKeyslotOptions, openLuks, type UnlockResult, unlockByToken, withDeviceLock } from '../../luks/index.js';
 import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
 import { type CliValues, parseCommandLine } from '../options.js';
+import { Secret } from '../../util/secret.js';
 import type { CliIO } from '../types.js';
 
 /** Compiled maximum key file size in cryptsetup (default-keyfile-size-maxkb 8192). */
@@ -67,23 +68,67 @@ export async function openDevice(path: string, write: boolean): Promise<BlockDev
 
 // ---- input ----------------------------------------------------------------------------------
 
-let stdinBuffer: Buffer | null = null;
-let stdinPos = 0;
+/**
+ * Standard input read as cryptsetup reads it (lib/utils.c crypt_keyfile_device_read): only as many
+ * bytes as asked for, so a passphrase line leaves the next line for the next prompt and an endless
+ * stream (`-d - < /dev/zero`) is never slurped. Bytes read past what was asked wait here for the
+ * next read from the same stream; they are wiped by resetStdin.
+ */
+interface StdinState {
+  it: AsyncIterator<Buffer | string>;
+  pending: Buffer;
+  eof: boolean;
+}
+const stdinStates = new WeakMap<object, StdinState>();
 
-async function readAllStdin(io: CliIO): Promise<Buffer> {
-  if (stdinBuffer) return stdinBuffer;
-  const chunks: Buffer[] = [];
-  for await (const c of io.stdin as AsyncIterable<Buffer | string>) chunks.push(typeof c === 'string' ? Buffer.from(c) : c);
-  stdinBuffer = Buffer.concat(chunks);
-  for (const c of chunks) c.fill(0); // the concatenated copy is the only one kept (wiped by resetStdin)
-  return stdinBuffer;
+function stdinState(io: CliIO): StdinState {
+  let st = stdinStates.get(io.stdin);
+  if (!st) {
+    st = { it: (io.stdin as AsyncIterable<Buffer | string>)[Symbol.asyncIterator](), pending: Buffer.alloc(0), eof: false };
+    stdinStates.set(io.stdin, st);
+  }
+  return st;
 }
 
-/** Reset the buffered stdin (tests call verbs repeatedly in one process). */
-export function resetStdin(): void {
-  stdinBuffer?.fill(0);
-  stdinBuffer = null;
-  stdinPos = 0;
+/** Up to `max` bytes of stdin, stopping after a newline when `stopEol` (the newline is consumed, not returned). */
+async function readStdin(io: CliIO, max: number, stopEol: boolean): Promise<{ data: Buffer; newline: boolean }> {
+  const st = stdinState(io);
+  for (;;) {
+    const nl = stopEol ? st.pending.indexOf(0x0a) : -1;
+    if (nl >= 0 && nl < max) {
+      const data = Buffer.from(st.pending.subarray(0, nl));
+      takePending(st, nl + 1);
+      return { data, newline: true };
+    }
+    if (st.pending.length >= max || st.eof) {
+      const n = Math.min(max, st.pending.length);
+      const data = Buffer.from(st.pending.subarray(0, n));
+      takePending(st, n);
+      return { data, newline: false };
+    }
+    const r = await st.it.next();
+    if (r.done) st.eof = true;
+    else {
+      const chunk = typeof r.value === 'string' ? Buffer.from(r.value) : r.value;
+      const joined = Buffer.concat([st.pending, chunk]);
+      st.pending.fill(0);
+      chunk.fill(0);
+      st.pending = joined;
+    }
+  }
+}
+
+function takePending(st: StdinState, n: number): void {
+  const rest = Buffer.from(st.pending.subarray(n));
+  st.pending.fill(0);
+  st.pending = rest;
+}
+
+/** Wipe what is buffered from a stdin (tests call verbs repeatedly in one process). */
+export function resetStdin(io?: CliIO): void {
+  const st = io ? stdinStates.get(io.stdin) : undefined;
+  st?.pending.fill(0);
+  if (io) stdinStates.delete(io.stdin);
 }
 
 /** One line from a terminal without echo. */
@@ -133,75 +178,148 @@ export interface PassphraseSource {
   keyfileSize?: number;
 }
 
-/** Read a key file (or '-' = stdin) whole, after offset, up to size (cryptsetup semantics). */
-export async function readKeyFile(io: CliIO, src: Required<Pick<PassphraseSource, 'keyFile'>> & PassphraseSource): Promise<Buffer> {
-  let data: Buffer;
-  if (src.keyFile === '-') {
-    const all = await readAllStdin(io);
-    data = Buffer.from(all.subarray(stdinPos));
-    stdinPos = all.length;
-  } else {
-    try {
-      data = await readFile(src.keyFile);
-    } catch {
-      throw new CryptmapError('EKEYFILE', 'Failed to open key file.', { exitCode: EXIT_WRONG_PARAMS });
-    }
-  }
-  const off = src.keyfileOffset ?? 0;
-  if (off > data.length) {
-    data.fill(0);
-    throw new CryptmapError('EKEYFILE', 'Cannot seek to requested keyfile offset.', { exitCode: EXIT_WRONG_PARAMS });
-  }
-  let end = data.length;
-  if (src.keyfileSize !== undefined && src.keyfileSize > 0) {
-    end = off + src.keyfileSize;
-    if (end > data.length) {
-      data.fill(0);
-      throw new CryptmapError('EKEYFILE', 'Cannot read requested amount of data.', { exitCode: EXIT_WRONG_PARAMS });
-    }
-  }
-  if (end - off > KEYFILE_MAX_BYTES) {
-    data.fill(0);
-    throw new CryptmapError('EKEYFILE', `Maximum keyfile size exceeded.`, { exitCode: EXIT_WRONG_PARAMS });
-  }
-  const out = Buffer.from(data.subarray(off, end));
-  data.fill(0);
-  return out;
+function keyError(message: string, code = 'EKEYFILE'): CryptmapError {
+  return new CryptmapError(code, message, { exitCode: EXIT_WRONG_PARAMS });
 }
 
 /**
- * Get a passphrase: from the key file when given; else from a terminal (prompt, no echo, and a
- * second prompt when `verify`); else from stdin up to the first newline.
+ * A key file, or standard input, read as cryptsetup's crypt_keyfile_device_read does: skip `keyfileOffset`
+ * bytes (read and dropped where the input cannot seek); then exactly `keyfileSize` bytes when it is given
+ * ("Cannot read requested amount of data." when fewer come), else everything up to the 8 MiB cap
+ * ("Maximum keyfile size exceeded." past it). Nothing is read whole: `/dev/urandom`, `/dev/zero` or an
+ * endless pipe cost at most the cap. `file` undefined is standard input with a newline ending the
+ * passphrase (`stopEol`); an input other than a regular file that gives nothing is "Nothing to read on
+ * input." (code EPIPE, exit 1): an empty passphrase only ever comes from an empty line or an empty file.
  */
-export async function getPassphrase(io: CliIO, prompt: string, src: PassphraseSource = {}, verify = false): Promise<Buffer> {
-  if (src.keyFile !== undefined) return readKeyFile(io, { ...src, keyFile: src.keyFile });
-  if (io.stdin.isTTY) {
-    const p = await readTtyLine(io, prompt);
-    if (verify) {
-      const q = await readTtyLine(io, 'Verify passphrase: ');
-      const same = p.equals(q);
-      q.fill(0);
-      if (!same) {
-        p.fill(0);
-        throw new CryptmapError('EVERIFY', 'Passphrases do not match.', { exitCode: EXIT_NO_PERMISSION });
+async function readKeyInput(io: CliIO, file: string | undefined, offset: number, size: number | undefined, stopEol: boolean): Promise<Buffer> {
+  const limit = size && size > 0 ? size : KEYFILE_MAX_BYTES + 1;
+  const unlimited = !(size && size > 0);
+  let data: Buffer;
+  let regular = false;
+  let newline = false;
+  if (file === undefined) {
+    if (offset > 0) {
+      let left = offset;
+      while (left > 0) {
+        const skipped = await readStdin(io, Math.min(left, 1 << 16), false);
+        skipped.data.fill(0);
+        if (skipped.data.length === 0) throw keyError('Cannot seek to requested keyfile offset.');
+        left -= skipped.data.length;
       }
     }
-    if (p.length > PASSPHRASE_MAX_BYTES) {
-      p.fill(0);
-      throw new CryptmapError('EPASS', 'Passphrase is too long.', { exitCode: EXIT_WRONG_PARAMS });
+    const r = await readStdin(io, limit, stopEol);
+    data = r.data;
+    newline = r.newline;
+  } else {
+    let fh: FileHandle;
+    try {
+      fh = await open(file, 'r');
+    } catch {
+      throw keyError('Failed to open key file.');
     }
-    return p;
+    try {
+      const st = await fh.stat();
+      regular = st.isFile();
+      if (regular && offset > st.size) throw keyError('Cannot seek to requested keyfile offset.');
+      let pos: number | null = regular ? offset : null;
+      if (!regular && offset > 0) {
+        const junk = Buffer.alloc(Math.min(offset, 1 << 16));
+        for (let left = offset; left > 0; ) {
+          const { bytesRead } = await fh.read(junk, 0, Math.min(left, junk.length), null);
+          if (bytesRead === 0) throw keyError('Cannot seek to requested keyfile offset.');
+          left -= bytesRead;
+        }
+        junk.fill(0);
+      }
+      const want = regular ? Math.min(limit, Math.max(0, st.size - offset)) : limit;
+      data = Buffer.alloc(want);
+      let got = 0;
+      // A regular file may still grow or shrink; a device or pipe gives what it gives.
+      while (got < data.length) {
+        const { bytesRead } = await fh.read(data, got, data.length - got, pos);
+        if (bytesRead === 0) break;
+        got += bytesRead;
+        if (pos !== null) pos += bytesRead;
+      }
+      if (got < data.length) {
+        const short = Buffer.from(data.subarray(0, got));
+        data.fill(0);
+        data = short;
+      }
+    } finally {
+      await fh.close().catch(() => {});
+    }
   }
-  const all = await readAllStdin(io);
-  const nl = all.indexOf(0x0a, stdinPos);
-  const end = nl < 0 ? all.length : nl;
-  const out = Buffer.from(all.subarray(stdinPos, end));
-  stdinPos = nl < 0 ? all.length : nl + 1;
-  if (out.length > KEYFILE_MAX_BYTES) {
-    out.fill(0);
-    throw new CryptmapError('EPASS', 'Maximum keyfile size exceeded.', { exitCode: EXIT_WRONG_PARAMS });
+  const fail = (e: CryptmapError) => {
+    data.fill(0);
+    return e;
+  };
+  if (data.length === 0 && !regular && !newline) throw fail(new CryptmapError('EPIPE', 'Nothing to read on input.', { exitCode: 1 }));
+  if (unlimited && data.length === limit) throw fail(keyError('Maximum keyfile size exceeded.'));
+  if (!unlimited && data.length !== limit) throw fail(keyError('Cannot read requested amount of data.'));
+  return data;
+}
+
+/** Read a key file (or '-' = stdin, read to its end) after --keyfile-offset, --keyfile-size bytes or up to 8 MiB (cryptsetup semantics). */
+export async function readKeyFile(io: CliIO, src: Required<Pick<PassphraseSource, 'keyFile'>> & PassphraseSource): Promise<Buffer> {
+  return readKeyInput(io, src.keyFile === '-' ? undefined : src.keyFile, src.keyfileOffset ?? 0, src.keyfileSize, false);
+}
+
+/**
+ * A volume key from a file (--volume-key-file), as cryptsetup's tools_read_vk: exactly `bytes`
+ * bytes from its start, whatever the file is (`/dev/urandom` gives a random key).
+ */
+export async function readVolumeKeyFile(file: string, bytes: number): Promise<Buffer> {
+  let fh: FileHandle;
+  try {
+    fh = await open(file, 'r');
+  } catch {
+    throw keyError(`Cannot read keyfile ${file}.`);
   }
-  return out;
+  const key = Buffer.alloc(bytes);
+  try {
+    let got = 0;
+    while (got < bytes) {
+      const { bytesRead } = await fh.read(key, got, bytes - got, null);
+      if (bytesRead === 0) break;
+      got += bytesRead;
+    }
+    if (got !== bytes) {
+      key.fill(0);
+      throw keyError(`Cannot read ${bytes} bytes from keyfile ${file}.`);
+    }
+    return key;
+  } finally {
+    await fh.close().catch(() => {});
+  }
+}
+
+/**
+ * Get a passphrase as cryptsetup's tools_get_key: from the key file when given ('-' = all of stdin,
+ * or a prompt when stdin is a terminal); else from a terminal (prompt, no echo, and a second prompt
+ * when `verify`); else from stdin up to the first newline, at most --keyfile-size bytes when given.
+ */
+export async function getPassphrase(io: CliIO, prompt: string, src: PassphraseSource = {}, verify = false): Promise<Buffer> {
+  const stdinKey = src.keyFile === undefined || src.keyFile === '-';
+  if (!stdinKey || !io.stdin.isTTY) {
+    return readKeyInput(io, stdinKey ? undefined : src.keyFile, src.keyfileOffset ?? 0, src.keyfileSize, src.keyFile === undefined);
+  }
+  if (src.keyfileOffset) throw keyError('Cannot use offset with terminal input.');
+  const p = await readTtyLine(io, prompt);
+  if (verify) {
+    const q = await readTtyLine(io, 'Verify passphrase: ');
+    const same = p.equals(q);
+    q.fill(0);
+    if (!same) {
+      p.fill(0);
+      throw new CryptmapError('EVERIFY', 'Passphrases do not match.', { exitCode: EXIT_NO_PERMISSION });
+    }
+  }
+  if (p.length > PASSPHRASE_MAX_BYTES) {
+    p.fill(0);
+    throw new CryptmapError('EPASS', 'Passphrase is too long.', { exitCode: EXIT_WRONG_PARAMS });
+  }
+  return p;
 }
 
 /**
@@ -375,6 +493,7 @@ export async function tryTokenUnlock(io: CliIO, vol: Luks1Volume | Luks2Volume, 
  * the volume key. `device` is the name used in the prompt.
  */
 export async function unlockForOpen(io: CliIO, vol: Luks1Volume | Luks2Volume, device: string, v: LuksArgs): Promise<UnlockResult> {
+  if (v['volume-key-file'] !== undefined) return unlockByVolumeKeyFile(vol, v['volume-key-file'], v);
   const byToken = await tryTokenUnlock(io, vol, v);
   if (byToken) return byToken;
   const tries = v['key-file'] !== undefined || !io.stdin.isTTY ? 1 : (intOpt(v.tries, '--tries', 1) ?? 3);
@@ -395,6 +514,23 @@ export async function unlockForOpen(io: CliIO, vol: Luks1Volume | Luks2Volume, d
       pass.fill(0);
     }
   }
+}
+
+/**
+ * `open --volume-key-file F` (cryptsetup's recovery path, crypt_activate_by_volume_key): the key is
+ * read from F (exactly the volume key size: of the keyslots, or --key-size when none is left, as
+ * after luksErase) and checked against the digest; no passphrase. keyslot -1: none was used.
+ */
+async function unlockByVolumeKeyFile(vol: Luks1Volume | Luks2Volume, file: string, v: LuksArgs): Promise<UnlockResult> {
+  const bits = intOpt(v['key-size'], '--key-size');
+  const bytes = bits !== undefined ? bits / 8 : vol.dataSegment.keyBytes;
+  if (!bytes) throw new CryptmapError('EARGS', 'Cannot determine volume key size for LUKS without keyslots, please use --key-size option.', { exitCode: EXIT_WRONG_PARAMS });
+  const vk = await readVolumeKeyFile(file, bytes);
+  if (!(await vol.verifyVolumeKey(vk))) {
+    vk.fill(0);
+    throw new CryptmapError('EVOLUMEKEY', 'Volume key does not match the volume.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
+  }
+  return { volumeKey: new Secret(vk), keyslot: -1 };
 }
 
 /**

@@ -9,7 +9,7 @@ import { Luks1Volume, Luks2Volume, withDeviceLock } from '../../luks/index.js';
 import type { SectorBytes } from '../../engine/types.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { closeQuietly, confirm, getPassphrase, intOpt, keyslotOptions, needDevice, openDevice, parseLuksArgs, readKeyFile } from './luks-common.js';
+import { closeQuietly, confirm, getPassphrase, intOpt, keyslotOptions, needDevice, openDevice, parseLuksArgs, readVolumeKeyFile } from './luks-common.js';
 
 /** Sizes like cryptsetup's --luks2-metadata-size (bytes, or with k/m/g suffix). */
 function sizeOpt(v: string | undefined, name: string): number | undefined {
@@ -50,7 +50,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   // One cleanup path: whatever fails once a secret has been read wipes it.
   try {
     if (v['volume-key-file'] !== undefined) {
-      volumeKey = await readKeyFile(io, { keyFile: v['volume-key-file'], keyfileSize: keyBits / 8 });
+      volumeKey = await readVolumeKeyFile(v['volume-key-file'], keyBits / 8);
       if (volumeKey.length !== keyBits / 8) throw new CryptmapError('EVK', 'Cannot read volume key file.', { exitCode: EXIT_WRONG_PARAMS });
     }
     pass = await getPassphrase(

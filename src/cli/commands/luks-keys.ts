@@ -6,8 +6,8 @@
  *   luksConvertKey <device>                  (LUKS2: the keyslot again under the PBKDF given now)
  * The image is locked while its header changes (luks/lock.ts).
  */
-import { withDeviceLock } from '../../luks/index.js';
-import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import { type Luks1Volume, type Luks2Volume, type UnlockResult, withDeviceLock } from '../../luks/index.js';
+import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
 import { Secret } from '../../util/secret.js';
 import type { CliIO, VerbMain } from '../types.js';
 import {
@@ -22,9 +22,21 @@ import {
   needDevice,
   openDevice,
   parseLuksArgs,
-  readKeyFile,
+  readVolumeKeyFile,
   recoverLoaded,
 } from './luks-common.js';
+
+/** Unlock with one of `slots` only (cryptsetup tries them in order); "No key available with this passphrase." (exit 2) otherwise. */
+async function unlockAny(vol: Luks1Volume | Luks2Volume, passphrase: Uint8Array, slots: number[]): Promise<UnlockResult> {
+  for (const keySlot of slots) {
+    try {
+      return await vol.unlock(passphrase, { keySlot });
+    } catch (e) {
+      if (!isCryptmapError(e) || !['ENOKEY', 'EKEYSLOT'].includes(e.code)) throw e;
+    }
+  }
+  throw new CryptmapError('ENOKEY', 'No key available with this passphrase.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
+}
 
 function existingSource(v: LuksArgs) {
   return { keyFile: v['key-file'], keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'), keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size') };
@@ -57,7 +69,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         let auth: { passphrase: Uint8Array } | { volumeKey: Secret };
         const vkFile = v['volume-key-file'];
         if (vkFile) {
-          const vk = await readKeyFile(io, { keyFile: vkFile, keyfileSize: vol.dataSegment.keyBytes });
+          const vk = await readVolumeKeyFile(vkFile, vol.dataSegment.keyBytes);
           secrets.push(vk); // wiped in the finally below even when addKey fails
           auth = { volumeKey: new Secret(vk) };
         } else {
@@ -119,20 +131,40 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         return 0;
       }
       if (verb === 'luksKillSlot') {
+        // cryptsetup 2.6 action_luksKillSlot + verify_keyslot: unless in batch mode on a terminal without
+        // a key file, a passphrase must prove access first: for the last keyslot, that keyslot's own;
+        // else one of the OTHER keyslots' (the doomed slot's passphrase does not count, so a typo
+        // cannot destroy the last way in). Input that ends before giving anything (`</dev/null`) skips
+        // the check, as cryptsetup does when reading stdin.
         const slot = intOpt(positionals[1], 'key slot', 0, vol.type === 'luks1' ? 7 : 31);
         if (slot === undefined) throw new CryptmapError('EARGS', 'Command requires key slot as argument.', { exitCode: EXIT_WRONG_PARAMS });
         const info = vol.keyslots().find((k) => k.id === slot);
         if (!info?.active) throw new CryptmapError('EKEYSLOT', `Keyslot ${slot} is not active.`, { exitCode: EXIT_WRONG_PARAMS });
-        const active = vol.keyslots().filter((k) => k.active);
-        if (active.length === 1) {
-          await confirm(io, 'This is the last keyslot. Device will become unusable after purging this key.', v['batch-mode']);
-        } else if (!v['batch-mode'] || v['key-file'] !== undefined || !io.stdin.isTTY) {
-          const p = await getPassphrase(io, 'Enter any remaining passphrase: ', existingSource(v));
-          secrets.push(p);
-          (await vol.unlock(p)).volumeKey.dispose();
+        say(`Keyslot ${slot} is selected for deletion.\n`);
+        const others = vol.keyslots().filter((k) => k.active && k.id !== slot);
+        if (!v['batch-mode'] || v['key-file'] !== undefined || !io.stdin.isTTY) {
+          if (others.length === 0 && v['key-file'] === undefined) {
+            await confirm(io, 'This is the last keyslot. Device will become unusable after purging this key.', v['batch-mode']).catch((e: unknown) => {
+              throw isCryptmapError(e, 'EABORT') ? new CryptmapError('EABORT', 'Operation aborted, the keyslot was NOT wiped.', { exitCode: EXIT_NO_PERMISSION }) : e;
+            });
+          }
+          let p: Buffer | undefined;
+          try {
+            p = await getPassphrase(io, 'Enter any remaining passphrase: ', existingSource(v));
+          } catch (e) {
+            const fromStdin = v['key-file'] === undefined || v['key-file'] === '-';
+            if (!(isCryptmapError(e, 'EPIPE') && fromStdin)) throw e;
+            io.stderr.write(`${e.message}\n`);
+          }
+          if (p) {
+            secrets.push(p);
+            const unlocked = others.length === 0 ? await vol.unlock(p, { keySlot: slot }) : await unlockAny(vol, p, others.map((k) => k.id));
+            unlocked.volumeKey.dispose();
+            say(`Key slot ${unlocked.keyslot} unlocked.\n`);
+          }
         }
         await vol.killSlot(slot);
-        say('Command successful.\n');
+        say(`Key slot ${slot} removed.\nCommand successful.\n`);
         return 0;
       }
       throw new CryptmapError('EARGS', `Unknown verb ${verb}.`, { exitCode: EXIT_WRONG_PARAMS });

@@ -196,7 +196,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
     const { mapping, volumeKey } = type === 'plain' ? await preparePlainFromArgs(io, device, name, v) : await prepareLuksFromArgs(io, device, name, v);
     const st = await sendOpen(client, mapping, volumeKey);
     if (v.persistent) await makeFlagsPersistent(io, device, v);
-    if (v.verbose && mapping.keyslot !== undefined) io.stdout.write(`Key slot ${mapping.keyslot} unlocked.\n`);
+    if (v.verbose && mapping.keyslot !== undefined && mapping.keyslot >= 0) io.stdout.write(`Key slot ${mapping.keyslot} unlocked.\n`);
     if (v.attach) {
       const info = await client.call<AttachInfo>('attach', { name, readOnly: v.readonly === true });
       io.stdout.write(`${info.devicePath}\n`);

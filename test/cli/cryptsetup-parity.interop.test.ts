@@ -1,0 +1,141 @@
+// cryptsetup 2.6 as the oracle for what its own test suite found (issue 12 items 1-3, issue 11 items
+// 12-14; ../shared/cryptsetup-suite/results.md R1-R21): every case runs the same command line with
+// /usr/sbin/cryptsetup and with cryptmap on copies of one image and compares the exit code, the
+// message and the header left on disk (read back by cryptsetup luksDump).
+import assert from 'node:assert/strict';
+import { chmodSync, copyFileSync, mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { cryptmap, exec, ok, type Result } from './harness.js';
+
+let dir = '';
+const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
+const CS = '/usr/sbin/cryptsetup';
+
+before(() => {
+  dir = mkdtempSync(join(tmpdir(), 'cryptmap-parity-'));
+  chmodSync(dir, 0o700);
+});
+after(() => rmSync(dir, { recursive: true, force: true }));
+
+let n = 0;
+/** A fresh image of `mib` MiB formatted by cryptsetup with passphrase "old" (and "new" in slot 1 when `two`). */
+async function image(type: 'luks1' | 'luks2', two = false, mib = 20): Promise<string> {
+  const img = join(dir, `img${n++}`);
+  writeFileSync(img, '');
+  truncateSync(img, mib << 20);
+  await ok(CS, ['-q', 'luksFormat', '--type', type, ...FAST, img, '-d', kf('old')]);
+  if (two) await ok(CS, ['luksAddKey', ...FAST, img, '-d', kf('old'), kf('new')]);
+  return img;
+}
+function kf(content: string): string {
+  const f = join(dir, `key-${content}`);
+  writeFileSync(f, content, { mode: 0o600 });
+  return f;
+}
+/** Which keyslots are active, as cryptsetup luksDump reads them. */
+async function slots(img: string): Promise<string> {
+  const d = await ok(CS, ['luksDump', img]);
+  const l1 = [...d.matchAll(/^Key Slot (\d): ENABLED/gm)].map((m) => m[1]);
+  const l2 = [...d.matchAll(/^ {2}(\d+): luks2/gm)].map((m) => m[1]);
+  return [...l1, ...l2].join(',');
+}
+
+interface Outcome {
+  code: number;
+  err: string;
+  slots: string;
+}
+/**
+ * Run `args` (IMG stands for the image) with cryptsetup and with cryptmap, each on its own copy of
+ * `img`, with `input` on stdin; both outcomes must agree (exit code, last stderr line, keyslots).
+ */
+async function same(img: string, args: string[], input = ''): Promise<Outcome> {
+  const a = `${img}.cs`;
+  const b = `${img}.cm`;
+  copyFileSync(img, a);
+  copyFileSync(img, b);
+  const sub = (p: string) => args.map((x) => (x === 'IMG' ? p : x));
+  const rs: Result = await exec(CS, sub(a), input);
+  const rm: Result = await cryptmap(sub(b), input);
+  // The last line, with the image named IMG and a usage error's program prefix dropped.
+  const last = (s: string) => (s.trim().split('\n').pop() ?? '').replaceAll(a, 'IMG').replaceAll(b, 'IMG').replace(/^\S*cryptsetup: /, '');
+  const cs: Outcome = { code: rs.code, err: last(rs.stderr), slots: await slots(a).catch(() => 'not LUKS') };
+  const cm: Outcome = { code: rm.code, err: last(rm.stderr), slots: await slots(b).catch(() => 'not LUKS') };
+  assert.deepEqual(cm, cs, `cryptmap ${args.join(' ')} differs from cryptsetup (stdin ${JSON.stringify(input)}): ${rm.stderr}`);
+  return cm;
+}
+
+test('R1: a passphrase missing from standard input is "Nothing to read on input." (exit 1), never an empty passphrase', async () => {
+  for (const type of ['luks1', 'luks2'] as const) {
+    const img = await image(type);
+    const r = await same(img, ['luksAddKey', ...FAST, 'IMG'], 'old\n');
+    assert.deepEqual([r.code, r.err], [1, 'Nothing to read on input.']);
+    await same(img, ['luksAddKey', ...FAST, 'IMG'], 'old\n\n'); // an empty line is an empty passphrase, as in cryptsetup
+    await same(img, ['open', '--test-passphrase', 'IMG'], '');
+    await same(img, ['luksChangeKey', ...FAST, 'IMG'], 'old\n');
+    await same(img, ['luksRemoveKey', 'IMG'], '');
+    await same(img, ['luksDump', '--dump-volume-key', '-q', 'IMG'], '');
+    await same(img, ['luksConvertKey', ...FAST, 'IMG'], '');
+  }
+});
+
+test('R2: no active keyslot is "No usable keyslot is available." (exit 1)', async () => {
+  for (const type of ['luks1', 'luks2'] as const) {
+    const img = await image(type);
+    await ok(CS, ['-q', 'luksKillSlot', img, '0']);
+    for (const args of [['open', '--test-passphrase', 'IMG'], ['luksAddKey', ...FAST, 'IMG'], ['luksRemoveKey', 'IMG'], ['luksChangeKey', ...FAST, 'IMG']]) {
+      const r = await same(img, args, 'old\nx\n');
+      assert.deepEqual([r.code, r.err], [1, 'No usable keyslot is available.'], args.join(' '));
+    }
+  }
+});
+
+test('R3: luksKillSlot wants another keyslot\'s passphrase; input that ends at once skips the check; the last slot needs its own', async () => {
+  for (const type of ['luks1', 'luks2'] as const) {
+    const img = await image(type, true);
+    assert.equal((await same(img, ['luksKillSlot', 'IMG', '1'], 'new\n')).code, 2); // the doomed slot's own passphrase
+    assert.equal((await same(img, ['luksKillSlot', 'IMG', '1'], 'old\n')).slots, '0');
+    assert.equal((await same(img, ['luksKillSlot', 'IMG', '1'], '')).slots, '0'); // </dev/null
+    assert.equal((await same(img, ['-q', 'luksKillSlot', 'IMG', '1'], '')).slots, '0');
+    assert.equal((await same(img, ['luksKillSlot', 'IMG', '1', '-d', kf('new')])).code, 2);
+    assert.equal((await same(img, ['luksKillSlot', 'IMG', '3'], 'old\n')).err, 'Keyslot 3 is not active.');
+    const one = await image(type);
+    assert.equal((await same(one, ['luksKillSlot', 'IMG', '0'], 'wrong\n')).code, 2); // the last slot: its own passphrase
+    assert.equal((await same(one, ['-q', 'luksKillSlot', 'IMG', '0'], 'old\n')).slots, '');
+  }
+});
+
+test('R6: key files are read bounded: /dev/zero with -l, /dev/urandom as volume key, the 8 MiB cap', async () => {
+  const img = await image('luks2');
+  const t0 = Date.now();
+  await same(img, ['-q', 'luksFormat', ...FAST, '--volume-key-file', '/dev/urandom', '-d', '/dev/zero', '-l', '32', 'IMG']);
+  await same(img, ['open', '--test-passphrase', '-d', '/dev/zero', '-l', '32', 'IMG']);
+  const big = join(dir, 'big');
+  writeFileSync(big, Buffer.alloc((8 << 20) + 1, 1));
+  const r = await same(img, ['open', '--test-passphrase', '-d', big, 'IMG']);
+  assert.deepEqual([r.code, r.err], [1, 'Maximum keyfile size exceeded.']);
+  const m = await cryptmap(['open', '--test-passphrase', '-d', '/dev/zero', img]);
+  assert.deepEqual([m.code, m.stderr.trim()], [1, 'Maximum keyfile size exceeded.']);
+  assert.ok(Date.now() - t0 < 60_000, 'bounded reads finish');
+});
+
+test('R7/R9: -d twice is a usage error; -l limits a passphrase read from standard input', async () => {
+  const img = await image('luks1');
+  assert.equal((await same(img, ['-d', '-', 'luksOpen', '--test-passphrase', 'IMG', '-d', kf('old')], 'old')).code, 1);
+  assert.equal((await same(img, ['luksRemoveKey', 'IMG', '-l', '2'], 'old\n')).code, 2); // "ol"
+  await same(img, ['luksRemoveKey', 'IMG', '-l', '11'], 'old\n'); // fewer bytes than asked
+  assert.equal((await same(img, ['luksRemoveKey', 'IMG', '-q', '-l', '3'], 'oldx\n')).slots, '');
+});
+
+test('R19: open --test-passphrase --volume-key-file checks the volume key (also after luksErase, with --key-size)', async () => {
+  const img = await image('luks2');
+  const vk = join(dir, 'vk');
+  await ok(CS, ['luksDump', '--dump-volume-key', '-q', '--volume-key-file', vk, img, '-d', kf('old')]);
+  assert.equal((await same(img, ['open', '--test-passphrase', '--volume-key-file', vk, 'IMG'])).code, 0);
+  assert.equal((await same(img, ['open', '--test-passphrase', '--volume-key-file', '/dev/urandom', 'IMG'])).code, 2);
+  await ok(CS, ['-q', 'luksErase', img]);
+  assert.equal((await same(img, ['open', '--test-passphrase', '--volume-key-file', vk, 'IMG'])).code, 1);
+  assert.equal((await same(img, ['open', '--test-passphrase', '--volume-key-file', vk, '--key-size', '512', 'IMG'])).code, 0);
+});
