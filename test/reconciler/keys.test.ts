@@ -75,3 +75,22 @@ test('embedded key service: a wrapped root (passphrase file) and a root secret f
     await t.cleanup();
   }
 });
+
+test('agent status repeats the warning while a raw embedded root secret sits in the state dir', async () => {
+  const t = await tempDir('cryptmap-keys-');
+  try {
+    const { spawnSync } = await import('node:child_process');
+    const entry = new URL('../../src/cli/entry.js', import.meta.url).pathname;
+    const status = () => spawnSync(process.execPath, [entry, 'agent', 'status', '--state-dir', t.dir], { encoding: 'utf8' });
+    assert.doesNotMatch(status().stdout, /WARNING/);
+    const a = await keyServiceForManifest({ address: 'embedded' }, t.dir);
+    await a.close();
+    const r = status();
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stdout, /WARNING: the embedded key service keeps the raw root secret in .*keyd\/root\.key/);
+    const json = JSON.parse(spawnSync(process.execPath, [entry, 'agent', 'status', '--json', '--state-dir', t.dir], { encoding: 'utf8' }).stdout) as { warning?: string };
+    assert.match(json.warning ?? '', /decrypt every persistent volume/);
+  } finally {
+    await t.cleanup();
+  }
+});
