@@ -11,7 +11,7 @@ import { type Socket, connect } from 'node:net';
 import { CryptmapError, isCryptmapError } from '../util/errors.js';
 import { untrustedPeer } from '../util/peercred.js';
 import { checkTrustedSocket } from '../util/trusted-path.js';
-import { type ControlResponse, lineSplitter } from './protocol.js';
+import { type ControlResponse, encodeRequest, lineSplitter } from './protocol.js';
 import { controlSocketPath } from './runtime-dir.js';
 
 export const DAEMON_NOT_RUNNING = "cryptmap: the daemon is not running (start it with 'cryptmap daemon')";
@@ -87,12 +87,18 @@ export class ControlClient {
     return new ControlClient(sock);
   }
 
-  call<T = unknown>(op: string, args: Record<string, unknown> = {}): Promise<T> {
+  /**
+   * Send a request; `bin` holds binary arguments (volume keys) that travel as raw bytes after the
+   * line (protocol.ts), never as JSON strings. Copies made for the socket are wiped once written.
+   */
+  call<T = unknown>(op: string, args: Record<string, unknown> = {}, bin?: Record<string, Uint8Array>): Promise<T> {
     if (this.#closedError) return Promise.reject(this.#closedError);
     const id = this.#nextId++;
     return new Promise<T>((resolve, reject) => {
       this.#waiting.set(id, { resolve: resolve as (v: unknown) => void, reject });
-      this.#sock.write(JSON.stringify({ id, op, args }) + '\n');
+      const { line, binary } = encodeRequest(id, op, args, bin);
+      this.#sock.write(line);
+      for (const b of binary) this.#sock.write(b, () => b.fill(0));
     });
   }
 

@@ -8,7 +8,7 @@ import { CryptmapError, isCryptmapError } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import { peerCredentials } from '../util/peercred.js';
 import { clearStaleSocket } from '../util/unix-socket.js';
-import { type ControlResponse, lineSplitter, parseRequest } from './protocol.js';
+import { type ControlRequest, type ControlResponse, lineSplitter, parseRequest } from './protocol.js';
 
 export type ControlHandler = (args: Record<string, unknown>) => Promise<unknown>;
 export type ControlHandlers = Record<string, ControlHandler>;
@@ -59,10 +59,32 @@ export class ControlServer {
       sock.end();
       return;
     }
+    const run = (req: ControlRequest, bytes?: Buffer) => {
+      const handler = Object.hasOwn(this.#handlers, req.op) ? this.#handlers[req.op] : undefined;
+      if (!handler) {
+        bytes?.fill(0);
+        send({ id: req.id, ok: false, error: { code: 'EUNKNOWN_OP', message: `unknown control operation '${req.op}'`, exitCode: 1 } });
+        return;
+      }
+      // A handler may throw synchronously (argument checks): that must become a response, not an
+      // uncaught exception that takes the daemon down.
+      Promise.resolve()
+        .then(() => handler(req.args))
+        .then(
+          (result) => send({ id: req.id, ok: true, result: result ?? null }),
+          (e) => {
+            if (!isCryptmapError(e)) log.error('control operation failed', { op: req.op, error: e instanceof Error ? e.message : String(e) });
+            send({ id: req.id, ok: false, error: errorBody(e) });
+          },
+        )
+        // Binary arguments (keys) are wiped once the handler is done with them, whatever it did.
+        .finally(() => bytes?.fill(0));
+    };
+    let awaiting: ControlRequest | null = null;
     const push = lineSplitter(
       (line) => {
         if (line.trim() === '') return;
-        let req: ReturnType<typeof parseRequest>;
+        let req: ControlRequest;
         try {
           req = parseRequest(line);
         } catch (e) {
@@ -70,26 +92,26 @@ export class ControlServer {
           sock.end();
           return;
         }
-        const handler = Object.hasOwn(this.#handlers, req.op) ? this.#handlers[req.op] : undefined;
-        if (!handler) {
-          send({ id: req.id, ok: false, error: { code: 'EUNKNOWN_OP', message: `unknown control operation '${req.op}'`, exitCode: 1 } });
-          return;
+        if (!req.bin) {
+          run(req);
+          return undefined;
         }
-        // A handler may throw synchronously (argument checks): that must become a response, not an
-        // uncaught exception that takes the daemon down.
-        Promise.resolve()
-          .then(() => handler(req.args))
-          .then(
-          (result) => send({ id: req.id, ok: true, result: result ?? null }),
-          (e) => {
-            if (!isCryptmapError(e)) log.error('control operation failed', { op: req.op, error: e instanceof Error ? e.message : String(e) });
-            send({ id: req.id, ok: false, error: errorBody(e) });
-          },
-        );
+        awaiting = req;
+        return req.bin.reduce((a, [, n]) => a + n, 0);
       },
       () => {
         send({ id: null, ok: false, error: { code: 'EPROTO', message: 'control request line too long', exitCode: 1 } });
         sock.end();
+      },
+      (bytes) => {
+        const req = awaiting!;
+        awaiting = null;
+        let at = 0;
+        for (const [name, n] of req.bin!) {
+          req.args[name] = bytes.subarray(at, at + n);
+          at += n;
+        }
+        run(req, bytes);
       },
     );
     sock.on('data', push);

@@ -5,7 +5,6 @@
 import type { CryptMapping } from '../activate/mapping.js';
 import { dmHandlers } from '../control/dm-remote.js';
 import type { ControlHandlers } from '../control/server.js';
-import { fromHex, wipe } from '../util/bytes.js';
 import { CryptmapError } from '../util/errors.js';
 import { Secret } from '../util/secret.js';
 import type { DaemonCore, RefreshFlags } from './core.js';
@@ -16,6 +15,14 @@ function need<T>(v: unknown, check: (x: unknown) => boolean, what: string): T {
   return v as T;
 }
 const isStr = (x: unknown) => typeof x === 'string' && x.length > 0;
+
+/**
+ * The volume key of a request: raw bytes sent after the request line (control/protocol.ts `bin`),
+ * a Buffer the control server wipes once the handler is done. The core takes copies of its own.
+ */
+function keyOf(a: Record<string, unknown>): Secret {
+  return new Secret(need<Buffer>(a.key, (x) => Buffer.isBuffer(x) && x.length > 0, 'key (binary)'));
+}
 const isUint = (x: unknown) => typeof x === 'number' && Number.isSafeInteger(x) && x >= 0;
 
 /** Rebuild a CryptMapping from its JSON form, checking every field. */
@@ -53,25 +60,21 @@ export function daemonHandlers(core: DaemonCore): ControlHandlers {
     'daemon.ping': async () => ({ pid: process.pid, nbdSocket: core.nbdSocketPath }),
     'volume.open': async (a) => {
       const m = mappingFromJson(a.mapping);
-      const raw = fromHex(need<string>(a.key, (x) => typeof x === 'string', 'key'), 'volume key');
-      const key = new Secret(raw);
+      const key = keyOf(a);
       try {
         return await core.openVolume(m, key);
       } finally {
         key.dispose();
-        wipe(raw);
       }
     },
     'volume.suspend': async (a) => core.suspendVolume(need(a.name, isStr, 'name')),
     'volume.resume': async (a) => {
       const name = need<string>(a.name, isStr, 'name');
-      const raw = fromHex(need<string>(a.key, (x) => typeof x === 'string', 'key'), 'volume key');
-      const key = new Secret(raw);
+      const key = keyOf(a);
       try {
         return await core.resumeVolume(name, key);
       } finally {
         key.dispose();
-        wipe(raw);
       }
     },
     'volume.refresh': async (a) => {
@@ -80,26 +83,22 @@ export function daemonHandlers(core: DaemonCore): ControlHandlers {
       if (typeof f !== 'object' || f === null || Array.isArray(f)) throw new CryptmapError('EPROTO', 'flags must be an object');
       const flags: RefreshFlags = {};
       for (const k of ['allowDiscards', 'sameCpuCrypt', 'submitFromCryptCpus', 'noReadWorkqueue', 'noWriteWorkqueue'] as const) flags[k] = f[k] === true;
-      const raw = fromHex(need<string>(a.key, (x) => typeof x === 'string', 'key'), 'volume key');
-      const key = new Secret(raw);
+      const key = keyOf(a);
       try {
         return await core.refreshVolume(name, flags, key);
       } finally {
         key.dispose();
-        wipe(raw);
       }
     },
     'volume.resize': async (a) => {
       const name = need<string>(a.name, isStr, 'name');
       const size = a.sizeSectors === undefined ? undefined : need<number>(a.sizeSectors, (x) => typeof x === 'number' && Number.isSafeInteger(x), 'sizeSectors');
       if (a.key === undefined) return core.resizeVolume(name, size);
-      const raw = fromHex(need<string>(a.key, (x) => typeof x === 'string', 'key'), 'volume key');
-      const key = new Secret(raw);
+      const key = keyOf(a);
       try {
         return await core.resizeVolume(name, size, key);
       } finally {
         key.dispose();
-        wipe(raw);
       }
     },
     'volume.close': async (a) => core.closeVolume(need(a.name, isStr, 'name'), { force: a.force === true }),

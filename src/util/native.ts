@@ -89,6 +89,8 @@ export interface NativeAddon {
    * before it was added lacks it (util/peercred.ts then reports the credentials as unknown).
    */
   peerCred?(fd: number): { pid: number; uid: number; gid: number };
+  /** prctl(PR_SET_DUMPABLE, flag) when a flag is given; PR_GET_DUMPABLE after (native/dumpable.c). */
+  dumpable?(flag?: boolean): boolean;
 }
 
 export const NATIVE_ABI_VERSION = 2;

@@ -5,6 +5,15 @@
  */
 import { inspect } from 'node:util';
 
+/**
+ * A zeroed Buffer for key bytes whose memory never moves: its own ArrayBuffer, whose backing store
+ * lives outside the V8 heap. `Buffer.alloc(n)` for n <= 64 (a 512-bit key) may place the bytes in
+ * the V8 heap, where a garbage collection copies them and leaves the old copy behind unwiped.
+ */
+export function allocSecretBuffer(n: number): Buffer {
+  return Buffer.from(new ArrayBuffer(n));
+}
+
 export class Secret {
   #bytes: Buffer | null;
 

@@ -3,7 +3,7 @@
  * resize): as cryptsetup's crypt_init_by_name_and_header, the header is the mapping's (its device, or
  * its detached header, or --header), and its type and UUID must give the mapping's dm uuid
  * (CRYPT-LUKS2-<uuid>-<name>); then a keyslot is unlocked exactly as `open` does (tokens, prompt with
- * --tries, key file) and the volume key goes to the daemon once, as hex over the 0600 control socket
+ * --tries, key file) and the volume key goes to the daemon once, as raw bytes over the 0600 control socket
  * (docs/secrets.md).
  */
 import { dmUuid } from '../../activate/mapping.js';
@@ -12,7 +12,6 @@ import type { ControlClient } from '../../control/client.js';
 import type { VolumeStatus } from '../../daemon/core.js';
 import type { DmInfo } from '../../dm/control.js';
 import type { Luks1Volume, Luks2Volume } from '../../luks/index.js';
-import { toHex } from '../../util/bytes.js';
 import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_DEVICE, isCryptmapError } from '../../util/errors.js';
 import type { CliIO } from '../types.js';
 import { closeQuietly, type LuksArgs, loadLuksForRead, unlockForOpen } from './luks-common.js';
@@ -58,7 +57,7 @@ export function checkLuksType(name: string, reqType: string | undefined, vol: Lu
 }
 
 /**
- * Unlock the matching header of active volume `name` and give its volume key, as hex, to `send`.
+ * Unlock the matching header of active volume `name` and give its volume key (raw bytes, wiped after `send`) to `send`.
  * `check` runs on the loaded header before any passphrase is asked (type checks, reading flags).
  */
 export async function sendActiveVolumeKey(
@@ -66,23 +65,20 @@ export async function sendActiveVolumeKey(
   name: string,
   active: { st: VolumeStatus; uuid: string },
   v: LuksArgs,
-  send: (hex: string) => Promise<void>,
+  send: (key: Buffer) => Promise<void>,
   check?: (vol: Luks1Volume | Luks2Volume) => void,
 ): Promise<void> {
   const { dev, vol } = await loadMatchingHeader(name, active.st, active.uuid, v);
-  let hex = '';
   try {
     check?.(vol);
     // Prompt with the data device's name, as cryptsetup's tools_get_key does.
     const r = await unlockForOpen(io, vol, active.st.mapping!.device, v);
     try {
-      hex = toHex(r.volumeKey.expose());
+      await send(r.volumeKey.expose());
     } finally {
       r.volumeKey.dispose();
     }
-    await send(hex);
   } finally {
-    hex = '';
     try {
       await vol.close();
     } finally {

@@ -24,6 +24,7 @@ import { StateStore } from '../../reconciler/state.js';
 import { formatStatus, statusRows } from '../../reconciler/status.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { CliIO, VerbMain } from '../types.js';
+import { disableCoreDumps } from '../../util/dumpable.js';
 
 const USAGE = `usage: cryptmap agent [--manifest FILE] --state-dir DIR [--boot-id ID] [--once] [--nbd-only] [--force-swap] [--mount-root DIR]
        cryptmap agent status [--json] --state-dir DIR
@@ -99,6 +100,7 @@ const agent: VerbMain = async (argv, io) => {
   if (!stateDir) throw usageError('--state-dir is required');
   const manifest: Manifest = v.manifest ? await loadManifest(v.manifest) : parseManifest(DEFAULT_MANIFEST_YAML, DEFAULT_MANIFEST_FILE);
   const bootId = await readBootId(v['boot-id']);
+  disableCoreDumps('agent');
   const host = await AgentHost.start({
     manifest,
     stateDir,

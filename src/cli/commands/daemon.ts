@@ -29,6 +29,7 @@ import { setCryptThreads } from '../../engine/index.js';
 import { daemonHandlers } from '../../daemon/handlers.js';
 import type { NbdServerOptions, NbdTlsMode } from '../../nbd/types.js';
 import { CryptmapError, fromSystemError } from '../../util/errors.js';
+import { disableCoreDumps } from '../../util/dumpable.js';
 import { logger } from '../../util/log.js';
 import { openTrustedAppend, writeFileReplacing } from '../../util/trusted-path.js';
 import type { VerbMain } from '../types.js';
@@ -122,6 +123,7 @@ const daemon: VerbMain = async (argv, io) => {
     }
   }
 
+  disableCoreDumps('daemon');
   if (cryptThreads !== undefined) setCryptThreads(cryptThreads);
   const core = new DaemonCore({ nbdSocketPath: nbdSocketPath(dir), attachDir: join(dir, 'attach'), nbd: nbdOpts });
   const control = new ControlServer(daemonHandlers(core));

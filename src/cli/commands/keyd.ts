@@ -15,6 +15,7 @@ import { isValidName } from '../../keyservice/derive.js';
 import { DEFAULT_POLICY, loadPolicy, tokenDigest } from '../../keyservice/policy.js';
 import { loadOrCreateRootSecret, readPassphraseFile } from '../../keyservice/root-secret.js';
 import { listenTls, listenUnix, newClientToken, type RunningServer } from '../../keyservice/server.js';
+import { disableCoreDumps } from '../../util/dumpable.js';
 import { KeyService } from '../../keyservice/service.js';
 import { CryptmapError, fromSystemError } from '../../util/errors.js';
 import type { Secret } from '../../util/secret.js';
@@ -91,6 +92,7 @@ const keyd: VerbMain = async (argv, io) => {
     return 0;
   }
   if (!values['state-dir']) throw new CryptmapError('EARGS', `--state-dir is required\n${HELP}`);
+  disableCoreDumps('keyd');
   const stateDir = resolve(values['state-dir']);
   const tls = [values['tls-cert'], values['tls-key'], values['tls-ca']];
   if (values.listen && tls.some((x) => !x)) throw new CryptmapError('EARGS', '--listen needs --tls-cert, --tls-key and --tls-ca');

@@ -19,7 +19,7 @@ import type { VolumeStatus } from '../../daemon/core.js';
 import { mappingToJson } from '../../daemon/handlers.js';
 import type { SectorBytes } from '../../engine/types.js';
 import { withDeviceLock } from '../../luks/index.js';
-import { toHex, wipe } from '../../util/bytes.js';
+import { wipe } from '../../util/bytes.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { Secret } from '../../util/secret.js';
 import type { AttachInfo } from '../../nbd/attach.js';
@@ -166,13 +166,11 @@ async function prepareLuksFromArgs(io: CliIO, device: string, name: string, v: O
   return { mapping: { ...r.mapping, ...perfFlags(v) }, volumeKey: r.volumeKey };
 }
 
-/** Send an unlocked mapping to the daemon (key as hex over the 0600 socket; wiped here afterwards). */
+/** Send an unlocked mapping to the daemon (the key as raw bytes after the request, control/protocol.ts; wiped here afterwards). */
 export async function sendOpen(c: ControlClient, mapping: CryptMapping, volumeKey: Secret): Promise<VolumeStatus> {
-  let hex = toHex(volumeKey.expose());
   try {
-    return await c.call<VolumeStatus>('volume.open', { mapping: mappingToJson(mapping), key: hex });
+    return await c.call<VolumeStatus>('volume.open', { mapping: mappingToJson(mapping) }, { key: volumeKey.expose() });
   } finally {
-    hex = '';
     volumeKey.dispose();
   }
 }

@@ -45,7 +45,7 @@ const refresh: VerbMain = async (argv, io) => {
       active,
       v,
       async (key) => {
-        await c.call<VolumeStatus>('volume.refresh', { name, flags, key });
+        await c.call<VolumeStatus>('volume.refresh', { name, flags }, { key });
       },
       (vol) => {
         checkLuksType(name, v.type, vol);

@@ -40,7 +40,7 @@ const resize: VerbMain = async (argv, io) => {
     if (active.st.mapping?.type !== 'LUKS2') await c.call<VolumeStatus>('volume.resize', req);
     else
       await sendActiveVolumeKey(io, name, active, v, async (key) => {
-        await c.call<VolumeStatus>('volume.resize', { ...req, key });
+        await c.call<VolumeStatus>('volume.resize', req, { key });
       });
   } finally {
     c.close();

@@ -10,7 +10,7 @@
  * mapping (its device, or its detached header, or --header) is loaded; its UUID and type must match
  * the mapping's dm uuid (CRYPT-LUKS2-<uuid>-<name>), else cryptsetup's "not active LUKS device name
  * or header is missing". Then tokens, then the passphrase (prompt with --tries, or --key-file), and
- * the volume key goes to the daemon once, as hex over the 0600 control socket (docs/secrets.md),
+ * the volume key goes to the daemon once, as raw bytes over the 0600 control socket (docs/secrets.md),
  * which puts it back in its keyring, sends `key set :<bytes>:logon:cryptmap:<name>` and resumes.
  * A wrong passphrase leaves the device suspended (exit 2, retryable).
  *
@@ -62,7 +62,7 @@ export const luksResume: VerbMain = async (argv, io) => {
       active,
       v,
       async (key) => {
-        await c.call<VolumeStatus>('volume.resume', { name, key });
+        await c.call<VolumeStatus>('volume.resume', { name }, { key });
       },
       (vol) => {
         checkLuksType(name, reqType, vol);
