@@ -101,7 +101,7 @@ export interface BtreeWalk {
  * and visited every time; `depth` bounds the recursion so a loop is an error, not a hang.
  */
 export async function walkBtree(read: BlockReader, root: number, valueSize: number, what: string, visit: BtreeWalk): Promise<void> {
-  const state = { lastLeafKey: -1 };
+  const state = { lastLeafKey: -1, inTree: new Set<number>() };
   await walkNode(read, root, valueSize, what, visit, true, undefined, 0, state);
 }
 
@@ -114,7 +114,7 @@ async function walkNode(
   isRoot: boolean,
   parentKey: number | undefined,
   depth: number,
-  state: { lastLeafKey: number },
+  state: { lastLeafKey: number; inTree: Set<number> },
 ): Promise<void> {
   if (depth > MAX_DEPTH) throw metadataError(`${what} btree is deeper than ${MAX_DEPTH} levels (a loop?) at block ${blocknr}`);
   visit.onRef?.(blocknr);
@@ -122,6 +122,9 @@ async function walkNode(
     if (visit.seen.has(blocknr)) return;
     visit.seen.add(blocknr);
   }
+  // Trees may share nodes with other trees, never within themselves: this bounds every walk.
+  if (state.inTree.has(blocknr)) throw metadataError(`${what}: btree node ${blocknr} is reached twice within one tree`);
+  state.inTree.add(blocknr);
   const b = await read(blocknr);
   verifyBlock(b, blocknr, BTREE_CSUM_XOR, 'btree node');
   const flags = b.readUInt32LE(4);
