@@ -129,6 +129,7 @@ export class NbdConnection {
   /** Set once the server answered NBD_ESHUTDOWN: no new requests, leave when idle. */
   draining = false;
   #lastRx = Date.now();
+  #corked = false;
   readonly #timer: NodeJS.Timeout | undefined;
 
   // reply parser
@@ -194,16 +195,23 @@ export class NbdConnection {
     h.writeUInt32BE(cookie, 12);
     writeU64(h, 16, r.offset);
     h.writeUInt32BE(r.length, 24);
+    // Requests submitted in one tick leave in one writev (a burst of 64 READs is one system call).
+    if (!this.#corked) {
+      this.#corked = true;
+      this.#stream.cork();
+      process.nextTick(this.#uncork);
+    }
+    this.#stream.write(h);
     if (r.type === NBD_CMD_WRITE && r.buf !== undefined) {
       const b = r.buf;
-      this.#stream.cork();
-      this.#stream.write(h);
       this.#stream.write(Buffer.isBuffer(b) ? b : Buffer.from(b.buffer, b.byteOffset, b.byteLength));
-      this.#stream.uncork();
-    } else {
-      this.#stream.write(h);
     }
   }
+
+  readonly #uncork = () => {
+    this.#corked = false;
+    if (!this.#dead) this.#stream.uncork();
+  };
 
   /** Soft disconnect (NBD_CMD_DISC) then close; requests still in flight go back through hooks.closed. */
   close(): void {
