@@ -357,3 +357,16 @@ test('metadata fuzz: blocks mutated and re-sealed (valid checksums) are opened o
   }
   assert.ok(refused > 10, `mutations are refused (${refused} of 300)`);
 });
+
+test('one pool per metadata device: a second pool on it is refused (EBUSY)', async () => {
+  const { registry } = thinRig({ dataBytes: 8 * MiB });
+  await registry.create('p1', { table: '0 8192 thin-pool /mem/meta /mem/data 128 0' });
+  await assert.rejects(registry.create('p2', { table: '0 8192 thin-pool /mem/meta /mem/data 128 0' }), (e: Error & { code?: string }) => {
+    assert.equal(e.code, 'EBUSY');
+    assert.match(e.message, /thin-pool <metadata dev>: \/mem\/meta is already in use by another thin pool/);
+    return true;
+  });
+  await registry.remove('p1');
+  await registry.create('p2', { table: '0 8192 thin-pool /mem/meta /mem/data 128 0' });
+  await registry.closeAll();
+});

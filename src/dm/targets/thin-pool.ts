@@ -37,6 +37,9 @@ export const DATA_BLOCK_MAX_SECTORS = 2097152;
 /** Pools by the mapped device that holds their `thin-pool` table (the kernel's pool table). */
 const pools = new Map<object, Pool>();
 
+/** Pools by their metadata device (a file device or a mapped device): one pool per metadata device. */
+const byMetadata = new Map<object, Pool>();
+
 /** The pool whose thin-pool table lives on the mapped device `owner`, if any. */
 export function poolOf(owner: object | undefined): Pool | undefined {
   return owner === undefined ? undefined : pools.get(owner);
@@ -114,6 +117,9 @@ export const thinPool: TargetType = {
     const owner = ctx.owner;
     const raise = ctx.event ?? (() => {});
     let pool = pools.get(owner);
+    const metaKey = ctx.mappedOf?.(metaDev) ?? metaDev;
+    const other = byMetadata.get(metaKey);
+    if (other !== undefined && other !== pool) throw ctx.error('metadata dev', `${metaArg} is already in use by another thin pool`, 'EBUSY');
     if (pool !== undefined) {
       if (pool.metadataArg !== metaArg) {
         throw ctx.error('metadata dev', `the pool uses metadata device ${pool.metadataArg}; a reload cannot switch it to ${metaArg}`, 'EBUSY');
@@ -139,6 +145,7 @@ export const thinPool: TargetType = {
       }
       pool = new Pool(md, metaArg, metaDev, dataDev, blockSectors, lowWater, features, raise);
       pools.set(owner, pool);
+      byMetadata.set(metaKey, pool);
     }
     pool.refs++;
     return new PoolTarget(pool, owner, metaArg, dataArg, metaDev, dataDev, nrDataBlocks, lowWater, features, raise);
@@ -277,6 +284,7 @@ class PoolTarget implements TargetInstance {
     const p = this.#pool;
     if (--p.refs === 0) {
       if (pools.get(this.#owner) === p) pools.delete(this.#owner);
+      for (const [k, v] of byMetadata) if (v === p) byMetadata.delete(k);
       p.mode = 'fail';
       p.failWaiters();
     }
