@@ -306,3 +306,82 @@ test('a server that stays gone fails the device with EIO within the deadline, no
   await dev.close();
   await s.server.close();
 });
+
+/**
+ * A server that negotiates correctly and then breaks the protocol on every request (`mode`), or
+ * sends an option reply too large to be honest.
+ */
+async function hostileServer(mode: 'bad-magic' | 'unknown-cookie' | 'huge-option-reply'): Promise<{ sock: string; close(): Promise<void>; connections(): number }> {
+  const sock = sockPath('hostile');
+  let conns = 0;
+  const srv = createServer((c) => {
+    conns++;
+    c.on('error', () => {});
+    let buf = Buffer.alloc(0);
+    let phase: 'flags' | 'options' | 'transmission' = 'flags';
+    const hello = Buffer.alloc(18);
+    hello.writeBigUInt64BE(0x4e42444d41474943n, 0);
+    hello.writeBigUInt64BE(0x49484156454f5054n, 8);
+    hello.writeUInt16BE(3, 16);
+    c.write(hello);
+    const optReply = (opt: number, type: number, data: Buffer = Buffer.alloc(0), len = data.length) => {
+      const h = Buffer.alloc(20);
+      h.writeBigUInt64BE(0x0003e889045565a9n, 0);
+      h.writeUInt32BE(opt, 8);
+      h.writeUInt32BE(type, 12);
+      h.writeUInt32BE(len, 16);
+      c.write(Buffer.concat([h, data]));
+    };
+    c.on('data', (d: Buffer) => {
+      buf = Buffer.concat([buf, d]);
+      for (;;) {
+        if (phase === 'flags') {
+          if (buf.length < 4) return;
+          buf = buf.subarray(4);
+          phase = 'options';
+        } else if (phase === 'options') {
+          if (buf.length < 16) return;
+          const opt = buf.readUInt32BE(8);
+          const len = buf.readUInt32BE(12);
+          if (buf.length < 16 + len) return;
+          buf = buf.subarray(16 + len);
+          if (opt !== 7) optReply(opt, 0x80000001);
+          else if (mode === 'huge-option-reply') optReply(opt, 3, Buffer.alloc(0), 1 << 30);
+          else {
+            const info = Buffer.alloc(12);
+            info.writeBigUInt64BE(BigInt(1 << 20), 2);
+            info.writeUInt16BE(1 | 4, 10);
+            optReply(opt, 3, info);
+            optReply(opt, 1);
+            phase = 'transmission';
+          }
+        } else {
+          if (buf.length < 28) return;
+          const cookie = buf.readBigUInt64BE(8);
+          buf = buf.subarray(28 + (buf.readUInt16BE(6) === 1 ? buf.readUInt32BE(24) : 0));
+          const r = Buffer.alloc(16);
+          r.writeUInt32BE(mode === 'bad-magic' ? 0xdeadbeef : 0x67446698, 0);
+          r.writeBigUInt64BE(mode === 'unknown-cookie' ? cookie + 1000n : cookie, 8);
+          c.write(r);
+        }
+      }
+    });
+  });
+  await new Promise<void>((r) => srv.listen(sock, r));
+  return { sock, connections: () => conns, close: () => new Promise((r) => srv.close(() => r())) };
+}
+
+test('a hostile server: oversized replies, bad magic, unknown cookies end in EIO, not a hang or a loop', async () => {
+  const huge = await hostileServer('huge-option-reply');
+  await assert.rejects(NbdDevice.open(`nbd+unix:///?socket=${huge.sock}`), { code: 'ENBDOPEN', message: /option reply of 1073741824 bytes/ });
+  await huge.close();
+  for (const mode of ['bad-magic', 'unknown-cookie'] as const) {
+    const h = await hostileServer(mode);
+    const dev = await NbdDevice.open(`nbd+unix:///?socket=${h.sock}`, { reconnectTimeoutMs: 10_000 });
+    await assert.rejects(dev.read(0, Buffer.alloc(4096)), (e) => isCryptmapError(e, 'ENBDGONE') && e.errno === 'EIO' && /in a row without a request completing .*protocol violation/.test(e.message));
+    assert.equal(dev.health.state, 'failed');
+    assert.ok(h.connections() <= 12, `${h.connections()} connections`);
+    await dev.close();
+    await h.close();
+  }
+});

@@ -97,6 +97,8 @@ const EFFECT_MAX_BYTES = 1 << 30;
 const DEFAULT_MAX_PAYLOAD = 32 << 20;
 const MAX_INFLIGHT_BYTES = 64 << 20;
 const ZERO_CHUNK_BYTES = 1 << 20;
+/** Reconnects in a row with no request completing in between before the device fails. */
+const MAX_FRUITLESS_RECONNECTS = 8;
 
 interface Req extends WireRequest {
   /** Write order (writes, trims, write-zeroes); 0 for others. */
@@ -142,6 +144,8 @@ export class NbdDevice implements BlockDevice {
   #lastError: string | undefined;
   #failure: CryptmapError | undefined;
   #reconnects = 0;
+  /** Reconnects since a request last succeeded: a server that answers every connection with a violation is given up on. */
+  #fruitless = 0;
   /** Requests waiting for a connection (reconnecting, or every connection full). */
   #queue: Req[] = [];
   /** Requests handed back by a dropped connection, sent again after the reconnect. */
@@ -474,6 +478,7 @@ export class NbdDevice implements BlockDevice {
       this.#settleFailed(r, new CryptmapError('ENBDIO', `${this.uri}: ${opName(r.type)} of ${r.length} bytes at ${r.offset}: ${err.message}`, { errno: err.errno, cause: err }));
       return;
     }
+    this.#fruitless = 0;
     if (isWriteType(r.type)) {
       if (r.seq > this.#ackedUpTo) this.#ackedUpTo = r.seq;
       if (this.#replayLimit > 0) {
@@ -596,6 +601,10 @@ export class NbdDevice implements BlockDevice {
     this.#state = 'reconnecting';
     this.#lastError = reason;
     this.#reconnects++;
+    if (++this.#fruitless > MAX_FRUITLESS_RECONNECTS) {
+      this.#fail(`the connection failed ${MAX_FRUITLESS_RECONNECTS} times in a row without a request completing (last: ${reason})`);
+      return;
+    }
     // Without replay copies, writes acknowledged since the last FLUSH may be gone with the server.
     if (this.#replayLimit === 0 && this.#ackedUpTo > this.#flushedUpTo) this.#lostWrites = true;
     for (const c of this.#conns) c.destroy(`reconnecting after: ${reason}`);
