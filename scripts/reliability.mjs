@@ -5,6 +5,8 @@
 // to docs/reliability.md.
 //   node scripts/reliability.mjs [--budget SECONDS-PER-FUZZ-TARGET] [--no-write]
 //   npm run reliability                 (builds first; 20 s per fuzz target)
+//   node scripts/reliability.mjs --only-local-attacker   (runs that suite alone and rewrites only
+//                                       its section of docs/reliability.md)
 // Figures come from the suites themselves (CRYPTMAP_RELIABILITY_OUT, one JSON line per figure).
 // Exit status 0 only when every part held and no secret leaked.
 import { spawn } from 'node:child_process';
@@ -65,7 +67,8 @@ function table(head, rows) {
 }
 
 async function main() {
-  const { values } = parseArgs({ options: { budget: { type: 'string', default: '20' }, 'no-write': { type: 'boolean' } } });
+  const { values } = parseArgs({ options: { budget: { type: 'string', default: '20' }, 'no-write': { type: 'boolean' }, 'only-local-attacker': { type: 'boolean' } } });
+  const only = values['only-local-attacker'] === true;
   const budgetSec = Number(values.budget);
   if (!existsSync(join(dist, 'test', 'fuzz'))) throw new Error(`no compiled tests in ${dist} (run npm run build first)`);
   const work = mkdtempSync(join(tmpdir(), 'cryptmap-reliability-'));
@@ -75,7 +78,7 @@ async function main() {
   const status = {};
   const started = new Date();
 
-  for (const t of Object.keys(TARGETS)) {
+  for (const t of only ? [] : Object.keys(TARGETS)) {
     process.stdout.write(`fuzz ${t} (${budgetSec} s) ... `);
     const r = await runTarget(t, { budgetSec, seed: Math.floor(Math.random() * 2 ** 31), env });
     status[`fuzz:${t}`] = r;
@@ -83,7 +86,7 @@ async function main() {
     if (!r.ok) console.log(r.output.split('\n').slice(-40).join('\n'));
   }
   const attackFiles = attackerFiles();
-  for (const [name, files] of [...Object.entries(SUITES), ['local attacker', attackFiles]]) {
+  for (const [name, files] of [...(only ? [] : Object.entries(SUITES)), ['local attacker', attackFiles]]) {
     if (files.length === 0) {
       status[name] = { ok: true, ms: 0, output: '' };
       continue;
@@ -192,6 +195,19 @@ async function main() {
     `Suites: ${status['local attacker']?.ok ? 'passed' : '**FAILED**'} (${attackFiles.length ? attackFiles.map((f) => f.replace(/\.js$/, '.ts')).join(', ') : 'none'}).`,
     '',
   ].join('\n');
+  if (only) {
+    const at = md.indexOf('## Local attacker');
+    const section = `${md.slice(at).trimEnd()}\n\n(This section: \`--only-local-attacker\` on ${started.toISOString().replace(/\.\d+Z$/, 'Z')}.)\n`;
+    console.log(`\n${section}`);
+    const doc = join(root, 'docs', 'reliability.md');
+    if (!values['no-write']) {
+      const old = existsSync(doc) ? readFileSync(doc, 'utf8') : '# Reliability report\n';
+      const cut = old.indexOf('## Local attacker');
+      writeFileSync(doc, `${cut >= 0 ? old.slice(0, cut) : `${old.trimEnd()}\n\n`}${section}`);
+      console.log('written to docs/reliability.md (local attacker section)');
+    }
+    return status['local attacker'].ok && attacks.every((a) => a.held) ? 0 : 1;
+  }
   console.log(`\n${md}`);
   if (!values['no-write']) {
     writeFileSync(join(root, 'docs', 'reliability.md'), md);
