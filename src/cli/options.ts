@@ -22,8 +22,8 @@ interface OptionRow {
 }
 
 // cryptsetup's action lists (cryptsetup_args.h), for the rows below.
-const KDF_VERBS = ['benchmark', 'luksFormat', 'luksAddKey', 'luksChangeKey', 'luksConvertKey'] as const;
-const NEW_KEYSLOT_VERBS = ['luksFormat', 'luksAddKey', 'luksChangeKey', 'luksConvertKey'] as const;
+const KDF_VERBS = ['benchmark', 'luksFormat', 'luksAddKey', 'luksChangeKey', 'luksConvertKey', 'reencrypt'] as const;
+const NEW_KEYSLOT_VERBS = ['luksFormat', 'luksAddKey', 'luksChangeKey', 'luksConvertKey', 'reencrypt'] as const;
 /** cryptmap's own: the verbs that talk to the daemon. */
 const DAEMON_VERBS = ['open', 'close', 'status', 'luksSuspend', 'luksResume', 'resize', 'attach', 'detach'] as const;
 
@@ -54,7 +54,7 @@ export const OPTIONS = {
   'json-file': { type: 'string' },
   'key-description': { type: 'string' },
   'key-file': { type: 'string', short: 'd' },
-  'key-size': { type: 'string', short: 's', verbs: ['open', 'benchmark', 'luksFormat', 'luksAddKey'] },
+  'key-size': { type: 'string', short: 's', verbs: ['open', 'benchmark', 'luksFormat', 'luksAddKey', 'reencrypt'] },
   'key-slot': { type: 'string', short: 'S', verbs: ['open', 'config', ...NEW_KEYSLOT_VERBS, 'luksDump', 'token', 'luksResume'] },
   'keyfile-offset': { type: 'string' },
   'keyfile-size': { type: 'string', short: 'l' },
@@ -81,7 +81,7 @@ export const OPTIONS = {
   readonly: { type: 'boolean', short: 'r' },
   'runtime-dir': { type: 'string', verbs: DAEMON_VERBS },
   seconds: { type: 'string', verbs: ['benchmark'] },
-  'sector-size': { type: 'string', verbs: ['open', 'luksFormat', 'benchmark'] },
+  'sector-size': { type: 'string', verbs: ['open', 'luksFormat', 'benchmark', 'reencrypt'] },
   size: { type: 'string', short: 'b', verbs: ['open', 'resize'] },
   skip: { type: 'string', short: 'p', verbs: ['open'] },
   subsystem: { type: 'string', verbs: ['config', 'luksFormat'] },
@@ -100,6 +100,12 @@ export const OPTIONS = {
   verbose: { type: 'boolean', short: 'v' },
   'verify-passphrase': { type: 'boolean', short: 'y' },
   via: { type: 'string', verbs: ['attach'] },
+  'init-only': { type: 'boolean', verbs: ['reencrypt'] },
+  'resume-only': { type: 'boolean', verbs: ['reencrypt'] },
+  resilience: { type: 'string', verbs: ['reencrypt'] },
+  'resilience-hash': { type: 'string', verbs: ['reencrypt'] },
+  'hotzone-size': { type: 'string', verbs: ['reencrypt'] },
+  'force-offline-reencrypt': { type: 'boolean', verbs: ['reencrypt'] },
 } as const satisfies Record<string, OptionRow>;
 
 type Table = typeof OPTIONS;

@@ -799,6 +799,60 @@ export class Luks2Volume implements LuksVolume {
   async close(): Promise<void> {
     await this.#dev.flush();
   }
+
+  /** The header (metadata) device; reencrypt.ts does its keyslot-area I/O there. */
+  get metadataDevice(): BlockDevice {
+    return this.#dev;
+  }
+
+  /** A copy of the JSON metadata, for reencrypt.ts to build the next state from. */
+  jsonSnapshot(): Luks2Json {
+    return structuredClone(this.#json);
+  }
+
+  /**
+   * Replace the JSON metadata and write both copies (validated first; the old metadata is kept in
+   * memory when the write fails). Used by reencrypt.ts, which owns the reencryption state machine.
+   */
+  async commitJson(json: Luks2Json): Promise<void> {
+    if (!this.#dev.capabilities.write) throw new CryptmapError('EREADONLY', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
+    const before = this.#json;
+    this.#json = structuredClone(json);
+    sortKeys(this.#json);
+    try {
+      await this.#write();
+    } catch (e) {
+      this.#json = before;
+      throw e;
+    }
+  }
+
+  /**
+   * Store a keyslot for `vk` under `passphrase` with a new digest bound to no segment (cryptsetup's
+   * CRYPT_VOLUME_KEY_NO_SEGMENT: the reencryption's new key) and write the header. Returns
+   * the keyslot and digest ids.
+   */
+  async addUnboundKey(vk: Uint8Array, passphrase: Uint8Array, opts: NewKeyslotOptions = {}): Promise<{ keyslot: number; digest: string }> {
+    this.#requireChangeable();
+    const slot = this.#freeSlot(opts.keySlot);
+    const before = structuredClone(this.#json);
+    try {
+      const hash = opts.hash ?? 'sha256';
+      const kdf = await resolveKdf(opts, vk.length, hash);
+      const dIter = await digestIterations(opts.kdf !== undefined, hash, undefined);
+      const d = await DIGEST_HANDLERS.pbkdf2!.create(vk, { hash, iterations: dIter });
+      let id = 0;
+      while (this.#json.digests[String(id)]) id++;
+      this.#json.digests[String(id)] = { ...d, keyslots: [], segments: [] };
+      // The new key's keyslot area is encrypted with the cipher of the segment it will protect.
+      await this.#storeKeyslot(slot, vk, passphrase, kdf, String(id));
+      await this.#write();
+      return { keyslot: Number(slot), digest: String(id) };
+    } catch (e) {
+      this.#json = before;
+      throw e;
+    }
+  }
 }
 
 /**
