@@ -151,8 +151,13 @@ export function validateLuks1(h: Luks1Header, deviceBytes?: number): void {
   for (const a of spans) for (const b of spans) if (a.i < b.i && a.s < b.e && b.s < a.e) bad('keyslot_overlap', `LUKS keyslots ${a.i} and ${b.i} overlap.`);
   if (deviceBytes !== undefined) {
     const last = Math.max(...spans.map((s) => s.e)) * 512;
-    if (deviceBytes < last) bad('device_size', 'Device is too small for the LUKS header.');
+    // cryptsetup LUKS_check_device_size: every keyslot's key material must fit on the device.
+    if (deviceBytes < last) throw new CryptmapError('EDEVSMALL', `Device is too small. (LUKS1 requires at least ${last} bytes.)`, { exitCode: 1, context: { check: 'device_size', needBytes: last } });
   }
+}
+
+function checkLuks1Uuid(uuid: string): void {
+  if (!/^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$/.test(uuid)) throw new CryptmapError('EUUID', 'Wrong LUKS UUID format provided.', { exitCode: 1 });
 }
 
 export interface Luks1FormatOptions {
@@ -217,7 +222,9 @@ export class Luks1Volume implements LuksVolume {
     let payload = o.offsetBytes !== undefined ? o.offsetBytes / 512 : o.detachedHeader ? 0 : Math.ceil(end / LUKS_DEFAULT_ALIGN_SECTORS) * LUKS_DEFAULT_ALIGN_SECTORS;
     if (!Number.isInteger(payload)) throw new CryptmapError('EPARAM', 'Data offset must be a multiple of 512 bytes.');
     if (payload !== 0 && payload < end) throw new CryptmapError('EPARAM', 'Data offset is too small for the LUKS1 keyslots.');
-    if (dev.sizeBytes < end * 512 || dev.sizeBytes < payload * 512) throw new CryptmapError('EDEVSMALL', 'Device is too small.', { exitCode: EXIT_WRONG_DEVICE });
+    if (o.uuid !== undefined) checkLuks1Uuid(o.uuid);
+    // The key material must fit; the data may lie past the device's end (cryptsetup only warns).
+    if (dev.sizeBytes < end * 512) throw new CryptmapError('EDEVSMALL', `Device is too small. (LUKS1 requires at least ${end * 512} bytes.)`, { exitCode: 1, context: { needBytes: end * 512 } });
     payload = Math.floor(payload);
     const vk = o.volumeKey ? Buffer.from(o.volumeKey) : randomBytes(keyBytes);
     try {

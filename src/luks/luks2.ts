@@ -193,6 +193,10 @@ export class Luks2Volume implements LuksVolume {
   /** Load from a device (the header device when detached). Does not write; see `recoverHeader()` and `repair()`. */
   static async open(dev: BlockDevice): Promise<Luks2Volume> {
     const r = await readLuks2(dev);
+    // cryptsetup LUKS2_device_size check on load: both metadata copies and the whole keyslots area must
+    // be on the device (a truncated image is refused, not read past its end).
+    const need = 2 * r.bin.hdrSize + Number(r.json.config.keyslots_size);
+    if (dev.sizeBytes < need) throw new CryptmapError('EDEVSMALL', `Device is too small. Need at least ${need} bytes.`, { exitCode: 1, context: { needBytes: need } });
     return new Luks2Volume(dev, {
       bin: r.bin,
       json: r.json,
@@ -230,8 +234,9 @@ export class Luks2Volume implements LuksVolume {
     if (keyslotsBytes % 4096 !== 0 || keyslotsBytes > LUKS2_MAX_KEYSLOTS_SIZE || keyslotsBytes <= 0) throw new CryptmapError('EPARAM', 'Invalid keyslots area size.');
     if (offset !== 0 && offset < 2 * metadata + keyslotsBytes) throw new CryptmapError('EPARAM', 'Data offset is too small for the LUKS2 metadata and keyslots areas.');
     const hdrAndAreas = 2 * metadata + keyslotsBytes;
-    if (dev.sizeBytes < hdrAndAreas || (offset !== 0 && dev.sizeBytes < offset)) {
-      throw new CryptmapError('EDEVSMALL', 'Device is too small.', { exitCode: EXIT_WRONG_DEVICE });
+    // The data may lie past the device's end (cryptsetup only warns: no room for data); the header may not.
+    if (dev.sizeBytes < hdrAndAreas) {
+      throw new CryptmapError('EDEVSMALL', `Device is too small. Need at least ${hdrAndAreas} bytes.`, { exitCode: 1, context: { needBytes: hdrAndAreas } });
     }
     const vk = o.volumeKey ? Buffer.from(o.volumeKey) : randomBytes(keyBytes);
     try {

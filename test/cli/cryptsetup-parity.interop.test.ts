@@ -139,3 +139,61 @@ test('R19: open --test-passphrase --volume-key-file checks the volume key (also 
   assert.equal((await same(img, ['open', '--test-passphrase', '--volume-key-file', vk, 'IMG'])).code, 1);
   assert.equal((await same(img, ['open', '--test-passphrase', '--volume-key-file', vk, '--key-size', '512', 'IMG'])).code, 0);
 });
+
+test('R5/R21: luksFormat refuses a bad LUKS1 --uuid, an --offset not a multiple of 4096 bytes, LUKS2 sizes with --type luks1', async () => {
+  // An empty device: cryptsetup wipes an old header before it checks the UUID; cryptmap checks first and keeps it.
+  const img = join(dir, 'blank');
+  writeFileSync(img, '');
+  truncateSync(img, 20 << 20);
+  const cases: [string[], string][] = [
+    [['--type', 'luks1', '--uuid', 'blah'], 'Wrong LUKS UUID format provided.'],
+    [['--type', 'luks2', '--uuid', 'blah'], 'Wrong LUKS UUID format provided.'],
+    [['--type', 'luks2', '--offset', '16385'], 'Data offset is not multiple of 4096 bytes.'],
+    [['--type', 'luks1', '--luks2-metadata-size', '16k'], 'Unsupported LUKS2 metadata size options.'],
+    [['--type', 'luks1', '--luks2-keyslots-size', '16m'], 'Unsupported LUKS2 metadata size options.'],
+  ];
+  for (const [opts, msg] of cases) {
+    const r = await same(img, ['-q', 'luksFormat', ...FAST, ...opts, 'IMG'], 'x\n');
+    assert.deepEqual([r.code, r.err], [1, msg], opts.join(' '));
+  }
+});
+
+test('R18: config --subsystem clears the label (and --label the subsystem), as crypt_set_label', async () => {
+  const img = await image('luks2');
+  await ok(CS, ['config', img, '--label', 'L', '--subsystem', 'S']);
+  await same(img, ['config', 'IMG', '--subsystem', 'X']);
+  const a = join(dir, 'r18');
+  copyFileSync(img, a);
+  assert.equal((await cryptmap(['config', a, '--subsystem', 'X'])).code, 0);
+  const d = await ok(CS, ['luksDump', a]);
+  assert.match(d, /Label:\s+\(no label\)/);
+  assert.match(d, /Subsystem:\s+X/);
+});
+
+test('R11 / issue 12 item 3: detached header with --offset past the device; a regular file grows to hold the header; a truncated header is refused', async () => {
+  for (const type of ['luks1', 'luks2'] as const) {
+    const small = join(dir, `small-${type}`);
+    writeFileSync(small, '');
+    truncateSync(small, 1 << 20);
+    const r = await same(small, ['-q', 'luksFormat', '--type', type, ...FAST, 'IMG'], 'x\n');
+    assert.equal(r.code, 0);
+    const big = await image(type);
+    const cut = join(dir, `cut-${type}`);
+    writeFileSync(cut, (await import('node:fs')).readFileSync(big).subarray(0, type === 'luks1' ? 1 << 20 : 4 << 20));
+    const o = await same(cut, ['open', '--test-passphrase', 'IMG'], 'old\n');
+    assert.equal(o.code, 1);
+    const m = await cryptmap(['luksDump', cut]);
+    assert.match(m.stderr, type === 'luks1' ? /is too small\. \(LUKS1 requires at least 2066432 bytes\.\)/ : /is too small\. Need at least 16777216 bytes\./);
+  }
+  const dev = join(dir, 'data10m');
+  writeFileSync(dev, '');
+  truncateSync(dev, 10 << 20);
+  for (const off of ['8192', '80000']) {
+    const hdrs = [join(dir, `h-cs-${off}`), join(dir, `h-cm-${off}`)];
+    const rs = await exec(CS, ['-q', 'luksFormat', ...FAST, '--header', hdrs[0]!, '--offset', off, dev], 'x\n');
+    const rm = await cryptmap(['-q', 'luksFormat', ...FAST, '--header', hdrs[1]!, '--offset', off, dev], 'x\n');
+    assert.deepEqual([rm.code, rm.stdout], [rs.code, rs.stdout], `--offset ${off}: ${rm.stderr}`);
+    assert.equal(rm.code, 0);
+    assert.equal((await exec(CS, ['open', '--test-passphrase', '--header', hdrs[1]!, dev], 'x\n')).code, 0);
+  }
+});

@@ -392,6 +392,10 @@ export async function loadLuks(dev: BlockDevice, hdr: string): Promise<Luks1Volu
       const why = e.cause instanceof CryptmapError && e.cause.code === 'ELUKS2JSON' ? ` (${e.cause.message})` : '';
       throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid LUKS device${why}.`, { exitCode: 1 });
     }
+    // A header whose metadata and keyslots do not fit the device: cryptsetup's two lines, exit 1.
+    if (e instanceof CryptmapError && e.code === 'EDEVSMALL') {
+      throw new CryptmapError('ENOTLUKS', `${e.message.replace(/^Device /, `Device ${hdr} `)}\nDevice ${hdr} is not a valid LUKS device.`, { exitCode: 1, cause: e });
+    }
     throw e;
   });
 }

@@ -9,7 +9,7 @@ import { Luks1Volume, Luks2Volume, withDeviceLock } from '../../luks/index.js';
 import type { SectorBytes } from '../../engine/types.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { closeQuietly, confirm, getPassphrase, intOpt, keyslotOptions, needDevice, openDevice, parseLuksArgs, readVolumeKeyFile } from './luks-common.js';
+import { closeQuietly, confirm, getPassphrase, intOpt, keyslotOptions, loadLuks, needDevice, openDevice, parseLuksArgs, readVolumeKeyFile } from './luks-common.js';
 
 /** Sizes like cryptsetup's --luks2-metadata-size (bytes, or with k/m/g suffix). */
 function sizeOpt(v: string | undefined, name: string): number | undefined {
@@ -18,6 +18,35 @@ function sizeOpt(v: string | undefined, name: string): number | undefined {
   if (!m) throw new CryptmapError('EARGS', `Invalid ${name} value ${v}.`, { exitCode: EXIT_WRONG_PARAMS });
   const mult = { '': 1, k: 1024, m: 1 << 20, g: 1 << 30 }[m[2]!.toLowerCase() as '' | 'k' | 'm' | 'g'];
   return Number(m[1]) * mult;
+}
+
+/** Both LUKS2 metadata copies and the keyslots area, as Luks2Volume.format lays them out (the area fills up to --offset, at most 128 MiB). */
+function luks2HeaderBytes(md = 0x4000, kss: number | undefined, offsetSectors: number | undefined): number {
+  const room = offsetSectors ? offsetSectors * 512 - 2 * md : 0x1000000 - 2 * md;
+  return 2 * md + (kss ?? Math.min(Math.floor(room / 4096) * 4096, 0x8000000));
+}
+
+/** LUKS1 header plus eight keyslots' key material, in bytes (the default layout, as Luks1Volume.format). */
+function luks1HeaderBytes(keyBytes: number): number {
+  const stride = Math.ceil((keyBytes * 4000) / 512 / 8) * 8;
+  return (8 + 8 * stride) * 512;
+}
+
+/** cryptsetup's notice when the data offset is at or past the data device's end (the format still succeeds). */
+async function warnNoDataRoom(io: CliIO, device: string, hdrPath: string): Promise<void> {
+  if (isRemoteDevice(device) || isRemoteDevice(hdrPath)) return;
+  const hdr = await openDevice(hdrPath, false);
+  try {
+    const vol = await loadLuks(hdr, hdrPath).catch(() => null);
+    const data = hdrPath === device ? hdr : await openDevice(device, false).catch(() => null);
+    try {
+      if (vol && data && vol.dataSegment.offsetBytes >= data.sizeBytes) io.stdout.write(`Device ${device} is too small for activation, there is no remaining space for data.\n`);
+    } finally {
+      if (data !== hdr) await closeQuietly(data ?? undefined);
+    }
+  } finally {
+    await closeQuietly(hdr);
+  }
 }
 
 const main: VerbMain = async (argv: string[], io: CliIO) => {
@@ -33,6 +62,11 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   if (sectorOpt !== undefined && ![512, 1024, 2048, 4096].includes(sectorOpt)) throw new CryptmapError('EARGS', `Unsupported encryption sector size.`, { exitCode: EXIT_WRONG_PARAMS });
   if (luks === 'luks1' && sectorOpt !== undefined && sectorOpt !== 512) throw new CryptmapError('EARGS', 'Unsupported encryption sector size.', { exitCode: EXIT_WRONG_PARAMS });
   const offsetSectors = intOpt(v.offset, '--offset');
+  // cryptsetup 2.6 action_luksFormat: the data offset in 4096-byte units; LUKS2-only sizes refused for LUKS1.
+  if (offsetSectors !== undefined && (offsetSectors * 512) % 4096 !== 0) throw new CryptmapError('EARGS', 'Data offset is not multiple of 4096 bytes.', { exitCode: EXIT_WRONG_PARAMS });
+  if (luks === 'luks1' && (v['luks2-metadata-size'] !== undefined || v['luks2-keyslots-size'] !== undefined)) {
+    throw new CryptmapError('EARGS', 'Unsupported LUKS2 metadata size options.', { exitCode: EXIT_WRONG_PARAMS });
+  }
   const headerFile = v.header;
   const ks = keyslotOptions(v, luks);
   const keyFile = v['key-file'] ?? positionals[1];
@@ -64,7 +98,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
     const md = sizeOpt(v['luks2-metadata-size'], '--luks2-metadata-size');
     const kss = sizeOpt(v['luks2-keyslots-size'], '--luks2-keyslots-size');
     if (headerFile && !isRemoteDevice(headerFile)) {
-      const need = luks === 'luks1' ? 4096 * 512 : 2 * (md ?? 0x4000) + (kss ?? 0x1000000 - 2 * (md ?? 0x4000));
+      const need = luks === 'luks1' ? 4096 * 512 : luks2HeaderBytes(md, kss, offsetSectors);
       const st = await stat(headerFile).catch(() => null);
       if (!st) await (await open(headerFile, 'wx', 0o600)).close();
       if (!st || (st.isFile() && st.size < need)) await truncate(headerFile, need);
@@ -74,6 +108,12 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       // cryptsetup picks 4096-byte sectors for images in regular files (and so cryptmap for NBD exports).
       const isFileLike = isRemoteDevice(device) || (await stat(device)).isFile();
       if (isFileLike && (offsetSectors === undefined || (offsetSectors * 512) % 4096 === 0)) sectorBytes = 4096;
+    }
+    // A regular file is grown to hold the header and keyslots, as cryptsetup does (device_fallocate).
+    if (!headerFile && !isRemoteDevice(device)) {
+      const st = await stat(device);
+      const need = luks === 'luks1' ? luks1HeaderBytes(keyBits / 8) : luks2HeaderBytes(md, kss, offsetSectors);
+      if (st.isFile() && st.size < need) await truncate(device, need);
     }
     dev = await openDevice(hdrPath, true);
     // Narrowed for the closure below.
@@ -109,6 +149,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
     volumeKey?.fill(0);
     await closeQuietly(dev);
   }
+  await warnNoDataRoom(io, device, headerFile ?? device);
   if (v.verbose) io.stdout.write(`Key slot ${ks.keySlot ?? 0} created.\nCommand successful.\n`);
   return 0;
 };

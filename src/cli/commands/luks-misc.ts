@@ -199,7 +199,8 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
             if (!['ignore', 'normal', 'prefer'].includes(v.priority)) throw new CryptmapError('EARGS', 'Option --priority can be only ignore/normal/prefer.', { exitCode: EXIT_WRONG_PARAMS });
             await vol.setPriority(slot, v.priority as 'ignore' | 'normal' | 'prefer');
           }
-          if (v.label !== undefined || v.subsystem !== undefined) await vol.setLabel(v.label, v.subsystem);
+          // cryptsetup crypt_set_label(label, subsystem): the one not given is cleared.
+          if (v.label !== undefined || v.subsystem !== undefined) await vol.setLabel(v.label ?? '', v.subsystem ?? '');
           return 0;
         }
         case 'repair':
