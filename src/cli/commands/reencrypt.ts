@@ -8,6 +8,8 @@ import { initReencrypt, inReencryption, type Luks2Volume, type Resilience, runRe
 import type { SectorBytes } from '../../engine/types.js';
 import type { BlockDevice } from '../../blockdev/types.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import type { VolumeStatus } from '../../daemon/core.js';
+import { withDaemon } from '../daemon-client.js';
 import type { CliIO, VerbMain } from '../types.js';
 import { closeQuietly, getPassphrase, headerPath, intOpt, keyslotOptions, loadLuks, needDevice, openDevice, parseLuksArgs } from './luks-common.js';
 
@@ -19,6 +21,15 @@ function bytesOpt(v: string | undefined, name: string): number | undefined {
   const n = Number(m[1]) * mult;
   if (!Number.isSafeInteger(n) || n <= 0) throw new CryptmapError('EARGS', `Invalid ${name} value.`, { exitCode: EXIT_WRONG_PARAMS });
   return n;
+}
+
+/** True when the cryptmap daemon (if one runs) has a volume with this LUKS UUID open. */
+async function activeInDaemon(io: CliIO, uuid: string): Promise<boolean> {
+  try {
+    return await withDaemon(undefined, io.env, async (c) => (await c.call<VolumeStatus[]>('volume.list', {})).some((s) => s.active && s.mapping?.uuid === uuid));
+  } catch {
+    return false; // no daemon: nothing is active
+  }
 }
 
 const main: VerbMain = async (argv: string[], io: CliIO) => {
@@ -49,6 +60,8 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       const vol = await loadLuks(dev, hdr);
       if (vol.type !== 'luks2') throw new CryptmapError('EARGS', 'LUKS1 reencryption is not supported by cryptmap yet (convert it to LUKS2, or use cryptsetup).', { exitCode: EXIT_WRONG_PARAMS });
       const l2 = vol as Luks2Volume;
+      // Online reencryption (through the daemon's mapping) is not there yet: never rewrite data under a live mapping.
+      if (await activeInDaemon(io, l2.uuid)) throw new CryptmapError('EBUSY', `Device ${device} is active in the cryptmap daemon; online reencryption is not supported yet. Close it first.`, { exitCode: 5 });
       const running = inReencryption(l2.jsonSnapshot());
       if (v['resume-only'] && !running) throw new CryptmapError('EINVAL', `Device ${device} is not in reencryption.`, { exitCode: 1 });
       if (v['init-only'] && running) throw new CryptmapError('EBUSY', 'LUKS2 reencryption already initialized. Aborting operation.', { exitCode: 1 });
