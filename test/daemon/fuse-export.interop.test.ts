@@ -80,6 +80,7 @@ test('a LUKS2 volume attached via fuse: ext4, fio verify, fsync reaches the file
   mkdirSync(mnt, { recursive: true });
   await sh('mkfs.ext4', ['-q', '-F', info.devicePath]);
   await sh('mount', [info.devicePath, mnt]);
+  const data = randomBytes(3 * MiB);
   try {
     await sh('fio', [
       '--name=verify',
@@ -94,7 +95,6 @@ test('a LUKS2 volume attached via fuse: ext4, fio verify, fsync reaches the file
       '--do_verify=1',
       '--end_fsync=1',
     ]);
-    const data = randomBytes(3 * MiB);
     writeFileSync(join(mnt, 'a.bin'), data);
     const before = core.fuseStats('fx')!;
     await sh('sync', ['-f', join(mnt, 'a.bin')]);
@@ -123,7 +123,13 @@ test('a LUKS2 volume attached via fuse: ext4, fio verify, fsync reaches the file
   } finally {
     await sh('umount', [mnt]);
   }
-  // Remount: the file system and its data are intact (fsck clean).
+  // Remount: the file system and its data are intact.
+  await sh('mount', ['-o', 'ro', info.devicePath, mnt]);
+  try {
+    assert.ok(readFileSync(join(mnt, 'a.bin')).equals(data));
+  } finally {
+    await sh('umount', [mnt]);
+  }
   await sh('e2fsck', ['-f', '-n', info.devicePath]);
   await core.detach('fx');
   assert.equal(core.statusOf('fx').attachedDevice, undefined);
