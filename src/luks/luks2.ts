@@ -13,6 +13,8 @@
 import { randomBytes, randomUUID } from 'node:crypto';
 import type { BlockDevice } from '../blockdev/types.js';
 import { afSplitBytes } from '../crypto/af.js';
+import { checkKeyBytes, parseCipherSpec } from '../crypto/cipher-spec.js';
+import { createSectorCipher } from '../engine/index.js';
 import { calibrateKdf, type KdfParams } from '../crypto/kdf/index.js';
 import type { SectorBytes } from '../engine/types.js';
 import { alignUp } from '../util/bytes.js';
@@ -24,7 +26,7 @@ import { foreignSignature } from './signatures.js';
 import { LUKS2_HDR_BIN_LEN, LUKS2_HDR_SIZES, type Luks2BinHeader, type Luks2DiskCopy, readCopy, writeCopy } from './luks2-disk.js';
 import { DIGEST_HANDLERS, handlerFor, KEYSLOT_HANDLERS, kdfJson, LUKS_SALTSIZE, LUKS_STRIPES, repairKeyslotKdf, TOKEN_HANDLERS, VALIDATORS } from './luks2-handlers.js';
 import { buildJsonArea, type L2Keyslot, type L2Token, type Luks2Json, parseJsonArea, u64, unknownRequirements, validateLuks2Json } from './luks2-json.js';
-import type { DataSegment, KeyAuth, KeyslotArea, KeyslotInfo, KeyslotPriority, LuksVolume, NewKeyslotOptions, UnlockResult } from './types.js';
+import type { DataSegment, KeyAuth, KeyslotArea, KeyslotInfo, KeyslotPriority, LuksVolume, NewKeyslotOptions, UnlockOptions, UnlockResult } from './types.js';
 import { removeKeyByPassphrase } from './volume-common.js';
 
 const log = logger('luks2');
@@ -272,7 +274,7 @@ export class Luks2Volume implements LuksVolume {
       await dev.writeZeroes(0, hdrAndAreas);
       await dev.flush();
       const slot = o.keyslot?.keySlot ?? 0;
-      await v.#storeKeyslot(slot, vk, passphrase, kdf, '0');
+      await v.#storeKeyslot(slot, vk, passphrase, kdf, '0', v.#keyslotEncryption(o.keyslot, vk.length));
       await v.#write(true);
       return v;
     } finally {
@@ -379,7 +381,9 @@ export class Luks2Volume implements LuksVolume {
       .sort((a, b) => a - b)
       .map((id) => {
         const ks = this.#json.keyslots[String(id)]!;
-        return { id, type: ks.type, active: true, priority: priorityName(ks.priority), kdf: ks.kdf?.type ?? '' };
+        const d = this.#digestOfKeyslot(String(id));
+        const unbound = d !== undefined && !this.#json.digests[d]!.segments.includes('0');
+        return { id, type: ks.type, active: true, priority: priorityName(ks.priority), kdf: ks.kdf?.type ?? '', ...(unbound ? { unbound } : {}) };
       });
   }
 
@@ -475,7 +479,7 @@ export class Luks2Volume implements LuksVolume {
     return [...ids.filter((k) => prio(k) === 2), ...ids.filter((k) => prio(k) === 1)];
   }
 
-  async unlock(passphrase: Uint8Array, opts: { keySlot?: number } = {}): Promise<UnlockResult> {
+  async unlock(passphrase: Uint8Array, opts: UnlockOptions = {}): Promise<UnlockResult> {
     let tried = 0;
     for (const k of this.#candidates(opts.keySlot)) {
       const ks = this.#json.keyslots[k]!;
@@ -484,7 +488,8 @@ export class Luks2Volume implements LuksVolume {
       const dId = this.#digestOfKeyslot(k);
       if (dId === undefined) continue;
       const d = this.#json.digests[dId]!;
-      if (!d.segments.includes('0')) continue;
+      // Keyslots of other segments (unbound keys) only when asked for (LUKS2_keyslot_for_segment).
+      if (!opts.anySegment && !d.segments.includes('0')) continue;
       let vk: Buffer;
       tried++;
       try {
@@ -543,23 +548,39 @@ export class Luks2Volume implements LuksVolume {
     throw new CryptmapError('EKEYSLOT', 'All key slots full.');
   }
 
-  /** Build keyslot `slot` in a free area and write its material (the header is not written here). */
-  async #storeKeyslot(slot: number | string, vk: Uint8Array, passphrase: Uint8Array, kdf: KdfParams, digestId: string): Promise<L2Keyslot> {
-    const seg = this.#json.segments['0']!;
-    // The keyslot area uses the data cipher when it can encrypt 512-byte keyslot sectors, else aes-xts-plain64.
-    let encryption = seg.encryption ?? 'aes-xts-plain64';
-    let areaKeyBytes = vk.length;
-    if (encryption === 'cipher_null' || encryption.startsWith('cipher_null')) {
-      encryption = 'aes-xts-plain64';
-      areaKeyBytes = 64;
+  /** Key size of the volume key (segment 0's digest), 0 when no keyslot holds it. */
+  #volumeKeyBytes(): number {
+    const d = Object.values(this.#json.digests).find((x) => x.segments.includes('0'));
+    const k = d?.keyslots.find((id) => this.#json.keyslots[id]);
+    return k === undefined ? 0 : this.#json.keyslots[k]!.key_size;
+  }
+
+  /**
+   * Keyslot area encryption (crypt_keyslot_get_encryption): --keyslot-cipher/--keyslot-key-size when
+   * given; else the data cipher with the volume key's size, when that cipher can encrypt 512-byte
+   * keyslot sectors; else aes-xts-plain64 with a 512-bit key.
+   */
+  #keyslotEncryption(opts: NewKeyslotOptions | undefined, volumeKeyBytes: number): { encryption: string; keyBytes: number } {
+    if (opts?.keyslotCipher !== undefined || opts?.keyslotKeyBytes !== undefined) {
+      const encryption = opts.keyslotCipher ?? '';
+      const keyBytes = opts.keyslotKeyBytes ?? 0;
+      if (!keyslotCipherUsable(encryption, keyBytes)) throw new CryptmapError('ECIPHER', `Cipher ${encryption} (key size ${keyBytes * 8} bits) is not available for keyslot encryption.`, { exitCode: 1 });
+      return { encryption, keyBytes };
     }
+    const cipher = this.#json.segments['0']?.encryption ?? 'aes-xts-plain64';
+    if (volumeKeyBytes > 0 && !cipher.startsWith('cipher_null') && keyslotCipherUsable(cipher, volumeKeyBytes)) return { encryption: cipher, keyBytes: volumeKeyBytes };
+    return { encryption: 'aes-xts-plain64', keyBytes: 64 };
+  }
+
+  /** Build keyslot `slot` in a free area and write its material (the header is not written here). */
+  async #storeKeyslot(slot: number | string, vk: Uint8Array, passphrase: Uint8Array, kdf: KdfParams, digestId: string, enc: { encryption: string; keyBytes: number }): Promise<L2Keyslot> {
     const areaBytes = alignUp(afSplitBytes(vk.length, LUKS_STRIPES), 4096);
     const offset = this.#findArea(areaBytes);
     const ks: L2Keyslot = {
       type: 'luks2',
       key_size: vk.length,
       af: { type: 'luks1', stripes: LUKS_STRIPES, hash: kdf.type === 'pbkdf2' ? kdf.hash : 'sha256' },
-      area: { type: 'raw', offset: String(offset), size: String(areaBytes), encryption, key_size: areaKeyBytes },
+      area: { type: 'raw', offset: String(offset), size: String(areaBytes), encryption: enc.encryption, key_size: enc.keyBytes },
       kdf: kdfJson(kdf, randomBytes(LUKS_SALTSIZE)),
     };
     await KEYSLOT_HANDLERS.luks2!.store!(this.#dev, ks, passphrase, vk);
@@ -576,6 +597,8 @@ export class Luks2Volume implements LuksVolume {
    */
   async #write(fresh = false): Promise<void> {
     if (!fresh) await this.#checkConcurrent();
+    // Digests with neither keyslots nor segments go (LUKS2_digests_erase_unused, on every write).
+    for (const [id, d] of Object.entries(this.#json.digests)) if (d.keyslots.length === 0 && d.segments.length === 0) delete this.#json.digests[id];
     // Validate what is about to be written: never write metadata we would refuse to load.
     const json = validateLuks2Json(structuredClone(this.#json), this.#bin.hdrSize - LUKS2_HDR_BIN_LEN, VALIDATORS);
     const area = buildJsonArea(json, this.#bin.hdrSize);
@@ -606,7 +629,7 @@ export class Luks2Volume implements LuksVolume {
     const vk = await this.#authenticate(auth);
     try {
       const kdf = await resolveKdf(opts, vk.length, opts.hash ?? 'sha256');
-      await this.#storeKeyslot(slot, vk.expose(), newPassphrase, kdf, this.#segmentDigest());
+      await this.#storeKeyslot(slot, vk.expose(), newPassphrase, kdf, this.#segmentDigest(), this.#keyslotEncryption(opts, vk.length));
       await this.#write();
       return Number(slot);
     } catch (e) {
@@ -617,9 +640,40 @@ export class Luks2Volume implements LuksVolume {
     }
   }
 
+  /**
+   * Add a keyslot holding a key that is not the volume key (cryptsetup luksAddKey --unbound,
+   * crypt_keyslot_add_by_key with CRYPT_VOLUME_KEY_NO_SEGMENT): `key` or a random key of `keyBytes`,
+   * under a new pbkdf2 digest assigned to no segment. Such a keyslot never opens the volume; `unlock`
+   * with `anySegment` tests its passphrase and returns its key. Returns the keyslot number.
+   */
+  async addUnboundKey(newPassphrase: Uint8Array, opts: NewKeyslotOptions & { keyBytes: number; key?: Uint8Array }): Promise<number> {
+    this.#requireChangeable();
+    const keyBytes = opts.key?.length ?? opts.keyBytes;
+    if (!Number.isInteger(keyBytes) || keyBytes < 1 || keyBytes > 512) throw new CryptmapError('EPARAM', 'Invalid key size.', { exitCode: 1 });
+    const slot = this.#freeSlot(opts.keySlot);
+    const key = opts.key ? Buffer.from(opts.key) : randomBytes(keyBytes);
+    try {
+      const hash = opts.hash ?? 'sha256';
+      const kdf = await resolveKdf(opts, keyBytes, hash);
+      const digest = await DIGEST_HANDLERS.pbkdf2!.create(key, { hash, iterations: await digestIterations(opts.kdf !== undefined, hash) });
+      let dId = 0;
+      while (this.#json.digests[String(dId)]) dId++;
+      this.#json.digests[String(dId)] = { ...digest, keyslots: [], segments: [] };
+      await this.#storeKeyslot(slot, key, newPassphrase, kdf, String(dId), this.#keyslotEncryption(opts, this.#volumeKeyBytes()));
+      await this.#write();
+      return Number(slot);
+    } catch (e) {
+      await this.#reload();
+      throw e;
+    } finally {
+      key.fill(0);
+    }
+  }
+
   async changeKey(oldPassphrase: Uint8Array, newPassphrase: Uint8Array, opts: NewKeyslotOptions = {}): Promise<number> {
     this.#requireChangeable();
-    const { volumeKey, keyslot } = await this.unlock(oldPassphrase, { keySlot: opts.keySlot });
+    // Any segment, as cryptsetup's crypt_keyslot_change_by_passphrase: an unbound keyslot stays unbound.
+    const { volumeKey, keyslot } = await this.unlock(oldPassphrase, { keySlot: opts.keySlot, anySegment: true });
     const old = this.#json.keyslots[String(keyslot)]!;
     const oldArea = { o: Number(old.area.offset), n: Number(old.area.size) };
     try {
@@ -630,7 +684,9 @@ export class Luks2Volume implements LuksVolume {
       this.#json.keyslots['__old'] = old;
       let ks: L2Keyslot;
       try {
-        ks = await this.#storeKeyslot(tmpSlot, volumeKey.expose(), newPassphrase, kdf, this.#digestOfKeyslot('__old') ?? this.#segmentDigest());
+        const dId = this.#digestOfKeyslot(tmpSlot) ?? this.#segmentDigest();
+        const bound = this.#json.digests[dId]!.segments.includes('0');
+        ks = await this.#storeKeyslot(tmpSlot, volumeKey.expose(), newPassphrase, kdf, dId, this.#keyslotEncryption(opts, bound ? volumeKey.length : this.#volumeKeyBytes()));
       } finally {
         delete this.#json.keyslots['__old'];
       }
@@ -648,7 +704,7 @@ export class Luks2Volume implements LuksVolume {
     }
   }
 
-  removeKey(passphrase: Uint8Array, opts: { keySlot?: number } = {}): Promise<number> {
+  removeKey(passphrase: Uint8Array, opts: UnlockOptions = {}): Promise<number> {
     return removeKeyByPassphrase(this, passphrase, opts);
   }
 
@@ -857,6 +913,18 @@ export class Luks2Volume implements LuksVolume {
       this.#json = before;
       throw e;
     }
+  }
+}
+
+/** Can the keyslot storage encrypt 512-byte sectors with this cipher and key size (LUKS2_keyslot_cipher_incompatible)? */
+function keyslotCipherUsable(spec: string, keyBytes: number): boolean {
+  if (!spec || spec.startsWith('cipher_null') || keyBytes < 1 || keyBytes > 1024) return false;
+  try {
+    checkKeyBytes(parseCipherSpec(spec), keyBytes);
+    createSectorCipher({ spec, key: randomBytes(keyBytes), sectorBytes: 512 }).dispose();
+    return true;
+  } catch {
+    return false;
   }
 }
 

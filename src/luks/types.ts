@@ -30,6 +30,8 @@ export interface KeyslotInfo {
   active: boolean;
   priority: KeyslotPriority;
   kdf: string;
+  /** LUKS2: the keyslot holds a key not assigned to the data segment (cryptsetup --unbound). */
+  unbound?: boolean;
 }
 
 /** Where one keyslot's key material lies on the header device. */
@@ -54,6 +56,20 @@ export interface NewKeyslotOptions {
   pbkdfMemoryKiB?: number;
   pbkdfParallel?: number;
   hash?: string;
+  /** LUKS2 keyslot area encryption (cryptsetup --keyslot-cipher / --keyslot-key-size); both or neither. */
+  keyslotCipher?: string;
+  keyslotKeyBytes?: number;
+}
+
+export interface UnlockOptions {
+  /** Only this keyslot. */
+  keySlot?: number;
+  /**
+   * LUKS2: keyslots of any digest count, unbound ones too (cryptsetup CRYPT_ACTIVATE_ALLOW_UNBOUND_KEY:
+   * `open --test-passphrase` with --key-slot or --unbound, luksChangeKey); the key returned is then the
+   * keyslot's own key, not necessarily the volume key.
+   */
+  anySegment?: boolean;
 }
 
 export interface UnlockResult {
@@ -75,7 +91,7 @@ export interface LuksVolume {
   /** Byte ranges of the active keyslots' key material (used to order a header restore crash-safely). */
   keyslotAreas(): KeyslotArea[];
   /** Try the slots (priority order, or only `keySlot`); "No key available with this passphrase." (exit 2) otherwise. */
-  unlock(passphrase: Uint8Array, opts?: { keySlot?: number }): Promise<UnlockResult>;
+  unlock(passphrase: Uint8Array, opts?: UnlockOptions): Promise<UnlockResult>;
   /** True when `vk` is this volume's key. */
   verifyVolumeKey(vk: Uint8Array): Promise<boolean>;
   /** Add a keyslot; returns its number. */
