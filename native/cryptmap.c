@@ -41,6 +41,8 @@
 
 #define ABI_VERSION 2
 
+napi_status cryptmap_register_extras(napi_env env, napi_value exports); /* extras.c */
+
 enum { CH_XTS = 0, CH_CBC = 1, CH_ECB = 2, CH_NULL = 3 };
 enum { IV_NULL = 0, IV_PLAIN = 1, IV_PLAIN64 = 2, IV_PLAIN64BE = 3, IV_ESSIV = 4, IV_BENBI = 5 };
 enum { XTS_AUTO = 0, XTS_EVP = 1, XTS_OWN = 2, XTS_AESNI = 3, XTS_VAES512 = 4, XTS_VAES256 = 5 };
@@ -1167,6 +1169,7 @@ static napi_value init(napi_env env, napi_value exports) {
   };
   CHECK(env, napi_define_properties(env, exports, sizeof d / sizeof d[0], d));
   cm_fuse_register(env, exports);
+  CHECK(env, cryptmap_register_extras(env, exports));
   napi_value ver;
   CHECK(env, napi_create_int32(env, ABI_VERSION, &ver));
   CHECK(env, napi_set_named_property(env, exports, "abiVersion", ver));

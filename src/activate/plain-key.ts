@@ -11,6 +11,7 @@
  * Vectors: cryptsetup tests/password-hash-test (see test/activate/plain-key.test.ts).
  */
 import { createHash, getHashes } from 'node:crypto';
+import { hashAvailable } from '../crypto/kdf/hash.js';
 import { CryptmapError } from '../util/errors.js';
 import { Secret } from '../util/secret.js';
 
@@ -37,7 +38,8 @@ export function parsePlainHash(spec: string): PlainHashSpec {
 
 function nodeHashName(hash: string): string {
   const name = HASH_ALIASES[hash.toLowerCase()] ?? hash.toLowerCase();
-  if (!getHashes().includes(name)) {
+  // whirlpool: available once the native addon loaded OpenSSL's legacy provider (crypto/kdf/hash.ts).
+  if (!getHashes().includes(name) && !hashAvailable(name)) {
     throw new CryptmapError('EPLAINHASH', `hash '${hash}' is not available in this Node.js/OpenSSL build`, { errno: 'ENOTSUP' });
   }
   return name;

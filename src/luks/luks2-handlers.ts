@@ -11,6 +11,7 @@ import { checkKeyBytes, parseCipherSpec } from '../crypto/cipher-spec.js';
 import { ARGON2_MAX_PARALLEL, deriveKey, hashDigestBytes, type KdfParams, PBKDF2_MIN_ITERATIONS, pbkdf2 } from '../crypto/kdf/index.js';
 import { constantTimeEqual } from '../util/bytes.js';
 import { CryptmapError } from '../util/errors.js';
+import { loadNative } from '../util/native.js';
 import { readKeyslotArea, writeKeyslotArea } from './keyslot-area.js';
 import type { L2Digest, L2Keyslot, TypeValidators } from './luks2-json.js';
 
@@ -197,14 +198,23 @@ const keyringToken: TokenHandler = {
       throw new CryptmapError('ELUKS2TOKEN', `LUKS2 metadata invalid (token_types: ${path}): luks2-keyring needs exactly type, keyslots, key_description`);
     }
   },
-  // The passphrase lives in the kernel keyring (key_description), which a userspace cryptmap
-  // process does not read. Exit 2 like cryptsetup when the keyring holds no usable key.
-  async open(_tok, tokenId) {
-    throw new CryptmapError(
-      'ETOKENKEYRING',
-      `Token ${tokenId} (luks2-keyring) cannot be used: the kernel keyring is not available to cryptmap in userspace. Use a passphrase or key file.`,
-      { exitCode: 2, errno: 'EPERM', context: { tokenId } },
-    );
+  // The passphrase is the payload of the "user" key named key_description in the kernel keyring, found
+  // as cryptsetup finds it (request_key: thread, process, session keyrings); read by the native addon.
+  async open(tok, tokenId) {
+    const read = loadNative()?.keyringReadUser;
+    if (!read) {
+      throw new CryptmapError('ETOKENKEYRING', `Token ${tokenId} (luks2-keyring) cannot be used: reading the kernel keyring needs cryptmap's native addon. Use a passphrase or key file.`, {
+        exitCode: 2,
+        errno: 'EPERM',
+        context: { tokenId },
+      });
+    }
+    const desc = String(tok.key_description);
+    const pass = read(desc);
+    if (!pass) {
+      throw new CryptmapError('ETOKENKEYRING', `Token ${tokenId} (luks2-keyring): no key "${desc}" of type user in the kernel keyring.`, { exitCode: 2, errno: 'EPERM', context: { tokenId } });
+    }
+    return pass;
   },
 };
 

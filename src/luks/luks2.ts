@@ -623,13 +623,19 @@ export class Luks2Volume implements LuksVolume {
     }
   }
 
-  async addKey(auth: KeyAuth, newPassphrase: Uint8Array, opts: NewKeyslotOptions = {}): Promise<number> {
+  async addKey(auth: KeyAuth, newPassphrase: Uint8Array, opts: NewKeyslotOptions & { assignTokens?: number[] } = {}): Promise<number> {
     this.#requireChangeable();
     const slot = this.#freeSlot(opts.keySlot);
+    for (const t of opts.assignTokens ?? []) if (!this.#json.tokens[String(t)]) throw new CryptmapError('ETOKEN', `Token ${t} is not in use.`, { exitCode: 1, errno: 'ENOENT' });
     const vk = await this.#authenticate(auth);
     try {
       const kdf = await resolveKdf(opts, vk.length, opts.hash ?? 'sha256');
       await this.#storeKeyslot(slot, vk.expose(), newPassphrase, kdf, this.#segmentDigest(), this.#keyslotEncryption(opts, vk.length));
+      // A keyslot whose passphrase came from a token is assigned to it in the same header write.
+      for (const t of opts.assignTokens ?? []) {
+        const tok = this.#json.tokens[String(t)]!;
+        if (!tok.keyslots.includes(slot)) tok.keyslots.push(slot);
+      }
       await this.#write();
       return Number(slot);
     } catch (e) {
@@ -835,6 +841,41 @@ export class Luks2Volume implements LuksVolume {
     this.#requireChangeable();
     if (!this.#json.tokens[String(tokenId)]) throw new CryptmapError('ETOKEN', `Token ${tokenId} is not in use.`, { errno: 'ENOENT' });
     delete this.#json.tokens[String(tokenId)];
+    await this.#writeOrReload();
+  }
+
+  /**
+   * cryptsetup token add --key-description: a luks2-keyring token ({"type","keyslots","key_description"}
+   * in that order) assigned to `keySlot`, to every keyslot when none is given, or to none with
+   * `unbound`; one header write. The id is `tokenId` or the lowest free one. Returns the id.
+   */
+  async addKeyringToken(keyDescription: string, opts: { tokenId?: number; keySlot?: number; unbound?: boolean } = {}): Promise<number> {
+    this.#requireChangeable();
+    if (!keyDescription) throw new CryptmapError('ETOKEN', '--key-description parameter is mandatory for token add action.', { exitCode: 1 });
+    let id = opts.tokenId;
+    if (id !== undefined) {
+      if (!Number.isInteger(id) || id < 0 || id >= LUKS2_TOKENS_MAX) throw new CryptmapError('ETOKEN', `Token ${id} is invalid.`, { exitCode: 1 });
+      if (this.#json.tokens[String(id)]) throw new CryptmapError('ETOKEN', `Token ${id} in use.`, { exitCode: 1 });
+    } else {
+      id = 0;
+      while (this.#json.tokens[String(id)]) id++;
+      if (id >= LUKS2_TOKENS_MAX) throw new CryptmapError('ETOKEN', `Failed to add luks2-keyring token ${id}.`, { exitCode: 1 });
+    }
+    if (opts.keySlot !== undefined && !this.#json.keyslots[String(opts.keySlot)]) throw new CryptmapError('EKEYSLOT', `Keyslot ${opts.keySlot} is not active.`, { exitCode: 1 });
+    const keyslots = opts.unbound ? [] : opts.keySlot !== undefined ? [String(opts.keySlot)] : Object.keys(this.#json.keyslots);
+    this.#json.tokens[String(id)] = { type: 'luks2-keyring', keyslots, key_description: keyDescription };
+    await this.#writeOrReload();
+    return id;
+  }
+
+  /** cryptsetup token unassign --token-id T --key-slot S: the keyslot leaves the token's list. */
+  async unassignToken(tokenId: number, keySlot: number): Promise<void> {
+    this.#requireChangeable();
+    const failed = () => new CryptmapError('ETOKEN', `Failed to unassign token ${tokenId} from keyslot ${keySlot}.`, { exitCode: 1 });
+    if (!Number.isInteger(tokenId) || tokenId < 0 || tokenId >= LUKS2_TOKENS_MAX || !Number.isInteger(keySlot) || keySlot < 0 || keySlot >= LUKS2_KEYSLOTS_MAX) throw failed();
+    const tok = this.#json.tokens[String(tokenId)];
+    if (!tok?.keyslots.includes(String(keySlot))) throw new CryptmapError('ETOKEN', `Token ${tokenId} is not assigned to keyslot ${keySlot}.`, { exitCode: 1, errno: 'ENOENT' });
+    tok.keyslots = tok.keyslots.filter((k) => k !== String(keySlot));
     await this.#writeOrReload();
   }
 

@@ -7,8 +7,8 @@
  * token into a passphrase, which is then tried on the keyslots the token lists (priority prefer, then
  * normal; a slot with priority ignore only when named with keySlot). Tokens without an `open` handler
  * (external plugin types such as systemd-tpm2 or systemd-fido2) are kept intact but are not usable
- * here. `luks2-keyring` has a handler that always fails: the kernel keyring is not available to a
- * userspace process (see its message).
+ * here. `luks2-keyring` reads its passphrase from the kernel keyring (the "user" key named by
+ * key_description, found as request_key(2) finds it) through the native addon.
  *
  * Outcomes, as cryptsetup's exit codes: no usable token at all -> ENOTOKEN, exit 1 ("No usable token
  * is available." / "No usable token (type T) is available."); a usable token whose passphrase opens

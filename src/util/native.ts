@@ -91,6 +91,14 @@ export interface NativeAddon {
   peerCred?(fd: number): { pid: number; uid: number; gid: number };
   /** prctl(PR_SET_DUMPABLE, flag) when a flag is given; PR_GET_DUMPABLE after (native/dumpable.c). */
   dumpable?(flag?: boolean): boolean;
+  /**
+   * The payload of the kernel keyring key of type "user" named `description`, looked up as
+   * request_key(2) does (thread, process, session keyrings); null when none is reachable
+   * (native/extras.c). The caller wipes the buffer.
+   */
+  keyringReadUser?(description: string): Buffer | null;
+  /** Load OpenSSL's legacy provider (whirlpool) into Node's OpenSSL; true when it is loaded. */
+  loadLegacyProvider?(): boolean;
 }
 
 export const NATIVE_ABI_VERSION = 2;

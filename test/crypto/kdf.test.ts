@@ -23,8 +23,18 @@ test('Argon2id and Argon2i match the reference CLI', async () => {
   assert.equal(i.toString('hex'), '896874eaf0fc172dbbc1ff67a67e855d68825f82baa56e947b5067cf3d3b67c0');
 });
 
+test("whirlpool through OpenSSL's legacy provider (native addon): NESSIE vector, PBKDF2", async () => {
+  const { digest } = await import('../../src/crypto/kdf/hash.js');
+  // ISO/IEC 10118-3 / NESSIE: Whirlpool of the empty string.
+  assert.equal(
+    digest('whirlpool').toString('hex'),
+    '19fa61d75522a4669b44e39c1d2e1726c530232130d407f89afee0964997f7a73e83be698b288febcf88e3e03c4f0757ea8964e59b63d93708b138cc42a66eb3',
+  );
+  assert.equal((await pbkdf2('whirlpool', Buffer.from('a'), Buffer.from('b'), 1000, 32)).length, 32);
+});
+
 test('unknown hash is a clear error', async () => {
-  await assert.rejects(pbkdf2('whirlpool', Buffer.from('a'), Buffer.from('b'), 1000, 32), { code: 'EHASH' });
+  await assert.rejects(pbkdf2('stribog512', Buffer.from('a'), Buffer.from('b'), 1000, 32), { code: 'EHASH' });
 });
 
 test('calibration respects minimums', async () => {

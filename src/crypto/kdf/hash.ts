@@ -5,6 +5,7 @@
  */
 import { createHash, getHashes } from 'node:crypto';
 import { CryptmapError } from '../../util/errors.js';
+import { loadNative } from '../../util/native.js';
 
 const DIGEST_BYTES: Record<string, number> = {
   sha1: 20,
@@ -20,7 +21,11 @@ const DIGEST_BYTES: Record<string, number> = {
   blake2b512: 64,
   blake2s256: 32,
   sm3: 32,
+  whirlpool: 64,
 };
+
+/** Hashes OpenSSL 3 keeps in its legacy provider, which Node loads only for --openssl-legacy-provider. */
+const LEGACY = new Set(['whirlpool']);
 
 let available: Set<string> | undefined;
 
@@ -28,10 +33,25 @@ let available: Set<string> | undefined;
 export function nodeHashName(luksName: string): string {
   const n = luksName.toLowerCase();
   available ??= new Set(getHashes());
+  if (DIGEST_BYTES[n] !== undefined && !available.has(n) && LEGACY.has(n) && loadLegacy(n)) available.add(n);
   if (DIGEST_BYTES[n] === undefined || !available.has(n)) {
     throw new CryptmapError('EHASH', `Hash algorithm ${luksName} is not available.`, { context: { hash: luksName } });
   }
   return n;
+}
+
+/**
+ * Whirlpool (LUKS1 headers made with --hash whirlpool): the native addon loads OpenSSL's legacy
+ * provider into Node's own OpenSSL, process-wide. Without the addon the hash stays unavailable.
+ */
+function loadLegacy(n: string): boolean {
+  try {
+    if (!loadNative()?.loadLegacyProvider?.()) return false;
+    createHash(n).update('').digest();
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 /** Digest length in bytes of a LUKS hash name. */
