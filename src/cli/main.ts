@@ -36,8 +36,22 @@ const VERBS: Record<string, { file: string; action?: string }> = {
   token: { file: 'luks-misc', action: 'token' },
   open: { file: 'open', action: 'open' },
   luksOpen: { file: 'open', action: 'open' },
+  // cryptsetup's old action names (src/cryptsetup.c main): each is open or close with its type.
+  create: { file: 'open', action: 'open' },
+  plainOpen: { file: 'open', action: 'open' },
+  loopaesOpen: { file: 'open', action: 'open' },
+  tcryptOpen: { file: 'open', action: 'open' },
+  bitlkOpen: { file: 'open', action: 'open' },
+  fvault2Open: { file: 'open', action: 'open' },
   close: { file: 'close', action: 'close' },
   luksClose: { file: 'close', action: 'close' },
+  remove: { file: 'close', action: 'close' },
+  plainClose: { file: 'close', action: 'close' },
+  loopaesClose: { file: 'close', action: 'close' },
+  tcryptClose: { file: 'close', action: 'close' },
+  bitlkClose: { file: 'close', action: 'close' },
+  fvault2Close: { file: 'close', action: 'close' },
+  luksConfig: { file: 'luks-misc', action: 'config' },
   status: { file: 'status', action: 'status' },
   luksSuspend: { file: 'suspend', action: 'luksSuspend' },
   luksResume: { file: 'suspend', action: 'luksResume' },
@@ -77,6 +91,11 @@ const SYNOPSIS: Record<string, string> = {
   token: 'token add|remove|import|export [OPTION...] <device>',
   open: 'open [--type luks|luks1|luks2|plain] [OPTION...] [--attach] [--persistent] <device> <name>',
   luksOpen: 'luksOpen [OPTION...] <device> <name>',
+  create: 'create [OPTION...] <name> <device>   (open --type plain <device> <name>)',
+  plainOpen: 'plainOpen [OPTION...] <device> <name>   (open --type plain)',
+  remove: 'remove <name>   (close)',
+  plainClose: 'plainClose <name>   (close)',
+  luksConfig: 'luksConfig [OPTION...] <device>   (config)',
   close: 'close [--runtime-dir DIR] <name>',
   luksClose: 'luksClose [--runtime-dir DIR] <name>',
   status: 'status [--json] [--runtime-dir DIR] <name>',
@@ -95,6 +114,8 @@ Verbs (cryptsetup names): luksFormat open close status luksDump luksAddKey luksR
   convert erase token luksSuspend luksResume refresh resize benchmark
 Device mapper (dmsetup syntax): dm create|remove|reload|load|suspend|resume|table|status|info|ls|message|rename
 Serving and services: daemon attach detach agent keyd crypttab volume
+Old names, as cryptsetup keeps them: create plainOpen luksOpen (open), remove plainClose luksClose (close),
+  luksErase (erase), luksConfig (config)
 
 Options may come before or after the verb, as in cryptsetup; '--' ends them.
 'cryptmap <verb> --help' describes a verb.`;

@@ -169,6 +169,11 @@ export interface Luks1FormatOptions {
   /** Payload offset in bytes (0 with a detached header); default: aligned to 1 MiB after the keyslots. */
   offsetBytes?: number;
   detachedHeader?: boolean;
+  /**
+   * Data alignment in bytes (cryptsetup --align-payload N = N * 512): without offsetBytes, the payload
+   * starts at the end of the keyslots rounded up to it, or with a detached header at it.
+   */
+  alignBytes?: number;
   keyslot?: NewKeyslotOptions;
   digestIterations?: number;
 }
@@ -219,7 +224,14 @@ export class Luks1Volume implements LuksVolume {
     const stride = Math.ceil(afSplitBytes(keyBytes, LUKS_STRIPES) / 512 / LUKS_ALIGN_KEYSLOTS_SECTORS) * LUKS_ALIGN_KEYSLOTS_SECTORS;
     const first = LUKS_ALIGN_KEYSLOTS_SECTORS;
     const end = first + LUKS_NUMKEYS * stride;
-    let payload = o.offsetBytes !== undefined ? o.offsetBytes / 512 : o.detachedHeader ? 0 : Math.ceil(end / LUKS_DEFAULT_ALIGN_SECTORS) * LUKS_DEFAULT_ALIGN_SECTORS;
+    const align = o.alignBytes !== undefined && o.alignBytes > 0 ? o.alignBytes / 512 : undefined;
+    if (align !== undefined && !Number.isInteger(align)) throw new CryptmapError('EPARAM', 'Data alignment must be a multiple of 512 bytes.');
+    let payload =
+      o.offsetBytes !== undefined
+        ? o.offsetBytes / 512
+        : o.detachedHeader
+          ? (align ?? 0)
+          : Math.ceil(end / (align ?? LUKS_DEFAULT_ALIGN_SECTORS)) * (align ?? LUKS_DEFAULT_ALIGN_SECTORS);
     if (!Number.isInteger(payload)) throw new CryptmapError('EPARAM', 'Data offset must be a multiple of 512 bytes.');
     if (payload !== 0 && payload < end) throw new CryptmapError('EPARAM', 'Data offset is too small for the LUKS1 keyslots.');
     if (o.uuid !== undefined) checkLuks1Uuid(o.uuid);

@@ -143,6 +143,11 @@ export interface Luks2FormatOptions {
   offsetBytes?: number;
   /** The header lives on its own device (data offset defaults to 0). */
   detachedHeader?: boolean;
+  /**
+   * Data alignment in bytes (cryptsetup --align-payload N = N * 512): without offsetBytes, data starts
+   * after the metadata and keyslots areas rounded up to it, or with a detached header at it.
+   */
+  alignBytes?: number;
   metadataBytes?: number;
   keyslotsBytes?: number;
   uuid?: string;
@@ -222,8 +227,12 @@ export class Luks2Volume implements LuksVolume {
     if (!Number.isInteger(keyBytes) || keyBytes < 1 || keyBytes > 512) throw new CryptmapError('EPARAM', 'Invalid volume key size.');
     const uuid = o.uuid ?? randomUUID();
     checkUuid(uuid);
-    let offset = o.offsetBytes ?? (o.detachedHeader ? 0 : undefined);
+    let offset = o.offsetBytes ?? (o.detachedHeader ? (o.alignBytes ?? 0) : undefined);
     let keyslotsBytes = o.keyslotsBytes;
+    if (offset === undefined && o.alignBytes) {
+      // LUKS2_generate_hdr: the default keyslots area (16 MiB with the metadata), then the alignment.
+      offset = alignUp(2 * metadata + (keyslotsBytes ?? LUKS2_DEFAULT_DATA_OFFSET_BYTES - 2 * metadata), o.alignBytes);
+    }
     if (offset === undefined) {
       // Default: data at 16 MiB, or after the metadata and keyslots asked for (aligned to 1 MiB).
       offset = keyslotsBytes !== undefined ? alignUp(2 * metadata + keyslotsBytes, 1 << 20) : Math.max(LUKS2_DEFAULT_DATA_OFFSET_BYTES, alignUp(2 * metadata + 4096, 1 << 20));

@@ -361,6 +361,15 @@ export function keyslotOptions(v: LuksArgs, type: 'luks1' | 'luks2'): NewKeyslot
   const o: NewKeyslotOptions = { pbkdf, hash, ...(keySlot !== undefined ? { keySlot } : {}), ...(iterTime !== undefined ? { iterTimeMs: iterTime } : {}) };
   if (memory !== undefined) o.pbkdfMemoryKiB = memory;
   if (parallel !== undefined) o.pbkdfParallel = parallel;
+  // --keyslot-cipher / --keyslot-key-size (cryptsetup _set_keyslot_encryption_params).
+  if ((v['keyslot-cipher'] === undefined) !== (v['keyslot-key-size'] === undefined)) {
+    throw new CryptmapError('EARGS', 'Options --keyslot-cipher and --keyslot-key-size must be used together.', { exitCode: EXIT_WRONG_PARAMS });
+  }
+  if (v['keyslot-cipher'] !== undefined) {
+    if (type !== 'luks2') throw new CryptmapError('EARGS', 'Keyslot encryption parameters can be set only for LUKS2 device.', { exitCode: EXIT_WRONG_PARAMS });
+    o.keyslotCipher = v['keyslot-cipher'];
+    o.keyslotKeyBytes = Math.floor((intOpt(v['keyslot-key-size'], '--keyslot-key-size', 0, 0xffffffff) ?? 0) / 8);
+  }
   if (forced !== undefined) {
     if (pbkdf === 'pbkdf2') {
       if (forced < 1000) throw new CryptmapError('EARGS', 'Forced iteration count is too low for pbkdf2 (minimum is 1000).', { exitCode: EXIT_WRONG_PARAMS });
@@ -508,7 +517,9 @@ export async function unlockForOpen(io: CliIO, vol: Luks1Volume | Luks2Volume, d
       keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
     });
     try {
-      const r = await vol.unlock(pass, { keySlot: intOpt(v['key-slot'], '--key-slot') });
+      // --test-passphrase with --key-slot or --unbound may test an unbound keyslot (CRYPT_ACTIVATE_ALLOW_UNBOUND_KEY).
+      const anySegment = v['test-passphrase'] === true && (v['key-slot'] !== undefined || v.unbound === true);
+      const r = await vol.unlock(pass, { keySlot: intOpt(v['key-slot'], '--key-slot'), anySegment });
       if (v.verbose) io.stdout.write(`Key slot ${r.keyslot} unlocked.\n`);
       return r;
     } catch (e) {

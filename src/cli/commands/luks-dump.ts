@@ -6,9 +6,9 @@
  */
 import { open as fsOpen } from 'node:fs/promises';
 import type { Luks1Volume, Luks2Volume } from '../../luks/index.js';
-import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import { CryptmapError, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { closeQuietly, confirm, getPassphrase, headerPath, intOpt, loadLuksForRead, needDevice, parseLuksArgs } from './luks-common.js';
+import { closeQuietly, confirm, getPassphrase, headerPath, intOpt, type LuksArgs, loadLuksForRead, needDevice, parseLuksArgs } from './luks-common.js';
 
 /** json-c JSON_C_TO_STRING_PRETTY: two-space indent, no space after ':', closing bracket at the key's indent. */
 export function jsonPretty(v: unknown, level = 0): string {
@@ -148,8 +148,53 @@ export function dumpJson(v: Luks1Volume | Luks2Volume): unknown {
   return { ...base, hash: h.hashSpec, payloadOffsetSectors: h.payloadOffset };
 }
 
+/**
+ * luksDump --unbound -S N [--volume-key-file F] (cryptsetup luksDump_with_unbound_key): the key of an
+ * unbound keyslot, after its passphrase, printed in hex or written to a new file (owner read-only).
+ */
+async function dumpUnbound(io: CliIO, vol: Awaited<ReturnType<typeof loadLuksForRead>>['vol'], device: string, v: LuksArgs): Promise<number> {
+  const slot = intOpt(v['key-slot'], '--key-slot', 0, 31)!;
+  if (!vol.keyslots().some((k) => k.id === slot && k.unbound)) throw new CryptmapError('EKEYSLOT', `Keyslot ${slot} does not contain unbound key.`, { exitCode: 1 });
+  try {
+    await confirm(io, 'The header dump with unbound key is sensitive information.\nThis dump should be stored encrypted in a safe place.', v['batch-mode']);
+  } catch (e) {
+    throw isCryptmapError(e, 'EABORT') ? new CryptmapError('EABORT', 'Operation aborted.', { exitCode: 2 }) : e;
+  }
+  const pass = await getPassphrase(io, `Enter passphrase for ${device}: `, {
+    keyFile: v['key-file'],
+    keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
+    keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
+  });
+  let uk: Buffer;
+  try {
+    const r = await vol.unlock(pass, { keySlot: slot, anySegment: true });
+    uk = Buffer.from(r.volumeKey.expose());
+    r.volumeKey.dispose();
+    if (v.verbose) io.stdout.write(`Key slot ${r.keyslot} unlocked.\n`);
+  } finally {
+    pass.fill(0);
+  }
+  try {
+    const file = v['volume-key-file'];
+    if (file) {
+      const fh = await fsOpen(file, 'wx', 0o400).catch((e) => {
+        throw new CryptmapError('EVKFILE', `Cannot open keyfile ${file} for write.`, { exitCode: 1, cause: e });
+      });
+      await fh.writeFile(uk);
+      await fh.close();
+    }
+    let o = `LUKS header information for ${device}\nUUID:    \t${vol.uuid}\nKeyslot: \t${slot}\nKey bits:\t${uk.length * 8}\n`;
+    o += file ? `Key stored to file ${file}.\n` : `Unbound Key:\t${hexLines(uk, '\t\t')}\n`;
+    io.stdout.write(o);
+    return 0;
+  } finally {
+    uk.fill(0);
+  }
+}
+
 const main: VerbMain = async (argv: string[], io: CliIO) => {
   const { values: v, positionals } = parseLuksArgs(argv);
+  if (v.unbound && v['key-slot'] === undefined) throw new CryptmapError('EARGS', 'Keyslot specification is required.', { exitCode: EXIT_WRONG_PARAMS });
   const device = needDevice(positionals, 'cryptmap luksDump [OPTION...] <device>');
   const hdr = headerPath(v, device);
   // Loaded as cryptsetup's crypt_load does: a damaged LUKS2 copy is rewritten unless --readonly.
@@ -204,6 +249,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       }
       return 0;
     }
+    if (v.unbound) return await dumpUnbound(io, vol, device, v);
     if (v.json) {
       io.stdout.write(JSON.stringify(dumpJson(vol), null, 2) + '\n');
       return 0;

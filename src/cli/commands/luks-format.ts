@@ -62,6 +62,8 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   if (sectorOpt !== undefined && ![512, 1024, 2048, 4096].includes(sectorOpt)) throw new CryptmapError('EARGS', `Unsupported encryption sector size.`, { exitCode: EXIT_WRONG_PARAMS });
   if (luks === 'luks1' && sectorOpt !== undefined && sectorOpt !== 512) throw new CryptmapError('EARGS', 'Unsupported encryption sector size.', { exitCode: EXIT_WRONG_PARAMS });
   const offsetSectors = intOpt(v.offset, '--offset');
+  const alignSectors = intOpt(v['align-payload'], '--align-payload', 0, 0xffffffff);
+  if (alignSectors !== undefined && offsetSectors !== undefined) throw new CryptmapError('EARGS', 'Options --align-payload and --offset cannot be combined.', { exitCode: EXIT_WRONG_PARAMS });
   // cryptsetup 2.6 action_luksFormat: the data offset in 4096-byte units; LUKS2-only sizes refused for LUKS1.
   if (offsetSectors !== undefined && (offsetSectors * 512) % 4096 !== 0) throw new CryptmapError('EARGS', 'Data offset is not multiple of 4096 bytes.', { exitCode: EXIT_WRONG_PARAMS });
   if (luks === 'luks1' && (v['luks2-metadata-size'] !== undefined || v['luks2-keyslots-size'] !== undefined)) {
@@ -108,6 +110,12 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       // cryptsetup picks 4096-byte sectors for images in regular files (and so cryptmap for NBD exports).
       const isFileLike = isRemoteDevice(device) || (await stat(device)).isFile();
       if (isFileLike && (offsetSectors === undefined || (offsetSectors * 512) % 4096 === 0)) sectorBytes = 4096;
+      // With --align-payload, as cryptsetup's autodetection: a detached header's data offset (in
+      // sectors) or the device size less the alignment must be a multiple of 4096, else 512.
+      if (alignSectors) {
+        const devBytes = isRemoteDevice(device) ? 0 : (await stat(device)).size;
+        if (headerFile !== undefined ? alignSectors % 4096 !== 0 : (devBytes - alignSectors * 512) % 4096 !== 0) sectorBytes = 512;
+      }
     }
     // A regular file is grown to hold the header and keyslots, as cryptsetup does (device_fallocate).
     if (!headerFile && !isRemoteDevice(device)) {
@@ -128,6 +136,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         ...(v.uuid ? { uuid: v.uuid } : {}),
         ...(offsetSectors !== undefined ? { offsetBytes: offsetSectors * 512 } : {}),
         detachedHeader: headerFile !== undefined,
+        ...(alignSectors ? { alignBytes: alignSectors * 512 } : {}),
         keyslot: ks,
       };
       if (luks === 'luks1') {

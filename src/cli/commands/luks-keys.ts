@@ -6,7 +6,7 @@
  *   luksConvertKey <device>                  (LUKS2: the keyslot again under the PBKDF given now)
  * The image is locked while its header changes (luks/lock.ts).
  */
-import { type Luks1Volume, type Luks2Volume, type UnlockResult, withDeviceLock } from '../../luks/index.js';
+import { type Luks1Volume, type Luks2Volume, TOKEN_HANDLERS, type UnlockResult, unlockByToken, withDeviceLock } from '../../luks/index.js';
 import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
 import { Secret } from '../../util/secret.js';
 import type { CliIO, VerbMain } from '../types.js';
@@ -24,6 +24,7 @@ import {
   parseLuksArgs,
   readVolumeKeyFile,
   recoverLoaded,
+  tokenArgs,
 } from './luks-common.js';
 
 /** Unlock with one of `slots` only (cryptsetup tries them in order); "No key available with this passphrase." (exit 2) otherwise. */
@@ -36,6 +37,14 @@ async function unlockAny(vol: Luks1Volume | Luks2Volume, passphrase: Uint8Array,
     }
   }
   throw new CryptmapError('ENOKEY', 'No key available with this passphrase.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
+}
+
+/** The passphrase a token gives (--new-token-id): its handler's, e.g. a luks2-keyring token's key. */
+async function tokenPassphrase(vol: Luks1Volume | Luks2Volume, id: number): Promise<Buffer> {
+  const tok = vol.type === 'luks2' ? vol.json.tokens[String(id)] : undefined;
+  const open = tok ? TOKEN_HANDLERS[tok.type]?.open : undefined;
+  if (!tok || !open) throw new CryptmapError('ENOTOKEN', `Token ${id} is not usable to get a new passphrase.`, { exitCode: 1, errno: 'ENOENT' });
+  return open(tok as unknown as Record<string, unknown>, id);
 }
 
 function existingSource(v: LuksArgs) {
@@ -54,6 +63,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   const { values: v, positionals } = parseLuksArgs(argv);
   const device = needDevice(positionals, `cryptmap ${verb} [OPTION...] <device> ${verb === 'luksKillSlot' ? '<key slot>' : '[<key file>]'}`);
   const hdr = headerPath(v, device);
+  if (verb === 'luksAddKey' && v.unbound && !Number(v['key-size'] ?? 0)) throw new CryptmapError('EARGS', 'Key size is required with --unbound option.', { exitCode: EXIT_WRONG_PARAMS });
   const dev = await openDevice(hdr, true);
   const secrets: Buffer[] = [];
   try {
@@ -61,27 +71,69 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       const vol = await loadLuks(dev, hdr);
       await recoverLoaded(vol, hdr, false);
       const ks = keyslotOptions(v, vol.type);
+      // luksAddKey --unbound: the key size is required (cryptsetup verify_addkey).
+      const bits = intOpt(v['key-size'], '--key-size', 0, 4096) ?? 0;
       const say = (s: string) => {
         if (v.verbose) io.stdout.write(s);
       };
       if (verb === 'luksAddKey') {
-        const newSlot = intOpt(v['new-key-slot'], '--new-key-slot') ?? ks.keySlot;
+        if (v.unbound) {
+          // cryptsetup luksAddUnboundKey: a key of --key-size bits (random, or --volume-key-file),
+          // assigned to no segment; only the new passphrase is asked for.
+          if (vol.type !== 'luks2') throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid LUKS2 device.`, { exitCode: 1 });
+          const keyBytes = Math.floor(bits / 8);
+          let key: Buffer | undefined;
+          if (v['volume-key-file'] !== undefined) {
+            key = await readVolumeKeyFile(v['volume-key-file'], keyBytes);
+            secrets.push(key);
+          }
+          const np = await getPassphrase(io, 'Enter new passphrase for key slot: ', { ...newSource(v, positionals[1]), keyFile: positionals[1] }, true);
+          secrets.push(np);
+          const slot = await vol.addUnboundKey(np, { ...ks, keyBytes, ...(key ? { key } : {}) });
+          say(`Key slot ${slot} created.\nCommand successful.\n`);
+          return 0;
+        }
+        // --key-slot names the new keyslot, unless --new-key-slot does; then it names the existing one.
+        const newSlotOpt = intOpt(v['new-key-slot'], '--new-key-slot');
+        const oldSlot = newSlotOpt !== undefined ? ks.keySlot : undefined;
+        const newSlot = newSlotOpt ?? ks.keySlot;
+        const byToken = v['token-id'] !== undefined || v['token-type'] !== undefined || v['token-only'] === true;
+        const newTokenId = intOpt(v['new-token-id'], '--new-token-id', 0, 31);
         let auth: { passphrase: Uint8Array } | { volumeKey: Secret };
+        let tokenPass: Buffer | undefined;
         const vkFile = v['volume-key-file'];
         if (vkFile) {
           const vk = await readVolumeKeyFile(vkFile, vol.dataSegment.keyBytes);
           secrets.push(vk); // wiped in the finally below even when addKey fails
           auth = { volumeKey: new Secret(vk) };
+        } else if (byToken && (v['key-file'] === undefined || v['key-file'] === '-')) {
+          // Unlocked through a token (crypt_keyslot_context_init_by_token): --token-id/--token-type.
+          if (vol.type !== 'luks2') throw new CryptmapError('ETOKENLUKS1', 'Tokens are supported only for LUKS2 devices.', { exitCode: EXIT_WRONG_PARAMS });
+          const t = tokenArgs(v);
+          const r = await unlockByToken(vol, { ...(t.tokenId !== undefined ? { tokenId: t.tokenId } : {}), ...(t.tokenType !== undefined ? { tokenType: t.tokenType } : {}), ...(oldSlot !== undefined ? { keySlot: oldSlot } : {}) });
+          auth = { volumeKey: r.volumeKey };
+          secrets.push(r.volumeKey.expose()); // wiped in the finally below even when addKey fails
+          say(`Key slot ${r.keyslot} unlocked.\n`);
+          if (newTokenId !== undefined && newTokenId === r.tokenId) tokenPass = await tokenPassphrase(vol, newTokenId);
         } else {
           const p = await getPassphrase(io, 'Enter any existing passphrase: ', existingSource(v));
           secrets.push(p);
           auth = { passphrase: p };
+          // Check the existing passphrase before asking for the new one, as cryptsetup does.
+          const r = await vol.unlock(p, { ...(oldSlot !== undefined ? { keySlot: oldSlot } : {}) });
+          r.volumeKey.dispose();
+          say(`Key slot ${r.keyslot} unlocked.\n`);
         }
-        // Check the existing passphrase before asking for the new one, as cryptsetup does.
-        if ('passphrase' in auth) (await vol.unlock(auth.passphrase)).volumeKey.dispose();
-        const np = await getPassphrase(io, 'Enter new passphrase for key slot: ', newSource(v, positionals[1]), true);
+        // The new passphrase: the new key file, a token's (--new-token-id: the keyslot is assigned to it), or asked.
+        let np: Buffer;
+        const newFile = positionals[1] ?? v['new-keyfile'];
+        if (newFile === undefined && newTokenId !== undefined) {
+          if (vol.type !== 'luks2') throw new CryptmapError('ETOKENLUKS1', 'Tokens are supported only for LUKS2 devices.', { exitCode: EXIT_WRONG_PARAMS });
+          np = tokenPass ?? (await tokenPassphrase(vol, newTokenId));
+        } else np = await getPassphrase(io, 'Enter new passphrase for key slot: ', newSource(v, positionals[1]), true);
         secrets.push(np);
-        const slot = await vol.addKey(auth, np, { ...ks, ...(newSlot !== undefined ? { keySlot: newSlot } : { keySlot: undefined }) });
+        const assign = newFile === undefined && newTokenId !== undefined ? { assignTokens: [newTokenId] } : {};
+        const slot = await vol.addKey(auth, np, { ...ks, ...assign, ...(newSlot !== undefined ? { keySlot: newSlot } : { keySlot: undefined }) });
         if ('volumeKey' in auth) auth.volumeKey.dispose();
         say(`Key slot ${slot} created.\nCommand successful.\n`);
         return 0;
@@ -103,7 +155,8 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       if (verb === 'luksChangeKey') {
         const p = await getPassphrase(io, 'Enter passphrase to be changed: ', existingSource(v));
         secrets.push(p);
-        const { volumeKey, keyslot } = await vol.unlock(p, { keySlot: ks.keySlot });
+        // Any segment: an unbound keyslot's passphrase can be changed too (CRYPT_ACTIVATE_ALLOW_UNBOUND_KEY).
+        const { volumeKey, keyslot } = await vol.unlock(p, { keySlot: ks.keySlot, anySegment: true });
         volumeKey.dispose();
         say(`Key slot ${keyslot} unlocked.\n`);
         const np = await getPassphrase(io, 'Enter new passphrase: ', newSource(v, positionals[1]), true);

@@ -1,7 +1,7 @@
 /**
  * Header-level verbs with cryptsetup's syntax (cryptsetup(8)): luksUUID [--uuid], isLuks [--type],
  * luksHeaderBackup / luksHeaderRestore --header-backup-file, config --label --subsystem --priority,
- * repair, convert --type luks1|luks2, erase (luksErase), token import|export|remove --token-id [--json-file].
+ * repair, convert --type luks1|luks2, erase (luksErase), token add|remove|import|export|unassign.
  */
 import { readFile } from 'node:fs/promises';
 import type { BlockDevice } from '../../blockdev/types.js';
@@ -25,8 +25,18 @@ async function readStdin(io: CliIO): Promise<string> {
 async function token(io: CliIO, v: LuksArgs, positionals: string[]): Promise<number> {
   const action = positionals[0];
   const device = positionals[1];
-  if (!action || !device) throw new CryptmapError('EARGS', 'Usage: cryptmap token <import|export|remove> <device> [--token-id N] [--json-file FILE]', { exitCode: EXIT_WRONG_PARAMS });
-  const id = intOpt(v['token-id'], '--token-id', 0, 31);
+  if (!action || !device) throw new CryptmapError('EARGS', 'Usage: cryptmap token <add|remove|import|export|unassign> <device> [--token-id N] [--key-slot N] [--key-description D] [--json-file FILE]', { exitCode: EXIT_WRONG_PARAMS });
+  // cryptsetup verify_token: usage errors before the device is looked at.
+  const usage = (m: string) => new CryptmapError('EARGS', m, { exitCode: EXIT_WRONG_PARAMS });
+  if (!['add', 'remove', 'import', 'export', 'unassign'].includes(action)) throw usage('Invalid token action.');
+  if (action === 'add' && v['key-description'] === undefined) throw usage('--key-description parameter is mandatory for token add action.');
+  if ((action === 'remove' || action === 'export') && v['token-id'] === undefined) throw usage('Action requires specific token. Use --token-id parameter.');
+  if (v.unbound && action !== 'add') throw usage('Option --unbound is valid only with token add action.');
+  if (v.unbound && v['key-slot'] !== undefined) throw usage('Options --key-slot and --unbound cannot be combined.');
+  if (action === 'unassign' && v['key-slot'] === undefined) throw usage('Action requires specific keyslot. Use --key-slot parameter.');
+  if (action === 'unassign' && v['token-id'] === undefined) throw usage('Action requires specific token. Use --token-id parameter.');
+  const id = action === 'unassign' ? intOpt(v['token-id'], '--token-id') : intOpt(v['token-id'], '--token-id', 0, 31);
+  const slot = intOpt(v['key-slot'], '--key-slot');
   const hdr = headerPath(v, device);
   const dev = await openDevice(hdr, action !== 'export');
   try {
@@ -35,7 +45,7 @@ async function token(io: CliIO, v: LuksArgs, positionals: string[]): Promise<num
       needLuks2(vol, 'Tokens');
       if (action !== 'export') await recoverLoaded(vol, hdr, false);
       if (action === 'export') {
-        if (id === undefined) throw new CryptmapError('EARGS', 'Option --token-id is required for this action.', { exitCode: EXIT_WRONG_PARAMS });
+        if (id === undefined) throw usage('Action requires specific token. Use --token-id parameter.');
         let text: string;
         try {
           text = vol.exportToken(id);
@@ -46,8 +56,19 @@ async function token(io: CliIO, v: LuksArgs, positionals: string[]): Promise<num
         return 0;
       }
       if (action === 'remove') {
-        if (id === undefined) throw new CryptmapError('EARGS', 'Option --token-id is required for this action.', { exitCode: EXIT_WRONG_PARAMS });
-        await vol.removeToken(id);
+        await vol.removeToken(id!);
+        if (v.verbose) io.stdout.write(`Token ${id} removed.\nCommand successful.\n`);
+        return 0;
+      }
+      if (action === 'add') {
+        // A luks2-keyring token (cryptsetup _token_add): all keyslots, the one given, or none with --unbound.
+        const got = await vol.addKeyringToken(v['key-description']!, { ...(id !== undefined ? { tokenId: id } : {}), ...(slot !== undefined ? { keySlot: slot } : {}), unbound: v.unbound === true });
+        if (v.verbose) io.stdout.write(`Token ${got} created.\nCommand successful.\n`);
+        return 0;
+      }
+      if (action === 'unassign') {
+        await vol.unassignToken(id!, slot!);
+        if (v.verbose) io.stdout.write('Command successful.\n');
         return 0;
       }
       if (action === 'import') {
@@ -116,7 +137,8 @@ async function repairLuks1(io: CliIO, dev: BlockDevice, v: LuksArgs): Promise<nu
 }
 
 const main: VerbMain = async (argv: string[], io: CliIO) => {
-  const verb = argv[0]!;
+  // luksConfig is cryptsetup's old name for config.
+  const verb = argv[0] === 'luksConfig' ? 'config' : argv[0]!;
   const { values: v, positionals } = parseLuksArgs(argv);
   if (verb === 'token') return token(io, v, positionals);
   const device = needDevice(positionals, `cryptmap ${verb} [OPTION...] <device>`);

@@ -175,8 +175,19 @@ export async function sendOpen(c: ControlClient, mapping: CryptMapping, volumeKe
   }
 }
 
+/**
+ * cryptsetup's old action names for open (src/cryptsetup.c main): each sets the device type, over any
+ * --type given; `create` also takes its arguments the other way round (<name> <device>).
+ */
+const ALIAS_TYPE: Record<string, string> = { create: 'plain', plainOpen: 'plain', luksOpen: 'luks', loopaesOpen: 'loopaes', tcryptOpen: 'tcrypt', bitlkOpen: 'bitlk', fvault2Open: 'fvault2' };
+
 const main: VerbMain = async (argv: string[], io: CliIO) => {
   const { values: v, positionals } = parseLuksArgs(argv);
+  const alias = ALIAS_TYPE[argv[0]!];
+  if (alias !== undefined) v.type = alias;
+  if (argv[0] === 'create' && positionals.length >= 2) [positionals[0], positionals[1]] = [positionals[1]!, positionals[0]!];
+  if (v.unbound && v.type !== undefined && !v.type.startsWith('luks')) throw new CryptmapError('EARGS', 'Option --unbound is allowed only for open of luks device.', { exitCode: EXIT_WRONG_PARAMS });
+  if (v.unbound && !v['test-passphrase']) throw new CryptmapError('EARGS', 'Option --unbound cannot be used without --test-passphrase.', { exitCode: EXIT_WRONG_PARAMS });
   const device = needDevice(positionals, 'cryptmap open [OPTION...] <device> <name>');
   if (v.persistent && v['test-passphrase']) {
     throw new CryptmapError('EARGS', 'Option --persistent is not allowed with --test-passphrase.', { exitCode: EXIT_WRONG_PARAMS });
