@@ -225,6 +225,14 @@ async function moveLuks1Keyslots(dev: BlockDevice, h: Luks1Header, target: reado
   return done;
 }
 
+export interface ConvertOptions {
+  /**
+   * Called after every check, before the first write; may throw to stop (cryptsetup checks whether the
+   * device is active, luks_header_in_use, at that point).
+   */
+  beforeWrite?: () => Promise<void>;
+}
+
 // ---- LUKS1 -> LUKS2 ---------------------------------------------------------------------------
 
 /** The LUKS2 JSON cryptsetup builds from a LUKS1 header (json_luks1_object), keyslots already shifted. */
@@ -267,7 +275,7 @@ function luks2JsonFromLuks1(h: Luks1Header, keyslotsBytes: number): Luks2Json {
  * Convert the LUKS1 header on `dev` (the header device when detached) to LUKS2 in place. Every check
  * runs before the first write.
  */
-export async function convertLuks1ToLuks2(dev: BlockDevice): Promise<void> {
+export async function convertLuks1ToLuks2(dev: BlockDevice, opts: ConvertOptions = {}): Promise<void> {
   const vol = await Luks1Volume.open(dev);
   const h = cloneHeader(vol.header);
   if (!dev.capabilities.write) throw new CryptmapError('EREADONLY', 'Device is read-only.', { exitCode: 1, errno: 'EPERM' });
@@ -296,6 +304,7 @@ export async function convertLuks1ToLuks2(dev: BlockDevice): Promise<void> {
   const area = buildJsonArea(json, HDR16K);
   const target = h.keyblock.map((k) => k.keyMaterialOffset + SHIFT_SECTORS);
   if (target.some((t) => t > UINT32_MAX)) throw refuse('Cannot convert to LUKS2 format - invalid metadata.');
+  await opts.beforeWrite?.();
   await moveLuks1Keyslots(dev, h, target);
   const common = { hdrSize: HDR16K, seqid: 1n, label: '', checksumAlg: 'sha256', uuid: h.uuid, subsystem: '' };
   // Secondary first: LUKS1 stays in charge until the primary's first byte changes.
@@ -329,7 +338,7 @@ function findGap(used: { o: number; e: number }[], start: number, end: number, b
  * Convert the LUKS2 header on `dev` (the header device when detached) to LUKS1 in place. Every check
  * runs before the first write.
  */
-export async function convertLuks2ToLuks1(dev: BlockDevice): Promise<void> {
+export async function convertLuks2ToLuks1(dev: BlockDevice, opts: ConvertOptions = {}): Promise<void> {
   const vol = await Luks2Volume.open(dev);
   vol.assertChangeable();
   const j = vol.json;
@@ -416,6 +425,7 @@ export async function convertLuks2ToLuks1(dev: BlockDevice): Promise<void> {
   });
   if (!valid(final, dev.sizeBytes)) throw refuse('Cannot convert to LUKS1 format - invalid metadata.');
 
+  await opts.beforeWrite?.();
   // One sector write switches the device to LUKS1 (keyslots still where LUKS2 put them).
   await writeLuks1Header(dev, h);
   const done = await moveLuks1Keyslots(dev, h, target);

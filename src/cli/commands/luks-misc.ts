@@ -112,9 +112,12 @@ async function convert(io: CliIO, dev: BlockDevice, vol: Luks1Volume | Luks2Volu
     if (isCryptmapError(e, 'EABORT')) throw new CryptmapError('EABORT', 'Operation aborted, device was NOT converted.', { exitCode: EXIT_NO_PERMISSION });
     throw e;
   }
-  if (await activeInDaemon(io, vol.uuid)) throw new CryptmapError('EBUSY', `Cannot convert device ${hdr} which is still in use.`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
-  if (to === 'luks2') await convertLuks1ToLuks2(dev);
-  else await convertLuks2ToLuks1(dev);
+  // After the format checks, before any write, as cryptsetup's luks_header_in_use.
+  const beforeWrite = async () => {
+    if (await activeInDaemon(io, vol.uuid)) throw new CryptmapError('EBUSY', `Cannot convert device ${hdr} which is still in use.`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+  };
+  if (to === 'luks2') await convertLuks1ToLuks2(dev, { beforeWrite });
+  else await convertLuks2ToLuks1(dev, { beforeWrite });
   return 0;
 }
 
