@@ -88,7 +88,7 @@ const SYNOPSIS: Record<string, string> = {
   reencrypt: 'reencrypt [--init-only | --resume-only] [--resilience checksum|journal|none] [--hotzone-size N] [--cipher C] [--key-size BITS] [--sector-size N] [--header H] [OPTION...] <device>',
   erase: 'erase <device>',
   luksErase: 'luksErase <device>',
-  token: 'token add|remove|import|export [OPTION...] <device>',
+  token: 'token add|remove|import|export|unassign [OPTION...] <device>',
   open: 'open [--type luks|luks1|luks2|plain] [OPTION...] [--attach] [--persistent] <device> <name>',
   luksOpen: 'luksOpen [OPTION...] <device> <name>',
   create: 'create [OPTION...] <name> <device>   (open --type plain <device> <name>)',
