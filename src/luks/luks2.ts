@@ -661,7 +661,7 @@ export class Luks2Volume implements LuksVolume {
    * under a new pbkdf2 digest assigned to no segment. Such a keyslot never opens the volume; `unlock`
    * with `anySegment` tests its passphrase and returns its key. Returns the keyslot number.
    */
-  async addUnboundKey(newPassphrase: Uint8Array, opts: NewKeyslotOptions & { keyBytes: number; key?: Uint8Array }): Promise<number> {
+  async addUnboundKeyslot(newPassphrase: Uint8Array, opts: NewKeyslotOptions & { keyBytes: number; key?: Uint8Array }): Promise<number> {
     this.#requireChangeable();
     const keyBytes = opts.key?.length ?? opts.keyBytes;
     if (!Number.isInteger(keyBytes) || keyBytes < 1 || keyBytes > 512) throw new CryptmapError('EPARAM', 'Invalid key size.', { exitCode: 1 });
@@ -956,7 +956,7 @@ export class Luks2Volume implements LuksVolume {
       while (this.#json.digests[String(id)]) id++;
       this.#json.digests[String(id)] = { ...d, keyslots: [], segments: [] };
       // The new key's keyslot area is encrypted with the cipher of the segment it will protect.
-      await this.#storeKeyslot(slot, vk, passphrase, kdf, String(id));
+      await this.#storeKeyslot(slot, vk, passphrase, kdf, String(id), this.#keyslotEncryption(opts, vk.length));
       await this.#write();
       return { keyslot: Number(slot), digest: String(id) };
     } catch (e) {

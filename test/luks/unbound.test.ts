@@ -1,4 +1,4 @@
-// LUKS2 unbound keyslots and per-keyslot encryption (src/luks/luks2.ts addUnboundKey, keyslotCipher),
+// LUKS2 unbound keyslots and per-keyslot encryption (src/luks/luks2.ts addUnboundKeyslot, keyslotCipher),
 // following cryptsetup 2.6 (luksAddKey --unbound, --keyslot-cipher/--keyslot-key-size): an unbound
 // key lives under its own digest with no segment, never opens the volume, and tests with anySegment;
 // the CLI and cryptsetup interop are in test/cli/luks-features.interop.test.ts.
@@ -13,7 +13,7 @@ const fmt = { keyslot: { kdf: FAST_PBKDF2 }, offsetBytes: 2 << 20 };
 test('unbound keyslot: own digest, never opens the volume, tests with anySegment, stays unbound through changeKey, digest goes with it', async () => {
   const dev = memDev(4 << 20);
   const v = await Luks2Volume.format(dev, P('one'), fmt);
-  const slot = await v.addUnboundKey(P('ub'), { kdf: FAST_PBKDF2, keyBytes: 72, keySlot: 2 });
+  const slot = await v.addUnboundKeyslot(P('ub'), { kdf: FAST_PBKDF2, keyBytes: 72, keySlot: 2 });
   assert.equal(slot, 2);
   assert.deepEqual(
     v.keyslots().map((k) => [k.id, k.unbound === true]),
@@ -39,7 +39,7 @@ test('unbound keyslot: own digest, never opens the volume, tests with anySegment
   // an unbound passphrase cannot add keyslots (it does not know the volume key)
   await assert.rejects(v.addKey({ passphrase: P('ub') }, P('x'), { kdf: FAST_PBKDF2 }), (e) => isCryptmapError(e, 'ENOKEY'));
   // a full slot is not replaced
-  await assert.rejects(v.addUnboundKey(P('x'), { kdf: FAST_PBKDF2, keyBytes: 32, keySlot: 0 }), /Key slot 0 is full/);
+  await assert.rejects(v.addUnboundKeyslot(P('x'), { kdf: FAST_PBKDF2, keyBytes: 32, keySlot: 0 }), /Key slot 0 is full/);
   await v.changeKey(P('ub'), P('ub2'), { kdf: FAST_PBKDF2, keySlot: 2 });
   assert.equal(v.keyslots().find((k) => k.id === 2)!.unbound, true);
   assert.equal((await v.unlock(P('ub2'), { keySlot: 2, anySegment: true })).volumeKey.length, 72);
@@ -53,7 +53,7 @@ test('a given unbound key is stored as is', async () => {
   const dev = memDev(4 << 20);
   const v = await Luks2Volume.format(dev, P('one'), fmt);
   const key = Buffer.alloc(64, 7);
-  await v.addUnboundKey(P('ub'), { kdf: FAST_PBKDF2, keyBytes: 64, key, keySlot: 3 });
+  await v.addUnboundKeyslot(P('ub'), { kdf: FAST_PBKDF2, keyBytes: 64, key, keySlot: 3 });
   assert.ok((await v.unlock(P('ub'), { keySlot: 3, anySegment: true })).volumeKey.expose().equals(key));
 });
 
@@ -64,7 +64,7 @@ test('--keyslot-cipher/--keyslot-key-size: the area uses them (format, addKey, c
   await v.addKey({ passphrase: P('one') }, P('two'), { ...ks, keySlot: 1 });
   await v.addKey({ passphrase: P('one') }, P('three'), { kdf: FAST_PBKDF2, keySlot: 2 });
   await v.changeKey(P('three'), P('three'), { ...ks, keySlot: 2 });
-  await v.addUnboundKey(P('ub'), { ...ks, keyBytes: 72, keySlot: 21 });
+  await v.addUnboundKeyslot(P('ub'), { ...ks, keyBytes: 72, keySlot: 21 });
   const j = v.json;
   for (const k of ['0', '1', '2', '21']) {
     assert.equal(j.keyslots[k]!.area.encryption, 'aes-cbc-plain64', k);

@@ -89,7 +89,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
           }
           const np = await getPassphrase(io, 'Enter new passphrase for key slot: ', { ...newSource(v, positionals[1]), keyFile: positionals[1] }, true);
           secrets.push(np);
-          const slot = await vol.addUnboundKey(np, { ...ks, keyBytes, ...(key ? { key } : {}) });
+          const slot = await vol.addUnboundKeyslot(np, { ...ks, keyBytes, ...(key ? { key } : {}) });
           say(`Key slot ${slot} created.\nCommand successful.\n`);
           return 0;
         }
