@@ -14,6 +14,9 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/prctl.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 void cryptmap_register_dumpable(napi_env env, napi_value exports);
 
@@ -44,7 +47,36 @@ static napi_value dumpable(napi_env env, napi_callback_info info) {
   return out;
 }
 
+/*
+ * wipeFreedMemory(on: boolean) -> boolean: glibc's M_PERTURB (mallopt(3)): while on, free() fills
+ * every released heap chunk with a fixed byte. Node copies a socket read that came in shorter than its
+ * 64 KiB read buffer into a buffer of the right size and frees the first one as it is; a volume key
+ * that crossed the control socket stays readable in that freed chunk until malloc reuses it. The
+ * daemon turns this on while a control connection is open (util/freed-memory.ts). Returns false
+ * where the C library has no M_PERTURB (musl): nothing is changed there.
+ */
+static napi_value wipe_freed_memory(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value a[1];
+  bool on = false;
+  if (napi_get_cb_info(env, info, &argc, a, NULL, NULL) != napi_ok) return NULL;
+  if (argc < 1 || napi_get_value_bool(env, a[0], &on) != napi_ok) {
+    napi_throw_type_error(env, "EINVAL", "expected (on: boolean)");
+    return NULL;
+  }
+  bool done = false;
+#if defined(__GLIBC__) && defined(M_PERTURB)
+  done = mallopt(M_PERTURB, on ? 0xa5 : 0) == 1;
+#endif
+  napi_value out;
+  napi_get_boolean(env, done, &out);
+  return out;
+}
+
 void cryptmap_register_dumpable(napi_env env, napi_value exports) {
-  napi_property_descriptor d = {"dumpable", NULL, dumpable, NULL, NULL, NULL, napi_enumerable, NULL};
-  napi_define_properties(env, exports, 1, &d);
+  napi_property_descriptor d[] = {
+      {"dumpable", NULL, dumpable, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"wipeFreedMemory", NULL, wipe_freed_memory, NULL, NULL, NULL, napi_enumerable, NULL},
+  };
+  napi_define_properties(env, exports, 2, d);
 }

@@ -4,6 +4,7 @@
  */
 import { chmodSync, existsSync, unlinkSync } from 'node:fs';
 import { type Server, type Socket, createServer } from 'node:net';
+import { wipeFreedMemoryScope } from '../util/freed-memory.js';
 import { CryptmapError, isCryptmapError } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import { peerCredentials } from '../util/peercred.js';
@@ -45,7 +46,12 @@ export class ControlServer {
 
   #serve(sock: Socket): void {
     this.#sockets.add(sock);
-    sock.on('close', () => this.#sockets.delete(sock));
+    // Keys arrive on this socket: freed heap chunks (Node's read buffers) are overwritten until it closes.
+    const wipeScope = wipeFreedMemoryScope();
+    sock.on('close', () => {
+      this.#sockets.delete(sock);
+      wipeScope();
+    });
     sock.on('error', () => sock.destroy());
     const send = (r: ControlResponse) => {
       if (!sock.destroyed) sock.write(JSON.stringify(r) + '\n');

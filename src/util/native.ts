@@ -91,6 +91,8 @@ export interface NativeAddon {
   peerCred?(fd: number): { pid: number; uid: number; gid: number };
   /** prctl(PR_SET_DUMPABLE, flag) when a flag is given; PR_GET_DUMPABLE after (native/dumpable.c). */
   dumpable?(flag?: boolean): boolean;
+  /** glibc M_PERTURB on or off: free() overwrites released heap chunks (native/dumpable.c). */
+  wipeFreedMemory?(on: boolean): boolean;
   /**
    * The payload of the kernel keyring key of type "user" named `description`, looked up as
    * request_key(2) does (thread, process, session keyrings); null when none is reachable
