@@ -3,8 +3,9 @@
  * tests: started before use, killed after the file's tests, restartable on the same socket.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
+import { connect } from 'node:net';
 import { join } from 'node:path';
 import { after } from 'node:test';
 import { requireTool } from '../nbd/helpers.js';
@@ -44,6 +45,14 @@ export function useServers(prefix: string): { dir: string; start(cmd: string, ar
       if (Date.now() - t0 > 15_000) throw new Error(`${cmd} did not listen on ${sock}: ${err}`);
       await new Promise((r) => setTimeout(r, 20));
     }
+    // The socket file appears at bind(), before listen(): a connect in between is refused. Wait
+    // until one is accepted (qemu-nbd, seen in CI), so a test never races the server's start. A TCP
+    // server is waited for through its pid file, which nbdkit writes once it listens.
+    while (statSync(sock).isSocket() && !(await accepts(sock))) {
+      if (proc.exitCode !== null) throw new Error(`${cmd} exited ${proc.exitCode}: ${err}`);
+      if (Date.now() - t0 > 15_000) throw new Error(`${cmd} did not accept connections on ${sock}: ${err}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
     const end = async (sig: NodeJS.Signals) => {
       if (proc.exitCode === null && proc.signalCode === null) {
         const done = new Promise((r) => proc.once('exit', r));
@@ -55,4 +64,16 @@ export function useServers(prefix: string): { dir: string; start(cmd: string, ar
     return { sock, proc, stop: () => end('SIGTERM'), kill: () => end('SIGKILL') };
   }
   return { dir, start };
+}
+
+/** One connection attempt on a Unix socket: true when the server accepted it (closed at once). */
+function accepts(sock: string): Promise<boolean> {
+  return new Promise((done) => {
+    const c = connect(sock);
+    c.once('connect', () => {
+      c.destroy();
+      done(true);
+    });
+    c.once('error', () => done(false));
+  });
 }
