@@ -27,6 +27,7 @@ import { type FileHandle, open, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { CryptmapError, fromSystemError } from '../util/errors.js';
 import { Secret } from '../util/secret.js';
+import { ACTIVATION_FLAGS } from './flags.js';
 import { plainKeyFromPassphrase } from './plain-key.js';
 
 export type CrypttabType = 'luks' | 'plain' | 'swap' | 'tmp';
@@ -178,7 +179,6 @@ const OPTIONS: Record<string, OptionSpec> = {
     },
   },
   tries: { value: 'required', apply: (c, v) => void (c.e.tries = uint(c, 'tries', v!, 1000)) },
-  discard: flag('discard', true),
   readonly: flag('readonly', true),
   'read-only': flag('readonly', true),
   noauto: flag('noauto', true),
@@ -191,10 +191,8 @@ const OPTIONS: Record<string, OptionSpec> = {
   timeout: ignore,
   'keyfile-timeout': ignore,
   headless: ignore,
-  'same-cpu-crypt': ignore,
-  'submit-from-crypt-cpus': ignore,
-  'no-read-workqueue': ignore,
-  'no-write-workqueue': ignore,
+  // Activation flags (./flags.ts): discard is applied; the others tune the kernel's workqueues only.
+  ...Object.fromEntries(ACTIVATION_FLAGS.map((f) => [f.crypttab, f.field === 'allowDiscards' ? flag('discard', true) : ignore])),
   // Not implemented: named so the error says what and why.
   tcrypt: unsupported('TrueCrypt/VeraCrypt volumes are not implemented (use luks or plain)'),
   'tcrypt-hidden': unsupported('TrueCrypt/VeraCrypt volumes are not implemented'),

@@ -16,11 +16,12 @@ import type { LuksVolume, UnlockResult } from '../luks/types.js';
 import { SECTOR_BYTES } from '../util/bytes.js';
 import { CryptmapError, EXIT_WRONG_DEVICE } from '../util/errors.js';
 import type { Secret } from '../util/secret.js';
+import { type ActivationFlags, dmWords, flagOfPersistent, type PersistentFlag } from './flags.js';
 
 export type MappingType = 'LUKS1' | 'LUKS2' | 'PLAIN';
 
 /** Everything the daemon needs to create a crypt mapping, except the key itself. */
-export interface CryptMapping {
+export interface CryptMapping extends ActivationFlags {
   name: string;
   type: MappingType;
   /** LUKS uuid ('' for plain). */
@@ -39,11 +40,8 @@ export interface CryptMapping {
   /** Mapping length (512-byte units). */
   sizeSectors: number;
   readOnly: boolean;
+  /** Always present (the other activation flags of ./flags.ts are absent when off). */
   allowDiscards: boolean;
-  sameCpuCrypt?: boolean;
-  submitFromCryptCpus?: boolean;
-  noReadWorkqueue?: boolean;
-  noWriteWorkqueue?: boolean;
   ivLargeSectors?: boolean;
   /** Keyslot that unlocked the volume (LUKS), for status. */
   keyslot?: number;
@@ -61,12 +59,7 @@ export function dmUuid(m: Pick<CryptMapping, 'type' | 'uuid' | 'name'>): string 
 
 /** The crypt table line (one target covering the whole mapping). `keyArg` is hex or a key reference. */
 export function cryptTableLine(m: CryptMapping, keyArg: string): string {
-  const opts: string[] = [];
-  if (m.allowDiscards) opts.push('allow_discards');
-  if (m.sameCpuCrypt) opts.push('same_cpu_crypt');
-  if (m.submitFromCryptCpus) opts.push('submit_from_crypt_cpus');
-  if (m.noReadWorkqueue) opts.push('no_read_workqueue');
-  if (m.noWriteWorkqueue) opts.push('no_write_workqueue');
+  const opts: string[] = dmWords(m);
   if (m.sectorBytes !== SECTOR_BYTES) opts.push(`sector_size:${m.sectorBytes}`);
   if (m.ivLargeSectors) opts.push('iv_large_sectors');
   const tail = opts.length ? ` ${opts.length} ${opts.join(' ')}` : '';
@@ -166,32 +159,20 @@ export async function prepareLoadedLuks(vol: Awaited<ReturnType<typeof openLuks>
     keyslot,
   };
   // LUKS2 persistent flags (open --persistent) apply as if given on the command line.
-  for (const f of persistentFlagsOf(vol)) mapping[PERSISTENT_FLAGS[f]] = true;
+  for (const f of persistentFlagsOf(vol)) mapping[flagOfPersistent(f)!.field] = true;
   if (o.header !== undefined) mapping.header = o.header;
   return { mapping, volumeKey };
 }
 
 /**
- * LUKS2 persistent activation flags (config.flags) that mean something here, in cryptsetup's spelling
- * (lib/luks2/luks2_json_metadata.c persistent_flags) and their CryptMapping field, in cryptsetup's
- * order. `high_priority` and `no-journal` (dm-integrity) are kept in the header but change nothing
- * in userspace, so they are not mapped.
+ * The known persistent flags a LUKS2 header carries (none for LUKS1). `high_priority` and
+ * `no-journal` (dm-integrity) are kept in the header but change nothing in userspace: not ours.
  */
-export const PERSISTENT_FLAGS = {
-  'allow-discards': 'allowDiscards',
-  'same-cpu-crypt': 'sameCpuCrypt',
-  'submit-from-crypt-cpus': 'submitFromCryptCpus',
-  'no-read-workqueue': 'noReadWorkqueue',
-  'no-write-workqueue': 'noWriteWorkqueue',
-} as const satisfies Record<string, keyof CryptMapping>;
-export type PersistentFlag = keyof typeof PERSISTENT_FLAGS;
-
-/** The known persistent flags a LUKS2 header carries (none for LUKS1). */
 export function persistentFlagsOf(vol: Awaited<ReturnType<typeof openLuks>>): PersistentFlag[] {
   if (vol.type !== 'luks2') return [];
   const flags = (vol.json.config as { flags?: unknown }).flags;
   if (!Array.isArray(flags)) return [];
-  return flags.filter((f): f is PersistentFlag => typeof f === 'string' && Object.hasOwn(PERSISTENT_FLAGS, f));
+  return flags.filter((f): f is PersistentFlag => typeof f === 'string' && flagOfPersistent(f) !== undefined);
 }
 
 export interface PlainOpenOptions {

@@ -6,6 +6,7 @@
  * Lifecycle per name is serialised by a promise chain; data I/O never waits on it.
  */
 import { createHmac, randomBytes } from 'node:crypto';
+import { type ActivationFlags, allFlags } from '../activate/flags.js';
 import type { CryptMapping } from '../activate/mapping.js';
 import { cryptTableLine, dmUuid, keyDescription, keyRefArg } from '../activate/mapping.js';
 import type { BlockDevice } from '../blockdev/types.js';
@@ -46,7 +47,7 @@ export interface VolumeStatus {
 }
 
 /** Activation flags `refresh` sets (absent = off), as in CryptMapping. */
-export type RefreshFlags = Partial<Pick<CryptMapping, 'allowDiscards' | 'sameCpuCrypt' | 'submitFromCryptCpus' | 'noReadWorkqueue' | 'noWriteWorkqueue'>>;
+export type RefreshFlags = ActivationFlags;
 
 export class DaemonCore {
   readonly keyring = new Keyring();
@@ -341,14 +342,7 @@ export class DaemonCore {
       const { dev, m } = this.#activeVolume(name, `${name} is not active LUKS device name or header is missing.`);
       if (dev.suspended) throw new CryptmapError('ESUSPENDED', `Volume ${name} is suspended (luksResume it first).`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
       await this.#checkRunningKey(m, volumeKey);
-      const next: CryptMapping = {
-        ...m,
-        allowDiscards: flags.allowDiscards === true,
-        sameCpuCrypt: flags.sameCpuCrypt === true,
-        submitFromCryptCpus: flags.submitFromCryptCpus === true,
-        noReadWorkqueue: flags.noReadWorkqueue === true,
-        noWriteWorkqueue: flags.noWriteWorkqueue === true,
-      };
+      const next: CryptMapping = { ...m, ...allFlags(flags) };
       await this.#swapTable(next, 'EREFRESH', 'refresh');
       log.info('volume refreshed', { name });
       return this.statusOf(name);

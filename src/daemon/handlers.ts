@@ -2,6 +2,7 @@
  * Control-socket operations of the daemon: `dm.*` (dmsetup verbs), `volume.*` (open, close,
  * suspend, resume, status, list), `attach`/`detach`, `daemon.ping`. Args never reach a log: they may carry keys.
  */
+import { allFlags, pickFlags } from '../activate/flags.js';
 import type { CryptMapping } from '../activate/mapping.js';
 import { dmHandlers } from '../control/dm-remote.js';
 import type { ControlHandlers } from '../control/server.js';
@@ -42,9 +43,8 @@ export function mappingFromJson(v: unknown): CryptMapping {
     readOnly: o.readOnly === true,
     allowDiscards: o.allowDiscards === true,
   };
-  for (const k of ['sameCpuCrypt', 'submitFromCryptCpus', 'noReadWorkqueue', 'noWriteWorkqueue', 'ivLargeSectors'] as const) {
-    if (o[k] === true) m[k] = true;
-  }
+  Object.assign(m, pickFlags(o));
+  if (o.ivLargeSectors === true) m.ivLargeSectors = true;
   if (typeof o.header === 'string') m.header = o.header;
   if (isUint(o.keyslot)) m.keyslot = o.keyslot as number;
   return m;
@@ -81,8 +81,7 @@ export function daemonHandlers(core: DaemonCore): ControlHandlers {
       const name = need<string>(a.name, isStr, 'name');
       const f = (a.flags ?? {}) as Record<string, unknown>;
       if (typeof f !== 'object' || f === null || Array.isArray(f)) throw new CryptmapError('EPROTO', 'flags must be an object');
-      const flags: RefreshFlags = {};
-      for (const k of ['allowDiscards', 'sameCpuCrypt', 'submitFromCryptCpus', 'noReadWorkqueue', 'noWriteWorkqueue'] as const) flags[k] = f[k] === true;
+      const flags: RefreshFlags = allFlags(pickFlags(f));
       const key = keyOf(a);
       try {
         return await core.refreshVolume(name, flags, key);

@@ -10,7 +10,8 @@
  * ripemd160. With --key-file and no --hash, the key is read directly (key-size bytes at
  * --keyfile-offset), as cryptsetup does for plain key files.
  */
-import { type CryptMapping, type PersistentFlag, prepareLoadedLuks, preparePlain } from '../../activate/mapping.js';
+import { type ActivationFlagOption, flagsFromOptions, persistentNames } from '../../activate/flags.js';
+import { type CryptMapping, prepareLoadedLuks, preparePlain } from '../../activate/mapping.js';
 import { plainKeyFromPassphrase } from '../../activate/plain-key.js';
 import type { ControlClient } from '../../control/client.js';
 import { ControlClient as Client } from '../../control/client.js';
@@ -43,20 +44,11 @@ import {
 type OpenArgs = LuksArgs;
 
 /** The flags `--persistent` stores, and where the header is (open and refresh). */
-export type PersistentArgs = Pick<OpenArgs, 'allow-discards' | 'perf-same_cpu_crypt' | 'perf-submit_from_crypt_cpus' | 'perf-no_read_workqueue' | 'perf-no_write_workqueue' | 'header'>;
+export type PersistentArgs = Pick<OpenArgs, ActivationFlagOption | 'header'>;
 
 /** Unlock test (`--test-passphrase`): tokens, then the passphrase; header recovery as cryptsetup. */
 export function openTestPassphrase(io: CliIO, device: string, v: LuksArgs): Promise<number> {
   return testPassphrase(io, device, v);
-}
-
-function perfFlags(v: OpenArgs): Partial<CryptMapping> {
-  const m: Partial<CryptMapping> = {};
-  if (v['perf-same_cpu_crypt']) m.sameCpuCrypt = true;
-  if (v['perf-submit_from_crypt_cpus']) m.submitFromCryptCpus = true;
-  if (v['perf-no_read_workqueue']) m.noReadWorkqueue = true;
-  if (v['perf-no_write_workqueue']) m.noWriteWorkqueue = true;
-  return m;
 }
 
 /**
@@ -66,12 +58,7 @@ function perfFlags(v: OpenArgs): Partial<CryptMapping> {
  * open still succeeds.
  */
 export async function makeFlagsPersistent(io: CliIO, device: string, v: PersistentArgs): Promise<void> {
-  const flags: PersistentFlag[] = [];
-  if (v['allow-discards']) flags.push('allow-discards');
-  if (v['perf-same_cpu_crypt']) flags.push('same-cpu-crypt');
-  if (v['perf-submit_from_crypt_cpus']) flags.push('submit-from-crypt-cpus');
-  if (v['perf-no_read_workqueue']) flags.push('no-read-workqueue');
-  if (v['perf-no_write_workqueue']) flags.push('no-write-workqueue');
+  const flags = persistentNames(flagsFromOptions(v));
   const hdr = v.header ?? device;
   try {
     const dev = await openDevice(hdr, true);
@@ -130,7 +117,7 @@ async function preparePlainFromArgs(io: CliIO, device: string, name: string, v: 
   if (skip !== undefined) opts.skipSectors = skip;
   if (size !== undefined) opts.sizeSectors = size;
   try {
-    return { mapping: { ...(await preparePlain(opts)), ...perfFlags(v) }, volumeKey: key };
+    return { mapping: { ...(await preparePlain(opts)), ...flagsFromOptions(v) }, volumeKey: key };
   } catch (e) {
     key.dispose();
     throw e;
@@ -163,7 +150,7 @@ async function prepareLuksFromArgs(io: CliIO, device: string, name: string, v: O
     r.volumeKey.dispose();
     throw new CryptmapError('ENOTLUKS', `Device ${device} is not a valid ${v.type.toUpperCase()} device.`, { exitCode: 1 });
   }
-  return { mapping: { ...r.mapping, ...perfFlags(v) }, volumeKey: r.volumeKey };
+  return { mapping: { ...r.mapping, ...flagsFromOptions(v) }, volumeKey: r.volumeKey };
 }
 
 /** Send an unlocked mapping to the daemon (the key as raw bytes after the request, control/protocol.ts; wiped here afterwards). */

@@ -11,7 +11,8 @@
  * Plain volumes are not refreshed here (cryptsetup can): close and open them again.
  * Exit codes as cryptsetup: not active 4, not a LUKS volume 1, wrong passphrase 2.
  */
-import { PERSISTENT_FLAGS, persistentFlagsOf } from '../../activate/mapping.js';
+import { flagOfPersistent, flagsFromOptions } from '../../activate/flags.js';
+import { persistentFlagsOf } from '../../activate/mapping.js';
 import { ControlClient } from '../../control/client.js';
 import { runtimeDir } from '../../control/runtime-dir.js';
 import type { RefreshFlags, VolumeStatus } from '../../daemon/core.js';
@@ -29,13 +30,7 @@ const refresh: VerbMain = async (argv, io) => {
   if (v.type !== undefined && !['luks', 'luks1', 'luks2'].includes(v.type)) {
     throw new CryptmapError('EARGS', `cryptmap refreshes LUKS volumes only (--type ${v.type}); close and open a plain volume again.`, { exitCode: EXIT_WRONG_PARAMS });
   }
-  const flags: RefreshFlags = {
-    allowDiscards: v['allow-discards'] === true,
-    sameCpuCrypt: v['perf-same_cpu_crypt'] === true,
-    submitFromCryptCpus: v['perf-submit_from_crypt_cpus'] === true,
-    noReadWorkqueue: v['perf-no_read_workqueue'] === true,
-    noWriteWorkqueue: v['perf-no_write_workqueue'] === true,
-  };
+  const flags: RefreshFlags = flagsFromOptions(v);
   const c = await ControlClient.connect(runtimeDir(v['runtime-dir'], io.env));
   try {
     const active = await activeVolume(c, name);
@@ -51,7 +46,7 @@ const refresh: VerbMain = async (argv, io) => {
         checkLuksType(name, v.type, vol);
         // Persistent flags of the header apply on top of the command line's, as at open.
         // (With --persistent too: cryptsetup activates with them and then stores the command line's.)
-        for (const f of persistentFlagsOf(vol)) flags[PERSISTENT_FLAGS[f]] = true;
+        for (const f of persistentFlagsOf(vol)) flags[flagOfPersistent(f)!.field] = true;
       },
     );
     const m = active.st.mapping!;

@@ -2,6 +2,7 @@
  * `cryptmap status NAME` (cryptsetup status): cryptsetup's fields, plus where the mapping is
  * served (NBD URI) and attached. Exit 0 when active, 4 when inactive (as cryptsetup).
  */
+import { statusFlagsLine } from '../../activate/flags.js';
 import type { VolumeStatus } from '../../daemon/core.js';
 import type { DmInfo, DmLines } from '../../dm/control.js';
 import { CryptmapError, EXIT_WRONG_DEVICE } from '../../util/errors.js';
@@ -31,8 +32,7 @@ export function rawCryptFields(tableLine: string, readOnly: boolean): string {
   if (ivOffset !== '0') out += `  skipped: ${ivOffset} sectors\n`;
   out += `  size:    ${len} sectors\n`;
   out += `  mode:    ${readOnly ? 'readonly' : 'read/write'}\n`;
-  const has = (o: string) => opts.includes(o);
-  const flags = `${has('allow_discards') ? 'discards ' : ''}${has('same_cpu_crypt') ? 'same_cpu_crypt ' : ''}${has('submit_from_crypt_cpus') ? 'submit_from_crypt_cpus ' : ''}${has('no_read_workqueue') ? 'no_read_workqueue ' : ''}${has('no_write_workqueue') ? 'no_write_workqueue' : ''}`;
+  const flags = statusFlagsLine((f) => opts.includes(f.dm));
   if (flags !== '') out += `  flags:   ${flags}\n`;
   return out;
 }
@@ -55,7 +55,7 @@ export function formatStatus(s: VolumeStatus, raw = ''): string {
     // cryptsetup 2.6 action_status: a suspended device says so on its mode line.
     out += `  mode:    ${m.readOnly ? 'readonly' : 'read/write'}${s.suspended ? ' (suspended)' : ''}\n`;
     // cryptsetup 2.6 action_status: the activation flags, each followed by a space but the last.
-    const flags = `${m.allowDiscards ? 'discards ' : ''}${m.sameCpuCrypt ? 'same_cpu_crypt ' : ''}${m.submitFromCryptCpus ? 'submit_from_crypt_cpus ' : ''}${m.noReadWorkqueue ? 'no_read_workqueue ' : ''}${m.noWriteWorkqueue ? 'no_write_workqueue' : ''}`;
+    const flags = statusFlagsLine((f) => m[f.field] === true);
     if (flags !== '') out += `  flags:   ${flags}\n`;
   } else {
     out += raw;

@@ -22,8 +22,9 @@ import type { KeyRef, KeyStore, TargetInstance, TargetType } from '../types.js';
 import { checkDeviceAlignment, checkDeviceSize, uintArg } from './args.js';
 
 const KEY_TYPES = new Set(['logon', 'user', 'encrypted', 'trusted']);
-const FLAGS = ['allow_discards', 'same_cpu_crypt', 'submit_from_crypt_cpus', 'no_read_workqueue', 'no_write_workqueue'] as const;
-type Flag = (typeof FLAGS)[number];
+/** The on/off optional parameters, in the kernel's order (activate/flags.ts maps each to cryptsetup's names). */
+export const CRYPT_FLAGS = ['allow_discards', 'same_cpu_crypt', 'submit_from_crypt_cpus', 'no_read_workqueue', 'no_write_workqueue'] as const;
+export type CryptFlag = (typeof CRYPT_FLAGS)[number];
 const UNSUPPORTED = new Set(['high_priority', 'integrity', 'integrity_key_size']);
 /** 16 or more bytes of hex in a word: key material, never echoed in a message. */
 const KEY_LIKE = /(^|\s)[0-9a-fA-F]{32,}(\s|$)/;
@@ -170,7 +171,7 @@ export const crypt: TargetType = {
     }
 
     // Optional parameters first: they decide sector_size, which the other checks need.
-    const flags = new Set<Flag>();
+    const flags = new Set<CryptFlag>();
     let sectorBytes: SectorBytes = 512;
     let ivLargeSectors = false;
     if (rest.length > 0) {
@@ -179,7 +180,7 @@ export const crypt: TargetType = {
       if (rest.length - 1 !== n) throw ctx.error('#opt_params', `says ${n} optional parameters but ${rest.length - 1} follow`);
       for (const opt of rest.slice(1)) {
         const name = opt.split(':')[0]!;
-        if ((FLAGS as readonly string[]).includes(opt)) flags.add(opt as Flag);
+        if ((CRYPT_FLAGS as readonly string[]).includes(opt)) flags.add(opt as CryptFlag);
         else if (opt === 'iv_large_sectors') ivLargeSectors = true;
         else if (name === 'sector_size' && opt.startsWith('sector_size:')) {
           const v = opt.slice('sector_size:'.length);
@@ -308,7 +309,7 @@ export const crypt: TargetType = {
         status(kind, showKeys) {
           if (kind === 'status') return '';
           const opts: string[] = [];
-          for (const f of FLAGS) if (flags.has(f)) opts.push(f);
+          for (const f of CRYPT_FLAGS) if (flags.has(f)) opts.push(f);
           if (sectorBytes !== 512) opts.push(`sector_size:${sectorBytes}`);
           if (ivLargeSectors) opts.push('iv_large_sectors');
           const head = `${cipherArg} ${keyText(source, key, showKeys)} ${ivOffsetSectors} ${devArg} ${offsetSectors}`;
