@@ -44,6 +44,22 @@ export class ControlServer {
     this.#path = path;
   }
 
+  /**
+   * Serve on a listening socket systemd passed (socket activation: the unit's ListenStream= sets the
+   * path and SocketMode=0600). The socket file is systemd's: close() leaves it in place.
+   */
+  async listenFd(fd: number): Promise<void> {
+    const server = createServer((s) => this.#serve(s));
+    await new Promise<void>((res, rej) => {
+      server.once('error', rej);
+      server.listen({ fd }, () => {
+        server.off('error', rej);
+        res();
+      });
+    });
+    this.#server = server;
+  }
+
   #serve(sock: Socket): void {
     this.#sockets.add(sock);
     // Keys arrive on this socket: freed heap chunks (Node's read buffers) are overwritten until it closes.

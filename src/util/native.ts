@@ -101,6 +101,11 @@ export interface NativeAddon {
   keyringReadUser?(description: string): Buffer | null;
   /** Load OpenSSL's legacy provider (whirlpool) into Node's OpenSSL; true when it is loaded. */
   loadLegacyProvider?(): boolean;
+  /**
+   * Send one datagram to the AF_UNIX SOCK_DGRAM socket `address` ('/path' or '@abstract'), as
+   * sd_notify(3) does (native/sdnotify.c); throws an Error with `code` = errno name on failure.
+   */
+  sdNotify?(address: string, message: string): void;
 }
 
 export const NATIVE_ABI_VERSION = 2;

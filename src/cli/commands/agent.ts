@@ -25,6 +25,7 @@ import { formatStatus, statusRows } from '../../reconciler/status.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { CliIO, VerbMain } from '../types.js';
 import { disableCoreDumps } from '../../util/dumpable.js';
+import { sdNotifier } from '../../util/sd-notify.js';
 
 const USAGE = `usage: cryptmap agent [--manifest FILE] --state-dir DIR [--boot-id ID] [--once] [--nbd-only] [--force-swap] [--mount-root DIR]
        cryptmap agent status [--json] --state-dir DIR
@@ -101,6 +102,8 @@ const agent: VerbMain = async (argv, io) => {
   const manifest: Manifest = v.manifest ? await loadManifest(v.manifest) : parseManifest(DEFAULT_MANIFEST_YAML, DEFAULT_MANIFEST_FILE);
   const bootId = await readBootId(v['boot-id']);
   disableCoreDumps('agent');
+  const sd = sdNotifier(io.env, 'agent');
+  sd.status('starting: opening the key service and the data path');
   const host = await AgentHost.start({
     manifest,
     stateDir,
@@ -129,11 +132,15 @@ const agent: VerbMain = async (argv, io) => {
         return;
       }
       try {
+        sd.reloading(`reloading ${manifestPath}`);
         host.setManifest(await loadManifest(manifestPath));
         io.stdout.write(`cryptmap agent: manifest ${manifestPath} reloaded\n`);
-        io.stdout.write(formatReport(host, await host.reconcile(ac.signal)));
+        const r = await host.reconcile(ac.signal);
+        io.stdout.write(formatReport(host, r));
+        sd.ready(readinessLine(r));
       } catch (e) {
         io.stderr.write(`cryptmap agent: reload failed, keeping the previous manifest:\n${e instanceof Error ? e.message : String(e)}\n`);
+        sd.ready(`reload failed, previous manifest kept: ${e instanceof Error ? e.message : String(e)}`);
       }
     });
   };
@@ -147,6 +154,8 @@ const agent: VerbMain = async (argv, io) => {
     const report = await host.reconcile(ac.signal);
     ok = report.volumes.every((x) => x.state === 'ready' || x.code === 'ESWAPUNSAFE');
     io.stdout.write(formatReport(host, report));
+    // READY=1 once the first reconcile is done (volumes up, or reported as failed in STATUS=).
+    sd.ready(readinessLine(report));
     if (!v.once && !ac.signal.aborted) {
       io.stdout.write(`Serving on ${host.core.nbdSocketPath} (status: cryptmap agent status --state-dir ${stateDir}). Press Ctrl-C to stop.\n`);
       await stopped;
@@ -156,11 +165,20 @@ const agent: VerbMain = async (argv, io) => {
     process.off('SIGTERM', onSignal);
     process.off('SIGHUP', onHup);
     await busy;
+    sd.stopping('stopping: tearing down the volumes');
     io.stdout.write('cryptmap agent: tearing down (persistent volumes are kept)\n');
     const down = await host.stop();
     for (const x of down?.volumes ?? []) io.stdout.write(`${x.id}: ${x.state}${x.reason ? ` (${x.reason})` : ''}\n`);
   }
+  sd.close();
   return v.once && !ok ? 1 : 0;
 };
+
+/** STATUS= after a reconcile: how many volumes are ready of how many, and the first failure. */
+function readinessLine(r: ApplyReport): string {
+  const ready = r.volumes.filter((x) => x.state === 'ready').length;
+  const bad = r.volumes.find((x) => x.state !== 'ready' && x.code !== 'ESWAPUNSAFE');
+  return `${ready} of ${r.volumes.length} volumes ready${bad ? `; ${bad.id}: ${bad.state}${bad.reason ? ` (${bad.reason})` : ''}` : ''}`;
+}
 
 export default agent;

@@ -31,6 +31,7 @@ import type { NbdServerOptions, NbdTlsMode } from '../../nbd/types.js';
 import { CryptmapError, fromSystemError } from '../../util/errors.js';
 import { disableCoreDumps } from '../../util/dumpable.js';
 import { logger } from '../../util/log.js';
+import { listenFds, sdNotifier } from '../../util/sd-notify.js';
 import { openTrustedAppend, writeFileReplacing } from '../../util/trusted-path.js';
 import type { VerbMain } from '../types.js';
 
@@ -127,7 +128,12 @@ const daemon: VerbMain = async (argv, io) => {
   if (cryptThreads !== undefined) setCryptThreads(cryptThreads);
   const core = new DaemonCore({ nbdSocketPath: nbdSocketPath(dir), attachDir: join(dir, 'attach'), nbd: nbdOpts });
   const control = new ControlServer(daemonHandlers(core));
-  await control.listen(controlSocketPath(dir));
+  const sd = sdNotifier(io.env, 'daemon');
+  // Socket activation (contrib/systemd/cryptmap-daemon.socket): the control socket systemd holds.
+  const fds = listenFds(io.env);
+  const activated = fds.find((f) => f.name === 'control') ?? (fds.length === 1 ? fds[0] : undefined);
+  if (activated) await control.listenFd(activated.fd);
+  else await control.listen(controlSocketPath(dir));
   try {
     await core.listen(tcp);
   } catch (e) {
@@ -137,7 +143,8 @@ const daemon: VerbMain = async (argv, io) => {
   const pidFile = join(dir, 'daemon.pid');
   // Never through a link someone planted: a new file renamed over the name.
   writeFileReplacing(pidFile, `${process.pid}\n`, 0o600, { code: 'ERUNDIR' });
-  log.info('daemon ready', { control: controlSocketPath(dir), nbd: nbdSocketPath(dir), ...(tcp ? { tcp: `${tcp.host}:${tcp.port}` } : {}) });
+  log.info('daemon ready', { control: controlSocketPath(dir), nbd: nbdSocketPath(dir), ...(tcp ? { tcp: `${tcp.host}:${tcp.port}` } : {}), ...(activated ? { activated: true } : {}) });
+  sd.ready(`serving: control ${controlSocketPath(dir)}${activated ? ' (socket-activated)' : ''}, nbd ${nbdSocketPath(dir)}${tcp ? `, tcp ${tcp.host}:${tcp.port}` : ''}`);
 
   await new Promise<void>((resolve) => {
     const stop = (sig: string) => {
@@ -151,9 +158,11 @@ const daemon: VerbMain = async (argv, io) => {
     process.on('SIGTERM', onTerm);
     process.on('SIGINT', onInt);
   });
+  sd.stopping('stopping: closing exports and mapped devices');
   await control.close();
   await core.shutdown();
   rmSync(pidFile, { force: true });
+  sd.close();
   log.info('daemon stopped');
   return 0;
 };

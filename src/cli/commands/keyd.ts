@@ -19,6 +19,7 @@ import { disableCoreDumps } from '../../util/dumpable.js';
 import { KeyService } from '../../keyservice/service.js';
 import { CryptmapError, fromSystemError } from '../../util/errors.js';
 import type { Secret } from '../../util/secret.js';
+import { sdNotifier } from '../../util/sd-notify.js';
 import type { VerbMain } from '../types.js';
 
 const HELP = `usage: cryptmap keyd --state-dir DIR [options]
@@ -112,6 +113,7 @@ const keyd: VerbMain = async (argv, io) => {
     passphrase?.dispose(); // also when unwrapping fails (wrong passphrase, damaged file)
   }
   let audit: AuditSink | undefined;
+  const sd = sdNotifier(io.env, 'keyd');
   const servers: RunningServer[] = [];
   let tlsKey: Buffer | undefined;
   try {
@@ -133,6 +135,8 @@ const keyd: VerbMain = async (argv, io) => {
       servers.push(s);
       io.stdout.write(`keyd: listening on ${s.address}\n`);
     }
+    const serving = `serving: unix:${socketPath}${servers[1] ? `, ${servers[1].address}` : ''}`;
+    sd.ready(serving);
     await new Promise<void>((res) => {
       const stop = () => {
         process.off('SIGINT', stop);
@@ -142,13 +146,18 @@ const keyd: VerbMain = async (argv, io) => {
       };
       const reload = () => {
         if (!policyPath) return;
+        sd.reloading('reloading the policy');
         loadPolicy(policyPath).then(
           (p) => {
             policy = p;
             service.setPolicy(p);
             io.stdout.write('keyd: policy reloaded\n');
+            sd.ready(serving);
           },
-          (e) => io.stderr.write(`keyd: policy not reloaded: ${(e as Error).message}\n`),
+          (e) => {
+            io.stderr.write(`keyd: policy not reloaded: ${(e as Error).message}\n`);
+            sd.ready(`${serving}; last policy reload failed: ${(e as Error).message}`);
+          },
         );
       };
       process.on('SIGINT', stop);
@@ -156,8 +165,10 @@ const keyd: VerbMain = async (argv, io) => {
       process.on('SIGHUP', reload);
     });
     io.stdout.write('keyd: stopping\n');
+    sd.stopping('stopping');
     return 0;
   } finally {
+    sd.close();
     for (const s of servers) await s.close();
     tlsKey?.fill(0);
     await audit?.close();
