@@ -22,9 +22,11 @@
 import { constants, existsSync, promises as fs, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { prepareLuks, preparePlain } from '../activate/mapping.js';
-import { FileDevice } from '../blockdev/file.js';
+import { openBlockDevice } from '../blockdev/open.js';
+import type { BlockDevice } from '../blockdev/types.js';
 import { openLuks } from '../luks/index.js';
 import { Luks2Volume } from '../luks/luks2.js';
+import { blankDeviceHeader, createDeviceVolume, probeDevice } from '../reconciler/device-ops.js';
 import { createSparseFile, deleteBackingFile, probeBackingFile } from '../reconciler/file-ops.js';
 import { type AttachInfo, VOLUME_KEYSLOT_PBKDF, type VolumePorts, type VolumeProbe, type VolumeTarget } from '../reconciler/ports.js';
 import { CryptmapError, isCryptmapError } from '../util/errors.js';
@@ -143,8 +145,9 @@ export class DataPathPorts implements VolumePorts {
   }
 
   async probe(v: VolumeTarget): Promise<VolumeProbe> {
-    const f = await probeBackingFile(v.path);
     const open = this.core.registry.find(v.mapping) !== undefined;
+    if (v.device !== undefined) return this.#probeDevice(v, open);
+    const f = await probeBackingFile(v.path);
     const attached = open && (this.mode === 'nbd-only' ? this.#served.has(v.mapping) : this.#device(v) !== undefined);
     const p: VolumeProbe = { fileExists: f.exists, open, attached, mounted: attached && this.#isMounted(v) };
     if (f.exists) {
@@ -158,17 +161,37 @@ export class DataPathPorts implements VolumePorts {
     return p;
   }
 
+  /** A volume on an NBD export: "exists" when the export is not blank; an open one is not probed again. */
+  async #probeDevice(v: VolumeTarget, open: boolean): Promise<VolumeProbe> {
+    const attached = open && (this.mode === 'nbd-only' ? this.#served.has(v.mapping) : this.#device(v) !== undefined);
+    const p: VolumeProbe = { fileExists: true, open, attached, mounted: attached && this.#isMounted(v) };
+    if (open) return { ...p, isLuks: true };
+    const d = await probeDevice(v.device!);
+    if (!d.reachable) return { ...p, damage: `unreachable (${d.unreachable})` };
+    p.fileBytes = d.bytes ?? 0;
+    if (d.blank) return { ...p, fileExists: false };
+    p.isLuks = d.isLuks ?? false;
+    if (p.isLuks) {
+      const damage = await luksDamage(v.path, p.fileBytes);
+      if (damage) p.damage = damage;
+    }
+    return p;
+  }
+
   async createFile(v: VolumeTarget): Promise<void> {
+    if (v.device !== undefined) return createDeviceVolume(v.device, VOLUME_HEADER_BYTES + (1 << 20));
     await createSparseFile(v.path, v.sizeBytes + (v.kind === 'scratch' ? VOLUME_HEADER_BYTES : 0));
   }
 
   async deleteFile(v: VolumeTarget): Promise<void> {
     if (this.core.registry.find(v.mapping)) throw new CryptmapError('EBUSY', `${v.id} is still open; close it first`, { errno: 'EBUSY' });
+    // An export is never deleted; the planner deletes only a volume whose creation this agent began.
+    if (v.device !== undefined) return blankDeviceHeader(v.device, VOLUME_HEADER_BYTES);
     await deleteBackingFile(v.path);
   }
 
   async format(v: VolumeTarget, key: Secret): Promise<void> {
-    const dev = await FileDevice.open(v.path, { readOnly: false });
+    const dev = await openBlockDevice(v.path, { readOnly: false });
     try {
       const vol = await Luks2Volume.format(dev, key.expose(), {
         cipher: v.cipher,
@@ -374,9 +397,9 @@ export class DataPathPorts implements VolumePorts {
 
 /** Why a LUKS file cannot be trusted (header unreadable, data segment past the end), if so. */
 async function luksDamage(path: string, fileBytes: number): Promise<string | undefined> {
-  let dev: FileDevice;
+  let dev: BlockDevice;
   try {
-    dev = await FileDevice.open(path, { readOnly: true });
+    dev = await openBlockDevice(path, { readOnly: true });
   } catch (e) {
     return `cannot open: ${e instanceof Error ? e.message : String(e)}`;
   }

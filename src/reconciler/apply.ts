@@ -14,6 +14,7 @@
  * - A step failing on one volume stops that volume only; the others proceed.
  */
 import { randomBytes } from 'node:crypto';
+import { isNbdUri } from '../nbd-wire/uri.js';
 import { CryptmapError, isCryptmapError } from '../util/errors.js';
 import { type Logger, logger } from '../util/log.js';
 import { Secret } from '../util/secret.js';
@@ -95,6 +96,7 @@ export function targetOfRecord(r: VolumeRecord): VolumeTarget {
     mapping: r.mapping,
   };
   if (r.mountpoint !== undefined) t.mountpoint = r.mountpoint;
+  if (isNbdUri(r.path)) t.device = r.path;
   return t;
 }
 

@@ -58,10 +58,15 @@ export const MANIFEST_SCHEMA = {
             items: {
               type: 'object',
               additionalProperties: false,
-              required: ['name', 'size'],
+              required: ['name'],
               properties: {
                 name,
                 size,
+                device: {
+                  type: 'string',
+                  pattern: '^nbds?(\\+unix)?://',
+                  'x-message': 'must be an NBD URI: nbd://host[:port]/export, nbds://..., nbd+unix:///export?socket=PATH',
+                },
                 class: { type: 'string', enum: ['ephemeral', 'persistent'], 'x-message': 'must be ephemeral or persistent' },
                 filesystem: { type: 'string', enum: ['ext4', 'ext3', 'ext2', 'none'], 'x-message': 'must be ext4, ext3, ext2 or none' },
                 mountpoint: { type: 'string', pattern: '^/', 'x-message': 'must be an absolute path' },

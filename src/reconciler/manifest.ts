@@ -9,6 +9,7 @@ import { readFile } from 'node:fs/promises';
 import { posix } from 'node:path';
 import { Ajv, type ErrorObject } from 'ajv';
 import { isMap, isPair, isScalar, isSeq, LineCounter, type Node, parseDocument } from 'yaml';
+import { parseNbdUri } from '../nbd-wire/uri.js';
 import { CryptmapError, fromSystemError } from '../util/errors.js';
 import { MANIFEST_SCHEMA } from './manifest-schema.js';
 
@@ -22,9 +23,12 @@ export const MIN_VOLUME_BYTES = 1024 * 1024;
 
 export interface VolumeSpec {
   name: string;
-  /** As written (e.g. `64M`). */
+  /** As written (e.g. `64M`); empty for a volume on a `device` (its size is the export's). */
   size: string;
+  /** 0 for a volume on a `device`. */
   sizeBytes: number;
+  /** Shared storage: the NBD URI of the export that holds the volume (LUKS2 header + data). */
+  device?: string;
   class: VolumeClass;
   filesystem: Filesystem;
   mountpoint?: string;
@@ -223,8 +227,8 @@ export function parseManifest(text: string, file = 'manifest.yaml'): Manifest {
       const vp: Seg[] = [...sp, 'volumes', j];
       const vol: VolumeSpec = {
         name: rv.name as string,
-        size: rv.size as string,
-        sizeBytes: parseSize(rv.size as string),
+        size: (rv.size as string | undefined) ?? '',
+        sizeBytes: rv.size === undefined ? 0 : parseSize(rv.size as string),
         class: (rv.class as VolumeClass | undefined) ?? 'ephemeral',
         filesystem: (rv.filesystem as Filesystem | undefined) ?? 'ext4',
         cipher: (rv.cipher as string | undefined) ?? DEFAULT_CIPHER,
@@ -233,9 +237,20 @@ export function parseManifest(text: string, file = 'manifest.yaml'): Manifest {
         line: lineOf(doc, lc, vp),
       };
       if (rv.mountpoint !== undefined) vol.mountpoint = rv.mountpoint as string;
+      if (rv.device !== undefined) {
+        vol.device = rv.device as string;
+        try {
+          parseNbdUri(vol.device);
+        } catch (e) {
+          problem([...vp, 'device'], (e as Error).message);
+        }
+        if (rv.size !== undefined) problem([...vp, 'size'], "must not be given with device: the volume's size is the export's");
+        if (vol.class !== 'persistent') problem([...vp, 'class'], 'a volume on a shared device must be persistent (ephemeral volumes stay node-local files)');
+      } else if (rv.size === undefined) problem([...vp, 'size'], 'is required');
       if (volNames.has(vol.name)) problem([...vp, 'name'], `volume '${vol.name}' is already defined in service '${s.name}'`);
       volNames.add(vol.name);
-      checkCrypto(vp, vol.cipher, vol.keySizeBits, vol.sizeBytes, vol.sectorSize);
+      if (rv.size !== undefined) checkCrypto(vp, vol.cipher, vol.keySizeBits, vol.sizeBytes, vol.sectorSize);
+      else if (/-xts-/.test(vol.cipher) && vol.keySizeBits === 128) problem([...vp, 'keySize'], 'XTS needs two keys: 256 or 512 bits');
       if (vol.mountpoint !== undefined) {
         if (vol.filesystem === 'none') problem([...vp, 'mountpoint'], 'a volume with filesystem none cannot be mounted');
         if (posix.normalize(vol.mountpoint) !== vol.mountpoint || vol.mountpoint === '/' || vol.mountpoint.endsWith('/')) {

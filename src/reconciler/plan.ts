@@ -48,7 +48,7 @@ export function desiredVolumes(m: Manifest, volumeDir: string): VolumeTarget[] {
         service: s.name,
         volume: v.name,
         class: v.class,
-        path: join(volumeDir, 'scratch', s.name, `${v.name}.img`),
+        path: v.device ?? join(volumeDir, 'scratch', s.name, `${v.name}.img`),
         sizeBytes: v.sizeBytes,
         filesystem: v.filesystem,
         cipher: v.cipher,
@@ -57,6 +57,7 @@ export function desiredVolumes(m: Manifest, volumeDir: string): VolumeTarget[] {
         mapping: `scratch:${s.name}:${v.name}`,
       };
       if (v.mountpoint !== undefined) t.mountpoint = v.mountpoint;
+      if (v.device !== undefined) t.device = v.device;
       out.push(t);
     }
   }

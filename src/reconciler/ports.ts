@@ -5,6 +5,7 @@
  *
  * Contract for implementers (each operation must be idempotent or fail cleanly):
  * - createFile: make the sparse backing file (parent directories too). Fails if the file exists.
+ *   A volume on a `device` (an NBD export): fails unless the export is reachable, blank and large enough.
  * - deleteFile: remove the backing file; succeeds if it is already gone.
  * - format: write a LUKS2 header using `key` as the passphrase of keyslot 0 with the cheapest PBKDF
  *   cryptsetup accepts (the key is 256 bits of uniform randomness or HKDF output, so no stretching
@@ -47,8 +48,15 @@ export interface VolumeTarget {
   /** Volume name (scratch) or the swap entry's name. */
   volume: string;
   class: VolumeClass;
-  /** Backing file. */
+  /** Backing file, or the NBD URI of the export (`device`). */
   path: string;
+  /**
+   * Shared storage (manifest `device:`): `path` is this NBD URI. The export is never created or
+   * deleted: "file exists" means it is not blank, createFile checks that it is blank and large
+   * enough, deleteFile zeroes the header of a volume whose creation this agent began, and
+   * `sizeBytes` is 0 (the size is the export's).
+   */
+  device?: string;
   /** Usable size (the data area). */
   sizeBytes: number;
   filesystem: Filesystem | 'swap';

@@ -3,6 +3,7 @@ import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
 import { DEFAULT_MANIFEST_YAML } from '../../src/reconciler/default-manifest.js';
 import { parseManifest, parseSize } from '../../src/reconciler/manifest.js';
+import { desiredVolumes } from '../../src/reconciler/plan.js';
 
 const EXAMPLE = readFileSync(new URL('../../../examples/manifest.yaml', import.meta.url), 'utf8');
 
@@ -112,4 +113,28 @@ test('keyService.passphraseFile and rootSecretFile: embedded only', () => {
   assert.equal(m.keyService.rootSecretFile, '/media/key/root.key.wrapped');
   assert.throws(() => parseManifest('version: 1\nkeyService:\n  address: unix:/run/keyd.sock\n  rootSecretFile: /x\n'), /keyService\.rootSecretFile.*embedded key service only/s);
   assert.throws(() => parseManifest('version: 1\nkeyService:\n  address: embedded\n  passphraseFile: ""\n'), /passphraseFile/);
+});
+
+test('a volume on shared storage: device is an NBD URI, persistent, its size is the export\'s', () => {
+  const m = parseManifest(
+    'version: 1\nservices:\n  - name: db\n    volumes:\n      - {name: data, class: persistent, device: "nbd+unix:///vol?socket=/run/s.sock", mountpoint: /srv/db}\n',
+  );
+  const v = m.services[0]!.volumes[0]!;
+  assert.equal(v.device, 'nbd+unix:///vol?socket=/run/s.sock');
+  assert.equal(v.sizeBytes, 0);
+  assert.equal(v.size, '');
+  const base = 'version: 1\nservices:\n  - name: db\n    volumes:\n';
+  assert.deepEqual(problems(`${base}      - {name: a, class: persistent, device: /dev/sdb}\n`), [
+    'm.yaml:5: services[0].volumes[0].device: must be an NBD URI: nbd://host[:port]/export, nbds://..., nbd+unix:///export?socket=PATH',
+  ]);
+  assert.deepEqual(problems(`${base}      - {name: a, class: persistent, device: "nbd+unix:///x", size: 8M}\n      - {name: b, device: "nbd://h/e"}\n      - {name: c}\n`), [
+    "m.yaml:5: services[0].volumes[0].device: invalid NBD URI 'nbd+unix:///x': nbd+unix URIs need ?socket=PATH",
+    "m.yaml:5: services[0].volumes[0].size: must not be given with device: the volume's size is the export's",
+    'm.yaml:6: services[0].volumes[1].class: a volume on a shared device must be persistent (ephemeral volumes stay node-local files)',
+    'm.yaml:7: services[0].volumes[2].size: is required',
+  ]);
+  // The volume's target: path is the URI, no file under the volume directory.
+  const t = desiredVolumes(m, '/var/lib/cryptmap/volumes')[0]!;
+  assert.equal(t.path, v.device);
+  assert.equal(t.device, v.device);
 });
