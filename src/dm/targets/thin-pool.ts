@@ -286,7 +286,7 @@ class PoolTarget implements TargetInstance {
       if (pools.get(this.#owner) === p) pools.delete(this.#owner);
       for (const [k, v] of byMetadata) if (v === p) byMetadata.delete(k);
       p.mode = 'fail';
-      p.failWaiters();
+      p.wakeSpaceWaiters();
     }
   }
 }

@@ -70,10 +70,17 @@ export class Pool {
   /** Went read-only after an aborted commit (metadata full): stays so until the pool is rebuilt. */
   #aborted = false;
   #metaLowTriggered = false;
-  /** Blocks being provisioned or copied, by `${dev}:${vblock}`. */
-  readonly #locks = new Map<string, Promise<void>>();
+  /** Blocks being provisioned or copied: device id -> virtual block -> the provisioning. */
+  readonly #locks = new Map<number, Map<number, Promise<void>>>();
+  /** I/O sent straight to mapped data blocks since the last unmap (see #drainIo). */
+  #epoch = new IoEpoch();
+  /** Unmaps whose blocks wait for older I/O before they are freed; commits wait for them. */
+  #unmapsPending = 0;
+  #unmapTail: Promise<void> = Promise.resolve();
   #commitTail: Promise<void> = Promise.resolve();
   #passdown: number[] = [];
+  /** Freed blocks being discarded on the data device: not allocated until that is done. */
+  #passdownRunning: Promise<void> | undefined;
   #spaceWaiters: (() => void)[] = [];
 
   constructor(md: ThinMetadata, metadataArg: string, metaDev: BlockDevice, dataDev: BlockDevice, blockSectors: number, lowWaterBlocks: number, features: PoolFeatures, raiseEvent: () => void) {
@@ -154,6 +161,8 @@ export class Pool {
   async #commitNow(): Promise<void> {
     if (this.mode === 'fail') throw ioError('the thin pool has failed (metadata I/O error)');
     await this.dataDev.flush();
+    // An unmap between removing its mappings and freeing their blocks would commit as leaked blocks.
+    while (this.#unmapsPending > 0) await this.#unmapTail;
     if (!this.md.dirty || this.mode === 'ro') return;
     const discards = this.#passdown;
     this.#passdown = [];
@@ -169,8 +178,16 @@ export class Pool {
     }
     this.#checkMetadataLowWater();
     if (this.features.discardPassdown) {
-      for (const b of discards) {
-        if (this.md.dataCounts[b] === 0) await this.dataDev.discard(b * this.blockBytes, this.blockBytes).catch(() => {});
+      // The blocks are free in the committed space map now: hold allocation until their discards
+      // are done, or a new write to a reused block could land before the discard (and be lost).
+      const free = discards.filter((b) => this.md.dataCounts[b] === 0);
+      if (free.length === 0) return;
+      const run = settle(free.map((b) => this.dataDev.discard(b * this.blockBytes, this.blockBytes))).catch(() => {});
+      this.#passdownRunning = run;
+      try {
+        await run;
+      } finally {
+        if (this.#passdownRunning === run) this.#passdownRunning = undefined;
       }
     }
   }
@@ -212,11 +229,13 @@ export class Pool {
 
   async #allocate(): Promise<number> {
     for (;;) {
+      while (this.#passdownRunning !== undefined) await this.#passdownRunning;
       if (this.mode === 'ro' || this.mode === 'fail') throw ioError(`the thin pool is ${this.mode === 'ro' ? 'read-only' : 'failed'}: no block can be allocated`);
       let b = this.md.allocDataBlock();
       if (b === undefined && this.md.freeDataBlocks > 0) {
         // Only blocks freed in this transaction are left: commit, then they can be reused.
         await this.commit();
+        while (this.#passdownRunning !== undefined) await this.#passdownRunning;
         b = this.md.allocDataBlock();
       }
       if (b !== undefined) {
@@ -252,8 +271,8 @@ export class Pool {
     }
   }
 
-  /** Fail waiters (pool going away). */
-  failWaiters(): void {
+  /** Wake the writes waiting for data space: they retry (and fail if the pool is going away). */
+  wakeSpaceWaiters(): void {
     const w = this.#spaceWaiters;
     this.#spaceWaiters = [];
     for (const f of w) f();
@@ -269,6 +288,7 @@ export class Pool {
    * Walk [off, off+len) block by block: `direct(dataOffset, pos, n)` for pieces whose data block is
    * mapped (and, for writes, not shared nor being provisioned), merged while consecutive on the
    * data device (sequentially provisioned blocks are); `other(vb, inOff, pos, n, v)` for the rest.
+   * The direct pieces count in the current I/O epoch until they settle (see #drainIo).
    */
   #walk(
     d: ThinDevice,
@@ -279,6 +299,9 @@ export class Pool {
     other: (vb: number, inOff: number, pos: number, n: number, v: number | undefined) => Promise<void> | void,
   ): Promise<void> {
     const bb = this.blockBytes;
+    const locks = forWrite ? this.#locks.get(d.id) : undefined;
+    const epoch = this.#epoch;
+    const go = (at: number, pos: number, n: number): Promise<void> => epoch.track(direct(at, pos, n));
     const ps: Promise<void>[] = [];
     let runAt = -1;
     let runPos = 0;
@@ -289,24 +312,24 @@ export class Pool {
       const inOff = abs - vb * bb;
       const n = Math.min(len - pos, bb - inOff);
       const v = d.map.get(vb);
-      if (v !== undefined && (!forWrite || (!this.#shared(d, v) && !this.#locks.has(`${d.id}:${vb}`)))) {
+      if (v !== undefined && (!forWrite || (!this.#shared(d, v) && locks?.has(vb) !== true))) {
         const at = blockOf(v) * bb + inOff;
         if (runAt >= 0 && runAt + runLen === at) runLen += n;
         else {
-          if (runAt >= 0) ps.push(direct(runAt, runPos, runLen));
+          if (runAt >= 0) ps.push(go(runAt, runPos, runLen));
           runAt = at;
           runPos = pos;
           runLen = n;
         }
       } else {
-        if (runAt >= 0) ps.push(direct(runAt, runPos, runLen));
+        if (runAt >= 0) ps.push(go(runAt, runPos, runLen));
         runAt = -1;
         const r = other(vb, inOff, pos, n, v);
         if (r !== undefined) ps.push(r);
       }
       pos += n;
     }
-    if (runAt >= 0) ps.push(direct(runAt, runPos, runLen));
+    if (runAt >= 0) ps.push(go(runAt, runPos, runLen));
     return ps.length === 1 ? ps[0]! : settle(ps);
   }
 
@@ -340,27 +363,52 @@ export class Pool {
   }
 
   async #writeBlock(d: ThinDevice, vb: number, inOff: number, chunk: Uint8Array): Promise<void> {
-    const key = `${d.id}:${vb}`;
     for (;;) {
-      const held = this.#locks.get(key);
+      let locks = this.#locks.get(d.id);
+      const held = locks?.get(vb);
       if (held !== undefined) {
         await held.catch(() => {});
         continue;
       }
       const v = d.map.get(vb);
       if (v !== undefined && !this.#shared(d, v)) {
-        await this.dataDev.write(blockOf(v) * this.blockBytes + inOff, chunk);
+        await this.#epoch.track(this.dataDev.write(blockOf(v) * this.blockBytes + inOff, chunk));
         return;
       }
+      if (locks === undefined) {
+        locks = new Map();
+        this.#locks.set(d.id, locks);
+      }
       const p = this.#provision(d, vb, v, inOff, chunk);
-      this.#locks.set(key, p);
+      locks.set(vb, p);
       try {
         await p;
       } finally {
-        this.#locks.delete(key);
+        locks.delete(vb);
+        if (locks.size === 0 && this.#locks.get(d.id) === locks) this.#locks.delete(d.id);
       }
       return;
     }
+  }
+
+  /** A provisioning of one of the blocks [first, end) of device `id`, if any is running. */
+  #provisioningIn(id: number, first: number, end: number): Promise<void> | undefined {
+    const locks = this.#locks.get(id);
+    if (locks === undefined) return undefined;
+    for (const [vb, p] of locks) if (vb >= first && vb < end) return p;
+    return undefined;
+  }
+
+  /**
+   * Wait until every direct data-device I/O issued before this call has settled: it may have
+   * found a mapping an unmap just removed, so the unmapped block may not be freed (reused by
+   * another device, discarded) before then. Later I/O cannot see the removed mappings. As the
+   * kernel's all_io deferred set, without a count per block in the I/O path.
+   */
+  #drainIo(): Promise<void> {
+    const old = this.#epoch;
+    this.#epoch = new IoEpoch();
+    return old.drained();
   }
 
   /** Allocate a block for `vb` (copying the shared old one, or zeroing), write `chunk`, map it. */
@@ -388,23 +436,59 @@ export class Pool {
     this.md.dirty = true;
   }
 
-  /** Unmap whole blocks in the range (discard and write-zeroes); partial blocks are left. */
+  /**
+   * Unmap whole blocks in the range (discard and write-zeroes); partial blocks are left. Waits for
+   * provisionings in the range, removes the mappings at once (later I/O reads zeros or provisions
+   * anew), and frees the data blocks once the I/O that may still be using them has settled.
+   */
   async unmap(id: number, off: number, len: number): Promise<void> {
-    if (this.mode === 'ro' || this.mode === 'fail') throw ioError(`the thin pool is ${this.mode === 'ro' ? 'read-only' : 'failed'}`);
+    const refuse = (): void => {
+      if (this.mode === 'ro' || this.mode === 'fail') throw ioError(`the thin pool is ${this.mode === 'ro' ? 'read-only' : 'failed'}`);
+    };
+    refuse();
     const d = this.device(id);
     const bb = this.blockBytes;
     const first = Math.ceil(off / bb);
     const end = Math.floor((off + len) / bb);
-    for (let vb = first; vb < end; vb++) {
-      const held = this.#locks.get(`${d.id}:${vb}`);
-      if (held !== undefined) await held.catch(() => {});
-      const v = d.map.get(vb);
-      if (v === undefined) continue;
-      d.map.delete(vb);
-      d.changed = true;
-      const b = blockOf(v);
-      if (this.md.decData(b) === 0) this.#passdown.push(b);
+    if (first >= end) return;
+    for (let held = this.#provisioningIn(d.id, first, end); held !== undefined; held = this.#provisioningIn(d.id, first, end)) {
+      await held.catch(() => {});
     }
+    refuse();
+    const freed: number[] = [];
+    const take = (vb: number, v: number): void => {
+      d.map.delete(vb);
+      freed.push(blockOf(v));
+    };
+    if (end - first <= d.map.size) {
+      for (let vb = first; vb < end; vb++) {
+        const v = d.map.get(vb);
+        if (v !== undefined) take(vb, v);
+      }
+    } else for (const [vb, v] of d.map) if (vb >= first && vb < end) take(vb, v);
+    if (freed.length === 0) return;
+    d.changed = true;
+    this.md.dirty = true;
+    const md = this.md;
+    this.#unmapsPending++;
+    const drained = Promise.all([this.#unmapTail, this.#drainIo()]).then(() => {});
+    this.#unmapTail = drained;
+    try {
+      await drained;
+    } finally {
+      this.#unmapsPending--;
+    }
+    // An aborted transaction (metadata full) reloaded the last commit: these blocks are its.
+    if (this.md !== md) return;
+    let nowFree = 0;
+    for (const b of freed) {
+      if (md.decData(b) === 0) {
+        this.#passdown.push(b);
+        nowFree++;
+      }
+    }
+    // Writes queued out of data space retry (they commit to reuse these), as the kernel's after a commit.
+    if (nowFree > 0) this.wakeSpaceWaiters();
   }
 
   async writeZeroes(id: number, off: number, len: number, flags?: WriteZeroesFlags): Promise<void> {
@@ -451,6 +535,28 @@ export class Pool {
     let hi = -1;
     for (const k of this.device(id).map.keys()) if (k > hi) hi = k;
     return hi;
+  }
+}
+
+/** Direct I/O in flight, counted until it settles; drained() resolves when none is left. */
+class IoEpoch {
+  #n = 0;
+  #wake: (() => void) | undefined;
+
+  track(p: Promise<void>): Promise<void> {
+    this.#n++;
+    const leave = (): void => {
+      if (--this.#n === 0 && this.#wake !== undefined) this.#wake();
+    };
+    p.then(leave, leave);
+    return p;
+  }
+
+  drained(): Promise<void> {
+    if (this.#n === 0) return Promise.resolve();
+    return new Promise((resolve) => {
+      this.#wake = resolve;
+    });
   }
 }
 

@@ -1,0 +1,154 @@
+// Races between a discard and I/O in flight on the thin pool's data device, provoked
+// deterministically: a data device whose next write (or discard) is held at a gate until the test
+// releases it. A freed data block must not be reused, nor discarded, while I/O that found it
+// mapped is still in flight, and a reused block must not be discarded after its new data landed.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { MemoryDevice } from '../../src/blockdev/memory.js';
+import { pattern } from './helpers.js';
+import { BLOCK, status, thinRig } from './thin-helpers.js';
+
+/** A memory device that holds the next read, write or discard (once armed) until release(). */
+class GatedMemory extends MemoryDevice {
+  #armed: 'read' | 'write' | 'discard' | undefined;
+  #release: (() => void) | undefined;
+  #entered: (() => void) | undefined;
+
+  /** Hold the next `op`; resolves when it arrived and waits. */
+  arm(op: 'read' | 'write' | 'discard'): Promise<void> {
+    this.#armed = op;
+    return new Promise((resolve) => {
+      this.#entered = resolve;
+    });
+  }
+
+  release(): void {
+    const r = this.#release;
+    this.#release = undefined;
+    r?.();
+  }
+
+  async #gate(op: 'read' | 'write' | 'discard'): Promise<void> {
+    if (this.#armed !== op) return;
+    this.#armed = undefined;
+    const open = new Promise<void>((resolve) => {
+      this.#release = resolve;
+    });
+    this.#entered?.();
+    await open;
+  }
+
+  override async read(o: number, b: Uint8Array): Promise<void> {
+    await this.#gate('read');
+    return super.read(o, b);
+  }
+
+  override async write(o: number, b: Uint8Array): Promise<void> {
+    await this.#gate('write');
+    return super.write(o, b);
+  }
+
+  override async discard(o: number, n: number): Promise<void> {
+    await this.#gate('discard');
+    return super.discard(o, n);
+  }
+}
+
+/** `p`, or a failure naming `what` if it has not settled in 20 s (a deadlock fails, never hangs). */
+async function within<T>(p: Promise<T>, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const deadline = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what} did not finish within 20 s (deadlock)`)), 20_000);
+  });
+  try {
+    return await Promise.race([p, deadline]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Whether `p` is still pending after the event loop turned `turns` times (it never settles by itself here). */
+async function pendingAfterTurns(p: Promise<unknown>, turns = 50): Promise<boolean> {
+  let settled = false;
+  p.then(
+    () => (settled = true),
+    () => (settled = true),
+  );
+  for (let i = 0; i < turns && !settled; i++) await new Promise((r) => setImmediate(r));
+  return !settled;
+}
+
+async function onePool(data: GatedMemory, blocks: number) {
+  const rig = thinRig({ data });
+  await rig.registry.create('pool', { table: `0 ${(blocks * BLOCK) / 512} thin-pool /mem/meta /mem/data 128 0` });
+  await rig.registry.message('pool', 0, ['create_thin', '0']);
+  await rig.registry.create('t', { table: `0 ${(8 * BLOCK) / 512} thin pool 0` });
+  return { ...rig, h: rig.registry.open('t') };
+}
+
+test('discard during a write in flight to the block: the block is freed only after the write landed, so its reuse keeps its data', async () => {
+  // One data block: whatever is written next after the discard reuses it.
+  const data = new GatedMemory({ sizeBytes: BLOCK });
+  const { registry, h } = await onePool(data, 1);
+  await h.write(0, pattern(BLOCK, 1));
+  await h.flush();
+  // A write to the mapped block goes straight to the data device; hold it there.
+  const entered = data.arm('write');
+  const inFlight = h.write(0, pattern(4096, 2));
+  await within(entered, 'the held data-device call');
+  const discard = h.discard(0, BLOCK);
+  // The next write needs a block: only the discarded one can be had (after a commit).
+  const reuse = h.write(BLOCK, pattern(BLOCK, 3));
+  assert.equal(await pendingAfterTurns(discard), true, 'the discard waits for the write in flight to its block');
+  assert.equal(await pendingAfterTurns(reuse), true, 'the freed block is not reused while a write to it is in flight');
+  data.release();
+  await within(Promise.all([inFlight, discard, reuse]), 'the write, discard and reuse');
+  const back = Buffer.alloc(BLOCK);
+  await h.read(BLOCK, back);
+  assert.deepEqual(back, pattern(BLOCK, 3), 'the block reused by another virtual block holds its own data, not the late write');
+  await h.read(0, back);
+  assert.ok(back.every((x) => x === 0), 'the discarded block reads as zeros');
+  await h.flush();
+  assert.equal(status(registry, 't'), `0 ${(8 * BLOCK) / 512} thin 128 255`);
+  await h.close();
+  await registry.closeAll();
+});
+
+test('discard during a read in flight: the block is not reused before the read is done (another device\'s data never shows in it)', async () => {
+  const data = new GatedMemory({ sizeBytes: BLOCK });
+  const { registry, h } = await onePool(data, 1);
+  await h.write(0, pattern(BLOCK, 1));
+  await h.flush();
+  const entered = data.arm('read');
+  const read = Buffer.alloc(4096);
+  const reading = h.read(0, read);
+  await within(entered, 'the held data-device call');
+  const discard = h.discard(0, BLOCK);
+  const reuse = h.write(BLOCK, pattern(BLOCK, 3));
+  assert.equal(await pendingAfterTurns(reuse), true, 'the freed block is not reused while a read of it is in flight');
+  data.release();
+  await within(Promise.all([reading, discard, reuse]), 'the read, discard and reuse');
+  assert.deepEqual(read, pattern(BLOCK, 1).subarray(0, 4096), 'the read returns the data mapped when it was issued');
+  await h.close();
+  await registry.closeAll();
+});
+
+test('passdown: a block being discarded on the data device after the commit is not reused until the discard is done', async () => {
+  const data = new GatedMemory({ sizeBytes: 2 * BLOCK });
+  const { registry, h } = await onePool(data, 2);
+  await h.write(0, pattern(2 * BLOCK, 1));
+  await h.discard(0, BLOCK);
+  // The commit frees data block 0 and passes the discard down: hold that discard.
+  const entered = data.arm('discard');
+  const flushing = h.flush();
+  await within(entered, 'the held data-device call');
+  const reuse = h.write(2 * BLOCK, pattern(BLOCK, 3));
+  assert.equal(await pendingAfterTurns(reuse), true, 'allocation waits for the passdown discard');
+  data.release();
+  await within(Promise.all([flushing, reuse]), 'the flush and the reuse');
+  const back = Buffer.alloc(BLOCK);
+  await h.read(2 * BLOCK, back);
+  assert.deepEqual(back, pattern(BLOCK, 3), 'the late discard did not erase the reused block');
+  await h.close();
+  await registry.closeAll();
+});
