@@ -11,7 +11,7 @@ import { type Socket, connect } from 'node:net';
 import { CryptmapError, isCryptmapError } from '../util/errors.js';
 import { untrustedPeer } from '../util/peercred.js';
 import { checkTrustedSocket } from '../util/trusted-path.js';
-import { type ControlResponse, encodeRequest, lineSplitter } from './protocol.js';
+import { type CallRest, type ControlOp, type ControlResponse, encodeRequest, lineSplitter, type OpResult } from './protocol.js';
 import { controlSocketPath } from './runtime-dir.js';
 
 export const DAEMON_NOT_RUNNING = "cryptmap: the daemon is not running (start it with 'cryptmap daemon')";
@@ -88,14 +88,23 @@ export class ControlClient {
   }
 
   /**
-   * Send a request; `bin` holds binary arguments (volume keys) that travel as raw bytes after the
-   * line (protocol.ts), never as JSON strings. Copies made for the socket are wiped once written.
+   * Run operation `op` (protocol.ts ControlOps: its args, key and result are typed). A volume key
+   * travels as raw bytes after the line (protocol.ts), never as a JSON string; the copy made for the
+   * socket is wiped once written. The caller still owns and wipes its own key.
+   *
+   * @example
+   *   const st = await c.call('volume.open', { mapping: mappingToJson(m) }, { key: volumeKey.expose() });
    */
-  call<T = unknown>(op: string, args: Record<string, unknown> = {}, bin?: Record<string, Uint8Array>): Promise<T> {
+  call<K extends ControlOp>(op: K, ...[args, bin]: CallRest<K>): Promise<OpResult<K>> {
+    return this.request(op, (args ?? {}) as Record<string, unknown>, bin as Record<string, Uint8Array> | undefined) as Promise<OpResult<K>>;
+  }
+
+  /** Send any operation, untyped (the transport under `call`; tests of the protocol itself). */
+  request(op: string, args: Record<string, unknown> = {}, bin?: Record<string, Uint8Array>): Promise<unknown> {
     if (this.#closedError) return Promise.reject(this.#closedError);
     const id = this.#nextId++;
-    return new Promise<T>((resolve, reject) => {
-      this.#waiting.set(id, { resolve: resolve as (v: unknown) => void, reject });
+    return new Promise<unknown>((resolve, reject) => {
+      this.#waiting.set(id, { resolve, reject });
       const { line, binary } = encodeRequest(id, op, args, bin);
       this.#sock.write(line);
       for (const b of binary) this.#sock.write(b, () => b.fill(0));

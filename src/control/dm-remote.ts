@@ -2,10 +2,10 @@
  * DmControl over the control socket: every dmsetup verb becomes one `dm.<verb>` request to the
  * daemon, which runs it on its registry. The daemon side is `dmHandlers` below.
  */
-import type { DmControl, DmInfo, DmLines, DmListEntry } from '../dm/control.js';
+import type { DmControl } from '../dm/control.js';
 import { CryptmapError } from '../util/errors.js';
 import type { ControlClient } from './client.js';
-import type { ControlHandlers } from './server.js';
+import type { ControlOp, OpHandlers } from './protocol.js';
 
 export function remoteDmControl(c: ControlClient): DmControl {
   return {
@@ -16,28 +16,32 @@ export function remoteDmControl(c: ControlClient): DmControl {
     suspend: async (name, opts) => void (await c.call('dm.suspend', { name, ...opts })),
     resume: async (name) => void (await c.call('dm.resume', { name })),
     rename: async (oldName, newName) => void (await c.call('dm.rename', { oldName, newName })),
-    table: (name, opts) => c.call<DmLines[]>('dm.table', { name, ...opts }),
-    status: (name) => c.call<DmLines[]>('dm.status', { name }),
-    info: (name) => c.call<DmInfo[]>('dm.info', { name }),
-    ls: () => c.call<DmListEntry[]>('dm.ls'),
-    message: (name, sector, message) => c.call<string>('dm.message', { name, sector, message }),
+    table: (name, opts) => c.call('dm.table', { name, ...opts }),
+    status: (name) => c.call('dm.status', { name }),
+    info: (name) => c.call('dm.info', { name }),
+    ls: () => c.call('dm.ls'),
+    message: (name, sector, message) => c.call('dm.message', { name, sector, message }),
   };
 }
 
-function str(a: Record<string, unknown>, k: string): string {
+type Args = Readonly<Record<string, unknown>>;
+function str(a: Args, k: string): string {
   const v = a[k];
   if (typeof v !== 'string') throw new CryptmapError('EPROTO', `control request needs string '${k}'`);
   return v;
 }
-function optStr(a: Record<string, unknown>, k: string): string | undefined {
+function optStr(a: Args, k: string): string | undefined {
   return a[k] === undefined || a[k] === null ? undefined : str(a, k);
 }
-function bool(a: Record<string, unknown>, k: string): boolean {
+function bool(a: Args, k: string): boolean {
   return a[k] === true;
 }
 
+/** The dmsetup operations. */
+export type DmOp = Extract<ControlOp, `dm.${string}`>;
+
 /** Control handlers for `dm.*`, over any DmControl (the daemon's). */
-export function dmHandlers(dm: DmControl): ControlHandlers {
+export function dmHandlers(dm: DmControl): OpHandlers<DmOp> {
   return {
     'dm.create': async (a) => {
       const opts: { table?: string; uuid?: string; readOnly?: boolean } = { readOnly: bool(a, 'readOnly') };

@@ -19,8 +19,101 @@
  * The receiver copies them into a Buffer of its own, zeroes the socket's read buffer where they
  * were, and hands them to the handler as args.key (a Buffer it wipes after the request).
  */
+import type { ActivationFlags } from '../activate/flags.js';
+import type { CryptMapping } from '../activate/mapping.js';
+import type { DmInfo, DmLines, DmListEntry } from '../dm/control.js';
+import type { AttachInfo } from '../nbd/attach.js';
 import { CryptmapError } from '../util/errors.js';
 import { allocSecretBuffer } from '../util/secret.js';
+
+/** A CryptMapping as JSON: the u64 IV offset as a decimal string (control/mapping-json.ts converts). */
+export type MappingJson = Omit<CryptMapping, 'ivOffsetSectors'> & { ivOffsetSectors: string };
+
+/** How an export becomes a kernel block device: fuse (built-in FUSE export + loop), nbd (kernel client) or nbdfuse. */
+export type Via = 'fuse' | 'nbd' | 'nbdfuse';
+export const VIAS: readonly Via[] = ['fuse', 'nbd', 'nbdfuse'];
+
+/** An attachment as the daemon records it: the NBD one, or ours (`via: 'fuse'`). */
+export interface Attachment extends AttachInfo {
+  via: Via;
+}
+
+/** What the daemon says about a volume (`volume.status`, and the result of the volume verbs). */
+export interface VolumeStatus {
+  name: string;
+  active: boolean;
+  mapping?: MappingJson;
+  nbdUri: string;
+  attachedDevice?: string;
+  /** How it is attached: fuse (built-in FUSE export + loop), nbd (kernel client) or nbdfuse. */
+  attachedVia?: Via;
+  suspended: boolean;
+  openCount: number;
+  nbdConnections: number;
+  /** The NBD client under a volume whose device is an NBD URI: ready, reconnecting or failed (then I/O fails with EIO). */
+  remote?: { state: string; reconnects: number; lastError?: string };
+}
+
+/** Activation flags `refresh` sets (absent = off), as in CryptMapping. */
+export type RefreshFlags = ActivationFlags;
+
+type Name = { name: string };
+type NoArgs = Record<string, never>;
+
+/**
+ * Every control operation: its arguments, its result and whether it carries a volume key (the
+ * binary argument `key`, see above). The client's `call` and the daemon's handlers are typed from
+ * this map, so adding an operation is one entry here, one handler (daemon/handlers.ts) and its callers.
+ */
+export interface ControlOps {
+  'daemon.ping': { args: NoArgs; result: { pid: number; nbdSocket: string } };
+  'volume.open': { args: { mapping: MappingJson }; key: 'required'; result: VolumeStatus };
+  'volume.suspend': { args: Name; result: VolumeStatus };
+  'volume.resume': { args: Name; key: 'required'; result: VolumeStatus };
+  'volume.refresh': { args: Name & { flags: RefreshFlags }; key: 'required'; result: VolumeStatus };
+  /** LUKS2 volumes need the key (cryptsetup asks for the passphrase), others not. */
+  'volume.resize': { args: Name & { sizeSectors?: number }; key: 'optional'; result: VolumeStatus };
+  'volume.close': { args: Name & { force?: boolean }; result: null };
+  'volume.status': { args: Name; result: VolumeStatus };
+  'volume.list': { args: NoArgs; result: VolumeStatus[] };
+  attach: { args: Name & { readOnly?: boolean; via?: Via | 'auto' }; result: Attachment };
+  detach: { args: Name; result: null };
+  // dmsetup verbs (control/dm-remote.ts)
+  'dm.create': { args: Name & { table?: string; uuid?: string; readOnly?: boolean }; result: null };
+  'dm.remove': { args: Name & { force?: boolean }; result: null };
+  'dm.load': { args: Name & { table: string }; result: null };
+  'dm.clear': { args: Name; result: null };
+  'dm.suspend': { args: Name & { noflush?: boolean }; result: null };
+  'dm.resume': { args: Name; result: null };
+  'dm.rename': { args: { oldName: string; newName: string }; result: null };
+  'dm.table': { args: { name?: string; showKeys?: boolean }; result: DmLines[] };
+  'dm.status': { args: { name?: string }; result: DmLines[] };
+  'dm.info': { args: { name?: string }; result: DmInfo[] };
+  'dm.ls': { args: NoArgs; result: DmListEntry[] };
+  'dm.message': { args: Name & { sector: number; message: string[] }; result: string };
+}
+
+export type ControlOp = keyof ControlOps;
+export type OpArgs<K extends ControlOp> = ControlOps[K]['args'];
+/** A result as it arrives over JSON (a handler's `undefined` is sent as null). */
+export type OpResult<K extends ControlOp> = ControlOps[K]['result'];
+type KeyMode<K extends ControlOp> = ControlOps[K] extends { key: infer M } ? M : 'none';
+
+/** The binary arguments of a call: `{ key }` where the operation takes a volume key. */
+export type OpBin<K extends ControlOp> = KeyMode<K> extends 'required' ? [bin: { key: Uint8Array }] : KeyMode<K> extends 'optional' ? [bin?: { key: Uint8Array }] : [];
+/** The arguments of `ControlClient.call` after the op name (args may be left out when none are required). */
+export type CallRest<K extends ControlOp> = NoArgs extends OpArgs<K> ? [args?: OpArgs<K>, ...OpBin<K>] : [args: OpArgs<K>, ...OpBin<K>];
+
+/**
+ * What a handler gets: the request's arguments as sent (untrusted: each is checked before use) and,
+ * for a keyed operation, `key`, the key bytes the server wipes after the handler.
+ */
+export type ReceivedArgs<K extends ControlOp> = { readonly [P in keyof OpArgs<K>]?: unknown } & (KeyMode<K> extends 'none' ? unknown : { readonly key?: unknown });
+/** A handler of an operation without a result (null) may return nothing: the server sends null. */
+// biome-ignore lint/suspicious/noConfusingVoidType: Promise<void> is what DmControl's verbs return
+export type OpHandler<K extends ControlOp> = (args: ReceivedArgs<K>) => Promise<OpResult<K> | void>;
+/** Handlers for a set of operations (the daemon serves all of ControlOps). */
+export type OpHandlers<K extends ControlOp = ControlOp> = { [P in K]: OpHandler<P> };
 
 export const MAX_LINE_BYTES = 1 << 20;
 /** Largest binary argument (a volume key is at most 512 bytes). */

@@ -16,6 +16,7 @@ import { isAbsolute, join, resolve } from 'node:path';
 import { ControlServer } from '../control/server.js';
 import { controlSocketPath, ensureRuntimeDir, nbdSocketPath } from '../control/runtime-dir.js';
 import { reconcileUntilSettled, shutdown } from '../reconciler/agent.js';
+import { AGENT_PID_FILE, AGENT_RUN_DIR, AGENT_VOLUME_DIR, runningAgentPid } from '../reconciler/agent-dir.js';
 import type { ApplyReport, RetryPolicy } from '../reconciler/apply.js';
 import { keyServiceForManifest } from '../reconciler/keys.js';
 import type { Manifest } from '../reconciler/manifest.js';
@@ -28,10 +29,6 @@ import { type Logger, logger } from '../util/log.js';
 import { DaemonCore } from './core.js';
 import { daemonHandlers } from './handlers.js';
 import { DataPathPorts, detectServeMode, type Runner, runTool, type ServeMode } from './volume-ports.js';
-
-export const AGENT_PID_FILE = 'agent.pid';
-export const AGENT_RUN_DIR = 'run';
-export const AGENT_VOLUME_DIR = 'volumes';
 
 export interface AgentHostOptions {
   manifest: Manifest;
@@ -50,18 +47,6 @@ export interface AgentHostOptions {
   intervalMs?: number;
   run?: Runner;
   log?: Logger;
-}
-
-/** The pid in `<state>/agent.pid` when that process is alive. */
-export function runningAgentPid(stateDir: string): number | undefined {
-  try {
-    const pid = Number(readFileSync(join(stateDir, AGENT_PID_FILE), 'utf8').trim());
-    if (!Number.isSafeInteger(pid) || pid <= 0) return undefined;
-    process.kill(pid, 0);
-    return pid;
-  } catch {
-    return undefined;
-  }
 }
 
 export class AgentHost {

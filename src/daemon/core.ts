@@ -6,7 +6,7 @@
  * Lifecycle per name is serialised by a promise chain; data I/O never waits on it.
  */
 import { createHmac, randomBytes } from 'node:crypto';
-import { type ActivationFlags, allFlags } from '../activate/flags.js';
+import { allFlags } from '../activate/flags.js';
 import type { CryptMapping } from '../activate/mapping.js';
 import { cryptTableLine, dmUuid, keyDescription, keyRefArg } from '../activate/mapping.js';
 import type { BlockDevice } from '../blockdev/types.js';
@@ -18,7 +18,8 @@ import { CryptmapError, EXIT_BUSY, EXIT_FAILURE, EXIT_WRONG_DEVICE } from '../ut
 import { logger } from '../util/log.js';
 import { mountedAt } from '../util/tools.js';
 import type { Secret } from '../util/secret.js';
-import { type Attachment, FuseExports, type Via } from './fuse-export.js';
+import type { Attachment, RefreshFlags, Via, VolumeStatus } from '../control/protocol.js';
+import { FuseExports } from './fuse-export.js';
 import { Keyring } from './keyring.js';
 
 const log = logger('daemon');
@@ -30,24 +31,6 @@ export interface DaemonCoreOptions {
   attachDir: string;
   nbd?: NbdServerOptions;
 }
-
-export interface VolumeStatus {
-  name: string;
-  active: boolean;
-  mapping?: Omit<CryptMapping, 'ivOffsetSectors'> & { ivOffsetSectors: string };
-  nbdUri: string;
-  attachedDevice?: string;
-  /** How it is attached: fuse (built-in FUSE export + loop), nbd (kernel client) or nbdfuse. */
-  attachedVia?: Via;
-  suspended: boolean;
-  openCount: number;
-  nbdConnections: number;
-  /** The NBD client under a volume whose device is an NBD URI: ready, reconnecting or failed (then I/O fails with EIO). */
-  remote?: { state: string; reconnects: number; lastError?: string };
-}
-
-/** Activation flags `refresh` sets (absent = off), as in CryptMapping. */
-export type RefreshFlags = ActivationFlags;
 
 export class DaemonCore {
   readonly keyring = new Keyring();

@@ -28,6 +28,7 @@
  * daemon; the agent's cleanStaleAttachments does the same at its start) lazily unmounts what is
  * mounted from their loop devices, detaches those and lazily unmounts the dead FUSE mounts.
  */
+import { type Attachment, VIAS, type Via } from '../control/protocol.js';
 import { existsSync, fstatSync, mkdirSync, mkdtempSync, openSync, closeSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { rm, stat } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
@@ -46,13 +47,7 @@ import type { Keyring } from './keyring.js';
 
 const log = logger('fuse');
 
-export type Via = 'fuse' | 'nbd' | 'nbdfuse';
-export const VIAS: readonly Via[] = ['fuse', 'nbd', 'nbdfuse'];
-
-/** An attachment as the daemon records it: the NBD one, or ours (`via: 'fuse'`). */
-export interface Attachment extends AttachInfo {
-  via: Via;
-}
+export { type Attachment, VIAS, type Via };
 
 /** Largest FUSE request (bytes): /proc/sys/fs/fuse/max_pages_limit pages, at most 1 MiB. */
 function maxRequestBytes(): number {

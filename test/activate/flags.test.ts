@@ -9,7 +9,7 @@ import { parseCrypttab } from '../../src/activate/crypttab.js';
 import { type CryptMapping, cryptTableLine } from '../../src/activate/mapping.js';
 import { formatStatus, rawCryptFields } from '../../src/cli/commands/status.js';
 import { OPTIONS } from '../../src/cli/options.js';
-import { mappingFromJson, mappingToJson } from '../../src/daemon/handlers.js';
+import { mappingFromJson, mappingToJson } from '../../src/control/args.js';
 import { InProcessDmControl } from '../../src/dm/control.js';
 import { CRYPT_FLAGS } from '../../src/dm/targets/crypt.js';
 import { memRegistry } from '../dm/helpers.js';

@@ -29,9 +29,9 @@ test('requests reach handlers; errors come back with code and exit code', async 
     assert.equal(statSync(dir).mode & 0o777, 0o700);
     assert.equal(statSync(controlSocketPath(dir)).mode & 0o777, 0o600);
     const c = await ControlClient.connect(dir);
-    assert.deepEqual(await c.call('echo.args', { a: 1 }), { a: 1 });
-    await assert.rejects(c.call('fail.busy'), (e: CryptmapError) => e.code === 'EBUSY_DEV' && e.exitCode === 5);
-    await assert.rejects(c.call('no.such'), (e: CryptmapError) => e.code === 'EUNKNOWN_OP');
+    assert.deepEqual(await c.request('echo.args', { a: 1 }), { a: 1 });
+    await assert.rejects(c.request('fail.busy'), (e: CryptmapError) => e.code === 'EBUSY_DEV' && e.exitCode === 5);
+    await assert.rejects(c.request('no.such'), (e: CryptmapError) => e.code === 'EUNKNOWN_OP');
     c.close();
     await assert.rejects(new ControlServer({}).listen(controlSocketPath(dir)), (e: CryptmapError) => e.code === 'EDAEMON_RUNNING');
   } finally {

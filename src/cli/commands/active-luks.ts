@@ -9,8 +9,7 @@
 import { dmUuid } from '../../activate/mapping.js';
 import type { BlockDevice } from '../../blockdev/types.js';
 import type { ControlClient } from '../../control/client.js';
-import type { VolumeStatus } from '../../daemon/core.js';
-import type { DmInfo } from '../../dm/control.js';
+import type { VolumeStatus } from '../../control/protocol.js';
 import type { Luks1Volume, Luks2Volume } from '../../luks/index.js';
 import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_DEVICE, isCryptmapError } from '../../util/errors.js';
 import type { CliIO } from '../types.js';
@@ -21,8 +20,8 @@ export const notLuks = (name: string) => new CryptmapError('ENOTLUKS', `${name} 
 
 /** The daemon's status of `name` and its dm uuid; cryptsetup's "Device NAME is not active." (exit 4) otherwise. */
 export async function activeVolume(c: ControlClient, name: string): Promise<{ st: VolumeStatus; uuid: string }> {
-  const st = await c.call<VolumeStatus>('volume.status', { name });
-  const info = st.active ? (await c.call<DmInfo[]>('dm.info', { name }))[0] : undefined;
+  const st = await c.call('volume.status', { name });
+  const info = st.active ? (await c.call('dm.info', { name }))[0] : undefined;
   if (info === undefined) throw notActive(name);
   return { st, uuid: info.uuid };
 }

@@ -14,7 +14,8 @@
 import { parseArgs } from 'node:util';
 import { existsSync } from 'node:fs';
 import { resolve } from 'node:path';
-import { AgentHost, runningAgentPid } from '../../daemon/agent-host.js';
+import { AgentHost } from '../../daemon/agent-host.js';
+import { runningAgentPid } from '../../reconciler/agent-dir.js';
 import { readBootId } from '../../reconciler/agent.js';
 import { embeddedRawRootPath, rawRootWarning } from '../../reconciler/keys.js';
 import type { ApplyReport } from '../../reconciler/apply.js';

@@ -3,7 +3,7 @@
  * nbd-client when the nbd module exists, else the daemon's own FUSE export + loop (root), else nbdfuse
  * + loop; `--via` forces one. `cryptmap detach NAME` undoes it.
  */
-import type { AttachInfo } from '../../nbd/attach.js';
+import { VIAS, type Via } from '../../control/protocol.js';
 import { CryptmapError } from '../../util/errors.js';
 import { withDaemon } from '../daemon-client.js';
 import type { VerbMain } from '../types.js';
@@ -19,8 +19,8 @@ const attach: VerbMain = async (argv, io) => {
     return 0;
   }
   const via = values.via ?? 'auto';
-  if (!['auto', 'fuse', 'nbd', 'nbdfuse'].includes(via)) throw new CryptmapError('EARGS', `--via must be fuse, nbd or nbdfuse, not '${via}'`);
-  const info = await withDaemon(values['runtime-dir'], io.env, (c) => c.call<AttachInfo>('attach', { name, readOnly: values.readonly === true, via }));
+  if (via !== 'auto' && !VIAS.includes(via as Via)) throw new CryptmapError('EARGS', `--via must be fuse, nbd or nbdfuse, not '${via}'`);
+  const info = await withDaemon(values['runtime-dir'], io.env, (c) => c.call('attach', { name, readOnly: values.readonly === true, via: via as Via | 'auto' }));
   io.stdout.write(`${info.devicePath}\n`);
   return 0;
 };

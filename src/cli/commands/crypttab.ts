@@ -10,16 +10,14 @@
  * already active is left alone. `nofail` entries report their errors without failing the command.
  * close: detach (when attached) and close each entry's mapping.
  */
+import { runTool } from '../../util/tools.js';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { type CrypttabEntry, parseCrypttab, plainParams, resolveCrypttabKey } from '../../activate/crypttab.js';
 import { type CryptMapping, prepareLuks, preparePlain } from '../../activate/mapping.js';
 import type { ControlClient } from '../../control/client.js';
-import type { VolumeStatus } from '../../daemon/core.js';
-import { runTool } from '../../daemon/volume-ports.js';
 import type { SectorBytes } from '../../engine/types.js';
-import type { AttachInfo } from '../../nbd/attach.js';
 import { CryptmapError, EXIT_WRONG_PARAMS, fromSystemError, isCryptmapError } from '../../util/errors.js';
 import { Secret } from '../../util/secret.js';
 import { withDaemon } from '../daemon-client.js';
@@ -79,7 +77,7 @@ async function prepare(e: CrypttabEntry, io: CliIO): Promise<{ mapping: CryptMap
 }
 
 async function openEntry(c: ControlClient, e: CrypttabEntry, io: CliIO): Promise<void> {
-  const st = await c.call<VolumeStatus>('volume.status', { name: e.name });
+  const st = await c.call('volume.status', { name: e.name });
   if (st.active) {
     io.stdout.write(`${e.name}: already active\n`);
     return;
@@ -89,7 +87,7 @@ async function openEntry(c: ControlClient, e: CrypttabEntry, io: CliIO): Promise
   let where = opened.nbdUri;
   if (e.type === 'swap' || e.type === 'tmp') {
     try {
-      const info = await c.call<AttachInfo>('attach', { name: e.name });
+      const info = await c.call('attach', { name: e.name });
       where = info.devicePath;
       if (e.type === 'swap') await runTool('mkswap', [info.devicePath]);
       else await runTool(`mkfs.${e.tmpFilesystem ?? 'ext4'}`, ['-q', '-F', info.devicePath]);
@@ -102,7 +100,7 @@ async function openEntry(c: ControlClient, e: CrypttabEntry, io: CliIO): Promise
 }
 
 async function closeEntry(c: ControlClient, name: string, io: CliIO): Promise<void> {
-  const st = await c.call<VolumeStatus>('volume.status', { name });
+  const st = await c.call('volume.status', { name });
   if (!st.active) {
     io.stdout.write(`${name}: not active\n`);
     return;

@@ -12,12 +12,12 @@
  */
 import { readFile } from 'node:fs/promises';
 import { type ParseArgsConfig, parseArgs } from 'node:util';
-import { ControlClient, DAEMON_NOT_RUNNING } from '../../control/client.js';
+import { DAEMON_NOT_RUNNING } from '../../control/client.js';
 import { remoteDmControl } from '../../control/dm-remote.js';
-import { runtimeDir } from '../../control/runtime-dir.js';
 import { type DmControl, formatInfo, formatLines, formatLs } from '../../dm/control.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { reportError } from '../main.js';
+import { connectDaemon } from '../daemon-client.js';
 import type { CliIO, VerbMain } from '../types.js';
 
 const USAGE = `usage: cryptmap dm <command> [options] [args]
@@ -210,7 +210,7 @@ const dmMain: VerbMain = (argv, io) => {
   }
   return runDm(args, io, {
     async connect() {
-      const c = await ControlClient.connect(runtimeDir(dirFlag, io.env));
+      const c = await connectDaemon(dirFlag, io.env);
       return { control: remoteDmControl(c), close: () => c.close() };
     },
   });

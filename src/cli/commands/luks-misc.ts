@@ -5,7 +5,6 @@
  */
 import { readFile } from 'node:fs/promises';
 import type { BlockDevice } from '../../blockdev/types.js';
-import type { VolumeStatus } from '../../daemon/core.js';
 import { convertLuks1ToLuks2, convertLuks2ToLuks1, detectLuks, headerBackup, headerRestore, Luks1Volume, type Luks2Volume, withDeviceLock } from '../../luks/index.js';
 import { CryptmapError, EXIT_BUSY, EXIT_NO_PERMISSION, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
 import { withDaemon } from '../daemon-client.js';
@@ -93,7 +92,7 @@ async function token(io: CliIO, v: LuksArgs, positionals: string[]): Promise<num
 /** True when the cryptmap daemon (if one runs) has a volume with this LUKS UUID open. */
 async function activeInDaemon(io: CliIO, uuid: string): Promise<boolean> {
   try {
-    return await withDaemon(undefined, io.env, async (c) => (await c.call<VolumeStatus[]>('volume.list', {})).some((s) => s.active && s.mapping?.uuid === uuid));
+    return await withDaemon(undefined, io.env, async (c) => (await c.call('volume.list', {})).some((s) => s.active && s.mapping?.uuid === uuid));
   } catch {
     return false; // no daemon: nothing is active
   }

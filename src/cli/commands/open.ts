@@ -14,16 +14,14 @@ import { type ActivationFlagOption, flagsFromOptions, persistentNames } from '..
 import { type CryptMapping, prepareLoadedLuks, preparePlain } from '../../activate/mapping.js';
 import { plainKeyFromPassphrase } from '../../activate/plain-key.js';
 import type { ControlClient } from '../../control/client.js';
-import { ControlClient as Client } from '../../control/client.js';
-import { runtimeDir } from '../../control/runtime-dir.js';
-import type { VolumeStatus } from '../../daemon/core.js';
-import { mappingToJson } from '../../daemon/handlers.js';
+import type { VolumeStatus } from '../../control/protocol.js';
+import { mappingToJson } from '../../control/args.js';
 import type { SectorBytes } from '../../engine/types.js';
 import { withDeviceLock } from '../../luks/index.js';
 import { wipe } from '../../util/bytes.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { Secret } from '../../util/secret.js';
-import type { AttachInfo } from '../../nbd/attach.js';
+import { withDaemon } from '../daemon-client.js';
 import type { CliIO, VerbMain } from '../types.js';
 import {
   closeQuietly,
@@ -156,7 +154,7 @@ async function prepareLuksFromArgs(io: CliIO, device: string, name: string, v: O
 /** Send an unlocked mapping to the daemon (the key as raw bytes after the request, control/protocol.ts; wiped here afterwards). */
 export async function sendOpen(c: ControlClient, mapping: CryptMapping, volumeKey: Secret): Promise<VolumeStatus> {
   try {
-    return await c.call<VolumeStatus>('volume.open', { mapping: mappingToJson(mapping) }, { key: volumeKey.expose() });
+    return await c.call('volume.open', { mapping: mappingToJson(mapping) }, { key: volumeKey.expose() });
   } finally {
     volumeKey.dispose();
   }
@@ -187,21 +185,18 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
     throw new CryptmapError('EARGS', `Unsupported device type ${type} (cryptmap opens luks, luks1, luks2 and plain).`, { exitCode: EXIT_WRONG_PARAMS });
   }
   // Reach the daemon first: no point running a KDF when nothing can take the mapping.
-  const client = await Client.connect(runtimeDir(v['runtime-dir'], io.env));
-  try {
+  return withDaemon(v['runtime-dir'], io.env, async (client) => {
     const { mapping, volumeKey } = type === 'plain' ? await preparePlainFromArgs(io, device, name, v) : await prepareLuksFromArgs(io, device, name, v);
     const st = await sendOpen(client, mapping, volumeKey);
     if (v.persistent) await makeFlagsPersistent(io, device, v);
     if (v.verbose && mapping.keyslot !== undefined && mapping.keyslot >= 0) io.stdout.write(`Key slot ${mapping.keyslot} unlocked.\n`);
     if (v.attach) {
-      const info = await client.call<AttachInfo>('attach', { name, readOnly: v.readonly === true });
+      const info = await client.call('attach', { name, readOnly: v.readonly === true });
       io.stdout.write(`${info.devicePath}\n`);
     } else if (v.verbose) io.stdout.write(`${st.nbdUri}\n`);
     if (v.verbose) io.stdout.write('Command successful.\n');
     return 0;
-  } finally {
-    client.close();
-  }
+  });
 };
 
 export default main;

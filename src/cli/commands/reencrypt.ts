@@ -8,7 +8,6 @@ import { initReencrypt, inReencryption, type Luks2Volume, type Resilience, runRe
 import type { SectorBytes } from '../../engine/types.js';
 import type { BlockDevice } from '../../blockdev/types.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
-import type { VolumeStatus } from '../../daemon/core.js';
 import { withDaemon } from '../daemon-client.js';
 import type { CliIO, VerbMain } from '../types.js';
 import { closeQuietly, getPassphrase, headerPath, intOpt, keyslotOptions, loadLuks, needDevice, openDevice, parseLuksArgs } from './luks-common.js';
@@ -26,7 +25,7 @@ function bytesOpt(v: string | undefined, name: string): number | undefined {
 /** True when the cryptmap daemon (if one runs) has a volume with this LUKS UUID open. */
 async function activeInDaemon(io: CliIO, uuid: string): Promise<boolean> {
   try {
-    return await withDaemon(undefined, io.env, async (c) => (await c.call<VolumeStatus[]>('volume.list', {})).some((s) => s.active && s.mapping?.uuid === uuid));
+    return await withDaemon(undefined, io.env, async (c) => (await c.call('volume.list', {})).some((s) => s.active && s.mapping?.uuid === uuid));
   } catch {
     return false; // no daemon: nothing is active
   }

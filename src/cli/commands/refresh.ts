@@ -13,10 +13,9 @@
  */
 import { flagOfPersistent, flagsFromOptions } from '../../activate/flags.js';
 import { persistentFlagsOf } from '../../activate/mapping.js';
-import { ControlClient } from '../../control/client.js';
-import { runtimeDir } from '../../control/runtime-dir.js';
-import type { RefreshFlags, VolumeStatus } from '../../daemon/core.js';
+import type { RefreshFlags } from '../../control/protocol.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import { withDaemon } from '../daemon-client.js';
 import type { VerbMain } from '../types.js';
 import { activeVolume, checkLuksType, sendActiveVolumeKey } from './active-luks.js';
 import { parseLuksArgs as parse } from './luks-common.js';
@@ -31,8 +30,7 @@ const refresh: VerbMain = async (argv, io) => {
     throw new CryptmapError('EARGS', `cryptmap refreshes LUKS volumes only (--type ${v.type}); close and open a plain volume again.`, { exitCode: EXIT_WRONG_PARAMS });
   }
   const flags: RefreshFlags = flagsFromOptions(v);
-  const c = await ControlClient.connect(runtimeDir(v['runtime-dir'], io.env));
-  try {
+  await withDaemon(v['runtime-dir'], io.env, async (c) => {
     const active = await activeVolume(c, name);
     await sendActiveVolumeKey(
       io,
@@ -40,7 +38,7 @@ const refresh: VerbMain = async (argv, io) => {
       active,
       v,
       async (key) => {
-        await c.call<VolumeStatus>('volume.refresh', { name, flags }, { key });
+        await c.call('volume.refresh', { name, flags }, { key });
       },
       (vol) => {
         checkLuksType(name, v.type, vol);
@@ -51,9 +49,7 @@ const refresh: VerbMain = async (argv, io) => {
     );
     const m = active.st.mapping!;
     if (v.persistent) await makeFlagsPersistent(io, m.device, { ...v, header: v.header ?? m.header });
-  } finally {
-    c.close();
-  }
+  });
   if (v.verbose) io.stdout.write('Command successful.\n');
   return 0;
 };

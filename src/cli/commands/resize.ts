@@ -11,10 +11,9 @@
  * New NBD connections see the new size; connected clients keep the size they negotiated.
  * Exit codes as cryptsetup: not active 4; misaligned, too large, wrong passphrase 1/2.
  */
-import { ControlClient } from '../../control/client.js';
-import { runtimeDir } from '../../control/runtime-dir.js';
-import type { VolumeStatus } from '../../daemon/core.js';
+import type { OpArgs } from '../../control/protocol.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import { withDaemon } from '../daemon-client.js';
 import type { VerbMain } from '../types.js';
 import { activeVolume, sendActiveVolumeKey } from './active-luks.js';
 import { intOpt, parseLuksArgs as parse } from './luks-common.js';
@@ -33,18 +32,15 @@ const resize: VerbMain = async (argv, io) => {
     if (bytes % 512 !== 0) throw new CryptmapError('EARGS', 'Device size must be multiple of 512 bytes sector.', { exitCode: EXIT_WRONG_PARAMS });
     sizeSectors = bytes / 512;
   }
-  const c = await ControlClient.connect(runtimeDir(v['runtime-dir'], io.env));
-  try {
+  await withDaemon(v['runtime-dir'], io.env, async (c) => {
     const active = await activeVolume(c, name);
-    const req: Record<string, unknown> = { name, ...(sizeSectors === undefined ? {} : { sizeSectors }) };
-    if (active.st.mapping?.type !== 'LUKS2') await c.call<VolumeStatus>('volume.resize', req);
+    const req: OpArgs<'volume.resize'> = { name, ...(sizeSectors === undefined ? {} : { sizeSectors }) };
+    if (active.st.mapping?.type !== 'LUKS2') await c.call('volume.resize', req);
     else
       await sendActiveVolumeKey(io, name, active, v, async (key) => {
-        await c.call<VolumeStatus>('volume.resize', req, { key });
+        await c.call('volume.resize', req, { key });
       });
-  } finally {
-    c.close();
-  }
+  });
   if (v.verbose) io.stdout.write('Command successful.\n');
   return 0;
 };

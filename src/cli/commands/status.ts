@@ -3,8 +3,7 @@
  * served (NBD URI) and attached. Exit 0 when active, 4 when inactive (as cryptsetup).
  */
 import { statusFlagsLine } from '../../activate/flags.js';
-import type { VolumeStatus } from '../../daemon/core.js';
-import type { DmInfo, DmLines } from '../../dm/control.js';
+import type { VolumeStatus } from '../../control/protocol.js';
 import { CryptmapError, EXIT_WRONG_DEVICE } from '../../util/errors.js';
 import { withDaemon } from '../daemon-client.js';
 import type { VerbMain } from '../types.js';
@@ -72,11 +71,11 @@ const status: VerbMain = async (argv, io) => {
   if (positionals.length !== 1) throw new CryptmapError('EARGS', 'Command requires device name as argument.');
   const name = positionals[0]!;
   const { s, raw } = await withDaemon(values['runtime-dir'], io.env, async (c) => {
-    const st = await c.call<VolumeStatus>('volume.status', { name });
+    const st = await c.call('volume.status', { name });
     // A device made with `cryptmap dm` rather than `open`: the fields come from its crypt table.
     if (!st.active || st.mapping || values.json) return { s: st, raw: '' };
-    const lines = (await c.call<DmLines[]>('dm.table', { name }))[0]?.lines ?? [];
-    const info = (await c.call<DmInfo[]>('dm.info', { name }))[0];
+    const lines = (await c.call('dm.table', { name }))[0]?.lines ?? [];
+    const info = (await c.call('dm.info', { name }))[0];
     return { s: st, raw: lines.length === 1 ? rawCryptFields(lines[0]!, info?.readOnly ?? false) : '' };
   });
   io.stdout.write(values.json ? JSON.stringify(s, null, 2) + '\n' : formatStatus(s, raw));

@@ -17,10 +17,8 @@
  * Messages and exit codes (cryptsetup 2.6.1): not active "Device NAME is not active." 4; not a
  * LUKS volume 1; already suspended / not suspended 1; wrong passphrase 2.
  */
-import { ControlClient } from '../../control/client.js';
-import { runtimeDir } from '../../control/runtime-dir.js';
-import type { VolumeStatus } from '../../daemon/core.js';
 import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import { withDaemon } from '../daemon-client.js';
 import type { CliIO, VerbMain } from '../types.js';
 import { activeVolume, checkLuksType, sendActiveVolumeKey } from './active-luks.js';
 import { parseLuksArgs } from './luks-common.js';
@@ -35,12 +33,9 @@ export const luksSuspend: VerbMain = async (argv, io) => {
   const { values: v, positionals } = parseLuksArgs(argv);
   const name = needName('luksSuspend', positionals);
   // --header is accepted as cryptsetup does; the daemon knows the volume's type without it.
-  const c = await ControlClient.connect(runtimeDir(v['runtime-dir'], io.env));
-  try {
-    await c.call<VolumeStatus>('volume.suspend', { name });
-  } finally {
-    c.close();
-  }
+  await withDaemon(v['runtime-dir'], io.env, async (c) => {
+    await c.call('volume.suspend', { name });
+  });
   if (v.verbose) io.stdout.write('Command successful.\n');
   return 0;
 };
@@ -53,8 +48,7 @@ export const luksResume: VerbMain = async (argv, io) => {
     // cryptsetup returns -EINVAL here without a message; say why.
     throw new CryptmapError('EARGS', `luksResume works on LUKS devices only (--type ${reqType}).`, { exitCode: EXIT_WRONG_PARAMS });
   }
-  const c = await ControlClient.connect(runtimeDir(v['runtime-dir'], io.env));
-  try {
+  return withDaemon(v['runtime-dir'], io.env, async (c) => {
     const active = await activeVolume(c, name);
     await sendActiveVolumeKey(
       io,
@@ -62,7 +56,7 @@ export const luksResume: VerbMain = async (argv, io) => {
       active,
       v,
       async (key) => {
-        await c.call<VolumeStatus>('volume.resume', { name }, { key });
+        await c.call('volume.resume', { name }, { key });
       },
       (vol) => {
         checkLuksType(name, reqType, vol);
@@ -71,9 +65,7 @@ export const luksResume: VerbMain = async (argv, io) => {
     );
     if (v.verbose) io.stdout.write('Command successful.\n');
     return 0;
-  } finally {
-    c.close();
-  }
+  });
 };
 
 const main: VerbMain = (argv: string[], io: CliIO) => (argv[0] === 'luksResume' ? luksResume(argv, io) : luksSuspend(argv, io));

@@ -5,7 +5,7 @@
  * still had it in its manifest), and while it is in use.
  */
 import { parseArgs } from 'node:util';
-import { AGENT_VOLUME_DIR, runningAgentPid } from '../../daemon/agent-host.js';
+import { AGENT_VOLUME_DIR, runningAgentPid } from '../../reconciler/agent-dir.js';
 import { deleteVolume, stoppedAgentPorts } from '../../reconciler/delete.js';
 import { loadManifest } from '../../reconciler/manifest.js';
 import { desiredVolumes } from '../../reconciler/plan.js';
