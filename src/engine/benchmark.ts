@@ -38,6 +38,8 @@ export interface BenchmarkResult {
   encryptMBps: number;
   decryptMBps: number;
   backend: 'native' | 'js';
+  /** Distinct request buffers the run cycled through. */
+  buffers: number;
   /** Average CPU cores this process used while encrypting (user + system time / wall time). */
   encryptCores: number;
 }
@@ -104,7 +106,7 @@ export async function benchmarkCipher(o: BenchmarkOptions): Promise<BenchmarkRes
       };
     const [encryptMBps, encryptCores] = await measure(one(true), seconds);
     const [decryptMBps] = await measure(one(false), seconds);
-    return { cipher: o.spec, keyBits: o.keyBytes * 8, sectorSize: sectorBytes, threads, encryptMBps, decryptMBps, backend: c.backend, encryptCores };
+    return { cipher: o.spec, keyBits: o.keyBytes * 8, sectorSize: sectorBytes, threads, encryptMBps, decryptMBps, backend: c.backend, buffers: nbufs, encryptCores };
   } finally {
     c.dispose();
     if (prevThreads > 0) setCryptThreads(prevThreads);

@@ -49,8 +49,25 @@ describe('cryptmap benchmark', () => {
     const rows = JSON.parse(out) as Record<string, unknown>[];
     assert.equal(rows.length, 1);
     const r = rows[0]!;
-    assert.deepEqual(Object.keys(r).sort(), ['cipher', 'decryptMBps', 'encryptMBps', 'keyBits', 'sectorSize', 'threads']);
+    assert.deepEqual(Object.keys(r).sort(), [
+      'backend',
+      'cipher',
+      'decryptMBps',
+      'encryptMBps',
+      'implementation',
+      'keyBits',
+      'oneThreadDecryptMBps',
+      'oneThreadEncryptMBps',
+      'poolCores',
+      'poolPerCpuRatio',
+      'poolRatio',
+      'sectorSize',
+      'threads',
+    ]);
     assert.equal(r.cipher, 'aes-xts-plain64');
+    assert.equal(r.backend, 'native');
+    assert.equal(r.implementation, loadNative()?.xtsImpl, 'the native XTS implementation in use');
+    assert.ok((r.oneThreadEncryptMBps as number) > 0 && (r.poolRatio as number) > 0);
     assert.equal(r.keyBits, 256);
     assert.equal(r.sectorSize, 4096);
     assert.equal(r.threads, 2);
@@ -62,6 +79,17 @@ describe('cryptmap benchmark', () => {
     const a = loadNative();
     assert.ok(a, 'native addon did not load');
     assert.match(out, new RegExp(`backend native \\(XTS: ${a.xtsImpl}\\)`));
+  });
+
+  it('--threads 2 measures one thread over the same buffers too and prints the pool ratio', async () => {
+    const { out } = await run(['--cipher', 'aes-xts', '--threads', '2', '--seconds', '0.01']);
+    assert.match(out, /aes-xts-plain64\s+512b\s+[\d.]+ MB\/s\s+[\d.]+ MB\/s\n# +1 thread, same buffers\s+[\d.]+ MB\/s\s+[\d.]+ MB\/s\s+pool [\d.]+x \([\d.]+ cores used; per CPU-second [\d.]+x\)/);
+    const one = await run(['--cipher', 'aes-cbc', '--json', '--seconds', '0.01']);
+    const rows = JSON.parse(one.out) as Record<string, unknown>[];
+    assert.equal(rows[0]!.implementation, 'openssl');
+    assert.equal(rows[0]!.poolRatio, undefined, 'one thread: no pool ratio');
+    const js = await run(['--cipher', 'aes-xts', '--json', '--seconds', '0.01'], { CRYPTMAP_CRYPTO_BACKEND: 'js' });
+    assert.equal((JSON.parse(js.out) as Record<string, unknown>[])[0]!.implementation, 'js');
   });
 
   it('uses the js backend when told to', async () => {

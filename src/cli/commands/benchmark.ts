@@ -13,8 +13,14 @@
  * one KDF only, `--cipher` one cipher only.
  *
  * `--cipher aes-xts` means aes-xts-plain64 (an IV mode is added when missing). `--threads N` runs the
- * requests on a crypt pool of N threads (default 1: the calling thread). `--json` prints an array of
- * {cipher, keyBits, sectorSize, threads, encryptMBps, decryptMBps}. MB/s are 10^6 bytes per second.
+ * requests on a crypt pool of N threads (default 1: the calling thread) as the data path does: 4N
+ * requests of 1 MiB in flight, each in its own buffer; with N > 1 one thread is measured too, over
+ * the same buffers (the cache footprint changes the figures), and the pool's ratio to it printed.
+ * `--json` prints an array of {cipher, keyBits, sectorSize, threads, backend, implementation,
+ * encryptMBps, decryptMBps[, oneThreadEncryptMBps, oneThreadDecryptMBps, poolRatio (wall clock),
+ * poolCores (CPU cores the pool got), poolPerCpuRatio (MB per CPU-second against one thread's)]}; implementation
+ * is the native XTS implementation (vaes512|vaes256|aesni|evp) for XTS, `openssl` for the native
+ * backend's other modes, `js` for the js backend. MB/s are 10^6 bytes per second.
  */
 import { parseArgs } from 'node:util';
 import { benchmarkCipher, type BenchmarkResult, defaultBackend, nativeXtsImpl, parseCipherSpec, type SectorBytes } from '../../engine/index.js';
@@ -82,7 +88,8 @@ In-memory encryption and decryption throughput of dm-crypt sector ciphers (MB/s 
   --cipher SPEC       e.g. aes-xts-plain64, aes-cbc-essiv:sha256 (aes-xts means aes-xts-plain64)
   --key-size BITS     key size in bits (default: 512 for xts, 256 otherwise)
   --sector-size N     512 (default), 1024, 2048 or 4096
-  --threads N         crypt pool threads (default 1: the calling thread)
+  --threads N         crypt pool threads (default 1: the calling thread); N > 1 also measures one
+                      thread over the same buffers and prints the pool's ratio to it
   --seconds S         time per direction (default 0.15)
   --json              print a JSON array instead of the table
   --pbkdf KDF         measure one KDF (--hash H for PBKDF2, --iter-time MS, --pbkdf-memory KIB and
@@ -163,7 +170,7 @@ const benchmark: VerbMain = async (argv, io) => {
     if (configs.length === 0) throw new CryptmapError('EKEY_SIZE', `--key-size ${bits}: no default cipher uses it; give --cipher too`);
   }
 
-  const results: BenchmarkResult[] = [];
+  const results: { r: BenchmarkResult; one?: BenchmarkResult; implementation: string }[] = [];
   if (!values.json) {
     io.stdout.write(head);
     if (values.cipher === undefined) {
@@ -171,21 +178,46 @@ const benchmark: VerbMain = async (argv, io) => {
     }
     io.stdout.write(`#${'Algorithm'.padStart(24)} |${'Key'.padStart(6)} |${'Encryption'.padStart(14)} |${'Decryption'.padStart(14)}\n`);
   }
+  const mbps = (x: number): string => `${x.toFixed(1)} MB/s`;
+  const round1 = (x: number): number => Math.round(x * 10) / 10;
+  // Encryption per CPU-second of the pool against one thread's (the wall ratio needs idle cores).
+  const perCpu = (r: BenchmarkResult, one: BenchmarkResult): number => r.encryptMBps / r.encryptCores / (one.encryptMBps / one.encryptCores);
   for (const [spec, bits] of configs) {
-    const r = await benchmarkCipher({ spec, keyBytes: bits / 8, sectorBytes: sectorBytes as SectorBytes, threads, seconds, backend });
-    results.push(r);
+    const common = { spec, keyBytes: bits / 8, sectorBytes: sectorBytes as SectorBytes, seconds, backend };
+    const r = await benchmarkCipher({ ...common, threads });
+    // The pool's base: one thread over as many buffers as the pool had requests in flight.
+    const one = threads > 1 ? await benchmarkCipher({ ...common, threads: 1, buffers: r.buffers }) : undefined;
+    const implementation = r.backend === 'js' ? 'js' : parseCipherSpec(spec).chainMode === 'xts' ? (nativeXtsImpl() ?? '?') : 'openssl';
+    results.push({ r, ...(one ? { one } : {}), implementation });
     if (!values.json) {
-      io.stdout.write(`${spec.padStart(25)} ${`${bits}b`.padStart(7)} ${`${r.encryptMBps.toFixed(1)} MB/s`.padStart(15)} ${`${r.decryptMBps.toFixed(1)} MB/s`.padStart(15)}\n`);
+      io.stdout.write(`${spec.padStart(25)} ${`${bits}b`.padStart(7)} ${mbps(r.encryptMBps).padStart(15)} ${mbps(r.decryptMBps).padStart(15)}\n`);
+      if (one) {
+        io.stdout.write(
+          `#${'1 thread, same buffers'.padStart(24)} ${''.padStart(7)} ${mbps(one.encryptMBps).padStart(15)} ${mbps(one.decryptMBps).padStart(15)}` +
+            `   pool ${(r.encryptMBps / one.encryptMBps).toFixed(2)}x (${r.encryptCores.toFixed(2)} cores used; per CPU-second ${perCpu(r, one).toFixed(2)}x)\n`,
+        );
+      }
     }
   }
   if (values.json) {
-    const out = results.map((r) => ({
+    const out = results.map(({ r, one, implementation }) => ({
       cipher: r.cipher,
       keyBits: r.keyBits,
       sectorSize: r.sectorSize,
       threads: r.threads,
-      encryptMBps: Math.round(r.encryptMBps * 10) / 10,
-      decryptMBps: Math.round(r.decryptMBps * 10) / 10,
+      backend: r.backend,
+      implementation,
+      encryptMBps: round1(r.encryptMBps),
+      decryptMBps: round1(r.decryptMBps),
+      ...(one
+        ? {
+            oneThreadEncryptMBps: round1(one.encryptMBps),
+            oneThreadDecryptMBps: round1(one.decryptMBps),
+            poolRatio: Math.round((r.encryptMBps / one.encryptMBps) * 100) / 100,
+            poolCores: Math.round(r.encryptCores * 100) / 100,
+            poolPerCpuRatio: Math.round(perCpu(r, one) * 100) / 100,
+          }
+        : {}),
     }));
     io.stdout.write(`${JSON.stringify(out, null, 2)}\n`);
   }
