@@ -85,7 +85,7 @@ const SYNOPSIS: Record<string, string> = {
   config: 'config [--label L] [--subsystem S] [--priority ignore|normal|prefer --key-slot N] <device>',
   repair: 'repair <device>',
   convert: 'convert --type luks1|luks2 <device>',
-  reencrypt: 'reencrypt [--init-only | --resume-only] [--resilience checksum|journal|none] [--hotzone-size N] [--cipher C] [--key-size BITS] [--sector-size N] [--header H] [OPTION...] <device>',
+  reencrypt: 'reencrypt [--encrypt [--reduce-device-size N] | --decrypt] [--init-only | --resume-only] [--resilience checksum|journal|none|datashift] [--hotzone-size N] [--cipher C] [--key-size BITS] [--sector-size N] [--header H] [OPTION...] <device>',
   erase: 'erase <device>',
   luksErase: 'luksErase <device>',
   token: 'token add|remove|import|export|unassign [OPTION...] <device>',

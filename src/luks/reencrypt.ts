@@ -34,12 +34,13 @@ import { createSectorCipher } from '../engine/index.js';
 import type { SectorBytes, SectorCipher } from '../engine/types.js';
 import { CryptmapError, isCryptmapError } from '../util/errors.js';
 import { wipeArea } from './keyslot-area.js';
-import type { Luks2Volume } from './luks2.js';
+import { MemoryDevice } from '../blockdev/memory.js';
+import { type Luks2FormatOptions, Luks2Volume } from './luks2.js';
 import { DIGEST_HANDLERS, handlerFor, KEYSLOT_HANDLERS } from './luks2-handlers.js';
 import type { L2Keyslot, L2Segment, Luks2Json } from './luks2-json.js';
 import type { NewKeyslotOptions } from './types.js';
 
-export type Resilience = 'checksum' | 'journal' | 'none';
+export type Resilience = 'checksum' | 'journal' | 'none' | 'datashift';
 export const REENCRYPT_REQUIREMENT = 'online-reencrypt-v2';
 const REQ_VERSION = 2;
 const MAX_HOTZONE_BYTES = 0x40000000;
@@ -130,6 +131,7 @@ function verificationBlob(j: Luks2Json, keys: Map<string, Buffer>, version: numb
   if (dNew !== undefined && dNew !== dOld) parts.push(keys.get(dNew) ?? fail('Reencryption metadata is invalid.'));
   parts.push(str(ks.mode), str(ks.direction), str(area.type), u64be(String(area.offset)), u64be(String(area.size)));
   if (area.type === 'checksum') parts.push(str(area.hash), u32be(Number(area.sector_size)));
+  else if (area.type === 'datashift') parts.push(u64be(String(area.shift_size)));
   else if (area.type !== 'journal' && area.type !== 'none') fail(`Unsupported resilience mode ${String(area.type)}.`);
   parts.push(...segmentBlob(prev[1]), ...segmentBlob(fin[1]));
   const moved = segmentByFlag(j, 'backup-moved-segment');
@@ -203,6 +205,7 @@ export async function initReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o:
     j.digests[dOld]!.segments.push(pid);
     j.digests[dNew]!.segments.push(fid);
     const resilience = o.resilience ?? 'checksum';
+    if (resilience === 'datashift') fail('Resilience mode datashift needs --encrypt with --reduce-device-size.', 'EPARAM');
     const gap = maxGap(j, vol.metadataBytes);
     if (gap.size < 4096) fail('Not enough space in the keyslots area for reencryption resilience data.', 'ENOSPACE');
     const area: Record<string, unknown> = { offset: String(gap.offset), size: String(gap.size), type: resilience };
@@ -244,6 +247,196 @@ export async function initReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o:
   }
 }
 
+/** The first 4096-byte gap of the keyslots area (LUKS2_find_area_gap for datashift's empty area). */
+function firstGap(j: Luks2Json, hdrBytes: number): { offset: number; size: number } {
+  const end = 2 * hdrBytes + Number(j.config.keyslots_size);
+  const used = Object.values(j.keyslots).map((k) => [Number(k.area.offset), Number(k.area.offset) + Number(k.area.size)] as const);
+  for (let off = 2 * hdrBytes; off + 4096 <= end; off += 4096) {
+    if (!used.some(([a, b]) => off < b && off + 4096 > a)) return { offset: off, size: 4096 };
+  }
+  fail('Not enough space in the keyslots area for reencryption metadata.', 'ENOSPACE');
+}
+
+/** Add the reencrypt keyslot, its verification digest and the requirement to `j` (in memory). */
+async function addReencryptState(
+  j: Luks2Json,
+  hdrBytes: number,
+  mode: Mode,
+  direction: 'forward' | 'backward',
+  area: Record<string, unknown>,
+  keys: Map<string, Buffer>,
+  iterations: number,
+): Promise<void> {
+  let rid = 0;
+  while (j.keyslots[String(rid)]) rid++;
+  const gap = area.type === 'datashift' ? firstGap(j, hdrBytes) : maxGap(j, hdrBytes);
+  if (gap.size < 4096) fail('Not enough space in the keyslots area for reencryption resilience data.', 'ENOSPACE');
+  j.keyslots[String(rid)] = { area: { offset: String(gap.offset), size: String(gap.size), ...area }, type: 'reencrypt', key_size: 1, mode, direction, priority: 0 } as unknown as L2Keyslot;
+  const blob = verificationBlob(j, keys, REQ_VERSION);
+  try {
+    const d = await DIGEST_HANDLERS.pbkdf2!.create(blob, { hash: 'sha256', iterations });
+    let did = 0;
+    while (j.digests[String(did)]) did++;
+    j.digests[String(did)] = { ...d, keyslots: [String(rid)], segments: [] };
+  } finally {
+    blob.fill(0);
+  }
+  const req = j.config.requirements ?? {};
+  req.mandatory = [...(req.mandatory ?? []), REENCRYPT_REQUIREMENT];
+  j.config.requirements = req;
+}
+
+function checksumArea(resilience: Resilience, hash: string | undefined, blockBytes: number): Record<string, unknown> {
+  if (resilience === 'datashift') fail('Resilience mode datashift needs --reduce-device-size.', 'EPARAM');
+  const area: Record<string, unknown> = { type: resilience };
+  if (resilience === 'checksum') {
+    const h = hash ?? 'sha256';
+    try {
+      createHash(h);
+    } catch {
+      fail(`Hash algorithm ${h} is not available.`, 'EPARAM');
+    }
+    area.hash = h;
+    area.sector_size = blockBytes;
+  }
+  return area;
+}
+
+export interface EncryptInitOptions extends Omit<Luks2FormatOptions, 'detachedHeader' | 'offsetBytes'> {
+  /** cryptsetup --reduce-device-size: in-place header; the data moves by half of it (datashift). */
+  reduceBytes?: number;
+  /** Data offset with a detached header (cryptsetup --offset), default 0. */
+  offsetBytes?: number;
+  resilience?: Resilience;
+  resilienceHash?: string;
+}
+
+/**
+ * Put the encryption of the plaintext on `dataDev` (cryptsetup reencrypt --encrypt --init-only) on disk
+ * and return the LUKS2 volume in reencryption. With `hdrDev` (a detached header) the data stays where
+ * it is (forward, checksum|journal|none); without, `reduceBytes` makes room for the header: the
+ * first half of it (the shift S) holds the header, the plaintext's first S bytes are copied to the
+ * device's end and the data is then encrypted backwards, each block S bytes up (datashift).
+ * The header is built in memory and reaches the device in one write after the data copy, so a crash
+ * leaves either the untouched plaintext or a header that resumes (no half-formatted state).
+ */
+export async function initEncrypt(dataDev: BlockDevice, hdrDev: BlockDevice | undefined, passphrase: Uint8Array, o: EncryptInitOptions = {}): Promise<Luks2Volume> {
+  const detached = hdrDev !== undefined && hdrDev !== dataDev;
+  const meta = o.metadataBytes ?? 0x4000;
+  const sector = o.sectorBytes ?? 512;
+  let shift = 0;
+  let offset: number;
+  let keyslots = o.keyslotsBytes;
+  if (o.reduceBytes !== undefined) {
+    if (detached) fail('Encryption with a detached header and --reduce-device-size is not supported by cryptmap yet; use cryptsetup.', 'ENOTSUP');
+    if (o.reduceBytes % 512 !== 0 || o.reduceBytes <= 0) fail('Device size reduction must be a multiple of 512 bytes.', 'EPARAM');
+    shift = o.reduceBytes / 2;
+    if (shift % sector !== 0) fail(`Data shift is not aligned to encryption sector size (${sector} bytes).`, 'EPARAM');
+    offset = shift;
+    keyslots ??= Math.min(Math.floor((shift - 2 * meta) / 4096) * 4096, 0x8000000);
+    if (keyslots <= 0 || 2 * meta + keyslots > shift) fail('LUKS2 metadata size is larger than data shift value.', 'EPARAM');
+  } else {
+    if (!detached) fail('Encryption without detached header (--header) is not possible without data device size reduction (--reduce-device-size).', 'ENOTSUP', 1);
+    offset = o.offsetBytes ?? 0;
+  }
+  const D = dataDev.sizeBytes;
+  const plain = D - 2 * shift - (shift ? 0 : offset);
+  if (plain <= 0) fail(`Device is too small.`, 'EDEVSMALL');
+  if (plain % Math.max(sector, 512) !== 0) fail(`Data device is not aligned to encryption sector size (${sector} bytes).`, 'EPARAM');
+  // The header image, built in memory.
+  const hdrBytes = 2 * meta + (keyslots ?? 0x1000000 - 2 * meta);
+  const img = new MemoryDevice({ sizeBytes: Math.max(hdrBytes, shift) });
+  const fo: Luks2FormatOptions = { ...o, offsetBytes: offset, detachedHeader: detached, sectorBytes: sector };
+  if (keyslots !== undefined) fo.keyslotsBytes = keyslots;
+  delete (fo as EncryptInitOptions).reduceBytes;
+  delete (fo as EncryptInitOptions).resilience;
+  delete (fo as EncryptInitOptions).resilienceHash;
+  const mv = await Luks2Volume.format(img, passphrase, fo);
+  const { volumeKey } = await mv.unlock(passphrase);
+  const vk = Buffer.from(volumeKey.expose());
+  volumeKey.dispose();
+  try {
+    const j = mv.jsonSnapshot();
+    const fin: L2Segment = { ...structuredClone(j.segments['0']!), flags: ['backup-final'] };
+    const dNew = digestOfSegment(j, '0')!;
+    j.digests[dNew]!.segments = [];
+    const segs: Record<string, L2Segment> = {};
+    let n = 0;
+    let mlen = 0;
+    if (shift) {
+      const P = D - 2 * shift;
+      mlen = Math.min(shift, P);
+      segs[String(n++)] = { type: 'linear', offset: String(D - shift), size: String(mlen) };
+      if (P > shift) segs[String(n++)] = { type: 'linear', offset: String(shift), size: String(P - shift) };
+      segs[String(n++)] = { type: 'linear', offset: String(D - shift), size: String(mlen), flags: ['backup-moved-segment'] };
+      segs[String(n++)] = { type: 'linear', offset: '0', size: String(P), flags: ['backup-previous'] };
+    } else {
+      segs[String(n++)] = { type: 'linear', offset: String(offset), size: 'dynamic' };
+      segs[String(n++)] = { type: 'linear', offset: String(offset), size: 'dynamic', flags: ['backup-previous'] };
+    }
+    const fid = String(n++);
+    segs[fid] = fin;
+    j.segments = segs;
+    j.digests[dNew]!.segments = [fid];
+    const area: Record<string, unknown> = shift ? { type: 'datashift', shift_size: String(shift) } : checksumArea(o.resilience ?? 'checksum', o.resilienceHash, Math.max(sector, 4096));
+    await addReencryptState(j, meta, 'encrypt', shift ? 'backward' : 'forward', area, new Map([[dNew, vk]]), Number(j.digests[dNew]!.iterations ?? 1000));
+    await mv.commitJson(j);
+    // The plaintext's head goes to the end of the device before the header covers it.
+    if (shift) {
+      const b = Buffer.alloc(mlen);
+      try {
+        await dataDev.read(0, b);
+        await dataDev.write(D - shift, b);
+        await dataDev.flush();
+      } finally {
+        b.fill(0);
+      }
+    }
+    const target = detached ? hdrDev! : dataDev;
+    if (target.sizeBytes < img.sizeBytes) fail(`Device is too small. Need at least ${img.sizeBytes} bytes.`, 'EDEVSMALL');
+    const whole = Buffer.alloc(img.sizeBytes);
+    await img.read(0, whole);
+    await target.write(0, whole);
+    await target.flush();
+    whole.fill(0);
+    return await Luks2Volume.open(target);
+  } finally {
+    vk.fill(0);
+    await img.close();
+  }
+}
+
+/**
+ * Put the decryption of `vol` (cryptsetup reencrypt --decrypt --init-only) on disk: LUKS2 with a
+ * detached header and data offset 0 only (cryptsetup 2.6's rule), backward, checksum|journal|none.
+ */
+export async function initDecrypt(vol: Luks2Volume, passphrase: Uint8Array, o: { keySlot?: number; resilience?: Resilience; resilienceHash?: string; dataDev?: BlockDevice } = {}): Promise<void> {
+  vol.assertChangeable();
+  const j = vol.jsonSnapshot();
+  if (inReencryption(j) || reencryptKeyslotId(j) !== undefined) fail('LUKS2 reencryption already initialized. Run --resume-only.', 'EBUSY');
+  if (Object.keys(j.segments).length !== 1 || j.segments['0']?.type !== 'crypt') fail('Unsupported LUKS2 segments layout for reencryption.');
+  const old = j.segments['0']!;
+  if (o.dataDev === undefined || o.dataDev === vol.metadataDevice || Number(old.offset) !== 0) {
+    fail('LUKS2 decryption is supported with detached header device only (with data offset set to 0).', 'ENOTSUP');
+  }
+  const { volumeKey } = await vol.unlock(passphrase, { keySlot: o.keySlot });
+  const vk = Buffer.from(volumeKey.expose());
+  volumeKey.dispose();
+  try {
+    const ss = old.sector_size ?? 512;
+    if (o.dataDev.sizeBytes % ss !== 0) fail(`Data device is not aligned to encryption sector size (${ss} bytes).`);
+    const dOld = digestOfSegment(j, '0')!;
+    j.segments['1'] = { ...structuredClone(old), flags: [...(old.flags ?? []), 'backup-previous'] };
+    j.segments['2'] = { type: 'linear', offset: old.offset, size: 'dynamic', flags: ['backup-final'] };
+    j.digests[dOld]!.segments = ['0', '1'];
+    const area = checksumArea(o.resilience ?? 'checksum', o.resilienceHash, Math.max(ss, 4096));
+    await addReencryptState(j, vol.metadataBytes, 'decrypt', 'backward', area, new Map([[dOld, vk]]), Number(j.digests[dOld]!.iterations ?? 1000));
+    await vol.commitJson(j);
+  } finally {
+    vk.fill(0);
+  }
+}
+
 // ---- run / resume ----
 
 async function dataSize(vol: Luks2Volume, j: Luks2Json, dataDev: BlockDevice | undefined): Promise<number> {
@@ -254,19 +447,30 @@ async function dataSize(vol: Luks2Volume, j: Luks2Json, dataDev: BlockDevice | u
   return dev.sizeBytes - off;
 }
 
+type Mode = 'reencrypt' | 'encrypt' | 'decrypt';
+
 interface Ctx {
   j: Luks2Json;
   ksId: string;
-  area: { offset: number; size: number; type: Resilience; hash?: string; blockBytes: number };
-  dataOff: number;
-  ivBase: bigint;
+  mode: Mode;
+  backward: boolean;
+  area: { offset: number; size: number; type: Resilience; hash?: string; blockBytes: number; shift: number };
+  /** Device offset of logical byte 0 in the new layout and in the old one (they differ by the shift). */
+  newOff: number;
+  oldOff: number;
+  newIv: bigint;
+  oldIv: bigint;
+  /** Logical bytes to go through (cryptsetup's device_size). */
   total: number;
   prev: L2Segment;
   fin: L2Segment;
-  dOld: string;
-  dNew: string;
-  oldC: SectorCipher;
-  newC: SectorCipher;
+  /** Encryption with data shift: the first part of the plaintext, moved to the device's end at init. */
+  moved?: L2Segment;
+  dOld?: string;
+  dNew?: string;
+  /** Undefined: that side is plaintext (linear). */
+  oldC?: SectorCipher;
+  newC?: SectorCipher;
 }
 
 /** Unlock every keyslot the passphrase opens; returns the keys by digest id. */
@@ -291,40 +495,111 @@ async function unlockAll(vol: Luks2Volume, j: Luks2Json, passphrase: Uint8Array,
   return keys;
 }
 
-function segCrypt(base: L2Segment, offset: number, size: number | 'dynamic', ivBase: bigint, rel: number, flags?: string[]): L2Segment {
-  const s: L2Segment = { type: 'crypt', offset: String(offset), size: String(size), iv_tweak: String(ivBase + BigInt(rel / 512)), encryption: base.encryption, sector_size: base.sector_size ?? 512 };
+/** A segment of the new layout covering logical [off, off+size). */
+function newSeg(c: Ctx, off: number, size: number | 'dynamic', flags?: string[]): L2Segment {
+  const s: L2Segment =
+    c.fin.type === 'crypt'
+      ? { type: 'crypt', offset: String(c.newOff + off), size: String(size), iv_tweak: String(c.newIv + BigInt(off / 512)), encryption: c.fin.encryption, sector_size: c.fin.sector_size ?? 512 }
+      : { type: 'linear', offset: String(c.newOff + off), size: String(size) };
   if (flags) s.flags = flags;
   return s;
 }
 
-/** The segments for "hotzone [off, off+len) in progress" (hot) or "done up to end" (post, len 0 hotzone omitted). */
-function buildSegments(c: Ctx, off: number, len: number, hot: boolean): void {
+/** A segment of the old layout covering logical [off, off+size). */
+function oldSeg(c: Ctx, off: number, size: number | 'dynamic'): L2Segment {
+  return c.prev.type === 'crypt'
+    ? { type: 'crypt', offset: String(c.oldOff + off), size: String(size), iv_tweak: String(c.oldIv + BigInt(off / 512)), encryption: c.prev.encryption, sector_size: c.prev.sector_size ?? 512 }
+    : { type: 'linear', offset: String(c.oldOff + off), size: String(size) };
+}
+
+type Role = 'old' | 'new' | 'hot';
+
+/** Install live segments (with their roles) plus the backup segments, and bind the digests as cryptsetup does. */
+function setSegments(c: Ctx, live: Array<[L2Segment, Role]>): void {
   const j = c.j;
-  const segs: Record<string, L2Segment> = {};
-  const dig = (d: string) => j.digests[d]!;
   for (const d of Object.values(j.digests)) d.segments = [];
+  const bind = (d: string | undefined, id: string) => {
+    if (d !== undefined) j.digests[d]!.segments.push(id);
+  };
+  const segs: Record<string, L2Segment> = {};
   let n = 0;
-  const done = hot ? off : off + len;
-  if (done > 0) {
-    segs[String(n)] = segCrypt(c.fin, c.dataOff, done === c.total ? 'dynamic' : done, c.ivBase, 0);
-    dig(c.dNew).segments.push(String(n++));
+  for (const [s, role] of live) {
+    const id = String(n++);
+    segs[id] = s;
+    if (s.type !== 'crypt') continue;
+    if (role === 'new') bind(c.dNew, id);
+    else if (role === 'old') bind(c.dOld, id);
+    else {
+      bind(c.dNew, id);
+      if (c.mode === 'reencrypt') bind(c.dOld, id);
+    }
   }
-  if (hot) {
-    segs[String(n)] = segCrypt(c.fin, c.dataOff + off, len, c.ivBase, off, ['in-reencryption']);
-    dig(c.dNew).segments.push(String(n));
-    dig(c.dOld).segments.push(String(n++));
+  const backups: Array<[L2Segment, string | undefined]> = [
+    [c.prev, c.dOld],
+    [c.fin, c.dNew],
+  ];
+  if (c.moved) backups.push([c.moved, c.dOld]);
+  for (const [s, d] of backups) {
+    const id = String(n++);
+    segs[id] = structuredClone(s);
+    if (s.type === 'crypt') bind(d, id);
   }
-  if (off + len < c.total) {
-    segs[String(n)] = segCrypt(c.prev, c.dataOff + off + len, 'dynamic', c.ivBase, off + len);
-    dig(c.dOld).segments.push(String(n++));
-  }
-  const prevFlags = c.prev.flags ?? [];
-  segs[String(n)] = structuredClone(c.prev);
-  segs[String(n)]!.flags = prevFlags;
-  dig(c.dOld).segments.push(String(n++));
-  segs[String(n)] = structuredClone(c.fin);
-  dig(c.dNew).segments.push(String(n++));
   j.segments = segs;
+}
+
+/** Plaintext bytes (encryption with data shift): the logical size less the shift. */
+function shiftPlainBytes(c: Ctx): number {
+  return Number(c.prev.size);
+}
+
+/** The segments while hotzone [off, off+len) is rewritten. */
+function hotSegments(c: Ctx, off: number, len: number): void {
+  const live: Array<[L2Segment, Role]> = [];
+  if (c.moved) {
+    // Encryption with data shift (backward): moved part, rest of the plaintext, hotzone, encrypted part.
+    const S = c.area.shift;
+    const P = shiftPlainBytes(c);
+    if (off > 0) {
+      live.push([structuredClone(stripBackup(c.moved)), 'old']);
+      if (off > S) live.push([oldSeg(c, S, off - S), 'old']);
+    }
+    live.push([newSeg(c, off, len, ['in-reencryption']), 'hot']);
+    if (P > off + len) live.push([newSeg(c, off + len, P - off - len), 'new']);
+  } else if (!c.backward) {
+    if (off > 0) live.push([newSeg(c, 0, off), 'new']);
+    live.push([newSeg(c, off, len, ['in-reencryption']), 'hot']);
+    if (off + len < c.total) live.push([oldSeg(c, off + len, 'dynamic'), 'old']);
+  } else {
+    if (off > 0) live.push([oldSeg(c, 0, off), 'old']);
+    live.push([newSeg(c, off, len, ['in-reencryption']), 'hot']);
+    if (off + len < c.total) live.push([newSeg(c, off + len, 'dynamic'), 'new']);
+  }
+  setSegments(c, live);
+}
+
+/** The segments once hotzone [off, off+len) is done (never called for the last one: finish() writes that). */
+function postSegments(c: Ctx, off: number, len: number): void {
+  const live: Array<[L2Segment, Role]> = [];
+  if (c.moved) {
+    const S = c.area.shift;
+    live.push([structuredClone(stripBackup(c.moved)), 'old']);
+    if (off > S) live.push([oldSeg(c, S, off - S), 'old']);
+    live.push([newSeg(c, off, shiftPlainBytes(c) - off), 'new']);
+  } else if (!c.backward) {
+    live.push([newSeg(c, 0, off + len), 'new']);
+    live.push([oldSeg(c, off + len, 'dynamic'), 'old']);
+  } else {
+    live.push([oldSeg(c, 0, off), 'old']);
+    live.push([newSeg(c, off, 'dynamic'), 'new']);
+  }
+  setSegments(c, live);
+}
+
+function stripBackup(s: L2Segment): L2Segment {
+  const t = structuredClone(s);
+  t.flags = (t.flags ?? []).filter((f) => !f.startsWith('backup-'));
+  if (t.flags.length === 0) delete t.flags;
+  return t;
 }
 
 async function readFull(dev: BlockDevice, off: number, len: number): Promise<Buffer> {
@@ -339,31 +614,45 @@ function checksums(c: Ctx, raw: Buffer): Buffer {
   return Buffer.concat(parts);
 }
 
+/** Old ciphertext (or plaintext) of logical bytes at `off` to the new form, in place. */
+async function transform(c: Ctx, b: Buffer, off: number): Promise<void> {
+  if (c.oldC) await c.oldC.decryptAsync(b, c.oldIv + BigInt(off / 512));
+  if (c.newC) await c.newC.encryptAsync(b, c.newIv + BigInt(off / 512));
+}
+
+/** Where the old data of logical [off, ...) lies now (the moved part for offset 0 with data shift). */
+function sourceOffset(c: Ctx, off: number): number {
+  if (c.moved && off === 0) return Number(c.moved.offset);
+  return c.oldOff + off;
+}
+
 /** Finish a hotzone the header says was in progress (reencrypt_recover_segment). */
 async function recover(c: Ctx, meta: BlockDevice, data: BlockDevice, off: number, len: number): Promise<void> {
-  const sector = c.ivBase + BigInt(off / 512);
   if (c.area.type === 'checksum') {
     const hs = createHash(c.area.hash!).digest().length;
-    const count = len / c.area.blockBytes;
+    const count = Math.ceil(len / c.area.blockBytes);
     if (count * hs > c.area.size) fail('Reencryption metadata is invalid.');
     const sums = await readFull(meta, c.area.offset, count * hs);
-    const raw = await readFull(data, c.dataOff + off, len);
+    const raw = await readFull(data, c.newOff + off, len);
     const now = checksums(c, raw);
     for (let i = 0; i < count; i++) {
       if (!now.subarray(i * hs, (i + 1) * hs).equals(sums.subarray(i * hs, (i + 1) * hs))) continue;
       const b = raw.subarray(i * c.area.blockBytes, (i + 1) * c.area.blockBytes);
-      const s = sector + BigInt((i * c.area.blockBytes) / 512);
-      c.oldC.decrypt(b, s);
-      c.newC.encrypt(b, s);
-      await data.write(c.dataOff + off + i * c.area.blockBytes, b);
+      await transform(c, b, off + i * c.area.blockBytes);
+      await data.write(c.newOff + off + i * c.area.blockBytes, b);
     }
     raw.fill(0);
   } else if (c.area.type === 'journal') {
     if (len > c.area.size) fail('Reencryption metadata is invalid.');
     const b = await readFull(meta, c.area.offset, len);
-    c.oldC.decrypt(b, sector);
-    c.newC.encrypt(b, sector);
-    await data.write(c.dataOff + off, b);
+    await transform(c, b, off);
+    await data.write(c.newOff + off, b);
+    b.fill(0);
+  } else if (c.area.type === 'datashift') {
+    // The source is intact: every hotzone is at most the shift long, so its write never reaches it.
+    const b = await readFull(data, sourceOffset(c, off), len);
+    await transform(c, b, off);
+    await data.write(c.newOff + off, b);
     b.fill(0);
   } else {
     fail('Reencryption was interrupted with resilience none: the hotzone cannot be recovered.');
@@ -375,6 +664,7 @@ function hotzoneLength(c: Ctx, max: number | undefined): number {
   const align = c.area.type === 'checksum' ? c.area.blockBytes : Math.max(c.prev.sector_size ?? 512, c.fin.sector_size ?? 512);
   if (max !== undefined && max % align !== 0) fail(`Hotzone size must be multiple of calculated zone alignment (${align} bytes).`, 'EPARAM');
   let len: number;
+  if (c.area.type === 'datashift') return c.area.shift; // cryptsetup: the hotzone is the shift, whatever --hotzone-size says
   if (c.area.type === 'none') len = max ?? DEFAULT_NONE_HOTZONE_BYTES;
   else if (c.area.type === 'checksum') len = Math.floor(c.area.size / createHash(c.area.hash!).digest().length) * c.area.blockBytes;
   else len = c.area.size;
@@ -385,29 +675,108 @@ function hotzoneLength(c: Ctx, max: number | undefined): number {
   return len;
 }
 
+/** Is this live segment (no hotzone) of the new layout? */
+function isNew(c: Ctx, id: string, s: L2Segment): boolean {
+  if (s.type !== 'crypt') return c.mode === 'decrypt';
+  if (c.mode !== 'reencrypt') return c.mode === 'encrypt';
+  return c.dNew !== undefined && c.j.digests[c.dNew]!.segments.includes(id) && !(c.dOld !== undefined && c.j.digests[c.dOld]!.segments.includes(id));
+}
+
 /**
- * Run (or resume) the reencryption on disk in `vol` to the end (cryptsetup reencrypt [--resume-only]).
- * Returns true when finished, false when stopped by `signal` (resumable).
+ * The next hotzone, from the live segments (no hotzone in progress): [off, off+len), or null when the
+ * data is all in the new layout.
+ */
+function nextHotzone(c: Ctx, maxLen: number): { off: number; len: number } | null {
+  const live = Object.entries(c.j.segments).filter(([, s]) => !s.flags?.some((f) => f.startsWith('backup-')));
+  if (live.length === 0) fail('Reencryption metadata is invalid.');
+  if (c.moved) {
+    const S = c.area.shift;
+    const linear = live.filter(([, s]) => s.type === 'linear');
+    if (linear.length === 0) return null;
+    const rest = linear.length > 1 ? Number(linear[1]![1].size) : 0;
+    if (!(rest >= 0)) fail('Reencryption metadata is invalid.');
+    if (rest === 0) return { off: 0, len: Math.min(S, Number(c.moved.size)) };
+    if (rest < S) return { off: S, len: rest };
+    return { off: rest, len: S };
+  }
+  if (live.length === 1) {
+    if (isNew(c, live[0]![0], live[0]![1])) return null;
+    if (!c.backward) return { off: 0, len: Math.min(maxLen, c.total) };
+    const len = Math.min(maxLen, c.total);
+    return { off: c.total - len, len };
+  }
+  if (live.length !== 2) fail('Reencryption metadata is invalid.');
+  const first = Number(live[0]![1].size);
+  if (!(first > 0) || first > c.total) fail('Reencryption metadata is invalid.');
+  if (!c.backward) return { off: first, len: Math.min(maxLen, c.total - first) };
+  const len = Math.min(maxLen, first);
+  return { off: first - len, len };
+}
+
+/** The hotzone after [off, off+len), in the run's direction, or null at the end. */
+function following(c: Ctx, off: number, len: number, maxLen: number): { off: number; len: number } | null {
+  if (c.moved) {
+    const S = c.area.shift;
+    if (off === 0) return null;
+    if (off === S) return { off: 0, len: Math.min(S, Number(c.moved.size)) };
+    const rest = off - S;
+    if (rest < S) return { off: S, len: rest };
+    return { off: rest, len: S };
+  }
+  if (!c.backward) {
+    const o = off + len;
+    return o >= c.total ? null : { off: o, len: Math.min(maxLen, c.total - o) };
+  }
+  if (off === 0) return null;
+  const l = Math.min(maxLen, off);
+  return { off: off - l, len: l };
+}
+
+function resilienceOf(a: Record<string, unknown>): Resilience {
+  const t = a.type;
+  if (t === 'checksum' || t === 'journal' || t === 'none' || t === 'datashift') return t;
+  fail(`Unsupported resilience mode ${String(t)}.`, 'ENOTSUP');
+}
+
+/**
+ * Run (or resume) the reencryption, encryption or decryption on disk in `vol` to the end (cryptsetup
+ * reencrypt [--resume-only]). Returns true when finished, false when stopped by `signal` (resumable).
  */
 export async function runReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o: ReencryptRunOptions = {}): Promise<boolean> {
   const j = vol.jsonSnapshot();
   const ksId = reencryptKeyslotId(j);
   if (!inReencryption(j) || ksId === undefined) fail('Device is not in reencryption.', 'EINVAL');
   const ks = j.keyslots[ksId]!;
-  if (ks.mode !== 'reencrypt' || ks.direction !== 'forward') fail(`Reencryption mode ${String(ks.mode)} (${String(ks.direction)}) is not supported by cryptmap yet; use cryptsetup.`, 'ENOTSUP');
+  const mode = ks.mode as Mode;
+  if (!['reencrypt', 'encrypt', 'decrypt'].includes(mode) || (ks.direction !== 'forward' && ks.direction !== 'backward')) fail('Reencryption metadata is invalid.');
+  const a = ks.area as Record<string, unknown>;
+  const type = resilienceOf(a);
   const prev = segmentByFlag(j, 'backup-previous');
   const fin = segmentByFlag(j, 'backup-final');
-  if (!prev || !fin || prev[1].type !== 'crypt' || fin[1].type !== 'crypt') fail('Reencryption metadata is invalid.');
-  if (prev[1].offset !== fin[1].offset || segmentByFlag(j, 'backup-moved-segment')) fail('Reencryption with data shift is not supported by cryptmap yet; use cryptsetup.', 'ENOTSUP');
-  const dOld = digestOfSegment(j, prev[0]);
-  const dNew = digestOfSegment(j, fin[0]);
-  if (dOld === undefined || dNew === undefined) fail('Reencryption metadata is invalid.');
+  const moved = segmentByFlag(j, 'backup-moved-segment');
+  if (!prev || !fin) fail('Reencryption metadata is invalid.');
+  const wantType = (s: L2Segment, crypt: boolean) => s.type === (crypt ? 'crypt' : 'linear');
+  if (!wantType(prev[1], mode !== 'encrypt') || !wantType(fin[1], mode !== 'decrypt')) fail('Reencryption metadata is invalid.');
+  const backward = ks.direction === 'backward';
+  const shift = type === 'datashift' ? Number(a.shift_size) : 0;
+  if (type === 'datashift') {
+    if (!(mode === 'encrypt' && backward && moved && moved[1].type === 'linear')) {
+      fail(`Reencryption mode ${mode} (${String(ks.direction)}) with data shift is not supported by cryptmap yet; use cryptsetup.`, 'ENOTSUP');
+    }
+    if (!(shift > 0) || shift % 512 !== 0 || Number(fin[1].offset) < shift) fail('Reencryption metadata is invalid.');
+  } else if (moved || prev[1].offset !== fin[1].offset) {
+    fail('Reencryption with data shift is not supported by cryptmap yet; use cryptsetup.', 'ENOTSUP');
+  }
+  const dOld = mode === 'encrypt' ? undefined : digestOfSegment(j, prev[0]);
+  const dNew = mode === 'decrypt' ? undefined : digestOfSegment(j, fin[0]);
+  if ((mode !== 'encrypt' && dOld === undefined) || (mode !== 'decrypt' && dNew === undefined)) fail('Reencryption metadata is invalid.');
   const version = requirementVersion(j);
-  const keys = await unlockAll(vol, j, passphrase, [dOld, dNew]);
+  const want = [dOld, dNew].filter((d): d is string => d !== undefined);
+  const keys = await unlockAll(vol, j, passphrase, want);
   const wipeKeys = () => {
     for (const k of keys.values()) k.fill(0);
   };
-  if (!keys.has(dOld) || !keys.has(dNew)) {
+  if (!want.every((d) => keys.has(d))) {
     wipeKeys();
     throw new CryptmapError('ENOKEY', 'No key available with this passphrase.', { exitCode: 2, errno: 'EPERM' });
   }
@@ -420,82 +789,89 @@ export async function runReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o: 
     const ok = d !== undefined && (await handlerFor(DIGEST_HANDLERS, d.type)?.verify(d, blob)) === true;
     blob.fill(0);
     if (!ok) fail('Reencryption metadata is invalid.');
-    const a = ks.area as Record<string, unknown>;
-    const type = a.type as Resilience;
-    oldC = createSectorCipher({ spec: prev[1].encryption!, key: keys.get(dOld)!, sectorBytes: (prev[1].sector_size ?? 512) as SectorBytes });
-    newC = createSectorCipher({ spec: fin[1].encryption!, key: keys.get(dNew)!, sectorBytes: (fin[1].sector_size ?? 512) as SectorBytes });
+    if (dOld !== undefined) oldC = createSectorCipher({ spec: prev[1].encryption!, key: keys.get(dOld)!, sectorBytes: (prev[1].sector_size ?? 512) as SectorBytes });
+    if (dNew !== undefined) newC = createSectorCipher({ spec: fin[1].encryption!, key: keys.get(dNew)!, sectorBytes: (fin[1].sector_size ?? 512) as SectorBytes });
     const data = o.dataDev ?? vol.metadataDevice;
+    const newOff = Number(fin[1].offset);
     const c: Ctx = {
       j,
       ksId,
-      area: { offset: Number(a.offset), size: Number(a.size), type, hash: a.hash as string | undefined, blockBytes: Number(a.sector_size ?? 512) },
-      dataOff: Number(fin[1].offset),
-      ivBase: BigInt(prev[1].iv_tweak ?? '0'),
+      mode,
+      backward,
+      area: { offset: Number(a.offset), size: Number(a.size), type, hash: a.hash as string | undefined, blockBytes: Number(a.sector_size ?? 512), shift },
+      newOff,
+      oldOff: shift ? newOff - shift : Number(prev[1].offset),
+      newIv: BigInt(fin[1].iv_tweak ?? '0'),
+      oldIv: BigInt(prev[1].iv_tweak ?? '0'),
       total: await dataSize(vol, j, o.dataDev),
       prev: prev[1],
       fin: fin[1],
-      dOld,
-      dNew,
-      oldC,
-      newC,
+      ...(moved ? { moved: moved[1] } : {}),
+      ...(dOld !== undefined ? { dOld } : {}),
+      ...(dNew !== undefined ? { dNew } : {}),
+      ...(oldC ? { oldC } : {}),
+      ...(newC ? { newC } : {}),
     };
+    if (c.moved) {
+      const P = shiftPlainBytes(c);
+      if (!(P > 0) || P + shift > c.total || Number(c.moved.offset) + Number(c.moved.size) > data.sizeBytes) fail('Device is too small.', 'EDEVSMALL');
+    }
     const meta = vol.metadataDevice;
-    // Where are we? A segment in reencryption: recover it first.
-    const live = Object.values(j.segments).filter((s) => !s.flags?.some((f) => f.startsWith('backup-')));
-    let off: number;
-    const hotSeg = live.find((s) => s.flags?.includes('in-reencryption'));
-    if (hotSeg) {
-      off = Number(hotSeg.offset) - c.dataOff;
-      const len = Number(hotSeg.size);
-      if (!(len >= 512) || off + len > c.total) fail('Reencryption metadata is invalid.');
+    const maxLen = hotzoneLength(c, o.hotzoneBytes);
+    let next: { off: number; len: number } | null;
+    const hot = Object.values(j.segments).find((s) => s.flags?.includes('in-reencryption'));
+    if (hot) {
+      const off = Number(hot.offset) - c.newOff;
+      const len = Number(hot.size);
+      if (!(len >= 512) || !(off >= 0) || off + len > c.total || (type === 'datashift' && len > shift)) fail('Reencryption metadata is invalid.');
       await recover(c, meta, data, off, len);
-      off += len;
-      if (off < c.total) {
-        buildSegments(c, off - len, len, false);
+      next = following(c, off, len, maxLen);
+      if (next) {
+        postSegments(c, off, len);
         await vol.commitJson(c.j);
       }
-    } else if (live.length === 1) off = 0;
-    else if (live.length === 2) off = Number(live[0]!.size);
-    else fail('Reencryption metadata is invalid.');
-    if (!(off >= 0) || off > c.total) fail('Reencryption metadata is invalid.');
-    const maxLen = hotzoneLength(c, o.hotzoneBytes);
-    const buf = Buffer.alloc(Math.min(maxLen, c.total));
+    } else next = nextHotzone(c, maxLen);
+    let done = 0;
+    const buf = Buffer.alloc(Math.min(Math.max(maxLen, shift), c.total));
     try {
-      while (off < c.total) {
+      while (next) {
+        const { off, len } = next;
         if (o.signal?.aborted) {
-          if (type === 'none') {
-            buildSegments(c, off, 0, false);
+          // resilience none wrote no header per hotzone: record where the run got to.
+          if (type === 'none' && done > 0) {
+            postSegments(c, c.backward ? off + len : off, 0);
             await vol.commitJson(c.j);
           }
           return false;
         }
-        const len = Math.min(maxLen, c.total - off);
+        if (!(len > 0) || len > buf.length) fail('Reencryption metadata is invalid.');
         const b = buf.subarray(0, len);
-        await data.read(c.dataOff + off, b);
+        await data.read(sourceOffset(c, off), b);
         if (type !== 'none') {
-          buildSegments(c, off, len, true);
-          const store = type === 'checksum' ? checksums(c, b) : b;
-          await meta.write(c.area.offset, store);
-          await meta.flush();
+          hotSegments(c, off, len);
+          if (type !== 'datashift') {
+            const store = type === 'checksum' ? checksums(c, b) : b;
+            await meta.write(c.area.offset, store);
+            await meta.flush();
+          }
           await vol.commitJson(c.j);
         }
-        const sector = c.ivBase + BigInt(off / 512);
-        await oldC.decryptAsync(b, sector);
-        await newC.encryptAsync(b, sector);
-        await data.write(c.dataOff + off, b);
+        await transform(c, b, off);
+        await data.write(c.newOff + off, b);
         if (type !== 'none') await data.flush();
-        off += len;
-        if (off < c.total && type !== 'none') {
-          buildSegments(c, off - len, len, false);
+        next = following(c, off, len, maxLen);
+        if (next && type !== 'none') {
+          postSegments(c, off, len);
           await vol.commitJson(c.j);
         }
-        o.onProgress?.(off, c.total);
+        done += len;
+        o.onProgress?.(done, c.total);
       }
     } finally {
       buf.fill(0);
     }
     await data.flush();
-    await finish(vol, c);
+    await finish(vol, c, data);
     return true;
   } finally {
     oldC?.dispose();
@@ -505,24 +881,21 @@ export async function runReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o: 
 }
 
 /** The final header: the new segment alone, old keyslots, backups, requirement and reencrypt keyslot gone. */
-async function finish(vol: Luks2Volume, c: Ctx): Promise<void> {
+async function finish(vol: Luks2Volume, c: Ctx, data: BlockDevice): Promise<void> {
   const j = c.j;
   const wipe: Array<[number, number]> = [];
-  const seg = structuredClone(c.fin);
-  seg.flags = (seg.flags ?? []).filter((f) => f !== 'backup-final');
-  if (seg.flags.length === 0) delete seg.flags;
-  j.segments = { '0': seg };
+  j.segments = { '0': stripBackup(c.fin) };
   for (const d of Object.values(j.digests)) d.segments = [];
-  j.digests[c.dNew]!.segments = ['0'];
+  if (c.dNew !== undefined) j.digests[c.dNew]!.segments = ['0'];
   const rd = digestOfKeyslot(j, c.ksId);
-  const gone = new Set([c.ksId, ...j.digests[c.dOld]!.keyslots]);
+  const gone = new Set([c.ksId, ...(c.dOld !== undefined ? j.digests[c.dOld]!.keyslots : [])]);
   for (const id of gone) {
     const k = j.keyslots[id];
     if (k && id !== c.ksId) wipe.push([Number(k.area.offset), Number(k.area.size)]);
     delete j.keyslots[id];
   }
   for (const t of Object.values(j.tokens)) t.keyslots = t.keyslots.filter((x) => !gone.has(x));
-  delete j.digests[c.dOld];
+  if (c.dOld !== undefined) delete j.digests[c.dOld];
   if (rd !== undefined) delete j.digests[rd];
   const req = j.config.requirements;
   if (req) {
@@ -532,4 +905,11 @@ async function finish(vol: Luks2Volume, c: Ctx): Promise<void> {
   }
   await vol.commitJson(j);
   for (const [o, n] of wipe) await wipeArea(vol.metadataDevice, o, n);
+  // Encryption with data shift: the moved plaintext copy at the device's end goes (cryptsetup wipes it with random bytes).
+  if (c.moved) {
+    const off = Number(c.moved.offset);
+    const len = Math.min(Number(c.moved.size), data.sizeBytes - off);
+    for (let p = 0; p < len; p += 1 << 20) await data.write(off + p, randomBytes(Math.min(1 << 20, len - p)));
+    await data.flush();
+  }
 }

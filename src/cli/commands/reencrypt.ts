@@ -1,16 +1,18 @@
 /**
- * `cryptmap reencrypt` (cryptsetup 2.6 reencrypt, offline LUKS2 volume-key rotation): a thin verb over
+ * `cryptmap reencrypt` (cryptsetup 2.6 reencrypt, offline LUKS2: volume-key rotation, --encrypt, --decrypt): a thin verb over
  * src/luks/reencrypt.ts. Without --init-only/--resume-only it initialises and runs in one go, or,
  * when the header is already in reencryption (begun by cryptmap or cryptsetup), resumes.
  * SIGINT stops after the current hotzone; the device stays resumable.
  */
-import { initReencrypt, inReencryption, type Luks2Volume, type Resilience, runReencrypt, withDeviceLock } from '../../luks/index.js';
+import { open, stat, truncate } from 'node:fs/promises';
+import { isRemoteDevice } from '../../blockdev/open.js';
+import { initDecrypt, initEncrypt, initReencrypt, inReencryption, type Luks1Volume, type Luks2Volume, openLuks, type Resilience, runReencrypt, withDeviceLock } from '../../luks/index.js';
 import type { SectorBytes } from '../../engine/types.js';
 import type { BlockDevice } from '../../blockdev/types.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { withDaemon } from '../daemon-client.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { closeQuietly, getPassphrase, headerPath, intOpt, keyslotOptions, loadLuks, needDevice, openDevice, parseLuksArgs } from './luks-common.js';
+import { closeQuietly, confirm, getPassphrase, headerPath, intOpt, keyslotOptions, type LuksArgs, loadLuks, needDevice, openDevice, parseLuksArgs } from './luks-common.js';
 
 function bytesOpt(v: string | undefined, name: string): number | undefined {
   if (v === undefined) return undefined;
@@ -31,46 +33,81 @@ async function activeInDaemon(io: CliIO, uuid: string): Promise<boolean> {
   }
 }
 
+/** Runs (or resumes) the reencryption on disk with SIGINT stopping it after the current hotzone. */
+async function run(io: CliIO, vol: Luks2Volume, pass: Uint8Array, dataDev: BlockDevice | undefined, hotzoneBytes: number | undefined): Promise<number> {
+  const ac = new AbortController();
+  const onInt = () => ac.abort();
+  process.on('SIGINT', onInt);
+  try {
+    const done = await runReencrypt(vol, pass, { ...(dataDev ? { dataDev } : {}), ...(hotzoneBytes !== undefined ? { hotzoneBytes } : {}), signal: ac.signal });
+    if (!done) io.stderr.write('Reencryption interrupted; run cryptmap reencrypt --resume-only (or cryptsetup) to continue.\n');
+    return 0;
+  } finally {
+    process.off('SIGINT', onInt);
+  }
+}
+
+async function tryLoad(dev: BlockDevice): Promise<Luks1Volume | Luks2Volume | null> {
+  try {
+    return await openLuks(dev);
+  } catch {
+    return null;
+  }
+}
+
+function wrongParams(msg: string): never {
+  throw new CryptmapError('EARGS', msg, { exitCode: EXIT_WRONG_PARAMS });
+}
+
 const main: VerbMain = async (argv: string[], io: CliIO) => {
   const { values: v, positionals } = parseLuksArgs(argv);
   const device = needDevice(positionals, 'cryptmap reencrypt [OPTION...] <device>');
-  if (v['init-only'] && v['resume-only']) throw new CryptmapError('EARGS', 'Options --init-only and --resume-only cannot be combined.', { exitCode: EXIT_WRONG_PARAMS });
+  if (v['init-only'] && v['resume-only']) wrongParams('Options --init-only and --resume-only cannot be combined.');
+  if (v.encrypt && v.decrypt) wrongParams('Options --encrypt and --decrypt cannot be combined.');
   const resilience = (v.resilience ?? 'checksum') as Resilience;
-  if (!['checksum', 'journal', 'none'].includes(resilience)) {
-    const what = ['datashift'].includes(v.resilience!) ? 'is not supported by cryptmap yet' : 'is invalid';
-    throw new CryptmapError('EARGS', `Resilience mode ${v.resilience} ${what}.`, { exitCode: EXIT_WRONG_PARAMS });
-  }
-  for (const f of ['encrypt', 'decrypt', 'reduce-device-size'] as const) {
-    if ((v as Record<string, unknown>)[f] !== undefined) throw new CryptmapError('EARGS', `--${f} is not supported by cryptmap yet.`, { exitCode: EXIT_WRONG_PARAMS });
+  if (!['checksum', 'journal', 'none', 'datashift'].includes(resilience)) wrongParams(`Resilience mode ${v.resilience} is invalid.`);
+  const reduceBytes = bytesOpt(v['reduce-device-size'], '--reduce-device-size');
+  if (reduceBytes !== undefined && !v.encrypt) wrongParams('--reduce-device-size without --encrypt (reencryption with data shift) is not supported by cryptmap yet.');
+  if (reduceBytes !== undefined && reduceBytes % 512 !== 0) wrongParams('Device size must be multiple of 512 bytes sector.');
+  if (resilience === 'datashift' && reduceBytes === undefined) wrongParams('Resilience mode datashift can be used only with --reduce-device-size.');
+  if (v.type !== undefined && v.type !== 'luks2') {
+    if (v.type === 'luks1' || v.type === 'luks') wrongParams('LUKS1 reencryption is not supported by cryptmap yet (use cryptsetup).');
+    wrongParams(`Unknown type ${v.type}.`);
   }
   const hotzoneBytes = bytesOpt(v['hotzone-size'], '--hotzone-size');
   const keyBits = intOpt(v['key-size'], '--key-size', 8, 4096);
-  if (keyBits !== undefined && keyBits % 8 !== 0) throw new CryptmapError('EARGS', 'Key size must be a multiple of 8 bits', { exitCode: EXIT_WRONG_PARAMS });
+  if (keyBits !== undefined && keyBits % 8 !== 0) wrongParams('Key size must be a multiple of 8 bits');
   const sector = intOpt(v['sector-size'], '--sector-size', 512, 4096);
-  if (sector !== undefined && ![512, 1024, 2048, 4096].includes(sector)) throw new CryptmapError('EARGS', 'Unsupported encryption sector size.', { exitCode: EXIT_WRONG_PARAMS });
+  if (sector !== undefined && ![512, 1024, 2048, 4096].includes(sector)) wrongParams('Unsupported encryption sector size.');
+  const offsetSectors = intOpt(v.offset, '--offset');
+  const passSrc = { keyFile: v['key-file'], keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'), keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size') };
   const hdr = headerPath(v, device);
+  if (v.encrypt) return encryptMain(io, v, device, { resilience, reduceBytes, hotzoneBytes, keyBits, sector, offsetSectors, passSrc });
   const dev = await openDevice(hdr, true);
   let dataDev: BlockDevice | undefined;
-  const ac = new AbortController();
-  const onInt = () => ac.abort();
   try {
     if (v.header) dataDev = await openDevice(device, true);
     return await withDeviceLock(hdr, async () => {
       const vol = await loadLuks(dev, hdr);
-      if (vol.type !== 'luks2') throw new CryptmapError('EARGS', 'LUKS1 reencryption is not supported by cryptmap yet (convert it to LUKS2, or use cryptsetup).', { exitCode: EXIT_WRONG_PARAMS });
+      if (vol.type !== 'luks2') wrongParams('LUKS1 reencryption is not supported by cryptmap yet (convert it to LUKS2, or use cryptsetup).');
       const l2 = vol as Luks2Volume;
       // Online reencryption (through the daemon's mapping) is not there yet: never rewrite data under a live mapping.
       if (await activeInDaemon(io, l2.uuid)) throw new CryptmapError('EBUSY', `Device ${device} is active in the cryptmap daemon; online reencryption is not supported yet. Close it first.`, { exitCode: 5 });
       const running = inReencryption(l2.jsonSnapshot());
       if (v['resume-only'] && !running) throw new CryptmapError('EINVAL', `Device ${device} is not in reencryption.`, { exitCode: 1 });
       if (v['init-only'] && running) throw new CryptmapError('EBUSY', 'LUKS2 reencryption already initialized. Aborting operation.', { exitCode: 1 });
-      const pass = await getPassphrase(io, `Enter passphrase for ${device}: `, {
-        keyFile: v['key-file'],
-        keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
-        keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
-      });
+      if (v.decrypt && !running && !v.header) throw new CryptmapError('EINVAL', 'LUKS2 decryption requires --header option.', { exitCode: 1 });
+      const pass = await getPassphrase(io, `Enter passphrase for ${device}: `, passSrc);
       try {
-        if (!running) {
+        if (!running && v.decrypt) {
+          await initDecrypt(l2, pass, {
+            ...(v['key-slot'] !== undefined ? { keySlot: intOpt(v['key-slot'], '--key-slot', 0, 31)! } : {}),
+            resilience,
+            ...(v['resilience-hash'] ? { resilienceHash: v['resilience-hash'] } : {}),
+            ...(dataDev ? { dataDev } : {}),
+          });
+          if (v['init-only']) return 0;
+        } else if (!running) {
           const ko = keyslotOptions(v, 'luks2');
           const oldKeySlot = ko.keySlot;
           delete ko.keySlot;
@@ -85,19 +122,103 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
           });
           if (v['init-only']) return 0;
         }
-        process.on('SIGINT', onInt);
-        const done = await runReencrypt(l2, pass, { ...(dataDev ? { dataDev } : {}), ...(hotzoneBytes !== undefined ? { hotzoneBytes } : {}), signal: ac.signal });
-        if (!done) io.stderr.write('Reencryption interrupted; run cryptmap reencrypt --resume-only (or cryptsetup) to continue.\n');
-        return 0;
+        return await run(io, l2, pass, dataDev, hotzoneBytes);
       } finally {
         pass.fill(0);
       }
     });
   } finally {
-    process.off('SIGINT', onInt);
     await closeQuietly(dataDev);
     await closeQuietly(dev);
   }
 };
+
+interface EncryptArgs {
+  resilience: Resilience;
+  reduceBytes: number | undefined;
+  hotzoneBytes: number | undefined;
+  keyBits: number | undefined;
+  sector: number | undefined;
+  offsetSectors: number | undefined;
+  passSrc: { keyFile: string | undefined; keyfileOffset: number | undefined; keyfileSize: number | undefined };
+}
+
+/**
+ * `reencrypt --encrypt`: a plaintext device becomes LUKS2 in place (cryptsetup 2.6 encrypt_luks2_init):
+ * with --header the data stays put (forward, checksum|journal|none); without, --reduce-device-size
+ * makes room for the header (datashift, backward). A device already in encryption resumes.
+ */
+async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArgs): Promise<number> {
+  const headerFile = v.header;
+  if (headerFile && a.reduceBytes !== undefined) wrongParams('Encryption with a detached header and --reduce-device-size is not supported by cryptmap yet.');
+  if (!headerFile && a.reduceBytes === undefined) {
+    throw new CryptmapError('ENOTSUP', 'Encryption without detached header (--header) is not possible without data device size reduction (--reduce-device-size).', { exitCode: 1 });
+  }
+  if (headerFile && !isRemoteDevice(headerFile)) {
+    const st = await stat(headerFile).catch(() => null);
+    if (!st) await (await open(headerFile, 'wx', 0o600)).close();
+  }
+  const lockPath = headerFile ?? device;
+  const dataDev = await openDevice(device, true);
+  let hdrDev: BlockDevice | undefined;
+  try {
+    return await withDeviceLock(lockPath, async () => {
+      if (headerFile) {
+        // A fresh header file grows to the metadata and keyslots size.
+        const kss = a.reduceBytes === undefined ? bytesOpt(v['luks2-keyslots-size'], '--luks2-keyslots-size') : undefined;
+        const md = bytesOpt(v['luks2-metadata-size'], '--luks2-metadata-size');
+        const need = 2 * (md ?? 0x4000) + (kss ?? 0x1000000 - 2 * (md ?? 0x4000));
+        if (!isRemoteDevice(headerFile)) {
+          const st = await stat(headerFile);
+          if (st.isFile() && st.size < need) await truncate(headerFile, need);
+        }
+        hdrDev = await openDevice(headerFile, true);
+      }
+      const hdr = hdrDev ?? dataDev;
+      const existing = await tryLoad(hdr);
+      if (headerFile && !existing && (await tryLoad(dataDev))) throw new CryptmapError('EINVAL', `Device ${device} is already LUKS device. Aborting operation.`, { exitCode: 1 });
+      if (existing && !(existing.type === 'luks2' && inReencryption((existing as Luks2Volume).jsonSnapshot()))) {
+        throw new CryptmapError('EINVAL', `Device ${headerFile ?? device} is already LUKS device. Aborting operation.`, { exitCode: 1 });
+      }
+      if (v['resume-only'] && !existing) throw new CryptmapError('EINVAL', `Device ${device} is not in reencryption.`, { exitCode: 1 });
+      if (v['init-only'] && existing) throw new CryptmapError('EBUSY', 'LUKS2 reencryption already initialized. Aborting operation.', { exitCode: 1 });
+      if (existing && (await activeInDaemon(io, (existing as Luks2Volume).uuid))) {
+        throw new CryptmapError('EBUSY', `Device ${device} is active in the cryptmap daemon; online reencryption is not supported yet. Close it first.`, { exitCode: 5 });
+      }
+      if (!existing) await confirm(io, `This will overwrite data on ${headerFile ?? device} irrevocably.`, v['batch-mode']);
+      const pass = await getPassphrase(io, `Enter passphrase for ${device}: `, a.passSrc, !existing);
+      try {
+        let vol = existing as Luks2Volume | null;
+        if (!vol) {
+          const ks = keyslotOptions(v, 'luks2');
+          const kss = bytesOpt(v['luks2-keyslots-size'], '--luks2-keyslots-size');
+          const md = bytesOpt(v['luks2-metadata-size'], '--luks2-metadata-size');
+          vol = await initEncrypt(dataDev, hdrDev, pass, {
+            ...(v.cipher ? { cipher: v.cipher } : {}),
+            ...(a.keyBits !== undefined ? { keyBytes: a.keyBits / 8 } : {}),
+            ...(a.sector !== undefined ? { sectorBytes: a.sector as SectorBytes } : {}),
+            ...(v.hash ? { hash: v.hash } : {}),
+            ...(v.uuid ? { uuid: v.uuid } : {}),
+            ...(v.label ? { label: v.label } : {}),
+            ...(kss !== undefined ? { keyslotsBytes: kss } : {}),
+            ...(md !== undefined ? { metadataBytes: md } : {}),
+            ...(a.offsetSectors !== undefined ? { offsetBytes: a.offsetSectors * 512 } : {}),
+            ...(a.reduceBytes !== undefined ? { reduceBytes: a.reduceBytes } : {}),
+            resilience: a.resilience,
+            ...(v['resilience-hash'] ? { resilienceHash: v['resilience-hash'] } : {}),
+            keyslot: ks,
+          });
+          if (v['init-only']) return 0;
+        }
+        return await run(io, vol, pass, hdrDev ? dataDev : undefined, a.hotzoneBytes);
+      } finally {
+        pass.fill(0);
+      }
+    });
+  } finally {
+    await closeQuietly(hdrDev);
+    await closeQuietly(dataDev);
+  }
+}
 
 export default main;

@@ -1,0 +1,144 @@
+// cryptmap reencrypt --encrypt / --decrypt vs cryptsetup 2.6 (issue 16): either tool resumes what the
+// other began, offline on files (cryptsetup --force-offline-reencrypt), in place with
+// --reduce-device-size (datashift) and with a detached header. The plaintext is checked with the
+// volume key cryptsetup dumps.
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Readable } from 'node:stream';
+import { after, before, test } from 'node:test';
+import { main } from '../../src/cli/main.js';
+import { createSectorCipher } from '../../src/engine/index.js';
+import { Sink } from './helpers.js';
+
+let dir = '';
+const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
+const PLAIN = (6 << 20) + (512 << 10);
+const REDUCE = 4 << 20; // shift 2 MiB: a few hotzones
+
+function cs(...args: string[]): { status: number | null; out: string } {
+  const r = spawnSync('cryptsetup', args, { encoding: 'utf8' });
+  if (r.error) assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin (scripts/install-deps.sh)');
+  return { status: r.status, out: `${r.stdout}${r.stderr}` };
+}
+async function cm(...argv: string[]): Promise<{ code: number; err: string }> {
+  const err = new Sink();
+  const code = await main(argv, { stdin: Readable.from([]) as unknown as NodeJS.ReadableStream, stdout: new Sink(), stderr: err, env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') } });
+  return { code, err: err.data };
+}
+function dump(hdr: string, key: string): { vk: Buffer; offset: number; linear: boolean } {
+  const r = cs('luksDump', '--dump-volume-key', '--batch-mode', '--key-file', key, hdr);
+  const d = cs('luksDump', hdr).out;
+  const m = /MK dump:\t([\s\S]*)$/.exec(r.out);
+  const off = /Data segments:\n {2}0: (crypt|linear)\n\toffset: ([0-9]+) \[bytes\]/.exec(d);
+  assert.ok(off, d);
+  return { vk: m ? Buffer.from(m[1]!.replace(/[\s]/g, ''), 'hex') : Buffer.alloc(0), offset: Number(off[2]), linear: off[1] === 'linear' };
+}
+function plaintextOf(img: string, hdr: string, key: string): Buffer {
+  const { vk, offset } = dump(hdr, key);
+  const b = Buffer.from(readFileSync(img).subarray(offset, offset + PLAIN));
+  const c = createSectorCipher({ spec: 'aes-xts-plain64', key: vk, sectorBytes: 512 });
+  c.decrypt(b, 0n);
+  c.dispose();
+  return b;
+}
+function fresh(name: string, tail: number): { img: string; key: string; plain: Buffer } {
+  const img = join(dir, name);
+  const key = join(dir, `${name}.key`);
+  writeFileSync(key, 'secret pass', { mode: 0o600 });
+  const plain = randomBytes(PLAIN);
+  writeFileSync(img, Buffer.concat([plain, randomBytes(tail)]));
+  return { img, key, plain };
+}
+function noReencrypt(hdr: string): void {
+  assert.doesNotMatch(cs('luksDump', hdr).out, /online-reencrypt|backup-|reencrypt/);
+}
+
+before(() => {
+  dir = mkdtempSync(join(tmpdir(), 'cm-enc-'));
+});
+after(() => rmSync(dir, { recursive: true, force: true }));
+
+test('encrypt in place: cryptmap --init-only, cryptsetup resumes; cryptsetup --init-only, cryptmap resumes', async () => {
+  const a = fresh('a.img', REDUCE);
+  let r = await cm('reencrypt', '--encrypt', '--init-only', '-q', '--type', 'luks2', '--reduce-device-size', String(REDUCE), ...FAST, '--key-file', a.key, a.img);
+  assert.equal(r.code, 0, r.err);
+  assert.match(cs('luksDump', a.img).out, /online-reencrypt-v2/);
+  const c = cs('reencrypt', '--resume-only', '--force-offline-reencrypt', '-q', '--key-file', a.key, a.img);
+  assert.equal(c.status, 0, c.out);
+  noReencrypt(a.img);
+  assert.ok(plaintextOf(a.img, a.img, a.key).equals(a.plain));
+
+  const b = fresh('b.img', REDUCE);
+  const i = cs('reencrypt', '--encrypt', '--init-only', '--force-offline-reencrypt', '-q', '--type', 'luks2', '--reduce-device-size', String(REDUCE), ...FAST, '--key-file', b.key, b.img);
+  assert.equal(i.status, 0, i.out);
+  r = await cm('reencrypt', '--resume-only', '-q', '--key-file', b.key, b.img);
+  assert.equal(r.code, 0, r.err);
+  noReencrypt(b.img);
+  assert.ok(plaintextOf(b.img, b.img, b.key).equals(b.plain));
+});
+
+test('encrypt in place in one go by cryptmap; cryptsetup reads the result; an existing LUKS device is refused', async () => {
+  const a = fresh('c.img', REDUCE);
+  let r = await cm('reencrypt', '--encrypt', '-q', '--reduce-device-size', '4M', ...FAST, '--key-file', a.key, a.img);
+  assert.equal(r.code, 0, r.err);
+  assert.equal(cs('isLuks', a.img).status, 0);
+  noReencrypt(a.img);
+  assert.ok(plaintextOf(a.img, a.img, a.key).equals(a.plain));
+  r = await cm('reencrypt', '--encrypt', '-q', '--reduce-device-size', '4M', ...FAST, '--key-file', a.key, a.img);
+  assert.equal(r.code, 1);
+  assert.match(r.err, /already LUKS device/);
+  r = await cm('reencrypt', '--encrypt', '-q', ...FAST, '--key-file', a.key, a.img);
+  assert.equal(r.code, 1);
+  assert.match(r.err, /not possible without data device size reduction/);
+});
+
+test('encrypt with a detached header, both ways', async () => {
+  const a = fresh('d.img', 0);
+  const ah = join(dir, 'd.hdr');
+  let r = await cm('reencrypt', '--encrypt', '--init-only', '-q', '--header', ah, ...FAST, '--key-file', a.key, a.img);
+  assert.equal(r.code, 0, r.err);
+  const c = cs('reencrypt', '--resume-only', '--force-offline-reencrypt', '-q', '--header', ah, '--key-file', a.key, a.img);
+  assert.equal(c.status, 0, c.out);
+  noReencrypt(ah);
+  assert.ok(plaintextOf(a.img, ah, a.key).equals(a.plain));
+
+  const b = fresh('e.img', 0);
+  const bh = join(dir, 'e.hdr');
+  const i = cs('reencrypt', '--encrypt', '--init-only', '--force-offline-reencrypt', '-q', '--header', bh, ...FAST, '--key-file', b.key, b.img);
+  assert.equal(i.status, 0, i.out);
+  r = await cm('reencrypt', '--resume-only', '-q', '--header', bh, '--hotzone-size', '1M', '--key-file', b.key, b.img);
+  assert.equal(r.code, 0, r.err);
+  noReencrypt(bh);
+  assert.ok(plaintextOf(b.img, bh, b.key).equals(b.plain));
+});
+
+test('decrypt with a detached header, both ways; without --header it is refused', async () => {
+  for (const [first, second] of [
+    ['cm', 'cs'],
+    ['cs', 'cm'],
+  ] as const) {
+    const a = fresh(`f-${first}.img`, 0);
+    const h = join(dir, `f-${first}.hdr`);
+    const e = cs('reencrypt', '--encrypt', '--force-offline-reencrypt', '-q', '--header', h, ...FAST, '--key-file', a.key, a.img);
+    assert.equal(e.status, 0, e.out);
+    assert.equal((await cm('reencrypt', '--decrypt', '-q', '--key-file', a.key, h)).code, 1);
+    if (first === 'cm') {
+      const r = await cm('reencrypt', '--decrypt', '--init-only', '-q', '--header', h, '--key-file', a.key, a.img);
+      assert.equal(r.code, 0, r.err);
+      const c = cs('reencrypt', '--resume-only', '--force-offline-reencrypt', '-q', '--header', h, '--key-file', a.key, a.img);
+      assert.equal(c.status, 0, c.out);
+    } else {
+      const c = cs('reencrypt', '--decrypt', '--init-only', '--force-offline-reencrypt', '-q', '--header', h, '--key-file', a.key, a.img);
+      assert.equal(c.status, 0, c.out);
+      const r = await cm('reencrypt', '--resume-only', '-q', '--header', h, '--hotzone-size', '1M', '--key-file', a.key, a.img);
+      assert.equal(r.code, 0, r.err);
+    }
+    noReencrypt(h);
+    assert.ok(dump(h, a.key).linear);
+    assert.ok(readFileSync(a.img).subarray(0, PLAIN).equals(a.plain), `decrypted by ${second}`);
+  }
+});
