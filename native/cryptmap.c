@@ -679,6 +679,7 @@ typedef struct {
   int64_t done_since_ns;    /* when the done list last became non-empty */
   pthread_t th[MAX_POOL_THREADS];
   int started, want, stop;
+  int busy;                 /* threads running a job (metrics) */
   napi_threadsafe_function tsfn;
   long inflight; /* JS thread only */
 } pool_t;
@@ -764,6 +765,7 @@ static void *pool_worker(void *arg) {
     if (!p->head) p->tail = NULL;
     p->queued--;
     p->queued_bytes -= (size_t)j->r.count * (size_t)j->r.k->sector_bytes;
+    p->busy++;
     pthread_mutex_unlock(&p->mu);
     job_run(j);
     /*
@@ -779,6 +781,7 @@ static void *pool_worker(void *arg) {
     j->next = NULL;
     int64_t t = now_ns();
     pthread_mutex_lock(&p->mu);
+    p->busy--;
     if (p->done_tail) {
       p->done_tail->next = j;
     } else {
@@ -920,6 +923,29 @@ static napi_value cipher_run_file_async(napi_env env, napi_callback_info info) {
     return NULL;
   }
   return submit(env, a, r, r.enc ? IO_PWRITE : IO_PREAD, fd, foff);
+}
+
+/* poolStats() -> { threads, started, busy, queued, queuedBytes, inflight }: the crypt pool's state for
+ * metrics (threads: how many take requests; busy: running a job now; queued: waiting for a thread;
+ * inflight: submitted and not yet delivered to JS). */
+static napi_value pool_stats(napi_env env, napi_callback_info info) {
+  (void)info;
+  pool_t *p = get_pool(env);
+  if (!p) {
+    napi_throw_error(env, "ENATIVE", "cannot create the crypt thread pool");
+    return NULL;
+  }
+  pthread_mutex_lock(&p->mu);
+  double v[6] = {p->want, p->started, p->busy, (double)p->queued, (double)p->queued_bytes, (double)p->inflight};
+  pthread_mutex_unlock(&p->mu);
+  static const char *const names[6] = {"threads", "started", "busy", "queued", "queuedBytes", "inflight"};
+  napi_value out, x;
+  CHECK(env, napi_create_object(env, &out));
+  for (int i = 0; i < 6; i++) {
+    CHECK(env, napi_create_double(env, v[i], &x));
+    CHECK(env, napi_set_named_property(env, out, names[i], x));
+  }
+  return out;
 }
 
 /* setPoolThreads(n): how many pool threads take requests (1..256). Returns the previous value. */
@@ -1164,6 +1190,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"cipherDispose", NULL, cipher_dispose, NULL, NULL, NULL, napi_enumerable, NULL},
       {"setXtsImpl", NULL, set_xts_impl, NULL, NULL, NULL, napi_enumerable, NULL},
       {"setPoolThreads", NULL, set_pool_threads, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"poolStats", NULL, pool_stats, NULL, NULL, NULL, napi_enumerable, NULL},
       {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_enumerable, NULL},
       {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_enumerable, NULL},
       {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -8,6 +8,7 @@
  */
 export { DeviceRegistry, checkDeviceName, type CreateOptions, type DeviceRegistryOptions } from './registry.js';
 export { DM_MAJOR, MappedDevice } from './mapped-device.js';
+export { DeviceIoStats, IO_OPS, type IoOp, type IoOpStats } from './io-stats.js';
 export { MAX_TABLE_SECTORS, Table, type TableLine, formatTableLine, parseTable } from './table.js';
 export {
   DM_DEFAULT_READ_AHEAD,

@@ -21,6 +21,7 @@
 import type { BlockDevice, BlockDeviceCapabilities, BlockDeviceLimits, Extent, WriteFlags, WriteZeroesFlags } from '../blockdev/types.js';
 import { deviceView } from '../blockdev/view.js';
 import { CryptmapError, EXIT_BUSY } from '../util/errors.js';
+import { DeviceIoStats } from './io-stats.js';
 import type { Table } from './table.js';
 import { settleAll } from './targets/args.js';
 import type { TargetInstance } from './types.js';
@@ -66,6 +67,8 @@ export class MappedDevice implements BlockDevice {
   #suspended = false;
   #gate: Deferred | null = null;
   #inflight = 0;
+  /** I/O accounting (requests, bytes, latency, errors by code), read by the daemon's metrics. */
+  readonly ioStats = new DeviceIoStats();
   #drained: Deferred | null = null;
   #openCount = 0;
   #removed = false;
@@ -230,6 +233,12 @@ export class MappedDevice implements BlockDevice {
   }
 
   read(offsetBytes: number, buf: Uint8Array): Promise<void> {
+    const p = this.#read(offsetBytes, buf);
+    this.ioStats.track('read', buf.length, p);
+    return p;
+  }
+
+  #read(offsetBytes: number, buf: Uint8Array): Promise<void> {
     // Hot path: not suspended, the request inside one target and under the size limit.
     const t = this.#live;
     if (this.#gate === null && t !== null && this.#inRange(t, offsetBytes, buf.length)) {
@@ -252,6 +261,12 @@ export class MappedDevice implements BlockDevice {
   }
 
   write(offsetBytes: number, data: Uint8Array, flags?: WriteFlags): Promise<void> {
+    const p = this.#write(offsetBytes, data, flags);
+    this.ioStats.track('write', data.length, p);
+    return p;
+  }
+
+  #write(offsetBytes: number, data: Uint8Array, flags?: WriteFlags): Promise<void> {
     const t = this.#live;
     if (this.#gate === null && t !== null && !this.readOnly && t.capabilities.write && this.#inRange(t, offsetBytes, data.length)) {
       const e = t.entries[t.find(offsetBytes)]!;
@@ -274,6 +289,12 @@ export class MappedDevice implements BlockDevice {
   }
 
   flush(): Promise<void> {
+    const p = this.#flush();
+    this.ioStats.track('flush', 0, p);
+    return p;
+  }
+
+  #flush(): Promise<void> {
     return this.#run(() => {
       const t = this.#live;
       if (t === null) return RESOLVED;
@@ -282,6 +303,12 @@ export class MappedDevice implements BlockDevice {
   }
 
   discard(offsetBytes: number, lengthBytes: number): Promise<void> {
+    const p = this.#discard(offsetBytes, lengthBytes);
+    this.ioStats.track('discard', lengthBytes, p);
+    return p;
+  }
+
+  #discard(offsetBytes: number, lengthBytes: number): Promise<void> {
     return this.#run(() => {
       const t = this.#table('discard');
       this.#writable(t, 'discard');
@@ -298,6 +325,12 @@ export class MappedDevice implements BlockDevice {
   }
 
   writeZeroes(offsetBytes: number, lengthBytes: number, flags?: WriteZeroesFlags): Promise<void> {
+    const p = this.#writeZeroes(offsetBytes, lengthBytes, flags);
+    this.ioStats.track('write_zeroes', lengthBytes, p);
+    return p;
+  }
+
+  #writeZeroes(offsetBytes: number, lengthBytes: number, flags?: WriteZeroesFlags): Promise<void> {
     return this.#run(() => {
       const t = this.#table('write zeroes');
       this.#writable(t, 'write zeroes');

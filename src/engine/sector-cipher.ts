@@ -238,6 +238,22 @@ export function setCryptThreads(n: number): number {
   return addon === null ? 0 : addon.setPoolThreads(n);
 }
 
+/** The crypt pool's state (see NativeAddon.poolStats); null without the addon (no pool: the js backend runs inline). */
+export interface CryptPoolStats {
+  threads: number;
+  busy: number;
+  queued: number;
+  queuedBytes: number;
+}
+
+/** The native crypt pool's threads, busy threads and queue (metrics); null when there is no pool. */
+export function cryptPoolStats(): CryptPoolStats | null {
+  const addon = loadNative();
+  if (addon === null || typeof addon.poolStats !== 'function') return null;
+  const s = addon.poolStats();
+  return { threads: s.threads, busy: s.busy, queued: s.queued, queuedBytes: s.queuedBytes };
+}
+
 /**
  * Create a dm-crypt sector cipher.
  * @example

@@ -78,6 +78,12 @@ export interface NativeAddon {
    * (per Node environment), like dm-crypt's kcryptd. Returns the previous value.
    */
   setPoolThreads(n: number): number;
+  /**
+   * The crypt pool's state (metrics): threads that take requests, threads started, threads running a
+   * job now, jobs waiting for a thread and their bytes, jobs not yet delivered to JS. Optional: an
+   * addon built before it was added lacks it.
+   */
+  poolStats?(): { threads: number; started: number; busy: number; queued: number; queuedBytes: number; inflight: number };
   /** fallocate(PUNCH_HOLE | KEEP_SIZE); throws an Error with `code` = errno name on failure. */
   punchHole(fd: number, offsetBytes: number, lengthBytes: number): void;
   /** lseek(SEEK_DATA); -1 on ENXIO (no data at or after offset); throws on other errors. */

@@ -3,7 +3,7 @@
  * data path in process (daemon/agent-host.ts).
  *
  *   cryptmap agent [--manifest FILE] --state-dir DIR [--boot-id ID] [--once] [--nbd-only]
- *                  [--force-swap] [--mount-root DIR]
+ *                  [--force-swap] [--mount-root DIR] [--metrics [HOST:]PORT [--metrics-token-file F]]
  *   cryptmap agent status [--json] --state-dir DIR
  *
  * Without --manifest the built-in default manifest (examples/manifest.yaml) is used: what `npm start`
@@ -27,8 +27,11 @@ import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { CliIO, VerbMain } from '../types.js';
 import { disableCoreDumps } from '../../util/dumpable.js';
 import { sdNotifier } from '../../util/sd-notify.js';
+import { AgentMetrics, registerDaemonMetrics } from '../../daemon/metrics.js';
+import { checkMetricsOptions, METRICS_OPTIONS, METRICS_USAGE, metricsRegistry, serveMetricsOption } from '../metrics-option.js';
+import type { MetricsServer } from '../../util/metrics-http.js';
 
-const USAGE = `usage: cryptmap agent [--manifest FILE] --state-dir DIR [--boot-id ID] [--once] [--nbd-only] [--force-swap] [--mount-root DIR]
+const USAGE = `usage: cryptmap agent [--manifest FILE] --state-dir DIR [--boot-id ID] [--once] [--nbd-only] [--force-swap] [--mount-root DIR] ${METRICS_USAGE}
        cryptmap agent status [--json] --state-dir DIR
 `;
 
@@ -49,6 +52,7 @@ function parse(argv: string[]) {
         'force-swap': { type: 'boolean' },
         'mount-root': { type: 'string' },
         json: { type: 'boolean' },
+        ...METRICS_OPTIONS,
         help: { type: 'boolean', short: 'h' },
       },
       strict: true,
@@ -101,6 +105,7 @@ const agent: VerbMain = async (argv, io) => {
   const stateDir = v['state-dir'];
   if (!stateDir) throw usageError('--state-dir is required');
   const manifest: Manifest = v.manifest ? await loadManifest(v.manifest) : parseManifest(DEFAULT_MANIFEST_YAML, DEFAULT_MANIFEST_FILE);
+  checkMetricsOptions(v);
   const bootId = await readBootId(v['boot-id']);
   disableCoreDumps('agent');
   const sd = sdNotifier(io.env, 'agent');
@@ -113,6 +118,28 @@ const agent: VerbMain = async (argv, io) => {
     forceSwap: v['force-swap'] ?? false,
     ...(v['mount-root'] ? { mountRoot: v['mount-root'] } : {}),
   });
+  const registry = metricsRegistry(v, 'agent');
+  const agentMetrics = registry ? new AgentMetrics(registry) : undefined;
+  if (registry) registerDaemonMetrics(registry, host.core);
+  let metrics: MetricsServer | undefined;
+  try {
+    metrics = await serveMetricsOption(v, registry);
+  } catch (e) {
+    await host.stop();
+    throw e;
+  }
+  if (metrics) io.stdout.write(`cryptmap agent: metrics on ${metrics.url}\n`);
+  /** host.reconcile, timed and recorded in the metrics. */
+  const reconcile = async (signal: AbortSignal): Promise<ApplyReport> => {
+    const t0 = performance.now();
+    let report: ApplyReport | undefined;
+    try {
+      report = await host.reconcile(signal);
+      return report;
+    } finally {
+      if (agentMetrics) agentMetrics.reconciled((performance.now() - t0) / 1000, report, await new StateStore(host.stateDir).load().catch(() => undefined));
+    }
+  };
   const ac = new AbortController();
   let signalled: (() => void) | undefined;
   const stopped = new Promise<void>((res) => {
@@ -136,7 +163,7 @@ const agent: VerbMain = async (argv, io) => {
         sd.reloading(`reloading ${manifestPath}`);
         host.setManifest(await loadManifest(manifestPath));
         io.stdout.write(`cryptmap agent: manifest ${manifestPath} reloaded\n`);
-        const r = await host.reconcile(ac.signal);
+        const r = await reconcile(ac.signal);
         io.stdout.write(formatReport(host, r));
         sd.ready(readinessLine(r));
       } catch (e) {
@@ -152,7 +179,7 @@ const agent: VerbMain = async (argv, io) => {
   try {
     io.stdout.write(`cryptmap agent: manifest ${manifest.file}, state ${host.stateDir}, keys ${host.keyServiceDescription}\n`);
     if (host.keyServiceWarning) io.stderr.write(`\n*** ${host.keyServiceWarning} ***\n\n`);
-    const report = await host.reconcile(ac.signal);
+    const report = await reconcile(ac.signal);
     ok = report.volumes.every((x) => x.state === 'ready' || x.code === 'ESWAPUNSAFE');
     io.stdout.write(formatReport(host, report));
     // READY=1 once the first reconcile is done (volumes up, or reported as failed in STATUS=).
@@ -168,6 +195,7 @@ const agent: VerbMain = async (argv, io) => {
     await busy;
     sd.stopping('stopping: tearing down the volumes');
     io.stdout.write('cryptmap agent: tearing down (persistent volumes are kept)\n');
+    await metrics?.close();
     const down = await host.stop();
     for (const x of down?.volumes ?? []) io.stdout.write(`${x.id}: ${x.state}${x.reason ? ` (${x.reason})` : ''}\n`);
   }

@@ -3,7 +3,7 @@
  * `<runtime-dir>/nbd.sock`; takes CLI requests on `<runtime-dir>/control.sock`. Foreground by
  * default (systemd style); `--detach` forks a background daemon and returns once it answers.
  *
- *   cryptmap daemon [--runtime-dir DIR] [--detach] [--crypt-threads N]
+ *   cryptmap daemon [--runtime-dir DIR] [--detach] [--crypt-threads N] [--metrics [HOST:]PORT [--metrics-token-file F]]
  *                   [--listen HOST:PORT (--tls require --tls-cert PEM --tls-key PEM --tls-ca PEM --tls-verify-client | --insecure-tcp)]
  *
  * NBD over TCP serves decrypted volumes, so it requires TLS with client certificates verified
@@ -15,6 +15,10 @@
  * threads also do the file I/O of crypt requests above 64 KiB (pread + decrypt, encrypt + pwrite in
  * one job), so N is also how many such requests wait on storage at once: raise it for storage with
  * high latency (network or rotating disks).
+ *
+ * `--metrics [HOST:]PORT` serves Prometheus metrics (daemon/metrics.ts; loopback unless a HOST is
+ * given, and then only with --metrics-token-file: docs/operations.md). Under systemd it reports
+ * readiness (util/sd-notify.ts) and takes its control socket from socket activation when passed.
  */
 import { spawn } from 'node:child_process';
 import { closeSync, readFileSync, rmSync } from 'node:fs';
@@ -27,6 +31,8 @@ import { ControlServer } from '../../control/server.js';
 import { DaemonCore } from '../../daemon/core.js';
 import { setCryptThreads } from '../../engine/index.js';
 import { daemonHandlers } from '../../daemon/handlers.js';
+import { registerDaemonMetrics } from '../../daemon/metrics.js';
+import { checkMetricsOptions, METRICS_OPTIONS, METRICS_USAGE, metricsRegistry, serveMetricsOption } from '../metrics-option.js';
 import type { NbdServerOptions, NbdTlsMode } from '../../nbd/types.js';
 import { CryptmapError, fromSystemError } from '../../util/errors.js';
 import { disableCoreDumps } from '../../util/dumpable.js';
@@ -66,6 +72,7 @@ const daemon: VerbMain = async (argv, io) => {
       'tls-verify-client': { type: 'boolean' },
       'insecure-tcp': { type: 'boolean' },
       'crypt-threads': { type: 'string' },
+      ...METRICS_OPTIONS,
       help: { type: 'boolean', short: 'h' },
     },
     strict: true,
@@ -73,7 +80,7 @@ const daemon: VerbMain = async (argv, io) => {
   });
   if (values.help) {
     io.stdout.write(
-      'usage: cryptmap daemon [--runtime-dir DIR] [--detach] [--crypt-threads N] [--listen HOST:PORT (--tls require --tls-cert F --tls-key F --tls-ca F --tls-verify-client | --insecure-tcp)]\n',
+      `usage: cryptmap daemon [--runtime-dir DIR] [--detach] [--crypt-threads N] [--listen HOST:PORT (--tls require --tls-cert F --tls-key F --tls-ca F --tls-verify-client | --insecure-tcp)] ${METRICS_USAGE}\n`,
     );
     return 0;
   }
@@ -84,6 +91,7 @@ const daemon: VerbMain = async (argv, io) => {
       throw new CryptmapError('EARGS', `--crypt-threads wants a number of threads from 1 to 256 (got '${values['crypt-threads']}')`);
     }
   }
+  checkMetricsOptions(values);
   const dir = runtimeDir(values['runtime-dir'], io.env);
   ensureRuntimeDir(dir);
 
@@ -134,17 +142,22 @@ const daemon: VerbMain = async (argv, io) => {
   const activated = fds.find((f) => f.name === 'control') ?? (fds.length === 1 ? fds[0] : undefined);
   if (activated) await control.listenFd(activated.fd);
   else await control.listen(controlSocketPath(dir));
+  const registry = metricsRegistry(values, 'daemon');
+  if (registry) registerDaemonMetrics(registry, core);
+  let metrics: Awaited<ReturnType<typeof serveMetricsOption>>;
   try {
     await core.listen(tcp);
+    metrics = await serveMetricsOption(values, registry);
   } catch (e) {
     await control.close();
+    await core.shutdown();
     throw e;
   }
   const pidFile = join(dir, 'daemon.pid');
   // Never through a link someone planted: a new file renamed over the name.
   writeFileReplacing(pidFile, `${process.pid}\n`, 0o600, { code: 'ERUNDIR' });
   log.info('daemon ready', { control: controlSocketPath(dir), nbd: nbdSocketPath(dir), ...(tcp ? { tcp: `${tcp.host}:${tcp.port}` } : {}), ...(activated ? { activated: true } : {}) });
-  sd.ready(`serving: control ${controlSocketPath(dir)}${activated ? ' (socket-activated)' : ''}, nbd ${nbdSocketPath(dir)}${tcp ? `, tcp ${tcp.host}:${tcp.port}` : ''}`);
+  sd.ready(`serving: control ${controlSocketPath(dir)}${activated ? ' (socket-activated)' : ''}, nbd ${nbdSocketPath(dir)}${tcp ? `, tcp ${tcp.host}:${tcp.port}` : ''}${metrics ? `, metrics ${metrics.url}` : ''}`);
 
   await new Promise<void>((resolve) => {
     const stop = (sig: string) => {
@@ -159,6 +172,7 @@ const daemon: VerbMain = async (argv, io) => {
     process.on('SIGINT', onInt);
   });
   sd.stopping('stopping: closing exports and mapped devices');
+  await metrics?.close();
   await control.close();
   await core.shutdown();
   rmSync(pidFile, { force: true });

@@ -3,6 +3,7 @@
  *
  *   cryptmap keyd --state-dir DIR [--socket PATH] [--listen HOST:PORT --tls-cert F --tls-key F --tls-ca F]
  *                 [--policy FILE] [--passphrase-file FILE] [--root-secret-file FILE] [--audit-log FILE]
+ *                 [--metrics [HOST:]PORT [--metrics-token-file F]]
  *   cryptmap keyd token NAME      print a new client token and its policy entry
  *
  * Serves until SIGINT or SIGTERM; SIGHUP reloads the policy file.
@@ -21,6 +22,9 @@ import { CryptmapError, fromSystemError } from '../../util/errors.js';
 import type { Secret } from '../../util/secret.js';
 import { sdNotifier } from '../../util/sd-notify.js';
 import type { VerbMain } from '../types.js';
+import { countingAudit } from '../../keyservice/metrics.js';
+import { checkMetricsOptions, METRICS_OPTIONS, metricsRegistry, serveMetricsOption } from '../metrics-option.js';
+import type { MetricsServer } from '../../util/metrics-http.js';
 
 const HELP = `usage: cryptmap keyd --state-dir DIR [options]
        cryptmap keyd token NAME
@@ -34,6 +38,8 @@ const HELP = `usage: cryptmap keyd --state-dir DIR [options]
   --root-secret-file FILE use the root secret kept in FILE (raw, or wrapped with --passphrase-file;
                           another disk or a removable medium) instead of DIR/root.key; never created
   --audit-log FILE        JSON lines (default DIR/audit.log)
+  --metrics [HOST:]PORT   Prometheus metrics on http://HOST:PORT/metrics (default host 127.0.0.1)
+  --metrics-token-file F  scrapes must send 'Authorization: Bearer <token in F>' (needed off loopback)
 `;
 
 function parseListen(s: string): { host: string; port: number } {
@@ -66,6 +72,7 @@ function parse(argv: string[]) {
       'passphrase-file': { type: 'string' },
       'root-secret-file': { type: 'string' },
       'audit-log': { type: 'string' },
+      ...METRICS_OPTIONS,
       help: { type: 'boolean', short: 'h' },
     },
     strict: true,
@@ -93,6 +100,7 @@ const keyd: VerbMain = async (argv, io) => {
     return 0;
   }
   if (!values['state-dir']) throw new CryptmapError('EARGS', `--state-dir is required\n${HELP}`);
+  checkMetricsOptions(values);
   disableCoreDumps('keyd');
   const stateDir = resolve(values['state-dir']);
   const tls = [values['tls-cert'], values['tls-key'], values['tls-ca']];
@@ -116,8 +124,11 @@ const keyd: VerbMain = async (argv, io) => {
   const sd = sdNotifier(io.env, 'keyd');
   const servers: RunningServer[] = [];
   let tlsKey: Buffer | undefined;
+  let metrics: MetricsServer | undefined;
   try {
     audit = rateLimitedAudit(await openAuditFile(values['audit-log'] ? resolve(values['audit-log']) : join(stateDir, 'audit.log')));
+    const registry = metricsRegistry(values, 'keyd');
+    if (registry) audit = countingAudit(audit, registry);
     const service = new KeyService({ root: root.secret, policy, audit });
     io.stdout.write(`keyd: root secret ${root.created ? 'created' : 'loaded'} (${root.wrapped ? 'wrapped' : 'raw'}) at ${root.path}\n`);
     const socketPath = resolve(values.socket ?? join(stateDir, 'keyd.sock'));
@@ -135,7 +146,9 @@ const keyd: VerbMain = async (argv, io) => {
       servers.push(s);
       io.stdout.write(`keyd: listening on ${s.address}\n`);
     }
-    const serving = `serving: unix:${socketPath}${servers[1] ? `, ${servers[1].address}` : ''}`;
+    metrics = await serveMetricsOption(values, registry);
+    if (metrics) io.stdout.write(`keyd: metrics on ${metrics.url}\n`);
+    const serving = `serving: unix:${socketPath}${servers[1] ? `, ${servers[1].address}` : ''}${metrics ? `, metrics ${metrics.url}` : ''}`;
     sd.ready(serving);
     await new Promise<void>((res) => {
       const stop = () => {
@@ -169,6 +182,7 @@ const keyd: VerbMain = async (argv, io) => {
     return 0;
   } finally {
     sd.close();
+    await metrics?.close();
     for (const s of servers) await s.close();
     tlsKey?.fill(0);
     await audit?.close();
