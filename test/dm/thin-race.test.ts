@@ -1,4 +1,4 @@
-// Races between a discard and I/O in flight on the thin pool's data device, provoked
+// Races between a discard (or a pool suspend) and I/O in flight on the thin pool's data device, provoked
 // deterministically: a data device whose next write (or discard) is held at a gate until the test
 // releases it. A freed data block must not be reused, nor discarded, while I/O that found it
 // mapped is still in flight, and a reused block must not be discarded after its new data landed.
@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { pattern } from './helpers.js';
-import { BLOCK, status, thinRig } from './thin-helpers.js';
+import { BLOCK, memBytes, status, thinRig } from './thin-helpers.js';
 
 /** A memory device that holds the next read, write or discard (once armed) until release(). */
 class GatedMemory extends MemoryDevice {
@@ -149,6 +149,52 @@ test('passdown: a block being discarded on the data device after the commit is n
   const back = Buffer.alloc(BLOCK);
   await h.read(2 * BLOCK, back);
   assert.deepEqual(back, pattern(BLOCK, 3), 'the late discard did not erase the reused block');
+  await h.close();
+  await registry.closeAll();
+});
+
+test('pool suspend: thin I/O waits until the pool resumes (reads, writes, discards, flushes), in-flight I/O drains first, and the metadata stays as committed meanwhile', async () => {
+  const data = new GatedMemory({ sizeBytes: 4 * BLOCK });
+  const { registry, h, meta } = await onePool(data, 4);
+  await h.write(0, pattern(BLOCK, 1));
+  await h.flush();
+  // A write in flight on the data device: the suspend waits for it.
+  const entered = data.arm('write');
+  const inFlight = h.write(0, pattern(4096, 2));
+  await within(entered, 'the held data-device write');
+  const suspending = registry.suspend('pool');
+  assert.equal(await pendingAfterTurns(suspending), true, 'the pool suspend waits for the thin write in flight');
+  data.release();
+  await within(Promise.all([inFlight, suspending]), 'the write and the suspend');
+  const metaBefore = await memBytes(meta);
+  const back = Buffer.alloc(4096);
+  const ops = [h.write(BLOCK, pattern(BLOCK, 3)), h.read(0, back), h.discard(2 * BLOCK, BLOCK), h.flush()];
+  for (const [i, op] of ops.entries()) assert.equal(await pendingAfterTurns(op), true, `thin operation ${i} waits while the pool is suspended`);
+  assert.deepEqual(await memBytes(meta), metaBefore, 'no metadata write while the pool is suspended');
+  await registry.resume('pool');
+  await within(Promise.all(ops), 'the thin I/O after the resume');
+  assert.deepEqual(back, pattern(4096, 2));
+  await h.read(BLOCK, back);
+  assert.deepEqual(back, pattern(BLOCK, 3).subarray(0, 4096));
+  await h.close();
+  await registry.closeAll();
+});
+
+test('pool suspend does not wait for a write queued out of data space; the write goes on after resume and growth', async () => {
+  const data = new GatedMemory({ sizeBytes: 2 * BLOCK });
+  const { registry, h } = await onePool(data, 1);
+  await h.write(0, pattern(BLOCK, 1));
+  // No block left: the write waits for space (queue_if_no_space).
+  const queued = h.write(BLOCK, pattern(BLOCK, 2));
+  assert.equal(await pendingAfterTurns(queued), true, 'the write is queued');
+  await within(registry.suspend('pool'), 'the suspend with a write queued for space');
+  // Grow the pool: the reload's resume wakes the queued write.
+  await registry.load('pool', `0 ${(2 * BLOCK) / 512} thin-pool /mem/meta /mem/data 128 0`);
+  await registry.resume('pool');
+  await within(queued, 'the queued write after the pool grew');
+  const back = Buffer.alloc(BLOCK);
+  await h.read(BLOCK, back);
+  assert.deepEqual(back, pattern(BLOCK, 2));
   await h.close();
   await registry.closeAll();
 });

@@ -201,11 +201,12 @@ class PoolTarget implements TargetInstance {
   }
 
   resume(): void {
-    this.#pool.suspended = false;
+    this.#pool.releaseThinIo();
   }
 
+  /** As the kernel's pool suspend: the thin devices' I/O is held (and drained) until resume, then the metadata committed. */
   async postsuspend(): Promise<void> {
-    this.#pool.suspended = true;
+    await this.#pool.holdThinIo();
     await this.#pool.commit().catch(() => {});
   }
 
@@ -287,6 +288,7 @@ class PoolTarget implements TargetInstance {
       for (const [k, v] of byMetadata) if (v === p) byMetadata.delete(k);
       p.mode = 'fail';
       p.wakeSpaceWaiters();
+      p.releaseThinIo();
     }
   }
 }

@@ -81,7 +81,7 @@ class ThinTarget implements TargetInstance {
     return this.#pool.write(this.#devId, o, data, flags?.fua === true);
   }
   flush(): Promise<void> {
-    return this.#pool.commit();
+    return this.#pool.flush();
   }
   discard(o: number, n: number): Promise<void> {
     return this.#pool.unmap(this.#devId, o, n);

@@ -20,6 +20,11 @@
  *     device after the next commit (passdown), unless no_discard_passdown.
  *   - Metadata full: the pool aborts to the last commit and goes read-only (status `ro`); writes to
  *     provisioned, unshared blocks still work, others fail with EIO.
+ *   - A discard waits for the I/O in flight that found its blocks mapped before they are freed
+ *     (the kernel's all_io deferred set); freed blocks are not reused until passed down.
+ *   - Suspending the pool device suspends its thin devices' I/O: new thin I/O waits until the
+ *     pool resumes, running I/O drains first (writes queued for data space do not count: they wait
+ *     again for the resume when woken), then the metadata is committed.
  */
 import type { BlockDevice, Extent, WriteZeroesFlags } from '../../blockdev/types.js';
 import { CryptmapError, isCryptmapError } from '../../util/errors.js';
@@ -60,8 +65,14 @@ export class Pool {
   features: PoolFeatures;
   lowWaterBlocks: number;
   mode: PoolMode;
-  /** The pool device is suspended (thin targets may not be built then). */
-  suspended = false;
+  /**
+   * Set while the pool device is suspended: thin I/O waits until the pool resumes, as the kernel
+   * suspends the active thin devices with their pool (pool_presuspend) and resumes them after.
+   */
+  #hold: { promise: Promise<void>; release: () => void } | undefined;
+  /** Thin I/O running (not waiting for data space, a provisioning or the pool to resume). */
+  #active = 0;
+  #idle: (() => void) | undefined;
   raiseEvent: () => void;
   readonly users = new Set<ThinUser>();
   /** Pool target instances bound to this pool (the kernel's pool refcount). */
@@ -115,6 +126,69 @@ export class Pool {
       const w = this.#spaceWaiters;
       this.#spaceWaiters = [];
       for (const f of w) f();
+    }
+  }
+
+  /** The pool device is suspended (thin targets may not be built then; thin I/O waits). */
+  get suspended(): boolean {
+    return this.#hold !== undefined;
+  }
+
+  /** Hold new thin I/O and wait until none is running (the pool device is being suspended). */
+  async holdThinIo(): Promise<void> {
+    if (this.#hold === undefined) {
+      let release!: () => void;
+      const promise = new Promise<void>((r) => {
+        release = r;
+      });
+      this.#hold = { promise, release };
+    }
+    if (this.#active > 0) {
+      await new Promise<void>((r) => {
+        this.#idle = r;
+      });
+    }
+  }
+
+  /** Let held thin I/O go on (the pool resumed, or is going away: then it fails). */
+  releaseThinIo(): void {
+    const h = this.#hold;
+    this.#hold = undefined;
+    h?.release();
+  }
+
+  async #admit(): Promise<void> {
+    while (this.#hold !== undefined) await this.#hold.promise;
+  }
+
+  #enter(): void {
+    this.#active++;
+  }
+
+  #leave(): void {
+    if (--this.#active === 0 && this.#idle !== undefined) {
+      const f = this.#idle;
+      this.#idle = undefined;
+      f();
+    }
+  }
+
+  /** Count `p` as running thin I/O until it settles. */
+  #running(p: Promise<void>): Promise<void> {
+    this.#enter();
+    const leave = (): void => this.#leave();
+    p.then(leave, leave);
+    return p;
+  }
+
+  /** Wait for `p` not counted as running (it may wait for data space), then for the pool to resume. */
+  async #parked(p: Promise<unknown>): Promise<void> {
+    this.#leave();
+    try {
+      await p;
+    } finally {
+      await this.#admit();
+      this.#enter();
     }
   }
 
@@ -248,18 +322,21 @@ export class Pool {
         this.raiseEvent();
       }
       if (this.features.errorIfNoSpace) throw ioError('the thin pool is out of data space', 'ENOSPC');
-      const grown = await new Promise<boolean>((resolve) => {
+      let grown = false;
+      const waited = new Promise<void>((resolve) => {
         const t = setTimeout(() => {
           this.#spaceWaiters = this.#spaceWaiters.filter((f) => f !== wake);
-          resolve(false);
+          resolve();
         }, NO_SPACE_TIMEOUT_MS);
         t.unref?.();
         const wake = (): void => {
           clearTimeout(t);
-          resolve(true);
+          grown = true;
+          resolve();
         };
         this.#spaceWaiters.push(wake);
       });
+      await this.#parked(waited);
       if (!grown) throw ioError(`the thin pool stayed out of data space for ${NO_SPACE_TIMEOUT_MS / 1000} s`, 'ENOSPC');
     }
   }
@@ -301,7 +378,7 @@ export class Pool {
     const bb = this.blockBytes;
     const locks = forWrite ? this.#locks.get(d.id) : undefined;
     const epoch = this.#epoch;
-    const go = (at: number, pos: number, n: number): Promise<void> => epoch.track(direct(at, pos, n));
+    const go = (at: number, pos: number, n: number): Promise<void> => this.#running(epoch.track(direct(at, pos, n)));
     const ps: Promise<void>[] = [];
     let runAt = -1;
     let runPos = 0;
@@ -325,7 +402,7 @@ export class Pool {
         if (runAt >= 0) ps.push(go(runAt, runPos, runLen));
         runAt = -1;
         const r = other(vb, inOff, pos, n, v);
-        if (r !== undefined) ps.push(r);
+        if (r !== undefined) ps.push(this.#running(r));
       }
       pos += n;
     }
@@ -334,6 +411,7 @@ export class Pool {
   }
 
   async read(id: number, off: number, buf: Uint8Array): Promise<void> {
+    if (this.#hold !== undefined) await this.#admit();
     if (this.mode === 'fail') throw ioError('the thin pool has failed');
     const d = this.device(id);
     await this.#walk(
@@ -349,6 +427,7 @@ export class Pool {
   }
 
   async write(id: number, off: number, data: Uint8Array, fua: boolean): Promise<void> {
+    if (this.#hold !== undefined) await this.#admit();
     if (this.mode === 'fail') throw ioError('the thin pool has failed');
     const d = this.device(id);
     await this.#walk(
@@ -359,7 +438,18 @@ export class Pool {
       (at, pos, n) => this.dataDev.write(at, data.subarray(pos, pos + n)),
       (vb, inOff, pos, n) => this.#writeBlock(d, vb, inOff, data.subarray(pos, pos + n)),
     );
-    if (fua) await this.commit();
+    if (fua) await this.flush();
+  }
+
+  /** A thin device's flush: commit (waits while the pool is suspended). */
+  async flush(): Promise<void> {
+    if (this.#hold !== undefined) await this.#admit();
+    this.#enter();
+    try {
+      await this.commit();
+    } finally {
+      this.#leave();
+    }
   }
 
   async #writeBlock(d: ThinDevice, vb: number, inOff: number, chunk: Uint8Array): Promise<void> {
@@ -367,7 +457,7 @@ export class Pool {
       let locks = this.#locks.get(d.id);
       const held = locks?.get(vb);
       if (held !== undefined) {
-        await held.catch(() => {});
+        await this.#parked(held.catch(() => {}));
         continue;
       }
       const v = d.map.get(vb);
@@ -438,7 +528,7 @@ export class Pool {
 
   /**
    * Unmap whole blocks in the range (discard and write-zeroes); partial blocks are left. Waits for
-   * provisionings in the range, removes the mappings at once (later I/O reads zeros or provisions
+   * provisionings in the range (and for the pool to resume), removes the mappings at once (later I/O reads zeros or provisions
    * anew), and frees the data blocks once the I/O that may still be using them has settled.
    */
   async unmap(id: number, off: number, len: number): Promise<void> {
@@ -451,8 +541,11 @@ export class Pool {
     const first = Math.ceil(off / bb);
     const end = Math.floor((off + len) / bb);
     if (first >= end) return;
-    for (let held = this.#provisioningIn(d.id, first, end); held !== undefined; held = this.#provisioningIn(d.id, first, end)) {
-      await held.catch(() => {});
+    for (;;) {
+      const held = this.#provisioningIn(d.id, first, end);
+      if (held !== undefined) await held.catch(() => {});
+      else if (this.#hold !== undefined) await this.#admit();
+      else break;
     }
     refuse();
     const freed: number[] = [];
@@ -473,10 +566,12 @@ export class Pool {
     this.#unmapsPending++;
     const drained = Promise.all([this.#unmapTail, this.#drainIo()]).then(() => {});
     this.#unmapTail = drained;
+    this.#enter();
     try {
       await drained;
     } finally {
       this.#unmapsPending--;
+      this.#leave();
     }
     // An aborted transaction (metadata full) reloaded the last commit: these blocks are its.
     if (this.md !== md) return;
@@ -511,7 +606,7 @@ export class Pool {
       await this.unmap(id, first, end - first);
       await zero(end, off + len - end);
     }
-    if (flags?.fua) await this.commit();
+    if (flags?.fua) await this.flush();
   }
 
   blockStatus(id: number, off: number, len: number): Extent[] {
