@@ -72,14 +72,14 @@ const VERBS: Record<string, { file: string; action?: string }> = {
  */
 const SYNOPSIS: Record<string, string> = {
   luksFormat: 'luksFormat [OPTION...] <device> [<key file>]',
-  luksDump: 'luksDump [--dump-json-metadata | --dump-volume-key [--volume-key-file F]] [OPTION...] <device>',
+  luksDump: 'luksDump [--json | --dump-json-metadata | --dump-volume-key [--volume-key-file F]] [OPTION...] <device>',
   luksAddKey: 'luksAddKey [OPTION...] <device> [<new key file>]',
   luksRemoveKey: 'luksRemoveKey [OPTION...] <device> [<key file>]',
   luksKillSlot: 'luksKillSlot [OPTION...] <device> <key slot>',
   luksChangeKey: 'luksChangeKey [OPTION...] <device> [<new key file>]',
   luksConvertKey: 'luksConvertKey [--pbkdf ...] [--key-slot N] [OPTION...] <device>',
   luksUUID: 'luksUUID [--uuid UUID] <device>',
-  isLuks: 'isLuks [--type luks1|luks2] [-v] <device>',
+  isLuks: 'isLuks [--json] [--type luks1|luks2] [-v] <device>',
   luksHeaderBackup: 'luksHeaderBackup --header-backup-file FILE <device>',
   luksHeaderRestore: 'luksHeaderRestore --header-backup-file FILE <device>',
   config: 'config [--label L] [--subsystem S] [--priority ignore|normal|prefer --key-slot N] <device>',

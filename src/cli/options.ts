@@ -50,7 +50,7 @@ export const OPTIONS = {
   'header-backup-file': { type: 'string' },
   'iter-time': { type: 'string', short: 'i', verbs: KDF_VERBS },
   'iv-large-sectors': { type: 'boolean', verbs: ['open'] },
-  json: { type: 'boolean', verbs: ['status', 'benchmark'] },
+  json: { type: 'boolean', verbs: ['status', 'benchmark', 'luksDump', 'isLuks'] },
   'json-file': { type: 'string' },
   'key-description': { type: 'string' },
   'key-file': { type: 'string', short: 'd' },

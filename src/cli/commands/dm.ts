@@ -5,6 +5,7 @@
  *   remove [-f] NAME...        load|reload NAME [--table 'LINES' | TABLE_FILE]   clear NAME
  *   suspend [--noflush] NAME   resume NAME   rename OLD NEW
  *   table [--showkeys] [NAME]  status [NAME]  info [NAME]  ls   message NAME SECTOR MSG...
+ *   (table, status, info and ls take --json: docs/json.md)
  *
  * Devices live in the daemon: the CLI talks to it over the control socket; when no daemon runs,
  * the verb reports so and exits 1. Tests call `runDm(argv, io, control)` with an in-process DmControl.
@@ -14,7 +15,7 @@ import { readFile } from 'node:fs/promises';
 import { type ParseArgsConfig, parseArgs } from 'node:util';
 import { DAEMON_NOT_RUNNING } from '../../control/client.js';
 import { remoteDmControl } from '../../control/dm-remote.js';
-import { type DmControl, formatInfo, formatLines, formatLs } from '../../dm/control.js';
+import { type DmControl, type DmLines, formatInfo, formatLines, formatLs } from '../../dm/control.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { reportError } from '../main.js';
 import { connectDaemon } from '../daemon-client.js';
@@ -28,10 +29,10 @@ const USAGE = `usage: cryptmap dm <command> [options] [args]
   suspend [--noflush] NAME
   resume NAME
   rename OLD NEW
-  table [--showkeys] [NAME]
-  status [NAME]
-  info [NAME]
-  ls
+  table [--showkeys] [--json] [NAME]
+  status [--json] [NAME]
+  info [--json] [NAME]
+  ls [--json]
   message NAME SECTOR MESSAGE...
 Tables are read from standard input when neither --table nor a file is given; in --table text
 ';' separates lines. Sectors are 512 bytes.`;
@@ -60,6 +61,21 @@ async function tableText(io: CliIO, table: string | undefined, file: string | un
     }
   }
   return readStdin(io);
+}
+
+/**
+ * `dm table|status --json`: each device's lines split as dmsetup prints them, `<start> <length>
+ * <target type> <params>` (512-byte sectors; params verbatim, keys hidden unless --showkeys).
+ */
+function linesJson(devs: readonly DmLines[]): string {
+  const devices = devs.map((d) => ({
+    name: d.name,
+    targets: d.lines.map((line) => {
+      const m = /^(\d+) (\d+) (\S+) ?(.*)$/.exec(line);
+      return m ? { start: Number(m[1]), length: Number(m[2]), targetType: m[3]!, params: m[4]! } : { start: 0, length: 0, targetType: '', params: line };
+    }),
+  }));
+  return `${JSON.stringify({ devices }, null, 2)}\n`;
 }
 
 function parse(args: string[], options: ParseArgsConfig['options'], minPos: number, maxPos: number, what: string) {
@@ -157,26 +173,30 @@ async function dispatch(args: string[], io: CliIO, need: () => Promise<DmControl
       return 0;
     }
     case 'table': {
-      const { values, positionals } = parse(rest, { showkeys: { type: 'boolean' } }, 0, 1, 'table');
+      const { values, positionals } = parse(rest, { showkeys: { type: 'boolean' }, json: { type: 'boolean' } }, 0, 1, 'table');
       const name = positionals[0];
-      io.stdout.write(formatLines(await (await need()).table(name, { showKeys: values.showkeys === true }), name === undefined));
+      const devs = await (await need()).table(name, { showKeys: values.showkeys === true });
+      io.stdout.write(values.json ? linesJson(devs) : formatLines(devs, name === undefined));
       return 0;
     }
     case 'status': {
-      const { positionals } = parse(rest, {}, 0, 1, 'status');
+      const { values, positionals } = parse(rest, { json: { type: 'boolean' } }, 0, 1, 'status');
       const name = positionals[0];
-      io.stdout.write(formatLines(await (await need()).status(name), name === undefined));
+      const devs = await (await need()).status(name);
+      io.stdout.write(values.json ? linesJson(devs) : formatLines(devs, name === undefined));
       return 0;
     }
     case 'info': {
-      const { positionals } = parse(rest, {}, 0, 1, 'info');
+      const { values, positionals } = parse(rest, { json: { type: 'boolean' } }, 0, 1, 'info');
       const list = await (await need()).info(positionals[0]);
-      io.stdout.write(list.length === 0 ? 'No devices found\n' : list.map(formatInfo).join(''));
+      if (values.json) io.stdout.write(`${JSON.stringify({ devices: list }, null, 2)}\n`);
+      else io.stdout.write(list.length === 0 ? 'No devices found\n' : list.map(formatInfo).join(''));
       return 0;
     }
     case 'ls': {
-      parse(rest, {}, 0, 0, 'ls');
-      io.stdout.write(formatLs(await (await need()).ls()));
+      const { values } = parse(rest, { json: { type: 'boolean' } }, 0, 0, 'ls');
+      const list = await (await need()).ls();
+      io.stdout.write(values.json ? `${JSON.stringify({ devices: list }, null, 2)}\n` : formatLs(list));
       return 0;
     }
     case 'message': {

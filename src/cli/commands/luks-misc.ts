@@ -151,12 +151,11 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
     try {
       dev = await openDevice(hdr, false);
       const t = await detectLuks(dev);
-      if (t === null) {
-        if (v.verbose) io.stderr.write(`Device ${hdr} is not a valid LUKS device.\n`);
-        return 1;
-      }
-      if (v.type && v.type !== t && v.type !== 'luks') return 1;
-      return 0;
+      const code = t === null || (v.type && v.type !== t && v.type !== 'luks') ? 1 : 0;
+      // --json (docs/json.md): the answer on stdout as well as in the exit code.
+      if (v.json) io.stdout.write(`${JSON.stringify({ device: hdr, isLuks: t !== null, type: t, ...(v.type ? { typeMatches: code === 0 } : {}) })}\n`);
+      if (t === null && v.verbose) io.stderr.write(`Device ${hdr} is not a valid LUKS device.\n`);
+      return code;
     } finally {
       await closeQuietly(dev);
     }
