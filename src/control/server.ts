@@ -2,13 +2,13 @@
  * Control socket server: a table of handlers keyed by op name ("dm.create", "volume.open", ...).
  * Requests on one connection run concurrently; the daemon serialises lifecycle per device below.
  */
-import { chmodSync, existsSync, unlinkSync } from 'node:fs';
+import { existsSync, unlinkSync } from 'node:fs';
 import { type Server, type Socket, createServer } from 'node:net';
 import { wipeFreedMemoryScope } from '../util/freed-memory.js';
 import { CryptmapError, isCryptmapError } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import { peerCredentials } from '../util/peercred.js';
-import { clearStaleSocket } from '../util/unix-socket.js';
+import { listenUnixSocket } from '../util/unix-socket.js';
 import { type ControlRequest, type ControlResponse, lineSplitter, parseRequest } from './protocol.js';
 
 export type ControlHandler = (args: Record<string, unknown>) => Promise<unknown>;
@@ -28,18 +28,12 @@ export class ControlServer {
 
   /** Listen on `path` (mode 0600). A stale socket file is replaced; a live one means another daemon runs. */
   async listen(path: string): Promise<void> {
-    const state = await clearStaleSocket(path);
-    if (state === 'live') throw new CryptmapError('EDAEMON_RUNNING', `another cryptmap daemon is already listening on ${path}`, { exitCode: 5, errno: 'EBUSY' });
-    if (state === 'not-socket') throw new CryptmapError('ECONTROL_SOCKET', `${path} exists and is not a socket; refusing to replace it`, { exitCode: 5, errno: 'EEXIST' });
     const server = createServer((s) => this.#serve(s));
-    await new Promise<void>((res, rej) => {
-      server.once('error', rej);
-      server.listen(path, () => {
-        server.off('error', rej);
-        res();
-      });
+    await listenUnixSocket(server, path, 0o600, {
+      code: 'ECONTROL_SOCKET',
+      live: (p) => new CryptmapError('EDAEMON_RUNNING', `another cryptmap daemon is already listening on ${p}`, { exitCode: 5, errno: 'EBUSY' }),
+      notSocket: (p) => new CryptmapError('ECONTROL_SOCKET', `${p} exists and is not a socket; refusing to replace it`, { exitCode: 5, errno: 'EEXIST' }),
     });
-    chmodSync(path, 0o600);
     this.#server = server;
     this.#path = path;
   }

@@ -15,14 +15,13 @@
  *   identity is `cn:<subject CN>` of the verified certificate.
  */
 import { randomBytes } from 'node:crypto';
-import { chmodSync, mkdtempSync, renameSync, rmdirSync, unlinkSync } from 'node:fs';
+import { unlinkSync } from 'node:fs';
 import { type Server as HttpsServer, createServer as createHttpsServer } from 'node:https';
 import { type Server, type Socket, createServer } from 'node:net';
-import { basename, dirname, join } from 'node:path';
 import type { TLSSocket } from 'node:tls';
-import { CryptmapError, fromSystemError } from '../util/errors.js';
+import { CryptmapError } from '../util/errors.js';
 import { peerCredentials } from '../util/peercred.js';
-import { clearStaleSocket } from '../util/unix-socket.js';
+import { listenUnixSocket } from '../util/unix-socket.js';
 import { identityForToken } from './policy.js';
 import { type KeyResponse, type KeyService, MAX_REQUEST_BYTES } from './service.js';
 
@@ -42,9 +41,6 @@ function identityOf(service: KeyService, msg: unknown): { identity: string; refu
 
 /** Serve `service` on a Unix socket at `path` (mode 0600). A stale socket file is replaced. */
 export async function listenUnix(service: KeyService, path: string): Promise<RunningServer> {
-  const state = await clearStaleSocket(path);
-  if (state === 'live') throw new CryptmapError('EKEYD_RUNNING', `a key service is already listening on ${path}`, { exitCode: 5, errno: 'EBUSY' });
-  if (state === 'not-socket') throw new CryptmapError('EKEYD_SOCKET', `${path} exists and is not a socket; refusing to replace it`, { exitCode: 5, errno: 'EEXIST' });
   const sockets = new Set<Socket>();
   const server: Server = createServer((sock) => {
     sockets.add(sock);
@@ -87,32 +83,11 @@ export async function listenUnix(service: KeyService, path: string): Promise<Run
       }
     });
   });
-  // Bind under a private temporary directory, tighten the mode, then rename into place.
-  let tmpDir: string;
-  try {
-    tmpDir = mkdtempSync(join(dirname(path), `.${basename(path)}-`));
-  } catch (e) {
-    throw fromSystemError('EKEYD_LISTEN', `cannot create the socket next to ${path}`, e);
-  }
-  const tmpPath = join(tmpDir, 's');
-  try {
-    await new Promise<void>((res, rej) => {
-      server.once('error', rej);
-      server.listen(tmpPath, () => {
-        server.off('error', rej);
-        res();
-      });
-    });
-    chmodSync(tmpPath, 0o600);
-    renameSync(tmpPath, path);
-  } catch (e) {
-    server.close();
-    throw fromSystemError('EKEYD_LISTEN', `cannot listen on ${path}`, e);
-  } finally {
-    try {
-      rmdirSync(tmpDir);
-    } catch {}
-  }
+  await listenUnixSocket(server, path, 0o600, {
+    code: 'EKEYD_LISTEN',
+    live: (p) => new CryptmapError('EKEYD_RUNNING', `a key service is already listening on ${p}`, { exitCode: 5, errno: 'EBUSY' }),
+    notSocket: (p) => new CryptmapError('EKEYD_SOCKET', `${p} exists and is not a socket; refusing to replace it`, { exitCode: 5, errno: 'EEXIST' }),
+  });
   return {
     address: path,
     async close() {

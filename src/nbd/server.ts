@@ -14,12 +14,12 @@
  * // nbdinfo 'nbd+unix:///disk?socket=/run/cryptmap/nbd.sock'
  * await server.close();
  */
-import { chmodSync, unlinkSync } from 'node:fs';
+import { unlinkSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { createSecureContext, type SecureContext } from 'node:tls';
 import { CryptmapError, EXIT_BUSY, fromSystemError } from '../util/errors.js';
 import { logger } from '../util/log.js';
-import { clearStaleSocket } from '../util/unix-socket.js';
+import { listenUnixSocket } from '../util/unix-socket.js';
 import { Connection } from './connection.js';
 import { PayloadBudget } from './budget.js';
 import { BufferPool } from './pool.js';
@@ -197,14 +197,11 @@ export class NbdServer {
    */
   async listenUnix(path: string, opts: { mode?: number } & NbdListenOptions = {}): Promise<void> {
     const l = this.#listener(opts, false);
-    await removeStaleSocket(path);
-    await listen(l.server, () => l.server.listen(path), `listen on ${path}`);
-    try {
-      chmodSync(path, opts.mode ?? 0o600);
-    } catch (e) {
-      l.server.close();
-      throw fromSystemError('ENBDLISTEN', `cannot set the mode of ${path}`, e);
-    }
+    await listenUnixSocket(l.server, path, opts.mode ?? 0o600, {
+      code: 'ENBDLISTEN',
+      live: (p) => new CryptmapError('ENBDLISTEN', `${p} is in use by another server`, { errno: 'EBUSY', exitCode: EXIT_BUSY }),
+      notSocket: (p) => new CryptmapError('ENBDLISTEN', `${p} exists and is not a socket`, { errno: 'EEXIST' }),
+    });
     l.path = path;
     this.#listeners.push(l);
     this.#startSweep();
@@ -341,8 +338,3 @@ function listen(server: Server, start: () => void, what: string): Promise<void> 
   });
 }
 
-async function removeStaleSocket(path: string): Promise<void> {
-  const state = await clearStaleSocket(path);
-  if (state === 'not-socket') throw new CryptmapError('ENBDLISTEN', `${path} exists and is not a socket`, { errno: 'EEXIST' });
-  if (state === 'live') throw new CryptmapError('ENBDLISTEN', `${path} is in use by another server`, { errno: 'EBUSY', exitCode: EXIT_BUSY });
-}

@@ -1,10 +1,12 @@
 /**
- * Taking over a Unix socket path before listening on it (control, key service and NBD servers): a
- * socket nobody accepts on is stale and removed; a live one belongs to another server; anything that
- * is not a socket is never removed (a mistyped --socket must not delete a file).
+ * Listening on a Unix socket path (control, key service and NBD servers): a socket nobody accepts on
+ * is stale and removed; a live one belongs to another server; anything that is not a socket is never
+ * removed (a mistyped --socket must not delete a file); the socket appears with its final mode.
  */
-import { lstatSync, unlinkSync } from 'node:fs';
-import { createConnection } from 'node:net';
+import { chmodSync, lstatSync, mkdtempSync, renameSync, rmdirSync, unlinkSync } from 'node:fs';
+import { createConnection, type Server } from 'node:net';
+import { basename, dirname, join } from 'node:path';
+import { type CryptmapError, fromSystemError } from './errors.js';
 
 /**
  * Make `path` free for listen(): 'free' when nothing was there or a stale socket was removed,
@@ -30,4 +32,53 @@ export async function clearStaleSocket(path: string): Promise<'free' | 'live' | 
   if (live) return 'live';
   unlinkSync(path);
   return 'free';
+}
+
+export interface UnixListenErrors {
+  /** Code of a failure to bind or place the socket (with the system error as cause). */
+  code: string;
+  /** Another server answers on the path. */
+  live: (path: string) => CryptmapError;
+  /** Something that is not a socket is at the path (left alone). */
+  notSocket: (path: string) => CryptmapError;
+}
+
+/**
+ * Listen with `server` on the Unix socket `path`, which gets `mode`: a stale socket is replaced
+ * (clearStaleSocket); the socket is bound under a private temporary directory next to `path`,
+ * chmod-ed, then renamed into place, so it is never reachable under `path` with a wider mode (no
+ * umask window). The caller removes `path` when it closes the server.
+ *
+ * @example
+ *   await listenUnixSocket(createServer(serve), '/run/cryptmap/control.sock', 0o600, errors);
+ */
+export async function listenUnixSocket(server: Server, path: string, mode: number, errors: UnixListenErrors): Promise<void> {
+  const state = await clearStaleSocket(path);
+  if (state === 'live') throw errors.live(path);
+  if (state === 'not-socket') throw errors.notSocket(path);
+  let tmpDir: string;
+  try {
+    tmpDir = mkdtempSync(join(dirname(path), `.${basename(path)}-`));
+  } catch (e) {
+    throw fromSystemError(errors.code, `cannot create the socket next to ${path}`, e);
+  }
+  const tmpPath = join(tmpDir, 's');
+  try {
+    await new Promise<void>((res, rej) => {
+      server.once('error', rej);
+      server.listen(tmpPath, () => {
+        server.off('error', rej);
+        res();
+      });
+    });
+    chmodSync(tmpPath, mode);
+    renameSync(tmpPath, path);
+  } catch (e) {
+    server.close();
+    throw fromSystemError(errors.code, `cannot listen on ${path}`, e);
+  } finally {
+    try {
+      rmdirSync(tmpDir);
+    } catch {}
+  }
 }

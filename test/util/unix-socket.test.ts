@@ -1,12 +1,14 @@
-// clearStaleSocket: free, stale (removed), live (kept), and a regular file (never removed).
+// clearStaleSocket: free, stale (removed), live (kept), and a regular file (never removed);
+// listenUnixSocket: the socket placed with its final mode.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
-import { clearStaleSocket } from '../../src/util/unix-socket.js';
+import { CryptmapError } from '../../src/util/errors.js';
+import { clearStaleSocket, listenUnixSocket } from '../../src/util/unix-socket.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'cryptmap-sock-'));
 after(() => rmSync(dir, { recursive: true, force: true }));
@@ -44,4 +46,36 @@ test('a socket left by a killed server is stale and removed', async () => {
   assert.ok(existsSync(path));
   assert.equal(await clearStaleSocket(path), 'free');
   assert.equal(existsSync(path), false);
+});
+
+test('listenUnixSocket: the socket appears with its mode, nothing is left beside it, a live or non-socket path is refused', async () => {
+  const path = join(dir, 'placed.sock');
+  const errors = {
+    code: 'ETESTLISTEN',
+    live: (p: string) => new CryptmapError('ELIVE', `${p} is live`),
+    notSocket: (p: string) => new CryptmapError('ENOTSOCK', `${p} is not a socket`),
+  };
+  const old = process.umask(0); // a wide umask must not matter: the mode is set before the name exists
+  const server = createServer((s) => s.destroy());
+  try {
+    await listenUnixSocket(server, path, 0o600, errors);
+  } finally {
+    process.umask(old);
+  }
+  try {
+    const st = lstatSync(path);
+    assert.ok(st.isSocket());
+    assert.equal(st.mode & 0o777, 0o600);
+    assert.deepEqual(
+      readdirSync(dir).filter((n) => n.startsWith('.placed.sock-')),
+      [],
+    );
+    await assert.rejects(listenUnixSocket(createServer(), path, 0o600, errors), (e: CryptmapError) => e.code === 'ELIVE');
+    const file = join(dir, 'plain-file');
+    writeFileSync(file, 'keep me');
+    await assert.rejects(listenUnixSocket(createServer(), file, 0o600, errors), (e: CryptmapError) => e.code === 'ENOTSOCK');
+    await assert.rejects(listenUnixSocket(createServer(), join(dir, 'missing', 'x.sock'), 0o600, errors), (e: CryptmapError) => e.code === 'ETESTLISTEN');
+  } finally {
+    await new Promise<void>((res) => server.close(() => res()));
+  }
 });
