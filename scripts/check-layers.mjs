@@ -14,6 +14,7 @@ const LAYER = {
   'nbd-wire': 0,
   activate: 4,
   keyservice: 4,
+  coordination: 4,
   reconciler: 5,
   control: 5,
   daemon: 6,

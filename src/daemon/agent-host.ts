@@ -12,7 +12,9 @@
  * next start; ephemeral and swap files deleted, their per-boot keys wiped), then the core shuts down.
  */
 import { promises as fs, readdirSync, readFileSync } from 'node:fs';
+import { hostname } from 'node:os';
 import { isAbsolute, join, resolve } from 'node:path';
+import { EtcdLeases } from '../coordination/etcd-leases.js';
 import { ControlServer } from '../control/server.js';
 import { controlSocketPath, ensureRuntimeDir, nbdSocketPath } from '../control/runtime-dir.js';
 import { reconcileUntilSettled, shutdown } from '../reconciler/agent.js';
@@ -21,7 +23,7 @@ import type { ApplyReport, RetryPolicy } from '../reconciler/apply.js';
 import { keyServiceForManifest } from '../reconciler/keys.js';
 import type { Manifest } from '../reconciler/manifest.js';
 import { desiredVolumes } from '../reconciler/plan.js';
-import { type KeyPort, MemoryKeyStore, type VolumeTarget } from '../reconciler/ports.js';
+import { type KeyPort, type LeasePort, MemoryKeyStore, type VolumeTarget } from '../reconciler/ports.js';
 import { StateStore } from '../reconciler/state.js';
 import { CryptmapError, EXIT_BUSY } from '../util/errors.js';
 import { ensureTrustedDir, writeFileReplacing } from '../util/trusted-path.js';
@@ -43,6 +45,8 @@ export interface AgentHostOptions {
   mountRoot?: string;
   /** Instead of the manifest's key service (tests). */
   keys?: KeyPort;
+  /** This node's name in single-writer leases (default `<hostname>:<state dir>`). */
+  node?: string;
   retry?: RetryPolicy;
   intervalMs?: number;
   run?: Runner;
@@ -68,6 +72,11 @@ export class AgentHost {
   readonly #ephemeralKeys = new MemoryKeyStore();
   readonly #log: Logger;
   #stopped = false;
+  /** Single-writer leases of shared volumes (manifest `coordination`), if any. */
+  readonly leases: (LeasePort & { close(): Promise<void> }) | undefined;
+  /** Reconciles run one at a time (start, SIGHUP, after a lease was lost). */
+  #busy: Promise<unknown> = Promise.resolve();
+  readonly #ac = new AbortController();
 
   private constructor(init: {
     opts: AgentHostOptions;
@@ -82,6 +91,7 @@ export class AgentHost {
     keyDescribe: string;
     keyWarning?: string | undefined;
     control: ControlServer;
+    leases?: (LeasePort & { close(): Promise<void> }) | undefined;
   }) {
     this.#opts = init.opts;
     this.stateDir = init.stateDir;
@@ -98,6 +108,7 @@ export class AgentHost {
     this.#control = init.control;
     this.#store = new StateStore(init.stateDir);
     this.#log = init.opts.log ?? logger('agent');
+    this.leases = init.leases;
   }
 
   /** Make the state and runtime dirs, serve NBD and the control socket, connect the key service. */
@@ -122,7 +133,23 @@ export class AgentHost {
     let closeKeys = async () => {};
     let keyDescribe = 'given by the caller';
     let keyWarning: string | undefined;
+    let leases: EtcdLeases | undefined;
+    // Set once the host exists: a lease lost before that has nothing open to fence.
+    let onLost: (volume: string, why: string) => void = () => {};
     try {
+      const coord = opts.manifest.coordination;
+      if (coord) {
+        leases = await EtcdLeases.connect({
+          endpoints: coord.etcd,
+          node: opts.node ?? `${hostname()}:${stateDir}`,
+          ...(coord.ttl !== undefined ? { ttlSeconds: coord.ttl } : {}),
+          ...(coord.prefix !== undefined ? { prefix: coord.prefix } : {}),
+          onLost: (v, why) => onLost(v, why),
+          log,
+        });
+      } else if (targets.some((t) => t.device !== undefined)) {
+        log.warn('volumes on shared storage without coordination: nothing stops two nodes from writing one at once (manifest coordination.etcd)');
+      }
       await control.listen(controlSocketPath(runDir));
       await core.listen();
       if (opts.keys) keys = opts.keys;
@@ -136,6 +163,7 @@ export class AgentHost {
     } catch (e) {
       await control.close().catch(() => {});
       await core.shutdown().catch(() => {});
+      await leases?.close().catch(() => {});
       throw e;
     }
     // A fresh file renamed over the name: a planted agent.pid link is replaced, never written through.
@@ -145,7 +173,23 @@ export class AgentHost {
     const ports = new DataPathPorts(portOpts);
     log.info('agent started', { state: stateDir, nbd: core.nbdSocketPath, keys: keyDescribe, mode: mode.mode, ...(mode.reason ? { why: mode.reason } : {}) });
     if (keyWarning) log.warn(keyWarning);
-    return new AgentHost({ opts, stateDir, runDir, core, ports, targets, mode, keys, closeKeys, keyDescribe, keyWarning, control });
+    const host = new AgentHost({ opts, stateDir, runDir, core, ports, targets, mode, keys, closeKeys, keyDescribe, keyWarning, control, leases });
+    onLost = (v, why) => host.#fence(v, why);
+    return host;
+  }
+
+  /**
+   * The lease of `id` is lost (etcd unreachable, or the lease expired): stop I/O to the volume now
+   * (suspend, then close), then reconcile in the background, which takes the lease again when it is
+   * free and waits while another node holds it.
+   */
+  #fence(id: string, why: string): void {
+    const t = this.#targets.find((x) => x.id === id);
+    void (async () => {
+      if (t) await this.ports.fence(t, why);
+      if (this.#stopped) return;
+      await this.reconcile(this.#ac.signal).catch((e) => this.#log.error('reconcile after a lost lease failed', { error: (e as Error).message }));
+    })();
   }
 
   /** The volumes the current manifest asks for. */
@@ -166,24 +210,32 @@ export class AgentHost {
       ephemeralKeys: this.#ephemeralKeys,
       bootId: this.#opts.bootId,
       log: this.#log,
+      ...(this.leases ? { leases: this.leases } : {}),
     };
     return this.#opts.retry ? { ...c, retry: this.#opts.retry } : c;
   }
 
-  /** Reconcile until nothing waits for the key service (or `signal` aborts). */
+  /** Reconcile until nothing waits for the key service or a lease (or `signal` aborts); one at a time. */
   reconcile(signal?: AbortSignal): Promise<ApplyReport> {
-    return reconcileUntilSettled({
-      ...this.#common(),
-      targets: this.#targets,
-      intervalMs: this.#opts.intervalMs ?? 5000,
-      ...(signal ? { signal } : {}),
-    });
+    const sig = signal ? AbortSignal.any([signal, this.#ac.signal]) : this.#ac.signal;
+    const run = this.#busy.then(() =>
+      reconcileUntilSettled({
+        ...this.#common(),
+        targets: this.#targets,
+        intervalMs: this.#opts.intervalMs ?? 5000,
+        signal: sig,
+      }),
+    );
+    this.#busy = run.catch(() => undefined);
+    return run;
   }
 
   /** Tear every volume down (persistent kept), then stop serving. Idempotent. */
   async stop(): Promise<ApplyReport | undefined> {
     if (this.#stopped) return undefined;
     this.#stopped = true;
+    this.#ac.abort();
+    await this.#busy;
     let report: ApplyReport | undefined;
     try {
       this.ports.forceClose = true;
@@ -192,6 +244,7 @@ export class AgentHost {
       await this.ports.releaseAll();
       await this.#control.close().catch(() => {});
       await this.core.shutdown();
+      await this.leases?.close().catch(() => {});
       this.#ephemeralKeys.clear();
       await this.#closeKeys().catch(() => {});
       await fs.rm(join(this.stateDir, AGENT_PID_FILE), { force: true });

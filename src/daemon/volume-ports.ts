@@ -237,6 +237,30 @@ export class DataPathPorts implements VolumePorts {
     await this.core.closeVolume(v.mapping, { force: this.forceClose });
   }
 
+  /**
+   * Single-writer fencing (the volume's lease is lost): suspend the mapping (new I/O waits, in-flight
+   * I/O drains and is flushed, the key is wiped), then close it (waiting I/O fails). A volume still
+   * attached to a kernel device stays suspended with its key wiped until it is detached: either way
+   * nothing more reaches the shared device.
+   */
+  async fence(v: VolumeTarget, why: string): Promise<void> {
+    if (!this.core.registry.find(v.mapping)) return;
+    log.error('fencing: stopping I/O to the volume', { volume: v.id, why });
+    try {
+      await this.core.suspendVolume(v.mapping);
+    } catch (e) {
+      log.warn('fencing: suspend failed', { volume: v.id, error: e instanceof Error ? e.message : String(e) });
+    }
+    this.#served.delete(v.mapping);
+    this.#pseudoMounted.delete(v.mapping);
+    try {
+      await this.core.closeVolume(v.mapping, { force: true });
+      log.info('fenced: volume closed', { volume: v.id });
+    } catch (e) {
+      log.warn('fenced: volume stays suspended', { volume: v.id, error: e instanceof Error ? e.message : String(e) });
+    }
+  }
+
   async attach(v: VolumeTarget): Promise<AttachInfo> {
     const st = this.core.statusOf(v.mapping);
     if (!st.active) throw new CryptmapError('ENODEV', `${v.id} is not open`, { errno: 'ENOENT' });

@@ -19,7 +19,7 @@ import { CryptmapError, isCryptmapError } from '../util/errors.js';
 import { type Logger, logger } from '../util/log.js';
 import { Secret } from '../util/secret.js';
 import { type ObservedVolume, plan, type Step } from './plan.js';
-import type { EphemeralKeyStore, KeyPort, VolumePorts, VolumeTarget } from './ports.js';
+import type { EphemeralKeyStore, KeyPort, LeasePort, VolumePorts, VolumeTarget } from './ports.js';
 import type { AgentState, StepKind, VolumeRecord } from './state.js';
 
 export interface StatePort {
@@ -46,6 +46,8 @@ export interface ApplyOptions {
   retry?: RetryPolicy;
   sleep?: (ms: number) => Promise<void>;
   log?: Logger;
+  /** Single-writer leases for volumes on shared storage (`device`); none: no coordination. */
+  leases?: LeasePort;
   /** Random bytes for per-boot keys (tests may seed it). */
   random?: (n: number) => Buffer;
   /**
@@ -55,7 +57,7 @@ export interface ApplyOptions {
   mode?: 'reconcile' | 'shutdown';
 }
 
-export type VolumeState = 'ready' | 'refused' | 'failed' | 'waiting-for-keys' | 'retired' | 'stopped' | 'removed';
+export type VolumeState = 'ready' | 'refused' | 'failed' | 'waiting-for-keys' | 'waiting-for-lease' | 'retired' | 'stopped' | 'removed';
 
 export interface VolumeReport {
   id: string;
@@ -71,7 +73,7 @@ export interface ApplyReport {
   volumes: VolumeReport[];
   /** Nothing is left to do except refusals and volumes waiting for keys or failed. */
   converged: boolean;
-  /** Some volume waits for the key service: run again later. */
+  /** Some volume waits for the key service or for its lease: run again later. */
   retryLater: boolean;
 }
 
@@ -111,6 +113,15 @@ class KeyUnavailable extends Error {
 
 /** A volume was refused mid-way (its key does not unlock it). */
 class Refused extends Error {}
+
+/** Another node holds a shared volume's lease, or the coordination service cannot be reached. */
+class LeaseWait extends Error {
+  readonly holder: { node: string; since: string } | undefined;
+  constructor(message: string, holder?: { node: string; since: string }) {
+    super(message);
+    this.holder = holder;
+  }
+}
 
 /** A volume was refused mid-way (its key does not unlock it). */
 
@@ -169,6 +180,25 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
   const save = () => opts.store.save(state);
 
   const targetOf = (id: string): VolumeTarget => targets.get(id) ?? targetOfRecord(state.volumes[id]!);
+  const leases = opts.leases;
+  const needsLease = (t: VolumeTarget): boolean => leases !== undefined && t.device !== undefined;
+
+  /** Hold the single-writer lease of a shared volume before writing to its device. */
+  const ensureLease = async (t: VolumeTarget): Promise<void> => {
+    if (!needsLease(t) || leases!.holds(t.id)) return;
+    let res: Awaited<ReturnType<LeasePort['acquire']>>;
+    try {
+      res = await leases!.acquire(t.id);
+    } catch (e) {
+      throw new LeaseWait(`the coordination service cannot be reached: ${errText(e)}`);
+    }
+    if (!res.held) {
+      const who = res.holder ? `${res.holder.node} (since ${res.holder.since})` : 'another node';
+      throw new LeaseWait(`waiting for the single-writer lease, held by ${who}`, res.holder);
+    }
+    const r = state.volumes[t.id];
+    if (r) r.lease = { holder: leases!.node, self: true };
+  };
 
   /** The persistent volume's key, from the key service, with backoff while it is unreachable. */
   const derivedKey = async (t: VolumeTarget): Promise<Secret> => {
@@ -248,7 +278,9 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
       case 'createFile': {
         // Persistent: have the key before anything exists, so an unreachable key service leaves nothing behind.
         if (t.kind === 'scratch' && t.class === 'persistent') await derivedKey(t);
+        await ensureLease(t);
         state.volumes[t.id] = newRecord(t);
+        if (needsLease(t)) state.volumes[t.id]!.lease = { holder: leases!.node, self: true };
         await save();
         try {
           await ports.createFile(t);
@@ -274,6 +306,7 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
           key = new Secret(random(VOLUME_PASSPHRASE_BYTES));
           ephemeralKeys.put(t.id, bootId, key);
         }
+        await ensureLease(t);
         try {
           await ports.format(t, key);
         } catch (e) {
@@ -297,6 +330,7 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
           await ports.openPlain(t, key);
         } else if (t.class === 'persistent') {
           const key = await derivedKey(t);
+          await ensureLease(t);
           try {
             await ports.open(t, key);
           } catch (e) {
@@ -310,6 +344,11 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
           }
           const r = await recordFor(t);
           r.bootId = bootId;
+          if (needsLease(t)) r.lease = { holder: leases!.node, self: true };
+          if (r.phase === 'waiting-for-lease') {
+            r.phase = 'formatted';
+            r.formatted = true;
+          }
         } else {
           const key = ephemeralKeys.get(t.id, bootId);
           if (!key) throw new CryptmapError('EKEYLOST', `the per-boot key of ${t.id} is gone; the volume will be remade`);
@@ -354,6 +393,10 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
       case 'close': {
         await ports[step.kind](t);
         const r = state.volumes[t.id];
+        if (step.kind === 'close' && needsLease(t)) {
+          await leases!.release(t.id);
+          if (r) delete r.lease;
+        }
         if (step.kind === 'detach' && r) delete r.attach;
         if (step.kind === 'close' && r && !isDesired && r.class === 'persistent') r.phase = kept;
         touch(step.kind);
@@ -361,6 +404,7 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
         return;
       }
       case 'deleteFile': {
+        await ensureLease(t);
         await ports.deleteFile(t);
         ephemeralKeys.drop(t.id);
         delete state.volumes[t.id];
@@ -401,6 +445,22 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
       } catch (e) {
         stopped.add(step.id);
         if (e instanceof Refused) continue;
+        if (e instanceof LeaseWait) {
+          log.warn('volume waits for its lease', { volume: step.id, reason: e.message });
+          let r = state.volumes[step.id];
+          if (!r) {
+            // Adopted later (open) or made (createFile) once the lease is ours; shown in status meanwhile.
+            const t = targetOf(step.id);
+            r = { ...newRecord(t), phase: 'waiting-for-lease', created: false };
+            state.volumes[step.id] = r;
+          } else if (r.phase !== 'creating') r.phase = 'waiting-for-lease';
+          if (e.holder) r.lease = { holder: e.holder.node, self: false, since: e.holder.since };
+          else delete r.lease;
+          r.updatedAt = now();
+          await save().catch(() => {});
+          outcome.set(step.id, { id: step.id, state: 'waiting-for-lease', reason: e.message, code: 'ELEASE_HELD' });
+          continue;
+        }
         if (e instanceof KeyUnavailable) {
           const waiting = e.keyError.code === 'EKEYD_UNREACHABLE';
           log.error(waiting ? 'key service unreachable; volume left as it is' : 'key service refused the key', { volume: step.id, error: e.message });
@@ -458,7 +518,7 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
       executed,
       volumes,
       converged: remaining.length === 0,
-      retryLater: volumes.some((v) => v.state === 'waiting-for-keys'),
+      retryLater: volumes.some((v) => v.state === 'waiting-for-keys' || v.state === 'waiting-for-lease'),
     };
   } finally {
     for (const k of derived.values()) k.dispose();

@@ -45,6 +45,20 @@ export const MANIFEST_SCHEMA = {
         },
       },
     },
+    coordination: {
+      type: 'object',
+      additionalProperties: false,
+      required: ['etcd'],
+      properties: {
+        etcd: {
+          type: 'array',
+          minItems: 1,
+          items: { type: 'string', pattern: '^https?://[^/\\s]+/?$', 'x-message': 'must be an etcd client URL like http://10.0.0.5:2379' },
+        },
+        ttl: { type: 'integer', minimum: 2, maximum: 300, 'x-message': 'must be the lease TTL in seconds, 2-300' },
+        prefix: { type: 'string', pattern: '^/', 'x-message': 'must be an etcd key prefix starting with /' },
+      },
+    },
     services: {
       type: 'array',
       items: {

@@ -66,10 +66,20 @@ export interface KeyServiceRef {
   rootSecretFile?: string;
 }
 
+/** Where single-writer leases of shared volumes live (issue 15 item 4). */
+export interface CoordinationRef {
+  etcd: string[];
+  /** Lease TTL in seconds (default 10). */
+  ttl?: number;
+  /** etcd key prefix (default /cryptmap/leases/). */
+  prefix?: string;
+}
+
 export interface Manifest {
   version: 1;
   file: string;
   keyService: KeyServiceRef;
+  coordination?: CoordinationRef;
   services: ServiceSpec[];
   swap: SwapSpec[];
 }
@@ -196,6 +206,7 @@ export function parseManifest(text: string, file = 'manifest.yaml'): Manifest {
   }
   const raw = data as {
     keyService?: KeyServiceRef;
+    coordination?: CoordinationRef;
     services?: { name: string; volumes: Record<string, unknown>[] }[];
     swap?: Record<string, unknown>[];
   };
@@ -282,7 +293,9 @@ export function parseManifest(text: string, file = 'manifest.yaml'): Manifest {
     return sw;
   });
   if (problems.length > 0) fail(problems.sort((a, b) => a.line - b.line));
-  return { version: 1, file, keyService, services, swap };
+  const m: Manifest = { version: 1, file, keyService, services, swap };
+  if (raw.coordination) m.coordination = raw.coordination;
+  return m;
 }
 
 /** Read and parse a manifest file. */

@@ -105,6 +105,21 @@ export interface VolumePorts {
   unmount(v: VolumeTarget): Promise<void>;
 }
 
+/**
+ * Single-writer leases of volumes on shared storage (coordination/etcd-leases.ts fits). The apply
+ * loop takes a volume's lease before any step that writes its device (createFile, format,
+ * deleteFile, open) and gives it back after closing it. Losing it is handled outside the loop
+ * (the agent fences the volume: suspend, then close).
+ */
+export interface LeasePort {
+  /** This node's name. */
+  readonly node: string;
+  /** Take the lease if free or ours; else who holds it. Throws when the service cannot be reached. */
+  acquire(id: string): Promise<{ held: true } | { held: false; holder?: { node: string; since: string } }>;
+  holds(id: string): boolean;
+  release(id: string): Promise<void>;
+}
+
 /** The key service as the reconciler sees it (a KeyClient fits). */
 export interface KeyPort {
   deriveKey(req: DeriveRequest): Promise<Secret>;

@@ -21,7 +21,7 @@ export const STATE_VERSION = 1;
 export type StepKind = 'createFile' | 'format' | 'open' | 'attach' | 'mkfs' | 'mount' | 'unmount' | 'detach' | 'close' | 'deleteFile' | 'refuse';
 
 /** `stopped`: closed by an agent shutdown (reopened at the next start); `retired`: no longer in the manifest. */
-export type VolumePhase = 'creating' | 'formatted' | 'ready' | 'refused' | 'retired' | 'stopped';
+export type VolumePhase = 'creating' | 'formatted' | 'ready' | 'refused' | 'retired' | 'stopped' | 'waiting-for-lease';
 
 export interface VolumeRecord {
   id: string;
@@ -45,6 +45,8 @@ export interface VolumeRecord {
   /** The last step that failed on this volume and why (cleared when it is ready). */
   failed?: string;
   attach?: AttachInfo;
+  /** Shared storage: who holds the volume's single-writer lease, as last seen (`self`: this node). */
+  lease?: { holder: string; self: boolean; since?: string };
   updatedAt: string;
 }
 

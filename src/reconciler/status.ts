@@ -16,6 +16,8 @@ export interface StatusRow {
   device: string | null;
   path: string;
   note: string | null;
+  /** Shared storage: the single-writer lease's holder, as last seen. */
+  lease: { holder: string; self: boolean; since?: string } | null;
 }
 
 export function statusRows(state: AgentState): StatusRow[] {
@@ -32,6 +34,7 @@ export function statusRows(state: AgentState): StatusRow[] {
       device: r.attach?.device ?? null,
       path: r.path,
       note: r.refused ?? r.failed ?? r.attach?.note ?? null,
+      lease: r.lease ?? null,
     }));
 }
 
@@ -47,6 +50,9 @@ export function formatStatus(rows: StatusRow[]): string {
       .join('  ')
       .trimEnd();
   let out = [line(head), ...body.map(line)].join('\n') + '\n';
-  for (const r of rows) if (r.note) out += `${r.id}: ${r.note}\n`;
+  for (const r of rows) {
+    if (r.lease) out += `${r.id}: lease held by ${r.lease.holder}${r.lease.self ? ' (this node)' : ''}${r.lease.since ? ` since ${r.lease.since}` : ''}\n`;
+    if (r.note) out += `${r.id}: ${r.note}\n`;
+  }
   return out;
 }

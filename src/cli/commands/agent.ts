@@ -3,7 +3,7 @@
  * data path in process (daemon/agent-host.ts).
  *
  *   cryptmap agent [--manifest FILE] --state-dir DIR [--boot-id ID] [--once] [--nbd-only]
- *                  [--force-swap] [--mount-root DIR] [--metrics [HOST:]PORT [--metrics-token-file F]]
+const USAGE = `usage: cryptmap agent [--manifest FILE] --state-dir DIR [--boot-id ID] [--once] [--nbd-only] [--force-swap] [--mount-root DIR] [--node NAME] ${METRICS_USAGE}
  *   cryptmap agent status [--json] --state-dir DIR
  *
  * Without --manifest the built-in default manifest (examples/manifest.yaml) is used: what `npm start`
@@ -31,7 +31,7 @@ import { AgentMetrics, registerDaemonMetrics } from '../../daemon/metrics.js';
 import { checkMetricsOptions, METRICS_OPTIONS, METRICS_USAGE, metricsRegistry, serveMetricsOption } from '../metrics-option.js';
 import type { MetricsServer } from '../../util/metrics-http.js';
 
-const USAGE = `usage: cryptmap agent [--manifest FILE] --state-dir DIR [--boot-id ID] [--once] [--nbd-only] [--force-swap] [--mount-root DIR] ${METRICS_USAGE}
+const USAGE = `usage: cryptmap agent [--manifest FILE] --state-dir DIR [--boot-id ID] [--once] [--nbd-only] [--force-swap] [--mount-root DIR] [--node NAME] ${METRICS_USAGE}
        cryptmap agent status [--json] --state-dir DIR
 `;
 
@@ -51,6 +51,7 @@ function parse(argv: string[]) {
         'nbd-only': { type: 'boolean' },
         'force-swap': { type: 'boolean' },
         'mount-root': { type: 'string' },
+        node: { type: 'string' },
         json: { type: 'boolean' },
         ...METRICS_OPTIONS,
         help: { type: 'boolean', short: 'h' },
@@ -117,6 +118,7 @@ const agent: VerbMain = async (argv, io) => {
     serve: v['nbd-only'] ? 'nbd-only' : 'auto',
     forceSwap: v['force-swap'] ?? false,
     ...(v['mount-root'] ? { mountRoot: v['mount-root'] } : {}),
+    ...(v.node ? { node: v.node } : {}),
   });
   const registry = metricsRegistry(v, 'agent');
   const agentMetrics = registry ? new AgentMetrics(registry) : undefined;
