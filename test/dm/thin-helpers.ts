@@ -26,8 +26,8 @@ export interface ThinRig {
   fault?: FaultDevice;
 }
 
-/** A registry with /mem/meta and /mem/data (reused when given), the metadata behind `plan` if any. */
-export function thinRig(opts: { metaBytes?: number; dataBytes?: number; meta?: MemoryDevice; data?: MemoryDevice; plan?: FaultPlan } = {}): ThinRig {
+/** A registry with /mem/meta and /mem/data (reused when given), the metadata behind `plan` if any, and /mem/NAME for each of `more`. */
+export function thinRig(opts: { metaBytes?: number; dataBytes?: number; meta?: MemoryDevice; data?: MemoryDevice; plan?: FaultPlan; more?: Record<string, MemoryDevice> } = {}): ThinRig {
   const meta = opts.meta ?? new MemoryDevice({ sizeBytes: opts.metaBytes ?? MiB });
   const data = opts.data ?? new MemoryDevice({ sizeBytes: opts.dataBytes ?? 16 * MiB });
   const fault = opts.plan ? new FaultDevice(meta, opts.plan) : undefined;
@@ -35,6 +35,8 @@ export function thinRig(opts: { metaBytes?: number; dataBytes?: number; meta?: M
     openFile: async (path: string): Promise<BlockDevice> => {
       if (path === '/mem/meta') return shareOf(fault ?? meta);
       if (path === '/mem/data') return shareOf(data);
+      const more = opts.more?.[path.slice('/mem/'.length)];
+      if (path.startsWith('/mem/') && more !== undefined) return shareOf(more);
       throw new CryptmapError('EOPEN', `cannot open ${path}: no such memory device`, { errno: 'ENOENT', exitCode: 4 });
     },
   });

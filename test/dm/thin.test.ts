@@ -39,7 +39,8 @@ test('thin-pool and thin tables: strict parsing, errors name line, target and ar
     ['0 100 thin pool', /table line 1: thin <dev id>: expected 'thin <pool dev> <dev id> \[<external origin dev>\]', got 1 arguments/],
     ['0 100 thin pool 16777216', /thin <dev id>: '16777216' is too large \(max 16777215\)/],
     ['0 100 thin pool 4', /thin <dev id>: couldn't open thin internal device: thin device 4 does not exist/],
-    ['0 100 thin pool 3 /mem/data', /thin <external origin dev>: an external origin is not supported/],
+    ['0 100 thin pool 3 pool', /thin <external origin dev>: error setting origin device: it is the pool device/],
+    ['0 100 thin pool 3 /mem/nope', /thin <external origin dev>: cannot open \/mem\/nope/],
     ['0 100 thin /mem/data 3', /thin <pool dev>: \/mem\/data is not an active thin-pool device/],
   ];
   for (const [t, re] of badThin) await assert.rejects(registry.create('t', { table: t }), re, t);
@@ -368,5 +369,55 @@ test('one pool per metadata device: a second pool on it is refused (EBUSY)', asy
   });
   await registry.remove('p1');
   await registry.create('p2', { table: '0 8192 thin-pool /mem/meta /mem/data 128 0' });
+  await registry.closeAll();
+});
+
+test('external origin: unprovisioned blocks read from it (zeros past its end), the first write copies its block, discard shows it again, write-zeroes gives zeros; it is never written', async () => {
+  // The origin ends in the middle of block 3.
+  const originBytes = 3 * BLOCK + BLOCK / 2;
+  const origin = new MemoryDevice({ sizeBytes: originBytes });
+  const o = pattern(originBytes, 7);
+  await origin.write(0, o);
+  const { registry } = thinRig({ dataBytes: 4 * MiB, more: { origin } });
+  await registry.create('pool', { table: '0 8192 thin-pool /mem/meta /mem/data 128 0' });
+  await registry.message('pool', 0, ['create_thin', '0']);
+  const len = (8 * BLOCK) / 512;
+  await registry.create('t', { table: `0 ${len} thin pool 0 /mem/origin` });
+  assert.equal(table(registry, 't'), `0 ${len} thin pool 0 /mem/origin`);
+  const h = registry.open('t');
+  const expect = Buffer.alloc(8 * BLOCK);
+  o.copy(expect);
+  const all = Buffer.alloc(8 * BLOCK);
+  const check = async (what: string): Promise<void> => {
+    await h.read(0, all);
+    assert.ok(all.equals(expect), what);
+  };
+  await check('unprovisioned blocks read from the origin, zeros past its end');
+  // Partial writes: block 1 (inside the origin) and block 3 (across its end); a whole block 5.
+  await h.write(BLOCK + 4096, pattern(4096, 8));
+  pattern(4096, 8).copy(expect, BLOCK + 4096);
+  await h.write(3 * BLOCK + 512, pattern(512, 9));
+  pattern(512, 9).copy(expect, 3 * BLOCK + 512);
+  await h.write(5 * BLOCK, pattern(BLOCK, 10));
+  pattern(BLOCK, 10).copy(expect, 5 * BLOCK);
+  await check('partial writes keep the origin data around them');
+  assert.equal(status(registry, 't'), `0 ${len} thin ${3 * 128} ${6 * 128 - 1}`);
+  assert.deepEqual(await h.blockStatus!(0, 8 * BLOCK), [
+    { lengthBytes: 4 * BLOCK, hole: false, zero: false },
+    { lengthBytes: BLOCK, hole: true, zero: true },
+    { lengthBytes: BLOCK, hole: false, zero: false },
+    { lengthBytes: 2 * BLOCK, hole: true, zero: true },
+  ]);
+  // Discard of block 1 shows the origin again (as the kernel's); write-zeroes of block 2 stays zeros.
+  await h.discard(BLOCK, BLOCK);
+  o.copy(expect, BLOCK, BLOCK, 2 * BLOCK);
+  await h.writeZeroes(2 * BLOCK, BLOCK);
+  expect.fill(0, 2 * BLOCK, 3 * BLOCK);
+  await check('discard shows the origin, write-zeroes writes zeros');
+  await h.flush();
+  const back = Buffer.alloc(originBytes);
+  await origin.read(0, back);
+  assert.ok(back.equals(o), 'the origin is never written');
+  await h.close();
   await registry.closeAll();
 });

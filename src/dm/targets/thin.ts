@@ -8,12 +8,15 @@
  *   - `<pool dev>` must be a mapped device with a live thin-pool table; the pool may not be
  *     suspended ("Unable to activate thin device while pool is suspended"), nor failed.
  *   - `<dev id>` (24 bits) must exist in the pool metadata (created with create_thin/create_snap).
+ *   - `<external origin dev>` (opened read-only; not the pool device: "Error setting origin
+ *     device"): reads of unmapped blocks come from it, zeros past its end; the first write to such a
+ *     block copies the origin's block into the new one (break-on-write, as for a snapshot); a
+ *     discarded block reads from the origin again. The origin is never written.
  *   - STATUSTYPE_TABLE: `<pool dev> <dev id>[ <external origin dev>]`.
  *   - STATUSTYPE_INFO: `<mapped sectors> <highest mapped sector>`, `-` for the latter when nothing
  *     is mapped; `Fail` when the pool failed.
- *
- * Not supported yet: the external origin (refused with EUNSUPPORTED).
  */
+import type { BlockDevice } from '../../blockdev/types.js';
 import { MAX_DEV_ID } from '../thin/metadata.js';
 import type { Pool, ThinUser } from '../thin/pool.js';
 import type { TargetInstance, TargetType } from '../types.js';
@@ -25,6 +28,7 @@ import { uintArg } from './args.js';
  *   thin <pool dev> <dev id> [<external origin dev>]
  *   <pool dev>  a mapped device whose table is a thin-pool (name, /dev/mapper/NAME or 253:MINOR)
  *   <dev id>    0..16777215, created in the pool with the create_thin or create_snap message
+ *   <external origin dev>  a read-only device whose data unprovisioned blocks show
  */
 export const thin: TargetType = {
   name: 'thin',
@@ -35,7 +39,9 @@ export const thin: TargetType = {
     }
     const [poolArg, idArg] = args as [string, string];
     const devId = uintArg(idArg, ctx, 'dev id', MAX_DEV_ID);
-    if (args.length === 3) throw ctx.error('external origin dev', 'an external origin is not supported by cryptmap yet', 'EUNSUPPORTED');
+    const originArg = args[2];
+    if (originArg === poolArg) throw ctx.error('external origin dev', 'error setting origin device: it is the pool device', 'EINVAL');
+    const origin = originArg === undefined ? undefined : await ctx.openDevice(originArg, 'external origin dev');
     const poolDev = await ctx.openDevice(poolArg, 'pool dev');
     const pool = poolOf(ctx.mappedOf?.(poolDev));
     if (pool === undefined) throw ctx.error('pool dev', `${poolArg} is not an active thin-pool device (couldn't find pool object)`, 'ENODEV');
@@ -44,7 +50,7 @@ export const thin: TargetType = {
     const dev = pool.md.devices.get(devId);
     if (dev === undefined) throw ctx.error('dev id', `couldn't open thin internal device: thin device ${devId} does not exist in the pool`, 'ENODATA');
     dev.openCount++;
-    return new ThinTarget(pool, poolArg, devId);
+    return new ThinTarget(pool, poolArg, devId, origin === undefined ? undefined : { dev: origin, arg: originArg! });
   },
 };
 
@@ -55,12 +61,16 @@ class ThinTarget implements TargetInstance {
   readonly #poolArg: string;
   readonly #devId: number;
   readonly #user: ThinUser;
+  readonly #origin: BlockDevice | undefined;
+  readonly #originArg: string | undefined;
   #disposed = false;
 
-  constructor(pool: Pool, poolArg: string, devId: number) {
+  constructor(pool: Pool, poolArg: string, devId: number, origin: { dev: BlockDevice; arg: string } | undefined) {
     this.#pool = pool;
     this.#poolArg = poolArg;
     this.#devId = devId;
+    this.#origin = origin?.dev;
+    this.#originArg = origin?.arg;
     this.#user = { devId, active: false };
     pool.users.add(this.#user);
     const data = pool.dataDev;
@@ -75,10 +85,10 @@ class ThinTarget implements TargetInstance {
   }
 
   read(o: number, buf: Uint8Array): Promise<void> {
-    return this.#pool.read(this.#devId, o, buf);
+    return this.#pool.read(this.#devId, o, buf, this.#origin);
   }
   write(o: number, data: Uint8Array, flags?: { fua?: boolean }): Promise<void> {
-    return this.#pool.write(this.#devId, o, data, flags?.fua === true);
+    return this.#pool.write(this.#devId, o, data, flags?.fua === true, this.#origin);
   }
   flush(): Promise<void> {
     return this.#pool.flush();
@@ -87,10 +97,10 @@ class ThinTarget implements TargetInstance {
     return this.#pool.unmap(this.#devId, o, n);
   }
   writeZeroes(o: number, n: number, flags?: { fua?: boolean; noHole?: boolean }): Promise<void> {
-    return this.#pool.writeZeroes(this.#devId, o, n, flags);
+    return this.#pool.writeZeroes(this.#devId, o, n, flags, this.#origin);
   }
   async blockStatus(o: number, n: number) {
-    return this.#pool.blockStatus(this.#devId, o, n);
+    return this.#pool.blockStatus(this.#devId, o, n, this.#origin);
   }
 
   resume(): void {
@@ -101,7 +111,7 @@ class ThinTarget implements TargetInstance {
   }
 
   status(kind: 'table' | 'status'): string {
-    if (kind === 'table') return `${this.#poolArg} ${this.#devId}`;
+    if (kind === 'table') return `${this.#poolArg} ${this.#devId}${this.#originArg === undefined ? '' : ` ${this.#originArg}`}`;
     const p = this.#pool;
     if (p.mode === 'fail') return 'Fail';
     const d = p.md.devices.get(this.#devId);

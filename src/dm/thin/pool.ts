@@ -410,7 +410,18 @@ export class Pool {
     return ps.length === 1 ? ps[0]! : settle(ps);
   }
 
-  async read(id: number, off: number, buf: Uint8Array): Promise<void> {
+  /**
+   * `dst` from the external origin at `at`: what lies past the origin's end reads as zeros (the
+   * thin device may be larger than its origin).
+   */
+  #readOrigin(origin: BlockDevice, at: number, dst: Uint8Array): Promise<void> | undefined {
+    const n = Math.max(0, Math.min(dst.length, origin.sizeBytes - at));
+    if (n < dst.length) dst.fill(0, n);
+    return n > 0 ? origin.read(at, dst.subarray(0, n)) : undefined;
+  }
+
+  /** Reads of unmapped blocks come from `origin` when the thin device has an external origin. */
+  async read(id: number, off: number, buf: Uint8Array, origin?: BlockDevice): Promise<void> {
     if (this.#hold !== undefined) await this.#admit();
     if (this.mode === 'fail') throw ioError('the thin pool has failed');
     const d = this.device(id);
@@ -420,13 +431,16 @@ export class Pool {
       buf.length,
       false,
       (at, pos, n) => this.dataDev.read(at, buf.subarray(pos, pos + n)),
-      (_vb, _in, pos, n) => {
-        buf.fill(0, pos, pos + n);
-      },
+      origin === undefined
+        ? (_vb, _in, pos, n) => {
+            buf.fill(0, pos, pos + n);
+          }
+        : (_vb, _in, pos, n) => this.#readOrigin(origin, off + pos, buf.subarray(pos, pos + n)),
     );
   }
 
-  async write(id: number, off: number, data: Uint8Array, fua: boolean): Promise<void> {
+  /** A partial write to an unmapped block copies the rest of the block from `origin`, if given. */
+  async write(id: number, off: number, data: Uint8Array, fua: boolean, origin?: BlockDevice): Promise<void> {
     if (this.#hold !== undefined) await this.#admit();
     if (this.mode === 'fail') throw ioError('the thin pool has failed');
     const d = this.device(id);
@@ -436,7 +450,7 @@ export class Pool {
       data.length,
       true,
       (at, pos, n) => this.dataDev.write(at, data.subarray(pos, pos + n)),
-      (vb, inOff, pos, n) => this.#writeBlock(d, vb, inOff, data.subarray(pos, pos + n)),
+      (vb, inOff, pos, n) => this.#writeBlock(d, vb, inOff, data.subarray(pos, pos + n), origin),
     );
     if (fua) await this.flush();
   }
@@ -452,7 +466,7 @@ export class Pool {
     }
   }
 
-  async #writeBlock(d: ThinDevice, vb: number, inOff: number, chunk: Uint8Array): Promise<void> {
+  async #writeBlock(d: ThinDevice, vb: number, inOff: number, chunk: Uint8Array, origin: BlockDevice | undefined): Promise<void> {
     for (;;) {
       let locks = this.#locks.get(d.id);
       const held = locks?.get(vb);
@@ -469,7 +483,7 @@ export class Pool {
         locks = new Map();
         this.#locks.set(d.id, locks);
       }
-      const p = this.#provision(d, vb, v, inOff, chunk);
+      const p = this.#provision(d, vb, v, inOff, chunk, origin);
       locks.set(vb, p);
       try {
         await p;
@@ -501,16 +515,21 @@ export class Pool {
     return old.drained();
   }
 
-  /** Allocate a block for `vb` (copying the shared old one, or zeroing), write `chunk`, map it. */
-  async #provision(d: ThinDevice, vb: number, old: number | undefined, inOff: number, chunk: Uint8Array): Promise<void> {
+  /**
+   * Allocate a block for `vb` (copying the shared old one, or the external origin's block, or
+   * zeroing), write `chunk`, map it.
+   */
+  async #provision(d: ThinDevice, vb: number, old: number | undefined, inOff: number, chunk: Uint8Array, origin: BlockDevice | undefined): Promise<void> {
     const bb = this.blockBytes;
     const b = await this.#allocate();
     try {
       const full = inOff === 0 && chunk.length === bb;
+      const fromOrigin = old === undefined && this.#fromOrigin(vb, origin);
       if (full) await this.dataDev.write(b * bb, chunk);
-      else if (old !== undefined || this.features.zeroNewBlocks) {
+      else if (old !== undefined || fromOrigin || this.features.zeroNewBlocks) {
         const whole = Buffer.alloc(bb);
         if (old !== undefined) await this.dataDev.read(blockOf(old) * bb, whole);
+        else if (fromOrigin) await this.#readOrigin(origin!, vb * bb, whole);
         whole.set(chunk, inOff);
         await this.dataDev.write(b * bb, whole);
       } else await this.dataDev.write(b * bb + inOff, chunk);
@@ -586,21 +605,23 @@ export class Pool {
     if (nowFree > 0) this.wakeSpaceWaiters();
   }
 
-  async writeZeroes(id: number, off: number, len: number, flags?: WriteZeroesFlags): Promise<void> {
+  /** Zeros over [off, off+len): whole blocks are unmapped, unless they would read from `origin`. */
+  async writeZeroes(id: number, off: number, len: number, flags?: WriteZeroesFlags, origin?: BlockDevice): Promise<void> {
     const bb = this.blockBytes;
     const d = this.device(id);
     const zero = async (o: number, n: number): Promise<void> => {
       for (let pos = 0; pos < n; ) {
         const vb = Math.floor((o + pos) / bb);
         const m = Math.min(n - pos, (vb + 1) * bb - (o + pos));
-        // An unmapped block already reads as zeros.
-        if (d.map.has(vb) || flags?.noHole) await this.write(id, o + pos, Buffer.alloc(m), false);
+        // An unmapped block already reads as zeros (past the external origin's end).
+        if (d.map.has(vb) || flags?.noHole || this.#fromOrigin(vb, origin)) await this.write(id, o + pos, Buffer.alloc(m), false, origin);
         pos += m;
       }
     };
     const first = Math.ceil(off / bb) * bb;
     const end = Math.floor((off + len) / bb) * bb;
-    if (flags?.noHole || first >= end) await zero(off, len);
+    // Unmapping a block under the external origin would show the origin's data again.
+    if (flags?.noHole || first >= end || (origin !== undefined && first < origin.sizeBytes)) await zero(off, len);
     else {
       await zero(off, first - off);
       await this.unmap(id, first, end - first);
@@ -609,14 +630,19 @@ export class Pool {
     if (flags?.fua) await this.flush();
   }
 
-  blockStatus(id: number, off: number, len: number): Extent[] {
+  /** An unmapped block `vb` reads from the external origin (it starts before the origin's end). */
+  #fromOrigin(vb: number, origin: BlockDevice | undefined): boolean {
+    return origin !== undefined && vb * this.blockBytes < origin.sizeBytes;
+  }
+
+  blockStatus(id: number, off: number, len: number, origin?: BlockDevice): Extent[] {
     const d = this.device(id);
     const bb = this.blockBytes;
     const out: Extent[] = [];
     for (let pos = 0; pos < len; ) {
       const vb = Math.floor((off + pos) / bb);
       const n = Math.min(len - pos, (vb + 1) * bb - (off + pos));
-      const hole = !d.map.has(vb);
+      const hole = !d.map.has(vb) && !this.#fromOrigin(vb, origin);
       const last = out[out.length - 1];
       if (last !== undefined && last.hole === hole) last.lengthBytes += n;
       else out.push({ lengthBytes: n, hole, zero: hole });
