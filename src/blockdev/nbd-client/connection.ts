@@ -185,6 +185,8 @@ export class NbdConnection {
     r.ranges = undefined;
     r.error = undefined;
     r.extents = undefined;
+    // The reply clock starts with the first request after an idle spell, not at the last reply.
+    if (this.#inflight.size === 0) this.#lastRx = Date.now();
     this.#inflight.set(cookie, r);
     this.#inflightBytes += r.length;
     const h = Buffer.allocUnsafe(REQUEST_HEADER_BYTES);
