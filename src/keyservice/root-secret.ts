@@ -38,7 +38,7 @@ import { constants, promises as fs } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { CryptmapError, EXIT_NO_PERMISSION, fromSystemError } from '../util/errors.js';
 import { wipe } from '../util/bytes.js';
-import { Secret } from '../util/secret.js';
+import { allocSecretBuffer, Secret } from '../util/secret.js';
 import { ensureTrustedDir, readTrustedFile, resolveTrusted } from '../util/trusted-path.js';
 import { ROOT_SECRET_BYTES } from './derive.js';
 
@@ -287,7 +287,9 @@ export async function loadRootSecretFile(path: string, passphrase?: Secret): Pro
 export function readPassphraseFile(path: string): Secret {
   const raw = readTrustedFile(path, { code: 'EROOTPASS', private: true, maxBytes: 8192 });
   const end = raw.length > 0 && raw[raw.length - 1] === 0x0a ? raw.length - 1 : raw.length;
-  const s = new Secret(Buffer.from(raw.subarray(0, end)));
+  const copy = allocSecretBuffer(end);
+  raw.copy(copy, 0, 0, end);
+  const s = new Secret(copy);
   wipe(raw);
   if (s.length === 0) {
     s.dispose();

@@ -28,6 +28,7 @@ import { randomBytes } from 'node:crypto';
 import { closeSync, constants, fstatSync, lstatSync, mkdirSync, openSync, readFileSync, readlinkSync, readSync, renameSync, type Stats, unlinkSync, writeSync } from 'node:fs';
 import { basename, dirname, resolve } from 'node:path';
 import { CryptmapError, EXIT_NO_PERMISSION, fromSystemError } from './errors.js';
+import { allocSecretBuffer } from './secret.js';
 
 export interface TrustOptions {
   /** The uid trusted besides root (default: this process's uid). */
@@ -234,7 +235,7 @@ function checkOpenFile(fd: number, path: string, o: FileCheck): Stats {
 export function openTrustedFile(path: string, flags: number, o: FileCheck = {}): number {
   let fd: number;
   try {
-    fd = openSync(path, flags | constants.O_NOFOLLOW);
+    fd = openSync(path, flags | constants.O_NOFOLLOW, 0o600); // the mode applies only when flags create it
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'ELOOP') throw refuse(o, path, 'it is a symbolic link', 'remove the link');
     throw fromSystemError(o.code ?? 'EUNTRUSTED_PATH', `cannot open ${path}`, e, { path });
@@ -268,7 +269,8 @@ export function readTrustedFile(path: string, o: FileCheck & { maxBytes?: number
         throw refuse(o, path, `it is longer than ${max} bytes`, 'give the right file');
       }
     }
-    const out = Buffer.from(buf.subarray(0, n));
+    const out = allocSecretBuffer(n); // its own memory, not Node's shared pool, so a wipe reaches every byte
+    buf.copy(out, 0, 0, n);
     buf.fill(0);
     return out;
   } finally {

@@ -159,7 +159,7 @@ test('a non-root user\'s own directories: group-writable only through the user\'
   const a = attacker(); // here the "caller": a non-root user with a user private group
   const lib = mkdtempSync(join(tmpdir(), 'cm-lib-'));
   chmodSync(lib, 0o755);
-  for (const f of ['trusted-path.js', 'errors.js']) copyFileSync(new URL(`../../src/util/${f}`, import.meta.url), join(lib, f));
+  for (const f of ['trusted-path.js', 'errors.js', 'secret.js']) copyFileSync(new URL(`../../src/util/${f}`, import.meta.url), join(lib, f));
   writeFileSync(join(lib, 'package.json'), '{"type":"module"}');
   const home = a.dir(0o755);
   try {
