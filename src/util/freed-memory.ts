@@ -14,42 +14,27 @@ let open = 0;
 let warned = false;
 
 /**
- * Open a scope; the returned function closes it (idempotent). True in `active` when free() now
- * overwrites released chunks (glibc with the native addon).
+ * Open a scope; the returned function closes it (idempotent). Where free() cannot be made to
+ * overwrite (no glibc or no addon) a warning says so once.
  * @example const done = wipeFreedMemoryScope(); sock.once('close', done);
  */
-export function wipeFreedMemoryScope(): (() => void) & { active: boolean } {
+export function wipeFreedMemoryScope(): () => void {
   const addon = loadNative();
-  const can = typeof addon?.wipeFreedMemory === 'function';
-  let active = false;
-  if (can) {
+  const set = (on: boolean): boolean => {
     try {
-      if (open === 0) active = addon!.wipeFreedMemory!(true);
-      else active = true;
+      return addon?.wipeFreedMemory?.(on) === true;
     } catch {
-      active = false;
+      return false;
     }
-  }
-  if (!active && !warned) {
+  };
+  if (open++ === 0 && !set(true) && !warned) {
     warned = true;
     logger('secrets').warn('freed heap memory is not overwritten (needs glibc and the native addon): a key read from the control socket may stay in freed memory until it is reused');
   }
-  open++;
   let closed = false;
-  const done = Object.assign(
-    () => {
-      if (closed) return;
-      closed = true;
-      open--;
-      if (open === 0 && can) {
-        try {
-          addon!.wipeFreedMemory!(false);
-        } catch {
-          // nothing to undo
-        }
-      }
-    },
-    { active },
-  );
-  return done;
+  return () => {
+    if (closed) return;
+    closed = true;
+    if (--open === 0) set(false);
+  };
 }
