@@ -5,11 +5,11 @@
  * cryptmap's own export; a dm table names the URI as its `<dev>`.
  */
 import assert from 'node:assert/strict';
-import { type ChildProcess, spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, test } from 'node:test';
+import { test } from 'node:test';
+import { type RunningServer, useServers } from '../blockdev/nbd-servers.js';
 import { cryptmap, exec, ok, useDaemon } from './harness.js';
 
 // The daemon (a child of this process) gives a lost NBD server 1.5 s to come back, not 30.
@@ -17,21 +17,11 @@ process.env.CRYPTMAP_NBD_RECONNECT_TIMEOUT_MS = '1500';
 const fx = useDaemon('cm-remote-');
 const MiB = 1 << 20;
 const sha = (b: Uint8Array) => createHash('sha256').update(b).digest('hex');
-const servers: ChildProcess[] = [];
-after(() => {
-  for (const s of servers) s.kill('SIGKILL');
-});
+const servers = useServers('cm-remote-nbdkit-');
 
-async function nbdkitFile(img: string, sock: string): Promise<ChildProcess> {
-  const p = spawn('nbdkit', ['-f', '-U', sock, 'file', img], { stdio: 'ignore' });
-  p.on('error', () => undefined);
-  servers.push(p);
-  for (let i = 0; i < 300 && !existsSync(sock); i++) {
-    if (p.exitCode !== null) throw new Error(`nbdkit exited ${p.exitCode} (Debian package nbdkit)`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  assert.ok(existsSync(sock), 'nbdkit did not start (Debian package nbdkit; scripts/install-deps.sh)');
-  return p;
+/** nbdkit serving `img` on `sock`, used once it accepts connections (test/blockdev/nbd-servers.ts). */
+async function nbdkitFile(img: string, sock: string): Promise<RunningServer> {
+  return servers.start('nbdkit', (s) => ['-f', '-U', s, 'file', img], sock);
 }
 
 test('a cryptsetup LUKS2 volume on nbdkit opens through the NBD client and reads the same bytes', async () => {
@@ -126,7 +116,7 @@ test('a storage server that stays gone: I/O fails with EIO and status says why',
   assert.equal(r.code, 0, r.stderr);
   r = await cryptmap(['status', '--runtime-dir', fx.run, 'gvol']);
   const uri = /nbd: +(\S+)/.exec(r.stdout)?.[1] ?? '';
-  srv.kill('SIGKILL');
+  await srv.kill();
   const q = await exec('qemu-io', ['-f', 'raw', uri, '-c', 'read 0 64k']);
   assert.match(q.stdout + q.stderr, /Input\/output error/);
   r = await cryptmap(['status', '--runtime-dir', fx.run, 'gvol']);
