@@ -144,7 +144,7 @@ async function main() {
   const crashRows = crash.map((c) => [String(c.killed), String(c.durableWrites), String(c.lost)]);
   const attacks = recs.filter((r) => r.kind === 'attack');
   const attackRows = attacks.map((a) => [a.file.replace(/^local-attacker-?/, '').replace(/\.test\.ts$/, '') || '-', a.attempt.replace(/\|/g, '/'), a.outcome.replace(/\|/g, '/'), a.held ? 'held' : '**NOT HELD**']);
-  const allOk = Object.values(status).every((s) => s.ok) && leaked === 0 && secrets.length > 0 && attacks.every((a) => a.held);
+  const allOk = Object.values(status).every((s) => s.ok) && leaked === 0 && secrets.length > 0 && attacks.length > 0 && attacks.every((a) => a.held);
 
   const md = [
     '# Reliability report',
@@ -206,7 +206,7 @@ async function main() {
       writeFileSync(doc, `${cut >= 0 ? old.slice(0, cut) : `${old.trimEnd()}\n\n`}${section}`);
       console.log('written to docs/reliability.md (local attacker section)');
     }
-    return status['local attacker'].ok && attacks.every((a) => a.held) ? 0 : 1;
+    return status['local attacker'].ok && attacks.length > 0 && attacks.every((a) => a.held) ? 0 : 1;
   }
   console.log(`\n${md}`);
   if (!values['no-write']) {
