@@ -687,8 +687,11 @@ static napi_value fuse_set_direct(napi_env env, napi_callback_info info) {
     return NULL;
   }
   uint32_t sb = (uint32_t)cm_key_sector_bytes(k);
-  if (sb % ex->block_bytes != 0 && ex->block_bytes % sb != 0) {
-    napi_throw_range_error(env, "EINVAL", "fuseSetDirect: key sector size does not fit the export's block size");
+  /* Every request is aligned to the export's block: the route must see whole key sectors only, or the
+   * tail of a request below one key sector would be written without encryption. A larger key sector
+   * (after a reload) is refused here and the JS path serves the export. */
+  if (sb == 0 || ex->block_bytes % sb != 0) {
+    napi_throw_range_error(env, "EINVAL", "fuseSetDirect: the key sector size is larger than the export's block size");
     return NULL;
   }
   napi_create_reference(env, a[1], 1, &ex->key_ref);
