@@ -180,15 +180,28 @@ export function encodeRequest(id: number, op: string, args: Record<string, unkno
  * Split a stream of bytes into lines without holding more than MAX_LINE_BYTES of an unfinished
  * line. Returns a push function; onLine gets each complete line, onOverflow fires once. When onLine
  * returns a byte count, that many raw bytes follow the line: they are copied into a new Buffer
- * given to onBinary, and zeroed in the chunks they arrived in (the socket's read buffers).
+ * given to onBinary, and zeroed in the chunks they arrived in (the socket's read buffers). The
+ * unfinished part of a line is copied off the chunk (then zeroed there) and its copies are zeroed
+ * once the line is complete. `wipe()` (call it when the connection closes) zeroes what a connection
+ * that ended half-way left: the unfinished line and the binary bytes received so far.
  */
-export function lineSplitter(onLine: (line: string) => unknown, onOverflow: () => void, onBinary?: (bytes: Buffer) => void): (chunk: Buffer) => void {
+export function lineSplitter(onLine: (line: string) => unknown, onOverflow: () => void, onBinary?: (bytes: Buffer) => void): ((chunk: Buffer) => void) & { wipe(): void } {
   let pending: Buffer[] = [];
   let pendingBytes = 0;
   let dead = false;
   let bin: Buffer | null = null;
   let binAt = 0;
-  return (chunk: Buffer) => {
+  const dropPending = () => {
+    for (const p of pending) p.fill(0);
+    pending = [];
+    pendingBytes = 0;
+  };
+  const overflow = () => {
+    dead = true;
+    dropPending();
+    onOverflow();
+  };
+  const push = (chunk: Buffer) => {
     if (dead) return;
     let start = 0;
     while (start < chunk.length) {
@@ -209,14 +222,16 @@ export function lineSplitter(onLine: (line: string) => unknown, onOverflow: () =
       const nl = chunk.indexOf(0x0a, start);
       if (nl < 0) break;
       const part = chunk.subarray(start, nl);
-      if (pendingBytes + part.length > MAX_LINE_BYTES) {
-        dead = true;
-        onOverflow();
-        return;
+      if (pendingBytes + part.length > MAX_LINE_BYTES) return overflow();
+      let line: string;
+      if (pending.length) {
+        const whole = Buffer.concat([...pending, part]);
+        line = whole.toString('utf8');
+        whole.fill(0);
+        dropPending();
+      } else {
+        line = part.toString('utf8');
       }
-      const line = pending.length ? Buffer.concat([...pending, part]).toString('utf8') : part.toString('utf8');
-      pending = [];
-      pendingBytes = 0;
       start = nl + 1;
       const want = onLine(line);
       if (typeof want === 'number' && want > 0) {
@@ -227,12 +242,19 @@ export function lineSplitter(onLine: (line: string) => unknown, onOverflow: () =
     const rest = chunk.subarray(start);
     if (rest.length) {
       pendingBytes += rest.length;
-      if (pendingBytes > MAX_LINE_BYTES) {
-        dead = true;
-        onOverflow();
-        return;
-      }
-      pending.push(Buffer.from(rest));
+      if (pendingBytes > MAX_LINE_BYTES) return overflow();
+      const copy = allocSecretBuffer(rest.length); // its own memory (not the shared pool): zeroed later
+      rest.copy(copy);
+      rest.fill(0);
+      pending.push(copy);
     }
   };
+  const wipe = () => {
+    dead = true;
+    dropPending();
+    bin?.fill(0);
+    bin = null;
+    binAt = 0;
+  };
+  return Object.assign(push, { wipe });
 }

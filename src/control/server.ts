@@ -131,6 +131,8 @@ export class ControlServer {
       },
     );
     sock.on('data', push);
+    // A connection that ends half-way through a request may leave part of a key behind: zero it.
+    sock.on('close', push.wipe);
   }
 
   async close(): Promise<void> {

@@ -8,12 +8,15 @@ import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable, Writable } from 'node:stream';
 import { test } from 'node:test';
 import { main } from '../../src/cli/main.js';
 import type { CliIO } from '../../src/cli/types.js';
+import { ControlClient } from '../../src/control/client.js';
+import { controlSocketPath } from '../../src/control/runtime-dir.js';
 import { ENTRY, startDaemon } from '../load/helpers.js';
 import { attack } from './attack.js';
 
@@ -113,6 +116,53 @@ test('after luksSuspend the daemon holds no copy of the volume key (its memory s
       const after = scanProcess(daemon!.pid, find);
       assert.deepEqual(after.found, [], `the closed volume's key is still in the daemon's memory`);
       return `no copy in ${(after.scannedBytes / 2 ** 20).toFixed(0)} MiB after the key crossed the control socket twice`;
+    });
+  } finally {
+    if (daemon) await daemon.kill();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a control connection cut half-way through a key leaves no part of it in the daemon', { timeout: 120_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-attacker-cut-'));
+  const key = randomBytes(64);
+  let daemon: Awaited<ReturnType<typeof startDaemon>> | undefined;
+  try {
+    const rundir = join(dir, 'run');
+    daemon = await startDaemon(rundir);
+    await attack('send the daemon a request whose 64-byte key stops after 40 bytes, hang up, then dump its memory', async () => {
+      const sock = connect(controlSocketPath(rundir));
+      await new Promise<void>((res, rej) => {
+        sock.once('connect', res);
+        sock.once('error', rej);
+      });
+      const line = Buffer.from(`${JSON.stringify({ id: 1, op: 'daemon.ping', args: {}, bin: { key: 64 } })}\n`);
+      await new Promise<void>((res, rej) => sock.write(Buffer.concat([line, key.subarray(0, 40)]), (e) => (e ? rej(e) : res())));
+      // The daemon has read the bytes once it answers a request on a second connection that was
+      // opened after them; the cut connection's close is seen no later than that one's data.
+      const sync = async () => {
+        const c = await ControlClient.connect(rundir);
+        try {
+          await c.call('daemon.ping');
+        } finally {
+          c.close();
+        }
+      };
+      await sync();
+      sock.destroy();
+      const find = needles(key).filter((n) => n.name === 'raw half 0');
+      let found: string[] = [];
+      let scanned = 0;
+      // The close is handled in a later turn of the daemon's loop: a few round trips, then the verdict.
+      for (let i = 0; i < 5; i++) {
+        await sync();
+        const r = scanProcess(daemon!.pid, find);
+        found = r.found;
+        scanned = r.scannedBytes;
+        if (found.length === 0) break;
+      }
+      assert.deepEqual(found, [], 'the first 32 bytes of the key are still in the daemon after the connection closed');
+      return `no copy in ${(scanned / 2 ** 20).toFixed(0)} MiB of the daemon's writable memory`;
     });
   } finally {
     if (daemon) await daemon.kill();
