@@ -4,9 +4,9 @@
  * `--dump-json-metadata` (json-c pretty printing), `--dump-volume-key` [`--volume-key-file`] and
  * `--json` (cryptmap's machine-readable summary).
  */
-import { open as fsOpen } from 'node:fs/promises';
 import type { Luks1Volume, Luks2Volume } from '../../luks/index.js';
 import { CryptmapError, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
+import { createExclusiveFile } from '../../util/trusted-path.js';
 import type { CliIO, VerbMain } from '../types.js';
 import { closeQuietly, confirm, getPassphrase, headerPath, intOpt, type LuksArgs, loadLuksForRead, needDevice, parseLuksArgs } from './luks-common.js';
 
@@ -152,6 +152,18 @@ export function dumpJson(v: Luks1Volume | Luks2Volume): unknown {
  * luksDump --unbound -S N [--volume-key-file F] (cryptsetup luksDump_with_unbound_key): the key of an
  * unbound keyslot, after its passphrase, printed in hex or written to a new file (owner read-only).
  */
+/**
+ * --volume-key-file: as cryptsetup, a new file only (O_CREAT|O_EXCL, never through a symlink: an
+ * existing file, perhaps world-readable, is refused rather than overwritten), owner read-only.
+ */
+function writeVolumeKeyFile(file: string, key: Uint8Array): void {
+  try {
+    createExclusiveFile(file, key, 0o400);
+  } catch (e) {
+    throw new CryptmapError('EVKFILE', `Cannot open keyfile ${file} for write.`, { exitCode: 1, cause: e });
+  }
+}
+
 async function dumpUnbound(io: CliIO, vol: Awaited<ReturnType<typeof loadLuksForRead>>['vol'], device: string, v: LuksArgs): Promise<number> {
   const slot = intOpt(v['key-slot'], '--key-slot', 0, 31)!;
   if (!vol.keyslots().some((k) => k.id === slot && k.unbound)) throw new CryptmapError('EKEYSLOT', `Keyslot ${slot} does not contain unbound key.`, { exitCode: 1 });
@@ -177,11 +189,7 @@ async function dumpUnbound(io: CliIO, vol: Awaited<ReturnType<typeof loadLuksFor
   try {
     const file = v['volume-key-file'];
     if (file) {
-      const fh = await fsOpen(file, 'wx', 0o400).catch((e) => {
-        throw new CryptmapError('EVKFILE', `Cannot open keyfile ${file} for write.`, { exitCode: 1, cause: e });
-      });
-      await fh.writeFile(uk);
-      await fh.close();
+      writeVolumeKeyFile(file, uk);
     }
     let o = `LUKS header information for ${device}\nUUID:    \t${vol.uuid}\nKeyslot: \t${slot}\nKey bits:\t${uk.length * 8}\n`;
     o += file ? `Key stored to file ${file}.\n` : `Unbound Key:\t${hexLines(uk, '\t\t')}\n`;
@@ -229,13 +237,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       try {
         const vkFile = v['volume-key-file'];
         if (vkFile) {
-          // As cryptsetup: create the file exclusively, owner read-only (an existing file, perhaps
-          // world-readable, is refused rather than overwritten).
-          const fh = await fsOpen(vkFile, 'wx', 0o400).catch((e) => {
-            throw new CryptmapError('EVKFILE', `Cannot open keyfile ${vkFile} for write.`, { exitCode: 1, cause: e });
-          });
-          await fh.writeFile(vk);
-          await fh.close();
+          writeVolumeKeyFile(vkFile, vk);
         }
         const seg = vol.dataSegment;
         const [name, ...mode] = seg.cipher.split('-');
