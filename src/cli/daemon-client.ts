@@ -4,6 +4,7 @@
  */
 import { ControlClient } from '../control/client.js';
 import { runtimeDir } from '../control/runtime-dir.js';
+import { CryptmapError, isCryptmapError } from '../util/errors.js';
 
 /** Connect to the daemon: `--runtime-dir` wins over CRYPTMAP_RUNTIME_DIR over /run/cryptmap. The caller closes. */
 export function connectDaemon(dirFlag: string | undefined, env: NodeJS.ProcessEnv): Promise<ControlClient> {
@@ -22,5 +23,24 @@ export async function withDaemon<T>(dirFlag: string | undefined, env: NodeJS.Pro
     return await fn(c);
   } finally {
     c.close();
+  }
+}
+
+/**
+ * Whether the daemon (found through CRYPTMAP_RUNTIME_DIR, else /run/cryptmap) has a volume with LUKS
+ * UUID `uuid` open. No daemon running means nothing is open (false). Any other failure (permission,
+ * an untrusted runtime dir or socket, a broken connection) leaves the answer unknown, so it is an
+ * error naming `action` ("reencrypt", "convert") rather than a guess that the volume is closed.
+ */
+export async function openInDaemon(env: NodeJS.ProcessEnv, uuid: string, action: string): Promise<boolean> {
+  try {
+    return await withDaemon(undefined, env, async (c) => (await c.call('volume.list', {})).some((s) => s.active && s.mapping?.uuid === uuid));
+  } catch (e) {
+    if (isCryptmapError(e, 'EDAEMON_DOWN')) return false;
+    const why = e instanceof Error ? e.message : String(e);
+    throw new CryptmapError('EDAEMON_CHECK', `Cannot ${action}: cannot tell whether the cryptmap daemon has the device open (${why}).`, {
+      exitCode: isCryptmapError(e) ? e.exitCode : 1,
+      cause: e,
+    });
   }
 }

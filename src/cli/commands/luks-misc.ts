@@ -7,7 +7,7 @@ import { readFile } from 'node:fs/promises';
 import type { BlockDevice } from '../../blockdev/types.js';
 import { convertLuks1ToLuks2, convertLuks2ToLuks1, detectLuks, headerBackup, headerRestore, Luks1Volume, type Luks2Volume, withDeviceLock } from '../../luks/index.js';
 import { CryptmapError, EXIT_BUSY, EXIT_NO_PERMISSION, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
-import { withDaemon } from '../daemon-client.js';
+import { openInDaemon } from '../daemon-client.js';
 import type { CliIO, VerbMain } from '../types.js';
 import { closeQuietly, confirm, headerPath, intOpt, type LuksArgs, loadLuks, loadLuksForRead, needDevice, openDevice, parseLuksArgs, recoverLoaded } from './luks-common.js';
 
@@ -89,15 +89,6 @@ async function token(io: CliIO, v: LuksArgs, positionals: string[]): Promise<num
   }
 }
 
-/** True when the cryptmap daemon (if one runs) has a volume with this LUKS UUID open. */
-async function activeInDaemon(io: CliIO, uuid: string): Promise<boolean> {
-  try {
-    return await withDaemon(undefined, io.env, async (c) => (await c.call('volume.list', {})).some((s) => s.active && s.mapping?.uuid === uuid));
-  } catch {
-    return false; // no daemon: nothing is active
-  }
-}
-
 /**
  * cryptsetup convert --type luks1|luks2 (action_luksConvert): the header is loaded as crypt_load does,
  * the confirmation names the header device, and a volume the daemon has open is refused (exit 5).
@@ -113,7 +104,7 @@ async function convert(io: CliIO, dev: BlockDevice, vol: Luks1Volume | Luks2Volu
   }
   // After the format checks, before any write, as cryptsetup's luks_header_in_use.
   const beforeWrite = async () => {
-    if (await activeInDaemon(io, vol.uuid)) throw new CryptmapError('EBUSY', `Cannot convert device ${hdr} which is still in use.`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+    if (await openInDaemon(io.env, vol.uuid, 'convert')) throw new CryptmapError('EBUSY', `Cannot convert device ${hdr} which is still in use.`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
   };
   if (to === 'luks2') await convertLuks1ToLuks2(dev, { beforeWrite });
   else await convertLuks2ToLuks1(dev, { beforeWrite });

@@ -10,7 +10,7 @@ import { initDecrypt, initEncrypt, initReencrypt, inReencryption, type Luks1Volu
 import type { SectorBytes } from '../../engine/types.js';
 import type { BlockDevice } from '../../blockdev/types.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
-import { withDaemon } from '../daemon-client.js';
+import { openInDaemon } from '../daemon-client.js';
 import type { CliIO, VerbMain } from '../types.js';
 import { closeQuietly, confirm, getPassphrase, headerPath, intOpt, keyslotOptions, type LuksArgs, loadLuks, needDevice, openDevice, parseLuksArgs } from './luks-common.js';
 
@@ -22,15 +22,6 @@ function bytesOpt(v: string | undefined, name: string): number | undefined {
   const n = Number(m[1]) * mult;
   if (!Number.isSafeInteger(n) || n <= 0) throw new CryptmapError('EARGS', `Invalid ${name} value.`, { exitCode: EXIT_WRONG_PARAMS });
   return n;
-}
-
-/** True when the cryptmap daemon (if one runs) has a volume with this LUKS UUID open. */
-async function activeInDaemon(io: CliIO, uuid: string): Promise<boolean> {
-  try {
-    return await withDaemon(undefined, io.env, async (c) => (await c.call('volume.list', {})).some((s) => s.active && s.mapping?.uuid === uuid));
-  } catch {
-    return false; // no daemon: nothing is active
-  }
 }
 
 /** Runs (or resumes) the reencryption on disk with SIGINT stopping it after the current hotzone. */
@@ -92,7 +83,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       if (vol.type !== 'luks2') wrongParams('LUKS1 reencryption is not supported by cryptmap yet (convert it to LUKS2, or use cryptsetup).');
       const l2 = vol as Luks2Volume;
       // Online reencryption (through the daemon's mapping) is not there yet: never rewrite data under a live mapping.
-      if (await activeInDaemon(io, l2.uuid)) throw new CryptmapError('EBUSY', `Device ${device} is active in the cryptmap daemon; online reencryption is not supported yet. Close it first.`, { exitCode: 5 });
+      if (await openInDaemon(io.env, l2.uuid, 'reencrypt')) throw new CryptmapError('EBUSY', `Device ${device} is active in the cryptmap daemon; online reencryption is not supported yet. Close it first.`, { exitCode: 5 });
       const running = inReencryption(l2.jsonSnapshot());
       if (v['resume-only'] && !running) throw new CryptmapError('EINVAL', `Device ${device} is not in reencryption.`, { exitCode: 1 });
       if (v['init-only'] && running) throw new CryptmapError('EBUSY', 'LUKS2 reencryption already initialized. Aborting operation.', { exitCode: 1 });
@@ -182,7 +173,7 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
       }
       if (v['resume-only'] && !existing) throw new CryptmapError('EINVAL', `Device ${device} is not in reencryption.`, { exitCode: 1 });
       if (v['init-only'] && existing) throw new CryptmapError('EBUSY', 'LUKS2 reencryption already initialized. Aborting operation.', { exitCode: 1 });
-      if (existing && (await activeInDaemon(io, (existing as Luks2Volume).uuid))) {
+      if (existing && (await openInDaemon(io.env, (existing as Luks2Volume).uuid, 'reencrypt'))) {
         throw new CryptmapError('EBUSY', `Device ${device} is active in the cryptmap daemon; online reencryption is not supported yet. Close it first.`, { exitCode: 5 });
       }
       if (!existing) await confirm(io, `This will overwrite data on ${headerFile ?? device} irrevocably.`, v['batch-mode']);
