@@ -837,8 +837,10 @@ export async function runReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o: 
       while (next) {
         const { off, len } = next;
         if (o.signal?.aborted) {
-          // resilience none wrote no header per hotzone: record where the run got to.
+          // resilience none wrote no header per hotzone: record where the run got to, once the data
+          // up to there is on disk (the header's own flush comes after its writes).
           if (type === 'none' && done > 0) {
+            await data.flush();
             postSegments(c, c.backward ? off + len : off, 0);
             await vol.commitJson(c.j);
           }

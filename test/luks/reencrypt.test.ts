@@ -68,3 +68,39 @@ for (const [resilience, cipher] of [['checksum', undefined], ['journal', undefin
     assert.ok(n > 20, `only ${n} writes`);
   });
 }
+
+test('reencrypt --resilience none interrupted: the data written so far is flushed before the header records the progress', async () => {
+  const base = memDev(SIZE);
+  const v0 = await Luks2Volume.format(base, PASS, { offsetBytes: OFF, keyslotsBytes: OFF - 0x8000, keyslot: { kdf: FAST_PBKDF2 } });
+  await initReencrypt(v0, PASS, { kdf: FAST_PBKDF2, resilience: 'none' });
+  const ac = new AbortController();
+  const ops: string[] = [];
+  let dataWrites = 0;
+  // The device in the order it sees writes and flushes; SIGINT (the abort) after the second data write.
+  const rec: BlockDevice = {
+    sizeBytes: base.sizeBytes,
+    capabilities: base.capabilities,
+    limits: base.limits,
+    read: (at, b) => base.read(at, b),
+    write: async (at, b) => {
+      await base.write(at, b);
+      ops.push(at >= OFF ? 'data' : 'header');
+      if (at >= OFF && ++dataWrites === 2) ac.abort();
+    },
+    flush: async () => {
+      await base.flush();
+      ops.push('flush');
+    },
+    discard: (at, n) => base.discard(at, n),
+    writeZeroes: (at, n, f) => base.writeZeroes(at, n, f),
+    close: async () => undefined,
+  } as BlockDevice;
+  const v = await Luks2Volume.open(rec);
+  assert.equal(await runReencrypt(v, PASS, { hotzoneBytes: 64 << 10, signal: ac.signal }), false);
+  const last = ops.lastIndexOf('data');
+  const header = ops.indexOf('header', last);
+  assert.ok(header > last, `no header write after the data: ${ops.join(' ')}`);
+  assert.ok(ops.slice(last, header).includes('flush'), `the header was written before the data was flushed: ${ops.slice(last).join(' ')}`);
+  // And the saved progress resumes to the end.
+  assert.equal(await runReencrypt(await Luks2Volume.open(base), PASS, { hotzoneBytes: 64 << 10 }), true);
+});
