@@ -135,7 +135,14 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
   try {
     return await run(argv, io);
   } catch (e) {
-    return reportError(e, io);
+    const code = reportError(e, io);
+    // cryptsetup -v (show_status): the failure in words after the error message, on stdout.
+    const opts = argv.indexOf('--') < 0 ? argv : argv.slice(0, argv.indexOf('--'));
+    if (isCryptmapError(e) && code >= 1 && code <= 5 && (opts.includes('-v') || opts.includes('--verbose'))) {
+      const words = ['wrong or missing parameters', 'no permission or bad passphrase', 'out of memory', 'wrong device or file specified', 'device already exists or device is busy'];
+      io.stdout.write(`Command failed with code -${code} (${words[code - 1]}).\n`);
+    }
+    return code;
   }
 }
 

@@ -424,7 +424,8 @@ export class Luks1Volume implements LuksVolume {
         const iters = await pbkdf2Iterations(opts, this.#h.hashSpec.toLowerCase(), volumeKey.length);
         const free = this.#h.keyblock.findIndex((k) => k.active !== LUKS_KEY_ENABLED);
         // With a free slot the change is crash-safe: new slot, one header write, then wipe the old one.
-        const target = free >= 0 ? free : keyslot;
+        // A keyslot named (-S) is rewritten in place, as cryptsetup does (keyslot_new = keyslot_old).
+        const target = free >= 0 && opts.keySlot === undefined ? free : keyslot;
         await this.#store(target, volumeKey.expose(), newPassphrase, iters);
         this.#h.keyblock[target]!.active = LUKS_KEY_ENABLED;
         if (target !== keyslot) {

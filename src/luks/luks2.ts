@@ -698,10 +698,21 @@ export class Luks2Volume implements LuksVolume {
       delete this.#json.keyslots[tmpSlot];
       this.#json.keyslots['__old'] = old;
       let ks: L2Keyslot;
+      let inPlace = false;
       try {
         const dId = this.#digestOfKeyslot(tmpSlot) ?? this.#segmentDigest();
         const bound = this.#json.digests[dId]!.segments.includes('0');
-        ks = await this.#storeKeyslot(tmpSlot, volumeKey.expose(), newPassphrase, kdf, dId, this.#keyslotEncryption(opts, bound ? volumeKey.length : this.#volumeKeyBytes()));
+        const store = () => this.#storeKeyslot(tmpSlot, volumeKey.expose(), newPassphrase, kdf, dId, this.#keyslotEncryption(opts, bound ? volumeKey.length : this.#volumeKeyBytes()));
+        try {
+          ks = await store();
+        } catch (e) {
+          if (!isCryptmapError(e, 'ENOSPACE')) throw e;
+          // No room for a second copy: the keyslot is overwritten in place, as cryptsetup does (its old
+          // area is reused; a crash before the header write loses this keyslot).
+          delete this.#json.keyslots['__old'];
+          inPlace = true;
+          ks = await store();
+        }
       } finally {
         delete this.#json.keyslots['__old'];
       }
@@ -709,7 +720,15 @@ export class Luks2Volume implements LuksVolume {
       this.#json.keyslots[tmpSlot] = ks;
       sortKeys(this.#json);
       await this.#write();
-      await wipeArea(this.#dev, oldArea.o, oldArea.n);
+      // The old material goes; in place, only what the new area does not cover.
+      const nO = Number(ks.area.offset);
+      const nE = nO + Number(ks.area.size);
+      const oE = oldArea.o + oldArea.n;
+      if (!inPlace || nE <= oldArea.o || nO >= oE) await wipeArea(this.#dev, oldArea.o, oldArea.n);
+      else {
+        if (oldArea.o < nO) await wipeArea(this.#dev, oldArea.o, nO - oldArea.o);
+        if (oE > nE) await wipeArea(this.#dev, nE, oE - nE);
+      }
       return keyslot;
     } catch (e) {
       await this.#reload();

@@ -7,7 +7,7 @@ import { chmodSync, copyFileSync, mkdtempSync, rmSync, truncateSync, writeFileSy
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { cryptmap, exec, ok, type Result } from './harness.js';
+import { cryptmap, ENTRY, exec, ok, type Result } from './harness.js';
 
 let dir = '';
 const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
@@ -196,4 +196,67 @@ test('R11 / issue 12 item 3: detached header with --offset past the device; a re
     assert.equal(rm.code, 0);
     assert.equal((await exec(CS, ['open', '--test-passphrase', '--header', hdrs[1]!, dev], 'x\n')).code, 0);
   }
+});
+
+test('R8/R20: luksChangeKey moves a LUKS1 key to a free keyslot; LUKS2 with a full keyslots area changes it in place', async () => {
+  const l1 = await image('luks1', true);
+  assert.equal((await same(l1, ['luksChangeKey', ...FAST, 'IMG'], 'old\nx\n')).slots, '1,2');
+  assert.equal((await same(l1, ['luksChangeKey', ...FAST, '-S', '1', 'IMG'], 'new\nx\n')).slots, '0,1'); // named: in place
+  // LUKS2, 256 KiB of keyslots area: room for two 256-bit keys, none for a third copy.
+  const l2 = join(dir, 'full-area');
+  writeFileSync(l2, '');
+  truncateSync(l2, 20 << 20);
+  await ok(CS, ['-q', 'luksFormat', '--type', 'luks2', l2, kf('k1'), ...FAST, '--key-slot', '0', '--key-size', '256', '--luks2-keyslots-size', '256k']);
+  await ok(CS, ['luksAddKey', '-q', l2, ...FAST, '-d', kf('k1'), '--key-slot', '1', kf('p1')]);
+  assert.equal((await same(l2, ['luksChangeKey', 'IMG', ...FAST, '-d', kf('k1'), kf('k2')])).code, 0);
+  const m = `${l2}.cm`; // what cryptmap left: the new key opens keyslot 0, the old one nothing, keyslot 1 intact
+  assert.equal((await exec(CS, ['open', '--test-passphrase', '-S', '0', '-d', kf('k2'), m])).code, 0);
+  assert.equal((await exec(CS, ['open', '--test-passphrase', '-d', kf('k1'), m])).code, 2);
+  assert.equal((await exec(CS, ['open', '--test-passphrase', '-S', '1', '-d', kf('p1'), m])).code, 0);
+});
+
+/**
+ * Run `bin args` on a pseudo-terminal, answering `steps` ([text awaited, line sent]); every wait has a
+ * deadline (pty-dialog.py). The transcript with the image named IMG and the loop device LOOP.
+ */
+async function dialog(bin: string[], args: string[], steps: [string, string | null][], names: Record<string, string>): Promise<string> {
+  const py = new URL('./pty-dialog.py', import.meta.url).pathname.replace('/dist/', '/');
+  const r = await exec('python3', [py, JSON.stringify(steps), '60', ...bin, ...args]);
+  let t = r.stdout.replaceAll('\r', '');
+  for (const [from, to] of Object.entries(names)) t = t.replaceAll(from, to);
+  // blkid's notes on an old signature: cryptmap does not probe other signatures.
+  return t
+    .split('\n')
+    .filter((l) => !/superblock signature/.test(l))
+    .join('\n');
+}
+
+test('R12: on a terminal the prompt names a loop device by its backing file; -v prints what cryptsetup prints', async () => {
+  const cmBin = [process.execPath, ENTRY];
+  const run = async (bin: string[]) => {
+    const img = join(dir, `tty-${n++}`);
+    writeFileSync(img, '');
+    truncateSync(img, 10 << 20);
+    const loop = (await ok('losetup', ['-f', '--show', img])).trim();
+    const names = { [img]: 'IMG', [loop]: 'LOOP' };
+    try {
+      const out: string[] = [];
+      const yes: [string, string] = ["Are you sure? (Type 'yes' in capital letters):", 'YES'];
+      out.push(await dialog(bin, ['luksFormat', '--type', 'luks1', ...FAST, '-v', loop], [yes, [`Enter passphrase for ${img}:`, 'p0'], ['Verify passphrase:', 'p0']], names));
+      out.push(await dialog(bin, ['luksOpen', '-v', '-T', '2', '--test-passphrase', loop], [[`Enter passphrase for ${img}:`, 'bad'], [`Enter passphrase for ${img}:`, 'p0']], names));
+      out.push(await dialog(bin, ['luksAddKey', '-S', '2', ...FAST, '-v', loop], [['Enter any existing passphrase:', 'p0'], ['Enter new passphrase for key slot:', 'p1'], ['Verify passphrase:', 'p1']], names));
+      out.push(await dialog(bin, ['luksChangeKey', ...FAST, '-v', loop], [['Enter passphrase to be changed:', 'p0'], ['Enter new passphrase:', 'p2'], ['Verify passphrase:', 'p2']], names));
+      out.push(await dialog(bin, ['luksKillSlot', '-v', loop, '2'], [['Enter any remaining passphrase:', 'p2']], names));
+      out.push(await dialog(bin, ['erase', '-v', loop], [yes], names));
+      out.push(await dialog(bin, ['luksOpen', '-v', '-T', '1', '--test-passphrase', loop], [[`Enter passphrase for ${img}:`, 'p2']], names));
+      return out;
+    } finally {
+      await exec('losetup', ['-d', loop]);
+    }
+  };
+  const cs = await run([CS]);
+  const cm = await run(cmBin);
+  for (let i = 0; i < cs.length; i++) assert.equal(cm[i], cs[i], `dialog ${i}`);
+  assert.match(cm[0]!, /Enter passphrase for IMG: /);
+  assert.match(cm.at(-1)!, /No usable keyslot is available\.\nCommand failed with code -1 \(wrong or missing parameters\)\.\n\nEXIT 1/);
 });

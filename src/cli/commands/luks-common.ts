@@ -15,6 +15,7 @@ import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS
 import { type CliValues, parseCommandLine } from '../options.js';
 import { Secret } from '../../util/secret.js';
 import type { CliIO } from '../types.js';
+import { passphrasePrompt } from '../device-name.js';
 
 /** Compiled maximum key file size in cryptsetup (default-keyfile-size-maxkb 8192). */
 export const KEYFILE_MAX_BYTES = 8192 * 1024;
@@ -511,7 +512,7 @@ export async function unlockForOpen(io: CliIO, vol: Luks1Volume | Luks2Volume, d
   if (byToken) return byToken;
   const tries = v['key-file'] !== undefined || !io.stdin.isTTY ? 1 : (intOpt(v.tries, '--tries', 1) ?? 3);
   for (let i = 0; ; i++) {
-    const pass = await getPassphrase(io, `Enter passphrase for ${device}: `, {
+    const pass = await getPassphrase(io, passphrasePrompt(device), {
       keyFile: v['key-file'],
       keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
       keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),

@@ -9,6 +9,7 @@ import { CryptmapError, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/er
 import { createExclusiveFile } from '../../util/trusted-path.js';
 import type { CliIO, VerbMain } from '../types.js';
 import { closeQuietly, confirm, getPassphrase, headerPath, intOpt, type LuksArgs, loadLuksForRead, needDevice, parseLuksArgs } from './luks-common.js';
+import { passphrasePrompt } from '../device-name.js';
 
 /** json-c JSON_C_TO_STRING_PRETTY: two-space indent, no space after ':', closing bracket at the key's indent. */
 export function jsonPretty(v: unknown, level = 0): string {
@@ -172,7 +173,7 @@ async function dumpUnbound(io: CliIO, vol: Awaited<ReturnType<typeof loadLuksFor
   } catch (e) {
     throw isCryptmapError(e, 'EABORT') ? new CryptmapError('EABORT', 'Operation aborted.', { exitCode: 2 }) : e;
   }
-  const pass = await getPassphrase(io, `Enter passphrase for ${device}: `, {
+  const pass = await getPassphrase(io, passphrasePrompt(device), {
     keyFile: v['key-file'],
     keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
     keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
@@ -219,7 +220,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         'The header dump with volume key is sensitive information\nthat allows access to encrypted partition without a passphrase.\nThis dump should be stored encrypted in a safe place.',
         v['batch-mode'],
       );
-      const pass = await getPassphrase(io, `Enter passphrase for ${device}: `, {
+      const pass = await getPassphrase(io, passphrasePrompt(device), {
         keyFile: v['key-file'],
         keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
         keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),

@@ -10,6 +10,7 @@ import type { SectorBytes } from '../../engine/types.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { CliIO, VerbMain } from '../types.js';
 import { closeQuietly, confirm, getPassphrase, intOpt, keyslotOptions, loadLuks, needDevice, openDevice, parseLuksArgs, readVolumeKeyFile } from './luks-common.js';
+import { passphrasePrompt } from '../device-name.js';
 
 /** Sizes like cryptsetup's --luks2-metadata-size (bytes, or with k/m/g suffix). */
 function sizeOpt(v: string | undefined, name: string): number | undefined {
@@ -91,7 +92,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
     }
     pass = await getPassphrase(
       io,
-      `Enter passphrase for ${device}: `,
+      passphrasePrompt(device),
       { keyFile, keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'), keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size') },
       true,
     );

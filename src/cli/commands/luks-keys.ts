@@ -64,6 +64,9 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   const device = needDevice(positionals, `cryptmap ${verb} [OPTION...] <device> ${verb === 'luksKillSlot' ? '<key slot>' : '[<key file>]'}`);
   const hdr = headerPath(v, device);
   if (verb === 'luksAddKey' && v.unbound && !Number(v['key-size'] ?? 0)) throw new CryptmapError('EARGS', 'Key size is required with --unbound option.', { exitCode: EXIT_WRONG_PARAMS });
+  if (verb === 'luksAddKey' && !v.unbound && v['new-key-slot'] === undefined && v['key-slot'] !== undefined && !v['batch-mode']) {
+    io.stdout.write('WARNING: The --key-slot parameter is used for new keyslot number.\n'); // as cryptsetup 2.6, on stdout
+  }
   const dev = await openDevice(hdr, true);
   const secrets: Buffer[] = [];
   try {
@@ -161,10 +164,9 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         say(`Key slot ${keyslot} unlocked.\n`);
         const np = await getPassphrase(io, 'Enter new passphrase: ', newSource(v, positionals[1]), true);
         secrets.push(np);
-        const slot = await vol.changeKey(p, np, { ...ks, keySlot: keyslot });
-        say(`Key slot ${keyslot} changed.\n`);
-        void slot;
-        say('Command successful.\n');
+        const slot = await vol.changeKey(p, np, ks); // -S (ks.keySlot): that keyslot changes in place, as in cryptsetup
+        // cryptsetup names the keyslot that now holds the key (LUKS1 moves it to a free one).
+        say(`Key slot ${slot} created.\nCommand successful.\n`);
         return 0;
       }
       if (verb === 'luksRemoveKey') {

@@ -232,7 +232,12 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         case 'erase':
         case 'luksErase':
           await confirm(io, `This operation will erase all keyslots on device ${hdr}.\nDevice will become unusable after this operation.`, v['batch-mode']);
-          await vol.erase();
+          {
+            const active = vol.keyslots().filter((k) => k.active);
+            await vol.erase();
+            // cryptsetup -v names each keyslot it wiped.
+            if (v.verbose) io.stdout.write(`${active.map((k) => `Key slot ${k.id} removed.\n`).join('')}Command successful.\n`);
+          }
           return 0;
         default:
           throw new CryptmapError('EARGS', `Unknown verb ${verb}.`, { exitCode: EXIT_WRONG_PARAMS });

@@ -13,6 +13,7 @@ import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { openInDaemon } from '../daemon-client.js';
 import type { CliIO, VerbMain } from '../types.js';
 import { closeQuietly, confirm, getPassphrase, headerPath, intOpt, keyslotOptions, type LuksArgs, loadLuks, needDevice, openDevice, parseLuksArgs } from './luks-common.js';
+import { passphrasePrompt } from '../device-name.js';
 
 function bytesOpt(v: string | undefined, name: string): number | undefined {
   if (v === undefined) return undefined;
@@ -88,7 +89,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       if (v['resume-only'] && !running) throw new CryptmapError('EINVAL', `Device ${device} is not in reencryption.`, { exitCode: 1 });
       if (v['init-only'] && running) throw new CryptmapError('EBUSY', 'LUKS2 reencryption already initialized. Aborting operation.', { exitCode: 1 });
       if (v.decrypt && !running && !v.header) throw new CryptmapError('EINVAL', 'LUKS2 decryption requires --header option.', { exitCode: 1 });
-      const pass = await getPassphrase(io, `Enter passphrase for ${device}: `, passSrc);
+      const pass = await getPassphrase(io, passphrasePrompt(device), passSrc);
       try {
         if (!running && v.decrypt) {
           await initDecrypt(l2, pass, {
