@@ -178,7 +178,7 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
         throw new CryptmapError('EBUSY', `Device ${device} is active in the cryptmap daemon; online reencryption is not supported yet. Close it first.`, { exitCode: 5 });
       }
       if (!existing) await confirm(io, `This will overwrite data on ${headerFile ?? device} irrevocably.`, v['batch-mode']);
-      const pass = await getPassphrase(io, `Enter passphrase for ${device}: `, a.passSrc, !existing);
+      const pass = await getPassphrase(io, passphrasePrompt(device), a.passSrc, !existing);
       try {
         let vol = existing as Luks2Volume | null;
         if (!vol) {
