@@ -379,6 +379,7 @@ export class Pool {
     const locks = forWrite ? this.#locks.get(d.id) : undefined;
     const epoch = this.#epoch;
     const go = (at: number, pos: number, n: number): Promise<void> => this.#running(epoch.track(direct(at, pos, n)));
+    const leaveRunning = (): void => this.#leave();
     const ps: Promise<void>[] = [];
     let runAt = -1;
     let runPos = 0;
@@ -401,8 +402,14 @@ export class Pool {
       } else {
         if (runAt >= 0) ps.push(go(runAt, runPos, runLen));
         runAt = -1;
+        // Counted as running before it starts: it may park (uncount itself) at once.
+        this.#enter();
         const r = other(vb, inOff, pos, n, v);
-        if (r !== undefined) ps.push(this.#running(r));
+        if (r === undefined) this.#leave();
+        else {
+          r.then(leaveRunning, leaveRunning);
+          ps.push(r);
+        }
       }
       pos += n;
     }
