@@ -42,7 +42,7 @@ import { type AttachInfo, attachExport, detachExport } from '../nbd/index.js';
 import { CryptmapError, isCryptmapError } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import { loadNative, type NativeKeyHandle } from '../util/native.js';
-import { runTool, unescapeMount } from '../util/tools.js';
+import { mounts, runTool } from '../util/tools.js';
 import type { Keyring } from './keyring.js';
 
 const log = logger('fuse');
@@ -233,19 +233,24 @@ export class FuseExport {
     if (this.#stopped) return;
     this.directOff();
     this.#stopped = true;
-    if (isMounted(this.mountPoint)) {
-      try {
-        await runTool('umount', [this.mountPoint], { code: 'EATTACH' });
-      } catch (e) {
-        if (isMounted(this.mountPoint)) await runTool('umount', ['-l', this.mountPoint], { code: 'EATTACH' }).catch(() => undefined);
-        if (isMounted(this.mountPoint)) throw e;
+    try {
+      if (isMounted(this.mountPoint)) {
+        try {
+          await runTool('umount', [this.mountPoint], { code: 'EATTACH' });
+        } catch (e) {
+          if (isMounted(this.mountPoint)) await runTool('umount', ['-l', this.mountPoint], { code: 'EATTACH' }).catch(() => undefined);
+          if (isMounted(this.mountPoint)) throw e;
+        }
       }
+      for (let i = 0; i < 200 && this.stats().threads > 0; i++) await sleep(10);
+      if (this.stats().threads > 0) abortConnection(this.mountPoint);
+      for (let i = 0; i < 200 && this.stats().threads > 0; i++) await sleep(10);
+      this.#addon.fuseDestroy(this.#h);
+    } finally {
+      // Plaintext passed through the request buffers: wiped on every way out, once no FUSE thread
+      // can be inside one (a thread still serving a request would write the zeros to the device).
+      if (this.stats().threads === 0) for (const b of this.#bufs) b.fill(0);
     }
-    for (let i = 0; i < 200 && this.stats().threads > 0; i++) await sleep(10);
-    if (this.stats().threads > 0) abortConnection(this.mountPoint);
-    for (let i = 0; i < 200 && this.stats().threads > 0; i++) await sleep(10);
-    this.#addon.fuseDestroy(this.#h);
-    for (const b of this.#bufs) b.fill(0);
   }
 }
 
@@ -261,26 +266,14 @@ function abortConnection(mountPoint: string): void {
 }
 
 function isMounted(path: string): boolean {
-  try {
-    return readFileSync('/proc/self/mounts', 'utf8')
-      .split('\n')
-      .some((l) => l.split(' ')[1] === path);
-  } catch {
-    return false;
-  }
+  return mounts().some(([, at]) => at === path);
 }
 
 /** Where `device` is mounted (/proc/self/mounts). */
 function mountsOf(device: string): string[] {
-  try {
-    return readFileSync('/proc/self/mounts', 'utf8')
-      .split('\n')
-      .map((l) => l.split(' '))
-      .filter((f) => f[0] === device && f[1] !== undefined)
-      .map((f) => unescapeMount(f[1]!));
-  } catch {
-    return [];
-  }
+  return mounts()
+    .filter(([src]) => src === device)
+    .map(([, at]) => at);
 }
 
 /** Loop devices whose backing file is `file` (sysfs). */
