@@ -82,7 +82,7 @@ typedef struct {
 
 typedef struct fexport {
   int fd;
-  uint64_t size_bytes;
+  uint64_t size_bytes; /* written by fuseSetSize while threads serve: read and written atomically (fx_size) */
   uint32_t block_bytes;
   uint32_t max_write;
   int read_only;
@@ -135,6 +135,10 @@ static void fx_reply(fexport *ex, uint64_t unique, int err, const void *a, size_
   }
 }
 
+static uint64_t fx_size(fexport *ex) {
+  return __atomic_load_n(&ex->size_bytes, __ATOMIC_ACQUIRE);
+}
+
 static void fx_attr(fexport *ex, struct fuse_attr *a, uint64_t ino) {
   memset(a, 0, sizeof *a);
   a->ino = ino;
@@ -147,8 +151,9 @@ static void fx_attr(fexport *ex, struct fuse_attr *a, uint64_t ino) {
   } else {
     a->mode = S_IFREG | (ex->read_only ? 0400 : 0600);
     a->nlink = 1;
-    a->size = ex->size_bytes;
-    a->blocks = (ex->size_bytes + 511) / 512;
+    uint64_t size = fx_size(ex);
+    a->size = size;
+    a->blocks = (size + 511) / 512;
   }
 }
 
@@ -261,8 +266,9 @@ static void fx_init(fexport *ex, uint64_t unique, const struct fuse_init_in *in)
 
 /* A request at [off, off+len) on the file: 0 when served here, else an errno. */
 static int fx_check(fexport *ex, uint64_t off, uint32_t len) {
+  uint64_t size = fx_size(ex);
   if (off % ex->block_bytes || len % ex->block_bytes) return EINVAL;
-  if (off > ex->size_bytes || len > ex->size_bytes - off) return EINVAL;
+  if (off > size || len > size - off) return EINVAL;
   return 0;
 }
 
@@ -306,7 +312,7 @@ static void fx_request(fexport *ex, fthread *t, size_t n) {
       if (op == FUSE_SETATTR) {
         const struct fuse_setattr_in *s = (const struct fuse_setattr_in *)arg;
         /* The size is the device's; only a no-op truncate (O_TRUNC of the same size) is allowed. */
-        if ((s->valid & FATTR_SIZE) && s->size != ex->size_bytes) {
+        if ((s->valid & FATTR_SIZE) && s->size != fx_size(ex)) {
           fx_reply(ex, unique, EPERM, NULL, 0, NULL, 0);
           return;
         }
@@ -378,7 +384,7 @@ static void fx_request(fexport *ex, fthread *t, size_t n) {
       memset(&s, 0, sizeof s);
       s.st.bsize = 4096;
       s.st.frsize = 4096;
-      s.st.blocks = ex->size_bytes / 4096;
+      s.st.blocks = fx_size(ex) / 4096;
       s.st.files = 1;
       s.st.namelen = 255;
       fx_reply(ex, unique, 0, &s, sizeof s, NULL, 0);
@@ -393,11 +399,12 @@ static void fx_request(fexport *ex, fthread *t, size_t n) {
       uint32_t len = r->size;
       if (len > ex->max_write) len = ex->max_write;
       /* A regular file: reading at or after the end gives 0 bytes, a read across it is short. */
-      if (off >= ex->size_bytes) {
+      uint64_t size = fx_size(ex); /* one value for both checks: a resize may run meanwhile */
+      if (off >= size) {
         fx_reply(ex, unique, 0, NULL, 0, NULL, 0);
         return;
       }
-      if (len > ex->size_bytes - off) len = (uint32_t)(ex->size_bytes - off);
+      if (len > size - off) len = (uint32_t)(size - off);
       int err = fx_check(ex, off, len);
       if (err) {
         fx_reply(ex, unique, err, NULL, 0, NULL, 0);
@@ -514,10 +521,16 @@ static fexport *fx_get(napi_env env, napi_value v) {
 }
 
 static void fx_finalize(napi_env env, void *data, void *hint) {
-  /* Only reached after fuseDestroy (which the JS side always calls) or at process exit. */
+  /* The JS handle is gone. After fuseDestroy no thread is left and nothing refers to the struct: free
+   * it. Without fuseDestroy (a crash path, process exit) threads may still use it: it stays. */
   (void)env;
-  (void)data;
   (void)hint;
+  fexport *ex = data;
+  if (!ex || !ex->destroyed) return;
+  for (int i = 0; i < ex->nthreads; i++) pthread_cond_destroy(&ex->th[i].cv);
+  pthread_cond_destroy(&ex->drain_cv);
+  pthread_mutex_destroy(&ex->mu);
+  free(ex);
 }
 
 static int get_u32(napi_env env, napi_value v, uint32_t *out) {
@@ -719,9 +732,7 @@ static napi_value fuse_set_size(napi_env env, napi_callback_info info) {
     napi_throw_range_error(env, "EINVAL", "fuseSetSize: bad size");
     return NULL;
   }
-  pthread_mutex_lock(&ex->mu);
-  ex->size_bytes = (uint64_t)size;
-  pthread_mutex_unlock(&ex->mu);
+  __atomic_store_n(&ex->size_bytes, (uint64_t)size, __ATOMIC_RELEASE);
   return NULL;
 }
 
@@ -793,8 +804,7 @@ static napi_value fuse_destroy(napi_env env, napi_callback_info info) {
     napi_delete_reference(env, ex->th[i].buf_ref);
     ex->th[i].buf_ref = NULL;
   }
-  ex->destroyed = 1;
-  /* The struct stays allocated (a few KiB): the external may still be referenced from JS. */
+  ex->destroyed = 1; /* freed by fx_finalize once the JS handle is collected */
   return NULL;
 }
 
