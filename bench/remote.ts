@@ -9,7 +9,10 @@
  * Prints MB/s (median of --repeat runs) and the ratios to the peer; the target is crypt >= 0.8 x
  * nbdcopy in both directions. Not a test: numbers depend on the machine and its load (shown).
  *
- * Usage: npm run bench:remote [-- --size-mib 512 --repeat 3 --connections 4]
+ * (b) the same against Ceph RBD (scripts/ceph-mini.sh, an image exported by qemu-nbd), nbdcopy straight
+ * to an RBD image against cryptmap's LUKS2 volume on another image (`--no-ceph` leaves it out).
+ *
+ * Usage: npm run bench:remote [-- --size-mib 512 --repeat 3 --connections 4 --ceph-size-mib 256 --no-ceph]
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
@@ -43,6 +46,7 @@ async function waitFor(path: string, child: ChildProcess, what: string): Promise
   if (!existsSync(path)) throw new Error(`${what}: ${path} did not appear`);
 }
 
+const CEPH_MINI = fileURLToPath(new URL('../../scripts/ceph-mini.sh', import.meta.url));
 const loadavg = () => readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
@@ -97,6 +101,8 @@ async function main(): Promise<void> {
       'size-mib': { type: 'string', default: '512' },
       repeat: { type: 'string', default: '3' },
       connections: { type: 'string', default: '4' },
+      'no-ceph': { type: 'boolean', default: false },
+      'ceph-size-mib': { type: 'string', default: '256' },
     },
   });
   const sizeBytes = Number(values['size-mib']) * 1048576;
@@ -106,80 +112,88 @@ async function main(): Promise<void> {
   const dir = mkdtempSync(join(shm, 'cryptmap-bench-remote-'));
   const procs: ChildProcess[] = [];
   try {
-    const src = join(dir, 'src.img');
     const chunk = Buffer.allocUnsafe(16 << 20);
-    const fd = openSync(src, 'w', 0o600);
-    for (let done = 0; done < sizeBytes; done += chunk.length) {
-      randomFillSync(chunk);
-      writeSync(fd, chunk, 0, Math.min(chunk.length, sizeBytes - done));
-    }
-    closeSync(fd);
     const keyFile = join(dir, 'key');
     writeFileSync(keyFile, 'bench remote passphrase', { mode: 0o600 });
 
-    // The storage: nbdkit memory, large enough for the volume plus its LUKS2 header.
+    const nbdcopyMbps = async (args: string[], bytes: number) => {
+      const t0 = process.hrtime.bigint();
+      await run('nbdcopy', args, 'libnbd-bin');
+      return bytes / 1e6 / (Number(process.hrtime.bigint() - t0) / 1e9);
+    };
+    const randomFile = (path: string, bytes: number) => {
+      // Random bytes (holes would let nbdcopy skip work).
+      const f = openSync(path, 'w', 0o600);
+      for (let done = 0; done < bytes; done += chunk.length) {
+        randomFillSync(chunk);
+        writeSync(f, chunk, 0, Math.min(chunk.length, bytes - done));
+      }
+      closeSync(f);
+    };
+    /**
+     * One storage: nbdcopy straight to `peerUri` (an export of exactly `bytes`) against nbdcopy to a
+     * LUKS2 volume on `cryptExport` served by a cryptmap daemon core (a child) through its NBD client.
+     */
+    const storage = async (tag: string, cryptExport: string, peerUri: string, bytes: number, passes: number, extra?: (r: Record<string, number[]>, src: string) => Promise<void>) => {
+      const srcN = join(dir, `${tag}-src.img`);
+      randomFile(srcN, bytes);
+      await run('nbdcopy', [srcN, cryptExport], 'libnbd-bin'); // no holes anywhere the passes touch
+      await run('nbdcopy', [srcN, peerUri], 'libnbd-bin');
+      await run(process.execPath, [fileURLToPath(new URL('../src/cli/entry.js', import.meta.url)), 'luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', keyFile, cryptExport], 'cryptmap');
+      const cmSock = join(dir, `${tag}-cryptmap.sock`);
+      const cm = spawn(process.execPath, [...process.execArgv, fileURLToPath(import.meta.url), '--child', cmSock, cryptExport, keyFile, join(dir, `${tag}-attach`)], { stdio: ['ignore', 'pipe', 'inherit'] });
+      procs.push(cm);
+      await waitFor(cmSock, cm, 'cryptmap');
+      const cryptUri = nbdUnixUri('crypt', cmSock);
+      const cryptSize = Number((await run('nbdinfo', ['--size', cryptUri], 'libnbd-bin')).trim());
+      if (cryptSize < bytes) throw new Error(`the volume has ${cryptSize} bytes, fewer than ${bytes}`);
+      // nbdcopy moves the whole volume (a little more than `bytes`): MB/s are of its size.
+      const cryptSrc = join(dir, `${tag}-crypt-src.img`);
+      randomFile(cryptSrc, cryptSize);
+      const r: Record<string, number[]> = { peerR: [], peerW: [], clientR: [], clientW: [], cryptR: [], cryptW: [] };
+      for (let i = 0; i < passes; i++) {
+        r.peerW!.push(await nbdcopyMbps([srcN, peerUri], bytes));
+        r.peerR!.push(await nbdcopyMbps([peerUri, 'null:'], bytes));
+        if (extra) await extra(r, srcN);
+        r.cryptW!.push(await nbdcopyMbps([cryptSrc, cryptUri], cryptSize));
+        r.cryptR!.push(await nbdcopyMbps([cryptUri, 'null:'], cryptSize));
+      }
+      const gone = new Promise((res) => cm.once('exit', res));
+      cm.kill('SIGTERM');
+      await Promise.race([gone, new Promise((res) => setTimeout(res, 10_000))]);
+      rmSync(srcN, { force: true });
+      rmSync(cryptSrc, { force: true });
+      return Object.fromEntries(Object.entries(r).map(([k, v]) => [k, v.length ? median(v) : Number.NaN])) as Record<string, number>;
+    };
+    const f = (x: number) => x.toFixed(0).padStart(6);
+    const q = (x: number) => x.toFixed(2);
+
+    // (a) nbdkit memory, large enough for the volume plus its LUKS2 header; the peer gets its own
+    // export of exactly sizeBytes (nbdcopy copies a whole export).
     const kitSock = join(dir, 'nbdkit.sock');
     const kit = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', kitSock, 'memory', String(sizeBytes + (32 << 20))], { stdio: 'ignore' });
     kit.on('error', (e) => console.error(`nbdkit: ${e.message} (install the Debian package nbdkit)`));
     procs.push(kit);
     await waitFor(kitSock, kit, 'nbdkit');
     const exportUri = `nbd+unix:///?socket=${kitSock}`;
-    await run('nbdcopy', [src, exportUri], 'libnbd-bin'); // no holes anywhere the passes touch
-
-    // (peer) nbdcopy straight to the export.
-    const nbdcopy = async (args: string[]) => {
-      const t0 = process.hrtime.bigint();
-      await run('nbdcopy', args, 'libnbd-bin');
-      return sizeBytes / 1e6 / (Number(process.hrtime.bigint() - t0) / 1e9);
-    };
-    // nbdcopy copies a whole export: the peer gets its own nbdkit memory export of exactly sizeBytes.
     const peerSock = join(dir, 'peer.sock');
     const peer = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', peerSock, 'memory', String(sizeBytes)], { stdio: 'ignore' });
     procs.push(peer);
     await waitFor(peerSock, peer, 'nbdkit');
     const peerUri = `nbd+unix:///?socket=${peerSock}`;
-    await run('nbdcopy', [src, peerUri], 'libnbd-bin');
-
-    // (crypt) LUKS2 on the export through cryptmap's client, served by the daemon core.
-    await run(process.execPath, [fileURLToPath(new URL('../src/cli/entry.js', import.meta.url)), 'luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', keyFile, exportUri], 'cryptmap');
-    const cmSock = join(dir, 'cryptmap.sock');
-    const cm = spawn(process.execPath, [...process.execArgv, fileURLToPath(import.meta.url), '--child', cmSock, exportUri, keyFile, join(dir, 'attach')], { stdio: ['ignore', 'pipe', 'inherit'] });
-    procs.push(cm);
-    await waitFor(cmSock, cm, 'cryptmap');
-    const cryptUri = nbdUnixUri('crypt', cmSock);
-    const cryptSize = Number((await run('nbdinfo', ['--size', cryptUri], 'libnbd-bin')).trim());
-    if (cryptSize < sizeBytes) throw new Error(`the volume has ${cryptSize} bytes, fewer than ${sizeBytes}`);
-    // nbdcopy moves the whole volume (a little more than sizeBytes): MB/s are of its size.
-    const cryptMbps = async (args: string[]) => {
-      const t0 = process.hrtime.bigint();
-      await run('nbdcopy', args, 'libnbd-bin');
-      return cryptSize / 1e6 / (Number(process.hrtime.bigint() - t0) / 1e9);
-    };
-    const cryptSrc = join(dir, 'crypt-src.img');
-    {
-      // Random bytes of the volume's size (holes would let nbdcopy skip work).
-      const f = openSync(cryptSrc, 'w', 0o600);
-      for (let done = 0; done < cryptSize; done += chunk.length) {
-        randomFillSync(chunk);
-        writeSync(f, chunk, 0, Math.min(chunk.length, cryptSize - done));
-      }
-      closeSync(f);
-    }
-
-    const dev = await NbdDevice.open(exportUri, { connections: conns });
-    const r: Record<string, number[]> = { peerR: [], peerW: [], clientR: [], clientW: [], cryptR: [], cryptW: [] };
-    for (let i = 0; i < repeat; i++) {
-      r.peerW!.push(await nbdcopy([src, peerUri]));
-      r.peerR!.push(await nbdcopy([peerUri, 'null:']));
-      r.clientW!.push(await clientPass(dev, 'write', sizeBytes, 256 << 10, 64));
+    let dev: NbdDevice | undefined;
+    const m = await storage('kit', exportUri, peerUri, sizeBytes, repeat, async (r) => {
+      // The client alone reads the export that holds the crypt volume.
+      dev ??= await NbdDevice.open(exportUri, { connections: conns });
       r.clientR!.push(await clientPass(dev, 'read', sizeBytes, 256 << 10, 64));
-      r.cryptW!.push(await cryptMbps([cryptSrc, cryptUri]));
-      r.cryptR!.push(await cryptMbps([cryptUri, 'null:']));
-    }
-    await dev.close();
-    const m = Object.fromEntries(Object.entries(r).map(([k, v]) => [k, median(v)])) as Record<string, number>;
-    const f = (x: number) => x.toFixed(0).padStart(6);
-    const q = (x: number) => x.toFixed(2);
+    });
+    await dev?.close();
+    // Client writes go to the peer's export (writing the crypt export would destroy the LUKS2 header).
+    const wdev = await NbdDevice.open(peerUri, { connections: conns });
+    const clientW: number[] = [];
+    for (let i = 0; i < repeat; i++) clientW.push(await clientPass(wdev, 'write', sizeBytes, 256 << 10, 64));
+    await wdev.close();
+    m.clientW = median(clientW);
     console.log(`remote storage: nbdkit memory, ${sizeBytes >> 20} MiB, median of ${repeat}; load average ${loadavg()}`);
     console.log('                               write MB/s   read MB/s');
     console.log(`nbdcopy -> export (peer)         ${f(m.peerW!)}      ${f(m.peerR!)}`);
@@ -187,6 +201,29 @@ async function main(): Promise<void> {
     console.log(`nbdcopy -> cryptmap LUKS2 -> client ${f(m.cryptW!)}   ${f(m.cryptR!)}`);
     console.log(`ratio client / nbdcopy:  write ${q(m.clientW! / m.peerW!)}  read ${q(m.clientR! / m.peerR!)}`);
     console.log(`ratio crypt / nbdcopy:   write ${q(m.cryptW! / m.peerW!)}  read ${q(m.cryptR! / m.peerR!)}  (target 0.8)`);
+
+    // (b) Ceph RBD (scripts/ceph-mini.sh: one mon, one bluestore OSD on tmpfs, qemu-nbd's rbd driver).
+    if (!values['no-ceph']) {
+      const cephBytes = Number(values['ceph-size-mib']) * 1048576;
+      const cephDir = mkdtempSync(join(shm, 'cm-bceph-'));
+      const ceph = (args: string[]) => run('bash', [CEPH_MINI, ...args], 'ceph-mon ceph-osd ceph-common qemu-block-extra');
+      try {
+        await ceph(['up', cephDir]);
+        const cryptRbd = (await ceph(['export', cephDir, 'rbd/crypt', `${(cephBytes >> 20) + 32}M`])).trim();
+        const peerRbd = (await ceph(['export', cephDir, 'rbd/peer', `${cephBytes >> 20}M`])).trim();
+        const c = await storage('ceph', cryptRbd, peerRbd, cephBytes, repeat);
+        console.log(`\nremote storage: Ceph RBD via qemu-nbd (1 OSD, bluestore on ${shm}), ${cephBytes >> 20} MiB, median of ${repeat}; load average ${loadavg()}`);
+        console.log('                               write MB/s   read MB/s');
+        console.log(`nbdcopy -> RBD export (peer)     ${f(c.peerW!)}      ${f(c.peerR!)}`);
+        console.log(`nbdcopy -> cryptmap LUKS2 -> client ${f(c.cryptW!)}   ${f(c.cryptR!)}`);
+        console.log(`ratio crypt / nbdcopy:   write ${q(c.cryptW! / c.peerW!)}  read ${q(c.cryptR! / c.peerR!)}`);
+      } catch (e) {
+        console.log(`\nCeph RBD: not measured: ${(e as Error).message}`);
+      } finally {
+        await ceph(['down', cephDir]).catch(() => undefined);
+        rmSync(cephDir, { recursive: true, force: true });
+      }
+    }
   } finally {
     // cryptmap first (it flushes to the storage), then the storage.
     for (const p of procs.reverse()) {
