@@ -126,6 +126,12 @@ export async function prepareLuks(o: LuksOpenOptions): Promise<{ mapping: CryptM
 export async function prepareLoadedLuks(vol: Awaited<ReturnType<typeof openLuks>>, hdrDev: BlockDevice, o: LuksOpenOptions): Promise<{ mapping: CryptMapping; volumeKey: Secret }> {
   o = { ...o, device: resolveDevice(o.device), ...(o.header === undefined ? {} : { header: resolveDevice(o.header) }) };
   if (!vol.activatable) {
+    // A LUKS2 reencryption in progress (cryptsetup's online-reencrypt requirement): its data is in two
+    // layouts, which one mapping of segment 0 would mix up; cryptsetup maps each segment instead.
+    const reqs = vol.type === 'luks2' ? (vol.json.config.requirements?.mandatory ?? []) : [];
+    if (reqs.some((r) => r.startsWith('online-reencrypt'))) {
+      throw new CryptmapError('EREQUIREMENTS', `Device ${o.header ?? o.device} is in LUKS2 reencryption; cryptmap does not activate it in the middle yet. Finish it with cryptmap reencrypt --resume-only (or cryptsetup reencrypt --resume-only) first.`, { exitCode: 1 });
+    }
     throw new CryptmapError('EREQUIREMENTS', 'Device has unknown mandatory requirements; refusing to activate.', { exitCode: 1 });
   }
   const seg = vol.dataSegment;

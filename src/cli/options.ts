@@ -111,6 +111,8 @@ export const OPTIONS = {
   'hotzone-size': { type: 'string', verbs: ['reencrypt'] },
   'force-offline-reencrypt': { type: 'boolean', verbs: ['reencrypt'] },
   encrypt: { type: 'boolean', verbs: ['reencrypt'] },
+  'progress-frequency': { type: 'string', verbs: ['reencrypt'] },
+  'progress-json': { type: 'boolean', verbs: ['reencrypt'] },
   decrypt: { type: 'boolean', verbs: ['reencrypt'] },
   'reduce-device-size': { type: 'string', verbs: ['reencrypt'] },
 } as const satisfies Record<string, OptionRow>;

@@ -27,7 +27,7 @@ export type { Luks2Json } from './luks2-json.js';
 export { CHECK_NAMES, validateLuks2Json, parseJsonArea } from './luks2-json.js';
 export { withDeviceLock, lockDir } from './lock.js';
 export type { EncryptInitOptions, ReencryptInitOptions, ReencryptRunOptions, Resilience } from './reencrypt.js';
-export { initDecrypt, initEncrypt, initReencrypt, inReencryption, runReencrypt } from './reencrypt.js';
+export { initDecrypt, initEncrypt, initReencrypt, inReencryption, runReencrypt, unlockInReencryption } from './reencrypt.js';
 export { convertLuks1ToLuks2, convertLuks2ToLuks1, planLuks1Moves } from './convert.js';
 export type { TokenUnlockOptions, TokenUnlockResult } from './token-unlock.js';
 export { tokenCandidates, unlockByToken } from './token-unlock.js';

@@ -62,7 +62,7 @@ export interface ReencryptRunOptions {
   dataDev?: BlockDevice;
   /** Largest hotzone in bytes (cryptsetup --hotzone-size). */
   hotzoneBytes?: number;
-  /** Called after each hotzone with bytes done and the total. */
+  /** Called at the start and after each hotzone with the bytes done (by earlier runs too) and the total. */
   onProgress?: (doneBytes: number, totalBytes: number) => void;
   /** When aborted, stops cleanly after the current hotzone (resumable). */
   signal?: AbortSignal;
@@ -831,7 +831,10 @@ export async function runReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o: 
         await vol.commitJson(c.j);
       }
     } else next = nextHotzone(c, maxLen);
-    let done = 0;
+    // Progress counts what earlier runs did too (cryptsetup's rh->progress).
+    let done = c.total;
+    for (let h = next; h; h = following(c, h.off, h.len, maxLen)) done -= h.len;
+    o.onProgress?.(done, c.total);
     const buf = Buffer.alloc(Math.min(Math.max(maxLen, shift), c.total));
     try {
       while (next) {
@@ -914,4 +917,30 @@ async function finish(vol: Luks2Volume, c: Ctx, data: BlockDevice): Promise<void
     for (let p = 0; p < len; p += 1 << 20) await data.write(off + p, randomBytes(Math.min(1 << 20, len - p)));
     await data.flush();
   }
+}
+
+/**
+ * The keyslot `passphrase` opens on a volume in reencryption (cryptsetup accepts a keyslot of the old
+ * or of the new volume key; with encryption under way segment 0 has no key at all).
+ */
+export async function unlockInReencryption(vol: Luks2Volume, passphrase: Uint8Array, keySlot?: number): Promise<number> {
+  const j = vol.jsonSnapshot();
+  const want = [segmentByFlag(j, 'backup-previous'), segmentByFlag(j, 'backup-final')].map((s) => (s ? digestOfSegment(j, s[0]) : undefined)).filter((d): d is string => d !== undefined);
+  for (const [id, ks] of Object.entries(j.keyslots)) {
+    if (ks.type !== 'luks2' || (keySlot !== undefined && Number(id) !== keySlot)) continue;
+    const d = digestOfKeyslot(j, id);
+    if (d === undefined || !want.includes(d)) continue;
+    let vk: Buffer;
+    try {
+      vk = await KEYSLOT_HANDLERS.luks2!.open!(vol.metadataDevice, ks, passphrase);
+    } catch (e) {
+      if (isCryptmapError(e) && (e.code === 'ENOMEM' || e.code === 'EIO')) throw e;
+      continue;
+    }
+    const dg = j.digests[d]!;
+    const ok = (await handlerFor(DIGEST_HANDLERS, dg.type)?.verify(dg, vk)) === true;
+    vk.fill(0);
+    if (ok) return Number(id);
+  }
+  throw new CryptmapError('ENOKEY', 'No key available with this passphrase.', { exitCode: 2, errno: 'EPERM' });
 }

@@ -24,10 +24,11 @@ function cs(...args: string[]): { status: number | null; out: string } {
   if (r.error) assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin (scripts/install-deps.sh)');
   return { status: r.status, out: `${r.stdout}${r.stderr}` };
 }
-async function cm(...argv: string[]): Promise<{ code: number; err: string }> {
+async function cm(...argv: string[]): Promise<{ code: number; out: string; err: string }> {
   const err = new Sink();
-  const code = await main(argv, { stdin: Readable.from([]) as unknown as NodeJS.ReadableStream, stdout: new Sink(), stderr: err, env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') } });
-  return { code, err: err.data };
+  const out = new Sink();
+  const code = await main(argv, { stdin: Readable.from([]) as unknown as NodeJS.ReadableStream, stdout: out, stderr: err, env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') } });
+  return { code, out: out.data, err: err.data };
 }
 function dump(hdr: string, key: string): { vk: Buffer; offset: number; linear: boolean } {
   const r = cs('luksDump', '--dump-volume-key', '--batch-mode', '--key-file', key, hdr);
@@ -75,6 +76,9 @@ test('encrypt in place: cryptmap --init-only, cryptsetup resumes; cryptsetup --i
   const b = fresh('b.img', REDUCE);
   const i = cs('reencrypt', '--encrypt', '--init-only', '--force-offline-reencrypt', '-q', '--type', 'luks2', '--reduce-device-size', String(REDUCE), ...FAST, '--key-file', b.key, b.img);
   assert.equal(i.status, 0, i.out);
+  // In the middle: luksDump as cryptsetup's, and the passphrase tests good (segment 0 has no key yet).
+  assert.equal((await cm('luksDump', b.img)).out, cs('luksDump', b.img).out);
+  assert.equal((await cm('open', '--test-passphrase', '--key-file', b.key, b.img)).code, 0);
   r = await cm('reencrypt', '--resume-only', '-q', '--key-file', b.key, b.img);
   assert.equal(r.code, 0, r.err);
   noReencrypt(b.img);

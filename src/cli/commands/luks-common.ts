@@ -10,7 +10,7 @@ import { cpus, totalmem } from 'node:os';
 import { FileDevice } from '../../blockdev/file.js';
 import { isRemoteDevice, openBlockDevice } from '../../blockdev/open.js';
 import type { BlockDevice } from '../../blockdev/types.js';
-import { type Luks1Volume, type Luks2Volume, type NewKeyslotOptions, openLuks, type UnlockResult, unlockByToken, withDeviceLock } from '../../luks/index.js';
+import { inReencryption, type Luks1Volume, type Luks2Volume, type NewKeyslotOptions, openLuks, type UnlockResult, unlockByToken, unlockInReencryption, withDeviceLock } from '../../luks/index.js';
 import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
 import { type CliValues, parseCommandLine } from '../options.js';
 import { Secret } from '../../util/secret.js';
@@ -559,6 +559,17 @@ export async function testPassphrase(io: CliIO, device: string, v: LuksArgs): Pr
   const { dev, vol } = await loadLuksForRead(hdr, v);
   try {
     if (v.type && v.type !== 'luks' && v.type !== vol.type) throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid ${v.type.toUpperCase()} device.`, { exitCode: 1 });
+    if (vol.type === 'luks2' && inReencryption(vol.jsonSnapshot())) {
+      // A keyslot of the old or the new volume key will do (segment 0 may have no key in the middle of --encrypt).
+      const pass = await getPassphrase(io, `Enter passphrase for ${device}: `, { keyFile: v['key-file'], keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'), keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size') });
+      try {
+        await unlockInReencryption(vol, pass, intOpt(v['key-slot'], '--key-slot', 0, 31));
+      } finally {
+        pass.fill(0);
+      }
+      if (v.verbose) io.stdout.write('Command successful.\n');
+      return 0;
+    }
     const r = await unlockForOpen(io, vol, device, v);
     r.volumeKey.dispose();
     if (v.verbose) io.stdout.write('Command successful.\n');

@@ -62,7 +62,8 @@ export function dumpLuks2(v: Luks2Volume): string {
     if (!s) continue;
     o += `  ${i}: ${s.type}\n\toffset: ${s.offset} [bytes]\n`;
     o += s.size === 'dynamic' ? '\tlength: (whole device)\n' : `\tlength: ${s.size} [bytes]\n`;
-    o += s.encryption !== undefined ? `\tcipher: ${s.encryption}\n` : '\tcipher: (no SW encryption)\n';
+    // cryptsetup 2.6 prints the cipher only when the segment has one (not for linear segments).
+    if (s.encryption !== undefined) o += `\tcipher: ${s.encryption}\n`;
     if (s.sector_size !== undefined) o += `\tsector: ${s.sector_size} [bytes]\n`;
     if (s.integrity && typeof s.integrity.type === 'string') o += `\tintegrity: ${s.integrity.type}\n`;
     if (s.flags?.length) o += `\tflags : ${s.flags.join(', ')}\n`;
@@ -88,6 +89,10 @@ export function dumpLuks2(v: Luks2Volume): string {
       o += `\tAF stripes: ${k.af.stripes}\n\tAF hash:    ${k.af.hash}\n`;
     } else if (k.type === 'reencrypt') {
       o += `\t${'Mode:'.padEnd(12)}${String(k.mode)}\n\t${'Direction:'.padEnd(12)}${String(k.direction)}\n`;
+      const a = k.area as Record<string, unknown>;
+      o += `\t${'Resilience:'.padEnd(12)}${String(a.type)}\n`;
+      if (a.type === 'checksum') o += `\t${'Hash:'.padEnd(12)}${String(a.hash)}\n\t${'Hash data:'.padEnd(12)}${Number(a.sector_size)} [bytes]\n`;
+      else if (a.type === 'datashift') o += `\t${'Shift size:'.padEnd(12)}${String(a.shift_size)}[bytes]\n`;
     }
     o += `\tArea offset:${k.area.offset} [bytes]\n\tArea length:${k.area.size} [bytes]\n`;
     for (const [id, d] of Object.entries(j.digests)) if (d.keyslots.includes(String(i))) o += `\tDigest ID:  ${id}\n`;

@@ -11,6 +11,7 @@ import type { SectorBytes } from '../../engine/types.js';
 import type { BlockDevice } from '../../blockdev/types.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { openInDaemon } from '../daemon-client.js';
+import { Progress } from '../progress.js';
 import type { CliIO, VerbMain } from '../types.js';
 import { closeQuietly, confirm, getPassphrase, headerPath, intOpt, keyslotOptions, type LuksArgs, loadLuks, needDevice, openDevice, parseLuksArgs } from './luks-common.js';
 import { passphrasePrompt } from '../device-name.js';
@@ -26,13 +27,29 @@ function bytesOpt(v: string | undefined, name: string): number | undefined {
 }
 
 /** Runs (or resumes) the reencryption on disk with SIGINT stopping it after the current hotzone. */
-async function run(io: CliIO, vol: Luks2Volume, pass: Uint8Array, dataDev: BlockDevice | undefined, hotzoneBytes: number | undefined): Promise<number> {
+async function run(io: CliIO, v: LuksArgs, device: string, vol: Luks2Volume, pass: Uint8Array, dataDev: BlockDevice | undefined, hotzoneBytes: number | undefined): Promise<number> {
   const ac = new AbortController();
   const onInt = () => ac.abort();
+  const progress = new Progress({
+    device,
+    frequency: intOpt(v['progress-frequency'], '--progress-frequency', 0, 0xffffffff) ?? 0,
+    batch: v['batch-mode'] === true,
+    json: v['progress-json'] === true,
+    write: (s) => io.stdout.write(s),
+  });
+  if (v['force-offline-reencrypt'] && !v['batch-mode']) io.stdout.write('Resuming LUKS reencryption in forced offline mode.\n');
   process.on('SIGINT', onInt);
   try {
-    const done = await runReencrypt(vol, pass, { ...(dataDev ? { dataDev } : {}), ...(hotzoneBytes !== undefined ? { hotzoneBytes } : {}), signal: ac.signal });
-    if (!done) io.stderr.write('Reencryption interrupted; run cryptmap reencrypt --resume-only (or cryptsetup) to continue.\n');
+    const done = await runReencrypt(vol, pass, {
+      ...(dataDev ? { dataDev } : {}),
+      ...(hotzoneBytes !== undefined ? { hotzoneBytes } : {}),
+      signal: ac.signal,
+      onProgress: (d, t) => progress.update(t, d),
+    });
+    if (!done) {
+      progress.interrupted();
+      io.stderr.write('\nReencryption interrupted.\nRun cryptmap reencrypt --resume-only (or cryptsetup) to continue.\n');
+    }
     return 0;
   } finally {
     process.off('SIGINT', onInt);
@@ -72,6 +89,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   const sector = intOpt(v['sector-size'], '--sector-size', 512, 4096);
   if (sector !== undefined && ![512, 1024, 2048, 4096].includes(sector)) wrongParams('Unsupported encryption sector size.');
   const offsetSectors = intOpt(v.offset, '--offset');
+  intOpt(v['progress-frequency'], '--progress-frequency', 0, 0xffffffff);
   const passSrc = { keyFile: v['key-file'], keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'), keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size') };
   const hdr = headerPath(v, device);
   if (v.encrypt) return encryptMain(io, v, device, { resilience, reduceBytes, hotzoneBytes, keyBits, sector, offsetSectors, passSrc });
@@ -114,7 +132,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
           });
           if (v['init-only']) return 0;
         }
-        return await run(io, l2, pass, dataDev, hotzoneBytes);
+        return await run(io, v, device, l2, pass, dataDev, hotzoneBytes);
       } finally {
         pass.fill(0);
       }
@@ -202,7 +220,7 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
           });
           if (v['init-only']) return 0;
         }
-        return await run(io, vol, pass, hdrDev ? dataDev : undefined, a.hotzoneBytes);
+        return await run(io, v, device, vol, pass, hdrDev ? dataDev : undefined, a.hotzoneBytes);
       } finally {
         pass.fill(0);
       }
