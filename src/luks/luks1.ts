@@ -23,7 +23,8 @@ import { constantTimeEqual } from '../util/bytes.js';
 import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_DEVICE, isCryptmapError } from '../util/errors.js';
 import { Secret } from '../util/secret.js';
 import { readKeyslotArea, wipeArea, writeKeyslotArea } from './keyslot-area.js';
-import { noKeyError, noUsableKeyslot } from './luks2.js';
+import { LUKS_SALTSIZE, LUKS_STRIPES } from './constants.js';
+import { noKeyError, noUsableKeyslot } from './errors.js';
 import type { DataSegment, KeyAuth, KeyslotArea, KeyslotInfo, LuksVolume, NewKeyslotOptions, UnlockResult } from './types.js';
 import { removeKeyByPassphrase } from './volume-common.js';
 
@@ -31,9 +32,7 @@ export const LUKS_MAGIC = Buffer.from([0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe]);
 export const LUKS_NUMKEYS = 8;
 export const LUKS_KEY_ENABLED = 0x00ac71f3;
 export const LUKS_KEY_DISABLED = 0x0000dead;
-export const LUKS_STRIPES = 4000;
 export const LUKS_DIGESTSIZE = 20;
-export const LUKS_SALTSIZE = 32;
 export const LUKS_PHDR_BYTES = 592;
 export const LUKS_MKD_ITERATIONS_MIN = 1000;
 /** Keyslot alignment (sectors) and default data alignment (sectors). */

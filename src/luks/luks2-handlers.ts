@@ -12,11 +12,9 @@ import { ARGON2_MAX_PARALLEL, deriveKey, hashDigestBytes, type KdfParams, PBKDF2
 import { constantTimeEqual } from '../util/bytes.js';
 import { CryptmapError } from '../util/errors.js';
 import { loadNative } from '../util/native.js';
+import { LUKS_SALTSIZE, LUKS_STRIPES } from './constants.js';
 import { readKeyslotArea, writeKeyslotArea } from './keyslot-area.js';
 import type { L2Digest, L2Keyslot, TypeValidators } from './luks2-json.js';
-
-export const LUKS_STRIPES = 4000;
-export const LUKS_SALTSIZE = 32;
 
 function invalid(path: string, msg: string): never {
   throw new CryptmapError('ELUKS2JSON', `LUKS2 metadata invalid (keyslot_types: ${path}): ${msg}`, { context: { path } });

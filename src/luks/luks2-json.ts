@@ -6,6 +6,7 @@
  * u64 values are decimal strings; they are parsed with parseU64-like strictness.
  */
 import { CryptmapError } from '../util/errors.js';
+import { LUKS2_KEYSLOTS_MAX, LUKS2_MAX_KEYSLOTS_SIZE, LUKS2_SEGMENTS_MAX, LUKS2_TOKENS_MAX } from './constants.js';
 import { LUKS2_HDR_BIN_LEN, LUKS2_HDR_SIZES } from './luks2-disk.js';
 
 export interface L2Area {
@@ -67,10 +68,6 @@ export interface Luks2Json {
   [k: string]: unknown;
 }
 
-export const LUKS2_KEYSLOTS_MAX = 32;
-export const LUKS2_TOKENS_MAX = 32;
-export const LUKS2_SEGMENTS_MAX = 32;
-export const LUKS2_MAX_KEYSLOTS_SIZE = 0x8000000;
 const U64_MAX = 0xffffffffffffffffn;
 
 /** Requirements cryptmap knows; anything else in requirements.mandatory blocks activation and changes. */

@@ -52,7 +52,6 @@ test('options before the verb and -h as --hash: luksFormat does what was asked (
   const { mkdtempSync, rmSync, truncateSync, writeFileSync } = await import('node:fs');
   const { tmpdir } = await import('node:os');
   const { join } = await import('node:path');
-  const { resetStdin } = await import('../../src/cli/commands/luks-common.js');
   const dir = mkdtempSync(join(tmpdir(), 'cryptmap-main-'));
   try {
     const img = join(dir, 'img');
@@ -68,14 +67,10 @@ test('options before the verb and -h as --hash: luksFormat does what was asked (
       stdin.end(input);
       return { stdin, stdout, stderr: new PassThrough(), env: { CRYPTMAP_LOCK_DIR: join(dir, 'locks') } };
     };
-    resetStdin();
     assert.equal(await main(['-q', '--type', 'luks1', 'luksFormat', img, '-h', 'sha512', '--pbkdf-force-iterations', '1000'], io('pw\n')), 0);
-    resetStdin();
     assert.equal(await main(['-v', 'luksDump', img], io('')), 0);
     assert.match(out, /Hash spec:\s+sha512/);
-    resetStdin();
     assert.equal(await main(['-d', '-', 'open', '--test-passphrase', img, '--', 'name'], io('pw')), 0);
-    resetStdin();
     assert.equal((await run(['--uuid', 'x', 'open', img, 'name'])).code, 1);
   } finally {
     rmSync(dir, { recursive: true, force: true });

@@ -11,7 +11,6 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, test } from 'node:test';
-import { resetStdin } from '../../src/cli/commands/luks-common.js';
 import { main } from '../../src/cli/main.js';
 import type { CliIO } from '../../src/cli/types.js';
 import { interopTools, Sink } from './helpers.js';
@@ -23,7 +22,6 @@ let k1 = '';
 let k5 = '';
 
 async function cm(argv: string[], input: string[] = []): Promise<{ code: number; out: string; err: string }> {
-  resetStdin();
   const x: CliIO & { stdout: Sink; stderr: Sink } = {
     stdin: Readable.from(input) as unknown as CliIO['stdin'],
     stdout: new Sink(),

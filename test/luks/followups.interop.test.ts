@@ -11,7 +11,8 @@ import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, test } from 'node:test';
 import { FileDevice } from '../../src/blockdev/file.js';
-import { parseLuksArgs, resetStdin, testPassphrase } from '../../src/cli/commands/luks-common.js';
+import { parseLuksArgs } from '../../src/cli/commands/luks-common.js';
+import { testPassphrase } from '../../src/cli/commands/luks-unlock.js';
 import { main } from '../../src/cli/main.js';
 import type { CliIO } from '../../src/cli/types.js';
 import { type Luks2Volume, openLuks, unlockByToken } from '../../src/luks/index.js';
@@ -30,14 +31,12 @@ function io(input: string[] = [], tty = false): CliIO & { stdout: Sink; stderr: 
   return { stdin, stdout: new Sink(), stderr: new Sink(), env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') } };
 }
 async function cm(argv: string[], opts: { input?: string[]; tty?: boolean } = {}): Promise<{ code: number; out: string; err: string }> {
-  resetStdin();
   const x = io(opts.input, opts.tty);
   const code = await main(argv, x);
   return { code, out: x.stdout.data, err: x.stderr.data };
 }
 /** `open --test-passphrase` through luks-common's testPassphrase (what open.ts calls), exit code as main reports it. */
 async function cmTest(args: string[]): Promise<{ code: number; out: string; err: string }> {
-  resetStdin();
   const x = io();
   const { values: v, positionals } = parseLuksArgs(['open', ...args]);
   let code: number;

@@ -13,7 +13,8 @@ import type { VolumeStatus } from '../../control/protocol.js';
 import type { Luks1Volume, Luks2Volume } from '../../luks/index.js';
 import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_DEVICE, isCryptmapError } from '../../util/errors.js';
 import type { CliIO } from '../types.js';
-import { closeQuietly, type LuksArgs, loadLuksForRead, unlockForOpen } from './luks-common.js';
+import { closeQuietly, type LuksArgs } from './luks-common.js';
+import { loadLuksForRead, unlockForOpen } from './luks-unlock.js';
 
 export const notActive = (name: string) => new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE });
 export const notLuks = (name: string) => new CryptmapError('ENOTLUKS', `${name} is not active LUKS device name or header is missing.`, { exitCode: EXIT_FAILURE });

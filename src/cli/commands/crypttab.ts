@@ -22,7 +22,7 @@ import { CryptmapError, EXIT_WRONG_PARAMS, fromSystemError, isCryptmapError } fr
 import { Secret } from '../../util/secret.js';
 import { withDaemon } from '../daemon-client.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { getPassphrase } from './luks-common.js';
+import { getPassphrase } from './terminal-input.js';
 import { sendOpen } from './open.js';
 
 export const DEFAULT_CRYPTTAB = '/etc/crypttab';

@@ -8,7 +8,9 @@ import type { Luks1Volume, Luks2Volume } from '../../luks/index.js';
 import { CryptmapError, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
 import { createExclusiveFile } from '../../util/trusted-path.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { closeQuietly, confirm, getPassphrase, headerPath, intOpt, type LuksArgs, loadLuksForRead, needDevice, parseLuksArgs } from './luks-common.js';
+import { closeQuietly, headerPath, intOpt, type LuksArgs, needDevice, parseLuksArgs } from './luks-common.js';
+import { loadLuksForRead } from './luks-unlock.js';
+import { confirm, getPassphrase } from './terminal-input.js';
 import { passphrasePrompt } from '../device-name.js';
 
 /** json-c JSON_C_TO_STRING_PRETTY: two-space indent, no space after ':', closing bracket at the key's indent. */

@@ -9,7 +9,9 @@ import { Luks1Volume, Luks2Volume, withDeviceLock } from '../../luks/index.js';
 import type { SectorBytes } from '../../engine/types.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { closeQuietly, confirm, getPassphrase, intOpt, keyslotOptions, loadLuks, needDevice, openDevice, parseLuksArgs, readVolumeKeyFile } from './luks-common.js';
+import { closeQuietly, intOpt, keyslotOptions, needDevice, openDevice, parseLuksArgs } from './luks-common.js';
+import { loadLuks } from './luks-unlock.js';
+import { confirm, getPassphrase, readVolumeKeyFile } from './terminal-input.js';
 import { passphrasePrompt } from '../device-name.js';
 
 /** Sizes like cryptsetup's --luks2-metadata-size (bytes, or with k/m/g suffix). */

@@ -12,20 +12,16 @@ import { Secret } from '../../util/secret.js';
 import type { CliIO, VerbMain } from '../types.js';
 import {
   closeQuietly,
-  confirm,
-  getPassphrase,
   headerPath,
   intOpt,
   keyslotOptions,
   type LuksArgs,
-  loadLuks,
   needDevice,
   openDevice,
   parseLuksArgs,
-  readVolumeKeyFile,
-  recoverLoaded,
-  tokenArgs,
 } from './luks-common.js';
+import { loadLuks, recoverLoaded, tokenArgs } from './luks-unlock.js';
+import { confirm, getPassphrase, readVolumeKeyFile } from './terminal-input.js';
 
 /** Unlock with one of `slots` only (cryptsetup tries them in order); "No key available with this passphrase." (exit 2) otherwise. */
 async function unlockAny(vol: Luks1Volume | Luks2Volume, passphrase: Uint8Array, slots: number[]): Promise<UnlockResult> {

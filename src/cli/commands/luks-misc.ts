@@ -9,7 +9,9 @@ import { convertLuks1ToLuks2, convertLuks2ToLuks1, detectLuks, headerBackup, hea
 import { CryptmapError, EXIT_BUSY, EXIT_NO_PERMISSION, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
 import { openInDaemon } from '../daemon-client.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { closeQuietly, confirm, headerPath, intOpt, type LuksArgs, loadLuks, loadLuksForRead, needDevice, openDevice, parseLuksArgs, recoverLoaded } from './luks-common.js';
+import { closeQuietly, headerPath, intOpt, type LuksArgs, needDevice, openDevice, parseLuksArgs } from './luks-common.js';
+import { loadLuks, loadLuksForRead, recoverLoaded } from './luks-unlock.js';
+import { confirm } from './terminal-input.js';
 
 function needLuks2<T extends { type: string }>(vol: T, what: string): asserts vol is T & Luks2Volume {
   if (vol.type !== 'luks2') throw new CryptmapError('EARGS', `${what} is supported only for LUKS2 devices.`, { exitCode: EXIT_WRONG_PARAMS });

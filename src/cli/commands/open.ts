@@ -25,19 +25,15 @@ import { withDaemon } from '../daemon-client.js';
 import type { CliIO, VerbMain } from '../types.js';
 import {
   closeQuietly,
-  getPassphrase,
   headerPath,
   intOpt,
   type LuksArgs,
-  loadLuks,
-  loadLuksForRead,
   needDevice,
   openDevice,
   parseLuksArgs,
-  readKeyFile,
-  testPassphrase,
-  unlockForOpen,
 } from './luks-common.js';
+import { loadLuks, loadLuksForRead, testPassphrase, unlockForOpen } from './luks-unlock.js';
+import { getPassphrase, readKeyFile } from './terminal-input.js';
 
 type OpenArgs = LuksArgs;
 

@@ -13,7 +13,9 @@ import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { openInDaemon } from '../daemon-client.js';
 import { Progress } from '../progress.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { closeQuietly, confirm, getPassphrase, headerPath, intOpt, keyslotOptions, type LuksArgs, loadLuks, needDevice, openDevice, parseLuksArgs } from './luks-common.js';
+import { closeQuietly, headerPath, intOpt, keyslotOptions, type LuksArgs, needDevice, openDevice, parseLuksArgs } from './luks-common.js';
+import { loadLuks } from './luks-unlock.js';
+import { confirm, getPassphrase } from './terminal-input.js';
 import { passphrasePrompt } from '../device-name.js';
 
 function bytesOpt(v: string | undefined, name: string): number | undefined {
