@@ -10,7 +10,7 @@
  * a time and checked by util/trusted-path.ts: another user who created `/tmp/cryptmap-UID` first (to
  * read or remove our locks) is refused, never trusted. Lock files are created with O_EXCL|O_NOFOLLOW.
  * A lock whose pid is gone (a crashed process) is broken. This serialises cryptmap processes; against other tools (cryptsetup)
- * the seqid check in luks2.ts detects concurrent updates.
+ * the seqid check in luks2-header.ts detects concurrent updates.
  */
 import { readFile, stat, unlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
