@@ -39,12 +39,18 @@
 
 #include "xts-vaes.h"
 
-#define ABI_VERSION 2
+#define ABI_VERSION 3
 
 napi_status cryptmap_register_extras(napi_env env, napi_value exports); /* extras.c */
 
 enum { CH_XTS = 0, CH_CBC = 1, CH_ECB = 2, CH_NULL = 3 };
 enum { IV_NULL = 0, IV_PLAIN = 1, IV_PLAIN64 = 2, IV_PLAIN64BE = 3, IV_ESSIV = 4, IV_BENBI = 5 };
+/* The ids by name, exported as `chainModes` and `ivModes`: the TS side (src/crypto/backends/native.ts)
+ * reads them and checks at load that every IV generator and chain mode it knows has one. */
+static const char *const CHAIN_NAMES[] = {"xts", "cbc", "ecb", "null"};
+static const int CHAIN_IDS[] = {CH_XTS, CH_CBC, CH_ECB, CH_NULL};
+static const char *const IV_NAMES[] = {"null", "plain", "plain64", "plain64be", "essiv", "benbi"};
+static const int IV_IDS[] = {IV_NULL, IV_PLAIN, IV_PLAIN64, IV_PLAIN64BE, IV_ESSIV, IV_BENBI};
 enum { XTS_AUTO = 0, XTS_EVP = 1, XTS_OWN = 2, XTS_AESNI = 3, XTS_VAES512 = 4, XTS_VAES256 = 5 };
 
 /* XTS over VAES (xts-vaes.c): the widths usable here, the implementation chosen at load (or forced by
@@ -1179,6 +1185,17 @@ static void impl_probe(void) {
   }
 }
 
+/* exports[prop] = { names[i]: ids[i], ... } */
+static napi_status export_ids(napi_env env, napi_value exports, const char *prop, const char *const names[], const int ids[], size_t n) {
+  napi_value obj, v;
+  napi_status st = napi_create_object(env, &obj);
+  for (size_t i = 0; st == napi_ok && i < n; i++) {
+    st = napi_create_int32(env, ids[i], &v);
+    if (st == napi_ok) st = napi_set_named_property(env, obj, names[i], v);
+  }
+  return st == napi_ok ? napi_set_named_property(env, exports, prop, obj) : st;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   static pthread_once_t once = PTHREAD_ONCE_INIT;
   pthread_once(&once, impl_probe);
@@ -1201,6 +1218,8 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_value ver;
   CHECK(env, napi_create_int32(env, ABI_VERSION, &ver));
   CHECK(env, napi_set_named_property(env, exports, "abiVersion", ver));
+  CHECK(env, export_ids(env, exports, "chainModes", CHAIN_NAMES, CHAIN_IDS, sizeof CHAIN_IDS / sizeof CHAIN_IDS[0]));
+  CHECK(env, export_ids(env, exports, "ivModes", IV_NAMES, IV_IDS, sizeof IV_IDS / sizeof IV_IDS[0]));
   napi_value fast;
   CHECK(env, napi_get_boolean(env, aesni_ok, &fast));
   CHECK(env, napi_set_named_property(env, exports, "aesniXts", fast));

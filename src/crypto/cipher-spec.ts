@@ -11,16 +11,17 @@
  * after the kernel cipher name (capi), split once at ':'. ECB takes no IV: the kernel ignores an IV
  * mode given with ecb (with a warning); so do we (ivMode becomes undefined).
  *
- * Supported here: cipher `aes` (and `cipher_null` with ecb), chain modes xts, cbc, ecb, IV modes
- * plain, plain64, plain64be, essiv:<hash>, benbi, null, key count 1. Everything else the kernel knows
+ * Supported here: cipher `aes` (and `cipher_null` with ecb), chain modes xts, cbc, ecb, the IV modes
+ * of the generator table (iv/index.ts: plain, plain64, plain64be, essiv:<hash>, benbi, null), key count 1. Everything else the kernel knows
  * (serpent, twofish, lrw, ctr, gcm, authenc, lmk, tcw, random, eboiv, elephant, keycount > 1, ...)
  * is ECIPHER_UNSUPPORTED naming the part; text that is not a spec at all is ECIPHER_SPEC.
  */
 import { getHashes } from 'node:crypto';
 import { CryptmapError } from '../util/errors.js';
+import { ivGenerator, type IvModeName, supportedIvModes } from './iv/index.js';
 
+export type { IvModeName } from './iv/index.js';
 export type ChainMode = 'xts' | 'cbc' | 'ecb';
-export type IvModeName = 'plain' | 'plain64' | 'plain64be' | 'essiv' | 'benbi' | 'null';
 export type CipherName = 'aes' | 'cipher_null';
 
 export interface CipherSpec {
@@ -65,7 +66,6 @@ const KNOWN_CIPHERS = new Set([
 ]);
 const KNOWN_CHAIN_MODES = new Set(['lrw', 'ctr', 'pcbc', 'cts', 'cfb', 'ofb', 'gcm', 'ccm', 'hctr2', 'adiantum', 'xctr', 'essiv']);
 const KNOWN_IV_MODES = new Set(['lmk', 'tcw', 'random', 'eboiv', 'elephant']);
-const SUPPORTED_IV_MODES = new Set<string>(['plain', 'plain64', 'plain64be', 'essiv', 'benbi', 'null']);
 const AEAD_CAPI = /^(authenc|authencesn|gcm|ccm|rfc4106|rfc4309|rfc4543|rfc7539|rfc7539esp|aegis128|morus)\(/;
 
 const NAME = /^[a-z0-9_]+$/i;
@@ -75,7 +75,7 @@ function bad(spec: string, why: string): CryptmapError {
 }
 
 function unsupported(spec: string, part: string, what: string): CryptmapError {
-  return new CryptmapError('ECIPHER_UNSUPPORTED', `cipher specification '${spec}': ${what} '${part}' is not supported (supported: aes with xts, cbc or ecb; IV modes plain, plain64, plain64be, essiv:<hash>, benbi, null; cipher_null-ecb)`, {
+  return new CryptmapError('ECIPHER_UNSUPPORTED', `cipher specification '${spec}': ${what} '${part}' is not supported (supported: aes with xts, cbc or ecb; IV modes ${supportedIvModes()}; cipher_null-ecb)`, {
     errno: 'ENOTSUP',
     context: { spec, part },
   });
@@ -152,7 +152,7 @@ export function parseCipherSpec(spec: string): CipherSpec {
     // The kernel drops the IV mode for IV-less modes ("Selected cipher does not support IVs").
     ivMode = undefined;
     ivOpts = undefined;
-  } else if (ivMode !== undefined && !SUPPORTED_IV_MODES.has(ivMode)) {
+  } else if (ivMode !== undefined && !ivGenerator(ivMode)) {
     if (KNOWN_IV_MODES.has(ivMode)) throw unsupported(spec, ivMode, 'IV mode');
     throw bad(spec, `unknown IV mode '${ivMode}'`);
   }

@@ -93,7 +93,7 @@ class Engine implements SectorCipher {
     this.#sameCpu = opts.sameCpu === true;
     this.#asyncMin = asyncMin;
     try {
-      this.#iv = spec.ivMode === undefined ? undefined : IV_GENERATORS[spec.ivMode]!.init({ spec, key: opts.key });
+      this.#iv = spec.ivMode === undefined ? undefined : IV_GENERATORS[spec.ivMode].init({ spec, key: opts.key });
       this.#t = BACKENDS[backend].create(spec, opts.key, sb, this.#iv);
     } catch (e) {
       this.dispose();

@@ -38,10 +38,11 @@ export interface NativeAddon {
   readonly xtsSelfTestFailures: readonly XtsImplName[];
   /** Why CRYPTMAP_CRYPTO_IMPL cannot be served (cipherCreate then throws EBACKEND with it), else null. */
   readonly cryptoImplError: string | null;
-  /**
-   * Create a key handle. chain: 0 xts, 1 cbc, 2 ecb, 3 null. ivMode: 0 null, 1 plain, 2 plain64,
-   * 3 plain64be, 4 essiv (ivKey = salt), 5 benbi. The addon copies key and ivKey.
-   */
+  /** The `chain` ids cipherCreate takes, by chain mode name (xts, cbc, ecb; null for cipher_null). */
+  readonly chainModes: Readonly<Record<string, number>>;
+  /** The `ivMode` ids cipherCreate takes, by dm-crypt IV mode name (essiv's ivKey is the salt). */
+  readonly ivModes: Readonly<Record<string, number>>;
+  /** Create a key handle (chain and ivMode from chainModes and ivModes). The addon copies key and ivKey. */
   cipherCreate(chain: number, key: Uint8Array, ivMode: number, ivKey: Uint8Array | null, sectorBytes: number): NativeKeyHandle;
   /** Transform `count` sectors from src to dst (same length; the same bytes or disjoint). */
   cipherRun(h: NativeKeyHandle, encrypt: boolean, src: Uint8Array, dst: Uint8Array, count: number, ivLo: number, ivHi: number, ivStep: number): void;
@@ -114,7 +115,7 @@ export interface NativeAddon {
   sdNotify?(address: string, message: string): void;
 }
 
-export const NATIVE_ABI_VERSION = 2;
+export const NATIVE_ABI_VERSION = 3;
 
 let cached: NativeAddon | null | undefined;
 let loadError: string | undefined;

@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import fc from 'fast-check';
 import { parseCipherSpec } from '../../src/crypto/cipher-spec.js';
+import { IV_GENERATORS } from '../../src/crypto/iv/index.js';
 import { isCryptmapError } from '../../src/util/errors.js';
 
 describe('parseCipherSpec', () => {
@@ -64,6 +65,16 @@ describe('parseCipherSpec', () => {
     ['aes-cbc-essiv:nosuchhash', 'nosuchhash'],
     ['cipher_null-cbc-plain', 'cipher_null'],
   ];
+  it('accepts exactly the IV modes of the generator table and lists them in its error', () => {
+    for (const [name, g] of Object.entries(IV_GENERATORS)) {
+      assert.equal(parseCipherSpec(`aes-cbc-${name}${g.options === undefined ? '' : ':sha256'}`).ivMode, name);
+    }
+    assert.throws(
+      () => parseCipherSpec('aes-cbc-lmk'),
+      (e: unknown) => isCryptmapError(e) && e.message.includes('IV modes plain, plain64, plain64be, essiv:<hash>, benbi, null;'),
+    );
+  });
+
   for (const [spec, part] of unsupported) {
     it(`reports '${spec}' as unsupported, naming '${part}'`, () => {
       assert.throws(

@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { pieces } from '../../src/crypto/backends/native.js';
+import { IV_GENERATORS } from '../../src/crypto/iv/index.js';
 import { loadNative, nativeLoadError } from '../../src/util/native.js';
 import { createSectorCipher, defaultBackend, isCryptmapError } from './imports.js';
 
@@ -43,11 +44,21 @@ describe('native addon', () => {
     assert.throws(() => c.encrypt(Buffer.alloc(4096), 0n), (e: unknown) => isCryptmapError(e, 'EDISPOSED'));
   });
 
+  it('has an id for every IV generator of the table and every chain mode, each distinct', () => {
+    const a = addon();
+    const ivs = Object.keys(IV_GENERATORS);
+    for (const n of ivs) assert.ok(Number.isInteger(a.ivModes[n]), `no native id for IV mode ${n}`);
+    assert.equal(new Set(ivs.map((n) => a.ivModes[n])).size, ivs.length);
+    for (const n of ['xts', 'cbc', 'ecb', 'null']) assert.ok(Number.isInteger(a.chainModes[n]), `no native id for chain mode ${n}`);
+  });
+
   it('rejects bad arguments at the native edge too', () => {
     const a = addon();
-    assert.throws(() => a.cipherCreate(0, Buffer.alloc(20), 2, null, 512));
-    assert.throws(() => a.cipherCreate(1, Buffer.alloc(32), 4, null, 512)); // essiv without its key
-    const h = a.cipherCreate(0, Buffer.alloc(64, 1).fill(2, 32), 2, null, 512);
+    const { xts, cbc } = a.chainModes;
+    const { plain64, essiv } = a.ivModes;
+    assert.throws(() => a.cipherCreate(xts!, Buffer.alloc(20), plain64!, null, 512));
+    assert.throws(() => a.cipherCreate(cbc!, Buffer.alloc(32), essiv!, null, 512)); // essiv without its key
+    const h = a.cipherCreate(xts!, Buffer.alloc(64, 1).fill(2, 32), plain64!, null, 512);
     assert.throws(() => a.cipherRun(h, true, Buffer.alloc(512), Buffer.alloc(1024), 1, 0, 0, 1));
     const b = Buffer.alloc(2048);
     assert.throws(() => a.cipherRun(h, true, b.subarray(0, 1024), b.subarray(512, 1536), 2, 0, 0, 1));
@@ -104,7 +115,7 @@ describe('native XTS implementations agree', () => {
             const want = Buffer.alloc(data.length);
             js.encrypt(data, 0xfffffff8n, want);
             js.dispose();
-            const h = a.cipherCreate(0, key, 2, null, sb);
+            const h = a.cipherCreate(a.chainModes.xts!, key, a.ivModes.plain64!, null, sb);
             a.setXtsImpl(h, impl);
             const got = Buffer.alloc(data.length);
             a.cipherRun(h, true, data, got, 40, 0xfffffff8, 0, sb / 512);

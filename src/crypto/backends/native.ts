@@ -11,7 +11,35 @@ import type { IvInstance } from '../iv/index.js';
 import { IV_GENERATORS } from '../iv/index.js';
 import type { BackendOps, SectorRun, SectorTransform } from './types.js';
 
-const CHAIN = { xts: 0, cbc: 1, ecb: 2 } as const;
+/** Chain modes cipher-spec.ts accepts ('null': the cipher_null spec), each needing an addon id. */
+const CHAIN_MODES = ['xts', 'cbc', 'ecb', 'null'] as const;
+
+let idsChecked: NativeAddon | null = null;
+
+/**
+ * The loaded addon, after checking once that it has an id for every chain mode above and every IV
+ * generator of the table (iv/index.ts): an addon from another build fails here by name, instead of
+ * running a sector with the wrong IV. null without the addon.
+ */
+function checkedAddon(): NativeAddon | null {
+  const addon = loadNative();
+  if (addon === null || addon === idsChecked) return addon;
+  const has = (ids: Readonly<Record<string, number>> | undefined, n: string) => ids !== undefined && Object.hasOwn(ids, n) && Number.isInteger(ids[n]);
+  const missing = [
+    ...CHAIN_MODES.filter((n) => !has(addon.chainModes, n)).map((n) => `chain mode ${n}`),
+    ...Object.keys(IV_GENERATORS).filter((n) => !has(addon.ivModes, n)).map((n) => `IV mode ${n}`),
+  ];
+  if (missing.length) throw new CryptmapError('ENATIVE', `the native addon has no id for ${missing.join(', ')}: rebuild it (node scripts/build-native.mjs)`, { errno: 'ENOTSUP' });
+  idsChecked = addon;
+  return addon;
+}
+
+/** cipherCreate's chain and ivMode ids for `spec`. */
+function nativeIds(addon: NativeAddon, spec: CipherSpec): { chain: number; ivMode: number } {
+  const chain = addon.chainModes[spec.cipher === 'cipher_null' ? 'null' : spec.chainMode]!;
+  const ivMode = addon.ivModes[spec.ivMode ?? 'null']!;
+  return { chain, ivMode };
+}
 
 /** The addon takes at most 2 GiB - 1 per call (OpenSSL lengths are int): split bigger runs. */
 const MAX_PIECE_BYTES = 1 << 30;
@@ -132,12 +160,11 @@ export function nativeXtsImpl(): string | null {
 export const nativeBackend: BackendOps = {
   name: 'native',
   create(spec: CipherSpec, key: Uint8Array, sectorBytes: number, iv: IvInstance | undefined): SectorTransform {
-    const addon = loadNative();
+    const addon = checkedAddon();
     if (addon === null) {
       throw new CryptmapError('ENATIVE', `native crypto backend unavailable: ${nativeLoadError() ?? 'unknown reason'}`, { errno: 'ENOTSUP' });
     }
-    const chain = spec.cipher === 'cipher_null' ? 3 : CHAIN[spec.chainMode];
-    const ivMode = spec.ivMode === undefined ? 0 : (IV_GENERATORS[spec.ivMode]?.nativeMode ?? 0);
+    const { chain, ivMode } = nativeIds(addon, spec);
     const k = Buffer.from(key);
     try {
       return new NativeTransform(addon, addon.cipherCreate(chain, k, ivMode, iv?.nativeKey ?? null, sectorBytes));
@@ -155,12 +182,11 @@ export const nativeBackend: BackendOps = {
  * the addon is not loaded. The caller disposes it (wipes and frees the schedule).
  */
 export function createNativeKey(spec: CipherSpec, key: Uint8Array, sectorBytes: number): { handle: NativeKeyHandle; dispose(): void } | null {
-  const addon = loadNative();
+  const addon = checkedAddon();
   if (addon === null) return null;
-  const iv = spec.ivMode === undefined ? undefined : IV_GENERATORS[spec.ivMode]!.init({ spec, key });
+  const iv = spec.ivMode === undefined ? undefined : IV_GENERATORS[spec.ivMode].init({ spec, key });
   try {
-    const chain = spec.cipher === 'cipher_null' ? 3 : CHAIN[spec.chainMode];
-    const ivMode = spec.ivMode === undefined ? 0 : (IV_GENERATORS[spec.ivMode]?.nativeMode ?? 0);
+    const { chain, ivMode } = nativeIds(addon, spec);
     const k = Buffer.from(key);
     try {
       const handle = addon.cipherCreate(chain, k, ivMode, iv?.nativeKey ?? null, sectorBytes);

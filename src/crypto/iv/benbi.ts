@@ -7,7 +7,6 @@ import { forEachIvSector, IV_BYTES, type IvInstance, type IvOps, NO_STATE, write
 
 export const benbi: IvOps = {
   name: 'benbi',
-  nativeMode: 5,
   init(ctx): IvInstance {
     const shift = 9 - Math.log2(ctx.spec.blockBytes);
     return {

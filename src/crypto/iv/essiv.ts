@@ -12,7 +12,7 @@ import { IV_BYTES, type IvInstance, type IvOps } from './types.js';
 
 export const essiv: IvOps = {
   name: 'essiv',
-  nativeMode: 4,
+  options: '<hash>',
   init(ctx): IvInstance {
     const hash = ctx.spec.ivOpts ?? '';
     const salt = createHash(hash).update(ctx.key).digest();

@@ -3,7 +3,6 @@ import { IV_BYTES, type IvInstance, type IvOps, NO_STATE } from './types.js';
 
 export const nullIv: IvOps = {
   name: 'null',
-  nativeMode: 0,
   init(): IvInstance {
     return {
       ...NO_STATE,

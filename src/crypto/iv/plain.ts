@@ -3,7 +3,6 @@ import { forEachIvSector, IV_BYTES, type IvInstance, type IvOps, NO_STATE, write
 
 export const plain: IvOps = {
   name: 'plain',
-  nativeMode: 1,
   init(): IvInstance {
     return {
       ...NO_STATE,

@@ -3,7 +3,6 @@ import { forEachIvSector, IV_BYTES, type IvInstance, type IvOps, NO_STATE, write
 
 export const plain64: IvOps = {
   name: 'plain64',
-  nativeMode: 2,
   init(): IvInstance {
     return {
       ...NO_STATE,

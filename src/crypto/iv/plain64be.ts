@@ -3,7 +3,6 @@ import { forEachIvSector, IV_BYTES, type IvInstance, type IvOps, NO_STATE, write
 
 export const plain64be: IvOps = {
   name: 'plain64be',
-  nativeMode: 3,
   init(): IvInstance {
     return {
       ...NO_STATE,

@@ -31,8 +31,8 @@ export interface IvInstance {
 
 export interface IvOps {
   readonly name: string;
-  /** Mode number the native addon knows this generator by (native/cryptmap.c IV_*). */
-  readonly nativeMode: number;
+  /** What the mode takes after ':' as the supported list prints it (essiv: '<hash>'); none when undefined. */
+  readonly options?: string;
   init(ctx: IvInitContext): IvInstance;
 }
 
