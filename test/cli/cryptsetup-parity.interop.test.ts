@@ -138,6 +138,9 @@ test('R19: open --test-passphrase --volume-key-file checks the volume key (also 
   await ok(CS, ['-q', 'luksErase', img]);
   assert.equal((await same(img, ['open', '--test-passphrase', '--volume-key-file', vk, 'IMG'])).code, 1);
   assert.equal((await same(img, ['open', '--test-passphrase', '--volume-key-file', vk, '--key-size', '512', 'IMG'])).code, 0);
+  // luksAddKey from the volume key alone: --key-size gives its size when no keyslot is left.
+  assert.equal((await same(img, ['luksAddKey', ...FAST, '--volume-key-file', vk, 'IMG'], 'p\n')).code, 1);
+  assert.equal((await same(img, ['luksAddKey', ...FAST, '--volume-key-file', vk, '--key-size', '512', 'IMG'], 'p\n')).slots, '0');
 });
 
 test('R5/R21: luksFormat refuses a bad LUKS1 --uuid, an --offset not a multiple of 4096 bytes, LUKS2 sizes with --type luks1', async () => {

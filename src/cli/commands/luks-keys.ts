@@ -102,7 +102,10 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         let tokenPass: Buffer | undefined;
         const vkFile = v['volume-key-file'];
         if (vkFile) {
-          const vk = await readVolumeKeyFile(vkFile, vol.dataSegment.keyBytes);
+          // --key-size names the size when no keyslot is left to tell it (after luksErase), as in cryptsetup.
+          const vkBytes = v['key-size'] !== undefined ? bits / 8 : vol.dataSegment.keyBytes;
+          if (!vkBytes) throw new CryptmapError('EARGS', 'Cannot determine volume key size for LUKS without keyslots, please use --key-size option.', { exitCode: EXIT_WRONG_PARAMS });
+          const vk = await readVolumeKeyFile(vkFile, vkBytes);
           secrets.push(vk); // wiped in the finally below even when addKey fails
           auth = { volumeKey: new Secret(vk) };
         } else if (byToken && (v['key-file'] === undefined || v['key-file'] === '-')) {
