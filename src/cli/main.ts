@@ -3,6 +3,7 @@
  * lazily so that `cryptmap isLuks` does not pay for the NBD server. Verb names follow cryptsetup
  * (luksFormat, luksDump, ...) and dmsetup (`cryptmap dm create ...`).
  */
+import { cryptmapVersion } from '../util/version.js';
 import { CryptmapError, EXIT_WRONG_PARAMS, isCryptmapError } from '../util/errors.js';
 import { checkOptionsAllowed, parseCommandLine, takesNextValue } from './options.js';
 import type { CliIO, VerbMain } from './types.js';
@@ -156,7 +157,7 @@ async function run(argv: string[], io: CliIO): Promise<number> {
     // No verb, an unknown one, or a verb with its own syntax: the table still parses what came before it.
     const before = parseCommandLine(at < 0 ? argv : argv.slice(0, at));
     if (before.version) {
-      io.stdout.write('cryptmap 0.1.0\n');
+      io.stdout.write(`cryptmap ${cryptmapVersion()}\n`);
       return 0;
     }
     if (verb === undefined || verb === 'help') {
@@ -171,7 +172,7 @@ async function run(argv: string[], io: CliIO): Promise<number> {
   }
   const cli = parseCommandLine(args);
   if (cli.version) {
-    io.stdout.write('cryptmap 0.1.0\n');
+    io.stdout.write(`cryptmap ${cryptmapVersion()}\n`);
     return 0;
   }
   if (cli.help || cli.usage) {
