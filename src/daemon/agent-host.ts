@@ -19,7 +19,7 @@ import { ControlServer } from '../control/server.js';
 import { controlSocketPath, ensureRuntimeDir, nbdSocketPath } from '../control/runtime-dir.js';
 import { reconcileUntilSettled, shutdown } from '../reconciler/agent.js';
 import { AGENT_PID_FILE, AGENT_RUN_DIR, AGENT_VOLUME_DIR, runningAgentPid } from '../reconciler/agent-dir.js';
-import type { ApplyReport, RetryPolicy } from '../reconciler/apply.js';
+import type { ApplyOptions, ApplyReport, RetryPolicy } from '../reconciler/apply.js';
 import { keyServiceForManifest } from '../reconciler/keys.js';
 import type { Manifest } from '../reconciler/manifest.js';
 import { desiredVolumes } from '../reconciler/plan.js';
@@ -49,6 +49,8 @@ export interface AgentHostOptions {
   node?: string;
   retry?: RetryPolicy;
   intervalMs?: number;
+  /** Progress of the reconcile steps (see ApplyOptions.onStep). */
+  onStep?: ApplyOptions['onStep'];
   run?: Runner;
   log?: Logger;
 }
@@ -211,6 +213,7 @@ export class AgentHost {
       bootId: this.#opts.bootId,
       log: this.#log,
       ...(this.leases ? { leases: this.leases } : {}),
+      ...(this.#opts.onStep ? { onStep: this.#opts.onStep } : {}),
     };
     return this.#opts.retry ? { ...c, retry: this.#opts.retry } : c;
   }

@@ -55,6 +55,8 @@ export interface ApplyOptions {
    * are recorded `stopped` (not `retired`); ephemeral and swap files are deleted, their keys wiped.
    */
   mode?: 'reconcile' | 'shutdown';
+  /** Told when each step starts and ends (`ms` its duration; `error` when it failed): the agent's progress lines. */
+  onStep?: (step: Step, event: 'start' | 'end', ms: number, error?: unknown) => void;
 }
 
 export type VolumeState = 'ready' | 'refused' | 'failed' | 'waiting-for-keys' | 'waiting-for-lease' | 'retired' | 'stopped' | 'removed';
@@ -440,7 +442,15 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
       if (stopped.has(step.id)) continue;
       try {
         executed.push(step);
-        await execute(step);
+        const t0 = performance.now();
+        opts.onStep?.(step, 'start', 0);
+        try {
+          await execute(step);
+        } catch (e) {
+          opts.onStep?.(step, 'end', performance.now() - t0, e);
+          throw e;
+        }
+        opts.onStep?.(step, 'end', performance.now() - t0);
         if (step.kind === 'refuse') stopped.add(step.id);
       } catch (e) {
         stopped.add(step.id);

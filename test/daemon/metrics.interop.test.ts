@@ -246,6 +246,8 @@ test('cryptmap agent --metrics: volumes by phase, the last reconcile, and its ma
     assert.equal(f.get('cryptmap_agent_reconcile_duration_seconds')?.type, 'histogram');
     assert.ok((value(f, 'cryptmap_agent_last_reconcile_duration_seconds', 'cryptmap_agent_last_reconcile_duration_seconds') ?? 0) > 0);
     assert.ok(f.get('cryptmap_device_requests_total')!.samples.length > 0, 'the agent exposes its mapped devices too');
+    // Progress lines of the slow steps (not a terminal: one line at the start and one at the end).
+    assert.match(a.log(), /scratch\/db\/data: formatting LUKS2\.\.\.\n[\s\S]*scratch\/db\/data: formatting LUKS2 done \(\d+\.\d s\)\n/);
   } finally {
     assert.equal(await stop(a.child), 0, a.log());
   }

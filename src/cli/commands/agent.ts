@@ -119,6 +119,7 @@ const agent: VerbMain = async (argv, io) => {
     forceSwap: v['force-swap'] ?? false,
     ...(v['mount-root'] ? { mountRoot: v['mount-root'] } : {}),
     ...(v.node ? { node: v.node } : {}),
+    onStep: stepProgress(io),
   });
   const registry = metricsRegistry(v, 'agent');
   const agentMetrics = registry ? new AgentMetrics(registry) : undefined;
@@ -204,6 +205,24 @@ const agent: VerbMain = async (argv, io) => {
   sd.close();
   return v.once && !ok ? 1 : 0;
 };
+
+/** What the slow steps are called in the progress lines (the others pass unannounced). */
+const SLOW_STEPS: Readonly<Record<string, string>> = { createFile: 'creating the volume file', format: 'formatting LUKS2', mkfs: 'making the file system' };
+
+/**
+ * Progress of the slow reconcile steps (issue 18 item 4): on a terminal `<volume>: <step>...` then
+ * ` done (1.2 s)` on the same line; elsewhere a line when the step starts and one when it ends.
+ */
+function stepProgress(io: CliIO): NonNullable<Parameters<typeof AgentHost.start>[0]['onStep']> {
+  const tty = (io.stdout as { isTTY?: boolean }).isTTY === true;
+  return (step, event, ms, error) => {
+    const what = SLOW_STEPS[step.kind];
+    if (what === undefined) return;
+    const end = `${error === undefined ? 'done' : 'failed'} (${(ms / 1000).toFixed(1)} s)`;
+    if (event === 'start') io.stdout.write(tty ? `${step.id}: ${what}...` : `${step.id}: ${what}...\n`);
+    else io.stdout.write(tty ? ` ${end}\n` : `${step.id}: ${what} ${end}\n`);
+  };
+}
 
 /** STATUS= after a reconcile: how many volumes are ready of how many, and the first failure. */
 function readinessLine(r: ApplyReport): string {
