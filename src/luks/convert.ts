@@ -31,7 +31,7 @@ import { CryptmapError } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import { LUKS_STRIPES } from './constants.js';
 import { decodeLuks1, encodeLuks1, LUKS_KEY_DISABLED, LUKS_KEY_ENABLED, LUKS_NUMKEYS, type Luks1Header, Luks1Volume, validateLuks1 } from './luks1.js';
-import { LUKS2_HDR_BIN_LEN, writeCopy } from './luks2-disk.js';
+import { encodeBinHeader, LUKS2_HDR_BIN_LEN, writeCopy } from './luks2-disk.js';
 import { VALIDATORS } from './luks2-handlers.js';
 import { buildJsonArea, type L2Keyslot, type Luks2Json, validateLuks2Json } from './luks2-json.js';
 import { Luks2Volume } from './luks2.js';
@@ -179,9 +179,43 @@ async function copySectors(dev: BlockDevice, from: number, to: number, sectors: 
   }
 }
 
+/**
+ * Write the LUKS1 header `h`. It is 592 bytes: keyslot 6's offset and all of keyslot 7 lie in its
+ * second sector, and a two-sector write may reach the disk as either sector alone. So the sectors
+ * that change are written one at a time, each flushed, in an order whose half-way state opens: over a
+ * LUKS2 header the second sector first (the first sector still LUKS2, only the primary copy's checksum
+ * fails and the secondary copy opens it); over a LUKS1 header whichever order leaves a valid header
+ * between the two writes. When neither does (a keyslot swapping areas with one in the other sector)
+ * the two sectors go in one write, as before: not safe against a torn write.
+ */
 async function writeLuks1Header(dev: BlockDevice, h: Luks1Header): Promise<void> {
-  await dev.write(0, encodeLuks1(h));
-  await dev.flush();
+  const next = encodeLuks1(h);
+  const cur = Buffer.alloc(next.length);
+  await dev.read(0, cur);
+  const changed = [0, 512].filter((at) => !cur.subarray(at, at + 512).equals(next.subarray(at, at + 512)));
+  let order: number[] | null = changed;
+  if (changed.length === 2) {
+    const opensHalfWay = (first: number): boolean => {
+      const mid = Buffer.from(cur);
+      next.copy(mid, first, first, first + 512);
+      try {
+        return valid(decodeLuks1(mid), dev.sizeBytes);
+      } catch {
+        return false;
+      }
+    };
+    const onLuks1 = cur.subarray(0, 8).equals(next.subarray(0, 8)); // magic and version 1
+    order = !onLuks1 ? [512, 0] : opensHalfWay(512) ? [512, 0] : opensHalfWay(0) ? [0, 512] : null;
+  }
+  if (order === null) {
+    await dev.write(0, next);
+    await dev.flush();
+    return;
+  }
+  for (const at of order) {
+    await dev.write(at, next.subarray(at, at + 512));
+    await dev.flush();
+  }
 }
 
 /**
@@ -310,7 +344,13 @@ export async function convertLuks1ToLuks2(dev: BlockDevice, opts: ConvertOptions
   const common = { hdrSize: HDR16K, seqid: 1n, label: '', checksumAlg: 'sha256', uuid: h.uuid, subsystem: '' };
   // Secondary first: LUKS1 stays in charge until the primary's first byte changes.
   await writeCopy(dev, { ...common, kind: 'secondary', salt: randomBytes(64), hdrOffset: BigInt(HDR16K) }, area);
-  await writeCopy(dev, { ...common, kind: 'primary', salt: randomBytes(64), hdrOffset: 0n }, area);
+  const primary = { ...common, kind: 'primary' as const, salt: randomBytes(64), hdrOffset: 0n };
+  // The LUKS1 header's second sector (keyslots 6 and 7) is overwritten by the primary's first write;
+  // a torn write could change it while the first sector still says LUKS1. So the first sector goes
+  // alone first: from then on it is a LUKS2 primary with no checksum, and the secondary opens it.
+  await dev.write(0, encodeBinHeader(primary).subarray(0, 512));
+  await dev.flush();
+  await writeCopy(dev, primary, area);
 }
 
 // ---- LUKS2 -> LUKS1 ---------------------------------------------------------------------------

@@ -179,3 +179,71 @@ test('refusals write nothing (cryptsetup 2.6 rules)', async () => {
     assert.ok((await snapshot(d)).equals(before), `${c.name}: the device changed`);
   }
 });
+
+/** Write number `at` (1-based) reaches `inner` only in the 512-byte blocks of `mask`, then the power goes. */
+function tornAt(inner: BlockDevice, at: number, mask: number): BlockDevice & { blocksOfTorn: number } {
+  let n = 0;
+  let dead = false;
+  const crash = () => new CryptmapError('EFAULT_CRASH', 'power cut (test)');
+  const dev = {
+    sizeBytes: inner.sizeBytes,
+    capabilities: inner.capabilities,
+    limits: inner.limits,
+    blocksOfTorn: 0,
+    read: (o: number, b: Uint8Array) => inner.read(o, b),
+    async write(o: number, data: Uint8Array) {
+      if (dead) throw crash();
+      if (++n === at) {
+        dead = true;
+        dev.blocksOfTorn = Math.ceil(data.length / 512);
+        for (let b = 0; b * 512 < data.length; b++) if ((mask >> b) & 1) await inner.write(o + b * 512, data.subarray(b * 512, (b + 1) * 512));
+        throw crash();
+      }
+      await inner.write(o, data);
+    },
+    async flush() {
+      if (dead) throw crash();
+      await inner.flush();
+    },
+    async writeZeroes(o: number, len: number) {
+      if (dead) throw crash();
+      n++;
+      await inner.writeZeroes(o, len);
+    },
+    discard: (o: number, len: number) => inner.discard(o, len),
+    close: async () => undefined,
+  };
+  return dev as unknown as BlockDevice & { blocksOfTorn: number };
+}
+
+test('convert survives a torn write (the first or the second sector of it reached the disk), both directions', async () => {
+  const l1 = mk(SIZE);
+  const v1 = await Luks1Volume.format(l1, P('one'), { keyslot: { kdf: FAST_PBKDF2 }, keyBytes: 32 });
+  await v1.addKey({ passphrase: P('one') }, P('two'), { kdf: FAST_PBKDF2, keySlot: 3 });
+  const l2 = mk(SIZE);
+  const v2 = await Luks2Volume.format(l2, P('one'), LUKS2);
+  await v2.addKey({ passphrase: P('one') }, P('two'), { kdf: FAST_PBKDF2, keySlot: 3 });
+  for (const [base, run] of [
+    [l1, convertLuks1ToLuks2],
+    [l2, convertLuks2ToLuks1],
+  ] as const) {
+    let torn = 0;
+    for (let n = 1; ; n++) {
+      let finished = false;
+      for (const mask of [1, 2]) {
+        const img = await cloneDevice(base, mk, SIZE);
+        const dev = tornAt(img, n, mask);
+        try {
+          await run(dev);
+          finished = true;
+        } catch (e) {
+          if (!isCryptmapError(e, 'EFAULT_CRASH')) throw e;
+        }
+        if (dev.blocksOfTorn >= 2) torn++;
+        assert.ok(await opensAll(img, ['one', 'two']), `${run.name}: write ${n} torn (sectors ${mask === 1 ? '0' : '1'} of ${dev.blocksOfTorn} written): the image does not open with every passphrase`);
+      }
+      if (finished) break;
+    }
+    assert.ok(torn > 0, `${run.name}: no multi-sector write was torn`);
+  }
+});
