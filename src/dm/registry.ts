@@ -275,7 +275,7 @@ export class DeviceRegistry {
     const env: TableEnvironment = {
       targets: this.#targets,
       keyStore: this.#keyStore,
-      openDevice: (arg, line, what) => this.#openDevice(self, arg, line, what),
+      openDevice: (arg, line, what, readOnly) => this.#openDevice(self, arg, line, what, readOnly === true),
       owner: self,
       event: () => {
         self.eventNr++;
@@ -323,7 +323,7 @@ export class DeviceRegistry {
     return m;
   }
 
-  async #openDevice(self: MappedDevice, arg: string, line: number, what: string): Promise<{ device: BlockDevice; release: () => Promise<void>; mapped?: unknown }> {
+  async #openDevice(self: MappedDevice, arg: string, line: number, what: string, readOnlyArg = false): Promise<{ device: BlockDevice; release: () => Promise<void>; mapped?: unknown }> {
     const wrap = (e: unknown): CryptmapError => {
       const c = isCryptmapError(e) ? e : new CryptmapError('EOPEN', `cannot open ${arg}: ${e instanceof Error ? e.message : String(e)}`, { exitCode: EXIT_WRONG_DEVICE });
       return new CryptmapError(c.code, `table line ${line}: ${what}: ${c.message}`, { exitCode: c.exitCode, errno: c.errno, cause: e, context: { line, arg } });
@@ -356,7 +356,7 @@ export class DeviceRegistry {
       }
     }
     const abs = remote ? arg : resolvePath(path);
-    const readOnly = self.readOnly;
+    const readOnly = self.readOnly || readOnlyArg;
     const key = `${readOnly ? 'ro' : 'rw'}:${abs}`;
     let shared = this.#files.get(key);
     if (shared === undefined) {

@@ -91,7 +91,7 @@ export interface TableEnvironment {
   targets: Readonly<Record<string, TargetType>>;
   keyStore: KeyStore | undefined;
   /** Open `<dev>` for a table; returns the device and a release function. */
-  openDevice(arg: string, line: number, argDescription: string): Promise<{ device: BlockDevice; release: () => Promise<void>; mapped?: unknown }>;
+  openDevice(arg: string, line: number, argDescription: string, readOnly?: boolean): Promise<{ device: BlockDevice; release: () => Promise<void>; mapped?: unknown }>;
   /** The mapped device the table is built for (opaque; handed to targets as TargetContext.owner). */
   owner?: object;
   /** Raise a dm event on that device. */
@@ -159,8 +159,8 @@ export class Table {
           startSectors: l.startSectors,
           lengthSectors: l.lengthSectors,
           keyStore: env.keyStore,
-          openDevice: async (arg, argName) => {
-            const r = await env.openDevice(arg, l.line, `${l.target} <${argName}>`);
+          openDevice: async (arg, argName, opts) => {
+            const r = await env.openDevice(arg, l.line, `${l.target} <${argName}>`, opts?.readOnly === true);
             releases.push(r.release);
             if (r.mapped !== undefined) {
               mappedDeps.add(r.mapped);

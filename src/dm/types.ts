@@ -53,7 +53,7 @@ export interface TargetContext {
    * Open a `<dev>` argument: a file path, a block device (`/dev/x` or `MAJ:MIN`) or another mapped
    * device (by name, `/dev/mapper/NAME` or `253:MINOR`). Released by the table on dispose.
    */
-  openDevice(arg: string, argName: string): Promise<BlockDevice>;
+  openDevice(arg: string, argName: string, opts?: { readOnly?: boolean }): Promise<BlockDevice>;
   /** A CryptmapError naming the table line, the target and the argument. */
   error(argName: string, message: string, code?: string): CryptmapError;
   /**

@@ -24,6 +24,8 @@ export interface ThinRig {
   meta: MemoryDevice;
   data: MemoryDevice;
   fault?: FaultDevice;
+  /** `/mem/NAME` paths opened read-only. */
+  readOnlyOpens: Set<string>;
 }
 
 /** A registry with /mem/meta and /mem/data (reused when given), the metadata behind `plan` if any, and /mem/NAME for each of `more`. */
@@ -31,8 +33,10 @@ export function thinRig(opts: { metaBytes?: number; dataBytes?: number; meta?: M
   const meta = opts.meta ?? new MemoryDevice({ sizeBytes: opts.metaBytes ?? MiB });
   const data = opts.data ?? new MemoryDevice({ sizeBytes: opts.dataBytes ?? 16 * MiB });
   const fault = opts.plan ? new FaultDevice(meta, opts.plan) : undefined;
+  const readOnlyOpens = new Set<string>();
   const registry = new DeviceRegistry({
-    openFile: async (path: string): Promise<BlockDevice> => {
+    openFile: async (path: string, readOnly: boolean): Promise<BlockDevice> => {
+      if (readOnly) readOnlyOpens.add(path);
       if (path === '/mem/meta') return shareOf(fault ?? meta);
       if (path === '/mem/data') return shareOf(data);
       const more = opts.more?.[path.slice('/mem/'.length)];
@@ -40,7 +44,7 @@ export function thinRig(opts: { metaBytes?: number; dataBytes?: number; meta?: M
       throw new CryptmapError('EOPEN', `cannot open ${path}: no such memory device`, { errno: 'ENOENT', exitCode: 4 });
     },
   });
-  return { registry, meta, data, ...(fault ? { fault } : {}) };
+  return { registry, meta, data, readOnlyOpens, ...(fault ? { fault } : {}) };
 }
 
 export function tool(cmd: string, args: string[], input?: string): { status: number; stdout: string; stderr: string } {

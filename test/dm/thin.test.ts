@@ -378,12 +378,13 @@ test('external origin: unprovisioned blocks read from it (zeros past its end), t
   const origin = new MemoryDevice({ sizeBytes: originBytes });
   const o = pattern(originBytes, 7);
   await origin.write(0, o);
-  const { registry } = thinRig({ dataBytes: 4 * MiB, more: { origin } });
+  const { registry, readOnlyOpens } = thinRig({ dataBytes: 4 * MiB, more: { origin } });
   await registry.create('pool', { table: '0 8192 thin-pool /mem/meta /mem/data 128 0' });
   await registry.message('pool', 0, ['create_thin', '0']);
   const len = (8 * BLOCK) / 512;
   await registry.create('t', { table: `0 ${len} thin pool 0 /mem/origin` });
   assert.equal(table(registry, 't'), `0 ${len} thin pool 0 /mem/origin`);
+  assert.deepEqual([...readOnlyOpens], ['/mem/origin'], 'the origin is opened read-only, as the kernel opens it');
   const h = registry.open('t');
   const expect = Buffer.alloc(8 * BLOCK);
   o.copy(expect);

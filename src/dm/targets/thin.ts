@@ -41,7 +41,7 @@ export const thin: TargetType = {
     const devId = uintArg(idArg, ctx, 'dev id', MAX_DEV_ID);
     const originArg = args[2];
     if (originArg === poolArg) throw ctx.error('external origin dev', 'error setting origin device: it is the pool device', 'EINVAL');
-    const origin = originArg === undefined ? undefined : await ctx.openDevice(originArg, 'external origin dev');
+    const origin = originArg === undefined ? undefined : await ctx.openDevice(originArg, 'external origin dev', { readOnly: true });
     const poolDev = await ctx.openDevice(poolArg, 'pool dev');
     const pool = poolOf(ctx.mappedOf?.(poolDev));
     if (pool === undefined) throw ctx.error('pool dev', `${poolArg} is not an active thin-pool device (couldn't find pool object)`, 'ENODEV');
