@@ -23,7 +23,8 @@ function walk(dir) {
 
 let files = walk(root);
 if (unitOnly) files = files.filter((f) => !/\.(interop|slow)\.test\.js$/.test(f));
-if (filters.length) files = files.filter((f) => filters.some((s) => f.includes(s)));
+// Filters match the path under the test directory, not the checkout's own path (a worktree named thin).
+if (filters.length) files = files.filter((f) => filters.some((s) => f.slice(root.length).includes(s)));
 if (files.length === 0) {
   console.error('run-tests: no test files matched');
   process.exit(1);
