@@ -88,7 +88,7 @@ async function withDevice<T>(path: string, readOnly: boolean, fn: (d: BlockDevic
   try {
     dev = await openBlockDevice(path, { readOnly });
   } catch (e) {
-    throw new CryptmapError('ENODEVICE', `Device ${path} does not exist or access denied.`, { exitCode: EXIT_WRONG_DEVICE, cause: e });
+    throw new CryptmapError('ENODEV', `Device ${path} does not exist or access denied.`, { exitCode: EXIT_WRONG_DEVICE, cause: e });
   }
   try {
     return await fn(dev);
@@ -130,9 +130,9 @@ export async function prepareLoadedLuks(vol: Awaited<ReturnType<typeof openLuks>
     // layouts, which one mapping of segment 0 would mix up; cryptsetup maps each segment instead.
     const reqs = vol.type === 'luks2' ? (vol.json.config.requirements?.mandatory ?? []) : [];
     if (reqs.some((r) => r.startsWith('online-reencrypt'))) {
-      throw new CryptmapError('EREQUIREMENTS', `Device ${o.header ?? o.device} is in LUKS2 reencryption; cryptmap does not activate it in the middle yet. Finish it with cryptmap reencrypt --resume-only (or cryptsetup reencrypt --resume-only) first.`, { exitCode: 1 });
+      throw new CryptmapError('EREQUIREMENT', `Device ${o.header ?? o.device} is in LUKS2 reencryption; cryptmap does not activate it in the middle yet. Finish it with cryptmap reencrypt --resume-only (or cryptsetup reencrypt --resume-only) first.`, { exitCode: 1 });
     }
-    throw new CryptmapError('EREQUIREMENTS', 'Device has unknown mandatory requirements; refusing to activate.', { exitCode: 1 });
+    throw new CryptmapError('EREQUIREMENT', 'Device has unknown mandatory requirements; refusing to activate.', { exitCode: 1 });
   }
   const seg = vol.dataSegment;
   const dataBytes = o.header === undefined ? hdrDev.sizeBytes : await withDevice(o.device, true, async (d) => d.sizeBytes);
@@ -142,7 +142,7 @@ export async function prepareLoadedLuks(vol: Awaited<ReturnType<typeof openLuks>
     sizeBytes -= sizeBytes % seg.sectorBytes;
   } else sizeBytes = seg.sizeBytes;
   if (sizeBytes <= 0 || seg.offsetBytes + sizeBytes > dataBytes) {
-    throw new CryptmapError('EDEVSMALL', `Device ${o.device} is too small for the data segment.`, { exitCode: EXIT_WRONG_DEVICE });
+    throw new CryptmapError('EDEVSIZE', `Device ${o.device} is too small for the data segment.`, { exitCode: EXIT_WRONG_DEVICE });
   }
   let unlocked: UnlockResult;
   if (o.unlock) unlocked = await o.unlock(vol);
@@ -206,7 +206,7 @@ export async function preparePlain(o: PlainOpenOptions): Promise<CryptMapping> {
   const devBytes = await withDevice(o.device, true, async (d) => d.sizeBytes);
   const avail = Math.floor(devBytes / SECTOR_BYTES) - offset;
   const size = o.sizeSectors ?? avail - (avail % (sectorBytes / SECTOR_BYTES));
-  if (size <= 0 || size > avail) throw new CryptmapError('EDEVSMALL', `Device ${o.device} is too small.`, { exitCode: EXIT_WRONG_DEVICE });
+  if (size <= 0 || size > avail) throw new CryptmapError('EDEVSIZE', `Device ${o.device} is too small.`, { exitCode: EXIT_WRONG_DEVICE });
   return {
     name: o.name,
     type: 'PLAIN',

@@ -179,7 +179,7 @@ export async function resizeVolume(p: CoreParts, name: string, sizeSectors: numb
     throw new CryptmapError('EARGS', `Invalid size ${sizeSectors}.`, { exitCode: EXIT_FAILURE });
   }
   if (size % perSector !== 0) throw new CryptmapError('EALIGN', 'Device size is not aligned to requested sector size.', { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
-  if (size <= 0 || size > availableSectors) throw new CryptmapError('EDEVSMALL', `Device ${m.device} is too small.`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
+  if (size <= 0 || size > availableSectors) throw new CryptmapError('EDEVSIZE', `Device ${m.device} is too small.`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
   if (size === m.sizeSectors) return;
   await swapTable(p, { ...m, sizeSectors: size }, 'ERESIZE', 'resize');
   log.info('volume resized', { name, sizeSectors: size });

@@ -313,7 +313,7 @@ function luks2JsonFromLuks1(h: Luks1Header, keyslotsBytes: number): Luks2Json {
 export async function convertLuks1ToLuks2(dev: BlockDevice, opts: ConvertOptions = {}): Promise<void> {
   const vol = await Luks1Volume.open(dev);
   const h = cloneHeader(vol.header);
-  if (!dev.capabilities.write) throw new CryptmapError('EREADONLY', 'Device is read-only.', { exitCode: 1, errno: 'EPERM' });
+  if (!dev.capabilities.write) throw new CryptmapError('EROFS', 'Device is read-only.', { exitCode: 1, errno: 'EPERM' });
   const afSectors = afSplitBytes(h.keyBytes, LUKS_STRIPES) / 512;
   const lastEnd = Math.max(...h.keyblock.map((k) => k.keyMaterialOffset + afSectors));
   const luks1Bytes = alignUp(lastEnd * 512, 4096);

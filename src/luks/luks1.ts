@@ -67,7 +67,7 @@ function cstr(b: Buffer, off: number, len: number): string {
 }
 function put(b: Buffer, off: number, len: number, s: string, what: string): void {
   const v = Buffer.from(s, 'latin1');
-  if (v.length >= len) throw new CryptmapError('EPARAM', `${what} is too long.`);
+  if (v.length >= len) throw new CryptmapError('EARGS', `${what} is too long.`);
   v.copy(b, off);
 }
 
@@ -151,7 +151,7 @@ export function validateLuks1(h: Luks1Header, deviceBytes?: number): void {
   if (deviceBytes !== undefined) {
     const last = Math.max(...spans.map((s) => s.e)) * 512;
     // cryptsetup LUKS_check_device_size: every keyslot's key material must fit on the device.
-    if (deviceBytes < last) throw new CryptmapError('EDEVSMALL', `Device is too small. (LUKS1 requires at least ${last} bytes.)`, { exitCode: 1, context: { check: 'device_size', needBytes: last } });
+    if (deviceBytes < last) throw new CryptmapError('EDEVSIZE', `Device is too small. (LUKS1 requires at least ${last} bytes.)`, { exitCode: 1, context: { check: 'device_size', needBytes: last } });
   }
 }
 
@@ -180,16 +180,16 @@ export interface Luks1FormatOptions {
 /** Split `aes-xts-plain64` into LUKS1 cipherName/cipherMode. */
 function splitCipher(spec: string): { name: string; mode: string } {
   const i = spec.indexOf('-');
-  if (i <= 0 || spec.startsWith('capi:')) throw new CryptmapError('EPARAM', `Cipher ${spec} cannot be stored in a LUKS1 header.`);
+  if (i <= 0 || spec.startsWith('capi:')) throw new CryptmapError('EARGS', `Cipher ${spec} cannot be stored in a LUKS1 header.`);
   return { name: spec.slice(0, i), mode: spec.slice(i + 1) };
 }
 
 async function pbkdf2Iterations(opts: NewKeyslotOptions | undefined, hash: string, keyBytes: number): Promise<number> {
   if (opts?.kdf) {
-    if (opts.kdf.type !== 'pbkdf2') throw new CryptmapError('EPARAM', 'LUKS1 supports only the pbkdf2 KDF.');
+    if (opts.kdf.type !== 'pbkdf2') throw new CryptmapError('EARGS', 'LUKS1 supports only the pbkdf2 KDF.');
     return Math.max(opts.kdf.iterations, 1000);
   }
-  if (opts?.pbkdf && opts.pbkdf !== 'pbkdf2') throw new CryptmapError('EPARAM', 'LUKS1 supports only the pbkdf2 KDF.');
+  if (opts?.pbkdf && opts.pbkdf !== 'pbkdf2') throw new CryptmapError('EARGS', 'LUKS1 supports only the pbkdf2 KDF.');
   const p = (await calibrateKdf({ type: 'pbkdf2', hash, iterTimeMs: opts?.iterTimeMs, keyBytes })) as KdfParams & { iterations: number };
   return p.iterations;
 }
@@ -224,18 +224,18 @@ export class Luks1Volume implements LuksVolume {
     const first = LUKS_ALIGN_KEYSLOTS_SECTORS;
     const end = first + LUKS_NUMKEYS * stride;
     const align = o.alignBytes !== undefined && o.alignBytes > 0 ? o.alignBytes / 512 : undefined;
-    if (align !== undefined && !Number.isInteger(align)) throw new CryptmapError('EPARAM', 'Data alignment must be a multiple of 512 bytes.');
+    if (align !== undefined && !Number.isInteger(align)) throw new CryptmapError('EARGS', 'Data alignment must be a multiple of 512 bytes.');
     let payload =
       o.offsetBytes !== undefined
         ? o.offsetBytes / 512
         : o.detachedHeader
           ? (align ?? 0)
           : Math.ceil(end / (align ?? LUKS_DEFAULT_ALIGN_SECTORS)) * (align ?? LUKS_DEFAULT_ALIGN_SECTORS);
-    if (!Number.isInteger(payload)) throw new CryptmapError('EPARAM', 'Data offset must be a multiple of 512 bytes.');
-    if (payload !== 0 && payload < end) throw new CryptmapError('EPARAM', 'Data offset is too small for the LUKS1 keyslots.');
+    if (!Number.isInteger(payload)) throw new CryptmapError('EARGS', 'Data offset must be a multiple of 512 bytes.');
+    if (payload !== 0 && payload < end) throw new CryptmapError('EARGS', 'Data offset is too small for the LUKS1 keyslots.');
     if (o.uuid !== undefined) checkLuks1Uuid(o.uuid);
     // The key material must fit; the data may lie past the device's end (cryptsetup only warns).
-    if (dev.sizeBytes < end * 512) throw new CryptmapError('EDEVSMALL', `Device is too small. (LUKS1 requires at least ${end * 512} bytes.)`, { exitCode: 1, context: { needBytes: end * 512 } });
+    if (dev.sizeBytes < end * 512) throw new CryptmapError('EDEVSIZE', `Device is too small. (LUKS1 requires at least ${end * 512} bytes.)`, { exitCode: 1, context: { needBytes: end * 512 } });
     payload = Math.floor(payload);
     const vk = o.volumeKey ? Buffer.from(o.volumeKey) : randomBytes(keyBytes);
     try {
@@ -369,7 +369,7 @@ export class Luks1Volume implements LuksVolume {
   }
 
   #requireWritable(): void {
-    if (!this.#dev.capabilities.write) throw new CryptmapError('EREADONLY', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
+    if (!this.#dev.capabilities.write) throw new CryptmapError('EROFS', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
   }
 
   #freeSlot(want?: number): number {
@@ -560,7 +560,7 @@ export class Luks1Volume implements LuksVolume {
       messages.push('No known problems detected for LUKS header.');
       return { messages, written: false };
     }
-    if (!dev.capabilities.write) throw new CryptmapError('EREADONLY', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
+    if (!dev.capabilities.write) throw new CryptmapError('EROFS', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
     messages.push('Writing LUKS header to disk.');
     const out = encodeLuks1(h);
     await dev.write(0, out.subarray(0, LUKS_PHDR_BYTES));

@@ -54,7 +54,7 @@ function checkUuid(uuid: string): void {
 }
 
 function labelTooLong(): CryptmapError {
-  return new CryptmapError('EPARAM', 'Label or subsystem is too long (max 47 characters).');
+  return new CryptmapError('EARGS', 'Label or subsystem is too long (max 47 characters).');
 }
 
 /** Create a new LUKS2 header on `dev` with one keyslot for `passphrase`. */
@@ -64,9 +64,9 @@ export async function formatLuks2(dev: BlockDevice, passphrase: Uint8Array, o: L
   const sectorBytes = o.sectorBytes ?? 512;
   const hash = o.hash ?? 'sha256';
   const metadata = o.metadataBytes ?? LUKS2_DEFAULT_METADATA_BYTES;
-  if (!(LUKS2_HDR_SIZES as readonly number[]).includes(metadata)) throw new CryptmapError('EPARAM', `Unsupported LUKS2 metadata size ${metadata}.`);
-  if (![512, 1024, 2048, 4096].includes(sectorBytes)) throw new CryptmapError('EPARAM', `Unsupported encryption sector size.`);
-  if (!Number.isInteger(keyBytes) || keyBytes < 1 || keyBytes > 512) throw new CryptmapError('EPARAM', 'Invalid volume key size.');
+  if (!(LUKS2_HDR_SIZES as readonly number[]).includes(metadata)) throw new CryptmapError('EARGS', `Unsupported LUKS2 metadata size ${metadata}.`);
+  if (![512, 1024, 2048, 4096].includes(sectorBytes)) throw new CryptmapError('EARGS', `Unsupported encryption sector size.`);
+  if (!Number.isInteger(keyBytes) || keyBytes < 1 || keyBytes > 512) throw new CryptmapError('EARGS', 'Invalid volume key size.');
   const uuid = o.uuid ?? randomUUID();
   checkUuid(uuid);
   let offset = o.offsetBytes ?? (o.detachedHeader ? (o.alignBytes ?? 0) : undefined);
@@ -79,17 +79,17 @@ export async function formatLuks2(dev: BlockDevice, passphrase: Uint8Array, o: L
     // Default: data at 16 MiB, or after the metadata and keyslots asked for (aligned to 1 MiB).
     offset = keyslotsBytes !== undefined ? alignUp(2 * metadata + keyslotsBytes, 1 << 20) : Math.max(LUKS2_DEFAULT_DATA_OFFSET_BYTES, alignUp(2 * metadata + 4096, 1 << 20));
   }
-  if (offset % 512 !== 0 || offset % sectorBytes !== 0) throw new CryptmapError('EPARAM', 'Data offset is not aligned to the sector size.');
+  if (offset % 512 !== 0 || offset % sectorBytes !== 0) throw new CryptmapError('EARGS', 'Data offset is not aligned to the sector size.');
   if (keyslotsBytes === undefined) {
     keyslotsBytes = offset === 0 ? LUKS2_DEFAULT_DATA_OFFSET_BYTES - 2 * metadata : offset - 2 * metadata;
     keyslotsBytes = Math.min(Math.floor(keyslotsBytes / 4096) * 4096, LUKS2_MAX_KEYSLOTS_SIZE);
   }
-  if (keyslotsBytes % 4096 !== 0 || keyslotsBytes > LUKS2_MAX_KEYSLOTS_SIZE || keyslotsBytes <= 0) throw new CryptmapError('EPARAM', 'Invalid keyslots area size.');
-  if (offset !== 0 && offset < 2 * metadata + keyslotsBytes) throw new CryptmapError('EPARAM', 'Data offset is too small for the LUKS2 metadata and keyslots areas.');
+  if (keyslotsBytes % 4096 !== 0 || keyslotsBytes > LUKS2_MAX_KEYSLOTS_SIZE || keyslotsBytes <= 0) throw new CryptmapError('EARGS', 'Invalid keyslots area size.');
+  if (offset !== 0 && offset < 2 * metadata + keyslotsBytes) throw new CryptmapError('EARGS', 'Data offset is too small for the LUKS2 metadata and keyslots areas.');
   const hdrAndAreas = 2 * metadata + keyslotsBytes;
   // The data may lie past the device's end (cryptsetup only warns: no room for data); the header may not.
   if (dev.sizeBytes < hdrAndAreas) {
-    throw new CryptmapError('EDEVSMALL', `Device is too small. Need at least ${hdrAndAreas} bytes.`, { exitCode: 1, context: { needBytes: hdrAndAreas } });
+    throw new CryptmapError('EDEVSIZE', `Device is too small. Need at least ${hdrAndAreas} bytes.`, { exitCode: 1, context: { needBytes: hdrAndAreas } });
   }
   const vk = o.volumeKey ? Buffer.from(o.volumeKey) : randomBytes(keyBytes);
   try {

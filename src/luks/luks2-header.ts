@@ -137,7 +137,7 @@ export class Luks2Header {
   requireChangeable(): void {
     const unknown = unknownRequirements(this.json);
     if (unknown.length) throw new CryptmapError('EREQUIREMENT', `Operation incompatible with device marked for unknown requirements (${unknown.join(', ')}).`, { errno: 'ENOTSUP' });
-    if (!this.dev.capabilities.write) throw new CryptmapError('EREADONLY', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
+    if (!this.dev.capabilities.write) throw new CryptmapError('EROFS', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
   }
 
   digestOfKeyslot(slot: string): string | undefined {
@@ -255,7 +255,7 @@ export class Luks2Header {
 
   /** Rewrite both copies from the good one with fresh salts (cryptsetup repair). */
   async repair(): Promise<void> {
-    if (!this.dev.capabilities.write) throw new CryptmapError('EREADONLY', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION });
+    if (!this.dev.capabilities.write) throw new CryptmapError('EROFS', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION });
     this.salts = { primary: randomBytes(64), secondary: randomBytes(64) };
     // The loaded copy already had leftover KDF parameters removed; write it back at its own seqid.
     this.bin = { ...this.bin, seqid: this.bin.seqid > 0n ? this.bin.seqid - 1n : 0n };

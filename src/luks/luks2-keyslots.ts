@@ -286,7 +286,7 @@ export async function addKey(h: Luks2Header, auth: KeyAuth, newPassphrase: Uint8
 export async function addUnboundKeyslot(h: Luks2Header, newPassphrase: Uint8Array, opts: NewKeyslotOptions & { keyBytes: number; key?: Uint8Array }): Promise<number> {
   h.requireChangeable();
   const keyBytes = opts.key?.length ?? opts.keyBytes;
-  if (!Number.isInteger(keyBytes) || keyBytes < 1 || keyBytes > 512) throw new CryptmapError('EPARAM', 'Invalid key size.', { exitCode: 1 });
+  if (!Number.isInteger(keyBytes) || keyBytes < 1 || keyBytes > 512) throw new CryptmapError('EARGS', 'Invalid key size.', { exitCode: 1 });
   const slot = freeSlot(h, opts.keySlot);
   const key = opts.key ? Buffer.from(opts.key) : randomBytes(keyBytes);
   try {

@@ -38,7 +38,7 @@ export class Luks2Volume implements LuksVolume {
     // cryptsetup LUKS2_device_size check on load: both metadata copies and the whole keyslots area must
     // be on the device (a truncated image is refused, not read past its end).
     const need = 2 * r.bin.hdrSize + Number(r.json.config.keyslots_size);
-    if (dev.sizeBytes < need) throw new CryptmapError('EDEVSMALL', `Device is too small. Need at least ${need} bytes.`, { exitCode: 1, context: { needBytes: need } });
+    if (dev.sizeBytes < need) throw new CryptmapError('EDEVSIZE', `Device is too small. Need at least ${need} bytes.`, { exitCode: 1, context: { needBytes: need } });
     return new Luks2Volume(
       new Luks2Header(dev, {
         bin: r.bin,
@@ -210,7 +210,7 @@ export class Luks2Volume implements LuksVolume {
    */
   async commitJson(json: Luks2Json): Promise<void> {
     const h = this.#h;
-    if (!h.dev.capabilities.write) throw new CryptmapError('EREADONLY', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
+    if (!h.dev.capabilities.write) throw new CryptmapError('EROFS', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
     const before = h.json;
     h.json = structuredClone(json);
     sortKeys(h.json);

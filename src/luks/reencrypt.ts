@@ -205,7 +205,7 @@ export async function initReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o:
     j.digests[dOld]!.segments.push(pid);
     j.digests[dNew]!.segments.push(fid);
     const resilience = o.resilience ?? 'checksum';
-    if (resilience === 'datashift') fail('Resilience mode datashift needs --encrypt with --reduce-device-size.', 'EPARAM');
+    if (resilience === 'datashift') fail('Resilience mode datashift needs --encrypt with --reduce-device-size.', 'EARGS');
     const gap = maxGap(j, vol.metadataBytes);
     if (gap.size < 4096) fail('Not enough space in the keyslots area for reencryption resilience data.', 'ENOSPACE');
     const area: Record<string, unknown> = { offset: String(gap.offset), size: String(gap.size), type: resilience };
@@ -214,7 +214,7 @@ export async function initReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o:
       try {
         createHash(hash);
       } catch {
-        fail(`Hash algorithm ${hash} is not available.`, 'EPARAM');
+        fail(`Hash algorithm ${hash} is not available.`, 'EARGS');
       }
       area.hash = hash;
       area.sector_size = Math.max(align, 512);
@@ -287,14 +287,14 @@ async function addReencryptState(
 }
 
 function checksumArea(resilience: Resilience, hash: string | undefined, blockBytes: number): Record<string, unknown> {
-  if (resilience === 'datashift') fail('Resilience mode datashift needs --reduce-device-size.', 'EPARAM');
+  if (resilience === 'datashift') fail('Resilience mode datashift needs --reduce-device-size.', 'EARGS');
   const area: Record<string, unknown> = { type: resilience };
   if (resilience === 'checksum') {
     const h = hash ?? 'sha256';
     try {
       createHash(h);
     } catch {
-      fail(`Hash algorithm ${h} is not available.`, 'EPARAM');
+      fail(`Hash algorithm ${h} is not available.`, 'EARGS');
     }
     area.hash = h;
     area.sector_size = blockBytes;
@@ -329,20 +329,20 @@ export async function initEncrypt(dataDev: BlockDevice, hdrDev: BlockDevice | un
   let keyslots = o.keyslotsBytes;
   if (o.reduceBytes !== undefined) {
     if (detached) fail('Encryption with a detached header and --reduce-device-size is not supported by cryptmap yet; use cryptsetup.', 'ENOTSUP');
-    if (o.reduceBytes % 512 !== 0 || o.reduceBytes <= 0) fail('Device size reduction must be a multiple of 512 bytes.', 'EPARAM');
+    if (o.reduceBytes % 512 !== 0 || o.reduceBytes <= 0) fail('Device size reduction must be a multiple of 512 bytes.', 'EARGS');
     shift = o.reduceBytes / 2;
-    if (shift % sector !== 0) fail(`Data shift is not aligned to encryption sector size (${sector} bytes).`, 'EPARAM');
+    if (shift % sector !== 0) fail(`Data shift is not aligned to encryption sector size (${sector} bytes).`, 'EARGS');
     offset = shift;
     keyslots ??= Math.min(Math.floor((shift - 2 * meta) / 4096) * 4096, 0x8000000);
-    if (keyslots <= 0 || 2 * meta + keyslots > shift) fail('LUKS2 metadata size is larger than data shift value.', 'EPARAM');
+    if (keyslots <= 0 || 2 * meta + keyslots > shift) fail('LUKS2 metadata size is larger than data shift value.', 'EARGS');
   } else {
     if (!detached) fail('Encryption without detached header (--header) is not possible without data device size reduction (--reduce-device-size).', 'ENOTSUP', 1);
     offset = o.offsetBytes ?? 0;
   }
   const D = dataDev.sizeBytes;
   const plain = D - 2 * shift - (shift ? 0 : offset);
-  if (plain <= 0) fail(`Device is too small.`, 'EDEVSMALL');
-  if (plain % Math.max(sector, 512) !== 0) fail(`Data device is not aligned to encryption sector size (${sector} bytes).`, 'EPARAM');
+  if (plain <= 0) fail(`Device is too small.`, 'EDEVSIZE');
+  if (plain % Math.max(sector, 512) !== 0) fail(`Data device is not aligned to encryption sector size (${sector} bytes).`, 'EARGS');
   // The header image, built in memory.
   const hdrBytes = 2 * meta + (keyslots ?? 0x1000000 - 2 * meta);
   const img = new MemoryDevice({ sizeBytes: Math.max(hdrBytes, shift) });
@@ -393,7 +393,7 @@ export async function initEncrypt(dataDev: BlockDevice, hdrDev: BlockDevice | un
       }
     }
     const target = detached ? hdrDev! : dataDev;
-    if (target.sizeBytes < img.sizeBytes) fail(`Device is too small. Need at least ${img.sizeBytes} bytes.`, 'EDEVSMALL');
+    if (target.sizeBytes < img.sizeBytes) fail(`Device is too small. Need at least ${img.sizeBytes} bytes.`, 'EDEVSIZE');
     const whole = Buffer.alloc(img.sizeBytes);
     await img.read(0, whole);
     await target.write(0, whole);
@@ -443,7 +443,7 @@ async function dataSize(vol: Luks2Volume, j: Luks2Json, dataDev: BlockDevice | u
   const fin = segmentByFlag(j, 'backup-final')?.[1] ?? j.segments['0']!;
   const off = Number(fin.offset);
   const dev = dataDev ?? vol.metadataDevice;
-  if (dev.sizeBytes <= off) fail('Device is too small.', 'EDEVSMALL');
+  if (dev.sizeBytes <= off) fail('Device is too small.', 'EDEVSIZE');
   return dev.sizeBytes - off;
 }
 
@@ -662,7 +662,7 @@ async function recover(c: Ctx, meta: BlockDevice, data: BlockDevice, off: number
 
 function hotzoneLength(c: Ctx, max: number | undefined): number {
   const align = c.area.type === 'checksum' ? c.area.blockBytes : Math.max(c.prev.sector_size ?? 512, c.fin.sector_size ?? 512);
-  if (max !== undefined && max % align !== 0) fail(`Hotzone size must be multiple of calculated zone alignment (${align} bytes).`, 'EPARAM');
+  if (max !== undefined && max % align !== 0) fail(`Hotzone size must be multiple of calculated zone alignment (${align} bytes).`, 'EARGS');
   let len: number;
   if (c.area.type === 'datashift') return c.area.shift; // cryptsetup: the hotzone is the shift, whatever --hotzone-size says
   if (c.area.type === 'none') len = max ?? DEFAULT_NONE_HOTZONE_BYTES;
@@ -814,7 +814,7 @@ export async function runReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o: 
     };
     if (c.moved) {
       const P = shiftPlainBytes(c);
-      if (!(P > 0) || P + shift > c.total || Number(c.moved.offset) + Number(c.moved.size) > data.sizeBytes) fail('Device is too small.', 'EDEVSMALL');
+      if (!(P > 0) || P + shift > c.total || Number(c.moved.offset) + Number(c.moved.size) > data.sizeBytes) fail('Device is too small.', 'EDEVSIZE');
     }
     const meta = vol.metadataDevice;
     const maxLen = hotzoneLength(c, o.hotzoneBytes);

@@ -40,7 +40,7 @@ Tables are read from standard input when neither --table nor a file is given; in
 export { DAEMON_NOT_RUNNING };
 
 function usageError(message: string): CryptmapError {
-  return new CryptmapError('EUSAGE', `${message}\n${USAGE}`, { exitCode: EXIT_WRONG_PARAMS });
+  return new CryptmapError('EARGS', `${message}\n${USAGE}`, { exitCode: EXIT_WRONG_PARAMS });
 }
 
 async function readStdin(io: CliIO): Promise<string> {
@@ -101,7 +101,7 @@ export async function runDm(argv: string[], io: CliIO, control: DmControl | null
       session ??= await control.connect();
       return session.control;
     }
-    if (control === null) throw new CryptmapError('ENODAEMON', DAEMON_NOT_RUNNING, { exitCode: 1 });
+    if (control === null) throw new CryptmapError('EDAEMON_DOWN', DAEMON_NOT_RUNNING, { exitCode: 1 });
     return control;
   };
   try {

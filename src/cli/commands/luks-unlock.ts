@@ -21,7 +21,7 @@ export async function loadLuks(dev: BlockDevice, hdr: string): Promise<Luks1Volu
       throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid LUKS device${why}.`, { exitCode: 1 });
     }
     // A header whose metadata and keyslots do not fit the device: cryptsetup's two lines, exit 1.
-    if (e instanceof CryptmapError && e.code === 'EDEVSMALL') {
+    if (e instanceof CryptmapError && e.code === 'EDEVSIZE') {
       throw new CryptmapError('ENOTLUKS', `${e.message.replace(/^Device /, `Device ${hdr} `)}\nDevice ${hdr} is not a valid LUKS device.`, { exitCode: 1, cause: e });
     }
     throw e;
