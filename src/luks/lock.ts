@@ -9,12 +9,16 @@
  * `$XDG_RUNTIME_DIR/cryptmap-UID/locks` (or `/tmp/cryptmap-UID/locks`), created 0700 one component at
  * a time and checked by util/trusted-path.ts: another user who created `/tmp/cryptmap-UID` first (to
  * read or remove our locks) is refused, never trusted. Lock files are created with O_EXCL|O_NOFOLLOW.
- * A lock whose pid is gone (a crashed process) is broken. This serialises cryptmap processes; against other tools (cryptsetup)
+ * An NBD URI (a remote device: no inode here) is locked by `L_nbd_<sha256 of the URI>`, as cryptsetup's
+ * per-device lock would: cryptmap processes on this host serialise their header updates of the same
+ * export (spelled the same way; other hosts are not seen). A lock whose pid is gone (a crashed process) is broken. This serialises cryptmap processes; against other tools (cryptsetup)
  * the seqid check in luks2-header.ts detects concurrent updates.
  */
+import { createHash } from 'node:crypto';
 import { readFile, stat, unlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { isNbdUri } from '../nbd-wire/uri.js';
 import { CryptmapError, EXIT_BUSY } from '../util/errors.js';
 import { createExclusiveFile, ensureTrustedDir } from '../util/trusted-path.js';
 
@@ -35,11 +39,16 @@ function alive(pid: number): boolean {
 
 /** Run `fn` holding the exclusive update lock of the image or device at `path`. */
 export async function withDeviceLock<T>(path: string, fn: () => Promise<T>, opts: { timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<T> {
-  const st = await stat(path).catch(() => null);
-  if (!st) return fn(); // nothing to lock yet; opening the device reports the error
+  let key: string;
+  if (isNbdUri(path)) key = `L_nbd_${createHash('sha256').update(path).digest('hex').slice(0, 32)}`;
+  else {
+    const st = await stat(path).catch(() => null);
+    if (!st) return fn(); // nothing to lock yet; opening the device reports the error
+    key = `L_${st.dev}_${st.ino}`;
+  }
   const dir = lockDir(opts.env);
   ensureTrustedDir(dir, { code: 'ELOCKDIR', mode: 0o700, private: true });
-  const file = join(dir, `L_${st.dev}_${st.ino}`);
+  const file = join(dir, key);
   const deadline = Date.now() + (opts.timeoutMs ?? 30000);
   for (;;) {
     try {
