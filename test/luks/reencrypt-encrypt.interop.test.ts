@@ -3,15 +3,19 @@
 // --reduce-device-size (datashift) and with a detached header. The plaintext is checked with the
 // volume key cryptsetup dumps.
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, test } from 'node:test';
+import { FaultDevice } from '../../src/blockdev/fault.js';
+import { FileDevice } from '../../src/blockdev/file.js';
 import { main } from '../../src/cli/main.js';
 import { createSectorCipher } from '../../src/engine/index.js';
+import { initEncrypt, Luks2Volume, runReencrypt } from '../../src/luks/index.js';
+import { CryptmapError } from '../../src/util/errors.js';
 import { Sink } from './helpers.js';
 
 let dir = '';
@@ -145,4 +149,43 @@ test('decrypt with a detached header, both ways; without --header it is refused'
     assert.ok(dump(h, a.key).linear);
     assert.ok(readFileSync(a.img).subarray(0, PLAIN).equals(a.plain), `decrypted by ${second}`);
   }
+});
+
+test('encrypt in place: cryptsetup killed -9 mid-way, cryptmap resumes; cryptmap crashes mid-way, cryptsetup resumes', async () => {
+  const a = fresh('k.img', REDUCE);
+  const child = spawn('cryptsetup', ['reencrypt', '--encrypt', '--force-offline-reencrypt', '-q', '--type', 'luks2', '--reduce-device-size', String(REDUCE), ...FAST, '--key-file', a.key, a.img], { stdio: 'ignore' });
+  const exited = new Promise<void>((r) => child.once('exit', () => r()));
+  // Kill it once the header shows an encrypted part (a crypt segment of fixed length).
+  for (let i = 0; i < 1500; i++) {
+    const d = cs('luksDump', a.img).out;
+    if (/crypt\n\toffset: [0-9]+ \[bytes\]\n\tlength: [0-9]+ \[bytes\]/.test(d)) break;
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  child.kill('SIGKILL');
+  await exited;
+  if (/online-reencrypt-v2/.test(cs('luksDump', a.img).out)) {
+    const r = await cm('reencrypt', '--resume-only', '-q', '--key-file', a.key, a.img);
+    assert.equal(r.code, 0, r.err);
+  }
+  noReencrypt(a.img);
+  assert.ok(plaintextOf(a.img, a.img, a.key).equals(a.plain));
+
+  // cryptmap cut off after a few writes of the run (a hotzone in flight), cryptsetup repairs and resumes.
+  const b = fresh('l.img', REDUCE);
+  const file = await FileDevice.open(b.img);
+  try {
+    const v = await initEncrypt(file, undefined, Buffer.from('secret pass'), { keyslot: { kdf: { type: 'pbkdf2', hash: 'sha256', iterations: 1000 } }, reduceBytes: REDUCE });
+    const faulty = await Luks2Volume.open(new FaultDevice(file, { crashAfterWrites: 7 }));
+    await assert.rejects(runReencrypt(faulty, Buffer.from('secret pass')), (e) => e instanceof CryptmapError && e.code === 'EFAULT_CRASH');
+    await v.close();
+  } finally {
+    await file.close();
+  }
+  assert.match(cs('luksDump', b.img).out, /online-reencrypt-v2/);
+  const rr = cs('repair', '-q', '--key-file', b.key, b.img);
+  assert.equal(rr.status, 0, rr.out);
+  const r = cs('reencrypt', '--resume-only', '--force-offline-reencrypt', '-q', '--key-file', b.key, b.img);
+  assert.equal(r.status, 0, r.out);
+  noReencrypt(b.img);
+  assert.ok(plaintextOf(b.img, b.img, b.key).equals(b.plain));
 });
