@@ -24,7 +24,8 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { prepareLuks } from '../src/activate/mapping.js';
 import { DaemonCore } from '../src/daemon/core.js';
-import { bestVia, fuseUnavailable, type Via } from '../src/daemon/fuse-export.js';
+import type { Via } from '../src/control/protocol.js';
+import { bestVia, fuseUnavailable } from '../src/daemon/fuse-export.js';
 
 function run(cmd: string, args: string[]): Promise<string> {
   return new Promise((resolve, reject) => {

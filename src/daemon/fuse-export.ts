@@ -47,8 +47,6 @@ import type { Keyring } from './keyring.js';
 
 const log = logger('fuse');
 
-export { type Attachment, VIAS, type Via };
-
 /** Largest FUSE request (bytes): /proc/sys/fs/fuse/max_pages_limit pages, at most 1 MiB. */
 function maxRequestBytes(): number {
   try {
