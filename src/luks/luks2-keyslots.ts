@@ -135,9 +135,14 @@ function candidates(h: Luks2Header, keySlot?: number): string[] {
 }
 
 export async function unlock(h: Luks2Header, passphrase: Uint8Array, opts: UnlockOptions = {}): Promise<UnlockResult> {
-  let tried = 0;
+  // cryptsetup's answer is the last keyslot's of each priority class (LUKS2_keyslot_open_priority):
+  // 'wrong' for a passphrase that did not open it, 'unusable' for a keyslot it could not try (an
+  // unbound one, no digest); the prefer class's 'wrong' outranks the normal class's 'unusable'.
+  const last: Record<'prefer' | 'normal', 'wrong' | 'unusable'> = { prefer: 'unusable', normal: 'unusable' };
   for (const k of candidates(h, opts.keySlot)) {
     const ks = h.json.keyslots[k]!;
+    const cls = (ks.priority ?? 1) === 2 ? 'prefer' : 'normal';
+    last[cls] = 'unusable';
     const handler = handlerFor(KEYSLOT_HANDLERS, ks.type);
     if (!handler?.open) continue;
     const dId = h.digestOfKeyslot(k);
@@ -146,7 +151,7 @@ export async function unlock(h: Luks2Header, passphrase: Uint8Array, opts: Unloc
     // Keyslots of other segments (unbound keys) only when asked for (LUKS2_keyslot_for_segment).
     if (!opts.anySegment && !d.segments.includes('0')) continue;
     let vk: Buffer;
-    tried++;
+    last[cls] = 'wrong';
     try {
       vk = await handler.open(h.dev, ks, passphrase);
     } catch (e) {
@@ -165,9 +170,9 @@ export async function unlock(h: Luks2Header, passphrase: Uint8Array, opts: Unloc
     }
     if (ok) return { volumeKey: new Secret(vk), keyslot: Number(k) };
   }
-  // No keyslot could even be tried (none active, or none bound to the data segment): cryptsetup's -ENOENT.
-  if (tried === 0) throw new CryptmapError('EKEYSLOT', 'No usable keyslot is available.', { exitCode: 1, errno: 'ENOENT' });
-  throw noKeyError();
+  // -ENOENT (exit 1): no keyslot, or the last one tried could not be used; -EPERM (exit 2): a wrong passphrase.
+  if (last.prefer === 'wrong' || last.normal === 'wrong') throw noKeyError();
+  throw new CryptmapError('EKEYSLOT', 'No usable keyslot is available.', { exitCode: 1, errno: 'ENOENT' });
 }
 
 async function authenticate(h: Luks2Header, auth: KeyAuth): Promise<Secret> {

@@ -263,3 +263,16 @@ test('R12: on a terminal the prompt names a loop device by its backing file; -v 
   assert.match(cm[0]!, /Enter passphrase for IMG: /);
   assert.match(cm.at(-1)!, /No usable keyslot is available\.\nCommand failed with code -1 \(wrong or missing parameters\)\.\n\nEXIT 1/);
 });
+
+test('R2: with an unbound keyslot last, a passphrase that opens no bound keyslot is "No usable keyslot is available." (exit 1), as cryptsetup', async () => {
+  const img = await image('luks2');
+  await ok(CS, ['luksAddKey', '-q', ...FAST, '--unbound', '-s', '256', img, kf('ub')]);
+  for (const pass of ['ub\n', 'wrong\n']) {
+    const r = await same(img, ['open', '--test-passphrase', 'IMG'], pass);
+    assert.deepEqual([r.code, r.err], [1, 'No usable keyslot is available.'], pass);
+    assert.equal((await same(img, ['luksAddKey', ...FAST, 'IMG'], `${pass}x\n`)).code, 1);
+  }
+  // A bound keyslot after it: a wrong passphrase is wrong again (exit 2).
+  await ok(CS, ['luksAddKey', ...FAST, img, '-d', kf('old'), kf('new')]);
+  assert.equal((await same(img, ['open', '--test-passphrase', 'IMG'], 'wrong\n')).code, 2);
+});
