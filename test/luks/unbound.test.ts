@@ -29,7 +29,7 @@ test('unbound keyslot: own digest, never opens the volume, tests with anySegment
   // the area key is the volume key's size with the data cipher (crypt_keyslot_get_encryption)
   assert.equal(j.keyslots['2']!.area.encryption, 'aes-xts-plain64');
   assert.equal(j.keyslots['2']!.area.key_size, 64);
-  await assert.rejects(v.unlock(P('ub')), (e) => isCryptmapError(e, 'ENOKEY') && e.exitCode === 2);
+  await assert.rejects(v.unlock(P('ub')), (e) => isCryptmapError(e, 'EKEYSLOT') && e.exitCode === 1);
   await assert.rejects(v.unlock(P('ub'), { keySlot: 2 }), (e) => isCryptmapError(e, 'EKEYSLOT') && e.exitCode === 1 && e.message === 'No usable keyslot is available.');
   const r = await v.unlock(P('ub'), { keySlot: 2, anySegment: true });
   assert.equal(r.keyslot, 2);
@@ -37,7 +37,7 @@ test('unbound keyslot: own digest, never opens the volume, tests with anySegment
   r.volumeKey.dispose();
   assert.equal((await v.unlock(P('ub'), { anySegment: true })).keyslot, 2);
   // an unbound passphrase cannot add keyslots (it does not know the volume key)
-  await assert.rejects(v.addKey({ passphrase: P('ub') }, P('x'), { kdf: FAST_PBKDF2 }), (e) => isCryptmapError(e, 'ENOKEY'));
+  await assert.rejects(v.addKey({ passphrase: P('ub') }, P('x'), { kdf: FAST_PBKDF2 }), (e) => isCryptmapError(e, 'EKEYSLOT'));
   // a full slot is not replaced
   await assert.rejects(v.addUnboundKeyslot(P('x'), { kdf: FAST_PBKDF2, keyBytes: 32, keySlot: 0 }), /Key slot 0 is full/);
   await v.changeKey(P('ub'), P('ub2'), { kdf: FAST_PBKDF2, keySlot: 2 });
