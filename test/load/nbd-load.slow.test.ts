@@ -53,6 +53,10 @@ function jobFile(uri: string, j: FioJob): string {
     'randrepeat=1',
     'time_based=1',
     `runtime=${RUNTIME_S}`,
+    // time_based wraps around the region, so two writes to one block can be in flight at once; NBD
+    // (like any block device) leaves their order undefined, and fio's verify then fails on whichever
+    // landed first (fio's documented serialize_overlap case: seen once in a clean-clone CI run).
+    'serialize_overlap=1',
     'randseed=1234',
     `[${j.name}]`,
     `bs=${j.bs}`,
