@@ -503,3 +503,10 @@ export function unknownRequirements(j: Luks2Json): string[] {
   const m = j.config.requirements?.mandatory ?? [];
   return m.filter((x) => !KNOWN_REQUIREMENTS.includes(x));
 }
+
+/** The lowest id not yet used in a keyslots, digests, segments or tokens object. */
+export function firstFreeId(objects: Record<string, unknown>): number {
+  let id = 0;
+  while (objects[String(id)] !== undefined) id++;
+  return id;
+}

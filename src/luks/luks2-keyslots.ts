@@ -18,7 +18,7 @@ import { noKeyError, noUsableKeyslot } from './errors.js';
 import { wipeArea } from './keyslot-area.js';
 import { DIGEST_HANDLERS, handlerFor, KEYSLOT_HANDLERS, kdfJson } from './luks2-handlers.js';
 import { type Luks2Header, sortKeys } from './luks2-header.js';
-import type { L2Keyslot } from './luks2-json.js';
+import { firstFreeId, type L2Keyslot } from './luks2-json.js';
 import type { KeyAuth, KeyslotArea, KeyslotInfo, KeyslotPriority, NewKeyslotOptions, UnlockOptions, UnlockResult } from './types.js';
 
 /** The KDF of a new keyslot: the one given, or one calibrated to the options (default argon2id). */
@@ -298,8 +298,7 @@ export async function addUnboundKeyslot(h: Luks2Header, newPassphrase: Uint8Arra
     const hash = opts.hash ?? 'sha256';
     const kdf = await resolveKdf(opts, keyBytes, hash);
     const digest = await DIGEST_HANDLERS.pbkdf2!.create(key, { hash, iterations: await digestIterations(opts.kdf !== undefined, hash) });
-    let dId = 0;
-    while (h.json.digests[String(dId)]) dId++;
+    const dId = firstFreeId(h.json.digests);
     h.json.digests[String(dId)] = { ...digest, keyslots: [], segments: [] };
     await storeKeyslot(h, slot, key, newPassphrase, kdf, String(dId), keyslotEncryption(h, opts, volumeKeyBytes(h)));
     await h.write();
@@ -412,8 +411,7 @@ export async function addUnboundKey(h: Luks2Header, vk: Uint8Array, passphrase: 
     const kdf = await resolveKdf(opts, vk.length, hash);
     const dIter = await digestIterations(opts.kdf !== undefined, hash, undefined);
     const d = await DIGEST_HANDLERS.pbkdf2!.create(vk, { hash, iterations: dIter });
-    let id = 0;
-    while (h.json.digests[String(id)]) id++;
+    const id = firstFreeId(h.json.digests);
     h.json.digests[String(id)] = { ...d, keyslots: [], segments: [] };
     // The new key's keyslot area is encrypted with the cipher of the segment it will protect.
     await storeKeyslot(h, slot, vk, passphrase, kdf, String(id), keyslotEncryption(h, opts, vk.length));

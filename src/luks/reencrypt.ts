@@ -37,7 +37,7 @@ import { wipeArea } from './keyslot-area.js';
 import { MemoryDevice } from '../blockdev/memory.js';
 import { type Luks2FormatOptions, Luks2Volume } from './luks2.js';
 import { DIGEST_HANDLERS, handlerFor, KEYSLOT_HANDLERS } from './luks2-handlers.js';
-import type { L2Keyslot, L2Segment, Luks2Json } from './luks2-json.js';
+import { firstFreeId, type L2Keyslot, type L2Segment, type Luks2Json } from './luks2-json.js';
 import type { NewKeyslotOptions } from './types.js';
 
 export type Resilience = 'checksum' | 'journal' | 'none' | 'datashift';
@@ -192,8 +192,7 @@ export async function initReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o:
     j = vol.jsonSnapshot();
     const dOld = digestOfKeyslot(j, String(oldSlot))!;
     const free = (): string => {
-      let i = 0;
-      while (j.segments[String(i)]) i++;
+      const i = firstFreeId(j.segments);
       return String(i);
     };
     const prev: L2Segment = { ...structuredClone(old), flags: [...(old.flags ?? []), 'backup-previous'] };
@@ -219,8 +218,7 @@ export async function initReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o:
       area.hash = hash;
       area.sector_size = Math.max(align, 512);
     }
-    let rid = 0;
-    while (j.keyslots[String(rid)]) rid++;
+    const rid = firstFreeId(j.keyslots);
     j.keyslots[String(rid)] = { area, type: 'reencrypt', key_size: 1, mode: 'reencrypt', direction: 'forward', priority: 0 } as unknown as L2Keyslot;
     const keys = new Map<string, Buffer>([
       [dOld, Buffer.from(volumeKey.expose())],
@@ -229,8 +227,7 @@ export async function initReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o:
     const blob = verificationBlob(j, keys, REQ_VERSION);
     try {
       const d = await DIGEST_HANDLERS.pbkdf2!.create(blob, { hash: 'sha256', iterations: Number(j.digests[dNew]!.iterations ?? 1000) });
-      let did = 0;
-      while (j.digests[String(did)]) did++;
+      const did = firstFreeId(j.digests);
       j.digests[String(did)] = { ...d, keyslots: [String(rid)], segments: [] };
     } finally {
       blob.fill(0);
@@ -267,16 +264,14 @@ async function addReencryptState(
   keys: Map<string, Buffer>,
   iterations: number,
 ): Promise<void> {
-  let rid = 0;
-  while (j.keyslots[String(rid)]) rid++;
+  const rid = firstFreeId(j.keyslots);
   const gap = area.type === 'datashift' ? firstGap(j, hdrBytes) : maxGap(j, hdrBytes);
   if (gap.size < 4096) fail('Not enough space in the keyslots area for reencryption resilience data.', 'ENOSPACE');
   j.keyslots[String(rid)] = { area: { offset: String(gap.offset), size: String(gap.size), ...area }, type: 'reencrypt', key_size: 1, mode, direction, priority: 0 } as unknown as L2Keyslot;
   const blob = verificationBlob(j, keys, REQ_VERSION);
   try {
     const d = await DIGEST_HANDLERS.pbkdf2!.create(blob, { hash: 'sha256', iterations });
-    let did = 0;
-    while (j.digests[String(did)]) did++;
+    const did = firstFreeId(j.digests);
     j.digests[String(did)] = { ...d, keyslots: [String(rid)], segments: [] };
   } finally {
     blob.fill(0);
@@ -473,6 +468,24 @@ interface Ctx {
   newC?: SectorCipher;
 }
 
+/**
+ * The key of one luks2 keyslot if the passphrase opens it and digest `d` verifies it (a wrong
+ * passphrase or key: undefined); out of memory and I/O errors are thrown.
+ */
+async function openVerified(vol: Luks2Volume, j: Luks2Json, ks: Luks2Json['keyslots'][string], d: string, passphrase: Uint8Array): Promise<Buffer | undefined> {
+  let vk: Buffer;
+  try {
+    vk = await KEYSLOT_HANDLERS.luks2!.open!(vol.metadataDevice, ks, passphrase);
+  } catch (e) {
+    if (isCryptmapError(e) && (e.code === 'ENOMEM' || e.code === 'EIO')) throw e;
+    return undefined;
+  }
+  const dg = j.digests[d]!;
+  if ((await handlerFor(DIGEST_HANDLERS, dg.type)?.verify(dg, vk)) === true) return vk;
+  vk.fill(0);
+  return undefined;
+}
+
 /** Unlock every keyslot the passphrase opens; returns the keys by digest id. */
 async function unlockAll(vol: Luks2Volume, j: Luks2Json, passphrase: Uint8Array, want: string[]): Promise<Map<string, Buffer>> {
   const keys = new Map<string, Buffer>();
@@ -480,16 +493,8 @@ async function unlockAll(vol: Luks2Volume, j: Luks2Json, passphrase: Uint8Array,
     if (ks.type !== 'luks2') continue;
     const d = digestOfKeyslot(j, id);
     if (d === undefined || keys.has(d) || !want.includes(d)) continue;
-    let vk: Buffer;
-    try {
-      vk = await KEYSLOT_HANDLERS.luks2!.open!(vol.metadataDevice, ks, passphrase);
-    } catch (e) {
-      if (isCryptmapError(e) && (e.code === 'ENOMEM' || e.code === 'EIO')) throw e;
-      continue;
-    }
-    const dg = j.digests[d]!;
-    if ((await handlerFor(DIGEST_HANDLERS, dg.type)?.verify(dg, vk)) === true) keys.set(d, vk);
-    else vk.fill(0);
+    const vk = await openVerified(vol, j, ks, d, passphrase);
+    if (vk) keys.set(d, vk);
     if (want.every((w) => keys.has(w))) break;
   }
   return keys;
@@ -930,17 +935,11 @@ export async function unlockInReencryption(vol: Luks2Volume, passphrase: Uint8Ar
     if (ks.type !== 'luks2' || (keySlot !== undefined && Number(id) !== keySlot)) continue;
     const d = digestOfKeyslot(j, id);
     if (d === undefined || !want.includes(d)) continue;
-    let vk: Buffer;
-    try {
-      vk = await KEYSLOT_HANDLERS.luks2!.open!(vol.metadataDevice, ks, passphrase);
-    } catch (e) {
-      if (isCryptmapError(e) && (e.code === 'ENOMEM' || e.code === 'EIO')) throw e;
-      continue;
+    const vk = await openVerified(vol, j, ks, d, passphrase);
+    if (vk) {
+      vk.fill(0);
+      return Number(id);
     }
-    const dg = j.digests[d]!;
-    const ok = (await handlerFor(DIGEST_HANDLERS, dg.type)?.verify(dg, vk)) === true;
-    vk.fill(0);
-    if (ok) return Number(id);
   }
   throw new CryptmapError('ENOKEY', 'No key available with this passphrase.', { exitCode: 2, errno: 'EPERM' });
 }
