@@ -3,7 +3,7 @@
  * is stale and removed; a live one belongs to another server; anything that is not a socket is never
  * removed (a mistyped --socket must not delete a file); the socket appears with its final mode.
  */
-import { chmodSync, lstatSync, mkdtempSync, renameSync, rmdirSync, unlinkSync } from 'node:fs';
+import { chmodSync, linkSync, lstatSync, mkdtempSync, rmdirSync, unlinkSync } from 'node:fs';
 import { createConnection, type Server } from 'node:net';
 import { basename, dirname, join } from 'node:path';
 import { type CryptmapError, fromSystemError } from './errors.js';
@@ -46,8 +46,9 @@ export interface UnixListenErrors {
 /**
  * Listen with `server` on the Unix socket `path`, which gets `mode`: a stale socket is replaced
  * (clearStaleSocket); the socket is bound under a private temporary directory next to `path`,
- * chmod-ed, then renamed into place, so it is never reachable under `path` with a wider mode (no
- * umask window). The caller removes `path` when it closes the server.
+ * chmod-ed, then linked into place, so it is never reachable under `path` with a wider mode (no
+ * umask window); link(2), unlike rename(2), never replaces what another process put at `path` since
+ * the check (EEXIST). The caller removes `path` when it closes the server.
  *
  * @example
  *   await listenUnixSocket(createServer(serve), '/run/cryptmap/control.sock', 0o600, errors);
@@ -72,11 +73,14 @@ export async function listenUnixSocket(server: Server, path: string, mode: numbe
       });
     });
     chmodSync(tmpPath, mode);
-    renameSync(tmpPath, path);
+    linkSync(tmpPath, path);
   } catch (e) {
     server.close();
     throw fromSystemError(errors.code, `cannot listen on ${path}`, e);
   } finally {
+    try {
+      unlinkSync(tmpPath);
+    } catch {}
     try {
       rmdirSync(tmpDir);
     } catch {}
