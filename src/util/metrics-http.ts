@@ -66,7 +66,8 @@ export async function serveMetrics(registry: MetricsRegistry, listen: MetricsLis
       `--metrics ${listen.host}:${listen.port} would publish device names and I/O to whoever reaches it: add --metrics-token-file F (scrapes then send 'Authorization: Bearer <token>'), or listen on loopback`,
     );
   }
-  const expected = token ? Buffer.from(`Bearer ${token.toString('utf8')}`, 'utf8') : undefined;
+  // Bytes only: a JS string of the token could not be wiped.
+  const expected = token ? Buffer.concat([Buffer.from('Bearer ', 'utf8'), token]) : undefined;
   const handle = (req: IncomingMessage, res: ServerResponse) => {
     const path = (req.url ?? '').split('?')[0];
     if (path !== '/metrics') {
