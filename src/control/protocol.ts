@@ -26,7 +26,7 @@ import type { AttachInfo } from '../nbd/attach.js';
 import { CryptmapError } from '../util/errors.js';
 import { allocSecretBuffer } from '../util/secret.js';
 
-/** A CryptMapping as JSON: the u64 IV offset as a decimal string (control/mapping-json.ts converts). */
+/** A CryptMapping as JSON: the u64 IV offset as a decimal string (control/args.ts converts). */
 export type MappingJson = Omit<CryptMapping, 'ivOffsetSectors'> & { ivOffsetSectors: string };
 
 /** How an export becomes a kernel block device: fuse (built-in FUSE export + loop), nbd (kernel client) or nbdfuse. */

@@ -42,7 +42,7 @@ async function head(dev: BlockDevice): Promise<{ blank: boolean; isLuks: boolean
   const n = Math.min(BLANK_CHECK_BYTES, dev.sizeBytes);
   const buf = Buffer.alloc(n);
   await dev.read(0, buf);
-  return { blank: buf.every((b) => b === 0), isLuks: n >= LUKS_MAGIC.length && buf.subarray(0, LUKS_MAGIC.length).equals(LUKS_MAGIC) };
+  return { blank: buf.equals(Buffer.alloc(n)), isLuks: n >= LUKS_MAGIC.length && buf.subarray(0, LUKS_MAGIC.length).equals(LUKS_MAGIC) };
 }
 
 export async function probeDevice(uri: string): Promise<DeviceProbe> {
