@@ -491,6 +491,13 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
     let dirty = false;
     for (const [id, o] of after) {
       const r = o.record;
+      // A lease is held while the volume is open: a step that failed (or was refused) before the
+      // open took it for nothing, and kept it would lock every other node out until this agent exits.
+      if (leases?.holds(id) && !o.probe.open) {
+        await leases.release(id);
+        if (r?.lease?.self) delete r.lease;
+        dirty = true;
+      }
       if (!r || desired.has(id) || o.probe.open || o.probe.attached || o.probe.mounted) continue;
       if (r.class === 'persistent' && r.formatted) {
         if (r.phase !== kept) {

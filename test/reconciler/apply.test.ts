@@ -7,7 +7,7 @@ import { KeyService } from '../../src/keyservice/service.js';
 import { type ApplyReport, apply, observe, type StatePort } from '../../src/reconciler/apply.js';
 import { parseManifest } from '../../src/reconciler/manifest.js';
 import { desiredVolumes, plan } from '../../src/reconciler/plan.js';
-import { type KeyPort, MemoryKeyStore, type VolumeTarget } from '../../src/reconciler/ports.js';
+import { type KeyPort, type LeasePort, MemoryKeyStore, type VolumeTarget } from '../../src/reconciler/ports.js';
 import { type AgentState, emptyState } from '../../src/reconciler/state.js';
 import { CryptmapError } from '../../src/util/errors.js';
 import { setLogSink } from '../../src/util/log.js';
@@ -387,4 +387,29 @@ test('no key material in the state record or the logs', async () => {
   const text = n.state.text + logLines.join('\n');
   for (const k of keys) assert.ok(!text.includes(k.slice(0, 16)), 'key leaked');
   assert.ok(logLines.some((l) => l.includes('nbd+unix:///scratch:db:data')), 'the log names each served volume with its NBD URI');
+});
+
+test('a shared volume whose format fails gives its single-writer lease back (kept, it locked every other node out)', async () => {
+  const held = new Set<string>();
+  const leases: LeasePort = {
+    node: 'node-a',
+    acquire: async (id) => {
+      held.add(id);
+      return { held: true };
+    },
+    holds: (id) => held.has(id),
+    release: async (id) => {
+      held.delete(id);
+    },
+  };
+  const shared: VolumeTarget = { ...DATA, device: 'nbd://store/data', path: 'nbd://store/data' };
+  const n = node();
+  n.world.diskFull = true;
+  const r = await run(n, 'boot-1', [shared], { leases });
+  assert.equal(r.volumes.find((v) => v.id === shared.id)?.state, 'failed');
+  assert.equal(held.size, 0, 'the lease is still held after the failed format');
+  // The next run, with the disk fixed, takes it again and keeps it while the volume is open.
+  n.world.diskFull = false;
+  await run(n, 'boot-1', [shared], { leases });
+  assert.ok(held.has(shared.id), 'an open shared volume holds its lease');
 });
