@@ -21,7 +21,8 @@ const TARGET_S = 0.2;
 setLogSink(() => {});
 const dir = mkdtempSync(join(tmpdir(), 'cryptmap-bench-agent-'));
 let yaml = 'version: 1\nservices:\n';
-for (let i = 0; i < N; i++) yaml += `  - name: svc${i}\n    volumes:\n      - name: data\n        size: 4M\n        class: persistent\n        filesystem: none\n`;
+for (let i = 0; i < N; i++)
+  yaml += `  - name: svc${i}\n    volumes:\n      - name: data\n        size: 4M\n        class: persistent\n        filesystem: none\n`;
 const manifest = parseManifest(yaml, 'bench.yaml');
 
 async function run(): Promise<{ seconds: number; ready: number }> {
@@ -48,8 +49,12 @@ try {
   const perScratch = first.seconds / N;
   const perRestart = best / N;
   console.log(`agent, ${N} services x 1 persistent 4M volume, NBD-only, real data path`);
-  console.log(`from scratch:  ${first.seconds.toFixed(2)} s total, ${perScratch.toFixed(3)} s per volume (create, LUKS2 format, open, serve)`);
-  console.log(`after restart: ${best.toFixed(2)} s total, ${perRestart.toFixed(3)} s per volume (unlock, open, serve; best of ${ROUNDS})`);
+  console.log(
+    `from scratch:  ${first.seconds.toFixed(2)} s total, ${perScratch.toFixed(3)} s per volume (create, LUKS2 format, open, serve)`,
+  );
+  console.log(
+    `after restart: ${best.toFixed(2)} s total, ${perRestart.toFixed(3)} s per volume (unlock, open, serve; best of ${ROUNDS})`,
+  );
   console.log(`target open-after-restart < ${TARGET_S} s per volume: ${perRestart < TARGET_S ? 'met' : 'NOT met'}`);
 } finally {
   rmSync(dir, { recursive: true, force: true });

@@ -17,7 +17,12 @@ const SIZE = 64 << 20;
 const ROUND_MS = Number(process.env.CRYPTMAP_BENCH_MS ?? 300);
 const ROUNDS = 5;
 
-async function round(dev: Pick<BlockDevice, 'read' | 'write'>, op: 'read' | 'write', reqBytes: number, depth: number): Promise<number> {
+async function round(
+  dev: Pick<BlockDevice, 'read' | 'write'>,
+  op: 'read' | 'write',
+  reqBytes: number,
+  depth: number,
+): Promise<number> {
   const bufs = Array.from({ length: depth }, () => Buffer.alloc(reqBytes, 0x5a));
   const slots = SIZE / reqBytes;
   let next = 0;
@@ -100,7 +105,9 @@ async function main(): Promise<void> {
         bestEnc = Math.max(bestEnc, await round(enc, op, reqBytes, 1));
       }
       const req = reqBytes >= 1 << 20 ? '1 MiB' : '4 KiB';
-      console.log(`${op.padEnd(6)} ${req.padEnd(8)} ${'1'.padEnd(6)} ${fmt(bestHand).padEnd(13)} ${fmt(bestEnc).padEnd(13)} ${(bestEnc / bestHand).toFixed(2)}`);
+      console.log(
+        `${op.padEnd(6)} ${req.padEnd(8)} ${'1'.padEnd(6)} ${fmt(bestHand).padEnd(13)} ${fmt(bestEnc).padEnd(13)} ${(bestEnc / bestHand).toFixed(2)}`,
+      );
     }
   }
   cipher.dispose();

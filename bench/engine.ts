@@ -19,13 +19,17 @@ import { parseArgs } from 'node:util';
 import { benchmarkCipher, type BenchmarkOptions } from '../src/engine/index.js';
 import { loadNative, XTS_IMPL_IDS } from '../src/util/native.js';
 
-const { values } = parseArgs({ options: { seconds: { type: 'string' }, rounds: { type: 'string' }, json: { type: 'boolean' } } });
+const { values } = parseArgs({
+  options: { seconds: { type: 'string' }, rounds: { type: 'string' }, json: { type: 'boolean' } },
+});
 const seconds = Number(values.seconds ?? '0.5');
 const rounds = Number(values.rounds ?? '3');
 
 /** openssl speed in bytes/s for one cipher and unit size, or an error string. */
 function opensslSpeed(cipher: string, bytes: number): number | string {
-  const r = spawnSync('openssl', ['speed', '-mr', '-evp', cipher, '-bytes', String(bytes), '-seconds', '1'], { encoding: 'utf8' });
+  const r = spawnSync('openssl', ['speed', '-mr', '-evp', cipher, '-bytes', String(bytes), '-seconds', '1'], {
+    encoding: 'utf8',
+  });
   if (r.error) return `openssl not runnable (${r.error.message}); install the Debian package openssl`;
   // OpenSSL 3 with -mr: "+F:<n>:<name>:<bytes per second for each size>".
   const line = r.stdout.split('\n').find((l) => l.startsWith('+F:'));
@@ -100,12 +104,33 @@ for (const sb of [512, 4096] as const) {
   const js = await benchmarkCipher({ ...common, backend: 'js', seconds: Math.min(seconds, 0.3) });
   const ossl = best.get('openssl')?.e ?? Number.NaN;
   const one = best.get('native1');
-  rows.push({ what: 'openssl speed -evp aes-256-xts', sectorSize: sb, encryptMBps: Number.NaN, decryptMBps: Number.NaN, encryptPerCpu: ossl, note: osslNote });
+  rows.push({
+    what: 'openssl speed -evp aes-256-xts',
+    sectorSize: sb,
+    encryptMBps: Number.NaN,
+    decryptMBps: Number.NaN,
+    encryptPerCpu: ossl,
+    note: osslNote,
+  });
   if (native && one) {
-    rows.push({ what: `native (${native.xtsImpl}), 1 thread`, sectorSize: sb, encryptMBps: one.e, decryptMBps: one.d, encryptPerCpu: one.cpu, ratio: one.cpu / ossl });
+    rows.push({
+      what: `native (${native.xtsImpl}), 1 thread`,
+      sectorSize: sb,
+      encryptMBps: one.e,
+      decryptMBps: one.d,
+      encryptPerCpu: one.cpu,
+      ratio: one.cpu / ossl,
+    });
     const pool = best.get('pool2')!;
     const base = best.get('native1x8')!;
-    rows.push({ what: 'native, 1 thread, 8 buffers (pool base)', sectorSize: sb, encryptMBps: base.e, decryptMBps: base.d, encryptPerCpu: base.cpu, ratio: base.cpu / ossl });
+    rows.push({
+      what: 'native, 1 thread, 8 buffers (pool base)',
+      sectorSize: sb,
+      encryptMBps: base.e,
+      decryptMBps: base.d,
+      encryptPerCpu: base.cpu,
+      ratio: base.cpu / ossl,
+    });
     rows.push({
       what: 'native pool, 2 threads (wall ratio to base)',
       sectorSize: sb,
@@ -118,13 +143,33 @@ for (const sb of [512, 4096] as const) {
     });
     for (const [, name] of XTS_IMPLS) {
       const r = best.get(name)!;
-      rows.push({ what: `  native: ${name}`, sectorSize: sb, encryptMBps: r.e, decryptMBps: r.d, encryptPerCpu: r.cpu, ratio: r.cpu / ossl });
+      rows.push({
+        what: `  native: ${name}`,
+        sectorSize: sb,
+        encryptMBps: r.e,
+        decryptMBps: r.d,
+        encryptPerCpu: r.cpu,
+        ratio: r.cpu / ossl,
+      });
     }
   } else {
-    rows.push({ what: 'native', sectorSize: sb, encryptMBps: Number.NaN, decryptMBps: Number.NaN, note: 'addon not built (node scripts/build-native.mjs)' });
+    rows.push({
+      what: 'native',
+      sectorSize: sb,
+      encryptMBps: Number.NaN,
+      decryptMBps: Number.NaN,
+      note: 'addon not built (node scripts/build-native.mjs)',
+    });
   }
   const jsCpu = js.encryptMBps / js.encryptCores;
-  rows.push({ what: 'js backend, 1 thread', sectorSize: sb, encryptMBps: js.encryptMBps, decryptMBps: js.decryptMBps, encryptPerCpu: jsCpu, ratio: jsCpu / ossl });
+  rows.push({
+    what: 'js backend, 1 thread',
+    sectorSize: sb,
+    encryptMBps: js.encryptMBps,
+    decryptMBps: js.decryptMBps,
+    encryptPerCpu: jsCpu,
+    ratio: jsCpu / ossl,
+  });
 }
 
 if (values.json) {
@@ -132,10 +177,18 @@ if (values.json) {
 } else {
   const f = (n: number | undefined) => (n !== undefined && Number.isFinite(n) ? n.toFixed(0).padStart(9) : '        -');
   console.log(`aes-xts-plain64, 512-bit key, 1 MiB requests, best of ${rounds} rounds; MB = 10^6 bytes.`);
-  console.log(`native XTS implementation in use: ${native ? `${native.xtsImpl} (usable here: ${native.xtsImpls.join(', ')})` : 'none (addon not built)'}`);
-  console.log('enc/CPU-s: encrypted MB per CPU-second of the process, which is what openssl speed reports (it divides by');
-  console.log('user CPU time), so ratios to openssl hold on a busy machine; the pool ratio is wall-clock and needs 2 idle cores.');
-  console.log(`${'configuration'.padEnd(48)} ${'sector'.padStart(6)} ${'enc MB/s'.padStart(9)} ${'dec MB/s'.padStart(9)} ${'enc/CPU-s'.padStart(9)}  ratio`);
+  console.log(
+    `native XTS implementation in use: ${native ? `${native.xtsImpl} (usable here: ${native.xtsImpls.join(', ')})` : 'none (addon not built)'}`,
+  );
+  console.log(
+    'enc/CPU-s: encrypted MB per CPU-second of the process, which is what openssl speed reports (it divides by',
+  );
+  console.log(
+    'user CPU time), so ratios to openssl hold on a busy machine; the pool ratio is wall-clock and needs 2 idle cores.',
+  );
+  console.log(
+    `${'configuration'.padEnd(48)} ${'sector'.padStart(6)} ${'enc MB/s'.padStart(9)} ${'dec MB/s'.padStart(9)} ${'enc/CPU-s'.padStart(9)}  ratio`,
+  );
   for (const r of rows) {
     console.log(
       `${r.what.padEnd(48)} ${String(r.sectorSize).padStart(6)} ${f(r.encryptMBps)} ${f(r.decryptMBps)} ${f(r.encryptPerCpu)}  ${r.ratio === undefined ? '' : r.ratio.toFixed(2)}${r.note ? `  (${r.note})` : ''}`,

@@ -48,7 +48,11 @@ function parseTimes(out: string): number {
 
 function theirs(img: string): Sample {
   const t0 = performance.now();
-  const r = spawnSync('bash', ['-c', 'cryptsetup open --test-passphrase --key-file "$1" "$2" || exit 9; times', 'bench', key, img], { encoding: 'utf8' });
+  const r = spawnSync(
+    'bash',
+    ['-c', 'cryptsetup open --test-passphrase --key-file "$1" "$2" || exit 9; times', 'bench', key, img],
+    { encoding: 'utf8' },
+  );
   const wallMs = performance.now() - t0;
   if (r.status !== 0) throw new Error(`cryptsetup open --test-passphrase failed: ${r.stderr}`);
   return { wallMs, cpuMs: parseTimes(r.stdout) };
@@ -71,19 +75,34 @@ async function ours(img: string): Promise<Sample> {
 
 function stored(img: string): string {
   const r = spawnSync('cryptsetup', ['luksDump', '--dump-json-metadata', img], { encoding: 'utf8' });
-  const j = JSON.parse(r.stdout) as { keyslots: Record<string, { kdf: Record<string, unknown>; area: { key_size: number } }>; digests: Record<string, { iterations: number }> };
+  const j = JSON.parse(r.stdout) as {
+    keyslots: Record<string, { kdf: Record<string, unknown>; area: { key_size: number } }>;
+    digests: Record<string, { iterations: number }>;
+  };
   const ks = j.keyslots['0']!;
   const { salt: _s, ...kdf } = ks.kdf;
   return `keyslot 0 kdf ${JSON.stringify(kdf)} area key ${ks.area.key_size} B, digest pbkdf2 ${j.digests['0']!.iterations} iterations`;
 }
 
-const fmt = (xs: number[]) => `min ${Math.min(...xs).toFixed(0).padStart(6)} median ${median(xs).toFixed(0).padStart(6)} ms`;
+const fmt = (xs: number[]) =>
+  `min ${Math.min(...xs)
+    .toFixed(0)
+    .padStart(6)} median ${median(xs).toFixed(0).padStart(6)} ms`;
 
 async function one(name: string, kdfArgs: string[]): Promise<void> {
   const img = join(dir, `${name}.img`);
   writeFileSync(img, '');
   truncateSync(img, 20 << 20);
-  const f = spawnSync('cryptsetup', ['luksFormat', '--batch-mode', '--type', 'luks2', ...kdfArgs, '--key-file', key, img]);
+  const f = spawnSync('cryptsetup', [
+    'luksFormat',
+    '--batch-mode',
+    '--type',
+    'luks2',
+    ...kdfArgs,
+    '--key-file',
+    key,
+    img,
+  ]);
   if (f.status !== 0) throw new Error(`cryptsetup luksFormat failed: ${f.stderr}`);
   console.log(`${name}: ${stored(img)}`);
   const a: Sample[] = [];
@@ -101,17 +120,31 @@ async function one(name: string, kdfArgs: string[]): Promise<void> {
   const min = (xs: number[]) => Math.min(...xs);
   // Each round's two runs are adjacent in time: their ratio is the least load-sensitive figure.
   const paired = a.map((s, i) => s.wallMs / b[i]!.wallMs);
-  console.log(`  wall  cryptmap   ${fmt(a.map((s) => s.wallMs))} | cryptsetup ${fmt(b.map((s) => s.wallMs))} | ratio min ${ratio((s) => s.wallMs, min)} median ${ratio((s) => s.wallMs, median)} paired median ${median(paired).toFixed(2)}`);
-  console.log(`  cpu   cryptmap   ${fmt(a.map((s) => s.cpuMs))} | cryptsetup ${fmt(b.map((s) => s.cpuMs))} | ratio min ${ratio((s) => s.cpuMs, min)} median ${ratio((s) => s.cpuMs, median)}`);
+  console.log(
+    `  wall  cryptmap   ${fmt(a.map((s) => s.wallMs))} | cryptsetup ${fmt(b.map((s) => s.wallMs))} | ratio min ${ratio((s) => s.wallMs, min)} median ${ratio((s) => s.wallMs, median)} paired median ${median(paired).toFixed(2)}`,
+  );
+  console.log(
+    `  cpu   cryptmap   ${fmt(a.map((s) => s.cpuMs))} | cryptsetup ${fmt(b.map((s) => s.cpuMs))} | ratio min ${ratio((s) => s.cpuMs, min)} median ${ratio((s) => s.cpuMs, median)}`,
+  );
 }
 
 try {
   const lanes = String(Math.min(4, cpus().length));
   console.log(`${ROUNDS} rounds, ${cpus().length} CPUs, target ratio <= 1.20`);
   if (CASES.includes('argon2id')) {
-    await one('argon2id', ['--pbkdf', 'argon2id', '--pbkdf-force-iterations', '4', '--pbkdf-memory', String(ARGON2_MEMORY_KIB), '--pbkdf-parallel', lanes]);
+    await one('argon2id', [
+      '--pbkdf',
+      'argon2id',
+      '--pbkdf-force-iterations',
+      '4',
+      '--pbkdf-memory',
+      String(ARGON2_MEMORY_KIB),
+      '--pbkdf-parallel',
+      lanes,
+    ]);
   }
-  if (CASES.includes('pbkdf2')) await one('pbkdf2', ['--pbkdf', 'pbkdf2', '--hash', 'sha256', '--pbkdf-force-iterations', '2000000']);
+  if (CASES.includes('pbkdf2'))
+    await one('pbkdf2', ['--pbkdf', 'pbkdf2', '--hash', 'sha256', '--pbkdf-force-iterations', '2000000']);
 } finally {
   rmSync(dir, { recursive: true, force: true });
 }

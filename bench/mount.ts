@@ -39,7 +39,9 @@ function run(cmd: string, args: string[]): Promise<string> {
       err += d.toString();
     });
     c.on('error', (e) => reject(new Error(`${cmd}: ${e.message}`)));
-    c.on('close', (code) => (code === 0 ? resolve(out) : reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err.trim()}`))));
+    c.on('close', (code) =>
+      code === 0 ? resolve(out) : reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err.trim()}`)),
+    );
   });
 }
 
@@ -126,7 +128,11 @@ async function main(): Promise<void> {
   const rows: Row[] = [];
   const vias: Via[] = values.via
     ? (values.via.split(',') as Via[])
-    : ([...(existsSync('/sys/module/nbd') ? ['nbd'] : []), ...(fuseUnavailable() === undefined ? ['fuse'] : []), 'nbdfuse'] as Via[]);
+    : ([
+        ...(existsSync('/sys/module/nbd') ? ['nbd'] : []),
+        ...(fuseUnavailable() === undefined ? ['fuse'] : []),
+        'nbdfuse',
+      ] as Via[]);
   try {
     const keyFile = join(dir, 'key');
     const pass = Buffer.allocUnsafe(32);
@@ -155,14 +161,21 @@ async function main(): Promise<void> {
 
     // (a) kernel loop, no encryption.
     const loop = (await run('losetup', ['-f', '--show', plainImg])).trim();
-    rows.push({ name: 'kernel loop (tmpfs file, no encryption)', device: loop, pids: [], teardown: () => run('losetup', ['-d', loop]).then(() => undefined) });
+    rows.push({
+      name: 'kernel loop (tmpfs file, no encryption)',
+      device: loop,
+      pids: [],
+      teardown: () => run('losetup', ['-d', loop]).then(() => undefined),
+    });
     // (b) cryptmap attach, each transport: its own daemon core child over its own copy of the image
     // (the volumes are formatted alike; one copy each so no two mappings share a file).
     const self = fileURLToPath(import.meta.url);
     for (const via of vias) {
       const img = join(dir, `luks1-${via}.img`);
       await run('cp', ['--sparse=always', cryptImg, img]);
-      const c = spawn(process.execPath, [...process.execArgv, self, '--child', dir, img, keyFile, via], { stdio: ['ignore', 'pipe', 'inherit'] });
+      const c = spawn(process.execPath, [...process.execArgv, self, '--child', dir, img, keyFile, via], {
+        stdio: ['ignore', 'pipe', 'inherit'],
+      });
       procs.push(c);
       const m = await waitLine(c, /device (\S+)\n/, `cryptmap (${via})`);
       rows.push({
@@ -177,7 +190,11 @@ async function main(): Promise<void> {
     }
     // (c) nbdkit luks + nbdfuse + loop.
     const kitSock = join(dir, 'nbdkit.sock');
-    const kit = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', kitSock, '--filter=luks', 'file', cryptImg, `passphrase=+${keyFile}`], { stdio: 'ignore' });
+    const kit = spawn(
+      'nbdkit',
+      ['-f', '--exit-with-parent', '-U', kitSock, '--filter=luks', 'file', cryptImg, `passphrase=+${keyFile}`],
+      { stdio: 'ignore' },
+    );
     procs.push(kit);
     for (let i = 0; i < 400 && !existsSync(kitSock); i++) await sleep(25);
     const fmnt = join(dir, 'nbdfuse');
@@ -208,13 +225,19 @@ async function main(): Promise<void> {
     const GiB = 1073741824;
     const fio = async (args: string[]) => {
       const out = await run('fio', [...args, '--output-format=json']);
-      return JSON.parse(out.slice(out.indexOf('{'))) as { jobs: { read: { bw_bytes: number; iops: number }; write: { bw_bytes: number } }[] };
+      return JSON.parse(out.slice(out.indexOf('{'))) as {
+        jobs: { read: { bw_bytes: number; iops: number }; write: { bw_bytes: number } }[];
+      };
     };
     const drop = () => run('sh', ['-c', 'sync; echo 3 > /proc/sys/vm/drop_caches']);
     const res = new Map<Row, { w: number[]; r: number[]; iops: number[]; wCpu: number[]; rCpu: number[] }>();
     for (const r of rows) res.set(r, { w: [], r: [], iops: [], wCpu: [], rCpu: [] });
-    console.log(`cryptmap bench:mount: ext4 on each device, fio ${fileMiB} MiB file, 1 MiB sequential (direct, qd8), 4 KiB random read (qd32, ${fioSeconds} s); 1 MB = 10^6 bytes`);
-    console.log(`LUKS1 aes-xts-plain64 (512-bit key) images in /dev/shm; load average before: ${loadavg()} (cores: ${availableParallelism()})`);
+    console.log(
+      `cryptmap bench:mount: ext4 on each device, fio ${fileMiB} MiB file, 1 MiB sequential (direct, qd8), 4 KiB random read (qd32, ${fioSeconds} s); 1 MB = 10^6 bytes`,
+    );
+    console.log(
+      `LUKS1 aes-xts-plain64 (512-bit key) images in /dev/shm; load average before: ${loadavg()} (cores: ${availableParallelism()})`,
+    );
     for (let round = 1; round <= repeat; round++) {
       const line: string[] = [];
       for (const r of rows) {
@@ -229,7 +252,16 @@ async function main(): Promise<void> {
         const rd = await fio(['--name=r', ...base, '--bs=1M', '--rw=read', '--iodepth=8']);
         const c3 = cpuSeconds(r.pids);
         await drop();
-        const rr = await fio(['--name=rr', ...base, '--bs=4k', '--rw=randread', '--iodepth=32', '--time_based', `--runtime=${fioSeconds}`, '--randseed=42']);
+        const rr = await fio([
+          '--name=rr',
+          ...base,
+          '--bs=4k',
+          '--rw=randread',
+          '--iodepth=32',
+          '--time_based',
+          `--runtime=${fioSeconds}`,
+          '--randseed=42',
+        ]);
         const bytes = fileMiB * 1048576;
         x.w.push(w.jobs[0]!.write.bw_bytes / 1e6);
         x.r.push(rd.jobs[0]!.read.bw_bytes / 1e6);
@@ -249,22 +281,31 @@ async function main(): Promise<void> {
       const m = { w: median(x.w), r: median(x.r), iops: median(x.iops) };
       med.set(r, m);
       const cpu = r.pids.length ? `${median(x.wCpu).toFixed(2)}, ${median(x.rCpu).toFixed(2)}` : '-';
-      console.log(`${r.name.padEnd(44)} ${m.w.toFixed(0).padStart(10)} ${m.r.toFixed(0).padStart(10)} ${m.iops.toFixed(0).padStart(8)}   ${cpu}`);
+      console.log(
+        `${r.name.padEnd(44)} ${m.w.toFixed(0).padStart(10)} ${m.r.toFixed(0).padStart(10)} ${m.iops.toFixed(0).padStart(8)}   ${cpu}`,
+      );
     }
-    const verdict = (x: number, want: number) => `${x.toFixed(2)} (target >= ${want}: ${x >= want ? 'met' : 'NOT met'})`;
+    const verdict = (x: number, want: number) =>
+      `${x.toFixed(2)} (target >= ${want}: ${x >= want ? 'met' : 'NOT met'})`;
     const ceil = med.get(rows[0]!)!;
     const peer = med.get(rows.at(-1)!)!;
     for (const r of rows.slice(1, -1)) {
       const m = med.get(r)!;
       console.log(`\n${r.name}:`);
-      console.log(`  / kernel loop: write ${verdict(m.w / ceil.w, 0.4)}, read ${verdict(m.r / ceil.r, 0.4)}, 4k IOPS ${verdict(m.iops / ceil.iops, 0.3)}`);
-      console.log(`  / peer:        write ${verdict(m.w / peer.w, 2)}, read ${verdict(m.r / peer.r, 2)}, 4k IOPS ${verdict(m.iops / peer.iops, 2)}`);
+      console.log(
+        `  / kernel loop: write ${verdict(m.w / ceil.w, 0.4)}, read ${verdict(m.r / ceil.r, 0.4)}, 4k IOPS ${verdict(m.iops / ceil.iops, 0.3)}`,
+      );
+      console.log(
+        `  / peer:        write ${verdict(m.w / peer.w, 2)}, read ${verdict(m.r / peer.r, 2)}, 4k IOPS ${verdict(m.iops / peer.iops, 2)}`,
+      );
     }
     console.log(`load average after: ${loadavg()}`);
     for (const m of mnts.values()) await run('umount', [m]);
   } finally {
-    for (const m of [...Array(rows.length).keys()].map((i) => join(dir, `mnt${i}`))) await run('umount', [m]).catch(() => undefined);
-    for (const r of rows) await r.teardown().catch((e: unknown) => console.error(`teardown ${r.name}: ${(e as Error).message}`));
+    for (const m of [...Array(rows.length).keys()].map((i) => join(dir, `mnt${i}`)))
+      await run('umount', [m]).catch(() => undefined);
+    for (const r of rows)
+      await r.teardown().catch((e: unknown) => console.error(`teardown ${r.name}: ${(e as Error).message}`));
     for (const p of procs) if (p.exitCode === null) p.kill('SIGTERM');
     await sleep(300);
     rmSync(dir, { recursive: true, force: true });

@@ -45,7 +45,9 @@ function run(cmd: string, args: string[]): Promise<string> {
       err += d.toString();
     });
     c.on('error', (e) => reject(new Error(`${cmd}: ${e.message} (install libnbd-bin, nbdkit and fio)`)));
-    c.on('close', (code) => (code === 0 ? resolve(out) : reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err}`))));
+    c.on('close', (code) =>
+      code === 0 ? resolve(out) : reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err}`)),
+    );
   });
 }
 
@@ -104,12 +106,18 @@ async function main(): Promise<void> {
   closeSync(fd);
 
   const ourSock = join(dir, 'cryptmap.sock');
-  const ourServer: ChildProcess = spawn(process.execPath, [fileURLToPath(import.meta.url), '--serve', ourSock, '--size-mib', String(values['size-mib'])], {
-    stdio: 'inherit',
-  });
+  const ourServer: ChildProcess = spawn(
+    process.execPath,
+    [fileURLToPath(import.meta.url), '--serve', ourSock, '--size-mib', String(values['size-mib'])],
+    {
+      stdio: 'inherit',
+    },
+  );
   const ourPid = ourServer.pid!;
   const kitSock = join(dir, 'nbdkit.sock');
-  const kit: ChildProcess = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', kitSock, 'memory', String(sizeBytes)], { stdio: 'ignore' });
+  const kit: ChildProcess = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', kitSock, 'memory', String(sizeBytes)], {
+    stdio: 'ignore',
+  });
   kit.on('error', (e) => {
     console.error(`nbdkit: ${e.message} (install the Debian package nbdkit)`);
     process.exit(1);
@@ -122,7 +130,9 @@ async function main(): Promise<void> {
     const best = { ourW: 0, kitW: 0, ourR: 0, kitR: 0 };
     const cpu = { ourW: Infinity, kitW: Infinity, ourR: Infinity, kitR: Infinity };
     const fmt = (x: Sample) => `${x.mbps.toFixed(0)} MB/s (${x.cpuPerGiB.toFixed(2)} CPU-s/GiB)`;
-    console.log(`nbdcopy, ${sizeBytes / 1048576} MiB, source file in ${shm}; 1 MB = 10^6 bytes; server CPU seconds per GiB in ()`);
+    console.log(
+      `nbdcopy, ${sizeBytes / 1048576} MiB, source file in ${shm}; 1 MB = 10^6 bytes; server CPU seconds per GiB in ()`,
+    );
     for (let r = 1; r <= rounds; r++) {
       const s = {
         ourW: await timed('nbdcopy', [src, ours], ourPid),
@@ -134,7 +144,9 @@ async function main(): Promise<void> {
         best[k] = Math.max(best[k], s[k].mbps);
         cpu[k] = Math.min(cpu[k], s[k].cpuPerGiB);
       }
-      console.log(`round ${r}: write cryptmap ${fmt(s.ourW)}, nbdkit ${fmt(s.kitW)} | read cryptmap ${fmt(s.ourR)}, nbdkit ${fmt(s.kitR)}`);
+      console.log(
+        `round ${r}: write cryptmap ${fmt(s.ourW)}, nbdkit ${fmt(s.kitW)} | read cryptmap ${fmt(s.ourR)}, nbdkit ${fmt(s.kitR)}`,
+      );
     }
     const line = (what: string, o: 'ourW' | 'ourR', k: 'kitW' | 'kitR') =>
       `best ${what}: cryptmap ${best[o].toFixed(0)} MB/s, nbdkit memory ${best[k].toFixed(0)} MB/s, ratio ${(best[o] / best[k]).toFixed(2)}; ` +
@@ -147,7 +159,9 @@ async function main(): Promise<void> {
       ourIops = Math.max(ourIops, await randread(ours));
       kitIops = Math.max(kitIops, await randread(theirs));
     }
-    console.log(`fio randread 4k QD32: cryptmap ${ourIops.toFixed(0)} IOPS, nbdkit memory ${kitIops.toFixed(0)} IOPS, ratio ${(ourIops / kitIops).toFixed(2)}`);
+    console.log(
+      `fio randread 4k QD32: cryptmap ${ourIops.toFixed(0)} IOPS, nbdkit memory ${kitIops.toFixed(0)} IOPS, ratio ${(ourIops / kitIops).toFixed(2)}`,
+    );
   } finally {
     kit.kill('SIGTERM');
     ourServer.kill('SIGTERM');

@@ -34,7 +34,9 @@ function run(cmd: string, args: string[], pkg: string): Promise<string> {
     c.stdout.on('data', (d: Buffer) => (out += d.toString()));
     c.stderr.on('data', (d: Buffer) => (err += d.toString()));
     c.on('error', (e) => reject(new Error(`${cmd}: ${e.message} (install the Debian package ${pkg})`)));
-    c.on('close', (code) => (code === 0 ? resolve(out) : reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err.trim()}`))));
+    c.on('close', (code) =>
+      code === 0 ? resolve(out) : reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err.trim()}`)),
+    );
   });
 }
 
@@ -76,7 +78,13 @@ async function child(sock: string, remote: string, keyFile: string, attachDir: s
 // ---------------------------------------------------------------- parent
 
 /** Sequential pass over [0, size) with `depth` requests of `req` bytes in flight. */
-async function clientPass(dev: NbdDevice, op: 'read' | 'write', sizeBytes: number, req: number, depth: number): Promise<number> {
+async function clientPass(
+  dev: NbdDevice,
+  op: 'read' | 'write',
+  sizeBytes: number,
+  req: number,
+  depth: number,
+): Promise<number> {
   let next = 0;
   const t0 = process.hrtime.bigint();
   const worker = async () => {
@@ -134,14 +142,50 @@ async function main(): Promise<void> {
      * One storage: nbdcopy straight to `peerUri` (an export of exactly `bytes`) against nbdcopy to a
      * LUKS2 volume on `cryptExport` served by a cryptmap daemon core (a child) through its NBD client.
      */
-    const storage = async (tag: string, cryptExport: string, peerUri: string, bytes: number, passes: number, extra?: (r: Record<string, number[]>, src: string) => Promise<void>) => {
+    const storage = async (
+      tag: string,
+      cryptExport: string,
+      peerUri: string,
+      bytes: number,
+      passes: number,
+      extra?: (r: Record<string, number[]>, src: string) => Promise<void>,
+    ) => {
       const srcN = join(dir, `${tag}-src.img`);
       randomFile(srcN, bytes);
       await run('nbdcopy', [srcN, cryptExport], 'libnbd-bin'); // no holes anywhere the passes touch
       await run('nbdcopy', [srcN, peerUri], 'libnbd-bin');
-      await run(process.execPath, [fileURLToPath(new URL('../src/cli/entry.js', import.meta.url)), 'luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', keyFile, cryptExport], 'cryptmap');
+      await run(
+        process.execPath,
+        [
+          fileURLToPath(new URL('../src/cli/entry.js', import.meta.url)),
+          'luksFormat',
+          '-q',
+          '--type',
+          'luks2',
+          '--pbkdf',
+          'pbkdf2',
+          '--pbkdf-force-iterations',
+          '1000',
+          '--key-file',
+          keyFile,
+          cryptExport,
+        ],
+        'cryptmap',
+      );
       const cmSock = join(dir, `${tag}-cryptmap.sock`);
-      const cm = spawn(process.execPath, [...process.execArgv, fileURLToPath(import.meta.url), '--child', cmSock, cryptExport, keyFile, join(dir, `${tag}-attach`)], { stdio: ['ignore', 'pipe', 'inherit'] });
+      const cm = spawn(
+        process.execPath,
+        [
+          ...process.execArgv,
+          fileURLToPath(import.meta.url),
+          '--child',
+          cmSock,
+          cryptExport,
+          keyFile,
+          join(dir, `${tag}-attach`),
+        ],
+        { stdio: ['ignore', 'pipe', 'inherit'] },
+      );
       procs.push(cm);
       await waitFor(cmSock, cm, 'cryptmap');
       const cryptUri = nbdUnixUri('crypt', cmSock);
@@ -163,7 +207,10 @@ async function main(): Promise<void> {
       await Promise.race([gone, new Promise((res) => setTimeout(res, 10_000))]);
       rmSync(srcN, { force: true });
       rmSync(cryptSrc, { force: true });
-      return Object.fromEntries(Object.entries(r).map(([k, v]) => [k, v.length ? median(v) : Number.NaN])) as Record<string, number>;
+      return Object.fromEntries(Object.entries(r).map(([k, v]) => [k, v.length ? median(v) : Number.NaN])) as Record<
+        string,
+        number
+      >;
     };
     const f = (x: number) => x.toFixed(0).padStart(6);
     const q = (x: number) => x.toFixed(2);
@@ -171,13 +218,17 @@ async function main(): Promise<void> {
     // (a) nbdkit memory, large enough for the volume plus its LUKS2 header; the peer gets its own
     // export of exactly sizeBytes (nbdcopy copies a whole export).
     const kitSock = join(dir, 'nbdkit.sock');
-    const kit = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', kitSock, 'memory', String(sizeBytes + (32 << 20))], { stdio: 'ignore' });
+    const kit = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', kitSock, 'memory', String(sizeBytes + (32 << 20))], {
+      stdio: 'ignore',
+    });
     kit.on('error', (e) => console.error(`nbdkit: ${e.message} (install the Debian package nbdkit)`));
     procs.push(kit);
     await waitFor(kitSock, kit, 'nbdkit');
     const exportUri = `nbd+unix:///?socket=${kitSock}`;
     const peerSock = join(dir, 'peer.sock');
-    const peer = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', peerSock, 'memory', String(sizeBytes)], { stdio: 'ignore' });
+    const peer = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', peerSock, 'memory', String(sizeBytes)], {
+      stdio: 'ignore',
+    });
     procs.push(peer);
     await waitFor(peerSock, peer, 'nbdkit');
     const peerUri = `nbd+unix:///?socket=${peerSock}`;
@@ -194,25 +245,32 @@ async function main(): Promise<void> {
     for (let i = 0; i < repeat; i++) clientW.push(await clientPass(wdev, 'write', sizeBytes, 256 << 10, 64));
     await wdev.close();
     m.clientW = median(clientW);
-    console.log(`remote storage: nbdkit memory, ${sizeBytes >> 20} MiB, median of ${repeat}; load average ${loadavg()}`);
+    console.log(
+      `remote storage: nbdkit memory, ${sizeBytes >> 20} MiB, median of ${repeat}; load average ${loadavg()}`,
+    );
     console.log('                               write MB/s   read MB/s');
     console.log(`nbdcopy -> export (peer)         ${f(m.peerW!)}      ${f(m.peerR!)}`);
     console.log(`cryptmap NBD client (${conns} conns)   ${f(m.clientW!)}      ${f(m.clientR!)}`);
     console.log(`nbdcopy -> cryptmap LUKS2 -> client ${f(m.cryptW!)}   ${f(m.cryptR!)}`);
     console.log(`ratio client / nbdcopy:  write ${q(m.clientW! / m.peerW!)}  read ${q(m.clientR! / m.peerR!)}`);
-    console.log(`ratio crypt / nbdcopy:   write ${q(m.cryptW! / m.peerW!)}  read ${q(m.cryptR! / m.peerR!)}  (target 0.8)`);
+    console.log(
+      `ratio crypt / nbdcopy:   write ${q(m.cryptW! / m.peerW!)}  read ${q(m.cryptR! / m.peerR!)}  (target 0.8)`,
+    );
 
     // (b) Ceph RBD (scripts/ceph-mini.sh: one mon, one bluestore OSD on tmpfs, qemu-nbd's rbd driver).
     if (!values['no-ceph']) {
       const cephBytes = Number(values['ceph-size-mib']) * 1048576;
       const cephDir = mkdtempSync(join(shm, 'cm-bceph-'));
-      const ceph = (args: string[]) => run('bash', [CEPH_MINI, ...args], 'ceph-mon ceph-osd ceph-common qemu-block-extra');
+      const ceph = (args: string[]) =>
+        run('bash', [CEPH_MINI, ...args], 'ceph-mon ceph-osd ceph-common qemu-block-extra');
       try {
         await ceph(['up', cephDir]);
         const cryptRbd = (await ceph(['export', cephDir, 'rbd/crypt', `${(cephBytes >> 20) + 32}M`])).trim();
         const peerRbd = (await ceph(['export', cephDir, 'rbd/peer', `${cephBytes >> 20}M`])).trim();
         const c = await storage('ceph', cryptRbd, peerRbd, cephBytes, repeat);
-        console.log(`\nremote storage: Ceph RBD via qemu-nbd (1 OSD, bluestore on ${shm}), ${cephBytes >> 20} MiB, median of ${repeat}; load average ${loadavg()}`);
+        console.log(
+          `\nremote storage: Ceph RBD via qemu-nbd (1 OSD, bluestore on ${shm}), ${cephBytes >> 20} MiB, median of ${repeat}; load average ${loadavg()}`,
+        );
         console.log('                               write MB/s   read MB/s');
         console.log(`nbdcopy -> RBD export (peer)     ${f(c.peerW!)}      ${f(c.peerR!)}`);
         console.log(`nbdcopy -> cryptmap LUKS2 -> client ${f(c.cryptW!)}   ${f(c.cryptR!)}`);

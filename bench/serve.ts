@@ -40,7 +40,9 @@ function run(cmd: string, args: string[], pkg: string): Promise<string> {
       err += d.toString();
     });
     c.on('error', (e) => reject(new Error(`${cmd}: ${e.message} (install the Debian package ${pkg})`)));
-    c.on('close', (code) => (code === 0 ? resolve(out) : reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err.trim()}`))));
+    c.on('close', (code) =>
+      code === 0 ? resolve(out) : reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err.trim()}`)),
+    );
   });
 }
 
@@ -141,7 +143,23 @@ async function main(): Promise<void> {
     }
     await run(
       'cryptsetup',
-      ['luksFormat', '--batch-mode', '--type', 'luks1', '--cipher', 'aes-xts-plain64', '--key-size', '512', '--hash', 'sha256', '--pbkdf-force-iterations', '1000', '--key-file', keyFile, img],
+      [
+        'luksFormat',
+        '--batch-mode',
+        '--type',
+        'luks1',
+        '--cipher',
+        'aes-xts-plain64',
+        '--key-size',
+        '512',
+        '--hash',
+        'sha256',
+        '--pbkdf-force-iterations',
+        '1000',
+        '--key-file',
+        keyFile,
+        img,
+      ],
       'cryptsetup-bin',
     );
     const dump = await run('cryptsetup', ['luksDump', img], 'cryptsetup-bin');
@@ -151,14 +169,22 @@ async function main(): Promise<void> {
     // (a) + (d): the daemon core in a child process.
     const cmSock = join(dir, 'cryptmap.sock');
     const self = fileURLToPath(import.meta.url);
-    const cm = spawn(process.execPath, [...process.execArgv, self, '--child', cmSock, img, keyFile, join(dir, 'attach')], {
-      stdio: ['ignore', 'pipe', 'inherit'],
-    });
+    const cm = spawn(
+      process.execPath,
+      [...process.execArgv, self, '--child', cmSock, img, keyFile, join(dir, 'attach')],
+      {
+        stdio: ['ignore', 'pipe', 'inherit'],
+      },
+    );
     procs.push(cm);
     await waitFor(cmSock, cm, 'cryptmap');
     // (b) nbdkit
     const kitSock = join(dir, 'nbdkit.sock');
-    const kit = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', kitSock, '--filter=luks', 'file', img, `passphrase=+${keyFile}`], { stdio: 'ignore' });
+    const kit = spawn(
+      'nbdkit',
+      ['-f', '--exit-with-parent', '-U', kitSock, '--filter=luks', 'file', img, `passphrase=+${keyFile}`],
+      { stdio: 'ignore' },
+    );
     kit.on('error', (e) => console.error(`nbdkit: ${e.message} (install the Debian package nbdkit)`));
     procs.push(kit);
     await waitFor(kitSock, kit, 'nbdkit');
@@ -166,7 +192,16 @@ async function main(): Promise<void> {
     const qSock = join(dir, 'qemu.sock');
     const q = spawn(
       'qemu-nbd',
-      ['-t', '--shared=16', '-k', qSock, '--object', `secret,id=s0,file=${keyFile}`, '--image-opts', `driver=luks,key-secret=s0,file.filename=${img}`],
+      [
+        '-t',
+        '--shared=16',
+        '-k',
+        qSock,
+        '--object',
+        `secret,id=s0,file=${keyFile}`,
+        '--image-opts',
+        `driver=luks,key-secret=s0,file.filename=${img}`,
+      ],
       { stdio: 'ignore' },
     );
     q.on('error', (e) => console.error(`qemu-nbd: ${e.message} (install the Debian package qemu-utils)`));
@@ -183,7 +218,8 @@ async function main(): Promise<void> {
     // Every export must show the same plaintext size.
     for (const s of servers) {
       const n = Number((await run('nbdinfo', ['--size', s.uri], 'libnbd-bin')).trim());
-      if (s.name !== 'cryptmap-plain' && n !== sizeBytes) throw new Error(`${s.name} serves ${n} bytes, expected ${sizeBytes}`);
+      if (s.name !== 'cryptmap-plain' && n !== sizeBytes)
+        throw new Error(`${s.name} serves ${n} bytes, expected ${sizeBytes}`);
     }
 
     const mbps = (secs: number) => sizeBytes / 1e6 / secs;
@@ -198,7 +234,19 @@ async function main(): Promise<void> {
     const fio = async (uri: string) => {
       const out = await run(
         'fio',
-        ['--name=rr', '--ioengine=nbd', `--uri=${uri}`, '--rw=randread', '--bs=4k', '--iodepth=32', `--size=${sizeBytes}`, '--time_based', `--runtime=${fioSeconds}`, '--randseed=42', '--output-format=json'],
+        [
+          '--name=rr',
+          '--ioengine=nbd',
+          `--uri=${uri}`,
+          '--rw=randread',
+          '--bs=4k',
+          '--iodepth=32',
+          `--size=${sizeBytes}`,
+          '--time_based',
+          `--runtime=${fioSeconds}`,
+          '--randseed=42',
+          '--output-format=json',
+        ],
         'fio',
       );
       const j = JSON.parse(out.slice(out.indexOf('{'))) as { jobs: { read: { iops: number } }[] };
@@ -207,7 +255,9 @@ async function main(): Promise<void> {
 
     const res = new Map<string, { w: number[]; r: number[]; iops: number[]; wCpu: number[]; rCpu: number[] }>();
     for (const s of servers) res.set(s.name, { w: [], r: [], iops: [], wCpu: [], rCpu: [] });
-    console.log(`cryptmap bench:serve: ${sizeBytes / 1048576} MiB LUKS1 aes-xts-plain64 (512-bit key) in ${shm}; nbdcopy default settings; 1 MB = 10^6 bytes`);
+    console.log(
+      `cryptmap bench:serve: ${sizeBytes / 1048576} MiB LUKS1 aes-xts-plain64 (512-bit key) in ${shm}; nbdcopy default settings; 1 MB = 10^6 bytes`,
+    );
     console.log(`load average before: ${loadavg()} (cores: ${availableParallelism()})`);
     // One untimed pass per server first: JIT, buffer pools, thread pools and page cache warm up.
     for (const s of servers) {
@@ -226,7 +276,9 @@ async function main(): Promise<void> {
         x.r.push(rd.mbps);
         x.rCpu.push(rd.cpu);
         if (s.name !== 'cryptmap-plain') x.iops.push(await fio(s.uri));
-        line.push(`${s.name} W ${x.w.at(-1)!.toFixed(0)} R ${x.r.at(-1)!.toFixed(0)}${x.iops.length ? ` IOPS ${x.iops.at(-1)!.toFixed(0)}` : ''}`);
+        line.push(
+          `${s.name} W ${x.w.at(-1)!.toFixed(0)} R ${x.r.at(-1)!.toFixed(0)}${x.iops.length ? ` IOPS ${x.iops.at(-1)!.toFixed(0)}` : ''}`,
+        );
       }
       console.log(`round ${r} (load ${loadavg()}): ${line.join(' | ')}`);
     }
@@ -236,15 +288,24 @@ async function main(): Promise<void> {
     const med = new Map<string, { w: number; r: number; iops: number }>();
     for (const s of servers) {
       const x = res.get(s.name)!;
-      const m = { w: median(x.w), r: median(x.r), iops: x.iops.length ? median(x.iops) : Number.NaN, wCpu: median(x.wCpu), rCpu: median(x.rCpu) };
+      const m = {
+        w: median(x.w),
+        r: median(x.r),
+        iops: x.iops.length ? median(x.iops) : Number.NaN,
+        wCpu: median(x.wCpu),
+        rCpu: median(x.rCpu),
+      };
       med.set(s.name, m);
-      console.log(`${s.name.padEnd(16)} ${m.w.toFixed(0).padStart(10)} ${m.r.toFixed(0).padStart(11)} ${Number.isNaN(m.iops) ? '-'.padStart(18) : m.iops.toFixed(0).padStart(18)}   ${m.wCpu.toFixed(2).padStart(10)}, ${m.rCpu.toFixed(2)}`);
+      console.log(
+        `${s.name.padEnd(16)} ${m.w.toFixed(0).padStart(10)} ${m.r.toFixed(0).padStart(11)} ${Number.isNaN(m.iops) ? '-'.padStart(18) : m.iops.toFixed(0).padStart(18)}   ${m.wCpu.toFixed(2).padStart(10)}, ${m.rCpu.toFixed(2)}`,
+      );
     }
     const a = med.get('cryptmap');
     const b = med.get('nbdkit');
     const c = med.get('qemu-nbd');
     const d = med.get('cryptmap-plain');
-    const verdict = (x: number, want: number) => `${x.toFixed(2)} (target >= ${want}: ${x >= want ? 'met' : 'NOT met'})`;
+    const verdict = (x: number, want: number) =>
+      `${x.toFixed(2)} (target >= ${want}: ${x >= want ? 'met' : 'NOT met'})`;
     if (a && b && c) {
       console.log(`\ncryptmap / faster peer, write: ${verdict(a.w / Math.max(b.w, c.w), 1.5)}`);
       console.log(`cryptmap / faster peer, read:  ${verdict(a.r / Math.max(b.r, c.r), 1.5)}`);

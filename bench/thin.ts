@@ -22,7 +22,13 @@ const DATA = 4 * RANGE;
 const ROUNDS = 4;
 const BLOCK_SECTORS = 128;
 
-async function pass(dev: BlockDevice, op: 'read' | 'write', reqBytes: number, depth: number, flush: boolean): Promise<number> {
+async function pass(
+  dev: BlockDevice,
+  op: 'read' | 'write',
+  reqBytes: number,
+  depth: number,
+  flush: boolean,
+): Promise<number> {
   const slots = RANGE / reqBytes;
   let next = 0;
   const start = performance.now();
@@ -50,7 +56,9 @@ async function main(): Promise<void> {
     writeFileSync(meta, Buffer.alloc(16 << 20));
     writeFileSync(data, Buffer.alloc(DATA));
     const reg = new DeviceRegistry();
-    await reg.create('pool', { table: `0 ${DATA / 512} thin-pool ${meta} ${data} ${BLOCK_SECTORS} 0 1 skip_block_zeroing` });
+    await reg.create('pool', {
+      table: `0 ${DATA / 512} thin-pool ${meta} ${data} ${BLOCK_SECTORS} 0 1 skip_block_zeroing`,
+    });
     await reg.create('lin', { table: `0 ${RANGE / 512} linear ${data} 0` });
     const lin = reg.open('lin');
     const cases: { name: string; op: 'read' | 'write'; req: number; depth: number; goal: number }[] = [
@@ -75,7 +83,9 @@ async function main(): Promise<void> {
       await reg.remove('t');
       await reg.message('pool', 0, ['delete', String(r)]);
     }
-    console.log(`thin bench: thin vs linear over the same data file, ${RANGE >> 20} MiB per pass, 64 KiB blocks, best of ${ROUNDS} rounds`);
+    console.log(
+      `thin bench: thin vs linear over the same data file, ${RANGE >> 20} MiB per pass, 64 KiB blocks, best of ${ROUNDS} rounds`,
+    );
     console.log('case       request  depth  linear        thin          ratio  goal');
     for (let c = 0; c < cases.length; c++) {
       const k = cases[c]!;

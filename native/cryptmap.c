@@ -619,8 +619,8 @@ static napi_value cipher_run(napi_env env, napi_callback_info info) {
  * requests in flight. Its size is settable (setPoolThreads) and defaults to the online CPU count.
  */
 #define MAX_POOL_THREADS 256
-/* Queued bytes per thread below which a completion wakes the JS thread at once: about 80 us of work
- * at 6 GB/s, longer than a wake-up of the JS thread takes (see pool_worker). */
+/* Queued bytes per thread below which a completion wakes the JS thread at once: more work than a
+ * wake-up of the JS thread takes at AES-NI speed (see pool_worker). */
 #define WAKE_QUEUE_BYTES (512u * 1024u)
 /* A completion never waits longer than this for its wake-up, however deep the queue stays (new
  * requests may keep arriving while old ones complete): bounds the latency batching adds. */

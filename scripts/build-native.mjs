@@ -15,7 +15,17 @@ if (!existsSync(join(root, 'binding.gyp'))) process.exit(0);
 function nodeGyp() {
   const candidates = [
     process.env.npm_config_node_gyp,
-    join(dirname(process.execPath), '..', 'lib', 'node_modules', 'npm', 'node_modules', 'node-gyp', 'bin', 'node-gyp.js'),
+    join(
+      dirname(process.execPath),
+      '..',
+      'lib',
+      'node_modules',
+      'npm',
+      'node_modules',
+      'node-gyp',
+      'bin',
+      'node-gyp.js',
+    ),
   ];
   for (const c of candidates) if (c && existsSync(c)) return [process.execPath, [c]];
   return ['node-gyp', []];

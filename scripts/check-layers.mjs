@@ -21,7 +21,13 @@ const LAYER = {
   cli: 7,
 };
 // Same-layer imports that are forbidden even though the layer number would allow them.
-const FORBIDDEN = { luks: ['dm', 'nbd'], nbd: ['dm', 'luks'], dm: ['luks', 'nbd'], blockdev: ['crypto'], crypto: ['blockdev'] };
+const FORBIDDEN = {
+  luks: ['dm', 'nbd'],
+  nbd: ['dm', 'luks'],
+  dm: ['luks', 'nbd'],
+  blockdev: ['crypto'],
+  crypto: ['blockdev'],
+};
 
 const src = resolve(new URL('../src', import.meta.url).pathname);
 const bad = [];
@@ -38,7 +44,9 @@ function moduleOf(file) {
 function check(file) {
   const from = moduleOf(file);
   const text = readFileSync(file, 'utf8');
-  for (const m of text.matchAll(/(?:import|export)[^'"]*?from\s+['"](\.[^'"]+)['"]|import\(\s*['"](\.[^'"]+)['"]\s*\)/g)) {
+  for (const m of text.matchAll(
+    /(?:import|export)[^'"]*?from\s+['"](\.[^'"]+)['"]|import\(\s*['"](\.[^'"]+)['"]\s*\)/g,
+  )) {
     const spec = m[1] ?? m[2];
     const target = resolve(dirname(file), spec);
     if (!target.startsWith(src)) continue;

@@ -36,18 +36,27 @@ export function runTarget(target, { budgetSec, seed, env = {} }) {
   const inflight = join(work, 'inflight');
   const started = Date.now();
   return new Promise((done) => {
-    const child = spawn(process.execPath, ['--test', '--test-reporter=dot', `--test-name-pattern=${pattern}`, join(dist, 'test', 'fuzz', `${file}.test.js`)], {
-      cwd: root,
-      env: {
-        ...process.env,
-        ...env,
-        CRYPTMAP_FUZZ_MS: String(budgetSec * 1000),
-        CRYPTMAP_FUZZ_SEED: String(seed),
-        CRYPTMAP_FUZZ_SAVE: '1',
-        CRYPTMAP_FUZZ_INFLIGHT: inflight,
+    const child = spawn(
+      process.execPath,
+      [
+        '--test',
+        '--test-reporter=dot',
+        `--test-name-pattern=${pattern}`,
+        join(dist, 'test', 'fuzz', `${file}.test.js`),
+      ],
+      {
+        cwd: root,
+        env: {
+          ...process.env,
+          ...env,
+          CRYPTMAP_FUZZ_MS: String(budgetSec * 1000),
+          CRYPTMAP_FUZZ_SEED: String(seed),
+          CRYPTMAP_FUZZ_SAVE: '1',
+          CRYPTMAP_FUZZ_INFLIGHT: inflight,
+        },
+        stdio: ['ignore', 'pipe', 'pipe'],
       },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
+    );
     let output = '';
     child.stdout.on('data', (d) => (output += d));
     child.stderr.on('data', (d) => (output += d));
@@ -85,8 +94,10 @@ async function main() {
     return 0;
   }
   const names = positionals.length ? positionals : Object.keys(TARGETS);
-  for (const n of names) if (!TARGETS[n]) throw new Error(`unknown fuzz target '${n}' (known: ${Object.keys(TARGETS).join(', ')})`);
-  if (!existsSync(join(dist, 'test', 'fuzz'))) throw new Error(`no compiled fuzz targets in ${dist} (run npm run build first)`);
+  for (const n of names)
+    if (!TARGETS[n]) throw new Error(`unknown fuzz target '${n}' (known: ${Object.keys(TARGETS).join(', ')})`);
+  if (!existsSync(join(dist, 'test', 'fuzz')))
+    throw new Error(`no compiled fuzz targets in ${dist} (run npm run build first)`);
   const budgetSec = Number(values.budget);
   let failed = 0;
   for (const n of names) {

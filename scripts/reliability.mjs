@@ -20,7 +20,12 @@ const root = resolve(new URL('..', import.meta.url).pathname);
 const dist = resolve(root, process.env.CRYPTMAP_DIST ?? 'dist');
 
 const SUITES = {
-  fault: ['test/blockdev/fault.test.js', 'test/dm/fault-nbd.test.js', 'test/dm/fault-daemon.test.js', 'test/luks/fault.test.js'],
+  fault: [
+    'test/blockdev/fault.test.js',
+    'test/dm/fault-nbd.test.js',
+    'test/dm/fault-daemon.test.js',
+    'test/luks/fault.test.js',
+  ],
   load: ['test/load/nbd-load.slow.test.js'],
   secrets: ['test/security/secrets.test.js'],
 };
@@ -38,11 +43,15 @@ function attackerFiles() {
 function runTests(files, env) {
   const started = Date.now();
   return new Promise((done) => {
-    const child = spawn(process.execPath, ['--test', '--test-reporter=dot', '--test-concurrency=1', ...files.map((f) => join(dist, f))], {
-      cwd: root,
-      env: { ...process.env, ...env },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
+    const child = spawn(
+      process.execPath,
+      ['--test', '--test-reporter=dot', '--test-concurrency=1', ...files.map((f) => join(dist, f))],
+      {
+        cwd: root,
+        env: { ...process.env, ...env },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      },
+    );
     let output = '';
     child.stdout.on('data', (d) => (output += d));
     child.stderr.on('data', (d) => (output += d));
@@ -58,19 +67,31 @@ function corpusList() {
   const dir = join(root, 'test', 'fuzz', 'corpus');
   if (!existsSync(dir)) return ['- (none)'];
   const out = [];
-  for (const t of readdirSync(dir).sort()) for (const f of readdirSync(join(dir, t)).sort()) out.push(`- \`${t}/${f}\``);
+  for (const t of readdirSync(dir).sort())
+    for (const f of readdirSync(join(dir, t)).sort()) out.push(`- \`${t}/${f}\``);
   return out.length ? out : ['- (none)'];
 }
 
 function table(head, rows) {
-  return [`| ${head.join(' | ')} |`, `|${head.map(() => '---').join('|')}|`, ...rows.map((r) => `| ${r.join(' | ')} |`)].join('\n');
+  return [
+    `| ${head.join(' | ')} |`,
+    `|${head.map(() => '---').join('|')}|`,
+    ...rows.map((r) => `| ${r.join(' | ')} |`),
+  ].join('\n');
 }
 
 async function main() {
-  const { values } = parseArgs({ options: { budget: { type: 'string', default: '20' }, 'no-write': { type: 'boolean' }, 'only-local-attacker': { type: 'boolean' } } });
+  const { values } = parseArgs({
+    options: {
+      budget: { type: 'string', default: '20' },
+      'no-write': { type: 'boolean' },
+      'only-local-attacker': { type: 'boolean' },
+    },
+  });
   const only = values['only-local-attacker'] === true;
   const budgetSec = Number(values.budget);
-  if (!existsSync(join(dist, 'test', 'fuzz'))) throw new Error(`no compiled tests in ${dist} (run npm run build first)`);
+  if (!existsSync(join(dist, 'test', 'fuzz')))
+    throw new Error(`no compiled tests in ${dist} (run npm run build first)`);
   const work = mkdtempSync(join(tmpdir(), 'cryptmap-reliability-'));
   const out = join(work, 'figures.jsonl');
   writeFileSync(out, '');
@@ -118,7 +139,15 @@ async function main() {
       .slice(0, 4)
       .map(([k, v]) => `${k} ${fmtInt(v)}`)
       .join(', ');
-    return [t, fmtInt(inputs), fmtInt(accepted), rejects || '-', String(corpus), `${secs.toFixed(1)} s`, status[`fuzz:${t}`]?.ok ? 'held' : '**FAILED**'];
+    return [
+      t,
+      fmtInt(inputs),
+      fmtInt(accepted),
+      rejects || '-',
+      String(corpus),
+      `${secs.toFixed(1)} s`,
+      status[`fuzz:${t}`]?.ok ? 'held' : '**FAILED**',
+    ];
   });
   const faults = new Map();
   for (const x of recs.filter((r) => r.kind === 'fault')) {
@@ -140,11 +169,28 @@ async function main() {
   const crash = recs.filter((r) => r.kind === 'crash');
   const secrets = recs.filter((r) => r.kind === 'secrets');
   const leaked = secrets.reduce((a, x) => a + x.leaked, 0);
-  const loadRows = load.map((l) => [String(l.clients), fmtInt(l.ops), fmtBytes(l.bytes), `${l.seconds.toFixed(1)} s`, String(l.verifyErrors), fmtBytes(l.peakRssBytes)]);
+  const loadRows = load.map((l) => [
+    String(l.clients),
+    fmtInt(l.ops),
+    fmtBytes(l.bytes),
+    `${l.seconds.toFixed(1)} s`,
+    String(l.verifyErrors),
+    fmtBytes(l.peakRssBytes),
+  ]);
   const crashRows = crash.map((c) => [String(c.killed), String(c.durableWrites), String(c.lost)]);
   const attacks = recs.filter((r) => r.kind === 'attack');
-  const attackRows = attacks.map((a) => [a.file.replace(/^local-attacker-?/, '').replace(/\.test\.ts$/, '') || '-', a.attempt.replace(/\|/g, '/'), a.outcome.replace(/\|/g, '/'), a.held ? 'held' : '**NOT HELD**']);
-  const allOk = Object.values(status).every((s) => s.ok) && leaked === 0 && secrets.length > 0 && attacks.length > 0 && attacks.every((a) => a.held);
+  const attackRows = attacks.map((a) => [
+    a.file.replace(/^local-attacker-?/, '').replace(/\.test\.ts$/, '') || '-',
+    a.attempt.replace(/\|/g, '/'),
+    a.outcome.replace(/\|/g, '/'),
+    a.held ? 'held' : '**NOT HELD**',
+  ]);
+  const allOk =
+    Object.values(status).every((s) => s.ok) &&
+    leaked === 0 &&
+    secrets.length > 0 &&
+    attacks.length > 0 &&
+    attacks.every((a) => a.held);
 
   const md = [
     '# Reliability report',
@@ -173,7 +219,10 @@ async function main() {
     '',
     'fio (ioengine=nbd, randrw with 40% reads, verify=crc32c, QD 1/8/32/16, one multi-conn job) against a `cryptmap daemon` serving a LUKS2 volume.',
     '',
-    table(['clients', 'ops', 'bytes', 'time', 'verify errors', 'daemon peak RSS'], loadRows.length ? loadRows : [['-', '-', '-', '-', '-', '-']]),
+    table(
+      ['clients', 'ops', 'bytes', 'time', 'verify errors', 'daemon peak RSS'],
+      loadRows.length ? loadRows : [['-', '-', '-', '-', '-', '-']],
+    ),
     '',
     'SIGKILL of the daemon mid-load, restart, reopen:',
     '',
@@ -190,7 +239,10 @@ async function main() {
     '',
     'A second local user (or a crafted input) tries to read, write, starve or learn what is not theirs (issue 11). Each row is one attempt made by the test files named, and what the system did.',
     '',
-    table(['file (test/security/local-attacker-*)', 'attempt', 'outcome', 'result'], attackRows.length ? attackRows : [['-', '(no attack tests)', '-', '-']]),
+    table(
+      ['file (test/security/local-attacker-*)', 'attempt', 'outcome', 'result'],
+      attackRows.length ? attackRows : [['-', '(no attack tests)', '-', '-']],
+    ),
     '',
     `Suites: ${status['local attacker']?.ok ? 'passed' : '**FAILED**'} (${attackFiles.length ? attackFiles.map((f) => f.replace(/\.js$/, '.ts')).join(', ') : 'none'}).`,
     '',

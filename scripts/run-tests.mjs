@@ -30,5 +30,7 @@ if (files.length === 0) {
   process.exit(1);
 }
 // A test that hangs fails after 15 minutes instead of holding CI until its own deadline.
-const r = spawnSync(process.execPath, ['--test', '--test-concurrency=2', '--test-timeout=900000', ...files], { stdio: 'inherit' });
+const r = spawnSync(process.execPath, ['--test', '--test-concurrency=2', '--test-timeout=900000', ...files], {
+  stdio: 'inherit',
+});
 process.exit(r.status ?? 1);

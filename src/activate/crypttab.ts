@@ -32,7 +32,9 @@ import { plainKeyFromPassphrase } from './plain-key.js';
 
 export type CrypttabType = 'luks' | 'plain' | 'swap' | 'tmp';
 
-export type DeviceRef = { kind: 'path'; path: string } | { kind: 'uuid' | 'partuuid' | 'label' | 'partlabel'; value: string };
+export type DeviceRef =
+  | { kind: 'path'; path: string }
+  | { kind: 'uuid' | 'partuuid' | 'label' | 'partlabel'; value: string };
 
 export type KeySource = { kind: 'prompt' } | { kind: 'file'; path: string } | { kind: 'random'; path: string };
 
@@ -89,7 +91,10 @@ interface Ctx {
   fail(msg: string): never;
 }
 
-type OptionSpec = { value: 'none' | 'required' | 'optional'; apply(ctx: Ctx, value: string | undefined, name: string): void };
+type OptionSpec = {
+  value: 'none' | 'required' | 'optional';
+  apply(ctx: Ctx, value: string | undefined, name: string): void;
+};
 
 function uint(ctx: Ctx, name: string, v: string, max = 0xffffffff): number {
   if (!/^[0-9]{1,10}$/.test(v) || Number(v) > max) ctx.fail(`option ${name}= needs an unsigned number, got '${v}'`);
@@ -140,7 +145,8 @@ const OPTIONS: Record<string, OptionSpec> = {
     value: 'required',
     apply: (c, v) => {
       const n = uint(c, 'size', v!, 4096);
-      if (n === 0 || n % 8 !== 0) c.fail(`option size= is the key size in bits and must be a positive multiple of 8, got ${n}`);
+      if (n === 0 || n % 8 !== 0)
+        c.fail(`option size= is the key size in bits and must be a positive multiple of 8, got ${n}`);
       c.e.keySizeBits = n;
     },
   },
@@ -155,13 +161,20 @@ const OPTIONS: Record<string, OptionSpec> = {
     value: 'required',
     apply: (c, v) => {
       const n = uint(c, 'sector-size', v!);
-      if (n < 512 || n > 4096 || (n & (n - 1)) !== 0) c.fail(`option sector-size= must be a power of two from 512 to 4096, got ${n}`);
+      if (n < 512 || n > 4096 || (n & (n - 1)) !== 0)
+        c.fail(`option sector-size= must be a power of two from 512 to 4096, got ${n}`);
       c.e.sectorSize = n;
     },
   },
-  offset: { value: 'required', apply: (c, v) => void (c.e.offsetSectors = uint(c, 'offset', v!, Number.MAX_SAFE_INTEGER)) },
+  offset: {
+    value: 'required',
+    apply: (c, v) => void (c.e.offsetSectors = uint(c, 'offset', v!, Number.MAX_SAFE_INTEGER)),
+  },
   skip: { value: 'required', apply: (c, v) => void (c.e.skipSectors = uint(c, 'skip', v!, Number.MAX_SAFE_INTEGER)) },
-  'keyfile-offset': { value: 'required', apply: (c, v) => void (c.e.keyfileOffset = uint(c, 'keyfile-offset', v!, Number.MAX_SAFE_INTEGER)) },
+  'keyfile-offset': {
+    value: 'required',
+    apply: (c, v) => void (c.e.keyfileOffset = uint(c, 'keyfile-offset', v!, Number.MAX_SAFE_INTEGER)),
+  },
   'keyfile-size': {
     value: 'required',
     apply: (c, v) => {
@@ -192,7 +205,9 @@ const OPTIONS: Record<string, OptionSpec> = {
   'keyfile-timeout': ignore,
   headless: ignore,
   // Activation flags (./flags.ts): discard is applied; the others tune the kernel's workqueues only.
-  ...Object.fromEntries(ACTIVATION_FLAGS.map((f) => [f.crypttab, f.field === 'allowDiscards' ? flag('discard', true) : ignore])),
+  ...Object.fromEntries(
+    ACTIVATION_FLAGS.map((f) => [f.crypttab, f.field === 'allowDiscards' ? flag('discard', true) : ignore]),
+  ),
   // Not implemented: named so the error says what and why.
   tcrypt: unsupported('TrueCrypt/VeraCrypt volumes are not implemented (use luks or plain)'),
   'tcrypt-hidden': unsupported('TrueCrypt/VeraCrypt volumes are not implemented'),
@@ -234,7 +249,8 @@ function parseDevice(ctx: Ctx, s: string): DeviceRef {
   }
   const m = /^(UUID|PARTUUID|LABEL|PARTLABEL)=(.+)$/.exec(s);
   if (m) return { kind: m[1]!.toLowerCase() as 'uuid', value: m[2]! };
-  if (/^[A-Z]+=/.test(s)) ctx.fail(`device '${s}': only UUID=, PARTUUID=, LABEL=, PARTLABEL= or an absolute path are understood`);
+  if (/^[A-Z]+=/.test(s))
+    ctx.fail(`device '${s}': only UUID=, PARTUUID=, LABEL=, PARTLABEL= or an absolute path are understood`);
   if (!s.startsWith('/')) ctx.fail(`device '${s}' must be an absolute path or UUID=/PARTUUID=/LABEL=/PARTLABEL=`);
   return { kind: 'path', path: s };
 }
@@ -253,14 +269,22 @@ function validate(ctx: Ctx): void {
   if (types.has('swap') && types.has('tmp')) ctx.fail('options swap and tmp contradict each other');
   e.type = types.has('swap') ? 'swap' : types.has('tmp') ? 'tmp' : types.has('plain') ? 'plain' : 'luks';
   if (e.type === 'luks') {
-    if (e.key.kind === 'random') ctx.fail(`a random key (${e.key.path}) makes sense only for plain, swap or tmp: a LUKS volume would be unreadable`);
-    for (const [k, v] of [['offset', e.offsetSectors], ['skip', e.skipSectors], ['hash', e.hash]] as const) {
+    if (e.key.kind === 'random')
+      ctx.fail(
+        `a random key (${e.key.path}) makes sense only for plain, swap or tmp: a LUKS volume would be unreadable`,
+      );
+    for (const [k, v] of [
+      ['offset', e.offsetSectors],
+      ['skip', e.skipSectors],
+      ['hash', e.hash],
+    ] as const) {
       if (v !== undefined) ctx.fail(`option ${k}= applies to plain devices only (LUKS keeps it in its header)`);
     }
   } else {
     if (e.keySlot !== undefined) ctx.fail('option key-slot= applies to LUKS devices only');
     if (e.header !== undefined) ctx.fail('option header= applies to LUKS devices only');
-    if ((e.type === 'swap' || e.type === 'tmp') && e.readonly) ctx.fail(`option read-only contradicts ${e.type} (formatted at every open)`);
+    if ((e.type === 'swap' || e.type === 'tmp') && e.readonly)
+      ctx.fail(`option read-only contradicts ${e.type} (formatted at every open)`);
   }
   if (e.sectorSize !== undefined && e.offsetSectors !== undefined && e.offsetSectors % (e.sectorSize / 512) !== 0) {
     ctx.fail(`option offset=${e.offsetSectors} is not a multiple of sector-size=${e.sectorSize} (in 512-byte sectors)`);
@@ -280,9 +304,13 @@ export function parseCrypttab(text: string, file = 'crypttab'): CrypttabEntry[] 
     };
     const fields = s.split(/[ \t]+/);
     if (fields.length < 2) fail('needs at least a name and a device');
-    if (fields.length > 4) fail(`has ${fields.length} fields; expected name, device, key file, options (options are comma-separated, without spaces)`);
+    if (fields.length > 4)
+      fail(
+        `has ${fields.length} fields; expected name, device, key file, options (options are comma-separated, without spaces)`,
+      );
     const [name, dev, keyField, opts] = fields as [string, string, string?, string?];
-    if (!/^[A-Za-z0-9][A-Za-z0-9._+@-]{0,126}$/.test(name)) fail(`name '${name}' must be letters, digits and . _ + @ - (no '/')`);
+    if (!/^[A-Za-z0-9][A-Za-z0-9._+@-]{0,126}$/.test(name))
+      fail(`name '${name}' must be letters, digits and . _ + @ - (no '/')`);
     if (names.has(name)) fail(`name '${name}' was already used on line ${names.get(name)}`);
     names.set(name, line);
     const e: CrypttabEntry = {
@@ -308,7 +336,9 @@ export function parseCrypttab(text: string, file = 'crypttab'): CrypttabEntry[] 
         const eq = o.indexOf('=');
         const key = eq < 0 ? o : o.slice(0, eq);
         const value = eq < 0 ? undefined : o.slice(eq + 1);
-        const spec: OptionSpec = (Object.hasOwn(OPTIONS, key) ? OPTIONS[key] : key.startsWith('x-systemd.') ? ignore : undefined) ?? fail(`unknown option '${key}'`);
+        const spec: OptionSpec =
+          (Object.hasOwn(OPTIONS, key) ? OPTIONS[key] : key.startsWith('x-systemd.') ? ignore : undefined) ??
+          fail(`unknown option '${key}'`);
         if (spec.value === 'none' && value !== undefined) fail(`option '${key}' takes no value`);
         if (spec.value === 'required' && (value === undefined || value === '')) fail(`option '${key}=' needs a value`);
         spec.apply(ctx, value, key);
@@ -322,7 +352,8 @@ export function parseCrypttab(text: string, file = 'crypttab'): CrypttabEntry[] 
 
 /** The parameters a plain, swap or tmp entry opens with (systemd-cryptsetup defaults filled in). */
 export function plainParams(e: CrypttabEntry): PlainParams {
-  if (e.type === 'luks') throw new CryptmapError('ECRYPTTAB', `${e.file}:${e.line}: ${e.name} is a LUKS entry, not plain`);
+  if (e.type === 'luks')
+    throw new CryptmapError('ECRYPTTAB', `${e.file}:${e.line}: ${e.name} is a LUKS entry, not plain`);
   return {
     cipher: e.cipher ?? SYSTEMD_PLAIN_CIPHER,
     keySizeBits: e.keySizeBits ?? SYSTEMD_PLAIN_KEY_BITS,
@@ -379,12 +410,18 @@ async function readKeyFile(e: CrypttabEntry, path: string, exact?: number): Prom
     }
     if (e.keyfileSize === undefined && exact === undefined && got > KEYFILE_MAX_BYTES) {
       buf.fill(0);
-      throw new CryptmapError('ECRYPTTAB_KEY', `${where}: key file ${path} is larger than ${KEYFILE_MAX_BYTES} bytes; set keyfile-size=`);
+      throw new CryptmapError(
+        'ECRYPTTAB_KEY',
+        `${where}: key file ${path} is larger than ${KEYFILE_MAX_BYTES} bytes; set keyfile-size=`,
+      );
     }
     const need = e.keyfileSize ?? exact;
     if (need !== undefined && got < need) {
       buf.fill(0);
-      throw new CryptmapError('ECRYPTTAB_KEY', `${where}: key file ${path} has ${got} bytes after keyfile-offset=${offset}; ${need} needed`);
+      throw new CryptmapError(
+        'ECRYPTTAB_KEY',
+        `${where}: key file ${path} has ${got} bytes after keyfile-offset=${offset}; ${need} needed`,
+      );
     }
     const out = Buffer.from(buf.subarray(0, got));
     buf.fill(0);
@@ -431,12 +468,19 @@ export async function resolveCrypttabKey(e: CrypttabEntry, opts: CrypttabKeyOpti
     if (!plain) return { kind: 'passphrase', passphrase: new Secret(bytes) };
     if (bytes.length !== keyBytes) {
       bytes.fill(0);
-      throw new CryptmapError('ECRYPTTAB_KEY', `${e.file}:${e.line}: ${e.name}: keyfile-size=${e.keyfileSize} differs from the key size (${keyBytes} bytes)`);
+      throw new CryptmapError(
+        'ECRYPTTAB_KEY',
+        `${e.file}:${e.line}: ${e.name}: keyfile-size=${e.keyfileSize} differs from the key size (${keyBytes} bytes)`,
+      );
     }
     return { kind: 'volumeKey', key: new Secret(bytes) };
   }
   if (!opts.askPassphrase) {
-    throw new CryptmapError('ECRYPTTAB_KEY', `${e.file}:${e.line}: ${e.name} needs a passphrase and none can be asked for here`, { exitCode: 2 });
+    throw new CryptmapError(
+      'ECRYPTTAB_KEY',
+      `${e.file}:${e.line}: ${e.name} needs a passphrase and none can be asked for here`,
+      { exitCode: 2 },
+    );
   }
   const pass = await opts.askPassphrase(`Please enter passphrase for disk ${e.name}: `);
   if (!plain) return { kind: 'passphrase', passphrase: pass };

@@ -31,8 +31,22 @@ export interface ActivationFlagRow {
 }
 
 export const ACTIVATION_FLAGS = [
-  { field: 'allowDiscards', option: 'allow-discards', luks2: 'allow-discards', dm: 'allow_discards', status: 'discards', crypttab: 'discard' },
-  { field: 'sameCpuCrypt', option: 'perf-same_cpu_crypt', luks2: 'same-cpu-crypt', dm: 'same_cpu_crypt', status: 'same_cpu_crypt', crypttab: 'same-cpu-crypt' },
+  {
+    field: 'allowDiscards',
+    option: 'allow-discards',
+    luks2: 'allow-discards',
+    dm: 'allow_discards',
+    status: 'discards',
+    crypttab: 'discard',
+  },
+  {
+    field: 'sameCpuCrypt',
+    option: 'perf-same_cpu_crypt',
+    luks2: 'same-cpu-crypt',
+    dm: 'same_cpu_crypt',
+    status: 'same_cpu_crypt',
+    crypttab: 'same-cpu-crypt',
+  },
   {
     field: 'submitFromCryptCpus',
     option: 'perf-submit_from_crypt_cpus',
@@ -41,8 +55,22 @@ export const ACTIVATION_FLAGS = [
     status: 'submit_from_crypt_cpus',
     crypttab: 'submit-from-crypt-cpus',
   },
-  { field: 'noReadWorkqueue', option: 'perf-no_read_workqueue', luks2: 'no-read-workqueue', dm: 'no_read_workqueue', status: 'no_read_workqueue', crypttab: 'no-read-workqueue' },
-  { field: 'noWriteWorkqueue', option: 'perf-no_write_workqueue', luks2: 'no-write-workqueue', dm: 'no_write_workqueue', status: 'no_write_workqueue', crypttab: 'no-write-workqueue' },
+  {
+    field: 'noReadWorkqueue',
+    option: 'perf-no_read_workqueue',
+    luks2: 'no-read-workqueue',
+    dm: 'no_read_workqueue',
+    status: 'no_read_workqueue',
+    crypttab: 'no-read-workqueue',
+  },
+  {
+    field: 'noWriteWorkqueue',
+    option: 'perf-no_write_workqueue',
+    luks2: 'no-write-workqueue',
+    dm: 'no_write_workqueue',
+    status: 'no_write_workqueue',
+    crypttab: 'no-write-workqueue',
+  },
 ] as const satisfies readonly ActivationFlagRow[];
 
 type Row = (typeof ACTIVATION_FLAGS)[number];

@@ -88,7 +88,10 @@ async function withDevice<T>(path: string, readOnly: boolean, fn: (d: BlockDevic
   try {
     dev = await openBlockDevice(path, { readOnly });
   } catch (e) {
-    throw new CryptmapError('ENODEV', `Device ${path} does not exist or access denied.`, { exitCode: EXIT_WRONG_DEVICE, cause: e });
+    throw new CryptmapError('ENODEV', `Device ${path} does not exist or access denied.`, {
+      exitCode: EXIT_WRONG_DEVICE,
+      cause: e,
+    });
   }
   try {
     return await fn(dev);
@@ -123,30 +126,44 @@ export async function prepareLuks(o: LuksOpenOptions): Promise<{ mapping: CryptM
  *   try { ({ mapping, volumeKey } = await prepareLoadedLuks(vol, hdrDev, { name, device, passphrase })); }
  *   finally { await vol.close(); await hdrDev.close(); }
  */
-export async function prepareLoadedLuks(vol: Awaited<ReturnType<typeof openLuks>>, hdrDev: BlockDevice, o: LuksOpenOptions): Promise<{ mapping: CryptMapping; volumeKey: Secret }> {
+export async function prepareLoadedLuks(
+  vol: Awaited<ReturnType<typeof openLuks>>,
+  hdrDev: BlockDevice,
+  o: LuksOpenOptions,
+): Promise<{ mapping: CryptMapping; volumeKey: Secret }> {
   o = { ...o, device: resolveDevice(o.device), ...(o.header === undefined ? {} : { header: resolveDevice(o.header) }) };
   if (!vol.activatable) {
     // A LUKS2 reencryption in progress (cryptsetup's online-reencrypt requirement): its data is in two
     // layouts, which one mapping of segment 0 would mix up; cryptsetup maps each segment instead.
     const reqs = vol.type === 'luks2' ? (vol.json.config.requirements?.mandatory ?? []) : [];
     if (reqs.some((r) => r.startsWith('online-reencrypt'))) {
-      throw new CryptmapError('EREQUIREMENT', `Device ${o.header ?? o.device} is in LUKS2 reencryption; cryptmap does not activate it in the middle yet. Finish it with cryptmap reencrypt --resume-only (or cryptsetup reencrypt --resume-only) first.`, { exitCode: 1 });
+      throw new CryptmapError(
+        'EREQUIREMENT',
+        `Device ${o.header ?? o.device} is in LUKS2 reencryption; cryptmap does not activate it in the middle yet. Finish it with cryptmap reencrypt --resume-only (or cryptsetup reencrypt --resume-only) first.`,
+        { exitCode: 1 },
+      );
     }
-    throw new CryptmapError('EREQUIREMENT', 'Device has unknown mandatory requirements; refusing to activate.', { exitCode: 1 });
+    throw new CryptmapError('EREQUIREMENT', 'Device has unknown mandatory requirements; refusing to activate.', {
+      exitCode: 1,
+    });
   }
   const seg = vol.dataSegment;
-  const dataBytes = o.header === undefined ? hdrDev.sizeBytes : await withDevice(o.device, true, async (d) => d.sizeBytes);
+  const dataBytes =
+    o.header === undefined ? hdrDev.sizeBytes : await withDevice(o.device, true, async (d) => d.sizeBytes);
   let sizeBytes: number;
   if (seg.sizeBytes === 'dynamic') {
     sizeBytes = dataBytes - seg.offsetBytes;
     sizeBytes -= sizeBytes % seg.sectorBytes;
   } else sizeBytes = seg.sizeBytes;
   if (sizeBytes <= 0 || seg.offsetBytes + sizeBytes > dataBytes) {
-    throw new CryptmapError('EDEVSIZE', `Device ${o.device} is too small for the data segment.`, { exitCode: EXIT_WRONG_DEVICE });
+    throw new CryptmapError('EDEVSIZE', `Device ${o.device} is too small for the data segment.`, {
+      exitCode: EXIT_WRONG_DEVICE,
+    });
   }
   let unlocked: UnlockResult;
   if (o.unlock) unlocked = await o.unlock(vol);
-  else if (o.passphrase) unlocked = await vol.unlock(o.passphrase, o.keySlot === undefined ? {} : { keySlot: o.keySlot });
+  else if (o.passphrase)
+    unlocked = await vol.unlock(o.passphrase, o.keySlot === undefined ? {} : { keySlot: o.keySlot });
   else throw new CryptmapError('EARGS', 'prepareLuks needs a passphrase or an unlock function');
   const { volumeKey, keyslot } = unlocked;
   const mapping: CryptMapping = {
@@ -206,7 +223,8 @@ export async function preparePlain(o: PlainOpenOptions): Promise<CryptMapping> {
   const devBytes = await withDevice(o.device, true, async (d) => d.sizeBytes);
   const avail = Math.floor(devBytes / SECTOR_BYTES) - offset;
   const size = o.sizeSectors ?? avail - (avail % (sectorBytes / SECTOR_BYTES));
-  if (size <= 0 || size > avail) throw new CryptmapError('EDEVSIZE', `Device ${o.device} is too small.`, { exitCode: EXIT_WRONG_DEVICE });
+  if (size <= 0 || size > avail)
+    throw new CryptmapError('EDEVSIZE', `Device ${o.device} is too small.`, { exitCode: EXIT_WRONG_DEVICE });
   return {
     name: o.name,
     type: 'PLAIN',

@@ -32,7 +32,8 @@ export function parsePlainHash(spec: string): PlainHashSpec {
   if (!/^[a-z0-9-]+$/i.test(hash)) throw new CryptmapError('EPLAINHASH', `hash '${spec}' is not a hash name`);
   if (i < 0) return { hash };
   const n = spec.slice(i + 1);
-  if (!/^[0-9]{1,6}$/.test(n)) throw new CryptmapError('EPLAINHASH', `hash '${spec}': the length after ':' must be a number of bytes`);
+  if (!/^[0-9]{1,6}$/.test(n))
+    throw new CryptmapError('EPLAINHASH', `hash '${spec}': the length after ':' must be a number of bytes`);
   return { hash, limit: Number(n) };
 }
 
@@ -40,7 +41,9 @@ function nodeHashName(hash: string): string {
   const name = HASH_ALIASES[hash.toLowerCase()] ?? hash.toLowerCase();
   // whirlpool: available once the native addon loaded OpenSSL's legacy provider (crypto/kdf/hash.ts).
   if (!getHashes().includes(name) && !hashAvailable(name)) {
-    throw new CryptmapError('EPLAINHASH', `hash '${hash}' is not available in this Node.js/OpenSSL build`, { errno: 'ENOTSUP' });
+    throw new CryptmapError('EPLAINHASH', `hash '${hash}' is not available in this Node.js/OpenSSL build`, {
+      errno: 'ENOTSUP',
+    });
   }
   return name;
 }
@@ -50,7 +53,8 @@ function nodeHashName(hash: string): string {
  * @example plainKeyFromPassphrase(Buffer.from('xxx'), 'sha256', 32) // cd2eb083...6860
  */
 export function plainKeyFromPassphrase(passphrase: Uint8Array, hashSpec: string, keyBytes: number): Secret {
-  if (!Number.isInteger(keyBytes) || keyBytes < 1 || keyBytes > 512) throw new CryptmapError('EPLAINHASH', `key size ${keyBytes} bytes is out of range`);
+  if (!Number.isInteger(keyBytes) || keyBytes < 1 || keyBytes > 512)
+    throw new CryptmapError('EPLAINHASH', `key size ${keyBytes} bytes is out of range`);
   const key = Buffer.alloc(keyBytes);
   const p = Buffer.from(passphrase.buffer, passphrase.byteOffset, passphrase.byteLength);
   if (hashSpec === 'plain') {
@@ -59,9 +63,11 @@ export function plainKeyFromPassphrase(passphrase: Uint8Array, hashSpec: string,
   }
   const { hash, limit } = parsePlainHash(hashSpec);
   const used = limit ?? keyBytes;
-  if (used > keyBytes) throw new CryptmapError('EPLAINHASH', `hash '${hashSpec}': ${used} bytes is more than the key size (${keyBytes})`);
+  if (used > keyBytes)
+    throw new CryptmapError('EPLAINHASH', `hash '${hashSpec}': ${used} bytes is more than the key size (${keyBytes})`);
   if (hash === 'plain') {
-    if (p.length < used) throw new CryptmapError('EPLAINHASH', `passphrase is shorter than the ${used} bytes '${hashSpec}' copies`);
+    if (p.length < used)
+      throw new CryptmapError('EPLAINHASH', `passphrase is shorter than the ${used} bytes '${hashSpec}' copies`);
     p.copy(key, 0, 0, used);
     return new Secret(key);
   }

@@ -17,7 +17,14 @@
  * (NBD: errno EIO / ENOSPC). `stats` counts calls and injected faults for reports.
  */
 import { CryptmapError } from '../util/errors.js';
-import type { BlockDevice, BlockDeviceCapabilities, BlockDeviceLimits, Extent, WriteFlags, WriteZeroesFlags } from './types.js';
+import type {
+  BlockDevice,
+  BlockDeviceCapabilities,
+  BlockDeviceLimits,
+  Extent,
+  WriteFlags,
+  WriteZeroesFlags,
+} from './types.js';
 
 export type WriteFaultKind = 'fail' | 'short' | 'tear' | 'crash';
 
@@ -103,11 +110,18 @@ export class FaultDevice implements BlockDevice {
 
   #fault(kind: string, op: string, offsetBytes: number, errno: 'EIO' | 'ENOSPC' = 'EIO'): CryptmapError {
     this.#count(kind);
-    const msg = errno === 'ENOSPC' ? `no space left on device (injected, ${op} at ${offsetBytes})` : `I/O error (injected ${kind}, ${op} at ${offsetBytes})`;
-    return new CryptmapError(kind === 'crash' || kind === 'tear' ? 'EFAULT_CRASH' : errno === 'ENOSPC' ? 'EFAULT_ENOSPC' : 'EFAULT_EIO', msg, {
-      errno,
-      context: { op, offsetBytes },
-    });
+    const msg =
+      errno === 'ENOSPC'
+        ? `no space left on device (injected, ${op} at ${offsetBytes})`
+        : `I/O error (injected ${kind}, ${op} at ${offsetBytes})`;
+    return new CryptmapError(
+      kind === 'crash' || kind === 'tear' ? 'EFAULT_CRASH' : errno === 'ENOSPC' ? 'EFAULT_ENOSPC' : 'EFAULT_EIO',
+      msg,
+      {
+        errno,
+        context: { op, offsetBytes },
+      },
+    );
   }
 
   #inBad(op: 'read' | 'write', offsetBytes: number, lengthBytes: number): boolean {
@@ -216,7 +230,9 @@ export class FaultDevice implements BlockDevice {
   }
 
   blockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
-    return this.inner.blockStatus?.(offsetBytes, lengthBytes) ?? Promise.resolve([{ lengthBytes, hole: false, zero: false }]);
+    return (
+      this.inner.blockStatus?.(offsetBytes, lengthBytes) ?? Promise.resolve([{ lengthBytes, hole: false, zero: false }])
+    );
   }
 
   /** Closes the inner device unless crashed (a dead device has nothing left to flush). */

@@ -24,7 +24,15 @@ import { open, readFile, statfs } from 'node:fs/promises';
 import { constants as fsConstants, readSync, writeSync } from 'node:fs';
 import { CryptmapError, fromSystemError, isCryptmapError } from '../util/errors.js';
 import { type NativeAddon, loadNative } from '../util/native.js';
-import type { BlockDevice, BlockDeviceCapabilities, BlockDeviceLimits, DirectIo, Extent, WriteFlags, WriteZeroesFlags } from './types.js';
+import type {
+  BlockDevice,
+  BlockDeviceCapabilities,
+  BlockDeviceLimits,
+  DirectIo,
+  Extent,
+  WriteFlags,
+  WriteZeroesFlags,
+} from './types.js';
 
 /** The part of the native addon this backend uses (src/util/native.ts). */
 type NativeHoles = Pick<NativeAddon, 'punchHole' | 'seekData' | 'seekHole'>;
@@ -62,7 +70,7 @@ async function memoryBacked(path: string): Promise<boolean> {
 
 /** Linux dev_t split (glibc `major()`/`minor()`), for numbers below 2^53. */
 function devMajor(rdev: number): number {
-  return Math.floor(rdev / 256) % 4096 | (Math.floor(rdev / 2 ** 32) & ~0xfff);
+  return (Math.floor(rdev / 256) % 4096) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
 }
 function devMinor(rdev: number): number {
   return (rdev % 256) | (Math.floor(rdev / 4096) & ~0xff);
@@ -120,7 +128,11 @@ export class FileDevice implements BlockDevice {
       blockStatus: native !== null,
       multiConn: true,
     };
-    this.limits = { logicalBlockBytes: lbs, physicalBlockBytes: Math.max(lbs, 4096), maxRequestBytes: MAX_REQUEST_BYTES };
+    this.limits = {
+      logicalBlockBytes: lbs,
+      physicalBlockBytes: Math.max(lbs, 4096),
+      maxRequestBytes: MAX_REQUEST_BYTES,
+    };
   }
 
   /** Open an existing file or block device. */
@@ -144,7 +156,9 @@ export class FileDevice implements BlockDevice {
   static async create(path: string, sizeBytes: number, opts: FileDeviceOptions = {}): Promise<FileDevice> {
     const lbs = opts.logicalBlockBytes ?? 512;
     if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0 || sizeBytes % lbs !== 0) {
-      throw new CryptmapError('EDEVSIZE', `file device size ${sizeBytes} is not a multiple of ${lbs} bytes`, { context: { path } });
+      throw new CryptmapError('EDEVSIZE', `file device size ${sizeBytes} is not a multiple of ${lbs} bytes`, {
+        context: { path },
+      });
     }
     let fh: FileHandle;
     try {
@@ -169,7 +183,10 @@ export class FileDevice implements BlockDevice {
     if (isBlock) {
       const sys = `/sys/dev/block/${devMajor(st.rdev)}:${devMinor(st.rdev)}`;
       const sectors = await readSysNumber(`${sys}/size`);
-      if (sectors === undefined) throw new CryptmapError('EDEVSIZE', `cannot read the size of block device ${path} from ${sys}/size`, { context: { path } });
+      if (sectors === undefined)
+        throw new CryptmapError('EDEVSIZE', `cannot read the size of block device ${path} from ${sys}/size`, {
+          context: { path },
+        });
       sizeBytes = sectors * 512;
       lbs = (await readSysNumber(`${sys}/queue/logical_block_size`)) ?? 512;
     } else if (st.isFile()) {
@@ -205,7 +222,10 @@ export class FileDevice implements BlockDevice {
     let size: number;
     if (this.isBlockDevice) {
       const sectors = await readSysNumber(`/sys/dev/block/${devMajor(st.rdev)}:${devMinor(st.rdev)}/size`);
-      if (sectors === undefined) throw new CryptmapError('EDEVSIZE', `cannot read the size of block device ${this.path}`, { context: { path: this.path } });
+      if (sectors === undefined)
+        throw new CryptmapError('EDEVSIZE', `cannot read the size of block device ${this.path}`, {
+          context: { path: this.path },
+        });
       size = sectors * 512;
     } else size = st.size;
     this.#sizeBytes = size - (size % this.limits.logicalBlockBytes);
@@ -219,15 +239,20 @@ export class FileDevice implements BlockDevice {
 
   #check(offsetBytes: number, lengthBytes: number, op: string): void {
     if (offsetBytes < 0 || lengthBytes < 0 || offsetBytes + lengthBytes > this.sizeBytes) {
-      throw new CryptmapError('ERANGE', `${op} of ${lengthBytes} bytes at ${offsetBytes} is past the end of ${this.path} (${this.sizeBytes} bytes)`, {
-        errno: op === 'write' ? 'ENOSPC' : 'EINVAL',
-        context: { path: this.path, offsetBytes, lengthBytes },
-      });
+      throw new CryptmapError(
+        'ERANGE',
+        `${op} of ${lengthBytes} bytes at ${offsetBytes} is past the end of ${this.path} (${this.sizeBytes} bytes)`,
+        {
+          errno: op === 'write' ? 'ENOSPC' : 'EINVAL',
+          context: { path: this.path, offsetBytes, lengthBytes },
+        },
+      );
     }
   }
 
   #writable(op: string): void {
-    if (!this.capabilities.write) throw new CryptmapError('EROFS', `${this.path} is open read-only (${op})`, { errno: 'EPERM', exitCode: 2 });
+    if (!this.capabilities.write)
+      throw new CryptmapError('EROFS', `${this.path} is open read-only (${op})`, { errno: 'EPERM', exitCode: 2 });
   }
 
   async read(offsetBytes: number, buf: Uint8Array): Promise<void> {
@@ -241,10 +266,15 @@ export class FileDevice implements BlockDevice {
         if (inline) n = readSync(fh.fd, buf, done, buf.length - done, offsetBytes + done);
         else ({ bytesRead: n } = await fh.read(buf, done, buf.length - done, offsetBytes + done));
       } catch (e) {
-        throw fromSystemError('EREAD', `read of ${buf.length} bytes at ${offsetBytes} from ${this.path} failed`, e, { path: this.path });
+        throw fromSystemError('EREAD', `read of ${buf.length} bytes at ${offsetBytes} from ${this.path} failed`, e, {
+          path: this.path,
+        });
       }
       if (n === 0) {
-        throw new CryptmapError('ESHORTIO', `unexpected end of file reading ${this.path} at ${offsetBytes + done}`, { errno: 'EIO', context: { path: this.path } });
+        throw new CryptmapError('ESHORTIO', `unexpected end of file reading ${this.path} at ${offsetBytes + done}`, {
+          errno: 'EIO',
+          context: { path: this.path },
+        });
       }
       done += n;
     }
@@ -262,17 +292,27 @@ export class FileDevice implements BlockDevice {
         if (inline) n = writeSync(fh.fd, data, done, data.length - done, offsetBytes + done);
         else ({ bytesWritten: n } = await fh.write(data, done, data.length - done, offsetBytes + done));
       } catch (e) {
-        throw fromSystemError('EWRITE', `write of ${data.length} bytes at ${offsetBytes} to ${this.path} failed`, e, { path: this.path });
+        throw fromSystemError('EWRITE', `write of ${data.length} bytes at ${offsetBytes} to ${this.path} failed`, e, {
+          path: this.path,
+        });
       }
       if (n === 0) {
-        throw new CryptmapError('ESHORTIO', `${this.path} accepted no bytes at ${offsetBytes + done}`, { errno: 'EIO', context: { path: this.path } });
+        throw new CryptmapError('ESHORTIO', `${this.path} accepted no bytes at ${offsetBytes + done}`, {
+          errno: 'EIO',
+          context: { path: this.path },
+        });
       }
       done += n;
     }
     if (flags?.fua) await this.flush();
   }
 
-  async #direct(op: 'read' | 'write', offsetBytes: number, lengthBytes: number, io: (fd: number, fileOffsetBytes: number) => Promise<void>): Promise<void> {
+  async #direct(
+    op: 'read' | 'write',
+    offsetBytes: number,
+    lengthBytes: number,
+    io: (fd: number, fileOffsetBytes: number) => Promise<void>,
+  ): Promise<void> {
     const fh = this.#handle(op);
     if (op === 'write') this.#writable('write');
     this.#check(offsetBytes, lengthBytes, op);
@@ -283,11 +323,18 @@ export class FileDevice implements BlockDevice {
       if (isCryptmapError(e)) throw e;
       if ((e as { code?: unknown }).code === 'ESHORTIO') {
         const what = op === 'read' ? `unexpected end of file reading ${this.path}` : `${this.path} accepted no bytes`;
-        throw new CryptmapError('ESHORTIO', `${what} in ${lengthBytes} bytes at ${offsetBytes}`, { errno: 'EIO', context: { path: this.path } });
+        throw new CryptmapError('ESHORTIO', `${what} in ${lengthBytes} bytes at ${offsetBytes}`, {
+          errno: 'EIO',
+          context: { path: this.path },
+        });
       }
       throw op === 'read'
-        ? fromSystemError('EREAD', `read of ${lengthBytes} bytes at ${offsetBytes} from ${this.path} failed`, e, { path: this.path })
-        : fromSystemError('EWRITE', `write of ${lengthBytes} bytes at ${offsetBytes} to ${this.path} failed`, e, { path: this.path });
+        ? fromSystemError('EREAD', `read of ${lengthBytes} bytes at ${offsetBytes} from ${this.path} failed`, e, {
+            path: this.path,
+          })
+        : fromSystemError('EWRITE', `write of ${lengthBytes} bytes at ${offsetBytes} to ${this.path} failed`, e, {
+            path: this.path,
+          });
     } finally {
       if (--this.#directRuns === 0) this.#directDrained?.();
     }
@@ -313,7 +360,9 @@ export class FileDevice implements BlockDevice {
     try {
       this.#native.punchHole(fh.fd, offsetBytes, lengthBytes);
     } catch (e) {
-      throw fromSystemError('EDISCARD', `discard of ${lengthBytes} bytes at ${offsetBytes} on ${this.path} failed`, e, { path: this.path });
+      throw fromSystemError('EDISCARD', `discard of ${lengthBytes} bytes at ${offsetBytes} on ${this.path} failed`, e, {
+        path: this.path,
+      });
     }
   }
 

@@ -42,9 +42,13 @@ export class MemoryDevice implements BlockDevice {
   #check(offsetBytes: number, lengthBytes: number, op: string): void {
     if (this.#closed) throw new CryptmapError('ECLOSED', `memory device is closed (${op})`, { errno: 'EIO' });
     if (offsetBytes < 0 || lengthBytes < 0 || offsetBytes + lengthBytes > this.sizeBytes) {
-      throw new CryptmapError('ERANGE', `${op} of ${lengthBytes} bytes at ${offsetBytes} is past the end of the device (${this.sizeBytes} bytes)`, {
-        errno: op === 'write' ? 'ENOSPC' : 'EINVAL',
-      });
+      throw new CryptmapError(
+        'ERANGE',
+        `${op} of ${lengthBytes} bytes at ${offsetBytes} is past the end of the device (${this.sizeBytes} bytes)`,
+        {
+          errno: op === 'write' ? 'ENOSPC' : 'EINVAL',
+        },
+      );
     }
   }
 

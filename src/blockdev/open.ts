@@ -21,5 +21,7 @@ export function resolveDevice(arg: string): string {
 
 /** Open a path (FileDevice) or an NBD URI (NbdDevice). */
 export function openBlockDevice(arg: string, opts: { readOnly: boolean }): Promise<BlockDevice> {
-  return isNbdUri(arg) ? NbdDevice.open(arg, { readOnly: opts.readOnly }) : FileDevice.open(arg, { readOnly: opts.readOnly });
+  return isNbdUri(arg)
+    ? NbdDevice.open(arg, { readOnly: opts.readOnly })
+    : FileDevice.open(arg, { readOnly: opts.readOnly });
 }

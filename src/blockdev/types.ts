@@ -71,7 +71,12 @@ export interface DirectIo {
    * ESHORTIO) is reported as a read or write error of this device, with the same codes read() and
    * write() use. FUA is the caller's business (flush() afterwards).
    */
-  run(op: 'read' | 'write', offsetBytes: number, lengthBytes: number, io: (fd: number, fileOffsetBytes: number) => Promise<void>): Promise<void>;
+  run(
+    op: 'read' | 'write',
+    offsetBytes: number,
+    lengthBytes: number,
+    io: (fd: number, fileOffsetBytes: number) => Promise<void>,
+  ): Promise<void>;
 }
 
 export interface BlockDevice {

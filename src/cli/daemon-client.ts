@@ -17,7 +17,11 @@ export function connectDaemon(dirFlag: string | undefined, env: NodeJS.ProcessEn
  * @example
  *   const st = await withDaemon(values['runtime-dir'], io.env, (c) => c.call('volume.status', { name }));
  */
-export async function withDaemon<T>(dirFlag: string | undefined, env: NodeJS.ProcessEnv, fn: (c: ControlClient) => Promise<T>): Promise<T> {
+export async function withDaemon<T>(
+  dirFlag: string | undefined,
+  env: NodeJS.ProcessEnv,
+  fn: (c: ControlClient) => Promise<T>,
+): Promise<T> {
   const c = await connectDaemon(dirFlag, env);
   try {
     return await fn(c);
@@ -34,13 +38,19 @@ export async function withDaemon<T>(dirFlag: string | undefined, env: NodeJS.Pro
  */
 export async function openInDaemon(env: NodeJS.ProcessEnv, uuid: string, action: string): Promise<boolean> {
   try {
-    return await withDaemon(undefined, env, async (c) => (await c.call('volume.list', {})).some((s) => s.active && s.mapping?.uuid === uuid));
+    return await withDaemon(undefined, env, async (c) =>
+      (await c.call('volume.list', {})).some((s) => s.active && s.mapping?.uuid === uuid),
+    );
   } catch (e) {
     if (isCryptmapError(e, 'EDAEMON_DOWN')) return false;
     const why = e instanceof Error ? e.message : String(e);
-    throw new CryptmapError('EDAEMON_CHECK', `Cannot ${action}: cannot tell whether the cryptmap daemon has the device open (${why}).`, {
-      exitCode: isCryptmapError(e) ? e.exitCode : 1,
-      cause: e,
-    });
+    throw new CryptmapError(
+      'EDAEMON_CHECK',
+      `Cannot ${action}: cannot tell whether the cryptmap daemon has the device open (${why}).`,
+      {
+        exitCode: isCryptmapError(e) ? e.exitCode : 1,
+        cause: e,
+      },
+    );
   }
 }

@@ -86,7 +86,8 @@ const SYNOPSIS: Record<string, string> = {
   config: 'config [--label L] [--subsystem S] [--priority ignore|normal|prefer --key-slot N] <device>',
   repair: 'repair <device>',
   convert: 'convert --type luks1|luks2 <device>',
-  reencrypt: 'reencrypt [--encrypt [--reduce-device-size N] | --decrypt] [--init-only | --resume-only] [--resilience checksum|journal|none|datashift] [--hotzone-size N] [--cipher C] [--key-size BITS] [--sector-size N] [--header H] [OPTION...] <device>',
+  reencrypt:
+    'reencrypt [--encrypt [--reduce-device-size N] | --decrypt] [--init-only | --resume-only] [--resilience checksum|journal|none|datashift] [--hotzone-size N] [--cipher C] [--key-size BITS] [--sector-size N] [--header H] [OPTION...] <device>',
   erase: 'erase <device>',
   luksErase: 'luksErase <device>',
   token: 'token add|remove|import|export|unassign [OPTION...] <device>',
@@ -140,7 +141,13 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
     // cryptsetup -v (show_status): the failure in words after the error message, on stdout.
     const opts = argv.indexOf('--') < 0 ? argv : argv.slice(0, argv.indexOf('--'));
     if (isCryptmapError(e) && code >= 1 && code <= 5 && (opts.includes('-v') || opts.includes('--verbose'))) {
-      const words = ['wrong or missing parameters', 'no permission or bad passphrase', 'out of memory', 'wrong device or file specified', 'device already exists or device is busy'];
+      const words = [
+        'wrong or missing parameters',
+        'no permission or bad passphrase',
+        'out of memory',
+        'wrong device or file specified',
+        'device already exists or device is busy',
+      ];
       io.stdout.write(`Command failed with code -${code} (${words[code - 1]}).\n`);
     }
     return code;
@@ -176,7 +183,9 @@ async function run(argv: string[], io: CliIO): Promise<number> {
     return 0;
   }
   if (cli.help || cli.usage) {
-    io.stdout.write(`usage: cryptmap ${SYNOPSIS[verb!] ?? `${verb} [OPTION...]`}\nOptions, messages and exit codes as cryptsetup 2.6 (see cryptsetup(8)).\n`);
+    io.stdout.write(
+      `usage: cryptmap ${SYNOPSIS[verb!] ?? `${verb} [OPTION...]`}\nOptions, messages and exit codes as cryptsetup 2.6 (see cryptsetup(8)).\n`,
+    );
     return 0;
   }
   checkOptionsAllowed(cli.values, entry.action);
@@ -192,7 +201,10 @@ async function runVerb(verb: string, file: string, args: string[], io: CliIO): P
   try {
     mod = (await import(`./commands/${file}.js`)) as { default: VerbMain };
   } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ERR_MODULE_NOT_FOUND' && String((e as Error).message).includes(`commands/${file}.js`)) {
+    if (
+      (e as NodeJS.ErrnoException).code === 'ERR_MODULE_NOT_FOUND' &&
+      String((e as Error).message).includes(`commands/${file}.js`)
+    ) {
       io.stderr.write(`cryptmap: verb '${verb}' is not implemented yet.\n`);
       return EXIT_WRONG_PARAMS;
     }

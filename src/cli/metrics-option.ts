@@ -22,7 +22,8 @@ export interface MetricsValues {
 
 /** Check the flags before anything starts (a bad --metrics fails at once, not after the volumes are up). */
 export function checkMetricsOptions(v: MetricsValues): void {
-  if (v['metrics-token-file'] !== undefined && v.metrics === undefined) throw new CryptmapError('EARGS', '--metrics-token-file only goes with --metrics [HOST:]PORT');
+  if (v['metrics-token-file'] !== undefined && v.metrics === undefined)
+    throw new CryptmapError('EARGS', '--metrics-token-file only goes with --metrics [HOST:]PORT');
   if (v.metrics !== undefined) parseMetricsListen(v.metrics);
 }
 
@@ -38,7 +39,10 @@ export function metricsRegistry(v: MetricsValues, component: string): MetricsReg
 }
 
 /** Serve `registry` as --metrics asks (undefined when it was not given). */
-export async function serveMetricsOption(v: MetricsValues, registry: MetricsRegistry | undefined): Promise<MetricsServer | undefined> {
+export async function serveMetricsOption(
+  v: MetricsValues,
+  registry: MetricsRegistry | undefined,
+): Promise<MetricsServer | undefined> {
   if (v.metrics === undefined || registry === undefined) return undefined;
   const token = v['metrics-token-file'] !== undefined ? readMetricsToken(v['metrics-token-file']) : undefined;
   try {

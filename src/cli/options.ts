@@ -55,7 +55,11 @@ export const OPTIONS = {
   'key-description': { type: 'string' },
   'key-file': { type: 'string', short: 'd' },
   'key-size': { type: 'string', short: 's', verbs: ['open', 'benchmark', 'luksFormat', 'luksAddKey', 'reencrypt'] },
-  'key-slot': { type: 'string', short: 'S', verbs: ['open', 'config', ...NEW_KEYSLOT_VERBS, 'luksDump', 'token', 'luksResume'] },
+  'key-slot': {
+    type: 'string',
+    short: 'S',
+    verbs: ['open', 'config', ...NEW_KEYSLOT_VERBS, 'luksDump', 'token', 'luksResume'],
+  },
   'keyfile-offset': { type: 'string' },
   'keyslot-cipher': { type: 'string', verbs: ['luksFormat', 'luksAddKey', 'luksChangeKey', 'luksConvertKey'] },
   'keyslot-key-size': { type: 'string', verbs: ['luksFormat', 'luksAddKey', 'luksChangeKey', 'luksConvertKey'] },
@@ -122,7 +126,9 @@ type Table = typeof OPTIONS;
 type AliasNames = { [K in keyof Table]: Table[K] extends { alias: string } ? K : never }[keyof Table];
 
 /** Parsed option values: a string for options that take one, `true` for flags; absent when not given. */
-export type CliValues = { -readonly [K in Exclude<keyof Table, AliasNames>]?: Table[K]['type'] extends 'string' ? string : boolean };
+export type CliValues = {
+  -readonly [K in Exclude<keyof Table, AliasNames>]?: Table[K]['type'] extends 'string' ? string : boolean;
+};
 
 export interface ParsedCli {
   /** The action word (first non-option word), or undefined when there is none. */
@@ -137,7 +143,11 @@ export interface ParsedCli {
 }
 
 const ROWS: ReadonlyMap<string, OptionRow> = new Map(Object.entries(OPTIONS));
-const SHORT: ReadonlyMap<string, string> = new Map(Object.entries(OPTIONS as Record<string, OptionRow>).flatMap(([name, r]) => (r.short ? [[r.short, name] as [string, string]] : [])));
+const SHORT: ReadonlyMap<string, string> = new Map(
+  Object.entries(OPTIONS as Record<string, OptionRow>).flatMap(([name, r]) =>
+    r.short ? [[r.short, name] as [string, string]] : [],
+  ),
+);
 
 function usageError(message: string): CryptmapError {
   return new CryptmapError('EARGS', message, { exitCode: EXIT_WRONG_PARAMS });
@@ -162,7 +172,14 @@ export function takesNextValue(word: string): boolean {
 export function parseCommandLine(argv: readonly string[]): ParsedCli {
   const values: Record<string, string | boolean> = {};
   const words: string[] = [];
-  const out: ParsedCli = { verb: undefined, values: values as CliValues, positionals: words, help: false, usage: false, version: false };
+  const out: ParsedCli = {
+    verb: undefined,
+    values: values as CliValues,
+    positionals: words,
+    help: false,
+    usage: false,
+    version: false,
+  };
   let keyFiles = 0;
   const set = (name: string, value: string | boolean) => {
     const row = ROWS.get(name)!;

@@ -85,7 +85,9 @@ export class Progress {
     const bps = (bytes - this.#startBytes) / tdiff;
     if (this.#o.json) {
       const eta = final || !(bps > 0) ? 0 : Math.max(0, Math.floor((size / bps - tdiff) * 1e3));
-      this.#o.write(`${JSON.stringify({ device: this.#o.device, device_bytes: String(bytes), device_size: String(size), speed: String(Math.floor(bps)), eta_ms: String(eta), time_ms: String(Math.floor(tdiff * 1e3)) })}\n`);
+      this.#o.write(
+        `${JSON.stringify({ device: this.#o.device, device_bytes: String(bytes), device_size: String(size), speed: String(Math.floor(bps)), eta_ms: String(eta), time_ms: String(Math.floor(tdiff * 1e3)) })}\n`,
+      );
       return;
     }
     if (!this.#o.frequency) this.#o.write('\x1b[2K\r');
@@ -95,7 +97,9 @@ export class Progress {
     }
     const eta = bps > 0 ? Math.max(0, (size / bps - tdiff) * 1e6) : 0;
     const pct = ((bytes / size) * 100).toFixed(1).padStart(5);
-    this.#o.write(`Progress: ${pct}%, ETA ${humanTime(eta)}, ${units(bytes)} written, ${speed(bps)}${this.#o.frequency ? '\n' : ''}`);
+    this.#o.write(
+      `Progress: ${pct}%, ETA ${humanTime(eta)}, ${units(bytes)} written, ${speed(bps)}${this.#o.frequency ? '\n' : ''}`,
+    );
   }
 
   /** After an interruption: end the in-place line (cryptsetup clears it). */

@@ -43,7 +43,9 @@ export function mappingFromJson(v: unknown): CryptMapping {
     cipher: need(o.cipher, isStr, 'mapping.cipher'),
     keyBytes: need(o.keyBytes, isUint, 'mapping.keyBytes'),
     sectorBytes: need(o.sectorBytes, (x) => x === 512 || x === 1024 || x === 2048 || x === 4096, 'mapping.sectorBytes'),
-    ivOffsetSectors: BigInt(need<string>(o.ivOffsetSectors, (x) => typeof x === 'string' && /^[0-9]+$/.test(x), 'mapping.ivOffsetSectors')),
+    ivOffsetSectors: BigInt(
+      need<string>(o.ivOffsetSectors, (x) => typeof x === 'string' && /^[0-9]+$/.test(x), 'mapping.ivOffsetSectors'),
+    ),
     offsetSectors: need(o.offsetSectors, isUint, 'mapping.offsetSectors'),
     sizeSectors: need(o.sizeSectors, isUint, 'mapping.sizeSectors'),
     readOnly: o.readOnly === true,

@@ -11,7 +11,14 @@ import { type Socket, connect } from 'node:net';
 import { CryptmapError, isCryptmapError } from '../util/errors.js';
 import { untrustedPeer } from '../util/peercred.js';
 import { checkTrustedSocket } from '../util/trusted-path.js';
-import { type CallRest, type ControlOp, type ControlResponse, encodeRequest, lineSplitter, type OpResult } from './protocol.js';
+import {
+  type CallRest,
+  type ControlOp,
+  type ControlResponse,
+  encodeRequest,
+  lineSplitter,
+  type OpResult,
+} from './protocol.js';
 import { controlSocketPath } from './runtime-dir.js';
 
 export const DAEMON_NOT_RUNNING = "cryptmap: the daemon is not running (start it with 'cryptmap daemon')";
@@ -57,16 +64,25 @@ export class ControlClient {
       ),
     );
     sock.on('error', (e) => fail(e));
-    sock.on('close', () => fail(new CryptmapError('EDAEMON_GONE', 'the cryptmap daemon closed the connection', { exitCode: 1 })));
+    sock.on('close', () =>
+      fail(new CryptmapError('EDAEMON_GONE', 'the cryptmap daemon closed the connection', { exitCode: 1 })),
+    );
   }
 
   /** Connect to the daemon in `runtimeDir`; a clear error when it is not running. */
   static async connect(runtimeDir: string): Promise<ControlClient> {
     const path = controlSocketPath(runtimeDir);
     const mapError = (e: NodeJS.ErrnoException): Error => {
-      const sys = e.code === 'EUNTRUSTED_DAEMON' ? ((e.cause as NodeJS.ErrnoException | undefined)?.code ?? e.code) : e.code;
-      if (sys === 'ENOENT' || sys === 'ECONNREFUSED') return new CryptmapError('EDAEMON_DOWN', `${DAEMON_NOT_RUNNING} [no daemon at ${path}]`, { exitCode: 1 });
-      if (sys === 'EACCES' || sys === 'EPERM') return new CryptmapError('EDAEMON_PERM', `cryptmap: permission denied on ${path} (the daemon accepts only its owner and root)`, { exitCode: 2 });
+      const sys =
+        e.code === 'EUNTRUSTED_DAEMON' ? ((e.cause as NodeJS.ErrnoException | undefined)?.code ?? e.code) : e.code;
+      if (sys === 'ENOENT' || sys === 'ECONNREFUSED')
+        return new CryptmapError('EDAEMON_DOWN', `${DAEMON_NOT_RUNNING} [no daemon at ${path}]`, { exitCode: 1 });
+      if (sys === 'EACCES' || sys === 'EPERM')
+        return new CryptmapError(
+          'EDAEMON_PERM',
+          `cryptmap: permission denied on ${path} (the daemon accepts only its owner and root)`,
+          { exitCode: 2 },
+        );
       return e;
     };
     try {
@@ -96,7 +112,11 @@ export class ControlClient {
    *   const st = await c.call('volume.open', { mapping: mappingToJson(m) }, { key: volumeKey.expose() });
    */
   call<K extends ControlOp>(op: K, ...[args, bin]: CallRest<K>): Promise<OpResult<K>> {
-    return this.request(op, (args ?? {}) as Record<string, unknown>, bin as Record<string, Uint8Array> | undefined) as Promise<OpResult<K>>;
+    return this.request(
+      op,
+      (args ?? {}) as Record<string, unknown>,
+      bin as Record<string, Uint8Array> | undefined,
+    ) as Promise<OpResult<K>>;
   }
 
   /** Send any operation, untyped (the transport under `call`; tests of the protocol itself). */

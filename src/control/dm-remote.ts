@@ -63,9 +63,11 @@ export function dmHandlers(dm: DmControl): OpHandlers<DmOp> {
     'dm.ls': () => dm.ls(),
     'dm.message': (a) => {
       const msg = a.message;
-      if (!Array.isArray(msg) || !msg.every((m) => typeof m === 'string')) throw new CryptmapError('EPROTO', "control request needs string array 'message'");
+      if (!Array.isArray(msg) || !msg.every((m) => typeof m === 'string'))
+        throw new CryptmapError('EPROTO', "control request needs string array 'message'");
       const sector = a.sector;
-      if (typeof sector !== 'number' || !Number.isSafeInteger(sector) || sector < 0) throw new CryptmapError('EPROTO', "control request needs integer 'sector'");
+      if (typeof sector !== 'number' || !Number.isSafeInteger(sector) || sector < 0)
+        throw new CryptmapError('EPROTO', "control request needs integer 'sector'");
       return dm.message(str(a, 'name'), sector, msg as string[]);
     },
   };

@@ -100,15 +100,23 @@ export type OpResult<K extends ControlOp> = ControlOps[K]['result'];
 type KeyMode<K extends ControlOp> = ControlOps[K] extends { key: infer M } ? M : 'none';
 
 /** The binary arguments of a call: `{ key }` where the operation takes a volume key. */
-export type OpBin<K extends ControlOp> = KeyMode<K> extends 'required' ? [bin: { key: Uint8Array }] : KeyMode<K> extends 'optional' ? [bin?: { key: Uint8Array }] : [];
+export type OpBin<K extends ControlOp> =
+  KeyMode<K> extends 'required'
+    ? [bin: { key: Uint8Array }]
+    : KeyMode<K> extends 'optional'
+      ? [bin?: { key: Uint8Array }]
+      : [];
 /** The arguments of `ControlClient.call` after the op name (args may be left out when none are required). */
-export type CallRest<K extends ControlOp> = NoArgs extends OpArgs<K> ? [args?: OpArgs<K>, ...OpBin<K>] : [args: OpArgs<K>, ...OpBin<K>];
+export type CallRest<K extends ControlOp> =
+  NoArgs extends OpArgs<K> ? [args?: OpArgs<K>, ...OpBin<K>] : [args: OpArgs<K>, ...OpBin<K>];
 
 /**
  * What a handler gets: the request's arguments as sent (untrusted: each is checked before use) and,
  * for a keyed operation, `key`, the key bytes the server wipes after the handler.
  */
-export type ReceivedArgs<K extends ControlOp> = { readonly [P in keyof OpArgs<K>]?: unknown } & (KeyMode<K> extends 'none' ? unknown : { readonly key?: unknown });
+export type ReceivedArgs<K extends ControlOp> = {
+  readonly [P in keyof OpArgs<K>]?: unknown;
+} & (KeyMode<K> extends 'none' ? unknown : { readonly key?: unknown });
 /** A handler of an operation without a result (null) may return nothing: the server sends null. */
 // biome-ignore lint/suspicious/noConfusingVoidType: Promise<void> is what DmControl's verbs return
 export type OpHandler<K extends ControlOp> = (args: ReceivedArgs<K>) => Promise<OpResult<K> | void>;
@@ -133,7 +141,9 @@ export interface ControlErrorBody {
   exitCode: number;
 }
 
-export type ControlResponse = { id: number | null; ok: true; result: unknown } | { id: number | null; ok: false; error: ControlErrorBody };
+export type ControlResponse =
+  | { id: number | null; ok: true; result: unknown }
+  | { id: number | null; ok: false; error: ControlErrorBody };
 
 /** Validate a parsed request line; throws CryptmapError EPROTO on anything else. */
 export function parseRequest(line: string): ControlRequest {
@@ -143,20 +153,30 @@ export function parseRequest(line: string): ControlRequest {
   } catch {
     throw new CryptmapError('EPROTO', 'control request is not valid JSON');
   }
-  if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new CryptmapError('EPROTO', 'control request must be a JSON object');
+  if (typeof v !== 'object' || v === null || Array.isArray(v))
+    throw new CryptmapError('EPROTO', 'control request must be a JSON object');
   const o = v as Record<string, unknown>;
   if (!Number.isSafeInteger(o.id)) throw new CryptmapError('EPROTO', 'control request needs an integer "id"');
-  if (typeof o.op !== 'string' || !/^[a-z][a-zA-Z0-9.]{0,63}$/.test(o.op)) throw new CryptmapError('EPROTO', 'control request needs an "op" name');
+  if (typeof o.op !== 'string' || !/^[a-z][a-zA-Z0-9.]{0,63}$/.test(o.op))
+    throw new CryptmapError('EPROTO', 'control request needs an "op" name');
   const args = o.args ?? {};
-  if (typeof args !== 'object' || args === null || Array.isArray(args)) throw new CryptmapError('EPROTO', 'control request "args" must be an object');
+  if (typeof args !== 'object' || args === null || Array.isArray(args))
+    throw new CryptmapError('EPROTO', 'control request "args" must be an object');
   const req: ControlRequest = { id: o.id as number, op: o.op, args: args as Record<string, unknown> };
   if (o.bin !== undefined) {
     const b = o.bin;
-    if (typeof b !== 'object' || b === null || Array.isArray(b)) throw new CryptmapError('EPROTO', 'control request "bin" must be an object');
+    if (typeof b !== 'object' || b === null || Array.isArray(b))
+      throw new CryptmapError('EPROTO', 'control request "bin" must be an object');
     const entries = Object.entries(b);
-    if (entries.length === 0 || entries.length > 4) throw new CryptmapError('EPROTO', 'control request "bin" names 1 to 4 arguments');
+    if (entries.length === 0 || entries.length > 4)
+      throw new CryptmapError('EPROTO', 'control request "bin" names 1 to 4 arguments');
     for (const [k, n] of entries) {
-      if (!/^[a-z][a-zA-Z0-9]{0,31}$/.test(k) || !Number.isSafeInteger(n) || (n as number) < 1 || (n as number) > MAX_BIN_BYTES) {
+      if (
+        !/^[a-z][a-zA-Z0-9]{0,31}$/.test(k) ||
+        !Number.isSafeInteger(n) ||
+        (n as number) < 1 ||
+        (n as number) > MAX_BIN_BYTES
+      ) {
         throw new CryptmapError('EPROTO', `control request "bin": each argument is 1 to ${MAX_BIN_BYTES} bytes`);
       }
     }
@@ -169,7 +189,12 @@ export function parseRequest(line: string): ControlRequest {
  * The bytes of a request: its JSON line, then each binary argument (copied here; the copies are
  * wiped once written, see ControlClient.call).
  */
-export function encodeRequest(id: number, op: string, args: Record<string, unknown>, bin: Record<string, Uint8Array> = {}): { line: string; binary: Buffer[] } {
+export function encodeRequest(
+  id: number,
+  op: string,
+  args: Record<string, unknown>,
+  bin: Record<string, Uint8Array> = {},
+): { line: string; binary: Buffer[] } {
   const names = Object.keys(bin);
   const head: Record<string, unknown> = { id, op, args };
   if (names.length) head.bin = Object.fromEntries(names.map((k) => [k, bin[k]!.length]));
@@ -185,7 +210,11 @@ export function encodeRequest(id: number, op: string, args: Record<string, unkno
  * once the line is complete. `wipe()` (call it when the connection closes) zeroes what a connection
  * that ended half-way left: the unfinished line and the binary bytes received so far.
  */
-export function lineSplitter(onLine: (line: string) => unknown, onOverflow: () => void, onBinary?: (bytes: Buffer) => void): ((chunk: Buffer) => void) & { wipe(): void } {
+export function lineSplitter(
+  onLine: (line: string) => unknown,
+  onOverflow: () => void,
+  onBinary?: (bytes: Buffer) => void,
+): ((chunk: Buffer) => void) & { wipe(): void } {
   let pending: Buffer[] = [];
   let pendingBytes = 0;
   let dead = false;

@@ -31,8 +31,16 @@ export class ControlServer {
     const server = createServer((s) => this.#serve(s));
     await listenUnixSocket(server, path, 0o600, {
       code: 'ECONTROL_SOCKET',
-      live: (p) => new CryptmapError('EDAEMON_RUNNING', `another cryptmap daemon is already listening on ${p}`, { exitCode: 5, errno: 'EBUSY' }),
-      notSocket: (p) => new CryptmapError('ECONTROL_SOCKET', `${p} exists and is not a socket; refusing to replace it`, { exitCode: 5, errno: 'EEXIST' }),
+      live: (p) =>
+        new CryptmapError('EDAEMON_RUNNING', `another cryptmap daemon is already listening on ${p}`, {
+          exitCode: 5,
+          errno: 'EBUSY',
+        }),
+      notSocket: (p) =>
+        new CryptmapError('ECONTROL_SOCKET', `${p} exists and is not a socket; refusing to replace it`, {
+          exitCode: 5,
+          errno: 'EEXIST',
+        }),
     });
     this.#server = server;
     this.#path = path;
@@ -71,7 +79,15 @@ export class ControlServer {
     const me = process.getuid?.() ?? 0;
     if (who && who.uid !== 0 && who.uid !== me) {
       log.warn('control client refused: not root and not the daemon user', { pid: who.pid, uid: who.uid });
-      send({ id: null, ok: false, error: { code: 'EDAEMON_PERM', message: `uid ${who.uid} may not use this daemon (only root and uid ${me})`, exitCode: 2 } });
+      send({
+        id: null,
+        ok: false,
+        error: {
+          code: 'EDAEMON_PERM',
+          message: `uid ${who.uid} may not use this daemon (only root and uid ${me})`,
+          exitCode: 2,
+        },
+      });
       sock.end();
       return;
     }
@@ -79,7 +95,11 @@ export class ControlServer {
       const handler = Object.hasOwn(this.#handlers, req.op) ? this.#handlers[req.op] : undefined;
       if (!handler) {
         bytes?.fill(0);
-        send({ id: req.id, ok: false, error: { code: 'EUNKNOWN_OP', message: `unknown control operation '${req.op}'`, exitCode: 1 } });
+        send({
+          id: req.id,
+          ok: false,
+          error: { code: 'EUNKNOWN_OP', message: `unknown control operation '${req.op}'`, exitCode: 1 },
+        });
         return;
       }
       // A handler may throw synchronously (argument checks): that must become a response, not an
@@ -89,7 +109,8 @@ export class ControlServer {
         .then(
           (result) => send({ id: req.id, ok: true, result: result ?? null }),
           (e) => {
-            if (!isCryptmapError(e)) log.error('control operation failed', { op: req.op, error: e instanceof Error ? e.message : String(e) });
+            if (!isCryptmapError(e))
+              log.error('control operation failed', { op: req.op, error: e instanceof Error ? e.message : String(e) });
             send({ id: req.id, ok: false, error: errorBody(e) });
           },
         )

@@ -60,7 +60,12 @@ interface TxnResult {
 
 interface EtcdClient {
   lease(ttl: number, options?: { autoKeepAlive?: boolean }): EtcdLease;
-  if(key: string, column: 'Create', cmp: '==', value: number): {
+  if(
+    key: string,
+    column: 'Create',
+    cmp: '==',
+    value: number,
+  ): {
     then(...ops: unknown[]): { else(...ops: unknown[]): { commit(): Promise<TxnResult> } };
   };
   put(key: string): { value(v: string): { lease(id: string): unknown } };
@@ -83,7 +88,11 @@ function withDeadline<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   return Promise.race([
     p.finally(() => clearTimeout(t)),
     new Promise<never>((_, reject) => {
-      t = setTimeout(() => reject(new CryptmapError('ECOORD_TIMEOUT', `${what}: no answer from etcd within ${ms} ms`, { errno: 'EIO' })), ms);
+      t = setTimeout(
+        () =>
+          reject(new CryptmapError('ECOORD_TIMEOUT', `${what}: no answer from etcd within ${ms} ms`, { errno: 'EIO' })),
+        ms,
+      );
     }),
   ]);
 }
@@ -115,14 +124,22 @@ export class EtcdLeases {
   /** A client for `endpoints` (no connection is made until the first call). */
   static async connect(opts: EtcdLeaseOptions): Promise<EtcdLeases> {
     if (opts.endpoints.length === 0) throw new CryptmapError('ECOORD', 'no etcd endpoint given');
-    if ((opts.ttlSeconds ?? DEFAULT_TTL_SECONDS) < 2) throw new CryptmapError('ECOORD', 'the lease TTL must be at least 2 seconds');
+    if ((opts.ttlSeconds ?? DEFAULT_TTL_SECONDS) < 2)
+      throw new CryptmapError('ECOORD', 'the lease TTL must be at least 2 seconds');
     let mod: { Etcd3: new (o: { hosts: string[]; dialTimeout?: number }) => unknown };
     try {
       mod = (await import('etcd3')) as unknown as typeof mod;
     } catch (e) {
-      throw new CryptmapError('ECOORD', `the etcd client (npm package etcd3) cannot be loaded: ${(e as Error).message}`, { cause: e });
+      throw new CryptmapError(
+        'ECOORD',
+        `the etcd client (npm package etcd3) cannot be loaded: ${(e as Error).message}`,
+        { cause: e },
+      );
     }
-    const client = new mod.Etcd3({ hosts: opts.endpoints, dialTimeout: Math.max(500, ((opts.ttlSeconds ?? DEFAULT_TTL_SECONDS) * 1000) / 4) }) as EtcdClient;
+    const client = new mod.Etcd3({
+      hosts: opts.endpoints,
+      dialTimeout: Math.max(500, ((opts.ttlSeconds ?? DEFAULT_TTL_SECONDS) * 1000) / 4),
+    }) as EtcdClient;
     return new EtcdLeases(client, opts);
   }
 
@@ -157,7 +174,15 @@ export class EtcdLeases {
     const value = JSON.stringify({ node: this.node, since: new Date().toISOString() } satisfies LeaseHolder);
     let r: TxnResult;
     try {
-      r = await withDeadline(this.#client.if(key, 'Create', '==', 0).then(this.#client.put(key).value(value).lease(id)).else(this.#client.get(key)).commit(), this.#callMs * 2, `taking ${key}`);
+      r = await withDeadline(
+        this.#client
+          .if(key, 'Create', '==', 0)
+          .then(this.#client.put(key).value(value).lease(id))
+          .else(this.#client.get(key))
+          .commit(),
+        this.#callMs * 2,
+        `taking ${key}`,
+      );
     } catch (e) {
       void lease.revoke({ deadline: new Date(Date.now() + this.#callMs) }).catch(() => undefined);
       throw this.#unreachable(e);
@@ -192,7 +217,11 @@ export class EtcdLeases {
     if (!h) return;
     this.#stop(volume, h);
     try {
-      await withDeadline(h.lease.revoke({ deadline: new Date(Date.now() + this.#callMs) }), this.#callMs * 2, 'revoking a lease');
+      await withDeadline(
+        h.lease.revoke({ deadline: new Date(Date.now() + this.#callMs) }),
+        this.#callMs * 2,
+        'revoking a lease',
+      );
       this.#log.info('lease released', { volume, node: this.node });
     } catch (e) {
       this.#log.warn('lease not revoked; it ends with its TTL', { volume, error: (e as Error).message });
@@ -212,7 +241,11 @@ export class EtcdLeases {
   describe(volume: string): { node: string; secondsLeft: number; lastError?: string } | undefined {
     const h = this.#held.get(volume);
     if (!h || h.stopped) return undefined;
-    return { node: this.node, secondsLeft: Math.max(0, (h.validUntil - performance.now()) / 1000), ...(h.lastError ? { lastError: h.lastError } : {}) };
+    return {
+      node: this.node,
+      secondsLeft: Math.max(0, (h.validUntil - performance.now()) / 1000),
+      ...(h.lastError ? { lastError: h.lastError } : {}),
+    };
   }
 
   #schedule(volume: string, h: Held): void {
@@ -225,7 +258,11 @@ export class EtcdLeases {
     if (h.stopped) return;
     const t0 = performance.now();
     try {
-      const res = await withDeadline(h.lease.keepaliveOnce({ deadline: new Date(Date.now() + this.#callMs) }), this.#callMs, 'renewing a lease');
+      const res = await withDeadline(
+        h.lease.keepaliveOnce({ deadline: new Date(Date.now() + this.#callMs) }),
+        this.#callMs,
+        'renewing a lease',
+      );
       const ttl = Number(res.TTL);
       if (!(ttl > 0)) {
         this.#lose(volume, h, 'the lease expired at etcd');
@@ -256,7 +293,12 @@ export class EtcdLeases {
   #check(volume: string, h: Held): void {
     if (h.stopped) return;
     const fenceAt = h.validUntil - this.ttlSeconds * 1000 * (1 - FENCE_FRACTION);
-    if (performance.now() >= fenceAt) this.#lose(volume, h, `no lease renewal for ${(FENCE_FRACTION * this.ttlSeconds).toFixed(1)} s${h.lastError ? ` (${h.lastError})` : ''}`);
+    if (performance.now() >= fenceAt)
+      this.#lose(
+        volume,
+        h,
+        `no lease renewal for ${(FENCE_FRACTION * this.ttlSeconds).toFixed(1)} s${h.lastError ? ` (${h.lastError})` : ''}`,
+      );
   }
 
   #stop(volume: string, h: Held): void {
@@ -279,7 +321,11 @@ export class EtcdLeases {
 
   #unreachable(e: unknown): CryptmapError {
     if (e instanceof CryptmapError) return e;
-    return new CryptmapError('ECOORD_UNREACHABLE', `etcd (${this.endpoints.join(', ')}) cannot be reached: ${(e as Error).message}`, { errno: 'EIO', cause: e });
+    return new CryptmapError(
+      'ECOORD_UNREACHABLE',
+      `etcd (${this.endpoints.join(', ')}) cannot be reached: ${(e as Error).message}`,
+      { errno: 'EIO', cause: e },
+    );
   }
 }
 

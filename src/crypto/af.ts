@@ -30,7 +30,14 @@ function diffuse(d: Buffer, hashName: string, ds: number, counter: Buffer): void
 }
 
 function check(keyBytes: number, stripes: number): void {
-  if (!Number.isInteger(keyBytes) || keyBytes < 1 || keyBytes > 4096 || !Number.isInteger(stripes) || stripes < 1 || stripes > 65536) {
+  if (
+    !Number.isInteger(keyBytes) ||
+    keyBytes < 1 ||
+    keyBytes > 4096 ||
+    !Number.isInteger(stripes) ||
+    stripes < 1 ||
+    stripes > 65536
+  ) {
     throw new CryptmapError('EAFPARAM', `Invalid AF parameters (key ${keyBytes} bytes, ${stripes} stripes).`);
   }
 }

@@ -64,7 +64,20 @@ const KNOWN_CIPHERS = new Set([
   'xchacha12',
   'xchacha20',
 ]);
-const KNOWN_CHAIN_MODES = new Set(['lrw', 'ctr', 'pcbc', 'cts', 'cfb', 'ofb', 'gcm', 'ccm', 'hctr2', 'adiantum', 'xctr', 'essiv']);
+const KNOWN_CHAIN_MODES = new Set([
+  'lrw',
+  'ctr',
+  'pcbc',
+  'cts',
+  'cfb',
+  'ofb',
+  'gcm',
+  'ccm',
+  'hctr2',
+  'adiantum',
+  'xctr',
+  'essiv',
+]);
 const KNOWN_IV_MODES = new Set(['lmk', 'tcw', 'random', 'eboiv', 'elephant']);
 const AEAD_CAPI = /^(authenc|authencesn|gcm|ccm|rfc4106|rfc4309|rfc4543|rfc7539|rfc7539esp|aegis128|morus)\(/;
 
@@ -75,10 +88,14 @@ function bad(spec: string, why: string): CryptmapError {
 }
 
 function unsupported(spec: string, part: string, what: string): CryptmapError {
-  return new CryptmapError('ECIPHER_UNSUPPORTED', `cipher specification '${spec}': ${what} '${part}' is not supported (supported: aes with xts, cbc or ecb; IV modes ${supportedIvModes()}; cipher_null-ecb)`, {
-    errno: 'ENOTSUP',
-    context: { spec, part },
-  });
+  return new CryptmapError(
+    'ECIPHER_UNSUPPORTED',
+    `cipher specification '${spec}': ${what} '${part}' is not supported (supported: aes with xts, cbc or ecb; IV modes ${supportedIvModes()}; cipher_null-ecb)`,
+    {
+      errno: 'ENOTSUP',
+      context: { spec, part },
+    },
+  );
 }
 
 /** Split at the first occurrence of `sep` (strsep semantics): [head, rest | undefined]. */
@@ -195,7 +212,11 @@ function balanced(s: string): boolean {
 /** Throw EKEY_SIZE unless `keyBytes` fits the spec. */
 export function checkKeyBytes(spec: CipherSpec, keyBytes: number): void {
   if (spec.keyBytesAllowed.length === 0 || spec.keyBytesAllowed.includes(keyBytes)) return;
-  throw new CryptmapError('EKEY_SIZE', `cipher '${spec.spec}' takes a key of ${spec.keyBytesAllowed.join(', ')} bytes, not ${keyBytes} bytes (${keyBytes * 8} bits)`, {
-    context: { spec: spec.spec, keyBytes },
-  });
+  throw new CryptmapError(
+    'EKEY_SIZE',
+    `cipher '${spec.spec}' takes a key of ${spec.keyBytesAllowed.join(', ')} bytes, not ${keyBytes} bytes (${keyBytes * 8} bits)`,
+    {
+      context: { spec: spec.spec, keyBytes },
+    },
+  );
 }

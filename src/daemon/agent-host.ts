@@ -123,12 +123,20 @@ export class AgentHost {
     ensureRuntimeDir(runDir);
     const other = runningAgentPid(stateDir);
     if (other !== undefined && other !== process.pid) {
-      throw new CryptmapError('EAGENT_RUNNING', `another cryptmap agent (pid ${other}) uses ${stateDir}`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+      throw new CryptmapError('EAGENT_RUNNING', `another cryptmap agent (pid ${other}) uses ${stateDir}`, {
+        exitCode: EXIT_BUSY,
+        errno: 'EBUSY',
+      });
     }
     const run = opts.run ?? runTool;
     await cleanStaleAttachments(join(runDir, 'attach'), run, log);
-    const mode = opts.serve === 'nbd-only' ? { mode: 'nbd-only' as const, reason: 'served over NBD only (--nbd-only)' } : detectServeMode();
-    const targets = desiredVolumes(opts.manifest, join(stateDir, AGENT_VOLUME_DIR)).map((t) => rebaseMount(t, opts.mountRoot));
+    const mode =
+      opts.serve === 'nbd-only'
+        ? { mode: 'nbd-only' as const, reason: 'served over NBD only (--nbd-only)' }
+        : detectServeMode();
+    const targets = desiredVolumes(opts.manifest, join(stateDir, AGENT_VOLUME_DIR)).map((t) =>
+      rebaseMount(t, opts.mountRoot),
+    );
     const core = new DaemonCore({ nbdSocketPath: nbdSocketPath(runDir), attachDir: join(runDir, 'attach') });
     const control = new ControlServer(daemonHandlers(core));
     let keys: KeyPort;
@@ -150,13 +158,19 @@ export class AgentHost {
           log,
         });
       } else if (targets.some((t) => t.device !== undefined)) {
-        log.warn('volumes on shared storage without coordination: nothing stops two nodes from writing one at once (manifest coordination.etcd)');
+        log.warn(
+          'volumes on shared storage without coordination: nothing stops two nodes from writing one at once (manifest coordination.etcd)',
+        );
       }
       await control.listen(controlSocketPath(runDir));
       await core.listen();
       if (opts.keys) keys = opts.keys;
       else {
-        const ks = await keyServiceForManifest(opts.manifest.keyService, stateDir, opts.manifestDir ?? manifestDirOf(opts.manifest));
+        const ks = await keyServiceForManifest(
+          opts.manifest.keyService,
+          stateDir,
+          opts.manifestDir ?? manifestDirOf(opts.manifest),
+        );
         keys = ks.keys;
         closeKeys = () => ks.close();
         keyDescribe = ks.describe;
@@ -170,12 +184,38 @@ export class AgentHost {
     }
     // A fresh file renamed over the name: a planted agent.pid link is replaced, never written through.
     writeFileReplacing(join(stateDir, AGENT_PID_FILE), `${process.pid}\n`, 0o600, { code: 'ESTATEDIR' });
-    const portOpts: ConstructorParameters<typeof DataPathPorts>[0] = { core, mode: mode.mode, workDir: runDir, run, forceSwap: opts.forceSwap ?? false };
+    const portOpts: ConstructorParameters<typeof DataPathPorts>[0] = {
+      core,
+      mode: mode.mode,
+      workDir: runDir,
+      run,
+      forceSwap: opts.forceSwap ?? false,
+    };
     if (mode.reason) portOpts.nbdOnlyReason = mode.reason;
     const ports = new DataPathPorts(portOpts);
-    log.info('agent started', { state: stateDir, nbd: core.nbdSocketPath, keys: keyDescribe, mode: mode.mode, ...(mode.reason ? { why: mode.reason } : {}) });
+    log.info('agent started', {
+      state: stateDir,
+      nbd: core.nbdSocketPath,
+      keys: keyDescribe,
+      mode: mode.mode,
+      ...(mode.reason ? { why: mode.reason } : {}),
+    });
     if (keyWarning) log.warn(keyWarning);
-    const host = new AgentHost({ opts, stateDir, runDir, core, ports, targets, mode, keys, closeKeys, keyDescribe, keyWarning, control, leases });
+    const host = new AgentHost({
+      opts,
+      stateDir,
+      runDir,
+      core,
+      ports,
+      targets,
+      mode,
+      keys,
+      closeKeys,
+      keyDescribe,
+      keyWarning,
+      control,
+      leases,
+    });
     onLost = (v, why) => host.#fence(v, why);
     return host;
   }
@@ -190,7 +230,9 @@ export class AgentHost {
     void (async () => {
       if (t) await this.ports.fence(t, why);
       if (this.#stopped) return;
-      await this.reconcile(this.#ac.signal).catch((e) => this.#log.error('reconcile after a lost lease failed', { error: (e as Error).message }));
+      await this.reconcile(this.#ac.signal).catch((e) =>
+        this.#log.error('reconcile after a lost lease failed', { error: (e as Error).message }),
+      );
     })();
   }
 
@@ -201,7 +243,9 @@ export class AgentHost {
 
   /** Take a new manifest (SIGHUP); the next reconcile applies it. The key service is kept. */
   setManifest(m: Manifest): void {
-    this.#targets = desiredVolumes(m, join(this.stateDir, AGENT_VOLUME_DIR)).map((t) => rebaseMount(t, this.#opts.mountRoot));
+    this.#targets = desiredVolumes(m, join(this.stateDir, AGENT_VOLUME_DIR)).map((t) =>
+      rebaseMount(t, this.#opts.mountRoot),
+    );
   }
 
   #common() {

@@ -11,10 +11,18 @@ import type { CoreParts, VolumeRecord } from './volume-table.js';
 const log = logger('daemon');
 
 /** Attach exported device `name` (again: its attachment). `via` default: the best transport present. */
-export async function attach(p: CoreParts, name: string, opts: { readOnly?: boolean; swap?: boolean; via?: Via | 'auto' }): Promise<Attachment> {
+export async function attach(
+  p: CoreParts,
+  name: string,
+  opts: { readOnly?: boolean; swap?: boolean; via?: Via | 'auto' },
+): Promise<Attachment> {
   const rec = p.volumes.find(name);
   const handle = rec?.exportHandle;
-  if (!rec || !handle) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOENT' });
+  if (!rec || !handle)
+    throw new CryptmapError('ENODEV', `Device ${name} is not active.`, {
+      exitCode: EXIT_WRONG_DEVICE,
+      errno: 'ENOENT',
+    });
   if (rec.attachment) return rec.attachment;
   const dev = p.registry.get(name);
   const info = await p.fuse.attach(name, handle, {
@@ -32,10 +40,14 @@ export async function attach(p: CoreParts, name: string, opts: { readOnly?: bool
 export async function detach(p: CoreParts, name: string): Promise<void> {
   const rec = p.volumes.find(name);
   const info = rec?.attachment;
-  if (!rec || !info) throw new CryptmapError('ENOTATTACHED', `Device ${name} is not attached.`, { exitCode: EXIT_WRONG_DEVICE });
+  if (!rec || !info)
+    throw new CryptmapError('ENOTATTACHED', `Device ${name} is not attached.`, { exitCode: EXIT_WRONG_DEVICE });
   const where = mountedAt(info.devicePath);
   if (where !== undefined) {
-    throw new CryptmapError('EBUSY', `Device ${info.devicePath} is mounted on ${where}; unmount it first.`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+    throw new CryptmapError('EBUSY', `Device ${info.devicePath} is mounted on ${where}; unmount it first.`, {
+      exitCode: EXIT_BUSY,
+      errno: 'EBUSY',
+    });
   }
   await detachNow(p, rec);
 }

@@ -50,8 +50,8 @@ export class DaemonCore {
       nbdSocketPath: opts.nbdSocketPath,
     });
     // No OFFSET_HOLE READ replies by default: they cost a block-status query (SEEK_DATA/SEEK_HOLE)
-    // per READ, and on tmpfs SEEK_HOLE walks the page cache up to the next hole (for a fully
-    // written 1 GiB file, 9 ms per READ: 30 MB/s). Crypt targets never report holes anyway; clients
+    // per READ, and on tmpfs SEEK_HOLE walks the page cache up to the next hole (milliseconds per READ
+    // on a large written file; README has the figure). Crypt targets never report holes anyway; clients
     // that want sparseness ask with NBD_CMD_BLOCK_STATUS (nbdcopy, qemu-img do).
     this.nbd = new NbdServer({ sparseReads: false, ...opts.nbd });
     this.#parts = {
@@ -72,7 +72,13 @@ export class DaemonCore {
 
   /** Run `fn` after every earlier lifecycle operation on `key` finished. */
   readonly #serial = <T>(key: string, fn: () => Promise<T>): Promise<T> => {
-    if (this.#closing) return Promise.reject(new CryptmapError('ESHUTDOWN', 'the cryptmap daemon is shutting down', { errno: 'ESHUTDOWN', exitCode: EXIT_BUSY }));
+    if (this.#closing)
+      return Promise.reject(
+        new CryptmapError('ESHUTDOWN', 'the cryptmap daemon is shutting down', {
+          errno: 'ESHUTDOWN',
+          exitCode: EXIT_BUSY,
+        }),
+      );
     const prev = this.#chains.get(key) ?? Promise.resolve();
     const next = prev.then(fn, fn);
     const tail = next.catch(() => undefined);
@@ -141,7 +147,12 @@ export class DaemonCore {
     };
     if (m) st.mapping = { ...m, ivOffsetSectors: m.ivOffsetSectors.toString() };
     const h = m ? this.registry.remoteHealth(m.device) : undefined;
-    if (h) st.remote = { state: h.state, reconnects: h.reconnects, ...(h.lastError !== undefined ? { lastError: h.lastError } : {}) };
+    if (h)
+      st.remote = {
+        state: h.state,
+        reconnects: h.reconnects,
+        ...(h.lastError !== undefined ? { lastError: h.lastError } : {}),
+      };
     const a = rec?.attachment;
     if (a) {
       st.attachedDevice = a.devicePath;

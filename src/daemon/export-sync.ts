@@ -17,7 +17,10 @@ const log = logger('daemon');
 export type Serial = <T>(key: string, fn: () => Promise<T>) => Promise<T>;
 
 const inUse = (name: string, conns: number) =>
-  new CryptmapError('EBUSY', `Device ${name} is still in use (${conns} NBD connection${conns === 1 ? '' : 's'}).`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+  new CryptmapError('EBUSY', `Device ${name} is still in use (${conns} NBD connection${conns === 1 ? '' : 's'}).`, {
+    exitCode: EXIT_BUSY,
+    errno: 'EBUSY',
+  });
 
 /** Export `name` over NBD when it has a live table and is not exported yet. */
 export function exportIfLive(p: CoreParts, name: string): void {
@@ -42,7 +45,11 @@ export async function unexport(p: CoreParts, name: string, force: boolean): Prom
   if (attached) {
     const where = mountedAt(attached.devicePath);
     if (where !== undefined && !force) {
-      throw new CryptmapError('EBUSY', `Device ${name} is still in use (${attached.devicePath} is mounted on ${where}).`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+      throw new CryptmapError(
+        'EBUSY',
+        `Device ${name} is still in use (${attached.devicePath} is mounted on ${where}).`,
+        { exitCode: EXIT_BUSY, errno: 'EBUSY' },
+      );
     }
     await detachNow(p, rec);
   }
@@ -53,7 +60,11 @@ export async function unexport(p: CoreParts, name: string, force: boolean): Prom
   p.volumes.prune(name);
   // A device whose storage failed (an NBD server gone for good) cannot flush; it still closes, as
   // the kernel removes a mapping over a dead disk. The failure was already reported to the writers.
-  await handle.close().catch((e: unknown) => log.warn('flush on close failed', { name, error: e instanceof Error ? e.message : String(e) }));
+  await handle
+    .close()
+    .catch((e: unknown) =>
+      log.warn('flush on close failed', { name, error: e instanceof Error ? e.message : String(e) }),
+    );
 }
 
 /** Forget `name`: its record (mapping, key check) and its volume key. */
@@ -85,13 +96,18 @@ export async function removeDevice(p: CoreParts, name: string, force: boolean): 
 export async function removeSuspended(p: CoreParts, name: string, force: boolean): Promise<void> {
   const rec = p.volumes.find(name);
   if (rec?.attachment) {
-    throw new CryptmapError('EBUSY', `Device ${name} is still in use (suspended and attached as ${rec.attachment.devicePath}; resume it first).`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+    throw new CryptmapError(
+      'EBUSY',
+      `Device ${name} is still in use (suspended and attached as ${rec.attachment.devicePath}; resume it first).`,
+      { exitCode: EXIT_BUSY, errno: 'EBUSY' },
+    );
   }
   const conns = p.nbd.connectionCount(name);
   if (!force && conns > 0) throw inUse(name, conns);
   // Other openers than the export (the kernel's open count check).
   const others = p.registry.get(name).openCount - (rec?.exportHandle ? 1 : 0);
-  if (!force && others > 0) throw new CryptmapError('EBUSY', `Device ${name} is still in use.`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+  if (!force && others > 0)
+    throw new CryptmapError('EBUSY', `Device ${name} is still in use.`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
   await p.dm.remove(name, { force: true });
   await unexport(p, name, true);
   forget(p, name);
@@ -122,7 +138,12 @@ export function syncedDm(p: CoreParts, serial: Serial): DmControl {
       }),
     rename: (oldName, newName) =>
       serial(oldName, async () => {
-        if (p.volumes.find(oldName)?.mapping) throw new CryptmapError('EBUSY', `Device ${oldName} is a cryptmap volume; close and reopen it under the new name.`, { exitCode: EXIT_BUSY });
+        if (p.volumes.find(oldName)?.mapping)
+          throw new CryptmapError(
+            'EBUSY',
+            `Device ${oldName} is a cryptmap volume; close and reopen it under the new name.`,
+            { exitCode: EXIT_BUSY },
+          );
         const exported = p.volumes.find(oldName)?.exportHandle !== undefined;
         await unexport(p, oldName, false);
         try {

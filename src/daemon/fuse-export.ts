@@ -29,7 +29,17 @@
  * mounted from their loop devices, detaches those and lazily unmounts the dead FUSE mounts.
  */
 import { type Attachment, VIAS, type Via } from '../control/protocol.js';
-import { existsSync, fstatSync, mkdirSync, mkdtempSync, openSync, closeSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import {
+  existsSync,
+  fstatSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  closeSync,
+  readdirSync,
+  readFileSync,
+  statSync,
+} from 'node:fs';
 import { rm, stat } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
 import { join } from 'node:path';
@@ -62,9 +72,25 @@ function maxRequestBytes(): number {
 const THREADS = Math.max(4, Math.min(32, Number(process.env.CRYPTMAP_FUSE_THREADS) || 8));
 
 interface FuseAddon {
-  fuseStart(mnt: string, sizeBytes: number, blockBytes: number, maxWrite: number, readOnly: boolean, buffers: Buffer[], onRequest: (t: number, op: number, off: number, len: number, payload: number) => void): object;
+  fuseStart(
+    mnt: string,
+    sizeBytes: number,
+    blockBytes: number,
+    maxWrite: number,
+    readOnly: boolean,
+    buffers: Buffer[],
+    onRequest: (t: number, op: number, off: number, len: number, payload: number) => void,
+  ): object;
   fuseComplete(h: object, thread: number, errno: number): void;
-  fuseSetDirect(h: object, key: NativeKeyHandle | null, fd?: number, fileBase?: number, ivLo?: number, ivHi?: number, ivLarge?: boolean): void;
+  fuseSetDirect(
+    h: object,
+    key: NativeKeyHandle | null,
+    fd?: number,
+    fileBase?: number,
+    ivLo?: number,
+    ivHi?: number,
+    ivLarge?: boolean,
+  ): void;
   fuseSetSize(h: object, sizeBytes: number): void;
   fuseInvalidate(h: object): void;
   fuseStats(h: object): { threads: number; direct: number; js: number; fsync: number; directOn: boolean };
@@ -159,18 +185,30 @@ export class FuseExport {
       );
     };
     this.#size = device.sizeBytes;
-    this.#h = addon.fuseStart(mountPoint, device.sizeBytes, device.limits.logicalBlockBytes, maxWrite, readOnly, bufs, onRequest);
+    this.#h = addon.fuseStart(
+      mountPoint,
+      device.sizeBytes,
+      device.limits.logicalBlockBytes,
+      maxWrite,
+      readOnly,
+      bufs,
+      onRequest,
+    );
   }
 
   /** Mount `device` as `<mountPoint>/disk` (mountPoint: an empty directory). */
   static start(device: BlockDevice, mountPoint: string, opts: { readOnly?: boolean } = {}): FuseExport {
     const addon = fuseAddon();
     const why = fuseUnavailable();
-    if (addon === null || why !== undefined) throw new CryptmapError('EATTACH', `cannot export over FUSE: ${why}`, { errno: 'ENOTSUP' });
+    if (addon === null || why !== undefined)
+      throw new CryptmapError('EATTACH', `cannot export over FUSE: ${why}`, { errno: 'ENOTSUP' });
     try {
       return new FuseExport(addon, device, mountPoint, opts.readOnly === true || !device.capabilities.write);
     } catch (e) {
-      throw new CryptmapError('EATTACH', `cannot mount the FUSE export on ${mountPoint}: ${(e as Error).message}`, { errno: 'EIO', cause: e });
+      throw new CryptmapError('EATTACH', `cannot mount the FUSE export on ${mountPoint}: ${(e as Error).message}`, {
+        errno: 'EIO',
+        cause: e,
+      });
     }
   }
 
@@ -215,7 +253,15 @@ export class FuseExport {
       fd = openSync(m.device, m.readOnly ? 'r' : 'r+');
       if (!fstatSync(fd).isFile()) throw new Error('not a regular file');
       const iv = m.ivOffsetSectors;
-      this.#addon.fuseSetDirect(this.#h, nk.handle, fd, m.offsetSectors * 512, Number(iv & 0xffffffffn), Number(iv >> 32n), m.ivLargeSectors === true);
+      this.#addon.fuseSetDirect(
+        this.#h,
+        nk.handle,
+        fd,
+        m.offsetSectors * 512,
+        Number(iv & 0xffffffffn),
+        Number(iv >> 32n),
+        m.ivLargeSectors === true,
+      );
       this.#route = { key: nk, fd };
       return true;
     } catch (e) {
@@ -236,7 +282,8 @@ export class FuseExport {
         try {
           await runTool('umount', [this.mountPoint], { code: 'EATTACH' });
         } catch (e) {
-          if (isMounted(this.mountPoint)) await runTool('umount', ['-l', this.mountPoint], { code: 'EATTACH' }).catch(() => undefined);
+          if (isMounted(this.mountPoint))
+            await runTool('umount', ['-l', this.mountPoint], { code: 'EATTACH' }).catch(() => undefined);
           if (isMounted(this.mountPoint)) throw e;
         }
       }
@@ -328,9 +375,14 @@ export async function cleanStaleFuse(attachDir: string, live: ReadonlySet<string
         log.warn('stale mount of a dead FUSE export: lazy unmount', { device: loop, mountpoint: at });
         await runTool('umount', ['-l', at]).catch(() => undefined);
       }
-      await detachLoop(loop).catch((e: unknown) => log.error('cannot detach a stale loop device', { loop, error: (e as Error).message }));
+      await detachLoop(loop).catch((e: unknown) =>
+        log.error('cannot detach a stale loop device', { loop, error: (e as Error).message }),
+      );
     }
-    if (isMounted(mnt)) await runTool('umount', ['-l', mnt]).catch((e: unknown) => log.error('cannot unmount a stale FUSE export', { mnt, error: (e as Error).message }));
+    if (isMounted(mnt))
+      await runTool('umount', ['-l', mnt]).catch((e: unknown) =>
+        log.error('cannot unmount a stale FUSE export', { mnt, error: (e as Error).message }),
+      );
     await rm(dir, { recursive: true, force: true }).catch(() => undefined);
     log.info('cleaned a stale FUSE export', { dir });
   }
@@ -401,7 +453,11 @@ export class FuseExports {
       e.exp.directOff();
       return;
     }
-    const key = await this.#o.keyring.resolve({ type: 'logon', description: keyDescription(name), keyBytes: m.keyBytes });
+    const key = await this.#o.keyring.resolve({
+      type: 'logon',
+      description: keyDescription(name),
+      keyBytes: m.keyBytes,
+    });
     try {
       e.exp.directOn(m, key.expose());
     } finally {
@@ -414,9 +470,14 @@ export class FuseExports {
   }
 
   /** Attach `device` (mapped device `name`, opened by the caller) through `via` ('auto': bestVia()). */
-  async attach(name: string, device: BlockDevice, opts: { via?: Via | 'auto'; readOnly: boolean; logicalBlockBytes: number; swap: boolean }): Promise<Attachment> {
+  async attach(
+    name: string,
+    device: BlockDevice,
+    opts: { via?: Via | 'auto'; readOnly: boolean; logicalBlockBytes: number; swap: boolean },
+  ): Promise<Attachment> {
     const via = opts.via === undefined || opts.via === 'auto' ? bestVia() : opts.via;
-    if (!VIAS.includes(via)) throw new CryptmapError('EARGS', `unknown transport '${String(via)}' (fuse, nbd or nbdfuse)`);
+    if (!VIAS.includes(via))
+      throw new CryptmapError('EARGS', `unknown transport '${String(via)}' (fuse, nbd or nbdfuse)`);
     if (via !== 'fuse') {
       const info = await attachExport({
         socketPath: this.#o.nbdSocketPath,
@@ -430,7 +491,8 @@ export class FuseExports {
       return { ...info, via };
     }
     const why = fuseUnavailable();
-    if (why !== undefined) throw new CryptmapError('EATTACH', `cannot attach ${name} over FUSE: ${why}`, { errno: 'ENOTSUP' });
+    if (why !== undefined)
+      throw new CryptmapError('EATTACH', `cannot attach ${name} over FUSE: ${why}`, { errno: 'ENOTSUP' });
     mkdirSync(this.#o.attachDir, { recursive: true, mode: 0o700 });
     if (!this.#cleaned) {
       this.#cleaned = true;
@@ -446,9 +508,14 @@ export class FuseExports {
       this.#live.set(name, { exp, dir });
       await this.refresh(name);
       const sector = opts.logicalBlockBytes > 512 ? ['--sector-size', String(opts.logicalBlockBytes)] : [];
-      const out = await runTool('losetup', ['-f', '--show', '--direct-io=on', ...sector, ...(opts.readOnly ? ['-r'] : []), exp.filePath], { code: 'EATTACH' });
+      const out = await runTool(
+        'losetup',
+        ['-f', '--show', '--direct-io=on', ...sector, ...(opts.readOnly ? ['-r'] : []), exp.filePath],
+        { code: 'EATTACH' },
+      );
       info.devicePath = out.trim();
-      if (!info.devicePath.startsWith('/dev/')) throw new CryptmapError('EATTACH', `losetup printed no device: ${JSON.stringify(out)}`, { errno: 'EIO' });
+      if (!info.devicePath.startsWith('/dev/'))
+        throw new CryptmapError('EATTACH', `losetup printed no device: ${JSON.stringify(out)}`, { errno: 'EIO' });
       return info;
     } catch (e) {
       await this.detach(info).catch(() => undefined);
@@ -464,7 +531,8 @@ export class FuseExports {
     }
     const dir = info.fuseDir!;
     const mnt = join(dir, 'mnt');
-    for (const loop of new Set([...(info.devicePath ? [info.devicePath] : []), ...loopsOn(join(mnt, 'disk'))])) await detachLoop(loop);
+    for (const loop of new Set([...(info.devicePath ? [info.devicePath] : []), ...loopsOn(join(mnt, 'disk'))]))
+      await detachLoop(loop);
     const e = this.#live.get(info.exportName);
     if (e && e.dir === dir) {
       await e.exp.stop();

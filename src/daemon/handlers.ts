@@ -21,12 +21,16 @@ export function daemonHandlers(core: DaemonCore): OpHandlers {
     'volume.refresh': (a) => {
       const name = nameArg(a.name);
       const f = a.flags ?? {};
-      if (typeof f !== 'object' || f === null || Array.isArray(f)) throw new CryptmapError('EPROTO', 'flags must be an object');
+      if (typeof f !== 'object' || f === null || Array.isArray(f))
+        throw new CryptmapError('EPROTO', 'flags must be an object');
       return withKey(a, (key) => core.refreshVolume(name, allFlags(pickFlags(f)), key));
     },
     'volume.resize': async (a) => {
       const name = nameArg(a.name);
-      const size = a.sizeSectors === undefined ? undefined : need<number>(a.sizeSectors, (x) => typeof x === 'number' && Number.isSafeInteger(x), 'sizeSectors');
+      const size =
+        a.sizeSectors === undefined
+          ? undefined
+          : need<number>(a.sizeSectors, (x) => typeof x === 'number' && Number.isSafeInteger(x), 'sizeSectors');
       if (a.key === undefined) return core.resizeVolume(name, size);
       return withKey(a, (key) => core.resizeVolume(name, size, key));
     },
@@ -34,7 +38,8 @@ export function daemonHandlers(core: DaemonCore): OpHandlers {
     'volume.status': async (a) => core.statusOf(nameArg(a.name)),
     'volume.list': async () => core.volumes(),
     attach: async (a) => {
-      const via = a.via === undefined ? 'auto' : need<Via | 'auto'>(a.via, (x) => x === 'auto' || VIAS.includes(x as Via), 'via');
+      const via =
+        a.via === undefined ? 'auto' : need<Via | 'auto'>(a.via, (x) => x === 'auto' || VIAS.includes(x as Via), 'via');
       return core.attach(nameArg(a.name), { readOnly: a.readOnly === true, via });
     },
     detach: async (a) => core.detach(nameArg(a.name)),

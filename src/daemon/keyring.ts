@@ -27,12 +27,19 @@ export class Keyring implements KeyStore {
 
   async resolve(ref: KeyRef): Promise<Secret> {
     if (ref.type !== 'logon' && ref.type !== 'user') {
-      throw new CryptmapError('EKEYTYPE', `key type '${ref.type}' is not supported by the cryptmap keyring (logon or user)`);
+      throw new CryptmapError(
+        'EKEYTYPE',
+        `key type '${ref.type}' is not supported by the cryptmap keyring (logon or user)`,
+      );
     }
     const k = this.#keys.get(ref.description);
-    if (!k) throw new CryptmapError('ENOKEY', `no key '${ref.description}' in the cryptmap keyring`, { errno: 'ENOENT' });
+    if (!k)
+      throw new CryptmapError('ENOKEY', `no key '${ref.description}' in the cryptmap keyring`, { errno: 'ENOENT' });
     if (k.length !== ref.keyBytes) {
-      throw new CryptmapError('EKEY_SIZE', `key '${ref.description}' has ${k.length} bytes, the table asks for ${ref.keyBytes}`);
+      throw new CryptmapError(
+        'EKEY_SIZE',
+        `key '${ref.description}' has ${k.length} bytes, the table asks for ${ref.keyBytes}`,
+      );
     }
     return Secret.copyOf(k.expose());
   }

@@ -51,25 +51,66 @@ export function daemonFamilies(core: DaemonCore): MetricFamily[] {
     }
   }
   const out: MetricFamily[] = [
-    family('cryptmap_device_requests_total', 'Requests completed by a mapped device, by operation (failed ones included).', 'counter', requests),
-    family('cryptmap_device_bytes_total', 'Bytes read, written, discarded or zeroed through a mapped device.', 'counter', bytes),
-    family('cryptmap_device_request_errors_total', 'Requests of a mapped device that failed, by operation.', 'counter', errors),
-    family('cryptmap_device_errors_total', 'Failed requests of a mapped device by error code.', 'counter', errorsByCode),
-    family('cryptmap_device_request_duration_seconds', 'Time from a request entering a mapped device to its completion.', 'histogram', latency),
+    family(
+      'cryptmap_device_requests_total',
+      'Requests completed by a mapped device, by operation (failed ones included).',
+      'counter',
+      requests,
+    ),
+    family(
+      'cryptmap_device_bytes_total',
+      'Bytes read, written, discarded or zeroed through a mapped device.',
+      'counter',
+      bytes,
+    ),
+    family(
+      'cryptmap_device_request_errors_total',
+      'Requests of a mapped device that failed, by operation.',
+      'counter',
+      errors,
+    ),
+    family(
+      'cryptmap_device_errors_total',
+      'Failed requests of a mapped device by error code.',
+      'counter',
+      errorsByCode,
+    ),
+    family(
+      'cryptmap_device_request_duration_seconds',
+      'Time from a request entering a mapped device to its completion.',
+      'histogram',
+      latency,
+    ),
     family('cryptmap_device_inflight_requests', 'Requests in a mapped device not completed yet.', 'gauge', inflight),
     family('cryptmap_device_size_bytes', 'Size of a mapped device (its live table).', 'gauge', size),
     family('cryptmap_device_suspended', '1 while a mapped device is suspended.', 'gauge', suspended),
     family('cryptmap_nbd_export_connections', 'NBD clients in the transmission phase on an export.', 'gauge', nbdConns),
-    family('cryptmap_nbd_connections', 'NBD connections of the server (all exports, handshakes included).', 'gauge', [{ value: core.nbd.connectionCount() }]),
-    family('cryptmap_fuse_requests_total', 'FUSE export requests by route: direct (the addon reads and decrypts itself, not counted by the device) or js (through the mapped device).', 'counter', fuse),
+    family('cryptmap_nbd_connections', 'NBD connections of the server (all exports, handshakes included).', 'gauge', [
+      { value: core.nbd.connectionCount() },
+    ]),
+    family(
+      'cryptmap_fuse_requests_total',
+      'FUSE export requests by route: direct (the addon reads and decrypts itself, not counted by the device) or js (through the mapped device).',
+      'counter',
+      fuse,
+    ),
   ];
   const pool = cryptPoolStats();
   if (pool) {
     out.push(
-      family('cryptmap_crypt_pool_threads', 'Threads of the native crypt pool that take requests (--crypt-threads).', 'gauge', [{ value: pool.threads }]),
-      family('cryptmap_crypt_pool_busy_threads', 'Crypt pool threads running a job now.', 'gauge', [{ value: pool.busy }]),
+      family(
+        'cryptmap_crypt_pool_threads',
+        'Threads of the native crypt pool that take requests (--crypt-threads).',
+        'gauge',
+        [{ value: pool.threads }],
+      ),
+      family('cryptmap_crypt_pool_busy_threads', 'Crypt pool threads running a job now.', 'gauge', [
+        { value: pool.busy },
+      ]),
       family('cryptmap_crypt_pool_queue_depth', 'Crypt jobs waiting for a thread.', 'gauge', [{ value: pool.queued }]),
-      family('cryptmap_crypt_pool_queued_bytes', 'Bytes of the crypt jobs waiting for a thread.', 'gauge', [{ value: pool.queuedBytes }]),
+      family('cryptmap_crypt_pool_queued_bytes', 'Bytes of the crypt jobs waiting for a thread.', 'gauge', [
+        { value: pool.queuedBytes },
+      ]),
     );
   }
   return out;
@@ -82,7 +123,6 @@ export function daemonFamilies(core: DaemonCore): MetricFamily[] {
 export function registerDaemonMetrics(registry: MetricsRegistry, core: DaemonCore): void {
   registry.collect(() => daemonFamilies(core));
 }
-
 
 const PHASES: readonly VolumePhase[] = ['creating', 'formatted', 'ready', 'refused', 'retired', 'stopped'];
 
@@ -99,12 +139,28 @@ export class AgentMetrics {
   readonly #lastAt;
 
   constructor(registry: MetricsRegistry) {
-    this.#volumes = registry.gauge('cryptmap_agent_volumes', 'Volumes of the agent by phase (its state file after the last reconcile).');
-    this.#reconciles = registry.counter('cryptmap_agent_reconciles_total', 'Reconciles run, by result: converged, pending (a volume waits, was refused or failed) or error.');
-    this.#duration = registry.histogram('cryptmap_agent_reconcile_duration_seconds', 'Duration of the reconciles.', DURATION_BUCKETS);
+    this.#volumes = registry.gauge(
+      'cryptmap_agent_volumes',
+      'Volumes of the agent by phase (its state file after the last reconcile).',
+    );
+    this.#reconciles = registry.counter(
+      'cryptmap_agent_reconciles_total',
+      'Reconciles run, by result: converged, pending (a volume waits, was refused or failed) or error.',
+    );
+    this.#duration = registry.histogram(
+      'cryptmap_agent_reconcile_duration_seconds',
+      'Duration of the reconciles.',
+      DURATION_BUCKETS,
+    );
     this.#last = registry.gauge('cryptmap_agent_last_reconcile_duration_seconds', 'Duration of the last reconcile.');
-    this.#lastOk = registry.gauge('cryptmap_agent_last_reconcile_success', '1 when the last reconcile converged, else 0.');
-    this.#lastAt = registry.gauge('cryptmap_agent_last_reconcile_timestamp_seconds', 'When the last reconcile ended (unix time).');
+    this.#lastOk = registry.gauge(
+      'cryptmap_agent_last_reconcile_success',
+      '1 when the last reconcile converged, else 0.',
+    );
+    this.#lastAt = registry.gauge(
+      'cryptmap_agent_last_reconcile_timestamp_seconds',
+      'When the last reconcile ended (unix time).',
+    );
     for (const phase of PHASES) this.#volumes.set({ phase }, 0);
     for (const result of ['converged', 'pending', 'error']) this.#reconciles.inc({ result }, 0);
   }

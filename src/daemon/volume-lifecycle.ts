@@ -18,16 +18,22 @@ import type { CoreParts } from './volume-table.js';
 
 const log = logger('daemon');
 
-const notActive = (name: string) => new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOENT' });
+const notActive = (name: string) =>
+  new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOENT' });
 const notLuksActive = (name: string) => `${name} is not active LUKS device name or header is missing.`;
-const suspended = (name: string) => new CryptmapError('ESUSPENDED', `Volume ${name} is suspended (luksResume it first).`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
+const suspended = (name: string) =>
+  new CryptmapError('ESUSPENDED', `Volume ${name} is suspended (luksResume it first).`, {
+    exitCode: EXIT_FAILURE,
+    errno: 'EINVAL',
+  });
 
 /** Create a crypt mapping for an unlocked volume and export it. Takes a copy of the key. */
 export async function openVolume(p: CoreParts, m: CryptMapping, volumeKey: Secret): Promise<void> {
   if (p.registry.find(m.name)) {
     throw new CryptmapError('EEXIST', `Device ${m.name} already exists.`, { exitCode: EXIT_BUSY, errno: 'EEXIST' });
   }
-  if (volumeKey.length !== m.keyBytes) throw new CryptmapError('EKEY_SIZE', `volume key has ${volumeKey.length} bytes, mapping needs ${m.keyBytes}`);
+  if (volumeKey.length !== m.keyBytes)
+    throw new CryptmapError('EKEY_SIZE', `volume key has ${volumeKey.length} bytes, mapping needs ${m.keyBytes}`);
   const desc = keyDescription(m.name);
   p.keyring.set(desc, volumeKey.expose());
   try {
@@ -64,7 +70,10 @@ function activeVolume(p: CoreParts, name: string, notLuksMessage?: string): { de
   if (!dev) throw notActive(name);
   const m = p.volumes.find(name)?.mapping;
   if (m === undefined && notLuksMessage === undefined) {
-    throw new CryptmapError('ENOTSUP', 'This operation is not supported for this device type.', { exitCode: EXIT_FAILURE, errno: 'ENOTSUP' });
+    throw new CryptmapError('ENOTSUP', 'This operation is not supported for this device type.', {
+      exitCode: EXIT_FAILURE,
+      errno: 'ENOTSUP',
+    });
   }
   if (notLuksMessage !== undefined && (m === undefined || (m.type !== 'LUKS1' && m.type !== 'LUKS2'))) {
     throw new CryptmapError('ENOTLUKS', notLuksMessage, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
@@ -80,7 +89,11 @@ function activeVolume(p: CoreParts, name: string, notLuksMessage?: string): { de
  */
 export async function suspendVolume(p: CoreParts, name: string): Promise<void> {
   const { dev, m } = activeVolume(p, name, 'This operation is supported only for LUKS device.');
-  if (dev.suspended) throw new CryptmapError('ESUSPENDED', `Volume ${name} is already suspended.`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
+  if (dev.suspended)
+    throw new CryptmapError('ESUSPENDED', `Volume ${name} is already suspended.`, {
+      exitCode: EXIT_FAILURE,
+      errno: 'EINVAL',
+    });
   const desc = keyDescription(name);
   let keyTag: { salt: Buffer; tag: Buffer } | undefined;
   if (p.keyring.has(desc)) {
@@ -92,13 +105,19 @@ export async function suspendVolume(p: CoreParts, name: string): Promise<void> {
   try {
     await p.dm.suspend(name);
   } catch (e) {
-    throw new CryptmapError('ESUSPEND', `Error during suspending device ${name}.`, { exitCode: EXIT_FAILURE, cause: e });
+    throw new CryptmapError('ESUSPEND', `Error during suspending device ${name}.`, {
+      exitCode: EXIT_FAILURE,
+      cause: e,
+    });
   }
   try {
     await p.dm.message(name, 0, ['key', 'wipe']);
   } catch (e) {
     await p.dm.resume(name);
-    throw new CryptmapError('ESUSPEND', `Error during suspending device ${name}.`, { exitCode: EXIT_FAILURE, cause: e });
+    throw new CryptmapError('ESUSPEND', `Error during suspending device ${name}.`, {
+      exitCode: EXIT_FAILURE,
+      cause: e,
+    });
   }
   p.keyring.delete(desc);
   if (keyTag) p.volumes.get(name).suspendedKeyTag = keyTag;
@@ -115,15 +134,24 @@ export async function suspendVolume(p: CoreParts, name: string): Promise<void> {
  */
 export async function resumeVolume(p: CoreParts, name: string, volumeKey: Secret): Promise<void> {
   const { dev, m } = activeVolume(p, name, notLuksActive(name));
-  if (!dev.suspended) throw new CryptmapError('ENOTSUSPENDED', `Volume ${name} is not suspended.`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
-  if (volumeKey.length !== m.keyBytes) throw new CryptmapError('EKEY_SIZE', `volume key has ${volumeKey.length} bytes, ${name} needs ${m.keyBytes}`);
+  if (!dev.suspended)
+    throw new CryptmapError('ENOTSUSPENDED', `Volume ${name} is not suspended.`, {
+      exitCode: EXIT_FAILURE,
+      errno: 'EINVAL',
+    });
+  if (volumeKey.length !== m.keyBytes)
+    throw new CryptmapError('EKEY_SIZE', `volume key has ${volumeKey.length} bytes, ${name} needs ${m.keyBytes}`);
   const rec = p.volumes.get(name);
   const was = rec.suspendedKeyTag;
   if (was !== undefined) {
     const tag = createHmac('sha256', was.salt).update(volumeKey.expose()).digest();
     const same = constantTimeEqual(tag, was.tag);
     wipe(tag);
-    if (!same) throw new CryptmapError('EKEYMISMATCH', `The volume key does not match the key of suspended device ${name}.`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
+    if (!same)
+      throw new CryptmapError('EKEYMISMATCH', `The volume key does not match the key of suspended device ${name}.`, {
+        exitCode: EXIT_FAILURE,
+        errno: 'EINVAL',
+      });
   }
   const desc = keyDescription(name);
   p.keyring.set(desc, volumeKey.expose());
@@ -163,23 +191,42 @@ export async function refreshVolume(p: CoreParts, name: string, flags: RefreshFl
  * the passphrase, the key being in the keyring); it must be the running one. New NBD connections
  * see the new size. Errors as cryptsetup 2.6: not active -> exit 4; misaligned or too large -> 1.
  */
-export async function resizeVolume(p: CoreParts, name: string, sizeSectors: number | undefined, volumeKey?: Secret): Promise<void> {
+export async function resizeVolume(
+  p: CoreParts,
+  name: string,
+  sizeSectors: number | undefined,
+  volumeKey?: Secret,
+): Promise<void> {
   const { dev, m } = activeVolume(p, name);
   if (dev.suspended) throw suspended(name);
   if (m.type === 'LUKS2') {
-    if (volumeKey === undefined) throw new CryptmapError('EKEY', `Resizing LUKS2 volume ${name} needs its volume key (the passphrase).`, { exitCode: EXIT_FAILURE });
+    if (volumeKey === undefined)
+      throw new CryptmapError('EKEY', `Resizing LUKS2 volume ${name} needs its volume key (the passphrase).`, {
+        exitCode: EXIT_FAILURE,
+      });
     await checkRunningKey(p, m, volumeKey);
   }
   // A file or block device is measured again; a mapped device below has its live size.
-  const deviceBytes = (await p.registry.refreshFileSize(m.device)) ?? p.registry.find(m.device.replace(/^\/dev\/mapper\//, ''))?.sizeBytes ?? 0;
+  const deviceBytes =
+    (await p.registry.refreshFileSize(m.device)) ??
+    p.registry.find(m.device.replace(/^\/dev\/mapper\//, ''))?.sizeBytes ??
+    0;
   const availableSectors = Math.floor(deviceBytes / 512) - m.offsetSectors;
   const perSector = m.sectorBytes / 512;
   const size = sizeSectors ?? availableSectors - (availableSectors % perSector);
   if (sizeSectors !== undefined && (!Number.isSafeInteger(sizeSectors) || sizeSectors <= 0)) {
     throw new CryptmapError('EARGS', `Invalid size ${sizeSectors}.`, { exitCode: EXIT_FAILURE });
   }
-  if (size % perSector !== 0) throw new CryptmapError('EALIGN', 'Device size is not aligned to requested sector size.', { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
-  if (size <= 0 || size > availableSectors) throw new CryptmapError('EDEVSIZE', `Device ${m.device} is too small.`, { exitCode: EXIT_FAILURE, errno: 'EINVAL' });
+  if (size % perSector !== 0)
+    throw new CryptmapError('EALIGN', 'Device size is not aligned to requested sector size.', {
+      exitCode: EXIT_FAILURE,
+      errno: 'EINVAL',
+    });
+  if (size <= 0 || size > availableSectors)
+    throw new CryptmapError('EDEVSIZE', `Device ${m.device} is too small.`, {
+      exitCode: EXIT_FAILURE,
+      errno: 'EINVAL',
+    });
   if (size === m.sizeSectors) return;
   await swapTable(p, { ...m, sizeSectors: size }, 'ERESIZE', 'resize');
   log.info('volume resized', { name, sizeSectors: size });
@@ -190,7 +237,11 @@ async function checkRunningKey(p: CoreParts, m: CryptMapping, volumeKey: Secret)
   const live = await p.keyring.resolve({ type: 'logon', description: keyDescription(m.name), keyBytes: m.keyBytes });
   const same = volumeKey.length === live.length && constantTimeEqual(volumeKey.expose(), live.expose());
   live.dispose();
-  if (!same) throw new CryptmapError('EKEYMISMATCH', 'Volume key does not match the volume.', { exitCode: EXIT_FAILURE, errno: 'EPERM' });
+  if (!same)
+    throw new CryptmapError('EKEYMISMATCH', 'Volume key does not match the volume.', {
+      exitCode: EXIT_FAILURE,
+      errno: 'EPERM',
+    });
 }
 
 /** Load `next`'s table for its volume, then swap it in (suspend: I/O drains; resume). A failed load leaves the old table live. */
@@ -199,7 +250,10 @@ async function swapTable(p: CoreParts, next: CryptMapping, code: string, what: s
     await p.dm.load(next.name, cryptTableLine(next, keyRefArg(next)));
   } catch (e) {
     await p.dm.clear(next.name).catch(() => undefined);
-    throw new CryptmapError(code, `Cannot ${what} ${next.name}: ${(e as Error).message}`, { exitCode: EXIT_FAILURE, cause: e });
+    throw new CryptmapError(code, `Cannot ${what} ${next.name}: ${(e as Error).message}`, {
+      exitCode: EXIT_FAILURE,
+      cause: e,
+    });
   }
   await p.dm.suspend(next.name);
   await p.dm.resume(next.name);

@@ -28,7 +28,13 @@ import { openLuks } from '../luks/index.js';
 import { Luks2Volume } from '../luks/luks2.js';
 import { blankDeviceHeader, createDeviceVolume, probeDevice } from '../reconciler/device-ops.js';
 import { createSparseFile, deleteBackingFile, probeBackingFile } from '../reconciler/file-ops.js';
-import { type AttachInfo, VOLUME_KEYSLOT_PBKDF, type VolumePorts, type VolumeProbe, type VolumeTarget } from '../reconciler/ports.js';
+import {
+  type AttachInfo,
+  VOLUME_KEYSLOT_PBKDF,
+  type VolumePorts,
+  type VolumeProbe,
+  type VolumeTarget,
+} from '../reconciler/ports.js';
 import { CryptmapError, isCryptmapError } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import { mounts, resolveTool, runTool as runUtilTool, unescapeMount } from '../util/tools.js';
@@ -84,10 +90,14 @@ export function detectServeMode(): { mode: ServeMode; reason?: string } {
   if (process.getuid?.() !== 0) return { mode: 'nbd-only', reason: 'served over NBD only: not root' };
   if (existsSync('/sys/module/nbd')) {
     if (resolveTool('nbd-client') !== 'nbd-client') return { mode: 'attach' };
-    return { mode: 'nbd-only', reason: 'served over NBD only: nbd-client is not installed (Debian package nbd-client)' };
+    return {
+      mode: 'nbd-only',
+      reason: 'served over NBD only: nbd-client is not installed (Debian package nbd-client)',
+    };
   }
   // The built-in FUSE export needs no nbdfuse or fusermount3 (fuse-export.ts), only losetup.
-  if (fuseUnavailable() === undefined && existsSync('/dev/loop-control') && resolveTool('losetup') !== 'losetup') return { mode: 'attach' };
+  if (fuseUnavailable() === undefined && existsSync('/dev/loop-control') && resolveTool('losetup') !== 'losetup')
+    return { mode: 'attach' };
   for (const p of ['/dev/fuse', '/dev/loop-control']) {
     if (!existsSync(p)) return { mode: 'nbd-only', reason: `served over NBD only: no nbd kernel module and no ${p}` };
   }
@@ -96,7 +106,8 @@ export function detectServeMode(): { mode: ServeMode; reason?: string } {
     ['losetup', 'mount'],
     ['fusermount3', 'fuse3'],
   ]) {
-    if (resolveTool(tool!) === tool) return { mode: 'nbd-only', reason: `served over NBD only: ${tool} is not installed (Debian package ${pkg})` };
+    if (resolveTool(tool!) === tool)
+      return { mode: 'nbd-only', reason: `served over NBD only: ${tool} is not installed (Debian package ${pkg})` };
   }
   return { mode: 'attach' };
 }
@@ -184,7 +195,8 @@ export class DataPathPorts implements VolumePorts {
   }
 
   async deleteFile(v: VolumeTarget): Promise<void> {
-    if (this.core.registry.find(v.mapping)) throw new CryptmapError('EBUSY', `${v.id} is still open; close it first`, { errno: 'EBUSY' });
+    if (this.core.registry.find(v.mapping))
+      throw new CryptmapError('EBUSY', `${v.id} is still open; close it first`, { errno: 'EBUSY' });
     // An export is never deleted; the planner deletes only a volume whose creation this agent began.
     if (v.device !== undefined) return blankDeviceHeader(v.device, VOLUME_HEADER_BYTES);
     await deleteBackingFile(v.path);
@@ -215,7 +227,11 @@ export class DataPathPorts implements VolumePorts {
     try {
       prepared = await prepareLuks({ name: v.mapping, device: v.path, passphrase: key.expose() });
     } catch (e) {
-      if (isCryptmapError(e, 'ENOKEY')) throw new CryptmapError('EUNLOCK', `${v.path}: no keyslot unlocks with this volume's key`, { exitCode: 2, errno: 'EPERM' });
+      if (isCryptmapError(e, 'ENOKEY'))
+        throw new CryptmapError('EUNLOCK', `${v.path}: no keyslot unlocks with this volume's key`, {
+          exitCode: 2,
+          errno: 'EPERM',
+        });
       throw e;
     }
     try {
@@ -227,7 +243,13 @@ export class DataPathPorts implements VolumePorts {
 
   async openPlain(v: VolumeTarget, key: Secret): Promise<void> {
     if (this.core.registry.find(v.mapping)) return;
-    const m = await preparePlain({ name: v.mapping, device: v.path, key, cipher: v.cipher, sectorBytes: v.sectorSize as 512 | 1024 | 2048 | 4096 });
+    const m = await preparePlain({
+      name: v.mapping,
+      device: v.path,
+      key,
+      cipher: v.cipher,
+      sectorBytes: v.sectorSize as 512 | 1024 | 2048 | 4096,
+    });
     await this.core.openVolume(m, key);
   }
 
@@ -287,7 +309,10 @@ export class DataPathPorts implements VolumePorts {
     if (v.filesystem === 'none') return;
     const tool = v.filesystem === 'swap' ? 'mkswap' : `mkfs.${v.filesystem}`;
     // 4 KiB blocks: never smaller than the mapping's logical block size (mkfs on an image cannot see it).
-    const toolArgs = (target: string) => (v.filesystem === 'swap' ? ['-L', v.volume, target] : ['-q', '-F', '-b', '4096', '-E', 'nodiscard', '-L', v.volume.slice(0, 16), target]);
+    const toolArgs = (target: string) =>
+      v.filesystem === 'swap'
+        ? ['-L', v.volume, target]
+        : ['-q', '-F', '-b', '4096', '-E', 'nodiscard', '-L', v.volume.slice(0, 16), target];
     if (this.mode === 'attach') {
       const dev = this.#device(v);
       if (!dev) throw new CryptmapError('ENOTATTACHED', `${v.id} is not attached`);
@@ -409,7 +434,10 @@ export class DataPathPorts implements VolumePorts {
   /** Volumes this port set up (for the agent's summary). */
   describe(v: VolumeTarget): { nbdUri: string; device?: string; mountpoint?: string; mode: ServeMode } {
     const st = this.core.statusOf(v.mapping);
-    const out: { nbdUri: string; device?: string; mountpoint?: string; mode: ServeMode } = { nbdUri: st.nbdUri, mode: this.mode };
+    const out: { nbdUri: string; device?: string; mountpoint?: string; mode: ServeMode } = {
+      nbdUri: st.nbdUri,
+      mode: this.mode,
+    };
     if (st.attachedDevice) out.device = st.attachedDevice;
     if (st.attachedDevice && this.mode === 'attach' && v.kind === 'scratch') {
       const at = this.#mountedAt(st.attachedDevice)[0];

@@ -49,7 +49,14 @@ export class VolumeTable {
   /** Drop the record of `name` when nothing is left in it (a device that is no longer exported or attached). */
   prune(name: string): void {
     const r = this.#byName.get(name);
-    if (r && r.mapping === undefined && r.exportHandle === undefined && r.attachment === undefined && r.suspendedKeyTag === undefined) this.#byName.delete(name);
+    if (
+      r &&
+      r.mapping === undefined &&
+      r.exportHandle === undefined &&
+      r.attachment === undefined &&
+      r.suspendedKeyTag === undefined
+    )
+      this.#byName.delete(name);
   }
 
   values(): IterableIterator<VolumeRecord> {

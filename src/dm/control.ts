@@ -110,7 +110,10 @@ export class InProcessDmControl implements DmControl {
     return name === undefined ? this.registry.list() : [this.registry.get(name)];
   }
   async table(name?: string, opts: { showKeys?: boolean } = {}): Promise<DmLines[]> {
-    return this.#select(name).map((d) => ({ name: d.name, lines: d.liveTable?.format('table', opts.showKeys ?? false) ?? [] }));
+    return this.#select(name).map((d) => ({
+      name: d.name,
+      lines: d.liveTable?.format('table', opts.showKeys ?? false) ?? [],
+    }));
   }
   async status(name?: string): Promise<DmLines[]> {
     return this.#select(name).map((d) => ({ name: d.name, lines: d.liveTable?.format('status', false) ?? [] }));
@@ -128,7 +131,10 @@ export class InProcessDmControl implements DmControl {
 
 /** One `dmsetup info` block, ending with the blank line dmsetup prints after each device. */
 export function formatInfo(i: DmInfo): string {
-  const tables = !i.liveTable && !i.inactiveTable ? 'None' : `${i.liveTable ? 'LIVE' : ''}${i.liveTable && i.inactiveTable ? ' & ' : ''}${i.inactiveTable ? 'INACTIVE' : ''}`;
+  const tables =
+    !i.liveTable && !i.inactiveTable
+      ? 'None'
+      : `${i.liveTable ? 'LIVE' : ''}${i.liveTable && i.inactiveTable ? ' & ' : ''}${i.inactiveTable ? 'INACTIVE' : ''}`;
   let s = `Name:              ${i.name}\n`;
   s += `State:             ${i.suspended ? 'SUSPENDED' : 'ACTIVE'}${i.readOnly ? ' (READ-ONLY)' : ''}\n`;
   s += `Read Ahead:        ${i.readAhead}\n`;

@@ -50,9 +50,11 @@ export class DeviceIoStats {
         s.requests++;
         s.errors++;
         s.latency.observe((performance.now() - t0) / 1000);
-        const code = typeof (e as { code?: unknown })?.code === 'string' ? ((e as { code: string }).code).slice(0, 32) : 'EIO';
+        const code =
+          typeof (e as { code?: unknown })?.code === 'string' ? (e as { code: string }).code.slice(0, 32) : 'EIO';
         // Codes are a small fixed set in practice; cap the map anyway (a label per distinct code).
-        if (this.errorsByCode.has(code) || this.errorsByCode.size < 64) this.errorsByCode.set(code, (this.errorsByCode.get(code) ?? 0) + 1);
+        if (this.errorsByCode.has(code) || this.errorsByCode.size < 64)
+          this.errorsByCode.set(code, (this.errorsByCode.get(code) ?? 0) + 1);
       },
     );
   }

@@ -18,7 +18,14 @@
  * Major/minor: every mapped device has major 253 (DM_MAJOR, the usual dynamic dm major) and the
  * lowest minor not in use in its registry, like the kernel's idr allocation.
  */
-import type { BlockDevice, BlockDeviceCapabilities, BlockDeviceLimits, Extent, WriteFlags, WriteZeroesFlags } from '../blockdev/types.js';
+import type {
+  BlockDevice,
+  BlockDeviceCapabilities,
+  BlockDeviceLimits,
+  Extent,
+  WriteFlags,
+  WriteZeroesFlags,
+} from '../blockdev/types.js';
 import { deviceView } from '../blockdev/view.js';
 import { CryptmapError, EXIT_BUSY } from '../util/errors.js';
 import { DeviceIoStats } from './io-stats.js';
@@ -43,8 +50,15 @@ function deferred(): Deferred {
   return { promise, resolve };
 }
 
-
-const NO_CAPS: BlockDeviceCapabilities = { write: false, flush: false, fua: false, discard: false, writeZeroes: false, blockStatus: false, multiConn: true };
+const NO_CAPS: BlockDeviceCapabilities = {
+  write: false,
+  flush: false,
+  fua: false,
+  discard: false,
+  writeZeroes: false,
+  blockStatus: false,
+  multiConn: true,
+};
 const NO_LIMITS: BlockDeviceLimits = { logicalBlockBytes: 512, physicalBlockBytes: 512, maxRequestBytes: 64 << 20 };
 
 export interface MappedDeviceInit {
@@ -173,35 +187,62 @@ export class MappedDevice implements BlockDevice {
   #table(op: string): Table {
     const t = this.#live;
     if (t === null) {
-      throw new CryptmapError('ENOTABLE', `device ${this.name} has no live table (${op})`, { errno: 'EIO', context: { device: this.name } });
+      throw new CryptmapError('ENOTABLE', `device ${this.name} has no live table (${op})`, {
+        errno: 'EIO',
+        context: { device: this.name },
+      });
     }
     return t;
   }
 
   #check(t: Table, offsetBytes: number, lengthBytes: number, op: string): void {
     const lbs = t.limits.logicalBlockBytes;
-    if (!Number.isSafeInteger(offsetBytes) || !Number.isSafeInteger(lengthBytes) || offsetBytes < 0 || lengthBytes < 0 || offsetBytes + lengthBytes > t.sizeBytes) {
-      throw new CryptmapError('ERANGE', `${op} of ${lengthBytes} bytes at ${offsetBytes} is outside device ${this.name} (${t.sizeBytes} bytes)`, {
-        errno: op === 'write' ? 'ENOSPC' : 'EINVAL',
-        context: { device: this.name, offsetBytes, lengthBytes },
-      });
+    if (
+      !Number.isSafeInteger(offsetBytes) ||
+      !Number.isSafeInteger(lengthBytes) ||
+      offsetBytes < 0 ||
+      lengthBytes < 0 ||
+      offsetBytes + lengthBytes > t.sizeBytes
+    ) {
+      throw new CryptmapError(
+        'ERANGE',
+        `${op} of ${lengthBytes} bytes at ${offsetBytes} is outside device ${this.name} (${t.sizeBytes} bytes)`,
+        {
+          errno: op === 'write' ? 'ENOSPC' : 'EINVAL',
+          context: { device: this.name, offsetBytes, lengthBytes },
+        },
+      );
     }
     if (offsetBytes % lbs !== 0 || lengthBytes % lbs !== 0) {
-      throw new CryptmapError('EALIGN', `${op} of ${lengthBytes} bytes at ${offsetBytes} on device ${this.name} is not aligned to its ${lbs}-byte logical blocks`, {
-        context: { device: this.name, offsetBytes, lengthBytes },
-      });
+      throw new CryptmapError(
+        'EALIGN',
+        `${op} of ${lengthBytes} bytes at ${offsetBytes} on device ${this.name} is not aligned to its ${lbs}-byte logical blocks`,
+        {
+          context: { device: this.name, offsetBytes, lengthBytes },
+        },
+      );
     }
   }
 
   /** The cheap form of #check for the hot path (false: take the slow path, which reports). */
   #inRange(t: Table, offsetBytes: number, lengthBytes: number): boolean {
     const lbs = t.limits.logicalBlockBytes;
-    return offsetBytes >= 0 && lengthBytes > 0 && offsetBytes + lengthBytes <= t.sizeBytes && offsetBytes % lbs === 0 && lengthBytes % lbs === 0;
+    return (
+      offsetBytes >= 0 &&
+      lengthBytes > 0 &&
+      offsetBytes + lengthBytes <= t.sizeBytes &&
+      offsetBytes % lbs === 0 &&
+      lengthBytes % lbs === 0
+    );
   }
 
   #writable(t: Table, op: string): void {
     if (this.readOnly || !t.capabilities.write) {
-      throw new CryptmapError('EROFS', `device ${this.name} is read-only (${op})`, { errno: 'EPERM', exitCode: 2, context: { device: this.name } });
+      throw new CryptmapError('EROFS', `device ${this.name} is read-only (${op})`, {
+        errno: 'EPERM',
+        exitCode: 2,
+        context: { device: this.name },
+      });
     }
   }
 
@@ -209,13 +250,19 @@ export class MappedDevice implements BlockDevice {
    * Split [offsetBytes, +lengthBytes) at target edges and max request size; call `each` per piece
    * with the target, the offset inside it, the position inside the request and the length.
    */
-  #split(t: Table, offsetBytes: number, lengthBytes: number, each: (inst: TargetInstance, relBytes: number, at: number, n: number) => Promise<void>): Promise<void> {
+  #split(
+    t: Table,
+    offsetBytes: number,
+    lengthBytes: number,
+    each: (inst: TargetInstance, relBytes: number, at: number, n: number) => Promise<void>,
+  ): Promise<void> {
     if (lengthBytes === 0) return RESOLVED;
     const max = t.limits.maxRequestBytes;
     let i = t.find(offsetBytes);
     const first = t.entries[i]!;
     const end = offsetBytes + lengthBytes;
-    if (end <= first.endBytes && lengthBytes <= max) return each(first.instance, offsetBytes - first.startBytes, 0, lengthBytes);
+    if (end <= first.endBytes && lengthBytes <= max)
+      return each(first.instance, offsetBytes - first.startBytes, 0, lengthBytes);
     const ps: Promise<void>[] = [];
     let pos = offsetBytes;
     while (pos < end) {
@@ -256,7 +303,9 @@ export class MappedDevice implements BlockDevice {
     return this.#run(() => {
       const t = this.#table('read');
       this.#check(t, offsetBytes, buf.length, 'read');
-      return this.#split(t, offsetBytes, buf.length, (inst, rel, at, n) => inst.read(rel, n === buf.length ? buf : buf.subarray(at, at + n)));
+      return this.#split(t, offsetBytes, buf.length, (inst, rel, at, n) =>
+        inst.read(rel, n === buf.length ? buf : buf.subarray(at, at + n)),
+      );
     });
   }
 
@@ -268,7 +317,13 @@ export class MappedDevice implements BlockDevice {
 
   #write(offsetBytes: number, data: Uint8Array, flags?: WriteFlags): Promise<void> {
     const t = this.#live;
-    if (this.#gate === null && t !== null && !this.readOnly && t.capabilities.write && this.#inRange(t, offsetBytes, data.length)) {
+    if (
+      this.#gate === null &&
+      t !== null &&
+      !this.readOnly &&
+      t.capabilities.write &&
+      this.#inRange(t, offsetBytes, data.length)
+    ) {
       const e = t.entries[t.find(offsetBytes)]!;
       if (offsetBytes + data.length <= e.endBytes && data.length <= t.limits.maxRequestBytes) {
         let p: Promise<void>;
@@ -284,7 +339,9 @@ export class MappedDevice implements BlockDevice {
       const t = this.#table('write');
       this.#writable(t, 'write');
       this.#check(t, offsetBytes, data.length, 'write');
-      return this.#split(t, offsetBytes, data.length, (inst, rel, at, n) => inst.write(rel, n === data.length ? data : data.subarray(at, at + n), flags));
+      return this.#split(t, offsetBytes, data.length, (inst, rel, at, n) =>
+        inst.write(rel, n === data.length ? data : data.subarray(at, at + n), flags),
+      );
     });
   }
 
@@ -314,10 +371,14 @@ export class MappedDevice implements BlockDevice {
       this.#writable(t, 'discard');
       if (!t.capabilities.discard) {
         const e = t.entries.find((x) => !x.instance.capabilities.discard)!;
-        throw new CryptmapError('ENOTSUP', `device ${this.name} does not support discard (${e.type.name} target at table line ${e.line} refuses discards)`, {
-          errno: 'ENOTSUP',
-          context: { device: this.name },
-        });
+        throw new CryptmapError(
+          'ENOTSUP',
+          `device ${this.name} does not support discard (${e.type.name} target at table line ${e.line} refuses discards)`,
+          {
+            errno: 'ENOTSUP',
+            context: { device: this.name },
+          },
+        );
       }
       this.#check(t, offsetBytes, lengthBytes, 'discard');
       return this.#split(t, offsetBytes, lengthBytes, (inst, rel, _at, n) => inst.discard!(rel, n));
@@ -335,7 +396,9 @@ export class MappedDevice implements BlockDevice {
       const t = this.#table('write zeroes');
       this.#writable(t, 'write zeroes');
       this.#check(t, offsetBytes, lengthBytes, 'write');
-      return this.#split(t, offsetBytes, lengthBytes, (inst, rel, _at, n) => (inst.writeZeroes ? inst.writeZeroes(rel, n, flags) : emulateWriteZeroes(inst, rel, n, flags)));
+      return this.#split(t, offsetBytes, lengthBytes, (inst, rel, _at, n) =>
+        inst.writeZeroes ? inst.writeZeroes(rel, n, flags) : emulateWriteZeroes(inst, rel, n, flags),
+      );
     });
   }
 
@@ -345,7 +408,11 @@ export class MappedDevice implements BlockDevice {
     return this.#run(async () => {
       const t = this.#table('block status');
       if (!t.capabilities.blockStatus) {
-        throw new CryptmapError('ENOTSUP', `device ${this.name} cannot report block status (a target in its table cannot)`, { errno: 'ENOTSUP' });
+        throw new CryptmapError(
+          'ENOTSUP',
+          `device ${this.name} cannot report block status (a target in its table cannot)`,
+          { errno: 'ENOTSUP' },
+        );
       }
       this.#check(t, offsetBytes, lengthBytes, 'block status');
       const end = offsetBytes + lengthBytes;
@@ -370,7 +437,8 @@ export class MappedDevice implements BlockDevice {
 
   /** A handle counted in the open count; its close() releases it (idempotent). */
   open(): BlockDevice {
-    if (this.#removed) throw new CryptmapError('ENODEV', `device ${this.name} has been removed`, { errno: 'ENOENT', exitCode: 4 });
+    if (this.#removed)
+      throw new CryptmapError('ENODEV', `device ${this.name} has been removed`, { errno: 'ENOENT', exitCode: 4 });
     this.#openCount++;
     let open = true;
     return deviceView(this, async () => {
@@ -450,7 +518,10 @@ export class MappedDevice implements BlockDevice {
     const t = this.#live;
     if (t === null) throw new CryptmapError('ENOTABLE', `device ${this.name} has no live table to send a message to`);
     if (!Number.isSafeInteger(sector) || sector < 0 || sector * 512 >= t.sizeBytes) {
-      throw new CryptmapError('ERANGE', `message sector ${sector} is outside device ${this.name} (${t.sizeBytes / 512} sectors)`);
+      throw new CryptmapError(
+        'ERANGE',
+        `message sector ${sector} is outside device ${this.name} (${t.sizeBytes / 512} sectors)`,
+      );
     }
     const e = t.entries[t.find(sector * 512)]!;
     if (e.instance.message === undefined) {
@@ -475,18 +546,27 @@ export class MappedDevice implements BlockDevice {
   /** Refuse removal while open (kernel EBUSY) unless forced. */
   checkRemovable(force: boolean): void {
     if (this.#openCount > 0 && !force) {
-      throw new CryptmapError('EBUSY', `device ${this.name} is in use (open count ${this.#openCount}); use --force to remove it anyway`, {
-        errno: 'EBUSY',
-        exitCode: EXIT_BUSY,
-        context: { device: this.name },
-      });
+      throw new CryptmapError(
+        'EBUSY',
+        `device ${this.name} is in use (open count ${this.#openCount}); use --force to remove it anyway`,
+        {
+          errno: 'EBUSY',
+          exitCode: EXIT_BUSY,
+          context: { device: this.name },
+        },
+      );
     }
   }
 }
 
 const FUA: WriteFlags = { fua: true };
 
-async function emulateWriteZeroes(inst: TargetInstance, relBytes: number, lengthBytes: number, flags?: WriteFlags): Promise<void> {
+async function emulateWriteZeroes(
+  inst: TargetInstance,
+  relBytes: number,
+  lengthBytes: number,
+  flags?: WriteFlags,
+): Promise<void> {
   zeroChunk ??= Buffer.alloc(ZERO_CHUNK_BYTES);
   for (let pos = 0; pos < lengthBytes; pos += ZERO_CHUNK_BYTES) {
     const n = Math.min(ZERO_CHUNK_BYTES, lengthBytes - pos);

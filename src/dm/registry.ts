@@ -54,12 +54,26 @@ export interface CreateOptions {
 }
 
 function notFound(name: string): CryptmapError {
-  return new CryptmapError('ENODEV', `device ${name} does not exist`, { errno: 'ENOENT', exitCode: EXIT_WRONG_DEVICE, context: { device: name } });
+  return new CryptmapError('ENODEV', `device ${name} does not exist`, {
+    errno: 'ENOENT',
+    exitCode: EXIT_WRONG_DEVICE,
+    context: { device: name },
+  });
 }
 
 export function checkDeviceName(name: string): void {
-  if (name.length === 0 || name.length > MAX_NAME || name.includes('/') || name === '.' || name === '..' || /[\s\0]/.test(name)) {
-    throw new CryptmapError('ENAME', `invalid device name '${name}' (1 to ${MAX_NAME} characters, no '/', no white space, not '.' or '..')`);
+  if (
+    name.length === 0 ||
+    name.length > MAX_NAME ||
+    name.includes('/') ||
+    name === '.' ||
+    name === '..' ||
+    /[\s\0]/.test(name)
+  ) {
+    throw new CryptmapError(
+      'ENAME',
+      `invalid device name '${name}' (1 to ${MAX_NAME} characters, no '/', no white space, not '.' or '..')`,
+    );
   }
 }
 
@@ -96,7 +110,9 @@ export class DeviceRegistry {
     const abs = resolvePath(path);
     let size: number | undefined;
     for (const mode of ['ro', 'rw']) {
-      const dev = this.#files.get(`${mode}:${abs}`)?.dev as (BlockDevice & { refreshSize?: () => Promise<number> }) | undefined;
+      const dev = this.#files.get(`${mode}:${abs}`)?.dev as
+        | (BlockDevice & { refreshSize?: () => Promise<number> })
+        | undefined;
       if (dev === undefined) continue;
       size = dev.refreshSize ? await dev.refreshSize() : dev.sizeBytes;
     }
@@ -147,9 +163,13 @@ export class DeviceRegistry {
   async create(name: string, opts: CreateOptions = {}): Promise<MappedDevice> {
     checkDeviceName(name);
     const uuid = opts.uuid ?? '';
-    if (uuid.length > MAX_UUID || /[\s\0]/.test(uuid)) throw new CryptmapError('EUUID', `invalid uuid '${uuid}' (at most ${MAX_UUID} characters, no white space)`);
+    if (uuid.length > MAX_UUID || /[\s\0]/.test(uuid))
+      throw new CryptmapError('EUUID', `invalid uuid '${uuid}' (at most ${MAX_UUID} characters, no white space)`);
     if (this.#devices.has(name) || this.#reservedNames.has(name)) {
-      throw new CryptmapError('EEXIST', `device ${name} already exists`, { errno: 'EEXIST', context: { device: name } });
+      throw new CryptmapError('EEXIST', `device ${name} already exists`, {
+        errno: 'EEXIST',
+        context: { device: name },
+      });
     }
     if (uuid !== '' && this.findByUuid(uuid) !== undefined) {
       throw new CryptmapError('EEXIST', `a device with uuid ${uuid} already exists`, { errno: 'EEXIST' });
@@ -240,7 +260,9 @@ export class DeviceRegistry {
       this.#alive(dev);
       if (newName === dev.name) return;
       if (this.#devices.has(newName) || this.#reservedNames.has(newName)) {
-        throw new CryptmapError('EEXIST', `cannot rename ${dev.name} to ${newName}: a device with that name exists`, { errno: 'EEXIST' });
+        throw new CryptmapError('EEXIST', `cannot rename ${dev.name} to ${newName}: a device with that name exists`, {
+          errno: 'EEXIST',
+        });
       }
       this.#devices.delete(dev.name);
       dev.name = newName;
@@ -300,7 +322,11 @@ export class DeviceRegistry {
     for (const d of table.mappedDeps) {
       const m = d as MappedDevice;
       if (this.#reaches(m, self)) {
-        throw tableError(table.entries[0]!.line, `mapping ${self.name} onto ${m.name} would make a loop (${m.name} already depends on ${self.name})`, 'ELOOP');
+        throw tableError(
+          table.entries[0]!.line,
+          `mapping ${self.name} onto ${m.name} would make a loop (${m.name} already depends on ${self.name})`,
+          'ELOOP',
+        );
       }
     }
   }
@@ -312,10 +338,18 @@ export class DeviceRegistry {
       const minor = Number(mm[2]);
       if (self.minor === minor) return 'self';
       m = [...this.#devices.values()].find((d) => d.minor === minor);
-      if (m === undefined) throw new CryptmapError('ENODEV', `no mapped device has number ${arg}`, { errno: 'ENOENT', exitCode: EXIT_WRONG_DEVICE });
+      if (m === undefined)
+        throw new CryptmapError('ENODEV', `no mapped device has number ${arg}`, {
+          errno: 'ENOENT',
+          exitCode: EXIT_WRONG_DEVICE,
+        });
       return m;
     }
-    const name = arg.startsWith('/dev/mapper/') ? arg.slice('/dev/mapper/'.length) : arg.includes('/') ? undefined : arg;
+    const name = arg.startsWith('/dev/mapper/')
+      ? arg.slice('/dev/mapper/'.length)
+      : arg.includes('/')
+        ? undefined
+        : arg;
     if (name === undefined) return undefined;
     if (name === self.name) return 'self';
     m = this.#devices.get(name);
@@ -323,10 +357,25 @@ export class DeviceRegistry {
     return m;
   }
 
-  async #openDevice(self: MappedDevice, arg: string, line: number, what: string, readOnlyArg = false): Promise<{ device: BlockDevice; release: () => Promise<void>; mapped?: unknown }> {
+  async #openDevice(
+    self: MappedDevice,
+    arg: string,
+    line: number,
+    what: string,
+    readOnlyArg = false,
+  ): Promise<{ device: BlockDevice; release: () => Promise<void>; mapped?: unknown }> {
     const wrap = (e: unknown): CryptmapError => {
-      const c = isCryptmapError(e) ? e : new CryptmapError('EOPEN', `cannot open ${arg}: ${e instanceof Error ? e.message : String(e)}`, { exitCode: EXIT_WRONG_DEVICE });
-      return new CryptmapError(c.code, `table line ${line}: ${what}: ${c.message}`, { exitCode: c.exitCode, errno: c.errno, cause: e, context: { line, arg } });
+      const c = isCryptmapError(e)
+        ? e
+        : new CryptmapError('EOPEN', `cannot open ${arg}: ${e instanceof Error ? e.message : String(e)}`, {
+            exitCode: EXIT_WRONG_DEVICE,
+          });
+      return new CryptmapError(c.code, `table line ${line}: ${what}: ${c.message}`, {
+        exitCode: c.exitCode,
+        errno: c.errno,
+        cause: e,
+        context: { line, arg },
+      });
     };
     let m: MappedDevice | undefined | 'self';
     try {
@@ -337,7 +386,11 @@ export class DeviceRegistry {
     if (m === 'self') throw tableError(line, `${what}: ${self.name} cannot be mapped onto itself`, 'ELOOP');
     if (m !== undefined) {
       if (this.#reaches(m, self)) {
-        throw tableError(line, `${what}: mapping ${self.name} onto ${m.name} would make a loop (${m.name} already depends on ${self.name})`, 'ELOOP');
+        throw tableError(
+          line,
+          `${what}: mapping ${self.name} onto ${m.name} would make a loop (${m.name} already depends on ${self.name})`,
+          'ELOOP',
+        );
       }
       const handle = m.open();
       return { device: handle, release: () => handle.close(), mapped: m };

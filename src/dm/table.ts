@@ -58,7 +58,10 @@ export function parseTable(text: string): TableLine[] {
       throw out.length === 0
         ? tableError(line, `<start> ${startSectors}: the first target must start at sector 0`)
         : startSectors > next
-          ? tableError(line, `<start> ${startSectors} leaves a gap after the previous target, which ends at sector ${next}`)
+          ? tableError(
+              line,
+              `<start> ${startSectors} leaves a gap after the previous target, which ends at sector ${next}`,
+            )
           : tableError(line, `<start> ${startSectors} overlaps the previous target, which ends at sector ${next}`);
     }
     next = startSectors + lengthSectors;
@@ -91,7 +94,12 @@ export interface TableEnvironment {
   targets: Readonly<Record<string, TargetType>>;
   keyStore: KeyStore | undefined;
   /** Open `<dev>` for a table; returns the device and a release function. */
-  openDevice(arg: string, line: number, argDescription: string, readOnly?: boolean): Promise<{ device: BlockDevice; release: () => Promise<void>; mapped?: unknown }>;
+  openDevice(
+    arg: string,
+    line: number,
+    argDescription: string,
+    readOnly?: boolean,
+  ): Promise<{ device: BlockDevice; release: () => Promise<void>; mapped?: unknown }>;
   /** The mapped device the table is built for (opaque; handed to targets as TargetContext.owner). */
   owner?: object;
   /** Raise a dm event on that device. */
@@ -138,7 +146,11 @@ export class Table {
       max = Math.min(max, e.instance.limits.maxRequestBytes);
     }
     max -= max % lbs;
-    this.limits = { logicalBlockBytes: lbs, physicalBlockBytes: Math.max(pbs, lbs), maxRequestBytes: Math.max(max, lbs) };
+    this.limits = {
+      logicalBlockBytes: lbs,
+      physicalBlockBytes: Math.max(pbs, lbs),
+      maxRequestBytes: Math.max(max, lbs),
+    };
   }
 
   /** Construct every target (all or nothing). */
@@ -151,7 +163,11 @@ export class Table {
       for (const l of lines) {
         const type = env.targets[l.target];
         if (type === undefined) {
-          throw tableError(l.line, `unknown target type '${l.target}' (known: ${Object.keys(env.targets).sort().join(', ')})`, 'ETARGET');
+          throw tableError(
+            l.line,
+            `unknown target type '${l.target}' (known: ${Object.keys(env.targets).sort().join(', ')})`,
+            'ETARGET',
+          );
         }
         const ctx: TargetContext = {
           line: l.line,
@@ -171,7 +187,8 @@ export class Table {
           mappedOf: (d) => mappedOf.get(d) as object | undefined,
           ...(env.owner !== undefined ? { owner: env.owner } : {}),
           ...(env.event !== undefined ? { event: env.event } : {}),
-          error: (argName, message, code = 'ETABLE') => tableError(l.line, `${l.target} <${argName}>: ${message}`, code),
+          error: (argName, message, code = 'ETABLE') =>
+            tableError(l.line, `${l.target} <${argName}>: ${message}`, code),
         };
         const instance = await type.ctr(l.args, ctx);
         entries.push({
@@ -188,7 +205,10 @@ export class Table {
       const lbsSectors = table.limits.logicalBlockBytes / 512;
       for (const e of entries) {
         if (e.startSectors % lbsSectors !== 0 || e.lengthSectors % lbsSectors !== 0) {
-          throw tableError(e.line, `${e.type.name}: <start> and <length> must be multiples of the table's logical block size (${table.limits.logicalBlockBytes} bytes = ${lbsSectors} sectors)`);
+          throw tableError(
+            e.line,
+            `${e.type.name}: <start> and <length> must be multiples of the table's logical block size (${table.limits.logicalBlockBytes} bytes = ${lbsSectors} sectors)`,
+          );
         }
       }
       return table;
@@ -214,7 +234,9 @@ export class Table {
 
   /** The table as dmsetup prints it (`table` or `status`), one line per target. */
   format(kind: 'table' | 'status', showKeys: boolean): string[] {
-    return this.entries.map((e) => formatTableLine(e.startSectors, e.lengthSectors, e.type.name, e.instance.status(kind, showKeys)));
+    return this.entries.map((e) =>
+      formatTableLine(e.startSectors, e.lengthSectors, e.type.name, e.instance.status(kind, showKeys)),
+    );
   }
 
   /** Dispose targets and release devices; idempotent. */

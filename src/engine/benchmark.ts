@@ -106,7 +106,17 @@ export async function benchmarkCipher(o: BenchmarkOptions): Promise<BenchmarkRes
       };
     const [encryptMBps, encryptCores] = await measure(one(true), seconds);
     const [decryptMBps] = await measure(one(false), seconds);
-    return { cipher: o.spec, keyBits: o.keyBytes * 8, sectorSize: sectorBytes, threads, encryptMBps, decryptMBps, backend: c.backend, buffers: nbufs, encryptCores };
+    return {
+      cipher: o.spec,
+      keyBits: o.keyBytes * 8,
+      sectorSize: sectorBytes,
+      threads,
+      encryptMBps,
+      decryptMBps,
+      backend: c.backend,
+      buffers: nbufs,
+      encryptCores,
+    };
   } finally {
     c.dispose();
     if (prevThreads > 0) setCryptThreads(prevThreads);

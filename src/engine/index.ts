@@ -10,6 +10,12 @@
 export { defaultBackend, type BackendName } from '../crypto/backends/index.js';
 export { type CipherSpec, checkKeyBytes, parseCipherSpec } from '../crypto/cipher-spec.js';
 export { nativeAvailable, nativeXtsImpl } from '../crypto/backends/native.js';
-export { type CryptPoolStats, createSectorCipher, cryptPoolStats, DEFAULT_ASYNC_MIN_BYTES, setCryptThreads } from './sector-cipher.js';
+export {
+  type CryptPoolStats,
+  createSectorCipher,
+  cryptPoolStats,
+  DEFAULT_ASYNC_MIN_BYTES,
+  setCryptThreads,
+} from './sector-cipher.js';
 export type { SectorBytes, SectorCipher, SectorCipherOptions } from './types.js';
 export { type BenchmarkOptions, type BenchmarkResult, benchmarkCipher } from './benchmark.js';

@@ -9,7 +9,13 @@
  */
 import { read, write } from 'node:fs';
 import { parseCipherSpec, checkKeyBytes } from '../crypto/cipher-spec.js';
-import { BACKENDS, type BackendName, defaultBackend, type SectorRun, type SectorTransform } from '../crypto/backends/index.js';
+import {
+  BACKENDS,
+  type BackendName,
+  defaultBackend,
+  type SectorRun,
+  type SectorTransform,
+} from '../crypto/backends/index.js';
 import { IV_GENERATORS, type IvInstance } from '../crypto/iv/index.js';
 import { CryptmapError } from '../util/errors.js';
 import { loadNative } from '../util/native.js';
@@ -29,7 +35,10 @@ async function fileIo(op: 'read' | 'write', fd: number, buf: Uint8Array, pos: nu
       else write(fd, buf, done, buf.byteLength - done, pos + done, cb);
     });
     if (n === 0) {
-      throw Object.assign(new Error(`end of file ${op === 'read' ? 'reading' : 'writing'} ${buf.byteLength} bytes at ${pos}`), { code: 'ESHORTIO' });
+      throw Object.assign(
+        new Error(`end of file ${op === 'read' ? 'reading' : 'writing'} ${buf.byteLength} bytes at ${pos}`),
+        { code: 'ESHORTIO' },
+      );
     }
     done += n;
   }
@@ -40,7 +49,9 @@ function alignError(what: string, context: Record<string, unknown>): CryptmapErr
 }
 
 function overlaps(a: Uint8Array, b: Uint8Array): boolean {
-  return a.buffer === b.buffer && a.byteOffset < b.byteOffset + b.byteLength && b.byteOffset < a.byteOffset + a.byteLength;
+  return (
+    a.buffer === b.buffer && a.byteOffset < b.byteOffset + b.byteLength && b.byteOffset < a.byteOffset + a.byteLength
+  );
 }
 
 class Engine implements SectorCipher {
@@ -67,23 +78,32 @@ class Engine implements SectorCipher {
     checkKeyBytes(spec, opts.key.length);
     const sb = opts.sectorBytes ?? 512;
     if (!SECTOR_SIZES.includes(sb)) {
-      throw new CryptmapError('ESECTOR_SIZE', `sector size ${sb} is not one of 512, 1024, 2048, 4096`, { context: { sectorBytes: sb } });
+      throw new CryptmapError('ESECTOR_SIZE', `sector size ${sb} is not one of 512, 1024, 2048, 4096`, {
+        context: { sectorBytes: sb },
+      });
     }
     const ivOffset = opts.ivOffsetSectors ?? 0n;
     if (typeof ivOffset !== 'bigint' || ivOffset < 0n || ivOffset > U64_MAX) {
-      throw new CryptmapError('ERANGE', `iv offset ${String(ivOffset)} is not an unsigned 64-bit number`, { errno: 'EOVERFLOW' });
+      throw new CryptmapError('ERANGE', `iv offset ${String(ivOffset)} is not an unsigned 64-bit number`, {
+        errno: 'EOVERFLOW',
+      });
     }
     this.#spb = sb / 512;
     this.#spbShift = BigInt(Math.log2(this.#spb));
     this.#spbMask = BigInt(this.#spb - 1);
     this.#safeFirst = U64_MAX - (1n << 33n);
     if (ivOffset % BigInt(this.#spb) !== 0n) {
-      throw alignError(`iv offset ${ivOffset} is not a multiple of the sector size (${this.#spb} x 512 bytes)`, { ivOffsetSectors: ivOffset, sectorBytes: sb });
+      throw alignError(`iv offset ${ivOffset} is not a multiple of the sector size (${this.#spb} x 512 bytes)`, {
+        ivOffsetSectors: ivOffset,
+        sectorBytes: sb,
+      });
     }
     const asyncMin = opts.asyncMinBytes ?? DEFAULT_ASYNC_MIN_BYTES;
-    if (!Number.isSafeInteger(asyncMin) || asyncMin < 0) throw new CryptmapError('EINVAL', `asyncMinBytes ${asyncMin} is not a non-negative integer`);
+    if (!Number.isSafeInteger(asyncMin) || asyncMin < 0)
+      throw new CryptmapError('EINVAL', `asyncMinBytes ${asyncMin} is not a non-negative integer`);
     const backend = opts.backend ?? defaultBackend();
-    if (backend !== 'native' && backend !== 'js') throw new CryptmapError('EBACKEND', `unknown crypto backend '${String(backend)}'`);
+    if (backend !== 'native' && backend !== 'js')
+      throw new CryptmapError('EBACKEND', `unknown crypto backend '${String(backend)}'`);
     this.spec = opts.spec;
     this.sectorBytes = sb;
     this.keyBytes = opts.key.length;
@@ -102,36 +122,55 @@ class Engine implements SectorCipher {
   }
 
   #prepare(encrypt: boolean, src: Uint8Array, sector: bigint, dst: Uint8Array | undefined): SectorRun | null {
-    if (this.#disposed || this.#t === undefined) throw new CryptmapError('EDISPOSED', 'sector cipher used after dispose');
+    if (this.#disposed || this.#t === undefined)
+      throw new CryptmapError('EDISPOSED', 'sector cipher used after dispose');
     if (!(src instanceof Uint8Array)) throw new CryptmapError('EINVAL', 'data must be a Uint8Array');
     const out = dst ?? src;
     if (!(out instanceof Uint8Array)) throw new CryptmapError('EINVAL', 'destination must be a Uint8Array');
     if (typeof sector !== 'bigint') throw new CryptmapError('EINVAL', `sector must be a bigint, not ${typeof sector}`);
     const len = src.byteLength;
     if (len % this.sectorBytes !== 0) {
-      throw alignError(`length ${len} is not a multiple of the ${this.sectorBytes}-byte sector size`, { length: len, sectorBytes: this.sectorBytes });
+      throw alignError(`length ${len} is not a multiple of the ${this.sectorBytes}-byte sector size`, {
+        length: len,
+        sectorBytes: this.sectorBytes,
+      });
     }
     if (out.byteLength !== len) {
-      throw new CryptmapError('EINVAL', `destination is ${out.byteLength} bytes, source ${len}`, { context: { length: len, dstLength: out.byteLength } });
+      throw new CryptmapError('EINVAL', `destination is ${out.byteLength} bytes, source ${len}`, {
+        context: { length: len, dstLength: out.byteLength },
+      });
     }
     if (out !== src && overlaps(src, out) && !(src.byteOffset === out.byteOffset)) {
-      throw new CryptmapError('EOVERLAP', 'source and destination overlap partially (use the same buffer for in place)');
+      throw new CryptmapError(
+        'EOVERLAP',
+        'source and destination overlap partially (use the same buffer for in place)',
+      );
     }
     if (sector < 0n || sector > U64_MAX) {
-      throw new CryptmapError('ERANGE', `sector ${sector} is not an unsigned 64-bit number`, { errno: 'EOVERFLOW', context: { sector } });
+      throw new CryptmapError('ERANGE', `sector ${sector} is not an unsigned 64-bit number`, {
+        errno: 'EOVERFLOW',
+        context: { sector },
+      });
     }
     if ((sector & this.#spbMask) !== 0n) {
-      throw alignError(`sector ${sector} is not aligned to the ${this.sectorBytes}-byte sector size`, { sector, sectorBytes: this.sectorBytes });
+      throw alignError(`sector ${sector} is not aligned to the ${this.sectorBytes}-byte sector size`, {
+        sector,
+        sectorBytes: this.sectorBytes,
+      });
     }
     const count = len / this.sectorBytes;
     const first = sector + this.#ivOffset;
     // A request spans at most 2^33 512-byte sectors (lengths are below 2^42 bytes), so only a first
     // IV sector near the top of the range needs the exact check.
     if (count > 0 && first > this.#safeFirst && first + BigInt(count * this.#spb) - 1n > U64_MAX) {
-      throw new CryptmapError('ERANGE', `IV sectors of the request (sector ${sector}, ${count} sectors, iv offset ${this.#ivOffset}) pass 2^64`, {
-        errno: 'EOVERFLOW',
-        context: { sector, count, ivOffsetSectors: this.#ivOffset },
-      });
+      throw new CryptmapError(
+        'ERANGE',
+        `IV sectors of the request (sector ${sector}, ${count} sectors, iv offset ${this.#ivOffset}) pass 2^64`,
+        {
+          errno: 'EOVERFLOW',
+          context: { sector, count, ivOffsetSectors: this.#ivOffset },
+        },
+      );
     }
     if (count === 0) return null;
     const iv = this.#ivLarge ? first >> this.#spbShift : first;
@@ -183,13 +222,27 @@ class Engine implements SectorCipher {
     return this.#file(false, fd, fileOffsetBytes, buf, sector, undefined);
   }
 
-  encryptWriteAsync(fd: number, fileOffsetBytes: number, src: Uint8Array, sector: bigint, dst?: Uint8Array): Promise<void> {
+  encryptWriteAsync(
+    fd: number,
+    fileOffsetBytes: number,
+    src: Uint8Array,
+    sector: bigint,
+    dst?: Uint8Array,
+  ): Promise<void> {
     return this.#file(true, fd, fileOffsetBytes, src, sector, dst);
   }
 
-  #file(encrypt: boolean, fd: number, fileOffsetBytes: number, src: Uint8Array, sector: bigint, dst: Uint8Array | undefined): Promise<void> {
+  #file(
+    encrypt: boolean,
+    fd: number,
+    fileOffsetBytes: number,
+    src: Uint8Array,
+    sector: bigint,
+    dst: Uint8Array | undefined,
+  ): Promise<void> {
     try {
-      if (!Number.isSafeInteger(fd) || fd < 0) throw new CryptmapError('EINVAL', `file descriptor ${fd} is not a non-negative integer`);
+      if (!Number.isSafeInteger(fd) || fd < 0)
+        throw new CryptmapError('EINVAL', `file descriptor ${fd} is not a non-negative integer`);
       if (!Number.isSafeInteger(fileOffsetBytes) || fileOffsetBytes < 0) {
         throw new CryptmapError('EINVAL', `file offset ${fileOffsetBytes} is not a non-negative integer`);
       }
@@ -233,7 +286,8 @@ class Engine implements SectorCipher {
  * addon is not loaded (the js backend runs async requests inline).
  */
 export function setCryptThreads(n: number): number {
-  if (!Number.isSafeInteger(n) || n < 1 || n > 256) throw new CryptmapError('EINVAL', `crypt threads must be 1..256, not ${n}`);
+  if (!Number.isSafeInteger(n) || n < 1 || n > 256)
+    throw new CryptmapError('EINVAL', `crypt threads must be 1..256, not ${n}`);
   const addon = loadNative();
   return addon === null ? 0 : addon.setPoolThreads(n);
 }

@@ -56,7 +56,13 @@ export interface SectorCipher {
    */
   readDecryptAsync(fd: number, fileOffsetBytes: number, buf: Uint8Array, sector: bigint): Promise<void>;
   /** Encrypt `src` into `dst` (default: in place) and write `dst` to `fd` at `fileOffsetBytes`; as above. */
-  encryptWriteAsync(fd: number, fileOffsetBytes: number, src: Uint8Array, sector: bigint, dst?: Uint8Array): Promise<void>;
+  encryptWriteAsync(
+    fd: number,
+    fileOffsetBytes: number,
+    src: Uint8Array,
+    sector: bigint,
+    dst?: Uint8Array,
+  ): Promise<void>;
   /** Wipe the key schedule; further use throws. Idempotent. */
   dispose(): void;
 }

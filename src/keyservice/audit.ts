@@ -38,7 +38,19 @@ export interface AuditSink {
   close(): Promise<void>;
 }
 
-const FIELDS = ['transport', 'identity', 'peer', 'op', 'purpose', 'service', 'volume', 'length', 'result', 'reason', 'count'] as const;
+const FIELDS = [
+  'transport',
+  'identity',
+  'peer',
+  'op',
+  'purpose',
+  'service',
+  'volume',
+  'length',
+  'result',
+  'reason',
+  'count',
+] as const;
 
 /** Render one line; only whitelisted fields, strings capped at 256 characters. */
 export function auditLine(r: AuditRecord, now = new Date()): string {
@@ -113,7 +125,11 @@ export function rateLimitedAudit(sink: AuditSink, opts: RateLimitOptions = {}): 
     for (const [k, p] of pending) {
       if (p.count > 0) {
         const seconds = Math.max(1, Math.round((now - p.since) / 1000));
-        sink.record({ ...p.first, count: p.count, reason: `${p.first.reason ?? p.first.result} (${p.count} more in ${seconds} s, aggregated)` });
+        sink.record({
+          ...p.first,
+          count: p.count,
+          reason: `${p.first.reason ?? p.first.result} (${p.count} more in ${seconds} s, aggregated)`,
+        });
         p.count = 0;
         p.since = now;
       } else if (all || now - p.since >= interval) pending.delete(k);
@@ -134,7 +150,12 @@ export function rateLimitedAudit(sink: AuditSink, opts: RateLimitOptions = {}): 
         p.count++;
         return;
       }
-      pending.set(key, { first: key === 'overflow' ? { ...r, peer: '(many)', identity: '(many)', reason: 'refusals from many peers' } : r, count: 0, since: Date.now() });
+      pending.set(key, {
+        first:
+          key === 'overflow' ? { ...r, peer: '(many)', identity: '(many)', reason: 'refusals from many peers' } : r,
+        count: 0,
+        since: Date.now(),
+      });
       sink.record(r);
     },
     async close() {

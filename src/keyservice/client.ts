@@ -32,16 +32,26 @@ const DEFAULT_TIMEOUT_MS = 5000;
 
 function unreachable(where: string, e: unknown): CryptmapError {
   const err = fromSystemError('EKEYD_UNREACHABLE', `key service ${where} is unreachable`, e);
-  return new CryptmapError('EKEYD_UNREACHABLE', err.message, { errno: 'ESHUTDOWN', exitCode: 1, cause: e, context: { address: where } });
+  return new CryptmapError('EKEYD_UNREACHABLE', err.message, {
+    errno: 'ESHUTDOWN',
+    exitCode: 1,
+    cause: e,
+    context: { address: where },
+  });
 }
 
 function keyFromResponse(where: string, r: KeyResponse, length: number): Secret {
   if (!r.ok) {
     const msg = typeof r.message === 'string' ? r.message : 'request refused';
-    if (r.code === 'EACCES') throw new CryptmapError('EKEYD_DENIED', `key service ${where} refused: ${msg}`, { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
+    if (r.code === 'EACCES')
+      throw new CryptmapError('EKEYD_DENIED', `key service ${where} refused: ${msg}`, {
+        exitCode: EXIT_NO_PERMISSION,
+        errno: 'EPERM',
+      });
     throw new CryptmapError(r.code === 'EKEYREQ' ? 'EKEYREQ' : 'EKEYD_PROTO', `key service ${where}: ${msg}`);
   }
-  if (typeof r.key !== 'string' || r.key.length !== length * 2) throw new CryptmapError('EKEYD_PROTO', `key service ${where} sent no key of ${length} bytes`);
+  if (typeof r.key !== 'string' || r.key.length !== length * 2)
+    throw new CryptmapError('EKEYD_PROTO', `key service ${where} sent no key of ${length} bytes`);
   return new Secret(fromHex(r.key, 'key'));
 }
 
@@ -73,7 +83,10 @@ function unixCall(path: string, msg: Record<string, unknown>, timeoutMs: number)
       sock.destroy();
       f();
     };
-    const timer = setTimeout(() => finish(() => reject(unreachable(path, new Error(`no answer within ${timeoutMs} ms`)))), timeoutMs);
+    const timer = setTimeout(
+      () => finish(() => reject(unreachable(path, new Error(`no answer within ${timeoutMs} ms`)))),
+      timeoutMs,
+    );
     sock.setEncoding('utf8');
     sock.on('connect', () => {
       const bad = untrustedPeer(sock, path, 'EKEYD_UNTRUSTED');
@@ -84,7 +97,8 @@ function unixCall(path: string, msg: Record<string, unknown>, timeoutMs: number)
       buf += c;
       const nl = buf.indexOf('\n');
       if (nl < 0) {
-        if (buf.length > 65536) finish(() => reject(new CryptmapError('EKEYD_PROTO', `key service ${path} sent an overlong answer`)));
+        if (buf.length > 65536)
+          finish(() => reject(new CryptmapError('EKEYD_PROTO', `key service ${path} sent an overlong answer`)));
         return;
       }
       const line = buf.slice(0, nl);
@@ -167,13 +181,16 @@ function httpsCall(opts: HttpsClientOptions, msg: Record<string, unknown>): Prom
         res.setEncoding('utf8');
         res.on('data', (c: string) => {
           data += c;
-          if (data.length > 65536) req.destroy(new CryptmapError('EKEYD_PROTO', `key service ${opts.url} sent an overlong answer`));
+          if (data.length > 65536)
+            req.destroy(new CryptmapError('EKEYD_PROTO', `key service ${opts.url} sent an overlong answer`));
         });
         res.on('end', () => {
           try {
             resolve(JSON.parse(data) as KeyResponse);
           } catch {
-            reject(new CryptmapError('EKEYD_PROTO', `key service ${opts.url} answered HTTP ${res.statusCode} without JSON`));
+            reject(
+              new CryptmapError('EKEYD_PROTO', `key service ${opts.url} answered HTTP ${res.statusCode} without JSON`),
+            );
           }
         });
         res.on('error', (e) => reject(unreachable(opts.url, e)));
@@ -244,7 +261,10 @@ export function connectKeyService(address: string, opts: ConnectOptions = {}): K
   }
   if (address.startsWith('https://')) {
     if (!opts.tlsCert || !opts.tlsKey || !opts.tlsCa) {
-      throw new CryptmapError('EKEYD_ADDRESS', `key service ${address} needs a client certificate, key and CA (tls.cert, tls.key, tls.ca)`);
+      throw new CryptmapError(
+        'EKEYD_ADDRESS',
+        `key service ${address} needs a client certificate, key and CA (tls.cert, tls.key, tls.ca)`,
+      );
     }
     const read = (p: string) => {
       try {
@@ -254,7 +274,14 @@ export function connectKeyService(address: string, opts: ConnectOptions = {}): K
       }
     };
     const key = read(opts.tlsKey);
-    const client = httpsKeyClient({ url: address, cert: read(opts.tlsCert), key, ca: read(opts.tlsCa), servername: opts.servername, timeoutMs: opts.timeoutMs });
+    const client = httpsKeyClient({
+      url: address,
+      cert: read(opts.tlsCert),
+      key,
+      ca: read(opts.tlsCa),
+      servername: opts.servername,
+      timeoutMs: opts.timeoutMs,
+    });
     return {
       ...client,
       async close() {

@@ -41,14 +41,20 @@ export interface DeriveRequest {
 /** Check a request's fields strictly; throws EKEYREQ with the offending field. */
 export function validateDeriveRequest(req: DeriveRequest): Required<DeriveRequest> {
   if (!(KEY_PURPOSES as readonly string[]).includes(req.purpose)) {
-    throw new CryptmapError('EKEYREQ', `purpose must be one of ${KEY_PURPOSES.join(', ')}`, { context: { field: 'purpose' } });
+    throw new CryptmapError('EKEYREQ', `purpose must be one of ${KEY_PURPOSES.join(', ')}`, {
+      context: { field: 'purpose' },
+    });
   }
   for (const f of ['service', 'volume'] as const) {
     const v = req[f];
     if (typeof v !== 'string' || !isValidName(v)) {
-      throw new CryptmapError('EKEYREQ', `${f} must be 1-64 characters of A-Z a-z 0-9 . _ - starting with a letter or digit`, {
-        context: { field: f },
-      });
+      throw new CryptmapError(
+        'EKEYREQ',
+        `${f} must be 1-64 characters of A-Z a-z 0-9 . _ - starting with a letter or digit`,
+        {
+          context: { field: f },
+        },
+      );
     }
   }
   const length = req.length ?? 32;
@@ -71,7 +77,14 @@ export function contextInfo(purpose: KeyPurpose, service: string, volume: string
 export function deriveKey(root: Secret, req: DeriveRequest): Secret {
   const r = validateDeriveRequest(req);
   const ikm = root.expose();
-  if (ikm.length !== ROOT_SECRET_BYTES) throw new CryptmapError('EROOTSECRET', `root secret must be ${ROOT_SECRET_BYTES} bytes`);
-  const out = hkdfSync('sha256', ikm, HKDF_SALT, Buffer.from(contextInfo(r.purpose, r.service, r.volume), 'utf8'), r.length);
+  if (ikm.length !== ROOT_SECRET_BYTES)
+    throw new CryptmapError('EROOTSECRET', `root secret must be ${ROOT_SECRET_BYTES} bytes`);
+  const out = hkdfSync(
+    'sha256',
+    ikm,
+    HKDF_SALT,
+    Buffer.from(contextInfo(r.purpose, r.service, r.volume), 'utf8'),
+    r.length,
+  );
   return new Secret(Buffer.from(out));
 }

@@ -41,10 +41,16 @@ export interface EmbeddedOptions {
 }
 
 /** Load (or create) the root secret in `stateDir` and serve keys in-process as identity `local`. */
-export async function startEmbeddedKeyService(stateDir: string, opts: EmbeddedOptions = {}): Promise<EmbeddedKeyService> {
+export async function startEmbeddedKeyService(
+  stateDir: string,
+  opts: EmbeddedOptions = {},
+): Promise<EmbeddedKeyService> {
   // The state dir holds the audit log in every mode; checked (trusted path, 0700) before anything else.
   await ensurePrivateDir(stateDir);
-  const root = await loadOrCreateRootSecret(stateDir, { ...(opts.passphrase ? { passphrase: opts.passphrase } : {}), ...(opts.rootFile ? { rootFile: opts.rootFile } : {}) });
+  const root = await loadOrCreateRootSecret(stateDir, {
+    ...(opts.passphrase ? { passphrase: opts.passphrase } : {}),
+    ...(opts.rootFile ? { rootFile: opts.rootFile } : {}),
+  });
   let audit: AuditSink;
   try {
     audit = rateLimitedAudit(await openAuditFile(opts.auditPath ?? join(stateDir, 'audit.log')));

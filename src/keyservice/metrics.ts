@@ -9,7 +9,17 @@ import type { MetricsRegistry } from '../util/metrics.js';
 import type { AuditRecord, AuditSink } from './audit.js';
 
 /** The refusal reasons as label values. */
-export const REFUSAL_REASONS = ['policy', 'bad_request', 'unknown_op', 'unknown_token', 'malformed_token', 'request_too_long', 'no_client_certificate', 'tls_handshake', 'other'] as const;
+export const REFUSAL_REASONS = [
+  'policy',
+  'bad_request',
+  'unknown_op',
+  'unknown_token',
+  'malformed_token',
+  'request_too_long',
+  'no_client_certificate',
+  'tls_handshake',
+  'other',
+] as const;
 export type RefusalReason = (typeof REFUSAL_REASONS)[number];
 
 /** The label value for a refusal record. */
@@ -35,8 +45,14 @@ const OPS = new Set(['derive', 'connect']);
  * @example const audit = countingAudit(rateLimitedAudit(file), registry);
  */
 export function countingAudit(sink: AuditSink, registry: MetricsRegistry): AuditSink {
-  const requests = registry.counter('cryptmap_keyd_requests_total', 'Key requests and refused connections keyd handled, by transport, operation and result (granted, denied, error).');
-  const refusals = registry.counter('cryptmap_keyd_refusals_total', 'Key requests and connections keyd refused, by reason.');
+  const requests = registry.counter(
+    'cryptmap_keyd_requests_total',
+    'Key requests and refused connections keyd handled, by transport, operation and result (granted, denied, error).',
+  );
+  const refusals = registry.counter(
+    'cryptmap_keyd_refusals_total',
+    'Key requests and connections keyd refused, by reason.',
+  );
   // Zero rows for every reason, so rate() works from the first refusal on.
   for (const reason of REFUSAL_REASONS) refusals.inc({ reason }, 0);
   for (const result of ['granted', 'denied', 'error']) requests.inc({ transport: 'unix', op: 'derive', result }, 0);

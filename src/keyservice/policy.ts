@@ -34,7 +34,9 @@ export interface Policy {
 }
 
 /** The policy used when none is given: local (same-uid) clients may ask for every service. */
-export const DEFAULT_POLICY: Policy = { clients: [{ identity: 'local', services: ['*'], purposes: [...KEY_PURPOSES] }] };
+export const DEFAULT_POLICY: Policy = {
+  clients: [{ identity: 'local', services: ['*'], purposes: [...KEY_PURPOSES] }],
+};
 
 const IDENTITY_RE = /^(local|cn:[^\s]{1,255}|token:[A-Za-z0-9][A-Za-z0-9._-]{0,63})$/;
 const PATTERN_RE = /^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,63}\*?)$/;
@@ -45,7 +47,8 @@ function bad(where: string, msg: string): never {
 
 /** Validate a parsed policy document (strict: unknown keys are errors). */
 export function policyFromObject(doc: unknown, where = 'policy'): Policy {
-  if (typeof doc !== 'object' || doc === null || Array.isArray(doc)) bad(where, 'must be a mapping with version and clients');
+  if (typeof doc !== 'object' || doc === null || Array.isArray(doc))
+    bad(where, 'must be a mapping with version and clients');
   const d = doc as Record<string, unknown>;
   for (const k of Object.keys(d)) if (k !== 'version' && k !== 'clients') bad(where, `unknown key '${k}'`);
   if (d.version !== 1) bad(where, 'version must be 1');
@@ -56,8 +59,10 @@ export function policyFromObject(doc: unknown, where = 'policy'): Policy {
     const at = `${where}: clients[${i}]`;
     if (typeof c !== 'object' || c === null || Array.isArray(c)) bad(at, 'must be a mapping');
     const o = c as Record<string, unknown>;
-    for (const k of Object.keys(o)) if (!['identity', 'services', 'purposes', 'tokenSha256'].includes(k)) bad(at, `unknown key '${k}'`);
-    if (typeof o.identity !== 'string' || !IDENTITY_RE.test(o.identity)) bad(`${at}.identity`, "must be 'local', 'cn:<name>' or 'token:<name>'");
+    for (const k of Object.keys(o))
+      if (!['identity', 'services', 'purposes', 'tokenSha256'].includes(k)) bad(at, `unknown key '${k}'`);
+    if (typeof o.identity !== 'string' || !IDENTITY_RE.test(o.identity))
+      bad(`${at}.identity`, "must be 'local', 'cn:<name>' or 'token:<name>'");
     if (seen.has(o.identity)) bad(`${at}.identity`, `'${o.identity}' is listed twice`);
     seen.add(o.identity);
     if (!Array.isArray(o.services) || o.services.some((s) => typeof s !== 'string' || !PATTERN_RE.test(s))) {
@@ -72,7 +77,8 @@ export function policyFromObject(doc: unknown, where = 'policy'): Policy {
     }
     const client: PolicyClient = { identity: o.identity, services: o.services as string[], purposes };
     if (o.identity.startsWith('token:')) {
-      if (typeof o.tokenSha256 !== 'string' || !/^[0-9a-fA-F]{64}$/.test(o.tokenSha256)) bad(`${at}.tokenSha256`, 'a token client needs tokenSha256 (64 hex digits)');
+      if (typeof o.tokenSha256 !== 'string' || !/^[0-9a-fA-F]{64}$/.test(o.tokenSha256))
+        bad(`${at}.tokenSha256`, 'a token client needs tokenSha256 (64 hex digits)');
       client.tokenSha256 = fromHex(o.tokenSha256);
     } else if (o.tokenSha256 !== undefined) {
       bad(`${at}.tokenSha256`, 'only token:<name> identities take a tokenSha256');

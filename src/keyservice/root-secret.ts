@@ -102,7 +102,11 @@ async function argon2id(passphrase: Secret, salt: Buffer, p: Argon2Params): Prom
 }
 
 /** Wrap a root secret into the 96-byte `root.key.wrapped` format. */
-export async function wrapRootSecret(root: Secret, passphrase: Secret, params: Argon2Params = DEFAULT_WRAP_PARAMS): Promise<Buffer> {
+export async function wrapRootSecret(
+  root: Secret,
+  passphrase: Secret,
+  params: Argon2Params = DEFAULT_WRAP_PARAMS,
+): Promise<Buffer> {
   const out = Buffer.alloc(WRAPPED_BYTES);
   out.write(WRAPPED_MAGIC, 0, 'latin1');
   out[4] = WRAPPED_VERSION;
@@ -131,12 +135,31 @@ export async function wrapRootSecret(root: Secret, passphrase: Secret, params: A
 /** Unwrap a `root.key.wrapped` file's bytes; wrong passphrase or tampering -> EROOTPASS. */
 export async function unwrapRootSecret(file: Buffer, passphrase: Secret): Promise<Secret> {
   if (file.length !== WRAPPED_BYTES || file.toString('latin1', 0, 4) !== WRAPPED_MAGIC) {
-    throw new CryptmapError('EROOTFORMAT', `wrapped root secret file is not in cryptmap format (expected ${WRAPPED_BYTES} bytes starting with ${WRAPPED_MAGIC})`);
+    throw new CryptmapError(
+      'EROOTFORMAT',
+      `wrapped root secret file is not in cryptmap format (expected ${WRAPPED_BYTES} bytes starting with ${WRAPPED_MAGIC})`,
+    );
   }
-  if (file[4] !== WRAPPED_VERSION) throw new CryptmapError('EROOTFORMAT', `wrapped root secret version ${file[4]} is not supported (expected 1)`);
-  if (file[5] !== WRAPPED_KDF_ARGON2ID) throw new CryptmapError('EROOTFORMAT', `wrapped root secret kdf ${file[5]} is not supported (expected 2 = argon2id)`);
-  const params: Argon2Params = { timeCost: file.readUInt32BE(8), memoryKiB: file.readUInt32BE(12), parallelism: file.readUInt32BE(16) };
-  if (params.timeCost < 1 || params.timeCost > 1000 || params.memoryKiB < 8 || params.memoryKiB > 4 * 1024 * 1024 || params.parallelism < 1 || params.parallelism > 16) {
+  if (file[4] !== WRAPPED_VERSION)
+    throw new CryptmapError('EROOTFORMAT', `wrapped root secret version ${file[4]} is not supported (expected 1)`);
+  if (file[5] !== WRAPPED_KDF_ARGON2ID)
+    throw new CryptmapError(
+      'EROOTFORMAT',
+      `wrapped root secret kdf ${file[5]} is not supported (expected 2 = argon2id)`,
+    );
+  const params: Argon2Params = {
+    timeCost: file.readUInt32BE(8),
+    memoryKiB: file.readUInt32BE(12),
+    parallelism: file.readUInt32BE(16),
+  };
+  if (
+    params.timeCost < 1 ||
+    params.timeCost > 1000 ||
+    params.memoryKiB < 8 ||
+    params.memoryKiB > 4 * 1024 * 1024 ||
+    params.parallelism < 1 ||
+    params.parallelism > 16
+  ) {
     throw new CryptmapError('EROOTFORMAT', 'wrapped root secret has out-of-range Argon2 parameters');
   }
   const kek = await argon2id(passphrase, file.subarray(20, 36), params);
@@ -149,7 +172,10 @@ export async function unwrapRootSecret(file: Buffer, passphrase: Secret): Promis
       d.final();
     } catch {
       wipe(pt);
-      throw new CryptmapError('EROOTPASS', 'cannot unwrap the root secret: wrong passphrase or damaged file', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
+      throw new CryptmapError('EROOTPASS', 'cannot unwrap the root secret: wrong passphrase or damaged file', {
+        exitCode: EXIT_NO_PERMISSION,
+        errno: 'EPERM',
+      });
     }
     return new Secret(pt);
   } finally {
@@ -175,7 +201,11 @@ async function readPrivateFile(p: string): Promise<Buffer> {
 /** Write `data` to `path` (mode 0600) atomically and exclusively; returns false if it already existed. */
 async function createExclusive(dir: string, path: string, data: Buffer): Promise<boolean> {
   const tmp = join(dir, `.tmp-${process.pid}-${randomBytes(6).toString('hex')}`);
-  const fh = await fs.open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
+  const fh = await fs.open(
+    tmp,
+    constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW,
+    0o600,
+  );
   try {
     await fh.writeFile(data);
     await fh.sync();
@@ -204,21 +234,33 @@ async function createExclusive(dir: string, path: string, data: Buffer): Promise
  * With `passphrase`, a wrapped file is used (created if neither file exists); a raw file with a
  * passphrase given, or a wrapped file without one, is an error (never silently downgrade).
  */
-export async function loadOrCreateRootSecret(stateDir: string, opts: RootSecretOptions = {}): Promise<RootSecretResult> {
+export async function loadOrCreateRootSecret(
+  stateDir: string,
+  opts: RootSecretOptions = {},
+): Promise<RootSecretResult> {
   await ensurePrivateDir(stateDir); // also with rootFile: the audit log and the socket live there
   if (opts.rootFile !== undefined) return loadRootSecretFile(opts.rootFile, opts.passphrase);
   const rawPath = join(stateDir, ROOT_FILE);
   const wrappedPath = join(stateDir, WRAPPED_FILE);
   const hasRaw = await exists(rawPath);
   const hasWrapped = await exists(wrappedPath);
-  if (hasRaw && hasWrapped) throw new CryptmapError('EROOTSECRET', `both ${ROOT_FILE} and ${WRAPPED_FILE} exist in ${stateDir}; remove the one not in use`);
+  if (hasRaw && hasWrapped)
+    throw new CryptmapError(
+      'EROOTSECRET',
+      `both ${ROOT_FILE} and ${WRAPPED_FILE} exist in ${stateDir}; remove the one not in use`,
+    );
   if (opts.passphrase) {
-    if (hasRaw) throw new CryptmapError('EROOTSECRET', `${rawPath} is not wrapped but a passphrase was given; refusing to guess (rewrap it explicitly)`);
+    if (hasRaw)
+      throw new CryptmapError(
+        'EROOTSECRET',
+        `${rawPath} is not wrapped but a passphrase was given; refusing to guess (rewrap it explicitly)`,
+      );
     if (!hasWrapped) {
       const secret = new Secret(randomBytes(ROOT_SECRET_BYTES));
       const file = await wrapRootSecret(secret, opts.passphrase, opts.wrapParams);
       try {
-        if (await createExclusive(stateDir, wrappedPath, file)) return { secret, created: true, wrapped: true, path: wrappedPath };
+        if (await createExclusive(stateDir, wrappedPath, file))
+          return { secret, created: true, wrapped: true, path: wrappedPath };
       } catch (e) {
         secret.dispose();
         throw fromSystemError('EROOTSECRET', `cannot create ${wrappedPath}`, e);
@@ -228,11 +270,13 @@ export async function loadOrCreateRootSecret(stateDir: string, opts: RootSecretO
     const secret = await unwrapRootSecret(await readPrivateFile(wrappedPath), opts.passphrase);
     return { secret, created: false, wrapped: true, path: wrappedPath };
   }
-  if (hasWrapped) throw new CryptmapError('EROOTSECRET', `${wrappedPath} is wrapped by a passphrase: give --passphrase-file`);
+  if (hasWrapped)
+    throw new CryptmapError('EROOTSECRET', `${wrappedPath} is wrapped by a passphrase: give --passphrase-file`);
   if (!hasRaw) {
     const secret = new Secret(randomBytes(ROOT_SECRET_BYTES));
     try {
-      if (await createExclusive(stateDir, rawPath, secret.expose())) return { secret, created: true, wrapped: false, path: rawPath };
+      if (await createExclusive(stateDir, rawPath, secret.expose()))
+        return { secret, created: true, wrapped: false, path: rawPath };
     } catch (e) {
       secret.dispose();
       throw fromSystemError('EROOTSECRET', `cannot create ${rawPath}`, e);
@@ -262,7 +306,11 @@ export async function loadRootSecretFile(path: string, passphrase?: Secret): Pro
   const isWrapped = bytes.length === WRAPPED_BYTES && bytes.toString('latin1', 0, 4) === WRAPPED_MAGIC;
   if (passphrase) {
     try {
-      if (!isWrapped) throw new CryptmapError('EROOTSECRET', `${path} is not a wrapped root secret (${WRAPPED_BYTES} bytes starting with ${WRAPPED_MAGIC}) but a passphrase was given`);
+      if (!isWrapped)
+        throw new CryptmapError(
+          'EROOTSECRET',
+          `${path} is not a wrapped root secret (${WRAPPED_BYTES} bytes starting with ${WRAPPED_MAGIC}) but a passphrase was given`,
+        );
       return { secret: await unwrapRootSecret(bytes, passphrase), created: false, wrapped: true, path };
     } finally {
       wipe(bytes);

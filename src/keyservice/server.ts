@@ -34,7 +34,8 @@ export interface RunningServer {
 function identityOf(service: KeyService, msg: unknown): { identity: string; refused?: string } {
   const token = typeof msg === 'object' && msg !== null ? (msg as Record<string, unknown>).token : undefined;
   if (token === undefined) return { identity: 'local' };
-  if (typeof token !== 'string' || token.length === 0 || token.length > 1024) return { identity: 'token:?', refused: 'malformed token' };
+  if (typeof token !== 'string' || token.length === 0 || token.length > 1024)
+    return { identity: 'token:?', refused: 'malformed token' };
   const id = identityForToken(service.policy, token);
   return id === undefined ? { identity: 'token:?', refused: 'unknown token' } : { identity: id };
 }
@@ -70,7 +71,12 @@ export async function listenUnix(service: KeyService, path: string): Promise<Run
         const who = identityOf(service, msg);
         if (who.refused) {
           service.refuse('unix', who.identity, who.refused, peer);
-          send({ id: (msg as Record<string, unknown>)?.id, ok: false, code: 'EACCES', message: 'unknown client token' });
+          send({
+            id: (msg as Record<string, unknown>)?.id,
+            ok: false,
+            code: 'EACCES',
+            message: 'unknown client token',
+          });
           continue;
         }
         send(service.handle('unix', who.identity, msg));
@@ -85,8 +91,13 @@ export async function listenUnix(service: KeyService, path: string): Promise<Run
   });
   await listenUnixSocket(server, path, 0o600, {
     code: 'EKEYD_LISTEN',
-    live: (p) => new CryptmapError('EKEYD_RUNNING', `a key service is already listening on ${p}`, { exitCode: 5, errno: 'EBUSY' }),
-    notSocket: (p) => new CryptmapError('EKEYD_SOCKET', `${p} exists and is not a socket; refusing to replace it`, { exitCode: 5, errno: 'EEXIST' }),
+    live: (p) =>
+      new CryptmapError('EKEYD_RUNNING', `a key service is already listening on ${p}`, { exitCode: 5, errno: 'EBUSY' }),
+    notSocket: (p) =>
+      new CryptmapError('EKEYD_SOCKET', `${p} exists and is not a socket; refusing to replace it`, {
+        exitCode: 5,
+        errno: 'EEXIST',
+      }),
   });
   return {
     address: path,
@@ -123,7 +134,11 @@ export async function listenTls(service: KeyService, opts: TlsListenOptions): Pr
       const cnStr = Array.isArray(cn) ? cn[0] : cn;
       if (!cnStr) {
         service.refuse('https', 'cn:?', 'no verified client certificate', sock.remoteAddress);
-        reply(401, { ok: false, code: 'EACCES', message: 'a client certificate signed by the key service CA is required' });
+        reply(401, {
+          ok: false,
+          code: 'EACCES',
+          message: 'a client certificate signed by the key service CA is required',
+        });
         return;
       }
       const identity = `cn:${cnStr}`;
@@ -154,7 +169,11 @@ export async function listenTls(service: KeyService, opts: TlsListenOptions): Pr
           return;
         }
         if (typeof msg === 'object' && msg !== null && 'token' in msg) {
-          reply(400, { ok: false, code: 'EKEYREQ', message: 'tokens are for the Unix socket; HTTPS clients are identified by their certificate' });
+          reply(400, {
+            ok: false,
+            code: 'EKEYREQ',
+            message: 'tokens are for the Unix socket; HTTPS clients are identified by their certificate',
+          });
           return;
         }
         const r = service.handle('https', identity, msg);
@@ -164,7 +183,12 @@ export async function listenTls(service: KeyService, opts: TlsListenOptions): Pr
   );
   server.on('tlsClientError', (_e, sock) => {
     // Aggregated per peer by the audit sink (audit.ts rateLimitedAudit): a handshake loop is one line per interval.
-    service.refuse('https', 'cn:?', 'TLS handshake failed (client certificate missing or not trusted)', sock.remoteAddress);
+    service.refuse(
+      'https',
+      'cn:?',
+      'TLS handshake failed (client certificate missing or not trusted)',
+      sock.remoteAddress,
+    );
   });
   await new Promise<void>((res, rej) => {
     server.once('error', rej);

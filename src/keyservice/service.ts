@@ -83,10 +83,23 @@ export class KeyService {
       this.#audit.record({ transport, identity, op, result: 'error', reason: message });
       return { id, ok: false, code: 'EKEYREQ', message };
     }
-    const rec = { transport, identity, op, purpose: req.purpose, service: req.service, volume: req.volume, length: req.length };
+    const rec = {
+      transport,
+      identity,
+      op,
+      purpose: req.purpose,
+      service: req.service,
+      volume: req.volume,
+      length: req.length,
+    };
     if (!isAllowed(this.#policy, identity, req.purpose, req.service)) {
       this.#audit.record({ ...rec, result: 'denied', reason: 'not allowed by policy' });
-      return { id, ok: false, code: 'EACCES', message: `${identity} may not have keys of service ${req.service} (${req.purpose})` };
+      return {
+        id,
+        ok: false,
+        code: 'EACCES',
+        message: `${identity} may not have keys of service ${req.service} (${req.purpose})`,
+      };
     }
     const key = deriveKey(this.#root, req);
     try {

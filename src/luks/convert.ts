@@ -30,7 +30,16 @@ import { createSectorCipher } from '../engine/index.js';
 import { CryptmapError } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import { LUKS_STRIPES } from './constants.js';
-import { decodeLuks1, encodeLuks1, LUKS_KEY_DISABLED, LUKS_KEY_ENABLED, LUKS_NUMKEYS, type Luks1Header, Luks1Volume, validateLuks1 } from './luks1.js';
+import {
+  decodeLuks1,
+  encodeLuks1,
+  LUKS_KEY_DISABLED,
+  LUKS_KEY_ENABLED,
+  LUKS_NUMKEYS,
+  type Luks1Header,
+  Luks1Volume,
+  validateLuks1,
+} from './luks1.js';
 import { encodeBinHeader, LUKS2_HDR_BIN_LEN, writeCopy } from './luks2-disk.js';
 import { VALIDATORS } from './luks2-handlers.js';
 import { buildJsonArea, type L2Keyslot, type Luks2Json, validateLuks2Json } from './luks2-json.js';
@@ -52,7 +61,8 @@ const alignUp = (n: number, a: number) => Math.ceil(n / a) * a;
 
 /** "aes-xts-plain64" -> name "aes", mode "xts-plain64" (crypt_parse_name_and_mode); "cipher_null" has no mode. */
 function nameAndMode(spec: string): { name: string; mode: string } {
-  if (spec.startsWith('capi:')) throw refuse(`Cannot convert to LUKS1 format - cipher ${spec} cannot be stored in a LUKS1 header.`);
+  if (spec.startsWith('capi:'))
+    throw refuse(`Cannot convert to LUKS1 format - cipher ${spec} cannot be stored in a LUKS1 header.`);
   const i = spec.indexOf('-');
   return i < 0 ? { name: spec, mode: '' } : { name: spec.slice(0, i), mode: spec.slice(i + 1) };
 }
@@ -146,7 +156,12 @@ export function planLuks1Moves(h0: Luks1Header, target: readonly number[], devic
         if (overlaps(R, A, afSectors) || overlaps(R, B, afSectors)) continue;
         const via = withOffsets(h, { [k]: R, [j]: A });
         if (!valid(via, deviceBytes)) continue;
-        steps.push({ kind: 'copy', from: A, to: R }, { kind: 'header', h: via }, { kind: 'copy', from: R, to: B }, { kind: 'header', h: direct });
+        steps.push(
+          { kind: 'copy', from: A, to: R },
+          { kind: 'header', h: via },
+          { kind: 'copy', from: R, to: B },
+          { kind: 'header', h: direct },
+        );
         h = direct;
         progress = true;
         break;
@@ -237,7 +252,9 @@ async function moveLuks1Keyslots(dev: BlockDevice, h: Luks1Header, target: reado
     }
     return last;
   }
-  log.warn('every LUKS1 keyslot is in use: there is no spare area to move keyslots through; the conversion is not crash-safe');
+  log.warn(
+    'every LUKS1 keyslot is in use: there is no spare area to move keyslots through; the conversion is not crash-safe',
+  );
   const active = h.keyblock.map((k, i) => ({ k, i })).filter(({ k }) => k.active === LUKS_KEY_ENABLED);
   const bufs = await Promise.all(
     active.map(async ({ k }) => {
@@ -284,13 +301,28 @@ function luks2JsonFromLuks1(h: Luks1Header, keyslotsBytes: number): Luks2Json {
       key_size: h.keyBytes,
       kdf: { type: 'pbkdf2', hash: h.hashSpec, iterations: k.iterations, salt: k.salt.toString('base64') },
       af: { type: 'luks1', hash: h.hashSpec, stripes: LUKS_STRIPES },
-      area: { type: 'raw', encryption: cipher, key_size: h.keyBytes, offset: String(k.keyMaterialOffset * 512 + SHIFT_BYTES), size: String(areaBytes) },
+      area: {
+        type: 'raw',
+        encryption: cipher,
+        key_size: h.keyBytes,
+        offset: String(k.keyMaterialOffset * 512 + SHIFT_BYTES),
+        size: String(areaBytes),
+      },
     };
   });
   return {
     keyslots,
     tokens: {},
-    segments: { '0': { type: 'crypt', offset: String(h.payloadOffset * 512), iv_tweak: '0', size: 'dynamic', encryption: cipher, sector_size: 512 } },
+    segments: {
+      '0': {
+        type: 'crypt',
+        offset: String(h.payloadOffset * 512),
+        iv_tweak: '0',
+        size: 'dynamic',
+        encryption: cipher,
+        sector_size: 512,
+      },
+    },
     digests: {
       '0': {
         type: 'pbkdf2',
@@ -302,7 +334,10 @@ function luks2JsonFromLuks1(h: Luks1Header, keyslotsBytes: number): Luks2Json {
         iterations: h.mkDigestIterations,
       },
     },
-    config: { json_size: String(HDR16K - LUKS2_HDR_BIN_LEN), keyslots_size: String(keyslotsBytes - (keyslotsBytes % 4096)) },
+    config: {
+      json_size: String(HDR16K - LUKS2_HDR_BIN_LEN),
+      keyslots_size: String(keyslotsBytes - (keyslotsBytes % 4096)),
+    },
   };
 }
 
@@ -313,28 +348,36 @@ function luks2JsonFromLuks1(h: Luks1Header, keyslotsBytes: number): Luks2Json {
 export async function convertLuks1ToLuks2(dev: BlockDevice, opts: ConvertOptions = {}): Promise<void> {
   const vol = await Luks1Volume.open(dev);
   const h = cloneHeader(vol.header);
-  if (!dev.capabilities.write) throw new CryptmapError('EROFS', 'Device is read-only.', { exitCode: 1, errno: 'EPERM' });
+  if (!dev.capabilities.write)
+    throw new CryptmapError('EROFS', 'Device is read-only.', { exitCode: 1, errno: 'EPERM' });
   const afSectors = afSplitBytes(h.keyBytes, LUKS_STRIPES) / 512;
   const lastEnd = Math.max(...h.keyblock.map((k) => k.keyMaterialOffset + afSectors));
   const luks1Bytes = alignUp(lastEnd * 512, 4096);
-  if (Math.min(...h.keyblock.map((k) => k.keyMaterialOffset)) !== 8) throw refuse('Cannot convert to LUKS2 format - unsupported keyslots material offset.');
+  if (Math.min(...h.keyblock.map((k) => k.keyMaterialOffset)) !== 8)
+    throw refuse('Cannot convert to LUKS2 format - unsupported keyslots material offset.');
   const cipher = h.cipherMode ? `${h.cipherName}-${h.cipherMode}` : h.cipherName;
   if (!luks2CipherUsable(cipher, h.keyBytes)) throw refuse(`Unable to use cipher specification ${cipher} for LUKS2.`);
   if (luks1Bytes + 8 <= dev.sizeBytes) {
     const m = Buffer.alloc(8);
     await dev.read(luks1Bytes, m);
-    if (m.equals(Buffer.from('LUKSMETA', 'latin1'))) throw refuse('Unable to convert header with LUKSMETA additional metadata.');
+    if (m.equals(Buffer.from('LUKSMETA', 'latin1')))
+      throw refuse('Unable to convert header with LUKSMETA additional metadata.');
   }
   // The keyslots area reaches the data offset (a detached header: the end of the header device).
   const maxBytes = h.payloadOffset ? h.payloadOffset * 512 : dev.sizeBytes;
   const required = luks1Bytes + SHIFT_BYTES;
   if (maxBytes < required) throw refuse('Unable to move keyslot area. Not enough space.');
   const json = luks2JsonFromLuks1(h, maxBytes - 2 * HDR16K);
-  if (luks1Bytes - 4096 > Number(json.config.keyslots_size)) throw refuse('Unable to move keyslot area. LUKS2 keyslots area too small.');
+  if (luks1Bytes - 4096 > Number(json.config.keyslots_size))
+    throw refuse('Unable to move keyslot area. LUKS2 keyslots area too small.');
   try {
     validateLuks2Json(structuredClone(json), HDR16K - LUKS2_HDR_BIN_LEN, VALIDATORS);
   } catch (e) {
-    throw new CryptmapError('ECONVERT', 'Cannot convert to LUKS2 format - invalid metadata.', { exitCode: 1, errno: 'EINVAL', cause: e });
+    throw new CryptmapError('ECONVERT', 'Cannot convert to LUKS2 format - invalid metadata.', {
+      exitCode: 1,
+      errno: 'EINVAL',
+      cause: e,
+    });
   }
   const area = buildJsonArea(json, HDR16K);
   const target = h.keyblock.map((k) => k.keyMaterialOffset + SHIFT_SECTORS);
@@ -385,10 +428,12 @@ export async function convertLuks2ToLuks1(dev: BlockDevice, opts: ConvertOptions
   const j = vol.json;
   const seg = j.segments['0'];
   if (!seg) throw refuse('Cannot convert to LUKS1 format - invalid metadata.');
-  if (seg.sector_size !== 512) throw refuse('Cannot convert to LUKS1 format - default segment encryption sector size is not 512 bytes.');
+  if (seg.sector_size !== 512)
+    throw refuse('Cannot convert to LUKS1 format - default segment encryption sector size is not 512 bytes.');
   const digests = Object.keys(j.digests);
   const d = j.digests['0'];
-  if (d?.type !== 'pbkdf2' || digests.length !== 1) throw refuse('Cannot convert to LUKS1 format - key slot digests are not LUKS1 compatible.');
+  if (d?.type !== 'pbkdf2' || digests.length !== 1)
+    throw refuse('Cannot convert to LUKS1 format - key slot digests are not LUKS1 compatible.');
   const hash = d.hash!;
   const cipherSpec = seg.encryption ?? '';
   const { name, mode } = nameAndMode(cipherSpec);
@@ -403,17 +448,25 @@ export async function convertLuks2ToLuks1(dev: BlockDevice, opts: ConvertOptions
     .map(Number)
     .sort((a, b) => a - b);
   for (const i of ids) {
-    if (!d.keyslots.includes(String(i))) throw refuse(`Cannot convert to LUKS1 format - keyslot ${i} is in invalid state.`);
-    if (i >= LUKS_NUMKEYS) throw refuse(`Cannot convert to LUKS1 format - slot ${i} (over maximum slots) is still active.`);
-    if (!keyslotLuks1Compatible(j, String(i), keyBytes, hash)) throw refuse(`Cannot convert to LUKS1 format - keyslot ${i} is not LUKS1 compatible.`);
+    if (!d.keyslots.includes(String(i)))
+      throw refuse(`Cannot convert to LUKS1 format - keyslot ${i} is in invalid state.`);
+    if (i >= LUKS_NUMKEYS)
+      throw refuse(`Cannot convert to LUKS1 format - slot ${i} (over maximum slots) is still active.`);
+    if (!keyslotLuks1Compatible(j, String(i), keyBytes, hash))
+      throw refuse(`Cannot convert to LUKS1 format - keyslot ${i} is not LUKS1 compatible.`);
   }
   const digest = Buffer.from(d.digest ?? '', 'base64');
   const salt = Buffer.from(d.salt ?? '', 'base64');
-  if (digest.length < 20 || salt.length !== 32) throw refuse('Cannot convert to LUKS1 format - key slot digests are not LUKS1 compatible.');
+  if (digest.length < 20 || salt.length !== 32)
+    throw refuse('Cannot convert to LUKS1 format - key slot digests are not LUKS1 compatible.');
   const payload = Number(seg.offset) / 512;
   if (payload > UINT32_MAX) throw refuse('Cannot convert to LUKS1 format - data offset is too large.');
   const { name: ksName, mode: ksMode } = nameAndMode(j.keyslots[String(ids[ids.length - 1])]!.area.encryption!);
-  if (Buffer.byteLength(ksName, 'latin1') >= 32 || Buffer.byteLength(ksMode, 'latin1') >= 32 || Buffer.byteLength(hash, 'latin1') >= 32) {
+  if (
+    Buffer.byteLength(ksName, 'latin1') >= 32 ||
+    Buffer.byteLength(ksMode, 'latin1') >= 32 ||
+    Buffer.byteLength(hash, 'latin1') >= 32
+  ) {
     throw refuse('Cannot convert to LUKS1 format - cipher or hash name is too long.');
   }
   void name;
@@ -423,7 +476,10 @@ export async function convertLuks2ToLuks1(dev: BlockDevice, opts: ConvertOptions
   const areaBytes = alignUp(afSplitBytes(keyBytes, LUKS_STRIPES), 4096);
   const start = 2 * vol.metadataBytes;
   const end = start + vol.keyslotsBytes;
-  const used = Object.values(j.keyslots).map((ks) => ({ o: Number(ks.area.offset), e: Number(ks.area.offset) + Number(ks.area.size) }));
+  const used = Object.values(j.keyslots).map((ks) => ({
+    o: Number(ks.area.offset),
+    e: Number(ks.area.offset) + Number(ks.area.size),
+  }));
   const now: number[] = [];
   for (let i = 0; i < LUKS_NUMKEYS; i++) {
     const ks = j.keyslots[String(i)];
@@ -431,11 +487,15 @@ export async function convertLuks2ToLuks1(dev: BlockDevice, opts: ConvertOptions
     if (ks) off = Number(ks.area.offset);
     else {
       const gap = findGap(used, start, end, areaBytes);
-      if (gap === null) throw refuse('Cannot convert to LUKS1 format - not enough space in the keyslots area for the inactive LUKS1 keyslots.');
+      if (gap === null)
+        throw refuse(
+          'Cannot convert to LUKS1 format - not enough space in the keyslots area for the inactive LUKS1 keyslots.',
+        );
       used.push({ o: gap, e: gap + areaBytes });
       off = gap;
     }
-    if (off / 512 - SHIFT_SECTORS < 8 || off % 512 !== 0) throw refuse('Cannot convert to LUKS1 format - keyslot area offset is not LUKS1 compatible.');
+    if (off / 512 - SHIFT_SECTORS < 8 || off % 512 !== 0)
+      throw refuse('Cannot convert to LUKS1 format - keyslot area offset is not LUKS1 compatible.');
     now.push(off / 512);
   }
   const h: Luks1Header = {
@@ -452,8 +512,20 @@ export async function convertLuks2ToLuks1(dev: BlockDevice, opts: ConvertOptions
     keyblock: now.map((o, i) => {
       const ks = j.keyslots[String(i)];
       return ks
-        ? { active: LUKS_KEY_ENABLED, iterations: ks.kdf.iterations!, salt: Buffer.from(ks.kdf.salt, 'base64'), keyMaterialOffset: o, stripes: LUKS_STRIPES }
-        : { active: LUKS_KEY_DISABLED, iterations: 0, salt: Buffer.alloc(32), keyMaterialOffset: o, stripes: LUKS_STRIPES };
+        ? {
+            active: LUKS_KEY_ENABLED,
+            iterations: ks.kdf.iterations!,
+            salt: Buffer.from(ks.kdf.salt, 'base64'),
+            keyMaterialOffset: o,
+            stripes: LUKS_STRIPES,
+          }
+        : {
+            active: LUKS_KEY_DISABLED,
+            iterations: 0,
+            salt: Buffer.alloc(32),
+            keyMaterialOffset: o,
+            stripes: LUKS_STRIPES,
+          };
     }),
   };
   if (!valid(h, dev.sizeBytes)) throw refuse('Cannot convert to LUKS1 format - invalid metadata.');
@@ -472,7 +544,9 @@ export async function convertLuks2ToLuks1(dev: BlockDevice, opts: ConvertOptions
   const done = await moveLuks1Keyslots(dev, h, target);
   // Zero what is left of the LUKS2 headers (everything below 32 KiB but the LUKS1 header and live key material).
   const afBytes = afSplitBytes(keyBytes, LUKS_STRIPES);
-  const live = done.keyblock.filter((k) => k.active === LUKS_KEY_ENABLED).map((k) => ({ o: k.keyMaterialOffset * 512, e: k.keyMaterialOffset * 512 + afBytes }));
+  const live = done.keyblock
+    .filter((k) => k.active === LUKS_KEY_ENABLED)
+    .map((k) => ({ o: k.keyMaterialOffset * 512, e: k.keyMaterialOffset * 512 + afBytes }));
   const zero = Buffer.alloc(512);
   for (let o = 1024; o < 2 * HDR16K && o < dev.sizeBytes; o += 512) {
     if (live.some((r) => o < r.e && r.o < o + 512)) continue;

@@ -5,10 +5,17 @@
 import { CryptmapError, EXIT_NO_PERMISSION } from '../util/errors.js';
 
 export function noKeyError(): CryptmapError {
-  return new CryptmapError('ENOKEY', 'No key available with this passphrase.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
+  return new CryptmapError('ENOKEY', 'No key available with this passphrase.', {
+    exitCode: EXIT_NO_PERMISSION,
+    errno: 'EPERM',
+  });
 }
 
 /** Unlock with a named --key-slot that is not active: cryptsetup's -ENOENT (exit 1) and its message. */
 export function noUsableKeyslot(slot: number): CryptmapError {
-  return new CryptmapError('EKEYSLOT', 'No usable keyslot is available.', { exitCode: 1, errno: 'ENOENT', context: { keyslot: slot } });
+  return new CryptmapError('EKEYSLOT', 'No usable keyslot is available.', {
+    exitCode: 1,
+    errno: 'ENOENT',
+    context: { keyslot: slot },
+  });
 }

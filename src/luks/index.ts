@@ -28,7 +28,14 @@ export type { Luks2Json } from './luks2-json.js';
 export { CHECK_NAMES, validateLuks2Json, parseJsonArea } from './luks2-json.js';
 export { withDeviceLock, lockDir } from './lock.js';
 export type { EncryptInitOptions, ReencryptInitOptions, ReencryptRunOptions, Resilience } from './reencrypt.js';
-export { initDecrypt, initEncrypt, initReencrypt, inReencryption, runReencrypt, unlockInReencryption } from './reencrypt.js';
+export {
+  initDecrypt,
+  initEncrypt,
+  initReencrypt,
+  inReencryption,
+  runReencrypt,
+  unlockInReencryption,
+} from './reencrypt.js';
 export { convertLuks1ToLuks2, convertLuks2ToLuks1, planLuks1Moves } from './convert.js';
 export type { TokenUnlockOptions, TokenUnlockResult } from './token-unlock.js';
 export { tokenCandidates, unlockByToken } from './token-unlock.js';
@@ -72,11 +79,17 @@ export async function headerBackup(dev: BlockDevice, vol: LuksVolume, file: stri
     fh = await fsOpen(file, 'wx', 0o400);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    throw new CryptmapError('EBACKUP', code === 'EEXIST' ? `Requested header backup file ${file} already exists.` : `Cannot create header backup file ${file}.`, {
-      exitCode: 1, // cryptsetup returns -EINVAL for both
-      errno: code === 'EEXIST' ? 'EEXIST' : 'EINVAL',
-      cause: e,
-    });
+    throw new CryptmapError(
+      'EBACKUP',
+      code === 'EEXIST'
+        ? `Requested header backup file ${file} already exists.`
+        : `Cannot create header backup file ${file}.`,
+      {
+        exitCode: 1, // cryptsetup returns -EINVAL for both
+        errno: code === 'EEXIST' ? 'EEXIST' : 'EINVAL',
+        cause: e,
+      },
+    );
   }
   try {
     await fh.writeFile(buf);
@@ -103,22 +116,33 @@ export async function headerBackup(dev: BlockDevice, vol: LuksVolume, file: stri
 export async function headerRestore(dev: BlockDevice, backup: BlockDevice): Promise<LuksVolume> {
   // cryptsetup: -EINVAL (exit 1) for a backup that is not a usable LUKS header.
   const src = await openLuks(backup).catch((e) => {
-    if (isCryptmapError(e, 'ENOTLUKS')) throw new CryptmapError('EBACKUP', 'Header backup file does not contain compatible LUKS header.', { exitCode: 1, cause: e });
+    if (isCryptmapError(e, 'ENOTLUKS'))
+      throw new CryptmapError('EBACKUP', 'Header backup file does not contain compatible LUKS header.', {
+        exitCode: 1,
+        cause: e,
+      });
     if (isCryptmapError(e) && e.code !== 'ENOMEM' && e.code !== 'EIO') {
-      throw new CryptmapError('EBACKUP', 'Backup file does not contain valid LUKS header.', { exitCode: 1, cause: e, context: { why: e.message } });
+      throw new CryptmapError('EBACKUP', 'Backup file does not contain valid LUKS header.', {
+        exitCode: 1,
+        cause: e,
+        context: { why: e.message },
+      });
     }
     throw e;
   });
   const n = src.headerBytes;
-  if (n > backup.sizeBytes) throw new CryptmapError('EBACKUP', 'Backup file does not contain valid LUKS header.', { exitCode: 1 });
-  if (n > dev.sizeBytes) throw new CryptmapError('EBACKUP', 'Device is too small for the header backup.', { exitCode: EXIT_WRONG_DEVICE });
+  if (n > backup.sizeBytes)
+    throw new CryptmapError('EBACKUP', 'Backup file does not contain valid LUKS header.', { exitCode: 1 });
+  if (n > dev.sizeBytes)
+    throw new CryptmapError('EBACKUP', 'Device is too small for the header backup.', { exitCode: EXIT_WRONG_DEVICE });
   const buf = Buffer.alloc(n);
   await backup.read(0, buf);
   const hdrBytes = src.type === 'luks2' ? 2 * src.metadataBytes : 4096;
   const cur = Buffer.alloc(n);
   await dev.read(0, cur);
   const differs = (o: number, e: number) => !buf.subarray(o, e).equals(cur.subarray(o, e));
-  const overlap = (a: Range, b: Range): Range | null => (a[0] < b[1] && b[0] < a[1] ? [Math.max(a[0], b[0]), Math.min(a[1], b[1])] : null);
+  const overlap = (a: Range, b: Range): Range | null =>
+    a[0] < b[1] && b[0] < a[1] ? [Math.max(a[0], b[0]), Math.min(a[1], b[1])] : null;
   const span = (a: { offsetBytes: number; sizeBytes: number }): Range => [a.offsetBytes, a.offsetBytes + a.sizeBytes];
   const newAreas = src.keyslotAreas().map(span);
   const old = await openLuks(dev).catch(() => null);
@@ -137,7 +161,10 @@ export async function headerRestore(dev: BlockDevice, backup: BlockDevice): Prom
           if (isCryptmapError(e)) return false; // e.g. unknown requirements: cannot change that header
           throw e;
         }));
-      if (!moved) log.warn('header restore overwrites a live keyslot before the new header is written; not crash-safe', { keyslot: a.id });
+      if (!moved)
+        log.warn('header restore overwrites a live keyslot before the new header is written; not crash-safe', {
+          keyslot: a.id,
+        });
     }
     await dev.read(0, cur);
     oldLive = old.keyslotAreas().map(span);

@@ -11,12 +11,20 @@ function cipherFor(spec: string, key: Uint8Array) {
   try {
     return createSectorCipher({ spec, key, sectorBytes: 512 });
   } catch (e) {
-    throw new CryptmapError('ECIPHER', `Cipher ${spec} (key size ${key.length * 8} bits) is not available.`, { cause: e });
+    throw new CryptmapError('ECIPHER', `Cipher ${spec} (key size ${key.length * 8} bits) is not available.`, {
+      cause: e,
+    });
   }
 }
 
 /** Read `lengthBytes` (a multiple of 512) at `offsetBytes` and decrypt them with `key`. */
-export async function readKeyslotArea(dev: BlockDevice, offsetBytes: number, lengthBytes: number, spec: string, key: Uint8Array): Promise<Buffer> {
+export async function readKeyslotArea(
+  dev: BlockDevice,
+  offsetBytes: number,
+  lengthBytes: number,
+  spec: string,
+  key: Uint8Array,
+): Promise<Buffer> {
   const buf = Buffer.alloc(lengthBytes);
   await dev.read(offsetBytes, buf);
   const c = cipherFor(spec, key);
@@ -29,7 +37,13 @@ export async function readKeyslotArea(dev: BlockDevice, offsetBytes: number, len
 }
 
 /** Encrypt `material` (a multiple of 512 bytes; wiped afterwards) and write it at `offsetBytes`. */
-export async function writeKeyslotArea(dev: BlockDevice, offsetBytes: number, material: Buffer, spec: string, key: Uint8Array): Promise<void> {
+export async function writeKeyslotArea(
+  dev: BlockDevice,
+  offsetBytes: number,
+  material: Buffer,
+  spec: string,
+  key: Uint8Array,
+): Promise<void> {
   const c = cipherFor(spec, key);
   const out = Buffer.alloc(material.length);
   try {

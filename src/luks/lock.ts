@@ -38,7 +38,11 @@ function alive(pid: number): boolean {
 }
 
 /** Run `fn` holding the exclusive update lock of the image or device at `path`. */
-export async function withDeviceLock<T>(path: string, fn: () => Promise<T>, opts: { timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<T> {
+export async function withDeviceLock<T>(
+  path: string,
+  fn: () => Promise<T>,
+  opts: { timeoutMs?: number; env?: NodeJS.ProcessEnv } = {},
+): Promise<T> {
   let key: string;
   if (isNbdUri(path)) key = `L_nbd_${createHash('sha256').update(path).digest('hex').slice(0, 32)}`;
   else {
@@ -61,7 +65,11 @@ export async function withDeviceLock<T>(path: string, fn: () => Promise<T>, opts
         await unlink(file).catch(() => {});
         continue;
       }
-      if (Date.now() > deadline) throw new CryptmapError('ELOCKED', `Device ${path} is busy (locked by process ${owner || '?'}).`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+      if (Date.now() > deadline)
+        throw new CryptmapError('ELOCKED', `Device ${path} is busy (locked by process ${owner || '?'}).`, {
+          exitCode: EXIT_BUSY,
+          errno: 'EBUSY',
+        });
       await new Promise((r) => setTimeout(r, 50));
     }
   }

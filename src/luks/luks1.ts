@@ -25,7 +25,15 @@ import { Secret } from '../util/secret.js';
 import { readKeyslotArea, wipeArea, writeKeyslotArea } from './keyslot-area.js';
 import { LUKS_SALTSIZE, LUKS_STRIPES } from './constants.js';
 import { noKeyError, noUsableKeyslot } from './errors.js';
-import type { DataSegment, KeyAuth, KeyslotArea, KeyslotInfo, LuksVolume, NewKeyslotOptions, UnlockResult } from './types.js';
+import type {
+  DataSegment,
+  KeyAuth,
+  KeyslotArea,
+  KeyslotInfo,
+  LuksVolume,
+  NewKeyslotOptions,
+  UnlockResult,
+} from './types.js';
 import { removeKeyByPassphrase } from './volume-common.js';
 
 export const LUKS_MAGIC = Buffer.from([0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe]);
@@ -78,7 +86,8 @@ export function hasLuks1Magic(buf: Uint8Array): boolean {
 
 export function decodeLuks1(buf: Uint8Array): Luks1Header {
   const b = Buffer.from(buf.buffer, buf.byteOffset, buf.byteLength);
-  if (b.length < LUKS_PHDR_BYTES || !hasLuks1Magic(b)) throw new CryptmapError('ENOTLUKS', 'Device is not a valid LUKS device.', { exitCode: 1 });
+  if (b.length < LUKS_PHDR_BYTES || !hasLuks1Magic(b))
+    throw new CryptmapError('ENOTLUKS', 'Device is not a valid LUKS device.', { exitCode: 1 });
   const keyblock: Luks1Keyblock[] = [];
   for (let i = 0; i < LUKS_NUMKEYS; i++) {
     const o = 208 + 48 * i;
@@ -133,30 +142,43 @@ export function encodeLuks1(h: Luks1Header): Buffer {
 /** cryptsetup's LUKS1 checks (_check_and_convert_hdr, LUKS_check_keyslots), as ordered named checks. */
 export function validateLuks1(h: Luks1Header, deviceBytes?: number): void {
   const bad = (check: string, msg: string): never => {
-    throw new CryptmapError('ELUKS1HDR', `LUKS1 header invalid (${check}): ${msg}`, { exitCode: EXIT_WRONG_DEVICE, context: { check } });
+    throw new CryptmapError('ELUKS1HDR', `LUKS1 header invalid (${check}): ${msg}`, {
+      exitCode: EXIT_WRONG_DEVICE,
+      context: { check },
+    });
   };
   if (h.keyBytes < 1 || h.keyBytes > 512) bad('key_bytes', `invalid key size ${h.keyBytes}`);
   if (h.mkDigestIterations < 1) bad('mk_digest', 'invalid digest iterations');
   const afSectors = afSplitBytes(h.keyBytes, LUKS_STRIPES) / 512;
   const spans: { s: number; e: number; i: number }[] = [];
   h.keyblock.forEach((k, i) => {
-    if (k.active !== LUKS_KEY_ENABLED && k.active !== LUKS_KEY_DISABLED) bad('keyslot_state', `keyslot ${i} has an invalid state`);
+    if (k.active !== LUKS_KEY_ENABLED && k.active !== LUKS_KEY_DISABLED)
+      bad('keyslot_state', `keyslot ${i} has an invalid state`);
     if (k.stripes !== LUKS_STRIPES) bad('keyslot_stripes', `LUKS keyslot ${i} is invalid (stripes ${k.stripes}).`);
-    if (k.keyMaterialOffset * 512 < LUKS_PHDR_BYTES) bad('keyslot_offset', `LUKS keyslot ${i} is invalid (material inside the header).`);
+    if (k.keyMaterialOffset * 512 < LUKS_PHDR_BYTES)
+      bad('keyslot_offset', `LUKS keyslot ${i} is invalid (material inside the header).`);
     const end = k.keyMaterialOffset + afSectors;
-    if (h.payloadOffset !== 0 && end > h.payloadOffset) bad('keyslot_bounds', `LUKS keyslot ${i} is invalid (overlaps the payload).`);
+    if (h.payloadOffset !== 0 && end > h.payloadOffset)
+      bad('keyslot_bounds', `LUKS keyslot ${i} is invalid (overlaps the payload).`);
     spans.push({ s: k.keyMaterialOffset, e: end, i });
   });
-  for (const a of spans) for (const b of spans) if (a.i < b.i && a.s < b.e && b.s < a.e) bad('keyslot_overlap', `LUKS keyslots ${a.i} and ${b.i} overlap.`);
+  for (const a of spans)
+    for (const b of spans)
+      if (a.i < b.i && a.s < b.e && b.s < a.e) bad('keyslot_overlap', `LUKS keyslots ${a.i} and ${b.i} overlap.`);
   if (deviceBytes !== undefined) {
     const last = Math.max(...spans.map((s) => s.e)) * 512;
     // cryptsetup LUKS_check_device_size: every keyslot's key material must fit on the device.
-    if (deviceBytes < last) throw new CryptmapError('EDEVSIZE', `Device is too small. (LUKS1 requires at least ${last} bytes.)`, { exitCode: 1, context: { check: 'device_size', needBytes: last } });
+    if (deviceBytes < last)
+      throw new CryptmapError('EDEVSIZE', `Device is too small. (LUKS1 requires at least ${last} bytes.)`, {
+        exitCode: 1,
+        context: { check: 'device_size', needBytes: last },
+      });
   }
 }
 
 function checkLuks1Uuid(uuid: string): void {
-  if (!/^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$/.test(uuid)) throw new CryptmapError('EUUID', 'Wrong LUKS UUID format provided.', { exitCode: 1 });
+  if (!/^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$/.test(uuid))
+    throw new CryptmapError('EUUID', 'Wrong LUKS UUID format provided.', { exitCode: 1 });
 }
 
 export interface Luks1FormatOptions {
@@ -180,7 +202,8 @@ export interface Luks1FormatOptions {
 /** Split `aes-xts-plain64` into LUKS1 cipherName/cipherMode. */
 function splitCipher(spec: string): { name: string; mode: string } {
   const i = spec.indexOf('-');
-  if (i <= 0 || spec.startsWith('capi:')) throw new CryptmapError('EARGS', `Cipher ${spec} cannot be stored in a LUKS1 header.`);
+  if (i <= 0 || spec.startsWith('capi:'))
+    throw new CryptmapError('EARGS', `Cipher ${spec} cannot be stored in a LUKS1 header.`);
   return { name: spec.slice(0, i), mode: spec.slice(i + 1) };
 }
 
@@ -190,7 +213,9 @@ async function pbkdf2Iterations(opts: NewKeyslotOptions | undefined, hash: strin
     return Math.max(opts.kdf.iterations, 1000);
   }
   if (opts?.pbkdf && opts.pbkdf !== 'pbkdf2') throw new CryptmapError('EARGS', 'LUKS1 supports only the pbkdf2 KDF.');
-  const p = (await calibrateKdf({ type: 'pbkdf2', hash, iterTimeMs: opts?.iterTimeMs, keyBytes })) as KdfParams & { iterations: number };
+  const p = (await calibrateKdf({ type: 'pbkdf2', hash, iterTimeMs: opts?.iterTimeMs, keyBytes })) as KdfParams & {
+    iterations: number;
+  };
   return p.iterations;
 }
 
@@ -206,7 +231,8 @@ export class Luks1Volume implements LuksVolume {
 
   static async open(dev: BlockDevice): Promise<Luks1Volume> {
     const buf = Buffer.alloc(1024);
-    if (dev.sizeBytes < 1024) throw new CryptmapError('ENOTLUKS', 'Device is not a valid LUKS device.', { exitCode: 1 });
+    if (dev.sizeBytes < 1024)
+      throw new CryptmapError('ENOTLUKS', 'Device is not a valid LUKS device.', { exitCode: 1 });
     await dev.read(0, buf);
     const h = decodeLuks1(buf);
     validateLuks1(h, dev.sizeBytes);
@@ -220,11 +246,13 @@ export class Luks1Volume implements LuksVolume {
     const hash = o.hash ?? 'sha256';
     hashDigestBytes(hash);
     const uuid = o.uuid ?? randomUUID();
-    const stride = Math.ceil(afSplitBytes(keyBytes, LUKS_STRIPES) / 512 / LUKS_ALIGN_KEYSLOTS_SECTORS) * LUKS_ALIGN_KEYSLOTS_SECTORS;
+    const stride =
+      Math.ceil(afSplitBytes(keyBytes, LUKS_STRIPES) / 512 / LUKS_ALIGN_KEYSLOTS_SECTORS) * LUKS_ALIGN_KEYSLOTS_SECTORS;
     const first = LUKS_ALIGN_KEYSLOTS_SECTORS;
     const end = first + LUKS_NUMKEYS * stride;
     const align = o.alignBytes !== undefined && o.alignBytes > 0 ? o.alignBytes / 512 : undefined;
-    if (align !== undefined && !Number.isInteger(align)) throw new CryptmapError('EARGS', 'Data alignment must be a multiple of 512 bytes.');
+    if (align !== undefined && !Number.isInteger(align))
+      throw new CryptmapError('EARGS', 'Data alignment must be a multiple of 512 bytes.');
     let payload =
       o.offsetBytes !== undefined
         ? o.offsetBytes / 512
@@ -232,16 +260,25 @@ export class Luks1Volume implements LuksVolume {
           ? (align ?? 0)
           : Math.ceil(end / (align ?? LUKS_DEFAULT_ALIGN_SECTORS)) * (align ?? LUKS_DEFAULT_ALIGN_SECTORS);
     if (!Number.isInteger(payload)) throw new CryptmapError('EARGS', 'Data offset must be a multiple of 512 bytes.');
-    if (payload !== 0 && payload < end) throw new CryptmapError('EARGS', 'Data offset is too small for the LUKS1 keyslots.');
+    if (payload !== 0 && payload < end)
+      throw new CryptmapError('EARGS', 'Data offset is too small for the LUKS1 keyslots.');
     if (o.uuid !== undefined) checkLuks1Uuid(o.uuid);
     // The key material must fit; the data may lie past the device's end (cryptsetup only warns).
-    if (dev.sizeBytes < end * 512) throw new CryptmapError('EDEVSIZE', `Device is too small. (LUKS1 requires at least ${end * 512} bytes.)`, { exitCode: 1, context: { needBytes: end * 512 } });
+    if (dev.sizeBytes < end * 512)
+      throw new CryptmapError('EDEVSIZE', `Device is too small. (LUKS1 requires at least ${end * 512} bytes.)`, {
+        exitCode: 1,
+        context: { needBytes: end * 512 },
+      });
     payload = Math.floor(payload);
     const vk = o.volumeKey ? Buffer.from(o.volumeKey) : randomBytes(keyBytes);
     try {
       const mkSalt = randomBytes(LUKS_SALTSIZE);
       // Digest iterations: benchmarked for 125 ms (min 1000), or the minimum when the KDF is forced (as cryptsetup).
-      const mkIter = o.digestIterations ?? (o.keyslot?.kdf ? LUKS_MKD_ITERATIONS_MIN : Math.max(LUKS_MKD_ITERATIONS_MIN, await pbkdf2Iterations({ iterTimeMs: 125 }, hash, keyBytes)));
+      const mkIter =
+        o.digestIterations ??
+        (o.keyslot?.kdf
+          ? LUKS_MKD_ITERATIONS_MIN
+          : Math.max(LUKS_MKD_ITERATIONS_MIN, await pbkdf2Iterations({ iterTimeMs: 125 }, hash, keyBytes)));
       const h: Luks1Header = {
         version: 1,
         cipherName: name,
@@ -253,7 +290,13 @@ export class Luks1Volume implements LuksVolume {
         mkDigestSalt: mkSalt,
         mkDigestIterations: mkIter,
         uuid,
-        keyblock: Array.from({ length: LUKS_NUMKEYS }, (_, i) => ({ active: LUKS_KEY_DISABLED, iterations: 0, salt: Buffer.alloc(32), keyMaterialOffset: first + i * stride, stripes: LUKS_STRIPES })),
+        keyblock: Array.from({ length: LUKS_NUMKEYS }, (_, i) => ({
+          active: LUKS_KEY_DISABLED,
+          iterations: 0,
+          salt: Buffer.alloc(32),
+          keyMaterialOffset: first + i * stride,
+          stripes: LUKS_STRIPES,
+        })),
       };
       const v = new Luks1Volume(dev, h);
       await dev.writeZeroes(0, end * 512);
@@ -292,21 +335,42 @@ export class Luks1Volume implements LuksVolume {
     return (this.#h.payloadOffset || Math.ceil(end / 8) * 8) * 512;
   }
   get dataSegment(): DataSegment {
-    return { offsetBytes: this.#h.payloadOffset * 512, sizeBytes: 'dynamic', cipher: this.cipher, sectorBytes: 512, ivTweak: 0n, keyBytes: this.#h.keyBytes };
+    return {
+      offsetBytes: this.#h.payloadOffset * 512,
+      sizeBytes: 'dynamic',
+      cipher: this.cipher,
+      sectorBytes: 512,
+      ivTweak: 0n,
+      keyBytes: this.#h.keyBytes,
+    };
   }
 
   keyslots(): KeyslotInfo[] {
-    return this.#h.keyblock.map((k, id) => ({ id, type: 'luks1', active: k.active === LUKS_KEY_ENABLED, priority: 'normal', kdf: 'pbkdf2' }));
+    return this.#h.keyblock.map((k, id) => ({
+      id,
+      type: 'luks1',
+      active: k.active === LUKS_KEY_ENABLED,
+      priority: 'normal',
+      kdf: 'pbkdf2',
+    }));
   }
 
   keyslotAreas(): KeyslotArea[] {
     const bytes = afSplitBytes(this.#h.keyBytes, LUKS_STRIPES);
-    return this.#h.keyblock.flatMap((k, id) => (k.active === LUKS_KEY_ENABLED ? [{ id, offsetBytes: k.keyMaterialOffset * 512, sizeBytes: bytes }] : []));
+    return this.#h.keyblock.flatMap((k, id) =>
+      k.active === LUKS_KEY_ENABLED ? [{ id, offsetBytes: k.keyMaterialOffset * 512, sizeBytes: bytes }] : [],
+    );
   }
 
   async verifyVolumeKey(vk: Uint8Array): Promise<boolean> {
     if (vk.length !== this.#h.keyBytes) return false;
-    const d = await pbkdf2(this.#h.hashSpec.toLowerCase(), vk, this.#h.mkDigestSalt, this.#h.mkDigestIterations, LUKS_DIGESTSIZE);
+    const d = await pbkdf2(
+      this.#h.hashSpec.toLowerCase(),
+      vk,
+      this.#h.mkDigestSalt,
+      this.#h.mkDigestIterations,
+      LUKS_DIGESTSIZE,
+    );
     return constantTimeEqual(d, this.#h.mkDigest);
   }
 
@@ -316,7 +380,13 @@ export class Luks1Volume implements LuksVolume {
     const kd = await pbkdf2(hash, passphrase, k.salt, k.iterations, this.#h.keyBytes);
     let material: Buffer;
     try {
-      material = await readKeyslotArea(this.#dev, k.keyMaterialOffset * 512, afSplitBytes(this.#h.keyBytes, LUKS_STRIPES), this.cipher, kd);
+      material = await readKeyslotArea(
+        this.#dev,
+        k.keyMaterialOffset * 512,
+        afSplitBytes(this.#h.keyBytes, LUKS_STRIPES),
+        this.cipher,
+        kd,
+      );
     } finally {
       kd.fill(0);
     }
@@ -330,7 +400,8 @@ export class Luks1Volume implements LuksVolume {
   async unlock(passphrase: Uint8Array, opts: { keySlot?: number } = {}): Promise<UnlockResult> {
     const slots = opts.keySlot !== undefined ? [opts.keySlot] : [0, 1, 2, 3, 4, 5, 6, 7];
     // No active keyslot at all: cryptsetup's "No usable keyslot is available." (-ENOENT, exit 1).
-    if (!this.#h.keyblock.some((k) => k.active === LUKS_KEY_ENABLED)) throw new CryptmapError('EKEYSLOT', 'No usable keyslot is available.', { exitCode: 1, errno: 'ENOENT' });
+    if (!this.#h.keyblock.some((k) => k.active === LUKS_KEY_ENABLED))
+      throw new CryptmapError('EKEYSLOT', 'No usable keyslot is available.', { exitCode: 1, errno: 'ENOENT' });
     for (const i of slots) {
       const k = this.#h.keyblock[i];
       if (!k) throw new CryptmapError('EKEYSLOT', `Key slot ${i} is invalid.`);
@@ -369,13 +440,16 @@ export class Luks1Volume implements LuksVolume {
   }
 
   #requireWritable(): void {
-    if (!this.#dev.capabilities.write) throw new CryptmapError('EROFS', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
+    if (!this.#dev.capabilities.write)
+      throw new CryptmapError('EROFS', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
   }
 
   #freeSlot(want?: number): number {
     if (want !== undefined) {
-      if (!Number.isInteger(want) || want < 0 || want >= LUKS_NUMKEYS) throw new CryptmapError('EKEYSLOT', `Key slot ${want} is invalid.`);
-      if (this.#h.keyblock[want]!.active === LUKS_KEY_ENABLED) throw new CryptmapError('EKEYSLOT', `Key slot ${want} is full, please select another one.`);
+      if (!Number.isInteger(want) || want < 0 || want >= LUKS_NUMKEYS)
+        throw new CryptmapError('EKEYSLOT', `Key slot ${want} is invalid.`);
+      if (this.#h.keyblock[want]!.active === LUKS_KEY_ENABLED)
+        throw new CryptmapError('EKEYSLOT', `Key slot ${want} is full, please select another one.`);
       return want;
     }
     const i = this.#h.keyblock.findIndex((k) => k.active !== LUKS_KEY_ENABLED);
@@ -385,7 +459,8 @@ export class Luks1Volume implements LuksVolume {
 
   async #auth(auth: KeyAuth): Promise<Secret> {
     if ('passphrase' in auth) return (await this.unlock(auth.passphrase)).volumeKey;
-    if (!(await this.verifyVolumeKey(auth.volumeKey.expose()))) throw new CryptmapError('EVOLUMEKEY', 'Volume key does not match the volume.', { exitCode: EXIT_NO_PERMISSION });
+    if (!(await this.verifyVolumeKey(auth.volumeKey.expose())))
+      throw new CryptmapError('EVOLUMEKEY', 'Volume key does not match the volume.', { exitCode: EXIT_NO_PERMISSION });
     return Secret.copyOf(auth.volumeKey.expose());
   }
 
@@ -405,7 +480,12 @@ export class Luks1Volume implements LuksVolume {
     const vk = await this.#auth(auth);
     try {
       return await this.#withRollback(async () => {
-        await this.#store(slot, vk.expose(), newPassphrase, await pbkdf2Iterations(opts, this.#h.hashSpec.toLowerCase(), vk.length));
+        await this.#store(
+          slot,
+          vk.expose(),
+          newPassphrase,
+          await pbkdf2Iterations(opts, this.#h.hashSpec.toLowerCase(), vk.length),
+        );
         this.#h.keyblock[slot]!.active = LUKS_KEY_ENABLED;
         await this.#writeHeader();
         return slot;
@@ -434,7 +514,12 @@ export class Luks1Volume implements LuksVolume {
           old.salt = Buffer.alloc(32);
         }
         await this.#writeHeader();
-        if (target !== keyslot) await wipeArea(this.#dev, this.#h.keyblock[keyslot]!.keyMaterialOffset * 512, afSplitBytes(this.#h.keyBytes, LUKS_STRIPES));
+        if (target !== keyslot)
+          await wipeArea(
+            this.#dev,
+            this.#h.keyblock[keyslot]!.keyMaterialOffset * 512,
+            afSplitBytes(this.#h.keyBytes, LUKS_STRIPES),
+          );
         return target;
       });
     } finally {
@@ -450,7 +535,8 @@ export class Luks1Volume implements LuksVolume {
     this.#requireWritable();
     const k = this.#h.keyblock[slot];
     if (!k) throw new CryptmapError('EKEYSLOT', `Key slot ${slot} is invalid.`);
-    if (k.active !== LUKS_KEY_ENABLED) throw new CryptmapError('EKEYSLOT', `Keyslot ${slot} is not active.`, { errno: 'ENOENT' });
+    if (k.active !== LUKS_KEY_ENABLED)
+      throw new CryptmapError('EKEYSLOT', `Keyslot ${slot} is not active.`, { errno: 'ENOENT' });
     await this.#withRollback(async () => {
       k.active = LUKS_KEY_DISABLED;
       k.iterations = 0;
@@ -462,7 +548,8 @@ export class Luks1Volume implements LuksVolume {
 
   async setUuid(uuid: string): Promise<void> {
     this.#requireWritable();
-    if (!/^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$/.test(uuid)) throw new CryptmapError('EUUID', 'Wrong LUKS UUID format provided.');
+    if (!/^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$/.test(uuid))
+      throw new CryptmapError('EUUID', 'Wrong LUKS UUID format provided.');
     await this.#withRollback(async () => {
       this.#h.uuid = uuid;
       await this.#writeHeader();
@@ -490,7 +577,8 @@ export class Luks1Volume implements LuksVolume {
    * changed. Returns cryptsetup's messages, in order.
    */
   static async repair(dev: BlockDevice): Promise<{ messages: string[]; written: boolean }> {
-    if (dev.sizeBytes < 1024) throw new CryptmapError('ENOTLUKS', 'Device is not a valid LUKS device.', { exitCode: 1 });
+    if (dev.sizeBytes < 1024)
+      throw new CryptmapError('ENOTLUKS', 'Device is not a valid LUKS device.', { exitCode: 1 });
     const raw = Buffer.alloc(1024);
     await dev.read(0, raw);
     if (!hasLuks1Magic(raw)) throw new CryptmapError('ENOTLUKS', 'Device is not a valid LUKS device.', { exitCode: 1 });
@@ -516,8 +604,10 @@ export class Luks1Volume implements LuksVolume {
       keyslotsOk = false;
     }
     if (!keyslotsOk || needWrite) {
-      if (h.keyBytes !== 16 && h.keyBytes !== 32 && h.keyBytes !== 64) fail('Non standard key size, manual repair required.');
-      if (h.keyblock[0]!.keyMaterialOffset < LUKS_ALIGN_KEYSLOTS_SECTORS) fail('Non standard keyslots alignment, manual repair required.');
+      if (h.keyBytes !== 16 && h.keyBytes !== 32 && h.keyBytes !== 64)
+        fail('Non standard key size, manual repair required.');
+      if (h.keyblock[0]!.keyMaterialOffset < LUKS_ALIGN_KEYSLOTS_SECTORS)
+        fail('Non standard keyslots alignment, manual repair required.');
       messages.push('Repairing keyslots.');
       const afSectors = afSplitBytes(h.keyBytes, LUKS_STRIPES) / 512;
       let next = LUKS_ALIGN_KEYSLOTS_SECTORS;
@@ -560,7 +650,8 @@ export class Luks1Volume implements LuksVolume {
       messages.push('No known problems detected for LUKS header.');
       return { messages, written: false };
     }
-    if (!dev.capabilities.write) throw new CryptmapError('EROFS', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
+    if (!dev.capabilities.write)
+      throw new CryptmapError('EROFS', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
     messages.push('Writing LUKS header to disk.');
     const out = encodeLuks1(h);
     await dev.write(0, out.subarray(0, LUKS_PHDR_BYTES));

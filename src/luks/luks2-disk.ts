@@ -30,7 +30,9 @@ export const LUKS2_SALT_L = 64;
 export const LUKS2_UUID_L = 40;
 export const LUKS2_CHECKSUM_L = 64;
 /** The nine metadata sizes (binary header + JSON area) LUKS2 allows; also where a secondary may sit. */
-export const LUKS2_HDR_SIZES = [0x4000, 0x8000, 0x10000, 0x20000, 0x40000, 0x80000, 0x100000, 0x200000, 0x400000] as const;
+export const LUKS2_HDR_SIZES = [
+  0x4000, 0x8000, 0x10000, 0x20000, 0x40000, 0x80000, 0x100000, 0x200000, 0x400000,
+] as const;
 
 const OFF = {
   magic: 0,
@@ -152,15 +154,23 @@ export interface Luks2DiskCopy {
  * Read and checksum-verify the header copy at `offsetBytes`. Throws a CryptmapError saying what is
  * wrong (the JSON itself is checked by the caller).
  */
-export async function readCopy(dev: BlockDevice, offsetBytes: number, expect: 'primary' | 'secondary'): Promise<Luks2DiskCopy> {
-  if (offsetBytes + LUKS2_HDR_BIN_LEN > dev.sizeBytes) throw new CryptmapError('ELUKS2BIN', `No LUKS2 header at offset ${offsetBytes}: device too small.`);
+export async function readCopy(
+  dev: BlockDevice,
+  offsetBytes: number,
+  expect: 'primary' | 'secondary',
+): Promise<Luks2DiskCopy> {
+  if (offsetBytes + LUKS2_HDR_BIN_LEN > dev.sizeBytes)
+    throw new CryptmapError('ELUKS2BIN', `No LUKS2 header at offset ${offsetBytes}: device too small.`);
   const binBuf = Buffer.alloc(LUKS2_HDR_BIN_LEN);
   await dev.read(offsetBytes, binBuf);
   const bin = decodeBinHeader(binBuf);
-  if (bin.kind !== expect) throw new CryptmapError('ELUKS2MAGIC', `No ${expect} LUKS2 header at offset ${offsetBytes}.`);
+  if (bin.kind !== expect)
+    throw new CryptmapError('ELUKS2MAGIC', `No ${expect} LUKS2 header at offset ${offsetBytes}.`);
   if (bin.version !== 2) throw new CryptmapError('ELUKS2VERSION', `Unsupported LUKS2 version ${bin.version}.`);
-  if (bin.hdrOffset !== BigInt(offsetBytes)) throw new CryptmapError('ELUKS2OFFSET', `LUKS2 header at offset ${offsetBytes} claims offset ${bin.hdrOffset}.`);
-  if (offsetBytes + bin.hdrSize > dev.sizeBytes) throw new CryptmapError('ELUKS2BIN', `LUKS2 header at offset ${offsetBytes} extends past the device end.`);
+  if (bin.hdrOffset !== BigInt(offsetBytes))
+    throw new CryptmapError('ELUKS2OFFSET', `LUKS2 header at offset ${offsetBytes} claims offset ${bin.hdrOffset}.`);
+  if (offsetBytes + bin.hdrSize > dev.sizeBytes)
+    throw new CryptmapError('ELUKS2BIN', `LUKS2 header at offset ${offsetBytes} extends past the device end.`);
   const jsonArea = Buffer.alloc(bin.hdrSize - LUKS2_HDR_BIN_LEN);
   await dev.read(offsetBytes + LUKS2_HDR_BIN_LEN, jsonArea);
   let calc: Buffer;
@@ -171,7 +181,9 @@ export async function readCopy(dev: BlockDevice, offsetBytes: number, expect: 'p
   }
   const stored = bin.csum.subarray(0, calc.length);
   if (!stored.equals(calc) || bin.csum.subarray(calc.length).some((x) => x !== 0)) {
-    throw new CryptmapError('ELUKS2CSUM', `LUKS2 header checksum error at offset ${offsetBytes}.`, { context: { offsetBytes } });
+    throw new CryptmapError('ELUKS2CSUM', `LUKS2 header checksum error at offset ${offsetBytes}.`, {
+      context: { offsetBytes },
+    });
   }
   return { offsetBytes, bin, jsonArea };
 }
@@ -181,7 +193,11 @@ export async function readCopy(dev: BlockDevice, offsetBytes: number, expect: 'p
  * checksum first (the copy is invalid from here), then the JSON area, then the binary header with
  * its checksum. A crash at any point leaves this copy invalid or complete, never half-valid.
  */
-export async function writeCopy(dev: BlockDevice, bin: Omit<Luks2BinHeader, 'csum' | 'version'>, jsonArea: Buffer): Promise<void> {
+export async function writeCopy(
+  dev: BlockDevice,
+  bin: Omit<Luks2BinHeader, 'csum' | 'version'>,
+  jsonArea: Buffer,
+): Promise<void> {
   const b = encodeBinHeader(bin);
   const offset = Number(bin.hdrOffset);
   await dev.write(offset, b);

@@ -58,15 +58,22 @@ function labelTooLong(): CryptmapError {
 }
 
 /** Create a new LUKS2 header on `dev` with one keyslot for `passphrase`. */
-export async function formatLuks2(dev: BlockDevice, passphrase: Uint8Array, o: Luks2FormatOptions = {}): Promise<Luks2Header> {
+export async function formatLuks2(
+  dev: BlockDevice,
+  passphrase: Uint8Array,
+  o: Luks2FormatOptions = {},
+): Promise<Luks2Header> {
   const cipher = o.cipher ?? 'aes-xts-plain64';
   const keyBytes = o.volumeKey?.length ?? o.keyBytes ?? 64;
   const sectorBytes = o.sectorBytes ?? 512;
   const hash = o.hash ?? 'sha256';
   const metadata = o.metadataBytes ?? LUKS2_DEFAULT_METADATA_BYTES;
-  if (!(LUKS2_HDR_SIZES as readonly number[]).includes(metadata)) throw new CryptmapError('EARGS', `Unsupported LUKS2 metadata size ${metadata}.`);
-  if (![512, 1024, 2048, 4096].includes(sectorBytes)) throw new CryptmapError('EARGS', `Unsupported encryption sector size.`);
-  if (!Number.isInteger(keyBytes) || keyBytes < 1 || keyBytes > 512) throw new CryptmapError('EARGS', 'Invalid volume key size.');
+  if (!(LUKS2_HDR_SIZES as readonly number[]).includes(metadata))
+    throw new CryptmapError('EARGS', `Unsupported LUKS2 metadata size ${metadata}.`);
+  if (![512, 1024, 2048, 4096].includes(sectorBytes))
+    throw new CryptmapError('EARGS', `Unsupported encryption sector size.`);
+  if (!Number.isInteger(keyBytes) || keyBytes < 1 || keyBytes > 512)
+    throw new CryptmapError('EARGS', 'Invalid volume key size.');
   const uuid = o.uuid ?? randomUUID();
   checkUuid(uuid);
   let offset = o.offsetBytes ?? (o.detachedHeader ? (o.alignBytes ?? 0) : undefined);
@@ -77,19 +84,28 @@ export async function formatLuks2(dev: BlockDevice, passphrase: Uint8Array, o: L
   }
   if (offset === undefined) {
     // Default: data at 16 MiB, or after the metadata and keyslots asked for (aligned to 1 MiB).
-    offset = keyslotsBytes !== undefined ? alignUp(2 * metadata + keyslotsBytes, 1 << 20) : Math.max(LUKS2_DEFAULT_DATA_OFFSET_BYTES, alignUp(2 * metadata + 4096, 1 << 20));
+    offset =
+      keyslotsBytes !== undefined
+        ? alignUp(2 * metadata + keyslotsBytes, 1 << 20)
+        : Math.max(LUKS2_DEFAULT_DATA_OFFSET_BYTES, alignUp(2 * metadata + 4096, 1 << 20));
   }
-  if (offset % 512 !== 0 || offset % sectorBytes !== 0) throw new CryptmapError('EARGS', 'Data offset is not aligned to the sector size.');
+  if (offset % 512 !== 0 || offset % sectorBytes !== 0)
+    throw new CryptmapError('EARGS', 'Data offset is not aligned to the sector size.');
   if (keyslotsBytes === undefined) {
     keyslotsBytes = offset === 0 ? LUKS2_DEFAULT_DATA_OFFSET_BYTES - 2 * metadata : offset - 2 * metadata;
     keyslotsBytes = Math.min(Math.floor(keyslotsBytes / 4096) * 4096, LUKS2_MAX_KEYSLOTS_SIZE);
   }
-  if (keyslotsBytes % 4096 !== 0 || keyslotsBytes > LUKS2_MAX_KEYSLOTS_SIZE || keyslotsBytes <= 0) throw new CryptmapError('EARGS', 'Invalid keyslots area size.');
-  if (offset !== 0 && offset < 2 * metadata + keyslotsBytes) throw new CryptmapError('EARGS', 'Data offset is too small for the LUKS2 metadata and keyslots areas.');
+  if (keyslotsBytes % 4096 !== 0 || keyslotsBytes > LUKS2_MAX_KEYSLOTS_SIZE || keyslotsBytes <= 0)
+    throw new CryptmapError('EARGS', 'Invalid keyslots area size.');
+  if (offset !== 0 && offset < 2 * metadata + keyslotsBytes)
+    throw new CryptmapError('EARGS', 'Data offset is too small for the LUKS2 metadata and keyslots areas.');
   const hdrAndAreas = 2 * metadata + keyslotsBytes;
   // The data may lie past the device's end (cryptsetup only warns: no room for data); the header may not.
   if (dev.sizeBytes < hdrAndAreas) {
-    throw new CryptmapError('EDEVSIZE', `Device is too small. Need at least ${hdrAndAreas} bytes.`, { exitCode: 1, context: { needBytes: hdrAndAreas } });
+    throw new CryptmapError('EDEVSIZE', `Device is too small. Need at least ${hdrAndAreas} bytes.`, {
+      exitCode: 1,
+      context: { needBytes: hdrAndAreas },
+    });
   }
   const vk = o.volumeKey ? Buffer.from(o.volumeKey) : randomBytes(keyBytes);
   try {
@@ -100,7 +116,14 @@ export async function formatLuks2(dev: BlockDevice, passphrase: Uint8Array, o: L
       keyslots: {},
       tokens: {},
       segments: {
-        '0': { type: 'crypt', offset: String(offset), size: 'dynamic', iv_tweak: '0', encryption: cipher, sector_size: sectorBytes },
+        '0': {
+          type: 'crypt',
+          offset: String(offset),
+          size: 'dynamic',
+          iv_tweak: '0',
+          encryption: cipher,
+          sector_size: sectorBytes,
+        },
       },
       digests: { '0': { ...digest, keyslots: [], segments: ['0'] } },
       config: { json_size: String(metadata - LUKS2_HDR_BIN_LEN), keyslots_size: String(keyslotsBytes) },
@@ -119,8 +142,14 @@ export async function formatLuks2(dev: BlockDevice, passphrase: Uint8Array, o: L
       csum: Buffer.alloc(64),
     };
     // Check label and subsystem lengths before touching the device.
-    if (Buffer.byteLength(bin.label, 'latin1') >= 48 || Buffer.byteLength(bin.subsystem, 'latin1') >= 48) throw labelTooLong();
-    const h = new Luks2Header(dev, { bin, json, needsRepair: false, salts: { primary: bin.salt, secondary: randomBytes(64) } });
+    if (Buffer.byteLength(bin.label, 'latin1') >= 48 || Buffer.byteLength(bin.subsystem, 'latin1') >= 48)
+      throw labelTooLong();
+    const h = new Luks2Header(dev, {
+      bin,
+      json,
+      needsRepair: false,
+      salts: { primary: bin.salt, secondary: randomBytes(64) },
+    });
     // Destroy any previous header first (both copies and the keyslots area), as cryptsetup does.
     await dev.writeZeroes(0, hdrAndAreas);
     await dev.flush();

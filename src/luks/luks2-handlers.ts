@@ -8,7 +8,14 @@ import { randomBytes } from 'node:crypto';
 import type { BlockDevice } from '../blockdev/types.js';
 import { afMerge, afSplit, afSplitBytes } from '../crypto/af.js';
 import { checkKeyBytes, parseCipherSpec } from '../crypto/cipher-spec.js';
-import { ARGON2_MAX_PARALLEL, deriveKey, hashDigestBytes, type KdfParams, PBKDF2_MIN_ITERATIONS, pbkdf2 } from '../crypto/kdf/index.js';
+import {
+  ARGON2_MAX_PARALLEL,
+  deriveKey,
+  hashDigestBytes,
+  type KdfParams,
+  PBKDF2_MIN_ITERATIONS,
+  pbkdf2,
+} from '../crypto/kdf/index.js';
 import { constantTimeEqual } from '../util/bytes.js';
 import { CryptmapError } from '../util/errors.js';
 import { loadNative } from '../util/native.js';
@@ -17,7 +24,9 @@ import { readKeyslotArea, writeKeyslotArea } from './keyslot-area.js';
 import type { L2Digest, L2Keyslot, TypeValidators } from './luks2-json.js';
 
 function invalid(path: string, msg: string): never {
-  throw new CryptmapError('ELUKS2JSON', `LUKS2 metadata invalid (keyslot_types: ${path}): ${msg}`, { context: { path } });
+  throw new CryptmapError('ELUKS2JSON', `LUKS2 metadata invalid (keyslot_types: ${path}): ${msg}`, {
+    context: { path },
+  });
 }
 type Obj = Record<string, unknown>;
 const isObj = (v: unknown): v is Obj => typeof v === 'object' && v !== null && !Array.isArray(v);
@@ -34,20 +43,23 @@ export function handlerFor<T>(table: Readonly<Record<string, T>>, type: unknown)
 }
 
 export function b64decode(s: string, what: string): Buffer {
-  if (!/^[A-Za-z0-9+/]*={0,2}$/.test(s) || s.length % 4 !== 0) throw new CryptmapError('ELUKS2JSON', `${what} is not valid base64.`);
+  if (!/^[A-Za-z0-9+/]*={0,2}$/.test(s) || s.length % 4 !== 0)
+    throw new CryptmapError('ELUKS2JSON', `${what} is not valid base64.`);
   return Buffer.from(s, 'base64');
 }
 
 /** KDF parameters of a keyslot's `kdf` object; throws for types cryptmap cannot run (e.g. legacy "argon2"). */
 export function kdfParamsOf(kdf: L2Keyslot['kdf']): KdfParams {
   if (kdf.type === 'pbkdf2') return { type: 'pbkdf2', hash: kdf.hash!, iterations: kdf.iterations! };
-  if (kdf.type === 'argon2i' || kdf.type === 'argon2id') return { type: kdf.type, time: kdf.time!, memoryKiB: kdf.memory!, parallel: kdf.cpus! };
+  if (kdf.type === 'argon2i' || kdf.type === 'argon2id')
+    return { type: kdf.type, time: kdf.time!, memoryKiB: kdf.memory!, parallel: kdf.cpus! };
   throw new CryptmapError('EKDFTYPE', `Keyslot KDF ${kdf.type} is not supported.`);
 }
 
 /** The `kdf` JSON object for parameters and a salt, in cryptsetup's key order. */
 export function kdfJson(p: KdfParams, salt: Buffer): L2Keyslot['kdf'] {
-  if (p.type === 'pbkdf2') return { type: 'pbkdf2', hash: p.hash, iterations: p.iterations, salt: salt.toString('base64') };
+  if (p.type === 'pbkdf2')
+    return { type: 'pbkdf2', hash: p.hash, iterations: p.iterations, salt: salt.toString('base64') };
   return { type: p.type, time: p.time, memory: p.memoryKiB, cpus: p.parallel, salt: salt.toString('base64') };
 }
 
@@ -71,9 +83,11 @@ const luks2Keyslot: KeyslotHandler = {
     if (!isStr(kdf.type)) invalid(path, 'kdf type missing');
     const n = Object.keys(kdf).length;
     if (kdf.type === 'pbkdf2') {
-      if (n !== 4 || !isStr(kdf.hash) || !isInt(kdf.iterations) || !isStr(kdf.salt)) invalid(`${path}.kdf`, 'pbkdf2 needs exactly type, hash, iterations, salt');
+      if (n !== 4 || !isStr(kdf.hash) || !isInt(kdf.iterations) || !isStr(kdf.salt))
+        invalid(`${path}.kdf`, 'pbkdf2 needs exactly type, hash, iterations, salt');
     } else if (kdf.type === 'argon2i' || kdf.type === 'argon2id') {
-      if (n !== 5 || !isInt(kdf.time) || !isInt(kdf.memory) || !isInt(kdf.cpus) || !isStr(kdf.salt)) invalid(`${path}.kdf`, 'argon2 needs exactly type, time, memory, cpus, salt');
+      if (n !== 5 || !isInt(kdf.time) || !isInt(kdf.memory) || !isInt(kdf.cpus) || !isStr(kdf.salt))
+        invalid(`${path}.kdf`, 'argon2 needs exactly type, time, memory, cpus, salt');
     }
     if (af.type !== 'luks1') invalid(`${path}.af`, 'af type must be luks1');
     if (!isStr(af.hash) || !isInt(af.stripes)) invalid(`${path}.af`, 'luks1 af needs hash and stripes');
@@ -86,14 +100,21 @@ const luks2Keyslot: KeyslotHandler = {
     const params = kdfParamsOf(ks.kdf);
     // cryptsetup refuses a keyslot whose Argon2 cpus exceed its limit, before deriving anything.
     if (params.type !== 'pbkdf2' && !(params.parallel >= 1 && params.parallel <= ARGON2_MAX_PARALLEL)) {
-      throw new CryptmapError('EKDFLIMIT', 'Keyslot open failed.', { exitCode: 1, errno: 'EINVAL', context: { cpus: params.parallel } });
+      throw new CryptmapError('EKDFLIMIT', 'Keyslot open failed.', {
+        exitCode: 1,
+        errno: 'EINVAL',
+        context: { cpus: params.parallel },
+      });
     }
-    if (ks.af.stripes !== LUKS_STRIPES) throw new CryptmapError('ELUKS2AF', `Keyslot AF stripes ${ks.af.stripes} not supported.`);
+    if (ks.af.stripes !== LUKS_STRIPES)
+      throw new CryptmapError('ELUKS2AF', `Keyslot AF stripes ${ks.af.stripes} not supported.`);
     const afBytes = afSplitBytes(ks.key_size, LUKS_STRIPES);
-    if (BigInt(afBytes) > BigInt(ks.area.size)) throw new CryptmapError('ELUKS2AREA', 'Keyslot area is too small for its key.');
+    if (BigInt(afBytes) > BigInt(ks.area.size))
+      throw new CryptmapError('ELUKS2AREA', 'Keyslot area is too small for its key.');
     const encryption = ks.area.encryption!;
     if (encryption === 'cipher_null' || encryption.startsWith('cipher_null-')) {
-      if (passphrase.length !== 0) throw new CryptmapError('ENOKEY', 'No key available with this passphrase.', { exitCode: 2, errno: 'EPERM' });
+      if (passphrase.length !== 0)
+        throw new CryptmapError('ENOKEY', 'No key available with this passphrase.', { exitCode: 2, errno: 'EPERM' });
     }
     // The KDF output length is the area key size: refuse one the area cipher cannot take before
     // deriving, or a forged header asks for gigabytes of KDF output (a hang; found by the fuzzer).
@@ -103,7 +124,11 @@ const luks2Keyslot: KeyslotHandler = {
         if (areaKeyBytes > 1024) throw new CryptmapError('EKEY_SIZE', `area key of ${areaKeyBytes} bytes`);
         checkKeyBytes(parseCipherSpec(encryption), areaKeyBytes);
       } catch (e) {
-        throw new CryptmapError('ELUKS2AREA', `Keyslot area key size ${areaKeyBytes} does not fit its cipher ${encryption}.`, { cause: e });
+        throw new CryptmapError(
+          'ELUKS2AREA',
+          `Keyslot area key size ${areaKeyBytes} does not fit its cipher ${encryption}.`,
+          { cause: e },
+        );
       }
     }
     const salt = b64decode(ks.kdf.salt, 'kdf salt');
@@ -136,8 +161,10 @@ const luks2Keyslot: KeyslotHandler = {
 const reencryptKeyslot: KeyslotHandler = {
   name: 'reencrypt',
   validate(ks, path) {
-    if (!isStr(ks.mode) || !['reencrypt', 'encrypt', 'decrypt'].includes(ks.mode)) invalid(path, 'reencrypt keyslot needs mode');
-    if (!isStr(ks.direction) || !['forward', 'backward'].includes(ks.direction)) invalid(path, 'reencrypt keyslot needs direction');
+    if (!isStr(ks.mode) || !['reencrypt', 'encrypt', 'decrypt'].includes(ks.mode))
+      invalid(path, 'reencrypt keyslot needs mode');
+    if (!isStr(ks.direction) || !['forward', 'backward'].includes(ks.direction))
+      invalid(path, 'reencrypt keyslot needs direction');
     if (!isObj(ks.area) || !isStr(ks.area.type)) invalid(path, 'reencrypt keyslot needs an area');
   },
 };
@@ -149,7 +176,10 @@ export interface DigestHandler {
   name: string;
   verify(d: L2Digest, vk: Uint8Array): Promise<boolean>;
   /** Fill a new digest object for `vk` (keyslots and segments are set by the caller). */
-  create(vk: Uint8Array, opts: { hash: string; iterations: number }): Promise<{ type: string; hash: string; iterations: number; salt: string; digest: string }>;
+  create(
+    vk: Uint8Array,
+    opts: { hash: string; iterations: number },
+  ): Promise<{ type: string; hash: string; iterations: number; salt: string; digest: string }>;
 }
 
 const pbkdf2Digest: DigestHandler = {
@@ -171,7 +201,13 @@ const pbkdf2Digest: DigestHandler = {
     const salt = randomBytes(LUKS_SALTSIZE);
     const len = hashDigestBytes(hash);
     const dg = await pbkdf2(hash, vk, salt, Math.max(iterations, PBKDF2_MIN_ITERATIONS), len);
-    return { type: 'pbkdf2', hash, iterations: Math.max(iterations, PBKDF2_MIN_ITERATIONS), salt: salt.toString('base64'), digest: dg.toString('base64') };
+    return {
+      type: 'pbkdf2',
+      hash,
+      iterations: Math.max(iterations, PBKDF2_MIN_ITERATIONS),
+      salt: salt.toString('base64'),
+      digest: dg.toString('base64'),
+    };
   },
 };
 
@@ -193,7 +229,10 @@ const keyringToken: TokenHandler = {
   validate(tok, path) {
     const keys = Object.keys(tok);
     if (keys.length !== 3 || !isStr(tok.key_description) || !Array.isArray(tok.keyslots)) {
-      throw new CryptmapError('ELUKS2TOKEN', `LUKS2 metadata invalid (token_types: ${path}): luks2-keyring needs exactly type, keyslots, key_description`);
+      throw new CryptmapError(
+        'ELUKS2TOKEN',
+        `LUKS2 metadata invalid (token_types: ${path}): luks2-keyring needs exactly type, keyslots, key_description`,
+      );
     }
   },
   // The passphrase is the payload of the "user" key named key_description in the kernel keyring, found
@@ -201,16 +240,24 @@ const keyringToken: TokenHandler = {
   async open(tok, tokenId) {
     const read = loadNative()?.keyringReadUser;
     if (!read) {
-      throw new CryptmapError('ETOKENKEYRING', `Token ${tokenId} (luks2-keyring) cannot be used: reading the kernel keyring needs cryptmap's native addon. Use a passphrase or key file.`, {
-        exitCode: 2,
-        errno: 'EPERM',
-        context: { tokenId },
-      });
+      throw new CryptmapError(
+        'ETOKENKEYRING',
+        `Token ${tokenId} (luks2-keyring) cannot be used: reading the kernel keyring needs cryptmap's native addon. Use a passphrase or key file.`,
+        {
+          exitCode: 2,
+          errno: 'EPERM',
+          context: { tokenId },
+        },
+      );
     }
     const desc = String(tok.key_description);
     const pass = read(desc);
     if (!pass) {
-      throw new CryptmapError('ETOKENKEYRING', `Token ${tokenId} (luks2-keyring): no key "${desc}" of type user in the kernel keyring.`, { exitCode: 2, errno: 'EPERM', context: { tokenId } });
+      throw new CryptmapError(
+        'ETOKENKEYRING',
+        `Token ${tokenId} (luks2-keyring): no key "${desc}" of type user in the kernel keyring.`,
+        { exitCode: 2, errno: 'EPERM', context: { tokenId } },
+      );
     }
     return pass;
   },
@@ -231,7 +278,12 @@ export const VALIDATORS: TypeValidators = {
 export function repairKeyslotKdf(ks: Obj): boolean {
   if (!isObj(ks) || ks.type !== 'luks2' || !isObj(ks.kdf)) return false;
   const kdf = ks.kdf;
-  const keep = kdf.type === 'pbkdf2' ? ['type', 'hash', 'iterations', 'salt'] : kdf.type === 'argon2i' || kdf.type === 'argon2id' ? ['type', 'time', 'memory', 'cpus', 'salt'] : null;
+  const keep =
+    kdf.type === 'pbkdf2'
+      ? ['type', 'hash', 'iterations', 'salt']
+      : kdf.type === 'argon2i' || kdf.type === 'argon2id'
+        ? ['type', 'time', 'memory', 'cpus', 'salt']
+        : null;
   if (!keep) return false;
   let changed = false;
   for (const k of Object.keys(kdf)) {

@@ -15,7 +15,14 @@ import { randomBytes } from 'node:crypto';
 import type { BlockDevice } from '../blockdev/types.js';
 import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_DEVICE, isCryptmapError } from '../util/errors.js';
 import { logger } from '../util/log.js';
-import { LUKS2_HDR_BIN_LEN, LUKS2_HDR_SIZES, type Luks2BinHeader, type Luks2DiskCopy, readCopy, writeCopy } from './luks2-disk.js';
+import {
+  LUKS2_HDR_BIN_LEN,
+  LUKS2_HDR_SIZES,
+  type Luks2BinHeader,
+  type Luks2DiskCopy,
+  readCopy,
+  writeCopy,
+} from './luks2-disk.js';
 import { repairKeyslotKdf, VALIDATORS } from './luks2-handlers.js';
 import { buildJsonArea, type Luks2Json, parseJsonArea, unknownRequirements, validateLuks2Json } from './luks2-json.js';
 import { foreignSignature } from './signatures.js';
@@ -34,7 +41,8 @@ async function loadCopy(dev: BlockDevice, offset: number, kind: 'primary' | 'sec
     const copy = await readCopy(dev, offset, kind);
     const raw = parseJsonArea(copy.jsonArea) as Record<string, unknown>;
     // Leftover parameters of another KDF type are dropped before validation (luks2_keyslot_repair).
-    if (raw && typeof raw.keyslots === 'object' && raw.keyslots !== null) for (const ks of Object.values(raw.keyslots as object)) repairKeyslotKdf(ks);
+    if (raw && typeof raw.keyslots === 'object' && raw.keyslots !== null)
+      for (const ks of Object.values(raw.keyslots as object)) repairKeyslotKdf(ks);
     const json = validateLuks2Json(raw, copy.bin.hdrSize - LUKS2_HDR_BIN_LEN, VALIDATORS);
     return { ok: true, copy, json };
   } catch (e) {
@@ -75,15 +83,26 @@ export async function readLuks2(dev: BlockDevice): Promise<Luks2ReadResult> {
   }
   if (!primary.ok && !secondary.ok) {
     const err = primary.error ?? secondary.error;
-    if (err?.code === 'ELUKS2MAGIC' && secondary.error?.code !== 'ELUKS2CSUM' && secondary.error?.code !== 'ELUKS2JSON') {
+    if (
+      err?.code === 'ELUKS2MAGIC' &&
+      secondary.error?.code !== 'ELUKS2CSUM' &&
+      secondary.error?.code !== 'ELUKS2JSON'
+    ) {
       throw new CryptmapError('ENOTLUKS', 'Device is not a valid LUKS device.', { exitCode: 1, cause: err });
     }
     if (err?.code === 'ELUKS2JSON') {
       // Metadata that does not parse or fails a named check: cryptsetup's "not a valid LUKS device"
       // (exit 1); the message keeps the check and key path that failed.
-      throw new CryptmapError('ENOTLUKS', `Device is not a valid LUKS device (${err.message}).`, { exitCode: 1, cause: err, context: err.context });
+      throw new CryptmapError('ENOTLUKS', `Device is not a valid LUKS device (${err.message}).`, {
+        exitCode: 1,
+        cause: err,
+        context: err.context,
+      });
     }
-    throw new CryptmapError('ELUKS2HDR', `LUKS2 header is damaged beyond repair: ${err?.message ?? 'no valid copy'}`, { exitCode: EXIT_WRONG_DEVICE, cause: err });
+    throw new CryptmapError('ELUKS2HDR', `LUKS2 header is damaged beyond repair: ${err?.message ?? 'no valid copy'}`, {
+      exitCode: EXIT_WRONG_DEVICE,
+      cause: err,
+    });
   }
   let used: 'primary' | 'secondary' = primary.ok ? 'primary' : 'secondary';
   if (primary.ok && secondary.ok && secondary.copy!.bin.seqid > primary.copy!.bin.seqid) used = 'secondary';
@@ -94,7 +113,12 @@ export async function readLuks2(dev: BlockDevice): Promise<Luks2ReadResult> {
     primary.copy!.bin.seqid !== secondary.copy!.bin.seqid ||
     primary.copy!.bin.hdrSize !== secondary.copy!.bin.hdrSize ||
     !primary.copy!.jsonArea.equals(secondary.copy!.jsonArea);
-  if (needsRepair) log.debug('LUKS2 header copies differ or one is damaged', { used, primary: primary.error?.message, secondary: secondary.error?.message });
+  if (needsRepair)
+    log.debug('LUKS2 header copies differ or one is damaged', {
+      used,
+      primary: primary.error?.message,
+      secondary: secondary.error?.message,
+    });
   let stale: 'primary' | 'secondary' | null = null;
   if (!primary.ok || !secondary.ok) stale = primary.ok ? 'secondary' : 'primary';
   else if (primary.copy!.bin.seqid !== secondary.copy!.bin.seqid) stale = used === 'primary' ? 'secondary' : 'primary';
@@ -110,7 +134,11 @@ export function sortKeys(j: Luks2Json): void {
 }
 
 function concurrentUpdate(): CryptmapError {
-  return new CryptmapError('ECONCURRENT', 'Detected attempt for concurrent LUKS2 metadata update. Aborting operation.', { exitCode: 1, errno: 'EBUSY' });
+  return new CryptmapError(
+    'ECONCURRENT',
+    'Detected attempt for concurrent LUKS2 metadata update. Aborting operation.',
+    { exitCode: 1, errno: 'EBUSY' },
+  );
 }
 
 /** The header in memory (binary header, JSON metadata, the copies' salts) and the device for its I/O. */
@@ -121,7 +149,10 @@ export class Luks2Header {
   salts: { primary: Buffer; secondary: Buffer };
   needsRepair: boolean;
 
-  constructor(dev: BlockDevice, r: { bin: Luks2BinHeader; json: Luks2Json; needsRepair: boolean; salts: { primary: Buffer; secondary: Buffer } }) {
+  constructor(
+    dev: BlockDevice,
+    r: { bin: Luks2BinHeader; json: Luks2Json; needsRepair: boolean; salts: { primary: Buffer; secondary: Buffer } },
+  ) {
     this.dev = dev;
     this.bin = r.bin;
     this.json = r.json;
@@ -136,8 +167,14 @@ export class Luks2Header {
   /** Throws when this header may not be changed (unknown requirements, read-only device). */
   requireChangeable(): void {
     const unknown = unknownRequirements(this.json);
-    if (unknown.length) throw new CryptmapError('EREQUIREMENT', `Operation incompatible with device marked for unknown requirements (${unknown.join(', ')}).`, { errno: 'ENOTSUP' });
-    if (!this.dev.capabilities.write) throw new CryptmapError('EROFS', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
+    if (unknown.length)
+      throw new CryptmapError(
+        'EREQUIREMENT',
+        `Operation incompatible with device marked for unknown requirements (${unknown.join(', ')}).`,
+        { errno: 'ENOTSUP' },
+      );
+    if (!this.dev.capabilities.write)
+      throw new CryptmapError('EROFS', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
   }
 
   digestOfKeyslot(slot: string): string | undefined {
@@ -158,14 +195,26 @@ export class Luks2Header {
   async write(fresh = false): Promise<void> {
     if (!fresh) await this.#checkConcurrent();
     // Digests with neither keyslots nor segments go (LUKS2_digests_erase_unused, on every write).
-    for (const [id, d] of Object.entries(this.json.digests)) if (d.keyslots.length === 0 && d.segments.length === 0) delete this.json.digests[id];
+    for (const [id, d] of Object.entries(this.json.digests))
+      if (d.keyslots.length === 0 && d.segments.length === 0) delete this.json.digests[id];
     // Validate what is about to be written: never write metadata we would refuse to load.
     const json = validateLuks2Json(structuredClone(this.json), this.bin.hdrSize - LUKS2_HDR_BIN_LEN, VALIDATORS);
     const area = buildJsonArea(json, this.bin.hdrSize);
     const seqid = this.bin.seqid + 1n;
-    const common = { hdrSize: this.bin.hdrSize, seqid, label: this.bin.label, checksumAlg: this.bin.checksumAlg, uuid: this.bin.uuid, subsystem: this.bin.subsystem };
+    const common = {
+      hdrSize: this.bin.hdrSize,
+      seqid,
+      label: this.bin.label,
+      checksumAlg: this.bin.checksumAlg,
+      uuid: this.bin.uuid,
+      subsystem: this.bin.subsystem,
+    };
     await writeCopy(this.dev, { ...common, kind: 'primary', salt: this.salts.primary, hdrOffset: 0n }, area);
-    await writeCopy(this.dev, { ...common, kind: 'secondary', salt: this.salts.secondary, hdrOffset: BigInt(this.bin.hdrSize) }, area);
+    await writeCopy(
+      this.dev,
+      { ...common, kind: 'secondary', salt: this.salts.secondary, hdrOffset: BigInt(this.bin.hdrSize) },
+      area,
+    );
     this.bin = { ...this.bin, seqid };
     this.needsRepair = false;
   }
@@ -237,7 +286,9 @@ export class Luks2Header {
       await this.dev.read(0, area);
       const other = foreignSignature(area);
       if (other !== null) {
-        log.warn('Device contains ambiguous signatures, cannot auto-recover LUKS2; run repair to recover it', { signature: other });
+        log.warn('Device contains ambiguous signatures, cannot auto-recover LUKS2; run repair to recover it', {
+          signature: other,
+        });
         return null;
       }
     }
@@ -245,7 +296,17 @@ export class Luks2Header {
     const b = good.bin;
     await writeCopy(
       this.dev,
-      { kind: r.stale, hdrSize, seqid: b.seqid, label: b.label, checksumAlg: b.checksumAlg, salt, uuid: b.uuid, subsystem: b.subsystem, hdrOffset: BigInt(offset) },
+      {
+        kind: r.stale,
+        hdrSize,
+        seqid: b.seqid,
+        label: b.label,
+        checksumAlg: b.checksumAlg,
+        salt,
+        uuid: b.uuid,
+        subsystem: b.subsystem,
+        hdrOffset: BigInt(offset),
+      },
       good.jsonArea,
     );
     this.salts[r.stale] = salt;
@@ -255,7 +316,8 @@ export class Luks2Header {
 
   /** Rewrite both copies from the good one with fresh salts (cryptsetup repair). */
   async repair(): Promise<void> {
-    if (!this.dev.capabilities.write) throw new CryptmapError('EROFS', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION });
+    if (!this.dev.capabilities.write)
+      throw new CryptmapError('EROFS', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION });
     this.salts = { primary: randomBytes(64), secondary: randomBytes(64) };
     // The loaded copy already had leftover KDF parameters removed; write it back at its own seqid.
     this.bin = { ...this.bin, seqid: this.bin.seqid > 0n ? this.bin.seqid - 1n : 0n };

@@ -22,7 +22,16 @@ export interface L2Keyslot {
   key_size: number;
   af: { type: string; stripes: number; hash: string; [k: string]: unknown };
   area: L2Area;
-  kdf: { type: string; salt: string; hash?: string; iterations?: number; time?: number; memory?: number; cpus?: number; [k: string]: unknown };
+  kdf: {
+    type: string;
+    salt: string;
+    hash?: string;
+    iterations?: number;
+    time?: number;
+    memory?: number;
+    cpus?: number;
+    [k: string]: unknown;
+  };
   priority?: number;
   [k: string]: unknown;
 }
@@ -74,7 +83,9 @@ const U64_MAX = 0xffffffffffffffffn;
 export const KNOWN_REQUIREMENTS: readonly string[] = [];
 
 function fail(check: string, message: string, path?: string): never {
-  throw new CryptmapError('ELUKS2JSON', `LUKS2 metadata invalid (${check}${path ? `: ${path}` : ''}): ${message}`, { context: { check, path } });
+  throw new CryptmapError('ELUKS2JSON', `LUKS2 metadata invalid (${check}${path ? `: ${path}` : ''}): ${message}`, {
+    context: { check, path },
+  });
 }
 
 // ---- JSON area -------------------------------------------------------------------------------
@@ -88,9 +99,14 @@ export function parseJsonArea(area: Uint8Array): unknown {
   const buf = Buffer.from(area.buffer, area.byteOffset, area.byteLength);
   const nul = buf.indexOf(0);
   if (nul < 0) fail('json_area', 'the JSON text is not NUL-terminated');
-  for (let i = nul; i < buf.length; i++) if (buf[i] !== 0) fail('json_area', `non-NUL byte at JSON area offset ${i} after the JSON text`);
+  for (let i = nul; i < buf.length; i++)
+    if (buf[i] !== 0) fail('json_area', `non-NUL byte at JSON area offset ${i} after the JSON text`);
   const depth = nestingDepth(buf, nul);
-  if (depth > JSON_MAX_NESTING) fail('json_area', `JSON nested deeper than ${JSON_MAX_NESTING} levels (json-c's limit, which cryptsetup parses with)`);
+  if (depth > JSON_MAX_NESTING)
+    fail(
+      'json_area',
+      `JSON nested deeper than ${JSON_MAX_NESTING} levels (json-c's limit, which cryptsetup parses with)`,
+    );
   let v: unknown;
   try {
     v = JSON.parse(buf.subarray(0, nul).toString('utf8'));
@@ -123,7 +139,8 @@ function nestingDepth(buf: Buffer, end: number): number {
   for (let i = 0; i < end; i++) {
     const c = buf[i]!;
     if (inString) {
-      if (c === 0x5c) i++; // backslash: skip the escaped byte
+      if (c === 0x5c)
+        i++; // backslash: skip the escaped byte
       else if (c === 0x22) inString = false;
       continue;
     }
@@ -155,7 +172,10 @@ export function serializeJson(j: Luks2Json): string {
 export function buildJsonArea(j: Luks2Json, hdrSize: number): Buffer {
   const text = Buffer.from(serializeJson(j), 'utf8');
   const area = Buffer.alloc(hdrSize - LUKS2_HDR_BIN_LEN);
-  if (text.length >= area.length) throw new CryptmapError('ELUKS2SPACE', 'Not enough space in header json area for new metadata.', { errno: 'ENOSPC' });
+  if (text.length >= area.length)
+    throw new CryptmapError('ELUKS2SPACE', 'Not enough space in header json area for new metadata.', {
+      errno: 'ENOSPC',
+    });
   text.copy(area);
   return area;
 }
@@ -228,7 +248,8 @@ const CHECKS: Check[] = [
   {
     name: 'top_level',
     run({ j }) {
-      for (const k of ['keyslots', 'tokens', 'segments', 'digests', 'config']) if (!isObj(j[k])) fail('top_level', `missing "${k}" (object)`);
+      for (const k of ['keyslots', 'tokens', 'segments', 'digests', 'config'])
+        if (!isObj(j[k])) fail('top_level', `missing "${k}" (object)`);
     },
   },
   {
@@ -311,16 +332,19 @@ const CHECKS: Check[] = [
         if (size % 512n !== 0n) fail('segments', 'size is not aligned to 512 bytes', p);
         if ('flags' in s) {
           const f = s.flags;
-          if (!Array.isArray(f) || f.some((x) => typeof x !== 'string')) fail('segments', 'flags must be an array of strings', p);
+          if (!Array.isArray(f) || f.some((x) => typeof x !== 'string'))
+            fail('segments', 'flags must be an array of strings', p);
         }
         const i = Number(k);
         if (segmentIsBackup(s)) {
           if (firstBackup < 0 || i < firstBackup) firstBackup = i;
-        } else if (firstBackup >= 0 && i >= firstBackup) fail('segments', `regular segment ${i} is behind backup segment ${firstBackup}`);
+        } else if (firstBackup >= 0 && i >= firstBackup)
+          fail('segments', `regular segment ${i} is behind backup segment ${firstBackup}`);
         if (type === 'crypt' || type === 'hw-opal-crypt') validateCryptSegment(s, p, size, j.digests as Obj, k);
       }
       if (firstBackup === 0) fail('segments', 'no regular segment');
-      if (firstBackup >= keys.length) fail('segments', `gap between the regular segments and backup segment ${firstBackup}`);
+      if (firstBackup >= keys.length)
+        fail('segments', `gap between the regular segments and backup segment ${firstBackup}`);
       const regular = firstBackup < 0 ? keys.length : firstBackup;
       const iv: { offset: bigint; length: bigint }[] = [];
       for (let i = 0; i < regular; i++) {
@@ -331,12 +355,14 @@ const CHECKS: Check[] = [
       }
       for (let i = 0; i < iv.length; i++) {
         const a = iv[i]!;
-        if (a.length === U64_MAX && i !== iv.length - 1) fail('segments', 'only the last regular segment may have dynamic size');
+        if (a.length === U64_MAX && i !== iv.length - 1)
+          fail('segments', 'only the last regular segment may have dynamic size');
         for (let k = 0; k < iv.length; k++) {
           if (k === i) continue;
           const b = iv[k]!;
           if (b.length !== U64_MAX && b.offset > U64_MAX - b.length) fail('segments', 'segment offset+size overflows');
-          if (a.offset >= b.offset && (b.length === U64_MAX || a.offset < b.offset + b.length)) fail('segments', `segments ${i} and ${k} overlap`);
+          if (a.offset >= b.offset && (b.length === U64_MAX || a.offset < b.offset + b.length))
+            fail('segments', `segments ${i} and ${k} overlap`);
         }
       }
       for (let i = regular; i < keys.length; i++) if (!isObj(segments[String(i)])) fail('segments', `gap at key ${i}`);
@@ -367,13 +393,17 @@ const CHECKS: Check[] = [
       const kss = u64(needStr(config, 'keyslots_size', 'config', 'config'));
       if (kss === null) fail('config', 'illegal keyslots_size', 'config');
       const metadata = js + BigInt(LUKS2_HDR_BIN_LEN);
-      if (!(LUKS2_HDR_SIZES as readonly number[]).map(BigInt).includes(metadata)) fail('config', `unsupported metadata size ${metadata}`, 'config.json_size');
-      if (kss % 4096n !== 0n || kss > BigInt(LUKS2_MAX_KEYSLOTS_SIZE)) fail('config', `unsupported keyslots_size ${kss}`, 'config.keyslots_size');
+      if (!(LUKS2_HDR_SIZES as readonly number[]).map(BigInt).includes(metadata))
+        fail('config', `unsupported metadata size ${metadata}`, 'config.json_size');
+      if (kss % 4096n !== 0n || kss > BigInt(LUKS2_MAX_KEYSLOTS_SIZE))
+        fail('config', `unsupported keyslots_size ${kss}`, 'config.keyslots_size');
       const segOff = minimalSegmentOffset(j.segments as Obj);
-      if (segOff !== 0n && (segOff < kss || segOff - kss < 2n * metadata)) fail('config', `keyslots_size ${kss} is too large for data offset ${segOff}`, 'config.keyslots_size');
+      if (segOff !== 0n && (segOff < kss || segOff - kss < 2n * metadata))
+        fail('config', `keyslots_size ${kss} is too large for data offset ${segOff}`, 'config.keyslots_size');
       if ('flags' in config) {
         const f = config.flags;
-        if (!Array.isArray(f) || f.some((x) => typeof x !== 'string')) fail('config', 'flags must be an array of strings', 'config.flags');
+        if (!Array.isArray(f) || f.some((x) => typeof x !== 'string'))
+          fail('config', 'flags must be an array of strings', 'config.flags');
       }
     },
   },
@@ -399,11 +429,13 @@ const CHECKS: Check[] = [
         if (a.offset < 2n * metadata) fail('areas', `area offset ${a.offset} is inside the header`, p);
         if (a.length === 0n) fail('areas', 'area length must be greater than zero', p);
         if (a.offset > U64_MAX - a.length) fail('areas', 'area offset+size overflows', p);
-        if (a.offset + a.length > end) fail('areas', `area [${a.offset}, ${a.offset + a.length}) overflows the keyslots area (ends at ${end})`, p);
+        if (a.offset + a.length > end)
+          fail('areas', `area [${a.offset}, ${a.offset + a.length}) overflows the keyslots area (ends at ${end})`, p);
         for (const b of iv) {
           if (a === b) continue;
           if (b.offset > U64_MAX - b.length) fail('areas', 'area offset+size overflows', `keyslots.${b.k}.area`);
-          if (a.offset >= b.offset && a.offset < b.offset + b.length) fail('areas', `areas of keyslots ${a.k} and ${b.k} overlap`, p);
+          if (a.offset >= b.offset && a.offset < b.offset + b.length)
+            fail('areas', `areas of keyslots ${a.k} and ${b.k} overlap`, p);
         }
       }
     },
@@ -412,8 +444,10 @@ const CHECKS: Check[] = [
     name: 'json_size',
     run({ j, jsonAreaBytes }) {
       const config = j.config as Obj;
-      if (u64(config.json_size) !== BigInt(jsonAreaBytes)) fail('json_size', 'JSON area size does not match the binary header', 'config.json_size');
-      if (Buffer.byteLength(JSON.stringify(j), 'utf8') > jsonAreaBytes) fail('json_size', 'JSON does not fit in the designated area');
+      if (u64(config.json_size) !== BigInt(jsonAreaBytes))
+        fail('json_size', 'JSON area size does not match the binary header', 'config.json_size');
+      if (Buffer.byteLength(JSON.stringify(j), 'utf8') > jsonAreaBytes)
+        fail('json_size', 'JSON does not fit in the designated area');
     },
   },
   {
@@ -429,7 +463,9 @@ const CHECKS: Check[] = [
         if (!v) continue;
         v(ks, `keyslots.${k}`);
         if (type === 'luks2') {
-          const n = Object.values(digests).filter((d) => isObj(d) && Array.isArray(d.keyslots) && d.keyslots.includes(k)).length;
+          const n = Object.values(digests).filter(
+            (d) => isObj(d) && Array.isArray(d.keyslots) && d.keyslots.includes(k),
+          ).length;
           if (n !== 1) fail('keyslot_types', `keyslot ${k} is not assigned to exactly one digest`, `keyslots.${k}`);
         }
         if (type === 'reencrypt') reencrypt++;
@@ -456,11 +492,13 @@ function validateCryptSegment(s: Obj, p: string, size: bigint, digests: Obj, key
   if ('integrity' in s) {
     const integ = s.integrity;
     if (!isObj(integ)) fail('segments', 'integrity is not an object', p);
-    for (const f of ['type', 'journal_encryption', 'journal_integrity']) needStr(integ, f, 'segments', `${p}.integrity`);
+    for (const f of ['type', 'journal_encryption', 'journal_integrity'])
+      needStr(integ, f, 'segments', `${p}.integrity`);
   }
   // dm-crypt takes 512..4096, a power of two (LUKS2 spec: 512, 1024, 2048 or 4096). cryptsetup's
   // own validation checks only "non-zero multiple of 512" and fails later, at activation.
-  if (ss !== 512 && ss !== 1024 && ss !== 2048 && ss !== 4096) fail('segments', `illegal sector_size ${ss} (must be 512, 1024, 2048 or 4096)`, p);
+  if (ss !== 512 && ss !== 1024 && ss !== 2048 && ss !== 4096)
+    fail('segments', `illegal sector_size ${ss} (must be 512, 1024, 2048 or 4096)`, p);
   if (u64(ivStr) === null) fail('segments', `illegal iv_tweak '${ivStr}'`, p);
   if (size % BigInt(ss) !== 0n) fail('segments', `size is not aligned to sector_size ${ss}`, p);
   const has = Object.values(digests).some((d) => isObj(d) && Array.isArray(d.segments) && d.segments.includes(key));

@@ -19,13 +19,32 @@ import { wipeArea } from './keyslot-area.js';
 import { DIGEST_HANDLERS, handlerFor, KEYSLOT_HANDLERS, kdfJson } from './luks2-handlers.js';
 import { type Luks2Header, sortKeys } from './luks2-header.js';
 import { firstFreeId, type L2Keyslot } from './luks2-json.js';
-import type { KeyAuth, KeyslotArea, KeyslotInfo, KeyslotPriority, NewKeyslotOptions, UnlockOptions, UnlockResult } from './types.js';
+import type {
+  KeyAuth,
+  KeyslotArea,
+  KeyslotInfo,
+  KeyslotPriority,
+  NewKeyslotOptions,
+  UnlockOptions,
+  UnlockResult,
+} from './types.js';
 
 /** The KDF of a new keyslot: the one given, or one calibrated to the options (default argon2id). */
-export async function resolveKdf(opts: NewKeyslotOptions | undefined, keyBytes: number, hash: string): Promise<KdfParams> {
+export async function resolveKdf(
+  opts: NewKeyslotOptions | undefined,
+  keyBytes: number,
+  hash: string,
+): Promise<KdfParams> {
   if (opts?.kdf) return opts.kdf;
   const type = opts?.pbkdf ?? 'argon2id';
-  return calibrateKdf({ type, hash: opts?.hash ?? hash, iterTimeMs: opts?.iterTimeMs, maxMemoryKiB: opts?.pbkdfMemoryKiB, parallel: opts?.pbkdfParallel, keyBytes });
+  return calibrateKdf({
+    type,
+    hash: opts?.hash ?? hash,
+    iterTimeMs: opts?.iterTimeMs,
+    maxMemoryKiB: opts?.pbkdfMemoryKiB,
+    parallel: opts?.pbkdfParallel,
+    keyBytes,
+  });
 }
 
 /** PBKDF2 iterations of a new digest: explicit, the minimum when the KDF is forced, else benchmarked to 125 ms. */
@@ -60,7 +79,14 @@ export function listKeyslots(h: Luks2Header): KeyslotInfo[] {
       const ks = h.json.keyslots[String(id)]!;
       const d = h.digestOfKeyslot(String(id));
       const unbound = d !== undefined && !h.json.digests[d]!.segments.includes('0');
-      return { id, type: ks.type, active: true, priority: priorityName(ks.priority), kdf: ks.kdf?.type ?? '', ...(unbound ? { unbound } : {}) };
+      return {
+        id,
+        type: ks.type,
+        active: true,
+        priority: priorityName(ks.priority),
+        kdf: ks.kdf?.type ?? '',
+        ...(unbound ? { unbound } : {}),
+      };
     });
 }
 
@@ -76,7 +102,11 @@ export function keyslotAreas(h: Luks2Header): KeyslotArea[] {
  * crash leaves the keyslot usable at its old or its new place. The material is position independent
  * (keyslot area IVs count from the area start). Returns false, writing nothing, when no gap fits.
  */
-export async function relocateKeyslot(h: Luks2Header, slot: number, avoid: ReadonlyArray<readonly [number, number]>): Promise<boolean> {
+export async function relocateKeyslot(
+  h: Luks2Header,
+  slot: number,
+  avoid: ReadonlyArray<readonly [number, number]>,
+): Promise<boolean> {
   h.requireChangeable();
   const ks = h.json.keyslots[String(slot)];
   if (!ks?.area) throw new CryptmapError('EKEYSLOT', `Keyslot ${slot} is not active.`, { errno: 'ENOENT' });
@@ -177,7 +207,11 @@ export async function unlock(h: Luks2Header, passphrase: Uint8Array, opts: Unloc
 
 async function authenticate(h: Luks2Header, auth: KeyAuth): Promise<Secret> {
   if ('passphrase' in auth) return (await unlock(h, auth.passphrase)).volumeKey;
-  if (!(await verifyVolumeKey(h, auth.volumeKey.expose()))) throw new CryptmapError('EVOLUMEKEY', 'Volume key does not match the volume.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
+  if (!(await verifyVolumeKey(h, auth.volumeKey.expose())))
+    throw new CryptmapError('EVOLUMEKEY', 'Volume key does not match the volume.', {
+      exitCode: EXIT_NO_PERMISSION,
+      errno: 'EPERM',
+    });
   return Secret.copyOf(auth.volumeKey.expose());
 }
 
@@ -200,8 +234,10 @@ function findArea(h: Luks2Header, bytes: number): number {
 
 function freeSlot(h: Luks2Header, want?: number): string {
   if (want !== undefined) {
-    if (!Number.isInteger(want) || want < 0 || want >= LUKS2_KEYSLOTS_MAX) throw new CryptmapError('EKEYSLOT', `Key slot ${want} is invalid.`);
-    if (h.json.keyslots[String(want)]) throw new CryptmapError('EKEYSLOT', `Key slot ${want} is full, please select another one.`);
+    if (!Number.isInteger(want) || want < 0 || want >= LUKS2_KEYSLOTS_MAX)
+      throw new CryptmapError('EKEYSLOT', `Key slot ${want} is invalid.`);
+    if (h.json.keyslots[String(want)])
+      throw new CryptmapError('EKEYSLOT', `Key slot ${want} is full, please select another one.`);
     return String(want);
   }
   for (let i = 0; i < LUKS2_KEYSLOTS_MAX; i++) if (!h.json.keyslots[String(i)]) return String(i);
@@ -220,15 +256,25 @@ function volumeKeyBytes(h: Luks2Header): number {
  * given; else the data cipher with the volume key's size, when that cipher can encrypt 512-byte
  * keyslot sectors; else aes-xts-plain64 with a 512-bit key.
  */
-export function keyslotEncryption(h: Luks2Header, opts: NewKeyslotOptions | undefined, vkBytes: number): { encryption: string; keyBytes: number } {
+export function keyslotEncryption(
+  h: Luks2Header,
+  opts: NewKeyslotOptions | undefined,
+  vkBytes: number,
+): { encryption: string; keyBytes: number } {
   if (opts?.keyslotCipher !== undefined || opts?.keyslotKeyBytes !== undefined) {
     const encryption = opts.keyslotCipher ?? '';
     const keyBytes = opts.keyslotKeyBytes ?? 0;
-    if (!keyslotCipherUsable(encryption, keyBytes)) throw new CryptmapError('ECIPHER', `Cipher ${encryption} (key size ${keyBytes * 8} bits) is not available for keyslot encryption.`, { exitCode: 1 });
+    if (!keyslotCipherUsable(encryption, keyBytes))
+      throw new CryptmapError(
+        'ECIPHER',
+        `Cipher ${encryption} (key size ${keyBytes * 8} bits) is not available for keyslot encryption.`,
+        { exitCode: 1 },
+      );
     return { encryption, keyBytes };
   }
   const cipher = h.json.segments['0']?.encryption ?? 'aes-xts-plain64';
-  if (vkBytes > 0 && !cipher.startsWith('cipher_null') && keyslotCipherUsable(cipher, vkBytes)) return { encryption: cipher, keyBytes: vkBytes };
+  if (vkBytes > 0 && !cipher.startsWith('cipher_null') && keyslotCipherUsable(cipher, vkBytes))
+    return { encryption: cipher, keyBytes: vkBytes };
   return { encryption: 'aes-xts-plain64', keyBytes: 64 };
 }
 
@@ -248,7 +294,13 @@ export async function storeKeyslot(
     type: 'luks2',
     key_size: vk.length,
     af: { type: 'luks1', stripes: LUKS_STRIPES, hash: kdf.type === 'pbkdf2' ? kdf.hash : 'sha256' },
-    area: { type: 'raw', offset: String(offset), size: String(areaBytes), encryption: enc.encryption, key_size: enc.keyBytes },
+    area: {
+      type: 'raw',
+      offset: String(offset),
+      size: String(areaBytes),
+      encryption: enc.encryption,
+      key_size: enc.keyBytes,
+    },
     kdf: kdfJson(kdf, randomBytes(LUKS_SALTSIZE)),
   };
   await KEYSLOT_HANDLERS.luks2!.store!(h.dev, ks, passphrase, vk);
@@ -259,14 +311,29 @@ export async function storeKeyslot(
   return ks;
 }
 
-export async function addKey(h: Luks2Header, auth: KeyAuth, newPassphrase: Uint8Array, opts: NewKeyslotOptions & { assignTokens?: number[] } = {}): Promise<number> {
+export async function addKey(
+  h: Luks2Header,
+  auth: KeyAuth,
+  newPassphrase: Uint8Array,
+  opts: NewKeyslotOptions & { assignTokens?: number[] } = {},
+): Promise<number> {
   h.requireChangeable();
   const slot = freeSlot(h, opts.keySlot);
-  for (const t of opts.assignTokens ?? []) if (!h.json.tokens[String(t)]) throw new CryptmapError('ETOKEN', `Token ${t} is not in use.`, { exitCode: 1, errno: 'ENOENT' });
+  for (const t of opts.assignTokens ?? [])
+    if (!h.json.tokens[String(t)])
+      throw new CryptmapError('ETOKEN', `Token ${t} is not in use.`, { exitCode: 1, errno: 'ENOENT' });
   const vk = await authenticate(h, auth);
   try {
     const kdf = await resolveKdf(opts, vk.length, opts.hash ?? 'sha256');
-    await storeKeyslot(h, slot, vk.expose(), newPassphrase, kdf, h.segmentDigest(), keyslotEncryption(h, opts, vk.length));
+    await storeKeyslot(
+      h,
+      slot,
+      vk.expose(),
+      newPassphrase,
+      kdf,
+      h.segmentDigest(),
+      keyslotEncryption(h, opts, vk.length),
+    );
     // A keyslot whose passphrase came from a token is assigned to it in the same header write.
     for (const t of opts.assignTokens ?? []) {
       const tok = h.json.tokens[String(t)]!;
@@ -288,16 +355,24 @@ export async function addKey(h: Luks2Header, auth: KeyAuth, newPassphrase: Uint8
  * under a new pbkdf2 digest assigned to no segment. Such a keyslot never opens the volume; `unlock`
  * with `anySegment` tests its passphrase and returns its key. Returns the keyslot number.
  */
-export async function addUnboundKeyslot(h: Luks2Header, newPassphrase: Uint8Array, opts: NewKeyslotOptions & { keyBytes: number; key?: Uint8Array }): Promise<number> {
+export async function addUnboundKeyslot(
+  h: Luks2Header,
+  newPassphrase: Uint8Array,
+  opts: NewKeyslotOptions & { keyBytes: number; key?: Uint8Array },
+): Promise<number> {
   h.requireChangeable();
   const keyBytes = opts.key?.length ?? opts.keyBytes;
-  if (!Number.isInteger(keyBytes) || keyBytes < 1 || keyBytes > 512) throw new CryptmapError('EARGS', 'Invalid key size.', { exitCode: 1 });
+  if (!Number.isInteger(keyBytes) || keyBytes < 1 || keyBytes > 512)
+    throw new CryptmapError('EARGS', 'Invalid key size.', { exitCode: 1 });
   const slot = freeSlot(h, opts.keySlot);
   const key = opts.key ? Buffer.from(opts.key) : randomBytes(keyBytes);
   try {
     const hash = opts.hash ?? 'sha256';
     const kdf = await resolveKdf(opts, keyBytes, hash);
-    const digest = await DIGEST_HANDLERS.pbkdf2!.create(key, { hash, iterations: await digestIterations(opts.kdf !== undefined, hash) });
+    const digest = await DIGEST_HANDLERS.pbkdf2!.create(key, {
+      hash,
+      iterations: await digestIterations(opts.kdf !== undefined, hash),
+    });
     const dId = firstFreeId(h.json.digests);
     h.json.digests[String(dId)] = { ...digest, keyslots: [], segments: [] };
     await storeKeyslot(h, slot, key, newPassphrase, kdf, String(dId), keyslotEncryption(h, opts, volumeKeyBytes(h)));
@@ -311,7 +386,12 @@ export async function addUnboundKeyslot(h: Luks2Header, newPassphrase: Uint8Arra
   }
 }
 
-export async function changeKey(h: Luks2Header, oldPassphrase: Uint8Array, newPassphrase: Uint8Array, opts: NewKeyslotOptions = {}): Promise<number> {
+export async function changeKey(
+  h: Luks2Header,
+  oldPassphrase: Uint8Array,
+  newPassphrase: Uint8Array,
+  opts: NewKeyslotOptions = {},
+): Promise<number> {
   h.requireChangeable();
   // Any segment, as cryptsetup's crypt_keyslot_change_by_passphrase: an unbound keyslot stays unbound.
   const { volumeKey, keyslot } = await unlock(h, oldPassphrase, { keySlot: opts.keySlot, anySegment: true });
@@ -328,7 +408,16 @@ export async function changeKey(h: Luks2Header, oldPassphrase: Uint8Array, newPa
     try {
       const dId = h.digestOfKeyslot(tmpSlot) ?? h.segmentDigest();
       const bound = h.json.digests[dId]!.segments.includes('0');
-      const store = () => storeKeyslot(h, tmpSlot, volumeKey.expose(), newPassphrase, kdf, dId, keyslotEncryption(h, opts, bound ? volumeKey.length : volumeKeyBytes(h)));
+      const store = () =>
+        storeKeyslot(
+          h,
+          tmpSlot,
+          volumeKey.expose(),
+          newPassphrase,
+          kdf,
+          dId,
+          keyslotEncryption(h, opts, bound ? volumeKey.length : volumeKeyBytes(h)),
+        );
       try {
         ks = await store();
       } catch (e) {
@@ -373,7 +462,8 @@ export async function killSlot(h: Luks2Header, slot: number): Promise<void> {
   for (const d of Object.values(h.json.digests)) d.keyslots = d.keyslots.filter((x) => x !== k);
   for (const t of Object.values(h.json.tokens)) t.keyslots = t.keyslots.filter((x) => x !== k);
   await h.writeOrReload();
-  if (ks.area?.offset !== undefined && ks.area.size !== undefined) await wipeArea(h.dev, Number(ks.area.offset), Number(ks.area.size));
+  if (ks.area?.offset !== undefined && ks.area.size !== undefined)
+    await wipeArea(h.dev, Number(ks.area.offset), Number(ks.area.size));
 }
 
 /** cryptsetup config --priority: 'normal' removes the field, as cryptsetup does. */
@@ -389,7 +479,10 @@ export async function setPriority(h: Luks2Header, slot: number, priority: Keyslo
 /** luksErase: every keyslot goes from the header, then their areas are wiped. */
 export async function eraseKeyslots(h: Luks2Header): Promise<void> {
   h.requireChangeable();
-  const areas = Object.values(h.json.keyslots).map((ks) => ({ o: Number(ks.area?.offset ?? 0), n: Number(ks.area?.size ?? 0) }));
+  const areas = Object.values(h.json.keyslots).map((ks) => ({
+    o: Number(ks.area?.offset ?? 0),
+    n: Number(ks.area?.size ?? 0),
+  }));
   for (const k of Object.keys(h.json.keyslots)) delete h.json.keyslots[k];
   for (const d of Object.values(h.json.digests)) d.keyslots = [];
   for (const t of Object.values(h.json.tokens)) t.keyslots = [];
@@ -402,7 +495,12 @@ export async function eraseKeyslots(h: Luks2Header): Promise<void> {
  * CRYPT_VOLUME_KEY_NO_SEGMENT: the reencryption's new key) and write the header. Returns
  * the keyslot and digest ids.
  */
-export async function addUnboundKey(h: Luks2Header, vk: Uint8Array, passphrase: Uint8Array, opts: NewKeyslotOptions = {}): Promise<{ keyslot: number; digest: string }> {
+export async function addUnboundKey(
+  h: Luks2Header,
+  vk: Uint8Array,
+  passphrase: Uint8Array,
+  opts: NewKeyslotOptions = {},
+): Promise<{ keyslot: number; digest: string }> {
   h.requireChangeable();
   const slot = freeSlot(h, opts.keySlot);
   const before = structuredClone(h.json);

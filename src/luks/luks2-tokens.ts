@@ -18,18 +18,23 @@ export async function importToken(h: Luks2Header, token: string | L2Token, token
   } catch {
     throw new CryptmapError('ETOKEN', 'Failed to parse token JSON.');
   }
-  if (typeof t !== 'object' || t === null || Array.isArray(t)) throw new CryptmapError('ETOKEN', 'Token JSON is not an object.');
+  if (typeof t !== 'object' || t === null || Array.isArray(t))
+    throw new CryptmapError('ETOKEN', 'Token JSON is not an object.');
   const tok = t as L2Token;
   if (typeof tok.type !== 'string' || !tok.type) throw new CryptmapError('ETOKEN', 'Token is missing its type.');
-  if (tok.type.startsWith('luks2-') && !handlerFor(TOKEN_HANDLERS, tok.type)) throw new CryptmapError('ETOKEN', `Token type ${tok.type} is reserved.`);
+  if (tok.type.startsWith('luks2-') && !handlerFor(TOKEN_HANDLERS, tok.type))
+    throw new CryptmapError('ETOKEN', `Token type ${tok.type} is reserved.`);
   if (!Array.isArray(tok.keyslots)) throw new CryptmapError('ETOKEN', 'Token is missing its keyslots array.');
-  for (const k of tok.keyslots) if (typeof k !== 'string' || !h.json.keyslots[k]) throw new CryptmapError('ETOKEN', `Token references missing keyslot ${String(k)}.`);
+  for (const k of tok.keyslots)
+    if (typeof k !== 'string' || !h.json.keyslots[k])
+      throw new CryptmapError('ETOKEN', `Token references missing keyslot ${String(k)}.`);
   let id = tokenId;
   if (id === undefined) {
     id = 0;
     while (h.json.tokens[String(id)]) id++;
   }
-  if (!Number.isInteger(id) || id < 0 || id >= LUKS2_TOKENS_MAX) throw new CryptmapError('ETOKEN', `Token ${id} is invalid.`);
+  if (!Number.isInteger(id) || id < 0 || id >= LUKS2_TOKENS_MAX)
+    throw new CryptmapError('ETOKEN', `Token ${id} is invalid.`);
   if (h.json.tokens[String(id)]) throw new CryptmapError('ETOKEN', `Token ${id} is already in use.`);
   handlerFor(TOKEN_HANDLERS, tok.type)?.validate(tok, `tokens.${id}`);
   h.json.tokens[String(id)] = tok;
@@ -47,7 +52,8 @@ export function exportToken(h: Luks2Header, tokenId: number): string {
 
 export async function removeToken(h: Luks2Header, tokenId: number): Promise<void> {
   h.requireChangeable();
-  if (!h.json.tokens[String(tokenId)]) throw new CryptmapError('ETOKEN', `Token ${tokenId} is not in use.`, { errno: 'ENOENT' });
+  if (!h.json.tokens[String(tokenId)])
+    throw new CryptmapError('ETOKEN', `Token ${tokenId} is not in use.`, { errno: 'ENOENT' });
   delete h.json.tokens[String(tokenId)];
   await h.writeOrReload();
 }
@@ -57,20 +63,34 @@ export async function removeToken(h: Luks2Header, tokenId: number): Promise<void
  * in that order) assigned to `keySlot`, to every keyslot when none is given, or to none with
  * `unbound`; one header write. The id is `tokenId` or the lowest free one. Returns the id.
  */
-export async function addKeyringToken(h: Luks2Header, keyDescription: string, opts: { tokenId?: number; keySlot?: number; unbound?: boolean } = {}): Promise<number> {
+export async function addKeyringToken(
+  h: Luks2Header,
+  keyDescription: string,
+  opts: { tokenId?: number; keySlot?: number; unbound?: boolean } = {},
+): Promise<number> {
   h.requireChangeable();
-  if (!keyDescription) throw new CryptmapError('ETOKEN', '--key-description parameter is mandatory for token add action.', { exitCode: 1 });
+  if (!keyDescription)
+    throw new CryptmapError('ETOKEN', '--key-description parameter is mandatory for token add action.', {
+      exitCode: 1,
+    });
   let id = opts.tokenId;
   if (id !== undefined) {
-    if (!Number.isInteger(id) || id < 0 || id >= LUKS2_TOKENS_MAX) throw new CryptmapError('ETOKEN', `Token ${id} is invalid.`, { exitCode: 1 });
+    if (!Number.isInteger(id) || id < 0 || id >= LUKS2_TOKENS_MAX)
+      throw new CryptmapError('ETOKEN', `Token ${id} is invalid.`, { exitCode: 1 });
     if (h.json.tokens[String(id)]) throw new CryptmapError('ETOKEN', `Token ${id} in use.`, { exitCode: 1 });
   } else {
     id = 0;
     while (h.json.tokens[String(id)]) id++;
-    if (id >= LUKS2_TOKENS_MAX) throw new CryptmapError('ETOKEN', `Failed to add luks2-keyring token ${id}.`, { exitCode: 1 });
+    if (id >= LUKS2_TOKENS_MAX)
+      throw new CryptmapError('ETOKEN', `Failed to add luks2-keyring token ${id}.`, { exitCode: 1 });
   }
-  if (opts.keySlot !== undefined && !h.json.keyslots[String(opts.keySlot)]) throw new CryptmapError('EKEYSLOT', `Keyslot ${opts.keySlot} is not active.`, { exitCode: 1 });
-  const keyslots = opts.unbound ? [] : opts.keySlot !== undefined ? [String(opts.keySlot)] : Object.keys(h.json.keyslots);
+  if (opts.keySlot !== undefined && !h.json.keyslots[String(opts.keySlot)])
+    throw new CryptmapError('EKEYSLOT', `Keyslot ${opts.keySlot} is not active.`, { exitCode: 1 });
+  const keyslots = opts.unbound
+    ? []
+    : opts.keySlot !== undefined
+      ? [String(opts.keySlot)]
+      : Object.keys(h.json.keyslots);
   h.json.tokens[String(id)] = { type: 'luks2-keyring', keyslots, key_description: keyDescription };
   await h.writeOrReload();
   return id;
@@ -79,10 +99,23 @@ export async function addKeyringToken(h: Luks2Header, keyDescription: string, op
 /** cryptsetup token unassign --token-id T --key-slot S: the keyslot leaves the token's list. */
 export async function unassignToken(h: Luks2Header, tokenId: number, keySlot: number): Promise<void> {
   h.requireChangeable();
-  const failed = () => new CryptmapError('ETOKEN', `Failed to unassign token ${tokenId} from keyslot ${keySlot}.`, { exitCode: 1 });
-  if (!Number.isInteger(tokenId) || tokenId < 0 || tokenId >= LUKS2_TOKENS_MAX || !Number.isInteger(keySlot) || keySlot < 0 || keySlot >= LUKS2_KEYSLOTS_MAX) throw failed();
+  const failed = () =>
+    new CryptmapError('ETOKEN', `Failed to unassign token ${tokenId} from keyslot ${keySlot}.`, { exitCode: 1 });
+  if (
+    !Number.isInteger(tokenId) ||
+    tokenId < 0 ||
+    tokenId >= LUKS2_TOKENS_MAX ||
+    !Number.isInteger(keySlot) ||
+    keySlot < 0 ||
+    keySlot >= LUKS2_KEYSLOTS_MAX
+  )
+    throw failed();
   const tok = h.json.tokens[String(tokenId)];
-  if (!tok?.keyslots.includes(String(keySlot))) throw new CryptmapError('ETOKEN', `Token ${tokenId} is not assigned to keyslot ${keySlot}.`, { exitCode: 1, errno: 'ENOENT' });
+  if (!tok?.keyslots.includes(String(keySlot)))
+    throw new CryptmapError('ETOKEN', `Token ${tokenId} is not assigned to keyslot ${keySlot}.`, {
+      exitCode: 1,
+      errno: 'ENOENT',
+    });
   tok.keyslots = tok.keyslots.filter((k) => k !== String(keySlot));
   await h.writeOrReload();
 }

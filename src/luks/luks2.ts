@@ -17,7 +17,17 @@ import { Luks2Header, readLuks2, sortKeys } from './luks2-header.js';
 import { type L2Token, type Luks2Json, u64, unknownRequirements } from './luks2-json.js';
 import * as keyslots from './luks2-keyslots.js';
 import * as tokens from './luks2-tokens.js';
-import type { DataSegment, KeyAuth, KeyslotArea, KeyslotInfo, KeyslotPriority, LuksVolume, NewKeyslotOptions, UnlockOptions, UnlockResult } from './types.js';
+import type {
+  DataSegment,
+  KeyAuth,
+  KeyslotArea,
+  KeyslotInfo,
+  KeyslotPriority,
+  LuksVolume,
+  NewKeyslotOptions,
+  UnlockOptions,
+  UnlockResult,
+} from './types.js';
 import { removeKeyByPassphrase } from './volume-common.js';
 
 export type { Luks2FormatOptions } from './luks2-format.js';
@@ -38,7 +48,11 @@ export class Luks2Volume implements LuksVolume {
     // cryptsetup LUKS2_device_size check on load: both metadata copies and the whole keyslots area must
     // be on the device (a truncated image is refused, not read past its end).
     const need = 2 * r.bin.hdrSize + Number(r.json.config.keyslots_size);
-    if (dev.sizeBytes < need) throw new CryptmapError('EDEVSIZE', `Device is too small. Need at least ${need} bytes.`, { exitCode: 1, context: { needBytes: need } });
+    if (dev.sizeBytes < need)
+      throw new CryptmapError('EDEVSIZE', `Device is too small. Need at least ${need} bytes.`, {
+        exitCode: 1,
+        context: { needBytes: need },
+      });
     return new Luks2Volume(
       new Luks2Header(dev, {
         bin: r.bin,
@@ -142,13 +156,24 @@ export class Luks2Volume implements LuksVolume {
   verifyVolumeKey(vk: Uint8Array): Promise<boolean> {
     return keyslots.verifyVolumeKey(this.#h, vk);
   }
-  addKey(auth: KeyAuth, newPassphrase: Uint8Array, opts: NewKeyslotOptions & { assignTokens?: number[] } = {}): Promise<number> {
+  addKey(
+    auth: KeyAuth,
+    newPassphrase: Uint8Array,
+    opts: NewKeyslotOptions & { assignTokens?: number[] } = {},
+  ): Promise<number> {
     return keyslots.addKey(this.#h, auth, newPassphrase, opts);
   }
-  addUnboundKeyslot(newPassphrase: Uint8Array, opts: NewKeyslotOptions & { keyBytes: number; key?: Uint8Array }): Promise<number> {
+  addUnboundKeyslot(
+    newPassphrase: Uint8Array,
+    opts: NewKeyslotOptions & { keyBytes: number; key?: Uint8Array },
+  ): Promise<number> {
     return keyslots.addUnboundKeyslot(this.#h, newPassphrase, opts);
   }
-  addUnboundKey(vk: Uint8Array, passphrase: Uint8Array, opts: NewKeyslotOptions = {}): Promise<{ keyslot: number; digest: string }> {
+  addUnboundKey(
+    vk: Uint8Array,
+    passphrase: Uint8Array,
+    opts: NewKeyslotOptions = {},
+  ): Promise<{ keyslot: number; digest: string }> {
     return keyslots.addUnboundKey(this.#h, vk, passphrase, opts);
   }
   changeKey(oldPassphrase: Uint8Array, newPassphrase: Uint8Array, opts: NewKeyslotOptions = {}): Promise<number> {
@@ -191,7 +216,10 @@ export class Luks2Volume implements LuksVolume {
   removeToken(tokenId: number): Promise<void> {
     return tokens.removeToken(this.#h, tokenId);
   }
-  addKeyringToken(keyDescription: string, opts: { tokenId?: number; keySlot?: number; unbound?: boolean } = {}): Promise<number> {
+  addKeyringToken(
+    keyDescription: string,
+    opts: { tokenId?: number; keySlot?: number; unbound?: boolean } = {},
+  ): Promise<number> {
     return tokens.addKeyringToken(this.#h, keyDescription, opts);
   }
   unassignToken(tokenId: number, keySlot: number): Promise<void> {
@@ -210,7 +238,8 @@ export class Luks2Volume implements LuksVolume {
    */
   async commitJson(json: Luks2Json): Promise<void> {
     const h = this.#h;
-    if (!h.dev.capabilities.write) throw new CryptmapError('EROFS', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
+    if (!h.dev.capabilities.write)
+      throw new CryptmapError('EROFS', 'Device is read-only.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
     const before = h.json;
     h.json = structuredClone(json);
     sortKeys(h.json);

@@ -78,7 +78,9 @@ export function reencryptKeyslotId(j: Luks2Json): string | undefined {
 }
 
 export function inReencryption(j: Luks2Json): boolean {
-  return (j.config.requirements?.mandatory ?? []).some((x) => x === 'online-reencrypt' || x.startsWith('online-reencrypt-v'));
+  return (j.config.requirements?.mandatory ?? []).some(
+    (x) => x === 'online-reencrypt' || x.startsWith('online-reencrypt-v'),
+  );
 }
 
 function segmentByFlag(j: Luks2Json, flag: string): [string, L2Segment] | undefined {
@@ -169,12 +171,18 @@ function maxGap(j: Luks2Json, hdrBytes: number): { offset: number; size: number 
  * Put the reencryption of `vol` to a new volume key (cryptsetup reencrypt --init-only) on disk.
  * Returns the new keyslot.
  */
-export async function initReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o: ReencryptInitOptions = {}): Promise<number> {
+export async function initReencrypt(
+  vol: Luks2Volume,
+  passphrase: Uint8Array,
+  o: ReencryptInitOptions = {},
+): Promise<number> {
   vol.assertChangeable();
   let j = vol.jsonSnapshot();
-  if (inReencryption(j) || reencryptKeyslotId(j) !== undefined) fail('LUKS2 reencryption already initialized. Run --resume-only.', 'EBUSY');
+  if (inReencryption(j) || reencryptKeyslotId(j) !== undefined)
+    fail('LUKS2 reencryption already initialized. Run --resume-only.', 'EBUSY');
   const ids = Object.keys(j.segments);
-  if (ids.length !== 1 || j.segments['0']?.type !== 'crypt') fail('Unsupported LUKS2 segments layout for reencryption.');
+  if (ids.length !== 1 || j.segments['0']?.type !== 'crypt')
+    fail('Unsupported LUKS2 segments layout for reencryption.');
   const old = j.segments['0']!;
   const { volumeKey, keyslot: oldSlot } = await vol.unlock(passphrase, { keySlot: o.oldKeySlot });
   const cipher = o.cipher ?? old.encryption!;
@@ -198,13 +206,22 @@ export async function initReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o:
     const prev: L2Segment = { ...structuredClone(old), flags: [...(old.flags ?? []), 'backup-previous'] };
     const pid = free();
     j.segments[pid] = prev;
-    const fin: L2Segment = { type: 'crypt', offset: old.offset, size: 'dynamic', iv_tweak: old.iv_tweak ?? '0', encryption: cipher, sector_size: newSector, flags: ['backup-final'] };
+    const fin: L2Segment = {
+      type: 'crypt',
+      offset: old.offset,
+      size: 'dynamic',
+      iv_tweak: old.iv_tweak ?? '0',
+      encryption: cipher,
+      sector_size: newSector,
+      flags: ['backup-final'],
+    };
     const fid = free();
     j.segments[fid] = fin;
     j.digests[dOld]!.segments.push(pid);
     j.digests[dNew]!.segments.push(fid);
     const resilience = o.resilience ?? 'checksum';
-    if (resilience === 'datashift') fail('Resilience mode datashift needs --encrypt with --reduce-device-size.', 'EARGS');
+    if (resilience === 'datashift')
+      fail('Resilience mode datashift needs --encrypt with --reduce-device-size.', 'EARGS');
     const gap = maxGap(j, vol.metadataBytes);
     if (gap.size < 4096) fail('Not enough space in the keyslots area for reencryption resilience data.', 'ENOSPACE');
     const area: Record<string, unknown> = { offset: String(gap.offset), size: String(gap.size), type: resilience };
@@ -219,14 +236,24 @@ export async function initReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o:
       area.sector_size = Math.max(align, 512);
     }
     const rid = firstFreeId(j.keyslots);
-    j.keyslots[String(rid)] = { area, type: 'reencrypt', key_size: 1, mode: 'reencrypt', direction: 'forward', priority: 0 } as unknown as L2Keyslot;
+    j.keyslots[String(rid)] = {
+      area,
+      type: 'reencrypt',
+      key_size: 1,
+      mode: 'reencrypt',
+      direction: 'forward',
+      priority: 0,
+    } as unknown as L2Keyslot;
     const keys = new Map<string, Buffer>([
       [dOld, Buffer.from(volumeKey.expose())],
       [dNew, newVk],
     ]);
     const blob = verificationBlob(j, keys, REQ_VERSION);
     try {
-      const d = await DIGEST_HANDLERS.pbkdf2!.create(blob, { hash: 'sha256', iterations: Number(j.digests[dNew]!.iterations ?? 1000) });
+      const d = await DIGEST_HANDLERS.pbkdf2!.create(blob, {
+        hash: 'sha256',
+        iterations: Number(j.digests[dNew]!.iterations ?? 1000),
+      });
       const did = firstFreeId(j.digests);
       j.digests[String(did)] = { ...d, keyslots: [String(rid)], segments: [] };
     } finally {
@@ -247,7 +274,9 @@ export async function initReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o:
 /** The first 4096-byte gap of the keyslots area (LUKS2_find_area_gap for datashift's empty area). */
 function firstGap(j: Luks2Json, hdrBytes: number): { offset: number; size: number } {
   const end = 2 * hdrBytes + Number(j.config.keyslots_size);
-  const used = Object.values(j.keyslots).map((k) => [Number(k.area.offset), Number(k.area.offset) + Number(k.area.size)] as const);
+  const used = Object.values(j.keyslots).map(
+    (k) => [Number(k.area.offset), Number(k.area.offset) + Number(k.area.size)] as const,
+  );
   for (let off = 2 * hdrBytes; off + 4096 <= end; off += 4096) {
     if (!used.some(([a, b]) => off < b && off + 4096 > a)) return { offset: off, size: 4096 };
   }
@@ -267,7 +296,14 @@ async function addReencryptState(
   const rid = firstFreeId(j.keyslots);
   const gap = area.type === 'datashift' ? firstGap(j, hdrBytes) : maxGap(j, hdrBytes);
   if (gap.size < 4096) fail('Not enough space in the keyslots area for reencryption resilience data.', 'ENOSPACE');
-  j.keyslots[String(rid)] = { area: { offset: String(gap.offset), size: String(gap.size), ...area }, type: 'reencrypt', key_size: 1, mode, direction, priority: 0 } as unknown as L2Keyslot;
+  j.keyslots[String(rid)] = {
+    area: { offset: String(gap.offset), size: String(gap.size), ...area },
+    type: 'reencrypt',
+    key_size: 1,
+    mode,
+    direction,
+    priority: 0,
+  } as unknown as L2Keyslot;
   const blob = verificationBlob(j, keys, REQ_VERSION);
   try {
     const d = await DIGEST_HANDLERS.pbkdf2!.create(blob, { hash: 'sha256', iterations });
@@ -315,7 +351,12 @@ export interface EncryptInitOptions extends Omit<Luks2FormatOptions, 'detachedHe
  * The header is built in memory and reaches the device in one write after the data copy, so a crash
  * leaves either the untouched plaintext or a header that resumes (no half-formatted state).
  */
-export async function initEncrypt(dataDev: BlockDevice, hdrDev: BlockDevice | undefined, passphrase: Uint8Array, o: EncryptInitOptions = {}): Promise<Luks2Volume> {
+export async function initEncrypt(
+  dataDev: BlockDevice,
+  hdrDev: BlockDevice | undefined,
+  passphrase: Uint8Array,
+  o: EncryptInitOptions = {},
+): Promise<Luks2Volume> {
   const detached = hdrDev !== undefined && hdrDev !== dataDev;
   const meta = o.metadataBytes ?? 0x4000;
   const sector = o.sectorBytes ?? 512;
@@ -323,21 +364,33 @@ export async function initEncrypt(dataDev: BlockDevice, hdrDev: BlockDevice | un
   let offset: number;
   let keyslots = o.keyslotsBytes;
   if (o.reduceBytes !== undefined) {
-    if (detached) fail('Encryption with a detached header and --reduce-device-size is not supported by cryptmap yet; use cryptsetup.', 'ENOTSUP');
-    if (o.reduceBytes % 512 !== 0 || o.reduceBytes <= 0) fail('Device size reduction must be a multiple of 512 bytes.', 'EARGS');
+    if (detached)
+      fail(
+        'Encryption with a detached header and --reduce-device-size is not supported by cryptmap yet; use cryptsetup.',
+        'ENOTSUP',
+      );
+    if (o.reduceBytes % 512 !== 0 || o.reduceBytes <= 0)
+      fail('Device size reduction must be a multiple of 512 bytes.', 'EARGS');
     shift = o.reduceBytes / 2;
     if (shift % sector !== 0) fail(`Data shift is not aligned to encryption sector size (${sector} bytes).`, 'EARGS');
     offset = shift;
     keyslots ??= Math.min(Math.floor((shift - 2 * meta) / 4096) * 4096, 0x8000000);
-    if (keyslots <= 0 || 2 * meta + keyslots > shift) fail('LUKS2 metadata size is larger than data shift value.', 'EARGS');
+    if (keyslots <= 0 || 2 * meta + keyslots > shift)
+      fail('LUKS2 metadata size is larger than data shift value.', 'EARGS');
   } else {
-    if (!detached) fail('Encryption without detached header (--header) is not possible without data device size reduction (--reduce-device-size).', 'ENOTSUP', 1);
+    if (!detached)
+      fail(
+        'Encryption without detached header (--header) is not possible without data device size reduction (--reduce-device-size).',
+        'ENOTSUP',
+        1,
+      );
     offset = o.offsetBytes ?? 0;
   }
   const D = dataDev.sizeBytes;
   const plain = D - 2 * shift - (shift ? 0 : offset);
   if (plain <= 0) fail(`Device is too small.`, 'EDEVSIZE');
-  if (plain % Math.max(sector, 512) !== 0) fail(`Data device is not aligned to encryption sector size (${sector} bytes).`, 'EARGS');
+  if (plain % Math.max(sector, 512) !== 0)
+    fail(`Data device is not aligned to encryption sector size (${sector} bytes).`, 'EARGS');
   // The header image, built in memory.
   const hdrBytes = 2 * meta + (keyslots ?? 0x1000000 - 2 * meta);
   const img = new MemoryDevice({ sizeBytes: Math.max(hdrBytes, shift) });
@@ -363,7 +416,12 @@ export async function initEncrypt(dataDev: BlockDevice, hdrDev: BlockDevice | un
       mlen = Math.min(shift, P);
       segs[String(n++)] = { type: 'linear', offset: String(D - shift), size: String(mlen) };
       if (P > shift) segs[String(n++)] = { type: 'linear', offset: String(shift), size: String(P - shift) };
-      segs[String(n++)] = { type: 'linear', offset: String(D - shift), size: String(mlen), flags: ['backup-moved-segment'] };
+      segs[String(n++)] = {
+        type: 'linear',
+        offset: String(D - shift),
+        size: String(mlen),
+        flags: ['backup-moved-segment'],
+      };
       segs[String(n++)] = { type: 'linear', offset: '0', size: String(P), flags: ['backup-previous'] };
     } else {
       segs[String(n++)] = { type: 'linear', offset: String(offset), size: 'dynamic' };
@@ -373,8 +431,18 @@ export async function initEncrypt(dataDev: BlockDevice, hdrDev: BlockDevice | un
     segs[fid] = fin;
     j.segments = segs;
     j.digests[dNew]!.segments = [fid];
-    const area: Record<string, unknown> = shift ? { type: 'datashift', shift_size: String(shift) } : checksumArea(o.resilience ?? 'checksum', o.resilienceHash, Math.max(sector, 4096));
-    await addReencryptState(j, meta, 'encrypt', shift ? 'backward' : 'forward', area, new Map([[dNew, vk]]), Number(j.digests[dNew]!.iterations ?? 1000));
+    const area: Record<string, unknown> = shift
+      ? { type: 'datashift', shift_size: String(shift) }
+      : checksumArea(o.resilience ?? 'checksum', o.resilienceHash, Math.max(sector, 4096));
+    await addReencryptState(
+      j,
+      meta,
+      'encrypt',
+      shift ? 'backward' : 'forward',
+      area,
+      new Map([[dNew, vk]]),
+      Number(j.digests[dNew]!.iterations ?? 1000),
+    );
     await mv.commitJson(j);
     // The plaintext's head goes to the end of the device before the header covers it.
     if (shift) {
@@ -388,7 +456,8 @@ export async function initEncrypt(dataDev: BlockDevice, hdrDev: BlockDevice | un
       }
     }
     const target = detached ? hdrDev! : dataDev;
-    if (target.sizeBytes < img.sizeBytes) fail(`Device is too small. Need at least ${img.sizeBytes} bytes.`, 'EDEVSIZE');
+    if (target.sizeBytes < img.sizeBytes)
+      fail(`Device is too small. Need at least ${img.sizeBytes} bytes.`, 'EDEVSIZE');
     const whole = Buffer.alloc(img.sizeBytes);
     await img.read(0, whole);
     await target.write(0, whole);
@@ -405,11 +474,17 @@ export async function initEncrypt(dataDev: BlockDevice, hdrDev: BlockDevice | un
  * Put the decryption of `vol` (cryptsetup reencrypt --decrypt --init-only) on disk: LUKS2 with a
  * detached header and data offset 0 only (cryptsetup 2.6's rule), backward, checksum|journal|none.
  */
-export async function initDecrypt(vol: Luks2Volume, passphrase: Uint8Array, o: { keySlot?: number; resilience?: Resilience; resilienceHash?: string; dataDev?: BlockDevice } = {}): Promise<void> {
+export async function initDecrypt(
+  vol: Luks2Volume,
+  passphrase: Uint8Array,
+  o: { keySlot?: number; resilience?: Resilience; resilienceHash?: string; dataDev?: BlockDevice } = {},
+): Promise<void> {
   vol.assertChangeable();
   const j = vol.jsonSnapshot();
-  if (inReencryption(j) || reencryptKeyslotId(j) !== undefined) fail('LUKS2 reencryption already initialized. Run --resume-only.', 'EBUSY');
-  if (Object.keys(j.segments).length !== 1 || j.segments['0']?.type !== 'crypt') fail('Unsupported LUKS2 segments layout for reencryption.');
+  if (inReencryption(j) || reencryptKeyslotId(j) !== undefined)
+    fail('LUKS2 reencryption already initialized. Run --resume-only.', 'EBUSY');
+  if (Object.keys(j.segments).length !== 1 || j.segments['0']?.type !== 'crypt')
+    fail('Unsupported LUKS2 segments layout for reencryption.');
   const old = j.segments['0']!;
   if (o.dataDev === undefined || o.dataDev === vol.metadataDevice || Number(old.offset) !== 0) {
     fail('LUKS2 decryption is supported with detached header device only (with data offset set to 0).', 'ENOTSUP');
@@ -425,7 +500,15 @@ export async function initDecrypt(vol: Luks2Volume, passphrase: Uint8Array, o: {
     j.segments['2'] = { type: 'linear', offset: old.offset, size: 'dynamic', flags: ['backup-final'] };
     j.digests[dOld]!.segments = ['0', '1'];
     const area = checksumArea(o.resilience ?? 'checksum', o.resilienceHash, Math.max(ss, 4096));
-    await addReencryptState(j, vol.metadataBytes, 'decrypt', 'backward', area, new Map([[dOld, vk]]), Number(j.digests[dOld]!.iterations ?? 1000));
+    await addReencryptState(
+      j,
+      vol.metadataBytes,
+      'decrypt',
+      'backward',
+      area,
+      new Map([[dOld, vk]]),
+      Number(j.digests[dOld]!.iterations ?? 1000),
+    );
     await vol.commitJson(j);
   } finally {
     vk.fill(0);
@@ -472,7 +555,13 @@ interface Ctx {
  * The key of one luks2 keyslot if the passphrase opens it and digest `d` verifies it (a wrong
  * passphrase or key: undefined); out of memory and I/O errors are thrown.
  */
-async function openVerified(vol: Luks2Volume, j: Luks2Json, ks: Luks2Json['keyslots'][string], d: string, passphrase: Uint8Array): Promise<Buffer | undefined> {
+async function openVerified(
+  vol: Luks2Volume,
+  j: Luks2Json,
+  ks: Luks2Json['keyslots'][string],
+  d: string,
+  passphrase: Uint8Array,
+): Promise<Buffer | undefined> {
   let vk: Buffer;
   try {
     vk = await KEYSLOT_HANDLERS.luks2!.open!(vol.metadataDevice, ks, passphrase);
@@ -487,7 +576,12 @@ async function openVerified(vol: Luks2Volume, j: Luks2Json, ks: Luks2Json['keysl
 }
 
 /** Unlock every keyslot the passphrase opens; returns the keys by digest id. */
-async function unlockAll(vol: Luks2Volume, j: Luks2Json, passphrase: Uint8Array, want: string[]): Promise<Map<string, Buffer>> {
+async function unlockAll(
+  vol: Luks2Volume,
+  j: Luks2Json,
+  passphrase: Uint8Array,
+  want: string[],
+): Promise<Map<string, Buffer>> {
   const keys = new Map<string, Buffer>();
   for (const [id, ks] of Object.entries(j.keyslots)) {
     if (ks.type !== 'luks2') continue;
@@ -504,7 +598,14 @@ async function unlockAll(vol: Luks2Volume, j: Luks2Json, passphrase: Uint8Array,
 function newSeg(c: Ctx, off: number, size: number | 'dynamic', flags?: string[]): L2Segment {
   const s: L2Segment =
     c.fin.type === 'crypt'
-      ? { type: 'crypt', offset: String(c.newOff + off), size: String(size), iv_tweak: String(c.newIv + BigInt(off / 512)), encryption: c.fin.encryption, sector_size: c.fin.sector_size ?? 512 }
+      ? {
+          type: 'crypt',
+          offset: String(c.newOff + off),
+          size: String(size),
+          iv_tweak: String(c.newIv + BigInt(off / 512)),
+          encryption: c.fin.encryption,
+          sector_size: c.fin.sector_size ?? 512,
+        }
       : { type: 'linear', offset: String(c.newOff + off), size: String(size) };
   if (flags) s.flags = flags;
   return s;
@@ -513,7 +614,14 @@ function newSeg(c: Ctx, off: number, size: number | 'dynamic', flags?: string[])
 /** A segment of the old layout covering logical [off, off+size). */
 function oldSeg(c: Ctx, off: number, size: number | 'dynamic'): L2Segment {
   return c.prev.type === 'crypt'
-    ? { type: 'crypt', offset: String(c.oldOff + off), size: String(size), iv_tweak: String(c.oldIv + BigInt(off / 512)), encryption: c.prev.encryption, sector_size: c.prev.sector_size ?? 512 }
+    ? {
+        type: 'crypt',
+        offset: String(c.oldOff + off),
+        size: String(size),
+        iv_tweak: String(c.oldIv + BigInt(off / 512)),
+        encryption: c.prev.encryption,
+        sector_size: c.prev.sector_size ?? 512,
+      }
     : { type: 'linear', offset: String(c.oldOff + off), size: String(size) };
 }
 
@@ -615,7 +723,12 @@ async function readFull(dev: BlockDevice, off: number, len: number): Promise<Buf
 
 function checksums(c: Ctx, raw: Buffer): Buffer {
   const parts: Buffer[] = [];
-  for (let o = 0; o < raw.length; o += c.area.blockBytes) parts.push(createHash(c.area.hash!).update(raw.subarray(o, o + c.area.blockBytes)).digest());
+  for (let o = 0; o < raw.length; o += c.area.blockBytes)
+    parts.push(
+      createHash(c.area.hash!)
+        .update(raw.subarray(o, o + c.area.blockBytes))
+        .digest(),
+    );
   return Buffer.concat(parts);
 }
 
@@ -666,12 +779,15 @@ async function recover(c: Ctx, meta: BlockDevice, data: BlockDevice, off: number
 }
 
 function hotzoneLength(c: Ctx, max: number | undefined): number {
-  const align = c.area.type === 'checksum' ? c.area.blockBytes : Math.max(c.prev.sector_size ?? 512, c.fin.sector_size ?? 512);
-  if (max !== undefined && max % align !== 0) fail(`Hotzone size must be multiple of calculated zone alignment (${align} bytes).`, 'EARGS');
+  const align =
+    c.area.type === 'checksum' ? c.area.blockBytes : Math.max(c.prev.sector_size ?? 512, c.fin.sector_size ?? 512);
+  if (max !== undefined && max % align !== 0)
+    fail(`Hotzone size must be multiple of calculated zone alignment (${align} bytes).`, 'EARGS');
   let len: number;
   if (c.area.type === 'datashift') return c.area.shift; // cryptsetup: the hotzone is the shift, whatever --hotzone-size says
   if (c.area.type === 'none') len = max ?? DEFAULT_NONE_HOTZONE_BYTES;
-  else if (c.area.type === 'checksum') len = Math.floor(c.area.size / createHash(c.area.hash!).digest().length) * c.area.blockBytes;
+  else if (c.area.type === 'checksum')
+    len = Math.floor(c.area.size / createHash(c.area.hash!).digest().length) * c.area.blockBytes;
   else len = c.area.size;
   len = Math.min(len, MAX_HOTZONE_BYTES);
   if (max !== undefined) len = Math.min(len, max);
@@ -684,7 +800,11 @@ function hotzoneLength(c: Ctx, max: number | undefined): number {
 function isNew(c: Ctx, id: string, s: L2Segment): boolean {
   if (s.type !== 'crypt') return c.mode === 'decrypt';
   if (c.mode !== 'reencrypt') return c.mode === 'encrypt';
-  return c.dNew !== undefined && c.j.digests[c.dNew]!.segments.includes(id) && !(c.dOld !== undefined && c.j.digests[c.dOld]!.segments.includes(id));
+  return (
+    c.dNew !== undefined &&
+    c.j.digests[c.dNew]!.segments.includes(id) &&
+    !(c.dOld !== undefined && c.j.digests[c.dOld]!.segments.includes(id))
+  );
 }
 
 /**
@@ -747,13 +867,21 @@ function resilienceOf(a: Record<string, unknown>): Resilience {
  * Run (or resume) the reencryption, encryption or decryption on disk in `vol` to the end (cryptsetup
  * reencrypt [--resume-only]). Returns true when finished, false when stopped by `signal` (resumable).
  */
-export async function runReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o: ReencryptRunOptions = {}): Promise<boolean> {
+export async function runReencrypt(
+  vol: Luks2Volume,
+  passphrase: Uint8Array,
+  o: ReencryptRunOptions = {},
+): Promise<boolean> {
   const j = vol.jsonSnapshot();
   const ksId = reencryptKeyslotId(j);
   if (!inReencryption(j) || ksId === undefined) fail('Device is not in reencryption.', 'EINVAL');
   const ks = j.keyslots[ksId]!;
   const mode = ks.mode as Mode;
-  if (!['reencrypt', 'encrypt', 'decrypt'].includes(mode) || (ks.direction !== 'forward' && ks.direction !== 'backward')) fail('Reencryption metadata is invalid.');
+  if (
+    !['reencrypt', 'encrypt', 'decrypt'].includes(mode) ||
+    (ks.direction !== 'forward' && ks.direction !== 'backward')
+  )
+    fail('Reencryption metadata is invalid.');
   const a = ks.area as Record<string, unknown>;
   const type = resilienceOf(a);
   const prev = segmentByFlag(j, 'backup-previous');
@@ -761,12 +889,16 @@ export async function runReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o: 
   const moved = segmentByFlag(j, 'backup-moved-segment');
   if (!prev || !fin) fail('Reencryption metadata is invalid.');
   const wantType = (s: L2Segment, crypt: boolean) => s.type === (crypt ? 'crypt' : 'linear');
-  if (!wantType(prev[1], mode !== 'encrypt') || !wantType(fin[1], mode !== 'decrypt')) fail('Reencryption metadata is invalid.');
+  if (!wantType(prev[1], mode !== 'encrypt') || !wantType(fin[1], mode !== 'decrypt'))
+    fail('Reencryption metadata is invalid.');
   const backward = ks.direction === 'backward';
   const shift = type === 'datashift' ? Number(a.shift_size) : 0;
   if (type === 'datashift') {
     if (!(mode === 'encrypt' && backward && moved && moved[1].type === 'linear')) {
-      fail(`Reencryption mode ${mode} (${String(ks.direction)}) with data shift is not supported by cryptmap yet; use cryptsetup.`, 'ENOTSUP');
+      fail(
+        `Reencryption mode ${mode} (${String(ks.direction)}) with data shift is not supported by cryptmap yet; use cryptsetup.`,
+        'ENOTSUP',
+      );
     }
     if (!(shift > 0) || shift % 512 !== 0 || Number(fin[1].offset) < shift) fail('Reencryption metadata is invalid.');
   } else if (moved || prev[1].offset !== fin[1].offset) {
@@ -774,7 +906,8 @@ export async function runReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o: 
   }
   const dOld = mode === 'encrypt' ? undefined : digestOfSegment(j, prev[0]);
   const dNew = mode === 'decrypt' ? undefined : digestOfSegment(j, fin[0]);
-  if ((mode !== 'encrypt' && dOld === undefined) || (mode !== 'decrypt' && dNew === undefined)) fail('Reencryption metadata is invalid.');
+  if ((mode !== 'encrypt' && dOld === undefined) || (mode !== 'decrypt' && dNew === undefined))
+    fail('Reencryption metadata is invalid.');
   const version = requirementVersion(j);
   const want = [dOld, dNew].filter((d): d is string => d !== undefined);
   const keys = await unlockAll(vol, j, passphrase, want);
@@ -794,8 +927,18 @@ export async function runReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o: 
     const ok = d !== undefined && (await handlerFor(DIGEST_HANDLERS, d.type)?.verify(d, blob)) === true;
     blob.fill(0);
     if (!ok) fail('Reencryption metadata is invalid.');
-    if (dOld !== undefined) oldC = createSectorCipher({ spec: prev[1].encryption!, key: keys.get(dOld)!, sectorBytes: (prev[1].sector_size ?? 512) as SectorBytes });
-    if (dNew !== undefined) newC = createSectorCipher({ spec: fin[1].encryption!, key: keys.get(dNew)!, sectorBytes: (fin[1].sector_size ?? 512) as SectorBytes });
+    if (dOld !== undefined)
+      oldC = createSectorCipher({
+        spec: prev[1].encryption!,
+        key: keys.get(dOld)!,
+        sectorBytes: (prev[1].sector_size ?? 512) as SectorBytes,
+      });
+    if (dNew !== undefined)
+      newC = createSectorCipher({
+        spec: fin[1].encryption!,
+        key: keys.get(dNew)!,
+        sectorBytes: (fin[1].sector_size ?? 512) as SectorBytes,
+      });
     const data = o.dataDev ?? vol.metadataDevice;
     const newOff = Number(fin[1].offset);
     const c: Ctx = {
@@ -803,7 +946,14 @@ export async function runReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o: 
       ksId,
       mode,
       backward,
-      area: { offset: Number(a.offset), size: Number(a.size), type, hash: a.hash as string | undefined, blockBytes: Number(a.sector_size ?? 512), shift },
+      area: {
+        offset: Number(a.offset),
+        size: Number(a.size),
+        type,
+        hash: a.hash as string | undefined,
+        blockBytes: Number(a.sector_size ?? 512),
+        shift,
+      },
       newOff,
       oldOff: shift ? newOff - shift : Number(prev[1].offset),
       newIv: BigInt(fin[1].iv_tweak ?? '0'),
@@ -819,7 +969,8 @@ export async function runReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o: 
     };
     if (c.moved) {
       const P = shiftPlainBytes(c);
-      if (!(P > 0) || P + shift > c.total || Number(c.moved.offset) + Number(c.moved.size) > data.sizeBytes) fail('Device is too small.', 'EDEVSIZE');
+      if (!(P > 0) || P + shift > c.total || Number(c.moved.offset) + Number(c.moved.size) > data.sizeBytes)
+        fail('Device is too small.', 'EDEVSIZE');
     }
     const meta = vol.metadataDevice;
     const maxLen = hotzoneLength(c, o.hotzoneBytes);
@@ -828,7 +979,8 @@ export async function runReencrypt(vol: Luks2Volume, passphrase: Uint8Array, o: 
     if (hot) {
       const off = Number(hot.offset) - c.newOff;
       const len = Number(hot.size);
-      if (!(len >= 512) || !(off >= 0) || off + len > c.total || (type === 'datashift' && len > shift)) fail('Reencryption metadata is invalid.');
+      if (!(len >= 512) || !(off >= 0) || off + len > c.total || (type === 'datashift' && len > shift))
+        fail('Reencryption metadata is invalid.');
       await recover(c, meta, data, off, len);
       next = following(c, off, len, maxLen);
       if (next) {
@@ -928,9 +1080,15 @@ async function finish(vol: Luks2Volume, c: Ctx, data: BlockDevice): Promise<void
  * The keyslot `passphrase` opens on a volume in reencryption (cryptsetup accepts a keyslot of the old
  * or of the new volume key; with encryption under way segment 0 has no key at all).
  */
-export async function unlockInReencryption(vol: Luks2Volume, passphrase: Uint8Array, keySlot?: number): Promise<number> {
+export async function unlockInReencryption(
+  vol: Luks2Volume,
+  passphrase: Uint8Array,
+  keySlot?: number,
+): Promise<number> {
   const j = vol.jsonSnapshot();
-  const want = [segmentByFlag(j, 'backup-previous'), segmentByFlag(j, 'backup-final')].map((s) => (s ? digestOfSegment(j, s[0]) : undefined)).filter((d): d is string => d !== undefined);
+  const want = [segmentByFlag(j, 'backup-previous'), segmentByFlag(j, 'backup-final')]
+    .map((s) => (s ? digestOfSegment(j, s[0]) : undefined))
+    .filter((d): d is string => d !== undefined);
   for (const [id, ks] of Object.entries(j.keyslots)) {
     if (ks.type !== 'luks2' || (keySlot !== undefined && Number(id) !== keySlot)) continue;
     const d = digestOfKeyslot(j, id);

@@ -35,7 +35,13 @@ const SIGNATURES: readonly Signature[] = [
   { name: 'f2fs', offsetBytes: 1024, magic: Buffer.from([0x10, 0x20, 0xf5, 0xf2]) },
   { name: 'bitlocker', offsetBytes: 3, magic: ascii('-FVE-FS-') },
   { name: 'dm-integrity', offsetBytes: 0, magic: ascii('integrt\0') },
-  { name: 'bcache', offsetBytes: 4120, magic: Buffer.from([0xc6, 0x85, 0x73, 0xf6, 0x4e, 0x1a, 0x45, 0xca, 0x82, 0x65, 0xf5, 0x7f, 0x48, 0xba, 0x6d, 0x81]) },
+  {
+    name: 'bcache',
+    offsetBytes: 4120,
+    magic: Buffer.from([
+      0xc6, 0x85, 0x73, 0xf6, 0x4e, 0x1a, 0x45, 0xca, 0x82, 0x65, 0xf5, 0x7f, 0x48, 0xba, 0x6d, 0x81,
+    ]),
+  },
 ];
 
 /** Name of the first known foreign format whose magic lies inside `area` (which starts at byte 0), or null. */

@@ -34,15 +34,22 @@ export interface TokenUnlockResult extends UnlockResult {
 /** What token unlocking needs from a volume (Luks2Volume provides it; LUKS1 has no tokens). */
 interface TokenVolume {
   readonly type: LuksVolume['type'];
-  readonly json?: { tokens: Record<string, { type: string; keyslots: string[] }>; keyslots: Record<string, { priority?: number }> };
+  readonly json?: {
+    tokens: Record<string, { type: string; keyslots: string[] }>;
+    keyslots: Record<string, { priority?: number }>;
+  };
   unlock(passphrase: Uint8Array, opts?: { keySlot?: number }): Promise<UnlockResult>;
 }
 
 function noUsableToken(type: string | undefined): CryptmapError {
-  return new CryptmapError('ENOTOKEN', type !== undefined ? `No usable token (type ${type}) is available.` : 'No usable token is available.', {
-    exitCode: EXIT_WRONG_PARAMS,
-    errno: 'ENOENT',
-  });
+  return new CryptmapError(
+    'ENOTOKEN',
+    type !== undefined ? `No usable token (type ${type}) is available.` : 'No usable token is available.',
+    {
+      exitCode: EXIT_WRONG_PARAMS,
+      errno: 'ENOENT',
+    },
+  );
 }
 
 /** The token's keyslots in the order they are tried. */
@@ -61,13 +68,20 @@ export function tokenCandidates(vol: TokenVolume, opts: TokenUnlockOptions = {})
   const ids = Object.keys(tokens)
     .map(Number)
     .sort((a, b) => a - b);
-  return ids.filter((id) => (opts.tokenId === undefined || id === opts.tokenId) && (opts.tokenType === undefined || tokens[String(id)]!.type === opts.tokenType));
+  return ids.filter(
+    (id) =>
+      (opts.tokenId === undefined || id === opts.tokenId) &&
+      (opts.tokenType === undefined || tokens[String(id)]!.type === opts.tokenType),
+  );
 }
 
 /** Unlock with tokens (see the file comment for the outcomes). The caller disposes the volume key. */
 export async function unlockByToken(vol: TokenVolume, opts: TokenUnlockOptions = {}): Promise<TokenUnlockResult> {
   if (vol.type !== 'luks2' || !vol.json) {
-    throw new CryptmapError('ETOKENLUKS1', 'Tokens are supported only for LUKS2 devices.', { exitCode: EXIT_WRONG_PARAMS, errno: 'EINVAL' });
+    throw new CryptmapError('ETOKENLUKS1', 'Tokens are supported only for LUKS2 devices.', {
+      exitCode: EXIT_WRONG_PARAMS,
+      errno: 'EINVAL',
+    });
   }
   const tokens = vol.json.tokens;
   let lastError: CryptmapError | undefined;
@@ -99,10 +113,14 @@ export async function unlockByToken(vol: TokenVolume, opts: TokenUnlockOptions =
     } finally {
       pass.fill(0);
     }
-    lastError = new CryptmapError('ETOKENPASS', `Token ${id} cannot unlock assigned keyslot(s) (wrong keyslot passphrase).`, {
-      exitCode: EXIT_NO_PERMISSION,
-      errno: 'EPERM',
-    });
+    lastError = new CryptmapError(
+      'ETOKENPASS',
+      `Token ${id} cannot unlock assigned keyslot(s) (wrong keyslot passphrase).`,
+      {
+        exitCode: EXIT_NO_PERMISSION,
+        errno: 'EPERM',
+      },
+    );
   }
   if (!usable) throw noUsableToken(opts.tokenType);
   throw lastError!;

@@ -82,7 +82,8 @@ function parse(uri: string): NbdUriTarget {
   const path = m[3] ?? '';
   const query = m[4];
   if (m[5] !== undefined) throw new UriError('a fragment (#...) has no meaning here');
-  if (!['nbd', 'nbds', 'nbd+unix', 'nbds+unix'].includes(scheme)) throw new UriError(`unknown scheme '${scheme}' (nbd, nbds, nbd+unix, nbds+unix)`);
+  if (!['nbd', 'nbds', 'nbd+unix', 'nbds+unix'].includes(scheme))
+    throw new UriError(`unknown scheme '${scheme}' (nbd, nbds, nbd+unix, nbds+unix)`);
   const tls = scheme.startsWith('nbds');
   const unix = scheme.endsWith('+unix');
   if (path !== '' && !path.startsWith('/')) throw new UriError('the export name must follow a /');
@@ -106,13 +107,15 @@ function parse(uri: string): NbdUriTarget {
 
   let transport: NbdUriTarget['transport'];
   if (unix) {
-    if (authority !== undefined && authority !== '') throw new UriError('nbd+unix URIs take no host (nbd+unix:///export?socket=PATH)');
+    if (authority !== undefined && authority !== '')
+      throw new UriError('nbd+unix URIs take no host (nbd+unix:///export?socket=PATH)');
     const socket = take('socket');
     if (socket === undefined || socket === '') throw new UriError('nbd+unix URIs need ?socket=PATH');
     transport = { kind: 'unix', path: socket };
   } else {
     if (authority === undefined || authority === '') throw new UriError('no host (nbd://HOST[:PORT]/EXPORT)');
-    if (authority.includes('@')) throw new UriError('user info (user@) is for TLS PSK, which this client does not support');
+    if (authority.includes('@'))
+      throw new UriError('user info (user@) is for TLS PSK, which this client does not support');
     const am = /^(?:\[([0-9A-Fa-f:.]+)\]|([^:[\]]+))(?::([0-9]*))?$/.exec(authority);
     if (am === null) throw new UriError(`bad host '${authority}'`);
     const host = am[1] ?? pctDecode(am[2]!, 'host');
@@ -142,6 +145,7 @@ function parse(uri: string): NbdUriTarget {
   if (verify === '0') t.tlsVerifyPeer = false;
   if (hostname !== undefined) t.tlsHostname = hostname;
   const rest = [...params.keys()];
-  if (rest.length > 0) throw new UriError(`unknown query parameter${rest.length > 1 ? 's' : ''} ${rest.map((k) => `'${k}'`).join(', ')}`);
+  if (rest.length > 0)
+    throw new UriError(`unknown query parameter${rest.length > 1 ? 's' : ''} ${rest.map((k) => `'${k}'`).join(', ')}`);
   return t;
 }

@@ -70,7 +70,8 @@ export interface AttachInfo {
 const SYS_ROOT = '/sys';
 const nbdModuleLoaded = (sysRoot: string) => existsSync(join(sysRoot, 'module', 'nbd'));
 
-const run = (cmd: string, args: string[], timeoutMs = 60_000): Promise<string> => runTool(cmd, args, { code: 'EATTACH', timeoutMs });
+const run = (cmd: string, args: string[], timeoutMs = 60_000): Promise<string> =>
+  runTool(cmd, args, { code: 'EATTACH', timeoutMs });
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -97,11 +98,19 @@ export async function detachExport(info: AttachInfo): Promise<void> {
     return;
   }
   const loop = info.devicePath;
-  if (loop.startsWith('/dev/loop') && !loopDetached(loop)) await retry(() => run('losetup', ['-d', loop]), () => loopDetached(loop));
+  if (loop.startsWith('/dev/loop') && !loopDetached(loop))
+    await retry(
+      () => run('losetup', ['-d', loop]),
+      () => loopDetached(loop),
+    );
   const dir = info.fuseDir;
   if (dir) {
     const mnt = join(dir, 'mnt');
-    if (isMounted(mnt)) await retry(() => run('fusermount3', ['-u', mnt]), () => !isMounted(mnt));
+    if (isMounted(mnt))
+      await retry(
+        () => run('fusermount3', ['-u', mnt]),
+        () => !isMounted(mnt),
+      );
   }
   if (info.fusePid) {
     for (let i = 0; i < 100 && alive(info.fusePid); i++) await sleep(50);
@@ -148,7 +157,13 @@ async function attachFuse(opts: AttachOptions): Promise<AttachInfo> {
   const info: AttachInfo = { method: 'fuse', devicePath: '', exportName: opts.exportName, fuseDir: dir };
   try {
     const logFd = openSync(logFile, 'w', 0o600);
-    const args = [...(opts.readOnly ? ['-r'] : []), '-P', pidFile, join(mnt, 'disk'), nbdUnixUri(opts.exportName, opts.socketPath)];
+    const args = [
+      ...(opts.readOnly ? ['-r'] : []),
+      '-P',
+      pidFile,
+      join(mnt, 'disk'),
+      nbdUnixUri(opts.exportName, opts.socketPath),
+    ];
     const child = spawn('nbdfuse', args, { detached: true, stdio: ['ignore', logFd, logFd] });
     closeSync(logFd);
     let spawnError: Error | null = null;
@@ -165,18 +180,29 @@ async function attachFuse(opts: AttachOptions): Promise<AttachInfo> {
     while (!existsSync(pidFile) || !(await exists(join(mnt, 'disk')))) {
       if (spawnError) {
         const missing = (spawnError as NodeJS.ErrnoException).code === 'ENOENT';
-        throw new CryptmapError('EATTACH', missing ? 'nbdfuse is not installed (Debian package libnbd-bin)' : `cannot start nbdfuse: ${(spawnError as Error).message}`, {
-          errno: 'EIO',
-        });
+        throw new CryptmapError(
+          'EATTACH',
+          missing
+            ? 'nbdfuse is not installed (Debian package libnbd-bin)'
+            : `cannot start nbdfuse: ${(spawnError as Error).message}`,
+          {
+            errno: 'EIO',
+          },
+        );
       }
       if (exited) throw new CryptmapError('EATTACH', `nbdfuse exited: ${readLog(logFile)}`, { errno: 'EIO' });
-      if (Date.now() > deadline) throw new CryptmapError('EATTACH', `nbdfuse did not come up in time: ${readLog(logFile)}`, { errno: 'EIO' });
+      if (Date.now() > deadline)
+        throw new CryptmapError('EATTACH', `nbdfuse did not come up in time: ${readLog(logFile)}`, { errno: 'EIO' });
       await sleep(25);
     }
-    const sector = opts.logicalBlockBytes !== undefined && opts.logicalBlockBytes > 512 ? ['--sector-size', String(opts.logicalBlockBytes)] : [];
+    const sector =
+      opts.logicalBlockBytes !== undefined && opts.logicalBlockBytes > 512
+        ? ['--sector-size', String(opts.logicalBlockBytes)]
+        : [];
     const out = await run('losetup', ['-f', '--show', ...sector, ...(opts.readOnly ? ['-r'] : []), join(mnt, 'disk')]);
     info.devicePath = out.trim();
-    if (!info.devicePath.startsWith('/dev/')) throw new CryptmapError('EATTACH', `losetup printed no device: ${JSON.stringify(out)}`, { errno: 'EIO' });
+    if (!info.devicePath.startsWith('/dev/'))
+      throw new CryptmapError('EATTACH', `losetup printed no device: ${JSON.stringify(out)}`, { errno: 'EIO' });
     return info;
   } catch (e) {
     await detachExport(info).catch(() => {});
@@ -220,14 +246,27 @@ function freeNbdDevice(sysRoot: string): string {
     }
     return `/dev/${n}`;
   }
-  throw new CryptmapError('EATTACH', 'no free /dev/nbdN device (is the nbd module loaded with nbds_max > 0?)', { errno: 'EBUSY' });
+  throw new CryptmapError('EATTACH', 'no free /dev/nbdN device (is the nbd module loaded with nbds_max > 0?)', {
+    errno: 'EBUSY',
+  });
 }
 
 async function attachKernel(opts: AttachOptions): Promise<AttachInfo> {
   const sysRoot = opts.sysRoot ?? SYS_ROOT;
-  if (!nbdModuleLoaded(sysRoot)) throw new CryptmapError('EATTACH', 'the nbd kernel module is not loaded (modprobe nbd)', { errno: 'ENOENT' });
+  if (!nbdModuleLoaded(sysRoot))
+    throw new CryptmapError('EATTACH', 'the nbd kernel module is not loaded (modprobe nbd)', { errno: 'ENOENT' });
   const dev = freeNbdDevice(sysRoot);
-  const bs = opts.logicalBlockBytes !== undefined && opts.logicalBlockBytes > 512 ? ['-b', String(opts.logicalBlockBytes)] : [];
-  await run('nbd-client', ['-unix', opts.socketPath, '-N', opts.exportName, dev, ...bs, ...(opts.readOnly ? ['-readonly'] : []), ...(opts.swap ? ['-swap'] : [])]);
+  const bs =
+    opts.logicalBlockBytes !== undefined && opts.logicalBlockBytes > 512 ? ['-b', String(opts.logicalBlockBytes)] : [];
+  await run('nbd-client', [
+    '-unix',
+    opts.socketPath,
+    '-N',
+    opts.exportName,
+    dev,
+    ...bs,
+    ...(opts.readOnly ? ['-readonly'] : []),
+    ...(opts.swap ? ['-swap'] : []),
+  ]);
   return { method: 'kernel', devicePath: dev, exportName: opts.exportName, ...(opts.swap ? { swap: true } : {}) };
 }

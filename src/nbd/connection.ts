@@ -102,7 +102,11 @@ export class Connection {
         log.info('protocol violation, disconnecting', { conn: this.id, state: this.state, reason: e.message });
         this.hardDisconnect();
       } else if (!(e instanceof ConnectionClosed)) {
-        log.error('connection failed', { conn: this.id, state: this.state, error: e instanceof Error ? e.message : String(e) });
+        log.error('connection failed', {
+          conn: this.id,
+          state: this.state,
+          error: e instanceof Error ? e.message : String(e),
+        });
         this.hardDisconnect();
       }
     } finally {
@@ -176,7 +180,11 @@ export class Connection {
         p.progressAt = now;
       }
       if (now - p.progressAt > stallMs || now - p.since > stallMs + p.length / 1048.576) {
-        log.info('WRITE payload stalled, disconnecting', { conn: this.id, length: p.length, waitedMs: Math.round(now - p.since) });
+        log.info('WRITE payload stalled, disconnecting', {
+          conn: this.id,
+          length: p.length,
+          waitedMs: Math.round(now - p.since),
+        });
         this.hardDisconnect();
         return;
       }
@@ -186,7 +194,10 @@ export class Connection {
       this.#written = written;
       this.#writtenAt = now;
     } else if (now - this.#writtenAt > stallMs) {
-      log.info('client does not take its replies, disconnecting', { conn: this.id, queuedBytes: this.replyBudgetBytes });
+      log.info('client does not take its replies, disconnecting', {
+        conn: this.id,
+        queuedBytes: this.replyBudgetBytes,
+      });
       this.hardDisconnect();
     }
   }
@@ -243,7 +254,8 @@ export class Connection {
     // keeping up: unsent reply bytes are checked on their own.
     const fits = () =>
       this.pendingWriteBytes <= lim.maxInflightBytes &&
-      (this.inflightRequests === 0 || (this.inflightBytes + cost <= lim.maxInflightBytes && this.inflightRequests < lim.maxInflightRequests));
+      (this.inflightRequests === 0 ||
+        (this.inflightBytes + cost <= lim.maxInflightBytes && this.inflightRequests < lim.maxInflightRequests));
     if (fits()) return null;
     const socket = this.socket;
     return new Promise<void>((resolve) => {

@@ -102,7 +102,8 @@ export async function negotiate(conn: Connection): Promise<boolean> {
     }
     const opt = hdr.readUInt32BE(8);
     const len = hdr.readUInt32BE(12);
-    if (len > lim.maxOptionBytes) throw new ProtocolViolation(`option data of ${len} bytes exceeds the limit of ${lim.maxOptionBytes}`);
+    if (len > lim.maxOptionBytes)
+      throw new ProtocolViolation(`option data of ${len} bytes exceeds the limit of ${lim.maxOptionBytes}`);
     if (++conn.optionCount > lim.maxOptions) throw new ProtocolViolation(`more than ${lim.maxOptions} options`);
     const data = len > 0 ? await conn.rx.read(len) : Buffer.alloc(0);
     if (!conn.fixedNewstyle && opt !== NBD_OPT_EXPORT_NAME) {
@@ -122,7 +123,8 @@ function dispatch(conn: Connection, opt: number, data: Buffer): Outcome | Promis
   }
   if (conn.tlsMode === 'require' && !conn.tlsActive && opt !== NBD_OPT_STARTTLS && opt !== NBD_OPT_ABORT) {
     // FORCEDTLS: NBD_OPT_EXPORT_NAME cannot be answered with an error, so the session ends.
-    if (opt === NBD_OPT_EXPORT_NAME) throw new ProtocolViolation('NBD_OPT_EXPORT_NAME before STARTTLS on a TLS-only server');
+    if (opt === NBD_OPT_EXPORT_NAME)
+      throw new ProtocolViolation('NBD_OPT_EXPORT_NAME before STARTTLS on a TLS-only server');
     return replyError(conn, opt, NBD_REP_ERR_TLS_REQD, `${name}: this server requires TLS (NBD_OPT_STARTTLS) first`);
   }
   const handler = OPTION_HANDLERS[opt];
@@ -147,7 +149,8 @@ function enterTransmission(conn: Connection, entry: ExportEntry): void {
 const exportName: OptionHandler = (conn, _opt, data) => {
   const name = data.toString('utf8');
   const entry = lookup(conn, name);
-  if (!entry) throw new ProtocolViolation(`NBD_OPT_EXPORT_NAME for unknown export ${JSON.stringify(name.slice(0, 256))}`);
+  if (!entry)
+    throw new ProtocolViolation(`NBD_OPT_EXPORT_NAME for unknown export ${JSON.stringify(name.slice(0, 256))}`);
   const b = Buffer.alloc(conn.noZeroes ? 10 : 134);
   b.writeBigUInt64BE(BigInt(entry.device.sizeBytes), 0);
   b.writeUInt16BE(transmissionFlagsFor(entry, conn.structuredReplies), 8);
@@ -179,7 +182,8 @@ const list: OptionHandler = (conn, opt, data) => {
 const starttls: OptionHandler = async (conn, opt, data) => {
   if (data.length !== 0) return replyError(conn, opt, NBD_REP_ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
   const ctx = conn.server.secureContext;
-  if (conn.tlsMode === 'off' || !ctx) return replyError(conn, opt, NBD_REP_ERR_POLICY, 'TLS is not enabled on this server');
+  if (conn.tlsMode === 'off' || !ctx)
+    return replyError(conn, opt, NBD_REP_ERR_POLICY, 'TLS is not enabled on this server');
   if (conn.tlsActive) return replyError(conn, opt, NBD_REP_ERR_INVALID, 'TLS is already active');
   conn.transition('TLS_HANDSHAKE');
   // The client starts its TLS handshake only after our ACK, so nothing should be queued; if it is,
@@ -194,7 +198,12 @@ const starttls: OptionHandler = async (conn, opt, data) => {
   await conn.sendNow(ack);
   if (rest) conn.raw.unshift(rest);
   const verify = conn.server.verifyClient;
-  const tlsSocket = new TLSSocket(conn.raw, { isServer: true, secureContext: ctx, requestCert: verify, rejectUnauthorized: verify });
+  const tlsSocket = new TLSSocket(conn.raw, {
+    isServer: true,
+    secureContext: ctx,
+    requestCert: verify,
+    rejectUnauthorized: verify,
+  });
   tlsSocket.on('error', () => {});
   conn.socket = tlsSocket;
   try {
@@ -221,14 +230,21 @@ const infoOrGo: OptionHandler = (conn, opt, data) => {
   const what = opt === NBD_OPT_GO ? 'NBD_OPT_GO' : 'NBD_OPT_INFO';
   if (data.length < 6) return replyError(conn, opt, NBD_REP_ERR_INVALID, `${what}: option data too short`);
   const nameLen = data.readUInt32BE(0);
-  if (nameLen > data.length - 6) return replyError(conn, opt, NBD_REP_ERR_INVALID, `${what}: name length ${nameLen} exceeds the option data`);
+  if (nameLen > data.length - 6)
+    return replyError(conn, opt, NBD_REP_ERR_INVALID, `${what}: name length ${nameLen} exceeds the option data`);
   const nInfo = data.readUInt16BE(4 + nameLen);
   if (4 + nameLen + 2 + 2 * nInfo !== data.length) {
-    return replyError(conn, opt, NBD_REP_ERR_INVALID, `${what}: ${nInfo} information requests do not match the option length`);
+    return replyError(
+      conn,
+      opt,
+      NBD_REP_ERR_INVALID,
+      `${what}: ${nInfo} information requests do not match the option length`,
+    );
   }
   const name = data.toString('utf8', 4, 4 + nameLen);
   const entry = lookup(conn, name);
-  if (!entry) return replyError(conn, opt, NBD_REP_ERR_UNKNOWN, `export ${JSON.stringify(name.slice(0, 256))} not found`);
+  if (!entry)
+    return replyError(conn, opt, NBD_REP_ERR_UNKNOWN, `export ${JSON.stringify(name.slice(0, 256))} not found`);
   const requested = new Set<number>();
   for (let i = 0; i < nInfo; i++) requested.add(data.readUInt16BE(4 + nameLen + 2 + 2 * i));
 
@@ -237,7 +253,8 @@ const infoOrGo: OptionHandler = (conn, opt, data) => {
   exp.writeUInt16BE(transmissionFlagsFor(entry, conn.structuredReplies), 8);
   info(conn, opt, NBD_INFO_EXPORT, exp);
   if (requested.has(NBD_INFO_NAME) || name !== entry.name) info(conn, opt, NBD_INFO_NAME, truncateUtf8(entry.name));
-  if (requested.has(NBD_INFO_DESCRIPTION) && entry.description) info(conn, opt, NBD_INFO_DESCRIPTION, truncateUtf8(entry.description));
+  if (requested.has(NBD_INFO_DESCRIPTION) && entry.description)
+    info(conn, opt, NBD_INFO_DESCRIPTION, truncateUtf8(entry.description));
   // Always sent: the server enforces its minimum block size whether or not the client asked.
   const bs = blockSizeFor(entry, conn.server.limits.maxPayloadBytes);
   const b = Buffer.allocUnsafe(12);
@@ -299,12 +316,20 @@ const metaContext: OptionHandler = (conn, opt, data) => {
   const set = opt === NBD_OPT_SET_META_CONTEXT;
   const what = set ? 'NBD_OPT_SET_META_CONTEXT' : 'NBD_OPT_LIST_META_CONTEXT';
   if (set) conn.meta = null; // replaced even when the option fails
-  if (!conn.structuredReplies) return replyError(conn, opt, NBD_REP_ERR_INVALID, `${what} needs NBD_OPT_STRUCTURED_REPLY first`);
+  if (!conn.structuredReplies)
+    return replyError(conn, opt, NBD_REP_ERR_INVALID, `${what} needs NBD_OPT_STRUCTURED_REPLY first`);
   const req = parseMetaRequest(data);
-  if (req === 'too-big') return replyError(conn, opt, NBD_REP_ERR_TOO_BIG, `${what}: more than ${MAX_META_QUERIES} queries`);
+  if (req === 'too-big')
+    return replyError(conn, opt, NBD_REP_ERR_TOO_BIG, `${what}: more than ${MAX_META_QUERIES} queries`);
   if (!req) return replyError(conn, opt, NBD_REP_ERR_INVALID, `${what}: malformed option data`);
   const entry = lookup(conn, req.exportName);
-  if (!entry) return replyError(conn, opt, NBD_REP_ERR_UNKNOWN, `export ${JSON.stringify(req.exportName.slice(0, 256))} not found`);
+  if (!entry)
+    return replyError(
+      conn,
+      opt,
+      NBD_REP_ERR_UNKNOWN,
+      `export ${JSON.stringify(req.exportName.slice(0, 256))} not found`,
+    );
   let matched: boolean;
   if (set) matched = req.queries.includes(BASE_ALLOCATION);
   else matched = req.queries.length === 0 || req.queries.some((q) => q === BASE_ALLOCATION || q === 'base:');

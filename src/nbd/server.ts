@@ -23,7 +23,15 @@ import { listenUnixSocket } from '../util/unix-socket.js';
 import { Connection } from './connection.js';
 import { PayloadBudget } from './budget.js';
 import { BufferPool } from './pool.js';
-import type { ExportEntry, NbdExport, NbdListenOptions, NbdServerOptions, NbdTlsMode, ResolvedLimits, ServerContext } from './types.js';
+import type {
+  ExportEntry,
+  NbdExport,
+  NbdListenOptions,
+  NbdServerOptions,
+  NbdTlsMode,
+  ResolvedLimits,
+  ServerContext,
+} from './types.js';
 
 const log = logger('nbd');
 const MAX_NAME_BYTES = 4096;
@@ -66,7 +74,8 @@ export class NbdServer {
   constructor(opts: NbdServerOptions = {}) {
     const num = (v: number | undefined, def: number, min: number, max: number, what: string) => {
       const n = v ?? def;
-      if (!Number.isSafeInteger(n) || n < min || n > max) throw new CryptmapError('ENBDOPT', `NBD server option ${what}=${n} is out of range ${min}..${max}`);
+      if (!Number.isSafeInteger(n) || n < min || n > max)
+        throw new CryptmapError('ENBDOPT', `NBD server option ${what}=${n} is out of range ${min}..${max}`);
       return n;
     };
     this.#limits = {
@@ -82,17 +91,24 @@ export class NbdServer {
     this.#handshakeTimeoutMs = num(opts.handshakeTimeoutMs, 30_000, 0, 2 ** 31 - 1, 'handshakeTimeoutMs');
     this.#stallTimeoutMs = num(opts.stallTimeoutMs, 10_000, 0, 2 ** 31 - 1, 'stallTimeoutMs');
     this.#tlsMode = opts.tls ?? 'off';
-    if (!TLS_MODES.includes(this.#tlsMode)) throw new CryptmapError('ENBDTLS', `NBD TLS mode '${this.#tlsMode}' is not off, on or require`);
-    if (this.#tlsMode !== 'off' && !opts.tlsCredentials) throw new CryptmapError('ENBDTLS', `NBD TLS mode '${this.#tlsMode}' needs tlsCredentials (key and cert)`);
+    if (!TLS_MODES.includes(this.#tlsMode))
+      throw new CryptmapError('ENBDTLS', `NBD TLS mode '${this.#tlsMode}' is not off, on or require`);
+    if (this.#tlsMode !== 'off' && !opts.tlsCredentials)
+      throw new CryptmapError('ENBDTLS', `NBD TLS mode '${this.#tlsMode}' needs tlsCredentials (key and cert)`);
     if (opts.tlsCredentials) {
       const c = opts.tlsCredentials;
       try {
         this.#secureContext = createSecureContext({ key: c.key, cert: c.cert, ca: c.ca, minVersion: 'TLSv1.2' });
       } catch (e) {
-        throw new CryptmapError('ENBDTLS', `cannot load the NBD TLS key or certificate: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
+        throw new CryptmapError(
+          'ENBDTLS',
+          `cannot load the NBD TLS key or certificate: ${e instanceof Error ? e.message : String(e)}`,
+          { cause: e },
+        );
       }
       this.#verifyClient = c.verifyClient ?? false;
-      if (this.#verifyClient && !c.ca) throw new CryptmapError('ENBDTLS', 'NBD TLS verifyClient needs a CA certificate (tlsCredentials.ca)');
+      if (this.#verifyClient && !c.ca)
+        throw new CryptmapError('ENBDTLS', 'NBD TLS verifyClient needs a CA certificate (tlsCredentials.ca)');
     } else {
       this.#verifyClient = false;
     }
@@ -111,20 +127,30 @@ export class NbdServer {
       secureContext: this.#secureContext,
       verifyClient: this.#verifyClient,
       pool: new BufferPool(num(opts.bufferPoolBytes, 64 << 20, 0, 2 ** 40, 'bufferPoolBytes')),
-      budget: new PayloadBudget(num(opts.maxServerInflightBytes, 256 << 20, 1 << 20, 2 ** 40, 'maxServerInflightBytes')),
+      budget: new PayloadBudget(
+        num(opts.maxServerInflightBytes, 256 << 20, 1 << 20, 2 ** 40, 'maxServerInflightBytes'),
+      ),
     };
   }
 
   /** Serve `exp.device` as `name`. Throws EEXIST when the name is taken. */
   addExport(name: string, exp: NbdExport): void {
-    if (this.#shuttingDown) throw new CryptmapError('ENBDSHUTDOWN', 'NBD server is shutting down', { errno: 'ESHUTDOWN' });
+    if (this.#shuttingDown)
+      throw new CryptmapError('ENBDSHUTDOWN', 'NBD server is shutting down', { errno: 'ESHUTDOWN' });
     if (Buffer.byteLength(name, 'utf8') > MAX_NAME_BYTES || name.includes('\0')) {
       throw new CryptmapError('ENBDNAME', `NBD export name is longer than ${MAX_NAME_BYTES} bytes or contains NUL`);
     }
-    if (this.#exports.has(name)) throw new CryptmapError('ENBDEXISTS', `NBD export '${name}' already exists`, { errno: 'EEXIST', exitCode: EXIT_BUSY });
+    if (this.#exports.has(name))
+      throw new CryptmapError('ENBDEXISTS', `NBD export '${name}' already exists`, {
+        errno: 'EEXIST',
+        exitCode: EXIT_BUSY,
+      });
     const lbs = exp.device.limits.logicalBlockBytes;
     if (!(lbs > 0 && (lbs & (lbs - 1)) === 0 && lbs <= 65536)) {
-      throw new CryptmapError('ENBDBLOCK', `NBD export '${name}': logical block size ${lbs} is not a power of two up to 64 KiB`);
+      throw new CryptmapError(
+        'ENBDBLOCK',
+        `NBD export '${name}': logical block size ${lbs} is not a power of two up to 64 KiB`,
+      );
     }
     this.#exports.set(name, {
       name,
@@ -143,7 +169,11 @@ export class NbdServer {
   async removeExport(name: string): Promise<void> {
     const e = this.#exports.get(name);
     if (!e) throw new CryptmapError('ENBDNOEXPORT', `NBD export '${name}' does not exist`, { errno: 'ENOENT' });
-    if (e.removing) throw new CryptmapError('ENBDBUSY', `NBD export '${name}' is already being removed`, { errno: 'EBUSY', exitCode: EXIT_BUSY });
+    if (e.removing)
+      throw new CryptmapError('ENBDBUSY', `NBD export '${name}' is already being removed`, {
+        errno: 'EBUSY',
+        exitCode: EXIT_BUSY,
+      });
     e.removing = true;
     try {
       await Promise.all([...e.connections].map((c) => c.drain()));
@@ -199,7 +229,8 @@ export class NbdServer {
     const l = this.#listener(opts, false);
     await listenUnixSocket(l.server, path, opts.mode ?? 0o600, {
       code: 'ENBDLISTEN',
-      live: (p) => new CryptmapError('ENBDLISTEN', `${p} is in use by another server`, { errno: 'EBUSY', exitCode: EXIT_BUSY }),
+      live: (p) =>
+        new CryptmapError('ENBDLISTEN', `${p} is in use by another server`, { errno: 'EBUSY', exitCode: EXIT_BUSY }),
       notSocket: (p) => new CryptmapError('ENBDLISTEN', `${p} exists and is not a socket`, { errno: 'EEXIST' }),
     });
     l.path = path;
@@ -208,7 +239,11 @@ export class NbdServer {
   }
 
   /** Listen on TCP; port 0 picks a free port. Returns the bound address. */
-  async listenTcp(port: number, host = '127.0.0.1', opts: NbdListenOptions = {}): Promise<{ host: string; port: number }> {
+  async listenTcp(
+    port: number,
+    host = '127.0.0.1',
+    opts: NbdListenOptions = {},
+  ): Promise<{ host: string; port: number }> {
     const l = this.#listener(opts, true);
     await listen(l.server, () => l.server.listen(port, host), `listen on ${host}:${port}`);
     this.#listeners.push(l);
@@ -221,10 +256,12 @@ export class NbdServer {
   #listener(opts: NbdListenOptions, tcp: boolean): Listener {
     const tls = opts.tls ?? this.#tlsMode;
     if (!TLS_MODES.includes(tls)) throw new CryptmapError('ENBDTLS', `NBD TLS mode '${tls}' is not off, on or require`);
-    if (tls !== 'off' && !this.#secureContext) throw new CryptmapError('ENBDTLS', `NBD TLS mode '${tls}' needs tlsCredentials (key and cert)`);
+    if (tls !== 'off' && !this.#secureContext)
+      throw new CryptmapError('ENBDTLS', `NBD TLS mode '${tls}' needs tlsCredentials (key and cert)`);
     const cap = (v: number | undefined, def: number, what: string) => {
       const n = v ?? def;
-      if (!Number.isSafeInteger(n) || n < 1 || n > 1 << 20) throw new CryptmapError('ENBDOPT', `NBD listener option ${what}=${n} is out of range 1..${1 << 20}`);
+      if (!Number.isSafeInteger(n) || n < 1 || n > 1 << 20)
+        throw new CryptmapError('ENBDOPT', `NBD listener option ${what}=${n} is out of range 1..${1 << 20}`);
       return n;
     };
     const l: Listener = {
@@ -252,7 +289,8 @@ export class NbdServer {
           : null;
     if (reason) {
       // One line for the first refusal and then one per 1000: a flood must not flood the log.
-      if (l.refused++ % 1000 === 0) log.info('refusing connection', { reason, ...(peer ? { peer } : {}), refusedSoFar: l.refused });
+      if (l.refused++ % 1000 === 0)
+        log.info('refusing connection', { reason, ...(peer ? { peer } : {}), refusedSoFar: l.refused });
       sock.on('error', () => {});
       sock.destroy();
       return;
@@ -322,7 +360,10 @@ async function flushQuietly(e: ExportEntry): Promise<void> {
   try {
     await e.device.flush();
   } catch (err) {
-    log.error('flush failed while closing export', { export: e.name, error: err instanceof Error ? err.message : String(err) });
+    log.error('flush failed while closing export', {
+      export: e.name,
+      error: err instanceof Error ? err.message : String(err),
+    });
   }
 }
 
@@ -337,4 +378,3 @@ function listen(server: Server, start: () => void, what: string): Promise<void> 
     start();
   });
 }
-

@@ -28,7 +28,14 @@ import {
   NBD_OPT_STRUCTURED_REPLY,
 } from '../nbd-wire/constants.js';
 
-export type ConnState = 'GREETING' | 'CLIENT_FLAGS' | 'OPTIONS' | 'TLS_HANDSHAKE' | 'TRANSMISSION' | 'DRAINING' | 'CLOSED';
+export type ConnState =
+  | 'GREETING'
+  | 'CLIENT_FLAGS'
+  | 'OPTIONS'
+  | 'TLS_HANDSHAKE'
+  | 'TRANSMISSION'
+  | 'DRAINING'
+  | 'CLOSED';
 
 export interface StateSpec {
   /** Source file implementing the state. */
@@ -60,7 +67,16 @@ export const STATES: Readonly<Record<ConnState, StateSpec>> = {
   TRANSMISSION: {
     phase: 'transmission',
     next: ['DRAINING', 'CLOSED'],
-    accepts: [NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_TRIM, NBD_CMD_CACHE, NBD_CMD_WRITE_ZEROES, NBD_CMD_BLOCK_STATUS],
+    accepts: [
+      NBD_CMD_READ,
+      NBD_CMD_WRITE,
+      NBD_CMD_DISC,
+      NBD_CMD_FLUSH,
+      NBD_CMD_TRIM,
+      NBD_CMD_CACHE,
+      NBD_CMD_WRITE_ZEROES,
+      NBD_CMD_BLOCK_STATUS,
+    ],
   },
   DRAINING: { phase: 'transmission', next: ['CLOSED'], accepts: [] },
   CLOSED: { phase: 'connection', next: [], accepts: [] },

@@ -98,7 +98,10 @@ export function transmissionFlagsFor(entry: ExportEntry, structuredReplies: bool
 }
 
 /** NBD_INFO_BLOCK_SIZE values for an export (proto.md "Size constraints"). */
-export function blockSizeFor(entry: ExportEntry, maxPayloadBytes: number): { minimum: number; preferred: number; maximum: number } {
+export function blockSizeFor(
+  entry: ExportEntry,
+  maxPayloadBytes: number,
+): { minimum: number; preferred: number; maximum: number } {
   const l = entry.device.limits;
   const minimum = l.logicalBlockBytes;
   const pow2 = (n: number) => n > 0 && (n & (n - 1)) === 0;
@@ -212,7 +215,8 @@ const NBD_ERROR_TEXT: Readonly<Record<number, string>> = {
 export function toNbdError(e: unknown): { error: number; message: string } {
   if (e instanceof CryptmapError) return { error: ERRNO_TO_NBD[e.errno] ?? NBD_EIO, message: e.message };
   const code = (e as NodeJS.ErrnoException | undefined)?.code;
-  if (typeof code === 'string' && SYSTEM_TO_NBD[code] !== undefined) return { error: SYSTEM_TO_NBD[code], message: code };
+  if (typeof code === 'string' && SYSTEM_TO_NBD[code] !== undefined)
+    return { error: SYSTEM_TO_NBD[code], message: code };
   return { error: NBD_EIO, message: 'input/output error' };
 }
 
@@ -242,7 +246,12 @@ async function writeDevice(dev: BlockDevice, offset: number, data: Buffer, fua: 
   if (fua && !dev.capabilities.fua && dev.capabilities.flush) await dev.flush();
 }
 
-async function rangeOp(dev: BlockDevice, offset: number, length: number, op: (off: number, len: number) => Promise<void>): Promise<void> {
+async function rangeOp(
+  dev: BlockDevice,
+  offset: number,
+  length: number,
+  op: (off: number, len: number) => Promise<void>,
+): Promise<void> {
   const max = dev.limits.maxRequestBytes;
   for (let done = 0; done < length; done += max) await op(offset + done, Math.min(max, length - done));
 }
@@ -477,41 +486,66 @@ export const COMMANDS: Readonly<Record<number, CommandOps>> = {
 // ---- validation at the edge ----
 
 /** 0 when the request may run, else the NBD error (and `why` says what is wrong). */
-function validate(conn: Connection, ops: CommandOps, req: Request, offsetHi: number): { error: number; why: string } | null {
+function validate(
+  conn: Connection,
+  ops: CommandOps,
+  req: Request,
+  offsetHi: number,
+): { error: number; why: string } | null {
   const tf = conn.transmissionFlags;
   const entry = conn.export!;
   let allowed = ops.flags | ((tf & NBD_FLAG_SEND_FUA) !== 0 ? NBD_CMD_FLAG_FUA : 0);
   if ((tf & NBD_FLAG_SEND_DF) === 0) allowed &= ~NBD_CMD_FLAG_DF;
   if ((tf & NBD_FLAG_SEND_FAST_ZERO) === 0) allowed &= ~NBD_CMD_FLAG_FAST_ZERO;
-  if ((req.flags & ~allowed) !== 0) return { error: NBD_EINVAL, why: `${ops.name}: invalid command flags 0x${req.flags.toString(16)}` };
-  if (ops.writes && (tf & NBD_FLAG_READ_ONLY) !== 0) return { error: NBD_EPERM, why: `${ops.name} on a read-only export` };
-  if (ops.needs !== 0 && (tf & ops.needs) === 0) return { error: NBD_EINVAL, why: `${ops.name} was not negotiated for this export` };
+  if ((req.flags & ~allowed) !== 0)
+    return { error: NBD_EINVAL, why: `${ops.name}: invalid command flags 0x${req.flags.toString(16)}` };
+  if (ops.writes && (tf & NBD_FLAG_READ_ONLY) !== 0)
+    return { error: NBD_EPERM, why: `${ops.name} on a read-only export` };
+  if (ops.needs !== 0 && (tf & ops.needs) === 0)
+    return { error: NBD_EINVAL, why: `${ops.name} was not negotiated for this export` };
   if (ops === flush) {
-    if (req.offset !== 0 || req.length !== 0 || offsetHi !== 0) return { error: NBD_EINVAL, why: 'NBD_CMD_FLUSH: offset and length must be zero' };
+    if (req.offset !== 0 || req.length !== 0 || offsetHi !== 0)
+      return { error: NBD_EINVAL, why: 'NBD_CMD_FLUSH: offset and length must be zero' };
     return null;
   }
   if (ops === blockStatus) {
-    if (!conn.meta) return { error: NBD_EINVAL, why: 'NBD_CMD_BLOCK_STATUS without a metadata context (NBD_OPT_SET_META_CONTEXT)' };
+    if (!conn.meta)
+      return { error: NBD_EINVAL, why: 'NBD_CMD_BLOCK_STATUS without a metadata context (NBD_OPT_SET_META_CONTEXT)' };
     if (req.length === 0) return { error: NBD_EINVAL, why: 'NBD_CMD_BLOCK_STATUS of length 0' };
   }
   if (ops.payload && req.length > conn.server.limits.maxPayloadBytes) {
-    return { error: NBD_EINVAL, why: `${ops.name} of ${req.length} bytes exceeds the maximum payload of ${conn.server.limits.maxPayloadBytes}` };
+    return {
+      error: NBD_EINVAL,
+      why: `${ops.name} of ${req.length} bytes exceeds the maximum payload of ${conn.server.limits.maxPayloadBytes}`,
+    };
   }
   const size = entry.device.sizeBytes;
   // offsetHi above 2^21 means an offset beyond 2^53: past the end of any export.
   if (offsetHi >= 0x200000 || req.offset + req.length > size) {
-    return { error: ops.pastEnd, why: `${ops.name} of ${req.length} bytes at offset ${offsetHi >= 0x200000 ? '>2^53' : req.offset} is past the end of the export (${size} bytes)` };
+    return {
+      error: ops.pastEnd,
+      why: `${ops.name} of ${req.length} bytes at offset ${offsetHi >= 0x200000 ? '>2^53' : req.offset} is past the end of the export (${size} bytes)`,
+    };
   }
   const min = entry.device.limits.logicalBlockBytes;
   if (req.offset % min !== 0 || req.length % min !== 0) {
-    return { error: NBD_EINVAL, why: `${ops.name} at ${req.offset} length ${req.length} is not aligned to the ${min}-byte block size` };
+    return {
+      error: NBD_EINVAL,
+      why: `${ops.name} at ${req.offset} length ${req.length} is not aligned to the ${min}-byte block size`,
+    };
   }
   return null;
 }
 
 // ---- the loop ----
 
-async function execute(conn: Connection, ops: CommandOps, req: Request, data: Buffer | null, cost: number): Promise<void> {
+async function execute(
+  conn: Connection,
+  ops: CommandOps,
+  req: Request,
+  data: Buffer | null,
+  cost: number,
+): Promise<void> {
   try {
     await ops.run(conn, req, data);
     // The device is done with a WRITE payload once the request succeeded. After a failure it is left
@@ -519,8 +553,22 @@ async function execute(conn: Connection, ops: CommandOps, req: Request, data: Bu
     if (data) conn.server.pool.release(data);
   } catch (e) {
     const { error, message } = toNbdError(e);
-    if (e instanceof CryptmapError) log.debug('request failed', { conn: conn.id, cmd: ops.name, offset: req.offset, length: req.length, error: message });
-    else log.error('request failed', { conn: conn.id, cmd: ops.name, offset: req.offset, length: req.length, error: e instanceof Error ? e.message : String(e) });
+    if (e instanceof CryptmapError)
+      log.debug('request failed', {
+        conn: conn.id,
+        cmd: ops.name,
+        offset: req.offset,
+        length: req.length,
+        error: message,
+      });
+    else
+      log.error('request failed', {
+        conn: conn.id,
+        cmd: ops.name,
+        offset: req.offset,
+        length: req.length,
+        error: e instanceof Error ? e.message : String(e),
+      });
     // The client gets the errno's text only: device messages may name server-side paths.
     replyError(conn, req, error, `${ops.name} failed: ${NBD_ERROR_TEXT[error] ?? 'error'}`);
   } finally {
@@ -536,7 +584,8 @@ export async function transmit(conn: Connection): Promise<void> {
     for (;;) {
       if (conn.draining) break;
       const hdr = rx.tryRead(REQUEST_HEADER_BYTES) ?? (await rx.read(REQUEST_HEADER_BYTES));
-      if (hdr.readUInt32BE(0) !== NBD_REQUEST_MAGIC) throw new ProtocolViolation(`bad request magic 0x${hdr.readUInt32BE(0).toString(16)}`);
+      if (hdr.readUInt32BE(0) !== NBD_REQUEST_MAGIC)
+        throw new ProtocolViolation(`bad request magic 0x${hdr.readUInt32BE(0).toString(16)}`);
       const offsetHi = hdr.readUInt32BE(16);
       const req: Request = {
         flags: hdr.readUInt16BE(4),

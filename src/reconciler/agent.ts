@@ -16,7 +16,8 @@ export const BOOT_ID_PATH = '/proc/sys/kernel/random/boot_id';
 /** The current boot id, or `override` when given (validated: 1-128 of [A-Za-z0-9._-]). */
 export async function readBootId(override?: string, path = BOOT_ID_PATH): Promise<string> {
   if (override !== undefined) {
-    if (!/^[A-Za-z0-9._-]{1,128}$/.test(override)) throw new CryptmapError('EBOOTID', `--boot-id '${override}' must be 1-128 letters, digits, . _ -`);
+    if (!/^[A-Za-z0-9._-]{1,128}$/.test(override))
+      throw new CryptmapError('EBOOTID', `--boot-id '${override}' must be 1-128 letters, digits, . _ -`);
     return override;
   }
   try {

@@ -59,7 +59,15 @@ export interface ApplyOptions {
   onStep?: (step: Step, event: 'start' | 'end', ms: number, error?: unknown) => void;
 }
 
-export type VolumeState = 'ready' | 'refused' | 'failed' | 'waiting-for-keys' | 'waiting-for-lease' | 'retired' | 'stopped' | 'removed';
+export type VolumeState =
+  | 'ready'
+  | 'refused'
+  | 'failed'
+  | 'waiting-for-keys'
+  | 'waiting-for-lease'
+  | 'retired'
+  | 'stopped'
+  | 'removed';
 
 export interface VolumeReport {
   id: string;
@@ -141,7 +149,10 @@ export async function observe(
   for (const r of Object.values(state.volumes)) all.set(r.id, targetOfRecord(r));
   for (const t of targets) all.set(t.id, t);
   for (const [id, t] of all) {
-    const o: ObservedVolume = { probe: await ports.probe(t), keyAvailable: ephemeralKeys.get(id, bootId) !== undefined };
+    const o: ObservedVolume = {
+      probe: await ports.probe(t),
+      keyAvailable: ephemeralKeys.get(id, bootId) !== undefined,
+    };
     const rec = state.volumes[id];
     if (rec) o.record = rec;
     const u = unlockFailed.get(id);
@@ -208,7 +219,12 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
     if (have) return have;
     for (let attempt = 1; ; attempt++) {
       try {
-        const k = await opts.keys.deriveKey({ purpose: 'scratch', service: t.service, volume: t.volume, length: VOLUME_PASSPHRASE_BYTES });
+        const k = await opts.keys.deriveKey({
+          purpose: 'scratch',
+          service: t.service,
+          volume: t.volume,
+          length: VOLUME_PASSPHRASE_BYTES,
+        });
         derived.set(t.id, k);
         return k;
       } catch (e) {
@@ -353,7 +369,8 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
           }
         } else {
           const key = ephemeralKeys.get(t.id, bootId);
-          if (!key) throw new CryptmapError('EKEYLOST', `the per-boot key of ${t.id} is gone; the volume will be remade`);
+          if (!key)
+            throw new CryptmapError('EKEYLOST', `the per-boot key of ${t.id} is gone; the volume will be remade`);
           await ports.open(t, key);
         }
         touch('open');
@@ -366,7 +383,12 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
         if (r) r.attach = info;
         touch('attach');
         await save();
-        if (info.nbdUri) log.info('volume served', { volume: t.id, nbd: info.nbdUri, ...(info.device ? { device: info.device } : {}) });
+        if (info.nbdUri)
+          log.info('volume served', {
+            volume: t.id,
+            nbd: info.nbdUri,
+            ...(info.device ? { device: info.device } : {}),
+          });
         return;
       }
       case 'mkfs': {
@@ -473,8 +495,16 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
         }
         if (e instanceof KeyUnavailable) {
           const waiting = e.keyError.code === 'EKEYD_UNREACHABLE';
-          log.error(waiting ? 'key service unreachable; volume left as it is' : 'key service refused the key', { volume: step.id, error: e.message });
-          outcome.set(step.id, { id: step.id, state: waiting ? 'waiting-for-keys' : 'failed', reason: e.message, code: e.keyError.code });
+          log.error(waiting ? 'key service unreachable; volume left as it is' : 'key service refused the key', {
+            volume: step.id,
+            error: e.message,
+          });
+          outcome.set(step.id, {
+            id: step.id,
+            state: waiting ? 'waiting-for-keys' : 'failed',
+            reason: e.message,
+            code: e.keyError.code,
+          });
           continue;
         }
         log.error(`step ${step.kind} failed`, { volume: step.id, error: errText(e) });
@@ -483,7 +513,12 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
           fr.failed = `${step.kind}: ${errText(e)}`;
           await save().catch(() => {});
         }
-        outcome.set(step.id, { id: step.id, state: 'failed', reason: `${step.kind}: ${errText(e)}`, code: isCryptmapError(e) ? e.code : 'EINTERNAL' });
+        outcome.set(step.id, {
+          id: step.id,
+          state: 'failed',
+          reason: `${step.kind}: ${errText(e)}`,
+          code: isCryptmapError(e) ? e.code : 'EINTERNAL',
+        });
       }
     }
     // Housekeeping: forget removed volumes whose files are gone; retire removed persistent ones.
@@ -504,7 +539,12 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
           r.phase = kept;
           dirty = true;
         }
-        if (!outcome.has(id)) outcome.set(id, { id, state: kept, reason: shutdown ? 'closed; file kept' : 'not in the manifest; file kept' });
+        if (!outcome.has(id))
+          outcome.set(id, {
+            id,
+            state: kept,
+            reason: shutdown ? 'closed; file kept' : 'not in the manifest; file kept',
+          });
       } else if (!o.probe.fileExists || !r.created) {
         delete state.volumes[id];
         dirty = true;
@@ -541,4 +581,3 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
     for (const k of derived.values()) k.dispose();
   }
 }
-

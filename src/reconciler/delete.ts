@@ -21,14 +21,25 @@ export interface DeleteOptions {
 export async function deleteVolume(opts: DeleteOptions): Promise<{ path: string }> {
   const state = await opts.store.load();
   const r = state.volumes[opts.id];
-  if (!r) throw new CryptmapError('ENOVOLUME', `no volume '${opts.id}' in the agent's record`, { exitCode: 4, errno: 'ENOENT' });
+  if (!r)
+    throw new CryptmapError('ENOVOLUME', `no volume '${opts.id}' in the agent's record`, {
+      exitCode: 4,
+      errno: 'ENOENT',
+    });
   if (opts.desired.some((t) => t.id === opts.id)) {
-    throw new CryptmapError('EVOLUME_NAMED', `${opts.id} is still in the manifest; remove it from the manifest first`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+    throw new CryptmapError('EVOLUME_NAMED', `${opts.id} is still in the manifest; remove it from the manifest first`, {
+      exitCode: EXIT_BUSY,
+      errno: 'EBUSY',
+    });
   }
   const t = targetOfRecord(r);
   const p = await opts.ports.probe(t);
   if (p.open || p.attached || p.mounted) {
-    throw new CryptmapError('EVOLUME_BUSY', `${opts.id} is still in use (open, attached or mounted); let the agent tear it down first`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+    throw new CryptmapError(
+      'EVOLUME_BUSY',
+      `${opts.id} is still in use (open, attached or mounted); let the agent tear it down first`,
+      { exitCode: EXIT_BUSY, errno: 'EBUSY' },
+    );
   }
   await opts.ports.deleteFile(t);
   delete state.volumes[opts.id];
@@ -60,4 +71,3 @@ export function stoppedAgentPorts(): VolumePorts {
     unmount: no,
   };
 }
-

@@ -42,12 +42,19 @@ async function head(dev: BlockDevice): Promise<{ blank: boolean; isLuks: boolean
   const n = Math.min(BLANK_CHECK_BYTES, dev.sizeBytes);
   const buf = Buffer.alloc(n);
   await dev.read(0, buf);
-  return { blank: buf.equals(Buffer.alloc(n)), isLuks: n >= LUKS_MAGIC.length && buf.subarray(0, LUKS_MAGIC.length).equals(LUKS_MAGIC) };
+  return {
+    blank: buf.equals(Buffer.alloc(n)),
+    isLuks: n >= LUKS_MAGIC.length && buf.subarray(0, LUKS_MAGIC.length).equals(LUKS_MAGIC),
+  };
 }
 
 export async function probeDevice(uri: string): Promise<DeviceProbe> {
   try {
-    return await withDevice(uri, true, async (dev) => ({ reachable: true, bytes: dev.sizeBytes, ...(await head(dev)) }));
+    return await withDevice(uri, true, async (dev) => ({
+      reachable: true,
+      bytes: dev.sizeBytes,
+      ...(await head(dev)),
+    }));
   } catch (e) {
     return { reachable: false, unreachable: e instanceof Error ? e.message : String(e) };
   }
@@ -57,13 +64,21 @@ export async function probeDevice(uri: string): Promise<DeviceProbe> {
 export async function createDeviceVolume(uri: string, minBytes: number): Promise<void> {
   await withDevice(uri, false, async (dev) => {
     if (dev.sizeBytes < minBytes) {
-      throw new CryptmapError('ECREATE', `${uri} is too small: ${dev.sizeBytes} bytes, a volume needs at least ${minBytes}`, { errno: 'ENOSPC', exitCode: 5 });
+      throw new CryptmapError(
+        'ECREATE',
+        `${uri} is too small: ${dev.sizeBytes} bytes, a volume needs at least ${minBytes}`,
+        { errno: 'ENOSPC', exitCode: 5 },
+      );
     }
     if (!(await head(dev)).blank) {
-      throw new CryptmapError('ECREATE', `${uri} is not blank (its first ${BLANK_CHECK_BYTES} bytes hold data); it is never formatted automatically`, {
-        errno: 'EEXIST',
-        exitCode: 5,
-      });
+      throw new CryptmapError(
+        'ECREATE',
+        `${uri} is not blank (its first ${BLANK_CHECK_BYTES} bytes hold data); it is never formatted automatically`,
+        {
+          errno: 'EEXIST',
+          exitCode: 5,
+        },
+      );
     }
   });
 }
@@ -75,7 +90,8 @@ export async function blankDeviceHeader(uri: string, bytes: number): Promise<voi
     if (dev.capabilities.writeZeroes) await dev.writeZeroes(0, n);
     else {
       const zero = Buffer.alloc(Math.min(n, 1 << 20));
-      for (let off = 0; off < n; off += zero.length) await dev.write(off, zero.subarray(0, Math.min(zero.length, n - off)));
+      for (let off = 0; off < n; off += zero.length)
+        await dev.write(off, zero.subarray(0, Math.min(zero.length, n - off)));
     }
     await dev.flush();
   });

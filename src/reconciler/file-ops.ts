@@ -35,7 +35,11 @@ export async function createSparseFile(path: string, bytes: number): Promise<voi
     fh = await fs.open(path, constants.O_RDWR | constants.O_CREAT | constants.O_EXCL, 0o600);
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'EEXIST') {
-      throw new CryptmapError('ECREATE', `cannot create ${path}: it already exists`, { errno: 'EEXIST', exitCode: 5, cause: e });
+      throw new CryptmapError('ECREATE', `cannot create ${path}: it already exists`, {
+        errno: 'EEXIST',
+        exitCode: 5,
+        cause: e,
+      });
     }
     throw fromSystemError('ECREATE', `cannot create ${path}`, e);
   }

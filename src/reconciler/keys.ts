@@ -35,7 +35,11 @@ export function embeddedRawRootPath(agentStateDir: string): string {
   return join(agentStateDir, EMBEDDED_KEYD_DIR, ROOT_FILE);
 }
 
-export async function keyServiceForManifest(ref: KeyServiceRef, agentStateDir: string, manifestDir: string = process.cwd()): Promise<ManifestKeyService> {
+export async function keyServiceForManifest(
+  ref: KeyServiceRef,
+  agentStateDir: string,
+  manifestDir: string = process.cwd(),
+): Promise<ManifestKeyService> {
   const abs = (p: string | undefined) => (p === undefined ? undefined : isAbsolute(p) ? p : resolve(manifestDir, p));
   if (ref.address === 'embedded') {
     const passphraseFile = abs(ref.passphraseFile);
@@ -43,12 +47,19 @@ export async function keyServiceForManifest(ref: KeyServiceRef, agentStateDir: s
     const passphrase = passphraseFile === undefined ? undefined : readPassphraseFile(passphraseFile);
     let e: Awaited<ReturnType<typeof startEmbeddedKeyService>>;
     try {
-      e = await startEmbeddedKeyService(join(agentStateDir, EMBEDDED_KEYD_DIR), { ...(passphrase ? { passphrase } : {}), ...(rootFile ? { rootFile } : {}) });
+      e = await startEmbeddedKeyService(join(agentStateDir, EMBEDDED_KEYD_DIR), {
+        ...(passphrase ? { passphrase } : {}),
+        ...(rootFile ? { rootFile } : {}),
+      });
     } finally {
       passphrase?.dispose();
     }
     const how = e.wrapped ? 'wrapped' : 'raw';
-    const out: ManifestKeyService = { keys: e.client, describe: `embedded (${how} root secret ${e.created ? 'created' : 'loaded'} at ${e.rootPath})`, close: () => e.close() };
+    const out: ManifestKeyService = {
+      keys: e.client,
+      describe: `embedded (${how} root secret ${e.created ? 'created' : 'loaded'} at ${e.rootPath})`,
+      close: () => e.close(),
+    };
     if (e.rawBesideData) out.warning = rawRootWarning(e.rootPath, agentStateDir);
     return out;
   }

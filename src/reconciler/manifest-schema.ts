@@ -7,10 +7,22 @@
 export const NAME_PATTERN = '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$';
 export const SIZE_PATTERN = '^[1-9][0-9]{0,15}(K|M|G|T|KiB|MiB|GiB|TiB)$';
 
-const name = { type: 'string', pattern: NAME_PATTERN, 'x-message': 'must be 1-64 letters, digits, . _ - starting with a letter or digit' };
+const name = {
+  type: 'string',
+  pattern: NAME_PATTERN,
+  'x-message': 'must be 1-64 letters, digits, . _ - starting with a letter or digit',
+};
 const size = { type: 'string', pattern: SIZE_PATTERN, 'x-message': 'must be a size like 512M or 2G' };
-const cipher = { type: 'string', pattern: '^[a-z0-9]+(-[a-z0-9]+)+(:[a-z0-9]+)?$', 'x-message': 'must be a cipher specification like aes-xts-plain64' };
-const keySize = { type: 'integer', enum: [128, 256, 512], 'x-message': 'must be the key size in bits: 128, 256 or 512' };
+const cipher = {
+  type: 'string',
+  pattern: '^[a-z0-9]+(-[a-z0-9]+)+(:[a-z0-9]+)?$',
+  'x-message': 'must be a cipher specification like aes-xts-plain64',
+};
+const keySize = {
+  type: 'integer',
+  enum: [128, 256, 512],
+  'x-message': 'must be the key size in bits: 128, 256 or 512',
+};
 const sectorSize = { type: 'integer', enum: [512, 1024, 2048, 4096], 'x-message': 'must be 512, 1024, 2048 or 4096' };
 
 export const MANIFEST_SCHEMA = {
@@ -53,7 +65,11 @@ export const MANIFEST_SCHEMA = {
         etcd: {
           type: 'array',
           minItems: 1,
-          items: { type: 'string', pattern: '^https?://[^/\\s]+/?$', 'x-message': 'must be an etcd client URL like http://10.0.0.5:2379' },
+          items: {
+            type: 'string',
+            pattern: '^https?://[^/\\s]+/?$',
+            'x-message': 'must be an etcd client URL like http://10.0.0.5:2379',
+          },
         },
         ttl: { type: 'integer', minimum: 2, maximum: 300, 'x-message': 'must be the lease TTL in seconds, 2-300' },
         prefix: { type: 'string', pattern: '^/', 'x-message': 'must be an etcd key prefix starting with /' },
@@ -79,10 +95,19 @@ export const MANIFEST_SCHEMA = {
                 device: {
                   type: 'string',
                   pattern: '^nbds?(\\+unix)?://',
-                  'x-message': 'must be an NBD URI: nbd://host[:port]/export, nbds://..., nbd+unix:///export?socket=PATH',
+                  'x-message':
+                    'must be an NBD URI: nbd://host[:port]/export, nbds://..., nbd+unix:///export?socket=PATH',
                 },
-                class: { type: 'string', enum: ['ephemeral', 'persistent'], 'x-message': 'must be ephemeral or persistent' },
-                filesystem: { type: 'string', enum: ['ext4', 'ext3', 'ext2', 'none'], 'x-message': 'must be ext4, ext3, ext2 or none' },
+                class: {
+                  type: 'string',
+                  enum: ['ephemeral', 'persistent'],
+                  'x-message': 'must be ephemeral or persistent',
+                },
+                filesystem: {
+                  type: 'string',
+                  enum: ['ext4', 'ext3', 'ext2', 'none'],
+                  'x-message': 'must be ext4, ext3, ext2 or none',
+                },
                 mountpoint: { type: 'string', pattern: '^/', 'x-message': 'must be an absolute path' },
                 cipher,
                 keySize,

@@ -158,11 +158,18 @@ function describe(e: ErrorObject): { path: Seg[]; message: string } {
     case 'required':
       return { path: [...path, (e.params as { missingProperty: string }).missingProperty], message: 'is required' };
     case 'additionalProperties':
-      return { path: [...path, (e.params as { additionalProperty: string }).additionalProperty], message: 'is not a known field' };
+      return {
+        path: [...path, (e.params as { additionalProperty: string }).additionalProperty],
+        message: 'is not a known field',
+      };
     default: {
       const custom = (e.parentSchema as Record<string, unknown> | undefined)?.['x-message'];
       if (typeof custom === 'string' && e.keyword !== 'type') return { path, message: custom };
-      if (e.keyword === 'type') return { path, message: `must be ${e.params.type === 'array' ? 'a list' : e.params.type === 'object' ? 'a mapping' : `a ${e.params.type}`}` };
+      if (e.keyword === 'type')
+        return {
+          path,
+          message: `must be ${e.params.type === 'array' ? 'a list' : e.params.type === 'object' ? 'a mapping' : `a ${e.params.type}`}`,
+        };
       return { path, message: e.message ?? 'is invalid' };
     }
   }
@@ -178,7 +185,14 @@ export function parseManifest(text: string, file = 'manifest.yaml'): Manifest {
   const lc = new LineCounter();
   const doc = parseDocument(text, { lineCounter: lc, keepSourceTokens: true, uniqueKeys: true, prettyErrors: false });
   if (doc.errors.length > 0) {
-    fail(doc.errors.map((e) => ({ file, line: e.linePos?.[0]?.line ?? 1, path: '(syntax)', message: e.message.split('\n')[0]! })));
+    fail(
+      doc.errors.map((e) => ({
+        file,
+        line: e.linePos?.[0]?.line ?? 1,
+        path: '(syntax)',
+        message: e.message.split('\n')[0]!,
+      })),
+    );
   }
   // toJS throws (ReferenceError) on an alias to an undefined anchor and on alias bombs
   // (maxAliasCount): a manifest problem, not a crash.
@@ -188,7 +202,8 @@ export function parseManifest(text: string, file = 'manifest.yaml'): Manifest {
   } catch (e) {
     fail([{ file, line: 1, path: '(syntax)', message: e instanceof Error ? e.message : String(e) }]);
   }
-  if (data === null || data === undefined) fail([{ file, line: 1, path: '(top level)', message: 'the manifest is empty' }]);
+  if (data === null || data === undefined)
+    fail([{ file, line: 1, path: '(top level)', message: 'the manifest is empty' }]);
   const v = validate();
   if (!v(data)) {
     const seen = new Set<string>();
@@ -211,27 +226,37 @@ export function parseManifest(text: string, file = 'manifest.yaml'): Manifest {
     swap?: Record<string, unknown>[];
   };
   const problems: ManifestProblem[] = [];
-  const problem = (path: Seg[], message: string) => problems.push({ file, line: lineOf(doc, lc, path), path: pathText(path), message });
+  const problem = (path: Seg[], message: string) =>
+    problems.push({ file, line: lineOf(doc, lc, path), path: pathText(path), message });
 
   const keyService: KeyServiceRef = raw.keyService ?? { address: 'embedded' };
-  if (keyService.address.startsWith('https://') && !keyService.tls) problem(['keyService', 'tls'], 'an https key service needs tls.cert, tls.key and tls.ca');
-  if (!keyService.address.startsWith('https://') && keyService.tls) problem(['keyService', 'tls'], 'applies to https key services only');
-  if (keyService.tokenFile && !/^(unix:)?\//.test(keyService.address)) problem(['keyService', 'tokenFile'], 'applies to unix socket key services only');
+  if (keyService.address.startsWith('https://') && !keyService.tls)
+    problem(['keyService', 'tls'], 'an https key service needs tls.cert, tls.key and tls.ca');
+  if (!keyService.address.startsWith('https://') && keyService.tls)
+    problem(['keyService', 'tls'], 'applies to https key services only');
+  if (keyService.tokenFile && !/^(unix:)?\//.test(keyService.address))
+    problem(['keyService', 'tokenFile'], 'applies to unix socket key services only');
   for (const k of ['passphraseFile', 'rootSecretFile'] as const) {
-    if (keyService[k] !== undefined && keyService.address !== 'embedded') problem(['keyService', k], 'applies to the embedded key service only (a keyd has its own --passphrase-file and --root-secret-file)');
+    if (keyService[k] !== undefined && keyService.address !== 'embedded')
+      problem(
+        ['keyService', k],
+        'applies to the embedded key service only (a keyd has its own --passphrase-file and --root-secret-file)',
+      );
   }
 
   const services: ServiceSpec[] = [];
   const serviceNames = new Map<string, number>();
   const mountpoints = new Map<string, string>();
   const checkCrypto = (path: Seg[], cipher: string, keySizeBits: number, sizeBytes: number, sector: number) => {
-    if (/-xts-/.test(cipher) && keySizeBits === 128) problem([...path, 'keySize'], 'XTS needs two keys: 256 or 512 bits');
+    if (/-xts-/.test(cipher) && keySizeBits === 128)
+      problem([...path, 'keySize'], 'XTS needs two keys: 256 or 512 bits');
     if (sizeBytes % sector !== 0) problem([...path, 'size'], `must be a multiple of the sector size (${sector} bytes)`);
     if (sizeBytes < MIN_VOLUME_BYTES) problem([...path, 'size'], 'must be at least 1M');
   };
   (raw.services ?? []).forEach((s, i) => {
     const sp: Seg[] = ['services', i];
-    if (serviceNames.has(s.name)) problem([...sp, 'name'], `service '${s.name}' is already defined (services[${serviceNames.get(s.name)}])`);
+    if (serviceNames.has(s.name))
+      problem([...sp, 'name'], `service '${s.name}' is already defined (services[${serviceNames.get(s.name)}])`);
     serviceNames.set(s.name, i);
     const volNames = new Set<string>();
     const volumes: VolumeSpec[] = s.volumes.map((rv, j) => {
@@ -255,16 +280,28 @@ export function parseManifest(text: string, file = 'manifest.yaml'): Manifest {
         } catch (e) {
           problem([...vp, 'device'], (e as Error).message);
         }
-        if (rv.size !== undefined) problem([...vp, 'size'], "must not be given with device: the volume's size is the export's");
-        if (vol.class !== 'persistent') problem([...vp, 'class'], 'a volume on a shared device must be persistent (ephemeral volumes stay node-local files)');
+        if (rv.size !== undefined)
+          problem([...vp, 'size'], "must not be given with device: the volume's size is the export's");
+        if (vol.class !== 'persistent')
+          problem(
+            [...vp, 'class'],
+            'a volume on a shared device must be persistent (ephemeral volumes stay node-local files)',
+          );
       } else if (rv.size === undefined) problem([...vp, 'size'], 'is required');
-      if (volNames.has(vol.name)) problem([...vp, 'name'], `volume '${vol.name}' is already defined in service '${s.name}'`);
+      if (volNames.has(vol.name))
+        problem([...vp, 'name'], `volume '${vol.name}' is already defined in service '${s.name}'`);
       volNames.add(vol.name);
       if (rv.size !== undefined) checkCrypto(vp, vol.cipher, vol.keySizeBits, vol.sizeBytes, vol.sectorSize);
-      else if (/-xts-/.test(vol.cipher) && vol.keySizeBits === 128) problem([...vp, 'keySize'], 'XTS needs two keys: 256 or 512 bits');
+      else if (/-xts-/.test(vol.cipher) && vol.keySizeBits === 128)
+        problem([...vp, 'keySize'], 'XTS needs two keys: 256 or 512 bits');
       if (vol.mountpoint !== undefined) {
-        if (vol.filesystem === 'none') problem([...vp, 'mountpoint'], 'a volume with filesystem none cannot be mounted');
-        if (posix.normalize(vol.mountpoint) !== vol.mountpoint || vol.mountpoint === '/' || vol.mountpoint.endsWith('/')) {
+        if (vol.filesystem === 'none')
+          problem([...vp, 'mountpoint'], 'a volume with filesystem none cannot be mounted');
+        if (
+          posix.normalize(vol.mountpoint) !== vol.mountpoint ||
+          vol.mountpoint === '/' ||
+          vol.mountpoint.endsWith('/')
+        ) {
           problem([...vp, 'mountpoint'], 'must be a normalized absolute path other than /');
         }
         const other = mountpoints.get(vol.mountpoint);

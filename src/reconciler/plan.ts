@@ -138,14 +138,19 @@ function volatilePrelude(v: VolumeTarget, o: ObservedVolume, bootId: string, ste
     return undefined;
   }
   if (!r) {
-    steps.push({ kind: 'refuse', id: v.id, reason: `${v.path} exists but this agent did not make it; move it away (it is never deleted automatically)` });
+    steps.push({
+      kind: 'refuse',
+      id: v.id,
+      reason: `${v.path} exists but this agent did not make it; move it away (it is never deleted automatically)`,
+    });
     return undefined;
   }
   if (r.class === 'persistent' && r.formatted) {
     steps.push({
       kind: 'refuse',
       id: v.id,
-      reason: 'this volume was persistent; making it ephemeral would destroy its data. Delete it explicitly (cryptmap volume delete) first',
+      reason:
+        'this volume was persistent; making it ephemeral would destroy its data. Delete it explicitly (cryptmap volume delete) first',
     });
     return undefined;
   }
@@ -170,7 +175,11 @@ function planEphemeral(v: VolumeTarget, o: ObservedVolume, bootId: string, steps
   }
   const damage = p.damage ?? truncation(r, p) ?? (p.isLuks === false ? 'not a LUKS volume any more' : undefined);
   if (damage !== undefined) {
-    steps.push({ kind: 'refuse', id: v.id, reason: `${v.path}: ${damage} (altered by someone else?); it will be remade after the next boot` });
+    steps.push({
+      kind: 'refuse',
+      id: v.id,
+      reason: `${v.path}: ${damage} (altered by someone else?); it will be remade after the next boot`,
+    });
     return;
   }
   bringUp(v, o, steps);
@@ -192,7 +201,11 @@ function planPersistent(v: VolumeTarget, o: ObservedVolume, steps: Step[]): void
   const creating = r?.created === true && (r.phase === 'creating' || !r.formatted);
   if (!p.fileExists) {
     if (r?.formatted && r.class === 'persistent') {
-      steps.push({ kind: 'refuse', id: v.id, reason: `${v.path} has disappeared; restore it, or run cryptmap volume delete to start afresh` });
+      steps.push({
+        kind: 'refuse',
+        id: v.id,
+        reason: `${v.path} has disappeared; restore it, or run cryptmap volume delete to start afresh`,
+      });
       return;
     }
     if (p.open || p.attached || p.mounted) volatileTeardown(v.id, p, steps);
@@ -208,16 +221,28 @@ function planPersistent(v: VolumeTarget, o: ObservedVolume, steps: Step[]): void
     return;
   }
   if (p.isLuks === false) {
-    steps.push({ kind: 'refuse', id: v.id, reason: `${v.path} is not a LUKS volume (altered?); a persistent volume is never reformatted automatically` });
+    steps.push({
+      kind: 'refuse',
+      id: v.id,
+      reason: `${v.path} is not a LUKS volume (altered?); a persistent volume is never reformatted automatically`,
+    });
     return;
   }
   const damage = p.damage ?? truncation(r, p);
   if (damage !== undefined) {
-    steps.push({ kind: 'refuse', id: v.id, reason: `${v.path}: ${damage}; a persistent volume is never reformatted automatically` });
+    steps.push({
+      kind: 'refuse',
+      id: v.id,
+      reason: `${v.path}: ${damage}; a persistent volume is never reformatted automatically`,
+    });
     return;
   }
   if (o.unlockFailed !== undefined) {
-    steps.push({ kind: 'refuse', id: v.id, reason: `${v.path} does not unlock with the service's key (${o.unlockFailed})` });
+    steps.push({
+      kind: 'refuse',
+      id: v.id,
+      reason: `${v.path} does not unlock with the service's key (${o.unlockFailed})`,
+    });
     return;
   }
   bringUp(v, o, steps);
@@ -227,7 +252,8 @@ function planPersistent(v: VolumeTarget, o: ObservedVolume, steps: Step[]): void
 function planRemoved(r: VolumeRecord, p: VolumeProbe, steps: Step[]): void {
   volatileTeardown(r.id, p, steps);
   // Only files this agent made, and never persistent ones.
-  if (r.class !== 'persistent' && r.created && p.fileExists) steps.push({ kind: 'deleteFile', id: r.id, reason: 'removed from the manifest' });
+  if (r.class !== 'persistent' && r.created && p.fileExists)
+    steps.push({ kind: 'deleteFile', id: r.id, reason: 'removed from the manifest' });
 }
 
 /**
@@ -243,7 +269,10 @@ export function plan(desired: VolumeTarget[], observed: ReadonlyMap<string, Obse
     planRemoved(o.record, o.probe, steps);
   }
   for (const v of desired) {
-    const o = observed.get(v.id) ?? { probe: { fileExists: false, open: false, attached: false, mounted: false }, keyAvailable: false };
+    const o = observed.get(v.id) ?? {
+      probe: { fileExists: false, open: false, attached: false, mounted: false },
+      keyAvailable: false,
+    };
     if (v.kind === 'swap') planSwap(v, o, bootId, steps);
     else if (v.class === 'ephemeral') planEphemeral(v, o, bootId, steps);
     else planPersistent(v, o, steps);

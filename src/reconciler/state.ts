@@ -18,7 +18,18 @@ import type { AttachInfo, TargetKind } from './ports.js';
 export const STATE_FILE = 'agent-state.json';
 export const STATE_VERSION = 1;
 
-export type StepKind = 'createFile' | 'format' | 'open' | 'attach' | 'mkfs' | 'mount' | 'unmount' | 'detach' | 'close' | 'deleteFile' | 'refuse';
+export type StepKind =
+  | 'createFile'
+  | 'format'
+  | 'open'
+  | 'attach'
+  | 'mkfs'
+  | 'mount'
+  | 'unmount'
+  | 'detach'
+  | 'close'
+  | 'deleteFile'
+  | 'refuse';
 
 /** `stopped`: closed by an agent shutdown (reopened at the next start); `retired`: no longer in the manifest. */
 export type VolumePhase = 'creating' | 'formatted' | 'ready' | 'refused' | 'retired' | 'stopped' | 'waiting-for-lease';
@@ -81,7 +92,10 @@ export class StateStore {
     try {
       doc = JSON.parse(text);
     } catch {
-      throw new CryptmapError('ESTATE', `${this.path} is not valid JSON; move it aside to start afresh (volume files are kept)`);
+      throw new CryptmapError(
+        'ESTATE',
+        `${this.path} is not valid JSON; move it aside to start afresh (volume files are kept)`,
+      );
     }
     const d = doc as Partial<AgentState>;
     if (d.version !== STATE_VERSION || typeof d.volumes !== 'object' || d.volumes === null) {

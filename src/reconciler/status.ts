@@ -51,7 +51,8 @@ export function formatStatus(rows: StatusRow[]): string {
       .trimEnd();
   let out = [line(head), ...body.map(line)].join('\n') + '\n';
   for (const r of rows) {
-    if (r.lease) out += `${r.id}: lease held by ${r.lease.holder}${r.lease.self ? ' (this node)' : ''}${r.lease.since ? ` since ${r.lease.since}` : ''}\n`;
+    if (r.lease)
+      out += `${r.id}: lease held by ${r.lease.holder}${r.lease.self ? ' (this node)' : ''}${r.lease.since ? ` since ${r.lease.since}` : ''}\n`;
     if (r.note) out += `${r.id}: ${r.note}\n`;
   }
   return out;

@@ -54,6 +54,7 @@ export function parseU64(s: string, what: string): bigint {
 export function parseUint(s: string, what: string, max = Number.MAX_SAFE_INTEGER): number {
   if (!/^[0-9]+$/.test(s)) throw new CryptmapError('EUINT', `${what}: '${s}' is not an unsigned decimal number`);
   const v = Number(s);
-  if (!Number.isSafeInteger(v) || v > max) throw new CryptmapError('EUINT', `${what}: '${s}' is too large (max ${max})`);
+  if (!Number.isSafeInteger(v) || v > max)
+    throw new CryptmapError('EUINT', `${what}: '${s}' is too large (max ${max})`);
   return v;
 }

@@ -24,6 +24,8 @@ export function disableCoreDumps(component: string): boolean {
     log.warn('cannot turn core dumps off', { error: (e as Error).message });
     return false;
   }
-  log.warn('cannot turn core dumps off without the native addon (node scripts/build-native.mjs): run with LimitCORE=0 or ulimit -c 0');
+  log.warn(
+    'cannot turn core dumps off without the native addon (node scripts/build-native.mjs): run with LimitCORE=0 or ulimit -c 0',
+  );
   return false;
 }

@@ -222,7 +222,18 @@ export const ERROR_CODES = {
 /** A registered error code (ERROR_CODES). */
 export type ErrorCode = keyof typeof ERROR_CODES;
 
-export type Errno = 'EIO' | 'EINVAL' | 'EPERM' | 'ENOSPC' | 'ENOMEM' | 'ENOTSUP' | 'EOVERFLOW' | 'ESHUTDOWN' | 'ENOENT' | 'EBUSY' | 'EEXIST';
+export type Errno =
+  | 'EIO'
+  | 'EINVAL'
+  | 'EPERM'
+  | 'ENOSPC'
+  | 'ENOMEM'
+  | 'ENOTSUP'
+  | 'EOVERFLOW'
+  | 'ESHUTDOWN'
+  | 'ENOENT'
+  | 'EBUSY'
+  | 'EEXIST';
 
 export interface ErrorOptions {
   /** cryptsetup-style exit code for the CLI (default EXIT_WRONG_PARAMS). */
@@ -256,11 +267,31 @@ export function isCryptmapError(e: unknown, code?: string): e is CryptmapError {
 }
 
 /** Map a Node system error (fs, net) to a CryptmapError, keeping its errno where we know it. */
-export function fromSystemError(code: string, message: string, e: unknown, context?: Record<string, unknown>): CryptmapError {
+export function fromSystemError(
+  code: string,
+  message: string,
+  e: unknown,
+  context?: Record<string, unknown>,
+): CryptmapError {
   const sys = (e as NodeJS.ErrnoException | undefined)?.code;
   const errno: Errno =
-    sys === 'ENOSPC' ? 'ENOSPC' : sys === 'EPERM' || sys === 'EACCES' || sys === 'EROFS' ? 'EPERM' : sys === 'ENOENT' ? 'ENOENT' : sys === 'ENOMEM' ? 'ENOMEM' : 'EIO';
-  const exitCode = errno === 'ENOENT' ? EXIT_WRONG_DEVICE : errno === 'EPERM' ? EXIT_NO_PERMISSION : errno === 'ENOMEM' ? EXIT_NOMEM : EXIT_FAILURE;
+    sys === 'ENOSPC'
+      ? 'ENOSPC'
+      : sys === 'EPERM' || sys === 'EACCES' || sys === 'EROFS'
+        ? 'EPERM'
+        : sys === 'ENOENT'
+          ? 'ENOENT'
+          : sys === 'ENOMEM'
+            ? 'ENOMEM'
+            : 'EIO';
+  const exitCode =
+    errno === 'ENOENT'
+      ? EXIT_WRONG_DEVICE
+      : errno === 'EPERM'
+        ? EXIT_NO_PERMISSION
+        : errno === 'ENOMEM'
+          ? EXIT_NOMEM
+          : EXIT_FAILURE;
   const detail = e instanceof Error ? e.message : String(e);
   return new CryptmapError(code, `${message}: ${detail}`, { errno, exitCode, context, cause: e });
 }

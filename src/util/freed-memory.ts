@@ -29,7 +29,9 @@ export function wipeFreedMemoryScope(): () => void {
   };
   if (open++ === 0 && !set(true) && !warned) {
     warned = true;
-    logger('secrets').warn('freed heap memory is not overwritten (needs glibc and the native addon): a key read from the control socket may stay in freed memory until it is reused');
+    logger('secrets').warn(
+      'freed heap memory is not overwritten (needs glibc and the native addon): a key read from the control socket may stay in freed memory until it is reused',
+    );
   }
   let closed = false;
   return () => {

@@ -45,7 +45,8 @@ export function readMetricsToken(path: string): Buffer {
   const raw = readTrustedFile(path, { code: 'EARGS', private: true, maxBytes: 4096 });
   const token = Buffer.from(raw.toString('utf8').trim(), 'utf8');
   raw.fill(0);
-  if (token.length < 16) throw new CryptmapError('EARGS', `--metrics-token-file ${path}: the token must have at least 16 characters`);
+  if (token.length < 16)
+    throw new CryptmapError('EARGS', `--metrics-token-file ${path}: the token must have at least 16 characters`);
   return token;
 }
 
@@ -59,7 +60,11 @@ export interface MetricsServer {
  * Serve `registry` on `listen`. Refuses a non-loopback address without a token (EARGS).
  * @example const m = await serveMetrics(registry, parseMetricsListen('9464'));
  */
-export async function serveMetrics(registry: MetricsRegistry, listen: MetricsListen, token?: Buffer): Promise<MetricsServer> {
+export async function serveMetrics(
+  registry: MetricsRegistry,
+  listen: MetricsListen,
+  token?: Buffer,
+): Promise<MetricsServer> {
   if (!isLoopbackHost(listen.host) && !token) {
     throw new CryptmapError(
       'EARGS',
@@ -81,7 +86,9 @@ export async function serveMetrics(registry: MetricsRegistry, listen: MetricsLis
     if (expected) {
       const got = Buffer.from(req.headers.authorization ?? '', 'utf8');
       if (got.length !== expected.length || !constantTimeEqual(got, expected)) {
-        res.writeHead(401, { 'www-authenticate': 'Bearer realm="cryptmap"', 'content-type': 'text/plain' }).end('unauthorized\n');
+        res
+          .writeHead(401, { 'www-authenticate': 'Bearer realm="cryptmap"', 'content-type': 'text/plain' })
+          .end('unauthorized\n');
         return;
       }
     }
@@ -93,15 +100,26 @@ export async function serveMetrics(registry: MetricsRegistry, listen: MetricsLis
       res.writeHead(500, { 'content-type': 'text/plain' }).end('metrics collection failed\n');
       return;
     }
-    res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4; charset=utf-8', 'content-length': Buffer.byteLength(body) });
+    res.writeHead(200, {
+      'content-type': 'text/plain; version=0.0.4; charset=utf-8',
+      'content-length': Buffer.byteLength(body),
+    });
     res.end(req.method === 'HEAD' ? undefined : body);
   };
-  const server: Server = createServer({ requestTimeout: 10_000, headersTimeout: 10_000, keepAliveTimeout: 5_000 }, handle);
+  const server: Server = createServer(
+    { requestTimeout: 10_000, headersTimeout: 10_000, keepAliveTimeout: 5_000 },
+    handle,
+  );
   server.maxConnections = 64;
   server.maxHeadersCount = 32;
   await new Promise<void>((res, rej) => {
     server.once('error', (e: NodeJS.ErrnoException) => {
-      rej(new CryptmapError('EARGS', `--metrics ${listen.host}:${listen.port}: ${e.code === 'EADDRINUSE' ? 'address in use' : e.message}`));
+      rej(
+        new CryptmapError(
+          'EARGS',
+          `--metrics ${listen.host}:${listen.port}: ${e.code === 'EADDRINUSE' ? 'address in use' : e.message}`,
+        ),
+      );
     });
     server.listen(listen.port, listen.host, () => res());
   });

@@ -36,10 +36,14 @@ export interface MetricFamily {
 }
 
 /** Latency buckets in seconds (100 us .. 10 s), for I/O requests. */
-export const LATENCY_BUCKETS: readonly number[] = Object.freeze([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]);
+export const LATENCY_BUCKETS: readonly number[] = Object.freeze([
+  0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+]);
 
 /** Duration buckets in seconds (10 ms .. 10 min), for reconciles. */
-export const DURATION_BUCKETS: readonly number[] = Object.freeze([0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600]);
+export const DURATION_BUCKETS: readonly number[] = Object.freeze([
+  0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600,
+]);
 
 const NAME_RE = /^[a-zA-Z_:][a-zA-Z0-9_:]*$/;
 const LABEL_RE = /^[a-zA-Z_][a-zA-Z0-9_]*$/;
@@ -73,7 +77,9 @@ export function renderMetrics(families: readonly MetricFamily[]): string {
     if (!NAME_RE.test(f.name)) throw new Error(`bad metric name '${f.name}'`);
     out.push(`# HELP ${f.name} ${escapeHelp(f.help)}`, `# TYPE ${f.name} ${f.type}`);
     for (const s of f.samples) {
-      if (s.labels) for (const k of Object.keys(s.labels)) if (!LABEL_RE.test(k) || k.startsWith('__')) throw new Error(`bad label name '${k}' on ${f.name}`);
+      if (s.labels)
+        for (const k of Object.keys(s.labels))
+          if (!LABEL_RE.test(k) || k.startsWith('__')) throw new Error(`bad label name '${k}' on ${f.name}`);
       if (typeof s.value === 'number') {
         out.push(`${f.name}${labelText(s.labels)} ${num(s.value)}`);
         continue;
@@ -144,7 +150,12 @@ export class LabelledValue {
     this.#values.clear();
   }
   family(): MetricFamily {
-    return { name: this.name, help: this.help, type: this.type, samples: [...this.#values.values()].map((s) => ({ labels: s.labels, value: s.value })) };
+    return {
+      name: this.name,
+      help: this.help,
+      type: this.type,
+      samples: [...this.#values.values()].map((s) => ({ labels: s.labels, value: s.value })),
+    };
   }
 }
 
@@ -166,7 +177,12 @@ export class LabelledHistogram {
     s.h.observe(v);
   }
   family(): MetricFamily {
-    return { name: this.name, help: this.help, type: 'histogram', samples: [...this.#values.values()].map((s) => ({ labels: s.labels, value: s.h })) };
+    return {
+      name: this.name,
+      help: this.help,
+      type: 'histogram',
+      samples: [...this.#values.values()].map((s) => ({ labels: s.labels, value: s.h })),
+    };
   }
 }
 
@@ -207,10 +223,30 @@ export function processFamilies(startTimeSeconds: number): MetricFamily[] {
   const cpu = process.cpuUsage();
   const mem = process.memoryUsage();
   return [
-    { name: 'process_cpu_seconds_total', help: 'Total user and system CPU time spent in seconds.', type: 'counter', samples: [{ value: (cpu.user + cpu.system) / 1e6 }] },
-    { name: 'process_resident_memory_bytes', help: 'Resident memory size in bytes.', type: 'gauge', samples: [{ value: mem.rss }] },
-    { name: 'process_start_time_seconds', help: 'Start time of the process since unix epoch in seconds.', type: 'gauge', samples: [{ value: startTimeSeconds }] },
-    { name: 'nodejs_heap_size_used_bytes', help: 'Process heap size used from Node.js in bytes.', type: 'gauge', samples: [{ value: mem.heapUsed }] },
+    {
+      name: 'process_cpu_seconds_total',
+      help: 'Total user and system CPU time spent in seconds.',
+      type: 'counter',
+      samples: [{ value: (cpu.user + cpu.system) / 1e6 }],
+    },
+    {
+      name: 'process_resident_memory_bytes',
+      help: 'Resident memory size in bytes.',
+      type: 'gauge',
+      samples: [{ value: mem.rss }],
+    },
+    {
+      name: 'process_start_time_seconds',
+      help: 'Start time of the process since unix epoch in seconds.',
+      type: 'gauge',
+      samples: [{ value: startTimeSeconds }],
+    },
+    {
+      name: 'nodejs_heap_size_used_bytes',
+      help: 'Process heap size used from Node.js in bytes.',
+      type: 'gauge',
+      samples: [{ value: mem.heapUsed }],
+    },
   ];
 }
 
@@ -223,6 +259,11 @@ const START_SECONDS = Date.now() / 1000;
 export function registerProcessMetrics(registry: MetricsRegistry, component: string, version: string): void {
   registry.collect(() => [
     ...processFamilies(START_SECONDS),
-    { name: 'cryptmap_build_info', help: 'Always 1; the labels say which cryptmap and which process.', type: 'gauge', samples: [{ labels: { version, component }, value: 1 }] },
+    {
+      name: 'cryptmap_build_info',
+      help: 'Always 1; the labels say which cryptmap and which process.',
+      type: 'gauge',
+      samples: [{ labels: { version, component }, value: 1 }],
+    },
   ]);
 }

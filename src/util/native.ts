@@ -15,7 +15,12 @@ import { fileURLToPath } from 'node:url';
 export type XtsImplName = 'vaes512' | 'vaes256' | 'aesni' | 'evp';
 
 /** setXtsImpl's number for each CRYPTMAP_CRYPTO_IMPL name. */
-export const XTS_IMPL_IDS: Readonly<Record<XtsImplName, number>> = Object.freeze({ evp: 1, aesni: 3, vaes512: 4, vaes256: 5 });
+export const XTS_IMPL_IDS: Readonly<Record<XtsImplName, number>> = Object.freeze({
+  evp: 1,
+  aesni: 3,
+  vaes512: 4,
+  vaes256: 5,
+});
 
 /** Opaque key handle owned by the addon (an N-API external). */
 export type NativeKeyHandle = { readonly __brand: 'cryptmap-native-key' };
@@ -43,11 +48,35 @@ export interface NativeAddon {
   /** The `ivMode` ids cipherCreate takes, by dm-crypt IV mode name (essiv's ivKey is the salt). */
   readonly ivModes: Readonly<Record<string, number>>;
   /** Create a key handle (chain and ivMode from chainModes and ivModes). The addon copies key and ivKey. */
-  cipherCreate(chain: number, key: Uint8Array, ivMode: number, ivKey: Uint8Array | null, sectorBytes: number): NativeKeyHandle;
+  cipherCreate(
+    chain: number,
+    key: Uint8Array,
+    ivMode: number,
+    ivKey: Uint8Array | null,
+    sectorBytes: number,
+  ): NativeKeyHandle;
   /** Transform `count` sectors from src to dst (same length; the same bytes or disjoint). */
-  cipherRun(h: NativeKeyHandle, encrypt: boolean, src: Uint8Array, dst: Uint8Array, count: number, ivLo: number, ivHi: number, ivStep: number): void;
+  cipherRun(
+    h: NativeKeyHandle,
+    encrypt: boolean,
+    src: Uint8Array,
+    dst: Uint8Array,
+    count: number,
+    ivLo: number,
+    ivHi: number,
+    ivStep: number,
+  ): void;
   /** The same on the addon's crypt thread pool (see setPoolThreads); resolves when done. */
-  cipherRunAsync(h: NativeKeyHandle, encrypt: boolean, src: Uint8Array, dst: Uint8Array, count: number, ivLo: number, ivHi: number, ivStep: number): Promise<void>;
+  cipherRunAsync(
+    h: NativeKeyHandle,
+    encrypt: boolean,
+    src: Uint8Array,
+    dst: Uint8Array,
+    count: number,
+    ivLo: number,
+    ivHi: number,
+    ivStep: number,
+  ): Promise<void>;
   /**
    * cipherRunAsync fused with file I/O in the same crypt-thread job: decrypting, src is first filled by
    * pread(fd, fileOffset); encrypting, dst is written by pwrite(fd, fileOffset) afterwards. Rejects with
@@ -84,7 +113,14 @@ export interface NativeAddon {
    * job now, jobs waiting for a thread and their bytes, jobs not yet delivered to JS. Optional: an
    * addon built before it was added lacks it.
    */
-  poolStats?(): { threads: number; started: number; busy: number; queued: number; queuedBytes: number; inflight: number };
+  poolStats?(): {
+    threads: number;
+    started: number;
+    busy: number;
+    queued: number;
+    queuedBytes: number;
+    inflight: number;
+  };
   /** fallocate(PUNCH_HOLE | KEEP_SIZE); throws an Error with `code` = errno name on failure. */
   punchHole(fd: number, offsetBytes: number, lengthBytes: number): void;
   /** lseek(SEEK_DATA); -1 on ENXIO (no data at or after offset); throws on other errors. */

@@ -57,9 +57,13 @@ export function untrustedPeer(sock: Socket, path: string, code: string): Cryptma
   if (!who) return undefined;
   const me = process.getuid?.() ?? 0;
   if (who.uid === 0 || who.uid === me) return undefined;
-  return new CryptmapError(code, `refusing ${path}: the process listening there (pid ${who.pid}) runs as uid ${who.uid}, not as root or uid ${me}; nothing was sent`, {
-    exitCode: EXIT_NO_PERMISSION,
-    errno: 'EPERM',
-    context: { path, peerUid: who.uid },
-  });
+  return new CryptmapError(
+    code,
+    `refusing ${path}: the process listening there (pid ${who.pid}) runs as uid ${who.uid}, not as root or uid ${me}; nothing was sent`,
+    {
+      exitCode: EXIT_NO_PERMISSION,
+      errno: 'EPERM',
+      context: { path, peerUid: who.uid },
+    },
+  );
 }

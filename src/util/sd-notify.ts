@@ -57,10 +57,12 @@ export function sdNotifyMessage(fields: Record<string, string | number>): string
 export function sdNotifier(env: NodeJS.ProcessEnv = process.env, component = 'cryptmap'): SdNotifier {
   const address = env.NOTIFY_SOCKET ?? '';
   const enabled = address.startsWith('/') || (address.startsWith('@') && address.length > 1);
-  if (address !== '' && !enabled) log.warn('NOTIFY_SOCKET ignored: neither a path nor an @abstract name', { NOTIFY_SOCKET: address });
+  if (address !== '' && !enabled)
+    log.warn('NOTIFY_SOCKET ignored: neither a path nor an @abstract name', { NOTIFY_SOCKET: address });
   const usec = Number(env.WATCHDOG_USEC ?? '');
   const forUs = env.WATCHDOG_PID === undefined || Number(env.WATCHDOG_PID) === process.pid;
-  const watchdogMs = enabled && Number.isSafeInteger(usec) && usec > 0 && forUs ? Math.max(1, Math.floor(usec / 1000)) : 0;
+  const watchdogMs =
+    enabled && Number.isSafeInteger(usec) && usec > 0 && forUs ? Math.max(1, Math.floor(usec / 1000)) : 0;
   let warned = false;
   let stopped = false;
   const addon = enabled ? loadNative() : null;
@@ -69,7 +71,11 @@ export function sdNotifier(env: NodeJS.ProcessEnv = process.env, component = 'cr
     const fail = (e: unknown) => {
       if (warned) return;
       warned = true;
-      log.warn('cannot notify the service manager', { component, NOTIFY_SOCKET: address, error: e instanceof Error ? e.message : String(e) });
+      log.warn('cannot notify the service manager', {
+        component,
+        NOTIFY_SOCKET: address,
+        error: e instanceof Error ? e.message : String(e),
+      });
     };
     if (addon && typeof addon.sdNotify === 'function') {
       try {
@@ -80,12 +86,19 @@ export function sdNotifier(env: NodeJS.ProcessEnv = process.env, component = 'cr
       return;
     }
     // No addon: systemd's own client, which sends from its pid (hence NotifyAccess=all in that case).
-    execFile('systemd-notify', ['--no-block', `--pid=${process.pid}`, ...msg.split('\n')], { env: { ...process.env, NOTIFY_SOCKET: address }, timeout: 10_000 }, (e) => {
-      if (e) fail(e);
-    });
+    execFile(
+      'systemd-notify',
+      ['--no-block', `--pid=${process.pid}`, ...msg.split('\n')],
+      { env: { ...process.env, NOTIFY_SOCKET: address }, timeout: 10_000 },
+      (e) => {
+        if (e) fail(e);
+      },
+    );
   };
   if (enabled && !(addon && typeof addon.sdNotify === 'function')) {
-    log.warn('sd_notify through systemd-notify (native addon not loaded): the unit needs NotifyAccess=all', { component });
+    log.warn('sd_notify through systemd-notify (native addon not loaded): the unit needs NotifyAccess=all', {
+      component,
+    });
   }
   let timer: NodeJS.Timeout | undefined;
   if (watchdogMs > 0) {

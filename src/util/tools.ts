@@ -45,14 +45,19 @@ export interface RunToolOptions {
 /** execFile with a CryptmapError naming the tool (and its Debian package when it is missing); resolves stdout. */
 export function runTool(cmd: string, args: string[], opts: RunToolOptions = {}): Promise<string> {
   return new Promise((resolve, reject) => {
-    execFile(resolveTool(cmd), args, { encoding: 'utf8', timeout: opts.timeoutMs ?? 120_000 }, (err, stdout, stderr) => {
-      if (!err) return resolve(stdout);
-      const missing = (err as NodeJS.ErrnoException).code === 'ENOENT';
-      const message = missing
-        ? `${cmd} is not installed (Debian package ${PACKAGE_OF[cmd] ?? cmd})`
-        : `${cmd} ${args.join(' ')} failed: ${(stderr || err.message).trim()}`;
-      reject(new CryptmapError(opts.code ?? 'ETOOL', message, { errno: 'EIO', exitCode: EXIT_FAILURE, cause: err }));
-    });
+    execFile(
+      resolveTool(cmd),
+      args,
+      { encoding: 'utf8', timeout: opts.timeoutMs ?? 120_000 },
+      (err, stdout, stderr) => {
+        if (!err) return resolve(stdout);
+        const missing = (err as NodeJS.ErrnoException).code === 'ENOENT';
+        const message = missing
+          ? `${cmd} is not installed (Debian package ${PACKAGE_OF[cmd] ?? cmd})`
+          : `${cmd} ${args.join(' ')} failed: ${(stderr || err.message).trim()}`;
+        reject(new CryptmapError(opts.code ?? 'ETOOL', message, { errno: 'EIO', exitCode: EXIT_FAILURE, cause: err }));
+      },
+    );
   });
 }
 

@@ -25,7 +25,21 @@
  * open descriptor, so what is checked is what is read or written.
  */
 import { randomBytes } from 'node:crypto';
-import { closeSync, constants, fstatSync, lstatSync, mkdirSync, openSync, readFileSync, readlinkSync, readSync, renameSync, type Stats, unlinkSync, writeSync } from 'node:fs';
+import {
+  closeSync,
+  constants,
+  fstatSync,
+  lstatSync,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  readlinkSync,
+  readSync,
+  renameSync,
+  type Stats,
+  unlinkSync,
+  writeSync,
+} from 'node:fs';
 import { basename, dirname, resolve } from 'node:path';
 import { CryptmapError, EXIT_NO_PERMISSION, fromSystemError } from './errors.js';
 import { allocSecretBuffer } from './secret.js';
@@ -48,7 +62,11 @@ function callerUid(o: TrustOptions): number {
 }
 
 function refuse(o: TrustOptions, path: string, why: string, fix: string): CryptmapError {
-  return new CryptmapError(o.code ?? 'EUNTRUSTED_PATH', `refusing ${path}: ${why}; ${fix}`, { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM', context: { path } });
+  return new CryptmapError(o.code ?? 'EUNTRUSTED_PATH', `refusing ${path}: ${why}; ${fix}`, {
+    exitCode: EXIT_NO_PERMISSION,
+    errno: 'EPERM',
+    context: { path },
+  });
 }
 
 function ownerOk(st: Stats, o: TrustOptions): boolean {
@@ -73,14 +91,21 @@ function isCallerPrivateGroup(gid: number, uid: number): boolean {
   if (known !== undefined) return known;
   let ok = false;
   try {
-    const passwd = readFileSync('/etc/passwd', 'utf8').split('\n').map((l) => l.split(':'));
+    const passwd = readFileSync('/etc/passwd', 'utf8')
+      .split('\n')
+      .map((l) => l.split(':'));
     const me = passwd.find((f) => Number(f[2]) === uid)?.[0];
     const grp = readFileSync('/etc/group', 'utf8')
       .split('\n')
       .map((l) => l.split(':'))
       .find((f) => Number(f[2]) === gid && f.length >= 4);
     const members = (grp?.[3] ?? '').split(',').filter(Boolean);
-    ok = me !== undefined && grp !== undefined && grp[0] === me && members.every((m) => m === me) && passwd.every((f) => f.length < 4 || Number(f[3]) !== gid || Number(f[2]) === uid);
+    ok =
+      me !== undefined &&
+      grp !== undefined &&
+      grp[0] === me &&
+      members.every((m) => m === me) &&
+      passwd.every((f) => f.length < 4 || Number(f[3]) !== gid || Number(f[2]) === uid);
   } catch {
     ok = false;
   }
@@ -91,14 +116,28 @@ function isCallerPrivateGroup(gid: number, uid: number): boolean {
 /** Why the directory `path` (lstat `st`) is not trustworthy on the way to something, or undefined. */
 function checkDir(path: string, st: Stats, o: TrustOptions, asAncestor: boolean): CryptmapError | undefined {
   if (!ownerOk(st, o)) {
-    return refuse(o, path, `it belongs to uid ${st.uid}, not to ${ownersText(o)}, so that user could replace what is in it`, 'use a directory owned by root or by you');
+    return refuse(
+      o,
+      path,
+      `it belongs to uid ${st.uid}, not to ${ownersText(o)}, so that user could replace what is in it`,
+      'use a directory owned by root or by you',
+    );
   }
   if ((st.mode & 0o022) !== 0) {
     const stickyRoot = asAncestor && st.uid === 0 && (st.mode & 0o1000) !== 0;
-    const upg = (st.mode & 0o002) === 0 && o.owners !== 'root' && st.uid === callerUid(o) && isCallerPrivateGroup(st.gid, callerUid(o));
+    const upg =
+      (st.mode & 0o002) === 0 &&
+      o.owners !== 'root' &&
+      st.uid === callerUid(o) &&
+      isCallerPrivateGroup(st.gid, callerUid(o));
     if (!stickyRoot && !upg) {
       const mode = (st.mode & 0o7777).toString(8);
-      return refuse(o, path, `it is writable by group or others (mode ${mode})`, `run 'chmod go-w ${path}' or use another directory`);
+      return refuse(
+        o,
+        path,
+        `it is writable by group or others (mode ${mode})`,
+        `run 'chmod go-w ${path}' or use another directory`,
+      );
     }
   }
   return undefined;
@@ -118,7 +157,9 @@ export interface ResolvedPath {
  * @example const { real, missing } = resolveTrusted('/run/cryptmap');
  */
 export function resolveTrusted(path: string, o: TrustOptions = {}): ResolvedPath {
-  let queue = resolve(path).split('/').filter((s) => s !== '' && s !== '.');
+  let queue = resolve(path)
+    .split('/')
+    .filter((s) => s !== '' && s !== '.');
   let cur = '/';
   let curSt = lstatSync('/');
   let hops = 0;
@@ -141,15 +182,23 @@ export function resolveTrusted(path: string, o: TrustOptions = {}): ResolvedPath
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === 'ENOENT') {
         const missing = [name, ...queue];
-        if (missing.includes('..')) throw refuse(o, path, `'..' after the missing component ${next}`, 'give a path without ..');
+        if (missing.includes('..'))
+          throw refuse(o, path, `'..' after the missing component ${next}`, 'give a path without ..');
         return { real: cur, missing };
       }
       throw fromSystemError(o.code ?? 'EUNTRUSTED_PATH', `cannot check ${next}`, e, { path: next });
     }
     if (st.isSymbolicLink()) {
-      if (o.symlinks === 'refuse') throw refuse(o, next, 'it is a symbolic link', 'give the real path (symbolic links are not followed here)');
+      if (o.symlinks === 'refuse')
+        throw refuse(o, next, 'it is a symbolic link', 'give the real path (symbolic links are not followed here)');
       if (++hops > MAX_SYMLINKS) throw refuse(o, path, 'too many levels of symbolic links', 'give the real path');
-      if (!ownerOk(st, o)) throw refuse(o, next, `it is a symbolic link owned by uid ${st.uid}, not by ${ownersText(o)}`, 'give the real path, or remove the link');
+      if (!ownerOk(st, o))
+        throw refuse(
+          o,
+          next,
+          `it is a symbolic link owned by uid ${st.uid}, not by ${ownersText(o)}`,
+          'give the real path, or remove the link',
+        );
       const target = readlinkSync(next);
       if (target.startsWith('/')) {
         cur = '/';
@@ -191,10 +240,12 @@ export function ensureTrustedDir(path: string, o: EnsureDirOptions = {}): string
     try {
       mkdirSync(next, { mode: o.mode ?? 0o700 });
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw fromSystemError(o.code ?? 'EUNTRUSTED_PATH', `cannot create directory ${next}`, e, { path: next });
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST')
+        throw fromSystemError(o.code ?? 'EUNTRUSTED_PATH', `cannot create directory ${next}`, e, { path: next });
     }
     const st = lstatSync(next);
-    if (!st.isDirectory()) throw refuse(o, next, 'something other than a directory appeared there while it was being created', 'remove it');
+    if (!st.isDirectory())
+      throw refuse(o, next, 'something other than a directory appeared there while it was being created', 'remove it');
     const bad = checkDir(next, st, o, false);
     if (bad) throw bad;
     cur = next;
@@ -203,7 +254,12 @@ export function ensureTrustedDir(path: string, o: EnsureDirOptions = {}): string
     const st = lstatSync(cur);
     if ((st.mode & 0o077) !== 0) {
       const mode = (st.mode & 0o7777).toString(8);
-      throw refuse(o, cur, `it is accessible by group or others (mode ${mode}) and holds private files`, `run 'chmod 700 ${cur}' if it is yours, or use another directory`);
+      throw refuse(
+        o,
+        cur,
+        `it is accessible by group or others (mode ${mode}) and holds private files`,
+        `run 'chmod 700 ${cur}' if it is yours, or use another directory`,
+      );
     }
   }
   return cur;
@@ -218,12 +274,24 @@ export interface FileCheck extends TrustOptions {
 function checkOpenFile(fd: number, path: string, o: FileCheck): Stats {
   const st = fstatSync(fd);
   if (!st.isFile()) throw refuse(o, path, 'it is not a regular file', 'remove it');
-  if (!ownerOk(st, o)) throw refuse(o, path, `it belongs to uid ${st.uid}, not to ${ownersText(o)}`, 'remove it; it was not created by cryptmap');
-  if (st.nlink !== 1) throw refuse(o, path, `it has ${st.nlink} hard links`, 'remove it; it was not created by cryptmap');
+  if (!ownerOk(st, o))
+    throw refuse(
+      o,
+      path,
+      `it belongs to uid ${st.uid}, not to ${ownersText(o)}`,
+      'remove it; it was not created by cryptmap',
+    );
+  if (st.nlink !== 1)
+    throw refuse(o, path, `it has ${st.nlink} hard links`, 'remove it; it was not created by cryptmap');
   const mask = o.private ? 0o077 : 0o022;
   if ((st.mode & mask) !== 0) {
     const mode = (st.mode & 0o7777).toString(8);
-    throw refuse(o, path, `it is ${o.private ? 'accessible' : 'writable'} by group or others (mode ${mode})`, `run 'chmod ${o.private ? '600' : 'go-w'} ${path}' if it is yours`);
+    throw refuse(
+      o,
+      path,
+      `it is ${o.private ? 'accessible' : 'writable'} by group or others (mode ${mode})`,
+      `run 'chmod ${o.private ? '600' : 'go-w'} ${path}' if it is yours`,
+    );
   }
   return st;
 }
@@ -237,7 +305,8 @@ export function openTrustedFile(path: string, flags: number, o: FileCheck = {}):
   try {
     fd = openSync(path, flags | constants.O_NOFOLLOW, 0o600); // the mode applies only when flags create it
   } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ELOOP') throw refuse(o, path, 'it is a symbolic link', 'remove the link');
+    if ((e as NodeJS.ErrnoException).code === 'ELOOP')
+      throw refuse(o, path, 'it is a symbolic link', 'remove the link');
     throw fromSystemError(o.code ?? 'EUNTRUSTED_PATH', `cannot open ${path}`, e, { path });
   }
   try {
@@ -290,7 +359,8 @@ function openNoFollow(path: string, flags: number, mode: number, o: TrustOptions
   try {
     return openSync(path, flags | constants.O_NOFOLLOW, mode);
   } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ELOOP') throw refuse(o, path, 'it is a symbolic link', 'remove the link');
+    if ((e as NodeJS.ErrnoException).code === 'ELOOP')
+      throw refuse(o, path, 'it is a symbolic link', 'remove the link');
     throw fromSystemError(o.code ?? 'EUNTRUSTED_PATH', `cannot create ${path}`, e, { path });
   }
 }
@@ -348,12 +418,41 @@ export function checkTrustedSocket(path: string, o: TrustOptions = {}): void {
   const st = lstatSync(path);
   if (st.isSymbolicLink()) throw refuse(o, path, 'it is a symbolic link', 'point at the real socket');
   if (!st.isSocket()) throw refuse(o, path, 'it is not a socket', 'point at the daemon socket');
-  if (!ownerOk(st, o)) throw refuse(o, path, `it belongs to uid ${st.uid}, not to ${ownersText(o)}: another user is listening there`, 'use the socket of a daemon run by root or by you');
-  if ((st.mode & 0o022) !== 0) throw refuse(o, path, `it is writable by group or others (mode ${(st.mode & 0o777).toString(8)})`, 'restart the daemon that owns it');
+  if (!ownerOk(st, o))
+    throw refuse(
+      o,
+      path,
+      `it belongs to uid ${st.uid}, not to ${ownersText(o)}: another user is listening there`,
+      'use the socket of a daemon run by root or by you',
+    );
+  if ((st.mode & 0o022) !== 0)
+    throw refuse(
+      o,
+      path,
+      `it is writable by group or others (mode ${(st.mode & 0o777).toString(8)})`,
+      'restart the daemon that owns it',
+    );
 }
 
 /** Directories never used as mountpoints: mounting over them hides (or replaces) the system. */
-export const SYSTEM_DIRECTORIES: readonly string[] = ['/', '/etc', '/usr', '/boot', '/proc', '/sys', '/dev', '/run', '/bin', '/sbin', '/lib', '/lib64', '/var', '/root', '/home', '/tmp'];
+export const SYSTEM_DIRECTORIES: readonly string[] = [
+  '/',
+  '/etc',
+  '/usr',
+  '/boot',
+  '/proc',
+  '/sys',
+  '/dev',
+  '/run',
+  '/bin',
+  '/sbin',
+  '/lib',
+  '/lib64',
+  '/var',
+  '/root',
+  '/home',
+  '/tmp',
+];
 
 /**
  * The agent's mountpoints (it runs as root and mounts volumes there): resolved component by
@@ -365,6 +464,7 @@ export const SYSTEM_DIRECTORIES: readonly string[] = ['/', '/etc', '/usr', '/boo
 export function ensureMountpoint(path: string, code = 'EMOUNTPOINT'): string {
   const o: EnsureDirOptions = { owners: 'root', symlinks: 'refuse', code, mode: 0o755, private: false };
   const abs = resolve(path);
-  if (SYSTEM_DIRECTORIES.includes(abs)) throw refuse(o, abs, 'it is a system directory', 'choose a mountpoint below /srv or /mnt');
+  if (SYSTEM_DIRECTORIES.includes(abs))
+    throw refuse(o, abs, 'it is a system directory', 'choose a mountpoint below /srv or /mnt');
   return ensureTrustedDir(abs, o);
 }

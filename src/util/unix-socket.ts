@@ -53,7 +53,12 @@ export interface UnixListenErrors {
  * @example
  *   await listenUnixSocket(createServer(serve), '/run/cryptmap/control.sock', 0o600, errors);
  */
-export async function listenUnixSocket(server: Server, path: string, mode: number, errors: UnixListenErrors): Promise<void> {
+export async function listenUnixSocket(
+  server: Server,
+  path: string,
+  mode: number,
+  errors: UnixListenErrors,
+): Promise<void> {
   const state = await clearStaleSocket(path);
   if (state === 'live') throw errors.live(path);
   if (state === 'not-socket') throw errors.notSocket(path);

@@ -30,7 +30,14 @@ test('parses fields, device forms, key sources and options', () => {
       [9, 'raw', 'luks'],
     ],
   );
-  const [home, data, swap, scratch, legacy, raw] = es as [(typeof es)[0], (typeof es)[0], (typeof es)[0], (typeof es)[0], (typeof es)[0], (typeof es)[0]];
+  const [home, data, swap, scratch, legacy, raw] = es as [
+    (typeof es)[0],
+    (typeof es)[0],
+    (typeof es)[0],
+    (typeof es)[0],
+    (typeof es)[0],
+    (typeof es)[0],
+  ];
   assert.deepEqual(home.device, { kind: 'uuid', value: '2f9a1c3e-0000-4000-8000-000000000001' });
   assert.deepEqual(home.key, { kind: 'prompt' });
   assert.equal(home.discard, true);
@@ -42,20 +49,41 @@ test('parses fields, device forms, key sources and options', () => {
   assert.equal(data.keySlot, 1);
   assert.ok(data.nofail && data.noauto);
   assert.deepEqual(swap.key, { kind: 'random', path: '/dev/urandom' });
-  assert.deepEqual(plainParams(swap), { cipher: 'aes-xts-plain64', keySizeBits: 512, hash: 'plain', sectorSize: 4096, offsetSectors: 0, skipSectors: 0 });
+  assert.deepEqual(plainParams(swap), {
+    cipher: 'aes-xts-plain64',
+    keySizeBits: 512,
+    hash: 'plain',
+    sectorSize: 4096,
+    offsetSectors: 0,
+    skipSectors: 0,
+  });
   assert.deepEqual(scratch.device, { kind: 'partlabel', value: 'scratch' });
   assert.equal(scratch.tmpFilesystem, 'ext2');
   assert.deepEqual(legacy.device, { kind: 'label', value: 'old' });
   assert.ok(legacy.readonly);
   assert.deepEqual(legacy.ignored, ['_netdev', 'x-systemd.device-timeout=10s']);
-  assert.deepEqual(plainParams(legacy), { cipher: 'aes-cbc-essiv:sha256', keySizeBits: 256, hash: 'sha256', sectorSize: 512, offsetSectors: 8, skipSectors: 16 });
+  assert.deepEqual(plainParams(legacy), {
+    cipher: 'aes-cbc-essiv:sha256',
+    keySizeBits: 256,
+    hash: 'sha256',
+    sectorSize: 512,
+    offsetSectors: 8,
+    skipSectors: 16,
+  });
   assert.equal(raw.tries, 3);
   assert.throws(() => plainParams(raw), /LUKS entry/);
 });
 
 test('systemd plain defaults: ripemd160 only for a typed passphrase', () => {
   const [typed, keyed] = parseCrypttab('a /dev/x none plain\nb /dev/y /k plain\n');
-  assert.deepEqual(plainParams(typed!), { cipher: 'aes-cbc-essiv:sha256', keySizeBits: 256, hash: 'ripemd160', sectorSize: 512, offsetSectors: 0, skipSectors: 0 });
+  assert.deepEqual(plainParams(typed!), {
+    cipher: 'aes-cbc-essiv:sha256',
+    keySizeBits: 256,
+    hash: 'ripemd160',
+    sectorSize: 512,
+    offsetSectors: 0,
+    skipSectors: 0,
+  });
   assert.equal(plainParams(keyed!).hash, 'plain');
 });
 
@@ -124,30 +152,44 @@ test('key resolution: key files with offset/size, random keys, key dirs, typed p
     };
     assert.deepEqual(await hex('lk'), ['passphrase', '0a0b0c0d0e']);
     assert.equal((await hex('lw'))[1]!.length, 200);
-    assert.deepEqual(await hex('pl'), ['volumeKey', Buffer.from(Array.from({ length: 32 }, (_, i) => i + 1)).toString('hex')]);
+    assert.deepEqual(await hex('pl'), [
+      'volumeKey',
+      Buffer.from(Array.from({ length: 32 }, (_, i) => i + 1)).toString('hex'),
+    ]);
     const r1 = await hex('sw');
     const r2 = await hex('sw');
     assert.equal(r1[1]!.length, 128);
     assert.notEqual(r1[1], r2[1]);
     const ask = async () => Secret.copyOf(Buffer.from('xxx'));
-    assert.deepEqual(await hex('pp', { askPassphrase: ask }), ['volumeKey', 'cd2eb0837c9b4c962c22d2ff8b5441b7b45805887f051d39bf133b583baf6860']);
+    assert.deepEqual(await hex('pp', { askPassphrase: ask }), [
+      'volumeKey',
+      'cd2eb0837c9b4c962c22d2ff8b5441b7b45805887f051d39bf133b583baf6860',
+    ]);
     assert.deepEqual(await hex('lp', { askPassphrase: ask }), ['passphrase', '787878']);
     await assert.rejects(resolveCrypttabKey(e.lp!, { keyDirs: [] }), /needs a passphrase/);
     await mkdir(join(dir, 'keys.d'));
     await writeFile(join(dir, 'keys.d', 'kd.key'), Buffer.alloc(16, 0xaa), { mode: 0o600 });
     assert.deepEqual(await hex('kd'), ['volumeKey', 'aa'.repeat(16)]);
-    await assert.rejects(resolveCrypttabKey(e.short!), /ct:8: short: key file .* has 40 bytes after keyfile-offset=60; 64 needed/);
+    await assert.rejects(
+      resolveCrypttabKey(e.short!),
+      /ct:8: short: key file .* has 40 bytes after keyfile-offset=60; 64 needed/,
+    );
     // Whole-file reads: the rest after an offset; a file past the 8 MiB limit is refused.
     assert.deepEqual(await hex('lwo'), ['passphrase', '5a5b5c5d5e5f60616263']);
     await writeFile(join(dir, 'big'), Buffer.alloc(8192 * 1024 + 1, 1), { mode: 0o600 });
-    await assert.rejects(resolveCrypttabKey(e.big!), /ct:9: big: key file .* is larger than 8388608 bytes; set keyfile-size=/);
+    await assert.rejects(
+      resolveCrypttabKey(e.big!),
+      /ct:9: big: key file .* is larger than 8388608 bytes; set keyfile-size=/,
+    );
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
 });
 
 test('an NBD URI is a device (the NBD client opens it); a bad one is diagnosed', () => {
-  const [e] = parseCrypttab('vol nbd+unix:///data?socket=/run/nbd.sock /k luks,_netdev\nrem nbds://storage:10809/db none luks\n');
+  const [e] = parseCrypttab(
+    'vol nbd+unix:///data?socket=/run/nbd.sock /k luks,_netdev\nrem nbds://storage:10809/db none luks\n',
+  );
   assert.deepEqual(e!.device, { kind: 'path', path: 'nbd+unix:///data?socket=/run/nbd.sock' });
   assert.throws(() => parseCrypttab('vol nbd+unix:///data /k luks\n', 'ct'), /ct:1: .*need \?socket=PATH/);
 });

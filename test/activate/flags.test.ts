@@ -4,7 +4,13 @@
 // and the control protocol keeps the flag. A new row is covered by these loops without a new test.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { ACTIVATION_FLAGS, allFlags, flagOfPersistent, flagsFromOptions, persistentNames } from '../../src/activate/flags.js';
+import {
+  ACTIVATION_FLAGS,
+  allFlags,
+  flagOfPersistent,
+  flagsFromOptions,
+  persistentNames,
+} from '../../src/activate/flags.js';
 import { parseCrypttab } from '../../src/activate/crypttab.js';
 import { type CryptMapping, cryptTableLine } from '../../src/activate/mapping.js';
 import { formatStatus, rawCryptFields } from '../../src/cli/commands/status.js';
@@ -58,7 +64,15 @@ test('each activation flag reaches every site', async () => {
     assert.deepEqual(live!.lines, [line]);
     await dm.remove('f');
     // Status: from the mapping (open) and from a raw crypt table (dm create), the same words.
-    const st = formatStatus({ name: 'f', active: true, nbdUri: 'nbd+unix:///f', suspended: false, openCount: 1, nbdConnections: 0, mapping: mappingToJson(m) as never });
+    const st = formatStatus({
+      name: 'f',
+      active: true,
+      nbdUri: 'nbd+unix:///f',
+      suspended: false,
+      openCount: 1,
+      nbdConnections: 0,
+      mapping: mappingToJson(m) as never,
+    });
     const flagsLine = `  flags:   ${f.status}${f === ACTIVATION_FLAGS.at(-1) ? '' : ' '}\n`;
     assert.ok(st.includes(flagsLine), `${f.field}: ${st}`);
     assert.ok(rawCryptFields(line, false).includes(flagsLine), f.dm);

@@ -16,7 +16,12 @@ const V: [hash: string, bits: number, pwd: string, key: string, limit?: number][
   ['sha256', 256, 'xxx', 'cd2eb0837c9b4c962c22d2ff8b5441b7b45805887f051d39bf133b583baf6860'],
   ['sha256', 128, 'xxx', 'cd2eb0837c9b4c962c22d2ff8b5441b7'],
   ['sha256', 256, 'xxx\n', '042aea10a0f14f2d391373599be69d53a75dde9951fc3d3cd10b6100aa7a9f24'],
-  ['sha256', 128, 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaabbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb', '2a42b97084779dcedf2c66405c5d296c'],
+  [
+    'sha256',
+    128,
+    'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaabbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb',
+    '2a42b97084779dcedf2c66405c5d296c',
+  ],
   ['sha256:20', 256, 'xxx', 'cd2eb0837c9b4c962c22d2ff8b5441b7b4580588000000000000000000000000'],
   ['sha256:32', 256, 'xxx', 'cd2eb0837c9b4c962c22d2ff8b5441b7b45805887f051d39bf133b583baf6860'],
   ['plain', 256, 'xxxxxxxx', '7878787878787878000000000000000000000000000000000000000000000000'],

@@ -31,7 +31,19 @@ function keyFile(name: string): string {
 }
 
 async function formatAndOpen(uri: string, name: string, key: string): Promise<string> {
-  const r = await cryptmap(['luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, uri]);
+  const r = await cryptmap([
+    'luksFormat',
+    '-q',
+    '--type',
+    'luks2',
+    '--pbkdf',
+    'pbkdf2',
+    '--pbkdf-force-iterations',
+    '1000',
+    '--key-file',
+    key,
+    uri,
+  ]);
   assert.equal(r.code, 0, r.stderr);
   return open(uri, name, key);
 }
@@ -66,7 +78,7 @@ function xtsDecrypt(cipher: Buffer, keyHex: string, sectorBytes: number): Buffer
   return out;
 }
 
-test('LUKS2 on an RBD image served by cryptmap: the ciphertext on RBD decrypts with cryptsetup\'s volume key', async () => {
+test("LUKS2 on an RBD image served by cryptmap: the ciphertext on RBD decrypts with cryptsetup's volume key", async () => {
   const rbd = await ceph.c.exportImage('rbd/luks', '32M');
   const key = keyFile('luks.key');
   const vol = await formatAndOpen(rbd, 'rbdvol', key);
@@ -86,7 +98,10 @@ test('LUKS2 on an RBD image served by cryptmap: the ciphertext on RBD decrypts w
   const mk = /MK dump:\s*((?:[0-9a-f]{2}\s*)+)/.exec(dump);
   assert.ok(mk, dump);
   const hdr = await ok('cryptsetup', ['luksDump', copy]);
-  const seg = /Data segments:[\s\S]*?offset:\s*([0-9]+) \[bytes\][\s\S]*?cipher:\s*(\S+)[\s\S]*?sector:\s*([0-9]+) \[bytes\]/.exec(hdr);
+  const seg =
+    /Data segments:[\s\S]*?offset:\s*([0-9]+) \[bytes\][\s\S]*?cipher:\s*(\S+)[\s\S]*?sector:\s*([0-9]+) \[bytes\]/.exec(
+      hdr,
+    );
   assert.ok(seg, hdr);
   assert.equal(seg[2], 'aes-xts-plain64');
   const img = readFileSync(copy);

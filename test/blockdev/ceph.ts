@@ -33,10 +33,20 @@ export interface Ceph {
 /** Run scripts/ceph-mini.sh; its stdout, or a rejection with its stderr. */
 export function cephMini(args: string[], timeoutMs = SCRIPT_TIMEOUT_MS): Promise<string> {
   return new Promise((resolve, reject) => {
-    execFile('bash', [CEPH_SCRIPT, ...args], { encoding: 'utf8', timeout: timeoutMs, killSignal: 'SIGKILL' }, (err, stdout, stderr) => {
-      if (err) reject(new Error(`ceph-mini.sh ${args.join(' ')} failed (${err.killed ? `no answer in ${timeoutMs} ms` : `exit ${String(err.code)}`}): ${stderr.trim()}`));
-      else resolve(stdout);
-    });
+    execFile(
+      'bash',
+      [CEPH_SCRIPT, ...args],
+      { encoding: 'utf8', timeout: timeoutMs, killSignal: 'SIGKILL' },
+      (err, stdout, stderr) => {
+        if (err)
+          reject(
+            new Error(
+              `ceph-mini.sh ${args.join(' ')} failed (${err.killed ? `no answer in ${timeoutMs} ms` : `exit ${String(err.code)}`}): ${stderr.trim()}`,
+            ),
+          );
+        else resolve(stdout);
+      },
+    );
   });
 }
 

@@ -40,7 +40,10 @@ test('fail, short, tear and crash at chosen write numbers', async () => {
 });
 
 test('failed flushes are reported, bad ranges fail reads and writes, rate faults are seeded', async () => {
-  const fd = new FaultDevice(new MemoryDevice({ sizeBytes: 1 << 20 }), { failFlushes: [2], badRanges: [{ offsetBytes: 4096, lengthBytes: 512, ops: ['read'] }] });
+  const fd = new FaultDevice(new MemoryDevice({ sizeBytes: 1 << 20 }), {
+    failFlushes: [2],
+    badRanges: [{ offsetBytes: 4096, lengthBytes: 512, ops: ['read'] }],
+  });
   await fd.flush();
   await rejectsWith(fd.flush(), 'EFAULT_EIO', 'EIO');
   await fd.flush();
@@ -51,7 +54,13 @@ test('failed flushes are reported, bad ranges fail reads and writes, rate faults
   const run = async (seed: number) => {
     const d = new FaultDevice(new MemoryDevice({ sizeBytes: 1 << 20 }), { rate: { probability: 0.3, seed } });
     const out: boolean[] = [];
-    for (let i = 0; i < 64; i++) out.push(await d.write(i * 512, Buffer.alloc(512)).then(() => true, () => false));
+    for (let i = 0; i < 64; i++)
+      out.push(
+        await d.write(i * 512, Buffer.alloc(512)).then(
+          () => true,
+          () => false,
+        ),
+      );
     return out;
   };
   const a = await run(7);
@@ -126,7 +135,12 @@ async function sweep(base: MemoryDevice, op: Op, kind: 'tear' | 'short', seed: n
 }
 
 const luks2Ops: Op[] = [
-  { name: 'addKey', run: (x) => x.addKey({ passphrase: P('one') }, P('three'), { kdf: FAST }), old: ['one'], neu: ['one', 'three'] },
+  {
+    name: 'addKey',
+    run: (x) => x.addKey({ passphrase: P('one') }, P('three'), { kdf: FAST }),
+    old: ['one'],
+    neu: ['one', 'three'],
+  },
   { name: 'changeKey', run: (x) => x.changeKey(P('one'), P('uno'), { kdf: FAST }), old: ['one'], neu: ['uno'] },
   { name: 'removeKey', run: (x) => x.removeKey(P('two')), old: ['one'], neu: ['one'] },
   { name: 'label', run: (x) => (x as Luks2Volume).setLabel('L', 'S'), old: ['one'], neu: ['one'] },
@@ -134,7 +148,11 @@ const luks2Ops: Op[] = [
 
 test('LUKS2 header updates survive a torn or short write at every write', async () => {
   const base = new MemoryDevice({ sizeBytes: SIZE });
-  const v = await Luks2Volume.format(base, P('one'), { keyslot: { kdf: FAST }, offsetBytes: 2 << 20, keyslotsBytes: (2 << 20) - 2 * 16384 });
+  const v = await Luks2Volume.format(base, P('one'), {
+    keyslot: { kdf: FAST },
+    offsetBytes: 2 << 20,
+    keyslotsBytes: (2 << 20) - 2 * 16384,
+  });
   await v.addKey({ passphrase: P('one') }, P('two'), { kdf: FAST });
   for (const [i, op] of luks2Ops.entries()) {
     assert.ok((await sweep(base, op, 'tear', 100 * i)) > 0);
@@ -154,7 +172,11 @@ test('format onto a full disk reports ENOSPC and leaves nothing that opens with 
     const img = new MemoryDevice({ sizeBytes: SIZE });
     const fd = new FaultDevice(img, { capacityBytes });
     await assert.rejects(
-      Luks2Volume.format(fd, P('new'), { keyslot: { kdf: FAST }, offsetBytes: 2 << 20, keyslotsBytes: (2 << 20) - 2 * 16384 }),
+      Luks2Volume.format(fd, P('new'), {
+        keyslot: { kdf: FAST },
+        offsetBytes: 2 << 20,
+        keyslotsBytes: (2 << 20) - 2 * 16384,
+      }),
       (e: unknown) => isCryptmapError(e) && (e as { errno: string }).errno === 'ENOSPC',
     );
     assert.equal(await opens(img, 'other'), false);

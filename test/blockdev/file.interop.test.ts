@@ -11,7 +11,8 @@ import { DeviceRegistry } from '../../src/dm/registry.js';
 
 function losetup(args: string[]): string {
   const r = spawnSync('losetup', args, { encoding: 'utf8' });
-  if (r.error && (r.error as NodeJS.ErrnoException).code === 'ENOENT') assert.fail('losetup not found: install the Debian package mount');
+  if (r.error && (r.error as NodeJS.ErrnoException).code === 'ENOENT')
+    assert.fail('losetup not found: install the Debian package mount');
   assert.equal(r.status, 0, `losetup ${args.join(' ')} failed: ${r.stderr}`);
   return r.stdout.trim();
 }
@@ -44,7 +45,10 @@ test('a loop device opens as a block device with its size from sysfs', async () 
     await m.read(512, c);
     assert.equal(c.readUInt32LE(0), 2049);
     await m.close();
-    await assert.rejects(registry.create('toobig', { table: `0 8192 linear ${loop} 0` }), /is too small: it has 6144 sectors, the target needs 8192/);
+    await assert.rejects(
+      registry.create('toobig', { table: `0 8192 linear ${loop} 0` }),
+      /is too small: it has 6144 sectors, the target needs 8192/,
+    );
     await registry.closeAll();
   } finally {
     losetup(['-d', loop]);

@@ -1,7 +1,17 @@
 // The file backend: sparse creation, strict ranges, read-only, short I/O, flush/FUA, discard and
 // block status through the native addon when it loads (and not advertised otherwise).
 import assert from 'node:assert/strict';
-import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import {
+  chmodSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  truncateSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
@@ -36,24 +46,38 @@ test('create makes a sparse file of the given size; reads and writes round-trip'
   assert.ok(file.subarray(1 << 20, (1 << 20) + 8192).equals(data));
   await assert.rejects(dev.read(0, Buffer.alloc(512)), { code: 'ECLOSED', errno: 'EIO' });
   await assert.rejects(FileDevice.create(p, 4096), { code: 'ECREATE', message: /cannot create .*f0\.img/ });
-  await assert.rejects(FileDevice.create(path(), 1000), { code: 'EDEVSIZE', message: 'file device size 1000 is not a multiple of 512 bytes' });
+  await assert.rejects(FileDevice.create(path(), 1000), {
+    code: 'EDEVSIZE',
+    message: 'file device size 1000 is not a multiple of 512 bytes',
+  });
 });
 
 test('open: missing files, directories, odd sizes, read-only', async () => {
   await assert.rejects(FileDevice.open(join(dir, 'missing')), { code: 'EOPEN', errno: 'ENOENT', exitCode: 4 });
   const sub = join(dir, 'sub');
   mkdirSync(sub);
-  await assert.rejects(FileDevice.open(sub, { readOnly: true }), { code: 'ENOTBLK', message: `${sub} is neither a regular file nor a block device` });
+  await assert.rejects(FileDevice.open(sub, { readOnly: true }), {
+    code: 'ENOTBLK',
+    message: `${sub} is neither a regular file nor a block device`,
+  });
   const p = path();
   writeFileSync(p, Buffer.alloc(1000, 1));
   const dev = await FileDevice.open(p, { readOnly: true });
   assert.equal(dev.sizeBytes, 512, 'rounded down to whole logical blocks');
   assert.equal(dev.capabilities.write, false);
   assert.equal(dev.capabilities.discard, false);
-  await assert.rejects(dev.write(0, Buffer.alloc(512)), { code: 'EROFS', exitCode: 2, message: `${p} is open read-only (write)` });
+  await assert.rejects(dev.write(0, Buffer.alloc(512)), {
+    code: 'EROFS',
+    exitCode: 2,
+    message: `${p} is open read-only (write)`,
+  });
   await assert.rejects(dev.discard(0, 512), { code: 'EROFS' });
   await assert.rejects(dev.writeZeroes(0, 512), { code: 'EROFS' });
-  await assert.rejects(dev.read(512, Buffer.alloc(512)), { code: 'ERANGE', errno: 'EINVAL', message: /read of 512 bytes at 512 is past the end of/ });
+  await assert.rejects(dev.read(512, Buffer.alloc(512)), {
+    code: 'ERANGE',
+    errno: 'EINVAL',
+    message: /read of 512 bytes at 512 is past the end of/,
+  });
   await dev.close();
   const rw = await FileDevice.open(p);
   await assert.rejects(rw.write(512, Buffer.alloc(512)), { code: 'ERANGE', errno: 'ENOSPC' });
@@ -66,7 +90,11 @@ test('end of file in the middle of a read is an error, never a short read', asyn
   await dev.write(0, Buffer.alloc(1 << 20, 7));
   truncateSync(p, 4096 + 100);
   const buf = Buffer.alloc(8192);
-  await assert.rejects(dev.read(0, buf), { code: 'ESHORTIO', errno: 'EIO', message: `unexpected end of file reading ${p} at 4196` });
+  await assert.rejects(dev.read(0, buf), {
+    code: 'ESHORTIO',
+    errno: 'EIO',
+    message: `unexpected end of file reading ${p} at 4196`,
+  });
   await dev.close();
 });
 

@@ -26,7 +26,8 @@ test('nbdkit memory: writes through the client are what nbdcopy reads, and back'
   assert.equal(dev.health.connections, 4);
   const data = seededBytes(8 << 20, 7);
   const parts = [];
-  for (let at = 0; at < data.length; at += 256 << 10) parts.push(dev.write(at + (4 << 20), data.subarray(at, at + (256 << 10))));
+  for (let at = 0; at < data.length; at += 256 << 10)
+    parts.push(dev.write(at + (4 << 20), data.subarray(at, at + (256 << 10))));
   await Promise.all(parts);
   await dev.flush();
   const img = join(dir, 'copy.img');
@@ -41,7 +42,10 @@ test('nbdkit memory: writes through the client are what nbdcopy reads, and back'
   await dev.read(0, back);
   assert.equal(sha(back), sha(other));
   const ext = await dev.blockStatus(0, 32 << 20);
-  assert.equal(ext.reduce((a, e) => a + e.lengthBytes, 0), 32 << 20);
+  assert.equal(
+    ext.reduce((a, e) => a + e.lengthBytes, 0),
+    32 << 20,
+  );
   await dev.writeZeroes(0, 32 << 20);
   const zext = await dev.blockStatus(0, 32 << 20);
   assert.ok(zext.every((e) => e.zero));
@@ -89,9 +93,21 @@ test('block size constraints are honoured: nbdkit blocksize-policy with error po
 });
 
 test('server errors fail the request with its errno and leave the device usable', async () => {
-  const s = await startServer('nbdkit', (sock) => ['-f', '-U', sock, '--filter=error', 'memory', '4M', 'error-pwrite=ENOSPC', 'error-pwrite-rate=1']);
+  const s = await startServer('nbdkit', (sock) => [
+    '-f',
+    '-U',
+    sock,
+    '--filter=error',
+    'memory',
+    '4M',
+    'error-pwrite=ENOSPC',
+    'error-pwrite-rate=1',
+  ]);
   const dev = await NbdDevice.open(`nbd+unix:///?socket=${s.sock}`);
-  await assert.rejects(dev.write(0, Buffer.alloc(4096, 1)), (e) => isCryptmapError(e, 'ENBDIO') && e.errno === 'ENOSPC');
+  await assert.rejects(
+    dev.write(0, Buffer.alloc(4096, 1)),
+    (e) => isCryptmapError(e, 'ENBDIO') && e.errno === 'ENOSPC',
+  );
   await dev.read(0, Buffer.alloc(4096));
   assert.equal(dev.health.state, 'ready');
   await dev.close();
@@ -101,7 +117,19 @@ test('server errors fail the request with its errno and leave the device usable'
 test('qemu-nbd on a raw file: the file holds what the client wrote', async () => {
   const img = join(dir, 'q.img');
   writeFileSync(img, Buffer.alloc(16 << 20));
-  const s = await startServer('qemu-nbd', (sock) => ['-k', sock, '-f', 'raw', '-x', 'disk', '-t', '-e', '4', '--cache=writeback', img]);
+  const s = await startServer('qemu-nbd', (sock) => [
+    '-k',
+    sock,
+    '-f',
+    'raw',
+    '-x',
+    'disk',
+    '-t',
+    '-e',
+    '4',
+    '--cache=writeback',
+    img,
+  ]);
   const dev = await NbdDevice.open(`nbd+unix:///disk?socket=${s.sock}`);
   const d = seededBytes(4 << 20, 11);
   await dev.write(2 << 20, d, { fua: true });

@@ -11,7 +11,14 @@ import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { NbdDevice } from '../../src/blockdev/nbd-client/device.js';
-import type { BlockDevice, BlockDeviceCapabilities, BlockDeviceLimits, Extent, WriteFlags, WriteZeroesFlags } from '../../src/blockdev/types.js';
+import type {
+  BlockDevice,
+  BlockDeviceCapabilities,
+  BlockDeviceLimits,
+  Extent,
+  WriteFlags,
+  WriteZeroesFlags,
+} from '../../src/blockdev/types.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { isCryptmapError } from '../../src/util/errors.js';
 
@@ -25,7 +32,15 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 class VolatileDevice implements BlockDevice {
   readonly disk: MemoryDevice;
   readonly sizeBytes: number;
-  readonly capabilities: BlockDeviceCapabilities = { write: true, flush: true, fua: true, discard: false, writeZeroes: false, blockStatus: false, multiConn: true };
+  readonly capabilities: BlockDeviceCapabilities = {
+    write: true,
+    flush: true,
+    fua: true,
+    discard: false,
+    writeZeroes: false,
+    blockStatus: false,
+    multiConn: true,
+  };
   readonly limits: BlockDeviceLimits;
   cache: { at: number; data: Buffer }[] = [];
   delayMs = 0;
@@ -120,7 +135,10 @@ class CutProxy {
   }
 }
 
-async function serve(device: BlockDevice, opts: { readOnly?: boolean } = {}): Promise<{ server: NbdServer; sock: string; uri: string }> {
+async function serve(
+  device: BlockDevice,
+  opts: { readOnly?: boolean } = {},
+): Promise<{ server: NbdServer; sock: string; uri: string }> {
   const server = new NbdServer();
   server.addExport('disk', { device, readOnly: opts.readOnly ?? false });
   const sock = sockPath('srv');
@@ -140,7 +158,15 @@ test('capabilities, limits and the data path against cryptmap’s server', async
   const dev = await NbdDevice.open(s.uri);
   try {
     assert.equal(dev.sizeBytes, 64 << 20);
-    assert.deepEqual(dev.capabilities, { write: true, flush: true, fua: true, discard: true, writeZeroes: true, blockStatus: true, multiConn: true });
+    assert.deepEqual(dev.capabilities, {
+      write: true,
+      flush: true,
+      fua: true,
+      discard: true,
+      writeZeroes: true,
+      blockStatus: true,
+      multiConn: true,
+    });
     assert.equal(dev.limits.logicalBlockBytes, 512);
     assert.equal(dev.limits.maxRequestBytes, 32 << 20);
     assert.deepEqual(dev.health, { uri: s.uri, state: 'ready', connections: 2, reconnects: 0 });
@@ -165,7 +191,10 @@ test('capabilities, limits and the data path against cryptmap’s server', async
     assert.ok(back.subarray(0, 65536).every((x) => x === 0));
     assert.ok(back.subarray(65536).equals(a.subarray(65536)));
     const ext = await dev.blockStatus(0, 16 << 20);
-    assert.equal(ext.reduce((n, e) => n + e.lengthBytes, 0), 16 << 20);
+    assert.equal(
+      ext.reduce((n, e) => n + e.lengthBytes, 0),
+      16 << 20,
+    );
     assert.equal(ext[0]!.hole, false);
     assert.equal(ext[ext.length - 1]!.hole, true);
     await assert.rejects(dev.read(100, Buffer.alloc(512)), { code: 'EALIGN', errno: 'EINVAL' });
@@ -226,8 +255,15 @@ test('read-only exports and read-only opens refuse writes; unknown exports fail 
   await assert.rejects(ro.write(0, Buffer.alloc(512)), { code: 'EROFS' });
   await ro.read(0, Buffer.alloc(512));
   await ro.close();
-  await assert.rejects(NbdDevice.open(s.uri.replace('/disk?', '/nope?')), { code: 'ENBDOPEN', exitCode: 4, message: /no export 'nope'/ });
-  await assert.rejects(NbdDevice.open(`nbd+unix:///disk?socket=${join(dir, 'absent.sock')}`), { code: 'ENBDOPEN', message: /ENOENT|no such file/i });
+  await assert.rejects(NbdDevice.open(s.uri.replace('/disk?', '/nope?')), {
+    code: 'ENBDOPEN',
+    exitCode: 4,
+    message: /no export 'nope'/,
+  });
+  await assert.rejects(NbdDevice.open(`nbd+unix:///disk?socket=${join(dir, 'absent.sock')}`), {
+    code: 'ENBDOPEN',
+    message: /ENOENT|no such file/i,
+  });
   await assert.rejects(NbdDevice.open('nbd+unix:///disk'), { code: 'EURI', exitCode: 1 });
   await s.server.close();
 });
@@ -298,7 +334,10 @@ test('a server that stays gone fails the device with EIO within the deadline, no
   await dev.write(0, pattern(4096, 1));
   await px.stop();
   const t0 = Date.now();
-  await assert.rejects(dev.read(0, Buffer.alloc(4096)), (e) => isCryptmapError(e, 'ENBDGONE') && e.errno === 'EIO' && /did not come back within 700 ms/.test(e.message));
+  await assert.rejects(
+    dev.read(0, Buffer.alloc(4096)),
+    (e) => isCryptmapError(e, 'ENBDGONE') && e.errno === 'EIO' && /did not come back within 700 ms/.test(e.message),
+  );
   assert.ok(Date.now() - t0 < 5000);
   assert.equal(dev.health.state, 'failed');
   await assert.rejects(dev.flush(), { code: 'ENBDGONE' });
@@ -311,7 +350,9 @@ test('a server that stays gone fails the device with EIO within the deadline, no
  * A server that negotiates correctly and then breaks the protocol on every request (`mode`), or
  * sends an option reply too large to be honest.
  */
-async function hostileServer(mode: 'bad-magic' | 'unknown-cookie' | 'huge-option-reply'): Promise<{ sock: string; close(): Promise<void>; connections(): number }> {
+async function hostileServer(
+  mode: 'bad-magic' | 'unknown-cookie' | 'huge-option-reply',
+): Promise<{ sock: string; close(): Promise<void>; connections(): number }> {
   const sock = sockPath('hostile');
   let conns = 0;
   const srv = createServer((c) => {
@@ -373,12 +414,21 @@ async function hostileServer(mode: 'bad-magic' | 'unknown-cookie' | 'huge-option
 
 test('a hostile server: oversized replies, bad magic, unknown cookies end in EIO, not a hang or a loop', async () => {
   const huge = await hostileServer('huge-option-reply');
-  await assert.rejects(NbdDevice.open(`nbd+unix:///?socket=${huge.sock}`), { code: 'ENBDOPEN', message: /option reply of 1073741824 bytes/ });
+  await assert.rejects(NbdDevice.open(`nbd+unix:///?socket=${huge.sock}`), {
+    code: 'ENBDOPEN',
+    message: /option reply of 1073741824 bytes/,
+  });
   await huge.close();
   for (const mode of ['bad-magic', 'unknown-cookie'] as const) {
     const h = await hostileServer(mode);
     const dev = await NbdDevice.open(`nbd+unix:///?socket=${h.sock}`, { reconnectTimeoutMs: 10_000 });
-    await assert.rejects(dev.read(0, Buffer.alloc(4096)), (e) => isCryptmapError(e, 'ENBDGONE') && e.errno === 'EIO' && /in a row without a request completing .*protocol violation/.test(e.message));
+    await assert.rejects(
+      dev.read(0, Buffer.alloc(4096)),
+      (e) =>
+        isCryptmapError(e, 'ENBDGONE') &&
+        e.errno === 'EIO' &&
+        /in a row without a request completing .*protocol violation/.test(e.message),
+    );
     assert.equal(dev.health.state, 'failed');
     assert.ok(h.connections() <= 12, `${h.connections()} connections`);
     await dev.close();

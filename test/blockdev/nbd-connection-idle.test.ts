@@ -20,7 +20,15 @@ function harness(timeoutMs: number) {
   });
   const closed: string[] = [];
   const conn = new NbdConnection(
-    { stream, raw: stream as unknown as Socket, rest: null, exportSize: 1n << 20n, transmissionFlags: 1, structuredReplies: false, tls: false },
+    {
+      stream,
+      raw: stream as unknown as Socket,
+      rest: null,
+      exportSize: 1n << 20n,
+      transmissionFlags: 1,
+      structuredReplies: false,
+      tls: false,
+    },
     { closed: (_c, reason) => closed.push(reason), progress: () => undefined },
     timeoutMs,
   );
@@ -41,7 +49,12 @@ test('a request after a long idle spell gets the full reply deadline; a silent s
     const { conn, closed, reply } = harness(1000);
     mock.timers.tick(60_500); // a minute without I/O, half-way between two ticks of the 1 s check
     let answered = 0;
-    const flush = (): WireRequest => ({ type: NBD_CMD_FLUSH, flags: 0, offset: 0, length: 0, done: (e) => {
+    const flush = (): WireRequest => ({
+      type: NBD_CMD_FLUSH,
+      flags: 0,
+      offset: 0,
+      length: 0,
+      done: (e) => {
         assert.equal(e, null);
         answered++;
       },

@@ -15,7 +15,15 @@ const servers = useServers('cryptmap-nbdrc-');
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const MiB = 1 << 20;
 
-const nbdkitArgs = (img: string) => (sock: string) => ['-f', '-U', sock, '--filter=cache', 'file', img, 'cache=writeback'];
+const nbdkitArgs = (img: string) => (sock: string) => [
+  '-f',
+  '-U',
+  sock,
+  '--filter=cache',
+  'file',
+  img,
+  'cache=writeback',
+];
 
 test('nbdkit killed -9 and restarted twice mid-load: no acknowledged write is lost', async () => {
   const img = join(servers.dir, 'load.img');
@@ -57,7 +65,8 @@ test('nbdkit killed -9 and restarted twice mid-load: no acknowledged write is lo
     await sleep(300);
     srv = await servers.start('nbdkit', nbdkitArgs(img), sock);
     // Wait for the client to be back (and to have done some work) before the next crash.
-    for (let i = 0; i < 400 && (dev.health.reconnects < round + 1 || dev.health.state !== 'ready'); i++) await sleep(50);
+    for (let i = 0; i < 400 && (dev.health.reconnects < round + 1 || dev.health.state !== 'ready'); i++)
+      await sleep(50);
     assert.equal(dev.health.state, 'ready', JSON.stringify(dev.health));
   }
   await sleep(700);
@@ -83,7 +92,10 @@ test('without replay copies the loss is reported by the next flush, not hidden',
   await assert.rejects(dev.flush(), (e) => isCryptmapError(e, 'ENBDLOST') && e.errno === 'EIO');
   const back = Buffer.alloc(MiB);
   await dev.read(0, back);
-  assert.ok(back.every((b) => b === 0), 'the cache filter really lost the write (what replay prevents)');
+  assert.ok(
+    back.every((b) => b === 0),
+    'the cache filter really lost the write (what replay prevents)',
+  );
   await dev.close();
   await srv.stop();
 });

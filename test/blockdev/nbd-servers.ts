@@ -23,7 +23,10 @@ export interface RunningServer {
  * A temp dir for this test file and a starter that cleans up every server it started. `start`
  * passes `args` the path it waits for: the Unix socket, or a pid file for a TCP server.
  */
-export function useServers(prefix: string): { dir: string; start(cmd: string, args: (sock: string) => string[], sock?: string): Promise<RunningServer> } {
+export function useServers(prefix: string): {
+  dir: string;
+  start(cmd: string, args: (sock: string) => string[], sock?: string): Promise<RunningServer>;
+} {
   const dir = mkdtempSync(join(tmpdir(), prefix));
   const children = new Set<ChildProcess>();
   let n = 0;

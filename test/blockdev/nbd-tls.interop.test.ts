@@ -26,7 +26,23 @@ function openssl(args: string[]): void {
 /** A CA in `dir` (ca-cert.pem, ca-key.pem). */
 function makeCa(dir: string, cn: string): void {
   mkdirSync(dir, { recursive: true });
-  openssl(['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', `${dir}/ca-key.pem`, '-out', `${dir}/ca-cert.pem`, '-days', '2', '-subj', `/CN=${cn}`]);
+  openssl([
+    'req',
+    '-x509',
+    '-newkey',
+    'ec',
+    '-pkeyopt',
+    'ec_paramgen_curve:P-256',
+    '-nodes',
+    '-keyout',
+    `${dir}/ca-key.pem`,
+    '-out',
+    `${dir}/ca-cert.pem`,
+    '-days',
+    '2',
+    '-subj',
+    `/CN=${cn}`,
+  ]);
 }
 
 /** A certificate signed by the CA in `caDir`: `${dir}/${name}-cert.pem` and `-key.pem`. */
@@ -36,19 +52,63 @@ function makeCert(caDir: string, dir: string, name: string, cn: string, ext: str
   const csr = `${dir}/${name}.csr`;
   const extFile = `${dir}/${name}.ext`;
   execFileSync('sh', ['-c', `printf '%s\\n' "$1" > "$2"`, 'sh', ext, extFile]);
-  openssl(['req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', key, '-out', csr, '-subj', `/CN=${cn}`]);
-  openssl(['x509', '-req', '-in', csr, '-CA', `${caDir}/ca-cert.pem`, '-CAkey', `${caDir}/ca-key.pem`, '-CAcreateserial', '-out', `${dir}/${name}-cert.pem`, '-days', '2', '-extfile', extFile]);
+  openssl([
+    'req',
+    '-newkey',
+    'ec',
+    '-pkeyopt',
+    'ec_paramgen_curve:P-256',
+    '-nodes',
+    '-keyout',
+    key,
+    '-out',
+    csr,
+    '-subj',
+    `/CN=${cn}`,
+  ]);
+  openssl([
+    'x509',
+    '-req',
+    '-in',
+    csr,
+    '-CA',
+    `${caDir}/ca-cert.pem`,
+    '-CAkey',
+    `${caDir}/ca-key.pem`,
+    '-CAcreateserial',
+    '-out',
+    `${dir}/${name}-cert.pem`,
+    '-days',
+    '2',
+    '-extfile',
+    extFile,
+  ]);
 }
 
 before(async () => {
   requireTool('openssl');
   makeCa(srvDir, 'cryptmap test CA');
-  makeCert(srvDir, srvDir, 'server', 'localhost', 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth');
+  makeCert(
+    srvDir,
+    srvDir,
+    'server',
+    'localhost',
+    'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth',
+  );
   makeCert(srvDir, cliDir, 'client', 'cryptmap client', 'extendedKeyUsage=clientAuth');
   copyFileSync(`${srvDir}/ca-cert.pem`, `${cliDir}/ca-cert.pem`);
   makeCa(otherDir, 'another CA');
   port = 20000 + Math.floor(Math.random() * 20000);
-  tlsServer = await servers.start('nbdkit', (sock) => ['-f', '-U', sock, '--tls=require', `--tls-certificates=${srvDir}`, '--tls-verify-peer', 'memory', '4M']);
+  tlsServer = await servers.start('nbdkit', (sock) => [
+    '-f',
+    '-U',
+    sock,
+    '--tls=require',
+    `--tls-certificates=${srvDir}`,
+    '--tls-verify-peer',
+    'memory',
+    '4M',
+  ]);
 });
 
 test('nbds+unix with tls-certificates=DIR: verified both ways, data flows', async () => {
@@ -70,24 +130,56 @@ test('nbds+unix with tls-certificates=DIR: verified both ways, data flows', asyn
 
 test('nbds:// over TCP checks the server name', async () => {
   // Waits for the pid file, which nbdkit writes once it listens.
-  const tcp = await servers.start('nbdkit', (pid) => ['-f', '-P', pid, '-p', String(port), '-i', '127.0.0.1', '--tls=require', `--tls-certificates=${srvDir}`, 'memory', '1M']);
+  const tcp = await servers.start('nbdkit', (pid) => [
+    '-f',
+    '-P',
+    pid,
+    '-p',
+    String(port),
+    '-i',
+    '127.0.0.1',
+    '--tls=require',
+    `--tls-certificates=${srvDir}`,
+    'memory',
+    '1M',
+  ]);
   const dev = await NbdDevice.open(`nbds://localhost:${port}/?tls-certificates=${cliDir}`);
   await dev.read(0, Buffer.alloc(4096));
   await dev.close();
-  await assert.rejects(NbdDevice.open(`nbds://127.0.0.1:${port}/?tls-certificates=${cliDir}&tls-hostname=storage.example`), { code: 'ENBDOPEN', message: /TLS handshake failed.*(altnames|Hostname)/i });
+  await assert.rejects(
+    NbdDevice.open(`nbds://127.0.0.1:${port}/?tls-certificates=${cliDir}&tls-hostname=storage.example`),
+    { code: 'ENBDOPEN', message: /TLS handshake failed.*(altnames|Hostname)/i },
+  );
   await tcp.stop();
 });
 
 test('TLS refusals are clear errors', async () => {
-  await assert.rejects(NbdDevice.open(`nbd+unix:///?socket=${tlsServer.sock}`), { code: 'ENBDOPEN', exitCode: 4, message: /requires TLS: use an nbds/ });
-  await assert.rejects(NbdDevice.open(`nbds+unix:///?socket=${tlsServer.sock}&x-tls-ca=${otherDir}/ca-cert.pem&x-tls-cert=${cliDir}/client-cert.pem&x-tls-key=${cliDir}/client-key.pem`), {
+  await assert.rejects(NbdDevice.open(`nbd+unix:///?socket=${tlsServer.sock}`), {
     code: 'ENBDOPEN',
-    message: /TLS handshake failed/,
+    exitCode: 4,
+    message: /requires TLS: use an nbds/,
   });
+  await assert.rejects(
+    NbdDevice.open(
+      `nbds+unix:///?socket=${tlsServer.sock}&x-tls-ca=${otherDir}/ca-cert.pem&x-tls-cert=${cliDir}/client-cert.pem&x-tls-key=${cliDir}/client-key.pem`,
+    ),
+    {
+      code: 'ENBDOPEN',
+      message: /TLS handshake failed/,
+    },
+  );
   // The server wants a client certificate; verify-peer=0 skips only the client's own check.
-  await assert.rejects(NbdDevice.open(`nbds+unix:///?socket=${tlsServer.sock}&tls-verify-peer=0`), { code: 'ENBDOPEN' });
+  await assert.rejects(NbdDevice.open(`nbds+unix:///?socket=${tlsServer.sock}&tls-verify-peer=0`), {
+    code: 'ENBDOPEN',
+  });
   const plain = await servers.start('nbdkit', (sock) => ['-f', '-U', sock, 'memory', '1M']);
-  await assert.rejects(NbdDevice.open(`nbds+unix:///?socket=${plain.sock}&tls-certificates=${cliDir}`), { code: 'ENBDOPEN', message: /refused TLS/ });
+  await assert.rejects(NbdDevice.open(`nbds+unix:///?socket=${plain.sock}&tls-certificates=${cliDir}`), {
+    code: 'ENBDOPEN',
+    message: /refused TLS/,
+  });
   await plain.stop();
-  await assert.rejects(NbdDevice.open(`nbds+unix:///?socket=${tlsServer.sock}&tls-certificates=${d}/nowhere`), { code: 'ENBDOPEN', message: /neither ca-cert.pem nor client-cert.pem/ });
+  await assert.rejects(NbdDevice.open(`nbds+unix:///?socket=${tlsServer.sock}&tls-certificates=${d}/nowhere`), {
+    code: 'ENBDOPEN',
+    message: /neither ca-cert.pem nor client-cert.pem/,
+  });
 });

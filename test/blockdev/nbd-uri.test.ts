@@ -20,7 +20,10 @@ test('transports, ports, IPv6, sockets and TLS parameters', () => {
   assert.deepEqual(parseNbdUri('nbd://example.com/x').transport, { kind: 'tcp', host: 'example.com', port: 10809 });
   assert.deepEqual(parseNbdUri('nbd://10.0.0.1:1234/x').transport, { kind: 'tcp', host: '10.0.0.1', port: 1234 });
   assert.deepEqual(parseNbdUri('nbd://[::1]:99/x').transport, { kind: 'tcp', host: '::1', port: 99 });
-  assert.deepEqual(parseNbdUri('nbd+unix:///x?socket=/run/a%20b.sock').transport, { kind: 'unix', path: '/run/a b.sock' });
+  assert.deepEqual(parseNbdUri('nbd+unix:///x?socket=/run/a%20b.sock').transport, {
+    kind: 'unix',
+    path: '/run/a b.sock',
+  });
   assert.deepEqual(parseNbdUri('nbd+unix:///?socket=%00/abstract').transport, { kind: 'unix', path: '\0/abstract' });
   // '+' is a plain character in an RFC 3986 query, not a space.
   assert.deepEqual(parseNbdUri('nbd+unix:///x?socket=/a+b').transport, { kind: 'unix', path: '/a+b' });

@@ -21,7 +21,19 @@ async function format(type: 'luks1' | 'luks2', name: string): Promise<{ img: str
   writeFileSync(key, `passphrase of ${name}`, { mode: 0o600 });
   writeFileSync(img, Buffer.alloc(0));
   await ok('truncate', ['-s', '32M', img]);
-  await ok('cryptsetup', ['luksFormat', '--batch-mode', '--type', type, '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, img]);
+  await ok('cryptsetup', [
+    'luksFormat',
+    '--batch-mode',
+    '--type',
+    type,
+    '--pbkdf',
+    'pbkdf2',
+    '--pbkdf-force-iterations',
+    '1000',
+    '--key-file',
+    key,
+    img,
+  ]);
   return { img, key };
 }
 
@@ -30,16 +42,33 @@ const flagsLine = (dump: string) => /^Flags:\s*(.*)$/m.exec(dump)?.[1]?.trim();
 test('open --persistent stores the flags in the LUKS2 header (cryptsetup luksDump shows them); later opens use them; --persistent alone clears them', async () => {
   const { img, key } = await format('luks2', 'p2');
   assert.equal(flagsLine(await ok('cryptsetup', ['luksDump', img])), '(no flags)');
-  const first = await cm('open', '--runtime-dir', fx.run, '--key-file', key, '--persistent', '--allow-discards', '--perf-no_read_workqueue', img, 'p2');
+  const first = await cm(
+    'open',
+    '--runtime-dir',
+    fx.run,
+    '--key-file',
+    key,
+    '--persistent',
+    '--allow-discards',
+    '--perf-no_read_workqueue',
+    img,
+    'p2',
+  );
   assert.equal(first.code, 0, first.stderr);
   assert.equal(first.stderr, '');
   assert.equal(flagsLine(await ok('cryptsetup', ['luksDump', img])), 'allow-discards no-read-workqueue');
-  assert.match((await cm('status', '--runtime-dir', fx.run, 'p2')).stdout, /^ {2}flags: {3}discards no_read_workqueue $/m);
+  assert.match(
+    (await cm('status', '--runtime-dir', fx.run, 'p2')).stdout,
+    /^ {2}flags: {3}discards no_read_workqueue $/m,
+  );
   assert.equal((await cm('close', '--runtime-dir', fx.run, 'p2')).code, 0);
   // cryptsetup still accepts the header, and a plain open now gets the stored flags.
   await ok('cryptsetup', ['open', '--test-passphrase', '--key-file', key, img]);
   assert.equal((await cm('open', '--runtime-dir', fx.run, '--key-file', key, img, 'p2')).code, 0);
-  assert.match((await cm('status', '--runtime-dir', fx.run, 'p2')).stdout, /^ {2}flags: {3}discards no_read_workqueue $/m);
+  assert.match(
+    (await cm('status', '--runtime-dir', fx.run, 'p2')).stdout,
+    /^ {2}flags: {3}discards no_read_workqueue $/m,
+  );
   assert.equal((await cm('close', '--runtime-dir', fx.run, 'p2')).code, 0);
   // --persistent with no flags: the stored flags are cleared, as cryptsetup does (after this
   // activation, which was made with the flags the header still held).
@@ -69,11 +98,24 @@ test('refresh changes the flags of an active LUKS volume without closing it; wro
   // Data written before the refresh reads back after it, over the same export.
   const uri = `nbd+unix:///r2?socket=${join(fx.run, 'nbd.sock')}`;
   await ok('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5c 1M 64k', uri]);
-  const r = await cm('refresh', '--runtime-dir', fx.run, '--key-file', key, '--allow-discards', '--perf-same_cpu_crypt', 'r2');
+  const r = await cm(
+    'refresh',
+    '--runtime-dir',
+    fx.run,
+    '--key-file',
+    key,
+    '--allow-discards',
+    '--perf-same_cpu_crypt',
+    'r2',
+  );
   assert.equal(r.code, 0, r.stderr);
   assert.match((await cm('status', '--runtime-dir', fx.run, 'r2')).stdout, /^ {2}flags: {3}discards same_cpu_crypt $/m);
   assert.match(await ok('qemu-io', ['-f', 'raw', '-c', 'read -P 0x5c 1M 64k', uri]), /read 65536\/65536 bytes/);
-  assert.equal(flagsLine(await ok('cryptsetup', ['luksDump', img])), '(no flags)', 'without --persistent the header is unchanged');
+  assert.equal(
+    flagsLine(await ok('cryptsetup', ['luksDump', img])),
+    '(no flags)',
+    'without --persistent the header is unchanged',
+  );
   // A wrong key file: exit 2, flags unchanged.
   const wrong = join(fx.dir, 'wrong.key');
   writeFileSync(wrong, 'not the passphrase', { mode: 0o600 });
@@ -82,7 +124,10 @@ test('refresh changes the flags of an active LUKS volume without closing it; wro
   // No flags given: back to none; with --persistent the given flags land in the header too.
   assert.equal((await cm('refresh', '--runtime-dir', fx.run, '--key-file', key, 'r2')).code, 0);
   assert.doesNotMatch((await cm('status', '--runtime-dir', fx.run, 'r2')).stdout, /flags:/);
-  assert.equal((await cm('refresh', '--runtime-dir', fx.run, '--key-file', key, '--persistent', '--allow-discards', 'r2')).code, 0);
+  assert.equal(
+    (await cm('refresh', '--runtime-dir', fx.run, '--key-file', key, '--persistent', '--allow-discards', 'r2')).code,
+    0,
+  );
   assert.equal(flagsLine(await ok('cryptsetup', ['luksDump', img])), 'allow-discards');
   assert.match((await cm('status', '--runtime-dir', fx.run, 'r2')).stdout, /^ {2}flags: {3}discards $/m);
   assert.equal((await cm('close', '--runtime-dir', fx.run, 'r2')).code, 0);
@@ -92,7 +137,10 @@ test('refresh changes the flags of an active LUKS volume without closing it; wro
   assert.match(gone.stderr, /Device r2 is not active\./);
   const plainKey = join(fx.dir, 'plain.key');
   writeFileSync(plainKey, Buffer.alloc(32, 7), { mode: 0o600 });
-  assert.equal((await cm('open', '--runtime-dir', fx.run, '--type', 'plain', '--key-file', plainKey, img, 'pl')).code, 0);
+  assert.equal(
+    (await cm('open', '--runtime-dir', fx.run, '--type', 'plain', '--key-file', plainKey, img, 'pl')).code,
+    0,
+  );
   const pl = await cm('refresh', '--runtime-dir', fx.run, '--key-file', plainKey, 'pl');
   assert.equal(pl.code, 1);
   assert.match(pl.stderr, /pl is not active LUKS device name or header is missing\./);
@@ -114,13 +162,19 @@ test('resize follows a grown file, takes --size and --device-size, and refuses w
   const grow = await cm('resize', '--runtime-dir', fx.run, '--key-file', key, 'z2');
   assert.equal(grow.code, 0, grow.stderr);
   assert.equal(await sizeOf(), 64 * 1048576 - offsetSectors * 512);
-  assert.match((await cm('status', '--runtime-dir', fx.run, 'z2')).stdout, new RegExp(`size: {4}${(64 * 2048 - offsetSectors).toString()} sectors`));
+  assert.match(
+    (await cm('status', '--runtime-dir', fx.run, 'z2')).stdout,
+    new RegExp(`size: {4}${(64 * 2048 - offsetSectors).toString()} sectors`),
+  );
   assert.match(await ok('qemu-io', ['-f', 'raw', '-c', 'read -P 0x3d 0 1M', uri]), /read 1048576\/1048576 bytes/);
   await ok('qemu-io', ['-f', 'raw', '-c', 'write -P 0x4e 40M 1M', uri]);
   // Explicit sizes: sectors, bytes; misaligned to the 4096-byte crypto sector; larger than the device.
   assert.equal((await cm('resize', '--runtime-dir', fx.run, '--key-file', key, '--size', '40960', 'z2')).code, 0);
   assert.equal(await sizeOf(), 40960 * 512);
-  assert.equal((await cm('resize', '--runtime-dir', fx.run, '--key-file', key, '--device-size', '25165824', 'z2')).code, 0);
+  assert.equal(
+    (await cm('resize', '--runtime-dir', fx.run, '--key-file', key, '--device-size', '25165824', 'z2')).code,
+    0,
+  );
   assert.equal(await sizeOf(), 25165824);
   const odd = await cm('resize', '--runtime-dir', fx.run, '--key-file', key, '--size', '40961', 'z2');
   assert.equal(odd.code, 1);
@@ -148,6 +202,9 @@ test('resize follows a grown file, takes --size and --device-size, and refuses w
   const r1 = await cm('resize', '--runtime-dir', fx.run, 'z1');
   assert.equal(r1.code, 0, r1.stderr);
   const l1Offset = Number(/Payload offset:\s+(\d+)/.exec(await ok('cryptsetup', ['luksDump', l1.img]))?.[1]);
-  assert.equal(Number((await ok('nbdinfo', ['--size', `nbd+unix:///z1?socket=${join(fx.run, 'nbd.sock')}`])).trim()), 48 * 1048576 - l1Offset * 512);
+  assert.equal(
+    Number((await ok('nbdinfo', ['--size', `nbd+unix:///z1?socket=${join(fx.run, 'nbd.sock')}`])).trim()),
+    48 * 1048576 - l1Offset * 512,
+  );
   assert.equal((await cm('close', '--runtime-dir', fx.run, 'z1')).code, 0);
 });

@@ -20,7 +20,19 @@ test('create/remove, plainOpen/plainClose, luksOpen over --type, luksClose, luks
   writeFileSync(key, randomBytes(32), { mode: 0o600 });
   writeFileSync(img, Buffer.alloc(4 << 20));
   // create takes <name> <device>
-  let r = await cm('create', '--runtime-dir', fx.run, '-c', 'aes-cbc-essiv:sha256', '-s', '256', '-d', key, 'cvol', img);
+  let r = await cm(
+    'create',
+    '--runtime-dir',
+    fx.run,
+    '-c',
+    'aes-cbc-essiv:sha256',
+    '-s',
+    '256',
+    '-d',
+    key,
+    'cvol',
+    img,
+  );
   assert.equal(r.code, 0, r.stderr);
   r = await cm('status', '--runtime-dir', fx.run, 'cvol');
   assert.match(r.stdout, /type: {4}PLAIN/);
@@ -36,7 +48,20 @@ test('create/remove, plainOpen/plainClose, luksOpen over --type, luksClose, luks
   const lkey = join(fx.dir, 'l.key');
   writeFileSync(lkey, 'pw', { mode: 0o600 });
   await ok('truncate', ['-s', '20M', limg]);
-  await ok('cryptsetup', ['-q', 'luksFormat', '--type', 'luks2', '--sector-size', '512', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', limg, lkey]);
+  await ok('cryptsetup', [
+    '-q',
+    'luksFormat',
+    '--type',
+    'luks2',
+    '--sector-size',
+    '512',
+    '--pbkdf',
+    'pbkdf2',
+    '--pbkdf-force-iterations',
+    '1000',
+    limg,
+    lkey,
+  ]);
   // luksOpen is LUKS whatever --type says (cryptsetup sets the type from the action name)
   r = await cm('luksOpen', '--runtime-dir', fx.run, '--type', 'plain', '-d', lkey, limg, 'lvol');
   assert.equal(r.code, 0, r.stderr);

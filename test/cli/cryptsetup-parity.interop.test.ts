@@ -60,10 +60,18 @@ async function same(img: string, args: string[], input = ''): Promise<Outcome> {
   const rs: Result = await exec(CS, sub(a), input);
   const rm: Result = await cryptmap(sub(b), input);
   // The last line, with the image named IMG and a usage error's program prefix dropped.
-  const last = (s: string) => (s.trim().split('\n').pop() ?? '').replaceAll(a, 'IMG').replaceAll(b, 'IMG').replace(/^\S*cryptsetup: /, '');
+  const last = (s: string) =>
+    (s.trim().split('\n').pop() ?? '')
+      .replaceAll(a, 'IMG')
+      .replaceAll(b, 'IMG')
+      .replace(/^\S*cryptsetup: /, '');
   const cs: Outcome = { code: rs.code, err: last(rs.stderr), slots: await slots(a).catch(() => 'not LUKS') };
   const cm: Outcome = { code: rm.code, err: last(rm.stderr), slots: await slots(b).catch(() => 'not LUKS') };
-  assert.deepEqual(cm, cs, `cryptmap ${args.join(' ')} differs from cryptsetup (stdin ${JSON.stringify(input)}): ${rm.stderr}`);
+  assert.deepEqual(
+    cm,
+    cs,
+    `cryptmap ${args.join(' ')} differs from cryptsetup (stdin ${JSON.stringify(input)}): ${rm.stderr}`,
+  );
   return cm;
 }
 
@@ -85,14 +93,19 @@ test('R2: no active keyslot is "No usable keyslot is available." (exit 1)', asyn
   for (const type of ['luks1', 'luks2'] as const) {
     const img = await image(type);
     await ok(CS, ['-q', 'luksKillSlot', img, '0']);
-    for (const args of [['open', '--test-passphrase', 'IMG'], ['luksAddKey', ...FAST, 'IMG'], ['luksRemoveKey', 'IMG'], ['luksChangeKey', ...FAST, 'IMG']]) {
+    for (const args of [
+      ['open', '--test-passphrase', 'IMG'],
+      ['luksAddKey', ...FAST, 'IMG'],
+      ['luksRemoveKey', 'IMG'],
+      ['luksChangeKey', ...FAST, 'IMG'],
+    ]) {
       const r = await same(img, args, 'old\nx\n');
       assert.deepEqual([r.code, r.err], [1, 'No usable keyslot is available.'], args.join(' '));
     }
   }
 });
 
-test('R3: luksKillSlot wants another keyslot\'s passphrase; input that ends at once skips the check; the last slot needs its own', async () => {
+test("R3: luksKillSlot wants another keyslot's passphrase; input that ends at once skips the check; the last slot needs its own", async () => {
   for (const type of ['luks1', 'luks2'] as const) {
     const img = await image(type, true);
     assert.equal((await same(img, ['luksKillSlot', 'IMG', '1'], 'new\n')).code, 2); // the doomed slot's own passphrase
@@ -110,7 +123,18 @@ test('R3: luksKillSlot wants another keyslot\'s passphrase; input that ends at o
 test('R6: key files are read bounded: /dev/zero with -l, /dev/urandom as volume key, the 8 MiB cap', async () => {
   const img = await image('luks2');
   const t0 = Date.now();
-  await same(img, ['-q', 'luksFormat', ...FAST, '--volume-key-file', '/dev/urandom', '-d', '/dev/zero', '-l', '32', 'IMG']);
+  await same(img, [
+    '-q',
+    'luksFormat',
+    ...FAST,
+    '--volume-key-file',
+    '/dev/urandom',
+    '-d',
+    '/dev/zero',
+    '-l',
+    '32',
+    'IMG',
+  ]);
   await same(img, ['open', '--test-passphrase', '-d', '/dev/zero', '-l', '32', 'IMG']);
   const big = join(dir, 'big');
   writeFileSync(big, Buffer.alloc((8 << 20) + 1, 1));
@@ -137,10 +161,16 @@ test('R19: open --test-passphrase --volume-key-file checks the volume key (also 
   assert.equal((await same(img, ['open', '--test-passphrase', '--volume-key-file', '/dev/urandom', 'IMG'])).code, 2);
   await ok(CS, ['-q', 'luksErase', img]);
   assert.equal((await same(img, ['open', '--test-passphrase', '--volume-key-file', vk, 'IMG'])).code, 1);
-  assert.equal((await same(img, ['open', '--test-passphrase', '--volume-key-file', vk, '--key-size', '512', 'IMG'])).code, 0);
+  assert.equal(
+    (await same(img, ['open', '--test-passphrase', '--volume-key-file', vk, '--key-size', '512', 'IMG'])).code,
+    0,
+  );
   // luksAddKey from the volume key alone: --key-size gives its size when no keyslot is left.
   assert.equal((await same(img, ['luksAddKey', ...FAST, '--volume-key-file', vk, 'IMG'], 'p\n')).code, 1);
-  assert.equal((await same(img, ['luksAddKey', ...FAST, '--volume-key-file', vk, '--key-size', '512', 'IMG'], 'p\n')).slots, '0');
+  assert.equal(
+    (await same(img, ['luksAddKey', ...FAST, '--volume-key-file', vk, '--key-size', '512', 'IMG'], 'p\n')).slots,
+    '0',
+  );
 });
 
 test('R5/R21: luksFormat refuses a bad LUKS1 --uuid, an --offset not a multiple of 4096 bytes, LUKS2 sizes with --type luks1', async () => {
@@ -186,7 +216,12 @@ test('R11 / issue 12 item 3: detached header with --offset past the device; a re
     const o = await same(cut, ['open', '--test-passphrase', 'IMG'], 'old\n');
     assert.equal(o.code, 1);
     const m = await cryptmap(['luksDump', cut]);
-    assert.match(m.stderr, type === 'luks1' ? /is too small\. \(LUKS1 requires at least 2066432 bytes\.\)/ : /is too small\. Need at least 16777216 bytes\./);
+    assert.match(
+      m.stderr,
+      type === 'luks1'
+        ? /is too small\. \(LUKS1 requires at least 2066432 bytes\.\)/
+        : /is too small\. Need at least 16777216 bytes\./,
+    );
   }
   const dev = join(dir, 'data10m');
   writeFileSync(dev, '');
@@ -209,7 +244,21 @@ test('R8/R20: luksChangeKey moves a LUKS1 key to a free keyslot; LUKS2 with a fu
   const l2 = join(dir, 'full-area');
   writeFileSync(l2, '');
   truncateSync(l2, 20 << 20);
-  await ok(CS, ['-q', 'luksFormat', '--type', 'luks2', l2, kf('k1'), ...FAST, '--key-slot', '0', '--key-size', '256', '--luks2-keyslots-size', '256k']);
+  await ok(CS, [
+    '-q',
+    'luksFormat',
+    '--type',
+    'luks2',
+    l2,
+    kf('k1'),
+    ...FAST,
+    '--key-slot',
+    '0',
+    '--key-size',
+    '256',
+    '--luks2-keyslots-size',
+    '256k',
+  ]);
   await ok(CS, ['luksAddKey', '-q', l2, ...FAST, '-d', kf('k1'), '--key-slot', '1', kf('p1')]);
   assert.equal((await same(l2, ['luksChangeKey', 'IMG', ...FAST, '-d', kf('k1'), kf('k2')])).code, 0);
   const m = `${l2}.cm`; // what cryptmap left: the new key opens keyslot 0, the old one nothing, keyslot 1 intact
@@ -222,7 +271,12 @@ test('R8/R20: luksChangeKey moves a LUKS1 key to a free keyslot; LUKS2 with a fu
  * Run `bin args` on a pseudo-terminal, answering `steps` ([text awaited, line sent]); every wait has a
  * deadline (pty-dialog.py). The transcript with the image named IMG and the loop device LOOP.
  */
-async function dialog(bin: string[], args: string[], steps: [string, string | null][], names: Record<string, string>): Promise<string> {
+async function dialog(
+  bin: string[],
+  args: string[],
+  steps: [string, string | null][],
+  names: Record<string, string>,
+): Promise<string> {
   const py = new URL('./pty-dialog.py', import.meta.url).pathname.replace('/dist/', '/');
   const r = await exec('python3', [py, JSON.stringify(steps), '60', ...bin, ...args]);
   let t = r.stdout.replaceAll('\r', '');
@@ -245,13 +299,61 @@ test('R12: on a terminal the prompt names a loop device by its backing file; -v 
     try {
       const out: string[] = [];
       const yes: [string, string] = ["Are you sure? (Type 'yes' in capital letters):", 'YES'];
-      out.push(await dialog(bin, ['luksFormat', '--type', 'luks1', ...FAST, '-v', loop], [yes, [`Enter passphrase for ${img}:`, 'p0'], ['Verify passphrase:', 'p0']], names));
-      out.push(await dialog(bin, ['luksOpen', '-v', '-T', '2', '--test-passphrase', loop], [[`Enter passphrase for ${img}:`, 'bad'], [`Enter passphrase for ${img}:`, 'p0']], names));
-      out.push(await dialog(bin, ['luksAddKey', '-S', '2', ...FAST, '-v', loop], [['Enter any existing passphrase:', 'p0'], ['Enter new passphrase for key slot:', 'p1'], ['Verify passphrase:', 'p1']], names));
-      out.push(await dialog(bin, ['luksChangeKey', ...FAST, '-v', loop], [['Enter passphrase to be changed:', 'p0'], ['Enter new passphrase:', 'p2'], ['Verify passphrase:', 'p2']], names));
-      out.push(await dialog(bin, ['luksKillSlot', '-v', loop, '2'], [['Enter any remaining passphrase:', 'p2']], names));
+      out.push(
+        await dialog(
+          bin,
+          ['luksFormat', '--type', 'luks1', ...FAST, '-v', loop],
+          [yes, [`Enter passphrase for ${img}:`, 'p0'], ['Verify passphrase:', 'p0']],
+          names,
+        ),
+      );
+      out.push(
+        await dialog(
+          bin,
+          ['luksOpen', '-v', '-T', '2', '--test-passphrase', loop],
+          [
+            [`Enter passphrase for ${img}:`, 'bad'],
+            [`Enter passphrase for ${img}:`, 'p0'],
+          ],
+          names,
+        ),
+      );
+      out.push(
+        await dialog(
+          bin,
+          ['luksAddKey', '-S', '2', ...FAST, '-v', loop],
+          [
+            ['Enter any existing passphrase:', 'p0'],
+            ['Enter new passphrase for key slot:', 'p1'],
+            ['Verify passphrase:', 'p1'],
+          ],
+          names,
+        ),
+      );
+      out.push(
+        await dialog(
+          bin,
+          ['luksChangeKey', ...FAST, '-v', loop],
+          [
+            ['Enter passphrase to be changed:', 'p0'],
+            ['Enter new passphrase:', 'p2'],
+            ['Verify passphrase:', 'p2'],
+          ],
+          names,
+        ),
+      );
+      out.push(
+        await dialog(bin, ['luksKillSlot', '-v', loop, '2'], [['Enter any remaining passphrase:', 'p2']], names),
+      );
       out.push(await dialog(bin, ['erase', '-v', loop], [yes], names));
-      out.push(await dialog(bin, ['luksOpen', '-v', '-T', '1', '--test-passphrase', loop], [[`Enter passphrase for ${img}:`, 'p2']], names));
+      out.push(
+        await dialog(
+          bin,
+          ['luksOpen', '-v', '-T', '1', '--test-passphrase', loop],
+          [[`Enter passphrase for ${img}:`, 'p2']],
+          names,
+        ),
+      );
       return out;
     } finally {
       await exec('losetup', ['-d', loop]);
@@ -261,7 +363,10 @@ test('R12: on a terminal the prompt names a loop device by its backing file; -v 
   const cm = await run(cmBin);
   for (let i = 0; i < cs.length; i++) assert.equal(cm[i], cs[i], `dialog ${i}`);
   assert.match(cm[0]!, /Enter passphrase for IMG: /);
-  assert.match(cm.at(-1)!, /No usable keyslot is available\.\nCommand failed with code -1 \(wrong or missing parameters\)\.\n\nEXIT 1/);
+  assert.match(
+    cm.at(-1)!,
+    /No usable keyslot is available\.\nCommand failed with code -1 \(wrong or missing parameters\)\.\n\nEXIT 1/,
+  );
 });
 
 test('R2: with an unbound keyslot last, a passphrase that opens no bound keyslot is "No usable keyslot is available." (exit 1), as cryptsetup', async () => {

@@ -18,7 +18,18 @@ test('reencrypt and convert: an unanswerable daemon check fails (header untouche
     const pass = join(dir, 'pass');
     writeFileSync(pass, 'daemon check', { mode: 0o600 });
     const fast = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
-    let r = await cryptmap(['luksFormat', '--type', 'luks2', '--sector-size', '512', '--batch-mode', ...fast, '--key-file', pass, img]);
+    let r = await cryptmap([
+      'luksFormat',
+      '--type',
+      'luks2',
+      '--sector-size',
+      '512',
+      '--batch-mode',
+      ...fast,
+      '--key-file',
+      pass,
+      img,
+    ]);
     assert.equal(r.code, 0, r.stderr);
     const before = readFileSync(img);
     const untrusted = join(dir, 'run');

@@ -19,15 +19,29 @@ export interface Result {
 }
 
 /** Debian packages of the tools the CLI tests run, for the message when one is missing. */
-const PKG: Record<string, string> = { cryptsetup: 'cryptsetup-bin', 'qemu-io': 'qemu-utils', 'qemu-img': 'qemu-utils', nbdinfo: 'libnbd-bin', nbdcopy: 'libnbd-bin' };
+const PKG: Record<string, string> = {
+  cryptsetup: 'cryptsetup-bin',
+  'qemu-io': 'qemu-utils',
+  'qemu-img': 'qemu-utils',
+  nbdinfo: 'libnbd-bin',
+  nbdcopy: 'libnbd-bin',
+};
 
 /** Run `cmd` (stdin: `input`, then EOF) and collect its exit code and output; a missing tool rejects naming its package. */
 export function exec(cmd: string, args: string[], input?: string | Buffer): Promise<Result> {
   return new Promise((resolve, reject) => {
-    const child = execFile(cmd, args, { encoding: 'utf8', timeout: 120_000, maxBuffer: 64 << 20 }, (err, stdout, stderr) => {
-      if (err && (err as NodeJS.ErrnoException).code === 'ENOENT') return reject(new Error(`${cmd} is not installed (Debian package ${PKG[cmd] ?? cmd}; run scripts/install-deps.sh)`));
-      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
-    });
+    const child = execFile(
+      cmd,
+      args,
+      { encoding: 'utf8', timeout: 120_000, maxBuffer: 64 << 20 },
+      (err, stdout, stderr) => {
+        if (err && (err as NodeJS.ErrnoException).code === 'ENOENT')
+          return reject(
+            new Error(`${cmd} is not installed (Debian package ${PKG[cmd] ?? cmd}; run scripts/install-deps.sh)`),
+          );
+        resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
+      },
+    );
     child.stdin?.on('error', () => undefined);
     child.stdin?.end(input ?? '');
   });

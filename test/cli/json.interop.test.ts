@@ -34,7 +34,18 @@ test('isLuks --json and luksDump --json against cryptsetup, LUKS1 and LUKS2', as
   for (const type of ['luks1', 'luks2']) {
     const img = join(fx.dir, `${type}.img`);
     await ok('truncate', ['-s', '20M', img]);
-    await ok('cryptsetup', ['luksFormat', '--type', type, '--batch-mode', '--pbkdf-force-iterations', '1000', ...(type === 'luks2' ? ['--pbkdf', 'pbkdf2'] : []), '--key-file', key, img]);
+    await ok('cryptsetup', [
+      'luksFormat',
+      '--type',
+      type,
+      '--batch-mode',
+      '--pbkdf-force-iterations',
+      '1000',
+      ...(type === 'luks2' ? ['--pbkdf', 'pbkdf2'] : []),
+      '--key-file',
+      key,
+      img,
+    ]);
     const is = await cryptmap(['isLuks', '--json', img]);
     assert.equal(is.code, (await exec('cryptsetup', ['isLuks', img])).code);
     assert.deepEqual(check('isLuks', is.stdout), { device: img, isLuks: true, type });
@@ -47,7 +58,8 @@ test('isLuks --json and luksDump --json against cryptsetup, LUKS1 and LUKS2', as
     const d = check('luksDump', dump.stdout) as { type: string; uuid: string; metadata?: unknown };
     assert.equal(d.type, type);
     assert.equal(d.uuid, (await ok('cryptsetup', ['luksUUID', img])).trim());
-    if (type === 'luks2') assert.deepEqual(d.metadata, JSON.parse(await ok('cryptsetup', ['luksDump', '--dump-json-metadata', img])));
+    if (type === 'luks2')
+      assert.deepEqual(d.metadata, JSON.parse(await ok('cryptsetup', ['luksDump', '--dump-json-metadata', img])));
   }
   const plain = join(fx.dir, 'plain.img');
   await ok('truncate', ['-s', '1M', plain]);
@@ -61,7 +73,19 @@ test('status --json, dm table|status|info|ls --json on an open volume', async ()
   writeFileSync(key, 'json test passphrase', { mode: 0o600 });
   const img = join(fx.dir, 'open.img');
   await ok('truncate', ['-s', '20M', img]);
-  await ok('cryptsetup', ['luksFormat', '--type', 'luks2', '--batch-mode', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, img]);
+  await ok('cryptsetup', [
+    'luksFormat',
+    '--type',
+    'luks2',
+    '--batch-mode',
+    '--pbkdf',
+    'pbkdf2',
+    '--pbkdf-force-iterations',
+    '1000',
+    '--key-file',
+    key,
+    img,
+  ]);
   const o = await cryptmap(['open', '--runtime-dir', fx.run, '--key-file', key, img, 'jvol']);
   assert.equal(o.code, 0, o.stderr);
   try {
@@ -77,17 +101,29 @@ test('status --json, dm table|status|info|ls --json on an open volume', async ()
 
     const tableText = await cryptmap(['dm', 'table', '--runtime-dir', fx.run, 'jvol']);
     const table = await cryptmap(['dm', 'table', '--json', '--runtime-dir', fx.run, 'jvol']);
-    const t = check('dm-lines', table.stdout) as { devices: { name: string; targets: { start: number; length: number; targetType: string; params: string }[] }[] };
+    const t = check('dm-lines', table.stdout) as {
+      devices: { name: string; targets: { start: number; length: number; targetType: string; params: string }[] }[];
+    };
     assert.equal(t.devices[0]!.name, 'jvol');
     const x = t.devices[0]!.targets[0]!;
     assert.equal(`${x.start} ${x.length} ${x.targetType} ${x.params}\n`, tableText.stdout, 'the text table, split');
     assert.doesNotMatch(table.stdout, /[0-9a-f]{64}/, 'no key without --showkeys');
     const status = await cryptmap(['dm', 'status', '--json', '--runtime-dir', fx.run]);
-    assert.equal((check('dm-lines', status.stdout) as { devices: { targets: { targetType: string }[] }[] }).devices[0]!.targets[0]!.targetType, 'crypt');
+    assert.equal(
+      (check('dm-lines', status.stdout) as { devices: { targets: { targetType: string }[] }[] }).devices[0]!.targets[0]!
+        .targetType,
+      'crypt',
+    );
     const info = await cryptmap(['dm', 'info', '--json', '--runtime-dir', fx.run, 'jvol']);
-    assert.equal((check('dm-info', info.stdout) as { devices: { major: number; openCount: number }[] }).devices[0]!.major, 253);
+    assert.equal(
+      (check('dm-info', info.stdout) as { devices: { major: number; openCount: number }[] }).devices[0]!.major,
+      253,
+    );
     const ls = await cryptmap(['dm', 'ls', '--json', '--runtime-dir', fx.run]);
-    assert.deepEqual((check('dm-ls', ls.stdout) as { devices: { name: string }[] }).devices.map((d) => d.name), ['jvol']);
+    assert.deepEqual(
+      (check('dm-ls', ls.stdout) as { devices: { name: string }[] }).devices.map((d) => d.name),
+      ['jvol'],
+    );
   } finally {
     const c = await cryptmap(['close', '--runtime-dir', fx.run, 'jvol']);
     assert.equal(c.code, 0, c.stderr);

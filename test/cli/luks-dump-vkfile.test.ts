@@ -1,7 +1,16 @@
 // luksDump --dump-volume-key --volume-key-file writes the key to a new file only (as cryptsetup):
 // owner read-only, never over an existing file, never through a symbolic link planted at the path.
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
+import {
+  existsSync,
+  mkdtempSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  truncateSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -17,10 +26,25 @@ test('luksDump --volume-key-file: a new 0400 file with the key; an existing file
     writeFileSync(pass, 'vk file passphrase', { mode: 0o600 });
     const key = join(dir, 'key.in');
     writeFileSync(key, Buffer.alloc(64, 7), { mode: 0o600 });
-    let r = await cryptmap(['luksFormat', '--type', 'luks2', '--batch-mode', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', pass, '--volume-key-file', key, img]);
+    let r = await cryptmap([
+      'luksFormat',
+      '--type',
+      'luks2',
+      '--batch-mode',
+      '--pbkdf',
+      'pbkdf2',
+      '--pbkdf-force-iterations',
+      '1000',
+      '--key-file',
+      pass,
+      '--volume-key-file',
+      key,
+      img,
+    ]);
     assert.equal(r.code, 0, r.stderr);
     const out = join(dir, 'vk.out');
-    const dump = (file: string) => cryptmap(['luksDump', '--dump-volume-key', '--batch-mode', '--key-file', pass, '--volume-key-file', file, img]);
+    const dump = (file: string) =>
+      cryptmap(['luksDump', '--dump-volume-key', '--batch-mode', '--key-file', pass, '--volume-key-file', file, img]);
     r = await dump(out);
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stdout, /Key stored to file/);

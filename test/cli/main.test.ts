@@ -16,7 +16,18 @@ async function run(argv: string[]): Promise<{ code: number; err: string }> {
 }
 
 test('an unknown option is a usage error (exit 1) for every verb, not an internal error', async () => {
-  for (const verb of ['status', 'close', 'attach', 'benchmark', 'daemon', 'luksDump', 'open', 'refresh', 'luksSuspend', 'luksResume']) {
+  for (const verb of [
+    'status',
+    'close',
+    'attach',
+    'benchmark',
+    'daemon',
+    'luksDump',
+    'open',
+    'refresh',
+    'luksSuspend',
+    'luksResume',
+  ]) {
     const r = await run([verb, '--no-such-option']);
     assert.equal(r.code, 1, verb);
     assert.match(r.err, /Unknown option '--no-such-option'/, verb);
@@ -33,9 +44,43 @@ test('daemon --crypt-threads takes 1..256 and refuses anything else before start
 });
 
 test('every verb answers --help with its usage and exit 0', async () => {
-  const verbs = ['luksFormat', 'luksDump', 'luksAddKey', 'luksRemoveKey', 'luksKillSlot', 'luksChangeKey', 'luksConvertKey', 'luksUUID', 'isLuks'];
-  verbs.push('luksHeaderBackup', 'luksHeaderRestore', 'config', 'repair', 'erase', 'token', 'open', 'close', 'status', 'luksSuspend', 'luksResume');
-  verbs.push('refresh', 'resize', 'attach', 'detach', 'benchmark', 'daemon', 'dm', 'agent', 'keyd', 'crypttab', 'volume');
+  const verbs = [
+    'luksFormat',
+    'luksDump',
+    'luksAddKey',
+    'luksRemoveKey',
+    'luksKillSlot',
+    'luksChangeKey',
+    'luksConvertKey',
+    'luksUUID',
+    'isLuks',
+  ];
+  verbs.push(
+    'luksHeaderBackup',
+    'luksHeaderRestore',
+    'config',
+    'repair',
+    'erase',
+    'token',
+    'open',
+    'close',
+    'status',
+    'luksSuspend',
+    'luksResume',
+  );
+  verbs.push(
+    'refresh',
+    'resize',
+    'attach',
+    'detach',
+    'benchmark',
+    'daemon',
+    'dm',
+    'agent',
+    'keyd',
+    'crypttab',
+    'volume',
+  );
   for (const verb of verbs) {
     let out = '';
     const stdout = new PassThrough();
@@ -67,7 +112,13 @@ test('options before the verb and -h as --hash: luksFormat does what was asked (
       stdin.end(input);
       return { stdin, stdout, stderr: new PassThrough(), env: { CRYPTMAP_LOCK_DIR: join(dir, 'locks') } };
     };
-    assert.equal(await main(['-q', '--type', 'luks1', 'luksFormat', img, '-h', 'sha512', '--pbkdf-force-iterations', '1000'], io('pw\n')), 0);
+    assert.equal(
+      await main(
+        ['-q', '--type', 'luks1', 'luksFormat', img, '-h', 'sha512', '--pbkdf-force-iterations', '1000'],
+        io('pw\n'),
+      ),
+      0,
+    );
     assert.equal(await main(['-v', 'luksDump', img], io('')), 0);
     assert.match(out, /Hash spec:\s+sha512/);
     assert.equal(await main(['-d', '-', 'open', '--test-passphrase', img, '--', 'name'], io('pw')), 0);

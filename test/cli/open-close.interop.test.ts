@@ -23,7 +23,19 @@ test('luksFormat, open, status, data over NBD, close; exit codes as cryptsetup',
   writeFileSync(key, 'correct horse battery staple', { mode: 0o600 });
   writeFileSync(img, Buffer.alloc(0));
   await ok('truncate', ['-s', '40M', img]);
-  let r = await cm('luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, img);
+  let r = await cm(
+    'luksFormat',
+    '-q',
+    '--type',
+    'luks2',
+    '--pbkdf',
+    'pbkdf2',
+    '--pbkdf-force-iterations',
+    '1000',
+    '--key-file',
+    key,
+    img,
+  );
   assert.equal(r.code, 0, r.stderr);
 
   r = await cm('open', '--runtime-dir', fx.run, '--key-file', key, img, 'avol');
@@ -89,7 +101,19 @@ test('open through the daemon rewrites a damaged secondary LUKS2 header copy fro
   writeFileSync(key, 'recovery passphrase', { mode: 0o600 });
   writeFileSync(img, Buffer.alloc(0));
   await ok('truncate', ['-s', '20M', img]);
-  let r = await cm('luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, img);
+  let r = await cm(
+    'luksFormat',
+    '-q',
+    '--type',
+    'luks2',
+    '--pbkdf',
+    'pbkdf2',
+    '--pbkdf-force-iterations',
+    '1000',
+    '--key-file',
+    key,
+    img,
+  );
   assert.equal(r.code, 0, r.stderr);
   r = await cm('open', '--runtime-dir', fx.run, '--key-file', key, img, 'recvol');
   assert.equal(r.code, 0, r.stderr);
@@ -108,7 +132,11 @@ test('open through the daemon rewrites a damaged secondary LUKS2 header copy fro
   r = await cm('open', '--runtime-dir', fx.run, '--key-file', key, img, 'recvol');
   assert.equal(r.code, 0, r.stderr + fx.log);
   try {
-    assert.deepEqual(await headerState(img), { needsRepair: false, stale: null }, 'secondary copy not repaired by open');
+    assert.deepEqual(
+      await headerState(img),
+      { needsRepair: false, stale: null },
+      'secondary copy not repaired by open',
+    );
     const after = readFileSync(img);
     assert.ok(after.subarray(0, hdrSize).equals(primary), 'the good primary copy changed');
     r = await cm('status', '--runtime-dir', fx.run, 'recvol');
@@ -124,7 +152,23 @@ test('plain mode: key file read directly; same ciphertext as the engine computes
   const key = join(fx.dir, 'p.key');
   writeFileSync(key, randomBytes(64), { mode: 0o600 });
   writeFileSync(img, Buffer.alloc(4 * MiB));
-  let r = await cm('open', '--runtime-dir', fx.run, '--type', 'plain', '--cipher', 'aes-xts-plain64', '--key-size', '512', '--key-file', key, '--offset', '8', img, 'pvol');
+  let r = await cm(
+    'open',
+    '--runtime-dir',
+    fx.run,
+    '--type',
+    'plain',
+    '--cipher',
+    'aes-xts-plain64',
+    '--key-size',
+    '512',
+    '--key-file',
+    key,
+    '--offset',
+    '8',
+    img,
+    'pvol',
+  );
   assert.equal(r.code, 0, r.stderr);
   r = await cm('status', '--runtime-dir', fx.run, 'pvol');
   assert.match(r.stdout, /type: {4}PLAIN/);
@@ -134,7 +178,10 @@ test('plain mode: key file read directly; same ciphertext as the engine computes
   r = await cm('close', '--runtime-dir', fx.run, 'pvol');
   assert.equal(r.code, 0);
   const raw = readFileSync(img);
-  assert.ok(raw.subarray(0, 4096).every((b) => b === 0), 'nothing written before --offset');
+  assert.ok(
+    raw.subarray(0, 4096).every((b) => b === 0),
+    'nothing written before --offset',
+  );
   assert.ok(!raw.subarray(4096, 4096 + 65536).every((b) => b === 0x33), 'data on disk is encrypted');
 });
 
@@ -178,7 +225,9 @@ test('no daemon: a clear error saying how to start it', async () => {
   assert.match(r.stderr, /daemon is not running \(start it with 'cryptmap daemon'\)/);
 });
 
-test('as root: open --attach, mkfs.ext4, mount, files survive close and reopen; cryptsetup decrypts the same file system', { skip: process.getuid?.() !== 0 && !process.env.CI ? 'needs root (CI runs as root)' : false }, async () => {
+test('as root: open --attach, mkfs.ext4, mount, files survive close and reopen; cryptsetup decrypts the same file system', {
+  skip: process.getuid?.() !== 0 && !process.env.CI ? 'needs root (CI runs as root)' : false,
+}, async () => {
   const data = join(fx.dir, 'fs.img');
   const hdr = join(fx.dir, 'fs.hdr');
   const key = join(fx.dir, 'fs.key');
@@ -187,7 +236,21 @@ test('as root: open --attach, mkfs.ext4, mount, files survive close and reopen; 
   writeFileSync(key, 'fs passphrase', { mode: 0o600 });
   writeFileSync(data, Buffer.alloc(0));
   await ok('truncate', ['-s', '64M', data]);
-  let r = await cm('luksFormat', '-q', '--type', 'luks2', '--header', hdr, '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, data);
+  let r = await cm(
+    'luksFormat',
+    '-q',
+    '--type',
+    'luks2',
+    '--header',
+    hdr,
+    '--pbkdf',
+    'pbkdf2',
+    '--pbkdf-force-iterations',
+    '1000',
+    '--key-file',
+    key,
+    data,
+  );
   assert.equal(r.code, 0, r.stderr);
   r = await cm('open', '--runtime-dir', fx.run, '--header', hdr, '--key-file', key, '--attach', data, 'fsvol');
   assert.equal(r.code, 0, r.stderr + fx.log);
@@ -218,7 +281,17 @@ test('as root: open --attach, mkfs.ext4, mount, files survive close and reopen; 
   assert.equal(r.code, 0, r.stderr);
 
   // cryptsetup decrypts the ciphertext in place: the result is the same ext4 file system.
-  await ok('cryptsetup', ['reencrypt', '--decrypt', '--force-offline-reencrypt', '--header', hdr, '--batch-mode', '--key-file', key, data]);
+  await ok('cryptsetup', [
+    'reencrypt',
+    '--decrypt',
+    '--force-offline-reencrypt',
+    '--header',
+    hdr,
+    '--batch-mode',
+    '--key-file',
+    key,
+    data,
+  ]);
   const cat = await ok('debugfs', ['-R', 'cat /hello.txt', data]);
   assert.equal(cat, 'hello from cryptmap\n');
   assert.ok(existsSync(hdr));

@@ -12,7 +12,10 @@ test('the verb is the first word that is not an option or its value, wherever op
   assert.deepEqual(a.positionals, ['dev', 'kf']);
   assert.deepEqual(a.values, { 'batch-mode': true, 'key-file': 'key', pbkdf: 'pbkdf2', hash: 'sha1' });
   const b = parseCommandLine(['-qvdkey', 'open', '-S1', 'dev', 'name']);
-  assert.deepEqual([b.verb, b.positionals, b.values], ['open', ['dev', 'name'], { 'batch-mode': true, verbose: true, 'key-file': 'key', 'key-slot': '1' }]);
+  assert.deepEqual(
+    [b.verb, b.positionals, b.values],
+    ['open', ['dev', 'name'], { 'batch-mode': true, verbose: true, 'key-file': 'key', 'key-slot': '1' }],
+  );
 });
 
 test('`--` ends options: later words are arguments even when they start with a dash', () => {
@@ -26,7 +29,10 @@ test('-h is --hash (takes a value); --help and -? ask for usage; aliases store u
   assert.equal(parseCommandLine(['luksFormat', '-h', 'sha512', 'd']).values.hash, 'sha512');
   assert.equal(parseCommandLine(['-?', 'open']).help, true);
   assert.equal(parseCommandLine(['open', '--help']).help, true);
-  assert.equal(parseCommandLine(['luksDump', '--master-key-file', 'f', '--dump-master-key', 'd']).values['volume-key-file'], 'f');
+  assert.equal(
+    parseCommandLine(['luksDump', '--master-key-file', 'f', '--dump-master-key', 'd']).values['volume-key-file'],
+    'f',
+  );
   assert.equal(takesNextValue('-h'), true);
   assert.equal(takesNextValue('-qd'), true);
   assert.equal(takesNextValue('-dkey'), false);
@@ -43,12 +49,19 @@ test('usage errors: unknown option, missing value, value on a flag, -d twice (cr
     [['-d', '-', 'open', '-d', 'key1', 'dev', 'n'], /^Only one --key-file argument is allowed\.$/],
   ];
   for (const [argv, re] of cases) {
-    assert.throws(() => parseCommandLine(argv), (e: unknown) => isCryptmapError(e) && e.exitCode === 1 && re.test(e.message), argv.join(' '));
+    assert.throws(
+      () => parseCommandLine(argv),
+      (e: unknown) => isCryptmapError(e) && e.exitCode === 1 && re.test(e.message),
+      argv.join(' '),
+    );
   }
 });
 
 test('an option the action does not take is refused as cryptsetup does', () => {
-  assert.throws(() => checkOptionsAllowed({ 'allow-discards': true }, 'luksDump'), /^CryptmapError: Option --allow-discards is not allowed with luksDump action\.$/);
+  assert.throws(
+    () => checkOptionsAllowed({ 'allow-discards': true }, 'luksDump'),
+    /^CryptmapError: Option --allow-discards is not allowed with luksDump action\.$/,
+  );
   assert.throws(() => checkOptionsAllowed({ uuid: 'x' }, 'open'), /not allowed with open action/);
   checkOptionsAllowed({ 'allow-discards': true, 'key-file': 'k', hash: 'sha1' }, 'open');
 });

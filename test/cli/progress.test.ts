@@ -51,11 +51,44 @@ test('cryptmap reencrypt --progress-json prints cryptsetup JSON lines ending at 
     const key = join(dir, 'k');
     writeFileSync(key, 'pass', { mode: 0o600 });
     writeFileSync(img, Buffer.alloc(6 << 20));
-    const io = () => ({ stdin: Readable.from([]) as unknown as NodeJS.ReadableStream, stdout: new Sink(), stderr: new Sink(), env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') } });
+    const io = () => ({
+      stdin: Readable.from([]) as unknown as NodeJS.ReadableStream,
+      stdout: new Sink(),
+      stderr: new Sink(),
+      env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') },
+    });
     const a = io();
     const hdr = join(dir, 'a.hdr');
-    assert.equal(await main(['reencrypt', '--encrypt', '-q', '--header', hdr, '--luks2-keyslots-size', '1M', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, '--hotzone-size', '1M', '--progress-json', img], a), 0, a.stderr.data);
-    const lines = a.stdout.data.trim().split('\n').map((l) => JSON.parse(l) as Record<string, string>);
+    assert.equal(
+      await main(
+        [
+          'reencrypt',
+          '--encrypt',
+          '-q',
+          '--header',
+          hdr,
+          '--luks2-keyslots-size',
+          '1M',
+          '--pbkdf',
+          'pbkdf2',
+          '--pbkdf-force-iterations',
+          '1000',
+          '--key-file',
+          key,
+          '--hotzone-size',
+          '1M',
+          '--progress-json',
+          img,
+        ],
+        a,
+      ),
+      0,
+      a.stderr.data,
+    );
+    const lines = a.stdout.data
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as Record<string, string>);
     assert.ok(lines.length >= 1, a.stdout.data);
     const last = lines.at(-1)!;
     assert.deepEqual(Object.keys(last), ['device', 'device_bytes', 'device_size', 'speed', 'eta_ms', 'time_ms']);

@@ -30,7 +30,22 @@ test('a cryptsetup LUKS2 volume on nbdkit opens through the NBD client and reads
   const key = join(fx.dir, 'key');
   writeFileSync(key, 'remote passphrase', { mode: 0o600 });
   writeFileSync(img, Buffer.concat([plain, Buffer.alloc(16 * MiB)]));
-  await ok('cryptsetup', ['reencrypt', '--encrypt', '--type', 'luks2', '--reduce-device-size', '16M', '--batch-mode', '--key-file', key, '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', img]);
+  await ok('cryptsetup', [
+    'reencrypt',
+    '--encrypt',
+    '--type',
+    'luks2',
+    '--reduce-device-size',
+    '16M',
+    '--batch-mode',
+    '--key-file',
+    key,
+    '--pbkdf',
+    'pbkdf2',
+    '--pbkdf-force-iterations',
+    '1000',
+    img,
+  ]);
   const uuid = (await ok('cryptsetup', ['luksUUID', img])).trim();
   const sock = join(fx.dir, 'nbdkit.sock');
   await nbdkitFile(img, sock);
@@ -76,7 +91,15 @@ test('a cryptsetup LUKS2 volume on nbdkit opens through the NBD client and reads
   writeFileSync(bad, 'nope', { mode: 0o600 });
   r = await cryptmap(['open', '--runtime-dir', fx.run, '--key-file', bad, remote, 'rvol']);
   assert.equal(r.code, 2, r.stderr);
-  r = await cryptmap(['open', '--runtime-dir', fx.run, '--key-file', key, `nbd+unix:///?socket=${join(fx.dir, 'none.sock')}`, 'rvol']);
+  r = await cryptmap([
+    'open',
+    '--runtime-dir',
+    fx.run,
+    '--key-file',
+    key,
+    `nbd+unix:///?socket=${join(fx.dir, 'none.sock')}`,
+    'rvol',
+  ]);
   assert.equal(r.code, 4, r.stderr);
   assert.match(r.stderr, /cannot open nbd\+unix/);
   r = await cryptmap(['luksDump', 'nbd+unix:///x']);
@@ -108,7 +131,19 @@ test('a storage server that stays gone: I/O fails with EIO and status says why',
   await ok('truncate', ['-s', '20M', img]);
   const key = join(fx.dir, 'gone.key');
   writeFileSync(key, 'k', { mode: 0o600 });
-  await ok('cryptsetup', ['luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, img]);
+  await ok('cryptsetup', [
+    'luksFormat',
+    '-q',
+    '--type',
+    'luks2',
+    '--pbkdf',
+    'pbkdf2',
+    '--pbkdf-force-iterations',
+    '1000',
+    '--key-file',
+    key,
+    img,
+  ]);
   const sock = join(fx.dir, 'gone.sock');
   const srv = await nbdkitFile(img, sock);
   const remote = `nbd+unix:///?socket=${sock}`;
@@ -132,7 +167,21 @@ test('a detached header may live on either side of the NBD connection', async ()
   writeFileSync(key, 'detached', { mode: 0o600 });
   writeFileSync(data, Buffer.alloc(8 * MiB));
   writeFileSync(hdr, Buffer.alloc(16 * MiB));
-  await ok('cryptsetup', ['luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, '--header', hdr, data]);
+  await ok('cryptsetup', [
+    'luksFormat',
+    '-q',
+    '--type',
+    'luks2',
+    '--pbkdf',
+    'pbkdf2',
+    '--pbkdf-force-iterations',
+    '1000',
+    '--key-file',
+    key,
+    '--header',
+    hdr,
+    data,
+  ]);
   const dataSock = join(fx.dir, 'det-data.sock');
   const hdrSock = join(fx.dir, 'det-hdr.sock');
   await nbdkitFile(data, dataSock);

@@ -7,7 +7,10 @@ import { rawCryptFields } from '../../src/cli/commands/status.js';
 test('status fields of a raw crypt table, as cryptsetup prints them for a device it did not make', () => {
   const zeros = '0'.repeat(128);
   assert.equal(
-    rawCryptFields(`0 8192 crypt aes-xts-plain64 ${zeros} 16 /tmp/raw.img 2048 2 allow_discards sector_size:4096`, false),
+    rawCryptFields(
+      `0 8192 crypt aes-xts-plain64 ${zeros} 16 /tmp/raw.img 2048 2 allow_discards sector_size:4096`,
+      false,
+    ),
     [
       '  type:    n/a',
       '  cipher:  aes-xts-plain64',

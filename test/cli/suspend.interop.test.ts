@@ -27,7 +27,19 @@ test('luksSuspend / luksResume of a cryptsetup-made LUKS2 volume: NBD I/O waits,
   truncateSync(img, 40 * MiB);
   const key = secretFile('a.key', 'suspend me softly');
   const bad = secretFile('bad.key', 'not the passphrase');
-  await ok('cryptsetup', ['luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, img]);
+  await ok('cryptsetup', [
+    'luksFormat',
+    '-q',
+    '--type',
+    'luks2',
+    '--pbkdf',
+    'pbkdf2',
+    '--pbkdf-force-iterations',
+    '1000',
+    '--key-file',
+    key,
+    img,
+  ]);
 
   let r = await cm(['open', '--key-file', key, img, 'sv']);
   assert.equal(r.code, 0, r.stderr);
@@ -45,9 +57,11 @@ test('luksSuspend / luksResume of a cryptsetup-made LUKS2 volume: NBD I/O waits,
 
   // An NBD client reading now waits (as on a suspended dm device) until the resume.
   let readDone = false;
-  const reader = exec('qemu-io', ['-f', 'raw', uri, '-c', 'read -P 0x5a 0 1M', '-c', 'read -P 0xa5 1M 1M']).finally(() => {
-    readDone = true;
-  });
+  const reader = exec('qemu-io', ['-f', 'raw', uri, '-c', 'read -P 0x5a 0 1M', '-c', 'read -P 0xa5 1M 1M']).finally(
+    () => {
+      readDone = true;
+    },
+  );
 
   // Already suspended: cryptsetup's message, exit 1.
   r = await cm(['luksSuspend', 'sv']);
@@ -112,7 +126,19 @@ test('luksSuspend / luksResume refusals: plain volume (1), unknown name (4), no 
   writeFileSync(img, Buffer.alloc(0));
   truncateSync(img, 4 * MiB);
   const key = secretFile('p.key', Buffer.alloc(64, 0x42).fill(0x24, 32));
-  let r = await cm(['open', '--type', 'plain', '--cipher', 'aes-xts-plain64', '--key-size', '512', '--key-file', key, img, 'pv']);
+  let r = await cm([
+    'open',
+    '--type',
+    'plain',
+    '--cipher',
+    'aes-xts-plain64',
+    '--key-size',
+    '512',
+    '--key-file',
+    key,
+    img,
+    'pv',
+  ]);
   assert.equal(r.code, 0, r.stderr);
   r = await cm(['luksSuspend', 'pv']);
   assert.equal(r.code, 1);

@@ -24,16 +24,30 @@ test('systemd-analyze verify accepts the units without a warning', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'cryptmap-units-'));
   try {
     const names = readdirSync(UNITS).filter((n) => /\.(service|socket)$/.test(n));
-    assert.deepEqual(names.sort(), ['cryptmap-agent.service', 'cryptmap-daemon.service', 'cryptmap-daemon.socket', 'cryptmap-keyd.service']);
+    assert.deepEqual(names.sort(), [
+      'cryptmap-agent.service',
+      'cryptmap-daemon.service',
+      'cryptmap-daemon.socket',
+      'cryptmap-keyd.service',
+    ]);
     for (const n of names) writeFileSync(join(dir, n), unit(n).replaceAll('/usr/bin/cryptmap ', `${BIN} `));
     const r = await new Promise<{ code: number; stdout: string; stderr: string }>((res) => {
-      execFile('systemd-analyze', ['verify', ...names.map((n) => join(dir, n))], { timeout: 120_000 }, (e, stdout, stderr) => {
-        if (e && (e as NodeJS.ErrnoException).code === 'ENOENT') {
-          res({ code: -1, stdout, stderr: 'systemd-analyze is not installed (Debian package systemd; scripts/install-deps.sh)' });
-          return;
-        }
-        res({ code: e ? Number((e as { code?: number }).code ?? 1) : 0, stdout, stderr });
-      });
+      execFile(
+        'systemd-analyze',
+        ['verify', ...names.map((n) => join(dir, n))],
+        { timeout: 120_000 },
+        (e, stdout, stderr) => {
+          if (e && (e as NodeJS.ErrnoException).code === 'ENOENT') {
+            res({
+              code: -1,
+              stdout,
+              stderr: 'systemd-analyze is not installed (Debian package systemd; scripts/install-deps.sh)',
+            });
+            return;
+          }
+          res({ code: e ? Number((e as { code?: number }).code ?? 1) : 0, stdout, stderr });
+        },
+      );
     });
     assert.equal(r.code, 0, r.stderr);
     assert.equal(r.stderr.trim(), '', 'systemd-analyze warned');
@@ -45,7 +59,14 @@ test('systemd-analyze verify accepts the units without a warning', async () => {
 test('each service is Type=notify with a restart policy, no core dumps and a capability bounding set', () => {
   for (const n of ['cryptmap-keyd.service', 'cryptmap-daemon.service', 'cryptmap-agent.service']) {
     const u = unit(n);
-    for (const line of ['Type=notify', 'Restart=on-failure', 'NoNewPrivileges=yes', 'LimitCORE=0', 'UMask=0077', 'WatchdogSec=60s']) {
+    for (const line of [
+      'Type=notify',
+      'Restart=on-failure',
+      'NoNewPrivileges=yes',
+      'LimitCORE=0',
+      'UMask=0077',
+      'WatchdogSec=60s',
+    ]) {
       assert.ok(u.split('\n').includes(line), `${n}: ${line}`);
     }
     assert.match(u, /^CapabilityBoundingSet=/m, n);
@@ -55,6 +76,9 @@ test('each service is Type=notify with a restart policy, no core dumps and a cap
   assert.match(unit('cryptmap-keyd.service'), /^ProtectSystem=strict$/m);
   assert.match(unit('cryptmap-daemon.service'), /^RuntimeDirectory=cryptmap\nRuntimeDirectoryMode=0700$/m);
   assert.match(unit('cryptmap-daemon.service'), /^PrivateTmp=yes$/m);
-  assert.match(unit('cryptmap-daemon.socket'), /^ListenStream=\/run\/cryptmap\/control\.sock\nSocketMode=0600\nDirectoryMode=0700\nFileDescriptorName=control$/m);
+  assert.match(
+    unit('cryptmap-daemon.socket'),
+    /^ListenStream=\/run\/cryptmap\/control\.sock\nSocketMode=0600\nDirectoryMode=0700\nFileDescriptorName=control$/m,
+  );
   assert.match(unit('cryptmap-agent.service'), /^After=.*cryptmap-keyd\.service$/m);
 });

@@ -33,7 +33,10 @@ test('requests reach handlers; errors come back with code and exit code', async 
     await assert.rejects(c.request('fail.busy'), (e: CryptmapError) => e.code === 'EBUSY_DEV' && e.exitCode === 5);
     await assert.rejects(c.request('no.such'), (e: CryptmapError) => e.code === 'EUNKNOWN_OP');
     c.close();
-    await assert.rejects(new ControlServer({}).listen(controlSocketPath(dir)), (e: CryptmapError) => e.code === 'EDAEMON_RUNNING');
+    await assert.rejects(
+      new ControlServer({}).listen(controlSocketPath(dir)),
+      (e: CryptmapError) => e.code === 'EDAEMON_RUNNING',
+    );
   } finally {
     await server.close();
     rmSync(dir, { recursive: true, force: true });
@@ -42,7 +45,10 @@ test('requests reach handlers; errors come back with code and exit code', async 
 
 test('a missing daemon gives a clear error saying how to start it', async () => {
   const dir = tmp();
-  await assert.rejects(ControlClient.connect(dir), (e: CryptmapError) => e.code === 'EDAEMON_DOWN' && /cryptmap daemon/.test(e.message));
+  await assert.rejects(
+    ControlClient.connect(dir),
+    (e: CryptmapError) => e.code === 'EDAEMON_DOWN' && /cryptmap daemon/.test(e.message),
+  );
   rmSync(dir, { recursive: true, force: true });
 });
 

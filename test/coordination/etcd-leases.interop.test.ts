@@ -30,7 +30,12 @@ test('one holder per volume; release frees it at once; a partitioned holder is f
   const proxy = await startProxy(etcd.url);
   const lost: { node: string; volume: string; at: number; why: string }[] = [];
   const mk = (node: string, url: string) =>
-    EtcdLeases.connect({ endpoints: [url], node, ttlSeconds: TTL, onLost: (volume, why) => lost.push({ node, volume, why, at: performance.now() }) });
+    EtcdLeases.connect({
+      endpoints: [url],
+      node,
+      ttlSeconds: TTL,
+      onLost: (volume, why) => lost.push({ node, volume, why, at: performance.now() }),
+    });
   const a = await mk('node-a', proxy.url);
   const b = await mk('node-b', etcd.url);
   try {

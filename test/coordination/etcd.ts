@@ -51,10 +51,22 @@ export async function startEtcd(): Promise<Etcd> {
   const proc = spawn(
     'etcd',
     [
-      '--name', 'test', '--data-dir', join(dir, 'data'),
-      '--listen-client-urls', url, '--advertise-client-urls', url,
-      '--listen-peer-urls', `http://127.0.0.1:${peer}`, '--initial-advertise-peer-urls', `http://127.0.0.1:${peer}`,
-      '--initial-cluster', `test=http://127.0.0.1:${peer}`, '--log-level', 'error',
+      '--name',
+      'test',
+      '--data-dir',
+      join(dir, 'data'),
+      '--listen-client-urls',
+      url,
+      '--advertise-client-urls',
+      url,
+      '--listen-peer-urls',
+      `http://127.0.0.1:${peer}`,
+      '--initial-advertise-peer-urls',
+      `http://127.0.0.1:${peer}`,
+      '--initial-cluster',
+      `test=http://127.0.0.1:${peer}`,
+      '--log-level',
+      'error',
     ],
     { stdio: ['ignore', 'ignore', 'pipe'] },
   );
@@ -64,7 +76,10 @@ export async function startEtcd(): Promise<Etcd> {
   proc.stderr!.on('data', (d: Buffer) => (err += d.toString()));
   const t0 = Date.now();
   for (;;) {
-    if (spawnError) throw new Error(`etcd cannot be started (${spawnError.message}): install the Debian package etcd-server (scripts/install-deps.sh)`);
+    if (spawnError)
+      throw new Error(
+        `etcd cannot be started (${spawnError.message}): install the Debian package etcd-server (scripts/install-deps.sh)`,
+      );
     if (proc.exitCode !== null) throw new Error(`etcd exited ${proc.exitCode}: ${err}`);
     if (Date.now() - t0 > 30_000) {
       proc.kill('SIGKILL');

@@ -34,7 +34,10 @@ test('manual diffusion matches for 2 stripes', () => {
   // d = H(be32(0) || s0) for a 32-byte key with sha256 (one full block); key = s1 ^ d.
   const key = Buffer.alloc(32, 7);
   const m = afSplit(key, 2, 'sha256');
-  const d = createHash('sha256').update(Buffer.from([0, 0, 0, 0])).update(m.subarray(0, 32)).digest();
+  const d = createHash('sha256')
+    .update(Buffer.from([0, 0, 0, 0]))
+    .update(m.subarray(0, 32))
+    .digest();
   const s1 = m.subarray(32, 64);
   assert.deepEqual(Buffer.from(s1.map((x, i) => x ^ d[i]!)), key);
 });

@@ -39,10 +39,32 @@ describe('parseCipherSpec', () => {
     assert.deepEqual(n.keyBytesAllowed, []);
   });
 
-  const malformed = ['', 'aes-', 'aes-xts', 'aes-cbc-', '-xts-plain64', 'aes-xts-plain64-junk', 'aes-xts-essiv', 'aes-xts-essiv:', 'aes-xts-plain64:x', 'aes:0-cbc-plain', 'aes:3-cbc-plain', 'aes:x-cbc-plain', 'capi:', 'capi:xts(aes', 'capi:xts-aes-plain64', 'aes xts plain64', 'aes-xts-foo', 'a$s-xts-plain64'];
+  const malformed = [
+    '',
+    'aes-',
+    'aes-xts',
+    'aes-cbc-',
+    '-xts-plain64',
+    'aes-xts-plain64-junk',
+    'aes-xts-essiv',
+    'aes-xts-essiv:',
+    'aes-xts-plain64:x',
+    'aes:0-cbc-plain',
+    'aes:3-cbc-plain',
+    'aes:x-cbc-plain',
+    'capi:',
+    'capi:xts(aes',
+    'capi:xts-aes-plain64',
+    'aes xts plain64',
+    'aes-xts-foo',
+    'a$s-xts-plain64',
+  ];
   for (const spec of malformed) {
     it(`rejects malformed '${spec}' with ECIPHER_SPEC`, () => {
-      assert.throws(() => parseCipherSpec(spec), (e: unknown) => isCryptmapError(e, 'ECIPHER_SPEC'));
+      assert.throws(
+        () => parseCipherSpec(spec),
+        (e: unknown) => isCryptmapError(e, 'ECIPHER_SPEC'),
+      );
     });
   }
 
@@ -71,7 +93,8 @@ describe('parseCipherSpec', () => {
     }
     assert.throws(
       () => parseCipherSpec('aes-cbc-lmk'),
-      (e: unknown) => isCryptmapError(e) && e.message.includes('IV modes plain, plain64, plain64be, essiv:<hash>, benbi, null;'),
+      (e: unknown) =>
+        isCryptmapError(e) && e.message.includes('IV modes plain, plain64, plain64be, essiv:<hash>, benbi, null;'),
     );
   });
 
@@ -85,8 +108,29 @@ describe('parseCipherSpec', () => {
   }
 
   it('never fails with anything but ECIPHER_SPEC or ECIPHER_UNSUPPORTED (property)', () => {
-    const parts = fc.constantFrom('aes', 'capi:', 'xts', 'cbc', 'ecb', '(', ')', '-', ':', 'plain64', 'essiv', 'sha256', 'benbi', 'null', '2', 'cipher_null', 'x');
-    const spec = fc.oneof(fc.string(), fc.array(parts, { maxLength: 8 }).map((a) => a.join('')));
+    const parts = fc.constantFrom(
+      'aes',
+      'capi:',
+      'xts',
+      'cbc',
+      'ecb',
+      '(',
+      ')',
+      '-',
+      ':',
+      'plain64',
+      'essiv',
+      'sha256',
+      'benbi',
+      'null',
+      '2',
+      'cipher_null',
+      'x',
+    );
+    const spec = fc.oneof(
+      fc.string(),
+      fc.array(parts, { maxLength: 8 }).map((a) => a.join('')),
+    );
     fc.assert(
       fc.property(spec, (s) => {
         try {

@@ -7,8 +7,14 @@ import { test } from 'node:test';
 import { argon2, calibrateKdf, deriveKey, pbkdf2 } from '../../src/crypto/kdf/index.js';
 
 test('PBKDF2-SHA1 RFC 6070 vectors', async () => {
-  assert.equal((await pbkdf2('sha1', Buffer.from('password'), Buffer.from('salt'), 1, 20)).toString('hex'), '0c60c80f961f0e71f3a9b524af6012062fe037a6');
-  assert.equal((await pbkdf2('sha1', Buffer.from('password'), Buffer.from('salt'), 4096, 20)).toString('hex'), '4b007901b765489abead49d926f721d065a429c1');
+  assert.equal(
+    (await pbkdf2('sha1', Buffer.from('password'), Buffer.from('salt'), 1, 20)).toString('hex'),
+    '0c60c80f961f0e71f3a9b524af6012062fe037a6',
+  );
+  assert.equal(
+    (await pbkdf2('sha1', Buffer.from('password'), Buffer.from('salt'), 4096, 20)).toString('hex'),
+    '4b007901b765489abead49d926f721d065a429c1',
+  );
 });
 
 test('PBKDF2-SHA256 RFC 7914 vector', async () => {
@@ -19,7 +25,12 @@ test('PBKDF2-SHA256 RFC 7914 vector', async () => {
 test('Argon2id and Argon2i match the reference CLI', async () => {
   const id = await argon2('argon2id', Buffer.from('password'), Buffer.from('somesalt'), 2, 1 << 16, 4, 32);
   assert.equal(id.toString('hex'), '1a9677b0afe81fda7b548895e7a1bfeb8668ffc19a530e37e088a668fab1c02a');
-  const i = await deriveKey({ type: 'argon2i', time: 3, memoryKiB: 1 << 12, parallel: 1 }, Buffer.from('password'), Buffer.from('somesalt'), 32);
+  const i = await deriveKey(
+    { type: 'argon2i', time: 3, memoryKiB: 1 << 12, parallel: 1 },
+    Buffer.from('password'),
+    Buffer.from('somesalt'),
+    32,
+  );
   assert.equal(i.toString('hex'), '896874eaf0fc172dbbc1ff67a67e855d68825f82baa56e947b5067cf3d3b67c0');
 });
 

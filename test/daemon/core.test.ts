@@ -52,7 +52,9 @@ test('mapping JSON round trip and validation of control arguments', () => {
   assert.throws(() => mappingFromJson(null), /mapping/);
 });
 
-test('the control socket refuses users other than its owner', { skip: process.getuid?.() !== 0 && !process.env.CI ? 'needs root to run a client as another user' : false }, async () => {
+test('the control socket refuses users other than its owner', {
+  skip: process.getuid?.() !== 0 && !process.env.CI ? 'needs root to run a client as another user' : false,
+}, async () => {
   const { dir, core } = setup();
   const run = join(dir, 'run');
   ensureRuntimeDir(run);
@@ -60,7 +62,12 @@ test('the control socket refuses users other than its owner', { skip: process.ge
   await server.listen(controlSocketPath(run));
   try {
     const script = `require('net').connect(${JSON.stringify(controlSocketPath(run))}).on('connect',()=>{console.log('CONNECTED');process.exit(0)}).on('error',e=>{console.log(e.code);process.exit(0)})`;
-    const r = spawnSync(process.execPath, ['-e', script], { uid: 65534, gid: 65534, encoding: 'utf8', timeout: 10_000 });
+    const r = spawnSync(process.execPath, ['-e', script], {
+      uid: 65534,
+      gid: 65534,
+      encoding: 'utf8',
+      timeout: 10_000,
+    });
     assert.match(r.stdout, /EACCES|EPERM/, `nobody must not connect: ${r.stdout}${r.stderr}`);
   } finally {
     await server.close();

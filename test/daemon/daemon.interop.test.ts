@@ -23,7 +23,8 @@ function sh(cmd: string, args: string[]): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     execFile(cmd, args, { encoding: 'buffer', maxBuffer: 64 * MiB, timeout: 120_000 }, (err, stdout, stderr) => {
       if (!err) return resolve(stdout);
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return reject(new Error(`${cmd} is not installed (run scripts/install-deps.sh)`));
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT')
+        return reject(new Error(`${cmd} is not installed (run scripts/install-deps.sh)`));
       reject(new Error(`${cmd} ${args.join(' ')} failed: ${stderr.toString() || err.message}`));
     });
   });
@@ -48,10 +49,30 @@ test('cryptsetup volume (detached header) served over NBD: reads give the plaint
   const keyFile = join(dir, 'key');
   writeFileSync(keyFile, 'daemon test passphrase', { mode: 0o600 });
   writeFileSync(data, plain);
-  await sh('cryptsetup', ['reencrypt', '--encrypt', '--type', 'luks2', '--header', hdr, '--batch-mode', '--key-file', keyFile, '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', data]);
+  await sh('cryptsetup', [
+    'reencrypt',
+    '--encrypt',
+    '--type',
+    'luks2',
+    '--header',
+    hdr,
+    '--batch-mode',
+    '--key-file',
+    keyFile,
+    '--pbkdf',
+    'pbkdf2',
+    '--pbkdf-force-iterations',
+    '1000',
+    data,
+  ]);
   assert.ok(!readFileSync(data).equals(plain), 'cryptsetup encrypted the data in place');
 
-  const { mapping, volumeKey } = await prepareLuks({ name: 'vol0', device: data, header: hdr, passphrase: readFileSync(keyFile) });
+  const { mapping, volumeKey } = await prepareLuks({
+    name: 'vol0',
+    device: data,
+    header: hdr,
+    passphrase: readFileSync(keyFile),
+  });
   assert.equal(mapping.type, 'LUKS2');
   assert.equal(mapping.offsetSectors, 0);
   assert.equal(mapping.sizeSectors * 512, plain.length);
@@ -72,7 +93,17 @@ test('cryptsetup volume (detached header) served over NBD: reads give the plaint
   assert.equal(core.statusOf('vol0').active, false);
 
   // cryptsetup decrypts in place what cryptmap wrote.
-  await sh('cryptsetup', ['reencrypt', '--decrypt', '--force-offline-reencrypt', '--header', hdr, '--batch-mode', '--key-file', keyFile, data]);
+  await sh('cryptsetup', [
+    'reencrypt',
+    '--decrypt',
+    '--force-offline-reencrypt',
+    '--header',
+    hdr,
+    '--batch-mode',
+    '--key-file',
+    keyFile,
+    data,
+  ]);
   assert.ok(readFileSync(data).equals(plain), 'cryptsetup reads back what cryptmap wrote');
 });
 
@@ -82,8 +113,28 @@ test('header in the image: the dynamic data segment covers the rest of the file,
   const keyFile = join(dir, 'key1');
   writeFileSync(keyFile, 'pw1', { mode: 0o600 });
   writeFileSync(img, Buffer.concat([plain, Buffer.alloc(8 * MiB)]));
-  await sh('cryptsetup', ['reencrypt', '--encrypt', '--type', 'luks2', '--reduce-device-size', '8M', '--batch-mode', '--key-file', keyFile, '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', img]);
-  const { mapping, volumeKey } = await prepareLuks({ name: 'inline', device: img, passphrase: readFileSync(keyFile), readOnly: true });
+  await sh('cryptsetup', [
+    'reencrypt',
+    '--encrypt',
+    '--type',
+    'luks2',
+    '--reduce-device-size',
+    '8M',
+    '--batch-mode',
+    '--key-file',
+    keyFile,
+    '--pbkdf',
+    'pbkdf2',
+    '--pbkdf-force-iterations',
+    '1000',
+    img,
+  ]);
+  const { mapping, volumeKey } = await prepareLuks({
+    name: 'inline',
+    device: img,
+    passphrase: readFileSync(keyFile),
+    readOnly: true,
+  });
   // cryptsetup put the header in the first half of the reduction (4 MiB); data runs to the end.
   assert.equal(mapping.offsetSectors * 512, 4 * MiB);
   assert.equal(mapping.sizeSectors * 512, 8 * MiB);
@@ -101,11 +152,29 @@ test('errors: unknown volume, duplicate name, wrong passphrase', async () => {
   const keyFile = join(dir, 'key2');
   writeFileSync(keyFile, 'pw2', { mode: 0o600 });
   writeFileSync(img, Buffer.alloc(20 * MiB));
-  await sh('cryptsetup', ['luksFormat', '--type', 'luks2', '--batch-mode', '--key-file', keyFile, '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', img]);
-  await assert.rejects(prepareLuks({ name: 'v2', device: img, passphrase: Buffer.from('wrong') }), (e: CryptmapError) => e.exitCode === 2);
+  await sh('cryptsetup', [
+    'luksFormat',
+    '--type',
+    'luks2',
+    '--batch-mode',
+    '--key-file',
+    keyFile,
+    '--pbkdf',
+    'pbkdf2',
+    '--pbkdf-force-iterations',
+    '1000',
+    img,
+  ]);
+  await assert.rejects(
+    prepareLuks({ name: 'v2', device: img, passphrase: Buffer.from('wrong') }),
+    (e: CryptmapError) => e.exitCode === 2,
+  );
   const { mapping, volumeKey } = await prepareLuks({ name: 'v2', device: img, passphrase: readFileSync(keyFile) });
   await core.openVolume(mapping, volumeKey);
-  await assert.rejects(core.openVolume(mapping, volumeKey), (e: CryptmapError) => e.code === 'EEXIST' && e.exitCode === 5);
+  await assert.rejects(
+    core.openVolume(mapping, volumeKey),
+    (e: CryptmapError) => e.code === 'EEXIST' && e.exitCode === 5,
+  );
   volumeKey.dispose();
   await core.closeVolume('v2');
   assert.equal(core.registry.list().length, 0);

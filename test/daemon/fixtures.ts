@@ -43,7 +43,11 @@ export async function coreWithLuks2(prefix: string): Promise<{ dir: string; core
 }
 
 /** Unlock `img` with PASS and open it as `name`; returns a copy of the volume key (the caller disposes it). */
-export async function openLuks(core: DaemonCore, img: string, name: string): Promise<{ mapping: CryptMapping; key: Secret }> {
+export async function openLuks(
+  core: DaemonCore,
+  img: string,
+  name: string,
+): Promise<{ mapping: CryptMapping; key: Secret }> {
   const { mapping, volumeKey } = await prepareLuks({ name, device: img, passphrase: PASS });
   const key = Secret.copyOf(volumeKey.expose());
   try {
@@ -74,4 +78,5 @@ export function plainMapping(dir: string, over: Partial<CryptMapping> = {}): Cry
 }
 
 /** assert.rejects matcher: a CryptmapError with this exit code and a message matching `re`. */
-export const code = (exitCode: number, re: RegExp) => (e: CryptmapError) => e.exitCode === exitCode && re.test(e.message);
+export const code = (exitCode: number, re: RegExp) => (e: CryptmapError) =>
+  e.exitCode === exitCode && re.test(e.message);

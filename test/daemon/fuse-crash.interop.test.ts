@@ -6,7 +6,16 @@
  */
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  rmSync,
+  truncateSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
@@ -19,7 +28,8 @@ chmodSync(dir, 0o700);
 function sh(cmd: string, args: string[], timeout = 120_000): Promise<{ code: number; out: string }> {
   return new Promise((resolve, reject) => {
     execFile(cmd, args, { encoding: 'utf8', timeout }, (err, stdout, stderr) => {
-      if (err && (err as NodeJS.ErrnoException).code === 'ENOENT') return reject(new Error(`${cmd} is not installed (run scripts/install-deps.sh)`));
+      if (err && (err as NodeJS.ErrnoException).code === 'ENOENT')
+        return reject(new Error(`${cmd} is not installed (run scripts/install-deps.sh)`));
       resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, out: stdout + stderr });
     });
   });
@@ -59,12 +69,27 @@ test('kill -9 of the daemon: ENOTCONN, not a hang; restart, attach cleans the de
   writeFileSync(key, 'crash test passphrase', { mode: 0o600 });
   writeFileSync(img, '');
   truncateSync(img, 48 * MiB);
-  await cliOk(['luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, img]);
+  await cliOk([
+    'luksFormat',
+    '-q',
+    '--type',
+    'luks2',
+    '--pbkdf',
+    'pbkdf2',
+    '--pbkdf-force-iterations',
+    '1000',
+    '--key-file',
+    key,
+    img,
+  ]);
 
   let d = await startDaemon(run);
   await cliOk(['open', '--runtime-dir', run, '--key-file', key, img, 'cv']);
   const dev1 = (await cliOk(['attach', '--runtime-dir', run, '--via', 'fuse', 'cv'])).stdout.trim();
-  assert.match((await cliOk(['status', '--runtime-dir', run, 'cv'])).stdout, /attached: \/dev\/loop[0-9]+ \(via fuse\)/);
+  assert.match(
+    (await cliOk(['status', '--runtime-dir', run, 'cv'])).stdout,
+    /attached: \/dev\/loop[0-9]+ \(via fuse\)/,
+  );
   await ok('mkfs.ext4', ['-q', '-F', dev1]);
   await ok('mount', [dev1, mnt]);
   await ok('fio', fioJob(mnt, false));

@@ -19,9 +19,16 @@ test('a FUSE export on a path with a space is unmounted by stop()', async () => 
   mkdirSync(mnt);
   const exp = FuseExport.start(new MemoryDevice({ sizeBytes: 1 << 20 }), mnt);
   try {
-    assert.ok(mounts().some(([, at]) => at === mnt), 'the export is not mounted');
+    assert.ok(
+      mounts().some(([, at]) => at === mnt),
+      'the export is not mounted',
+    );
     await exp.stop();
-    assert.deepEqual(mounts().filter(([, at]) => at === mnt), [], 'stop() left the FUSE mount behind');
+    assert.deepEqual(
+      mounts().filter(([, at]) => at === mnt),
+      [],
+      'stop() left the FUSE mount behind',
+    );
     assert.equal(exp.stats().threads, 0);
   } finally {
     if (mounts().some(([, at]) => at === mnt)) await runTool('umount', ['-l', mnt]).catch(() => undefined);

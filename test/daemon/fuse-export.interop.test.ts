@@ -29,7 +29,8 @@ function sh(cmd: string, args: string[], timeout = 120_000): Promise<string> {
   return new Promise((resolve, reject) => {
     execFile(cmd, args, { encoding: 'utf8', timeout, maxBuffer: 64 * MiB }, (err, stdout, stderr) => {
       if (!err) return resolve(stdout);
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return reject(new Error(`${cmd} is not installed (run scripts/install-deps.sh)`));
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT')
+        return reject(new Error(`${cmd} is not installed (run scripts/install-deps.sh)`));
       reject(new Error(`${cmd} ${args.join(' ')} failed: ${stderr || err.message}`));
     });
   });
@@ -106,7 +107,14 @@ test('a LUKS2 volume attached via fuse: ext4, fio verify, fsync reaches the file
     await core.suspendVolume('fx');
     assert.equal(core.fuseStats('fx')?.directOn, false);
     let done = false;
-    const reader = sh('dd', [`if=${info.devicePath}`, 'of=/dev/null', 'bs=4096', 'count=1', 'skip=777', 'iflag=direct']).then(() => {
+    const reader = sh('dd', [
+      `if=${info.devicePath}`,
+      'of=/dev/null',
+      'bs=4096',
+      'count=1',
+      'skip=777',
+      'iflag=direct',
+    ]).then(() => {
       done = true;
     });
     await new Promise((r) => setTimeout(r, 400));
@@ -181,8 +189,19 @@ test('a non-crypt table (linear over a file) is served through the mapped device
   assert.ok(readFileSync(out).equals(content));
   const patch = randomBytes(MiB);
   writeFileSync(join(dir, 'patch.bin'), patch);
-  await sh('dd', [`if=${join(dir, 'patch.bin')}`, `of=${info.devicePath}`, 'bs=1M', 'seek=3', 'oflag=direct', 'conv=fsync']);
-  assert.ok(readFileSync(backing).subarray(3 * MiB, 4 * MiB).equals(patch));
+  await sh('dd', [
+    `if=${join(dir, 'patch.bin')}`,
+    `of=${info.devicePath}`,
+    'bs=1M',
+    'seek=3',
+    'oflag=direct',
+    'conv=fsync',
+  ]);
+  assert.ok(
+    readFileSync(backing)
+      .subarray(3 * MiB, 4 * MiB)
+      .equals(patch),
+  );
   assert.ok((core.fuseStats('lin')?.js ?? 0) > 8, 'requests went through the JS route');
   await core.detach('lin');
   await core.dm().remove('lin');

@@ -15,7 +15,11 @@ export function captureIO() {
     s.on('data', (c: Buffer) => arr.push(c.toString()));
     return s;
   };
-  return { io: { stdin: new PassThrough(), stdout: sink(out), stderr: sink(err), env: {} }, out: () => out.join(''), err: () => err.join('') };
+  return {
+    io: { stdin: new PassThrough(), stdout: sink(out), stderr: sink(err), env: {} },
+    out: () => out.join(''),
+    err: () => err.join(''),
+  };
 }
 
 /** Whatever a failed test left under `dir`: lazy unmounts (deepest first), then loop devices. */

@@ -49,12 +49,21 @@ async function parse(text: string): Promise<Map<string, Family>> {
     );
     c.stdin!.end(text);
   });
-  assert.equal(r.code, 0, `the Prometheus parser refused the exposition (python3-prometheus-client installed? scripts/install-deps.sh):\n${r.err}\n${text.slice(0, 2000)}`);
+  assert.equal(
+    r.code,
+    0,
+    `the Prometheus parser refused the exposition (python3-prometheus-client installed? scripts/install-deps.sh):\n${r.err}\n${text.slice(0, 2000)}`,
+  );
   // The Python client names counter families without _total; key by the names we expose.
   return new Map((JSON.parse(r.out) as Family[]).map((f) => [f.type === 'counter' ? `${f.name}_total` : f.name, f]));
 }
 
-function value(fams: Map<string, Family>, family: string, sample: string, labels: Record<string, string> = {}): number | undefined {
+function value(
+  fams: Map<string, Family>,
+  family: string,
+  sample: string,
+  labels: Record<string, string> = {},
+): number | undefined {
   const f = fams.get(family);
   assert.ok(f, `no family ${family} (have: ${[...fams.keys()].join(', ')})`);
   const s = f.samples.find(([n, l]) => n === sample && Object.entries(labels).every(([k, v]) => l[k] === v));
@@ -71,7 +80,10 @@ async function scrape(url: string, headers: Record<string, string> = {}): Promis
 
 /** Start a cryptmap process; resolves with the metrics URL it logs, fails when it exits first or after 60 s. */
 function startWithMetrics(args: string[]): Promise<{ child: ChildProcess; url: string; log: () => string }> {
-  const child = spawn(process.execPath, [ENTRY, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, CRYPTMAP_LOG: 'info' } });
+  const child = spawn(process.execPath, [ENTRY, ...args], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, CRYPTMAP_LOG: 'info' },
+  });
   children.push(child);
   let log = '';
   return new Promise((resolve, reject) => {
@@ -106,8 +118,18 @@ async function stop(c: ChildProcess): Promise<number | null> {
 
 test('the text format: escaping and cumulative histogram buckets, as the Prometheus parser reads them', async () => {
   const text = renderMetrics([
-    { name: 'x_total', help: 'a \\ help\nline', type: 'counter', samples: [{ labels: { device: 'we"ird\\name\n' }, value: 3 }] },
-    { name: 'h_seconds', help: 'h', type: 'histogram', samples: [{ labels: { op: 'read' }, value: { bounds: [0.1, 1], counts: [1, 2, 3], sum: 9.5, count: 6 } }] },
+    {
+      name: 'x_total',
+      help: 'a \\ help\nline',
+      type: 'counter',
+      samples: [{ labels: { device: 'we"ird\\name\n' }, value: 3 }],
+    },
+    {
+      name: 'h_seconds',
+      help: 'h',
+      type: 'histogram',
+      samples: [{ labels: { op: 'read' }, value: { bounds: [0.1, 1], counts: [1, 2, 3], sum: 9.5, count: 6 } }],
+    },
   ]);
   const f = await parse(text);
   assert.deepEqual(f.get('x_total')!.samples, [['x_total', { device: 'we"ird\\name\n' }, 3]]);
@@ -132,7 +154,15 @@ test('cryptmap daemon --metrics: per device requests, bytes, latency, errors by 
     const file = join(dir, 'disk.img');
     writeFileSync(file, Buffer.alloc(1 << 20));
     // 1 MiB of linear storage, then 1 MiB of the error target.
-    const c = await cryptmap(['dm', 'create', 'vol', '--runtime-dir', run, '--table', `0 2048 linear ${file} 0\n2048 2048 error`]);
+    const c = await cryptmap([
+      'dm',
+      'create',
+      'vol',
+      '--runtime-dir',
+      run,
+      '--table',
+      `0 2048 linear ${file} 0\n2048 2048 error`,
+    ]);
     assert.equal(c.code, 0, c.stderr);
     const before = await scrape(d.url);
     for (const [name, type] of [
@@ -152,9 +182,22 @@ test('cryptmap daemon --metrics: per device requests, bytes, latency, errors by 
       assert.equal(before.get(name)?.type, type, `${name} is a ${type}`);
     }
     assert.equal(value(before, 'cryptmap_device_size_bytes', 'cryptmap_device_size_bytes', { device: 'vol' }), 2 << 20);
-    const readsBefore = value(before, 'cryptmap_device_requests_total', 'cryptmap_device_requests_total', { device: 'vol', op: 'read' }) ?? 0;
+    const readsBefore =
+      value(before, 'cryptmap_device_requests_total', 'cryptmap_device_requests_total', {
+        device: 'vol',
+        op: 'read',
+      }) ?? 0;
     const uri = `nbd+unix:///vol?socket=${run}/nbd.sock`;
-    const io = await exec('qemu-io', ['--image-opts', `driver=nbd,path=${run}/nbd.sock,export=vol`, '-c', 'write -P 7 0 64k', '-c', 'read -P 7 0 64k', '-c', 'read 1M 4k']);
+    const io = await exec('qemu-io', [
+      '--image-opts',
+      `driver=nbd,path=${run}/nbd.sock,export=vol`,
+      '-c',
+      'write -P 7 0 64k',
+      '-c',
+      'read -P 7 0 64k',
+      '-c',
+      'read 1M 4k',
+    ]);
     assert.match(io.stdout + io.stderr, /wrote 65536\/65536 bytes/, `${uri}: ${io.stderr}`);
     assert.match(io.stdout + io.stderr, /read failed/, 'the read in the error target fails');
     const afterIo = await scrape(d.url);
@@ -164,9 +207,16 @@ test('cryptmap daemon --metrics: per device requests, bytes, latency, errors by 
     assert.ok(v('cryptmap_device_bytes_total', { device: 'vol', op: 'read' }) >= 65536, 'read bytes counted');
     assert.ok(v('cryptmap_device_request_errors_total', { device: 'vol', op: 'read' }) >= 1, 'the failed read counted');
     const byCode = afterIo.get('cryptmap_device_errors_total')!.samples.filter(([, l]) => l.device === 'vol');
-    assert.ok(byCode.length >= 1 && byCode.every(([, l]) => /^E[A-Z_]+$/.test(l.code ?? '')), `errors by code: ${JSON.stringify(byCode)}`);
     assert.ok(
-      v('cryptmap_device_request_duration_seconds_count', { device: 'vol', op: 'write' }, 'cryptmap_device_request_duration_seconds') >= 1,
+      byCode.length >= 1 && byCode.every(([, l]) => /^E[A-Z_]+$/.test(l.code ?? '')),
+      `errors by code: ${JSON.stringify(byCode)}`,
+    );
+    assert.ok(
+      v(
+        'cryptmap_device_request_duration_seconds_count',
+        { device: 'vol', op: 'write' },
+        'cryptmap_device_request_duration_seconds',
+      ) >= 1,
       'the write is in the latency histogram',
     );
     assert.equal(v('cryptmap_device_inflight_requests', { device: 'vol' }), 0);
@@ -184,11 +234,27 @@ test('--metrics off loopback needs a token; with --metrics-token-file a scrape w
   assert.match(refused.stderr, /--metrics-token-file/);
   const tokenFile = join(dir, 'metrics.token');
   writeFileSync(tokenFile, 'a-long-enough-metrics-token\n', { mode: 0o600 });
-  const d = await startWithMetrics(['daemon', '--runtime-dir', join(dir, 'run-token'), '--metrics', '127.0.0.1:0', '--metrics-token-file', tokenFile]);
+  const d = await startWithMetrics([
+    'daemon',
+    '--runtime-dir',
+    join(dir, 'run-token'),
+    '--metrics',
+    '127.0.0.1:0',
+    '--metrics-token-file',
+    tokenFile,
+  ]);
   try {
     const r = await fetch(d.url, { signal: AbortSignal.timeout(30_000) });
     assert.equal(r.status, 401);
-    assert.equal((await fetch(d.url, { headers: { authorization: 'Bearer wrong-token-of-some-length' }, signal: AbortSignal.timeout(30_000) })).status, 401);
+    assert.equal(
+      (
+        await fetch(d.url, {
+          headers: { authorization: 'Bearer wrong-token-of-some-length' },
+          signal: AbortSignal.timeout(30_000),
+        })
+      ).status,
+      401,
+    );
     const ok = await scrape(d.url, { authorization: 'Bearer a-long-enough-metrics-token' });
     assert.ok(ok.has('cryptmap_build_info'));
     const notFound = await fetch(d.url.replace('/metrics', '/'), { signal: AbortSignal.timeout(30_000) });
@@ -203,7 +269,10 @@ test('cryptmap keyd --metrics: requests by result and refusals by reason move', 
   const k = await startWithMetrics(['keyd', '--state-dir', state, '--metrics', '0']);
   try {
     const before = await scrape(k.url);
-    assert.equal(value(before, 'cryptmap_keyd_refusals_total', 'cryptmap_keyd_refusals_total', { reason: 'unknown_token' }), 0);
+    assert.equal(
+      value(before, 'cryptmap_keyd_refusals_total', 'cryptmap_keyd_refusals_total', { reason: 'unknown_token' }),
+      0,
+    );
     // One granted request and one with a token nobody issued, on the Unix socket.
     const ask = (line: string) =>
       new Promise<string>((res, rej) => {
@@ -224,11 +293,38 @@ test('cryptmap keyd --metrics: requests by result and refusals by reason move', 
         s.on('error', rej);
         s.write(`${line}\n`);
       });
-    assert.match(await ask(JSON.stringify({ id: 1, op: 'derive', purpose: 'scratch', service: 'web', volume: 'cache', length: 32 })), /"ok":true/);
-    assert.match(await ask(JSON.stringify({ id: 2, op: 'derive', token: 'not-a-token', purpose: 'scratch', service: 'web', volume: 'cache' })), /"ok":false/);
+    assert.match(
+      await ask(
+        JSON.stringify({ id: 1, op: 'derive', purpose: 'scratch', service: 'web', volume: 'cache', length: 32 }),
+      ),
+      /"ok":true/,
+    );
+    assert.match(
+      await ask(
+        JSON.stringify({
+          id: 2,
+          op: 'derive',
+          token: 'not-a-token',
+          purpose: 'scratch',
+          service: 'web',
+          volume: 'cache',
+        }),
+      ),
+      /"ok":false/,
+    );
     const afterReq = await scrape(k.url);
-    assert.equal(value(afterReq, 'cryptmap_keyd_requests_total', 'cryptmap_keyd_requests_total', { transport: 'unix', op: 'derive', result: 'granted' }), 1);
-    assert.equal(value(afterReq, 'cryptmap_keyd_refusals_total', 'cryptmap_keyd_refusals_total', { reason: 'unknown_token' }), 1);
+    assert.equal(
+      value(afterReq, 'cryptmap_keyd_requests_total', 'cryptmap_keyd_requests_total', {
+        transport: 'unix',
+        op: 'derive',
+        result: 'granted',
+      }),
+      1,
+    );
+    assert.equal(
+      value(afterReq, 'cryptmap_keyd_refusals_total', 'cryptmap_keyd_refusals_total', { reason: 'unknown_token' }),
+      1,
+    );
   } finally {
     assert.equal(await stop(k.child), 0, k.log());
   }
@@ -237,17 +333,37 @@ test('cryptmap keyd --metrics: requests by result and refusals by reason move', 
 test('cryptmap agent --metrics: volumes by phase, the last reconcile, and its mapped devices', async () => {
   const manifest = join(dir, 'manifest.yaml');
   writeFileSync(manifest, dbOnlyManifest('8M'));
-  const a = await startWithMetrics(['agent', '--manifest', manifest, '--state-dir', join(dir, 'agent'), '--nbd-only', '--boot-id', 'b1', '--metrics', '127.0.0.1:0']);
+  const a = await startWithMetrics([
+    'agent',
+    '--manifest',
+    manifest,
+    '--state-dir',
+    join(dir, 'agent'),
+    '--nbd-only',
+    '--boot-id',
+    'b1',
+    '--metrics',
+    '127.0.0.1:0',
+  ]);
   try {
     const f = await scrape(a.url);
     assert.equal(value(f, 'cryptmap_agent_volumes', 'cryptmap_agent_volumes', { phase: 'ready' }), 1);
     assert.equal(value(f, 'cryptmap_agent_last_reconcile_success', 'cryptmap_agent_last_reconcile_success'), 1);
-    assert.equal(value(f, 'cryptmap_agent_reconciles_total', 'cryptmap_agent_reconciles_total', { result: 'converged' }), 1);
+    assert.equal(
+      value(f, 'cryptmap_agent_reconciles_total', 'cryptmap_agent_reconciles_total', { result: 'converged' }),
+      1,
+    );
     assert.equal(f.get('cryptmap_agent_reconcile_duration_seconds')?.type, 'histogram');
-    assert.ok((value(f, 'cryptmap_agent_last_reconcile_duration_seconds', 'cryptmap_agent_last_reconcile_duration_seconds') ?? 0) > 0);
+    assert.ok(
+      (value(f, 'cryptmap_agent_last_reconcile_duration_seconds', 'cryptmap_agent_last_reconcile_duration_seconds') ??
+        0) > 0,
+    );
     assert.ok(f.get('cryptmap_device_requests_total')!.samples.length > 0, 'the agent exposes its mapped devices too');
     // Progress lines of the slow steps (not a terminal: one line at the start and one at the end).
-    assert.match(a.log(), /scratch\/db\/data: formatting LUKS2\.\.\.\n[\s\S]*scratch\/db\/data: formatting LUKS2 done \(\d+\.\d s\)\n/);
+    assert.match(
+      a.log(),
+      /scratch\/db\/data: formatting LUKS2\.\.\.\n[\s\S]*scratch\/db\/data: formatting LUKS2 done \(\d+\.\d s\)\n/,
+    );
   } finally {
     assert.equal(await stop(a.child), 0, a.log());
   }

@@ -112,7 +112,10 @@ test('luksSuspend/luksResume refusals: unknown name (exit 4), plain volume (exit
     const plain = plainMapping(dir, { name: 'p', device: join(dir, 'plain.img') });
     await core.openVolume(plain, k);
     await assert.rejects(core.suspendVolume('p'), code(1, /^This operation is supported only for LUKS device\.$/));
-    await assert.rejects(core.resumeVolume('p', k), code(1, /^p is not active LUKS device name or header is missing\.$/));
+    await assert.rejects(
+      core.resumeVolume('p', k),
+      code(1, /^p is not active LUKS device name or header is missing\.$/),
+    );
     assert.equal(core.statusOf('p').suspended, false);
     assert.equal(core.keyring.has(keyDescription('p')), true);
     k.dispose();

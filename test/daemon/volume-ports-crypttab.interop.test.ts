@@ -32,7 +32,10 @@ test('crypttab open/close through the daemon: LUKS2 with a key file, plain with 
     await createSparseFile(luksImg, 20 << 20);
     await writeFile(passFile, 'crypttab passphrase', { mode: 0o600 });
     const dev = await FileDevice.open(luksImg);
-    const vol = await Luks2Volume.format(dev, Buffer.from('crypttab passphrase'), { keyslot: { kdf: { ...VOLUME_KEYSLOT_PBKDF } }, digestIterations: 1000 });
+    const vol = await Luks2Volume.format(dev, Buffer.from('crypttab passphrase'), {
+      keyslot: { kdf: { ...VOLUME_KEYSLOT_PBKDF } },
+      digestIterations: 1000,
+    });
     await vol.close();
     await dev.close();
     const plainImg = join(t.dir, 'plain.img');

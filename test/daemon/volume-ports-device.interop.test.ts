@@ -23,7 +23,9 @@ import { TestNode } from './volume-ports-harness.js';
 
 const servers = useServers('cm-devvol-');
 const MiB = 1 << 20;
-const keys = inprocKeyClient(new KeyService({ root: Secret.copyOf(Buffer.alloc(32, 9)), policy: DEFAULT_POLICY, audit: memoryAudit() }));
+const keys = inprocKeyClient(
+  new KeyService({ root: Secret.copyOf(Buffer.alloc(32, 9)), policy: DEFAULT_POLICY, audit: memoryAudit() }),
+);
 const MARKER = Buffer.from('written on node A, read on node B');
 
 function manifest(uri: string, filesystem = 'ext4'): string {
@@ -48,9 +50,16 @@ test('a blank export is formatted and served; node B adopts it with its data; no
       r.executed.map((s) => s.kind),
       ['createFile', 'format', 'open', 'attach', 'mkfs', 'mount'],
     );
-    assert.ok(readFileSync(img).subarray(0, 6).equals(Buffer.from('LUKS\xba\xbe', 'latin1')), 'the LUKS2 header is on the export');
+    assert.ok(
+      readFileSync(img).subarray(0, 6).equals(Buffer.from('LUKS\xba\xbe', 'latin1')),
+      'the LUKS2 header is on the export',
+    );
     const st = nodeA.core.statusOf(ta!.mapping);
-    assert.equal(st.mapping!.sizeSectors * 512, 40 * MiB - 16 * MiB, "the volume's size is the export's less the header");
+    assert.equal(
+      st.mapping!.sizeSectors * 512,
+      40 * MiB - 16 * MiB,
+      "the volume's size is the export's less the header",
+    );
     assert.deepEqual([...(await nodeA.read(ta!, 1024 + 56, 2))], [0x53, 0xef], 'ext4 made on it');
     assert.ok(!existsSync(join(a.dir, 'volumes')), 'no backing file on the node');
     await nodeA.write(ta!, 8 * MiB, MARKER);
@@ -91,13 +100,24 @@ test('an export holding data, or unreachable, is refused and never written', asy
   const t = await tempDir('cm-devvol-r-');
   const node = await TestNode.start({ dir: t.dir, keys });
   try {
-    const [v] = desiredVolumes(parseManifest(manifest(`nbd+unix:///?socket=${srv.sock}`, 'none').replace('        mountpoint: /srv/db\n', '')), join(t.dir, 'volumes'));
+    const [v] = desiredVolumes(
+      parseManifest(manifest(`nbd+unix:///?socket=${srv.sock}`, 'none').replace('        mountpoint: /srv/db\n', '')),
+      join(t.dir, 'volumes'),
+    );
     let r = await node.reconcile([v!], 'boot-1');
     assert.equal(r.volumes[0]!.state, 'refused', JSON.stringify(r.volumes));
     assert.match(r.volumes[0]!.reason!, /is not a LUKS volume/);
     assert.ok(readFileSync(img).subarray(0, 4096).equals(junk), 'untouched');
 
-    const [gone] = desiredVolumes(parseManifest(manifest(`nbd+unix:///?socket=${join(servers.dir, 'none.sock')}`, 'none').replace('        mountpoint: /srv/db\n', '')), join(t.dir, 'volumes'));
+    const [gone] = desiredVolumes(
+      parseManifest(
+        manifest(`nbd+unix:///?socket=${join(servers.dir, 'none.sock')}`, 'none').replace(
+          '        mountpoint: /srv/db\n',
+          '',
+        ),
+      ),
+      join(t.dir, 'volumes'),
+    );
     r = await node.reconcile([gone!], 'boot-1');
     assert.equal(r.volumes[0]!.state, 'refused', JSON.stringify(r.volumes));
     assert.match(r.volumes[0]!.reason!, /unreachable \(cannot open nbd\+unix/);

@@ -131,9 +131,16 @@ export class TestNode {
   #common() {
     const store = {
       load: () => this.store.load(),
-      save: (st: Parameters<StateStore['save']>[0]) => (this.crashed ? Promise.reject(new Crash()) : this.store.save(st)),
+      save: (st: Parameters<StateStore['save']>[0]) =>
+        this.crashed ? Promise.reject(new Crash()) : this.store.save(st),
     };
-    return { store, ports: this.ports, keys: this.keys, ephemeralKeys: this.ephemeralKeys, retry: { attempts: 1, baseMs: 1, maxMs: 1 } };
+    return {
+      store,
+      ports: this.ports,
+      keys: this.keys,
+      ephemeralKeys: this.ephemeralKeys,
+      retry: { attempts: 1, baseMs: 1, maxMs: 1 },
+    };
   }
 
   reconcile(targets: VolumeTarget[], bootId: string): Promise<ApplyReport> {

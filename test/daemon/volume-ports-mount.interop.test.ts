@@ -16,8 +16,14 @@ setLogSink(() => {});
 
 const isRoot = process.getuid?.() === 0;
 
-test('as root: attach, mkfs.ext4, mount; files survive an agent restart; swapon through FUSE refused', { skip: isRoot || process.env.CI ? false : 'needs root (CI runs as root)' }, async () => {
-  assert.equal(detectServeMode().mode, 'attach', 'as root here, attach (nbd module, or /dev/fuse + /dev/loop-control) must be possible');
+test('as root: attach, mkfs.ext4, mount; files survive an agent restart; swapon through FUSE refused', {
+  skip: isRoot || process.env.CI ? false : 'needs root (CI runs as root)',
+}, async () => {
+  assert.equal(
+    detectServeMode().mode,
+    'attach',
+    'as root here, attach (nbd module, or /dev/fuse + /dev/loop-control) must be possible',
+  );
   const t = await tempDir('cryptmap-agent-mount-');
   const manifest = parseManifest(mountedManifest());
   const start = { manifest, stateDir: join(t.dir, 'state'), bootId: 'boot-1', mountRoot: join(t.dir, 'mnt') };
@@ -39,7 +45,10 @@ test('as root: attach, mkfs.ext4, mount; files survive an agent restart; swapon 
     await host.stop();
     host = undefined;
     assert.ok(!readFileSync('/proc/self/mounts', 'utf8').includes(t.dir), 'everything unmounted at stop');
-    assert.ok(!execFileSync('losetup', ['-a'], { encoding: 'utf8' }).includes(t.dir), 'every loop device detached at stop');
+    assert.ok(
+      !execFileSync('losetup', ['-a'], { encoding: 'utf8' }).includes(t.dir),
+      'every loop device detached at stop',
+    );
 
     host = await AgentHost.start({ ...start, bootId: 'boot-2' });
     const r2 = await host.reconcile();
@@ -59,7 +68,9 @@ test('as root: attach, mkfs.ext4, mount; files survive an agent restart; swapon 
   }
 });
 
-test('as root: a full disk during format rolls back (no file, no record), and the next run on a roomier disk converges', { skip: isRoot || process.env.CI ? false : 'needs root (tmpfs mount)' }, async () => {
+test('as root: a full disk during format rolls back (no file, no record), and the next run on a roomier disk converges', {
+  skip: isRoot || process.env.CI ? false : 'needs root (tmpfs mount)',
+}, async () => {
   const t = await tempDir('cryptmap-agent-full-');
   const state = join(t.dir, 'state');
   const manifest = parseManifest(dbOnlyManifest());
@@ -72,7 +83,9 @@ test('as root: a full disk during format rolls back (no file, no record), and th
     assert.equal(r.volumes[0]?.state, 'failed', JSON.stringify(r.volumes));
     assert.match(r.volumes[0]?.reason ?? '', /format: .*(ENOSPC|No space left|space)/i);
     await assert.rejects(readFile(join(state, 'volumes', 'scratch', 'db', 'data.img')), { code: 'ENOENT' });
-    const rec = JSON.parse(await readFile(join(state, 'agent-state.json'), 'utf8')) as { volumes: Record<string, unknown> };
+    const rec = JSON.parse(await readFile(join(state, 'agent-state.json'), 'utf8')) as {
+      volumes: Record<string, unknown>;
+    };
     assert.deepEqual(Object.keys(rec.volumes), [], 'the half-made volume is forgotten');
     await host.stop();
     host = undefined;

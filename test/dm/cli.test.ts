@@ -58,15 +58,24 @@ test('create, table, status, info, ls, rename, remove in dmsetup formats', async
   assert.equal((await dm(['create', 'empty', '-n'])).code, 0);
 
   assert.deepEqual(await dm(['table', 'lin']), { code: 0, out: '0 1024 linear /mem/a 0\n1024 1024 zero \n', err: '' });
-  assert.equal((await dm(['table', 'cr'])).out, `0 1024 crypt aes-xts-plain64 ${'0'.repeat(128)} 0 lin 0 1 allow_discards\n`);
-  assert.equal((await dm(['table', '--showkeys', 'cr'])).out, `0 1024 crypt aes-xts-plain64 ${key} 0 lin 0 1 allow_discards\n`);
+  assert.equal(
+    (await dm(['table', 'cr'])).out,
+    `0 1024 crypt aes-xts-plain64 ${'0'.repeat(128)} 0 lin 0 1 allow_discards\n`,
+  );
+  assert.equal(
+    (await dm(['table', '--showkeys', 'cr'])).out,
+    `0 1024 crypt aes-xts-plain64 ${key} 0 lin 0 1 allow_discards\n`,
+  );
   assert.equal((await dm(['table', 'empty'])).out, '\n');
   assert.equal(
     (await dm(['table'])).out,
     `cr: 0 1024 crypt aes-xts-plain64 ${'0'.repeat(128)} 0 lin 0 1 allow_discards\nempty: \nlin: 0 1024 linear /mem/a 0\nlin: 1024 1024 zero \nstr: 0 2048 striped 2 8 /mem/a 0 /mem/b 0\n`,
   );
   assert.equal((await dm(['status', 'str'])).out, '0 2048 striped 2 /mem/a /mem/b  AA\n');
-  assert.equal((await dm(['status'])).out, 'cr: 0 1024 crypt \nempty: \nlin: 0 1024 linear \nlin: 1024 1024 zero \nstr: 0 2048 striped 2 /mem/a /mem/b  AA\n');
+  assert.equal(
+    (await dm(['status'])).out,
+    'cr: 0 1024 crypt \nempty: \nlin: 0 1024 linear \nlin: 1024 1024 zero \nstr: 0 2048 striped 2 /mem/a /mem/b  AA\n',
+  );
   assert.equal((await dm(['ls'])).out, 'cr\t(253:2)\nempty\t(253:3)\nlin\t(253:0)\nstr\t(253:1)\n');
   assert.equal(
     (await dm(['info', 'str'])).out,
@@ -89,7 +98,11 @@ test('create, table, status, info, ls, rename, remove in dmsetup formats', async
 
   assert.equal((await dm(['rename', 'empty', 'vacant'])).code, 0);
   const busy = await dm(['remove', 'lin']);
-  assert.deepEqual(busy, { code: 5, out: '', err: 'device lin is in use (open count 1); use --force to remove it anyway\n' });
+  assert.deepEqual(busy, {
+    code: 5,
+    out: '',
+    err: 'device lin is in use (open count 1); use --force to remove it anyway\n',
+  });
   assert.equal((await dm(['remove', 'cr', 'lin'])).code, 0);
   assert.equal((await dm(['remove', '-f', 'str'])).code, 0);
   assert.deepEqual(await dm(['remove', 'nope']), { code: 4, out: '', err: 'device nope does not exist\n' });
@@ -102,7 +115,11 @@ test('message: suspend, key wipe, key set, resume', async () => {
   const key = xtsKey(6).toString('hex');
   await dm(['create', 'c', '--table', `0 64 crypt aes-xts-plain64 ${key} 0 /mem/a 0`]);
   const notSusp = await dm(['message', 'c', '0', 'key', 'wipe']);
-  assert.deepEqual(notSusp, { code: 1, out: '', err: 'crypt target: the device must be suspended for key manipulation\n' });
+  assert.deepEqual(notSusp, {
+    code: 1,
+    out: '',
+    err: 'crypt target: the device must be suspended for key manipulation\n',
+  });
   await dm(['suspend', 'c']);
   assert.equal((await dm(['message', 'c', '0', 'key', 'wipe'])).code, 0);
   assert.match((await dm(['resume', 'c'])).err, /aborting resume/);
@@ -171,7 +188,12 @@ test('with a daemon: the verbs reach its registry over the control socket', asyn
     const call = async (args: string[]) => {
       const stdout = sink();
       const stderr = sink();
-      const code = await dmMain(['dm', ...args], { stdin: Readable.from([]), stdout, stderr, env: { CRYPTMAP_RUNTIME_DIR: run } });
+      const code = await dmMain(['dm', ...args], {
+        stdin: Readable.from([]),
+        stdout,
+        stderr,
+        env: { CRYPTMAP_RUNTIME_DIR: run },
+      });
       return { code, out: stdout.text(), err: stderr.text() };
     };
     assert.equal((await call(['create', 'r', '--table', '0 16 linear /mem/a 0', '-u', 'U'])).code, 0);

@@ -28,7 +28,9 @@ for (const sectorBytes of [512, 4096] as SectorBytes[]) {
     const registry = new DeviceRegistry();
     const lenS = 6 * 2048;
     const opts = sectorBytes === 512 ? '' : ` 1 sector_size:${sectorBytes}`;
-    await registry.create('c', { table: `0 ${lenS} crypt aes-xts-plain64 ${key.toString('hex')} 0 ${file} ${OFFSET_SECTORS}${opts}` });
+    await registry.create('c', {
+      table: `0 ${lenS} crypt aes-xts-plain64 ${key.toString('hex')} 0 ${file} ${OFFSET_SECTORS}${opts}`,
+    });
     const dev = registry.open('c');
     const plain = pattern(lenS * 512, 31);
     // 4 KiB (inline), 64 KiB (at the threshold), 64 KiB + one sector, 1 MiB and the rest: every path.
@@ -37,7 +39,8 @@ for (const sectorBytes of [512, 4096] as SectorBytes[]) {
     for (const [i, n] of sizes.entries()) {
       const chunk = Buffer.from(plain.subarray(at, at + n));
       await dev.write(at, chunk, { scratch: i % 2 === 0, fua: i === 3 });
-      if (i % 2 === 1) assert.ok(chunk.equals(plain.subarray(at, at + n)), 'without scratch the caller data is untouched');
+      if (i % 2 === 1)
+        assert.ok(chunk.equals(plain.subarray(at, at + n)), 'without scratch the caller data is untouched');
       at += n;
     }
     await dev.write(at, Buffer.from(plain.subarray(at)), { scratch: true });
@@ -46,8 +49,14 @@ for (const sectorBytes of [512, 4096] as SectorBytes[]) {
     cipher.encrypt(plain, 0n, expected);
     await dev.flush();
     const raw = readFileSync(file);
-    assert.ok(raw.subarray(OFFSET_SECTORS * 512, OFFSET_SECTORS * 512 + plain.length).equals(expected), 'ciphertext on disk');
-    assert.ok(raw.subarray(0, OFFSET_SECTORS * 512).equals(Buffer.alloc(OFFSET_SECTORS * 512, 0xee)), 'bytes before the payload untouched');
+    assert.ok(
+      raw.subarray(OFFSET_SECTORS * 512, OFFSET_SECTORS * 512 + plain.length).equals(expected),
+      'ciphertext on disk',
+    );
+    assert.ok(
+      raw.subarray(0, OFFSET_SECTORS * 512).equals(Buffer.alloc(OFFSET_SECTORS * 512, 0xee)),
+      'bytes before the payload untouched',
+    );
     // Read back with the same mix of sizes, and at an unaligned-to-request (but sector-aligned) offset.
     for (const n of [4096, 65536, 65536 + 4096, MiB, 2 * MiB]) {
       const o = 3 * sectorBytes * 8;
@@ -84,37 +93,38 @@ test('file-backed crypt target: a file shrunk under it gives a typed short-I/O e
 
 const isRoot = process.getuid?.() === 0;
 
-test(
-  'file-backed crypt target on a full file system: a large write fails with a typed ENOSPC error, written data stays readable',
-  { skip: !isRoot && !process.env.CI ? 'needs root to mount a small tmpfs' : false },
-  async () => {
-    const mnt = mkdtempSync(join(tmpdir(), 'cryptmap-full-'));
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m,mode=0700', 'tmpfs', mnt]);
-    try {
-      // A sparse 8 MiB file on a 2 MiB file system: writes past about 2 MiB cannot be allocated.
-      const file = join(mnt, 'sparse.img');
-      writeFileSync(file, '', { mode: 0o600 });
-      truncateSync(file, 8 * MiB);
-      const key = xtsKey(10);
-      const registry = new DeviceRegistry();
-      await registry.create('f', { table: `0 16384 crypt aes-xts-plain64 ${key.toString('hex')} 0 ${file} 0` });
-      const dev = registry.open('f');
-      const first = pattern(MiB, 41);
-      await dev.write(0, Buffer.from(first), { scratch: true });
-      await assert.rejects(dev.write(MiB, pattern(4 * MiB, 42), { scratch: true }), (e: Error & { code?: string; errno?: string }) => {
+test('file-backed crypt target on a full file system: a large write fails with a typed ENOSPC error, written data stays readable', {
+  skip: !isRoot && !process.env.CI ? 'needs root to mount a small tmpfs' : false,
+}, async () => {
+  const mnt = mkdtempSync(join(tmpdir(), 'cryptmap-full-'));
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m,mode=0700', 'tmpfs', mnt]);
+  try {
+    // A sparse 8 MiB file on a 2 MiB file system: writes past about 2 MiB cannot be allocated.
+    const file = join(mnt, 'sparse.img');
+    writeFileSync(file, '', { mode: 0o600 });
+    truncateSync(file, 8 * MiB);
+    const key = xtsKey(10);
+    const registry = new DeviceRegistry();
+    await registry.create('f', { table: `0 16384 crypt aes-xts-plain64 ${key.toString('hex')} 0 ${file} 0` });
+    const dev = registry.open('f');
+    const first = pattern(MiB, 41);
+    await dev.write(0, Buffer.from(first), { scratch: true });
+    await assert.rejects(
+      dev.write(MiB, pattern(4 * MiB, 42), { scratch: true }),
+      (e: Error & { code?: string; errno?: string }) => {
         assert.equal(e.code, 'EWRITE');
         assert.equal(e.errno, 'ENOSPC');
         assert.match(e.message, /write of 4194304 bytes at 1048576 to .*sparse\.img failed/);
         return true;
-      });
-      const back = Buffer.alloc(MiB);
-      await dev.read(0, back);
-      assert.ok(back.equals(first), 'what was written before the failure reads back');
-      await dev.close();
-      await registry.closeAll();
-    } finally {
-      execFileSync('umount', [mnt]);
-      rmSync(mnt, { recursive: true, force: true });
-    }
-  },
-);
+      },
+    );
+    const back = Buffer.alloc(MiB);
+    await dev.read(0, back);
+    assert.ok(back.equals(first), 'what was written before the failure reads back');
+    await dev.close();
+    await registry.closeAll();
+  } finally {
+    execFileSync('umount', [mnt]);
+    rmSync(mnt, { recursive: true, force: true });
+  }
+});

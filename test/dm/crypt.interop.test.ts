@@ -14,7 +14,8 @@ import { pattern } from './helpers.js';
 
 function run(cmd: string, args: string[], pkg: string): string {
   const r = spawnSync(cmd, args, { encoding: 'utf8' });
-  if (r.error && (r.error as NodeJS.ErrnoException).code === 'ENOENT') assert.fail(`${cmd} not found: install the Debian package ${pkg}`);
+  if (r.error && (r.error as NodeJS.ErrnoException).code === 'ENOENT')
+    assert.fail(`${cmd} not found: install the Debian package ${pkg}`);
   assert.equal(r.status, 0, `${cmd} ${args.join(' ')} failed: ${r.stderr}`);
   return r.stdout;
 }
@@ -40,14 +41,32 @@ function makeVolume(sectorSize: number): Volume {
   const common = ['--batch-mode', '--key-file', keyFile];
   run(
     'cryptsetup',
-    ['reencrypt', '--encrypt', '--type', 'luks2', '--reduce-device-size', '32M', '--sector-size', String(sectorSize), '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', ...common, img],
+    [
+      'reencrypt',
+      '--encrypt',
+      '--type',
+      'luks2',
+      '--reduce-device-size',
+      '32M',
+      '--sector-size',
+      String(sectorSize),
+      '--pbkdf',
+      'pbkdf2',
+      '--pbkdf-force-iterations',
+      '1000',
+      ...common,
+      img,
+    ],
     'cryptsetup-bin',
   );
   const dump = run('cryptsetup', ['luksDump', '--dump-volume-key', ...common, img], 'cryptsetup-bin');
   const mk = /MK dump:\s*((?:[0-9a-f]{2}\s*)+)/.exec(dump);
   assert.ok(mk, `no MK dump in luksDump output:\n${dump}`);
   const info = run('cryptsetup', ['luksDump', img], 'cryptsetup-bin');
-  const seg = /Data segments:[\s\S]*?offset:\s*([0-9]+) \[bytes\][\s\S]*?cipher:\s*(\S+)[\s\S]*?sector:\s*([0-9]+) \[bytes\]/.exec(info);
+  const seg =
+    /Data segments:[\s\S]*?offset:\s*([0-9]+) \[bytes\][\s\S]*?cipher:\s*(\S+)[\s\S]*?sector:\s*([0-9]+) \[bytes\]/.exec(
+      info,
+    );
   assert.ok(seg, `no data segment in luksDump output:\n${info}`);
   assert.equal(seg[2], 'aes-xts-plain64');
   return {
@@ -103,7 +122,16 @@ test('data written through the crypt target decrypts with qemu-img after convers
     const out = join(v.dir, 'out.raw');
     run(
       'qemu-img',
-      ['convert', '--object', `secret,id=s0,file=${v.keyFile}`, '--image-opts', `driver=luks,key-secret=s0,file.filename=${v.img}`, '-O', 'raw', out],
+      [
+        'convert',
+        '--object',
+        `secret,id=s0,file=${v.keyFile}`,
+        '--image-opts',
+        `driver=luks,key-secret=s0,file.filename=${v.img}`,
+        '-O',
+        'raw',
+        out,
+      ],
       'qemu-utils',
     );
     const raw = readFileSync(out);

@@ -22,11 +22,51 @@ interface Case {
 
 const cases: Case[] = [
   { spec: 'aes-xts-plain64', key: xtsKey(1), ivOffset: 0n, offsetS: 0, opts: [], sectorBytes: 512, ivLarge: false },
-  { spec: 'aes-xts-plain64', key: xtsKey(2), ivOffset: 123456789n, offsetS: 40, opts: [], sectorBytes: 512, ivLarge: false },
-  { spec: 'aes-xts-plain64', key: xtsKey(3).subarray(0, 32), ivOffset: 16n, offsetS: 8, opts: ['sector_size:4096'], sectorBytes: 4096, ivLarge: false },
-  { spec: 'aes-xts-plain64', key: xtsKey(4), ivOffset: 2n ** 40n, offsetS: 64, opts: ['sector_size:4096', 'iv_large_sectors'], sectorBytes: 4096, ivLarge: true },
-  { spec: 'aes-cbc-essiv:sha256', key: xtsKey(5).subarray(0, 32), ivOffset: 7n, offsetS: 3, opts: ['allow_discards'], sectorBytes: 512, ivLarge: false },
-  { spec: 'capi:xts(aes)-plain64', key: xtsKey(6), ivOffset: 0n, offsetS: 0, opts: ['sector_size:2048', 'same_cpu_crypt'], sectorBytes: 2048, ivLarge: false },
+  {
+    spec: 'aes-xts-plain64',
+    key: xtsKey(2),
+    ivOffset: 123456789n,
+    offsetS: 40,
+    opts: [],
+    sectorBytes: 512,
+    ivLarge: false,
+  },
+  {
+    spec: 'aes-xts-plain64',
+    key: xtsKey(3).subarray(0, 32),
+    ivOffset: 16n,
+    offsetS: 8,
+    opts: ['sector_size:4096'],
+    sectorBytes: 4096,
+    ivLarge: false,
+  },
+  {
+    spec: 'aes-xts-plain64',
+    key: xtsKey(4),
+    ivOffset: 2n ** 40n,
+    offsetS: 64,
+    opts: ['sector_size:4096', 'iv_large_sectors'],
+    sectorBytes: 4096,
+    ivLarge: true,
+  },
+  {
+    spec: 'aes-cbc-essiv:sha256',
+    key: xtsKey(5).subarray(0, 32),
+    ivOffset: 7n,
+    offsetS: 3,
+    opts: ['allow_discards'],
+    sectorBytes: 512,
+    ivLarge: false,
+  },
+  {
+    spec: 'capi:xts(aes)-plain64',
+    key: xtsKey(6),
+    ivOffset: 0n,
+    offsetS: 0,
+    opts: ['sector_size:2048', 'same_cpu_crypt'],
+    sectorBytes: 2048,
+    ivLarge: false,
+  },
 ];
 
 test('crypt target output equals the engine output (key, iv_offset, offset, sector_size, iv_large_sectors)', async () => {
@@ -35,7 +75,9 @@ test('crypt target output equals the engine output (key, iv_offset, offset, sect
     // The crypt target sits second in the table: IV sectors count from the target's start.
     const optText = c.opts.length ? ` ${c.opts.length} ${c.opts.join(' ')}` : '';
     const lenS = 1024;
-    await registry.create('c', { table: `0 64 zero\n64 ${lenS} crypt ${c.spec} ${c.key.toString('hex')} ${c.ivOffset} /mem/a ${c.offsetS}${optText}` });
+    await registry.create('c', {
+      table: `0 64 zero\n64 ${lenS} crypt ${c.spec} ${c.key.toString('hex')} ${c.ivOffset} /mem/a ${c.offsetS}${optText}`,
+    });
     const dev = registry.open('c');
     const plain = pattern(lenS * 512, 11);
     // Several request sizes: one sector, odd multiples, one large request.
@@ -43,7 +85,13 @@ test('crypt target output equals the engine output (key, iv_offset, offset, sect
     await dev.write(64 * 512, plain.subarray(0, step));
     await dev.write(64 * 512 + step, plain.subarray(step, 8 * step));
     await dev.write(64 * 512 + 8 * step, plain.subarray(8 * step));
-    const cipher = createSectorCipher({ spec: c.spec, key: c.key, sectorBytes: c.sectorBytes, ivLargeSectors: c.ivLarge, ivOffsetSectors: c.ivOffset });
+    const cipher = createSectorCipher({
+      spec: c.spec,
+      key: c.key,
+      sectorBytes: c.sectorBytes,
+      ivLargeSectors: c.ivLarge,
+      ivOffsetSectors: c.ivOffset,
+    });
     const expected = Buffer.alloc(plain.length);
     cipher.encrypt(plain, 0n, expected);
     const raw = Buffer.alloc(plain.length);
@@ -127,14 +175,22 @@ test('keys are hidden unless asked; key references are always shown and resolved
   const { registry, mems } = memRegistry({ a: MiB }, { keyStore });
   const hex = xtsKey(8).toString('hex');
   await registry.create('h', { table: `0 16 crypt aes-xts-plain64 ${hex} 0 /mem/a 0` });
-  assert.deepEqual(registry.get('h').liveTable!.format('table', false), [`0 16 crypt aes-xts-plain64 ${'0'.repeat(128)} 0 /mem/a 0`]);
-  assert.deepEqual(registry.get('h').liveTable!.format('table', true), [`0 16 crypt aes-xts-plain64 ${hex} 0 /mem/a 0`]);
+  assert.deepEqual(registry.get('h').liveTable!.format('table', false), [
+    `0 16 crypt aes-xts-plain64 ${'0'.repeat(128)} 0 /mem/a 0`,
+  ]);
+  assert.deepEqual(registry.get('h').liveTable!.format('table', true), [
+    `0 16 crypt aes-xts-plain64 ${hex} 0 /mem/a 0`,
+  ]);
   assert.deepEqual(registry.get('h').liveTable!.format('status', true), ['0 16 crypt ']);
 
   await registry.create('r', { table: '0 16 crypt aes-xts-plain64 :64:logon:k1 0 /mem/a 16' });
   assert.deepEqual(seen, [{ keyBytes: 64, type: 'logon', description: 'k1' }]);
-  assert.deepEqual(registry.get('r').liveTable!.format('table', false), ['0 16 crypt aes-xts-plain64 :64:logon:k1 0 /mem/a 16']);
-  assert.deepEqual(registry.get('r').liveTable!.format('table', true), ['0 16 crypt aes-xts-plain64 :64:logon:k1 0 /mem/a 16']);
+  assert.deepEqual(registry.get('r').liveTable!.format('table', false), [
+    '0 16 crypt aes-xts-plain64 :64:logon:k1 0 /mem/a 16',
+  ]);
+  assert.deepEqual(registry.get('r').liveTable!.format('table', true), [
+    '0 16 crypt aes-xts-plain64 :64:logon:k1 0 /mem/a 16',
+  ]);
   // Same key by reference and by hex: same ciphertext for the same IVs.
   const data = pattern(8192, 1);
   await registry.open('h').write(0, data);
@@ -154,7 +210,10 @@ test('keys are hidden unless asked; key references are always shown and resolved
     message: "table line 1: crypt <key>: the key store returned 16 bytes for ':32:user:short', which declares 32",
   });
   // A key in the wrong place (swapped with the cipher or the iv_offset) is never echoed.
-  for (const table of [`0 16 crypt ${hex} aes-xts-plain64 0 /mem/a 0`, `0 16 crypt aes-xts-plain64 0 ${hex} /mem/a 0`]) {
+  for (const table of [
+    `0 16 crypt ${hex} aes-xts-plain64 0 /mem/a 0`,
+    `0 16 crypt aes-xts-plain64 0 ${hex} /mem/a 0`,
+  ]) {
     await assert.rejects(registry.create('bad', { table }), (e: Error & { code?: string }) => {
       assert.equal(e.code, 'EKEYPLACE');
       assert.ok(!e.message.includes(hex.slice(0, 32)), e.message);
@@ -175,25 +234,40 @@ test('key messages: only while suspended; wipe blocks resume; set installs a new
   const data = pattern(64 * 512, 9);
   await dev.write(0, data);
 
-  await assert.rejects(registry.message('c', 0, ['key', 'wipe']), { code: 'EMESSAGE', message: 'crypt target: the device must be suspended for key manipulation' });
+  await assert.rejects(registry.message('c', 0, ['key', 'wipe']), {
+    code: 'EMESSAGE',
+    message: 'crypt target: the device must be suspended for key manipulation',
+  });
   await assert.rejects(registry.message('c', 0, ['key', 'set']), {
     code: 'EMESSAGE',
     message: "crypt target: unrecognised message 'key set' with 2 words (expected 'key set <key>' or 'key wipe')",
   });
   // A malformed 'key set' never echoes the key hex it carries.
-  await assert.rejects(registry.message('c', 0, ['key', 'set', k2, 'extra']), (e: Error) => !e.message.includes(k2.slice(0, 16)));
+  await assert.rejects(
+    registry.message('c', 0, ['key', 'set', k2, 'extra']),
+    (e: Error) => !e.message.includes(k2.slice(0, 16)),
+  );
   await assert.rejects(registry.message('c', 0, ['hello']), { code: 'EMESSAGE' });
   await registry.suspend('c');
   await registry.message('c', 0, ['key', 'wipe']);
   const inst = registry.get('c').liveTable!.entries[0]!.instance;
-  await assert.rejects(inst.read(0, Buffer.alloc(512)), { code: 'ENOKEY', message: 'I/O on crypt target (table line 1) while its key is wiped' });
+  await assert.rejects(inst.read(0, Buffer.alloc(512)), {
+    code: 'ENOKEY',
+    message: 'I/O on crypt target (table line 1) while its key is wiped',
+  });
   await assert.rejects(registry.resume('c'), {
     code: 'ENOKEY',
     message: "aborting resume: the crypt key of table line 1 is not set (message 'key set <key>' first)",
   });
   assert.equal(registry.get('c').suspended, true);
-  await assert.rejects(registry.message('c', 0, ['key', 'set', k1.slice(0, 64)]), { code: 'EMESSAGE', message: "crypt target: new <key> has 32 bytes; this table's key has 64" });
-  await assert.rejects(registry.message('c', 0, ['key', 'set', 'zz']), { code: 'EMESSAGE', message: /crypt target: new <key> is not valid hex/ });
+  await assert.rejects(registry.message('c', 0, ['key', 'set', k1.slice(0, 64)]), {
+    code: 'EMESSAGE',
+    message: "crypt target: new <key> has 32 bytes; this table's key has 64",
+  });
+  await assert.rejects(registry.message('c', 0, ['key', 'set', 'zz']), {
+    code: 'EMESSAGE',
+    message: /crypt target: new <key> is not valid hex/,
+  });
   await registry.message('c', 0, ['key', 'set', k1]);
   await registry.resume('c');
   const back = Buffer.alloc(data.length);
@@ -210,7 +284,9 @@ test('key messages: only while suspended; wipe blocks resume; set installs a new
   await registry.suspend('c');
   await registry.message('c', 0, ['key', 'set', ':64:logon:svc']);
   await registry.resume('c');
-  assert.deepEqual(registry.get('c').liveTable!.format('table', false), ['0 64 crypt aes-xts-plain64 :64:logon:svc 0 /mem/a 0']);
+  assert.deepEqual(registry.get('c').liveTable!.format('table', false), [
+    '0 64 crypt aes-xts-plain64 :64:logon:svc 0 /mem/a 0',
+  ]);
   await dev.close();
   await registry.closeAll();
 });
@@ -228,7 +304,10 @@ test('allow_discards passes discards down; without it the target refuses them', 
   assert.ok(raw.equals(Buffer.alloc(raw.length)), 'discard reached the memory device');
   await registry.create('n', { table: `0 256 crypt aes-xts-plain64 ${key} 0 /mem/a 0` });
   const inst = registry.get('n').liveTable!.entries[0]!.instance;
-  await assert.rejects(inst.discard!(0, 512), { code: 'ENOTSUP', message: 'crypt target (table line 1) refuses discards: its table has no allow_discards' });
+  await assert.rejects(inst.discard!(0, 512), {
+    code: 'ENOTSUP',
+    message: 'crypt target (table line 1) refuses discards: its table has no allow_discards',
+  });
   await dev.close();
   await registry.closeAll();
 });

@@ -19,7 +19,9 @@ import { pattern } from './helpers.js';
 const NBD_EIO = 5;
 const PASS = Buffer.from('daemon fault test');
 
-test('the daemon answers EIO on the failing requests of one device and keeps serving the others', { timeout: 60_000 }, async () => {
+test('the daemon answers EIO on the failing requests of one device and keeps serving the others', {
+  timeout: 60_000,
+}, async () => {
   setLogSink(() => {});
   const dir = mkdtempSync(join(tmpdir(), 'cryptmap-fault-daemon-'));
   const img = join(dir, 'vol.img');
@@ -28,7 +30,11 @@ test('the daemon answers EIO on the failing requests of one device and keeps ser
   const core = new DaemonCore({ nbdSocketPath: join(dir, 'nbd.sock'), attachDir: join(dir, 'attach') });
   try {
     const fd = await FileDevice.open(img);
-    await Luks2Volume.format(fd, PASS, { keyslot: { kdf: { type: 'pbkdf2', hash: 'sha256', iterations: 1000 } }, offsetBytes: 2 << 20, keyslotsBytes: (2 << 20) - 2 * 16384 });
+    await Luks2Volume.format(fd, PASS, {
+      keyslot: { kdf: { type: 'pbkdf2', hash: 'sha256', iterations: 1000 } },
+      offsetBytes: 2 << 20,
+      keyslotsBytes: (2 << 20) - 2 * 16384,
+    });
     await fd.close();
     const { mapping, volumeKey } = await prepareLuks({ name: 'sec', device: img, passphrase: PASS });
     await core.openVolume(mapping, volumeKey);
@@ -45,7 +51,10 @@ test('the daemon answers EIO on the failing requests of one device and keeps ser
     for (let i = 0; i < 8; i++) {
       // interleave: a good write on 'sec', then a request on 'half' that fails or succeeds
       good.sendRequest(1, 8192 + i * 4096, 4096, { cookie: BigInt(i + 1), data });
-      bad.sendRequest(i % 2 === 0 ? 0 : 1, i < 4 ? 0 : 1024 * 512 + i * 4096, 4096, { cookie: BigInt(100 + i), ...(i % 2 === 1 ? { data } : {}) });
+      bad.sendRequest(i % 2 === 0 ? 0 : 1, i < 4 ? 0 : 1024 * 512 + i * 4096, 4096, {
+        cookie: BigInt(100 + i),
+        ...(i % 2 === 1 ? { data } : {}),
+      });
       const g = await good.readSimpleReply();
       seq.push(['good', g.error]);
       const b = await bad.readSimpleReply();

@@ -54,14 +54,23 @@ after(async () => {
 });
 
 /** Send requests pipelined, collect replies by cookie (simple replies; READ payload read). */
-async function batch(c: RawClient, reqs: { type: number; offset: number; length: number; flags?: number; data?: Buffer }[]): Promise<Map<bigint, { error: number; data?: Buffer }>> {
-  for (const [i, r] of reqs.entries()) c.sendRequest(r.type, r.offset, r.length, { cookie: BigInt(i + 1), ...(r.flags ? { flags: r.flags } : {}), ...(r.data ? { data: r.data } : {}) });
+async function batch(
+  c: RawClient,
+  reqs: { type: number; offset: number; length: number; flags?: number; data?: Buffer }[],
+): Promise<Map<bigint, { error: number; data?: Buffer }>> {
+  for (const [i, r] of reqs.entries())
+    c.sendRequest(r.type, r.offset, r.length, {
+      cookie: BigInt(i + 1),
+      ...(r.flags ? { flags: r.flags } : {}),
+      ...(r.data ? { data: r.data } : {}),
+    });
   const out = new Map<bigint, { error: number; data?: Buffer }>();
   for (let k = 0; k < reqs.length; k++) {
     const rep = await c.readSimpleReply();
     const req = reqs[Number(rep.cookie) - 1];
     assert.ok(req, `reply for an unknown cookie ${rep.cookie}`);
-    if (req.type === CMD.READ && rep.error === 0) out.set(rep.cookie, { error: 0, data: Buffer.from(await c.read(req.length)) });
+    if (req.type === CMD.READ && rep.error === 0)
+      out.set(rep.cookie, { error: 0, data: Buffer.from(await c.read(req.length)) });
     else out.set(rep.cookie, { error: rep.error });
   }
   return out;
@@ -142,17 +151,23 @@ test('a full device answers ENOSPC and loses nothing acknowledged', async () => 
   const acked = [...r.entries()].filter(([, v]) => v.error === 0).map(([k]) => Number(k) - 1);
   const refused = [...r.entries()].filter(([, v]) => v.error !== 0);
   assert.equal(acked.length, 8);
-  assert.ok(refused.every(([, v]) => v.error === NBD_ENOSPC), 'a full device answers ENOSPC');
+  assert.ok(
+    refused.every(([, v]) => v.error === NBD_ENOSPC),
+    'a full device answers ENOSPC',
+  );
   const f = await batch(c, [{ type: CMD.FLUSH, offset: 0, length: 0 }]);
   assert.equal(f.get(1n)?.error, 0);
   // Rewrites of held space still work; every acknowledged block reads back.
-  const rw = await batch(c, [{ type: CMD.WRITE, offset: (acked[0] ?? 0) * 65536, length: 4096, data: blocks[acked[0] ?? 0] }]);
+  const rw = await batch(c, [
+    { type: CMD.WRITE, offset: (acked[0] ?? 0) * 65536, length: 4096, data: blocks[acked[0] ?? 0] },
+  ]);
   assert.equal(rw.get(1n)?.error, 0);
   const back = await batch(
     c,
     acked.map((i) => ({ type: CMD.READ, offset: i * 65536, length: 4096 })),
   );
-  for (const [k, i] of acked.entries()) assert.deepEqual(back.get(BigInt(k + 1))?.data, blocks[i], `acknowledged block ${i} lost`);
+  for (const [k, i] of acked.entries())
+    assert.deepEqual(back.get(BigInt(k + 1))?.data, blocks[i], `acknowledged block ${i} lost`);
   recordFaults('nbd-enospc', refused.length, refused.length);
   c.close();
 });
@@ -162,7 +177,12 @@ test('seeded write faults under a pipelined load: each request fails alone, ackn
   const model = new Map<number, Buffer>();
   let injected = 0;
   for (let round = 0; round < 8; round++) {
-    const reqs = Array.from({ length: 16 }, (_, i) => ({ type: CMD.WRITE, offset: ((round * 7 + i * 13) % 64) * 4096, length: 4096, data: pattern(4096, round * 100 + i) }));
+    const reqs = Array.from({ length: 16 }, (_, i) => ({
+      type: CMD.WRITE,
+      offset: ((round * 7 + i * 13) % 64) * 4096,
+      length: 4096,
+      data: pattern(4096, round * 100 + i),
+    }));
     // Distinct offsets per batch so the model does not depend on completion order.
     const seen = new Set<number>();
     const uniq = reqs.filter((q) => !seen.has(q.offset) && seen.add(q.offset));
@@ -182,7 +202,8 @@ test('seeded write faults under a pipelined load: each request fails alone, ackn
     c,
     offs.map((o) => ({ type: CMD.READ, offset: o, length: 4096 })),
   );
-  for (const [k, o] of offs.entries()) assert.deepEqual(back.get(BigInt(k + 1))?.data, model.get(o), `acknowledged write at ${o} not read back`);
+  for (const [k, o] of offs.entries())
+    assert.deepEqual(back.get(BigInt(k + 1))?.data, model.get(o), `acknowledged write at ${o} not read back`);
   recordFaults('nbd-rate', injected, injected);
   c.close();
 });

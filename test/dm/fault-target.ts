@@ -73,7 +73,8 @@ function parseWords(words: readonly string[], w: Words, err: (m: string) => Erro
         }
         const [p, s, kind = 'fail'] = (v ?? '').split(',');
         const probability = Number(p);
-        if (!(probability >= 0 && probability <= 1) || !['fail', 'short', 'tear', 'crash'].includes(kind)) throw err(`'${word}': expected rate=<0..1>,<seed>[,fail|short|tear|crash]`);
+        if (!(probability >= 0 && probability <= 1) || !['fail', 'short', 'tear', 'crash'].includes(kind))
+          throw err(`'${word}': expected rate=<0..1>,<seed>[,fail|short|tear|crash]`);
         w.rate = { probability, seed: num(s), kind: kind as WriteFaultKind };
         break;
       }
@@ -91,7 +92,10 @@ function parseWords(words: readonly string[], w: Words, err: (m: string) => Erro
 }
 
 function planOf(w: Words, baseBytes: number, lengthBytes: number): FaultPlan {
-  const bad: FaultRange[] = w.bad.map((b) => ({ offsetBytes: baseBytes + b.startSectors * 512, lengthBytes: b.countSectors * 512 }));
+  const bad: FaultRange[] = w.bad.map((b) => ({
+    offsetBytes: baseBytes + b.startSectors * 512,
+    lengthBytes: b.countSectors * 512,
+  }));
   if (w.failReads) bad.push({ offsetBytes: baseBytes, lengthBytes, ops: ['read'] });
   if (w.failWrites) bad.push({ offsetBytes: baseBytes, lengthBytes, ops: ['write'] });
   const plan: FaultPlan = { badRanges: bad, failFlushes: w.failFlush };
@@ -130,7 +134,10 @@ export const fault: TargetType = {
       flush: () => fd.flush(),
       discard: (o, n) => fd.discard(base + o, n),
       writeZeroes: (o, n, flags) => fd.writeZeroes(base + o, n, flags),
-      status: (kind) => (kind === 'table' ? [devArg, offArg, ...rest].join(' ') : `writes=${fd.stats.writes} flushes=${fd.stats.flushes} injected=${JSON.stringify(fd.stats.injected)}`),
+      status: (kind) =>
+        kind === 'table'
+          ? [devArg, offArg, ...rest].join(' ')
+          : `writes=${fd.stats.writes} flushes=${fd.stats.flushes} injected=${JSON.stringify(fd.stats.injected)}`,
       async message(margs) {
         parseWords(margs, w, (m) => ctx.error('message', m));
         fd.plan = planOf(w, base, lengthBytes);

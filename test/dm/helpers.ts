@@ -21,7 +21,11 @@ export function memRegistry(sizes: Record<string, number>, opts: DeviceRegistryO
     openFile: async (path: string): Promise<BlockDevice> => {
       const m = /^\/mem\/(.+)$/.exec(path);
       const dev = m ? mems.get(m[1]!) : undefined;
-      if (dev === undefined) throw new CryptmapError('EOPEN', `cannot open ${path}: no such memory device`, { errno: 'ENOENT', exitCode: 4 });
+      if (dev === undefined)
+        throw new CryptmapError('EOPEN', `cannot open ${path}: no such memory device`, {
+          errno: 'ENOENT',
+          exitCode: 4,
+        });
       // Tables may close what they opened; the memory device outlives them.
       return shareOf(dev);
     },

@@ -115,8 +115,14 @@ test('a failed load leaves the previous inactive table, a failed create leaves n
   await assert.rejects(registry.load('v', '0 16 bogus'), /unknown target type/);
   await registry.resume('v');
   assert.deepEqual(registry.get('v').liveTable!.format('table', false), ['0 16 linear /mem/a 0']);
-  await assert.rejects(registry.create('v', { table: '0 8 zero' }), { code: 'EEXIST', message: 'device v already exists' });
-  await assert.rejects(registry.create('w', { table: '0 8 zero', uuid: 'U-1' }), { code: 'EEXIST', message: 'a device with uuid U-1 already exists' });
+  await assert.rejects(registry.create('v', { table: '0 8 zero' }), {
+    code: 'EEXIST',
+    message: 'device v already exists',
+  });
+  await assert.rejects(registry.create('w', { table: '0 8 zero', uuid: 'U-1' }), {
+    code: 'EEXIST',
+    message: 'a device with uuid U-1 already exists',
+  });
   await assert.rejects(registry.create('w', { uuid: 'a b' }), { code: 'EUUID', message: /invalid uuid 'a b'/ });
   await assert.rejects(registry.create('w', { uuid: 'x'.repeat(129) }), { code: 'EUUID' });
   for (const bad of ['', 'a/b', '.', '..', 'a b', 'x'.repeat(128)]) {
@@ -138,7 +144,11 @@ test('remove is refused while open unless forced; stacked devices count as opene
   await registry.create('low', { table: '0 2048 linear /mem/a 0' });
   await registry.create('top', { table: '0 1024 linear low 1024' });
   assert.equal(registry.get('low').openCount, 1);
-  await assert.rejects(registry.remove('low'), { code: 'EBUSY', exitCode: 5, message: 'device low is in use (open count 1); use --force to remove it anyway' });
+  await assert.rejects(registry.remove('low'), {
+    code: 'EBUSY',
+    exitCode: 5,
+    message: 'device low is in use (open count 1); use --force to remove it anyway',
+  });
   const h = registry.open('top');
   await assert.rejects(registry.remove('top'), { code: 'EBUSY' });
   await h.write(0, Buffer.alloc(512, 1));
@@ -160,7 +170,10 @@ test('forced remove of a device in use by another: the upper one then gets I/O e
   await registry.create('top', { table: '0 2048 linear low 0' });
   await registry.remove('low', { force: true });
   assert.throws(() => low.open(), { code: 'ENODEV', message: 'device low has been removed' });
-  await assert.rejects(registry.open('top').read(0, Buffer.alloc(512)), { code: 'ENOTABLE', message: 'device low has no live table (read)' });
+  await assert.rejects(registry.open('top').read(0, Buffer.alloc(512)), {
+    code: 'ENOTABLE',
+    message: 'device low has no live table (read)',
+  });
   await registry.closeAll();
 });
 
@@ -171,7 +184,10 @@ test('rename keeps the device, frees the old name, refuses a taken name', async 
   await registry.rename('one', 'uno');
   assert.equal(registry.find('one'), undefined);
   assert.equal(registry.get('uno').minor, 0);
-  await assert.rejects(registry.rename('uno', 'two'), { code: 'EEXIST', message: 'cannot rename uno to two: a device with that name exists' });
+  await assert.rejects(registry.rename('uno', 'two'), {
+    code: 'EEXIST',
+    message: 'cannot rename uno to two: a device with that name exists',
+  });
   await assert.rejects(registry.rename('uno', 'a/b'), { code: 'ENAME' });
   await registry.rename('uno', 'uno');
   await assert.rejects(registry.create('x', { table: '0 8 linear one 0' }), /cannot open/);
@@ -181,12 +197,18 @@ test('rename keeps the device, frees the old name, refuses a taken name', async 
 
 test('loops are refused: self, by /dev/mapper name, by 253:minor, and through other devices', async () => {
   const { registry } = memRegistry({ a: MiB });
-  await assert.rejects(registry.create('x', { table: '0 8 linear x 0' }), { code: 'ELOOP', message: 'table line 1: linear <dev>: x cannot be mapped onto itself' });
+  await assert.rejects(registry.create('x', { table: '0 8 linear x 0' }), {
+    code: 'ELOOP',
+    message: 'table line 1: linear <dev>: x cannot be mapped onto itself',
+  });
   await registry.create('a', { table: '0 2048 linear /mem/a 0' });
   await registry.create('b', { table: '0 2048 linear a 0' });
   await registry.create('c', { table: '0 2048 striped 1 8 /dev/mapper/b 0' });
   await assert.rejects(registry.load('a', '0 8 linear /dev/mapper/a 0'), { code: 'ELOOP' });
-  await assert.rejects(registry.load('a', '0 8 linear 253:0 0'), { code: 'ELOOP', message: /a cannot be mapped onto itself/ });
+  await assert.rejects(registry.load('a', '0 8 linear 253:0 0'), {
+    code: 'ELOOP',
+    message: /a cannot be mapped onto itself/,
+  });
   await assert.rejects(registry.load('a', '0 8 zero\n8 8 linear c 0'), {
     code: 'ELOOP',
     message: 'table line 2: linear <dev>: mapping a onto c would make a loop (c already depends on a)',
@@ -194,10 +216,22 @@ test('loops are refused: self, by /dev/mapper name, by 253:minor, and through ot
   // Through an inactive table too.
   await registry.create('d', { table: '0 8 zero' });
   await registry.load('d', '0 8 linear c 0');
-  await assert.rejects(registry.load('a', '0 8 linear 253:3 0'), { code: 'ELOOP', message: /mapping a onto d would make a loop/ });
-  await assert.rejects(registry.load('a', '0 8 linear 253:99 0'), { code: 'ENODEV', message: 'table line 1: linear <dev>: no mapped device has number 253:99' });
-  await assert.rejects(registry.load('a', '0 8 linear /dev/mapper/zz 0'), { code: 'ENODEV', message: 'table line 1: linear <dev>: device zz does not exist' });
-  await assert.rejects(registry.load('a', '0 8 linear 4095:1048575 0'), { code: 'ENODEV', message: 'table line 1: linear <dev>: no block device has number 4095:1048575' });
+  await assert.rejects(registry.load('a', '0 8 linear 253:3 0'), {
+    code: 'ELOOP',
+    message: /mapping a onto d would make a loop/,
+  });
+  await assert.rejects(registry.load('a', '0 8 linear 253:99 0'), {
+    code: 'ENODEV',
+    message: 'table line 1: linear <dev>: no mapped device has number 253:99',
+  });
+  await assert.rejects(registry.load('a', '0 8 linear /dev/mapper/zz 0'), {
+    code: 'ENODEV',
+    message: 'table line 1: linear <dev>: device zz does not exist',
+  });
+  await assert.rejects(registry.load('a', '0 8 linear 4095:1048575 0'), {
+    code: 'ENODEV',
+    message: 'table line 1: linear <dev>: no block device has number 4095:1048575',
+  });
   assert.equal(registry.get('a').hasInactiveTable, false, 'failed loads left nothing behind');
   assert.deepEqual(registry.get('a').liveTable!.format('table', false), ['0 2048 linear /mem/a 0']);
   await registry.closeAll();
@@ -208,7 +242,10 @@ test('I/O rules at the edge: no table, read-only, discard refused, write-zeroes 
   const { registry, mems } = memRegistry({ a: MiB });
   const empty = await registry.create('empty');
   assert.equal(empty.sizeBytes, 0);
-  await assert.rejects(registry.open('empty').read(0, Buffer.alloc(512)), { code: 'ENOTABLE', message: 'device empty has no live table (read)' });
+  await assert.rejects(registry.open('empty').read(0, Buffer.alloc(512)), {
+    code: 'ENOTABLE',
+    message: 'device empty has no live table (read)',
+  });
   await registry.open('empty').flush();
   await registry.load('empty', '0 8 zero');
   await registry.resume('empty');
@@ -251,10 +288,19 @@ test('messages route to the target at the sector', async () => {
   const { registry } = memRegistry({ a: MiB });
   await assert.rejects(registry.message('nope', 0, ['x']), { code: 'ENODEV' });
   await registry.create('n');
-  await assert.rejects(registry.message('n', 0, ['x']), { code: 'ENOTABLE', message: 'device n has no live table to send a message to' });
+  await assert.rejects(registry.message('n', 0, ['x']), {
+    code: 'ENOTABLE',
+    message: 'device n has no live table to send a message to',
+  });
   await registry.create('z', { table: '0 8 zero' });
-  await assert.rejects(registry.message('z', 0, ['hello']), { code: 'ENOMSG', message: 'the zero target does not accept messages' });
-  await assert.rejects(registry.message('z', 8, ['hello']), { code: 'ERANGE', message: 'message sector 8 is outside device z (8 sectors)' });
+  await assert.rejects(registry.message('z', 0, ['hello']), {
+    code: 'ENOMSG',
+    message: 'the zero target does not accept messages',
+  });
+  await assert.rejects(registry.message('z', 8, ['hello']), {
+    code: 'ERANGE',
+    message: 'message sector 8 is outside device z (8 sectors)',
+  });
   await registry.closeAll();
 });
 
@@ -287,8 +333,14 @@ test('offsets and chunks must fit the logical block size of the device below', a
     code: 'EALIGN',
     message: 'table line 1: linear <offset>: offset 1 is not aligned to the 4096-byte logical blocks of device c4k',
   });
-  await assert.rejects(registry.create('x', { table: '0 16 striped 1 8 c4k 4' }), { code: 'EALIGN', message: /striped <offset #0>: offset 4 is not aligned/ });
-  await assert.rejects(registry.create('x', { table: `0 8 crypt aes-xts-plain64 ${key} 0 c4k 2` }), { code: 'EALIGN', message: /crypt <offset>: offset 2 is not aligned/ });
+  await assert.rejects(registry.create('x', { table: '0 16 striped 1 8 c4k 4' }), {
+    code: 'EALIGN',
+    message: /striped <offset #0>: offset 4 is not aligned/,
+  });
+  await assert.rejects(registry.create('x', { table: `0 8 crypt aes-xts-plain64 ${key} 0 c4k 2` }), {
+    code: 'EALIGN',
+    message: /crypt <offset>: offset 2 is not aligned/,
+  });
   await registry.create('ok', { table: '0 16 linear c4k 8' });
   assert.equal(registry.open('ok').limits.logicalBlockBytes, 4096);
   await registry.closeAll();
@@ -310,7 +362,10 @@ test('block status passes through linear and zero targets and merges extents', a
   await registry.create('enc', { table: `0 64 crypt aes-xts-plain64 ${key} 0 /mem/a 0` });
   const enc = registry.open('enc');
   assert.equal(enc.capabilities.blockStatus, false);
-  await assert.rejects(enc.blockStatus!(0, 512), { code: 'ENOTSUP', message: 'device enc cannot report block status (a target in its table cannot)' });
+  await assert.rejects(enc.blockStatus!(0, 512), {
+    code: 'ENOTSUP',
+    message: 'device enc cannot report block status (a target in its table cannot)',
+  });
   await registry.closeAll();
 });
 
@@ -337,7 +392,11 @@ test('random I/O during repeated suspend/reload/resume cycles: nothing lost, eve
     }),
   });
   const mems = new Map([['a', mem]]);
-  const identity = ['0 2048 linear /mem/a 0', '0 1024 linear /mem/a 0\n1024 1024 linear /mem/a 1024', '0 2048 striped 1 8 /mem/a 0'];
+  const identity = [
+    '0 2048 linear /mem/a 0',
+    '0 1024 linear /mem/a 0\n1024 1024 linear /mem/a 1024',
+    '0 2048 striped 1 8 /mem/a 0',
+  ];
   await registry.create('v', { table: identity[0]! });
   const dev = registry.open('v');
   const rnd = prng(77);
@@ -377,7 +436,8 @@ test('random I/O during repeated suspend/reload/resume cycles: nothing lost, eve
   assert.ok(cycles >= 3, `only ${cycles} table swaps happened during the I/O`);
   const all = Buffer.alloc(2048 * 512);
   await mems.get('a')!.read(0, all);
-  for (let w = 0; w < writers; w++) assert.ok(all.subarray(w * regionS * 512, (w + 1) * regionS * 512).equals(last[w]!), `region of writer ${w}`);
+  for (let w = 0; w < writers; w++)
+    assert.ok(all.subarray(w * regionS * 512, (w + 1) * regionS * 512).equals(last[w]!), `region of writer ${w}`);
   await dev.close();
   await registry.closeAll();
 });
@@ -387,7 +447,11 @@ test('striped status marks a stripe that saw an I/O error', async () => {
   await registry.create('bad', { table: '0 1024 error' });
   await registry.create('s', { table: '0 32 striped 2 8 /mem/a 0 bad 0' });
   assert.deepEqual(registry.get('s').liveTable!.format('status', false), ['0 32 striped 2 /mem/a bad  AA']);
-  await assert.rejects(registry.open('s').read(0, Buffer.alloc(16 * 512)), { code: 'EIOERR', errno: 'EIO', message: 'I/O error: read hit the error target (table line 1)' });
+  await assert.rejects(registry.open('s').read(0, Buffer.alloc(16 * 512)), {
+    code: 'EIOERR',
+    errno: 'EIO',
+    message: 'I/O error: read hit the error target (table line 1)',
+  });
   assert.deepEqual(registry.get('s').liveTable!.format('status', false), ['0 32 striped 2 /mem/a bad  AD']);
   await registry.closeAll();
 });

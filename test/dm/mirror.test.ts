@@ -47,7 +47,12 @@ async function waitInSync(registry: DeviceRegistry, name: string): Promise<strin
   assert.fail(`mirror ${name} never got in sync: ${status(registry, name)}`);
 }
 
-async function raw(registry: { mems: Map<string, MemoryDevice> }, mem: string, offsetBytes: number, length: number): Promise<Buffer> {
+async function raw(
+  registry: { mems: Map<string, MemoryDevice> },
+  mem: string,
+  offsetBytes: number,
+  length: number,
+): Promise<Buffer> {
   const b = Buffer.alloc(length);
   await registry.mems.get(mem)!.read(offsetBytes, b);
   return b;
@@ -56,10 +61,19 @@ async function raw(registry: { mems: Map<string, MemoryDevice> }, mem: string, o
 test('mirror tables parse and print back in the kernel canonical form (round trip)', async () => {
   const cases: [string, string][] = [
     ['0 2048 mirror core 1 1024 2 /mem/a 0 /mem/b 0', '0 2048 mirror core 1 1024 2 /mem/a 0 /mem/b 0'],
-    ['0 1024 mirror core 2 16 nosync 3 /mem/a 0 /mem/b 8 /mem/c 16 1 handle_errors', '0 1024 mirror core 2 16 nosync 3 /mem/a 0 /mem/b 8 /mem/c 16 1 handle_errors'],
-    ['0 1000 mirror  core 2 64 sync 2 /mem/a 0 /mem/b 0 2 keep_log handle_errors', '0 1000 mirror core 2 64 sync 2 /mem/a 0 /mem/b 0 2 handle_errors keep_log'],
+    [
+      '0 1024 mirror core 2 16 nosync 3 /mem/a 0 /mem/b 8 /mem/c 16 1 handle_errors',
+      '0 1024 mirror core 2 16 nosync 3 /mem/a 0 /mem/b 8 /mem/c 16 1 handle_errors',
+    ],
+    [
+      '0 1000 mirror  core 2 64 sync 2 /mem/a 0 /mem/b 0 2 keep_log handle_errors',
+      '0 1000 mirror core 2 64 sync 2 /mem/a 0 /mem/b 0 2 handle_errors keep_log',
+    ],
     ['0 2048 mirror core 1 1024 2 /mem/a 0 /mem/b 0 0', '0 2048 mirror core 1 1024 2 /mem/a 0 /mem/b 0'],
-    ['0 512 mirror core 1 2 2 /mem/a 0 /mem/b 0 1 handle_errors', '0 512 mirror core 1 2 2 /mem/a 0 /mem/b 0 1 handle_errors'],
+    [
+      '0 512 mirror core 1 2 2 /mem/a 0 /mem/b 0 1 handle_errors',
+      '0 512 mirror core 1 2 2 /mem/a 0 /mem/b 0 1 handle_errors',
+    ],
   ];
   for (const [text, canonical] of cases) {
     const { registry } = memRegistry({ a: MiB, b: MiB, c: MiB });
@@ -94,29 +108,69 @@ test('bad mirror tables are refused with the line, the argument and a stable cod
     ['0 64 mirror core', 'ETABLE', /^table line 1: mirror <#log_args>: missing argument/],
     ['0 64 mirror core x', 'ETABLE', /mirror <#log_args>: 'x' is not an unsigned decimal number/],
     ['0 64 mirror core 3 8', 'ETABLE', /mirror <#log_args>: says 3 log arguments but 1 arguments follow/],
-    [`0 64 mirror disk 2 /mem/c 8 ${legs}`, 'EUNSUPPORTED', /mirror <log_type>: log type 'disk' is not supported by cryptmap \(use 'core'\)/],
+    [
+      `0 64 mirror disk 2 /mem/c 8 ${legs}`,
+      'EUNSUPPORTED',
+      /mirror <log_type>: log type 'disk' is not supported by cryptmap \(use 'core'\)/,
+    ],
     [`0 64 mirror userspace 1 x ${legs}`, 'EUNSUPPORTED', /log type 'userspace' is not supported/],
     [`0 64 mirror fancy 1 8 ${legs}`, 'ETABLE', /mirror <log_type>: unknown log type 'fancy'/],
     [`0 64 mirror core 0 ${legs}`, 'ETABLE', /mirror <#log_args>: the core log takes 1 or 2 arguments/],
-    [`0 64 mirror core 3 8 sync x ${legs}`, 'ETABLE', /mirror <#log_args>: the core log takes 1 or 2 arguments .* got 3/],
-    [`0 64 mirror core 1 12 ${legs}`, 'ETABLE', /mirror <region_size>: '12' must be a power of two, at least 2 and at most the target length \(64\) sectors/],
+    [
+      `0 64 mirror core 3 8 sync x ${legs}`,
+      'ETABLE',
+      /mirror <#log_args>: the core log takes 1 or 2 arguments .* got 3/,
+    ],
+    [
+      `0 64 mirror core 1 12 ${legs}`,
+      'ETABLE',
+      /mirror <region_size>: '12' must be a power of two, at least 2 and at most the target length \(64\) sectors/,
+    ],
     [`0 64 mirror core 1 1 ${legs}`, 'ETABLE', /mirror <region_size>: '1' must be a power of two/],
     [`0 64 mirror core 1 128 ${legs}`, 'ETABLE', /mirror <region_size>: '128' must be/],
     [`0 64 mirror core 1 -8 ${legs}`, 'ETABLE', /mirror <region_size>: '-8' is not an unsigned decimal number/],
-    [`0 64 mirror core 2 8 fast ${legs}`, 'ETABLE', /mirror <log_args>: unknown sync argument 'fast' \(expected sync or nosync\)/],
+    [
+      `0 64 mirror core 2 8 fast ${legs}`,
+      'ETABLE',
+      /mirror <log_args>: unknown sync argument 'fast' \(expected sync or nosync\)/,
+    ],
     ['0 64 mirror core 1 8', 'ETABLE', /mirror <#mirrors>: missing argument/],
     ['0 64 mirror core 1 8 1 /mem/a 0', 'ETABLE', /mirror <#mirrors>: '1' must be from 2 to 9/],
     [`0 64 mirror core 1 8 10 ${'/mem/a 0 '.repeat(10)}`, 'ETABLE', /mirror <#mirrors>: '10' must be from 2 to 9/],
-    ['0 64 mirror core 1 8 2 /mem/a 0 /mem/b', 'ETABLE', /mirror <dev>: expected 2 <dev> <offset> pairs, got 3 arguments/],
+    [
+      '0 64 mirror core 1 8 2 /mem/a 0 /mem/b',
+      'ETABLE',
+      /mirror <dev>: expected 2 <dev> <offset> pairs, got 3 arguments/,
+    ],
     ['0 64 mirror core 1 8 2 /mem/a 0 /mem/b x', 'ETABLE', /mirror <offset #1>: 'x' is not an unsigned decimal number/],
     [`0 64 mirror core 1 8 ${legs} x`, 'ETABLE', /mirror <#features>: 'x' is not an unsigned decimal number/],
     [`0 64 mirror core 1 8 ${legs} 1`, 'ETABLE', /mirror <#features>: says 1 features but 0 follow/],
-    [`0 64 mirror core 1 8 ${legs} 1 fast`, 'ETABLE', /mirror <features>: unknown feature 'fast' \(known: handle_errors, keep_log\)/],
-    [`0 64 mirror core 1 8 ${legs} 1 keep_log`, 'ETABLE', /mirror <features>: keep_log requires the handle_errors feature/],
-    [`0 64 mirror core 1 8 ${legs} 1 handle_errors extra`, 'ETABLE', /mirror <args>: unexpected extra argument 'extra'/],
+    [
+      `0 64 mirror core 1 8 ${legs} 1 fast`,
+      'ETABLE',
+      /mirror <features>: unknown feature 'fast' \(known: handle_errors, keep_log\)/,
+    ],
+    [
+      `0 64 mirror core 1 8 ${legs} 1 keep_log`,
+      'ETABLE',
+      /mirror <features>: keep_log requires the handle_errors feature/,
+    ],
+    [
+      `0 64 mirror core 1 8 ${legs} 1 handle_errors extra`,
+      'ETABLE',
+      /mirror <args>: unexpected extra argument 'extra'/,
+    ],
     ['0 64 mirror core 1 8 2 /mem/a 0 /mem/nope 0', 'EOPEN', /mirror <dev #1>: cannot open \/mem\/nope/],
-    ['0 2048 mirror core 1 8 2 /mem/a 0 /mem/b 8', 'EDEVSIZE', /mirror <dev #1>: device \/mem\/b is too small: it has 2048 sectors, the target needs 2056/],
-    ['0 64 mirror core 1 8 2 /mem/a 0 /mem/big 1', 'EALIGN', /mirror <offset #1>: offset 1 is not aligned to the 4096-byte logical blocks of device \/mem\/big/],
+    [
+      '0 2048 mirror core 1 8 2 /mem/a 0 /mem/b 8',
+      'EDEVSIZE',
+      /mirror <dev #1>: device \/mem\/b is too small: it has 2048 sectors, the target needs 2056/,
+    ],
+    [
+      '0 64 mirror core 1 8 2 /mem/a 0 /mem/big 1',
+      'EALIGN',
+      /mirror <offset #1>: offset 1 is not aligned to the 4096-byte logical blocks of device \/mem\/big/,
+    ],
   ];
   for (const [text, code, re] of cases) {
     await assert.rejects(registry.create('x', { table: text }), (e: Error & { code?: string }) => {
@@ -200,7 +254,8 @@ test('the resync copies leg 0 to the others; reads and racing writes stay correc
   }
   assert.ok(sawPartial, 'the I/O ran while the resync was under way');
   assert.equal(await waitInSync(registry, 'm'), '0 2048 mirror 3 /mem/a /mem/b /mem/c 256/256 1 AAA 1 core');
-  for (const m of ['a', 'b', 'c']) assert.ok((await raw({ mems }, m, 0, size)).equals(model), `leg ${m} equals the model`);
+  for (const m of ['a', 'b', 'c'])
+    assert.ok((await raw({ mems }, m, 0, size)).equals(model), `leg ${m} equals the model`);
   await registry.closeAll();
 });
 
@@ -289,7 +344,11 @@ test('handle_errors: a leg whose write fails is dropped (D), I/O goes on on the 
   await registry.create('fa', { table: '0 1024 fault /mem/a 0 fail_writes' });
   await registry.create('m2', { table: '0 1024 mirror core 2 8 nosync 2 fa 0 fb 0 1 handle_errors' });
   await registry.message('fb', 0, ['fail_writes']);
-  await assert.rejects(registry.open('m2').write(0, Buffer.alloc(512)), { code: 'EIO', errno: 'EIO', message: /mirror: write failed on every leg/ });
+  await assert.rejects(registry.open('m2').write(0, Buffer.alloc(512)), {
+    code: 'EIO',
+    errno: 'EIO',
+    message: /mirror: write failed on every leg/,
+  });
   assert.equal(status(registry, 'm2'), '0 1024 mirror 2 fa fb 128/128 1 DD 1 core');
   await assert.rejects(registry.open('m2').write(0, Buffer.alloc(512)), { code: 'EIO' });
   await registry.closeAll();
@@ -396,7 +455,10 @@ test('mirror over crypt legs: a scratch write is handed to each leg unchanged', 
   await registry.create('m', { table: '0 1024 mirror core 2 8 nosync 2 ca 0 cb 0' });
   const plain = pattern(8192, 15);
   await registry.open('m').write(0, Buffer.from(plain), { scratch: true });
-  assert.ok((await raw({ mems }, 'a', 0, 8192)).equals(await raw({ mems }, 'b', 0, 8192)), 'same ciphertext on both legs');
+  assert.ok(
+    (await raw({ mems }, 'a', 0, 8192)).equals(await raw({ mems }, 'b', 0, 8192)),
+    'same ciphertext on both legs',
+  );
   for (const leg of ['ca', 'cb']) {
     const back = Buffer.alloc(8192);
     await registry.open(leg).read(0, back);

@@ -113,22 +113,37 @@ async function check(dev: BlockDevice, model: Model, ops: Op[], lbsS: number): P
     if (r.kind === 'error') continue;
     const buf = Buffer.alloc((r.endS - r.startS) * 512);
     await dev.read(r.startS * 512, buf);
-    assert.ok(buf.equals(model.expectedRead(r.startS, r.endS - r.startS)), `final state of sectors ${r.startS}..${r.endS}`);
+    assert.ok(
+      buf.equals(model.expectedRead(r.startS, r.endS - r.startS)),
+      `final state of sectors ${r.startS}..${r.endS}`,
+    );
   }
 }
 
 function opsArb(sizeS: number, edges: number[], discard: boolean): fc.Arbitrary<Op[]> {
-  const pos = fc.oneof(fc.integer({ min: 0, max: sizeS - 1 }), fc.constantFrom(...edges.flatMap((e) => [e - 1, e, e + 1]).filter((e) => e >= 0 && e < sizeS)));
+  const pos = fc.oneof(
+    fc.integer({ min: 0, max: sizeS - 1 }),
+    fc.constantFrom(...edges.flatMap((e) => [e - 1, e, e + 1]).filter((e) => e >= 0 && e < sizeS)),
+  );
   const len = fc.oneof(fc.integer({ min: 0, max: 40 }), fc.integer({ min: 0, max: 300 }));
   const kinds: fc.Arbitrary<Op>[] = [
     fc.record({ op: fc.constant('read' as const), s: pos, n: len }),
-    fc.record({ op: fc.constant('write' as const), s: pos, n: len, seed: fc.integer({ min: 1, max: 1 << 30 }), fua: fc.boolean() }),
+    fc.record({
+      op: fc.constant('write' as const),
+      s: pos,
+      n: len,
+      seed: fc.integer({ min: 1, max: 1 << 30 }),
+      fua: fc.boolean(),
+    }),
     fc.record({ op: fc.constant('writeZeroes' as const), s: pos, n: len }),
     fc.record({ op: fc.constant('discard' as const), s: pos, n: len }),
     fc.constant({ op: 'flush' as const }),
   ];
   void discard;
-  return fc.array(fc.oneof({ weight: 3, arbitrary: kinds[0]! }, { weight: 3, arbitrary: kinds[1]! }, kinds[2]!, kinds[3]!, kinds[4]!), { minLength: 1, maxLength: 25 });
+  return fc.array(
+    fc.oneof({ weight: 3, arbitrary: kinds[0]! }, { weight: 3, arbitrary: kinds[1]! }, kinds[2]!, kinds[3]!, kinds[4]!),
+    { minLength: 1, maxLength: 25 },
+  );
 }
 
 const RUNS = { seed: 424242, numRuns: 25 };
@@ -154,7 +169,12 @@ test('crypt over striped over two memory devices matches a plain reference', asy
         const raw = Buffer.alloc(2048 * 512);
         await registry.open('raw').read(0, raw);
         const sectorBytes = lbsS === 8 ? 4096 : 512;
-        const c = createSectorCipher({ spec: 'aes-xts-plain64', key, sectorBytes, ivLargeSectors: opt.includes('iv_large') });
+        const c = createSectorCipher({
+          spec: 'aes-xts-plain64',
+          key,
+          sectorBytes,
+          ivLargeSectors: opt.includes('iv_large'),
+        });
         const expect = Buffer.alloc(raw.length);
         c.encrypt(model.ref, 0n, expect);
         c.dispose();
@@ -172,7 +192,9 @@ test('linear over linear (permuted ranges) matches a plain reference', async () 
     fc.asyncProperty(opsArb(2048, [0, 512, 1024, 1536, 2047], true), async (ops) => {
       const { registry } = memRegistry({ a: 1 << 20 });
       await registry.create('l1', { table: '0 512 linear /mem/a 1536\n512 1536 linear /mem/a 0' });
-      await registry.create('l2', { table: '0 1024 linear l1 1024\n1024 1000 linear l1 8\n2024 24 linear /dev/mapper/l1 1000' });
+      await registry.create('l2', {
+        table: '0 1024 linear l1 1024\n1024 1000 linear l1 8\n2024 24 linear /dev/mapper/l1 1000',
+      });
       const dev = registry.open('l2');
       await check(dev, new Model(2048, [{ startS: 0, endS: 2048, kind: 'data' }], true), ops, 1);
       await dev.close();
@@ -194,7 +216,8 @@ test('linear, zero and error mixed in one table match the reference', async () =
   await fc.assert(
     fc.asyncProperty(opsArb(2048, [0, 256, 384, 512, 1024, 1032, 2047], true), async (ops) => {
       const { registry } = memRegistry({ a: 256 << 10, b: 1 << 20 });
-      const table = '0 256 linear /mem/a 0\n256 128 zero\n384 128 error\n512 512 linear /mem/b 8\n1024 8 zero\n1032 1016 striped 1 8 /mem/b 1024';
+      const table =
+        '0 256 linear /mem/a 0\n256 128 zero\n384 128 error\n512 512 linear /mem/b 8\n1024 8 zero\n1032 1016 striped 1 8 /mem/b 1024';
       await registry.create('mix', { table });
       const dev = registry.open('mix');
       await check(dev, new Model(2048, regions, true), ops, 1);
@@ -207,7 +230,9 @@ test('linear, zero and error mixed in one table match the reference', async () =
 
 test('boundary cases: first and last sector, zero length, crossing every edge', async () => {
   const { registry } = memRegistry({ a: 1 << 20, b: 1 << 20 });
-  await registry.create('m', { table: '0 8 linear /mem/a 0\n8 16 striped 2 8 /mem/a 8 /mem/b 0\n24 1 zero\n25 999 linear /mem/b 64' });
+  await registry.create('m', {
+    table: '0 8 linear /mem/a 0\n8 16 striped 2 8 /mem/a 8 /mem/b 0\n24 1 zero\n25 999 linear /mem/b 64',
+  });
   const dev = registry.open('m');
   assert.equal(dev.sizeBytes, 1024 * 512);
   const all = pattern(1024 * 512, 5);
@@ -226,8 +251,15 @@ test('boundary cases: first and last sector, zero length, crossing every edge', 
   await dev.write(0, Buffer.alloc(0));
   await dev.writeZeroes(512 * 1024, 0);
   await assert.rejects(dev.read(1023 * 512, Buffer.alloc(1024)), { code: 'ERANGE', errno: 'EINVAL' });
-  await assert.rejects(dev.write(1024 * 512, Buffer.alloc(512)), { code: 'ERANGE', errno: 'ENOSPC', message: /write of 512 bytes at 524288 is outside device m \(524288 bytes\)/ });
-  await assert.rejects(dev.read(100, Buffer.alloc(512)), { code: 'EALIGN', message: /read of 512 bytes at 100 on device m is not aligned to its 512-byte logical blocks/ });
+  await assert.rejects(dev.write(1024 * 512, Buffer.alloc(512)), {
+    code: 'ERANGE',
+    errno: 'ENOSPC',
+    message: /write of 512 bytes at 524288 is outside device m \(524288 bytes\)/,
+  });
+  await assert.rejects(dev.read(100, Buffer.alloc(512)), {
+    code: 'EALIGN',
+    message: /read of 512 bytes at 100 on device m is not aligned to its 512-byte logical blocks/,
+  });
   await assert.rejects(dev.read(-512, Buffer.alloc(512)), { code: 'ERANGE' });
   await dev.close();
   await registry.closeAll();
@@ -240,7 +272,12 @@ test('concurrent batches of disjoint I/O on crypt over striped over two real fil
     const key = xtsKey(17).toString('hex');
     const sizeS = 2048;
     const batch = fc.array(
-      fc.record({ s: fc.integer({ min: 0, max: sizeS - 1 }), n: fc.integer({ min: 1, max: 200 }), write: fc.boolean(), seed: fc.integer({ min: 1, max: 1 << 30 }) }),
+      fc.record({
+        s: fc.integer({ min: 0, max: sizeS - 1 }),
+        n: fc.integer({ min: 1, max: 200 }),
+        write: fc.boolean(),
+        seed: fc.integer({ min: 1, max: 1 << 30 }),
+      }),
       { minLength: 1, maxLength: 12 },
     );
     let run = 0;
@@ -279,7 +316,8 @@ test('concurrent batches of disjoint I/O on crypt over striped over two real fil
               return dev.read(o.s * 512, buf);
             }),
           );
-          for (const [s, buf] of reads) assert.ok(buf.equals(ref.subarray(s * 512, s * 512 + buf.length)), `read at ${s}`);
+          for (const [s, buf] of reads)
+            assert.ok(buf.equals(ref.subarray(s * 512, s * 512 + buf.length)), `read at ${s}`);
         }
         const all = Buffer.alloc(sizeS * 512);
         await dev.read(0, all);

@@ -26,7 +26,10 @@ test('parseTable errors name the line and the problem', () => {
     [`0 ${MAX_TABLE_SECTORS + 1} zero`, /table line 1: <length>: .* is too large/],
     ['0 0 zero', /table line 1: <length> must not be zero/],
     ['8 100 zero', /table line 1: <start> 8: the first target must start at sector 0/],
-    ['0 100 zero\n101 1 zero', /table line 2: <start> 101 leaves a gap after the previous target, which ends at sector 100/],
+    [
+      '0 100 zero\n101 1 zero',
+      /table line 2: <start> 101 leaves a gap after the previous target, which ends at sector 100/,
+    ],
     ['0 100 zero\n\n99 1 zero', /table line 3: <start> 99 overlaps the previous target, which ends at sector 100/],
     [`0 ${MAX_TABLE_SECTORS} zero\n${MAX_TABLE_SECTORS} 1 zero`, /table line 2: the table is larger than/],
     ['0 1 ze/ro', /table line 1: <target> 'ze\/ro' is not a valid target name/],
@@ -38,7 +41,10 @@ test('targets reject malformed arguments, naming line, target and argument', asy
   const { registry } = memRegistry({ a: MiB, b: MiB });
   const key = xtsKey().toString('hex');
   const cases: [string, RegExp][] = [
-    ['0 8 nosuch', /table line 1: unknown target type 'nosuch' \(known: crypt, error, linear, mirror, striped, thin, thin-pool, zero\)/],
+    [
+      '0 8 nosuch',
+      /table line 1: unknown target type 'nosuch' \(known: crypt, error, linear, mirror, striped, thin, thin-pool, zero\)/,
+    ],
     ['0 8 zero extra', /table line 1: zero <args>: unexpected extra argument 'extra' \(expected 'zero'\)/],
     ['0 8 error 1', /table line 1: error <args>: unexpected extra argument '1'/],
     ['0 8 linear /mem/a', /table line 1: linear <offset>: missing <offset> \(expected 'linear <dev> <offset>'\)/],
@@ -46,37 +52,91 @@ test('targets reject malformed arguments, naming line, target and argument', asy
     ['0 8 linear /mem/a x', /table line 1: linear <offset>: 'x' is not an unsigned decimal number/],
     ['0 8 linear /mem/a 99999999999999999999', /table line 1: linear <offset>: '99999999999999999999' is too large/],
     ['0 8 linear /mem/nope 0', /table line 1: linear <dev>: cannot open \/mem\/nope/],
-    ['0 2048 linear /mem/a 8', /table line 1: linear <dev>: device \/mem\/a is too small: it has 2048 sectors, the target needs 2056/],
+    [
+      '0 2048 linear /mem/a 8',
+      /table line 1: linear <dev>: device \/mem\/a is too small: it has 2048 sectors, the target needs 2056/,
+    ],
     ['0 16 striped', /table line 1: striped <#stripes>: not enough arguments/],
     ['0 16 striped 0 8', /table line 1: striped <#stripes>: must be at least 1/],
     ['0 16 striped 2 12 /mem/a 0 /mem/b 0', /striped <chunk_size>: '12' must be a power of two and at least 8 sectors/],
     ['0 16 striped 2 4 /mem/a 0 /mem/b 0', /striped <chunk_size>: '4' must be a power of two/],
-    ['0 24 striped 2 8 /mem/a 0 /mem/b 0', /striped <chunk_size>: the target length 24 is not a multiple of chunk_size \* #stripes \(8 \* 2\)/],
+    [
+      '0 24 striped 2 8 /mem/a 0 /mem/b 0',
+      /striped <chunk_size>: the target length 24 is not a multiple of chunk_size \* #stripes \(8 \* 2\)/,
+    ],
     ['0 16 striped 2 8 /mem/a 0', /striped <dev>: expected 2 <dev> <offset> pairs \(6 arguments\), got 4 arguments/],
     ['0 16 striped 1 8 /mem/a 0 /mem/b', /striped <offset>: expected 1 <dev> <offset> pairs/],
     ['0 16 striped 2 8 /mem/a 0 /mem/b x', /striped <offset #1>: 'x' is not an unsigned decimal number/],
-    ['0 4096 striped 2 8 /mem/a 0 /mem/b 1', /striped <dev #1>: device \/mem\/b is too small: it has 2048 sectors, the target needs 2049/],
+    [
+      '0 4096 striped 2 8 /mem/a 0 /mem/b 1',
+      /striped <dev #1>: device \/mem\/b is too small: it has 2048 sectors, the target needs 2049/,
+    ],
     ['0 8 crypt aes-xts-plain64', /table line 1: crypt <key>: missing argument/],
     [`0 8 crypt aes-nope-plain64 ${key} 0 /mem/a 0`, /table line 1: crypt <cipher>:/],
-    [`0 8 crypt aes-xts-plain64 xyz 0 /mem/a 0`, /crypt <key>: is not valid hex, '-' or a key reference \(3 characters\)/],
-    [`0 8 crypt aes-xts-plain64 ${key.slice(0, 30)} 0 /mem/a 0`, /crypt <key>: cipher 'aes-xts-plain64' takes a key of/],
-    [`0 8 crypt aes-xts-plain64 ${key} -1 /mem/a 0`, /crypt <iv_offset>: '-1' is not an unsigned 64-bit decimal number/],
+    [
+      `0 8 crypt aes-xts-plain64 xyz 0 /mem/a 0`,
+      /crypt <key>: is not valid hex, '-' or a key reference \(3 characters\)/,
+    ],
+    [
+      `0 8 crypt aes-xts-plain64 ${key.slice(0, 30)} 0 /mem/a 0`,
+      /crypt <key>: cipher 'aes-xts-plain64' takes a key of/,
+    ],
+    [
+      `0 8 crypt aes-xts-plain64 ${key} -1 /mem/a 0`,
+      /crypt <iv_offset>: '-1' is not an unsigned 64-bit decimal number/,
+    ],
     [`0 8 crypt aes-xts-plain64 ${key} 0 /mem/a x`, /crypt <offset>: 'x' is not an unsigned decimal number/],
-    [`0 8 crypt aes-xts-plain64 ${key} 0 /mem/a 0 2 allow_discards`, /crypt <#opt_params>: says 2 optional parameters but 1 follow/],
-    [`0 8 crypt aes-xts-plain64 ${key} 0 /mem/a 0 10 a b c d e f g h i j`, /crypt <#opt_params>: 10 is more than the 9 optional parameters/],
+    [
+      `0 8 crypt aes-xts-plain64 ${key} 0 /mem/a 0 2 allow_discards`,
+      /crypt <#opt_params>: says 2 optional parameters but 1 follow/,
+    ],
+    [
+      `0 8 crypt aes-xts-plain64 ${key} 0 /mem/a 0 10 a b c d e f g h i j`,
+      /crypt <#opt_params>: 10 is more than the 9 optional parameters/,
+    ],
     [`0 8 crypt aes-xts-plain64 ${key} 0 /mem/a 0 1 fast`, /crypt <opt_params>: unknown optional parameter 'fast'/],
-    [`0 8 crypt aes-xts-plain64 ${key} 0 /mem/a 0 1 high_priority`, /crypt <opt_params>: 'high_priority' is not supported by cryptmap yet/],
-    [`0 8 crypt aes-xts-plain64 ${key} 0 /mem/a 0 1 integrity:28:aead`, /crypt <opt_params>: 'integrity:28:aead' is not supported by cryptmap yet/],
+    [
+      `0 8 crypt aes-xts-plain64 ${key} 0 /mem/a 0 1 high_priority`,
+      /crypt <opt_params>: 'high_priority' is not supported by cryptmap yet/,
+    ],
+    [
+      `0 8 crypt aes-xts-plain64 ${key} 0 /mem/a 0 1 integrity:28:aead`,
+      /crypt <opt_params>: 'integrity:28:aead' is not supported by cryptmap yet/,
+    ],
     [`0 8 crypt aes-xts-plain64 ${key} 0 /mem/a 0 1 integrity_key_size:32`, /'integrity_key_size:32' is not supported/],
-    [`0 8 crypt aes-xts-plain64 ${key} 0 /mem/a 0 1 sector_size:1000`, /'sector_size:1000': sector_size must be a power of two from 512 to 4096/],
-    [`0 8 crypt aes-xts-plain64 ${key} 0 /mem/a 0 1 sector_size:8192`, /sector_size must be a power of two from 512 to 4096/],
-    [`0 8 crypt aes-xts-plain64 ${key} 4 /mem/a 0 1 sector_size:4096`, /crypt <iv_offset>: 4 is not a multiple of sector_size\/512 \(8\)/],
-    [`0 8 crypt aes-xts-plain64 ${key} 0 /mem/a 4 1 sector_size:4096`, /crypt <offset>: 4 is not a multiple of sector_size\/512 \(8\)/],
-    [`0 12 crypt aes-xts-plain64 ${key} 0 /mem/a 0 1 sector_size:4096`, /crypt <opt_params>: the target length 12 is not a multiple of sector_size\/512 \(8\)/],
+    [
+      `0 8 crypt aes-xts-plain64 ${key} 0 /mem/a 0 1 sector_size:1000`,
+      /'sector_size:1000': sector_size must be a power of two from 512 to 4096/,
+    ],
+    [
+      `0 8 crypt aes-xts-plain64 ${key} 0 /mem/a 0 1 sector_size:8192`,
+      /sector_size must be a power of two from 512 to 4096/,
+    ],
+    [
+      `0 8 crypt aes-xts-plain64 ${key} 4 /mem/a 0 1 sector_size:4096`,
+      /crypt <iv_offset>: 4 is not a multiple of sector_size\/512 \(8\)/,
+    ],
+    [
+      `0 8 crypt aes-xts-plain64 ${key} 0 /mem/a 4 1 sector_size:4096`,
+      /crypt <offset>: 4 is not a multiple of sector_size\/512 \(8\)/,
+    ],
+    [
+      `0 12 crypt aes-xts-plain64 ${key} 0 /mem/a 0 1 sector_size:4096`,
+      /crypt <opt_params>: the target length 12 is not a multiple of sector_size\/512 \(8\)/,
+    ],
     [`0 4096 crypt aes-xts-plain64 ${key} 0 /mem/a 0`, /crypt <dev>: device \/mem\/a is too small/],
-    [`0 8 crypt aes-xts-plain64 :64:bogus:k 0 /mem/a 0`, /crypt <key>: a key reference must look like ':<bytes>:<logon\|user\|encrypted\|trusted>:<description>'/],
-    [`0 8 crypt aes-xts-plain64 :64:logon:k 0 /mem/a 0`, /crypt <key>: no key store is configured to resolve the key reference ':64:logon:k'/],
-    [`0 4 zero\n4 8 crypt aes-xts-plain64 ${key} 0 /mem/a 0 1 sector_size:4096`, /table line 1: zero: <start> and <length> must be multiples of the table's logical block size \(4096 bytes = 8 sectors\)/],
+    [
+      `0 8 crypt aes-xts-plain64 :64:bogus:k 0 /mem/a 0`,
+      /crypt <key>: a key reference must look like ':<bytes>:<logon\|user\|encrypted\|trusted>:<description>'/,
+    ],
+    [
+      `0 8 crypt aes-xts-plain64 :64:logon:k 0 /mem/a 0`,
+      /crypt <key>: no key store is configured to resolve the key reference ':64:logon:k'/,
+    ],
+    [
+      `0 4 zero\n4 8 crypt aes-xts-plain64 ${key} 0 /mem/a 0 1 sector_size:4096`,
+      /table line 1: zero: <start> and <length> must be multiples of the table's logical block size \(4096 bytes = 8 sectors\)/,
+    ],
   ];
   for (const [text, re] of cases) {
     await assert.rejects(registry.create('x', { table: text }), re, text);
@@ -116,24 +176,40 @@ test('round trip for every target, canonical forms', async () => {
     `0 1024 crypt aes-xts-plain64 ${key.toUpperCase()} 16 /mem/a 8 7 iv_large_sectors no_write_workqueue sector_size:4096 no_read_workqueue submit_from_crypt_cpus same_cpu_crypt allow_discards`,
     `0 1024 crypt aes-xts-plain64 ${key} 16 /mem/a 8 7 allow_discards same_cpu_crypt submit_from_crypt_cpus no_read_workqueue no_write_workqueue sector_size:4096 iv_large_sectors`,
   );
-  await roundTrip(`0 1024 crypt aes-xts-plain64 ${key} 0 /mem/a 0 1 sector_size:512`, `0 1024 crypt aes-xts-plain64 ${key} 0 /mem/a 0`);
+  await roundTrip(
+    `0 1024 crypt aes-xts-plain64 ${key} 0 /mem/a 0 1 sector_size:512`,
+    `0 1024 crypt aes-xts-plain64 ${key} 0 /mem/a 0`,
+  );
 });
 
 test('round trip for random tables (fast-check, seeded)', async () => {
   const key = xtsKey(9).toString('hex');
   const line = fc.oneof(
-    fc.record({ t: fc.constant('zero'), len: fc.integer({ min: 1, max: 64 }) }).map((r) => ({ len: r.len * 8, args: 'zero' })),
-    fc.record({ len: fc.integer({ min: 1, max: 64 }) }).map((r) => ({ len: r.len * 8, args: 'error' })),
-    fc.record({ len: fc.integer({ min: 1, max: 64 }), off: fc.integer({ min: 0, max: 64 }) }).map((r) => ({ len: r.len * 8, args: `linear /mem/a ${r.off * 8}` })),
     fc
-      .record({ stripes: fc.integer({ min: 1, max: 3 }), chunkShift: fc.integer({ min: 3, max: 5 }), n: fc.integer({ min: 1, max: 4 }), off: fc.integer({ min: 0, max: 8 }) })
+      .record({ t: fc.constant('zero'), len: fc.integer({ min: 1, max: 64 }) })
+      .map((r) => ({ len: r.len * 8, args: 'zero' })),
+    fc.record({ len: fc.integer({ min: 1, max: 64 }) }).map((r) => ({ len: r.len * 8, args: 'error' })),
+    fc
+      .record({ len: fc.integer({ min: 1, max: 64 }), off: fc.integer({ min: 0, max: 64 }) })
+      .map((r) => ({ len: r.len * 8, args: `linear /mem/a ${r.off * 8}` })),
+    fc
+      .record({
+        stripes: fc.integer({ min: 1, max: 3 }),
+        chunkShift: fc.integer({ min: 3, max: 5 }),
+        n: fc.integer({ min: 1, max: 4 }),
+        off: fc.integer({ min: 0, max: 8 }),
+      })
       .map((r) => {
         const chunk = 1 << r.chunkShift;
         const devs = ['/mem/a', '/mem/b', '/mem/c'].slice(0, r.stripes).map((d, i) => `${d} ${r.off * (i + 1)}`);
         return { len: chunk * r.stripes * r.n, args: `striped ${r.stripes} ${chunk} ${devs.join(' ')}` };
       }),
     fc
-      .record({ len: fc.integer({ min: 1, max: 64 }), iv: fc.bigInt({ min: 0n, max: (1n << 61n) - 1n }), flags: fc.subarray(['allow_discards', 'same_cpu_crypt', 'iv_large_sectors', 'sector_size:4096']) })
+      .record({
+        len: fc.integer({ min: 1, max: 64 }),
+        iv: fc.bigInt({ min: 0n, max: (1n << 61n) - 1n }),
+        flags: fc.subarray(['allow_discards', 'same_cpu_crypt', 'iv_large_sectors', 'sector_size:4096']),
+      })
       .map((r) => {
         const opts = r.flags.length ? ` ${r.flags.length} ${r.flags.join(' ')}` : '';
         return { len: r.len * 8, args: `crypt aes-xts-plain64 ${key} ${r.iv * 8n} /mem/b 64${opts}` };

@@ -29,7 +29,16 @@ export interface ThinRig {
 }
 
 /** A registry with /mem/meta and /mem/data (reused when given), the metadata behind `plan` if any, and /mem/NAME for each of `more`. */
-export function thinRig(opts: { metaBytes?: number; dataBytes?: number; meta?: MemoryDevice; data?: MemoryDevice; plan?: FaultPlan; more?: Record<string, MemoryDevice> } = {}): ThinRig {
+export function thinRig(
+  opts: {
+    metaBytes?: number;
+    dataBytes?: number;
+    meta?: MemoryDevice;
+    data?: MemoryDevice;
+    plan?: FaultPlan;
+    more?: Record<string, MemoryDevice>;
+  } = {},
+): ThinRig {
   const meta = opts.meta ?? new MemoryDevice({ sizeBytes: opts.metaBytes ?? MiB });
   const data = opts.data ?? new MemoryDevice({ sizeBytes: opts.dataBytes ?? 16 * MiB });
   const fault = opts.plan ? new FaultDevice(meta, opts.plan) : undefined;
@@ -49,7 +58,8 @@ export function thinRig(opts: { metaBytes?: number; dataBytes?: number; meta?: M
 
 export function tool(cmd: string, args: string[], input?: string): { status: number; stdout: string; stderr: string } {
   const r = spawnSync(resolveTool(cmd), args, { encoding: 'utf8', input, maxBuffer: 256 * MiB });
-  if (r.error && (r.error as NodeJS.ErrnoException).code === 'ENOENT') assert.fail(`${cmd} not found: install the Debian package thin-provisioning-tools`);
+  if (r.error && (r.error as NodeJS.ErrnoException).code === 'ENOENT')
+    assert.fail(`${cmd} not found: install the Debian package thin-provisioning-tools`);
   return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
 
@@ -112,7 +122,8 @@ export interface DumpedDevice {
 
 /** Parse thin_dump's XML (single and range mappings). */
 export function parseDump(xml: string): { superblock: Record<string, string>; devices: Map<number, DumpedDevice> } {
-  const attrs = (s: string): Record<string, string> => Object.fromEntries([...s.matchAll(/(\w+)="([^"]*)"/g)].map((m) => [m[1]!, m[2]!]));
+  const attrs = (s: string): Record<string, string> =>
+    Object.fromEntries([...s.matchAll(/(\w+)="([^"]*)"/g)].map((m) => [m[1]!, m[2]!]));
   const sb = /<superblock ([^>]*)>/.exec(xml);
   assert.ok(sb, `no superblock in thin_dump output: ${xml.slice(0, 200)}`);
   const devices = new Map<number, DumpedDevice>();
@@ -121,14 +132,22 @@ export function parseDump(xml: string): { superblock: Record<string, string>; de
     const t = line.trim();
     if (t.startsWith('<device ')) {
       const a = attrs(t);
-      cur = { id: Number(a.dev_id), mappedBlocks: Number(a.mapped_blocks), transaction: Number(a.transaction), creationTime: Number(a.creation_time), snapTime: Number(a.snap_time), map: new Map() };
+      cur = {
+        id: Number(a.dev_id),
+        mappedBlocks: Number(a.mapped_blocks),
+        transaction: Number(a.transaction),
+        creationTime: Number(a.creation_time),
+        snapTime: Number(a.snap_time),
+        map: new Map(),
+      };
       devices.set(cur.id, cur);
     } else if (t.startsWith('<single_mapping ')) {
       const a = attrs(t);
       cur!.map.set(Number(a.origin_block), [Number(a.data_block), Number(a.time)]);
     } else if (t.startsWith('<range_mapping ')) {
       const a = attrs(t);
-      for (let i = 0; i < Number(a.length); i++) cur!.map.set(Number(a.origin_begin) + i, [Number(a.data_begin) + i, Number(a.time)]);
+      for (let i = 0; i < Number(a.length); i++)
+        cur!.map.set(Number(a.origin_begin) + i, [Number(a.data_begin) + i, Number(a.time)]);
     }
   }
   return { superblock: attrs(sb[1]!), devices };

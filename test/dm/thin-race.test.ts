@@ -105,16 +105,23 @@ test('discard during a write in flight to the block: the block is freed only aft
   await within(Promise.all([inFlight, discard, reuse]), 'the write, discard and reuse');
   const back = Buffer.alloc(BLOCK);
   await h.read(BLOCK, back);
-  assert.deepEqual(back, pattern(BLOCK, 3), 'the block reused by another virtual block holds its own data, not the late write');
+  assert.deepEqual(
+    back,
+    pattern(BLOCK, 3),
+    'the block reused by another virtual block holds its own data, not the late write',
+  );
   await h.read(0, back);
-  assert.ok(back.every((x) => x === 0), 'the discarded block reads as zeros');
+  assert.ok(
+    back.every((x) => x === 0),
+    'the discarded block reads as zeros',
+  );
   await h.flush();
   assert.equal(status(registry, 't'), `0 ${(8 * BLOCK) / 512} thin 128 255`);
   await h.close();
   await registry.closeAll();
 });
 
-test('discard during a read in flight: the block is not reused before the read is done (another device\'s data never shows in it)', async () => {
+test("discard during a read in flight: the block is not reused before the read is done (another device's data never shows in it)", async () => {
   const data = new GatedMemory({ sizeBytes: BLOCK });
   const { registry, h } = await onePool(data, 1);
   await h.write(0, pattern(BLOCK, 1));
@@ -169,7 +176,8 @@ test('pool suspend: thin I/O waits until the pool resumes (reads, writes, discar
   const metaBefore = await memBytes(meta);
   const back = Buffer.alloc(4096);
   const ops = [h.write(BLOCK, pattern(BLOCK, 3)), h.read(0, back), h.discard(2 * BLOCK, BLOCK), h.flush()];
-  for (const [i, op] of ops.entries()) assert.equal(await pendingAfterTurns(op), true, `thin operation ${i} waits while the pool is suspended`);
+  for (const [i, op] of ops.entries())
+    assert.equal(await pendingAfterTurns(op), true, `thin operation ${i} waits while the pool is suspended`);
   assert.deepEqual(await memBytes(meta), metaBefore, 'no metadata write while the pool is suspended');
   await registry.resume('pool');
   await within(Promise.all(ops), 'the thin I/O after the resume');

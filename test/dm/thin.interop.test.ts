@@ -13,7 +13,18 @@ import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { DeviceRegistry } from '../../src/dm/registry.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { pattern } from './helpers.js';
-import { BLOCK, MiB, assertThinCheck, parseDump, status, thinDump, thinRestore, thinRig, tool, withImage } from './thin-helpers.js';
+import {
+  BLOCK,
+  MiB,
+  assertThinCheck,
+  parseDump,
+  status,
+  thinDump,
+  thinRestore,
+  thinRig,
+  tool,
+  withImage,
+} from './thin-helpers.js';
 
 const POOL = (dataBytes: number, extra = '') => `0 ${dataBytes / 512} thin-pool /mem/meta /mem/data 128 0${extra}`;
 
@@ -38,7 +49,10 @@ test('cryptmap writes metadata thin_check accepts; thin_dump shows the mappings 
   assert.equal(dump.superblock.nr_data_blocks, String((8 * MiB) / BLOCK));
   assert.deepEqual([...dump.devices.keys()].sort(), [0, 7]);
   const d0 = dump.devices.get(0)!;
-  assert.deepEqual([...d0.map.keys()].sort((a, b) => a - b), [3, 10]);
+  assert.deepEqual(
+    [...d0.map.keys()].sort((a, b) => a - b),
+    [3, 10],
+  );
   assert.equal(d0.mappedBlocks, 2);
   const at = async (vb: number, off: number, n: number): Promise<Buffer> => {
     const b = Buffer.alloc(n);
@@ -47,9 +61,15 @@ test('cryptmap writes metadata thin_check accepts; thin_dump shows the mappings 
   };
   assert.deepEqual(await at(3, 0, BLOCK), full);
   assert.deepEqual(await at(10, 8192, 4096), part);
-  assert.ok((await at(10, 0, 8192)).every((x) => x === 0), 'the rest of a partially written new block is zeroed');
+  assert.ok(
+    (await at(10, 0, 8192)).every((x) => x === 0),
+    'the rest of a partially written new block is zeroed',
+  );
   assert.equal(status(registry, 't0'), `0 65536 thin ${2 * 128} ${11 * 128 - 1}`);
-  assert.match(status(registry, 'pool'), /^0 16384 thin-pool 42 [0-9]+\/256 2\/128 - rw discard_passdown queue_if_no_space - 64 $/);
+  assert.match(
+    status(registry, 'pool'),
+    /^0 16384 thin-pool 42 [0-9]+\/256 2\/128 - rw discard_passdown queue_if_no_space - 64 $/,
+  );
   await h.close();
   await registry.closeAll();
   await assertThinCheck(meta, 'after removing the devices');
@@ -57,7 +77,9 @@ test('cryptmap writes metadata thin_check accepts; thin_dump shows the mappings 
 
 test('metadata from thin_restore opens with the same mappings (multi-level btrees, shared blocks); cryptmap commits on top of it', async () => {
   const nrData = 4096;
-  const lines: string[] = [`<superblock uuid="" time="3" transaction="9" flags="0" version="2" data_block_size="128" nr_data_blocks="${nrData}">`];
+  const lines: string[] = [
+    `<superblock uuid="" time="3" transaction="9" flags="0" version="2" data_block_size="128" nr_data_blocks="${nrData}">`,
+  ];
   // Device 1: 3000 single mappings (several btree leaves and an internal level), vblock 2i -> i.
   lines.push('<device dev_id="1" mapped_blocks="3000" transaction="2" creation_time="0" snap_time="2">');
   for (let i = 0; i < 3000; i++) lines.push(`<single_mapping origin_block="${2 * i}" data_block="${i}" time="1"/>`);
@@ -89,7 +111,10 @@ test('metadata from thin_restore opens with the same mappings (multi-level btree
   assert.deepEqual(await rd(h1, 5998), pattern(512, 3999));
   assert.deepEqual(await rd(h5, 10000), pattern(512, 4000));
   assert.deepEqual(await rd(h5, 10199), pattern(512, 4199));
-  assert.ok((await rd(h1, 1)).every((x) => x === 0), 'an unmapped block reads as zeros');
+  assert.ok(
+    (await rd(h1, 1)).every((x) => x === 0),
+    'an unmapped block reads as zeros',
+  );
   // Device 5 was snapshotted at time 2 after its block 0 was mapped at time 1: writing breaks sharing.
   await h5.write(0, pattern(512, 7));
   await h1.write(BLOCK, pattern(512, 8));
@@ -117,7 +142,11 @@ test('snapshots: break on write keeps the snapshot image; delete frees its block
   const before = pattern(2 * BLOCK, 3);
   await h.write(0, before);
   await h.flush();
-  await assert.rejects(registry.message('pool', 0, ['create_snap', '1', '0']), { code: 'EBUSY' }, 'the origin is active');
+  await assert.rejects(
+    registry.message('pool', 0, ['create_snap', '1', '0']),
+    { code: 'EBUSY' },
+    'the origin is active',
+  );
   await registry.suspend('t0');
   await registry.message('pool', 0, ['create_snap', '1', '0']);
   await registry.resume('t0');
@@ -137,10 +166,15 @@ test('snapshots: break on write keeps the snapshot image; delete frees its block
   assert.match(status(registry, 'pool'), / 3\/64 /, 'blocks 0 and 1 shared, one copy');
   // thin_ls agrees on what is shared (it reads the metadata cryptmap committed).
   await h.flush();
-  const ls = await withImage(meta, (p) => tool('thin_ls', ['-o', 'DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS,SHARED_BLOCKS', '--no-headers', p]));
+  const ls = await withImage(meta, (p) =>
+    tool('thin_ls', ['-o', 'DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS,SHARED_BLOCKS', '--no-headers', p]),
+  );
   assert.equal(ls.status, 0, ls.stderr);
   assert.deepEqual(
-    ls.stdout.trim().split('\n').map((l) => l.trim().split(/\s+/).map(Number)),
+    ls.stdout
+      .trim()
+      .split('\n')
+      .map((l) => l.trim().split(/\s+/).map(Number)),
     [
       [0, 2, 1, 1],
       [1, 2, 1, 1],
@@ -179,7 +213,11 @@ test('reserve_metadata_snap keeps a metadata snapshot thin_dump -m reads; releas
   await h.flush();
   await assertThinCheck(meta, 'with a metadata snapshot');
   const snapDump = parseDump(await thinDump(meta, [`--metadata-snap=${held[1]}`]));
-  assert.deepEqual([...snapDump.devices.get(0)!.map.keys()], [0], 'the metadata snapshot shows the mappings at reserve time');
+  assert.deepEqual(
+    [...snapDump.devices.get(0)!.map.keys()],
+    [0],
+    'the metadata snapshot shows the mappings at reserve time',
+  );
   const nowDump = parseDump(await thinDump(meta));
   assert.deepEqual([...nowDump.devices.get(0)!.map.keys()].sort(), [0, 5]);
   await assert.rejects(registry.message('pool', 0, ['reserve_metadata_snap']), { code: 'EBUSY' });
@@ -189,7 +227,14 @@ test('reserve_metadata_snap keeps a metadata snapshot thin_dump -m reads; releas
   await h.write(6 * BLOCK, pattern(4096, 3));
   await h.flush();
   await assertThinCheck(meta, 'after a commit without the metadata snapshot');
-  assert.deepEqual([...parseDump(await thinDump(meta)).devices.get(1)!.map.keys()], [0]);
+  assert.deepEqual(
+    [
+      ...parseDump(await thinDump(meta))
+        .devices.get(1)!
+        .map.keys(),
+    ],
+    [0],
+  );
   await h.close();
   await registry.closeAll();
 });
@@ -208,7 +253,10 @@ test('damaged metadata is refused naming the failed check, never opened', async 
   const r1 = thinRig({ meta, dataBytes: 4 * MiB });
   await assert.rejects(r1.registry.create('pool', { table: POOL(4 * MiB) }), (e: Error & { code?: string }) => {
     assert.equal(e.code, 'ETHINMETA');
-    assert.match(e.message, /table line 1: thin-pool <metadata dev>: thin-pool metadata: bad checksum in superblock \(block 0\)/);
+    assert.match(
+      e.message,
+      /table line 1: thin-pool <metadata dev>: thin-pool metadata: bad checksum in superblock \(block 0\)/,
+    );
     return true;
   });
   // Not thin metadata at all.
@@ -221,13 +269,22 @@ test('damaged metadata is refused naming the failed check, never opened', async 
   await meta.read(root * 4096, node);
   node[200] = node[200]! ^ 1;
   await meta.write(root * 4096, node);
-  await assert.rejects(thinRig({ meta }).registry.create('pool', { table: POOL(4 * MiB) }), new RegExp(`bad checksum in btree node \\(block ${root}\\)`));
+  await assert.rejects(
+    thinRig({ meta }).registry.create('pool', { table: POOL(4 * MiB) }),
+    new RegExp(`bad checksum in btree node \\(block ${root}\\)`),
+  );
   // A data block size that differs from the metadata's.
-  await meta.write(root * 4096, (() => {
-    node[200] = node[200]! ^ 1;
-    return node;
-  })());
-  await assert.rejects(thinRig({ meta }).registry.create('pool', { table: `0 8192 thin-pool /mem/meta /mem/data 256 0` }), /changing the data block size \(from 128 to 256\) is not supported/);
+  await meta.write(
+    root * 4096,
+    (() => {
+      node[200] = node[200]! ^ 1;
+      return node;
+    })(),
+  );
+  await assert.rejects(
+    thinRig({ meta }).registry.create('pool', { table: `0 8192 thin-pool /mem/meta /mem/data 256 0` }),
+    /changing the data block size \(from 128 to 256\) is not supported/,
+  );
 });
 
 test('thin over the NBD client: a pool whose metadata and data devices are NBD exports; thin_check accepts the served metadata', async () => {
@@ -241,7 +298,9 @@ test('thin over the NBD client: a pool whose metadata and data devices are NBD e
   await server.listenUnix(sock);
   const registry = new DeviceRegistry();
   try {
-    await registry.create('pool', { table: `0 8192 thin-pool nbd+unix:///meta?socket=${sock} nbd+unix:///data?socket=${sock} 128 0` });
+    await registry.create('pool', {
+      table: `0 8192 thin-pool nbd+unix:///meta?socket=${sock} nbd+unix:///data?socket=${sock} 128 0`,
+    });
     await registry.message('pool', 0, ['create_thin', '3']);
     await registry.create('t', { table: '0 8192 thin pool 3' });
     const t = registry.open('t');

@@ -11,7 +11,14 @@ import type { CliIO } from '../../src/cli/types.js';
 import { InProcessDmControl } from '../../src/dm/control.js';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { ThinMetadata } from '../../src/dm/thin/metadata.js';
-import { BITMAP_CSUM_XOR, BTREE_CSUM_XOR, INDEX_CSUM_XOR, SUPERBLOCK_CSUM_XOR, blockChecksum, sealBlock } from '../../src/dm/thin/persistent-data.js';
+import {
+  BITMAP_CSUM_XOR,
+  BTREE_CSUM_XOR,
+  INDEX_CSUM_XOR,
+  SUPERBLOCK_CSUM_XOR,
+  blockChecksum,
+  sealBlock,
+} from '../../src/dm/thin/persistent-data.js';
 import { CryptmapError } from '../../src/util/errors.js';
 import { pattern, prng, xtsKey } from './helpers.js';
 import { BLOCK, MiB, status, table, thinRig } from './thin-helpers.js';
@@ -20,23 +27,40 @@ test('thin-pool and thin tables: strict parsing, errors name line, target and ar
   const { registry } = thinRig({ dataBytes: 4 * MiB });
   const bad: [string, RegExp][] = [
     ['0 8192 thin-pool /mem/meta /mem/data 128', /table line 1: thin-pool <low water mark>: missing argument/],
-    ['0 8192 thin-pool /mem/meta /mem/data 100 0', /thin-pool <data block size>: invalid block size 100 \(128 to 2097152 sectors, a multiple of 128\)/],
+    [
+      '0 8192 thin-pool /mem/meta /mem/data 100 0',
+      /thin-pool <data block size>: invalid block size 100 \(128 to 2097152 sectors, a multiple of 128\)/,
+    ],
     ['0 8192 thin-pool /mem/meta /mem/data 4194304 0', /<data block size>: invalid block size/],
     ['0 8192 thin-pool /mem/meta /mem/data 128 x', /<low water mark>: 'x' is not an unsigned decimal number/],
-    ['0 8192 thin-pool /mem/meta /mem/data 128 0 1 skip_block_zeroing ignore_discard', /<#feature args>: says 1 feature arguments but 2 follow/],
+    [
+      '0 8192 thin-pool /mem/meta /mem/data 128 0 1 skip_block_zeroing ignore_discard',
+      /<#feature args>: says 1 feature arguments but 2 follow/,
+    ],
     ['0 8192 thin-pool /mem/meta /mem/data 128 0 1 no_such', /<feature>: unrecognised pool feature 'no_such'/],
     ['0 64 thin-pool /mem/meta /mem/data 128 0', /the target \(64 sectors\) is smaller than one data block/],
     ['0 16384 thin-pool /mem/meta /mem/data 128 0', /<data dev>: device \/mem\/data is too small/],
     ['0 8192 thin-pool /mem/meta /mem/nope 128 0', /thin-pool <data dev>: cannot open \/mem\/nope/],
   ];
   for (const [t, re] of bad) await assert.rejects(registry.create('p', { table: t }), re, t);
-  await registry.create('pool', { table: '0 8192 thin-pool /mem/meta /mem/data 128 10 3 error_if_no_space skip_block_zeroing no_discard_passdown' });
+  await registry.create('pool', {
+    table: '0 8192 thin-pool /mem/meta /mem/data 128 10 3 error_if_no_space skip_block_zeroing no_discard_passdown',
+  });
   // The kernel's canonical form: features in its order, each followed by a space.
-  assert.equal(table(registry, 'pool'), '0 8192 thin-pool /mem/meta /mem/data 128 10 3 skip_block_zeroing no_discard_passdown error_if_no_space ');
-  assert.match(status(registry, 'pool'), /^0 8192 thin-pool 0 [0-9]+\/256 0\/64 - rw no_discard_passdown error_if_no_space - 64 $/);
+  assert.equal(
+    table(registry, 'pool'),
+    '0 8192 thin-pool /mem/meta /mem/data 128 10 3 skip_block_zeroing no_discard_passdown error_if_no_space ',
+  );
+  assert.match(
+    status(registry, 'pool'),
+    /^0 8192 thin-pool 0 [0-9]+\/256 0\/64 - rw no_discard_passdown error_if_no_space - 64 $/,
+  );
   await registry.message('pool', 0, ['create_thin', '3']);
   const badThin: [string, RegExp][] = [
-    ['0 100 thin pool', /table line 1: thin <dev id>: expected 'thin <pool dev> <dev id> \[<external origin dev>\]', got 1 arguments/],
+    [
+      '0 100 thin pool',
+      /table line 1: thin <dev id>: expected 'thin <pool dev> <dev id> \[<external origin dev>\]', got 1 arguments/,
+    ],
     ['0 100 thin pool 16777216', /thin <dev id>: '16777216' is too large \(max 16777215\)/],
     ['0 100 thin pool 4', /thin <dev id>: couldn't open thin internal device: thin device 4 does not exist/],
     ['0 100 thin pool 3 pool', /thin <external origin dev>: error setting origin device: it is the pool device/],
@@ -45,7 +69,10 @@ test('thin-pool and thin tables: strict parsing, errors name line, target and ar
   ];
   for (const [t, re] of badThin) await assert.rejects(registry.create('t', { table: t }), re, t);
   await registry.suspend('pool');
-  await assert.rejects(registry.create('t', { table: '0 100 thin pool 3' }), /unable to activate thin device while pool is suspended/);
+  await assert.rejects(
+    registry.create('t', { table: '0 100 thin pool 3' }),
+    /unable to activate thin device while pool is suspended/,
+  );
   await registry.resume('pool');
   await registry.create('t', { table: '0 100 thin pool 3' });
   assert.equal(table(registry, 't'), '0 100 thin pool 3');
@@ -69,7 +96,10 @@ test('pool messages: the kernel verbs and their errors; commits after each', asy
   await assert.rejects(msg('create_thin', '16777215'), { code: 'EEXIST', errno: 'EEXIST' });
   await assert.rejects(msg('create_snap', '1', '2'), /origin thin device 2 does not exist/);
   await assert.rejects(msg('delete', '5'), /thin device 5 does not exist/);
-  await assert.rejects(msg('set_transaction_id', '1', '2'), /mismatched transaction id: the pool's is 0, the message says 1/);
+  await assert.rejects(
+    msg('set_transaction_id', '1', '2'),
+    /mismatched transaction id: the pool's is 0, the message says 1/,
+  );
   await msg('set_transaction_id', '0', '18446744073709551615');
   assert.match(status(registry, 'pool'), /^0 8192 thin-pool 18446744073709551615 /);
   await assert.rejects(msg('release_metadata_snap'), /no metadata snapshot is held/);
@@ -94,7 +124,9 @@ test('zeroing of partially written new blocks, and skip_block_zeroing', async ()
   for (const skip of [false, true]) {
     const { registry, data } = thinRig({ dataBytes: 4 * MiB });
     await data.write(0, Buffer.alloc(4 * MiB, 0xee));
-    await registry.create('pool', { table: `0 8192 thin-pool /mem/meta /mem/data 128 0${skip ? ' 1 skip_block_zeroing' : ''}` });
+    await registry.create('pool', {
+      table: `0 8192 thin-pool /mem/meta /mem/data 128 0${skip ? ' 1 skip_block_zeroing' : ''}`,
+    });
     await registry.message('pool', 0, ['create_thin', '0']);
     await registry.create('t', { table: '0 8192 thin pool 0' });
     const h = registry.open('t');
@@ -103,7 +135,10 @@ test('zeroing of partially written new blocks, and skip_block_zeroing', async ()
     await h.read(0, back);
     assert.deepEqual(back.subarray(4096, 8192), pattern(4096, 1));
     const rest = Buffer.concat([back.subarray(0, 4096), back.subarray(8192)]);
-    assert.ok(rest.every((x) => x === (skip ? 0xee : 0)), skip ? 'stale data stays without zeroing' : 'the rest of the block is zeroed');
+    assert.ok(
+      rest.every((x) => x === (skip ? 0xee : 0)),
+      skip ? 'stale data stays without zeroing' : 'the rest of the block is zeroed',
+    );
     await h.close();
     await registry.closeAll();
   }
@@ -135,7 +170,10 @@ test('discard unmaps whole blocks and passes down after the commit; partial bloc
   // Passed down: data blocks 1 and 2 were the second and third allocated.
   const raw = Buffer.alloc(2 * BLOCK);
   await data.read(BLOCK, raw);
-  assert.ok(raw.every((x) => x === 0), 'the freed data blocks were discarded on the data device');
+  assert.ok(
+    raw.every((x) => x === 0),
+    'the freed data blocks were discarded on the data device',
+  );
   // write-zeroes unmaps whole blocks too.
   await h.writeZeroes(0, BLOCK);
   assert.equal(status(registry, 't'), `0 8192 thin ${128} ${4 * 128 - 1}`);
@@ -146,7 +184,9 @@ test('discard unmaps whole blocks and passes down after the commit; partial bloc
 test('out of data space: error_if_no_space fails at once; queue_if_no_space waits until the pool grows; low water mark raises an event', async () => {
   const { registry } = thinRig({ dataBytes: 8 * MiB });
   // 4 blocks of data, low water mark 1.
-  await registry.create('pool', { table: `0 ${(4 * BLOCK) / 512} thin-pool /mem/meta /mem/data 128 1 1 error_if_no_space` });
+  await registry.create('pool', {
+    table: `0 ${(4 * BLOCK) / 512} thin-pool /mem/meta /mem/data 128 1 1 error_if_no_space`,
+  });
   await registry.message('pool', 0, ['create_thin', '0']);
   await registry.create('t', { table: '0 8192 thin pool 0' });
   const h = registry.open('t');
@@ -286,7 +326,10 @@ test('cryptmap dm: thin-pool tables, a message given as one dmsetup string, stat
   assert.equal((await dm(['message', 'pool', '0', 'set_transaction_id', '0', '1'])).code, 0);
   assert.equal((await dm(['create', 'thin1', '--table', '0 4096 thin pool 1'])).code, 0);
   assert.equal((await dm(['table', 'pool'])).out, '0 8192 thin-pool /mem/meta /mem/data 128 4 0 \n');
-  assert.match((await dm(['status', 'pool'])).out, /^0 8192 thin-pool 1 [0-9]+\/256 0\/64 - rw discard_passdown queue_if_no_space - 64 \n$/);
+  assert.match(
+    (await dm(['status', 'pool'])).out,
+    /^0 8192 thin-pool 1 [0-9]+\/256 0\/64 - rw discard_passdown queue_if_no_space - 64 \n$/,
+  );
   assert.equal((await dm(['status', 'thin1'])).out, '0 4096 thin 0 -\n');
   const bad = await dm(['message', 'pool', '0', 'create_thin 1']);
   assert.notEqual(bad.code, 0);
@@ -308,7 +351,10 @@ test('metadata flagged needs_check opens read-only (status needs_check), as the 
   assert.match(status(r2.registry, 'pool'), / - ro discard_passdown queue_if_no_space needs_check 64 $/);
   await assert.rejects(r2.registry.message('pool', 0, ['create_thin', '1']), { code: 'EOPNOTSUPP' });
   // A reload cannot move the pool to another metadata device.
-  await assert.rejects(r2.registry.load('pool', '0 8192 thin-pool /mem/data /mem/data 128 0'), /a reload cannot switch it to \/mem\/data/);
+  await assert.rejects(
+    r2.registry.load('pool', '0 8192 thin-pool /mem/data /mem/data 128 0'),
+    /a reload cannot switch it to \/mem\/data/,
+  );
   await r2.registry.closeAll();
 });
 
@@ -362,11 +408,14 @@ test('metadata fuzz: blocks mutated and re-sealed (valid checksums) are opened o
 test('one pool per metadata device: a second pool on it is refused (EBUSY)', async () => {
   const { registry } = thinRig({ dataBytes: 8 * MiB });
   await registry.create('p1', { table: '0 8192 thin-pool /mem/meta /mem/data 128 0' });
-  await assert.rejects(registry.create('p2', { table: '0 8192 thin-pool /mem/meta /mem/data 128 0' }), (e: Error & { code?: string }) => {
-    assert.equal(e.code, 'EBUSY');
-    assert.match(e.message, /thin-pool <metadata dev>: \/mem\/meta is already in use by another thin pool/);
-    return true;
-  });
+  await assert.rejects(
+    registry.create('p2', { table: '0 8192 thin-pool /mem/meta /mem/data 128 0' }),
+    (e: Error & { code?: string }) => {
+      assert.equal(e.code, 'EBUSY');
+      assert.match(e.message, /thin-pool <metadata dev>: \/mem\/meta is already in use by another thin pool/);
+      return true;
+    },
+  );
   await registry.remove('p1');
   await registry.create('p2', { table: '0 8192 thin-pool /mem/meta /mem/data 128 0' });
   await registry.closeAll();

@@ -26,14 +26,20 @@ describe('cryptmap benchmark', () => {
     // The KDFs first, in cryptsetup's format and order.
     assert.match(out, /^PBKDF2-sha1 +\d+ iterations per second for 256-bit key$/m);
     assert.match(out, /^PBKDF2-sha256 +\d+ iterations per second for 256-bit key$/m);
-    assert.match(out, /^argon2id +\d+ iterations, +\d+ memory, \d parallel threads \(CPUs\) for 256-bit key \(requested 2000 ms time\)$/m);
+    assert.match(
+      out,
+      /^argon2id +\d+ iterations, +\d+ memory, \d parallel threads \(CPUs\) for 256-bit key \(requested 2000 ms time\)$/m,
+    );
     assert.ok(out.indexOf('argon2id') < out.indexOf('Algorithm'), 'KDF lines before the cipher table');
   });
 
   it('measures one KDF with --pbkdf / --hash, as cryptsetup benchmark does', async () => {
     let r = await run(['--pbkdf', 'argon2i', '--iter-time', '100', '--pbkdf-memory', '32768', '--pbkdf-parallel', '1']);
     assert.equal(r.code, 0);
-    assert.match(r.out, /^argon2i +\d+ iterations, +\d+ memory, 1 parallel threads \(CPUs\) for 256-bit key \(requested 100 ms time\)$/m);
+    assert.match(
+      r.out,
+      /^argon2i +\d+ iterations, +\d+ memory, 1 parallel threads \(CPUs\) for 256-bit key \(requested 100 ms time\)$/m,
+    );
     assert.doesNotMatch(r.out, /Algorithm|PBKDF2/);
     r = await run(['-h', 'sha512', '--key-size', '512', '--json']);
     const rows = JSON.parse(r.out) as { pbkdf: string; hash: string; keyBits: number; iterations: number }[];
@@ -44,7 +50,19 @@ describe('cryptmap benchmark', () => {
   });
 
   it('prints JSON for one cipher, sector size and thread count', async () => {
-    const { code, out } = await run(['--cipher', 'aes-xts', '--key-size', '256', '--sector-size', '4096', '--threads', '2', '--json', '--seconds', '0.01']);
+    const { code, out } = await run([
+      '--cipher',
+      'aes-xts',
+      '--key-size',
+      '256',
+      '--sector-size',
+      '4096',
+      '--threads',
+      '2',
+      '--json',
+      '--seconds',
+      '0.01',
+    ]);
     assert.equal(code, 0);
     const rows = JSON.parse(out) as Record<string, unknown>[];
     assert.equal(rows.length, 1);
@@ -83,7 +101,10 @@ describe('cryptmap benchmark', () => {
 
   it('--threads 2 measures one thread over the same buffers too and prints the pool ratio', async () => {
     const { out } = await run(['--cipher', 'aes-xts', '--threads', '2', '--seconds', '0.01']);
-    assert.match(out, /aes-xts-plain64\s+512b\s+[\d.]+ MB\/s\s+[\d.]+ MB\/s\n# +1 thread, same buffers\s+[\d.]+ MB\/s\s+[\d.]+ MB\/s\s+pool [\d.]+x \([\d.]+ cores used; per CPU-second [\d.]+x\)/);
+    assert.match(
+      out,
+      /aes-xts-plain64\s+512b\s+[\d.]+ MB\/s\s+[\d.]+ MB\/s\n# +1 thread, same buffers\s+[\d.]+ MB\/s\s+[\d.]+ MB\/s\s+pool [\d.]+x \([\d.]+ cores used; per CPU-second [\d.]+x\)/,
+    );
     const one = await run(['--cipher', 'aes-cbc', '--json', '--seconds', '0.01']);
     const rows = JSON.parse(one.out) as Record<string, unknown>[];
     assert.equal(rows[0]!.implementation, 'openssl');
@@ -93,14 +114,18 @@ describe('cryptmap benchmark', () => {
   });
 
   it('uses the js backend when told to', async () => {
-    const { out } = await run(['--cipher', 'aes-cbc-essiv:sha256', '--seconds', '0.01'], { CRYPTMAP_CRYPTO_BACKEND: 'js' });
+    const { out } = await run(['--cipher', 'aes-cbc-essiv:sha256', '--seconds', '0.01'], {
+      CRYPTMAP_CRYPTO_BACKEND: 'js',
+    });
     assert.match(out, /backend js/);
   });
 
   it('rejects bad options with typed errors', async () => {
     await assert.rejects(run(['--sector-size', '333']), (e: unknown) => isCryptmapError(e, 'ESECTOR_SIZE'));
     await assert.rejects(run(['--cipher', 'serpent-xts']), (e: unknown) => isCryptmapError(e, 'ECIPHER_UNSUPPORTED'));
-    await assert.rejects(run(['--cipher', 'aes-xts', '--key-size', '100']), (e: unknown) => isCryptmapError(e, 'EKEY_SIZE'));
+    await assert.rejects(run(['--cipher', 'aes-xts', '--key-size', '100']), (e: unknown) =>
+      isCryptmapError(e, 'EKEY_SIZE'),
+    );
     await assert.rejects(run(['--threads', '0']), (e: unknown) => isCryptmapError(e, 'EINVAL'));
   });
 });

@@ -67,9 +67,28 @@ describe('engine vs cryptsetup reencrypt --encrypt (LUKS2 data segment)', () => 
       writeFileSync(img, plain);
       truncateSync(img, DATA_BYTES + (4 << 20));
       cryptsetup([
-        'reencrypt', '--encrypt', '--type', 'luks2', '--reduce-device-size', '4M', '--luks2-keyslots-size', '1M', '--batch-mode',
-        '--key-file', keyFile, '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000',
-        '--cipher', c.spec, '--key-size', String(c.keyBits), '--sector-size', String(c.sectorBytes), img,
+        'reencrypt',
+        '--encrypt',
+        '--type',
+        'luks2',
+        '--reduce-device-size',
+        '4M',
+        '--luks2-keyslots-size',
+        '1M',
+        '--batch-mode',
+        '--key-file',
+        keyFile,
+        '--pbkdf',
+        'pbkdf2',
+        '--pbkdf-force-iterations',
+        '1000',
+        '--cipher',
+        c.spec,
+        '--key-size',
+        String(c.keyBits),
+        '--sector-size',
+        String(c.sectorBytes),
+        img,
       ]);
       // Work on a copy for the dump: cryptsetup may rewrite header copies on read.
       const dumpCopy = join(dir, `case${n}.dump.img`);
@@ -80,7 +99,10 @@ describe('engine vs cryptsetup reencrypt --encrypt (LUKS2 data segment)', () => 
       assert.ok(mk, `no MK dump in luksDump output`);
       const key = Buffer.from(mk[1]!.replace(/\s+/g, ''), 'hex');
       assert.equal(key.length * 8, c.keyBits);
-      const seg = /Data segments:\s*\n\s*0: crypt\s*\n\s*offset: (\d+) \[bytes\][\s\S]*?cipher: (\S+)\s*\n\s*sector: (\d+) \[bytes\]/.exec(hdr);
+      const seg =
+        /Data segments:\s*\n\s*0: crypt\s*\n\s*offset: (\d+) \[bytes\][\s\S]*?cipher: (\S+)\s*\n\s*sector: (\d+) \[bytes\]/.exec(
+          hdr,
+        );
       assert.ok(seg, `no data segment in luksDump output:\n${hdr}`);
       assert.equal(seg[2], c.spec);
       assert.equal(Number(seg[3]), c.sectorBytes);
@@ -88,7 +110,9 @@ describe('engine vs cryptsetup reencrypt --encrypt (LUKS2 data segment)', () => 
       const disk = readFileSync(img).subarray(offset, offset + DATA_BYTES);
       // Each backend, and for XTS each native implementation this CPU supports (vaes512, vaes256, aesni, evp).
       const variants: [string, BackendName, number][] = TEST_BACKENDS.map((b) => [b, b, 0]);
-      if (c.spec.includes('-xts-')) for (const impl of loadNative()?.xtsImpls ?? []) variants.push([`native ${impl}`, 'native', XTS_IMPL_IDS[impl]]);
+      if (c.spec.includes('-xts-'))
+        for (const impl of loadNative()?.xtsImpls ?? [])
+          variants.push([`native ${impl}`, 'native', XTS_IMPL_IDS[impl]]);
       for (const [what, backend, impl] of variants) {
         const cipher = createSectorCipher({ spec: c.spec, key, sectorBytes: c.sectorBytes, backend });
         if (impl) (cipher as unknown as { setXtsImplForBench(n: number): void }).setXtsImplForBench(impl);
@@ -96,7 +120,8 @@ describe('engine vs cryptsetup reencrypt --encrypt (LUKS2 data segment)', () => 
         cipher.decrypt(disk, 0n, out);
         const bad = [];
         for (let s = 0; s < DATA_BYTES && bad.length < 5; s += c.sectorBytes) {
-          if (!out.subarray(s, s + c.sectorBytes).equals(plain.subarray(s, s + c.sectorBytes))) bad.push(s / c.sectorBytes);
+          if (!out.subarray(s, s + c.sectorBytes).equals(plain.subarray(s, s + c.sectorBytes)))
+            bad.push(s / c.sectorBytes);
         }
         assert.deepEqual(bad, [], `${what}: sectors that do not decrypt to the plaintext`);
         const enc = Buffer.from(plain);

@@ -15,18 +15,25 @@ import { createSectorCipher, defaultBackend, isCryptmapError } from './imports.j
 
 function addon() {
   const a = loadNative();
-  assert.ok(a, `native addon did not load (${nativeLoadError()}); build it with: node scripts/build-native.mjs (needs g++, make, python3 and Node headers)`);
+  assert.ok(
+    a,
+    `native addon did not load (${nativeLoadError()}); build it with: node scripts/build-native.mjs (needs g++, make, python3 and Node headers)`,
+  );
   return a;
 }
 
 describe('native addon', () => {
   it('loads, and is the default backend unless CRYPTMAP_CRYPTO_BACKEND says otherwise', () => {
-    if (process.env.CRYPTMAP_REQUIRE_NATIVE === '1') assert.ok(loadNative(), `CRYPTMAP_REQUIRE_NATIVE=1 but: ${nativeLoadError()}`);
+    if (process.env.CRYPTMAP_REQUIRE_NATIVE === '1')
+      assert.ok(loadNative(), `CRYPTMAP_REQUIRE_NATIVE=1 but: ${nativeLoadError()}`);
     addon();
     assert.equal(defaultBackend({}), 'native');
     assert.equal(defaultBackend({ CRYPTMAP_CRYPTO_BACKEND: 'js' }), 'js');
     assert.equal(defaultBackend({ CRYPTMAP_CRYPTO_BACKEND: 'native' }), 'native');
-    assert.throws(() => defaultBackend({ CRYPTMAP_CRYPTO_BACKEND: 'gpu' }), (e: unknown) => isCryptmapError(e, 'EBACKEND'));
+    assert.throws(
+      () => defaultBackend({ CRYPTMAP_CRYPTO_BACKEND: 'gpu' }),
+      (e: unknown) => isCryptmapError(e, 'EBACKEND'),
+    );
   });
 
   it('finishes in-flight async work after dispose, then refuses new work', async () => {
@@ -41,7 +48,10 @@ describe('native addon', () => {
     c.dispose();
     await p;
     assert.ok(got.equals(want));
-    assert.throws(() => c.encrypt(Buffer.alloc(4096), 0n), (e: unknown) => isCryptmapError(e, 'EDISPOSED'));
+    assert.throws(
+      () => c.encrypt(Buffer.alloc(4096), 0n),
+      (e: unknown) => isCryptmapError(e, 'EDISPOSED'),
+    );
   });
 
   it('has an id for every IV generator of the table and every chain mode, each distinct', () => {
@@ -49,7 +59,8 @@ describe('native addon', () => {
     const ivs = Object.keys(IV_GENERATORS);
     for (const n of ivs) assert.ok(Number.isInteger(a.ivModes[n]), `no native id for IV mode ${n}`);
     assert.equal(new Set(ivs.map((n) => a.ivModes[n])).size, ivs.length);
-    for (const n of ['xts', 'cbc', 'ecb', 'null']) assert.ok(Number.isInteger(a.chainModes[n]), `no native id for chain mode ${n}`);
+    for (const n of ['xts', 'cbc', 'ecb', 'null'])
+      assert.ok(Number.isInteger(a.chainModes[n]), `no native id for chain mode ${n}`);
   });
 
   it('rejects bad arguments at the native edge too', () => {

@@ -39,7 +39,10 @@ console.log(out.join('\\n'));
 
 describe('native backend without AES-NI routines', () => {
   it('EVP paths agree with the js backend', () => {
-    const r = spawnSync(process.execPath, ['--input-type=module', '-e', SCRIPT], { encoding: 'utf8', env: { ...process.env, CRYPTMAP_NO_AESNI: '1' } });
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', SCRIPT], {
+      encoding: 'utf8',
+      env: { ...process.env, CRYPTMAP_NO_AESNI: '1' },
+    });
     assert.equal(r.status, 0, r.stderr);
     const lines = r.stdout.trim().split('\n');
     assert.equal(lines.length, 10);

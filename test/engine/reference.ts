@@ -25,10 +25,14 @@ export function refIv(ivMode: string, ivOpts: string | undefined, key: Uint8Arra
       iv.writeBigUInt64BE(((ivSector << 5n) + 1n) & M64, 8);
       break;
     case 'essiv': {
-      const salt = createHash(ivOpts ?? 'sha256').update(key).digest();
+      const salt = createHash(ivOpts ?? 'sha256')
+        .update(key)
+        .digest();
       const p = Buffer.alloc(16);
       p.writeBigUInt64LE(ivSector & M64, 0);
-      return createCipheriv(`aes-${salt.length * 8}-ecb`, salt, null).setAutoPadding(false).update(p);
+      return createCipheriv(`aes-${salt.length * 8}-ecb`, salt, null)
+        .setAutoPadding(false)
+        .update(p);
     }
     default:
       throw new Error(`no reference for ${ivMode}`);

@@ -62,7 +62,14 @@ for (const backend of TEST_BACKENDS) {
               const data = rand(sb * 5);
               const spb = BigInt(sb / 512);
               const sector = spb * 3n + 0xfffffff0n * spb; // crosses bit 32 in some IV modes
-              const c = createSectorCipher({ spec: s.spec, key, sectorBytes: sb, ivLargeSectors: large, backend, ivOffsetSectors: spb * 2n });
+              const c = createSectorCipher({
+                spec: s.spec,
+                key,
+                sectorBytes: sb,
+                ivLargeSectors: large,
+                backend,
+                ivOffsetSectors: spb * 2n,
+              });
               const ivFirst = large ? (sector + spb * 2n) / spb : sector + spb * 2n;
               const step = large ? 1n : spb;
               const want = refCrypt(true, s.chain, s.iv, s.opts, key, sb, data, ivFirst, step);
@@ -113,11 +120,27 @@ for (const backend of TEST_BACKENDS) {
         [false, [0n, 8n, 16n]],
         [true, [0n, 1n, 2n]],
       ] as const) {
-        const c = createSectorCipher({ spec: 'aes-xts-plain64', key, sectorBytes: 4096, ivLargeSectors: large, backend });
+        const c = createSectorCipher({
+          spec: 'aes-xts-plain64',
+          key,
+          sectorBytes: 4096,
+          ivLargeSectors: large,
+          backend,
+        });
         const out = Buffer.alloc(data.length);
         c.encrypt(data, 0n, out);
         for (let i = 0; i < 3; i++) {
-          const one = refCrypt(true, 'xts', 'plain64', undefined, key, 4096, data.subarray(i * 4096, (i + 1) * 4096), ivs[i]!, 0n);
+          const one = refCrypt(
+            true,
+            'xts',
+            'plain64',
+            undefined,
+            key,
+            4096,
+            data.subarray(i * 4096, (i + 1) * 4096),
+            ivs[i]!,
+            0n,
+          );
           assert.ok(out.subarray(i * 4096, (i + 1) * 4096).equals(one), `sector ${i}`);
         }
         c.dispose();
@@ -295,7 +318,12 @@ for (const backend of TEST_BACKENDS) {
           const dst = Buffer.alloc(data.length);
           await c.encryptWriteAsync(fd, 4096, data, 8n, dst);
           assert.ok(dst.equals(want));
-          assert.ok(readFileSync(file).subarray(4096, 4096 + data.length).equals(want), `ciphertext in the file (sameCpu ${sameCpu})`);
+          assert.ok(
+            readFileSync(file)
+              .subarray(4096, 4096 + data.length)
+              .equals(want),
+            `ciphertext in the file (sameCpu ${sameCpu})`,
+          );
           assert.ok(readFileSync(file).subarray(0, 4096).equals(Buffer.alloc(4096, 0xaa)), 'bytes before untouched');
           // In place.
           const inPlace = Buffer.from(data);
@@ -328,12 +356,24 @@ for (const backend of TEST_BACKENDS) {
     it('rejects bad input with stable codes', async () => {
       const key = Buffer.alloc(64, 1);
       key[0] = 2;
-      assert.throws(() => createSectorCipher({ spec: 'aes-xts-plain64', key: key.subarray(0, 20), backend }), code('EKEY_SIZE'));
+      assert.throws(
+        () => createSectorCipher({ spec: 'aes-xts-plain64', key: key.subarray(0, 20), backend }),
+        code('EKEY_SIZE'),
+      );
       assert.throws(() => createSectorCipher({ spec: 'aes-cbc-essiv:sha256', key, backend }), code('EKEY_SIZE'));
       assert.throws(() => createSectorCipher({ spec: 'aes-xts-', key, backend }), code('ECIPHER_SPEC'));
-      assert.throws(() => createSectorCipher({ spec: 'serpent-xts-plain64', key, backend }), code('ECIPHER_UNSUPPORTED'));
-      assert.throws(() => createSectorCipher({ spec: 'aes-xts-plain64', key, sectorBytes: 8192 as SectorBytes, backend }), code('ESECTOR_SIZE'));
-      assert.throws(() => createSectorCipher({ spec: 'aes-xts-plain64', key, sectorBytes: 4096, ivOffsetSectors: 3n, backend }), code('EALIGN'));
+      assert.throws(
+        () => createSectorCipher({ spec: 'serpent-xts-plain64', key, backend }),
+        code('ECIPHER_UNSUPPORTED'),
+      );
+      assert.throws(
+        () => createSectorCipher({ spec: 'aes-xts-plain64', key, sectorBytes: 8192 as SectorBytes, backend }),
+        code('ESECTOR_SIZE'),
+      );
+      assert.throws(
+        () => createSectorCipher({ spec: 'aes-xts-plain64', key, sectorBytes: 4096, ivOffsetSectors: 3n, backend }),
+        code('EALIGN'),
+      );
       const c = createSectorCipher({ spec: 'aes-xts-plain64', key, sectorBytes: 4096, backend });
       assert.throws(() => c.encrypt(Buffer.alloc(4095), 0n), code('EALIGN'));
       assert.throws(() => c.encrypt(Buffer.alloc(512), 0n), code('EALIGN'));

@@ -46,7 +46,13 @@ interface XtsVector {
 }
 
 const XTS_VECTORS: XtsVector[] = [
-  { name: 'vector 1 (equal key halves)', key: '00'.repeat(32), sector: 0n, pt: Buffer.alloc(32), ct: '917cf69ebd68b2ec9b9fe9a3eadda692cd43d2f59598ed858c02c2652fbf922e' },
+  {
+    name: 'vector 1 (equal key halves)',
+    key: '00'.repeat(32),
+    sector: 0n,
+    pt: Buffer.alloc(32),
+    ct: '917cf69ebd68b2ec9b9fe9a3eadda692cd43d2f59598ed858c02c2652fbf922e',
+  },
   {
     name: 'vector 2',
     key: '11'.repeat(16) + '22'.repeat(16),
@@ -61,7 +67,13 @@ const XTS_VECTORS: XtsVector[] = [
     pt: Buffer.alloc(32, 0x44),
     ct: 'b01f86f8edc1863706fa8a4253e34f28af319de38334870f4dd1f94cbe9832f1',
   },
-  { name: 'vector 4', key: '2718281828459045235360287471352631415926535897932384626433832795', sector: 0n, pt: PT512, ct: V4_CT },
+  {
+    name: 'vector 4',
+    key: '2718281828459045235360287471352631415926535897932384626433832795',
+    sector: 0n,
+    pt: PT512,
+    ct: V4_CT,
+  },
   {
     name: 'vector 10 (XTS-AES-256)',
     key: '27182818284590452353602874713526624977572470936999595749669676273141592653589793238462643383279502884197169399375105820974944592',
@@ -108,7 +120,13 @@ for (const backend of TEST_BACKENDS) {
       }
       for (const o of v.out) {
         it(`${spec} sector ${o.sectorBytes}${o.large ? ' iv_large_sectors' : ''}`, () => {
-          const c = createSectorCipher({ spec, key: Buffer.from(v.key, 'hex'), sectorBytes: o.sectorBytes, ivLargeSectors: o.large, backend });
+          const c = createSectorCipher({
+            spec,
+            key: Buffer.from(v.key, 'hex'),
+            sectorBytes: o.sectorBytes,
+            ivLargeSectors: o.large,
+            backend,
+          });
           const buf = Buffer.alloc(v.length);
           c.encrypt(buf, v.ivOffset);
           assert.equal(createHash('sha256').update(buf).digest('hex'), o.sha256);

@@ -111,7 +111,8 @@ describe('native XTS implementations: differential fuzz against EVP', () => {
         return out;
       };
       const want = run(2);
-      for (const impl of a.xtsImpls) assert.ok(run(XTS_IMPL_IDS[impl]).equals(want), `${impl}, ${keyBytes}-byte key with equal halves`);
+      for (const impl of a.xtsImpls)
+        assert.ok(run(XTS_IMPL_IDS[impl]).equals(want), `${impl}, ${keyBytes}-byte key with equal halves`);
     }
   });
 });
@@ -153,7 +154,6 @@ try {
     });
   }
 
-
   it('an implementation that cannot be served, or an unknown name, is an EBACKEND error naming the variable', () => {
     for (const env of [
       { CRYPTMAP_CRYPTO_IMPL: 'vaes512', CRYPTMAP_NO_AESNI: '1' },
@@ -162,7 +162,10 @@ try {
     ]) {
       const r = child(env, ['--input-type=module', '-e', FORCED_FAILS]);
       assert.equal(r.status, 0, `${JSON.stringify(env)}: ${r.stderr}`);
-      assert.match(r.stdout, env.CRYPTMAP_CRYPTO_IMPL === 'gpu' ? /must be vaes512, vaes256, aesni or evp/ : /is not available here/);
+      assert.match(
+        r.stdout,
+        env.CRYPTMAP_CRYPTO_IMPL === 'gpu' ? /must be vaes512, vaes256, aesni or evp/ : /is not available here/,
+      );
     }
   });
 });

@@ -18,7 +18,18 @@
  * Every file under test/fuzz/corpus/<target>/ is replayed first: found bugs stay fixed.
  */
 import { createHash } from 'node:crypto';
-import { appendFileSync, closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
+import {
+  appendFileSync,
+  closeSync,
+  existsSync,
+  ftruncateSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { CryptmapError } from '../../src/util/errors.js';
@@ -73,18 +84,29 @@ export function recordFaults(suite: string, injected: number, survived: number):
     faultTotals.set(suite, t);
     if (faultTotals.size === 1) {
       process.on('exit', () => {
-        for (const [s, v] of faultTotals) report({ kind: 'fault', suite: s, injected: v.injected, survived: v.survived });
+        for (const [s, v] of faultTotals)
+          report({ kind: 'fault', suite: s, injected: v.injected, survived: v.survived });
       });
     }
   }
 }
 
 /** The oracle for one input; throws an Error describing the violation. Returns 'ok' or the reject code. */
-export async function checkOne(target: string, fn: FuzzFn, input: Buffer, timeoutMs: number, baseMem: number, maxMiB: number): Promise<string> {
+export async function checkOne(
+  target: string,
+  fn: FuzzFn,
+  input: Buffer,
+  timeoutMs: number,
+  baseMem: number,
+  maxMiB: number,
+): Promise<string> {
   let outcome = 'ok';
   let timer: NodeJS.Timeout | undefined;
   const hang = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${target}: input did not settle within ${timeoutMs} ms (hang)`)), timeoutMs);
+    timer = setTimeout(
+      () => reject(new Error(`${target}: input did not settle within ${timeoutMs} ms (hang)`)),
+      timeoutMs,
+    );
   });
   try {
     await Promise.race([Promise.resolve().then(() => fn(input)), hang]);
@@ -111,7 +133,12 @@ export function saveInput(target: string, input: Buffer): string {
 }
 
 /** Replay the corpus, then fuzz; returns figures. Throws on the first oracle violation. */
-export async function fuzz(target: string, arb: fc.Arbitrary<Buffer>, fn: FuzzFn, opts: FuzzOptions): Promise<FuzzResult> {
+export async function fuzz(
+  target: string,
+  arb: fc.Arbitrary<Buffer>,
+  fn: FuzzFn,
+  opts: FuzzOptions,
+): Promise<FuzzResult> {
   const started = Date.now();
   const timeoutMs = Number(process.env.CRYPTMAP_FUZZ_INPUT_MS ?? opts.inputTimeoutMs ?? 5000);
   const maxMiB = Number(process.env.CRYPTMAP_FUZZ_MAX_MIB ?? 512);
@@ -162,7 +189,8 @@ export async function fuzz(target: string, arb: fc.Arbitrary<Buffer>, fn: FuzzFn
     const cause = (e as Error).cause;
     const why = cause instanceof Error ? `\n${cause.message}` : '';
     let saved = '';
-    if (failing && process.env.CRYPTMAP_FUZZ_SAVE === '1') saved = `\nfailing input saved to ${saveInput(target, failing)}`;
+    if (failing && process.env.CRYPTMAP_FUZZ_SAVE === '1')
+      saved = `\nfailing input saved to ${saveInput(target, failing)}`;
     throw new Error(`${(e as Error).message}${why}${saved}`, { cause: e });
   }
   if (inflight !== undefined) closeSync(inflight);
@@ -174,15 +202,31 @@ export async function fuzz(target: string, arb: fc.Arbitrary<Buffer>, fn: FuzzFn
 // ---- input mutators (fast-check arbitraries over a valid sample) ----
 
 /** Flip bits, overwrite bytes, truncate or extend a valid sample. */
-export function mutations(sample: Buffer, opts: { maxEdits?: number; hot?: readonly [number, number][] } = {}): fc.Arbitrary<Buffer> {
+export function mutations(
+  sample: Buffer,
+  opts: { maxEdits?: number; hot?: readonly [number, number][] } = {},
+): fc.Arbitrary<Buffer> {
   const n = sample.length;
-  const pos = opts.hot && opts.hot.length > 0 ? fc.oneof(fc.nat(Math.max(0, n - 1)), ...opts.hot.map(([a, b]) => fc.integer({ min: a, max: Math.min(b, n - 1) }))) : fc.nat(Math.max(0, n - 1));
+  const pos =
+    opts.hot && opts.hot.length > 0
+      ? fc.oneof(
+          fc.nat(Math.max(0, n - 1)),
+          ...opts.hot.map(([a, b]) => fc.integer({ min: a, max: Math.min(b, n - 1) })),
+        )
+      : fc.nat(Math.max(0, n - 1));
   const edit = fc.oneof(
     fc.record({ kind: fc.constant('flip' as const), at: pos, bit: fc.nat(7) }),
-    fc.record({ kind: fc.constant('set' as const), at: pos, value: fc.oneof(fc.constantFrom(0, 0xff, 0x7f, 0x80, 0x30, 0x22, 0x7b), fc.nat(255)) }),
+    fc.record({
+      kind: fc.constant('set' as const),
+      at: pos,
+      value: fc.oneof(fc.constantFrom(0, 0xff, 0x7f, 0x80, 0x30, 0x22, 0x7b), fc.nat(255)),
+    }),
   );
   return fc
-    .tuple(fc.array(edit, { minLength: 1, maxLength: opts.maxEdits ?? 8 }), fc.oneof({ weight: 4, arbitrary: fc.constant(n) }, { weight: 1, arbitrary: fc.nat(n) }))
+    .tuple(
+      fc.array(edit, { minLength: 1, maxLength: opts.maxEdits ?? 8 }),
+      fc.oneof({ weight: 4, arbitrary: fc.constant(n) }, { weight: 1, arbitrary: fc.nat(n) }),
+    )
     .map(([edits, len]) => {
       const b = Buffer.from(sample.subarray(0, len));
       for (const e of edits) {
@@ -201,7 +245,11 @@ export function textMutations(sample: string, odd: readonly string[]): fc.Arbitr
   const edit = fc.oneof(
     fc.record({ kind: fc.constant('drop' as const), at: fc.nat(n - 1) }),
     fc.record({ kind: fc.constant('dup' as const), at: fc.nat(n - 1) }),
-    fc.record({ kind: fc.constant('put' as const), at: fc.nat(n - 1), value: fc.oneof(fc.constantFrom(...odd), fc.string({ maxLength: 12 }), fc.constantFrom(...tokens)) }),
+    fc.record({
+      kind: fc.constant('put' as const),
+      at: fc.nat(n - 1),
+      value: fc.oneof(fc.constantFrom(...odd), fc.string({ maxLength: 12 }), fc.constantFrom(...tokens)),
+    }),
   );
   return fc.array(edit, { minLength: 1, maxLength: 6 }).map((edits) => {
     const t = [...tokens];

@@ -28,8 +28,16 @@ interface Base {
 async function makeBase(kind: 'luks1' | 'luks2'): Promise<Base> {
   const dev = new MemoryDevice({ sizeBytes: IMG_BYTES });
   if (kind === 'luks2') {
-    const v = await Luks2Volume.format(dev, PASS, { keyslot: { kdf: FAST }, offsetBytes: 2 << 20, keyslotsBytes: (2 << 20) - 2 * HDR, digestIterations: 1000, label: 'fz' });
-    await v.addKey({ passphrase: PASS }, Buffer.from('second'), { kdf: { type: 'argon2id', time: 1, memoryKiB: 64, parallel: 1 } });
+    const v = await Luks2Volume.format(dev, PASS, {
+      keyslot: { kdf: FAST },
+      offsetBytes: 2 << 20,
+      keyslotsBytes: (2 << 20) - 2 * HDR,
+      digestIterations: 1000,
+      label: 'fz',
+    });
+    await v.addKey({ passphrase: PASS }, Buffer.from('second'), {
+      kdf: { type: 'argon2id', time: 1, memoryKiB: 64, parallel: 1 },
+    });
     await v.importToken('{"type":"fuzz","keyslots":["0"],"x":[1,{"y":null}]}');
   } else {
     const v = await Luks1Volume.format(dev, PASS, { keyslot: { kdf: FAST }, keyBytes: 32 });
@@ -80,10 +88,13 @@ function target(base: Base): FuzzFn {
     void v.dataSegment;
     v.keyslots();
     let cheap: boolean;
-    if (v instanceof Luks2Volume) cheap = cheapLuks2(img.subarray(LUKS2_HDR_BIN_LEN, HDR)) && cheapLuks2(img.subarray(HDR + LUKS2_HDR_BIN_LEN, 2 * HDR));
+    if (v instanceof Luks2Volume)
+      cheap =
+        cheapLuks2(img.subarray(LUKS2_HDR_BIN_LEN, HDR)) && cheapLuks2(img.subarray(HDR + LUKS2_HDR_BIN_LEN, 2 * HDR));
     else {
       const h = decodeLuks1(img);
-      cheap = h.mkDigestIterations <= KDF_LIMITS.iterations && h.keyblock.every((k) => k.iterations <= KDF_LIMITS.iterations);
+      cheap =
+        h.mkDigestIterations <= KDF_LIMITS.iterations && h.keyblock.every((k) => k.iterations <= KDF_LIMITS.iterations);
     }
     if (!cheap) return;
     const r = await v.unlock(Buffer.from('wrong'));
@@ -116,12 +127,47 @@ function luks2JsonMutations(base: Base): fc.Arbitrary<Buffer> {
   };
   collect(json, []);
   const odd = fc.oneof(
-    fc.constantFrom<unknown>(null, true, 0, -1, 1.5, '', '-1', '0', '1', '4096', '18446744073709551615', '18446744073709551616', '9007199254740993', 'dynamic', '00', ' 1', '1e3', 'aes-xts-plain64', 'pbkdf2', 'argon2id', 'luks2', 'sha256', 'crypt', 'raw', [], {}, ['0'], ['99'], { '0': {} }),
+    fc.constantFrom<unknown>(
+      null,
+      true,
+      0,
+      -1,
+      1.5,
+      '',
+      '-1',
+      '0',
+      '1',
+      '4096',
+      '18446744073709551615',
+      '18446744073709551616',
+      '9007199254740993',
+      'dynamic',
+      '00',
+      ' 1',
+      '1e3',
+      'aes-xts-plain64',
+      'pbkdf2',
+      'argon2id',
+      'luks2',
+      'sha256',
+      'crypt',
+      'raw',
+      [],
+      {},
+      ['0'],
+      ['99'],
+      { '0': {} },
+    ),
     fc.jsonValue({ maxDepth: 2 }),
     fc.string({ maxLength: 20 }),
     fc.integer(),
   );
-  const edit = fc.record({ path: fc.constantFrom(...paths.filter((p) => p.length > 0)), kind: fc.constantFrom('set', 'delete', 'add'), value: odd, key: fc.constantFrom('0', '1', '31', '32', 'x', '__proto__', 'type', 'size', 'offset') });
+  const edit = fc.record({
+    path: fc.constantFrom(...paths.filter((p) => p.length > 0)),
+    kind: fc.constantFrom('set', 'delete', 'add'),
+    value: odd,
+    key: fc.constantFrom('0', '1', '31', '32', 'x', '__proto__', 'type', 'size', 'offset'),
+  });
   return fc.array(edit, { minLength: 1, maxLength: 4 }).map((edits) => {
     const j = structuredClone(json);
     for (const e of edits) {
@@ -136,7 +182,8 @@ function luks2JsonMutations(base: Base): fc.Arbitrary<Buffer> {
       else if (e.kind === 'delete') delete parent[last];
       else {
         const tgt = parent[last];
-        if (tgt && typeof tgt === 'object' && !Array.isArray(tgt)) Object.defineProperty(tgt, e.key, { value: e.value, enumerable: true, writable: true, configurable: true });
+        if (tgt && typeof tgt === 'object' && !Array.isArray(tgt))
+          Object.defineProperty(tgt, e.key, { value: e.value, enumerable: true, writable: true, configurable: true });
       }
     }
     return encodePair(base, JSON.stringify(j));
@@ -181,7 +228,16 @@ let luks2: Base | undefined;
 let luks1: Base | undefined;
 export async function luks2Fuzz(): Promise<{ fn: FuzzFn; arb: fc.Arbitrary<Buffer> }> {
   luks2 ??= await makeBase('luks2');
-  return { fn: lenient(target(luks2)), arb: fc.oneof(luks2JsonMutations(luks2), luks2BinMutations(luks2), mutations(luks2.image.subarray(LUKS2_HDR_BIN_LEN, 2 * HDR), { maxEdits: 3 }).map((m) => Buffer.concat([luks2!.image.subarray(0, LUKS2_HDR_BIN_LEN), m]))) };
+  return {
+    fn: lenient(target(luks2)),
+    arb: fc.oneof(
+      luks2JsonMutations(luks2),
+      luks2BinMutations(luks2),
+      mutations(luks2.image.subarray(LUKS2_HDR_BIN_LEN, 2 * HDR), { maxEdits: 3 }).map((m) =>
+        Buffer.concat([luks2!.image.subarray(0, LUKS2_HDR_BIN_LEN), m]),
+      ),
+    ),
+  };
 }
 export async function luks1Fuzz(): Promise<{ fn: FuzzFn; arb: fc.Arbitrary<Buffer> }> {
   luks1 ??= await makeBase('luks1');

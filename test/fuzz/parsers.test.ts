@@ -13,8 +13,34 @@ import { type FuzzFn, fuzz, junk, textMutations } from './harness.js';
 
 const T = { timeout: 120_000 };
 
-export const CIPHER_SAMPLES = ['aes-xts-plain64', 'aes-cbc-essiv:sha256', 'aes-cbc-plain', 'aes-ecb', 'cipher_null-ecb', 'capi:xts(aes)-plain64', 'aes-cbc-benbi', 'aes-xts-plain64be', 'aes-cbc-null'];
-const CIPHER_ODD = ['', '-', ':', 'essiv', 'sha256', 'plain64', 'xts', 'capi', '(', ')', 'aes', '\0', '%', 'é', 'a'.repeat(300)];
+export const CIPHER_SAMPLES = [
+  'aes-xts-plain64',
+  'aes-cbc-essiv:sha256',
+  'aes-cbc-plain',
+  'aes-ecb',
+  'cipher_null-ecb',
+  'capi:xts(aes)-plain64',
+  'aes-cbc-benbi',
+  'aes-xts-plain64be',
+  'aes-cbc-null',
+];
+const CIPHER_ODD = [
+  '',
+  '-',
+  ':',
+  'essiv',
+  'sha256',
+  'plain64',
+  'xts',
+  'capi',
+  '(',
+  ')',
+  'aes',
+  '\0',
+  '%',
+  'é',
+  'a'.repeat(300),
+];
 
 export const cipherSpecTarget: FuzzFn = (b) => {
   const spec = parseCipherSpec(b.toString('utf8'));
@@ -26,7 +52,11 @@ export const cipherSpecTarget: FuzzFn = (b) => {
     }
   }
 };
-export const cipherSpecArb = fc.oneof(...CIPHER_SAMPLES.map((s) => textMutations(s, CIPHER_ODD)), junk(), fc.constantFrom(...CIPHER_SAMPLES).map((s) => Buffer.from(s)));
+export const cipherSpecArb = fc.oneof(
+  ...CIPHER_SAMPLES.map((s) => textMutations(s, CIPHER_ODD)),
+  junk(),
+  fc.constantFrom(...CIPHER_SAMPLES).map((s) => Buffer.from(s)),
+);
 
 test('fuzz: cipher spec parser', T, async () => {
   await fuzz('cipher-spec', cipherSpecArb, cipherSpecTarget, { seed: 0xc1, numRuns: 1500 });
@@ -40,7 +70,26 @@ export const TABLE_SAMPLES = [
   '# comment\n0 16 fault /mem/a 0 fail_flush bad=0+1 capacity=8 rate=0.5,1,tear\n',
   `0 2048 crypt aes-cbc-essiv:sha256 ${KEY128.slice(0, 64)} 7 /mem/b 8 1 iv_large_sectors\n`,
 ];
-const TABLE_ODD = ['0', '1', '-1', '18446744073709551615', '9007199254740993', '4096', 'crypt', 'linear', 'striped', 'zero', '\t', '\n', ':64:logon:x', '/mem/a', '/mem/zz', '253:0', 'sector_size:', '99'];
+const TABLE_ODD = [
+  '0',
+  '1',
+  '-1',
+  '18446744073709551615',
+  '9007199254740993',
+  '4096',
+  'crypt',
+  'linear',
+  'striped',
+  'zero',
+  '\t',
+  '\n',
+  ':64:logon:x',
+  '/mem/a',
+  '/mem/zz',
+  '253:0',
+  'sector_size:',
+  '99',
+];
 
 let nameSeq = 0;
 const { registry } = memRegistry({ a: 4 << 20, b: 4 << 20 }, { targets: FAULT_TARGETS });
@@ -88,7 +137,37 @@ swap:
   - name: swap0
     size: 64M
 `;
-const YAML_ODD = ['', ' ', '\n', '- ', ': ', '&a', '*a', '<<: *a', '!!binary', '{', '[', '"', "'", '~', 'null', '1e400', '0x10', '-1', '16E', '64M', '0.5G', 'ext4', 'none', '/', '..', 'version', 'services', 'volumes', '? '];
+const YAML_ODD = [
+  '',
+  ' ',
+  '\n',
+  '- ',
+  ': ',
+  '&a',
+  '*a',
+  '<<: *a',
+  '!!binary',
+  '{',
+  '[',
+  '"',
+  "'",
+  '~',
+  'null',
+  '1e400',
+  '0x10',
+  '-1',
+  '16E',
+  '64M',
+  '0.5G',
+  'ext4',
+  'none',
+  '/',
+  '..',
+  'version',
+  'services',
+  'volumes',
+  '? ',
+];
 export const manifestTarget: FuzzFn = (b) => {
   parseManifest(b.toString('utf8'), 'fuzz.yaml');
 };
@@ -105,7 +184,27 @@ swap   /dev/sda2  /dev/urandom  swap,cipher=aes-xts-plain64,size=512,sector-size
 scratch PARTLABEL=scratch /dev/urandom tmp=ext2,discard
 legacy LABEL=old -  plain,cipher=aes-cbc-essiv:sha256,size=256,hash=sha256,offset=8,skip=16,read-only
 `;
-const CRYPTTAB_ODD = ['', ',', '=', 'UUID=', 'size=', 'offset=', '-1', '99999999999999999999', 'cipher=', 'plain', 'luks', 'tcrypt', 'bitlk', 'keyfile-size=0', 'sector-size=3', '\\', '"', "'", '\\x41'];
+const CRYPTTAB_ODD = [
+  '',
+  ',',
+  '=',
+  'UUID=',
+  'size=',
+  'offset=',
+  '-1',
+  '99999999999999999999',
+  'cipher=',
+  'plain',
+  'luks',
+  'tcrypt',
+  'bitlk',
+  'keyfile-size=0',
+  'sector-size=3',
+  '\\',
+  '"',
+  "'",
+  '\\x41',
+];
 export const crypttabTarget: FuzzFn = (b) => {
   for (const e of parseCrypttab(b.toString('utf8'), 'fuzz')) {
     if (e.type === 'plain' || e.type === 'swap' || e.type === 'tmp') plainParams(e);
@@ -117,15 +216,36 @@ test('fuzz: crypttab parser', T, async () => {
   await fuzz('crypttab', crypttabArb, crypttabTarget, { seed: 0x7ab, numRuns: 600 });
 });
 
-const REQ_SAMPLES = ['{"id":1,"op":"volume.status","args":{"name":"x"}}', '{"id":2,"op":"dm.create","args":{"name":"a","table":"0 8 zero"}}', '{"id":3,"op":"daemon.ping"}'];
-const JSON_ODD = ['{', '}', '[', ']', 'null', '1e999', '-0', '"__proto__"', '"constructor"', '9007199254740993', '"\\u0000"', 'true', ',', ':'];
+const REQ_SAMPLES = [
+  '{"id":1,"op":"volume.status","args":{"name":"x"}}',
+  '{"id":2,"op":"dm.create","args":{"name":"a","table":"0 8 zero"}}',
+  '{"id":3,"op":"daemon.ping"}',
+];
+const JSON_ODD = [
+  '{',
+  '}',
+  '[',
+  ']',
+  'null',
+  '1e999',
+  '-0',
+  '"__proto__"',
+  '"constructor"',
+  '9007199254740993',
+  '"\\u0000"',
+  'true',
+  ',',
+  ':',
+];
 export const controlLineTarget: FuzzFn = (b) => {
   parseRequest(b.toString('utf8'));
 };
 export const controlLineArb = fc.oneof(
   ...REQ_SAMPLES.map((s) => textMutations(s, JSON_ODD)),
   fc.jsonValue().map((v) => Buffer.from(JSON.stringify(v) ?? 'null')),
-  fc.record({ id: fc.oneof(fc.integer(), fc.double(), fc.string()), op: fc.string(), args: fc.jsonValue() }).map((v) => Buffer.from(JSON.stringify(v))),
+  fc
+    .record({ id: fc.oneof(fc.integer(), fc.double(), fc.string()), op: fc.string(), args: fc.jsonValue() })
+    .map((v) => Buffer.from(JSON.stringify(v))),
   junk(),
 );
 

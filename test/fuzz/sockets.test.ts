@@ -41,28 +41,60 @@ const u64 = (v: bigint) => {
   return b;
 };
 
-const name = fc.oneof(fc.constantFrom('disk', 'ro', '', 'nope', 'disk\0', 'x'.repeat(5000)), fc.string({ maxLength: 8 }));
-const nameData = fc.tuple(name, fc.array(fc.integer({ min: 0, max: 5 }), { maxLength: 4 }), fc.boolean()).map(([n, infos, lie]) => {
-  const nb = Buffer.from(n);
-  return Buffer.concat([u32(lie ? nb.length + 7 : nb.length), nb, u16(infos.length), ...infos.map(u16)]);
-});
-const metaData = fc.tuple(name, fc.array(fc.constantFrom('base:allocation', 'base:', 'qemu:dirty-bitmap:x', '', 'x:y'), { maxLength: 3 })).map(([n, qs]) => {
-  const nb = Buffer.from(n);
-  return Buffer.concat([u32(nb.length), nb, u32(qs.length), ...qs.flatMap((q) => [u32(Buffer.byteLength(q)), Buffer.from(q)])]);
-});
-const optData = fc.oneof(nameData, metaData, fc.uint8Array({ maxLength: 64 }).map((u) => Buffer.from(u)), fc.constant(Buffer.alloc(0)));
+const name = fc.oneof(
+  fc.constantFrom('disk', 'ro', '', 'nope', 'disk\0', 'x'.repeat(5000)),
+  fc.string({ maxLength: 8 }),
+);
+const nameData = fc
+  .tuple(name, fc.array(fc.integer({ min: 0, max: 5 }), { maxLength: 4 }), fc.boolean())
+  .map(([n, infos, lie]) => {
+    const nb = Buffer.from(n);
+    return Buffer.concat([u32(lie ? nb.length + 7 : nb.length), nb, u16(infos.length), ...infos.map(u16)]);
+  });
+const metaData = fc
+  .tuple(
+    name,
+    fc.array(fc.constantFrom('base:allocation', 'base:', 'qemu:dirty-bitmap:x', '', 'x:y'), { maxLength: 3 }),
+  )
+  .map(([n, qs]) => {
+    const nb = Buffer.from(n);
+    return Buffer.concat([
+      u32(nb.length),
+      nb,
+      u32(qs.length),
+      ...qs.flatMap((q) => [u32(Buffer.byteLength(q)), Buffer.from(q)]),
+    ]);
+  });
+const optData = fc.oneof(
+  nameData,
+  metaData,
+  fc.uint8Array({ maxLength: 64 }).map((u) => Buffer.from(u)),
+  fc.constant(Buffer.alloc(0)),
+);
 const option = fc.record({
-  opt: fc.oneof({ weight: 4, arbitrary: fc.constantFrom(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11) }, { weight: 1, arbitrary: fc.nat() }),
+  opt: fc.oneof(
+    { weight: 4, arbitrary: fc.constantFrom(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11) },
+    { weight: 1, arbitrary: fc.nat() },
+  ),
   data: optData,
-  len: fc.oneof({ weight: 6, arbitrary: fc.constant(-1) }, { weight: 1, arbitrary: fc.constantFrom(0, 1, 0xffffffff, 65537, 1 << 30) }),
+  len: fc.oneof(
+    { weight: 6, arbitrary: fc.constant(-1) },
+    { weight: 1, arbitrary: fc.constantFrom(0, 1, 0xffffffff, 65537, 1 << 30) },
+  ),
   magic: fc.oneof({ weight: 9, arbitrary: fc.constant(true) }, { weight: 1, arbitrary: fc.constant(false) }),
 });
 const request = fc.record({
   ext: fc.boolean(),
   flags: fc.oneof(fc.constantFrom(0, 1, 2, 4, 8, 16), fc.nat(0xffff)),
-  type: fc.oneof({ weight: 5, arbitrary: fc.constantFrom(0, 1, 2, 3, 4, 5, 6, 7) }, { weight: 1, arbitrary: fc.nat(0xffff) }),
+  type: fc.oneof(
+    { weight: 5, arbitrary: fc.constantFrom(0, 1, 2, 3, 4, 5, 6, 7) },
+    { weight: 1, arbitrary: fc.nat(0xffff) },
+  ),
   cookie: fc.bigInt({ min: 0n, max: 2n ** 64n - 1n }),
-  offset: fc.oneof(fc.constantFrom(0n, 512n, 4096n, (16n << 20n) - 512n, 16n << 20n, 2n ** 63n, 2n ** 64n - 1n), fc.bigInt({ min: 0n, max: 2n ** 64n - 1n })),
+  offset: fc.oneof(
+    fc.constantFrom(0n, 512n, 4096n, (16n << 20n) - 512n, 16n << 20n, 2n ** 63n, 2n ** 64n - 1n),
+    fc.bigInt({ min: 0n, max: 2n ** 64n - 1n }),
+  ),
   length: fc.oneof(fc.constantFrom(0, 1, 512, 4096, 65536, 32 << 20, (32 << 20) + 1, 0xffffffff), fc.nat()),
   payload: fc.nat(8192),
   badMagic: fc.oneof({ weight: 19, arbitrary: fc.constant(false) }, { weight: 1, arbitrary: fc.constant(true) }),
@@ -174,18 +206,26 @@ export async function nbdHealthy(f: Fixture): Promise<void> {
   c.close();
 }
 
-export const nbdTarget = (f: () => Fixture): FuzzFn => (input) => drive(f().sock, input);
+export const nbdTarget =
+  (f: () => Fixture): FuzzFn =>
+  (input) =>
+    drive(f().sock, input);
 
 test('fuzz: NBD handshake and requests against a live server', T, async () => {
   let n = 0;
-  await fuzz('nbd', nbdArb, nbdTarget(() => fx), {
-    seed: 0xb0d,
-    numRuns: 250,
-    async after() {
-      await settled();
-      if (++n % 25 === 0) await nbdHealthy(fx);
+  await fuzz(
+    'nbd',
+    nbdArb,
+    nbdTarget(() => fx),
+    {
+      seed: 0xb0d,
+      numRuns: 250,
+      async after() {
+        await settled();
+        if (++n % 25 === 0) await nbdHealthy(fx);
+      },
     },
-  });
+  );
   await nbdHealthy(fx);
 });
 
@@ -197,7 +237,25 @@ const CTRL_SAMPLES = [
   { id: 3, op: 'volume.list' },
   { id: 4, op: 'dm.create', args: { name: 'z', table: '0 8 zero' } },
   { id: 5, op: 'dm.remove', args: { name: 'z', force: true } },
-  { id: 6, op: 'volume.open', args: { key: '00'.repeat(64), mapping: { name: 'v', type: 'PLAIN', uuid: '', device: '/nonexistent', cipher: 'aes-xts-plain64', keyBytes: 64, sectorBytes: 512, ivOffsetSectors: '0', offsetSectors: 0, sizeSectors: 8 } } },
+  {
+    id: 6,
+    op: 'volume.open',
+    args: {
+      key: '00'.repeat(64),
+      mapping: {
+        name: 'v',
+        type: 'PLAIN',
+        uuid: '',
+        device: '/nonexistent',
+        cipher: 'aes-xts-plain64',
+        keyBytes: 64,
+        sectorBytes: 512,
+        ivOffsetSectors: '0',
+        offsetSectors: 0,
+        sizeSectors: 8,
+      },
+    },
+  },
   { id: 7, op: 'dm.message', args: { name: 'z', sector: 0, message: ['x'] } },
   { id: 8, op: 'volume.close', args: { name: 'v' } },
   { id: 9, op: 'dm.table', args: { name: 'z' } },
@@ -208,28 +266,76 @@ const CTRL_SAMPLES = [
   { id: 14, op: 'volume.resize', args: { name: 'v', sizeSectors: 8, key: '00'.repeat(64) } },
 ];
 
-const jsonOdd = fc.oneof(fc.jsonValue({ maxDepth: 2 }), fc.constantFrom<unknown>(null, -1, 1e300, '', 'z', '0 8 zero', '0 8 error', { toString: 1 }, [], {}, '__proto__', 2 ** 53 + 2));
+const jsonOdd = fc.oneof(
+  fc.jsonValue({ maxDepth: 2 }),
+  fc.constantFrom<unknown>(
+    null,
+    -1,
+    1e300,
+    '',
+    'z',
+    '0 8 zero',
+    '0 8 error',
+    { toString: 1 },
+    [],
+    {},
+    '__proto__',
+    2 ** 53 + 2,
+  ),
+);
 export const controlArb = fc
   .array(
-    fc.tuple(fc.constantFrom(...CTRL_SAMPLES), fc.array(fc.tuple(fc.constantFrom('id', 'op', 'args', 'name', 'table', 'mapping', 'key', 'force', 'sector', 'message', 'cipher', 'keyBytes', 'sizeSectors', 'sectorBytes', 'ivOffsetSectors', 'flags'), jsonOdd), { maxLength: 3 })).map(([base, edits]) => {
-      const r = structuredClone(base) as Record<string, unknown>;
-      for (const [k, v] of edits) {
-        const obj = (x: unknown) => (x !== null && typeof x === 'object' && !Array.isArray(x) ? (x as Record<string, unknown>) : undefined);
-        const args = obj(r.args);
-        const mapping = obj(args?.mapping);
-        if (mapping && Object.hasOwn(mapping, k)) mapping[k] = v;
-        else if (args && Object.hasOwn(args, k)) args[k] = v;
-        else r[k] = v;
-      }
-      return JSON.stringify(r);
-    }),
+    fc
+      .tuple(
+        fc.constantFrom(...CTRL_SAMPLES),
+        fc.array(
+          fc.tuple(
+            fc.constantFrom(
+              'id',
+              'op',
+              'args',
+              'name',
+              'table',
+              'mapping',
+              'key',
+              'force',
+              'sector',
+              'message',
+              'cipher',
+              'keyBytes',
+              'sizeSectors',
+              'sectorBytes',
+              'ivOffsetSectors',
+              'flags',
+            ),
+            jsonOdd,
+          ),
+          { maxLength: 3 },
+        ),
+      )
+      .map(([base, edits]) => {
+        const r = structuredClone(base) as Record<string, unknown>;
+        for (const [k, v] of edits) {
+          const obj = (x: unknown) =>
+            x !== null && typeof x === 'object' && !Array.isArray(x) ? (x as Record<string, unknown>) : undefined;
+          const args = obj(r.args);
+          const mapping = obj(args?.mapping);
+          if (mapping && Object.hasOwn(mapping, k)) mapping[k] = v;
+          else if (args && Object.hasOwn(args, k)) args[k] = v;
+          else r[k] = v;
+        }
+        return JSON.stringify(r);
+      }),
     { minLength: 1, maxLength: 6 },
   )
   .map((lines) => Buffer.from(`${lines.join('\n')}\n`));
 
 /** Send lines, collect responses until every line was answered or the server hung up. */
 function ctrlDrive(sock: string, input: Buffer): Promise<void> {
-  const expected = input.toString().split('\n').filter((l) => l.trim() !== '').length;
+  const expected = input
+    .toString()
+    .split('\n')
+    .filter((l) => l.trim() !== '').length;
   return new Promise((resolve, reject) => {
     const s = connect(sock);
     let buf = '';
@@ -257,7 +363,8 @@ function ctrlDrive(sock: string, input: Buffer): Promise<void> {
         } catch {
           return finish(new Error(`control: response is not JSON: ${line.slice(0, 200)}`));
         }
-        if (!r.ok && r.error?.code === 'EINTERNAL') return finish(new Error(`control: internal error: ${r.error.message}`));
+        if (!r.ok && r.error?.code === 'EINTERNAL')
+          return finish(new Error(`control: internal error: ${r.error.message}`));
         nl = buf.indexOf('\n');
       }
       if (answered >= expected) finish();

@@ -13,7 +13,18 @@ test('openssl kdf HKDF agrees with every vector', () => {
   for (const v of VECTORS) {
     const r = spawnSync(
       'openssl',
-      ['kdf', '-keylen', String(v.length), '-kdfopt', 'digest:SHA256', '-kdfopt', `hexkey:${v.root}`, '-kdfopt', `info:${contextInfo(v.purpose, v.service, v.volume)}`, 'HKDF'],
+      [
+        'kdf',
+        '-keylen',
+        String(v.length),
+        '-kdfopt',
+        'digest:SHA256',
+        '-kdfopt',
+        `hexkey:${v.root}`,
+        '-kdfopt',
+        `info:${contextInfo(v.purpose, v.service, v.volume)}`,
+        'HKDF',
+      ],
       { encoding: 'utf8' },
     );
     assert.equal(r.status, 0, r.stderr);

@@ -8,7 +8,9 @@ import { VECTORS } from './vectors.js';
 
 /** RFC 5869 written out with HMAC, independent of node:crypto's hkdf. */
 function rfc5869(ikm: Buffer, salt: Buffer, info: Buffer, length: number): Buffer {
-  const prk = createHmac('sha256', salt.length ? salt : Buffer.alloc(32)).update(ikm).digest();
+  const prk = createHmac('sha256', salt.length ? salt : Buffer.alloc(32))
+    .update(ikm)
+    .digest();
   const blocks: Buffer[] = [];
   let t = Buffer.alloc(0);
   for (let i = 1; Buffer.concat(blocks).length < length; i++) {
@@ -44,7 +46,11 @@ test('info string is versioned and names are strict', () => {
   for (const bad of ['', 'a/b', '.x', '-x', 'a b', 'x'.repeat(65)]) assert.ok(!isValidName(bad), bad);
   const root = Secret.copyOf(Buffer.alloc(32, 1));
   assert.throws(() => deriveKey(root, { purpose: 'scratch', service: 'a/b', volume: 'v' }), { code: 'EKEYREQ' });
-  assert.throws(() => deriveKey(root, { purpose: 'scratch', service: 'a', volume: 'v', length: 16 }), { code: 'EKEYREQ' });
+  assert.throws(() => deriveKey(root, { purpose: 'scratch', service: 'a', volume: 'v', length: 16 }), {
+    code: 'EKEYREQ',
+  });
   assert.throws(() => deriveKey(root, { purpose: 'other' as 'swap', service: 'a', volume: 'v' }), { code: 'EKEYREQ' });
-  assert.throws(() => deriveKey(Secret.copyOf(Buffer.alloc(16)), { purpose: 'scratch', service: 'a', volume: 'v' }), { code: 'EROOTSECRET' });
+  assert.throws(() => deriveKey(Secret.copyOf(Buffer.alloc(16)), { purpose: 'scratch', service: 'a', volume: 'v' }), {
+    code: 'EROOTSECRET',
+  });
 });

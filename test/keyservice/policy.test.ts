@@ -33,9 +33,31 @@ test('policy grants exactly what it lists', () => {
 
 test('policy validation names the field', () => {
   assert.throws(() => policyFromObject({ version: 2, clients: [] }), /version must be 1/);
-  assert.throws(() => policyFromObject({ version: 1, clients: [{ identity: 'uid:0', services: [] }] }), /clients\[0\]\.identity/);
-  assert.throws(() => policyFromObject({ version: 1, clients: [{ identity: 'local', services: ['a/b'] }] }), /clients\[0\]\.services/);
-  assert.throws(() => policyFromObject({ version: 1, clients: [{ identity: 'token:x', services: [] }] }), /tokenSha256/);
-  assert.throws(() => policyFromObject({ version: 1, clients: [{ identity: 'local', services: [], extra: 1 }] }), /unknown key 'extra'/);
-  assert.throws(() => policyFromObject({ version: 1, clients: [{ identity: 'local', services: [] }, { identity: 'local', services: [] }] }), /twice/);
+  assert.throws(
+    () => policyFromObject({ version: 1, clients: [{ identity: 'uid:0', services: [] }] }),
+    /clients\[0\]\.identity/,
+  );
+  assert.throws(
+    () => policyFromObject({ version: 1, clients: [{ identity: 'local', services: ['a/b'] }] }),
+    /clients\[0\]\.services/,
+  );
+  assert.throws(
+    () => policyFromObject({ version: 1, clients: [{ identity: 'token:x', services: [] }] }),
+    /tokenSha256/,
+  );
+  assert.throws(
+    () => policyFromObject({ version: 1, clients: [{ identity: 'local', services: [], extra: 1 }] }),
+    /unknown key 'extra'/,
+  );
+  assert.throws(
+    () =>
+      policyFromObject({
+        version: 1,
+        clients: [
+          { identity: 'local', services: [] },
+          { identity: 'local', services: [] },
+        ],
+      }),
+    /twice/,
+  );
 });

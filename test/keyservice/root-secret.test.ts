@@ -64,7 +64,9 @@ test('wrapped root secret: version byte, unwraps with the passphrase only', asyn
     assert.ok(!file.includes(a.secret.expose()), 'the root secret is not stored in clear');
     const b = await loadOrCreateRootSecret(sd, { passphrase: pass() });
     assert.deepEqual(b.secret.expose(), a.secret.expose());
-    await assert.rejects(loadOrCreateRootSecret(sd, { passphrase: Secret.copyOf(Buffer.from('wrong')) }), { code: 'EROOTPASS' });
+    await assert.rejects(loadOrCreateRootSecret(sd, { passphrase: Secret.copyOf(Buffer.from('wrong')) }), {
+      code: 'EROOTPASS',
+    });
     await assert.rejects(loadOrCreateRootSecret(sd), /wrapped by a passphrase/);
     const tampered = Buffer.from(file);
     tampered.writeUInt32BE(2, 8); // a changed parameter fails like a wrong passphrase
@@ -81,7 +83,10 @@ test('a raw root secret is not silently wrapped', async () => {
   try {
     const sd = join(t.dir, 'state');
     await loadOrCreateRootSecret(sd);
-    await assert.rejects(loadOrCreateRootSecret(sd, { passphrase: Secret.copyOf(Buffer.from('p')), wrapParams: CHEAP }), /not wrapped/);
+    await assert.rejects(
+      loadOrCreateRootSecret(sd, { passphrase: Secret.copyOf(Buffer.from('p')), wrapParams: CHEAP }),
+      /not wrapped/,
+    );
   } finally {
     await t.cleanup();
   }

@@ -43,18 +43,30 @@ test('unix socket: 0600, local and token identities, refusals audited without ke
     const k = await local.deriveKey({ purpose: 'scratch', service: 'web', volume: 'data' });
     assert.equal(k.expose().toString('hex'), VECTORS[0]!.key);
     assert.equal(String(k), '[secret 32 bytes]');
-    await assert.rejects(local.deriveKey({ purpose: 'scratch', service: 'db', volume: 'pgdata' }), (e: Error & { code?: string }) => {
-      assert.equal(e.code, 'EKEYD_DENIED');
-      assert.ok(!e.message.includes(VECTORS[1]!.key));
-      return true;
-    });
+    await assert.rejects(
+      local.deriveKey({ purpose: 'scratch', service: 'db', volume: 'pgdata' }),
+      (e: Error & { code?: string }) => {
+        assert.equal(e.code, 'EKEYD_DENIED');
+        assert.ok(!e.message.includes(VECTORS[1]!.key));
+        return true;
+      },
+    );
     const tokenClient = unixKeyClient({ socketPath: sock, token: TOKEN });
     const kd = await tokenClient.deriveKey({ purpose: 'scratch', service: 'db', volume: 'pgdata' });
     assert.equal(kd.expose().toString('hex'), VECTORS[1]!.key);
-    await assert.rejects(tokenClient.deriveKey({ purpose: 'scratch', service: 'web', volume: 'data' }), { code: 'EKEYD_DENIED' });
-    await assert.rejects(unixKeyClient({ socketPath: sock, token: 'forged' }).deriveKey({ purpose: 'scratch', service: 'web', volume: 'data' }), {
+    await assert.rejects(tokenClient.deriveKey({ purpose: 'scratch', service: 'web', volume: 'data' }), {
       code: 'EKEYD_DENIED',
     });
+    await assert.rejects(
+      unixKeyClient({ socketPath: sock, token: 'forged' }).deriveKey({
+        purpose: 'scratch',
+        service: 'web',
+        volume: 'data',
+      }),
+      {
+        code: 'EKEYD_DENIED',
+      },
+    );
     // A token file: 0600 works; one readable by others is refused before it is used.
     const tokenFile = join(t.dir, 'client.token');
     await writeFile(tokenFile, `${TOKEN}\n`, { mode: 0o600 });
@@ -68,13 +80,25 @@ test('unix socket: 0600, local and token identities, refusals audited without ke
     // A second keyd on the same socket is refused; a malformed request gets an error reply.
     await assert.rejects(listenUnix(service, sock), { code: 'EKEYD_RUNNING' });
     await srv.close();
-    await assert.rejects(local.deriveKey({ purpose: 'scratch', service: 'web', volume: 'data' }), { code: 'EKEYD_UNREACHABLE' });
+    await assert.rejects(local.deriveKey({ purpose: 'scratch', service: 'web', volume: 'data' }), {
+      code: 'EKEYD_UNREACHABLE',
+    });
     await audit.close();
     const log = await readFile(auditPath, 'utf8');
-    const lines = log.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+    const lines = log
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as Record<string, unknown>);
     assert.deepEqual(
       lines.map((l) => `${l.identity} ${l.service ?? '-'} ${l.result}`),
-      ['local web granted', 'local db denied', 'token:backup db granted', 'token:backup web denied', 'token:? - denied', 'token:backup db granted'],
+      [
+        'local web granted',
+        'local db denied',
+        'token:backup db granted',
+        'token:backup web denied',
+        'token:? - denied',
+        'token:backup db granted',
+      ],
     );
     for (const v of VECTORS) assert.ok(!log.includes(v.key.slice(0, 16)), 'no key material in the audit log');
     assert.equal((await stat(auditPath)).mode & 0o777, 0o600);
@@ -92,7 +116,10 @@ test('in-process client and malformed requests', async () => {
   const k = await c.deriveKey({ purpose: 'scratch', service: 'web', volume: 'data', length: 64 });
   assert.equal(k.expose().toString('hex'), VECTORS[2]!.key);
   assert.equal(service.handle('unix', 'local', { op: 'nope' }).code, 'EKEYREQ');
-  assert.equal(service.handle('unix', 'local', { op: 'derive', purpose: 'scratch', service: '../x', volume: 'v' }).code, 'EKEYREQ');
+  assert.equal(
+    service.handle('unix', 'local', { op: 'derive', purpose: 'scratch', service: '../x', volume: 'v' }).code,
+    'EKEYREQ',
+  );
   assert.equal(service.handle('unix', 'local', 'junk').ok, false);
   const expected = deriveKey(root, { purpose: 'scratch', service: 'web', volume: 'data' }).expose().toString('hex');
   for (const l of audit.lines) assert.ok(!l.includes(expected));

@@ -26,11 +26,38 @@ function ossl(cwd: string, args: string[]): void {
 async function makePki(dir: string): Promise<void> {
   const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
   ossl(dir, ['req', '-x509', ...ec, '-keyout', 'ca.key', '-out', 'ca.crt', '-subj', '/CN=test-ca', '-days', '2']);
-  ossl(dir, ['req', '-x509', ...ec, '-keyout', 'evil-ca.key', '-out', 'evil-ca.crt', '-subj', '/CN=evil-ca', '-days', '2']);
+  ossl(dir, [
+    'req',
+    '-x509',
+    ...ec,
+    '-keyout',
+    'evil-ca.key',
+    '-out',
+    'evil-ca.crt',
+    '-subj',
+    '/CN=evil-ca',
+    '-days',
+    '2',
+  ]);
   await writeFile(join(dir, 'srv.ext'), 'subjectAltName=IP:127.0.0.1,DNS:localhost\n');
   const issue = (name: string, cn: string, ca: string, ext?: string) => {
     ossl(dir, ['req', ...ec, '-keyout', `${name}.key`, '-out', `${name}.csr`, '-subj', `/CN=${cn}`]);
-    ossl(dir, ['x509', '-req', '-in', `${name}.csr`, '-CA', `${ca}.crt`, '-CAkey', `${ca}.key`, '-CAcreateserial', '-out', `${name}.crt`, '-days', '2', ...(ext ? ['-extfile', ext] : [])]);
+    ossl(dir, [
+      'x509',
+      '-req',
+      '-in',
+      `${name}.csr`,
+      '-CA',
+      `${ca}.crt`,
+      '-CAkey',
+      `${ca}.key`,
+      '-CAcreateserial',
+      '-out',
+      `${name}.crt`,
+      '-days',
+      '2',
+      ...(ext ? ['-extfile', ext] : []),
+    ]);
   };
   issue('srv', 'localhost', 'ca', 'srv.ext');
   issue('nodeb', 'node-b.example', 'ca');
@@ -49,17 +76,33 @@ test('HTTPS: identity is the client certificate CN; others refused', async () =>
       policy: policyFromObject({ version: 1, clients: [{ identity: 'cn:node-b.example', services: ['web', 'db'] }] }),
       audit,
     });
-    const srv = await listenTls(service, { host: '127.0.0.1', port: 0, cert: await f('srv.crt'), key: await f('srv.key'), ca: await f('ca.crt') });
+    const srv = await listenTls(service, {
+      host: '127.0.0.1',
+      port: 0,
+      cert: await f('srv.crt'),
+      key: await f('srv.key'),
+      ca: await f('ca.crt'),
+    });
     try {
-      const client = (n: string) => httpsKeyClient({ url: srv.address, cert: readFileSyncish(t.dir, `${n}.crt`), key: readFileSyncish(t.dir, `${n}.key`), ca: readFileSyncish(t.dir, 'ca.crt') });
+      const client = (n: string) =>
+        httpsKeyClient({
+          url: srv.address,
+          cert: readFileSyncish(t.dir, `${n}.crt`),
+          key: readFileSyncish(t.dir, `${n}.key`),
+          ca: readFileSyncish(t.dir, 'ca.crt'),
+        });
       const b = client('nodeb');
       await b.ping();
       const k = await b.deriveKey({ purpose: 'scratch', service: 'web', volume: 'data' });
       assert.equal(k.expose().toString('hex'), VECTORS[0]!.key);
-      await assert.rejects(client('nodec').deriveKey({ purpose: 'scratch', service: 'web', volume: 'data' }), { code: 'EKEYD_DENIED' });
+      await assert.rejects(client('nodec').deriveKey({ purpose: 'scratch', service: 'web', volume: 'data' }), {
+        code: 'EKEYD_DENIED',
+      });
       // rejectUnauthorized: the TLS layer drops a certificate from another CA; with TLS 1.3 the
       // client sees the connection reset. keyd audits the failed handshake.
-      await assert.rejects(client('evil').deriveKey({ purpose: 'scratch', service: 'web', volume: 'data' }), { code: 'EKEYD_UNREACHABLE' });
+      await assert.rejects(client('evil').deriveKey({ purpose: 'scratch', service: 'web', volume: 'data' }), {
+        code: 'EKEYD_UNREACHABLE',
+      });
       const viaAddress = connectKeyService(srv.address, {
         tlsCert: join(t.dir, 'nodeb.crt'),
         tlsKey: join(t.dir, 'nodeb.key'),
@@ -90,14 +133,35 @@ test('cryptmap keyd serves unix and https until SIGTERM; no key in files or outp
   try {
     await makePki(t.dir);
     const sd = join(t.dir, 'state');
-    await writeFile(join(t.dir, 'policy.yaml'), 'version: 1\nclients:\n  - identity: local\n    services: ["*"]\n  - identity: cn:node-b.example\n    services: [web]\n');
+    await writeFile(
+      join(t.dir, 'policy.yaml'),
+      'version: 1\nclients:\n  - identity: local\n    services: ["*"]\n  - identity: cn:node-b.example\n    services: [web]\n',
+    );
     const mainJs = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
     const script = `import { main } from ${JSON.stringify(mainJs)}; process.exitCode = await main(process.argv.slice(1), { stdin: process.stdin, stdout: process.stdout, stderr: process.stderr, env: process.env });`;
     const sock = join(t.dir, 'keyd.sock');
     const child = spawn(
       process.execPath,
-      ['--input-type=module', '-e', script, 'keyd', '--state-dir', sd, '--socket', sock, '--policy', join(t.dir, 'policy.yaml'), '--listen', '127.0.0.1:0',
-        '--tls-cert', join(t.dir, 'srv.crt'), '--tls-key', join(t.dir, 'srv.key'), '--tls-ca', join(t.dir, 'ca.crt')],
+      [
+        '--input-type=module',
+        '-e',
+        script,
+        'keyd',
+        '--state-dir',
+        sd,
+        '--socket',
+        sock,
+        '--policy',
+        join(t.dir, 'policy.yaml'),
+        '--listen',
+        '127.0.0.1:0',
+        '--tls-cert',
+        join(t.dir, 'srv.crt'),
+        '--tls-key',
+        join(t.dir, 'srv.key'),
+        '--tls-ca',
+        join(t.dir, 'ca.crt'),
+      ],
       { stdio: ['ignore', 'pipe', 'pipe'] },
     );
     let out = '';
@@ -113,9 +177,15 @@ test('cryptmap keyd serves unix and https until SIGTERM; no key in files or outp
     });
     const local = connectKeyService(`unix:${sock}`);
     const k1 = await local.deriveKey({ purpose: 'scratch', service: 'db', volume: 'pgdata' });
-    const remote = connectKeyService(url, { tlsCert: join(t.dir, 'nodeb.crt'), tlsKey: join(t.dir, 'nodeb.key'), tlsCa: join(t.dir, 'ca.crt') });
+    const remote = connectKeyService(url, {
+      tlsCert: join(t.dir, 'nodeb.crt'),
+      tlsKey: join(t.dir, 'nodeb.key'),
+      tlsCa: join(t.dir, 'ca.crt'),
+    });
     const k2 = await remote.deriveKey({ purpose: 'scratch', service: 'web', volume: 'data' });
-    await assert.rejects(remote.deriveKey({ purpose: 'scratch', service: 'db', volume: 'pgdata' }), { code: 'EKEYD_DENIED' });
+    await assert.rejects(remote.deriveKey({ purpose: 'scratch', service: 'db', volume: 'pgdata' }), {
+      code: 'EKEYD_DENIED',
+    });
     const exited = new Promise<number | null>((res) => child.on('exit', (c) => res(c)));
     child.kill('SIGTERM');
     assert.equal(await exited, 0, err);
@@ -127,7 +197,11 @@ test('cryptmap keyd serves unix and https until SIGTERM; no key in files or outp
     for (const name of await readdir(sd)) {
       if (name === 'root.key') continue;
       const content = await readFile(join(sd, name));
-      for (const h of hexes) assert.ok(!content.toString('latin1').includes(h) && !content.includes(Buffer.from(h, 'hex')), `${name} holds key material`);
+      for (const h of hexes)
+        assert.ok(
+          !content.toString('latin1').includes(h) && !content.includes(Buffer.from(h, 'hex')),
+          `${name} holds key material`,
+        );
     }
     for (const h of hexes) assert.ok(!out.includes(h) && !err.includes(h));
     const audit = await readFile(join(sd, 'audit.log'), 'utf8');

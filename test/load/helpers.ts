@@ -25,7 +25,10 @@ export function cli(args: string[], opts: { env?: NodeJS.ProcessEnv; input?: str
   const argv = [process.execPath, ENTRY, ...args];
   spawnedArgv.push(argv);
   return new Promise((resolve, reject) => {
-    const child = spawn(argv[0] as string, argv.slice(1), { env: { ...process.env, ...opts.env }, stdio: ['pipe', 'pipe', 'pipe'] });
+    const child = spawn(argv[0] as string, argv.slice(1), {
+      env: { ...process.env, ...opts.env },
+      stdio: ['pipe', 'pipe', 'pipe'],
+    });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d) => (stdout += d));
@@ -40,7 +43,10 @@ export function cli(args: string[], opts: { env?: NodeJS.ProcessEnv; input?: str
 }
 
 /** `cli` that must succeed. */
-export async function cliOk(args: string[], opts: { env?: NodeJS.ProcessEnv; input?: string } = {}): Promise<CliResult> {
+export async function cliOk(
+  args: string[],
+  opts: { env?: NodeJS.ProcessEnv; input?: string } = {},
+): Promise<CliResult> {
   const r = await cli(args, opts);
   if (r.code !== 0) throw new Error(`cryptmap ${args[0]} exited ${r.code}: ${r.stderr}`);
   return r;
@@ -60,7 +66,10 @@ export interface Daemon {
 export async function startDaemon(dir: string, env: NodeJS.ProcessEnv = {}): Promise<Daemon> {
   const argv = [process.execPath, ENTRY, 'daemon', '--runtime-dir', dir];
   spawnedArgv.push(argv);
-  const child = spawn(argv[0] as string, argv.slice(1), { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(argv[0] as string, argv.slice(1), {
+    env: { ...process.env, ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   let out = '';
   child.stdout?.on('data', (d) => (out += d));
   child.stderr?.on('data', (d) => (out += d));
@@ -104,5 +113,6 @@ export function peakRssBytes(pid: number): number {
 /** Fail with the Debian package name when a tool is missing (never skip). */
 export function needTool(tool: string, pkg: string): void {
   const r = spawnSync(tool, ['--version'], { stdio: 'ignore' });
-  if (r.error) throw new Error(`${tool} is not installed: install the Debian package '${pkg}' (scripts/install-deps.sh)`);
+  if (r.error)
+    throw new Error(`${tool} is not installed: install the Debian package '${pkg}' (scripts/install-deps.sh)`);
 }

@@ -94,7 +94,13 @@ function runFio(dir: string, uri: string, j: FioJob): Promise<FioResult> {
       let errors = 0;
       let clients = 0;
       try {
-        const js = JSON.parse(out.slice(out.indexOf('{'))) as { jobs: { error: number; read: { total_ios: number; io_bytes: number }; write: { total_ios: number; io_bytes: number } }[] };
+        const js = JSON.parse(out.slice(out.indexOf('{'))) as {
+          jobs: {
+            error: number;
+            read: { total_ios: number; io_bytes: number };
+            write: { total_ios: number; io_bytes: number };
+          }[];
+        };
         for (const job of js.jobs) {
           clients++;
           ops += job.read.total_ios + job.write.total_ios;
@@ -126,7 +132,9 @@ function patternBlock(i: number): Buffer {
   return b;
 }
 
-test('concurrent fio clients with crc32c verify, then SIGKILL: acknowledged FLUSH/FUA writes survive', { timeout: 300_000 }, async () => {
+test('concurrent fio clients with crc32c verify, then SIGKILL: acknowledged FLUSH/FUA writes survive', {
+  timeout: 300_000,
+}, async () => {
   needTool('fio', 'fio');
   const dir = mkdtempSync(join(tmpdir(), 'cryptmap-load-'));
   const run = join(dir, 'run');
@@ -138,7 +146,19 @@ test('concurrent fio clients with crc32c verify, then SIGKILL: acknowledged FLUS
   truncateSync(img, HEADER_BYTES + DATA_BYTES);
   let daemon: Daemon | undefined;
   try {
-    await cliOk(['luksFormat', '--type', 'luks2', '--batch-mode', '--key-file', keyFile, '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', img]);
+    await cliOk([
+      'luksFormat',
+      '--type',
+      'luks2',
+      '--batch-mode',
+      '--key-file',
+      keyFile,
+      '--pbkdf',
+      'pbkdf2',
+      '--pbkdf-force-iterations',
+      '1000',
+      img,
+    ]);
     daemon = await startDaemon(run);
     await cliOk(['open', '--type', 'luks2', '--key-file', keyFile, '--runtime-dir', run, img, 'vol']);
     const sock = join(run, 'nbd.sock');
@@ -149,12 +169,28 @@ test('concurrent fio clients with crc32c verify, then SIGKILL: acknowledged FLUS
     const results = await Promise.all(JOBS.map((j) => runFio(dir, uri, j)));
     const seconds = (Date.now() - started) / 1000;
     const rss = peakRssBytes(daemon.pid);
-    const total = results.reduce((a, r) => ({ ops: a.ops + r.ops, bytes: a.bytes + r.bytes, verifyErrors: a.verifyErrors + r.verifyErrors, clients: a.clients + r.clients }), { ops: 0, bytes: 0, verifyErrors: 0, clients: 0 });
+    const total = results.reduce(
+      (a, r) => ({
+        ops: a.ops + r.ops,
+        bytes: a.bytes + r.bytes,
+        verifyErrors: a.verifyErrors + r.verifyErrors,
+        clients: a.clients + r.clients,
+      }),
+      { ops: 0, bytes: 0, verifyErrors: 0, clients: 0 },
+    );
     for (const [i, r] of results.entries()) assert.equal(r.code, 0, `fio ${JOBS[i]?.name} failed:\n${r.output}`);
     assert.equal(total.verifyErrors, 0);
     assert.ok(total.ops > 0);
     assert.ok(rss < 1024 * MiB, `daemon peak RSS ${(rss / MiB).toFixed(0)} MiB`);
-    report({ kind: 'load', clients: total.clients, ops: total.ops, bytes: total.bytes, verifyErrors: total.verifyErrors, peakRssBytes: rss, seconds });
+    report({
+      kind: 'load',
+      clients: total.clients,
+      ops: total.ops,
+      bytes: total.bytes,
+      verifyErrors: total.verifyErrors,
+      peakRssBytes: rss,
+      seconds,
+    });
 
     // ---- 2. SIGKILL mid-load ----
     const bg = runFio(dir, uri, { name: 'bg', bs: '32k', iodepth: 16, offsetMiB: 64, sizeMiB: 32 });

@@ -36,7 +36,8 @@ const json = (p: string) => cs('luksDump', '--dump-json-metadata', p);
 const opens = (p: string, key: string) => run('cryptsetup', ['open', '--test-passphrase', '-d', key, p]).code === 0;
 
 before(() => {
-  if (spawnSync('sh', ['-c', 'command -v cryptsetup']).status !== 0) assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin');
+  if (spawnSync('sh', ['-c', 'command -v cryptsetup']).status !== 0)
+    assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin');
   dir = mkdtempSync(join(tmpdir(), 'cryptmap-convert-'));
   chmodSync(dir, 0o700);
   k1 = join(dir, 'k1');
@@ -79,7 +80,10 @@ test('LUKS2 -> LUKS1: same LUKS1 header as cryptsetup convert (keyslot 1 after k
   cs('-q', 'convert', '--type', 'luks1', a);
   const r = await cm(['convert', '--type', 'luks1', '-q', b]);
   assert.equal(r.code, 0, r.err);
-  assert.ok(readFileSync(b).subarray(0, 592).equals(readFileSync(a).subarray(0, 592)), 'LUKS1 header differs from cryptsetup');
+  assert.ok(
+    readFileSync(b).subarray(0, 592).equals(readFileSync(a).subarray(0, 592)),
+    'LUKS1 header differs from cryptsetup',
+  );
   assert.ok(opens(b, k1) && opens(b, k5));
   // what cryptsetup converted, cryptmap converts back; cryptsetup opens it
   const r2 = await cm(['convert', '-q', '--type', 'luks2', a]);
@@ -102,7 +106,22 @@ test('refusals: cryptsetup exit codes and messages, image unchanged', async () =
   cs('-q', 'luksFormat', '--type', 'luks2', '--sector-size', '512', ...FAST, '--hash', 'sha512', hash, k5, '-S', '0');
   cs('luksAddKey', '-q', ...FAST, '-S', '1', '-d', k5, hash, k1, '--hash', 'sha256');
   const argon = image('r4.img', 4 << 20);
-  cs('-q', 'luksFormat', '--type', 'luks2', '--sector-size', '512', '--pbkdf', 'argon2id', '--pbkdf-force-iterations', '4', '--pbkdf-memory', '32', argon, k5);
+  cs(
+    '-q',
+    'luksFormat',
+    '--type',
+    'luks2',
+    '--sector-size',
+    '512',
+    '--pbkdf',
+    'argon2id',
+    '--pbkdf-force-iterations',
+    '4',
+    '--pbkdf-memory',
+    '32',
+    argon,
+    k5,
+  );
   const tok = image('r5.img', 4 << 20);
   cs('-q', 'luksFormat', '--type', 'luks2', '--sector-size', '512', ...FAST, tok, k5);
   spawnSync('cryptsetup', ['token', 'import', tok, '--token-id', '3'], { input: '{"type":"x","keyslots":[]}' });
@@ -110,10 +129,26 @@ test('refusals: cryptsetup exit codes and messages, image unchanged', async () =
   const cases: { name: string; args: string[]; msg: RegExp }[] = [
     { name: 'same type', args: ['--type', 'luks1', l1], msg: /^Device is already LUKS1 type\.$/m },
     { name: 'no --type', args: [l1], msg: /^Invalid LUKS type, only luks1 and luks2 are supported\.$/m },
-    { name: 'sector size', args: ['--type', 'luks1', sector], msg: /^Cannot convert to LUKS1 format - default segment encryption sector size is not 512 bytes\.$/m },
-    { name: 'keyslot hash', args: ['--type', 'luks1', hash], msg: /^Cannot convert to LUKS1 format - keyslot 1 is not LUKS1 compatible\.$/m },
-    { name: 'argon2', args: ['--type', 'luks1', argon], msg: /^Cannot convert to LUKS1 format - keyslot 0 is not LUKS1 compatible\.$/m },
-    { name: 'token', args: ['--type', 'luks1', tok], msg: /^Cannot convert to LUKS1 format - LUKS2 header contains 1 token\(s\)\.$/m },
+    {
+      name: 'sector size',
+      args: ['--type', 'luks1', sector],
+      msg: /^Cannot convert to LUKS1 format - default segment encryption sector size is not 512 bytes\.$/m,
+    },
+    {
+      name: 'keyslot hash',
+      args: ['--type', 'luks1', hash],
+      msg: /^Cannot convert to LUKS1 format - keyslot 1 is not LUKS1 compatible\.$/m,
+    },
+    {
+      name: 'argon2',
+      args: ['--type', 'luks1', argon],
+      msg: /^Cannot convert to LUKS1 format - keyslot 0 is not LUKS1 compatible\.$/m,
+    },
+    {
+      name: 'token',
+      args: ['--type', 'luks1', tok],
+      msg: /^Cannot convert to LUKS1 format - LUKS2 header contains 1 token\(s\)\.$/m,
+    },
     { name: 'not LUKS', args: ['--type', 'luks2', plain], msg: /is not a valid LUKS device\.$/m },
   ];
   for (const c of cases) {

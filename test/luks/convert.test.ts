@@ -7,7 +7,15 @@ import { test } from 'node:test';
 import { FaultDevice } from '../../src/blockdev/fault.js';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import type { BlockDevice } from '../../src/blockdev/types.js';
-import { convertLuks1ToLuks2, convertLuks2ToLuks1, detectLuks, Luks1Volume, Luks2Volume, openLuks, planLuks1Moves } from '../../src/luks/index.js';
+import {
+  convertLuks1ToLuks2,
+  convertLuks2ToLuks1,
+  detectLuks,
+  Luks1Volume,
+  Luks2Volume,
+  openLuks,
+  planLuks1Moves,
+} from '../../src/luks/index.js';
 import { CryptmapError, isCryptmapError } from '../../src/util/errors.js';
 import { cloneDevice, FAST_ARGON, FAST_PBKDF2, P } from './helpers.js';
 
@@ -32,7 +40,12 @@ async function snapshot(dev: BlockDevice): Promise<Buffer> {
 }
 
 /** Convert copies of `base`, the device failing after 0, 1, 2, ... writes, until one completes. */
-async function sweep(base: BlockDevice, run: (d: BlockDevice) => Promise<void>, passes: string[], want: 'luks1' | 'luks2'): Promise<number> {
+async function sweep(
+  base: BlockDevice,
+  run: (d: BlockDevice) => Promise<void>,
+  passes: string[],
+  want: 'luks1' | 'luks2',
+): Promise<number> {
   for (let n = 0; ; n++) {
     const img = await cloneDevice(base, mk, SIZE);
     let crashed = false;
@@ -68,7 +81,10 @@ test('LUKS1 -> LUKS2 -> LUKS1 keeps every passphrase and the volume key', async 
   await convertLuks2ToLuks1(dev);
   const back = await openLuks(dev);
   assert.equal(back.type, 'luks1');
-  assert.deepEqual((back as Luks1Volume).header.keyblock.map((k) => k.keyMaterialOffset), v1.header.keyblock.map((k) => k.keyMaterialOffset));
+  assert.deepEqual(
+    (back as Luks1Volume).header.keyblock.map((k) => k.keyMaterialOffset),
+    v1.header.keyblock.map((k) => k.keyMaterialOffset),
+  );
   assert.equal((await back.unlock(P('one'))).volumeKey.expose().toString('hex'), vk);
 });
 
@@ -109,16 +125,31 @@ test('the planner moves an active keyslot through an inactive one when it overla
     mkDigestSalt: Buffer.alloc(32),
     mkDigestIterations: 1000,
     uuid: '12345678-1234-1234-1234-123456789abc',
-    keyblock: Array.from({ length: 8 }, (_, i) => ({ active: i === 0 ? 0x00ac71f3 : 0xdead, iterations: 1000, salt: Buffer.alloc(32), keyMaterialOffset: 8 + i * 504, stripes: 4000 })),
+    keyblock: Array.from({ length: 8 }, (_, i) => ({
+      active: i === 0 ? 0x00ac71f3 : 0xdead,
+      iterations: 1000,
+      salt: Buffer.alloc(32),
+      keyMaterialOffset: 8 + i * 504,
+      stripes: 4000,
+    })),
   };
-  const plan = planLuks1Moves(h, h.keyblock.map((k) => k.keyMaterialOffset + 56), 4 << 20)!;
+  const plan = planLuks1Moves(
+    h,
+    h.keyblock.map((k) => k.keyMaterialOffset + 56),
+    4 << 20,
+  )!;
   const copies = plan.filter((s) => s.kind === 'copy');
   assert.equal(copies.length, 2, 'slot 0: to a free area, then to its target');
   assert.equal(plan[plan.length - 1]!.kind, 'header');
 });
 
 test('refusals write nothing (cryptsetup 2.6 rules)', async () => {
-  const cases: { name: string; make: () => Promise<BlockDevice>; run: (d: BlockDevice) => Promise<void>; msg: RegExp }[] = [
+  const cases: {
+    name: string;
+    make: () => Promise<BlockDevice>;
+    run: (d: BlockDevice) => Promise<void>;
+    msg: RegExp;
+  }[] = [
     {
       name: 'sector size 4096',
       make: async () => {
@@ -196,7 +227,8 @@ function tornAt(inner: BlockDevice, at: number, mask: number): BlockDevice & { b
       if (++n === at) {
         dead = true;
         dev.blocksOfTorn = Math.ceil(data.length / 512);
-        for (let b = 0; b * 512 < data.length; b++) if ((mask >> b) & 1) await inner.write(o + b * 512, data.subarray(b * 512, (b + 1) * 512));
+        for (let b = 0; b * 512 < data.length; b++)
+          if ((mask >> b) & 1) await inner.write(o + b * 512, data.subarray(b * 512, (b + 1) * 512));
         throw crash();
       }
       await inner.write(o, data);
@@ -240,7 +272,10 @@ test('convert survives a torn write (the first or the second sector of it reache
           if (!isCryptmapError(e, 'EFAULT_CRASH')) throw e;
         }
         if (dev.blocksOfTorn >= 2) torn++;
-        assert.ok(await opensAll(img, ['one', 'two']), `${run.name}: write ${n} torn (sectors ${mask === 1 ? '0' : '1'} of ${dev.blocksOfTorn} written): the image does not open with every passphrase`);
+        assert.ok(
+          await opensAll(img, ['one', 'two']),
+          `${run.name}: write ${n} torn (sectors ${mask === 1 ? '0' : '1'} of ${dev.blocksOfTorn} written): the image does not open with every passphrase`,
+        );
       }
       if (finished) break;
     }

@@ -47,18 +47,28 @@ test('JSON nested deeper than json-c allows is refused before parsing, as not a 
   // The top-level object is level 1; an empty array adds no level below it, a number in it does.
   assert.doesNotThrow(() => parseJsonArea(area(`{"x":${nested(31)}}`)));
   assert.doesNotThrow(() => parseJsonArea(area(`{"x":${'['.repeat(30)}1${']'.repeat(30)}}`)));
-  assert.throws(() => parseJsonArea(area(`{"x":${nested(32)}}`)), { code: 'ELUKS2JSON', message: /json_area.*deeper than 32 levels/ });
+  assert.throws(() => parseJsonArea(area(`{"x":${nested(32)}}`)), {
+    code: 'ELUKS2JSON',
+    message: /json_area.*deeper than 32 levels/,
+  });
   assert.throws(() => parseJsonArea(area(`{"x":${'['.repeat(31)}1${']'.repeat(31)}}`)), { code: 'ELUKS2JSON' });
   assert.throws(() => parseJsonArea(area(`{"x":${'{"a":'.repeat(31)}1${'}'.repeat(31)}}`)), { code: 'ELUKS2JSON' });
   // Brackets inside strings do not count.
   assert.doesNotThrow(() => parseJsonArea(area(`{"x":"${'['.repeat(100)}\\"${'{'.repeat(100)}"}`)));
   // ~100,000 levels: before the fix JSON.parse overflowed the stack ("Maximum call stack size exceeded").
-  assert.throws(() => parseJsonArea(area(`{"x":${nested(100_000)}}`)), { code: 'ELUKS2JSON', message: /deeper than 32 levels/ });
+  assert.throws(() => parseJsonArea(area(`{"x":${nested(100_000)}}`)), {
+    code: 'ELUKS2JSON',
+    message: /deeper than 32 levels/,
+  });
 
   const { dev, json } = await fresh();
   const text = JSON.stringify({ ...json, config: { ...json.config, x: JSON.parse(nested(31)) } });
   await setJsonText(dev, text);
-  await assert.rejects(openLuks(dev), { code: 'ENOTLUKS', exitCode: 1, message: /not a valid LUKS device.*deeper than 32 levels/ });
+  await assert.rejects(openLuks(dev), {
+    code: 'ENOTLUKS',
+    exitCode: 1,
+    message: /not a valid LUKS device.*deeper than 32 levels/,
+  });
 });
 
 test('a digest or keyslot type naming an Object.prototype member reaches no handler; the key is wiped', async () => {
@@ -88,12 +98,17 @@ test('the recovered key is wiped when its digest check throws', async (t) => {
   });
   await assert.rejects(vol.unlock(P('one')), /digest failed/);
   assert.equal(seen.length, 1);
-  assert.ok(seen[0]!.every((b) => b === 0), 'volume key left in memory after a failed digest check');
+  assert.ok(
+    seen[0]!.every((b) => b === 0),
+    'volume key left in memory after a failed digest check',
+  );
 });
 
 test("Argon2 cpus past cryptsetup's limit: keyslot open failed (exit 1), no threads or memory spent", async () => {
   // A lane count past 4 used to raise memory past the 4 GiB cap (8 KiB per lane) after the cap was checked.
-  await assert.rejects(argon2('argon2id', P('x'), Buffer.alloc(32), 4, 4 * 1024 * 1024, 0xffffff, 32), { code: 'EKDFLIMIT' });
+  await assert.rejects(argon2('argon2id', P('x'), Buffer.alloc(32), 4, 4 * 1024 * 1024, 0xffffff, 32), {
+    code: 'EKDFLIMIT',
+  });
   await assert.rejects(argon2('argon2id', P('x'), Buffer.alloc(32), 4, 32, 5, 32), { code: 'EKDFLIMIT' });
   assert.equal((await argon2('argon2id', P('x'), Buffer.alloc(32), 4, 32, 4, 32)).length, 32);
   const { dev, json } = await fresh(FAST_ARGON);
@@ -113,7 +128,10 @@ test('a segment sector_size dm-crypt cannot take (1536, 8192) is refused at load
     assert.throws(
       () => validateLuks2Json(j, HDR - 4096, VALIDATORS),
       (e: { code: string; context: { check: string; path: string }; message: string }) =>
-        e.code === 'ELUKS2JSON' && e.context.check === 'segments' && e.context.path === 'segments.0' && e.message.includes(`illegal sector_size ${ss}`),
+        e.code === 'ELUKS2JSON' &&
+        e.context.check === 'segments' &&
+        e.context.path === 'segments.0' &&
+        e.message.includes(`illegal sector_size ${ss}`),
     );
   }
   for (const ss of [512, 1024, 2048, 4096]) {

@@ -16,7 +16,16 @@ import { interopTools, Sink } from './helpers.js';
 let dir = '';
 const { run, cs, image } = interopTools(() => dir);
 const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
-const FAST_ARGON = ['--pbkdf', 'argon2id', '--pbkdf-force-iterations', '4', '--pbkdf-memory', '32768', '--pbkdf-parallel', '1'];
+const FAST_ARGON = [
+  '--pbkdf',
+  'argon2id',
+  '--pbkdf-force-iterations',
+  '4',
+  '--pbkdf-memory',
+  '32768',
+  '--pbkdf-parallel',
+  '1',
+];
 
 function tool(cmd: string, pkg: string): void {
   const r = spawnSync('sh', ['-c', `command -v ${cmd}`]);
@@ -32,7 +41,12 @@ async function cm(...argv: string[]): Promise<{ code: number; out: string; err: 
   const stderr = new Sink();
   const { Readable } = await import('node:stream');
   const stdin = Readable.from([]) as unknown as NodeJS.ReadableStream;
-  const code = await main(argv, { stdin, stdout, stderr, env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') } });
+  const code = await main(argv, {
+    stdin,
+    stdout,
+    stderr,
+    env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') },
+  });
   return { code, out: stdout.data, err: stderr.data };
 }
 function vkFromCryptsetup(img: string, key: string, extra: string[] = []): string {
@@ -66,7 +80,10 @@ test('cryptsetup-made LUKS2 volumes open in cryptmap with the same volume key', 
     ['xts4k', ['--cipher', 'aes-xts-plain64', '--sector-size', '4096']],
     ['xts512', ['--cipher', 'aes-xts-plain64', '--key-size', '256', '--sector-size', '512']],
     ['cbc', ['--cipher', 'aes-cbc-essiv:sha256', '--key-size', '256']],
-    ['argon', [...FAST_ARGON.slice(0, 0), '--label', 'lbl', '--luks2-metadata-size', '64k', '--luks2-keyslots-size', '1m']],
+    [
+      'argon',
+      [...FAST_ARGON.slice(0, 0), '--label', 'lbl', '--luks2-metadata-size', '64k', '--luks2-keyslots-size', '1m'],
+    ],
   ];
   for (const [name, opts] of cases) {
     const img = image(`${name}.img`);
@@ -81,12 +98,55 @@ test('several keyslots with gaps, keyfile offset and size, argon2i, wrong passph
   const big = keyFile('k2big', Buffer.concat([Buffer.from('XXXX'), Buffer.from('secret-part'), Buffer.from('tail\n')]));
   const img = image('slots.img');
   cs('luksFormat', '--batch-mode', ...FAST, '--key-file', key, img);
-  cs('luksAddKey', '--batch-mode', ...FAST, '--key-file', key, '--key-slot', '5', '--new-keyfile', big, '--new-keyfile-offset', '4', '--new-keyfile-size', '11', img);
-  cs('luksAddKey', '--batch-mode', '--pbkdf', 'argon2i', '--pbkdf-force-iterations', '4', '--pbkdf-memory', '32768', '--pbkdf-parallel', '1', '--key-file', key, '--key-slot', '9', '--new-keyfile', keyFile('k9', 'argon-i'), img);
+  cs(
+    'luksAddKey',
+    '--batch-mode',
+    ...FAST,
+    '--key-file',
+    key,
+    '--key-slot',
+    '5',
+    '--new-keyfile',
+    big,
+    '--new-keyfile-offset',
+    '4',
+    '--new-keyfile-size',
+    '11',
+    img,
+  );
+  cs(
+    'luksAddKey',
+    '--batch-mode',
+    '--pbkdf',
+    'argon2i',
+    '--pbkdf-force-iterations',
+    '4',
+    '--pbkdf-memory',
+    '32768',
+    '--pbkdf-parallel',
+    '1',
+    '--key-file',
+    key,
+    '--key-slot',
+    '9',
+    '--new-keyfile',
+    keyFile('k9', 'argon-i'),
+    img,
+  );
   const vk = vkFromCryptsetup(img, key);
   assert.equal(await vkFromCryptmap(img, Buffer.from('secret-part')), vk);
   assert.equal(await vkFromCryptmap(img, Buffer.from('argon-i')), vk);
-  const r = await cm('open', '--test-passphrase', '--key-file', big, '--keyfile-offset', '4', '--keyfile-size', '11', img);
+  const r = await cm(
+    'open',
+    '--test-passphrase',
+    '--key-file',
+    big,
+    '--keyfile-offset',
+    '4',
+    '--keyfile-size',
+    '11',
+    img,
+  );
   assert.equal(r.code, 0, r.err);
   const bad = await cm('open', '--test-passphrase', '--key-file', big, img);
   assert.equal(bad.code, 2);
@@ -96,11 +156,32 @@ test('several keyslots with gaps, keyfile offset and size, argon2i, wrong passph
 test('cryptmap-made LUKS2 passes cryptsetup: dump, test-passphrase, addKey, repair; same luksDump text', async () => {
   const key = keyFile('k3', 'made by cryptmap');
   const img = image('cm2.img');
-  let r = await cm('luksFormat', '-q', '--type', 'luks2', ...FAST, '--key-file', key, '--label', 'cm', '--subsystem', 'sys', img);
+  let r = await cm(
+    'luksFormat',
+    '-q',
+    '--type',
+    'luks2',
+    ...FAST,
+    '--key-file',
+    key,
+    '--label',
+    'cm',
+    '--subsystem',
+    'sys',
+    img,
+  );
   assert.equal(r.code, 0, r.err);
   r = await cm('luksAddKey', ...FAST_ARGON, '--key-file', key, '--key-slot', '3', img, keyFile('k3b', 'second'));
   assert.equal(r.code, 0, r.err);
-  r = await cm('token', 'import', '--token-id', '2', '--json-file', keyFile('tok.json', '{"type":"luks2-keyring","keyslots":["3"],"key_description":"d"}'), img);
+  r = await cm(
+    'token',
+    'import',
+    '--token-id',
+    '2',
+    '--json-file',
+    keyFile('tok.json', '{"type":"luks2-keyring","keyslots":["3"],"key_description":"d"}'),
+    img,
+  );
   assert.equal(r.code, 0, r.err);
   r = await cm('config', '--priority', 'prefer', '--key-slot', '3', img);
   assert.equal(r.code, 0, r.err);
@@ -127,8 +208,21 @@ test('cryptmap-made LUKS2 passes cryptsetup: dump, test-passphrase, addKey, repa
   assert.equal(readFileSync(vkOurs).toString('hex'), vkFromCryptsetup(img, key));
   const existing = keyFile('vk-existing', 'old');
   chmodSync(existing, 0o644);
-  const refused = await cm('luksDump', '--dump-volume-key', '-q', '--key-file', key, '--volume-key-file', existing, img);
-  assert.equal(refused.code, run('cryptsetup', ['luksDump', '--dump-volume-key', '-q', '--key-file', key, '--volume-key-file', existing, img]).code);
+  const refused = await cm(
+    'luksDump',
+    '--dump-volume-key',
+    '-q',
+    '--key-file',
+    key,
+    '--volume-key-file',
+    existing,
+    img,
+  );
+  assert.equal(
+    refused.code,
+    run('cryptsetup', ['luksDump', '--dump-volume-key', '-q', '--key-file', key, '--volume-key-file', existing, img])
+      .code,
+  );
   assert.equal(refused.code, 1);
   assert.equal(readFileSync(existing, 'utf8'), 'old');
   // Same exit code and message as cryptsetup: an inactive --key-slot (-ENOENT), a backup over an
@@ -166,7 +260,19 @@ test('data written by cryptsetup reencrypt --encrypt decrypts in cryptmap', asyn
   const img = join(dir, 'enc.img');
   writeFileSync(img, Buffer.concat([plain, Buffer.alloc(16 << 20)]));
   const key = keyFile('k4', 'data');
-  cs('reencrypt', '--encrypt', '--type', 'luks2', '--reduce-device-size', '16M', '--batch-mode', ...FAST, '--key-file', key, img);
+  cs(
+    'reencrypt',
+    '--encrypt',
+    '--type',
+    'luks2',
+    '--reduce-device-size',
+    '16M',
+    '--batch-mode',
+    ...FAST,
+    '--key-file',
+    key,
+    img,
+  );
   const dev = await FileDevice.open(img, { readOnly: true });
   try {
     const v = await openLuks(dev);
@@ -196,7 +302,11 @@ test('data written by cryptmap (detached header) reads back through cryptsetup r
   const { volumeKey } = await v.unlock(Buffer.from('detached'));
   assert.equal(v.dataSegment.offsetBytes, 0);
   const enc = Buffer.from(plain);
-  const c = createSectorCipher({ spec: v.dataSegment.cipher, key: volumeKey.expose(), sectorBytes: v.dataSegment.sectorBytes });
+  const c = createSectorCipher({
+    spec: v.dataSegment.cipher,
+    key: volumeKey.expose(),
+    sectorBytes: v.dataSegment.sectorBytes,
+  });
   c.encrypt(enc, 0n);
   c.dispose();
   volumeKey.dispose();
@@ -224,10 +334,28 @@ test('LUKS1 both ways, and qemu-img LUKS1 images', async () => {
   let ok = false;
   for (let i = 0; i < 5 && !ok; i++) {
     rmSync(q, { force: true });
-    ok = run('qemu-img', ['create', '-f', 'luks', '--object', `secret,id=s0,file=${key}`, '-o', 'key-secret=s0,iter-time=10', q, '8M']).code === 0;
+    ok =
+      run('qemu-img', [
+        'create',
+        '-f',
+        'luks',
+        '--object',
+        `secret,id=s0,file=${key}`,
+        '-o',
+        'key-secret=s0,iter-time=10',
+        q,
+        '8M',
+      ]).code === 0;
   }
   assert.ok(ok, 'qemu-img create -f luks failed');
-  const w = run('qemu-io', ['--object', `secret,id=s0,file=${key}`, '--image-opts', `driver=luks,key-secret=s0,file.filename=${q}`, '-c', 'write -P 0xab 0 1M']);
+  const w = run('qemu-io', [
+    '--object',
+    `secret,id=s0,file=${key}`,
+    '--image-opts',
+    `driver=luks,key-secret=s0,file.filename=${q}`,
+    '-c',
+    'write -P 0xab 0 1M',
+  ]);
   assert.equal(w.code, 0, w.err);
   const dev = await FileDevice.open(q, { readOnly: true });
   try {

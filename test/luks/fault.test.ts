@@ -60,12 +60,32 @@ test('LUKS2 header changes survive a crash after any write', async () => {
   const v = await Luks2Volume.format(base, P('one'), LUKS2);
   await v.addKey({ passphrase: P('one') }, P('two'), { kdf: FAST_PBKDF2 });
   const ops: Op[] = [
-    { name: 'addKey', run: (x) => x.addKey({ passphrase: P('one') }, P('three'), { kdf: FAST_PBKDF2 }), old: ['one'], neu: ['one', 'three'] },
-    { name: 'changeKey', run: (x) => x.changeKey(P('one'), P('uno'), { kdf: FAST_PBKDF2 }), old: ['one'], neu: ['uno'] },
+    {
+      name: 'addKey',
+      run: (x) => x.addKey({ passphrase: P('one') }, P('three'), { kdf: FAST_PBKDF2 }),
+      old: ['one'],
+      neu: ['one', 'three'],
+    },
+    {
+      name: 'changeKey',
+      run: (x) => x.changeKey(P('one'), P('uno'), { kdf: FAST_PBKDF2 }),
+      old: ['one'],
+      neu: ['uno'],
+    },
     { name: 'removeKey', run: (x) => x.removeKey(P('two')), old: ['one'], neu: ['one'] },
-    { name: 'token', run: (x) => (x as Luks2Volume).importToken('{"type":"t","keyslots":["0"]}'), old: ['one', 'two'], neu: ['one', 'two'] },
+    {
+      name: 'token',
+      run: (x) => (x as Luks2Volume).importToken('{"type":"t","keyslots":["0"]}'),
+      old: ['one', 'two'],
+      neu: ['one', 'two'],
+    },
     { name: 'config', run: (x) => (x as Luks2Volume).setLabel('L', 'S'), old: ['one'], neu: ['one'] },
-    { name: 'persistent flags', run: (x) => (x as Luks2Volume).setPersistentFlags(['allow-discards', 'no-read-workqueue']), old: ['one'], neu: ['one'] },
+    {
+      name: 'persistent flags',
+      run: (x) => (x as Luks2Volume).setPersistentFlags(['allow-discards', 'no-read-workqueue']),
+      old: ['one'],
+      neu: ['one'],
+    },
     { name: 'uuid', run: (x) => x.setUuid('12345678-1234-1234-1234-123456789abc'), old: ['one'], neu: ['one'] },
   ];
   for (const op of ops) assert.ok((await sweep(base, op)) > 0);
@@ -88,7 +108,11 @@ test('LUKS2 format: after any crash the image is unformatted/invalid or opens wi
     }
     // partial format must never leave a header that opens with something else or crashes the loader
     await openLuks(img).then(
-      (v) => v.unlock(P('other')).then(() => assert.fail('opened with a wrong passphrase'), () => {}),
+      (v) =>
+        v.unlock(P('other')).then(
+          () => assert.fail('opened with a wrong passphrase'),
+          () => {},
+        ),
       () => {},
     );
   }
@@ -99,8 +123,18 @@ test('LUKS1 header changes survive a crash after any write', async () => {
   const v = await Luks1Volume.format(base, P('one'), { keyslot: { kdf: FAST_PBKDF2 }, keyBytes: 32 });
   await v.addKey({ passphrase: P('one') }, P('two'), { kdf: FAST_PBKDF2 });
   const ops: Op[] = [
-    { name: 'addKey', run: (x) => x.addKey({ passphrase: P('one') }, P('three'), { kdf: FAST_PBKDF2 }), old: ['one'], neu: ['one', 'three'] },
-    { name: 'changeKey', run: (x) => x.changeKey(P('one'), P('uno'), { kdf: FAST_PBKDF2 }), old: ['one'], neu: ['uno'] },
+    {
+      name: 'addKey',
+      run: (x) => x.addKey({ passphrase: P('one') }, P('three'), { kdf: FAST_PBKDF2 }),
+      old: ['one'],
+      neu: ['one', 'three'],
+    },
+    {
+      name: 'changeKey',
+      run: (x) => x.changeKey(P('one'), P('uno'), { kdf: FAST_PBKDF2 }),
+      old: ['one'],
+      neu: ['uno'],
+    },
     { name: 'removeKey', run: (x) => x.removeKey(P('two')), old: ['one'], neu: ['one'] },
     { name: 'uuid', run: (x) => x.setUuid('12345678-1234-1234-1234-123456789abc'), old: ['one'], neu: ['one'] },
   ];
@@ -108,7 +142,13 @@ test('LUKS1 header changes survive a crash after any write', async () => {
 });
 
 /** Restore `backup` onto a copy of `base`, crashing after every possible write count. */
-async function restoreSweep(name: string, base: BlockDevice, backup: BlockDevice, old: string[], neu: string[]): Promise<number> {
+async function restoreSweep(
+  name: string,
+  base: BlockDevice,
+  backup: BlockDevice,
+  old: string[],
+  neu: string[],
+): Promise<number> {
   const hdr = (await openLuks(backup)).headerBytes;
   const want = Buffer.alloc(hdr);
   await backup.read(0, want);

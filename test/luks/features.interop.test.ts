@@ -46,7 +46,8 @@ function keyring(desc: string, payload: string): void {
 }
 
 before(() => {
-  if (spawnSync('sh', ['-c', 'command -v cryptsetup']).status !== 0) assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin');
+  if (spawnSync('sh', ['-c', 'command -v cryptsetup']).status !== 0)
+    assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin');
   dir = mkdtempSync(join(tmpdir(), 'cryptmap-features-'));
   chmodSync(dir, 0o700);
   k1 = join(dir, 'k1');
@@ -70,7 +71,11 @@ test('unbound keyslots: added by either tool, tested and dumped by the other; ne
   // cryptsetup adds with a given key, cryptmap tests and dumps it
   const kf = join(dir, 'uk');
   writeFileSync(kf, Buffer.alloc(64, 0x5a), { mode: 0o600 });
-  assert.equal(csIn(['luksAddKey', '-q', ...FAST, '--unbound', '-s', '512', '-S', '3', '--volume-key-file', kf, img], 'ub3\n').code, 0);
+  assert.equal(
+    csIn(['luksAddKey', '-q', ...FAST, '--unbound', '-s', '512', '-S', '3', '--volume-key-file', kf, img], 'ub3\n')
+      .code,
+    0,
+  );
   assert.equal((await cm(['open', '-S3', '--test-passphrase', img], 'ub3\n')).code, 0);
   assert.equal((await cm(['open', '--unbound', '--test-passphrase', img], 'ub3\n')).code, 0);
   const out = join(dir, 'uk.out');
@@ -78,7 +83,10 @@ test('unbound keyslots: added by either tool, tested and dumped by the other; ne
   assert.match(d, /^Key bits:\t512$/m);
   assert.ok(readFileSync(out).equals(readFileSync(kf)));
   const hex = await okCm(['luksDump', '-q', '--unbound', '-S3', img], 'ub3\n');
-  assert.equal(/Unbound Key:\t(.*)/.exec(hex)?.[1], /Unbound Key:\t(.*)/.exec(csIn(['luksDump', '-q', '--unbound', '-S3', img], 'ub3\n').out)?.[1]);
+  assert.equal(
+    /Unbound Key:\t(.*)/.exec(hex)?.[1],
+    /Unbound Key:\t(.*)/.exec(csIn(['luksDump', '-q', '--unbound', '-S3', img], 'ub3\n').out)?.[1],
+  );
   // refusals, as cryptsetup
   const cases: [string[], string, RegExp][] = [
     [['luksAddKey', '-q', '--unbound', img], 'x\n', /^Key size is required with --unbound option\.$/m],
@@ -133,8 +141,14 @@ test('--keyslot-cipher/--keyslot-key-size: luksFormat, luksAddKey, luksChangeKey
   cs('-q', 'luksFormat', '--type', 'luks2', other, k1, ...FAST, ...KC);
   assert.equal((await cm(['open', '--test-passphrase', '-d', k1, other])).code, 0);
   for (const [args, msg] of [
-    [['luksFormat', '-q', '--type', 'luks2', img, k1, ...FAST, '--keyslot-cipher', 'aes-cbc-plain64'], /^Options --keyslot-cipher and --keyslot-key-size must be used together\.$/m],
-    [['luksFormat', '-q', '--type', 'luks1', img, k1, ...FAST, ...KC], /^Keyslot encryption parameters can be set only for LUKS2 device\.$/m],
+    [
+      ['luksFormat', '-q', '--type', 'luks2', img, k1, ...FAST, '--keyslot-cipher', 'aes-cbc-plain64'],
+      /^Options --keyslot-cipher and --keyslot-key-size must be used together\.$/m,
+    ],
+    [
+      ['luksFormat', '-q', '--type', 'luks1', img, k1, ...FAST, ...KC],
+      /^Keyslot encryption parameters can be set only for LUKS2 device\.$/m,
+    ],
   ] as [string[], RegExp][]) {
     const r = await cm(args);
     assert.equal(r.code, 1, r.err);
@@ -174,7 +188,11 @@ test('token add --key-description / unassign: the JSON cryptsetup writes, its ch
     const real = run('cryptsetup', c);
     const r = await cm(c);
     assert.equal(r.code, real.code, `${c.join(' ')}: cryptmap ${r.code} (${r.err.trim()}), cryptsetup ${real.code}`);
-    const msg = real.err.trim().split('\n').pop()!.replace(/^cryptsetup: /, '');
+    const msg = real.err
+      .trim()
+      .split('\n')
+      .pop()!
+      .replace(/^cryptsetup: /, '');
     assert.ok(r.err.includes(msg), `${c.join(' ')}: cryptsetup says "${msg}", cryptmap "${r.err.trim()}"`);
   }
   await okCm(['token', 'unassign', '--token-id', '3', '-S0', img]);
@@ -195,7 +213,8 @@ test('luks2-keyring tokens: cryptmap unlocks with the kernel keyring; luksAddKey
   cs('token', 'add', img, '--key-description', t0, '--token-id', '0', '-S0');
   await okCm(['token', 'add', img, '--key-description', t1, '--token-id', '1', '--unbound']);
   assert.equal((await cm(['open', '--token-only', '--test-passphrase', img])).code, 0);
-  const tokOpens = (id: string) => run('cryptsetup', ['open', '-q', '--test-passphrase', '--token-only', '--token-id', id, img]).code === 0;
+  const tokOpens = (id: string) =>
+    run('cryptsetup', ['open', '-q', '--test-passphrase', '--token-only', '--token-id', id, img]).code === 0;
   // pass token
   await okCm(['luksAddKey', '-q', '-S7', '--new-token-id', '1', ...FAST, img], 'pw1\n');
   assert.ok(tokOpens('1'));
@@ -241,7 +260,8 @@ test('--align-payload: the data offset cryptsetup computes (LUKS1, LUKS2, detach
     cs('-q', 'luksFormat', ...FAST, ...c, a, k1);
     await okCm(['luksFormat', '-q', ...FAST, ...c, b, k1]);
     assert.equal(offsetOf(b), offsetOf(a), c.join(' '));
-    if (c[1] === 'luks2') assert.equal(json(b).segments['0'].sector_size, json(a).segments['0'].sector_size, c.join(' '));
+    if (c[1] === 'luks2')
+      assert.equal(json(b).segments['0'].sector_size, json(a).segments['0'].sector_size, c.join(' '));
     assert.equal(run('cryptsetup', ['open', '--test-passphrase', '-d', k1, b]).code, 0);
   }
   const dev = image('al-d.img', 40 << 20);
@@ -249,7 +269,19 @@ test('--align-payload: the data offset cryptsetup computes (LUKS1, LUKS2, detach
   rmSync(hdr, { force: true });
   await okCm(['luksFormat', '-q', ...FAST, '--type', 'luks2', dev, '--header', hdr, '--align-payload', '4096', k1]);
   assert.match(dump(hdr), new RegExp(`offset: ${4096 * 512} \\[bytes\\]`));
-  const both = await cm(['luksFormat', '-q', ...FAST, '--type', 'luks2', dev, '--align-payload', '16384', '--offset', '16384', k1]);
+  const both = await cm([
+    'luksFormat',
+    '-q',
+    ...FAST,
+    '--type',
+    'luks2',
+    dev,
+    '--align-payload',
+    '16384',
+    '--offset',
+    '16384',
+    k1,
+  ]);
   assert.equal(both.code, 1);
   assert.match(both.err, /^Options --align-payload and --offset cannot be combined\.$/m);
 });

@@ -28,9 +28,17 @@ const MD = 16384;
 function io(input: string[] = [], tty = false): CliIO & { stdout: Sink; stderr: Sink } {
   const stdin = Readable.from(input) as unknown as CliIO['stdin'];
   if (tty) Object.assign(stdin, { isTTY: true });
-  return { stdin, stdout: new Sink(), stderr: new Sink(), env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') } };
+  return {
+    stdin,
+    stdout: new Sink(),
+    stderr: new Sink(),
+    env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') },
+  };
 }
-async function cm(argv: string[], opts: { input?: string[]; tty?: boolean } = {}): Promise<{ code: number; out: string; err: string }> {
+async function cm(
+  argv: string[],
+  opts: { input?: string[]; tty?: boolean } = {},
+): Promise<{ code: number; out: string; err: string }> {
   const x = io(opts.input, opts.tty);
   const code = await main(argv, x);
   return { code, out: x.stdout.data, err: x.stderr.data };
@@ -52,7 +60,8 @@ async function cmTest(args: string[]): Promise<{ code: number; out: string; err:
 const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 
 before(() => {
-  if (spawnSync('sh', ['-c', 'command -v cryptsetup']).status !== 0) assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin');
+  if (spawnSync('sh', ['-c', 'command -v cryptsetup']).status !== 0)
+    assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin');
   dir = mkdtempSync(join(tmpdir(), 'cryptmap-luks-fu-'));
   chmodSync(dir, 0o700);
   key = join(dir, 'key');
@@ -99,9 +108,18 @@ test('open --token-*: same exit codes as cryptsetup; a luks2-keyring token whose
   const dev = await FileDevice.open(img, { readOnly: true });
   try {
     const vol = (await openLuks(dev)) as Luks2Volume;
-    await assert.rejects(unlockByToken(vol, { tokenId: 0 }), (e) => isCryptmapError(e) && e.code === 'ETOKENKEYRING' && e.exitCode === 2);
-    await assert.rejects(unlockByToken(vol, { tokenType: 'example-plugin' }), (e) => isCryptmapError(e) && e.code === 'ENOTOKEN' && e.exitCode === 1);
-    await assert.rejects(unlockByToken(vol, { tokenId: 0, keySlot: 3 }), (e) => isCryptmapError(e) && e.code === 'ENOTOKEN');
+    await assert.rejects(
+      unlockByToken(vol, { tokenId: 0 }),
+      (e) => isCryptmapError(e) && e.code === 'ETOKENKEYRING' && e.exitCode === 2,
+    );
+    await assert.rejects(
+      unlockByToken(vol, { tokenType: 'example-plugin' }),
+      (e) => isCryptmapError(e) && e.code === 'ENOTOKEN' && e.exitCode === 1,
+    );
+    await assert.rejects(
+      unlockByToken(vol, { tokenId: 0, keySlot: 3 }),
+      (e) => isCryptmapError(e) && e.code === 'ENOTOKEN',
+    );
   } finally {
     await dev.close();
   }
@@ -146,7 +164,11 @@ test('a token of unknown type survives import and every key change byte for byte
 });
 
 /** Flip a checksum byte of the copy at `off`, or roll it back to an older copy. */
-function damage(img: string, how: 'primary-csum' | 'secondary-csum' | 'primary-zero' | 'secondary-stale' | 'primary-stale', older?: Buffer): void {
+function damage(
+  img: string,
+  how: 'primary-csum' | 'secondary-csum' | 'primary-zero' | 'secondary-stale' | 'primary-stale',
+  older?: Buffer,
+): void {
   const b = readFileSync(img);
   if (how === 'primary-csum') b[448]! ^= 0x5a;
   if (how === 'secondary-csum') b[MD + 448]! ^= 0x5a;
@@ -190,7 +212,10 @@ test('a damaged or stale LUKS2 header copy is rewritten from the good one on loa
         // The good copy is untouched; the rewritten one has a fresh salt and the good one's seqid.
         const goodOff = how.startsWith('primary') ? MD : 0;
         const badOff = MD - goodOff;
-        assert.ok(after.subarray(goodOff, goodOff + MD).equals(before.subarray(goodOff, goodOff + MD)), `${label}: good copy changed`);
+        assert.ok(
+          after.subarray(goodOff, goodOff + MD).equals(before.subarray(goodOff, goodOff + MD)),
+          `${label}: good copy changed`,
+        );
         assert.notEqual(salt(after, badOff), salt(after, goodOff), `${label}: salt not fresh`);
         assert.notEqual(salt(after, badOff), salt(before, badOff), `${label}: salt not fresh`);
         assert.equal(seqid(after, badOff), seqid(before, goodOff), label);
@@ -242,7 +267,7 @@ test('LUKS1 repair: the same bytes as cryptsetup repair (hash lower-casing, dama
     'upper-case hash': (b) => b.write('SHA256', 72, 'latin1'),
     'inactive slot offset': (b) => b.writeUInt32BE(9999, 208 + 3 * 48 + 40),
     'inactive slot stripes': (b) => b.writeUInt32BE(4001, 208 + 5 * 48 + 44),
-    'both': (b) => {
+    both: (b) => {
       b.write('SHA256', 72, 'latin1');
       b.writeUInt32BE(12345, 208 + 7 * 48 + 40);
     },
@@ -317,7 +342,10 @@ test('no verb writes to a file that is not LUKS (batch mode, key files given); l
     assert.notEqual(r.code, 0, `${argv.join(' ')} succeeded on a non-LUKS file`);
     assert.equal(sha(readFileSync(img)), want, `${argv.join(' ')} wrote to a non-LUKS file`);
   }
-  for (const args of [['--key-file', key, img], ['--token-only', img]]) {
+  for (const args of [
+    ['--key-file', key, img],
+    ['--token-only', img],
+  ]) {
     const r = await cmTest(args);
     assert.notEqual(r.code, 0);
     assert.equal(sha(readFileSync(img)), want, `open --test-passphrase ${args.join(' ')} wrote to a non-LUKS file`);
@@ -335,7 +363,23 @@ test('no verb writes to a file that is not LUKS (batch mode, key files given); l
 
 test('luksConvertKey rewrites a keyslot under another PBKDF (argon2id -> pbkdf2 for bootloaders, and back); cryptsetup agrees', async () => {
   const img = image('convert.img');
-  cs('luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'argon2id', '--pbkdf-memory', '32768', '--pbkdf-force-iterations', '4', '--pbkdf-parallel', '1', '--key-file', key, img);
+  cs(
+    'luksFormat',
+    '-q',
+    '--type',
+    'luks2',
+    '--pbkdf',
+    'argon2id',
+    '--pbkdf-memory',
+    '32768',
+    '--pbkdf-force-iterations',
+    '4',
+    '--pbkdf-parallel',
+    '1',
+    '--key-file',
+    key,
+    img,
+  );
   const slot0 = (dump: string) => dump.slice(dump.indexOf('Keyslots:'), dump.indexOf('Tokens:'));
   assert.match(slot0(cs('luksDump', img)), /PBKDF:\s+argon2id/);
   let r = await cm(['luksConvertKey', '-v', ...FAST, '--key-file', key, img]);
@@ -346,7 +390,20 @@ test('luksConvertKey rewrites a keyslot under another PBKDF (argon2id -> pbkdf2 
   assert.match(dump, /Iterations:\s+1000/);
   cs('open', '--test-passphrase', '--key-file', key, img);
   // And back, on an explicit keyslot.
-  r = await cm(['luksConvertKey', '--pbkdf', 'argon2id', '--pbkdf-memory', '32768', '--pbkdf-force-iterations', '4', '--key-slot', '0', '--key-file', key, img]);
+  r = await cm([
+    'luksConvertKey',
+    '--pbkdf',
+    'argon2id',
+    '--pbkdf-memory',
+    '32768',
+    '--pbkdf-force-iterations',
+    '4',
+    '--key-slot',
+    '0',
+    '--key-file',
+    key,
+    img,
+  ]);
   assert.equal(r.code, 0, r.err);
   assert.match(slot0(cs('luksDump', img)), /PBKDF:\s+argon2id/);
   cs('open', '--test-passphrase', '--key-file', key, img);

@@ -14,7 +14,14 @@ import { main } from '../../src/cli/main.js';
 
 // biome-ignore lint/suspicious/noExplicitAny: test mutations poke at arbitrary JSON
 type J = Record<string, any>;
-type Case = { name: string; expect: 'R' | 'F'; json?: (j: J) => void; raw?: (img: Buffer) => void; text?: (t: string) => Buffer; keepHdr1?: boolean };
+type Case = {
+  name: string;
+  expect: 'R' | 'F';
+  json?: (j: J) => void;
+  raw?: (img: Buffer) => void;
+  text?: (t: string) => Buffer;
+  keepHdr1?: boolean;
+};
 
 const MD = 16384;
 let dir = '';
@@ -22,7 +29,10 @@ let base: Buffer;
 
 function rechecksum(img: Buffer, off: number): void {
   img.fill(0, off + 448, off + 512);
-  const h = createHash('sha256').update(img.subarray(off, off + 4096)).update(img.subarray(off + 4096, off + MD)).digest();
+  const h = createHash('sha256')
+    .update(img.subarray(off, off + 4096))
+    .update(img.subarray(off + 4096, off + MD))
+    .digest();
   h.copy(img, off + 448);
 }
 function setJson(img: Buffer, off: number, text: Buffer): void {
@@ -39,24 +49,53 @@ const seg = (j: J) => j.segments['0'];
 const CASES: Case[] = [
   { name: 'invalid-checksum-hdr0', expect: 'R', raw: (b) => (b[448]! ^= 1), keepHdr1: true },
   { name: 'invalid-checksum-hdr1', expect: 'R', raw: (b) => (b[MD + 448]! ^= 1), keepHdr1: true },
-  { name: 'invalid-checksum-both-hdrs', expect: 'F', raw: (b) => {
+  {
+    name: 'invalid-checksum-both-hdrs',
+    expect: 'F',
+    raw: (b) => {
       b[448]! ^= 1;
       b[MD + 448]! ^= 1;
-    }, keepHdr1: true },
+    },
+    keepHdr1: true,
+  },
   { name: 'corrupted-hdr0-with-correct-chks', expect: 'R', text: () => Buffer.from('{"keyslots":'), keepHdr1: true },
-  { name: 'pbkdf2-leftover-params', expect: 'R', json: (j) => Object.assign(j.keyslots['0'].kdf, { time: 4, memory: 1024 }) },
-  { name: 'argon2-leftover-params', expect: 'R', json: (j) => Object.assign(j.keyslots['2'].kdf, { hash: 'sha256', iterations: 1000 }) },
+  {
+    name: 'pbkdf2-leftover-params',
+    expect: 'R',
+    json: (j) => Object.assign(j.keyslots['0'].kdf, { time: 4, memory: 1024 }),
+  },
+  {
+    name: 'argon2-leftover-params',
+    expect: 'R',
+    json: (j) => Object.assign(j.keyslots['2'].kdf, { hash: 'sha256', iterations: 1000 }),
+  },
   { name: 'non-null-byte-beyond-json0', expect: 'F', text: (t) => Buffer.from(`${t}X`) },
-  { name: 'non-null-bytes-beyond-json0', expect: 'F', text: (t) => Buffer.concat([Buffer.from(t), Buffer.alloc(100), Buffer.from('junk')]) },
+  {
+    name: 'non-null-bytes-beyond-json0',
+    expect: 'F',
+    text: (t) => Buffer.concat([Buffer.from(t), Buffer.alloc(100), Buffer.from('junk')]),
+  },
   { name: 'missing-trailing-null-byte-json0', expect: 'F', text: (t) => Buffer.from(t.padEnd(MD - 4096, ' ')) },
   { name: 'invalid-opening-char-json0', expect: 'F', text: (t) => Buffer.from(` ${t}`) },
   { name: 'invalid-object-type-json0', expect: 'F', json: (j) => (j.keyslots = []) },
-  { name: 'overlapping-areas-c0', expect: 'F', json: (j) => (j.keyslots['1'].area.offset = j.keyslots['0'].area.offset) },
-  { name: 'overlapping-areas-c1', expect: 'F', json: (j) => (j.keyslots['1'].area.offset = String(Number(j.keyslots['0'].area.offset) + 4096)) },
+  {
+    name: 'overlapping-areas-c0',
+    expect: 'F',
+    json: (j) => (j.keyslots['1'].area.offset = j.keyslots['0'].area.offset),
+  },
+  {
+    name: 'overlapping-areas-c1',
+    expect: 'F',
+    json: (j) => (j.keyslots['1'].area.offset = String(Number(j.keyslots['0'].area.offset) + 4096)),
+  },
   { name: 'area-in-json-hdr-space', expect: 'F', json: (j) => (j.keyslots['0'].area.offset = '16384') },
   { name: 'missing-keyslot-referenced-in-digest', expect: 'F', json: (j) => j.digests['0'].keyslots.push('7') },
   { name: 'missing-segment-referenced-in-digest', expect: 'F', json: (j) => j.digests['0'].segments.push('3') },
-  { name: 'missing-keyslot-referenced-in-token', expect: 'F', json: (j) => (j.tokens['0'] = { type: 'x', keyslots: ['5'] }) },
+  {
+    name: 'missing-keyslot-referenced-in-token',
+    expect: 'F',
+    json: (j) => (j.tokens['0'] = { type: 'x', keyslots: ['5'] }),
+  },
   { name: 'keyslot-missing-digest', expect: 'F', json: (j) => (j.digests['0'].keyslots = ['0', '2']) },
   { name: 'keyslot-too-many-digests', expect: 'F', json: (j) => (j.digests['1'] = structuredClone(j.digests['0'])) },
   { name: 'uint64-max-segment-size', expect: 'R', json: (j) => (seg(j).size = '18446744073709551104') },
@@ -91,13 +130,21 @@ const CASES: Case[] = [
     expect: 'R',
     json: (j) => {
       seg(j).size = '1048576';
-      j.segments['1'] = { ...structuredClone(seg(j)), offset: String(Number(seg(j).offset) + 1048576), size: 'dynamic' };
+      j.segments['1'] = {
+        ...structuredClone(seg(j)),
+        offset: String(Number(seg(j).offset) + 1048576),
+        size: 'dynamic',
+      };
       j.digests['0'].segments.push('1');
     },
   },
   { name: 'segment-wrong-flags', expect: 'F', json: (j) => (seg(j).flags = 'flag') },
   { name: 'segment-wrong-flags-element', expect: 'F', json: (j) => (seg(j).flags = [1]) },
-  { name: 'segment-wrong-backup-key-0', expect: 'F', json: (j) => (j.segments['2'] = { ...structuredClone(seg(j)), flags: ['backup-final'] }) },
+  {
+    name: 'segment-wrong-backup-key-0',
+    expect: 'F',
+    json: (j) => (j.segments['2'] = { ...structuredClone(seg(j)), flags: ['backup-final'] }),
+  },
   { name: 'invalid-keyslots-size-c0', expect: 'F', json: (j) => (j.config.keyslots_size = '8388608') },
   { name: 'invalid-keyslots-size-c1', expect: 'F', json: (j) => (j.config.keyslots_size = '4161537') },
   { name: 'invalid-keyslots-size-c2', expect: 'F', json: (j) => (j.config.keyslots_size = '4096') },
@@ -110,11 +157,31 @@ const CASES: Case[] = [
   { name: 'keyslot-invalid-objects', expect: 'F', json: (j) => (j.keyslots['0'].kdf = 'pbkdf2') },
   { name: 'keyslot-invalid-af', expect: 'F', json: (j) => (j.keyslots['0'].af.type = 'luks2') },
   // json-c's depth limit: a value 32 levels down loads, 33 does not (top-level object, config, arrays).
-  { name: 'json-depth-32', expect: 'R', text: (t) => Buffer.from(t.replace('"config":{', `"config":{"x":${'['.repeat(30)}${']'.repeat(30)},`)) },
-  { name: 'json-depth-32-number', expect: 'R', text: (t) => Buffer.from(t.replace('"config":{', `"config":{"x":${'['.repeat(29)}0${']'.repeat(29)},`)) },
-  { name: 'json-depth-33', expect: 'F', text: (t) => Buffer.from(t.replace('"config":{', `"config":{"x":${'['.repeat(31)}${']'.repeat(31)},`)) },
-  { name: 'json-depth-33-number', expect: 'F', text: (t) => Buffer.from(t.replace('"config":{', `"config":{"x":${'['.repeat(30)}0${']'.repeat(30)},`)) },
-  { name: 'json-depth-33-object', expect: 'F', text: (t) => Buffer.from(t.replace('"config":{', `"config":{"x":${'{"a":'.repeat(30)}{}${'}'.repeat(30)},`)) },
+  {
+    name: 'json-depth-32',
+    expect: 'R',
+    text: (t) => Buffer.from(t.replace('"config":{', `"config":{"x":${'['.repeat(30)}${']'.repeat(30)},`)),
+  },
+  {
+    name: 'json-depth-32-number',
+    expect: 'R',
+    text: (t) => Buffer.from(t.replace('"config":{', `"config":{"x":${'['.repeat(29)}0${']'.repeat(29)},`)),
+  },
+  {
+    name: 'json-depth-33',
+    expect: 'F',
+    text: (t) => Buffer.from(t.replace('"config":{', `"config":{"x":${'['.repeat(31)}${']'.repeat(31)},`)),
+  },
+  {
+    name: 'json-depth-33-number',
+    expect: 'F',
+    text: (t) => Buffer.from(t.replace('"config":{', `"config":{"x":${'['.repeat(30)}0${']'.repeat(30)},`)),
+  },
+  {
+    name: 'json-depth-33-object',
+    expect: 'F',
+    text: (t) => Buffer.from(t.replace('"config":{', `"config":{"x":${'{"a":'.repeat(30)}{}${'}'.repeat(30)},`)),
+  },
 ];
 
 class Sink extends Writable {
@@ -140,7 +207,8 @@ function build(c: Case): Buffer {
 }
 
 before(() => {
-  if (spawnSync('sh', ['-c', 'command -v cryptsetup']).status !== 0) assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin');
+  if (spawnSync('sh', ['-c', 'command -v cryptsetup']).status !== 0)
+    assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin');
   dir = mkdtempSync(join(tmpdir(), 'cryptmap-gen-'));
   chmodSync(dir, 0o700);
   const img = join(dir, 'valid.img');
@@ -149,9 +217,55 @@ before(() => {
   const key = join(dir, 'key');
   writeFileSync(key, 'valid', { mode: 0o600 });
   const cs = (...a: string[]) => assert.equal(spawnSync('cryptsetup', a).status, 0, `cryptsetup ${a.join(' ')}`);
-  cs('luksFormat', '--batch-mode', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-size', '256', '--sector-size', '512', '--offset', '8192', '--key-file', key, img);
-  cs('luksAddKey', '--batch-mode', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, '--new-keyfile', key, img);
-  cs('luksAddKey', '--batch-mode', '--pbkdf', 'argon2id', '--pbkdf-force-iterations', '4', '--pbkdf-memory', '32768', '--pbkdf-parallel', '1', '--key-file', key, '--new-keyfile', key, img);
+  cs(
+    'luksFormat',
+    '--batch-mode',
+    '--type',
+    'luks2',
+    '--pbkdf',
+    'pbkdf2',
+    '--pbkdf-force-iterations',
+    '1000',
+    '--key-size',
+    '256',
+    '--sector-size',
+    '512',
+    '--offset',
+    '8192',
+    '--key-file',
+    key,
+    img,
+  );
+  cs(
+    'luksAddKey',
+    '--batch-mode',
+    '--pbkdf',
+    'pbkdf2',
+    '--pbkdf-force-iterations',
+    '1000',
+    '--key-file',
+    key,
+    '--new-keyfile',
+    key,
+    img,
+  );
+  cs(
+    'luksAddKey',
+    '--batch-mode',
+    '--pbkdf',
+    'argon2id',
+    '--pbkdf-force-iterations',
+    '4',
+    '--pbkdf-memory',
+    '32768',
+    '--pbkdf-parallel',
+    '1',
+    '--key-file',
+    key,
+    '--new-keyfile',
+    key,
+    img,
+  );
   base = readFileSync(img);
 });
 after(() => rmSync(dir, { recursive: true, force: true }));
@@ -164,11 +278,17 @@ test('cryptmap accepts and rejects mutated headers as cryptsetup does', async ()
     const theirs = join(dir, `${c.name}.oracle.img`);
     writeFileSync(ours, img);
     writeFileSync(theirs, img);
-    const code = await main(['luksDump', ours], { stdin: Readable.from([]) as unknown as NodeJS.ReadableStream, stdout: new Sink(), stderr: new Sink(), env: {} });
+    const code = await main(['luksDump', ours], {
+      stdin: Readable.from([]) as unknown as NodeJS.ReadableStream,
+      stdout: new Sink(),
+      stderr: new Sink(),
+      env: {},
+    });
     const oracle = spawnSync('cryptsetup', ['luksDump', theirs]).status;
     const got = code === 0 ? 'R' : 'F';
     const cs = oracle === 0 ? 'R' : 'F';
-    if (got !== c.expect || cs !== c.expect) mismatches.push(`${c.name}: expected ${c.expect}, cryptmap ${got}, cryptsetup ${cs}`);
+    if (got !== c.expect || cs !== c.expect)
+      mismatches.push(`${c.name}: expected ${c.expect}, cryptmap ${got}, cryptsetup ${cs}`);
     rmSync(ours);
     rmSync(theirs);
   }
@@ -179,7 +299,17 @@ test('cryptmap accepts and rejects mutated headers as cryptsetup does', async ()
 // the primary killed, for the secondary found by scanning; plus the invalid variants -------------
 
 const MB = 1 << 20;
-const SIZES: Record<string, number> = { '16k': 16384, '32k': 32768, '64k': 65536, '128k': 131072, '256k': 262144, '512k': 524288, '1m': MB, '2m': 2 * MB, '4m': 4 * MB };
+const SIZES: Record<string, number> = {
+  '16k': 16384,
+  '32k': 32768,
+  '64k': 65536,
+  '128k': 131072,
+  '256k': 262144,
+  '512k': 524288,
+  '1m': MB,
+  '2m': 2 * MB,
+  '4m': 4 * MB,
+};
 
 /** Header copy at `off` with hdr_size `size` (bin header bytes taken from the valid image's copy at `from`). */
 function putCopy(img: Buffer, from: number, off: number, size: number, json: string, hdrSizeField = size): void {
@@ -194,7 +324,14 @@ function putCopy(img: Buffer, from: number, off: number, size: number, json: str
   area.copy(img, off + 4096);
 }
 
-type MdCase = { name: string; expect: 'R' | 'F'; size: number; kill: 'primary' | 'secondary'; json?: (j: J, size: number) => void; bogusHdrSize?: boolean };
+type MdCase = {
+  name: string;
+  expect: 'R' | 'F';
+  size: number;
+  kill: 'primary' | 'secondary';
+  json?: (j: J, size: number) => void;
+  bogusHdrSize?: boolean;
+};
 
 function mdJson(j: J, size: number, overlapJson = false): void {
   const diff = 2 * (size - MD) - (overlapJson ? 1 : 0);
@@ -208,7 +345,13 @@ const MD_CASES: MdCase[] = [
     { name: `metadata-size-${n}`, expect: 'R', size, kill: 'secondary' },
     { name: `metadata-size-${n}-secondary`, expect: 'R', size, kill: 'primary' },
   ]),
-  { name: 'metadata-size-64k-inv-area-c0', expect: 'F', size: SIZES['64k']!, kill: 'secondary', json: (j, s) => mdJson(j, s, true) },
+  {
+    name: 'metadata-size-64k-inv-area-c0',
+    expect: 'F',
+    size: SIZES['64k']!,
+    kill: 'secondary',
+    json: (j, s) => mdJson(j, s, true),
+  },
   {
     name: 'metadata-size-64k-inv-area-c1',
     expect: 'F',
@@ -217,7 +360,9 @@ const MD_CASES: MdCase[] = [
     json: (j, s) => {
       mdJson(j, s);
       const last = Object.keys(j.keyslots).sort((a, b) => Number(b) - Number(a))[0]!;
-      j.keyslots[last].area.offset = String(Number(j.config.keyslots_size) + 2 * s - Number(j.keyslots[last].area.size) + 1);
+      j.keyslots[last].area.offset = String(
+        Number(j.config.keyslots_size) + 2 * s - Number(j.keyslots[last].area.size) + 1,
+      );
     },
   },
   {
@@ -255,7 +400,12 @@ async function dumpBoth(img: Buffer, name: string, sizeBytes: number): Promise<{
     writeFileSync(p, img);
     truncateSync(p, sizeBytes);
   }
-  const code = await main(['luksDump', ours], { stdin: Readable.from([]) as unknown as NodeJS.ReadableStream, stdout: new Sink(), stderr: new Sink(), env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') } });
+  const code = await main(['luksDump', ours], {
+    stdin: Readable.from([]) as unknown as NodeJS.ReadableStream,
+    stdout: new Sink(),
+    stderr: new Sink(),
+    env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') },
+  });
   const oracle = spawnSync('cryptsetup', ['luksDump', theirs]).status;
   rmSync(ours);
   rmSync(theirs);
@@ -268,7 +418,8 @@ test('all nine metadata sizes, primary and secondary copy, and their invalid var
     const r = await dumpBoth(buildMd(c), c.name, 20 * MB);
     const got = r.ours === 0 ? 'R' : 'F';
     const cs = r.theirs === 0 ? 'R' : 'F';
-    if (got !== c.expect || cs !== c.expect) mismatches.push(`${c.name}: expected ${c.expect}, cryptmap ${got}, cryptsetup ${cs}`);
+    if (got !== c.expect || cs !== c.expect)
+      mismatches.push(`${c.name}: expected ${c.expect}, cryptmap ${got}, cryptsetup ${cs}`);
   }
   assert.deepEqual(mismatches, []);
 });
@@ -321,7 +472,11 @@ test('token remove on non-compact JSON rewrites compact JSON with no trailing by
       assert.ok(jsonAreaCompact(b, 0) && jsonAreaCompact(b, MD), `${name}: ${who} left non-compact bytes`);
       assert.deepEqual(jsonOf(b, 0).tokens, {}, `${name}: ${who}`);
     }
-    assert.equal(spawnSync('cryptsetup', ['luksDump', ours]).status, 0, `${name}: cryptsetup rejects cryptmap's result`);
+    assert.equal(
+      spawnSync('cryptsetup', ['luksDump', ours]).status,
+      0,
+      `${name}: cryptsetup rejects cryptmap's result`,
+    );
     rmSync(ours);
     rmSync(theirs);
   }

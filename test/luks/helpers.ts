@@ -17,7 +17,11 @@ export function memDev(sizeBytes = 20 << 20): MemoryDevice {
 }
 
 /** A deep copy of the first `bytes` of a device into a new one from `make` (snapshot before an operation). */
-export async function cloneDevice(src: BlockDevice, make: (size: number) => BlockDevice, bytes: number): Promise<BlockDevice> {
+export async function cloneDevice(
+  src: BlockDevice,
+  make: (size: number) => BlockDevice,
+  bytes: number,
+): Promise<BlockDevice> {
   const d = make(src.sizeBytes);
   const buf = Buffer.alloc(bytes);
   await src.read(0, buf);

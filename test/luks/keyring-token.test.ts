@@ -20,7 +20,10 @@ after(() => {
 });
 
 test('token add: luks2-keyring JSON, all keyslots / one / none, cryptsetup messages', async () => {
-  const v = await Luks2Volume.format(memDev(4 << 20), P('one'), { keyslot: { kdf: FAST_PBKDF2 }, offsetBytes: 2 << 20 });
+  const v = await Luks2Volume.format(memDev(4 << 20), P('one'), {
+    keyslot: { kdf: FAST_PBKDF2 },
+    offsetBytes: 2 << 20,
+  });
   await v.addKey({ passphrase: P('one') }, P('two'), { kdf: FAST_PBKDF2, keySlot: 4 });
   assert.equal(await v.addKeyringToken('cm:a', { tokenId: 3 }), 3);
   assert.equal(v.exportToken(3), '{"type":"luks2-keyring","keyslots":["0","4"],"key_description":"cm:a"}');
@@ -44,9 +47,15 @@ test('token add: luks2-keyring JSON, all keyslots / one / none, cryptsetup messa
 
 test('a luks2-keyring token unlocks with the passphrase in the kernel keyring', async () => {
   const desc = `cryptmap-test:${process.pid}:${Date.now()}`;
-  const v = await Luks2Volume.format(memDev(4 << 20), P('secret pass'), { keyslot: { kdf: FAST_PBKDF2 }, offsetBytes: 2 << 20 });
+  const v = await Luks2Volume.format(memDev(4 << 20), P('secret pass'), {
+    keyslot: { kdf: FAST_PBKDF2 },
+    offsetBytes: 2 << 20,
+  });
   await v.addKeyringToken(desc, { tokenId: 0 });
-  await assert.rejects(unlockByToken(v, { tokenId: 0 }), (e) => isCryptmapError(e, 'ETOKENKEYRING') && e.exitCode === 2 && e.message.includes(desc));
+  await assert.rejects(
+    unlockByToken(v, { tokenId: 0 }),
+    (e) => isCryptmapError(e, 'ETOKENKEYRING') && e.exitCode === 2 && e.message.includes(desc),
+  );
   addKey(desc, 'wrong');
   await assert.rejects(unlockByToken(v, { tokenId: 0 }), (e) => isCryptmapError(e, 'ETOKENPASS') && e.exitCode === 2);
   addKey(desc, 'secret pass'); // padd updates the key in place

@@ -29,7 +29,10 @@ test('an NBD URI is locked: the same export is busy while held, another export i
       withDeviceLock(uri, async () => undefined, { env, timeoutMs: 100 }),
       { code: 'ELOCKED', exitCode: 5 },
     );
-    assert.equal(await withDeviceLock('nbd+unix:///other?socket=/run/x/nbd.sock', async () => 'free', { env, timeoutMs: 100 }), 'free');
+    assert.equal(
+      await withDeviceLock('nbd+unix:///other?socket=/run/x/nbd.sock', async () => 'free', { env, timeoutMs: 100 }),
+      'free',
+    );
     release();
     await first;
     assert.equal(await withDeviceLock(uri, async () => 'again', { env, timeoutMs: 100 }), 'again');

@@ -21,7 +21,10 @@ test('format, unlock, add, change, remove; layout as cryptsetup', async () => {
   assert.equal((await re.unlock(P('uno'))).keyslot, 2);
   assert.equal(await re.removeKey(P('two')), 1);
   assert.deepEqual(
-    re.keyslots().filter((k) => k.active).map((k) => k.id),
+    re
+      .keyslots()
+      .filter((k) => k.active)
+      .map((k) => k.id),
     [2],
   );
 });

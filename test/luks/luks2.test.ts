@@ -9,7 +9,12 @@ import { FAST_ARGON, FAST_PBKDF2, memDev, P } from './helpers.js';
 
 async function fresh(opts = {}) {
   const dev = memDev();
-  const vol = await Luks2Volume.format(dev, P('one'), { keyslot: { kdf: FAST_PBKDF2 }, sectorBytes: 4096, label: 'lab', ...opts });
+  const vol = await Luks2Volume.format(dev, P('one'), {
+    keyslot: { kdf: FAST_PBKDF2 },
+    sectorBytes: 4096,
+    label: 'lab',
+    ...opts,
+  });
   return { dev, vol };
 }
 
@@ -22,9 +27,23 @@ test('format then unlock; wrong passphrase is ENOKEY with exit 2', async () => {
   assert.equal(again.type, 'luks2');
   assert.equal(again.label, 'lab');
   const seg = again.dataSegment;
-  assert.deepEqual({ ...seg }, { offsetBytes: 16 << 20, sizeBytes: 'dynamic', cipher: 'aes-xts-plain64', sectorBytes: 4096, ivTweak: 0n, keyBytes: 64 });
+  assert.deepEqual(
+    { ...seg },
+    {
+      offsetBytes: 16 << 20,
+      sizeBytes: 'dynamic',
+      cipher: 'aes-xts-plain64',
+      sectorBytes: 4096,
+      ivTweak: 0n,
+      keyBytes: 64,
+    },
+  );
   assert.ok(await again.verifyVolumeKey(r.volumeKey.expose()));
-  await assert.rejects(again.unlock(P('two')), (e: { code: string; exitCode: number; message: string }) => e.code === 'ENOKEY' && e.exitCode === 2 && e.message === 'No key available with this passphrase.');
+  await assert.rejects(
+    again.unlock(P('two')),
+    (e: { code: string; exitCode: number; message: string }) =>
+      e.code === 'ENOKEY' && e.exitCode === 2 && e.message === 'No key available with this passphrase.',
+  );
   r.volumeKey.dispose();
 });
 
@@ -32,7 +51,10 @@ test('add, change, remove and kill keyslots; priorities', async () => {
   const { dev, vol } = await fresh();
   assert.equal(await vol.addKey({ passphrase: P('one') }, P('two'), { kdf: FAST_ARGON }), 1);
   assert.equal(await vol.addKey({ passphrase: P('two') }, P('three'), { kdf: FAST_PBKDF2, keySlot: 5 }), 5);
-  await assert.rejects(vol.addKey({ passphrase: P('one') }, P('x'), { kdf: FAST_PBKDF2, keySlot: 5 }), /Key slot 5 is full/);
+  await assert.rejects(
+    vol.addKey({ passphrase: P('one') }, P('x'), { kdf: FAST_PBKDF2, keySlot: 5 }),
+    /Key slot 5 is full/,
+  );
   assert.equal((await vol.unlock(P('three'))).keyslot, 5);
   assert.equal(await vol.changeKey(P('two'), P('deux'), { kdf: FAST_PBKDF2 }), 1);
   await assert.rejects(vol.unlock(P('two')), { code: 'ENOKEY' });
@@ -57,7 +79,10 @@ test('tokens are kept through key changes; uuid, label, subsystem', async () => 
   await vol.addKey({ passphrase: P('one') }, P('two'), { kdf: FAST_PBKDF2 });
   const id = await vol.importToken('{"type":"luks2-keyring","keyslots":["1"],"key_description":"k"}');
   assert.equal(id, 0);
-  await assert.rejects(vol.importToken('{"type":"luks2-keyring","keyslots":["1"],"key_description":"k","extra":1}'), /luks2-keyring/);
+  await assert.rejects(
+    vol.importToken('{"type":"luks2-keyring","keyslots":["1"],"key_description":"k","extra":1}'),
+    /luks2-keyring/,
+  );
   await assert.rejects(vol.importToken('{"type":"x","keyslots":["9"]}'), /missing keyslot/);
   await vol.importToken({ type: 'user', keyslots: ['0'], data: 'abc/def' }, 3);
   await vol.changeKey(P('one'), P('uno'), { kdf: FAST_PBKDF2 });
@@ -69,7 +94,7 @@ test('tokens are kept through key changes; uuid, label, subsystem', async () => 
   assert.equal(re.label, 'new');
   assert.equal(re.subsystem, 'sub');
   await re.killSlot(1);
-  assert.deepEqual((await openLuks(dev) as Luks2Volume).json.tokens['0']!.keyslots, []);
+  assert.deepEqual(((await openLuks(dev)) as Luks2Volume).json.tokens['0']!.keyslots, []);
   await re.removeToken(3);
   assert.throws(() => re.exportToken(3), /not in use/);
 });

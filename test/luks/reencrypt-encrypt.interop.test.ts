@@ -25,13 +25,19 @@ const REDUCE = 4 << 20; // shift 2 MiB: a few hotzones
 
 function cs(...args: string[]): { status: number | null; out: string } {
   const r = spawnSync('cryptsetup', args, { encoding: 'utf8' });
-  if (r.error) assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin (scripts/install-deps.sh)');
+  if (r.error)
+    assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin (scripts/install-deps.sh)');
   return { status: r.status, out: `${r.stdout}${r.stderr}` };
 }
 async function cm(...argv: string[]): Promise<{ code: number; out: string; err: string }> {
   const err = new Sink();
   const out = new Sink();
-  const code = await main(argv, { stdin: Readable.from([]) as unknown as NodeJS.ReadableStream, stdout: out, stderr: err, env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') } });
+  const code = await main(argv, {
+    stdin: Readable.from([]) as unknown as NodeJS.ReadableStream,
+    stdout: out,
+    stderr: err,
+    env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') },
+  });
   return { code, out: out.data, err: err.data };
 }
 function dump(hdr: string, key: string): { vk: Buffer; offset: number; linear: boolean } {
@@ -40,7 +46,11 @@ function dump(hdr: string, key: string): { vk: Buffer; offset: number; linear: b
   const m = /MK dump:\t([\s\S]*)$/.exec(r.out);
   const off = /Data segments:\n {2}0: (crypt|linear)\n\toffset: ([0-9]+) \[bytes\]/.exec(d);
   assert.ok(off, d);
-  return { vk: m ? Buffer.from(m[1]!.replace(/[\s]/g, ''), 'hex') : Buffer.alloc(0), offset: Number(off[2]), linear: off[1] === 'linear' };
+  return {
+    vk: m ? Buffer.from(m[1]!.replace(/[\s]/g, ''), 'hex') : Buffer.alloc(0),
+    offset: Number(off[2]),
+    linear: off[1] === 'linear',
+  };
 }
 function plaintextOf(img: string, hdr: string, key: string): Buffer {
   const { vk, offset } = dump(hdr, key);
@@ -69,7 +79,20 @@ after(() => rmSync(dir, { recursive: true, force: true }));
 
 test('encrypt in place: cryptmap --init-only, cryptsetup resumes; cryptsetup --init-only, cryptmap resumes', async () => {
   const a = fresh('a.img', REDUCE);
-  let r = await cm('reencrypt', '--encrypt', '--init-only', '-q', '--type', 'luks2', '--reduce-device-size', String(REDUCE), ...FAST, '--key-file', a.key, a.img);
+  let r = await cm(
+    'reencrypt',
+    '--encrypt',
+    '--init-only',
+    '-q',
+    '--type',
+    'luks2',
+    '--reduce-device-size',
+    String(REDUCE),
+    ...FAST,
+    '--key-file',
+    a.key,
+    a.img,
+  );
   assert.equal(r.code, 0, r.err);
   assert.match(cs('luksDump', a.img).out, /online-reencrypt-v2/);
   const c = cs('reencrypt', '--resume-only', '--force-offline-reencrypt', '-q', '--key-file', a.key, a.img);
@@ -78,7 +101,21 @@ test('encrypt in place: cryptmap --init-only, cryptsetup resumes; cryptsetup --i
   assert.ok(plaintextOf(a.img, a.img, a.key).equals(a.plain));
 
   const b = fresh('b.img', REDUCE);
-  const i = cs('reencrypt', '--encrypt', '--init-only', '--force-offline-reencrypt', '-q', '--type', 'luks2', '--reduce-device-size', String(REDUCE), ...FAST, '--key-file', b.key, b.img);
+  const i = cs(
+    'reencrypt',
+    '--encrypt',
+    '--init-only',
+    '--force-offline-reencrypt',
+    '-q',
+    '--type',
+    'luks2',
+    '--reduce-device-size',
+    String(REDUCE),
+    ...FAST,
+    '--key-file',
+    b.key,
+    b.img,
+  );
   assert.equal(i.status, 0, i.out);
   // In the middle: luksDump as cryptsetup's, and the passphrase tests good (segment 0 has no key yet).
   assert.equal((await cm('luksDump', b.img)).out, cs('luksDump', b.img).out);
@@ -109,14 +146,36 @@ test('encrypt with a detached header, both ways', async () => {
   const ah = join(dir, 'd.hdr');
   let r = await cm('reencrypt', '--encrypt', '--init-only', '-q', '--header', ah, ...FAST, '--key-file', a.key, a.img);
   assert.equal(r.code, 0, r.err);
-  const c = cs('reencrypt', '--resume-only', '--force-offline-reencrypt', '-q', '--header', ah, '--key-file', a.key, a.img);
+  const c = cs(
+    'reencrypt',
+    '--resume-only',
+    '--force-offline-reencrypt',
+    '-q',
+    '--header',
+    ah,
+    '--key-file',
+    a.key,
+    a.img,
+  );
   assert.equal(c.status, 0, c.out);
   noReencrypt(ah);
   assert.ok(plaintextOf(a.img, ah, a.key).equals(a.plain));
 
   const b = fresh('e.img', 0);
   const bh = join(dir, 'e.hdr');
-  const i = cs('reencrypt', '--encrypt', '--init-only', '--force-offline-reencrypt', '-q', '--header', bh, ...FAST, '--key-file', b.key, b.img);
+  const i = cs(
+    'reencrypt',
+    '--encrypt',
+    '--init-only',
+    '--force-offline-reencrypt',
+    '-q',
+    '--header',
+    bh,
+    ...FAST,
+    '--key-file',
+    b.key,
+    b.img,
+  );
   assert.equal(i.status, 0, i.out);
   r = await cm('reencrypt', '--resume-only', '-q', '--header', bh, '--hotzone-size', '1M', '--key-file', b.key, b.img);
   assert.equal(r.code, 0, r.err);
@@ -131,18 +190,61 @@ test('decrypt with a detached header, both ways; without --header it is refused'
   ] as const) {
     const a = fresh(`f-${first}.img`, 0);
     const h = join(dir, `f-${first}.hdr`);
-    const e = cs('reencrypt', '--encrypt', '--force-offline-reencrypt', '-q', '--header', h, ...FAST, '--key-file', a.key, a.img);
+    const e = cs(
+      'reencrypt',
+      '--encrypt',
+      '--force-offline-reencrypt',
+      '-q',
+      '--header',
+      h,
+      ...FAST,
+      '--key-file',
+      a.key,
+      a.img,
+    );
     assert.equal(e.status, 0, e.out);
     assert.equal((await cm('reencrypt', '--decrypt', '-q', '--key-file', a.key, h)).code, 1);
     if (first === 'cm') {
       const r = await cm('reencrypt', '--decrypt', '--init-only', '-q', '--header', h, '--key-file', a.key, a.img);
       assert.equal(r.code, 0, r.err);
-      const c = cs('reencrypt', '--resume-only', '--force-offline-reencrypt', '-q', '--header', h, '--key-file', a.key, a.img);
+      const c = cs(
+        'reencrypt',
+        '--resume-only',
+        '--force-offline-reencrypt',
+        '-q',
+        '--header',
+        h,
+        '--key-file',
+        a.key,
+        a.img,
+      );
       assert.equal(c.status, 0, c.out);
     } else {
-      const c = cs('reencrypt', '--decrypt', '--init-only', '--force-offline-reencrypt', '-q', '--header', h, '--key-file', a.key, a.img);
+      const c = cs(
+        'reencrypt',
+        '--decrypt',
+        '--init-only',
+        '--force-offline-reencrypt',
+        '-q',
+        '--header',
+        h,
+        '--key-file',
+        a.key,
+        a.img,
+      );
       assert.equal(c.status, 0, c.out);
-      const r = await cm('reencrypt', '--resume-only', '-q', '--header', h, '--hotzone-size', '1M', '--key-file', a.key, a.img);
+      const r = await cm(
+        'reencrypt',
+        '--resume-only',
+        '-q',
+        '--header',
+        h,
+        '--hotzone-size',
+        '1M',
+        '--key-file',
+        a.key,
+        a.img,
+      );
       assert.equal(r.code, 0, r.err);
     }
     noReencrypt(h);
@@ -153,7 +255,24 @@ test('decrypt with a detached header, both ways; without --header it is refused'
 
 test('encrypt in place: cryptsetup killed -9 mid-way, cryptmap resumes; cryptmap crashes mid-way, cryptsetup resumes', async () => {
   const a = fresh('k.img', REDUCE);
-  const child = spawn('cryptsetup', ['reencrypt', '--encrypt', '--force-offline-reencrypt', '-q', '--type', 'luks2', '--reduce-device-size', String(REDUCE), ...FAST, '--key-file', a.key, a.img], { stdio: 'ignore' });
+  const child = spawn(
+    'cryptsetup',
+    [
+      'reencrypt',
+      '--encrypt',
+      '--force-offline-reencrypt',
+      '-q',
+      '--type',
+      'luks2',
+      '--reduce-device-size',
+      String(REDUCE),
+      ...FAST,
+      '--key-file',
+      a.key,
+      a.img,
+    ],
+    { stdio: 'ignore' },
+  );
   const exited = new Promise<void>((r) => child.once('exit', () => r()));
   // Kill it once the header shows an encrypted part (a crypt segment of fixed length).
   for (let i = 0; i < 1500; i++) {
@@ -174,9 +293,15 @@ test('encrypt in place: cryptsetup killed -9 mid-way, cryptmap resumes; cryptmap
   const b = fresh('l.img', REDUCE);
   const file = await FileDevice.open(b.img);
   try {
-    const v = await initEncrypt(file, undefined, Buffer.from('secret pass'), { keyslot: { kdf: { type: 'pbkdf2', hash: 'sha256', iterations: 1000 } }, reduceBytes: REDUCE });
+    const v = await initEncrypt(file, undefined, Buffer.from('secret pass'), {
+      keyslot: { kdf: { type: 'pbkdf2', hash: 'sha256', iterations: 1000 } },
+      reduceBytes: REDUCE,
+    });
     const faulty = await Luks2Volume.open(new FaultDevice(file, { crashAfterWrites: 7 }));
-    await assert.rejects(runReencrypt(faulty, Buffer.from('secret pass')), (e) => e instanceof CryptmapError && e.code === 'EFAULT_CRASH');
+    await assert.rejects(
+      runReencrypt(faulty, Buffer.from('secret pass')),
+      (e) => e instanceof CryptmapError && e.code === 'EFAULT_CRASH',
+    );
     await v.close();
   } finally {
     await file.close();

@@ -8,7 +8,14 @@ import { test } from 'node:test';
 import { FaultDevice } from '../../src/blockdev/fault.js';
 import type { BlockDevice } from '../../src/blockdev/types.js';
 import { createSectorCipher } from '../../src/engine/index.js';
-import { initDecrypt, initEncrypt, inReencryption, Luks2Volume, readLuks2, runReencrypt } from '../../src/luks/index.js';
+import {
+  initDecrypt,
+  initEncrypt,
+  inReencryption,
+  Luks2Volume,
+  readLuks2,
+  runReencrypt,
+} from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
 import { FAST_PBKDF2, memDev, P } from './helpers.js';
 
@@ -68,8 +75,11 @@ for (const resilience of ['checksum', 'journal'] as const) {
       const run = async (dev: BlockDevice) => {
         const hdr = slice(dev, 0, HDR);
         const data = slice(dev, HDR, DATA);
-        const v = (await hasLuks(hdr)) ? await Luks2Volume.open(hdr) : await initEncrypt(data, hdr, PASS, { keyslot: { kdf: FAST_PBKDF2 }, keyslotsBytes: KS, resilience });
-        if (inReencryption(v.jsonSnapshot())) assert.equal(await runReencrypt(v, PASS, { dataDev: data, hotzoneBytes: 64 << 10 }), true);
+        const v = (await hasLuks(hdr))
+          ? await Luks2Volume.open(hdr)
+          : await initEncrypt(data, hdr, PASS, { keyslot: { kdf: FAST_PBKDF2 }, keyslotsBytes: KS, resilience });
+        if (inReencryption(v.jsonSnapshot()))
+          assert.equal(await runReencrypt(v, PASS, { dataDev: data, hotzoneBytes: 64 << 10 }), true);
       };
       try {
         await run(fd);
@@ -82,7 +92,10 @@ for (const resilience of ['checksum', 'journal'] as const) {
       assert.equal(inReencryption(j), false);
       assert.deepEqual(Object.keys(j.segments), ['0']);
       assert.equal(j.segments['0']!.type, 'crypt');
-      assert.ok((await decryptAll(slice(base, 0, HDR), slice(base, HDR, DATA), DATA)).equals(plain), `plaintext damaged after a crash after ${n} writes`);
+      assert.ok(
+        (await decryptAll(slice(base, 0, HDR), slice(base, HDR, DATA), DATA)).equals(plain),
+        `plaintext damaged after a crash after ${n} writes`,
+      );
       if (!crashed) break;
     }
     assert.ok(n > 10, `only ${n} writes`);
@@ -104,7 +117,9 @@ test('encrypt in place with --reduce-device-size (datashift) survives a crash af
       const fd = new FaultDevice(base, { crashAfterWrites: n });
       let crashed = false;
       const run = async (dev: BlockDevice) => {
-        const v = (await hasLuks(dev)) ? await Luks2Volume.open(dev) : await initEncrypt(dev, undefined, PASS, { keyslot: { kdf: FAST_PBKDF2 }, reduceBytes: 2 * S });
+        const v = (await hasLuks(dev))
+          ? await Luks2Volume.open(dev)
+          : await initEncrypt(dev, undefined, PASS, { keyslot: { kdf: FAST_PBKDF2 }, reduceBytes: 2 * S });
         if (inReencryption(v.jsonSnapshot())) assert.equal(await runReencrypt(v, PASS), true);
       };
       try {
@@ -124,7 +139,10 @@ test('encrypt in place with --reduce-device-size (datashift) survives a crash af
       assert.equal(inReencryption(j), false);
       assert.deepEqual(Object.keys(j.segments), ['0']);
       assert.equal(j.segments['0']!.offset, String(S));
-      assert.ok((await decryptAll(base, base, PLAIN)).equals(plain), `plaintext damaged after a crash after ${n} writes (S ${S}, ${PLAIN} bytes)`);
+      assert.ok(
+        (await decryptAll(base, base, PLAIN)).equals(plain),
+        `plaintext damaged after a crash after ${n} writes (S ${S}, ${PLAIN} bytes)`,
+      );
       if (!crashed) break;
     }
     assert.ok(n > 5, `only ${n} writes`);
@@ -136,7 +154,12 @@ for (const resilience of ['checksum', 'journal'] as const) {
     const DATA = 256 << 10;
     const plain = randomBytes(DATA);
     const base0 = memDev(HDR + DATA);
-    const h = await Luks2Volume.format(slice(base0, 0, HDR), PASS, { detachedHeader: true, offsetBytes: 0, keyslotsBytes: KS, keyslot: { kdf: FAST_PBKDF2 } });
+    const h = await Luks2Volume.format(slice(base0, 0, HDR), PASS, {
+      detachedHeader: true,
+      offsetBytes: 0,
+      keyslotsBytes: KS,
+      keyslot: { kdf: FAST_PBKDF2 },
+    });
     const { volumeKey } = await h.unlock(PASS);
     const enc = Buffer.from(plain);
     const c = createSectorCipher({ spec: 'aes-xts-plain64', key: volumeKey.expose(), sectorBytes: 512 });

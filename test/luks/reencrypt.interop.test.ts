@@ -23,12 +23,18 @@ const SIZE = 24 << 20;
 
 function cs(...args: string[]): { status: number | null; out: string } {
   const r = spawnSync('cryptsetup', args, { encoding: 'utf8' });
-  if (r.error) assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin (scripts/install-deps.sh)');
+  if (r.error)
+    assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin (scripts/install-deps.sh)');
   return { status: r.status, out: `${r.stdout}${r.stderr}` };
 }
 async function cm(...argv: string[]): Promise<number> {
   const { Readable } = await import('node:stream');
-  return main(argv, { stdin: Readable.from([]) as unknown as NodeJS.ReadableStream, stdout: new Sink(), stderr: new Sink(), env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') } });
+  return main(argv, {
+    stdin: Readable.from([]) as unknown as NodeJS.ReadableStream,
+    stdout: new Sink(),
+    stderr: new Sink(),
+    env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') },
+  });
 }
 function volumeKey(img: string, key: string): Buffer {
   const r = cs('luksDump', '--dump-volume-key', '--batch-mode', '--key-file', key, img);
@@ -78,7 +84,10 @@ for (const resilience of ['checksum', 'journal', 'none']) {
   test(`cryptmap reencrypt --init-only (${resilience}), cryptsetup --resume-only finishes; plaintext intact`, async () => {
     const { img, key, plain } = await fresh(`a-${resilience}.img`);
     const vk0 = volumeKey(img, key);
-    assert.equal(await cm('reencrypt', '--init-only', '-q', '--resilience', resilience, ...FAST, '--key-file', key, img), 0);
+    assert.equal(
+      await cm('reencrypt', '--init-only', '-q', '--resilience', resilience, ...FAST, '--key-file', key, img),
+      0,
+    );
     const r = cs('reencrypt', '--resume-only', '--force-offline-reencrypt', '-q', '--key-file', key, img);
     assert.equal(r.status, 0, r.out);
     const vk1 = volumeKey(img, key);
@@ -88,7 +97,18 @@ for (const resilience of ['checksum', 'journal', 'none']) {
 
   test(`cryptsetup reencrypt --init-only (${resilience}), cryptmap resumes; plaintext intact`, async () => {
     const { img, key, plain } = await fresh(`b-${resilience}.img`);
-    const r = cs('reencrypt', '--init-only', '--force-offline-reencrypt', '-q', '--resilience', resilience, ...FAST, '--key-file', key, img);
+    const r = cs(
+      'reencrypt',
+      '--init-only',
+      '--force-offline-reencrypt',
+      '-q',
+      '--resilience',
+      resilience,
+      ...FAST,
+      '--key-file',
+      key,
+      img,
+    );
     assert.equal(r.status, 0, r.out);
     assert.equal(await cm('reencrypt', '--resume-only', '-q', '--hotzone-size', '4M', '--key-file', key, img), 0);
     const d = cs('luksDump', img);
@@ -113,7 +133,11 @@ test('cryptmap reencrypt in one go (checksum, small hotzones) and a wrong passph
 
 test('cryptsetup reencrypt killed -9 mid-way, cryptmap resumes; plaintext intact', async () => {
   const { img, key, plain } = await fresh('k.img');
-  const child = spawn('cryptsetup', ['reencrypt', '--force-offline-reencrypt', '-q', '--hotzone-size', '64K', ...FAST, '--key-file', key, img], { stdio: 'ignore' });
+  const child = spawn(
+    'cryptsetup',
+    ['reencrypt', '--force-offline-reencrypt', '-q', '--hotzone-size', '64K', ...FAST, '--key-file', key, img],
+    { stdio: 'ignore' },
+  );
   const exited = new Promise<void>((r) => child.once('exit', () => r()));
   // Kill it once the header shows progress (a first data segment of fixed length).
   for (let i = 0; i < 600; i++) {
@@ -135,9 +159,15 @@ for (const resilience of ['checksum', 'journal'] as const) {
     const file = await FileDevice.open(img);
     try {
       const v = await Luks2Volume.open(file);
-      await initReencrypt(v, Buffer.from('secret pass'), { kdf: { type: 'pbkdf2', hash: 'sha256', iterations: 1000 }, resilience });
+      await initReencrypt(v, Buffer.from('secret pass'), {
+        kdf: { type: 'pbkdf2', hash: 'sha256', iterations: 1000 },
+        resilience,
+      });
       const faulty = await Luks2Volume.open(new FaultDevice(file, { crashAfterWrites: 23 }));
-      await assert.rejects(runReencrypt(faulty, Buffer.from('secret pass'), { hotzoneBytes: 1 << 20 }), (e) => e instanceof CryptmapError && e.code === 'EFAULT_CRASH');
+      await assert.rejects(
+        runReencrypt(faulty, Buffer.from('secret pass'), { hotzoneBytes: 1 << 20 }),
+        (e) => e instanceof CryptmapError && e.code === 'EFAULT_CRASH',
+      );
     } finally {
       await file.close();
     }

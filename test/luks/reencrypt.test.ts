@@ -31,14 +31,27 @@ async function plaintext(dev: BlockDevice): Promise<Buffer> {
 
 async function reencrypt(dev: BlockDevice, resilience: 'checksum' | 'journal', cipher?: string): Promise<void> {
   const v = await Luks2Volume.open(dev);
-  if (!inReencryption(v.jsonSnapshot())) await initReencrypt(v, PASS, { kdf: FAST_PBKDF2, resilience, ...(cipher ? { cipher, keyBytes: 32, sectorBytes: 4096 } : {}) });
+  if (!inReencryption(v.jsonSnapshot()))
+    await initReencrypt(v, PASS, {
+      kdf: FAST_PBKDF2,
+      resilience,
+      ...(cipher ? { cipher, keyBytes: 32, sectorBytes: 4096 } : {}),
+    });
   assert.equal(await runReencrypt(v, PASS, { hotzoneBytes: 64 << 10 }), true);
 }
 
-for (const [resilience, cipher] of [['checksum', undefined], ['journal', undefined], ['checksum', 'aes-cbc-essiv:sha256']] as const) {
+for (const [resilience, cipher] of [
+  ['checksum', undefined],
+  ['journal', undefined],
+  ['checksum', 'aes-cbc-essiv:sha256'],
+] as const) {
   test(`reencrypt (${resilience}${cipher ? `, to ${cipher} 4096-byte sectors` : ''}) survives a crash after every write`, async () => {
     const base = memDev(SIZE);
-    const v = await Luks2Volume.format(base, PASS, { offsetBytes: OFF, keyslotsBytes: OFF - 0x8000, keyslot: { kdf: FAST_PBKDF2 } });
+    const v = await Luks2Volume.format(base, PASS, {
+      offsetBytes: OFF,
+      keyslotsBytes: OFF - 0x8000,
+      keyslot: { kdf: FAST_PBKDF2 },
+    });
     const { volumeKey } = await v.unlock(PASS);
     const plain = randomBytes(DATA);
     const enc = Buffer.from(plain);
@@ -71,7 +84,11 @@ for (const [resilience, cipher] of [['checksum', undefined], ['journal', undefin
 
 test('reencrypt --resilience none interrupted: the data written so far is flushed before the header records the progress', async () => {
   const base = memDev(SIZE);
-  const v0 = await Luks2Volume.format(base, PASS, { offsetBytes: OFF, keyslotsBytes: OFF - 0x8000, keyslot: { kdf: FAST_PBKDF2 } });
+  const v0 = await Luks2Volume.format(base, PASS, {
+    offsetBytes: OFF,
+    keyslotsBytes: OFF - 0x8000,
+    keyslot: { kdf: FAST_PBKDF2 },
+  });
   await initReencrypt(v0, PASS, { kdf: FAST_PBKDF2, resilience: 'none' });
   const ac = new AbortController();
   const ops: string[] = [];
@@ -100,7 +117,10 @@ test('reencrypt --resilience none interrupted: the data written so far is flushe
   const last = ops.lastIndexOf('data');
   const header = ops.indexOf('header', last);
   assert.ok(header > last, `no header write after the data: ${ops.join(' ')}`);
-  assert.ok(ops.slice(last, header).includes('flush'), `the header was written before the data was flushed: ${ops.slice(last).join(' ')}`);
+  assert.ok(
+    ops.slice(last, header).includes('flush'),
+    `the header was written before the data was flushed: ${ops.slice(last).join(' ')}`,
+  );
   // And the saved progress resumes to the end.
   assert.equal(await runReencrypt(await Luks2Volume.open(base), PASS, { hotzoneBytes: 64 << 10 }), true);
 });

@@ -11,7 +11,11 @@ const code = (c: string, exit: number) => (e: unknown) => isCryptmapError(e) && 
 
 test('a registered token type unlocks its keyslots; failures carry cryptsetup exit codes', async () => {
   const dev = memDev(4 << 20);
-  const v = await Luks2Volume.format(dev, P('one'), { keyslot: { kdf: FAST_PBKDF2 }, offsetBytes: 2 << 20, keyslotsBytes: (2 << 20) - 32768 });
+  const v = await Luks2Volume.format(dev, P('one'), {
+    keyslot: { kdf: FAST_PBKDF2 },
+    offsetBytes: 2 << 20,
+    keyslotsBytes: (2 << 20) - 32768,
+  });
   await v.addKey({ passphrase: P('one') }, P('two'), { kdf: FAST_PBKDF2, keySlot: 3 });
   await v.addKey({ passphrase: P('one') }, P('three'), { kdf: FAST_PBKDF2, keySlot: 4 });
   TOKEN_HANDLERS['test-static'] = {
@@ -44,7 +48,10 @@ test('a registered token type unlocks its keyslots; failures carry cryptsetup ex
     await assert.rejects(unlockByToken(v, { tokenId: 3 }), code('ETOKENKEYRING', 2));
     await assert.rejects(unlockByToken(v, { tokenId: 4 }), code('ENOTOKEN', 1));
     await assert.rejects(unlockByToken(v, { tokenId: 9 }), code('ENOTOKEN', 1));
-    await assert.rejects(unlockByToken(v, { tokenType: 'some-plugin' }), (e) => code('ENOTOKEN', 1)(e) && /type some-plugin/.test((e as Error).message));
+    await assert.rejects(
+      unlockByToken(v, { tokenType: 'some-plugin' }),
+      (e) => code('ENOTOKEN', 1)(e) && /type some-plugin/.test((e as Error).message),
+    );
     await assert.rejects(unlockByToken(v, { tokenId: 0, keySlot: 4 }), code('ENOTOKEN', 1));
     // The keyring token is tried (and fails) after the wrong one: the last error is reported.
     await assert.rejects(unlockByToken(v, { tokenType: 'luks2-keyring' }), code('ETOKENKEYRING', 2));

@@ -30,16 +30,24 @@ test('unbound keyslot: own digest, never opens the volume, tests with anySegment
   assert.equal(j.keyslots['2']!.area.encryption, 'aes-xts-plain64');
   assert.equal(j.keyslots['2']!.area.key_size, 64);
   await assert.rejects(v.unlock(P('ub')), (e) => isCryptmapError(e, 'EKEYSLOT') && e.exitCode === 1);
-  await assert.rejects(v.unlock(P('ub'), { keySlot: 2 }), (e) => isCryptmapError(e, 'EKEYSLOT') && e.exitCode === 1 && e.message === 'No usable keyslot is available.');
+  await assert.rejects(
+    v.unlock(P('ub'), { keySlot: 2 }),
+    (e) => isCryptmapError(e, 'EKEYSLOT') && e.exitCode === 1 && e.message === 'No usable keyslot is available.',
+  );
   const r = await v.unlock(P('ub'), { keySlot: 2, anySegment: true });
   assert.equal(r.keyslot, 2);
   assert.equal(r.volumeKey.length, 72);
   r.volumeKey.dispose();
   assert.equal((await v.unlock(P('ub'), { anySegment: true })).keyslot, 2);
   // an unbound passphrase cannot add keyslots (it does not know the volume key)
-  await assert.rejects(v.addKey({ passphrase: P('ub') }, P('x'), { kdf: FAST_PBKDF2 }), (e) => isCryptmapError(e, 'EKEYSLOT'));
+  await assert.rejects(v.addKey({ passphrase: P('ub') }, P('x'), { kdf: FAST_PBKDF2 }), (e) =>
+    isCryptmapError(e, 'EKEYSLOT'),
+  );
   // a full slot is not replaced
-  await assert.rejects(v.addUnboundKeyslot(P('x'), { kdf: FAST_PBKDF2, keyBytes: 32, keySlot: 0 }), /Key slot 0 is full/);
+  await assert.rejects(
+    v.addUnboundKeyslot(P('x'), { kdf: FAST_PBKDF2, keyBytes: 32, keySlot: 0 }),
+    /Key slot 0 is full/,
+  );
   await v.changeKey(P('ub'), P('ub2'), { kdf: FAST_PBKDF2, keySlot: 2 });
   assert.equal(v.keyslots().find((k) => k.id === 2)!.unbound, true);
   assert.equal((await v.unlock(P('ub2'), { keySlot: 2, anySegment: true })).volumeKey.length, 72);
@@ -71,6 +79,20 @@ test('--keyslot-cipher/--keyslot-key-size: the area uses them (format, addKey, c
     assert.equal(j.keyslots[k]!.area.key_size, 16, k);
   }
   for (const p of ['one', 'two', 'three']) (await v.unlock(P(p))).volumeKey.dispose();
-  await assert.rejects(v.addKey({ passphrase: P('one') }, P('x'), { kdf: FAST_PBKDF2, keyslotCipher: 'aes-xts-plain64', keyslotKeyBytes: 16 }), (e) => isCryptmapError(e, 'ECIPHER'));
-  await assert.rejects(v.addKey({ passphrase: P('one') }, P('x'), { kdf: FAST_PBKDF2, keyslotCipher: 'cipher_null-ecb', keyslotKeyBytes: 16 }), (e) => isCryptmapError(e, 'ECIPHER'));
+  await assert.rejects(
+    v.addKey({ passphrase: P('one') }, P('x'), {
+      kdf: FAST_PBKDF2,
+      keyslotCipher: 'aes-xts-plain64',
+      keyslotKeyBytes: 16,
+    }),
+    (e) => isCryptmapError(e, 'ECIPHER'),
+  );
+  await assert.rejects(
+    v.addKey({ passphrase: P('one') }, P('x'), {
+      kdf: FAST_PBKDF2,
+      keyslotCipher: 'cipher_null-ecb',
+      keyslotKeyBytes: 16,
+    }),
+    (e) => isCryptmapError(e, 'ECIPHER'),
+  );
 });

@@ -88,12 +88,15 @@ test('kernel attach errors: module not loaded, no free device, nbd-client failin
   const ok = fakeSys('sys5', { nbd0: 'free' });
   process.env.FAKE_NBD_FAIL = '1';
   try {
-    await assert.rejects(attachExport({ socketPath: '/s', exportName: 'missing', method: 'kernel', sysRoot: ok }), (e: Error & { code?: string }) => {
-      assert.equal(e.code, 'EATTACH');
-      assert.match(e.message, /nbd-client/);
-      assert.match(e.message, /export not found/);
-      return true;
-    });
+    await assert.rejects(
+      attachExport({ socketPath: '/s', exportName: 'missing', method: 'kernel', sysRoot: ok }),
+      (e: Error & { code?: string }) => {
+        assert.equal(e.code, 'EATTACH');
+        assert.match(e.message, /nbd-client/);
+        assert.match(e.message, /export not found/);
+        return true;
+      },
+    );
   } finally {
     delete process.env.FAKE_NBD_FAIL;
   }

@@ -68,5 +68,8 @@ test('ext4 on a MemoryDevice export survives unmount, detach and re-attach', { s
 });
 
 test('attaching an unknown export fails cleanly', { skip }, async () => {
-  await assert.rejects(attachExport({ socketPath: f.sock, exportName: 'nope', method: 'fuse', workDir: f.dir, timeoutMs: 10_000 }), /nbdfuse/);
+  await assert.rejects(
+    attachExport({ socketPath: f.sock, exportName: 'nope', method: 'fuse', workDir: f.dir, timeoutMs: 10_000 }),
+    /nbdfuse/,
+  );
 });

@@ -42,7 +42,7 @@ test('many clients starting large WRITEs: the server never holds more than its b
     for (let k = 0; k < 500 && g.server.payloadBytesInFlight === 0; k++) await new Promise((r) => setTimeout(r, 10));
     for (let k = 0; k < 20; k++) {
       await new Promise((r) => setTimeout(r, 10));
-      assert.equal(g.server.payloadBytesInFlight, MiB, "exactly one WRITE holds the budget; the others wait unread");
+      assert.equal(g.server.payloadBytesInFlight, MiB, 'exactly one WRITE holds the budget; the others wait unread');
     }
     clients.forEach((c, i) => {
       c.send(payloads[i]!.subarray(MiB / 2));

@@ -128,7 +128,19 @@ test('a FileDevice export: qemu-io writes with FUA and flush land in the file', 
     const j = JSON.parse(await mustRun('nbdinfo', ['--json', f.uri('file')])).exports[0];
     assert.equal(j.can_flush, true);
     assert.equal(j.can_fua, true);
-    await mustRun('qemu-io', ['-f', 'raw', f.uri('file'), '-c', 'write -f -P 0x42 0 1M', '-c', 'write -P 0x43 2M 64k', '-c', 'flush', '-c', 'read -P 0x42 0 1M']);
+    await mustRun('qemu-io', [
+      '-f',
+      'raw',
+      f.uri('file'),
+      '-c',
+      'write -f -P 0x42 0 1M',
+      '-c',
+      'write -P 0x43 2M 64k',
+      '-c',
+      'flush',
+      '-c',
+      'read -P 0x42 0 1M',
+    ]);
     const onDisk = readFileSync(path);
     assert.ok(onDisk.subarray(0, 1 << 20).every((b) => b === 0x42));
     assert.ok(onDisk.subarray(2 << 20, (2 << 20) + 65536).every((b) => b === 0x43));
@@ -302,7 +314,9 @@ chmod 600 "$P"/*-key.pem "$C"/client-key.pem`;
   });
 
   test('nbdinfo over nbds:// with a client certificate', async () => {
-    const j = JSON.parse(await mustRun('nbdinfo', ['--json', `nbds://localhost:${port}/secure?tls-certificates=${clientDir}`]));
+    const j = JSON.parse(
+      await mustRun('nbdinfo', ['--json', `nbds://localhost:${port}/secure?tls-certificates=${clientDir}`]),
+    );
     assert.equal(j.TLS, true);
     assert.equal(j.exports[0]['export-size'], 16 << 20);
   });

@@ -138,10 +138,13 @@ export class RawClient {
 
   #wait(ms: number): Promise<void> {
     return new Promise((resolve) => {
-      const t = setTimeout(() => {
-        this.#waiter = null;
-        resolve();
-      }, Math.max(1, ms));
+      const t = setTimeout(
+        () => {
+          this.#waiter = null;
+          resolve();
+        },
+        Math.max(1, ms),
+      );
       this.#waiter = () => {
         clearTimeout(t);
         this.#waiter = null;
@@ -197,12 +200,18 @@ export class RawClient {
     this.sendOption(7, goData(name, infos));
     const replies = await this.readOptionReplies();
     const last = replies[replies.length - 1]!;
-    if (last.type !== 1) throw new Error(`GO failed with reply type 0x${last.type.toString(16)}: ${last.data.toString()}`);
+    if (last.type !== 1)
+      throw new Error(`GO failed with reply type 0x${last.type.toString(16)}: ${last.data.toString()}`);
     const exp = replies.find((r) => r.type === 3 && r.data.readUInt16BE(0) === 0)!;
     return { size: exp.data.readBigUInt64BE(2), flags: exp.data.readUInt16BE(10) };
   }
 
-  sendRequest(type: number, offset: bigint | number, length: number, opts: { flags?: number; cookie?: bigint; data?: Buffer } = {}): void {
+  sendRequest(
+    type: number,
+    offset: bigint | number,
+    length: number,
+    opts: { flags?: number; cookie?: bigint; data?: Buffer } = {},
+  ): void {
     const h = Buffer.alloc(28);
     h.writeUInt32BE(0x25609513, 0);
     h.writeUInt16BE(opts.flags ?? 0, 4);
@@ -223,7 +232,8 @@ export class RawClient {
 
   /** Any reply: simple (no payload read) or one structured chunk (payload read). */
   async readReply(): Promise<
-    { kind: 'simple'; error: number; cookie: bigint } | { kind: 'chunk'; flags: number; type: number; cookie: bigint; payload: Buffer }
+    | { kind: 'simple'; error: number; cookie: bigint }
+    | { kind: 'chunk'; flags: number; type: number; cookie: bigint; payload: Buffer }
   > {
     const m = (await this.read(4)).readUInt32BE(0);
     if (m === 0x67446698) {
@@ -233,7 +243,13 @@ export class RawClient {
     if (m !== 0x668e33ef) throw new Error(`bad reply magic 0x${m.toString(16)}`);
     const h = await this.read(16);
     const len = h.readUInt32BE(12);
-    return { kind: 'chunk', flags: h.readUInt16BE(0), type: h.readUInt16BE(2), cookie: h.readBigUInt64BE(4), payload: Buffer.from(await this.read(len)) };
+    return {
+      kind: 'chunk',
+      flags: h.readUInt16BE(0),
+      type: h.readUInt16BE(2),
+      cookie: h.readBigUInt64BE(4),
+      payload: Buffer.from(await this.read(len)),
+    };
   }
 
   /** Error value of a reply (simple, or an error chunk) for a command without payload. */
@@ -307,7 +323,10 @@ const PACKAGES: Record<string, string> = {
 /** Throws (never skips) when a tool is missing, naming the Debian package that provides it. */
 export function requireTool(name: string): void {
   const r = spawnSync('sh', ['-c', `command -v ${name}`], { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`${name} is not installed: install the Debian package ${PACKAGES[name] ?? name} (scripts/install-deps.sh)`);
+  if (r.status !== 0)
+    throw new Error(
+      `${name} is not installed: install the Debian package ${PACKAGES[name] ?? name} (scripts/install-deps.sh)`,
+    );
 }
 
 export interface RunResult {
@@ -317,7 +336,11 @@ export interface RunResult {
 }
 
 /** Run a tool asynchronously (the server under test lives in this process, so never spawnSync it). */
-export function runTool(cmd: string, args: string[], opts: { input?: Buffer | string; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<RunResult> {
+export function runTool(
+  cmd: string,
+  args: string[],
+  opts: { input?: Buffer | string; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {},
+): Promise<RunResult> {
   requireTool(cmd);
   return new Promise((resolve, reject) => {
     const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'], env: opts.env ?? process.env });
@@ -365,7 +388,25 @@ export function selfSignedCert(dir: string): { key: Buffer; cert: Buffer } {
   requireTool('openssl');
   execFileSync(
     'openssl',
-    ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', `${dir}/key.pem`, '-out', `${dir}/cert.pem`, '-days', '2', '-subj', '/CN=localhost', '-addext', 'subjectAltName=DNS:localhost'],
+    [
+      'req',
+      '-x509',
+      '-newkey',
+      'ec',
+      '-pkeyopt',
+      'ec_paramgen_curve:P-256',
+      '-nodes',
+      '-keyout',
+      `${dir}/key.pem`,
+      '-out',
+      `${dir}/cert.pem`,
+      '-days',
+      '2',
+      '-subj',
+      '/CN=localhost',
+      '-addext',
+      'subjectAltName=DNS:localhost',
+    ],
     { stdio: 'ignore' },
   );
   return { key: readFileSync(`${dir}/key.pem`), cert: readFileSync(`${dir}/cert.pem`) };

@@ -14,7 +14,16 @@ import { NbdServer } from '../../src/nbd/server.js';
 import { canTransition, STATES } from '../../src/nbd/states.js';
 import { COMMANDS } from '../../src/nbd/transmission.js';
 import { nbdTcpUri, nbdUnixUri } from '../../src/nbd-wire/uri.js';
-import { type Fixture, goData, metaData, openClient, RawClient, seededBytes, selfSignedCert, startServer } from './helpers.js';
+import {
+  type Fixture,
+  goData,
+  metaData,
+  openClient,
+  RawClient,
+  seededBytes,
+  selfSignedCert,
+  startServer,
+} from './helpers.js';
 
 /** A full garbage collection, so memory figures show what is held, not what awaits collection. */
 function forceGc(): void {
@@ -197,7 +206,9 @@ describe('options', () => {
     c.sendOption(NBD_OPT_INFO, goData('disk', [0, 1, 2, 3]));
     const replies = await c.readOptionReplies();
     assert.equal(replies.at(-1)!.type, ACK);
-    const infos = new Map(replies.filter((r) => r.type === REP_INFO).map((r) => [r.data.readUInt16BE(0), r.data.subarray(2)]));
+    const infos = new Map(
+      replies.filter((r) => r.type === REP_INFO).map((r) => [r.data.readUInt16BE(0), r.data.subarray(2)]),
+    );
     assert.equal(infos.get(0)!.readBigUInt64BE(0), BigInt(16 << 20));
     assert.equal(infos.get(1)!.toString(), 'disk');
     assert.equal(infos.get(2)!.toString(), 'test disk');
@@ -324,7 +335,8 @@ describe('options', () => {
     r = await c.readReply();
     if (r.kind !== 'chunk') return assert.fail('expected a chunk');
     const descs = [];
-    for (let i = 4; i < r.payload.length; i += 8) descs.push([r.payload.readUInt32BE(i), r.payload.readUInt32BE(i + 4)]);
+    for (let i = 4; i < r.payload.length; i += 8)
+      descs.push([r.payload.readUInt32BE(i), r.payload.readUInt32BE(i + 4)]);
     assert.deepEqual(descs, [
       [1 << 20, 3],
       [65536, 0],
@@ -465,7 +477,10 @@ describe('transmission, simple replies', () => {
       const r = await c.readSimpleReply();
       const body = await c.read(4096);
       const k = Number(r.cookie) - 5000;
-      assert.ok(body.every((b) => b === (k & 0xff)), `read ${k}`);
+      assert.ok(
+        body.every((b) => b === (k & 0xff)),
+        `read ${k}`,
+      );
     }
   });
 });
@@ -707,14 +722,18 @@ describe('hostile and broken clients', () => {
 
   test('random bytes in every phase never crash the server (seeded)', async () => {
     await fc.assert(
-      fc.asyncProperty(fc.uint8Array({ minLength: 0, maxLength: 600 }), fc.integer({ min: 0, max: 2 }), async (junk, phase) => {
-        const c = await RawClient.connect(f.sock);
-        if (phase >= 1) await c.handshake();
-        if (phase >= 2) await c.go('disk');
-        c.send(Buffer.from(junk));
-        await new Promise((r) => setTimeout(r, 2));
-        c.close();
-      }),
+      fc.asyncProperty(
+        fc.uint8Array({ minLength: 0, maxLength: 600 }),
+        fc.integer({ min: 0, max: 2 }),
+        async (junk, phase) => {
+          const c = await RawClient.connect(f.sock);
+          if (phase >= 1) await c.handshake();
+          if (phase >= 2) await c.go('disk');
+          c.send(Buffer.from(junk));
+          await new Promise((r) => setTimeout(r, 2));
+          c.close();
+        },
+      ),
       { numRuns: 60, seed: 42 },
     );
     await assertServerHealthy();
@@ -725,7 +744,9 @@ describe('structured fuzzing (seeded)', () => {
   test('well-framed options with random numbers and data never crash the server', async () => {
     await fc.assert(
       fc.asyncProperty(
-        fc.array(fc.record({ opt: fc.integer({ min: 0, max: 12 }), data: fc.uint8Array({ maxLength: 64 }) }), { maxLength: 8 }),
+        fc.array(fc.record({ opt: fc.integer({ min: 0, max: 12 }), data: fc.uint8Array({ maxLength: 64 }) }), {
+          maxLength: 8,
+        }),
         async (opts) => {
           const c = await RawClient.connect(f.sock);
           await c.handshake();
@@ -752,8 +773,14 @@ describe('structured fuzzing (seeded)', () => {
           fc.record({
             type: fc.oneof(fc.constantFrom(0, 1, 3, 4, 5, 6, 7), fc.integer({ min: 8, max: 0xffff })),
             flags: fc.oneof(fc.constant(0), fc.integer({ min: 0, max: 0xffff })),
-            offset: fc.oneof(fc.integer({ min: 0, max: 64 }).map((n) => BigInt(n * 512)), fc.bigInt({ min: 0n, max: (1n << 64n) - 1n })),
-            length: fc.oneof(fc.integer({ min: 0, max: 16 }).map((n) => n * 512), fc.integer({ min: 0, max: 70_000 })),
+            offset: fc.oneof(
+              fc.integer({ min: 0, max: 64 }).map((n) => BigInt(n * 512)),
+              fc.bigInt({ min: 0n, max: (1n << 64n) - 1n }),
+            ),
+            length: fc.oneof(
+              fc.integer({ min: 0, max: 16 }).map((n) => n * 512),
+              fc.integer({ min: 0, max: 70_000 }),
+            ),
           }),
           { minLength: 1, maxLength: 12 },
         ),
@@ -834,7 +861,14 @@ describe('lifecycle', () => {
     const { generateKeyPairSync } = await import('node:crypto');
     assert.throws(() => new NbdServer({ tls: 'require' }), /tlsCredentials/);
     const { privateKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
-    assert.throws(() => new NbdServer({ tls: 'on', tlsCredentials: { key: privateKey.export({ type: 'pkcs8', format: 'pem' }), cert: 'garbage' } }), /certificate/);
+    assert.throws(
+      () =>
+        new NbdServer({
+          tls: 'on',
+          tlsCredentials: { key: privateKey.export({ type: 'pkcs8', format: 'pem' }), cert: 'garbage' },
+        }),
+      /certificate/,
+    );
   });
 });
 

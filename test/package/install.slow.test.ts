@@ -30,15 +30,30 @@ interface Run {
   stderr: string;
 }
 
-function run(cmd: string, args: string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<Run> {
+function run(
+  cmd: string,
+  args: string[],
+  opts: { cwd?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number } = {},
+): Promise<Run> {
   return new Promise((res) => {
     execFile(
       cmd,
       args,
-      { cwd: opts.cwd ?? dir, env: { ...process.env, ...opts.env }, timeout: opts.timeoutMs ?? 120_000, maxBuffer: 64 << 20, encoding: 'utf8' },
+      {
+        cwd: opts.cwd ?? dir,
+        env: { ...process.env, ...opts.env },
+        timeout: opts.timeoutMs ?? 120_000,
+        maxBuffer: 64 << 20,
+        encoding: 'utf8',
+      },
       (e, stdout, stderr) => {
-        if (e && (e as NodeJS.ErrnoException).code === 'ENOENT') return res({ code: -1, stdout, stderr: `${cmd} is not installed` });
-        res({ code: e ? Number((e as { code?: number }).code ?? 1) || 1 : 0, stdout, stderr: stderr + (e && !(e as { code?: unknown }).code ? String(e) : '') });
+        if (e && (e as NodeJS.ErrnoException).code === 'ENOENT')
+          return res({ code: -1, stdout, stderr: `${cmd} is not installed` });
+        res({
+          code: e ? Number((e as { code?: number }).code ?? 1) || 1 : 0,
+          stdout,
+          stderr: stderr + (e && !(e as { code?: unknown }).code ? String(e) : ''),
+        });
       },
     ).stdin?.end();
   });
@@ -56,13 +71,25 @@ async function pack(): Promise<string> {
   if (tarball) return tarball;
   assert.ok(existsSync(join(ROOT, 'dist', 'src', 'cli', 'entry.js')), 'build first (npm run build)');
   // --ignore-scripts: `prepare` would rebuild dist/ under the other tests running from it.
-  const out = await must('npm', ['pack', '--ignore-scripts', '--json', '--pack-destination', dir], { cwd: ROOT, timeoutMs: 300_000 });
+  const out = await must('npm', ['pack', '--ignore-scripts', '--json', '--pack-destination', dir], {
+    cwd: ROOT,
+    timeoutMs: 300_000,
+  });
   const info = (JSON.parse(out) as { filename: string; files: { path: string }[] }[])[0]!;
   const paths = info.files.map((f) => f.path);
-  for (const p of ['bin/cryptmap.js', 'dist/src/cli/entry.js', 'native/cryptmap.c', 'binding.gyp', 'scripts/build-native.mjs', 'contrib/systemd/cryptmap-daemon.service', 'package.json']) {
+  for (const p of [
+    'bin/cryptmap.js',
+    'dist/src/cli/entry.js',
+    'native/cryptmap.c',
+    'binding.gyp',
+    'scripts/build-native.mjs',
+    'contrib/systemd/cryptmap-daemon.service',
+    'package.json',
+  ]) {
     assert.ok(paths.includes(p), `the tarball holds ${p}`);
   }
-  for (const p of paths) assert.doesNotMatch(p, /^(test|dist\/test|build|node_modules|\.cryptmap)\//, `the tarball leaves out ${p}`);
+  for (const p of paths)
+    assert.doesNotMatch(p, /^(test|dist\/test|build|node_modules|\.cryptmap)\//, `the tarball leaves out ${p}`);
   tarball = join(dir, info.filename);
   return tarball;
 }
@@ -70,7 +97,22 @@ async function pack(): Promise<string> {
 async function install(prefix: string, extra: string[]): Promise<string> {
   const tgz = await pack();
   // As an operator would: global install of the tarball into a prefix (npm 11 asks which packages may run install scripts).
-  await must('npm', ['install', '-g', '--prefix', prefix, '--no-audit', '--no-fund', '--prefer-offline', '--allow-scripts=cryptmap,argon2', ...extra, tgz], { timeoutMs: 900_000 });
+  await must(
+    'npm',
+    [
+      'install',
+      '-g',
+      '--prefix',
+      prefix,
+      '--no-audit',
+      '--no-fund',
+      '--prefer-offline',
+      '--allow-scripts=cryptmap,argon2',
+      ...extra,
+      tgz,
+    ],
+    { timeoutMs: 900_000 },
+  );
   const bin = join(prefix, 'bin', 'cryptmap');
   assert.ok(existsSync(bin), `${bin} installed`);
   return bin;
@@ -81,7 +123,19 @@ async function luksRoundTrip(bin: string, tag: string): Promise<void> {
   writeFileSync(key, `passphrase ${tag}`, { mode: 0o600 });
   const img = join(dir, `${tag}.img`);
   await must('truncate', ['-s', '24M', img]);
-  await must(bin, ['luksFormat', '--type', 'luks2', '--batch-mode', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, img]);
+  await must(bin, [
+    'luksFormat',
+    '--type',
+    'luks2',
+    '--batch-mode',
+    '--pbkdf',
+    'pbkdf2',
+    '--pbkdf-force-iterations',
+    '1000',
+    '--key-file',
+    key,
+    img,
+  ]);
   await must('cryptsetup', ['open', '--test-passphrase', '--key-file', key, img]);
   const rt = join(dir, `${tag}-run`);
   const daemon = spawn(bin, ['daemon', '--runtime-dir', rt], { stdio: ['ignore', 'ignore', 'pipe'] });
@@ -96,7 +150,8 @@ async function luksRoundTrip(bin: string, tag: string): Promise<void> {
       await new Promise((r) => setTimeout(r, 100));
     }
     assert.match(log, /daemon ready/, `the installed daemon did not get ready in 60 s:\n${log}`);
-    const qemu = (cmd: string) => must('qemu-io', ['--image-opts', `driver=nbd,path=${rt}/nbd.sock,export=${tag}`, '-c', cmd]);
+    const qemu = (cmd: string) =>
+      must('qemu-io', ['--image-opts', `driver=nbd,path=${rt}/nbd.sock,export=${tag}`, '-c', cmd]);
     await must(bin, ['open', '--runtime-dir', rt, '--key-file', key, img, tag]);
     assert.match(await qemu('write -P 0x5a 1M 64k'), /wrote 65536\/65536/);
     await must(bin, ['close', '--runtime-dir', rt, tag]);
@@ -113,8 +168,14 @@ async function luksRoundTrip(bin: string, tag: string): Promise<void> {
 test('npm pack, npm install -g: --version, benchmark on the native addon built at install, a LUKS round trip', async () => {
   const bin = await install(join(dir, 'prefix'), []);
   assert.equal((await must(bin, ['--version'])).trim(), `cryptmap ${VERSION}`);
-  assert.ok(existsSync(join(dir, 'prefix', 'lib', 'node_modules', 'cryptmap', 'build', 'Release', 'cryptmap.node')), 'the addon was built from source at install');
-  const b = JSON.parse(await must(bin, ['benchmark', '--json', '--cipher', 'aes-xts-plain64', '--seconds', '0.2'])) as { backend: string; encryptMBps: number }[];
+  assert.ok(
+    existsSync(join(dir, 'prefix', 'lib', 'node_modules', 'cryptmap', 'build', 'Release', 'cryptmap.node')),
+    'the addon was built from source at install',
+  );
+  const b = JSON.parse(await must(bin, ['benchmark', '--json', '--cipher', 'aes-xts-plain64', '--seconds', '0.2'])) as {
+    backend: string;
+    encryptMBps: number;
+  }[];
   assert.equal(b[0]!.backend, 'native');
   assert.ok(b[0]!.encryptMBps > 0);
   await luksRoundTrip(bin, 'native');
@@ -124,8 +185,13 @@ test('installed without running install scripts (no addon): the js backend serve
   const prefix = join(dir, 'prefix-js');
   const bin = await install(prefix, ['--ignore-scripts']);
   const pkgDir = join(prefix, 'lib', 'node_modules', 'cryptmap');
-  assert.ok(!existsSync(join(pkgDir, 'build')), `no addon: ${existsSync(join(pkgDir, 'build')) ? readdirSync(join(pkgDir, 'build')).join(',') : ''}`);
-  const b = JSON.parse(await must(bin, ['benchmark', '--json', '--cipher', 'aes-xts-plain64', '--seconds', '0.2'])) as { backend: string }[];
+  assert.ok(
+    !existsSync(join(pkgDir, 'build')),
+    `no addon: ${existsSync(join(pkgDir, 'build')) ? readdirSync(join(pkgDir, 'build')).join(',') : ''}`,
+  );
+  const b = JSON.parse(await must(bin, ['benchmark', '--json', '--cipher', 'aes-xts-plain64', '--seconds', '0.2'])) as {
+    backend: string;
+  }[];
   assert.equal(b[0]!.backend, 'js');
   await luksRoundTrip(bin, 'js');
 });

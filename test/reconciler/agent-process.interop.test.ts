@@ -20,7 +20,9 @@ const isRoot = process.getuid?.() === 0;
 const MANIFEST = mountedManifest({ swap: false });
 
 /** Start `cryptmap agent` as a child; resolve once it serves (its stdout says so). */
-function startAgent(args: string[]): Promise<{ child: ChildProcess; out: () => string; exited: Promise<number | null> }> {
+function startAgent(
+  args: string[],
+): Promise<{ child: ChildProcess; out: () => string; exited: Promise<number | null> }> {
   const child = spawn(process.execPath, [ENTRY, 'agent', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   let err = '';
@@ -49,11 +51,15 @@ test('cryptmap agent process: SIGTERM tears down cleanly (NBD only); after a SIG
     // 1. Clean stop on SIGTERM.
     const a = await startAgent(['--manifest', manifestPath, '--state-dir', state, '--boot-id', 'b1', '--nbd-only']);
     children.push(a.child);
-    assert.match(a.out(), /scratch\/db\/data \(persistent, ext4\): ready\n {4}nbd: {4}nbd\+unix:\/\/\/scratch%3Adb%3Adata\?socket=.*\n {4}note: {3}served over NBD only \(--nbd-only\)/);
+    assert.match(
+      a.out(),
+      /scratch\/db\/data \(persistent, ext4\): ready\n {4}nbd: {4}nbd\+unix:\/\/\/scratch%3Adb%3Adata\?socket=.*\n {4}note: {3}served over NBD only \(--nbd-only\)/,
+    );
     // SIGHUP with the web service gone: its volume is torn down, the other keeps serving.
     await writeFile(manifestPath, manifestText([dbDataService('16M', '/srv/db')]));
     a.child.kill('SIGHUP');
-    for (let i = 0; i < 200 && !/reloaded[\s\S]*scratch\/web\/cache: removed/.test(a.out()); i++) await new Promise((r) => setTimeout(r, 50));
+    for (let i = 0; i < 200 && !/reloaded[\s\S]*scratch\/web\/cache: removed/.test(a.out()); i++)
+      await new Promise((r) => setTimeout(r, 50));
     assert.match(a.out(), /manifest .* reloaded\n[\s\S]*scratch\/web\/cache: removed/);
     a.child.kill('SIGTERM');
     assert.equal(await a.exited, 0);
@@ -66,14 +72,28 @@ test('cryptmap agent process: SIGTERM tears down cleanly (NBD only); after a SIG
       ctx.diagnostic('part 2 (mounts, SIGKILL while serving) needs root: not run');
       return;
     }
-    const b = await startAgent(['--manifest', manifestPath, '--state-dir', state, '--boot-id', 'b1', '--mount-root', mnt]);
+    const b = await startAgent([
+      '--manifest',
+      manifestPath,
+      '--state-dir',
+      state,
+      '--boot-id',
+      'b1',
+      '--mount-root',
+      mnt,
+    ]);
     children.push(b.child);
     assert.match(b.out(), /mount: {2}.*\/srv\/db/);
     await writeFile(join(mnt, 'srv', 'db', 'before-crash.txt'), 'synced\n');
     execFileSync('sync');
     b.child.kill('SIGKILL');
     await b.exited;
-    host = await AgentHost.start({ manifest: parseManifest(MANIFEST, manifestPath), stateDir: state, bootId: 'b1', mountRoot: mnt });
+    host = await AgentHost.start({
+      manifest: parseManifest(MANIFEST, manifestPath),
+      stateDir: state,
+      bootId: 'b1',
+      mountRoot: mnt,
+    });
     const r = await host.reconcile();
     assert.ok(
       r.volumes.every((v) => v.state === 'ready'),

@@ -60,14 +60,21 @@ test('from scratch to converged over the real data path (NBD only); no key in lo
       ['swap/swap0', 'ready'],
     ]);
     const [cache, db, swap] = [targets[0]!, targets[1]!, targets[2]!];
-    assert.deepEqual([...(await node.read(cache, EXT4_MAGIC_OFFSET, 2))], [0x53, 0xef], 'ext4 made on the ephemeral volume');
+    assert.deepEqual(
+      [...(await node.read(cache, EXT4_MAGIC_OFFSET, 2))],
+      [0x53, 0xef],
+      'ext4 made on the ephemeral volume',
+    );
     assert.equal((await node.read(swap, 4096 - 10, 10)).toString(), 'SWAPSPACE2', 'mkswap made the swap area');
     assert.equal(node.core.statusOf(db.mapping).active, true);
     // The log names each volume with its NBD URI; the status rows carry it too.
     const sock = node.core.nbdSocketPath;
     for (const v of targets) {
       const uri = `nbd+unix:///${encodeURIComponent(v.mapping)}?socket=${sock}`;
-      assert.ok(logs.some((l) => l.includes('volume served') && l.includes(uri)), `log names ${v.id} with ${uri}`);
+      assert.ok(
+        logs.some((l) => l.includes('volume served') && l.includes(uri)),
+        `log names ${v.id} with ${uri}`,
+      );
     }
     const rows = statusRows(await node.store.load());
     assert.ok(rows.every((x) => x.nbdUri?.startsWith('nbd+unix:///') && x.note === 'served over NBD only (test)'));
@@ -93,7 +100,11 @@ test('from scratch to converged over the real data path (NBD only); no key in lo
       ['scratch/web/cache', 'removed'],
       ['swap/swap0', 'removed'],
     ]);
-    assert.deepEqual((await readdir(join(t.dir, 'run'))).filter((f) => f.startsWith('mkfs-')), [], 'no temporary mkfs image left');
+    assert.deepEqual(
+      (await readdir(join(t.dir, 'run'))).filter((f) => f.startsWith('mkfs-')),
+      [],
+      'no temporary mkfs image left',
+    );
   } finally {
     await node.core.shutdown();
     await t.cleanup();
@@ -120,7 +131,9 @@ test('reboot: the ephemeral volume is made afresh and the old key cannot open it
       ['open', 'attach'],
     );
     assert.notEqual(node.formatKey.get(cache.id), oldKey);
-    await assert.rejects(prepareLuks({ name: 'old-key', device: cache.path, passphrase: Buffer.from(oldKey, 'hex') }), { code: 'ENOKEY' });
+    await assert.rejects(prepareLuks({ name: 'old-key', device: cache.path, passphrase: Buffer.from(oldKey, 'hex') }), {
+      code: 'ENOKEY',
+    });
     assert.deepEqual(await node.read(db, 4096, MARKER.length), MARKER);
     await node.stop('boot-2');
   } finally {
@@ -162,7 +175,11 @@ test('a crash after every step, then a rerun, converges with nothing lost', asyn
       );
       assert.deepEqual([...(await node.read(targets[0]!, EXT4_MAGIC_OFFSET, 2))], [0x53, 0xef]);
       const left = await filesUnder(join(t.dir, 'volumes'));
-      assert.deepEqual(left.map((f) => relative(t.dir, f)).sort(), ['volumes/scratch/db/data.img', 'volumes/scratch/web/cache.img', 'volumes/swap/swap0.img']);
+      assert.deepEqual(left.map((f) => relative(t.dir, f)).sort(), [
+        'volumes/scratch/db/data.img',
+        'volumes/scratch/web/cache.img',
+        'volumes/swap/swap0.img',
+      ]);
       await node.stop('b1');
     } finally {
       await node.core.shutdown();
@@ -219,7 +236,10 @@ test('CLI: manifest errors with file and line; agent --once, agent status --json
   const t = await tempDir('cryptmap-agent-cli-');
   try {
     const bad = join(t.dir, 'bad.yaml');
-    await writeFile(bad, 'version: 1\nservices:\n  - name: db\n    volumes:\n      - name: data\n        size: lots\n        colour: blue\n');
+    await writeFile(
+      bad,
+      'version: 1\nservices:\n  - name: db\n    volumes:\n      - name: data\n        size: lots\n        colour: blue\n',
+    );
     const c1 = captureIO();
     const code1 = await main(['agent', '--manifest', bad, '--state-dir', join(t.dir, 'st')], c1.io);
     assert.notEqual(code1, 0);
@@ -230,8 +250,15 @@ test('CLI: manifest errors with file and line; agent --once, agent status --json
     await writeFile(good, dbOnlyManifest('4M'));
     const st = join(t.dir, 'st');
     const c2 = captureIO();
-    assert.equal(await main(['agent', '--manifest', good, '--state-dir', st, '--once', '--nbd-only', '--boot-id', 'b1'], c2.io), 0, c2.err());
-    assert.match(c2.out(), /scratch\/db\/data \(persistent, none\): ready\n {4}nbd: {4}nbd\+unix:\/\/\/scratch%3Adb%3Adata\?socket=/);
+    assert.equal(
+      await main(['agent', '--manifest', good, '--state-dir', st, '--once', '--nbd-only', '--boot-id', 'b1'], c2.io),
+      0,
+      c2.err(),
+    );
+    assert.match(
+      c2.out(),
+      /scratch\/db\/data \(persistent, none\): ready\n {4}nbd: {4}nbd\+unix:\/\/\/scratch%3Adb%3Adata\?socket=/,
+    );
     const c3 = captureIO();
     assert.equal(await main(['agent', 'status', '--json', '--state-dir', st], c3.io), 0);
     const status = JSON.parse(c3.out()) as { running: boolean; volumes: { id: string; state: string }[] };
@@ -247,7 +274,11 @@ test('CLI: manifest errors with file and line; agent --once, agent status --json
     const none = join(t.dir, 'none.yaml');
     await writeFile(none, 'version: 1\nservices: []\n');
     const c5 = captureIO();
-    assert.equal(await main(['volume', 'delete', 'scratch/db/data', '--state-dir', st, '--manifest', none], c5.io), 0, c5.err());
+    assert.equal(
+      await main(['volume', 'delete', 'scratch/db/data', '--state-dir', st, '--manifest', none], c5.io),
+      0,
+      c5.err(),
+    );
     await assert.rejects(stat(join(st, 'volumes', 'scratch', 'db', 'data.img')), { code: 'ENOENT' });
   } finally {
     await t.cleanup();
@@ -303,7 +334,22 @@ test('agents on two nodes share a persistent volume through keyd: node A over it
     ['nodeb', 'node-b.example', undefined],
   ] as const) {
     ossl(pki, ['req', ...ec, '-keyout', `${name}.key`, '-out', `${name}.csr`, '-subj', `/CN=${cn}`]);
-    ossl(pki, ['x509', '-req', '-in', `${name}.csr`, '-CA', 'ca.crt', '-CAkey', 'ca.key', '-CAcreateserial', '-out', `${name}.crt`, '-days', '2', ...(ext ? ['-extfile', ext] : [])]);
+    ossl(pki, [
+      'x509',
+      '-req',
+      '-in',
+      `${name}.csr`,
+      '-CA',
+      'ca.crt',
+      '-CAkey',
+      'ca.key',
+      '-CAcreateserial',
+      '-out',
+      `${name}.crt`,
+      '-days',
+      '2',
+      ...(ext ? ['-extfile', ext] : []),
+    ]);
   }
   const service = new KeyService({
     root: Secret.copyOf(Buffer.alloc(32, 21)),
@@ -319,10 +365,19 @@ test('agents on two nodes share a persistent volume through keyd: node A over it
   const sock = join(t.dir, 'keyd.sock');
   const unixSrv = await listenUnix(service, sock);
   const f = (n: string) => readFile(join(pki, n));
-  const tlsSrv = await listenTls(service, { host: '127.0.0.1', port: 0, cert: await f('srv.crt'), key: await f('srv.key'), ca: await f('ca.crt') });
+  const tlsSrv = await listenTls(service, {
+    host: '127.0.0.1',
+    port: 0,
+    cert: await f('srv.crt'),
+    key: await f('srv.key'),
+    ca: await f('ca.crt'),
+  });
   const manA = parseManifest(dbOnlyManifest('8M', `keyService:\n  address: unix:${sock}\n`), join(t.dir, 'a.yaml'));
   const manB = parseManifest(
-    dbOnlyManifest('8M', `keyService:\n  address: ${tlsSrv.address}\n  tls: {cert: pki/nodeb.crt, key: pki/nodeb.key, ca: pki/ca.crt}\n`),
+    dbOnlyManifest(
+      '8M',
+      `keyService:\n  address: ${tlsSrv.address}\n  tls: {cert: pki/nodeb.crt, key: pki/nodeb.key, ca: pki/ca.crt}\n`,
+    ),
     join(t.dir, 'b.yaml'),
   );
   let host: AgentHost | undefined;
@@ -338,7 +393,10 @@ test('agents on two nodes share a persistent volume through keyd: node A over it
     await host.stop();
     host = undefined;
     await mkdir(join(t.dir, 'b', 'volumes', 'scratch', 'db'), { recursive: true, mode: 0o700 });
-    await copyFile(join(t.dir, 'a', 'volumes', 'scratch', 'db', 'data.img'), join(t.dir, 'b', 'volumes', 'scratch', 'db', 'data.img'));
+    await copyFile(
+      join(t.dir, 'a', 'volumes', 'scratch', 'db', 'data.img'),
+      join(t.dir, 'b', 'volumes', 'scratch', 'db', 'data.img'),
+    );
     host = await AgentHost.start({ manifest: manB, stateDir: join(t.dir, 'b'), bootId: 'b1', serve: 'nbd-only' });
     const r = await host.reconcile();
     assert.ok(r.converged, JSON.stringify(r.volumes));
@@ -360,7 +418,10 @@ test('agents on two nodes share a persistent volume through keyd: node A over it
 test('key service unreachable: the persistent volume waits (nothing made), the ephemeral one serves; once keyd is up it converges', async () => {
   const t = await tempDir('cryptmap-agent-keywait-');
   const sock = join(t.dir, 'keyd.sock');
-  const node = await TestNode.start({ dir: join(t.dir, 'n'), keys: unixKeyClient({ socketPath: sock, timeoutMs: 2000 }) });
+  const node = await TestNode.start({
+    dir: join(t.dir, 'n'),
+    keys: unixKeyClient({ socketPath: sock, timeoutMs: 2000 }),
+  });
   let keyd: Awaited<ReturnType<typeof listenUnix>> | undefined;
   try {
     const targets = targetsIn(node.dir).filter((x) => x.kind === 'scratch');

@@ -38,7 +38,9 @@ test('reconcile until the key service answers, then shut down cleanly and start 
   const t = await tempDir('cryptmap-agent-');
   try {
     const targets = desiredVolumes(parseManifest(DEFAULT_MANIFEST_YAML), join(t.dir, 'volumes'));
-    const real = inprocKeyClient(new KeyService({ root: Secret.copyOf(Buffer.alloc(32, 5)), policy: DEFAULT_POLICY, audit: memoryAudit() }));
+    const real = inprocKeyClient(
+      new KeyService({ root: Secret.copyOf(Buffer.alloc(32, 5)), policy: DEFAULT_POLICY, audit: memoryAudit() }),
+    );
     let failures = 2;
     const keys: KeyPort = {
       async deriveKey(req) {
@@ -50,8 +52,20 @@ test('reconcile until the key service answers, then shut down cleanly and start 
     const store = new StateStore(t.dir);
     const ephemeralKeys = new MemoryKeyStore();
     const reports: string[] = [];
-    const common = { store, ports: world, keys, ephemeralKeys, bootId: 'b1', retry: { attempts: 1, baseMs: 1, maxMs: 1 } };
-    const r = await reconcileUntilSettled({ ...common, targets, intervalMs: 1, onReport: (x) => reports.push(x.retryLater ? 'waiting' : 'settled') });
+    const common = {
+      store,
+      ports: world,
+      keys,
+      ephemeralKeys,
+      bootId: 'b1',
+      retry: { attempts: 1, baseMs: 1, maxMs: 1 },
+    };
+    const r = await reconcileUntilSettled({
+      ...common,
+      targets,
+      intervalMs: 1,
+      onReport: (x) => reports.push(x.retryLater ? 'waiting' : 'settled'),
+    });
     assert.deepEqual(reports, ['waiting', 'waiting', 'settled']);
     assert.ok(r.converged);
     const db = targets.find((x) => x.class === 'persistent')!;

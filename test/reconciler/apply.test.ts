@@ -48,7 +48,9 @@ class MemoryState implements StatePort {
 }
 
 function keyService(rootByte = 0x42): KeyPort {
-  return inprocKeyClient(new KeyService({ root: Secret.copyOf(Buffer.alloc(32, rootByte)), policy: DEFAULT_POLICY, audit: memoryAudit() }));
+  return inprocKeyClient(
+    new KeyService({ root: Secret.copyOf(Buffer.alloc(32, rootByte)), policy: DEFAULT_POLICY, audit: memoryAudit() }),
+  );
 }
 
 interface Node {
@@ -63,7 +65,12 @@ function node(world = new FakeWorld(), keys = keyService()): Node {
 }
 
 const sleeps: number[] = [];
-function run(n: Node, bootId: string, targets: VolumeTarget[] = TARGETS, extra: Partial<Parameters<typeof apply>[0]> = {}): Promise<ApplyReport> {
+function run(
+  n: Node,
+  bootId: string,
+  targets: VolumeTarget[] = TARGETS,
+  extra: Partial<Parameters<typeof apply>[0]> = {},
+): Promise<ApplyReport> {
   return apply({
     targets,
     store: crashingStore(n.state, n.world),
@@ -85,9 +92,14 @@ async function assertConverged(n: Node, bootId: string, targets: VolumeTarget[] 
     assert.ok(w.mappings.has(t.mapping), `${what}: ${t.id} open`);
     assert.ok(w.attached.has(t.mapping), `${what}: ${t.id} attached`);
     if (t.mountpoint || t.kind === 'swap') assert.ok(w.mounted.has(t.mapping), `${what}: ${t.id} mounted`);
-    if (t.filesystem !== 'none') assert.equal(w.files.get(t.path)?.fs, t.filesystem, `${what}: ${t.id} has its file system`);
+    if (t.filesystem !== 'none')
+      assert.equal(w.files.get(t.path)?.fs, t.filesystem, `${what}: ${t.id} has its file system`);
   }
-  assert.deepEqual([...w.files.keys()].sort(), targets.map((t) => t.path).sort(), `${what}: exactly the desired files exist`);
+  assert.deepEqual(
+    [...w.files.keys()].sort(),
+    targets.map((t) => t.path).sort(),
+    `${what}: exactly the desired files exist`,
+  );
   const st = await n.state.load();
   const steps = plan(targets, await observe(targets, st, w, n.ephemeralKeys, bootId), bootId);
   assert.deepEqual(steps, [], `${what}: nothing left to do`);
@@ -115,7 +127,10 @@ test('from scratch to converged, then a rerun does nothing', async () => {
     ['createFile', 'format', 'open', 'attach'],
   );
   await assertConverged(n, 'boot-1');
-  assert.equal(r.volumes.find((v) => v.id === DATA.id)?.record?.attach?.nbdUri, 'nbd+unix:///scratch:db:data?socket=/fake/nbd.sock');
+  assert.equal(
+    r.volumes.find((v) => v.id === DATA.id)?.record?.attach?.nbdUri,
+    'nbd+unix:///scratch:db:data?socket=/fake/nbd.sock',
+  );
   const again = await run(n, 'boot-1');
   assert.deepEqual(again.executed, []);
   assert.ok(again.converged);
@@ -183,7 +198,8 @@ for (const mode of ['after', 'before'] as const) {
           const what = `${scenario}, crash ${mode} step ${n}`;
           assert.ok(r.converged, what);
           await assertConverged(nd, bootId, TARGETS, what);
-          if (scenario === 'reboot') assert.deepEqual(nd.world.files.get(DATA.path)!.data, ['precious'], `${what}: persistent data intact`);
+          if (scenario === 'reboot')
+            assert.deepEqual(nd.world.files.get(DATA.path)!.data, ['precious'], `${what}: persistent data intact`);
         }
         assert.ok(n > 10, `${scenario}: crashes were injected at ${n - 1} points`);
       }
@@ -195,7 +211,12 @@ test('removing services: unmounted and closed; ephemeral files deleted, persiste
   const n = node();
   await run(n, 'boot-1');
   n.world.write(DATA, 'precious');
-  const onlyWeb = desiredVolumes(parseManifest('version: 1\nservices:\n  - name: web\n    volumes:\n      - {name: cache, size: 8M, mountpoint: /srv/web}\n'), '/vol');
+  const onlyWeb = desiredVolumes(
+    parseManifest(
+      'version: 1\nservices:\n  - name: web\n    volumes:\n      - {name: cache, size: 8M, mountpoint: /srv/web}\n',
+    ),
+    '/vol',
+  );
   const r = await run(n, 'boot-1', onlyWeb);
   assert.ok(r.converged);
   assert.deepEqual(
@@ -274,7 +295,10 @@ test('altered, truncated, foreign or vanished persistent files are refused, neve
   );
   assert.match(r.volumes[0]!.reason!, /file is truncated \(4096 bytes, was 25165824\).*never reformatted/);
   assert.match(r.volumes[1]!.reason!, /not a LUKS volume/);
-  assert.ok(!n.world.calls.some((x) => /(format|mkfs|deleteFile|createFile) scratch\/db/.test(x)), n.world.calls.join());
+  assert.ok(
+    !n.world.calls.some((x) => /(format|mkfs|deleteFile|createFile) scratch\/db/.test(x)),
+    n.world.calls.join(),
+  );
   // An ephemeral volume altered within its boot is refused too (remade after the next boot).
   const e = node();
   await run(e, 'boot-1');
@@ -317,7 +341,14 @@ test('a file that appears just before createFile is not ours: never deleted', as
     n.world.files.set(v.path, { bytes: 1, data: ['theirs'], foreign: true });
     return n.world.createFile(v);
   };
-  const r = await apply({ targets: [CACHE], store: n.state, ports: racy, keys: n.keys, ephemeralKeys: n.ephemeralKeys, bootId: 'b' });
+  const r = await apply({
+    targets: [CACHE],
+    store: n.state,
+    ports: racy,
+    keys: n.keys,
+    ephemeralKeys: n.ephemeralKeys,
+    bootId: 'b',
+  });
   assert.equal(r.volumes[0]?.state, 'failed');
   assert.deepEqual(n.world.files.get(CACHE.path)?.data, ['theirs']);
   assert.equal((await n.state.load()).volumes[CACHE.id], undefined);
@@ -330,7 +361,10 @@ test('unreachable key service: retry with backoff, report, keep open volumes ser
   const flaky: KeyPort = {
     async deriveKey(req) {
       calls++;
-      if (down) throw new CryptmapError('EKEYD_UNREACHABLE', 'key service unix:/x is unreachable: connect ECONNREFUSED', { errno: 'ESHUTDOWN' });
+      if (down)
+        throw new CryptmapError('EKEYD_UNREACHABLE', 'key service unix:/x is unreachable: connect ECONNREFUSED', {
+          errno: 'ESHUTDOWN',
+        });
       return real.deriveKey(req);
     },
   };
@@ -341,7 +375,17 @@ test('unreachable key service: retry with backoff, report, keep open volumes ser
   down = true;
   sleeps.length = 0;
   calls = 0;
-  const more = [...TARGETS, { ...DATA, id: 'scratch/db/extra', volume: 'extra', path: '/vol/scratch/db/extra.img', mapping: 'scratch:db:extra', mountpoint: '/srv/extra' }];
+  const more = [
+    ...TARGETS,
+    {
+      ...DATA,
+      id: 'scratch/db/extra',
+      volume: 'extra',
+      path: '/vol/scratch/db/extra.img',
+      mapping: 'scratch:db:extra',
+      mountpoint: '/srv/extra',
+    },
+  ];
   const r = await run(n, 'boot-1', more);
   assert.equal(r.volumes.find((v) => v.id === 'scratch/db/extra')?.state, 'waiting-for-keys');
   assert.equal(r.volumes.find((v) => v.id === DATA.id)?.state, 'ready');
@@ -366,7 +410,10 @@ test('unreachable key service: retry with backoff, report, keep open volumes ser
 test('a key service that refuses: failed with the reason, no retries', async () => {
   const denied: KeyPort = {
     async deriveKey() {
-      throw new CryptmapError('EKEYD_DENIED', 'key service unix:/x refused: local may not have keys of service db (scratch)');
+      throw new CryptmapError(
+        'EKEYD_DENIED',
+        'key service unix:/x refused: local may not have keys of service db (scratch)',
+      );
     },
   };
   const n = node(new FakeWorld(), denied);
@@ -382,11 +429,16 @@ test('no key material in the state record or the logs', async () => {
   logLines.length = 0;
   const n = node();
   await run(n, 'boot-1');
-  const keys = [...n.world.files.values()].flatMap((f) => [f.luksKey, f.plainKey]).filter((k): k is string => k !== undefined);
+  const keys = [...n.world.files.values()]
+    .flatMap((f) => [f.luksKey, f.plainKey])
+    .filter((k): k is string => k !== undefined);
   assert.ok(keys.length >= 4);
   const text = n.state.text + logLines.join('\n');
   for (const k of keys) assert.ok(!text.includes(k.slice(0, 16)), 'key leaked');
-  assert.ok(logLines.some((l) => l.includes('nbd+unix:///scratch:db:data')), 'the log names each served volume with its NBD URI');
+  assert.ok(
+    logLines.some((l) => l.includes('nbd+unix:///scratch:db:data')),
+    'the log names each served volume with its NBD URI',
+  );
 });
 
 test('a shared volume whose format fails gives its single-writer lease back (kept, it locked every other node out)', async () => {

@@ -18,10 +18,20 @@ setLogSink(() => {});
 
 test('volume delete: refused while named or in use, then removes the file and the record', async () => {
   let saved: AgentState = emptyState();
-  const store: StatePort = { load: async () => structuredClone(saved), save: async (s) => void (saved = structuredClone(s)) };
+  const store: StatePort = {
+    load: async () => structuredClone(saved),
+    save: async (s) => void (saved = structuredClone(s)),
+  };
   const world = new FakeWorld();
-  const keys = inprocKeyClient(new KeyService({ root: Secret.copyOf(Buffer.alloc(32, 1)), policy: DEFAULT_POLICY, audit: memoryAudit() }));
-  const all = desiredVolumes(parseManifest('version: 1\nservices:\n  - name: db\n    volumes: [{name: data, size: 8M, class: persistent, mountpoint: /srv/db}]\n'), '/v');
+  const keys = inprocKeyClient(
+    new KeyService({ root: Secret.copyOf(Buffer.alloc(32, 1)), policy: DEFAULT_POLICY, audit: memoryAudit() }),
+  );
+  const all = desiredVolumes(
+    parseManifest(
+      'version: 1\nservices:\n  - name: db\n    volumes: [{name: data, size: 8M, class: persistent, mountpoint: /srv/db}]\n',
+    ),
+    '/v',
+  );
   const common = { store, ports: world, keys, ephemeralKeys: new MemoryKeyStore(), bootId: 'b' };
   await apply({ ...common, targets: all });
   const id = 'scratch/db/data';

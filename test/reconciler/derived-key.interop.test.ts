@@ -34,13 +34,40 @@ test('a derived key unlocks a LUKS2 keyslot with the cheapest PBKDF; another roo
     await writeFile(img, '');
     await truncate(img, 20 << 20);
     const fmt = cryptsetup([
-      'luksFormat', '-q', '--type', 'luks2', '--pbkdf', VOLUME_KEYSLOT_PBKDF.type, '--hash', VOLUME_KEYSLOT_PBKDF.hash,
-      '--pbkdf-force-iterations', String(VOLUME_KEYSLOT_PBKDF.iterations), '--key-file', fa, img,
+      'luksFormat',
+      '-q',
+      '--type',
+      'luks2',
+      '--pbkdf',
+      VOLUME_KEYSLOT_PBKDF.type,
+      '--hash',
+      VOLUME_KEYSLOT_PBKDF.hash,
+      '--pbkdf-force-iterations',
+      String(VOLUME_KEYSLOT_PBKDF.iterations),
+      '--key-file',
+      fa,
+      img,
     ]);
     assert.equal(fmt.status, 0, fmt.stderr);
     assert.equal(cryptsetup(['open', '--test-passphrase', '--key-file', fa, img]).status, 0);
-    assert.equal(cryptsetup(['open', '--test-passphrase', '--key-file', fb, img]).status, 2, 'wrong key: exit code 2 (no permission)');
-    const lower = cryptsetup(['luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '999', '--key-file', fa, img]);
+    assert.equal(
+      cryptsetup(['open', '--test-passphrase', '--key-file', fb, img]).status,
+      2,
+      'wrong key: exit code 2 (no permission)',
+    );
+    const lower = cryptsetup([
+      'luksFormat',
+      '-q',
+      '--type',
+      'luks2',
+      '--pbkdf',
+      'pbkdf2',
+      '--pbkdf-force-iterations',
+      '999',
+      '--key-file',
+      fa,
+      img,
+    ]);
     assert.notEqual(lower.status, 0, 'cryptsetup refuses fewer iterations: 1000 is the floor');
   } finally {
     await t.cleanup();

@@ -77,7 +77,11 @@ test('node A killed -9: node B takes the lease after the TTL and serves the fsyn
   const rbd = await ceph.c.exportImage('rbd/fleet', '48M');
   const keydDir = join(t.dir, 'keyd');
   const keyd = spawnCli(['keyd', '--state-dir', keydDir]);
-  await until(() => existsSync(join(keydDir, 'keyd.sock')), 30_000, () => `keyd did not start: ${keyd.out()}`);
+  await until(
+    () => existsSync(join(keydDir, 'keyd.sock')),
+    30_000,
+    () => `keyd did not start: ${keyd.out()}`,
+  );
   const manifest = (etcdUrl: string) =>
     `version: 1\nkeyService: {address: "unix:${join(keydDir, 'keyd.sock')}"}\ncoordination: {etcd: ["${etcdUrl}"], ttl: ${TTL}}\n` +
     `services:\n  - name: db\n    volumes:\n      - {name: data, class: persistent, filesystem: none, device: "${rbd}"}\n`;
@@ -87,12 +91,17 @@ test('node A killed -9: node B takes the lease after the TTL and serves the fsyn
   await writeFile(mB, manifest(proxyB.url));
   const stateA = join(t.dir, 'a');
   const stateB = join(t.dir, 'b');
-  const agent = (m: string, state: string, node: string) => spawnCli(['agent', '--manifest', m, '--state-dir', state, '--nbd-only', '--node', node]);
+  const agent = (m: string, state: string, node: string) =>
+    spawnCli(['agent', '--manifest', m, '--state-dir', state, '--nbd-only', '--node', node]);
   const serving = (p: Proc) => p.out().includes('Press Ctrl-C to stop.');
   try {
     // Node A formats the blank image and serves it.
     let a = agent(mA, stateA, 'node-a');
-    await until(() => serving(a) || a.child.exitCode !== null, 90_000, () => `node A did not serve:\n${a.out()}`);
+    await until(
+      () => serving(a) || a.child.exitCode !== null,
+      90_000,
+      () => `node A did not serve:\n${a.out()}`,
+    );
     assert.match(a.out(), /scratch\/db\/data \(persistent, none\): ready/);
     assert.match(await agentStatus(stateA), /scratch\/db\/data: lease held by node-a \(this node\)/);
 
@@ -100,7 +109,8 @@ test('node A killed -9: node B takes the lease after the TTL and serves the fsyn
     const b = agent(mB, stateB, 'node-b');
     let st = '';
     await until(
-      async () => /waiting-for-lease/.test((st = existsSync(join(stateB, 'agent-state.json')) ? await agentStatus(stateB) : '')),
+      async () =>
+        /waiting-for-lease/.test((st = existsSync(join(stateB, 'agent-state.json')) ? await agentStatus(stateB) : '')),
       60_000,
       () => `node B does not wait for the lease:\n${st}\n${b.out()}`,
     );
@@ -117,9 +127,16 @@ test('node A killed -9: node B takes the lease after the TTL and serves the fsyn
     const killedAt = performance.now();
 
     // B takes over after A's lease runs out, and serves the same bytes.
-    const tookAt = await until(() => serving(b) || b.child.exitCode !== null, 90_000, () => `node B did not take over:\n${b.out()}`);
+    const tookAt = await until(
+      () => serving(b) || b.child.exitCode !== null,
+      90_000,
+      () => `node B did not take over:\n${b.out()}`,
+    );
     assert.match(b.out(), /scratch\/db\/data \(persistent, none\): ready/);
-    assert.ok(tookAt - killedAt >= TTL * 1000 * 0.5, `B took over ${tookAt - killedAt} ms after A died: sooner than its lease could end`);
+    assert.ok(
+      tookAt - killedAt >= TTL * 1000 * 0.5,
+      `B took over ${tookAt - killedAt} ms after A died: sooner than its lease could end`,
+    );
     assert.match(await agentStatus(stateB), /scratch\/db\/data: lease held by node-b \(this node\)/);
     const onB = await NbdDevice.open(nbdUriOf(stateB), { reconnectTimeoutMs: 1000 });
     const back = Buffer.alloc(data.length);
@@ -129,7 +146,11 @@ test('node A killed -9: node B takes the lease after the TTL and serves the fsyn
     // Partition: B is cut off from etcd while serving. A (restarted) waits, B fences itself (the
     // volume closes: its clients get errors), and only then does A get the lease.
     a = agent(mA, stateA, 'node-a');
-    await until(async () => /lease held by node-b/.test(await agentStatus(stateA)), 60_000, () => `node A does not wait for B's lease:\n${a.out()}`);
+    await until(
+      async () => /lease held by node-b/.test(await agentStatus(stateA)),
+      60_000,
+      () => `node A does not wait for B's lease:\n${a.out()}`,
+    );
     proxyB.blackhole();
     const cutAt = performance.now();
     let fencedAt = 0;
@@ -146,7 +167,11 @@ test('node A killed -9: node B takes the lease after the TTL and serves the fsyn
       30_000,
       () => `node B kept serving after the partition:\n${b.out()}`,
     );
-    const aAt = await until(() => serving(a) || a.child.exitCode !== null, 90_000, () => `node A did not take over:\n${a.out()}`);
+    const aAt = await until(
+      () => serving(a) || a.child.exitCode !== null,
+      90_000,
+      () => `node A did not take over:\n${a.out()}`,
+    );
     assert.match(b.out(), /lease lost: stopping I\/O to the volume/);
     assert.ok(fencedAt - cutAt <= TTL * 1000, `B stopped ${fencedAt - cutAt} ms after the cut (TTL ${TTL} s)`);
     assert.ok(fencedAt < aAt, `B stopped at +${fencedAt - cutAt} ms, A took over at +${aAt - cutAt} ms`);
@@ -160,7 +185,10 @@ test('node A killed -9: node B takes the lease after the TTL and serves the fsyn
     for (const p of [a, b]) {
       p.child.kill('SIGTERM');
       let timer: NodeJS.Timeout | undefined;
-      const code = await Promise.race([p.exited, new Promise((r) => (timer = setTimeout(() => r('no exit within 60 s'), 60_000)))]);
+      const code = await Promise.race([
+        p.exited,
+        new Promise((r) => (timer = setTimeout(() => r('no exit within 60 s'), 60_000))),
+      ]);
       clearTimeout(timer);
       assert.equal(code, 0, p.out());
     }

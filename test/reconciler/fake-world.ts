@@ -76,7 +76,12 @@ export class FakeWorld implements VolumePorts {
   async probe(v: VolumeTarget): Promise<VolumeProbe> {
     if (this.crashed) throw new Crash();
     const f = this.files.get(v.path);
-    const p: VolumeProbe = { fileExists: f !== undefined, open: this.mappings.has(v.mapping), attached: this.attached.has(v.mapping), mounted: this.mounted.has(v.mapping) };
+    const p: VolumeProbe = {
+      fileExists: f !== undefined,
+      open: this.mappings.has(v.mapping),
+      attached: this.attached.has(v.mapping),
+      mounted: this.mounted.has(v.mapping),
+    };
     if (f) {
       p.fileBytes = f.bytes;
       p.isLuks = f.luksKey !== undefined;
@@ -105,7 +110,9 @@ export class FakeWorld implements VolumePorts {
       if (this.mappings.has(v.mapping)) throw new Error(`order: format of ${v.id} while open`);
       if (this.diskFull) {
         f.luksKey = 'half-written';
-        throw new CryptmapError('EWRITE', `cannot write the LUKS2 header of ${v.path}: No space left on device`, { errno: 'ENOSPC' });
+        throw new CryptmapError('EWRITE', `cannot write the LUKS2 header of ${v.path}: No space left on device`, {
+          errno: 'ENOSPC',
+        });
       }
       f.luksKey = key.expose().toString('hex');
       f.fs = undefined;
@@ -118,7 +125,8 @@ export class FakeWorld implements VolumePorts {
       const f = this.#file(v);
       const hex = key.expose().toString('hex');
       if (f.luksKey === undefined) throw new CryptmapError('ENOTLUKS', `${v.path} is not LUKS`);
-      if (f.luksKey !== hex) throw new CryptmapError('EUNLOCK', 'No key available with this passphrase.', { exitCode: 2 });
+      if (f.luksKey !== hex)
+        throw new CryptmapError('EUNLOCK', 'No key available with this passphrase.', { exitCode: 2 });
       this.mappings.set(v.mapping, hex);
     });
   }
@@ -138,7 +146,8 @@ export class FakeWorld implements VolumePorts {
 
   close(v: VolumeTarget): Promise<void> {
     return this.#step('close', v, () => {
-      if (this.attached.has(v.mapping) || this.mounted.has(v.mapping)) throw new Error(`order: close of ${v.id} while attached or mounted`);
+      if (this.attached.has(v.mapping) || this.mounted.has(v.mapping))
+        throw new Error(`order: close of ${v.id} while attached or mounted`);
       this.mappings.delete(v.mapping);
     });
   }
@@ -160,7 +169,8 @@ export class FakeWorld implements VolumePorts {
 
   mkfs(v: VolumeTarget): Promise<void> {
     return this.#step('mkfs', v, () => {
-      if (!this.attached.has(v.mapping) || this.mounted.has(v.mapping)) throw new Error(`order: mkfs of ${v.id} needs attached, unmounted`);
+      if (!this.attached.has(v.mapping) || this.mounted.has(v.mapping))
+        throw new Error(`order: mkfs of ${v.id} needs attached, unmounted`);
       const f = this.#file(v);
       f.fs = v.filesystem;
       f.data = [];

@@ -24,7 +24,9 @@ test('persistent volumes wait for keyd, then converge; a client outside the poli
   const t = await tempDir('cryptmap-keyd-apply-');
   const sock = join(t.dir, 'keyd.sock');
   const targets = desiredVolumes(
-    parseManifest(`version: 1\nkeyService: {address: "unix:${sock}"}\nservices:\n  - name: db\n    volumes: [{name: data, size: 8M, class: persistent, mountpoint: /srv/db}]\n  - name: web\n    volumes: [{name: c, size: 8M}]\n`),
+    parseManifest(
+      `version: 1\nkeyService: {address: "unix:${sock}"}\nservices:\n  - name: db\n    volumes: [{name: data, size: 8M, class: persistent, mountpoint: /srv/db}]\n  - name: web\n    volumes: [{name: c, size: 8M}]\n`,
+    ),
     join(t.dir, 'volumes'),
   );
   const world = new FakeWorld();
@@ -32,14 +34,26 @@ test('persistent volumes wait for keyd, then converge; a client outside the poli
   const agentToken = 'agent-token';
   const service = new KeyService({
     root: Secret.copyOf(Buffer.alloc(32, 9)),
-    policy: policyFromObject({ version: 1, clients: [{ identity: 'token:agent', tokenSha256: tokenDigest(agentToken), services: ['db'] }] }),
+    policy: policyFromObject({
+      version: 1,
+      clients: [{ identity: 'token:agent', tokenSha256: tokenDigest(agentToken), services: ['db'] }],
+    }),
     audit,
   });
   const store = new StateStore(t.dir);
   const ephemeralKeys = new MemoryKeyStore();
   const sleeps: number[] = [];
   const run = (keys: ReturnType<typeof connectKeyService>) =>
-    apply({ targets, store, ports: world, keys, ephemeralKeys, bootId: 'b', retry: { attempts: 3, baseMs: 1, maxMs: 2 }, sleep: async (ms) => void sleeps.push(ms) });
+    apply({
+      targets,
+      store,
+      ports: world,
+      keys,
+      ephemeralKeys,
+      bootId: 'b',
+      retry: { attempts: 3, baseMs: 1, maxMs: 2 },
+      sleep: async (ms) => void sleeps.push(ms),
+    });
   let srv: Awaited<ReturnType<typeof listenUnix>> | undefined;
   try {
     const client = connectKeyService(`unix:${sock}`, { timeoutMs: 2000 });
@@ -68,4 +82,3 @@ test('persistent volumes wait for keyd, then converge; a client outside the poli
     await t.cleanup();
   }
 });
-

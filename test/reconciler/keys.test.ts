@@ -53,16 +53,24 @@ test('embedded key service: a wrapped root (passphrase file) and a root secret f
     assert.deepEqual((await again.keys.deriveKey(req)).expose(), kw.expose());
     await again.close();
     await writeFile(pass, 'wrong\n', { mode: 0o600 });
-    await assert.rejects(keyServiceForManifest({ address: 'embedded', passphraseFile: pass }, state), { code: 'EROOTPASS' });
+    await assert.rejects(keyServiceForManifest({ address: 'embedded', passphraseFile: pass }, state), {
+      code: 'EROOTPASS',
+    });
     await assert.rejects(keyServiceForManifest({ address: 'embedded' }, state), /wrapped by a passphrase/);
     // A passphrase file others can read is refused.
     await writeFile(join(t.dir, 'loose.pass'), 'x\n', { mode: 0o644 });
-    await assert.rejects(keyServiceForManifest({ address: 'embedded', passphraseFile: join(t.dir, 'loose.pass') }, state), /chmod 600/);
+    await assert.rejects(
+      keyServiceForManifest({ address: 'embedded', passphraseFile: join(t.dir, 'loose.pass') }, state),
+      /chmod 600/,
+    );
     // Root secret file on another path: must exist (never created), used as is.
     const medium = join(t.dir, 'medium');
     await mkdir(medium, { mode: 0o700 });
     const rootFile = join(medium, 'cryptmap-root.key');
-    await assert.rejects(keyServiceForManifest({ address: 'embedded', rootSecretFile: rootFile }, join(t.dir, 's2')), /does not exist .*never created/);
+    await assert.rejects(
+      keyServiceForManifest({ address: 'embedded', rootSecretFile: rootFile }, join(t.dir, 's2')),
+      /does not exist .*never created/,
+    );
     const made = await loadOrCreateRootSecret(join(t.dir, 'maker'));
     await writeFile(rootFile, made.secret.expose(), { mode: 0o600 });
     const f = await keyServiceForManifest({ address: 'embedded', rootSecretFile: rootFile }, join(t.dir, 's2'));
@@ -81,14 +89,18 @@ test('agent status repeats the warning while a raw embedded root secret sits in 
   try {
     const { spawnSync } = await import('node:child_process');
     const entry = new URL('../../src/cli/entry.js', import.meta.url).pathname;
-    const status = () => spawnSync(process.execPath, [entry, 'agent', 'status', '--state-dir', t.dir], { encoding: 'utf8' });
+    const status = () =>
+      spawnSync(process.execPath, [entry, 'agent', 'status', '--state-dir', t.dir], { encoding: 'utf8' });
     assert.doesNotMatch(status().stdout, /WARNING/);
     const a = await keyServiceForManifest({ address: 'embedded' }, t.dir);
     await a.close();
     const r = status();
     assert.equal(r.status, 0, r.stderr);
     assert.match(r.stdout, /WARNING: the embedded key service keeps the raw root secret in .*keyd\/root\.key/);
-    const json = JSON.parse(spawnSync(process.execPath, [entry, 'agent', 'status', '--json', '--state-dir', t.dir], { encoding: 'utf8' }).stdout) as { warning?: string };
+    const json = JSON.parse(
+      spawnSync(process.execPath, [entry, 'agent', 'status', '--json', '--state-dir', t.dir], { encoding: 'utf8' })
+        .stdout,
+    ) as { warning?: string };
     assert.match(json.warning ?? '', /decrypt every persistent volume/);
   } finally {
     await t.cleanup();

@@ -22,10 +22,28 @@ test('the example manifest parses, with defaults filled in, and is the embedded 
   const m = parseManifest(EXAMPLE, 'examples/manifest.yaml');
   assert.equal(m.keyService.address, 'embedded');
   assert.deepEqual(
-    m.services.map((s) => s.volumes.map((v) => [s.name, v.name, v.class, v.sizeBytes, v.filesystem, v.mountpoint, v.cipher, v.keySizeBits, v.sectorSize])),
-    [[['web', 'cache', 'ephemeral', 64 << 20, 'ext4', '/srv/web/cache', 'aes-xts-plain64', 512, 4096]], [['db', 'data', 'persistent', 64 << 20, 'ext4', '/srv/db', 'aes-xts-plain64', 512, 4096]]],
+    m.services.map((s) =>
+      s.volumes.map((v) => [
+        s.name,
+        v.name,
+        v.class,
+        v.sizeBytes,
+        v.filesystem,
+        v.mountpoint,
+        v.cipher,
+        v.keySizeBits,
+        v.sectorSize,
+      ]),
+    ),
+    [
+      [['web', 'cache', 'ephemeral', 64 << 20, 'ext4', '/srv/web/cache', 'aes-xts-plain64', 512, 4096]],
+      [['db', 'data', 'persistent', 64 << 20, 'ext4', '/srv/db', 'aes-xts-plain64', 512, 4096]],
+    ],
   );
-  assert.deepEqual(m.swap.map((s) => [s.name, s.sizeBytes]), [['swap0', 64 << 20]]);
+  assert.deepEqual(
+    m.swap.map((s) => [s.name, s.sizeBytes]),
+    [['swap0', 64 << 20]],
+  );
   assert.ok(m.services[0]!.volumes[0]!.line > 1);
   const minimal = parseManifest('version: 1\nservices:\n  - name: a\n    volumes:\n      - {name: v, size: 2M}\n');
   assert.equal(minimal.services[0]!.volumes[0]!.class, 'ephemeral');
@@ -37,7 +55,8 @@ test('sizes', () => {
   assert.equal(parseSize('512M'), 512 * 2 ** 20);
   assert.equal(parseSize('2G'), 2 ** 31);
   assert.equal(parseSize('4KiB'), 4096);
-  for (const bad of ['0M', '12', '1.5G', '1 G', 'M', '-1M', '1m']) assert.throws(() => parseSize(bad), /size like 512M/);
+  for (const bad of ['0M', '12', '1.5G', '1 G', 'M', '-1M', '1m'])
+    assert.throws(() => parseSize(bad), /size like 512M/);
 });
 
 test('schema errors give file, line and field path', () => {
@@ -58,7 +77,7 @@ swap:
   - name: s0
 `;
   assert.deepEqual(problems(text), [
-    "m.yaml:10: services[1].volumes[0].size: must be a size like 512M or 2G",
+    'm.yaml:10: services[1].volumes[0].size: must be a size like 512M or 2G',
     'm.yaml:11: services[1].volumes[0].class: must be ephemeral or persistent',
     'm.yaml:12: services[1].volumes[0].colour: is not a known field',
     'm.yaml:13: services[1].volumes[1].name: is required',
@@ -66,7 +85,9 @@ swap:
   ]);
   assert.deepEqual(problems('version: 2\n'), ['m.yaml:1: version: must be 1']);
   assert.deepEqual(problems('version: 1\nservices: {}\n'), ['m.yaml:2: services: must be a list']);
-  assert.deepEqual(problems('version: 1\nkeyService:\n  address: ftp://x\n'), ['m.yaml:3: keyService.address: must be embedded, unix:/path/to/keyd.sock or https://host:port']);
+  assert.deepEqual(problems('version: 1\nkeyService:\n  address: ftp://x\n'), [
+    'm.yaml:3: keyService.address: must be embedded, unix:/path/to/keyd.sock or https://host:port',
+  ]);
   assert.match(problems('version: 1\nservices: [\n')[0]!, /^m\.yaml:\d+: \(syntax\): /);
   assert.match(problems('version: 1\nversion: 1\n')[0]!, /^m\.yaml:\d+: \(syntax\): .*unique/);
   assert.deepEqual(problems(''), ['m.yaml:1: (top level): the manifest is empty']);
@@ -90,9 +111,7 @@ swap:
   - {name: s, size: 1M}
   - {name: s, size: 1M, mountpoint: /x}
 `;
-  assert.deepEqual(problems(text), [
-    'm.yaml:16: swap[1].mountpoint: is not a known field',
-  ]);
+  assert.deepEqual(problems(text), ['m.yaml:16: swap[1].mountpoint: is not a known field']);
   assert.deepEqual(problems(text.replace(', mountpoint: /x', '')), [
     'm.yaml:2: keyService.tls: an https key service needs tls.cert, tls.key and tls.ca',
     "m.yaml:8: services[0].volumes[1].name: volume 'v' is already defined in service 'a'",
@@ -108,14 +127,22 @@ swap:
 });
 
 test('keyService.passphraseFile and rootSecretFile: embedded only', () => {
-  const m = parseManifest('version: 1\nkeyService:\n  address: embedded\n  passphraseFile: secrets/root.pass\n  rootSecretFile: /media/key/root.key.wrapped\n');
+  const m = parseManifest(
+    'version: 1\nkeyService:\n  address: embedded\n  passphraseFile: secrets/root.pass\n  rootSecretFile: /media/key/root.key.wrapped\n',
+  );
   assert.equal(m.keyService.passphraseFile, 'secrets/root.pass');
   assert.equal(m.keyService.rootSecretFile, '/media/key/root.key.wrapped');
-  assert.throws(() => parseManifest('version: 1\nkeyService:\n  address: unix:/run/keyd.sock\n  rootSecretFile: /x\n'), /keyService\.rootSecretFile.*embedded key service only/s);
-  assert.throws(() => parseManifest('version: 1\nkeyService:\n  address: embedded\n  passphraseFile: ""\n'), /passphraseFile/);
+  assert.throws(
+    () => parseManifest('version: 1\nkeyService:\n  address: unix:/run/keyd.sock\n  rootSecretFile: /x\n'),
+    /keyService\.rootSecretFile.*embedded key service only/s,
+  );
+  assert.throws(
+    () => parseManifest('version: 1\nkeyService:\n  address: embedded\n  passphraseFile: ""\n'),
+    /passphraseFile/,
+  );
 });
 
-test('a volume on shared storage: device is an NBD URI, persistent, its size is the export\'s', () => {
+test("a volume on shared storage: device is an NBD URI, persistent, its size is the export's", () => {
   const m = parseManifest(
     'version: 1\nservices:\n  - name: db\n    volumes:\n      - {name: data, class: persistent, device: "nbd+unix:///vol?socket=/run/s.sock", mountpoint: /srv/db}\n',
   );
@@ -127,12 +154,17 @@ test('a volume on shared storage: device is an NBD URI, persistent, its size is 
   assert.deepEqual(problems(`${base}      - {name: a, class: persistent, device: /dev/sdb}\n`), [
     'm.yaml:5: services[0].volumes[0].device: must be an NBD URI: nbd://host[:port]/export, nbds://..., nbd+unix:///export?socket=PATH',
   ]);
-  assert.deepEqual(problems(`${base}      - {name: a, class: persistent, device: "nbd+unix:///x", size: 8M}\n      - {name: b, device: "nbd://h/e"}\n      - {name: c}\n`), [
-    "m.yaml:5: services[0].volumes[0].device: invalid NBD URI 'nbd+unix:///x': nbd+unix URIs need ?socket=PATH",
-    "m.yaml:5: services[0].volumes[0].size: must not be given with device: the volume's size is the export's",
-    'm.yaml:6: services[0].volumes[1].class: a volume on a shared device must be persistent (ephemeral volumes stay node-local files)',
-    'm.yaml:7: services[0].volumes[2].size: is required',
-  ]);
+  assert.deepEqual(
+    problems(
+      `${base}      - {name: a, class: persistent, device: "nbd+unix:///x", size: 8M}\n      - {name: b, device: "nbd://h/e"}\n      - {name: c}\n`,
+    ),
+    [
+      "m.yaml:5: services[0].volumes[0].device: invalid NBD URI 'nbd+unix:///x': nbd+unix URIs need ?socket=PATH",
+      "m.yaml:5: services[0].volumes[0].size: must not be given with device: the volume's size is the export's",
+      'm.yaml:6: services[0].volumes[1].class: a volume on a shared device must be persistent (ephemeral volumes stay node-local files)',
+      'm.yaml:7: services[0].volumes[2].size: is required',
+    ],
+  );
   // The volume's target: path is the URI, no file under the volume directory.
   const t = desiredVolumes(m, '/var/lib/cryptmap/volumes')[0]!;
   assert.equal(t.path, v.device);

@@ -29,7 +29,9 @@ export function manifestText(services: string[], opts: { swap?: string[]; head?:
 
 /** web/cache (16M, mounted), db/data (16M, persistent, mounted at /srv/db), and swap0 (4M) unless `swap` is false. */
 export function mountedManifest(opts: { swap?: boolean } = {}): string {
-  return manifestText([webCacheService(), dbDataService('16M', '/srv/db')], { swap: opts.swap === false ? [] : [swap0()] });
+  return manifestText([webCacheService(), dbDataService('16M', '/srv/db')], {
+    swap: opts.swap === false ? [] : [swap0()],
+  });
 }
 
 /** web/cache (16M, mounted), db/data (8M, persistent, no file system), swap0 (4M): what the agent serves over NBD. */

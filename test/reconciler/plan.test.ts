@@ -43,7 +43,8 @@ function rec(id: string, over: Partial<VolumeRecord> = {}): VolumeRecord {
   };
 }
 
-const kinds = (steps: { kind: string; id: string }[], id: string) => steps.filter((s) => s.id === id).map((s) => s.kind);
+const kinds = (steps: { kind: string; id: string }[], id: string) =>
+  steps.filter((s) => s.id === id).map((s) => s.kind);
 
 test('nothing observed: build everything in manifest order', () => {
   const s = plan(T, new Map(), 'b1');
@@ -54,9 +55,13 @@ test('nothing observed: build everything in manifest order', () => {
 });
 
 test('converged: no steps; new boot: ephemeral and swap rebuilt, persistent untouched', () => {
-  const obs = new Map<string, ObservedVolume>(T.map((t) => [t.id, { record: rec(t.id), probe: up, keyAvailable: true }]));
+  const obs = new Map<string, ObservedVolume>(
+    T.map((t) => [t.id, { record: rec(t.id), probe: up, keyAvailable: true }]),
+  );
   assert.deepEqual(plan(T, obs, 'b1'), []);
-  const after = new Map<string, ObservedVolume>(T.map((t) => [t.id, { record: rec(t.id), probe: stopped, keyAvailable: false }]));
+  const after = new Map<string, ObservedVolume>(
+    T.map((t) => [t.id, { record: rec(t.id), probe: stopped, keyAvailable: false }]),
+  );
   const s = plan(T, after, 'b2');
   assert.deepEqual(kinds(s, CACHE.id), ['deleteFile', 'createFile', 'format', 'open', 'attach', 'mkfs', 'mount']);
   assert.equal(s.find((x) => x.id === CACHE.id)?.reason, 'new boot');
@@ -66,15 +71,59 @@ test('converged: no steps; new boot: ephemeral and swap rebuilt, persistent unto
 
 test('persistent refusals: not LUKS, damaged, disappeared, does not unlock', () => {
   const one = (o: ObservedVolume) => plan([DATA], new Map([[DATA.id, o]]), 'b1');
-  assert.match(one({ record: rec(DATA.id), probe: { ...stopped, isLuks: false }, keyAvailable: false })[0]!.reason!, /not a LUKS volume/);
-  assert.match(one({ record: rec(DATA.id), probe: { ...stopped, damage: 'truncated' }, keyAvailable: false })[0]!.reason!, /truncated/);
+  assert.match(
+    one({ record: rec(DATA.id), probe: { ...stopped, isLuks: false }, keyAvailable: false })[0]!.reason!,
+    /not a LUKS volume/,
+  );
+  assert.match(
+    one({ record: rec(DATA.id), probe: { ...stopped, damage: 'truncated' }, keyAvailable: false })[0]!.reason!,
+    /truncated/,
+  );
   assert.match(one({ record: rec(DATA.id), probe: down, keyAvailable: false })[0]!.reason!, /disappeared/);
-  assert.match(one({ record: rec(DATA.id), probe: stopped, keyAvailable: false, unlockFailed: 'x' })[0]!.reason!, /does not unlock/);
-  for (const o of [{ probe: { ...stopped, isLuks: false } }]) assert.equal(one({ ...o, keyAvailable: false })[0]!.kind, 'refuse');
+  assert.match(
+    one({ record: rec(DATA.id), probe: stopped, keyAvailable: false, unlockFailed: 'x' })[0]!.reason!,
+    /does not unlock/,
+  );
+  for (const o of [{ probe: { ...stopped, isLuks: false } }])
+    assert.equal(one({ ...o, keyAvailable: false })[0]!.kind, 'refuse');
   // Found without a record (a copy from another node): opened, never mkfs-ed.
   assert.deepEqual(kinds(one({ probe: stopped, keyAvailable: false }), DATA.id), ['open', 'attach', 'mount']);
   // Interrupted creation: no data yet, so remade.
-  assert.deepEqual(kinds(one({ record: rec(DATA.id, { phase: 'creating', formatted: false, mkfsDone: false }), probe: { ...stopped, isLuks: false }, keyAvailable: false }), DATA.id), [
+  assert.deepEqual(
+    kinds(
+      one({
+        record: rec(DATA.id, { phase: 'creating', formatted: false, mkfsDone: false }),
+        probe: { ...stopped, isLuks: false },
+        keyAvailable: false,
+      }),
+      DATA.id,
+    ),
+    ['deleteFile', 'createFile', 'format', 'open', 'attach', 'mkfs', 'mount'],
+  );
+  // Formatted by us but mkfs not done yet: mkfs once.
+  assert.deepEqual(
+    kinds(one({ record: rec(DATA.id, { mkfsDone: false }), probe: stopped, keyAvailable: false }), DATA.id),
+    ['open', 'attach', 'mkfs', 'mount'],
+  );
+});
+
+test('class changes: persistent to ephemeral refused; ephemeral to persistent remade', () => {
+  const p2e = plan(
+    [CACHE],
+    new Map([[CACHE.id, { record: rec(CACHE.id, { class: 'persistent' }), probe: stopped, keyAvailable: false }]]),
+    'b1',
+  );
+  assert.equal(p2e[0]?.kind, 'refuse');
+  assert.match(p2e[0]!.reason!, /would destroy its data/);
+  const e2p = plan(
+    [DATA],
+    new Map([[DATA.id, { record: rec(DATA.id, { class: 'ephemeral' }), probe: up, keyAvailable: true }]]),
+    'b1',
+  );
+  assert.deepEqual(kinds(e2p, DATA.id), [
+    'unmount',
+    'detach',
+    'close',
     'deleteFile',
     'createFile',
     'format',
@@ -83,26 +132,25 @@ test('persistent refusals: not LUKS, damaged, disappeared, does not unlock', () 
     'mkfs',
     'mount',
   ]);
-  // Formatted by us but mkfs not done yet: mkfs once.
-  assert.deepEqual(kinds(one({ record: rec(DATA.id, { mkfsDone: false }), probe: stopped, keyAvailable: false }), DATA.id), ['open', 'attach', 'mkfs', 'mount']);
-});
-
-test('class changes: persistent to ephemeral refused; ephemeral to persistent remade', () => {
-  const p2e = plan([CACHE], new Map([[CACHE.id, { record: rec(CACHE.id, { class: 'persistent' }), probe: stopped, keyAvailable: false }]]), 'b1');
-  assert.equal(p2e[0]?.kind, 'refuse');
-  assert.match(p2e[0]!.reason!, /would destroy its data/);
-  const e2p = plan([DATA], new Map([[DATA.id, { record: rec(DATA.id, { class: 'ephemeral' }), probe: up, keyAvailable: true }]]), 'b1');
-  assert.deepEqual(kinds(e2p, DATA.id), ['unmount', 'detach', 'close', 'deleteFile', 'createFile', 'format', 'open', 'attach', 'mkfs', 'mount']);
 });
 
 test('removed volumes: torn down first; only ephemeral files this agent made are deleted', () => {
-  const obs = new Map<string, ObservedVolume>(T.map((t) => [t.id, { record: rec(t.id), probe: up, keyAvailable: true }]));
+  const obs = new Map<string, ObservedVolume>(
+    T.map((t) => [t.id, { record: rec(t.id), probe: up, keyAvailable: true }]),
+  );
   const s = plan([], obs, 'b1');
   assert.deepEqual(kinds(s, CACHE.id), ['unmount', 'detach', 'close', 'deleteFile']);
   assert.deepEqual(kinds(s, DATA.id), ['unmount', 'detach', 'close']);
   assert.deepEqual(kinds(s, SWAP.id), ['unmount', 'detach', 'close', 'deleteFile']);
-  const onlyCache = plan([CACHE], new Map([...obs].map(([k, v]) => [k, k === CACHE.id ? { ...v, probe: stopped } : v])), 'b1');
-  assert.ok(onlyCache.findIndex((x) => x.id === DATA.id) < onlyCache.findIndex((x) => x.id === CACHE.id), 'teardown before bring-up');
+  const onlyCache = plan(
+    [CACHE],
+    new Map([...obs].map(([k, v]) => [k, k === CACHE.id ? { ...v, probe: stopped } : v])),
+    'b1',
+  );
+  assert.ok(
+    onlyCache.findIndex((x) => x.id === DATA.id) < onlyCache.findIndex((x) => x.id === CACHE.id),
+    'teardown before bring-up',
+  );
   // An unexplained file at an ephemeral path is refused, not deleted.
   const foreign = plan([CACHE], new Map([[CACHE.id, { probe: stopped, keyAvailable: false }]]), 'b1');
   assert.deepEqual(kinds(foreign, CACHE.id), ['refuse']);

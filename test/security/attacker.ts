@@ -12,7 +12,8 @@ import { join } from 'node:path';
 export const ATTACKER = 'cryptmap-attacker';
 
 /** `skip` option for tests that need root: a reason outside CI, never a silent skip. */
-export const NEEDS_ROOT: string | false = process.getuid?.() !== 0 && !process.env.CI ? 'needs root to act as a second local user (CI runs as root)' : false;
+export const NEEDS_ROOT: string | false =
+  process.getuid?.() !== 0 && !process.env.CI ? 'needs root to act as a second local user (CI runs as root)' : false;
 
 export interface Attacker {
   uid: number;
@@ -37,8 +38,22 @@ export function attacker(): Attacker {
   if (cached) return cached;
   for (let i = 0; idOf('-u') === undefined; i++) {
     // Another test file may be creating it at the same moment: retry while /etc/passwd is locked.
-    const r = spawnSync('useradd', ['--system', '--no-create-home', '--home-dir', '/nonexistent', '--shell', '/usr/sbin/nologin', '--user-group', ATTACKER], { encoding: 'utf8' });
-    if (r.error || (r.status !== 0 && i > 20)) throw new Error(`useradd ${ATTACKER} failed: ${r.error?.message ?? r.stderr}`);
+    const r = spawnSync(
+      'useradd',
+      [
+        '--system',
+        '--no-create-home',
+        '--home-dir',
+        '/nonexistent',
+        '--shell',
+        '/usr/sbin/nologin',
+        '--user-group',
+        ATTACKER,
+      ],
+      { encoding: 'utf8' },
+    );
+    if (r.error || (r.status !== 0 && i > 20))
+      throw new Error(`useradd ${ATTACKER} failed: ${r.error?.message ?? r.stderr}`);
     if (r.status !== 0) spawnSync('sleep', ['0.2']);
   }
   const uid = idOf('-u') as number;
@@ -51,7 +66,10 @@ export function attacker(): Attacker {
       return spawnSync('setpriv', [...priv, '/bin/sh', '-c', script], { encoding: 'utf8', timeout: 20_000, cwd: '/' });
     },
     node(script, args = []) {
-      return spawn('setpriv', [...priv, process.execPath, '-e', script, ...args], { stdio: ['ignore', 'pipe', 'pipe'], cwd: '/' });
+      return spawn('setpriv', [...priv, process.execPath, '-e', script, ...args], {
+        stdio: ['ignore', 'pipe', 'pipe'],
+        cwd: '/',
+      });
     },
     dir(mode = 0o755) {
       const d = mkdtempSync(join(tmpdir(), 'cm-attacker-'));

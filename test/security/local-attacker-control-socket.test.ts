@@ -19,7 +19,11 @@ function listenAsAttacker(path: string) {
   const child = attacker().node(script);
   let out = '';
   child.stdout?.on('data', (d) => (out += d));
-  return { child, ready: waitForLine(child, 'LISTENING'), received: () => out.split('\n').filter((l) => l.startsWith('DATA:')) };
+  return {
+    child,
+    ready: waitForLine(child, 'LISTENING'),
+    received: () => out.split('\n').filter((l) => l.startsWith('DATA:')),
+  };
 }
 
 async function formatted(dir: string): Promise<{ img: string; key: string }> {
@@ -28,12 +32,26 @@ async function formatted(dir: string): Promise<{ img: string; key: string }> {
   writeFileSync(img, '');
   truncateSync(img, 32 << 20);
   writeFileSync(key, 'attacker must never see this\n', { mode: 0o600 });
-  const r = await cli(['luksFormat', '-q', '--type', 'luks2', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', key, img]);
+  const r = await cli([
+    'luksFormat',
+    '-q',
+    '--type',
+    'luks2',
+    '--pbkdf',
+    'pbkdf2',
+    '--pbkdf-force-iterations',
+    '1000',
+    '--key-file',
+    key,
+    img,
+  ]);
   assert.equal(r.code, 0, r.stderr);
   return { img, key };
 }
 
-test('open with CRYPTMAP_RUNTIME_DIR pointing at the attacker\'s directory: refused before the key is sent', { skip: NEEDS_ROOT }, async () => {
+test("open with CRYPTMAP_RUNTIME_DIR pointing at the attacker's directory: refused before the key is sent", {
+  skip: NEEDS_ROOT,
+}, async () => {
   const a = attacker();
   const victim = mkdtempSync(join(tmpdir(), 'cm-victim-'));
   const adir = a.dir(0o755);
@@ -41,14 +59,17 @@ test('open with CRYPTMAP_RUNTIME_DIR pointing at the attacker\'s directory: refu
   try {
     await l.ready;
     const { img, key } = await formatted(victim);
-    await attack('CLI open with CRYPTMAP_RUNTIME_DIR at a directory and control socket owned by another user', async () => {
-      const r = await cli(['open', '--key-file', key, img, 'stolen'], { env: { CRYPTMAP_RUNTIME_DIR: adir } });
-      assert.equal(r.code, 2, r.stderr);
-      assert.match(r.stderr, new RegExp(`refusing ${adir}: it belongs to uid ${a.uid}`));
-      await new Promise((res) => setTimeout(res, 200));
-      assert.deepEqual(l.received(), [], 'the attacker received nothing');
-      return 'refused before connecting (runtime dir owned by another user); the listener received 0 bytes';
-    });
+    await attack(
+      'CLI open with CRYPTMAP_RUNTIME_DIR at a directory and control socket owned by another user',
+      async () => {
+        const r = await cli(['open', '--key-file', key, img, 'stolen'], { env: { CRYPTMAP_RUNTIME_DIR: adir } });
+        assert.equal(r.code, 2, r.stderr);
+        assert.match(r.stderr, new RegExp(`refusing ${adir}: it belongs to uid ${a.uid}`));
+        await new Promise((res) => setTimeout(res, 200));
+        assert.deepEqual(l.received(), [], 'the attacker received nothing');
+        return 'refused before connecting (runtime dir owned by another user); the listener received 0 bytes';
+      },
+    );
   } finally {
     l.child.kill();
     rmSync(adir, { recursive: true, force: true });
@@ -56,7 +77,9 @@ test('open with CRYPTMAP_RUNTIME_DIR pointing at the attacker\'s directory: refu
   }
 });
 
-test('a socket of another user moved into a root-owned directory and chowned to root: SO_PEERCRED refuses it', { skip: NEEDS_ROOT }, async () => {
+test('a socket of another user moved into a root-owned directory and chowned to root: SO_PEERCRED refuses it', {
+  skip: NEEDS_ROOT,
+}, async () => {
   assert.ok(peerCredAvailable(), 'the native addon with peerCred must be built (node scripts/build-native.mjs)');
   const a = attacker();
   const adir = a.dir(0o755);
@@ -67,15 +90,22 @@ test('a socket of another user moved into a root-owned directory and chowned to 
     renameSync(join(adir, 'control.sock'), join(run, 'control.sock'));
     chownSync(join(run, 'control.sock'), 0, 0);
     chmodSync(join(run, 'control.sock'), 0o600);
-    await attack('control socket in a good root-owned directory, but the listening process runs as another user', async () => {
-      await assert.rejects(ControlClient.connect(run), (e: Error & { code?: string }) => e.code === 'EUNTRUSTED_DAEMON' && new RegExp(`runs as uid ${a.uid}`).test(e.message));
-      // Also with the socket still owned by the attacker: the path check alone refuses it.
-      chownSync(join(run, 'control.sock'), a.uid, a.gid);
-      await assert.rejects(ControlClient.connect(run), /control\.sock: it belongs to uid/);
-      await new Promise((res) => setTimeout(res, 200));
-      assert.deepEqual(l.received(), []);
-      return 'refused by SO_PEERCRED (peer uid is not root or the caller); 0 bytes sent';
-    });
+    await attack(
+      'control socket in a good root-owned directory, but the listening process runs as another user',
+      async () => {
+        await assert.rejects(
+          ControlClient.connect(run),
+          (e: Error & { code?: string }) =>
+            e.code === 'EUNTRUSTED_DAEMON' && new RegExp(`runs as uid ${a.uid}`).test(e.message),
+        );
+        // Also with the socket still owned by the attacker: the path check alone refuses it.
+        chownSync(join(run, 'control.sock'), a.uid, a.gid);
+        await assert.rejects(ControlClient.connect(run), /control\.sock: it belongs to uid/);
+        await new Promise((res) => setTimeout(res, 200));
+        assert.deepEqual(l.received(), []);
+        return 'refused by SO_PEERCRED (peer uid is not root or the caller); 0 bytes sent';
+      },
+    );
   } finally {
     l.child.kill();
     rmSync(adir, { recursive: true, force: true });
@@ -83,7 +113,9 @@ test('a socket of another user moved into a root-owned directory and chowned to 
   }
 });
 
-test('keyd client: a token and a key request are never sent to another user\'s socket', { skip: NEEDS_ROOT }, async () => {
+test("keyd client: a token and a key request are never sent to another user's socket", {
+  skip: NEEDS_ROOT,
+}, async () => {
   const a = attacker();
   const adir = a.dir(0o755);
   const l = listenAsAttacker(join(adir, 'keyd.sock'));
@@ -91,7 +123,9 @@ test('keyd client: a token and a key request are never sent to another user\'s s
     await l.ready;
     await attack('keyd client pointed at a socket another user listens on (with a client token)', async () => {
       const c = unixKeyClient({ socketPath: join(adir, 'keyd.sock'), token: 'f'.repeat(64), timeoutMs: 2000 });
-      await assert.rejects(c.deriveKey({ purpose: 'scratch', service: 'db', volume: 'data' }), { code: 'EKEYD_UNTRUSTED' });
+      await assert.rejects(c.deriveKey({ purpose: 'scratch', service: 'db', volume: 'data' }), {
+        code: 'EKEYD_UNTRUSTED',
+      });
       await assert.rejects(c.ping(), { code: 'EKEYD_UNTRUSTED' });
       await new Promise((res) => setTimeout(res, 200));
       assert.deepEqual(l.received(), []);
@@ -103,7 +137,9 @@ test('keyd client: a token and a key request are never sent to another user\'s s
   }
 });
 
-test('daemon: a client of another uid that reaches a too-open control socket is refused (SO_PEERCRED)', { skip: NEEDS_ROOT }, async () => {
+test('daemon: a client of another uid that reaches a too-open control socket is refused (SO_PEERCRED)', {
+  skip: NEEDS_ROOT,
+}, async () => {
   assert.ok(peerCredAvailable(), 'the native addon with peerCred must be built');
   const a = attacker();
   const base = mkdtempSync(join(tmpdir(), 'cm-victim-'));
@@ -131,4 +167,3 @@ test('daemon: a client of another uid that reaches a too-open control socket is 
     rmSync(base, { recursive: true, force: true });
   }
 });
-

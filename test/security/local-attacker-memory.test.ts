@@ -44,7 +44,8 @@ function scanProcess(pid: number, find: { name: string; bytes: Buffer }[]): { fo
       if (!m) continue;
       const path = m[5] ?? '';
       // Read-only file mappings (code, data files) cannot hold a key that arrived at run time.
-      if ((path.startsWith('/') && m[4] !== 'w') || path === '[vvar]' || path === '[vsyscall]' || path === '[vdso]') continue;
+      if ((path.startsWith('/') && m[4] !== 'w') || path === '[vvar]' || path === '[vsyscall]' || path === '[vdso]')
+        continue;
       const start = Number.parseInt(m[1]!, 16);
       const end = Number.parseInt(m[2]!, 16);
       let carried = 0;
@@ -71,7 +72,9 @@ function scanProcess(pid: number, find: { name: string; bytes: Buffer }[]): { fo
   return { found: [...found], scannedBytes };
 }
 
-test('after luksSuspend the daemon holds no copy of the volume key (its memory scanned through /proc/PID/mem)', { timeout: 180_000 }, async () => {
+test('after luksSuspend the daemon holds no copy of the volume key (its memory scanned through /proc/PID/mem)', {
+  timeout: 180_000,
+}, async () => {
   const dir = mkdtempSync(join(tmpdir(), 'cryptmap-attacker-mem-'));
   const key = randomBytes(64);
   let daemon: Awaited<ReturnType<typeof startDaemon>> | undefined;
@@ -97,21 +100,41 @@ test('after luksSuspend the daemon holds no copy of the volume key (its memory s
       assert.equal(code, 0, `cryptmap ${args.join(' ')}: ${out.slice(-3).join('')}`);
     };
     const rundir = join(dir, 'run');
-    await run(['luksFormat', '--type', 'luks2', '--batch-mode', '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000', '--key-file', join(dir, 'pass'), '--volume-key-file', join(dir, 'vk'), img]);
+    await run([
+      'luksFormat',
+      '--type',
+      'luks2',
+      '--batch-mode',
+      '--pbkdf',
+      'pbkdf2',
+      '--pbkdf-force-iterations',
+      '1000',
+      '--key-file',
+      join(dir, 'pass'),
+      '--volume-key-file',
+      join(dir, 'vk'),
+      img,
+    ]);
     daemon = await startDaemon(rundir);
     await run(['open', '--type', 'luks2', '--key-file', join(dir, 'pass'), '--runtime-dir', rundir, img, 'vol']);
     const find = needles(key);
     // The scanner works: while open, the key is in the daemon (its keyring and the cipher's schedule).
     const open = scanProcess(daemon.pid, find);
-    assert.ok(open.found.includes('raw half 0') && open.found.includes('raw half 1'), `the scan did not find the open volume's key: ${open.found.join(', ')}`);
-    await attack('dump the daemon\'s memory (/proc/PID/mem) after `luksSuspend` and search it for the volume key (raw, hex, base64)', async () => {
-      await run(['luksSuspend', '--runtime-dir', rundir, 'vol']);
-      const after = scanProcess(daemon!.pid, find);
-      assert.deepEqual(after.found, [], `the suspended volume's key is still in the daemon's memory`);
-      return `no copy in ${(after.scannedBytes / 2 ** 20).toFixed(0)} MiB of the daemon's writable memory (while open: ${open.found.filter((f) => f.startsWith('raw')).length} raw forms found)`;
-    });
+    assert.ok(
+      open.found.includes('raw half 0') && open.found.includes('raw half 1'),
+      `the scan did not find the open volume's key: ${open.found.join(', ')}`,
+    );
+    await attack(
+      "dump the daemon's memory (/proc/PID/mem) after `luksSuspend` and search it for the volume key (raw, hex, base64)",
+      async () => {
+        await run(['luksSuspend', '--runtime-dir', rundir, 'vol']);
+        const after = scanProcess(daemon!.pid, find);
+        assert.deepEqual(after.found, [], `the suspended volume's key is still in the daemon's memory`);
+        return `no copy in ${(after.scannedBytes / 2 ** 20).toFixed(0)} MiB of the daemon's writable memory (while open: ${open.found.filter((f) => f.startsWith('raw')).length} raw forms found)`;
+      },
+    );
     await run(['luksResume', '--key-file', join(dir, 'pass'), '--runtime-dir', rundir, 'vol']);
-    await attack('dump the daemon\'s memory after `luksResume` and `close`', async () => {
+    await attack("dump the daemon's memory after `luksResume` and `close`", async () => {
       await run(['close', '--runtime-dir', rundir, 'vol']);
       const after = scanProcess(daemon!.pid, find);
       assert.deepEqual(after.found, [], `the closed volume's key is still in the daemon's memory`);
@@ -123,47 +146,58 @@ test('after luksSuspend the daemon holds no copy of the volume key (its memory s
   }
 });
 
-test('a control connection cut half-way through a key leaves no part of it in the daemon', { timeout: 120_000 }, async () => {
+test('a control connection cut half-way through a key leaves no part of it in the daemon', {
+  timeout: 120_000,
+}, async () => {
   const dir = mkdtempSync(join(tmpdir(), 'cryptmap-attacker-cut-'));
   const key = randomBytes(64);
   let daemon: Awaited<ReturnType<typeof startDaemon>> | undefined;
   try {
     const rundir = join(dir, 'run');
     daemon = await startDaemon(rundir);
-    await attack('send the daemon a request whose 64-byte key stops after 40 bytes, hang up, then dump its memory', async () => {
-      const sock = connect(controlSocketPath(rundir));
-      await new Promise<void>((res, rej) => {
-        sock.once('connect', res);
-        sock.once('error', rej);
-      });
-      const line = Buffer.from(`${JSON.stringify({ id: 1, op: 'daemon.ping', args: {}, bin: { key: 64 } })}\n`);
-      await new Promise<void>((res, rej) => sock.write(Buffer.concat([line, key.subarray(0, 40)]), (e) => (e ? rej(e) : res())));
-      // The daemon has read the bytes once it answers a request on a second connection that was
-      // opened after them; the cut connection's close is seen no later than that one's data.
-      const sync = async () => {
-        const c = await ControlClient.connect(rundir);
-        try {
-          await c.call('daemon.ping');
-        } finally {
-          c.close();
-        }
-      };
-      await sync();
-      sock.destroy();
-      const find = needles(key).filter((n) => n.name === 'raw half 0');
-      let found: string[] = [];
-      let scanned = 0;
-      // The close is handled in a later turn of the daemon's loop: a few round trips, then the verdict.
-      for (let i = 0; i < 5; i++) {
+    await attack(
+      'send the daemon a request whose 64-byte key stops after 40 bytes, hang up, then dump its memory',
+      async () => {
+        const sock = connect(controlSocketPath(rundir));
+        await new Promise<void>((res, rej) => {
+          sock.once('connect', res);
+          sock.once('error', rej);
+        });
+        const line = Buffer.from(`${JSON.stringify({ id: 1, op: 'daemon.ping', args: {}, bin: { key: 64 } })}\n`);
+        await new Promise<void>((res, rej) =>
+          sock.write(Buffer.concat([line, key.subarray(0, 40)]), (e) => (e ? rej(e) : res())),
+        );
+        // The daemon has read the bytes once it answers a request on a second connection that was
+        // opened after them; the cut connection's close is seen no later than that one's data.
+        const sync = async () => {
+          const c = await ControlClient.connect(rundir);
+          try {
+            await c.call('daemon.ping');
+          } finally {
+            c.close();
+          }
+        };
         await sync();
-        const r = scanProcess(daemon!.pid, find);
-        found = r.found;
-        scanned = r.scannedBytes;
-        if (found.length === 0) break;
-      }
-      assert.deepEqual(found, [], 'the first 32 bytes of the key are still in the daemon after the connection closed');
-      return `no copy in ${(scanned / 2 ** 20).toFixed(0)} MiB of the daemon's writable memory`;
-    });
+        sock.destroy();
+        const find = needles(key).filter((n) => n.name === 'raw half 0');
+        let found: string[] = [];
+        let scanned = 0;
+        // The close is handled in a later turn of the daemon's loop: a few round trips, then the verdict.
+        for (let i = 0; i < 5; i++) {
+          await sync();
+          const r = scanProcess(daemon!.pid, find);
+          found = r.found;
+          scanned = r.scannedBytes;
+          if (found.length === 0) break;
+        }
+        assert.deepEqual(
+          found,
+          [],
+          'the first 32 bytes of the key are still in the daemon after the connection closed',
+        );
+        return `no copy in ${(scanned / 2 ** 20).toFixed(0)} MiB of the daemon's writable memory`;
+      },
+    );
   } finally {
     if (daemon) await daemon.kill();
     rmSync(dir, { recursive: true, force: true });
@@ -174,10 +208,18 @@ test('daemon and keyd turn core dumps off at start (PR_SET_DUMPABLE 0)', { timeo
   // The addon call itself: PR_GET_DUMPABLE reads 0 in a process that called disableCoreDumps.
   const probe = spawnSync(
     process.execPath,
-    ['--input-type=module', '-e', `import { disableCoreDumps } from '${new URL('../../src/util/dumpable.js', import.meta.url).pathname}'; import { loadNative } from '${new URL('../../src/util/native.js', import.meta.url).pathname}'; const before = loadNative().dumpable(); const ok = disableCoreDumps('probe'); console.log(JSON.stringify({ before, ok, after: loadNative().dumpable() }));`],
+    [
+      '--input-type=module',
+      '-e',
+      `import { disableCoreDumps } from '${new URL('../../src/util/dumpable.js', import.meta.url).pathname}'; import { loadNative } from '${new URL('../../src/util/native.js', import.meta.url).pathname}'; const before = loadNative().dumpable(); const ok = disableCoreDumps('probe'); console.log(JSON.stringify({ before, ok, after: loadNative().dumpable() }));`,
+    ],
     { encoding: 'utf8' },
   );
-  assert.deepEqual(JSON.parse(probe.stdout.trim().split('\n').pop() ?? '{}'), { before: true, ok: true, after: false }, probe.stderr);
+  assert.deepEqual(
+    JSON.parse(probe.stdout.trim().split('\n').pop() ?? '{}'),
+    { before: true, ok: true, after: false },
+    probe.stderr,
+  );
   const dir = mkdtempSync(join(tmpdir(), 'cryptmap-attacker-dump-'));
   let keyd: ReturnType<typeof spawn> | undefined;
   try {
@@ -185,7 +227,10 @@ test('daemon and keyd turn core dumps off at start (PR_SET_DUMPABLE 0)', { timeo
       const daemon = await startDaemon(join(dir, 'run'), { CRYPTMAP_LOG: 'debug' });
       await daemon.stop();
       assert.match(daemon.output(), /core dumps off \(PR_SET_DUMPABLE 0\)/, 'the daemon did not turn core dumps off');
-      keyd = spawn(process.execPath, [ENTRY, 'keyd', '--state-dir', join(dir, 'keyd')], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, CRYPTMAP_LOG: 'debug' } });
+      keyd = spawn(process.execPath, [ENTRY, 'keyd', '--state-dir', join(dir, 'keyd')], {
+        stdio: ['ignore', 'pipe', 'pipe'],
+        env: { ...process.env, CRYPTMAP_LOG: 'debug' },
+      });
       let out = '';
       keyd.stdout?.on('data', (d) => (out += d));
       keyd.stderr?.on('data', (d) => (out += d));

@@ -17,10 +17,16 @@ import { attacker, NEEDS_ROOT } from './attacker.js';
 
 setLogSink(() => {});
 
-test('system directories and symlinked or foreign-owned paths are never mountpoints', { skip: NEEDS_ROOT }, async () => {
+test('system directories and symlinked or foreign-owned paths are never mountpoints', {
+  skip: NEEDS_ROOT,
+}, async () => {
   await attack('manifest mountpoints /, /etc, /usr/../etc, /run, /proc', () => {
     for (const p of ['/', '/etc', '/usr/../etc', '/run', '/proc', '/boot', '/sys', '/dev', '/usr']) {
-      assert.throws(() => ensureMountpoint(p), (e: Error & { code?: string }) => e.code === 'EMOUNTPOINT' && /system directory/.test(e.message), p);
+      assert.throws(
+        () => ensureMountpoint(p),
+        (e: Error & { code?: string }) => e.code === 'EMOUNTPOINT' && /system directory/.test(e.message),
+        p,
+      );
     }
     return 'refused as system directories';
   });
@@ -30,7 +36,10 @@ test('system directories and symlinked or foreign-owned paths are never mountpoi
     chmodSync(t.dir, 0o755);
     mkdirSync(join(t.dir, 'owned'));
     chownSync(join(t.dir, 'owned'), a.uid, a.gid);
-    assert.throws(() => ensureMountpoint(join(t.dir, 'owned', 'db')), new RegExp(`refusing ${t.dir}/owned: it belongs to uid ${a.uid}, not to root`));
+    assert.throws(
+      () => ensureMountpoint(join(t.dir, 'owned', 'db')),
+      new RegExp(`refusing ${t.dir}/owned: it belongs to uid ${a.uid}, not to root`),
+    );
     const ok = ensureMountpoint(join(t.dir, 'good', 'srv', 'db'));
     assert.equal(ok, join(t.dir, 'good', 'srv', 'db'));
     assert.equal(readFileSync('/proc/self/mounts', 'utf8').includes(ok), false);
@@ -39,7 +48,9 @@ test('system directories and symlinked or foreign-owned paths are never mountpoi
   }
 });
 
-test('agent: a mountpoint whose parent a service user owns and pointed at a root-owned directory is not mounted over', { skip: NEEDS_ROOT }, async () => {
+test('agent: a mountpoint whose parent a service user owns and pointed at a root-owned directory is not mounted over', {
+  skip: NEEDS_ROOT,
+}, async () => {
   const a = attacker();
   const t = await tempDir('cm-mount-attack-');
   chmodSync(t.dir, 0o755);
@@ -54,19 +65,28 @@ test('agent: a mountpoint whose parent a service user owns and pointed at a root
   const manifest = parseManifest(manifestText([dbDataService('16M', '/srv/db')]));
   let host: AgentHost | undefined;
   try {
-    host = await AgentHost.start({ manifest, stateDir: join(t.dir, 'state'), bootId: 'boot-1', mountRoot: mnt, retry: { attempts: 1, baseMs: 1, maxMs: 1 } });
+    host = await AgentHost.start({
+      manifest,
+      stateDir: join(t.dir, 'state'),
+      bootId: 'boot-1',
+      mountRoot: mnt,
+      retry: { attempts: 1, baseMs: 1, maxMs: 1 },
+    });
     assert.equal(host.mode, 'attach', 'as root here, attach must be possible');
     const h = host;
-    await attack('agent mount at a path whose parent a service user owns and symlinked to a root-owned directory', async () => {
-      const rep = await h.reconcile();
-      const v = rep.volumes.find((x) => x.id === 'scratch/db/data');
-      assert.notEqual(v?.state, 'ready', JSON.stringify(rep.volumes));
-      assert.match(v?.reason ?? '', /refusing .*srv: it belongs to uid/, JSON.stringify(v));
-      const mounts = readFileSync('/proc/self/mounts', 'utf8');
-      assert.ok(!mounts.includes(victim) && !mounts.includes(mnt), `nothing mounted at ${victim} or under ${mnt}`);
-      assert.equal(readFileSync(join(victim, 'passwd'), 'utf8'), 'root:x:0:0\n');
-      return 'mount refused (parent owned by the service user); the root-owned directory was not covered';
-    });
+    await attack(
+      'agent mount at a path whose parent a service user owns and symlinked to a root-owned directory',
+      async () => {
+        const rep = await h.reconcile();
+        const v = rep.volumes.find((x) => x.id === 'scratch/db/data');
+        assert.notEqual(v?.state, 'ready', JSON.stringify(rep.volumes));
+        assert.match(v?.reason ?? '', /refusing .*srv: it belongs to uid/, JSON.stringify(v));
+        const mounts = readFileSync('/proc/self/mounts', 'utf8');
+        assert.ok(!mounts.includes(victim) && !mounts.includes(mnt), `nothing mounted at ${victim} or under ${mnt}`);
+        assert.equal(readFileSync(join(victim, 'passwd'), 'utf8'), 'root:x:0:0\n');
+        return 'mount refused (parent owned by the service user); the root-owned directory was not covered';
+      },
+    );
   } finally {
     await host?.stop().catch(() => {});
     cleanupKernelState(t.dir);

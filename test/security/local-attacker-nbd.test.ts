@@ -60,41 +60,54 @@ async function roundTrip(c: RawClient, seed: number): Promise<number> {
 }
 
 test('isLoopback is exact: names that merely start with 127. are not loopback', () => {
-  for (const h of ['127.0.0.1', '127.1.2.3', 'localhost', '::1', '::ffff:127.0.0.1', 'LOCALHOST']) assert.equal(isLoopback(h), true, h);
-  for (const h of ['127.evil.example', '127.0.0.1.nip.io', '1127.0.0.1', '10.0.0.1', '::2', '', '127.']) assert.equal(isLoopback(h), false, h);
+  for (const h of ['127.0.0.1', '127.1.2.3', 'localhost', '::1', '::ffff:127.0.0.1', 'LOCALHOST'])
+    assert.equal(isLoopback(h), true, h);
+  for (const h of ['127.evil.example', '127.0.0.1.nip.io', '1127.0.0.1', '10.0.0.1', '::2', '', '127.'])
+    assert.equal(isLoopback(h), false, h);
 });
 
 test('the daemon refuses NBD over TCP without verified client certificates, loopback included', async () => {
-  await attack('start `cryptmap daemon --listen 127.0.0.1:PORT` without TLS so any local user can read volumes', async () => {
-    const err: string[] = [];
-    const sink = new Writable({
-      write(c, _e, cb) {
-        err.push(String(c));
-        cb();
-      },
-    });
-    const io = { stdin: Readable.from([]), stdout: sink, stderr: sink, env: { ...process.env } } as unknown as Parameters<typeof main>[1];
-    const port = await freePort();
-    for (const extra of [[], ['--tls', 'off'], ['--tls-verify-client']]) {
-      const code = await main(['daemon', '--runtime-dir', join(dir, 'rt-refuse'), '--listen', `127.0.0.1:${port}`, ...extra], io).catch((e: { exitCode?: number; message: string }) => {
-        err.push(e.message);
-        return e.exitCode ?? 1;
+  await attack(
+    'start `cryptmap daemon --listen 127.0.0.1:PORT` without TLS so any local user can read volumes',
+    async () => {
+      const err: string[] = [];
+      const sink = new Writable({
+        write(c, _e, cb) {
+          err.push(String(c));
+          cb();
+        },
       });
-      assert.notEqual(code, 0, `daemon started with --listen ${extra.join(' ')}`);
-    }
-    assert.match(err.join('\n'), /every local user.*--tls require.*--tls-verify-client.*--insecure-tcp/s);
-    // Nothing listens on the port.
-    const refused = await new Promise<boolean>((resolve) => {
-      const s = tcpConnect(port, '127.0.0.1');
-      s.once('connect', () => {
-        s.destroy();
-        resolve(false);
+      const io = {
+        stdin: Readable.from([]),
+        stdout: sink,
+        stderr: sink,
+        env: { ...process.env },
+      } as unknown as Parameters<typeof main>[1];
+      const port = await freePort();
+      for (const extra of [[], ['--tls', 'off'], ['--tls-verify-client']]) {
+        const code = await main(
+          ['daemon', '--runtime-dir', join(dir, 'rt-refuse'), '--listen', `127.0.0.1:${port}`, ...extra],
+          io,
+        ).catch((e: { exitCode?: number; message: string }) => {
+          err.push(e.message);
+          return e.exitCode ?? 1;
+        });
+        assert.notEqual(code, 0, `daemon started with --listen ${extra.join(' ')}`);
+      }
+      assert.match(err.join('\n'), /every local user.*--tls require.*--tls-verify-client.*--insecure-tcp/s);
+      // Nothing listens on the port.
+      const refused = await new Promise<boolean>((resolve) => {
+        const s = tcpConnect(port, '127.0.0.1');
+        s.once('connect', () => {
+          s.destroy();
+          resolve(false);
+        });
+        s.once('error', () => resolve(true));
       });
-      s.once('error', () => resolve(true));
-    });
-    assert.ok(refused, 'something listens on the TCP port');
-    return 'refused to start (exit 1): "--listen would serve decrypted volumes to whoever connects (on loopback: every local user): add --tls require ... --tls-verify-client, or --insecure-tcp"';
-  });
+      assert.ok(refused, 'something listens on the TCP port');
+      return 'refused to start (exit 1): "--listen would serve decrypted volumes to whoever connects (on loopback: every local user): add --tls require ... --tls-verify-client, or --insecure-tcp"';
+    },
+  );
 });
 
 test('with --tls require --tls-verify-client, a TCP client without a certificate gets nothing; the Unix socket stays plaintext', async () => {
@@ -112,7 +125,22 @@ chmod 600 *-key.pem`;
   assert.equal(mk.code, 0, mk.stderr);
   const rt = join(dir, 'rt-tls');
   const port = await freePort();
-  const args = ['daemon', '--runtime-dir', rt, '--listen', `127.0.0.1:${port}`, '--tls', 'require', '--tls-cert', join(pki, 'server-cert.pem'), '--tls-key', join(pki, 'server-key.pem'), '--tls-ca', join(pki, 'ca-cert.pem'), '--tls-verify-client'];
+  const args = [
+    'daemon',
+    '--runtime-dir',
+    rt,
+    '--listen',
+    `127.0.0.1:${port}`,
+    '--tls',
+    'require',
+    '--tls-cert',
+    join(pki, 'server-cert.pem'),
+    '--tls-key',
+    join(pki, 'server-key.pem'),
+    '--tls-ca',
+    join(pki, 'ca-cert.pem'),
+    '--tls-verify-client',
+  ];
   const d = spawn(process.execPath, [ENTRY, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   d.stdout.on('data', (x) => (out += x));
@@ -128,7 +156,10 @@ chmod 600 *-key.pem`;
       return `refused: TLS required (nbdinfo exit ${r.code})`;
     });
     await attack('connect over TCP with TLS but no client certificate', async () => {
-      const r = await runTool('nbdinfo', ['--list', `nbds://localhost:${port}?tls-certificates=${join(dir, 'no-such-pki')}`]);
+      const r = await runTool('nbdinfo', [
+        '--list',
+        `nbds://localhost:${port}?tls-certificates=${join(dir, 'no-such-pki')}`,
+      ]);
       assert.notEqual(r.code, 0, `TLS without a client certificate served: ${r.stdout}`);
       return `refused: no verified client certificate (nbdinfo exit ${r.code})`;
     });
@@ -143,7 +174,11 @@ chmod 600 *-key.pem`;
 
 test('--insecure-tcp serves TCP without authentication and warns at every start', async () => {
   const port = await freePort();
-  const d = spawn(process.execPath, [ENTRY, 'daemon', '--runtime-dir', join(dir, 'rt-insecure'), '--listen', `127.0.0.1:${port}`, '--insecure-tcp'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const d = spawn(
+    process.execPath,
+    [ENTRY, 'daemon', '--runtime-dir', join(dir, 'rt-insecure'), '--listen', `127.0.0.1:${port}`, '--insecure-tcp'],
+    { stdio: ['ignore', 'pipe', 'pipe'] },
+  );
   let out = '';
   d.stdout.on('data', (x) => (out += x));
   d.stderr.on('data', (x) => (out += x));
@@ -167,49 +202,54 @@ test('1,100 silent TCP connections do not lock out local Unix clients', async ()
   const { port } = await server.listenTcp(0, '127.0.0.1');
   const silent: Socket[] = [];
   try {
-    await attack('open 1,100 silent TCP connections from one local address, then attach over the Unix socket', async () => {
-      // In waves of 100, each answered or given up after 10 s: 1,100 connects at once overflow the
-      // kernel's accept queue (backlog 511) on a loaded machine, and a client whose final ACK was
-      // dropped believes it is connected while the server never sees it (it waited forever in CI).
-      let refused = 0;
-      let held = 0;
-      let unanswered = 0;
-      for (let wave = 0; wave < 11; wave++) {
-        await Promise.all(
-          Array.from({ length: 100 }, () =>
-            new Promise<void>((resolve) => {
-              const s = tcpConnect(port, '127.0.0.1');
-              const timer = setTimeout(() => {
-                unanswered++;
-                s.destroy();
-                resolve();
-              }, 10_000);
-              s.on('error', () => {});
-              s.once('close', () => {
-                clearTimeout(timer);
-                refused++;
-                resolve();
-              });
-              s.once('data', () => {
-                // the greeting: held open by the server
-                clearTimeout(timer);
-                s.removeAllListeners('close');
-                held++;
-                resolve();
-              });
-              silent.push(s);
-            }),
-          ),
-        );
-      }
-      assert.equal(unanswered, 0, `${unanswered} connections got neither a greeting nor a hang-up in 10 s`);
-      assert.ok(held <= 64, `${held} connections held from one peer`);
-      assert.ok(server.connectionCount() <= 64, `the server holds ${server.connectionCount()} connections`);
-      const c = await client(sock, 'disk');
-      const ms = await roundTrip(c, 3);
-      c.close();
-      return `${held} held (the per-peer cap), ${refused} refused at accept; a Unix client attached and did a 64 KiB write+read in ${ms} ms`;
-    });
+    await attack(
+      'open 1,100 silent TCP connections from one local address, then attach over the Unix socket',
+      async () => {
+        // In waves of 100, each answered or given up after 10 s: 1,100 connects at once overflow the
+        // kernel's accept queue (backlog 511) on a loaded machine, and a client whose final ACK was
+        // dropped believes it is connected while the server never sees it (it waited forever in CI).
+        let refused = 0;
+        let held = 0;
+        let unanswered = 0;
+        for (let wave = 0; wave < 11; wave++) {
+          await Promise.all(
+            Array.from(
+              { length: 100 },
+              () =>
+                new Promise<void>((resolve) => {
+                  const s = tcpConnect(port, '127.0.0.1');
+                  const timer = setTimeout(() => {
+                    unanswered++;
+                    s.destroy();
+                    resolve();
+                  }, 10_000);
+                  s.on('error', () => {});
+                  s.once('close', () => {
+                    clearTimeout(timer);
+                    refused++;
+                    resolve();
+                  });
+                  s.once('data', () => {
+                    // the greeting: held open by the server
+                    clearTimeout(timer);
+                    s.removeAllListeners('close');
+                    held++;
+                    resolve();
+                  });
+                  silent.push(s);
+                }),
+            ),
+          );
+        }
+        assert.equal(unanswered, 0, `${unanswered} connections got neither a greeting nor a hang-up in 10 s`);
+        assert.ok(held <= 64, `${held} connections held from one peer`);
+        assert.ok(server.connectionCount() <= 64, `the server holds ${server.connectionCount()} connections`);
+        const c = await client(sock, 'disk');
+        const ms = await roundTrip(c, 3);
+        c.close();
+        return `${held} held (the per-peer cap), ${refused} refused at accept; a Unix client attached and did a 64 KiB write+read in ${ms} ms`;
+      },
+    );
   } finally {
     for (const s of silent) s.destroy();
   }
@@ -260,24 +300,28 @@ test('8 connections with 32 MiB WRITE headers and 4 KiB of data do not stall oth
   const sock = join(dir, 'stall.sock');
   await server.listenUnix(sock);
   const attackers: RawClient[] = [];
-  await attack('8 connections send 32 MiB WRITE headers, 4 KiB of payload, then nothing (the server-wide budget is 256 MiB)', async () => {
-    for (let i = 0; i < 8; i++) {
-      const c = await client(sock, 'a');
-      c.sendRequest(CMD_WRITE, 0, 32 * MiB, { cookie: BigInt(i) });
-      c.send(Buffer.alloc(4096, i));
-      attackers.push(c);
-    }
-    for (let i = 0; i < 100 && server.payloadBytesInFlight < 256 * MiB; i++) await new Promise((r) => setTimeout(r, 20));
-    assert.equal(server.payloadBytesInFlight, 256 * MiB, 'the attack did not take the whole budget');
-    const t0 = Date.now();
-    const victim = await client(sock, 'b');
-    await roundTrip(victim, 9);
-    const ms = Date.now() - t0;
-    victim.close();
-    for (const c of attackers) assert.ok(await c.closedByServer(5000), 'a stalled writer is still connected');
-    assert.equal(server.payloadBytesInFlight, 0, 'the stalled writes kept their budget');
-    return `stalled writers dropped at the 1 s stall deadline (default 10 s), budget returned; export b served after ${ms} ms`;
-  });
+  await attack(
+    '8 connections send 32 MiB WRITE headers, 4 KiB of payload, then nothing (the server-wide budget is 256 MiB)',
+    async () => {
+      for (let i = 0; i < 8; i++) {
+        const c = await client(sock, 'a');
+        c.sendRequest(CMD_WRITE, 0, 32 * MiB, { cookie: BigInt(i) });
+        c.send(Buffer.alloc(4096, i));
+        attackers.push(c);
+      }
+      for (let i = 0; i < 100 && server.payloadBytesInFlight < 256 * MiB; i++)
+        await new Promise((r) => setTimeout(r, 20));
+      assert.equal(server.payloadBytesInFlight, 256 * MiB, 'the attack did not take the whole budget');
+      const t0 = Date.now();
+      const victim = await client(sock, 'b');
+      await roundTrip(victim, 9);
+      const ms = Date.now() - t0;
+      victim.close();
+      for (const c of attackers) assert.ok(await c.closedByServer(5000), 'a stalled writer is still connected');
+      assert.equal(server.payloadBytesInFlight, 0, 'the stalled writes kept their budget');
+      return `stalled writers dropped at the 1 s stall deadline (default 10 s), budget returned; export b served after ${ms} ms`;
+    },
+  );
   for (const c of attackers) c.close();
   await server.close();
 });

@@ -3,7 +3,18 @@
 // up by a real second user (attacker.ts) and must be refused without touching what the attacker made.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, copyFileSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync,
+  chownSync,
+  copyFileSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  rmSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -25,7 +36,9 @@ function runDaemon(args: string[]): { status: number | null; out: string } {
   return { status: r.status, out: r.stdout + r.stderr };
 }
 
-test('runtime dir: a 0777 directory the attacker made is refused, not tightened, and nothing is written through its planted pid link', { skip: NEEDS_ROOT }, async () => {
+test('runtime dir: a 0777 directory the attacker made is refused, not tightened, and nothing is written through its planted pid link', {
+  skip: NEEDS_ROOT,
+}, async () => {
   const a = attacker();
   const victim = rootTemp();
   const target = join(victim, 'etc-shadow-stand-in');
@@ -33,21 +46,26 @@ test('runtime dir: a 0777 directory the attacker made is refused, not tightened,
   const run = a.dir(0o777);
   try {
     assert.equal(a.sh(`ln -s ${target} ${run}/daemon.pid && ln -s ${target} ${run}/daemon.log`).status, 0);
-    await attack('daemon --runtime-dir at a 0777 directory another user made, with daemon.pid and daemon.log links planted', () => {
-      const r = runDaemon(['--runtime-dir', run, '--detach']);
-      assert.equal(r.status, 2, r.out);
-      assert.match(r.out, new RegExp(`refusing ${run}: it belongs to uid ${a.uid}`));
-      assert.equal(lstatSync(run).mode & 0o7777, 0o777, 'the directory was not chmod-ed');
-      assert.equal(readFileSync(target, 'utf8'), 'precious\n');
-      return 'refused (exit 2), directory left 0777, link target untouched';
-    });
+    await attack(
+      'daemon --runtime-dir at a 0777 directory another user made, with daemon.pid and daemon.log links planted',
+      () => {
+        const r = runDaemon(['--runtime-dir', run, '--detach']);
+        assert.equal(r.status, 2, r.out);
+        assert.match(r.out, new RegExp(`refusing ${run}: it belongs to uid ${a.uid}`));
+        assert.equal(lstatSync(run).mode & 0o7777, 0o777, 'the directory was not chmod-ed');
+        assert.equal(readFileSync(target, 'utf8'), 'precious\n');
+        return 'refused (exit 2), directory left 0777, link target untouched';
+      },
+    );
   } finally {
     rmSync(run, { recursive: true, force: true });
     rmSync(victim, { recursive: true, force: true });
   }
 });
 
-test('runtime dir: root-owned 0777 and sticky 1777 directories are refused and left as they are', { skip: NEEDS_ROOT }, async () => {
+test('runtime dir: root-owned 0777 and sticky 1777 directories are refused and left as they are', {
+  skip: NEEDS_ROOT,
+}, async () => {
   const base = rootTemp();
   try {
     await attack('runtime dir pre-existing with mode 0777, 1777 or 0755', () => {
@@ -55,7 +73,10 @@ test('runtime dir: root-owned 0777 and sticky 1777 directories are refused and l
         const d = join(base, `d${mode.toString(8)}`);
         mkdirSync(d);
         chmodSync(d, mode);
-        assert.throws(() => ensureRuntimeDir(d), (e: Error & { code?: string }) => e.code === 'ERUNDIR' && e.message.includes(d) && /chmod/.test(e.message));
+        assert.throws(
+          () => ensureRuntimeDir(d),
+          (e: Error & { code?: string }) => e.code === 'ERUNDIR' && e.message.includes(d) && /chmod/.test(e.message),
+        );
         assert.equal(lstatSync(d).mode & 0o7777, mode);
       }
       return 'refused with the fix named; modes (and the sticky bit) unchanged';
@@ -71,7 +92,9 @@ test('runtime dir: root-owned 0777 and sticky 1777 directories are refused and l
   }
 });
 
-test('runtime dir: a parent owned by the attacker is refused (it could be renamed away after the check)', { skip: NEEDS_ROOT }, async () => {
+test('runtime dir: a parent owned by the attacker is refused (it could be renamed away after the check)', {
+  skip: NEEDS_ROOT,
+}, async () => {
   const a = attacker();
   const parent = a.dir(0o755);
   try {
@@ -96,7 +119,9 @@ test('runtime dir: a parent owned by the attacker is refused (it could be rename
   }
 });
 
-test('daemon pid file and --detach log: planted symlinks in a good runtime dir are replaced or refused, never written through', { skip: NEEDS_ROOT }, async () => {
+test('daemon pid file and --detach log: planted symlinks in a good runtime dir are replaced or refused, never written through', {
+  skip: NEEDS_ROOT,
+}, async () => {
   const victim = rootTemp();
   const target = join(victim, 'precious');
   writeFileSync(target, 'precious\n', { mode: 0o600 });
@@ -129,7 +154,9 @@ test('daemon pid file and --detach log: planted symlinks in a good runtime dir a
   }
 });
 
-test('lock dir: /tmp/cryptmap-UID made by the attacker is refused; ours is created 0700', { skip: NEEDS_ROOT }, async () => {
+test('lock dir: /tmp/cryptmap-UID made by the attacker is refused; ours is created 0700', {
+  skip: NEEDS_ROOT,
+}, async () => {
   const a = attacker();
   const victim = rootTemp();
   const img = join(victim, 'disk.img');
@@ -147,7 +174,10 @@ test('lock dir: /tmp/cryptmap-UID made by the attacker is refused; ours is creat
       return 'refused (ELOCKDIR) before the header update ran';
     });
     const mine = join(victim, 'locks');
-    assert.equal(await withDeviceLock(img, async () => lstatSync(mine).mode & 0o777, { env: { CRYPTMAP_LOCK_DIR: mine } }), 0o700);
+    assert.equal(
+      await withDeviceLock(img, async () => lstatSync(mine).mode & 0o777, { env: { CRYPTMAP_LOCK_DIR: mine } }),
+      0o700,
+    );
     assert.equal(lockDir({ CRYPTMAP_LOCK_DIR: mine }), mine);
   } finally {
     rmSync(planted, { recursive: true, force: true });
@@ -155,11 +185,14 @@ test('lock dir: /tmp/cryptmap-UID made by the attacker is refused; ours is creat
   }
 });
 
-test('a non-root user\'s own directories: group-writable only through the user\'s private group is accepted (umask 002 checkouts), a shared group is not', { skip: NEEDS_ROOT }, async () => {
+test("a non-root user's own directories: group-writable only through the user's private group is accepted (umask 002 checkouts), a shared group is not", {
+  skip: NEEDS_ROOT,
+}, async () => {
   const a = attacker(); // here the "caller": a non-root user with a user private group
   const lib = mkdtempSync(join(tmpdir(), 'cm-lib-'));
   chmodSync(lib, 0o755);
-  for (const f of ['trusted-path.js', 'errors.js', 'secret.js']) copyFileSync(new URL(`../../src/util/${f}`, import.meta.url), join(lib, f));
+  for (const f of ['trusted-path.js', 'errors.js', 'secret.js'])
+    copyFileSync(new URL(`../../src/util/${f}`, import.meta.url), join(lib, f));
   writeFileSync(join(lib, 'package.json'), '{"type":"module"}');
   const home = a.dir(0o755);
   try {
@@ -169,7 +202,11 @@ test('a non-root user\'s own directories: group-writable only through the user\'
     assert.match(r.stdout, /^OK/, r.stdout + r.stderr);
     chownSync(join(home, 'checkout'), a.uid, 100); // a group the user shares with others ('users')
     r = a.sh(script(`${home}/checkout/.cryptmap2`));
-    assert.match(r.stdout, /EUNTRUSTED_PATH: refusing .*checkout: it is writable by group or others \(mode 775\)/, r.stdout + r.stderr);
+    assert.match(
+      r.stdout,
+      /EUNTRUSTED_PATH: refusing .*checkout: it is writable by group or others \(mode 775\)/,
+      r.stdout + r.stderr,
+    );
   } finally {
     rmSync(home, { recursive: true, force: true });
     rmSync(lib, { recursive: true, force: true });

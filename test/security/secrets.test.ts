@@ -42,7 +42,14 @@ const VOLUME_KEY = Buffer.from(Array.from({ length: 64 }, (_, i) => (i * 37 + 11
 
 /** The forms a secret could leak in. Short needles (< 8 bytes of text) would match by chance. */
 function forms(secret: Buffer): string[] {
-  return [secret.toString('latin1'), secret.toString('hex'), secret.toString('hex').toUpperCase(), secret.toString('base64'), secret.toString('base64url'), JSON.stringify(secret.toString('latin1')).slice(1, -1)]
+  return [
+    secret.toString('latin1'),
+    secret.toString('hex'),
+    secret.toString('hex').toUpperCase(),
+    secret.toString('base64'),
+    secret.toString('base64url'),
+    JSON.stringify(secret.toString('latin1')).slice(1, -1),
+  ]
     .concat(secret.length >= 16 ? [secret.subarray(0, 16).toString('hex')] : [])
     .filter((s) => s.length >= 8);
 }
@@ -66,7 +73,12 @@ function captureIO(dir: string): { io: CliIO; out: string[] } {
         cb();
       },
     });
-  const io = { stdin: Readable.from([]), stdout: sink(), stderr: sink(), env: { ...process.env, CRYPTMAP_RUNTIME_DIR: join(dir, 'run') } } as unknown as CliIO;
+  const io = {
+    stdin: Readable.from([]),
+    stdout: sink(),
+    stderr: sink(),
+    env: { ...process.env, CRYPTMAP_RUNTIME_DIR: join(dir, 'run') },
+  } as unknown as CliIO;
   return { io, out };
 }
 
@@ -74,7 +86,9 @@ function mode(p: string): number {
   return statSync(p).mode & 0o777;
 }
 
-test('no secret reaches logs, output, error messages or spawned argv; private modes on runtime files', { timeout: 240_000 }, async () => {
+test('no secret reaches logs, output, error messages or spawned argv; private modes on runtime files', {
+  timeout: 240_000,
+}, async () => {
   const dir = mkdtempSync(join(tmpdir(), 'cryptmap-secrets-'));
   const logs: string[] = [];
   setLogSink((l) => logs.push(l));
@@ -104,7 +118,18 @@ test('no secret reaches logs, output, error messages or spawned argv; private mo
     const fast = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 
     // in-process CLI: header operations
-    await run(['luksFormat', '--type', 'luks2', '--batch-mode', '--key-file', p1, '--volume-key-file', vk, ...fast, img]);
+    await run([
+      'luksFormat',
+      '--type',
+      'luks2',
+      '--batch-mode',
+      '--key-file',
+      p1,
+      '--volume-key-file',
+      vk,
+      ...fast,
+      img,
+    ]);
     await run(['luksAddKey', '--key-file', p1, ...fast, img, p2]);
     await run(['luksDump', img]);
     await run(['open', '--test-passphrase', '--key-file', pw, img], 2);
@@ -131,7 +156,10 @@ test('no secret reaches logs, output, error messages or spawned argv; private mo
     const state = join(dir, 'keyd');
     const argv = [process.execPath, ENTRY, 'keyd', '--state-dir', state];
     spawnedArgv.push(argv);
-    keyd = childProcess.spawn(argv[0] as string, argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, CRYPTMAP_LOG: 'debug' } });
+    keyd = childProcess.spawn(argv[0] as string, argv.slice(1), {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, CRYPTMAP_LOG: 'debug' },
+    });
     let keydOut = '';
     keyd.stdout?.on('data', (d) => (keydOut += d));
     keyd.stderr?.on('data', (d) => (keydOut += d));
@@ -163,7 +191,15 @@ test('no secret reaches logs, output, error messages or spawned argv; private mo
     keyd = undefined;
     const audit = readFileSync(join(state, 'audit.log'), 'utf8');
 
-    const haystacks = [...logs, ...out, ...spawnedOutput, keydOut, audit, ...spawnedArgv.map((a) => a.join(' ')), ...patchedArgv.map((a) => a.join(' '))];
+    const haystacks = [
+      ...logs,
+      ...out,
+      ...spawnedOutput,
+      keydOut,
+      audit,
+      ...spawnedArgv.map((a) => a.join(' ')),
+      ...patchedArgv.map((a) => a.join(' ')),
+    ];
     const secrets: Record<string, Buffer> = {
       passphrase1: Buffer.from(PASS1),
       passphrase2: Buffer.from(PASS2),
@@ -174,7 +210,14 @@ test('no secret reaches logs, output, error messages or spawned argv; private mo
     };
     if (root.length !== 32) secrets.rootSecretText = Buffer.from(root.toString('utf8').trim());
     const found = leaks(haystacks, secrets);
-    report({ kind: 'secrets', flows: 12, haystacks: haystacks.length, spawned: spawnedArgv.length + patchedArgv.length, logLines: logs.length, leaked: found.length });
+    report({
+      kind: 'secrets',
+      flows: 12,
+      haystacks: haystacks.length,
+      spawned: spawnedArgv.length + patchedArgv.length,
+      logLines: logs.length,
+      leaked: found.length,
+    });
     assert.deepEqual(found, [], 'secrets leaked');
     // The flows really ran and were captured.
     assert.ok(spawnedArgv.length >= 4, 'spawned processes recorded');
@@ -191,7 +234,12 @@ test('no secret reaches logs, output, error messages or spawned argv; private mo
 
 test('the leak detector finds a planted secret in every form it checks', () => {
   const s = Buffer.from(PASS1);
-  for (const planted of [`x ${PASS1} y`, `key=${s.toString('hex')}`, `k=${s.toString('base64')}`, `"${s.toString('hex').toUpperCase()}"`]) {
+  for (const planted of [
+    `x ${PASS1} y`,
+    `key=${s.toString('hex')}`,
+    `k=${s.toString('base64')}`,
+    `"${s.toString('hex').toUpperCase()}"`,
+  ]) {
     assert.equal(leaks([planted], { p: s }).length > 0, true, planted);
   }
   assert.deepEqual(leaks(['nothing to see'], { p: s, k: VOLUME_KEY }), []);

@@ -38,13 +38,16 @@ test('each error code is defined once in the registry, with a one-line meaning',
     seen.add(k);
   }
   assert.deepEqual(keys.sort(), Object.keys(ERROR_CODES).sort());
-  for (const [k, meaning] of Object.entries(ERROR_CODES)) assert.match(meaning, /^[A-Za-z][^\n]{8,}$/, `${k} needs a one-line meaning`);
-  for (const [old, kept] of Object.entries(MERGED)) assert.ok(!(old in ERROR_CODES) && kept in ERROR_CODES, `${old} is merged into ${kept}`);
+  for (const [k, meaning] of Object.entries(ERROR_CODES))
+    assert.match(meaning, /^[A-Za-z][^\n]{8,}$/, `${k} needs a one-line meaning`);
+  for (const [old, kept] of Object.entries(MERGED))
+    assert.ok(!(old in ERROR_CODES) && kept in ERROR_CODES, `${old} is merged into ${kept}`);
 });
 
 test('every registered code is used in src/, and no merged synonym is', () => {
   const files = sources(SRC).filter((f) => !f.endsWith('util/errors.ts'));
   const all = files.map((f) => readFileSync(f, 'utf8')).join('\n');
   for (const k of Object.keys(ERROR_CODES)) assert.ok(all.includes(`'${k}'`), `${k} is registered but never used`);
-  for (const old of Object.keys(MERGED)) assert.ok(!new RegExp(`['"]${old}['"]`).test(all), `${old} is still used (merged into ${MERGED[old]})`);
+  for (const old of Object.keys(MERGED))
+    assert.ok(!new RegExp(`['"]${old}['"]`).test(all), `${old} is still used (merged into ${MERGED[old]})`);
 });

@@ -43,7 +43,11 @@ export function notifySocket(address: string): Promise<NotifySocket> {
     }, 30_000);
     child.once('error', (e) => {
       clearTimeout(deadline);
-      reject(new Error(`python3 is needed for the notify receiver (Debian package python3; scripts/install-deps.sh): ${e.message}`));
+      reject(
+        new Error(
+          `python3 is needed for the notify receiver (Debian package python3; scripts/install-deps.sh): ${e.message}`,
+        ),
+      );
     });
     child.once('exit', (code) => {
       clearTimeout(deadline);

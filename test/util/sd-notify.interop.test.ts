@@ -35,16 +35,30 @@ function exitOf(c: ChildProcess, ms = 60_000): Promise<number | null> {
 }
 
 /** A datagram `pred` accepts; fails at once with the process's output when the process exits first. */
-function expectFrom(rx: NotifySocket, p: { child: ChildProcess; log: () => string }, pred: (m: string) => boolean, from = 0): Promise<string> {
+function expectFrom(
+  rx: NotifySocket,
+  p: { child: ChildProcess; log: () => string },
+  pred: (m: string) => boolean,
+  from = 0,
+): Promise<string> {
   const died = new Promise<never>((_, rej) => {
-    p.child.once('exit', (code) => rej(new Error(`process exited (${code}) before the datagram; its output:\n${p.log()}\ndatagrams: ${JSON.stringify(rx.messages)}`)));
+    p.child.once('exit', (code) =>
+      rej(
+        new Error(
+          `process exited (${code}) before the datagram; its output:\n${p.log()}\ndatagrams: ${JSON.stringify(rx.messages)}`,
+        ),
+      ),
+    );
   });
   died.catch(() => undefined);
   return Promise.race([rx.next(pred, 60_000, from), died]);
 }
 
 function start(cmd: string, args: string[], env: NodeJS.ProcessEnv): { child: ChildProcess; log: () => string } {
-  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, CRYPTMAP_RUNTIME_DIR: join(dir, 'unused-run'), ...env } });
+  const child = spawn(cmd, args, {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, CRYPTMAP_RUNTIME_DIR: join(dir, 'unused-run'), ...env },
+  });
   children.push(child);
   let log = '';
   child.stdout!.on('data', (d: Buffer) => {
@@ -105,7 +119,11 @@ test('an @abstract NOTIFY_SOCKET and the watchdog pings every half WATCHDOG_USEC
     // No timer keeps the process alive or pings after STOPPING: a test that ends here proves the first.
     await new Promise((r) => setTimeout(r, 300));
     assert.equal(rx.messages.slice(n).filter((m) => m === 'WATCHDOG=1').length, 0, 'no WATCHDOG=1 after STOPPING=1');
-    assert.equal(sdNotifier({ NOTIFY_SOCKET: rx.address, WATCHDOG_USEC: '200000', WATCHDOG_PID: '1' }).watchdogMs, 0, 'a watchdog for another pid is not ours');
+    assert.equal(
+      sdNotifier({ NOTIFY_SOCKET: rx.address, WATCHDOG_USEC: '200000', WATCHDOG_PID: '1' }).watchdogMs,
+      0,
+      'a watchdog for another pid is not ours',
+    );
   } finally {
     rx.close();
   }
@@ -115,12 +133,20 @@ test('the datagram is what systemd-notify sends for the same assignments', async
   const rx = await notifySocket(join(dir, 'notify-oracle.sock'));
   try {
     const r = await new Promise<{ code: number | null; err: string }>((res) => {
-      const c = spawn('systemd-notify', ['--no-block', '--ready', '--status=serving 1 volume'], { env: { ...process.env, NOTIFY_SOCKET: rx.address }, stdio: ['ignore', 'ignore', 'pipe'] });
+      const c = spawn('systemd-notify', ['--no-block', '--ready', '--status=serving 1 volume'], {
+        env: { ...process.env, NOTIFY_SOCKET: rx.address },
+        stdio: ['ignore', 'ignore', 'pipe'],
+      });
       let err = '';
       c.stderr!.on('data', (d: Buffer) => {
         err += d.toString();
       });
-      c.once('error', (e) => res({ code: -1, err: `systemd-notify is not installed (Debian package systemd; scripts/install-deps.sh): ${e.message}` }));
+      c.once('error', (e) =>
+        res({
+          code: -1,
+          err: `systemd-notify is not installed (Debian package systemd; scripts/install-deps.sh): ${e.message}`,
+        }),
+      );
       c.once('exit', (code) => res({ code, err }));
     });
     assert.equal(r.code, 0, r.err);
@@ -137,7 +163,12 @@ test('cryptmap daemon: READY=1 once the control socket answers, STOPPING=1 on SI
   try {
     const d = start(process.execPath, [ENTRY, 'daemon', '--runtime-dir', run], { NOTIFY_SOCKET: rx.address });
     const ready = await expectFrom(rx, d, (m) => m.startsWith('READY=1'));
-    assert.match(ready, new RegExp(`^READY=1\\nSTATUS=serving: control ${run}/control\\.sock, nbd ${run}/nbd\\.sock\\nMAINPID=${d.child.pid}$`));
+    assert.match(
+      ready,
+      new RegExp(
+        `^READY=1\\nSTATUS=serving: control ${run}/control\\.sock, nbd ${run}/nbd\\.sock\\nMAINPID=${d.child.pid}$`,
+      ),
+    );
     const c = await ControlClient.connect(run);
     await c.call('daemon.ping');
     c.close();
@@ -156,7 +187,22 @@ test('cryptmap daemon under systemd-socket-activate: serves the control socket i
   const sock = join(run, 'control.sock');
   try {
     // As a .socket unit with FileDescriptorName=control: systemd binds, the daemon starts on the first connection.
-    const d = start('systemd-socket-activate', ['-l', sock, '--fdname=control', '-E', `NOTIFY_SOCKET=${rx.address}`, process.execPath, ENTRY, 'daemon', '--runtime-dir', run], {});
+    const d = start(
+      'systemd-socket-activate',
+      [
+        '-l',
+        sock,
+        '--fdname=control',
+        '-E',
+        `NOTIFY_SOCKET=${rx.address}`,
+        process.execPath,
+        ENTRY,
+        'daemon',
+        '--runtime-dir',
+        run,
+      ],
+      {},
+    );
     let c: ControlClient | undefined;
     for (let i = 0; i < 300 && !c; i++) {
       if (d.child.exitCode !== null) assert.fail(`systemd-socket-activate exited (${d.child.exitCode}): ${d.log()}`);
@@ -171,7 +217,11 @@ test('cryptmap daemon under systemd-socket-activate: serves the control socket i
     c.close();
     const ready = await expectFrom(rx, d, (m) => m.startsWith('READY=1'));
     assert.match(ready, /\(socket-activated\)/);
-    assert.match(ready, new RegExp(`MAINPID=${d.child.pid}$`), 'systemd-socket-activate execs the daemon in its own pid');
+    assert.match(
+      ready,
+      new RegExp(`MAINPID=${d.child.pid}$`),
+      'systemd-socket-activate execs the daemon in its own pid',
+    );
     d.child.kill('SIGTERM');
     await rx.next((m) => m.startsWith('STOPPING=1')); // the process may exit before the receiver prints it
     assert.equal(await exitOf(d.child), 0, d.log());
@@ -187,7 +237,9 @@ test('cryptmap keyd: READY=1 once its socket listens, RELOADING=1 and READY=1 ar
   try {
     const policy = join(dir, 'policy.yaml');
     writeFileSync(policy, 'version: 1\nclients:\n  - identity: local\n    services: ["*"]\n', { mode: 0o600 });
-    const k = start(process.execPath, [ENTRY, 'keyd', '--state-dir', state, '--policy', policy], { NOTIFY_SOCKET: rx.address });
+    const k = start(process.execPath, [ENTRY, 'keyd', '--state-dir', state, '--policy', policy], {
+      NOTIFY_SOCKET: rx.address,
+    });
     const ready = await expectFrom(rx, k, (m) => m.startsWith('READY=1'));
     assert.match(ready, new RegExp(`STATUS=serving: unix:${state}/keyd\\.sock\\nMAINPID=${k.child.pid}$`));
     const n = rx.messages.length;

@@ -36,9 +36,13 @@ test('a live socket is reported and kept', async () => {
 test('a socket left by a killed server is stale and removed', async () => {
   const path = join(dir, 'stale.sock');
   // A child listens, then dies by SIGKILL: the socket file stays with nobody accepting.
-  const child = spawn(process.execPath, ['-e', `require('node:net').createServer().listen(${JSON.stringify(path)}, () => console.log('up'))`], {
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
+  const child = spawn(
+    process.execPath,
+    ['-e', `require('node:net').createServer().listen(${JSON.stringify(path)}, () => console.log('up'))`],
+    {
+      stdio: ['ignore', 'pipe', 'inherit'],
+    },
+  );
   await new Promise<void>((res) => child.stdout!.once('data', () => res()));
   const exited = new Promise<void>((res) => child.once('exit', () => res()));
   child.kill('SIGKILL');
@@ -70,11 +74,20 @@ test('listenUnixSocket: the socket appears with its mode, nothing is left beside
       readdirSync(dir).filter((n) => n.startsWith('.placed.sock-')),
       [],
     );
-    await assert.rejects(listenUnixSocket(createServer(), path, 0o600, errors), (e: CryptmapError) => e.code === 'ELIVE');
+    await assert.rejects(
+      listenUnixSocket(createServer(), path, 0o600, errors),
+      (e: CryptmapError) => e.code === 'ELIVE',
+    );
     const file = join(dir, 'plain-file');
     writeFileSync(file, 'keep me');
-    await assert.rejects(listenUnixSocket(createServer(), file, 0o600, errors), (e: CryptmapError) => e.code === 'ENOTSOCK');
-    await assert.rejects(listenUnixSocket(createServer(), join(dir, 'missing', 'x.sock'), 0o600, errors), (e: CryptmapError) => e.code === 'ETESTLISTEN');
+    await assert.rejects(
+      listenUnixSocket(createServer(), file, 0o600, errors),
+      (e: CryptmapError) => e.code === 'ENOTSOCK',
+    );
+    await assert.rejects(
+      listenUnixSocket(createServer(), join(dir, 'missing', 'x.sock'), 0o600, errors),
+      (e: CryptmapError) => e.code === 'ETESTLISTEN',
+    );
   } finally {
     await new Promise<void>((res) => server.close(() => res()));
   }

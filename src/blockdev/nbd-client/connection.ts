@@ -156,9 +156,13 @@ export class NbdConnection {
     this.#stream.on('close', () => this.#die('the server closed the connection'));
     this.#stream.on('end', () => this.#die('the server closed the connection'));
     if (requestTimeoutMs > 0) {
-      this.#timer = setInterval(() => {
-        if (this.#inflight.size > 0 && Date.now() - this.#lastRx > requestTimeoutMs) this.#die(`no reply from the server for ${requestTimeoutMs} ms`);
-      }, Math.min(1000, requestTimeoutMs)).unref();
+      this.#timer = setInterval(
+        () => {
+          if (this.#inflight.size > 0 && Date.now() - this.#lastRx > requestTimeoutMs)
+            this.#die(`no reply from the server for ${requestTimeoutMs} ms`);
+        },
+        Math.min(1000, requestTimeoutMs),
+      ).unref();
     }
     if (n.rest !== null && n.rest.length > 0) this.#onData(n.rest);
     this.#stream.resume();
@@ -355,7 +359,8 @@ export class NbdConnection {
       if (r.type !== NBD_CMD_READ || len !== 12) bad('bad NBD_REPLY_TYPE_OFFSET_HOLE');
       else this.#sink(this.#hdr, 0, 12, () => this.#offsetHole());
     } else if (type === NBD_REPLY_TYPE_BLOCK_STATUS) {
-      if (r.type !== NBD_CMD_BLOCK_STATUS || len < 12 || (len - 4) % 8 !== 0 || len > MAX_STATUS_PAYLOAD) bad('bad NBD_REPLY_TYPE_BLOCK_STATUS');
+      if (r.type !== NBD_CMD_BLOCK_STATUS || len < 12 || (len - 4) % 8 !== 0 || len > MAX_STATUS_PAYLOAD)
+        bad('bad NBD_REPLY_TYPE_BLOCK_STATUS');
       else {
         const b = Buffer.allocUnsafe(len);
         this.#sink(b, 0, len, () => this.#blockStatus(b));
@@ -451,7 +456,10 @@ export class NbdConnection {
     }
     const where = this.#curType === NBD_REPLY_TYPE_ERROR_OFFSET ? ` at offset ${readU64(b, 6 + mlen)}` : '';
     // Unknown error chunk types (bit 15 set) count as errors too; the stream stays usable (proto.md).
-    r.error ??= new ServerError(error, `the server failed the request with error ${error}${where}${msg ? `: ${msg}` : ''}`);
+    r.error ??= new ServerError(
+      error,
+      `the server failed the request with error ${error}${where}${msg ? `: ${msg}` : ''}`,
+    );
     this.#chunkDone();
   }
 
@@ -467,7 +475,10 @@ export class NbdConnection {
     this.#nextMessage();
     let err = r.error ?? null;
     if (err === null && r.type === NBD_CMD_READ && r.covered !== r.length) {
-      err = new ServerError(NBD_EIO, `the server answered a READ of ${r.length} bytes with ${r.covered} (no error chunk)`);
+      err = new ServerError(
+        NBD_EIO,
+        `the server answered a READ of ${r.length} bytes with ${r.covered} (no error chunk)`,
+      );
     }
     if (err === null && r.type === NBD_CMD_BLOCK_STATUS && r.extents === undefined) {
       err = new ServerError(NBD_EIO, 'the server answered BLOCK_STATUS without base:allocation extents');

@@ -57,7 +57,14 @@ import {
 } from '../../nbd-wire/constants.js';
 import { type NbdUriTarget, parseNbdUri } from '../../nbd-wire/uri.js';
 import { CryptmapError, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS } from '../../util/errors.js';
-import type { BlockDevice, BlockDeviceCapabilities, BlockDeviceLimits, Extent, WriteFlags, WriteZeroesFlags } from '../types.js';
+import type {
+  BlockDevice,
+  BlockDeviceCapabilities,
+  BlockDeviceLimits,
+  Extent,
+  WriteFlags,
+  WriteZeroesFlags,
+} from '../types.js';
 import { NbdConnection, type RawExtent, type ServerError, type WireRequest } from './connection.js';
 import { HandshakeError, type Negotiated, negotiate } from './handshake.js';
 import { connectSocket, loadTlsCredentials, type TlsCredentials } from './transport.js';
@@ -186,12 +193,24 @@ export class NbdDevice implements BlockDevice {
     const bs = first.blockSize;
     const lbs = Math.max(512, bs?.minimum ?? 1);
     if (lbs > 4096) {
-      throw new CryptmapError('ENOTSUP', `${target.uri}: the export's minimum block size ${lbs} is above 4096 bytes, which cryptmap cannot address`, { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOTSUP' });
+      throw new CryptmapError(
+        'ENOTSUP',
+        `${target.uri}: the export's minimum block size ${lbs} is above 4096 bytes, which cryptmap cannot address`,
+        { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOTSUP' },
+      );
     }
-    const maxPayload = bs === undefined || bs.maximum === 0xffffffff ? DEFAULT_MAX_PAYLOAD : Math.min(bs.maximum, 64 << 20);
+    const maxPayload =
+      bs === undefined || bs.maximum === 0xffffffff ? DEFAULT_MAX_PAYLOAD : Math.min(bs.maximum, 64 << 20);
     const maxReq = Math.floor(maxPayload / lbs) * lbs;
-    if (maxReq < lbs) throw new CryptmapError('ENOTSUP', `${target.uri}: maximum payload ${maxPayload} is below one block`, { exitCode: EXIT_WRONG_DEVICE, errno: 'ENOTSUP' });
-    if (first.exportSize > BigInt(Number.MAX_SAFE_INTEGER)) throw new CryptmapError('EDEVSIZE', `${target.uri}: export size ${first.exportSize} is above 2^53 bytes`, { exitCode: EXIT_WRONG_DEVICE });
+    if (maxReq < lbs)
+      throw new CryptmapError('ENOTSUP', `${target.uri}: maximum payload ${maxPayload} is below one block`, {
+        exitCode: EXIT_WRONG_DEVICE,
+        errno: 'ENOTSUP',
+      });
+    if (first.exportSize > BigInt(Number.MAX_SAFE_INTEGER))
+      throw new CryptmapError('EDEVSIZE', `${target.uri}: export size ${first.exportSize} is above 2^53 bytes`, {
+        exitCode: EXIT_WRONG_DEVICE,
+      });
     this.sizeBytes = Math.floor(Number(first.exportSize) / lbs) * lbs;
     this.limits = {
       logicalBlockBytes: lbs,
@@ -228,20 +247,32 @@ export class NbdDevice implements BlockDevice {
     try {
       creds = await loadTlsCredentials(target);
     } catch (e) {
-      throw new CryptmapError('ENBDOPEN', `cannot open ${uri}: TLS credentials: ${(e as Error).message}`, { exitCode: EXIT_WRONG_DEVICE, errno: 'EIO', cause: e });
+      throw new CryptmapError('ENBDOPEN', `cannot open ${uri}: TLS credentials: ${(e as Error).message}`, {
+        exitCode: EXIT_WRONG_DEVICE,
+        errno: 'EIO',
+        cause: e,
+      });
     }
     const timeout = opts.connectTimeoutMs ?? 10_000;
     let first: Negotiated;
     try {
       first = await connectOnce(target, creds, timeout);
     } catch (e) {
-      throw new CryptmapError('ENBDOPEN', `cannot open ${uri}: ${(e as Error).message}`, { exitCode: EXIT_WRONG_DEVICE, errno: 'EIO', cause: e });
+      throw new CryptmapError('ENBDOPEN', `cannot open ${uri}: ${(e as Error).message}`, {
+        exitCode: EXIT_WRONG_DEVICE,
+        errno: 'EIO',
+        cause: e,
+      });
     }
     let dev: NbdDevice;
     try {
       dev = new NbdDevice(target, creds, first, opts);
       if (!opts.readOnly && (first.transmissionFlags & NBD_FLAG_READ_ONLY) !== 0) {
-        throw new CryptmapError('EROFS', `cannot open ${uri} for writing: the export is read-only (open it read-only)`, { exitCode: EXIT_WRONG_DEVICE, errno: 'EPERM' });
+        throw new CryptmapError(
+          'EROFS',
+          `cannot open ${uri} for writing: the export is read-only (open it read-only)`,
+          { exitCode: EXIT_WRONG_DEVICE, errno: 'EPERM' },
+        );
       }
     } catch (e) {
       first.raw.destroy();
@@ -253,13 +284,22 @@ export class NbdDevice implements BlockDevice {
       for (const n of more) dev.#conns.push(dev.#wrap(n));
     } catch (e) {
       await dev.close().catch(() => {});
-      throw new CryptmapError('ENBDOPEN', `cannot open ${uri}: extra connection: ${(e as Error).message}`, { exitCode: EXIT_WRONG_DEVICE, errno: 'EIO', cause: e });
+      throw new CryptmapError('ENBDOPEN', `cannot open ${uri}: extra connection: ${(e as Error).message}`, {
+        exitCode: EXIT_WRONG_DEVICE,
+        errno: 'EIO',
+        cause: e,
+      });
     }
     return dev;
   }
 
   get health(): NbdDeviceHealth {
-    const h: NbdDeviceHealth = { uri: this.uri, state: this.#state, connections: this.#conns.filter((c) => c.alive).length, reconnects: this.#reconnects };
+    const h: NbdDeviceHealth = {
+      uri: this.uri,
+      state: this.#state,
+      connections: this.#conns.filter((c) => c.alive).length,
+      reconnects: this.#reconnects,
+    };
     if (this.#lastError !== undefined) h.lastError = this.#lastError;
     return h;
   }
@@ -275,7 +315,9 @@ export class NbdDevice implements BlockDevice {
     }
     const parts: Promise<unknown>[] = [];
     for (let at = 0; at < buf.length; at += max) {
-      parts.push(this.#run(NBD_CMD_READ, 0, offsetBytes + at, Math.min(max, buf.length - at), buf.subarray(at, at + max)));
+      parts.push(
+        this.#run(NBD_CMD_READ, 0, offsetBytes + at, Math.min(max, buf.length - at), buf.subarray(at, at + max)),
+      );
     }
     await Promise.all(parts);
   }
@@ -292,7 +334,15 @@ export class NbdDevice implements BlockDevice {
     } else {
       const parts: Promise<unknown>[] = [];
       for (let at = 0; at < data.length; at += max) {
-        parts.push(this.#run(NBD_CMD_WRITE, wireFua, offsetBytes + at, Math.min(max, data.length - at), data.subarray(at, at + max)));
+        parts.push(
+          this.#run(
+            NBD_CMD_WRITE,
+            wireFua,
+            offsetBytes + at,
+            Math.min(max, data.length - at),
+            data.subarray(at, at + max),
+          ),
+        );
       }
       await Promise.all(parts);
     }
@@ -310,7 +360,11 @@ export class NbdDevice implements BlockDevice {
     if (this.capabilities.flush) await this.#run(NBD_CMD_FLUSH, 0, 0, 0);
     if (this.#lostWrites) {
       this.#lostWrites = false;
-      throw new CryptmapError('ENBDLOST', `${this.uri}: the connection was lost after the server acknowledged writes that no FLUSH covered; they may be lost`, { errno: 'EIO' });
+      throw new CryptmapError(
+        'ENBDLOST',
+        `${this.uri}: the connection was lost after the server acknowledged writes that no FLUSH covered; they may be lost`,
+        { errno: 'EIO' },
+      );
     }
     this.#flushedUpTo = Math.max(this.#flushedUpTo, barrier);
     this.#release(barrier);
@@ -318,7 +372,10 @@ export class NbdDevice implements BlockDevice {
 
   async discard(offsetBytes: number, lengthBytes: number): Promise<void> {
     this.#writable('discard');
-    if (!this.capabilities.discard) throw new CryptmapError('ENOTSUP', `${this.uri} does not support discard (no NBD_FLAG_SEND_TRIM)`, { errno: 'ENOTSUP' });
+    if (!this.capabilities.discard)
+      throw new CryptmapError('ENOTSUP', `${this.uri} does not support discard (no NBD_FLAG_SEND_TRIM)`, {
+        errno: 'ENOTSUP',
+      });
     this.#check(offsetBytes, lengthBytes, 'discard');
     if (this.#throttled()) await this.#throttle();
     await this.#effect(NBD_CMD_TRIM, 0, offsetBytes, lengthBytes);
@@ -329,7 +386,8 @@ export class NbdDevice implements BlockDevice {
     this.#check(offsetBytes, lengthBytes, 'write');
     if (this.#throttled()) await this.#throttle();
     if (this.capabilities.writeZeroes) {
-      const f = (flags?.noHole ? NBD_CMD_FLAG_NO_HOLE : 0) | (flags?.fua && this.capabilities.fua ? NBD_CMD_FLAG_FUA : 0);
+      const f =
+        (flags?.noHole ? NBD_CMD_FLAG_NO_HOLE : 0) | (flags?.fua && this.capabilities.fua ? NBD_CMD_FLAG_FUA : 0);
       await this.#effect(NBD_CMD_WRITE_ZEROES, f, offsetBytes, lengthBytes);
       if (flags?.fua && !this.capabilities.fua && this.capabilities.flush) await this.flush();
       return;
@@ -337,14 +395,25 @@ export class NbdDevice implements BlockDevice {
     const zeros = Buffer.alloc(Math.min(ZERO_CHUNK_BYTES, this.limits.maxRequestBytes, lengthBytes));
     const parts: Promise<unknown>[] = [];
     for (let at = 0; at < lengthBytes; at += zeros.length) {
-      parts.push(this.#run(NBD_CMD_WRITE, 0, offsetBytes + at, Math.min(zeros.length, lengthBytes - at), zeros.subarray(0, lengthBytes - at)));
+      parts.push(
+        this.#run(
+          NBD_CMD_WRITE,
+          0,
+          offsetBytes + at,
+          Math.min(zeros.length, lengthBytes - at),
+          zeros.subarray(0, lengthBytes - at),
+        ),
+      );
     }
     await Promise.all(parts);
     if (flags?.fua && this.capabilities.flush) await this.flush();
   }
 
   async blockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
-    if (!this.capabilities.blockStatus) throw new CryptmapError('ENOTSUP', `${this.uri} gives no block status (base:allocation not negotiated)`, { errno: 'ENOTSUP' });
+    if (!this.capabilities.blockStatus)
+      throw new CryptmapError('ENOTSUP', `${this.uri} gives no block status (base:allocation not negotiated)`, {
+        errno: 'ENOTSUP',
+      });
     this.#check(offsetBytes, lengthBytes, 'block status');
     const out: Extent[] = [];
     let pos = offsetBytes;
@@ -388,24 +457,34 @@ export class NbdDevice implements BlockDevice {
   // ---- checks ----
 
   #usable(op: string): void {
-    if (this.#state === 'closed' || this.#closing !== null) throw new CryptmapError('ECLOSED', `${this.uri}: the device is closed (${op})`, { errno: 'EIO' });
+    if (this.#state === 'closed' || this.#closing !== null)
+      throw new CryptmapError('ECLOSED', `${this.uri}: the device is closed (${op})`, { errno: 'EIO' });
     if (this.#failure !== undefined) throw this.#failure;
   }
 
   #writable(op: string): void {
-    if (!this.capabilities.write) throw new CryptmapError('EROFS', `${this.uri} is read-only (${op})`, { errno: 'EPERM' });
+    if (!this.capabilities.write)
+      throw new CryptmapError('EROFS', `${this.uri} is read-only (${op})`, { errno: 'EPERM' });
   }
 
   #check(offsetBytes: number, lengthBytes: number, op: string): void {
     this.#usable(op);
     const lbs = this.limits.logicalBlockBytes;
     if (offsetBytes < 0 || lengthBytes < 0 || offsetBytes + lengthBytes > this.sizeBytes) {
-      throw new CryptmapError('ERANGE', `${op} of ${lengthBytes} bytes at ${offsetBytes} is past the end of ${this.uri} (${this.sizeBytes} bytes)`, {
-        errno: op === 'write' ? 'ENOSPC' : 'EINVAL',
-      });
+      throw new CryptmapError(
+        'ERANGE',
+        `${op} of ${lengthBytes} bytes at ${offsetBytes} is past the end of ${this.uri} (${this.sizeBytes} bytes)`,
+        {
+          errno: op === 'write' ? 'ENOSPC' : 'EINVAL',
+        },
+      );
     }
     if (offsetBytes % lbs !== 0 || lengthBytes % lbs !== 0) {
-      throw new CryptmapError('EALIGN', `${op} of ${lengthBytes} bytes at ${offsetBytes} is not aligned to ${lbs} bytes (${this.uri})`, { errno: 'EINVAL' });
+      throw new CryptmapError(
+        'EALIGN',
+        `${op} of ${lengthBytes} bytes at ${offsetBytes} is not aligned to ${lbs} bytes (${this.uri})`,
+        { errno: 'EINVAL' },
+      );
     }
   }
 
@@ -415,13 +494,29 @@ export class NbdDevice implements BlockDevice {
   async #effect(type: number, flags: number, offsetBytes: number, lengthBytes: number): Promise<void> {
     const step = Math.floor(EFFECT_MAX_BYTES / this.limits.logicalBlockBytes) * this.limits.logicalBlockBytes;
     const parts: Promise<unknown>[] = [];
-    for (let at = 0; at < lengthBytes; at += step) parts.push(this.#run(type, flags, offsetBytes + at, Math.min(step, lengthBytes - at)));
+    for (let at = 0; at < lengthBytes; at += step)
+      parts.push(this.#run(type, flags, offsetBytes + at, Math.min(step, lengthBytes - at)));
     await Promise.all(parts);
   }
 
-  #run(type: number, flags: number, offset: number, length: number, buf?: Uint8Array): Promise<RawExtent[] | undefined> {
+  #run(
+    type: number,
+    flags: number,
+    offset: number,
+    length: number,
+    buf?: Uint8Array,
+  ): Promise<RawExtent[] | undefined> {
     return new Promise((resolve, reject) => {
-      const r: Req = { type, flags, offset, length, seq: 0, resolve, reject, done: (err, ext) => this.#done(r, err, ext) };
+      const r: Req = {
+        type,
+        flags,
+        offset,
+        length,
+        seq: 0,
+        resolve,
+        reject,
+        done: (err, ext) => this.#done(r, err, ext),
+      };
       if (buf !== undefined) r.buf = buf;
       if (isWriteType(type)) {
         r.seq = ++this.#writeSeq;
@@ -449,7 +544,8 @@ export class NbdDevice implements BlockDevice {
   #pick(): NbdConnection | undefined {
     let best: NbdConnection | undefined;
     for (const c of this.#conns) {
-      if (!c.alive || c.draining || c.inflight >= this.#opts.maxInflight || c.inflightBytes >= MAX_INFLIGHT_BYTES) continue;
+      if (!c.alive || c.draining || c.inflight >= this.#opts.maxInflight || c.inflightBytes >= MAX_INFLIGHT_BYTES)
+        continue;
       if (best === undefined || c.inflight < best.inflight) best = c;
     }
     return best;
@@ -475,14 +571,27 @@ export class NbdDevice implements BlockDevice {
       return;
     }
     if (err !== null) {
-      this.#settleFailed(r, new CryptmapError('ENBDIO', `${this.uri}: ${opName(r.type)} of ${r.length} bytes at ${r.offset}: ${err.message}`, { errno: err.errno, cause: err }));
+      this.#settleFailed(
+        r,
+        new CryptmapError(
+          'ENBDIO',
+          `${this.uri}: ${opName(r.type)} of ${r.length} bytes at ${r.offset}: ${err.message}`,
+          { errno: err.errno, cause: err },
+        ),
+      );
       return;
     }
     this.#fruitless = 0;
     if (isWriteType(r.type)) {
       if (r.seq > this.#ackedUpTo) this.#ackedUpTo = r.seq;
       if (this.#replayLimit > 0) {
-        const kept: Retained = { seq: r.seq, type: r.type, flags: r.flags & ~NBD_CMD_FLAG_FUA, offset: r.offset, length: r.length };
+        const kept: Retained = {
+          seq: r.seq,
+          type: r.type,
+          flags: r.flags & ~NBD_CMD_FLAG_FUA,
+          offset: r.offset,
+          length: r.length,
+        };
         if (r.type === NBD_CMD_WRITE) {
           kept.data = this.#copyOut(r.buf!);
           this.#retainedBytes += r.length;
@@ -602,7 +711,9 @@ export class NbdDevice implements BlockDevice {
     this.#lastError = reason;
     this.#reconnects++;
     if (++this.#fruitless > MAX_FRUITLESS_RECONNECTS) {
-      this.#fail(`the connection failed ${MAX_FRUITLESS_RECONNECTS} times in a row without a request completing (last: ${reason})`);
+      this.#fail(
+        `the connection failed ${MAX_FRUITLESS_RECONNECTS} times in a row without a request completing (last: ${reason})`,
+      );
       return;
     }
     // Without replay copies, writes acknowledged since the last FLUSH may be gone with the server.
@@ -623,7 +734,12 @@ export class NbdDevice implements BlockDevice {
       delay = Math.min(delay * 2, 2000);
       let fresh: NbdConnection[] = [];
       try {
-        const ns = await connectMany(this.#connCount, this.#target, this.#creds, Math.min(this.#opts.connectTimeoutMs, Math.max(1000, deadline - Date.now())));
+        const ns = await connectMany(
+          this.#connCount,
+          this.#target,
+          this.#creds,
+          Math.min(this.#opts.connectTimeoutMs, Math.max(1000, deadline - Date.now())),
+        );
         const bad = ns.map((n) => this.#incompatible(n)).find((m) => m !== undefined);
         if (bad !== undefined) {
           for (const n of ns) n.raw.destroy();
@@ -662,10 +778,19 @@ export class NbdDevice implements BlockDevice {
 
   /** Why a fresh connection cannot stand in for the old ones, if it cannot. */
   #incompatible(n: Negotiated): string | undefined {
-    if (n.exportSize !== this.#exportSize) return `the export changed size from ${this.#exportSize} to ${n.exportSize} bytes across a reconnect`;
-    const must = NBD_FLAG_READ_ONLY | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_CAN_MULTI_CONN;
-    if ((n.transmissionFlags & must) !== (this.#flags & must)) return `the export's transmission flags changed across a reconnect (0x${this.#flags.toString(16)} -> 0x${n.transmissionFlags.toString(16)})`;
-    if (this.capabilities.blockStatus && n.allocationContext === undefined) return 'the server no longer offers base:allocation';
+    if (n.exportSize !== this.#exportSize)
+      return `the export changed size from ${this.#exportSize} to ${n.exportSize} bytes across a reconnect`;
+    const must =
+      NBD_FLAG_READ_ONLY |
+      NBD_FLAG_SEND_FLUSH |
+      NBD_FLAG_SEND_FUA |
+      NBD_FLAG_SEND_TRIM |
+      NBD_FLAG_SEND_WRITE_ZEROES |
+      NBD_FLAG_CAN_MULTI_CONN;
+    if ((n.transmissionFlags & must) !== (this.#flags & must))
+      return `the export's transmission flags changed across a reconnect (0x${this.#flags.toString(16)} -> 0x${n.transmissionFlags.toString(16)})`;
+    if (this.capabilities.blockStatus && n.allocationContext === undefined)
+      return 'the server no longer offers base:allocation';
     const lbs = Math.max(512, n.blockSize?.minimum ?? 1);
     if (lbs > this.limits.logicalBlockBytes) return `the export's minimum block size grew to ${lbs} across a reconnect`;
     return undefined;
@@ -698,7 +823,14 @@ export class NbdDevice implements BlockDevice {
             replay: true,
             resolve: () => resolve(),
             reject,
-            done: (err) => (err === null ? resolve() : reject(new ReplayFailed(`${this.uri}: re-sending an acknowledged ${opName(k.type)} of ${k.length} bytes at ${k.offset} failed: ${err.message}`))),
+            done: (err) =>
+              err === null
+                ? resolve()
+                : reject(
+                    new ReplayFailed(
+                      `${this.uri}: re-sending an acknowledged ${opName(k.type)} of ${k.length} bytes at ${k.offset} failed: ${err.message}`,
+                    ),
+                  ),
           };
           if (k.data !== undefined) r.buf = k.data;
           c.submit(r);
@@ -730,7 +862,12 @@ function opName(type: number): string {
 }
 
 /** `count` connections, all or none (the ones that did connect are closed when another fails). */
-async function connectMany(count: number, t: NbdUriTarget, creds: TlsCredentials, timeoutMs: number): Promise<Negotiated[]> {
+async function connectMany(
+  count: number,
+  t: NbdUriTarget,
+  creds: TlsCredentials,
+  timeoutMs: number,
+): Promise<Negotiated[]> {
   const all = await Promise.allSettled(Array.from({ length: count }, () => connectOnce(t, creds, timeoutMs)));
   const failed = all.find((r) => r.status === 'rejected');
   if (failed === undefined) return all.map((r) => (r as PromiseFulfilledResult<Negotiated>).value);

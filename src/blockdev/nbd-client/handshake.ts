@@ -110,11 +110,17 @@ class OptionChannel {
 
   async reply(opt: number): Promise<Reply> {
     const h = await this.rx.read(20);
-    if (h.readUInt32BE(0) !== NBD_REP_MAGIC_HI || h.readUInt32BE(4) !== NBD_REP_MAGIC_LO) throw new HandshakeError('bad option reply magic', false);
-    if (h.readUInt32BE(8) !== opt) throw new HandshakeError(`reply to option ${h.readUInt32BE(8)} while waiting for ${OPTION_NAMES[opt]}`, false);
+    if (h.readUInt32BE(0) !== NBD_REP_MAGIC_HI || h.readUInt32BE(4) !== NBD_REP_MAGIC_LO)
+      throw new HandshakeError('bad option reply magic', false);
+    if (h.readUInt32BE(8) !== opt)
+      throw new HandshakeError(`reply to option ${h.readUInt32BE(8)} while waiting for ${OPTION_NAMES[opt]}`, false);
     const type = h.readUInt32BE(12);
     const len = h.readUInt32BE(16);
-    if (len > MAX_OPTION_REPLY_BYTES) throw new HandshakeError(`option reply of ${len} bytes to ${OPTION_NAMES[opt]} (at most ${MAX_OPTION_REPLY_BYTES})`, false);
+    if (len > MAX_OPTION_REPLY_BYTES)
+      throw new HandshakeError(
+        `option reply of ${len} bytes to ${OPTION_NAMES[opt]} (at most ${MAX_OPTION_REPLY_BYTES})`,
+        false,
+      );
     return { type, data: Buffer.from(await this.rx.read(len)) };
   }
 }
@@ -153,17 +159,24 @@ function isPow2(n: number): boolean {
  * Negotiate an export on a connected socket. Rejects with HandshakeError (or the stream's error);
  * on failure the caller destroys `raw`.
  */
-export async function negotiate(raw: Socket, t: NbdUriTarget, creds: TlsCredentials, timeoutMs: number): Promise<Negotiated> {
+export async function negotiate(
+  raw: Socket,
+  t: NbdUriTarget,
+  creds: TlsCredentials,
+  timeoutMs: number,
+): Promise<Negotiated> {
   let ch = new OptionChannel(raw);
   try {
     // GREETING
     const g = await ch.rx.read(16);
     if (g.readBigUInt64BE(0) !== NBDMAGIC) throw new HandshakeError('not an NBD server (no NBDMAGIC)', true);
     const second = g.readBigUInt64BE(8);
-    if (second === CLISERV_MAGIC) throw new HandshakeError('the server speaks the oldstyle handshake, which this client does not support', true);
+    if (second === CLISERV_MAGIC)
+      throw new HandshakeError('the server speaks the oldstyle handshake, which this client does not support', true);
     if (second !== IHAVEOPT) throw new HandshakeError('not an NBD server (bad handshake magic)', true);
     const hflags = (await ch.rx.read(2)).readUInt16BE(0);
-    if ((hflags & NBD_FLAG_FIXED_NEWSTYLE) === 0) throw new HandshakeError('the server does not speak fixed newstyle negotiation', true);
+    if ((hflags & NBD_FLAG_FIXED_NEWSTYLE) === 0)
+      throw new HandshakeError('the server does not speak fixed newstyle negotiation', true);
     // FLAGS
     const noZeroes = (hflags & NBD_FLAG_NO_ZEROES) !== 0;
     const cflags = Buffer.allocUnsafe(4);
@@ -175,9 +188,11 @@ export async function negotiate(raw: Socket, t: NbdUriTarget, creds: TlsCredenti
     if (t.tls) {
       ch.send(NBD_OPT_STARTTLS);
       const r = await ch.reply(NBD_OPT_STARTTLS);
-      if (r.type !== NBD_REP_ACK) throw new HandshakeError(`the server refused TLS (${errText(r)}); the URI requires it`, true);
+      if (r.type !== NBD_REP_ACK)
+        throw new HandshakeError(`the server refused TLS (${errText(r)}); the URI requires it`, true);
       const left = ch.rx.detach();
-      if (left !== null && left.length > 0) throw new HandshakeError('the server sent data after accepting STARTTLS', false);
+      if (left !== null && left.length > 0)
+        throw new HandshakeError('the server sent data after accepting STARTTLS', false);
       stream = await upgradeTls(raw, t, creds, timeoutMs);
       ch = new OptionChannel(stream);
     }
@@ -185,7 +200,8 @@ export async function negotiate(raw: Socket, t: NbdUriTarget, creds: TlsCredenti
     // STRUCTURED
     ch.send(NBD_OPT_STRUCTURED_REPLY);
     let r = await ch.reply(NBD_OPT_STRUCTURED_REPLY);
-    if (r.type === NBD_REP_ERR_TLS_REQD) throw new HandshakeError('the server requires TLS: use an nbds:// or nbds+unix:// URI', true);
+    if (r.type === NBD_REP_ERR_TLS_REQD)
+      throw new HandshakeError('the server requires TLS: use an nbds:// or nbds+unix:// URI', true);
     const structuredReplies = r.type === NBD_REP_ACK;
 
     // META
@@ -195,7 +211,8 @@ export async function negotiate(raw: Socket, t: NbdUriTarget, creds: TlsCredenti
       const data = Buffer.concat([optString(t.exportName), Buffer.from([0, 0, 0, 1]), q]);
       ch.send(NBD_OPT_SET_META_CONTEXT, data);
       for (let i = 0; ; i++) {
-        if (i >= MAX_REPLIES_PER_OPTION) throw new HandshakeError('too many replies to NBD_OPT_SET_META_CONTEXT', false);
+        if (i >= MAX_REPLIES_PER_OPTION)
+          throw new HandshakeError('too many replies to NBD_OPT_SET_META_CONTEXT', false);
         r = await ch.reply(NBD_OPT_SET_META_CONTEXT);
         if (r.type === NBD_REP_META_CONTEXT) {
           if (r.data.length < 4) throw new HandshakeError('short NBD_REP_META_CONTEXT', false);
@@ -208,7 +225,10 @@ export async function negotiate(raw: Socket, t: NbdUriTarget, creds: TlsCredenti
     }
 
     // GO
-    const go = Buffer.concat([optString(t.exportName), Buffer.from([0, 1, NBD_INFO_BLOCK_SIZE >> 8, NBD_INFO_BLOCK_SIZE & 0xff])]);
+    const go = Buffer.concat([
+      optString(t.exportName),
+      Buffer.from([0, 1, NBD_INFO_BLOCK_SIZE >> 8, NBD_INFO_BLOCK_SIZE & 0xff]),
+    ]);
     ch.send(NBD_OPT_GO, go);
     let exportSize: bigint | undefined;
     let transmissionFlags = 0;
@@ -225,7 +245,11 @@ export async function negotiate(raw: Socket, t: NbdUriTarget, creds: TlsCredenti
           transmissionFlags = r.data.readUInt16BE(10);
         } else if (info === NBD_INFO_BLOCK_SIZE) {
           if (r.data.length !== 14) throw new HandshakeError('NBD_INFO_BLOCK_SIZE is not 14 bytes', false);
-          blockSize = { minimum: r.data.readUInt32BE(2), preferred: r.data.readUInt32BE(6), maximum: r.data.readUInt32BE(10) };
+          blockSize = {
+            minimum: r.data.readUInt32BE(2),
+            preferred: r.data.readUInt32BE(6),
+            maximum: r.data.readUInt32BE(10),
+          };
         }
         continue; // other infos are ignored, as the spec asks
       }
@@ -239,18 +263,27 @@ export async function negotiate(raw: Socket, t: NbdUriTarget, creds: TlsCredenti
         if (!noZeroes) await ch.rx.read(124);
         break;
       }
-      if (r.type === NBD_REP_ERR_UNKNOWN) throw new HandshakeError(`the server has no export '${t.exportName}' (${errText(r)})`, true);
-      if (r.type === NBD_REP_ERR_TLS_REQD) throw new HandshakeError('the server requires TLS for this export: use an nbds:// or nbds+unix:// URI', true);
-      if (isError(r.type)) throw new HandshakeError(`the server refused export '${t.exportName}': ${errText(r)}`, r.type !== NBD_REP_ERR_SHUTDOWN);
+      if (r.type === NBD_REP_ERR_UNKNOWN)
+        throw new HandshakeError(`the server has no export '${t.exportName}' (${errText(r)})`, true);
+      if (r.type === NBD_REP_ERR_TLS_REQD)
+        throw new HandshakeError('the server requires TLS for this export: use an nbds:// or nbds+unix:// URI', true);
+      if (isError(r.type))
+        throw new HandshakeError(
+          `the server refused export '${t.exportName}': ${errText(r)}`,
+          r.type !== NBD_REP_ERR_SHUTDOWN,
+        );
       throw new HandshakeError(`unexpected reply type ${r.type} to NBD_OPT_GO`, false);
     }
     if (exportSize === undefined) throw new HandshakeError('NBD_OPT_GO succeeded without NBD_INFO_EXPORT', false);
-    if ((transmissionFlags & NBD_FLAG_HAS_FLAGS) === 0) throw new HandshakeError('transmission flags without NBD_FLAG_HAS_FLAGS', false);
+    if ((transmissionFlags & NBD_FLAG_HAS_FLAGS) === 0)
+      throw new HandshakeError('transmission flags without NBD_FLAG_HAS_FLAGS', false);
     if (blockSize !== undefined) {
       const { minimum, preferred, maximum } = blockSize;
       if (!isPow2(minimum) || minimum > 65536) throw new HandshakeError(`bad minimum block size ${minimum}`, true);
-      if (!isPow2(preferred) || preferred < Math.max(minimum, 512)) throw new HandshakeError(`bad preferred block size ${preferred}`, true);
-      if (maximum < preferred) throw new HandshakeError(`maximum payload ${maximum} is below the preferred block size ${preferred}`, true);
+      if (!isPow2(preferred) || preferred < Math.max(minimum, 512))
+        throw new HandshakeError(`bad preferred block size ${preferred}`, true);
+      if (maximum < preferred)
+        throw new HandshakeError(`maximum payload ${maximum} is below the preferred block size ${preferred}`, true);
     }
     const rest = ch.rx.detach();
     const n: Negotiated = { stream, raw, rest, exportSize, transmissionFlags, structuredReplies, tls: t.tls };
@@ -258,7 +291,8 @@ export async function negotiate(raw: Socket, t: NbdUriTarget, creds: TlsCredenti
     if (allocationContext !== undefined) n.allocationContext = allocationContext;
     return n;
   } catch (e) {
-    if (e instanceof ConnectionClosed) throw new HandshakeError('the server closed the connection during the handshake', false);
+    if (e instanceof ConnectionClosed)
+      throw new HandshakeError('the server closed the connection during the handshake', false);
     throw e;
   }
 }

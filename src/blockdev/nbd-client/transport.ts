@@ -37,9 +37,12 @@ export async function loadTlsCredentials(t: NbdUriTarget): Promise<TlsCredential
   if (!t.tls) return c;
   if (t.tlsCertificatesDir !== undefined) {
     const d = t.tlsCertificatesDir;
-    const [ca, cert, key] = await Promise.all(['ca-cert.pem', 'client-cert.pem', 'client-key.pem'].map((f) => readIfExists(join(d, f))));
+    const [ca, cert, key] = await Promise.all(
+      ['ca-cert.pem', 'client-cert.pem', 'client-key.pem'].map((f) => readIfExists(join(d, f))),
+    );
     if (ca === undefined && cert === undefined) throw new Error(`${d} holds neither ca-cert.pem nor client-cert.pem`);
-    if ((cert === undefined) !== (key === undefined)) throw new Error(`${d} needs both client-cert.pem and client-key.pem, or neither`);
+    if ((cert === undefined) !== (key === undefined))
+      throw new Error(`${d} needs both client-cert.pem and client-key.pem, or neither`);
     if (ca !== undefined) c.ca = ca;
     if (cert !== undefined && key !== undefined) {
       c.cert = cert;
@@ -57,7 +60,10 @@ export async function loadTlsCredentials(t: NbdUriTarget): Promise<TlsCredential
 /** Connect the raw socket; rejects on a connection error or after `timeoutMs`. */
 export function connectSocket(t: NbdUriTarget, timeoutMs: number): Promise<Socket> {
   return new Promise((resolve, reject) => {
-    const s = t.transport.kind === 'unix' ? netConnect({ path: t.transport.path }) : netConnect({ host: t.transport.host, port: t.transport.port, noDelay: true });
+    const s =
+      t.transport.kind === 'unix'
+        ? netConnect({ path: t.transport.path })
+        : netConnect({ host: t.transport.host, port: t.transport.port, noDelay: true });
     const timer = setTimeout(() => {
       s.destroy();
       reject(new Error(`no connection after ${timeoutMs} ms`));
@@ -91,7 +97,8 @@ export function upgradeTls(raw: Socket, t: NbdUriTarget, creds: TlsCredentials, 
       ...(host !== undefined && isIP(host) === 0 ? { servername: host } : {}),
       rejectUnauthorized: t.tlsVerifyPeer,
       minVersion: 'TLSv1.2',
-      checkServerIdentity: (_name: string, cert: PeerCertificate) => (host === undefined || !t.tlsVerifyPeer ? undefined : checkServerIdentity(host, cert)),
+      checkServerIdentity: (_name: string, cert: PeerCertificate) =>
+        host === undefined || !t.tlsVerifyPeer ? undefined : checkServerIdentity(host, cert),
     });
     const timer = setTimeout(() => {
       s.destroy();

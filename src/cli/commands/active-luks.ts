@@ -16,8 +16,12 @@ import type { CliIO } from '../types.js';
 import { closeQuietly, type LuksArgs } from './luks-common.js';
 import { loadLuksForRead, unlockForOpen } from './luks-unlock.js';
 
-export const notActive = (name: string) => new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE });
-export const notLuks = (name: string) => new CryptmapError('ENOTLUKS', `${name} is not active LUKS device name or header is missing.`, { exitCode: EXIT_FAILURE });
+export const notActive = (name: string) =>
+  new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: EXIT_WRONG_DEVICE });
+export const notLuks = (name: string) =>
+  new CryptmapError('ENOTLUKS', `${name} is not active LUKS device name or header is missing.`, {
+    exitCode: EXIT_FAILURE,
+  });
 
 /** The daemon's status of `name` and its dm uuid; cryptsetup's "Device NAME is not active." (exit 4) otherwise. */
 export async function activeVolume(c: ControlClient, name: string): Promise<{ st: VolumeStatus; uuid: string }> {
@@ -28,7 +32,12 @@ export async function activeVolume(c: ControlClient, name: string): Promise<{ st
 }
 
 /** Load the header of the active mapping and check it is the one the mapping was made from. */
-export async function loadMatchingHeader(name: string, st: VolumeStatus, dmUuidNow: string, v: LuksArgs): Promise<{ dev: BlockDevice; vol: Luks1Volume | Luks2Volume }> {
+export async function loadMatchingHeader(
+  name: string,
+  st: VolumeStatus,
+  dmUuidNow: string,
+  v: LuksArgs,
+): Promise<{ dev: BlockDevice; vol: Luks1Volume | Luks2Volume }> {
   const m = st.mapping;
   if (m === undefined || (m.type !== 'LUKS1' && m.type !== 'LUKS2')) throw notLuks(name);
   const hdr = v.header ?? m.header ?? m.device;
@@ -52,7 +61,9 @@ export async function loadMatchingHeader(name: string, st: VolumeStatus, dmUuidN
 export function checkLuksType(name: string, reqType: string | undefined, vol: Luks1Volume | Luks2Volume): void {
   const type = vol.type === 'luks1' ? 'LUKS1' : 'LUKS2';
   if (reqType !== undefined && reqType !== 'luks' && reqType.toUpperCase() !== type) {
-    throw new CryptmapError('ENOTLUKS', `${name} is not active ${reqType.toUpperCase()} device name.`, { exitCode: EXIT_FAILURE });
+    throw new CryptmapError('ENOTLUKS', `${name} is not active ${reqType.toUpperCase()} device name.`, {
+      exitCode: EXIT_FAILURE,
+    });
   }
 }
 

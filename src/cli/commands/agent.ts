@@ -28,7 +28,13 @@ import type { CliIO, VerbMain } from '../types.js';
 import { disableCoreDumps } from '../../util/dumpable.js';
 import { sdNotifier } from '../../util/sd-notify.js';
 import { AgentMetrics, registerDaemonMetrics } from '../../daemon/metrics.js';
-import { checkMetricsOptions, METRICS_OPTIONS, METRICS_USAGE, metricsRegistry, serveMetricsOption } from '../metrics-option.js';
+import {
+  checkMetricsOptions,
+  METRICS_OPTIONS,
+  METRICS_USAGE,
+  metricsRegistry,
+  serveMetricsOption,
+} from '../metrics-option.js';
 import type { MetricsServer } from '../../util/metrics-http.js';
 
 const USAGE = `usage: cryptmap agent [--manifest FILE] --state-dir DIR [--boot-id ID] [--once] [--nbd-only] [--force-swap] [--mount-root DIR] [--node NAME] ${METRICS_USAGE}
@@ -78,7 +84,8 @@ export function formatReport(host: AgentHost, r: ApplyReport): string {
     if (v?.reason) lines.push(`    note:   ${v.reason}`);
     else if (host.modeReason) lines.push(`    note:   ${host.modeReason}`);
   }
-  for (const v of r.volumes) if (!host.targets.some((t) => t.id === v.id)) lines.push(`${v.id}: ${v.state}${v.reason ? ` (${v.reason})` : ''}`);
+  for (const v of r.volumes)
+    if (!host.targets.some((t) => t.id === v.id)) lines.push(`${v.id}: ${v.state}${v.reason ? ` (${v.reason})` : ''}`);
   return lines.join('\n') + '\n';
 }
 
@@ -90,8 +97,20 @@ async function status(v: ReturnType<typeof parse>['values'], io: CliIO): Promise
   // The embedded default's raw root secret beside the volumes: repeated here, not only at start.
   const rawRoot = embeddedRawRootPath(resolve(dir));
   const warning = existsSync(rawRoot) ? rawRootWarning(rawRoot, resolve(dir)) : undefined;
-  if (v.json) io.stdout.write(JSON.stringify({ running: pid !== undefined, pid: pid ?? null, volumes: rows, ...(warning ? { warning } : {}) }, null, 2) + '\n');
-  else io.stdout.write((pid !== undefined ? `agent running (pid ${pid})\n` : 'agent not running\n') + formatStatus(rows) + (warning ? `\n${warning}\n` : ''));
+  if (v.json)
+    io.stdout.write(
+      JSON.stringify(
+        { running: pid !== undefined, pid: pid ?? null, volumes: rows, ...(warning ? { warning } : {}) },
+        null,
+        2,
+      ) + '\n',
+    );
+  else
+    io.stdout.write(
+      (pid !== undefined ? `agent running (pid ${pid})\n` : 'agent not running\n') +
+        formatStatus(rows) +
+        (warning ? `\n${warning}\n` : ''),
+    );
   return 0;
 }
 
@@ -105,7 +124,9 @@ const agent: VerbMain = async (argv, io) => {
   if (positionals.length > 0) throw usageError(`unexpected argument '${positionals[0]}'`);
   const stateDir = v['state-dir'];
   if (!stateDir) throw usageError('--state-dir is required');
-  const manifest: Manifest = v.manifest ? await loadManifest(v.manifest) : parseManifest(DEFAULT_MANIFEST_YAML, DEFAULT_MANIFEST_FILE);
+  const manifest: Manifest = v.manifest
+    ? await loadManifest(v.manifest)
+    : parseManifest(DEFAULT_MANIFEST_YAML, DEFAULT_MANIFEST_FILE);
   checkMetricsOptions(v);
   const bootId = await readBootId(v['boot-id']);
   disableCoreDumps('agent');
@@ -140,7 +161,12 @@ const agent: VerbMain = async (argv, io) => {
       report = await host.reconcile(signal);
       return report;
     } finally {
-      if (agentMetrics) agentMetrics.reconciled((performance.now() - t0) / 1000, report, await new StateStore(host.stateDir).load().catch(() => undefined));
+      if (agentMetrics)
+        agentMetrics.reconciled(
+          (performance.now() - t0) / 1000,
+          report,
+          await new StateStore(host.stateDir).load().catch(() => undefined),
+        );
     }
   };
   const ac = new AbortController();
@@ -170,7 +196,9 @@ const agent: VerbMain = async (argv, io) => {
         io.stdout.write(formatReport(host, r));
         sd.ready(readinessLine(r));
       } catch (e) {
-        io.stderr.write(`cryptmap agent: reload failed, keeping the previous manifest:\n${e instanceof Error ? e.message : String(e)}\n`);
+        io.stderr.write(
+          `cryptmap agent: reload failed, keeping the previous manifest:\n${e instanceof Error ? e.message : String(e)}\n`,
+        );
         sd.ready(`reload failed, previous manifest kept: ${e instanceof Error ? e.message : String(e)}`);
       }
     });
@@ -180,7 +208,9 @@ const agent: VerbMain = async (argv, io) => {
   process.on('SIGHUP', onHup);
   let ok = false;
   try {
-    io.stdout.write(`cryptmap agent: manifest ${manifest.file}, state ${host.stateDir}, keys ${host.keyServiceDescription}\n`);
+    io.stdout.write(
+      `cryptmap agent: manifest ${manifest.file}, state ${host.stateDir}, keys ${host.keyServiceDescription}\n`,
+    );
     if (host.keyServiceWarning) io.stderr.write(`\n*** ${host.keyServiceWarning} ***\n\n`);
     const report = await reconcile(ac.signal);
     ok = report.volumes.every((x) => x.state === 'ready' || x.code === 'ESWAPUNSAFE');
@@ -188,7 +218,9 @@ const agent: VerbMain = async (argv, io) => {
     // READY=1 once the first reconcile is done (volumes up, or reported as failed in STATUS=).
     sd.ready(readinessLine(report));
     if (!v.once && !ac.signal.aborted) {
-      io.stdout.write(`Serving on ${host.core.nbdSocketPath} (status: cryptmap agent status --state-dir ${stateDir}). Press Ctrl-C to stop.\n`);
+      io.stdout.write(
+        `Serving on ${host.core.nbdSocketPath} (status: cryptmap agent status --state-dir ${stateDir}). Press Ctrl-C to stop.\n`,
+      );
       await stopped;
     }
   } finally {
@@ -207,7 +239,11 @@ const agent: VerbMain = async (argv, io) => {
 };
 
 /** What the slow steps are called in the progress lines (the others pass unannounced). */
-const SLOW_STEPS: Readonly<Record<string, string>> = { createFile: 'creating the volume file', format: 'formatting LUKS2', mkfs: 'making the file system' };
+const SLOW_STEPS: Readonly<Record<string, string>> = {
+  createFile: 'creating the volume file',
+  format: 'formatting LUKS2',
+  mkfs: 'making the file system',
+};
 
 /**
  * Progress of the slow reconcile steps (issue 18 item 4): on a terminal `<volume>: <step>...` then

@@ -19,8 +19,11 @@ const attach: VerbMain = async (argv, io) => {
     return 0;
   }
   const via = values.via ?? 'auto';
-  if (via !== 'auto' && !VIAS.includes(via as Via)) throw new CryptmapError('EARGS', `--via must be fuse, nbd or nbdfuse, not '${via}'`);
-  const info = await withDaemon(values['runtime-dir'], io.env, (c) => c.call('attach', { name, readOnly: values.readonly === true, via: via as Via | 'auto' }));
+  if (via !== 'auto' && !VIAS.includes(via as Via))
+    throw new CryptmapError('EARGS', `--via must be fuse, nbd or nbdfuse, not '${via}'`);
+  const info = await withDaemon(values['runtime-dir'], io.env, (c) =>
+    c.call('attach', { name, readOnly: values.readonly === true, via: via as Via | 'auto' }),
+  );
   io.stdout.write(`${info.devicePath}\n`);
   return 0;
 };

@@ -23,7 +23,14 @@
  * backend's other modes, `js` for the js backend. MB/s are 10^6 bytes per second.
  */
 import { parseArgs } from 'node:util';
-import { benchmarkCipher, type BenchmarkResult, defaultBackend, nativeXtsImpl, parseCipherSpec, type SectorBytes } from '../../engine/index.js';
+import {
+  benchmarkCipher,
+  type BenchmarkResult,
+  defaultBackend,
+  nativeXtsImpl,
+  parseCipherSpec,
+  type SectorBytes,
+} from '../../engine/index.js';
 import { calibrateKdf, hashAvailable } from '../../crypto/kdf/index.js';
 import { parseUint } from '../../util/bytes.js';
 import { CryptmapError } from '../../util/errors.js';
@@ -59,14 +66,22 @@ interface KdfResult {
 }
 
 /** One KDF measurement and its line in cryptsetup's format (src/cryptsetup.c action_benchmark_kdf). */
-async function benchmarkKdf(pbkdf: string, hash: string | undefined, keyBits: number, o: { iterTimeMs: number; memoryKiB?: number; parallel?: number }): Promise<[KdfResult, string]> {
+async function benchmarkKdf(
+  pbkdf: string,
+  hash: string | undefined,
+  keyBits: number,
+  o: { iterTimeMs: number; memoryKiB?: number; parallel?: number },
+): Promise<[KdfResult, string]> {
   if (pbkdf === 'pbkdf2') {
     const h = hash ?? 'sha256';
     if (!hashAvailable(h)) return [{ pbkdf, hash: h, keyBits, iterations: null }, `PBKDF2-${h.padEnd(9)}     N/A`];
     // cryptsetup measures PBKDF2 for 1000 ms: the iteration count is per second.
     const k = await calibrateKdf({ type: 'pbkdf2', hash: h, iterTimeMs: 1000, keyBytes: keyBits / 8 });
     const it = k.type === 'pbkdf2' ? k.iterations : 0;
-    return [{ pbkdf, hash: h, keyBits, iterations: it }, `PBKDF2-${h.padEnd(9)} ${String(it).padStart(7)} iterations per second for ${keyBits}-bit key`];
+    return [
+      { pbkdf, hash: h, keyBits, iterations: it },
+      `PBKDF2-${h.padEnd(9)} ${String(it).padStart(7)} iterations per second for ${keyBits}-bit key`,
+    ];
   }
   const k = await calibrateKdf({
     type: pbkdf as 'argon2i' | 'argon2id',
@@ -134,7 +149,8 @@ const benchmark: VerbMain = async (argv, io) => {
   const threads = parseUint(values.threads ?? '1', '--threads', 256);
   if (threads < 1) throw new CryptmapError('EINVAL', '--threads must be at least 1');
   const seconds = values.seconds === undefined ? 0.15 : Number(values.seconds);
-  if (!Number.isFinite(seconds) || seconds <= 0 || seconds > 60) throw new CryptmapError('EINVAL', `--seconds '${values.seconds}': a number of seconds in (0, 60] expected`);
+  if (!Number.isFinite(seconds) || seconds <= 0 || seconds > 60)
+    throw new CryptmapError('EINVAL', `--seconds '${values.seconds}': a number of seconds in (0, 60] expected`);
 
   const backend = defaultBackend(io.env);
   // The native backend names its XTS implementation (CRYPTMAP_CRYPTO_IMPL forces one).
@@ -142,16 +158,22 @@ const benchmark: VerbMain = async (argv, io) => {
   const head = `# Tests are approximate using memory only (no storage IO); backend ${backend}${impl}, ${sectorBytes}-byte sectors, ${threads} thread${threads > 1 ? 's' : ''}.\n`;
   const kdfOpts = {
     iterTimeMs: values['iter-time'] === undefined ? 2000 : parseUint(values['iter-time'], '--iter-time', 3_600_000),
-    ...(values['pbkdf-memory'] !== undefined ? { memoryKiB: parseUint(values['pbkdf-memory'], '--pbkdf-memory', 4 * 1024 * 1024) } : {}),
-    ...(values['pbkdf-parallel'] !== undefined ? { parallel: parseUint(values['pbkdf-parallel'], '--pbkdf-parallel', 4) } : {}),
+    ...(values['pbkdf-memory'] !== undefined
+      ? { memoryKiB: parseUint(values['pbkdf-memory'], '--pbkdf-memory', 4 * 1024 * 1024) }
+      : {}),
+    ...(values['pbkdf-parallel'] !== undefined
+      ? { parallel: parseUint(values['pbkdf-parallel'], '--pbkdf-parallel', 4) }
+      : {}),
   };
   if (kdfOpts.iterTimeMs < 1) throw new CryptmapError('EINVAL', '--iter-time must be at least 1 ms');
   // cryptsetup's KDF benchmarks use --key-size (default 256 bits, its plain default).
   const kdfKeyBits = values['key-size'] === undefined ? 256 : parseUint(values['key-size'], '--key-size', 4096);
-  if (kdfKeyBits % 8 !== 0 || kdfKeyBits === 0) throw new CryptmapError('EKEY_SIZE', `--key-size ${kdfKeyBits}: must be a multiple of 8`);
+  if (kdfKeyBits % 8 !== 0 || kdfKeyBits === 0)
+    throw new CryptmapError('EKEY_SIZE', `--key-size ${kdfKeyBits}: must be a multiple of 8`);
   if (values.pbkdf !== undefined || values.hash !== undefined) {
     const pbkdf = values.pbkdf ?? 'pbkdf2';
-    if (!['pbkdf2', 'argon2i', 'argon2id'].includes(pbkdf)) throw new CryptmapError('EKDF', `--pbkdf ${pbkdf}: must be pbkdf2, argon2i or argon2id`);
+    if (!['pbkdf2', 'argon2i', 'argon2id'].includes(pbkdf))
+      throw new CryptmapError('EKDF', `--pbkdf ${pbkdf}: must be pbkdf2, argon2i or argon2id`);
     const [r, line] = await benchmarkKdf(pbkdf, values.hash, kdfKeyBits, kdfOpts);
     io.stdout.write(values.json ? `${JSON.stringify([r], null, 2)}\n` : `${head}${line}\n`);
     return 0;
@@ -161,36 +183,49 @@ const benchmark: VerbMain = async (argv, io) => {
   if (values.cipher !== undefined) {
     const spec = withIv(values.cipher);
     const parsed = parseCipherSpec(spec);
-    const bits = values['key-size'] !== undefined ? parseUint(values['key-size'], '--key-size', 4096) : parsed.chainMode === 'xts' ? 512 : 256;
+    const bits =
+      values['key-size'] !== undefined
+        ? parseUint(values['key-size'], '--key-size', 4096)
+        : parsed.chainMode === 'xts'
+          ? 512
+          : 256;
     if (bits % 8 !== 0) throw new CryptmapError('EKEY_SIZE', `--key-size ${bits}: must be a multiple of 8`);
     configs = [[spec, bits]];
   } else {
     const bits = values['key-size'] === undefined ? undefined : parseUint(values['key-size'], '--key-size', 4096);
     configs = DEFAULTS.filter(([, b]) => bits === undefined || b === bits);
-    if (configs.length === 0) throw new CryptmapError('EKEY_SIZE', `--key-size ${bits}: no default cipher uses it; give --cipher too`);
+    if (configs.length === 0)
+      throw new CryptmapError('EKEY_SIZE', `--key-size ${bits}: no default cipher uses it; give --cipher too`);
   }
 
   const results: { r: BenchmarkResult; one?: BenchmarkResult; implementation: string }[] = [];
   if (!values.json) {
     io.stdout.write(head);
     if (values.cipher === undefined) {
-      for (const [pbkdf, hash] of DEFAULT_KDFS) io.stdout.write(`${(await benchmarkKdf(pbkdf, hash, kdfKeyBits, kdfOpts))[1]}\n`);
+      for (const [pbkdf, hash] of DEFAULT_KDFS)
+        io.stdout.write(`${(await benchmarkKdf(pbkdf, hash, kdfKeyBits, kdfOpts))[1]}\n`);
     }
-    io.stdout.write(`#${'Algorithm'.padStart(24)} |${'Key'.padStart(6)} |${'Encryption'.padStart(14)} |${'Decryption'.padStart(14)}\n`);
+    io.stdout.write(
+      `#${'Algorithm'.padStart(24)} |${'Key'.padStart(6)} |${'Encryption'.padStart(14)} |${'Decryption'.padStart(14)}\n`,
+    );
   }
   const mbps = (x: number): string => `${x.toFixed(1)} MB/s`;
   const round1 = (x: number): number => Math.round(x * 10) / 10;
   // Encryption per CPU-second of the pool against one thread's (the wall ratio needs idle cores).
-  const perCpu = (r: BenchmarkResult, one: BenchmarkResult): number => r.encryptMBps / r.encryptCores / (one.encryptMBps / one.encryptCores);
+  const perCpu = (r: BenchmarkResult, one: BenchmarkResult): number =>
+    r.encryptMBps / r.encryptCores / (one.encryptMBps / one.encryptCores);
   for (const [spec, bits] of configs) {
     const common = { spec, keyBytes: bits / 8, sectorBytes: sectorBytes as SectorBytes, seconds, backend };
     const r = await benchmarkCipher({ ...common, threads });
     // The pool's base: one thread over as many buffers as the pool had requests in flight.
     const one = threads > 1 ? await benchmarkCipher({ ...common, threads: 1, buffers: r.buffers }) : undefined;
-    const implementation = r.backend === 'js' ? 'js' : parseCipherSpec(spec).chainMode === 'xts' ? (nativeXtsImpl() ?? '?') : 'openssl';
+    const implementation =
+      r.backend === 'js' ? 'js' : parseCipherSpec(spec).chainMode === 'xts' ? (nativeXtsImpl() ?? '?') : 'openssl';
     results.push({ r, ...(one ? { one } : {}), implementation });
     if (!values.json) {
-      io.stdout.write(`${spec.padStart(25)} ${`${bits}b`.padStart(7)} ${mbps(r.encryptMBps).padStart(15)} ${mbps(r.decryptMBps).padStart(15)}\n`);
+      io.stdout.write(
+        `${spec.padStart(25)} ${`${bits}b`.padStart(7)} ${mbps(r.encryptMBps).padStart(15)} ${mbps(r.decryptMBps).padStart(15)}\n`,
+      );
       if (one) {
         io.stdout.write(
           `#${'1 thread, same buffers'.padStart(24)} ${''.padStart(7)} ${mbps(one.encryptMBps).padStart(15)} ${mbps(one.decryptMBps).padStart(15)}` +

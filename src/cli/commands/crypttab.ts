@@ -28,7 +28,12 @@ import { sendOpen } from './open.js';
 export const DEFAULT_CRYPTTAB = '/etc/crypttab';
 const USAGE = 'usage: cryptmap crypttab open|close [--file F] [--runtime-dir DIR] [NAME...]';
 
-const BY_DIR: Record<string, string> = { uuid: '/dev/disk/by-uuid', partuuid: '/dev/disk/by-partuuid', label: '/dev/disk/by-label', partlabel: '/dev/disk/by-partlabel' };
+const BY_DIR: Record<string, string> = {
+  uuid: '/dev/disk/by-uuid',
+  partuuid: '/dev/disk/by-partuuid',
+  label: '/dev/disk/by-label',
+  partlabel: '/dev/disk/by-partlabel',
+};
 
 function devicePath(e: CrypttabEntry): string {
   if (e.device.kind === 'path') return e.device.path;
@@ -43,7 +48,13 @@ async function prepare(e: CrypttabEntry, io: CliIO): Promise<{ mapping: CryptMap
     const key = await resolveCrypttabKey(e, { askPassphrase });
     if (key.kind === 'passphrase') {
       try {
-        const o: Parameters<typeof prepareLuks>[0] = { name: e.name, device, passphrase: key.passphrase.expose(), readOnly: e.readonly, allowDiscards: e.discard };
+        const o: Parameters<typeof prepareLuks>[0] = {
+          name: e.name,
+          device,
+          passphrase: key.passphrase.expose(),
+          readOnly: e.readonly,
+          allowDiscards: e.discard,
+        };
         if (e.header !== undefined) o.header = e.header;
         if (e.keySlot !== undefined) o.keySlot = e.keySlot;
         return await prepareLuks(o);
@@ -141,7 +152,8 @@ const crypttab: VerbMain = async (argv, io) => {
   }
   const entries = parseCrypttab(text, file);
   for (const n of names) {
-    if (!entries.some((e) => e.name === n)) throw new CryptmapError('ECRYPTTAB', `${file} has no entry '${n}'`, { exitCode: EXIT_WRONG_PARAMS });
+    if (!entries.some((e) => e.name === n))
+      throw new CryptmapError('ECRYPTTAB', `${file} has no entry '${n}'`, { exitCode: EXIT_WRONG_PARAMS });
   }
   const chosen = names.length > 0 ? entries.filter((e) => names.includes(e.name)) : entries.filter((e) => !e.noauto);
   let failed = 0;
@@ -151,7 +163,9 @@ const crypttab: VerbMain = async (argv, io) => {
         if (action === 'open') await openEntry(c, e, io);
         else await closeEntry(c, e.name, io);
       } catch (err) {
-        io.stderr.write(`${e.name}: ${err instanceof Error ? err.message : String(err)}${e.nofail ? ' (nofail: ignored)' : ''}\n`);
+        io.stderr.write(
+          `${e.name}: ${err instanceof Error ? err.message : String(err)}${e.nofail ? ' (nofail: ignored)' : ''}\n`,
+        );
         if (!e.nofail) failed++;
       }
     }

@@ -32,7 +32,13 @@ import { DaemonCore } from '../../daemon/core.js';
 import { setCryptThreads } from '../../engine/index.js';
 import { daemonHandlers } from '../../daemon/handlers.js';
 import { registerDaemonMetrics } from '../../daemon/metrics.js';
-import { checkMetricsOptions, METRICS_OPTIONS, METRICS_USAGE, metricsRegistry, serveMetricsOption } from '../metrics-option.js';
+import {
+  checkMetricsOptions,
+  METRICS_OPTIONS,
+  METRICS_USAGE,
+  metricsRegistry,
+  serveMetricsOption,
+} from '../metrics-option.js';
 import type { NbdServerOptions, NbdTlsMode } from '../../nbd/types.js';
 import { CryptmapError, fromSystemError } from '../../util/errors.js';
 import { disableCoreDumps } from '../../util/dumpable.js';
@@ -88,7 +94,10 @@ const daemon: VerbMain = async (argv, io) => {
   if (values['crypt-threads'] !== undefined) {
     cryptThreads = Number(values['crypt-threads']);
     if (!/^[0-9]+$/.test(values['crypt-threads']) || cryptThreads < 1 || cryptThreads > 256) {
-      throw new CryptmapError('EARGS', `--crypt-threads wants a number of threads from 1 to 256 (got '${values['crypt-threads']}')`);
+      throw new CryptmapError(
+        'EARGS',
+        `--crypt-threads wants a number of threads from 1 to 256 (got '${values['crypt-threads']}')`,
+      );
     }
   }
   checkMetricsOptions(values);
@@ -99,9 +108,11 @@ const daemon: VerbMain = async (argv, io) => {
 
   const nbdOpts: NbdServerOptions = {};
   const tls = (values.tls ?? (values['tls-cert'] ? 'on' : 'off')) as NbdTlsMode;
-  if (!['off', 'on', 'require'].includes(tls)) throw new CryptmapError('EARGS', `--tls must be off, on or require (got '${tls}')`);
+  if (!['off', 'on', 'require'].includes(tls))
+    throw new CryptmapError('EARGS', `--tls must be off, on or require (got '${tls}')`);
   if (tls !== 'off') {
-    if (!values['tls-cert'] || !values['tls-key']) throw new CryptmapError('EARGS', '--tls needs --tls-cert and --tls-key');
+    if (!values['tls-cert'] || !values['tls-key'])
+      throw new CryptmapError('EARGS', '--tls needs --tls-cert and --tls-key');
     // Credentials only: the TCP listener takes the --tls policy, the Unix socket stays plaintext.
     nbdOpts.tlsCredentials = {
       cert: readTlsFile('--tls-cert', values['tls-cert']),
@@ -111,7 +122,8 @@ const daemon: VerbMain = async (argv, io) => {
     };
   }
   let tcp: { host: string; port: number; tls: NbdTlsMode } | undefined;
-  if (values['insecure-tcp'] && !values.listen) throw new CryptmapError('EARGS', '--insecure-tcp only goes with --listen HOST:PORT');
+  if (values['insecure-tcp'] && !values.listen)
+    throw new CryptmapError('EARGS', '--insecure-tcp only goes with --listen HOST:PORT');
   if (values.listen) {
     const m = /^(?:\[([^\]]+)\]|([^:]+)):([0-9]{1,5})$/.exec(values.listen);
     if (!m) throw new CryptmapError('EARGS', `--listen wants HOST:PORT (got '${values.listen}')`);
@@ -156,8 +168,15 @@ const daemon: VerbMain = async (argv, io) => {
   const pidFile = join(dir, 'daemon.pid');
   // Never through a link someone planted: a new file renamed over the name.
   writeFileReplacing(pidFile, `${process.pid}\n`, 0o600, { code: 'ERUNDIR' });
-  log.info('daemon ready', { control: controlSocketPath(dir), nbd: nbdSocketPath(dir), ...(tcp ? { tcp: `${tcp.host}:${tcp.port}` } : {}), ...(activated ? { activated: true } : {}) });
-  sd.ready(`serving: control ${controlSocketPath(dir)}${activated ? ' (socket-activated)' : ''}, nbd ${nbdSocketPath(dir)}${tcp ? `, tcp ${tcp.host}:${tcp.port}` : ''}${metrics ? `, metrics ${metrics.url}` : ''}`);
+  log.info('daemon ready', {
+    control: controlSocketPath(dir),
+    nbd: nbdSocketPath(dir),
+    ...(tcp ? { tcp: `${tcp.host}:${tcp.port}` } : {}),
+    ...(activated ? { activated: true } : {}),
+  });
+  sd.ready(
+    `serving: control ${controlSocketPath(dir)}${activated ? ' (socket-activated)' : ''}, nbd ${nbdSocketPath(dir)}${tcp ? `, tcp ${tcp.host}:${tcp.port}` : ''}${metrics ? `, metrics ${metrics.url}` : ''}`,
+  );
 
   await new Promise<void>((resolve) => {
     const stop = (sig: string) => {

@@ -51,7 +51,8 @@ async function readStdin(io: CliIO): Promise<string> {
 
 /** The table text for create/load: --table, a table file, or stdin. */
 async function tableText(io: CliIO, table: string | undefined, file: string | undefined): Promise<string> {
-  if (table !== undefined && file !== undefined) throw usageError('give the table either with --table or as a file, not both');
+  if (table !== undefined && file !== undefined)
+    throw usageError('give the table either with --table or as a file, not both');
   if (table !== undefined) return table.split(';').join('\n');
   if (file !== undefined) {
     try {
@@ -72,7 +73,9 @@ function linesJson(devs: readonly DmLines[]): string {
     name: d.name,
     targets: d.lines.map((line) => {
       const m = /^(\d+) (\d+) (\S+) ?(.*)$/.exec(line);
-      return m ? { start: Number(m[1]), length: Number(m[2]), targetType: m[3]!, params: m[4]! } : { start: 0, length: 0, targetType: '', params: line };
+      return m
+        ? { start: Number(m[1]), length: Number(m[2]), targetType: m[3]!, params: m[4]! }
+        : { start: 0, length: 0, targetType: '', params: line };
     }),
   }));
   return `${JSON.stringify({ devices }, null, 2)}\n`;
@@ -129,20 +132,32 @@ async function dispatch(args: string[], io: CliIO, need: () => Promise<DmControl
     case 'create': {
       const { values, positionals } = parse(
         rest,
-        { uuid: { type: 'string', short: 'u' }, table: { type: 'string' }, notable: { type: 'boolean', short: 'n' }, readonly: { type: 'boolean', short: 'r' } },
+        {
+          uuid: { type: 'string', short: 'u' },
+          table: { type: 'string' },
+          notable: { type: 'boolean', short: 'n' },
+          readonly: { type: 'boolean', short: 'r' },
+        },
         1,
         2,
         'create',
       );
       const [name, file] = positionals as [string, string | undefined];
-      if (values.notable && (values.table !== undefined || file !== undefined)) throw usageError('create: --notable excludes a table');
+      if (values.notable && (values.table !== undefined || file !== undefined))
+        throw usageError('create: --notable excludes a table');
       const c = await need();
       const table = values.notable ? undefined : await tableText(io, values.table as string | undefined, file);
       await c.create(name, { table, uuid: values.uuid as string | undefined, readOnly: values.readonly === true });
       return 0;
     }
     case 'remove': {
-      const { values, positionals } = parse(rest, { force: { type: 'boolean', short: 'f' } }, 1, Number.POSITIVE_INFINITY, 'remove');
+      const { values, positionals } = parse(
+        rest,
+        { force: { type: 'boolean', short: 'f' } },
+        1,
+        Number.POSITIVE_INFINITY,
+        'remove',
+      );
       const c = await need();
       for (const n of positionals) await c.remove(n, { force: values.force === true });
       return 0;
@@ -173,7 +188,13 @@ async function dispatch(args: string[], io: CliIO, need: () => Promise<DmControl
       return 0;
     }
     case 'table': {
-      const { values, positionals } = parse(rest, { showkeys: { type: 'boolean' }, json: { type: 'boolean' } }, 0, 1, 'table');
+      const { values, positionals } = parse(
+        rest,
+        { showkeys: { type: 'boolean' }, json: { type: 'boolean' } },
+        0,
+        1,
+        'table',
+      );
       const name = positionals[0];
       const devs = await (await need()).table(name, { showKeys: values.showkeys === true });
       io.stdout.write(values.json ? linesJson(devs) : formatLines(devs, name === undefined));
@@ -203,7 +224,8 @@ async function dispatch(args: string[], io: CliIO, need: () => Promise<DmControl
       // Raw positionals: message words may start with '-'.
       if (rest.length < 3) throw usageError('message: expected NAME SECTOR MESSAGE...');
       const [name, sectorArg, ...msg] = rest as [string, string, ...string[]];
-      if (!/^[0-9]+$/.test(sectorArg) || !Number.isSafeInteger(Number(sectorArg))) throw usageError(`message: SECTOR '${sectorArg}' is not an unsigned decimal number`);
+      if (!/^[0-9]+$/.test(sectorArg) || !Number.isSafeInteger(Number(sectorArg)))
+        throw usageError(`message: SECTOR '${sectorArg}' is not an unsigned decimal number`);
       const reply = await (await need()).message(name, Number(sectorArg), msg);
       if (reply !== '') io.stdout.write(reply.endsWith('\n') ? reply : reply + '\n');
       return 0;

@@ -83,7 +83,8 @@ function parse(argv: string[]) {
 const keyd: VerbMain = async (argv, io) => {
   if (argv[1] === 'token') {
     const name = argv[2];
-    if (name === undefined || !isValidName(name)) throw new CryptmapError('EARGS', 'usage: cryptmap keyd token NAME (NAME: letters, digits, . _ -)');
+    if (name === undefined || !isValidName(name))
+      throw new CryptmapError('EARGS', 'usage: cryptmap keyd token NAME (NAME: letters, digits, . _ -)');
     const token = newClientToken();
     io.stdout.write(`token: ${token}\n# policy entry (store the token in the client's 0600 token file, not here):\n`);
     io.stdout.write(`- identity: token:${name}\n  tokenSha256: ${tokenDigest(token)}\n  services: []\n`);
@@ -104,7 +105,8 @@ const keyd: VerbMain = async (argv, io) => {
   disableCoreDumps('keyd');
   const stateDir = resolve(values['state-dir']);
   const tls = [values['tls-cert'], values['tls-key'], values['tls-ca']];
-  if (values.listen && tls.some((x) => !x)) throw new CryptmapError('EARGS', '--listen needs --tls-cert, --tls-key and --tls-ca');
+  if (values.listen && tls.some((x) => !x))
+    throw new CryptmapError('EARGS', '--listen needs --tls-cert, --tls-key and --tls-ca');
   if (!values.listen && tls.some((x) => x)) throw new CryptmapError('EARGS', '--tls-* options need --listen HOST:PORT');
   const listen = values.listen ? parseListen(values.listen) : undefined;
   const policyPath = values.policy ? resolve(values.policy) : undefined;
@@ -116,7 +118,10 @@ const keyd: VerbMain = async (argv, io) => {
   let root: Awaited<ReturnType<typeof loadOrCreateRootSecret>>;
   try {
     const rootFile = values['root-secret-file'] ? resolve(values['root-secret-file']) : undefined;
-    root = await loadOrCreateRootSecret(stateDir, { ...(passphrase ? { passphrase } : {}), ...(rootFile ? { rootFile } : {}) });
+    root = await loadOrCreateRootSecret(stateDir, {
+      ...(passphrase ? { passphrase } : {}),
+      ...(rootFile ? { rootFile } : {}),
+    });
   } finally {
     passphrase?.dispose(); // also when unwrapping fails (wrong passphrase, damaged file)
   }
@@ -126,11 +131,15 @@ const keyd: VerbMain = async (argv, io) => {
   let tlsKey: Buffer | undefined;
   let metrics: MetricsServer | undefined;
   try {
-    audit = rateLimitedAudit(await openAuditFile(values['audit-log'] ? resolve(values['audit-log']) : join(stateDir, 'audit.log')));
+    audit = rateLimitedAudit(
+      await openAuditFile(values['audit-log'] ? resolve(values['audit-log']) : join(stateDir, 'audit.log')),
+    );
     const registry = metricsRegistry(values, 'keyd');
     if (registry) audit = countingAudit(audit, registry);
     const service = new KeyService({ root: root.secret, policy, audit });
-    io.stdout.write(`keyd: root secret ${root.created ? 'created' : 'loaded'} (${root.wrapped ? 'wrapped' : 'raw'}) at ${root.path}\n`);
+    io.stdout.write(
+      `keyd: root secret ${root.created ? 'created' : 'loaded'} (${root.wrapped ? 'wrapped' : 'raw'}) at ${root.path}\n`,
+    );
     const socketPath = resolve(values.socket ?? join(stateDir, 'keyd.sock'));
     servers.push(await listenUnix(service, socketPath));
     io.stdout.write(`keyd: listening on unix:${socketPath}\n`);

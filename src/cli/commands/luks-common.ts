@@ -24,15 +24,24 @@ export function parseLuksArgs(argv: string[]): { values: CliValues; positionals:
 }
 
 /** Parse a non-negative integer option strictly. */
-export function intOpt(v: string | undefined, name: string, min = 0, max = Number.MAX_SAFE_INTEGER): number | undefined {
+export function intOpt(
+  v: string | undefined,
+  name: string,
+  min = 0,
+  max = Number.MAX_SAFE_INTEGER,
+): number | undefined {
   if (v === undefined) return undefined;
-  if (!/^[0-9]+$/.test(v) || Number(v) < min || Number(v) > max) throw new CryptmapError('EARGS', `Invalid ${name} value ${v}.`, { exitCode: EXIT_WRONG_PARAMS });
+  if (!/^[0-9]+$/.test(v) || Number(v) < min || Number(v) > max)
+    throw new CryptmapError('EARGS', `Invalid ${name} value ${v}.`, { exitCode: EXIT_WRONG_PARAMS });
   return Number(v);
 }
 
 export function needDevice(positionals: string[], usage: string): string {
   const d = positionals[0];
-  if (!d) throw new CryptmapError('EARGS', `Command requires device as argument.\nUsage: ${usage}`, { exitCode: EXIT_WRONG_PARAMS });
+  if (!d)
+    throw new CryptmapError('EARGS', `Command requires device as argument.\nUsage: ${usage}`, {
+      exitCode: EXIT_WRONG_PARAMS,
+    });
   return d;
 }
 
@@ -43,51 +52,82 @@ export async function openDevice(path: string, write: boolean): Promise<BlockDev
       return await openBlockDevice(path, { readOnly: !write });
     } catch (e) {
       const c = isCryptmapError(e) ? e : undefined;
-      throw new CryptmapError('ENODEV', c?.message ?? `Cannot open device ${path}.`, { exitCode: c?.exitCode ?? EXIT_WRONG_DEVICE, cause: e });
+      throw new CryptmapError('ENODEV', c?.message ?? `Cannot open device ${path}.`, {
+        exitCode: c?.exitCode ?? EXIT_WRONG_DEVICE,
+        cause: e,
+      });
     }
   }
   try {
     await stat(path);
   } catch {
-    throw new CryptmapError('ENODEV', `Device ${path} does not exist or access denied.`, { exitCode: EXIT_WRONG_DEVICE });
+    throw new CryptmapError('ENODEV', `Device ${path} does not exist or access denied.`, {
+      exitCode: EXIT_WRONG_DEVICE,
+    });
   }
   try {
     return await FileDevice.open(path, { readOnly: !write });
   } catch (e) {
-    throw new CryptmapError('ENODEV', `Cannot open device ${path}${write ? ' for read-write access' : ''}.`, { exitCode: EXIT_WRONG_DEVICE, cause: e });
+    throw new CryptmapError('ENODEV', `Cannot open device ${path}${write ? ' for read-write access' : ''}.`, {
+      exitCode: EXIT_WRONG_DEVICE,
+      cause: e,
+    });
   }
 }
 
 /** KDF options from --pbkdf, --pbkdf-force-iterations, --pbkdf-memory, --pbkdf-parallel, --iter-time, --hash. */
 export function keyslotOptions(v: LuksArgs, type: 'luks1' | 'luks2'): NewKeyslotOptions {
   const pbkdf = (v.pbkdf ?? (type === 'luks1' ? 'pbkdf2' : 'argon2id')) as 'pbkdf2' | 'argon2i' | 'argon2id';
-  if (!['pbkdf2', 'argon2i', 'argon2id'].includes(pbkdf)) throw new CryptmapError('EARGS', `Unknown PBKDF type ${pbkdf}.`, { exitCode: EXIT_WRONG_PARAMS });
-  if (type === 'luks1' && pbkdf !== 'pbkdf2') throw new CryptmapError('EARGS', 'Only PBKDF2 is supported in LUKS1.', { exitCode: EXIT_WRONG_PARAMS });
+  if (!['pbkdf2', 'argon2i', 'argon2id'].includes(pbkdf))
+    throw new CryptmapError('EARGS', `Unknown PBKDF type ${pbkdf}.`, { exitCode: EXIT_WRONG_PARAMS });
+  if (type === 'luks1' && pbkdf !== 'pbkdf2')
+    throw new CryptmapError('EARGS', 'Only PBKDF2 is supported in LUKS1.', { exitCode: EXIT_WRONG_PARAMS });
   const hash = v.hash ?? 'sha256';
   const forced = intOpt(v['pbkdf-force-iterations'], '--pbkdf-force-iterations', 1, 0xffffffff);
   const memory = intOpt(v['pbkdf-memory'], '--pbkdf-memory', 32, 4 * 1024 * 1024);
   const parallel = intOpt(v['pbkdf-parallel'], '--pbkdf-parallel', 1, 4);
   const iterTime = intOpt(v['iter-time'], '--iter-time', 1);
   const keySlot = intOpt(v['key-slot'], '--key-slot', 0, type === 'luks1' ? 7 : 31);
-  const o: NewKeyslotOptions = { pbkdf, hash, ...(keySlot !== undefined ? { keySlot } : {}), ...(iterTime !== undefined ? { iterTimeMs: iterTime } : {}) };
+  const o: NewKeyslotOptions = {
+    pbkdf,
+    hash,
+    ...(keySlot !== undefined ? { keySlot } : {}),
+    ...(iterTime !== undefined ? { iterTimeMs: iterTime } : {}),
+  };
   if (memory !== undefined) o.pbkdfMemoryKiB = memory;
   if (parallel !== undefined) o.pbkdfParallel = parallel;
   // --keyslot-cipher / --keyslot-key-size (cryptsetup _set_keyslot_encryption_params).
   if ((v['keyslot-cipher'] === undefined) !== (v['keyslot-key-size'] === undefined)) {
-    throw new CryptmapError('EARGS', 'Options --keyslot-cipher and --keyslot-key-size must be used together.', { exitCode: EXIT_WRONG_PARAMS });
+    throw new CryptmapError('EARGS', 'Options --keyslot-cipher and --keyslot-key-size must be used together.', {
+      exitCode: EXIT_WRONG_PARAMS,
+    });
   }
   if (v['keyslot-cipher'] !== undefined) {
-    if (type !== 'luks2') throw new CryptmapError('EARGS', 'Keyslot encryption parameters can be set only for LUKS2 device.', { exitCode: EXIT_WRONG_PARAMS });
+    if (type !== 'luks2')
+      throw new CryptmapError('EARGS', 'Keyslot encryption parameters can be set only for LUKS2 device.', {
+        exitCode: EXIT_WRONG_PARAMS,
+      });
     o.keyslotCipher = v['keyslot-cipher'];
     o.keyslotKeyBytes = Math.floor((intOpt(v['keyslot-key-size'], '--keyslot-key-size', 0, 0xffffffff) ?? 0) / 8);
   }
   if (forced !== undefined) {
     if (pbkdf === 'pbkdf2') {
-      if (forced < 1000) throw new CryptmapError('EARGS', 'Forced iteration count is too low for pbkdf2 (minimum is 1000).', { exitCode: EXIT_WRONG_PARAMS });
+      if (forced < 1000)
+        throw new CryptmapError('EARGS', 'Forced iteration count is too low for pbkdf2 (minimum is 1000).', {
+          exitCode: EXIT_WRONG_PARAMS,
+        });
       o.kdf = { type: 'pbkdf2', hash, iterations: forced };
     } else {
-      if (forced < 4) throw new CryptmapError('EARGS', 'Forced iteration count is too low for argon2 (minimum is 4).', { exitCode: EXIT_WRONG_PARAMS });
-      o.kdf = { type: pbkdf, time: forced, memoryKiB: Math.min(memory ?? 1024 * 1024, Math.floor(totalmem() / 2048)), parallel: Math.min(parallel ?? 4, cpus().length || 1) };
+      if (forced < 4)
+        throw new CryptmapError('EARGS', 'Forced iteration count is too low for argon2 (minimum is 4).', {
+          exitCode: EXIT_WRONG_PARAMS,
+        });
+      o.kdf = {
+        type: pbkdf,
+        time: forced,
+        memoryKiB: Math.min(memory ?? 1024 * 1024, Math.floor(totalmem() / 2048)),
+        parallel: Math.min(parallel ?? 4, cpus().length || 1),
+      };
     }
   }
   return o;
@@ -102,4 +142,3 @@ export function headerPath(v: LuksArgs, device: string): string {
 export async function closeQuietly(dev: { close(): Promise<void> } | undefined): Promise<void> {
   await dev?.close().catch(() => {});
 }
-

@@ -33,11 +33,7 @@ export function jsonPretty(v: unknown, level = 0): string {
 function hexLines(b: Buffer, cont: string, width = 16): string {
   const lines: string[] = [];
   for (let i = 0; i < b.length; i += width) {
-    lines.push(
-      [...b.subarray(i, i + width)]
-        .map((x) => x.toString(16).padStart(2, '0') + ' ')
-        .join(''),
-    );
+    lines.push([...b.subarray(i, i + width)].map((x) => x.toString(16).padStart(2, '0') + ' ').join(''));
   }
   return lines.join(`\n${cont}`);
 }
@@ -86,14 +82,16 @@ export function dumpLuks2(v: Luks2Volume): string {
       o += `\tCipher key: ${(k.area.key_size ?? 0) * 8} bits\n`;
       o += `\tPBKDF:      ${k.kdf.type}\n`;
       if (k.kdf.type === 'pbkdf2') o += `\tHash:       ${k.kdf.hash}\n\tIterations: ${k.kdf.iterations}\n`;
-      else if (k.kdf.type.startsWith('argon2')) o += `\tTime cost:  ${k.kdf.time}\n\tMemory:     ${k.kdf.memory}\n\tThreads:    ${k.kdf.cpus}\n`;
+      else if (k.kdf.type.startsWith('argon2'))
+        o += `\tTime cost:  ${k.kdf.time}\n\tMemory:     ${k.kdf.memory}\n\tThreads:    ${k.kdf.cpus}\n`;
       o += `\tSalt:       ${hexLines(b64(k.kdf.salt), '\t            ')}\n`;
       o += `\tAF stripes: ${k.af.stripes}\n\tAF hash:    ${k.af.hash}\n`;
     } else if (k.type === 'reencrypt') {
       o += `\t${'Mode:'.padEnd(12)}${String(k.mode)}\n\t${'Direction:'.padEnd(12)}${String(k.direction)}\n`;
       const a = k.area as Record<string, unknown>;
       o += `\t${'Resilience:'.padEnd(12)}${String(a.type)}\n`;
-      if (a.type === 'checksum') o += `\t${'Hash:'.padEnd(12)}${String(a.hash)}\n\t${'Hash data:'.padEnd(12)}${Number(a.sector_size)} [bytes]\n`;
+      if (a.type === 'checksum')
+        o += `\t${'Hash:'.padEnd(12)}${String(a.hash)}\n\t${'Hash data:'.padEnd(12)}${Number(a.sector_size)} [bytes]\n`;
       else if (a.type === 'datashift') o += `\t${'Shift size:'.padEnd(12)}${String(a.shift_size)}[bytes]\n`;
     }
     o += `\tArea offset:${k.area.offset} [bytes]\n\tArea length:${k.area.size} [bytes]\n`;
@@ -151,7 +149,14 @@ export function dumpJson(v: Luks1Volume | Luks2Volume): unknown {
     keyslots: v.keyslots(),
     headerBytes: v.headerBytes,
   };
-  if (v.type === 'luks2') return { ...base, seqid: v.seqid.toString(), metadataBytes: v.metadataBytes, keyslotsBytes: v.keyslotsBytes, metadata: v.json };
+  if (v.type === 'luks2')
+    return {
+      ...base,
+      seqid: v.seqid.toString(),
+      metadataBytes: v.metadataBytes,
+      keyslotsBytes: v.keyslotsBytes,
+      metadata: v.json,
+    };
   const h = v.header;
   return { ...base, hash: h.hashSpec, payloadOffsetSectors: h.payloadOffset };
 }
@@ -172,11 +177,21 @@ function writeVolumeKeyFile(file: string, key: Uint8Array): void {
   }
 }
 
-async function dumpUnbound(io: CliIO, vol: Awaited<ReturnType<typeof loadLuksForRead>>['vol'], device: string, v: LuksArgs): Promise<number> {
+async function dumpUnbound(
+  io: CliIO,
+  vol: Awaited<ReturnType<typeof loadLuksForRead>>['vol'],
+  device: string,
+  v: LuksArgs,
+): Promise<number> {
   const slot = intOpt(v['key-slot'], '--key-slot', 0, 31)!;
-  if (!vol.keyslots().some((k) => k.id === slot && k.unbound)) throw new CryptmapError('EKEYSLOT', `Keyslot ${slot} does not contain unbound key.`, { exitCode: 1 });
+  if (!vol.keyslots().some((k) => k.id === slot && k.unbound))
+    throw new CryptmapError('EKEYSLOT', `Keyslot ${slot} does not contain unbound key.`, { exitCode: 1 });
   try {
-    await confirm(io, 'The header dump with unbound key is sensitive information.\nThis dump should be stored encrypted in a safe place.', v['batch-mode']);
+    await confirm(
+      io,
+      'The header dump with unbound key is sensitive information.\nThis dump should be stored encrypted in a safe place.',
+      v['batch-mode'],
+    );
   } catch (e) {
     throw isCryptmapError(e, 'EABORT') ? new CryptmapError('EABORT', 'Operation aborted.', { exitCode: 2 }) : e;
   }
@@ -210,14 +225,18 @@ async function dumpUnbound(io: CliIO, vol: Awaited<ReturnType<typeof loadLuksFor
 
 const main: VerbMain = async (argv: string[], io: CliIO) => {
   const { values: v, positionals } = parseLuksArgs(argv);
-  if (v.unbound && v['key-slot'] === undefined) throw new CryptmapError('EARGS', 'Keyslot specification is required.', { exitCode: EXIT_WRONG_PARAMS });
+  if (v.unbound && v['key-slot'] === undefined)
+    throw new CryptmapError('EARGS', 'Keyslot specification is required.', { exitCode: EXIT_WRONG_PARAMS });
   const device = needDevice(positionals, 'cryptmap luksDump [OPTION...] <device>');
   const hdr = headerPath(v, device);
   // Loaded as cryptsetup's crypt_load does: a damaged LUKS2 copy is rewritten unless --readonly.
   const { dev, vol } = await loadLuksForRead(hdr, v);
   try {
     if (v['dump-json-metadata']) {
-      if (vol.type !== 'luks2') throw new CryptmapError('EARGS', 'Dump operation is not supported for this device type.', { exitCode: EXIT_WRONG_PARAMS });
+      if (vol.type !== 'luks2')
+        throw new CryptmapError('EARGS', 'Dump operation is not supported for this device type.', {
+          exitCode: EXIT_WRONG_PARAMS,
+        });
       io.stdout.write(jsonPretty(vol.json));
       return 0;
     }

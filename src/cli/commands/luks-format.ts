@@ -43,7 +43,8 @@ async function warnNoDataRoom(io: CliIO, device: string, hdrPath: string): Promi
     const vol = await loadLuks(hdr, hdrPath).catch(() => null);
     const data = hdrPath === device ? hdr : await openDevice(device, false).catch(() => null);
     try {
-      if (vol && data && vol.dataSegment.offsetBytes >= data.sizeBytes) io.stdout.write(`Device ${device} is too small for activation, there is no remaining space for data.\n`);
+      if (vol && data && vol.dataSegment.offsetBytes >= data.sizeBytes)
+        io.stdout.write(`Device ${device} is too small for activation, there is no remaining space for data.\n`);
     } finally {
       if (data !== hdr) await closeQuietly(data ?? undefined);
     }
@@ -56,19 +57,27 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   const { values: v, positionals } = parseLuksArgs(argv);
   const device = needDevice(positionals, 'cryptmap luksFormat [OPTION...] <device> [<key file>]');
   const type = v.type ?? 'luks2';
-  if (type !== 'luks1' && type !== 'luks2' && type !== 'luks') throw new CryptmapError('EARGS', `Unknown LUKS type ${type}.`, { exitCode: EXIT_WRONG_PARAMS });
+  if (type !== 'luks1' && type !== 'luks2' && type !== 'luks')
+    throw new CryptmapError('EARGS', `Unknown LUKS type ${type}.`, { exitCode: EXIT_WRONG_PARAMS });
   const luks = type === 'luks1' ? 'luks1' : 'luks2';
   const cipher = v.cipher ?? 'aes-xts-plain64';
   const keyBits = intOpt(v['key-size'], '--key-size', 8, 4096) ?? (/-xts-|^xts|xts\(/.test(cipher) ? 512 : 256);
-  if (keyBits % 8 !== 0) throw new CryptmapError('EARGS', 'Key size must be a multiple of 8 bits', { exitCode: EXIT_WRONG_PARAMS });
+  if (keyBits % 8 !== 0)
+    throw new CryptmapError('EARGS', 'Key size must be a multiple of 8 bits', { exitCode: EXIT_WRONG_PARAMS });
   const sectorOpt = intOpt(v['sector-size'], '--sector-size', 512, 4096);
-  if (sectorOpt !== undefined && ![512, 1024, 2048, 4096].includes(sectorOpt)) throw new CryptmapError('EARGS', `Unsupported encryption sector size.`, { exitCode: EXIT_WRONG_PARAMS });
-  if (luks === 'luks1' && sectorOpt !== undefined && sectorOpt !== 512) throw new CryptmapError('EARGS', 'Unsupported encryption sector size.', { exitCode: EXIT_WRONG_PARAMS });
+  if (sectorOpt !== undefined && ![512, 1024, 2048, 4096].includes(sectorOpt))
+    throw new CryptmapError('EARGS', `Unsupported encryption sector size.`, { exitCode: EXIT_WRONG_PARAMS });
+  if (luks === 'luks1' && sectorOpt !== undefined && sectorOpt !== 512)
+    throw new CryptmapError('EARGS', 'Unsupported encryption sector size.', { exitCode: EXIT_WRONG_PARAMS });
   const offsetSectors = intOpt(v.offset, '--offset');
   const alignSectors = intOpt(v['align-payload'], '--align-payload', 0, 0xffffffff);
-  if (alignSectors !== undefined && offsetSectors !== undefined) throw new CryptmapError('EARGS', 'Options --align-payload and --offset cannot be combined.', { exitCode: EXIT_WRONG_PARAMS });
+  if (alignSectors !== undefined && offsetSectors !== undefined)
+    throw new CryptmapError('EARGS', 'Options --align-payload and --offset cannot be combined.', {
+      exitCode: EXIT_WRONG_PARAMS,
+    });
   // cryptsetup 2.6 action_luksFormat: the data offset in 4096-byte units; LUKS2-only sizes refused for LUKS1.
-  if (offsetSectors !== undefined && (offsetSectors * 512) % 4096 !== 0) throw new CryptmapError('EARGS', 'Data offset is not multiple of 4096 bytes.', { exitCode: EXIT_WRONG_PARAMS });
+  if (offsetSectors !== undefined && (offsetSectors * 512) % 4096 !== 0)
+    throw new CryptmapError('EARGS', 'Data offset is not multiple of 4096 bytes.', { exitCode: EXIT_WRONG_PARAMS });
   if (luks === 'luks1' && (v['luks2-metadata-size'] !== undefined || v['luks2-keyslots-size'] !== undefined)) {
     throw new CryptmapError('EARGS', 'Unsupported LUKS2 metadata size options.', { exitCode: EXIT_WRONG_PARAMS });
   }
@@ -90,12 +99,17 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   try {
     if (v['volume-key-file'] !== undefined) {
       volumeKey = await readVolumeKeyFile(v['volume-key-file'], keyBits / 8);
-      if (volumeKey.length !== keyBits / 8) throw new CryptmapError('EVK', 'Cannot read volume key file.', { exitCode: EXIT_WRONG_PARAMS });
+      if (volumeKey.length !== keyBits / 8)
+        throw new CryptmapError('EVK', 'Cannot read volume key file.', { exitCode: EXIT_WRONG_PARAMS });
     }
     pass = await getPassphrase(
       io,
       passphrasePrompt(device),
-      { keyFile, keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'), keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size') },
+      {
+        keyFile,
+        keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
+        keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
+      },
       true,
     );
     // A detached header file is created (or grown) to hold the metadata and keyslots.
@@ -117,7 +131,8 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       // sectors) or the device size less the alignment must be a multiple of 4096, else 512.
       if (alignSectors) {
         const devBytes = isRemoteDevice(device) ? 0 : (await stat(device)).size;
-        if (headerFile !== undefined ? alignSectors % 4096 !== 0 : (devBytes - alignSectors * 512) % 4096 !== 0) sectorBytes = 512;
+        if (headerFile !== undefined ? alignSectors % 4096 !== 0 : (devBytes - alignSectors * 512) % 4096 !== 0)
+          sectorBytes = 512;
       }
     }
     // A regular file is grown to hold the header and keyslots, as cryptsetup does (device_fallocate).
@@ -143,7 +158,10 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         keyslot: ks,
       };
       if (luks === 'luks1') {
-        if (v.label || v.subsystem) throw new CryptmapError('EARGS', 'Label and subsystem are supported only for LUKS2.', { exitCode: EXIT_WRONG_PARAMS });
+        if (v.label || v.subsystem)
+          throw new CryptmapError('EARGS', 'Label and subsystem are supported only for LUKS2.', {
+            exitCode: EXIT_WRONG_PARAMS,
+          });
         await Luks1Volume.format(fmtDev, fmtPass, common);
       } else {
         await Luks2Volume.format(fmtDev, fmtPass, {

@@ -6,7 +6,14 @@
  *   luksConvertKey <device>                  (LUKS2: the keyslot again under the PBKDF given now)
  * The image is locked while its header changes (luks/lock.ts).
  */
-import { type Luks1Volume, type Luks2Volume, TOKEN_HANDLERS, type UnlockResult, unlockByToken, withDeviceLock } from '../../luks/index.js';
+import {
+  type Luks1Volume,
+  type Luks2Volume,
+  TOKEN_HANDLERS,
+  type UnlockResult,
+  unlockByToken,
+  withDeviceLock,
+} from '../../luks/index.js';
 import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
 import { Secret } from '../../util/secret.js';
 import type { CliIO, VerbMain } from '../types.js';
@@ -24,7 +31,11 @@ import { loadLuks, recoverLoaded, tokenArgs } from './luks-unlock.js';
 import { confirm, getPassphrase, readVolumeKeyFile } from './terminal-input.js';
 
 /** Unlock with one of `slots` only (cryptsetup tries them in order); "No key available with this passphrase." (exit 2) otherwise. */
-async function unlockAny(vol: Luks1Volume | Luks2Volume, passphrase: Uint8Array, slots: number[]): Promise<UnlockResult> {
+async function unlockAny(
+  vol: Luks1Volume | Luks2Volume,
+  passphrase: Uint8Array,
+  slots: number[],
+): Promise<UnlockResult> {
   for (const keySlot of slots) {
     try {
       return await vol.unlock(passphrase, { keySlot });
@@ -32,19 +43,30 @@ async function unlockAny(vol: Luks1Volume | Luks2Volume, passphrase: Uint8Array,
       if (!isCryptmapError(e) || !['ENOKEY', 'EKEYSLOT'].includes(e.code)) throw e;
     }
   }
-  throw new CryptmapError('ENOKEY', 'No key available with this passphrase.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
+  throw new CryptmapError('ENOKEY', 'No key available with this passphrase.', {
+    exitCode: EXIT_NO_PERMISSION,
+    errno: 'EPERM',
+  });
 }
 
 /** The passphrase a token gives (--new-token-id): its handler's, e.g. a luks2-keyring token's key. */
 async function tokenPassphrase(vol: Luks1Volume | Luks2Volume, id: number): Promise<Buffer> {
   const tok = vol.type === 'luks2' ? vol.json.tokens[String(id)] : undefined;
   const open = tok ? TOKEN_HANDLERS[tok.type]?.open : undefined;
-  if (!tok || !open) throw new CryptmapError('ENOTOKEN', `Token ${id} is not usable to get a new passphrase.`, { exitCode: 1, errno: 'ENOENT' });
+  if (!tok || !open)
+    throw new CryptmapError('ENOTOKEN', `Token ${id} is not usable to get a new passphrase.`, {
+      exitCode: 1,
+      errno: 'ENOENT',
+    });
   return open(tok as unknown as Record<string, unknown>, id);
 }
 
 function existingSource(v: LuksArgs) {
-  return { keyFile: v['key-file'], keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'), keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size') };
+  return {
+    keyFile: v['key-file'],
+    keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
+    keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
+  };
 }
 function newSource(v: LuksArgs, positional: string | undefined) {
   return {
@@ -57,10 +79,20 @@ function newSource(v: LuksArgs, positional: string | undefined) {
 const main: VerbMain = async (argv: string[], io: CliIO) => {
   const verb = argv[0]!;
   const { values: v, positionals } = parseLuksArgs(argv);
-  const device = needDevice(positionals, `cryptmap ${verb} [OPTION...] <device> ${verb === 'luksKillSlot' ? '<key slot>' : '[<key file>]'}`);
+  const device = needDevice(
+    positionals,
+    `cryptmap ${verb} [OPTION...] <device> ${verb === 'luksKillSlot' ? '<key slot>' : '[<key file>]'}`,
+  );
   const hdr = headerPath(v, device);
-  if (verb === 'luksAddKey' && v.unbound && !Number(v['key-size'] ?? 0)) throw new CryptmapError('EARGS', 'Key size is required with --unbound option.', { exitCode: EXIT_WRONG_PARAMS });
-  if (verb === 'luksAddKey' && !v.unbound && v['new-key-slot'] === undefined && v['key-slot'] !== undefined && !v['batch-mode']) {
+  if (verb === 'luksAddKey' && v.unbound && !Number(v['key-size'] ?? 0))
+    throw new CryptmapError('EARGS', 'Key size is required with --unbound option.', { exitCode: EXIT_WRONG_PARAMS });
+  if (
+    verb === 'luksAddKey' &&
+    !v.unbound &&
+    v['new-key-slot'] === undefined &&
+    v['key-slot'] !== undefined &&
+    !v['batch-mode']
+  ) {
     io.stdout.write('WARNING: The --key-slot parameter is used for new keyslot number.\n'); // as cryptsetup 2.6, on stdout
   }
   const dev = await openDevice(hdr, true);
@@ -79,14 +111,20 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         if (v.unbound) {
           // cryptsetup luksAddUnboundKey: a key of --key-size bits (random, or --volume-key-file),
           // assigned to no segment; only the new passphrase is asked for.
-          if (vol.type !== 'luks2') throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid LUKS2 device.`, { exitCode: 1 });
+          if (vol.type !== 'luks2')
+            throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid LUKS2 device.`, { exitCode: 1 });
           const keyBytes = Math.floor(bits / 8);
           let key: Buffer | undefined;
           if (v['volume-key-file'] !== undefined) {
             key = await readVolumeKeyFile(v['volume-key-file'], keyBytes);
             secrets.push(key);
           }
-          const np = await getPassphrase(io, 'Enter new passphrase for key slot: ', { ...newSource(v, positionals[1]), keyFile: positionals[1] }, true);
+          const np = await getPassphrase(
+            io,
+            'Enter new passphrase for key slot: ',
+            { ...newSource(v, positionals[1]), keyFile: positionals[1] },
+            true,
+          );
           secrets.push(np);
           const slot = await vol.addUnboundKeyslot(np, { ...ks, keyBytes, ...(key ? { key } : {}) });
           say(`Key slot ${slot} created.\nCommand successful.\n`);
@@ -104,15 +142,27 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         if (vkFile) {
           // --key-size names the size when no keyslot is left to tell it (after luksErase), as in cryptsetup.
           const vkBytes = v['key-size'] !== undefined ? bits / 8 : vol.dataSegment.keyBytes;
-          if (!vkBytes) throw new CryptmapError('EARGS', 'Cannot determine volume key size for LUKS without keyslots, please use --key-size option.', { exitCode: EXIT_WRONG_PARAMS });
+          if (!vkBytes)
+            throw new CryptmapError(
+              'EARGS',
+              'Cannot determine volume key size for LUKS without keyslots, please use --key-size option.',
+              { exitCode: EXIT_WRONG_PARAMS },
+            );
           const vk = await readVolumeKeyFile(vkFile, vkBytes);
           secrets.push(vk); // wiped in the finally below even when addKey fails
           auth = { volumeKey: new Secret(vk) };
         } else if (byToken && (v['key-file'] === undefined || v['key-file'] === '-')) {
           // Unlocked through a token (crypt_keyslot_context_init_by_token): --token-id/--token-type.
-          if (vol.type !== 'luks2') throw new CryptmapError('ETOKENLUKS1', 'Tokens are supported only for LUKS2 devices.', { exitCode: EXIT_WRONG_PARAMS });
+          if (vol.type !== 'luks2')
+            throw new CryptmapError('ETOKENLUKS1', 'Tokens are supported only for LUKS2 devices.', {
+              exitCode: EXIT_WRONG_PARAMS,
+            });
           const t = tokenArgs(v);
-          const r = await unlockByToken(vol, { ...(t.tokenId !== undefined ? { tokenId: t.tokenId } : {}), ...(t.tokenType !== undefined ? { tokenType: t.tokenType } : {}), ...(oldSlot !== undefined ? { keySlot: oldSlot } : {}) });
+          const r = await unlockByToken(vol, {
+            ...(t.tokenId !== undefined ? { tokenId: t.tokenId } : {}),
+            ...(t.tokenType !== undefined ? { tokenType: t.tokenType } : {}),
+            ...(oldSlot !== undefined ? { keySlot: oldSlot } : {}),
+          });
           auth = { volumeKey: r.volumeKey };
           secrets.push(r.volumeKey.expose()); // wiped in the finally below even when addKey fails
           say(`Key slot ${r.keyslot} unlocked.\n`);
@@ -130,12 +180,19 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         let np: Buffer;
         const newFile = positionals[1] ?? v['new-keyfile'];
         if (newFile === undefined && newTokenId !== undefined) {
-          if (vol.type !== 'luks2') throw new CryptmapError('ETOKENLUKS1', 'Tokens are supported only for LUKS2 devices.', { exitCode: EXIT_WRONG_PARAMS });
+          if (vol.type !== 'luks2')
+            throw new CryptmapError('ETOKENLUKS1', 'Tokens are supported only for LUKS2 devices.', {
+              exitCode: EXIT_WRONG_PARAMS,
+            });
           np = tokenPass ?? (await tokenPassphrase(vol, newTokenId));
         } else np = await getPassphrase(io, 'Enter new passphrase for key slot: ', newSource(v, positionals[1]), true);
         secrets.push(np);
         const assign = newFile === undefined && newTokenId !== undefined ? { assignTokens: [newTokenId] } : {};
-        const slot = await vol.addKey(auth, np, { ...ks, ...assign, ...(newSlot !== undefined ? { keySlot: newSlot } : { keySlot: undefined }) });
+        const slot = await vol.addKey(auth, np, {
+          ...ks,
+          ...assign,
+          ...(newSlot !== undefined ? { keySlot: newSlot } : { keySlot: undefined }),
+        });
         if ('volumeKey' in auth) auth.volumeKey.dispose();
         say(`Key slot ${slot} created.\nCommand successful.\n`);
         return 0;
@@ -144,7 +201,8 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         // cryptsetup 2.6 action_luksConvertKey: the keyslot is rewritten with the same passphrase and the
         // PBKDF given now (--pbkdf pbkdf2 for bootloaders without Argon2, or back), through the same
         // crash-safe path as luksChangeKey (new material in a free area, one header write, old area wiped).
-        if (vol.type !== 'luks2') throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid LUKS2 device.`, { exitCode: 1 });
+        if (vol.type !== 'luks2')
+          throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid LUKS2 device.`, { exitCode: 1 });
         if (ks.keySlot !== undefined && vol.json.keyslots[String(ks.keySlot)] === undefined) {
           throw new CryptmapError('EKEYSLOT', `Keyslot ${ks.keySlot} is not active.`, { exitCode: 1 });
         }
@@ -178,7 +236,11 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         volumeKey.dispose();
         say(`Key slot ${keyslot} selected for deletion.\n`);
         if (vol.keyslots().filter((k) => k.active).length === 1) {
-          await confirm(io, 'This is the last keyslot. Device will become unusable after purging this key.', v['batch-mode']);
+          await confirm(
+            io,
+            'This is the last keyslot. Device will become unusable after purging this key.',
+            v['batch-mode'],
+          );
         }
         await vol.killSlot(keyslot);
         say('Command successful.\n');
@@ -191,15 +253,25 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         // cannot destroy the last way in). Input that ends before giving anything (`</dev/null`) skips
         // the check, as cryptsetup does when reading stdin.
         const slot = intOpt(positionals[1], 'key slot', 0, vol.type === 'luks1' ? 7 : 31);
-        if (slot === undefined) throw new CryptmapError('EARGS', 'Command requires key slot as argument.', { exitCode: EXIT_WRONG_PARAMS });
+        if (slot === undefined)
+          throw new CryptmapError('EARGS', 'Command requires key slot as argument.', { exitCode: EXIT_WRONG_PARAMS });
         const info = vol.keyslots().find((k) => k.id === slot);
-        if (!info?.active) throw new CryptmapError('EKEYSLOT', `Keyslot ${slot} is not active.`, { exitCode: EXIT_WRONG_PARAMS });
+        if (!info?.active)
+          throw new CryptmapError('EKEYSLOT', `Keyslot ${slot} is not active.`, { exitCode: EXIT_WRONG_PARAMS });
         say(`Keyslot ${slot} is selected for deletion.\n`);
         const others = vol.keyslots().filter((k) => k.active && k.id !== slot);
         if (!v['batch-mode'] || v['key-file'] !== undefined || !io.stdin.isTTY) {
           if (others.length === 0 && v['key-file'] === undefined) {
-            await confirm(io, 'This is the last keyslot. Device will become unusable after purging this key.', v['batch-mode']).catch((e: unknown) => {
-              throw isCryptmapError(e, 'EABORT') ? new CryptmapError('EABORT', 'Operation aborted, the keyslot was NOT wiped.', { exitCode: EXIT_NO_PERMISSION }) : e;
+            await confirm(
+              io,
+              'This is the last keyslot. Device will become unusable after purging this key.',
+              v['batch-mode'],
+            ).catch((e: unknown) => {
+              throw isCryptmapError(e, 'EABORT')
+                ? new CryptmapError('EABORT', 'Operation aborted, the keyslot was NOT wiped.', {
+                    exitCode: EXIT_NO_PERMISSION,
+                  })
+                : e;
             });
           }
           let p: Buffer | undefined;
@@ -212,7 +284,14 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
           }
           if (p) {
             secrets.push(p);
-            const unlocked = others.length === 0 ? await vol.unlock(p, { keySlot: slot }) : await unlockAny(vol, p, others.map((k) => k.id));
+            const unlocked =
+              others.length === 0
+                ? await vol.unlock(p, { keySlot: slot })
+                : await unlockAny(
+                    vol,
+                    p,
+                    others.map((k) => k.id),
+                  );
             unlocked.volumeKey.dispose();
             say(`Key slot ${unlocked.keyslot} unlocked.\n`);
           }

@@ -5,37 +5,65 @@
  */
 import { readFile } from 'node:fs/promises';
 import type { BlockDevice } from '../../blockdev/types.js';
-import { convertLuks1ToLuks2, convertLuks2ToLuks1, detectLuks, headerBackup, headerRestore, Luks1Volume, type Luks2Volume, withDeviceLock } from '../../luks/index.js';
+import {
+  convertLuks1ToLuks2,
+  convertLuks2ToLuks1,
+  detectLuks,
+  headerBackup,
+  headerRestore,
+  Luks1Volume,
+  type Luks2Volume,
+  withDeviceLock,
+} from '../../luks/index.js';
 import { CryptmapError, EXIT_BUSY, EXIT_NO_PERMISSION, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
 import { openInDaemon } from '../daemon-client.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { closeQuietly, headerPath, intOpt, type LuksArgs, needDevice, openDevice, parseLuksArgs } from './luks-common.js';
+import {
+  closeQuietly,
+  headerPath,
+  intOpt,
+  type LuksArgs,
+  needDevice,
+  openDevice,
+  parseLuksArgs,
+} from './luks-common.js';
 import { loadLuks, loadLuksForRead, recoverLoaded } from './luks-unlock.js';
 import { confirm } from './terminal-input.js';
 
 function needLuks2<T extends { type: string }>(vol: T, what: string): asserts vol is T & Luks2Volume {
-  if (vol.type !== 'luks2') throw new CryptmapError('EARGS', `${what} is supported only for LUKS2 devices.`, { exitCode: EXIT_WRONG_PARAMS });
+  if (vol.type !== 'luks2')
+    throw new CryptmapError('EARGS', `${what} is supported only for LUKS2 devices.`, { exitCode: EXIT_WRONG_PARAMS });
 }
 
 async function readStdin(io: CliIO): Promise<string> {
   const chunks: Buffer[] = [];
-  for await (const c of io.stdin as AsyncIterable<Buffer | string>) chunks.push(typeof c === 'string' ? Buffer.from(c) : c);
+  for await (const c of io.stdin as AsyncIterable<Buffer | string>)
+    chunks.push(typeof c === 'string' ? Buffer.from(c) : c);
   return Buffer.concat(chunks).toString('utf8');
 }
 
 async function token(io: CliIO, v: LuksArgs, positionals: string[]): Promise<number> {
   const action = positionals[0];
   const device = positionals[1];
-  if (!action || !device) throw new CryptmapError('EARGS', 'Usage: cryptmap token <add|remove|import|export|unassign> <device> [--token-id N] [--key-slot N] [--key-description D] [--json-file FILE]', { exitCode: EXIT_WRONG_PARAMS });
+  if (!action || !device)
+    throw new CryptmapError(
+      'EARGS',
+      'Usage: cryptmap token <add|remove|import|export|unassign> <device> [--token-id N] [--key-slot N] [--key-description D] [--json-file FILE]',
+      { exitCode: EXIT_WRONG_PARAMS },
+    );
   // cryptsetup verify_token: usage errors before the device is looked at.
   const usage = (m: string) => new CryptmapError('EARGS', m, { exitCode: EXIT_WRONG_PARAMS });
   if (!['add', 'remove', 'import', 'export', 'unassign'].includes(action)) throw usage('Invalid token action.');
-  if (action === 'add' && v['key-description'] === undefined) throw usage('--key-description parameter is mandatory for token add action.');
-  if ((action === 'remove' || action === 'export') && v['token-id'] === undefined) throw usage('Action requires specific token. Use --token-id parameter.');
+  if (action === 'add' && v['key-description'] === undefined)
+    throw usage('--key-description parameter is mandatory for token add action.');
+  if ((action === 'remove' || action === 'export') && v['token-id'] === undefined)
+    throw usage('Action requires specific token. Use --token-id parameter.');
   if (v.unbound && action !== 'add') throw usage('Option --unbound is valid only with token add action.');
   if (v.unbound && v['key-slot'] !== undefined) throw usage('Options --key-slot and --unbound cannot be combined.');
-  if (action === 'unassign' && v['key-slot'] === undefined) throw usage('Action requires specific keyslot. Use --key-slot parameter.');
-  if (action === 'unassign' && v['token-id'] === undefined) throw usage('Action requires specific token. Use --token-id parameter.');
+  if (action === 'unassign' && v['key-slot'] === undefined)
+    throw usage('Action requires specific keyslot. Use --key-slot parameter.');
+  if (action === 'unassign' && v['token-id'] === undefined)
+    throw usage('Action requires specific token. Use --token-id parameter.');
   const id = action === 'unassign' ? intOpt(v['token-id'], '--token-id') : intOpt(v['token-id'], '--token-id', 0, 31);
   const slot = intOpt(v['key-slot'], '--key-slot');
   const hdr = headerPath(v, device);
@@ -51,7 +79,10 @@ async function token(io: CliIO, v: LuksArgs, positionals: string[]): Promise<num
         try {
           text = vol.exportToken(id);
         } catch (e) {
-          throw new CryptmapError('ETOKEN', `Failed to get token ${id} for export.`, { exitCode: EXIT_WRONG_PARAMS, cause: e });
+          throw new CryptmapError('ETOKEN', `Failed to get token ${id} for export.`, {
+            exitCode: EXIT_WRONG_PARAMS,
+            cause: e,
+          });
         }
         io.stdout.write(text);
         return 0;
@@ -63,7 +94,11 @@ async function token(io: CliIO, v: LuksArgs, positionals: string[]): Promise<num
       }
       if (action === 'add') {
         // A luks2-keyring token (cryptsetup _token_add): all keyslots, the one given, or none with --unbound.
-        const got = await vol.addKeyringToken(v['key-description']!, { ...(id !== undefined ? { tokenId: id } : {}), ...(slot !== undefined ? { keySlot: slot } : {}), unbound: v.unbound === true });
+        const got = await vol.addKeyringToken(v['key-description']!, {
+          ...(id !== undefined ? { tokenId: id } : {}),
+          ...(slot !== undefined ? { keySlot: slot } : {}),
+          unbound: v.unbound === true,
+        });
         if (v.verbose) io.stdout.write(`Token ${got} created.\nCommand successful.\n`);
         return 0;
       }
@@ -77,7 +112,10 @@ async function token(io: CliIO, v: LuksArgs, positionals: string[]): Promise<num
         const json =
           file && file !== '-'
             ? await readFile(file, 'utf8').catch((e) => {
-                throw new CryptmapError('EJSONFILE', `Failed to open file ${file} in read-only mode.`, { exitCode: EXIT_WRONG_PARAMS, cause: e });
+                throw new CryptmapError('EJSONFILE', `Failed to open file ${file} in read-only mode.`, {
+                  exitCode: EXIT_WRONG_PARAMS,
+                  cause: e,
+                });
               })
             : await readStdin(io);
         const got = await vol.importToken(json.trim(), id);
@@ -95,18 +133,32 @@ async function token(io: CliIO, v: LuksArgs, positionals: string[]): Promise<num
  * cryptsetup convert --type luks1|luks2 (action_luksConvert): the header is loaded as crypt_load does,
  * the confirmation names the header device, and a volume the daemon has open is refused (exit 5).
  */
-async function convert(io: CliIO, dev: BlockDevice, vol: Luks1Volume | Luks2Volume, hdr: string, v: LuksArgs): Promise<number> {
+async function convert(
+  io: CliIO,
+  dev: BlockDevice,
+  vol: Luks1Volume | Luks2Volume,
+  hdr: string,
+  v: LuksArgs,
+): Promise<number> {
   const to = v.type as 'luks1' | 'luks2';
-  if (vol.type === to) throw new CryptmapError('ECONVERT', `Device is already ${to.toUpperCase()} type.`, { exitCode: 1 });
+  if (vol.type === to)
+    throw new CryptmapError('ECONVERT', `Device is already ${to.toUpperCase()} type.`, { exitCode: 1 });
   try {
     await confirm(io, `This operation will convert ${hdr} to ${to.toUpperCase()} format.\n`, v['batch-mode']);
   } catch (e) {
-    if (isCryptmapError(e, 'EABORT')) throw new CryptmapError('EABORT', 'Operation aborted, device was NOT converted.', { exitCode: EXIT_NO_PERMISSION });
+    if (isCryptmapError(e, 'EABORT'))
+      throw new CryptmapError('EABORT', 'Operation aborted, device was NOT converted.', {
+        exitCode: EXIT_NO_PERMISSION,
+      });
     throw e;
   }
   // After the format checks, before any write, as cryptsetup's luks_header_in_use.
   const beforeWrite = async () => {
-    if (await openInDaemon(io.env, vol.uuid, 'convert')) throw new CryptmapError('EBUSY', `Cannot convert device ${hdr} which is still in use.`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+    if (await openInDaemon(io.env, vol.uuid, 'convert'))
+      throw new CryptmapError('EBUSY', `Cannot convert device ${hdr} which is still in use.`, {
+        exitCode: EXIT_BUSY,
+        errno: 'EBUSY',
+      });
   };
   if (to === 'luks2') await convertLuks1ToLuks2(dev, { beforeWrite });
   else await convertLuks2ToLuks1(dev, { beforeWrite });
@@ -114,7 +166,11 @@ async function convert(io: CliIO, dev: BlockDevice, vol: Luks1Volume | Luks2Volu
 }
 
 /** Messages of LUKS1 repair that cryptsetup prints only with --verbose (the others are errors, always shown). */
-const REPAIR_VERBOSE = new Set(['Repairing keyslots.', 'Writing LUKS header to disk.', 'No known problems detected for LUKS header.']);
+const REPAIR_VERBOSE = new Set([
+  'Repairing keyslots.',
+  'Writing LUKS header to disk.',
+  'No known problems detected for LUKS header.',
+]);
 
 async function repairLuks1(io: CliIO, dev: BlockDevice, v: LuksArgs): Promise<number> {
   await confirm(io, 'Really try to repair LUKS device header?', v['batch-mode']);
@@ -138,7 +194,8 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   if (verb === 'token') return token(io, v, positionals);
   const device = needDevice(positionals, `cryptmap ${verb} [OPTION...] <device>`);
   const hdr = headerPath(v, device);
-  if (verb === 'convert' && v.type !== 'luks1' && v.type !== 'luks2') throw new CryptmapError('EARGS', 'Invalid LUKS type, only luks1 and luks2 are supported.', { exitCode: 1 });
+  if (verb === 'convert' && v.type !== 'luks1' && v.type !== 'luks2')
+    throw new CryptmapError('EARGS', 'Invalid LUKS type, only luks1 and luks2 are supported.', { exitCode: 1 });
   if (verb === 'isLuks') {
     let dev: Awaited<ReturnType<typeof openDevice>> | undefined;
     try {
@@ -146,7 +203,10 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       const t = await detectLuks(dev);
       const code = t === null || (v.type && v.type !== t && v.type !== 'luks') ? 1 : 0;
       // --json (docs/json.md): the answer on stdout as well as in the exit code.
-      if (v.json) io.stdout.write(`${JSON.stringify({ device: hdr, isLuks: t !== null, type: t, ...(v.type ? { typeMatches: code === 0 } : {}) })}\n`);
+      if (v.json)
+        io.stdout.write(
+          `${JSON.stringify({ device: hdr, isLuks: t !== null, type: t, ...(v.type ? { typeMatches: code === 0 } : {}) })}\n`,
+        );
       if (t === null && v.verbose) io.stderr.write(`Device ${hdr} is not a valid LUKS device.\n`);
       return code;
     } finally {
@@ -169,10 +229,15 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
     const run = async (): Promise<number> => {
       if (verb === 'luksHeaderRestore') {
         const file = v['header-backup-file'];
-        if (!file) throw new CryptmapError('EARGS', 'Option --header-backup-file is required.', { exitCode: EXIT_WRONG_PARAMS });
+        if (!file)
+          throw new CryptmapError('EARGS', 'Option --header-backup-file is required.', { exitCode: EXIT_WRONG_PARAMS });
         const backup = await openDevice(file, false).catch((e) => {
           // cryptsetup says both, and exits 1 (-EINVAL), not 4.
-          throw new CryptmapError('EBACKUP', `${(e as Error).message}\nHeader backup file does not contain compatible LUKS header.`, { exitCode: 1, cause: e });
+          throw new CryptmapError(
+            'EBACKUP',
+            `${(e as Error).message}\nHeader backup file does not contain compatible LUKS header.`,
+            { exitCode: 1, cause: e },
+          );
         });
         try {
           const cur = await detectLuks(dev);
@@ -203,7 +268,10 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
           return 0;
         case 'luksHeaderBackup': {
           const file = v['header-backup-file'];
-          if (!file) throw new CryptmapError('EARGS', 'Option --header-backup-file is required.', { exitCode: EXIT_WRONG_PARAMS });
+          if (!file)
+            throw new CryptmapError('EARGS', 'Option --header-backup-file is required.', {
+              exitCode: EXIT_WRONG_PARAMS,
+            });
           await headerBackup(dev, vol, file);
           return 0;
         }
@@ -211,8 +279,12 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
           needLuks2(vol, 'Config');
           if (v.priority !== undefined) {
             const slot = intOpt(v['key-slot'], '--key-slot', 0, 31);
-            if (slot === undefined) throw new CryptmapError('EARGS', 'Keyslot specification is required.', { exitCode: EXIT_WRONG_PARAMS });
-            if (!['ignore', 'normal', 'prefer'].includes(v.priority)) throw new CryptmapError('EARGS', 'Option --priority can be only ignore/normal/prefer.', { exitCode: EXIT_WRONG_PARAMS });
+            if (slot === undefined)
+              throw new CryptmapError('EARGS', 'Keyslot specification is required.', { exitCode: EXIT_WRONG_PARAMS });
+            if (!['ignore', 'normal', 'prefer'].includes(v.priority))
+              throw new CryptmapError('EARGS', 'Option --priority can be only ignore/normal/prefer.', {
+                exitCode: EXIT_WRONG_PARAMS,
+              });
             await vol.setPriority(slot, v.priority as 'ignore' | 'normal' | 'prefer');
           }
           // cryptsetup crypt_set_label(label, subsystem): the one not given is cleared.
@@ -233,12 +305,17 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
           return convert(io, dev, vol, hdr, v);
         case 'erase':
         case 'luksErase':
-          await confirm(io, `This operation will erase all keyslots on device ${hdr}.\nDevice will become unusable after this operation.`, v['batch-mode']);
+          await confirm(
+            io,
+            `This operation will erase all keyslots on device ${hdr}.\nDevice will become unusable after this operation.`,
+            v['batch-mode'],
+          );
           {
             const active = vol.keyslots().filter((k) => k.active);
             await vol.erase();
             // cryptsetup -v names each keyslot it wiped.
-            if (v.verbose) io.stdout.write(`${active.map((k) => `Key slot ${k.id} removed.\n`).join('')}Command successful.\n`);
+            if (v.verbose)
+              io.stdout.write(`${active.map((k) => `Key slot ${k.id} removed.\n`).join('')}Command successful.\n`);
           }
           return 0;
         default:

@@ -5,7 +5,16 @@
  */
 import { openBlockDevice } from '../../blockdev/open.js';
 import type { BlockDevice } from '../../blockdev/types.js';
-import { inReencryption, type Luks1Volume, type Luks2Volume, openLuks, type UnlockResult, unlockByToken, unlockInReencryption, withDeviceLock } from '../../luks/index.js';
+import {
+  inReencryption,
+  type Luks1Volume,
+  type Luks2Volume,
+  openLuks,
+  type UnlockResult,
+  unlockByToken,
+  unlockInReencryption,
+  withDeviceLock,
+} from '../../luks/index.js';
 import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
 import { Secret } from '../../util/secret.js';
 import { passphrasePrompt } from '../device-name.js';
@@ -22,7 +31,11 @@ export async function loadLuks(dev: BlockDevice, hdr: string): Promise<Luks1Volu
     }
     // A header whose metadata and keyslots do not fit the device: cryptsetup's two lines, exit 1.
     if (e instanceof CryptmapError && e.code === 'EDEVSIZE') {
-      throw new CryptmapError('ENOTLUKS', `${e.message.replace(/^Device /, `Device ${hdr} `)}\nDevice ${hdr} is not a valid LUKS device.`, { exitCode: 1, cause: e });
+      throw new CryptmapError(
+        'ENOTLUKS',
+        `${e.message.replace(/^Device /, `Device ${hdr} `)}\nDevice ${hdr} is not a valid LUKS device.`,
+        { exitCode: 1, cause: e },
+      );
     }
     throw e;
   });
@@ -46,7 +59,10 @@ export async function recoverLoaded(vol: Luks1Volume | Luks2Volume, hdr: string,
  * handle rewrites that copy under the device lock, as cryptsetup does on every load. A device that
  * is not LUKS is never opened for writing. The caller closes `dev`.
  */
-export async function loadLuksForRead(hdr: string, v: LuksArgs): Promise<{ dev: BlockDevice; vol: Luks1Volume | Luks2Volume }> {
+export async function loadLuksForRead(
+  hdr: string,
+  v: LuksArgs,
+): Promise<{ dev: BlockDevice; vol: Luks1Volume | Luks2Volume }> {
   const dev = await openDevice(hdr, false);
   try {
     const vol = await loadLuks(dev, hdr);
@@ -99,11 +115,18 @@ export function tokenArgs(v: LuksArgs): TokenArgs {
  * of failed tokens are printed with --verbose, as cryptsetup does, and the luks2-keyring one also
  * whenever a token option was given (it says why: no kernel keyring in userspace).
  */
-export async function tryTokenUnlock(io: CliIO, vol: Luks1Volume | Luks2Volume, v: LuksArgs): Promise<UnlockResult | null> {
+export async function tryTokenUnlock(
+  io: CliIO,
+  vol: Luks1Volume | Luks2Volume,
+  v: LuksArgs,
+): Promise<UnlockResult | null> {
   const t = tokenArgs(v);
   const explicit = t.tokenOnly || t.tokenId !== undefined || t.tokenType !== undefined;
   if (vol.type !== 'luks2') {
-    if (explicit && t.tokenOnly) throw new CryptmapError('ETOKENLUKS1', 'Tokens are supported only for LUKS2 devices.', { exitCode: EXIT_WRONG_PARAMS });
+    if (explicit && t.tokenOnly)
+      throw new CryptmapError('ETOKENLUKS1', 'Tokens are supported only for LUKS2 devices.', {
+        exitCode: EXIT_WRONG_PARAMS,
+      });
     return null;
   }
   try {
@@ -124,7 +147,12 @@ export async function tryTokenUnlock(io: CliIO, vol: Luks1Volume | Luks2Volume, 
  * passphrase from --key-file or a prompt, with --tries on a terminal (default 3). The caller disposes
  * the volume key. `device` is the name used in the prompt.
  */
-export async function unlockForOpen(io: CliIO, vol: Luks1Volume | Luks2Volume, device: string, v: LuksArgs): Promise<UnlockResult> {
+export async function unlockForOpen(
+  io: CliIO,
+  vol: Luks1Volume | Luks2Volume,
+  device: string,
+  v: LuksArgs,
+): Promise<UnlockResult> {
   if (v['volume-key-file'] !== undefined) return unlockByVolumeKeyFile(vol, v['volume-key-file'], v);
   const byToken = await tryTokenUnlock(io, vol, v);
   if (byToken) return byToken;
@@ -158,11 +186,19 @@ export async function unlockForOpen(io: CliIO, vol: Luks1Volume | Luks2Volume, d
 async function unlockByVolumeKeyFile(vol: Luks1Volume | Luks2Volume, file: string, v: LuksArgs): Promise<UnlockResult> {
   const bits = intOpt(v['key-size'], '--key-size');
   const bytes = bits !== undefined ? bits / 8 : vol.dataSegment.keyBytes;
-  if (!bytes) throw new CryptmapError('EARGS', 'Cannot determine volume key size for LUKS without keyslots, please use --key-size option.', { exitCode: EXIT_WRONG_PARAMS });
+  if (!bytes)
+    throw new CryptmapError(
+      'EARGS',
+      'Cannot determine volume key size for LUKS without keyslots, please use --key-size option.',
+      { exitCode: EXIT_WRONG_PARAMS },
+    );
   const vk = await readVolumeKeyFile(file, bytes);
   if (!(await vol.verifyVolumeKey(vk))) {
     vk.fill(0);
-    throw new CryptmapError('EVOLUMEKEY', 'Volume key does not match the volume.', { exitCode: EXIT_NO_PERMISSION, errno: 'EPERM' });
+    throw new CryptmapError('EVOLUMEKEY', 'Volume key does not match the volume.', {
+      exitCode: EXIT_NO_PERMISSION,
+      errno: 'EPERM',
+    });
   }
   return { volumeKey: new Secret(vk), keyslot: -1 };
 }
@@ -172,14 +208,24 @@ async function unlockByVolumeKeyFile(vol: Luks1Volume | Luks2Volume, file: strin
  * check --type, run the unlock sequence, report; exit 0, or the error's exit code.
  */
 export async function testPassphrase(io: CliIO, device: string, v: LuksArgs): Promise<number> {
-  if (v.type && !['luks', 'luks1', 'luks2'].includes(v.type)) throw new CryptmapError('EARGS', `Device type ${v.type} is not supported with --test-passphrase.`, { exitCode: EXIT_WRONG_PARAMS });
+  if (v.type && !['luks', 'luks1', 'luks2'].includes(v.type))
+    throw new CryptmapError('EARGS', `Device type ${v.type} is not supported with --test-passphrase.`, {
+      exitCode: EXIT_WRONG_PARAMS,
+    });
   const hdr = headerPath(v, device);
   const { dev, vol } = await loadLuksForRead(hdr, v);
   try {
-    if (v.type && v.type !== 'luks' && v.type !== vol.type) throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid ${v.type.toUpperCase()} device.`, { exitCode: 1 });
+    if (v.type && v.type !== 'luks' && v.type !== vol.type)
+      throw new CryptmapError('ENOTLUKS', `Device ${hdr} is not a valid ${v.type.toUpperCase()} device.`, {
+        exitCode: 1,
+      });
     if (vol.type === 'luks2' && inReencryption(vol.jsonSnapshot())) {
       // A keyslot of the old or the new volume key will do (segment 0 may have no key in the middle of --encrypt).
-      const pass = await getPassphrase(io, `Enter passphrase for ${device}: `, { keyFile: v['key-file'], keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'), keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size') });
+      const pass = await getPassphrase(io, `Enter passphrase for ${device}: `, {
+        keyFile: v['key-file'],
+        keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
+        keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
+      });
       try {
         await unlockInReencryption(vol, pass, intOpt(v['key-slot'], '--key-slot', 0, 31));
       } finally {

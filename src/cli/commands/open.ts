@@ -70,20 +70,31 @@ export async function makeFlagsPersistent(io: CliIO, device: string, v: Persiste
   }
 }
 
-async function preparePlainFromArgs(io: CliIO, device: string, name: string, v: OpenArgs): Promise<{ mapping: CryptMapping; volumeKey: Secret }> {
+async function preparePlainFromArgs(
+  io: CliIO,
+  device: string,
+  name: string,
+  v: OpenArgs,
+): Promise<{ mapping: CryptMapping; volumeKey: Secret }> {
   const cipher = v.cipher ?? 'aes-cbc-essiv:sha256';
   const keyBits = intOpt(v['key-size'], '--key-size', 8, 4096) ?? 256;
-  if (keyBits % 8 !== 0) throw new CryptmapError('EARGS', 'Key size must be a multiple of 8 bits', { exitCode: EXIT_WRONG_PARAMS });
+  if (keyBits % 8 !== 0)
+    throw new CryptmapError('EARGS', 'Key size must be a multiple of 8 bits', { exitCode: EXIT_WRONG_PARAMS });
   const keyBytes = keyBits / 8;
   // Every option is checked before the key exists, so no failure below leaves it unwiped.
   const sector = intOpt(v['sector-size'], '--sector-size') ?? 512;
-  if (![512, 1024, 2048, 4096].includes(sector)) throw new CryptmapError('EARGS', `Unsupported encryption sector size ${sector}.`, { exitCode: EXIT_WRONG_PARAMS });
+  if (![512, 1024, 2048, 4096].includes(sector))
+    throw new CryptmapError('EARGS', `Unsupported encryption sector size ${sector}.`, { exitCode: EXIT_WRONG_PARAMS });
   const offset = intOpt(v.offset, '--offset');
   const skip = intOpt(v.skip, '--skip');
   const size = intOpt(v.size, '--size', 1);
   let key: Secret;
   if (v['key-file'] !== undefined && v.hash === undefined) {
-    const raw = await readKeyFile(io, { keyFile: v['key-file'], keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'), keyfileSize: keyBytes });
+    const raw = await readKeyFile(io, {
+      keyFile: v['key-file'],
+      keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
+      keyfileSize: keyBytes,
+    });
     key = new Secret(raw);
   } else {
     const pass = await getPassphrase(io, 'Enter passphrase: ', {
@@ -118,7 +129,12 @@ async function preparePlainFromArgs(io: CliIO, device: string, name: string, v: 
   }
 }
 
-async function prepareLuksFromArgs(io: CliIO, device: string, name: string, v: OpenArgs): Promise<{ mapping: CryptMapping; volumeKey: Secret }> {
+async function prepareLuksFromArgs(
+  io: CliIO,
+  device: string,
+  name: string,
+  v: OpenArgs,
+): Promise<{ mapping: CryptMapping; volumeKey: Secret }> {
   // One load: load-time header recovery (a damaged copy is rewritten from the good one, as
   // cryptsetup does), then the mapping from that same loaded volume.
   const { dev, vol } = await loadLuksForRead(headerPath(v, device), v);
@@ -142,7 +158,9 @@ async function prepareLuksFromArgs(io: CliIO, device: string, name: string, v: O
   }
   if (v.type && v.type !== 'luks' && v.type.toUpperCase() !== r.mapping.type) {
     r.volumeKey.dispose();
-    throw new CryptmapError('ENOTLUKS', `Device ${device} is not a valid ${v.type.toUpperCase()} device.`, { exitCode: 1 });
+    throw new CryptmapError('ENOTLUKS', `Device ${device} is not a valid ${v.type.toUpperCase()} device.`, {
+      exitCode: 1,
+    });
   }
   return { mapping: { ...r.mapping, ...flagsFromOptions(v) }, volumeKey: r.volumeKey };
 }
@@ -160,32 +178,58 @@ export async function sendOpen(c: ControlClient, mapping: CryptMapping, volumeKe
  * cryptsetup's old action names for open (src/cryptsetup.c main): each sets the device type, over any
  * --type given; `create` also takes its arguments the other way round (<name> <device>).
  */
-const ALIAS_TYPE: Record<string, string> = { create: 'plain', plainOpen: 'plain', luksOpen: 'luks', loopaesOpen: 'loopaes', tcryptOpen: 'tcrypt', bitlkOpen: 'bitlk', fvault2Open: 'fvault2' };
+const ALIAS_TYPE: Record<string, string> = {
+  create: 'plain',
+  plainOpen: 'plain',
+  luksOpen: 'luks',
+  loopaesOpen: 'loopaes',
+  tcryptOpen: 'tcrypt',
+  bitlkOpen: 'bitlk',
+  fvault2Open: 'fvault2',
+};
 
 const main: VerbMain = async (argv: string[], io: CliIO) => {
   const { values: v, positionals } = parseLuksArgs(argv);
   const alias = ALIAS_TYPE[argv[0]!];
   if (alias !== undefined) v.type = alias;
-  if (argv[0] === 'create' && positionals.length >= 2) [positionals[0], positionals[1]] = [positionals[1]!, positionals[0]!];
-  if (v.unbound && v.type !== undefined && !v.type.startsWith('luks')) throw new CryptmapError('EARGS', 'Option --unbound is allowed only for open of luks device.', { exitCode: EXIT_WRONG_PARAMS });
-  if (v.unbound && !v['test-passphrase']) throw new CryptmapError('EARGS', 'Option --unbound cannot be used without --test-passphrase.', { exitCode: EXIT_WRONG_PARAMS });
+  if (argv[0] === 'create' && positionals.length >= 2)
+    [positionals[0], positionals[1]] = [positionals[1]!, positionals[0]!];
+  if (v.unbound && v.type !== undefined && !v.type.startsWith('luks'))
+    throw new CryptmapError('EARGS', 'Option --unbound is allowed only for open of luks device.', {
+      exitCode: EXIT_WRONG_PARAMS,
+    });
+  if (v.unbound && !v['test-passphrase'])
+    throw new CryptmapError('EARGS', 'Option --unbound cannot be used without --test-passphrase.', {
+      exitCode: EXIT_WRONG_PARAMS,
+    });
   const device = needDevice(positionals, 'cryptmap open [OPTION...] <device> <name>');
   if (v.persistent && v['test-passphrase']) {
-    throw new CryptmapError('EARGS', 'Option --persistent is not allowed with --test-passphrase.', { exitCode: EXIT_WRONG_PARAMS });
+    throw new CryptmapError('EARGS', 'Option --persistent is not allowed with --test-passphrase.', {
+      exitCode: EXIT_WRONG_PARAMS,
+    });
   }
   if (v['test-passphrase']) return openTestPassphrase(io, device, v);
-  if (positionals.length !== 2) throw new CryptmapError('EARGS', 'Command requires device and mapped name as arguments.', { exitCode: EXIT_WRONG_PARAMS });
+  if (positionals.length !== 2)
+    throw new CryptmapError('EARGS', 'Command requires device and mapped name as arguments.', {
+      exitCode: EXIT_WRONG_PARAMS,
+    });
   const name = positionals[1]!;
   const type = v.type ?? 'luks';
   if (!['luks', 'luks1', 'luks2', 'plain'].includes(type)) {
-    throw new CryptmapError('EARGS', `Unsupported device type ${type} (cryptmap opens luks, luks1, luks2 and plain).`, { exitCode: EXIT_WRONG_PARAMS });
+    throw new CryptmapError('EARGS', `Unsupported device type ${type} (cryptmap opens luks, luks1, luks2 and plain).`, {
+      exitCode: EXIT_WRONG_PARAMS,
+    });
   }
   // Reach the daemon first: no point running a KDF when nothing can take the mapping.
   return withDaemon(v['runtime-dir'], io.env, async (client) => {
-    const { mapping, volumeKey } = type === 'plain' ? await preparePlainFromArgs(io, device, name, v) : await prepareLuksFromArgs(io, device, name, v);
+    const { mapping, volumeKey } =
+      type === 'plain'
+        ? await preparePlainFromArgs(io, device, name, v)
+        : await prepareLuksFromArgs(io, device, name, v);
     const st = await sendOpen(client, mapping, volumeKey);
     if (v.persistent) await makeFlagsPersistent(io, device, v);
-    if (v.verbose && mapping.keyslot !== undefined && mapping.keyslot >= 0) io.stdout.write(`Key slot ${mapping.keyslot} unlocked.\n`);
+    if (v.verbose && mapping.keyslot !== undefined && mapping.keyslot >= 0)
+      io.stdout.write(`Key slot ${mapping.keyslot} unlocked.\n`);
     if (v.attach) {
       const info = await client.call('attach', { name, readOnly: v.readonly === true });
       io.stdout.write(`${info.devicePath}\n`);

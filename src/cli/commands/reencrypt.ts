@@ -6,14 +6,34 @@
  */
 import { open, stat, truncate } from 'node:fs/promises';
 import { isRemoteDevice } from '../../blockdev/open.js';
-import { initDecrypt, initEncrypt, initReencrypt, inReencryption, type Luks1Volume, type Luks2Volume, openLuks, type Resilience, runReencrypt, withDeviceLock } from '../../luks/index.js';
+import {
+  initDecrypt,
+  initEncrypt,
+  initReencrypt,
+  inReencryption,
+  type Luks1Volume,
+  type Luks2Volume,
+  openLuks,
+  type Resilience,
+  runReencrypt,
+  withDeviceLock,
+} from '../../luks/index.js';
 import type { SectorBytes } from '../../engine/types.js';
 import type { BlockDevice } from '../../blockdev/types.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { openInDaemon } from '../daemon-client.js';
 import { Progress } from '../progress.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { closeQuietly, headerPath, intOpt, keyslotOptions, type LuksArgs, needDevice, openDevice, parseLuksArgs } from './luks-common.js';
+import {
+  closeQuietly,
+  headerPath,
+  intOpt,
+  keyslotOptions,
+  type LuksArgs,
+  needDevice,
+  openDevice,
+  parseLuksArgs,
+} from './luks-common.js';
 import { loadLuks } from './luks-unlock.js';
 import { confirm, getPassphrase } from './terminal-input.js';
 import { passphrasePrompt } from '../device-name.js';
@@ -22,14 +42,25 @@ function bytesOpt(v: string | undefined, name: string): number | undefined {
   if (v === undefined) return undefined;
   const m = /^([0-9]+)([KMGT]?)(i?B)?$/i.exec(v);
   if (!m) throw new CryptmapError('EARGS', `Invalid ${name} value.`, { exitCode: EXIT_WRONG_PARAMS });
-  const mult = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
+  const mult = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 }[
+    m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'
+  ];
   const n = Number(m[1]) * mult;
-  if (!Number.isSafeInteger(n) || n <= 0) throw new CryptmapError('EARGS', `Invalid ${name} value.`, { exitCode: EXIT_WRONG_PARAMS });
+  if (!Number.isSafeInteger(n) || n <= 0)
+    throw new CryptmapError('EARGS', `Invalid ${name} value.`, { exitCode: EXIT_WRONG_PARAMS });
   return n;
 }
 
 /** Runs (or resumes) the reencryption on disk with SIGINT stopping it after the current hotzone. */
-async function run(io: CliIO, v: LuksArgs, device: string, vol: Luks2Volume, pass: Uint8Array, dataDev: BlockDevice | undefined, hotzoneBytes: number | undefined): Promise<number> {
+async function run(
+  io: CliIO,
+  v: LuksArgs,
+  device: string,
+  vol: Luks2Volume,
+  pass: Uint8Array,
+  dataDev: BlockDevice | undefined,
+  hotzoneBytes: number | undefined,
+): Promise<number> {
   const ac = new AbortController();
   const onInt = () => ac.abort();
   const progress = new Progress({
@@ -39,7 +70,8 @@ async function run(io: CliIO, v: LuksArgs, device: string, vol: Luks2Volume, pas
     json: v['progress-json'] === true,
     write: (s) => io.stdout.write(s),
   });
-  if (v['force-offline-reencrypt'] && !v['batch-mode']) io.stdout.write('Resuming LUKS reencryption in forced offline mode.\n');
+  if (v['force-offline-reencrypt'] && !v['batch-mode'])
+    io.stdout.write('Resuming LUKS reencryption in forced offline mode.\n');
   process.on('SIGINT', onInt);
   try {
     const done = await runReencrypt(vol, pass, {
@@ -50,7 +82,9 @@ async function run(io: CliIO, v: LuksArgs, device: string, vol: Luks2Volume, pas
     });
     if (!done) {
       progress.interrupted();
-      io.stderr.write('\nReencryption interrupted.\nRun cryptmap reencrypt --resume-only (or cryptsetup) to continue.\n');
+      io.stderr.write(
+        '\nReencryption interrupted.\nRun cryptmap reencrypt --resume-only (or cryptsetup) to continue.\n',
+      );
     }
     return 0;
   } finally {
@@ -76,39 +110,71 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   if (v['init-only'] && v['resume-only']) wrongParams('Options --init-only and --resume-only cannot be combined.');
   if (v.encrypt && v.decrypt) wrongParams('Options --encrypt and --decrypt cannot be combined.');
   const resilience = (v.resilience ?? 'checksum') as Resilience;
-  if (!['checksum', 'journal', 'none', 'datashift'].includes(resilience)) wrongParams(`Resilience mode ${v.resilience} is invalid.`);
+  if (!['checksum', 'journal', 'none', 'datashift'].includes(resilience))
+    wrongParams(`Resilience mode ${v.resilience} is invalid.`);
   const reduceBytes = bytesOpt(v['reduce-device-size'], '--reduce-device-size');
-  if (reduceBytes !== undefined && !v.encrypt) wrongParams('--reduce-device-size without --encrypt (reencryption with data shift) is not supported by cryptmap yet.');
-  if (reduceBytes !== undefined && reduceBytes % 512 !== 0) wrongParams('Device size must be multiple of 512 bytes sector.');
-  if (resilience === 'datashift' && reduceBytes === undefined) wrongParams('Resilience mode datashift can be used only with --reduce-device-size.');
+  if (reduceBytes !== undefined && !v.encrypt)
+    wrongParams(
+      '--reduce-device-size without --encrypt (reencryption with data shift) is not supported by cryptmap yet.',
+    );
+  if (reduceBytes !== undefined && reduceBytes % 512 !== 0)
+    wrongParams('Device size must be multiple of 512 bytes sector.');
+  if (resilience === 'datashift' && reduceBytes === undefined)
+    wrongParams('Resilience mode datashift can be used only with --reduce-device-size.');
   if (v.type !== undefined && v.type !== 'luks2') {
-    if (v.type === 'luks1' || v.type === 'luks') wrongParams('LUKS1 reencryption is not supported by cryptmap yet (use cryptsetup).');
+    if (v.type === 'luks1' || v.type === 'luks')
+      wrongParams('LUKS1 reencryption is not supported by cryptmap yet (use cryptsetup).');
     wrongParams(`Unknown type ${v.type}.`);
   }
   const hotzoneBytes = bytesOpt(v['hotzone-size'], '--hotzone-size');
   const keyBits = intOpt(v['key-size'], '--key-size', 8, 4096);
   if (keyBits !== undefined && keyBits % 8 !== 0) wrongParams('Key size must be a multiple of 8 bits');
   const sector = intOpt(v['sector-size'], '--sector-size', 512, 4096);
-  if (sector !== undefined && ![512, 1024, 2048, 4096].includes(sector)) wrongParams('Unsupported encryption sector size.');
+  if (sector !== undefined && ![512, 1024, 2048, 4096].includes(sector))
+    wrongParams('Unsupported encryption sector size.');
   const offsetSectors = intOpt(v.offset, '--offset');
   intOpt(v['progress-frequency'], '--progress-frequency', 0, 0xffffffff);
-  const passSrc = { keyFile: v['key-file'], keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'), keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size') };
+  const passSrc = {
+    keyFile: v['key-file'],
+    keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
+    keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
+  };
   const hdr = headerPath(v, device);
-  if (v.encrypt) return encryptMain(io, v, device, { resilience, reduceBytes, hotzoneBytes, keyBits, sector, offsetSectors, passSrc });
+  if (v.encrypt)
+    return encryptMain(io, v, device, {
+      resilience,
+      reduceBytes,
+      hotzoneBytes,
+      keyBits,
+      sector,
+      offsetSectors,
+      passSrc,
+    });
   const dev = await openDevice(hdr, true);
   let dataDev: BlockDevice | undefined;
   try {
     if (v.header) dataDev = await openDevice(device, true);
     return await withDeviceLock(hdr, async () => {
       const vol = await loadLuks(dev, hdr);
-      if (vol.type !== 'luks2') wrongParams('LUKS1 reencryption is not supported by cryptmap yet (convert it to LUKS2, or use cryptsetup).');
+      if (vol.type !== 'luks2')
+        wrongParams('LUKS1 reencryption is not supported by cryptmap yet (convert it to LUKS2, or use cryptsetup).');
       const l2 = vol as Luks2Volume;
       // Online reencryption (through the daemon's mapping) is not there yet: never rewrite data under a live mapping.
-      if (await openInDaemon(io.env, l2.uuid, 'reencrypt')) throw new CryptmapError('EBUSY', `Device ${device} is active in the cryptmap daemon; online reencryption is not supported yet. Close it first.`, { exitCode: 5 });
+      if (await openInDaemon(io.env, l2.uuid, 'reencrypt'))
+        throw new CryptmapError(
+          'EBUSY',
+          `Device ${device} is active in the cryptmap daemon; online reencryption is not supported yet. Close it first.`,
+          { exitCode: 5 },
+        );
       const running = inReencryption(l2.jsonSnapshot());
-      if (v['resume-only'] && !running) throw new CryptmapError('EINVAL', `Device ${device} is not in reencryption.`, { exitCode: 1 });
-      if (v['init-only'] && running) throw new CryptmapError('EBUSY', 'LUKS2 reencryption already initialized. Aborting operation.', { exitCode: 1 });
-      if (v.decrypt && !running && !v.header) throw new CryptmapError('EINVAL', 'LUKS2 decryption requires --header option.', { exitCode: 1 });
+      if (v['resume-only'] && !running)
+        throw new CryptmapError('EINVAL', `Device ${device} is not in reencryption.`, { exitCode: 1 });
+      if (v['init-only'] && running)
+        throw new CryptmapError('EBUSY', 'LUKS2 reencryption already initialized. Aborting operation.', {
+          exitCode: 1,
+        });
+      if (v.decrypt && !running && !v.header)
+        throw new CryptmapError('EINVAL', 'LUKS2 decryption requires --header option.', { exitCode: 1 });
       const pass = await getPassphrase(io, passphrasePrompt(device), passSrc);
       try {
         if (!running && v.decrypt) {
@@ -162,9 +228,14 @@ interface EncryptArgs {
  */
 async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArgs): Promise<number> {
   const headerFile = v.header;
-  if (headerFile && a.reduceBytes !== undefined) wrongParams('Encryption with a detached header and --reduce-device-size is not supported by cryptmap yet.');
+  if (headerFile && a.reduceBytes !== undefined)
+    wrongParams('Encryption with a detached header and --reduce-device-size is not supported by cryptmap yet.');
   if (!headerFile && a.reduceBytes === undefined) {
-    throw new CryptmapError('ENOTSUP', 'Encryption without detached header (--header) is not possible without data device size reduction (--reduce-device-size).', { exitCode: 1 });
+    throw new CryptmapError(
+      'ENOTSUP',
+      'Encryption without detached header (--header) is not possible without data device size reduction (--reduce-device-size).',
+      { exitCode: 1 },
+    );
   }
   if (headerFile && !isRemoteDevice(headerFile)) {
     const st = await stat(headerFile).catch(() => null);
@@ -177,7 +248,8 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
     return await withDeviceLock(lockPath, async () => {
       if (headerFile) {
         // A fresh header file grows to the metadata and keyslots size.
-        const kss = a.reduceBytes === undefined ? bytesOpt(v['luks2-keyslots-size'], '--luks2-keyslots-size') : undefined;
+        const kss =
+          a.reduceBytes === undefined ? bytesOpt(v['luks2-keyslots-size'], '--luks2-keyslots-size') : undefined;
         const md = bytesOpt(v['luks2-metadata-size'], '--luks2-metadata-size');
         const need = 2 * (md ?? 0x4000) + (kss ?? 0x1000000 - 2 * (md ?? 0x4000));
         if (!isRemoteDevice(headerFile)) {
@@ -188,16 +260,32 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
       }
       const hdr = hdrDev ?? dataDev;
       const existing = await tryLoad(hdr);
-      if (headerFile && !existing && (await tryLoad(dataDev))) throw new CryptmapError('EINVAL', `Device ${device} is already LUKS device. Aborting operation.`, { exitCode: 1 });
+      if (headerFile && !existing && (await tryLoad(dataDev)))
+        throw new CryptmapError('EINVAL', `Device ${device} is already LUKS device. Aborting operation.`, {
+          exitCode: 1,
+        });
       if (existing && !(existing.type === 'luks2' && inReencryption((existing as Luks2Volume).jsonSnapshot()))) {
-        throw new CryptmapError('EINVAL', `Device ${headerFile ?? device} is already LUKS device. Aborting operation.`, { exitCode: 1 });
+        throw new CryptmapError(
+          'EINVAL',
+          `Device ${headerFile ?? device} is already LUKS device. Aborting operation.`,
+          { exitCode: 1 },
+        );
       }
-      if (v['resume-only'] && !existing) throw new CryptmapError('EINVAL', `Device ${device} is not in reencryption.`, { exitCode: 1 });
-      if (v['init-only'] && existing) throw new CryptmapError('EBUSY', 'LUKS2 reencryption already initialized. Aborting operation.', { exitCode: 1 });
+      if (v['resume-only'] && !existing)
+        throw new CryptmapError('EINVAL', `Device ${device} is not in reencryption.`, { exitCode: 1 });
+      if (v['init-only'] && existing)
+        throw new CryptmapError('EBUSY', 'LUKS2 reencryption already initialized. Aborting operation.', {
+          exitCode: 1,
+        });
       if (existing && (await openInDaemon(io.env, (existing as Luks2Volume).uuid, 'reencrypt'))) {
-        throw new CryptmapError('EBUSY', `Device ${device} is active in the cryptmap daemon; online reencryption is not supported yet. Close it first.`, { exitCode: 5 });
+        throw new CryptmapError(
+          'EBUSY',
+          `Device ${device} is active in the cryptmap daemon; online reencryption is not supported yet. Close it first.`,
+          { exitCode: 5 },
+        );
       }
-      if (!existing) await confirm(io, `This will overwrite data on ${headerFile ?? device} irrevocably.`, v['batch-mode']);
+      if (!existing)
+        await confirm(io, `This will overwrite data on ${headerFile ?? device} irrevocably.`, v['batch-mode']);
       const pass = await getPassphrase(io, passphrasePrompt(device), a.passSrc, !existing);
       try {
         let vol = existing as Luks2Volume | null;

@@ -21,13 +21,17 @@ import { activeVolume, checkLuksType, sendActiveVolumeKey } from './active-luks.
 import { parseLuksArgs as parse } from './luks-common.js';
 import { makeFlagsPersistent } from './open.js';
 
-
 const refresh: VerbMain = async (argv, io) => {
   const { values: v, positionals } = parse(argv);
-  if (positionals.length !== 1) throw new CryptmapError('EARGS', 'refresh: requires <name> as arguments', { exitCode: EXIT_WRONG_PARAMS });
+  if (positionals.length !== 1)
+    throw new CryptmapError('EARGS', 'refresh: requires <name> as arguments', { exitCode: EXIT_WRONG_PARAMS });
   const name = positionals[0]!;
   if (v.type !== undefined && !['luks', 'luks1', 'luks2'].includes(v.type)) {
-    throw new CryptmapError('EARGS', `cryptmap refreshes LUKS volumes only (--type ${v.type}); close and open a plain volume again.`, { exitCode: EXIT_WRONG_PARAMS });
+    throw new CryptmapError(
+      'EARGS',
+      `cryptmap refreshes LUKS volumes only (--type ${v.type}); close and open a plain volume again.`,
+      { exitCode: EXIT_WRONG_PARAMS },
+    );
   }
   const flags: RefreshFlags = flagsFromOptions(v);
   await withDaemon(v['runtime-dir'], io.env, async (c) => {

@@ -18,18 +18,23 @@ import type { VerbMain } from '../types.js';
 import { activeVolume, sendActiveVolumeKey } from './active-luks.js';
 import { intOpt, parseLuksArgs as parse } from './luks-common.js';
 
-
 const resize: VerbMain = async (argv, io) => {
   const { values: v, positionals } = parse(argv);
-  if (positionals.length !== 1) throw new CryptmapError('EARGS', 'resize: requires <name> as arguments', { exitCode: EXIT_WRONG_PARAMS });
+  if (positionals.length !== 1)
+    throw new CryptmapError('EARGS', 'resize: requires <name> as arguments', { exitCode: EXIT_WRONG_PARAMS });
   const name = positionals[0]!;
   if (v.size !== undefined && v['device-size'] !== undefined) {
-    throw new CryptmapError('EARGS', 'Options --device-size and --size cannot be combined.', { exitCode: EXIT_WRONG_PARAMS });
+    throw new CryptmapError('EARGS', 'Options --device-size and --size cannot be combined.', {
+      exitCode: EXIT_WRONG_PARAMS,
+    });
   }
   let sizeSectors = intOpt(v.size, '--size', 1);
   if (v['device-size'] !== undefined) {
     const bytes = intOpt(v['device-size'], '--device-size', 512)!;
-    if (bytes % 512 !== 0) throw new CryptmapError('EARGS', 'Device size must be multiple of 512 bytes sector.', { exitCode: EXIT_WRONG_PARAMS });
+    if (bytes % 512 !== 0)
+      throw new CryptmapError('EARGS', 'Device size must be multiple of 512 bytes sector.', {
+        exitCode: EXIT_WRONG_PARAMS,
+      });
     sizeSectors = bytes / 512;
   }
   await withDaemon(v['runtime-dir'], io.env, async (c) => {

@@ -18,7 +18,17 @@ import { parseCommandLine } from '../options.js';
 export function rawCryptFields(tableLine: string, readOnly: boolean): string {
   const w = tableLine.trim().split(/\s+/);
   if (w.length < 8 || w[2] !== 'crypt') return '';
-  const [, len, , cipher, key, ivOffset, dev, offset, , ...opts] = w as [string, string, string, string, string, string, string, string, ...string[]];
+  const [, len, , cipher, key, ivOffset, dev, offset, , ...opts] = w as [
+    string,
+    string,
+    string,
+    string,
+    string,
+    string,
+    string,
+    string,
+    ...string[],
+  ];
   const keyBits = key === '-' ? 0 : key.startsWith(':') ? Number(key.split(':')[1]) * 8 : key.length * 4;
   const sector = opts.find((o) => o.startsWith('sector_size:'))?.slice('sector_size:'.length) ?? '512';
   let out = '  type:    n/a\n';
@@ -61,7 +71,8 @@ export function formatStatus(s: VolumeStatus, raw = ''): string {
     if (s.suspended) out += `  (suspended)\n`;
   }
   out += `  nbd:     ${s.nbdUri}\n`;
-  if (s.remote) out += `  remote:  ${s.remote.state}${s.remote.state !== 'ready' && s.remote.lastError ? ` (${s.remote.lastError})` : ''}\n`;
+  if (s.remote)
+    out += `  remote:  ${s.remote.state}${s.remote.state !== 'ready' && s.remote.lastError ? ` (${s.remote.lastError})` : ''}\n`;
   if (s.attachedDevice) out += `  attached: ${s.attachedDevice}${s.attachedVia ? ` (via ${s.attachedVia})` : ''}\n`;
   return out;
 }

@@ -25,7 +25,8 @@ import { parseLuksArgs } from './luks-common.js';
 
 /** cryptsetup's help_args: "<action>: requires <device> as arguments", exit 1. */
 function needName(verb: string, positionals: string[]): string {
-  if (positionals.length !== 1) throw new CryptmapError('EARGS', `${verb}: requires <device> as arguments`, { exitCode: EXIT_WRONG_PARAMS });
+  if (positionals.length !== 1)
+    throw new CryptmapError('EARGS', `${verb}: requires <device> as arguments`, { exitCode: EXIT_WRONG_PARAMS });
   return positionals[0]!;
 }
 
@@ -46,7 +47,9 @@ export const luksResume: VerbMain = async (argv, io) => {
   const reqType = v.type;
   if (reqType !== undefined && !['luks', 'luks1', 'luks2'].includes(reqType)) {
     // cryptsetup returns -EINVAL here without a message; say why.
-    throw new CryptmapError('EARGS', `luksResume works on LUKS devices only (--type ${reqType}).`, { exitCode: EXIT_WRONG_PARAMS });
+    throw new CryptmapError('EARGS', `luksResume works on LUKS devices only (--type ${reqType}).`, {
+      exitCode: EXIT_WRONG_PARAMS,
+    });
   }
   return withDaemon(v['runtime-dir'], io.env, async (c) => {
     const active = await activeVolume(c, name);
@@ -60,7 +63,8 @@ export const luksResume: VerbMain = async (argv, io) => {
       },
       (vol) => {
         checkLuksType(name, reqType, vol);
-        if (!active.st.suspended) throw new CryptmapError('ENOTSUSPENDED', `Volume ${name} is not suspended.`, { exitCode: EXIT_FAILURE });
+        if (!active.st.suspended)
+          throw new CryptmapError('ENOTSUSPENDED', `Volume ${name} is not suspended.`, { exitCode: EXIT_FAILURE });
       },
     );
     if (v.verbose) io.stdout.write('Command successful.\n');
@@ -68,5 +72,6 @@ export const luksResume: VerbMain = async (argv, io) => {
   });
 };
 
-const main: VerbMain = (argv: string[], io: CliIO) => (argv[0] === 'luksResume' ? luksResume(argv, io) : luksSuspend(argv, io));
+const main: VerbMain = (argv: string[], io: CliIO) =>
+  argv[0] === 'luksResume' ? luksResume(argv, io) : luksSuspend(argv, io);
 export default main;

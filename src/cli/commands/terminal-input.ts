@@ -134,7 +134,12 @@ export class TerminalInput {
    * passphrase (`stopEol`); an input other than a regular file that gives nothing is "Nothing to read on
    * input." (code EPIPE, exit 1): an empty passphrase only ever comes from an empty line or an empty file.
    */
-  async #readKeyInput(file: string | undefined, offset: number, size: number | undefined, stopEol: boolean): Promise<Buffer> {
+  async #readKeyInput(
+    file: string | undefined,
+    offset: number,
+    size: number | undefined,
+    stopEol: boolean,
+  ): Promise<Buffer> {
     const limit = size && size > 0 ? size : KEYFILE_MAX_BYTES + 1;
     const unlimited = !(size && size > 0);
     let data: Buffer;
@@ -197,7 +202,8 @@ export class TerminalInput {
       data.fill(0);
       return e;
     };
-    if (data.length === 0 && !regular && !newline) throw fail(new CryptmapError('EPIPE', 'Nothing to read on input.', { exitCode: 1 }));
+    if (data.length === 0 && !regular && !newline)
+      throw fail(new CryptmapError('EPIPE', 'Nothing to read on input.', { exitCode: 1 }));
     if (unlimited && data.length === limit) throw fail(keyError('Maximum keyfile size exceeded.'));
     if (!unlimited && data.length !== limit) throw fail(keyError('Cannot read requested amount of data.'));
     return data;
@@ -205,7 +211,12 @@ export class TerminalInput {
 
   /** Read a key file (or '-' = stdin, read to its end) after --keyfile-offset, --keyfile-size bytes or up to 8 MiB (cryptsetup semantics). */
   readKeyFile(src: Required<Pick<PassphraseSource, 'keyFile'>> & PassphraseSource): Promise<Buffer> {
-    return this.#readKeyInput(src.keyFile === '-' ? undefined : src.keyFile, src.keyfileOffset ?? 0, src.keyfileSize, false);
+    return this.#readKeyInput(
+      src.keyFile === '-' ? undefined : src.keyFile,
+      src.keyfileOffset ?? 0,
+      src.keyfileSize,
+      false,
+    );
   }
 
   /**
@@ -216,7 +227,12 @@ export class TerminalInput {
   async getPassphrase(prompt: string, src: PassphraseSource = {}, verify = false): Promise<Buffer> {
     const stdinKey = src.keyFile === undefined || src.keyFile === '-';
     if (!stdinKey || !this.#stdin.isTTY) {
-      return this.#readKeyInput(stdinKey ? undefined : src.keyFile, src.keyfileOffset ?? 0, src.keyfileSize, src.keyFile === undefined);
+      return this.#readKeyInput(
+        stdinKey ? undefined : src.keyFile,
+        src.keyfileOffset ?? 0,
+        src.keyfileSize,
+        src.keyFile === undefined,
+      );
     }
     if (src.keyfileOffset) throw keyError('Cannot use offset with terminal input.');
     const p = await this.#readTtyLine(prompt);
@@ -274,7 +290,10 @@ export function getPassphrase(io: CliIO, prompt: string, src: PassphraseSource =
 }
 
 /** `terminalInput(io).readKeyFile(...)`. */
-export function readKeyFile(io: CliIO, src: Required<Pick<PassphraseSource, 'keyFile'>> & PassphraseSource): Promise<Buffer> {
+export function readKeyFile(
+  io: CliIO,
+  src: Required<Pick<PassphraseSource, 'keyFile'>> & PassphraseSource,
+): Promise<Buffer> {
   return terminalInput(io).readKeyFile(src);
 }
 

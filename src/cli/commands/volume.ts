@@ -17,7 +17,13 @@ import type { VerbMain } from '../types.js';
 const USAGE = 'usage: cryptmap volume delete ID --state-dir DIR [--manifest FILE]\n';
 
 const volume: VerbMain = async (argv, io) => {
-  let parsed: ReturnType<typeof parseArgs<{ options: { 'state-dir': { type: 'string' }; manifest: { type: 'string' }; help: { type: 'boolean'; short: 'h' } }; allowPositionals: true; strict: true }>>;
+  let parsed: ReturnType<
+    typeof parseArgs<{
+      options: { 'state-dir': { type: 'string' }; manifest: { type: 'string' }; help: { type: 'boolean'; short: 'h' } };
+      allowPositionals: true;
+      strict: true;
+    }>
+  >;
   try {
     parsed = parseArgs({
       args: argv.slice(1),
@@ -39,17 +45,26 @@ const volume: VerbMain = async (argv, io) => {
   }
   const stateDir = v['state-dir'];
   const pid = runningAgentPid(stateDir);
-  if (pid !== undefined) throw new CryptmapError('EAGENT_RUNNING', `a cryptmap agent (pid ${pid}) is running on ${stateDir}; remove the volume from its manifest and stop the agent first`, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+  if (pid !== undefined)
+    throw new CryptmapError(
+      'EAGENT_RUNNING',
+      `a cryptmap agent (pid ${pid}) is running on ${stateDir}; remove the volume from its manifest and stop the agent first`,
+      { exitCode: EXIT_BUSY, errno: 'EBUSY' },
+    );
   const store = new StateStore(stateDir);
   let desired: VolumeTarget[];
   if (v.manifest) desired = desiredVolumes(await loadManifest(v.manifest), `${stateDir}/${AGENT_VOLUME_DIR}`);
   else {
     const r = (await store.load()).volumes[id];
     if (r && r.phase !== 'retired') {
-      throw new CryptmapError('EVOLUME_NAMED', `${id} was still in the agent's manifest at its last run (state ${r.phase}); remove it from the manifest and run the agent, or give --manifest`, {
-        exitCode: EXIT_BUSY,
-        errno: 'EBUSY',
-      });
+      throw new CryptmapError(
+        'EVOLUME_NAMED',
+        `${id} was still in the agent's manifest at its last run (state ${r.phase}); remove it from the manifest and run the agent, or give --manifest`,
+        {
+          exitCode: EXIT_BUSY,
+          errno: 'EBUSY',
+        },
+      );
     }
     desired = [];
   }

@@ -11,7 +11,10 @@ import type { BackendName, BackendOps } from './types.js';
 
 export type { BackendName, BackendOps, SectorRun, SectorTransform } from './types.js';
 
-export const BACKENDS: Readonly<Record<BackendName, BackendOps>> = Object.freeze({ native: nativeBackend, js: jsBackend });
+export const BACKENDS: Readonly<Record<BackendName, BackendOps>> = Object.freeze({
+  native: nativeBackend,
+  js: jsBackend,
+});
 
 /** The backend used when none is asked for. */
 export function defaultBackend(env: NodeJS.ProcessEnv = process.env): BackendName {
@@ -25,7 +28,11 @@ export function defaultBackend(env: NodeJS.ProcessEnv = process.env): BackendNam
   const impl = env.CRYPTMAP_CRYPTO_IMPL;
   if (impl !== undefined && impl !== '') {
     // An implementation of the native addon was asked for: never fall back to js silently.
-    if (!nativeAvailable()) throw new CryptmapError('EBACKEND', `CRYPTMAP_CRYPTO_IMPL=${impl} needs the native addon, which did not load: ${nativeLoadError() ?? 'unknown reason'}`);
+    if (!nativeAvailable())
+      throw new CryptmapError(
+        'EBACKEND',
+        `CRYPTMAP_CRYPTO_IMPL=${impl} needs the native addon, which did not load: ${nativeLoadError() ?? 'unknown reason'}`,
+      );
     return 'native';
   }
   return nativeAvailable() ? 'native' : 'js';

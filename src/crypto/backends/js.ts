@@ -34,8 +34,8 @@ const LITTLE_ENDIAN = endianness() === 'LE';
 /**
  * CBC encryption goes column-wise once a run has this many sectors per 16-byte block of a sector
  * (512-byte sectors: 128 and up). Below it, the per-column gather/scatter and the sectorBytes/16 calls
- * cost more than the per-sector calls they save (node 20, x86-64 with AES-NI: 512-byte sectors in
- * 2048-sector runs went from about 150 to 500 MB/s; 4096-byte sectors only break even near 1024).
+ * cost more than the per-sector calls they save (README, "Why the data path's thresholds are what they
+ * are", has the measurement).
  */
 const COLUMN_MIN_SECTORS_PER_BLOCK = 4;
 

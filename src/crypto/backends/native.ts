@@ -24,12 +24,20 @@ let idsChecked: NativeAddon | null = null;
 function checkedAddon(): NativeAddon | null {
   const addon = loadNative();
   if (addon === null || addon === idsChecked) return addon;
-  const has = (ids: Readonly<Record<string, number>> | undefined, n: string) => ids !== undefined && Object.hasOwn(ids, n) && Number.isInteger(ids[n]);
+  const has = (ids: Readonly<Record<string, number>> | undefined, n: string) =>
+    ids !== undefined && Object.hasOwn(ids, n) && Number.isInteger(ids[n]);
   const missing = [
     ...CHAIN_MODES.filter((n) => !has(addon.chainModes, n)).map((n) => `chain mode ${n}`),
-    ...Object.keys(IV_GENERATORS).filter((n) => !has(addon.ivModes, n)).map((n) => `IV mode ${n}`),
+    ...Object.keys(IV_GENERATORS)
+      .filter((n) => !has(addon.ivModes, n))
+      .map((n) => `IV mode ${n}`),
   ];
-  if (missing.length) throw new CryptmapError('ENATIVE', `the native addon has no id for ${missing.join(', ')}: rebuild it (node scripts/build-native.mjs)`, { errno: 'ENOTSUP' });
+  if (missing.length)
+    throw new CryptmapError(
+      'ENATIVE',
+      `the native addon has no id for ${missing.join(', ')}: rebuild it (node scripts/build-native.mjs)`,
+      { errno: 'ENOTSUP' },
+    );
   idsChecked = addon;
   return addon;
 }
@@ -63,7 +71,13 @@ export function pieces(r: SectorRun, maxBytes = MAX_PIECE_BYTES): Piece[] {
     const count = Math.min(per, r.count - first);
     const a = first * sectorBytes;
     const b = a + count * sectorBytes;
-    out.push({ src: r.src.subarray(a, b), dst: r.dst.subarray(a, b), count, ivLo: Number(iv & 0xffffffffn), ivHi: Number(iv >> 32n) });
+    out.push({
+      src: r.src.subarray(a, b),
+      dst: r.dst.subarray(a, b),
+      count,
+      ivLo: Number(iv & 0xffffffffn),
+      ivHi: Number(iv >> 32n),
+    });
     iv += BigInt(count * r.ivStep);
   }
   return out;
@@ -97,14 +111,17 @@ class NativeTransform implements SectorTransform {
     const p =
       ps.length === 1
         ? this.addon.cipherRunAsync(h, r.encrypt, r.src, r.dst, r.count, r.ivLo, r.ivHi, r.ivStep)
-        : Promise.all(ps.map((x) => this.addon.cipherRunAsync(h, r.encrypt, x.src, x.dst, x.count, x.ivLo, x.ivHi, r.ivStep))).then(() => undefined);
+        : Promise.all(
+            ps.map((x) => this.addon.cipherRunAsync(h, r.encrypt, x.src, x.dst, x.count, x.ivLo, x.ivHi, r.ivStep)),
+          ).then(() => undefined);
     return p.catch(rethrowNative);
   }
   runFileAsync(r: SectorRun, fd: number, fileOffsetBytes: number): Promise<void> {
     const h = this.#handle();
     const sectorBytes = r.src.byteLength / r.count;
     const ps = pieces(r);
-    const one = (x: Piece, off: number) => this.addon.cipherRunFileAsync(h, r.encrypt, x.src, x.dst, x.count, x.ivLo, x.ivHi, r.ivStep, fd, off);
+    const one = (x: Piece, off: number) =>
+      this.addon.cipherRunFileAsync(h, r.encrypt, x.src, x.dst, x.count, x.ivLo, x.ivHi, r.ivStep, fd, off);
     let off = fileOffsetBytes;
     const p =
       ps.length === 1
@@ -162,7 +179,11 @@ export const nativeBackend: BackendOps = {
   create(spec: CipherSpec, key: Uint8Array, sectorBytes: number, iv: IvInstance | undefined): SectorTransform {
     const addon = checkedAddon();
     if (addon === null) {
-      throw new CryptmapError('ENATIVE', `native crypto backend unavailable: ${nativeLoadError() ?? 'unknown reason'}`, { errno: 'ENOTSUP' });
+      throw new CryptmapError(
+        'ENATIVE',
+        `native crypto backend unavailable: ${nativeLoadError() ?? 'unknown reason'}`,
+        { errno: 'ENOTSUP' },
+      );
     }
     const { chain, ivMode } = nativeIds(addon, spec);
     const k = Buffer.from(key);
@@ -181,7 +202,11 @@ export const nativeBackend: BackendOps = {
  * runs requests without the engine (the FUSE export's direct route, daemon/fuse-export.ts). null when
  * the addon is not loaded. The caller disposes it (wipes and frees the schedule).
  */
-export function createNativeKey(spec: CipherSpec, key: Uint8Array, sectorBytes: number): { handle: NativeKeyHandle; dispose(): void } | null {
+export function createNativeKey(
+  spec: CipherSpec,
+  key: Uint8Array,
+  sectorBytes: number,
+): { handle: NativeKeyHandle; dispose(): void } | null {
   const addon = checkedAddon();
   if (addon === null) return null;
   const iv = spec.ivMode === undefined ? undefined : IV_GENERATORS[spec.ivMode].init({ spec, key });

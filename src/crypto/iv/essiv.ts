@@ -18,9 +18,13 @@ export const essiv: IvOps = {
     const salt = createHash(hash).update(ctx.key).digest();
     if (salt.length !== 16 && salt.length !== 24 && salt.length !== 32) {
       wipe(salt);
-      throw new CryptmapError('ECIPHER_SPEC', `essiv:${hash}: a ${salt.length * 8}-bit digest is not a valid aes key size for the IV cipher`, {
-        context: { spec: ctx.spec.spec },
-      });
+      throw new CryptmapError(
+        'ECIPHER_SPEC',
+        `essiv:${hash}: a ${salt.length * 8}-bit digest is not a valid aes key size for the IV cipher`,
+        {
+          context: { spec: ctx.spec.spec },
+        },
+      );
     }
     const algo = `aes-${salt.length * 8}-ecb`;
     let ecb: ReturnType<typeof createCipheriv> | null = createCipheriv(algo, salt, null).setAutoPadding(false);

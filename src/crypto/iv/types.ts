@@ -39,7 +39,13 @@ export interface IvOps {
 const TWO32 = 0x100000000;
 
 /** Call fn(i, lo, hi) for count IV sectors starting at hi * 2^32 + lo, advancing by step (< 2^32). */
-export function forEachIvSector(count: number, lo: number, hi: number, step: number, fn: (i: number, lo: number, hi: number) => void): void {
+export function forEachIvSector(
+  count: number,
+  lo: number,
+  hi: number,
+  step: number,
+  fn: (i: number, lo: number, hi: number) => void,
+): void {
   for (let i = 0; i < count; i++) {
     fn(i, lo, hi);
     lo += step;

@@ -35,12 +35,17 @@ export async function argon2(
   parallel: number,
   keyBytes: number,
 ): Promise<Buffer> {
-  if (!Number.isInteger(time) || time < 1 || time > 0xffffffff) throw new CryptmapError('EKDFPARAM', `Invalid Argon2 time cost ${time}.`);
+  if (!Number.isInteger(time) || time < 1 || time > 0xffffffff)
+    throw new CryptmapError('EKDFPARAM', `Invalid Argon2 time cost ${time}.`);
   // Lanes are threads here (one thread each), so the lane count is bounded first, by cryptsetup's
   // limit (a header may say 2^24-1); then memory is raised to libargon2's 8 KiB per lane (cryptsetup
   // never stores less) and only then held to the 4 GiB cap, which the raise cannot get past.
   if (!Number.isInteger(parallel) || parallel < 1 || parallel > ARGON2_MAX_PARALLEL) {
-    throw new CryptmapError('EKDFLIMIT', `Argon2 parallel cost ${parallel} is outside cryptsetup's limits (1 to ${ARGON2_MAX_PARALLEL} threads).`, { exitCode: 1, errno: 'EINVAL' });
+    throw new CryptmapError(
+      'EKDFLIMIT',
+      `Argon2 parallel cost ${parallel} is outside cryptsetup's limits (1 to ${ARGON2_MAX_PARALLEL} threads).`,
+      { exitCode: 1, errno: 'EINVAL' },
+    );
   }
   if (Number.isInteger(memoryKiB) && memoryKiB < 8 * parallel) memoryKiB = 8 * parallel;
   if (!Number.isInteger(memoryKiB) || memoryKiB < 8 || memoryKiB > ARGON2_MAX_MEMORY_KIB) {
@@ -59,7 +64,12 @@ export async function argon2(
     });
   } catch (e) {
     const msg = e instanceof Error ? e.message : String(e);
-    if (/memory/i.test(msg)) throw new CryptmapError('ENOMEM', 'Not enough memory for Argon2 key derivation.', { exitCode: EXIT_NOMEM, errno: 'ENOMEM', cause: e });
+    if (/memory/i.test(msg))
+      throw new CryptmapError('ENOMEM', 'Not enough memory for Argon2 key derivation.', {
+        exitCode: EXIT_NOMEM,
+        errno: 'ENOMEM',
+        cause: e,
+      });
     throw new CryptmapError('EKDF', `Argon2 key derivation failed: ${msg}`, { cause: e });
   }
 }

@@ -10,7 +10,13 @@ import { CryptmapError } from '../../util/errors.js';
 import { ARGON2_MAX_PARALLEL, ARGON2_MIN_MEMORY_KIB, ARGON2_MIN_TIME, type Argon2Type, argon2 } from './argon2.js';
 import { pbkdf2 } from './pbkdf2.js';
 
-export { argon2, ARGON2_MAX_MEMORY_KIB, ARGON2_MAX_PARALLEL, ARGON2_MIN_MEMORY_KIB, ARGON2_MIN_TIME } from './argon2.js';
+export {
+  argon2,
+  ARGON2_MAX_MEMORY_KIB,
+  ARGON2_MAX_PARALLEL,
+  ARGON2_MIN_MEMORY_KIB,
+  ARGON2_MIN_TIME,
+} from './argon2.js';
 export { digest, hashAvailable, hashDigestBytes, nodeHashName } from './hash.js';
 export { pbkdf2 } from './pbkdf2.js';
 
@@ -24,7 +30,12 @@ export const DEFAULT_ARGON2_MEMORY_KIB = 1024 * 1024;
 export const DEFAULT_ARGON2_PARALLEL = 4;
 
 /** Derive `keyBytes` from a passphrase. The caller owns (and wipes) the result. */
-export function deriveKey(params: KdfParams, password: Uint8Array, salt: Uint8Array, keyBytes: number): Promise<Buffer> {
+export function deriveKey(
+  params: KdfParams,
+  password: Uint8Array,
+  salt: Uint8Array,
+  keyBytes: number,
+): Promise<Buffer> {
   if (params.type === 'pbkdf2') return pbkdf2(params.hash, password, salt, params.iterations, keyBytes);
   return argon2(params.type, password, salt, params.time, params.memoryKiB, params.parallel, keyBytes);
 }
@@ -68,8 +79,14 @@ export async function calibrateKdf(opts: CalibrateOptions): Promise<KdfParams> {
     const scaled = Math.floor((iterations * target) / Math.max(ms, 0.001));
     return { type: 'pbkdf2', hash, iterations: Math.max(PBKDF2_MIN_ITERATIONS, Math.min(scaled, 0xffffffff)) };
   }
-  const parallel = Math.max(1, Math.min(opts.parallel ?? DEFAULT_ARGON2_PARALLEL, ARGON2_MAX_PARALLEL, cpus().length || 1));
-  let memoryKiB = Math.max(ARGON2_MIN_MEMORY_KIB, Math.min(opts.maxMemoryKiB ?? DEFAULT_ARGON2_MEMORY_KIB, memoryCapKiB()));
+  const parallel = Math.max(
+    1,
+    Math.min(opts.parallel ?? DEFAULT_ARGON2_PARALLEL, ARGON2_MAX_PARALLEL, cpus().length || 1),
+  );
+  let memoryKiB = Math.max(
+    ARGON2_MIN_MEMORY_KIB,
+    Math.min(opts.maxMemoryKiB ?? DEFAULT_ARGON2_MEMORY_KIB, memoryCapKiB()),
+  );
   // Measure the minimum time cost at a sample memory size, then extrapolate (Argon2 is linear in t*m).
   const sampleKiB = Math.min(memoryKiB, 64 * 1024);
   const t0 = performance.now();

@@ -6,7 +6,13 @@ import { pbkdf2 as nodePbkdf2 } from 'node:crypto';
 import { CryptmapError } from '../../util/errors.js';
 import { nodeHashName } from './hash.js';
 
-export async function pbkdf2(hash: string, password: Uint8Array, salt: Uint8Array, iterations: number, keyBytes: number): Promise<Buffer> {
+export async function pbkdf2(
+  hash: string,
+  password: Uint8Array,
+  salt: Uint8Array,
+  iterations: number,
+  keyBytes: number,
+): Promise<Buffer> {
   const name = nodeHashName(hash);
   if (!Number.isSafeInteger(iterations) || iterations < 1 || iterations > 0xffffffff) {
     throw new CryptmapError('EKDFPARAM', `Invalid PBKDF2 iteration count ${iterations}.`);

@@ -9,13 +9,24 @@ import type { TargetCapabilities, TargetContext } from '../types.js';
 export function expectArgs(args: readonly string[], ctx: TargetContext, names: readonly string[]): void {
   if (args.length !== names.length) {
     const grammar = names.map((n) => `<${n}>`).join(' ');
-    const what = args.length < names.length ? `missing <${names[args.length]}>` : `unexpected extra argument '${args[names.length]}'`;
-    throw ctx.error(names[Math.min(args.length, names.length - 1)] ?? 'args', `${what} (expected '${ctx.targetName}${grammar ? ' ' + grammar : ''}')`);
+    const what =
+      args.length < names.length
+        ? `missing <${names[args.length]}>`
+        : `unexpected extra argument '${args[names.length]}'`;
+    throw ctx.error(
+      names[Math.min(args.length, names.length - 1)] ?? 'args',
+      `${what} (expected '${ctx.targetName}${grammar ? ' ' + grammar : ''}')`,
+    );
   }
 }
 
 /** An unsigned decimal that fits a safe integer (sector counts and offsets). */
-export function uintArg(s: string, ctx: TargetContext, name: string, max = Math.floor(Number.MAX_SAFE_INTEGER / 512)): number {
+export function uintArg(
+  s: string,
+  ctx: TargetContext,
+  name: string,
+  max = Math.floor(Number.MAX_SAFE_INTEGER / 512),
+): number {
   if (!/^[0-9]+$/.test(s)) throw ctx.error(name, `'${s}' is not an unsigned decimal number`);
   const v = Number(s);
   if (!Number.isSafeInteger(v) || v > max) throw ctx.error(name, `'${s}' is too large (max ${max})`);
@@ -23,10 +34,20 @@ export function uintArg(s: string, ctx: TargetContext, name: string, max = Math.
 }
 
 /** Check that `dev` holds at least `needSectors` sectors. */
-export function checkDeviceSize(dev: BlockDevice, arg: string, ctx: TargetContext, name: string, needSectors: number): void {
+export function checkDeviceSize(
+  dev: BlockDevice,
+  arg: string,
+  ctx: TargetContext,
+  name: string,
+  needSectors: number,
+): void {
   const haveSectors = Math.floor(dev.sizeBytes / 512);
   if (haveSectors < needSectors) {
-    throw ctx.error(name, `device ${arg} is too small: it has ${haveSectors} sectors, the target needs ${needSectors} (offset + length)`, 'EDEVSIZE');
+    throw ctx.error(
+      name,
+      `device ${arg} is too small: it has ${haveSectors} sectors, the target needs ${needSectors} (offset + length)`,
+      'EDEVSIZE',
+    );
   }
 }
 
@@ -61,9 +82,19 @@ export function passThroughCapabilities(devs: readonly BlockDevice[]): TargetCap
 }
 
 /** The offset on `dev` must fall on its logical block size (dm-table's alignment check). */
-export function checkDeviceAlignment(dev: BlockDevice, arg: string, ctx: TargetContext, name: string, offsetSectors: number): void {
+export function checkDeviceAlignment(
+  dev: BlockDevice,
+  arg: string,
+  ctx: TargetContext,
+  name: string,
+  offsetSectors: number,
+): void {
   const lbs = dev.limits.logicalBlockBytes;
   if ((offsetSectors * 512) % lbs !== 0) {
-    throw ctx.error(name, `offset ${offsetSectors} is not aligned to the ${lbs}-byte logical blocks of device ${arg}`, 'EALIGN');
+    throw ctx.error(
+      name,
+      `offset ${offsetSectors} is not aligned to the ${lbs}-byte logical blocks of device ${arg}`,
+      'EALIGN',
+    );
   }
 }

@@ -23,7 +23,13 @@ import { checkDeviceAlignment, checkDeviceSize, uintArg } from './args.js';
 
 const KEY_TYPES = new Set(['logon', 'user', 'encrypted', 'trusted']);
 /** The on/off optional parameters, in the kernel's order (activate/flags.ts maps each to cryptsetup's names). */
-export const CRYPT_FLAGS = ['allow_discards', 'same_cpu_crypt', 'submit_from_crypt_cpus', 'no_read_workqueue', 'no_write_workqueue'] as const;
+export const CRYPT_FLAGS = [
+  'allow_discards',
+  'same_cpu_crypt',
+  'submit_from_crypt_cpus',
+  'no_read_workqueue',
+  'no_write_workqueue',
+] as const;
 export type CryptFlag = (typeof CRYPT_FLAGS)[number];
 const UNSUPPORTED = new Set(['high_priority', 'integrity', 'integrity_key_size']);
 /** 16 or more bytes of hex in a word: key material, never echoed in a message. */
@@ -37,15 +43,11 @@ const SCRATCH_IDLE_BYTES = 16 << 20;
 /**
  * On devices without DirectIo (mapped devices below, fault wrappers) and for requests up to
  * DIRECT_ABOVE_BYTES: writes below this are encrypted on the calling thread, larger ones in the
- * engine's crypt pool (reads keep the engine's default: the pool from 64 KiB). Measured before the
- * pool batched its completions: A hand-off to the pool costs ~15-25 us
- * of CPU (promise, references, a futex wake, the completion callback), 30-50 % of a 256 KiB
- * AES-XTS run, and pays only when a core is idle to take it. With two CPUs or fewer, a writing NBD
- * client (reading its source, sending) and the main thread keep both busy: bench:serve (nbdcopy,
- * 256 KiB requests, 2 cores, load ~5) measured crypt write server CPU at 1.0 s/GiB through the pool
- * against 0.84 on the calling thread (plain 0.66) at the same MB/s ratio. Reads on the calling thread
- * saved less (0.78 -> 0.70) and lost wall time when a core was free (crypt/plain 0.75 against
- * 0.86-1.0): a reading client leaves the second core idle more often.
+ * engine's crypt pool (reads keep the engine's default: the pool from 64 KiB). A hand-off to the pool
+ * costs CPU (promise, references, a futex wake, the completion callback) and pays only when a core is
+ * idle to take it. With two CPUs or fewer, a writing NBD client and the main thread keep both busy, so
+ * writes stay on the calling thread; a reading client leaves the second core idle more often, so reads
+ * keep the pool. README, "Why the data path's thresholds are what they are", has the measurements.
  */
 const WRITE_ASYNC_MIN_BYTES = availableParallelism() > 2 ? 0 : 1 << 20;
 
@@ -53,8 +55,7 @@ const WRITE_ASYNC_MIN_BYTES = availableParallelism() > 2 ? 0 : 1 << 20;
  * Requests above this size on a device that offers DirectIo (a file) go to the crypt pool as one job
  * that does the pread and the decryption, or the encryption and the pwrite: one hand-off instead of
  * two (libuv pool for the I/O, crypt pool for the cipher) and the data still in the crypt thread's
- * cache between the two steps. bench:serve (nbdcopy, 256 KiB requests, 2 CPUs): crypt/plain read
- * 0.77-0.84 -> 0.94-0.97, write 0.73-0.93 -> 1.04-1.13, server CPU per GiB read 0.74 -> 0.64.
+ * cache between the two steps (measurements: README, "Why the data path's thresholds are what they are").
  * Smaller requests keep the paths above: the file backend does them inline on tmpfs and the engine
  * ciphers them on the calling thread, both cheaper than any hand-off.
  */
@@ -83,7 +84,13 @@ class ScratchPool {
     const ab = b.buffer as ArrayBuffer;
     const cls = ab.byteLength;
     // Only whole buffers this pool made (power-of-two classes, view from 0) come back.
-    if (b.length < SCRATCH_MIN_BYTES || b.byteOffset !== 0 || (cls & (cls - 1)) !== 0 || this.#idleBytes + cls > SCRATCH_IDLE_BYTES) return;
+    if (
+      b.length < SCRATCH_MIN_BYTES ||
+      b.byteOffset !== 0 ||
+      (cls & (cls - 1)) !== 0 ||
+      this.#idleBytes + cls > SCRATCH_IDLE_BYTES
+    )
+      return;
     let list = this.#free.get(cls);
     if (list === undefined) {
       list = [];
@@ -111,12 +118,18 @@ function parseKeyRef(s: string): KeyRef | null {
 }
 
 /** Resolve a <key> argument into a Secret (the caller disposes it). Never puts key bytes in messages. */
-async function loadKey(arg: string, keyStore: KeyStore | undefined, fail: (msg: string, code?: string) => CryptmapError): Promise<{ source: KeySource; key: Secret }> {
+async function loadKey(
+  arg: string,
+  keyStore: KeyStore | undefined,
+  fail: (msg: string, code?: string) => CryptmapError,
+): Promise<{ source: KeySource; key: Secret }> {
   if (arg === '-') return { source: { kind: 'empty' }, key: new Secret(Buffer.alloc(0)) };
   if (arg.startsWith(':')) {
     const ref = parseKeyRef(arg);
-    if (ref === null) throw fail("a key reference must look like ':<bytes>:<logon|user|encrypted|trusted>:<description>'");
-    if (keyStore === undefined) throw fail(`no key store is configured to resolve the key reference '${arg}'`, 'ENOKEYSTORE');
+    if (ref === null)
+      throw fail("a key reference must look like ':<bytes>:<logon|user|encrypted|trusted>:<description>'");
+    if (keyStore === undefined)
+      throw fail(`no key store is configured to resolve the key reference '${arg}'`, 'ENOKEYSTORE');
     let key: Secret;
     try {
       key = await keyStore.resolve(ref);
@@ -130,7 +143,8 @@ async function loadKey(arg: string, keyStore: KeyStore | undefined, fail: (msg: 
     }
     return { source: { kind: 'ref', ref }, key };
   }
-  if (arg.length % 2 !== 0 || !/^[0-9a-fA-F]+$/.test(arg)) throw fail(`is not valid hex, '-' or a key reference (${arg.length} characters)`);
+  if (arg.length % 2 !== 0 || !/^[0-9a-fA-F]+$/.test(arg))
+    throw fail(`is not valid hex, '-' or a key reference (${arg.length} characters)`);
   return { source: { kind: 'hex', bytes: arg.length / 2 }, key: new Secret(Buffer.from(arg, 'hex')) };
 }
 
@@ -162,12 +176,32 @@ export const crypt: TargetType = {
   async ctr(args, ctx): Promise<TargetInstance> {
     if (args.length < 5) {
       const names = ['cipher', 'key', 'iv_offset', 'dev', 'offset'];
-      throw ctx.error(names[args.length]!, "missing argument (expected 'crypt <cipher> <key> <iv_offset> <dev> <offset> [<#opt_params> <opt_params>...]')");
+      throw ctx.error(
+        names[args.length]!,
+        "missing argument (expected 'crypt <cipher> <key> <iv_offset> <dev> <offset> [<#opt_params> <opt_params>...]')",
+      );
     }
-    const [cipherArg, keyArg, ivArg, devArg, offArg, ...rest] = args as [string, string, string, string, string, ...string[]];
+    const [cipherArg, keyArg, ivArg, devArg, offArg, ...rest] = args as [
+      string,
+      string,
+      string,
+      string,
+      string,
+      ...string[],
+    ];
     // A <key> in the wrong place (arguments swapped) must not be echoed by the checks below.
-    for (const [name, arg] of [['cipher', cipherArg], ['iv_offset', ivArg], ['offset', offArg], ['opt_params', rest.join(' ')]] as const) {
-      if (KEY_LIKE.test(arg)) throw ctx.error(name, `has ${arg.length} hex digits (not shown): is the <key> in the wrong place?`, 'EKEYPLACE');
+    for (const [name, arg] of [
+      ['cipher', cipherArg],
+      ['iv_offset', ivArg],
+      ['offset', offArg],
+      ['opt_params', rest.join(' ')],
+    ] as const) {
+      if (KEY_LIKE.test(arg))
+        throw ctx.error(
+          name,
+          `has ${arg.length} hex digits (not shown): is the <key> in the wrong place?`,
+          'EKEYPLACE',
+        );
     }
 
     // Optional parameters first: they decide sector_size, which the other checks need.
@@ -176,8 +210,10 @@ export const crypt: TargetType = {
     let ivLargeSectors = false;
     if (rest.length > 0) {
       const n = uintArg(rest[0]!, ctx, '#opt_params', 1000);
-      if (n > MAX_OPT_PARAMS) throw ctx.error('#opt_params', `${n} is more than the ${MAX_OPT_PARAMS} optional parameters dm-crypt accepts`);
-      if (rest.length - 1 !== n) throw ctx.error('#opt_params', `says ${n} optional parameters but ${rest.length - 1} follow`);
+      if (n > MAX_OPT_PARAMS)
+        throw ctx.error('#opt_params', `${n} is more than the ${MAX_OPT_PARAMS} optional parameters dm-crypt accepts`);
+      if (rest.length - 1 !== n)
+        throw ctx.error('#opt_params', `says ${n} optional parameters but ${rest.length - 1} follow`);
       for (const opt of rest.slice(1)) {
         const name = opt.split(':')[0]!;
         if ((CRYPT_FLAGS as readonly string[]).includes(opt)) flags.add(opt as CryptFlag);
@@ -185,7 +221,8 @@ export const crypt: TargetType = {
         else if (name === 'sector_size' && opt.startsWith('sector_size:')) {
           const v = opt.slice('sector_size:'.length);
           const b = /^[0-9]+$/.test(v) ? Number(v) : Number.NaN;
-          if (!isPowerOfTwo(b) || b < 512 || b > 4096) throw ctx.error('opt_params', `'${opt}': sector_size must be a power of two from 512 to 4096`);
+          if (!isPowerOfTwo(b) || b < 512 || b > 4096)
+            throw ctx.error('opt_params', `'${opt}': sector_size must be a power of two from 512 to 4096`);
           sectorBytes = b as SectorBytes;
         } else if (UNSUPPORTED.has(name)) {
           throw ctx.error('opt_params', `'${opt}' is not supported by cryptmap yet`, 'EUNSUPPORTED');
@@ -205,10 +242,16 @@ export const crypt: TargetType = {
     } catch {
       throw ctx.error('iv_offset', `'${ivArg}' is not an unsigned 64-bit decimal number`);
     }
-    if (ivOffsetSectors % BigInt(step) !== 0n) throw ctx.error('iv_offset', `${ivArg} is not a multiple of sector_size/512 (${step})`);
+    if (ivOffsetSectors % BigInt(step) !== 0n)
+      throw ctx.error('iv_offset', `${ivArg} is not a multiple of sector_size/512 (${step})`);
     const offsetSectors = uintArg(offArg, ctx, 'offset');
-    if (offsetSectors % step !== 0) throw ctx.error('offset', `${offArg} is not a multiple of sector_size/512 (${step})`);
-    if (ctx.lengthSectors % step !== 0) throw ctx.error('opt_params', `the target length ${ctx.lengthSectors} is not a multiple of sector_size/512 (${step})`);
+    if (offsetSectors % step !== 0)
+      throw ctx.error('offset', `${offArg} is not a multiple of sector_size/512 (${step})`);
+    if (ctx.lengthSectors % step !== 0)
+      throw ctx.error(
+        'opt_params',
+        `the target length ${ctx.lengthSectors} is not a multiple of sector_size/512 (${step})`,
+      );
 
     const { source, key: firstKey } = await loadKey(keyArg, ctx.keyStore, (m, code) => ctx.error('key', m, code));
     let key: Secret | null = firstKey;
@@ -243,7 +286,10 @@ export const crypt: TargetType = {
       const allowDiscards = flags.has('allow_discards');
 
       const live = (): SectorCipher => {
-        if (cipher === null) throw new CryptmapError('ENOKEY', `I/O on crypt target (table line ${ctx.line}) while its key is wiped`, { errno: 'EIO' });
+        if (cipher === null)
+          throw new CryptmapError('ENOKEY', `I/O on crypt target (table line ${ctx.line}) while its key is wiped`, {
+            errno: 'EIO',
+          });
         return cipher;
       };
       const instance: TargetInstance = {
@@ -263,7 +309,9 @@ export const crypt: TargetType = {
           const c = live();
           const direct = dev.directIo;
           if (direct !== undefined && buf.length > DIRECT_ABOVE_BYTES) {
-            await direct.run('read', base + o, buf.length, (fd, at) => c.readDecryptAsync(fd, at, buf, BigInt(o / 512)));
+            await direct.run('read', base + o, buf.length, (fd, at) =>
+              c.readDecryptAsync(fd, at, buf, BigInt(o / 512)),
+            );
             return;
           }
           await dev.read(base + o, buf);
@@ -276,7 +324,9 @@ export const crypt: TargetType = {
             // An NBD WRITE payload (scratch) is encrypted in place, anything else into a pooled copy.
             const copy = wflags?.scratch ? null : scratch.acquire(data.length);
             try {
-              await direct.run('write', base + o, data.length, (fd, at) => c.encryptWriteAsync(fd, at, data, BigInt(o / 512), copy ?? data));
+              await direct.run('write', base + o, data.length, (fd, at) =>
+                c.encryptWriteAsync(fd, at, data, BigInt(o / 512), copy ?? data),
+              );
             } finally {
               if (copy !== null) scratch.release(copy);
             }
@@ -302,7 +352,11 @@ export const crypt: TargetType = {
         flush: () => dev.flush(),
         async discard(o, n) {
           if (!allowDiscards) {
-            throw new CryptmapError('ENOTSUP', `crypt target (table line ${ctx.line}) refuses discards: its table has no allow_discards`, { errno: 'ENOTSUP' });
+            throw new CryptmapError(
+              'ENOTSUP',
+              `crypt target (table line ${ctx.line}) refuses discards: its table has no allow_discards`,
+              { errno: 'ENOTSUP' },
+            );
           }
           await dev.discard(base + o, n);
         },
@@ -316,16 +370,24 @@ export const crypt: TargetType = {
           return opts.length === 0 ? head : `${head} ${opts.length} ${opts.join(' ')}`;
         },
         async message(margs, suspended) {
-          if (margs[0] !== 'key' || !((margs[1] === 'set' && margs.length === 3) || (margs[1] === 'wipe' && margs.length === 2))) {
+          if (
+            margs[0] !== 'key' ||
+            !((margs[1] === 'set' && margs.length === 3) || (margs[1] === 'wipe' && margs.length === 2))
+          ) {
             // Only the first two words are echoed: a malformed 'key set' may carry key hex after them.
-            throw new CryptmapError('EMESSAGE', `crypt target: unrecognised message '${margs.slice(0, 2).join(' ')}' with ${margs.length} words (expected 'key set <key>' or 'key wipe')`);
+            throw new CryptmapError(
+              'EMESSAGE',
+              `crypt target: unrecognised message '${margs.slice(0, 2).join(' ')}' with ${margs.length} words (expected 'key set <key>' or 'key wipe')`,
+            );
           }
-          if (!suspended) throw new CryptmapError('EMESSAGE', 'crypt target: the device must be suspended for key manipulation');
+          if (!suspended)
+            throw new CryptmapError('EMESSAGE', 'crypt target: the device must be suspended for key manipulation');
           if (margs[1] === 'wipe') {
             dispose();
             return '';
           }
-          const fail = (m: string, code?: string) => new CryptmapError(code ?? 'EMESSAGE', `crypt target: new <key> ${m}`);
+          const fail = (m: string, code?: string) =>
+            new CryptmapError(code ?? 'EMESSAGE', `crypt target: new <key> ${m}`);
           const next = await loadKey(margs[2]!, ctx.keyStore, fail);
           const wantBytes = source.kind === 'hex' ? source.bytes : source.kind === 'ref' ? source.ref.keyBytes : 0;
           if (next.key.length !== wantBytes) {
@@ -347,7 +409,11 @@ export const crypt: TargetType = {
           return '';
         },
         preresume() {
-          if (cipher === null) throw new CryptmapError('ENOKEY', `aborting resume: the crypt key of table line ${ctx.line} is not set (message 'key set <key>' first)`);
+          if (cipher === null)
+            throw new CryptmapError(
+              'ENOKEY',
+              `aborting resume: the crypt key of table line ${ctx.line} is not set (message 'key set <key>' first)`,
+            );
         },
         dispose,
       };

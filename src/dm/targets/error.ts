@@ -7,7 +7,9 @@ import type { TargetType } from '../types.js';
 import { expectArgs } from './args.js';
 
 function ioError(op: string, line: number): Promise<never> {
-  return Promise.reject(new CryptmapError('EIOERR', `I/O error: ${op} hit the error target (table line ${line})`, { errno: 'EIO' }));
+  return Promise.reject(
+    new CryptmapError('EIOERR', `I/O error: ${op} hit the error target (table line ${line})`, { errno: 'EIO' }),
+  );
 }
 
 /* Table grammar:  error   (no arguments) */

@@ -30,7 +30,9 @@ export const linear: TargetType = {
       flush: () => dev.flush(),
       discard: (o, n) => dev.discard(base + o, n),
       writeZeroes: (o, n, flags) => dev.writeZeroes(base + o, n, flags),
-      ...(dev.capabilities.blockStatus && dev.blockStatus ? { blockStatus: (o: number, n: number) => dev.blockStatus!(base + o, n) } : {}),
+      ...(dev.capabilities.blockStatus && dev.blockStatus
+        ? { blockStatus: (o: number, n: number) => dev.blockStatus!(base + o, n) }
+        : {}),
       status: (kind) => (kind === 'table' ? `${devArg} ${offsetSectors}` : ''),
       dispose() {},
     };

@@ -37,7 +37,14 @@ import type { BlockDevice, BlockDeviceLimits, WriteFlags, WriteZeroesFlags } fro
 import { isPowerOfTwo } from '../../util/bytes.js';
 import { CryptmapError } from '../../util/errors.js';
 import type { TargetCapabilities, TargetContext, TargetInstance, TargetType } from '../types.js';
-import { checkDeviceAlignment, checkDeviceSize, combinedLimits, passThroughCapabilities, settleAll, uintArg } from './args.js';
+import {
+  checkDeviceAlignment,
+  checkDeviceSize,
+  combinedLimits,
+  passThroughCapabilities,
+  settleAll,
+  uintArg,
+} from './args.js';
 
 /** dm-raid1.c MAX_NR_MIRRORS (DM_KCOPYD_MAX_REGIONS + 1). */
 export const MAX_NR_MIRRORS = 9;
@@ -57,26 +64,37 @@ interface Leg {
 
 type SyncMode = 'default' | 'sync' | 'nosync';
 
-
 function u32Arg(s: string, ctx: TargetContext, name: string): number {
   return uintArg(s, ctx, name, 0xffffffff);
 }
 
 /** Parse `core <#log_args> <region_size> [sync|nosync]`; returns the words it used. */
-function parseLog(args: readonly string[], ctx: TargetContext): { regionSectors: number; sync: SyncMode; used: number } {
-  if (args.length < 2) throw ctx.error(args.length === 0 ? 'log_type' : '#log_args', "missing argument (expected 'mirror <log_type> <#log_args> <log_args>... <#mirrors> <dev> <offset>...')");
+function parseLog(
+  args: readonly string[],
+  ctx: TargetContext,
+): { regionSectors: number; sync: SyncMode; used: number } {
+  if (args.length < 2)
+    throw ctx.error(
+      args.length === 0 ? 'log_type' : '#log_args',
+      "missing argument (expected 'mirror <log_type> <#log_args> <log_args>... <#mirrors> <dev> <offset>...')",
+    );
   const type = args[0]!;
   const count = u32Arg(args[1]!, ctx, '#log_args');
-  if (args.length < 2 + count) throw ctx.error('#log_args', `says ${count} log arguments but ${args.length - 2} arguments follow`);
+  if (args.length < 2 + count)
+    throw ctx.error('#log_args', `says ${count} log arguments but ${args.length - 2} arguments follow`);
   if (type === 'disk' || type === 'userspace') {
     throw ctx.error('log_type', `log type '${type}' is not supported by cryptmap (use 'core')`, 'EUNSUPPORTED');
   }
   if (type !== 'core') throw ctx.error('log_type', `unknown log type '${type}' (known: core, disk, userspace)`);
-  if (count < 1 || count > 2) throw ctx.error('#log_args', `the core log takes 1 or 2 arguments (<region_size> [sync|nosync]), got ${count}`);
+  if (count < 1 || count > 2)
+    throw ctx.error('#log_args', `the core log takes 1 or 2 arguments (<region_size> [sync|nosync]), got ${count}`);
   const rsArg = args[2]!;
   const regionSectors = u32Arg(rsArg, ctx, 'region_size');
   if (regionSectors < 2 || !isPowerOfTwo(regionSectors) || regionSectors > ctx.lengthSectors) {
-    throw ctx.error('region_size', `'${rsArg}' must be a power of two, at least 2 and at most the target length (${ctx.lengthSectors}) sectors`);
+    throw ctx.error(
+      'region_size',
+      `'${rsArg}' must be a power of two, at least 2 and at most the target length (${ctx.lengthSectors}) sectors`,
+    );
   }
   let sync: SyncMode = 'default';
   if (count === 2) {
@@ -106,7 +124,8 @@ export const mirror: TargetType = {
     const nrArg = args[i++]!;
     const nr = u32Arg(nrArg, ctx, '#mirrors');
     if (nr < 2 || nr > MAX_NR_MIRRORS) throw ctx.error('#mirrors', `'${nrArg}' must be from 2 to ${MAX_NR_MIRRORS}`);
-    if (args.length - i < 2 * nr) throw ctx.error('dev', `expected ${nr} <dev> <offset> pairs, got ${args.length - i} arguments`);
+    if (args.length - i < 2 * nr)
+      throw ctx.error('dev', `expected ${nr} <dev> <offset> pairs, got ${args.length - i} arguments`);
     const pairs: { arg: string; offsetSectors: number }[] = [];
     for (let m = 0; m < nr; m++) {
       pairs.push({ arg: args[i]!, offsetSectors: uintArg(args[i + 1]!, ctx, `offset #${m}`) });
@@ -134,7 +153,13 @@ export const mirror: TargetType = {
       const dev = await ctx.openDevice(p.arg, `dev #${m}`);
       checkDeviceSize(dev, p.arg, ctx, `dev #${m}`, p.offsetSectors + ctx.lengthSectors);
       checkDeviceAlignment(dev, p.arg, ctx, `offset #${m}`, p.offsetSectors);
-      legs.push({ arg: p.arg, offsetSectors: p.offsetSectors, baseBytes: p.offsetSectors * 512, dev, errors: new Set() });
+      legs.push({
+        arg: p.arg,
+        offsetSectors: p.offsetSectors,
+        baseBytes: p.offsetSectors * 512,
+        dev,
+        errors: new Set(),
+      });
     }
     return new MirrorSet(legs, log.regionSectors, log.sync, handleErrors, keepLog, ctx.lengthSectors * 512);
   },
@@ -167,7 +192,14 @@ class MirrorSet implements TargetInstance {
   #immediate: NodeJS.Immediate | undefined;
   #copyBuf: Buffer | undefined;
 
-  constructor(legs: Leg[], regionSectors: number, sync: SyncMode, handleErrors: boolean, keepLog: boolean, lengthBytes: number) {
+  constructor(
+    legs: Leg[],
+    regionSectors: number,
+    sync: SyncMode,
+    handleErrors: boolean,
+    keepLog: boolean,
+    lengthBytes: number,
+  ) {
     this.#legs = legs;
     this.#regionSectors = regionSectors;
     this.#regionBytes = regionSectors * 512;
@@ -250,7 +282,12 @@ class MirrorSet implements TargetInstance {
   }
 
   /** A mutation of [o, o+len): regions not yet in sync are serialised against their resync copy. */
-  #mutate(o: number, len: number, what: string, op: (l: Leg, devOffset: number, at: number, n: number) => Promise<void>): Promise<void> {
+  #mutate(
+    o: number,
+    len: number,
+    what: string,
+    op: (l: Leg, devOffset: number, at: number, n: number) => Promise<void>,
+  ): Promise<void> {
     const run = (at: number, n: number) => this.#allLegs(what, 'D', (l) => op(l, l.baseBytes + o + at, at, n));
     if (this.#syncCount === this.#regions) return run(0, len);
     // Regions only ever go from out-of-sync to in-sync, so an in-sync region needs no lock.
@@ -259,13 +296,18 @@ class MirrorSet implements TargetInstance {
 
   read(o: number, buf: Uint8Array): Promise<void> {
     if (this.#syncCount === this.#regions) return this.#readFrom(o, buf, true);
-    return this.#pieces(o, buf.length, (r, at, n) => this.#readFrom(o + at, buf.subarray(at, at + n), this.#inSync[r] === 1));
+    return this.#pieces(o, buf.length, (r, at, n) =>
+      this.#readFrom(o + at, buf.subarray(at, at + n), this.#inSync[r] === 1),
+    );
   }
 
   /** Read from the first healthy leg (in sync) or leg 0 (not yet in sync); retry with handle_errors. */
   async #readFrom(o: number, buf: Uint8Array, inSync: boolean): Promise<void> {
     const order = inSync
-      ? [...this.#legs.filter((l) => !this.#dead(l) && l.errors.size === 0), ...this.#legs.filter((l) => !this.#dead(l) && l.errors.size > 0)]
+      ? [
+          ...this.#legs.filter((l) => !this.#dead(l) && l.errors.size === 0),
+          ...this.#legs.filter((l) => !this.#dead(l) && l.errors.size > 0),
+        ]
       : this.#dead(this.#legs[0]!)
         ? []
         : [this.#legs[0]!];
@@ -303,7 +345,8 @@ class MirrorSet implements TargetInstance {
 
   status(kind: 'table' | 'status'): string {
     if (kind === 'table') {
-      const logArgs = this.#sync === 'default' ? `core 1 ${this.#regionSectors}` : `core 2 ${this.#regionSectors} ${this.#sync}`;
+      const logArgs =
+        this.#sync === 'default' ? `core 1 ${this.#regionSectors}` : `core 2 ${this.#regionSectors} ${this.#sync}`;
       const features = [...(this.#handleErrors ? ['handle_errors'] : []), ...(this.#keepLog ? ['keep_log'] : [])];
       return (
         `${logArgs} ${this.#legs.length}` +
@@ -319,7 +362,8 @@ class MirrorSet implements TargetInstance {
   resume(): void {
     if (this.#stopped) return;
     this.#paused = false;
-    if (this.#syncCount < this.#regions && this.#copying === undefined && this.#immediate === undefined) this.#schedule();
+    if (this.#syncCount < this.#regions && this.#copying === undefined && this.#immediate === undefined)
+      this.#schedule();
   }
 
   /** Suspended: no resync writes until the next resume; waits for the region being copied. */

@@ -12,10 +12,16 @@
 import type { BlockDevice } from '../../blockdev/types.js';
 import { isPowerOfTwo } from '../../util/bytes.js';
 import type { TargetInstance, TargetType } from '../types.js';
-import { checkDeviceAlignment, checkDeviceSize, combinedLimits, passThroughCapabilities, settleAll, uintArg } from './args.js';
+import {
+  checkDeviceAlignment,
+  checkDeviceSize,
+  combinedLimits,
+  passThroughCapabilities,
+  settleAll,
+  uintArg,
+} from './args.js';
 
 const MIN_CHUNK_SECTORS = 8;
-
 
 /*
  * Table grammar:  striped <#stripes> <chunk_size> <dev> <offset> [<dev> <offset>]...
@@ -27,15 +33,25 @@ export const striped: TargetType = {
   name: 'striped',
   version: [1, 6, 0],
   async ctr(args, ctx): Promise<TargetInstance> {
-    if (args.length < 2) throw ctx.error(args.length === 0 ? '#stripes' : 'chunk_size', "not enough arguments (expected 'striped <#stripes> <chunk_size> <dev> <offset>...')");
+    if (args.length < 2)
+      throw ctx.error(
+        args.length === 0 ? '#stripes' : 'chunk_size',
+        "not enough arguments (expected 'striped <#stripes> <chunk_size> <dev> <offset>...')",
+      );
     const stripes = uintArg(args[0]!, ctx, '#stripes', 1 << 20);
     if (stripes < 1) throw ctx.error('#stripes', 'must be at least 1');
     const chunkSectors = uintArg(args[1]!, ctx, 'chunk_size');
     if (!isPowerOfTwo(chunkSectors) || chunkSectors < MIN_CHUNK_SECTORS) {
-      throw ctx.error('chunk_size', `'${args[1]}' must be a power of two and at least ${MIN_CHUNK_SECTORS} sectors (4 KiB)`);
+      throw ctx.error(
+        'chunk_size',
+        `'${args[1]}' must be a power of two and at least ${MIN_CHUNK_SECTORS} sectors (4 KiB)`,
+      );
     }
     if (ctx.lengthSectors % (chunkSectors * stripes) !== 0) {
-      throw ctx.error('chunk_size', `the target length ${ctx.lengthSectors} is not a multiple of chunk_size * #stripes (${chunkSectors} * ${stripes})`);
+      throw ctx.error(
+        'chunk_size',
+        `the target length ${ctx.lengthSectors} is not a multiple of chunk_size * #stripes (${chunkSectors} * ${stripes})`,
+      );
     }
     if (args.length !== 2 + 2 * stripes) {
       throw ctx.error(
@@ -67,7 +83,11 @@ export const striped: TargetType = {
     const counters = devs.map((_d, i) => count(i));
 
     /** Split by chunk; `op(stripe, devOffset, at, n)` per piece. */
-    const each = (o: number, len: number, op: (s: number, devOffset: number, at: number, n: number) => Promise<void>): Promise<void> => {
+    const each = (
+      o: number,
+      len: number,
+      op: (s: number, devOffset: number, at: number, n: number) => Promise<void>,
+    ): Promise<void> => {
       const ps: Promise<void>[] = [];
       let at = 0;
       while (at < len) {
@@ -87,13 +107,17 @@ export const striped: TargetType = {
       capabilities: caps,
       limits: combinedLimits(devs),
       read: (o, buf) => each(o, buf.length, (s, d, at, n) => devs[s]!.read(d, buf.subarray(at, at + n))),
-      write: (o, data, flags) => each(o, data.length, (s, d, at, n) => devs[s]!.write(d, data.subarray(at, at + n), flags)),
+      write: (o, data, flags) =>
+        each(o, data.length, (s, d, at, n) => devs[s]!.write(d, data.subarray(at, at + n), flags)),
       flush: () => settleAll(devs.map((d) => d.flush())),
       discard: (o, len) => each(o, len, (s, d, _at, n) => devs[s]!.discard(d, n)),
       writeZeroes: (o, len, flags) => each(o, len, (s, d, _at, n) => devs[s]!.writeZeroes(d, n, flags)),
       status(kind) {
-        if (kind === 'table') return `${stripes} ${chunkSectors}` + devArgs.map((d, i) => ` ${d} ${offsets[i]}`).join('');
-        return `${stripes} ` + devArgs.map((d) => `${d} `).join('') + ' ' + errors.map((e) => (e > 0 ? 'D' : 'A')).join('');
+        if (kind === 'table')
+          return `${stripes} ${chunkSectors}` + devArgs.map((d, i) => ` ${d} ${offsets[i]}`).join('');
+        return (
+          `${stripes} ` + devArgs.map((d) => `${d} `).join('') + ' ' + errors.map((e) => (e > 0 ? 'D' : 'A')).join('')
+        );
       },
       dispose() {},
     };

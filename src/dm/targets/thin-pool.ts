@@ -45,7 +45,13 @@ export function poolOf(owner: object | undefined): Pool | undefined {
   return owner === undefined ? undefined : pools.get(owner);
 }
 
-const FEATURE_ORDER = ['skip_block_zeroing', 'ignore_discard', 'no_discard_passdown', 'read_only', 'error_if_no_space'] as const;
+const FEATURE_ORDER = [
+  'skip_block_zeroing',
+  'ignore_discard',
+  'no_discard_passdown',
+  'read_only',
+  'error_if_no_space',
+] as const;
 
 function featureWords(f: PoolFeatures): string[] {
   const on: Record<(typeof FEATURE_ORDER)[number], boolean> = {
@@ -59,10 +65,17 @@ function featureWords(f: PoolFeatures): string[] {
 }
 
 function parseFeatures(args: readonly string[], ctx: TargetContext): PoolFeatures {
-  const f: PoolFeatures = { zeroNewBlocks: true, discardEnabled: true, discardPassdown: true, readOnly: false, errorIfNoSpace: false };
+  const f: PoolFeatures = {
+    zeroNewBlocks: true,
+    discardEnabled: true,
+    discardPassdown: true,
+    readOnly: false,
+    errorIfNoSpace: false,
+  };
   if (args.length === 0) return f;
   const n = uintArg(args[0]!, ctx, '#feature args', 0xffffffff);
-  if (n !== args.length - 1) throw ctx.error('#feature args', `says ${n} feature arguments but ${args.length - 1} follow`);
+  if (n !== args.length - 1)
+    throw ctx.error('#feature args', `says ${n} feature arguments but ${args.length - 1} follow`);
   for (const w of args.slice(1)) {
     if (w === 'skip_block_zeroing') f.zeroNewBlocks = false;
     else if (w === 'ignore_discard') f.discardEnabled = false;
@@ -74,17 +87,23 @@ function parseFeatures(args: readonly string[], ctx: TargetContext): PoolFeature
   return f;
 }
 
-function msgError(message: string, errno: 'EINVAL' | 'EBUSY' | 'EEXIST' | 'ENOTSUP' | 'ENOENT' = 'EINVAL', code = 'ETHINMSG'): CryptmapError {
+function msgError(
+  message: string,
+  errno: 'EINVAL' | 'EBUSY' | 'EEXIST' | 'ENOTSUP' | 'ENOENT' = 'EINVAL',
+  code = 'ETHINMSG',
+): CryptmapError {
   return new CryptmapError(code, message, { errno });
 }
 
 function devIdArg(s: string | undefined, what: string): number {
-  if (s === undefined || !/^[0-9]+$/.test(s) || Number(s) > MAX_DEV_ID) throw msgError(`message received with invalid ${what}: ${s ?? '(missing)'} (0 to ${MAX_DEV_ID})`);
+  if (s === undefined || !/^[0-9]+$/.test(s) || Number(s) > MAX_DEV_ID)
+    throw msgError(`message received with invalid ${what}: ${s ?? '(missing)'} (0 to ${MAX_DEV_ID})`);
   return Number(s);
 }
 
 function u64Arg(s: string | undefined, what: string): bigint {
-  if (s === undefined || !/^[0-9]+$/.test(s) || BigInt(s) > 0xffffffffffffffffn) throw msgError(`invalid ${what}: ${s ?? '(missing)'}`);
+  if (s === undefined || !/^[0-9]+$/.test(s) || BigInt(s) > 0xffffffffffffffffn)
+    throw msgError(`invalid ${what}: ${s ?? '(missing)'}`);
   return BigInt(s);
 }
 
@@ -100,17 +119,30 @@ export const thinPool: TargetType = {
   version: [1, 23, 0],
   async ctr(args, ctx): Promise<TargetInstance> {
     const names = ['metadata dev', 'data dev', 'data block size', 'low water mark'];
-    if (args.length < 4) throw ctx.error(names[args.length]!, "missing argument (expected 'thin-pool <metadata dev> <data dev> <data block size> <low water mark> [<#feature args> <feature>...]')");
+    if (args.length < 4)
+      throw ctx.error(
+        names[args.length]!,
+        "missing argument (expected 'thin-pool <metadata dev> <data dev> <data block size> <low water mark> [<#feature args> <feature>...]')",
+      );
     const [metaArg, dataArg, bsArg, lwArg] = args as [string, string, string, string];
     const blockSectors = uintArg(bsArg, ctx, 'data block size', 0xffffffff);
-    if (blockSectors < DATA_BLOCK_MIN_SECTORS || blockSectors > DATA_BLOCK_MAX_SECTORS || blockSectors % DATA_BLOCK_MIN_SECTORS !== 0) {
-      throw ctx.error('data block size', `invalid block size ${blockSectors} (${DATA_BLOCK_MIN_SECTORS} to ${DATA_BLOCK_MAX_SECTORS} sectors, a multiple of ${DATA_BLOCK_MIN_SECTORS})`);
+    if (
+      blockSectors < DATA_BLOCK_MIN_SECTORS ||
+      blockSectors > DATA_BLOCK_MAX_SECTORS ||
+      blockSectors % DATA_BLOCK_MIN_SECTORS !== 0
+    ) {
+      throw ctx.error(
+        'data block size',
+        `invalid block size ${blockSectors} (${DATA_BLOCK_MIN_SECTORS} to ${DATA_BLOCK_MAX_SECTORS} sectors, a multiple of ${DATA_BLOCK_MIN_SECTORS})`,
+      );
     }
     const lowWater = uintArg(lwArg, ctx, 'low water mark');
     const features = parseFeatures(args.slice(4), ctx);
-    if (ctx.owner === undefined) throw ctx.error('args', 'a thin-pool table must belong to a mapped device', 'EUNSUPPORTED');
+    if (ctx.owner === undefined)
+      throw ctx.error('args', 'a thin-pool table must belong to a mapped device', 'EUNSUPPORTED');
     const nrDataBlocks = Math.floor(ctx.lengthSectors / blockSectors);
-    if (nrDataBlocks === 0) throw ctx.error('data block size', `the target (${ctx.lengthSectors} sectors) is smaller than one data block`);
+    if (nrDataBlocks === 0)
+      throw ctx.error('data block size', `the target (${ctx.lengthSectors} sectors) is smaller than one data block`);
     const metaDev = await ctx.openDevice(metaArg, 'metadata dev');
     const dataDev = await ctx.openDevice(dataArg, 'data dev');
     checkDeviceSize(dataDev, dataArg, ctx, 'data dev', ctx.lengthSectors);
@@ -119,13 +151,21 @@ export const thinPool: TargetType = {
     let pool = pools.get(owner);
     const metaKey = ctx.mappedOf?.(metaDev) ?? metaDev;
     const other = byMetadata.get(metaKey);
-    if (other !== undefined && other !== pool) throw ctx.error('metadata dev', `${metaArg} is already in use by another thin pool`, 'EBUSY');
+    if (other !== undefined && other !== pool)
+      throw ctx.error('metadata dev', `${metaArg} is already in use by another thin pool`, 'EBUSY');
     if (pool !== undefined) {
       if (pool.metadataArg !== metaArg) {
-        throw ctx.error('metadata dev', `the pool uses metadata device ${pool.metadataArg}; a reload cannot switch it to ${metaArg}`, 'EBUSY');
+        throw ctx.error(
+          'metadata dev',
+          `the pool uses metadata device ${pool.metadataArg}; a reload cannot switch it to ${metaArg}`,
+          'EBUSY',
+        );
       }
       if (pool.blockSectors !== blockSectors) {
-        throw ctx.error('data block size', `changing the data block size (from ${pool.blockSectors} to ${blockSectors}) is not supported`);
+        throw ctx.error(
+          'data block size',
+          `changing the data block size (from ${pool.blockSectors} to ${blockSectors}) is not supported`,
+        );
       }
       if (nrDataBlocks < pool.md.nrDataBlocks) {
         throw ctx.error('args', `pool target (${nrDataBlocks} blocks) too small: expected ${pool.md.nrDataBlocks}`);
@@ -134,7 +174,11 @@ export const thinPool: TargetType = {
       if (features.readOnly) {
         const sb = Buffer.alloc(512);
         await metaDev.read(0, sb);
-        if (sb.every((x) => x === 0)) throw ctx.error('metadata dev', 'the metadata device is blank and the pool is read_only: it cannot be formatted');
+        if (sb.every((x) => x === 0))
+          throw ctx.error(
+            'metadata dev',
+            'the metadata device is blank and the pool is read_only: it cannot be formatted',
+          );
       }
       let md: ThinMetadata;
       try {
@@ -167,7 +211,18 @@ class PoolTarget implements TargetInstance {
   readonly #raise: () => void;
   #disposed = false;
 
-  constructor(pool: Pool, owner: object, metaArg: string, dataArg: string, metaDev: BlockDevice, dataDev: BlockDevice, nrDataBlocks: number, lowWater: number, features: PoolFeatures, raise: () => void) {
+  constructor(
+    pool: Pool,
+    owner: object,
+    metaArg: string,
+    dataArg: string,
+    metaDev: BlockDevice,
+    dataDev: BlockDevice,
+    nrDataBlocks: number,
+    lowWater: number,
+    features: PoolFeatures,
+    raise: () => void,
+  ) {
     this.#pool = pool;
     this.#owner = owner;
     this.#metaArg = metaArg;
@@ -236,45 +291,57 @@ class PoolTarget implements TargetInstance {
       throw msgError('unable to service pool target messages in READ_ONLY or FAIL mode', 'ENOTSUP', 'EOPNOTSUPP');
     }
     // dmsetup joins the message words with spaces and the kernel splits them again (dm_split_args).
-    const [cmd, ...rest] = args.join(' ').trim().split(/\s+/).filter((w) => w !== '');
+    const [cmd, ...rest] = args
+      .join(' ')
+      .trim()
+      .split(/\s+/)
+      .filter((w) => w !== '');
     const count = (n: number): void => {
-      if (rest.length !== n) throw msgError(`wrong number of arguments for '${cmd}' message: ${rest.length} (expected ${n})`);
+      if (rest.length !== n)
+        throw msgError(`wrong number of arguments for '${cmd}' message: ${rest.length} (expected ${n})`);
     };
     const md = p.md;
-      switch (cmd) {
-        case 'create_thin':
-          count(1);
-          md.createThin(devIdArg(rest[0], 'device id'));
-          break;
-        case 'create_snap': {
-          count(2);
-          const id = devIdArg(rest[0], 'device id');
-          const origin = devIdArg(rest[1], 'origin device id');
-          for (const u of p.users) {
-            if (u.devId === origin && u.active) throw msgError(`the origin thin device ${origin} is active: suspend it before taking a snapshot`, 'EBUSY', 'EBUSY');
-          }
-          md.createSnap(id, origin);
-          break;
+    switch (cmd) {
+      case 'create_thin':
+        count(1);
+        md.createThin(devIdArg(rest[0], 'device id'));
+        break;
+      case 'create_snap': {
+        count(2);
+        const id = devIdArg(rest[0], 'device id');
+        const origin = devIdArg(rest[1], 'origin device id');
+        for (const u of p.users) {
+          if (u.devId === origin && u.active)
+            throw msgError(
+              `the origin thin device ${origin} is active: suspend it before taking a snapshot`,
+              'EBUSY',
+              'EBUSY',
+            );
         }
-        case 'delete':
-          count(1);
-          md.deleteThin(devIdArg(rest[0], 'device id'));
-          break;
-        case 'set_transaction_id':
-          count(2);
-          md.setTransactionId(u64Arg(rest[0], 'current transaction id'), u64Arg(rest[1], 'new transaction id'));
-          break;
-        case 'reserve_metadata_snap':
-          count(0);
-          await p.metadataOp((m) => m.reserveMetadataSnap());
-          break;
-        case 'release_metadata_snap':
-          count(0);
-          await p.metadataOp((m) => m.releaseMetadataSnap());
-          break;
-        default:
-          throw msgError(`unrecognised thin pool target message received: ${cmd ?? '(none)'} (known: create_thin, create_snap, delete, set_transaction_id, reserve_metadata_snap, release_metadata_snap)`);
+        md.createSnap(id, origin);
+        break;
       }
+      case 'delete':
+        count(1);
+        md.deleteThin(devIdArg(rest[0], 'device id'));
+        break;
+      case 'set_transaction_id':
+        count(2);
+        md.setTransactionId(u64Arg(rest[0], 'current transaction id'), u64Arg(rest[1], 'new transaction id'));
+        break;
+      case 'reserve_metadata_snap':
+        count(0);
+        await p.metadataOp((m) => m.reserveMetadataSnap());
+        break;
+      case 'release_metadata_snap':
+        count(0);
+        await p.metadataOp((m) => m.releaseMetadataSnap());
+        break;
+      default:
+        throw msgError(
+          `unrecognised thin pool target message received: ${cmd ?? '(none)'} (known: create_thin, create_snap, delete, set_transaction_id, reserve_metadata_snap, release_metadata_snap)`,
+        );
+    }
     await p.commit();
     return '';
   }

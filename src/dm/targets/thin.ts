@@ -35,20 +35,31 @@ export const thin: TargetType = {
   version: [1, 23, 0],
   async ctr(args, ctx): Promise<TargetInstance> {
     if (args.length < 2 || args.length > 3) {
-      throw ctx.error(args.length < 2 ? (args.length === 0 ? 'pool dev' : 'dev id') : 'args', `expected 'thin <pool dev> <dev id> [<external origin dev>]', got ${args.length} arguments`);
+      throw ctx.error(
+        args.length < 2 ? (args.length === 0 ? 'pool dev' : 'dev id') : 'args',
+        `expected 'thin <pool dev> <dev id> [<external origin dev>]', got ${args.length} arguments`,
+      );
     }
     const [poolArg, idArg] = args as [string, string];
     const devId = uintArg(idArg, ctx, 'dev id', MAX_DEV_ID);
     const originArg = args[2];
-    if (originArg === poolArg) throw ctx.error('external origin dev', 'error setting origin device: it is the pool device', 'EINVAL');
-    const origin = originArg === undefined ? undefined : await ctx.openDevice(originArg, 'external origin dev', { readOnly: true });
+    if (originArg === poolArg)
+      throw ctx.error('external origin dev', 'error setting origin device: it is the pool device', 'EINVAL');
+    const origin =
+      originArg === undefined ? undefined : await ctx.openDevice(originArg, 'external origin dev', { readOnly: true });
     const poolDev = await ctx.openDevice(poolArg, 'pool dev');
     const pool = poolOf(ctx.mappedOf?.(poolDev));
-    if (pool === undefined) throw ctx.error('pool dev', `${poolArg} is not an active thin-pool device (couldn't find pool object)`, 'ENODEV');
+    if (pool === undefined)
+      throw ctx.error('pool dev', `${poolArg} is not an active thin-pool device (couldn't find pool object)`, 'ENODEV');
     if (pool.mode === 'fail') throw ctx.error('pool dev', "couldn't open thin device: the pool is in fail mode", 'EIO');
     if (pool.suspended) throw ctx.error('pool dev', 'unable to activate thin device while pool is suspended', 'EINVAL');
     const dev = pool.md.devices.get(devId);
-    if (dev === undefined) throw ctx.error('dev id', `couldn't open thin internal device: thin device ${devId} does not exist in the pool`, 'ENODATA');
+    if (dev === undefined)
+      throw ctx.error(
+        'dev id',
+        `couldn't open thin internal device: thin device ${devId} does not exist in the pool`,
+        'ENODATA',
+      );
     dev.openCount++;
     return new ThinTarget(pool, poolArg, devId, origin === undefined ? undefined : { dev: origin, arg: originArg! });
   },
@@ -81,7 +92,11 @@ class ThinTarget implements TargetInstance {
       writeZeroes: true,
       multiConn: data.capabilities.multiConn,
     };
-    this.limits = { logicalBlockBytes: data.limits.logicalBlockBytes, physicalBlockBytes: data.limits.physicalBlockBytes, maxRequestBytes: data.limits.maxRequestBytes };
+    this.limits = {
+      logicalBlockBytes: data.limits.logicalBlockBytes,
+      physicalBlockBytes: data.limits.physicalBlockBytes,
+      maxRequestBytes: data.limits.maxRequestBytes,
+    };
   }
 
   read(o: number, buf: Uint8Array): Promise<void> {
@@ -111,7 +126,8 @@ class ThinTarget implements TargetInstance {
   }
 
   status(kind: 'table' | 'status'): string {
-    if (kind === 'table') return `${this.#poolArg} ${this.#devId}${this.#originArg === undefined ? '' : ` ${this.#originArg}`}`;
+    if (kind === 'table')
+      return `${this.#poolArg} ${this.#devId}${this.#originArg === undefined ? '' : ` ${this.#originArg}`}`;
     const p = this.#pool;
     if (p.mode === 'fail') return 'Fail';
     const d = p.md.devices.get(this.#devId);

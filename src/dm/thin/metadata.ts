@@ -173,7 +173,8 @@ export class ThinMetadata {
   static async open(dev: BlockDevice, dataBlockSectors: number, nrDataBlocks: number): Promise<ThinMetadata> {
     const nrMeta = ThinMetadata.metadataBlocksOf(dev.sizeBytes);
     if (nrMeta < 16) throw metadataError(`the metadata device is too small (${dev.sizeBytes} bytes; at least 64 KiB)`);
-    if (nrDataBlocks >= MAX_DATA_BLOCKS) throw metadataError(`${nrDataBlocks} data blocks are more than cryptmap supports (${MAX_DATA_BLOCKS})`);
+    if (nrDataBlocks >= MAX_DATA_BLOCKS)
+      throw metadataError(`${nrDataBlocks} data blocks are more than cryptmap supports (${MAX_DATA_BLOCKS})`);
     const sb = Buffer.alloc(MD_BLOCK_BYTES);
     await dev.read(0, sb);
     if (sb.every((x) => x === 0)) {
@@ -186,32 +187,52 @@ export class ThinMetadata {
     return ThinMetadata.#read(dev, sb, dataBlockSectors, nrMeta, nrDataBlocks);
   }
 
-  static async #read(dev: BlockDevice, sb: Buffer, dataBlockSectors: number, nrMeta: number, nrDataBlocks: number): Promise<ThinMetadata> {
+  static async #read(
+    dev: BlockDevice,
+    sb: Buffer,
+    dataBlockSectors: number,
+    nrMeta: number,
+    nrDataBlocks: number,
+  ): Promise<ThinMetadata> {
     const read = reader(dev);
     const sbr = (b: Buffer, at: number, what: string): void => {
       if (b.readUInt32LE(SB.magic) !== THIN_SUPERBLOCK_MAGIC || b.readUInt32LE(SB.magic + 4) !== 0) {
-        throw metadataError(`${what}: bad magic ${b.readBigUInt64LE(SB.magic)} (expected ${THIN_SUPERBLOCK_MAGIC}); not thin-pool metadata`);
+        throw metadataError(
+          `${what}: bad magic ${b.readBigUInt64LE(SB.magic)} (expected ${THIN_SUPERBLOCK_MAGIC}); not thin-pool metadata`,
+        );
       }
       verifyBlock(b, at, SUPERBLOCK_CSUM_XOR, what);
     };
     sbr(sb, 0, 'superblock');
     const version = sb.readUInt32LE(SB.version);
-    if (version < 1 || version > THIN_VERSION) throw metadataError(`superblock: unsupported metadata version ${version}`);
+    if (version < 1 || version > THIN_VERSION)
+      throw metadataError(`superblock: unsupported metadata version ${version}`);
     const incompat = sb.readUInt32LE(SB.incompatFlags);
     if (incompat !== 0) throw metadataError(`superblock: unsupported incompatible features 0x${incompat.toString(16)}`);
     const mbs = sb.readUInt32LE(SB.metadataBlockSize);
-    if (mbs !== THIN_METADATA_BLOCK_SECTORS) throw metadataError(`superblock: metadata block size ${mbs} sectors, expected ${THIN_METADATA_BLOCK_SECTORS}`);
+    if (mbs !== THIN_METADATA_BLOCK_SECTORS)
+      throw metadataError(`superblock: metadata block size ${mbs} sectors, expected ${THIN_METADATA_BLOCK_SECTORS}`);
     const dbs = sb.readUInt32LE(SB.dataBlockSize);
     if (dbs !== dataBlockSectors) {
-      throw new CryptmapError('ETHINMETA', `changing the data block size (from ${dbs} to ${dataBlockSectors}) is not supported`, { errno: 'EINVAL' });
+      throw new CryptmapError(
+        'ETHINMETA',
+        `changing the data block size (from ${dbs} to ${dataBlockSectors}) is not supported`,
+        { errno: 'EINVAL' },
+      );
     }
     const metaRoot = readSpaceMapRoot(sb, SB.metadataSmRoot);
     const dataRoot = readSpaceMapRoot(sb, SB.dataSmRoot);
     if (metaRoot.nrBlocks > nrMeta) {
-      throw metadataError(`metadata space map has ${metaRoot.nrBlocks} blocks but the metadata device holds only ${nrMeta}`);
+      throw metadataError(
+        `metadata space map has ${metaRoot.nrBlocks} blocks but the metadata device holds only ${nrMeta}`,
+      );
     }
     if (dataRoot.nrBlocks > nrDataBlocks) {
-      throw new CryptmapError('ETHINMETA', `pool target (${nrDataBlocks} blocks) too small: expected ${dataRoot.nrBlocks}`, { errno: 'EINVAL' });
+      throw new CryptmapError(
+        'ETHINMETA',
+        `pool target (${nrDataBlocks} blocks) too small: expected ${dataRoot.nrBlocks}`,
+        { errno: 'EINVAL' },
+      );
     }
     const md = new ThinMetadata(dev, dataBlockSectors, nrMeta, nrDataBlocks);
     md.flags = sb.readUInt32LE(SB.flags);
@@ -229,7 +250,12 @@ export class ThinMetadata {
     await walkBtree(read, readU64(sb, SB.deviceDetailsRoot), DETAILS_VALUE_BYTES, 'device details tree', {
       onValue(key, leaf, off) {
         if (key > MAX_DEV_ID) throw metadataError(`device details tree: device id ${key} is larger than ${MAX_DEV_ID}`);
-        details.set(key, { mapped: readU64(leaf, off), trans: leaf.readBigUInt64LE(off + 8), ctime: leaf.readUInt32LE(off + 16), stime: leaf.readUInt32LE(off + 20) });
+        details.set(key, {
+          mapped: readU64(leaf, off),
+          trans: leaf.readBigUInt64LE(off + 8),
+          ctime: leaf.readUInt32LE(off + 16),
+          stime: leaf.readUInt32LE(off + 20),
+        });
       },
     });
     // Mapping tree, top level then each device's tree.
@@ -240,7 +266,8 @@ export class ThinMetadata {
       },
     });
     for (const id of details.keys()) if (!roots.has(id)) throw metadataError(`missing all mappings for devices: ${id}`);
-    for (const id of roots.keys()) if (!details.has(id)) throw metadataError(`missing devices: ${id} (it has mappings but no details)`);
+    for (const id of roots.keys())
+      if (!details.has(id)) throw metadataError(`missing devices: ${id} (it has mappings but no details)`);
     const expected = new Uint32Array(nrDataBlocks);
     for (const [id, root] of roots) {
       const d = details.get(id)!;
@@ -250,18 +277,31 @@ export class ThinMetadata {
           const lo = leaf.readUInt32LE(off);
           const hi = leaf.readUInt32LE(off + 4);
           const block = hi * 256 + (lo >>> 24);
-          if (block >= dataRoot.nrBlocks) throw metadataError(`thin device ${id} maps block ${key} to data block ${block}, beyond the ${dataRoot.nrBlocks} data blocks`);
+          if (block >= dataRoot.nrBlocks)
+            throw metadataError(
+              `thin device ${id} maps block ${key} to data block ${block}, beyond the ${dataRoot.nrBlocks} data blocks`,
+            );
           expected[block]!++;
           map.set(key, packBlockTime(block, lo & 0xffffff));
         },
       });
-      md.devices.set(id, { id, transactionId: d.trans, creationTime: d.ctime, snapshottedTime: d.stime, map, openCount: 0, changed: true });
+      md.devices.set(id, {
+        id,
+        transactionId: d.trans,
+        creationTime: d.ctime,
+        snapshottedTime: d.stime,
+        map,
+        openCount: 0,
+        changed: true,
+      });
     }
     // Data space map: its counts must cover every mapping (thin_check: "data reference counts differ").
     const dataCounts = await readDiskSpaceMap(read, dataRoot, 'data space map');
     for (let b = 0; b < dataRoot.nrBlocks; b++) {
       if (dataCounts[b]! < expected[b]!) {
-        throw metadataError(`data reference counts differ for block ${b}, expected ${expected[b]}, but got ${dataCounts[b]}`);
+        throw metadataError(
+          `data reference counts differ for block ${b}, expected ${expected[b]}, but got ${dataCounts[b]}`,
+        );
       }
     }
     // Leaked data blocks (counted but unmapped) are freed: the counts follow the mappings.
@@ -284,7 +324,11 @@ export class ThinMetadata {
     verifyBlock(hb, this.heldRoot, SUPERBLOCK_CSUM_XOR, 'metadata snapshot superblock');
     inc(this.heldRoot);
     const seen = new Set<number>();
-    await walkBtree(read, readU64(hb, SB.deviceDetailsRoot), DETAILS_VALUE_BYTES, 'metadata snapshot device details', { onRef: inc, seen, onValue() {} });
+    await walkBtree(read, readU64(hb, SB.deviceDetailsRoot), DETAILS_VALUE_BYTES, 'metadata snapshot device details', {
+      onRef: inc,
+      seen,
+      onValue() {},
+    });
     const subRoots: number[] = [];
     await walkBtree(read, readU64(hb, SB.dataMappingRoot), 8, 'metadata snapshot mapping tree', {
       onRef: inc,
@@ -293,13 +337,15 @@ export class ThinMetadata {
         subRoots.push(readU64(leaf, off));
       },
     });
-    for (const r of subRoots) await walkBtree(read, r, 8, 'metadata snapshot mapping tree', { onRef: inc, seen, onValue() {} });
+    for (const r of subRoots)
+      await walkBtree(read, r, 8, 'metadata snapshot mapping tree', { onRef: inc, seen, onValue() {} });
     this.heldCounts = counts;
   }
 
   #recountFree(): void {
     let free = 0;
-    for (let b = 0; b < this.nrDataBlocks; b++) if (this.dataCounts[b] === 0 && this.committedDataCounts[b] === 0) free++;
+    for (let b = 0; b < this.nrDataBlocks; b++)
+      if (this.dataCounts[b] === 0 && this.committedDataCounts[b] === 0) free++;
     this.#freeData = free;
   }
 
@@ -365,19 +411,38 @@ export class ThinMetadata {
   // ------------------------------------------------------------------------ device operations
 
   createThin(id: number): void {
-    if (this.devices.has(id)) throw new CryptmapError('EEXIST', `thin device ${id} already exists`, { errno: 'EEXIST' });
-    this.devices.set(id, { id, transactionId: this.transactionId, creationTime: this.time, snapshottedTime: this.time, map: new Map(), openCount: 0, changed: true });
+    if (this.devices.has(id))
+      throw new CryptmapError('EEXIST', `thin device ${id} already exists`, { errno: 'EEXIST' });
+    this.devices.set(id, {
+      id,
+      transactionId: this.transactionId,
+      creationTime: this.time,
+      snapshottedTime: this.time,
+      map: new Map(),
+      openCount: 0,
+      changed: true,
+    });
     this.dirty = true;
   }
 
   createSnap(id: number, originId: number): void {
-    if (this.devices.has(id)) throw new CryptmapError('EEXIST', `thin device ${id} already exists`, { errno: 'EEXIST' });
+    if (this.devices.has(id))
+      throw new CryptmapError('EEXIST', `thin device ${id} already exists`, { errno: 'EEXIST' });
     const origin = this.devices.get(originId);
-    if (origin === undefined) throw new CryptmapError('ENODATA', `origin thin device ${originId} does not exist`, { errno: 'ENOENT' });
+    if (origin === undefined)
+      throw new CryptmapError('ENODATA', `origin thin device ${originId} does not exist`, { errno: 'ENOENT' });
     this.time++;
     for (const v of origin.map.values()) this.dataCounts[blockOf(v)]!++;
     origin.snapshottedTime = this.time;
-    this.devices.set(id, { id, transactionId: this.transactionId, creationTime: this.time, snapshottedTime: this.time, map: new Map(origin.map), openCount: 0, changed: true });
+    this.devices.set(id, {
+      id,
+      transactionId: this.transactionId,
+      creationTime: this.time,
+      snapshottedTime: this.time,
+      map: new Map(origin.map),
+      openCount: 0,
+      changed: true,
+    });
     this.dirty = true;
   }
 
@@ -392,7 +457,11 @@ export class ThinMetadata {
 
   setTransactionId(current: bigint, next: bigint): void {
     if (current !== this.transactionId) {
-      throw new CryptmapError('EINVAL', `mismatched transaction id: the pool's is ${this.transactionId}, the message says ${current}`, { errno: 'EINVAL' });
+      throw new CryptmapError(
+        'EINVAL',
+        `mismatched transaction id: the pool's is ${this.transactionId}, the message says ${current}`,
+        { errno: 'EINVAL' },
+      );
     }
     this.transactionId = next;
     this.dirty = true;
@@ -400,7 +469,8 @@ export class ThinMetadata {
 
   /** Keep the committed trees as a metadata snapshot (held root); commits first. */
   async reserveMetadataSnap(): Promise<void> {
-    if (this.heldRoot !== 0) throw new CryptmapError('EBUSY', 'a metadata snapshot is already held', { errno: 'EBUSY' });
+    if (this.heldRoot !== 0)
+      throw new CryptmapError('EBUSY', 'a metadata snapshot is already held', { errno: 'EBUSY' });
     this.dirty = true;
     await this.commit();
     // The committed image's superblock and trees stay: copy the superblock to a free block.
@@ -443,7 +513,8 @@ export class ThinMetadata {
     let cursor = 1;
     const alloc = (): number => {
       while (cursor < nrMeta && (this.committedMeta[cursor] !== 0 || used[cursor] !== 0)) cursor++;
-      if (cursor >= nrMeta) throw outOfMetadataSpace(`${nrMeta} blocks cannot hold a new copy of the metadata next to the committed one`);
+      if (cursor >= nrMeta)
+        throw outOfMetadataSpace(`${nrMeta} blocks cannot hold a new copy of the metadata next to the committed one`);
       used[cursor] = 1;
       return cursor++;
     };

@@ -57,7 +57,8 @@ export function sealBlock(block: Buffer, blocknr: number, xor: number): void {
 
 /** Check the checksum and the self block number of a structure read from `location`. */
 export function verifyBlock(block: Buffer, location: number, xor: number, what: string): void {
-  if (block.readUInt32LE(0) !== blockChecksum(block, xor)) throw metadataError(`bad checksum in ${what} (block ${location})`);
+  if (block.readUInt32LE(0) !== blockChecksum(block, xor))
+    throw metadataError(`bad checksum in ${what} (block ${location})`);
   const nr = readU64(block, 8);
   if (nr !== location) throw metadataError(`bad block nr in ${what} (block ${location} claims ${nr})`);
 }
@@ -66,7 +67,8 @@ export function verifyBlock(block: Buffer, location: number, xor: number, what: 
 export function readU64(b: Buffer, off: number): number {
   const lo = b.readUInt32LE(off);
   const hi = b.readUInt32LE(off + 4);
-  if (hi >= 0x200000) throw metadataError(`64-bit value at offset ${off} is too large (${(BigInt(hi) << 32n) | BigInt(lo)})`);
+  if (hi >= 0x200000)
+    throw metadataError(`64-bit value at offset ${off} is too large (${(BigInt(hi) << 32n) | BigInt(lo)})`);
   return hi * 0x100000000 + lo;
 }
 
@@ -100,7 +102,13 @@ export interface BtreeWalk {
  * does. Leaves are visited in key order. A node reached twice (shared between trees) is checked
  * and visited every time; `depth` bounds the recursion so a loop is an error, not a hang.
  */
-export async function walkBtree(read: BlockReader, root: number, valueSize: number, what: string, visit: BtreeWalk): Promise<void> {
+export async function walkBtree(
+  read: BlockReader,
+  root: number,
+  valueSize: number,
+  what: string,
+  visit: BtreeWalk,
+): Promise<void> {
   const state = { lastLeafKey: -1, inTree: new Set<number>() };
   await walkNode(read, root, valueSize, what, visit, true, undefined, 0, state);
 }
@@ -116,7 +124,8 @@ async function walkNode(
   depth: number,
   state: { lastLeafKey: number; inTree: Set<number> },
 ): Promise<void> {
-  if (depth > MAX_DEPTH) throw metadataError(`${what} btree is deeper than ${MAX_DEPTH} levels (a loop?) at block ${blocknr}`);
+  if (depth > MAX_DEPTH)
+    throw metadataError(`${what} btree is deeper than ${MAX_DEPTH} levels (a loop?) at block ${blocknr}`);
   visit.onRef?.(blocknr);
   if (visit.seen !== undefined) {
     if (visit.seen.has(blocknr)) return;
@@ -133,23 +142,31 @@ async function walkNode(
   const vs = b.readUInt32LE(24);
   const internal = (flags & INTERNAL_NODE) !== 0;
   const leaf = (flags & LEAF_NODE) !== 0;
-  if (internal === leaf) throw metadataError(`${what}: btree node flags ${flags} are neither internal nor leaf (block ${blocknr})`);
+  if (internal === leaf)
+    throw metadataError(`${what}: btree node flags ${flags} are neither internal nor leaf (block ${blocknr})`);
   const expectVs = internal ? 8 : valueSize;
-  if (vs !== expectVs) throw metadataError(`${what}: value size mismatch: expected ${expectVs}, but got ${vs} (block ${blocknr})`);
-  if ((8 + vs) * max + NODE_HEADER_BYTES > MD_BLOCK_BYTES) throw metadataError(`${what}: max entries too large: ${max} (block ${blocknr})`);
+  if (vs !== expectVs)
+    throw metadataError(`${what}: value size mismatch: expected ${expectVs}, but got ${vs} (block ${blocknr})`);
+  if ((8 + vs) * max + NODE_HEADER_BYTES > MD_BLOCK_BYTES)
+    throw metadataError(`${what}: max entries too large: ${max} (block ${blocknr})`);
   if (max % 3 !== 0) throw metadataError(`${what}: max entries is not divisible by 3: ${max} (block ${blocknr})`);
   if (nr > max) throw metadataError(`${what}: bad nr_entries: ${nr} > ${max} (block ${blocknr})`);
   if (!isRoot && nr < Math.floor(max / 3)) {
-    throw metadataError(`${what}: too few entries in btree_node: ${nr}, expected at least ${Math.floor(max / 3)} (block ${blocknr}, max_entries = ${max})`);
+    throw metadataError(
+      `${what}: too few entries in btree_node: ${nr}, expected at least ${Math.floor(max / 3)} (block ${blocknr}, max_entries = ${max})`,
+    );
   }
   const keys: number[] = [];
   for (let i = 0; i < nr; i++) {
     const k = readU64(b, NODE_HEADER_BYTES + 8 * i);
-    if (i > 0 && k <= keys[i - 1]!) throw metadataError(`${what}: keys are out of order, ${k} <= ${keys[i - 1]} (block ${blocknr})`);
+    if (i > 0 && k <= keys[i - 1]!)
+      throw metadataError(`${what}: keys are out of order, ${k} <= ${keys[i - 1]} (block ${blocknr})`);
     keys.push(k);
   }
   if (nr > 0 && parentKey !== undefined && parentKey > keys[0]!) {
-    throw metadataError(`${what}: parent key mismatch: parent was ${parentKey}, but lowest in node was ${keys[0]} (block ${blocknr})`);
+    throw metadataError(
+      `${what}: parent key mismatch: parent was ${parentKey}, but lowest in node was ${keys[0]} (block ${blocknr})`,
+    );
   }
   if (!isRoot && nr === 0) throw metadataError(`${what}: empty non-root btree node (block ${blocknr})`);
   const valuesAt = NODE_HEADER_BYTES + 8 * max;
@@ -161,7 +178,9 @@ async function walkNode(
     return;
   }
   if (nr > 0 && state.lastLeafKey >= keys[0]!) {
-    throw metadataError(`${what}: the last key of the previous leaf was ${state.lastLeafKey} and the first key of this leaf is ${keys[0]} (block ${blocknr})`);
+    throw metadataError(
+      `${what}: the last key of the previous leaf was ${state.lastLeafKey} and the first key of this leaf is ${keys[0]} (block ${blocknr})`,
+    );
   }
   for (let i = 0; i < nr; i++) await visit.onValue(keys[i]!, b, valuesAt + vs * i);
   if (nr > 0) state.lastLeafKey = keys[nr - 1]!;
@@ -251,7 +270,12 @@ export interface SpaceMapRoot {
 }
 
 export function readSpaceMapRoot(b: Buffer, off: number): SpaceMapRoot {
-  return { nrBlocks: readU64(b, off), nrAllocated: readU64(b, off + 8), bitmapRoot: readU64(b, off + 16), refCountRoot: readU64(b, off + 24) };
+  return {
+    nrBlocks: readU64(b, off),
+    nrAllocated: readU64(b, off + 8),
+    bitmapRoot: readU64(b, off + 16),
+    refCountRoot: readU64(b, off + 24),
+  };
 }
 
 export function writeSpaceMapRoot(b: Buffer, off: number, r: SpaceMapRoot): void {
@@ -276,7 +300,12 @@ export function bitmapCount(nrBlocks: number): number {
  * pre-allocated `bitmapBlocks`; returns their index entries and the blocks whose count exceeds 2
  * (for the ref count btree).
  */
-function writeBitmaps(counts: Uint32Array, nrBlocks: number, bitmapBlocks: readonly number[], out: Map<number, Buffer>): { index: IndexEntry[]; overflow: number[] } {
+function writeBitmaps(
+  counts: Uint32Array,
+  nrBlocks: number,
+  bitmapBlocks: readonly number[],
+  out: Map<number, Buffer>,
+): { index: IndexEntry[]; overflow: number[] } {
   const index: IndexEntry[] = [];
   const overflow: number[] = [];
   for (let bi = 0; bi < bitmapBlocks.length; bi++) {
@@ -324,12 +353,23 @@ export function diskSpaceMapBlocks(nrBlocks: number, overflow: number): number {
 }
 
 /** Write a disk space map (the data space map) with `counts`; returns its root. */
-export function writeDiskSpaceMap(counts: Uint32Array, nrBlocks: number, alloc: BlockAllocator, out: Map<number, Buffer>): SpaceMapRoot {
+export function writeDiskSpaceMap(
+  counts: Uint32Array,
+  nrBlocks: number,
+  alloc: BlockAllocator,
+  out: Map<number, Buffer>,
+): SpaceMapRoot {
   const bitmapBlocks = Array.from({ length: bitmapCount(nrBlocks) }, () => alloc());
   const { index, overflow } = writeBitmaps(counts, nrBlocks, bitmapBlocks, out);
   const indexKeys = index.map((_, i) => i);
   const bitmapRoot = buildBtree(indexKeys, 16, (node, off, i) => writeIndexEntry(node, off, index[i]!), alloc, out);
-  const refCountRoot = buildBtree(overflow, 4, (node, off, i) => node.writeUInt32LE(counts[overflow[i]!]!, off), alloc, out);
+  const refCountRoot = buildBtree(
+    overflow,
+    4,
+    (node, off, i) => node.writeUInt32LE(counts[overflow[i]!]!, off),
+    alloc,
+    out,
+  );
   return { nrBlocks, nrAllocated: countAllocated(counts, nrBlocks), bitmapRoot, refCountRoot };
 }
 
@@ -377,7 +417,15 @@ function bitmapValue(bm: Buffer, i: number): number {
 }
 
 /** Counts from bitmaps plus the ref count btree (for entries marked 3). */
-async function readCounts(read: BlockReader, bitmaps: readonly number[], nrBlocks: number, refCountRoot: number, what: string, into: Uint32Array, onBlock?: (b: number) => void): Promise<void> {
+async function readCounts(
+  read: BlockReader,
+  bitmaps: readonly number[],
+  nrBlocks: number,
+  refCountRoot: number,
+  what: string,
+  into: Uint32Array,
+  onBlock?: (b: number) => void,
+): Promise<void> {
   const big = new Set<number>();
   for (let bi = 0; bi < bitmaps.length; bi++) {
     onBlock?.(bitmaps[bi]!);
@@ -394,28 +442,38 @@ async function readCounts(read: BlockReader, bitmaps: readonly number[], nrBlock
   await walkBtree(read, refCountRoot, 4, `${what} ref count tree`, {
     onRef: onBlock,
     onValue(key, leaf, off) {
-      if (key >= nrBlocks) throw metadataError(`${what}: ref count entry for block ${key} beyond the ${nrBlocks} blocks`);
+      if (key >= nrBlocks)
+        throw metadataError(`${what}: ref count entry for block ${key} beyond the ${nrBlocks} blocks`);
       const c = leaf.readUInt32LE(off);
-      if (into[key] !== 3) throw metadataError(`${what}: ref count tree holds block ${key} whose bitmap entry is ${into[key]}`);
+      if (into[key] !== 3)
+        throw metadataError(`${what}: ref count tree holds block ${key} whose bitmap entry is ${into[key]}`);
       into[key] = c;
       big.delete(key);
     },
   });
-  if (big.size > 0) throw metadataError(`${what}: block ${[...big][0]} is marked as counted in the ref count tree, which lacks it`);
+  if (big.size > 0)
+    throw metadataError(`${what}: block ${[...big][0]} is marked as counted in the ref count tree, which lacks it`);
 }
 
 /** Read a disk space map (data): the counts of its `root.nrBlocks` blocks. */
-export async function readDiskSpaceMap(read: BlockReader, root: SpaceMapRoot, what: string, onBlock?: (b: number) => void): Promise<Uint32Array> {
+export async function readDiskSpaceMap(
+  read: BlockReader,
+  root: SpaceMapRoot,
+  what: string,
+  onBlock?: (b: number) => void,
+): Promise<Uint32Array> {
   const n = bitmapCount(root.nrBlocks);
   const bitmaps: number[] = [];
   await walkBtree(read, root.bitmapRoot, 16, `${what} index`, {
     onRef: onBlock,
     onValue(key, leaf, off) {
-      if (key !== bitmaps.length) throw metadataError(`${what}: index entry ${key} out of sequence (expected ${bitmaps.length})`);
+      if (key !== bitmaps.length)
+        throw metadataError(`${what}: index entry ${key} out of sequence (expected ${bitmaps.length})`);
       bitmaps.push(readU64(leaf, off));
     },
   });
-  if (bitmaps.length !== n) throw metadataError(`${what}: ${bitmaps.length} bitmaps for ${root.nrBlocks} blocks, expected ${n}`);
+  if (bitmaps.length !== n)
+    throw metadataError(`${what}: ${bitmaps.length} bitmaps for ${root.nrBlocks} blocks, expected ${n}`);
   const counts = new Uint32Array(root.nrBlocks);
   await readCounts(read, bitmaps, root.nrBlocks, root.refCountRoot, what, counts, onBlock);
   return counts;
@@ -425,7 +483,8 @@ export async function readDiskSpaceMap(read: BlockReader, root: SpaceMapRoot, wh
 export async function readMetadataSpaceMap(read: BlockReader, root: SpaceMapRoot): Promise<Uint32Array> {
   const what = 'metadata space map';
   const n = bitmapCount(root.nrBlocks);
-  if (n > MAX_METADATA_BITMAPS) throw metadataError(`${what}: ${root.nrBlocks} blocks need ${n} bitmaps, more than ${MAX_METADATA_BITMAPS}`);
+  if (n > MAX_METADATA_BITMAPS)
+    throw metadataError(`${what}: ${root.nrBlocks} blocks need ${n} bitmaps, more than ${MAX_METADATA_BITMAPS}`);
   const ib = await read(root.bitmapRoot);
   verifyBlock(ib, root.bitmapRoot, INDEX_CSUM_XOR, `${what} index`);
   const bitmaps: number[] = [];

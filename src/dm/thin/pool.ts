@@ -94,7 +94,16 @@ export class Pool {
   #passdownRunning: Promise<void> | undefined;
   #spaceWaiters: (() => void)[] = [];
 
-  constructor(md: ThinMetadata, metadataArg: string, metaDev: BlockDevice, dataDev: BlockDevice, blockSectors: number, lowWaterBlocks: number, features: PoolFeatures, raiseEvent: () => void) {
+  constructor(
+    md: ThinMetadata,
+    metadataArg: string,
+    metaDev: BlockDevice,
+    dataDev: BlockDevice,
+    blockSectors: number,
+    lowWaterBlocks: number,
+    features: PoolFeatures,
+    raiseEvent: () => void,
+  ) {
     this.md = md;
     this.metadataArg = metadataArg;
     this.metaDev = metaDev;
@@ -109,7 +118,14 @@ export class Pool {
   }
 
   /** Adopt a new table's devices and settings (the new pool table went live); grow the data space. */
-  rebind(metaDev: BlockDevice, dataDev: BlockDevice, nrDataBlocks: number, lowWaterBlocks: number, features: PoolFeatures, raiseEvent: () => void): void {
+  rebind(
+    metaDev: BlockDevice,
+    dataDev: BlockDevice,
+    nrDataBlocks: number,
+    lowWaterBlocks: number,
+    features: PoolFeatures,
+    raiseEvent: () => void,
+  ): void {
     this.metaDev = metaDev;
     this.dataDev = dataDev;
     this.lowWaterBlocks = lowWaterBlocks;
@@ -304,7 +320,8 @@ export class Pool {
   async #allocate(): Promise<number> {
     for (;;) {
       while (this.#passdownRunning !== undefined) await this.#passdownRunning;
-      if (this.mode === 'ro' || this.mode === 'fail') throw ioError(`the thin pool is ${this.mode === 'ro' ? 'read-only' : 'failed'}: no block can be allocated`);
+      if (this.mode === 'ro' || this.mode === 'fail')
+        throw ioError(`the thin pool is ${this.mode === 'ro' ? 'read-only' : 'failed'}: no block can be allocated`);
       let b = this.md.allocDataBlock();
       if (b === undefined && this.md.freeDataBlocks > 0) {
         // Only blocks freed in this transaction are left: commit, then they can be reused.
@@ -473,7 +490,13 @@ export class Pool {
     }
   }
 
-  async #writeBlock(d: ThinDevice, vb: number, inOff: number, chunk: Uint8Array, origin: BlockDevice | undefined): Promise<void> {
+  async #writeBlock(
+    d: ThinDevice,
+    vb: number,
+    inOff: number,
+    chunk: Uint8Array,
+    origin: BlockDevice | undefined,
+  ): Promise<void> {
     for (;;) {
       let locks = this.#locks.get(d.id);
       const held = locks?.get(vb);
@@ -526,7 +549,14 @@ export class Pool {
    * Allocate a block for `vb` (copying the shared old one, or the external origin's block, or
    * zeroing), write `chunk`, map it.
    */
-  async #provision(d: ThinDevice, vb: number, old: number | undefined, inOff: number, chunk: Uint8Array, origin: BlockDevice | undefined): Promise<void> {
+  async #provision(
+    d: ThinDevice,
+    vb: number,
+    old: number | undefined,
+    inOff: number,
+    chunk: Uint8Array,
+    origin: BlockDevice | undefined,
+  ): Promise<void> {
     const bb = this.blockBytes;
     const b = await this.#allocate();
     try {
@@ -559,7 +589,8 @@ export class Pool {
    */
   async unmap(id: number, off: number, len: number): Promise<void> {
     const refuse = (): void => {
-      if (this.mode === 'ro' || this.mode === 'fail') throw ioError(`the thin pool is ${this.mode === 'ro' ? 'read-only' : 'failed'}`);
+      if (this.mode === 'ro' || this.mode === 'fail')
+        throw ioError(`the thin pool is ${this.mode === 'ro' ? 'read-only' : 'failed'}`);
     };
     refuse();
     const d = this.device(id);
@@ -613,7 +644,13 @@ export class Pool {
   }
 
   /** Zeros over [off, off+len): whole blocks are unmapped, unless they would read from `origin`. */
-  async writeZeroes(id: number, off: number, len: number, flags?: WriteZeroesFlags, origin?: BlockDevice): Promise<void> {
+  async writeZeroes(
+    id: number,
+    off: number,
+    len: number,
+    flags?: WriteZeroesFlags,
+    origin?: BlockDevice,
+  ): Promise<void> {
     const bb = this.blockBytes;
     const d = this.device(id);
     const zero = async (o: number, n: number): Promise<void> => {
@@ -621,7 +658,8 @@ export class Pool {
         const vb = Math.floor((o + pos) / bb);
         const m = Math.min(n - pos, (vb + 1) * bb - (o + pos));
         // An unmapped block already reads as zeros (past the external origin's end).
-        if (d.map.has(vb) || flags?.noHole || this.#fromOrigin(vb, origin)) await this.write(id, o + pos, Buffer.alloc(m), false, origin);
+        if (d.map.has(vb) || flags?.noHole || this.#fromOrigin(vb, origin))
+          await this.write(id, o + pos, Buffer.alloc(m), false, origin);
         pos += m;
       }
     };
