@@ -5,6 +5,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
+import { poolOf } from '../../src/dm/targets/thin-pool.js';
 import { pattern } from './helpers.js';
 import { BLOCK, memBytes, status, thinRig } from './thin-helpers.js';
 
@@ -203,6 +204,52 @@ test('pool suspend does not wait for a write queued out of data space; the write
   const back = Buffer.alloc(BLOCK);
   await h.read(BLOCK, back);
   assert.deepEqual(back, pattern(BLOCK, 2));
+  await h.close();
+  await registry.closeAll();
+});
+
+test('pool suspend drain: every waiter is released when the thin I/O in flight ends, and a resume releases them too', async () => {
+  const data = new GatedMemory({ sizeBytes: 4 * BLOCK });
+  const { registry, h } = await onePool(data, 4);
+  const pool = poolOf(registry.get('pool'))!;
+  await h.write(0, pattern(BLOCK, 1));
+  let entered = data.arm('write');
+  let inFlight = h.write(0, pattern(4096, 2));
+  await within(entered, 'the held data-device write');
+  // Two suspends of the pool wait for the same write (the drain used to keep one waiter only).
+  const a = pool.holdThinIo();
+  const b = pool.holdThinIo();
+  assert.equal(await pendingAfterTurns(a), true, 'the first waiter waits for the write in flight');
+  data.release();
+  assert.deepEqual(await within(Promise.all([a, b, inFlight]), 'both drain waiters'), [true, true, undefined]);
+  // A waiter is also let go when the hold ends (resume, or the pool going away), not left behind.
+  pool.releaseThinIo();
+  entered = data.arm('write');
+  inFlight = h.write(0, pattern(4096, 3));
+  await within(entered, 'the second held write');
+  const c = pool.holdThinIo();
+  assert.equal(await pendingAfterTurns(c), true, 'the waiter waits for the write in flight');
+  await registry.resume('pool');
+  assert.equal(await within(c, 'the waiter after the resume'), false, 'released by the resume, not drained');
+  data.release();
+  await within(inFlight, 'the write');
+  await h.close();
+  await registry.closeAll();
+});
+
+test('pool suspend drain has a deadline: thin I/O stuck on the data device does not hold the suspend forever', async () => {
+  const data = new GatedMemory({ sizeBytes: 4 * BLOCK });
+  const { registry, h } = await onePool(data, 4);
+  const pool = poolOf(registry.get('pool'))!;
+  await h.write(0, pattern(BLOCK, 1));
+  const entered = data.arm('write');
+  const stuck = h.write(0, pattern(4096, 2));
+  await within(entered, 'the held data-device write');
+  assert.equal(await within(pool.holdThinIo(50), 'a drain with a 50 ms deadline'), false, 'the deadline passed');
+  assert.equal(pool.suspended, true, 'new thin I/O is still held');
+  pool.releaseThinIo();
+  data.release();
+  await within(stuck, 'the write');
   await h.close();
   await registry.closeAll();
 });

@@ -64,6 +64,16 @@ test('thin-pool and thin tables: strict parsing, errors name line, target and ar
     ['0 100 thin pool 16777216', /thin <dev id>: '16777216' is too large \(max 16777215\)/],
     ['0 100 thin pool 4', /thin <dev id>: couldn't open thin internal device: thin device 4 does not exist/],
     ['0 100 thin pool 3 pool', /thin <external origin dev>: error setting origin device: it is the pool device/],
+    // The same device by another name: compared by identity, not by spelling.
+    [
+      '0 100 thin pool 3 /dev/mapper/pool',
+      /thin <external origin dev>: error setting origin device: it is the pool device/,
+    ],
+    ['0 100 thin pool 3 253:0', /thin <external origin dev>: error setting origin device: it is the pool device/],
+    [
+      '0 100 thin /dev/mapper/pool 3 pool',
+      /thin <external origin dev>: error setting origin device: it is the pool device/,
+    ],
     ['0 100 thin pool 3 /mem/nope', /thin <external origin dev>: cannot open \/mem\/nope/],
     ['0 100 thin /mem/data 3', /thin <pool dev>: \/mem\/data is not an active thin-pool device/],
   ];
@@ -419,6 +429,15 @@ test('one pool per metadata device: a second pool on it is refused (EBUSY)', asy
   await registry.remove('p1');
   await registry.create('p2', { table: '0 8192 thin-pool /mem/meta /mem/data 128 0' });
   await registry.closeAll();
+  // The metadata device is compared by identity: a reload may name it another way, not switch it.
+  const r2 = thinRig({ dataBytes: 8 * MiB });
+  await r2.registry.create('m', { table: `0 ${MiB / 512} linear /mem/meta 0` });
+  await r2.registry.create('p', { table: '0 8192 thin-pool m /mem/data 128 0' });
+  await r2.registry.load('p', '0 8192 thin-pool /dev/mapper/m /mem/data 128 0');
+  await r2.registry.resume('p');
+  await r2.registry.create('m2', { table: `0 ${MiB / 512} linear /mem/meta 0` });
+  await assert.rejects(r2.registry.load('p', '0 8192 thin-pool m2 /mem/data 128 0'), /a reload cannot switch it to m2/);
+  await r2.registry.closeAll();
 });
 
 test('external origin: unprovisioned blocks read from it (zeros past its end), the first write copies its block, discard shows it again, write-zeroes gives zeros; it is never written', async () => {

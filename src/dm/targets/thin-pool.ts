@@ -154,7 +154,8 @@ export const thinPool: TargetType = {
     if (other !== undefined && other !== pool)
       throw ctx.error('metadata dev', `${metaArg} is already in use by another thin pool`, 'EBUSY');
     if (pool !== undefined) {
-      if (pool.metadataArg !== metaArg) {
+      // By identity: another spelling of the same device (`m`, `/dev/mapper/m`, `253:N`) is the same device.
+      if (byMetadata.get(metaKey) !== pool) {
         throw ctx.error(
           'metadata dev',
           `the pool uses metadata device ${pool.metadataArg}; a reload cannot switch it to ${metaArg}`,
@@ -259,7 +260,11 @@ class PoolTarget implements TargetInstance {
     this.#pool.releaseThinIo();
   }
 
-  /** As the kernel's pool suspend: the thin devices' I/O is held (and drained) until resume, then the metadata committed. */
+  /**
+   * As the kernel's pool suspend: the thin devices' I/O is held (and drained, within
+   * HOLD_DRAIN_TIMEOUT_MS) until resume, then the metadata committed (commits are serialised, so
+   * one with I/O still in flight is as safe as a thin device's flush).
+   */
   async postsuspend(): Promise<void> {
     await this.#pool.holdThinIo();
     await this.#pool.commit().catch(() => {});

@@ -9,7 +9,8 @@
  *     suspended ("Unable to activate thin device while pool is suspended"), nor failed.
  *   - `<dev id>` (24 bits) must exist in the pool metadata (created with create_thin/create_snap).
  *   - `<external origin dev>` (opened read-only; not the pool device: "Error setting origin
- *     device"): reads of unmapped blocks come from it, zeros past its end; the first write to such a
+ *     device"; the kernel compares the argument strings, here the opened devices are compared, so
+ *     another spelling of the pool is refused too): reads of unmapped blocks come from it, zeros past its end; the first write to such a
  *     block copies the origin's block into the new one (break-on-write, as for a snapshot); a
  *     discarded block reads from the origin again. The origin is never written.
  *   - STATUSTYPE_TABLE: `<pool dev> <dev id>[ <external origin dev>]`.
@@ -43,14 +44,16 @@ export const thin: TargetType = {
     const [poolArg, idArg] = args as [string, string];
     const devId = uintArg(idArg, ctx, 'dev id', MAX_DEV_ID);
     const originArg = args[2];
-    if (originArg === poolArg)
-      throw ctx.error('external origin dev', 'error setting origin device: it is the pool device', 'EINVAL');
-    const origin =
-      originArg === undefined ? undefined : await ctx.openDevice(originArg, 'external origin dev', { readOnly: true });
     const poolDev = await ctx.openDevice(poolArg, 'pool dev');
-    const pool = poolOf(ctx.mappedOf?.(poolDev));
+    const poolMd = ctx.mappedOf?.(poolDev);
+    const pool = poolOf(poolMd);
     if (pool === undefined)
       throw ctx.error('pool dev', `${poolArg} is not an active thin-pool device (couldn't find pool object)`, 'ENODEV');
+    const origin =
+      originArg === undefined ? undefined : await ctx.openDevice(originArg, 'external origin dev', { readOnly: true });
+    // By identity, not spelling: `pool`, `/dev/mapper/pool` and `253:N` are one device.
+    if (origin !== undefined && (origin === poolDev || ctx.mappedOf?.(origin) === poolMd))
+      throw ctx.error('external origin dev', 'error setting origin device: it is the pool device', 'EINVAL');
     if (pool.mode === 'fail') throw ctx.error('pool dev', "couldn't open thin device: the pool is in fail mode", 'EIO');
     if (pool.suspended) throw ctx.error('pool dev', 'unable to activate thin device while pool is suspended', 'EINVAL');
     const dev = pool.md.devices.get(devId);

@@ -43,6 +43,13 @@ export type PoolMode = 'rw' | 'out_of_data_space' | 'ro' | 'fail';
 /** The kernel's no_space_timeout module parameter default. */
 export const NO_SPACE_TIMEOUT_MS = 60_000;
 
+/**
+ * How long a pool suspend waits for thin I/O in flight to drain before it goes on without it (the
+ * kernel waits without bound, interruptibly; here nothing could interrupt it, and the device's
+ * lifecycle, removal included, waits behind the suspend). The NBD client's reconnect window is 30 s.
+ */
+export const HOLD_DRAIN_TIMEOUT_MS = 60_000;
+
 /** What the pool needs to know of one active thin target. */
 export interface ThinUser {
   readonly devId: number;
@@ -72,7 +79,8 @@ export class Pool {
   #hold: { promise: Promise<void>; release: () => void } | undefined;
   /** Thin I/O running (not waiting for data space, a provisioning or the pool to resume). */
   #active = 0;
-  #idle: (() => void) | undefined;
+  /** Pool suspends waiting for the running thin I/O to drain: every one is woken (drained, resumed or removed). */
+  readonly #idle = new Set<(drained: boolean) => void>();
   raiseEvent: () => void;
   readonly users = new Set<ThinUser>();
   /** Pool target instances bound to this pool (the kernel's pool refcount). */
@@ -150,8 +158,13 @@ export class Pool {
     return this.#hold !== undefined;
   }
 
-  /** Hold new thin I/O and wait until none is running (the pool device is being suspended). */
-  async holdThinIo(): Promise<void> {
+  /**
+   * Hold new thin I/O and wait until none is running (the pool device is being suspended). True
+   * when the running I/O drained; false when the wait ended first: `timeoutMs` passed (I/O stuck
+   * on the data device: the suspend goes on, new I/O stays held, the stuck I/O ends by itself), or
+   * the hold was released meanwhile (resume, or the pool going away). Any number may wait at once.
+   */
+  holdThinIo(timeoutMs = HOLD_DRAIN_TIMEOUT_MS): Promise<boolean> {
     if (this.#hold === undefined) {
       let release!: () => void;
       const promise = new Promise<void>((r) => {
@@ -159,18 +172,29 @@ export class Pool {
       });
       this.#hold = { promise, release };
     }
-    if (this.#active > 0) {
-      await new Promise<void>((r) => {
-        this.#idle = r;
-      });
-    }
+    if (this.#active === 0) return Promise.resolve(true);
+    return new Promise<boolean>((resolve) => {
+      const done = (drained: boolean): void => {
+        clearTimeout(timer);
+        this.#idle.delete(done);
+        resolve(drained);
+      };
+      const timer = setTimeout(() => done(false), timeoutMs);
+      timer.unref?.();
+      this.#idle.add(done);
+    });
   }
 
-  /** Let held thin I/O go on (the pool resumed, or is going away: then it fails). */
+  /** Let held thin I/O go on (the pool resumed, or is going away: then it fails); drain waiters are let go too. */
   releaseThinIo(): void {
     const h = this.#hold;
     this.#hold = undefined;
     h?.release();
+    this.#wakeIdle(false);
+  }
+
+  #wakeIdle(drained: boolean): void {
+    for (const f of [...this.#idle]) f(drained);
   }
 
   async #admit(): Promise<void> {
@@ -182,11 +206,7 @@ export class Pool {
   }
 
   #leave(): void {
-    if (--this.#active === 0 && this.#idle !== undefined) {
-      const f = this.#idle;
-      this.#idle = undefined;
-      f();
-    }
+    if (--this.#active === 0 && this.#idle.size > 0) this.#wakeIdle(true);
   }
 
   /** Count `p` as running thin I/O until it settles. */
