@@ -6,11 +6,13 @@
  *   (b) nbdkit file --filter=luks,
  *   (c) qemu-nbd with driver=luks,
  *   (d) cryptmap serving the same bytes without encryption (a linear table over the image),
+ *   (e) cryptmap as (a) with the mapped device's I/O accounting on (what `--metrics` turns on),
  * all in one run on the same machine, each measurement repeated and the median used. Prints MB/s,
  * IOPS and the ratios the issue asks for:
  *   cryptmap >= 1.5 x the faster of nbdkit/qemu-nbd (write and read),
  *   cryptmap crypt >= 0.85 x cryptmap plain,
- *   random 4 KiB reads >= the faster peer.
+ *   random 4 KiB reads >= the faster peer,
+ *   metrics on / off >= 0.98 (write, read, random reads).
  * Not a test: numbers depend on the machine and its load (shown with `uptime`).
  *
  * Usage: npm run bench:serve [-- --size-mib 1024 --repeat 3 --fio-seconds 5]
@@ -84,6 +86,15 @@ async function child(sock: string, img: string, keyFile: string, attachDir: stri
   } finally {
     volumeKey.dispose();
   }
+  // The same volume again with the I/O accounting on (a second mapping of the image: the bench
+  // writes the same source through both).
+  const again = await prepareLuks({ name: 'crypt-metrics', device: img, passphrase: readFileSync(keyFile) });
+  try {
+    await core.openVolume(again.mapping, again.volumeKey);
+  } finally {
+    again.volumeKey.dispose();
+  }
+  core.registry.get('crypt-metrics').enableIoStats();
   await core.dm().create('plain', { table: `0 ${mapping.sizeSectors} linear ${img} ${mapping.offsetSectors}` });
   await core.listen();
   const stop = () => {
@@ -213,6 +224,7 @@ async function main(): Promise<void> {
       { name: 'nbdkit', uri: `nbd+unix:///?socket=${kitSock}`, proc: kit },
       { name: 'qemu-nbd', uri: `nbd+unix:///?socket=${qSock}`, proc: q },
       { name: 'cryptmap-plain', uri: nbdUnixUri('plain', cmSock), proc: cm },
+      { name: 'cryptmap-metrics', uri: nbdUnixUri('crypt-metrics', cmSock), proc: cm },
     ].filter((s) => values.only === undefined || values.only.split(',').includes(s.name));
 
     // Every export must show the same plaintext size.
@@ -314,6 +326,12 @@ async function main(): Promise<void> {
     if (a && d) {
       console.log(`cryptmap crypt / plain, write: ${verdict(a.w / d.w, 0.85)}`);
       console.log(`cryptmap crypt / plain, read:  ${verdict(a.r / d.r, 0.85)}`);
+    }
+    const e = med.get('cryptmap-metrics');
+    if (a && e) {
+      console.log(`cryptmap metrics on / off, write: ${verdict(e.w / a.w, 0.98)}`);
+      console.log(`cryptmap metrics on / off, read:  ${verdict(e.r / a.r, 0.98)}`);
+      console.log(`cryptmap metrics on / off, 4k random read IOPS: ${verdict(e.iops / a.iops, 0.98)}`);
     }
     console.log(`load average after: ${loadavg()}`);
   } finally {

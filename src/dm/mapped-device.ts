@@ -81,8 +81,7 @@ export class MappedDevice implements BlockDevice {
   #suspended = false;
   #gate: Deferred | null = null;
   #inflight = 0;
-  /** I/O accounting (requests, bytes, latency, errors by code), read by the daemon's metrics. */
-  readonly ioStats = new DeviceIoStats();
+  #ioStats: DeviceIoStats | null = null;
   #drained: Deferred | null = null;
   #openCount = 0;
   #removed = false;
@@ -116,6 +115,20 @@ export class MappedDevice implements BlockDevice {
 
   get limits(): BlockDeviceLimits {
     return this.#live?.limits ?? NO_LIMITS;
+  }
+
+  /**
+   * I/O accounting (requests, bytes, latency, errors by code) read by the daemon's metrics, or null
+   * while off: until {@link enableIoStats} a request costs no clock read and no extra promise reaction.
+   */
+  get ioStats(): DeviceIoStats | null {
+    return this.#ioStats;
+  }
+
+  /** Start the I/O accounting (idempotent; the registry does it for every device once metrics are on). */
+  enableIoStats(): DeviceIoStats {
+    this.#ioStats ??= new DeviceIoStats();
+    return this.#ioStats;
   }
 
   get suspended(): boolean {
@@ -281,7 +294,7 @@ export class MappedDevice implements BlockDevice {
 
   read(offsetBytes: number, buf: Uint8Array): Promise<void> {
     const p = this.#read(offsetBytes, buf);
-    this.ioStats.track('read', buf.length, p);
+    if (this.#ioStats !== null) this.#ioStats.track('read', buf.length, p);
     return p;
   }
 
@@ -311,7 +324,7 @@ export class MappedDevice implements BlockDevice {
 
   write(offsetBytes: number, data: Uint8Array, flags?: WriteFlags): Promise<void> {
     const p = this.#write(offsetBytes, data, flags);
-    this.ioStats.track('write', data.length, p);
+    if (this.#ioStats !== null) this.#ioStats.track('write', data.length, p);
     return p;
   }
 
@@ -347,7 +360,7 @@ export class MappedDevice implements BlockDevice {
 
   flush(): Promise<void> {
     const p = this.#flush();
-    this.ioStats.track('flush', 0, p);
+    if (this.#ioStats !== null) this.#ioStats.track('flush', 0, p);
     return p;
   }
 
@@ -361,7 +374,7 @@ export class MappedDevice implements BlockDevice {
 
   discard(offsetBytes: number, lengthBytes: number): Promise<void> {
     const p = this.#discard(offsetBytes, lengthBytes);
-    this.ioStats.track('discard', lengthBytes, p);
+    if (this.#ioStats !== null) this.#ioStats.track('discard', lengthBytes, p);
     return p;
   }
 
@@ -387,7 +400,7 @@ export class MappedDevice implements BlockDevice {
 
   writeZeroes(offsetBytes: number, lengthBytes: number, flags?: WriteZeroesFlags): Promise<void> {
     const p = this.#writeZeroes(offsetBytes, lengthBytes, flags);
-    this.ioStats.track('write_zeroes', lengthBytes, p);
+    if (this.#ioStats !== null) this.#ioStats.track('write_zeroes', lengthBytes, p);
     return p;
   }
 

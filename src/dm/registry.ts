@@ -92,12 +92,23 @@ export class DeviceRegistry {
   readonly #keyStore: KeyStore | undefined;
   readonly #openFile: (path: string, readOnly: boolean) => Promise<BlockDevice>;
   readonly #openUri: (uri: string, readOnly: boolean) => Promise<BlockDevice>;
+  #ioStats = false;
 
   constructor(opts: DeviceRegistryOptions = {}) {
     this.#targets = opts.targets ?? BUILTIN_TARGETS;
     this.#keyStore = opts.keyStore;
     this.#openFile = opts.openFile ?? ((p, ro) => FileDevice.open(p, { readOnly: ro }));
     this.#openUri = opts.openUri ?? ((u, ro) => NbdDevice.open(u, { readOnly: ro }));
+  }
+
+  /**
+   * Turn on per-device I/O accounting (MappedDevice.ioStats) for the devices there are and every
+   * later one; called when a metrics registry is attached. Off by default: the accounting reads the
+   * clock and adds a promise reaction per request.
+   */
+  enableIoStats(): void {
+    this.#ioStats = true;
+    for (const d of this.#devices.values()) d.enableIoStats();
   }
 
   /**
@@ -178,6 +189,7 @@ export class DeviceRegistry {
     const used = new Set([...this.#devices.values()].map((d) => d.minor));
     while (used.has(minor) || this.#reservedMinors.has(minor)) minor++;
     const dev = new MappedDevice({ name, uuid, minor, readOnly: opts.readOnly ?? false });
+    if (this.#ioStats) dev.enableIoStats();
     this.#reservedNames.add(name);
     this.#reservedMinors.add(minor);
     try {
