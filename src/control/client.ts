@@ -8,11 +8,12 @@
  * listening process's uid root or ours (SO_PEERCRED, util/peercred.ts). Otherwise EUNTRUSTED_DAEMON.
  */
 import { type Socket, connect } from 'node:net';
-import { CryptmapError, isCryptmapError } from '../util/errors.js';
+import { CryptmapError, isCryptmapError, toErrorCode } from '../util/errors.js';
 import { untrustedPeer } from '../util/peercred.js';
 import { checkTrustedSocket } from '../util/trusted-path.js';
 import {
   type CallRest,
+  type ControlErrorBody,
   type ControlOp,
   type ControlResponse,
   encodeRequest,
@@ -22,6 +23,11 @@ import {
 import { controlSocketPath } from './runtime-dir.js';
 
 export const DAEMON_NOT_RUNNING = "cryptmap: the daemon is not running (start it with 'cryptmap daemon')";
+
+/** The daemon's error reply as a CryptmapError (a code this build does not know becomes EINTERNAL). */
+function replyError(body: ControlErrorBody): CryptmapError {
+  return new CryptmapError(toErrorCode(body.code, 'EINTERNAL'), body.message, { exitCode: body.exitCode });
+}
 
 export class ControlClient {
   readonly #sock: Socket;
@@ -51,11 +57,11 @@ export class ControlClient {
           const w = r.id === null ? undefined : this.#waiting.get(r.id);
           if (r.id !== null) this.#waiting.delete(r.id);
           if (!w) {
-            if (!r.ok) fail(new CryptmapError(r.error.code, r.error.message, { exitCode: r.error.exitCode }));
+            if (!r.ok) fail(replyError(r.error));
             return;
           }
           if (r.ok) w.resolve(r.result);
-          else w.reject(new CryptmapError(r.error.code, r.error.message, { exitCode: r.error.exitCode }));
+          else w.reject(replyError(r.error));
         },
         () => {
           fail(new CryptmapError('EPROTO', 'daemon response too long'));

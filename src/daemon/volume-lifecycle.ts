@@ -10,7 +10,7 @@ import type { RefreshFlags } from '../control/protocol.js';
 import type { MappedDevice } from '../dm/index.js';
 import { nbdUnixUri } from '../nbd/index.js';
 import { constantTimeEqual, wipe } from '../util/bytes.js';
-import { CryptmapError, EXIT_BUSY, EXIT_FAILURE, EXIT_WRONG_DEVICE } from '../util/errors.js';
+import { CryptmapError, type ErrorCode, EXIT_BUSY, EXIT_FAILURE, EXIT_WRONG_DEVICE } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import type { Secret } from '../util/secret.js';
 import { exportIfLive, removeDevice, removeSuspended } from './export-sync.js';
@@ -245,7 +245,7 @@ async function checkRunningKey(p: CoreParts, m: CryptMapping, volumeKey: Secret)
 }
 
 /** Load `next`'s table for its volume, then swap it in (suspend: I/O drains; resume). A failed load leaves the old table live. */
-async function swapTable(p: CoreParts, next: CryptMapping, code: string, what: string): Promise<void> {
+async function swapTable(p: CoreParts, next: CryptMapping, code: ErrorCode, what: string): Promise<void> {
   try {
     await p.dm.load(next.name, cryptTableLine(next, keyRefArg(next)));
   } catch (e) {

@@ -12,7 +12,7 @@
  * failure disposes what was built and releases every opened device through one cleanup path).
  */
 import type { BlockDevice, BlockDeviceLimits } from '../blockdev/types.js';
-import { CryptmapError } from '../util/errors.js';
+import { CryptmapError, type ErrorCode } from '../util/errors.js';
 import { parseUint } from '../util/bytes.js';
 import type { KeyStore, TargetCapabilities, TargetContext, TargetInstance, TargetType } from './types.js';
 
@@ -28,7 +28,7 @@ export interface TableLine {
   args: string[];
 }
 
-export function tableError(line: number, message: string, code = 'ETABLE'): CryptmapError {
+export function tableError(line: number, message: string, code: ErrorCode = 'ETABLE'): CryptmapError {
   return new CryptmapError(code, `table line ${line}: ${message}`, { context: { line } });
 }
 

@@ -9,7 +9,7 @@
  * (inside the target, multiples of the table's logical block size).
  */
 import type { BlockDevice, BlockDeviceLimits, Extent, WriteFlags, WriteZeroesFlags } from '../blockdev/types.js';
-import type { CryptmapError } from '../util/errors.js';
+import type { CryptmapError, ErrorCode } from '../util/errors.js';
 import type { Secret } from '../util/secret.js';
 
 /** A kernel-keyring style key reference from a crypt table: `:<bytes>:<type>:<description>`. */
@@ -55,7 +55,7 @@ export interface TargetContext {
    */
   openDevice(arg: string, argName: string, opts?: { readOnly?: boolean }): Promise<BlockDevice>;
   /** A CryptmapError naming the table line, the target and the argument. */
-  error(argName: string, message: string, code?: string): CryptmapError;
+  error(argName: string, message: string, code?: ErrorCode): CryptmapError;
   /**
    * The mapped device behind a device this constructor opened (an opaque identity), or undefined
    * for files and block devices. The thin target finds its pool this way (the kernel's

@@ -32,7 +32,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import type { BlockDevice } from '../blockdev/types.js';
 import { createSectorCipher } from '../engine/index.js';
 import type { SectorBytes, SectorCipher } from '../engine/types.js';
-import { CryptmapError, isCryptmapError } from '../util/errors.js';
+import { CryptmapError, type ErrorCode, isCryptmapError } from '../util/errors.js';
 import { wipeArea } from './keyslot-area.js';
 import { MemoryDevice } from '../blockdev/memory.js';
 import { type Luks2FormatOptions, Luks2Volume } from './luks2.js';
@@ -68,7 +68,7 @@ export interface ReencryptRunOptions {
   signal?: AbortSignal;
 }
 
-function fail(msg: string, code = 'EREENCRYPT', exitCode = 1): never {
+function fail(msg: string, code: ErrorCode = 'EREENCRYPT', exitCode = 1): never {
   throw new CryptmapError(code, msg, { exitCode });
 }
 

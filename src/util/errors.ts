@@ -20,9 +20,10 @@ export const EXIT_FAILURE = 1;
  * Every error code, with what it means, one line each: the one place a code is defined. Codes are
  * stable (tests, scripts and the control protocol match on them); the exit code and errno belong
  * to each throw site (cryptsetup gives the same condition different exit codes in different verbs).
- * A new code gets its line here; test/util/error-codes.test.ts checks that each code is listed once
- * and used, and that merged synonyms (EREADONLY -> EROFS, ENODEVICE -> ENODEV, EREQUIREMENTS ->
- * EREQUIREMENT, EDEVSMALL -> EDEVSIZE, EUSAGE and EPARAM -> EARGS, ENODAEMON -> EDAEMON_DOWN) stay merged.
+ * A new code gets its line here (CryptmapError takes only these: another code does not compile);
+ * test/util/error-codes.test.ts checks that each code is listed once and used, and that merged
+ * synonyms (EREADONLY -> EROFS, ENODEVICE -> ENODEV, EREQUIREMENTS -> EREQUIREMENT, EDEVSMALL ->
+ * EDEVSIZE, EUSAGE and EPARAM -> EARGS, ENODAEMON -> EDAEMON_DOWN) stay merged.
  */
 export const ERROR_CODES = {
   // ---- arguments and usage ----
@@ -219,8 +220,16 @@ export const ERROR_CODES = {
   ETOOL: 'an external tool that failed or is missing',
 } as const;
 
-/** A registered error code (ERROR_CODES). */
+/** A registered error code (ERROR_CODES): the compiler refuses a code that is not listed there. */
 export type ErrorCode = keyof typeof ERROR_CODES;
+
+/**
+ * A code that arrives at run time (a daemon's reply, the addon's exception) as an ErrorCode: itself
+ * when it is registered, else `fallback` (an unknown code never reaches a caller that matches on codes).
+ */
+export function toErrorCode(code: unknown, fallback: ErrorCode): ErrorCode {
+  return typeof code === 'string' && Object.hasOwn(ERROR_CODES, code) ? (code as ErrorCode) : fallback;
+}
 
 export type Errno =
   | 'EIO'
@@ -246,12 +255,12 @@ export interface ErrorOptions {
 }
 
 export class CryptmapError extends Error {
-  readonly code: string;
+  readonly code: ErrorCode;
   readonly exitCode: number;
   readonly errno: Errno;
   readonly context: Record<string, unknown> | undefined;
 
-  constructor(code: string, message: string, options: ErrorOptions = {}) {
+  constructor(code: ErrorCode, message: string, options: ErrorOptions = {}) {
     super(message, options.cause === undefined ? undefined : { cause: options.cause });
     this.name = 'CryptmapError';
     this.code = code;
@@ -262,13 +271,13 @@ export class CryptmapError extends Error {
 }
 
 /** True when `e` is a CryptmapError, optionally with the given code. */
-export function isCryptmapError(e: unknown, code?: string): e is CryptmapError {
+export function isCryptmapError(e: unknown, code?: ErrorCode): e is CryptmapError {
   return e instanceof CryptmapError && (code === undefined || e.code === code);
 }
 
 /** Map a Node system error (fs, net) to a CryptmapError, keeping its errno where we know it. */
 export function fromSystemError(
-  code: string,
+  code: ErrorCode,
   message: string,
   e: unknown,
   context?: Record<string, unknown>,

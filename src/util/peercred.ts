@@ -12,7 +12,7 @@
  * so it could not tell a root daemon from an absent one.
  */
 import type { Socket } from 'node:net';
-import { CryptmapError, EXIT_NO_PERMISSION } from './errors.js';
+import { CryptmapError, type ErrorCode, EXIT_NO_PERMISSION } from './errors.js';
 import { loadNative } from './native.js';
 
 export interface PeerCred {
@@ -52,7 +52,7 @@ export function peerCredAvailable(): boolean {
  * For a client about to send a secret: a refusal when the peer's uid is neither root nor ours
  * (undefined when it is, or when SO_PEERCRED cannot be read: see the file comment).
  */
-export function untrustedPeer(sock: Socket, path: string, code: string): CryptmapError | undefined {
+export function untrustedPeer(sock: Socket, path: string, code: ErrorCode): CryptmapError | undefined {
   const who = peerCredentials(sock);
   if (!who) return undefined;
   const me = process.getuid?.() ?? 0;

@@ -6,7 +6,7 @@
 import { execFile } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { CryptmapError, EXIT_FAILURE } from './errors.js';
+import { CryptmapError, type ErrorCode, EXIT_FAILURE } from './errors.js';
 
 /** Debian package of each tool, for "not installed" messages. */
 const PACKAGE_OF: Record<string, string> = {
@@ -37,7 +37,7 @@ export function resolveTool(cmd: string): string {
 
 export interface RunToolOptions {
   /** Error code of the CryptmapError on failure (default ETOOL). */
-  code?: string;
+  code?: ErrorCode;
   /** Default 120 s. */
   timeoutMs?: number;
 }

@@ -41,7 +41,7 @@ import {
   writeSync,
 } from 'node:fs';
 import { basename, dirname, resolve } from 'node:path';
-import { CryptmapError, EXIT_NO_PERMISSION, fromSystemError } from './errors.js';
+import { CryptmapError, type ErrorCode, EXIT_NO_PERMISSION, fromSystemError } from './errors.js';
 import { allocSecretBuffer } from './secret.js';
 
 export interface TrustOptions {
@@ -50,7 +50,7 @@ export interface TrustOptions {
   /** `root-or-caller` (default) or `root`: only root-owned components (the agent's mountpoints). */
   owners?: 'root-or-caller' | 'root';
   /** Error code for refusals (default EUNTRUSTED_PATH); call sites keep their established codes. */
-  code?: string;
+  code?: ErrorCode;
   /** `follow` (default): trusted symlinks are followed; `refuse`: any symlink on the path is refused (mountpoints). */
   symlinks?: 'follow' | 'refuse';
 }
@@ -461,7 +461,7 @@ export const SYSTEM_DIRECTORIES: readonly string[] = [
  * system directory; missing components are created (mode 0755). Returns the path to mount on.
  * @example await run('mount', [dev, ensureMountpoint('/srv/db')]);
  */
-export function ensureMountpoint(path: string, code = 'EMOUNTPOINT'): string {
+export function ensureMountpoint(path: string, code: ErrorCode = 'EMOUNTPOINT'): string {
   const o: EnsureDirOptions = { owners: 'root', symlinks: 'refuse', code, mode: 0o755, private: false };
   const abs = resolve(path);
   if (SYSTEM_DIRECTORIES.includes(abs))

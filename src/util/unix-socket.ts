@@ -6,7 +6,7 @@
 import { chmodSync, linkSync, lstatSync, mkdtempSync, rmdirSync, unlinkSync } from 'node:fs';
 import { createConnection, type Server } from 'node:net';
 import { basename, dirname, join } from 'node:path';
-import { type CryptmapError, fromSystemError } from './errors.js';
+import { type CryptmapError, type ErrorCode, fromSystemError } from './errors.js';
 
 /**
  * Make `path` free for listen(): 'free' when nothing was there or a stale socket was removed,
@@ -36,7 +36,7 @@ export async function clearStaleSocket(path: string): Promise<'free' | 'live' | 
 
 export interface UnixListenErrors {
   /** Code of a failure to bind or place the socket (with the system error as cause). */
-  code: string;
+  code: ErrorCode;
   /** Another server answers on the path. */
   live: (path: string) => CryptmapError;
   /** Something that is not a socket is at the path (left alone). */

@@ -7,14 +7,14 @@ import { FaultDevice, type FaultPlan, isInjectedFault } from '../../src/blockdev
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import type { BlockDevice } from '../../src/blockdev/types.js';
 import { Luks1Volume, Luks2Volume, type LuksVolume, openLuks } from '../../src/luks/index.js';
-import { isCryptmapError } from '../../src/util/errors.js';
+import { type ErrorCode, isCryptmapError } from '../../src/util/errors.js';
 import { recordFaults } from '../fuzz/harness.js';
 
 const FAST = { type: 'pbkdf2', hash: 'sha256', iterations: 1000 } as const;
 const P = (s: string) => Buffer.from(s);
 const SIZE = 4 << 20;
 
-async function rejectsWith(p: Promise<unknown>, code: string, errno: string): Promise<void> {
+async function rejectsWith(p: Promise<unknown>, code: ErrorCode, errno: string): Promise<void> {
   await assert.rejects(p, (e: unknown) => isCryptmapError(e, code) && (e as { errno: string }).errno === errno);
 }
 

@@ -21,7 +21,7 @@ test('requests reach handlers; errors come back with code and exit code', async 
   const server = new ControlServer({
     'echo.args': async (a) => a,
     'fail.busy': async () => {
-      throw new CryptmapError('EBUSY_DEV', 'device x is busy', { exitCode: 5 });
+      throw new CryptmapError('EBUSY', 'device x is busy', { exitCode: 5 });
     },
   });
   await server.listen(controlSocketPath(dir));
@@ -30,7 +30,7 @@ test('requests reach handlers; errors come back with code and exit code', async 
     assert.equal(statSync(controlSocketPath(dir)).mode & 0o777, 0o600);
     const c = await ControlClient.connect(dir);
     assert.deepEqual(await c.request('echo.args', { a: 1 }), { a: 1 });
-    await assert.rejects(c.request('fail.busy'), (e: CryptmapError) => e.code === 'EBUSY_DEV' && e.exitCode === 5);
+    await assert.rejects(c.request('fail.busy'), (e: CryptmapError) => e.code === 'EBUSY' && e.exitCode === 5);
     await assert.rejects(c.request('no.such'), (e: CryptmapError) => e.code === 'EUNKNOWN_OP');
     c.close();
     await assert.rejects(

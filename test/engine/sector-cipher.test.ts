@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import fc from 'fast-check';
 import type { SectorBytes } from '../../src/engine/index.js';
+import type { ErrorCode } from '../../src/util/errors.js';
 import { TEST_BACKENDS } from './backends.js';
 import { createSectorCipher, isCryptmapError, setCryptThreads } from './imports.js';
 import { refCrypt } from './reference.js';
@@ -46,7 +47,7 @@ function rng(seed: number): (n: number) => Buffer {
   };
 }
 
-function code(c: string): (e: unknown) => boolean {
+function code(c: ErrorCode): (e: unknown) => boolean {
   return (e) => isCryptmapError(e, c);
 }
 

@@ -569,7 +569,7 @@ describe('read-only export and device errors', () => {
     const server = new NbdServer();
     const dev = new MemoryDevice({ sizeBytes: 1 << 20 });
     dev.read = async () => {
-      throw new CryptmapError('EBAD', 'backing store failed', { errno: 'EIO' });
+      throw new CryptmapError('EREAD', 'backing store failed', { errno: 'EIO' });
     };
     dev.write = async () => {
       throw new Error('not a CryptmapError');

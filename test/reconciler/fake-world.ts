@@ -69,7 +69,7 @@ export class FakeWorld implements VolumePorts {
 
   #file(v: VolumeTarget): FakeFile {
     const f = this.files.get(v.path);
-    if (!f) throw new CryptmapError('ENOFILE', `${v.path} does not exist`, { errno: 'ENOENT' });
+    if (!f) throw new CryptmapError('ENODEV', `${v.path} does not exist`, { errno: 'ENOENT' });
     return f;
   }
 
@@ -181,7 +181,7 @@ export class FakeWorld implements VolumePorts {
     return this.#step('mount', v, () => {
       const f = this.#file(v);
       if (!this.attached.has(v.mapping)) throw new Error(`order: mount of ${v.id} while not attached`);
-      if (f.fs !== v.filesystem) throw new CryptmapError('EMOUNT', `${v.id}: no ${v.filesystem} file system`);
+      if (f.fs !== v.filesystem) throw new CryptmapError('ETOOL', `${v.id}: no ${v.filesystem} file system`);
       this.mounted.add(v.mapping);
     });
   }

@@ -7,7 +7,7 @@ import { readdirSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { test } from 'node:test';
-import { ERROR_CODES } from '../../src/util/errors.js';
+import { CryptmapError, ERROR_CODES, toErrorCode } from '../../src/util/errors.js';
 
 const SRC = fileURLToPath(new URL('../../../src/', import.meta.url));
 /** Merged synonyms: the old spelling -> the code kept. */
@@ -50,4 +50,14 @@ test('every registered code is used in src/, and no merged synonym is', () => {
   for (const k of Object.keys(ERROR_CODES)) assert.ok(all.includes(`'${k}'`), `${k} is registered but never used`);
   for (const old of Object.keys(MERGED))
     assert.ok(!new RegExp(`['"]${old}['"]`).test(all), `${old} is still used (merged into ${MERGED[old]})`);
+});
+
+test('a code outside the registry does not compile; one arriving at run time is checked', () => {
+  // @ts-expect-error: 'ENOT_A_CODE' is not a key of ERROR_CODES (the build fails if this line compiles)
+  const e = new CryptmapError('ENOT_A_CODE', 'never registered');
+  assert.equal(e.code, 'ENOT_A_CODE');
+  assert.equal(toErrorCode('EBUSY', 'EINTERNAL'), 'EBUSY');
+  assert.equal(toErrorCode('ENOT_A_CODE', 'EINTERNAL'), 'EINTERNAL');
+  assert.equal(toErrorCode('toString', 'EPROTO'), 'EPROTO');
+  assert.equal(toErrorCode(7, 'ENATIVE'), 'ENATIVE');
 });

@@ -6,11 +6,11 @@ import { CryptmapError, EXIT_WRONG_DEVICE, fromSystemError, isCryptmapError } fr
 import { Secret } from '../../src/util/secret.js';
 
 test('CryptmapError carries code, exit code and errno', () => {
-  const e = new CryptmapError('ESPEC', 'bad spec', { exitCode: 4, errno: 'EIO' });
-  assert.equal(e.code, 'ESPEC');
+  const e = new CryptmapError('ECIPHER_SPEC', 'bad spec', { exitCode: 4, errno: 'EIO' });
+  assert.equal(e.code, 'ECIPHER_SPEC');
   assert.equal(e.exitCode, 4);
   assert.equal(e.errno, 'EIO');
-  assert.ok(isCryptmapError(e, 'ESPEC'));
+  assert.ok(isCryptmapError(e, 'ECIPHER_SPEC'));
   assert.ok(!isCryptmapError(new Error('x')));
 });
 

@@ -55,9 +55,9 @@ test('a socket left by a killed server is stale and removed', async () => {
 test('listenUnixSocket: the socket appears with its mode, nothing is left beside it, a live or non-socket path is refused', async () => {
   const path = join(dir, 'placed.sock');
   const errors = {
-    code: 'ETESTLISTEN',
-    live: (p: string) => new CryptmapError('ELIVE', `${p} is live`),
-    notSocket: (p: string) => new CryptmapError('ENOTSOCK', `${p} is not a socket`),
+    code: 'ENBDLISTEN' as const,
+    live: (p: string) => new CryptmapError('EDAEMON_RUNNING', `${p} is live`),
+    notSocket: (p: string) => new CryptmapError('ECONTROL_SOCKET', `${p} is not a socket`),
   };
   const old = process.umask(0); // a wide umask must not matter: the mode is set before the name exists
   const server = createServer((s) => s.destroy());
@@ -76,17 +76,17 @@ test('listenUnixSocket: the socket appears with its mode, nothing is left beside
     );
     await assert.rejects(
       listenUnixSocket(createServer(), path, 0o600, errors),
-      (e: CryptmapError) => e.code === 'ELIVE',
+      (e: CryptmapError) => e.code === 'EDAEMON_RUNNING',
     );
     const file = join(dir, 'plain-file');
     writeFileSync(file, 'keep me');
     await assert.rejects(
       listenUnixSocket(createServer(), file, 0o600, errors),
-      (e: CryptmapError) => e.code === 'ENOTSOCK',
+      (e: CryptmapError) => e.code === 'ECONTROL_SOCKET',
     );
     await assert.rejects(
       listenUnixSocket(createServer(), join(dir, 'missing', 'x.sock'), 0o600, errors),
-      (e: CryptmapError) => e.code === 'ETESTLISTEN',
+      (e: CryptmapError) => e.code === 'ENBDLISTEN',
     );
   } finally {
     await new Promise<void>((res) => server.close(() => res()));

@@ -14,7 +14,7 @@
  *   try { ... } finally { pass.fill(0); }
  */
 import { type FileHandle, open } from 'node:fs/promises';
-import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import { CryptmapError, type ErrorCode, EXIT_NO_PERMISSION, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { CliIO } from '../types.js';
 
 /** Compiled maximum key file size in cryptsetup (default-keyfile-size-maxkb 8192). */
@@ -27,7 +27,7 @@ export interface PassphraseSource {
   keyfileSize?: number;
 }
 
-function keyError(message: string, code = 'EKEYFILE'): CryptmapError {
+function keyError(message: string, code: ErrorCode = 'EKEYFILE'): CryptmapError {
   return new CryptmapError(code, message, { exitCode: EXIT_WRONG_PARAMS });
 }
 

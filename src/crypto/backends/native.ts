@@ -4,7 +4,7 @@
  * an opaque handle and is zeroed on dispose.
  */
 import { wipe } from '../../util/bytes.js';
-import { CryptmapError } from '../../util/errors.js';
+import { CryptmapError, toErrorCode } from '../../util/errors.js';
 import { loadNative, type NativeAddon, type NativeKeyHandle, nativeLoadError } from '../../util/native.js';
 import type { CipherSpec } from '../cipher-spec.js';
 import type { IvInstance } from '../iv/index.js';
@@ -155,7 +155,7 @@ function nativeError(e: unknown): CryptmapError {
   if (e instanceof CryptmapError) return e;
   const code = (e as { code?: unknown }).code;
   const message = e instanceof Error ? e.message : String(e);
-  return new CryptmapError(typeof code === 'string' ? code : 'ENATIVE', `native sector cipher: ${message}`, {
+  return new CryptmapError(toErrorCode(code, 'ENATIVE'), `native sector cipher: ${message}`, {
     errno: code === 'EINVAL' || code === 'EOVERLAP' ? 'EINVAL' : 'EIO',
     cause: e,
   });

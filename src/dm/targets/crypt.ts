@@ -16,7 +16,7 @@ import { availableParallelism } from 'node:os';
 import { createSectorCipher, parseCipherSpec } from '../../engine/index.js';
 import type { SectorBytes, SectorCipher } from '../../engine/index.js';
 import { isPowerOfTwo, parseU64, toHex } from '../../util/bytes.js';
-import { CryptmapError, isCryptmapError } from '../../util/errors.js';
+import { CryptmapError, type ErrorCode, isCryptmapError } from '../../util/errors.js';
 import { Secret } from '../../util/secret.js';
 import type { KeyRef, KeyStore, TargetInstance, TargetType } from '../types.js';
 import { checkDeviceAlignment, checkDeviceSize, uintArg } from './args.js';
@@ -121,7 +121,7 @@ function parseKeyRef(s: string): KeyRef | null {
 async function loadKey(
   arg: string,
   keyStore: KeyStore | undefined,
-  fail: (msg: string, code?: string) => CryptmapError,
+  fail: (msg: string, code?: ErrorCode) => CryptmapError,
 ): Promise<{ source: KeySource; key: Secret }> {
   if (arg === '-') return { source: { kind: 'empty' }, key: new Secret(Buffer.alloc(0)) };
   if (arg.startsWith(':')) {
@@ -386,7 +386,7 @@ export const crypt: TargetType = {
             dispose();
             return '';
           }
-          const fail = (m: string, code?: string) =>
+          const fail = (m: string, code?: ErrorCode) =>
             new CryptmapError(code ?? 'EMESSAGE', `crypt target: new <key> ${m}`);
           const next = await loadKey(margs[2]!, ctx.keyStore, fail);
           const wantBytes = source.kind === 'hex' ? source.bytes : source.kind === 'ref' ? source.ref.keyBytes : 0;

@@ -25,7 +25,7 @@
  * must be suspended but does not check).
  */
 import type { BlockDevice } from '../../blockdev/types.js';
-import { CryptmapError, isCryptmapError } from '../../util/errors.js';
+import { CryptmapError, type ErrorCode, isCryptmapError } from '../../util/errors.js';
 import { MAX_DEV_ID, ThinMetadata } from '../thin/metadata.js';
 import { Pool, type PoolFeatures } from '../thin/pool.js';
 import type { TargetContext, TargetInstance, TargetType } from '../types.js';
@@ -90,7 +90,7 @@ function parseFeatures(args: readonly string[], ctx: TargetContext): PoolFeature
 function msgError(
   message: string,
   errno: 'EINVAL' | 'EBUSY' | 'EEXIST' | 'ENOTSUP' | 'ENOENT' = 'EINVAL',
-  code = 'ETHINMSG',
+  code: ErrorCode = 'ETHINMSG',
 ): CryptmapError {
   return new CryptmapError(code, message, { errno });
 }
