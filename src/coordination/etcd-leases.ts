@@ -6,12 +6,17 @@
  * expires after the TTL, etcd deletes the key, and the next node's attempt succeeds.
  *
  * Fencing: a renewal sent at time t that etcd answers makes the lease valid until at least
- * t + TTL (etcd restarts the TTL when it receives the keepalive, after we sent it). We renew every
- * TTL/4. When no renewal has succeeded for FENCE_FRACTION of the TTL (etcd unreachable,
+ * t + TTL (etcd restarts the TTL when it receives the keepalive, after we sent it): that is the
+ * lease's deadline here. Renewals are timed against the deadline, not against the end of the
+ * previous renewal: the next one leaves TTL/4 after the send time of the last one etcd confirmed
+ * (deadline - 3/4 TTL), and while none is confirmed one more leaves every TTL/8 (at most two in
+ * flight, each with its own deadline), so one slow answer does not delay the next renewal by its
+ * own duration. When no renewal has succeeded for FENCE_FRACTION of the TTL (etcd unreachable,
  * partitioned, or the lease expired), `onLost` is called at once, while there is still
- * (1 - FENCE_FRACTION) of the TTL left: the agent suspends and closes the volume in that time, so
- * the next holder, who can only get the key after the TTL, never races it. Times are monotonic
- * (performance.now), every etcd call has a deadline.
+ * (1 - FENCE_FRACTION) of the TTL left (passed to it): the agent suspends and closes the volume in
+ * that time and cuts its storage off if that does not finish, so the next holder, who can only get
+ * the key after the TTL, never races it. Times are monotonic (performance.now), every etcd call has
+ * a deadline.
  *
  * The npm `etcd3` client (gRPC) is loaded only when a manifest names an etcd endpoint.
  */
@@ -40,12 +45,16 @@ export interface EtcdLeaseOptions {
   prefix?: string;
   /** Deadline of one etcd call (default TTL/4, at least 500 ms). */
   callTimeoutMs?: number;
-  /** The lease of `volume` is lost (or about to be): stop its I/O now. Called once per loss. */
-  onLost: (volume: string, why: string) => void;
+  /**
+   * The lease of `volume` is lost (or about to be): stop its I/O now, within `msLeft` (the time until
+   * the lease can expire at etcd, after which another node may take it). Called once per loss.
+   */
+  onLost: (volume: string, why: string, msLeft: number) => void;
   log?: Logger;
 }
 
-interface EtcdLease {
+/** The parts of npm etcd3's Lease used here. */
+export interface EtcdLease {
   grant(): Promise<string>;
   keepaliveOnce(options?: { deadline?: Date }): Promise<{ TTL: string }>;
   revoke(options?: { deadline?: Date }): Promise<void>;
@@ -53,12 +62,13 @@ interface EtcdLease {
   on(event: 'lost', handler: (err: Error) => void): unknown;
 }
 
-interface TxnResult {
+export interface TxnResult {
   succeeded: boolean;
   responses: { response_range?: { kvs: { value: Buffer }[] } }[];
 }
 
-interface EtcdClient {
+/** The parts of npm etcd3's Etcd3 client used here (a test stands in for it with `withClient`). */
+export interface EtcdClient {
   lease(ttl: number, options?: { autoKeepAlive?: boolean }): EtcdLease;
   if(
     key: string,
@@ -79,6 +89,8 @@ interface Held {
   /** performance.now() until which the lease is certainly ours. */
   validUntil: number;
   timer?: NodeJS.Timeout;
+  /** Renewals sent and not yet answered. */
+  renewing: number;
   stopped: boolean;
   lastError?: string;
 }
@@ -143,6 +155,11 @@ export class EtcdLeases {
     return new EtcdLeases(client, opts);
   }
 
+  /** Leases over an already made client (tests: a stand-in with scripted answers and delays). */
+  static withClient(client: EtcdClient, opts: EtcdLeaseOptions): EtcdLeases {
+    return new EtcdLeases(client, opts);
+  }
+
   #key(volume: string): string {
     return `${this.prefix}${volume}`;
   }
@@ -192,7 +209,7 @@ export class EtcdLeases {
       const raw = r.responses[0]?.response_range?.kvs[0]?.value;
       return { held: false, ...(raw ? { holder: parseHolder(raw.toString('utf8')) } : {}) };
     }
-    const h: Held = { lease, validUntil: t0 + this.ttlSeconds * 1000, stopped: false };
+    const h: Held = { lease, validUntil: t0 + this.ttlSeconds * 1000, renewing: 0, stopped: false };
     this.#held.set(volume, h);
     this.#log.info('lease taken', { volume, node: this.node, ttl: this.ttlSeconds });
     this.#schedule(volume, h);
@@ -248,21 +265,39 @@ export class EtcdLeases {
     };
   }
 
+  /**
+   * The renewal clock: renew when the deadline is 3/4 TTL away (TTL/4 after the send time of the
+   * last confirmed renewal); while that renewal is unanswered or failed, send another every TTL/8
+   * (at most two in flight). Never waits for a renewal to finish before timing the next.
+   */
   #schedule(volume: string, h: Held): void {
     if (h.stopped) return;
-    h.timer = setTimeout(() => void this.#renew(volume, h), (this.ttlSeconds * 1000) / 4);
+    const ttlMs = this.ttlSeconds * 1000;
+    const now = performance.now();
+    const due = h.validUntil - ttlMs * 0.75;
+    const wait = due > now ? due - now : Math.max(100, ttlMs / 8);
+    if (h.timer) clearTimeout(h.timer);
+    h.timer = setTimeout(() => this.#tick(volume, h), wait);
     h.timer.unref?.();
   }
 
-  async #renew(volume: string, h: Held): Promise<void> {
+  #tick(volume: string, h: Held): void {
     if (h.stopped) return;
+    const due = h.validUntil - this.ttlSeconds * 1000 * 0.75;
+    if (performance.now() >= due - 1 && h.renewing < 2) void this.#renew(volume, h);
+    this.#schedule(volume, h);
+  }
+
+  async #renew(volume: string, h: Held): Promise<void> {
     const t0 = performance.now();
+    h.renewing++;
     try {
       const res = await withDeadline(
         h.lease.keepaliveOnce({ deadline: new Date(Date.now() + this.#callMs) }),
         this.#callMs,
         'renewing a lease',
       );
+      if (h.stopped) return;
       const ttl = Number(res.TTL);
       if (!(ttl > 0)) {
         this.#lose(volume, h, 'the lease expired at etcd');
@@ -270,16 +305,20 @@ export class EtcdLeases {
       }
       h.validUntil = Math.max(h.validUntil, t0 + ttl * 1000);
       delete h.lastError;
+      // The deadline moved: time the next renewal from it.
+      this.#schedule(volume, h);
     } catch (e) {
+      if (h.stopped) return;
       if ((e as Error).name === 'EtcdLeaseInvalidError') {
         this.#lose(volume, h, 'etcd no longer knows the lease (expired or revoked)');
         return;
       }
       h.lastError = (e as Error).message;
       this.#log.warn('lease renewal failed', { volume, error: h.lastError });
+    } finally {
+      h.renewing--;
     }
     this.#check(volume, h);
-    this.#schedule(volume, h);
   }
 
   #startWatchdog(): void {
@@ -313,7 +352,7 @@ export class EtcdLeases {
     h.lease.release();
     this.#log.error('lease lost: stopping I/O to the volume', { volume, node: this.node, why });
     try {
-      this.#opts.onLost(volume, why);
+      this.#opts.onLost(volume, why, Math.max(0, h.validUntil - performance.now()));
     } catch (e) {
       this.#log.error('fencing failed', { volume, error: (e as Error).message });
     }
