@@ -2,13 +2,17 @@
  * CLI side of the daemon: find the runtime dir and talk to the daemon over its control socket. Every
  * verb that uses a running daemon goes through here (the verbs that start one use control/ directly).
  */
-import { ControlClient } from '../control/client.js';
+import { ControlClient, type ControlClientOptions } from '../control/client.js';
 import { runtimeDir } from '../control/runtime-dir.js';
 import { CryptmapError, isCryptmapError } from '../util/errors.js';
 
 /** Connect to the daemon: `--runtime-dir` wins over CRYPTMAP_RUNTIME_DIR over /run/cryptmap. The caller closes. */
-export function connectDaemon(dirFlag: string | undefined, env: NodeJS.ProcessEnv): Promise<ControlClient> {
-  return ControlClient.connect(runtimeDir(dirFlag, env));
+export function connectDaemon(
+  dirFlag: string | undefined,
+  env: NodeJS.ProcessEnv,
+  opts: ControlClientOptions = {},
+): Promise<ControlClient> {
+  return ControlClient.connect(runtimeDir(dirFlag, env), opts);
 }
 
 /**
@@ -21,8 +25,9 @@ export async function withDaemon<T>(
   dirFlag: string | undefined,
   env: NodeJS.ProcessEnv,
   fn: (c: ControlClient) => Promise<T>,
+  opts: ControlClientOptions = {},
 ): Promise<T> {
-  const c = await connectDaemon(dirFlag, env);
+  const c = await connectDaemon(dirFlag, env, opts);
   try {
     return await fn(c);
   } finally {
@@ -30,16 +35,28 @@ export async function withDaemon<T>(
   }
 }
 
+/** How long openInDaemon waits for the daemon's volume list (it answers at once when it is well). */
+export const OPEN_CHECK_TIMEOUT_MS = 15_000;
+
 /**
  * Whether the daemon (found through CRYPTMAP_RUNTIME_DIR, else /run/cryptmap) has a volume with LUKS
  * UUID `uuid` open. No daemon running means nothing is open (false). Any other failure (permission,
- * an untrusted runtime dir or socket, a broken connection) leaves the answer unknown, so it is an
- * error naming `action` ("reencrypt", "convert") rather than a guess that the volume is closed.
+ * an untrusted runtime dir or socket, a broken connection, no answer within `timeoutMs`) leaves the
+ * answer unknown, so it is an error naming `action` ("reencrypt", "convert") rather than a guess
+ * that the volume is closed.
  */
-export async function openInDaemon(env: NodeJS.ProcessEnv, uuid: string, action: string): Promise<boolean> {
+export async function openInDaemon(
+  env: NodeJS.ProcessEnv,
+  uuid: string,
+  action: string,
+  timeoutMs = OPEN_CHECK_TIMEOUT_MS,
+): Promise<boolean> {
   try {
-    return await withDaemon(undefined, env, async (c) =>
-      (await c.call('volume.list', {})).some((s) => s.active && s.mapping?.uuid === uuid),
+    return await withDaemon(
+      undefined,
+      env,
+      async (c) => (await c.call('volume.list', {})).some((s) => s.active && s.mapping?.uuid === uuid),
+      { requestTimeoutMs: timeoutMs },
     );
   } catch (e) {
     if (isCryptmapError(e, 'EDAEMON_DOWN')) return false;

@@ -29,19 +29,35 @@ function replyError(body: ControlErrorBody): CryptmapError {
   return new CryptmapError(toErrorCode(body.code, 'EINTERNAL'), body.message, { exitCode: body.exitCode });
 }
 
+/**
+ * How long a request waits for the daemon's answer by default: long enough for its slowest
+ * operation (a suspend that drains I/O, a close that flushes to remote storage riding out its 30 s
+ * reconnect), finite so that a daemon that accepts and never answers cannot hold a verb for ever.
+ */
+export const CONTROL_REQUEST_TIMEOUT_MS = 300_000;
+
+export interface ControlClientOptions {
+  /** Deadline of each request unless the call gives its own (default CONTROL_REQUEST_TIMEOUT_MS). */
+  requestTimeoutMs?: number;
+}
+
 export class ControlClient {
   readonly #sock: Socket;
+  readonly #timeoutMs: number;
   #nextId = 1;
   readonly #waiting = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
   #closedError: Error | null = null;
+  readonly #fail: (e: Error) => void;
 
-  private constructor(sock: Socket) {
+  private constructor(sock: Socket, timeoutMs: number) {
     this.#sock = sock;
+    this.#timeoutMs = timeoutMs;
     const fail = (e: Error) => {
-      this.#closedError = e;
+      this.#closedError ??= e;
       for (const w of this.#waiting.values()) w.reject(e);
       this.#waiting.clear();
     };
+    this.#fail = fail;
     sock.on(
       'data',
       lineSplitter(
@@ -76,7 +92,7 @@ export class ControlClient {
   }
 
   /** Connect to the daemon in `runtimeDir`; a clear error when it is not running. */
-  static async connect(runtimeDir: string): Promise<ControlClient> {
+  static async connect(runtimeDir: string, opts: ControlClientOptions = {}): Promise<ControlClient> {
     const path = controlSocketPath(runtimeDir);
     const mapError = (e: NodeJS.ErrnoException): Error => {
       const sys =
@@ -106,7 +122,7 @@ export class ControlClient {
       sock.destroy();
       throw bad;
     }
-    return new ControlClient(sock);
+    return new ControlClient(sock, opts.requestTimeoutMs ?? CONTROL_REQUEST_TIMEOUT_MS);
   }
 
   /**
@@ -125,12 +141,41 @@ export class ControlClient {
     ) as Promise<OpResult<K>>;
   }
 
-  /** Send any operation, untyped (the transport under `call`; tests of the protocol itself). */
-  request(op: string, args: Record<string, unknown> = {}, bin?: Record<string, Uint8Array>): Promise<unknown> {
+  /**
+   * Send any operation, untyped (the transport under `call`; tests of the protocol itself). No answer
+   * within `timeoutMs` (default: the client's) rejects with EDAEMON_TIMEOUT and closes the connection
+   * (a late answer could no longer be told apart), failing any other request on it the same way.
+   */
+  request(
+    op: string,
+    args: Record<string, unknown> = {},
+    bin?: Record<string, Uint8Array>,
+    timeoutMs = this.#timeoutMs,
+  ): Promise<unknown> {
     if (this.#closedError) return Promise.reject(this.#closedError);
     const id = this.#nextId++;
     return new Promise<unknown>((resolve, reject) => {
-      this.#waiting.set(id, { resolve, reject });
+      const timer = setTimeout(() => {
+        this.#fail(
+          new CryptmapError(
+            'EDAEMON_TIMEOUT',
+            `the cryptmap daemon did not answer ${op} within ${timeoutMs / 1000} s (is it stuck? see its log)`,
+            { exitCode: 1 },
+          ),
+        );
+        this.#sock.destroy();
+      }, timeoutMs);
+      const done = () => clearTimeout(timer);
+      this.#waiting.set(id, {
+        resolve: (v) => {
+          done();
+          resolve(v);
+        },
+        reject: (e) => {
+          done();
+          reject(e);
+        },
+      });
       const { line, binary } = encodeRequest(id, op, args, bin);
       this.#sock.write(line);
       for (const b of binary) this.#sock.write(b, () => b.fill(0));

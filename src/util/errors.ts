@@ -149,6 +149,7 @@ export const ERROR_CODES = {
   EUNKNOWN_OP: 'a control operation the daemon does not know',
   EDAEMON_DOWN: 'no daemon listens on the control socket',
   EDAEMON_GONE: 'the daemon closed the connection',
+  EDAEMON_TIMEOUT: 'the daemon did not answer a request in time',
   EDAEMON_PERM: 'the control socket refuses this user',
   EDAEMON_RUNNING: 'another daemon already listens on the control socket',
   EDAEMON_START: 'the daemon did not start',

@@ -3,14 +3,20 @@
  * is stale and removed; a live one belongs to another server; anything that is not a socket is never
  * removed (a mistyped --socket must not delete a file); the socket appears with its final mode.
  */
-import { chmodSync, linkSync, lstatSync, mkdtempSync, rmdirSync, unlinkSync } from 'node:fs';
+import { chmodSync, linkSync, lstatSync, mkdtempSync, rmdirSync, rmSync, unlinkSync } from 'node:fs';
 import { createConnection, type Server } from 'node:net';
 import { basename, dirname, join } from 'node:path';
 import { type CryptmapError, type ErrorCode, fromSystemError } from './errors.js';
 
+/** How long the probe of an existing socket may take before it counts as live (a connect normally settles at once). */
+const PROBE_TIMEOUT_MS = 5_000;
+
 /**
  * Make `path` free for listen(): 'free' when nothing was there or a stale socket was removed,
  * 'live' when a server answers on it, 'not-socket' when something else is there (left alone).
+ * Only a refused connection (ECONNREFUSED: nobody listens) makes a socket stale; a full backlog
+ * (EAGAIN: a busy server), any other failure or no answer within PROBE_TIMEOUT_MS leaves it alone
+ * as live, so a server that is slow to accept never loses its socket.
  * @example if ((await clearStaleSocket(p)) !== 'free') throw new CryptmapError('EBUSY', `${p} is taken`);
  */
 export async function clearStaleSocket(path: string): Promise<'free' | 'live' | 'not-socket'> {
@@ -21,16 +27,21 @@ export async function clearStaleSocket(path: string): Promise<'free' | 'live' | 
     return 'free';
   }
   if (!isSocket) return 'not-socket';
-  const live = await new Promise<boolean>((resolve) => {
+  const state = await new Promise<'live' | 'stale' | 'gone'>((resolve) => {
     const s = createConnection(path);
-    s.once('connect', () => {
+    const settle = (v: 'live' | 'stale' | 'gone') => {
+      clearTimeout(timer);
       s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
+      resolve(v);
+    };
+    const timer = setTimeout(() => settle('live'), PROBE_TIMEOUT_MS);
+    s.once('connect', () => settle('live'));
+    s.once('error', (e: NodeJS.ErrnoException) =>
+      settle(e.code === 'ECONNREFUSED' ? 'stale' : e.code === 'ENOENT' ? 'gone' : 'live'),
+    );
   });
-  if (live) return 'live';
-  unlinkSync(path);
+  if (state === 'live') return 'live';
+  if (state === 'stale') rmSync(path, { force: true });
   return 'free';
 }
 

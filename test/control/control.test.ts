@@ -1,14 +1,16 @@
 import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync, statSync } from 'node:fs';
-import { connect } from 'node:net';
+import { connect, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { openInDaemon } from '../../src/cli/daemon-client.js';
 import { ControlClient } from '../../src/control/client.js';
 import { MAX_LINE_BYTES } from '../../src/control/protocol.js';
 import { controlSocketPath, ensureRuntimeDir } from '../../src/control/runtime-dir.js';
 import { ControlServer } from '../../src/control/server.js';
 import { CryptmapError } from '../../src/util/errors.js';
+import { within } from '../helpers/wait.js';
 
 function tmp(): string {
   const d = mkdtempSync(join(tmpdir(), 'cm-control-'));
@@ -74,6 +76,45 @@ test('malformed and oversized lines get an error reply and a closed connection',
     }
   } finally {
     await server.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a peer that accepts and never answers: the request fails with EDAEMON_TIMEOUT at its deadline, the check before a header rewrite says so', async () => {
+  const dir = tmp();
+  const silent = createServer((s) => s.resume()); // accepts, reads, never writes
+  await new Promise<void>((res) => silent.listen(controlSocketPath(dir), res));
+  const old = process.env.CRYPTMAP_RUNTIME_DIR;
+  try {
+    const c = await ControlClient.connect(dir, { requestTimeoutMs: 300 });
+    await within(
+      assert.rejects(
+        c.call('daemon.ping'),
+        (e: CryptmapError) => e.code === 'EDAEMON_TIMEOUT' && /did not answer daemon\.ping/.test(e.message),
+      ),
+      30_000,
+      'the ping to a silent peer to time out',
+    );
+    // The connection is closed: a later request fails at once instead of waiting again.
+    await within(
+      assert.rejects(c.request('echo.args'), (e: CryptmapError) => e.code === 'EDAEMON_TIMEOUT'),
+      5_000,
+      'a request on the timed-out connection to fail',
+    );
+    process.env.CRYPTMAP_RUNTIME_DIR = dir;
+    await within(
+      assert.rejects(
+        openInDaemon(process.env, 'some-uuid', 'reencrypt', 300),
+        (e: CryptmapError) =>
+          e.code === 'EDAEMON_CHECK' && /Cannot reencrypt: .*did not answer volume\.list/.test(e.message),
+      ),
+      30_000,
+      'the open check against a silent peer to fail',
+    );
+  } finally {
+    if (old === undefined) delete process.env.CRYPTMAP_RUNTIME_DIR;
+    else process.env.CRYPTMAP_RUNTIME_DIR = old;
+    await new Promise<void>((res) => silent.close(() => res()));
     rmSync(dir, { recursive: true, force: true });
   }
 });

@@ -1,14 +1,16 @@
-// clearStaleSocket: free, stale (removed), live (kept), and a regular file (never removed);
+// clearStaleSocket: free, stale (removed), live (kept, also when too busy to accept), and a regular file
+// (never removed);
 // listenUnixSocket: the socket placed with its final mode.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { existsSync, lstatSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
+import { createConnection, createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { CryptmapError } from '../../src/util/errors.js';
 import { clearStaleSocket, listenUnixSocket } from '../../src/util/unix-socket.js';
+import { within } from '../helpers/wait.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'cryptmap-sock-'));
 after(() => rmSync(dir, { recursive: true, force: true }));
@@ -30,6 +32,43 @@ test('a live socket is reported and kept', async () => {
     assert.ok(existsSync(path));
   } finally {
     await new Promise<void>((res) => server.close(() => res()));
+  }
+});
+
+test('a live server that is slow to accept (backlog full: EAGAIN) keeps its socket', async () => {
+  const path = join(dir, 'busy.sock');
+  // python3 listens with a backlog of 0 and never accepts: one connection waits in the queue, the
+  // next connect fails with EAGAIN although a server is there.
+  const py = spawn(
+    'python3',
+    [
+      '-c',
+      `import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.bind(${JSON.stringify(path)})\ns.listen(0)\nprint('up', flush=True)\nsys.stdin.read()`,
+    ],
+    { stdio: ['pipe', 'pipe', 'inherit'] },
+  );
+  const queued: Socket[] = [];
+  try {
+    await within(
+      new Promise<void>((res) => py.stdout!.once('data', () => res())),
+      30_000,
+      'python3 to listen (Debian package python3)',
+    );
+    const connectOnce = () =>
+      new Promise<string>((res) => {
+        const s = createConnection(path);
+        queued.push(s);
+        s.once('connect', () => res('connected'));
+        s.once('error', (e: NodeJS.ErrnoException) => res(e.code ?? 'error'));
+      });
+    assert.equal(await connectOnce(), 'connected');
+    assert.equal(await connectOnce(), 'EAGAIN');
+    assert.equal(await clearStaleSocket(path), 'live');
+    assert.ok(existsSync(path), 'the busy server lost its socket');
+  } finally {
+    for (const s of queued) s.destroy();
+    py.stdin!.end();
+    py.kill();
   }
 });
 

@@ -210,12 +210,18 @@ async function detach(argv: string[], dir: string, io: Parameters<VerbMain>[1]):
   const child = spawn(process.execPath, [entry, ...args], { detached: true, stdio: ['ignore', out, out], env: io.env });
   child.unref();
   closeSync(out);
-  for (let i = 0; i < 100; i++) {
+  // About 10 s for the child to answer a ping; each ping has its own short deadline (a process that
+  // accepts on the socket and never answers must not hold `--detach` for ever).
+  const deadline = Date.now() + 10_000;
+  while (Date.now() < deadline) {
     await new Promise((r) => setTimeout(r, 100));
     try {
-      const c = await ControlClient.connect(dir);
-      await c.call('daemon.ping');
-      c.close();
+      const c = await ControlClient.connect(dir, { requestTimeoutMs: 2_000 });
+      try {
+        await c.call('daemon.ping');
+      } finally {
+        c.close();
+      }
       io.stdout.write(`${child.pid}\n`);
       return 0;
     } catch {
