@@ -145,7 +145,7 @@ export class AgentHost {
     let keyWarning: string | undefined;
     let leases: EtcdLeases | undefined;
     // Set once the host exists: a lease lost before that has nothing open to fence.
-    let onLost: (volume: string, why: string) => void = () => {};
+    let onLost: (volume: string, why: string, msLeft: number) => void = () => {};
     try {
       const coord = opts.manifest.coordination;
       if (coord) {
@@ -154,7 +154,7 @@ export class AgentHost {
           node: opts.node ?? `${hostname()}:${stateDir}`,
           ...(coord.ttl !== undefined ? { ttlSeconds: coord.ttl } : {}),
           ...(coord.prefix !== undefined ? { prefix: coord.prefix } : {}),
-          onLost: (v, why) => onLost(v, why),
+          onLost: (v, why, msLeft) => onLost(v, why, msLeft),
           log,
         });
       } else if (targets.some((t) => t.device !== undefined)) {
@@ -216,7 +216,7 @@ export class AgentHost {
       control,
       leases,
     });
-    onLost = (v, why) => host.#fence(v, why);
+    onLost = (v, why, msLeft) => host.#fence(v, why, msLeft);
     return host;
   }
 
@@ -225,10 +225,10 @@ export class AgentHost {
    * (suspend, then close), then reconcile in the background, which takes the lease again when it is
    * free and waits while another node holds it.
    */
-  #fence(id: string, why: string): void {
+  #fence(id: string, why: string, msLeft: number): void {
     const t = this.#targets.find((x) => x.id === id);
     void (async () => {
-      if (t) await this.ports.fence(t, why);
+      if (t) await this.ports.fence(t, why, msLeft);
       if (this.#stopped) return;
       await this.reconcile(this.#ac.signal).catch((e) =>
         this.#log.error('reconcile after a lost lease failed', { error: (e as Error).message }),

@@ -263,22 +263,38 @@ export class DataPathPorts implements VolumePorts {
    * Single-writer fencing (the volume's lease is lost): suspend the mapping (new I/O waits, in-flight
    * I/O drains and is flushed, the key is wiped), then close it (waiting I/O fails). A volume still
    * attached to a kernel device stays suspended with its key wiped until it is detached: either way
-   * nothing more reaches the shared device.
+   * nothing more reaches the shared device. The fence has a deadline, half of `msLeft` (the time
+   * before the lease can expire and another node take over): a volume on shared storage whose
+   * suspend has not finished by then (the export unreachable, requests waiting for a reconnect) has
+   * its NBD client cut off (NbdDevice.fence): its I/O fails with EIO at once, nothing is re-sent
+   * later, and the suspend and close finish.
    */
-  async fence(v: VolumeTarget, why: string): Promise<void> {
+  async fence(v: VolumeTarget, why: string, msLeft?: number): Promise<void> {
     if (!this.core.registry.find(v.mapping)) return;
     log.error('fencing: stopping I/O to the volume', { volume: v.id, why });
+    let cut: NodeJS.Timeout | undefined;
+    const cutOff = () => {
+      if (v.device !== undefined && this.core.registry.fenceRemote(v.device, why))
+        log.error('fencing: storage cut off (I/O to it fails with EIO)', { volume: v.id });
+    };
+    if (v.device !== undefined) {
+      if (msLeft === undefined || msLeft <= 0) cutOff();
+      else cut = setTimeout(cutOff, msLeft / 2);
+    }
     try {
       await this.core.suspendVolume(v.mapping);
     } catch (e) {
       log.warn('fencing: suspend failed', { volume: v.id, error: e instanceof Error ? e.message : String(e) });
     }
+    clearTimeout(cut);
     this.#served.delete(v.mapping);
     this.#pseudoMounted.delete(v.mapping);
     try {
       await this.core.closeVolume(v.mapping, { force: true });
       log.info('fenced: volume closed', { volume: v.id });
     } catch (e) {
+      // Still open (attached): never let it reach the export again.
+      cutOff();
       log.warn('fenced: volume stays suspended', { volume: v.id, error: e instanceof Error ? e.message : String(e) });
     }
   }

@@ -139,6 +139,22 @@ export class DeviceRegistry {
     return undefined;
   }
 
+  /**
+   * Cut the NBD client behind `uri` off from its export (NbdDevice.fence: its I/O fails with EIO and
+   * is never sent again). False when no live table uses it.
+   */
+  fenceRemote(uri: string, why: string): boolean {
+    let found = false;
+    for (const mode of ['rw', 'ro']) {
+      const dev = this.#files.get(`${mode}:${uri}`)?.dev;
+      if (dev instanceof NbdDevice) {
+        dev.fence(why);
+        found = true;
+      }
+    }
+    return found;
+  }
+
   /** Target types this registry knows. */
   get targets(): Readonly<Record<string, TargetType>> {
     return this.#targets;

@@ -126,3 +126,65 @@ test('an export holding data, or unreachable, is refused and never written', asy
     await t.cleanup();
   }
 });
+
+test('fencing with the export gone: the NBD client is cut off by the deadline, waiting I/O fails, nothing reaches the export later', async () => {
+  // A lost server is waited for much longer than the fence may take: only the fence deadline ends the wait.
+  const saved = process.env.CRYPTMAP_NBD_RECONNECT_TIMEOUT_MS;
+  process.env.CRYPTMAP_NBD_RECONNECT_TIMEOUT_MS = '600000';
+  const img = join(servers.dir, 'fence.img');
+  writeFileSync(img, Buffer.alloc(40 * MiB));
+  let srv = await servers.start('nbdkit', (sock) => ['-f', '-U', sock, 'file', img]);
+  const t = await tempDir('cm-devvol-f-');
+  const node = await TestNode.start({ dir: t.dir, keys });
+  try {
+    const [v] = desiredVolumes(
+      parseManifest(manifest(`nbd+unix:///?socket=${srv.sock}`, 'none').replace('        mountpoint: /srv/db\n', '')),
+      join(t.dir, 'volumes'),
+    );
+    const r = await node.reconcile([v!], 'boot-1');
+    assert.ok(r.converged, JSON.stringify(r.volumes));
+    const h = node.core.registry.open(v!.mapping);
+    await h.write(0, Buffer.alloc(4096, 1));
+    await h.flush();
+    const dataAt = 16 * MiB; // the LUKS2 data offset
+    assert.ok(
+      !readFileSync(img)
+        .subarray(dataAt, dataAt + 4096)
+        .equals(Buffer.alloc(4096)),
+      'the first write landed',
+    );
+    await srv.kill();
+    // Written while the server is gone: held for the reconnect.
+    const pending = h.write(MiB, Buffer.alloc(64 << 10, 2)).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      node.real.fence(v!, 'lease lost (test)', 2000),
+      new Promise((_, reject) => {
+        timer = setTimeout(() => reject(new Error('the fence did not finish within 30 s')), 30_000);
+      }),
+    ]).finally(() => clearTimeout(timer));
+    const err = await pending;
+    assert.ok(err instanceof Error, 'the held write failed');
+    assert.equal(node.core.registry.find(v!.mapping), undefined, 'the mapping is closed');
+    await h.close().catch(() => {});
+    // The server comes back: nothing of the held write arrives (the client's reconnect backoff is at most 2 s).
+    srv = await servers.start('nbdkit', (sock) => ['-f', '-U', sock, 'file', img], srv.sock);
+    await new Promise((res) => setTimeout(res, 3000));
+    assert.ok(
+      readFileSync(img)
+        .subarray(dataAt + MiB, dataAt + MiB + (64 << 10))
+        .equals(Buffer.alloc(64 << 10)),
+      'the held write never reached the export',
+    );
+  } finally {
+    if (saved === undefined) delete process.env.CRYPTMAP_NBD_RECONNECT_TIMEOUT_MS;
+    else process.env.CRYPTMAP_NBD_RECONNECT_TIMEOUT_MS = saved;
+    // Bounded: a fence that failed leaves I/O waiting for the server (600 s).
+    await Promise.race([node.core.shutdown().catch(() => {}), new Promise((res) => setTimeout(res, 20_000).unref())]);
+    await t.cleanup();
+    await srv.stop();
+  }
+});

@@ -434,6 +434,22 @@ export class NbdDevice implements BlockDevice {
     return out;
   }
 
+  /**
+   * Single-writer fencing (the lease of a shared volume is lost): cut the device off from the export
+   * at once. Requests queued, held for a reconnect or in flight fail with EIO; nothing is sent again
+   * or replayed later (a reconnect under way gives up, the replay copies are dropped), and every
+   * later request fails too, so no write of this node reaches the export after another node may
+   * have taken it over. `health` shows the device failed with the reason. Idempotent.
+   */
+  fence(why: string): void {
+    if (this.#state === 'closed' || this.#failure !== undefined) return;
+    this.#retained = [];
+    this.#retainedBytes = 0;
+    this.#freeCopies.clear();
+    this.#freeCopyBytes = 0;
+    this.#fail(`fenced: ${why}`);
+  }
+
   close(): Promise<void> {
     this.#closing ??= this.#close();
     return this.#closing;
@@ -724,7 +740,7 @@ export class NbdDevice implements BlockDevice {
     let delay = 50;
     let last = reason;
     for (;;) {
-      if (this.#closing !== null) return;
+      if (this.#closing !== null || this.#failure !== undefined) return;
       const left = deadline - Date.now();
       if (left <= 0) {
         this.#fail(`the server did not come back within ${this.#opts.reconnectTimeoutMs} ms (last: ${last})`);
@@ -747,14 +763,16 @@ export class NbdDevice implements BlockDevice {
           return;
         }
         fresh = ns.map((n) => this.#wrap(n));
-        if (this.#closing !== null) {
+        if (this.#closing !== null || this.#failure !== undefined) {
           for (const c of fresh) c.close();
           return;
         }
         this.#conns = fresh;
         await this.#replay(fresh[0]!);
+        if (this.#failure !== undefined) return; // fenced during the replay
         break;
       } catch (e) {
+        if (this.#failure !== undefined) return;
         if (e instanceof HandshakeError && e.permanent) {
           this.#fail(`reconnecting: ${e.message}`);
           return;
