@@ -210,7 +210,10 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
       throw new LeaseWait(`waiting for the single-writer lease, held by ${who}`, res.holder);
     }
     const r = state.volumes[t.id];
-    if (r) r.lease = { holder: leases!.node, self: true };
+    if (r) {
+      r.lease = { holder: leases!.node, self: true };
+      delete r.leaseWait;
+    }
   };
 
   /** The persistent volume's key, from the key service, with backoff while it is unreachable. */
@@ -485,7 +488,9 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
             const t = targetOf(step.id);
             r = { ...newRecord(t), phase: 'waiting-for-lease', created: false };
             state.volumes[step.id] = r;
-          } else if (r.phase !== 'creating') r.phase = 'waiting-for-lease';
+          }
+          // The phase stays (formatted, ready, stopped...): the wait is shown beside it, not over it.
+          r.leaseWait = e.message;
           if (e.holder) r.lease = { holder: e.holder.node, self: false, since: e.holder.since };
           else delete r.lease;
           r.updatedAt = now();
@@ -555,9 +560,10 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
       if (!desired.has(id) || outcome.has(id)) continue;
       const r = state.volumes[id];
       if (o.probe.open && o.probe.attached && r) {
-        if (r.phase !== 'ready' || r.failed !== undefined) {
+        if (r.phase !== 'ready' || r.failed !== undefined || r.leaseWait !== undefined) {
           r.phase = 'ready';
           delete r.failed;
+          delete r.leaseWait;
           dirty = true;
         }
         outcome.set(id, { id, state: 'ready' });

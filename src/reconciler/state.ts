@@ -31,7 +31,11 @@ export type StepKind =
   | 'deleteFile'
   | 'refuse';
 
-/** `stopped`: closed by an agent shutdown (reopened at the next start); `retired`: no longer in the manifest. */
+/**
+ * `stopped`: closed by an agent shutdown (reopened at the next start); `retired`: no longer in the
+ * manifest; `waiting-for-lease`: a shared volume this node has not opened yet and whose lease another
+ * node holds (a volume that got further keeps its phase and shows the wait in `leaseWait`).
+ */
 export type VolumePhase = 'creating' | 'formatted' | 'ready' | 'refused' | 'retired' | 'stopped' | 'waiting-for-lease';
 
 export interface VolumeRecord {
@@ -58,6 +62,8 @@ export interface VolumeRecord {
   attach?: AttachInfo;
   /** Shared storage: who holds the volume's single-writer lease, as last seen (`self`: this node). */
   lease?: { holder: string; self: boolean; since?: string };
+  /** Shared storage: why the volume waits for its lease (another node holds it, etcd unreachable); its phase is kept. */
+  leaseWait?: string;
   updatedAt: string;
 }
 

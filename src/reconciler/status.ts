@@ -18,6 +18,8 @@ export interface StatusRow {
   note: string | null;
   /** Shared storage: the single-writer lease's holder, as last seen. */
   lease: { holder: string; self: boolean; since?: string } | null;
+  /** Shared storage: why the volume waits for its lease (its `state` is the phase it had reached). */
+  leaseWait: string | null;
 }
 
 export function statusRows(state: AgentState): StatusRow[] {
@@ -35,6 +37,7 @@ export function statusRows(state: AgentState): StatusRow[] {
       path: r.path,
       note: r.refused ?? r.failed ?? r.attach?.note ?? null,
       lease: r.lease ?? null,
+      leaseWait: r.leaseWait ?? null,
     }));
 }
 
@@ -42,7 +45,9 @@ export function statusRows(state: AgentState): StatusRow[] {
 export function formatStatus(rows: StatusRow[]): string {
   if (rows.length === 0) return 'no volumes\n';
   const head = ['VOLUME', 'CLASS', 'STATE', 'MOUNTPOINT', 'DEVICE', 'NBD'];
-  const body = rows.map((r) => [r.id, r.class, r.state, r.mountpoint ?? '-', r.device ?? '-', r.nbdUri ?? '-']);
+  const state = (r: StatusRow) =>
+    r.leaseWait !== null && r.state !== 'waiting-for-lease' ? `${r.state}, waiting-for-lease` : r.state;
+  const body = rows.map((r) => [r.id, r.class, state(r), r.mountpoint ?? '-', r.device ?? '-', r.nbdUri ?? '-']);
   const widths = head.map((h, i) => Math.max(h.length, ...body.map((b) => b[i]!.length)));
   const line = (cols: string[]) =>
     cols
@@ -53,6 +58,7 @@ export function formatStatus(rows: StatusRow[]): string {
   for (const r of rows) {
     if (r.lease)
       out += `${r.id}: lease held by ${r.lease.holder}${r.lease.self ? ' (this node)' : ''}${r.lease.since ? ` since ${r.lease.since}` : ''}\n`;
+    if (r.leaseWait) out += `${r.id}: ${r.leaseWait}\n`;
     if (r.note) out += `${r.id}: ${r.note}\n`;
   }
   return out;

@@ -9,6 +9,7 @@ import { parseManifest } from '../../src/reconciler/manifest.js';
 import { desiredVolumes, plan } from '../../src/reconciler/plan.js';
 import { type KeyPort, type LeasePort, MemoryKeyStore, type VolumeTarget } from '../../src/reconciler/ports.js';
 import { type AgentState, emptyState } from '../../src/reconciler/state.js';
+import { formatStatus, statusRows } from '../../src/reconciler/status.js';
 import { CryptmapError } from '../../src/util/errors.js';
 import { setLogSink } from '../../src/util/log.js';
 import { Secret } from '../../src/util/secret.js';
@@ -464,4 +465,47 @@ test('a shared volume whose format fails gives its single-writer lease back (kep
   n.world.diskFull = false;
   await run(n, 'boot-1', [shared], { leases });
   assert.ok(held.has(shared.id), 'an open shared volume holds its lease');
+});
+
+test('waiting for a lease keeps the phase the volume reached; status shows both; taking the lease clears the wait', async () => {
+  let holder: string | undefined;
+  const leases: LeasePort = {
+    node: 'node-a',
+    acquire: async () => {
+      if (holder !== undefined && holder !== 'node-a')
+        return { held: false, holder: { node: holder, since: '2026-01-01T00:00:00Z' } };
+      holder = 'node-a';
+      return { held: true };
+    },
+    holds: () => holder === 'node-a',
+    release: async () => {
+      if (holder === 'node-a') holder = undefined;
+    },
+  };
+  const shared: VolumeTarget = { ...DATA, device: 'nbd://store/data', path: 'nbd://store/data' };
+  const n = node();
+  await run(n, 'boot-1', [shared], { leases });
+  assert.equal((await n.state.load()).volumes[shared.id]?.phase, 'ready');
+  // Fenced: the volume is closed, the lease is gone, another node holds it now.
+  n.world.mounted.clear();
+  n.world.attached.clear();
+  n.world.mappings.clear();
+  holder = 'node-b';
+  const r = await run(n, 'boot-1', [shared], { leases });
+  assert.equal(r.volumes.find((v) => v.id === shared.id)?.state, 'waiting-for-lease');
+  const rec = (await n.state.load()).volumes[shared.id]!;
+  assert.equal(rec.phase, 'ready', 'the phase reached is kept');
+  assert.equal(rec.formatted, true);
+  assert.match(rec.leaseWait ?? '', /held by node-b/);
+  const text = formatStatus(statusRows(await n.state.load()));
+  assert.match(text, /ready, waiting-for-lease/);
+  assert.match(text, /lease held by node-b since 2026-01-01T00:00:00Z/);
+  assert.match(text, /waiting for the single-writer lease, held by node-b/);
+  // Node B lets go: the volume comes back and the wait is gone.
+  holder = undefined;
+  await run(n, 'boot-1', [shared], { leases });
+  const back = (await n.state.load()).volumes[shared.id]!;
+  assert.equal(back.phase, 'ready');
+  assert.equal(back.leaseWait, undefined);
+  assert.doesNotMatch(formatStatus(statusRows(await n.state.load())), /waiting/);
 });
