@@ -247,12 +247,16 @@ export function parseManifest(text: string, file = 'manifest.yaml'): Manifest {
   const services: ServiceSpec[] = [];
   const serviceNames = new Map<string, number>();
   const mountpoints = new Map<string, string>();
-  const checkCrypto = (path: Seg[], cipher: string, keySizeBits: number, sizeBytes: number, sector: number) => {
+  /** The cipher and, for a volume with a `size` (not on a device: its size is the export's), the size. */
+  const checkCrypto = (path: Seg[], cipher: string, keySizeBits: number, sector: number, sizeBytes?: number) => {
     if (/-xts-/.test(cipher) && keySizeBits === 128)
       problem([...path, 'keySize'], 'XTS needs two keys: 256 or 512 bits');
+    if (sizeBytes === undefined) return;
     if (sizeBytes % sector !== 0) problem([...path, 'size'], `must be a multiple of the sector size (${sector} bytes)`);
     if (sizeBytes < MIN_VOLUME_BYTES) problem([...path, 'size'], 'must be at least 1M');
   };
+  /** One export per volume: where it is (transport and export name, however the URI spells them) -> which volume. */
+  const devices = new Map<string, { id: string; uri: string }>();
   (raw.services ?? []).forEach((s, i) => {
     const sp: Seg[] = ['services', i];
     if (serviceNames.has(s.name))
@@ -276,7 +280,20 @@ export function parseManifest(text: string, file = 'manifest.yaml'): Manifest {
       if (rv.device !== undefined) {
         vol.device = rv.device as string;
         try {
-          parseNbdUri(vol.device);
+          const t = parseNbdUri(vol.device);
+          const where =
+            t.transport.kind === 'unix'
+              ? `unix:${posix.normalize(t.transport.path)}`
+              : `tcp:${t.transport.host.toLowerCase()}:${t.transport.port}`;
+          const key = `${where}/${t.exportName}`;
+          const id = `${s.name}/${vol.name}`;
+          const other = devices.get(key);
+          if (other)
+            problem(
+              [...vp, 'device'],
+              `${id} and ${other.id} name the same export (${vol.device}${other.uri !== vol.device ? ` and ${other.uri}` : ''}): two volumes on one export destroy each other; give each its own`,
+            );
+          else devices.set(key, { id, uri: vol.device });
         } catch (e) {
           problem([...vp, 'device'], (e as Error).message);
         }
@@ -291,9 +308,7 @@ export function parseManifest(text: string, file = 'manifest.yaml'): Manifest {
       if (volNames.has(vol.name))
         problem([...vp, 'name'], `volume '${vol.name}' is already defined in service '${s.name}'`);
       volNames.add(vol.name);
-      if (rv.size !== undefined) checkCrypto(vp, vol.cipher, vol.keySizeBits, vol.sizeBytes, vol.sectorSize);
-      else if (/-xts-/.test(vol.cipher) && vol.keySizeBits === 128)
-        problem([...vp, 'keySize'], 'XTS needs two keys: 256 or 512 bits');
+      checkCrypto(vp, vol.cipher, vol.keySizeBits, vol.sectorSize, rv.size !== undefined ? vol.sizeBytes : undefined);
       if (vol.mountpoint !== undefined) {
         if (vol.filesystem === 'none')
           problem([...vp, 'mountpoint'], 'a volume with filesystem none cannot be mounted');
@@ -326,7 +341,7 @@ export function parseManifest(text: string, file = 'manifest.yaml'): Manifest {
     };
     if (swapNames.has(sw.name)) problem([...p, 'name'], `swap '${sw.name}' is already defined`);
     swapNames.add(sw.name);
-    checkCrypto(p, sw.cipher, sw.keySizeBits, sw.sizeBytes, sw.sectorSize);
+    checkCrypto(p, sw.cipher, sw.keySizeBits, sw.sectorSize, sw.sizeBytes);
     return sw;
   });
   if (problems.length > 0) fail(problems.sort((a, b) => a.line - b.line));

@@ -170,3 +170,30 @@ test("a volume on shared storage: device is an NBD URI, persistent, its size is 
   assert.equal(t.path, v.device);
   assert.equal(t.device, v.device);
 });
+
+test('two volumes on one export are refused, naming both, however the URIs spell it; XTS keys checked on device volumes too', () => {
+  const base = 'version: 1\nservices:\n  - name: db\n    volumes:\n';
+  assert.deepEqual(
+    problems(
+      `${base}      - {name: a, class: persistent, device: "nbd://store/vol"}\n  - name: web\n    volumes:\n      - {name: b, class: persistent, device: "nbd://STORE:10809/vol"}\n      - {name: c, class: persistent, device: "nbd://store/other"}\n`,
+    ),
+    [
+      'm.yaml:8: services[1].volumes[0].device: web/b and db/a name the same export (nbd://STORE:10809/vol and nbd://store/vol): two volumes on one export destroy each other; give each its own',
+    ],
+  );
+  assert.deepEqual(
+    problems(
+      `${base}      - {name: a, class: persistent, device: "nbd+unix:///e?socket=/run/s.sock"}\n      - {name: b, class: persistent, device: "nbd+unix:///e?socket=/run/./s.sock"}\n`,
+    ),
+    [
+      'm.yaml:6: services[0].volumes[1].device: db/b and db/a name the same export (nbd+unix:///e?socket=/run/./s.sock and nbd+unix:///e?socket=/run/s.sock): two volumes on one export destroy each other; give each its own',
+    ],
+  );
+  // Different exports on one server, or one export name on two servers, are fine.
+  parseManifest(
+    `${base}      - {name: a, class: persistent, device: "nbd://store/x"}\n      - {name: b, class: persistent, device: "nbd://store2/x"}\n`,
+  );
+  assert.deepEqual(problems(`${base}      - {name: a, class: persistent, device: "nbd://store/x", keySize: 128}\n`), [
+    'm.yaml:5: services[0].volumes[0].keySize: XTS needs two keys: 256 or 512 bits',
+  ]);
+});
