@@ -3,6 +3,7 @@
  * verb that uses a running daemon goes through here (the verbs that start one use control/ directly).
  */
 import { ControlClient, type ControlClientOptions } from '../control/client.js';
+import type { VolumeStatus } from '../control/protocol.js';
 import { runtimeDir } from '../control/runtime-dir.js';
 import { CryptmapError, isCryptmapError } from '../util/errors.js';
 
@@ -51,15 +52,26 @@ export async function openInDaemon(
   action: string,
   timeoutMs = OPEN_CHECK_TIMEOUT_MS,
 ): Promise<boolean> {
+  return (await activeInDaemon(undefined, env, uuid, action, timeoutMs)) !== undefined;
+}
+
+/** `openInDaemon` with `--runtime-dir`, giving the daemon's status of that volume (its name, mapping). */
+export async function activeInDaemon(
+  dirFlag: string | undefined,
+  env: NodeJS.ProcessEnv,
+  uuid: string,
+  action: string,
+  timeoutMs = OPEN_CHECK_TIMEOUT_MS,
+): Promise<VolumeStatus | undefined> {
   try {
     return await withDaemon(
-      undefined,
+      dirFlag,
       env,
-      async (c) => (await c.call('volume.list', {})).some((s) => s.active && s.mapping?.uuid === uuid),
+      async (c) => (await c.call('volume.list', {})).find((s) => s.active && s.mapping?.uuid === uuid),
       { requestTimeoutMs: timeoutMs },
     );
   } catch (e) {
-    if (isCryptmapError(e, 'EDAEMON_DOWN')) return false;
+    if (isCryptmapError(e, 'EDAEMON_DOWN')) return undefined;
     const why = e instanceof Error ? e.message : String(e);
     throw new CryptmapError(
       'EDAEMON_CHECK',

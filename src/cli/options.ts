@@ -25,7 +25,17 @@ interface OptionRow {
 const KDF_VERBS = ['benchmark', 'luksFormat', 'luksAddKey', 'luksChangeKey', 'luksConvertKey', 'reencrypt'] as const;
 const NEW_KEYSLOT_VERBS = ['luksFormat', 'luksAddKey', 'luksChangeKey', 'luksConvertKey', 'reencrypt'] as const;
 /** cryptmap's own: the verbs that talk to the daemon. */
-const DAEMON_VERBS = ['open', 'close', 'status', 'luksSuspend', 'luksResume', 'resize', 'attach', 'detach'] as const;
+const DAEMON_VERBS = [
+  'open',
+  'close',
+  'status',
+  'luksSuspend',
+  'luksResume',
+  'resize',
+  'attach',
+  'detach',
+  'reencrypt',
+] as const;
 
 export const OPTIONS = {
   'align-payload': { type: 'string', verbs: ['luksFormat'] },

@@ -52,6 +52,18 @@ export interface VolumeStatus {
   nbdConnections: number;
   /** The NBD client under a volume whose device is an NBD URI: ready, reconnecting or failed (then I/O fails with EIO). */
   remote?: { state: string; reconnects: number; lastError?: string };
+  /** The volume's online reencryption, while it runs and after it ended (until the volume is closed). */
+  reencrypt?: ReencryptStatus;
+}
+
+/** An online reencryption the daemon runs or ran on a volume (`cryptmap reencrypt` on an active volume). */
+export interface ReencryptStatus {
+  state: 'running' | 'finished' | 'stopped' | 'failed';
+  /** Data bytes in the new layout (by earlier runs too) and in all. */
+  doneBytes: number;
+  totalBytes: number;
+  /** Why it failed. */
+  error?: string;
 }
 
 /** Activation flags `refresh` sets (absent = off), as in CryptMapping. */
@@ -62,7 +74,7 @@ type NoArgs = Record<string, never>;
 
 /**
  * Every control operation: its arguments, its result and whether it carries a volume key (the
- * binary argument `key`, see above). The client's `call` and the daemon's handlers are typed from
+ * binary argument `key`, see above; `pair`: `key` and `newKey`, the old and new keys of a reencryption). The client's `call` and the daemon's handlers are typed from
  * this map, so adding an operation is one entry here, one handler (daemon/handlers.ts) and its callers.
  */
 export interface ControlOps {
@@ -73,6 +85,13 @@ export interface ControlOps {
   'volume.refresh': { args: Name & { flags: RefreshFlags }; key: 'required'; result: VolumeStatus };
   /** LUKS2 volumes need the key (cryptsetup asks for the passphrase), others not. */
   'volume.resize': { args: Name & { sizeSectors?: number }; key: 'optional'; result: VolumeStatus };
+  /**
+   * Online reencryption of an active LUKS2 volume whose header is in reencryption: `key` is the
+   * volume key it runs with, `newKey` the new one. Returns once it runs (progress: volume.status).
+   */
+  'volume.reencrypt': { args: Name & { hotzoneBytes?: number }; key: 'pair'; result: VolumeStatus };
+  /** Stop it after the current hotzone (resumable); returns once it stopped. */
+  'volume.reencryptStop': { args: Name; result: VolumeStatus };
   'volume.close': { args: Name & { force?: boolean }; result: null };
   'volume.status': { args: Name; result: VolumeStatus };
   'volume.list': { args: NoArgs; result: VolumeStatus[] };
@@ -99,13 +118,15 @@ export type OpArgs<K extends ControlOp> = ControlOps[K]['args'];
 export type OpResult<K extends ControlOp> = ControlOps[K]['result'];
 type KeyMode<K extends ControlOp> = ControlOps[K] extends { key: infer M } ? M : 'none';
 
-/** The binary arguments of a call: `{ key }` where the operation takes a volume key. */
+/** The binary arguments of a call: `{ key }` where the operation takes a volume key (`{ key, newKey }`: a pair). */
 export type OpBin<K extends ControlOp> =
-  KeyMode<K> extends 'required'
-    ? [bin: { key: Uint8Array }]
-    : KeyMode<K> extends 'optional'
-      ? [bin?: { key: Uint8Array }]
-      : [];
+  KeyMode<K> extends 'pair'
+    ? [bin: { key: Uint8Array; newKey: Uint8Array }]
+    : KeyMode<K> extends 'required'
+      ? [bin: { key: Uint8Array }]
+      : KeyMode<K> extends 'optional'
+        ? [bin?: { key: Uint8Array }]
+        : [];
 /** The arguments of `ControlClient.call` after the op name (args may be left out when none are required). */
 export type CallRest<K extends ControlOp> =
   NoArgs extends OpArgs<K> ? [args?: OpArgs<K>, ...OpBin<K>] : [args: OpArgs<K>, ...OpBin<K>];
@@ -116,7 +137,8 @@ export type CallRest<K extends ControlOp> =
  */
 export type ReceivedArgs<K extends ControlOp> = {
   readonly [P in keyof OpArgs<K>]?: unknown;
-} & (KeyMode<K> extends 'none' ? unknown : { readonly key?: unknown });
+} & (KeyMode<K> extends 'none' ? unknown : { readonly key?: unknown }) &
+  (KeyMode<K> extends 'pair' ? { readonly newKey?: unknown } : unknown);
 /** A handler of an operation without a result (null) may return nothing: the server sends null. */
 // biome-ignore lint/suspicious/noConfusingVoidType: Promise<void> is what DmControl's verbs return
 export type OpHandler<K extends ControlOp> = (args: ReceivedArgs<K>) => Promise<OpResult<K> | void>;

@@ -19,6 +19,13 @@ import { syncedDm } from './export-sync.js';
 import { FuseExports } from './fuse-export.js';
 import { Keyring } from './keyring.js';
 import * as lifecycle from './volume-lifecycle.js';
+import {
+  hotzoneDevices,
+  newKeyDescription,
+  type OnlineReencryptOptions,
+  startOnlineReencrypt,
+  stopOnlineReencrypt,
+} from './reencrypt-online.js';
 import { type CoreParts, VolumeTable } from './volume-table.js';
 
 export interface DaemonCoreOptions {
@@ -97,6 +104,41 @@ export class DaemonCore {
     });
   }
 
+  /**
+   * A verb that rebuilds or rekeys the table (suspend, resume, refresh, resize) is refused while the
+   * volume is mapped by an online reencryption (running, or stopped half-way: two keys, two layouts).
+   */
+  #notInReencryption(name: string): void {
+    const st = this.#parts.volumes.find(name)?.reencrypt?.status.state;
+    if (st !== undefined && st !== 'finished')
+      throw new CryptmapError(
+        'EBUSY',
+        st === 'running'
+          ? `Reencryption of ${name} is running; wait for it or stop it first.`
+          : `Device ${name} is in reencryption (${st}); resume it (cryptmap reencrypt --resume-only) or close it first.`,
+        { exitCode: EXIT_BUSY, errno: 'EBUSY' },
+      );
+  }
+
+  /**
+   * Online reencryption (reencrypt-online.ts): start rewriting `name` with the new key while it is
+   * served; returns once it runs. Takes copies of the keys.
+   */
+  reencryptVolume(
+    name: string,
+    oldKey: Secret,
+    newKey: Secret,
+    opts: OnlineReencryptOptions = {},
+  ): Promise<VolumeStatus> {
+    return this.#volumeVerb(name, () => startOnlineReencrypt(this.#parts, name, oldKey, newKey, opts));
+  }
+
+  /** Stop the online reencryption of `name` after its current hotzone; resolves once it stopped. */
+  async stopReencrypt(name: string): Promise<VolumeStatus> {
+    await stopOnlineReencrypt(this.#parts, name);
+    return this.statusOf(name);
+  }
+
   /** The dmsetup verbs, with NBD exports following the devices. */
   dm(): DmControl {
     return syncedDm(this.#parts, this.#serial);
@@ -107,28 +149,48 @@ export class DaemonCore {
     return this.#volumeVerb(m.name, () => lifecycle.openVolume(this.#parts, m, volumeKey));
   }
 
+  /** Close: a running online reencryption stops first (after its current hotzone; resumable). */
   closeVolume(name: string, opts: { force?: boolean } = {}): Promise<void> {
-    return this.#serial(name, () => lifecycle.closeVolume(this.#parts, name, opts.force ?? false));
+    return this.#serial(name, async () => {
+      await stopOnlineReencrypt(this.#parts, name);
+      await lifecycle.closeVolume(this.#parts, name, opts.force ?? false);
+      // What a reencryption left: the hotzone device of one that failed, the new key.
+      for (const h of hotzoneDevices(name))
+        if (this.registry.find(h)) await this.#parts.dm.remove(h, { force: true }).catch(() => undefined);
+      this.keyring.delete(newKeyDescription(name));
+    });
   }
 
   /** luksSuspend (volume-lifecycle.ts). */
   suspendVolume(name: string): Promise<VolumeStatus> {
-    return this.#volumeVerb(name, () => lifecycle.suspendVolume(this.#parts, name));
+    return this.#volumeVerb(name, () => {
+      this.#notInReencryption(name);
+      return lifecycle.suspendVolume(this.#parts, name);
+    });
   }
 
   /** luksResume with the volume key (volume-lifecycle.ts). Takes a copy of the key. */
   resumeVolume(name: string, volumeKey: Secret): Promise<VolumeStatus> {
-    return this.#volumeVerb(name, () => lifecycle.resumeVolume(this.#parts, name, volumeKey));
+    return this.#volumeVerb(name, () => {
+      this.#notInReencryption(name);
+      return lifecycle.resumeVolume(this.#parts, name, volumeKey);
+    });
   }
 
   /** cryptsetup refresh: new activation flags, the running key (volume-lifecycle.ts). */
   refreshVolume(name: string, flags: RefreshFlags, volumeKey: Secret): Promise<VolumeStatus> {
-    return this.#volumeVerb(name, () => lifecycle.refreshVolume(this.#parts, name, flags, volumeKey));
+    return this.#volumeVerb(name, () => {
+      this.#notInReencryption(name);
+      return lifecycle.refreshVolume(this.#parts, name, flags, volumeKey);
+    });
   }
 
   /** cryptsetup resize; LUKS2 needs the running key (volume-lifecycle.ts). */
   resizeVolume(name: string, sizeSectors: number | undefined, volumeKey?: Secret): Promise<VolumeStatus> {
-    return this.#volumeVerb(name, () => lifecycle.resizeVolume(this.#parts, name, sizeSectors, volumeKey));
+    return this.#volumeVerb(name, () => {
+      this.#notInReencryption(name);
+      return lifecycle.resizeVolume(this.#parts, name, sizeSectors, volumeKey);
+    });
   }
 
   statusOf(name: string): VolumeStatus {
@@ -153,6 +215,7 @@ export class DaemonCore {
         reconnects: h.reconnects,
         ...(h.lastError !== undefined ? { lastError: h.lastError } : {}),
       };
+    if (rec?.reencrypt) st.reencrypt = { ...rec.reencrypt.status };
     const a = rec?.attachment;
     if (a) {
       st.attachedDevice = a.devicePath;
@@ -195,6 +258,8 @@ export class DaemonCore {
     if (this.#closing) return;
     this.#closing = true;
     await Promise.allSettled([...this.#chains.values()]);
+    // Online reencryptions stop after their current hotzone (resumable, online or offline).
+    await Promise.allSettled([...this.#parts.volumes.values()].map((r) => stopOnlineReencrypt(this.#parts, r.name)));
     const { dm, volumes } = this.#parts;
     // Suspended devices go first (their data was flushed at suspend): detaching, the NBD server's
     // flush and their queued requests would otherwise wait for a resume that cannot come.

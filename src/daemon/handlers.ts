@@ -1,6 +1,6 @@
 /**
  * Control-socket operations of the daemon (control/protocol.ts ControlOps): `dm.*` (dmsetup verbs),
- * `volume.*` (open, close, suspend, resume, refresh, resize, status, list), `attach`/`detach`,
+ * `volume.*` (open, close, suspend, resume, refresh, resize, reencrypt, status, list), `attach`/`detach`,
  * `daemon.ping`. Args never reach a log: they may carry keys. Keyed operations take the key through
  * `withKey` (wiped however the call ends).
  */
@@ -34,6 +34,23 @@ export function daemonHandlers(core: DaemonCore): OpHandlers {
       if (a.key === undefined) return core.resizeVolume(name, size);
       return withKey(a, (key) => core.resizeVolume(name, size, key));
     },
+    'volume.reencrypt': (a) => {
+      const name = nameArg(a.name);
+      const hotzoneBytes =
+        a.hotzoneBytes === undefined
+          ? undefined
+          : need<number>(
+              a.hotzoneBytes,
+              (x) => typeof x === 'number' && Number.isSafeInteger(x) && x > 0,
+              'hotzoneBytes',
+            );
+      return withKey(a, (oldKey) =>
+        withKey({ key: a.newKey }, (newKey) =>
+          core.reencryptVolume(name, oldKey, newKey, hotzoneBytes === undefined ? {} : { hotzoneBytes }),
+        ),
+      );
+    },
+    'volume.reencryptStop': async (a) => core.stopReencrypt(nameArg(a.name)),
     'volume.close': async (a) => core.closeVolume(nameArg(a.name), { force: a.force === true }),
     'volume.status': async (a) => core.statusOf(nameArg(a.name)),
     'volume.list': async () => core.volumes(),

@@ -10,6 +10,7 @@ import type { Attachment } from '../control/protocol.js';
 import type { DeviceRegistry, InProcessDmControl } from '../dm/index.js';
 import type { NbdServer } from '../nbd/index.js';
 import type { FuseExports } from './fuse-export.js';
+import type { ReencryptJob } from './reencrypt-online.js';
 import type { Keyring } from './keyring.js';
 
 export interface VolumeRecord {
@@ -22,6 +23,8 @@ export interface VolumeRecord {
   attachment?: Attachment;
   /** luksSuspend'ed: HMAC-SHA256 of the wiped key under a random salt, to check the key resume brings. */
   suspendedKeyTag?: { salt: Buffer; tag: Buffer };
+  /** Its online reencryption (reencrypt-online.ts), while it runs and after it ended. */
+  reencrypt?: ReencryptJob;
 }
 
 /** The records by name; a record goes when its device is removed. */

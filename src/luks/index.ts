@@ -27,14 +27,25 @@ export { noKeyError } from './errors.js';
 export type { Luks2Json } from './luks2-json.js';
 export { CHECK_NAMES, validateLuks2Json, parseJsonArea } from './luks2-json.js';
 export { withDeviceLock, lockDir } from './lock.js';
-export type { EncryptInitOptions, ReencryptInitOptions, ReencryptRunOptions, Resilience } from './reencrypt.js';
+export type {
+  EncryptInitOptions,
+  HotzoneHooks,
+  ReencryptInitOptions,
+  ReencryptKeys,
+  ReencryptLayout,
+  ReencryptRunOptions,
+  Resilience,
+} from './reencrypt.js';
 export {
   initDecrypt,
   initEncrypt,
   initReencrypt,
   inReencryption,
+  reencryptLayout,
   runReencrypt,
+  runReencryptWithKeys,
   unlockInReencryption,
+  unlockReencryptKeys,
 } from './reencrypt.js';
 export { convertLuks1ToLuks2, convertLuks2ToLuks1, planLuks1Moves } from './convert.js';
 export type { TokenUnlockOptions, TokenUnlockResult } from './token-unlock.js';

@@ -66,6 +66,28 @@ export interface ReencryptRunOptions {
   onProgress?: (doneBytes: number, totalBytes: number) => void;
   /** When aborted, stops cleanly after the current hotzone (resumable). */
   signal?: AbortSignal;
+  /** Online reencryption: a live mapping serves the data while it runs (the daemon's hooks). */
+  hotzone?: HotzoneHooks;
+}
+
+/**
+ * What a live mapping of the data does around each hotzone (logical bytes [off, off+len) of the data,
+ * in the run's direction), so that clients keep reading and writing the rest (online reencryption).
+ */
+export interface HotzoneHooks {
+  /**
+   * Before the hotzone's old data is read: from here until `done`, I/O to it waits and I/O in flight
+   * to it has completed; the rest maps to the new layout before the hotzone's side, the old one after.
+   */
+  start(off: number, len: number): Promise<void>;
+  /** The hotzone is written in the new layout and flushed: its I/O goes on, in the new layout. */
+  done(off: number, len: number): Promise<void>;
+}
+
+/** The volume keys a reencryption works with: of the old segment and of the new one (absent for plaintext). */
+export interface ReencryptKeys {
+  oldKey?: Uint8Array;
+  newKey?: Uint8Array;
 }
 
 function fail(msg: string, code: ErrorCode = 'EREENCRYPT', exitCode = 1): never {
@@ -872,6 +894,107 @@ export async function runReencrypt(
   passphrase: Uint8Array,
   o: ReencryptRunOptions = {},
 ): Promise<boolean> {
+  return run(vol, (j, want) => unlockAll(vol, j, passphrase, want), o);
+}
+
+/**
+ * `runReencrypt` with the volume keys themselves (online reencryption: the CLI unlocked them, the
+ * daemon runs). Each key is checked against its digest; the caller keeps and wipes its copies.
+ */
+export async function runReencryptWithKeys(
+  vol: Luks2Volume,
+  keys: ReencryptKeys,
+  o: ReencryptRunOptions = {},
+): Promise<boolean> {
+  return run(
+    vol,
+    async (j, want) => {
+      const out = new Map<string, Buffer>();
+      const l = reencryptLayout(j);
+      const given: Array<[string | undefined, Uint8Array | undefined]> = [
+        [l.oldDigest, keys.oldKey],
+        [l.newDigest, keys.newKey],
+      ];
+      for (const [d, k] of given) {
+        if (d === undefined || k === undefined || !want.includes(d)) continue;
+        const dg = j.digests[d]!;
+        const vk = Buffer.from(k);
+        if ((await handlerFor(DIGEST_HANDLERS, dg.type)?.verify(dg, vk)) === true) out.set(d, vk);
+        else vk.fill(0);
+      }
+      return out;
+    },
+    o,
+  );
+}
+
+/** What a live mapping needs to know of a reencryption on disk: its mode, direction and the old and new segments. */
+export interface ReencryptLayout {
+  mode: Mode;
+  backward: boolean;
+  resilience: Resilience;
+  /** The old data segment (backup-previous) and the new one (backup-final). */
+  previous: L2Segment;
+  final: L2Segment;
+  oldDigest?: string;
+  newDigest?: string;
+}
+
+/** The layout of the reencryption `j` is in (invalid metadata is an error). */
+export function reencryptLayout(j: Luks2Json): ReencryptLayout {
+  const ksId = reencryptKeyslotId(j);
+  const prev = segmentByFlag(j, 'backup-previous');
+  const fin = segmentByFlag(j, 'backup-final');
+  if (!inReencryption(j) || ksId === undefined || !prev || !fin) fail('Device is not in reencryption.', 'EINVAL');
+  const ks = j.keyslots[ksId]!;
+  const mode = ks.mode as Mode;
+  if (
+    !['reencrypt', 'encrypt', 'decrypt'].includes(mode) ||
+    (ks.direction !== 'forward' && ks.direction !== 'backward')
+  )
+    fail('Reencryption metadata is invalid.');
+  const l: ReencryptLayout = {
+    mode,
+    backward: ks.direction === 'backward',
+    resilience: resilienceOf(ks.area as Record<string, unknown>),
+    previous: structuredClone(prev[1]),
+    final: structuredClone(fin[1]),
+  };
+  const dOld = prev[1].type === 'crypt' ? digestOfSegment(j, prev[0]) : undefined;
+  const dNew = fin[1].type === 'crypt' ? digestOfSegment(j, fin[0]) : undefined;
+  if (dOld !== undefined) l.oldDigest = dOld;
+  if (dNew !== undefined) l.newDigest = dNew;
+  return l;
+}
+
+/**
+ * The keys of a reencryption the passphrase opens (the old volume key and the new one, each
+ * verified by its digest), for a caller that hands them to the daemon (online reencryption).
+ * ENOKEY (exit 2) when it does not open both.
+ */
+export async function unlockReencryptKeys(
+  vol: Luks2Volume,
+  passphrase: Uint8Array,
+): Promise<{ oldKey?: Buffer; newKey?: Buffer }> {
+  const j = vol.jsonSnapshot();
+  const l = reencryptLayout(j);
+  const want = [l.oldDigest, l.newDigest].filter((d): d is string => d !== undefined);
+  const keys = await unlockAll(vol, j, passphrase, want);
+  if (!want.every((d) => keys.has(d))) {
+    for (const k of keys.values()) k.fill(0);
+    throw new CryptmapError('ENOKEY', 'No key available with this passphrase.', { exitCode: 2, errno: 'EPERM' });
+  }
+  return {
+    ...(l.oldDigest !== undefined ? { oldKey: keys.get(l.oldDigest)! } : {}),
+    ...(l.newDigest !== undefined ? { newKey: keys.get(l.newDigest)! } : {}),
+  };
+}
+
+async function run(
+  vol: Luks2Volume,
+  getKeys: (j: Luks2Json, want: string[]) => Promise<Map<string, Buffer>>,
+  o: ReencryptRunOptions,
+): Promise<boolean> {
   const j = vol.jsonSnapshot();
   const ksId = reencryptKeyslotId(j);
   if (!inReencryption(j) || ksId === undefined) fail('Device is not in reencryption.', 'EINVAL');
@@ -910,7 +1033,7 @@ export async function runReencrypt(
     fail('Reencryption metadata is invalid.');
   const version = requirementVersion(j);
   const want = [dOld, dNew].filter((d): d is string => d !== undefined);
-  const keys = await unlockAll(vol, j, passphrase, want);
+  const keys = await getKeys(j, want);
   const wipeKeys = () => {
     for (const k of keys.values()) k.fill(0);
   };
@@ -975,18 +1098,22 @@ export async function runReencrypt(
     const meta = vol.metadataDevice;
     const maxLen = hotzoneLength(c, o.hotzoneBytes);
     let next: { off: number; len: number } | null;
+    /** The last hotzone, whose I/O waits until the final header is written. */
+    let lastHot: { off: number; len: number } | undefined;
     const hot = Object.values(j.segments).find((s) => s.flags?.includes('in-reencryption'));
     if (hot) {
       const off = Number(hot.offset) - c.newOff;
       const len = Number(hot.size);
       if (!(len >= 512) || !(off >= 0) || off + len > c.total || (type === 'datashift' && len > shift))
         fail('Reencryption metadata is invalid.');
+      await o.hotzone?.start(off, len);
       await recover(c, meta, data, off, len);
       next = following(c, off, len, maxLen);
       if (next) {
         postSegments(c, off, len);
         await vol.commitJson(c.j);
-      }
+        await o.hotzone?.done(off, len);
+      } else lastHot = { off, len };
     } else next = nextHotzone(c, maxLen);
     // Progress counts what earlier runs did too (cryptsetup's rh->progress).
     let done = c.total;
@@ -1008,6 +1135,7 @@ export async function runReencrypt(
         }
         if (!(len > 0) || len > buf.length) fail('Reencryption metadata is invalid.');
         const b = buf.subarray(0, len);
+        await o.hotzone?.start(off, len);
         await data.read(sourceOffset(c, off), b);
         if (type !== 'none') {
           hotSegments(c, off, len);
@@ -1020,12 +1148,16 @@ export async function runReencrypt(
         }
         await transform(c, b, off);
         await data.write(c.newOff + off, b);
-        if (type !== 'none') await data.flush();
+        if (type !== 'none' || o.hotzone) await data.flush();
         next = following(c, off, len, maxLen);
         if (next && type !== 'none') {
           postSegments(c, off, len);
           await vol.commitJson(c.j);
         }
+        // After the header says the hotzone is done: a crash before it would recover the hotzone from
+        // the journal over what clients wrote to it since.
+        if (next) await o.hotzone?.done(off, len);
+        else lastHot = { off, len };
         done += len;
         o.onProgress?.(done, c.total);
       }
@@ -1034,6 +1166,7 @@ export async function runReencrypt(
     }
     await data.flush();
     await finish(vol, c, data);
+    if (lastHot) await o.hotzone?.done(lastHot.off, lastHot.len);
     return true;
   } finally {
     oldC?.dispose();

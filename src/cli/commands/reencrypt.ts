@@ -21,7 +21,8 @@ import {
 import type { SectorBytes } from '../../engine/types.js';
 import type { BlockDevice } from '../../blockdev/types.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
-import { openInDaemon } from '../daemon-client.js';
+import { activeInDaemon, openInDaemon } from '../daemon-client.js';
+import { activeByName, runOnline } from './reencrypt-online.js';
 import { Progress } from '../progress.js';
 import type { CliIO, VerbMain } from '../types.js';
 import {
@@ -139,7 +140,6 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
     keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
     keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
   };
-  const hdr = headerPath(v, device);
   if (v.encrypt)
     return encryptMain(io, v, device, {
       resilience,
@@ -150,21 +150,40 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       offsetSectors,
       passSrc,
     });
+  // `reencrypt NAME`: the device and header of the daemon's active volume NAME.
+  let dataPath = device;
+  let hdr = headerPath(v, device);
+  if (!v.header && !isRemoteDevice(device) && !(await stat(device).catch(() => null))) {
+    const st = await activeByName(io, v['runtime-dir'], device);
+    if (st?.mapping) {
+      dataPath = st.mapping.device;
+      hdr = st.mapping.header ?? st.mapping.device;
+    }
+  }
   const dev = await openDevice(hdr, true);
   let dataDev: BlockDevice | undefined;
   try {
-    if (v.header) dataDev = await openDevice(device, true);
+    if (hdr !== dataPath) dataDev = await openDevice(dataPath, true);
     return await withDeviceLock(hdr, async () => {
       const vol = await loadLuks(dev, hdr);
       if (vol.type !== 'luks2')
         wrongParams('LUKS1 reencryption is not supported by cryptmap yet (convert it to LUKS2, or use cryptsetup).');
       const l2 = vol as Luks2Volume;
-      // Online reencryption (through the daemon's mapping) is not there yet: never rewrite data under a live mapping.
-      if (await openInDaemon(io.env, l2.uuid, 'reencrypt'))
+      // Active in the daemon: it runs the reencryption under its live mapping (online).
+      const active = await activeInDaemon(v['runtime-dir'], io.env, l2.uuid, 'reencrypt');
+      if (active && v['force-offline-reencrypt'])
         throw new CryptmapError(
           'EBUSY',
-          `Device ${device} is active in the cryptmap daemon; online reencryption is not supported yet. Close it first.`,
+          `Device ${device} is active in the cryptmap daemon (${active.name}): it cannot be reencrypted offline.`,
           { exitCode: 5 },
+        );
+      if (active && v.decrypt)
+        throw new CryptmapError(
+          'ENOTSUP',
+          `Online decryption is not supported by cryptmap; close ${active.name} first.`,
+          {
+            exitCode: 1,
+          },
         );
       const running = inReencryption(l2.jsonSnapshot());
       if (v['resume-only'] && !running)
@@ -200,6 +219,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
           });
           if (v['init-only']) return 0;
         }
+        if (active) return await runOnline(io, v, device, active.name, l2, pass, hotzoneBytes);
         return await run(io, v, device, l2, pass, dataDev, hotzoneBytes);
       } finally {
         pass.fill(0);

@@ -73,6 +73,11 @@ export function formatStatus(s: VolumeStatus, raw = ''): string {
   out += `  nbd:     ${s.nbdUri}\n`;
   if (s.remote)
     out += `  remote:  ${s.remote.state}${s.remote.state !== 'ready' && s.remote.lastError ? ` (${s.remote.lastError})` : ''}\n`;
+  const r = s.reencrypt;
+  if (r) {
+    const pct = r.totalBytes > 0 ? ((r.doneBytes / r.totalBytes) * 100).toFixed(1) : '0.0';
+    out += `  reencryption: ${r.state} ${pct}% (${r.doneBytes} of ${r.totalBytes} bytes)${r.error ? `: ${r.error}` : ''}\n`;
+  }
   if (s.attachedDevice) out += `  attached: ${s.attachedDevice}${s.attachedVia ? ` (via ${s.attachedVia})` : ''}\n`;
   return out;
 }

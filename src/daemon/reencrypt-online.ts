@@ -1,0 +1,335 @@
+/**
+ * Online LUKS2 reencryption (cryptsetup reencrypt on an active device): the daemon rewrites the data
+ * of a volume it serves with the new volume key while NBD and FUSE clients keep reading and writing.
+ * The on-disk work is luks/reencrypt.ts (runReencryptWithKeys: cryptsetup's state, so either tool
+ * resumes after a crash); this file keeps the mapping right around each hotzone, as cryptsetup does
+ * with its overlay and hotzone devices (lib/luks2/luks2_reencrypt.c; read, not copied):
+ *
+ *   <name>:           [0, off) crypt new key | [off, off+len) linear <name>-hotzone-N | [off+len, end) crypt old key
+ *                     (backward: old, hotzone, new)
+ *   <name>-hotzone-N: the whole data in the old layout, suspended while the hotzone is rewritten (its
+ *                     I/O waits; what was in flight has drained), then reloaded in the new layout and
+ *                     resumed once the header says the hotzone is done.
+ *
+ * Two hotzone devices take turns, so the next one is ready before the top table stops naming the
+ * previous one. Only the hotzone's I/O waits, apart from the moment each top table is swapped in
+ * (a suspend that drains what is in flight). At the end the top table is one crypt target with the
+ * new key under the volume's keyring name, and the record's mapping describes the new segment.
+ * A stop (SIGINT in the CLI, close, daemon shutdown) leaves the mixed mapping without hotzone
+ * device; a failure inside a hotzone maps it to `error` (its data is half rewritten: resume the
+ * reencryption, online or offline, to recover it from the resilience data).
+ */
+import { type CryptMapping, cryptTableLine, keyDescription, keyRefArg } from '../activate/mapping.js';
+import { openBlockDevice } from '../blockdev/open.js';
+import type { BlockDevice } from '../blockdev/types.js';
+import type { ReencryptStatus } from '../control/protocol.js';
+import type { SectorBytes } from '../engine/types.js';
+import { Luks2Volume, openLuks, reencryptLayout, runReencryptWithKeys } from '../luks/index.js';
+import { constantTimeEqual } from '../util/bytes.js';
+import { CryptmapError, EXIT_BUSY, EXIT_FAILURE, isCryptmapError } from '../util/errors.js';
+import { logger } from '../util/log.js';
+import type { Secret } from '../util/secret.js';
+import type { CoreParts } from './volume-table.js';
+
+const log = logger('daemon');
+
+/** Largest hotzone online unless asked otherwise: the most a client's I/O to it waits for. */
+export const ONLINE_HOTZONE_BYTES = 8 << 20;
+
+/** A reencryption the daemon runs (VolumeRecord.reencrypt). */
+export interface ReencryptJob {
+  status: ReencryptStatus;
+  readonly abort: AbortController;
+  /** Settles when the job ends, however it ends (never rejects). */
+  readonly ended: Promise<void>;
+}
+
+export interface OnlineReencryptOptions {
+  hotzoneBytes?: number;
+}
+
+const busy = (msg: string) => new CryptmapError('EBUSY', msg, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
+const refuse = (msg: string, code = 'EINVAL') => new CryptmapError(code, msg, { exitCode: EXIT_FAILURE });
+
+/** The keyring name of the new volume key while the reencryption runs. */
+export function newKeyDescription(name: string): string {
+  return `${keyDescription(name)}:reencrypt`;
+}
+
+/** The names of the two hotzone devices of volume `name`. */
+export function hotzoneDevices(name: string): string[] {
+  return [`${name}-hotzone-0`, `${name}-hotzone-1`];
+}
+
+/** A segment of a crypt mapping: logical sectors [start, start+len) of `m`, keyed by `keyArg`. */
+function segmentLine(m: CryptMapping, keyArg: string, startSectors: number, lenSectors: number): string {
+  const line = cryptTableLine(
+    {
+      ...m,
+      sizeSectors: lenSectors,
+      ivOffsetSectors: m.ivOffsetSectors + BigInt(startSectors),
+      offsetSectors: m.offsetSectors + startSectors,
+    },
+    keyArg,
+  );
+  return `${startSectors}${line.slice(1)}`;
+}
+
+/**
+ * Start reencrypting the active LUKS2 volume `name` (its header already in reencryption: the CLI
+ * initialised it) with its old and new volume keys. Returns once the job runs; its progress is in
+ * the record's `reencrypt` status. Takes copies of the keys.
+ */
+export async function startOnlineReencrypt(
+  p: CoreParts,
+  name: string,
+  oldKey: Secret,
+  newKey: Secret,
+  o: OnlineReencryptOptions = {},
+): Promise<void> {
+  const dev = p.registry.find(name);
+  const rec = p.volumes.find(name);
+  const m = rec?.mapping;
+  if (!dev || !rec) throw new CryptmapError('ENODEV', `Device ${name} is not active.`, { exitCode: 4 });
+  if (m === undefined || m.type !== 'LUKS2')
+    throw refuse(`Device ${name} is not an active LUKS2 volume: online reencryption needs one.`, 'ENOTLUKS');
+  if (rec.reencrypt?.status.state === 'running') throw busy(`Reencryption of ${name} is already running.`);
+  if (dev.suspended) throw refuse(`Volume ${name} is suspended (luksResume it first).`, 'ESUSPENDED');
+  if (m.readOnly || dev.readOnly) throw refuse(`Device ${name} is active read-only: it cannot be reencrypted online.`);
+  if (m.ivLargeSectors) throw refuse('Online reencryption of a mapping with iv_large_sectors is not supported.');
+  if (o.hotzoneBytes !== undefined && (!Number.isSafeInteger(o.hotzoneBytes) || o.hotzoneBytes < 512))
+    throw refuse('Invalid hotzone size.', 'EARGS');
+  const running = await p.keyring.resolve({ type: 'logon', description: keyDescription(name), keyBytes: m.keyBytes });
+  try {
+    if (!constantTimeEqual(running.expose(), oldKey.expose()))
+      throw refuse(`The volume key given is not the one active volume ${name} runs with.`, 'EKEY');
+  } finally {
+    running.dispose();
+  }
+  const hdrPath = m.header ?? m.device;
+  const hdrDev = await openBlockDevice(hdrPath, { readOnly: false });
+  let dataDev: BlockDevice | undefined;
+  let vol: Luks2Volume | undefined;
+  try {
+    const l = await openLuks(hdrDev);
+    if (!(l instanceof Luks2Volume)) throw refuse(`Device ${hdrPath} is not LUKS2.`, 'ENOTLUKS');
+    vol = l;
+    if (vol.uuid !== m.uuid) throw refuse(`The header on ${hdrPath} is not the one ${name} was opened from.`);
+    const lay = reencryptLayout(vol.jsonSnapshot());
+    if (lay.mode !== 'reencrypt')
+      throw refuse(`Online ${lay.mode}ion is not supported by cryptmap; close ${name} and run it offline.`, 'ENOTSUP');
+    const prev = lay.previous;
+    const fin = lay.final;
+    if (
+      prev.encryption !== m.cipher ||
+      Number(prev.offset) !== m.offsetSectors * 512 ||
+      (prev.sector_size ?? 512) !== m.sectorBytes ||
+      BigInt(prev.iv_tweak ?? '0') !== m.ivOffsetSectors ||
+      prev.offset !== fin.offset
+    )
+      throw refuse(`The mapping of ${name} is not the reencryption's old segment.`);
+    if (newKey.length === 0 || oldKey.length !== m.keyBytes) throw refuse('Volume key sizes do not match.', 'EKEY');
+    if (m.header !== undefined) dataDev = await openBlockDevice(m.device, { readOnly: false });
+    const dataBytes = (dataDev ?? hdrDev).sizeBytes - Number(fin.offset);
+    if (dataBytes !== m.sizeSectors * 512)
+      throw refuse(`The mapping of ${name} (${m.sizeSectors} sectors) does not cover the whole data device.`);
+    const next: CryptMapping = {
+      ...m,
+      cipher: fin.encryption!,
+      keyBytes: newKey.length,
+      sectorBytes: (fin.sector_size ?? 512) as SectorBytes,
+      ivOffsetSectors: BigInt(fin.iv_tweak ?? '0'),
+      offsetSectors: Number(fin.offset) / 512,
+    };
+    p.keyring.set(newKeyDescription(name), newKey.expose());
+    const ac = new AbortController();
+    const status: ReencryptStatus = { state: 'running', doneBytes: 0, totalBytes: dataBytes };
+    const keys = { oldKey: Buffer.from(oldKey.expose()), newKey: Buffer.from(newKey.expose()) };
+    const v = vol;
+    const d = dataDev;
+    vol = undefined;
+    dataDev = undefined;
+    const ended = (async () => {
+      const run = new HotzoneMapping(p, name, m, next, lay.backward);
+      try {
+        const finished = await runReencryptWithKeys(v, keys, {
+          ...(d ? { dataDev: d } : {}),
+          hotzoneBytes: o.hotzoneBytes ?? ONLINE_HOTZONE_BYTES,
+          signal: ac.signal,
+          hotzone: run,
+          onProgress: (done, total) => {
+            status.doneBytes = done;
+            status.totalBytes = total;
+          },
+        });
+        if (finished) {
+          await run.finish();
+          status.state = 'finished';
+          log.info('online reencryption finished', { name });
+        } else {
+          await run.stop();
+          status.state = 'stopped';
+          log.info('online reencryption stopped', { name, doneBytes: status.doneBytes });
+        }
+      } catch (e) {
+        await run.fail().catch(() => undefined);
+        status.state = 'failed';
+        status.error = isCryptmapError(e) || e instanceof Error ? e.message : String(e);
+        log.error('online reencryption failed', { name, error: status.error });
+      } finally {
+        keys.oldKey.fill(0);
+        keys.newKey.fill(0);
+        p.keyring.delete(newKeyDescription(name));
+        await d?.close().catch(() => undefined);
+        await hdrDev.close().catch(() => undefined);
+      }
+    })();
+    rec.reencrypt = { status, abort: ac, ended };
+    log.info('online reencryption started', { name, totalBytes: dataBytes });
+  } catch (e) {
+    await dataDev?.close().catch(() => undefined);
+    await hdrDev.close().catch(() => undefined);
+    throw e;
+  }
+}
+
+/** Stop the running reencryption of `name` after its current hotzone and wait for it (no-op when none runs). */
+export async function stopOnlineReencrypt(p: CoreParts, name: string): Promise<void> {
+  const job = p.volumes.find(name)?.reencrypt;
+  if (!job) return;
+  job.abort.abort();
+  await job.ended;
+}
+
+/** The mapping of a volume in online reencryption: the luks HotzoneHooks over the daemon's dm verbs. */
+class HotzoneMapping {
+  readonly #p: CoreParts;
+  readonly #name: string;
+  readonly #old: CryptMapping;
+  readonly #new: CryptMapping;
+  readonly #backward: boolean;
+  readonly #totalSectors: number;
+  /** The hotzone device the top table names now, and the hotzone. */
+  #hot: { dev: string; off: number; len: number } | undefined;
+  /** Logical bytes in the new layout so far: [0, boundary) forward, [boundary, end) backward. */
+  #boundary: number;
+
+  constructor(p: CoreParts, name: string, oldM: CryptMapping, newM: CryptMapping, backward: boolean) {
+    this.#p = p;
+    this.#name = name;
+    this.#old = oldM;
+    this.#new = newM;
+    this.#backward = backward;
+    this.#totalSectors = oldM.sizeSectors;
+    this.#boundary = backward ? oldM.sizeSectors * 512 : 0;
+  }
+
+  #oldLine(start: number, len: number): string {
+    return segmentLine(this.#old, keyRefArg(this.#old), start, len);
+  }
+  #newLine(start: number, len: number): string {
+    return segmentLine(this.#new, `:${this.#new.keyBytes}:logon:${newKeyDescription(this.#name)}`, start, len);
+  }
+
+  /** The top table: new and old parts around [off, off+len), which maps to `hot` (or is left to the sides when absent). */
+  #topTable(off: number, len: number, hot?: string): string {
+    const a = off / 512;
+    const b = (off + len) / 512;
+    const T = this.#totalSectors;
+    const lines: string[] = [];
+    const before = (s: number, n: number) => (this.#backward ? this.#oldLine(s, n) : this.#newLine(s, n));
+    const after = (s: number, n: number) => (this.#backward ? this.#newLine(s, n) : this.#oldLine(s, n));
+    if (hot === undefined) {
+      if (a > 0) lines.push(before(0, a));
+      if (a < T) lines.push(after(a, T - a));
+    } else {
+      if (a > 0) lines.push(before(0, a));
+      lines.push(`${a} ${b - a} linear ${hot} ${a}`);
+      if (b < T) lines.push(after(b, T - b));
+    }
+    return lines.join('\n');
+  }
+
+  async #swapTop(table: string): Promise<void> {
+    const dm = this.#p.dm;
+    // suspend first through the daemon's dm control: it switches the FUSE direct route off before.
+    await dm.suspend(this.#name);
+    try {
+      await dm.load(this.#name, table);
+    } finally {
+      await dm.resume(this.#name);
+    }
+  }
+
+  async #removeHot(dev: string): Promise<void> {
+    if (this.#p.registry.find(dev)) await this.#p.dm.remove(dev, { force: true });
+  }
+
+  async start(off: number, len: number): Promise<void> {
+    const dm = this.#p.dm;
+    // The one the top table does not name (a run resumed after a failure may find both left over).
+    const names = hotzoneDevices(this.#name);
+    const dev = names.find((n) => n !== this.#hot?.dev && !this.#p.registry.find(n)) ?? names[0]!;
+    await this.#removeHot(dev);
+    await dm.create(dev, {
+      table: this.#oldLine(0, this.#totalSectors),
+      uuid: `CRYPT-TEMP-${this.#old.uuid.replace(/-/g, '')}-${dev}`,
+    });
+    await this.#swapTop(this.#topTable(off, len, dev));
+    this.#hot = { dev, off, len };
+    for (const n of names) if (n !== dev) await this.#removeHot(n);
+    // From here the hotzone's I/O waits, and what was in flight to it is done.
+    await dm.suspend(dev);
+  }
+
+  async done(off: number, len: number): Promise<void> {
+    const h = this.#hot;
+    if (!h || h.off !== off || h.len !== len) throw new CryptmapError('EINVAL', 'hotzone out of order');
+    await this.#p.dm.load(h.dev, this.#newLine(0, this.#totalSectors));
+    await this.#p.dm.resume(h.dev);
+    this.#boundary = this.#backward ? off : off + len;
+  }
+
+  /** Finished: one crypt target with the new key under the volume's keyring name. */
+  async finish(): Promise<void> {
+    const p = this.#p;
+    const key = await p.keyring.resolve({
+      type: 'logon',
+      description: newKeyDescription(this.#name),
+      keyBytes: this.#new.keyBytes,
+    });
+    try {
+      p.keyring.set(keyDescription(this.#name), key.expose());
+    } finally {
+      key.dispose();
+    }
+    const rec = p.volumes.get(this.#name);
+    rec.mapping = this.#new;
+    await this.#swapTop(cryptTableLine(this.#new, keyRefArg(this.#new)));
+    if (this.#hot) await this.#removeHot(this.#hot.dev);
+    this.#hot = undefined;
+  }
+
+  /** Stopped between hotzones: the mixed mapping stays, without a hotzone device. */
+  async stop(): Promise<void> {
+    if (!this.#hot) return;
+    await this.#swapTop(this.#topTable(this.#boundary, 0));
+    await this.#removeHot(this.#hot.dev);
+    this.#hot = undefined;
+  }
+
+  /** Failed inside a hotzone: its data is half rewritten, so its I/O fails until the reencryption is resumed. */
+  async fail(): Promise<void> {
+    const h = this.#hot;
+    if (!h) return;
+    const dev = this.#p.registry.find(h.dev);
+    if (!dev) return;
+    if (!dev.suspended) {
+      // The failure came after the hotzone was done (a header write): the mapping is right as it is.
+      await this.stop();
+      return;
+    }
+    await this.#p.dm.load(h.dev, `0 ${this.#totalSectors} error`);
+    await this.#p.dm.resume(h.dev);
+  }
+}
