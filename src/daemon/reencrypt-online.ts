@@ -26,7 +26,7 @@ import type { ReencryptStatus } from '../control/protocol.js';
 import type { SectorBytes } from '../engine/types.js';
 import { Luks2Volume, openLuks, reencryptLayout, runReencryptWithKeys } from '../luks/index.js';
 import { constantTimeEqual } from '../util/bytes.js';
-import { CryptmapError, EXIT_BUSY, EXIT_FAILURE, isCryptmapError } from '../util/errors.js';
+import { CryptmapError, type ErrorCode, EXIT_BUSY, EXIT_FAILURE, isCryptmapError } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import type { Secret } from '../util/secret.js';
 import type { CoreParts } from './volume-table.js';
@@ -49,7 +49,7 @@ export interface OnlineReencryptOptions {
 }
 
 const busy = (msg: string) => new CryptmapError('EBUSY', msg, { exitCode: EXIT_BUSY, errno: 'EBUSY' });
-const refuse = (msg: string, code = 'EINVAL') => new CryptmapError(code, msg, { exitCode: EXIT_FAILURE });
+const refuse = (msg: string, code: ErrorCode = 'EINVAL') => new CryptmapError(code, msg, { exitCode: EXIT_FAILURE });
 
 /** The keyring name of the new volume key while the reencryption runs. */
 export function newKeyDescription(name: string): string {
