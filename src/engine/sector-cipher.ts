@@ -298,6 +298,10 @@ export interface CryptPoolStats {
   busy: number;
   queued: number;
   queuedBytes: number;
+  /** Counters since the pool started (0 from an older addon): jobs run, wake-ups of the JS thread, thread sleeps for want of work. */
+  jobs: number;
+  wakeups: number;
+  sleeps: number;
 }
 
 /** The native crypt pool's threads, busy threads and queue (metrics); null when there is no pool. */
@@ -305,7 +309,15 @@ export function cryptPoolStats(): CryptPoolStats | null {
   const addon = loadNative();
   if (addon === null || typeof addon.poolStats !== 'function') return null;
   const s = addon.poolStats();
-  return { threads: s.threads, busy: s.busy, queued: s.queued, queuedBytes: s.queuedBytes };
+  return {
+    threads: s.threads,
+    busy: s.busy,
+    queued: s.queued,
+    queuedBytes: s.queuedBytes,
+    jobs: s.jobs ?? 0,
+    wakeups: s.wakeups ?? 0,
+    sleeps: s.sleeps ?? 0,
+  };
 }
 
 /**

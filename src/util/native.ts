@@ -110,8 +110,10 @@ export interface NativeAddon {
   setPoolThreads(n: number): number;
   /**
    * The crypt pool's state (metrics): threads that take requests, threads started, threads running a
-   * job now, jobs waiting for a thread and their bytes, jobs not yet delivered to JS. Optional: an
-   * addon built before it was added lacks it.
+   * job now, jobs waiting for a thread and their bytes, jobs not yet delivered to JS; and counters
+   * since the pool started: jobs run, wake-ups of the JS thread (each delivers a batch of
+   * completions), times a thread went to sleep for want of work, yields to the JS thread. Optional:
+   * an addon built before it was added lacks it (and the counters).
    */
   poolStats?(): {
     threads: number;
@@ -120,6 +122,10 @@ export interface NativeAddon {
     queued: number;
     queuedBytes: number;
     inflight: number;
+    jobs?: number;
+    wakeups?: number;
+    sleeps?: number;
+    yields?: number;
   };
   /** fallocate(PUNCH_HOLE | KEEP_SIZE); throws an Error with `code` = errno name on failure. */
   punchHole(fd: number, offsetBytes: number, lengthBytes: number): void;
