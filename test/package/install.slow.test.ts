@@ -4,15 +4,29 @@
  * from source; from that prefix: `cryptmap --version`, `cryptmap benchmark`, and a LUKS round trip
  * (luksFormat read back by cryptsetup; a daemon, open, data written and read back over NBD by qemu-io
  * across a close and reopen). A second install with --ignore-scripts (no compiler: no addon) runs on
- * the js backend. npm needs the registry (or its cache) for the three runtime dependencies.
+ * the js backend. From each install, the library examples (examples/*.mjs as shipped) run in a
+ * project of their own that has the installed package in its node_modules, importing `cryptmap/...`
+ * as a user's code does. npm needs the registry (or its cache) for the runtime dependencies.
  */
 import assert from 'node:assert/strict';
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
-import { chmodSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync,
+  cpSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
+import { checkExamples } from './examples-helpers.js';
 
 const ROOT = fileURLToPath(new URL('../../../', import.meta.url));
 const VERSION = (JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { version: string }).version;
@@ -85,6 +99,7 @@ async function pack(): Promise<string> {
     'scripts/build-native.mjs',
     'contrib/systemd/cryptmap-daemon.service',
     'package.json',
+    ...['engine', 'blockdev', 'dm', 'luks', 'nbd'].map((e) => `examples/${e}.mjs`),
   ]) {
     assert.ok(paths.includes(p), `the tarball holds ${p}`);
   }
@@ -116,6 +131,17 @@ async function install(prefix: string, extra: string[]): Promise<string> {
   const bin = join(prefix, 'bin', 'cryptmap');
   assert.ok(existsSync(bin), `${bin} installed`);
   return bin;
+}
+
+/** A user's project with the installed package in node_modules; the shipped examples run from it. */
+async function examplesFromInstall(prefix: string, tag: string): Promise<void> {
+  const installed = join(prefix, 'lib', 'node_modules', 'cryptmap');
+  const app = join(dir, `app-${tag}`);
+  mkdirSync(join(app, 'node_modules'), { recursive: true });
+  writeFileSync(join(app, 'package.json'), JSON.stringify({ name: `app-${tag}`, private: true, type: 'module' }));
+  symlinkSync(installed, join(app, 'node_modules', 'cryptmap'));
+  cpSync(join(installed, 'examples'), app, { recursive: true });
+  await checkExamples(app, app);
 }
 
 async function luksRoundTrip(bin: string, tag: string): Promise<void> {
@@ -179,6 +205,7 @@ test('npm pack, npm install -g: --version, benchmark on the native addon built a
   assert.equal(b[0]!.backend, 'native');
   assert.ok(b[0]!.encryptMBps > 0);
   await luksRoundTrip(bin, 'native');
+  await examplesFromInstall(join(dir, 'prefix'), 'native');
 });
 
 test('installed without running install scripts (no addon): the js backend serves the same verbs', async () => {
@@ -194,4 +221,5 @@ test('installed without running install scripts (no addon): the js backend serve
   }[];
   assert.equal(b[0]!.backend, 'js');
   await luksRoundTrip(bin, 'js');
+  await examplesFromInstall(prefix, 'js');
 });
