@@ -110,6 +110,11 @@ export interface ControlOps {
   'dm.info': { args: { name?: string }; result: DmInfo[] };
   'dm.ls': { args: NoArgs; result: DmListEntry[] };
   'dm.message': { args: Name & { sector: number; message: string[] }; result: string };
+  /** The agent only (`cryptmap volume snapshot`): a snapshot of a volume in a thin pool (reconciler/snapshot.ts). */
+  'agent.snapshot': {
+    args: { volume: string; name: string };
+    result: { volume: string; name: string; thinId: number };
+  };
 }
 
 export type ControlOp = keyof ControlOps;

@@ -22,8 +22,16 @@ import { AGENT_PID_FILE, AGENT_RUN_DIR, AGENT_VOLUME_DIR, runningAgentPid } from
 import type { ApplyOptions, ApplyReport, RetryPolicy } from '../reconciler/apply.js';
 import { keyServiceForManifest } from '../reconciler/keys.js';
 import type { Manifest } from '../reconciler/manifest.js';
-import { desiredVolumes } from '../reconciler/plan.js';
-import { type KeyPort, type LeasePort, MemoryKeyStore, type VolumeTarget } from '../reconciler/ports.js';
+import { desiredPools, desiredVolumes } from '../reconciler/plan.js';
+import {
+  type KeyPort,
+  type LeasePort,
+  MemoryKeyStore,
+  type PoolTarget,
+  type VolumeTarget,
+} from '../reconciler/ports.js';
+import { snapshotVolume } from '../reconciler/snapshot.js';
+import { need } from '../control/args.js';
 import { StateStore } from '../reconciler/state.js';
 import { CryptmapError, EXIT_BUSY } from '../util/errors.js';
 import { ensureTrustedDir, writeFileReplacing } from '../util/trusted-path.js';
@@ -61,6 +69,7 @@ export class AgentHost {
   readonly core: DaemonCore;
   readonly ports: DataPathPorts;
   #targets: VolumeTarget[];
+  #pools: PoolTarget[];
   readonly mode: ServeMode;
   readonly modeReason: string | undefined;
   readonly keyServiceDescription: string;
@@ -87,6 +96,7 @@ export class AgentHost {
     core: DaemonCore;
     ports: DataPathPorts;
     targets: VolumeTarget[];
+    pools: PoolTarget[];
     mode: { mode: ServeMode; reason?: string };
     keys: KeyPort;
     closeKeys: () => Promise<void>;
@@ -101,6 +111,7 @@ export class AgentHost {
     this.core = init.core;
     this.ports = init.ports;
     this.#targets = init.targets;
+    this.#pools = init.pools;
     this.mode = init.mode.mode;
     this.modeReason = init.mode.reason;
     this.#keys = init.keys;
@@ -138,7 +149,19 @@ export class AgentHost {
       rebaseMount(t, opts.mountRoot),
     );
     const core = new DaemonCore({ nbdSocketPath: nbdSocketPath(runDir), attachDir: join(runDir, 'attach') });
-    const control = new ControlServer(daemonHandlers(core));
+    // `agent.snapshot` is the agent's own operation (the plain daemon refuses it).
+    let snapshotOp: (volume: string, name: string) => Promise<{ volume: string; name: string; thinId: number }> =
+      async () => {
+        throw new CryptmapError('EBUSY', 'the agent is starting', { errno: 'EBUSY' });
+      };
+    const control = new ControlServer({
+      ...daemonHandlers(core),
+      'agent.snapshot': (a) =>
+        snapshotOp(
+          need<string>(a.volume, (x) => typeof x === 'string', 'volume'),
+          need<string>(a.name, (x) => typeof x === 'string', 'name'),
+        ),
+    });
     let keys: KeyPort;
     let closeKeys = async () => {};
     let keyDescribe = 'given by the caller';
@@ -208,6 +231,7 @@ export class AgentHost {
       core,
       ports,
       targets,
+      pools: desiredPools(opts.manifest, join(stateDir, AGENT_VOLUME_DIR)),
       mode,
       keys,
       closeKeys,
@@ -217,6 +241,7 @@ export class AgentHost {
       leases,
     });
     onLost = (v, why, msLeft) => host.#fence(v, why, msLeft);
+    snapshotOp = (v, n) => host.snapshot(v, n);
     return host;
   }
 
@@ -241,8 +266,18 @@ export class AgentHost {
     return this.#targets;
   }
 
+  /** A snapshot of a volume in a thin pool (reconciler/snapshot.ts), between reconciles. */
+  snapshot(volume: string, name: string): Promise<{ volume: string; name: string; thinId: number }> {
+    const run = this.#busy.then(() =>
+      snapshotVolume({ volume, name, store: this.#store, ports: this.ports, pools: this.#pools }),
+    );
+    this.#busy = run.catch(() => undefined);
+    return run;
+  }
+
   /** Take a new manifest (SIGHUP); the next reconcile applies it. The key service is kept. */
   setManifest(m: Manifest): void {
+    this.#pools = desiredPools(m, join(this.stateDir, AGENT_VOLUME_DIR));
     this.#targets = desiredVolumes(m, join(this.stateDir, AGENT_VOLUME_DIR)).map((t) =>
       rebaseMount(t, this.#opts.mountRoot),
     );
@@ -255,6 +290,8 @@ export class AgentHost {
       keys: this.#keys,
       ephemeralKeys: this.#ephemeralKeys,
       bootId: this.#opts.bootId,
+      pools: this.#pools,
+      poolPorts: this.ports,
       log: this.#log,
       ...(this.leases ? { leases: this.leases } : {}),
       ...(this.#opts.onStep ? { onStep: this.#opts.onStep } : {}),

@@ -60,5 +60,10 @@ export function daemonHandlers(core: DaemonCore): OpHandlers {
       return core.attach(nameArg(a.name), { readOnly: a.readOnly === true, via });
     },
     detach: async (a) => core.detach(nameArg(a.name)),
+    'agent.snapshot': async () => {
+      throw new CryptmapError('ENOTSUP', 'snapshots of volumes are taken by a cryptmap agent, not by the daemon', {
+        errno: 'ENOTSUP',
+      });
+    },
   };
 }

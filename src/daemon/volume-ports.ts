@@ -21,7 +21,7 @@
  */
 import { constants, existsSync, promises as fs, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { prepareLuks, preparePlain } from '../activate/mapping.js';
+import { prepareLoadedLuks, prepareLuks, preparePlain } from '../activate/mapping.js';
 import { openBlockDevice } from '../blockdev/open.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import { openLuks } from '../luks/index.js';
@@ -30,11 +30,15 @@ import { blankDeviceHeader, createDeviceVolume, probeDevice } from '../reconcile
 import { createSparseFile, deleteBackingFile, probeBackingFile } from '../reconciler/file-ops.js';
 import {
   type AttachInfo,
+  type PoolPorts,
+  type PoolProbe,
+  type PoolTarget,
   VOLUME_KEYSLOT_PBKDF,
   type VolumePorts,
   type VolumeProbe,
   type VolumeTarget,
 } from '../reconciler/ports.js';
+import { poolOf } from '../dm/index.js';
 import { CryptmapError, isCryptmapError } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import { mounts, resolveTool, runTool as runUtilTool, unescapeMount } from '../util/tools.js';
@@ -112,7 +116,20 @@ export function detectServeMode(): { mode: ServeMode; reason?: string } {
   return { mode: 'attach' };
 }
 
-export class DataPathPorts implements VolumePorts {
+/** Thin pool tables the agent makes: error_if_no_space (a full pool fails writes at once, ENOSPC, not after 60 s). */
+const POOL_FEATURES = '1 error_if_no_space';
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await fs.stat(path);
+    return true;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return false;
+    throw e;
+  }
+}
+
+export class DataPathPorts implements VolumePorts, PoolPorts {
   readonly core: DaemonCore;
   readonly mode: ServeMode;
   readonly #opts: DataPathPortsOptions;
@@ -158,6 +175,7 @@ export class DataPathPorts implements VolumePorts {
   async probe(v: VolumeTarget): Promise<VolumeProbe> {
     const open = this.core.registry.find(v.mapping) !== undefined;
     if (v.device !== undefined) return this.#probeDevice(v, open);
+    if (v.pool !== undefined) return this.#probeThin(v, open);
     const f = await probeBackingFile(v.path);
     const attached = open && (this.mode === 'nbd-only' ? this.#served.has(v.mapping) : this.#device(v) !== undefined);
     const p: VolumeProbe = { fileExists: f.exists, open, attached, mounted: attached && this.#isMounted(v) };
@@ -189,7 +207,146 @@ export class DataPathPorts implements VolumePorts {
     return p;
   }
 
+  // ------------------------------------------------------------------ volumes in a thin pool
+
+  /** The open pool of `v`, or a clear error. */
+  #poolOf(name: string, mapping: string) {
+    const dev = this.core.registry.find(mapping);
+    const pool = dev === undefined ? undefined : poolOf(dev);
+    if (pool === undefined)
+      throw new CryptmapError('EPOOL', `thin pool ${name} is not open`, { errno: 'ENOENT', exitCode: 4 });
+    return pool;
+  }
+
+  #thinId(v: VolumeTarget): number {
+    if (v.thinId === undefined) throw new CryptmapError('EINTERNAL', `${v.id} has no thin device id`);
+    return v.thinId;
+  }
+
+  async #probeThin(v: VolumeTarget, open: boolean): Promise<VolumeProbe> {
+    const pr = v.pool!;
+    const poolDev = this.core.registry.find(pr.mapping);
+    const pool = poolDev === undefined ? undefined : poolOf(poolDev);
+    const attached = open && (this.mode === 'nbd-only' ? this.#served.has(v.mapping) : this.#device(v) !== undefined);
+    const p: VolumeProbe = { fileExists: false, open, attached, mounted: attached && this.#isMounted(v) };
+    // A closed pool cannot tell: the volume is taken to exist (nothing is made or deleted over it).
+    if (pool === undefined) return { ...p, fileExists: true, damage: `its thin pool ${pr.name} is not open` };
+    if (v.thinId === undefined || !pool.md.devices.has(v.thinId)) return p;
+    p.fileExists = true;
+    const thin = this.core.registry.find(pr.thinMapping);
+    if (thin?.liveTable) p.fileBytes = thin.liveTable.sizeBytes;
+    else if (v.sizeBytes > 0) p.fileBytes = v.sizeBytes + VOLUME_HEADER_BYTES;
+    const head = Buffer.alloc(6);
+    await pool.read(v.thinId, 0, head);
+    p.isLuks = head.equals(Buffer.from([0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe]));
+    return p;
+  }
+
+  /** Activate the thin device of `v` (`thin:<service>:<volume>`, not exported) if it is not. */
+  async #ensureThin(v: VolumeTarget): Promise<void> {
+    const pr = v.pool!;
+    if (this.core.registry.find(pr.thinMapping)) return;
+    this.#poolOf(pr.name, pr.mapping);
+    const sectors = (v.sizeBytes + VOLUME_HEADER_BYTES) / 512;
+    await this.core.registry.create(pr.thinMapping, {
+      table: `0 ${sectors} thin /dev/mapper/${pr.mapping} ${this.#thinId(v)}`,
+    });
+  }
+
+  async #removeThin(v: VolumeTarget): Promise<void> {
+    if (this.core.registry.find(v.pool!.thinMapping)) await this.core.registry.remove(v.pool!.thinMapping);
+  }
+
+  /** A pool's errors name the pool (e.g. `thin pool main: the thin pool is out of data space`). */
+  async #inPool<T>(name: string, fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (e) {
+      if (isCryptmapError(e) && !e.message.startsWith('thin pool '))
+        throw new CryptmapError(e.code, `thin pool ${name}: ${e.message}`, {
+          exitCode: e.exitCode,
+          ...(e.errno !== undefined ? { errno: e.errno } : {}),
+          cause: e,
+        });
+      throw e;
+    }
+  }
+
+  async probePool(p: PoolTarget): Promise<PoolProbe> {
+    const [m, d] = [await exists(p.metadataPath), await exists(p.dataPath)];
+    return { exists: m && d, partial: m !== d, open: this.core.registry.find(p.mapping) !== undefined };
+  }
+
+  async createPool(p: PoolTarget): Promise<void> {
+    if (!p.ownFiles) throw new CryptmapError('EINTERNAL', `pool ${p.name} is on named devices: never created`);
+    // Data first: a metadata file exists only beside its data file (blank: formatted at open).
+    if (!(await exists(p.dataPath))) await createSparseFile(p.dataPath, p.dataBytes);
+    if (!(await exists(p.metadataPath))) await createSparseFile(p.metadataPath, p.metadataBytes);
+  }
+
+  async openPool(p: PoolTarget): Promise<void> {
+    if (this.core.registry.find(p.mapping)) return;
+    let dataBytes = p.dataBytes;
+    if (!p.ownFiles) {
+      const d = await openBlockDevice(p.dataPath, { readOnly: true });
+      dataBytes = d.sizeBytes;
+      await d.close();
+    }
+    const blocks = Math.floor(dataBytes / p.blockBytes);
+    if (blocks === 0)
+      throw new CryptmapError('EDEVSIZE', `thin pool ${p.name}: ${p.dataPath} is smaller than one block`, {
+        exitCode: 1,
+      });
+    const blockSectors = p.blockBytes / 512;
+    const lowWater = Math.floor(blocks / 10);
+    await this.#inPool(p.name, () =>
+      this.core.registry.create(p.mapping, {
+        table: `0 ${blocks * blockSectors} thin-pool ${p.metadataPath} ${p.dataPath} ${blockSectors} ${lowWater} ${POOL_FEATURES}`,
+      }),
+    );
+  }
+
+  async closePool(p: PoolTarget): Promise<void> {
+    if (!this.core.registry.find(p.mapping)) return;
+    await this.#inPool(p.name, () => this.core.registry.remove(p.mapping));
+  }
+
+  async poolDeviceIds(p: PoolTarget): Promise<number[]> {
+    return [...this.#poolOf(p.name, p.mapping).md.devices.keys()];
+  }
+
+  async snapshot(v: VolumeTarget, newId: number): Promise<void> {
+    const pr = v.pool!;
+    const origin = this.#thinId(v);
+    this.#poolOf(pr.name, pr.mapping);
+    if (!this.core.registry.find(pr.thinMapping))
+      throw new CryptmapError('ENODEV', `${v.id} is not open: its thin device is not active`, { errno: 'ENOENT' });
+    // The kernel requires the origin suspended: its I/O in flight drains, the pool commits, new I/O waits.
+    await this.core.registry.suspend(pr.thinMapping);
+    try {
+      await this.#inPool(pr.name, () =>
+        this.core.registry.message(pr.mapping, 0, ['create_snap', String(newId), String(origin)]),
+      );
+    } finally {
+      await this.core.registry.resume(pr.thinMapping);
+    }
+  }
+
+  async deleteThin(p: PoolTarget, id: number): Promise<void> {
+    const pool = this.#poolOf(p.name, p.mapping);
+    if (!pool.md.devices.has(id)) return;
+    await this.#inPool(p.name, () => this.core.registry.message(p.mapping, 0, ['delete', String(id)]));
+  }
+
   async createFile(v: VolumeTarget): Promise<void> {
+    if (v.pool !== undefined) {
+      await this.#inPool(v.pool.name, async () => {
+        this.#poolOf(v.pool!.name, v.pool!.mapping);
+        await this.core.registry.message(v.pool!.mapping, 0, ['create_thin', String(this.#thinId(v))]);
+      });
+      await this.#ensureThin(v);
+      return;
+    }
     if (v.device !== undefined) return createDeviceVolume(v.device, VOLUME_HEADER_BYTES + (1 << 20));
     await createSparseFile(v.path, v.sizeBytes + (v.kind === 'scratch' ? VOLUME_HEADER_BYTES : 0));
   }
@@ -199,23 +356,53 @@ export class DataPathPorts implements VolumePorts {
       throw new CryptmapError('EBUSY', `${v.id} is still open; close it first`, { errno: 'EBUSY' });
     // An export is never deleted; the planner deletes only a volume whose creation this agent began.
     if (v.device !== undefined) return blankDeviceHeader(v.device, VOLUME_HEADER_BYTES);
+    if (v.pool !== undefined) {
+      await this.#removeThin(v);
+      if (v.thinId === undefined) return;
+      const pool = this.#poolOf(v.pool.name, v.pool.mapping);
+      if (pool.md.devices.has(v.thinId))
+        await this.#inPool(v.pool.name, () =>
+          this.core.registry.message(v.pool!.mapping, 0, ['delete', String(v.thinId)]),
+        );
+      return;
+    }
     await deleteBackingFile(v.path);
   }
 
   async format(v: VolumeTarget, key: Secret): Promise<void> {
-    const dev = await openBlockDevice(v.path, { readOnly: false });
+    const run = async (dev: BlockDevice): Promise<void> => {
+      try {
+        const vol = await Luks2Volume.format(dev, key.expose(), {
+          cipher: v.cipher,
+          keyBytes: v.keySizeBits / 8,
+          sectorBytes: v.sectorSize as 512 | 1024 | 2048 | 4096,
+          offsetBytes: VOLUME_HEADER_BYTES,
+          subsystem: 'cryptmap',
+          keyslot: { kdf: { ...VOLUME_KEYSLOT_PBKDF } },
+          digestIterations: DIGEST_ITERATIONS,
+        });
+        await vol.close();
+        await dev.flush();
+      } finally {
+        await dev.close();
+      }
+    };
+    if (v.pool === undefined) return run(await openBlockDevice(v.path, { readOnly: false }));
+    await this.#ensureThin(v);
+    await this.#inPool(v.pool.name, () => run(this.core.registry.open(v.pool!.thinMapping)));
+  }
+
+  /** prepareLuks over the volume's thin device (a mapped device: read through the registry). */
+  async #prepareThin(v: VolumeTarget, passphrase: Buffer): ReturnType<typeof prepareLuks> {
+    await this.#ensureThin(v);
+    const dev = this.core.registry.open(v.pool!.thinMapping);
     try {
-      const vol = await Luks2Volume.format(dev, key.expose(), {
-        cipher: v.cipher,
-        keyBytes: v.keySizeBits / 8,
-        sectorBytes: v.sectorSize as 512 | 1024 | 2048 | 4096,
-        offsetBytes: VOLUME_HEADER_BYTES,
-        subsystem: 'cryptmap',
-        keyslot: { kdf: { ...VOLUME_KEYSLOT_PBKDF } },
-        digestIterations: DIGEST_ITERATIONS,
-      });
-      await vol.close();
-      await dev.flush();
+      const vol = await openLuks(dev);
+      try {
+        return await prepareLoadedLuks(vol, dev, { name: v.mapping, device: v.path, passphrase });
+      } finally {
+        await vol.close();
+      }
     } finally {
       await dev.close();
     }
@@ -225,7 +412,10 @@ export class DataPathPorts implements VolumePorts {
     if (this.core.registry.find(v.mapping)) return;
     let prepared: Awaited<ReturnType<typeof prepareLuks>>;
     try {
-      prepared = await prepareLuks({ name: v.mapping, device: v.path, passphrase: key.expose() });
+      prepared =
+        v.pool !== undefined
+          ? await this.#prepareThin(v, key.expose())
+          : await prepareLuks({ name: v.mapping, device: v.path, passphrase: key.expose() });
     } catch (e) {
       if (isCryptmapError(e, 'ENOKEY'))
         throw new CryptmapError('EUNLOCK', `${v.path}: no keyslot unlocks with this volume's key`, {
@@ -254,9 +444,11 @@ export class DataPathPorts implements VolumePorts {
   }
 
   async close(v: VolumeTarget): Promise<void> {
-    if (!this.core.registry.find(v.mapping)) return;
-    this.#served.delete(v.mapping);
-    await this.core.closeVolume(v.mapping, { force: this.forceClose });
+    if (this.core.registry.find(v.mapping)) {
+      this.#served.delete(v.mapping);
+      await this.core.closeVolume(v.mapping, { force: this.forceClose });
+    }
+    if (v.pool !== undefined) await this.#removeThin(v);
   }
 
   /**
@@ -323,6 +515,11 @@ export class DataPathPorts implements VolumePorts {
 
   async mkfs(v: VolumeTarget): Promise<void> {
     if (v.filesystem === 'none') return;
+    if (v.pool !== undefined) return this.#inPool(v.pool.name, () => this.#mkfs(v));
+    return this.#mkfs(v);
+  }
+
+  async #mkfs(v: VolumeTarget): Promise<void> {
     const tool = v.filesystem === 'swap' ? 'mkswap' : `mkfs.${v.filesystem}`;
     // 4 KiB blocks: never smaller than the mapping's logical block size (mkfs on an image cannot see it).
     const toolArgs = (target: string) =>

@@ -22,4 +22,5 @@ export {
   formatLs,
 } from './control.js';
 export { BUILTIN_TARGETS } from './targets/index.js';
+export { poolOf } from './targets/thin-pool.js';
 export type { KeyRef, KeyStore, TargetCapabilities, TargetContext, TargetInstance, TargetType } from './types.js';

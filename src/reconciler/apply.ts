@@ -18,8 +18,17 @@ import { isNbdUri } from '../nbd-wire/uri.js';
 import { CryptmapError, isCryptmapError } from '../util/errors.js';
 import { type Logger, logger } from '../util/log.js';
 import { Secret } from '../util/secret.js';
-import { type ObservedVolume, plan, type Step } from './plan.js';
-import type { EphemeralKeyStore, KeyPort, LeasePort, VolumePorts, VolumeTarget } from './ports.js';
+import { type ObservedVolume, plan, planPools, planPoolTeardown, poolMapping, type Step } from './plan.js';
+import type {
+  EphemeralKeyStore,
+  KeyPort,
+  LeasePort,
+  PoolPorts,
+  PoolProbe,
+  PoolTarget,
+  VolumePorts,
+  VolumeTarget,
+} from './ports.js';
 import type { AgentState, StepKind, VolumeRecord } from './state.js';
 
 export interface StatePort {
@@ -55,6 +64,9 @@ export interface ApplyOptions {
    * are recorded `stopped` (not `retired`); ephemeral and swap files are deleted, their keys wiped.
    */
   mode?: 'reconcile' | 'shutdown';
+  /** Thin pools the manifest asks for (`desiredPools`), and their ports (needed when a volume is in a pool). */
+  pools?: PoolTarget[];
+  poolPorts?: PoolPorts;
   /** Told when each step starts and ends (`ms` its duration; `error` when it failed): the agent's progress lines. */
   onStep?: (step: Step, event: 'start' | 'end', ms: number, error?: unknown) => void;
 }
@@ -77,10 +89,19 @@ export interface VolumeReport {
   record?: VolumeRecord;
 }
 
+export interface PoolReport {
+  id: string;
+  state: 'open' | 'refused' | 'failed' | 'closed';
+  reason?: string;
+  code?: string;
+}
+
 export interface ApplyReport {
   /** Steps executed, in order (refusals included). */
   executed: Step[];
   volumes: VolumeReport[];
+  /** Thin pools: the desired ones and those closed in this run. */
+  pools: PoolReport[];
   /** Nothing is left to do except refusals and volumes waiting for keys or failed. */
   converged: boolean;
   /** Some volume waits for the key service or for its lease: run again later. */
@@ -109,7 +130,34 @@ export function targetOfRecord(r: VolumeRecord): VolumeTarget {
   };
   if (r.mountpoint !== undefined) t.mountpoint = r.mountpoint;
   if (isNbdUri(r.path)) t.device = r.path;
+  if (r.pool !== undefined) t.pool = r.pool;
+  if (r.thinId !== undefined) t.thinId = r.thinId;
   return t;
+}
+
+/** `t` with the thin device id its record holds (a volume in a pool). */
+export function withThinId(t: VolumeTarget, r: VolumeRecord | undefined): VolumeTarget {
+  return t.pool !== undefined && r?.thinId !== undefined && t.thinId !== r.thinId ? { ...t, thinId: r.thinId } : t;
+}
+
+/** Thin device ids the records hold in pool `name` (volumes and their snapshots). */
+export function recordedThinIds(state: AgentState, name: string): number[] {
+  const ids: number[] = [];
+  for (const r of Object.values(state.volumes)) {
+    if (r.pool?.name !== name) continue;
+    if (r.thinId !== undefined) ids.push(r.thinId);
+    for (const s of Object.values(r.snapshots ?? {})) ids.push(s.thinId);
+  }
+  return ids;
+}
+
+/** The lowest thin device id not in `used` (ids are 24 bits). */
+export function freeThinId(used: Iterable<number>): number {
+  const taken = new Set(used);
+  let id = 0;
+  while (taken.has(id)) id++;
+  if (id > 0xffffff) throw new CryptmapError('ENOSPC', 'the pool has no free thin device id (24 bits)');
+  return id;
 }
 
 /** The key service could not give a persistent volume's key (unreachable after retries, or refused). */
@@ -147,7 +195,7 @@ export async function observe(
   const out = new Map<string, ObservedVolume>();
   const all = new Map<string, VolumeTarget>();
   for (const r of Object.values(state.volumes)) all.set(r.id, targetOfRecord(r));
-  for (const t of targets) all.set(t.id, t);
+  for (const t of targets) all.set(t.id, withThinId(t, state.volumes[t.id]));
   for (const [id, t] of all) {
     const o: ObservedVolume = {
       probe: await ports.probe(t),
@@ -192,7 +240,16 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
   const now = () => new Date().toISOString();
   const save = () => opts.store.save(state);
 
-  const targetOf = (id: string): VolumeTarget => targets.get(id) ?? targetOfRecord(state.volumes[id]!);
+  const targetOf = (id: string): VolumeTarget => {
+    const t = targets.get(id);
+    return t === undefined ? targetOfRecord(state.volumes[id]!) : withThinId(t, state.volumes[id]);
+  };
+  const desiredPools = shutdown ? [] : (opts.pools ?? []);
+  const poolReports = new Map<string, PoolReport>();
+  const poolPorts = (): PoolPorts => {
+    if (opts.poolPorts === undefined) throw new CryptmapError('EINTERNAL', 'thin pools need pool ports');
+    return opts.poolPorts;
+  };
   const leases = opts.leases;
   const needsLease = (t: VolumeTarget): boolean => leases !== undefined && t.device !== undefined;
 
@@ -258,6 +315,7 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
       updatedAt: now(),
     };
     if (t.mountpoint !== undefined) r.mountpoint = t.mountpoint;
+    if (t.pool !== undefined) r.pool = t.pool;
     return r;
   };
 
@@ -302,20 +360,30 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
         await ensureLease(t);
         state.volumes[t.id] = newRecord(t);
         if (needsLease(t)) state.volumes[t.id]!.lease = { holder: leases!.node, self: true };
+        let made = t;
+        if (t.pool !== undefined) {
+          // The id is recorded before the thin device is made: a crash in between leaves a record
+          // `creating` whose (maybe made) thin device the next run deletes and makes again.
+          const pt = poolTargetOf(t.pool.name);
+          const used = [...(await poolPorts().poolDeviceIds(pt)), ...recordedThinIds(state, t.pool.name)];
+          const thinId = freeThinId(used);
+          state.volumes[t.id]!.thinId = thinId;
+          made = { ...t, thinId };
+        }
         await save();
         try {
-          await ports.createFile(t);
+          await ports.createFile(made);
         } catch (e) {
           // A file that appeared meanwhile is not ours: forget the record, never delete that file.
           if (fileExisted(e)) {
             delete state.volumes[t.id];
             await save();
-          } else await rollback(t);
+          } else await rollback(made);
           throw e;
         }
-        const made = state.volumes[t.id]!;
-        const bytes = (await ports.probe(t)).fileBytes;
-        if (bytes !== undefined) made.fileBytes = bytes;
+        const rec = state.volumes[t.id]!;
+        const bytes = (await ports.probe(made)).fileBytes;
+        if (bytes !== undefined) rec.fileBytes = bytes;
         touch('createFile');
         await save();
         return;
@@ -460,9 +528,84 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
     }
   };
 
+  /** The PoolTarget of pool `name`: the manifest's, or (no longer in it) rebuilt from its mapping name. */
+  const poolTargetOf = (name: string): PoolTarget =>
+    desiredPools.find((p) => p.name === name) ??
+    (opts.pools ?? []).find((p) => p.name === name) ?? {
+      id: `pool/${name}`,
+      name,
+      mapping: poolMapping(name),
+      metadataPath: '',
+      dataPath: '',
+      ownFiles: false,
+      dataBytes: 0,
+      metadataBytes: 0,
+      blockBytes: 0,
+    };
+
+  /** Pool steps: make, open and close thin pools (before and after the volume steps). */
+  const runPoolStep = async (step: Step): Promise<void> => {
+    const name = step.id.slice('pool/'.length);
+    const p = poolTargetOf(name);
+    executed.push(step);
+    const t0 = performance.now();
+    opts.onStep?.(step, 'start', 0);
+    try {
+      if (step.kind === 'refuse') {
+        log.error('pool refused', { pool: p.id, reason: step.reason });
+        poolReports.set(p.id, { id: p.id, state: 'refused', reason: step.reason ?? 'refused' });
+      } else if (step.kind === 'createPool') await poolPorts().createPool(p);
+      else if (step.kind === 'openPool') {
+        await poolPorts().openPool(p);
+        poolReports.set(p.id, { id: p.id, state: 'open' });
+      } else if (step.kind === 'closePool') {
+        await poolPorts().closePool(p);
+        poolReports.set(p.id, { id: p.id, state: 'closed' });
+      }
+      opts.onStep?.(step, 'end', performance.now() - t0);
+    } catch (e) {
+      opts.onStep?.(step, 'end', performance.now() - t0, e);
+      log.error(`step ${step.kind} failed`, { pool: p.id, error: errText(e) });
+      poolReports.set(p.id, {
+        id: p.id,
+        state: 'failed',
+        reason: `${step.kind}: ${errText(e)}`,
+        code: isCryptmapError(e) ? e.code : 'EINTERNAL',
+      });
+    }
+  };
+
+  /** Every pool this run knows of: the desired ones, and those the records name. */
+  const knownPools = (): PoolTarget[] => {
+    const names = new Set(desiredPools.map((p) => p.name));
+    for (const r of Object.values(state.volumes)) if (r.pool !== undefined) names.add(r.pool.name);
+    return [...names].map(poolTargetOf);
+  };
+
   try {
+    if (desiredPools.length > 0) {
+      const seen = new Map<string, PoolProbe>();
+      for (const p of desiredPools) seen.set(p.id, await poolPorts().probePool(p));
+      for (const step of planPools(desiredPools, seen)) {
+        const prev = poolReports.get(step.id);
+        if (prev?.state === 'failed' || prev?.state === 'refused') continue;
+        await runPoolStep(step);
+      }
+    }
     const steps = plan(wantedTargets, await observe(wantedTargets, state, ports, ephemeralKeys, bootId), bootId);
     const stopped = new Set<string>();
+    // A volume whose pool could not be made or opened is left as it is.
+    for (const t of wantedTargets) {
+      const pr = t.pool === undefined ? undefined : poolReports.get(`pool/${t.pool.name}`);
+      if (pr === undefined || pr.state === 'open') continue;
+      stopped.add(t.id);
+      outcome.set(t.id, {
+        id: t.id,
+        state: 'failed',
+        reason: `its pool ${t.pool!.name} is not open (${pr.reason ?? pr.state})`,
+        code: pr.code ?? 'EPOOL',
+      });
+    }
     for (const step of steps) {
       if (stopped.has(step.id)) continue;
       try {
@@ -570,6 +713,13 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
       }
     }
     if (dirty) await save();
+    // Pools no longer asked for (all of them at shutdown) close once their volumes are closed.
+    const known = knownPools();
+    if (known.length > 0 && opts.poolPorts !== undefined) {
+      const open: string[] = [];
+      for (const p of known) if ((await opts.poolPorts.probePool(p)).open) open.push(p.id);
+      for (const step of planPoolTeardown(desiredPools, open)) await runPoolStep(step);
+    }
     const remaining = plan(wantedTargets, after, bootId).filter((s) => s.kind !== 'refuse');
     const volumes: VolumeReport[] = [];
     for (const id of new Set([...desired, ...outcome.keys()])) {
@@ -577,9 +727,11 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
       const r = state.volumes[id];
       volumes.push(r ? { ...rep, record: r } : rep);
     }
+    for (const p of desiredPools) if (!poolReports.has(p.id)) poolReports.set(p.id, { id: p.id, state: 'open' });
     return {
       executed,
       volumes,
+      pools: [...poolReports.values()],
       converged: remaining.length === 0,
       retryLater: volumes.some((v) => v.state === 'waiting-for-keys' || v.state === 'waiting-for-lease'),
     };

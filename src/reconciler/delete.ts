@@ -32,6 +32,12 @@ export async function deleteVolume(opts: DeleteOptions): Promise<{ path: string 
       errno: 'EBUSY',
     });
   }
+  if (r.pool !== undefined)
+    throw new CryptmapError(
+      'ENOTSUP',
+      `${opts.id} is a thin device of pool ${r.pool.name}: deleting a volume in a pool is not supported yet (it needs the pool open)`,
+      { exitCode: 1, errno: 'ENOTSUP' },
+    );
   const t = targetOfRecord(r);
   const p = await opts.ports.probe(t);
   if (p.open || p.attached || p.mounted) {

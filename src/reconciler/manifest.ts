@@ -21,6 +21,37 @@ export const DEFAULT_KEY_BITS = 512;
 export const DEFAULT_SECTOR_SIZE = 4096;
 export const MIN_VOLUME_BYTES = 1024 * 1024;
 
+/** Pool data block size by default (the kernel's minimum, 128 sectors). */
+export const DEFAULT_POOL_BLOCK_BYTES = 64 * 1024;
+const POOL_BLOCK_MIN_BYTES = 64 * 1024;
+const POOL_BLOCK_MAX_BYTES = 1 << 30;
+const POOL_METADATA_MIN_BYTES = 2 << 20;
+/** The kernel's largest usable thin metadata device (THIN_METADATA_MAX_SECTORS, about 15.8 GiB). */
+const POOL_METADATA_MAX_BYTES = 16 * 2 ** 30;
+
+/**
+ * Default metadata file size for `dataBytes` of data in blocks of `blockBytes`: 128 bytes per data
+ * block (thin_metadata_size estimates about 32 for the mappings; a commit here writes the changed
+ * trees anew beside the committed ones, so room for two copies and some), at least 4 MiB, whole MiB.
+ */
+export function defaultPoolMetadataBytes(dataBytes: number, blockBytes: number): number {
+  const want = Math.ceil(dataBytes / blockBytes) * 128;
+  return Math.min(POOL_METADATA_MAX_BYTES, Math.max(4 << 20, Math.ceil(want / (1 << 20)) * (1 << 20)));
+}
+
+/** A thin pool (docs/manifest.md "Thin pools"): files under the state directory, or named devices. */
+export interface PoolSpec {
+  name: string;
+  /** Data size (`size`); 0 with dataDevice (the device's size). */
+  sizeBytes: number;
+  /** Metadata size (`metadataSize` or the default); 0 with metadataDevice. */
+  metadataBytes: number;
+  blockBytes: number;
+  dataDevice?: string;
+  metadataDevice?: string;
+  line: number;
+}
+
 export interface VolumeSpec {
   name: string;
   /** As written (e.g. `64M`); empty for a volume on a `device` (its size is the export's). */
@@ -35,6 +66,8 @@ export interface VolumeSpec {
   cipher: string;
   keySizeBits: number;
   sectorSize: number;
+  /** The thin pool the volume lives in (a thin device there), if any. */
+  pool?: string;
   /** Line of the volume in the manifest (1-based). */
   line: number;
 }
@@ -82,6 +115,7 @@ export interface Manifest {
   coordination?: CoordinationRef;
   services: ServiceSpec[];
   swap: SwapSpec[];
+  pools: PoolSpec[];
 }
 
 export interface ManifestProblem {
@@ -224,6 +258,7 @@ export function parseManifest(text: string, file = 'manifest.yaml'): Manifest {
     coordination?: CoordinationRef;
     services?: { name: string; volumes: Record<string, unknown>[] }[];
     swap?: Record<string, unknown>[];
+    pools?: Record<string, unknown>[];
   };
   const problems: ManifestProblem[] = [];
   const problem = (path: Seg[], message: string) =>
@@ -243,6 +278,51 @@ export function parseManifest(text: string, file = 'manifest.yaml'): Manifest {
         'applies to the embedded key service only (a keyd has its own --passphrase-file and --root-secret-file)',
       );
   }
+
+  const pools: PoolSpec[] = [];
+  (raw.pools ?? []).forEach((rp, i) => {
+    const pp: Seg[] = ['pools', i];
+    const pool: PoolSpec = {
+      name: rp.name as string,
+      sizeBytes: 0,
+      metadataBytes: 0,
+      blockBytes: rp.blockSize === undefined ? DEFAULT_POOL_BLOCK_BYTES : parseSize(rp.blockSize as string),
+      line: lineOf(doc, lc, pp),
+    };
+    if (pools.some((o) => o.name === pool.name)) problem([...pp, 'name'], `pool '${pool.name}' is already defined`);
+    const blockOk =
+      pool.blockBytes >= POOL_BLOCK_MIN_BYTES &&
+      pool.blockBytes <= POOL_BLOCK_MAX_BYTES &&
+      pool.blockBytes % POOL_BLOCK_MIN_BYTES === 0;
+    if (!blockOk)
+      problem([...pp, 'blockSize'], 'must be 64K to 1G, a multiple of 64K (the kernel: 128 to 2097152 sectors)');
+    const dev = rp.dataDevice !== undefined || rp.metadataDevice !== undefined;
+    if (dev) {
+      if (rp.dataDevice === undefined || rp.metadataDevice === undefined)
+        problem(
+          [...pp, rp.dataDevice === undefined ? 'dataDevice' : 'metadataDevice'],
+          'is required with the other device',
+        );
+      if (rp.dataDevice !== undefined && rp.dataDevice === rp.metadataDevice)
+        problem([...pp, 'metadataDevice'], 'must not be the data device');
+      for (const k of ['size', 'metadataSize'] as const)
+        if (rp[k] !== undefined) problem([...pp, k], "must not be given with devices: the sizes are the devices'");
+      if (rp.dataDevice !== undefined) pool.dataDevice = rp.dataDevice as string;
+      if (rp.metadataDevice !== undefined) pool.metadataDevice = rp.metadataDevice as string;
+    } else if (rp.size === undefined) problem([...pp, 'size'], 'is required (or dataDevice and metadataDevice)');
+    else {
+      pool.sizeBytes = parseSize(rp.size as string);
+      if (blockOk && (pool.sizeBytes % pool.blockBytes !== 0 || pool.sizeBytes < pool.blockBytes))
+        problem([...pp, 'size'], `must be a multiple of the block size (${pool.blockBytes} bytes)`);
+      pool.metadataBytes =
+        rp.metadataSize === undefined
+          ? defaultPoolMetadataBytes(pool.sizeBytes, pool.blockBytes)
+          : parseSize(rp.metadataSize as string);
+      if (pool.metadataBytes < POOL_METADATA_MIN_BYTES || pool.metadataBytes > POOL_METADATA_MAX_BYTES)
+        problem([...pp, 'metadataSize'], 'must be 2M to 16G');
+    }
+    pools.push(pool);
+  });
 
   const services: ServiceSpec[] = [];
   const serviceNames = new Map<string, number>();
@@ -277,6 +357,15 @@ export function parseManifest(text: string, file = 'manifest.yaml'): Manifest {
         line: lineOf(doc, lc, vp),
       };
       if (rv.mountpoint !== undefined) vol.mountpoint = rv.mountpoint as string;
+      if (rv.pool !== undefined) {
+        vol.pool = rv.pool as string;
+        if (!pools.some((p) => p.name === vol.pool))
+          problem(
+            [...vp, 'pool'],
+            `no pool '${vol.pool}' is defined (${pools.length === 0 ? 'the manifest has no pools section' : `pools: ${[...new Set(pools.map((p) => p.name))].join(', ')}`})`,
+          );
+        if (rv.device !== undefined) problem([...vp, 'pool'], 'a volume on a shared device cannot be in a pool');
+      }
       if (rv.device !== undefined) {
         vol.device = rv.device as string;
         try {
@@ -345,7 +434,7 @@ export function parseManifest(text: string, file = 'manifest.yaml'): Manifest {
     return sw;
   });
   if (problems.length > 0) fail(problems.sort((a, b) => a.line - b.line));
-  const m: Manifest = { version: 1, file, keyService, services, swap };
+  const m: Manifest = { version: 1, file, keyService, services, swap, pools };
   if (raw.coordination) m.coordination = raw.coordination;
   return m;
 }

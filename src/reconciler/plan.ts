@@ -14,10 +14,14 @@
  *   A file this agent was still creating (record `creating`) holds no data: it is deleted and remade.
  * - mkfs runs only on a file this agent made and formatted itself, and only once.
  * - A file at a volume's path that no record explains is refused, never deleted.
+ * - Thin pools (`planPools`) come before every volume step: made when their files are missing (never
+ *   for named devices: refused), opened when closed; pools no longer asked for are closed after the
+ *   volumes (`planPoolTeardown`), their files never deleted. A volume in a pool is planned as a
+ *   volume on a file, its thin device standing for the file.
  */
 import { join } from 'node:path';
 import type { Manifest } from './manifest.js';
-import type { VolumeProbe, VolumeTarget } from './ports.js';
+import type { PoolProbe, PoolTarget, VolumeProbe, VolumeTarget } from './ports.js';
 import type { StepKind, VolumeRecord } from './state.js';
 
 export interface Step {
@@ -58,6 +62,11 @@ export function desiredVolumes(m: Manifest, volumeDir: string): VolumeTarget[] {
       };
       if (v.mountpoint !== undefined) t.mountpoint = v.mountpoint;
       if (v.device !== undefined) t.device = v.device;
+      if (v.pool !== undefined) {
+        const thinMapping = `thin:${s.name}:${v.name}`;
+        t.pool = { name: v.pool, mapping: poolMapping(v.pool), thinMapping };
+        t.path = `/dev/mapper/${thinMapping}`;
+      }
       out.push(t);
     }
   }
@@ -78,6 +87,54 @@ export function desiredVolumes(m: Manifest, volumeDir: string): VolumeTarget[] {
     });
   }
   return out;
+}
+
+/** The mapped device of pool `name`. */
+export function poolMapping(name: string): string {
+  return `pool:${name}`;
+}
+
+/** The pools a manifest asks for: files `VOLUME_DIR/pools/<name>/{metadata,data}`, or the named devices. */
+export function desiredPools(m: Manifest, volumeDir: string): PoolTarget[] {
+  return m.pools.map((p) => ({
+    id: `pool/${p.name}`,
+    name: p.name,
+    mapping: poolMapping(p.name),
+    metadataPath: p.metadataDevice ?? join(volumeDir, 'pools', p.name, 'metadata'),
+    dataPath: p.dataDevice ?? join(volumeDir, 'pools', p.name, 'data'),
+    ownFiles: p.dataDevice === undefined,
+    dataBytes: p.sizeBytes,
+    metadataBytes: p.metadataBytes,
+    blockBytes: p.blockBytes,
+  }));
+}
+
+/** Steps that make every desired pool exist and be open, in manifest order. */
+export function planPools(desired: PoolTarget[], observed: ReadonlyMap<string, PoolProbe>): Step[] {
+  const steps: Step[] = [];
+  for (const p of desired) {
+    const o = observed.get(p.id) ?? { exists: false, partial: false, open: false };
+    if (o.open) continue;
+    if (!o.exists) {
+      if (!p.ownFiles) {
+        steps.push({
+          kind: 'refuse',
+          id: p.id,
+          reason: `${o.partial ? 'a device of the pool is missing' : 'the pool devices are missing'} (${p.metadataPath}, ${p.dataPath}); named devices are never created`,
+        });
+        continue;
+      }
+      steps.push({ kind: 'createPool', id: p.id, ...(o.partial ? { reason: 'creation was interrupted' } : {}) });
+    }
+    steps.push({ kind: 'openPool', id: p.id });
+  }
+  return steps;
+}
+
+/** Close the open pools no longer asked for (after the volumes' teardown; files kept). */
+export function planPoolTeardown(desired: PoolTarget[], openPools: readonly string[]): Step[] {
+  const wanted = new Set(desired.map((p) => p.id));
+  return openPools.filter((id) => !wanted.has(id)).map((id) => ({ kind: 'closePool', id }));
 }
 
 /** Unmount, detach, close: whatever of it is currently up. */

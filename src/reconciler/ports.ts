@@ -66,6 +66,62 @@ export interface VolumeTarget {
   sectorSize: number;
   /** Name of the mapping and of its NBD export, e.g. `scratch:web:cache`. */
   mapping: string;
+  /**
+   * A volume in a thin pool (manifest `pool:`): its "file" is thin device `thinId` of the pool,
+   * activated as the mapped device `thinMapping` (`thin:<service>:<volume>`, not exported), which
+   * holds the LUKS2 header and ciphertext; `sizeBytes` is its virtual size. createFile is the pool's
+   * `create_thin`, deleteFile its `delete` (with the volume's snapshots).
+   */
+  pool?: { name: string; mapping: string; thinMapping: string };
+  /** The volume's thin device id in its pool: chosen by the apply loop, kept in the record. */
+  thinId?: number;
+}
+
+/** A thin pool the manifest asks for (`pools:`). */
+export interface PoolTarget {
+  /** `pool/<name>`: the step id. */
+  id: string;
+  name: string;
+  /** The pool's mapped device, `pool:<name>` (not exported). */
+  mapping: string;
+  metadataPath: string;
+  dataPath: string;
+  /** The files are the agent's (under the state directory: made when missing); else named devices, never made. */
+  ownFiles: boolean;
+  /** Data size (0 for devices: theirs, in whole blocks). */
+  dataBytes: number;
+  metadataBytes: number;
+  blockBytes: number;
+}
+
+export interface PoolProbe {
+  /** Both the metadata and the data file or device exist. */
+  exists: boolean;
+  /** Some exist, some not (files: an interrupted createPool). */
+  partial: boolean;
+  open: boolean;
+}
+
+/**
+ * Thin pools (contract as VolumePorts: idempotent or failing cleanly):
+ * - createPool: make the missing sparse files (data first, then metadata; a blank metadata file is
+ *   formatted when the pool opens). Never for named devices.
+ * - openPool: activate the pool mapping over the metadata and data (opening an open one succeeds);
+ *   metadata that is not the kernel's thin format is refused, never formatted over.
+ * - closePool: deactivate it (succeeds if closed); refused while a thin device of it is active.
+ * - poolDeviceIds: the thin device ids in the open pool's metadata.
+ * - snapshot: `create_snap newId originId` with the origin's thin mapping suspended around it
+ *   (the kernel's requirement), the volume staying open.
+ */
+export interface PoolPorts {
+  probePool(p: PoolTarget): Promise<PoolProbe>;
+  createPool(p: PoolTarget): Promise<void>;
+  openPool(p: PoolTarget): Promise<void>;
+  closePool(p: PoolTarget): Promise<void>;
+  poolDeviceIds(p: PoolTarget): Promise<number[]>;
+  snapshot(v: VolumeTarget, newId: number): Promise<void>;
+  /** Delete thin device `id` of the open pool (a volume's snapshot). */
+  deleteThin(p: PoolTarget, id: number): Promise<void>;
 }
 
 export interface VolumeProbe {

@@ -29,6 +29,9 @@ export type StepKind =
   | 'detach'
   | 'close'
   | 'deleteFile'
+  | 'createPool'
+  | 'openPool'
+  | 'closePool'
   | 'refuse';
 
 /**
@@ -60,6 +63,11 @@ export interface VolumeRecord {
   /** The last step that failed on this volume and why (cleared when it is ready). */
   failed?: string;
   attach?: AttachInfo;
+  /** A volume in a thin pool: the pool and mappings (VolumeTarget.pool) and its thin device id. */
+  pool?: { name: string; mapping: string; thinMapping: string };
+  thinId?: number;
+  /** Snapshots of a volume in a pool, by name: their thin device ids (`cryptmap volume snapshot`). */
+  snapshots?: Record<string, { thinId: number; createdAt: string }>;
   /** Shared storage: who holds the volume's single-writer lease, as last seen (`self`: this node). */
   lease?: { holder: string; self: boolean; since?: string };
   /** Shared storage: why the volume waits for its lease (another node holds it, etcd unreachable); its phase is kept. */

@@ -205,6 +205,7 @@ export const ERROR_CODES = {
   EKEYD_SOCKET: 'the key service socket path is taken by something else',
   EKEYD_LISTEN: 'the key service socket cannot be created',
   EAGENT_RUNNING: 'an agent is running on the state directory',
+  EPOOL: 'a manifest thin pool that is not open (or not in the manifest) where a volume needs it',
   EVOLUME_NAMED: 'a volume still named in the agent manifest',
   EVOLUME_BUSY: 'a volume still open, attached or mounted',
   ENOVOLUME: 'a volume that is not in the manifest',

@@ -197,3 +197,45 @@ test('two volumes on one export are refused, naming both, however the URIs spell
     'm.yaml:5: services[0].volumes[0].keySize: XTS needs two keys: 256 or 512 bits',
   ]);
 });
+
+test('pools: sizes, block size, named devices, and volumes naming them', () => {
+  const m = parseManifest(
+    'version: 1\npools:\n  - {name: main, size: 1G}\n  - {name: p2, size: 128M, metadataSize: 8M, blockSize: 256K}\nservices:\n  - name: db\n    volumes:\n      - {name: data, size: 8M, pool: main}\n',
+  );
+  assert.deepEqual(
+    m.pools.map((p) => [p.name, p.sizeBytes, p.metadataBytes, p.blockBytes]),
+    [
+      ['main', 1 << 30, 4 << 20, 65536],
+      ['p2', 128 << 20, 8 << 20, 256 << 10],
+    ],
+  );
+  assert.equal(m.services[0]!.volumes[0]!.pool, 'main');
+  assert.deepEqual(
+    problems(`version: 1
+pools:
+  - {name: a, size: 64M, blockSize: 96K}
+  - {name: a, size: 100K}
+  - {name: c}
+  - {name: d, dataDevice: /dev/vdb}
+  - {name: e, dataDevice: /dev/vdb, metadataDevice: /dev/vdb, size: 1G}
+  - {name: f, size: 64M, metadataSize: 1M}
+services:
+  - name: s
+    volumes:
+      - {name: v, size: 8M, pool: nope}
+      - {name: w, class: persistent, device: "nbd://h/e", pool: a}
+`),
+    [
+      'm.yaml:3: pools[0].blockSize: must be 64K to 1G, a multiple of 64K (the kernel: 128 to 2097152 sectors)',
+      "m.yaml:4: pools[1].name: pool 'a' is already defined",
+      'm.yaml:4: pools[1].size: must be a multiple of the block size (65536 bytes)',
+      'm.yaml:5: pools[2].size: is required (or dataDevice and metadataDevice)',
+      'm.yaml:6: pools[3].metadataDevice: is required with the other device',
+      'm.yaml:7: pools[4].metadataDevice: must not be the data device',
+      "m.yaml:7: pools[4].size: must not be given with devices: the sizes are the devices'",
+      'm.yaml:8: pools[5].metadataSize: must be 2M to 16G',
+      "m.yaml:12: services[0].volumes[0].pool: no pool 'nope' is defined (pools: a, c, d, e, f)",
+      'm.yaml:13: services[0].volumes[1].pool: a volume on a shared device cannot be in a pool',
+    ],
+  );
+});

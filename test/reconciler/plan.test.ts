@@ -2,7 +2,14 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import fc from 'fast-check';
 import { parseManifest } from '../../src/reconciler/manifest.js';
-import { desiredVolumes, type ObservedVolume, plan } from '../../src/reconciler/plan.js';
+import {
+  desiredPools,
+  desiredVolumes,
+  type ObservedVolume,
+  plan,
+  planPools,
+  planPoolTeardown,
+} from '../../src/reconciler/plan.js';
 import type { VolumeProbe } from '../../src/reconciler/ports.js';
 import type { VolumeRecord } from '../../src/reconciler/state.js';
 
@@ -185,4 +192,54 @@ test('a formatted persistent volume is never deleted, reformatted or opened as e
     const steps = plan([DATA], new Map([[DATA.id, { record: rec(DATA.id), probe: p, keyAvailable: false }]]), 'b2');
     for (const s of steps) assert.ok(['open', 'attach', 'mount', 'refuse'].includes(s.kind), JSON.stringify(steps));
   }
+});
+
+test('thin pools: made when their files are missing (never named devices), opened when closed, closed when no longer asked for', () => {
+  const m = parseManifest(`version: 1
+pools:
+  - {name: main, size: 64M}
+  - {name: big, dataDevice: /dev/vdb, metadataDevice: /dev/vdc, blockSize: 1M}
+services:
+  - name: db
+    volumes: [{name: data, size: 8M, class: persistent, pool: main}]
+`);
+  const pools = desiredPools(m, '/vol');
+  assert.deepEqual(
+    pools.map((p) => [
+      p.id,
+      p.mapping,
+      p.metadataPath,
+      p.dataPath,
+      p.ownFiles,
+      p.dataBytes,
+      p.metadataBytes,
+      p.blockBytes,
+    ]),
+    [
+      ['pool/main', 'pool:main', '/vol/pools/main/metadata', '/vol/pools/main/data', true, 64 << 20, 4 << 20, 65536],
+      ['pool/big', 'pool:big', '/dev/vdc', '/dev/vdb', false, 0, 0, 1 << 20],
+    ],
+  );
+  const [v] = desiredVolumes(m, '/vol');
+  assert.deepEqual(v!.pool, { name: 'main', mapping: 'pool:main', thinMapping: 'thin:db:data' });
+  assert.equal(v!.path, '/dev/mapper/thin:db:data');
+  const none = { exists: false, partial: false, open: false };
+  const kinds = (o: Record<string, { exists: boolean; partial: boolean; open: boolean }>) =>
+    planPools(pools, new Map(Object.entries(o))).map((s) => `${s.kind} ${s.id}${s.reason ? `: ${s.reason}` : ''}`);
+  assert.deepEqual(kinds({}), [
+    'createPool pool/main',
+    'openPool pool/main',
+    'refuse pool/big: the pool devices are missing (/dev/vdc, /dev/vdb); named devices are never created',
+  ]);
+  assert.deepEqual(kinds({ 'pool/main': { ...none, partial: true }, 'pool/big': { ...none, exists: true } }), [
+    'createPool pool/main: creation was interrupted',
+    'openPool pool/main',
+    'openPool pool/big',
+  ]);
+  assert.deepEqual(
+    kinds({ 'pool/main': { ...none, exists: true, open: true }, 'pool/big': { ...none, exists: true, open: true } }),
+    [],
+  );
+  assert.deepEqual(planPoolTeardown(pools, ['pool/main', 'pool/old']), [{ kind: 'closePool', id: 'pool/old' }]);
+  assert.deepEqual(planPoolTeardown([], ['pool/main']), [{ kind: 'closePool', id: 'pool/main' }]);
 });

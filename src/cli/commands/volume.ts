@@ -3,18 +3,26 @@
  * for good (reconciler/delete.ts). Refused while an agent runs on DIR, while the manifest still names
  * the volume (without --manifest: while the record does not say `retired`, i.e. the last agent run
  * still had it in its manifest), and while it is in use.
+ *
+ * `cryptmap volume snapshot SERVICE/VOLUME NAME --state-dir DIR`: a snapshot of a volume in a thin
+ * pool, taken by the agent running on DIR (over its control socket, DIR/run/control.sock) while the
+ * volume stays open (reconciler/snapshot.ts).
  */
 import { parseArgs } from 'node:util';
-import { AGENT_VOLUME_DIR, runningAgentPid } from '../../reconciler/agent-dir.js';
+import { join } from 'node:path';
+import { AGENT_RUN_DIR, AGENT_VOLUME_DIR, runningAgentPid } from '../../reconciler/agent-dir.js';
 import { deleteVolume, stoppedAgentPorts } from '../../reconciler/delete.js';
 import { loadManifest } from '../../reconciler/manifest.js';
 import { desiredVolumes } from '../../reconciler/plan.js';
 import type { VolumeTarget } from '../../reconciler/ports.js';
 import { StateStore } from '../../reconciler/state.js';
-import { CryptmapError, EXIT_BUSY, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import { CryptmapError, EXIT_BUSY, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import { withDaemon } from '../daemon-client.js';
 import type { VerbMain } from '../types.js';
 
-const USAGE = 'usage: cryptmap volume delete ID --state-dir DIR [--manifest FILE]\n';
+const USAGE =
+  'usage: cryptmap volume delete ID --state-dir DIR [--manifest FILE]\n' +
+  '       cryptmap volume snapshot SERVICE/VOLUME NAME --state-dir DIR\n';
 
 const volume: VerbMain = async (argv, io) => {
   let parsed: ReturnType<
@@ -40,6 +48,23 @@ const volume: VerbMain = async (argv, io) => {
     return 0;
   }
   const [sub, id, ...rest] = positionals;
+  if (sub === 'snapshot') {
+    const [name, ...more] = rest;
+    if (id === undefined || name === undefined || more.length > 0 || !v['state-dir'] || v.manifest !== undefined)
+      throw new CryptmapError('EARGS', USAGE.trimEnd(), { exitCode: EXIT_WRONG_PARAMS });
+    const stateDir = v['state-dir'];
+    if (runningAgentPid(stateDir) === undefined)
+      throw new CryptmapError(
+        'EDAEMON_DOWN',
+        `no cryptmap agent runs on ${stateDir}: a snapshot is taken by the running agent (the volume open)`,
+        { exitCode: EXIT_WRONG_DEVICE },
+      );
+    const r = await withDaemon(join(stateDir, AGENT_RUN_DIR), io.env, (c) =>
+      c.call('agent.snapshot', { volume: id, name }),
+    );
+    io.stdout.write(`snapshot ${r.name} of ${r.volume}: thin device ${r.thinId}\n`);
+    return 0;
+  }
   if (sub !== 'delete' || id === undefined || rest.length > 0 || !v['state-dir']) {
     throw new CryptmapError('EARGS', USAGE.trimEnd(), { exitCode: EXIT_WRONG_PARAMS });
   }
