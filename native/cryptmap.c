@@ -38,6 +38,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cm-errno.h"
 #include "xts-vaes.h"
 
 #define ABI_VERSION 3
@@ -718,8 +719,7 @@ static void job_finish(napi_env env, job *j) {
       c = "ESHORTIO";
       snprintf(text, sizeof text, "end of file reading %zu bytes at %lld", (size_t)j->r.count * (size_t)j->r.k->sector_bytes, (long long)j->foff);
     } else if (j->err != 0) {
-      const char *name = strerrorname_np(j->err);
-      c = name ? name : "EIO";
+      c = cm_errno_name(j->err);
       snprintf(text, sizeof text, "%s of %zu bytes at %lld: %s", j->io == IO_PREAD ? "pread" : "pwrite", (size_t)j->r.count * (size_t)j->r.k->sector_bytes,
                (long long)j->foff, strerror(j->err));
     } else {
@@ -1068,37 +1068,21 @@ void cm_fuse_register(napi_env env, napi_value exports);
 
 /* ---------- file helpers ---------- */
 
-static const char *errno_name(int e) {
-  switch (e) {
-    case EBADF: return "EBADF";
-    case EINVAL: return "EINVAL";
-    case EOPNOTSUPP: return "EOPNOTSUPP";
-    case ENOSPC: return "ENOSPC";
-    case EIO: return "EIO";
-    case EPERM: return "EPERM";
-    case EACCES: return "EACCES";
-    case EROFS: return "EROFS";
-    case ENODEV: return "ENODEV";
-    case ESPIPE: return "ESPIPE";
-    case EFBIG: return "EFBIG";
-    case EINTR: return "EINTR";
-    case ENXIO: return "ENXIO";
-    case ENOSYS: return "ENOSYS";
-    case ETXTBSY: return "ETXTBSY";
-    default: return "EIO";
-  }
+const char *cm_errno_name(int e) {
+  const char *name = strerrorname_np(e);
+  return name ? name : "EIO";
 }
 
-static void throw_errno(napi_env env, int e, const char *syscall) {
+void cm_throw_errno(napi_env env, int e, const char *what) {
   char msg[160];
-  snprintf(msg, sizeof msg, "%s: %s", syscall, strerror(e));
+  snprintf(msg, sizeof msg, "%s: %s", what, strerror(e));
   napi_value code, m, err, num, sc;
-  napi_create_string_utf8(env, errno_name(e), NAPI_AUTO_LENGTH, &code);
+  napi_create_string_utf8(env, cm_errno_name(e), NAPI_AUTO_LENGTH, &code);
   napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &m);
   napi_create_error(env, code, m, &err);
   napi_create_int32(env, -e, &num);
   napi_set_named_property(env, err, "errno", num);
-  napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &sc);
+  napi_create_string_utf8(env, what, NAPI_AUTO_LENGTH, &sc);
   napi_set_named_property(env, err, "syscall", sc);
   napi_throw(env, err);
 }
@@ -1121,7 +1105,7 @@ static napi_value punch_hole(napi_env env, napi_callback_info info) {
   int64_t v[2];
   if (!get_fd_off(env, info, 3, &fd, v)) return NULL;
   if (v[1] == 0) return NULL;
-  if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)v[0], (off_t)v[1]) != 0) throw_errno(env, errno, "fallocate");
+  if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)v[0], (off_t)v[1]) != 0) cm_throw_errno(env, errno, "fallocate");
   return NULL;
 }
 
@@ -1133,7 +1117,7 @@ static napi_value seek_whence(napi_env env, napi_callback_info info, int whence,
   if (r < 0) {
     if (errno == ENXIO) r = -1;
     else {
-      throw_errno(env, errno, name);
+      cm_throw_errno(env, errno, name);
       return NULL;
     }
   }

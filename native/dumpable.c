@@ -18,6 +18,8 @@
 #include <malloc.h>
 #endif
 
+#include "cm-errno.h"
+
 void cryptmap_register_dumpable(napi_env env, napi_value exports);
 
 static napi_value dumpable(napi_env env, napi_callback_info info) {
@@ -32,13 +34,7 @@ static napi_value dumpable(napi_env env, napi_callback_info info) {
       return NULL;
     }
     if (t != napi_undefined && prctl(PR_SET_DUMPABLE, on ? 1 : 0, 0, 0, 0) != 0) {
-      char msg[96];
-      snprintf(msg, sizeof msg, "prctl(PR_SET_DUMPABLE): %s", strerror(errno));
-      napi_value code, m, err;
-      napi_create_string_utf8(env, errno == EINVAL ? "EINVAL" : "EPERM", NAPI_AUTO_LENGTH, &code);
-      napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &m);
-      napi_create_error(env, code, m, &err);
-      napi_throw(env, err);
+      cm_throw_errno(env, errno, "prctl(PR_SET_DUMPABLE)");
       return NULL;
     }
   }

@@ -45,6 +45,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "cm-errno.h"
+
 /* From native/cryptmap.c. */
 void *cm_key_from_value(napi_env env, napi_value v);
 int cm_key_sector_bytes(void *k);
@@ -264,9 +266,9 @@ static void fx_init(fexport *ex, uint64_t unique, const struct fuse_init_in *in)
   fx_reply(ex, unique, 0, &o, sizeof o, NULL, 0);
 }
 
-/* A request at [off, off+len) on the file: 0 when served here, else an errno. */
-static int fx_check(fexport *ex, uint64_t off, uint32_t len) {
-  uint64_t size = fx_size(ex);
+/* A request at [off, off+len) on a file of `size` bytes (the caller's one fx_size() of the request: a
+ * resize may run meanwhile): 0 when served here, else an errno. */
+static int fx_check(fexport *ex, uint64_t size, uint64_t off, uint32_t len) {
   if (off % ex->block_bytes || len % ex->block_bytes) return EINVAL;
   if (off > size || len > size - off) return EINVAL;
   return 0;
@@ -405,7 +407,7 @@ static void fx_request(fexport *ex, fthread *t, size_t n) {
         return;
       }
       if (len > size - off) len = (uint32_t)(size - off);
-      int err = fx_check(ex, off, len);
+      int err = fx_check(ex, size, off, len);
       if (err) {
         fx_reply(ex, unique, err, NULL, 0, NULL, 0);
         return;
@@ -420,7 +422,7 @@ static void fx_request(fexport *ex, fthread *t, size_t n) {
       uint32_t payload = (uint32_t)(sizeof *in + sizeof *w);
       uint64_t off = w->offset;
       uint32_t len = w->size;
-      int err = ex->read_only ? EROFS : n < payload || n - payload < len ? EINVAL : fx_check(ex, off, len);
+      int err = ex->read_only ? EROFS : n < payload || n - payload < len ? EINVAL : fx_check(ex, fx_size(ex), off, len);
       if (err) {
         fx_reply(ex, unique, err, NULL, 0, NULL, 0);
         return;
@@ -448,7 +450,7 @@ static void fx_request(fexport *ex, fthread *t, size_t n) {
       int js = 0;
       if (f->mode == (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)) js = FX_JS_DISCARD;
       else if (f->mode == FALLOC_FL_ZERO_RANGE || f->mode == (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)) js = FX_JS_ZERO;
-      int err = !js ? EOPNOTSUPP : ex->read_only ? EROFS : f->length > UINT32_MAX ? EINVAL : fx_check(ex, f->offset, (uint32_t)f->length);
+      int err = !js ? EOPNOTSUPP : ex->read_only ? EROFS : f->length > UINT32_MAX ? EINVAL : fx_check(ex, fx_size(ex), f->offset, (uint32_t)f->length);
       if (!err) err = fx_js(ex, t, js, f->offset, (uint32_t)f->length, 0);
       fx_reply(ex, unique, err, NULL, 0, NULL, 0);
       return;
@@ -486,17 +488,6 @@ static void *fx_thread(void *arg) {
     }                                                                      \
   } while (0)
 
-static void fx_throw_errno(napi_env env, int e, const char *what) {
-  char msg[256];
-  snprintf(msg, sizeof msg, "%s: %s", what, strerror(e));
-  napi_value code, m, err;
-  const char *name = strerrorname_np(e);
-  napi_create_string_utf8(env, name ? name : "EIO", NAPI_AUTO_LENGTH, &code);
-  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &m);
-  napi_create_error(env, code, m, &err);
-  napi_throw(env, err);
-}
-
 static void fx_call_js(napi_env env, napi_value cb, void *context, void *data) {
   fthread *t = data;
   if (env == NULL) return;
@@ -521,8 +512,20 @@ static fexport *fx_get(napi_env env, napi_value v) {
 }
 
 static void fx_finalize(napi_env env, void *data, void *hint) {
-  /* The JS handle is gone. After fuseDestroy no thread is left and nothing refers to the struct: free
-   * it. Without fuseDestroy (a crash path, process exit) threads may still use it: it stays. */
+  /*
+   * The JS handle is gone. After fuseDestroy no thread is left and nothing refers to the struct: free
+   * it. Without fuseDestroy (a crash path, process exit) threads may still use it: it stays.
+   *
+   * No call of the thread-safe function can still be queued here (its data points into ex->th[]):
+   * the only caller is fx_js, on a FUSE thread, which queues one call and then blocks until
+   * fuseComplete, and JS calls fuseComplete only from the request that call delivered (fx_call_js
+   * ran, the queue entry is consumed). So a queued call means a thread blocked in fx_js, hence alive
+   * > 0, and fuseDestroy refuses (EBUSY) until every thread has returned from fx_thread; destroyed is
+   * set only after that, with the threads joined and the function released, so no call can be queued
+   * afterwards either. The context pointer (ex) is not used by Node when the released function closes
+   * (no finalize callback), so freeing ex before that close is safe. fuseStart's failure path frees
+   * ex after an abort release with no thread started: nothing was ever queued.
+   */
   (void)env;
   (void)hint;
   fexport *ex = data;
@@ -606,13 +609,13 @@ static napi_value fuse_start(napi_env env, napi_callback_info info) {
   napi_unref_threadsafe_function(env, ex->tsfn);
   ex->fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
   if (ex->fd < 0) {
-    fx_throw_errno(env, errno, "open /dev/fuse");
+    cm_throw_errno(env, errno, "open /dev/fuse");
     goto fail;
   }
   char opts[256];
   snprintf(opts, sizeof opts, "fd=%d,rootmode=40000,user_id=%u,group_id=%u,max_read=%u", ex->fd, ex->uid, ex->gid, maxw);
   if (mount("cryptmap", mnt, "fuse.cryptmap", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts) != 0) {
-    fx_throw_errno(env, errno, "mount fuse");
+    cm_throw_errno(env, errno, "mount fuse");
     goto fail;
   }
   ex->alive = 0;
@@ -750,7 +753,7 @@ static napi_value fuse_invalidate(napi_env env, napi_callback_info info) {
   struct fuse_notify_inval_inode_out n = {.ino = FX_FILE_INO, .off = -1, .len = 0};
   struct iovec iov[2] = {{&h, sizeof h}, {&n, sizeof n}};
   h.len = sizeof h + sizeof n;
-  if (writev(ex->fd, iov, 2) < 0 && errno != ENOENT) fx_throw_errno(env, errno, "FUSE_NOTIFY_INVAL_INODE");
+  if (writev(ex->fd, iov, 2) < 0 && errno != ENOENT) cm_throw_errno(env, errno, "FUSE_NOTIFY_INVAL_INODE");
   return NULL;
 }
 

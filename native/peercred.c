@@ -13,18 +13,9 @@
 #include <string.h>
 #include <sys/socket.h>
 
-void cryptmap_register_peercred(napi_env env, napi_value exports);
+#include "cm-errno.h"
 
-static void peercred_throw(napi_env env, int e) {
-  char msg[128];
-  snprintf(msg, sizeof msg, "getsockopt(SO_PEERCRED): %s", strerror(e));
-  const char *name = e == ENOTSOCK ? "ENOTSOCK" : e == EBADF ? "EBADF" : e == ENOTCONN ? "ENOTCONN" : "EIO";
-  napi_value code, m, err;
-  napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &code);
-  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &m);
-  napi_create_error(env, code, m, &err);
-  napi_throw(env, err);
-}
+void cryptmap_register_peercred(napi_env env, napi_value exports);
 
 static napi_value peer_cred(napi_env env, napi_callback_info info) {
   size_t argc = 1;
@@ -38,7 +29,7 @@ static napi_value peer_cred(napi_env env, napi_callback_info info) {
   socklen_t len = sizeof cr;
   memset(&cr, 0, sizeof cr);
   if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &len) != 0) {
-    peercred_throw(env, errno);
+    cm_throw_errno(env, errno, "getsockopt(SO_PEERCRED)");
     return NULL;
   }
   napi_value out, v;

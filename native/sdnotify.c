@@ -18,27 +18,9 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-void cryptmap_register_sdnotify(napi_env env, napi_value exports);
+#include "cm-errno.h"
 
-static void sdnotify_throw(napi_env env, const char *what, int e) {
-  char msg[160];
-  snprintf(msg, sizeof msg, "%s: %s", what, strerror(e));
-  char name[24];
-  switch (e) {
-    case ENOENT: snprintf(name, sizeof name, "ENOENT"); break;
-    case ECONNREFUSED: snprintf(name, sizeof name, "ECONNREFUSED"); break;
-    case EACCES: snprintf(name, sizeof name, "EACCES"); break;
-    case EAGAIN: snprintf(name, sizeof name, "EAGAIN"); break;
-    case EMSGSIZE: snprintf(name, sizeof name, "EMSGSIZE"); break;
-    case ENAMETOOLONG: snprintf(name, sizeof name, "ENAMETOOLONG"); break;
-    default: snprintf(name, sizeof name, "EIO"); break;
-  }
-  napi_value code, m, err;
-  napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &code);
-  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &m);
-  napi_create_error(env, code, m, &err);
-  napi_throw(env, err);
-}
+void cryptmap_register_sdnotify(napi_env env, napi_value exports);
 
 static napi_value sd_notify_send(napi_env env, napi_callback_info info) {
   size_t argc = 2;
@@ -56,11 +38,11 @@ static napi_value sd_notify_send(napi_env env, napi_callback_info info) {
   memset(&sa, 0, sizeof sa);
   sa.sun_family = AF_UNIX;
   if (alen < 2 || (addr[0] != '/' && addr[0] != '@') || alen >= sizeof sa.sun_path) {
-    sdnotify_throw(env, "NOTIFY_SOCKET", alen >= sizeof sa.sun_path ? ENAMETOOLONG : ENOENT);
+    cm_throw_errno(env, alen >= sizeof sa.sun_path ? ENAMETOOLONG : ENOENT, "NOTIFY_SOCKET");
     return NULL;
   }
   if (mlen >= sizeof msg - 1) {
-    sdnotify_throw(env, "sd_notify message", EMSGSIZE);
+    cm_throw_errno(env, EMSGSIZE, "sd_notify message");
     return NULL;
   }
   memcpy(sa.sun_path, addr, alen);
@@ -73,7 +55,7 @@ static napi_value sd_notify_send(napi_env env, napi_callback_info info) {
   }
   int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
   if (fd < 0) {
-    sdnotify_throw(env, "socket(AF_UNIX, SOCK_DGRAM)", errno);
+    cm_throw_errno(env, errno, "socket(AF_UNIX, SOCK_DGRAM)");
     return NULL;
   }
   ssize_t n;
@@ -83,7 +65,7 @@ static napi_value sd_notify_send(napi_env env, napi_callback_info info) {
   int e = errno;
   close(fd);
   if (n < 0) {
-    sdnotify_throw(env, "sendto(NOTIFY_SOCKET)", e);
+    cm_throw_errno(env, e, "sendto(NOTIFY_SOCKET)");
     return NULL;
   }
   return NULL;

@@ -104,6 +104,43 @@ describe('native addon', () => {
       rmSync(dir, { recursive: true, force: true });
     }
   });
+
+  it('names every errno the same way in all its files (strerrorname_np; no local table turning the rest into EIO)', () => {
+    const a = addon();
+    const code = (f: () => void) => {
+      try {
+        f();
+      } catch (e) {
+        return [(e as NodeJS.ErrnoException).code, (e as NodeJS.ErrnoException).errno];
+      }
+      assert.fail('no error thrown');
+    };
+    // sdnotify.c's own table knew six names and called the rest EIO.
+    assert.deepEqual(
+      code(() => a.sdNotify!('/proc/self/stat/x', 'READY=1')),
+      ['ENOTDIR', -20],
+    );
+    assert.deepEqual(
+      code(() => a.sdNotify!('/nonexistent-cryptmap/notify', 'READY=1')),
+      ['ENOENT', -2],
+    );
+    // peercred.c had its own three names.
+    assert.deepEqual(
+      code(() => a.peerCred!(0x7fffffff)),
+      ['EBADF', -9],
+    );
+    const dir = mkdtempSync(join(tmpdir(), 'cryptmap-errno-'));
+    const fd = openSync(join(dir, 'f'), 'w');
+    try {
+      assert.deepEqual(
+        code(() => a.peerCred!(fd)),
+        ['ENOTSOCK', -88],
+      );
+    } finally {
+      closeSync(fd);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });
 
 describe('native XTS implementations agree', () => {
