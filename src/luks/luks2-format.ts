@@ -181,13 +181,7 @@ export async function setLabel(h: Luks2Header, label?: string, subsystem?: strin
  */
 export async function setPersistentFlags(h: Luks2Header, flags: readonly string[]): Promise<void> {
   h.requireChangeable();
-  const before = h.json.config.flags;
-  h.json.config.flags = [...flags];
-  try {
-    await h.write();
-  } catch (e) {
-    if (before === undefined) delete h.json.config.flags;
-    else h.json.config.flags = before;
-    throw e;
-  }
+  await h.update(() => {
+    h.json.config.flags = [...flags];
+  });
 }

@@ -25,9 +25,16 @@ import {
 } from './luks2-disk.js';
 import { repairKeyslotKdf, VALIDATORS } from './luks2-handlers.js';
 import { buildJsonArea, type Luks2Json, parseJsonArea, unknownRequirements, validateLuks2Json } from './luks2-json.js';
+import { wipeArea } from './keyslot-area.js';
 import { foreignSignature } from './signatures.js';
 
 const log = logger('luks2');
+
+function areaRange(area: { offset?: string; size?: string } | undefined): { o: number; n: number } {
+  return area?.offset !== undefined && area.size !== undefined
+    ? { o: Number(area.offset), n: Number(area.size) }
+    : { o: 0, n: 0 };
+}
 
 interface CopyState {
   ok: boolean;
@@ -230,23 +237,47 @@ export class Luks2Header {
     if (onDisk !== this.bin.seqid) throw concurrentUpdate();
   }
 
-  /** Write; when that fails, reload the header from the device and rethrow. */
-  async writeOrReload(): Promise<void> {
+  /**
+   * Change the metadata with `change` (which may also store keyslot material in unused areas) and write
+   * both copies. When `change` or the write fails, the in-memory header becomes what the device holds
+   * (re-read; the state before `change` when nothing valid can be read), and every keyslot area
+   * `change` filled that the device's header does not reference is wiped: a failed add leaves no key
+   * material behind. The error is rethrown.
+   */
+  async update<T>(change: () => Promise<T> | T): Promise<T> {
+    const before = structuredClone(this.json);
     try {
+      const result = await change();
       await this.write();
+      return result;
     } catch (e) {
-      await this.reload();
+      const attempted = this.json;
+      await this.#settleFailedChange(before, attempted);
       throw e;
     }
   }
 
-  async reload(): Promise<void> {
+  async #settleFailedChange(before: Luks2Json, attempted: Luks2Json): Promise<void> {
     try {
       const r = await readLuks2(this.dev);
       this.bin = r.bin;
       this.json = r.json;
     } catch {
-      // keep the in-memory state; the caller reports the original error
+      this.json = before; // nothing valid on the device: keep what was loaded before the change
+    }
+    const live = Object.values(this.json.keyslots).map((k) => areaRange(k.area));
+    for (const ks of Object.values(attempted.keyslots)) {
+      const a = areaRange(ks.area);
+      if (a.n === 0 || live.some((l) => l.o < a.o + a.n && a.o < l.o + l.n)) continue;
+      try {
+        await wipeArea(this.dev, a.o, a.n);
+      } catch (w) {
+        log.error('could not wipe the keyslot area of a change that failed', {
+          offset: a.o,
+          size: a.n,
+          error: String(w),
+        });
+      }
     }
   }
 

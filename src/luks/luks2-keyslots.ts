@@ -127,22 +127,17 @@ export async function relocateKeyslot(
     off = alignUp(Math.max(off, u.e), 4096);
   }
   if (off + size > end) return false;
-  const material = Buffer.alloc(size);
-  try {
-    await h.dev.read(Number(ks.area.offset), material);
-    await h.dev.write(off, material);
-    await h.dev.flush();
-  } finally {
-    material.fill(0);
-  }
-  const before = ks.area.offset;
-  ks.area.offset = String(off);
-  try {
-    await h.write();
-  } catch (e) {
-    ks.area.offset = before;
-    throw e;
-  }
+  await h.update(async () => {
+    const material = Buffer.alloc(size);
+    try {
+      await h.dev.read(Number(ks.area.offset), material);
+      await h.dev.write(off, material);
+      await h.dev.flush();
+    } finally {
+      material.fill(0);
+    }
+    ks.area.offset = String(off);
+  });
   return true;
 }
 
@@ -303,8 +298,9 @@ export async function storeKeyslot(
     },
     kdf: kdfJson(kdf, randomBytes(LUKS_SALTSIZE)),
   };
-  await KEYSLOT_HANDLERS.luks2!.store!(h.dev, ks, passphrase, vk);
+  // In the metadata before the material is written: a failed update (Luks2Header.update) then wipes it.
   h.json.keyslots[String(slot)] = ks;
+  await KEYSLOT_HANDLERS.luks2!.store!(h.dev, ks, passphrase, vk);
   const d = h.json.digests[digestId]!;
   if (!d.keyslots.includes(String(slot))) d.keyslots.push(String(slot));
   sortKeys(h.json);
@@ -325,25 +321,23 @@ export async function addKey(
   const vk = await authenticate(h, auth);
   try {
     const kdf = await resolveKdf(opts, vk.length, opts.hash ?? 'sha256');
-    await storeKeyslot(
-      h,
-      slot,
-      vk.expose(),
-      newPassphrase,
-      kdf,
-      h.segmentDigest(),
-      keyslotEncryption(h, opts, vk.length),
-    );
-    // A keyslot whose passphrase came from a token is assigned to it in the same header write.
-    for (const t of opts.assignTokens ?? []) {
-      const tok = h.json.tokens[String(t)]!;
-      if (!tok.keyslots.includes(slot)) tok.keyslots.push(slot);
-    }
-    await h.write();
+    await h.update(async () => {
+      await storeKeyslot(
+        h,
+        slot,
+        vk.expose(),
+        newPassphrase,
+        kdf,
+        h.segmentDigest(),
+        keyslotEncryption(h, opts, vk.length),
+      );
+      // A keyslot whose passphrase came from a token is assigned to it in the same header write.
+      for (const t of opts.assignTokens ?? []) {
+        const tok = h.json.tokens[String(t)]!;
+        if (!tok.keyslots.includes(slot)) tok.keyslots.push(slot);
+      }
+    });
     return Number(slot);
-  } catch (e) {
-    await h.reload();
-    throw e;
   } finally {
     vk.dispose();
   }
@@ -373,14 +367,13 @@ export async function addUnboundKeyslot(
       hash,
       iterations: await digestIterations(opts.kdf !== undefined, hash),
     });
-    const dId = firstFreeId(h.json.digests);
-    h.json.digests[String(dId)] = { ...digest, keyslots: [], segments: [] };
-    await storeKeyslot(h, slot, key, newPassphrase, kdf, String(dId), keyslotEncryption(h, opts, volumeKeyBytes(h)));
-    await h.write();
+    await h.update(async () => {
+      const dId = firstFreeId(h.json.digests);
+      h.json.digests[String(dId)] = { ...digest, keyslots: [], segments: [] };
+      const enc = keyslotEncryption(h, opts, volumeKeyBytes(h));
+      await storeKeyslot(h, slot, key, newPassphrase, kdf, String(dId), enc);
+    });
     return Number(slot);
-  } catch (e) {
-    await h.reload();
-    throw e;
   } finally {
     key.fill(0);
   }
@@ -397,60 +390,61 @@ export async function changeKey(
   const { volumeKey, keyslot } = await unlock(h, oldPassphrase, { keySlot: opts.keySlot, anySegment: true });
   const old = h.json.keyslots[String(keyslot)]!;
   const oldArea = { o: Number(old.area.offset), n: Number(old.area.size) };
+  let ks: L2Keyslot;
+  let inPlace = false;
   try {
     const kdf = await resolveKdf(opts, volumeKey.length, opts.hash ?? 'sha256');
     // New material goes into a free area while the old slot stays intact; then one header write swaps them.
-    const tmpSlot = `${keyslot}`;
-    delete h.json.keyslots[tmpSlot];
-    h.json.keyslots['__old'] = old;
-    let ks: L2Keyslot;
-    let inPlace = false;
-    try {
-      const dId = h.digestOfKeyslot(tmpSlot) ?? h.segmentDigest();
-      const bound = h.json.digests[dId]!.segments.includes('0');
-      const store = () =>
-        storeKeyslot(
-          h,
-          tmpSlot,
-          volumeKey.expose(),
-          newPassphrase,
-          kdf,
-          dId,
-          keyslotEncryption(h, opts, bound ? volumeKey.length : volumeKeyBytes(h)),
-        );
+    ks = await h.update(async () => {
+      const tmpSlot = `${keyslot}`;
+      delete h.json.keyslots[tmpSlot];
+      h.json.keyslots['__old'] = old;
+      let stored: L2Keyslot;
       try {
-        ks = await store();
-      } catch (e) {
-        if (!isCryptmapError(e, 'ENOSPACE')) throw e;
-        // No room for a second copy: the keyslot is overwritten in place, as cryptsetup does (its old
-        // area is reused; a crash before the header write loses this keyslot).
+        const dId = h.digestOfKeyslot(tmpSlot) ?? h.segmentDigest();
+        const bound = h.json.digests[dId]!.segments.includes('0');
+        const store = () =>
+          storeKeyslot(
+            h,
+            tmpSlot,
+            volumeKey.expose(),
+            newPassphrase,
+            kdf,
+            dId,
+            keyslotEncryption(h, opts, bound ? volumeKey.length : volumeKeyBytes(h)),
+          );
+        try {
+          stored = await store();
+        } catch (e) {
+          if (!isCryptmapError(e, 'ENOSPACE')) throw e;
+          // No room for a second copy: the keyslot is overwritten in place, as cryptsetup does (its old
+          // area is reused; a crash before the header write loses this keyslot).
+          delete h.json.keyslots['__old'];
+          inPlace = true;
+          stored = await store();
+        }
+      } finally {
         delete h.json.keyslots['__old'];
-        inPlace = true;
-        ks = await store();
       }
-    } finally {
-      delete h.json.keyslots['__old'];
-    }
-    if (old.priority !== undefined) ks.priority = old.priority;
-    h.json.keyslots[tmpSlot] = ks;
-    sortKeys(h.json);
-    await h.write();
-    // The old material goes; in place, only what the new area does not cover.
-    const nO = Number(ks.area.offset);
-    const nE = nO + Number(ks.area.size);
-    const oE = oldArea.o + oldArea.n;
-    if (!inPlace || nE <= oldArea.o || nO >= oE) await wipeArea(h.dev, oldArea.o, oldArea.n);
-    else {
-      if (oldArea.o < nO) await wipeArea(h.dev, oldArea.o, nO - oldArea.o);
-      if (oE > nE) await wipeArea(h.dev, nE, oE - nE);
-    }
-    return keyslot;
-  } catch (e) {
-    await h.reload();
-    throw e;
+      if (old.priority !== undefined) stored.priority = old.priority;
+      h.json.keyslots[tmpSlot] = stored;
+      sortKeys(h.json);
+      return stored;
+    });
   } finally {
     volumeKey.dispose();
   }
+  // The header now names the new material; the old goes (in place, only what the new area does not
+  // cover). A failure here is reported; the new passphrase is already in force.
+  const nO = Number(ks.area.offset);
+  const nE = nO + Number(ks.area.size);
+  const oE = oldArea.o + oldArea.n;
+  if (!inPlace || nE <= oldArea.o || nO >= oE) await wipeArea(h.dev, oldArea.o, oldArea.n);
+  else {
+    if (oldArea.o < nO) await wipeArea(h.dev, oldArea.o, nO - oldArea.o);
+    if (oE > nE) await wipeArea(h.dev, nE, oE - nE);
+  }
+  return keyslot;
 }
 
 export async function killSlot(h: Luks2Header, slot: number): Promise<void> {
@@ -458,10 +452,11 @@ export async function killSlot(h: Luks2Header, slot: number): Promise<void> {
   const k = String(slot);
   const ks = h.json.keyslots[k];
   if (!ks) throw new CryptmapError('EKEYSLOT', `Keyslot ${slot} is not active.`, { errno: 'ENOENT' });
-  delete h.json.keyslots[k];
-  for (const d of Object.values(h.json.digests)) d.keyslots = d.keyslots.filter((x) => x !== k);
-  for (const t of Object.values(h.json.tokens)) t.keyslots = t.keyslots.filter((x) => x !== k);
-  await h.writeOrReload();
+  await h.update(() => {
+    delete h.json.keyslots[k];
+    for (const d of Object.values(h.json.digests)) d.keyslots = d.keyslots.filter((x) => x !== k);
+    for (const t of Object.values(h.json.tokens)) t.keyslots = t.keyslots.filter((x) => x !== k);
+  });
   if (ks.area?.offset !== undefined && ks.area.size !== undefined)
     await wipeArea(h.dev, Number(ks.area.offset), Number(ks.area.size));
 }
@@ -469,11 +464,13 @@ export async function killSlot(h: Luks2Header, slot: number): Promise<void> {
 /** cryptsetup config --priority: 'normal' removes the field, as cryptsetup does. */
 export async function setPriority(h: Luks2Header, slot: number, priority: KeyslotPriority): Promise<void> {
   h.requireChangeable();
-  const ks = h.json.keyslots[String(slot)];
-  if (!ks) throw new CryptmapError('EKEYSLOT', `Keyslot ${slot} is not active.`, { errno: 'ENOENT' });
-  if (priority === 'normal') delete ks.priority;
-  else ks.priority = priority === 'ignore' ? 0 : 2;
-  await h.writeOrReload();
+  if (!h.json.keyslots[String(slot)])
+    throw new CryptmapError('EKEYSLOT', `Keyslot ${slot} is not active.`, { errno: 'ENOENT' });
+  await h.update(() => {
+    const ks = h.json.keyslots[String(slot)]!;
+    if (priority === 'normal') delete ks.priority;
+    else ks.priority = priority === 'ignore' ? 0 : 2;
+  });
 }
 
 /** luksErase: every keyslot goes from the header, then their areas are wiped. */
@@ -483,10 +480,11 @@ export async function eraseKeyslots(h: Luks2Header): Promise<void> {
     o: Number(ks.area?.offset ?? 0),
     n: Number(ks.area?.size ?? 0),
   }));
-  for (const k of Object.keys(h.json.keyslots)) delete h.json.keyslots[k];
-  for (const d of Object.values(h.json.digests)) d.keyslots = [];
-  for (const t of Object.values(h.json.tokens)) t.keyslots = [];
-  await h.writeOrReload();
+  await h.update(() => {
+    for (const k of Object.keys(h.json.keyslots)) delete h.json.keyslots[k];
+    for (const d of Object.values(h.json.digests)) d.keyslots = [];
+    for (const t of Object.values(h.json.tokens)) t.keyslots = [];
+  });
   for (const a of areas) if (a.n > 0) await wipeArea(h.dev, a.o, a.n);
 }
 
@@ -503,20 +501,15 @@ export async function addUnboundKey(
 ): Promise<{ keyslot: number; digest: string }> {
   h.requireChangeable();
   const slot = freeSlot(h, opts.keySlot);
-  const before = structuredClone(h.json);
-  try {
-    const hash = opts.hash ?? 'sha256';
-    const kdf = await resolveKdf(opts, vk.length, hash);
-    const dIter = await digestIterations(opts.kdf !== undefined, hash, undefined);
-    const d = await DIGEST_HANDLERS.pbkdf2!.create(vk, { hash, iterations: dIter });
+  const hash = opts.hash ?? 'sha256';
+  const kdf = await resolveKdf(opts, vk.length, hash);
+  const dIter = await digestIterations(opts.kdf !== undefined, hash, undefined);
+  const d = await DIGEST_HANDLERS.pbkdf2!.create(vk, { hash, iterations: dIter });
+  return h.update(async () => {
     const id = firstFreeId(h.json.digests);
     h.json.digests[String(id)] = { ...d, keyslots: [], segments: [] };
     // The new key's keyslot area is encrypted with the cipher of the segment it will protect.
     await storeKeyslot(h, slot, vk, passphrase, kdf, String(id), keyslotEncryption(h, opts, vk.length));
-    await h.write();
     return { keyslot: Number(slot), digest: String(id) };
-  } catch (e) {
-    h.json = before;
-    throw e;
-  }
+  });
 }

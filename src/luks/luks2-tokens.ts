@@ -37,9 +37,11 @@ export async function importToken(h: Luks2Header, token: string | L2Token, token
     throw new CryptmapError('ETOKEN', `Token ${id} is invalid.`);
   if (h.json.tokens[String(id)]) throw new CryptmapError('ETOKEN', `Token ${id} is already in use.`);
   handlerFor(TOKEN_HANDLERS, tok.type)?.validate(tok, `tokens.${id}`);
-  h.json.tokens[String(id)] = tok;
-  sortKeys(h.json);
-  await h.writeOrReload();
+  const newId = id;
+  await h.update(() => {
+    h.json.tokens[String(newId)] = tok;
+    sortKeys(h.json);
+  });
   return id;
 }
 
@@ -54,8 +56,9 @@ export async function removeToken(h: Luks2Header, tokenId: number): Promise<void
   h.requireChangeable();
   if (!h.json.tokens[String(tokenId)])
     throw new CryptmapError('ETOKEN', `Token ${tokenId} is not in use.`, { errno: 'ENOENT' });
-  delete h.json.tokens[String(tokenId)];
-  await h.writeOrReload();
+  await h.update(() => {
+    delete h.json.tokens[String(tokenId)];
+  });
 }
 
 /**
@@ -91,8 +94,10 @@ export async function addKeyringToken(
     : opts.keySlot !== undefined
       ? [String(opts.keySlot)]
       : Object.keys(h.json.keyslots);
-  h.json.tokens[String(id)] = { type: 'luks2-keyring', keyslots, key_description: keyDescription };
-  await h.writeOrReload();
+  const newId = id;
+  await h.update(() => {
+    h.json.tokens[String(newId)] = { type: 'luks2-keyring', keyslots, key_description: keyDescription };
+  });
   return id;
 }
 
@@ -116,6 +121,7 @@ export async function unassignToken(h: Luks2Header, tokenId: number, keySlot: nu
       exitCode: 1,
       errno: 'ENOENT',
     });
-  tok.keyslots = tok.keyslots.filter((k) => k !== String(keySlot));
-  await h.writeOrReload();
+  await h.update(() => {
+    tok.keyslots = tok.keyslots.filter((k) => k !== String(keySlot));
+  });
 }
