@@ -5,8 +5,14 @@
  *
  * Reply parsing is a push state machine over socket chunks:
  *   MAGIC -> SIMPLE header (16) | CHUNK header (20) -> payload sink -> MAGIC ...
- * READ data (a simple reply's payload, an OFFSET_DATA chunk's data) is copied from the socket chunk
- * straight into the caller's buffer: the one copy is the socket read itself. Small payloads (chunk
+ * READ data (a simple reply's payload, an OFFSET_DATA chunk's data) lands in the caller's buffer with
+ * no copy in userspace: over a plain socket (not TLS) the connection tells the socket where its next
+ * read goes (transport.ts SocketReader, Node's `onread`), and while a payload of DIRECT_MIN bytes or
+ * more is due that is the request's own buffer, at the position the payload has reached; the
+ * kernel's copy out of the socket is the only one. While such READs are in flight, headers are read
+ * on their own (16 bytes, then what the header still needs), so that a payload after a header is
+ * not pulled into the scratch buffer and copied from there. Otherwise (small replies, TLS, whose
+ * decryption writes its own buffers) chunks are parsed from scratch and copied. Small payloads (chunk
  * offsets, holes, errors, block status) are gathered in a buffer sized after the length was checked
  * against a cap. Anything the spec calls a violation (unknown cookie, a chunk type that does not fit
  * the command, data outside the request, a simple reply to a structured READ) is a hard disconnect:
@@ -39,6 +45,12 @@ import {
 } from '../../nbd-wire/constants.js';
 import type { Errno } from '../../util/errors.js';
 import type { Negotiated } from './handshake.js';
+import { socketReader } from './transport.js';
+
+/** READ payloads at least this large are read by the socket straight into the request's buffer. */
+const DIRECT_MIN = 16 << 10;
+/** Bytes of a simple reply header, and of a structured chunk header's first part. */
+const FIRST_HEADER_READ = 16;
 
 /** Largest error chunk payload: 4096-byte message + the fixed fields. */
 const MAX_ERROR_PAYLOAD = 4096 + 14;
@@ -146,12 +158,25 @@ export class NbdConnection {
   #curFlags = 0;
   #curType = 0;
   #curLen = 0;
+  // direct reads (plain sockets)
+  readonly #scratch: Buffer | undefined;
+  /** The destination view the socket was last told to read into. */
+  #view: Uint8Array | undefined;
+  /** READs of DIRECT_MIN bytes or more in flight. */
+  #bigReads = 0;
 
   constructor(n: Negotiated, hooks: ConnectionHooks, requestTimeoutMs: number) {
     this.n = n;
     this.#stream = n.stream;
     this.#hooks = hooks;
-    this.#stream.on('data', (c: Buffer) => this.#onData(c));
+    const reader = n.stream === n.raw ? socketReader(n.raw) : undefined;
+    if (reader !== undefined) {
+      this.#scratch = reader.scratch;
+      reader.take(
+        () => this.#nextBuffer(),
+        (k, b) => this.#onRead(k, b),
+      );
+    } else this.#stream.on('data', (c: Buffer) => this.#onData(c));
     this.#stream.on('error', (e: Error) => this.#die(`connection error: ${e.message}`));
     this.#stream.on('close', () => this.#die('the server closed the connection'));
     this.#stream.on('end', () => this.#die('the server closed the connection'));
@@ -193,6 +218,7 @@ export class NbdConnection {
     if (this.#inflight.size === 0) this.#lastRx = Date.now();
     this.#inflight.set(cookie, r);
     this.#inflightBytes += r.length;
+    if (r.type === NBD_CMD_READ && r.length >= DIRECT_MIN) this.#bigReads++;
     const h = Buffer.allocUnsafe(REQUEST_HEADER_BYTES);
     h.writeUInt32BE(NBD_REQUEST_MAGIC, 0);
     h.writeUInt16BE(r.flags, 4);
@@ -243,6 +269,8 @@ export class NbdConnection {
     const pending = [...this.#inflight.values()];
     this.#inflight.clear();
     this.#inflightBytes = 0;
+    this.#bigReads = 0;
+    this.#view = undefined;
     this.#hooks.closed(this, reason, pending);
   }
 
@@ -251,6 +279,40 @@ export class NbdConnection {
   }
 
   // ---- reply parser ----
+
+  /** Where the socket's next read goes (asked before every read on a plain socket). */
+  #nextBuffer(): Uint8Array {
+    const scratch = this.#scratch!;
+    if (this.#dead) return scratch;
+    if (this.#st === St.SINK) {
+      // A payload's tail goes in place too while large READs are in flight (the header reads that
+      // follow are exact): only small replies between idle spells are batched through scratch.
+      if (this.#sinkBuf !== this.#hdr && (this.#sinkLeft >= DIRECT_MIN || this.#bigReads > 0)) {
+        this.#view = this.#sinkBuf.subarray(this.#sinkAt, this.#sinkAt + this.#sinkLeft);
+        return this.#view;
+      }
+      return this.#bigReads > 0 ? scratch.subarray(0, Math.min(this.#sinkLeft, scratch.length)) : scratch;
+    }
+    if (this.#bigReads === 0) return scratch;
+    return scratch.subarray(
+      0,
+      this.#st === St.MAGIC && this.#hdrHave === 0 ? FIRST_HEADER_READ : this.#hdrNeed - this.#hdrHave,
+    );
+  }
+
+  /** `n` bytes arrived at the start of `buf` (a buffer #nextBuffer named). */
+  #onRead(n: number, buf: Uint8Array): void {
+    if (buf === this.#view) {
+      // In place already: only the sink's position moves.
+      this.#view = undefined;
+      this.#lastRx = Date.now();
+      this.#sinkAt += n;
+      this.#sinkLeft -= n;
+      if (this.#sinkLeft === 0) this.#onSinkDone();
+      return;
+    }
+    this.#onData((buf as Buffer).subarray(0, n));
+  }
 
   #onData(chunk: Buffer): void {
     this.#lastRx = Date.now();
@@ -472,6 +534,7 @@ export class NbdConnection {
     const r = this.#cur!;
     this.#inflight.delete(this.#curCookie);
     this.#inflightBytes -= r.length;
+    if (r.type === NBD_CMD_READ && r.length >= DIRECT_MIN) this.#bigReads--;
     this.#nextMessage();
     let err = r.error ?? null;
     if (err === null && r.type === NBD_CMD_READ && r.covered !== r.length) {

@@ -57,13 +57,62 @@ export async function loadTlsCredentials(t: NbdUriTarget): Promise<TlsCredential
   return c;
 }
 
+/** Bytes of the scratch buffer a socket reads into when no destination buffer is offered. */
+const SCRATCH_BYTES = 64 << 10;
+
+/**
+ * Who says where a socket's bytes land (Node's `onread`: the socket reads into a buffer the caller
+ * supplies, asked for again before every read, instead of a fresh chunk per read). Until a
+ * transmission-phase connection takes it over, it reads into a scratch buffer and hands copies on
+ * as ordinary 'data' events (the handshake's receive queue, and TLS, which takes the socket's handle
+ * over and reads on its own, see them as from any socket). `take` gives the reads to one consumer:
+ * `next()` names the buffer the next read fills (a READ's destination, or scratch), `got(n, buf)`
+ * says that `n` bytes arrived at the start of `buf`.
+ */
+export class SocketReader {
+  readonly scratch = Buffer.allocUnsafe(SCRATCH_BYTES);
+  #next: () => Uint8Array = () => this.scratch;
+  #got: (n: number, buf: Uint8Array) => void;
+
+  constructor(sock: () => Socket) {
+    this.#got = (n, buf) => {
+      sock().emit('data', Buffer.from(buf.subarray(0, n)));
+    };
+  }
+
+  /** The `onread` option of net.connect. */
+  get onread(): { buffer: () => Uint8Array; callback: (n: number, buf: Uint8Array) => boolean } {
+    return {
+      buffer: () => this.#next(),
+      callback: (n, buf) => {
+        this.#got(n, buf);
+        return true;
+      },
+    };
+  }
+
+  take(next: () => Uint8Array, got: (n: number, buf: Uint8Array) => void): void {
+    this.#next = next;
+    this.#got = got;
+  }
+}
+
+const readers = new WeakMap<Socket, SocketReader>();
+
+/** The reader of a socket `connectSocket` made (undefined for others). */
+export function socketReader(s: Socket): SocketReader | undefined {
+  return readers.get(s);
+}
+
 /** Connect the raw socket; rejects on a connection error or after `timeoutMs`. */
 export function connectSocket(t: NbdUriTarget, timeoutMs: number): Promise<Socket> {
   return new Promise((resolve, reject) => {
-    const s =
+    const reader: SocketReader = new SocketReader((): Socket => s);
+    const s: Socket =
       t.transport.kind === 'unix'
-        ? netConnect({ path: t.transport.path })
-        : netConnect({ host: t.transport.host, port: t.transport.port, noDelay: true });
+        ? netConnect({ path: t.transport.path, onread: reader.onread })
+        : netConnect({ host: t.transport.host, port: t.transport.port, noDelay: true, onread: reader.onread });
+    readers.set(s, reader);
     const timer = setTimeout(() => {
       s.destroy();
       reject(new Error(`no connection after ${timeoutMs} ms`));
