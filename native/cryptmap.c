@@ -689,7 +689,7 @@ typedef struct {
   job *done_head, *done_tail; /* finished, not yet delivered to JS */
   int notified;             /* a wake-up of the JS thread is pending */
   int64_t done_since_ns;    /* when the done list last became non-empty */
-  double ns_per_byte;       /* moving average of a job's time per byte (0: none measured yet) */
+  double ns_per_byte;       /* a job's time per byte, lower envelope (0: none measured yet) */
   double n_jobs, n_wakes, n_sleeps, n_yields; /* counters (poolStats) */
   pthread_t th[MAX_POOL_THREADS];
   int started, want, stop;
@@ -795,9 +795,8 @@ static void *pool_worker(void *arg) {
      * busy, so the completion waits on the done list and the wake-up is sent once the queue runs
      * short: light loads and small requests complete at once, deep queues of large requests deliver
      * completions in batches. The last job always notifies (queue empty), and no completion waits
-     * more than WAKE_MAX_DELAY_NS. The work is estimated from the time jobs took per byte (a moving
-     * average): wall time, which other processes stretch as they stretch the time until the queue
-     * runs dry; a thread's CPU time would cost two system calls per job (~5% of the CPU in a VM).
+     * more than WAKE_MAX_DELAY_NS. The work is estimated from the time jobs took per byte (wall time,
+     * filtered below; a thread's CPU time would cost two system calls per job, ~5% of the CPU in a VM).
      */
     j->next = NULL;
     int64_t t = now_ns();
@@ -805,8 +804,11 @@ static void *pool_worker(void *arg) {
     p->busy--;
     p->n_jobs++;
     if (bytes > 0) {
-      double x = (double)(t - t0) / (double)bytes;
-      p->ns_per_byte = p->ns_per_byte == 0 ? x : p->ns_per_byte + (x - p->ns_per_byte) / 8;
+      /* The lower envelope of the jobs' time per byte: a job another process preempted says nothing
+       * about the work (a jump after one such job delayed the wake-ups of 4 KiB reads), so a faster
+       * job pulls the estimate down at once and a slower one (at most 2x) up slowly. */
+      double x = (double)(t - t0) / (double)bytes, e = p->ns_per_byte;
+      p->ns_per_byte = e == 0 ? x : x < e ? e + (x - e) / 4 : e + ((x < 2 * e ? x : 2 * e) - e) / 64;
     }
     if (p->done_tail) {
       p->done_tail->next = j;
