@@ -39,6 +39,7 @@ export const ERROR_CODES = {
   EKEY_SIZE: 'an unsupported key size',
   EABORT: 'the user did not confirm (anything but YES)',
   EINTR: 'terminal input interrupted (Ctrl-C)',
+  ETTY: 'terminal input that ended (Ctrl-D, the terminal gone) or failed before the line asked for',
   EINTERNAL: 'an unexpected failure, or an operation that needs a running agent',
   // ---- devices and I/O ----
   ENODEV: 'a device, mapping or volume that does not exist or is not active',

@@ -268,13 +268,14 @@ test('R8/R20: luksChangeKey moves a LUKS1 key to a free keyslot; LUKS2 with a fu
 });
 
 /**
- * Run `bin args` on a pseudo-terminal, answering `steps` ([text awaited, line sent]); every wait has a
- * deadline (pty-dialog.py). The transcript with the image named IMG and the loop device LOOP.
+ * Run `bin args` on a pseudo-terminal, answering `steps` ([text awaited, line sent, sent raw without a
+ * newline]); every wait has a deadline (pty-dialog.py). The transcript with the image named IMG and the
+ * loop device LOOP.
  */
 async function dialog(
   bin: string[],
   args: string[],
-  steps: [string, string | null][],
+  steps: [string, string | null, boolean?][],
   names: Record<string, string>,
 ): Promise<string> {
   const py = new URL('./pty-dialog.py', import.meta.url).pathname.replace('/dist/', '/');
@@ -367,6 +368,23 @@ test('R12: on a terminal the prompt names a loop device by its backing file; -v 
     cm.at(-1)!,
     /No usable keyslot is available\.\nCommand failed with code -1 \(wrong or missing parameters\)\.\n\nEXIT 1/,
   );
+});
+
+test("Ctrl-D at a passphrase prompt or at the YES question ends the input: the message and exit code are cryptsetup's", async () => {
+  const img = await image('luks2');
+  const cmBin = [process.execPath, ENTRY];
+  const eof = '\u0004';
+  for (const [args, wait] of [
+    [['open', '--test-passphrase', img], `Enter passphrase for ${img}:`],
+    [['luksAddKey', ...FAST, img], 'Enter any existing passphrase:'],
+    [['luksFormat', '--type', 'luks2', ...FAST, img], "Are you sure? (Type 'yes' in capital letters):"],
+  ] as [string[], string][]) {
+    const names = { [img]: 'IMG' };
+    const cs = await dialog([CS], args, [[wait, eof, true]], names);
+    const cm = await dialog(cmBin, args, [[wait, eof, true]], names);
+    assert.equal(cm, cs, args[0]);
+    assert.match(cs, /Error reading (passphrase|response) from terminal\.\n\nEXIT 1\n?$/);
+  }
 });
 
 test('R2: with an unbound keyslot last, a passphrase that opens no bound keyslot is "No usable keyslot is available." (exit 1), as cryptsetup', async () => {

@@ -3,7 +3,8 @@
 
     pty-dialog.py STEPS_JSON DEADLINE_S CMD [ARG...]
 
-STEPS_JSON is a list of [text to wait for, line to send or null]. Every wait has the deadline; a text
+STEPS_JSON is a list of [text to wait for, line to send or null, raw]: with raw true the text is sent
+as it is, without the newline (\u0004 is Ctrl-D). Every wait has the deadline; a text
 that does not come in time ends the run with exit 124 and "TIMEOUT waiting for ...". Prints the whole
 terminal transcript, then "EXIT <code>" of the command.
 """
@@ -33,7 +34,9 @@ def read_until(pred):
             buf += d
     return True
 pos = 0
-for want, send in steps:
+for step in steps:
+    want, send = step[0], step[1]
+    raw = len(step) > 2 and step[2]
     w = want.encode()
     if not read_until(lambda: buf.find(w, pos) >= 0):
         sys.stdout.write(buf.decode(errors='replace') + '\nTIMEOUT waiting for %r\n' % want)
@@ -43,7 +46,7 @@ for want, send in steps:
     pos = buf.find(w, pos) + len(w)
     if send is not None:
         time.sleep(0.05)
-        os.write(fd, send.encode() + b'\n')
+        os.write(fd, send.encode() + (b'' if raw else b'\n'))
 end = time.monotonic() + deadline_s
 while time.monotonic() < end:
     r, _, _ = select.select([fd], [], [], max(0.0, end - time.monotonic()))

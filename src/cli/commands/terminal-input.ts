@@ -84,45 +84,84 @@ export class TerminalInput {
     this.#pending = rest;
   }
 
-  /** One line from a terminal without echo. */
+  /**
+   * Feed the terminal's input to `onData` until it calls `done` (a value) or `fail`; the end of the
+   * input (the terminal closed, Ctrl-D in cooked mode) or a read error fails with `eof` instead of
+   * waiting for ever. The listeners are removed however it ends.
+   */
+  #fromTerminal<T>(
+    onData: (d: Buffer | string, done: (v: T) => void, fail: (e: Error) => void) => void,
+    eof: string,
+  ): Promise<T> {
+    const stdin = this.#stdin as NodeJS.ReadStream;
+    if (stdin.readableEnded || stdin.destroyed)
+      return Promise.reject(new CryptmapError('ETTY', eof, { exitCode: EXIT_WRONG_PARAMS }));
+    return new Promise<T>((resolve, reject) => {
+      const off = () => {
+        stdin.off('data', data);
+        stdin.off('end', ended);
+        stdin.off('close', ended);
+        stdin.off('error', ended);
+      };
+      const done = (v: T) => {
+        off();
+        resolve(v);
+      };
+      const fail = (e: Error) => {
+        off();
+        reject(e);
+      };
+      const data = (d: Buffer | string) => onData(d, done, fail);
+      const ended = (e?: unknown) =>
+        fail(
+          new CryptmapError('ETTY', eof, { exitCode: EXIT_WRONG_PARAMS, ...(e instanceof Error ? { cause: e } : {}) }),
+        );
+      stdin.on('data', data);
+      stdin.once('end', ended);
+      stdin.once('close', ended);
+      stdin.once('error', ended);
+      stdin.resume();
+    });
+  }
+
+  /**
+   * One line from a terminal without echo. As cryptsetup's interactive_pass: the end of the input
+   * (Ctrl-D on an empty line, the terminal gone) is "Error reading passphrase from terminal." (exit
+   * 1) and no newline follows the prompt then; what was typed is wiped however the read ends.
+   */
   async #readTtyLine(prompt: string): Promise<Buffer> {
     this.#stderr.write(prompt);
     const stdin = this.#stdin as NodeJS.ReadStream;
     stdin.setRawMode?.(true);
-    stdin.resume();
     const bytes: number[] = [];
+    let ok = false;
     try {
-      await new Promise<void>((resolve, reject) => {
-        const onData = (d: Buffer) => {
-          try {
-            for (const b of d) {
-              if (b === 0x0d || b === 0x0a) {
-                stdin.off('data', onData);
-                resolve();
-                return;
-              }
-              if (b === 0x03) {
-                stdin.off('data', onData);
-                reject(new CryptmapError('EINTR', 'Operation interrupted.', { exitCode: EXIT_WRONG_PARAMS }));
-                return;
-              }
-              if (b === 0x7f || b === 0x08) bytes.pop();
-              else bytes.push(b);
-            }
-          } finally {
-            if (Buffer.isBuffer(d)) d.fill(0); // raw terminal input: the passphrase bytes
+      await this.#fromTerminal<void>((d, done, fail) => {
+        try {
+          for (const b of d as Buffer) {
+            if (b === 0x0d || b === 0x0a) return done();
+            if (b === 0x03)
+              return fail(new CryptmapError('EINTR', 'Operation interrupted.', { exitCode: EXIT_WRONG_PARAMS }));
+            // Raw mode delivers Ctrl-D as a byte: on an empty line it is the end of input, as in cooked mode.
+            if (b === 0x04 && bytes.length === 0)
+              return fail(
+                new CryptmapError('ETTY', 'Error reading passphrase from terminal.', { exitCode: EXIT_WRONG_PARAMS }),
+              );
+            if (b === 0x7f || b === 0x08) bytes.pop();
+            else bytes.push(b);
           }
-        };
-        stdin.on('data', onData);
-      });
+        } finally {
+          if (Buffer.isBuffer(d)) d.fill(0); // raw terminal input: the passphrase bytes
+        }
+      }, 'Error reading passphrase from terminal.');
+      ok = true;
+      return Buffer.from(bytes);
     } finally {
+      bytes.fill(0);
       stdin.setRawMode?.(false);
       stdin.pause();
-      this.#stderr.write('\n');
+      if (ok) this.#stderr.write('\n');
     }
-    const out = Buffer.from(bytes);
-    bytes.fill(0);
-    return out;
   }
 
   /**
@@ -260,20 +299,17 @@ export class TerminalInput {
     if (batch || !this.#stdin.isTTY) return;
     this.#stderr.write(`\nWARNING!\n========\n${question}\n\nAre you sure? (Type 'yes' in capital letters): `);
     const stdin = this.#stdin as NodeJS.ReadStream;
-    stdin.resume();
-    const line = await new Promise<string>((resolve) => {
-      let acc = '';
-      const onData = (d: Buffer | string) => {
+    let acc = '';
+    let line: string;
+    try {
+      line = await this.#fromTerminal<string>((d, done) => {
         acc += d.toString();
         const i = acc.indexOf('\n');
-        if (i >= 0) {
-          stdin.off('data', onData);
-          resolve(acc.slice(0, i).replace(/\r$/, ''));
-        }
-      };
-      stdin.on('data', onData);
-    });
-    stdin.pause();
+        if (i >= 0) done(acc.slice(0, i).replace(/\r$/, ''));
+      }, 'Error reading response from terminal.');
+    } finally {
+      stdin.pause();
+    }
     if (line !== 'YES') throw new CryptmapError('EABORT', 'Operation aborted.', { exitCode: EXIT_WRONG_PARAMS });
   }
 }
