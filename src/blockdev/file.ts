@@ -68,12 +68,19 @@ async function memoryBacked(path: string): Promise<boolean> {
   }
 }
 
-/** Linux dev_t split (glibc `major()`/`minor()`), for numbers below 2^53. */
-function devMajor(rdev: number): number {
-  return (Math.floor(rdev / 256) % 4096) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
+/**
+ * Linux dev_t split as glibc's `major()`/`minor()` (major: bits 8-19 and 32-63; minor: bits 0-7
+ * and 20-43), for the `dev`/`rdev` numbers of `fs.stat` (exact below 2^53). The one place cryptmap
+ * splits a device number.
+ * @example `/sys/dev/block/${devMajor(st.rdev)}:${devMinor(st.rdev)}/size`
+ */
+export function devMajor(rdev: number): number {
+  const d = BigInt(rdev);
+  return Number(((d >> 8n) & 0xfffn) | ((d >> 32n) & ~0xfffn));
 }
-function devMinor(rdev: number): number {
-  return (rdev % 256) | (Math.floor(rdev / 4096) & ~0xff);
+export function devMinor(rdev: number): number {
+  const d = BigInt(rdev);
+  return Number((d & 0xffn) | ((d >> 12n) & 0xffffff00n));
 }
 
 async function readSysNumber(path: string): Promise<number | undefined> {

@@ -14,6 +14,7 @@
 import { promises as fs, readdirSync, readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { isAbsolute, join, resolve } from 'node:path';
+import { boundLoops } from '../blockdev/loop.js';
 import { EtcdLeases } from '../coordination/etcd-leases.js';
 import { ControlServer } from '../control/server.js';
 import { controlSocketPath, ensureRuntimeDir, nbdSocketPath } from '../control/runtime-dir.js';
@@ -362,14 +363,7 @@ export async function cleanStaleAttachments(attachDir: string, run: Runner, log:
     return;
   }
   if (dirs.length === 0) return;
-  const loops: { dev: string; backing: string }[] = [];
-  try {
-    for (const n of readdirSync('/sys/block').filter((x) => x.startsWith('loop'))) {
-      try {
-        loops.push({ dev: `/dev/${n}`, backing: readFileSync(`/sys/block/${n}/loop/backing_file`, 'utf8').trim() });
-      } catch {}
-    }
-  } catch {}
+  const loops = boundLoops();
   const mountLines = (): string[][] => {
     try {
       return readFileSync('/proc/self/mounts', 'utf8')

@@ -44,6 +44,8 @@ import { rm, stat } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
 import { join } from 'node:path';
 import { cryptTableLine, type CryptMapping, keyDescription, keyRefArg } from '../activate/mapping.js';
+import { devMinor } from '../blockdev/file.js';
+import { loopBound, loopsOn } from '../blockdev/loop.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import { createNativeKey } from '../crypto/backends/native.js';
 import { parseCipherSpec } from '../crypto/cipher-spec.js';
@@ -302,8 +304,7 @@ export class FuseExport {
 /** /sys/fs/fuse/connections/<minor of the mount's device>/abort (a FUSE mount nobody answers). */
 function abortConnection(mountPoint: string): void {
   try {
-    const dev = statSync(mountPoint).dev;
-    const minor = (dev & 0xff) | ((dev >> 12) & 0xfff00);
+    const minor = devMinor(statSync(mountPoint).dev);
     runTool('sh', ['-c', `echo 1 > /sys/fs/fuse/connections/${minor}/abort`]).catch(() => undefined);
   } catch {
     // already gone
@@ -322,32 +323,13 @@ function mountsOf(device: string): string[] {
 }
 
 /** Loop devices whose backing file is `file` (sysfs). */
-function loopsOn(file: string): string[] {
-  const out: string[] = [];
-  let names: string[] = [];
-  try {
-    names = readdirSync('/sys/block').filter((n) => n.startsWith('loop'));
-  } catch {
-    return out;
-  }
-  for (const n of names) {
-    try {
-      const b = readFileSync(`/sys/block/${n}/loop/backing_file`, 'utf8').trim();
-      if (b === file || b === `${file} (deleted)`) out.push(`/dev/${n}`);
-    } catch {
-      // not bound
-    }
-  }
-  return out;
-}
-
 async function detachLoop(dev: string): Promise<void> {
   for (let i = 0; ; i++) {
     try {
       await runTool('losetup', ['-d', dev], { code: 'EATTACH' });
       return;
     } catch (e) {
-      if (!existsSync(`/sys/block/${dev.slice(5)}/loop/backing_file`)) return;
+      if (!loopBound(dev)) return;
       if (i >= 20) throw e;
       await sleep(100); // udev or a just-unmounted file system may hold it for a moment
     }

@@ -20,6 +20,7 @@ import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, r
 import { tmpdir } from 'node:os';
 import { rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { loopBound } from '../blockdev/loop.js';
 import { CryptmapError } from '../util/errors.js';
 import { runTool } from '../util/tools.js';
 import { nbdUnixUri } from '../nbd-wire/uri.js';
@@ -120,7 +121,7 @@ export async function detachExport(info: AttachInfo): Promise<void> {
 }
 
 function loopDetached(dev: string): boolean {
-  return !existsSync(`/sys/block/${dev.slice('/dev/'.length)}/loop/backing_file`);
+  return !loopBound(dev);
 }
 
 async function retry(step: () => Promise<unknown>, done: () => boolean, attempts = 20): Promise<void> {
