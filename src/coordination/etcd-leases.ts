@@ -22,6 +22,7 @@
  */
 import { performance } from 'node:perf_hooks';
 import { CryptmapError } from '../util/errors.js';
+import { readTrustedFile } from '../util/trusted-path.js';
 import { type Logger, logger } from '../util/log.js';
 
 /** Fraction of the TTL after the last successful renewal at which the volume is fenced. */
@@ -51,6 +52,22 @@ export interface EtcdLeaseOptions {
    */
   onLost: (volume: string, why: string, msLeft: number) => void;
   log?: Logger;
+  /**
+   * TLS to etcd (`https://` endpoints): the CA that signed etcd's certificate, and for etcd's
+   * --client-cert-auth this node's certificate and private key (PEM files; the key file must be the
+   * caller's own, mode 0600, not a symlink).
+   */
+  tls?: { caFile: string; certFile?: string; keyFile?: string };
+  /** etcd password authentication: the user, and a file holding its password (0600, not a symlink; never in argv). */
+  auth?: { user: string; passwordFile: string };
+}
+
+/** The etcd3 constructor options used here. */
+interface Etcd3Options {
+  hosts: string[];
+  dialTimeout?: number;
+  credentials?: { rootCertificate: Buffer; privateKey?: Buffer; certChain?: Buffer };
+  auth?: { username: string; password: string };
 }
 
 /** The parts of npm etcd3's Lease used here. */
@@ -138,20 +155,60 @@ export class EtcdLeases {
     if (opts.endpoints.length === 0) throw new CryptmapError('ECOORD', 'no etcd endpoint given');
     if ((opts.ttlSeconds ?? DEFAULT_TTL_SECONDS) < 2)
       throw new CryptmapError('ECOORD', 'the lease TTL must be at least 2 seconds');
-    let mod: { Etcd3: new (o: { hosts: string[]; dialTimeout?: number }) => unknown };
+    const tlsEndpoints = opts.endpoints.filter((e) => e.startsWith('https://')).length;
+    if (tlsEndpoints > 0 && tlsEndpoints < opts.endpoints.length)
+      throw new CryptmapError('ECOORD', 'etcd endpoints must all be https:// or all http://');
+    if (tlsEndpoints > 0 && opts.tls === undefined)
+      throw new CryptmapError('ECOORD', 'https:// etcd endpoints need a CA file (coordination.tls.ca)');
+    if (tlsEndpoints === 0 && opts.tls !== undefined)
+      throw new CryptmapError('ECOORD', 'coordination.tls applies to https:// etcd endpoints only');
+    if (opts.tls && (opts.tls.certFile === undefined) !== (opts.tls.keyFile === undefined))
+      throw new CryptmapError('ECOORD', 'an etcd client certificate needs both its certificate and its key file');
+    const o: Etcd3Options = {
+      hosts: opts.endpoints,
+      dialTimeout: Math.max(500, ((opts.ttlSeconds ?? DEFAULT_TTL_SECONDS) * 1000) / 4),
+    };
+    const secrets: Buffer[] = [];
+    try {
+      if (opts.tls) {
+        o.credentials = { rootCertificate: readTrustedFile(opts.tls.caFile, { code: 'ECOORD' }) };
+        if (opts.tls.certFile !== undefined && opts.tls.keyFile !== undefined) {
+          o.credentials.certChain = readTrustedFile(opts.tls.certFile, { code: 'ECOORD' });
+          const key = readTrustedFile(opts.tls.keyFile, { code: 'ECOORD', private: true, maxBytes: 64 << 10 });
+          secrets.push(key);
+          o.credentials.privateKey = key;
+        }
+      }
+      if (opts.auth) {
+        const raw = readTrustedFile(opts.auth.passwordFile, { code: 'ECOORD', private: true, maxBytes: 4096 });
+        secrets.push(raw);
+        // etcd3 takes the password as a string (sent at each token refresh): the file's bytes are wiped.
+        const password = raw.toString('utf8').replace(/\r?\n$/, '');
+        if (password === '') throw new CryptmapError('ECOORD', `${opts.auth.passwordFile} is empty`);
+        o.auth = { username: opts.auth.user, password };
+      }
+    } catch (e) {
+      for (const b of secrets) b.fill(0);
+      throw e;
+    }
+    let mod: { Etcd3: new (o: Etcd3Options) => unknown };
     try {
       mod = (await import('etcd3')) as unknown as typeof mod;
     } catch (e) {
+      for (const b of secrets) b.fill(0);
       throw new CryptmapError(
         'ECOORD',
         `the etcd client (npm package etcd3) cannot be loaded: ${(e as Error).message}`,
         { cause: e },
       );
     }
-    const client = new mod.Etcd3({
-      hosts: opts.endpoints,
-      dialTimeout: Math.max(500, ((opts.ttlSeconds ?? DEFAULT_TTL_SECONDS) * 1000) / 4),
-    }) as EtcdClient;
+    let client: EtcdClient;
+    try {
+      // grpc builds its TLS credentials from the buffers here (copied into OpenSSL).
+      client = new mod.Etcd3(o) as EtcdClient;
+    } finally {
+      for (const b of secrets) b.fill(0);
+    }
     return new EtcdLeases(client, opts);
   }
 

@@ -178,6 +178,7 @@ export class AgentHost {
           node: opts.node ?? `${hostname()}:${stateDir}`,
           ...(coord.ttl !== undefined ? { ttlSeconds: coord.ttl } : {}),
           ...(coord.prefix !== undefined ? { prefix: coord.prefix } : {}),
+          ...etcdSecurity(coord, opts.manifestDir ?? manifestDirOf(opts.manifest)),
           onLost: (v, why, msLeft) => onLost(v, why, msLeft),
           log,
         });
@@ -337,6 +338,22 @@ export class AgentHost {
     }
     return report;
   }
+}
+
+/** The manifest's etcd TLS files and password file, as EtcdLeases takes them (paths relative to the manifest's directory). */
+function etcdSecurity(
+  c: NonNullable<Manifest['coordination']>,
+  dir: string,
+): Pick<Parameters<typeof EtcdLeases.connect>[0], 'tls' | 'auth'> {
+  const out: Pick<Parameters<typeof EtcdLeases.connect>[0], 'tls' | 'auth'> = {};
+  if (c.tls) {
+    out.tls = { caFile: resolve(dir, c.tls.ca) };
+    if (c.tls.cert !== undefined) out.tls.certFile = resolve(dir, c.tls.cert);
+    if (c.tls.key !== undefined) out.tls.keyFile = resolve(dir, c.tls.key);
+  }
+  if (c.user !== undefined && c.passwordFile !== undefined)
+    out.auth = { user: c.user, passwordFile: resolve(dir, c.passwordFile) };
+  return out;
 }
 
 function manifestDirOf(m: Manifest): string {

@@ -73,6 +73,18 @@ export const MANIFEST_SCHEMA = {
         },
         ttl: { type: 'integer', minimum: 2, maximum: 300, 'x-message': 'must be the lease TTL in seconds, 2-300' },
         prefix: { type: 'string', pattern: '^/', 'x-message': 'must be an etcd key prefix starting with /' },
+        tls: {
+          type: 'object',
+          additionalProperties: false,
+          required: ['ca'],
+          properties: {
+            ca: { type: 'string', minLength: 1 },
+            cert: { type: 'string', minLength: 1 },
+            key: { type: 'string', minLength: 1 },
+          },
+        },
+        user: { type: 'string', minLength: 1 },
+        passwordFile: { type: 'string', minLength: 1 },
       },
     },
     services: {

@@ -106,6 +106,11 @@ export interface CoordinationRef {
   ttl?: number;
   /** etcd key prefix (default /cryptmap/leases/). */
   prefix?: string;
+  /** https:// endpoints: etcd's CA, and a client certificate and key for --client-cert-auth (paths; relative to the manifest). */
+  tls?: { ca: string; cert?: string; key?: string };
+  /** etcd password authentication: the user and a 0600 file holding its password. */
+  user?: string;
+  passwordFile?: string;
 }
 
 export interface Manifest {
@@ -323,6 +328,22 @@ export function parseManifest(text: string, file = 'manifest.yaml'): Manifest {
     }
     pools.push(pool);
   });
+
+  const coord = raw.coordination;
+  if (coord) {
+    const https = coord.etcd.filter((u) => u.startsWith('https://')).length;
+    if (https > 0 && https < coord.etcd.length)
+      problem(['coordination', 'etcd'], 'must be all https:// or all http:// endpoints');
+    if (https > 0 && !coord.tls) problem(['coordination', 'tls'], 'https:// etcd endpoints need tls.ca');
+    if (https === 0 && coord.tls) problem(['coordination', 'tls'], 'applies to https:// etcd endpoints only');
+    if (coord.tls && (coord.tls.cert === undefined) !== (coord.tls.key === undefined))
+      problem(['coordination', 'tls'], 'a client certificate needs both cert and key');
+    if ((coord.user === undefined) !== (coord.passwordFile === undefined))
+      problem(
+        ['coordination', coord.user === undefined ? 'passwordFile' : 'user'],
+        'user and passwordFile go together',
+      );
+  }
 
   const services: ServiceSpec[] = [];
   const serviceNames = new Map<string, number>();

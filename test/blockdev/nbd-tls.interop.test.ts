@@ -3,11 +3,11 @@
 // to the client as `tls-certificates=DIR` or as x-tls-* files; and the refusals: no TLS where the
 // server demands it, a server without TLS under nbds://, a wrong CA, no client certificate.
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import { copyFileSync, mkdirSync } from 'node:fs';
+import { copyFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { before, test } from 'node:test';
 import { NbdDevice } from '../../src/blockdev/nbd-client/device.js';
+import { makeCa, makeCert } from '../helpers/x509.js';
 import { requireTool } from '../nbd/helpers.js';
 import { type RunningServer, useServers } from './nbd-servers.js';
 
@@ -18,72 +18,6 @@ const cliDir = join(d, 'client');
 const otherDir = join(d, 'other');
 let tlsServer: RunningServer;
 let port = 0;
-
-function openssl(args: string[]): void {
-  execFileSync('openssl', args, { stdio: 'ignore' });
-}
-
-/** A CA in `dir` (ca-cert.pem, ca-key.pem). */
-function makeCa(dir: string, cn: string): void {
-  mkdirSync(dir, { recursive: true });
-  openssl([
-    'req',
-    '-x509',
-    '-newkey',
-    'ec',
-    '-pkeyopt',
-    'ec_paramgen_curve:P-256',
-    '-nodes',
-    '-keyout',
-    `${dir}/ca-key.pem`,
-    '-out',
-    `${dir}/ca-cert.pem`,
-    '-days',
-    '2',
-    '-subj',
-    `/CN=${cn}`,
-  ]);
-}
-
-/** A certificate signed by the CA in `caDir`: `${dir}/${name}-cert.pem` and `-key.pem`. */
-function makeCert(caDir: string, dir: string, name: string, cn: string, ext: string): void {
-  mkdirSync(dir, { recursive: true });
-  const key = `${dir}/${name}-key.pem`;
-  const csr = `${dir}/${name}.csr`;
-  const extFile = `${dir}/${name}.ext`;
-  execFileSync('sh', ['-c', `printf '%s\\n' "$1" > "$2"`, 'sh', ext, extFile]);
-  openssl([
-    'req',
-    '-newkey',
-    'ec',
-    '-pkeyopt',
-    'ec_paramgen_curve:P-256',
-    '-nodes',
-    '-keyout',
-    key,
-    '-out',
-    csr,
-    '-subj',
-    `/CN=${cn}`,
-  ]);
-  openssl([
-    'x509',
-    '-req',
-    '-in',
-    csr,
-    '-CA',
-    `${caDir}/ca-cert.pem`,
-    '-CAkey',
-    `${caDir}/ca-key.pem`,
-    '-CAcreateserial',
-    '-out',
-    `${dir}/${name}-cert.pem`,
-    '-days',
-    '2',
-    '-extfile',
-    extFile,
-  ]);
-}
 
 before(async () => {
   requireTool('openssl');

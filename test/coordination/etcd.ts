@@ -6,6 +6,7 @@
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
+import { get as httpsGet } from 'node:https';
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -42,12 +43,36 @@ function accepts(port: number): Promise<boolean> {
   });
 }
 
+/** TLS for etcd's client port: its certificate and key, and the CA clients must be signed by (--client-cert-auth). */
+export interface EtcdTls {
+  certFile: string;
+  keyFile: string;
+  clientCaFile: string;
+  /** A client certificate and key /health is asked with. */
+  clientCert: Buffer;
+  clientKey: Buffer;
+  ca: Buffer;
+}
+
+/** /health over https with a client certificate. */
+function healthTls(url: string, t: EtcdTls): Promise<boolean> {
+  return new Promise((done) => {
+    const req = httpsGet(`${url}/health`, { ca: t.ca, cert: t.clientCert, key: t.clientKey, timeout: 2000 }, (res) => {
+      let body = '';
+      res.on('data', (d: Buffer) => (body += d.toString()));
+      res.on('end', () => done(res.statusCode === 200 && /"health":"true"/.test(body)));
+    });
+    req.on('error', () => done(false));
+    req.on('timeout', () => req.destroy());
+  });
+}
+
 /** Start etcd; resolves once its client port accepts connections and it answers /health. */
-export async function startEtcd(): Promise<Etcd> {
+export async function startEtcd(tls?: EtcdTls): Promise<Etcd> {
   const dir = mkdtempSync(join(tmpdir(), 'cm-etcd-'));
   const client = await freePort();
   const peer = await freePort();
-  const url = `http://127.0.0.1:${client}`;
+  const url = `${tls ? 'https' : 'http'}://127.0.0.1:${client}`;
   const proc = spawn(
     'etcd',
     [
@@ -67,6 +92,17 @@ export async function startEtcd(): Promise<Etcd> {
       `test=http://127.0.0.1:${peer}`,
       '--log-level',
       'error',
+      ...(tls
+        ? [
+            '--cert-file',
+            tls.certFile,
+            '--key-file',
+            tls.keyFile,
+            '--trusted-ca-file',
+            tls.clientCaFile,
+            '--client-cert-auth',
+          ]
+        : []),
     ],
     { stdio: ['ignore', 'ignore', 'pipe'] },
   );
@@ -85,7 +121,9 @@ export async function startEtcd(): Promise<Etcd> {
       proc.kill('SIGKILL');
       throw new Error(`etcd did not answer on ${url} within 30 s: ${err}`);
     }
-    if (await accepts(client)) {
+    if (tls && (await accepts(client))) {
+      if (await healthTls(url, tls)) break;
+    } else if (await accepts(client)) {
       try {
         const r = await fetch(`${url}/health`, { signal: AbortSignal.timeout(2000) });
         if (r.ok && ((await r.json()) as { health?: string }).health === 'true') break;

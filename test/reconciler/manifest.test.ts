@@ -239,3 +239,31 @@ services:
     ],
   );
 });
+
+test('coordination: TLS and password auth for etcd; https needs tls.ca, cert and key together, user with passwordFile', () => {
+  const m = parseManifest(
+    'version: 1\ncoordination:\n  etcd: ["https://10.0.0.5:2379"]\n  tls: {ca: etcd-ca.pem, cert: node.pem, key: node.key}\n  user: cryptmap\n  passwordFile: /etc/cryptmap/etcd.password\n',
+  );
+  assert.deepEqual(m.coordination, {
+    etcd: ['https://10.0.0.5:2379'],
+    tls: { ca: 'etcd-ca.pem', cert: 'node.pem', key: 'node.key' },
+    user: 'cryptmap',
+    passwordFile: '/etc/cryptmap/etcd.password',
+  });
+  const c = (body: string) => problems(`version: 1\ncoordination:\n${body}`);
+  assert.deepEqual(c('  etcd: ["https://e:2379"]\n'), [
+    'm.yaml:2: coordination.tls: https:// etcd endpoints need tls.ca',
+  ]);
+  assert.deepEqual(c('  etcd: ["http://e:2379"]\n  tls: {ca: a.pem}\n'), [
+    'm.yaml:4: coordination.tls: applies to https:// etcd endpoints only',
+  ]);
+  assert.deepEqual(c('  etcd: ["https://e:2379"]\n  tls: {ca: a.pem, cert: c.pem}\n'), [
+    'm.yaml:4: coordination.tls: a client certificate needs both cert and key',
+  ]);
+  assert.deepEqual(c('  etcd: ["http://e:2379"]\n  user: u\n'), [
+    'm.yaml:4: coordination.user: user and passwordFile go together',
+  ]);
+  assert.deepEqual(c('  etcd: ["http://a:2379", "https://b:2379"]\n  tls: {ca: a.pem}\n'), [
+    'm.yaml:3: coordination.etcd: must be all https:// or all http:// endpoints',
+  ]);
+});
