@@ -7,7 +7,7 @@
  */
 import { randomFillSync } from 'node:crypto';
 import { wipe } from '../util/bytes.js';
-import { createSectorCipher, setCryptThreads } from './sector-cipher.js';
+import { cryptPoolStats, createSectorCipher, setCryptThreads } from './sector-cipher.js';
 import type { SectorBytes, SectorCipherOptions } from './types.js';
 
 export interface BenchmarkOptions {
@@ -42,6 +42,12 @@ export interface BenchmarkResult {
   buffers: number;
   /** Average CPU cores this process used while encrypting (user + system time / wall time). */
   encryptCores: number;
+  /**
+   * The crypt pool while encrypting (threads > 1 with the native addon): how often a pool thread went
+   * to sleep for want of work, per job (0 when the JS thread refills the queue in time), and how many
+   * completions each wake-up of the JS thread delivered.
+   */
+  pool?: { sleepsPerJob: number; jobsPerWakeup: number };
 }
 
 /** [MB/s, CPU cores used] of `work`, which runs until the deadline (performance.now() ms) and returns bytes done. */
@@ -104,7 +110,14 @@ export async function benchmarkCipher(o: BenchmarkOptions): Promise<BenchmarkRes
         );
         return bytes;
       };
+    const s0 = threads > 1 ? cryptPoolStats() : null;
     const [encryptMBps, encryptCores] = await measure(one(true), seconds);
+    const s1 = s0 ? cryptPoolStats() : null;
+    const jobs = s0 && s1 ? s1.jobs - s0.jobs : 0;
+    const pool =
+      s0 && s1 && jobs > 0
+        ? { sleepsPerJob: (s1.sleeps - s0.sleeps) / jobs, jobsPerWakeup: jobs / Math.max(1, s1.wakeups - s0.wakeups) }
+        : undefined;
     const [decryptMBps] = await measure(one(false), seconds);
     return {
       cipher: o.spec,
@@ -116,6 +129,7 @@ export async function benchmarkCipher(o: BenchmarkOptions): Promise<BenchmarkRes
       backend: c.backend,
       buffers: nbufs,
       encryptCores,
+      pool,
     };
   } finally {
     c.dispose();

@@ -79,6 +79,7 @@ describe('cryptmap benchmark', () => {
       'poolCores',
       'poolPerCpuRatio',
       'poolRatio',
+      'poolSleepsPerRequest',
       'sectorSize',
       'threads',
     ]);
@@ -103,7 +104,7 @@ describe('cryptmap benchmark', () => {
     const { out } = await run(['--cipher', 'aes-xts', '--threads', '2', '--seconds', '0.01']);
     assert.match(
       out,
-      /aes-xts-plain64\s+512b\s+[\d.]+ MB\/s\s+[\d.]+ MB\/s\n# +1 thread, same buffers\s+[\d.]+ MB\/s\s+[\d.]+ MB\/s\s+pool [\d.]+x \([\d.]+ cores used; per CPU-second [\d.]+x\)/,
+      /aes-xts-plain64\s+512b\s+[\d.]+ MB\/s\s+[\d.]+ MB\/s\n# +1 thread, same buffers\s+[\d.]+ MB\/s\s+[\d.]+ MB\/s\s+pool [\d.]+x \([\d.]+ cores used; per CPU-second [\d.]+x; [\d.]+ thread sleeps per request\)/,
     );
     const one = await run(['--cipher', 'aes-cbc', '--json', '--seconds', '0.01']);
     const rows = JSON.parse(one.out) as Record<string, unknown>[];

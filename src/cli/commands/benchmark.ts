@@ -18,7 +18,8 @@
  * the same buffers (the cache footprint changes the figures), and the pool's ratio to it printed.
  * `--json` prints an array of {cipher, keyBits, sectorSize, threads, backend, implementation,
  * encryptMBps, decryptMBps[, oneThreadEncryptMBps, oneThreadDecryptMBps, poolRatio (wall clock),
- * poolCores (CPU cores the pool got), poolPerCpuRatio (MB per CPU-second against one thread's)]}; implementation
+ * poolCores (CPU cores the pool got), poolPerCpuRatio (MB per CPU-second against one thread's),
+ * poolSleepsPerRequest (pool threads that ran out of queued work and slept, per request)]}; implementation
  * is the native XTS implementation (vaes512|vaes256|aesni|evp) for XTS, `openssl` for the native
  * backend's other modes, `js` for the js backend. MB/s are 10^6 bytes per second.
  */
@@ -229,7 +230,8 @@ const benchmark: VerbMain = async (argv, io) => {
       if (one) {
         io.stdout.write(
           `#${'1 thread, same buffers'.padStart(24)} ${''.padStart(7)} ${mbps(one.encryptMBps).padStart(15)} ${mbps(one.decryptMBps).padStart(15)}` +
-            `   pool ${(r.encryptMBps / one.encryptMBps).toFixed(2)}x (${r.encryptCores.toFixed(2)} cores used; per CPU-second ${perCpu(r, one).toFixed(2)}x)\n`,
+            `   pool ${(r.encryptMBps / one.encryptMBps).toFixed(2)}x (${r.encryptCores.toFixed(2)} cores used; per CPU-second ${perCpu(r, one).toFixed(2)}x` +
+            `${r.pool ? `; ${r.pool.sleepsPerJob.toFixed(2)} thread sleeps per request` : ''})\n`,
         );
       }
     }
@@ -251,6 +253,7 @@ const benchmark: VerbMain = async (argv, io) => {
             poolRatio: Math.round((r.encryptMBps / one.encryptMBps) * 100) / 100,
             poolCores: Math.round(r.encryptCores * 100) / 100,
             poolPerCpuRatio: Math.round(perCpu(r, one) * 100) / 100,
+            ...(r.pool ? { poolSleepsPerRequest: Math.round(r.pool.sleepsPerJob * 1000) / 1000 } : {}),
           }
         : {}),
     }));
