@@ -200,98 +200,76 @@ export async function initReencrypt(
   o: ReencryptInitOptions = {},
 ): Promise<number> {
   vol.assertChangeable();
-  let j = vol.jsonSnapshot();
-  if (inReencryption(j) || reencryptKeyslotId(j) !== undefined)
+  const j0 = vol.jsonSnapshot();
+  if (inReencryption(j0) || reencryptKeyslotId(j0) !== undefined)
     fail('LUKS2 reencryption already initialized. Run --resume-only.', 'EBUSY');
-  const ids = Object.keys(j.segments);
-  if (ids.length !== 1 || j.segments['0']?.type !== 'crypt')
+  const ids = Object.keys(j0.segments);
+  if (ids.length !== 1 || j0.segments['0']?.type !== 'crypt')
     fail('Unsupported LUKS2 segments layout for reencryption.');
-  const old = j.segments['0']!;
+  const old = j0.segments['0']!;
+  const oldSector = (old.sector_size ?? 512) as SectorBytes;
+  const newSector = o.sectorBytes ?? oldSector;
+  const align = Math.max(oldSector, newSector);
+  // Every check that needs no new keyslot comes before the new keyslot's own header write.
+  const area = checksumArea(o.resilience ?? 'checksum', o.resilienceHash, align);
   const { volumeKey, keyslot: oldSlot } = await vol.unlock(passphrase, { keySlot: o.oldKeySlot });
   const cipher = o.cipher ?? old.encryption!;
   const keyBytes = o.keyBytes ?? volumeKey.length;
-  const oldSector = (old.sector_size ?? 512) as SectorBytes;
-  const newSector = o.sectorBytes ?? oldSector;
   const newVk = randomFillSync(Buffer.alloc(keyBytes));
+  const oldVk = Buffer.from(volumeKey.expose());
+  volumeKey.dispose();
   try {
-    // Check the new cipher and key size before anything is written.
     createSectorCipher({ spec: cipher, key: newVk, sectorBytes: newSector }).dispose();
-    const dataBytes = await dataSize(vol, j, undefined);
-    const align = Math.max(oldSector, newSector);
+    const dataBytes = await dataSize(vol, j0, undefined);
     if (dataBytes % align !== 0) fail(`Data device is not aligned to encryption sector size (${align} bytes).`);
     const { keyslot: newSlot, digest: dNew } = await vol.addUnboundKey(newVk, passphrase, { ...o, keySlot: undefined });
-    j = vol.jsonSnapshot();
-    const dOld = digestOfKeyslot(j, String(oldSlot))!;
-    const free = (): string => {
-      const i = firstFreeId(j.segments);
-      return String(i);
-    };
-    const prev: L2Segment = { ...structuredClone(old), flags: [...(old.flags ?? []), 'backup-previous'] };
-    const pid = free();
-    j.segments[pid] = prev;
-    const fin: L2Segment = {
-      type: 'crypt',
-      offset: old.offset,
-      size: 'dynamic',
-      iv_tweak: old.iv_tweak ?? '0',
-      encryption: cipher,
-      sector_size: newSector,
-      flags: ['backup-final'],
-    };
-    const fid = free();
-    j.segments[fid] = fin;
-    j.digests[dOld]!.segments.push(pid);
-    j.digests[dNew]!.segments.push(fid);
-    const resilience = o.resilience ?? 'checksum';
-    if (resilience === 'datashift')
-      fail('Resilience mode datashift needs --encrypt with --reduce-device-size.', 'EARGS');
-    const gap = maxGap(j, vol.metadataBytes);
-    if (gap.size < 4096) fail('Not enough space in the keyslots area for reencryption resilience data.', 'ENOSPACE');
-    const area: Record<string, unknown> = { offset: String(gap.offset), size: String(gap.size), type: resilience };
-    if (resilience === 'checksum') {
-      const hash = o.resilienceHash ?? 'sha256';
-      try {
-        createHash(hash);
-      } catch {
-        fail(`Hash algorithm ${hash} is not available.`, 'EARGS');
-      }
-      area.hash = hash;
-      area.sector_size = Math.max(align, 512);
-    }
-    const rid = firstFreeId(j.keyslots);
-    j.keyslots[String(rid)] = {
-      area,
-      type: 'reencrypt',
-      key_size: 1,
-      mode: 'reencrypt',
-      direction: 'forward',
-      priority: 0,
-    } as unknown as L2Keyslot;
-    const keys = new Map<string, Buffer>([
-      [dOld, Buffer.from(volumeKey.expose())],
-      [dNew, newVk],
-    ]);
-    const blob = verificationBlob(j, keys, REQ_VERSION);
     try {
-      const d = await DIGEST_HANDLERS.pbkdf2!.create(blob, {
-        hash: 'sha256',
-        iterations: Number(j.digests[dNew]!.iterations ?? 1000),
-      });
-      const did = firstFreeId(j.digests);
-      j.digests[String(did)] = { ...d, keyslots: [String(rid)], segments: [] };
-    } finally {
-      blob.fill(0);
-      keys.get(dOld)!.fill(0);
+      const j = vol.jsonSnapshot();
+      const dOld = digestOfKeyslot(j, String(oldSlot))!;
+      const pid = String(firstFreeId(j.segments));
+      j.segments[pid] = { ...structuredClone(old), flags: [...(old.flags ?? []), 'backup-previous'] };
+      const fid = String(firstFreeId(j.segments));
+      j.segments[fid] = {
+        type: 'crypt',
+        offset: old.offset,
+        size: 'dynamic',
+        iv_tweak: old.iv_tweak ?? '0',
+        encryption: cipher,
+        sector_size: newSector,
+        flags: ['backup-final'],
+      };
+      j.digests[dOld]!.segments.push(pid);
+      j.digests[dNew]!.segments.push(fid);
+      const keys = new Map([
+        [dOld, oldVk],
+        [dNew, newVk],
+      ]);
+      const iterations = Number(j.digests[dNew]!.iterations ?? 1000);
+      await addReencryptState(j, vol.metadataBytes, 'reencrypt', 'forward', area, keys, iterations);
+      await vol.commitJson(j);
+    } catch (e) {
+      // The new keyslot and its digest would stay behind, bound to nothing (cryptsetup rolls its header back too).
+      await dropUnbound(vol, newSlot, dNew).catch(() => {});
+      throw e;
     }
-    const req = j.config.requirements ?? {};
-    req.mandatory = [...(req.mandatory ?? []), REENCRYPT_REQUIREMENT];
-    j.config.requirements = req;
-    await vol.commitJson(j);
     return newSlot;
   } finally {
     newVk.fill(0);
-    volumeKey.dispose();
+    oldVk.fill(0);
   }
+}
+
+/** Remove the keyslot `slot` and digest `d` initReencrypt added, with the keyslot's area wiped. */
+async function dropUnbound(vol: Luks2Volume, slot: number, d: string): Promise<void> {
+  const j = vol.jsonSnapshot();
+  const k = String(slot);
+  const ks = j.keyslots[k];
+  if (!ks || !j.digests[d]?.keyslots.every((x) => x === k)) return;
+  delete j.keyslots[k];
+  delete j.digests[d];
+  for (const t of Object.values(j.tokens)) t.keyslots = t.keyslots.filter((x) => x !== k);
+  await vol.commitJson(j);
+  await wipeArea(vol.metadataDevice, Number(ks.area.offset), Number(ks.area.size));
 }
 
 /** The first 4096-byte gap of the keyslots area (LUKS2_find_area_gap for datashift's empty area). */

@@ -254,38 +254,49 @@ test('decrypt with a detached header, both ways; without --header it is refused'
 });
 
 test('encrypt in place: cryptsetup killed -9 mid-way, cryptmap resumes; cryptmap crashes mid-way, cryptsetup resumes', async () => {
-  const a = fresh('k.img', REDUCE);
-  const child = spawn(
-    'cryptsetup',
-    [
-      'reencrypt',
-      '--encrypt',
-      '--force-offline-reencrypt',
-      '-q',
-      '--type',
-      'luks2',
-      '--reduce-device-size',
-      String(REDUCE),
-      ...FAST,
-      '--key-file',
-      a.key,
-      a.img,
-    ],
-    { stdio: 'ignore' },
-  );
-  const exited = new Promise<void>((r) => child.once('exit', () => r()));
-  // Kill it once the header shows an encrypted part (a crypt segment of fixed length).
-  for (let i = 0; i < 1500; i++) {
-    const d = cs('luksDump', a.img).out;
-    if (/crypt\n\toffset: [0-9]+ \[bytes\]\n\tlength: [0-9]+ \[bytes\]/.test(d)) break;
-    await new Promise((r) => setTimeout(r, 10));
+  // cryptsetup is stopped (SIGSTOP) once the header shows an encrypted part (a crypt segment of fixed
+  // length), then killed -9 if the header is still in reencryption; a run that finished before it
+  // could be stopped is tried again on a fresh image, and the test fails if none was caught mid-way.
+  let a: ReturnType<typeof fresh> | undefined;
+  for (let attempt = 0; attempt < 5 && !a; attempt++) {
+    const t = fresh(`k${attempt}.img`, REDUCE);
+    const child = spawn(
+      'cryptsetup',
+      [
+        'reencrypt',
+        '--encrypt',
+        '--force-offline-reencrypt',
+        '-q',
+        '--type',
+        'luks2',
+        '--reduce-device-size',
+        String(REDUCE),
+        ...FAST,
+        '--key-file',
+        t.key,
+        t.img,
+      ],
+      { stdio: 'ignore' },
+    );
+    const exited = new Promise<void>((r) => child.once('exit', () => r()));
+    let gone = false;
+    void exited.then(() => {
+      gone = true;
+    });
+    for (let i = 0; i < 1500 && !gone; i++) {
+      const d = cs('luksDump', t.img).out;
+      if (/crypt\n\toffset: [0-9]+ \[bytes\]\n\tlength: [0-9]+ \[bytes\]/.test(d)) break;
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    child.kill('SIGSTOP');
+    const midway = /online-reencrypt-v2/.test(cs('luksDump', t.img).out);
+    child.kill('SIGKILL');
+    await exited;
+    if (midway) a = t;
   }
-  child.kill('SIGKILL');
-  await exited;
-  if (/online-reencrypt-v2/.test(cs('luksDump', a.img).out)) {
-    const r = await cm('reencrypt', '--resume-only', '-q', '--key-file', a.key, a.img);
-    assert.equal(r.code, 0, r.err);
-  }
+  assert.ok(a, 'cryptsetup finished every time before it could be killed mid-way: resume was not exercised');
+  const resumed = await cm('reencrypt', '--resume-only', '-q', '--key-file', a.key, a.img);
+  assert.equal(resumed.code, 0, resumed.err);
   noReencrypt(a.img);
   assert.ok(plaintextOf(a.img, a.img, a.key).equals(a.plain));
 

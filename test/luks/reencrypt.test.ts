@@ -124,3 +124,24 @@ test('reencrypt --resilience none interrupted: the data written so far is flushe
   // And the saved progress resumes to the end.
   assert.equal(await runReencrypt(await Luks2Volume.open(base), PASS, { hotzoneBytes: 64 << 10 }), true);
 });
+
+test('reencrypt init that fails after the new keyslot was written takes the keyslot and its digest away again', async () => {
+  // Two 512-bit PBKDF2 keyslots (258048 bytes each) fill the keyslots area: the new keyslot fits, the
+  // reencrypt keyslot's resilience area does not.
+  const dev = memDev(4 << 20);
+  const v = await Luks2Volume.format(dev, PASS, {
+    offsetBytes: 2 << 20,
+    keyslotsBytes: 2 * 258048,
+    keyslot: { kdf: FAST_PBKDF2 },
+  });
+  const before = v.jsonSnapshot();
+  await assert.rejects(
+    initReencrypt(v, PASS, { kdf: FAST_PBKDF2 }),
+    (e) => e instanceof CryptmapError && e.code === 'ENOSPACE',
+  );
+  const after = (await Luks2Volume.open(dev)).jsonSnapshot();
+  assert.deepEqual(Object.keys(after.keyslots), Object.keys(before.keyslots));
+  assert.deepEqual(after.digests, before.digests);
+  assert.deepEqual(after.segments, before.segments);
+  assert.equal(inReencryption(after), false);
+});
