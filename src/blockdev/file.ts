@@ -182,6 +182,40 @@ export class FileDevice implements BlockDevice {
     }
   }
 
+  /**
+   * Open `path` read-write, creating it (O_EXCL, mode 0600: never through a symlink) when absent; a
+   * regular file shorter than `minBytes` grows to it (a detached LUKS header file, as cryptsetup makes
+   * one). One descriptor does all of it: no second lookup of the path.
+   */
+  static async openOrCreate(path: string, minBytes: number, opts: FileDeviceOptions = {}): Promise<FileDevice> {
+    let fh: FileHandle;
+    try {
+      fh = await open(path, fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_EXCL, 0o600);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST')
+        throw fromSystemError('ECREATE', `cannot create ${path}`, e, { path });
+      return FileDevice.#grown(await FileDevice.open(path, opts), minBytes);
+    }
+    try {
+      return await FileDevice.#grown(await FileDevice.#init(path, fh, false, opts), minBytes);
+    } catch (e) {
+      await fh.close().catch(() => {});
+      throw e;
+    }
+  }
+
+  static async #grown(d: FileDevice, minBytes: number): Promise<FileDevice> {
+    if (d.isBlockDevice || d.sizeBytes >= minBytes) return d;
+    try {
+      await d.#fh!.truncate(minBytes);
+      await d.refreshSize();
+      return d;
+    } catch (e) {
+      await d.close().catch(() => {});
+      throw isCryptmapError(e) ? e : fromSystemError('ECREATE', `cannot size ${d.path}`, e, { path: d.path });
+    }
+  }
+
   static async #init(path: string, fh: FileHandle, readOnly: boolean, opts: FileDeviceOptions): Promise<FileDevice> {
     const st = await fh.stat();
     let sizeBytes: number;

@@ -23,6 +23,7 @@ export type { Luks1FormatOptions } from './luks1.js';
 export { Luks1Volume, validateLuks1, decodeLuks1, encodeLuks1 } from './luks1.js';
 export type { Luks2FormatOptions, Luks2ReadResult } from './luks2.js';
 export { Luks2Volume, readLuks2 } from './luks2.js';
+export { type Luks2Layout, luks2Layout } from './luks2-format.js';
 export { noKeyError } from './errors.js';
 export type { Luks2Json } from './luks2-json.js';
 export { CHECK_NAMES, validateLuks2Json, parseJsonArea } from './luks2-json.js';

@@ -57,25 +57,31 @@ function labelTooLong(): CryptmapError {
   return new CryptmapError('EARGS', 'Label or subsystem is too long (max 47 characters).');
 }
 
-/** Create a new LUKS2 header on `dev` with one keyslot for `passphrase`. */
-export async function formatLuks2(
-  dev: BlockDevice,
-  passphrase: Uint8Array,
-  o: Luks2FormatOptions = {},
-): Promise<Luks2Header> {
-  const cipher = o.cipher ?? 'aes-xts-plain64';
-  const keyBytes = o.volumeKey?.length ?? o.keyBytes ?? 64;
+/** Where a new LUKS2 header puts things (LUKS2_generate_hdr), in bytes. */
+export interface Luks2Layout {
+  metadata: number;
+  offset: number;
+  keyslotsBytes: number;
+  /** Both metadata copies and the keyslots area: what a header device (a detached header file) must hold. */
+  hdrAndAreas: number;
+}
+
+/**
+ * The layout luksFormat (and reencrypt --encrypt) gives a new header from the options, checked.
+ * @example luks2Layout({ detachedHeader: true }).hdrAndAreas // 16 MiB: the size of a new header file
+ */
+export function luks2Layout(
+  o: Pick<
+    Luks2FormatOptions,
+    'metadataBytes' | 'keyslotsBytes' | 'offsetBytes' | 'alignBytes' | 'detachedHeader' | 'sectorBytes'
+  >,
+): Luks2Layout {
   const sectorBytes = o.sectorBytes ?? 512;
-  const hash = o.hash ?? 'sha256';
   const metadata = o.metadataBytes ?? LUKS2_DEFAULT_METADATA_BYTES;
   if (!(LUKS2_HDR_SIZES as readonly number[]).includes(metadata))
     throw new CryptmapError('EARGS', `Unsupported LUKS2 metadata size ${metadata}.`);
   if (![512, 1024, 2048, 4096].includes(sectorBytes))
     throw new CryptmapError('EARGS', `Unsupported encryption sector size.`);
-  if (!Number.isInteger(keyBytes) || keyBytes < 1 || keyBytes > 512)
-    throw new CryptmapError('EARGS', 'Invalid volume key size.');
-  const uuid = o.uuid ?? randomUUID();
-  checkUuid(uuid);
   let offset = o.offsetBytes ?? (o.detachedHeader ? (o.alignBytes ?? 0) : undefined);
   let keyslotsBytes = o.keyslotsBytes;
   if (offset === undefined && o.alignBytes) {
@@ -100,6 +106,25 @@ export async function formatLuks2(
   if (offset !== 0 && offset < 2 * metadata + keyslotsBytes)
     throw new CryptmapError('EARGS', 'Data offset is too small for the LUKS2 metadata and keyslots areas.');
   const hdrAndAreas = 2 * metadata + keyslotsBytes;
+
+  return { metadata, offset, keyslotsBytes, hdrAndAreas };
+}
+
+/** Create a new LUKS2 header on `dev` with one keyslot for `passphrase`. */
+export async function formatLuks2(
+  dev: BlockDevice,
+  passphrase: Uint8Array,
+  o: Luks2FormatOptions = {},
+): Promise<Luks2Header> {
+  const cipher = o.cipher ?? 'aes-xts-plain64';
+  const keyBytes = o.volumeKey?.length ?? o.keyBytes ?? 64;
+  const sectorBytes = o.sectorBytes ?? 512;
+  const hash = o.hash ?? 'sha256';
+  const { metadata, offset, keyslotsBytes, hdrAndAreas } = luks2Layout({ ...o, sectorBytes });
+  if (!Number.isInteger(keyBytes) || keyBytes < 1 || keyBytes > 512)
+    throw new CryptmapError('EARGS', 'Invalid volume key size.');
+  const uuid = o.uuid ?? randomUUID();
+  checkUuid(uuid);
   // The data may lie past the device's end (cryptsetup only warns: no room for data); the header may not.
   if (dev.sizeBytes < hdrAndAreas) {
     throw new CryptmapError('EDEVSIZE', `Device is too small. Need at least ${hdrAndAreas} bytes.`, {

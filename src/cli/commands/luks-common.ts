@@ -75,6 +75,22 @@ export async function openDevice(path: string, write: boolean): Promise<BlockDev
   }
 }
 
+/**
+ * A detached header (--header): opened once, created when absent (0600, O_EXCL: never through a link
+ * planted at the path) and grown to `needBytes` when a shorter regular file, as cryptsetup makes one.
+ */
+export async function openHeaderFile(path: string, needBytes: number): Promise<BlockDevice> {
+  if (isRemoteDevice(path)) return openDevice(path, true);
+  try {
+    return await FileDevice.openOrCreate(path, needBytes);
+  } catch (e) {
+    throw new CryptmapError('ENODEV', `Cannot use ${path} as on-disk header.`, {
+      exitCode: EXIT_WRONG_DEVICE,
+      cause: e,
+    });
+  }
+}
+
 /** KDF options from --pbkdf, --pbkdf-force-iterations, --pbkdf-memory, --pbkdf-parallel, --iter-time, --hash. */
 export function keyslotOptions(v: LuksArgs, type: 'luks1' | 'luks2'): NewKeyslotOptions {
   const pbkdf = (v.pbkdf ?? (type === 'luks1' ? 'pbkdf2' : 'argon2id')) as 'pbkdf2' | 'argon2i' | 'argon2id';

@@ -4,12 +4,20 @@
  * verification, LUKS2 by default (--type luks1 for LUKS1), detached header with --header.
  */
 import { isRemoteDevice } from '../../blockdev/open.js';
-import { open, stat, truncate } from 'node:fs/promises';
-import { Luks1Volume, Luks2Volume, withDeviceLock } from '../../luks/index.js';
+import { stat, truncate } from 'node:fs/promises';
+import { Luks1Volume, Luks2Volume, luks2Layout, withDeviceLock } from '../../luks/index.js';
 import type { SectorBytes } from '../../engine/types.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { closeQuietly, intOpt, keyslotOptions, needDevice, openDevice, parseLuksArgs } from './luks-common.js';
+import {
+  closeQuietly,
+  intOpt,
+  keyslotOptions,
+  needDevice,
+  openDevice,
+  openHeaderFile,
+  parseLuksArgs,
+} from './luks-common.js';
 import { loadLuks } from './luks-unlock.js';
 import { confirm, getPassphrase, readVolumeKeyFile } from './terminal-input.js';
 import { passphrasePrompt } from '../device-name.js';
@@ -24,9 +32,13 @@ function sizeOpt(v: string | undefined, name: string): number | undefined {
 }
 
 /** Both LUKS2 metadata copies and the keyslots area, as Luks2Volume.format lays them out (the area fills up to --offset, at most 128 MiB). */
-function luks2HeaderBytes(md = 0x4000, kss: number | undefined, offsetSectors: number | undefined): number {
-  const room = offsetSectors ? offsetSectors * 512 - 2 * md : 0x1000000 - 2 * md;
-  return 2 * md + (kss ?? Math.min(Math.floor(room / 4096) * 4096, 0x8000000));
+function luks2HeaderBytes(md: number | undefined, kss: number | undefined, offsetSectors: number | undefined): number {
+  return luks2Layout({
+    detachedHeader: true,
+    ...(md !== undefined ? { metadataBytes: md } : {}),
+    ...(kss !== undefined ? { keyslotsBytes: kss } : {}),
+    ...(offsetSectors !== undefined ? { offsetBytes: offsetSectors * 512 } : {}),
+  }).hdrAndAreas;
 }
 
 /** LUKS1 header plus eight keyslots' key material, in bytes (the default layout, as Luks1Volume.format). */
@@ -116,12 +128,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
     const hdrPath = headerFile ?? device;
     const md = sizeOpt(v['luks2-metadata-size'], '--luks2-metadata-size');
     const kss = sizeOpt(v['luks2-keyslots-size'], '--luks2-keyslots-size');
-    if (headerFile && !isRemoteDevice(headerFile)) {
-      const need = luks === 'luks1' ? 4096 * 512 : luks2HeaderBytes(md, kss, offsetSectors);
-      const st = await stat(headerFile).catch(() => null);
-      if (!st) await (await open(headerFile, 'wx', 0o600)).close();
-      if (!st || (st.isFile() && st.size < need)) await truncate(headerFile, need);
-    }
+    const hdrNeed = headerFile ? (luks === 'luks1' ? 4096 * 512 : luks2HeaderBytes(md, kss, offsetSectors)) : 0;
     let sectorBytes = (sectorOpt ?? 512) as SectorBytes;
     if (sectorOpt === undefined && luks === 'luks2') {
       // cryptsetup picks 4096-byte sectors for images in regular files (and so cryptmap for NBD exports).
@@ -141,7 +148,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       const need = luks === 'luks1' ? luks1HeaderBytes(keyBits / 8) : luks2HeaderBytes(md, kss, offsetSectors);
       if (st.isFile() && st.size < need) await truncate(device, need);
     }
-    dev = await openDevice(hdrPath, true);
+    dev = headerFile ? await openHeaderFile(headerFile, hdrNeed) : await openDevice(hdrPath, true);
     // Narrowed for the closure below.
     const fmtDev = dev;
     const fmtPass = pass;

@@ -4,13 +4,12 @@
  * when the header is already in reencryption (begun by cryptmap or cryptsetup), resumes.
  * SIGINT stops after the current hotzone; the device stays resumable.
  */
-import { open, stat, truncate } from 'node:fs/promises';
-import { isRemoteDevice } from '../../blockdev/open.js';
 import {
   initDecrypt,
   initEncrypt,
   initReencrypt,
   inReencryption,
+  luks2Layout,
   type Luks1Volume,
   type Luks2Volume,
   openLuks,
@@ -33,6 +32,7 @@ import {
   type LuksArgs,
   needDevice,
   openDevice,
+  openHeaderFile,
   parseLuksArgs,
 } from './luks-common.js';
 import { loadLuks } from './luks-unlock.js';
@@ -257,27 +257,22 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
       { exitCode: 1 },
     );
   }
-  if (headerFile && !isRemoteDevice(headerFile)) {
-    const st = await stat(headerFile).catch(() => null);
-    if (!st) await (await open(headerFile, 'wx', 0o600)).close();
-  }
-  const lockPath = headerFile ?? device;
+  const md = bytesOpt(v['luks2-metadata-size'], '--luks2-metadata-size');
+  const kss = bytesOpt(v['luks2-keyslots-size'], '--luks2-keyslots-size');
   const dataDev = await openDevice(device, true);
   let hdrDev: BlockDevice | undefined;
   try {
-    return await withDeviceLock(lockPath, async () => {
-      if (headerFile) {
-        // A fresh header file grows to the metadata and keyslots size.
-        const kss =
-          a.reduceBytes === undefined ? bytesOpt(v['luks2-keyslots-size'], '--luks2-keyslots-size') : undefined;
-        const md = bytesOpt(v['luks2-metadata-size'], '--luks2-metadata-size');
-        const need = 2 * (md ?? 0x4000) + (kss ?? 0x1000000 - 2 * (md ?? 0x4000));
-        if (!isRemoteDevice(headerFile)) {
-          const st = await stat(headerFile);
-          if (st.isFile() && st.size < need) await truncate(headerFile, need);
-        }
-        hdrDev = await openDevice(headerFile, true);
-      }
+    // A fresh header file grows to the metadata and keyslots size; opened once, before the lock
+    // (keyed by its inode) so that the lock names the file that is written.
+    if (headerFile) {
+      const layout = luks2Layout({
+        detachedHeader: true,
+        ...(md !== undefined ? { metadataBytes: md } : {}),
+        ...(kss !== undefined && a.reduceBytes === undefined ? { keyslotsBytes: kss } : {}),
+      });
+      hdrDev = await openHeaderFile(headerFile, layout.hdrAndAreas);
+    }
+    return await withDeviceLock(headerFile ?? device, async () => {
       const hdr = hdrDev ?? dataDev;
       const existing = await tryLoad(hdr);
       if (headerFile && !existing && (await tryLoad(dataDev)))
@@ -311,8 +306,6 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
         let vol = existing as Luks2Volume | null;
         if (!vol) {
           const ks = keyslotOptions(v, 'luks2');
-          const kss = bytesOpt(v['luks2-keyslots-size'], '--luks2-keyslots-size');
-          const md = bytesOpt(v['luks2-metadata-size'], '--luks2-metadata-size');
           vol = await initEncrypt(dataDev, hdrDev, pass, {
             ...(v.cipher ? { cipher: v.cipher } : {}),
             ...(a.keyBits !== undefined ? { keyBytes: a.keyBits / 8 } : {}),
