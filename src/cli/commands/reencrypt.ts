@@ -4,6 +4,8 @@
  * when the header is already in reencryption (begun by cryptmap or cryptsetup), resumes.
  * SIGINT stops after the current hotzone; the device stays resumable.
  */
+import { stat } from 'node:fs/promises';
+import { isRemoteDevice } from '../../blockdev/open.js';
 import {
   initDecrypt,
   initEncrypt,
