@@ -93,6 +93,13 @@ export interface ControlOps {
   /** Stop it after the current hotzone (resumable); returns once it stopped. */
   'volume.reencryptStop': { args: Name; result: VolumeStatus };
   'volume.close': { args: Name & { force?: boolean }; result: null };
+  /**
+   * The agent's persistent volume `id` (`SERVICE/VOLUME`) gets a new volume key, reencrypted online;
+   * returns once it runs (progress: volume.status of the mapping). A plain daemon refuses (ENOTSUP).
+   */
+  'agent.rotateKey': { args: { id: string; hotzoneBytes?: number }; result: VolumeStatus };
+  /** Every persistent volume's keyslot moves to the key service's newest root secret (a root rotation). */
+  'agent.rewrapKeys': { args: NoArgs; result: Array<{ id: string; result: string; error?: string }> };
   'volume.status': { args: Name; result: VolumeStatus };
   'volume.list': { args: NoArgs; result: VolumeStatus[] };
   attach: { args: Name & { readOnly?: boolean; via?: Via | 'auto' }; result: Attachment };

@@ -16,6 +16,8 @@ import { hostname } from 'node:os';
 import { isAbsolute, join, resolve } from 'node:path';
 import { boundLoops } from '../blockdev/loop.js';
 import { EtcdLeases } from '../coordination/etcd-leases.js';
+import { isUint, nameArg, need } from '../control/args.js';
+import type { VolumeStatus } from '../control/protocol.js';
 import { ControlServer } from '../control/server.js';
 import { controlSocketPath, ensureRuntimeDir, nbdSocketPath } from '../control/runtime-dir.js';
 import { reconcileUntilSettled, shutdown } from '../reconciler/agent.js';
@@ -32,13 +34,13 @@ import {
   type VolumeTarget,
 } from '../reconciler/ports.js';
 import { snapshotVolume } from '../reconciler/snapshot.js';
-import { need } from '../control/args.js';
 import { StateStore } from '../reconciler/state.js';
 import { CryptmapError, EXIT_BUSY } from '../util/errors.js';
 import { ensureTrustedDir, writeFileReplacing } from '../util/trusted-path.js';
 import { type Logger, logger } from '../util/log.js';
 import { DaemonCore } from './core.js';
 import { daemonHandlers } from './handlers.js';
+import { rewrapVolume, rotateVolumeKey } from './key-rotation.js';
 import { DataPathPorts, detectServeMode, type Runner, runTool, type ServeMode } from './volume-ports.js';
 
 export interface AgentHostOptions {
@@ -89,6 +91,8 @@ export class AgentHost {
   /** Reconciles run one at a time (start, SIGHUP, after a lease was lost). */
   #busy: Promise<unknown> = Promise.resolve();
   readonly #ac = new AbortController();
+  /** The embedded key service reads its root secret files again (a root rotation). */
+  readonly #reloadKeys: (() => Promise<void>) | undefined;
 
   private constructor(init: {
     opts: AgentHostOptions;
@@ -105,6 +109,7 @@ export class AgentHost {
     keyWarning?: string | undefined;
     control: ControlServer;
     leases?: (LeasePort & { close(): Promise<void> }) | undefined;
+    reloadKeys?: (() => Promise<void>) | undefined;
   }) {
     this.#opts = init.opts;
     this.stateDir = init.stateDir;
@@ -123,6 +128,7 @@ export class AgentHost {
     this.#store = new StateStore(init.stateDir);
     this.#log = init.opts.log ?? logger('agent');
     this.leases = init.leases;
+    this.#reloadKeys = init.reloadKeys;
   }
 
   /** Make the state and runtime dirs, serve NBD and the control socket, connect the key service. */
@@ -155,6 +161,9 @@ export class AgentHost {
       async () => {
         throw new CryptmapError('EBUSY', 'the agent is starting', { errno: 'EBUSY' });
       };
+    // The agent's own operations need the host (its targets and key service), made below.
+    let self: AgentHost | undefined;
+    const notYet = () => new CryptmapError('EBUSY', 'the agent is starting', { exitCode: EXIT_BUSY });
     const control = new ControlServer({
       ...daemonHandlers(core),
       'agent.snapshot': (a) =>
@@ -162,9 +171,23 @@ export class AgentHost {
           need<string>(a.volume, (x) => typeof x === 'string', 'volume'),
           need<string>(a.name, (x) => typeof x === 'string', 'name'),
         ),
+      'agent.rotateKey': async (a) => {
+        const id = nameArg(a.id, 'id');
+        const hz =
+          a.hotzoneBytes === undefined
+            ? undefined
+            : need<number>(a.hotzoneBytes, (x) => isUint(x) && (x as number) > 0, 'hotzoneBytes');
+        if (!self) throw notYet();
+        return self.rotateKey(id, hz === undefined ? {} : { hotzoneBytes: hz });
+      },
+      'agent.rewrapKeys': async () => {
+        if (!self) throw notYet();
+        return self.rewrapKeys();
+      },
     });
     let keys: KeyPort;
     let closeKeys = async () => {};
+    let reloadKeys: (() => Promise<void>) | undefined;
     let keyDescribe = 'given by the caller';
     let keyWarning: string | undefined;
     let leases: EtcdLeases | undefined;
@@ -198,6 +221,7 @@ export class AgentHost {
         );
         keys = ks.keys;
         closeKeys = () => ks.close();
+        if (ks.reloadRoots) reloadKeys = () => ks.reloadRoots!();
         keyDescribe = ks.describe;
         keyWarning = ks.warning;
       }
@@ -241,9 +265,11 @@ export class AgentHost {
       keyWarning,
       control,
       leases,
+      reloadKeys,
     });
     onLost = (v, why, msLeft) => host.#fence(v, why, msLeft);
     snapshotOp = (v, n) => host.snapshot(v, n);
+    self = host;
     return host;
   }
 
@@ -261,6 +287,41 @@ export class AgentHost {
         this.#log.error('reconcile after a lost lease failed', { error: (e as Error).message }),
       );
     })();
+  }
+
+  /** `cryptmap volume rotate-key SERVICE/VOLUME`: a new volume key, reencrypted online (key-rotation.ts). */
+  rotateKey(id: string, o: { hotzoneBytes?: number } = {}): Promise<VolumeStatus> {
+    const t = this.#target(id);
+    return rotateVolumeKey(this.core, this.#keys, t, o);
+  }
+
+  /**
+   * `cryptmap volume rewrap-keys`: every persistent volume's keyslot moves to the key service's newest
+   * root secret (key-rotation.ts); one failing volume does not stop the others (run it again).
+   */
+  async rewrapKeys(): Promise<Array<{ id: string; result: string; error?: string }>> {
+    await this.#reloadKeys?.();
+    const out: Array<{ id: string; result: string; error?: string }> = [];
+    for (const t of this.#targets) {
+      if (t.kind !== 'scratch' || t.class !== 'persistent') continue;
+      try {
+        const result = await rewrapVolume(this.#keys, t);
+        out.push({ id: t.id, result });
+        this.#log.info('volume keyslot rewrapped', { volume: t.id, result });
+      } catch (e) {
+        out.push({ id: t.id, result: 'failed', error: (e as Error).message });
+        this.#log.error('volume keyslot rewrap failed', { volume: t.id, error: (e as Error).message });
+      }
+    }
+    return out;
+  }
+
+  #target(id: string): VolumeTarget {
+    const want = id.startsWith('scratch/') ? id : `scratch/${id}`;
+    const t = this.#targets.find((x) => x.id === want);
+    if (!t)
+      throw new CryptmapError('ENOVOLUME', `no volume ${id} in the agent's manifest`, { exitCode: 4, errno: 'ENOENT' });
+    return t;
   }
 
   /** The volumes the current manifest asks for. */

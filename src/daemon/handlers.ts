@@ -1,7 +1,7 @@
 /**
  * Control-socket operations of the daemon (control/protocol.ts ControlOps): `dm.*` (dmsetup verbs),
  * `volume.*` (open, close, suspend, resume, refresh, resize, reencrypt, status, list), `attach`/`detach`,
- * `daemon.ping`. Args never reach a log: they may carry keys. Keyed operations take the key through
+ * `daemon.ping`; `agent.*` (the agent's key rotation: agent-host.ts serves them, a plain daemon refuses). Args never reach a log: they may carry keys. Keyed operations take the key through
  * `withKey` (wiped however the call ends).
  */
 import { allFlags, pickFlags } from '../activate/flags.js';
@@ -51,6 +51,16 @@ export function daemonHandlers(core: DaemonCore): OpHandlers {
       );
     },
     'volume.reencryptStop': async (a) => core.stopReencrypt(nameArg(a.name)),
+    'agent.rotateKey': async () => {
+      throw new CryptmapError('ENOTSUP', 'only a cryptmap agent rotates the keys of its service volumes', {
+        exitCode: 1,
+      });
+    },
+    'agent.rewrapKeys': async () => {
+      throw new CryptmapError('ENOTSUP', 'only a cryptmap agent rewraps the keys of its service volumes', {
+        exitCode: 1,
+      });
+    },
     'volume.close': async (a) => core.closeVolume(nameArg(a.name), { force: a.force === true }),
     'volume.status': async (a) => core.statusOf(nameArg(a.name)),
     'volume.list': async () => core.volumes(),

@@ -48,7 +48,10 @@ function keyFromResponse(where: string, r: KeyResponse, length: number): Secret 
         exitCode: EXIT_NO_PERMISSION,
         errno: 'EPERM',
       });
-    throw new CryptmapError(r.code === 'EKEYREQ' ? 'EKEYREQ' : 'EKEYD_PROTO', `key service ${where}: ${msg}`);
+    throw new CryptmapError(
+      r.code === 'EKEYREQ' || r.code === 'ENOROOT' ? r.code : 'EKEYD_PROTO',
+      `key service ${where}: ${msg}`,
+    );
   }
   if (typeof r.key !== 'string' || r.key.length !== length * 2)
     throw new CryptmapError('EKEYD_PROTO', `key service ${where} sent no key of ${length} bytes`);

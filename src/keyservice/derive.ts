@@ -30,7 +30,16 @@ export function isValidName(s: string): boolean {
   return NAME_RE.test(s);
 }
 
+/**
+ * Which root secret to derive from: `current`, or during a root rotation (docs/keyservice.md) `next`
+ * (begun, not committed yet) and, after the commit, `previous` (the one it replaced).
+ */
+export const ROOT_GENERATIONS = ['current', 'next', 'previous'] as const;
+export type RootGeneration = (typeof ROOT_GENERATIONS)[number];
+
 export interface DeriveRequest {
+  /** Default `current`. */
+  generation?: RootGeneration;
   purpose: KeyPurpose;
   service: string;
   volume: string;
@@ -39,7 +48,14 @@ export interface DeriveRequest {
 }
 
 /** Check a request's fields strictly; throws EKEYREQ with the offending field. */
-export function validateDeriveRequest(req: DeriveRequest): Required<DeriveRequest> {
+export function validateDeriveRequest(
+  req: DeriveRequest,
+): Required<Omit<DeriveRequest, 'generation'>> & Pick<DeriveRequest, 'generation'> {
+  if (req.generation !== undefined && !(ROOT_GENERATIONS as readonly string[]).includes(req.generation)) {
+    throw new CryptmapError('EKEYREQ', `generation must be one of ${ROOT_GENERATIONS.join(', ')}`, {
+      context: { field: 'generation' },
+    });
+  }
   if (!(KEY_PURPOSES as readonly string[]).includes(req.purpose)) {
     throw new CryptmapError('EKEYREQ', `purpose must be one of ${KEY_PURPOSES.join(', ')}`, {
       context: { field: 'purpose' },
@@ -61,7 +77,13 @@ export function validateDeriveRequest(req: DeriveRequest): Required<DeriveReques
   if (!(KEY_LENGTHS as readonly number[]).includes(length)) {
     throw new CryptmapError('EKEYREQ', 'length must be 32 or 64 bytes', { context: { field: 'length' } });
   }
-  return { purpose: req.purpose, service: req.service, volume: req.volume, length };
+  return {
+    purpose: req.purpose,
+    service: req.service,
+    volume: req.volume,
+    length,
+    ...(req.generation !== undefined && req.generation !== 'current' ? { generation: req.generation } : {}),
+  };
 }
 
 /** The HKDF info string for a request, e.g. `cryptmap/v1/scratch/web/data`. */

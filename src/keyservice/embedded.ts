@@ -12,11 +12,11 @@
  *   - elsewhere (`rootFile`): an existing file on another path or medium, raw or wrapped.
  */
 import { join } from 'node:path';
-import type { Secret } from '../util/secret.js';
+import { Secret } from '../util/secret.js';
 import { type AuditSink, openAuditFile, rateLimitedAudit } from './audit.js';
 import { inprocKeyClient, type KeyClient } from './client.js';
 import { DEFAULT_POLICY, type Policy } from './policy.js';
-import { ensurePrivateDir, loadOrCreateRootSecret } from './root-secret.js';
+import { ensurePrivateDir, loadOrCreateRootSecret, loadRootGenerations } from './root-secret.js';
 import { KeyService } from './service.js';
 
 export interface EmbeddedKeyService {
@@ -28,6 +28,8 @@ export interface EmbeddedKeyService {
   wrapped: boolean;
   /** The raw root secret sits in the state directory (the default): say so loudly. */
   rawBesideData: boolean;
+  /** Read the root secret files again (a root rotation begun or committed since the start). */
+  reloadRoots(passphrase?: Secret): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -58,7 +60,15 @@ export async function startEmbeddedKeyService(
     root.secret.dispose();
     throw e;
   }
-  const service = new KeyService({ root: root.secret, policy: opts.policy ?? DEFAULT_POLICY, audit });
+  let gens: Awaited<ReturnType<typeof loadRootGenerations>>;
+  try {
+    gens = await loadRootGenerations(root, opts.passphrase);
+  } catch (e) {
+    root.secret.dispose();
+    await audit.close();
+    throw e;
+  }
+  const service = new KeyService({ root: root.secret, roots: gens, policy: opts.policy ?? DEFAULT_POLICY, audit });
   return {
     client: inprocKeyClient(service),
     service,
@@ -66,9 +76,23 @@ export async function startEmbeddedKeyService(
     created: root.created,
     wrapped: root.wrapped,
     rawBesideData: !root.wrapped && opts.rootFile === undefined,
+    async reloadRoots(passphrase?: Secret) {
+      const cur = await loadOrCreateRootSecret(stateDir, {
+        ...(passphrase ? { passphrase } : {}),
+        ...(opts.rootFile ? { rootFile: opts.rootFile } : {}),
+      });
+      let g: Awaited<ReturnType<typeof loadRootGenerations>>;
+      try {
+        g = await loadRootGenerations(cur, passphrase);
+      } catch (e) {
+        cur.secret.dispose();
+        throw e;
+      }
+      service.setRoots(cur.secret, g);
+    },
     async close() {
       await audit.close();
-      root.secret.dispose();
+      service.setRoots(Secret.copyOf(Buffer.alloc(32)));
     },
   };
 }

@@ -345,3 +345,105 @@ export function readPassphraseFile(path: string): Secret {
   }
   return s;
 }
+
+// ---- root rotation (docs/keyservice.md "Rotating the root secret") ----
+
+/**
+ * The file of root generation `gen` beside the current root secret file: `<file>.next` (a rotation
+ * begun, not committed) and `<file>.previous` (what the last commit replaced); same format as the
+ * current one (raw, or wrapped by the same passphrase).
+ */
+export function rootGenerationPath(currentPath: string, gen: 'next' | 'previous'): string {
+  return `${currentPath}.${gen}`;
+}
+
+async function loadGeneration(path: string, wrapped: boolean, passphrase?: Secret): Promise<Secret | undefined> {
+  if (!(await exists(path))) return undefined;
+  const bytes = await readPrivateFile(path);
+  try {
+    if (wrapped) {
+      if (!passphrase)
+        throw new CryptmapError('EROOTSECRET', `${path} is wrapped by a passphrase: give a passphrase file`);
+      return await unwrapRootSecret(bytes, passphrase);
+    }
+    if (bytes.length !== ROOT_SECRET_BYTES)
+      throw new CryptmapError('EROOTSECRET', `${path} must hold exactly ${ROOT_SECRET_BYTES} bytes`);
+    return Secret.copyOf(bytes);
+  } finally {
+    wipe(bytes);
+  }
+}
+
+/** The next and previous root secrets beside `current` (loaded by loadOrCreateRootSecret), where they exist. */
+export async function loadRootGenerations(
+  current: Pick<RootSecretResult, 'path' | 'wrapped'>,
+  passphrase?: Secret,
+): Promise<{ next?: Secret; previous?: Secret }> {
+  const next = await loadGeneration(rootGenerationPath(current.path, 'next'), current.wrapped, passphrase);
+  let previous: Secret | undefined;
+  try {
+    previous = await loadGeneration(rootGenerationPath(current.path, 'previous'), current.wrapped, passphrase);
+  } catch (e) {
+    next?.dispose();
+    throw e;
+  }
+  return { ...(next ? { next } : {}), ...(previous ? { previous } : {}) };
+}
+
+/**
+ * Begin a root rotation: a new random root secret in `<current>.next` (wrapped like the current one),
+ * created atomically and exclusively. Returns false when one was begun already (it is kept: the
+ * volumes rewrapped so far use it).
+ */
+export async function beginRootRotation(
+  current: Pick<RootSecretResult, 'path' | 'wrapped'>,
+  passphrase?: Secret,
+  wrapParams?: Argon2Params,
+): Promise<boolean> {
+  const path = rootGenerationPath(current.path, 'next');
+  if (current.wrapped && !passphrase)
+    throw new CryptmapError('EROOTSECRET', `${current.path} is wrapped by a passphrase: give a passphrase file`);
+  const secret = new Secret(randomBytes(ROOT_SECRET_BYTES));
+  try {
+    const data = current.wrapped ? await wrapRootSecret(secret, passphrase!, wrapParams) : Buffer.from(secret.expose());
+    try {
+      return await createExclusive(resolve(path, '..'), path, data);
+    } catch (e) {
+      throw fromSystemError('EROOTSECRET', `cannot create ${path}`, e);
+    } finally {
+      wipe(data);
+    }
+  } finally {
+    secret.dispose();
+  }
+}
+
+/**
+ * Commit a root rotation: the current root secret file is copied to `<current>.previous` (replacing
+ * an older one), then `<current>.next` is renamed over the current file (atomic), and the directory
+ * synced. A crash anywhere leaves a state a second commit finishes; ENOROOT when none was begun.
+ */
+export async function commitRootRotation(currentPath: string): Promise<void> {
+  const next = rootGenerationPath(currentPath, 'next');
+  const previous = rootGenerationPath(currentPath, 'previous');
+  if (!(await exists(next)))
+    throw new CryptmapError('ENOROOT', `no root rotation in progress (${next} does not exist)`, { exitCode: 1 });
+  const dir = resolve(currentPath, '..');
+  const cur = await readPrivateFile(currentPath);
+  try {
+    await fs.unlink(previous).catch((e: NodeJS.ErrnoException) => {
+      if (e.code !== 'ENOENT') throw fromSystemError('EROOTSECRET', `cannot remove ${previous}`, e);
+    });
+    if (!(await createExclusive(dir, previous, cur)))
+      throw new CryptmapError('EROOTSECRET', `${previous} appeared while committing: another commit runs?`);
+  } finally {
+    wipe(cur);
+  }
+  await fs.rename(next, currentPath);
+  const d = await fs.open(dir, constants.O_RDONLY);
+  try {
+    await d.sync();
+  } finally {
+    await d.close();
+  }
+}

@@ -4,11 +4,12 @@
  *
  * Wire messages (JSON objects; over the Unix socket one per line, over HTTPS the POST body):
  *   request:  {"id": any, "op": "derive", "purpose": "scratch"|"swap", "service": S, "volume": V,
- *              "length": 32|64, "token"?: T}        ("token" only on the Unix socket)
+ *              "length": 32|64, "generation"?: "current"|"next"|"previous", "token"?: T}
+ *              ("token" only on the Unix socket; "generation": which root secret, see RootSecrets)
  *             {"id": any, "op": "ping"}
  *   response: {"id": any, "ok": true, "key": "<hex>"}           (derive)
  *             {"id": any, "ok": true, "version": "v1"}          (ping)
- *             {"id": any, "ok": false, "code": C, "message": M} (C: EKEYREQ, EACCES, EINTERNAL)
+ *             {"id": any, "ok": false, "code": C, "message": M} (C: EKEYREQ, EACCES, ENOROOT, EINTERNAL)
  * Keys travel as hex inside the trust boundary (the 0600 socket, or mutual TLS) and are never logged.
  */
 import { toHex } from '../util/bytes.js';
@@ -31,25 +32,51 @@ export interface KeyResponse {
   message?: string;
 }
 
+/**
+ * The root secrets a key service derives from: `current`, and during a root rotation `next` (begun
+ * with `cryptmap keyd rotate-root`, not committed) or, once committed, `previous`.
+ */
+export interface RootSecrets {
+  next?: Secret;
+  previous?: Secret;
+}
+
 export interface KeyServiceOptions {
   root: Secret;
+  /** The other generations of a root rotation, if one is under way or was committed. */
+  roots?: RootSecrets;
   policy: Policy;
   audit: AuditSink;
 }
 
 export class KeyService {
-  readonly #root: Secret;
+  #root: Secret;
+  #roots: RootSecrets;
   #policy: Policy;
   readonly #audit: AuditSink;
 
   constructor(opts: KeyServiceOptions) {
     this.#root = opts.root;
+    this.#roots = opts.roots ?? {};
     this.#policy = opts.policy;
     this.#audit = opts.audit;
   }
 
   get policy(): Policy {
     return this.#policy;
+  }
+
+  /** Swap the root secrets (a root rotation begun or committed; SIGHUP). The service owns (and disposes) them. */
+  setRoots(root: Secret, roots: RootSecrets = {}): void {
+    for (const s of [this.#root, this.#roots.next, this.#roots.previous])
+      if (s && s !== root && s !== roots.next && s !== roots.previous) s.dispose();
+    this.#root = root;
+    this.#roots = roots;
+  }
+
+  /** The generations it can derive from now. */
+  get rootGenerations(): string[] {
+    return ['current', ...(this.#roots.next ? ['next'] : []), ...(this.#roots.previous ? ['previous'] : [])];
   }
 
   /** Swap the policy (e.g. on SIGHUP). */
@@ -70,13 +97,14 @@ export class KeyService {
       this.#audit.record({ transport, identity, op: op.slice(0, 32) || '?', result: 'error', reason: 'unknown op' });
       return { id, ok: false, code: 'EKEYREQ', message: "op must be 'derive' or 'ping'" };
     }
-    let req: Required<DeriveRequest>;
+    let req: ReturnType<typeof validateDeriveRequest>;
     try {
       req = validateDeriveRequest({
         purpose: m.purpose as DeriveRequest['purpose'],
         service: m.service as string,
         volume: m.volume as string,
         length: m.length === undefined ? undefined : (m.length as number),
+        ...(m.generation !== undefined ? { generation: m.generation as DeriveRequest['generation'] } : {}),
       });
     } catch (e) {
       const message = isCryptmapError(e) ? e.message : 'bad request';
@@ -101,7 +129,15 @@ export class KeyService {
         message: `${identity} may not have keys of service ${req.service} (${req.purpose})`,
       };
     }
-    const key = deriveKey(this.#root, req);
+    const gen = req.generation;
+    const root = gen === undefined || gen === 'current' ? this.#root : this.#roots[gen];
+    if (root === undefined) {
+      const why =
+        gen === 'next' ? 'no root rotation is in progress' : 'no root rotation was committed (no previous root)';
+      this.#audit.record({ ...rec, result: 'error', reason: `no ${gen} root secret` });
+      return { id, ok: false, code: 'ENOROOT', message: `no ${gen} root secret: ${why}` };
+    }
+    const key = deriveKey(root, req);
     try {
       this.#audit.record({ ...rec, result: 'granted' });
       return { id, ok: true, key: toHex(key.expose()) };

@@ -16,6 +16,8 @@ export interface ManifestKeyService {
   describe: string;
   /** A warning to repeat at every start (the embedded default keeps the raw root secret beside the data). */
   warning?: string;
+  /** The embedded service reads its root secret files again (a root rotation begun or committed); a keyd is asked by its own SIGHUP. */
+  reloadRoots?(): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -59,6 +61,14 @@ export async function keyServiceForManifest(
       keys: e.client,
       describe: `embedded (${how} root secret ${e.created ? 'created' : 'loaded'} at ${e.rootPath})`,
       close: () => e.close(),
+      async reloadRoots() {
+        const p = passphraseFile === undefined ? undefined : readPassphraseFile(passphraseFile);
+        try {
+          await e.reloadRoots(p);
+        } finally {
+          p?.dispose();
+        }
+      },
     };
     if (e.rawBesideData) out.warning = rawRootWarning(e.rootPath, agentStateDir);
     return out;

@@ -5,8 +5,11 @@
  *                 [--policy FILE] [--passphrase-file FILE] [--root-secret-file FILE] [--audit-log FILE]
  *                 [--metrics [HOST:]PORT [--metrics-token-file F]]
  *   cryptmap keyd token NAME      print a new client token and its policy entry
+ *   cryptmap keyd rotate-root begin|commit --state-dir DIR [--passphrase-file F] [--root-secret-file F]
+ *                                 a root rotation (docs/keyservice.md): a next root secret, then it
+ *                                 replaces the current one (kept as previous)
  *
- * Serves until SIGINT or SIGTERM; SIGHUP reloads the policy file.
+ * Serves until SIGINT or SIGTERM; SIGHUP reloads the policy file and the root secrets (a rotation).
  */
 import { readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
@@ -14,7 +17,13 @@ import { parseArgs } from 'node:util';
 import { type AuditSink, openAuditFile, rateLimitedAudit } from '../../keyservice/audit.js';
 import { isValidName } from '../../keyservice/derive.js';
 import { DEFAULT_POLICY, loadPolicy, tokenDigest } from '../../keyservice/policy.js';
-import { loadOrCreateRootSecret, readPassphraseFile } from '../../keyservice/root-secret.js';
+import {
+  beginRootRotation,
+  commitRootRotation,
+  loadOrCreateRootSecret,
+  loadRootGenerations,
+  readPassphraseFile,
+} from '../../keyservice/root-secret.js';
 import { listenTls, listenUnix, newClientToken, type RunningServer } from '../../keyservice/server.js';
 import { disableCoreDumps } from '../../util/dumpable.js';
 import { KeyService } from '../../keyservice/service.js';
@@ -28,6 +37,7 @@ import type { MetricsServer } from '../../util/metrics-http.js';
 
 const HELP = `usage: cryptmap keyd --state-dir DIR [options]
        cryptmap keyd token NAME
+       cryptmap keyd rotate-root begin|commit --state-dir DIR [--passphrase-file F] [--root-secret-file F]
 
   --state-dir DIR         root secret (root.key, 0600) and audit log live here (dir 0700)
   --socket PATH           Unix socket (mode 0600; default DIR/keyd.sock)
@@ -58,9 +68,9 @@ function readFileArg(flag: string, p: string): Buffer {
 }
 
 /** Strict flag parsing (unknown flags and positionals are errors). */
-function parse(argv: string[]) {
+function parse(argv: string[], skip = 1) {
   return parseArgs({
-    args: argv.slice(1),
+    args: argv.slice(skip),
     options: {
       'state-dir': { type: 'string' },
       socket: { type: 'string' },
@@ -90,6 +100,7 @@ const keyd: VerbMain = async (argv, io) => {
     io.stdout.write(`- identity: token:${name}\n  tokenSha256: ${tokenDigest(token)}\n  services: []\n`);
     return 0;
   }
+  if (argv[1] === 'rotate-root') return rotateRoot(argv, io);
   let values: ReturnType<typeof parse>['values'];
   try {
     ({ values } = parse(argv));
@@ -116,12 +127,23 @@ const keyd: VerbMain = async (argv, io) => {
   // A trailing newline from `echo` is dropped; the file must be ours and 0600 (O_NOFOLLOW, fstat).
   if (values['passphrase-file']) passphrase = readPassphraseFile(resolve(values['passphrase-file']));
   let root: Awaited<ReturnType<typeof loadOrCreateRootSecret>>;
-  try {
-    const rootFile = values['root-secret-file'] ? resolve(values['root-secret-file']) : undefined;
-    root = await loadOrCreateRootSecret(stateDir, {
-      ...(passphrase ? { passphrase } : {}),
+  let gens: Awaited<ReturnType<typeof loadRootGenerations>>;
+  const rootFile = values['root-secret-file'] ? resolve(values['root-secret-file']) : undefined;
+  const passphraseFile = values['passphrase-file'] ? resolve(values['passphrase-file']) : undefined;
+  const loadRoots = async (pass: Secret | undefined) => {
+    const r = await loadOrCreateRootSecret(stateDir, {
+      ...(pass ? { passphrase: pass } : {}),
       ...(rootFile ? { rootFile } : {}),
     });
+    try {
+      return { r, g: await loadRootGenerations(r, pass) };
+    } catch (e) {
+      r.secret.dispose();
+      throw e;
+    }
+  };
+  try {
+    ({ r: root, g: gens } = await loadRoots(passphrase));
   } finally {
     passphrase?.dispose(); // also when unwrapping fails (wrong passphrase, damaged file)
   }
@@ -136,7 +158,7 @@ const keyd: VerbMain = async (argv, io) => {
     );
     const registry = metricsRegistry(values, 'keyd');
     if (registry) audit = countingAudit(audit, registry);
-    const service = new KeyService({ root: root.secret, policy, audit });
+    const service = new KeyService({ root: root.secret, roots: gens, policy, audit });
     io.stdout.write(
       `keyd: root secret ${root.created ? 'created' : 'loaded'} (${root.wrapped ? 'wrapped' : 'raw'}) at ${root.path}\n`,
     );
@@ -167,6 +189,17 @@ const keyd: VerbMain = async (argv, io) => {
         res();
       };
       const reload = () => {
+        // A root rotation begun or committed since the start: the root secret files again.
+        const pass = passphraseFile ? readPassphraseFile(passphraseFile) : undefined;
+        loadRoots(pass)
+          .then(
+            ({ r, g }) => {
+              service.setRoots(r.secret, g);
+              io.stdout.write(`keyd: root secrets reloaded (${service.rootGenerations.join(', ')})\n`);
+            },
+            (e) => io.stderr.write(`keyd: root secrets not reloaded: ${(e as Error).message}\n`),
+          )
+          .finally(() => pass?.dispose());
         if (!policyPath) return;
         sd.reloading('reloading the policy');
         loadPolicy(policyPath).then(
@@ -198,4 +231,46 @@ const keyd: VerbMain = async (argv, io) => {
     root.secret.dispose();
   }
 };
+
+/** `cryptmap keyd rotate-root begin|commit` (root-secret.ts beginRootRotation, commitRootRotation). */
+async function rotateRoot(argv: string[], io: Parameters<VerbMain>[1]): Promise<number> {
+  const step = argv[2];
+  let values: ReturnType<typeof parse>['values'];
+  try {
+    ({ values } = parse(argv, 3));
+  } catch (e) {
+    throw new CryptmapError('EARGS', `cryptmap keyd rotate-root: ${(e as Error).message}\n${HELP}`);
+  }
+  if ((step !== 'begin' && step !== 'commit') || !values['state-dir'])
+    throw new CryptmapError(
+      'EARGS',
+      `usage: cryptmap keyd rotate-root begin|commit --state-dir DIR [--passphrase-file F] [--root-secret-file F]`,
+    );
+  const stateDir = resolve(values['state-dir']);
+  const rootFile = values['root-secret-file'] ? resolve(values['root-secret-file']) : undefined;
+  const passphrase = values['passphrase-file'] ? readPassphraseFile(resolve(values['passphrase-file'])) : undefined;
+  try {
+    // The current one must load (right passphrase) before a rotation begins or commits.
+    const cur = await loadOrCreateRootSecret(stateDir, {
+      ...(passphrase ? { passphrase } : {}),
+      ...(rootFile ? { rootFile } : {}),
+    });
+    cur.secret.dispose();
+    if (step === 'begin') {
+      const made = await beginRootRotation(cur, passphrase);
+      io.stdout.write(
+        made
+          ? `keyd: root rotation begun (${cur.path}.next); rewrap every volume (cryptmap volume rewrap-keys), then commit\n`
+          : `keyd: a root rotation was begun already (${cur.path}.next kept)\n`,
+      );
+    } else {
+      await commitRootRotation(cur.path);
+      io.stdout.write(`keyd: root rotation committed (the old root secret is kept as ${cur.path}.previous)\n`);
+    }
+    io.stdout.write('keyd: a running keyd reads the root secrets again on SIGHUP\n');
+    return 0;
+  } finally {
+    passphrase?.dispose();
+  }
+}
 export default keyd;
