@@ -192,8 +192,7 @@ export const ERROR_CODES = {
   EROOTPASS: 'a wrapped root secret that does not unwrap',
   ESTATEDIR: 'a state directory that cannot be created or trusted',
   EKEYREQ: 'a key request that is invalid',
-  ENOROOT:
-    'the key service has no root secret of the generation asked for (no root rotation in progress, or none before)',
+  ENOROOT: 'the key service has no root secret of the generation asked for (no rotation under way)',
   EPOLICY: 'a key service policy that is invalid',
   EAUDIT: 'an audit log that cannot be opened',
   EKEYD_UNREACHABLE: 'the key service is unreachable',
