@@ -626,8 +626,9 @@ static napi_value cipher_run(napi_env env, napi_callback_info info) {
  * and submit the next requests. Time, not bytes: the same queue is 3x more work on AES-NI than on
  * VAES, and more again with the file I/O a job may carry. */
 #define WAKE_AHEAD_NS 50000.0
-/* Jobs of at least this (average) time yield to the JS thread at the end of the queue (see pool_worker). */
-#define YIELD_MIN_JOB_NS 50000.0
+/* Jobs of at least this (estimated) time yield to the JS thread at the end of the queue (see
+ * pool_worker): 1 MiB of vaes512 is ~50 us, 64 KiB ~4 us. */
+#define YIELD_MIN_JOB_NS 20000.0
 /* A completion never waits longer than this for its wake-up, however deep the queue stays (new
  * requests may keep arriving while old ones complete): bounds the latency batching adds. */
 #define WAKE_MAX_DELAY_NS 1000000LL
@@ -831,7 +832,7 @@ static void *pool_worker(void *arg) {
     /*
      * Hand the CPU to the JS thread. With every CPU running a crypt thread (2 threads on 2 CPUs), the
      * woken JS thread waits on a run queue until a crypt thread sleeps or its time slice (milliseconds)
-     * ends. With long jobs (1 MiB: ~60 us of VAES) the threads then finish the queue, sleep, and one
+     * ends. With long jobs (1 MiB: ~50-60 us of VAES) the threads then finish the queue, sleep, and one
      * CPU idles while the JS thread takes the batch and submits the next requests (measured, 8 x 1 MiB
      * in flight: threads asleep ~25% of the time, 0.2 sleeps per job; on an idle 2-CPU machine the pool
      * reached 1.64x of one thread). So, once at most one job per thread is left, a thread that finishes
