@@ -10,7 +10,7 @@
  * A row: `type` ('string' takes a value, 'boolean' does not), an optional one-letter `short`, and
  * `verbs`, the actions that accept it (cryptsetup's "Option --X is not allowed with Y action.");
  * without `verbs` every verb takes it. `alias` stores the value under another row's name
- * (--master-key-file is --volume-key-file). Adding an option is adding one row.
+ * (--master-key-file is --volume-key-file), `num` checks a number as popt does ('size': with units). Adding an option is adding one row.
  */
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../util/errors.js';
 
@@ -19,6 +19,8 @@ interface OptionRow {
   readonly short?: string;
   readonly verbs?: readonly string[];
   readonly alias?: string;
+  /** A number as cryptsetup's popt table types it (CRYPT_ARG_UINT32, INT32, UINT64): anything else is "invalid numeric value". */
+  readonly num?: 'u32' | 'i32' | 'u64' | 'size';
 }
 
 // cryptsetup's action lists (cryptsetup_args.h), for the rows below.
@@ -38,7 +40,7 @@ const DAEMON_VERBS = [
 ] as const;
 
 export const OPTIONS = {
-  'align-payload': { type: 'string', verbs: ['luksFormat'] },
+  'align-payload': { type: 'string', num: 'u32', verbs: ['luksFormat'] },
   'allow-discards': { type: 'boolean', verbs: ['open'] },
   attach: { type: 'boolean', verbs: ['open'] },
   'batch-mode': { type: 'boolean', short: 'q' },
@@ -46,7 +48,7 @@ export const OPTIONS = {
   debug: { type: 'boolean' },
   'debug-json': { type: 'boolean' },
   deferred: { type: 'boolean', verbs: ['close'] },
-  'device-size': { type: 'string', verbs: ['open', 'resize'] },
+  'device-size': { type: 'string', num: 'size', verbs: ['open', 'resize'] },
   'disable-external-tokens': { type: 'boolean' },
   'disable-keyring': { type: 'boolean' },
   'disable-locks': { type: 'boolean' },
@@ -58,37 +60,47 @@ export const OPTIONS = {
   hash: { type: 'string', short: 'h' },
   header: { type: 'string' },
   'header-backup-file': { type: 'string' },
-  'iter-time': { type: 'string', short: 'i', verbs: KDF_VERBS },
+  'iter-time': { type: 'string', num: 'u32', short: 'i', verbs: KDF_VERBS },
   'iv-large-sectors': { type: 'boolean', verbs: ['open'] },
   json: { type: 'boolean', verbs: ['status', 'benchmark', 'luksDump', 'isLuks'] },
   'json-file': { type: 'string' },
   'key-description': { type: 'string' },
   'key-file': { type: 'string', short: 'd' },
-  'key-size': { type: 'string', short: 's', verbs: ['open', 'benchmark', 'luksFormat', 'luksAddKey', 'reencrypt'] },
+  'key-size': {
+    type: 'string',
+    num: 'u32',
+    short: 's',
+    verbs: ['open', 'benchmark', 'luksFormat', 'luksAddKey', 'reencrypt'],
+  },
   'key-slot': {
     type: 'string',
+    num: 'i32',
     short: 'S',
     verbs: ['open', 'config', ...NEW_KEYSLOT_VERBS, 'luksDump', 'token', 'luksResume'],
   },
-  'keyfile-offset': { type: 'string' },
+  'keyfile-offset': { type: 'string', num: 'u64' },
   'keyslot-cipher': { type: 'string', verbs: ['luksFormat', 'luksAddKey', 'luksChangeKey', 'luksConvertKey'] },
-  'keyslot-key-size': { type: 'string', verbs: ['luksFormat', 'luksAddKey', 'luksChangeKey', 'luksConvertKey'] },
-  'keyfile-size': { type: 'string', short: 'l' },
+  'keyslot-key-size': {
+    type: 'string',
+    num: 'u32',
+    verbs: ['luksFormat', 'luksAddKey', 'luksChangeKey', 'luksConvertKey'],
+  },
+  'keyfile-size': { type: 'string', num: 'u32', short: 'l' },
   label: { type: 'string', verbs: ['config', 'luksFormat', 'reencrypt'] },
-  'luks2-keyslots-size': { type: 'string', verbs: ['luksFormat', 'reencrypt'] },
-  'luks2-metadata-size': { type: 'string', verbs: ['luksFormat', 'reencrypt'] },
+  'luks2-keyslots-size': { type: 'string', num: 'size', verbs: ['luksFormat', 'reencrypt'] },
+  'luks2-metadata-size': { type: 'string', num: 'size', verbs: ['luksFormat', 'reencrypt'] },
   'volume-key-file': { type: 'string' },
   'master-key-file': { type: 'string', alias: 'volume-key-file' },
   'new-keyfile': { type: 'string', verbs: ['luksAddKey'] },
-  'new-key-slot': { type: 'string', verbs: ['luksAddKey'] },
-  'new-keyfile-offset': { type: 'string' },
-  'new-keyfile-size': { type: 'string' },
-  'new-token-id': { type: 'string', verbs: ['luksAddKey'] },
-  offset: { type: 'string', short: 'o', verbs: ['open', 'luksFormat', 'reencrypt'] },
+  'new-key-slot': { type: 'string', num: 'i32', verbs: ['luksAddKey'] },
+  'new-keyfile-offset': { type: 'string', num: 'u64' },
+  'new-keyfile-size': { type: 'string', num: 'u32' },
+  'new-token-id': { type: 'string', num: 'i32', verbs: ['luksAddKey'] },
+  offset: { type: 'string', num: 'u64', short: 'o', verbs: ['open', 'luksFormat', 'reencrypt'] },
   pbkdf: { type: 'string', verbs: KDF_VERBS },
-  'pbkdf-force-iterations': { type: 'string', verbs: NEW_KEYSLOT_VERBS },
-  'pbkdf-memory': { type: 'string' },
-  'pbkdf-parallel': { type: 'string' },
+  'pbkdf-force-iterations': { type: 'string', num: 'u32', verbs: NEW_KEYSLOT_VERBS },
+  'pbkdf-memory': { type: 'string', num: 'u32' },
+  'pbkdf-parallel': { type: 'string', num: 'u32' },
   'perf-no_read_workqueue': { type: 'boolean' },
   'perf-no_write_workqueue': { type: 'boolean' },
   'perf-same_cpu_crypt': { type: 'boolean' },
@@ -98,18 +110,18 @@ export const OPTIONS = {
   readonly: { type: 'boolean', short: 'r' },
   'runtime-dir': { type: 'string', verbs: DAEMON_VERBS },
   seconds: { type: 'string', verbs: ['benchmark'] },
-  'sector-size': { type: 'string', verbs: ['open', 'luksFormat', 'benchmark', 'reencrypt'] },
-  size: { type: 'string', short: 'b', verbs: ['open', 'resize'] },
-  skip: { type: 'string', short: 'p', verbs: ['open'] },
+  'sector-size': { type: 'string', num: 'u32', verbs: ['open', 'luksFormat', 'benchmark', 'reencrypt'] },
+  size: { type: 'string', num: 'u64', short: 'b', verbs: ['open', 'resize'] },
+  skip: { type: 'string', num: 'u64', short: 'p', verbs: ['open'] },
   subsystem: { type: 'string', verbs: ['config', 'luksFormat'] },
   'test-args': { type: 'boolean' },
   'test-passphrase': { type: 'boolean', verbs: ['open'] },
   threads: { type: 'string', verbs: ['benchmark'] },
-  timeout: { type: 'string', short: 't' },
-  'token-id': { type: 'string' },
+  timeout: { type: 'string', num: 'u32', short: 't' },
+  'token-id': { type: 'string', num: 'i32' },
   'token-only': { type: 'boolean' },
   'token-type': { type: 'string' },
-  tries: { type: 'string', short: 'T' },
+  tries: { type: 'string', num: 'u32', short: 'T' },
   type: { type: 'string', short: 'M' },
   'use-random': { type: 'boolean', verbs: ['luksFormat'] },
   'use-urandom': { type: 'boolean', verbs: ['luksFormat'] },
@@ -122,13 +134,13 @@ export const OPTIONS = {
   'resume-only': { type: 'boolean', verbs: ['reencrypt'] },
   resilience: { type: 'string', verbs: ['reencrypt'] },
   'resilience-hash': { type: 'string', verbs: ['reencrypt'] },
-  'hotzone-size': { type: 'string', verbs: ['reencrypt'] },
+  'hotzone-size': { type: 'string', num: 'size', verbs: ['reencrypt'] },
   'force-offline-reencrypt': { type: 'boolean', verbs: ['reencrypt'] },
   encrypt: { type: 'boolean', verbs: ['reencrypt'] },
-  'progress-frequency': { type: 'string', verbs: ['reencrypt'] },
+  'progress-frequency': { type: 'string', num: 'u32', verbs: ['reencrypt'] },
   'progress-json': { type: 'boolean', verbs: ['reencrypt'] },
   decrypt: { type: 'boolean', verbs: ['reencrypt'] },
-  'reduce-device-size': { type: 'string', verbs: ['reencrypt'] },
+  'reduce-device-size': { type: 'string', num: 'size', verbs: ['reencrypt'] },
 } as const satisfies Record<string, OptionRow>;
 
 type Table = typeof OPTIONS;
@@ -163,6 +175,72 @@ function usageError(message: string): CryptmapError {
   return new CryptmapError('EARGS', message, { exitCode: EXIT_WRONG_PARAMS });
 }
 
+/**
+ * A size with cryptsetup's units (its tools_string_to_size, for --device-size, --hotzone-size,
+ * --luks2-metadata-size, --luks2-keyslots-size, --reduce-device-size), in bytes: digits, then
+ * nothing, `s`/`S` (512-byte sectors), `K M G T` or `KiB MiB GiB TiB` (1024 base, either case) or
+ * `KB MB GB TB` (1000 base). Anything else is cryptsetup's usage error, exit 1.
+ */
+export function parseSize(v: string, name: string): number {
+  const m = /^([0-9]+)(?:([sS])|([kKmMgGtT])(iB|B)?)?$/.exec(v);
+  const bad = () => usageError(`Invalid size specification in parameter ${name}.`);
+  if (!m) throw bad();
+  let mult = 1;
+  if (m[2]) mult = 512;
+  else if (m[3]) mult = (m[4] === 'B' ? 1000 : 1024) ** ('kmgt'.indexOf(m[3].toLowerCase()) + 1);
+  const n = Number(m[1]) * mult;
+  if (!Number.isSafeInteger(n)) throw bad();
+  return n;
+}
+
+/**
+ * cryptsetup's tools_parse_arg_value: a base-10 number (strtoull/strtoll: leading blanks, a sign)
+ * that fits the option's type, else popt's "invalid numeric value" (exit 1). A minus sign is the
+ * unsigned wrap-around of strtoull: too large for 32 bits, taken as is for 64 (the verb then refuses it).
+ */
+function checkNumber(name: string, value: string, kind: 'u32' | 'i32' | 'u64' | 'size'): void {
+  if (kind === 'size') {
+    parseSize(value, `--${name}`);
+    return;
+  }
+  const m = /^\s*([+-]?)([0-9]+)$/.exec(value);
+  let ok = m !== null;
+  if (m) {
+    const n = BigInt(m[2]!) * (m[1] === '-' ? -1n : 1n);
+    if (kind === 'u32') ok = n === 0n || (n > 0n && n <= 0xffffffffn);
+    else if (kind === 'i32') ok = n >= -0x80000000n && n <= 0x7fffffffn;
+    else ok = n >= -0xffffffffffffffffn && n <= 0xffffffffffffffffn;
+  }
+  if (!ok) throw usageError(`invalid numeric value: --${name} ${value}`);
+}
+
+/** cryptsetup's checks of single option values as popt hands them over (src/cryptsetup.c, its "special cases"). */
+const VALUE_CHECKS: Readonly<Record<string, (value: string) => void>> = {
+  'device-size': (v) => {
+    const n = parseSize(v, '--device-size');
+    if (n === 0) throw usageError('invalid numeric value: --device-size 0');
+    if (n % 512 !== 0) throw usageError('Device size must be multiple of 512 bytes sector.');
+  },
+  'hotzone-size': (v) => {
+    if (parseSize(v, '--hotzone-size') === 0) throw usageError('Invalid max reencryption hotzone size specification.');
+  },
+  'key-size': (v) => {
+    if (Number(v) % 8 !== 0) throw usageError('Key size must be a multiple of 8 bits');
+  },
+  'key-slot': (v) => {
+    if (Number(v) < 0) throw usageError('Key slot is invalid.');
+  },
+  'keyslot-key-size': (v) => {
+    if (Number(v) === 0) throw usageError('invalid numeric value: --keyslot-key-size 0');
+    if (Number(v) % 8 !== 0) throw usageError('Key size must be a multiple of 8 bits');
+  },
+  'reduce-device-size': (v) => {
+    const n = parseSize(v, '--reduce-device-size');
+    if (n > 1024 ** 3) throw usageError('Maximum device reduce size is 1 GiB.');
+    if (n % 512 !== 0) throw usageError('Reduce size must be multiple of 512 bytes sector.');
+  },
+};
+
 /** Whether `word` is an option that takes its value from the next word (for finding the verb). */
 export function takesNextValue(word: string): boolean {
   if (word.startsWith('--')) return !word.includes('=') && ROWS.get(word.slice(2))?.type === 'string';
@@ -193,6 +271,8 @@ export function parseCommandLine(argv: readonly string[]): ParsedCli {
   let keyFiles = 0;
   const set = (name: string, value: string | boolean) => {
     const row = ROWS.get(name)!;
+    if (row.num !== undefined && typeof value === 'string') checkNumber(name, value, row.num);
+    if (typeof value === 'string') VALUE_CHECKS[name]?.(value);
     const key = row.alias ?? name;
     if (key === 'key-file') keyFiles++;
     values[key] = value;

@@ -5,6 +5,7 @@
  */
 import { createHmac, randomBytes } from 'node:crypto';
 import { allFlags } from '../activate/flags.js';
+import { loopBackingFile } from '../blockdev/loop.js';
 import { type CryptMapping, cryptTableLine, dmUuid, keyDescription, keyRefArg } from '../activate/mapping.js';
 import type { RefreshFlags } from '../control/protocol.js';
 import type { MappedDevice } from '../dm/index.js';
@@ -12,6 +13,7 @@ import { nbdUnixUri } from '../nbd/index.js';
 import { constantTimeEqual, wipe } from '../util/bytes.js';
 import { CryptmapError, type ErrorCode, EXIT_BUSY, EXIT_FAILURE, EXIT_WRONG_DEVICE } from '../util/errors.js';
 import { logger } from '../util/log.js';
+import { runTool } from '../util/tools.js';
 import type { Secret } from '../util/secret.js';
 import { exportIfLive, removeDevice, removeSuspended } from './export-sync.js';
 import type { CoreParts } from './volume-table.js';
@@ -205,6 +207,13 @@ export async function resizeVolume(
         exitCode: EXIT_FAILURE,
       });
     await checkRunningKey(p, m, volumeKey);
+  }
+  // A loop device first takes its backing file's size (cryptsetup: crypt_loop_resize; a failure is
+  // only reported, the device is measured as it is).
+  if (loopBackingFile(m.device) !== undefined) {
+    await runTool('losetup', ['-c', m.device], { code: 'ERESIZE', timeoutMs: 30_000 }).catch((err: unknown) =>
+      log.warn('Cannot resize loop device.', { device: m.device, err: String(err) }),
+    );
   }
   // A file or block device is measured again; a mapped device below has its live size.
   const deviceBytes =

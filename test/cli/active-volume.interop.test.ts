@@ -208,3 +208,47 @@ test('resize follows a grown file, takes --size and --device-size, and refuses w
   );
   assert.equal((await cm('close', '--runtime-dir', fx.run, 'z1')).code, 0);
 });
+
+test('resize over a loop device: the loop device takes its grown backing file first (as cryptsetup, LOOP_SET_CAPACITY); --device-size takes cryptsetup units', async () => {
+  // compat-test [19]: plain `create` on a loop device, `truncate -s 16M` of its file, `resize` -> 32765 sectors.
+  const img = join(fx.dir, 'loop-z.img');
+  writeFileSync(img, Buffer.alloc(0));
+  await ok('truncate', ['-s', '10M', img]);
+  const loop = (await ok('losetup', ['-f', '--show', img])).trim();
+  try {
+    const pass = 'loop passphrase\n';
+    const o = await cryptmap(
+      ['create', '--runtime-dir', fx.run, 'zl', loop, '--hash', 'sha256', '--offset', '3', '--skip', '4'],
+      pass,
+    );
+    assert.equal(o.code, 0, o.stderr);
+    const size = async () =>
+      /size:\s+(\d+) sectors/.exec((await cm('status', '--runtime-dir', fx.run, 'zl')).stdout)?.[1];
+    assert.equal(await size(), String(20480 - 3));
+    for (const [arg, sectors] of [
+      ['1M', '2048'],
+      ['512k', '1024'],
+      ['1MiB', '2048'],
+      ['1000s', '1000'],
+      ['1MB', undefined],
+    ] as const) {
+      const r = await cm('resize', '--runtime-dir', fx.run, 'zl', '--device-size', arg);
+      if (sectors === undefined) {
+        // 1 MB = 1000000 bytes, not a multiple of 512: refused before anything is asked, as cryptsetup.
+        assert.equal(r.code, 1);
+        assert.match(r.stderr, /Device size must be multiple of 512 bytes sector\./);
+      } else {
+        assert.equal(r.code, 0, `--device-size ${arg}: ${r.stderr}`);
+        assert.equal(await size(), sectors, `--device-size ${arg}`);
+      }
+    }
+    await ok('truncate', ['-s', '16M', img]);
+    const grow = await cm('-q', 'resize', '--runtime-dir', fx.run, 'zl');
+    assert.equal(grow.code, 0, grow.stderr);
+    assert.equal(await size(), String(32768 - 3));
+    assert.equal(Number((await ok('blockdev', ['--getsz', loop])).trim()), 32768, 'the loop device grew');
+    assert.equal((await cm('remove', '--runtime-dir', fx.run, 'zl')).code, 0);
+  } finally {
+    await ok('losetup', ['-d', loop]);
+  }
+});

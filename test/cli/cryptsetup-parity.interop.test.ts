@@ -399,3 +399,40 @@ test('R2: with an unbound keyslot last, a passphrase that opens no bound keyslot
   await ok(CS, ['luksAddKey', ...FAST, img, '-d', kf('old'), kf('new')]);
   assert.equal((await same(img, ['open', '--test-passphrase', 'IMG'], 'wrong\n')).code, 2);
 });
+
+test('option values are checked as cryptsetup parses them (popt numbers, size units, key size, key slot): same exit code and message under --test-args', async () => {
+  // compat-test [19] `create ... -l -1` must fail; `resize --device-size 1M` must work.
+  const cases = [
+    ['create', 'd', 'x', '-d', 'k', '-l', '-1'],
+    ['create', 'd', 'x', '-d', 'k', '-l', 'x'],
+    ['create', 'd', 'x', '-d', 'k', '-l', '4294967296'],
+    ['create', 'd', 'x', '-d', 'k', '-l', '32'],
+    ['create', 'd', 'x', '-s', '-1'],
+    ['create', 'd', 'x', '-s', '255'],
+    ['create', 'd', 'x', '-o', '-1'],
+    ['luksAddKey', 'x', '-S', '-1'],
+    ['luksAddKey', 'x', '--keyslot-key-size', '0'],
+    ['luksFormat', 'x', '--align-payload', '-1'],
+    ['open', 'x', '--tries', '-1'],
+    ['open', 'x', '--tries', '3'],
+    ['luksFormat', 'x', '--luks2-metadata-size', '16k'],
+    ['luksFormat', 'x', '--luks2-metadata-size', '1q'],
+    ['reencrypt', 'x', '--reduce-device-size', '2G'],
+    ['reencrypt', 'x', '--reduce-device-size', '8M'],
+    ['reencrypt', 'x', '--hotzone-size', '0'],
+    ...['1M', '1MB', '1MiB', '1Mi', '1x', '-1', '0', '513', '1s', '512k', '1kB', '1T'].map((s) => [
+      'resize',
+      'd',
+      '--device-size',
+      s,
+    ]),
+  ];
+  for (const args of cases) {
+    const cs = await exec(CS, ['--test-args', ...args]);
+    const cm = await cryptmap(['--test-args', ...args]);
+    const last = (s: string) => (s.trim().split('\n').pop() ?? '').replace(/^\S*cryptsetup: /, '');
+    assert.equal(cm.code, cs.code, `${args.join(' ')}: ${cm.stderr}`);
+    // cryptmap says which option popt's "invalid numeric value" is about.
+    assert.ok(last(cm.stderr).startsWith(last(cs.stderr)), `${args.join(' ')}: ${cm.stderr} vs ${cs.stderr}`);
+  }
+});

@@ -10,7 +10,7 @@ import { isRemoteDevice, openBlockDevice } from '../../blockdev/open.js';
 import type { BlockDevice } from '../../blockdev/types.js';
 import type { NewKeyslotOptions } from '../../luks/index.js';
 import { CryptmapError, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
-import { type CliValues, parseCommandLine } from '../options.js';
+import { type CliValues, parseCommandLine, parseSize } from '../options.js';
 
 export type LuksArgs = CliValues;
 
@@ -34,6 +34,11 @@ export function intOpt(
   if (!/^[0-9]+$/.test(v) || Number(v) < min || Number(v) > max)
     throw new CryptmapError('EARGS', `Invalid ${name} value ${v}.`, { exitCode: EXIT_WRONG_PARAMS });
   return Number(v);
+}
+
+/** A size option in bytes, with cryptsetup's units (options.ts parseSize; checked once more here for callers with their own values). */
+export function sizeOpt(v: string | undefined, name: string): number | undefined {
+  return v === undefined ? undefined : parseSize(v, name);
 }
 
 export function needDevice(positionals: string[], usage: string): string {

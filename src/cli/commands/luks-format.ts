@@ -17,19 +17,11 @@ import {
   openDevice,
   openHeaderFile,
   parseLuksArgs,
+  sizeOpt,
 } from './luks-common.js';
 import { loadLuks } from './luks-unlock.js';
 import { confirm, getPassphrase, readVolumeKeyFile } from './terminal-input.js';
 import { passphrasePrompt } from '../device-name.js';
-
-/** Sizes like cryptsetup's --luks2-metadata-size (bytes, or with k/m/g suffix). */
-function sizeOpt(v: string | undefined, name: string): number | undefined {
-  if (v === undefined) return undefined;
-  const m = /^([0-9]+)([kKmMgG]?)[iI]?[bB]?$/.exec(v);
-  if (!m) throw new CryptmapError('EARGS', `Invalid ${name} value ${v}.`, { exitCode: EXIT_WRONG_PARAMS });
-  const mult = { '': 1, k: 1024, m: 1 << 20, g: 1 << 30 }[m[2]!.toLowerCase() as '' | 'k' | 'm' | 'g'];
-  return Number(m[1]) * mult;
-}
 
 /** Both LUKS2 metadata copies and the keyslots area, as Luks2Volume.format lays them out (the area fills up to --offset, at most 128 MiB). */
 function luks2HeaderBytes(md: number | undefined, kss: number | undefined, offsetSectors: number | undefined): number {

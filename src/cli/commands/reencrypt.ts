@@ -36,21 +36,16 @@ import {
   openDevice,
   openHeaderFile,
   parseLuksArgs,
+  sizeOpt,
 } from './luks-common.js';
 import { loadLuks } from './luks-unlock.js';
 import { confirm, getPassphrase } from './terminal-input.js';
 import { passphrasePrompt } from '../device-name.js';
 
+/** A size option in bytes (cryptsetup's units, luks-common sizeOpt); zero is refused. */
 function bytesOpt(v: string | undefined, name: string): number | undefined {
-  if (v === undefined) return undefined;
-  const m = /^([0-9]+)([KMGT]?)(i?B)?$/i.exec(v);
-  if (!m) throw new CryptmapError('EARGS', `Invalid ${name} value.`, { exitCode: EXIT_WRONG_PARAMS });
-  const mult = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 }[
-    m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'
-  ];
-  const n = Number(m[1]) * mult;
-  if (!Number.isSafeInteger(n) || n <= 0)
-    throw new CryptmapError('EARGS', `Invalid ${name} value.`, { exitCode: EXIT_WRONG_PARAMS });
+  const n = sizeOpt(v, name);
+  if (n === 0) throw new CryptmapError('EARGS', `Invalid ${name} value.`, { exitCode: EXIT_WRONG_PARAMS });
   return n;
 }
 

@@ -16,7 +16,7 @@ import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { withDaemon } from '../daemon-client.js';
 import type { VerbMain } from '../types.js';
 import { activeVolume, sendActiveVolumeKey } from './active-luks.js';
-import { intOpt, parseLuksArgs as parse } from './luks-common.js';
+import { intOpt, parseLuksArgs as parse, sizeOpt } from './luks-common.js';
 
 const resize: VerbMain = async (argv, io) => {
   const { values: v, positionals } = parse(argv);
@@ -30,7 +30,7 @@ const resize: VerbMain = async (argv, io) => {
   }
   let sizeSectors = intOpt(v.size, '--size', 1);
   if (v['device-size'] !== undefined) {
-    const bytes = intOpt(v['device-size'], '--device-size', 512)!;
+    const bytes = sizeOpt(v['device-size'], '--device-size')!;
     if (bytes % 512 !== 0)
       throw new CryptmapError('EARGS', 'Device size must be multiple of 512 bytes sector.', {
         exitCode: EXIT_WRONG_PARAMS,
