@@ -235,6 +235,7 @@ export class DataPathPorts implements VolumePorts, PoolPorts {
     p.fileExists = true;
     const thin = this.core.registry.find(pr.thinMapping);
     if (thin?.liveTable) p.fileBytes = thin.liveTable.sizeBytes;
+    else if (v.thinBytes !== undefined) p.fileBytes = v.thinBytes;
     else if (v.sizeBytes > 0) p.fileBytes = v.sizeBytes + VOLUME_HEADER_BYTES;
     const head = Buffer.alloc(6);
     await pool.read(v.thinId, 0, head);
@@ -247,7 +248,8 @@ export class DataPathPorts implements VolumePorts, PoolPorts {
     const pr = v.pool!;
     if (this.core.registry.find(pr.thinMapping)) return;
     this.#poolOf(pr.name, pr.mapping);
-    const sectors = (v.sizeBytes + VOLUME_HEADER_BYTES) / 512;
+    // The size it was made with (the record's), not a later manifest size: no resize, as for files.
+    const sectors = (v.thinBytes ?? v.sizeBytes + VOLUME_HEADER_BYTES) / 512;
     await this.core.registry.create(pr.thinMapping, {
       table: `0 ${sectors} thin /dev/mapper/${pr.mapping} ${this.#thinId(v)}`,
     });

@@ -132,12 +132,16 @@ export function targetOfRecord(r: VolumeRecord): VolumeTarget {
   if (isNbdUri(r.path)) t.device = r.path;
   if (r.pool !== undefined) t.pool = r.pool;
   if (r.thinId !== undefined) t.thinId = r.thinId;
+  if (r.pool !== undefined && r.fileBytes !== undefined) t.thinBytes = r.fileBytes;
   return t;
 }
 
-/** `t` with the thin device id its record holds (a volume in a pool). */
+/** `t` with the thin device id and size its record holds (a volume in a pool). */
 export function withThinId(t: VolumeTarget, r: VolumeRecord | undefined): VolumeTarget {
-  return t.pool !== undefined && r?.thinId !== undefined && t.thinId !== r.thinId ? { ...t, thinId: r.thinId } : t;
+  if (t.pool === undefined || r?.thinId === undefined) return t;
+  const out = { ...t, thinId: r.thinId };
+  if (r.fileBytes !== undefined) out.thinBytes = r.fileBytes;
+  return out;
 }
 
 /** Thin device ids the records hold in pool `name` (volumes and their snapshots). */

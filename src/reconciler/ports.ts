@@ -75,6 +75,11 @@ export interface VolumeTarget {
   pool?: { name: string; mapping: string; thinMapping: string };
   /** The volume's thin device id in its pool: chosen by the apply loop, kept in the record. */
   thinId?: number;
+  /**
+   * Size of the thin device when it was made (the record's fileBytes): it stays so when the
+   * manifest's `size` changes later (no resize, as for files).
+   */
+  thinBytes?: number;
 }
 
 /** A thin pool the manifest asks for (`pools:`). */

@@ -176,9 +176,10 @@ test('a pool and volumes in it from the manifest; a snapshot taken while open op
       'the ephemeral volume was deleted at shutdown; the persistent ones and the snapshot stay',
     );
 
-    // Restart: the pool and the persistent volumes in it reopen with their data.
+    // Restart: the pool and the persistent volumes in it reopen with their data; a changed size
+    // leaves the thin device as it was made (no resize, as for files).
     host = await AgentHost.start({
-      manifest: parseManifest(POOL_MANIFEST),
+      manifest: parseManifest(POOL_MANIFEST.replace('size: 32M', 'size: 40M')),
       stateDir: state,
       bootId: 'b2',
       serve: 'nbd-only',
@@ -186,6 +187,7 @@ test('a pool and volumes in it from the manifest; a snapshot taken while open op
     });
     const r2 = await host.reconcile();
     assert.ok(r2.converged, JSON.stringify(r2.volumes));
+    assert.equal(host.core.registry.get('thin:db:data').liveTable!.sizeBytes, 48 * MiB, '16M header + 32M');
     const again = host.core.registry.open('scratch:db:data');
     await again.read(0, back);
     assert.deepEqual(back, stamp(3), 'the data survives the restart');
