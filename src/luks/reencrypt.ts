@@ -874,7 +874,8 @@ function nextHotzone(c: Ctx, maxLen: number): { off: number; len: number } | nul
   }
   if (live.length !== 2) fail('Reencryption metadata is invalid.');
   const first = Number(live[0]![1].size);
-  if (!(first > 0) || first > c.total) fail('Reencryption metadata is invalid.');
+  if (!(first > 0)) fail('Reencryption metadata is invalid.');
+  if (first > c.total) fail('Device is too small.', 'EDEVSIZE');
   if (!c.backward) return { off: first, len: Math.min(maxLen, c.total - first) };
   const len = Math.min(maxLen, first);
   return { off: first - len, len };
@@ -1128,8 +1129,9 @@ async function run(
     if (hot) {
       const off = Number(hot.offset) - c.newOff;
       const len = Number(hot.size);
-      if (!(len >= 512) || !(off >= 0) || off + len > c.total || (type === 'datashift' && len > shift))
+      if (!(len >= 512) || !(off >= 0) || (type === 'datashift' && len > shift))
         fail('Reencryption metadata is invalid.');
+      if (off + len > c.total) fail('Device is too small.', 'EDEVSIZE');
       await o.hotzone?.start(off, len);
       await recover(c, meta, data, off, len);
       next = following(c, off, len, maxLen);

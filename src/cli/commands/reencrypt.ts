@@ -21,7 +21,7 @@ import {
 } from '../../luks/index.js';
 import type { SectorBytes } from '../../engine/types.js';
 import type { BlockDevice } from '../../blockdev/types.js';
-import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import { CryptmapError, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
 import { activeInDaemon, openInDaemon } from '../daemon-client.js';
 import { activeByName, runOnline } from './reencrypt-online.js';
 import { Progress } from '../progress.js';
@@ -87,6 +87,30 @@ async function run(
     return 0;
   } finally {
     process.off('SIGINT', onInt);
+  }
+}
+
+/**
+ * The device lock for the whole run. A reencryption holds it for minutes, every other verb for
+ * moments: one not free within a second is taken as a reencryption running, refused as cryptsetup
+ * refuses a second one (its LUKS2-reencryption-UUID lock is an flock(2) Node cannot take; the seqid
+ * check still catches a cryptsetup running at the same time at its next header write).
+ */
+async function reencryptLock<T>(path: string, fn: () => Promise<T>): Promise<T> {
+  let inside = false;
+  try {
+    return await withDeviceLock(
+      path,
+      () => {
+        inside = true;
+        return fn();
+      },
+      { timeoutMs: 1000 },
+    );
+  } catch (e) {
+    if (!inside && isCryptmapError(e) && e.code === 'ELOCKED')
+      throw new CryptmapError('EBUSY', 'Reencryption process is already running.', { exitCode: 5, cause: e });
+    throw e;
   }
 }
 
@@ -161,7 +185,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   let dataDev: BlockDevice | undefined;
   try {
     if (hdr !== dataPath) dataDev = await openDevice(dataPath, true);
-    return await withDeviceLock(hdr, async () => {
+    return await reencryptLock(hdr, async () => {
       const vol = await loadLuks(dev, hdr);
       if (vol.type !== 'luks2')
         wrongParams('LUKS1 reencryption is not supported by cryptmap yet (convert it to LUKS2, or use cryptsetup).');
@@ -269,7 +293,7 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
       });
       hdrDev = await openHeaderFile(headerFile, layout.hdrAndAreas);
     }
-    return await withDeviceLock(headerFile ?? device, async () => {
+    return await reencryptLock(headerFile ?? device, async () => {
       const hdr = hdrDev ?? dataDev;
       const existing = await tryLoad(hdr);
       if (headerFile && !existing && (await tryLoad(dataDev)))
