@@ -595,35 +595,30 @@ async function unlockAll(
   return keys;
 }
 
+/** A segment like `like` (crypt with its encryption, or linear) with data at `base` + off and IVs from `iv` + off/512. */
+function segLike(like: L2Segment, base: number, iv: bigint, off: number, size: number | 'dynamic'): L2Segment {
+  return like.type === 'crypt'
+    ? {
+        type: 'crypt',
+        offset: String(base + off),
+        size: String(size),
+        iv_tweak: String(iv + BigInt(off / 512)),
+        encryption: like.encryption,
+        sector_size: like.sector_size ?? 512,
+      }
+    : { type: 'linear', offset: String(base + off), size: String(size) };
+}
+
 /** A segment of the new layout covering logical [off, off+size). */
 function newSeg(c: Ctx, off: number, size: number | 'dynamic', flags?: string[]): L2Segment {
-  const s: L2Segment =
-    c.fin.type === 'crypt'
-      ? {
-          type: 'crypt',
-          offset: String(c.newOff + off),
-          size: String(size),
-          iv_tweak: String(c.newIv + BigInt(off / 512)),
-          encryption: c.fin.encryption,
-          sector_size: c.fin.sector_size ?? 512,
-        }
-      : { type: 'linear', offset: String(c.newOff + off), size: String(size) };
+  const s = segLike(c.fin, c.newOff, c.newIv, off, size);
   if (flags) s.flags = flags;
   return s;
 }
 
 /** A segment of the old layout covering logical [off, off+size). */
 function oldSeg(c: Ctx, off: number, size: number | 'dynamic'): L2Segment {
-  return c.prev.type === 'crypt'
-    ? {
-        type: 'crypt',
-        offset: String(c.oldOff + off),
-        size: String(size),
-        iv_tweak: String(c.oldIv + BigInt(off / 512)),
-        encryption: c.prev.encryption,
-        sector_size: c.prev.sector_size ?? 512,
-      }
-    : { type: 'linear', offset: String(c.oldOff + off), size: String(size) };
+  return segLike(c.prev, c.oldOff, c.oldIv, off, size);
 }
 
 type Role = 'old' | 'new' | 'hot';
