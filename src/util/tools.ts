@@ -26,6 +26,11 @@ const PACKAGE_OF: Record<string, string> = {
   swapoff: 'util-linux',
 };
 
+/** The Debian package that provides `cmd` (for "is not installed" messages); `cmd` itself when not listed. */
+export function debianPackage(cmd: string): string {
+  return PACKAGE_OF[cmd] ?? cmd;
+}
+
 /** `cmd` on PATH, else in /usr/sbin or /sbin (not on an ordinary user's PATH on Debian). */
 export function resolveTool(cmd: string): string {
   if (cmd.includes('/')) return cmd;
@@ -53,7 +58,7 @@ export function runTool(cmd: string, args: string[], opts: RunToolOptions = {}):
         if (!err) return resolve(stdout);
         const missing = (err as NodeJS.ErrnoException).code === 'ENOENT';
         const message = missing
-          ? `${cmd} is not installed (Debian package ${PACKAGE_OF[cmd] ?? cmd})`
+          ? `${cmd} is not installed (Debian package ${debianPackage(cmd)})`
           : `${cmd} ${args.join(' ')} failed: ${(stderr || err.message).trim()}`;
         reject(new CryptmapError(opts.code ?? 'ETOOL', message, { errno: 'EIO', exitCode: EXIT_FAILURE, cause: err }));
       },

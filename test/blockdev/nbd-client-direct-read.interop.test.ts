@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { test } from 'node:test';
 import { NbdDevice } from '../../src/blockdev/nbd-client/device.js';
-import { seededBytes } from '../nbd/helpers.js';
+import { seededBytes } from '../helpers/prng.js';
 import { useServers } from './nbd-servers.js';
 
 const servers = useServers('cryptmap-nbddirect-');

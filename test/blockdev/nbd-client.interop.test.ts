@@ -9,7 +9,8 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { NbdDevice } from '../../src/blockdev/nbd-client/device.js';
 import { isCryptmapError } from '../../src/util/errors.js';
-import { mustRun, seededBytes } from '../nbd/helpers.js';
+import { seededBytes } from '../helpers/prng.js';
+import { mustRun } from '../helpers/tools.js';
 import { useServers } from './nbd-servers.js';
 
 const servers = useServers('cryptmap-nbdci-');

@@ -14,7 +14,8 @@ import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { NbdDevice } from '../../src/blockdev/nbd-client/device.js';
 import { isCryptmapError } from '../../src/util/errors.js';
-import { mustRun, requireTool, seededBytes } from '../nbd/helpers.js';
+import { seededBytes } from '../helpers/prng.js';
+import { mustRun, requireTool } from '../helpers/tools.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'cryptmap-nbdsrv-'));
 const sha = (b: Uint8Array) => createHash('sha256').update(b).digest('hex');

@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import { after } from 'node:test';
-import { requireTool } from '../nbd/helpers.js';
+import { requireTool } from '../helpers/tools.js';
 
 export interface RunningServer {
   sock: string;

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { before, test } from 'node:test';
 import { NbdDevice } from '../../src/blockdev/nbd-client/device.js';
 import { makeCa, makeCert } from '../helpers/x509.js';
-import { requireTool } from '../nbd/helpers.js';
+import { requireTool } from '../helpers/tools.js';
 import { type RunningServer, useServers } from './nbd-servers.js';
 
 const servers = useServers('cryptmap-nbdtls-');

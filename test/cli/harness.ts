@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before } from 'node:test';
 import { ControlClient } from '../../src/control/client.js';
+import { missingTool } from '../helpers/tools.js';
 
 export const ENTRY = new URL('../../src/cli/entry.js', import.meta.url).pathname;
 
@@ -18,15 +19,6 @@ export interface Result {
   stderr: string;
 }
 
-/** Debian packages of the tools the CLI tests run, for the message when one is missing. */
-const PKG: Record<string, string> = {
-  cryptsetup: 'cryptsetup-bin',
-  'qemu-io': 'qemu-utils',
-  'qemu-img': 'qemu-utils',
-  nbdinfo: 'libnbd-bin',
-  nbdcopy: 'libnbd-bin',
-};
-
 /** Run `cmd` (stdin: `input`, then EOF) and collect its exit code and output; a missing tool rejects naming its package. */
 export function exec(cmd: string, args: string[], input?: string | Buffer): Promise<Result> {
   return new Promise((resolve, reject) => {
@@ -35,10 +27,7 @@ export function exec(cmd: string, args: string[], input?: string | Buffer): Prom
       args,
       { encoding: 'utf8', timeout: 120_000, maxBuffer: 64 << 20 },
       (err, stdout, stderr) => {
-        if (err && (err as NodeJS.ErrnoException).code === 'ENOENT')
-          return reject(
-            new Error(`${cmd} is not installed (Debian package ${PKG[cmd] ?? cmd}; run scripts/install-deps.sh)`),
-          );
+        if (err && (err as NodeJS.ErrnoException).code === 'ENOENT') return reject(new Error(missingTool(cmd)));
         resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
       },
     );

@@ -13,7 +13,7 @@ import { after, test } from 'node:test';
 import { EtcdLeases } from '../../src/coordination/etcd-leases.js';
 import { isCryptmapError } from '../../src/util/errors.js';
 import { makeCa, makeCert } from '../helpers/x509.js';
-import { requireTool } from '../nbd/helpers.js';
+import { requireTool } from '../helpers/tools.js';
 import { startEtcd } from './etcd.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'cm-etcdtls-'));

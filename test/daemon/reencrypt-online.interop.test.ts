@@ -12,7 +12,8 @@ import { after, before, test } from 'node:test';
 import { FileDevice } from '../../src/blockdev/file.js';
 import { ControlClient } from '../../src/control/client.js';
 import { createSectorCipher } from '../../src/engine/index.js';
-import { cli, cliOk, type Daemon, needTool, startDaemon } from '../load/helpers.js';
+import { cli, cliOk, type Daemon, startDaemon } from '../load/helpers.js';
+import { requireTool } from '../helpers/tools.js';
 
 const MiB = 1 << 20;
 const DATA_OFF = 16 * MiB;
@@ -153,7 +154,7 @@ async function status(run: string, name: string) {
 test('online reencryption under fio verify: no error, cryptsetup finds the new key, plaintext intact', {
   timeout: 600_000,
 }, async () => {
-  needTool('fio', 'fio');
+  requireTool('fio');
   const e = await setup('a');
   const vk0 = volumeKey(e.img, e.key);
   let daemon: Daemon | undefined = await startDaemon(e.run);

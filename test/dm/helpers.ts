@@ -6,6 +6,7 @@ import type { BlockDevice } from '../../src/blockdev/types.js';
 import { CryptmapError } from '../../src/util/errors.js';
 import { DeviceRegistry, type DeviceRegistryOptions } from '../../src/dm/registry.js';
 import type { TargetType } from '../../src/dm/types.js';
+import { seededBytes, xorshift32 } from '../helpers/prng.js';
 
 export interface MemRegistry {
   registry: DeviceRegistry;
@@ -33,24 +34,12 @@ export function memRegistry(sizes: Record<string, number>, opts: DeviceRegistryO
   return { registry, mems };
 }
 
-/** xorshift32: deterministic bytes for test data. */
-export function prng(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x;
-  };
-}
+/** xorshift32 (test/helpers/prng.ts), under the name the dm suites use. */
+export const prng = xorshift32;
 
+/** `length` deterministic bytes (test/helpers/prng.ts seededBytes). */
 export function pattern(length: number, seed: number): Buffer {
-  const r = prng(seed);
-  const b = Buffer.alloc(length);
-  for (let i = 0; i < length; i += 4) b.writeUInt32LE(r(), i);
-  return b;
+  return seededBytes(length, seed);
 }
 
 /** 64 key bytes whose XTS halves differ (OpenSSL refuses equal halves on encrypt). */

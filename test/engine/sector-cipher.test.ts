@@ -14,6 +14,7 @@ import type { ErrorCode } from '../../src/util/errors.js';
 import { TEST_BACKENDS } from './backends.js';
 import { createSectorCipher, isCryptmapError, setCryptThreads } from './imports.js';
 import { refCrypt } from './reference.js';
+import { byteStream } from '../helpers/prng.js';
 
 const SPECS: { spec: string; chain: string; iv: string | undefined; opts?: string; keys: number[] }[] = [
   { spec: 'aes-xts-plain64', chain: 'xts', iv: 'plain64', keys: [32, 64] },
@@ -31,21 +32,7 @@ const SPECS: { spec: string; chain: string; iv: string | undefined; opts?: strin
   { spec: 'aes-ecb', chain: 'ecb', iv: undefined, keys: [16, 32] },
 ];
 
-function rng(seed: number): (n: number) => Buffer {
-  let x = seed >>> 0 || 1;
-  return (n) => {
-    const b = Buffer.alloc(n);
-    for (let i = 0; i < n; i++) {
-      x ^= x << 13;
-      x >>>= 0;
-      x ^= x >>> 17;
-      x ^= x << 5;
-      x >>>= 0;
-      b[i] = x & 0xff;
-    }
-    return b;
-  };
-}
+const rng = byteStream;
 
 function code(c: ErrorCode): (e: unknown) => boolean {
   return (e) => isCryptmapError(e, c);

@@ -15,6 +15,7 @@ import { createHash } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { describe, it } from 'node:test';
 import { loadNative, nativeLoadError, XTS_IMPL_IDS, type XtsImplName } from '../../src/util/native.js';
+import { xorshift64star } from '../helpers/prng.js';
 
 function addon() {
   const a = loadNative();
@@ -23,16 +24,7 @@ function addon() {
 }
 
 /** xorshift64*: reproducible from the printed seed. */
-function rng(seed: bigint) {
-  let s = seed || 1n;
-  const M = (1n << 64n) - 1n;
-  return (n: number): number => {
-    s ^= s >> 12n;
-    s ^= (s << 25n) & M;
-    s ^= s >> 27n;
-    return Number(((s * 0x2545f4914f6cdd1dn) & M) >> 11n) % n;
-  };
-}
+const rng = xorshift64star;
 
 const IV_MODES = ['plain', 'plain64', 'plain64be', 'essiv', 'benbi'] as const;
 

@@ -3,7 +3,7 @@
  * as child processes, start/kill a `cryptmap daemon`, read a process's peak RSS, check tools.
  * Every spawned argv is recorded in `spawnedArgv` so the secrets suite can grep it.
  */
-import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { ControlClient } from '../../src/control/client.js';
 
@@ -108,11 +108,4 @@ export async function startDaemon(dir: string, env: NodeJS.ProcessEnv = {}): Pro
 export function peakRssBytes(pid: number): number {
   const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
   return m ? Number(m[1]) * 1024 : 0;
-}
-
-/** Fail with the Debian package name when a tool is missing (never skip). */
-export function needTool(tool: string, pkg: string): void {
-  const r = spawnSync(tool, ['--version'], { stdio: 'ignore' });
-  if (r.error)
-    throw new Error(`${tool} is not installed: install the Debian package '${pkg}' (scripts/install-deps.sh)`);
 }

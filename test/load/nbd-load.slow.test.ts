@@ -11,7 +11,8 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { report } from '../fuzz/harness.js';
 import { type Fixture, openClient, type RawClient } from '../nbd/helpers.js';
-import { cliOk, type Daemon, needTool, peakRssBytes, startDaemon } from './helpers.js';
+import { cliOk, type Daemon, peakRssBytes, startDaemon } from './helpers.js';
+import { requireTool } from '../helpers/tools.js';
 
 const MiB = 1 << 20;
 const DATA_BYTES = 128 * MiB;
@@ -135,7 +136,7 @@ function patternBlock(i: number): Buffer {
 test('concurrent fio clients with crc32c verify, then SIGKILL: acknowledged FLUSH/FUA writes survive', {
   timeout: 300_000,
 }, async () => {
-  needTool('fio', 'fio');
+  requireTool('fio');
   const dir = mkdtempSync(join(tmpdir(), 'cryptmap-load-'));
   const run = join(dir, 'run');
   const img = join(dir, 'vol.img');

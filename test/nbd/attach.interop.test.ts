@@ -15,7 +15,9 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { attachExport, detachExport, type AttachInfo } from '../../src/nbd/attach.js';
-import { type Fixture, mustRun, requireTool, runTool, seededBytes, startServer } from './helpers.js';
+import { type Fixture, startServer } from './helpers.js';
+import { seededBytes } from '../helpers/prng.js';
+import { mustRun, requireTool, runTool } from '../helpers/tools.js';
 
 const isRoot = process.getuid?.() === 0;
 // In CI (root) these always run; a CI without root fails them instead of hiding them.

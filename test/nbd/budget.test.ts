@@ -2,7 +2,8 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { PayloadBudget } from '../../src/nbd/budget.js';
-import { openClient, seededBytes, startServer } from './helpers.js';
+import { openClient, startServer } from './helpers.js';
+import { seededBytes } from '../helpers/prng.js';
 
 const NBD_CMD_READ = 0;
 const NBD_CMD_WRITE = 1;

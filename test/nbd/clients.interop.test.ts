@@ -11,7 +11,9 @@ import { after, before, describe, test } from 'node:test';
 import { FileDevice } from '../../src/blockdev/file.js';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { NbdServer } from '../../src/nbd/server.js';
-import { type Fixture, mustRun, runTool, seededBytes, startServer } from './helpers.js';
+import { type Fixture, startServer } from './helpers.js';
+import { seededBytes } from '../helpers/prng.js';
+import { mustRun, runTool } from '../helpers/tools.js';
 
 let f: Fixture;
 before(async () => {

@@ -3,7 +3,7 @@
  * client that speaks the wire format byte by byte (for malformed input), and a runner for the real
  * client tools that fails with the Debian package name when a tool is missing.
  */
-import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { connect as tlsConnect } from 'node:tls';
@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import type { NbdServerOptions } from '../../src/nbd/types.js';
+import { requireTool } from '../helpers/tools.js';
 
 export const NBDMAGIC = 0x4e42444d41474943n;
 export const IHAVEOPT = 0x49484156454f5054n;
@@ -300,87 +301,6 @@ export async function openClient(f: Fixture, name = 'disk', structured = false):
   }
   await c.go(name);
   return c;
-}
-
-// ---- external tools ----
-
-const PACKAGES: Record<string, string> = {
-  nbdinfo: 'libnbd-bin',
-  nbdcopy: 'libnbd-bin',
-  nbdfuse: 'libnbd-bin',
-  nbdsh: 'python3-libnbd',
-  'qemu-io': 'qemu-utils',
-  'qemu-img': 'qemu-utils',
-  fio: 'fio',
-  openssl: 'openssl',
-  nbdkit: 'nbdkit',
-  losetup: 'util-linux',
-  'mkfs.ext4': 'e2fsprogs',
-  fusermount3: 'fuse3',
-  'nbd-client': 'nbd-client',
-};
-
-/** Throws (never skips) when a tool is missing, naming the Debian package that provides it. */
-export function requireTool(name: string): void {
-  const r = spawnSync('sh', ['-c', `command -v ${name}`], { encoding: 'utf8' });
-  if (r.status !== 0)
-    throw new Error(
-      `${name} is not installed: install the Debian package ${PACKAGES[name] ?? name} (scripts/install-deps.sh)`,
-    );
-}
-
-export interface RunResult {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-/** Run a tool asynchronously (the server under test lives in this process, so never spawnSync it). */
-export function runTool(
-  cmd: string,
-  args: string[],
-  opts: { input?: Buffer | string; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {},
-): Promise<RunResult> {
-  requireTool(cmd);
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'], env: opts.env ?? process.env });
-    const out: Buffer[] = [];
-    const err: Buffer[] = [];
-    child.stdout.on('data', (d: Buffer) => out.push(d));
-    child.stderr.on('data', (d: Buffer) => err.push(d));
-    const t = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? 60_000);
-    child.on('error', reject);
-    child.on('close', (code) => {
-      clearTimeout(t);
-      resolve({ code, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') });
-    });
-    child.stdin.on('error', () => {});
-    if (opts.input !== undefined) child.stdin.end(opts.input);
-    else child.stdin.end();
-  });
-}
-
-/** Run and assert exit 0, returning stdout. */
-export async function mustRun(cmd: string, args: string[], opts: Parameters<typeof runTool>[2] = {}): Promise<string> {
-  const r = await runTool(cmd, args, opts);
-  if (r.code !== 0) throw new Error(`${cmd} ${args.join(' ')} exited ${r.code}: ${r.stderr}${r.stdout}`);
-  return r.stdout;
-}
-
-/** Deterministic pseudo-random bytes (xorshift32), for test images. */
-export function seededBytes(n: number, seed: number): Buffer {
-  const b = Buffer.allocUnsafe(n);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i < n; i += 4) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    if (i + 4 <= n) b.writeUInt32LE(x, i);
-    else for (let j = i; j < n; j++) b[j] = (x >>> ((j - i) * 8)) & 0xff;
-  }
-  return b;
 }
 
 /** A self-signed EC certificate for CN=localhost (openssl), as PEM key and cert. */

@@ -14,16 +14,8 @@ import { NbdServer } from '../../src/nbd/server.js';
 import { canTransition, STATES } from '../../src/nbd/states.js';
 import { COMMANDS } from '../../src/nbd/transmission.js';
 import { nbdTcpUri, nbdUnixUri } from '../../src/nbd-wire/uri.js';
-import {
-  type Fixture,
-  goData,
-  metaData,
-  openClient,
-  RawClient,
-  seededBytes,
-  selfSignedCert,
-  startServer,
-} from './helpers.js';
+import { type Fixture, goData, metaData, openClient, RawClient, selfSignedCert, startServer } from './helpers.js';
+import { seededBytes } from '../helpers/prng.js';
 
 /** A full garbage collection, so memory figures show what is held, not what awaits collection. */
 function forceGc(): void {

@@ -16,7 +16,9 @@ import { isLoopback } from '../../src/cli/commands/daemon.js';
 import { main } from '../../src/cli/main.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { ENTRY } from '../load/helpers.js';
-import { RawClient, requireTool, runTool, seededBytes } from '../nbd/helpers.js';
+import { RawClient } from '../nbd/helpers.js';
+import { seededBytes } from '../helpers/prng.js';
+import { requireTool, runTool } from '../helpers/tools.js';
 import { attack } from './attack.js';
 
 const CMD_READ = 0;
