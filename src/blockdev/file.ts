@@ -37,6 +37,7 @@ import type {
 /** The part of the native addon this backend uses (src/util/native.ts). */
 type NativeHoles = Pick<NativeAddon, 'punchHole' | 'seekData' | 'seekHole'>;
 
+/** How `FileDevice.open` opens a regular file or a block device. */
 export interface FileDeviceOptions {
   /** Open O_RDONLY; writes, discards and write-zeroes are refused. */
   readOnly?: boolean;
@@ -92,6 +93,10 @@ async function readSysNumber(path: string): Promise<number | undefined> {
   }
 }
 
+/**
+ * A regular file or block device as a BlockDevice (`FileDevice.open(path)`): flush is fdatasync,
+ * discard and block status through the native addon when it loads.
+ */
 export class FileDevice implements BlockDevice {
   readonly path: string;
   #sizeBytes: number;

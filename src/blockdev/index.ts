@@ -1,5 +1,7 @@
 /**
- * Public surface of blockdev/: the BlockDevice contract and its backends (file, memory).
+ * Public surface of blockdev/: the BlockDevice contract and its backends (file, memory, NBD client).
+ *
+ * @module cryptmap/blockdev
  */
 export type {
   BlockDevice,

@@ -8,12 +8,14 @@ import type { BlockDevice, BlockDeviceCapabilities, BlockDeviceLimits, Extent, W
 const CHUNK_SHIFT = 16; // 64 KiB chunks
 const CHUNK_BYTES = 1 << CHUNK_SHIFT;
 
+/** Size, logical block size and read-only flag of a `MemoryDevice`. */
 export interface MemoryDeviceOptions {
   sizeBytes: number;
   logicalBlockBytes?: number;
   readOnly?: boolean;
 }
 
+/** A sparse in-memory block device (64 KiB chunks allocated on first write; discard drops them). */
 export class MemoryDevice implements BlockDevice {
   readonly sizeBytes: number;
   readonly capabilities: BlockDeviceCapabilities;

@@ -24,6 +24,7 @@ export interface BlockDeviceCapabilities {
   multiConn: boolean;
 }
 
+/** I/O size rules of a device (NBD_INFO_BLOCK_SIZE; the kernel's queue limits). */
 export interface BlockDeviceLimits {
   /** Smallest unit of I/O; offsets and lengths are multiples of it. 512..4096. */
   logicalBlockBytes: number;
@@ -33,6 +34,7 @@ export interface BlockDeviceLimits {
   maxRequestBytes: number;
 }
 
+/** Per-write options. */
 export interface WriteFlags {
   /** Force unit access: durable before the promise resolves. */
   fua?: boolean;
@@ -43,6 +45,7 @@ export interface WriteFlags {
   scratch?: boolean;
 }
 
+/** Options of writeZeroes (NBD_CMD_WRITE_ZEROES flags). */
 export interface WriteZeroesFlags extends WriteFlags {
   /** Do not punch a hole: allocate and write zeros (NBD_CMD_FLAG_NO_HOLE). */
   noHole?: boolean;
@@ -79,6 +82,11 @@ export interface DirectIo {
   ): Promise<void>;
 }
 
+/**
+ * The block device contract every layer speaks (file, memory, NBD client, mapped devices):
+ * byte offsets and lengths, whole-buffer reads and writes or a thrown CryptmapError, optional
+ * discard, write-zeroes and block status as `capabilities` says.
+ */
 export interface BlockDevice {
   readonly sizeBytes: number;
   readonly capabilities: BlockDeviceCapabilities;

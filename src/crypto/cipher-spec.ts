@@ -21,9 +21,12 @@ import { CryptmapError } from '../util/errors.js';
 import { ivGenerator, type IvModeName, supportedIvModes } from './iv/index.js';
 
 export type { IvModeName } from './iv/index.js';
+/** Block cipher chaining modes dm-crypt specs name. */
 export type ChainMode = 'xts' | 'cbc' | 'ecb';
+/** Block ciphers the engine implements. */
 export type CipherName = 'aes' | 'cipher_null';
 
+/** A dm-crypt cipher spec taken apart (`parseCipherSpec`): cipher, chaining mode, IV mode and key layout. */
 export interface CipherSpec {
   /** The spec as given. */
   readonly spec: string;

@@ -31,27 +31,36 @@ export interface DmLines {
   lines: string[];
 }
 
+/** A `dmsetup ls` row. */
 export interface DmListEntry {
   name: string;
   major: number;
   minor: number;
 }
 
+/** The dmsetup verbs as data: the daemon serves them over its control socket, `InProcessDmControl` in-process. */
 export interface DmControl {
   /** dmsetup create NAME [--table T | -n] [-u UUID] [--readonly]: load and resume when a table is given. */
   create(name: string, opts?: { table?: string; uuid?: string; readOnly?: boolean }): Promise<void>;
+  /** dmsetup remove (EBUSY while open, unless `force`). */
   remove(name: string, opts?: { force?: boolean }): Promise<void>;
   /** dmsetup load/reload: the inactive table. */
   load(name: string, table: string): Promise<void>;
   /** dmsetup clear: drop the inactive table. */
   clear(name: string): Promise<void>;
+  /** dmsetup suspend [--noflush]. */
   suspend(name: string, opts?: { noflush?: boolean }): Promise<void>;
+  /** dmsetup resume: the inactive table goes live if there is one. */
   resume(name: string): Promise<void>;
+  /** dmsetup rename. */
   rename(oldName: string, newName: string): Promise<void>;
   /** Live table lines; every device when name is omitted. Keys only with showKeys. */
   table(name?: string, opts?: { showKeys?: boolean }): Promise<DmLines[]>;
+  /** dmsetup status: each target's status line; every device when name is omitted. */
   status(name?: string): Promise<DmLines[]>;
+  /** dmsetup info; every device when name is omitted. */
   info(name?: string): Promise<DmInfo[]>;
+  /** dmsetup ls: names and device numbers. */
   ls(): Promise<DmListEntry[]>;
   /** dmsetup message NAME SECTOR MSG...; returns the target's reply (often empty). */
   message(name: string, sector: number, message: string[]): Promise<string>;

@@ -5,11 +5,14 @@
  *   new InProcessDmControl(registry)       the dmsetup verbs as data (DmControl)
  *   parseTable(text), formatTableLine(...)  dmsetup table syntax
  *   BUILTIN_TARGETS                        linear, striped, zero, error, crypt, mirror, thin-pool, thin (ops tables)
+ *
+ * @module cryptmap/dm
  */
 export { DeviceRegistry, checkDeviceName, type CreateOptions, type DeviceRegistryOptions } from './registry.js';
 export { DM_MAJOR, MappedDevice } from './mapped-device.js';
 export { DeviceIoStats, IO_OPS, type IoOp, type IoOpStats } from './io-stats.js';
-export { MAX_TABLE_SECTORS, Table, type TableLine, formatTableLine, parseTable } from './table.js';
+export { MAX_TABLE_SECTORS, Table, type TableEntry, type TableLine, formatTableLine, parseTable } from './table.js';
+export type { Histogram } from '../util/metrics.js';
 export {
   DM_DEFAULT_READ_AHEAD,
   type DmControl,

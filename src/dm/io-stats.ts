@@ -6,10 +6,13 @@
  */
 import { Histogram, LATENCY_BUCKETS } from '../util/metrics.js';
 
+/** The request kinds a mapped device accounts separately. */
 export type IoOp = 'read' | 'write' | 'flush' | 'discard' | 'write_zeroes';
 
+/** Every `IoOp`, in the order the metrics list them. */
 export const IO_OPS: readonly IoOp[] = Object.freeze(['read', 'write', 'flush', 'discard', 'write_zeroes']);
 
+/** Counters and latency of one request kind. */
 export interface IoOpStats {
   /** Requests completed (successfully or not). */
   requests: number;
@@ -21,6 +24,7 @@ export interface IoOpStats {
   readonly latency: Histogram;
 }
 
+/** One mapped device's I/O accounting (`MappedDevice.ioStats` once `DeviceRegistry.enableIoStats()` ran). */
 export class DeviceIoStats {
   readonly ops: Readonly<Record<IoOp, IoOpStats>>;
   /** Failed requests by error code (CryptmapError code, or the errno name of a system error). */

@@ -33,6 +33,7 @@ import type { Table } from './table.js';
 import { settleAll } from './targets/args.js';
 import type { TargetInstance } from './types.js';
 
+/** The major number mapped devices report (the kernel's device-mapper usually gets 253). */
 export const DM_MAJOR = 253;
 const ZERO_CHUNK_BYTES = 1 << 20;
 let zeroChunk: Buffer | undefined;
@@ -68,6 +69,7 @@ export interface MappedDeviceInit {
   readOnly: boolean;
 }
 
+/** A mapped device: a BlockDevice whose live table maps sector ranges to targets (see the file comment). */
 export class MappedDevice implements BlockDevice {
   name: string;
   readonly uuid: string;

@@ -35,6 +35,7 @@ import type { KeyStore, TargetType } from './types.js';
 const MAX_NAME = 127;
 const MAX_UUID = 128;
 
+/** How a registry resolves keys, target types, files and NBD URIs. */
 export interface DeviceRegistryOptions {
   /** Resolves `:<bytes>:<type>:<desc>` crypt keys. */
   keyStore?: KeyStore;
@@ -46,6 +47,7 @@ export interface DeviceRegistryOptions {
   openUri?: (uri: string, readOnly: boolean) => Promise<BlockDevice>;
 }
 
+/** dmsetup create options: UUID, table text, read-only. */
 export interface CreateOptions {
   uuid?: string;
   /** Table text; without it the device is created with no table (dmsetup create --notable). */
@@ -61,6 +63,7 @@ function notFound(name: string): CryptmapError {
   });
 }
 
+/** Throws ENAME for a name dmsetup refuses (empty, too long, `/`, white space, `.` or `..`). */
 export function checkDeviceName(name: string): void {
   if (
     name.length === 0 ||
@@ -82,6 +85,14 @@ interface SharedFile {
   refs: number;
 }
 
+/**
+ * The set of mapped devices by name and uuid, with dmsetup's verbs (create, load, suspend, resume,
+ * remove, rename, message); tables name files, block devices, NBD URIs or other mapped devices.
+ * @example
+ *   const reg = new DeviceRegistry();
+ *   await reg.create('c', { table: `0 2048 crypt aes-xts-plain64 ${hexKey} 0 /var/lib/a.img 0` });
+ *   const dev = reg.open('c'); // a BlockDevice; dev.close() releases it
+ */
 export class DeviceRegistry {
   readonly #devices = new Map<string, MappedDevice>();
   /** Names and minors taken by creates still in progress. */
@@ -167,10 +178,12 @@ export class DeviceRegistry {
     return d;
   }
 
+  /** The device called `name`, or undefined. */
   find(name: string): MappedDevice | undefined {
     return this.#devices.get(name);
   }
 
+  /** The device with `uuid`, or undefined. */
   findByUuid(uuid: string): MappedDevice | undefined {
     for (const d of this.#devices.values()) if (d.uuid !== '' && d.uuid === uuid) return d;
     return undefined;
@@ -253,6 +266,7 @@ export class DeviceRegistry {
     });
   }
 
+  /** dmsetup suspend: hold new I/O, wait for in-flight I/O (flushing unless `noflush`). */
   async suspend(name: string, opts: { noflush?: boolean } = {}): Promise<void> {
     const dev = this.get(name);
     await dev.lifecycle(async () => {
@@ -261,6 +275,7 @@ export class DeviceRegistry {
     });
   }
 
+  /** dmsetup resume: swap in the inactive table if one is loaded, then release held I/O. */
   async resume(name: string): Promise<void> {
     const dev = this.get(name);
     await dev.lifecycle(async () => {

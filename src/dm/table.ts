@@ -19,6 +19,7 @@ import type { KeyStore, TargetCapabilities, TargetContext, TargetInstance, Targe
 /** Largest table in sectors: byte offsets must stay safe integers. */
 export const MAX_TABLE_SECTORS = Math.floor(Number.MAX_SAFE_INTEGER / 512);
 
+/** One parsed dmsetup table line: where it maps, the target type and its arguments. */
 export interface TableLine {
   /** 1-based line number in the source text (for messages). */
   line: number;

@@ -68,11 +68,15 @@ export interface TargetContext {
   event?(): void;
 }
 
+/** A constructed target: the I/O of its table line's range (offsets relative to its start) and its status. */
 export interface TargetInstance {
   readonly capabilities: TargetCapabilities;
   readonly limits: BlockDeviceLimits;
+  /** Fill `buf` from `offsetBytes` (relative to the target's start). */
   read(offsetBytes: number, buf: Uint8Array): Promise<void>;
+  /** Write `data` at `offsetBytes` (relative to the target's start). */
   write(offsetBytes: number, data: Uint8Array, flags?: WriteFlags): Promise<void>;
+  /** Make completed writes durable on the devices below. */
   flush(): Promise<void>;
   /** Only called when capabilities.discard. */
   discard?(offsetBytes: number, lengthBytes: number): Promise<void>;
@@ -100,6 +104,7 @@ export interface TargetInstance {
   dispose(): void;
 }
 
+/** A target type as an ops table: its table name, version and constructor (the instance carries the hooks). */
 export interface TargetType {
   /** The table name: `linear`, `crypt`, ... */
   readonly name: string;

@@ -10,6 +10,7 @@ import { wipe } from '../util/bytes.js';
 import { cryptPoolStats, createSectorCipher, setCryptThreads } from './sector-cipher.js';
 import type { SectorBytes, SectorCipherOptions } from './types.js';
 
+/** What `benchmarkCipher` measures (cryptsetup benchmark's --cipher, --key-size, --sector-size; threads, duration). */
 export interface BenchmarkOptions {
   spec: string;
   keyBytes: number;
@@ -30,6 +31,7 @@ export interface BenchmarkOptions {
   configure?: (cipher: unknown) => void;
 }
 
+/** One `benchmarkCipher` row: encryption and decryption throughput, and what ran it. */
 export interface BenchmarkResult {
   cipher: string;
   keyBits: number;

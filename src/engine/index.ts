@@ -6,9 +6,17 @@
  *   setCryptThreads(n)                      size of the native crypt thread pool used by the async forms
  *   cryptPoolStats()                        the crypt pool's threads, busy threads and queue (metrics)
  *   nativeXtsImpl()                         the addon's XTS implementation in use (vaes512|vaes256|aesni|evp)
+ *
+ * @module cryptmap/engine
  */
 export { defaultBackend, type BackendName } from '../crypto/backends/index.js';
-export { type CipherSpec, checkKeyBytes, parseCipherSpec } from '../crypto/cipher-spec.js';
+export {
+  type ChainMode,
+  type CipherName,
+  type CipherSpec,
+  checkKeyBytes,
+  parseCipherSpec,
+} from '../crypto/cipher-spec.js';
 export { nativeAvailable, nativeXtsImpl } from '../crypto/backends/native.js';
 export {
   type CryptPoolStats,

@@ -23,6 +23,7 @@ import type { SectorBytes, SectorCipher, SectorCipherOptions } from './types.js'
 
 const U64_MAX = 0xffffffffffffffffn;
 const SECTOR_SIZES = [512, 1024, 2048, 4096];
+/** Default `asyncMinBytes`: smaller requests of the async forms run on the calling thread. */
 export const DEFAULT_ASYNC_MIN_BYTES = 65536;
 
 /** Read or write all of `buf` at `pos` of `fd` (short transfers continued); ESHORTIO at end of file. */

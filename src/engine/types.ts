@@ -11,6 +11,7 @@
 
 export type SectorBytes = 512 | 1024 | 2048 | 4096;
 
+/** Options of `createSectorCipher`: the dm-crypt table's cipher, key, sector size and IV settings. */
 export interface SectorCipherOptions {
   /** dm-crypt cipher spec: `aes-xts-plain64`, `aes-cbc-essiv:sha256`, `capi:xts(aes)-plain64`, ... */
   spec: string;
@@ -33,6 +34,10 @@ export interface SectorCipherOptions {
   asyncMinBytes?: number;
 }
 
+/**
+ * A dm-crypt sector transform for one key (`createSectorCipher`): sync forms on the calling thread,
+ * async forms on the crypt thread pool. `dispose()` wipes the key schedule.
+ */
 export interface SectorCipher {
   readonly spec: string;
   readonly sectorBytes: SectorBytes;
@@ -40,12 +45,14 @@ export interface SectorCipher {
   readonly backend: 'native' | 'js';
   /** Encrypt `src` (whole sectors starting at 512-byte sector `sector`) into `dst` (default: in place). */
   encrypt(src: Uint8Array, sector: bigint, dst?: Uint8Array): void;
+  /** Decrypt `src` (whole sectors starting at 512-byte sector `sector`) into `dst` (default: in place). */
   decrypt(src: Uint8Array, sector: bigint, dst?: Uint8Array): void;
   /**
    * Same, off the calling thread for large requests (pool of threads); small ones may run inline.
    * `src` and `dst` must not be touched (or detached) until the promise settles.
    */
   encryptAsync(src: Uint8Array, sector: bigint, dst?: Uint8Array): Promise<void>;
+  /** `decrypt` off the calling thread for large requests; the buffers stay untouched until it settles. */
   decryptAsync(src: Uint8Array, sector: bigint, dst?: Uint8Array): Promise<void>;
   /**
    * Read `buf.byteLength` bytes of file descriptor `fd` at `fileOffsetBytes` into `buf` and decrypt

@@ -277,6 +277,7 @@ async function moveLuks1Keyslots(dev: BlockDevice, h: Luks1Header, target: reado
   return done;
 }
 
+/** Options of `convertLuks1ToLuks2`/`convertLuks2ToLuks1` (cryptsetup convert). */
 export interface ConvertOptions {
   /**
    * Called after every check, before the first write; may throw to stop (cryptsetup checks whether the

@@ -4,6 +4,7 @@
  */
 import { CryptmapError, EXIT_NO_PERMISSION } from '../util/errors.js';
 
+/** cryptsetup's answer to a passphrase no keyslot takes: `ENOKEY`, 'No key available with this passphrase.', exit 2. */
 export function noKeyError(): CryptmapError {
   return new CryptmapError('ENOKEY', 'No key available with this passphrase.', {
     exitCode: EXIT_NO_PERMISSION,

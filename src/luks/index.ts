@@ -7,6 +7,8 @@
  *   const { volumeKey, keyslot } = await vol.unlock(Buffer.from('passphrase'));
  *   const seg = vol.dataSegment;                           // offset, size, cipher, sector size, iv tweak
  *   ...; volumeKey.dispose();
+ *
+ * @module cryptmap/luks
  */
 import { open as fsOpen } from 'node:fs/promises';
 import type { BlockDevice } from '../blockdev/types.js';
@@ -25,7 +27,12 @@ export type { Luks2FormatOptions, Luks2ReadResult } from './luks2.js';
 export { Luks2Volume, readLuks2 } from './luks2.js';
 export { type Luks2Layout, luks2Layout } from './luks2-format.js';
 export { noKeyError } from './errors.js';
-export type { Luks2Json } from './luks2-json.js';
+export type { L2Area, L2Config, L2Digest, L2Keyslot, L2Segment, L2Token, Luks2Json } from './luks2-json.js';
+export type { Luks2BinHeader } from './luks2-disk.js';
+export type { KdfParams } from '../crypto/kdf/index.js';
+export type { Secret } from '../util/secret.js';
+export type { CryptmapError } from '../util/errors.js';
+export type { ConvertOptions } from './convert.js';
 export { CHECK_NAMES, validateLuks2Json, parseJsonArea } from './luks2-json.js';
 export { withDeviceLock, lockDir } from './lock.js';
 export type {

@@ -22,6 +22,7 @@ import { isNbdUri } from '../nbd-wire/uri.js';
 import { CryptmapError, EXIT_BUSY } from '../util/errors.js';
 import { createExclusiveFile, ensureTrustedDir } from '../util/trusted-path.js';
 
+/** The directory holding the header update lock files (`$CRYPTMAP_LOCK_DIR`, else per user, see above). */
 export function lockDir(env: NodeJS.ProcessEnv = process.env): string {
   if (env.CRYPTMAP_LOCK_DIR) return env.CRYPTMAP_LOCK_DIR;
   if (process.getuid?.() === 0) return '/run/cryptmap/locks';

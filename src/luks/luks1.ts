@@ -84,6 +84,7 @@ export function hasLuks1Magic(buf: Uint8Array): boolean {
   return b.length >= 8 && b.subarray(0, 6).equals(LUKS_MAGIC) && b.readUInt16BE(6) === 1;
 }
 
+/** Decode the 592-byte LUKS1 header (phdr) at the start of `buf`; ENOTLUKS when the magic is not there. */
 export function decodeLuks1(buf: Uint8Array): Luks1Header {
   const b = Buffer.from(buf.buffer, buf.byteOffset, buf.byteLength);
   if (b.length < LUKS_PHDR_BYTES || !hasLuks1Magic(b))
@@ -181,6 +182,7 @@ function checkLuks1Uuid(uuid: string): void {
     throw new CryptmapError('EUUID', 'Wrong LUKS UUID format provided.', { exitCode: 1 });
 }
 
+/** luksFormat --type luks1 options (cipher, key size, hash, UUID, payload offset, keyslot KDF). */
 export interface Luks1FormatOptions {
   cipher?: string;
   keyBytes?: number;
@@ -219,6 +221,7 @@ async function pbkdf2Iterations(opts: NewKeyslotOptions | undefined, hash: strin
   return p.iterations;
 }
 
+/** A LUKS1 header on a device: unlock and keyslot changes, written in place as cryptsetup does. */
 export class Luks1Volume implements LuksVolume {
   readonly type = 'luks1' as const;
   #dev: BlockDevice;
@@ -229,6 +232,7 @@ export class Luks1Volume implements LuksVolume {
     this.#h = h;
   }
 
+  /** Read the LUKS1 header on `dev` (ENOTLUKS when there is none). */
   static async open(dev: BlockDevice): Promise<Luks1Volume> {
     const buf = Buffer.alloc(1024);
     if (dev.sizeBytes < 1024)
@@ -240,6 +244,7 @@ export class Luks1Volume implements LuksVolume {
     return new Luks1Volume(dev, h);
   }
 
+  /** Write a new LUKS1 header on `dev` with one keyslot for `passphrase` (luksFormat --type luks1). */
   static async format(dev: BlockDevice, passphrase: Uint8Array, o: Luks1FormatOptions = {}): Promise<Luks1Volume> {
     const { name, mode } = splitCipher(o.cipher ?? 'aes-xts-plain64');
     const keyBytes = o.volumeKey?.length ?? o.keyBytes ?? 64;

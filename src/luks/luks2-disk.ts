@@ -48,6 +48,7 @@ const OFF = {
   csum: 448,
 } as const;
 
+/** The LUKS2 binary header (4096 bytes before each JSON area), fields in the on-disk format's spelling. */
 export interface Luks2BinHeader {
   /** Which magic it carries. */
   kind: 'primary' | 'secondary';

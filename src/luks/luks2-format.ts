@@ -17,6 +17,7 @@ import type { Luks2Json } from './luks2-json.js';
 import { digestIterations, keyslotEncryption, resolveKdf, storeKeyslot } from './luks2-keyslots.js';
 import type { NewKeyslotOptions } from './types.js';
 
+/** luksFormat --type luks2 options (cipher, key size, sector size, offsets, areas, label, keyslot KDF). */
 export interface Luks2FormatOptions {
   /** Data cipher, default aes-xts-plain64. */
   cipher?: string;

@@ -215,6 +215,7 @@ export const DIGEST_HANDLERS: Record<string, DigestHandler> = { pbkdf2: pbkdf2Di
 
 export interface TokenHandler {
   name: string;
+  /** Type-specific field checks of a token (throws naming `path`). */
   validate(tok: Obj, path: string): void;
   /**
    * Produce the passphrase of the token's keyslots (cryptsetup's token `open`), or throw a

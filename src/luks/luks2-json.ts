@@ -9,6 +9,7 @@ import { CryptmapError } from '../util/errors.js';
 import { LUKS2_KEYSLOTS_MAX, LUKS2_MAX_KEYSLOTS_SIZE, LUKS2_SEGMENTS_MAX, LUKS2_TOKENS_MAX } from './constants.js';
 import { LUKS2_HDR_BIN_LEN, LUKS2_HDR_SIZES } from './luks2-disk.js';
 
+/** A keyslot's `area` object (where its key material lies and how it is encrypted). */
 export interface L2Area {
   type: string;
   offset: string;
@@ -17,6 +18,7 @@ export interface L2Area {
   key_size?: number;
   [k: string]: unknown;
 }
+/** One `keyslots` entry of the LUKS2 JSON metadata. */
 export interface L2Keyslot {
   type: string;
   key_size: number;
@@ -35,6 +37,7 @@ export interface L2Keyslot {
   priority?: number;
   [k: string]: unknown;
 }
+/** One `segments` entry of the LUKS2 JSON metadata. */
 export interface L2Segment {
   type: string;
   offset: string;
@@ -46,6 +49,7 @@ export interface L2Segment {
   integrity?: Record<string, unknown>;
   [k: string]: unknown;
 }
+/** One `digests` entry of the LUKS2 JSON metadata. */
 export interface L2Digest {
   type: string;
   keyslots: string[];
@@ -56,11 +60,13 @@ export interface L2Digest {
   digest?: string;
   [k: string]: unknown;
 }
+/** One `tokens` entry of the LUKS2 JSON metadata. */
 export interface L2Token {
   type: string;
   keyslots: string[];
   [k: string]: unknown;
 }
+/** The `config` object of the LUKS2 JSON metadata (area sizes, flags, requirements). */
 export interface L2Config {
   json_size: string;
   keyslots_size: string;
@@ -68,6 +74,7 @@ export interface L2Config {
   requirements?: { mandatory?: string[]; [k: string]: unknown };
   [k: string]: unknown;
 }
+/** The LUKS2 JSON metadata area, as the LUKS2 on-disk format specification defines it. */
 export interface Luks2Json {
   keyslots: Record<string, L2Keyslot>;
   tokens: Record<string, L2Token>;

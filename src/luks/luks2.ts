@@ -163,12 +163,14 @@ export class Luks2Volume implements LuksVolume {
   ): Promise<number> {
     return keyslots.addKey(this.#h, auth, newPassphrase, opts);
   }
+  /** A keyslot for a key assigned to no segment (luksAddKey --unbound); `key` or a random one of `keyBytes`. */
   addUnboundKeyslot(
     newPassphrase: Uint8Array,
     opts: NewKeyslotOptions & { keyBytes: number; key?: Uint8Array },
   ): Promise<number> {
     return keyslots.addUnboundKeyslot(this.#h, newPassphrase, opts);
   }
+  /** Store `vk` as a new unbound key with its own digest, in a keyslot for `passphrase`. */
   addUnboundKey(
     vk: Uint8Array,
     passphrase: Uint8Array,
@@ -185,9 +187,11 @@ export class Luks2Volume implements LuksVolume {
   killSlot(slot: number): Promise<void> {
     return keyslots.killSlot(this.#h, slot);
   }
+  /** Set a keyslot's priority (config --priority). */
   setPriority(slot: number, priority: KeyslotPriority): Promise<void> {
     return keyslots.setPriority(this.#h, slot, priority);
   }
+  /** Move a keyslot's material out of the byte ranges in `avoid`; false when there is no room. */
   relocateKeyslot(slot: number, avoid: ReadonlyArray<readonly [number, number]>): Promise<boolean> {
     return keyslots.relocateKeyslot(this.#h, slot, avoid);
   }
@@ -199,29 +203,36 @@ export class Luks2Volume implements LuksVolume {
   setUuid(uuid: string): Promise<void> {
     return setUuid(this.#h, uuid);
   }
+  /** Set the label and subsystem (config --label --subsystem). */
   setLabel(label?: string, subsystem?: string): Promise<void> {
     return setLabel(this.#h, label, subsystem);
   }
+  /** Store activation flags in the header (refresh/open --persistent: allow-discards, ...). */
   setPersistentFlags(flags: readonly string[]): Promise<void> {
     return setPersistentFlags(this.#h, flags);
   }
 
   // ---- tokens (luks2-tokens.ts) ----
+  /** Add a token from its JSON (token import); returns its id. */
   importToken(token: string | L2Token, tokenId?: number): Promise<number> {
     return tokens.importToken(this.#h, token, tokenId);
   }
+  /** A token's JSON (token export). */
   exportToken(tokenId: number): string {
     return tokens.exportToken(this.#h, tokenId);
   }
+  /** Remove a token (token remove). */
   removeToken(tokenId: number): Promise<void> {
     return tokens.removeToken(this.#h, tokenId);
   }
+  /** Add a `luks2-keyring` token naming a kernel keyring key (token add --key-description); returns its id. */
   addKeyringToken(
     keyDescription: string,
     opts: { tokenId?: number; keySlot?: number; unbound?: boolean } = {},
   ): Promise<number> {
     return tokens.addKeyringToken(this.#h, keyDescription, opts);
   }
+  /** Detach a token from a keyslot (token unassign). */
   unassignToken(tokenId: number, keySlot: number): Promise<void> {
     return tokens.unassignToken(this.#h, tokenId, keySlot);
   }

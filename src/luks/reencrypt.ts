@@ -41,12 +41,14 @@ import { DIGEST_HANDLERS, handlerFor, KEYSLOT_HANDLERS } from './luks2-handlers.
 import { firstFreeId, type L2Keyslot, type L2Segment, type Luks2Json } from './luks2-json.js';
 import type { NewKeyslotOptions } from './types.js';
 
+/** LUKS2 reencryption resilience modes (cryptsetup --resilience). */
 export type Resilience = 'checksum' | 'journal' | 'none' | 'datashift';
 export const REENCRYPT_REQUIREMENT = 'online-reencrypt-v2';
 const REQ_VERSION = 2;
 const MAX_HOTZONE_BYTES = 0x40000000;
 const DEFAULT_NONE_HOTZONE_BYTES = 0x1400000;
 
+/** cryptsetup reencrypt --init-only options: the new key, cipher and resilience. */
 export interface ReencryptInitOptions extends NewKeyslotOptions {
   /** The keyslot to unlock the old key with (cryptsetup --key-slot); the new keyslot takes the first free one. */
   oldKeySlot?: number;
@@ -58,6 +60,7 @@ export interface ReencryptInitOptions extends NewKeyslotOptions {
   sectorBytes?: SectorBytes;
 }
 
+/** Options of `runReencrypt` (cryptsetup reencrypt --resume-only): data device, progress, cancellation. */
 export interface ReencryptRunOptions {
   /** Data device when the header is detached (default: the volume's own device). */
   dataDev?: BlockDevice;
@@ -100,6 +103,7 @@ export function reencryptKeyslotId(j: Luks2Json): string | undefined {
   return Object.keys(j.keyslots).find((k) => j.keyslots[k]!.type === 'reencrypt');
 }
 
+/** True when the metadata carries the online-reencrypt requirement (a reencryption is in progress). */
 export function inReencryption(j: Luks2Json): boolean {
   return (j.config.requirements?.mandatory ?? []).some(
     (x) => x === 'online-reencrypt' || x.startsWith('online-reencrypt-v'),
@@ -334,6 +338,7 @@ function checksumArea(resilience: Resilience, hash: string | undefined, blockByt
   return area;
 }
 
+/** cryptsetup reencrypt --encrypt options: the new LUKS2 header and where the data moves. */
 export interface EncryptInitOptions extends Omit<Luks2FormatOptions, 'detachedHeader' | 'offsetBytes'> {
   /** cryptsetup --reduce-device-size: in-place header; the data moves by half of it (datashift). */
   reduceBytes?: number;

@@ -18,6 +18,7 @@ import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_PARAMS, isCryptmapError }
 import { handlerFor, TOKEN_HANDLERS } from './luks2-handlers.js';
 import type { LuksVolume, UnlockResult } from './types.js';
 
+/** Which tokens `unlockByToken` tries and what their handlers may use. */
 export interface TokenUnlockOptions {
   /** Only this token (cryptsetup --token-id). */
   tokenId?: number;
@@ -27,6 +28,7 @@ export interface TokenUnlockOptions {
   keySlot?: number;
 }
 
+/** An unlock by token: the volume key, its keyslot and the token that gave the passphrase. */
 export interface TokenUnlockResult extends UnlockResult {
   tokenId: number;
 }

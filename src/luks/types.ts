@@ -21,8 +21,10 @@ export interface DataSegment {
   keyBytes: number;
 }
 
+/** cryptsetup's keyslot priority: `prefer` slots are tried first, `ignore` ones only when named. */
 export type KeyslotPriority = 'ignore' | 'normal' | 'prefer';
 
+/** One keyslot as `keyslots()` lists it (luksDump's Keyslots section). */
 export interface KeyslotInfo {
   id: number;
   /** 'luks2', 'reencrypt', 'luks1', or an unknown type string. */
@@ -44,6 +46,7 @@ export interface KeyslotArea {
 /** How a mutating operation proves it knows the volume key. */
 export type KeyAuth = { passphrase: Uint8Array } | { volumeKey: Secret };
 
+/** Where a new keyslot goes and how its passphrase is hashed (cryptsetup luksAddKey/luksFormat options). */
 export interface NewKeyslotOptions {
   /** Slot number; default: the lowest free one. */
   keySlot?: number;
@@ -61,6 +64,7 @@ export interface NewKeyslotOptions {
   keyslotKeyBytes?: number;
 }
 
+/** Limits on which keyslots `unlock` tries. */
 export interface UnlockOptions {
   /** Only this keyslot. */
   keySlot?: number;
@@ -72,11 +76,16 @@ export interface UnlockOptions {
   anySegment?: boolean;
 }
 
+/** What a successful unlock gives: the volume key (the caller disposes it) and the keyslot that opened. */
 export interface UnlockResult {
   volumeKey: Secret;
   keyslot: number;
 }
 
+/**
+ * A LUKS1 or LUKS2 header in memory with the device it lives on: unlock, keyslot management and the
+ * data segment a crypt mapping needs. `openLuks` returns one; `Luks1Volume`/`Luks2Volume` implement it.
+ */
 export interface LuksVolume {
   readonly type: 'luks1' | 'luks2';
   readonly uuid: string;
@@ -87,6 +96,7 @@ export interface LuksVolume {
   readonly activatable: boolean;
   /** Bytes of header + keyslot areas (what a header backup holds). */
   readonly headerBytes: number;
+  /** Every keyslot with its state, priority and KDF (luksDump's Keyslots). */
   keyslots(): KeyslotInfo[];
   /** Byte ranges of the active keyslots' key material (used to order a header restore crash-safely). */
   keyslotAreas(): KeyslotArea[];
@@ -100,7 +110,9 @@ export interface LuksVolume {
   changeKey(oldPassphrase: Uint8Array, newPassphrase: Uint8Array, opts?: NewKeyslotOptions): Promise<number>;
   /** Remove the slot the passphrase opens; returns its number. */
   removeKey(passphrase: Uint8Array, opts?: { keySlot?: number }): Promise<number>;
+  /** Wipe keyslot `slot` without a passphrase (luksKillSlot). */
   killSlot(slot: number): Promise<void>;
+  /** Set the header UUID (luksUUID --uuid). */
   setUuid(uuid: string): Promise<void>;
   /** Erase every keyslot (the volume becomes permanently inaccessible). */
   erase(): Promise<void>;

@@ -25,8 +25,10 @@ import { CryptmapError } from '../util/errors.js';
 import { runTool } from '../util/tools.js';
 import { nbdUnixUri } from '../nbd-wire/uri.js';
 
+/** How an export became a kernel block device: the kernel NBD client (`/dev/nbdN`) or nbdfuse + loop. */
 export type AttachMethod = 'kernel' | 'fuse';
 
+/** What `attachExport` attaches and how (kernel NBD client or nbdfuse + loop). */
 export interface AttachOptions {
   /** Unix socket of the NBD server. */
   socketPath: string;
@@ -55,6 +57,7 @@ export interface AttachOptions {
   sysRoot?: string;
 }
 
+/** An attached export: its block device path and how to detach it. */
 export interface AttachInfo {
   method: AttachMethod;
   /** The block device to use: /dev/nbdN or /dev/loopN. */

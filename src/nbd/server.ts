@@ -53,6 +53,15 @@ interface Listener {
   refused: number;
 }
 
+/**
+ * An NBD server (fixed newstyle) for any number of exports over Unix and TCP listeners.
+ * @example
+ *   const server = new NbdServer();
+ *   server.addExport('disk', { device });
+ *   await server.listenUnix('/run/x/nbd.sock');
+ *   // ... nbd+unix:///disk?socket=/run/x/nbd.sock
+ *   await server.close();
+ */
 export class NbdServer {
   readonly #exports = new Map<string, ExportEntry>();
   readonly #listeners: Listener[] = [];
@@ -207,10 +216,12 @@ export class NbdServer {
     return n;
   }
 
+  /** True when an export is called `name`. */
   hasExport(name: string): boolean {
     return this.#exports.has(name);
   }
 
+  /** The export names (what NBD_OPT_LIST answers). */
   exportNames(): string[] {
     return [...this.#exports.keys()];
   }

@@ -20,6 +20,7 @@ export interface NbdExport {
  */
 export type NbdTlsMode = 'off' | 'on' | 'require';
 
+/** The server's X.509 key and certificate, and the CA for client certificates. */
 export interface NbdTlsCredentials {
   /** PEM server private key. */
   key: string | Buffer;
@@ -31,6 +32,7 @@ export interface NbdTlsCredentials {
   verifyClient?: boolean;
 }
 
+/** Server-wide limits and TLS credentials of an `NbdServer`. */
 export interface NbdServerOptions {
   /** TLS policy of a listener that names none (listenUnix/listenTcp `tls`). Default 'off'. */
   tls?: NbdTlsMode;

@@ -258,6 +258,10 @@ export interface ErrorOptions {
   cause?: unknown;
 }
 
+/**
+ * cryptmap's error: a stable `code` (ERROR_CODES), a message a person can act on, cryptsetup's exit
+ * code, the errno for protocol edges, and context (never secrets).
+ */
 export class CryptmapError extends Error {
   readonly code: ErrorCode;
   readonly exitCode: number;

@@ -108,6 +108,7 @@ export class Histogram implements HistogramValue {
     this.bounds = bounds;
     this.counts = new Float64Array(bounds.length + 1);
   }
+  /** Count one observation of `v` in its bucket, the sum and the count. */
   observe(v: number): void {
     let i = 0;
     const b = this.bounds;

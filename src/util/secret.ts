@@ -14,6 +14,7 @@ export function allocSecretBuffer(n: number): Buffer {
   return Buffer.from(new ArrayBuffer(n));
 }
 
+/** Key bytes owned by one holder: `expose()` to use them, `dispose()` wipes them; printed redacted. */
 export class Secret {
   #bytes: Buffer | null;
 
@@ -40,23 +41,28 @@ export class Secret {
     return this.#bytes;
   }
 
+  /** Wipe the bytes; later `expose()` throws. Idempotent. */
   dispose(): void {
     this.#bytes?.fill(0);
     this.#bytes = null;
   }
 
+  /** `using` support: dispose. */
   [Symbol.dispose](): void {
     this.dispose();
   }
 
+  /** Redacted: `[secret N bytes]`. */
   toString(): string {
     return `[secret ${this.length} bytes]`;
   }
 
+  /** Redacted: `[secret N bytes]`. */
   toJSON(): string {
     return this.toString();
   }
 
+  /** Redacted in util.inspect and console.log. */
   [inspect.custom](): string {
     return this.toString();
   }

@@ -69,6 +69,7 @@ import { NbdConnection, type RawExtent, type ServerError, type WireRequest } fro
 import { HandshakeError, type Negotiated, negotiate } from './handshake.js';
 import { connectSocket, loadTlsCredentials, type TlsCredentials } from './transport.js';
 
+/** Connection settings of `NbdDevice.open` (the URI carries the address, export and TLS files). */
 export interface NbdDeviceOptions {
   /** Never write (the export may still be writable). */
   readOnly?: boolean;
@@ -86,6 +87,7 @@ export interface NbdDeviceOptions {
   maxInflight?: number;
 }
 
+/** The client's connection state: serving, re-establishing a dropped connection, given up, or closed. */
 export type NbdDeviceState = 'ready' | 'reconnecting' | 'failed' | 'closed';
 
 /** What `status` shows about the remote device. */
@@ -134,6 +136,10 @@ function envMs(name: string, dflt: number): number {
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
+/**
+ * A BlockDevice over a remote NBD export (`NbdDevice.open(uri)`): nbd://, nbds://, nbd+unix://;
+ * reconnects after a dropped connection and replays unflushed writes.
+ */
 export class NbdDevice implements BlockDevice {
   readonly uri: string;
   readonly sizeBytes: number;

@@ -165,6 +165,7 @@ function rethrowNative(e: unknown): never {
   throw nativeError(e);
 }
 
+/** True when the native addon (built by `npm ci` from native/) loaded; false means the js backend only. */
 export function nativeAvailable(): boolean {
   return loadNative() !== null;
 }

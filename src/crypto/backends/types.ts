@@ -6,6 +6,7 @@
 import type { CipherSpec } from '../cipher-spec.js';
 import type { IvInstance } from '../iv/index.js';
 
+/** The crypto backends: `native` (the addon over OpenSSL) and `js` (node:crypto). */
 export type BackendName = 'native' | 'js';
 
 export interface SectorRun {

@@ -20,6 +20,7 @@ export {
 export { digest, hashAvailable, hashDigestBytes, nodeHashName } from './hash.js';
 export { pbkdf2 } from './pbkdf2.js';
 
+/** A keyslot's passphrase hashing: PBKDF2 with a hash and iterations, or Argon2 with time, memory and lanes. */
 export type KdfParams =
   | { type: 'pbkdf2'; hash: string; iterations: number }
   | { type: Argon2Type; time: number; memoryKiB: number; parallel: number };

@@ -11,6 +11,7 @@ import { thin } from './thin.js';
 import { thinPool } from './thin-pool.js';
 import { zero } from './zero.js';
 
+/** The built-in target types by table name: linear, striped, mirror, zero, error, crypt, thin-pool, thin. */
 export const BUILTIN_TARGETS: Readonly<Record<string, TargetType>> = Object.freeze({
   crypt,
   error,
