@@ -429,6 +429,8 @@ export async function commitRootRotation(currentPath: string): Promise<void> {
   if (!(await exists(next)))
     throw new CryptmapError('ENOROOT', `no root rotation in progress (${next} does not exist)`, { exitCode: 1 });
   const dir = resolve(currentPath, '..');
+  // The file that becomes the root secret passes the same checks as one loaded (regular, private, ours).
+  wipe(await readPrivateFile(next));
   const cur = await readPrivateFile(currentPath);
   try {
     await fs.unlink(previous).catch((e: NodeJS.ErrnoException) => {

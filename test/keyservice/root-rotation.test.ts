@@ -1,7 +1,7 @@
 // Root rotation (issue 16 item 5, docs/keyservice.md): the next and previous root secret files, the
 // commit's crash windows, and the key service deriving from each generation (ENOROOT when absent).
 import assert from 'node:assert/strict';
-import { copyFileSync, existsSync, readFileSync } from 'node:fs';
+import { chmodSync, copyFileSync, existsSync, readFileSync, renameSync, symlinkSync } from 'node:fs';
 import { test } from 'node:test';
 import { memoryAudit } from '../../src/keyservice/audit.js';
 import { inprocKeyClient } from '../../src/keyservice/client.js';
@@ -43,6 +43,27 @@ test('begin makes a next root once; commit keeps the old one as previous; a half
     const g2 = await loadRootGenerations(cur);
     assert.deepEqual(g2.previous?.expose(), first);
     await assert.rejects(commitRootRotation(cur.path), (e) => isCryptmapError(e, 'ENOROOT'));
+  } finally {
+    await t.cleanup();
+  }
+});
+
+test('commit refuses a next root that is a symlink or readable by others, and changes nothing', async () => {
+  const t = await tempDir('cm-rootrot-');
+  try {
+    const cur = await loadOrCreateRootSecret(t.dir);
+    cur.secret.dispose();
+    const first = readFileSync(cur.path);
+    assert.equal(await beginRootRotation(cur), true);
+    const next = `${cur.path}.next`;
+    chmodSync(next, 0o644);
+    await assert.rejects(commitRootRotation(cur.path), (e) => isCryptmapError(e, 'EROOTSECRET'));
+    chmodSync(next, 0o600);
+    renameSync(next, `${next}.real`);
+    symlinkSync(`${next}.real`, next);
+    await assert.rejects(commitRootRotation(cur.path), (e) => isCryptmapError(e, 'EROOTSECRET'));
+    assert.deepEqual(readFileSync(cur.path), first, 'the current root secret is untouched');
+    assert.ok(!existsSync(`${cur.path}.previous`));
   } finally {
     await t.cleanup();
   }
