@@ -15,6 +15,7 @@ import { test } from 'node:test';
 import { NbdDevice } from '../../src/blockdev/nbd-client/device.js';
 import { cryptmap, ok, useDaemon } from '../cli/harness.js';
 import { useCeph } from './ceph.js';
+import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
 
 // The daemon (spawned by useDaemon's before hook) gives a restarted qemu-nbd 60 s to come back.
 process.env.CRYPTMAP_NBD_RECONNECT_TIMEOUT_MS = '60000';
@@ -31,19 +32,7 @@ function keyFile(name: string): string {
 }
 
 async function formatAndOpen(uri: string, name: string, key: string): Promise<string> {
-  const r = await cryptmap([
-    'luksFormat',
-    '-q',
-    '--type',
-    'luks2',
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
-    '--key-file',
-    key,
-    uri,
-  ]);
+  const r = await cryptmap([...FAST_LUKS2_FORMAT, '--key-file', key, uri]);
   assert.equal(r.code, 0, r.stderr);
   return open(uri, name, key);
 }

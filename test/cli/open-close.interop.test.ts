@@ -12,6 +12,7 @@ import { test } from 'node:test';
 import { FileDevice } from '../../src/blockdev/file.js';
 import { cryptmap, exec, ok, useDaemon } from './harness.js';
 import { readLuks2 } from '../../src/luks/index.js';
+import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
 
 const fx = useDaemon('cm-cli-');
 const cm = (...args: string[]) => cryptmap(args);
@@ -23,19 +24,7 @@ test('luksFormat, open, status, data over NBD, close; exit codes as cryptsetup',
   writeFileSync(key, 'correct horse battery staple', { mode: 0o600 });
   writeFileSync(img, Buffer.alloc(0));
   await ok('truncate', ['-s', '40M', img]);
-  let r = await cm(
-    'luksFormat',
-    '-q',
-    '--type',
-    'luks2',
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
-    '--key-file',
-    key,
-    img,
-  );
+  let r = await cm(...FAST_LUKS2_FORMAT, '--key-file', key, img);
   assert.equal(r.code, 0, r.stderr);
 
   r = await cm('open', '--runtime-dir', fx.run, '--key-file', key, img, 'avol');
@@ -101,19 +90,7 @@ test('open through the daemon rewrites a damaged secondary LUKS2 header copy fro
   writeFileSync(key, 'recovery passphrase', { mode: 0o600 });
   writeFileSync(img, Buffer.alloc(0));
   await ok('truncate', ['-s', '20M', img]);
-  let r = await cm(
-    'luksFormat',
-    '-q',
-    '--type',
-    'luks2',
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
-    '--key-file',
-    key,
-    img,
-  );
+  let r = await cm(...FAST_LUKS2_FORMAT, '--key-file', key, img);
   assert.equal(r.code, 0, r.stderr);
   r = await cm('open', '--runtime-dir', fx.run, '--key-file', key, img, 'recvol');
   assert.equal(r.code, 0, r.stderr);

@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { type RunningServer, useServers } from '../blockdev/nbd-servers.js';
 import { cryptmap, exec, ok, useDaemon } from './harness.js';
+import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
 
 // The daemon (a child of this process) gives a lost NBD server 1.5 s to come back, not 30.
 process.env.CRYPTMAP_NBD_RECONNECT_TIMEOUT_MS = '1500';
@@ -131,19 +132,7 @@ test('a storage server that stays gone: I/O fails with EIO and status says why',
   await ok('truncate', ['-s', '20M', img]);
   const key = join(fx.dir, 'gone.key');
   writeFileSync(key, 'k', { mode: 0o600 });
-  await ok('cryptsetup', [
-    'luksFormat',
-    '-q',
-    '--type',
-    'luks2',
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
-    '--key-file',
-    key,
-    img,
-  ]);
+  await ok('cryptsetup', [...FAST_LUKS2_FORMAT, '--key-file', key, img]);
   const sock = join(fx.dir, 'gone.sock');
   const srv = await nbdkitFile(img, sock);
   const remote = `nbd+unix:///?socket=${sock}`;
@@ -167,21 +156,7 @@ test('a detached header may live on either side of the NBD connection', async ()
   writeFileSync(key, 'detached', { mode: 0o600 });
   writeFileSync(data, Buffer.alloc(8 * MiB));
   writeFileSync(hdr, Buffer.alloc(16 * MiB));
-  await ok('cryptsetup', [
-    'luksFormat',
-    '-q',
-    '--type',
-    'luks2',
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
-    '--key-file',
-    key,
-    '--header',
-    hdr,
-    data,
-  ]);
+  await ok('cryptsetup', [...FAST_LUKS2_FORMAT, '--key-file', key, '--header', hdr, data]);
   const dataSock = join(fx.dir, 'det-data.sock');
   const hdrSock = join(fx.dir, 'det-hdr.sock');
   await nbdkitFile(data, dataSock);

@@ -10,6 +10,7 @@ import { truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { cryptmap, exec, ok, useDaemon } from './harness.js';
+import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
 
 const fx = useDaemon('cm-suspend-cli-');
 const cm = (args: string[], input?: string) => cryptmap([args[0]!, '--runtime-dir', fx.run, ...args.slice(1)], input);
@@ -27,19 +28,7 @@ test('luksSuspend / luksResume of a cryptsetup-made LUKS2 volume: NBD I/O waits,
   truncateSync(img, 40 * MiB);
   const key = secretFile('a.key', 'suspend me softly');
   const bad = secretFile('bad.key', 'not the passphrase');
-  await ok('cryptsetup', [
-    'luksFormat',
-    '-q',
-    '--type',
-    'luks2',
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
-    '--key-file',
-    key,
-    img,
-  ]);
+  await ok('cryptsetup', [...FAST_LUKS2_FORMAT, '--key-file', key, img]);
 
   let r = await cm(['open', '--key-file', key, img, 'sv']);
   assert.equal(r.code, 0, r.stderr);

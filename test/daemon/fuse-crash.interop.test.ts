@@ -20,6 +20,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { cliOk, startDaemon } from '../load/helpers.js';
+import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
 
 const MiB = 1 << 20;
 const dir = mkdtempSync(join(tmpdir(), 'cm-fusecrash-'));
@@ -69,19 +70,7 @@ test('kill -9 of the daemon: ENOTCONN, not a hang; restart, attach cleans the de
   writeFileSync(key, 'crash test passphrase', { mode: 0o600 });
   writeFileSync(img, '');
   truncateSync(img, 48 * MiB);
-  await cliOk([
-    'luksFormat',
-    '-q',
-    '--type',
-    'luks2',
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
-    '--key-file',
-    key,
-    img,
-  ]);
+  await cliOk([...FAST_LUKS2_FORMAT, '--key-file', key, img]);
 
   let d = await startDaemon(run);
   await cliOk(['open', '--runtime-dir', run, '--key-file', key, img, 'cv']);

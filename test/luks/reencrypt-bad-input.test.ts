@@ -18,6 +18,7 @@ import { createSectorCipher } from '../../src/engine/index.js';
 import { initReencrypt, inReencryption, Luks2Volume, runReencrypt, withDeviceLock } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
 import { cloneDevice, FAST_PBKDF2, memDev, P, Sink } from './helpers.js';
+import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
 
 const OFF = 1 << 20;
 const DATA = 512 << 10;
@@ -144,19 +145,7 @@ function image(name: string): { img: string; key: string } {
   const key = join(dir, `${name}.key`);
   writeFileSync(key, 'secret pass', { mode: 0o600 });
   writeFileSync(img, Buffer.concat([Buffer.alloc(16 << 20), randomBytes(8 << 20)]));
-  const f = cs(
-    'luksFormat',
-    '-q',
-    '--type',
-    'luks2',
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
-    '--key-file',
-    key,
-    img,
-  );
+  const f = cs(...FAST_LUKS2_FORMAT, '--key-file', key, img);
   assert.equal(f.status, 0, f.out);
   return { img, key };
 }

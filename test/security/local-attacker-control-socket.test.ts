@@ -12,6 +12,7 @@ import { peerCredAvailable } from '../../src/util/peercred.js';
 import { cli, startDaemon } from '../load/helpers.js';
 import { attack } from './attack.js';
 import { attacker, NEEDS_ROOT, waitForLine } from './attacker.js';
+import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
 
 /** A listener as the attacker at `path` that prints LISTENING, then every byte it gets as DATA:<hex>. */
 function listenAsAttacker(path: string) {
@@ -32,19 +33,7 @@ async function formatted(dir: string): Promise<{ img: string; key: string }> {
   writeFileSync(img, '');
   truncateSync(img, 32 << 20);
   writeFileSync(key, 'attacker must never see this\n', { mode: 0o600 });
-  const r = await cli([
-    'luksFormat',
-    '-q',
-    '--type',
-    'luks2',
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
-    '--key-file',
-    key,
-    img,
-  ]);
+  const r = await cli([...FAST_LUKS2_FORMAT, '--key-file', key, img]);
   assert.equal(r.code, 0, r.stderr);
   return { img, key };
 }
