@@ -120,9 +120,11 @@ test("R3: luksKillSlot wants another keyslot's passphrase; input that ends at on
   }
 });
 
-test('R6: key files are read bounded: /dev/zero with -l, /dev/urandom as volume key, the 8 MiB cap', async () => {
+// An unbounded read of /dev/zero never ends: the test's deadline fails it (no wall-clock assertion).
+test('R6: key files are read bounded: /dev/zero with -l, /dev/urandom as volume key, the 8 MiB cap', {
+  timeout: 300_000,
+}, async () => {
   const img = await image('luks2');
-  const t0 = Date.now();
   await same(img, [
     '-q',
     'luksFormat',
@@ -142,7 +144,6 @@ test('R6: key files are read bounded: /dev/zero with -l, /dev/urandom as volume 
   assert.deepEqual([r.code, r.err], [1, 'Maximum keyfile size exceeded.']);
   const m = await cryptmap(['open', '--test-passphrase', '-d', '/dev/zero', img]);
   assert.deepEqual([m.code, m.stderr.trim()], [1, 'Maximum keyfile size exceeded.']);
-  assert.ok(Date.now() - t0 < 60_000, 'bounded reads finish');
 });
 
 test('R7/R9: -d twice is a usage error; -l limits a passphrase read from standard input', async () => {
