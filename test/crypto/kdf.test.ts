@@ -3,6 +3,10 @@
 //   echo -n password | argon2 somesalt -id -t 2 -m 16 -p 4 -l 32 -r
 //   echo -n password | argon2 somesalt -i  -t 3 -m 12 -p 1 -l 32 -r
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { existsSync, readdirSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
 import { test } from 'node:test';
 import { argon2, calibrateKdf, deriveKey, pbkdf2 } from '../../src/crypto/kdf/index.js';
 
@@ -32,6 +36,28 @@ test('Argon2id and Argon2i match the reference CLI', async () => {
     32,
   );
   assert.equal(i.toString('hex'), '896874eaf0fc172dbbc1ff67a67e855d68825f82baa56e947b5067cf3d3b67c0');
+});
+
+test("argon2's prebuilt binary for this platform loads and hashes on this Node (an install with --ignore-scripts uses it)", () => {
+  // argon2 0.45.x's linux-x64 prebuilt crashed Node 20 at load (SIGSEGV in napi_module_register_by_symbol):
+  // its install script saw that and compiled from source, but `npm install --ignore-scripts` kept the
+  // prebuilt and luksFormat's default Argon2id exited 139. A child process, since that crash is a signal.
+  const pkgDir = dirname(createRequire(import.meta.url).resolve('argon2/package.json'));
+  const platformDir = join(pkgDir, 'prebuilds', `${process.platform}-${process.arch}`);
+  assert.ok(existsSync(platformDir), `argon2 ships a prebuilt binary for ${process.platform}-${process.arch}`);
+  const glibc = Boolean(
+    (process.report?.getReport() as { header?: { glibcVersionRuntime?: string } }).header?.glibcVersionRuntime,
+  );
+  const binaries = readdirSync(platformDir).filter((f) => f.endsWith('.node') && f.includes(glibc ? 'glibc' : 'musl'));
+  assert.equal(binaries.length, 1, `one ${glibc ? 'glibc' : 'musl'} binary in ${platformDir}: ${binaries.join(', ')}`);
+  const script = `const b = require(${JSON.stringify(join(platformDir, binaries[0]!))});
+if (typeof b.hash !== 'function') throw new Error('no hash in the binding');
+require(${JSON.stringify(pkgDir)}).hash('password', { raw: true, salt: Buffer.from('somesalt'), type: 2, timeCost: 2, memoryCost: 1 << 16, parallelism: 4, hashLength: 32 })
+  .then((h) => process.stdout.write(h.toString('hex')));`;
+  const r = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 60_000 });
+  assert.equal(r.signal, null, `loading ${binaries[0]} killed node with ${r.signal}`);
+  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.stdout, '1a9677b0afe81fda7b548895e7a1bfeb8668ffc19a530e37e088a668fab1c02a');
 });
 
 test("whirlpool through OpenSSL's legacy provider (native addon): NESSIE vector, PBKDF2", async () => {

@@ -221,5 +221,22 @@ test('installed without running install scripts (no addon): the js backend serve
   }[];
   assert.equal(b[0]!.backend, 'js');
   await luksRoundTrip(bin, 'js');
+  // The default KDF, Argon2id, runs on argon2's prebuilt binary here (0.45's crashed Node 20 at load: exit 139).
+  const key = join(dir, 'js.key');
+  const img = join(dir, 'js-argon2.img');
+  await must('truncate', ['-s', '24M', img]);
+  await must(bin, [
+    'luksFormat',
+    '--batch-mode',
+    '--pbkdf-force-iterations',
+    '4',
+    '--pbkdf-memory',
+    '32',
+    '--key-file',
+    key,
+    img,
+  ]);
+  assert.match(await must('cryptsetup', ['luksDump', img]), /PBKDF:\s+argon2id/);
+  await must('cryptsetup', ['open', '--test-passphrase', '--key-file', key, img]);
   await examplesFromInstall(prefix, 'js');
 });
