@@ -46,7 +46,7 @@ test("argon2's prebuilt binary for this platform loads and hashes on this Node (
   const platformDir = join(pkgDir, 'prebuilds', `${process.platform}-${process.arch}`);
   assert.ok(existsSync(platformDir), `argon2 ships a prebuilt binary for ${process.platform}-${process.arch}`);
   const glibc = Boolean(
-    (process.report?.getReport() as { header?: { glibcVersionRuntime?: string } }).header?.glibcVersionRuntime,
+    (process.report.getReport() as { header?: { glibcVersionRuntime?: string } }).header?.glibcVersionRuntime,
   );
   const binaries = readdirSync(platformDir).filter((f) => f.endsWith('.node') && f.includes(glibc ? 'glibc' : 'musl'));
   assert.equal(binaries.length, 1, `one ${glibc ? 'glibc' : 'musl'} binary in ${platformDir}: ${binaries.join(', ')}`);
