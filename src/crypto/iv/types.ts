@@ -71,3 +71,22 @@ export function writeBe32(out: Uint8Array, off: number, v: number): void {
 }
 
 export const NO_STATE = { nativeKey: undefined, dispose(): void {} };
+
+/**
+ * A generator whose IV is a function of the sector number alone (plain, plain64, plain64be): the IV
+ * is zeroed, then `write(out, at, lo, hi)` writes the sector's part of it at offset `at`.
+ */
+export function sectorIv(name: string, write: (out: Uint8Array, at: number, lo: number, hi: number) => void): IvOps {
+  return {
+    name,
+    init(): IvInstance {
+      return {
+        ...NO_STATE,
+        generate(out, count, lo, hi, step) {
+          out.fill(0, 0, count * IV_BYTES);
+          forEachIvSector(count, lo, hi, step, (i, l, h) => write(out, i * IV_BYTES, l, h));
+        },
+      };
+    },
+  };
+}
