@@ -24,6 +24,18 @@ const keySize = {
   'x-message': 'must be the key size in bits: 128, 256 or 512',
 };
 const sectorSize = { type: 'integer', enum: [512, 1024, 2048, 4096], 'x-message': 'must be 512, 1024, 2048 or 4096' };
+const absolutePath = { type: 'string', pattern: '^/', 'x-message': 'must be an absolute path' } as const;
+const nonEmpty = { type: 'string', minLength: 1 } as const;
+
+/** An object with exactly `properties` (no others), of which `required` must be present. */
+function closedObject<const R extends readonly string[], const P extends object>(required: R, properties: P) {
+  return { type: 'object', additionalProperties: false, required, properties } as const;
+}
+
+/** A list of closed objects (services, volumes, pools, swap). */
+function listOf<const R extends readonly string[], const P extends object>(required: R, properties: P) {
+  return { type: 'array', items: closedObject(required, properties) } as const;
+}
 
 export const MANIFEST_SCHEMA = {
   $id: 'https://cryptmap.invalid/manifest-v1.json',
@@ -42,19 +54,10 @@ export const MANIFEST_SCHEMA = {
           pattern: '^(embedded|unix:/.+|/.+|https://[^/\\s]+)$',
           'x-message': 'must be embedded, unix:/path/to/keyd.sock or https://host:port',
         },
-        tokenFile: { type: 'string', pattern: '^/', 'x-message': 'must be an absolute path' },
+        tokenFile: absolutePath,
         passphraseFile: { type: 'string', minLength: 1, 'x-message': 'must be a file path (relative to the manifest)' },
         rootSecretFile: { type: 'string', minLength: 1, 'x-message': 'must be a file path (relative to the manifest)' },
-        tls: {
-          type: 'object',
-          additionalProperties: false,
-          required: ['cert', 'key', 'ca'],
-          properties: {
-            cert: { type: 'string', minLength: 1 },
-            key: { type: 'string', minLength: 1 },
-            ca: { type: 'string', minLength: 1 },
-          },
-        },
+        tls: closedObject(['cert', 'key', 'ca'], { cert: nonEmpty, key: nonEmpty, ca: nonEmpty }),
       },
     },
     coordination: {
@@ -73,92 +76,50 @@ export const MANIFEST_SCHEMA = {
         },
         ttl: { type: 'integer', minimum: 2, maximum: 300, 'x-message': 'must be the lease TTL in seconds, 2-300' },
         prefix: { type: 'string', pattern: '^/', 'x-message': 'must be an etcd key prefix starting with /' },
-        tls: {
-          type: 'object',
-          additionalProperties: false,
-          required: ['ca'],
-          properties: {
-            ca: { type: 'string', minLength: 1 },
-            cert: { type: 'string', minLength: 1 },
-            key: { type: 'string', minLength: 1 },
-          },
+        tls: closedObject(['ca'], { ca: nonEmpty, cert: nonEmpty, key: nonEmpty }),
+        user: nonEmpty,
+        passwordFile: nonEmpty,
+      },
+    },
+    services: listOf(['name', 'volumes'], {
+      name,
+      volumes: listOf(['name'], {
+        name,
+        size,
+        device: {
+          type: 'string',
+          pattern: '^nbds?(\\+unix)?://',
+          'x-message': 'must be an NBD URI: nbd://host[:port]/export, nbds://..., nbd+unix:///export?socket=PATH',
         },
-        user: { type: 'string', minLength: 1 },
-        passwordFile: { type: 'string', minLength: 1 },
-      },
-    },
-    services: {
-      type: 'array',
-      items: {
-        type: 'object',
-        additionalProperties: false,
-        required: ['name', 'volumes'],
-        properties: {
-          name,
-          volumes: {
-            type: 'array',
-            items: {
-              type: 'object',
-              additionalProperties: false,
-              required: ['name'],
-              properties: {
-                name,
-                size,
-                device: {
-                  type: 'string',
-                  pattern: '^nbds?(\\+unix)?://',
-                  'x-message':
-                    'must be an NBD URI: nbd://host[:port]/export, nbds://..., nbd+unix:///export?socket=PATH',
-                },
-                class: {
-                  type: 'string',
-                  enum: ['ephemeral', 'persistent'],
-                  'x-message': 'must be ephemeral or persistent',
-                },
-                filesystem: {
-                  type: 'string',
-                  enum: ['ext4', 'ext3', 'ext2', 'none'],
-                  'x-message': 'must be ext4, ext3, ext2 or none',
-                },
-                mountpoint: { type: 'string', pattern: '^/', 'x-message': 'must be an absolute path' },
-                pool: { ...name, 'x-message': 'must name a pool of the pools section' },
-                cipher,
-                keySize,
-                sectorSize,
-              },
-            },
-          },
+        class: {
+          type: 'string',
+          enum: ['ephemeral', 'persistent'],
+          'x-message': 'must be ephemeral or persistent',
         },
-      },
-    },
-    pools: {
-      type: 'array',
-      items: {
-        type: 'object',
-        additionalProperties: false,
-        required: ['name'],
-        properties: {
-          name,
-          size,
-          metadataSize: size,
-          blockSize: {
-            type: 'string',
-            pattern: '^[1-9][0-9]{0,15}(K|M|G|KiB|MiB|GiB)$',
-            'x-message': 'must be a size like 64K or 1M (64K to 1G, a multiple of 64K)',
-          },
-          dataDevice: { type: 'string', pattern: '^/', 'x-message': 'must be an absolute path' },
-          metadataDevice: { type: 'string', pattern: '^/', 'x-message': 'must be an absolute path' },
+        filesystem: {
+          type: 'string',
+          enum: ['ext4', 'ext3', 'ext2', 'none'],
+          'x-message': 'must be ext4, ext3, ext2 or none',
         },
+        mountpoint: absolutePath,
+        pool: { ...name, 'x-message': 'must name a pool of the pools section' },
+        cipher,
+        keySize,
+        sectorSize,
+      }),
+    }),
+    pools: listOf(['name'], {
+      name,
+      size,
+      metadataSize: size,
+      blockSize: {
+        type: 'string',
+        pattern: '^[1-9][0-9]{0,15}(K|M|G|KiB|MiB|GiB)$',
+        'x-message': 'must be a size like 64K or 1M (64K to 1G, a multiple of 64K)',
       },
-    },
-    swap: {
-      type: 'array',
-      items: {
-        type: 'object',
-        additionalProperties: false,
-        required: ['name', 'size'],
-        properties: { name, size, cipher, keySize, sectorSize },
-      },
-    },
+      dataDevice: absolutePath,
+      metadataDevice: absolutePath,
+    }),
+    swap: listOf(['name', 'size'], { name, size, cipher, keySize, sectorSize }),
   },
 } as const;
