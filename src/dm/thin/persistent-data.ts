@@ -187,6 +187,44 @@ async function walkNode(
 }
 
 /**
+ * Write one btree level of `n` entries (leaves: keys and values; internal: first keys and child
+ * blocks), spread evenly over the fewest nodes of type `nodeType` that hold them (at least one).
+ * Returns each node's first key and block, for the level above.
+ */
+function writeLevel(
+  n: number,
+  nodeType: number,
+  valueSize: number,
+  keyAt: (index: number) => number,
+  writeValue: (node: Buffer, offset: number, index: number) => void,
+  alloc: BlockAllocator,
+  out: Map<number, Buffer>,
+): { key: number; block: number }[] {
+  const max = maxEntries(valueSize);
+  const nodes = Math.max(1, Math.ceil(n / max));
+  const level: { key: number; block: number }[] = [];
+  for (let j = 0, at = 0; j < nodes; j++) {
+    const count = Math.floor(n / nodes) + (j < n % nodes ? 1 : 0);
+    const node = Buffer.alloc(MD_BLOCK_BYTES);
+    node.writeUInt32LE(nodeType, 4);
+    node.writeUInt32LE(count, 16);
+    node.writeUInt32LE(max, 20);
+    node.writeUInt32LE(valueSize, 24);
+    const valuesAt = NODE_HEADER_BYTES + 8 * max;
+    for (let i = 0; i < count; i++) {
+      writeU64(node, NODE_HEADER_BYTES + 8 * i, keyAt(at + i));
+      writeValue(node, valuesAt + valueSize * i, at + i);
+    }
+    const block = alloc();
+    sealBlock(node, block, BTREE_CSUM_XOR);
+    out.set(block, node);
+    level.push({ key: count > 0 ? keyAt(at) : 0, block });
+    at += count;
+  }
+  return level;
+}
+
+/**
  * Write a btree holding `keys` (sorted, unique) bottom up into `out`, leaves filled evenly so every
  * non-root node holds at least a third of its capacity. Returns the root block (an empty leaf
  * when there are no keys).
@@ -198,52 +236,18 @@ export function buildBtree(
   alloc: BlockAllocator,
   out: Map<number, Buffer>,
 ): number {
-  const n = keys.length;
-  let level: { key: number; block: number }[] = [];
-  const leafMax = maxEntries(valueSize);
-  const leaves = Math.max(1, Math.ceil(n / leafMax));
-  for (let l = 0, at = 0; l < leaves; l++) {
-    const count = Math.floor(n / leaves) + (l < n % leaves ? 1 : 0);
-    const node = Buffer.alloc(MD_BLOCK_BYTES);
-    node.writeUInt32LE(LEAF_NODE, 4);
-    node.writeUInt32LE(count, 16);
-    node.writeUInt32LE(leafMax, 20);
-    node.writeUInt32LE(valueSize, 24);
-    const valuesAt = NODE_HEADER_BYTES + 8 * leafMax;
-    for (let i = 0; i < count; i++) {
-      writeU64(node, NODE_HEADER_BYTES + 8 * i, keys[at + i]!);
-      writeValue(node, valuesAt + valueSize * i, at + i);
-    }
-    const block = alloc();
-    sealBlock(node, block, BTREE_CSUM_XOR);
-    out.set(block, node);
-    level.push({ key: count > 0 ? keys[at]! : 0, block });
-    at += count;
-  }
-  const intMax = maxEntries(8);
+  let level = writeLevel(keys.length, LEAF_NODE, valueSize, (i) => keys[i]!, writeValue, alloc, out);
   while (level.length > 1) {
-    const m = level.length;
-    const nodes = Math.ceil(m / intMax);
-    const next: { key: number; block: number }[] = [];
-    for (let j = 0, at = 0; j < nodes; j++) {
-      const count = Math.floor(m / nodes) + (j < m % nodes ? 1 : 0);
-      const node = Buffer.alloc(MD_BLOCK_BYTES);
-      node.writeUInt32LE(INTERNAL_NODE, 4);
-      node.writeUInt32LE(count, 16);
-      node.writeUInt32LE(intMax, 20);
-      node.writeUInt32LE(8, 24);
-      const valuesAt = NODE_HEADER_BYTES + 8 * intMax;
-      for (let i = 0; i < count; i++) {
-        writeU64(node, NODE_HEADER_BYTES + 8 * i, level[at + i]!.key);
-        writeU64(node, valuesAt + 8 * i, level[at + i]!.block);
-      }
-      const block = alloc();
-      sealBlock(node, block, BTREE_CSUM_XOR);
-      out.set(block, node);
-      next.push({ key: level[at]!.key, block });
-      at += count;
-    }
-    level = next;
+    const below = level;
+    level = writeLevel(
+      below.length,
+      INTERNAL_NODE,
+      8,
+      (i) => below[i]!.key,
+      (node, offset, i) => writeU64(node, offset, below[i]!.block),
+      alloc,
+      out,
+    );
   }
   return level[0]!.block;
 }
