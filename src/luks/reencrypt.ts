@@ -961,12 +961,10 @@ export interface ReencryptLayout {
   newDigest?: string;
 }
 
-/** The layout of the reencryption `j` is in (invalid metadata is an error). */
-export function reencryptLayout(j: Luks2Json): ReencryptLayout {
+/** The reencrypt keyslot of `j`, its mode and direction ("not in reencryption" / "metadata is invalid" otherwise). */
+function reencryptKeyslot(j: Luks2Json): { ksId: string; ks: L2Keyslot; mode: Mode; backward: boolean } {
   const ksId = reencryptKeyslotId(j);
-  const prev = segmentByFlag(j, 'backup-previous');
-  const fin = segmentByFlag(j, 'backup-final');
-  if (!inReencryption(j) || ksId === undefined || !prev || !fin) fail('Device is not in reencryption.', 'EINVAL');
+  if (!inReencryption(j) || ksId === undefined) fail('Device is not in reencryption.', 'EINVAL');
   const ks = j.keyslots[ksId]!;
   const mode = ks.mode as Mode;
   if (
@@ -974,9 +972,18 @@ export function reencryptLayout(j: Luks2Json): ReencryptLayout {
     (ks.direction !== 'forward' && ks.direction !== 'backward')
   )
     fail('Reencryption metadata is invalid.');
+  return { ksId, ks, mode, backward: ks.direction === 'backward' };
+}
+
+/** The layout of the reencryption `j` is in (invalid metadata is an error). */
+export function reencryptLayout(j: Luks2Json): ReencryptLayout {
+  const prev = segmentByFlag(j, 'backup-previous');
+  const fin = segmentByFlag(j, 'backup-final');
+  if (!prev || !fin) fail('Device is not in reencryption.', 'EINVAL');
+  const { ks, mode, backward } = reencryptKeyslot(j);
   const l: ReencryptLayout = {
     mode,
-    backward: ks.direction === 'backward',
+    backward,
     resilience: resilienceOf(ks.area as Record<string, unknown>),
     previous: structuredClone(prev[1]),
     final: structuredClone(fin[1]),
@@ -1017,15 +1024,7 @@ async function run(
   o: ReencryptRunOptions,
 ): Promise<boolean> {
   const j = vol.jsonSnapshot();
-  const ksId = reencryptKeyslotId(j);
-  if (!inReencryption(j) || ksId === undefined) fail('Device is not in reencryption.', 'EINVAL');
-  const ks = j.keyslots[ksId]!;
-  const mode = ks.mode as Mode;
-  if (
-    !['reencrypt', 'encrypt', 'decrypt'].includes(mode) ||
-    (ks.direction !== 'forward' && ks.direction !== 'backward')
-  )
-    fail('Reencryption metadata is invalid.');
+  const { ksId, ks, mode, backward } = reencryptKeyslot(j);
   const a = ks.area as Record<string, unknown>;
   const type = resilienceOf(a);
   const prev = segmentByFlag(j, 'backup-previous');
@@ -1035,7 +1034,6 @@ async function run(
   const wantType = (s: L2Segment, crypt: boolean) => s.type === (crypt ? 'crypt' : 'linear');
   if (!wantType(prev[1], mode !== 'encrypt') || !wantType(fin[1], mode !== 'decrypt'))
     fail('Reencryption metadata is invalid.');
-  const backward = ks.direction === 'backward';
   const shift = type === 'datashift' ? Number(a.shift_size) : 0;
   if (type === 'datashift') {
     if (!(mode === 'encrypt' && backward && moved && moved[1].type === 'linear')) {
