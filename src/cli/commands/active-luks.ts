@@ -97,3 +97,23 @@ export async function sendActiveVolumeKey(
     }
   }
 }
+
+/**
+ * `sendActiveVolumeKey` for active LUKS volume `name` as the daemon reports it (cryptsetup's "not active"
+ * otherwise), with `--type` checked against its header before `check`; returns the daemon's status.
+ */
+export async function sendActiveLuksKey(
+  c: ControlClient,
+  io: CliIO,
+  name: string,
+  v: LuksArgs,
+  send: (key: Buffer) => Promise<void>,
+  check?: (vol: Luks1Volume | Luks2Volume, st: VolumeStatus) => void,
+): Promise<VolumeStatus> {
+  const active = await activeVolume(c, name);
+  await sendActiveVolumeKey(io, name, active, v, send, (vol) => {
+    checkLuksType(name, v.type, vol);
+    check?.(vol, active.st);
+  });
+  return active.st;
+}

@@ -11,6 +11,8 @@ import type { BlockDevice } from '../../blockdev/types.js';
 import type { NewKeyslotOptions } from '../../luks/index.js';
 import { CryptmapError, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
 import { type CliValues, parseCommandLine, parseSize } from '../options.js';
+import { Progress } from '../progress.js';
+import type { CliIO } from '../types.js';
 
 export type LuksArgs = CliValues;
 
@@ -162,4 +164,15 @@ export function headerPath(v: LuksArgs, device: string): string {
 /** Secret-safe close of a device, ignoring errors after a failure. */
 export async function closeQuietly(dev: { close(): Promise<void> } | undefined): Promise<void> {
   await dev?.close().catch(() => {});
+}
+
+/** The progress lines of a long operation on `device` as --progress-frequency, --progress-json and --batch-mode ask. */
+export function progressFromOptions(io: CliIO, device: string, v: LuksArgs): Progress {
+  return new Progress({
+    device,
+    frequency: intOpt(v['progress-frequency'], '--progress-frequency', 0, 0xffffffff) ?? 0,
+    batch: v['batch-mode'] === true,
+    json: v['progress-json'] === true,
+    write: (s) => io.stdout.write(s),
+  });
 }

@@ -11,9 +11,8 @@ import type { VolumeStatus } from '../../control/protocol.js';
 import { type Luks2Volume, unlockReencryptKeys } from '../../luks/index.js';
 import { CryptmapError } from '../../util/errors.js';
 import { connectDaemon } from '../daemon-client.js';
-import { Progress } from '../progress.js';
 import type { CliIO } from '../types.js';
-import { intOpt, type LuksArgs } from './luks-common.js';
+import { type LuksArgs, progressFromOptions } from './luks-common.js';
 
 const POLL_MS = 200;
 
@@ -70,13 +69,7 @@ export async function runOnline(
       keys.oldKey?.fill(0);
       keys.newKey?.fill(0);
     }
-    const progress = new Progress({
-      device,
-      frequency: intOpt(v['progress-frequency'], '--progress-frequency', 0, 0xffffffff) ?? 0,
-      batch: v['batch-mode'] === true,
-      json: v['progress-json'] === true,
-      write: (s) => io.stdout.write(s),
-    });
+    const progress = progressFromOptions(io, device, v);
     process.on('SIGINT', onInt);
     let stopAsked = false;
     for (;;) {

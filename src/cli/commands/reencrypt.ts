@@ -24,7 +24,6 @@ import type { BlockDevice } from '../../blockdev/types.js';
 import { CryptmapError, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
 import { activeInDaemon, openInDaemon } from '../daemon-client.js';
 import { activeByName, runOnline } from './reencrypt-online.js';
-import { Progress } from '../progress.js';
 import type { CliIO, VerbMain } from '../types.js';
 import {
   closeQuietly,
@@ -36,6 +35,7 @@ import {
   openDevice,
   openHeaderFile,
   parseLuksArgs,
+  progressFromOptions,
   sizeOpt,
 } from './luks-common.js';
 import { loadLuks } from './luks-unlock.js';
@@ -61,13 +61,7 @@ async function run(
 ): Promise<number> {
   const ac = new AbortController();
   const onInt = () => ac.abort();
-  const progress = new Progress({
-    device,
-    frequency: intOpt(v['progress-frequency'], '--progress-frequency', 0, 0xffffffff) ?? 0,
-    batch: v['batch-mode'] === true,
-    json: v['progress-json'] === true,
-    write: (s) => io.stdout.write(s),
-  });
+  const progress = progressFromOptions(io, device, v);
   if (v['force-offline-reencrypt'] && !v['batch-mode'])
     io.stdout.write('Resuming LUKS reencryption in forced offline mode.\n');
   process.on('SIGINT', onInt);

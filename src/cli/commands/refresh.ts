@@ -17,7 +17,7 @@ import type { RefreshFlags } from '../../control/protocol.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { withDaemon } from '../daemon-client.js';
 import type { VerbMain } from '../types.js';
-import { activeVolume, checkLuksType, sendActiveVolumeKey } from './active-luks.js';
+import { sendActiveLuksKey } from './active-luks.js';
 import { parseLuksArgs as parse } from './luks-common.js';
 import { makeFlagsPersistent } from './open.js';
 
@@ -35,23 +35,21 @@ const refresh: VerbMain = async (argv, io) => {
   }
   const flags: RefreshFlags = flagsFromOptions(v);
   await withDaemon(v['runtime-dir'], io.env, async (c) => {
-    const active = await activeVolume(c, name);
-    await sendActiveVolumeKey(
+    const st = await sendActiveLuksKey(
+      c,
       io,
       name,
-      active,
       v,
       async (key) => {
         await c.call('volume.refresh', { name, flags }, { key });
       },
       (vol) => {
-        checkLuksType(name, v.type, vol);
         // Persistent flags of the header apply on top of the command line's, as at open.
         // (With --persistent too: cryptsetup activates with them and then stores the command line's.)
         for (const f of persistentFlagsOf(vol)) flags[flagOfPersistent(f)!.field] = true;
       },
     );
-    const m = active.st.mapping!;
+    const m = st.mapping!;
     if (v.persistent) await makeFlagsPersistent(io, m.device, { ...v, header: v.header ?? m.header });
   });
   if (v.verbose) io.stdout.write('Command successful.\n');

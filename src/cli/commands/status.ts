@@ -9,6 +9,9 @@ import { withDaemon } from '../daemon-client.js';
 import type { VerbMain } from '../types.js';
 import { parseCommandLine } from '../options.js';
 
+/** A crypt table line's words, at least the eight before the optional parameters. */
+type CryptTableWords = [string, string, string, string, string, string, string, string, ...string[]];
+
 /**
  * The fields cryptsetup prints for a dm-crypt device it did not make (`type: n/a`), read from the
  * live table line `<start> <len> crypt <cipher> <key> <iv_offset> <dev> <offset> [<#opts> <opts>...]`
@@ -18,17 +21,7 @@ import { parseCommandLine } from '../options.js';
 export function rawCryptFields(tableLine: string, readOnly: boolean): string {
   const w = tableLine.trim().split(/\s+/);
   if (w.length < 8 || w[2] !== 'crypt') return '';
-  const [, len, , cipher, key, ivOffset, dev, offset, , ...opts] = w as [
-    string,
-    string,
-    string,
-    string,
-    string,
-    string,
-    string,
-    string,
-    ...string[],
-  ];
+  const [, len, , cipher, key, ivOffset, dev, offset, , ...opts] = w as CryptTableWords;
   const keyBits = key === '-' ? 0 : key.startsWith(':') ? Number(key.split(':')[1]) * 8 : key.length * 4;
   const sector = opts.find((o) => o.startsWith('sector_size:'))?.slice('sector_size:'.length) ?? '512';
   let out = '  type:    n/a\n';

@@ -20,7 +20,7 @@
 import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { withDaemon } from '../daemon-client.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { activeVolume, checkLuksType, sendActiveVolumeKey } from './active-luks.js';
+import { sendActiveLuksKey } from './active-luks.js';
 import { parseLuksArgs } from './luks-common.js';
 
 /** cryptsetup's help_args: "<action>: requires <device> as arguments", exit 1. */
@@ -52,18 +52,16 @@ export const luksResume: VerbMain = async (argv, io) => {
     });
   }
   return withDaemon(v['runtime-dir'], io.env, async (c) => {
-    const active = await activeVolume(c, name);
-    await sendActiveVolumeKey(
+    await sendActiveLuksKey(
+      c,
       io,
       name,
-      active,
       v,
       async (key) => {
         await c.call('volume.resume', { name }, { key });
       },
-      (vol) => {
-        checkLuksType(name, reqType, vol);
-        if (!active.st.suspended)
+      (_vol, st) => {
+        if (!st.suspended)
           throw new CryptmapError('ENOTSUSPENDED', `Volume ${name} is not suspended.`, { exitCode: EXIT_FAILURE });
       },
     );
