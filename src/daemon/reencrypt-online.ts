@@ -19,10 +19,12 @@
  * device; a failure inside a hotzone maps it to `error` (its data is half rewritten: resume the
  * reencryption, online or offline, to recover it from the resilience data).
  */
+import { setTimeout as sleep } from 'node:timers/promises';
 import { type CryptMapping, cryptTableLine, keyDescription, keyRefArg } from '../activate/mapping.js';
 import { openBlockDevice } from '../blockdev/open.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import type { ReencryptStatus } from '../control/protocol.js';
+import type { DeviceIoStats } from '../dm/io-stats.js';
 import type { SectorBytes } from '../engine/types.js';
 import { Luks2Volume, openLuks, reencryptLayout, runReencryptWithKeys } from '../luks/index.js';
 import { constantTimeEqual } from '../util/bytes.js';
@@ -35,6 +37,17 @@ const log = logger('daemon');
 
 /** Largest hotzone online unless asked otherwise: the most a client's I/O to it waits for. */
 export const ONLINE_HOTZONE_BYTES = 8 << 20;
+
+/**
+ * How the reencryption yields to clients (as md's resync drops to speed_limit_min while its array has
+ * other I/O): after a hotzone during which clients did I/O, it pauses YIELD_FACTOR times as long as
+ * that hotzone took (at most MAX_YIELD_MS), so that busy clients have the volume and the CPU to
+ * themselves at least half the time. Without client I/O it runs flat out. Issue 16's target is a
+ * client keeping at least half its throughput; on 2 cores a hotzone's read, hash, decrypt, encrypt
+ * and write take most of the CPU the client would have had (README, bench:reencrypt-online).
+ */
+export const YIELD_FACTOR = 1;
+const MAX_YIELD_MS = 1000;
 
 /** A reencryption the daemon runs (VolumeRecord.reencrypt). */
 export interface ReencryptJob {
@@ -150,7 +163,7 @@ export async function startOnlineReencrypt(
     vol = undefined;
     dataDev = undefined;
     const ended = (async () => {
-      const run = new HotzoneMapping(p, name, m, next, lay.backward);
+      const run = new HotzoneMapping(p, name, m, next, lay.backward, ac.signal);
       try {
         const finished = await runReencryptWithKeys(v, keys, {
           ...(d ? { dataDev: d } : {}),
@@ -162,14 +175,15 @@ export async function startOnlineReencrypt(
             status.totalBytes = total;
           },
         });
+        const counts = { hotzones: run.hotzones, yieldedMs: Math.round(run.yieldedMs) };
         if (finished) {
           await run.finish();
           status.state = 'finished';
-          log.info('online reencryption finished', { name });
+          log.info('online reencryption finished', { name, ...counts });
         } else {
           await run.stop();
           status.state = 'stopped';
-          log.info('online reencryption stopped', { name, doneBytes: status.doneBytes });
+          log.info('online reencryption stopped', { name, doneBytes: status.doneBytes, ...counts });
         }
       } catch (e) {
         await run.fail().catch(() => undefined);
@@ -213,9 +227,26 @@ class HotzoneMapping {
   #hot: { dev: string; off: number; len: number } | undefined;
   /** Logical bytes in the new layout so far: [0, boundary) forward, [boundary, end) backward. */
   #boundary: number;
+  readonly #signal: AbortSignal;
+  /** The top device's I/O accounting: client requests (the reencryption's own I/O goes to the storage). */
+  readonly #io: DeviceIoStats | undefined;
+  /** When the current hotzone began and the client requests completed by then. */
+  #since: { t: number; requests: number } | undefined;
+  /** Hotzones started, and the time spent yielding to clients between them. */
+  hotzones = 0;
+  yieldedMs = 0;
 
-  constructor(p: CoreParts, name: string, oldM: CryptMapping, newM: CryptMapping, backward: boolean) {
+  constructor(
+    p: CoreParts,
+    name: string,
+    oldM: CryptMapping,
+    newM: CryptMapping,
+    backward: boolean,
+    signal: AbortSignal,
+  ) {
     this.#p = p;
+    this.#signal = signal;
+    this.#io = p.registry.find(name)?.enableIoStats();
     this.#name = name;
     this.#old = oldM;
     this.#new = newM;
@@ -265,8 +296,27 @@ class HotzoneMapping {
     if (this.#p.registry.find(dev)) await this.#p.dm.remove(dev, { force: true });
   }
 
+  #requests(): number {
+    const o = this.#io?.ops;
+    return o ? o.read.requests + o.write.requests + o.flush.requests + o.discard.requests + o.write_zeroes.requests : 0;
+  }
+
+  /** Before a hotzone: pause when clients did I/O during the last one (YIELD_FACTOR); an abort cuts it short. */
+  async #yieldToClients(): Promise<void> {
+    const s = this.#since;
+    if (s !== undefined && (this.#requests() !== s.requests || (this.#io?.inflight ?? 0) > 0)) {
+      const t0 = performance.now();
+      const ms = Math.min((t0 - s.t) * YIELD_FACTOR, MAX_YIELD_MS);
+      await sleep(ms, undefined, { signal: this.#signal }).catch(() => undefined);
+      this.yieldedMs += performance.now() - t0;
+    }
+    this.#since = { t: performance.now(), requests: this.#requests() };
+  }
+
   async start(off: number, len: number): Promise<void> {
     const dm = this.#p.dm;
+    await this.#yieldToClients();
+    this.hotzones++;
     // The one the top table does not name (a run resumed after a failure may find both left over).
     const names = hotzoneDevices(this.#name);
     const dev = names.find((n) => n !== this.#hot?.dev && !this.#p.registry.find(n)) ?? names[0]!;

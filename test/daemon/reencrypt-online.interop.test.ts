@@ -179,6 +179,16 @@ test('online reencryption under fio verify: no error, cryptsetup finds the new k
     assert.equal(st.reencrypt?.state, 'finished');
     assert.equal(st.reencrypt?.doneBytes, DATA);
     assert.match((await cliOk(['status', 'vol'], { env: e.env })).stdout, /reencryption: finished 100\.0% \(/);
+    // fio did I/O during every hotzone, so the reencryption paused for it between hotzones (YIELD_FACTOR).
+    const dm = daemon;
+    for (let i = 0; !/online reencryption finished/.test(dm.output()); i++) {
+      assert.ok(i < 400, `no 'online reencryption finished' in the daemon's log: ${dm.output()}`);
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    const y = /online reencryption finished name=vol hotzones=(\d+) yieldedMs=(\d+)/.exec(dm.output());
+    assert.ok(y, dm.output());
+    assert.equal(Number(y[1]), DATA / MiB);
+    assert.ok(Number(y[2]) > 0, y[0]);
     // The volume keeps serving after the reencryption (its table is one crypt target again).
     const table = spawnSync(
       process.execPath,
