@@ -111,6 +111,7 @@ export const OPTIONS = {
   'runtime-dir': { type: 'string', verbs: DAEMON_VERBS },
   seconds: { type: 'string', verbs: ['benchmark'] },
   'sector-size': { type: 'string', num: 'u32', verbs: ['open', 'luksFormat', 'benchmark', 'reencrypt'] },
+  shared: { type: 'boolean', verbs: ['open'] },
   size: { type: 'string', num: 'u64', short: 'b', verbs: ['open', 'resize'] },
   skip: { type: 'string', num: 'u64', short: 'p', verbs: ['open'] },
   subsystem: { type: 'string', verbs: ['config', 'luksFormat'] },

@@ -79,7 +79,8 @@ type NoArgs = Record<string, never>;
  */
 export interface ControlOps {
   'daemon.ping': { args: NoArgs; result: { pid: number; nbdSocket: string } };
-  'volume.open': { args: { mapping: MappingJson }; key: 'required'; result: VolumeStatus };
+  /** `shared`: cryptsetup's --shared, no exclusive-access check of the device (daemon/volume-lifecycle.ts). */
+  'volume.open': { args: { mapping: MappingJson; shared?: boolean }; key: 'required'; result: VolumeStatus };
   'volume.suspend': { args: Name; result: VolumeStatus };
   'volume.resume': { args: Name; key: 'required'; result: VolumeStatus };
   'volume.refresh': { args: Name & { flags: RefreshFlags }; key: 'required'; result: VolumeStatus };

@@ -145,8 +145,8 @@ export class DaemonCore {
   }
 
   /** Create a crypt mapping for an unlocked volume and export it. Takes a copy of the key. */
-  openVolume(m: CryptMapping, volumeKey: Secret): Promise<VolumeStatus> {
-    return this.#volumeVerb(m.name, () => lifecycle.openVolume(this.#parts, m, volumeKey));
+  openVolume(m: CryptMapping, volumeKey: Secret, opts: lifecycle.OpenOptions = {}): Promise<VolumeStatus> {
+    return this.#volumeVerb(m.name, () => lifecycle.openVolume(this.#parts, m, volumeKey, opts));
   }
 
   /** Close: a running online reencryption stops first (after its current hotzone; resumable). */

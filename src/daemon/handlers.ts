@@ -15,7 +15,8 @@ export function daemonHandlers(core: DaemonCore): OpHandlers {
   return {
     ...dmHandlers(core.dm()),
     'daemon.ping': async () => ({ pid: process.pid, nbdSocket: core.nbdSocketPath }),
-    'volume.open': (a) => withKey(a, (key) => core.openVolume(mappingFromJson(a.mapping), key)),
+    'volume.open': (a) =>
+      withKey(a, (key) => core.openVolume(mappingFromJson(a.mapping), key, { shared: a.shared === true })),
     'volume.suspend': async (a) => core.suspendVolume(nameArg(a.name)),
     'volume.resume': (a) => withKey(a, (key) => core.resumeVolume(nameArg(a.name), key)),
     'volume.refresh': (a) => {

@@ -5,6 +5,7 @@
  */
 import { createHmac, randomBytes } from 'node:crypto';
 import { allFlags } from '../activate/flags.js';
+import { checkExclusiveAccess } from '../blockdev/exclusive.js';
 import { loopBackingFile } from '../blockdev/loop.js';
 import { type CryptMapping, cryptTableLine, dmUuid, keyDescription, keyRefArg } from '../activate/mapping.js';
 import type { RefreshFlags } from '../control/protocol.js';
@@ -29,11 +30,35 @@ const suspended = (name: string) =>
     errno: 'EINVAL',
   });
 
-/** Create a crypt mapping for an unlocked volume and export it. Takes a copy of the key. */
-export async function openVolume(p: CoreParts, m: CryptMapping, volumeKey: Secret): Promise<void> {
+/** How a volume is opened. */
+export interface OpenOptions {
+  /**
+   * cryptsetup's `--shared` (CRYPT_ACTIVATE_SHARED): skip the exclusive-access check, so a block
+   * device another mapping of this daemon uses can be mapped again (any range, overlapping or not:
+   * cryptsetup has allowed overlapping shared segments since 1.5). Without it a block device that
+   * anything holds (a mapping, a mount) is refused with cryptsetup's "Cannot use device X which is in
+   * use (already mapped or mounted)." (exit 5).
+   */
+  shared?: boolean;
+}
+
+/**
+ * Create a crypt mapping for an unlocked volume and export it. Takes a copy of the key. As
+ * cryptsetup 2.6 (lib/setup.c _activate_check_status, then create_or_reload_device): the name
+ * first ("Device X already exists.", exit 5), then the data device's exclusive-access check unless
+ * `shared` (blockdev/exclusive.ts; the registry's claim on the devices of live tables is what makes
+ * a mapped device fail it).
+ */
+export async function openVolume(
+  p: CoreParts,
+  m: CryptMapping,
+  volumeKey: Secret,
+  opts: OpenOptions = {},
+): Promise<void> {
   if (p.registry.find(m.name)) {
     throw new CryptmapError('EEXIST', `Device ${m.name} already exists.`, { exitCode: EXIT_BUSY, errno: 'EEXIST' });
   }
+  if (opts.shared !== true) await checkExclusiveAccess(m.device);
   if (volumeKey.length !== m.keyBytes)
     throw new CryptmapError('EKEY_SIZE', `volume key has ${volumeKey.length} bytes, mapping needs ${m.keyBytes}`);
   const desc = keyDescription(m.name);

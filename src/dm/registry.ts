@@ -21,6 +21,7 @@
  */
 import { readFile } from 'node:fs/promises';
 import { resolve as resolvePath } from 'node:path';
+import { ExclusiveClaims } from '../blockdev/exclusive.js';
 import { FileDevice } from '../blockdev/file.js';
 import { NbdDevice, type NbdDeviceHealth } from '../blockdev/nbd-client/device.js';
 import { isRemoteDevice } from '../blockdev/open.js';
@@ -99,6 +100,8 @@ export class DeviceRegistry {
   readonly #reservedNames = new Set<string>();
   readonly #reservedMinors = new Set<number>();
   readonly #files = new Map<string, SharedFile>();
+  /** The block devices tables use, claimed O_EXCL as the kernel's dm claims them (blockdev/exclusive.ts). */
+  readonly #claims = new ExclusiveClaims();
   readonly #targets: Readonly<Record<string, TargetType>>;
   readonly #keyStore: KeyStore | undefined;
   readonly #openFile: (path: string, readOnly: boolean) => Promise<BlockDevice>;
@@ -454,12 +457,24 @@ export class DeviceRegistry {
     const abs = remote ? arg : resolvePath(path);
     const readOnly = self.readOnly || readOnlyArg;
     const key = `${readOnly ? 'ro' : 'rw'}:${abs}`;
+    // A block device is claimed for as long as a table uses it: mounting it, formatting it or
+    // mapping it from outside now fails with EBUSY, as with the kernel's device-mapper; tables of
+    // this registry share the claim (cryptsetup open --shared).
+    let unclaim: () => Promise<void> = async () => undefined;
+    if (!remote) {
+      try {
+        unclaim = await this.#claims.acquire(abs);
+      } catch (e) {
+        throw wrap(e);
+      }
+    }
     let shared = this.#files.get(key);
     if (shared === undefined) {
       let dev: BlockDevice;
       try {
         dev = await (remote ? this.#openUri(abs, readOnly) : this.#openFile(abs, readOnly));
       } catch (e) {
+        await unclaim();
         throw wrap(e);
       }
       // Another load may have opened it while we awaited.
@@ -480,9 +495,13 @@ export class DeviceRegistry {
       release: async () => {
         if (released) return;
         released = true;
-        if (--s.refs === 0) {
-          this.#files.delete(key);
-          await s.dev.close();
+        try {
+          if (--s.refs === 0) {
+            this.#files.delete(key);
+            await s.dev.close();
+          }
+        } finally {
+          await unclaim();
         }
       },
     };

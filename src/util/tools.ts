@@ -22,6 +22,7 @@ const PACKAGE_OF: Record<string, string> = {
   'mkfs.xfs': 'xfsprogs',
   'mkfs.btrfs': 'btrfs-progs',
   mkswap: 'util-linux',
+  blkid: 'util-linux',
   swapon: 'util-linux',
   swapoff: 'util-linux',
 };

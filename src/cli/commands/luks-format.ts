@@ -3,11 +3,13 @@
  * (cryptsetup-luksFormat(8)): YES confirmation on a terminal unless -q, passphrase with
  * verification, LUKS2 by default (--type luks1 for LUKS1), detached header with --header.
  */
+import { deviceInUseError, isDeviceInUse } from '../../blockdev/exclusive.js';
 import { isRemoteDevice } from '../../blockdev/open.js';
 import { stat, truncate } from 'node:fs/promises';
 import { Luks1Volume, Luks2Volume, luks2Layout, withDeviceLock } from '../../luks/index.js';
 import type { SectorBytes } from '../../engine/types.js';
-import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import { runTool } from '../../util/tools.js';
 import type { CliIO, VerbMain } from '../types.js';
 import {
   closeQuietly,
@@ -37,6 +39,27 @@ function luks2HeaderBytes(md: number | undefined, kss: number | undefined, offse
 function luks1HeaderBytes(keyBytes: number): number {
   const stride = Math.ceil((keyBytes * 4000) / 512 / 8) * 8;
   return (8 + 8 * stride) * 512;
+}
+
+/**
+ * A header device that something holds (a mapping, a mount) is not formatted, as cryptsetup 2.6
+ * refuses it: when blkid finds a signature on it, its signature wipe cannot open it exclusively
+ * ("Cannot exclusively open X, device in use.", exit 1; src/utils_blockdev.c); otherwise crypt_format's
+ * exclusive-access check fails ("Cannot use device X which is in use (already mapped or mounted).",
+ * exit 5). Only block devices can be held; the data device of a detached header is not checked.
+ */
+async function refuseHeaderDeviceInUse(path: string): Promise<void> {
+  if (isRemoteDevice(path) || !(await isDeviceInUse(path))) return;
+  const signature = await runTool('blkid', ['-p', '-o', 'export', path], { timeoutMs: 30_000 }).then(
+    (out) => out.trim() !== '',
+    () => false, // exit 2: nothing found
+  );
+  if (signature)
+    throw new CryptmapError('EBUSY', `Cannot exclusively open ${path}, device in use.`, {
+      exitCode: EXIT_FAILURE,
+      errno: 'EBUSY',
+    });
+  throw deviceInUseError(path);
 }
 
 /** cryptsetup's notice when the data offset is at or past the data device's end (the format still succeeds). */
@@ -118,6 +141,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
     );
     // A detached header file is created (or grown) to hold the metadata and keyslots.
     const hdrPath = headerFile ?? device;
+    await refuseHeaderDeviceInUse(hdrPath);
     const md = sizeOpt(v['luks2-metadata-size'], '--luks2-metadata-size');
     const kss = sizeOpt(v['luks2-keyslots-size'], '--luks2-keyslots-size');
     const hdrNeed = headerFile ? (luks === 'luks1' ? 4096 * 512 : luks2HeaderBytes(md, kss, offsetSectors)) : 0;

@@ -166,9 +166,15 @@ async function prepareLuksFromArgs(
 }
 
 /** Send an unlocked mapping to the daemon (the key as raw bytes after the request, control/protocol.ts; wiped here afterwards). */
-export async function sendOpen(c: ControlClient, mapping: CryptMapping, volumeKey: Secret): Promise<VolumeStatus> {
+export async function sendOpen(
+  c: ControlClient,
+  mapping: CryptMapping,
+  volumeKey: Secret,
+  opts: { shared?: boolean } = {},
+): Promise<VolumeStatus> {
   try {
-    return await c.call('volume.open', { mapping: mappingToJson(mapping) }, { key: volumeKey.expose() });
+    const args = { mapping: mappingToJson(mapping), ...(opts.shared ? { shared: true } : {}) };
+    return await c.call('volume.open', args, { key: volumeKey.expose() });
   } finally {
     volumeKey.dispose();
   }
@@ -194,6 +200,11 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   if (alias !== undefined) v.type = alias;
   if (argv[0] === 'create' && positionals.length >= 2)
     [positionals[0], positionals[1]] = [positionals[1]!, positionals[0]!];
+  // cryptsetup 2.6 verify_open: --shared only for plain (open without --type is LUKS).
+  if (v.shared && v.type !== 'plain')
+    throw new CryptmapError('EARGS', 'Option --shared is allowed only for open of plain device.', {
+      exitCode: EXIT_WRONG_PARAMS,
+    });
   if (v.unbound && v.type !== undefined && !v.type.startsWith('luks'))
     throw new CryptmapError('EARGS', 'Option --unbound is allowed only for open of luks device.', {
       exitCode: EXIT_WRONG_PARAMS,
@@ -226,7 +237,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       type === 'plain'
         ? await preparePlainFromArgs(io, device, name, v)
         : await prepareLuksFromArgs(io, device, name, v);
-    const st = await sendOpen(client, mapping, volumeKey);
+    const st = await sendOpen(client, mapping, volumeKey, { shared: v.shared === true });
     if (v.persistent) await makeFlagsPersistent(io, device, v);
     if (v.verbose && mapping.keyslot !== undefined && mapping.keyslot >= 0)
       io.stdout.write(`Key slot ${mapping.keyslot} unlocked.\n`);
