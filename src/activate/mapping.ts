@@ -14,7 +14,7 @@ import type { SectorBytes } from '../engine/types.js';
 import { openLuks } from '../luks/index.js';
 import type { LuksVolume, UnlockResult } from '../luks/types.js';
 import { SECTOR_BYTES } from '../util/bytes.js';
-import { CryptmapError, EXIT_WRONG_DEVICE } from '../util/errors.js';
+import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_DEVICE } from '../util/errors.js';
 import type { Secret } from '../util/secret.js';
 import { type ActivationFlags, dmWords, flagOfPersistent, type PersistentFlag } from './flags.js';
 
@@ -222,9 +222,14 @@ export async function preparePlain(o: PlainOpenOptions): Promise<CryptMapping> {
   const offset = o.offsetSectors ?? 0;
   const devBytes = await withDevice(o.device, true, async (d) => d.sizeBytes);
   const avail = Math.floor(devBytes / SECTOR_BYTES) - offset;
+  // cryptsetup 2.6 device_block_adjust: both EINVAL (exit 1).
+  if (avail <= 0)
+    throw new CryptmapError('EDEVSIZE', `Requested offset is beyond real size of device ${o.device}.`, {
+      exitCode: EXIT_FAILURE,
+    });
   const size = o.sizeSectors ?? avail - (avail % (sectorBytes / SECTOR_BYTES));
   if (size <= 0 || size > avail)
-    throw new CryptmapError('EDEVSIZE', `Device ${o.device} is too small.`, { exitCode: EXIT_WRONG_DEVICE });
+    throw new CryptmapError('EDEVSIZE', `Device ${o.device} is too small.`, { exitCode: EXIT_FAILURE });
   return {
     name: o.name,
     type: 'PLAIN',

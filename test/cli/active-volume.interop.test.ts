@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { cryptmap, ok, useDaemon } from './harness.js';
+import { cryptmap, exec, ok, useDaemon } from './harness.js';
 
 const fx = useDaemon('cm-persist-');
 const cm = (...args: string[]) => cryptmap(args);
@@ -251,4 +251,62 @@ test('resize over a loop device: the loop device takes its grown backing file fi
   } finally {
     await ok('losetup', ['-d', loop]);
   }
+});
+
+test('open --device-size: a plain mapping of that many bytes (cryptsetup action_open_plain: --size in sectors), checked as cryptsetup checks it; a LUKS open ignores it as cryptsetup 2.6 does', async () => {
+  const img = join(fx.dir, 'devsize.img');
+  writeFileSync(img, Buffer.alloc(0));
+  await ok('truncate', ['-s', '8M', img]);
+  const plain = ['open', '--runtime-dir', fx.run, '--type', 'plain', '--hash', 'sha256', img, 'ds'];
+  const status = async () => {
+    const out = (await cm('status', '--runtime-dir', fx.run, 'ds')).stdout;
+    return [/offset:\s+(\d+) sectors/.exec(out)?.[1], /size:\s+(\d+) sectors/.exec(out)?.[1]];
+  };
+  for (const extra of [
+    ['--device-size', '1M'],
+    ['--size', '2048'],
+  ]) {
+    const r = await cryptmap([...plain, '--offset', '4096', ...extra], 'pw\n');
+    assert.equal(r.code, 0, `${extra.join(' ')}: ${r.stderr}`);
+    assert.deepEqual(await status(), ['4096', '2048'], extra.join(' '));
+    const uri = `nbd+unix:///ds?socket=${join(fx.run, 'nbd.sock')}`;
+    assert.equal(Number((await ok('nbdinfo', ['--size', uri])).trim()), 1 << 20);
+    assert.equal((await cm('close', '--runtime-dir', fx.run, 'ds')).code, 0);
+  }
+  // Refused before anything is read, with cryptsetup's messages (cryptsetup itself prints them too).
+  for (const [extra, message] of [
+    [['--device-size', '1000'], 'Device size must be multiple of 512 bytes sector.'],
+    [['--device-size', '1M', '--size', '100'], 'Options --device-size and --size cannot be combined.'],
+  ] as const) {
+    const cs = await cryptmap([...plain, ...extra], 'pw\n');
+    const real = await exec('/usr/sbin/cryptsetup', [
+      'open',
+      '--type',
+      'plain',
+      '--hash',
+      'sha256',
+      img,
+      'ds',
+      ...extra,
+    ]);
+    assert.deepEqual([cs.code, real.code], [1, 1], extra.join(' '));
+    assert.equal(cs.stderr, `${message}\n`);
+    assert.match(real.stderr, new RegExp(`cryptsetup: ${message.replaceAll('.', '\\.')}\\n$`));
+  }
+  // Past the device's end: cryptsetup's device_block_adjust messages, EINVAL (exit 1); nothing mapped.
+  for (const [extra, message] of [
+    [['--device-size', '16M'], `Device ${img} is too small.`],
+    [['--device-size', '1M', '--offset', '16384'], `Requested offset is beyond real size of device ${img}.`],
+  ] as const) {
+    const r = await cryptmap([...plain, ...extra], 'pw\n');
+    assert.deepEqual([r.code, r.stderr], [1, `${message}\n`], extra.join(' '));
+    assert.equal((await cm('status', '--runtime-dir', fx.run, 'ds')).code, 4);
+  }
+  // LUKS: accepted and ignored (action_open_luks never reads it): the whole data segment is mapped.
+  const { img: luks, key } = await format('luks2', 'dsl');
+  const r = await cm('open', '--runtime-dir', fx.run, '--key-file', key, '--device-size', '1M', luks, 'ds');
+  assert.equal(r.code, 0, r.stderr);
+  const offset = Number(/offset:\s+(\d+) \[bytes\]/.exec(await ok('cryptsetup', ['luksDump', luks]))?.[1]);
+  assert.deepEqual(await status(), [String(offset / 512), String((32 << 20) / 512 - offset / 512)]);
+  assert.equal((await cm('close', '--runtime-dir', fx.run, 'ds')).code, 0);
 });

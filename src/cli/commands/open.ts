@@ -31,6 +31,7 @@ import {
   needDevice,
   openDevice,
   parseLuksArgs,
+  sizeOpt,
 } from './luks-common.js';
 import { loadLuks, loadLuksForRead, testPassphrase, unlockForOpen } from './luks-unlock.js';
 import { getPassphrase, readKeyFile } from './terminal-input.js';
@@ -87,7 +88,9 @@ async function preparePlainFromArgs(
     throw new CryptmapError('EARGS', `Unsupported encryption sector size ${sector}.`, { exitCode: EXIT_WRONG_PARAMS });
   const offset = intOpt(v.offset, '--offset');
   const skip = intOpt(v.skip, '--skip');
-  const size = intOpt(v.size, '--size', 1);
+  // --device-size (bytes, a multiple of 512: options.ts) is --size in sectors (cryptsetup action_open_plain).
+  const deviceBytes = sizeOpt(v['device-size'], '--device-size');
+  const size = deviceBytes !== undefined ? deviceBytes / 512 : intOpt(v.size, '--size', 1);
   let key: Secret;
   if (v['key-file'] !== undefined && v.hash === undefined) {
     const raw = await readKeyFile(io, {
@@ -200,7 +203,12 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   if (alias !== undefined) v.type = alias;
   if (argv[0] === 'create' && positionals.length >= 2)
     [positionals[0], positionals[1]] = [positionals[1]!, positionals[0]!];
-  // cryptsetup 2.6 verify_open: --shared only for plain (open without --type is LUKS).
+  // cryptsetup 2.6 verify_open. LUKS opens take --size and --device-size and ignore them, as cryptsetup.
+  if (v['device-size'] !== undefined && v.size !== undefined)
+    throw new CryptmapError('EARGS', 'Options --device-size and --size cannot be combined.', {
+      exitCode: EXIT_WRONG_PARAMS,
+    });
+  // --shared only for plain (open without --type is LUKS).
   if (v.shared && v.type !== 'plain')
     throw new CryptmapError('EARGS', 'Option --shared is allowed only for open of plain device.', {
       exitCode: EXIT_WRONG_PARAMS,
