@@ -150,3 +150,50 @@ test('luksSuspend / luksResume refusals: plain volume (1), unknown name (4), no 
   assert.equal(r.code, 1);
   assert.match(r.stderr, /luksSuspend: requires <device> as arguments/);
 });
+
+test('a volume opened with a detached header (compat-test [28]): without --header cryptsetup has no header, so status says type n/a and luksResume and resize are refused (exit 1); with --header they work; luksSuspend needs none', async () => {
+  for (const type of ['luks1', 'luks2'] as const) {
+    const data = join(fx.dir, `det-${type}.img`);
+    const hdr = join(fx.dir, `det-${type}.hdr`);
+    writeFileSync(data, Buffer.alloc(0));
+    truncateSync(data, 8 * MiB);
+    const key = secretFile(`det-${type}.key`, 'detached passphrase');
+    await ok('cryptsetup', [
+      '-q',
+      'luksFormat',
+      '--type',
+      type,
+      '--pbkdf',
+      'pbkdf2',
+      '--pbkdf-force-iterations',
+      '1000',
+      '--header',
+      hdr,
+      '--key-file',
+      key,
+      data,
+    ]);
+    let r = await cm(['open', '--header', hdr, '--key-file', key, data, 'dh']);
+    assert.equal(r.code, 0, r.stderr);
+    try {
+      r = await cm(['resize', 'dh', '--size', '96', '--header', hdr, '--key-file', key]);
+      assert.equal(r.code, 0, r.stderr);
+      const withHeader = (await cm(['status', 'dh', '--header', hdr])).stdout;
+      assert.match(withHeader, new RegExp(`^ {2}type: {4}${type.toUpperCase()}$`, 'm'));
+      const without = (await cm(['status', 'dh'])).stdout;
+      assert.match(without, /^ {2}type: {4}n\/a$/m);
+      assert.match(without, /^ {2}size: {4}96 sectors$/m);
+      r = await cm(['resize', 'dh', '--size', '48', '--key-file', key]);
+      assert.deepEqual([r.code, r.stderr], [1, 'dh is not active LUKS device name or header is missing.\n']);
+      assert.equal((await cm(['luksSuspend', 'dh'])).code, 0);
+      r = await cm(['luksResume', 'dh', '--key-file', key]);
+      assert.deepEqual([r.code, r.stderr], [1, 'dh is not active LUKS device name or header is missing.\n']);
+      assert.match((await cm(['status', 'dh'])).stdout, /\(suspended\)/);
+      r = await cm(['luksResume', 'dh', '--header', hdr, '--key-file', key]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.doesNotMatch((await cm(['status', 'dh'])).stdout, /suspended/);
+    } finally {
+      await cm(['close', 'dh']);
+    }
+  }
+});

@@ -1,7 +1,7 @@
 /**
  * Shared by the verbs that need the volume key of an active LUKS volume again (luksResume, refresh,
- * resize): as cryptsetup's crypt_init_by_name_and_header, the header is the mapping's (its device, or
- * its detached header, or --header), and its type and UUID must give the mapping's dm uuid
+ * resize): as cryptsetup's crypt_init_by_name_and_header, the header is --header or the mapping's
+ * device (a detached header given at open must be given again, as with cryptsetup), and its type and UUID must give the mapping's dm uuid
  * (CRYPT-LUKS2-<uuid>-<name>); then a keyslot is unlocked exactly as `open` does (tokens, prompt with
  * --tries, key file) and the volume key goes to the daemon once, as raw bytes over the 0600 control socket
  * (docs/secrets.md).
@@ -9,7 +9,7 @@
 import { dmUuid } from '../../activate/mapping.js';
 import type { BlockDevice } from '../../blockdev/types.js';
 import type { ControlClient } from '../../control/client.js';
-import type { VolumeStatus } from '../../control/protocol.js';
+import type { MappingJson, VolumeStatus } from '../../control/protocol.js';
 import type { Luks1Volume, Luks2Volume } from '../../luks/index.js';
 import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_DEVICE, isCryptmapError } from '../../util/errors.js';
 import type { CliIO } from '../types.js';
@@ -40,7 +40,10 @@ export async function loadMatchingHeader(
 ): Promise<{ dev: BlockDevice; vol: Luks1Volume | Luks2Volume }> {
   const m = st.mapping;
   if (m === undefined || (m.type !== 'LUKS1' && m.type !== 'LUKS2')) throw notLuks(name);
-  const hdr = v.header ?? m.header ?? m.device;
+  // The header is --header or the data device, as cryptsetup finds it (crypt_init_by_name_and_header):
+  // the daemon remembers a detached header, but a command line must name it, so a script behaves as
+  // with cryptsetup (a detached header that is not at hand stays "missing").
+  const hdr = v.header ?? m.device;
   let loaded: { dev: BlockDevice; vol: Luks1Volume | Luks2Volume };
   try {
     loaded = await loadLuksForRead(hdr, v);
@@ -55,6 +58,15 @@ export async function loadMatchingHeader(
     throw notLuks(name);
   }
   return loaded;
+}
+
+/**
+ * cryptsetup's view of an active volume's header: a volume opened with a detached header has it only
+ * when the command line names that header again (`--header`); otherwise cryptsetup finds no header
+ * and treats the device as one of no type (status `type: n/a`, resize and refresh refused).
+ */
+export function headerMissing(m: MappingJson | undefined, header: string | undefined): boolean {
+  return m?.header !== undefined && header === undefined;
 }
 
 /** `--type luks1|luks2` must name the header's type (cryptsetup: "NAME is not active LUKS1 device name.", exit 1). */

@@ -15,7 +15,7 @@ import type { OpArgs } from '../../control/protocol.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { withDaemon } from '../daemon-client.js';
 import type { VerbMain } from '../types.js';
-import { activeVolume, sendActiveVolumeKey } from './active-luks.js';
+import { activeVolume, headerMissing, notLuks, sendActiveVolumeKey } from './active-luks.js';
 import { intOpt, parseLuksArgs as parse, sizeOpt } from './luks-common.js';
 
 const resize: VerbMain = async (argv, io) => {
@@ -39,6 +39,8 @@ const resize: VerbMain = async (argv, io) => {
   }
   await withDaemon(v['runtime-dir'], io.env, async (c) => {
     const active = await activeVolume(c, name);
+    // cryptsetup: a detached header not given again leaves the device typeless, and crypt_resize refuses it.
+    if (headerMissing(active.st.mapping, v.header)) throw notLuks(name);
     const req: OpArgs<'volume.resize'> = { name, ...(sizeSectors === undefined ? {} : { sizeSectors }) };
     if (active.st.mapping?.type !== 'LUKS2') await c.call('volume.resize', req);
     else

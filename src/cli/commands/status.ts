@@ -8,6 +8,7 @@ import { CryptmapError, EXIT_WRONG_DEVICE } from '../../util/errors.js';
 import { withDaemon } from '../daemon-client.js';
 import type { VerbMain } from '../types.js';
 import { parseCommandLine } from '../options.js';
+import { headerMissing } from './active-luks.js';
 
 /** A crypt table line's words, at least the eight before the optional parameters. */
 type CryptTableWords = [string, string, string, string, string, string, string, string, ...string[]];
@@ -39,12 +40,17 @@ export function rawCryptFields(tableLine: string, readOnly: boolean): string {
   return out;
 }
 
-export function formatStatus(s: VolumeStatus, raw = ''): string {
+/**
+ * `status` as cryptsetup prints it, plus cryptmap's `header:` (where the daemon found the LUKS header
+ * at open) and where the volume is served. `headerMissing`: the volume has a detached header the
+ * command line did not name (active-luks.ts headerMissing): cryptsetup cannot know its type, `n/a`.
+ */
+export function formatStatus(s: VolumeStatus, raw = '', headerMissing = false): string {
   if (!s.active) return `/dev/mapper/${s.name} is inactive.\n`;
   let out = `/dev/mapper/${s.name} is active${s.openCount > 1 ? ' and is in use' : ''}.\n`;
   const m = s.mapping;
   if (m) {
-    out += `  type:    ${m.type}\n`;
+    out += `  type:    ${headerMissing ? 'n/a' : m.type}\n`;
     out += `  cipher:  ${m.cipher}\n`;
     out += `  keysize: ${m.keyBytes * 8} bits\n`;
     out += `  key location: keyring\n`;
@@ -87,7 +93,9 @@ const status: VerbMain = async (argv, io) => {
     const info = (await c.call('dm.info', { name }))[0];
     return { s: st, raw: lines.length === 1 ? rawCryptFields(lines[0]!, info?.readOnly ?? false) : '' };
   });
-  io.stdout.write(values.json ? JSON.stringify(s, null, 2) + '\n' : formatStatus(s, raw));
+  io.stdout.write(
+    values.json ? JSON.stringify(s, null, 2) + '\n' : formatStatus(s, raw, headerMissing(s.mapping, values.header)),
+  );
   return s.active ? 0 : EXIT_WRONG_DEVICE;
 };
 export default status;

@@ -7,7 +7,7 @@
  * flush), wipes the crypt target's key and drops the volume key from its keyring. NBD clients wait.
  *
  * luksResume: as `open`, the passphrase is read and the KDF runs here. The header of the active
- * mapping (its device, or its detached header, or --header) is loaded; its UUID and type must match
+ * mapping (--header, else its device: a detached header must be named again, as cryptsetup needs it) is loaded; its UUID and type must match
  * the mapping's dm uuid (CRYPT-LUKS2-<uuid>-<name>), else cryptsetup's "not active LUKS device name
  * or header is missing". Then tokens, then the passphrase (prompt with --tries, or --key-file), and
  * the volume key goes to the daemon once, as raw bytes over the 0600 control socket (docs/secrets.md),
