@@ -190,9 +190,10 @@ async function main(): Promise<void> {
       ratios.push(ratio);
       cliRatios.push(cliRate / aloneRate);
       const yielded = /yieldedMs=(\d+)/.exec(ended.line)?.[1] ?? '?';
+      const suspended = /suspendedMs=(\d+)/.exec(ended.line)?.[1] ?? '?';
       console.log(
         `  round ${r + 1}: client alone ${aloneRate.toFixed(1)} MiB/s, during the reencryption job ${during.toFixed(1)} MiB/s: ratio ${ratio.toFixed(2)}` +
-          ` (job ${(jobMs / 1000).toFixed(1)} s = ${(SIZE_MIB / (jobMs / 1000)).toFixed(0)} MiB/s, ${yielded} ms yielded;` +
+          ` (job ${(jobMs / 1000).toFixed(1)} s = ${(SIZE_MIB / (jobMs / 1000)).toFixed(0)} MiB/s, ${yielded} ms yielded, hotzones suspended ${suspended} ms;` +
           ` whole CLI run ${((c1 - c0) / 1000).toFixed(1)} s: ${cliRate.toFixed(1)} MiB/s, ratio ${(cliRate / aloneRate).toFixed(2)})`,
       );
       alone = Math.max(MIN_ALONE_MS, jobMs);

@@ -175,7 +175,11 @@ export async function startOnlineReencrypt(
             status.totalBytes = total;
           },
         });
-        const counts = { hotzones: run.hotzones, yieldedMs: Math.round(run.yieldedMs) };
+        const counts = {
+          hotzones: run.hotzones,
+          yieldedMs: Math.round(run.yieldedMs),
+          suspendedMs: Math.round(run.suspendedMs),
+        };
         if (finished) {
           await run.finish();
           status.state = 'finished';
@@ -232,9 +236,11 @@ class HotzoneMapping {
   readonly #io: DeviceIoStats | undefined;
   /** When the current hotzone began and the client requests completed by then. */
   #since: { t: number; requests: number } | undefined;
-  /** Hotzones started, and the time spent yielding to clients between them. */
+  /** Hotzones started, the time spent yielding to clients between them and the time hotzones were suspended. */
   hotzones = 0;
   yieldedMs = 0;
+  suspendedMs = 0;
+  #suspendedAt = 0;
 
   constructor(
     p: CoreParts,
@@ -330,6 +336,7 @@ class HotzoneMapping {
     for (const n of names) if (n !== dev) await this.#removeHot(n);
     // From here the hotzone's I/O waits, and what was in flight to it is done.
     await dm.suspend(dev);
+    this.#suspendedAt = performance.now();
   }
 
   async done(off: number, len: number): Promise<void> {
@@ -337,6 +344,7 @@ class HotzoneMapping {
     if (!h || h.off !== off || h.len !== len) throw new CryptmapError('EINVAL', 'hotzone out of order');
     await this.#p.dm.load(h.dev, this.#newLine(0, this.#totalSectors));
     await this.#p.dm.resume(h.dev);
+    this.suspendedMs += performance.now() - this.#suspendedAt;
     this.#boundary = this.#backward ? off : off + len;
   }
 

@@ -722,6 +722,12 @@ async function readFull(dev: BlockDevice, off: number, len: number): Promise<Buf
   return b;
 }
 
+/**
+ * Online, a checksum hotzone up to this long is held in memory whole: read and hashed before its I/O
+ * stops, read again once it has, and rewritten from memory (the run loop says why).
+ */
+const PREHASH_MAX_BYTES = 64 << 20;
+
 /** Bytes one pipelined step of a hotzone moves; `STEP_DEPTH` steps are in flight at once. */
 const STEP_BYTES = 4 << 20;
 const STEP_DEPTH = 3;
@@ -1162,6 +1168,9 @@ async function run(
     const bufs = stepBuffers(Math.min(Math.max(maxLen, shift), c.total));
     const sums =
       type === 'checksum' ? Buffer.alloc(Math.ceil(maxLen / c.area.blockBytes) * hashBytes(c.area.hash!)) : null;
+    const hs = sums ? hashBytes(c.area.hash!) : 0;
+    /** Online checksum hotzones up to PREHASH_MAX_BYTES: the whole hotzone in memory (see the loop). */
+    const pre = sums && o.hotzone && maxLen <= PREHASH_MAX_BYTES ? Buffer.alloc(Math.min(maxLen, c.total)) : null;
     try {
       while (next) {
         const { off, len } = next;
@@ -1176,13 +1185,37 @@ async function run(
           return false;
         }
         if (!(len > 0) || (type === 'datashift' && len > shift)) fail('Reencryption metadata is invalid.');
+        const h = pre?.subarray(0, len);
+        if (h && sums) {
+          // Online: read and hash the hotzone while clients still use it. Once its I/O has stopped it
+          // is read again and only the blocks a client changed in between are hashed again, so the
+          // hotzone's I/O waits for a read, the header commits and the rewrite, not for the hashing.
+          await inSteps(len, bufs, async (pos, b) => {
+            const x = h.subarray(pos, pos + b.length);
+            await data.read(sourceOffset(c, off) + pos, x);
+            await blockSumsYielding(c.area.hash!, x, c.area.blockBytes, sums, (pos / c.area.blockBytes) * hs);
+          });
+        }
         await o.hotzone?.start(off, len);
         if (type !== 'none') {
           hotSegments(c, off, len);
-          if (sums) {
+          if (h && sums) {
+            const bb = c.area.blockBytes;
+            await inSteps(len, bufs, async (pos, b) => {
+              await data.read(sourceOffset(c, off) + pos, b);
+              if (b.equals(h.subarray(pos, pos + b.length))) return;
+              for (let k = 0; k < b.length; k += bb) {
+                const now = b.subarray(k, k + bb);
+                if (now.equals(h.subarray(pos + k, pos + k + bb))) continue;
+                now.copy(h, pos + k);
+                blockSums(c.area.hash!, now, bb, sums, ((pos + k) / bb) * hs);
+              }
+            });
+            await meta.write(c.area.offset, sums.subarray(0, (len / bb) * hs));
+            await meta.flush();
+          } else if (sums) {
             // The hotzone is read twice (here for its checksums, then to rewrite it) so that memory
             // stays a few steps long whatever the hotzone's length (cryptsetup's reaches 1 GiB).
-            const hs = hashBytes(c.area.hash!);
             await inSteps(len, bufs, async (pos, b) => {
               await data.read(sourceOffset(c, off) + pos, b);
               await blockSumsYielding(c.area.hash!, b, c.area.blockBytes, sums, (pos / c.area.blockBytes) * hs);
@@ -1198,11 +1231,20 @@ async function run(
           }
           await vol.commitJson(c.j);
         }
-        await inSteps(len, bufs, async (pos, b) => {
-          await data.read(sourceOffset(c, off) + pos, b);
-          await transform(c, b, off + pos);
-          await data.write(c.newOff + off + pos, b);
-        });
+        if (h && sums) {
+          // Read since the hotzone's I/O stopped: what is on the device now.
+          await inSteps(len, bufs, async (pos, b) => {
+            const x = h.subarray(pos, pos + b.length);
+            await transform(c, x, off + pos);
+            await data.write(c.newOff + off + pos, x);
+          });
+        } else {
+          await inSteps(len, bufs, async (pos, b) => {
+            await data.read(sourceOffset(c, off) + pos, b);
+            await transform(c, b, off + pos);
+            await data.write(c.newOff + off + pos, b);
+          });
+        }
         if (type !== 'none' || o.hotzone) await data.flush();
         next = following(c, off, len, maxLen);
         if (next && type !== 'none') {
@@ -1218,6 +1260,7 @@ async function run(
       }
     } finally {
       for (const b of bufs) b.fill(0);
+      pre?.fill(0);
     }
     await data.flush();
     await finish(vol, c, data);

@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import { FaultDevice } from '../../src/blockdev/fault.js';
 import type { BlockDevice } from '../../src/blockdev/types.js';
 import { createSectorCipher } from '../../src/engine/index.js';
-import { initReencrypt, inReencryption, Luks2Volume, runReencrypt } from '../../src/luks/index.js';
+import { type HotzoneHooks, initReencrypt, inReencryption, Luks2Volume, runReencrypt } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
 import { cloneDevice, FAST_PBKDF2, memDev, P } from './helpers.js';
 
@@ -81,6 +81,65 @@ for (const [resilience, cipher] of [
     assert.ok(n > 20, `only ${n} writes`);
   });
 }
+
+test('online (checksum): a client write between the hotzone read and its suspension is hashed again; a crash after every write resumes to what the client wrote', async () => {
+  const base = memDev(SIZE);
+  const v = await Luks2Volume.format(base, PASS, {
+    offsetBytes: OFF,
+    keyslotsBytes: OFF - 0x8000,
+    keyslot: { kdf: FAST_PBKDF2 },
+  });
+  const { volumeKey } = await v.unlock(PASS);
+  const oldKey = Buffer.from(volumeKey.expose());
+  volumeKey.dispose();
+  const plain = randomBytes(DATA);
+  const enc = Buffer.from(plain);
+  const c = createSectorCipher({ spec: 'aes-xts-plain64', key: oldKey, sectorBytes: 512 });
+  c.encrypt(enc, 0n);
+  await base.write(OFF, enc);
+  await initReencrypt(v, PASS, { kdf: FAST_PBKDF2, resilience: 'checksum' });
+  let n = 0;
+  try {
+    for (; ; n++) {
+      const img = await cloneDevice(base, (s) => memDev(s), SIZE);
+      const want = Buffer.from(plain);
+      let writes = 0;
+      // The client: once the run has read and hashed a hotzone (old layout still live), it writes
+      // 1 KiB across two blocks of it in the old layout, as the volume's table then maps it.
+      const client: HotzoneHooks = {
+        async start(off) {
+          const at = off + 512;
+          const p = randomBytes(1024);
+          p.copy(want, at);
+          const x = Buffer.from(p);
+          c.encrypt(x, BigInt(at / 512));
+          await img.write(OFF + at, x);
+          writes++;
+        },
+        async done() {},
+      };
+      let crashed = false;
+      try {
+        const fv = await Luks2Volume.open(new FaultDevice(img, { crashAfterWrites: n }));
+        assert.equal(await runReencrypt(fv, PASS, { hotzoneBytes: 64 << 10, hotzone: client }), true);
+      } catch (e) {
+        if (!(e instanceof CryptmapError && e.code === 'EFAULT_CRASH')) throw e;
+        crashed = true;
+      }
+      assert.ok(writes > 0 || n < 3, `no client write before a crash after ${n} writes`);
+      const left = await Luks2Volume.open(img);
+      if (crashed && inReencryption(left.jsonSnapshot())) assert.equal(await runReencrypt(left, PASS), true);
+      const j = (await Luks2Volume.open(img)).jsonSnapshot();
+      assert.equal(inReencryption(j), false, `after ${n} writes`);
+      assert.ok((await plaintext(img)).equals(want), `plaintext damaged after a crash after ${n} writes`);
+      if (!crashed) break;
+    }
+  } finally {
+    c.dispose();
+    oldKey.fill(0);
+  }
+  assert.ok(n > 10, `only ${n} writes`);
+});
 
 test('reencrypt --resilience none interrupted: the data written so far is flushed before the header records the progress', async () => {
   const base = memDev(SIZE);
