@@ -56,6 +56,8 @@ interface Best {
   cores: number;
   /** pool runs: thread sleeps per job and jobs per JS wake-up of the best run */
   pool?: { sleepsPerJob: number; jobsPerWakeup: number };
+  /** CPU ms per GiB encrypted by thread, of the best run */
+  byThread?: { js: number; pool: number; other: number };
 }
 
 const native = loadNative();
@@ -73,7 +75,13 @@ for (const sb of [512, 4096] as const) {
   const best = new Map<string, Best>();
   const keep = (
     what: string,
-    r: { encryptMBps: number; decryptMBps: number; encryptCores: number; pool?: Best['pool'] },
+    r: {
+      encryptMBps: number;
+      decryptMBps: number;
+      encryptCores: number;
+      pool?: Best['pool'];
+      encryptCpuMsPerGiB?: Best['byThread'];
+    },
   ) => {
     const b = best.get(what);
     const cpu = r.encryptMBps / r.encryptCores;
@@ -84,6 +92,7 @@ for (const sb of [512, 4096] as const) {
       cpu: Math.max(b?.cpu ?? 0, cpu),
       cores: better ? r.encryptCores : b.cores,
       pool: better ? r.pool : b.pool,
+      byThread: better ? r.encryptCpuMsPerGiB : b.byThread,
     });
   };
   let osslNote: string | undefined;
@@ -150,6 +159,10 @@ for (const sb of [512, 4096] as const) {
         `${pool.cores.toFixed(2)} cores used; per CPU-second ${(pool.cpu / base.cpu).toFixed(2)} of the base` +
         (pool.pool
           ? `; ${pool.pool.sleepsPerJob.toFixed(2)} thread sleeps per job, ${pool.pool.jobsPerWakeup.toFixed(1)} jobs per JS wake-up`
+          : '') +
+        (pool.byThread && base.byThread
+          ? `; CPU ms per GiB: JS thread ${pool.byThread.js.toFixed(1)}, pool threads ${pool.byThread.pool.toFixed(1)}, others ${pool.byThread.other.toFixed(1)}` +
+            ` (base: JS thread ${base.byThread.js.toFixed(1)}, others ${base.byThread.other.toFixed(1)})`
           : ''),
     });
     for (const [, name] of XTS_IMPLS) {

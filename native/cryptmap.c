@@ -644,8 +644,9 @@ enum { IO_NONE = 0, IO_PREAD = 1, IO_PWRITE = 2 };
 
 typedef struct job {
   struct job *next;
-  napi_deferred deferred;
+  napi_deferred deferred; /* promise jobs (cipherRunAsync); NULL for submitted ones (cipherSubmit) */
   napi_ref h_ref, src_ref, dst_ref;
+  int32_t id; /* submitted jobs: the caller's id, reported to the completion callback */
   run_args r;
   int io, fd;
   int64_t foff;
@@ -695,8 +696,16 @@ typedef struct {
   pthread_t th[MAX_POOL_THREADS];
   int started, want, stop;
   int busy;                 /* threads running a job (metrics) */
+  int sleepers;             /* threads waiting on cv */
+  job *stage_head, *stage_tail; /* submitted (cipherSubmit), not yet queued (poolFlush); JS thread only */
+  long staged;
+  size_t staged_bytes;
   napi_threadsafe_function tsfn;
   long inflight; /* JS thread only */
+  /* cipherSubmit's completion callback and the Int32Array it reads the finished ids from (poolBind). */
+  napi_ref done_cb, done_ids;
+  int32_t *ids;
+  size_t ids_cap;
 } pool_t;
 
 typedef struct {
@@ -704,15 +713,10 @@ typedef struct {
   int index;
 } worker_arg;
 
-static void job_finish(napi_env env, job *j) {
-  cm_key *k = j->r.k;
-  k->inflight--;
-  if (k->disposed && k->inflight == 0) key_destroy(k);
+/* The Error a failed job settles with: code ENATIVE, ESHORTIO or the errno name (with errno, syscall). */
+static napi_value job_error(napi_env env, job *j) {
   napi_value v;
-  if (j->ok) {
-    napi_get_undefined(env, &v);
-    napi_resolve_deferred(env, j->deferred, v);
-  } else {
+  {
     napi_value code, msg;
     char text[160];
     const char *c = "ENATIVE";
@@ -735,12 +739,36 @@ static void job_finish(napi_env env, job *j) {
       napi_set_named_property(env, v, "errno", en);
       napi_set_named_property(env, v, "syscall", msg);
     }
-    napi_reject_deferred(env, j->deferred, v);
+  }
+  return v;
+}
+
+/* A promise job's end (cipherRunAsync): settle its promise, drop its references. */
+static void job_finish(napi_env env, job *j) {
+  napi_value v;
+  if (j->ok) {
+    napi_get_undefined(env, &v);
+    napi_resolve_deferred(env, j->deferred, v);
+  } else {
+    napi_reject_deferred(env, j->deferred, job_error(env, j));
   }
   napi_delete_reference(env, j->h_ref);
   napi_delete_reference(env, j->src_ref);
   napi_delete_reference(env, j->dst_ref);
-  free(j);
+}
+
+/* cb(n): the first n ids of the bound Int32Array finished; cb(-1, id, error): job id failed. */
+static void call_done(napi_env env, pool_t *p, int32_t n, int32_t failed, napi_value err) {
+  napi_value cb, recv, argv[3];
+  if (napi_get_reference_value(env, p->done_cb, &cb) != napi_ok || napi_get_undefined(env, &recv) != napi_ok) return;
+  napi_create_int32(env, n, &argv[0]);
+  size_t argc = 1;
+  if (n < 0) {
+    napi_create_int32(env, failed, &argv[1]);
+    argv[2] = err;
+    argc = 3;
+  }
+  napi_call_function(env, recv, cb, argc, argv, NULL);
 }
 
 /* On the JS thread: deliver every finished job (one wake-up may carry many). */
@@ -754,12 +782,33 @@ static void pool_call_js(napi_env env, napi_value js_cb, void *context, void *da
   p->done_head = p->done_tail = NULL;
   p->notified = 0;
   pthread_mutex_unlock(&p->mu);
+  /* Submitted jobs' ids are reported together (one JS call per ids_cap of them), failures one by one. */
+  int32_t n_ids = 0;
   while (j) {
     job *n = j->next;
-    job_finish(env, j);
+    cm_key *k = j->r.k;
+    k->inflight--;
+    if (k->disposed && k->inflight == 0) key_destroy(k);
+    if (j->deferred) {
+      job_finish(env, j);
+    } else if (!j->ok) {
+      napi_handle_scope scope;
+      if (napi_open_handle_scope(env, &scope) == napi_ok) {
+        call_done(env, p, -1, j->id, job_error(env, j));
+        napi_close_handle_scope(env, scope);
+      }
+    } else {
+      p->ids[n_ids++] = j->id;
+      if ((size_t)n_ids == p->ids_cap) {
+        call_done(env, p, n_ids, 0, NULL);
+        n_ids = 0;
+      }
+    }
+    free(j);
     if (--p->inflight == 0) napi_unref_threadsafe_function(env, p->tsfn);
     j = n;
   }
+  if (n_ids > 0) call_done(env, p, n_ids, 0, NULL);
 }
 
 static void *pool_worker(void *arg) {
@@ -772,7 +821,9 @@ static void *pool_worker(void *arg) {
     pthread_mutex_lock(&p->mu);
     while (!p->stop && (p->head == NULL || idx >= p->want)) {
       p->n_sleeps++;
+      p->sleepers++;
       pthread_cond_wait(&p->cv, &p->mu);
+      p->sleepers--;
     }
     if (p->stop) {
       pthread_mutex_unlock(&p->mu);
@@ -864,6 +915,11 @@ static void pool_cleanup(void *arg) {
     free(p->done_head);
     p->done_head = n;
   }
+  while (p->stage_head) {
+    job *n = p->stage_head->next;
+    free(p->stage_head);
+    p->stage_head = n;
+  }
   pthread_cond_destroy(&p->cv);
   pthread_mutex_destroy(&p->mu);
   free(p);
@@ -874,7 +930,13 @@ static pool_t *get_pool(napi_env env) {
   if (napi_get_instance_data(env, (void **)&p) == napi_ok && p) return p;
   p = calloc(1, sizeof *p);
   if (!p) return NULL;
-  pthread_mutex_init(&p->mu, NULL);
+  /* Adaptive: the JS thread and the crypt threads hold it for a few instructions, and a contended
+   * lock that sleeps at once costs a futex system call on each side (microseconds in a VM). */
+  pthread_mutexattr_t ma;
+  pthread_mutexattr_init(&ma);
+  pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_ADAPTIVE_NP);
+  pthread_mutex_init(&p->mu, &ma);
+  pthread_mutexattr_destroy(&ma);
   pthread_cond_init(&p->cv, NULL);
   long n = sysconf(_SC_NPROCESSORS_ONLN);
   p->want = n < 1 ? 1 : n > MAX_POOL_THREADS ? MAX_POOL_THREADS : (int)n;
@@ -906,11 +968,20 @@ static int pool_grow(pool_t *p) {
   return p->started > 0;
 }
 
-/* Queue a job on the pool; a[] as parsed by parse_run. Returns the promise or NULL (thrown). */
-static napi_value submit(napi_env env, napi_value *a, run_args r, int io, int fd, int64_t foff) {
+/*
+ * Queue a job on the pool; a[] as parsed by parse_run. id < 0: a promise job (cipherRunAsync), its
+ * handle and buffers referenced until it settles; returns the promise. id >= 0: a submitted job
+ * (cipherSubmit), whose caller keeps the handle and buffers reachable until the completion callback
+ * reports id; returns undefined. NULL when thrown.
+ */
+static napi_value submit(napi_env env, napi_value *a, run_args r, int io, int fd, int64_t foff, int32_t id) {
   pool_t *p = get_pool(env);
   if (!p || !pool_grow(p)) {
     napi_throw_error(env, "ENATIVE", "cannot start the crypt thread pool");
+    return NULL;
+  }
+  if (id >= 0 && !p->done_cb) {
+    napi_throw_error(env, "ENATIVE", "cipherSubmit before poolBind");
     return NULL;
   }
   napi_value promise;
@@ -923,12 +994,31 @@ static napi_value submit(napi_env env, napi_value *a, run_args r, int io, int fd
   j->io = io;
   j->fd = fd;
   j->foff = foff;
-  CHECK(env, napi_create_promise(env, &j->deferred, &promise));
-  CHECK(env, napi_create_reference(env, a[0], 1, &j->h_ref));
-  CHECK(env, napi_create_reference(env, a[2], 1, &j->src_ref));
-  CHECK(env, napi_create_reference(env, a[3], 1, &j->dst_ref));
+  j->id = id;
+  if (id < 0) {
+    if (napi_create_promise(env, &j->deferred, &promise) != napi_ok || napi_create_reference(env, a[0], 1, &j->h_ref) != napi_ok ||
+        napi_create_reference(env, a[2], 1, &j->src_ref) != napi_ok || napi_create_reference(env, a[3], 1, &j->dst_ref) != napi_ok) {
+      /* (a promise whose deferred is dropped stays pending; the throw is what the caller sees) */
+      if (j->h_ref) napi_delete_reference(env, j->h_ref);
+      if (j->src_ref) napi_delete_reference(env, j->src_ref);
+      free(j);
+      napi_throw_error(env, "ENATIVE", "N-API call failed in cipherRunAsync");
+      return NULL;
+    }
+  } else {
+    napi_get_undefined(env, &promise);
+  }
   r.k->inflight++;
   if (p->inflight++ == 0) napi_ref_threadsafe_function(env, p->tsfn);
+  if (id >= 0) {
+    /* Staged: poolFlush queues the whole batch under one lock, with one wake-up per idle thread. */
+    if (p->stage_tail) p->stage_tail->next = j;
+    else p->stage_head = j;
+    p->stage_tail = j;
+    p->staged++;
+    p->staged_bytes += (size_t)r.count * (size_t)r.k->sector_bytes;
+    return promise;
+  }
   pthread_mutex_lock(&p->mu);
   if (p->tail) p->tail->next = j;
   else p->head = j;
@@ -943,11 +1033,113 @@ static napi_value submit(napi_env env, napi_value *a, run_args r, int io, int fd
   return promise;
 }
 
+/* poolFlush(): queue the jobs cipherSubmit staged since the last flush, and wake idle threads for them. */
+static napi_value pool_flush(napi_env env, napi_callback_info info) {
+  (void)info;
+  pool_t *p = get_pool(env);
+  if (!p || !p->stage_head) return NULL;
+  pthread_mutex_lock(&p->mu);
+  if (p->tail) p->tail->next = p->stage_head;
+  else p->head = p->stage_head;
+  p->tail = p->stage_tail;
+  p->queued += p->staged;
+  p->queued_bytes += p->staged_bytes;
+  if (p->started > p->want) {
+    pthread_cond_broadcast(&p->cv); /* see submit */
+  } else {
+    long wake = p->staged < p->sleepers ? p->staged : p->sleepers;
+    for (long i = 0; i < wake; i++) pthread_cond_signal(&p->cv);
+  }
+  pthread_mutex_unlock(&p->mu);
+  p->stage_head = p->stage_tail = NULL;
+  p->staged = 0;
+  p->staged_bytes = 0;
+  return NULL;
+}
+
 static napi_value cipher_run_async(napi_env env, napi_callback_info info) {
   napi_value a[8];
   run_args r;
   if (!parse_run(env, info, a, &r)) return NULL;
-  return submit(env, a, r, IO_NONE, -1, 0);
+  return submit(env, a, r, IO_NONE, -1, 0, -1);
+}
+
+/* An id argument of cipherSubmit: a non-negative int32. */
+static int get_id(napi_env env, napi_value v, int32_t *id) {
+  if (napi_get_value_int32(env, v, id) == napi_ok && *id >= 0) return 1;
+  napi_throw_type_error(env, "EINVAL", "cipherSubmit: id must be a non-negative 32-bit integer");
+  return 0;
+}
+
+/*
+ * cipherSubmit(h, enc, src, dst, count, ivLo, ivHi, ivStep, id[, fd, fileOffset]): cipherRunAsync (or,
+ * with fd, cipherRunFileAsync) without a promise: the completion callback given to poolBind reports id.
+ * The caller keeps h, src and dst reachable until then (nothing here references them): one N-API call
+ * and no V8 handles per request, where the promise form creates a promise and three references. The
+ * job is staged until poolFlush() queues it with the others submitted since the last flush.
+ */
+static napi_value cipher_submit(napi_env env, napi_callback_info info) {
+  napi_value a[11];
+  run_args r;
+  size_t argc = 11;
+  if (napi_get_cb_info(env, info, &argc, a, NULL, NULL) != napi_ok || (argc != 9 && argc != 11)) {
+    napi_throw_type_error(env, "EINVAL", "cipherSubmit: 9 or 11 arguments expected");
+    return NULL;
+  }
+  int32_t id;
+  if (!parse_run(env, info, a, &r) || !get_id(env, a[8], &id)) return NULL;
+  if (argc == 9) return submit(env, a, r, IO_NONE, -1, 0, id);
+  int32_t fd;
+  int64_t foff;
+  double d;
+  if (napi_get_value_int32(env, a[9], &fd) != napi_ok || fd < 0 || napi_get_value_double(env, a[10], &d) != napi_ok || !(d >= 0) || d > 9007199254740991.0 ||
+      (double)(foff = (int64_t)d) != d) {
+    napi_throw_range_error(env, "EINVAL", "cipherSubmit: fd must be a descriptor and fileOffset a non-negative integer");
+    return NULL;
+  }
+  return submit(env, a, r, r.enc ? IO_PWRITE : IO_PREAD, fd, foff, id);
+}
+
+/*
+ * poolBind(callback, ids): the completion callback of cipherSubmit for this environment. The pool
+ * writes finished ids into the Int32Array `ids` and calls callback(n) for the first n of them (several
+ * calls when a batch holds more than ids.length); a failed job calls callback(-1, id, error) (error's
+ * code: ENATIVE, ESHORTIO or the errno name of the failed pread/pwrite, with errno and syscall). Bind
+ * once, before the first cipherSubmit; binding again replaces both.
+ */
+static napi_value pool_bind(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value a[2];
+  CHECK(env, napi_get_cb_info(env, info, &argc, a, NULL, NULL));
+  napi_valuetype t;
+  bool is_ta = false;
+  napi_typedarray_type tt;
+  size_t len = 0;
+  void *data = NULL;
+  if (argc < 2 || napi_typeof(env, a[0], &t) != napi_ok || t != napi_function || napi_is_typedarray(env, a[1], &is_ta) != napi_ok || !is_ta ||
+      napi_get_typedarray_info(env, a[1], &tt, &len, &data, NULL, NULL) != napi_ok || tt != napi_int32_array || len == 0) {
+    napi_throw_type_error(env, "EINVAL", "poolBind(callback, ids): a function and a non-empty Int32Array");
+    return NULL;
+  }
+  pool_t *p = get_pool(env);
+  if (!p) {
+    napi_throw_error(env, "ENATIVE", "cannot create the crypt thread pool");
+    return NULL;
+  }
+  napi_ref cb, ids;
+  CHECK(env, napi_create_reference(env, a[0], 1, &cb));
+  if (napi_create_reference(env, a[1], 1, &ids) != napi_ok) {
+    napi_delete_reference(env, cb);
+    napi_throw_error(env, "ENATIVE", "N-API call failed in poolBind");
+    return NULL;
+  }
+  if (p->done_cb) napi_delete_reference(env, p->done_cb);
+  if (p->done_ids) napi_delete_reference(env, p->done_ids);
+  p->done_cb = cb;
+  p->done_ids = ids;
+  p->ids = data;
+  p->ids_cap = len;
+  return NULL;
 }
 
 /*
@@ -972,7 +1164,7 @@ static napi_value cipher_run_file_async(napi_env env, napi_callback_info info) {
     napi_throw_range_error(env, "EINVAL", "cipherRunFileAsync: fd must be a descriptor and fileOffset a non-negative integer");
     return NULL;
   }
-  return submit(env, a, r, r.enc ? IO_PWRITE : IO_PREAD, fd, foff);
+  return submit(env, a, r, r.enc ? IO_PWRITE : IO_PREAD, fd, foff, -1);
 }
 
 /* poolStats() -> { threads, started, busy, queued, queuedBytes, inflight, jobs, wakeups, sleeps, yields }:
@@ -1233,6 +1425,9 @@ static napi_value init(napi_env env, napi_value exports) {
       {"cipherRun", NULL, cipher_run, NULL, NULL, NULL, napi_enumerable, NULL},
       {"cipherRunAsync", NULL, cipher_run_async, NULL, NULL, NULL, napi_enumerable, NULL},
       {"cipherRunFileAsync", NULL, cipher_run_file_async, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"cipherSubmit", NULL, cipher_submit, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"poolBind", NULL, pool_bind, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"poolFlush", NULL, pool_flush, NULL, NULL, NULL, napi_enumerable, NULL},
       {"cipherDispose", NULL, cipher_dispose, NULL, NULL, NULL, napi_enumerable, NULL},
       {"setXtsImpl", NULL, set_xts_impl, NULL, NULL, NULL, napi_enumerable, NULL},
       {"setPoolThreads", NULL, set_pool_threads, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -6,6 +6,7 @@
  * MB/s are 10^6 bytes per second.
  */
 import { randomFillSync } from 'node:crypto';
+import { readdirSync, readFileSync } from 'node:fs';
 import { wipe } from '../util/bytes.js';
 import { cryptPoolStats, createSectorCipher, setCryptThreads } from './sector-cipher.js';
 import type { SectorBytes, SectorCipherOptions } from './types.js';
@@ -22,6 +23,8 @@ export interface BenchmarkOptions {
    * flight on the pool). The cache footprint matters: compare thread counts at equal buffers.
    */
   buffers?: number;
+  /** Requests kept in flight on the pool (threads > 1; default 4 per thread). */
+  inFlight?: number;
   /** Bytes per request (default 1 MiB). */
   requestBytes?: number;
   /** Time per direction (default 0.15 s). */
@@ -50,18 +53,60 @@ export interface BenchmarkResult {
    * completions each wake-up of the JS thread delivered.
    */
   pool?: { sleepsPerJob: number; jobsPerWakeup: number };
+  /**
+   * CPU milliseconds per GiB encrypted, by thread (Linux /proc/self/task schedstat; absent elsewhere):
+   * the JS thread, the crypt pool's threads, and the process's other threads (V8's, libuv's).
+   */
+  encryptCpuMsPerGiB?: { js: number; pool: number; other: number };
 }
 
-/** [MB/s, CPU cores used] of `work`, which runs until the deadline (performance.now() ms) and returns bytes done. */
-async function measure(work: (deadline: number) => Promise<number>, seconds: number): Promise<[number, number]> {
+/** CPU nanoseconds so far of this process's threads: the JS thread, the crypt pool's, the others; null off Linux. */
+function threadCpu(): { js: number; pool: number; other: number } | null {
+  try {
+    const out = { js: 0, pool: 0, other: 0 };
+    for (const t of readdirSync('/proc/self/task')) {
+      let ns: number;
+      let comm: string;
+      try {
+        ns = Number(readFileSync(`/proc/self/task/${t}/schedstat`, 'utf8').split(' ')[0]);
+        comm = readFileSync(`/proc/self/task/${t}/comm`, 'utf8').trim();
+      } catch {
+        continue; // a thread that ended meanwhile
+      }
+      if (!Number.isFinite(ns)) continue;
+      if (t === String(process.pid)) out.js += ns;
+      else if (comm === 'cryptmap-crypt') out.pool += ns;
+      else out.other += ns;
+    }
+    return out;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * [MB/s, CPU cores used, CPU ms per GiB by thread or undefined] of `work`, which runs until the
+ * deadline (performance.now() ms) and returns bytes done.
+ */
+async function measure(
+  work: (deadline: number) => Promise<number>,
+  seconds: number,
+): Promise<[number, number, BenchmarkResult['encryptCpuMsPerGiB']]> {
   // Warm up briefly (first calls build contexts and fault pages in), then time.
   await work(performance.now() + Math.min(20, seconds * 100));
+  const t0c = threadCpu();
   const c0 = process.cpuUsage();
   const t0 = performance.now();
   const bytes = await work(t0 + seconds * 1000);
   const ms = performance.now() - t0;
   const cpu = process.cpuUsage(c0);
-  return [bytes / (ms * 1000), (cpu.user + cpu.system) / (ms * 1000)];
+  const t1c = t0c && threadCpu();
+  const perGiB = (ns: number) => ns / 1e6 / (bytes / 2 ** 30);
+  const byThread =
+    t0c && t1c && bytes > 0
+      ? { js: perGiB(t1c.js - t0c.js), pool: perGiB(t1c.pool - t0c.pool), other: perGiB(t1c.other - t0c.other) }
+      : undefined;
+  return [bytes / (ms * 1000), (cpu.user + cpu.system) / (ms * 1000), byThread];
 }
 
 /** Measure one configuration; see BenchmarkOptions. */
@@ -77,7 +122,7 @@ export async function benchmarkCipher(o: BenchmarkOptions): Promise<BenchmarkRes
   o.configure?.(c);
   const prevThreads = threads > 1 ? setCryptThreads(threads) : 0;
   try {
-    const inFlight = threads > 1 ? 4 * threads : 1;
+    const inFlight = threads > 1 ? Math.max(1, o.inFlight ?? 4 * threads) : 1;
     const nbufs = Math.max(inFlight, o.buffers ?? 1);
     const bufs = Array.from({ length: nbufs }, () => randomFillSync(Buffer.alloc(requestBytes)));
     const one =
@@ -113,7 +158,7 @@ export async function benchmarkCipher(o: BenchmarkOptions): Promise<BenchmarkRes
         return bytes;
       };
     const s0 = threads > 1 ? cryptPoolStats() : null;
-    const [encryptMBps, encryptCores] = await measure(one(true), seconds);
+    const [encryptMBps, encryptCores, encryptCpuMsPerGiB] = await measure(one(true), seconds);
     const s1 = s0 ? cryptPoolStats() : null;
     const jobs = s0 && s1 ? s1.jobs - s0.jobs : 0;
     const pool =
@@ -132,6 +177,7 @@ export async function benchmarkCipher(o: BenchmarkOptions): Promise<BenchmarkRes
       buffers: nbufs,
       encryptCores,
       pool,
+      ...(encryptCpuMsPerGiB ? { encryptCpuMsPerGiB } : {}),
     };
   } finally {
     c.dispose();

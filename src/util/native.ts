@@ -94,6 +94,38 @@ export interface NativeAddon {
     fd: number,
     fileOffset: number,
   ): Promise<void>;
+  /**
+   * cipherRunAsync (or, with fd and fileOffset, cipherRunFileAsync) without a promise: the pool reports
+   * `id` (a non-negative int32) to the callback given to poolBind when the job ends. The caller keeps h,
+   * src and dst reachable until then (the addon does not reference them). Optional: an addon built
+   * before it was added lacks it (the promise forms are used then).
+   */
+  cipherSubmit?(
+    h: NativeKeyHandle,
+    encrypt: boolean,
+    src: Uint8Array,
+    dst: Uint8Array,
+    count: number,
+    ivLo: number,
+    ivHi: number,
+    ivStep: number,
+    id: number,
+    fd?: number,
+    fileOffset?: number,
+  ): void;
+  /**
+   * cipherSubmit's completion callback for this Node environment: the pool writes finished ids into
+   * `ids` and calls callback(n) for the first n of them (several calls when more finished at once than
+   * `ids` holds); a failed job calls callback(-1, id, error), error's `code` ENATIVE, ESHORTIO or the
+   * errno name of a failed pread/pwrite (with `errno`). Bind once, before the first cipherSubmit.
+   */
+  poolBind?(callback: (n: number, id?: number, error?: unknown) => void, ids: Int32Array): void;
+  /**
+   * Queue the jobs cipherSubmit staged since the last call (cipherSubmit only stages: the jobs of one
+   * turn of the event loop go to the pool's queue together, one lock and at most one wake-up per idle
+   * thread). Call it after the last cipherSubmit of a turn, e.g. from a microtask.
+   */
+  poolFlush?(): void;
   /** Wipe and free the key schedule (deferred until in-flight async runs finish). Idempotent. */
   cipherDispose(h: NativeKeyHandle): void;
   /**

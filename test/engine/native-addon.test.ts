@@ -54,6 +54,42 @@ describe('native addon', () => {
     );
   });
 
+  it('settles thousands of async requests in flight at once, each with its own result (completion batches beyond the id buffer)', async () => {
+    addon();
+    const key = Buffer.alloc(64);
+    for (let i = 0; i < 64; i++) key[i] = (i * 29 + 3) & 0xff;
+    const c = createSectorCipher({ spec: 'aes-xts-plain64', key, backend: 'native', asyncMinBytes: 0 });
+    try {
+      const n = 3000;
+      const src = Array.from({ length: n }, (_, i) => Buffer.alloc(512 * (1 + (i % 3)), i & 0xff));
+      const want = src.map((b, i) => {
+        const out = Buffer.alloc(b.length);
+        c.encrypt(b, BigInt(i * 8), out);
+        return out;
+      });
+      const got = src.map((b) => Buffer.alloc(b.length));
+      // Out-of-place and in-place requests mixed; one turn submits them all.
+      await Promise.all(
+        src.map((b, i) =>
+          i % 2 ? c.encryptAsync(b, BigInt(i * 8), got[i]) : c.encryptAsync(got[i]!.fill(b), BigInt(i * 8)),
+        ),
+      );
+      for (let i = 0; i < n; i++) assert.ok(got[i]!.equals(want[i]!), `request ${i}`);
+      // Decryption back, and a rejected request (misaligned) among good ones does not disturb them.
+      const back = await Promise.allSettled([
+        ...got.map((b, i) => c.decryptAsync(b, BigInt(i * 8))),
+        c.decryptAsync(Buffer.alloc(100), 0n),
+      ]);
+      assert.equal(back.at(-1)!.status, 'rejected');
+      for (let i = 0; i < n; i++) {
+        assert.equal(back[i]!.status, 'fulfilled');
+        assert.ok(got[i]!.equals(src[i]!), `request ${i} back`);
+      }
+    } finally {
+      c.dispose();
+    }
+  });
+
   it('has an id for every IV generator of the table and every chain mode, each distinct', () => {
     const a = addon();
     const ivs = Object.keys(IV_GENERATORS);

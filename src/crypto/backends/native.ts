@@ -83,6 +83,103 @@ export function pieces(r: SectorRun, maxBytes = MAX_PIECE_BYTES): Piece[] {
   return out;
 }
 
+/**
+ * The requests this thread has on the crypt pool through cipherSubmit: per id, the promise's settle
+ * functions and what the request must keep reachable until it ends (key handle, source, destination).
+ * One table per addon (per Node environment); its callback settles a whole batch of completions in
+ * one call from the pool. Per request: one N-API call and one promise (the promise form costs a
+ * promise, three references and a second promise for the error mapping).
+ */
+class SubmitTable {
+  readonly #addon: NativeAddon;
+  readonly #resolve: (() => void)[] = [];
+  readonly #reject: ((e: unknown) => void)[] = [];
+  /** Per id: the handle, source and destination (3 slots per id). */
+  readonly #hold: unknown[] = [];
+  /** Per id: whether the job carried file I/O (its errors keep the addon's errno code). */
+  readonly #file: boolean[] = [];
+  readonly #free: number[] = [];
+  readonly #ids = new Int32Array(1024);
+  #flushQueued = false;
+
+  constructor(addon: NativeAddon) {
+    this.#addon = addon;
+    addon.poolBind!(this.#done, this.#ids);
+  }
+
+  #done = (n: number, id?: number, error?: unknown): void => {
+    if (n < 0) {
+      const reject = this.#reject[id!]!;
+      const file = this.#file[id!]!;
+      this.#release(id!);
+      reject(file ? fileError(error) : nativeError(error));
+      return;
+    }
+    const ids = this.#ids;
+    for (let i = 0; i < n; i++) {
+      const x = ids[i]!;
+      const resolve = this.#resolve[x]!;
+      this.#release(x);
+      resolve();
+    }
+  };
+
+  #flush = (): void => {
+    this.#flushQueued = false;
+    this.#addon.poolFlush!();
+  };
+
+  #release(id: number): void {
+    const hold = this.#hold;
+    hold[3 * id] = hold[3 * id + 1] = hold[3 * id + 2] = undefined;
+    this.#resolve[id] = noop;
+    this.#reject[id] = noop;
+    this.#free.push(id);
+  }
+
+  submit(h: NativeKeyHandle, r: SectorRun, fd: number, fileOffset: number): Promise<void> {
+    const id = this.#free.length > 0 ? this.#free.pop()! : this.#resolve.length;
+    try {
+      if (fd < 0) this.#addon.cipherSubmit!(h, r.encrypt, r.src, r.dst, r.count, r.ivLo, r.ivHi, r.ivStep, id);
+      else this.#addon.cipherSubmit!(h, r.encrypt, r.src, r.dst, r.count, r.ivLo, r.ivHi, r.ivStep, id, fd, fileOffset);
+    } catch (e) {
+      this.#free.push(id);
+      return Promise.reject(nativeError(e));
+    }
+    if (!this.#flushQueued) {
+      // Requests submitted in this turn (the continuations of a batch of completions) reach the
+      // pool's queue together: one lock and one wake-up per idle thread for the batch.
+      this.#flushQueued = true;
+      queueMicrotask(this.#flush);
+    }
+    const hold = this.#hold;
+    hold[3 * id] = h;
+    hold[3 * id + 1] = r.src;
+    hold[3 * id + 2] = r.dst;
+    this.#file[id] = fd >= 0;
+    return new Promise<void>((resolve, reject) => {
+      this.#resolve[id] = resolve;
+      this.#reject[id] = reject;
+    });
+  }
+}
+
+function noop(): void {}
+
+let submitTable: SubmitTable | null = null;
+
+/** The submit table of `addon`, or null when the addon has no cipherSubmit (an older build). */
+function submitTableOf(addon: NativeAddon): SubmitTable | null {
+  if (
+    typeof addon.cipherSubmit !== 'function' ||
+    typeof addon.poolBind !== 'function' ||
+    typeof addon.poolFlush !== 'function'
+  )
+    return null;
+  submitTable ??= new SubmitTable(addon);
+  return submitTable;
+}
+
 class NativeTransform implements SectorTransform {
   #h: NativeKeyHandle | null;
   constructor(
@@ -105,8 +202,9 @@ class NativeTransform implements SectorTransform {
   }
   runAsync(r: SectorRun): Promise<void> {
     const h = this.#handle();
-    // One promise per request on the common path: the JS thread's work per request is the pool's
-    // main overhead (the src/dst/handle stay referenced by the addon until the promise settles).
+    // The JS thread's work per request is the pool's main overhead: one N-API call and one promise.
+    const table = submitTableOf(this.addon);
+    if (table !== null && r.src.byteLength <= MAX_PIECE_BYTES) return table.submit(h, r, -1, 0);
     const ps = pieces(r);
     const p =
       ps.length === 1
@@ -118,6 +216,8 @@ class NativeTransform implements SectorTransform {
   }
   runFileAsync(r: SectorRun, fd: number, fileOffsetBytes: number): Promise<void> {
     const h = this.#handle();
+    const table = submitTableOf(this.addon);
+    if (table !== null && r.src.byteLength <= MAX_PIECE_BYTES) return table.submit(h, r, fd, fileOffsetBytes);
     const sectorBytes = r.src.byteLength / r.count;
     const ps = pieces(r);
     const one = (x: Piece, off: number) =>
@@ -133,11 +233,8 @@ class NativeTransform implements SectorTransform {
               return one(x, at);
             }),
           ).then(() => undefined);
-    // I/O errors keep the addon's errno code (the device layer reports them); others become CryptmapErrors.
     return p.catch((e: unknown) => {
-      const code = (e as { code?: unknown }).code;
-      if ((e as { errno?: unknown }).errno !== undefined || code === 'ESHORTIO') throw e;
-      throw nativeError(e);
+      throw fileError(e);
     });
   }
   /** Benchmarks and tests: 0 auto, 1 EVP xts, 2 own over ECB, 3 AES-NI, 4 vaes512, 5 vaes256 (see NativeAddon.setXtsImpl). */
@@ -159,6 +256,13 @@ function nativeError(e: unknown): CryptmapError {
     errno: code === 'EINVAL' || code === 'EOVERLAP' ? 'EINVAL' : 'EIO',
     cause: e,
   });
+}
+
+/** A file job's error: I/O errors keep the addon's errno code (the device layer reports them); others become CryptmapErrors. */
+function fileError(e: unknown): unknown {
+  const code = (e as { code?: unknown }).code;
+  if ((e as { errno?: unknown }).errno !== undefined || code === 'ESHORTIO') return e;
+  return nativeError(e);
 }
 
 function rethrowNative(e: unknown): never {
