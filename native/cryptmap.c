@@ -15,8 +15,8 @@
  *     (OpenSSL clears cipher contexts on free) and cleanses our key copy. Each concurrent run takes a
  *     context set from a small per-key free list, so requests on one key can run on several threads;
  *   - async runs go to our own crypt thread pool (like dm-crypt's kcryptd workqueue; size settable,
- *     default the CPU count), completions come back through a thread-safe function: no copies,
- *     buffers pinned by references until the promise settles; while the queue is deep, completions
+ *     default the CPU count), completions come back through a libuv async handle: no copies,
+ *     buffers pinned by references until the promise settles (cipherSubmit: by the caller); while the queue is deep, completions
  *     are delivered in batches (see pool_worker);
  *   - a job may carry its file I/O (cipherRunFileAsync): pread then decrypt, or encrypt then pwrite,
  *     on the same crypt thread, so a file-backed crypt target needs one hand-off per request.
@@ -37,6 +37,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <uv.h>
 
 #include "cm-errno.h"
 #include "xts-vaes.h"
@@ -616,7 +617,7 @@ static napi_value cipher_run(napi_env env, napi_callback_info info) {
 
 /*
  * The crypt thread pool (dm-crypt's kcryptd): a fixed set of worker threads per Node environment,
- * a FIFO of requests, and completions delivered to the JS thread through a thread-safe function.
+ * a FIFO of requests, and completions delivered to the JS thread through a libuv async handle (one wake-up per batch).
  * Requests queue when all threads are busy, so a pool of N threads stays saturated with more than N
  * requests in flight. Its size is settable (setPoolThreads) and defaults to the online CPU count.
  */
@@ -700,7 +701,14 @@ typedef struct {
   job *stage_head, *stage_tail; /* submitted (cipherSubmit), not yet queued (poolFlush); JS thread only */
   long staged;
   size_t staged_bytes;
-  napi_threadsafe_function tsfn;
+  /* Wake-ups of the JS thread: a libuv async handle of the environment's loop (uv_async_send is
+   * lock-free; a thread-safe function's queue takes a mutex its caller holds across the eventfd write,
+   * on which the JS thread then blocked), referenced while jobs are in flight. */
+  uv_async_t *async;
+  napi_env env;
+  napi_ref resource;
+  napi_async_context actx;
+  napi_async_cleanup_hook_handle cleanup;
   long inflight; /* JS thread only */
   /* cipherSubmit's completion callback and the Int32Array it reads the finished ids from (poolBind). */
   napi_ref done_cb, done_ids;
@@ -768,15 +776,14 @@ static void call_done(napi_env env, pool_t *p, int32_t n, int32_t failed, napi_v
     argv[2] = err;
     argc = 3;
   }
-  napi_call_function(env, recv, cb, argc, argv, NULL);
+  if (napi_call_function(env, recv, cb, argc, argv, NULL) == napi_pending_exception) {
+    napi_value e;
+    if (napi_get_and_clear_last_exception(env, &e) == napi_ok) napi_fatal_exception(env, e);
+  }
 }
 
-/* On the JS thread: deliver every finished job (one wake-up may carry many). */
-static void pool_call_js(napi_env env, napi_value js_cb, void *context, void *data) {
-  (void)js_cb;
-  (void)data;
-  pool_t *p = context;
-  if (env == NULL) return; /* environment shutting down: pool_cleanup frees what is left */
+/* On the JS thread, in a callback scope (microtasks run after): deliver every finished job (one wake-up may carry many). */
+static void pool_deliver(napi_env env, pool_t *p) {
   pthread_mutex_lock(&p->mu);
   job *j = p->done_head;
   p->done_head = p->done_tail = NULL;
@@ -805,10 +812,25 @@ static void pool_call_js(napi_env env, napi_value js_cb, void *context, void *da
       }
     }
     free(j);
-    if (--p->inflight == 0) napi_unref_threadsafe_function(env, p->tsfn);
+    if (--p->inflight == 0) uv_unref((uv_handle_t *)p->async);
     j = n;
   }
   if (n_ids > 0) call_done(env, p, n_ids, 0, NULL);
+}
+
+/* The async handle's callback (JS thread): deliver in a callback scope, as a thread-safe function would. */
+static void pool_on_async(uv_async_t *h) {
+  pool_t *p = h->data;
+  napi_env env = p->env;
+  napi_handle_scope hs;
+  if (napi_open_handle_scope(env, &hs) != napi_ok) return;
+  napi_value res;
+  napi_callback_scope cs;
+  if (napi_get_reference_value(env, p->resource, &res) == napi_ok && napi_open_callback_scope(env, res, p->actx, &cs) == napi_ok) {
+    pool_deliver(env, p);
+    napi_close_callback_scope(env, cs);
+  }
+  napi_close_handle_scope(env, hs);
 }
 
 static void *pool_worker(void *arg) {
@@ -879,7 +901,7 @@ static void *pool_worker(void *arg) {
     int yield = (pending || wake) && p->queued <= p->want && (double)bytes * p->ns_per_byte >= YIELD_MIN_JOB_NS;
     if (yield) p->n_yields++;
     pthread_mutex_unlock(&p->mu);
-    if (wake) napi_call_threadsafe_function(p->tsfn, NULL, napi_tsfn_nonblocking);
+    if (wake) uv_async_send(p->async);
     /*
      * Hand the CPU to the JS thread. With every CPU running a crypt thread (2 threads on 2 CPUs), the
      * woken JS thread waits on a run queue until a crypt thread sleeps or its time slice (milliseconds)
@@ -897,8 +919,17 @@ static void *pool_worker(void *arg) {
   }
 }
 
-static void pool_cleanup(void *arg) {
+static void pool_free(uv_handle_t *h) {
+  pool_t *p = h->data;
+  napi_remove_async_cleanup_hook(p->cleanup);
+  free(h);
+  free(p);
+}
+
+/* Environment teardown: stop the threads, drop what never finished, close the handle (then pool_free). */
+static void pool_cleanup(napi_async_cleanup_hook_handle handle, void *arg) {
   pool_t *p = arg;
+  p->cleanup = handle;
   pthread_mutex_lock(&p->mu);
   p->stop = 1;
   pthread_cond_broadcast(&p->cv);
@@ -922,7 +953,7 @@ static void pool_cleanup(void *arg) {
   }
   pthread_cond_destroy(&p->cv);
   pthread_mutex_destroy(&p->mu);
-  free(p);
+  uv_close((uv_handle_t *)p->async, pool_free);
 }
 
 static pool_t *get_pool(napi_env env) {
@@ -940,15 +971,24 @@ static pool_t *get_pool(napi_env env) {
   pthread_cond_init(&p->cv, NULL);
   long n = sysconf(_SC_NPROCESSORS_ONLN);
   p->want = n < 1 ? 1 : n > MAX_POOL_THREADS ? MAX_POOL_THREADS : (int)n;
-  napi_value name;
-  napi_create_string_utf8(env, "cryptmap.cryptPool", NAPI_AUTO_LENGTH, &name);
-  if (napi_create_threadsafe_function(env, NULL, NULL, name, 0, 1, NULL, NULL, p, pool_call_js, &p->tsfn) != napi_ok) {
+  napi_value name, res;
+  uv_loop_t *loop;
+  p->env = env;
+  p->async = malloc(sizeof *p->async);
+  if (!p->async || napi_get_uv_event_loop(env, &loop) != napi_ok || napi_create_string_utf8(env, "cryptmap.cryptPool", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_object(env, &res) != napi_ok || napi_create_reference(env, res, 1, &p->resource) != napi_ok ||
+      napi_async_init(env, res, name, &p->actx) != napi_ok || uv_async_init(loop, p->async, pool_on_async) != 0) {
+    /* (a reference or async context made before the failure goes with the environment) */
+    pthread_cond_destroy(&p->cv);
+    pthread_mutex_destroy(&p->mu);
+    free(p->async);
     free(p);
     return NULL;
   }
-  napi_unref_threadsafe_function(env, p->tsfn);
+  p->async->data = p;
+  uv_unref((uv_handle_t *)p->async);
   napi_set_instance_data(env, p, NULL, NULL);
-  napi_add_env_cleanup_hook(env, pool_cleanup, p);
+  napi_add_async_cleanup_hook(env, pool_cleanup, p, NULL);
   return p;
 }
 
@@ -1009,7 +1049,7 @@ static napi_value submit(napi_env env, napi_value *a, run_args r, int io, int fd
     napi_get_undefined(env, &promise);
   }
   r.k->inflight++;
-  if (p->inflight++ == 0) napi_ref_threadsafe_function(env, p->tsfn);
+  if (p->inflight++ == 0) uv_ref((uv_handle_t *)p->async);
   if (id >= 0) {
     /* Staged: poolFlush queues the whole batch under one lock, with one wake-up per idle thread. */
     if (p->stage_tail) p->stage_tail->next = j;

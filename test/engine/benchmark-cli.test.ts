@@ -77,6 +77,7 @@ describe('cryptmap benchmark', () => {
       'oneThreadDecryptMBps',
       'oneThreadEncryptMBps',
       'poolCores',
+      'poolInFlight',
       'poolPerCpuRatio',
       'poolRatio',
       'poolSleepsPerRequest',
@@ -90,6 +91,7 @@ describe('cryptmap benchmark', () => {
     assert.equal(r.keyBits, 256);
     assert.equal(r.sectorSize, 4096);
     assert.equal(r.threads, 2);
+    assert.equal(r.poolInFlight, 8, '4 requests in flight per thread');
     assert.ok((r.encryptMBps as number) > 0 && (r.decryptMBps as number) > 0);
   });
 
@@ -104,7 +106,7 @@ describe('cryptmap benchmark', () => {
     const { out } = await run(['--cipher', 'aes-xts', '--threads', '2', '--seconds', '0.01']);
     assert.match(
       out,
-      /aes-xts-plain64\s+512b\s+[\d.]+ MB\/s\s+[\d.]+ MB\/s\n# +1 thread, same buffers\s+[\d.]+ MB\/s\s+[\d.]+ MB\/s\s+pool [\d.]+x \([\d.]+ cores used; per CPU-second [\d.]+x; [\d.]+ thread sleeps per request\)/,
+      /aes-xts-plain64\s+512b\s+[\d.]+ MB\/s\s+[\d.]+ MB\/s\n# +1 thread, same buffers\s+[\d.]+ MB\/s\s+[\d.]+ MB\/s\s+pool [\d.]+x \(8 requests in flight; [\d.]+ cores used; per CPU-second [\d.]+x; [\d.]+ thread sleeps per request\)/,
     );
     const one = await run(['--cipher', 'aes-cbc', '--json', '--seconds', '0.01']);
     const rows = JSON.parse(one.out) as Record<string, unknown>[];
