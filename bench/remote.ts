@@ -13,6 +13,8 @@
  * to an RBD image against cryptmap's LUKS2 volume on another image (`--no-ceph` leaves it out).
  *
  * Usage: npm run bench:remote [-- --size-mib 512 --repeat 3 --connections 4 --ceph-size-mib 256 --no-ceph]
+ * Also prints each process's CPU seconds per GiB moved (nbdcopy, the storage server, the cryptmap
+ * child). BENCH_CHILD_NODE_FLAGS='--cpu-prof --cpu-prof-dir=DIR' profiles the cryptmap child.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
@@ -51,6 +53,25 @@ async function waitFor(path: string, child: ChildProcess, what: string): Promise
 const CEPH_MINI = fileURLToPath(new URL('../../scripts/ceph-mini.sh', import.meta.url));
 const loadavg = () => readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+/** /proc/PID/stat fields after the command name: [11] utime, [12] stime, [13] cutime, [14] cstime (ticks). */
+function statTicks(pid: number | 'self'): number[] {
+  const f = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  return f
+    .slice(f.lastIndexOf(')') + 2)
+    .split(' ')
+    .map((x) => Number(x));
+}
+/** CPU seconds (user + system, all threads) process `pid` used so far; NaN without one. */
+const cpuOf = (pid: number | undefined) => {
+  if (pid === undefined) return Number.NaN;
+  const t = statTicks(pid);
+  return (t[11]! + t[12]!) / 100;
+};
+/** CPU seconds of this process's children that were waited for (nbdcopy runs, once they exited). */
+const reapedCpu = () => {
+  const t = statTicks('self');
+  return (t[13]! + t[14]!) / 100;
+};
 
 // ---------------------------------------------------------------- child: the cryptmap daemon core
 
@@ -124,10 +145,18 @@ async function main(): Promise<void> {
     const keyFile = join(dir, 'key');
     writeFileSync(keyFile, 'bench remote passphrase', { mode: 0o600 });
 
-    const nbdcopyMbps = async (args: string[], bytes: number) => {
+    /**
+     * One nbdcopy pass: MB/s, and CPU seconds per GiB of nbdcopy, of the storage server `storagePid`
+     * and of the cryptmap child `cmPid` (when given) during the pass.
+     */
+    const nbdcopyPass = async (args: string[], bytes: number, storagePid?: number, cmPid?: number) => {
+      const c0 = [reapedCpu(), cpuOf(storagePid), cpuOf(cmPid)];
       const t0 = process.hrtime.bigint();
       await run('nbdcopy', args, 'libnbd-bin');
-      return bytes / 1e6 / (Number(process.hrtime.bigint() - t0) / 1e9);
+      const mbps = bytes / 1e6 / (Number(process.hrtime.bigint() - t0) / 1e9);
+      const c1 = [reapedCpu(), cpuOf(storagePid), cpuOf(cmPid)];
+      const perGiB = c1.map((c, i) => ((c - c0[i]!) * 1073741824) / bytes);
+      return { mbps, copy: perGiB[0]!, storage: perGiB[1]!, cryptmap: perGiB[2]! };
     };
     const randomFile = (path: string, bytes: number) => {
       // Random bytes (holes would let nbdcopy skip work).
@@ -148,6 +177,7 @@ async function main(): Promise<void> {
       peerUri: string,
       bytes: number,
       passes: number,
+      pids: { peer?: number; storage?: number },
       extra?: (r: Record<string, number[]>, src: string) => Promise<void>,
     ) => {
       const srcN = join(dir, `${tag}-src.img`);
@@ -177,6 +207,7 @@ async function main(): Promise<void> {
         process.execPath,
         [
           ...process.execArgv,
+          ...(process.env.BENCH_CHILD_NODE_FLAGS?.split(' ').filter((x) => x !== '') ?? []),
           fileURLToPath(import.meta.url),
           '--child',
           cmSock,
@@ -195,12 +226,22 @@ async function main(): Promise<void> {
       const cryptSrc = join(dir, `${tag}-crypt-src.img`);
       randomFile(cryptSrc, cryptSize);
       const r: Record<string, number[]> = { peerR: [], peerW: [], clientR: [], clientW: [], cryptR: [], cryptW: [] };
+      const pass = async (key: string, args: string[], n: number, storagePid?: number, cmPid?: number) => {
+        const p = await nbdcopyPass(args, n, storagePid, cmPid);
+        for (const [k, v] of [
+          [key, p.mbps],
+          [`${key}.copy`, p.copy],
+          [`${key}.storage`, p.storage],
+          [`${key}.cryptmap`, p.cryptmap],
+        ] as const)
+          (r[k] ??= []).push(v);
+      };
       for (let i = 0; i < passes; i++) {
-        r.peerW!.push(await nbdcopyMbps([srcN, peerUri], bytes));
-        r.peerR!.push(await nbdcopyMbps([peerUri, 'null:'], bytes));
+        await pass('peerW', [srcN, peerUri], bytes, pids.peer);
+        await pass('peerR', [peerUri, 'null:'], bytes, pids.peer);
         if (extra) await extra(r, srcN);
-        r.cryptW!.push(await nbdcopyMbps([cryptSrc, cryptUri], cryptSize));
-        r.cryptR!.push(await nbdcopyMbps([cryptUri, 'null:'], cryptSize));
+        await pass('cryptW', [cryptSrc, cryptUri], cryptSize, pids.storage, cm.pid);
+        await pass('cryptR', [cryptUri, 'null:'], cryptSize, pids.storage, cm.pid);
       }
       const gone = new Promise((res) => cm.once('exit', res));
       cm.kill('SIGTERM');
@@ -214,6 +255,23 @@ async function main(): Promise<void> {
     };
     const f = (x: number) => x.toFixed(0).padStart(6);
     const q = (x: number) => x.toFixed(2);
+    /** CPU seconds per GiB of each process in a pass (medians), as `nbdcopy a, storage b, cryptmap c`. */
+    const cpuLine = (m: Record<string, number>, key: string) =>
+      ['copy', 'storage', 'cryptmap']
+        .map((c) => [c === 'copy' ? 'nbdcopy' : c, m[`${key}.${c}`]] as const)
+        .filter(([, v]) => v !== undefined && !Number.isNaN(v))
+        .map(([c, v]) => `${c} ${v!.toFixed(2)}`)
+        .join(', ');
+    const cpuTable = (m: Record<string, number>) => {
+      console.log('CPU seconds per GiB moved (median), per process:');
+      for (const [k, what] of [
+        ['peerW', 'peer write'],
+        ['peerR', 'peer read'],
+        ['cryptW', 'crypt write'],
+        ['cryptR', 'crypt read'],
+      ] as const)
+        console.log(`  ${what.padEnd(12)} ${cpuLine(m, k)}`);
+    };
 
     // (a) nbdkit memory, large enough for the volume plus its LUKS2 header; the peer gets its own
     // export of exactly sizeBytes (nbdcopy copies a whole export).
@@ -233,11 +291,19 @@ async function main(): Promise<void> {
     await waitFor(peerSock, peer, 'nbdkit');
     const peerUri = `nbd+unix:///?socket=${peerSock}`;
     let dev: NbdDevice | undefined;
-    const m = await storage('kit', exportUri, peerUri, sizeBytes, repeat, async (r) => {
-      // The client alone reads the export that holds the crypt volume.
-      dev ??= await NbdDevice.open(exportUri, { connections: conns });
-      r.clientR!.push(await clientPass(dev, 'read', sizeBytes, 256 << 10, 64));
-    });
+    const m = await storage(
+      'kit',
+      exportUri,
+      peerUri,
+      sizeBytes,
+      repeat,
+      { peer: peer.pid, storage: kit.pid },
+      async (r) => {
+        // The client alone reads the export that holds the crypt volume.
+        dev ??= await NbdDevice.open(exportUri, { connections: conns });
+        r.clientR!.push(await clientPass(dev, 'read', sizeBytes, 256 << 10, 64));
+      },
+    );
     await dev?.close();
     // Client writes go to the peer's export (writing the crypt export would destroy the LUKS2 header).
     const wdev = await NbdDevice.open(peerUri, { connections: conns });
@@ -256,6 +322,7 @@ async function main(): Promise<void> {
     console.log(
       `ratio crypt / nbdcopy:   write ${q(m.cryptW! / m.peerW!)}  read ${q(m.cryptR! / m.peerR!)}  (target 0.8)`,
     );
+    cpuTable(m);
 
     // (b) Ceph RBD (scripts/ceph-mini.sh: one mon, one bluestore OSD on tmpfs, qemu-nbd's rbd driver).
     if (!values['no-ceph']) {
@@ -267,7 +334,7 @@ async function main(): Promise<void> {
         await ceph(['up', cephDir]);
         const cryptRbd = (await ceph(['export', cephDir, 'rbd/crypt', `${(cephBytes >> 20) + 32}M`])).trim();
         const peerRbd = (await ceph(['export', cephDir, 'rbd/peer', `${cephBytes >> 20}M`])).trim();
-        const c = await storage('ceph', cryptRbd, peerRbd, cephBytes, repeat);
+        const c = await storage('ceph', cryptRbd, peerRbd, cephBytes, repeat, {});
         console.log(
           `\nremote storage: Ceph RBD via qemu-nbd (1 OSD, bluestore on ${shm}), ${cephBytes >> 20} MiB, median of ${repeat}; load average ${loadavg()}`,
         );
@@ -275,6 +342,7 @@ async function main(): Promise<void> {
         console.log(`nbdcopy -> RBD export (peer)     ${f(c.peerW!)}      ${f(c.peerR!)}`);
         console.log(`nbdcopy -> cryptmap LUKS2 -> client ${f(c.cryptW!)}   ${f(c.cryptR!)}`);
         console.log(`ratio crypt / nbdcopy:   write ${q(c.cryptW! / c.peerW!)}  read ${q(c.cryptR! / c.peerR!)}`);
+        cpuTable(c);
       } catch (e) {
         console.log(`\nCeph RBD: not measured: ${(e as Error).message}`);
       } finally {

@@ -43,6 +43,14 @@ export interface WriteFlags {
    * place instead of into a copy). The NBD server sets it for WRITE payloads it owns.
    */
   scratch?: boolean;
+  /**
+   * With `scratch`: the device may keep `data` (or part of it) after the write settled, as the NBD
+   * client keeps acknowledged writes until a FLUSH covers them, instead of copying it. It calls
+   * `hold()` before the write settles and the function that returns once it lets go (at most once
+   * each); the caller reuses the buffer only after every hold was let go. A device that passes
+   * `data` itself down may pass `hold` with it; one that writes another buffer must not.
+   */
+  hold?: () => () => void;
 }
 
 /** Options of writeZeroes (NBD_CMD_WRITE_ZEROES flags). */

@@ -3,10 +3,72 @@
  * exact-length messages. A message that lies inside one chunk is returned as a view of it (no copy:
  * request headers, small writes); a message spanning chunks is copied once into a new buffer.
  *
+ * Direct reads (`direct`, on a socket `adoptSocket` made): the queue names where each socket read
+ * lands (Node's `onread`) instead of taking a fresh 64 KiB chunk per read. A payload of
+ * DIRECT_MIN_BYTES or more that is not queued whole is read by the socket straight into the buffer
+ * `alloc` made for it, so the kernel's copy out of the socket is the only one (and no fresh pages
+ * are faulted in per read); everything else is read into a reused scratch buffer. While payloads
+ * stream this way (a run of large WRITEs), the reads between them take exactly one header, so the
+ * payload after it is not pulled into scratch; two headers in a row (READs) end that, and reads
+ * fill scratch again (many small requests per system call).
+ *
  * Backpressure: when more than `highWaterBytes` are queued the socket is paused, and resumed when
  * the consumer drains below half of it. The consumer pulls only as fast as it is willing to work.
  */
+import { Socket, type SocketConstructorOpts } from 'node:net';
 import type { Duplex } from 'node:stream';
+
+/** Payloads at least this large are read by the socket straight into their buffer (direct mode). */
+export const DIRECT_MIN_BYTES = 16 << 10;
+/** Bytes of the scratch buffer direct-mode reads fill when no payload is due. */
+const SCRATCH_BYTES = 64 << 10;
+/** A read after a whole header, before the consumer saw it (the payload's buffer is not known yet). */
+const STALE_READ_BYTES = 4096;
+
+/** Who says where an adopted socket's reads land (see adoptSocket). */
+interface SocketReader {
+  take(next: () => Uint8Array, got: (n: number, buf: Uint8Array) => void): void;
+}
+const readers = new WeakMap<Duplex, SocketReader>();
+
+/**
+ * The same connection as `accepted` (a socket net.Server handed over, which has no `onread`), as a
+ * socket whose reads land where a reader says: until a RecvQueue takes it over (`direct`), in a
+ * scratch buffer whose bytes are emitted as ordinary 'data' events (copies), so the handshake and a
+ * STARTTLS upgrade see it as any socket. Returns `accepted` itself when it has no handle to move.
+ */
+export function adoptSocket(accepted: Socket): Socket {
+  const a = accepted as unknown as { _handle: unknown };
+  const handle = a._handle;
+  if (handle === null || handle === undefined) return accepted;
+  const scratch = Buffer.allocUnsafe(SCRATCH_BYTES);
+  let next: () => Uint8Array = () => scratch;
+  let got = (n: number, buf: Uint8Array) => {
+    s.emit('data', Buffer.from(buf.subarray(0, n)));
+  };
+  // The old wrapper lets go of the handle; destroying it settles net.Server's connection count.
+  a._handle = null;
+  accepted.destroy();
+  const s: Socket = new Socket({
+    handle,
+    readable: true,
+    writable: true,
+    onread: {
+      buffer: () => next(),
+      callback: (n: number, buf: Uint8Array) => {
+        got(n, buf);
+        return true;
+      },
+    },
+  } as SocketConstructorOpts);
+  readers.set(s, {
+    take(nx, g) {
+      next = nx;
+      got = g;
+    },
+  });
+  return s;
+}
 
 export class ConnectionClosed extends Error {
   constructor() {
@@ -27,6 +89,17 @@ export class RecvQueue {
   #source: Duplex | null = null;
   readonly #highWaterBytes: number;
   readonly #onData = (chunk: Buffer) => this.push(chunk);
+  // direct mode (see the module comment)
+  #scratch: Buffer | undefined;
+  /** The payload being read in place: its buffer, how far it is filled, and who waits for it. */
+  #sink: { buf: Buffer; at: number; done: () => void } | undefined;
+  /** The view of #sink the socket was last told to read into. */
+  #view: Uint8Array | undefined;
+  /** Bytes of one header: while payloads stream, the reads between them take only this much. */
+  #headerBytes = 0;
+  #streaming = false;
+  /** The last message taken was a header (no payload after it yet). */
+  #afterHeader = false;
   readonly #onEnd = () => this.close();
 
   constructor(highWaterBytes: number) {
@@ -58,6 +131,73 @@ export class RecvQueue {
     const rest = this.#queued > 0 ? this.#take(this.#queued) : null;
     this.#paused = false;
     return rest;
+  }
+
+  /**
+   * Switch to direct reads if `source` (the attached source) is a socket adoptSocket made; `headerBytes`
+   * is the size of the messages between payloads. False (nothing changes) for other streams (TLS).
+   */
+  direct(source: Duplex, headerBytes: number): boolean {
+    const reader = readers.get(source);
+    if (reader === undefined || source !== this.#source) return false;
+    this.#headerBytes = headerBytes;
+    this.#scratch = Buffer.allocUnsafe(SCRATCH_BYTES);
+    reader.take(
+      () => this.#nextBuffer(),
+      (n, buf) => this.#got(n, buf),
+    );
+    return true;
+  }
+
+  /** Where the socket's next read goes (direct mode). */
+  #nextBuffer(): Uint8Array {
+    const sink = this.#sink;
+    if (sink !== undefined && !this.#closed) {
+      this.#view = sink.buf.subarray(sink.at);
+      return this.#view;
+    }
+    let scratch = this.#scratch!;
+    // Queued bytes still in scratch must not be overwritten: the next read takes a fresh one.
+    for (const c of this.#chunks) {
+      if (c.buffer === scratch.buffer) {
+        scratch = this.#scratch = Buffer.allocUnsafe(SCRATCH_BYTES);
+        break;
+      }
+    }
+    if (this.#streaming) {
+      // Exactly the rest of the next header; once it is here and not taken yet (the consumer runs
+      // after this read), a short read, so that little of the payload after it lands in scratch.
+      if (this.#queued < this.#headerBytes) return scratch.subarray(0, this.#headerBytes - this.#queued);
+      if (this.#queued < this.#headerBytes + STALE_READ_BYTES) return scratch.subarray(0, STALE_READ_BYTES);
+    }
+    return scratch;
+  }
+
+  /**
+   * `n` bytes arrived at the start of `buf` (direct mode). Node asks for the next buffer right after
+   * this callback, before the consumer ran, so a read chosen before a payload was due may still land
+   * in scratch: its bytes are copied into the payload, and what follows the payload is queued.
+   */
+  #got(n: number, buf: Uint8Array): void {
+    if (this.#closed || n <= 0) return;
+    const sink = this.#sink;
+    if (sink === undefined) {
+      this.push((buf as Buffer).subarray(0, n));
+      return;
+    }
+    let m = n;
+    if (buf === this.#view) this.#view = undefined;
+    else {
+      m = Math.min(n, sink.buf.length - sink.at);
+      sink.buf.set(buf.subarray(0, m), sink.at);
+    }
+    sink.at += m;
+    this.#received += m;
+    if (sink.at === sink.buf.length) {
+      this.#sink = undefined;
+      sink.done();
+    }
+    if (m < n) this.push((buf as Buffer).subarray(m, n));
   }
 
   get queuedBytes(): number {
@@ -113,8 +253,40 @@ export class RecvQueue {
   async read(n: number, alloc?: (n: number) => Buffer): Promise<Buffer> {
     const b = this.tryRead(n, alloc);
     if (b) return b;
+    if (alloc !== undefined && this.#scratch !== undefined && n >= DIRECT_MIN_BYTES && !this.#closed)
+      return this.#readInPlace(n, alloc);
     await this.#waitFor(n);
     return this.#take(n, alloc);
+  }
+
+  /** A payload read by the socket straight into its buffer, after what is queued already. */
+  #readInPlace(n: number, alloc: (n: number) => Buffer): Promise<Buffer> {
+    const out = alloc(n);
+    const have = this.#queued;
+    if (have > 0) {
+      const head = this.#take(have);
+      out.set(head, 0);
+    }
+    this.#afterHeader = false;
+    this.#streaming = true;
+    return new Promise<Buffer>((resolve, reject) => {
+      this.#sink = {
+        buf: out,
+        at: have,
+        done: () => {
+          this.#wake = null;
+          resolve(out);
+        },
+      };
+      // close() wakes the waiter: a sink not filled by then fails.
+      this.#wake = () => {
+        if (this.#sink !== undefined && this.#closed) {
+          this.#sink = undefined;
+          reject(new ConnectionClosed());
+        }
+      };
+      this.#maybeResume(true);
+    });
   }
 
   /** Discard `n` bytes as they arrive, without buffering them all (oversized payloads). */
@@ -153,7 +325,15 @@ export class RecvQueue {
     if (n === 0 || !first) return Buffer.alloc(0);
     const avail = first.length - this.#head;
     let out: Buffer;
-    if (avail >= n) {
+    if (this.#scratch !== undefined) {
+      // Direct mode: two headers in a row end a payload stream; a payload never stays a view of
+      // scratch (the device may keep it past the next read).
+      if (alloc === undefined) {
+        if (this.#afterHeader) this.#streaming = false;
+        this.#afterHeader = true;
+      } else this.#afterHeader = false;
+    }
+    if (avail >= n && (alloc === undefined || this.#scratch === undefined)) {
       out = first.subarray(this.#head, this.#head + n);
       this.#advance(n);
     } else {

@@ -20,6 +20,7 @@ import { createSecureContext, type SecureContext } from 'node:tls';
 import { CryptmapError, EXIT_BUSY, fromSystemError } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import { listenUnixSocket } from '../util/unix-socket.js';
+import { adoptSocket } from '../nbd-wire/recv.js';
 import { Connection } from './connection.js';
 import { PayloadBudget } from './budget.js';
 import { BufferPool } from './pool.js';
@@ -276,7 +277,7 @@ export class NbdServer {
       return n;
     };
     const l: Listener = {
-      server: createServer({ pauseOnConnect: false, noDelay: true }, (sock) => this.#accept(l, sock)),
+      server: createServer({ pauseOnConnect: true, noDelay: true }, (sock) => this.#accept(l, sock)),
       tls,
       maxConnections: cap(opts.maxConnections, this.#maxConnections, 'maxConnections'),
       maxPerPeer: tcp ? cap(opts.maxConnectionsPerPeer, this.#maxConnectionsPerPeer, 'maxConnectionsPerPeer') : 0,
@@ -306,7 +307,8 @@ export class NbdServer {
       sock.destroy();
       return;
     }
-    const conn = new Connection(this.#ctx, sock, this.#handshakeTimeoutMs, l.tls);
+    // Re-wrapped so that WRITE payloads can be read straight into their buffers (RecvQueue.direct).
+    const conn = new Connection(this.#ctx, adoptSocket(sock), this.#handshakeTimeoutMs, l.tls);
     this.#connections.add(conn);
     l.connections.add(conn);
     if (l.maxPerPeer > 0) l.perPeer.set(peer, (l.perPeer.get(peer) ?? 0) + 1);

@@ -230,13 +230,49 @@ async function readDevice(dev: BlockDevice, offset: number, buf: Buffer): Promis
   }
 }
 
-/** A WRITE payload is the server's own buffer, dropped or pooled afterwards: the device may use it as scratch. */
-const WRITE_FLAGS: WriteFlags = { scratch: true };
-const WRITE_FUA_FLAGS: WriteFlags = { fua: true, scratch: true };
-
-async function writeDevice(dev: BlockDevice, offset: number, data: Buffer, fua: boolean): Promise<void> {
+/**
+ * A WRITE payload is the server's own buffer: the device may use it as scratch, and keep it past the
+ * write (`hold`, the NBD client's replay copy); it goes back to the pool once the write succeeded and
+ * every hold was let go (after a failure it is left to the GC: parts of a fanned-out write may still
+ * be reading it).
+ */
+async function writeDevice(
+  conn: Connection,
+  dev: BlockDevice,
+  offset: number,
+  data: Buffer,
+  fua: boolean,
+): Promise<void> {
   const max = dev.limits.maxRequestBytes;
-  const flags = fua && dev.capabilities.fua ? WRITE_FUA_FLAGS : WRITE_FLAGS;
+  let holds = 0;
+  let written = false;
+  const pool = conn.server.pool;
+  const flags: WriteFlags = {
+    scratch: true,
+    hold: () => {
+      holds++;
+      let held = true;
+      return () => {
+        if (!held) return;
+        held = false;
+        if (--holds === 0 && written) pool.release(data);
+      };
+    },
+  };
+  if (fua && dev.capabilities.fua) flags.fua = true;
+  await writeParts(dev, offset, data, fua, flags, max);
+  written = true;
+  if (holds === 0) pool.release(data);
+}
+
+async function writeParts(
+  dev: BlockDevice,
+  offset: number,
+  data: Buffer,
+  fua: boolean,
+  flags: WriteFlags,
+  max: number,
+): Promise<void> {
   if (data.length <= max) await dev.write(offset, data, flags);
   else {
     for (let done = 0; done < data.length; done += max) {
@@ -370,7 +406,9 @@ const write: CommandOps = {
   pastEnd: NBD_ENOSPC,
   payload: true,
   async run(conn, req, data) {
-    if (req.length > 0) await writeDevice(conn.export!.device, req.offset, data!, (req.flags & NBD_CMD_FLAG_FUA) !== 0);
+    if (req.length > 0)
+      await writeDevice(conn, conn.export!.device, req.offset, data!, (req.flags & NBD_CMD_FLAG_FUA) !== 0);
+    else conn.server.pool.release(data!);
     replyOk(conn, req);
   },
 };
@@ -547,10 +585,8 @@ async function execute(
   cost: number,
 ): Promise<void> {
   try {
+    // A WRITE payload goes back to the pool in writeDevice.
     await ops.run(conn, req, data);
-    // The device is done with a WRITE payload once the request succeeded. After a failure it is left
-    // to the GC: parts of a fanned-out write may still be reading it.
-    if (data) conn.server.pool.release(data);
   } catch (e) {
     const { error, message } = toNbdError(e);
     if (e instanceof CryptmapError)
@@ -580,6 +616,8 @@ async function execute(
 
 export async function transmit(conn: Connection): Promise<void> {
   const rx = conn.rx;
+  // A plain socket reads large WRITE payloads straight into their buffers (TLS decrypts into its own).
+  if (!conn.tlsActive) rx.direct(conn.socket, REQUEST_HEADER_BYTES);
   try {
     for (;;) {
       if (conn.draining) break;

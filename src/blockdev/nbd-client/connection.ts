@@ -51,6 +51,12 @@ import { socketReader } from './transport.js';
 const DIRECT_MIN = 16 << 10;
 /** Bytes of a simple reply header, and of a structured chunk header's first part. */
 const FIRST_HEADER_READ = 16;
+/**
+ * With structured replies, the first read of a reply while large READs are in flight: an
+ * OFFSET_DATA chunk's header and offset (20 + 8), so its data follows in place after one read, not
+ * three. Bytes of a shorter reply beyond it (at most 12) belong to the next one and are parsed from scratch.
+ */
+const DATA_CHUNK_HEAD = 28;
 
 /** Largest error chunk payload: 4096-byte message + the fixed fields. */
 const MAX_ERROR_PAYLOAD = 4096 + 14;
@@ -294,10 +300,12 @@ export class NbdConnection {
       return this.#bigReads > 0 ? scratch.subarray(0, Math.min(this.#sinkLeft, scratch.length)) : scratch;
     }
     if (this.#bigReads === 0) return scratch;
-    return scratch.subarray(
-      0,
-      this.#st === St.MAGIC && this.#hdrHave === 0 ? FIRST_HEADER_READ : this.#hdrNeed - this.#hdrHave,
-    );
+    if (this.#st === St.MAGIC && this.#hdrHave === 0)
+      return scratch.subarray(0, this.n.structuredReplies ? DATA_CHUNK_HEAD : FIRST_HEADER_READ);
+    // A data chunk's offset follows its header: both in one read.
+    const more =
+      this.#st === St.CHUNK && this.#hdrHave >= 8 && this.#hdr.readUInt16BE(6) === NBD_REPLY_TYPE_OFFSET_DATA ? 8 : 0;
+    return scratch.subarray(0, this.#hdrNeed - this.#hdrHave + more);
   }
 
   /** `n` bytes arrived at the start of `buf` (a buffer #nextBuffer named). */

@@ -116,6 +116,8 @@ interface Req extends WireRequest {
   reject(e: Error): void;
   /** An internal replay of a retained write (not a caller's request). */
   replay?: boolean;
+  /** The caller's WriteFlags.hold: keep `buf` for replay instead of copying it. */
+  hold?: () => () => void;
 }
 
 interface Retained {
@@ -125,6 +127,8 @@ interface Retained {
   offset: number;
   length: number;
   data?: Buffer;
+  /** `data` is the caller's buffer, held (WriteFlags.hold): let go of it with this. */
+  release?: () => void;
 }
 
 const isWriteType = (t: number): boolean => t === NBD_CMD_WRITE || t === NBD_CMD_TRIM || t === NBD_CMD_WRITE_ZEROES;
@@ -334,9 +338,11 @@ export class NbdDevice implements BlockDevice {
     const fua = flags?.fua === true;
     const wireFua = fua && this.capabilities.fua ? NBD_CMD_FLAG_FUA : 0;
     const max = this.limits.maxRequestBytes;
+    // A buffer the caller hands over (scratch) and lets us hold is kept for replay without a copy.
+    const hold = flags?.scratch === true ? flags.hold : undefined;
     if (this.#throttled()) await this.#throttle();
     if (data.length <= max) {
-      await this.#run(NBD_CMD_WRITE, wireFua, offsetBytes, data.length, data);
+      await this.#run(NBD_CMD_WRITE, wireFua, offsetBytes, data.length, data, hold);
     } else {
       const parts: Promise<unknown>[] = [];
       for (let at = 0; at < data.length; at += max) {
@@ -347,6 +353,7 @@ export class NbdDevice implements BlockDevice {
             offsetBytes + at,
             Math.min(max, data.length - at),
             data.subarray(at, at + max),
+            hold,
           ),
         );
       }
@@ -449,7 +456,7 @@ export class NbdDevice implements BlockDevice {
    */
   fence(why: string): void {
     if (this.#state === 'closed' || this.#failure !== undefined) return;
-    this.#retained = [];
+    this.#dropRetained();
     this.#retainedBytes = 0;
     this.#freeCopies.clear();
     this.#freeCopyBytes = 0;
@@ -470,7 +477,7 @@ export class NbdDevice implements BlockDevice {
     this.#returned = [];
     for (const c of this.#conns) c.close();
     this.#conns = [];
-    this.#retained = [];
+    this.#dropRetained();
     this.#retainedBytes = 0;
     this.#freeCopies.clear();
     this.#freeCopyBytes = 0;
@@ -527,6 +534,7 @@ export class NbdDevice implements BlockDevice {
     offset: number,
     length: number,
     buf?: Uint8Array,
+    hold?: () => () => void,
   ): Promise<RawExtent[] | undefined> {
     return new Promise((resolve, reject) => {
       const r: Req = {
@@ -540,6 +548,7 @@ export class NbdDevice implements BlockDevice {
         done: (err, ext) => this.#done(r, err, ext),
       };
       if (buf !== undefined) r.buf = buf;
+      if (hold !== undefined) r.hold = hold;
       if (isWriteType(type)) {
         r.seq = ++this.#writeSeq;
         this.#unacked.add(r);
@@ -615,7 +624,11 @@ export class NbdDevice implements BlockDevice {
           length: r.length,
         };
         if (r.type === NBD_CMD_WRITE) {
-          kept.data = this.#copyOut(r.buf!);
+          const b = r.buf!;
+          if (r.hold !== undefined) {
+            kept.release = r.hold();
+            kept.data = Buffer.isBuffer(b) ? b : Buffer.from(b.buffer, b.byteOffset, b.byteLength);
+          } else kept.data = this.#copyOut(b);
           this.#retainedBytes += r.length;
         }
         this.#retained.push(kept);
@@ -671,6 +684,12 @@ export class NbdDevice implements BlockDevice {
     return out;
   }
 
+  /** Forget every replay copy (held buffers are let go: the caller may reuse them). */
+  #dropRetained(): void {
+    for (const k of this.#retained) k.release?.();
+    this.#retained = [];
+  }
+
   /** A FLUSH covering every write up to `barrier` succeeded: their copies are no longer needed. */
   #release(barrier: number): void {
     if (this.#retained.length === 0) return;
@@ -681,6 +700,8 @@ export class NbdDevice implements BlockDevice {
       if (k.seq > barrier) {
         keep.push(k);
         bytes += k.data?.length ?? 0;
+      } else if (k.release !== undefined) {
+        k.release();
       } else if (k.data !== undefined && k.data.length >= 4096) {
         done.push(k.data);
       }

@@ -50,6 +50,13 @@ const SCRATCH_IDLE_BYTES = 16 << 20;
  * keep the pool. README, "Why the data path's thresholds are what they are", has the measurements.
  */
 const WRITE_ASYNC_MIN_BYTES = availableParallelism() > 2 ? 0 : 1 << 20;
+/**
+ * Reads from a device without DirectIo (an NBD client, mapped devices below) below this size are
+ * decrypted on the calling thread when there are two CPUs or fewer: there the client reading the
+ * export, the storage server and the NBD peer keep both CPUs busy, so a hand-off to the crypt pool
+ * buys no parallelism and costs its wake-ups (README, "Why the data path's thresholds are what they are").
+ */
+const READ_ASYNC_MIN_BYTES = availableParallelism() > 2 ? 0 : 1 << 20;
 
 /**
  * Requests above this size on a device that offers DirectIo (a file) go to the crypt pool as one job
@@ -315,7 +322,8 @@ export const crypt: TargetType = {
             return;
           }
           await dev.read(base + o, buf);
-          await c.decryptAsync(buf, BigInt(o / 512));
+          if (direct === undefined && buf.length < READ_ASYNC_MIN_BYTES) c.decrypt(buf, BigInt(o / 512));
+          else await c.decryptAsync(buf, BigInt(o / 512));
         },
         async write(o, data, wflags) {
           const c = live();
