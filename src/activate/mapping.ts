@@ -45,6 +45,20 @@ export interface CryptMapping extends ActivationFlags {
   ivLargeSectors?: boolean;
   /** Keyslot that unlocked the volume (LUKS), for status. */
   keyslot?: number;
+  /**
+   * LUKS2 opened (or resumed) with --disable-keyring: cryptsetup keeps such a volume key in the crypt
+   * target, not the kernel keyring (status "key location: dm-crypt"), so resize asks no passphrase.
+   * The daemon keeps every key the same way either way.
+   */
+  keyNotInKeyring?: boolean;
+}
+
+/**
+ * Where cryptsetup 2.6 says a volume key is ("key location:"): the kernel keyring for LUKS2 unless
+ * --disable-keyring, the crypt target (dm-crypt) for LUKS1 and plain (lib/setup.c use_keyring).
+ */
+export function keyLocation(m: Pick<CryptMapping, 'type' | 'keyNotInKeyring'>): 'keyring' | 'dm-crypt' {
+  return m.type === 'LUKS2' && m.keyNotInKeyring !== true ? 'keyring' : 'dm-crypt';
 }
 
 /** The keyring description a mapping's volume key is stored under. */

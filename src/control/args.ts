@@ -55,6 +55,7 @@ export function mappingFromJson(v: unknown): CryptMapping {
   if (o.ivLargeSectors === true) m.ivLargeSectors = true;
   if (typeof o.header === 'string') m.header = o.header;
   if (isUint(o.keyslot)) m.keyslot = o.keyslot as number;
+  if (o.keyNotInKeyring === true) m.keyNotInKeyring = true;
   return m;
 }
 

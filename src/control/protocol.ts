@@ -82,7 +82,8 @@ export interface ControlOps {
   /** `shared`: cryptsetup's --shared, no exclusive-access check of the device (daemon/volume-lifecycle.ts). */
   'volume.open': { args: { mapping: MappingJson; shared?: boolean }; key: 'required'; result: VolumeStatus };
   'volume.suspend': { args: Name; result: VolumeStatus };
-  'volume.resume': { args: Name; key: 'required'; result: VolumeStatus };
+  /** `disableKeyring`: cryptsetup luksResume --disable-keyring (the key location becomes dm-crypt; else keyring). */
+  'volume.resume': { args: Name & { disableKeyring?: boolean }; key: 'required'; result: VolumeStatus };
   'volume.refresh': { args: Name & { flags: RefreshFlags }; key: 'required'; result: VolumeStatus };
   /** LUKS2 volumes need the key (cryptsetup asks for the passphrase), others not. */
   'volume.resize': { args: Name & { sizeSectors?: number }; key: 'optional'; result: VolumeStatus };

@@ -170,10 +170,10 @@ export class DaemonCore {
   }
 
   /** luksResume with the volume key (volume-lifecycle.ts). Takes a copy of the key. */
-  resumeVolume(name: string, volumeKey: Secret): Promise<VolumeStatus> {
+  resumeVolume(name: string, volumeKey: Secret, opts: { disableKeyring?: boolean } = {}): Promise<VolumeStatus> {
     return this.#volumeVerb(name, () => {
       this.#notInReencryption(name);
-      return lifecycle.resumeVolume(this.#parts, name, volumeKey);
+      return lifecycle.resumeVolume(this.#parts, name, volumeKey, opts);
     });
   }
 

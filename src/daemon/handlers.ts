@@ -18,7 +18,8 @@ export function daemonHandlers(core: DaemonCore): OpHandlers {
     'volume.open': (a) =>
       withKey(a, (key) => core.openVolume(mappingFromJson(a.mapping), key, { shared: a.shared === true })),
     'volume.suspend': async (a) => core.suspendVolume(nameArg(a.name)),
-    'volume.resume': (a) => withKey(a, (key) => core.resumeVolume(nameArg(a.name), key)),
+    'volume.resume': (a) =>
+      withKey(a, (key) => core.resumeVolume(nameArg(a.name), key, { disableKeyring: a.disableKeyring === true })),
     'volume.refresh': (a) => {
       const name = nameArg(a.name);
       const f = a.flags ?? {};

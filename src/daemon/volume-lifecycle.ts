@@ -7,7 +7,14 @@ import { createHmac, randomBytes } from 'node:crypto';
 import { allFlags } from '../activate/flags.js';
 import { checkExclusiveAccess } from '../blockdev/exclusive.js';
 import { loopBackingFile } from '../blockdev/loop.js';
-import { type CryptMapping, cryptTableLine, dmUuid, keyDescription, keyRefArg } from '../activate/mapping.js';
+import {
+  type CryptMapping,
+  cryptTableLine,
+  dmUuid,
+  keyDescription,
+  keyLocation,
+  keyRefArg,
+} from '../activate/mapping.js';
 import type { RefreshFlags } from '../control/protocol.js';
 import type { MappedDevice } from '../dm/index.js';
 import { nbdUnixUri } from '../nbd/index.js';
@@ -159,7 +166,12 @@ export async function suspendVolume(p: CoreParts, name: string): Promise<void> {
  * Errors as cryptsetup 2.6: not active -> exit 4; not LUKS, not suspended -> exit 1. On failure the
  * device stays suspended with its key wiped (retryable).
  */
-export async function resumeVolume(p: CoreParts, name: string, volumeKey: Secret): Promise<void> {
+export async function resumeVolume(
+  p: CoreParts,
+  name: string,
+  volumeKey: Secret,
+  opts: { disableKeyring?: boolean } = {},
+): Promise<void> {
   const { dev, m } = activeVolume(p, name, notLuksActive(name));
   if (!dev.suspended)
     throw new CryptmapError('ENOTSUSPENDED', `Volume ${name} is not suspended.`, {
@@ -193,6 +205,13 @@ export async function resumeVolume(p: CoreParts, name: string, volumeKey: Secret
     throw new CryptmapError('ERESUME', `Error during resuming device ${name}.`, { exitCode: EXIT_FAILURE, cause: e });
   }
   delete rec.suspendedKeyTag;
+  // cryptsetup: the resumed key is in the keyring again unless --disable-keyring (LUKS2 only).
+  if (m.type === 'LUKS2') {
+    const next: CryptMapping = { ...m };
+    if (opts.disableKeyring) next.keyNotInKeyring = true;
+    else delete next.keyNotInKeyring;
+    rec.mapping = next;
+  }
   log.info('volume resumed', { name });
 }
 
@@ -214,8 +233,8 @@ export async function refreshVolume(p: CoreParts, name: string, flags: RefreshFl
 /**
  * cryptsetup resize (lib/setup.c crypt_resize): measure the volume's device again, then reload its
  * table with `sizeSectors` (default: all of the device after the data offset, rounded down to the
- * crypto sector) and swap it in. For LUKS2 the caller must bring the volume key (cryptsetup asks for
- * the passphrase, the key being in the keyring); it must be the running one. New NBD connections
+ * crypto sector) and swap it in. For LUKS2 with its key in the keyring (not --disable-keyring) the
+ * caller must bring the volume key (cryptsetup asks for the passphrase); it must be the running one. New NBD connections
  * see the new size. Errors as cryptsetup 2.6: not active -> exit 4; misaligned or too large -> 1.
  */
 export async function resizeVolume(
@@ -226,7 +245,7 @@ export async function resizeVolume(
 ): Promise<void> {
   const { dev, m } = activeVolume(p, name);
   if (dev.suspended) throw suspended(name);
-  if (m.type === 'LUKS2') {
+  if (keyLocation(m) === 'keyring') {
     if (volumeKey === undefined)
       throw new CryptmapError('EKEY', `Resizing LUKS2 volume ${name} needs its volume key (the passphrase).`, {
         exitCode: EXIT_FAILURE,

@@ -310,3 +310,34 @@ test('open --device-size: a plain mapping of that many bytes (cryptsetup action_
   assert.deepEqual(await status(), [String(offset / 512), String((32 << 20) / 512 - offset / 512)]);
   assert.equal((await cm('close', '--runtime-dir', fx.run, 'ds')).code, 0);
 });
+
+test('key location as cryptsetup 2.6 reports it: LUKS2 in the keyring unless opened or resumed with --disable-keyring (then resize asks no passphrase), LUKS1 and plain in dm-crypt (compat-test2 [19], [32])', async () => {
+  const { img, key } = await format('luks2', 'kl2');
+  const location = async () =>
+    /key location: (\S+)/.exec((await cm('status', '--runtime-dir', fx.run, 'kl')).stdout)?.[1];
+  let r = await cm('open', '--runtime-dir', fx.run, '--disable-keyring', '--key-file', key, img, 'kl');
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(await location(), 'dm-crypt');
+  // The key is not in the keyring: cryptsetup resizes without asking (empty stdin).
+  r = await cryptmap(['-q', 'resize', '--runtime-dir', fx.run, '--size', '96', 'kl'], '\n');
+  assert.equal(r.code, 0, r.stderr);
+  // luksResume without --disable-keyring puts it in the keyring: resize needs the passphrase again.
+  assert.equal((await cm('luksSuspend', '--runtime-dir', fx.run, 'kl')).code, 0);
+  assert.equal((await cm('luksResume', '--runtime-dir', fx.run, '--key-file', key, 'kl')).code, 0);
+  assert.equal(await location(), 'keyring');
+  r = await cryptmap(['-q', 'resize', '--runtime-dir', fx.run, '--size', '88', 'kl'], '\n');
+  assert.equal(r.code, 2, r.stderr);
+  assert.equal((await cm('luksSuspend', '--runtime-dir', fx.run, 'kl')).code, 0);
+  r = await cm('luksResume', '--runtime-dir', fx.run, '--disable-keyring', '--key-file', key, 'kl');
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(await location(), 'dm-crypt');
+  assert.equal((await cm('close', '--runtime-dir', fx.run, 'kl')).code, 0);
+  // LUKS1 and plain: dm-crypt (cryptsetup uses the keyring for LUKS2 only).
+  const l1 = await format('luks1', 'kl1');
+  assert.equal((await cm('open', '--runtime-dir', fx.run, '--key-file', l1.key, l1.img, 'kl')).code, 0);
+  assert.equal(await location(), 'dm-crypt');
+  assert.equal((await cm('close', '--runtime-dir', fx.run, 'kl')).code, 0);
+  assert.equal((await cryptmap(['create', '--runtime-dir', fx.run, 'kl', l1.img, '--hash', 'sha256'], 'p\n')).code, 0);
+  assert.equal(await location(), 'dm-crypt');
+  assert.equal((await cm('close', '--runtime-dir', fx.run, 'kl')).code, 0);
+});

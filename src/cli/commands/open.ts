@@ -165,7 +165,9 @@ async function prepareLuksFromArgs(
       exitCode: 1,
     });
   }
-  return { mapping: { ...r.mapping, ...flagsFromOptions(v) }, volumeKey: r.volumeKey };
+  const mapping: CryptMapping = { ...r.mapping, ...flagsFromOptions(v) };
+  if (v['disable-keyring'] && mapping.type === 'LUKS2') mapping.keyNotInKeyring = true;
+  return { mapping, volumeKey: r.volumeKey };
 }
 
 /** Send an unlocked mapping to the daemon (the key as raw bytes after the request, control/protocol.ts; wiped here afterwards). */

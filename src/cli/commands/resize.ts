@@ -11,6 +11,7 @@
  * New NBD connections see the new size; connected clients keep the size they negotiated.
  * Exit codes as cryptsetup: not active 4; misaligned, too large, wrong passphrase 1/2.
  */
+import { keyLocation } from '../../activate/mapping.js';
 import type { OpArgs } from '../../control/protocol.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { withDaemon } from '../daemon-client.js';
@@ -42,7 +43,9 @@ const resize: VerbMain = async (argv, io) => {
     // cryptsetup: a detached header not given again leaves the device typeless, and crypt_resize refuses it.
     if (headerMissing(active.st.mapping, v.header)) throw notLuks(name);
     const req: OpArgs<'volume.resize'> = { name, ...(sizeSectors === undefined ? {} : { sizeSectors }) };
-    if (active.st.mapping?.type !== 'LUKS2') await c.call('volume.resize', req);
+    // cryptsetup action_resize asks for the passphrase only when the volume key is in the kernel keyring.
+    const m = active.st.mapping;
+    if (m === undefined || keyLocation(m) !== 'keyring') await c.call('volume.resize', req);
     else
       await sendActiveVolumeKey(io, name, active, v, async (key) => {
         await c.call('volume.resize', req, { key });

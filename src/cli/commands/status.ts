@@ -3,6 +3,7 @@
  * served (NBD URI) and attached. Exit 0 when active, 4 when inactive (as cryptsetup).
  */
 import { statusFlagsLine } from '../../activate/flags.js';
+import { keyLocation } from '../../activate/mapping.js';
 import type { VolumeStatus } from '../../control/protocol.js';
 import { CryptmapError, EXIT_WRONG_DEVICE } from '../../util/errors.js';
 import { withDaemon } from '../daemon-client.js';
@@ -53,7 +54,7 @@ export function formatStatus(s: VolumeStatus, raw = '', headerMissing = false): 
     out += `  type:    ${headerMissing ? 'n/a' : m.type}\n`;
     out += `  cipher:  ${m.cipher}\n`;
     out += `  keysize: ${m.keyBytes * 8} bits\n`;
-    out += `  key location: keyring\n`;
+    out += `  key location: ${keyLocation(m)}\n`;
     out += `  device:  ${m.device}\n`;
     if (m.header) out += `  header:  ${m.header}\n`;
     out += `  sector size:  ${m.sectorBytes}\n`;

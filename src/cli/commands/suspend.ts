@@ -58,7 +58,7 @@ export const luksResume: VerbMain = async (argv, io) => {
       name,
       v,
       async (key) => {
-        await c.call('volume.resume', { name }, { key });
+        await c.call('volume.resume', { name, ...(v['disable-keyring'] ? { disableKeyring: true } : {}) }, { key });
       },
       (_vol, st) => {
         if (!st.suspended)
