@@ -8,16 +8,22 @@
  *   - loadLegacyProvider(): loads OpenSSL's "legacy" provider (next to "default") into Node's own
  *     OpenSSL, which Node only does for --openssl-legacy-provider, so that hashes LUKS1 headers may
  *     name but OpenSSL 3 keeps there (whirlpool) work for PBKDF2 and the AF splitter. Idempotent.
+ *   - flock(fd, op): flock(2) without blocking (Node has none): op is one of LOCK_SH|LOCK_NB,
+ *     LOCK_EX|LOCK_NB or LOCK_UN, so the JS thread never waits on another process. true when done,
+ *     false when another holder has it (EWOULDBLOCK); any other failure throws with the errno's name.
+ *     cryptsetup's reencryption lock is an flock (src/luks/reencrypt-lock.ts).
  */
 #define NAPI_VERSION 8
 #define _GNU_SOURCE
 #include <errno.h>
+#include "cm-errno.h"
 #include <linux/keyctl.h>
 #include <node_api.h>
 #include <openssl/crypto.h>
 #include <openssl/provider.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -85,11 +91,35 @@ static napi_value load_legacy_provider(napi_env env, napi_callback_info info) {
   return r;
 }
 
+static napi_value flock_fd(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  XCHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t fd = -1, op = 0;
+  if (argc < 2 || napi_get_value_int32(env, argv[0], &fd) != napi_ok || fd < 0 ||
+      napi_get_value_int32(env, argv[1], &op) != napi_ok ||
+      (op != (LOCK_SH | LOCK_NB) && op != (LOCK_EX | LOCK_NB) && op != LOCK_UN)) {
+    napi_throw_type_error(env, NULL, "flock: a descriptor and LOCK_SH|LOCK_NB, LOCK_EX|LOCK_NB or LOCK_UN");
+    return NULL;
+  }
+  int r;
+  do r = flock(fd, op);
+  while (r != 0 && errno == EINTR);
+  if (r != 0 && errno != EWOULDBLOCK) {
+    cm_throw_errno(env, errno, "flock");
+    return NULL;
+  }
+  napi_value out;
+  XCHECK(env, napi_get_boolean(env, r == 0, &out));
+  return out;
+}
+
 /** Adds the helpers above to the addon's exports (called from cryptmap.c's init). */
 napi_status cryptmap_register_extras(napi_env env, napi_value exports) {
   napi_property_descriptor d[] = {
       {"keyringReadUser", NULL, keyring_read_user, NULL, NULL, NULL, napi_enumerable, NULL},
       {"loadLegacyProvider", NULL, load_legacy_provider, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"flock", NULL, flock_fd, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   return napi_define_properties(env, exports, sizeof d / sizeof d[0], d);
 }

@@ -26,7 +26,14 @@ import type { BlockDevice } from '../blockdev/types.js';
 import type { ReencryptStatus } from '../control/protocol.js';
 import type { DeviceIoStats } from '../dm/io-stats.js';
 import type { SectorBytes } from '../engine/types.js';
-import { Luks2Volume, openLuks, reencryptLayout, runReencryptWithKeys } from '../luks/index.js';
+import {
+  Luks2Volume,
+  openLuks,
+  type ReencryptLock,
+  reencryptLayout,
+  runReencryptWithKeys,
+  takeReencryptLock,
+} from '../luks/index.js';
 import { constantTimeEqual } from '../util/bytes.js';
 import { CryptmapError, type ErrorCode, EXIT_BUSY, EXIT_FAILURE, isCryptmapError } from '../util/errors.js';
 import { logger } from '../util/log.js';
@@ -123,11 +130,14 @@ export async function startOnlineReencrypt(
   const hdrDev = await openBlockDevice(hdrPath, { readOnly: false });
   let dataDev: BlockDevice | undefined;
   let vol: Luks2Volume | undefined;
+  let lock: ReencryptLock | undefined;
   try {
     const l = await openLuks(hdrDev);
     if (!(l instanceof Luks2Volume)) throw refuse(`Device ${hdrPath} is not LUKS2.`, 'ENOTLUKS');
     vol = l;
     if (vol.uuid !== m.uuid) throw refuse(`The header on ${hdrPath} is not the one ${name} was opened from.`);
+    // cryptsetup's reencryption lock, held by the job (luks/reencrypt-lock.ts): busy while cryptsetup runs one.
+    lock = takeReencryptLock(vol.uuid);
     const lay = reencryptLayout(vol.jsonSnapshot());
     if (lay.mode !== 'reencrypt')
       throw refuse(`Online ${lay.mode}ion is not supported by cryptmap; close ${name} and run it offline.`, 'ENOTSUP');
@@ -160,8 +170,10 @@ export async function startOnlineReencrypt(
     const keys = { oldKey: Buffer.from(oldKey.expose()), newKey: Buffer.from(newKey.expose()) };
     const v = vol;
     const d = dataDev;
+    const held = lock;
     vol = undefined;
     dataDev = undefined;
+    lock = undefined;
     const ended = (async () => {
       const run = new HotzoneMapping(p, name, m, next, lay.backward, ac.signal);
       try {
@@ -200,11 +212,13 @@ export async function startOnlineReencrypt(
         p.keyring.delete(newKeyDescription(name));
         await d?.close().catch(() => undefined);
         await hdrDev.close().catch(() => undefined);
+        held.release();
       }
     })();
     rec.reencrypt = { status, abort: ac, ended };
     log.info('online reencryption started', { name, totalBytes: dataBytes });
   } catch (e) {
+    lock?.release();
     await dataDev?.close().catch(() => undefined);
     await hdrDev.close().catch(() => undefined);
     throw e;

@@ -35,6 +35,14 @@ export type { CryptmapError } from '../util/errors.js';
 export type { ConvertOptions } from './convert.js';
 export { CHECK_NAMES, validateLuks2Json, parseJsonArea } from './luks2-json.js';
 export { withDeviceLock, lockDir } from './lock.js';
+export type { ReencryptLock, ReencryptLockOptions } from './reencrypt-lock.js';
+export {
+  CRYPTSETUP_LOCK_DIR,
+  REENCRYPT_BUSY,
+  reencryptLockPath,
+  takeReencryptLock,
+  withReencryptLock,
+} from './reencrypt-lock.js';
 export type {
   EncryptInitOptions,
   HotzoneHooks,

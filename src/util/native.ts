@@ -183,11 +183,21 @@ export interface NativeAddon {
   /** Load OpenSSL's legacy provider (whirlpool) into Node's OpenSSL; true when it is loaded. */
   loadLegacyProvider?(): boolean;
   /**
+   * flock(2) that never blocks (native/extras.c): `op` is LOCK_SH|LOCK_NB, LOCK_EX|LOCK_NB or LOCK_UN
+   * (FLOCK below). true when done, false when another open file holds a conflicting lock; throws an
+   * Error with `code` = errno name on other failures. Optional: an addon built before it was added
+   * lacks it.
+   */
+  flock?(fd: number, op: number): boolean;
+  /**
    * Send one datagram to the AF_UNIX SOCK_DGRAM socket `address` ('/path' or '@abstract'), as
    * sd_notify(3) does (native/sdnotify.c); throws an Error with `code` = errno name on failure.
    */
   sdNotify?(address: string, message: string): void;
 }
+
+/** flock(2)'s operation bits (Linux <sys/file.h>), for NativeAddon.flock. */
+export const FLOCK = Object.freeze({ LOCK_SH: 1, LOCK_EX: 2, LOCK_NB: 4, LOCK_UN: 8 });
 
 export const NATIVE_ABI_VERSION = 3;
 

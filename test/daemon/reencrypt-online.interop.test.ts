@@ -1,17 +1,19 @@
 // Online reencryption (issue 16 item 3): `cryptmap reencrypt` on a volume the daemon serves runs in the
 // daemon while fio (ioengine=nbd, crc32c verify) reads and writes it the whole time, with no error;
 // afterwards cryptsetup finds the new volume key and the plaintext beside fio's region intact. The
-// daemon killed -9 mid-way leaves a header that cryptsetup, or cryptmap offline, resumes.
+// daemon killed -9 mid-way leaves a header that cryptsetup, or cryptmap offline, resumes. The daemon
+// holds cryptsetup's reencryption lock while its job runs.
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { FileDevice } from '../../src/blockdev/file.js';
 import { ControlClient } from '../../src/control/client.js';
 import { createSectorCipher } from '../../src/engine/index.js';
+import { reencryptLockPath, takeReencryptLock } from '../../src/luks/index.js';
 import { cli, cliOk, type Daemon, startDaemon } from '../load/helpers.js';
 import { requireTool } from '../helpers/tools.js';
 
@@ -303,6 +305,46 @@ test('online reencryption refusals: a second one while it runs, suspend while it
     await cliOk(['close', 'vol'], { env: e.env });
     assert.ok((await crypt(e.img, volumeKey(e.img, e.key), FIO_MIB * MiB, e.tail.length)).equals(e.tail));
     assert.equal(statSync(e.img).size, DATA_OFF + DATA);
+  } finally {
+    await daemon.kill();
+  }
+});
+
+test("online reencryption takes cryptsetup's reencryption lock: refused while it is held, and cryptsetup is refused while the daemon runs", {
+  timeout: 300_000,
+}, async () => {
+  const e = await setup('lk');
+  const uuid = cs('luksUUID', e.img).out.trim();
+  const daemon = await startDaemon(e.run);
+  try {
+    await cliOk(['open', '--key-file', e.key, e.img, 'vol'], { env: e.env });
+    // Held by another process (as a cryptsetup reencrypt holds it): the daemon refuses to start.
+    const held = takeReencryptLock(uuid);
+    try {
+      const r = await cli(['reencrypt', '-q', ...FAST, '--key-file', e.key, 'vol'], { env: e.env });
+      assert.equal(r.code, 5, r.stderr);
+      assert.match(r.stderr, /Reencryption process is already running\./);
+    } finally {
+      held.release();
+    }
+    // The header was initialised; resumed online, the daemon holds the lock while its job runs.
+    const job = cli(['reencrypt', '--resume-only', '-q', '--hotzone-size', '64K', '--key-file', e.key, 'vol'], {
+      env: e.env,
+    });
+    for (let i = 0; (await status(e.run, 'vol')).reencrypt?.state !== 'running'; i++) {
+      assert.ok(i < 1200, 'the reencryption did not start');
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    const c = cs('reencrypt', '--resume-only', '--force-offline-reencrypt', '-q', '--key-file', e.key, e.img);
+    if ((await status(e.run, 'vol')).reencrypt?.state === 'running') {
+      assert.equal(c.status, 5, c.out);
+      assert.match(c.out, /Reencryption process is already running\./);
+    }
+    assert.equal((await job).code, 0);
+    assert.equal((await status(e.run, 'vol')).reencrypt?.state, 'finished');
+    assert.equal(existsSync(reencryptLockPath(uuid)), false, 'released (and removed) when the job ended');
+    await cliOk(['close', 'vol'], { env: e.env });
+    assert.ok((await crypt(e.img, volumeKey(e.img, e.key), FIO_MIB * MiB, e.tail.length)).equals(e.tail));
   } finally {
     await daemon.kill();
   }

@@ -15,8 +15,10 @@ import {
   type Luks1Volume,
   type Luks2Volume,
   openLuks,
+  type ReencryptLock,
   type Resilience,
   runReencrypt,
+  takeReencryptLock,
   withDeviceLock,
 } from '../../luks/index.js';
 import type { SectorBytes } from '../../engine/types.js';
@@ -85,12 +87,12 @@ async function run(
 }
 
 /**
- * The device lock for the whole run. A reencryption holds it for minutes, every other verb for
- * moments: one not free within a second is taken as a reencryption running, refused as cryptsetup
- * refuses a second one (its LUKS2-reencryption-UUID lock is an flock(2) Node cannot take; the seqid
- * check still catches a cryptsetup running at the same time at its next header write).
+ * cryptmap's device lock for the whole run. A reencryption holds it for minutes, every other verb
+ * for moments: one not free within a second is taken as a reencryption running, refused as
+ * cryptsetup refuses a second one. cryptsetup itself is kept out by its own reencryption lock,
+ * which the data rewrite takes as well (cryptsetupLock).
  */
-async function reencryptLock<T>(path: string, fn: () => Promise<T>): Promise<T> {
+async function reencryptLock<T>(io: CliIO, path: string, fn: () => Promise<T>): Promise<T> {
   let inside = false;
   try {
     return await withDeviceLock(
@@ -99,7 +101,7 @@ async function reencryptLock<T>(path: string, fn: () => Promise<T>): Promise<T> 
         inside = true;
         return fn();
       },
-      { timeoutMs: 1000 },
+      { timeoutMs: 1000, env: io.env },
     );
   } catch (e) {
     if (!inside && isCryptmapError(e) && e.code === 'ELOCKED')
@@ -114,6 +116,16 @@ async function tryLoad(dev: BlockDevice): Promise<Luks1Volume | Luks2Volume | nu
   } catch {
     return null;
   }
+}
+
+/**
+ * cryptsetup's reencryption lock of `vol` (luks/reencrypt-lock.ts: flock on
+ * /run/cryptsetup/LN_LUKS2-reencryption-UUID), taken before data is rewritten offline; refused at once
+ * with cryptsetup's 'Reencryption process is already running.' (exit 5) while cryptsetup or another
+ * cryptmap holds it. Online, the daemon takes it instead.
+ */
+function cryptsetupLock(io: CliIO, v: LuksArgs, vol: Luks2Volume): ReencryptLock {
+  return takeReencryptLock(vol.uuid, { env: io.env, disabled: v['disable-locks'] === true });
 }
 
 function wrongParams(msg: string): never {
@@ -179,7 +191,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   let dataDev: BlockDevice | undefined;
   try {
     if (hdr !== dataPath) dataDev = await openDevice(dataPath, true);
-    return await reencryptLock(hdr, async () => {
+    return await reencryptLock(io, hdr, async () => {
       const vol = await loadLuks(dev, hdr);
       if (vol.type !== 'luks2')
         wrongParams('LUKS1 reencryption is not supported by cryptmap yet (convert it to LUKS2, or use cryptsetup).');
@@ -209,7 +221,12 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         });
       if (v.decrypt && !running && !v.header)
         throw new CryptmapError('EINVAL', 'LUKS2 decryption requires --header option.', { exitCode: 1 });
-      const pass = await getPassphrase(io, passphrasePrompt(device), passSrc);
+      // A resume checks cryptsetup's lock before asking for the passphrase; a new one takes it after init.
+      let lock = running && !active ? cryptsetupLock(io, v, l2) : undefined;
+      const pass = await getPassphrase(io, passphrasePrompt(device), passSrc).catch((e: unknown) => {
+        lock?.release();
+        throw e;
+      });
       try {
         if (!running && v.decrypt) {
           await initDecrypt(l2, pass, {
@@ -235,8 +252,10 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
           if (v['init-only']) return 0;
         }
         if (active) return await runOnline(io, v, device, active.name, l2, pass, hotzoneBytes);
+        lock ??= cryptsetupLock(io, v, l2);
         return await run(io, v, device, l2, pass, dataDev, hotzoneBytes);
       } finally {
+        lock?.release();
         pass.fill(0);
       }
     });
@@ -287,7 +306,7 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
       });
       hdrDev = await openHeaderFile(headerFile, layout.hdrAndAreas);
     }
-    return await reencryptLock(headerFile ?? device, async () => {
+    return await reencryptLock(io, headerFile ?? device, async () => {
       const hdr = hdrDev ?? dataDev;
       const existing = await tryLoad(hdr);
       if (headerFile && !existing && (await tryLoad(dataDev)))
@@ -316,7 +335,11 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
       }
       if (!existing)
         await confirm(io, `This will overwrite data on ${headerFile ?? device} irrevocably.`, v['batch-mode']);
-      const pass = await getPassphrase(io, passphrasePrompt(device), a.passSrc, !existing);
+      let lock = existing ? cryptsetupLock(io, v, existing as Luks2Volume) : undefined;
+      const pass = await getPassphrase(io, passphrasePrompt(device), a.passSrc, !existing).catch((e: unknown) => {
+        lock?.release();
+        throw e;
+      });
       try {
         let vol = existing as Luks2Volume | null;
         if (!vol) {
@@ -338,8 +361,10 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
           });
           if (v['init-only']) return 0;
         }
+        lock ??= cryptsetupLock(io, v, vol);
         return await run(io, v, device, vol, pass, hdrDev ? dataDev : undefined, a.hotzoneBytes);
       } finally {
+        lock?.release();
         pass.fill(0);
       }
     });
