@@ -184,7 +184,9 @@ test('a second reencrypt while one holds the device: "Reencryption process is al
   );
   const was = readFileSync(img);
   // This process holds the device lock as a running reencryption does.
-  const r = await withDeviceLock(img, () => cm('reencrypt', '--resume-only', '-q', '--key-file', key, img));
+  const r = await withDeviceLock(img, () => cm('reencrypt', '--resume-only', '-q', '--key-file', key, img), {
+    env: { CRYPTMAP_LOCK_DIR: join(dir, 'locks') },
+  });
   assert.equal(r.code, 5, r.err);
   assert.match(r.err, /Reencryption process is already running\./);
   assert.ok(readFileSync(img).equals(was));
