@@ -148,12 +148,13 @@ export async function prepareLoadedLuks(
   o = { ...o, device: resolveDevice(o.device), ...(o.header === undefined ? {} : { header: resolveDevice(o.header) }) };
   if (!vol.activatable) {
     // A LUKS2 reencryption in progress (cryptsetup's online-reencrypt requirement): its data is in two
-    // layouts, which one mapping of segment 0 would mix up; cryptsetup maps each segment instead.
+    // layouts, which one mapping of segment 0 would mix up; `cryptmap open` maps each part
+    // (cli/commands/open-reencrypt.ts), as cryptsetup maps each segment.
     const reqs = vol.type === 'luks2' ? (vol.json.config.requirements?.mandatory ?? []) : [];
     if (reqs.some((r) => r.startsWith('online-reencrypt'))) {
       throw new CryptmapError(
         'EREQUIREMENT',
-        `Device ${o.header ?? o.device} is in LUKS2 reencryption; cryptmap does not activate it in the middle yet. Finish it with cryptmap reencrypt --resume-only (or cryptsetup reencrypt --resume-only) first.`,
+        `Device ${o.header ?? o.device} is in LUKS2 reencryption: one mapping cannot serve it. Open it with cryptmap open (each part mapped with its key), or finish it with cryptmap reencrypt --resume-only (or cryptsetup reencrypt --resume-only) first.`,
         { exitCode: 1 },
       );
     }

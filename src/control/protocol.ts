@@ -92,6 +92,16 @@ export interface ControlOps {
    * volume key it runs with, `newKey` the new one. Returns once it runs (progress: volume.status).
    */
   'volume.reencrypt': { args: Name & { hotzoneBytes?: number }; key: 'pair'; result: VolumeStatus };
+  /**
+   * Open a LUKS2 volume whose reencryption stopped between hotzones (cryptsetup 2.6 maps each
+   * segment): `mapping` is the old layout (`key`), `next` the new one (`newKey`), meeting at logical
+   * byte `boundaryBytes` (the new layout below it, or above it when `backward`).
+   */
+  'volume.openReencrypt': {
+    args: { mapping: MappingJson; next: MappingJson; boundaryBytes: number; backward: boolean };
+    key: 'pair';
+    result: VolumeStatus;
+  };
   /** Stop it after the current hotzone (resumable); returns once it stopped. */
   'volume.reencryptStop': { args: Name; result: VolumeStatus };
   'volume.close': { args: Name & { force?: boolean }; result: null };

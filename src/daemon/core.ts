@@ -23,6 +23,7 @@ import {
   hotzoneDevices,
   newKeyDescription,
   type OnlineReencryptOptions,
+  openMidReencryption,
   startOnlineReencrypt,
   stopOnlineReencrypt,
 } from './reencrypt-online.js';
@@ -131,6 +132,20 @@ export class DaemonCore {
     opts: OnlineReencryptOptions = {},
   ): Promise<VolumeStatus> {
     return this.#volumeVerb(name, () => startOnlineReencrypt(this.#parts, name, oldKey, newKey, opts));
+  }
+
+  /** Open a volume in the middle of its reencryption (reencrypt-online.ts openMidReencryption). Takes copies of the keys. */
+  openReencryptingVolume(
+    old: CryptMapping,
+    next: CryptMapping,
+    boundaryBytes: number,
+    backward: boolean,
+    oldKey: Secret,
+    newKey: Secret,
+  ): Promise<VolumeStatus> {
+    return this.#volumeVerb(old.name, () =>
+      openMidReencryption(this.#parts, old, next, boundaryBytes, backward, oldKey, newKey),
+    );
   }
 
   /** Stop the online reencryption of `name` after its current hotzone; resolves once it stopped. */

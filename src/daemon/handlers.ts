@@ -52,6 +52,21 @@ export function daemonHandlers(core: DaemonCore): OpHandlers {
         ),
       );
     },
+    'volume.openReencrypt': (a) => {
+      const old = mappingFromJson(a.mapping);
+      const next = mappingFromJson(a.next);
+      const boundary = need<number>(
+        a.boundaryBytes,
+        (x) => typeof x === 'number' && Number.isSafeInteger(x) && x >= 0,
+        'boundaryBytes',
+      );
+      const backward = need<boolean>(a.backward, (x) => typeof x === 'boolean', 'backward');
+      return withKey(a, (oldKey) =>
+        withKey({ key: a.newKey }, (newKey) =>
+          core.openReencryptingVolume(old, next, boundary, backward, oldKey, newKey),
+        ),
+      );
+    },
     'volume.reencryptStop': async (a) => core.stopReencrypt(nameArg(a.name)),
     'agent.rotateKey': async () => {
       throw new CryptmapError('ENOTSUP', 'only a cryptmap agent rotates the keys of its service volumes', {

@@ -20,7 +20,8 @@
  * reencryption, online or offline, to recover it from the resilience data).
  */
 import { setTimeout as sleep } from 'node:timers/promises';
-import { type CryptMapping, cryptTableLine, keyDescription, keyRefArg } from '../activate/mapping.js';
+import { type CryptMapping, cryptTableLine, dmUuid, keyDescription, keyRefArg } from '../activate/mapping.js';
+import { exportIfLive } from './export-sync.js';
 import { openBlockDevice } from '../blockdev/open.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import type { ReencryptStatus } from '../control/protocol.js';
@@ -93,6 +94,96 @@ function segmentLine(m: CryptMapping, keyArg: string, startSectors: number, lenS
     keyArg,
   );
   return `${startSectors}${line.slice(1)}`;
+}
+
+/**
+ * The table of `name` stopped between hotzones: the new layout (`next`, key under newKeyDescription)
+ * on logical [0, boundary) forward or [boundary, end) backward, the old one (`old`, the volume's key)
+ * on the rest.
+ */
+export function mixedTable(
+  name: string,
+  old: CryptMapping,
+  next: CryptMapping,
+  boundaryBytes: number,
+  backward: boolean,
+): string {
+  const a = boundaryBytes / 512;
+  const T = old.sizeSectors;
+  const oldLine = (st: number, n: number) => segmentLine(old, keyRefArg(old), st, n);
+  const newLine = (st: number, n: number) =>
+    segmentLine(next, `:${next.keyBytes}:logon:${newKeyDescription(name)}`, st, n);
+  const lines: string[] = [];
+  if (a > 0) lines.push(backward ? oldLine(0, a) : newLine(0, a));
+  if (a < T) lines.push(backward ? newLine(a, T - a) : oldLine(a, T - a));
+  return lines.join('\n');
+}
+
+/**
+ * Activate a LUKS2 volume whose reencryption stopped between hotzones (cryptsetup 2.6 open of a
+ * device in reencryption, LUKS2_activate_multi): `old` is the old layout with its key (the volume's
+ * keyring entry), `next` the new one with its key (newKeyDescription), meeting at `boundaryBytes`
+ * (see mixedTable). The record keeps the old mapping and a stopped reencryption, so that
+ * `cryptmap reencrypt --resume-only NAME` continues online and the verbs that rebuild the table are
+ * refused until it has finished. Takes copies of the keys.
+ */
+export async function openMidReencryption(
+  p: CoreParts,
+  old: CryptMapping,
+  next: CryptMapping,
+  boundaryBytes: number,
+  backward: boolean,
+  oldKey: Secret,
+  newKey: Secret,
+): Promise<void> {
+  const name = old.name;
+  if (p.registry.find(name))
+    throw new CryptmapError('EEXIST', `Device ${name} already exists.`, { exitCode: EXIT_BUSY, errno: 'EEXIST' });
+  if (
+    next.name !== name ||
+    next.uuid !== old.uuid ||
+    next.device !== old.device ||
+    next.sizeSectors !== old.sizeSectors
+  )
+    throw refuse('The two layouts of a reencryption must describe the same volume.', 'EARGS');
+  if (
+    !Number.isSafeInteger(boundaryBytes) ||
+    boundaryBytes < 0 ||
+    boundaryBytes % 512 !== 0 ||
+    boundaryBytes > old.sizeSectors * 512
+  )
+    throw refuse('Invalid reencryption boundary.', 'EARGS');
+  if (oldKey.length !== old.keyBytes || newKey.length !== next.keyBytes)
+    throw refuse('Volume key sizes do not match.', 'EKEY');
+  const desc = keyDescription(name);
+  p.keyring.set(desc, oldKey.expose());
+  p.keyring.set(newKeyDescription(name), newKey.expose());
+  try {
+    await p.dm.create(name, {
+      table: mixedTable(name, old, next, boundaryBytes, backward),
+      uuid: dmUuid(old),
+      readOnly: old.readOnly,
+    });
+    try {
+      exportIfLive(p, name);
+    } catch (e) {
+      await p.dm.remove(name, { force: true });
+      throw e;
+    }
+  } catch (e) {
+    p.keyring.delete(desc);
+    p.keyring.delete(newKeyDescription(name));
+    throw e;
+  }
+  const rec = p.volumes.get(name);
+  rec.mapping = old;
+  const total = old.sizeSectors * 512;
+  rec.reencrypt = {
+    status: { state: 'stopped', doneBytes: backward ? total - boundaryBytes : boundaryBytes, totalBytes: total },
+    abort: new AbortController(),
+    ended: Promise.resolve(),
+  };
+  log.info('volume opened in reencryption', { name, boundaryBytes, backward });
 }
 
 /**
@@ -284,20 +375,16 @@ class HotzoneMapping {
 
   /** The top table: new and old parts around [off, off+len), which maps to `hot` (or is left to the sides when absent). */
   #topTable(off: number, len: number, hot?: string): string {
+    if (hot === undefined) return mixedTable(this.#name, this.#old, this.#new, off, this.#backward);
     const a = off / 512;
     const b = (off + len) / 512;
     const T = this.#totalSectors;
     const lines: string[] = [];
     const before = (s: number, n: number) => (this.#backward ? this.#oldLine(s, n) : this.#newLine(s, n));
     const after = (s: number, n: number) => (this.#backward ? this.#newLine(s, n) : this.#oldLine(s, n));
-    if (hot === undefined) {
-      if (a > 0) lines.push(before(0, a));
-      if (a < T) lines.push(after(a, T - a));
-    } else {
-      if (a > 0) lines.push(before(0, a));
-      lines.push(`${a} ${b - a} linear ${hot} ${a}`);
-      if (b < T) lines.push(after(b, T - b));
-    }
+    if (a > 0) lines.push(before(0, a));
+    lines.push(`${a} ${b - a} linear ${hot} ${a}`);
+    if (b < T) lines.push(after(b, T - b));
     return lines.join('\n');
   }
 

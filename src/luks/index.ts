@@ -58,10 +58,12 @@ export {
   initReencrypt,
   inReencryption,
   reencryptLayout,
+  reencryptProgress,
   runReencrypt,
   runReencryptWithKeys,
   unlockInReencryption,
   unlockReencryptKeys,
+  verifyReencryptDigest,
 } from './reencrypt.js';
 export { convertLuks1ToLuks2, convertLuks2ToLuks1, planLuks1Moves } from './convert.js';
 export type { TokenUnlockOptions, TokenUnlockResult } from './token-unlock.js';

@@ -1040,6 +1040,68 @@ export async function unlockReencryptKeys(
   };
 }
 
+/**
+ * Where a reencryption on disk stands, for a mapping of it (cryptsetup 2.6 activates a device in
+ * reencryption segment by segment): `hotzone` when a hotzone was left in progress (a crash: recover it
+ * first, runReencrypt does), else `boundaryBytes`, the logical byte where the layouts meet: the new
+ * layout covers [0, boundary) forward, [boundary, total) backward. Data shift is not covered (refused).
+ * `dataDev`: the data device when the header is detached.
+ */
+export async function reencryptProgress(
+  vol: Luks2Volume,
+  dataDev?: BlockDevice,
+): Promise<{ layout: ReencryptLayout; hotzone: boolean; boundaryBytes: number; totalBytes: number }> {
+  const j = vol.jsonSnapshot();
+  const layout = reencryptLayout(j);
+  if (segmentByFlag(j, 'backup-moved-segment') || layout.previous.offset !== layout.final.offset)
+    fail('Reencryption with data shift is not supported by cryptmap here; use cryptsetup.', 'ENOTSUP');
+  const total = await dataSize(vol, j, dataDev);
+  const live = Object.values(j.segments).filter((x) => !x.flags?.some((f) => f.startsWith('backup-')));
+  const hotzone = live.some((x) => x.flags?.includes('in-reencryption'));
+  const bound = (id: string | undefined, seg: L2Segment) => {
+    const sid = Object.keys(j.segments).find((k) => j.segments[k] === seg)!;
+    return id !== undefined && j.digests[id]!.segments.includes(sid);
+  };
+  let boundaryBytes = 0;
+  if (!hotzone) {
+    if (live.length === 1) {
+      const isNew =
+        layout.mode === 'reencrypt'
+          ? bound(layout.newDigest, live[0]!) && !bound(layout.oldDigest, live[0]!)
+          : (live[0]!.type === 'crypt') === (layout.mode === 'encrypt');
+      boundaryBytes = isNew === layout.backward ? 0 : total;
+    } else if (live.length === 2) {
+      boundaryBytes = Number(live[0]!.size);
+      if (!(boundaryBytes > 0) || boundaryBytes % 512 !== 0) fail('Reencryption metadata is invalid.');
+      if (boundaryBytes > total) fail('Device is too small.', 'EDEVSIZE');
+    } else fail('Reencryption metadata is invalid.');
+  }
+  return { layout, hotzone, boundaryBytes, totalBytes: total };
+}
+
+/**
+ * Check the reencryption metadata of `vol` against its digest with the volume keys (cryptsetup's
+ * LUKS2_reencrypt_digest_verify before an activation): tampered metadata is refused.
+ */
+export async function verifyReencryptDigest(vol: Luks2Volume, keys: ReencryptKeys): Promise<void> {
+  const j = vol.jsonSnapshot();
+  const l = reencryptLayout(j);
+  const ksId = reencryptKeyslotId(j)!;
+  const m = new Map<string, Buffer>();
+  if (l.oldDigest !== undefined && keys.oldKey) m.set(l.oldDigest, Buffer.from(keys.oldKey));
+  if (l.newDigest !== undefined && keys.newKey) m.set(l.newDigest, Buffer.from(keys.newKey));
+  try {
+    const blob = verificationBlob(j, m, requirementVersion(j));
+    const rd = digestOfKeyslot(j, ksId);
+    const d = rd === undefined ? undefined : j.digests[rd];
+    const ok = d !== undefined && (await handlerFor(DIGEST_HANDLERS, d.type)?.verify(d, blob)) === true;
+    blob.fill(0);
+    if (!ok) fail('Reencryption metadata is invalid.');
+  } finally {
+    for (const k of m.values()) k.fill(0);
+  }
+}
+
 async function run(
   vol: Luks2Volume,
   getKeys: (j: Luks2Json, want: string[]) => Promise<Map<string, Buffer>>,

@@ -5,6 +5,7 @@
  * gets the mapping and the volume key over its 0600 control socket and serves the mapping over NBD
  * (`cryptmap status NAME` shows the URI). `--attach` also makes it a kernel block device.
  * `--test-passphrase` only checks the passphrase (`openTestPassphrase`), without the daemon.
+ * A LUKS2 header in the middle of a reencryption is opened by open-reencrypt.ts (each part with its key).
  *
  * Plain mode (cryptsetup 2.6 defaults): aes-cbc-essiv:sha256, 256-bit key, passphrase hashed with
  * ripemd160. With --key-file and no --hash, the key is read directly (key-size bytes at
@@ -17,7 +18,7 @@ import type { ControlClient } from '../../control/client.js';
 import type { VolumeStatus } from '../../control/protocol.js';
 import { mappingToJson } from '../../control/args.js';
 import type { SectorBytes } from '../../engine/types.js';
-import { withDeviceLock } from '../../luks/index.js';
+import { inReencryption, openLuks, withDeviceLock } from '../../luks/index.js';
 import { wipe } from '../../util/bytes.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { Secret } from '../../util/secret.js';
@@ -34,6 +35,7 @@ import {
   sizeOpt,
 } from './luks-common.js';
 import { loadLuks, loadLuksForRead, testPassphrase, unlockForOpen } from './luks-unlock.js';
+import { openInReencryption } from './open-reencrypt.js';
 import { getPassphrase, readKeyFile } from './terminal-input.js';
 
 type OpenArgs = LuksArgs;
@@ -170,6 +172,20 @@ async function prepareLuksFromArgs(
   return { mapping, volumeKey: r.volumeKey };
 }
 
+/** True when `hdr` holds a LUKS2 header in reencryption (unreadable or other headers: false, the open reports them). */
+async function inReencryptionAt(hdr: string): Promise<boolean> {
+  const dev = await openDevice(hdr, false).catch(() => undefined);
+  if (!dev) return false;
+  try {
+    const vol = await openLuks(dev);
+    return vol.type === 'luks2' && inReencryption(vol.jsonSnapshot());
+  } catch {
+    return false;
+  } finally {
+    await closeQuietly(dev);
+  }
+}
+
 /** Send an unlocked mapping to the daemon (the key as raw bytes after the request, control/protocol.ts; wiped here afterwards). */
 export async function sendOpen(
   c: ControlClient,
@@ -243,14 +259,22 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   }
   // Reach the daemon first: no point running a KDF when nothing can take the mapping.
   return withDaemon(v['runtime-dir'], io.env, async (client) => {
-    const { mapping, volumeKey } =
-      type === 'plain'
-        ? await preparePlainFromArgs(io, device, name, v)
-        : await prepareLuksFromArgs(io, device, name, v);
-    const st = await sendOpen(client, mapping, volumeKey, { shared: v.shared === true });
+    // A LUKS2 header in the middle of a reencryption: each part mapped with its key (open-reencrypt.ts).
+    let st =
+      (type === 'luks' || type === 'luks2') && (await inReencryptionAt(headerPath(v, device)))
+        ? await openInReencryption(io, client, device, name, v)
+        : null;
+    let keyslot: number | undefined;
+    if (!st) {
+      const { mapping, volumeKey } =
+        type === 'plain'
+          ? await preparePlainFromArgs(io, device, name, v)
+          : await prepareLuksFromArgs(io, device, name, v);
+      st = await sendOpen(client, mapping, volumeKey, { shared: v.shared === true });
+      keyslot = mapping.keyslot;
+    }
     if (v.persistent) await makeFlagsPersistent(io, device, v);
-    if (v.verbose && mapping.keyslot !== undefined && mapping.keyslot >= 0)
-      io.stdout.write(`Key slot ${mapping.keyslot} unlocked.\n`);
+    if (v.verbose && keyslot !== undefined && keyslot >= 0) io.stdout.write(`Key slot ${keyslot} unlocked.\n`);
     if (v.attach) {
       const info = await client.call('attach', { name, readOnly: v.readonly === true });
       io.stdout.write(`${info.devicePath}\n`);

@@ -1,0 +1,155 @@
+/**
+ * `cryptmap open` of a LUKS2 device in the middle of a reencryption (cryptsetup 2.6
+ * _open_and_activate_reencrypt_device, read, not copied): under cryptsetup's reencryption lock
+ * ("Reencryption in-progress. Cannot activate device.", exit 5, while a reencryption runs), a hotzone
+ * left in progress by a crash is recovered first (from its checksums, journal or the moved data; a
+ * reencryption whose last hotzone that was is finished by it), the old and new volume keys are unlocked
+ * with the passphrase, the reencryption metadata is checked against its digest, and the daemon maps
+ * each part with its key (`volume.openReencrypt`): `cryptmap reencrypt --resume-only NAME` then
+ * continues online. Only a volume-key reencryption in place is mapped this way; a device in the middle
+ * of --encrypt, --decrypt or a data shift is refused (finish it offline first).
+ */
+import { flagOfPersistent, flagsFromOptions } from '../../activate/flags.js';
+import { type CryptMapping, persistentFlagsOf } from '../../activate/mapping.js';
+import { resolveDevice } from '../../blockdev/open.js';
+import type { BlockDevice } from '../../blockdev/types.js';
+import type { ControlClient } from '../../control/client.js';
+import { mappingToJson } from '../../control/args.js';
+import type { VolumeStatus } from '../../control/protocol.js';
+import type { SectorBytes } from '../../engine/types.js';
+import {
+  type L2Segment,
+  type Luks2Volume,
+  reencryptProgress,
+  runReencrypt,
+  takeReencryptLock,
+  unlockReencryptKeys,
+  verifyReencryptDigest,
+  withDeviceLock,
+} from '../../luks/index.js';
+import { CryptmapError } from '../../util/errors.js';
+import { passphrasePrompt } from '../device-name.js';
+import type { CliIO } from '../types.js';
+import { closeQuietly, headerPath, intOpt, type LuksArgs, openDevice } from './luks-common.js';
+import { loadLuks } from './luks-unlock.js';
+import { getPassphrase } from './terminal-input.js';
+
+/** cryptsetup's refusal while another process holds the reencryption lock. */
+const ACTIVATE_BUSY = 'Reencryption in-progress. Cannot activate device.';
+
+/** The mapping of one layout of the reencryption (segment `s`, crypt) over `sizeBytes` of data. */
+function layoutMapping(
+  vol: Luks2Volume,
+  s: L2Segment,
+  name: string,
+  device: string,
+  sizeBytes: number,
+  v: LuksArgs,
+  header: string | undefined,
+): CryptMapping {
+  const m: CryptMapping = {
+    name,
+    type: 'LUKS2',
+    uuid: vol.uuid,
+    device,
+    cipher: s.encryption!,
+    keyBytes: 0,
+    sectorBytes: (s.sector_size ?? 512) as SectorBytes,
+    ivOffsetSectors: BigInt(s.iv_tweak ?? '0'),
+    offsetSectors: Number(s.offset) / 512,
+    sizeSectors: sizeBytes / 512,
+    readOnly: v.readonly ?? false,
+    allowDiscards: v['allow-discards'] ?? false,
+  };
+  for (const f of persistentFlagsOf(vol)) m[flagOfPersistent(f)!.field] = true;
+  Object.assign(m, flagsFromOptions(v));
+  if (header !== undefined) m.header = header;
+  return m;
+}
+
+/**
+ * Open `device` (its header in reencryption) as `name` through the daemon `c`. Returns the daemon's
+ * status of the new volume, or null when recovery finished the reencryption (the caller then opens
+ * the volume as any other).
+ */
+export async function openInReencryption(
+  io: CliIO,
+  c: ControlClient,
+  device: string,
+  name: string,
+  v: LuksArgs,
+): Promise<VolumeStatus | null> {
+  const hdr = headerPath(v, device);
+  const dev = await openDevice(hdr, true);
+  let dataDev: BlockDevice | undefined;
+  try {
+    if (v.header !== undefined) dataDev = await openDevice(device, true);
+    return await withDeviceLock(
+      hdr,
+      async () => {
+        const vol = (await loadLuks(dev, hdr)) as Luks2Volume;
+        const lock = takeReencryptLock(vol.uuid, {
+          env: io.env,
+          disabled: v['disable-locks'] === true,
+          busyMessage: ACTIVATE_BUSY,
+        });
+        try {
+          let st = await reencryptProgress(vol, dataDev);
+          if (st.layout.mode !== 'reencrypt')
+            throw new CryptmapError(
+              'ENOTSUP',
+              `Device ${hdr} is in the middle of LUKS2 ${st.layout.mode}ion; cryptmap activates only a reencryption in the middle. Finish it with cryptmap reencrypt --resume-only first.`,
+              { exitCode: 1 },
+            );
+          const pass = await getPassphrase(io, passphrasePrompt(device), {
+            keyFile: v['key-file'],
+            keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
+            keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
+          });
+          try {
+            if (st.hotzone) {
+              // A crash left a hotzone half rewritten: recover it (as cryptsetup's open does) and stop.
+              const finished = await runReencrypt(vol, pass, {
+                ...(dataDev ? { dataDev } : {}),
+                signal: AbortSignal.abort(),
+              });
+              if (finished) return null;
+              st = await reencryptProgress(vol, dataDev);
+            }
+            const keys = await unlockReencryptKeys(vol, pass);
+            try {
+              await verifyReencryptDigest(vol, keys);
+              const dataPath = resolveDevice(device);
+              const hdrPathAbs = v.header === undefined ? undefined : resolveDevice(v.header);
+              const old = layoutMapping(vol, st.layout.previous, name, dataPath, st.totalBytes, v, hdrPathAbs);
+              const next = layoutMapping(vol, st.layout.final, name, dataPath, st.totalBytes, v, hdrPathAbs);
+              old.keyBytes = keys.oldKey!.length;
+              next.keyBytes = keys.newKey!.length;
+              return await c.call(
+                'volume.openReencrypt',
+                {
+                  mapping: mappingToJson(old),
+                  next: mappingToJson(next),
+                  boundaryBytes: st.boundaryBytes,
+                  backward: st.layout.backward,
+                },
+                { key: keys.oldKey!, newKey: keys.newKey! },
+              );
+            } finally {
+              keys.oldKey?.fill(0);
+              keys.newKey?.fill(0);
+            }
+          } finally {
+            pass.fill(0);
+          }
+        } finally {
+          lock.release();
+        }
+      },
+      { env: io.env },
+    );
+  } finally {
+    await closeQuietly(dataDev);
+    await closeQuietly(dev);
+  }
+}
