@@ -23,7 +23,7 @@ import {
 } from '../../luks/index.js';
 import type { SectorBytes } from '../../engine/types.js';
 import type { BlockDevice } from '../../blockdev/types.js';
-import { CryptmapError, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
+import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
 import { activeInDaemon, openInDaemon } from '../daemon-client.js';
 import { activeByName, runOnline } from './reencrypt-online.js';
 import type { CliIO, VerbMain } from '../types.js';
@@ -128,6 +128,59 @@ function cryptsetupLock(io: CliIO, v: LuksArgs, vol: Luks2Volume): ReencryptLock
   return takeReencryptLock(vol.uuid, { env: io.env, disabled: v['disable-locks'] === true });
 }
 
+/** What cryptmap says where cryptsetup 2.6 runs its legacy LUKS1 reencryption (offline, through device-mapper). */
+const LUKS1_NOT_BUILT =
+  'LUKS1 reencryption is not supported by cryptmap: convert the device to LUKS2 first (cryptmap convert --type luks2), or use cryptsetup reencrypt (which needs device-mapper for LUKS1).';
+
+/** cryptsetup 2.6's device states for reencrypt (src/utils_reencrypt.c device_status_info). */
+type DeviceStatus = 'luks1' | 'luks1-unusable' | 'luks2' | 'luks2-reencrypt' | 'not-luks' | 'invalid';
+
+/**
+ * The state of the header at `path`: a LUKS1 device in cryptsetup's legacy reencryption has its
+ * magic turned to `LUKS\xde\xad` (version 1 kept) until it finishes ('luks1-unusable'); unreadable
+ * anything else is 'not-luks'; a device that cannot be opened is 'invalid' (the verb reports it).
+ */
+async function deviceStatus(path: string): Promise<DeviceStatus> {
+  const dev = await openDevice(path, false).catch(() => undefined);
+  if (!dev) return 'invalid';
+  try {
+    const vol = await tryLoad(dev);
+    if (vol?.type === 'luks1') return 'luks1';
+    if (vol?.type === 'luks2') return inReencryption((vol as Luks2Volume).jsonSnapshot()) ? 'luks2-reencrypt' : 'luks2';
+    if (dev.sizeBytes < 4096) return 'not-luks';
+    const b = Buffer.alloc(8);
+    await dev.read(0, b);
+    const unusable =
+      b.subarray(0, 6).equals(Buffer.from([0x4c, 0x55, 0x4b, 0x53, 0xde, 0xad])) && b.readUInt16BE(6) === 1;
+    return unusable ? 'luks1-unusable' : 'not-luks';
+  } finally {
+    await closeQuietly(dev);
+  }
+}
+
+/**
+ * cryptsetup 2.6's refusals before any work (src/utils_reencrypt.c reencrypt()), same words and
+ * exit code 1: a --type that is not the device's, --resume-only of a device not in reencryption, and
+ * a LUKS1 device in cryptsetup's legacy reencryption (cryptmap does not resume that format).
+ */
+async function checkVersions(v: LuksArgs, shown: string, st: DeviceStatus): Promise<void> {
+  const conflict = (what: string) => {
+    throw new CryptmapError('EINVAL', `Conflicting versions. Device ${shown} ${what}.`, { exitCode: EXIT_FAILURE });
+  };
+  if (st === 'luks1' && v.type === 'luks2') conflict('is LUKS1');
+  if (st === 'luks1-unusable' && v.type === 'luks2') conflict('is in LUKS1 reencryption');
+  if (st === 'luks2' && v.type === 'luks1') conflict('is LUKS2');
+  if (st === 'luks2-reencrypt' && v.type === 'luks1') conflict('is in LUKS2 reencryption');
+  if (v['resume-only'] && (st === 'luks2' || st === 'luks1' || st === 'not-luks'))
+    throw new CryptmapError('EINVAL', 'Device reencryption not in progress.', { exitCode: EXIT_FAILURE });
+  if (st === 'luks1-unusable')
+    throw new CryptmapError(
+      'ENOTSUP',
+      `Device ${shown} is in LUKS1 reencryption (cryptsetup's legacy format, with its LUKS-<UUID>.log, .org and .new files): cryptmap does not resume it. Run cryptsetup reencrypt in the directory holding those files.`,
+      { exitCode: EXIT_FAILURE, errno: 'ENOTSUP' },
+    );
+}
+
 function wrongParams(msg: string): never {
   throw new CryptmapError('EARGS', msg, { exitCode: EXIT_WRONG_PARAMS });
 }
@@ -149,11 +202,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
     wrongParams('Device size must be multiple of 512 bytes sector.');
   if (resilience === 'datashift' && reduceBytes === undefined)
     wrongParams('Resilience mode datashift can be used only with --reduce-device-size.');
-  if (v.type !== undefined && v.type !== 'luks2') {
-    if (v.type === 'luks1' || v.type === 'luks')
-      wrongParams('LUKS1 reencryption is not supported by cryptmap yet (use cryptsetup).');
-    wrongParams(`Unknown type ${v.type}.`);
-  }
+  if (v.type !== undefined && !['luks', 'luks1', 'luks2'].includes(v.type)) wrongParams(`Unknown type ${v.type}.`);
   const hotzoneBytes = bytesOpt(v['hotzone-size'], '--hotzone-size');
   const keyBits = intOpt(v['key-size'], '--key-size', 8, 4096);
   if (keyBits !== undefined && keyBits % 8 !== 0) wrongParams('Key size must be a multiple of 8 bits');
@@ -167,7 +216,11 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
     keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
     keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
   };
-  if (v.encrypt)
+  if (v.encrypt) {
+    const h = v.header ?? device;
+    if (!v.header || (await stat(v.header).catch(() => null))) await checkVersions(v, h, await deviceStatus(h));
+    if (v.type === 'luks1')
+      throw new CryptmapError('ENOTSUP', LUKS1_NOT_BUILT, { exitCode: EXIT_FAILURE, errno: 'ENOTSUP' });
     return encryptMain(io, v, device, {
       resilience,
       reduceBytes,
@@ -177,6 +230,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       offsetSectors,
       passSrc,
     });
+  }
   // `reencrypt NAME`: the device and header of the daemon's active volume NAME.
   let dataPath = device;
   let hdr = headerPath(v, device);
@@ -187,6 +241,10 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       hdr = st.mapping.header ?? st.mapping.device;
     }
   }
+  const status = await deviceStatus(hdr);
+  await checkVersions(v, v.header ?? device, status);
+  if (status === 'luks1')
+    throw new CryptmapError('ENOTSUP', LUKS1_NOT_BUILT, { exitCode: EXIT_FAILURE, errno: 'ENOTSUP' });
   const dev = await openDevice(hdr, true);
   let dataDev: BlockDevice | undefined;
   try {
@@ -194,7 +252,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
     return await reencryptLock(io, hdr, async () => {
       const vol = await loadLuks(dev, hdr);
       if (vol.type !== 'luks2')
-        wrongParams('LUKS1 reencryption is not supported by cryptmap yet (convert it to LUKS2, or use cryptsetup).');
+        throw new CryptmapError('ENOTSUP', LUKS1_NOT_BUILT, { exitCode: EXIT_FAILURE, errno: 'ENOTSUP' });
       const l2 = vol as Luks2Volume;
       // Active in the daemon: it runs the reencryption under its live mapping (online).
       const active = await activeInDaemon(v['runtime-dir'], io.env, l2.uuid, 'reencrypt');
@@ -214,7 +272,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         );
       const running = inReencryption(l2.jsonSnapshot());
       if (v['resume-only'] && !running)
-        throw new CryptmapError('EINVAL', `Device ${device} is not in reencryption.`, { exitCode: 1 });
+        throw new CryptmapError('EINVAL', 'Device reencryption not in progress.', { exitCode: 1 });
       if (v['init-only'] && running)
         throw new CryptmapError('EBUSY', 'LUKS2 reencryption already initialized. Aborting operation.', {
           exitCode: 1,
@@ -321,7 +379,7 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
         );
       }
       if (v['resume-only'] && !existing)
-        throw new CryptmapError('EINVAL', `Device ${device} is not in reencryption.`, { exitCode: 1 });
+        throw new CryptmapError('EINVAL', 'Device reencryption not in progress.', { exitCode: 1 });
       if (v['init-only'] && existing)
         throw new CryptmapError('EBUSY', 'LUKS2 reencryption already initialized. Aborting operation.', {
           exitCode: 1,
