@@ -241,6 +241,14 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       hdr = st.mapping.header ?? st.mapping.device;
     }
   }
+  // cryptsetup 2.6 exports the header of an in-place LUKS2 device to a --header file that does not exist
+  // yet and shifts the data down (decrypt_luks2_datashift_init): not built here.
+  if (v.decrypt && v.header && !(await stat(v.header).catch(() => null)) && (await deviceStatus(device)) === 'luks2')
+    throw new CryptmapError(
+      'ENOTSUP',
+      `Decryption with the header exported to ${v.header} (a LUKS2 header in place on ${device}, the data shifted down) is not supported by cryptmap yet; use cryptsetup reencrypt --decrypt --header.`,
+      { exitCode: EXIT_FAILURE, errno: 'ENOTSUP' },
+    );
   const status = await deviceStatus(hdr);
   await checkVersions(v, v.header ?? device, status);
   if (status === 'luks1')
