@@ -341,3 +341,24 @@ test('key location as cryptsetup 2.6 reports it: LUKS2 in the keyring unless ope
   assert.equal(await location(), 'dm-crypt');
   assert.equal((await cm('close', '--runtime-dir', fx.run, 'kl')).code, 0);
 });
+
+test('-c as cryptsetup reads it (crypt_parse_name_and_mode): null is cipher_null-ecb (a LUKS2 volume that opens, suspends and resumes, compat-test2 [26]), a bare cipher is <cipher>-cbc-plain', async () => {
+  const img = join(fx.dir, 'null.img');
+  writeFileSync(img, Buffer.alloc(0));
+  await ok('truncate', ['-s', '20M', img]);
+  const fast = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
+  let r = await cryptmap(['-q', 'luksFormat', '-c', 'null', ...fast, '--type', 'luks2', img], 'pw\n');
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(await ok('cryptsetup', ['luksDump', img]), /^\s+cipher: cipher_null-ecb$/m);
+  assert.equal((await exec('cryptsetup', ['open', '--test-passphrase', img], 'pw\n')).code, 0);
+  r = await cryptmap(['-q', 'luksOpen', '--runtime-dir', fx.run, img, 'cn'], 'pw\n');
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal((await cm('luksSuspend', '--runtime-dir', fx.run, 'cn')).code, 0);
+  assert.match((await cm('status', '--runtime-dir', fx.run, 'cn')).stdout, /\(suspended\)/);
+  assert.equal((await cryptmap(['luksResume', '--runtime-dir', fx.run, 'cn'], 'pw\n')).code, 0);
+  assert.equal((await cm('close', '--runtime-dir', fx.run, 'cn')).code, 0);
+  r = await cryptmap(['create', '--runtime-dir', fx.run, 'cn', img, '-c', 'aes', '--hash', 'sha256'], 'pw\n');
+  assert.equal(r.code, 0, r.stderr);
+  assert.match((await cm('status', '--runtime-dir', fx.run, 'cn')).stdout, /^ {2}cipher: {2}aes-cbc-plain$/m);
+  assert.equal((await cm('close', '--runtime-dir', fx.run, 'cn')).code, 0);
+});

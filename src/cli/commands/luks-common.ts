@@ -156,6 +156,18 @@ export function keyslotOptions(v: LuksArgs, type: 'luks1' | 'luks2'): NewKeyslot
   return o;
 }
 
+/**
+ * `-c/--cipher` as cryptsetup 2.6 reads it (lib/utils_crypt.c crypt_parse_name_and_mode): `null` or
+ * `cipher_null` is `cipher_null-ecb`, a cipher without a mode gets `cbc-plain`, and a `plain` mode is
+ * `cbc-plain`; anything else as given.
+ */
+export function cipherOption(spec: string): string {
+  if (spec === 'null' || spec === 'cipher_null') return 'cipher_null-ecb';
+  const dash = spec.indexOf('-');
+  if (dash < 0) return `${spec}-cbc-plain`;
+  return spec.slice(dash + 1) === 'plain' ? `${spec.slice(0, dash)}-cbc-plain` : spec;
+}
+
 /** Where the header lives: --header (detached) or the device itself. */
 export function headerPath(v: LuksArgs, device: string): string {
   return v.header ?? device;

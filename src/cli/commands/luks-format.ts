@@ -12,6 +12,7 @@ import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_PARAMS } from '../../util/error
 import { runTool } from '../../util/tools.js';
 import type { CliIO, VerbMain } from '../types.js';
 import {
+  cipherOption,
   closeQuietly,
   intOpt,
   keyslotOptions,
@@ -87,7 +88,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   if (type !== 'luks1' && type !== 'luks2' && type !== 'luks')
     throw new CryptmapError('EARGS', `Unknown LUKS type ${type}.`, { exitCode: EXIT_WRONG_PARAMS });
   const luks = type === 'luks1' ? 'luks1' : 'luks2';
-  const cipher = v.cipher ?? 'aes-xts-plain64';
+  const cipher = cipherOption(v.cipher ?? 'aes-xts-plain64');
   const keyBits = intOpt(v['key-size'], '--key-size', 8, 4096) ?? (/-xts-|^xts|xts\(/.test(cipher) ? 512 : 256);
   if (keyBits % 8 !== 0)
     throw new CryptmapError('EARGS', 'Key size must be a multiple of 8 bits', { exitCode: EXIT_WRONG_PARAMS });

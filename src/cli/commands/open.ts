@@ -25,6 +25,7 @@ import { Secret } from '../../util/secret.js';
 import { withDaemon } from '../daemon-client.js';
 import type { CliIO, VerbMain } from '../types.js';
 import {
+  cipherOption,
   closeQuietly,
   headerPath,
   intOpt,
@@ -79,7 +80,7 @@ async function preparePlainFromArgs(
   name: string,
   v: OpenArgs,
 ): Promise<{ mapping: CryptMapping; volumeKey: Secret }> {
-  const cipher = v.cipher ?? 'aes-cbc-essiv:sha256';
+  const cipher = cipherOption(v.cipher ?? 'aes-cbc-essiv:sha256');
   const keyBits = intOpt(v['key-size'], '--key-size', 8, 4096) ?? 256;
   if (keyBits % 8 !== 0)
     throw new CryptmapError('EARGS', 'Key size must be a multiple of 8 bits', { exitCode: EXIT_WRONG_PARAMS });
