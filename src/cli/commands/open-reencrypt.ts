@@ -84,16 +84,22 @@ export async function openInReencryption(
   let dataDev: BlockDevice | undefined;
   try {
     if (v.header !== undefined) dataDev = await openDevice(device, true);
-    return await withDeviceLock(
-      hdr,
-      async () => {
-        const vol = (await loadLuks(dev, hdr)) as Luks2Volume;
-        const lock = takeReencryptLock(vol.uuid, {
-          env: io.env,
-          disabled: v['disable-locks'] === true,
-          busyMessage: ACTIVATE_BUSY,
-        });
-        try {
+    // cryptsetup's lock first, without waiting: a reencryption running (either tool) refuses at once.
+    const uuid = (await loadLuks(dev, hdr)).uuid;
+    const lock = takeReencryptLock(uuid, {
+      env: io.env,
+      disabled: v['disable-locks'] === true,
+      busyMessage: ACTIVATE_BUSY,
+    });
+    try {
+      return await withDeviceLock(
+        hdr,
+        async () => {
+          const vol = (await loadLuks(dev, hdr)) as Luks2Volume;
+          if (vol.uuid !== uuid)
+            throw new CryptmapError('EINVAL', `The header on ${hdr} changed while it was being opened; try again.`, {
+              exitCode: 1,
+            });
           let st = await reencryptProgress(vol, dataDev);
           if (st.layout.mode !== 'reencrypt')
             throw new CryptmapError(
@@ -142,12 +148,12 @@ export async function openInReencryption(
           } finally {
             pass.fill(0);
           }
-        } finally {
-          lock.release();
-        }
-      },
-      { env: io.env },
-    );
+        },
+        { env: io.env },
+      );
+    } finally {
+      lock.release();
+    }
   } finally {
     await closeQuietly(dataDev);
     await closeQuietly(dev);
