@@ -149,8 +149,9 @@ class SubmitTable {
     if (!this.#flushQueued) {
       // Requests submitted in this turn (the continuations of a batch of completions) reach the
       // pool's queue together: one lock and one wake-up per idle thread for the batch.
+      // (A reaction on a settled promise: queueMicrotask wraps each callback in an AsyncResource.)
       this.#flushQueued = true;
-      queueMicrotask(this.#flush);
+      SETTLED.then(this.#flush);
     }
     const hold = this.#hold;
     hold[3 * id] = h;
@@ -165,6 +166,8 @@ class SubmitTable {
 }
 
 function noop(): void {}
+
+const SETTLED = Promise.resolve();
 
 let submitTable: SubmitTable | null = null;
 
