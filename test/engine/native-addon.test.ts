@@ -90,6 +90,50 @@ describe('native addon', () => {
     }
   });
 
+  it('runs the pool in worker threads and tears it down with their environment, also with requests in flight', async () => {
+    addon();
+    const engine = new URL('../../src/engine/index.js', import.meta.url).href;
+    // Each worker encrypts through its own pool, checks one result against the synchronous form, then
+    // leaves requests in flight as it ends (or is terminated): its environment must close the pool's
+    // handle (a handle left open aborts the process when the worker's loop closes).
+    const code = `
+      const { parentPort, workerData } = require('node:worker_threads');
+      import(${JSON.stringify(engine)}).then(async ({ createSectorCipher }) => {
+        const c = createSectorCipher({ spec: 'aes-xts-plain64', key: Buffer.alloc(64, 5).fill(6, 32), asyncMinBytes: 0 });
+        const bufs = Array.from({ length: 8 }, (_, i) => Buffer.alloc(1 << 18, i));
+        const want = Buffer.from(bufs[3]);
+        c.encrypt(want, 0n);
+        await Promise.all(bufs.map((b) => c.encryptAsync(b, 0n)));
+        parentPort.postMessage(bufs[3].equals(want));
+        for (const b of bufs) c.encryptAsync(b, 0n);
+        if (workerData.hang) setInterval(() => {}, 1000);
+      });`;
+    const { Worker } = await import('node:worker_threads');
+    const run = (hang: boolean) =>
+      new Promise<boolean>((resolve, reject) => {
+        const w = new Worker(code, { eval: true, workerData: { hang } });
+        let ok = false;
+        const deadline = setTimeout(() => {
+          void w.terminate();
+          reject(new Error('worker did not finish within 60 s'));
+        }, 60_000);
+        w.on('message', (m: boolean) => {
+          ok = m;
+          if (hang) void w.terminate();
+        });
+        w.on('error', (e) => {
+          clearTimeout(deadline);
+          reject(e);
+        });
+        w.on('exit', () => {
+          clearTimeout(deadline);
+          resolve(ok);
+        });
+      });
+    assert.equal(await run(false), true, 'a worker that ends by itself');
+    assert.equal(await run(true), true, 'a terminated worker');
+  });
+
   it('has an id for every IV generator of the table and every chain mode, each distinct', () => {
     const a = addon();
     const ivs = Object.keys(IV_GENERATORS);
