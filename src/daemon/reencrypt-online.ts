@@ -50,11 +50,13 @@ export const ONLINE_HOTZONE_BYTES = 8 << 20;
  * How the reencryption yields to clients (as md's resync drops to speed_limit_min while its array has
  * other I/O): after a hotzone during which clients did I/O, it pauses YIELD_FACTOR times as long as
  * that hotzone took (at most MAX_YIELD_MS), so that busy clients have the volume and the CPU to
- * themselves at least half the time. Without client I/O it runs flat out. Issue 16's target is a
- * client keeping at least half its throughput; on 2 cores a hotzone's read, hash, decrypt, encrypt
- * and write take most of the CPU the client would have had (README, bench:reencrypt-online).
+ * themselves at least two thirds of the time. Without client I/O it runs flat out. Issue 16's target
+ * is a client keeping at least half its throughput; on 2 cores a hotzone's read, hash, decrypt, encrypt
+ * and write take most of the CPU the client would have had, and a client whose random I/O meets the
+ * suspended hotzone waits, so 1 (half the time) put the target at the bottom of what it guarantees
+ * (rounds of 0.43-0.45 under heavy load); 2 leaves a margin (README, bench:reencrypt-online).
  */
-export const YIELD_FACTOR = 1;
+export const YIELD_FACTOR = 2;
 const MAX_YIELD_MS = 1000;
 
 /** A reencryption the daemon runs (VolumeRecord.reencrypt). */
