@@ -2,10 +2,10 @@
 // The size comes from /sys/dev/block/MAJ:MIN/size; the dm registry resolves `MAJ:MIN` to it.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { testTempDir } from '../helpers/tmp.js';
 import { FileDevice } from '../../src/blockdev/file.js';
 import { DeviceRegistry } from '../../src/dm/registry.js';
 
@@ -17,8 +17,8 @@ function losetup(args: string[]): string {
   return r.stdout.trim();
 }
 
-test('a loop device opens as a block device with its size from sysfs', async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-loop-'));
+test('a loop device opens as a block device with its size from sysfs', async (t) => {
+  const dir = testTempDir(t, 'cryptmap-loop-');
   const img = join(dir, 'disk.img');
   const data = Buffer.alloc(3 << 20);
   for (let i = 0; i < data.length; i += 512) data.writeUInt32LE(i / 512, i);
@@ -52,6 +52,5 @@ test('a loop device opens as a block device with its size from sysfs', async () 
     await registry.closeAll();
   } finally {
     losetup(['-d', loop]);
-    rmSync(dir, { recursive: true, force: true });
   }
 });

@@ -1,26 +1,14 @@
 // The file backend: sparse creation, strict ranges, read-only, short I/O, flush/FUA, discard and
 // block status through the native addon when it loads (and not advertised otherwise).
 import assert from 'node:assert/strict';
-import {
-  chmodSync,
-  mkdirSync,
-  mkdtempSync,
-  readFileSync,
-  rmSync,
-  statSync,
-  truncateSync,
-  writeFileSync,
-  writeSync,
-} from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, readFileSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, test } from 'node:test';
+import { test } from 'node:test';
+import { fileTempDir } from '../helpers/tmp.js';
 import { FileDevice } from '../../src/blockdev/file.js';
 import { loadNative } from '../../src/util/native.js';
 
-const dir = mkdtempSync(join(tmpdir(), 'cryptmap-file-'));
-chmodSync(dir, 0o700);
-after(() => rmSync(dir, { recursive: true, force: true }));
+const dir = fileTempDir('cryptmap-file-');
 let n = 0;
 const path = () => join(dir, `f${n++}.img`);
 

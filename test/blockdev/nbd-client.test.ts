@@ -4,11 +4,10 @@
 // and stop accepting, and from a device with a volatile write cache that a "crash" empties (what a
 // storage server killed -9 loses): acknowledged unflushed writes must be replayed, not lost.
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer, connect, type Server, type Socket } from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { after, test } from 'node:test';
+import { test } from 'node:test';
+import { fileTempDir } from '../helpers/tmp.js';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { NbdDevice } from '../../src/blockdev/nbd-client/device.js';
 import type {
@@ -22,8 +21,7 @@ import type {
 import { NbdServer } from '../../src/nbd/server.js';
 import { isCryptmapError } from '../../src/util/errors.js';
 
-const dir = mkdtempSync(join(tmpdir(), 'cryptmap-nbdc-'));
-after(() => rmSync(dir, { recursive: true, force: true }));
+const dir = fileTempDir('cryptmap-nbdc-');
 let seq = 0;
 const sockPath = (what: string) => join(dir, `${what}-${seq++}.sock`);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

@@ -7,22 +7,22 @@
 // pid file and stopped by signalling its process group, which holds the per-connection children.
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
+import { makeTempDir } from '../helpers/tmp.js';
 import { NbdDevice } from '../../src/blockdev/nbd-client/device.js';
 import { isCryptmapError } from '../../src/util/errors.js';
 import { seededBytes } from '../helpers/prng.js';
 import { mustRun, requireTool } from '../helpers/tools.js';
 
-const dir = mkdtempSync(join(tmpdir(), 'cryptmap-nbdsrv-'));
+const { dir, cleanup } = makeTempDir('cryptmap-nbdsrv-');
 const sha = (b: Uint8Array) => createHash('sha256').update(b).digest('hex');
 const groups = new Set<number>();
 after(() => {
   for (const g of groups) killGroup(g, 'SIGKILL');
-  rmSync(dir, { recursive: true, force: true });
+  cleanup();
 });
 
 function killGroup(pgid: number, sig: NodeJS.Signals): void {

@@ -3,21 +3,15 @@
 // /usr/sbin/cryptsetup and with cryptmap on copies of one image and compares the exit code, the
 // message and the header left on disk (read back by cryptsetup luksDump).
 import assert from 'node:assert/strict';
-import { chmodSync, copyFileSync, mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { copyFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
+import { fileTempDir } from '../helpers/tmp.js';
 import { cryptmap, ENTRY, exec, ok, type Result } from './harness.js';
 
-let dir = '';
+const dir = fileTempDir('cryptmap-parity-');
 const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 const CS = '/usr/sbin/cryptsetup';
-
-before(() => {
-  dir = mkdtempSync(join(tmpdir(), 'cryptmap-parity-'));
-  chmodSync(dir, 0o700);
-});
-after(() => rmSync(dir, { recursive: true, force: true }));
 
 let n = 0;
 /** A fresh image of `mib` MiB formatted by cryptsetup with passphrase "old" (and "new" in slot 1 when `two`). */

@@ -2,14 +2,14 @@
 // no daemon means not open; a daemon that cannot be asked (here: a runtime dir others may write, so
 // its socket is not trusted) is an error, not a "not open" that lets the header be rewritten.
 import assert from 'node:assert/strict';
-import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { chmodSync, mkdirSync, readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { testTempDir } from '../helpers/tmp.js';
 import { cryptmap } from './harness.js';
 
-test('reencrypt and convert: an unanswerable daemon check fails (header untouched); no daemon at all goes ahead', async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'cm-daemon-check-'));
+test('reencrypt and convert: an unanswerable daemon check fails (header untouched); no daemon at all goes ahead', async (t) => {
+  const dir = testTempDir(t, 'cm-daemon-check-');
   const old = process.env.CRYPTMAP_RUNTIME_DIR;
   try {
     const img = join(dir, 'a.img');
@@ -49,6 +49,5 @@ test('reencrypt and convert: an unanswerable daemon check fails (header untouche
   } finally {
     if (old === undefined) delete process.env.CRYPTMAP_RUNTIME_DIR;
     else process.env.CRYPTMAP_RUNTIME_DIR = old;
-    rmSync(dir, { recursive: true, force: true });
   }
 });

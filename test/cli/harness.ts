@@ -3,37 +3,21 @@
  * child in a fresh 0700 temp dir that starts before the file's tests and gets SIGTERM after them.
  */
 import assert from 'node:assert/strict';
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before } from 'node:test';
 import { ControlClient } from '../../src/control/client.js';
-import { missingTool } from '../helpers/tools.js';
+import { type RunResult, runTool } from '../helpers/tools.js';
 
 export const ENTRY = new URL('../../src/cli/entry.js', import.meta.url).pathname;
 
-export interface Result {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
+export type { RunResult as Result } from '../helpers/tools.js';
 
 /** Run `cmd` (stdin: `input`, then EOF) and collect its exit code and output; a missing tool rejects naming its package. */
-export function exec(cmd: string, args: string[], input?: string | Buffer): Promise<Result> {
-  return new Promise((resolve, reject) => {
-    const child = execFile(
-      cmd,
-      args,
-      { encoding: 'utf8', timeout: 120_000, maxBuffer: 64 << 20 },
-      (err, stdout, stderr) => {
-        if (err && (err as NodeJS.ErrnoException).code === 'ENOENT') return reject(new Error(missingTool(cmd)));
-        resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
-      },
-    );
-    child.stdin?.on('error', () => undefined);
-    child.stdin?.end(input ?? '');
-  });
+export function exec(cmd: string, args: string[], input?: string | Buffer): Promise<RunResult> {
+  return runTool(cmd, args, { input: input ?? '' });
 }
 
 /** `exec` that must succeed; its stdout. */
@@ -44,7 +28,7 @@ export async function ok(cmd: string, args: string[]): Promise<string> {
 }
 
 /** The cryptmap CLI in a child process. */
-export function cryptmap(args: string[], input?: string | Buffer): Promise<Result> {
+export function cryptmap(args: string[], input?: string | Buffer): Promise<RunResult> {
   return exec(process.execPath, [ENTRY, ...args], input);
 }
 

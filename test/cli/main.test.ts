@@ -3,6 +3,7 @@
 import assert from 'node:assert/strict';
 import { PassThrough } from 'node:stream';
 import { test } from 'node:test';
+import { testTempDir } from '../helpers/tmp.js';
 import { main } from '../../src/cli/main.js';
 
 async function run(argv: string[]): Promise<{ code: number; err: string }> {
@@ -93,37 +94,32 @@ test('every verb answers --help with its usage and exit 0', async () => {
   }
 });
 
-test('options before the verb and -h as --hash: luksFormat does what was asked (issue 12 item 1)', async () => {
-  const { mkdtempSync, rmSync, truncateSync, writeFileSync } = await import('node:fs');
-  const { tmpdir } = await import('node:os');
+test('options before the verb and -h as --hash: luksFormat does what was asked (issue 12 item 1)', async (t) => {
+  const { truncateSync, writeFileSync } = await import('node:fs');
   const { join } = await import('node:path');
-  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-main-'));
-  try {
-    const img = join(dir, 'img');
-    writeFileSync(img, Buffer.alloc(0));
-    truncateSync(img, 20 << 20);
-    let out = '';
-    const stdout = new PassThrough();
-    stdout.on('data', (c: Buffer) => {
-      out += c.toString();
-    });
-    const io = (input: string) => {
-      const stdin = new PassThrough();
-      stdin.end(input);
-      return { stdin, stdout, stderr: new PassThrough(), env: { CRYPTMAP_LOCK_DIR: join(dir, 'locks') } };
-    };
-    assert.equal(
-      await main(
-        ['-q', '--type', 'luks1', 'luksFormat', img, '-h', 'sha512', '--pbkdf-force-iterations', '1000'],
-        io('pw\n'),
-      ),
-      0,
-    );
-    assert.equal(await main(['-v', 'luksDump', img], io('')), 0);
-    assert.match(out, /Hash spec:\s+sha512/);
-    assert.equal(await main(['-d', '-', 'open', '--test-passphrase', img, '--', 'name'], io('pw')), 0);
-    assert.equal((await run(['--uuid', 'x', 'open', img, 'name'])).code, 1);
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+  const dir = testTempDir(t, 'cryptmap-main-');
+  const img = join(dir, 'img');
+  writeFileSync(img, Buffer.alloc(0));
+  truncateSync(img, 20 << 20);
+  let out = '';
+  const stdout = new PassThrough();
+  stdout.on('data', (c: Buffer) => {
+    out += c.toString();
+  });
+  const io = (input: string) => {
+    const stdin = new PassThrough();
+    stdin.end(input);
+    return { stdin, stdout, stderr: new PassThrough(), env: { CRYPTMAP_LOCK_DIR: join(dir, 'locks') } };
+  };
+  assert.equal(
+    await main(
+      ['-q', '--type', 'luks1', 'luksFormat', img, '-h', 'sha512', '--pbkdf-force-iterations', '1000'],
+      io('pw\n'),
+    ),
+    0,
+  );
+  assert.equal(await main(['-v', 'luksDump', img], io('')), 0);
+  assert.match(out, /Hash spec:\s+sha512/);
+  assert.equal(await main(['-d', '-', 'open', '--test-passphrase', img, '--', 'name'], io('pw')), 0);
+  assert.equal((await run(['--uuid', 'x', 'open', img, 'name'])).code, 1);
 });

@@ -1,11 +1,11 @@
 // Progress output as cryptsetup 2.6 prints it (issue 16 item 4): the line formats with a fake clock,
 // and --progress-json from a real `cryptmap reencrypt` (one object a line, ending at device_size).
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { test } from 'node:test';
+import { testTempDir } from '../helpers/tmp.js';
 import { main } from '../../src/cli/main.js';
 import { humanTime, Progress } from '../../src/cli/progress.js';
 import { Sink } from '../luks/helpers.js';
@@ -44,59 +44,55 @@ test('progress lines: in place on a terminal, one a line with --progress-frequen
   assert.equal(humanTime(200_000_000_000), '02 days');
 });
 
-test('cryptmap reencrypt --progress-json prints cryptsetup JSON lines ending at the device size', async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'cm-prog-'));
-  try {
-    const img = join(dir, 'a.img');
-    const key = join(dir, 'k');
-    writeFileSync(key, 'pass', { mode: 0o600 });
-    writeFileSync(img, Buffer.alloc(6 << 20));
-    const io = () => ({
-      stdin: Readable.from([]) as unknown as NodeJS.ReadableStream,
-      stdout: new Sink(),
-      stderr: new Sink(),
-      env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') },
-    });
-    const a = io();
-    const hdr = join(dir, 'a.hdr');
-    assert.equal(
-      await main(
-        [
-          'reencrypt',
-          '--encrypt',
-          '-q',
-          '--header',
-          hdr,
-          '--luks2-keyslots-size',
-          '1M',
-          '--pbkdf',
-          'pbkdf2',
-          '--pbkdf-force-iterations',
-          '1000',
-          '--key-file',
-          key,
-          '--hotzone-size',
-          '1M',
-          '--progress-json',
-          img,
-        ],
-        a,
-      ),
-      0,
-      a.stderr.data,
-    );
-    const lines = a.stdout.data
-      .trim()
-      .split('\n')
-      .map((l) => JSON.parse(l) as Record<string, string>);
-    assert.ok(lines.length >= 1, a.stdout.data);
-    const last = lines.at(-1)!;
-    assert.deepEqual(Object.keys(last), ['device', 'device_bytes', 'device_size', 'speed', 'eta_ms', 'time_ms']);
-    assert.equal(last.device, img);
-    assert.equal(last.device_bytes, String(6 << 20));
-    assert.equal(last.device_size, String(6 << 20));
-    assert.equal(last.eta_ms, '0');
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+test('cryptmap reencrypt --progress-json prints cryptsetup JSON lines ending at the device size', async (t) => {
+  const dir = testTempDir(t, 'cm-prog-');
+  const img = join(dir, 'a.img');
+  const key = join(dir, 'k');
+  writeFileSync(key, 'pass', { mode: 0o600 });
+  writeFileSync(img, Buffer.alloc(6 << 20));
+  const io = () => ({
+    stdin: Readable.from([]) as unknown as NodeJS.ReadableStream,
+    stdout: new Sink(),
+    stderr: new Sink(),
+    env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') },
+  });
+  const a = io();
+  const hdr = join(dir, 'a.hdr');
+  assert.equal(
+    await main(
+      [
+        'reencrypt',
+        '--encrypt',
+        '-q',
+        '--header',
+        hdr,
+        '--luks2-keyslots-size',
+        '1M',
+        '--pbkdf',
+        'pbkdf2',
+        '--pbkdf-force-iterations',
+        '1000',
+        '--key-file',
+        key,
+        '--hotzone-size',
+        '1M',
+        '--progress-json',
+        img,
+      ],
+      a,
+    ),
+    0,
+    a.stderr.data,
+  );
+  const lines = a.stdout.data
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l) as Record<string, string>);
+  assert.ok(lines.length >= 1, a.stdout.data);
+  const last = lines.at(-1)!;
+  assert.deepEqual(Object.keys(last), ['device', 'device_bytes', 'device_size', 'speed', 'eta_ms', 'time_ms']);
+  assert.equal(last.device, img);
+  assert.equal(last.device_bytes, String(6 << 20));
+  assert.equal(last.device_size, String(6 << 20));
+  assert.equal(last.eta_ms, '0');
 });

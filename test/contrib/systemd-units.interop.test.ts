@@ -5,11 +5,11 @@
  * names are there.
  */
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { testTempDir } from '../helpers/tmp.js';
+import { runTool } from '../helpers/tools.js';
 import { fileURLToPath } from 'node:url';
 
 const ROOT = fileURLToPath(new URL('../../../', import.meta.url));
@@ -20,40 +20,19 @@ function unit(name: string): string {
   return readFileSync(join(UNITS, name), 'utf8');
 }
 
-test('systemd-analyze verify accepts the units without a warning', async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-units-'));
-  try {
-    const names = readdirSync(UNITS).filter((n) => /\.(service|socket)$/.test(n));
-    assert.deepEqual(names.sort(), [
-      'cryptmap-agent.service',
-      'cryptmap-daemon.service',
-      'cryptmap-daemon.socket',
-      'cryptmap-keyd.service',
-    ]);
-    for (const n of names) writeFileSync(join(dir, n), unit(n).replaceAll('/usr/bin/cryptmap ', `${BIN} `));
-    const r = await new Promise<{ code: number; stdout: string; stderr: string }>((res) => {
-      execFile(
-        'systemd-analyze',
-        ['verify', ...names.map((n) => join(dir, n))],
-        { timeout: 120_000 },
-        (e, stdout, stderr) => {
-          if (e && (e as NodeJS.ErrnoException).code === 'ENOENT') {
-            res({
-              code: -1,
-              stdout,
-              stderr: 'systemd-analyze is not installed (Debian package systemd; scripts/install-deps.sh)',
-            });
-            return;
-          }
-          res({ code: e ? Number((e as { code?: number }).code ?? 1) : 0, stdout, stderr });
-        },
-      );
-    });
-    assert.equal(r.code, 0, r.stderr);
-    assert.equal(r.stderr.trim(), '', 'systemd-analyze warned');
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+test('systemd-analyze verify accepts the units without a warning', async (t) => {
+  const dir = testTempDir(t, 'cryptmap-units-');
+  const names = readdirSync(UNITS).filter((n) => /\.(service|socket)$/.test(n));
+  assert.deepEqual(names.sort(), [
+    'cryptmap-agent.service',
+    'cryptmap-daemon.service',
+    'cryptmap-daemon.socket',
+    'cryptmap-keyd.service',
+  ]);
+  for (const n of names) writeFileSync(join(dir, n), unit(n).replaceAll('/usr/bin/cryptmap ', `${BIN} `));
+  const r = await runTool('systemd-analyze', ['verify', ...names.map((n) => join(dir, n))]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(r.stderr.trim(), '', 'systemd-analyze warned');
 });
 
 test('each service is Type=notify with a restart policy, no core dumps and a capability bounding set', () => {

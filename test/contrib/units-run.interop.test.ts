@@ -11,22 +11,21 @@
  */
 import assert from 'node:assert/strict';
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
-import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
+import { makeTempDir } from '../helpers/tmp.js';
 import { fileURLToPath } from 'node:url';
 import { Ajv } from 'ajv';
 import { type NotifySocket, notifySocket } from '../util/notify-socket.js';
 
 const ROOT = fileURLToPath(new URL('../../../', import.meta.url));
 const BIN = join(ROOT, 'bin', 'cryptmap.js');
-const dir = mkdtempSync(join(tmpdir(), 'cryptmap-units-run-'));
-chmodSync(dir, 0o700);
+const { dir, cleanup } = makeTempDir('cryptmap-units-run-');
 const children: ChildProcess[] = [];
 after(() => {
   for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
-  rmSync(dir, { recursive: true, force: true });
+  cleanup();
 });
 
 /** The unit's paths, longest first so that /run/cryptmap-keyd is not read as /run/cryptmap + "-keyd". */

@@ -6,18 +6,16 @@
  */
 import assert from 'node:assert/strict';
 import { chmodSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { after, test } from 'node:test';
+import { test } from 'node:test';
+import { fileTempDir } from '../helpers/tmp.js';
 import { EtcdLeases } from '../../src/coordination/etcd-leases.js';
 import { isCryptmapError } from '../../src/util/errors.js';
 import { makeCa, makeCert } from '../helpers/x509.js';
 import { requireTool } from '../helpers/tools.js';
 import { startEtcd } from './etcd.js';
 
-const dir = mkdtempSync(join(tmpdir(), 'cm-etcdtls-'));
-after(() => rmSync(dir, { recursive: true, force: true }));
+const dir = fileTempDir('cm-etcdtls-');
 
 interface AdminClient {
   role(name: string): { create(): Promise<unknown>; grant(p: unknown): Promise<unknown> };

@@ -4,42 +4,34 @@
  * libnbd's nbdcopy and qemu-io; cryptsetup reads back what was written.
  */
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
+import { fileTempDir } from '../helpers/tmp.js';
+import { runTool } from '../helpers/tools.js';
 import { prepareLuks } from '../../src/activate/mapping.js';
 import { DaemonCore } from '../../src/daemon/core.js';
 import type { CryptmapError } from '../../src/util/errors.js';
 
 const MiB = 1 << 20;
-let dir: string;
+const dir = fileTempDir('cm-daemon-');
 let core: DaemonCore;
 
-/** Run a tool asynchronously (the NBD server lives in this process, so never block the loop). */
-function sh(cmd: string, args: string[]): Promise<Buffer> {
-  return new Promise((resolve, reject) => {
-    execFile(cmd, args, { encoding: 'buffer', maxBuffer: 64 * MiB, timeout: 120_000 }, (err, stdout, stderr) => {
-      if (!err) return resolve(stdout);
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT')
-        return reject(new Error(`${cmd} is not installed (run scripts/install-deps.sh)`));
-      reject(new Error(`${cmd} ${args.join(' ')} failed: ${stderr.toString() || err.message}`));
-    });
-  });
+/** Run a tool that must succeed; its stdout as bytes. */
+async function sh(cmd: string, args: string[]): Promise<Buffer> {
+  const r = await runTool(cmd, args);
+  if (r.code !== 0) throw new Error(`${cmd} ${args.join(' ')} failed: ${r.stderr || `exit ${r.code}`}`);
+  return r.stdoutBytes;
 }
 
 before(async () => {
-  dir = mkdtempSync(join(tmpdir(), 'cm-daemon-'));
-  chmodSync(dir, 0o700);
   core = new DaemonCore({ nbdSocketPath: join(dir, 'nbd.sock'), attachDir: join(dir, 'attach') });
   await core.listen();
 });
 
 after(async () => {
   await core.shutdown();
-  rmSync(dir, { recursive: true, force: true });
 });
 
 test('cryptsetup volume (detached header) served over NBD: reads give the plaintext, writes land encrypted', async () => {

@@ -2,10 +2,10 @@
  * Shared by the daemon core tests: a core in a fresh 0700 temp dir, a small LUKS2 image with a cheap
  * KDF, opening it through the core, a plain mapping, and a matcher for cryptsetup-style errors.
  */
-import { chmodSync, mkdtempSync, truncateSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { type CryptMapping, prepareLuks } from '../../src/activate/mapping.js';
+import { makeTempDir } from '../helpers/tmp.js';
 import { FileDevice } from '../../src/blockdev/file.js';
 import { DaemonCore } from '../../src/daemon/core.js';
 import { Luks2Volume } from '../../src/luks/index.js';
@@ -17,8 +17,7 @@ export const PASS = Buffer.from('daemon test passphrase');
 
 /** A DaemonCore serving from a fresh temp dir (the caller shuts it down and removes `dir`). */
 export function coreIn(prefix: string): { dir: string; core: DaemonCore } {
-  const dir = mkdtempSync(join(tmpdir(), prefix));
-  chmodSync(dir, 0o700);
+  const { dir } = makeTempDir(prefix);
   return { dir, core: new DaemonCore({ nbdSocketPath: join(dir, 'nbd.sock'), attachDir: join(dir, 'attach') }) };
 }
 

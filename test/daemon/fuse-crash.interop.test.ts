@@ -5,35 +5,20 @@
  * crc32c verify of a file written and fsync'ed before the kill).
  */
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import {
-  chmodSync,
-  existsSync,
-  mkdirSync,
-  mkdtempSync,
-  readdirSync,
-  rmSync,
-  truncateSync,
-  writeFileSync,
-} from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, mkdirSync, readdirSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
+import { runTool } from '../helpers/tools.js';
+import { makeTempDir } from '../helpers/tmp.js';
 import { cliOk, startDaemon } from '../load/helpers.js';
 import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
 
 const MiB = 1 << 20;
-const dir = mkdtempSync(join(tmpdir(), 'cm-fusecrash-'));
-chmodSync(dir, 0o700);
+const { dir, cleanup } = makeTempDir('cm-fusecrash-');
 
-function sh(cmd: string, args: string[], timeout = 120_000): Promise<{ code: number; out: string }> {
-  return new Promise((resolve, reject) => {
-    execFile(cmd, args, { encoding: 'utf8', timeout }, (err, stdout, stderr) => {
-      if (err && (err as NodeJS.ErrnoException).code === 'ENOENT')
-        return reject(new Error(`${cmd} is not installed (run scripts/install-deps.sh)`));
-      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, out: stdout + stderr });
-    });
-  });
+async function sh(cmd: string, args: string[], timeoutMs = 120_000): Promise<{ code: number; out: string }> {
+  const r = await runTool(cmd, args, { timeoutMs });
+  return { code: r.code, out: r.stdout + r.stderr };
 }
 async function ok(cmd: string, args: string[]): Promise<string> {
   const r = await sh(cmd, args);
@@ -43,7 +28,7 @@ async function ok(cmd: string, args: string[]): Promise<string> {
 
 after(async () => {
   await sh('umount', ['-l', join(dir, 'mnt')]);
-  rmSync(dir, { recursive: true, force: true });
+  cleanup();
 });
 
 const fioJob = (mnt: string, verifyOnly: boolean) => [

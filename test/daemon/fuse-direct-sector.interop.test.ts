@@ -6,18 +6,18 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { open } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { testTempDir } from '../helpers/tmp.js';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { FuseExport } from '../../src/daemon/fuse-export.js';
 import { plainMapping } from './fixtures.js';
 
-test('a 4096-byte crypt sector under a 512-byte FUSE block: no direct route, a 512-byte write never reaches the file as plaintext', async () => {
+test('a 4096-byte crypt sector under a 512-byte FUSE block: no direct route, a 512-byte write never reaches the file as plaintext', async (t) => {
   assert.equal(process.getuid?.(), 0, 'the FUSE export tests run as root (mount(2))');
-  const dir = mkdtempSync(join(tmpdir(), 'cm-fuse-sector-'));
+  const dir = testTempDir(t, 'cm-fuse-sector-');
   const mnt = join(dir, 'mnt');
   mkdirSync(mnt);
   const backing = join(dir, 'disk.img');
@@ -43,6 +43,5 @@ test('a 4096-byte crypt sector under a 512-byte FUSE block: no direct route, a 5
     assert.equal(exp.directOn(plainMapping(dir, { device: backing, sectorBytes: 512 }), randomBytes(64)), true);
   } finally {
     await exp.stop();
-    rmSync(dir, { recursive: true, force: true });
   }
 });

@@ -4,17 +4,17 @@
  * behind as a dead FUSE mount. Root.
  */
 import assert from 'node:assert/strict';
-import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { testTempDir } from '../helpers/tmp.js';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { FuseExport } from '../../src/daemon/fuse-export.js';
 import { mounts, runTool } from '../../src/util/tools.js';
 
-test('a FUSE export on a path with a space is unmounted by stop()', async () => {
+test('a FUSE export on a path with a space is unmounted by stop()', async (t) => {
   assert.equal(process.getuid?.(), 0, 'the FUSE export tests run as root (mount(2))');
-  const dir = mkdtempSync(join(tmpdir(), 'cm fuse stop '));
+  const dir = testTempDir(t, 'cm fuse stop ');
   const mnt = join(dir, 'mnt point');
   mkdirSync(mnt);
   const exp = FuseExport.start(new MemoryDevice({ sizeBytes: 1 << 20 }), mnt);
@@ -32,6 +32,5 @@ test('a FUSE export on a path with a space is unmounted by stop()', async () => 
     assert.equal(exp.stats().threads, 0);
   } finally {
     if (mounts().some(([, at]) => at === mnt)) await runTool('umount', ['-l', mnt]).catch(() => undefined);
-    rmSync(dir, { recursive: true, force: true });
   }
 });

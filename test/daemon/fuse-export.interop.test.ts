@@ -6,12 +6,12 @@
  * The crash path (kill -9, restart, remount) is in fuse-crash.interop.test.ts.
  */
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
+import { mustRun } from '../helpers/tools.js';
 import { prepareLuks } from '../../src/activate/mapping.js';
 import { FileDevice } from '../../src/blockdev/file.js';
 import type { DaemonCore } from '../../src/daemon/core.js';
@@ -24,17 +24,8 @@ let dir: string;
 let core: DaemonCore;
 let img: string;
 
-/** Run a tool asynchronously (the FUSE export's JS route lives in this process: never block the loop). */
-function sh(cmd: string, args: string[], timeout = 120_000): Promise<string> {
-  return new Promise((resolve, reject) => {
-    execFile(cmd, args, { encoding: 'utf8', timeout, maxBuffer: 64 * MiB }, (err, stdout, stderr) => {
-      if (!err) return resolve(stdout);
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT')
-        return reject(new Error(`${cmd} is not installed (run scripts/install-deps.sh)`));
-      reject(new Error(`${cmd} ${args.join(' ')} failed: ${stderr || err.message}`));
-    });
-  });
-}
+/** Run a tool that must succeed; its stdout. */
+const sh = (cmd: string, args: string[], timeoutMs = 120_000) => mustRun(cmd, args, { timeoutMs });
 
 before(async () => {
   assert.equal(process.getuid?.(), 0, 'the FUSE export tests run as root (mount(2), losetup)');

@@ -16,7 +16,7 @@ import { Luks2Volume } from '../../src/luks/index.js';
 import { parseManifest } from '../../src/reconciler/manifest.js';
 import { VOLUME_KEYSLOT_PBKDF } from '../../src/reconciler/ports.js';
 import { Secret } from '../../src/util/secret.js';
-import { tempDir } from '../keyservice/helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 import { captureIO } from './helpers.js';
 
 const MANIFEST = parseManifest(
@@ -94,7 +94,7 @@ function digests(state: string, id: string): string {
 }
 
 test('volume rotate-key: a new volume key, reencrypted online, data kept', { timeout: 300_000 }, async () => {
-  const t = await tempDir('cm-rotate-');
+  const t = makeTempDir('cm-rotate-');
   const state = join(t.dir, 'agent');
   let host: AgentHost | undefined = await startAgent(state);
   try {
@@ -127,7 +127,7 @@ test('volume rotate-key: a new volume key, reencrypted online, data kept', { tim
 test('root rotation: rewrap-keys finishes what a crash left in the middle of the fleet, before and after the commit', {
   timeout: 300_000,
 }, async () => {
-  const t = await tempDir('cm-rewrap-');
+  const t = makeTempDir('cm-rewrap-');
   const state = join(t.dir, 'agent');
   const root = join(state, 'keyd', 'root.key');
   let host: AgentHost | undefined = await startAgent(state);

@@ -8,22 +8,21 @@
  */
 import assert from 'node:assert/strict';
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
-import { chmodSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { createConnection } from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
+import { makeTempDir } from '../helpers/tmp.js';
 import { renderMetrics } from '../../src/util/metrics.js';
 import { cryptmap, exec } from '../cli/harness.js';
 import { dbOnlyManifest } from '../reconciler/manifests.js';
 
 const ENTRY = new URL('../../src/cli/entry.js', import.meta.url).pathname;
-const dir = mkdtempSync(join(tmpdir(), 'cryptmap-metrics-'));
-chmodSync(dir, 0o700);
+const { dir, cleanup } = makeTempDir('cryptmap-metrics-');
 const children: ChildProcess[] = [];
 after(() => {
   for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
-  rmSync(dir, { recursive: true, force: true });
+  cleanup();
 });
 
 /** Python's prometheus_client parser: families as JSON, or an error exit on anything malformed. */

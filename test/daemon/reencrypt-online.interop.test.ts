@@ -6,10 +6,10 @@
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
+import { fileTempDir } from '../helpers/tmp.js';
 import { FileDevice } from '../../src/blockdev/file.js';
 import { ControlClient } from '../../src/control/client.js';
 import { createSectorCipher } from '../../src/engine/index.js';
@@ -24,11 +24,7 @@ const DATA = 48 * MiB;
 const FIO_MIB = 32;
 const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 
-let dir = '';
-before(() => {
-  dir = mkdtempSync(join(tmpdir(), 'cm-reenc-online-'));
-});
-after(() => rmSync(dir, { recursive: true, force: true }));
+const dir = fileTempDir('cm-reenc-online-');
 
 function cs(...args: string[]): { status: number | null; out: string } {
   const r = spawnSync('cryptsetup', args, { encoding: 'utf8', timeout: 120_000 });

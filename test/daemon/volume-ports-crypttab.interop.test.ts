@@ -13,13 +13,13 @@ import { Luks2Volume } from '../../src/luks/luks2.js';
 import { createSparseFile } from '../../src/reconciler/file-ops.js';
 import { VOLUME_KEYSLOT_PBKDF } from '../../src/reconciler/ports.js';
 import { setLogSink } from '../../src/util/log.js';
-import { tempDir } from '../keyservice/helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 import { captureIO } from './helpers.js';
 
 setLogSink(() => {});
 
 test('crypttab open/close through the daemon: LUKS2 with a key file, plain with a raw key file, noauto left alone, errors with lines', async () => {
-  const t = await tempDir('cryptmap-crypttab-');
+  const t = makeTempDir('cryptmap-crypttab-');
   const run = join(t.dir, 'run');
   await mkdir(run, { mode: 0o700 });
   const core = new DaemonCore({ nbdSocketPath: nbdSocketPath(run), attachDir: join(run, 'attach') });

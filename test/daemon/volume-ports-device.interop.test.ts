@@ -18,7 +18,7 @@ import { parseManifest } from '../../src/reconciler/manifest.js';
 import { desiredVolumes } from '../../src/reconciler/plan.js';
 import { Secret } from '../../src/util/secret.js';
 import { useServers } from '../blockdev/nbd-servers.js';
-import { tempDir } from '../keyservice/helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 import { TestNode } from './volume-ports-harness.js';
 
 const servers = useServers('cm-devvol-');
@@ -38,8 +38,8 @@ test('a blank export is formatted and served; node B adopts it with its data; no
   writeFileSync(img, Buffer.alloc(40 * MiB));
   const srv = await servers.start('nbdkit', (sock) => ['-f', '-U', sock, 'file', img]);
   const uri = `nbd+unix:///?socket=${srv.sock}`;
-  const a = await tempDir('cm-devvol-a-');
-  const b = await tempDir('cm-devvol-b-');
+  const a = makeTempDir('cm-devvol-a-');
+  const b = makeTempDir('cm-devvol-b-');
   const nodeA = await TestNode.start({ dir: a.dir, keys });
   let nodeB: TestNode | undefined;
   try {
@@ -97,7 +97,7 @@ test('an export holding data, or unreachable, is refused and never written', asy
   const junk = randomBytes(4096);
   writeFileSync(img, Buffer.concat([junk, Buffer.alloc(32 * MiB - 4096)]));
   const srv = await servers.start('nbdkit', (sock) => ['-f', '-U', sock, 'file', img]);
-  const t = await tempDir('cm-devvol-r-');
+  const t = makeTempDir('cm-devvol-r-');
   const node = await TestNode.start({ dir: t.dir, keys });
   try {
     const [v] = desiredVolumes(
@@ -134,7 +134,7 @@ test('fencing with the export gone: the NBD client is cut off by the deadline, w
   const img = join(servers.dir, 'fence.img');
   writeFileSync(img, Buffer.alloc(40 * MiB));
   let srv = await servers.start('nbdkit', (sock) => ['-f', '-U', sock, 'file', img]);
-  const t = await tempDir('cm-devvol-f-');
+  const t = makeTempDir('cm-devvol-f-');
   const node = await TestNode.start({ dir: t.dir, keys });
   try {
     const [v] = desiredVolumes(

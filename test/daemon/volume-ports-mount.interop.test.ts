@@ -8,7 +8,7 @@ import { AgentHost } from '../../src/daemon/agent-host.js';
 import { detectServeMode } from '../../src/daemon/volume-ports.js';
 import { parseManifest } from '../../src/reconciler/manifest.js';
 import { setLogSink } from '../../src/util/log.js';
-import { tempDir } from '../keyservice/helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 import { dbOnlyManifest, mountedManifest } from '../reconciler/manifests.js';
 import { cleanupKernelState } from './helpers.js';
 
@@ -24,7 +24,7 @@ test('as root: attach, mkfs.ext4, mount; files survive an agent restart; swapon 
     'attach',
     'as root here, attach (nbd module, or /dev/fuse + /dev/loop-control) must be possible',
   );
-  const t = await tempDir('cryptmap-agent-mount-');
+  const t = makeTempDir('cryptmap-agent-mount-');
   const manifest = parseManifest(mountedManifest());
   const start = { manifest, stateDir: join(t.dir, 'state'), bootId: 'boot-1', mountRoot: join(t.dir, 'mnt') };
   let host: AgentHost | undefined;
@@ -71,7 +71,7 @@ test('as root: attach, mkfs.ext4, mount; files survive an agent restart; swapon 
 test('as root: a full disk during format rolls back (no file, no record), and the next run on a roomier disk converges', {
   skip: isRoot || process.env.CI ? false : 'needs root (tmpfs mount)',
 }, async () => {
-  const t = await tempDir('cryptmap-agent-full-');
+  const t = makeTempDir('cryptmap-agent-full-');
   const state = join(t.dir, 'state');
   const manifest = parseManifest(dbOnlyManifest());
   let host: AgentHost | undefined;

@@ -1,11 +1,11 @@
 // `cryptmap dm ...`: dmsetup argument forms and output formats, driven through runDm with an
 // in-process DmControl; without a daemon every command reports that the daemon is not running.
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Readable, Writable } from 'node:stream';
 import { test } from 'node:test';
+import { testTempDir } from '../helpers/tmp.js';
 import dmMain, { DAEMON_NOT_RUNNING, runDm } from '../../src/cli/commands/dm.js';
 import type { CliIO } from '../../src/cli/types.js';
 import { dmHandlers } from '../../src/control/dm-remote.js';
@@ -38,23 +38,19 @@ function setup() {
   return { registry, control, dm };
 }
 
-test('create, table, status, info, ls, rename, remove in dmsetup formats', async () => {
+test('create, table, status, info, ls, rename, remove in dmsetup formats', async (t) => {
   const { dm, registry } = setup();
   const key = xtsKey(5).toString('hex');
   assert.deepEqual(await dm(['ls']), { code: 0, out: 'No devices found\n', err: '' });
   assert.equal((await dm(['create', 'lin', '--table', '0 1024 linear /mem/a 0;1024 1024 zero'])).code, 0);
   assert.equal((await dm(['create', 'str', '-u', 'CRYPT-TEST-1'], '0 2048 striped 2 8 /mem/a 0 /mem/b 0\n')).code, 0);
-  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-cli-'));
-  try {
-    const f = join(dir, 'table');
-    writeFileSync(f, `0 1024 crypt aes-xts-plain64 ${key} 0 lin 0 1 allow_discards\n`, { mode: 0o600 });
-    assert.equal((await dm(['create', 'cr', f])).code, 0);
-    const bad = await dm(['create', 'x', join(dir, 'missing')]);
-    assert.equal(bad.code, 4);
-    assert.match(bad.err, /cannot read table file .*missing/);
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+  const dir = testTempDir(t, 'cryptmap-cli-');
+  const f = join(dir, 'table');
+  writeFileSync(f, `0 1024 crypt aes-xts-plain64 ${key} 0 lin 0 1 allow_discards\n`, { mode: 0o600 });
+  assert.equal((await dm(['create', 'cr', f])).code, 0);
+  const bad = await dm(['create', 'x', join(dir, 'missing')]);
+  assert.equal(bad.code, 4);
+  assert.match(bad.err, /cannot read table file .*missing/);
   assert.equal((await dm(['create', 'empty', '-n'])).code, 0);
 
   assert.deepEqual(await dm(['table', 'lin']), { code: 0, out: '0 1024 linear /mem/a 0\n1024 1024 zero \n', err: '' });
@@ -158,27 +154,23 @@ test('usage errors name the problem and exit 1', async () => {
   assert.equal((await dm([])).code, 1);
 });
 
-test('without a daemon: arguments are checked, then the daemon message, exit 1', async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-nodaemon-'));
-  try {
-    const stderr = sink();
-    const io: CliIO = { stdin: Readable.from([]), stdout: sink(), stderr, env: { CRYPTMAP_RUNTIME_DIR: dir } };
-    assert.equal(await dmMain(['dm', 'ls'], io), 1);
-    assert.ok(stderr.text().startsWith(DAEMON_NOT_RUNNING), stderr.text());
-    assert.equal(DAEMON_NOT_RUNNING, "cryptmap: the daemon is not running (start it with 'cryptmap daemon')");
-    const stderr2 = sink();
-    assert.equal(await dmMain(['dm', 'create'], { ...io, stderr: stderr2 }), 1);
-    assert.match(stderr2.text(), /create: missing argument/);
-    const stderr3 = sink();
-    assert.equal(await runDm(['dm', 'ls'], { ...io, stderr: stderr3 }, null), 1);
-    assert.equal(stderr3.text(), `${DAEMON_NOT_RUNNING}\n`);
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+test('without a daemon: arguments are checked, then the daemon message, exit 1', async (t) => {
+  const dir = testTempDir(t, 'cryptmap-nodaemon-');
+  const stderr = sink();
+  const io: CliIO = { stdin: Readable.from([]), stdout: sink(), stderr, env: { CRYPTMAP_RUNTIME_DIR: dir } };
+  assert.equal(await dmMain(['dm', 'ls'], io), 1);
+  assert.ok(stderr.text().startsWith(DAEMON_NOT_RUNNING), stderr.text());
+  assert.equal(DAEMON_NOT_RUNNING, "cryptmap: the daemon is not running (start it with 'cryptmap daemon')");
+  const stderr2 = sink();
+  assert.equal(await dmMain(['dm', 'create'], { ...io, stderr: stderr2 }), 1);
+  assert.match(stderr2.text(), /create: missing argument/);
+  const stderr3 = sink();
+  assert.equal(await runDm(['dm', 'ls'], { ...io, stderr: stderr3 }, null), 1);
+  assert.equal(stderr3.text(), `${DAEMON_NOT_RUNNING}\n`);
 });
 
-test('with a daemon: the verbs reach its registry over the control socket', async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-daemon-'));
+test('with a daemon: the verbs reach its registry over the control socket', async (t) => {
+  const dir = testTempDir(t, 'cryptmap-daemon-');
   const run = join(dir, 'run');
   ensureRuntimeDir(run);
   const { registry } = memRegistry({ a: 1 << 20 });
@@ -205,6 +197,5 @@ test('with a daemon: the verbs reach its registry over the control socket', asyn
   } finally {
     await server.close();
     await registry.closeAll();
-    rmSync(dir, { recursive: true, force: true });
   }
 });

@@ -4,18 +4,17 @@
 // must come back as the file device's typed errors.
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { chmodSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { after, test } from 'node:test';
+import { test } from 'node:test';
+import { fileTempDir } from '../helpers/tmp.js';
 import { DeviceRegistry } from '../../src/dm/registry.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import type { SectorBytes } from '../../src/engine/index.js';
 import { pattern, xtsKey } from './helpers.js';
 
-const dir = mkdtempSync(join(tmpdir(), 'cryptmap-crypt-direct-'));
-chmodSync(dir, 0o700);
-after(() => rmSync(dir, { recursive: true, force: true }));
+const dir = fileTempDir('cryptmap-crypt-direct-');
 
 const MiB = 1 << 20;
 const OFFSET_SECTORS = 4096; // 2 MiB of "header" before the payload, as LUKS does

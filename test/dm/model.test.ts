@@ -2,10 +2,10 @@
 // in-memory reference. Every read must equal the reference; I/O touching an error target must
 // fail while the other pieces of the same request still land; discards follow capabilities.
 import assert from 'node:assert/strict';
-import { chmodSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { testTempDir } from '../helpers/tmp.js';
 import fc from 'fast-check';
 import type { BlockDevice } from '../../src/blockdev/types.js';
 import { DeviceRegistry } from '../../src/dm/registry.js';
@@ -265,70 +265,65 @@ test('boundary cases: first and last sector, zero length, crossing every edge', 
   await registry.closeAll();
 });
 
-test('concurrent batches of disjoint I/O on crypt over striped over two real files', async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-model-'));
-  chmodSync(dir, 0o700);
-  try {
-    const key = xtsKey(17).toString('hex');
-    const sizeS = 2048;
-    const batch = fc.array(
-      fc.record({
-        s: fc.integer({ min: 0, max: sizeS - 1 }),
-        n: fc.integer({ min: 1, max: 200 }),
-        write: fc.boolean(),
-        seed: fc.integer({ min: 1, max: 1 << 30 }),
-      }),
-      { minLength: 1, maxLength: 12 },
-    );
-    let run = 0;
-    await fc.assert(
-      fc.asyncProperty(fc.array(batch, { minLength: 1, maxLength: 6 }), async (batches) => {
-        const files = ['a', 'b'].map((x) => join(dir, `${x}${run}.img`));
-        run++;
-        for (const f of files) writeFileSync(f, Buffer.alloc(512 << 10), { mode: 0o600 });
-        const registry = new DeviceRegistry();
-        await registry.create('s', { table: `0 ${sizeS} striped 2 32 ${files[0]} 0 ${files[1]} 0` });
-        await registry.create('c', { table: `0 ${sizeS} crypt aes-xts-plain64 ${key} 0 s 0` });
-        const dev = registry.open('c');
-        const ref = pattern(sizeS * 512, 5);
-        await dev.write(0, ref);
-        for (const b of batches) {
-          // Keep the requests of one batch disjoint: then any completion order gives one result.
-          const taken: [number, number][] = [];
-          const ops = b
-            .map((o) => ({ ...o, n: Math.min(o.n, sizeS - o.s) }))
-            .filter((o) => {
-              if (taken.some(([a, e]) => o.s < e && a < o.s + o.n)) return false;
-              taken.push([o.s, o.s + o.n]);
-              return true;
-            });
-          const reads: [number, Buffer][] = [];
-          await Promise.all(
-            ops.map((o) => {
-              if (o.write) {
-                const data = pattern(o.n * 512, o.seed);
-                data.copy(ref, o.s * 512);
-                return dev.write(o.s * 512, data);
-              }
-              const buf = Buffer.alloc(o.n * 512);
-              reads.push([o.s, buf]);
-              // Reads in a batch see the state before it: no write in the batch overlaps them.
-              return dev.read(o.s * 512, buf);
-            }),
-          );
-          for (const [s, buf] of reads)
-            assert.ok(buf.equals(ref.subarray(s * 512, s * 512 + buf.length)), `read at ${s}`);
-        }
-        const all = Buffer.alloc(sizeS * 512);
-        await dev.read(0, all);
-        assert.ok(all.equals(ref));
-        await dev.close();
-        await registry.closeAll();
-        for (const f of files) rmSync(f);
-      }),
-      { seed: 7, numRuns: 15 },
-    );
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+test('concurrent batches of disjoint I/O on crypt over striped over two real files', async (t) => {
+  const dir = testTempDir(t, 'cryptmap-model-');
+  const key = xtsKey(17).toString('hex');
+  const sizeS = 2048;
+  const batch = fc.array(
+    fc.record({
+      s: fc.integer({ min: 0, max: sizeS - 1 }),
+      n: fc.integer({ min: 1, max: 200 }),
+      write: fc.boolean(),
+      seed: fc.integer({ min: 1, max: 1 << 30 }),
+    }),
+    { minLength: 1, maxLength: 12 },
+  );
+  let run = 0;
+  await fc.assert(
+    fc.asyncProperty(fc.array(batch, { minLength: 1, maxLength: 6 }), async (batches) => {
+      const files = ['a', 'b'].map((x) => join(dir, `${x}${run}.img`));
+      run++;
+      for (const f of files) writeFileSync(f, Buffer.alloc(512 << 10), { mode: 0o600 });
+      const registry = new DeviceRegistry();
+      await registry.create('s', { table: `0 ${sizeS} striped 2 32 ${files[0]} 0 ${files[1]} 0` });
+      await registry.create('c', { table: `0 ${sizeS} crypt aes-xts-plain64 ${key} 0 s 0` });
+      const dev = registry.open('c');
+      const ref = pattern(sizeS * 512, 5);
+      await dev.write(0, ref);
+      for (const b of batches) {
+        // Keep the requests of one batch disjoint: then any completion order gives one result.
+        const taken: [number, number][] = [];
+        const ops = b
+          .map((o) => ({ ...o, n: Math.min(o.n, sizeS - o.s) }))
+          .filter((o) => {
+            if (taken.some(([a, e]) => o.s < e && a < o.s + o.n)) return false;
+            taken.push([o.s, o.s + o.n]);
+            return true;
+          });
+        const reads: [number, Buffer][] = [];
+        await Promise.all(
+          ops.map((o) => {
+            if (o.write) {
+              const data = pattern(o.n * 512, o.seed);
+              data.copy(ref, o.s * 512);
+              return dev.write(o.s * 512, data);
+            }
+            const buf = Buffer.alloc(o.n * 512);
+            reads.push([o.s, buf]);
+            // Reads in a batch see the state before it: no write in the batch overlaps them.
+            return dev.read(o.s * 512, buf);
+          }),
+        );
+        for (const [s, buf] of reads)
+          assert.ok(buf.equals(ref.subarray(s * 512, s * 512 + buf.length)), `read at ${s}`);
+      }
+      const all = Buffer.alloc(sizeS * 512);
+      await dev.read(0, all);
+      assert.ok(all.equals(ref));
+      await dev.close();
+      await registry.closeAll();
+      for (const f of files) rmSync(f);
+    }),
+    { seed: 7, numRuns: 15 },
+  );
 });

@@ -5,10 +5,9 @@
 // snapshots (thin_ls sees what is shared); the metadata snapshot (thin_dump -m); damaged metadata
 // refused naming the check; a pool over NBD exports (the NBD client as <dev>).
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { testTempDir } from '../helpers/tmp.js';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { DeviceRegistry } from '../../src/dm/registry.js';
 import { NbdServer } from '../../src/nbd/server.js';
@@ -287,8 +286,8 @@ test('damaged metadata is refused naming the failed check, never opened', async 
   );
 });
 
-test('thin over the NBD client: a pool whose metadata and data devices are NBD exports; thin_check accepts the served metadata', async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-thin-nbd-'));
+test('thin over the NBD client: a pool whose metadata and data devices are NBD exports; thin_check accepts the served metadata', async (t) => {
+  const dir = testTempDir(t, 'cryptmap-thin-nbd-');
   const meta = new MemoryDevice({ sizeBytes: MiB });
   const data = new MemoryDevice({ sizeBytes: 4 * MiB });
   const server = new NbdServer();
@@ -320,6 +319,5 @@ test('thin over the NBD client: a pool whose metadata and data devices are NBD e
   } finally {
     await registry.closeAll().catch(() => {});
     await server.close();
-    rmSync(dir, { recursive: true, force: true });
   }
 });

@@ -9,11 +9,10 @@
 //            response may be an internal error (a handler that threw something other than a
 //            CryptmapError).
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
 import { connect } from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
+import { testTempDir } from '../helpers/tmp.js';
 import fc from 'fast-check';
 import { ControlServer } from '../../src/control/server.js';
 import { DaemonCore } from '../../src/daemon/core.js';
@@ -375,8 +374,8 @@ function ctrlDrive(sock: string, input: Buffer): Promise<void> {
   });
 }
 
-test('fuzz: control socket protocol against the daemon handlers', T, async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-fuzz-ctl-'));
+test('fuzz: control socket protocol against the daemon handlers', T, async (t) => {
+  const dir = testTempDir(t, 'cryptmap-fuzz-ctl-');
   const core = new DaemonCore({ nbdSocketPath: join(dir, 'nbd.sock'), attachDir: join(dir, 'attach') });
   const server = new ControlServer(daemonHandlers(core));
   const sock = join(dir, 'control.sock');
@@ -386,6 +385,5 @@ test('fuzz: control socket protocol against the daemon handlers', T, async () =>
   } finally {
     await server.close();
     await core.shutdown();
-    rmSync(dir, { recursive: true, force: true });
   }
 });

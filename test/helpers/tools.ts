@@ -4,6 +4,7 @@
  * server under test may live in this process, so never spawnSync it).
  */
 import { spawn, spawnSync } from 'node:child_process';
+import { constants } from 'node:os';
 import { debianPackage } from '../../src/util/tools.js';
 
 /** Packages of the tools only the tests run (the tools cryptmap itself runs are in src/util/tools.ts). */
@@ -44,29 +45,56 @@ export function requireTool(tool: string): void {
 }
 
 export interface RunResult {
-  code: number | null;
+  /** The exit code; 128 + the signal's number when a signal ended it (as a shell says), so a kill is never 0. */
+  code: number;
+  /** The signal that ended it (the deadline's SIGKILL among them), or null. */
+  signal: NodeJS.Signals | null;
   stdout: string;
+  /** stdout as bytes (binary output: nbdcopy to `-`). */
+  stdoutBytes: Buffer;
   stderr: string;
 }
 
-/** Run a tool (stdin: `input`, then EOF) with its output captured; killed after `timeoutMs` (60 s). */
-export function runTool(
-  cmd: string,
-  args: string[],
-  opts: { input?: Buffer | string; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {},
-): Promise<RunResult> {
-  requireTool(cmd);
+export interface RunOptions {
+  /** Written to its stdin, which is then closed (closed at once without). */
+  input?: Buffer | string;
+  /** Killed (SIGKILL) after this many milliseconds (default 120 s). */
+  timeoutMs?: number;
+  env?: NodeJS.ProcessEnv;
+  cwd?: string;
+}
+
+/**
+ * The one way tests run a tool: asynchronously (a server under test may live in this process), its
+ * output captured, with a deadline; rejects naming the Debian package when `cmd` is not installed.
+ */
+export async function runTool(cmd: string, args: string[], opts: RunOptions = {}): Promise<RunResult> {
+  if (!cmd.includes('/')) requireTool(cmd);
   return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'], env: opts.env ?? process.env });
+    const child = spawn(cmd, args, {
+      stdio: ['pipe', 'pipe', 'pipe'],
+      env: opts.env ?? process.env,
+      ...(opts.cwd !== undefined ? { cwd: opts.cwd } : {}),
+    });
     const out: Buffer[] = [];
     const err: Buffer[] = [];
     child.stdout.on('data', (d: Buffer) => out.push(d));
     child.stderr.on('data', (d: Buffer) => err.push(d));
-    const t = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? 60_000);
-    child.on('error', reject);
-    child.on('close', (code) => {
+    const t = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? 120_000);
+    child.on('error', (e) => {
       clearTimeout(t);
-      resolve({ code, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') });
+      reject(e);
+    });
+    child.on('close', (code, signal) => {
+      clearTimeout(t);
+      const stdoutBytes = Buffer.concat(out);
+      resolve({
+        code: code ?? 128 + (signal ? (constants.signals[signal] ?? 0) : 0),
+        signal,
+        stdout: stdoutBytes.toString('utf8'),
+        stdoutBytes,
+        stderr: Buffer.concat(err).toString('utf8'),
+      });
     });
     child.stdin.on('error', () => {});
     if (opts.input !== undefined) child.stdin.end(opts.input);
@@ -75,7 +103,7 @@ export function runTool(
 }
 
 /** Run and assert exit 0, returning stdout. */
-export async function mustRun(cmd: string, args: string[], opts: Parameters<typeof runTool>[2] = {}): Promise<string> {
+export async function mustRun(cmd: string, args: string[], opts: RunOptions = {}): Promise<string> {
   const r = await runTool(cmd, args, opts);
   if (r.code !== 0) throw new Error(`${cmd} ${args.join(' ')} exited ${r.code}: ${r.stderr}${r.stdout}`);
   return r.stdout;

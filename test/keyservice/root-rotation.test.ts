@@ -16,12 +16,12 @@ import {
 import { KeyService } from '../../src/keyservice/service.js';
 import { isCryptmapError } from '../../src/util/errors.js';
 import { Secret } from '../../src/util/secret.js';
-import { tempDir } from './helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 
 const REQ = { purpose: 'scratch' as const, service: 'db', volume: 'data' };
 
 test('begin makes a next root once; commit keeps the old one as previous; a half-done commit finishes', async () => {
-  const t = await tempDir('cm-rootrot-');
+  const t = makeTempDir('cm-rootrot-');
   try {
     const cur = await loadOrCreateRootSecret(t.dir);
     cur.secret.dispose();
@@ -49,7 +49,7 @@ test('begin makes a next root once; commit keeps the old one as previous; a half
 });
 
 test('commit refuses a next root that is a symlink or readable by others, and changes nothing', async () => {
-  const t = await tempDir('cm-rootrot-');
+  const t = makeTempDir('cm-rootrot-');
   try {
     const cur = await loadOrCreateRootSecret(t.dir);
     cur.secret.dispose();

@@ -4,12 +4,12 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { loadOrCreateRootSecret, ROOT_FILE, unwrapRootSecret, WRAPPED_FILE } from '../../src/keyservice/root-secret.js';
 import { Secret } from '../../src/util/secret.js';
-import { tempDir } from './helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 
 const CHEAP = { timeCost: 1, memoryKiB: 64, parallelism: 1 };
 
 test('root secret is created once (0600 in a 0700 dir) and reloaded the same', async () => {
-  const t = await tempDir();
+  const t = makeTempDir('cryptmap-ks-');
   try {
     const sd = join(t.dir, 'state');
     const a = await loadOrCreateRootSecret(sd);
@@ -31,7 +31,7 @@ test('root secret is created once (0600 in a 0700 dir) and reloaded the same', a
 });
 
 test('refuses loose permissions and a wrong-sized file', async () => {
-  const t = await tempDir();
+  const t = makeTempDir('cryptmap-ks-');
   try {
     const sd = join(t.dir, 'state');
     await loadOrCreateRootSecret(sd);
@@ -49,7 +49,7 @@ test('refuses loose permissions and a wrong-sized file', async () => {
 });
 
 test('wrapped root secret: version byte, unwraps with the passphrase only', async () => {
-  const t = await tempDir();
+  const t = makeTempDir('cryptmap-ks-');
   try {
     const sd = join(t.dir, 'state');
     const pass = () => Secret.copyOf(Buffer.from('correct horse'));
@@ -79,7 +79,7 @@ test('wrapped root secret: version byte, unwraps with the passphrase only', asyn
 });
 
 test('a raw root secret is not silently wrapped', async () => {
-  const t = await tempDir();
+  const t = makeTempDir('cryptmap-ks-');
   try {
     const sd = join(t.dir, 'state');
     await loadOrCreateRootSecret(sd);

@@ -9,7 +9,7 @@ import { policyFromObject, tokenDigest } from '../../src/keyservice/policy.js';
 import { listenUnix } from '../../src/keyservice/server.js';
 import { KeyService } from '../../src/keyservice/service.js';
 import { Secret } from '../../src/util/secret.js';
-import { tempDir } from './helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 import { ROOT_A, VECTORS } from './vectors.js';
 
 const TOKEN = 'a-client-token-for-tests';
@@ -25,7 +25,7 @@ function policy() {
 }
 
 test('unix socket: 0600, local and token identities, refusals audited without keys', async () => {
-  const t = await tempDir();
+  const t = makeTempDir('cryptmap-ks-');
   const auditPath = join(t.dir, 'audit.log');
   const audit = await openAuditFile(auditPath);
   const service = new KeyService({ root: Secret.copyOf(Buffer.from(ROOT_A, 'hex')), policy: policy(), audit });
@@ -128,7 +128,7 @@ test('in-process client and malformed requests', async () => {
 });
 
 test('unix socket: an oversized request line is refused', async () => {
-  const t = await tempDir();
+  const t = makeTempDir('cryptmap-ks-');
   const service = new KeyService({ root: Secret.copyOf(Buffer.alloc(32, 7)), policy: policy(), audit: memoryAudit() });
   const sock = join(t.dir, 'k.sock');
   const srv = await listenUnix(service, sock);

@@ -13,7 +13,7 @@ import { policyFromObject } from '../../src/keyservice/policy.js';
 import { listenTls } from '../../src/keyservice/server.js';
 import { KeyService } from '../../src/keyservice/service.js';
 import { Secret } from '../../src/util/secret.js';
-import { tempDir } from './helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 import { ROOT_A, VECTORS } from './vectors.js';
 
 function ossl(cwd: string, args: string[]): void {
@@ -66,7 +66,7 @@ async function makePki(dir: string): Promise<void> {
 }
 
 test('HTTPS: identity is the client certificate CN; others refused', async () => {
-  const t = await tempDir();
+  const t = makeTempDir('cryptmap-ks-');
   try {
     await makePki(t.dir);
     const f = (n: string) => readFile(join(t.dir, n));
@@ -129,7 +129,7 @@ function readFileSyncish(dir: string, n: string): Buffer {
 }
 
 test('cryptmap keyd serves unix and https until SIGTERM; no key in files or output', async () => {
-  const t = await tempDir();
+  const t = makeTempDir('cryptmap-ks-');
   try {
     await makePki(t.dir);
     const sd = join(t.dir, 'state');

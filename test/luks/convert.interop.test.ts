@@ -6,16 +6,17 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmodSync, copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
-import { after, before, test } from 'node:test';
+import { before, test } from 'node:test';
+import { requireTool } from '../helpers/tools.js';
+import { fileTempDir } from '../helpers/tmp.js';
 import { main } from '../../src/cli/main.js';
 import type { CliIO } from '../../src/cli/types.js';
 import { interopTools, Sink } from './helpers.js';
 
-let dir = '';
+const dir = fileTempDir('cryptmap-convert-');
 const { run, cs, image } = interopTools(() => dir);
 const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 let k1 = '';
@@ -36,16 +37,12 @@ const json = (p: string) => cs('luksDump', '--dump-json-metadata', p);
 const opens = (p: string, key: string) => run('cryptsetup', ['open', '--test-passphrase', '-d', key, p]).code === 0;
 
 before(() => {
-  if (spawnSync('sh', ['-c', 'command -v cryptsetup']).status !== 0)
-    assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin');
-  dir = mkdtempSync(join(tmpdir(), 'cryptmap-convert-'));
-  chmodSync(dir, 0o700);
+  requireTool('cryptsetup');
   k1 = join(dir, 'k1');
   k5 = join(dir, 'k5');
   writeFileSync(k1, 'one', { mode: 0o600 });
   writeFileSync(k5, 'five', { mode: 0o600 });
 });
-after(() => rmSync(dir, { recursive: true, force: true }));
 
 /** A copy of `src` for each tool. */
 function pair(src: string): { a: string; b: string } {

@@ -3,17 +3,17 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { chmodSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { chmodSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, before, test } from 'node:test';
+import { before, test } from 'node:test';
+import { fileTempDir } from '../helpers/tmp.js';
 import { FileDevice } from '../../src/blockdev/file.js';
 import { main } from '../../src/cli/main.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import { openLuks } from '../../src/luks/index.js';
 import { interopTools, Sink } from './helpers.js';
 
-let dir = '';
+const dir = fileTempDir('cryptmap-luks-');
 const { run, cs, image } = interopTools(() => dir);
 const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 const FAST_ARGON = [
@@ -69,10 +69,7 @@ async function vkFromCryptmap(img: string, pass: Buffer, header?: string): Promi
 
 before(() => {
   tool('cryptsetup', 'cryptsetup-bin');
-  dir = mkdtempSync(join(tmpdir(), 'cryptmap-luks-'));
-  chmodSync(dir, 0o700);
 });
-after(() => rmSync(dir, { recursive: true, force: true }));
 
 test('cryptsetup-made LUKS2 volumes open in cryptmap with the same volume key', async () => {
   const key = keyFile('k1', 'pass one');

@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, test } from 'node:test';
+import { requireTool } from '../helpers/tools.js';
 import { main } from '../../src/cli/main.js';
 import type { CliIO } from '../../src/cli/types.js';
 import { interopTools, Sink } from './helpers.js';
@@ -46,8 +47,7 @@ function keyring(desc: string, payload: string): void {
 }
 
 before(() => {
-  if (spawnSync('sh', ['-c', 'command -v cryptsetup']).status !== 0)
-    assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin');
+  requireTool('cryptsetup');
   dir = mkdtempSync(join(tmpdir(), 'cryptmap-features-'));
   chmodSync(dir, 0o700);
   k1 = join(dir, 'k1');

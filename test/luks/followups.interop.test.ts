@@ -3,13 +3,13 @@
 // load-time recovery of a damaged LUKS2 header copy (cryptsetup must find nothing left to repair),
 // LUKS1 repair (same bytes as cryptsetup's), and no verb writing to a file that is not LUKS.
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmodSync, copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
-import { after, before, test } from 'node:test';
+import { before, test } from 'node:test';
+import { requireTool } from '../helpers/tools.js';
+import { fileTempDir } from '../helpers/tmp.js';
 import { FileDevice } from '../../src/blockdev/file.js';
 import { parseLuksArgs } from '../../src/cli/commands/luks-common.js';
 import { testPassphrase } from '../../src/cli/commands/luks-unlock.js';
@@ -19,7 +19,7 @@ import { type Luks2Volume, openLuks, unlockByToken } from '../../src/luks/index.
 import { isCryptmapError } from '../../src/util/errors.js';
 import { interopTools, Sink } from './helpers.js';
 
-let dir = '';
+const dir = fileTempDir('cryptmap-luks-fu-');
 const { run, cs, image } = interopTools(() => dir);
 let key = '';
 const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
@@ -60,14 +60,10 @@ async function cmTest(args: string[]): Promise<{ code: number; out: string; err:
 const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 
 before(() => {
-  if (spawnSync('sh', ['-c', 'command -v cryptsetup']).status !== 0)
-    assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin');
-  dir = mkdtempSync(join(tmpdir(), 'cryptmap-luks-fu-'));
-  chmodSync(dir, 0o700);
+  requireTool('cryptsetup');
   key = join(dir, 'key');
   writeFileSync(key, 'pw', { mode: 0o600 });
 });
-after(() => rmSync(dir, { recursive: true, force: true }));
 
 const UNKNOWN_TOKEN = '{"type":"example-plugin","keyslots":["0"],"nested":{"a":[1,"2",{"b":null}],"s":"x y"},"n":-3.5}';
 

@@ -5,11 +5,12 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmodSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Readable, Writable } from 'node:stream';
-import { after, before, test } from 'node:test';
+import { before, test } from 'node:test';
+import { requireTool } from '../helpers/tools.js';
+import { fileTempDir } from '../helpers/tmp.js';
 import { main } from '../../src/cli/main.js';
 
 // biome-ignore lint/suspicious/noExplicitAny: test mutations poke at arbitrary JSON
@@ -24,7 +25,7 @@ type Case = {
 };
 
 const MD = 16384;
-let dir = '';
+const dir = fileTempDir('cryptmap-gen-');
 let base: Buffer;
 
 function rechecksum(img: Buffer, off: number): void {
@@ -207,10 +208,7 @@ function build(c: Case): Buffer {
 }
 
 before(() => {
-  if (spawnSync('sh', ['-c', 'command -v cryptsetup']).status !== 0)
-    assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin');
-  dir = mkdtempSync(join(tmpdir(), 'cryptmap-gen-'));
-  chmodSync(dir, 0o700);
+  requireTool('cryptsetup');
   const img = join(dir, 'valid.img');
   writeFileSync(img, '');
   truncateSync(img, 6 << 20);
@@ -268,7 +266,6 @@ before(() => {
   );
   base = readFileSync(img);
 });
-after(() => rmSync(dir, { recursive: true, force: true }));
 
 test('cryptmap accepts and rejects mutated headers as cryptsetup does', async () => {
   const mismatches: string[] = [];

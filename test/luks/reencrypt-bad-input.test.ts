@@ -6,12 +6,12 @@
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { Readable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
+import { fileTempDir } from '../helpers/tmp.js';
 import type { BlockDevice } from '../../src/blockdev/types.js';
 import { main } from '../../src/cli/main.js';
 import { createSectorCipher } from '../../src/engine/index.js';
@@ -26,11 +26,7 @@ const SIZE = OFF + DATA;
 const PASS = P('pass');
 const HZ = 64 << 10;
 
-let dir = '';
-before(() => {
-  dir = mkdtempSync(join(tmpdir(), 'cm-reenc-bad-'));
-});
-after(() => rmSync(dir, { recursive: true, force: true }));
+const dir = fileTempDir('cm-reenc-bad-');
 
 async function bytes(dev: BlockDevice): Promise<Buffer> {
   const b = Buffer.alloc(dev.sizeBytes);

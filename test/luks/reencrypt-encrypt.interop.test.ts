@@ -5,11 +5,11 @@
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
+import { fileTempDir } from '../helpers/tmp.js';
 import { FaultDevice } from '../../src/blockdev/fault.js';
 import { FileDevice } from '../../src/blockdev/file.js';
 import { main } from '../../src/cli/main.js';
@@ -18,7 +18,7 @@ import { initEncrypt, Luks2Volume, runReencrypt } from '../../src/luks/index.js'
 import { CryptmapError } from '../../src/util/errors.js';
 import { Sink } from './helpers.js';
 
-let dir = '';
+const dir = fileTempDir('cm-enc-');
 const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 const PLAIN = (6 << 20) + (512 << 10);
 const REDUCE = 4 << 20; // shift 2 MiB: a few hotzones
@@ -71,11 +71,6 @@ function fresh(name: string, tail: number): { img: string; key: string; plain: B
 function noReencrypt(hdr: string): void {
   assert.doesNotMatch(cs('luksDump', hdr).out, /online-reencrypt|backup-|reencrypt/);
 }
-
-before(() => {
-  dir = mkdtempSync(join(tmpdir(), 'cm-enc-'));
-});
-after(() => rmSync(dir, { recursive: true, force: true }));
 
 test('encrypt in place: cryptmap --init-only, cryptsetup resumes; cryptsetup --init-only, cryptmap resumes', async () => {
   const a = fresh('a.img', REDUCE);

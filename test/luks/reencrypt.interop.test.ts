@@ -4,10 +4,10 @@
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
+import { fileTempDir } from '../helpers/tmp.js';
 import { FaultDevice } from '../../src/blockdev/fault.js';
 import { FileDevice } from '../../src/blockdev/file.js';
 import { main } from '../../src/cli/main.js';
@@ -16,7 +16,7 @@ import { initReencrypt, Luks2Volume, runReencrypt } from '../../src/luks/index.j
 import { CryptmapError } from '../../src/util/errors.js';
 import { Sink } from './helpers.js';
 
-let dir = '';
+const dir = fileTempDir('cm-reenc-');
 const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 const DATA_OFF = 16 << 20;
 const SIZE = 24 << 20;
@@ -74,11 +74,6 @@ async function fresh(name: string): Promise<{ img: string; key: string; plain: B
   await crypt(img, volumeKey(img, key), plain);
   return { img, key, plain };
 }
-
-before(() => {
-  dir = mkdtempSync(join(tmpdir(), 'cm-reenc-'));
-});
-after(() => rmSync(dir, { recursive: true, force: true }));
 
 for (const resilience of ['checksum', 'journal', 'none']) {
   test(`cryptmap reencrypt --init-only (${resilience}), cryptsetup --resume-only finishes; plaintext intact`, async () => {

@@ -3,14 +3,13 @@
 // what cryptmap decides and passes (which /dev/nbdN, the nbd-client arguments, errors, detach), which is
 // all that differs from the nbdfuse path tested for real in attach.interop.test.ts.
 import assert from 'node:assert/strict';
-import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
+import { makeTempDir } from '../helpers/tmp.js';
 import { attachExport, detachExport } from '../../src/nbd/attach.js';
 
-const dir = mkdtempSync(join(tmpdir(), 'cryptmap-attach-kernel-'));
-chmodSync(dir, 0o700);
+const { dir, cleanup } = makeTempDir('cryptmap-attach-kernel-');
 const bin = join(dir, 'bin');
 const argvLog = join(dir, 'argv.log');
 const savedPath = process.env.PATH;
@@ -28,7 +27,7 @@ before(() => {
 after(() => {
   process.env.PATH = savedPath;
   delete process.env.FAKE_NBD_FAIL;
-  rmSync(dir, { recursive: true, force: true });
+  cleanup();
 });
 
 /** A fake /sys with the nbd module loaded (or not) and nbdN devices: busy (pid), in use (size > 0) or free. */

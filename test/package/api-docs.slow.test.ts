@@ -8,15 +8,14 @@
  */
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, test } from 'node:test';
+import { test } from 'node:test';
+import { fileTempDir } from '../helpers/tmp.js';
 import { fileURLToPath } from 'node:url';
 
 const ROOT = fileURLToPath(new URL('../../../', import.meta.url));
-const out = mkdtempSync(join(tmpdir(), 'cryptmap-api-docs-'));
-after(() => rmSync(out, { recursive: true, force: true }));
+const out = fileTempDir('cryptmap-api-docs-');
 
 test('typedoc documents the five entry points with no warning', async () => {
   const typedoc = join(ROOT, 'node_modules', 'typedoc', 'bin', 'typedoc');

@@ -9,7 +9,7 @@ import { AgentHost } from '../../src/daemon/agent-host.js';
 import { parseManifest } from '../../src/reconciler/manifest.js';
 import { setLogSink } from '../../src/util/log.js';
 import { cleanupKernelState } from '../daemon/helpers.js';
-import { tempDir } from '../keyservice/helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 import { dbDataService, manifestText, mountedManifest } from './manifests.js';
 
 setLogSink(() => {});
@@ -40,7 +40,7 @@ function startAgent(
 }
 
 test('cryptmap agent process: SIGTERM tears down cleanly (NBD only); after a SIGKILL the next agent recovers and converges', async (ctx) => {
-  const t = await tempDir('cryptmap-agent-proc-');
+  const t = makeTempDir('cryptmap-agent-proc-');
   const manifestPath = join(t.dir, 'manifest.yaml');
   await writeFile(manifestPath, MANIFEST);
   const state = join(t.dir, 'state');

@@ -19,7 +19,7 @@ import { setLogSink } from '../../src/util/log.js';
 import { Secret } from '../../src/util/secret.js';
 import { Crash, TestNode } from '../daemon/volume-ports-harness.js';
 import { captureIO } from '../daemon/helpers.js';
-import { tempDir } from '../keyservice/helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 import { dbOnlyManifest, NBD_MANIFEST } from './manifests.js';
 
 const logs: string[] = [];
@@ -47,7 +47,7 @@ const EXT4_MAGIC_OFFSET = 1024 + 56;
 const MARKER = Buffer.from('cryptmap persistent marker 0123456789');
 
 test('from scratch to converged over the real data path (NBD only); no key in logs, argv or files', async () => {
-  const t = await tempDir('cryptmap-agent-real-');
+  const t = makeTempDir('cryptmap-agent-real-');
   const node = await TestNode.start({ dir: t.dir, keys: inprocKeyClient(keyService()) });
   logs.length = 0;
   try {
@@ -112,7 +112,7 @@ test('from scratch to converged over the real data path (NBD only); no key in lo
 });
 
 test('reboot: the ephemeral volume is made afresh and the old key cannot open it; the persistent one is intact', async () => {
-  const t = await tempDir('cryptmap-agent-reboot-');
+  const t = makeTempDir('cryptmap-agent-reboot-');
   const node = await TestNode.start({ dir: t.dir, keys: inprocKeyClient(keyService()) });
   try {
     const targets = targetsIn(t.dir);
@@ -146,7 +146,7 @@ test('a crash after every step, then a rerun, converges with nothing lost', asyn
   const service = keyService(9);
   let total = 0;
   for (let n = 1; ; n++) {
-    const t = await tempDir('cryptmap-agent-crash-');
+    const t = makeTempDir('cryptmap-agent-crash-');
     const node = await TestNode.start({ dir: t.dir, keys: inprocKeyClient(service) });
     try {
       const targets = targetsIn(t.dir);
@@ -190,7 +190,7 @@ test('a crash after every step, then a rerun, converges with nothing lost', asyn
 });
 
 test('a second node with its own state dir opens a copy of a persistent volume through the same key service (Unix socket)', async () => {
-  const t = await tempDir('cryptmap-agent-nodes-');
+  const t = makeTempDir('cryptmap-agent-nodes-');
   const service = keyService(11);
   const sock = join(t.dir, 'keyd.sock');
   const keyd = await listenUnix(service, sock);
@@ -233,7 +233,7 @@ test('a second node with its own state dir opens a copy of a persistent volume t
 });
 
 test('CLI: manifest errors with file and line; agent --once, agent status --json, volume delete', async () => {
-  const t = await tempDir('cryptmap-agent-cli-');
+  const t = makeTempDir('cryptmap-agent-cli-');
   try {
     const bad = join(t.dir, 'bad.yaml');
     await writeFile(
@@ -286,7 +286,7 @@ test('CLI: manifest errors with file and line; agent --once, agent status --json
 });
 
 test('a persistent volume file truncated or overwritten by someone else is refused, never reformatted', async () => {
-  const t = await tempDir('cryptmap-agent-altered-');
+  const t = makeTempDir('cryptmap-agent-altered-');
   const node = await TestNode.start({ dir: t.dir, keys: inprocKeyClient(keyService(13)) });
   const only = dbOnlyManifest();
   try {
@@ -323,7 +323,7 @@ function ossl(cwd: string, args: string[]): void {
 }
 
 test('agents on two nodes share a persistent volume through keyd: node A over its Unix socket, node B over HTTPS with a client certificate', async () => {
-  const t = await tempDir('cryptmap-agent-mtls-');
+  const t = makeTempDir('cryptmap-agent-mtls-');
   const pki = join(t.dir, 'pki');
   await mkdir(pki, { mode: 0o700 });
   const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
@@ -416,7 +416,7 @@ test('agents on two nodes share a persistent volume through keyd: node A over it
 });
 
 test('key service unreachable: the persistent volume waits (nothing made), the ephemeral one serves; once keyd is up it converges', async () => {
-  const t = await tempDir('cryptmap-agent-keywait-');
+  const t = makeTempDir('cryptmap-agent-keywait-');
   const sock = join(t.dir, 'keyd.sock');
   const node = await TestNode.start({
     dir: join(t.dir, 'n'),

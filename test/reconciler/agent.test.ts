@@ -15,13 +15,13 @@ import { StateStore } from '../../src/reconciler/state.js';
 import { CryptmapError } from '../../src/util/errors.js';
 import { setLogSink } from '../../src/util/log.js';
 import { Secret } from '../../src/util/secret.js';
-import { tempDir } from '../keyservice/helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 import { FakeWorld } from './fake-world.js';
 
 setLogSink(() => {});
 
 test('boot id: from the kernel file or an override', async () => {
-  const t = await tempDir('cryptmap-boot-');
+  const t = makeTempDir('cryptmap-boot-');
   try {
     const f = join(t.dir, 'boot_id');
     await writeFile(f, '3f1c0e9a-5d0b-4c4e-9a55-0d2f6b8f0a11\n');
@@ -35,7 +35,7 @@ test('boot id: from the kernel file or an override', async () => {
 });
 
 test('reconcile until the key service answers, then shut down cleanly and start again', async () => {
-  const t = await tempDir('cryptmap-agent-');
+  const t = makeTempDir('cryptmap-agent-');
   try {
     const targets = desiredVolumes(parseManifest(DEFAULT_MANIFEST_YAML), join(t.dir, 'volumes'));
     const real = inprocKeyClient(

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { startEmbeddedKeyService } from '../../src/keyservice/embedded.js';
 import { VOLUME_KEYSLOT_PBKDF } from '../../src/reconciler/ports.js';
-import { tempDir } from '../keyservice/helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 
 function cryptsetup(args: string[]): { status: number | null; stderr: string } {
   const r = spawnSync('cryptsetup', args, { encoding: 'utf8' });
@@ -17,7 +17,7 @@ function cryptsetup(args: string[]): { status: number | null; stderr: string } {
 }
 
 test('a derived key unlocks a LUKS2 keyslot with the cheapest PBKDF; another root key does not', async () => {
-  const t = await tempDir('cryptmap-dk-');
+  const t = makeTempDir('cryptmap-dk-');
   try {
     const req = { purpose: 'scratch' as const, service: 'db', volume: 'data', length: 32 };
     const a = await startEmbeddedKeyService(join(t.dir, 'a'));

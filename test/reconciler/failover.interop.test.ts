@@ -20,7 +20,7 @@ import { after, test } from 'node:test';
 import { NbdDevice } from '../../src/blockdev/nbd-client/device.js';
 import { useCeph } from '../blockdev/ceph.js';
 import { startEtcd, startProxy } from '../coordination/etcd.js';
-import { tempDir } from '../keyservice/helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 
 const ENTRY = fileURLToPath(new URL('../../src/cli/entry.js', import.meta.url));
 const TTL = 4;
@@ -71,7 +71,7 @@ function nbdUriOf(state: string): string {
 }
 
 test('node A killed -9: node B takes the lease after the TTL and serves the fsynced data; a partitioned node stops before the other takes over', async () => {
-  const t = await tempDir('cm-fo-');
+  const t = makeTempDir('cm-fo-');
   const etcd = await startEtcd();
   const proxyB = await startProxy(etcd.url);
   const rbd = await ceph.c.exportImage('rbd/fleet', '48M');

@@ -3,10 +3,10 @@ import { stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { createSparseFile, deleteBackingFile, LUKS_MAGIC, probeBackingFile } from '../../src/reconciler/file-ops.js';
-import { tempDir } from '../keyservice/helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 
 test('sparse backing files: exclusive create, probe, delete', async () => {
-  const t = await tempDir('cryptmap-fileops-');
+  const t = makeTempDir('cryptmap-fileops-');
   try {
     const p = join(t.dir, 'volumes', 'scratch', 'db', 'data.img');
     await createSparseFile(p, 64 << 20);

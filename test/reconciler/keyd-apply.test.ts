@@ -15,13 +15,13 @@ import { MemoryKeyStore } from '../../src/reconciler/ports.js';
 import { StateStore } from '../../src/reconciler/state.js';
 import { setLogSink } from '../../src/util/log.js';
 import { Secret } from '../../src/util/secret.js';
-import { tempDir } from '../keyservice/helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 import { FakeWorld } from './fake-world.js';
 
 setLogSink(() => {});
 
 test('persistent volumes wait for keyd, then converge; a client outside the policy is refused', async () => {
-  const t = await tempDir('cryptmap-keyd-apply-');
+  const t = makeTempDir('cryptmap-keyd-apply-');
   const sock = join(t.dir, 'keyd.sock');
   const targets = desiredVolumes(
     parseManifest(

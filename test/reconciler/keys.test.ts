@@ -5,10 +5,10 @@ import { test } from 'node:test';
 import { deriveKey } from '../../src/keyservice/derive.js';
 import { keyServiceForManifest } from '../../src/reconciler/keys.js';
 import { Secret } from '../../src/util/secret.js';
-import { tempDir } from '../keyservice/helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 
 test('embedded key service: root secret under STATE/keyd, same keys after a restart', async () => {
-  const t = await tempDir('cryptmap-keys-');
+  const t = makeTempDir('cryptmap-keys-');
   try {
     const req = { purpose: 'scratch' as const, service: 'db', volume: 'data' };
     const a = await keyServiceForManifest({ address: 'embedded' }, t.dir);
@@ -34,7 +34,7 @@ test('embedded key service: root secret under STATE/keyd, same keys after a rest
 });
 
 test('embedded key service: a wrapped root (passphrase file) and a root secret file elsewhere; no warning for either', async () => {
-  const t = await tempDir('cryptmap-keys-');
+  const t = makeTempDir('cryptmap-keys-');
   try {
     const { writeFile, mkdir, readdir } = await import('node:fs/promises');
     const { loadOrCreateRootSecret } = await import('../../src/keyservice/root-secret.js');
@@ -85,7 +85,7 @@ test('embedded key service: a wrapped root (passphrase file) and a root secret f
 });
 
 test('agent status repeats the warning while a raw embedded root secret sits in the state dir', async () => {
-  const t = await tempDir('cryptmap-keys-');
+  const t = makeTempDir('cryptmap-keys-');
   try {
     const { spawnSync } = await import('node:child_process');
     const entry = new URL('../../src/cli/entry.js', import.meta.url).pathname;

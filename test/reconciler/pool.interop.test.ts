@@ -19,7 +19,7 @@ import { parseManifest } from '../../src/reconciler/manifest.js';
 import { Secret } from '../../src/util/secret.js';
 import { captureIO } from '../daemon/helpers.js';
 import { tool } from '../dm/thin-helpers.js';
-import { tempDir } from '../keyservice/helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 
 const MiB = 1 << 20;
 
@@ -65,7 +65,7 @@ function stamp(n: number, bytes = 64 * 1024): Buffer {
 }
 
 test('a pool and volumes in it from the manifest; a snapshot taken while open opens with the derived key and shows the data as of then; thin_check accepts the metadata', async () => {
-  const t = await tempDir('cryptmap-agent-pool-');
+  const t = makeTempDir('cryptmap-agent-pool-');
   const state = join(t.dir, 'state');
   const k = keys();
   let host: AgentHost | undefined = await AgentHost.start({
@@ -210,7 +210,7 @@ test('bad input: a full pool fails the volume with an error naming the pool; a v
       ),
     /m\.yaml:7: services\[0\]\.volumes\[0\]\.pool: no pool 'mian' is defined \(pools: main\)/,
   );
-  const t = await tempDir('cryptmap-agent-pool-full-');
+  const t = makeTempDir('cryptmap-agent-pool-full-');
   const state = join(t.dir, 'state');
   // A 2M pool (32 blocks of 64K): the header fits, a file system over 16M does not.
   const manifest = parseManifest(

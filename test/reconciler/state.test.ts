@@ -3,10 +3,10 @@ import { readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { STATE_FILE, StateStore } from '../../src/reconciler/state.js';
-import { tempDir } from '../keyservice/helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 
 test('state store: empty when missing, atomic save (no temp files left), strict load', async () => {
-  const t = await tempDir('cryptmap-state-');
+  const t = makeTempDir('cryptmap-state-');
   try {
     const s = new StateStore(t.dir);
     assert.deepEqual(await s.load(), { version: 1, volumes: {} });

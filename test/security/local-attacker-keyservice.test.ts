@@ -22,7 +22,7 @@ import { openAuditFile } from '../../src/keyservice/audit.js';
 import { loadOrCreateRootSecret } from '../../src/keyservice/root-secret.js';
 import { parseManifest } from '../../src/reconciler/manifest.js';
 import { setLogSink } from '../../src/util/log.js';
-import { tempDir } from '../keyservice/helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 import { ENTRY } from '../load/helpers.js';
 import { dbOnlyManifest } from '../reconciler/manifests.js';
 import { attack } from './attack.js';
@@ -42,7 +42,7 @@ test('keyd: a root.key planted by another user is never loaded', { skip: NEEDS_R
     );
     return 'refused: the state dir belongs to another user';
   });
-  const t = await tempDir('cm-keyd-');
+  const t = makeTempDir('cm-keyd-');
   try {
     await attack("root.key owned by another user moved into root's own 0700 state dir", async () => {
       const sd = join(t.dir, 'state');
@@ -99,7 +99,7 @@ test('agent: a state dir another user made (with their root secret in it) is ref
   } finally {
     spawnSync('rm', ['-rf', adir]);
   }
-  const t = await tempDir('cm-agent-');
+  const t = makeTempDir('cm-agent-');
   let host: AgentHost | undefined;
   try {
     await attack('agent.pid planted as a symlink to a root-owned file', async () => {
@@ -129,7 +129,7 @@ async function freePort(): Promise<number> {
 }
 
 test('keyd: a flood of failed TLS handshakes is aggregated in the audit log', { skip: NEEDS_ROOT }, async () => {
-  const t = await tempDir('cm-keyd-flood-');
+  const t = makeTempDir('cm-keyd-flood-');
   try {
     const r = spawnSync(
       'openssl',

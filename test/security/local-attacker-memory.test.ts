@@ -13,6 +13,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable, Writable } from 'node:stream';
 import { test } from 'node:test';
+import { testTempDir } from '../helpers/tmp.js';
 import { main } from '../../src/cli/main.js';
 import type { CliIO } from '../../src/cli/types.js';
 import { ControlClient } from '../../src/control/client.js';
@@ -204,7 +205,7 @@ test('a control connection cut half-way through a key leaves no part of it in th
   }
 });
 
-test('daemon and keyd turn core dumps off at start (PR_SET_DUMPABLE 0)', { timeout: 60_000 }, async () => {
+test('daemon and keyd turn core dumps off at start (PR_SET_DUMPABLE 0)', { timeout: 60_000 }, async (t) => {
   // The addon call itself: PR_GET_DUMPABLE reads 0 in a process that called disableCoreDumps.
   const probe = spawnSync(
     process.execPath,
@@ -220,7 +221,7 @@ test('daemon and keyd turn core dumps off at start (PR_SET_DUMPABLE 0)', { timeo
     { before: true, ok: true, after: false },
     probe.stderr,
   );
-  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-attacker-dump-'));
+  const dir = testTempDir(t, 'cryptmap-attacker-dump-');
   let keyd: ReturnType<typeof spawn> | undefined;
   try {
     await attack('make the daemon and keyd dump core (a core file would hold their keys)', async () => {
@@ -240,6 +241,5 @@ test('daemon and keyd turn core dumps off at start (PR_SET_DUMPABLE 0)', { timeo
     });
   } finally {
     keyd?.kill('SIGKILL');
-    rmSync(dir, { recursive: true, force: true });
   }
 });

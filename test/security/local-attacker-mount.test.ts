@@ -10,7 +10,7 @@ import { parseManifest } from '../../src/reconciler/manifest.js';
 import { setLogSink } from '../../src/util/log.js';
 import { ensureMountpoint } from '../../src/util/trusted-path.js';
 import { cleanupKernelState } from '../daemon/helpers.js';
-import { tempDir } from '../keyservice/helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 import { dbDataService, manifestText } from '../reconciler/manifests.js';
 import { attack } from './attack.js';
 import { attacker, NEEDS_ROOT } from './attacker.js';
@@ -30,7 +30,7 @@ test('system directories and symlinked or foreign-owned paths are never mountpoi
     }
     return 'refused as system directories';
   });
-  const t = await tempDir('cm-mount-');
+  const t = makeTempDir('cm-mount-');
   try {
     const a = attacker();
     chmodSync(t.dir, 0o755);
@@ -52,7 +52,7 @@ test('agent: a mountpoint whose parent a service user owns and pointed at a root
   skip: NEEDS_ROOT,
 }, async () => {
   const a = attacker();
-  const t = await tempDir('cm-mount-attack-');
+  const t = makeTempDir('cm-mount-attack-');
   chmodSync(t.dir, 0o755);
   const victim = join(t.dir, 'etc-stand-in');
   mkdirSync(victim, { mode: 0o755 });

@@ -5,12 +5,11 @@
 // attempt is recorded for the reliability report (attack.ts).
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer, type Socket, connect as tcpConnect } from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable, Writable } from 'node:stream';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
+import { fileTempDir } from '../helpers/tmp.js';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { isLoopback } from '../../src/cli/commands/daemon.js';
 import { main } from '../../src/cli/main.js';
@@ -25,11 +24,7 @@ const CMD_READ = 0;
 const CMD_WRITE = 1;
 const MiB = 1 << 20;
 
-let dir = '';
-before(() => {
-  dir = mkdtempSync(join(tmpdir(), 'cryptmap-attacker-nbd-'));
-});
-after(() => rmSync(dir, { recursive: true, force: true }));
+const dir = fileTempDir('cryptmap-attacker-nbd-');
 
 function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {

@@ -6,21 +6,21 @@
  */
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
-import { chmodSync, existsSync, lstatSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, lstatSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
+import { makeTempDir } from '../helpers/tmp.js';
+import { runTool } from '../helpers/tools.js';
 import { ControlClient } from '../../src/control/client.js';
 import { listenFds, sdNotifier, sdNotifyMessage } from '../../src/util/sd-notify.js';
 import { type NotifySocket, notifySocket } from './notify-socket.js';
 
 const ENTRY = new URL('../../src/cli/entry.js', import.meta.url).pathname;
-const dir = mkdtempSync(join(tmpdir(), 'cryptmap-sdnotify-'));
-chmodSync(dir, 0o700);
+const { dir, cleanup } = makeTempDir('cryptmap-sdnotify-');
 const children: ChildProcess[] = [];
 after(() => {
   for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
-  rmSync(dir, { recursive: true, force: true });
+  cleanup();
 });
 
 function exitOf(c: ChildProcess, ms = 60_000): Promise<number | null> {
@@ -132,24 +132,10 @@ test('an @abstract NOTIFY_SOCKET and the watchdog pings every half WATCHDOG_USEC
 test('the datagram is what systemd-notify sends for the same assignments', async () => {
   const rx = await notifySocket(join(dir, 'notify-oracle.sock'));
   try {
-    const r = await new Promise<{ code: number | null; err: string }>((res) => {
-      const c = spawn('systemd-notify', ['--no-block', '--ready', '--status=serving 1 volume'], {
-        env: { ...process.env, NOTIFY_SOCKET: rx.address },
-        stdio: ['ignore', 'ignore', 'pipe'],
-      });
-      let err = '';
-      c.stderr!.on('data', (d: Buffer) => {
-        err += d.toString();
-      });
-      c.once('error', (e) =>
-        res({
-          code: -1,
-          err: `systemd-notify is not installed (Debian package systemd; scripts/install-deps.sh): ${e.message}`,
-        }),
-      );
-      c.once('exit', (code) => res({ code, err }));
+    const r = await runTool('systemd-notify', ['--no-block', '--ready', '--status=serving 1 volume'], {
+      env: { ...process.env, NOTIFY_SOCKET: rx.address },
     });
-    assert.equal(r.code, 0, r.err);
+    assert.equal(r.code, 0, r.stderr);
     const theirs = await rx.next((m) => m.startsWith('READY=1'));
     assert.equal(sdNotifyMessage({ READY: 1, STATUS: 'serving 1 volume' }), theirs);
   } finally {

@@ -3,17 +3,16 @@
 // listenUnixSocket: the socket placed with its final mode.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, lstatSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, readdirSync, writeFileSync } from 'node:fs';
 import { createConnection, createServer, type Socket } from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { after, test } from 'node:test';
+import { test } from 'node:test';
+import { fileTempDir } from '../helpers/tmp.js';
 import { CryptmapError } from '../../src/util/errors.js';
 import { clearStaleSocket, listenUnixSocket } from '../../src/util/unix-socket.js';
 import { within } from '../helpers/wait.js';
 
-const dir = mkdtempSync(join(tmpdir(), 'cryptmap-sock-'));
-after(() => rmSync(dir, { recursive: true, force: true }));
+const dir = fileTempDir('cryptmap-sock-');
 
 test('a missing path is free; a regular file is left alone', async () => {
   assert.equal(await clearStaleSocket(join(dir, 'none.sock')), 'free');
