@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { testTempDir } from '../helpers/tmp.js';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { parseCrypttab, plainParams, resolveCrypttabKey } from '../../src/activate/crypttab.js';
@@ -128,62 +128,58 @@ test('errors give file, line and the option, and name unsupported features', () 
   }
 });
 
-test('key resolution: key files with offset/size, random keys, key dirs, typed passphrases', async () => {
-  const dir = await mkdtemp(join(tmpdir(), 'cryptmap-ct-'));
-  try {
-    const kf = join(dir, 'k');
-    await writeFile(kf, Buffer.from(Array.from({ length: 100 }, (_, i) => i)), { mode: 0o600 });
-    const text = [
-      `lk /dev/a ${kf} luks,keyfile-offset=10,keyfile-size=5`,
-      `lw /dev/a ${kf} luks`,
-      `pl /dev/a ${kf} plain,size=256,keyfile-offset=1`,
-      `sw /dev/a /dev/urandom swap,size=512`,
-      'pp /dev/a none plain,hash=sha256',
-      'lp /dev/a none luks',
-      'kd /dev/a none plain,size=128',
-      `short /dev/a ${kf} plain,size=512,keyfile-offset=60`,
-      `big /dev/a ${join(dir, 'big')} luks`,
-      `lwo /dev/a ${kf} luks,keyfile-offset=90`,
-    ].join('\n');
-    const e = Object.fromEntries(parseCrypttab(text, 'ct').map((x) => [x.name, x]));
-    const hex = async (name: string, o = {}) => {
-      const k = await resolveCrypttabKey(e[name]!, { keyDirs: [join(dir, 'keys.d')], ...o });
-      return [k.kind, (k.kind === 'volumeKey' ? k.key : k.passphrase).expose().toString('hex')];
-    };
-    assert.deepEqual(await hex('lk'), ['passphrase', '0a0b0c0d0e']);
-    assert.equal((await hex('lw'))[1]!.length, 200);
-    assert.deepEqual(await hex('pl'), [
-      'volumeKey',
-      Buffer.from(Array.from({ length: 32 }, (_, i) => i + 1)).toString('hex'),
-    ]);
-    const r1 = await hex('sw');
-    const r2 = await hex('sw');
-    assert.equal(r1[1]!.length, 128);
-    assert.notEqual(r1[1], r2[1]);
-    const ask = async () => Secret.copyOf(Buffer.from('xxx'));
-    assert.deepEqual(await hex('pp', { askPassphrase: ask }), [
-      'volumeKey',
-      'cd2eb0837c9b4c962c22d2ff8b5441b7b45805887f051d39bf133b583baf6860',
-    ]);
-    assert.deepEqual(await hex('lp', { askPassphrase: ask }), ['passphrase', '787878']);
-    await assert.rejects(resolveCrypttabKey(e.lp!, { keyDirs: [] }), /needs a passphrase/);
-    await mkdir(join(dir, 'keys.d'));
-    await writeFile(join(dir, 'keys.d', 'kd.key'), Buffer.alloc(16, 0xaa), { mode: 0o600 });
-    assert.deepEqual(await hex('kd'), ['volumeKey', 'aa'.repeat(16)]);
-    await assert.rejects(
-      resolveCrypttabKey(e.short!),
-      /ct:8: short: key file .* has 40 bytes after keyfile-offset=60; 64 needed/,
-    );
-    // Whole-file reads: the rest after an offset; a file past the 8 MiB limit is refused.
-    assert.deepEqual(await hex('lwo'), ['passphrase', '5a5b5c5d5e5f60616263']);
-    await writeFile(join(dir, 'big'), Buffer.alloc(8192 * 1024 + 1, 1), { mode: 0o600 });
-    await assert.rejects(
-      resolveCrypttabKey(e.big!),
-      /ct:9: big: key file .* is larger than 8388608 bytes; set keyfile-size=/,
-    );
-  } finally {
-    await rm(dir, { recursive: true, force: true });
-  }
+test('key resolution: key files with offset/size, random keys, key dirs, typed passphrases', async (t) => {
+  const dir = testTempDir(t, 'cryptmap-ct-');
+  const kf = join(dir, 'k');
+  await writeFile(kf, Buffer.from(Array.from({ length: 100 }, (_, i) => i)), { mode: 0o600 });
+  const text = [
+    `lk /dev/a ${kf} luks,keyfile-offset=10,keyfile-size=5`,
+    `lw /dev/a ${kf} luks`,
+    `pl /dev/a ${kf} plain,size=256,keyfile-offset=1`,
+    `sw /dev/a /dev/urandom swap,size=512`,
+    'pp /dev/a none plain,hash=sha256',
+    'lp /dev/a none luks',
+    'kd /dev/a none plain,size=128',
+    `short /dev/a ${kf} plain,size=512,keyfile-offset=60`,
+    `big /dev/a ${join(dir, 'big')} luks`,
+    `lwo /dev/a ${kf} luks,keyfile-offset=90`,
+  ].join('\n');
+  const e = Object.fromEntries(parseCrypttab(text, 'ct').map((x) => [x.name, x]));
+  const hex = async (name: string, o = {}) => {
+    const k = await resolveCrypttabKey(e[name]!, { keyDirs: [join(dir, 'keys.d')], ...o });
+    return [k.kind, (k.kind === 'volumeKey' ? k.key : k.passphrase).expose().toString('hex')];
+  };
+  assert.deepEqual(await hex('lk'), ['passphrase', '0a0b0c0d0e']);
+  assert.equal((await hex('lw'))[1]!.length, 200);
+  assert.deepEqual(await hex('pl'), [
+    'volumeKey',
+    Buffer.from(Array.from({ length: 32 }, (_, i) => i + 1)).toString('hex'),
+  ]);
+  const r1 = await hex('sw');
+  const r2 = await hex('sw');
+  assert.equal(r1[1]!.length, 128);
+  assert.notEqual(r1[1], r2[1]);
+  const ask = async () => Secret.copyOf(Buffer.from('xxx'));
+  assert.deepEqual(await hex('pp', { askPassphrase: ask }), [
+    'volumeKey',
+    'cd2eb0837c9b4c962c22d2ff8b5441b7b45805887f051d39bf133b583baf6860',
+  ]);
+  assert.deepEqual(await hex('lp', { askPassphrase: ask }), ['passphrase', '787878']);
+  await assert.rejects(resolveCrypttabKey(e.lp!, { keyDirs: [] }), /needs a passphrase/);
+  await mkdir(join(dir, 'keys.d'));
+  await writeFile(join(dir, 'keys.d', 'kd.key'), Buffer.alloc(16, 0xaa), { mode: 0o600 });
+  assert.deepEqual(await hex('kd'), ['volumeKey', 'aa'.repeat(16)]);
+  await assert.rejects(
+    resolveCrypttabKey(e.short!),
+    /ct:8: short: key file .* has 40 bytes after keyfile-offset=60; 64 needed/,
+  );
+  // Whole-file reads: the rest after an offset; a file past the 8 MiB limit is refused.
+  assert.deepEqual(await hex('lwo'), ['passphrase', '5a5b5c5d5e5f60616263']);
+  await writeFile(join(dir, 'big'), Buffer.alloc(8192 * 1024 + 1, 1), { mode: 0o600 });
+  await assert.rejects(
+    resolveCrypttabKey(e.big!),
+    /ct:9: big: key file .* is larger than 8388608 bytes; set keyfile-size=/,
+  );
 });
 
 test('an NBD URI is a device (the NBD client opens it); a bad one is diagnosed', () => {

@@ -12,6 +12,7 @@ import { createDecipheriv, createHash, randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { startWriteLoad } from './write-load.js';
 import { NbdDevice } from '../../src/blockdev/nbd-client/device.js';
 import { cryptmap, ok, useDaemon } from '../cli/harness.js';
 import { useCeph } from './ceph.js';
@@ -115,47 +116,18 @@ async function loadThroughCrash(image: string, name: string, crash: () => Promis
   const dev = await NbdDevice.open(vol, { reconnectTimeoutMs: 60_000 });
   const SIZE = dev.sizeBytes;
   assert.equal(SIZE, model.length);
-  let stop = false;
-  let ops = 0;
-  const errors: unknown[] = [];
-  const region = SIZE / 8;
-  const worker = async (w: number) => {
-    while (!stop) {
-      try {
-        const len = 4096 * (1 + Math.floor(Math.random() * 16));
-        const at = w * region + 4096 * Math.floor(Math.random() * ((region - len) / 4096));
-        const data = randomBytes(len);
-        await dev.write(at, data);
-        data.copy(model, at);
-        if (ops % 5 === 0) {
-          const back = Buffer.alloc(len);
-          await dev.read(at, back);
-          assert.ok(back.equals(model.subarray(at, at + len)), `read after write at ${at}`);
-        }
-        if (w === 0 && ops % 20 === 0) await dev.flush();
-        ops++;
-      } catch (e) {
-        errors.push(e);
-        return;
-      }
-    }
-  };
-  const load = Promise.all(Array.from({ length: 8 }, (_, w) => worker(w)));
+  const load = startWriteLoad(dev, model, { readBackEvery: 5, flushEvery: 20 });
   for (let round = 0; round < 2; round++) {
-    const before = ops;
     // Crash only once the load made progress since the last restart.
-    for (let i = 0; i < 600 && ops < before + 30 && errors.length === 0; i++) await sleep(50);
-    assert.ok(ops >= before + 30, `the load stalled at ${ops} operations: ${String(errors[0] ?? '')}`);
+    assert.ok(await load.progress(30), `the load stalled at ${load.ops} operations: ${String(load.errors[0] ?? '')}`);
     await crash();
     await sleep(200);
     await ceph.c.up();
   }
-  const last = ops;
-  for (let i = 0; i < 600 && ops < last + 30 && errors.length === 0; i++) await sleep(50);
-  stop = true;
-  await load;
-  assert.deepEqual(errors, []);
-  assert.ok(ops >= last + 30, `the load did not resume after the restart (${ops} operations)`);
+  const resumed = await load.progress(30);
+  await load.stop();
+  assert.deepEqual(load.errors, []);
+  assert.ok(resumed, `the load did not resume after the restart (${load.ops} operations)`);
   await dev.close(); // flushes
   await close(name);
   const again = await open(rbd, name, key);

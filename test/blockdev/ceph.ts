@@ -5,7 +5,8 @@
  * (scripts/install-deps.sh installs them); every call has a deadline.
  */
 import { execFile } from 'node:child_process';
-import { closeSync, constants, mkdtempSync, openSync, readFileSync, rmSync, unlinkSync } from 'node:fs';
+import { closeSync, constants, openSync, readFileSync, rmSync, unlinkSync } from 'node:fs';
+import { makeTempDir } from '../helpers/tmp.js';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before } from 'node:test';
@@ -55,7 +56,7 @@ function clusterDir(prefix: string): string {
   for (const base of ['/dev/shm', tmpdir()]) {
     let probe: string | undefined;
     try {
-      const d = mkdtempSync(join(base, prefix));
+      const d = makeTempDir(prefix, base).dir;
       probe = join(d, '.odirect');
       closeSync(openSync(probe, constants.O_CREAT | constants.O_WRONLY | constants.O_DIRECT, 0o600));
       unlinkSync(probe);
@@ -64,7 +65,7 @@ function clusterDir(prefix: string): string {
       if (probe) rmSync(join(probe, '..'), { recursive: true, force: true });
     }
   }
-  return mkdtempSync(join(tmpdir(), prefix));
+  return makeTempDir(prefix).dir;
 }
 
 function pidAlive(pid: number): boolean {

@@ -1,16 +1,15 @@
 // The file backend's inline (synchronous pread/pwrite) path for small requests on memory-backed
 // files: the same bytes as the thread-pool path, the same errors, and larger requests still correct.
 import assert from 'node:assert/strict';
-import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
+import { fileTempDir } from '../helpers/tmp.js';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { after, test } from 'node:test';
+import { test } from 'node:test';
 import { FileDevice } from '../../src/blockdev/file.js';
 
 // tmpfs when the machine has it (the default turns inline I/O on there), else the usual tmpdir.
-const dir = mkdtempSync(join(existsSync('/dev/shm') ? '/dev/shm' : tmpdir(), 'cryptmap-file-inline-'));
-chmodSync(dir, 0o700);
-after(() => rmSync(dir, { recursive: true, force: true }));
+const dir = fileTempDir('cryptmap-file-inline-', existsSync('/dev/shm') ? '/dev/shm' : tmpdir());
 
 /** Deterministic bytes (xorshift32). */
 function pattern(n: number, seed: number): Buffer {

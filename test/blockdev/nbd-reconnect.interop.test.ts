@@ -3,10 +3,11 @@
 // volatile cache would: the client must replay them after reconnecting (no acknowledged write lost),
 // or, without replay copies, fail the next flush. A server that stays dead fails the device with EIO.
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { pollUntil } from '../helpers/wait.js';
+import { startWriteLoad } from './write-load.js';
 import { NbdDevice } from '../../src/blockdev/nbd-client/device.js';
 import { isCryptmapError } from '../../src/util/errors.js';
 import { useServers } from './nbd-servers.js';
@@ -33,47 +34,24 @@ test('nbdkit killed -9 and restarted twice mid-load: no acknowledged write is lo
   const sock = srv.sock;
   const dev = await NbdDevice.open(`nbd+unix:///?socket=${sock}`, { reconnectTimeoutMs: 20_000 });
   const model = Buffer.alloc(SIZE);
-  let stop = false;
-  let ops = 0;
-  const errors: unknown[] = [];
-  const region = SIZE / 8;
-  const worker = async (w: number) => {
-    while (!stop) {
-      try {
-        const len = 4096 * (1 + Math.floor(Math.random() * 16));
-        const at = w * region + 4096 * Math.floor(Math.random() * ((region - len) / 4096));
-        const data = randomBytes(len);
-        await dev.write(at, data);
-        data.copy(model, at);
-        if (ops % 7 === 0) {
-          const back = Buffer.alloc(len);
-          await dev.read(at, back);
-          assert.ok(back.equals(model.subarray(at, at + len)), `read after write at ${at}`);
-        }
-        if (w === 0 && ops % 25 === 0) await dev.flush();
-        ops++;
-      } catch (e) {
-        errors.push(e);
-        return;
-      }
-    }
-  };
-  const load = Promise.all(Array.from({ length: 8 }, (_, w) => worker(w)));
+  const load = startWriteLoad(dev, model, { readBackEvery: 7, flushEvery: 25 });
   for (let round = 0; round < 2; round++) {
     await sleep(700);
     await srv.kill();
     await sleep(300);
     srv = await servers.start('nbdkit', nbdkitArgs(img), sock);
-    // Wait for the client to be back (and to have done some work) before the next crash.
-    for (let i = 0; i < 400 && (dev.health.reconnects < round + 1 || dev.health.state !== 'ready'); i++)
-      await sleep(50);
+    // Wait for the client to be back before the next crash.
+    await pollUntil(() => dev.health.reconnects >= round + 1 && dev.health.state === 'ready', {
+      deadlineMs: 20_000,
+      what: `reconnect ${round + 1} of the client`,
+      detail: () => JSON.stringify(dev.health),
+    });
     assert.equal(dev.health.state, 'ready', JSON.stringify(dev.health));
   }
   await sleep(700);
-  stop = true;
-  await load;
-  assert.deepEqual(errors, []);
-  assert.ok(ops > 50, `only ${ops} operations ran`);
+  await load.stop();
+  assert.deepEqual(load.errors, []);
+  assert.ok(load.ops > 50, `only ${load.ops} operations ran`);
   assert.ok(dev.health.reconnects >= 2, JSON.stringify(dev.health));
   assert.equal(dev.health.state, 'ready');
   await dev.close(); // flushes

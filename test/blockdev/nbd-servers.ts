@@ -3,8 +3,8 @@
  * tests: started before use, killed after the file's tests, restartable on the same socket.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync, statSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, rmSync, statSync } from 'node:fs';
+import { makeTempDir } from '../helpers/tmp.js';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import { after } from 'node:test';
@@ -27,12 +27,12 @@ export function useServers(prefix: string): {
   dir: string;
   start(cmd: string, args: (sock: string) => string[], sock?: string): Promise<RunningServer>;
 } {
-  const dir = mkdtempSync(join(tmpdir(), prefix));
+  const { dir, cleanup: removeDir } = makeTempDir(prefix);
   const children = new Set<ChildProcess>();
   let n = 0;
   after(() => {
     for (const c of children) c.kill('SIGKILL');
-    rmSync(dir, { recursive: true, force: true });
+    removeDir();
   });
   async function start(cmd: string, args: (sock: string) => string[], sockIn?: string): Promise<RunningServer> {
     requireTool(cmd);

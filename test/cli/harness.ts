@@ -4,10 +4,11 @@
  */
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
-import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { rmSync } from 'node:fs';
+import { makeTempDir } from '../helpers/tmp.js';
 import { join } from 'node:path';
 import { after, before } from 'node:test';
+import { pollUntil } from '../helpers/wait.js';
 import { ControlClient } from '../../src/control/client.js';
 import { type RunResult, runTool } from '../helpers/tools.js';
 
@@ -46,22 +47,19 @@ export function useDaemon(prefix: string): DaemonFixture {
   const f = { dir: '', run: '', log: '' };
   let daemon: ChildProcess | undefined;
   before(async () => {
-    f.dir = mkdtempSync(join(tmpdir(), prefix));
-    chmodSync(f.dir, 0o700);
+    f.dir = makeTempDir(prefix).dir;
     f.run = join(f.dir, 'run');
     daemon = spawn(process.execPath, [ENTRY, 'daemon', '--runtime-dir', f.run], { stdio: ['ignore', 'pipe', 'pipe'] });
     daemon.stderr?.on('data', (d) => {
       f.log += d.toString();
     });
-    for (let i = 0; i < 100; i++) {
-      try {
-        (await ControlClient.connect(f.run)).close();
-        return;
-      } catch {
-        await new Promise((r) => setTimeout(r, 100));
-      }
-    }
-    throw new Error(`daemon did not start: ${f.log}`);
+    const c = await pollUntil(() => ControlClient.connect(f.run), {
+      deadlineMs: 10_000,
+      intervalMs: 100,
+      what: 'the daemon to start',
+      detail: () => f.log,
+    });
+    c.close();
   });
   after(async () => {
     if (daemon && daemon.exitCode === null) {

@@ -9,6 +9,7 @@ import assert from 'node:assert/strict';
 import { truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { pollUntil } from '../helpers/wait.js';
 import { cryptmap, exec, ok, useDaemon } from './harness.js';
 import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
 
@@ -71,11 +72,13 @@ test('luksSuspend / luksResume of a cryptsetup-made LUKS2 volume: NBD I/O waits,
   assert.equal(r.code, 1);
   assert.match(r.stderr, /^sv is not active LUKS device name or header is missing\.$/m);
   // The reader is connected (bounded poll) and its read has not finished: it waits at the gate.
-  for (let i = 0; i < 100; i++) {
-    r = await cm(['status', '--json', 'sv']);
-    if (JSON.parse(r.stdout).nbdConnections >= 1 || readDone) break;
-    await new Promise((res) => setTimeout(res, 100));
-  }
+  r = await pollUntil(
+    async () => {
+      const s = await cm(['status', '--json', 'sv']);
+      return JSON.parse(s.stdout).nbdConnections >= 1 || readDone ? s : undefined;
+    },
+    { deadlineMs: 10_000, intervalMs: 100, what: 'qemu-io to connect' },
+  );
   assert.equal(JSON.parse(r.stdout).nbdConnections, 1, 'qemu-io is connected');
   assert.equal(readDone, false, 'the NBD read is still waiting');
 

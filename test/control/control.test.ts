@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync, statSync } from 'node:fs';
+import { rmSync, statSync } from 'node:fs';
+import { makeTempDir } from '../helpers/tmp.js';
 import { connect, createServer } from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { openInDaemon } from '../../src/cli/daemon-client.js';
@@ -13,7 +13,7 @@ import { CryptmapError } from '../../src/util/errors.js';
 import { within } from '../helpers/wait.js';
 
 function tmp(): string {
-  const d = mkdtempSync(join(tmpdir(), 'cm-control-'));
+  const d = makeTempDir('cm-control-').dir;
   ensureRuntimeDir(join(d, 'run'));
   return join(d, 'run');
 }

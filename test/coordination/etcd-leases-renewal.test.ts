@@ -8,6 +8,7 @@
 import assert from 'node:assert/strict';
 import { performance } from 'node:perf_hooks';
 import { test } from 'node:test';
+import { pollUntil } from '../helpers/wait.js';
 import { type EtcdClient, type EtcdLease, EtcdLeases, type TxnResult } from '../../src/coordination/etcd-leases.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -79,7 +80,11 @@ test('a renewal that never answers does not hold back the next; silence fences w
   await sleep(TTL * 1000 * 2);
   assert.deepEqual(lost, [], 'one hung renewal fenced the holder');
   silent = true;
-  for (let i = 0; i < 100 && lost.length === 0; i++) await sleep(100);
+  await pollUntil(() => lost.length > 0, {
+    deadlineMs: 10_000,
+    intervalMs: 100,
+    what: 'the holder to be fenced (etcd silent for the whole TTL)',
+  });
   const f = lost.at(0) as { why: string; msLeft: number } | undefined;
   assert.ok(f && lost.length === 1, 'etcd silent for the whole TTL: fenced');
   assert.match(f.why, /no lease renewal/);

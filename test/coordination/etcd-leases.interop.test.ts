@@ -7,6 +7,7 @@
 import assert from 'node:assert/strict';
 import { performance } from 'node:perf_hooks';
 import { test } from 'node:test';
+import { pollUntil } from '../helpers/wait.js';
 import { EtcdLeases } from '../../src/coordination/etcd-leases.js';
 import { startEtcd, startProxy } from './etcd.js';
 
@@ -71,8 +72,11 @@ test('one holder per volume; release frees it at once; a partitioned holder is f
     lost.length = 0;
     assert.deepEqual(await b.acquire('scratch/other'), { held: true });
     etcd.pause();
-    for (let i = 0; i < 100 && !lost.some((x) => x.volume === 'scratch/other'); i++) await sleep(100);
-    etcd.resume();
+    await pollUntil(() => lost.some((x) => x.volume === 'scratch/other'), {
+      deadlineMs: 10_000,
+      intervalMs: 100,
+      what: 'the holder to be fenced while etcd is stopped',
+    }).finally(() => etcd.resume());
     const f = lost.find((x) => x.volume === 'scratch/other');
     assert.ok(f, 'fenced while etcd was stopped');
     await acquireWithin(a, 'scratch/other', 30_000);

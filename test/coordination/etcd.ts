@@ -5,10 +5,9 @@
  * the test with the package to install. Every wait has a deadline.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { makeTempDir } from '../helpers/tmp.js';
 import { get as httpsGet } from 'node:https';
 import { createServer, connect, type Server, type Socket } from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after } from 'node:test';
 
@@ -69,7 +68,7 @@ function healthTls(url: string, t: EtcdTls): Promise<boolean> {
 
 /** Start etcd; resolves once its client port accepts connections and it answers /health. */
 export async function startEtcd(tls?: EtcdTls): Promise<Etcd> {
-  const dir = mkdtempSync(join(tmpdir(), 'cm-etcd-'));
+  const { dir, cleanup: removeDir } = makeTempDir('cm-etcd-');
   const client = await freePort();
   const peer = await freePort();
   const url = `${tls ? 'https' : 'http'}://127.0.0.1:${client}`;
@@ -138,7 +137,7 @@ export async function startEtcd(tls?: EtcdTls): Promise<Etcd> {
       proc.kill('SIGKILL');
       await done;
     }
-    rmSync(dir, { recursive: true, force: true });
+    removeDir();
   };
   after(stop);
   return { url, proc, pause: () => proc.kill('SIGSTOP'), resume: () => proc.kill('SIGCONT'), stop };

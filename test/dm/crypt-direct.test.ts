@@ -4,11 +4,10 @@
 // must come back as the file device's typed errors.
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { fileTempDir } from '../helpers/tmp.js';
+import { fileTempDir, makeTempDir } from '../helpers/tmp.js';
 import { DeviceRegistry } from '../../src/dm/registry.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import type { SectorBytes } from '../../src/engine/index.js';
@@ -95,7 +94,7 @@ const isRoot = process.getuid?.() === 0;
 test('file-backed crypt target on a full file system: a large write fails with a typed ENOSPC error, written data stays readable', {
   skip: !isRoot && !process.env.CI ? 'needs root to mount a small tmpfs' : false,
 }, async () => {
-  const mnt = mkdtempSync(join(tmpdir(), 'cryptmap-full-'));
+  const { dir: mnt, cleanup: removeMnt } = makeTempDir('cryptmap-full-');
   execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m,mode=0700', 'tmpfs', mnt]);
   try {
     // A sparse 8 MiB file on a 2 MiB file system: writes past about 2 MiB cannot be allocated.
@@ -124,6 +123,6 @@ test('file-backed crypt target on a full file system: a large write fails with a
     await registry.closeAll();
   } finally {
     execFileSync('umount', [mnt]);
-    rmSync(mnt, { recursive: true, force: true });
+    removeMnt();
   }
 });

@@ -5,8 +5,8 @@
 // `cryptsetup convert --type luks1`. Recipe: /work/shared/INTEROP.md.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { makeTempDir } from '../helpers/tmp.js';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { DeviceRegistry } from '../../src/dm/registry.js';
@@ -31,7 +31,7 @@ interface Volume {
 }
 
 function makeVolume(sectorSize: number): Volume {
-  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-dm-'));
+  const { dir } = makeTempDir('cryptmap-dm-');
   const img = join(dir, 'enc.img');
   const keyFile = join(dir, 'key');
   const plain = pattern(2 << 20, 77 + sectorSize);

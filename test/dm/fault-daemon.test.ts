@@ -3,8 +3,8 @@
 // broken device get EIO on exactly the requests that touch the bad half; the LUKS volume's clients
 // keep reading and writing on their own connections throughout, and the daemon shuts down cleanly.
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { truncateSync, writeFileSync } from 'node:fs';
+import { makeTempDir } from '../helpers/tmp.js';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { prepareLuks } from '../../src/activate/mapping.js';
@@ -23,7 +23,7 @@ test('the daemon answers EIO on the failing requests of one device and keeps ser
   timeout: 60_000,
 }, async () => {
   setLogSink(() => {});
-  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-fault-daemon-'));
+  const { dir, cleanup: removeDir } = makeTempDir('cryptmap-fault-daemon-');
   const img = join(dir, 'vol.img');
   writeFileSync(img, '');
   truncateSync(img, 8 << 20);
@@ -81,6 +81,6 @@ test('the daemon answers EIO on the failing requests of one device and keeps ser
   } finally {
     await core.shutdown();
     setLogSink((l) => process.stderr.write(`${l}\n`));
-    rmSync(dir, { recursive: true, force: true });
+    removeDir();
   }
 });

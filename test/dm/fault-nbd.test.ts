@@ -4,8 +4,7 @@
 // serving); a full device answers ENOSPC and loses nothing acknowledged; a failed flush (and a FUA
 // write that cannot be made durable) is reported to the client, never swallowed.
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { makeTempDir } from '../helpers/tmp.js';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import type { BlockDevice } from '../../src/blockdev/types.js';
@@ -25,12 +24,11 @@ const SECTORS = 16384; // 8 MiB
 const { registry } = memRegistry({ a: 8 << 20, b: 8 << 20, c: 8 << 20, d: 8 << 20 }, { targets: FAULT_TARGETS });
 const server = new NbdServer({});
 const handles: BlockDevice[] = [];
-let dir: string;
+const { dir, cleanup } = makeTempDir('cryptmap-fault-nbd-');
 let fx: Fixture;
 
 before(async () => {
   setLogSink(() => {});
-  dir = mkdtempSync(join(tmpdir(), 'cryptmap-fault-nbd-'));
   await registry.create('faulty', { table: `0 ${SECTORS} fault /mem/a 0` });
   await registry.create('good', { table: `0 ${SECTORS} linear /mem/b 0` });
   await registry.create('thin', { table: `0 ${SECTORS} fault /mem/c 0 capacity=64` });
@@ -49,7 +47,7 @@ after(async () => {
   await server.close();
   for (const h of handles) await h.close();
   for (const n of ['faulty', 'good', 'thin', 'flaky']) await registry.remove(n, { force: true });
-  rmSync(dir, { recursive: true, force: true });
+  cleanup();
   setLogSink((l) => process.stderr.write(`${l}\n`));
 });
 

@@ -3,8 +3,8 @@
 // thin-provisioning-tools) run on a metadata image copied to a temp file. A missing tool fails.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { makeTempDir } from '../helpers/tmp.js';
 import { join } from 'node:path';
 import { FaultDevice, type FaultPlan } from '../../src/blockdev/fault.js';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
@@ -71,13 +71,13 @@ export async function memBytes(dev: MemoryDevice): Promise<Buffer> {
 
 /** Run `fn` with the metadata image in a temp file. */
 export async function withImage<T>(meta: MemoryDevice | Buffer, fn: (path: string) => T): Promise<T> {
-  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-thin-'));
+  const { dir, cleanup: removeDir } = makeTempDir('cryptmap-thin-');
   try {
     const p = join(dir, 'meta');
     writeFileSync(p, Buffer.isBuffer(meta) ? meta : await memBytes(meta));
     return fn(p);
   } finally {
-    rmSync(dir, { recursive: true, force: true });
+    removeDir();
   }
 }
 
@@ -96,7 +96,7 @@ export async function thinDump(meta: MemoryDevice | Buffer, args: string[] = [])
 
 /** thin_restore `xml` into a fresh image of `metaBytes`; returns it as a memory device. */
 export async function thinRestore(xml: string, metaBytes: number): Promise<MemoryDevice> {
-  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-thin-'));
+  const { dir, cleanup: removeDir } = makeTempDir('cryptmap-thin-');
   try {
     writeFileSync(join(dir, 'in.xml'), xml);
     writeFileSync(join(dir, 'meta'), Buffer.alloc(metaBytes));
@@ -106,7 +106,7 @@ export async function thinRestore(xml: string, metaBytes: number): Promise<Memor
     await dev.write(0, readFileSync(join(dir, 'meta')));
     return dev;
   } finally {
-    rmSync(dir, { recursive: true, force: true });
+    removeDir();
   }
 }
 

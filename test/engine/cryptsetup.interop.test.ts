@@ -7,10 +7,10 @@
  */
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { copyFileSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { copyFileSync, readFileSync, truncateSync, writeFileSync } from 'node:fs';
+import { fileTempDir } from '../helpers/tmp.js';
 import { join } from 'node:path';
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import type { BackendName, SectorBytes } from '../../src/engine/index.js';
 import { loadNative, XTS_IMPL_IDS } from '../../src/util/native.js';
 import { TEST_BACKENDS } from './backends.js';
@@ -50,13 +50,7 @@ const CASES: { spec: string; keyBits: number; sectorBytes: SectorBytes }[] = [
 ];
 
 describe('engine vs cryptsetup reencrypt --encrypt (LUKS2 data segment)', () => {
-  let dir = '';
-  before(() => {
-    dir = mkdtempSync(join(tmpdir(), 'cryptmap-engine-interop-'));
-  });
-  after(() => {
-    rmSync(dir, { recursive: true, force: true });
-  });
+  const dir = fileTempDir('cryptmap-engine-interop-');
 
   CASES.forEach((c, n) => {
     it(`${c.spec} ${c.keyBits}-bit key, ${c.sectorBytes}-byte sectors`, () => {

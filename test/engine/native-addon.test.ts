@@ -4,8 +4,8 @@
  * helpers the file block device uses (fallocate punch hole, SEEK_DATA / SEEK_HOLE).
  */
 import assert from 'node:assert/strict';
-import { closeSync, fstatSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { closeSync, fstatSync, openSync, writeSync } from 'node:fs';
+import { makeTempDir } from '../helpers/tmp.js';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { pieces } from '../../src/crypto/backends/native.js';
@@ -159,7 +159,7 @@ describe('native addon', () => {
 
   it('punches holes and finds data and holes', () => {
     const a = addon();
-    const dir = mkdtempSync(join(tmpdir(), 'cryptmap-native-'));
+    const { dir, cleanup: removeDir } = makeTempDir('cryptmap-native-');
     const file = join(dir, 'f');
     const fd = openSync(file, 'w+', 0o600);
     try {
@@ -181,7 +181,7 @@ describe('native addon', () => {
       );
     } finally {
       closeSync(fd);
-      rmSync(dir, { recursive: true, force: true });
+      removeDir();
     }
   });
 
@@ -209,7 +209,7 @@ describe('native addon', () => {
       code(() => a.peerCred!(0x7fffffff)),
       ['EBADF', -9],
     );
-    const dir = mkdtempSync(join(tmpdir(), 'cryptmap-errno-'));
+    const { dir, cleanup: removeDir } = makeTempDir('cryptmap-errno-');
     const fd = openSync(join(dir, 'f'), 'w');
     try {
       assert.deepEqual(
@@ -218,7 +218,7 @@ describe('native addon', () => {
       );
     } finally {
       closeSync(fd);
-      rmSync(dir, { recursive: true, force: true });
+      removeDir();
     }
   });
 });

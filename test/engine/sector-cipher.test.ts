@@ -4,8 +4,8 @@
  * in place and into a destination, async forms, equal XTS key halves, and the error codes for bad input.
  */
 import assert from 'node:assert/strict';
-import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
+import { makeTempDir } from '../helpers/tmp.js';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import fc from 'fast-check';
@@ -291,7 +291,7 @@ for (const backend of TEST_BACKENDS) {
     });
 
     it('file forms: encryptWriteAsync writes what encrypt produces, readDecryptAsync reads it back; I/O errors keep their errno code', async () => {
-      const dir = mkdtempSync(join(tmpdir(), 'cryptmap-engine-file-'));
+      const { dir, cleanup: removeDir } = makeTempDir('cryptmap-engine-file-');
       const file = join(dir, 'f');
       writeFileSync(file, Buffer.alloc(3 << 20, 0xaa), { mode: 0o600 });
       const fd = openSync(file, 'r+');
@@ -337,7 +337,7 @@ for (const backend of TEST_BACKENDS) {
         c.dispose();
       } finally {
         closeSync(fd);
-        rmSync(dir, { recursive: true, force: true });
+        removeDir();
       }
     });
 

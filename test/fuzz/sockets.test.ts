@@ -12,6 +12,7 @@ import assert from 'node:assert/strict';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
+import { pollUntil } from '../helpers/wait.js';
 import { testTempDir } from '../helpers/tmp.js';
 import fc from 'fast-check';
 import { ControlServer } from '../../src/control/server.js';
@@ -192,8 +193,11 @@ after(async () => {
 });
 
 async function settled(): Promise<void> {
-  for (let i = 0; i < 1000 && fx.server.connectionCount() > 0; i++) await new Promise((r) => setTimeout(r, 10));
-  assert.equal(fx.server.connectionCount(), 0, 'server still counts a connection whose client left');
+  await pollUntil(() => fx.server.connectionCount() === 0, {
+    deadlineMs: 10_000,
+    intervalMs: 10,
+    what: 'the server to stop counting a connection whose client left',
+  });
 }
 
 export async function nbdHealthy(f: Fixture): Promise<void> {

@@ -11,6 +11,8 @@ export interface PollOptions {
   what: string;
   /** Pause between tries (default 50 ms). */
   intervalMs?: number;
+  /** More words for the failure message, read when it fails (a log so far, the state seen last). */
+  detail?: () => string;
 }
 
 /**
@@ -34,7 +36,8 @@ export async function pollUntil<T>(
     }
     if (Date.now() >= end) {
       const why = last === undefined ? '' : ` (last error: ${last instanceof Error ? last.message : String(last)})`;
-      throw new Error(`timed out after ${opts.deadlineMs} ms waiting for ${opts.what}${why}`);
+      const more = opts.detail ? `: ${opts.detail()}` : '';
+      throw new Error(`timed out after ${opts.deadlineMs} ms waiting for ${opts.what}${why}${more}`);
     }
     await new Promise((r) => setTimeout(r, opts.intervalMs ?? 50));
   }

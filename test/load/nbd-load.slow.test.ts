@@ -5,8 +5,8 @@
 // ops, bytes, verify errors, peak RSS) go to the reliability report.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync } from 'node:fs';
+import { makeTempDir } from '../helpers/tmp.js';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { report } from '../fuzz/harness.js';
@@ -137,7 +137,7 @@ test('concurrent fio clients with crc32c verify, then SIGKILL: acknowledged FLUS
   timeout: 300_000,
 }, async () => {
   requireTool('fio');
-  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-load-'));
+  const { dir, cleanup: removeDir } = makeTempDir('cryptmap-load-');
   const run = join(dir, 'run');
   const img = join(dir, 'vol.img');
   const keyFile = join(dir, 'pass');
@@ -238,6 +238,6 @@ test('concurrent fio clients with crc32c verify, then SIGKILL: acknowledged FLUS
     daemon = undefined;
   } finally {
     if (daemon) await daemon.kill();
-    rmSync(dir, { recursive: true, force: true });
+    removeDir();
   }
 });

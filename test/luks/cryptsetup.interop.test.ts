@@ -1,11 +1,11 @@
 // Interop with cryptsetup 2.6 (Debian cryptsetup-bin) and qemu-img (qemu-utils), both directions
 // (issue 4 §7). Cheap KDFs except where noted. Images live in a 0700 temp dir removed afterwards.
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { chmodSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { before, test } from 'node:test';
+import { requireTool } from '../helpers/tools.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { FileDevice } from '../../src/blockdev/file.js';
 import { main } from '../../src/cli/main.js';
@@ -27,10 +27,6 @@ const FAST_ARGON = [
   '1',
 ];
 
-function tool(cmd: string, pkg: string): void {
-  const r = spawnSync('sh', ['-c', `command -v ${cmd}`]);
-  if (r.status !== 0) assert.fail(`${cmd} is missing: install the Debian package ${pkg} (scripts/install-deps.sh)`);
-}
 function keyFile(name: string, content: string | Buffer): string {
   const p = join(dir, name);
   writeFileSync(p, content, { mode: 0o600 });
@@ -68,7 +64,7 @@ async function vkFromCryptmap(img: string, pass: Buffer, header?: string): Promi
 }
 
 before(() => {
-  tool('cryptsetup', 'cryptsetup-bin');
+  requireTool('cryptsetup');
 });
 
 test('cryptsetup-made LUKS2 volumes open in cryptmap with the same volume key', async () => {
@@ -326,7 +322,7 @@ test('LUKS1 both ways, and qemu-img LUKS1 images', async () => {
   assert.equal(r.code, 0, r.err);
   cs('open', '--test-passphrase', '--key-file', join(dir, 'k6b'), b);
   assert.equal((await cm('luksDump', b)).out, cs('luksDump', b).replace(`for ${b}`, `for ${b}`));
-  tool('qemu-img', 'qemu-utils');
+  requireTool('qemu-img');
   const q = join(dir, 'q.img');
   let ok = false;
   for (let i = 0; i < 5 && !ok; i++) {

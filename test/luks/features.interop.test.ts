@@ -5,8 +5,8 @@
 // whirlpool. Keyring keys go to the user keyring under unique names and are unlinked afterwards.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { chmodSync, copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { copyFileSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { makeTempDir } from '../helpers/tmp.js';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, test } from 'node:test';
@@ -15,7 +15,7 @@ import { main } from '../../src/cli/main.js';
 import type { CliIO } from '../../src/cli/types.js';
 import { interopTools, Sink } from './helpers.js';
 
-let dir = '';
+const { dir, cleanup } = makeTempDir('cryptmap-features-');
 const { run, cs, image } = interopTools(() => dir);
 const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 let k1 = '';
@@ -48,8 +48,6 @@ function keyring(desc: string, payload: string): void {
 
 before(() => {
   requireTool('cryptsetup');
-  dir = mkdtempSync(join(tmpdir(), 'cryptmap-features-'));
-  chmodSync(dir, 0o700);
   k1 = join(dir, 'k1');
   k2 = join(dir, 'k2');
   writeFileSync(k1, 'one', { mode: 0o600 });
@@ -57,7 +55,7 @@ before(() => {
 });
 after(() => {
   for (const id of keyIds) spawnSync('keyctl', ['unlink', id, '@u']);
-  rmSync(dir, { recursive: true, force: true });
+  cleanup();
 });
 
 test('unbound keyslots: added by either tool, tested and dumped by the other; never open the volume', async () => {

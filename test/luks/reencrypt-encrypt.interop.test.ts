@@ -9,6 +9,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { test } from 'node:test';
+import { requireTool } from '../helpers/tools.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { FaultDevice } from '../../src/blockdev/fault.js';
 import { FileDevice } from '../../src/blockdev/file.js';
@@ -24,9 +25,9 @@ const PLAIN = (6 << 20) + (512 << 10);
 const REDUCE = 4 << 20; // shift 2 MiB: a few hotzones
 
 function cs(...args: string[]): { status: number | null; out: string } {
+  requireTool('cryptsetup');
   const r = spawnSync('cryptsetup', args, { encoding: 'utf8', timeout: 120_000 });
-  if (r.error)
-    assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin (scripts/install-deps.sh)');
+  assert.ifError(r.error);
   return { status: r.status, out: `${r.stdout}${r.stderr}` };
 }
 async function cm(...argv: string[]): Promise<{ code: number; out: string; err: string }> {

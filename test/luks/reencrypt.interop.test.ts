@@ -7,6 +7,7 @@ import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { requireTool } from '../helpers/tools.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { FaultDevice } from '../../src/blockdev/fault.js';
 import { FileDevice } from '../../src/blockdev/file.js';
@@ -22,9 +23,9 @@ const DATA_OFF = 16 << 20;
 const SIZE = 24 << 20;
 
 function cs(...args: string[]): { status: number | null; out: string } {
+  requireTool('cryptsetup');
   const r = spawnSync('cryptsetup', args, { encoding: 'utf8' });
-  if (r.error)
-    assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin (scripts/install-deps.sh)');
+  assert.ifError(r.error);
   return { status: r.status, out: `${r.stdout}${r.stderr}` };
 }
 async function cm(...argv: string[]): Promise<number> {

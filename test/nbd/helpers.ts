@@ -4,11 +4,11 @@
  * client tools that fails with the Debian package name when a tool is missing.
  */
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
+import { makeTempDir } from '../helpers/tmp.js';
 import { connect, type Socket } from 'node:net';
 import { connect as tlsConnect } from 'node:tls';
 import type { Duplex } from 'node:stream';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { NbdServer } from '../../src/nbd/server.js';
@@ -30,7 +30,7 @@ export interface Fixture {
 
 /** A server with export 'disk' (writable, `sizeBytes`) and 'ro' (read-only, 1 MiB). */
 export async function startServer(opts: NbdServerOptions = {}, sizeBytes = 16 << 20): Promise<Fixture> {
-  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-nbd-'));
+  const { dir, cleanup: removeDir } = makeTempDir('cryptmap-nbd-');
   const sock = join(dir, 'nbd.sock');
   const server = new NbdServer(opts);
   const disk = new MemoryDevice({ sizeBytes });
@@ -45,7 +45,7 @@ export async function startServer(opts: NbdServerOptions = {}, sizeBytes = 16 <<
     uri: (name = 'disk') => `nbd+unix:///${name}?socket=${sock}`,
     async close() {
       await server.close();
-      rmSync(dir, { recursive: true, force: true });
+      removeDir();
     },
   };
 }

@@ -4,6 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
+import { pollUntil } from '../helpers/wait.js';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import fc from 'fast-check';
@@ -72,16 +73,16 @@ after(async () => {
  * get there.
  */
 async function untilServerWaitsForClient(server: NbdServer, what: string): Promise<void> {
-  const deadline = Date.now() + 10_000;
-  while (server.connectionsWaitingForRoom === 0 || server.payloadBytesInFlight !== server.replyBytesQueued) {
-    if (Date.now() > deadline) {
-      assert.fail(
-        `${what}: after 10 s the server still does not wait for the client to read ` +
-          `(connections waiting for room: ${server.connectionsWaitingForRoom}, payload bytes in flight: ${server.payloadBytesInFlight}, of which queued replies: ${server.replyBytesQueued})`,
-      );
-    }
-    await new Promise((r) => setTimeout(r, 10));
-  }
+  await pollUntil(
+    () => server.connectionsWaitingForRoom > 0 && server.payloadBytesInFlight === server.replyBytesQueued,
+    {
+      deadlineMs: 10_000,
+      intervalMs: 10,
+      what: `${what}: the server to wait for the client to read`,
+      detail: () =>
+        `connections waiting for room: ${server.connectionsWaitingForRoom}, payload bytes in flight: ${server.payloadBytesInFlight}, of which queued replies: ${server.replyBytesQueued}`,
+    },
+  );
 }
 
 /** The server still serves a fresh client after whatever a test did. */

@@ -9,10 +9,12 @@
  * as a user's code does. npm needs the registry (or its cache) for the runtime dependencies.
  */
 import assert from 'node:assert/strict';
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
+import { type RunResult, runTool } from '../helpers/tools.js';
+import { pollUntil } from '../helpers/wait.js';
 import { makeTempDir } from '../helpers/tmp.js';
 import { fileURLToPath } from 'node:url';
 import { checkExamples } from './examples-helpers.js';
@@ -26,38 +28,16 @@ after(() => {
   cleanup();
 });
 
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
+/** A tool run from the package's temp dir (by default) with the test's environment plus `env`. */
 function run(
   cmd: string,
   args: string[],
   opts: { cwd?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number } = {},
-): Promise<Run> {
-  return new Promise((res) => {
-    execFile(
-      cmd,
-      args,
-      {
-        cwd: opts.cwd ?? dir,
-        env: { ...process.env, ...opts.env },
-        timeout: opts.timeoutMs ?? 120_000,
-        maxBuffer: 64 << 20,
-        encoding: 'utf8',
-      },
-      (e, stdout, stderr) => {
-        if (e && (e as NodeJS.ErrnoException).code === 'ENOENT')
-          return res({ code: -1, stdout, stderr: `${cmd} is not installed` });
-        res({
-          code: e ? Number((e as { code?: number }).code ?? 1) || 1 : 0,
-          stdout,
-          stderr: stderr + (e && !(e as { code?: unknown }).code ? String(e) : ''),
-        });
-      },
-    ).stdin?.end();
+): Promise<RunResult> {
+  return runTool(cmd, args, {
+    cwd: opts.cwd ?? dir,
+    env: { ...process.env, ...opts.env },
+    timeoutMs: opts.timeoutMs ?? 120_000,
   });
 }
 
@@ -159,11 +139,13 @@ async function luksRoundTrip(bin: string, tag: string): Promise<void> {
     log += d.toString();
   });
   try {
-    for (let i = 0; i < 600 && !log.includes('daemon ready'); i++) {
-      assert.equal(daemon.exitCode, null, `the installed daemon exited:\n${log}`);
-      await new Promise((r) => setTimeout(r, 100));
-    }
-    assert.match(log, /daemon ready/, `the installed daemon did not get ready in 60 s:\n${log}`);
+    await pollUntil(() => log.includes('daemon ready') || daemon.exitCode !== null, {
+      deadlineMs: 60_000,
+      intervalMs: 100,
+      what: 'the installed daemon to get ready',
+      detail: () => log,
+    });
+    assert.equal(daemon.exitCode, null, `the installed daemon exited:\n${log}`);
     const qemu = (cmd: string) =>
       must('qemu-io', ['--image-opts', `driver=nbd,path=${rt}/nbd.sock,export=${tag}`, '-c', cmd]);
     await must(bin, ['open', '--runtime-dir', rt, '--key-file', key, img, tag]);

@@ -5,6 +5,7 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { test } from 'node:test';
+import { pollUntil } from '../helpers/wait.js';
 import { AgentHost } from '../../src/daemon/agent-host.js';
 import { parseManifest } from '../../src/reconciler/manifest.js';
 import { setLogSink } from '../../src/util/log.js';
@@ -58,8 +59,11 @@ test('cryptmap agent process: SIGTERM tears down cleanly (NBD only); after a SIG
     // SIGHUP with the web service gone: its volume is torn down, the other keeps serving.
     await writeFile(manifestPath, manifestText([dbDataService('16M', '/srv/db')]));
     a.child.kill('SIGHUP');
-    for (let i = 0; i < 200 && !/reloaded[\s\S]*scratch\/web\/cache: removed/.test(a.out()); i++)
-      await new Promise((r) => setTimeout(r, 50));
+    await pollUntil(() => /reloaded[\s\S]*scratch\/web\/cache: removed/.test(a.out()), {
+      deadlineMs: 10_000,
+      what: "the reload to remove the web service's volume",
+      detail: a.out,
+    });
     assert.match(a.out(), /manifest .* reloaded\n[\s\S]*scratch\/web\/cache: removed/);
     a.child.kill('SIGTERM');
     assert.equal(await a.exited, 0);

@@ -3,6 +3,7 @@ import { spawnSync } from 'node:child_process';
 import { copyFile, mkdir, open, readdir, readFile, stat, truncate, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { test } from 'node:test';
+import { requireTool } from '../helpers/tools.js';
 import { prepareLuks } from '../../src/activate/mapping.js';
 import { AgentHost } from '../../src/daemon/agent-host.js';
 import { main } from '../../src/cli/main.js';
@@ -317,8 +318,9 @@ test('a persistent volume file truncated or overwritten by someone else is refus
 });
 
 function ossl(cwd: string, args: string[]): void {
+  requireTool('openssl');
   const r = spawnSync('openssl', args, { cwd, encoding: 'utf8' });
-  if (r.error) assert.fail('openssl is missing: install the Debian package openssl');
+  assert.ifError(r.error);
   assert.equal(r.status, 0, `openssl ${args.join(' ')}: ${r.stderr}`);
 }
 

@@ -6,13 +6,15 @@ import { spawnSync } from 'node:child_process';
 import { truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { requireTool } from '../helpers/tools.js';
 import { startEmbeddedKeyService } from '../../src/keyservice/embedded.js';
 import { VOLUME_KEYSLOT_PBKDF } from '../../src/reconciler/ports.js';
 import { makeTempDir } from '../helpers/tmp.js';
 
 function cryptsetup(args: string[]): { status: number | null; stderr: string } {
+  requireTool('cryptsetup');
   const r = spawnSync('cryptsetup', args, { encoding: 'utf8' });
-  if (r.error) assert.fail('cryptsetup is missing: install the Debian package cryptsetup-bin');
+  assert.ifError(r.error);
   return { status: r.status, stderr: r.stderr };
 }
 

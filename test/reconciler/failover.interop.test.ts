@@ -17,6 +17,7 @@ import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { after, test } from 'node:test';
+import { pollUntil } from '../helpers/wait.js';
 import { NbdDevice } from '../../src/blockdev/nbd-client/device.js';
 import { useCeph } from '../blockdev/ceph.js';
 import { startEtcd, startProxy } from '../coordination/etcd.js';
@@ -25,7 +26,6 @@ import { makeTempDir } from '../helpers/tmp.js';
 const ENTRY = fileURLToPath(new URL('../../src/cli/entry.js', import.meta.url));
 const TTL = 4;
 const MiB = 1 << 20;
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const ceph = useCeph('cm-fo-');
 const children = new Set<ChildProcess>();
 after(() => {
@@ -51,11 +51,7 @@ function spawnCli(args: string[]): Proc {
 
 /** Poll `cond` every 100 ms until true; fail after `ms` with `what` and the context. */
 async function until(cond: () => boolean | Promise<boolean>, ms: number, what: () => string): Promise<number> {
-  const t0 = performance.now();
-  while (!(await cond())) {
-    if (performance.now() - t0 > ms) assert.fail(`${what()} (waited ${ms} ms)`);
-    await sleep(100);
-  }
+  await pollUntil(cond, { deadlineMs: ms, intervalMs: 100, what: 'the condition', detail: what });
   return performance.now();
 }
 

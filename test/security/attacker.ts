@@ -5,9 +5,8 @@
  * The tests need root (CI runs as root); elsewhere they are skipped with this printed reason.
  */
 import { type ChildProcess, spawn, spawnSync, type SpawnSyncReturns } from 'node:child_process';
-import { chmodSync, chownSync, mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { chmodSync, chownSync } from 'node:fs';
+import { makeTempDir } from '../helpers/tmp.js';
 
 export const ATTACKER = 'cryptmap-attacker';
 
@@ -72,7 +71,7 @@ export function attacker(): Attacker {
       });
     },
     dir(mode = 0o755) {
-      const d = mkdtempSync(join(tmpdir(), 'cm-attacker-'));
+      const d = makeTempDir('cm-attacker-').dir;
       chownSync(d, uid, gid);
       chmodSync(d, mode);
       return d;

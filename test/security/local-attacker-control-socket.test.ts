@@ -2,8 +2,8 @@
 // listener run by root or by the caller. A real second user listens where the client is pointed
 // (CRYPTMAP_RUNTIME_DIR, a keyd address) and records every byte it receives; it must receive none.
 import assert from 'node:assert/strict';
-import { chmodSync, chownSync, mkdirSync, mkdtempSync, renameSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { chmodSync, chownSync, mkdirSync, renameSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { makeTempDir } from '../helpers/tmp.js';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { ControlClient } from '../../src/control/client.js';
@@ -42,7 +42,7 @@ test("open with CRYPTMAP_RUNTIME_DIR pointing at the attacker's directory: refus
   skip: NEEDS_ROOT,
 }, async () => {
   const a = attacker();
-  const victim = mkdtempSync(join(tmpdir(), 'cm-victim-'));
+  const { dir: victim, cleanup: removeVictim } = makeTempDir('cm-victim-');
   const adir = a.dir(0o755);
   const l = listenAsAttacker(join(adir, 'control.sock'));
   try {
@@ -62,7 +62,7 @@ test("open with CRYPTMAP_RUNTIME_DIR pointing at the attacker's directory: refus
   } finally {
     l.child.kill();
     rmSync(adir, { recursive: true, force: true });
-    rmSync(victim, { recursive: true, force: true });
+    removeVictim();
   }
 });
 
@@ -72,7 +72,7 @@ test('a socket of another user moved into a root-owned directory and chowned to 
   assert.ok(peerCredAvailable(), 'the native addon with peerCred must be built (node scripts/build-native.mjs)');
   const a = attacker();
   const adir = a.dir(0o755);
-  const run = mkdtempSync(join(tmpdir(), 'cm-victim-'));
+  const { dir: run, cleanup: removeRun } = makeTempDir('cm-victim-');
   const l = listenAsAttacker(join(adir, 'control.sock'));
   try {
     await l.ready;
@@ -98,7 +98,7 @@ test('a socket of another user moved into a root-owned directory and chowned to 
   } finally {
     l.child.kill();
     rmSync(adir, { recursive: true, force: true });
-    rmSync(run, { recursive: true, force: true });
+    removeRun();
   }
 });
 
@@ -131,7 +131,7 @@ test('daemon: a client of another uid that reaches a too-open control socket is 
 }, async () => {
   assert.ok(peerCredAvailable(), 'the native addon with peerCred must be built');
   const a = attacker();
-  const base = mkdtempSync(join(tmpdir(), 'cm-victim-'));
+  const { dir: base, cleanup: removeBase } = makeTempDir('cm-victim-');
   const run = join(base, 'run');
   mkdirSync(run, { mode: 0o700 });
   const d = await startDaemon(run);
@@ -153,6 +153,6 @@ test('daemon: a client of another uid that reaches a too-open control socket is 
     });
   } finally {
     await d.stop();
-    rmSync(base, { recursive: true, force: true });
+    removeBase();
   }
 });

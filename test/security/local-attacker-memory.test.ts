@@ -7,13 +7,13 @@
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, readSync, truncateSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable, Writable } from 'node:stream';
 import { test } from 'node:test';
-import { testTempDir } from '../helpers/tmp.js';
+import { pollUntil } from '../helpers/wait.js';
+import { makeTempDir, testTempDir } from '../helpers/tmp.js';
 import { main } from '../../src/cli/main.js';
 import type { CliIO } from '../../src/cli/types.js';
 import { ControlClient } from '../../src/control/client.js';
@@ -76,7 +76,7 @@ function scanProcess(pid: number, find: { name: string; bytes: Buffer }[]): { fo
 test('after luksSuspend the daemon holds no copy of the volume key (its memory scanned through /proc/PID/mem)', {
   timeout: 180_000,
 }, async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-attacker-mem-'));
+  const { dir, cleanup: removeDir } = makeTempDir('cryptmap-attacker-mem-');
   const key = randomBytes(64);
   let daemon: Awaited<ReturnType<typeof startDaemon>> | undefined;
   try {
@@ -143,14 +143,14 @@ test('after luksSuspend the daemon holds no copy of the volume key (its memory s
     });
   } finally {
     if (daemon) await daemon.kill();
-    rmSync(dir, { recursive: true, force: true });
+    removeDir();
   }
 });
 
 test('a control connection cut half-way through a key leaves no part of it in the daemon', {
   timeout: 120_000,
 }, async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-attacker-cut-'));
+  const { dir, cleanup: removeDir } = makeTempDir('cryptmap-attacker-cut-');
   const key = randomBytes(64);
   let daemon: Awaited<ReturnType<typeof startDaemon>> | undefined;
   try {
@@ -201,7 +201,7 @@ test('a control connection cut half-way through a key leaves no part of it in th
     );
   } finally {
     if (daemon) await daemon.kill();
-    rmSync(dir, { recursive: true, force: true });
+    removeDir();
   }
 });
 
@@ -235,7 +235,12 @@ test('daemon and keyd turn core dumps off at start (PR_SET_DUMPABLE 0)', { timeo
       let out = '';
       keyd.stdout?.on('data', (d) => (out += d));
       keyd.stderr?.on('data', (d) => (out += d));
-      for (let i = 0; i < 100 && !out.includes('core dumps off'); i++) await new Promise((r) => setTimeout(r, 100));
+      await pollUntil(() => out.includes('core dumps off'), {
+        deadlineMs: 10_000,
+        intervalMs: 100,
+        what: 'keyd to turn core dumps off',
+        detail: () => out,
+      });
       assert.match(out, /core dumps off \(PR_SET_DUMPABLE 0\)/, `keyd did not turn core dumps off: ${out}`);
       return 'both set PR_SET_DUMPABLE 0 at start: no core file, no /proc/PID/mem or ptrace for same-uid non-root processes';
     });

@@ -9,6 +9,7 @@ import { createServer, type Socket, connect as tcpConnect } from 'node:net';
 import { join } from 'node:path';
 import { Readable, Writable } from 'node:stream';
 import { test } from 'node:test';
+import { pollUntil } from '../helpers/wait.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { isLoopback } from '../../src/cli/commands/daemon.js';
@@ -306,8 +307,12 @@ test('8 connections with 32 MiB WRITE headers and 4 KiB of data do not stall oth
         c.send(Buffer.alloc(4096, i));
         attackers.push(c);
       }
-      for (let i = 0; i < 100 && server.payloadBytesInFlight < 256 * MiB; i++)
-        await new Promise((r) => setTimeout(r, 20));
+      await pollUntil(() => server.payloadBytesInFlight >= 256 * MiB, {
+        deadlineMs: 2_000,
+        intervalMs: 20,
+        what: 'the attack to take the whole budget',
+        detail: () => `${server.payloadBytesInFlight} bytes in flight`,
+      });
       assert.equal(server.payloadBytesInFlight, 256 * MiB, 'the attack did not take the whole budget');
       const t0 = Date.now();
       const victim = await client(sock, 'b');
@@ -345,10 +350,17 @@ test('READ replies a client never takes count in the server-wide budget and are 
     assert.ok(peak >= 32 * MiB, `queued replies are not in the budget (peak ${peak})`);
     assert.ok(peak <= 64 * MiB + 16 * MiB, `budget overrun: ${peak}`);
     // (The paused clients cannot see the hang-up: the server's own count says they are gone.)
-    for (let i = 0; i < 500 && server.connectionCount() > 0; i++) await new Promise((r) => setTimeout(r, 20));
-    assert.equal(server.connectionCount(), 0, 'a client that reads nothing is still connected');
-    for (let i = 0; i < 100 && server.payloadBytesInFlight > 0; i++) await new Promise((r) => setTimeout(r, 20));
-    assert.equal(server.payloadBytesInFlight, 0, 'budget not returned by dropped connections');
+    await pollUntil(() => server.connectionCount() === 0, {
+      deadlineMs: 10_000,
+      intervalMs: 20,
+      what: 'the server to drop a client that reads nothing',
+    });
+    await pollUntil(() => server.payloadBytesInFlight === 0, {
+      deadlineMs: 2_000,
+      intervalMs: 20,
+      what: 'dropped connections to return their budget',
+      detail: () => `${server.payloadBytesInFlight} bytes in flight`,
+    });
     const ok = await client(sock, 'a');
     await roundTrip(ok, 5);
     ok.close();

@@ -9,14 +9,13 @@ import {
   copyFileSync,
   lstatSync,
   mkdirSync,
-  mkdtempSync,
   readFileSync,
   rmSync,
   symlinkSync,
   writeFileSync,
 } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { makeTempDir } from '../helpers/tmp.js';
 import { test } from 'node:test';
 import { ensureRuntimeDir } from '../../src/control/runtime-dir.js';
 import { lockDir, withDeviceLock } from '../../src/luks/lock.js';
@@ -26,7 +25,7 @@ import { attack } from './attack.js';
 import { attacker, NEEDS_ROOT } from './attacker.js';
 
 function rootTemp(mode = 0o755): string {
-  const d = mkdtempSync(join(tmpdir(), 'cm-victim-'));
+  const d = makeTempDir('cm-victim-').dir;
   chmodSync(d, mode);
   return d;
 }
@@ -189,7 +188,7 @@ test("a non-root user's own directories: group-writable only through the user's 
   skip: NEEDS_ROOT,
 }, async () => {
   const a = attacker(); // here the "caller": a non-root user with a user private group
-  const lib = mkdtempSync(join(tmpdir(), 'cm-lib-'));
+  const { dir: lib, cleanup: removeLib } = makeTempDir('cm-lib-');
   chmodSync(lib, 0o755);
   for (const f of ['trusted-path.js', 'errors.js', 'secret.js'])
     copyFileSync(new URL(`../../src/util/${f}`, import.meta.url), join(lib, f));
@@ -209,6 +208,6 @@ test("a non-root user's own directories: group-writable only through the user's 
     );
   } finally {
     rmSync(home, { recursive: true, force: true });
-    rmSync(lib, { recursive: true, force: true });
+    removeLib();
   }
 });

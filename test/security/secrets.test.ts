@@ -7,9 +7,9 @@
 // See docs/secrets.md for what Node cannot wipe and what is done about it.
 import assert from 'node:assert/strict';
 import * as childProcess from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
+import { readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs';
+import { makeTempDir } from '../helpers/tmp.js';
 import { createRequire, syncBuiltinESMExports } from 'node:module';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable, Writable } from 'node:stream';
 import { test } from 'node:test';
@@ -89,7 +89,7 @@ function mode(p: string): number {
 test('no secret reaches logs, output, error messages or spawned argv; private modes on runtime files', {
   timeout: 240_000,
 }, async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-secrets-'));
+  const { dir, cleanup: removeDir } = makeTempDir('cryptmap-secrets-');
   const logs: string[] = [];
   setLogSink((l) => logs.push(l));
   setLogLevel('debug');
@@ -228,7 +228,7 @@ test('no secret reaches logs, output, error messages or spawned argv; private mo
     setLogLevel('info');
     keyd?.kill('SIGKILL');
     if (daemon) await daemon.kill();
-    rmSync(dir, { recursive: true, force: true });
+    removeDir();
   }
 });
 

@@ -4,6 +4,7 @@
  * `next(pred)` waits for a matching datagram with a deadline and fails with what did arrive.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
+import { requireTool } from '../helpers/tools.js';
 
 const RECEIVER = `
 import json, os, socket, sys
@@ -26,8 +27,9 @@ export interface NotifySocket {
   close(): void;
 }
 
-/** Bind a receiver at `address`; resolves once it is bound (rejects after 30 s or when python3 is missing). */
+/** Bind a receiver at `address`; resolves once it is bound (rejects after 30 s; throws when python3 is not installed). */
 export function notifySocket(address: string): Promise<NotifySocket> {
+  requireTool('python3');
   const child: ChildProcess = spawn('python3', ['-c', RECEIVER, address], { stdio: ['ignore', 'pipe', 'pipe'] });
   const messages: string[] = [];
   const waiters = new Set<() => void>();

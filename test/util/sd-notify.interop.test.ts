@@ -9,6 +9,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync, lstatSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
+import { pollUntil } from '../helpers/wait.js';
 import { makeTempDir } from '../helpers/tmp.js';
 import { runTool } from '../helpers/tools.js';
 import { ControlClient } from '../../src/control/client.js';
@@ -189,16 +190,14 @@ test('cryptmap daemon under systemd-socket-activate: serves the control socket i
       ],
       {},
     );
-    let c: ControlClient | undefined;
-    for (let i = 0; i < 300 && !c; i++) {
-      if (d.child.exitCode !== null) assert.fail(`systemd-socket-activate exited (${d.child.exitCode}): ${d.log()}`);
-      try {
-        c = await ControlClient.connect(run);
-      } catch {
-        await new Promise((r) => setTimeout(r, 100));
-      }
-    }
-    assert.ok(c, `the activated control socket did not accept in 30 s: ${d.log()}`);
+    const c = await pollUntil(
+      async () => {
+        if (d.child.exitCode !== null) return 'exited';
+        return ControlClient.connect(run);
+      },
+      { deadlineMs: 30_000, intervalMs: 100, what: 'the activated control socket to accept', detail: d.log },
+    );
+    if (c === 'exited') assert.fail(`systemd-socket-activate exited (${d.child.exitCode}): ${d.log()}`);
     await c.call('daemon.ping');
     c.close();
     const ready = await expectFrom(rx, d, (m) => m.startsWith('READY=1'));

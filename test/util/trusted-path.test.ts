@@ -2,15 +2,15 @@
 // returned in memory of its own (not a slice of Node's shared 8 KiB pool, which a wipe of the slice
 // leaves full of other copies and which lives on after the caller wiped its part).
 import assert from 'node:assert/strict';
-import { closeSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { closeSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { makeTempDir } from '../helpers/tmp.js';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { readPassphraseFile } from '../../src/keyservice/root-secret.js';
 import { openTrustedAppend, readTrustedFile } from '../../src/util/trusted-path.js';
 
 function tmp(): string {
-  return mkdtempSync(join(tmpdir(), 'cm-trusted-'));
+  return makeTempDir('cm-trusted-').dir;
 }
 
 test('openTrustedAppend creates the file with mode 0600 under a umask of 022', () => {
