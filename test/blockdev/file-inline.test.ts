@@ -6,23 +6,14 @@ import { fileTempDir } from '../helpers/tmp.js';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { byteStream } from '../helpers/prng.js';
 import { FileDevice } from '../../src/blockdev/file.js';
 
 // tmpfs when the machine has it (the default turns inline I/O on there), else the usual tmpdir.
 const dir = fileTempDir('cryptmap-file-inline-', existsSync('/dev/shm') ? '/dev/shm' : tmpdir());
 
-/** Deterministic bytes (xorshift32). */
-function pattern(n: number, seed: number): Buffer {
-  const b = Buffer.allocUnsafe(n);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i < n; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    b[i] = x & 0xff;
-  }
-  return b;
-}
+/** Deterministic bytes (xorshift32's low byte each). */
+const pattern = (n: number, seed: number): Buffer => byteStream(seed)(n);
 
 test('inline and thread-pool I/O see the same bytes, for sizes around the 64 KiB inline limit', async () => {
   const p = join(dir, 'a.img');

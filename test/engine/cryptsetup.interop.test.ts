@@ -11,6 +11,7 @@ import { copyFileSync, readFileSync, truncateSync, writeFileSync } from 'node:fs
 import { fileTempDir } from '../helpers/tmp.js';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
+import { seededBytes } from '../helpers/prng.js';
 import type { BackendName, SectorBytes } from '../../src/engine/index.js';
 import { loadNative, XTS_IMPL_IDS } from '../../src/util/native.js';
 import { TEST_BACKENDS } from './backends.js';
@@ -26,17 +27,7 @@ function cryptsetup(args: string[]): string {
 }
 
 /** Deterministic pseudo-random plaintext (xorshift32). */
-function plaintext(seed: number): Buffer {
-  const b = Buffer.alloc(DATA_BYTES);
-  let x = seed;
-  for (let i = 0; i < b.length; i += 4) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    b.writeInt32LE(x | 0, i);
-  }
-  return b;
-}
+const plaintext = (seed: number): Buffer => seededBytes(DATA_BYTES, seed);
 
 const CASES: { spec: string; keyBits: number; sectorBytes: SectorBytes }[] = [
   { spec: 'aes-xts-plain64', keyBits: 256, sectorBytes: 512 },

@@ -8,6 +8,7 @@ import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { before, test } from 'node:test';
+import { seededBytes } from '../helpers/prng.js';
 import { requireTool } from '../helpers/tools.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { FileDevice } from '../../src/blockdev/file.js';
@@ -292,13 +293,7 @@ test('no verb writes to a file that is not LUKS (batch mode, key files given); l
   // Deterministic non-LUKS content: an xorshift stream with an ext4 magic and a stray "LUKS" text.
   const size = 8 << 20;
   const b = Buffer.alloc(size);
-  let x = 0x9e3779b9;
-  for (let i = 0; i < 64 << 10; i += 4) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    b.writeUInt32LE(x >>> 0, i);
-  }
+  seededBytes(64 << 10, 0x9e3779b9).copy(b);
   b.writeUInt16LE(0xef53, 0x438);
   b.write('LUKS is not here', 20000, 'latin1');
   const img = join(dir, 'plain.img');
