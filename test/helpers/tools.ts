@@ -38,10 +38,14 @@ export function missingTool(tool: string): string {
   return `${tool} is not installed: install the Debian package ${packageOf(tool)} (scripts/install-deps.sh)`;
 }
 
-/** Throws (never skips) when `tool` is not on PATH, naming its Debian package. */
+const found = new Set<string>();
+
+/** Throws (never skips) when `tool` is not on PATH, naming its Debian package. Looked up once a process. */
 export function requireTool(tool: string): void {
+  if (found.has(tool)) return;
   const r = spawnSync('sh', ['-c', 'command -v "$1"', 'sh', tool], { encoding: 'utf8' });
   if (r.status !== 0) throw new Error(missingTool(tool));
+  found.add(tool);
 }
 
 export interface RunResult {
