@@ -10,6 +10,7 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { within } from '../helpers/wait.js';
 import { memoryAudit } from '../../src/keyservice/audit.js';
 import { inprocKeyClient } from '../../src/keyservice/client.js';
 import { DEFAULT_POLICY } from '../../src/keyservice/policy.js';
@@ -159,13 +160,7 @@ test('fencing with the export gone: the NBD client is cut off by the deadline, w
       () => undefined,
       (e: unknown) => e,
     );
-    let timer: NodeJS.Timeout | undefined;
-    await Promise.race([
-      node.real.fence(v!, 'lease lost (test)', 2000),
-      new Promise((_, reject) => {
-        timer = setTimeout(() => reject(new Error('the fence did not finish within 30 s')), 30_000);
-      }),
-    ]).finally(() => clearTimeout(timer));
+    await within(node.real.fence(v!, 'lease lost (test)', 2000), 30_000, 'the fence to finish');
     const err = await pending;
     assert.ok(err instanceof Error, 'the held write failed');
     assert.equal(node.core.registry.find(v!.mapping), undefined, 'the mapping is closed');

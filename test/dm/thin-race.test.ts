@@ -4,6 +4,7 @@
 // mapped is still in flight, and a reused block must not be discarded after its new data landed.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import { within } from '../helpers/wait.js';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { poolOf } from '../../src/dm/targets/thin-pool.js';
 import { pattern } from './helpers.js';
@@ -55,19 +56,6 @@ class GatedMemory extends MemoryDevice {
   }
 }
 
-/** `p`, or a failure naming `what` if it has not settled in 20 s (a deadlock fails, never hangs). */
-async function within<T>(p: Promise<T>, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const deadline = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what} did not finish within 20 s (deadlock)`)), 20_000);
-  });
-  try {
-    return await Promise.race([p, deadline]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
 /** Whether `p` is still pending after the event loop turned `turns` times (it never settles by itself here). */
 async function pendingAfterTurns(p: Promise<unknown>, turns = 50): Promise<boolean> {
   let settled = false;
@@ -96,14 +84,14 @@ test('discard during a write in flight to the block: the block is freed only aft
   // A write to the mapped block goes straight to the data device; hold it there.
   const entered = data.arm('write');
   const inFlight = h.write(0, pattern(4096, 2));
-  await within(entered, 'the held data-device call');
+  await within(entered, 20_000, 'the held data-device call');
   const discard = h.discard(0, BLOCK);
   // The next write needs a block: only the discarded one can be had (after a commit).
   const reuse = h.write(BLOCK, pattern(BLOCK, 3));
   assert.equal(await pendingAfterTurns(discard), true, 'the discard waits for the write in flight to its block');
   assert.equal(await pendingAfterTurns(reuse), true, 'the freed block is not reused while a write to it is in flight');
   data.release();
-  await within(Promise.all([inFlight, discard, reuse]), 'the write, discard and reuse');
+  await within(Promise.all([inFlight, discard, reuse]), 20_000, 'the write, discard and reuse');
   const back = Buffer.alloc(BLOCK);
   await h.read(BLOCK, back);
   assert.deepEqual(
@@ -130,12 +118,12 @@ test("discard during a read in flight: the block is not reused before the read i
   const entered = data.arm('read');
   const read = Buffer.alloc(4096);
   const reading = h.read(0, read);
-  await within(entered, 'the held data-device call');
+  await within(entered, 20_000, 'the held data-device call');
   const discard = h.discard(0, BLOCK);
   const reuse = h.write(BLOCK, pattern(BLOCK, 3));
   assert.equal(await pendingAfterTurns(reuse), true, 'the freed block is not reused while a read of it is in flight');
   data.release();
-  await within(Promise.all([reading, discard, reuse]), 'the read, discard and reuse');
+  await within(Promise.all([reading, discard, reuse]), 20_000, 'the read, discard and reuse');
   assert.deepEqual(read, pattern(BLOCK, 1).subarray(0, 4096), 'the read returns the data mapped when it was issued');
   await h.close();
   await registry.closeAll();
@@ -149,11 +137,11 @@ test('passdown: a block being discarded on the data device after the commit is n
   // The commit frees data block 0 and passes the discard down: hold that discard.
   const entered = data.arm('discard');
   const flushing = h.flush();
-  await within(entered, 'the held data-device call');
+  await within(entered, 20_000, 'the held data-device call');
   const reuse = h.write(2 * BLOCK, pattern(BLOCK, 3));
   assert.equal(await pendingAfterTurns(reuse), true, 'allocation waits for the passdown discard');
   data.release();
-  await within(Promise.all([flushing, reuse]), 'the flush and the reuse');
+  await within(Promise.all([flushing, reuse]), 20_000, 'the flush and the reuse');
   const back = Buffer.alloc(BLOCK);
   await h.read(2 * BLOCK, back);
   assert.deepEqual(back, pattern(BLOCK, 3), 'the late discard did not erase the reused block');
@@ -169,11 +157,11 @@ test('pool suspend: thin I/O waits until the pool resumes (reads, writes, discar
   // A write in flight on the data device: the suspend waits for it.
   const entered = data.arm('write');
   const inFlight = h.write(0, pattern(4096, 2));
-  await within(entered, 'the held data-device write');
+  await within(entered, 20_000, 'the held data-device write');
   const suspending = registry.suspend('pool');
   assert.equal(await pendingAfterTurns(suspending), true, 'the pool suspend waits for the thin write in flight');
   data.release();
-  await within(Promise.all([inFlight, suspending]), 'the write and the suspend');
+  await within(Promise.all([inFlight, suspending]), 20_000, 'the write and the suspend');
   const metaBefore = await memBytes(meta);
   const back = Buffer.alloc(4096);
   const ops = [h.write(BLOCK, pattern(BLOCK, 3)), h.read(0, back), h.discard(2 * BLOCK, BLOCK), h.flush()];
@@ -181,7 +169,7 @@ test('pool suspend: thin I/O waits until the pool resumes (reads, writes, discar
     assert.equal(await pendingAfterTurns(op), true, `thin operation ${i} waits while the pool is suspended`);
   assert.deepEqual(await memBytes(meta), metaBefore, 'no metadata write while the pool is suspended');
   await registry.resume('pool');
-  await within(Promise.all(ops), 'the thin I/O after the resume');
+  await within(Promise.all(ops), 20_000, 'the thin I/O after the resume');
   assert.deepEqual(back, pattern(4096, 2));
   await h.read(BLOCK, back);
   assert.deepEqual(back, pattern(BLOCK, 3).subarray(0, 4096));
@@ -196,11 +184,11 @@ test('pool suspend does not wait for a write queued out of data space; the write
   // No block left: the write waits for space (queue_if_no_space).
   const queued = h.write(BLOCK, pattern(BLOCK, 2));
   assert.equal(await pendingAfterTurns(queued), true, 'the write is queued');
-  await within(registry.suspend('pool'), 'the suspend with a write queued for space');
+  await within(registry.suspend('pool'), 20_000, 'the suspend with a write queued for space');
   // Grow the pool: the reload's resume wakes the queued write.
   await registry.load('pool', `0 ${(2 * BLOCK) / 512} thin-pool /mem/meta /mem/data 128 0`);
   await registry.resume('pool');
-  await within(queued, 'the queued write after the pool grew');
+  await within(queued, 20_000, 'the queued write after the pool grew');
   const back = Buffer.alloc(BLOCK);
   await h.read(BLOCK, back);
   assert.deepEqual(back, pattern(BLOCK, 2));
@@ -215,24 +203,24 @@ test('pool suspend drain: every waiter is released when the thin I/O in flight e
   await h.write(0, pattern(BLOCK, 1));
   let entered = data.arm('write');
   let inFlight = h.write(0, pattern(4096, 2));
-  await within(entered, 'the held data-device write');
+  await within(entered, 20_000, 'the held data-device write');
   // Two suspends of the pool wait for the same write (the drain used to keep one waiter only).
   const a = pool.holdThinIo();
   const b = pool.holdThinIo();
   assert.equal(await pendingAfterTurns(a), true, 'the first waiter waits for the write in flight');
   data.release();
-  assert.deepEqual(await within(Promise.all([a, b, inFlight]), 'both drain waiters'), [true, true, undefined]);
+  assert.deepEqual(await within(Promise.all([a, b, inFlight]), 20_000, 'both drain waiters'), [true, true, undefined]);
   // A waiter is also let go when the hold ends (resume, or the pool going away), not left behind.
   pool.releaseThinIo();
   entered = data.arm('write');
   inFlight = h.write(0, pattern(4096, 3));
-  await within(entered, 'the second held write');
+  await within(entered, 20_000, 'the second held write');
   const c = pool.holdThinIo();
   assert.equal(await pendingAfterTurns(c), true, 'the waiter waits for the write in flight');
   await registry.resume('pool');
-  assert.equal(await within(c, 'the waiter after the resume'), false, 'released by the resume, not drained');
+  assert.equal(await within(c, 20_000, 'the waiter after the resume'), false, 'released by the resume, not drained');
   data.release();
-  await within(inFlight, 'the write');
+  await within(inFlight, 20_000, 'the write');
   await h.close();
   await registry.closeAll();
 });
@@ -244,12 +232,16 @@ test('pool suspend drain has a deadline: thin I/O stuck on the data device does 
   await h.write(0, pattern(BLOCK, 1));
   const entered = data.arm('write');
   const stuck = h.write(0, pattern(4096, 2));
-  await within(entered, 'the held data-device write');
-  assert.equal(await within(pool.holdThinIo(50), 'a drain with a 50 ms deadline'), false, 'the deadline passed');
+  await within(entered, 20_000, 'the held data-device write');
+  assert.equal(
+    await within(pool.holdThinIo(50), 20_000, 'a drain with a 50 ms deadline'),
+    false,
+    'the deadline passed',
+  );
   assert.equal(pool.suspended, true, 'new thin I/O is still held');
   pool.releaseThinIo();
   data.release();
-  await within(stuck, 'the write');
+  await within(stuck, 20_000, 'the write');
   await h.close();
   await registry.closeAll();
 });

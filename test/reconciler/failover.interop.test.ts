@@ -17,7 +17,7 @@ import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { after, test } from 'node:test';
-import { pollUntil } from '../helpers/wait.js';
+import { pollUntil, within } from '../helpers/wait.js';
 import { NbdDevice } from '../../src/blockdev/nbd-client/device.js';
 import { useCeph } from '../blockdev/ceph.js';
 import { startEtcd, startProxy } from '../coordination/etcd.js';
@@ -180,13 +180,7 @@ test('node A killed -9: node B takes the lease after the TTL and serves the fsyn
     proxyB.heal();
     for (const p of [a, b]) {
       p.child.kill('SIGTERM');
-      let timer: NodeJS.Timeout | undefined;
-      const code = await Promise.race([
-        p.exited,
-        new Promise((r) => (timer = setTimeout(() => r('no exit within 60 s'), 60_000))),
-      ]);
-      clearTimeout(timer);
-      assert.equal(code, 0, p.out());
+      assert.equal(await within(p.exited, 60_000, `the agent to exit on SIGTERM: ${p.out()}`), 0, p.out());
     }
   } finally {
     for (const c of children) c.kill('SIGKILL');
