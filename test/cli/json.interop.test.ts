@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
 import { fileURLToPath } from 'node:url';
 import { Ajv } from 'ajv';
 import { cryptmap, exec, ok, useDaemon } from './harness.js';
@@ -73,19 +74,7 @@ test('status --json, dm table|status|info|ls --json on an open volume', async ()
   writeFileSync(key, 'json test passphrase', { mode: 0o600 });
   const img = join(fx.dir, 'open.img');
   await ok('truncate', ['-s', '20M', img]);
-  await ok('cryptsetup', [
-    'luksFormat',
-    '--type',
-    'luks2',
-    '--batch-mode',
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
-    '--key-file',
-    key,
-    img,
-  ]);
+  await ok('cryptsetup', [...FAST_LUKS2_FORMAT, '--key-file', key, img]);
   const o = await cryptmap(['open', '--runtime-dir', fx.run, '--key-file', key, img, 'jvol']);
   assert.equal(o.code, 0, o.stderr);
   try {

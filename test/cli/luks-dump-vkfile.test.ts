@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import { existsSync, readFileSync, statSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
 import { testTempDir } from '../helpers/tmp.js';
 import { cryptmap } from './harness.js';
 
@@ -16,21 +17,7 @@ test('luksDump --volume-key-file: a new 0400 file with the key; an existing file
   writeFileSync(pass, 'vk file passphrase', { mode: 0o600 });
   const key = join(dir, 'key.in');
   writeFileSync(key, Buffer.alloc(64, 7), { mode: 0o600 });
-  let r = await cryptmap([
-    'luksFormat',
-    '--type',
-    'luks2',
-    '--batch-mode',
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
-    '--key-file',
-    pass,
-    '--volume-key-file',
-    key,
-    img,
-  ]);
+  let r = await cryptmap([...FAST_LUKS2_FORMAT, '--key-file', pass, '--volume-key-file', key, img]);
   assert.equal(r.code, 0, r.stderr);
   const out = join(dir, 'vk.out');
   const dump = (file: string) =>

@@ -13,6 +13,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
+import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
 import { type RunResult, runTool } from '../helpers/tools.js';
 import { pollUntil } from '../helpers/wait.js';
 import { makeTempDir } from '../helpers/tmp.js';
@@ -117,19 +118,7 @@ async function luksRoundTrip(bin: string, tag: string): Promise<void> {
   writeFileSync(key, `passphrase ${tag}`, { mode: 0o600 });
   const img = join(dir, `${tag}.img`);
   await must('truncate', ['-s', '24M', img]);
-  await must(bin, [
-    'luksFormat',
-    '--type',
-    'luks2',
-    '--batch-mode',
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
-    '--key-file',
-    key,
-    img,
-  ]);
+  await must(bin, [...FAST_LUKS2_FORMAT, '--key-file', key, img]);
   await must('cryptsetup', ['open', '--test-passphrase', '--key-file', key, img]);
   const rt = join(dir, `${tag}-run`);
   const daemon = spawn(bin, ['daemon', '--runtime-dir', rt], { stdio: ['ignore', 'ignore', 'pipe'] });

@@ -12,6 +12,7 @@ import { connect } from 'node:net';
 import { join } from 'node:path';
 import { Readable, Writable } from 'node:stream';
 import { test } from 'node:test';
+import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
 import { pollUntil } from '../helpers/wait.js';
 import { makeTempDir, testTempDir } from '../helpers/tmp.js';
 import { main } from '../../src/cli/main.js';
@@ -101,21 +102,7 @@ test('after luksSuspend the daemon holds no copy of the volume key (its memory s
       assert.equal(code, 0, `cryptmap ${args.join(' ')}: ${out.slice(-3).join('')}`);
     };
     const rundir = join(dir, 'run');
-    await run([
-      'luksFormat',
-      '--type',
-      'luks2',
-      '--batch-mode',
-      '--pbkdf',
-      'pbkdf2',
-      '--pbkdf-force-iterations',
-      '1000',
-      '--key-file',
-      join(dir, 'pass'),
-      '--volume-key-file',
-      join(dir, 'vk'),
-      img,
-    ]);
+    await run([...FAST_LUKS2_FORMAT, '--key-file', join(dir, 'pass'), '--volume-key-file', join(dir, 'vk'), img]);
     daemon = await startDaemon(rundir);
     await run(['open', '--type', 'luks2', '--key-file', join(dir, 'pass'), '--runtime-dir', rundir, img, 'vol']);
     const find = needles(key);
