@@ -180,7 +180,6 @@ const keyd: VerbMain = async (argv, io) => {
     metrics = await serveMetricsOption(values, registry);
     if (metrics) io.stdout.write(`keyd: metrics on ${metrics.url}\n`);
     const serving = `serving: unix:${socketPath}${servers[1] ? `, ${servers[1].address}` : ''}${metrics ? `, metrics ${metrics.url}` : ''}`;
-    sd.ready(serving);
     await new Promise<void>((res) => {
       const stop = () => {
         process.off('SIGINT', stop);
@@ -218,6 +217,8 @@ const keyd: VerbMain = async (argv, io) => {
       process.on('SIGINT', stop);
       process.on('SIGTERM', stop);
       process.on('SIGHUP', reload);
+      // READY=1 only once the signals are handled: a SIGHUP right after it must reload, not kill keyd.
+      sd.ready(serving);
     });
     io.stdout.write('keyd: stopping\n');
     sd.stopping('stopping');
