@@ -165,6 +165,20 @@ const daemon: VerbMain = async (argv, io) => {
     await core.shutdown();
     throw e;
   }
+  // The signals are handled before the pid file and READY=1 say we are up: a SIGTERM sent on either
+  // must shut down cleanly (sockets, mapped devices, pid file), not kill the process by default.
+  const stopped = new Promise<void>((resolve) => {
+    const stop = (sig: string) => {
+      log.info('shutting down', { signal: sig });
+      process.off('SIGTERM', onTerm);
+      process.off('SIGINT', onInt);
+      resolve();
+    };
+    const onTerm = () => stop('SIGTERM');
+    const onInt = () => stop('SIGINT');
+    process.on('SIGTERM', onTerm);
+    process.on('SIGINT', onInt);
+  });
   const pidFile = join(dir, 'daemon.pid');
   // Never through a link someone planted: a new file renamed over the name.
   writeFileReplacing(pidFile, `${process.pid}\n`, 0o600, { code: 'ERUNDIR' });
@@ -178,18 +192,7 @@ const daemon: VerbMain = async (argv, io) => {
     `serving: control ${controlSocketPath(dir)}${activated ? ' (socket-activated)' : ''}, nbd ${nbdSocketPath(dir)}${tcp ? `, tcp ${tcp.host}:${tcp.port}` : ''}${metrics ? `, metrics ${metrics.url}` : ''}`,
   );
 
-  await new Promise<void>((resolve) => {
-    const stop = (sig: string) => {
-      log.info('shutting down', { signal: sig });
-      process.off('SIGTERM', onTerm);
-      process.off('SIGINT', onInt);
-      resolve();
-    };
-    const onTerm = () => stop('SIGTERM');
-    const onInt = () => stop('SIGINT');
-    process.on('SIGTERM', onTerm);
-    process.on('SIGINT', onInt);
-  });
+  await stopped;
   sd.stopping('stopping: closing exports and mapped devices');
   await metrics?.close();
   await control.close();
