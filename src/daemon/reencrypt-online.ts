@@ -269,6 +269,9 @@ export async function startOnlineReencrypt(
     lock = undefined;
     const ended = (async () => {
       const run = new HotzoneMapping(p, name, m, next, lay.backward, ac.signal);
+      // The state changes last, once the lock, keys and devices are released: a client that sees
+      // 'finished' (the CLI returns on it) finds cryptsetup's lock free and the header closed.
+      let end: ReencryptStatus['state'] = 'failed';
       try {
         const finished = await runReencryptWithKeys(v, keys, {
           ...(d ? { dataDev: d } : {}),
@@ -287,16 +290,16 @@ export async function startOnlineReencrypt(
         };
         if (finished) {
           await run.finish();
-          status.state = 'finished';
+          end = 'finished';
           log.info('online reencryption finished', { name, ...counts });
         } else {
           await run.stop();
-          status.state = 'stopped';
+          end = 'stopped';
           log.info('online reencryption stopped', { name, doneBytes: status.doneBytes, ...counts });
         }
       } catch (e) {
         await run.fail().catch(() => undefined);
-        status.state = 'failed';
+        end = 'failed';
         status.error = isCryptmapError(e) || e instanceof Error ? e.message : String(e);
         log.error('online reencryption failed', { name, error: status.error });
       } finally {
@@ -306,6 +309,7 @@ export async function startOnlineReencrypt(
         await d?.close().catch(() => undefined);
         await hdrDev.close().catch(() => undefined);
         held.release();
+        status.state = end;
       }
     })();
     rec.reencrypt = { status, abort: ac, ended };
