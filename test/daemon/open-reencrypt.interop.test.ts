@@ -8,18 +8,18 @@
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, before, test } from 'node:test';
+import { before, test } from 'node:test';
 import { FaultDevice } from '../../src/blockdev/fault.js';
 import { FileDevice } from '../../src/blockdev/file.js';
 import { ControlClient } from '../../src/control/client.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import { initReencrypt, Luks2Volume, reencryptLockPath, runReencrypt } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
-import { requireTool } from '../helpers/tools.js';
+import { requireTool, cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
 import { cli, cliOk, startDaemon } from '../load/helpers.js';
+import { fileTempDir } from '../helpers/tmp.js';
 
 const MiB = 1 << 20;
 const DATA_OFF = 16 * MiB;
@@ -27,17 +27,11 @@ const DATA = 24 * MiB;
 const PASS = 'open mid pass';
 const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 
-let dir = '';
-before(() => {
-  dir = mkdtempSync(join(tmpdir(), 'cm-open-reenc-'));
-  requireTool('nbdcopy');
-});
-after(() => rmSync(dir, { recursive: true, force: true }));
+const dir = fileTempDir('cm-open-reenc-');
+before(() => requireTool('nbdcopy'));
 
-function cs(...args: string[]): { status: number | null; out: string } {
-  const r = spawnSync('cryptsetup', args, { encoding: 'utf8', timeout: 120_000 });
-  if (r.error) assert.fail(`cryptsetup: ${r.error.message} (Debian package cryptsetup-bin, scripts/install-deps.sh)`);
-  return { status: r.status, out: `${r.stdout}${r.stderr}` };
+function cs(...args: string[]): CryptsetupResult {
+  return cryptsetupSync(args);
 }
 
 function volumeKey(img: string, key: string): Buffer {

@@ -15,7 +15,7 @@ import { ControlClient } from '../../src/control/client.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import { reencryptLockPath, takeReencryptLock } from '../../src/luks/index.js';
 import { cli, cliOk, type Daemon, startDaemon } from '../load/helpers.js';
-import { requireTool } from '../helpers/tools.js';
+import { requireTool, cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
 
 const MiB = 1 << 20;
 const DATA_OFF = 16 * MiB;
@@ -26,10 +26,8 @@ const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 
 const dir = fileTempDir('cm-reenc-online-');
 
-function cs(...args: string[]): { status: number | null; out: string } {
-  const r = spawnSync('cryptsetup', args, { encoding: 'utf8', timeout: 120_000 });
-  if (r.error) assert.fail(`cryptsetup: ${r.error.message} (Debian package cryptsetup-bin, scripts/install-deps.sh)`);
-  return { status: r.status, out: `${r.stdout}${r.stderr}` };
+function cs(...args: string[]): CryptsetupResult {
+  return cryptsetupSync(args);
 }
 
 function volumeKey(img: string, key: string): Buffer {

@@ -112,3 +112,25 @@ export async function mustRun(cmd: string, args: string[], opts: RunOptions = {}
   if (r.code !== 0) throw new Error(`${cmd} ${args.join(' ')} exited ${r.code}: ${r.stderr}${r.stdout}`);
   return r.stdout;
 }
+
+/** What `cryptsetupSync` returns: the exit status (null when a signal or the deadline ended it) and stdout + stderr. */
+export interface CryptsetupResult {
+  status: number | null;
+  out: string;
+}
+
+/**
+ * Real cryptsetup (the oracle), run synchronously with stdout and stderr together, for tests whose
+ * server or daemon under test runs in another process (in-process servers need `runTool`). Fails,
+ * naming the Debian package, when cryptsetup does not run; killed after `timeoutMs` (default 120 s).
+ */
+export function cryptsetupSync(args: string[], opts: { cwd?: string; timeoutMs?: number } = {}): CryptsetupResult {
+  requireTool('cryptsetup');
+  const r = spawnSync('cryptsetup', args, {
+    encoding: 'utf8',
+    timeout: opts.timeoutMs ?? 120_000,
+    ...(opts.cwd !== undefined ? { cwd: opts.cwd } : {}),
+  });
+  if (r.error) throw new Error(`cryptsetup ${args.join(' ')} did not run: ${r.error.message}`);
+  return { status: r.status, out: `${r.stdout}${r.stderr}` };
+}

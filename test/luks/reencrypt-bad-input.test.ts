@@ -4,7 +4,7 @@
 // and exit code and leaves every byte of the device as it was (or, SIGINT, stops at a hotzone boundary
 // that both tools resume from).
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -19,6 +19,7 @@ import { initReencrypt, inReencryption, Luks2Volume, runReencrypt, withDeviceLoc
 import { CryptmapError } from '../../src/util/errors.js';
 import { cloneDevice, FAST_PBKDF2, memDev, P, Sink } from './helpers.js';
 import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
+import { cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
 
 const OFF = 1 << 20;
 const DATA = 512 << 10;
@@ -129,11 +130,8 @@ async function cm(...argv: string[]): Promise<{ code: number; err: string }> {
   return { code, err: err.data };
 }
 
-function cs(...args: string[]): { status: number | null; out: string } {
-  const r = spawnSync('cryptsetup', args, { encoding: 'utf8', timeout: 120_000 });
-  if (r.error)
-    assert.fail(`cryptsetup did not run (${r.error.message}): install cryptsetup-bin (scripts/install-deps.sh)`);
-  return { status: r.status, out: `${r.stdout}${r.stderr}` };
+function cs(...args: string[]): CryptsetupResult {
+  return cryptsetupSync(args);
 }
 
 function image(name: string): { img: string; key: string } {

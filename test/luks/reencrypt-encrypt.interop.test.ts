@@ -3,13 +3,13 @@
 // --reduce-device-size (datashift) and with a detached header. The plaintext is checked with the
 // volume key cryptsetup dumps.
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { test } from 'node:test';
-import { requireTool } from '../helpers/tools.js';
+import { cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { FaultDevice } from '../../src/blockdev/fault.js';
 import { FileDevice } from '../../src/blockdev/file.js';
@@ -24,11 +24,8 @@ const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 const PLAIN = (6 << 20) + (512 << 10);
 const REDUCE = 4 << 20; // shift 2 MiB: a few hotzones
 
-function cs(...args: string[]): { status: number | null; out: string } {
-  requireTool('cryptsetup');
-  const r = spawnSync('cryptsetup', args, { encoding: 'utf8', timeout: 120_000 });
-  assert.ifError(r.error);
-  return { status: r.status, out: `${r.stdout}${r.stderr}` };
+function cs(...args: string[]): CryptsetupResult {
+  return cryptsetupSync(args);
 }
 async function cm(...argv: string[]): Promise<{ code: number; out: string; err: string }> {
   const err = new Sink();

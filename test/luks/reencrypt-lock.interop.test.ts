@@ -4,42 +4,38 @@
 // its message and exit code, and while cryptmap holds it cryptsetup refuses; either finishes after.
 // The lock directory's trust rule, a hostile UUID, and the CLI's device lock reading main()'s env.
 import assert from 'node:assert/strict';
-import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import {
   chmodSync,
   chownSync,
   existsSync,
   mkdirSync,
-  mkdtempSync,
   readFileSync,
   rmSync,
   statSync,
   symlinkSync,
   writeFileSync,
 } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { Readable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import { main } from '../../src/cli/main.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import { reencryptLockPath, takeReencryptLock } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
 import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
 import { Sink } from './helpers.js';
+import { cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
+import { fileTempDir } from '../helpers/tmp.js';
 
 const CLI = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..', 'bin', 'cryptmap.js');
 const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 /** A new keyslot slow enough to open that a resume holds the lock for a while (any speed works). */
 const SLOW = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1500000'];
 
-let dir = '';
-before(() => {
-  dir = mkdtempSync(join(tmpdir(), 'cm-reenc-lock-'));
-});
-after(() => rmSync(dir, { recursive: true, force: true }));
+const dir = fileTempDir('cm-reenc-lock-');
 
 function env(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
   return { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks'), ...extra };
@@ -56,11 +52,8 @@ async function cm(argv: string[], e: NodeJS.ProcessEnv = env()): Promise<{ code:
   return { code, err: err.data };
 }
 
-function cs(...args: string[]): { status: number | null; out: string } {
-  const r = spawnSync('cryptsetup', args, { encoding: 'utf8', timeout: 120_000 });
-  if (r.error)
-    assert.fail(`cryptsetup did not run (${r.error.message}): install cryptsetup-bin (scripts/install-deps.sh)`);
-  return { status: r.status, out: `${r.stdout}${r.stderr}` };
+function cs(...args: string[]): CryptsetupResult {
+  return cryptsetupSync(args);
 }
 
 /** A LUKS2 image (cryptsetup) with 8 MiB of random data, its reencryption initialised by cryptsetup. */

@@ -4,30 +4,22 @@
 // device-mapper): a LUKS1 device, or one in cryptsetup's legacy LUKS1 reencryption (magic LUKS\xde\xad,
 // which cryptsetup itself reports as "in LUKS1 reencryption"), is refused with exit 1 and left as it was.
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
-import { after, before, test } from 'node:test';
+import { before, test } from 'node:test';
 import { main } from '../../src/cli/main.js';
 import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
 import { Sink } from './helpers.js';
+import { cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
+import { fileTempDir } from '../helpers/tmp.js';
 
-let dir = '';
-let key = '';
-before(() => {
-  dir = mkdtempSync(join(tmpdir(), 'cm-reenc-ver-'));
-  key = join(dir, 'key');
-  writeFileSync(key, 'versions', { mode: 0o600 });
-});
-after(() => rmSync(dir, { recursive: true, force: true }));
+const dir = fileTempDir('cm-reenc-ver-');
+const key = join(dir, 'key');
+before(() => writeFileSync(key, 'versions', { mode: 0o600 }));
 
-function cs(...args: string[]): { status: number | null; out: string } {
-  const r = spawnSync('cryptsetup', args, { encoding: 'utf8', timeout: 120_000, cwd: dir });
-  if (r.error)
-    assert.fail(`cryptsetup did not run (${r.error.message}): install cryptsetup-bin (scripts/install-deps.sh)`);
-  return { status: r.status, out: `${r.stdout}${r.stderr}` };
+function cs(...args: string[]): CryptsetupResult {
+  return cryptsetupSync(args, { cwd: dir });
 }
 
 async function cm(...argv: string[]): Promise<{ code: number; err: string }> {

@@ -7,7 +7,7 @@ import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { requireTool } from '../helpers/tools.js';
+import { cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { FaultDevice } from '../../src/blockdev/fault.js';
 import { FileDevice } from '../../src/blockdev/file.js';
@@ -22,11 +22,8 @@ const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 const DATA_OFF = 16 << 20;
 const SIZE = 24 << 20;
 
-function cs(...args: string[]): { status: number | null; out: string } {
-  requireTool('cryptsetup');
-  const r = spawnSync('cryptsetup', args, { encoding: 'utf8' });
-  assert.ifError(r.error);
-  return { status: r.status, out: `${r.stdout}${r.stderr}` };
+function cs(...args: string[]): CryptsetupResult {
+  return cryptsetupSync(args, { timeoutMs: 600_000 });
 }
 async function cm(...argv: string[]): Promise<number> {
   const { Readable } = await import('node:stream');

@@ -4,8 +4,6 @@
 // (WriteFlags.hold, the NBD client's replay copy) without the pool handing the buffer out again.
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
@@ -13,6 +11,7 @@ import { NbdDevice } from '../../src/blockdev/nbd-client/device.js';
 import type { WriteFlags } from '../../src/blockdev/types.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { seededBytes } from '../helpers/prng.js';
+import { makeTempDir } from '../helpers/tmp.js';
 
 const sha = (b: Uint8Array) => createHash('sha256').update(b).digest('hex');
 const REQ = 256 << 10;
@@ -32,7 +31,7 @@ class Recorder extends MemoryDevice {
 }
 
 async function withServer(f: (dev: Recorder, uri: string) => Promise<void>): Promise<void> {
-  const dir = mkdtempSync(join(tmpdir(), 'cryptmap-nbd-direct-'));
+  const { dir, cleanup } = makeTempDir('cryptmap-nbd-direct-');
   const server = new NbdServer();
   const dev = new Recorder({ sizeBytes: 32 << 20 });
   server.addExport('disk', { device: dev });
@@ -42,7 +41,7 @@ async function withServer(f: (dev: Recorder, uri: string) => Promise<void>): Pro
     await f(dev, `nbd+unix:///disk?socket=${sock}`);
   } finally {
     await server.close();
-    rmSync(dir, { recursive: true, force: true });
+    cleanup();
   }
 }
 
