@@ -38,6 +38,7 @@ export const CRYPTSETUP_LOCK_DIR = '/run/cryptsetup';
 /** What cryptsetup prints when a reencryption (or resume) finds the lock taken. */
 export const REENCRYPT_BUSY = 'Reencryption process is already running.';
 
+/** How `takeReencryptLock` takes the lock. */
 export interface ReencryptLockOptions {
   /** Where `CRYPTMAP_CRYPTSETUP_LOCK_DIR` is read (default process.env). */
   env?: NodeJS.ProcessEnv;
@@ -51,6 +52,7 @@ export interface ReencryptLockOptions {
 export interface ReencryptLock {
   /** The lock file, or undefined when nothing was taken (disabled, not root, no addon). */
   readonly path: string | undefined;
+  /** Unlock and remove the lock file if it is still the one locked; a second call does nothing. */
   release(): void;
 }
 
