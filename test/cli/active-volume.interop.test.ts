@@ -11,6 +11,7 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { cryptmap, exec, ok, useDaemon } from './harness.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
 
 const fx = useDaemon('cm-persist-');
 const cm = (...args: string[]) => cryptmap(args);
@@ -21,19 +22,7 @@ async function format(type: 'luks1' | 'luks2', name: string): Promise<{ img: str
   writeFileSync(key, `passphrase of ${name}`, { mode: 0o600 });
   writeFileSync(img, Buffer.alloc(0));
   await ok('truncate', ['-s', '32M', img]);
-  await ok('cryptsetup', [
-    'luksFormat',
-    '--batch-mode',
-    '--type',
-    type,
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
-    '--key-file',
-    key,
-    img,
-  ]);
+  await ok('cryptsetup', ['luksFormat', '--batch-mode', '--type', type, ...FAST_PBKDF, '--key-file', key, img]);
   return { img, key };
 }
 
@@ -346,7 +335,7 @@ test('-c as cryptsetup reads it (crypt_parse_name_and_mode): null is cipher_null
   const img = join(fx.dir, 'null.img');
   writeFileSync(img, Buffer.alloc(0));
   await ok('truncate', ['-s', '20M', img]);
-  const fast = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
+  const fast = [...FAST_PBKDF];
   let r = await cryptmap(['-q', 'luksFormat', '-c', 'null', ...fast, '--type', 'luks2', img], 'pw\n');
   assert.equal(r.code, 0, r.stderr);
   assert.match(await ok('cryptsetup', ['luksDump', img]), /^\s+cipher: cipher_null-ecb$/m);

@@ -10,6 +10,7 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { cryptmap, exec, ok, useDaemon } from './harness.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
 
 const fx = useDaemon('cm-alias-');
 const cm = (...args: string[]) => cryptmap(args);
@@ -48,20 +49,7 @@ test('create/remove, plainOpen/plainClose, luksOpen over --type, luksClose, luks
   const lkey = join(fx.dir, 'l.key');
   writeFileSync(lkey, 'pw', { mode: 0o600 });
   await ok('truncate', ['-s', '20M', limg]);
-  await ok('cryptsetup', [
-    '-q',
-    'luksFormat',
-    '--type',
-    'luks2',
-    '--sector-size',
-    '512',
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
-    limg,
-    lkey,
-  ]);
+  await ok('cryptsetup', ['-q', 'luksFormat', '--type', 'luks2', '--sector-size', '512', ...FAST_PBKDF, limg, lkey]);
   // luksOpen is LUKS whatever --type says (cryptsetup sets the type from the action name)
   r = await cm('luksOpen', '--runtime-dir', fx.run, '--type', 'plain', '-d', lkey, limg, 'lvol');
   assert.equal(r.code, 0, r.stderr);

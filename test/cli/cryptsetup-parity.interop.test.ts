@@ -8,9 +8,9 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { fileTempDir } from '../helpers/tmp.js';
 import { cryptmap, ENTRY, exec, ok, type Result } from './harness.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
 
 const dir = fileTempDir('cryptmap-parity-');
-const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 const CS = '/usr/sbin/cryptsetup';
 
 let n = 0;
@@ -19,8 +19,8 @@ async function image(type: 'luks1' | 'luks2', two = false, mib = 20): Promise<st
   const img = join(dir, `img${n++}`);
   writeFileSync(img, '');
   truncateSync(img, mib << 20);
-  await ok(CS, ['-q', 'luksFormat', '--type', type, ...FAST, img, '-d', kf('old')]);
-  if (two) await ok(CS, ['luksAddKey', ...FAST, img, '-d', kf('old'), kf('new')]);
+  await ok(CS, ['-q', 'luksFormat', '--type', type, ...FAST_PBKDF, img, '-d', kf('old')]);
+  if (two) await ok(CS, ['luksAddKey', ...FAST_PBKDF, img, '-d', kf('old'), kf('new')]);
   return img;
 }
 function kf(content: string): string {
@@ -72,14 +72,14 @@ async function same(img: string, args: string[], input = ''): Promise<Outcome> {
 test('R1: a passphrase missing from standard input is "Nothing to read on input." (exit 1), never an empty passphrase', async () => {
   for (const type of ['luks1', 'luks2'] as const) {
     const img = await image(type);
-    const r = await same(img, ['luksAddKey', ...FAST, 'IMG'], 'old\n');
+    const r = await same(img, ['luksAddKey', ...FAST_PBKDF, 'IMG'], 'old\n');
     assert.deepEqual([r.code, r.err], [1, 'Nothing to read on input.']);
-    await same(img, ['luksAddKey', ...FAST, 'IMG'], 'old\n\n'); // an empty line is an empty passphrase, as in cryptsetup
+    await same(img, ['luksAddKey', ...FAST_PBKDF, 'IMG'], 'old\n\n'); // an empty line is an empty passphrase, as in cryptsetup
     await same(img, ['open', '--test-passphrase', 'IMG'], '');
-    await same(img, ['luksChangeKey', ...FAST, 'IMG'], 'old\n');
+    await same(img, ['luksChangeKey', ...FAST_PBKDF, 'IMG'], 'old\n');
     await same(img, ['luksRemoveKey', 'IMG'], '');
     await same(img, ['luksDump', '--dump-volume-key', '-q', 'IMG'], '');
-    await same(img, ['luksConvertKey', ...FAST, 'IMG'], '');
+    await same(img, ['luksConvertKey', ...FAST_PBKDF, 'IMG'], '');
   }
 });
 
@@ -89,9 +89,9 @@ test('R2: no active keyslot is "No usable keyslot is available." (exit 1)', asyn
     await ok(CS, ['-q', 'luksKillSlot', img, '0']);
     for (const args of [
       ['open', '--test-passphrase', 'IMG'],
-      ['luksAddKey', ...FAST, 'IMG'],
+      ['luksAddKey', ...FAST_PBKDF, 'IMG'],
       ['luksRemoveKey', 'IMG'],
-      ['luksChangeKey', ...FAST, 'IMG'],
+      ['luksChangeKey', ...FAST_PBKDF, 'IMG'],
     ]) {
       const r = await same(img, args, 'old\nx\n');
       assert.deepEqual([r.code, r.err], [1, 'No usable keyslot is available.'], args.join(' '));
@@ -122,7 +122,7 @@ test('R6: key files are read bounded: /dev/zero with -l, /dev/urandom as volume 
   await same(img, [
     '-q',
     'luksFormat',
-    ...FAST,
+    ...FAST_PBKDF,
     '--volume-key-file',
     '/dev/urandom',
     '-d',
@@ -161,9 +161,9 @@ test('R19: open --test-passphrase --volume-key-file checks the volume key (also 
     0,
   );
   // luksAddKey from the volume key alone: --key-size gives its size when no keyslot is left.
-  assert.equal((await same(img, ['luksAddKey', ...FAST, '--volume-key-file', vk, 'IMG'], 'p\n')).code, 1);
+  assert.equal((await same(img, ['luksAddKey', ...FAST_PBKDF, '--volume-key-file', vk, 'IMG'], 'p\n')).code, 1);
   assert.equal(
-    (await same(img, ['luksAddKey', ...FAST, '--volume-key-file', vk, '--key-size', '512', 'IMG'], 'p\n')).slots,
+    (await same(img, ['luksAddKey', ...FAST_PBKDF, '--volume-key-file', vk, '--key-size', '512', 'IMG'], 'p\n')).slots,
     '0',
   );
 });
@@ -181,7 +181,7 @@ test('R5/R21: luksFormat refuses a bad LUKS1 --uuid, an --offset not a multiple 
     [['--type', 'luks1', '--luks2-keyslots-size', '16m'], 'Unsupported LUKS2 metadata size options.'],
   ];
   for (const [opts, msg] of cases) {
-    const r = await same(img, ['-q', 'luksFormat', ...FAST, ...opts, 'IMG'], 'x\n');
+    const r = await same(img, ['-q', 'luksFormat', ...FAST_PBKDF, ...opts, 'IMG'], 'x\n');
     assert.deepEqual([r.code, r.err], [1, msg], opts.join(' '));
   }
 });
@@ -203,7 +203,7 @@ test('R11 / issue 12 item 3: detached header with --offset past the device; a re
     const small = join(dir, `small-${type}`);
     writeFileSync(small, '');
     truncateSync(small, 1 << 20);
-    const r = await same(small, ['-q', 'luksFormat', '--type', type, ...FAST, 'IMG'], 'x\n');
+    const r = await same(small, ['-q', 'luksFormat', '--type', type, ...FAST_PBKDF, 'IMG'], 'x\n');
     assert.equal(r.code, 0);
     const big = await image(type);
     const cut = join(dir, `cut-${type}`);
@@ -223,8 +223,8 @@ test('R11 / issue 12 item 3: detached header with --offset past the device; a re
   truncateSync(dev, 10 << 20);
   for (const off of ['8192', '80000']) {
     const hdrs = [join(dir, `h-cs-${off}`), join(dir, `h-cm-${off}`)];
-    const rs = await exec(CS, ['-q', 'luksFormat', ...FAST, '--header', hdrs[0]!, '--offset', off, dev], 'x\n');
-    const rm = await cryptmap(['-q', 'luksFormat', ...FAST, '--header', hdrs[1]!, '--offset', off, dev], 'x\n');
+    const rs = await exec(CS, ['-q', 'luksFormat', ...FAST_PBKDF, '--header', hdrs[0]!, '--offset', off, dev], 'x\n');
+    const rm = await cryptmap(['-q', 'luksFormat', ...FAST_PBKDF, '--header', hdrs[1]!, '--offset', off, dev], 'x\n');
     assert.deepEqual([rm.code, rm.stdout], [rs.code, rs.stdout], `--offset ${off}: ${rm.stderr}`);
     assert.equal(rm.code, 0);
     assert.equal((await exec(CS, ['open', '--test-passphrase', '--header', hdrs[1]!, dev], 'x\n')).code, 0);
@@ -233,8 +233,8 @@ test('R11 / issue 12 item 3: detached header with --offset past the device; a re
 
 test('R8/R20: luksChangeKey moves a LUKS1 key to a free keyslot; LUKS2 with a full keyslots area changes it in place', async () => {
   const l1 = await image('luks1', true);
-  assert.equal((await same(l1, ['luksChangeKey', ...FAST, 'IMG'], 'old\nx\n')).slots, '1,2');
-  assert.equal((await same(l1, ['luksChangeKey', ...FAST, '-S', '1', 'IMG'], 'new\nx\n')).slots, '0,1'); // named: in place
+  assert.equal((await same(l1, ['luksChangeKey', ...FAST_PBKDF, 'IMG'], 'old\nx\n')).slots, '1,2');
+  assert.equal((await same(l1, ['luksChangeKey', ...FAST_PBKDF, '-S', '1', 'IMG'], 'new\nx\n')).slots, '0,1'); // named: in place
   // LUKS2, 256 KiB of keyslots area: room for two 256-bit keys, none for a third copy.
   const l2 = join(dir, 'full-area');
   writeFileSync(l2, '');
@@ -246,7 +246,7 @@ test('R8/R20: luksChangeKey moves a LUKS1 key to a free keyslot; LUKS2 with a fu
     'luks2',
     l2,
     kf('k1'),
-    ...FAST,
+    ...FAST_PBKDF,
     '--key-slot',
     '0',
     '--key-size',
@@ -254,8 +254,8 @@ test('R8/R20: luksChangeKey moves a LUKS1 key to a free keyslot; LUKS2 with a fu
     '--luks2-keyslots-size',
     '256k',
   ]);
-  await ok(CS, ['luksAddKey', '-q', l2, ...FAST, '-d', kf('k1'), '--key-slot', '1', kf('p1')]);
-  assert.equal((await same(l2, ['luksChangeKey', 'IMG', ...FAST, '-d', kf('k1'), kf('k2')])).code, 0);
+  await ok(CS, ['luksAddKey', '-q', l2, ...FAST_PBKDF, '-d', kf('k1'), '--key-slot', '1', kf('p1')]);
+  assert.equal((await same(l2, ['luksChangeKey', 'IMG', ...FAST_PBKDF, '-d', kf('k1'), kf('k2')])).code, 0);
   const m = `${l2}.cm`; // what cryptmap left: the new key opens keyslot 0, the old one nothing, keyslot 1 intact
   assert.equal((await exec(CS, ['open', '--test-passphrase', '-S', '0', '-d', kf('k2'), m])).code, 0);
   assert.equal((await exec(CS, ['open', '--test-passphrase', '-d', kf('k1'), m])).code, 2);
@@ -298,7 +298,7 @@ test('R12: on a terminal the prompt names a loop device by its backing file; -v 
       out.push(
         await dialog(
           bin,
-          ['luksFormat', '--type', 'luks1', ...FAST, '-v', loop],
+          ['luksFormat', '--type', 'luks1', ...FAST_PBKDF, '-v', loop],
           [yes, [`Enter passphrase for ${img}:`, 'p0'], ['Verify passphrase:', 'p0']],
           names,
         ),
@@ -317,7 +317,7 @@ test('R12: on a terminal the prompt names a loop device by its backing file; -v 
       out.push(
         await dialog(
           bin,
-          ['luksAddKey', '-S', '2', ...FAST, '-v', loop],
+          ['luksAddKey', '-S', '2', ...FAST_PBKDF, '-v', loop],
           [
             ['Enter any existing passphrase:', 'p0'],
             ['Enter new passphrase for key slot:', 'p1'],
@@ -329,7 +329,7 @@ test('R12: on a terminal the prompt names a loop device by its backing file; -v 
       out.push(
         await dialog(
           bin,
-          ['luksChangeKey', ...FAST, '-v', loop],
+          ['luksChangeKey', ...FAST_PBKDF, '-v', loop],
           [
             ['Enter passphrase to be changed:', 'p0'],
             ['Enter new passphrase:', 'p2'],
@@ -371,8 +371,8 @@ test("Ctrl-D at a passphrase prompt or at the YES question ends the input: the m
   const eof = '\u0004';
   for (const [args, wait] of [
     [['open', '--test-passphrase', img], `Enter passphrase for ${img}:`],
-    [['luksAddKey', ...FAST, img], 'Enter any existing passphrase:'],
-    [['luksFormat', '--type', 'luks2', ...FAST, img], "Are you sure? (Type 'yes' in capital letters):"],
+    [['luksAddKey', ...FAST_PBKDF, img], 'Enter any existing passphrase:'],
+    [['luksFormat', '--type', 'luks2', ...FAST_PBKDF, img], "Are you sure? (Type 'yes' in capital letters):"],
   ] as [string[], string][]) {
     const names = { [img]: 'IMG' };
     const cs = await dialog([CS], args, [[wait, eof, true]], names);
@@ -384,14 +384,14 @@ test("Ctrl-D at a passphrase prompt or at the YES question ends the input: the m
 
 test('R2: with an unbound keyslot last, a passphrase that opens no bound keyslot is "No usable keyslot is available." (exit 1), as cryptsetup', async () => {
   const img = await image('luks2');
-  await ok(CS, ['luksAddKey', '-q', ...FAST, '--unbound', '-s', '256', img, kf('ub')]);
+  await ok(CS, ['luksAddKey', '-q', ...FAST_PBKDF, '--unbound', '-s', '256', img, kf('ub')]);
   for (const pass of ['ub\n', 'wrong\n']) {
     const r = await same(img, ['open', '--test-passphrase', 'IMG'], pass);
     assert.deepEqual([r.code, r.err], [1, 'No usable keyslot is available.'], pass);
-    assert.equal((await same(img, ['luksAddKey', ...FAST, 'IMG'], `${pass}x\n`)).code, 1);
+    assert.equal((await same(img, ['luksAddKey', ...FAST_PBKDF, 'IMG'], `${pass}x\n`)).code, 1);
   }
   // A bound keyslot after it: a wrong passphrase is wrong again (exit 2).
-  await ok(CS, ['luksAddKey', ...FAST, img, '-d', kf('old'), kf('new')]);
+  await ok(CS, ['luksAddKey', ...FAST_PBKDF, img, '-d', kf('old'), kf('new')]);
   assert.equal((await same(img, ['open', '--test-passphrase', 'IMG'], 'wrong\n')).code, 2);
 });
 

@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { testTempDir } from '../helpers/tmp.js';
 import { cryptmap } from './harness.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
 
 test('reencrypt and convert: an unanswerable daemon check fails (header untouched); no daemon at all goes ahead', async (t) => {
   const dir = testTempDir(t, 'cm-daemon-check-');
@@ -17,7 +18,7 @@ test('reencrypt and convert: an unanswerable daemon check fails (header untouche
     truncateSync(img, 16 << 20);
     const pass = join(dir, 'pass');
     writeFileSync(pass, 'daemon check', { mode: 0o600 });
-    const fast = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
+    const fast = [...FAST_PBKDF];
     let r = await cryptmap([
       'luksFormat',
       '--type',

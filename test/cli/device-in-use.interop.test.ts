@@ -15,10 +15,10 @@ import { closeSync, openSync, readSync, truncateSync, writeFileSync } from 'node
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { cryptmap, ENTRY, exec, ok, useDaemon } from './harness.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
 
 const fx = useDaemon('cm-in-use-');
 const CS = '/usr/sbin/cryptsetup';
-const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 const cm = (args: string[], input?: string) => cryptmap(['--runtime-dir', fx.run, ...args], input);
 const BOTH = [[CS], [process.execPath, ENTRY]];
 const inUse = (dev: string) => `Cannot use device ${dev} which is in use (already mapped or mounted).\n`;
@@ -67,7 +67,11 @@ test('a mapped block device is in use: a second mapping and luksFormat are refus
     assert.deepEqual([second.code, second.stderr], [5, inUse(loop)]);
     // luksFormat of the mapped device: cryptsetup itself is kept out by the daemon's claim, and cryptmap says the same.
     for (const bin of BOTH) {
-      const r = await exec(bin[0]!, [...bin.slice(1), '-q', 'luksFormat', '--type', 'luks1', ...FAST, loop], 'pw\n');
+      const r = await exec(
+        bin[0]!,
+        [...bin.slice(1), '-q', 'luksFormat', '--type', 'luks1', ...FAST_PBKDF, loop],
+        'pw\n',
+      );
       assert.deepEqual([r.code, r.stderr], [5, inUse(loop)], `${bin.join(' ')} luksFormat`);
     }
     assert.ok(zeroes(img), 'nothing was written to the device');
@@ -88,9 +92,9 @@ test('a mapped block device is in use: a second mapping and luksFormat are refus
     assert.match((await cm(['status', 'u4'])).stdout, /offset:\s+100 sectors\n\s+size:\s+512 sectors/);
     for (const name of ['u1', 'u2', 'u3']) assert.equal((await cm(['close', name])).code, 0);
     // One mapping left still holds the device; none: cryptsetup formats it.
-    assert.equal((await exec(CS, ['-q', 'luksFormat', '--type', 'luks1', ...FAST, loop], 'pw\n')).code, 5);
+    assert.equal((await exec(CS, ['-q', 'luksFormat', '--type', 'luks1', ...FAST_PBKDF, loop], 'pw\n')).code, 5);
     assert.equal((await cm(['close', 'u4'])).code, 0);
-    assert.equal((await exec(CS, ['-q', 'luksFormat', '--type', 'luks1', ...FAST, loop], 'pw\n')).code, 0);
+    assert.equal((await exec(CS, ['-q', 'luksFormat', '--type', 'luks1', ...FAST_PBKDF, loop], 'pw\n')).code, 0);
     assert.ok(!zeroes(img), 'cryptsetup wrote its header');
 
     // A LUKS device opened: a second open is refused; luksFormat meets blkid's signature first (exit 1).
@@ -99,7 +103,11 @@ test('a mapped block device is in use: a second mapping and luksFormat are refus
     assert.deepEqual([open2.code, open2.stderr], [5, inUse(loop)]);
     const before = await ok(CS, ['luksDump', loop]);
     for (const bin of BOTH) {
-      const r = await exec(bin[0]!, [...bin.slice(1), '-q', 'luksFormat', '--type', 'luks1', ...FAST, loop], 'pw\n');
+      const r = await exec(
+        bin[0]!,
+        [...bin.slice(1), '-q', 'luksFormat', '--type', 'luks1', ...FAST_PBKDF, loop],
+        'pw\n',
+      );
       assert.equal(r.code, 1, `${bin.join(' ')} luksFormat of an open LUKS device: ${r.stderr}`);
       assert.match(r.stderr, new RegExp(`Cannot exclusively open ${loop}, device in use\\.\\n$`));
     }

@@ -12,7 +12,7 @@ import { test } from 'node:test';
 import { FileDevice } from '../../src/blockdev/file.js';
 import { cryptmap, exec, ok, useDaemon } from './harness.js';
 import { readLuks2 } from '../../src/luks/index.js';
-import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
+import { FAST_LUKS2_FORMAT, FAST_PBKDF } from '../helpers/luks.js';
 
 const fx = useDaemon('cm-cli-');
 const cm = (...args: string[]) => cryptmap(args);
@@ -213,21 +213,7 @@ test('as root: open --attach, mkfs.ext4, mount, files survive close and reopen; 
   writeFileSync(key, 'fs passphrase', { mode: 0o600 });
   writeFileSync(data, Buffer.alloc(0));
   await ok('truncate', ['-s', '64M', data]);
-  let r = await cm(
-    'luksFormat',
-    '-q',
-    '--type',
-    'luks2',
-    '--header',
-    hdr,
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
-    '--key-file',
-    key,
-    data,
-  );
+  let r = await cm('luksFormat', '-q', '--type', 'luks2', '--header', hdr, ...FAST_PBKDF, '--key-file', key, data);
   assert.equal(r.code, 0, r.stderr);
   r = await cm('open', '--runtime-dir', fx.run, '--header', hdr, '--key-file', key, '--attach', data, 'fsvol');
   assert.equal(r.code, 0, r.stderr + fx.log);

@@ -9,6 +9,7 @@ import { testTempDir } from '../helpers/tmp.js';
 import { main } from '../../src/cli/main.js';
 import { humanTime, Progress } from '../../src/cli/progress.js';
 import { Sink } from '../luks/helpers.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
 
 test('progress lines: in place on a terminal, one a line with --progress-frequency, the final line, batch mode silent', () => {
   let t = 0;
@@ -68,10 +69,7 @@ test('cryptmap reencrypt --progress-json prints cryptsetup JSON lines ending at 
         hdr,
         '--luks2-keyslots-size',
         '1M',
-        '--pbkdf',
-        'pbkdf2',
-        '--pbkdf-force-iterations',
-        '1000',
+        ...FAST_PBKDF,
         '--key-file',
         key,
         '--hotzone-size',

@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { type RunningServer, useServers } from '../blockdev/nbd-servers.js';
 import { cryptmap, exec, ok, useDaemon } from './harness.js';
-import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
+import { FAST_LUKS2_FORMAT, FAST_PBKDF } from '../helpers/luks.js';
 
 // The daemon (a child of this process) gives a lost NBD server 1.5 s to come back, not 30.
 process.env.CRYPTMAP_NBD_RECONNECT_TIMEOUT_MS = '1500';
@@ -41,10 +41,7 @@ test('a cryptsetup LUKS2 volume on nbdkit opens through the NBD client and reads
     '--batch-mode',
     '--key-file',
     key,
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
+    ...FAST_PBKDF,
     img,
   ]);
   const uuid = (await ok('cryptsetup', ['luksUUID', img])).trim();

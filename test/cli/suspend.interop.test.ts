@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { pollUntil } from '../helpers/wait.js';
 import { cryptmap, exec, ok, useDaemon } from './harness.js';
-import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
+import { FAST_LUKS2_FORMAT, FAST_PBKDF } from '../helpers/luks.js';
 
 const fx = useDaemon('cm-suspend-cli-');
 const cm = (args: string[], input?: string) => cryptmap([args[0]!, '--runtime-dir', fx.run, ...args.slice(1)], input);
@@ -166,10 +166,7 @@ test('a volume opened with a detached header (compat-test [28]): without --heade
       'luksFormat',
       '--type',
       type,
-      '--pbkdf',
-      'pbkdf2',
-      '--pbkdf-force-iterations',
-      '1000',
+      ...FAST_PBKDF,
       '--header',
       hdr,
       '--key-file',

@@ -13,6 +13,7 @@ import { runTool } from '../helpers/tools.js';
 import { prepareLuks } from '../../src/activate/mapping.js';
 import { DaemonCore } from '../../src/daemon/core.js';
 import type { CryptmapError } from '../../src/util/errors.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
 
 const MiB = 1 << 20;
 const dir = fileTempDir('cm-daemon-');
@@ -51,10 +52,7 @@ test('cryptsetup volume (detached header) served over NBD: reads give the plaint
     '--batch-mode',
     '--key-file',
     keyFile,
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
+    ...FAST_PBKDF,
     data,
   ]);
   assert.ok(!readFileSync(data).equals(plain), 'cryptsetup encrypted the data in place');
@@ -115,10 +113,7 @@ test('header in the image: the dynamic data segment covers the rest of the file,
     '--batch-mode',
     '--key-file',
     keyFile,
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
+    ...FAST_PBKDF,
     img,
   ]);
   const { mapping, volumeKey } = await prepareLuks({
@@ -144,19 +139,7 @@ test('errors: unknown volume, duplicate name, wrong passphrase', async () => {
   const keyFile = join(dir, 'key2');
   writeFileSync(keyFile, 'pw2', { mode: 0o600 });
   writeFileSync(img, Buffer.alloc(20 * MiB));
-  await sh('cryptsetup', [
-    'luksFormat',
-    '--type',
-    'luks2',
-    '--batch-mode',
-    '--key-file',
-    keyFile,
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
-    img,
-  ]);
+  await sh('cryptsetup', ['luksFormat', '--type', 'luks2', '--batch-mode', '--key-file', keyFile, ...FAST_PBKDF, img]);
   await assert.rejects(
     prepareLuks({ name: 'v2', device: img, passphrase: Buffer.from('wrong') }),
     (e: CryptmapError) => e.exitCode === 2,

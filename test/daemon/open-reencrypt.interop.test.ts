@@ -20,12 +20,12 @@ import { CryptmapError } from '../../src/util/errors.js';
 import { requireTool, cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
 import { cli, cliOk, startDaemon } from '../load/helpers.js';
 import { fileTempDir } from '../helpers/tmp.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
 
 const MiB = 1 << 20;
 const DATA_OFF = 16 * MiB;
 const DATA = 24 * MiB;
 const PASS = 'open mid pass';
-const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 
 const dir = fileTempDir('cm-open-reenc-');
 before(() => requireTool('nbdcopy'));
@@ -71,7 +71,7 @@ async function fresh(name: string): Promise<Vol> {
   writeFileSync(key, PASS, { mode: 0o600 });
   writeFileSync(img, '');
   truncateSync(img, DATA_OFF + DATA);
-  const f = cs('luksFormat', '-q', '--type', 'luks2', '--sector-size', '512', ...FAST, '--key-file', key, img);
+  const f = cs('luksFormat', '-q', '--type', 'luks2', '--sector-size', '512', ...FAST_PBKDF, '--key-file', key, img);
   assert.equal(f.status, 0, f.out);
   const plain = randomBytes(DATA);
   const dev = await FileDevice.open(img);
@@ -93,7 +93,17 @@ async function fresh(name: string): Promise<Vol> {
 async function cryptsetupStopped(v: Vol, sig: 'SIGINT' | 'SIGKILL'): Promise<void> {
   const child = spawn(
     'cryptsetup',
-    ['reencrypt', '--force-offline-reencrypt', '-q', '--hotzone-size', '64K', ...FAST, '--key-file', v.key, v.img],
+    [
+      'reencrypt',
+      '--force-offline-reencrypt',
+      '-q',
+      '--hotzone-size',
+      '64K',
+      ...FAST_PBKDF,
+      '--key-file',
+      v.key,
+      v.img,
+    ],
     { stdio: 'ignore' },
   );
   const exited = new Promise<void>((r) => child.once('exit', () => r()));
@@ -190,7 +200,16 @@ test('open mid-reencryption refused: reencryption lock held (exit 5), wrong pass
   timeout: 600_000,
 }, async () => {
   const v = await fresh('refuse');
-  const i = cs('reencrypt', '--init-only', '--force-offline-reencrypt', '-q', ...FAST, '--key-file', v.key, v.img);
+  const i = cs(
+    'reencrypt',
+    '--init-only',
+    '--force-offline-reencrypt',
+    '-q',
+    ...FAST_PBKDF,
+    '--key-file',
+    v.key,
+    v.img,
+  );
   assert.equal(i.status, 0, i.out);
   const uuid = cs('luksUUID', v.img).out.trim();
   const daemon = await startDaemon(v.run);

@@ -16,13 +16,13 @@ import { createSectorCipher } from '../../src/engine/index.js';
 import { reencryptLockPath, takeReencryptLock } from '../../src/luks/index.js';
 import { cli, cliOk, type Daemon, startDaemon } from '../load/helpers.js';
 import { requireTool, cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
 
 const MiB = 1 << 20;
 const DATA_OFF = 16 * MiB;
 const DATA = 48 * MiB;
 /** fio's region: the first 32 MiB; the rest holds a known plaintext checked at the end. */
 const FIO_MIB = 32;
-const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 
 const dir = fileTempDir('cm-reenc-online-');
 
@@ -74,7 +74,7 @@ async function setup(name: string): Promise<Env> {
   writeFileSync(key, `pass ${name}`, { mode: 0o600 });
   writeFileSync(img, '');
   truncateSync(img, DATA_OFF + DATA);
-  const f = cs('luksFormat', '-q', '--type', 'luks2', '--sector-size', '512', ...FAST, '--key-file', key, img);
+  const f = cs('luksFormat', '-q', '--type', 'luks2', '--sector-size', '512', ...FAST_PBKDF, '--key-file', key, img);
   assert.equal(f.status, 0, f.out);
   const tail = randomBytes(DATA - FIO_MIB * MiB);
   await crypt(img, volumeKey(img, key), FIO_MIB * MiB, tail);
@@ -164,7 +164,7 @@ test('online reencryption under fio verify: no error, cryptsetup finds the new k
     }
     await new Promise((r) => setTimeout(r, 500));
     // By name (the daemon's volume), small hotzones so that many table swaps happen under load.
-    const r = await cli(['reencrypt', '-q', ...FAST, '--hotzone-size', '1M', '--key-file', e.key, 'vol'], {
+    const r = await cli(['reencrypt', '-q', ...FAST_PBKDF, '--hotzone-size', '1M', '--key-file', e.key, 'vol'], {
       env: e.env,
     });
     const st = await status(e.run, 'vol');
@@ -229,7 +229,7 @@ for (const resumer of ['cryptsetup', 'cryptmap']) {
       });
       assert.ifError(w.error);
       assert.equal(w.status, 0, w.stderr);
-      const reenc = cli(['reencrypt', '-q', ...FAST, '--hotzone-size', '512K', '--key-file', e.key, e.img], {
+      const reenc = cli(['reencrypt', '-q', ...FAST_PBKDF, '--hotzone-size', '512K', '--key-file', e.key, e.img], {
         env: e.env,
       });
       // Kill once a few hotzones are done.
@@ -273,7 +273,7 @@ test('online reencryption refusals: a second one while it runs, suspend while it
   const daemon = await startDaemon(e.run);
   try {
     await cliOk(['open', '--key-file', e.key, e.img, 'vol'], { env: e.env });
-    const first = cli(['reencrypt', '-q', ...FAST, '--hotzone-size', '64K', '--key-file', e.key, 'vol'], {
+    const first = cli(['reencrypt', '-q', ...FAST_PBKDF, '--hotzone-size', '64K', '--key-file', e.key, 'vol'], {
       env: e.env,
     });
     for (let i = 0; (await status(e.run, 'vol')).reencrypt?.state !== 'running'; i++) {
@@ -316,7 +316,7 @@ test("online reencryption takes cryptsetup's reencryption lock: refused while it
     // Held by another process (as a cryptsetup reencrypt holds it): the daemon refuses to start.
     const held = takeReencryptLock(uuid);
     try {
-      const r = await cli(['reencrypt', '-q', ...FAST, '--key-file', e.key, 'vol'], { env: e.env });
+      const r = await cli(['reencrypt', '-q', ...FAST_PBKDF, '--key-file', e.key, 'vol'], { env: e.env });
       assert.equal(r.code, 5, r.stderr);
       assert.match(r.stderr, /Reencryption process is already running\./);
     } finally {

@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { DeviceRegistry } from '../../src/dm/registry.js';
 import { pattern } from './helpers.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
 
 function run(cmd: string, args: string[], pkg: string): string {
   const r = spawnSync(cmd, args, { encoding: 'utf8' });
@@ -50,10 +51,7 @@ function makeVolume(sectorSize: number): Volume {
       '32M',
       '--sector-size',
       String(sectorSize),
-      '--pbkdf',
-      'pbkdf2',
-      '--pbkdf-force-iterations',
-      '1000',
+      ...FAST_PBKDF,
       ...common,
       img,
     ],

@@ -16,6 +16,7 @@ import type { BackendName, SectorBytes } from '../../src/engine/index.js';
 import { loadNative, XTS_IMPL_IDS } from '../../src/util/native.js';
 import { TEST_BACKENDS } from './backends.js';
 import { createSectorCipher } from './imports.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
 
 const DATA_BYTES = 4 << 20;
 
@@ -63,10 +64,7 @@ describe('engine vs cryptsetup reencrypt --encrypt (LUKS2 data segment)', () => 
         '--batch-mode',
         '--key-file',
         keyFile,
-        '--pbkdf',
-        'pbkdf2',
-        '--pbkdf-force-iterations',
-        '1000',
+        ...FAST_PBKDF,
         '--cipher',
         c.spec,
         '--key-size',

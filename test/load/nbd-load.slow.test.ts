@@ -13,6 +13,7 @@ import { report } from '../fuzz/harness.js';
 import { type Fixture, openClient, type RawClient } from '../nbd/helpers.js';
 import { cliOk, type Daemon, peakRssBytes, startDaemon } from './helpers.js';
 import { requireTool } from '../helpers/tools.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
 
 const MiB = 1 << 20;
 const DATA_BYTES = 128 * MiB;
@@ -147,19 +148,7 @@ test('concurrent fio clients with crc32c verify, then SIGKILL: acknowledged FLUS
   truncateSync(img, HEADER_BYTES + DATA_BYTES);
   let daemon: Daemon | undefined;
   try {
-    await cliOk([
-      'luksFormat',
-      '--type',
-      'luks2',
-      '--batch-mode',
-      '--key-file',
-      keyFile,
-      '--pbkdf',
-      'pbkdf2',
-      '--pbkdf-force-iterations',
-      '1000',
-      img,
-    ]);
+    await cliOk(['luksFormat', '--type', 'luks2', '--batch-mode', '--key-file', keyFile, ...FAST_PBKDF, img]);
     daemon = await startDaemon(run);
     await cliOk(['open', '--type', 'luks2', '--key-file', keyFile, '--runtime-dir', run, img, 'vol']);
     const sock = join(run, 'nbd.sock');

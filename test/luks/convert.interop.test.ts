@@ -15,10 +15,10 @@ import { fileTempDir } from '../helpers/tmp.js';
 import { main } from '../../src/cli/main.js';
 import type { CliIO } from '../../src/cli/types.js';
 import { interopTools, Sink } from './helpers.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
 
 const dir = fileTempDir('cryptmap-convert-');
 const { run, cs, image } = interopTools(() => dir);
-const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 let k1 = '';
 let k5 = '';
 
@@ -55,8 +55,8 @@ function pair(src: string): { a: string; b: string } {
 
 test('LUKS1 -> LUKS2: same JSON metadata as cryptsetup convert; both keys open with cryptsetup', async () => {
   const img = image('l1.img', 4 << 20);
-  cs('-q', 'luksFormat', '--type', 'luks1', ...FAST, img, k5, '--key-slot', '5');
-  cs('luksAddKey', '-q', ...FAST, '-S', '1', '-d', k5, img, k1);
+  cs('-q', 'luksFormat', '--type', 'luks1', ...FAST_PBKDF, img, k5, '--key-slot', '5');
+  cs('luksAddKey', '-q', ...FAST_PBKDF, '-S', '1', '-d', k5, img, k1);
   const { a, b } = pair(img);
   cs('-q', 'convert', '--type', 'luks2', a);
   const r = await cm(['convert', '-q', '--type', 'luks2', b]);
@@ -70,9 +70,9 @@ test('LUKS1 -> LUKS2: same JSON metadata as cryptsetup convert; both keys open w
 
 test('LUKS2 -> LUKS1: same LUKS1 header as cryptsetup convert (keyslot 1 after keyslot 0 area, data offset not 4 KiB aligned)', async () => {
   const img = image('l2.img', 4 << 20);
-  cs('-q', 'luksFormat', '--type', 'luks2', '--sector-size', '512', ...FAST, img, k1, '--key-slot', '0');
-  cs('luksAddKey', '-q', ...FAST, '-S', '1', '-d', k1, img, k5);
-  run('cryptsetup', ['luksChangeKey', '-q', ...FAST, '-d', k1, img, k1]); // keyslot 0 moves to a later area
+  cs('-q', 'luksFormat', '--type', 'luks2', '--sector-size', '512', ...FAST_PBKDF, img, k1, '--key-slot', '0');
+  cs('luksAddKey', '-q', ...FAST_PBKDF, '-S', '1', '-d', k1, img, k5);
+  run('cryptsetup', ['luksChangeKey', '-q', ...FAST_PBKDF, '-d', k1, img, k1]); // keyslot 0 moves to a later area
   const { a, b } = pair(img);
   cs('-q', 'convert', '--type', 'luks1', a);
   const r = await cm(['convert', '--type', 'luks1', '-q', b]);
@@ -88,7 +88,7 @@ test('LUKS2 -> LUKS1: same LUKS1 header as cryptsetup convert (keyslot 1 after k
   assert.ok(opens(a, k1) && opens(a, k5));
 
   const odd = image('odd.img', 4 << 20);
-  cs('-q', 'luksFormat', '--type', 'luks1', ...FAST, odd, k5, '--align-payload', '4097');
+  cs('-q', 'luksFormat', '--type', 'luks1', ...FAST_PBKDF, odd, k5, '--align-payload', '4097');
   assert.equal((await cm(['convert', '-q', '--type', 'luks2', odd])).code, 0);
   assert.equal(run('cryptsetup', ['isLuks', '--type', 'luks2', odd]).code, 0);
   assert.ok(opens(odd, k5));
@@ -96,12 +96,26 @@ test('LUKS2 -> LUKS1: same LUKS1 header as cryptsetup convert (keyslot 1 after k
 
 test('refusals: cryptsetup exit codes and messages, image unchanged', async () => {
   const l1 = image('r1.img', 4 << 20);
-  cs('-q', 'luksFormat', '--type', 'luks1', ...FAST, l1, k5);
+  cs('-q', 'luksFormat', '--type', 'luks1', ...FAST_PBKDF, l1, k5);
   const sector = image('r2.img', 4 << 20);
-  cs('-q', 'luksFormat', '--type', 'luks2', '--sector-size', '1024', ...FAST, sector, k5);
+  cs('-q', 'luksFormat', '--type', 'luks2', '--sector-size', '1024', ...FAST_PBKDF, sector, k5);
   const hash = image('r3.img', 4 << 20);
-  cs('-q', 'luksFormat', '--type', 'luks2', '--sector-size', '512', ...FAST, '--hash', 'sha512', hash, k5, '-S', '0');
-  cs('luksAddKey', '-q', ...FAST, '-S', '1', '-d', k5, hash, k1, '--hash', 'sha256');
+  cs(
+    '-q',
+    'luksFormat',
+    '--type',
+    'luks2',
+    '--sector-size',
+    '512',
+    ...FAST_PBKDF,
+    '--hash',
+    'sha512',
+    hash,
+    k5,
+    '-S',
+    '0',
+  );
+  cs('luksAddKey', '-q', ...FAST_PBKDF, '-S', '1', '-d', k5, hash, k1, '--hash', 'sha256');
   const argon = image('r4.img', 4 << 20);
   cs(
     '-q',
@@ -120,7 +134,7 @@ test('refusals: cryptsetup exit codes and messages, image unchanged', async () =
     k5,
   );
   const tok = image('r5.img', 4 << 20);
-  cs('-q', 'luksFormat', '--type', 'luks2', '--sector-size', '512', ...FAST, tok, k5);
+  cs('-q', 'luksFormat', '--type', 'luks2', '--sector-size', '512', ...FAST_PBKDF, tok, k5);
   spawnSync('cryptsetup', ['token', 'import', tok, '--token-id', '3'], { input: '{"type":"x","keyslots":[]}' });
   const plain = image('r6.img', 1 << 20);
   const cases: { name: string; args: string[]; msg: RegExp }[] = [

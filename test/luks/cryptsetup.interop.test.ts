@@ -12,10 +12,10 @@ import { main } from '../../src/cli/main.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import { openLuks } from '../../src/luks/index.js';
 import { interopTools, Sink } from './helpers.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
 
 const dir = fileTempDir('cryptmap-luks-');
 const { run, cs, image } = interopTools(() => dir);
-const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 const FAST_ARGON = [
   '--pbkdf',
   'argon2id',
@@ -80,7 +80,7 @@ test('cryptsetup-made LUKS2 volumes open in cryptmap with the same volume key', 
   ];
   for (const [name, opts] of cases) {
     const img = image(`${name}.img`);
-    const kdf = name === 'argon' ? FAST_ARGON : FAST;
+    const kdf = name === 'argon' ? FAST_ARGON : FAST_PBKDF;
     cs('luksFormat', '--batch-mode', '--type', 'luks2', ...kdf, '--key-file', key, ...opts, img);
     assert.equal(await vkFromCryptmap(img, Buffer.from('pass one')), vkFromCryptsetup(img, key), name);
   }
@@ -90,11 +90,11 @@ test('several keyslots with gaps, keyfile offset and size, argon2i, wrong passph
   const key = keyFile('k2', 'first');
   const big = keyFile('k2big', Buffer.concat([Buffer.from('XXXX'), Buffer.from('secret-part'), Buffer.from('tail\n')]));
   const img = image('slots.img');
-  cs('luksFormat', '--batch-mode', ...FAST, '--key-file', key, img);
+  cs('luksFormat', '--batch-mode', ...FAST_PBKDF, '--key-file', key, img);
   cs(
     'luksAddKey',
     '--batch-mode',
-    ...FAST,
+    ...FAST_PBKDF,
     '--key-file',
     key,
     '--key-slot',
@@ -154,7 +154,7 @@ test('cryptmap-made LUKS2 passes cryptsetup: dump, test-passphrase, addKey, repa
     '-q',
     '--type',
     'luks2',
-    ...FAST,
+    ...FAST_PBKDF,
     '--key-file',
     key,
     '--label',
@@ -184,7 +184,7 @@ test('cryptmap-made LUKS2 passes cryptsetup: dump, test-passphrase, addKey, repa
   assert.equal(oursJson.out, cs('luksDump', '--dump-json-metadata', img));
   cs('open', '--test-passphrase', '--key-file', key, img);
   cs('open', '--test-passphrase', '--key-file', join(dir, 'k3b'), img);
-  cs('luksAddKey', '--batch-mode', ...FAST, '--key-file', key, '--new-keyfile', keyFile('k3c', 'third'), img);
+  cs('luksAddKey', '--batch-mode', ...FAST_PBKDF, '--key-file', key, '--new-keyfile', keyFile('k3c', 'third'), img);
   const rep = run('cryptsetup', ['repair', '--batch-mode', img]);
   assert.equal(rep.code, 0, rep.err);
   assert.equal(rep.err, '');
@@ -239,7 +239,7 @@ test('cryptmap-made LUKS2 passes cryptsetup: dump, test-passphrase, addKey, repa
     assert.equal(ours.err, theirs.err);
     assert.equal(ours.out, theirs.out);
   }
-  r = await cm('luksChangeKey', ...FAST, '--key-file', key, img, keyFile('k3d', 'changed'));
+  r = await cm('luksChangeKey', ...FAST_PBKDF, '--key-file', key, img, keyFile('k3d', 'changed'));
   assert.equal(r.code, 0, r.err);
   cs('open', '--test-passphrase', '--key-file', join(dir, 'k3d'), img);
   assert.notEqual(run('cryptsetup', ['open', '--test-passphrase', '--key-file', key, img]).code, 0);
@@ -261,7 +261,7 @@ test('data written by cryptsetup reencrypt --encrypt decrypts in cryptmap', asyn
     '--reduce-device-size',
     '16M',
     '--batch-mode',
-    ...FAST,
+    ...FAST_PBKDF,
     '--key-file',
     key,
     img,
@@ -287,7 +287,18 @@ test('data written by cryptmap (detached header) reads back through cryptsetup r
   const key = keyFile('k5', 'detached');
   const hdr = join(dir, 'hdr.img');
   const data = image('data.img', 2 << 20);
-  const r = await cm('luksFormat', '-q', ...FAST, '--key-file', key, '--header', hdr, '--sector-size', '512', data);
+  const r = await cm(
+    'luksFormat',
+    '-q',
+    ...FAST_PBKDF,
+    '--key-file',
+    key,
+    '--header',
+    hdr,
+    '--sector-size',
+    '512',
+    data,
+  );
   assert.equal(r.code, 0, r.err);
   const plain = randomBytes(2 << 20);
   const dev = await FileDevice.open(hdr, { readOnly: true });

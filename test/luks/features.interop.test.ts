@@ -14,10 +14,10 @@ import { requireTool } from '../helpers/tools.js';
 import { main } from '../../src/cli/main.js';
 import type { CliIO } from '../../src/cli/types.js';
 import { interopTools, Sink } from './helpers.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
 
 const { dir, cleanup } = makeTempDir('cryptmap-features-');
 const { run, cs, image } = interopTools(() => dir);
-const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 let k1 = '';
 let k2 = '';
 const keyIds: string[] = [];
@@ -60,9 +60,9 @@ after(() => {
 
 test('unbound keyslots: added by either tool, tested and dumped by the other; never open the volume', async () => {
   const img = image('ub.img');
-  cs('-q', 'luksFormat', '--type', 'luks2', ...FAST, img, k1, '--key-slot', '5');
+  cs('-q', 'luksFormat', '--type', 'luks2', ...FAST_PBKDF, img, k1, '--key-slot', '5');
   // cryptmap adds, cryptsetup sees "(unbound)" and tests it
-  await okCm(['luksAddKey', '-q', ...FAST, '--unbound', '-s', '72', '-S', '2', img], 'ub2\n');
+  await okCm(['luksAddKey', '-q', ...FAST_PBKDF, '--unbound', '-s', '72', '-S', '2', img], 'ub2\n');
   assert.match(dump(img), /^ {2}2: luks2 \(unbound\)$/m);
   assert.equal(csIn(['open', '-S2', '--test-passphrase', img], 'ub2\n').code, 0);
   assert.equal(csIn(['open', '--unbound', '--test-passphrase', img], 'ub2\n').code, 0);
@@ -70,8 +70,10 @@ test('unbound keyslots: added by either tool, tested and dumped by the other; ne
   const kf = join(dir, 'uk');
   writeFileSync(kf, Buffer.alloc(64, 0x5a), { mode: 0o600 });
   assert.equal(
-    csIn(['luksAddKey', '-q', ...FAST, '--unbound', '-s', '512', '-S', '3', '--volume-key-file', kf, img], 'ub3\n')
-      .code,
+    csIn(
+      ['luksAddKey', '-q', ...FAST_PBKDF, '--unbound', '-s', '512', '-S', '3', '--volume-key-file', kf, img],
+      'ub3\n',
+    ).code,
     0,
   );
   assert.equal((await cm(['open', '-S3', '--test-passphrase', img], 'ub3\n')).code, 0);
@@ -88,7 +90,7 @@ test('unbound keyslots: added by either tool, tested and dumped by the other; ne
   // refusals, as cryptsetup
   const cases: [string[], string, RegExp][] = [
     [['luksAddKey', '-q', '--unbound', img], 'x\n', /^Key size is required with --unbound option\.$/m],
-    [['luksAddKey', '-q', ...FAST, '-S5', '--unbound', '-s', '32', img], 'x\n', /Key slot 5 is full/],
+    [['luksAddKey', '-q', ...FAST_PBKDF, '-S5', '--unbound', '-s', '32', img], 'x\n', /Key slot 5 is full/],
     [['luksDump', '--unbound', img], '', /^Keyslot specification is required\.$/m],
     [['luksDump', '-q', '--unbound', '-S5', img], 'one\n', /^Keyslot 5 does not contain unbound key\.$/m],
     [['open', '-S2', img, 'x'], 'ub2\n', /Option --unbound|No usable keyslot is available\.|daemon/],
@@ -102,11 +104,11 @@ test('unbound keyslots: added by either tool, tested and dumped by the other; ne
   }
   // An unbound passphrase cannot add a keyslot. (cryptsetup reports the last keyslot it tried in its
   // JSON order, here -ENOENT, exit 1; cryptmap's header keeps keyslots in numeric order and says exit 2.)
-  const viaUnbound = await cm(['luksAddKey', '-q', ...FAST, img], 'ub2\nnew\n');
+  const viaUnbound = await cm(['luksAddKey', '-q', ...FAST_PBKDF, img], 'ub2\nnew\n');
   assert.notEqual(viaUnbound.code, 0);
-  assert.notEqual(csIn(['luksAddKey', '-q', ...FAST, img], 'ub2\nnew\n').code, 0);
+  assert.notEqual(csIn(['luksAddKey', '-q', ...FAST_PBKDF, img], 'ub2\nnew\n').code, 0);
   // luksChangeKey keeps it unbound; luksKillSlot removes it and its digest
-  await okCm(['luksChangeKey', '-q', ...FAST, '-S', '2', img], 'ub2\nub2b\n');
+  await okCm(['luksChangeKey', '-q', ...FAST_PBKDF, '-S', '2', img], 'ub2\nub2b\n');
   assert.match(dump(img), /^ {2}2: luks2 \(unbound\)$/m);
   assert.equal(csIn(['open', '-S2', '--test-passphrase', img], 'ub2b\n').code, 0);
   await okCm(['luksKillSlot', '-q', img, '2', '-d', k1]);
@@ -117,12 +119,12 @@ test('unbound keyslots: added by either tool, tested and dumped by the other; ne
 test('--keyslot-cipher/--keyslot-key-size: luksFormat, luksAddKey, luksChangeKey, luksConvertKey, unbound; cryptsetup opens them', async () => {
   const img = image('kc.img');
   const KC = ['--keyslot-cipher', 'aes-cbc-plain64', '--keyslot-key-size', '128'];
-  await okCm(['luksFormat', '-q', '--type', 'luks2', img, k1, ...FAST, '--key-slot', '0', ...KC]);
-  await okCm(['luksAddKey', '-q', img, '-d', k1, k2, ...FAST, '--key-slot', '1', ...KC]);
-  await okCm(['luksAddKey', '-q', img, '-d', k1, k2, ...FAST, '--key-slot', '2']);
-  await okCm(['luksChangeKey', img, ...FAST, '-d', k2, k1, '--key-slot', '2', ...KC]);
-  await okCm(['luksAddKey', '-q', ...FAST, '--key-slot', '21', '--unbound', '-s', '72', ...KC, img], 'p3\n');
-  await okCm(['luksAddKey', '-q', ...FAST, '--key-slot', '22', '--unbound', '-s', '72', img], 'p3\n');
+  await okCm(['luksFormat', '-q', '--type', 'luks2', img, k1, ...FAST_PBKDF, '--key-slot', '0', ...KC]);
+  await okCm(['luksAddKey', '-q', img, '-d', k1, k2, ...FAST_PBKDF, '--key-slot', '1', ...KC]);
+  await okCm(['luksAddKey', '-q', img, '-d', k1, k2, ...FAST_PBKDF, '--key-slot', '2']);
+  await okCm(['luksChangeKey', img, ...FAST_PBKDF, '-d', k2, k1, '--key-slot', '2', ...KC]);
+  await okCm(['luksAddKey', '-q', ...FAST_PBKDF, '--key-slot', '21', '--unbound', '-s', '72', ...KC, img], 'p3\n');
+  await okCm(['luksAddKey', '-q', ...FAST_PBKDF, '--key-slot', '22', '--unbound', '-s', '72', img], 'p3\n');
   await okCm(['luksConvertKey', '--key-slot', '22', img, ...KC], 'p3\n');
   const j = json(img);
   for (const s of ['0', '1', '2', '21', '22']) {
@@ -136,15 +138,15 @@ test('--keyslot-cipher/--keyslot-key-size: luksFormat, luksAddKey, luksChangeKey
   assert.equal(csIn(['open', '--test-passphrase', '-S', '22', img], 'p3\n').code, 0);
   // and what cryptsetup wrote, cryptmap opens
   const other = image('kc2.img');
-  cs('-q', 'luksFormat', '--type', 'luks2', other, k1, ...FAST, ...KC);
+  cs('-q', 'luksFormat', '--type', 'luks2', other, k1, ...FAST_PBKDF, ...KC);
   assert.equal((await cm(['open', '--test-passphrase', '-d', k1, other])).code, 0);
   for (const [args, msg] of [
     [
-      ['luksFormat', '-q', '--type', 'luks2', img, k1, ...FAST, '--keyslot-cipher', 'aes-cbc-plain64'],
+      ['luksFormat', '-q', '--type', 'luks2', img, k1, ...FAST_PBKDF, '--keyslot-cipher', 'aes-cbc-plain64'],
       /^Options --keyslot-cipher and --keyslot-key-size must be used together\.$/m,
     ],
     [
-      ['luksFormat', '-q', '--type', 'luks1', img, k1, ...FAST, ...KC],
+      ['luksFormat', '-q', '--type', 'luks1', img, k1, ...FAST_PBKDF, ...KC],
       /^Keyslot encryption parameters can be set only for LUKS2 device\.$/m,
     ],
   ] as [string[], RegExp][]) {
@@ -156,8 +158,8 @@ test('--keyslot-cipher/--keyslot-key-size: luksFormat, luksAddKey, luksChangeKey
 
 test('token add --key-description / unassign: the JSON cryptsetup writes, its checks and exit codes', async () => {
   const img = image('tk.img');
-  cs('-q', 'luksFormat', '--type', 'luks2', ...FAST, img, k1);
-  cs('luksAddKey', '-q', ...FAST, '-S', '4', '-d', k1, img, k2);
+  cs('-q', 'luksFormat', '--type', 'luks2', ...FAST_PBKDF, img, k1);
+  cs('luksAddKey', '-q', ...FAST_PBKDF, '-S', '4', '-d', k1, img, k2);
   const a = join(dir, 'tk-a.img');
   copyFileSync(img, a);
   for (const args of [
@@ -207,33 +209,33 @@ test('luks2-keyring tokens: cryptmap unlocks with the kernel keyring; luksAddKey
   keyring(t0, 'pw1');
   keyring(t1, 'pwW');
   const img = image('kr.img');
-  csIn(['luksFormat', '-q', '--type', 'luks2', ...FAST, img], 'pw1\n');
+  csIn(['luksFormat', '-q', '--type', 'luks2', ...FAST_PBKDF, img], 'pw1\n');
   cs('token', 'add', img, '--key-description', t0, '--token-id', '0', '-S0');
   await okCm(['token', 'add', img, '--key-description', t1, '--token-id', '1', '--unbound']);
   assert.equal((await cm(['open', '--token-only', '--test-passphrase', img])).code, 0);
   const tokOpens = (id: string) =>
     run('cryptsetup', ['open', '-q', '--test-passphrase', '--token-only', '--token-id', id, img]).code === 0;
   // pass token
-  await okCm(['luksAddKey', '-q', '-S7', '--new-token-id', '1', ...FAST, img], 'pw1\n');
+  await okCm(['luksAddKey', '-q', '-S7', '--new-token-id', '1', ...FAST_PBKDF, img], 'pw1\n');
   assert.ok(tokOpens('1'));
   assert.deepEqual(json(img).tokens['1'].keyslots, ['7']);
   cs('luksKillSlot', '-q', img, '7');
   assert.ok(!tokOpens('1'));
   // file token (-S is the old keyslot when --new-key-slot is given)
   writeFileSync(k1, 'pw1');
-  await okCm(['luksAddKey', '-q', ...FAST, '-S0', '--new-key-slot', '7', '--new-token-id', '1', '-d', k1, img]);
+  await okCm(['luksAddKey', '-q', ...FAST_PBKDF, '-S0', '--new-key-slot', '7', '--new-token-id', '1', '-d', k1, img]);
   assert.ok(tokOpens('1'));
   cs('luksKillSlot', '-q', img, '7');
   // token pass, token file, token token
-  await okCm(['luksAddKey', '-q', ...FAST, '-S7', '--token-id', '0', img], 'pw4\npw4\n');
+  await okCm(['luksAddKey', '-q', ...FAST_PBKDF, '-S7', '--token-id', '0', img], 'pw4\npw4\n');
   assert.equal(csIn(['open', '-q', '--test-passphrase', '-S7', img], 'pw4\n').code, 0);
-  await okCm(['luksAddKey', '-q', ...FAST, '-S8', '--token-id', '0', img, k2]);
+  await okCm(['luksAddKey', '-q', ...FAST_PBKDF, '-S8', '--token-id', '0', img, k2]);
   assert.equal(run('cryptsetup', ['open', '-q', '--test-passphrase', '-S8', '-d', k2, img]).code, 0);
-  await okCm(['luksAddKey', '-q', ...FAST, '-S9', '--token-id', '0', '--new-token-id', '1', img]);
+  await okCm(['luksAddKey', '-q', ...FAST_PBKDF, '-S9', '--token-id', '0', '--new-token-id', '1', img]);
   assert.ok(tokOpens('1'));
   // what cryptmap cannot find in the keyring is exit 2, as cryptsetup
   const gone = image('kr2.img');
-  csIn(['luksFormat', '-q', '--type', 'luks2', ...FAST, gone], 'pw1\n');
+  csIn(['luksFormat', '-q', '--type', 'luks2', ...FAST_PBKDF, gone], 'pw1\n');
   cs('token', 'add', gone, '--key-description', `cryptmap-test:${process.pid}:nosuch`);
   const real = run('cryptsetup', ['open', '--token-only', '--test-passphrase', gone]).code;
   assert.equal((await cm(['open', '--token-only', '--test-passphrase', gone])).code, real);
@@ -255,8 +257,8 @@ test('--align-payload: the data offset cryptsetup computes (LUKS1, LUKS2, detach
   for (const c of cases) {
     const a = image('al-a.img', 40 << 20);
     const b = image('al-b.img', 40 << 20);
-    cs('-q', 'luksFormat', ...FAST, ...c, a, k1);
-    await okCm(['luksFormat', '-q', ...FAST, ...c, b, k1]);
+    cs('-q', 'luksFormat', ...FAST_PBKDF, ...c, a, k1);
+    await okCm(['luksFormat', '-q', ...FAST_PBKDF, ...c, b, k1]);
     assert.equal(offsetOf(b), offsetOf(a), c.join(' '));
     if (c[1] === 'luks2')
       assert.equal(json(b).segments['0'].sector_size, json(a).segments['0'].sector_size, c.join(' '));
@@ -265,12 +267,24 @@ test('--align-payload: the data offset cryptsetup computes (LUKS1, LUKS2, detach
   const dev = image('al-d.img', 40 << 20);
   const hdr = join(dir, 'al-h.img');
   rmSync(hdr, { force: true });
-  await okCm(['luksFormat', '-q', ...FAST, '--type', 'luks2', dev, '--header', hdr, '--align-payload', '4096', k1]);
+  await okCm([
+    'luksFormat',
+    '-q',
+    ...FAST_PBKDF,
+    '--type',
+    'luks2',
+    dev,
+    '--header',
+    hdr,
+    '--align-payload',
+    '4096',
+    k1,
+  ]);
   assert.match(dump(hdr), new RegExp(`offset: ${4096 * 512} \\[bytes\\]`));
   const both = await cm([
     'luksFormat',
     '-q',
-    ...FAST,
+    ...FAST_PBKDF,
     '--type',
     'luks2',
     dev,

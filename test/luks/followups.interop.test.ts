@@ -19,11 +19,11 @@ import type { CliIO } from '../../src/cli/types.js';
 import { type Luks2Volume, openLuks, unlockByToken } from '../../src/luks/index.js';
 import { isCryptmapError } from '../../src/util/errors.js';
 import { interopTools, Sink } from './helpers.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
 
 const dir = fileTempDir('cryptmap-luks-fu-');
 const { run, cs, image } = interopTools(() => dir);
 let key = '';
-const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 const MD = 16384;
 
 function io(input: string[] = [], tty = false): CliIO & { stdout: Sink; stderr: Sink } {
@@ -70,7 +70,7 @@ const UNKNOWN_TOKEN = '{"type":"example-plugin","keyslots":["0"],"nested":{"a":[
 
 test('open --token-*: same exit codes as cryptsetup; a luks2-keyring token whose key is not in the kernel keyring says so', async () => {
   const img = image('tok.img');
-  cs('luksFormat', '--batch-mode', '--type', 'luks2', ...FAST, '--key-file', key, img);
+  cs('luksFormat', '--batch-mode', '--type', 'luks2', ...FAST_PBKDF, '--key-file', key, img);
   cs('token', 'add', '--key-description', 'cryptmap:test', img);
   assert.equal(run('cryptsetup', ['token', 'import', img], UNKNOWN_TOKEN).code, 0);
   const cases: string[][] = [
@@ -128,7 +128,7 @@ test('a token of unknown type survives import and every key change byte for byte
   const k3 = join(dir, 'k3');
   writeFileSync(k2, 'second', { mode: 0o600 });
   writeFileSync(k3, 'third', { mode: 0o600 });
-  cs('luksFormat', '--batch-mode', '--type', 'luks2', ...FAST, '--key-file', key, img);
+  cs('luksFormat', '--batch-mode', '--type', 'luks2', ...FAST_PBKDF, '--key-file', key, img);
   const tokFile = join(dir, 'tok.json');
   writeFileSync(tokFile, UNKNOWN_TOKEN);
   const want = JSON.stringify(JSON.parse(UNKNOWN_TOKEN));
@@ -140,10 +140,10 @@ test('a token of unknown type survives import and every key change byte for byte
   };
   assert.equal(await exported(), want);
   const steps: string[][] = [
-    ['luksAddKey', ...FAST, '--key-file', key, img, k2],
-    ['luksChangeKey', ...FAST, '--key-file', key, img, k3],
+    ['luksAddKey', ...FAST_PBKDF, '--key-file', key, img, k2],
+    ['luksChangeKey', ...FAST_PBKDF, '--key-file', key, img, k3],
     ['luksKillSlot', '-q', '--key-file', k3, img, '1'],
-    ['luksAddKey', ...FAST, '--key-file', k3, '--key-slot', '5', img, k2],
+    ['luksAddKey', ...FAST_PBKDF, '--key-file', k3, '--key-slot', '5', img, k2],
     ['config', '--label', 'kept', '--subsystem', 'tokens', img],
     ['config', '--priority', 'prefer', '--key-slot', '5', img],
     ['luksUUID', '-q', '--uuid', '12345678-1234-1234-1234-123456789abc', img],
@@ -179,7 +179,7 @@ const salt = (b: Buffer, off: number) => b.subarray(off + 104, off + 168).toStri
 
 test('a damaged or stale LUKS2 header copy is rewritten from the good one on load; cryptsetup then repairs nothing', async () => {
   const base = image('rec.img');
-  cs('luksFormat', '--batch-mode', '--type', 'luks2', ...FAST, '--key-file', key, base);
+  cs('luksFormat', '--batch-mode', '--type', 'luks2', ...FAST_PBKDF, '--key-file', key, base);
   const older = readFileSync(base);
   cs('config', '--label', 'newer', base);
   const cases = ['primary-csum', 'secondary-csum', 'primary-zero', 'secondary-stale', 'primary-stale'] as const;
@@ -187,7 +187,7 @@ test('a damaged or stale LUKS2 header copy is rewritten from the good one on loa
     { name: 'luksDump', run: (img) => cm(['luksDump', img]) },
     { name: 'open --test-passphrase', run: (img) => cmTest(['--key-file', key, img]) },
     { name: 'luksUUID', run: (img) => cm(['luksUUID', img]) },
-    { name: 'luksAddKey', run: (img) => cm(['luksAddKey', ...FAST, '--key-file', key, img, key]) },
+    { name: 'luksAddKey', run: (img) => cm(['luksAddKey', ...FAST_PBKDF, '--key-file', key, img, key]) },
   ];
   for (const how of cases) {
     for (const verb of verbs) {
@@ -225,7 +225,7 @@ test('a damaged or stale LUKS2 header copy is rewritten from the good one on loa
 
 test('load-time recovery writes nothing with --readonly, nor over a primary area holding another format (repair does)', async () => {
   const base = image('ro.img');
-  cs('luksFormat', '--batch-mode', '--type', 'luks2', ...FAST, '--key-file', key, base);
+  cs('luksFormat', '--batch-mode', '--type', 'luks2', ...FAST_PBKDF, '--key-file', key, base);
   const img = join(dir, 'ro-damaged.img');
   copyFileSync(base, img);
   damage(img, 'primary-csum');
@@ -301,7 +301,7 @@ test('no verb writes to a file that is not LUKS (batch mode, key files given); l
   const want = sha(b);
   const backup = join(dir, 'hdr.bak');
   const luks = image('donor.img');
-  cs('luksFormat', '--batch-mode', '--type', 'luks2', ...FAST, '--key-file', key, luks);
+  cs('luksFormat', '--batch-mode', '--type', 'luks2', ...FAST_PBKDF, '--key-file', key, luks);
   cs('luksHeaderBackup', '--header-backup-file', backup, luks);
   const tokFile = join(dir, 'plain-tok.json');
   writeFileSync(tokFile, UNKNOWN_TOKEN);
@@ -314,8 +314,8 @@ test('no verb writes to a file that is not LUKS (batch mode, key files given); l
     ['luksDump', '--json', img],
     ['luksUUID', img],
     ['luksUUID', '-q', '--uuid', '12345678-1234-1234-1234-123456789abc', img],
-    ['luksAddKey', '-q', ...FAST, '--key-file', key, img, key],
-    ['luksChangeKey', '-q', ...FAST, '--key-file', key, img, key],
+    ['luksAddKey', '-q', ...FAST_PBKDF, '--key-file', key, img, key],
+    ['luksChangeKey', '-q', ...FAST_PBKDF, '--key-file', key, img, key],
     ['luksRemoveKey', '-q', '--key-file', key, img],
     ['luksKillSlot', '-q', img, '0'],
     ['luksHeaderBackup', '--header-backup-file', join(dir, 'never.bak'), img],
@@ -343,7 +343,7 @@ test('no verb writes to a file that is not LUKS (batch mode, key files given); l
   }
   // The verbs that do overwrite ask on a terminal; anything but YES aborts without a write.
   for (const argv of [
-    ['luksFormat', '--type', 'luks2', ...FAST, '--key-file', key, img],
+    ['luksFormat', '--type', 'luks2', ...FAST_PBKDF, '--key-file', key, img],
     ['luksHeaderRestore', '--header-backup-file', backup, img],
   ]) {
     const r = await cm(argv, { input: ['no\n'], tty: true });
@@ -373,7 +373,7 @@ test('luksConvertKey rewrites a keyslot under another PBKDF (argon2id -> pbkdf2 
   );
   const slot0 = (dump: string) => dump.slice(dump.indexOf('Keyslots:'), dump.indexOf('Tokens:'));
   assert.match(slot0(cs('luksDump', img)), /PBKDF:\s+argon2id/);
-  let r = await cm(['luksConvertKey', '-v', ...FAST, '--key-file', key, img]);
+  let r = await cm(['luksConvertKey', '-v', ...FAST_PBKDF, '--key-file', key, img]);
   assert.equal(r.code, 0, r.err);
   assert.match(r.out, /Key slot 0 created\.\nCommand successful\./);
   const dump = slot0(cs('luksDump', img));
@@ -402,15 +402,15 @@ test('luksConvertKey rewrites a keyslot under another PBKDF (argon2id -> pbkdf2 
   const wrong = join(dir, 'wrong-convert');
   writeFileSync(wrong, 'nope', { mode: 0o600 });
   const before = readFileSync(img);
-  r = await cm(['luksConvertKey', ...FAST, '--key-file', wrong, img]);
+  r = await cm(['luksConvertKey', ...FAST_PBKDF, '--key-file', wrong, img]);
   assert.equal(r.code, 2);
   assert.ok(readFileSync(img).equals(before), 'a refused conversion writes nothing');
-  r = await cm(['luksConvertKey', ...FAST, '--key-slot', '5', '--key-file', key, img]);
+  r = await cm(['luksConvertKey', ...FAST_PBKDF, '--key-slot', '5', '--key-file', key, img]);
   assert.equal(r.code, 1);
   assert.match(r.err, /Keyslot 5 is not active\./);
   const l1 = image('convert1.img');
-  cs('luksFormat', '-q', '--type', 'luks1', ...FAST, '--key-file', key, l1);
-  r = await cm(['luksConvertKey', ...FAST, '--key-file', key, l1]);
+  cs('luksFormat', '-q', '--type', 'luks1', ...FAST_PBKDF, '--key-file', key, l1);
+  r = await cm(['luksConvertKey', ...FAST_PBKDF, '--key-file', key, l1]);
   assert.equal(r.code, 1);
   assert.match(r.err, /is not a valid LUKS2 device\./);
 });

@@ -12,6 +12,7 @@ import { before, test } from 'node:test';
 import { requireTool } from '../helpers/tools.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { main } from '../../src/cli/main.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
 
 // biome-ignore lint/suspicious/noExplicitAny: test mutations poke at arbitrary JSON
 type J = Record<string, any>;
@@ -220,10 +221,7 @@ before(() => {
     '--batch-mode',
     '--type',
     'luks2',
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
+    ...FAST_PBKDF,
     '--key-size',
     '256',
     '--sector-size',
@@ -234,19 +232,7 @@ before(() => {
     key,
     img,
   );
-  cs(
-    'luksAddKey',
-    '--batch-mode',
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
-    '--key-file',
-    key,
-    '--new-keyfile',
-    key,
-    img,
-  );
+  cs('luksAddKey', '--batch-mode', ...FAST_PBKDF, '--key-file', key, '--new-keyfile', key, img);
   cs(
     'luksAddKey',
     '--batch-mode',

@@ -18,7 +18,7 @@ import { createSectorCipher } from '../../src/engine/index.js';
 import { initReencrypt, inReencryption, Luks2Volume, runReencrypt, withDeviceLock } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
 import { cloneDevice, FAST_PBKDF2, memDev, P, Sink } from './helpers.js';
-import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
+import { FAST_LUKS2_FORMAT, FAST_PBKDF } from '../helpers/luks.js';
 import { cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
 
 const OFF = 1 << 20;
@@ -159,23 +159,7 @@ function plainOf(f: string): Buffer {
 
 test('a second reencrypt while one holds the device: "Reencryption process is already running.", exit 5', async () => {
   const { img, key } = image('busy.img');
-  assert.equal(
-    (
-      await cm(
-        'reencrypt',
-        '--init-only',
-        '-q',
-        '--pbkdf',
-        'pbkdf2',
-        '--pbkdf-force-iterations',
-        '1000',
-        '--key-file',
-        key,
-        img,
-      )
-    ).code,
-    0,
-  );
+  assert.equal((await cm('reencrypt', '--init-only', '-q', ...FAST_PBKDF, '--key-file', key, img)).code, 0);
   const was = readFileSync(img);
   // This process holds the device lock as a running reencryption does.
   const r = await withDeviceLock(img, () => cm('reencrypt', '--resume-only', '-q', '--key-file', key, img), {
@@ -196,20 +180,7 @@ test('SIGINT stops the CLI at a hotzone boundary (exit 0); cryptsetup and cryptm
     const plain = plainOf(img);
     const child = spawn(
       process.execPath,
-      [
-        cli,
-        'reencrypt',
-        '-q',
-        '--hotzone-size',
-        '64K',
-        '--pbkdf',
-        'pbkdf2',
-        '--pbkdf-force-iterations',
-        '1000',
-        '--key-file',
-        key,
-        img,
-      ],
+      [cli, 'reencrypt', '-q', '--hotzone-size', '64K', ...FAST_PBKDF, '--key-file', key, img],
       { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') } },
     );
     let err = '';

@@ -18,9 +18,9 @@ import { createSectorCipher } from '../../src/engine/index.js';
 import { initEncrypt, Luks2Volume, runReencrypt } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
 import { Sink } from './helpers.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
 
 const dir = fileTempDir('cm-enc-');
-const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 const PLAIN = (6 << 20) + (512 << 10);
 const REDUCE = 4 << 20; // shift 2 MiB: a few hotzones
 
@@ -81,7 +81,7 @@ test('encrypt in place: cryptmap --init-only, cryptsetup resumes; cryptsetup --i
     'luks2',
     '--reduce-device-size',
     String(REDUCE),
-    ...FAST,
+    ...FAST_PBKDF,
     '--key-file',
     a.key,
     a.img,
@@ -104,7 +104,7 @@ test('encrypt in place: cryptmap --init-only, cryptsetup resumes; cryptsetup --i
     'luks2',
     '--reduce-device-size',
     String(REDUCE),
-    ...FAST,
+    ...FAST_PBKDF,
     '--key-file',
     b.key,
     b.img,
@@ -121,15 +121,25 @@ test('encrypt in place: cryptmap --init-only, cryptsetup resumes; cryptsetup --i
 
 test('encrypt in place in one go by cryptmap; cryptsetup reads the result; an existing LUKS device is refused', async () => {
   const a = fresh('c.img', REDUCE);
-  let r = await cm('reencrypt', '--encrypt', '-q', '--reduce-device-size', '4M', ...FAST, '--key-file', a.key, a.img);
+  let r = await cm(
+    'reencrypt',
+    '--encrypt',
+    '-q',
+    '--reduce-device-size',
+    '4M',
+    ...FAST_PBKDF,
+    '--key-file',
+    a.key,
+    a.img,
+  );
   assert.equal(r.code, 0, r.err);
   assert.equal(cs('isLuks', a.img).status, 0);
   noReencrypt(a.img);
   assert.ok(plaintextOf(a.img, a.img, a.key).equals(a.plain));
-  r = await cm('reencrypt', '--encrypt', '-q', '--reduce-device-size', '4M', ...FAST, '--key-file', a.key, a.img);
+  r = await cm('reencrypt', '--encrypt', '-q', '--reduce-device-size', '4M', ...FAST_PBKDF, '--key-file', a.key, a.img);
   assert.equal(r.code, 1);
   assert.match(r.err, /already LUKS device/);
-  r = await cm('reencrypt', '--encrypt', '-q', ...FAST, '--key-file', a.key, a.img);
+  r = await cm('reencrypt', '--encrypt', '-q', ...FAST_PBKDF, '--key-file', a.key, a.img);
   assert.equal(r.code, 1);
   assert.match(r.err, /not possible without data device size reduction/);
 });
@@ -137,7 +147,18 @@ test('encrypt in place in one go by cryptmap; cryptsetup reads the result; an ex
 test('encrypt with a detached header, both ways', async () => {
   const a = fresh('d.img', 0);
   const ah = join(dir, 'd.hdr');
-  let r = await cm('reencrypt', '--encrypt', '--init-only', '-q', '--header', ah, ...FAST, '--key-file', a.key, a.img);
+  let r = await cm(
+    'reencrypt',
+    '--encrypt',
+    '--init-only',
+    '-q',
+    '--header',
+    ah,
+    ...FAST_PBKDF,
+    '--key-file',
+    a.key,
+    a.img,
+  );
   assert.equal(r.code, 0, r.err);
   const c = cs(
     'reencrypt',
@@ -164,7 +185,7 @@ test('encrypt with a detached header, both ways', async () => {
     '-q',
     '--header',
     bh,
-    ...FAST,
+    ...FAST_PBKDF,
     '--key-file',
     b.key,
     b.img,
@@ -190,7 +211,7 @@ test('decrypt with a detached header, both ways; without --header it is refused'
       '-q',
       '--header',
       h,
-      ...FAST,
+      ...FAST_PBKDF,
       '--key-file',
       a.key,
       a.img,
@@ -264,7 +285,7 @@ test('encrypt in place: cryptsetup killed -9 mid-way, cryptmap resumes; cryptmap
         'luks2',
         '--reduce-device-size',
         String(REDUCE),
-        ...FAST,
+        ...FAST_PBKDF,
         '--key-file',
         t.key,
         t.img,

@@ -25,13 +25,12 @@ import { main } from '../../src/cli/main.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import { reencryptLockPath, takeReencryptLock } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
-import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
+import { FAST_LUKS2_FORMAT, FAST_PBKDF } from '../helpers/luks.js';
 import { Sink } from './helpers.js';
 import { cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
 import { fileTempDir } from '../helpers/tmp.js';
 
 const CLI = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..', 'bin', 'cryptmap.js');
-const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 /** A new keyslot slow enough to open that a resume holds the lock for a while (any speed works). */
 const SLOW = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1500000'];
 
@@ -57,7 +56,10 @@ function cs(...args: string[]): CryptsetupResult {
 }
 
 /** A LUKS2 image (cryptsetup) with 8 MiB of random data, its reencryption initialised by cryptsetup. */
-function initialised(name: string, newKdf: string[] = FAST): { img: string; key: string; uuid: string; plain: Buffer } {
+function initialised(
+  name: string,
+  newKdf: readonly string[] = FAST_PBKDF,
+): { img: string; key: string; uuid: string; plain: Buffer } {
   const img = join(dir, name);
   const key = join(dir, `${name}.key`);
   writeFileSync(key, 'lock pass', { mode: 0o600 });

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { before, test } from 'node:test';
 import { main } from '../../src/cli/main.js';
-import { FAST_LUKS2_FORMAT } from '../helpers/luks.js';
+import { FAST_LUKS2_FORMAT, FAST_PBKDF } from '../helpers/luks.js';
 import { Sink } from './helpers.js';
 import { cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
 import { fileTempDir } from '../helpers/tmp.js';
@@ -48,18 +48,7 @@ test('type conflicts and --resume-only without a reencryption: cryptsetup 2.6 wo
   const l1 = image('l1.img', 'luks1');
   const l2 = image('l2.img', 'luks2');
   const mid = image('mid.img', 'luks2');
-  const i = cs(
-    'reencrypt',
-    '--init-only',
-    '-q',
-    '--pbkdf',
-    'pbkdf2',
-    '--pbkdf-force-iterations',
-    '1000',
-    '--key-file',
-    key,
-    mid,
-  );
+  const i = cs('reencrypt', '--init-only', '-q', ...FAST_PBKDF, '--key-file', key, mid);
   assert.equal(i.status, 0, i.out);
   // Legacy LUKS1 reencryption marks the device by its magic (what cryptsetup writes, and reads back below).
   const stained = image('stained.img', 'luks1');

@@ -16,9 +16,9 @@ import { createSectorCipher } from '../../src/engine/index.js';
 import { initReencrypt, Luks2Volume, runReencrypt } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
 import { Sink } from './helpers.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
 
 const dir = fileTempDir('cm-reenc-');
-const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
 const DATA_OFF = 16 << 20;
 const SIZE = 24 << 20;
 
@@ -66,7 +66,7 @@ async function fresh(name: string): Promise<{ img: string; key: string; plain: B
   writeFileSync(key, 'secret pass', { mode: 0o600 });
   writeFileSync(img, Buffer.alloc(0));
   spawnSync('truncate', ['-s', String(DATA_OFF + SIZE), img]);
-  const f = cs('luksFormat', '-q', '--type', 'luks2', '--sector-size', '512', ...FAST, '--key-file', key, img);
+  const f = cs('luksFormat', '-q', '--type', 'luks2', '--sector-size', '512', ...FAST_PBKDF, '--key-file', key, img);
   assert.equal(f.status, 0, f.out);
   const plain = randomBytes(SIZE);
   await crypt(img, volumeKey(img, key), plain);
@@ -78,7 +78,7 @@ for (const resilience of ['checksum', 'journal', 'none']) {
     const { img, key, plain } = await fresh(`a-${resilience}.img`);
     const vk0 = volumeKey(img, key);
     assert.equal(
-      await cm('reencrypt', '--init-only', '-q', '--resilience', resilience, ...FAST, '--key-file', key, img),
+      await cm('reencrypt', '--init-only', '-q', '--resilience', resilience, ...FAST_PBKDF, '--key-file', key, img),
       0,
     );
     const r = cs('reencrypt', '--resume-only', '--force-offline-reencrypt', '-q', '--key-file', key, img);
@@ -97,7 +97,7 @@ for (const resilience of ['checksum', 'journal', 'none']) {
       '-q',
       '--resilience',
       resilience,
-      ...FAST,
+      ...FAST_PBKDF,
       '--key-file',
       key,
       img,
@@ -112,10 +112,10 @@ for (const resilience of ['checksum', 'journal', 'none']) {
 
 test('cryptmap reencrypt in one go (checksum, small hotzones) and a wrong passphrase on resume', async () => {
   const { img, key, plain } = await fresh('c.img');
-  assert.equal(await cm('reencrypt', '-q', '--hotzone-size', '1M', ...FAST, '--key-file', key, img), 0);
+  assert.equal(await cm('reencrypt', '-q', '--hotzone-size', '1M', ...FAST_PBKDF, '--key-file', key, img), 0);
   assert.ok((await crypt(img, volumeKey(img, key), undefined)).equals(plain));
   assert.equal(cs('isLuks', img).status, 0);
-  assert.equal(await cm('reencrypt', '--init-only', '-q', ...FAST, '--key-file', key, img), 0);
+  assert.equal(await cm('reencrypt', '--init-only', '-q', ...FAST_PBKDF, '--key-file', key, img), 0);
   const bad = join(dir, 'bad.key');
   writeFileSync(bad, 'wrong', { mode: 0o600 });
   assert.equal(await cm('reencrypt', '--resume-only', '-q', '--key-file', bad, img), 2);
@@ -128,7 +128,7 @@ test('cryptsetup reencrypt killed -9 mid-way, cryptmap resumes; plaintext intact
   const { img, key, plain } = await fresh('k.img');
   const child = spawn(
     'cryptsetup',
-    ['reencrypt', '--force-offline-reencrypt', '-q', '--hotzone-size', '64K', ...FAST, '--key-file', key, img],
+    ['reencrypt', '--force-offline-reencrypt', '-q', '--hotzone-size', '64K', ...FAST_PBKDF, '--key-file', key, img],
     { stdio: 'ignore' },
   );
   const exited = new Promise<void>((r) => child.once('exit', () => r()));

@@ -19,6 +19,7 @@ import { unixKeyClient } from '../../src/keyservice/client.js';
 import { setLogLevel, setLogSink } from '../../src/util/log.js';
 import { report } from '../fuzz/harness.js';
 import { cliOk, ENTRY, spawnedArgv, spawnedOutput, startDaemon } from '../load/helpers.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
 
 // ---- record every process spawned from this test process, whoever spawns it ----
 const cp = createRequire(import.meta.url)('node:child_process') as Record<string, unknown>;
@@ -115,7 +116,7 @@ test('no secret reaches logs, output, error messages or spawned argv; private mo
       });
       assert.equal(code, expect, `cryptmap ${args.join(' ')} exited ${code}: ${out.slice(-3).join('')}`);
     };
-    const fast = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
+    const fast = [...FAST_PBKDF];
 
     // in-process CLI: header operations
     await run([
