@@ -330,22 +330,24 @@ test("online reencryption takes cryptsetup's reencryption lock: refused while it
       assert.ok(i < 1200, 'the reencryption did not start');
       await new Promise((r) => setTimeout(r, 25));
     }
-    let free: ReturnType<typeof takeReencryptLock> | undefined;
+    // The daemon is stopped (SIGSTOP) with its job mid-way, so the checks below see the job holding the
+    // lock for certain: the header still says reencryption (the job writes the final header before it
+    // releases the lock), and nothing moves until SIGCONT.
+    process.kill(daemon.pid, 'SIGSTOP');
     try {
-      free = takeReencryptLock(uuid);
-    } catch (x) {
-      assert.equal((x as { exitCode?: number }).exitCode, 5, String(x));
-    }
-    if (free) {
-      free.release();
-      assert.notEqual((await status(e.run, 'vol')).reencrypt?.state, 'running', 'the running job holds the lock');
-    }
-    // cryptsetup refuses: the lock, or (its CLI looks first) a header caught mid-hotzone, which it takes
-    // for a crash to repair; either way it writes nothing.
-    const c = cs('reencrypt', '--resume-only', '--force-offline-reencrypt', '-q', '--key-file', e.key, e.img);
-    if ((await status(e.run, 'vol')).reencrypt?.state === 'running') {
+      assert.match(cs('luksDump', e.img).out, /online-reencrypt/, 'the job ended before the daemon was stopped');
+      assert.throws(
+        () => takeReencryptLock(uuid),
+        (x: { exitCode?: number }) => x.exitCode === 5,
+        'the running job holds the lock',
+      );
+      // cryptsetup refuses: the lock, or (its CLI looks first) a header caught mid-hotzone, which it takes
+      // for a crash to repair; either way it writes nothing.
+      const c = cs('reencrypt', '--resume-only', '--force-offline-reencrypt', '-q', '--key-file', e.key, e.img);
       assert.ok(c.status === 5 || c.status === 1, c.out);
       assert.match(c.out, /Reencryption process is already running\.|requires reencryption recovery/);
+    } finally {
+      process.kill(daemon.pid, 'SIGCONT');
     }
     assert.equal((await job).code, 0);
     assert.equal((await status(e.run, 'vol')).reencrypt?.state, 'finished');
