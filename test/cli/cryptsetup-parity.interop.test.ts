@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { copyFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { fileURLToPath } from 'node:url';
 import { fileTempDir } from '../helpers/tmp.js';
 import { cryptmap, ENTRY, exec, ok, type Result } from './harness.js';
 import { FAST_PBKDF } from '../helpers/luks.js';
@@ -273,7 +274,8 @@ async function dialog(
   steps: [string, string | null, boolean?][],
   names: Record<string, string>,
 ): Promise<string> {
-  const py = new URL('./pty-dialog.py', import.meta.url).pathname.replace('/dist/', '/');
+  // the source tree's copy, from any build directory (dist or CRYPTMAP_DIST: DIR/test/cli/ is three levels deep)
+  const py = fileURLToPath(new URL('../../../test/cli/pty-dialog.py', import.meta.url));
   const r = await exec('python3', [py, JSON.stringify(steps), '60', ...bin, ...args]);
   let t = r.stdout.replaceAll('\r', '');
   for (const [from, to] of Object.entries(names)) t = t.replaceAll(from, to);
