@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { rmSync, statSync } from 'node:fs';
-import { makeTempDir } from '../helpers/tmp.js';
+import { fileTempDir, makeTempDir } from '../helpers/tmp.js';
 import { connect, createServer } from 'node:net';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -12,8 +12,11 @@ import { ControlServer } from '../../src/control/server.js';
 import { CryptmapError } from '../../src/util/errors.js';
 import { within } from '../helpers/wait.js';
 
+// every test's runtime dir lives under one directory that is removed after the file's tests
+const BASE = fileTempDir('cm-control-');
+
 function tmp(): string {
-  const d = makeTempDir('cm-control-').dir;
+  const d = makeTempDir('t-', BASE).dir;
   ensureRuntimeDir(join(d, 'run'));
   return join(d, 'run');
 }
