@@ -4,13 +4,18 @@
  */
 import { execFileSync } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
+import { requireTool } from './tools.js';
 
 function openssl(args: string[]): void {
   execFileSync('openssl', args, { stdio: 'ignore' });
 }
 
-/** A CA in `dir` (ca-cert.pem, ca-key.pem). */
-export function makeCa(dir: string, cn: string): void {
+/**
+ * A CA in `dir` (ca-cert.pem, ca-key.pem): a self-signed certificate, with `addext` (e.g.
+ * `subjectAltName=DNS:localhost`) when it is also used as a server's own certificate.
+ */
+export function makeCa(dir: string, cn: string, addext?: string): void {
+  requireTool('openssl');
   mkdirSync(dir, { recursive: true });
   openssl([
     'req',
@@ -28,6 +33,7 @@ export function makeCa(dir: string, cn: string): void {
     '2',
     '-subj',
     `/CN=${cn}`,
+    ...(addext ? ['-addext', addext] : []),
   ]);
 }
 

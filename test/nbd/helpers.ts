@@ -3,7 +3,6 @@
  * client that speaks the wire format byte by byte (for malformed input), and a runner for the real
  * client tools that fails with the Debian package name when a tool is missing.
  */
-import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { makeTempDir } from '../helpers/tmp.js';
 import { connect, type Socket } from 'node:net';
@@ -13,7 +12,7 @@ import { join } from 'node:path';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import type { NbdServerOptions } from '../../src/nbd/types.js';
-import { requireTool } from '../helpers/tools.js';
+import { makeCa } from '../helpers/x509.js';
 
 export const NBDMAGIC = 0x4e42444d41474943n;
 export const IHAVEOPT = 0x49484156454f5054n;
@@ -305,29 +304,6 @@ export async function openClient(f: Fixture, name = 'disk', structured = false):
 
 /** A self-signed EC certificate for CN=localhost (openssl), as PEM key and cert. */
 export function selfSignedCert(dir: string): { key: Buffer; cert: Buffer } {
-  requireTool('openssl');
-  execFileSync(
-    'openssl',
-    [
-      'req',
-      '-x509',
-      '-newkey',
-      'ec',
-      '-pkeyopt',
-      'ec_paramgen_curve:P-256',
-      '-nodes',
-      '-keyout',
-      `${dir}/key.pem`,
-      '-out',
-      `${dir}/cert.pem`,
-      '-days',
-      '2',
-      '-subj',
-      '/CN=localhost',
-      '-addext',
-      'subjectAltName=DNS:localhost',
-    ],
-    { stdio: 'ignore' },
-  );
-  return { key: readFileSync(`${dir}/key.pem`), cert: readFileSync(`${dir}/cert.pem`) };
+  makeCa(dir, 'localhost', 'subjectAltName=DNS:localhost');
+  return { key: readFileSync(`${dir}/ca-key.pem`), cert: readFileSync(`${dir}/ca-cert.pem`) };
 }
