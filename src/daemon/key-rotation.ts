@@ -15,6 +15,7 @@ import {
   inReencryption,
   Luks2Volume,
   openLuks,
+  unlockInReencryption,
   unlockReencryptKeys,
   withDeviceLock,
 } from '../luks/index.js';
@@ -68,9 +69,9 @@ export async function rotateVolumeKey(
     });
   if (!core.statusOf(t.mapping).active)
     throw new CryptmapError('ENOVOLUME', `${t.id} is not open (the agent opens it once it is ready)`, { exitCode: 4 });
-  const pass = await derive(keys, t, 'current');
-  try {
-    return await withVolume(t, async (vol) => {
+  return await withVolume(t, async (vol) => {
+    const pass = await passphraseOf(keys, t, vol);
+    try {
       if (!inReencryption(vol.jsonSnapshot()))
         await initReencrypt(vol, pass.expose(), { kdf: { ...VOLUME_KEYSLOT_PBKDF }, resilience: 'checksum' });
       const k = await unlockReencryptKeys(vol, pass.expose());
@@ -82,10 +83,39 @@ export async function rotateVolumeKey(
         oldKey.dispose();
         newKey.dispose();
       }
-    });
-  } finally {
-    pass.dispose();
+    } finally {
+      pass.dispose();
+    }
+  });
+}
+
+/**
+ * The keyslot passphrase that opens `vol`: the key derived from the current root secret, or, when a
+ * root rotation left this volume half-way (docs/keyservice.md), from the next or the previous one.
+ */
+async function passphraseOf(keys: KeyPort, t: VolumeTarget, vol: Luks2Volume): Promise<Secret> {
+  const inReenc = inReencryption(vol.jsonSnapshot());
+  for (const gen of ['current', 'next', 'previous'] as const) {
+    let p: Secret;
+    try {
+      p = await derive(keys, t, gen);
+    } catch (e) {
+      if (gen !== 'current' && (isCryptmapError(e, 'ENOROOT') || isCryptmapError(e, 'EKEYREQ'))) continue;
+      throw e;
+    }
+    try {
+      if (inReenc) await unlockInReencryption(vol, p.expose());
+      else if ((await slotOf(vol, p)) === undefined) throw new CryptmapError('ENOKEY', 'no key');
+      return p;
+    } catch (e) {
+      p.dispose();
+      if (!isCryptmapError(e, 'ENOKEY')) throw e;
+    }
   }
+  throw new CryptmapError('EUNLOCK', `${t.id}: no keyslot unlocks with this volume's key (any root secret)`, {
+    exitCode: 2,
+    errno: 'EPERM',
+  });
 }
 
 export type RewrapResult = 'rewrapped' | 'done-already' | 'nothing-to-do';

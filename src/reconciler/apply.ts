@@ -176,6 +176,9 @@ class KeyUnavailable extends Error {
 /** A volume was refused mid-way (its key does not unlock it). */
 class Refused extends Error {}
 
+/** The root generations a persistent volume's key is derived from when the current one's does not open it. */
+const ROOT_FALLBACKS = ['next', 'previous'] as const;
+
 /** Another node holds a shared volume's lease, or the coordination service cannot be reached. */
 class LeaseWait extends Error {
   readonly holder: { node: string; since: string } | undefined;
@@ -303,6 +306,43 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
     }
   };
 
+  /**
+   * Open persistent volume `t` with the key derived from another root generation, after the current
+   * root's key opened no keyslot: a root rotation left it half-way (docs/keyservice.md "Rotating
+   * keys"): `next` (begun, this volume rewrapped already, the commit not done yet) or `previous`
+   * (committed before this volume was rewrapped). False when neither exists or opens it.
+   */
+  const openWithOtherRoot = async (t: VolumeTarget): Promise<boolean> => {
+    for (const generation of ROOT_FALLBACKS) {
+      let k: Secret;
+      try {
+        k = await opts.keys.deriveKey({
+          purpose: 'scratch',
+          service: t.service,
+          volume: t.volume,
+          length: VOLUME_PASSPHRASE_BYTES,
+          generation,
+        });
+      } catch (e) {
+        // No such generation (ENOROOT), or a key service that does not know generations (EKEYREQ).
+        if (isCryptmapError(e, 'ENOROOT') || isCryptmapError(e, 'EKEYREQ')) continue;
+        throw e;
+      }
+      try {
+        await ports.open(t, k);
+        log.warn(`opened with the ${generation} root secret's key: run cryptmap volume rewrap-keys`, {
+          volume: t.id,
+        });
+        return true;
+      } catch (e) {
+        if (!isCryptmapError(e, 'EUNLOCK')) throw e;
+      } finally {
+        k.dispose();
+      }
+    }
+    return false;
+  };
+
   const newRecord = (t: VolumeTarget): VolumeRecord => {
     const r: VolumeRecord = {
       id: t.id,
@@ -427,13 +467,13 @@ export async function apply(opts: ApplyOptions): Promise<ApplyReport> {
           try {
             await ports.open(t, key);
           } catch (e) {
-            if (isCryptmapError(e, 'EUNLOCK')) {
+            if (!isCryptmapError(e, 'EUNLOCK')) throw e;
+            if (!(await openWithOtherRoot(t))) {
               unlockFailed.set(t.id, e.message);
               const reason = `${t.path} does not unlock with the service's key`;
               await execute({ kind: 'refuse', id: t.id, reason });
               throw new Refused(reason);
             }
-            throw e;
           }
           const r = await recordFor(t);
           r.bootId = bootId;

@@ -190,3 +190,79 @@ test('root rotation: rewrap-keys finishes what a crash left in the middle of the
     await t.cleanup();
   }
 });
+
+/** Give `id`'s image a keyslot for `to` (unlocked with `from`) and, unless `keepFrom`, remove `from`'s: a rewrap's two steps. */
+async function rewrapBy(state: string, id: string, from: Secret, to: Secret, keepFrom: boolean): Promise<void> {
+  const dev = await FileDevice.open(image(state, id));
+  try {
+    const vol = await Luks2Volume.open(dev);
+    await vol.addKey({ passphrase: from.expose() }, to.expose(), { kdf: { ...VOLUME_KEYSLOT_PBKDF } });
+    if (!keepFrom) {
+      const { keyslot, volumeKey } = await vol.unlock(from.expose());
+      volumeKey.dispose();
+      await vol.killSlot(keyslot);
+    }
+  } finally {
+    await dev.close();
+  }
+}
+
+test('root rotation: an agent restarted with the fleet half rewrapped opens every volume (next, current or previous root key)', {
+  timeout: 300_000,
+}, async () => {
+  const t = makeTempDir('cm-rewrap-restart-');
+  const state = join(t.dir, 'agent');
+  const root = join(state, 'keyd', 'root.key');
+  let host: AgentHost | undefined = await startAgent(state);
+  try {
+    const want = new Map<string, Buffer>();
+    for (const id of IDS) want.set(id, await marker(host, id, Buffer.from(`${id} restart marker `.repeat(400))));
+    await host.stop();
+    host = undefined;
+    // ---- a rotation begun; the rewrap run crashed in the middle of the fleet: db/data moved to the next
+    // root's key only, web/data half-way (both keyslots). The agent restarts before the commit.
+    assert.equal((await cm('keyd', 'rotate-root', 'begin', '--state-dir', join(state, 'keyd'))).code, 0);
+    const cur = (id: string) => passphrase(root, id);
+    const next = (id: string) => passphrase(`${root}.next`, id);
+    await rewrapBy(state, 'db/data', cur('db/data'), next('db/data'), false);
+    await rewrapBy(state, 'web/data', cur('web/data'), next('web/data'), true);
+    assert.ok(!opens(state, 'db/data', cur('db/data')), 'db/data: only the next root key opens it');
+    host = await startAgent(state);
+    for (const id of IDS) assert.ok((await marker(host, id)).equals(want.get(id)!), `${id}: opened before the commit`);
+    // rotate-key works on a volume whose keyslot is the next root's.
+    const rk = await cm('volume', 'rotate-key', 'db/data', '--state-dir', state, '--hotzone-size', '1048576');
+    assert.equal(rk.code, 0, rk.err);
+    assert.ok((await marker(host, 'db/data')).equals(want.get('db/data')!));
+    await host.stop();
+    host = undefined;
+    // ---- committed with the fleet still half rewrapped: db/data on the current root (was next), web/data
+    // with both keyslots (previous and current). A second rotation committed before any rewrap: both on
+    // `previous` only. The agent restarts in each state and opens them.
+    assert.equal((await cm('keyd', 'rotate-root', 'commit', '--state-dir', join(state, 'keyd'))).code, 0);
+    host = await startAgent(state);
+    for (const id of IDS) assert.ok((await marker(host, id)).equals(want.get(id)!), `${id}: opened after the commit`);
+    await host.stop();
+    host = undefined;
+    assert.equal((await cm('keyd', 'rotate-root', 'begin', '--state-dir', join(state, 'keyd'))).code, 0);
+    const prevRoot = readFileSync(root);
+    assert.equal((await cm('keyd', 'rotate-root', 'commit', '--state-dir', join(state, 'keyd'))).code, 0);
+    for (const id of IDS)
+      assert.ok(!opens(state, id, passphrase(root, id)), `${id}: the current root key does not open it`);
+    host = await startAgent(state);
+    for (const id of IDS)
+      assert.ok((await marker(host, id)).equals(want.get(id)!), `${id}: opened by the previous root`);
+    // rewrap-keys (the agent running) then finishes the fleet: every volume on the current root only.
+    const r = await cm('volume', 'rewrap-keys', '--state-dir', state);
+    assert.equal(r.code, 0, r.err);
+    for (const id of IDS) {
+      assert.ok(opens(state, id, passphrase(root, id)), `${id}: the current root key opens it`);
+      assert.ok(!opens(state, id, passphrase(prevRoot, id)), `${id}: the previous root key no longer does`);
+    }
+    await host.stop();
+    host = await startAgent(state);
+    for (const id of IDS) assert.ok((await marker(host, id)).equals(want.get(id)!), `${id}: after rewrap-keys`);
+  } finally {
+    await host?.stop();
+    await t.cleanup();
+  }
+});
