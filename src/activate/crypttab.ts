@@ -10,8 +10,9 @@
  * - key: a file path, `none`/`-`/absent (ask for a passphrase), or `/dev/urandom` (and `/dev/random`,
  *   `/dev/hw_random`): a random key, allowed only for plain, swap and tmp.
  * - options: the table OPTIONS below. Options that only steer systemd's scheduling (`_netdev`,
- *   `x-systemd.*`, `timeout=`, ...) or kernel dm-crypt workqueues are accepted and listed in
- *   `ignored`; volume types and features cryptmap does not implement (`tcrypt`, `bitlk`,
+ *   `x-systemd.*`, `timeout=`, ...) are accepted and listed in `ignored`; the activation flags
+ *   (`discard`, `same-cpu-crypt`, `submit-from-crypt-cpus`, `no-read-workqueue`, `no-write-workqueue`:
+ *   ./flags.ts) are applied to the mapping as `open`'s options are; volume types and features cryptmap does not implement (`tcrypt`, `bitlk`,
  *   `tpm2-device=`, `fido2-device=`, `pkcs11-uri=`, ...) are errors naming the option; any other
  *   option is an error (never guess).
  * Errors read `FILE:LINE: message` (code ECRYPTTAB). `resolveCrypttabKey` turns an entry's key field into
@@ -27,7 +28,7 @@ import { type FileHandle, open, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { CryptmapError, fromSystemError } from '../util/errors.js';
 import { Secret } from '../util/secret.js';
-import { ACTIVATION_FLAGS } from './flags.js';
+import { ACTIVATION_FLAGS, type ActivationFlags } from './flags.js';
 import { plainKeyFromPassphrase } from './plain-key.js';
 
 export type CrypttabType = 'luks' | 'plain' | 'swap' | 'tmp';
@@ -59,7 +60,8 @@ export interface CrypttabEntry {
   header?: string;
   /** File system made by `tmp` (default ext4). */
   tmpFilesystem?: string;
-  discard: boolean;
+  /** The activation flags set by options (./flags.ts; absent = off), applied as `open`'s options. */
+  flags: ActivationFlags;
   readonly: boolean;
   noauto: boolean;
   nofail: boolean;
@@ -101,7 +103,7 @@ function uint(ctx: Ctx, name: string, v: string, max = 0xffffffff): number {
   return Number(v);
 }
 
-const flag = (f: 'discard' | 'readonly' | 'noauto' | 'nofail', on: boolean): OptionSpec => ({
+const flag = (f: 'readonly' | 'noauto' | 'nofail', on: boolean): OptionSpec => ({
   value: 'none',
   apply: (c) => {
     c.e[f] = on;
@@ -204,9 +206,17 @@ const OPTIONS: Record<string, OptionSpec> = {
   timeout: ignore,
   'keyfile-timeout': ignore,
   headless: ignore,
-  // Activation flags (./flags.ts): discard is applied; the others tune the kernel's workqueues only.
+  // Activation flags (./flags.ts), as `open --allow-discards`, `--perf-same_cpu_crypt`...
   ...Object.fromEntries(
-    ACTIVATION_FLAGS.map((f) => [f.crypttab, f.field === 'allowDiscards' ? flag('discard', true) : ignore]),
+    ACTIVATION_FLAGS.map((f): [string, OptionSpec] => [
+      f.crypttab,
+      {
+        value: 'none',
+        apply: (c) => {
+          c.e.flags[f.field] = true;
+        },
+      },
+    ]),
   ),
   // Not implemented: named so the error says what and why.
   tcrypt: unsupported('TrueCrypt/VeraCrypt volumes are not implemented (use luks or plain)'),
@@ -320,7 +330,7 @@ export function parseCrypttab(text: string, file = 'crypttab'): CrypttabEntry[] 
       device: { kind: 'path', path: '' },
       key: { kind: 'prompt' },
       type: 'luks',
-      discard: false,
+      flags: {},
       readonly: false,
       noauto: false,
       nofail: false,

@@ -40,7 +40,7 @@ test('parses fields, device forms, key sources and options', () => {
   ];
   assert.deepEqual(home.device, { kind: 'uuid', value: '2f9a1c3e-0000-4000-8000-000000000001' });
   assert.deepEqual(home.key, { kind: 'prompt' });
-  assert.equal(home.discard, true);
+  assert.deepEqual(home.flags, { allowDiscards: true });
   assert.equal(home.tries, 0);
   assert.deepEqual(data.key, { kind: 'file', path: '/etc/keys/data.key' });
   assert.equal(data.header, '/etc/hdr/data.img');

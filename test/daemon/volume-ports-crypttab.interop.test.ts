@@ -48,7 +48,7 @@ test('crypttab open/close through the daemon: LUKS2 with a key file, plain with 
       [
         '# name  device  key  options',
         `secure ${luksImg} ${passFile} luks,discard`,
-        `scratch ${plainImg} ${plainKey} plain,cipher=aes-xts-plain64,size=512,sector-size=4096`,
+        `scratch ${plainImg} ${plainKey} plain,cipher=aes-xts-plain64,size=512,sector-size=4096,same-cpu-crypt,no-read-workqueue`,
         `later ${plainImg} ${plainKey} plain,cipher=aes-xts-plain64,size=512,noauto`,
         '',
       ].join('\n'),
@@ -61,6 +61,10 @@ test('crypttab open/close through the daemon: LUKS2 with a key file, plain with 
     assert.equal(core.statusOf('secure').mapping?.allowDiscards, true);
     assert.equal(core.statusOf('scratch').mapping?.sectorBytes, 4096);
     assert.equal(core.statusOf('scratch').mapping?.keyBytes, 64);
+    // the perf flags reach the mapping as `open --perf-same_cpu_crypt --perf-no_read_workqueue` does
+    assert.equal(core.statusOf('scratch').mapping?.sameCpuCrypt, true);
+    assert.equal(core.statusOf('scratch').mapping?.noReadWorkqueue, true);
+    assert.equal(core.statusOf('secure').mapping?.sameCpuCrypt, undefined);
     assert.equal(core.statusOf('later').active, false, 'noauto is not opened by default');
     // Again: already active, nothing changes.
     const c2 = captureIO();

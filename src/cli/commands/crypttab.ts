@@ -53,11 +53,12 @@ async function prepare(e: CrypttabEntry, io: CliIO): Promise<{ mapping: CryptMap
           device,
           passphrase: key.passphrase.expose(),
           readOnly: e.readonly,
-          allowDiscards: e.discard,
         };
         if (e.header !== undefined) o.header = e.header;
         if (e.keySlot !== undefined) o.keySlot = e.keySlot;
-        return await prepareLuks(o);
+        const r = await prepareLuks(o);
+        Object.assign(r.mapping, e.flags);
+        return r;
       } catch (err) {
         if (!isCryptmapError(err, 'ENOKEY') || i + 1 >= tries) throw err;
         io.stderr.write(`${err.message}\n`);
@@ -77,8 +78,8 @@ async function prepare(e: CrypttabEntry, io: CliIO): Promise<{ mapping: CryptMap
         offsetSectors: p.offsetSectors,
         skipSectors: p.skipSectors,
         readOnly: e.readonly,
-        allowDiscards: e.discard,
       });
+      Object.assign(mapping, e.flags);
       return { mapping, volumeKey: key.key };
     } catch (err) {
       key.key.dispose();
