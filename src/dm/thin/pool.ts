@@ -724,15 +724,18 @@ export class Pool {
   }
 }
 
-/** Direct I/O in flight, counted until it settles; drained() resolves when none is left. */
+/** Direct I/O in flight, counted until it settles; drained() resolves when none is left (any number of waiters). */
 class IoEpoch {
   #n = 0;
-  #wake: (() => void) | undefined;
+  #waiters: (() => void)[] = [];
 
   track(p: Promise<void>): Promise<void> {
     this.#n++;
     const leave = (): void => {
-      if (--this.#n === 0 && this.#wake !== undefined) this.#wake();
+      if (--this.#n !== 0) return;
+      const ws = this.#waiters;
+      this.#waiters = [];
+      for (const w of ws) w();
     };
     p.then(leave, leave);
     return p;
@@ -741,7 +744,7 @@ class IoEpoch {
   drained(): Promise<void> {
     if (this.#n === 0) return Promise.resolve();
     return new Promise((resolve) => {
-      this.#wake = resolve;
+      this.#waiters.push(resolve);
     });
   }
 }
