@@ -18,6 +18,7 @@ import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { FileDevice } from '../src/blockdev/file.js';
 import { openLuks } from '../src/luks/index.js';
+import { childCpuMs, median } from './common.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'cryptmap-bench-luks-'));
 const key = join(dir, 'key');
@@ -32,20 +33,6 @@ interface Sample {
   cpuMs: number;
 }
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)]!;
-}
-
-/** `times` in bash prints the shell's, then its children's user and system time ("0m1.234s 0m0.056s"). */
-function parseTimes(out: string): number {
-  const lines = out.trim().split('\n');
-  const child = lines[lines.length - 1] ?? '';
-  let ms = 0;
-  for (const m of child.matchAll(/(\d+)m([\d.]+)s/g)) ms += (Number(m[1]) * 60 + Number(m[2])) * 1000;
-  return ms;
-}
-
 function theirs(img: string): Sample {
   const t0 = performance.now();
   const r = spawnSync(
@@ -55,7 +42,7 @@ function theirs(img: string): Sample {
   );
   const wallMs = performance.now() - t0;
   if (r.status !== 0) throw new Error(`cryptsetup open --test-passphrase failed: ${r.stderr}`);
-  return { wallMs, cpuMs: parseTimes(r.stdout) };
+  return { wallMs, cpuMs: childCpuMs(r.stdout) };
 }
 
 async function ours(img: string): Promise<Sample> {

@@ -26,46 +26,11 @@ import { prepareLuks } from '../src/activate/mapping.js';
 import { DaemonCore } from '../src/daemon/core.js';
 import type { Via } from '../src/control/protocol.js';
 import { bestVia, fuseUnavailable } from '../src/daemon/fuse-export.js';
-
-function run(cmd: string, args: string[]): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const c = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    c.stdout.on('data', (d: Buffer) => {
-      out += d.toString();
-    });
-    c.stderr.on('data', (d: Buffer) => {
-      err += d.toString();
-    });
-    c.on('error', (e) => reject(new Error(`${cmd}: ${e.message}`)));
-    c.on('close', (code) =>
-      code === 0 ? resolve(out) : reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err.trim()}`)),
-    );
-  });
-}
+import { CRYPTSETUP_FAST_LUKS1_FORMAT, cpuSeconds, loadavg, median, run } from './common.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const loadavg = () => readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
-
-function cpuSeconds(pids: number[]): number {
-  let s = 0;
-  for (const pid of pids) {
-    try {
-      const f = readFileSync(`/proc/${pid}/stat`, 'utf8');
-      const fields = f.slice(f.lastIndexOf(')') + 2).split(' ');
-      s += (Number(fields[11]) + Number(fields[12])) / 100;
-    } catch {
-      return Number.NaN;
-    }
-  }
-  return s;
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)] ?? Number.NaN;
-}
+/** CPU seconds of all of `pids` (NaN if one is gone). */
+const cpuOf = (pids: number[]): number => pids.reduce((s, p) => s + cpuSeconds(p), 0);
 
 // ---------------------------------------------------------------- child: the cryptmap daemon core
 
@@ -141,23 +106,7 @@ async function main(): Promise<void> {
     const plainImg = join(dir, 'plain.img');
     const cryptImg = join(dir, 'luks1.img');
     for (const f of [plainImg, cryptImg]) await run('truncate', ['-s', String(imgBytes), f]);
-    await run('cryptsetup', [
-      'luksFormat',
-      '--batch-mode',
-      '--type',
-      'luks1',
-      '--cipher',
-      'aes-xts-plain64',
-      '--key-size',
-      '512',
-      '--hash',
-      'sha256',
-      '--pbkdf-force-iterations',
-      '1000',
-      '--key-file',
-      keyFile,
-      cryptImg,
-    ]);
+    await run('cryptsetup', [...CRYPTSETUP_FAST_LUKS1_FORMAT, '--key-file', keyFile, cryptImg]);
 
     // (a) kernel loop, no encryption.
     const loop = (await run('losetup', ['-f', '--show', plainImg])).trim();
@@ -244,13 +193,13 @@ async function main(): Promise<void> {
         const x = res.get(r)!;
         const file = join(mnts.get(r)!, 'fio.dat');
         const base = [`--filename=${file}`, `--size=${fileMiB}M`, '--direct=1', '--ioengine=libaio'];
-        const c0 = cpuSeconds(r.pids);
+        const c0 = cpuOf(r.pids);
         const w = await fio(['--name=w', ...base, '--bs=1M', '--rw=write', '--iodepth=8', '--end_fsync=1']);
-        const c1 = cpuSeconds(r.pids);
+        const c1 = cpuOf(r.pids);
         await drop();
-        const c2 = cpuSeconds(r.pids);
+        const c2 = cpuOf(r.pids);
         const rd = await fio(['--name=r', ...base, '--bs=1M', '--rw=read', '--iodepth=8']);
-        const c3 = cpuSeconds(r.pids);
+        const c3 = cpuOf(r.pids);
         await drop();
         const rr = await fio([
           '--name=rr',

@@ -13,7 +13,7 @@
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
-import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -21,6 +21,7 @@ import { parseArgs } from 'node:util';
 import { MemoryDevice } from '../src/blockdev/memory.js';
 import { NbdServer } from '../src/nbd/server.js';
 import { nbdUnixUri } from '../src/nbd-wire/uri.js';
+import { cpuSeconds, run, waitFor } from './common.js';
 
 const { values } = parseArgs({
   options: {
@@ -33,45 +34,24 @@ const { values } = parseArgs({
 const sizeBytes = Number(values['size-mib']) * 1024 * 1024;
 const rounds = Number(values.rounds);
 
-function run(cmd: string, args: string[]): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const c = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let err = '';
-    let out = '';
-    c.stdout.on('data', (d: Buffer) => {
-      out += d.toString();
-    });
-    c.stderr.on('data', (d: Buffer) => {
-      err += d.toString();
-    });
-    c.on('error', (e) => reject(new Error(`${cmd}: ${e.message} (install libnbd-bin, nbdkit and fio)`)));
-    c.on('close', (code) =>
-      code === 0 ? resolve(out) : reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err}`)),
-    );
-  });
-}
-
 async function randread(uri: string): Promise<number> {
-  const out = await run('fio', [
-    '--name=randread',
-    '--ioengine=nbd',
-    `--uri=${uri}`,
-    '--rw=randread',
-    '--bs=4k',
-    '--iodepth=32',
-    `--size=${sizeBytes}`,
-    '--runtime=5',
-    '--time_based',
-    '--output-format=json',
-  ]);
+  const out = await run(
+    'fio',
+    [
+      '--name=randread',
+      '--ioengine=nbd',
+      `--uri=${uri}`,
+      '--rw=randread',
+      '--bs=4k',
+      '--iodepth=32',
+      `--size=${sizeBytes}`,
+      '--runtime=5',
+      '--time_based',
+      '--output-format=json',
+    ],
+    'fio',
+  );
   return JSON.parse(out.slice(out.indexOf('{'))).jobs[0].read.iops as number;
-}
-
-/** CPU seconds (user + system) used so far by a process, from /proc. */
-function cpuSeconds(pid: number): number {
-  const f = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = f.slice(f.lastIndexOf(')') + 2).split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks (USER_HZ 100)
 }
 
 interface Sample {
@@ -82,14 +62,9 @@ interface Sample {
 async function timed(cmd: string, args: string[], serverPid: number): Promise<Sample> {
   const c0 = cpuSeconds(serverPid);
   const t0 = process.hrtime.bigint();
-  await run(cmd, args);
+  await run(cmd, args, 'libnbd-bin');
   const s = Number(process.hrtime.bigint() - t0) / 1e9;
   return { mbps: sizeBytes / 1e6 / s, cpuPerGiB: ((cpuSeconds(serverPid) - c0) * 1073741824) / sizeBytes };
-}
-
-async function waitFor(path: string): Promise<void> {
-  for (let i = 0; i < 200 && !existsSync(path); i++) await new Promise((r) => setTimeout(r, 25));
-  if (!existsSync(path)) throw new Error(`${path} did not appear`);
 }
 
 async function main(): Promise<void> {

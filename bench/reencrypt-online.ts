@@ -18,6 +18,7 @@ import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { median } from './common.js';
 
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
 const SIZE_MIB = Number(process.env.BENCH_SIZE_MIB ?? 256);
@@ -42,11 +43,6 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 function cm(...args: string[]): void {
   const r = spawnSync(process.execPath, [cli, ...args], { env, encoding: 'utf8', timeout: 600_000 });
   if (r.status !== 0) throw new Error(`cryptmap ${args[0]} failed: ${r.stderr}`);
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)]!;
 }
 
 /** fio against the volume until `stop()`; then its bandwidth samples: [unix ms at the interval's end, bytes]. */

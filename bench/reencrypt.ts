@@ -20,6 +20,7 @@ import { randomFillSync } from 'node:crypto';
 import { closeSync, copyFileSync, mkdtempSync, openSync, rmSync, statfsSync, writeFileSync, writeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { childCpuMs, median } from './common.js';
 
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
 const SIZE_MIB = Number(process.env.BENCH_SIZE_MIB ?? 1024);
@@ -50,26 +51,12 @@ interface Sample {
   cpuMs: number;
 }
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)]!;
-}
-
-/** `times` in bash prints the shell's, then its children's user and system time ("0m1.234s 0m0.056s"). */
-function parseTimes(out: string): number {
-  const lines = out.trim().split('\n');
-  const child = lines[lines.length - 1] ?? '';
-  let ms = 0;
-  for (const m of child.matchAll(/(\d+)m([\d.]+)s/g)) ms += (Number(m[1]) * 60 + Number(m[2])) * 1000;
-  return ms;
-}
-
 function timed(what: string, argv: string[]): Sample {
   const t0 = performance.now();
   const r = spawnSync('bash', ['-c', '"$@" >/dev/null || exit 9; times', 'bench', ...argv], { encoding: 'utf8' });
   const wallMs = performance.now() - t0;
   if (r.status !== 0) throw new Error(`${what} failed (${r.status}): ${r.stderr}`);
-  return { wallMs, cpuMs: parseTimes(r.stdout) };
+  return { wallMs, cpuMs: childCpuMs(r.stdout) };
 }
 
 function check(img: string, who: string): void {

@@ -27,51 +27,9 @@ import { parseArgs } from 'node:util';
 import { prepareLuks } from '../src/activate/mapping.js';
 import { DaemonCore } from '../src/daemon/core.js';
 import { nbdUnixUri } from '../src/nbd-wire/uri.js';
+import { CRYPTSETUP_FAST_LUKS1_FORMAT, cpuSeconds, loadavg, median, run, waitFor } from './common.js';
 
 const PASSPHRASE_BYTES = 32;
-
-function run(cmd: string, args: string[], pkg: string): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const c = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    c.stdout.on('data', (d: Buffer) => {
-      out += d.toString();
-    });
-    c.stderr.on('data', (d: Buffer) => {
-      err += d.toString();
-    });
-    c.on('error', (e) => reject(new Error(`${cmd}: ${e.message} (install the Debian package ${pkg})`)));
-    c.on('close', (code) =>
-      code === 0 ? resolve(out) : reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err.trim()}`)),
-    );
-  });
-}
-
-async function waitFor(path: string, child: ChildProcess, what: string): Promise<void> {
-  for (let i = 0; i < 400 && !existsSync(path); i++) {
-    if (child.exitCode !== null) throw new Error(`${what} exited with ${child.exitCode} before listening`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  if (!existsSync(path)) throw new Error(`${what}: ${path} did not appear`);
-}
-
-function loadavg(): string {
-  return readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
-}
-
-/** CPU seconds (user + system, all threads) a process used so far (/proc/PID/stat utime, stime). */
-function cpuSeconds(pid: number | undefined): number {
-  if (pid === undefined) return Number.NaN;
-  const f = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = f.slice(f.lastIndexOf(')') + 2).split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / 100; // USER_HZ 100
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)]!;
-}
 
 // ---------------------------------------------------------------- child: the cryptmap daemon core
 
@@ -152,27 +110,7 @@ async function main(): Promise<void> {
       }
       closeSync(fd);
     }
-    await run(
-      'cryptsetup',
-      [
-        'luksFormat',
-        '--batch-mode',
-        '--type',
-        'luks1',
-        '--cipher',
-        'aes-xts-plain64',
-        '--key-size',
-        '512',
-        '--hash',
-        'sha256',
-        '--pbkdf-force-iterations',
-        '1000',
-        '--key-file',
-        keyFile,
-        img,
-      ],
-      'cryptsetup-bin',
-    );
+    await run('cryptsetup', [...CRYPTSETUP_FAST_LUKS1_FORMAT, '--key-file', keyFile, img], 'cryptsetup-bin');
     const dump = await run('cryptsetup', ['luksDump', img], 'cryptsetup-bin');
     const payloadSectors = Number(/Payload offset:\s*(\d+)/.exec(dump)?.[1]);
     if (!Number.isFinite(payloadSectors)) throw new Error('cannot read the payload offset from luksDump');
