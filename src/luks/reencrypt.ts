@@ -354,6 +354,10 @@ export interface EncryptInitOptions extends Omit<Luks2FormatOptions, 'detachedHe
  * it is (forward, checksum|journal|none); without, `reduceBytes` makes room for the header: the
  * first half of it (the shift S) holds the header, the plaintext's first S bytes are copied to the
  * device's end and the data is then encrypted backwards, each block S bytes up (datashift).
+ * With both (cryptsetup 2.6 `--header H --reduce-device-size R`), the data stays in place at the
+ * data offset too, encrypted backwards in hotzones of R bytes, with resilience datashift (shift R)
+ * and no copy of the data anywhere: cryptsetup's format for it has no hotzone protection, so a
+ * crash inside a hotzone is not recoverable (resume refuses it, as with resilience none).
  * The header is built in memory and reaches the device in one write after the data copy, so a crash
  * leaves either the untouched plaintext or a header that resumes (no half-formatted state).
  */
@@ -369,14 +373,19 @@ export async function initEncrypt(
   let shift = 0;
   let offset: number;
   let keyslots = o.keyslotsBytes;
-  if (o.reduceBytes !== undefined) {
-    if (detached)
-      fail(
-        'Encryption with a detached header and --reduce-device-size is not supported by cryptmap yet; use cryptsetup.',
-        'ENOTSUP',
-      );
-    if (o.reduceBytes % 512 !== 0 || o.reduceBytes <= 0)
-      fail('Device size reduction must be a multiple of 512 bytes.', 'EARGS');
+  if (o.reduceBytes !== undefined && (o.reduceBytes % 512 !== 0 || o.reduceBytes <= 0))
+    fail('Device size reduction must be a multiple of 512 bytes.', 'EARGS');
+  if (o.reduceBytes !== undefined && detached) {
+    // cryptsetup 2.6 (encrypt_luks2_init with --header): the shift is the whole reduction; the
+    // header file holds the metadata and a keyslots area of the rest of it; the data stays in place.
+    shift = o.reduceBytes;
+    if (shift % sector !== 0)
+      fail(`Data shift value is not aligned to encryption sector size (${sector} bytes).`, 'EARGS');
+    offset = o.offsetBytes ?? 0;
+    keyslots ??= shift - 2 * meta;
+    if (keyslots <= 0 || 2 * meta + keyslots > shift)
+      fail('LUKS2 metadata size is larger than data shift value.', 'EARGS');
+  } else if (o.reduceBytes !== undefined) {
     shift = o.reduceBytes / 2;
     if (shift % sector !== 0) fail(`Data shift is not aligned to encryption sector size (${sector} bytes).`, 'EARGS');
     offset = shift;
@@ -392,14 +401,16 @@ export async function initEncrypt(
       );
     offset = o.offsetBytes ?? 0;
   }
+  /** Encryption with data shift in place: the plaintext's head moves to the device's end first. */
+  const moves = shift > 0 && !detached;
   const D = dataDev.sizeBytes;
-  const plain = D - 2 * shift - (shift ? 0 : offset);
+  const plain = moves ? D - 2 * shift : D - offset;
   if (plain <= 0) fail(`Device is too small.`, 'EDEVSIZE');
   if (plain % Math.max(sector, 512) !== 0)
     fail(`Data device is not aligned to encryption sector size (${sector} bytes).`, 'EARGS');
   // The header image, built in memory.
   const hdrBytes = 2 * meta + (keyslots ?? 0x1000000 - 2 * meta);
-  const img = new MemoryDevice({ sizeBytes: Math.max(hdrBytes, shift) });
+  const img = new MemoryDevice({ sizeBytes: Math.max(hdrBytes, moves ? shift : 0) });
   const fo: Luks2FormatOptions = { ...o, offsetBytes: offset, detachedHeader: detached, sectorBytes: sector };
   if (keyslots !== undefined) fo.keyslotsBytes = keyslots;
   delete (fo as EncryptInitOptions).reduceBytes;
@@ -417,7 +428,11 @@ export async function initEncrypt(
     const segs: Record<string, L2Segment> = {};
     let n = 0;
     let mlen = 0;
-    if (shift) {
+    if (shift && detached) {
+      // cryptsetup: both linear segments sized to the data (not 'dynamic').
+      segs[String(n++)] = { type: 'linear', offset: String(offset), size: String(plain) };
+      segs[String(n++)] = { type: 'linear', offset: String(offset), size: String(plain), flags: ['backup-previous'] };
+    } else if (shift) {
       const P = D - 2 * shift;
       mlen = Math.min(shift, P);
       segs[String(n++)] = { type: 'linear', offset: String(D - shift), size: String(mlen) };
@@ -451,7 +466,7 @@ export async function initEncrypt(
     );
     await mv.commitJson(j);
     // The plaintext's head goes to the end of the device before the header covers it.
-    if (shift) {
+    if (moves) {
       const b = Buffer.alloc(mlen);
       try {
         await dataDev.read(0, b);
@@ -830,6 +845,12 @@ async function recover(c: Ctx, meta: BlockDevice, data: BlockDevice, off: number
     await transform(c, b, off);
     await data.write(c.newOff + off, b);
     b.fill(0);
+  } else if (c.area.type === 'datashift' && !c.moved) {
+    // In place (detached header, cryptsetup's --header --reduce-device-size): the hotzone was being
+    // rewritten over its only copy, and the metadata keeps nothing of it.
+    fail(
+      'Reencryption was interrupted inside a hotzone with resilience datashift and the data in place (detached header): the hotzone cannot be recovered.',
+    );
   } else if (c.area.type === 'datashift') {
     // The source is intact: every hotzone is at most the shift long, so its write never reaches it.
     const b = await readFull(data, sourceOffset(c, off), len);
@@ -912,6 +933,17 @@ function following(c: Ctx, off: number, len: number, maxLen: number): { off: num
     const rest = off - S;
     if (rest < S) return { off: S, len: rest };
     return { off: rest, len: S };
+  }
+  if (c.area.type === 'datashift') {
+    // In place with a detached header: cryptsetup's order (reencrypt_context_update), so that a run
+    // stops only where cryptsetup's own runs stop: hotzones of S from the end, then the short rest
+    // just above S, then [0, S). Below S from a state cryptsetup left: the rest down to 0.
+    const S = c.area.shift;
+    if (off === 0) return null;
+    const o = off - S;
+    if (o <= 0) return { off: 0, len: off };
+    if (o < S) return { off: S, len: o };
+    return { off: o, len: S };
   }
   if (!c.backward) {
     const o = off + len;
@@ -1120,13 +1152,16 @@ async function run(
     fail('Reencryption metadata is invalid.');
   const shift = type === 'datashift' ? Number(a.shift_size) : 0;
   if (type === 'datashift') {
-    if (!(mode === 'encrypt' && backward && moved && moved[1].type === 'linear')) {
+    // With data moved (header in place), or in place with a detached header (same offsets).
+    const inPlace = !moved && prev[1].offset === fin[1].offset;
+    if (!(mode === 'encrypt' && backward && (inPlace || moved?.[1].type === 'linear'))) {
       fail(
         `Reencryption mode ${mode} (${String(ks.direction)}) with data shift is not supported by cryptmap yet; use cryptsetup.`,
         'ENOTSUP',
       );
     }
-    if (!(shift > 0) || shift % 512 !== 0 || Number(fin[1].offset) < shift) fail('Reencryption metadata is invalid.');
+    if (!(shift > 0) || shift % 512 !== 0 || (moved && Number(fin[1].offset) < shift))
+      fail('Reencryption metadata is invalid.');
   } else if (moved || prev[1].offset !== fin[1].offset) {
     fail('Reencryption with data shift is not supported by cryptmap yet; use cryptsetup.', 'ENOTSUP');
   }
@@ -1181,7 +1216,7 @@ async function run(
         shift,
       },
       newOff,
-      oldOff: shift ? newOff - shift : Number(prev[1].offset),
+      oldOff: moved ? newOff - shift : Number(prev[1].offset),
       newIv: BigInt(fin[1].iv_tweak ?? '0'),
       oldIv: BigInt(prev[1].iv_tweak ?? '0'),
       total: await dataSize(vol, j, o.dataDev),

@@ -197,6 +197,105 @@ test('encrypt with a detached header, both ways', async () => {
   assert.ok(plaintextOf(b.img, bh, b.key).equals(b.plain));
 });
 
+test('encrypt with a detached header and --reduce-device-size (cryptsetup 2.6: data in place, datashift), both ways, also mid-way', async () => {
+  // Hotzones of the shift (1664 KiB: a quarter of the data, so that a run stopped after two of
+  // them is one cryptsetup resumes; it cannot resume its own runs stopped where the rest is not a
+  // multiple of the shift) and a data offset below it (the keyslots area shrinks to fit).
+  const OFF = 1 << 20;
+  const make = (name: string) => {
+    const f = fresh(name, 0);
+    const head = randomBytes(OFF);
+    writeFileSync(f.img, Buffer.concat([head, f.plain]));
+    return { ...f, head, hdr: `${f.img}.hdr` };
+  };
+  const args = (x: { hdr: string; key: string; img: string }) => [
+    '--encrypt',
+    '-q',
+    '--header',
+    x.hdr,
+    '--offset',
+    String(OFF / 512),
+    '--reduce-device-size',
+    '1664K',
+    ...FAST_PBKDF,
+    '--key-file',
+    x.key,
+    x.img,
+  ];
+  const check = (x: ReturnType<typeof make>) => {
+    noReencrypt(x.hdr);
+    assert.ok(plaintextOf(x.img, x.hdr, x.key).equals(x.plain));
+    assert.ok(readFileSync(x.img).subarray(0, OFF).equals(x.head), 'the bytes before the data offset are not touched');
+  };
+  // cryptmap begins (the keyslots area shrunk to fit before --offset, with cryptsetup's warning).
+  const a = make('ha.img');
+  let r = await cm('reencrypt', '--init-only', ...args(a));
+  assert.equal(r.code, 0, r.err);
+  assert.equal(r.out, `WARNING: LUKS2 keyslots area size changed to ${OFF - 0x8000} bytes.\n`);
+  const ref = make('hr.img');
+  const c0 = cs('reencrypt', '--init-only', '--force-offline-reencrypt', ...args(ref));
+  assert.equal(c0.status, 0, c0.out);
+  const shape = (h: string) =>
+    cs('luksDump', h)
+      .out.split('\n')
+      .filter((l) => !/UUID|Epoch|Salt|Digest:|^\t {3,}[0-9a-f]{2} /.test(l))
+      .join('\n');
+  assert.equal(shape(a.hdr), shape(ref.hdr));
+  assert.equal(readFileSync(a.hdr).length, readFileSync(ref.hdr).length);
+  const c = cs(
+    'reencrypt',
+    '--resume-only',
+    '--force-offline-reencrypt',
+    '-q',
+    '--header',
+    a.hdr,
+    '--key-file',
+    a.key,
+    a.img,
+  );
+  assert.equal(c.status, 0, c.out);
+  check(a);
+  // cryptsetup begins, cryptmap runs.
+  r = await cm('reencrypt', '--resume-only', '-q', '--header', ref.hdr, '--key-file', ref.key, ref.img);
+  assert.equal(r.code, 0, r.err);
+  check(ref);
+  // cryptmap stops after its first hotzone; cryptsetup finishes.
+  const m = make('hm.img');
+  r = await cm('reencrypt', '--init-only', ...args(m));
+  assert.equal(r.code, 0, r.err);
+  const hdev = await FileDevice.open(m.hdr, { readOnly: false });
+  const ddev = await FileDevice.open(m.img, { readOnly: false });
+  try {
+    const ac = new AbortController();
+    let steps = 0;
+    const done = await runReencrypt(await Luks2Volume.open(hdev), Buffer.from('secret pass'), {
+      dataDev: ddev,
+      signal: ac.signal,
+      onProgress: () => {
+        if (++steps === 3) ac.abort();
+      },
+    });
+    assert.equal(done, false);
+  } finally {
+    await hdev.close();
+    await ddev.close();
+  }
+  assert.match(cs('luksDump', m.hdr).out, /online-reencrypt-v2/);
+  const c2 = cs(
+    'reencrypt',
+    '--resume-only',
+    '--force-offline-reencrypt',
+    '-q',
+    '--header',
+    m.hdr,
+    '--key-file',
+    m.key,
+    m.img,
+  );
+  assert.equal(c2.status, 0, c2.out);
+  check(m);
+});
+
 test('decrypt with a detached header, both ways; without --header it is refused', async () => {
   for (const [first, second] of [
     ['cm', 'cs'],

@@ -348,8 +348,6 @@ interface EncryptArgs {
  */
 async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArgs): Promise<number> {
   const headerFile = v.header;
-  if (headerFile && a.reduceBytes !== undefined)
-    wrongParams('Encryption with a detached header and --reduce-device-size is not supported by cryptmap yet.');
   if (!headerFile && a.reduceBytes === undefined) {
     throw new CryptmapError(
       'ENOTSUP',
@@ -358,7 +356,20 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
     );
   }
   const md = bytesOpt(v['luks2-metadata-size'], '--luks2-metadata-size');
-  const kss = bytesOpt(v['luks2-keyslots-size'], '--luks2-keyslots-size');
+  let kss = bytesOpt(v['luks2-keyslots-size'], '--luks2-keyslots-size');
+  if (headerFile && a.reduceBytes !== undefined) {
+    // cryptsetup 2.6: the header file's keyslots area is the reduction less the metadata, and
+    // luksFormat shrinks it (with a warning) to fit before a data offset given with --offset.
+    const m = md ?? 0x4000;
+    kss ??= a.reduceBytes - 2 * m;
+    if (kss <= 0 || 2 * m + kss > a.reduceBytes)
+      throw new CryptmapError('EINVAL', 'LUKS2 metadata size is larger than data shift value.', { exitCode: 1 });
+    const off = (a.offsetSectors ?? 0) * 512;
+    if (off > 0 && off < 2 * m + kss) {
+      kss = Math.floor((off - 2 * m) / 4096) * 4096;
+      if (kss > 0) io.stdout.write(`WARNING: LUKS2 keyslots area size changed to ${kss} bytes.\n`);
+    }
+  }
   const dataDev = await openDevice(device, true);
   let hdrDev: BlockDevice | undefined;
   try {
@@ -368,7 +379,7 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
       const layout = luks2Layout({
         detachedHeader: true,
         ...(md !== undefined ? { metadataBytes: md } : {}),
-        ...(kss !== undefined && a.reduceBytes === undefined ? { keyslotsBytes: kss } : {}),
+        ...(kss !== undefined && (a.reduceBytes === undefined || headerFile) ? { keyslotsBytes: kss } : {}),
       });
       hdrDev = await openHeaderFile(headerFile, layout.hdrAndAreas);
     }
