@@ -1419,6 +1419,7 @@ static void aesni_probe(void) {
 void cryptmap_register_peercred(napi_env env, napi_value exports); /* peercred.c */
 void cryptmap_register_dumpable(napi_env env, napi_value exports); /* dumpable.c */
 void cryptmap_register_sdnotify(napi_env env, napi_value exports); /* sdnotify.c */
+void cryptmap_register_sockbuf(napi_env env, napi_value exports);  /* sockbuf.c */
 static const char *const XTS_NAMES[] = {"auto", "evp", "own", "aesni", "vaes512", "vaes256"};
 
 /* After aesni_probe: VAES widths, then the default XTS implementation or CRYPTMAP_CRYPTO_IMPL's. */
@@ -1492,6 +1493,7 @@ static napi_value init(napi_env env, napi_value exports) {
   cryptmap_register_peercred(env, exports);
   cryptmap_register_dumpable(env, exports);
   cryptmap_register_sdnotify(env, exports);
+  cryptmap_register_sockbuf(env, exports);
   napi_value v, list;
   CHECK(env, napi_create_string_utf8(env, XTS_NAMES[xts_default], NAPI_AUTO_LENGTH, &v));
   CHECK(env, napi_set_named_property(env, exports, "xtsImpl", v));

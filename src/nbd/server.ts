@@ -19,6 +19,7 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { createSecureContext, type SecureContext } from 'node:tls';
 import { CryptmapError, EXIT_BUSY, fromSystemError } from '../util/errors.js';
 import { logger } from '../util/log.js';
+import { enlargeUnixSendBuffer } from '../util/sockbuf.js';
 import { listenUnixSocket } from '../util/unix-socket.js';
 import { adoptSocket } from '../nbd-wire/recv.js';
 import { Connection } from './connection.js';
@@ -308,7 +309,10 @@ export class NbdServer {
       return;
     }
     // Re-wrapped so that WRITE payloads can be read straight into their buffers (RecvQueue.direct).
-    const conn = new Connection(this.#ctx, adoptSocket(sock), this.#handshakeTimeoutMs, l.tls);
+    const adopted = adoptSocket(sock);
+    // Replies of 256 KiB and more leave in fewer, larger writes (util/sockbuf.ts; Unix sockets only).
+    enlargeUnixSendBuffer(adopted);
+    const conn = new Connection(this.#ctx, adopted, this.#handshakeTimeoutMs, l.tls);
     this.#connections.add(conn);
     l.connections.add(conn);
     if (l.maxPerPeer > 0) l.perPeer.set(peer, (l.perPeer.get(peer) ?? 0) + 1);

@@ -170,6 +170,11 @@ export interface NativeAddon {
    * before it was added lacks it (util/peercred.ts then reports the credentials as unknown).
    */
   peerCred?(fd: number): { pid: number; uid: number; gid: number };
+  /**
+   * setsockopt(SO_SNDBUF, bytes) on an AF_UNIX socket (native/sockbuf.c): the resulting SO_SNDBUF, or 0
+   * (nothing done) for another family. Optional: an addon built before it was added lacks it.
+   */
+  unixSendBuffer?(fd: number, bytes: number): number;
   /** prctl(PR_SET_DUMPABLE, flag) when a flag is given; PR_GET_DUMPABLE after (native/dumpable.c). */
   dumpable?(flag?: boolean): boolean;
   /** glibc M_PERTURB on or off: free() overwrites released heap chunks (native/dumpable.c). */

@@ -22,7 +22,7 @@ export interface PeerCred {
 }
 
 /** The file descriptor behind a connected net.Socket (Unix socket), when Node exposes it. */
-function socketFd(sock: Socket): number | undefined {
+export function socketFd(sock: Socket): number | undefined {
   const fd = (sock as unknown as { _handle?: { fd?: number } })._handle?.fd;
   return typeof fd === 'number' && fd >= 0 ? fd : undefined;
 }

@@ -11,6 +11,7 @@ import { isIP, type Socket, connect as netConnect } from 'node:net';
 import { join } from 'node:path';
 import { checkServerIdentity, connect as tlsConnect, type PeerCertificate, type TLSSocket } from 'node:tls';
 import type { NbdUriTarget } from '../../nbd-wire/uri.js';
+import { enlargeUnixSendBuffer } from '../../util/sockbuf.js';
 
 export interface TlsCredentials {
   ca?: Buffer;
@@ -119,6 +120,8 @@ export function connectSocket(t: NbdUriTarget, timeoutMs: number): Promise<Socke
     }, timeoutMs);
     s.once('connect', () => {
       clearTimeout(timer);
+      // WRITE payloads of 256 KiB and more leave in fewer, larger writes (util/sockbuf.ts).
+      if (t.transport.kind === 'unix') enlargeUnixSendBuffer(s);
       s.off('error', onError);
       resolve(s);
     });
