@@ -32,6 +32,29 @@ export async function withKey<T>(args: { readonly key?: unknown }, fn: (key: Sec
   }
 }
 
+/**
+ * The keys of a reencryption (`key`: the old volume key, `newKey`: the new one), either absent where
+ * that side is plaintext (encryption has no old key, decryption no new one), not both; wiped after `fn`.
+ */
+export async function withKeyPair<T>(
+  args: { readonly key?: unknown; readonly newKey?: unknown },
+  fn: (oldKey: Secret | undefined, newKey: Secret | undefined) => Promise<T>,
+): Promise<T> {
+  const isKey = (x: unknown) => Buffer.isBuffer(x) && x.length > 0;
+  const o = args.key === undefined ? undefined : new Secret(need<Buffer>(args.key, isKey, 'key (binary)'));
+  try {
+    const n = args.newKey === undefined ? undefined : new Secret(need<Buffer>(args.newKey, isKey, 'newKey (binary)'));
+    try {
+      if (!o && !n) need(undefined, () => false, 'key or newKey (binary)');
+      return await fn(o, n);
+    } finally {
+      n?.dispose();
+    }
+  } finally {
+    o?.dispose();
+  }
+}
+
 /** Rebuild a CryptMapping from its JSON form, checking every field. */
 export function mappingFromJson(v: unknown): CryptMapping {
   const o = need<Record<string, unknown>>(v, (x) => typeof x === 'object' && x !== null, 'mapping');

@@ -137,7 +137,7 @@ export class ControlClient {
     return this.request(
       op,
       (args ?? {}) as Record<string, unknown>,
-      bin as Record<string, Uint8Array> | undefined,
+      bin as Record<string, Uint8Array | undefined> | undefined,
     ) as Promise<OpResult<K>>;
   }
 
@@ -149,7 +149,7 @@ export class ControlClient {
   request(
     op: string,
     args: Record<string, unknown> = {},
-    bin?: Record<string, Uint8Array>,
+    bin?: Record<string, Uint8Array | undefined>,
     timeoutMs = this.#timeoutMs,
   ): Promise<unknown> {
     if (this.#closedError) return Promise.reject(this.#closedError);

@@ -88,17 +88,19 @@ export interface ControlOps {
   /** LUKS2 volumes need the key (cryptsetup asks for the passphrase), others not. */
   'volume.resize': { args: Name & { sizeSectors?: number }; key: 'optional'; result: VolumeStatus };
   /**
-   * Online reencryption of an active LUKS2 volume whose header is in reencryption: `key` is the
-   * volume key it runs with, `newKey` the new one. Returns once it runs (progress: volume.status).
+   * Online reencryption (encryption, decryption) of an active LUKS2 volume whose header is in
+   * reencryption: `key` is the volume key it runs with, `newKey` the new one (either absent where
+   * that side is plaintext). Returns once it runs (progress: volume.status).
    */
   'volume.reencrypt': { args: Name & { hotzoneBytes?: number }; key: 'pair'; result: VolumeStatus };
   /**
-   * Open a LUKS2 volume whose reencryption stopped between hotzones (cryptsetup 2.6 maps each
-   * segment): `mapping` is the old layout (`key`), `next` the new one (`newKey`), meeting at logical
-   * byte `boundaryBytes` (the new layout below it, or above it when `backward`).
+   * Open a LUKS2 volume whose reencryption (encryption, decryption) stopped between hotzones
+   * (cryptsetup 2.6 maps each live segment of the header): `mapping` names the volume, its devices and
+   * activation flags (the daemon reads the segments from the header); `key` is the old volume key,
+   * `newKey` the new one (either absent where that side is plaintext).
    */
   'volume.openReencrypt': {
-    args: { mapping: MappingJson; next: MappingJson; boundaryBytes: number; backward: boolean };
+    args: { mapping: MappingJson };
     key: 'pair';
     result: VolumeStatus;
   };
@@ -145,7 +147,7 @@ type KeyMode<K extends ControlOp> = ControlOps[K] extends { key: infer M } ? M :
 /** The binary arguments of a call: `{ key }` where the operation takes a volume key (`{ key, newKey }`: a pair). */
 export type OpBin<K extends ControlOp> =
   KeyMode<K> extends 'pair'
-    ? [bin: { key: Uint8Array; newKey: Uint8Array }]
+    ? [bin: { key?: Uint8Array; newKey?: Uint8Array }]
     : KeyMode<K> extends 'required'
       ? [bin: { key: Uint8Array }]
       : KeyMode<K> extends 'optional'
@@ -239,9 +241,10 @@ export function encodeRequest(
   id: number,
   op: string,
   args: Record<string, unknown>,
-  bin: Record<string, Uint8Array> = {},
+  bin: Record<string, Uint8Array | undefined> = {},
 ): { line: string; binary: Buffer[] } {
-  const names = Object.keys(bin);
+  // An absent optional argument (one key of a pair) is not sent.
+  const names = Object.keys(bin).filter((k) => bin[k] !== undefined);
   const head: Record<string, unknown> = { id, op, args };
   if (names.length) head.bin = Object.fromEntries(names.map((k) => [k, bin[k]!.length]));
   return { line: `${JSON.stringify(head)}\n`, binary: names.map((k) => Buffer.from(bin[k]!)) };

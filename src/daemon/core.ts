@@ -127,8 +127,8 @@ export class DaemonCore {
    */
   reencryptVolume(
     name: string,
-    oldKey: Secret,
-    newKey: Secret,
+    oldKey: Secret | undefined,
+    newKey: Secret | undefined,
     opts: OnlineReencryptOptions = {},
   ): Promise<VolumeStatus> {
     return this.#volumeVerb(name, () => startOnlineReencrypt(this.#parts, name, oldKey, newKey, opts));
@@ -136,16 +136,11 @@ export class DaemonCore {
 
   /** Open a volume in the middle of its reencryption (reencrypt-online.ts openMidReencryption). Takes copies of the keys. */
   openReencryptingVolume(
-    old: CryptMapping,
-    next: CryptMapping,
-    boundaryBytes: number,
-    backward: boolean,
-    oldKey: Secret,
-    newKey: Secret,
+    m: CryptMapping,
+    oldKey: Secret | undefined,
+    newKey: Secret | undefined,
   ): Promise<VolumeStatus> {
-    return this.#volumeVerb(old.name, () =>
-      openMidReencryption(this.#parts, old, next, boundaryBytes, backward, oldKey, newKey),
-    );
+    return this.#volumeVerb(m.name, () => openMidReencryption(this.#parts, m, oldKey, newKey));
   }
 
   /** Stop the online reencryption of `name` after its current hotzone; resolves once it stopped. */

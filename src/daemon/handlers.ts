@@ -5,7 +5,7 @@
  * `withKey` (wiped however the call ends).
  */
 import { allFlags, pickFlags } from '../activate/flags.js';
-import { mappingFromJson, nameArg, need, withKey } from '../control/args.js';
+import { mappingFromJson, nameArg, need, withKey, withKeyPair } from '../control/args.js';
 import { dmHandlers } from '../control/dm-remote.js';
 import { type OpHandlers, VIAS, type Via } from '../control/protocol.js';
 import { CryptmapError } from '../util/errors.js';
@@ -46,26 +46,13 @@ export function daemonHandlers(core: DaemonCore): OpHandlers {
               (x) => typeof x === 'number' && Number.isSafeInteger(x) && x > 0,
               'hotzoneBytes',
             );
-      return withKey(a, (oldKey) =>
-        withKey({ key: a.newKey }, (newKey) =>
-          core.reencryptVolume(name, oldKey, newKey, hotzoneBytes === undefined ? {} : { hotzoneBytes }),
-        ),
+      return withKeyPair(a, (oldKey, newKey) =>
+        core.reencryptVolume(name, oldKey, newKey, hotzoneBytes === undefined ? {} : { hotzoneBytes }),
       );
     },
     'volume.openReencrypt': (a) => {
-      const old = mappingFromJson(a.mapping);
-      const next = mappingFromJson(a.next);
-      const boundary = need<number>(
-        a.boundaryBytes,
-        (x) => typeof x === 'number' && Number.isSafeInteger(x) && x >= 0,
-        'boundaryBytes',
-      );
-      const backward = need<boolean>(a.backward, (x) => typeof x === 'boolean', 'backward');
-      return withKey(a, (oldKey) =>
-        withKey({ key: a.newKey }, (newKey) =>
-          core.openReencryptingVolume(old, next, boundary, backward, oldKey, newKey),
-        ),
-      );
+      const m = mappingFromJson(a.mapping);
+      return withKeyPair(a, (oldKey, newKey) => core.openReencryptingVolume(m, oldKey, newKey));
     },
     'volume.reencryptStop': async (a) => core.stopReencrypt(nameArg(a.name)),
     'agent.rotateKey': async () => {

@@ -75,13 +75,13 @@ export async function rotateVolumeKey(
       if (!inReencryption(vol.jsonSnapshot()))
         await initReencrypt(vol, pass.expose(), { kdf: { ...VOLUME_KEYSLOT_PBKDF }, resilience: 'checksum' });
       const k = await unlockReencryptKeys(vol, pass.expose());
-      const oldKey = new Secret(k.oldKey ?? Buffer.alloc(0));
-      const newKey = new Secret(k.newKey ?? Buffer.alloc(0));
+      const oldKey = k.oldKey ? new Secret(k.oldKey) : undefined;
+      const newKey = k.newKey ? new Secret(k.newKey) : undefined;
       try {
         return await core.reencryptVolume(t.mapping, oldKey, newKey, o);
       } finally {
-        oldKey.dispose();
-        newKey.dispose();
+        oldKey?.dispose();
+        newKey?.dispose();
       }
     } finally {
       pass.dispose();

@@ -83,9 +83,111 @@ export interface HotzoneHooks {
    * Before the hotzone's old data is read: from here until `done`, I/O to it waits and I/O in flight
    * to it has completed; the rest maps to the new layout before the hotzone's side, the old one after.
    */
-  start(off: number, len: number): Promise<void>;
+  start(off: number, len: number, segments: MappedSegment[]): Promise<void>;
   /** The hotzone is written in the new layout and flushed: its I/O goes on, in the new layout. */
   done(off: number, len: number): Promise<void>;
+}
+
+/**
+ * One part of a mapping of a LUKS2 device in reencryption (cryptsetup 2.6 maps each live segment:
+ * LUKS2_assembly_multisegment_dmd): logical bytes [startBytes, startBytes+lengthBytes) of the volume,
+ * linear (plaintext) or crypt with the old or the new volume key, its data at `offsetBytes` of the
+ * data device. `hot`: the hotzone, in the new layout.
+ */
+export interface MappedSegment {
+  startBytes: number;
+  lengthBytes: number;
+  type: 'crypt' | 'linear';
+  offsetBytes: number;
+  /** crypt only: the cipher, its sector size, its first IV (512-byte units) and which volume key. */
+  cipher?: string;
+  sectorBytes?: SectorBytes;
+  ivTweak?: bigint;
+  key?: 'old' | 'new';
+  /** In the new layout (progress counts these). */
+  isNew: boolean;
+  hot?: boolean;
+}
+
+/** Live segments with their roles as MappedSegments over `totalBytes` ('dynamic' takes the rest). */
+function toMapped(live: Array<[L2Segment, Role]>, totalBytes: number): MappedSegment[] {
+  const out: MappedSegment[] = [];
+  let at = 0;
+  for (const [s, role] of live) {
+    const len = s.size === 'dynamic' ? totalBytes - at : Number(s.size);
+    if (!(len > 0) || len % 512 !== 0 || at + len > totalBytes) fail('Reencryption metadata is invalid.');
+    const m: MappedSegment = {
+      startBytes: at,
+      lengthBytes: len,
+      type: s.type === 'crypt' ? 'crypt' : 'linear',
+      offsetBytes: Number(s.offset),
+      isNew: role !== 'old',
+    };
+    if (s.type === 'crypt') {
+      m.cipher = s.encryption!;
+      m.sectorBytes = (s.sector_size ?? 512) as SectorBytes;
+      m.ivTweak = BigInt(s.iv_tweak ?? '0');
+      m.key = role === 'old' ? 'old' : 'new';
+    } else if (s.type !== 'linear') fail('Reencryption metadata is invalid.');
+    if (role === 'hot') m.hot = true;
+    out.push(m);
+    at += len;
+  }
+  return out;
+}
+
+/**
+ * The mapping of LUKS2 device `vol` as its reencryption left it on disk (cryptsetup 2.6 activation of
+ * a device in reencryption: each live segment with its key; a last 'dynamic' segment reaches the end
+ * of the data). `hotzone`: a hotzone is in progress (a crash: recover it first, runReencrypt does);
+ * its segment is then flagged `hot`. `doneBytes`: what is in the new layout. `dataDev`: the data
+ * device when the header is detached.
+ */
+export async function reencryptSegments(
+  vol: Luks2Volume,
+  dataDev?: BlockDevice,
+): Promise<{
+  layout: ReencryptLayout;
+  segments: MappedSegment[];
+  totalBytes: number;
+  doneBytes: number;
+  hotzone: boolean;
+}> {
+  const j = vol.jsonSnapshot();
+  const layout = reencryptLayout(j);
+  const { ks } = reencryptKeyslot(j);
+  const a = ks.area as Record<string, unknown>;
+  const moved = segmentByFlag(j, 'backup-moved-segment');
+  // cryptsetup: the data offset is the new segment's, plus the shift while data moves forward.
+  let dataBytes = await dataSize(vol, j, dataDev);
+  if (String(a.type).startsWith('datashift') && !layout.backward) dataBytes -= Number(a.shift_size);
+  const bound = (d: string | undefined, id: string) => d !== undefined && j.digests[d]!.segments.includes(id);
+  const live: Array<[L2Segment, Role]> = [];
+  let hotzone = false;
+  for (const [id, sg] of Object.entries(j.segments).sort((x, y) => Number(x[0]) - Number(y[0]))) {
+    if (sg.flags?.some((f) => f.startsWith('backup-'))) continue;
+    let role: Role;
+    if (sg.flags?.includes('in-reencryption')) {
+      role = 'hot';
+      hotzone = true;
+    } else if (sg.type === 'crypt') {
+      const n = bound(layout.newDigest, id);
+      const o = bound(layout.oldDigest, id);
+      if (n === o) fail('Reencryption metadata is invalid.');
+      role = n ? 'new' : 'old';
+    } else {
+      // Plaintext: the old layout while encrypting (the moved part too), the new one while decrypting.
+      role = layout.mode === 'decrypt' ? 'new' : 'old';
+    }
+    live.push([sg, role]);
+  }
+  if (live.length === 0) fail('Reencryption metadata is invalid.');
+  const fixed = live.every(([sg]) => sg.size !== 'dynamic');
+  const total = fixed ? live.reduce((n, [sg]) => n + Number(sg.size), 0) : dataBytes;
+  if (total > dataBytes + (moved ? Number(moved[1].size) : 0)) fail('Device is too small.', 'EDEVSIZE');
+  const segments = toMapped(live, total);
+  const doneBytes = segments.filter((x) => x.isNew && !x.hot).reduce((n, x) => n + x.lengthBytes, 0);
+  return { layout, segments, totalBytes: total, doneBytes, hotzone };
 }
 
 /** The volume keys a reencryption works with: of the old segment and of the new one (absent for plaintext). */
@@ -676,6 +778,11 @@ function setSegments(c: Ctx, live: Array<[L2Segment, Role]>): void {
   j.segments = segs;
 }
 
+/** The size of a live mapping: the plaintext with data shift (its segments are all fixed), else the data. */
+function mappedTotal(c: Ctx): number {
+  return c.moved ? shiftPlainBytes(c) : c.total;
+}
+
 /** Plaintext bytes (encryption with data shift): the logical size less the shift. */
 function shiftPlainBytes(c: Ctx): number {
   return Number(c.prev.size);
@@ -683,6 +790,11 @@ function shiftPlainBytes(c: Ctx): number {
 
 /** The segments while hotzone [off, off+len) is rewritten. */
 function hotSegments(c: Ctx, off: number, len: number): void {
+  setSegments(c, hotLive(c, off, len));
+}
+
+/** The live segments (with their roles) while hotzone [off, off+len) is rewritten. */
+function hotLive(c: Ctx, off: number, len: number): Array<[L2Segment, Role]> {
   const live: Array<[L2Segment, Role]> = [];
   if (c.moved) {
     // Encryption with data shift (backward): moved part, rest of the plaintext, hotzone, encrypted part.
@@ -703,7 +815,7 @@ function hotSegments(c: Ctx, off: number, len: number): void {
     live.push([newSeg(c, off, len, ['in-reencryption']), 'hot']);
     if (off + len < c.total) live.push([newSeg(c, off + len, 'dynamic'), 'new']);
   }
-  setSegments(c, live);
+  return live;
 }
 
 /** The segments once hotzone [off, off+len) is done (never called for the last one: finish() writes that). */
@@ -1249,7 +1361,7 @@ async function run(
       if (!(len >= 512) || !(off >= 0) || (type === 'datashift' && len > shift))
         fail('Reencryption metadata is invalid.');
       if (off + len > c.total) fail('Device is too small.', 'EDEVSIZE');
-      await o.hotzone?.start(off, len);
+      await o.hotzone?.start(off, len, toMapped(hotLive(c, off, len), mappedTotal(c)));
       await recover(c, meta, data, off, len);
       next = following(c, off, len, maxLen);
       if (next) {
@@ -1293,7 +1405,7 @@ async function run(
             await blockSumsYielding(c.area.hash!, x, c.area.blockBytes, sums, (pos / c.area.blockBytes) * hs);
           });
         }
-        await o.hotzone?.start(off, len);
+        await o.hotzone?.start(off, len, toMapped(hotLive(c, off, len), mappedTotal(c)));
         if (type !== 'none') {
           hotSegments(c, off, len);
           if (h && sums) {

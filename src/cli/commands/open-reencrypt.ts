@@ -5,9 +5,9 @@
  * left in progress by a crash is recovered first (from its checksums, journal or the moved data; a
  * reencryption whose last hotzone that was is finished by it), the old and new volume keys are unlocked
  * with the passphrase, the reencryption metadata is checked against its digest, and the daemon maps
- * each part with its key (`volume.openReencrypt`): `cryptmap reencrypt --resume-only NAME` then
- * continues online. Only a volume-key reencryption in place is mapped this way; a device in the middle
- * of --encrypt, --decrypt or a data shift is refused (finish it offline first).
+ * each live segment with its key, linear where the data is plaintext (`volume.openReencrypt`):
+ * `cryptmap reencrypt --resume-only NAME` then continues online. A volume-key reencryption, an
+ * encryption (--encrypt, with a detached header or a data shift) and a decryption are mapped alike.
  */
 import { flagOfPersistent, flagsFromOptions } from '../../activate/flags.js';
 import { type CryptMapping, persistentFlagsOf } from '../../activate/mapping.js';
@@ -20,7 +20,7 @@ import type { SectorBytes } from '../../engine/types.js';
 import {
   type L2Segment,
   type Luks2Volume,
-  reencryptProgress,
+  reencryptSegments,
   runReencrypt,
   takeReencryptLock,
   unlockReencryptKeys,
@@ -100,13 +100,7 @@ export async function openInReencryption(
             throw new CryptmapError('EINVAL', `The header on ${hdr} changed while it was being opened; try again.`, {
               exitCode: 1,
             });
-          let st = await reencryptProgress(vol, dataDev);
-          if (st.layout.mode !== 'reencrypt')
-            throw new CryptmapError(
-              'ENOTSUP',
-              `Device ${hdr} is in the middle of LUKS2 ${st.layout.mode}ion; cryptmap activates only a reencryption in the middle. Finish it with cryptmap reencrypt --resume-only first.`,
-              { exitCode: 1 },
-            );
+          let st = await reencryptSegments(vol, dataDev);
           const pass = await getPassphrase(io, passphrasePrompt(device), {
             keyFile: v['key-file'],
             keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
@@ -120,26 +114,24 @@ export async function openInReencryption(
                 signal: AbortSignal.abort(),
               });
               if (finished) return null;
-              st = await reencryptProgress(vol, dataDev);
+              st = await reencryptSegments(vol, dataDev);
             }
             const keys = await unlockReencryptKeys(vol, pass);
             try {
               await verifyReencryptDigest(vol, keys);
               const dataPath = resolveDevice(device);
               const hdrPathAbs = v.header === undefined ? undefined : resolveDevice(v.header);
-              const old = layoutMapping(vol, st.layout.previous, name, dataPath, st.totalBytes, v, hdrPathAbs);
-              const next = layoutMapping(vol, st.layout.final, name, dataPath, st.totalBytes, v, hdrPathAbs);
-              old.keyBytes = keys.oldKey!.length;
-              next.keyBytes = keys.newKey!.length;
+              // The daemon maps the header's segments; the mapping names the volume (the crypt side's cipher).
+              const crypt = st.layout.previous.type === 'crypt' ? st.layout.previous : st.layout.final;
+              const m = layoutMapping(vol, crypt, name, dataPath, st.totalBytes, v, hdrPathAbs);
+              m.keyBytes = (crypt === st.layout.previous ? keys.oldKey : keys.newKey)!.length;
               return await c.call(
                 'volume.openReencrypt',
+                { mapping: mappingToJson(m) },
                 {
-                  mapping: mappingToJson(old),
-                  next: mappingToJson(next),
-                  boundaryBytes: st.boundaryBytes,
-                  backward: st.layout.backward,
+                  ...(keys.oldKey ? { key: keys.oldKey } : {}),
+                  ...(keys.newKey ? { newKey: keys.newKey } : {}),
                 },
-                { key: keys.oldKey!, newKey: keys.newKey! },
               );
             } finally {
               keys.oldKey?.fill(0);

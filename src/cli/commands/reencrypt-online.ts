@@ -1,7 +1,7 @@
 /**
- * `cryptmap reencrypt` of a volume the daemon has open (cryptsetup's online reencryption): this
- * process initialises the header (as offline) and unlocks the old and the new volume key with the
- * passphrase; the keys go to the daemon once, as raw bytes over the 0600 control socket
+ * `cryptmap reencrypt` of a volume the daemon has open (cryptsetup's online reencryption, encryption
+ * and decryption): this process initialises the header (as offline) and unlocks the old and the new
+ * volume key with the passphrase (one of them when a side is plaintext); the keys go to the daemon once, as raw bytes over the 0600 control socket
  * (`volume.reencrypt`, wiped here after), and the daemon rewrites the data while its clients keep
  * working (daemon/reencrypt-online.ts). This process shows the daemon's progress until it ends;
  * SIGINT asks the daemon to stop after the current hotzone (resumable, online or offline).
@@ -56,14 +56,13 @@ export async function runOnline(
   const onInt = () => ac.abort();
   try {
     try {
-      if (!keys.oldKey || !keys.newKey)
-        throw new CryptmapError('ENOTSUP', 'Online encryption or decryption is not supported by cryptmap.', {
-          exitCode: 1,
-        });
       await c.call(
         'volume.reencrypt',
         { name, ...(hotzoneBytes !== undefined ? { hotzoneBytes } : {}) },
-        { key: keys.oldKey, newKey: keys.newKey },
+        {
+          ...(keys.oldKey ? { key: keys.oldKey } : {}),
+          ...(keys.newKey ? { newKey: keys.newKey } : {}),
+        },
       );
     } finally {
       keys.oldKey?.fill(0);
