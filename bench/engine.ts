@@ -55,7 +55,7 @@ interface Best {
   cpu: number;
   cores: number;
   /** pool runs: thread sleeps per job and jobs per JS wake-up of the best run */
-  pool?: { sleepsPerJob: number; jobsPerWakeup: number };
+  pool?: { sleepsPerJob: number; jobsPerWakeup: number; remoteShare: number };
   /** CPU ms per GiB encrypted by thread, of the best run */
   byThread?: { js: number; pool: number; other: number };
 }
@@ -158,7 +158,7 @@ for (const sb of [512, 4096] as const) {
       note:
         `${pool.cores.toFixed(2)} cores used; per CPU-second ${(pool.cpu / base.cpu).toFixed(2)} of the base` +
         (pool.pool
-          ? `; ${pool.pool.sleepsPerJob.toFixed(2)} thread sleeps per job, ${pool.pool.jobsPerWakeup.toFixed(1)} jobs per JS wake-up`
+          ? `; ${pool.pool.sleepsPerJob.toFixed(2)} thread sleeps per job, ${pool.pool.jobsPerWakeup.toFixed(1)} jobs per JS wake-up, ${(100 * pool.pool.remoteShare).toFixed(0)}% of jobs off their buffer's CPU`
           : '') +
         (pool.byThread && base.byThread
           ? `; CPU ms per GiB: JS thread ${pool.byThread.js.toFixed(1)}, pool threads ${pool.byThread.pool.toFixed(1)}, others ${pool.byThread.other.toFixed(1)}` +

@@ -50,9 +50,10 @@ export interface BenchmarkResult {
   /**
    * The crypt pool while encrypting (threads > 1 with the native addon): how often a pool thread went
    * to sleep for want of work, per job (0 when the JS thread refills the queue in time), and how many
-   * completions each wake-up of the JS thread delivered.
+   * completions each wake-up of the JS thread delivered, and the share of jobs that ran on another CPU
+   * than the one that last ran a job on their buffer.
    */
-  pool?: { sleepsPerJob: number; jobsPerWakeup: number };
+  pool?: { sleepsPerJob: number; jobsPerWakeup: number; remoteShare: number };
   /**
    * CPU milliseconds per GiB encrypted, by thread (Linux /proc/self/task schedstat; absent elsewhere):
    * the JS thread, the crypt pool's threads, and the process's other threads (V8's, libuv's).
@@ -163,7 +164,11 @@ export async function benchmarkCipher(o: BenchmarkOptions): Promise<BenchmarkRes
     const jobs = s0 && s1 ? s1.jobs - s0.jobs : 0;
     const pool =
       s0 && s1 && jobs > 0
-        ? { sleepsPerJob: (s1.sleeps - s0.sleeps) / jobs, jobsPerWakeup: jobs / Math.max(1, s1.wakeups - s0.wakeups) }
+        ? {
+            sleepsPerJob: (s1.sleeps - s0.sleeps) / jobs,
+            jobsPerWakeup: jobs / Math.max(1, s1.wakeups - s0.wakeups),
+            remoteShare: (s1.remoteJobs - s0.remoteJobs) / jobs,
+          }
         : undefined;
     const [decryptMBps] = await measure(one(false), seconds);
     return {

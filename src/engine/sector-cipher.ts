@@ -303,6 +303,8 @@ export interface CryptPoolStats {
   jobs: number;
   wakeups: number;
   sleeps: number;
+  /** Jobs run on another CPU than the one that last ran a job on their buffer (its data in that CPU's caches). */
+  remoteJobs: number;
 }
 
 /** The native crypt pool's threads, busy threads and queue (metrics); null when there is no pool. */
@@ -318,6 +320,7 @@ export function cryptPoolStats(): CryptPoolStats | null {
     jobs: s.jobs ?? 0,
     wakeups: s.wakeups ?? 0,
     sleeps: s.sleeps ?? 0,
+    remoteJobs: s.remoteJobs ?? 0,
   };
 }
 

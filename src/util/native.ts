@@ -144,7 +144,8 @@ export interface NativeAddon {
    * The crypt pool's state (metrics): threads that take requests, threads started, threads running a
    * job now, jobs waiting for a thread and their bytes, jobs not yet delivered to JS; and counters
    * since the pool started: jobs run, wake-ups of the JS thread (each delivers a batch of
-   * completions), times a thread went to sleep for want of work, yields to the JS thread. Optional:
+   * completions), times a thread went to sleep for want of work, yields to the JS thread, jobs run on
+   * the CPU that last ran a job on their buffer (or on a buffer new to the pool) and jobs run elsewhere. Optional:
    * an addon built before it was added lacks it (and the counters).
    */
   poolStats?(): {
@@ -158,6 +159,8 @@ export interface NativeAddon {
     wakeups?: number;
     sleeps?: number;
     yields?: number;
+    localJobs?: number;
+    remoteJobs?: number;
   };
   /** fallocate(PUNCH_HOLE | KEEP_SIZE); throws an Error with `code` = errno name on failure. */
   punchHole(fd: number, offsetBytes: number, lengthBytes: number): void;
