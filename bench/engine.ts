@@ -4,8 +4,9 @@
  * For aes-256-xts (512-bit keys) at 512- and 4096-byte units it runs, interleaved, for several rounds:
  *   openssl speed -evp aes-256-xts -bytes N -seconds 1 -mr      (machine-readable: "+F:idx:name:bytes/s")
  * the engine's native backend on one thread (synchronous calls, 1 MiB requests; once on one buffer, once
- * cycling over 8 buffers), its crypt pool with 2 threads (8 requests of 1 MiB in flight, so compared with
- * the 8-buffer single-thread run: same cache footprint), each native XTS implementation the CPU supports
+ * cycling over 8 buffers), its crypt pool with 2 threads (POOL_CONFIGS: 8 requests of 1 MiB in flight with
+ * the implementation in use and with aesni, 32 of 4 KiB; each compared with one thread cycling over the
+ * same buffers: same cache footprint), each native XTS implementation the CPU supports
  * (vaes512, vaes256, aesni, evp, own), and the js backend. The first lines name the one in use.
  * Each figure is the best of its rounds (the machine may be shared: noise only ever slows a run
  * down). openssl speed divides by the user CPU time it got, so the engine is compared on the same
@@ -55,7 +56,7 @@ interface Best {
   cpu: number;
   cores: number;
   /** pool runs: thread sleeps per job and jobs per JS wake-up of the best run */
-  pool?: { sleepsPerJob: number; jobsPerWakeup: number; remoteShare: number };
+  pool?: { sleepsPerJob: number; jobsPerWakeup: number; remoteShare: number; callerShare: number };
   /** CPU ms per GiB encrypted by thread, of the best run */
   byThread?: { js: number; pool: number; other: number };
 }
@@ -70,6 +71,23 @@ const XTS_IMPLS: [number, string][] = [
   [2, 'own tweaks over ECB'],
 ].filter(([id]) => id === 2 || (native?.xtsImpls ?? []).some((n) => XTS_IMPL_IDS[n] === id)) as [number, string][];
 const rows: Row[] = [];
+/**
+ * The pool runs, each against one thread over the same buffers: the implementation in use with
+ * 1 MiB requests (8 in flight, as the data-path benchmarks), aesni likewise (3x the CPU per byte, so
+ * the hand-off weighs a third), and small requests (4 KiB, 32 in flight: the hand-off dominates).
+ */
+const POOL_CONFIGS: { what: string; options: Partial<BenchmarkOptions> }[] = [
+  { what: 'in use, 1 MiB x 8', options: {} },
+  ...((native?.xtsImpls ?? []).includes('aesni') && native?.xtsImpl !== 'aesni'
+    ? [
+        {
+          what: 'aesni, 1 MiB x 8',
+          options: { configure: (c: unknown) => (c as { setXtsImplForBench(n: number): void }).setXtsImplForBench(3) },
+        },
+      ]
+    : []),
+  { what: 'in use, 4 KiB x 32', options: { requestBytes: 4096, inFlight: 32 } },
+];
 
 for (const sb of [512, 4096] as const) {
   const best = new Map<string, Best>();
@@ -103,9 +121,12 @@ for (const sb of [512, 4096] as const) {
     else keep('openssl', { encryptMBps: o / 1e6, decryptMBps: Number.NaN, encryptCores: 1 });
     if (native) {
       keep('native1', await benchmarkCipher({ ...common, backend: 'native' }));
-      // The pool keeps 8 requests (8 buffers) in flight; its base is one thread over the same 8 buffers.
-      keep('native1x8', await benchmarkCipher({ ...common, backend: 'native', buffers: 8 }));
-      keep('pool2', await benchmarkCipher({ ...common, backend: 'native', threads: 2 }));
+      // Each pool configuration beside its base: one thread over the same buffers (same cache footprint).
+      for (const pc of POOL_CONFIGS) {
+        const o = { ...common, backend: 'native' as const, ...pc.options };
+        keep(`base:${pc.what}`, await benchmarkCipher({ ...o, buffers: pc.options.inFlight ?? 8 }));
+        keep(`pool:${pc.what}`, await benchmarkCipher({ ...o, threads: 2 }));
+      }
       for (const [impl, name] of XTS_IMPLS) {
         const r = await benchmarkCipher({
           ...common,
@@ -137,34 +158,37 @@ for (const sb of [512, 4096] as const) {
       encryptPerCpu: one.cpu,
       ratio: one.cpu / ossl,
     });
-    const pool = best.get('pool2')!;
-    const base = best.get('native1x8')!;
-    rows.push({
-      what: 'native, 1 thread, 8 buffers (pool base)',
-      sectorSize: sb,
-      encryptMBps: base.e,
-      decryptMBps: base.d,
-      encryptPerCpu: base.cpu,
-      ratio: base.cpu / ossl,
-    });
-    rows.push({
-      what: 'native pool, 2 threads (wall ratio to base)',
-      sectorSize: sb,
-      encryptMBps: pool.e,
-      decryptMBps: pool.d,
-      encryptPerCpu: pool.cpu,
-      ratio: pool.e / base.e,
-      // On a shared machine the pool may not get two whole cores: show what it got and its efficiency.
-      note:
-        `${pool.cores.toFixed(2)} cores used; per CPU-second ${(pool.cpu / base.cpu).toFixed(2)} of the base` +
-        (pool.pool
-          ? `; ${pool.pool.sleepsPerJob.toFixed(2)} thread sleeps per job, ${pool.pool.jobsPerWakeup.toFixed(1)} jobs per JS wake-up, ${(100 * pool.pool.remoteShare).toFixed(0)}% of jobs off their buffer's CPU`
-          : '') +
-        (pool.byThread && base.byThread
-          ? `; CPU ms per GiB: JS thread ${pool.byThread.js.toFixed(1)}, pool threads ${pool.byThread.pool.toFixed(1)}, others ${pool.byThread.other.toFixed(1)}` +
-            ` (base: JS thread ${base.byThread.js.toFixed(1)}, others ${base.byThread.other.toFixed(1)})`
-          : ''),
-    });
+    for (const pc of POOL_CONFIGS) {
+      const pool = best.get(`pool:${pc.what}`)!;
+      const base = best.get(`base:${pc.what}`)!;
+      rows.push({
+        what: `native, 1 thread (pool base: ${pc.what})`,
+        sectorSize: sb,
+        encryptMBps: base.e,
+        decryptMBps: base.d,
+        encryptPerCpu: base.cpu,
+        ratio: base.cpu / ossl,
+      });
+      rows.push({
+        what: `native pool, 2 threads (wall ratio to base)`,
+        sectorSize: sb,
+        encryptMBps: pool.e,
+        decryptMBps: pool.d,
+        encryptPerCpu: pool.cpu,
+        ratio: pool.e / base.e,
+        // On a shared machine the pool may not get two whole cores: show what it got and its efficiency.
+        note:
+          `${pool.cores.toFixed(2)} cores used; per CPU-second ${(pool.cpu / base.cpu).toFixed(2)} of the base` +
+          (pool.pool
+            ? `; ${pool.pool.sleepsPerJob.toFixed(2)} thread sleeps per job, ${pool.pool.jobsPerWakeup.toFixed(1)} jobs per JS wake-up, ` +
+              `${(100 * pool.pool.callerShare).toFixed(0)}% of jobs run by the JS thread, ${(100 * pool.pool.remoteShare).toFixed(0)}% off their buffer's CPU`
+            : '') +
+          (pool.byThread && base.byThread
+            ? `; CPU ms per GiB: JS thread ${pool.byThread.js.toFixed(1)}, pool threads ${pool.byThread.pool.toFixed(1)}, others ${pool.byThread.other.toFixed(1)}` +
+              ` (base: JS thread ${base.byThread.js.toFixed(1)}, others ${base.byThread.other.toFixed(1)})`
+            : ''),
+      });
+    }
     for (const [, name] of XTS_IMPLS) {
       const r = best.get(name)!;
       rows.push({

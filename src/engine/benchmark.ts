@@ -51,9 +51,9 @@ export interface BenchmarkResult {
    * The crypt pool while encrypting (threads > 1 with the native addon): how often a pool thread went
    * to sleep for want of work, per job (0 when the JS thread refills the queue in time), and how many
    * completions each wake-up of the JS thread delivered, and the share of jobs that ran on another CPU
-   * than the one that last ran a job on their buffer.
+   * than the one that last ran a job on their buffer, and the share the JS thread ran itself.
    */
-  pool?: { sleepsPerJob: number; jobsPerWakeup: number; remoteShare: number };
+  pool?: { sleepsPerJob: number; jobsPerWakeup: number; remoteShare: number; callerShare: number };
   /**
    * CPU milliseconds per GiB encrypted, by thread (Linux /proc/self/task schedstat; absent elsewhere):
    * the JS thread, the crypt pool's threads, and the process's other threads (V8's, libuv's).
@@ -168,6 +168,7 @@ export async function benchmarkCipher(o: BenchmarkOptions): Promise<BenchmarkRes
             sleepsPerJob: (s1.sleeps - s0.sleeps) / jobs,
             jobsPerWakeup: jobs / Math.max(1, s1.wakeups - s0.wakeups),
             remoteShare: (s1.remoteJobs - s0.remoteJobs) / jobs,
+            callerShare: (s1.callerJobs - s0.callerJobs) / jobs,
           }
         : undefined;
     const [decryptMBps] = await measure(one(false), seconds);

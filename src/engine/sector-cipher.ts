@@ -305,6 +305,8 @@ export interface CryptPoolStats {
   sleeps: number;
   /** Jobs run on another CPU than the one that last ran a job on their buffer (its data in that CPU's caches). */
   remoteJobs: number;
+  /** Jobs the JS thread ran itself while it had queued jobs and nothing else to do. */
+  callerJobs: number;
 }
 
 /** The native crypt pool's threads, busy threads and queue (metrics); null when there is no pool. */
@@ -321,6 +323,7 @@ export function cryptPoolStats(): CryptPoolStats | null {
     wakeups: s.wakeups ?? 0,
     sleeps: s.sleeps ?? 0,
     remoteJobs: s.remoteJobs ?? 0,
+    callerJobs: s.callerJobs ?? 0,
   };
 }
 

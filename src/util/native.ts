@@ -145,7 +145,8 @@ export interface NativeAddon {
    * job now, jobs waiting for a thread and their bytes, jobs not yet delivered to JS; and counters
    * since the pool started: jobs run, wake-ups of the JS thread (each delivers a batch of
    * completions), times a thread went to sleep for want of work, yields to the JS thread, jobs run on
-   * the CPU that last ran a job on their buffer (or on a buffer new to the pool) and jobs run elsewhere. Optional:
+   * the CPU that last ran a job on their buffer (or on a buffer new to the pool) and jobs run elsewhere,
+   * jobs the JS thread ran itself (it works the queue while it has nothing else to do). Optional:
    * an addon built before it was added lacks it (and the counters).
    */
   poolStats?(): {
@@ -161,6 +162,7 @@ export interface NativeAddon {
     yields?: number;
     localJobs?: number;
     remoteJobs?: number;
+    callerJobs?: number;
   };
   /** fallocate(PUNCH_HOLE | KEEP_SIZE); throws an Error with `code` = errno name on failure. */
   punchHole(fd: number, offsetBytes: number, lengthBytes: number): void;
