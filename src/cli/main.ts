@@ -87,7 +87,7 @@ const SYNOPSIS: Record<string, string> = {
   repair: 'repair <device>',
   convert: 'convert --type luks1|luks2 <device>',
   reencrypt:
-    'reencrypt [--encrypt [--reduce-device-size N] | --decrypt] [--init-only | --resume-only] [--resilience checksum|journal|none|datashift] [--hotzone-size N] [--cipher C] [--key-size BITS] [--sector-size N] [--header H] [OPTION...] <device>',
+    'reencrypt [--encrypt [--reduce-device-size N] | --decrypt] [--init-only | --resume-only] [--resilience checksum|journal|none|datashift] [--hotzone-size N] [--cipher C] [--key-size BITS] [--sector-size N] [--header H] [OPTION...] <device> [<name>]',
   erase: 'erase <device>',
   luksErase: 'luksErase <device>',
   token: 'token add|remove|import|export|unassign [OPTION...] <device>',

@@ -4,7 +4,7 @@
 // daemon killed -9 mid-way leaves a header that cryptsetup, or cryptmap offline, resumes. The daemon
 // holds cryptsetup's reencryption lock while its job runs.
 import assert from 'node:assert/strict';
-import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -17,6 +17,7 @@ import { reencryptLockPath, takeReencryptLock } from '../../src/luks/index.js';
 import { cli, cliOk, type Daemon, startDaemon } from '../load/helpers.js';
 import { requireTool, cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
 import { FAST_PBKDF } from '../helpers/luks.js';
+import { startFio } from '../helpers/fio.js';
 
 const MiB = 1 << 20;
 const DATA_OFF = 16 * MiB;
@@ -81,63 +82,6 @@ async function setup(name: string): Promise<Env> {
   return { img, key, run, env: { CRYPTMAP_RUNTIME_DIR: run, CRYPTMAP_LOCK_DIR: join(dir, 'locks') }, tail };
 }
 
-/** fio with crc32c verify over the first FIO_MIB MiB until `stop()` (SIGINT to its pid). */
-function startFio(uri: string, name: string): { stop(): Promise<{ ops: number; errors: number; out: string }> } {
-  const file = join(dir, `${name}.fio`);
-  writeFileSync(
-    file,
-    [
-      '[global]',
-      'ioengine=nbd',
-      `uri=${uri}`,
-      'rw=randrw',
-      'rwmixread=50',
-      'verify=crc32c',
-      'verify_fatal=1',
-      'verify_backlog=64',
-      'verify_state_save=0',
-      'serialize_overlap=1',
-      'time_based=1',
-      'runtime=900',
-      'randseed=99',
-      `[${name}]`,
-      'bs=16k',
-      'iodepth=8',
-      `size=${FIO_MIB}m`,
-      '',
-    ].join('\n'),
-  );
-  const p: ChildProcess = spawn('fio', ['--output-format=json', file], { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  let err = '';
-  p.stdout!.on('data', (d) => (out += d));
-  p.stderr!.on('data', (d) => (err += d));
-  const closed = new Promise<void>((r) => p.on('close', () => r()));
-  return {
-    async stop() {
-      p.kill('SIGINT');
-      const t = setTimeout(() => p.kill('SIGKILL'), 60_000);
-      await closed;
-      clearTimeout(t);
-      let ops = 0;
-      let errors = 0;
-      try {
-        const js = JSON.parse(out.slice(out.indexOf('{'))) as {
-          jobs: { error: number; read: { total_ios: number }; write: { total_ios: number } }[];
-        };
-        for (const j of js.jobs) {
-          ops += j.read.total_ios + j.write.total_ios;
-          if (j.error !== 0) errors++;
-        }
-      } catch {
-        errors++;
-      }
-      errors += (err.match(/verify:|bad magic|crc32c: verify failed|error=/g) ?? []).length;
-      return { ops, errors, out: `${err}\n${out.slice(0, 3000)}` };
-    },
-  };
-}
-
 async function status(run: string, name: string) {
   const c = await ControlClient.connect(run);
   try {
@@ -156,7 +100,7 @@ test('online reencryption under fio verify: no error, cryptsetup finds the new k
   let daemon: Daemon | undefined = await startDaemon(e.run);
   try {
     await cliOk(['open', '--key-file', e.key, e.img, 'vol'], { env: e.env });
-    const fio = startFio(`nbd+unix:///vol?socket=${join(e.run, 'nbd.sock')}`, 'a');
+    const fio = startFio(`nbd+unix:///vol?socket=${join(e.run, 'nbd.sock')}`, 'a', dir, FIO_MIB);
     // fio is connected and working before the reencryption starts.
     for (let i = 0; (await status(e.run, 'vol')).nbdConnections === 0; i++) {
       assert.ok(i < 300, 'fio did not connect within 30 s');

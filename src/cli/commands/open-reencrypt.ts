@@ -68,6 +68,42 @@ function layoutMapping(
 }
 
 /**
+ * Have the daemon `c` map `vol` (in reencryption, no hotzone in progress: `st`) as `name`, with the keys
+ * `pass` unlocks (checked against the reencryption's digest here and in the daemon).
+ */
+export async function mapInDaemon(
+  c: ControlClient,
+  vol: Luks2Volume,
+  st: Awaited<ReturnType<typeof reencryptSegments>>,
+  device: string,
+  name: string,
+  v: LuksArgs,
+  pass: Uint8Array,
+): Promise<VolumeStatus> {
+  const keys = await unlockReencryptKeys(vol, pass);
+  try {
+    await verifyReencryptDigest(vol, keys);
+    const dataPath = resolveDevice(device);
+    const hdrPathAbs = v.header === undefined ? undefined : resolveDevice(v.header);
+    // The daemon maps the header's segments; the mapping names the volume (the crypt side's cipher).
+    const crypt = st.layout.previous.type === 'crypt' ? st.layout.previous : st.layout.final;
+    const m = layoutMapping(vol, crypt, name, dataPath, st.totalBytes, v, hdrPathAbs);
+    m.keyBytes = (crypt === st.layout.previous ? keys.oldKey : keys.newKey)!.length;
+    return await c.call(
+      'volume.openReencrypt',
+      { mapping: mappingToJson(m) },
+      {
+        ...(keys.oldKey ? { key: keys.oldKey } : {}),
+        ...(keys.newKey ? { newKey: keys.newKey } : {}),
+      },
+    );
+  } finally {
+    keys.oldKey?.fill(0);
+    keys.newKey?.fill(0);
+  }
+}
+
+/**
  * Open `device` (its header in reencryption) as `name` through the daemon `c`. Returns the daemon's
  * status of the new volume, or null when recovery finished the reencryption (the caller then opens
  * the volume as any other).
@@ -116,27 +152,7 @@ export async function openInReencryption(
               if (finished) return null;
               st = await reencryptSegments(vol, dataDev);
             }
-            const keys = await unlockReencryptKeys(vol, pass);
-            try {
-              await verifyReencryptDigest(vol, keys);
-              const dataPath = resolveDevice(device);
-              const hdrPathAbs = v.header === undefined ? undefined : resolveDevice(v.header);
-              // The daemon maps the header's segments; the mapping names the volume (the crypt side's cipher).
-              const crypt = st.layout.previous.type === 'crypt' ? st.layout.previous : st.layout.final;
-              const m = layoutMapping(vol, crypt, name, dataPath, st.totalBytes, v, hdrPathAbs);
-              m.keyBytes = (crypt === st.layout.previous ? keys.oldKey : keys.newKey)!.length;
-              return await c.call(
-                'volume.openReencrypt',
-                { mapping: mappingToJson(m) },
-                {
-                  ...(keys.oldKey ? { key: keys.oldKey } : {}),
-                  ...(keys.newKey ? { newKey: keys.newKey } : {}),
-                },
-              );
-            } finally {
-              keys.oldKey?.fill(0);
-              keys.newKey?.fill(0);
-            }
+            return await mapInDaemon(c, vol, st, device, name, v, pass);
           } finally {
             pass.fill(0);
           }

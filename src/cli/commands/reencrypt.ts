@@ -16,6 +16,7 @@ import {
   type Luks2Volume,
   openLuks,
   type ReencryptLock,
+  reencryptSegments,
   type Resilience,
   runReencrypt,
   takeReencryptLock,
@@ -24,7 +25,8 @@ import {
 import type { SectorBytes } from '../../engine/types.js';
 import type { BlockDevice } from '../../blockdev/types.js';
 import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
-import { activeInDaemon, openInDaemon } from '../daemon-client.js';
+import { activeInDaemon, connectDaemon } from '../daemon-client.js';
+import { mapInDaemon } from './open-reencrypt.js';
 import { activeByName, runOnline } from './reencrypt-online.js';
 import type { CliIO, VerbMain } from '../types.js';
 import {
@@ -222,6 +224,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
     if (v.type === 'luks1')
       throw new CryptmapError('ENOTSUP', LUKS1_NOT_BUILT, { exitCode: EXIT_FAILURE, errno: 'ENOTSUP' });
     return encryptMain(io, v, device, {
+      name: positionals[1],
       resilience,
       reduceBytes,
       hotzoneBytes,
@@ -269,14 +272,6 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
           'EBUSY',
           `Device ${device} is active in the cryptmap daemon (${active.name}): it cannot be reencrypted offline.`,
           { exitCode: 5 },
-        );
-      if (active && v.decrypt)
-        throw new CryptmapError(
-          'ENOTSUP',
-          `Online decryption is not supported by cryptmap; close ${active.name} first.`,
-          {
-            exitCode: 1,
-          },
         );
       const running = inReencryption(l2.jsonSnapshot());
       if (v['resume-only'] && !running)
@@ -332,6 +327,8 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
 };
 
 interface EncryptArgs {
+  /** cryptsetup's second argument: the name the device is activated as, for an online encryption. */
+  name: string | undefined;
   resilience: Resilience;
   reduceBytes: number | undefined;
   hotzoneBytes: number | undefined;
@@ -403,16 +400,19 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
         throw new CryptmapError('EBUSY', 'LUKS2 reencryption already initialized. Aborting operation.', {
           exitCode: 1,
         });
-      if (existing && (await openInDaemon(io.env, (existing as Luks2Volume).uuid, 'reencrypt'))) {
+      // Active in the daemon (opened in the middle of the encryption): it runs there (online).
+      const active = existing
+        ? await activeInDaemon(v['runtime-dir'], io.env, (existing as Luks2Volume).uuid, 'reencrypt')
+        : undefined;
+      if (active && v['force-offline-reencrypt'])
         throw new CryptmapError(
           'EBUSY',
-          `Device ${device} is active in the cryptmap daemon; online reencryption is not supported yet. Close it first.`,
+          `Device ${device} is active in the cryptmap daemon (${active.name}): it cannot be encrypted offline.`,
           { exitCode: 5 },
         );
-      }
       if (!existing)
         await confirm(io, `This will overwrite data on ${headerFile ?? device} irrevocably.`, v['batch-mode']);
-      let lock = existing ? cryptsetupLock(io, v, existing as Luks2Volume) : undefined;
+      let lock = existing && !active ? cryptsetupLock(io, v, existing as Luks2Volume) : undefined;
       const pass = await getPassphrase(io, passphrasePrompt(device), a.passSrc, !existing).catch((e: unknown) => {
         lock?.release();
         throw e;
@@ -436,7 +436,32 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
             ...(v['resilience-hash'] ? { resilienceHash: v['resilience-hash'] } : {}),
             keyslot: ks,
           });
-          if (v['init-only']) return 0;
+        }
+        let online = active?.name;
+        if (!online && a.name !== undefined) {
+          // cryptsetup's `reencrypt --encrypt DEVICE NAME`: the device is activated in the middle of
+          // its encryption (each part mapped as the header says), then encrypted online.
+          const st = await reencryptSegments(vol, hdrDev ? dataDev : undefined);
+          if (st.hotzone)
+            throw new CryptmapError(
+              'EREENCRYPT',
+              `Device ${device} has a hotzone left in progress: open it (that recovers it) or resume offline first.`,
+              { exitCode: 1 },
+            );
+          const c = await connectDaemon(v['runtime-dir'], io.env);
+          try {
+            await mapInDaemon(c, vol, st, device, a.name, v, pass);
+          } finally {
+            c.close();
+          }
+          io.stdout.write(`${a.name} is now active and ready for online encryption.\n`);
+          online = a.name;
+        }
+        if (v['init-only'] && !existing) return 0;
+        if (online) {
+          lock?.release();
+          lock = undefined;
+          return await runOnline(io, v, device, online, vol, pass, a.hotzoneBytes);
         }
         lock ??= cryptsetupLock(io, v, vol);
         return await run(io, v, device, vol, pass, hdrDev ? dataDev : undefined, a.hotzoneBytes);
