@@ -10,16 +10,22 @@ export interface FioRun {
   stop(): Promise<{ ops: number; errors: number; out: string }>;
 }
 
-/** fio (ioengine=nbd) over the first `sizeMiB` MiB of `uri`; its job file and output go to `dir`. */
-export function startFio(uri: string, name: string, dir: string, sizeMiB: number): FioRun {
+/**
+ * fio over the first `sizeMiB` MiB of `target`: an NBD URI (ioengine=nbd) or a file (a block device or
+ * a file in a mounted file system: libaio with O_DIRECT, so that the I/O reaches the device); its job
+ * file and output go to `dir`.
+ */
+export function startFio(target: string, name: string, dir: string, sizeMiB: number): FioRun {
   requireTool('fio');
   const file = join(dir, `${name}.fio`);
+  const engine = /^nbds?(\+unix)?:\/\//.test(target)
+    ? ['ioengine=nbd', `uri=${target}`]
+    : ['ioengine=libaio', 'direct=1', `filename=${target}`];
   writeFileSync(
     file,
     [
       '[global]',
-      'ioengine=nbd',
-      `uri=${uri}`,
+      ...engine,
       'rw=randrw',
       'rwmixread=50',
       'verify=crc32c',
