@@ -7,6 +7,7 @@ import { cryptmapVersion } from '../util/version.js';
 import { CryptmapError, EXIT_WRONG_PARAMS, isCryptmapError } from '../util/errors.js';
 import { checkOptionsAllowed, parseCommandLine, takesNextValue } from './options.js';
 import type { CliIO, VerbMain } from './types.js';
+import { refuseNotActedOn, verifyCommandLine } from './verify.js';
 
 /**
  * verb -> its module under ./commands (without .js) and, for the cryptsetup-style verbs, the
@@ -19,6 +20,8 @@ const VERBS: Record<string, { file: string; action?: string }> = {
   dm: { file: 'dm' },
   luksFormat: { file: 'luks-format', action: 'luksFormat' },
   luksDump: { file: 'luks-dump', action: 'luksDump' },
+  // No TCRYPT support: the verb is known for cryptsetup's --test-args checks and says it is not implemented.
+  tcryptDump: { file: 'tcrypt-dump', action: 'tcryptDump' },
   luksAddKey: { file: 'luks-keys', action: 'luksAddKey' },
   luksRemoveKey: { file: 'luks-keys', action: 'luksRemoveKey' },
   luksKillSlot: { file: 'luks-keys', action: 'luksKillSlot' },
@@ -175,6 +178,14 @@ async function run(argv: string[], io: CliIO): Promise<number> {
       io.stderr.write(`cryptmap: unknown verb '${verb}'.\n${USAGE}\n`);
       return EXIT_WRONG_PARAMS;
     }
+    if (verb === 'benchmark' && parseCommandLine(args).values['test-args']) {
+      // benchmark parses its own options; --test-args checks them as cryptsetup's action `benchmark`.
+      const cli = parseCommandLine(args);
+      checkOptionsAllowed(cli.values, 'benchmark');
+      verifyCommandLine(verb, 'benchmark', cli.values, cli.positionals);
+      io.stdout.write('No action taken. Invoked with --test-args option.\n');
+      return 0;
+    }
     return runVerb(verb, entry.file, args, io);
   }
   const cli = parseCommandLine(args);
@@ -189,10 +200,12 @@ async function run(argv: string[], io: CliIO): Promise<number> {
     return 0;
   }
   checkOptionsAllowed(cli.values, entry.action);
+  verifyCommandLine(verb!, entry.action, cli.values, cli.positionals);
   if (cli.values['test-args']) {
     io.stdout.write('No action taken. Invoked with --test-args option.\n');
     return 0;
   }
+  refuseNotActedOn(cli.values, entry.action);
   return runVerb(verb!, entry.file, args, io);
 }
 

@@ -41,17 +41,20 @@ const DAEMON_VERBS = [
 
 export const OPTIONS = {
   'align-payload': { type: 'string', num: 'u32', verbs: ['luksFormat'] },
+  'active-name': { type: 'string', verbs: ['reencrypt'] },
   'allow-discards': { type: 'boolean', verbs: ['open'] },
   attach: { type: 'boolean', verbs: ['open'] },
   'batch-mode': { type: 'boolean', short: 'q' },
+  'cancel-deferred': { type: 'boolean', verbs: ['close'] },
   cipher: { type: 'string', short: 'c' },
   debug: { type: 'boolean' },
   'debug-json': { type: 'boolean' },
   deferred: { type: 'boolean', verbs: ['close'] },
-  'device-size': { type: 'string', num: 'size', verbs: ['open', 'resize'] },
+  'device-size': { type: 'string', num: 'size', verbs: ['open', 'resize', 'reencrypt'] },
   'disable-external-tokens': { type: 'boolean' },
   'disable-keyring': { type: 'boolean' },
   'disable-locks': { type: 'boolean' },
+  'disable-veracrypt': { type: 'boolean', verbs: ['open', 'tcryptDump'] },
   'dump-json-metadata': { type: 'boolean' },
   'dump-volume-key': { type: 'boolean' },
   'dump-master-key': { type: 'boolean', alias: 'dump-volume-key' },
@@ -60,10 +63,15 @@ export const OPTIONS = {
   hash: { type: 'string', short: 'h' },
   header: { type: 'string' },
   'header-backup-file': { type: 'string' },
+  integrity: { type: 'string', short: 'I', verbs: ['luksFormat', 'reencrypt'] },
+  'integrity-legacy-padding': { type: 'boolean' },
+  'integrity-no-journal': { type: 'boolean' },
+  'integrity-no-wipe': { type: 'boolean', verbs: ['luksFormat', 'reencrypt'] },
   'iter-time': { type: 'string', num: 'u32', short: 'i', verbs: KDF_VERBS },
   'iv-large-sectors': { type: 'boolean', verbs: ['open'] },
   json: { type: 'boolean', verbs: ['status', 'benchmark', 'luksDump', 'isLuks'] },
   'json-file': { type: 'string' },
+  'keep-key': { type: 'boolean', verbs: ['reencrypt'] },
   'key-description': { type: 'string' },
   'key-file': { type: 'string', short: 'd' },
   'key-size': {
@@ -108,19 +116,25 @@ export const OPTIONS = {
   persistent: { type: 'boolean', verbs: ['open'] },
   priority: { type: 'string', verbs: ['config'] },
   readonly: { type: 'boolean', short: 'r' },
+  refresh: { type: 'boolean', verbs: ['open'] },
   'runtime-dir': { type: 'string', verbs: DAEMON_VERBS },
   seconds: { type: 'string', verbs: ['benchmark'] },
   'sector-size': { type: 'string', num: 'u32', verbs: ['open', 'luksFormat', 'benchmark', 'reencrypt'] },
+  'serialize-memory-hard-pbkdf': { type: 'boolean', verbs: ['open'] },
   shared: { type: 'boolean', verbs: ['open'] },
   size: { type: 'string', num: 'u64', short: 'b', verbs: ['open', 'resize'] },
   skip: { type: 'string', num: 'u64', short: 'p', verbs: ['open'] },
   subsystem: { type: 'string', verbs: ['config', 'luksFormat'] },
+  'tcrypt-backup': { type: 'boolean', verbs: ['open', 'tcryptDump'] },
+  'tcrypt-hidden': { type: 'boolean', verbs: ['open', 'tcryptDump'] },
+  'tcrypt-system': { type: 'boolean', verbs: ['open', 'tcryptDump'] },
   'test-args': { type: 'boolean' },
   'test-passphrase': { type: 'boolean', verbs: ['open'] },
   threads: { type: 'string', verbs: ['benchmark'] },
   timeout: { type: 'string', num: 'u32', short: 't' },
   'token-id': { type: 'string', num: 'i32' },
   'token-only': { type: 'boolean' },
+  'token-replace': { type: 'boolean', verbs: ['token'] },
   'token-type': { type: 'string' },
   tries: { type: 'string', num: 'u32', short: 'T' },
   type: { type: 'string', short: 'M' },
@@ -128,6 +142,9 @@ export const OPTIONS = {
   'use-urandom': { type: 'boolean', verbs: ['luksFormat'] },
   unbound: { type: 'boolean', verbs: ['luksAddKey', 'luksDump', 'open', 'token'] },
   uuid: { type: 'string', verbs: ['luksFormat', 'luksUUID', 'reencrypt'] },
+  veracrypt: { type: 'boolean' },
+  'veracrypt-pim': { type: 'string', num: 'u32', verbs: ['open', 'tcryptDump'] },
+  'veracrypt-query-pim': { type: 'boolean', verbs: ['open', 'tcryptDump'] },
   verbose: { type: 'boolean', short: 'v' },
   'verify-passphrase': { type: 'boolean', short: 'y' },
   via: { type: 'string', verbs: ['attach'] },
@@ -231,6 +248,14 @@ const VALUE_CHECKS: Readonly<Record<string, (value: string) => void>> = {
   'key-slot': (v) => {
     if (Number(v) < 0) throw usageError('Key slot is invalid.');
   },
+  priority: (v) => {
+    if (!['normal', 'prefer', 'ignore'].includes(v))
+      throw usageError('Option --priority can be only ignore/normal/prefer.');
+  },
+  'sector-size': (v) => {
+    const n = Number(v);
+    if (n < 512 || n > 4096 || (n & (n - 1)) !== 0) throw usageError('Unsupported encryption sector size.');
+  },
   'keyslot-key-size': (v) => {
     if (Number(v) === 0) throw usageError('invalid numeric value: --keyslot-key-size 0');
     if (Number(v) % 8 !== 0) throw usageError('Key size must be a multiple of 8 bits');
@@ -330,8 +355,10 @@ export function parseCommandLine(argv: readonly string[]): ParsedCli {
     }
     words.push(a);
   }
-  if (keyFiles > 1) throw usageError('Only one --key-file argument is allowed.');
   out.verb = words.shift();
+  // TCRYPT takes several keyfiles (cryptsetup: every other device type one).
+  const tcrypt = out.verb === 'tcryptOpen' || out.verb === 'tcryptDump' || values.type === 'tcrypt';
+  if (keyFiles > 1 && !tcrypt) throw usageError('Only one --key-file argument is allowed.');
   return out;
 }
 
@@ -340,8 +367,9 @@ export function parseCommandLine(argv: readonly string[]): ParsedCli {
  * `action` is the canonical action (luksOpen and refresh are `open`, luksClose is `close`, ...).
  */
 export function checkOptionsAllowed(values: CliValues, action: string): void {
-  for (const name of Object.keys(values)) {
-    const verbs = ROWS.get(name)?.verbs;
-    if (verbs && !verbs.includes(action)) throw usageError(`Option --${name} is not allowed with ${action} action.`);
+  // In the table's order (near enough cryptsetup's), so that two refused options name the same one.
+  for (const [name, row] of ROWS) {
+    if (!(name in values) || row.verbs === undefined) continue;
+    if (!row.verbs.includes(action)) throw usageError(`Option --${name} is not allowed with ${action} action.`);
   }
 }
