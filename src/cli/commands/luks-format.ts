@@ -5,6 +5,7 @@
  */
 import { deviceInUseError, isDeviceInUse } from '../../blockdev/exclusive.js';
 import { isRemoteDevice } from '../../blockdev/open.js';
+import { deviceSignatures, signatureWarnings } from '../../blockdev/signatures.js';
 import { stat, truncate } from 'node:fs/promises';
 import { Luks1Volume, Luks2Volume, luks2Layout, withDeviceLock } from '../../luks/index.js';
 import type { SectorBytes } from '../../engine/types.js';
@@ -118,6 +119,10 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   } catch {
     throw new CryptmapError('ENODEV', `Device ${device} does not exist or access denied.`, { exitCode: 4 });
   }
+  // cryptsetup lists what blkid finds on the header device first (nothing with -q, as it does).
+  const sigPath = headerFile ?? device;
+  if (!v['batch-mode'] && !isRemoteDevice(sigPath) && (await stat(sigPath).catch(() => null)) !== null)
+    io.stdout.write(signatureWarnings(sigPath, await deviceSignatures(sigPath)));
   await confirm(io, `This will overwrite data on ${headerFile ?? device} irrevocably.`, v['batch-mode']);
 
   let volumeKey: Buffer | undefined;
