@@ -4,12 +4,23 @@
  */
 import { statusFlagsLine } from '../../activate/flags.js';
 import { keyLocation } from '../../activate/mapping.js';
+import { loopBackingFile } from '../../blockdev/loop.js';
 import type { VolumeStatus } from '../../control/protocol.js';
 import { CryptmapError, EXIT_WRONG_DEVICE } from '../../util/errors.js';
 import { withDaemon } from '../daemon-client.js';
 import type { VerbMain } from '../types.js';
 import { parseCommandLine } from '../options.js';
 import { headerMissing } from './active-luks.js';
+
+/**
+ * cryptsetup's `loop:` line: the backing file of a loop device the mapping sits on. cryptmap maps a
+ * regular file itself (no loop device between), so a file-backed mapping shows the file as its
+ * `device:` and has no `loop:` line; one made on /dev/loopN names that device's file, as cryptsetup.
+ */
+function loopLine(device: string): string {
+  const backing = device.startsWith('/dev/') ? loopBackingFile(device) : undefined;
+  return backing !== undefined ? `  loop:    ${backing}\n` : '';
+}
 
 /** A crypt table line's words, at least the eight before the optional parameters. */
 type CryptTableWords = [string, string, string, string, string, string, string, string, ...string[]];
@@ -31,10 +42,11 @@ export function rawCryptFields(tableLine: string, readOnly: boolean): string {
   out += `  keysize: ${keyBits} bits\n`;
   out += `  key location: ${key.startsWith(':') ? 'keyring' : 'dm-crypt'}\n`;
   out += `  device:  ${dev}\n`;
+  out += loopLine(dev);
   out += `  sector size:  ${sector}\n`;
   out += `  offset:  ${offset} sectors\n`;
-  if (ivOffset !== '0') out += `  skipped: ${ivOffset} sectors\n`;
   out += `  size:    ${len} sectors\n`;
+  if (ivOffset !== '0') out += `  skipped: ${ivOffset} sectors\n`;
   out += `  mode:    ${readOnly ? 'readonly' : 'read/write'}\n`;
   const flags = statusFlagsLine((f) => opts.includes(f.dm));
   if (flags !== '') out += `  flags:   ${flags}\n`;
@@ -56,11 +68,12 @@ export function formatStatus(s: VolumeStatus, raw = '', headerMissing = false): 
     out += `  keysize: ${m.keyBytes * 8} bits\n`;
     out += `  key location: ${keyLocation(m)}\n`;
     out += `  device:  ${m.device}\n`;
+    out += loopLine(m.device);
     if (m.header) out += `  header:  ${m.header}\n`;
     out += `  sector size:  ${m.sectorBytes}\n`;
     out += `  offset:  ${m.offsetSectors} sectors\n`;
-    if (m.ivOffsetSectors !== '0') out += `  skipped: ${m.ivOffsetSectors} sectors\n`;
     out += `  size:    ${m.sizeSectors} sectors\n`;
+    if (m.ivOffsetSectors !== '0') out += `  skipped: ${m.ivOffsetSectors} sectors\n`;
     // cryptsetup 2.6 action_status: a suspended device says so on its mode line.
     out += `  mode:    ${m.readOnly ? 'readonly' : 'read/write'}${s.suspended ? ' (suspended)' : ''}\n`;
     // cryptsetup 2.6 action_status: the activation flags, each followed by a space but the last.
