@@ -5,7 +5,7 @@
  */
 import { createHmac, randomBytes } from 'node:crypto';
 import { allFlags } from '../activate/flags.js';
-import { checkExclusiveAccess } from '../blockdev/exclusive.js';
+import { checkExclusiveAccess, deviceInUseError } from '../blockdev/exclusive.js';
 import { loopBackingFile } from '../blockdev/loop.js';
 import {
   type CryptMapping,
@@ -19,7 +19,14 @@ import type { RefreshFlags } from '../control/protocol.js';
 import type { MappedDevice } from '../dm/index.js';
 import { nbdUnixUri } from '../nbd/index.js';
 import { constantTimeEqual, wipe } from '../util/bytes.js';
-import { CryptmapError, type ErrorCode, EXIT_BUSY, EXIT_FAILURE, EXIT_WRONG_DEVICE } from '../util/errors.js';
+import {
+  CryptmapError,
+  type ErrorCode,
+  EXIT_BUSY,
+  EXIT_FAILURE,
+  EXIT_WRONG_DEVICE,
+  isCryptmapError,
+} from '../util/errors.js';
 import { logger } from '../util/log.js';
 import { runTool } from '../util/tools.js';
 import type { Secret } from '../util/secret.js';
@@ -71,7 +78,14 @@ export async function openVolume(
   const desc = keyDescription(m.name);
   p.keyring.set(desc, volumeKey.expose());
   try {
-    await p.dm.create(m.name, { table: cryptTableLine(m, keyRefArg(m)), uuid: dmUuid(m), readOnly: m.readOnly });
+    try {
+      await p.dm.create(m.name, { table: cryptTableLine(m, keyRefArg(m)), uuid: dmUuid(m), readOnly: m.readOnly });
+    } catch (e) {
+      // The registry's claim failed (with --shared: something outside this daemon holds the device).
+      // Its error names the table line, as `dmsetup` would; open says what cryptsetup says.
+      if (isCryptmapError(e) && e.code === 'EBUSY') throw deviceInUseError(m.device);
+      throw e;
+    }
     try {
       exportIfLive(p, m.name);
     } catch (e) {
