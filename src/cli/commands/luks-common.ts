@@ -52,6 +52,18 @@ export function needDevice(positionals: string[], usage: string): string {
   return d;
 }
 
+/** cryptsetup's "Device X does not exist or access denied." (exit 4) when a local `path` is missing. */
+export async function requireDevice(path: string): Promise<void> {
+  if (isRemoteDevice(path)) return;
+  try {
+    await stat(path);
+  } catch {
+    throw new CryptmapError('ENODEV', `Device ${path} does not exist or access denied.`, {
+      exitCode: EXIT_WRONG_DEVICE,
+    });
+  }
+}
+
 /** Open an image, a device or an NBD URI; cryptsetup's message when it is missing. */
 export async function openDevice(path: string, write: boolean): Promise<BlockDevice> {
   if (isRemoteDevice(path)) {

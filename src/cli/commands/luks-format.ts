@@ -7,9 +7,10 @@ import { deviceInUseError, isDeviceInUse } from '../../blockdev/exclusive.js';
 import { isRemoteDevice } from '../../blockdev/open.js';
 import { deviceSignatures, signatureWarnings } from '../../blockdev/signatures.js';
 import { stat, truncate } from 'node:fs/promises';
+import { dirname } from 'node:path';
 import { Luks1Volume, Luks2Volume, luks2Layout, withDeviceLock } from '../../luks/index.js';
 import type { SectorBytes } from '../../engine/types.js';
-import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import { CryptmapError, EXIT_FAILURE, EXIT_NOMEM, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { runTool } from '../../util/tools.js';
 import type { CliIO, VerbMain } from '../types.js';
 import {
@@ -114,10 +115,22 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   const ks = keyslotOptions(v, luks);
   const keyFile = v['key-file'] ?? positionals[1];
 
-  try {
-    if (!isRemoteDevice(device)) await stat(device);
-  } catch {
-    throw new CryptmapError('ENODEV', `Device ${device} does not exist or access denied.`, { exitCode: 4 });
+  const exists = (p: string) =>
+    isRemoteDevice(p) ||
+    stat(p).then(
+      () => true,
+      () => false,
+    );
+  if (!(await exists(device))) {
+    const missing = (exitCode: number) =>
+      new CryptmapError('ENODEV', `Device ${device} does not exist or access denied.`, { exitCode });
+    if (headerFile === undefined) throw missing(EXIT_WRONG_DEVICE);
+    // cryptsetup 2.6 with --header makes the header file before it looks at the data device: a header
+    // that cannot be made is reported first (exit 1); then crypt_format's missing data device is exit 3
+    // (cryptsetup's code; cryptmap leaves no header file behind, where cryptsetup leaves 4 KiB of zeros).
+    if (!(await exists(headerFile)) && !(await exists(dirname(headerFile))))
+      throw new CryptmapError('ENODEV', `Cannot create header file ${headerFile}.`, { exitCode: EXIT_FAILURE });
+    throw missing(EXIT_NOMEM);
   }
   // cryptsetup lists what blkid finds on the header device first (nothing with -q, as it does).
   const sigPath = headerFile ?? device;

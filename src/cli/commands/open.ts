@@ -33,6 +33,7 @@ import {
   needDevice,
   openDevice,
   parseLuksArgs,
+  requireDevice,
   sizeOpt,
 } from './luks-common.js';
 import { loadLuks, loadLuksForRead, testPassphrase, unlockForOpen } from './luks-unlock.js';
@@ -246,6 +247,10 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       exitCode: EXIT_WRONG_PARAMS,
     });
   }
+  // cryptsetup looks at the header, then the data device, before anything else (crypt_init_data_device):
+  // a missing one is exit 4 for every type, with --test-passphrase too and before a passphrase is read.
+  if (v.header !== undefined) await requireDevice(v.header);
+  await requireDevice(device);
   if (v['test-passphrase']) return openTestPassphrase(io, device, v);
   if (positionals.length !== 2)
     throw new CryptmapError('EARGS', 'Command requires device and mapped name as arguments.', {

@@ -59,8 +59,10 @@ export function rawCryptFields(tableLine: string, readOnly: boolean): string {
  * command line did not name (active-luks.ts headerMissing): cryptsetup cannot know its type, `n/a`.
  */
 export function formatStatus(s: VolumeStatus, raw = '', headerMissing = false): string {
-  if (!s.active) return `/dev/mapper/${s.name} is inactive.\n`;
-  let out = `/dev/mapper/${s.name} is active${s.openCount > 1 ? ' and is in use' : ''}.\n`;
+  // cryptsetup names the device as given when that is a path, else /dev/mapper/NAME.
+  const shown = s.name.includes('/') ? s.name : `/dev/mapper/${s.name}`;
+  if (!s.active) return `${shown} is inactive.\n`;
+  let out = `${shown} is active${s.openCount > 1 ? ' and is in use' : ''}.\n`;
   const m = s.mapping;
   if (m) {
     out += `  type:    ${headerMissing ? 'n/a' : m.type}\n`;
