@@ -35,6 +35,7 @@ function exitCode(e: unknown): unknown {
   return (e as { cause?: { code?: unknown } }).cause?.code;
 }
 
+/** What blkid finds on `path`, superblocks first (empty when nothing, or when it cannot tell). */
 export async function deviceSignatures(path: string): Promise<DeviceSignature[]> {
   try {
     const out = await runTool('blkid', ['-p', '-o', 'export', path], { timeoutMs: 30_000 });
