@@ -279,7 +279,7 @@ async function dialog(
   const r = await exec('python3', [py, JSON.stringify(steps), '60', ...bin, ...args]);
   let t = r.stdout.replaceAll('\r', '');
   for (const [from, to] of Object.entries(names)) t = t.replaceAll(from, to);
-  // blkid's notes on an old signature: cryptmap does not probe other signatures.
+  // blkid's notes on an old signature (both print them; the images differ between the runs).
   return t
     .split('\n')
     .filter((l) => !/superblock signature/.test(l))
