@@ -38,7 +38,7 @@ function exitCode(e: unknown): unknown {
 /** What blkid finds on `path`, superblocks first (empty when nothing, or when it cannot tell). */
 export async function deviceSignatures(path: string): Promise<DeviceSignature[]> {
   try {
-    const out = await runTool('blkid', ['-p', '-o', 'export', path], { timeoutMs: 30_000 });
+    const out = await runTool('blkid', ['-p', '-o', 'export', '--', path], { timeoutMs: 30_000 });
     const field = (name: string) => out.match(new RegExp(`^${name}=(.*)$`, 'm'))?.[1];
     const found: DeviceSignature[] = [];
     const type = field('TYPE');
@@ -50,7 +50,9 @@ export async function deviceSignatures(path: string): Promise<DeviceSignature[]>
     if (exitCode(e) !== 8) return []; // 2: nothing found; anything else: no answer
   }
   try {
-    const out = await runTool('wipefs', ['--no-act', '--noheadings', '--output', 'TYPE', path], { timeoutMs: 30_000 });
+    const out = await runTool('wipefs', ['--no-act', '--noheadings', '--output', 'TYPE', '--', path], {
+      timeoutMs: 30_000,
+    });
     const types = [...new Set(out.split('\n').map((l) => l.trim()))].filter((t) => t !== '' && t !== 'PMBR');
     const sb = types.filter((t) => !PARTITION_TABLES.has(t)).map((type) => ({ type, kind: 'superblock' as const }));
     const pt = types.filter((t) => PARTITION_TABLES.has(t)).map((type) => ({ type, kind: 'partition' as const }));

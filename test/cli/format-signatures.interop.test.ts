@@ -3,30 +3,16 @@
 // "... a 'dos' partition signature." on standard output, superblocks first; nothing with -q or on a
 // blank device. cryptsetup (which formats a regular file without device-mapper) is the oracle.
 import assert from 'node:assert/strict';
-import {
-  chmodSync,
-  copyFileSync,
-  mkdtempSync,
-  openSync,
-  rmSync,
-  truncateSync,
-  writeFileSync,
-  writeSync,
-  closeSync,
-} from 'node:fs';
-import { tmpdir } from 'node:os';
+import { closeSync, copyFileSync, openSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
+import { deviceSignatures } from '../../src/blockdev/signatures.js';
+import { FAST_PBKDF as FAST } from '../helpers/luks.js';
+import { fileTempDir } from '../helpers/tmp.js';
 import { cryptmap, exec, ok } from './harness.js';
 
 const CS = '/usr/sbin/cryptsetup';
-const FAST = ['--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000'];
-let dir = '';
-before(() => {
-  dir = mkdtempSync(join(tmpdir(), 'cryptmap-sig-'));
-  chmodSync(dir, 0o700);
-});
-after(() => rmSync(dir, { recursive: true, force: true }));
+const dir = fileTempDir('cryptmap-sig-');
 
 function blank(name: string): string {
   const p = join(dir, name);
@@ -95,4 +81,15 @@ test('luksFormat warns of the signatures on the device exactly as cryptsetup', a
       .join('\n'),
     `WARNING: Device ${both}.y already contains a 'ext4' superblock signature.\nWARNING: Device ${both}.y already contains a 'dos' partition signature.`,
   );
+});
+
+test('a device path that starts with a dash is probed as a path, not read as blkid options', async () => {
+  await ok('mkfs.ext4', ['-q', '-F', blank('-dash.img')]);
+  const cwd = process.cwd();
+  process.chdir(dir);
+  try {
+    assert.deepEqual(await deviceSignatures('-dash.img'), [{ type: 'ext4', kind: 'superblock' }]);
+  } finally {
+    process.chdir(cwd);
+  }
 });
