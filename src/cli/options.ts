@@ -159,6 +159,13 @@ export const OPTIONS = {
   'progress-json': { type: 'boolean', verbs: ['reencrypt'] },
   decrypt: { type: 'boolean', verbs: ['reencrypt'] },
   'reduce-device-size': { type: 'string', num: 'size', verbs: ['reencrypt'] },
+  // cryptsetup's legacy LUKS1 reencryption (utils_reencrypt_luks1.c).
+  'keep-key': { type: 'boolean', verbs: ['reencrypt'] },
+  'block-size': { type: 'string', num: 'u32', short: 'B' },
+  new: { type: 'boolean', short: 'N', alias: 'encrypt' },
+  'use-directio': { type: 'boolean' },
+  'use-fsync': { type: 'boolean' },
+  'write-log': { type: 'boolean' },
 } as const satisfies Record<string, OptionRow>;
 
 type Table = typeof OPTIONS;

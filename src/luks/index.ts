@@ -67,6 +67,17 @@ export {
   unlockReencryptKeys,
   verifyReencryptDigest,
 } from './reencrypt.js';
+export type { Luks1ReencryptInit, Luks1RunOptions } from './reencrypt-luks1.js';
+export {
+  initLuks1Reencrypt,
+  LUKS1_NOMAGIC,
+  luks1ReencryptFiles,
+  luks1ReencryptStale,
+  luks1SlotActive,
+  luks1StainedUuid,
+  removeLuks1ReencryptFiles,
+  runLuks1Reencrypt,
+} from './reencrypt-luks1.js';
 export { convertLuks1ToLuks2, convertLuks2ToLuks1, planLuks1Moves } from './convert.js';
 export type { TokenUnlockOptions, TokenUnlockResult } from './token-unlock.js';
 export { tokenCandidates, unlockByToken } from './token-unlock.js';

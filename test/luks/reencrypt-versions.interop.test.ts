@@ -4,7 +4,7 @@
 // device-mapper): a LUKS1 device, or one in cryptsetup's legacy LUKS1 reencryption (magic LUKS\xde\xad,
 // which cryptsetup itself reports as "in LUKS1 reencryption"), is refused with exit 1 and left as it was.
 import assert from 'node:assert/strict';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { before, test } from 'node:test';
@@ -74,32 +74,118 @@ test('type conflicts and --resume-only without a reencryption: cryptsetup 2.6 wo
   assert.match(cs('luksDump', mid).out, /online-reencrypt/, 'nothing changed the reencryption in progress');
 });
 
-test('LUKS1, and LUKS1 in cryptsetup legacy reencryption: refused (exit 1), the device unchanged', async () => {
-  const l1 = image('r1.img', 'luks1');
-  const stained = image('r1-stained.img', 'luks1');
-  const b = readFileSync(stained);
-  b[4] = 0xde;
-  b[5] = 0xad;
-  writeFileSync(stained, b);
-  for (const [img, args, why] of [
-    [l1, [], /LUKS1 reencryption is not supported by cryptmap: convert the device to LUKS2/],
-    [l1, ['--decrypt'], /LUKS1 reencryption is not supported by cryptmap/],
-    [stained, [], /is in LUKS1 reencryption \(cryptsetup's legacy format/],
-    [stained, ['--encrypt', '--reduce-device-size', '4M'], /is in LUKS1 reencryption/],
-  ] as Array<[string, string[], RegExp]>) {
-    const was = readFileSync(img);
-    const r = await cm('reencrypt', '-q', '--key-file', key, ...args, img);
-    assert.equal(r.code, 1, r.err);
-    assert.match(r.err, why);
-    assert.ok(readFileSync(img).equals(was), `${args.join(' ')} ${img}: unchanged`);
+test('LUKS1 legacy reencryption: cryptsetup begins (it stops here without device-mapper), cryptmap resumes; refusals as cryptsetup', async () => {
+  // cryptmap keeps the log and header copies in its working directory, as cryptsetup does.
+  const cwd = process.cwd();
+  process.chdir(dir);
+  try {
+    const l1 = image('r1.img', 'luks1');
+    const plainOf = async (img: string) => {
+      const { Luks1Volume } = await import('../../src/luks/index.js');
+      const { FileDevice } = await import('../../src/blockdev/file.js');
+      const { createSectorCipher } = await import('../../src/engine/index.js');
+      const d = await FileDevice.open(img, { readOnly: true });
+      try {
+        const v = await Luks1Volume.open(d);
+        const { volumeKey } = await v.unlock(readFileSync(key));
+        const b = Buffer.alloc(d.sizeBytes - v.dataSegment.offsetBytes);
+        await d.read(v.dataSegment.offsetBytes, b);
+        const c = createSectorCipher({ spec: v.cipher, key: volumeKey.expose(), sectorBytes: 512 });
+        c.decrypt(b, 0n);
+        c.dispose();
+        volumeKey.dispose();
+        return { data: b, offset: v.dataSegment.offsetBytes, cipher: v.cipher };
+      } finally {
+        await d.close();
+      }
+    };
+    const before = await plainOf(l1);
+    // cryptsetup writes its log and header copies, marks the device, then fails to map it.
+    const c = cs(
+      'reencrypt',
+      '-q',
+      '--pbkdf-force-iterations',
+      '1000',
+      '-c',
+      'aes-cbc-essiv:sha256',
+      '-s',
+      '256',
+      '--reduce-device-size',
+      '1M',
+      '--key-file',
+      key,
+      l1,
+    );
+    assert.notEqual(c.status, 0, c.out);
+    assert.equal(cs('isLuks', l1).status, 1, 'the device is marked as in reencryption');
+    const r = await cm('reencrypt', '-q', '--key-file', key, l1);
+    assert.equal(r.code, 0, r.err);
+    const after = await plainOf(l1);
+    assert.equal(after.cipher, 'aes-cbc-essiv:sha256');
+    assert.equal(after.offset, before.offset + (1 << 20));
+    assert.ok(after.data.equals(before.data.subarray(0, after.data.length)), 'plaintext intact');
+    assert.equal(cs('open', '--test-passphrase', '--key-file', key, l1).status, 0);
+    assert.deepEqual(
+      readdirSync(dir).filter((f) => f.startsWith('LUKS-')),
+      [],
+      'the log and header copies are gone',
+    );
+    // A key file with two keyslots active and no --key-slot: cryptsetup's words, exit 1, nothing written.
+    const two = image('r2.img', 'luks1');
+    const other = join(dir, 'other');
+    writeFileSync(other, 'another', { mode: 0o600 });
+    assert.equal(cs('luksAddKey', '-q', '--pbkdf-force-iterations', '1000', '--key-file', key, two, other).status, 0);
+    const was = readFileSync(two);
+    const want = cs('reencrypt', '-q', '--pbkdf-force-iterations', '1000', '--key-file', key, two);
+    const got = await cm('reencrypt', '-q', '--pbkdf-force-iterations', '1000', '--key-file', key, two);
+    assert.equal(got.code, want.status);
+    assert.equal(got.err.trim(), want.out.trim());
+    assert.ok(readFileSync(two).equals(was));
+    // With --key-slot the other keyslot goes (cryptsetup's rule).
+    const s0 = await cm('reencrypt', '-q', '--pbkdf-force-iterations', '1000', '-S', '0', '--key-file', key, two);
+    assert.equal(s0.code, 0, s0.err);
+    assert.equal(cs('open', '--test-passphrase', '--key-file', other, two).status, 2);
+    // A device in legacy reencryption whose log is not here: refused, unchanged.
+    const stained = image('r1-stained.img', 'luks1');
+    const b = readFileSync(stained);
+    b[4] = 0xde;
+    b[5] = 0xad;
+    writeFileSync(stained, b);
+    const st = await cm('reencrypt', '-q', '--key-file', key, stained);
+    assert.equal(st.code, 1, st.err);
+    assert.match(st.err, /is in LUKS1 reencryption but its log .* is not in the working directory/);
+    assert.ok(readFileSync(stained).equals(b));
+    // --keep-key: a new header (hash, iterations), the same key, no data rewrite; 999 iterations refused as cryptsetup.
+    const kk = image('r3.img', 'luks1');
+    const k0 = await plainOf(kk);
+    const low = await cm('reencrypt', '-q', '--keep-key', '--pbkdf-force-iterations', '999', '--key-file', key, kk);
+    assert.equal(low.code, 1);
+    assert.match(low.err, /Forced iteration count is too low for pbkdf2 \(minimum is 1000\)/);
+    const kr = await cm(
+      'reencrypt',
+      '-q',
+      '--keep-key',
+      '--hash',
+      'sha512',
+      '--pbkdf-force-iterations',
+      '1001',
+      '--key-file',
+      key,
+      kk,
+    );
+    assert.equal(kr.code, 0, kr.err);
+    const dump = cs('luksDump', kk).out;
+    assert.match(dump, /Hash spec:\s+sha512/);
+    assert.match(dump, /Iterations:\s+1001/);
+    assert.ok((await plainOf(kk)).data.equals(k0.data));
+  } finally {
+    process.chdir(cwd);
   }
-  // Not built either: cryptsetup's --decrypt --header NEW of an in-place LUKS2 header (header export).
+  // Not built: cryptsetup's --decrypt --header NEW of an in-place LUKS2 header (header export).
   const l2 = image('r2.img', 'luks2');
   const was = readFileSync(l2);
   const r = await cm('reencrypt', '--decrypt', '-q', '--header', join(dir, 'exported.hdr'), '--key-file', key, l2);
   assert.equal(r.code, 1, r.err);
   assert.match(r.err, /header exported to .* is not supported by cryptmap yet/);
   assert.ok(readFileSync(l2).equals(was));
-  // cryptsetup takes that magic for its own reencryption in progress.
-  assert.match(cs('reencrypt', '-q', '--type', 'luks2', '--key-file', key, stained).out, /in LUKS1 reencryption/);
 });

@@ -9,10 +9,17 @@ import { isRemoteDevice } from '../../blockdev/open.js';
 import {
   initDecrypt,
   initEncrypt,
+  initLuks1Reencrypt,
+  Luks1Volume,
+  luks1ReencryptFiles,
+  luks1ReencryptStale,
+  luks1SlotActive,
+  luks1StainedUuid,
+  removeLuks1ReencryptFiles,
+  runLuks1Reencrypt,
   initReencrypt,
   inReencryption,
   luks2Layout,
-  type Luks1Volume,
   type Luks2Volume,
   openLuks,
   type ReencryptLock,
@@ -43,7 +50,7 @@ import {
   sizeOpt,
 } from './luks-common.js';
 import { loadLuks } from './luks-unlock.js';
-import { confirm, getPassphrase } from './terminal-input.js';
+import { confirm, getPassphrase, readVolumeKeyFile } from './terminal-input.js';
 import { passphrasePrompt } from '../device-name.js';
 
 /** A size option in bytes (cryptsetup's units, luks-common sizeOpt); zero is refused. */
@@ -130,9 +137,9 @@ function cryptsetupLock(io: CliIO, v: LuksArgs, vol: Luks2Volume): ReencryptLock
   return takeReencryptLock(vol.uuid, { env: io.env, disabled: v['disable-locks'] === true });
 }
 
-/** What cryptmap says where cryptsetup 2.6 runs its legacy LUKS1 reencryption (offline, through device-mapper). */
+/** What cryptmap says to LUKS1 encryption (cryptsetup 2.6's legacy --new), which it does not do. */
 const LUKS1_NOT_BUILT =
-  'LUKS1 reencryption is not supported by cryptmap: convert the device to LUKS2 first (cryptmap convert --type luks2), or use cryptsetup reencrypt (which needs device-mapper for LUKS1).';
+  'LUKS1 encryption of a plaintext device is not supported by cryptmap: encrypt as LUKS2 (--type luks2), then convert (cryptmap convert --type luks1) if LUKS1 is needed.';
 
 /** cryptsetup 2.6's device states for reencrypt (src/utils_reencrypt.c device_status_info). */
 type DeviceStatus = 'luks1' | 'luks1-unusable' | 'luks2' | 'luks2-reencrypt' | 'not-luks' | 'invalid';
@@ -175,12 +182,6 @@ async function checkVersions(v: LuksArgs, shown: string, st: DeviceStatus): Prom
   if (st === 'luks2-reencrypt' && v.type === 'luks1') conflict('is in LUKS2 reencryption');
   if (v['resume-only'] && (st === 'luks2' || st === 'luks1' || st === 'not-luks'))
     throw new CryptmapError('EINVAL', 'Device reencryption not in progress.', { exitCode: EXIT_FAILURE });
-  if (st === 'luks1-unusable')
-    throw new CryptmapError(
-      'ENOTSUP',
-      `Device ${shown} is in LUKS1 reencryption (cryptsetup's legacy format, with its LUKS-<UUID>.log, .org and .new files): cryptmap does not resume it. Run cryptsetup reencrypt in the directory holding those files.`,
-      { exitCode: EXIT_FAILURE, errno: 'ENOTSUP' },
-    );
 }
 
 function wrongParams(msg: string): never {
@@ -196,10 +197,6 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   if (!['checksum', 'journal', 'none', 'datashift'].includes(resilience))
     wrongParams(`Resilience mode ${v.resilience} is invalid.`);
   const reduceBytes = bytesOpt(v['reduce-device-size'], '--reduce-device-size');
-  if (reduceBytes !== undefined && !v.encrypt)
-    wrongParams(
-      '--reduce-device-size without --encrypt (reencryption with data shift) is not supported by cryptmap yet.',
-    );
   if (reduceBytes !== undefined && reduceBytes % 512 !== 0)
     wrongParams('Device size must be multiple of 512 bytes sector.');
   if (resilience === 'datashift' && reduceBytes === undefined)
@@ -220,7 +217,12 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   };
   if (v.encrypt) {
     const h = v.header ?? device;
-    if (!v.header || (await stat(v.header).catch(() => null))) await checkVersions(v, h, await deviceStatus(h));
+    if (!v.header || (await stat(v.header).catch(() => null))) {
+      const st = await deviceStatus(h);
+      await checkVersions(v, h, st);
+      // cryptsetup resumes its legacy reencryption of a marked LUKS1 device whatever the mode asked.
+      if (st === 'luks1-unusable') return luks1Main(io, v, device, h, device, passSrc);
+    }
     if (v.type === 'luks1')
       throw new CryptmapError('ENOTSUP', LUKS1_NOT_BUILT, { exitCode: EXIT_FAILURE, errno: 'ENOTSUP' });
     return encryptMain(io, v, device, {
@@ -254,16 +256,21 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
     );
   const status = await deviceStatus(hdr);
   await checkVersions(v, v.header ?? device, status);
-  if (status === 'luks1')
-    throw new CryptmapError('ENOTSUP', LUKS1_NOT_BUILT, { exitCode: EXIT_FAILURE, errno: 'ENOTSUP' });
+  if (status === 'luks1' || status === 'luks1-unusable') return luks1Main(io, v, device, hdr, dataPath, passSrc);
+  // A LUKS1 decryption whose first blocks already overwrote the header: resumed by its UUID (cryptsetup --decrypt --uuid).
+  if (status === 'not-luks' && v.decrypt && v.uuid !== undefined && !v.header)
+    return luks1Main(io, v, device, hdr, dataPath, passSrc);
+  if (reduceBytes !== undefined)
+    wrongParams(
+      '--reduce-device-size without --encrypt (LUKS2 reencryption with data shift) is not supported by cryptmap yet.',
+    );
   const dev = await openDevice(hdr, true);
   let dataDev: BlockDevice | undefined;
   try {
     if (hdr !== dataPath) dataDev = await openDevice(dataPath, true);
     return await reencryptLock(io, hdr, async () => {
       const vol = await loadLuks(dev, hdr);
-      if (vol.type !== 'luks2')
-        throw new CryptmapError('ENOTSUP', LUKS1_NOT_BUILT, { exitCode: EXIT_FAILURE, errno: 'ENOTSUP' });
+      if (vol.type !== 'luks2') throw new CryptmapError('EINVAL', 'Device is not a LUKS2 device.', { exitCode: 1 });
       const l2 = vol as Luks2Volume;
       // Active in the daemon: it runs the reencryption under its live mapping (online).
       const active = await activeInDaemon(v['runtime-dir'], io.env, l2.uuid, 'reencrypt');
@@ -473,6 +480,181 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
   } finally {
     await closeQuietly(hdrDev);
     await closeQuietly(dataDev);
+  }
+}
+
+function noKey(): never {
+  throw new CryptmapError('ENOKEY', 'No key available with this passphrase.', { exitCode: 2, errno: 'EPERM' });
+}
+
+/**
+ * A LUKS1 device (cryptsetup 2.6's legacy reencryption, src/luks/reencrypt-luks1.ts): begun here or
+ * resumed from the log and header files in the working directory (begun by cryptsetup or cryptmap;
+ * the device's magic is then `LUKS\xde\xad`). Keyslots as cryptsetup: without --key-slot or a key
+ * file, a passphrase for each active keyslot, all of them kept; with --key-slot N only N; a key file
+ * only for the one active keyslot or with --key-slot.
+ */
+async function luks1Main(
+  io: CliIO,
+  v: LuksArgs,
+  device: string,
+  hdrPath: string,
+  dataPath: string,
+  passSrc: { keyFile: string | undefined; keyfileOffset: number | undefined; keyfileSize: number | undefined },
+): Promise<number> {
+  const slotArg = v['key-slot'] !== undefined ? Number(v['key-slot']) : undefined;
+  if (slotArg !== undefined && !(slotArg >= 0 && slotArg < 8))
+    throw new CryptmapError('EINVAL', 'Key slot is invalid.', { exitCode: 1 });
+  if (v['init-only'] || v['resume-only'])
+    throw new CryptmapError('EINVAL', 'LUKS1 reencryption cannot be split into --init-only and --resume-only.', {
+      exitCode: 1,
+    });
+  const forced = v['pbkdf-force-iterations'] !== undefined ? Number(v['pbkdf-force-iterations']) : undefined;
+  if (forced !== undefined && forced < 1000)
+    throw new CryptmapError('EARGS', 'Forced iteration count is too low for pbkdf2 (minimum is 1000).', {
+      exitCode: 1,
+    });
+  const blockMiB = intOpt(v['block-size'], '--block-size', 1, 64) ?? 4;
+  const dir = process.cwd();
+  const dev = await openDevice(hdrPath, true);
+  let dataDev: BlockDevice | undefined;
+  try {
+    if (dataPath !== hdrPath) dataDev = await openDevice(dataPath, true);
+    return await reencryptLock(io, hdrPath, async () => {
+      let uuid = await luks1StainedUuid(dev);
+      let vol: Luks1Volume | undefined;
+      if (uuid === undefined && v.decrypt && v.uuid !== undefined) {
+        if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(v.uuid))
+          throw new CryptmapError('EINVAL', 'Provided UUID is invalid.', { exitCode: 1 });
+        if ((await stat(luks1ReencryptFiles(dir, v.uuid).log).catch(() => null)) === null)
+          throw new CryptmapError(
+            'EINVAL',
+            'No decryption in progress, provided UUID can be used only to resume suspended decryption process.',
+            { exitCode: 1 },
+          );
+        uuid = v.uuid;
+      }
+      if (uuid === undefined) {
+        vol = await Luks1Volume.open(dev);
+        uuid = vol.uuid;
+        if (await luks1ReencryptStale(dev, dir, uuid)) await removeLuks1ReencryptFiles(dir, uuid);
+      }
+      const files = luks1ReencryptFiles(dir, uuid);
+      const inProgress = (await stat(files.log).catch(() => null)) !== null;
+      if (!inProgress && !vol)
+        throw new CryptmapError(
+          'ENOTLUKS',
+          `Device ${device} is in LUKS1 reencryption but its log ${files.log} is not in the working directory.`,
+          { exitCode: 1 },
+        );
+      const keepKey = v['keep-key'] === true;
+      const ac = new AbortController();
+      const onInt = () => ac.abort();
+      const progress = progressFromOptions(io, device, v);
+      const passes = new Map<number, Buffer>();
+      try {
+        let runPass: Buffer;
+        let runSlot: number | undefined;
+        if (inProgress) {
+          io.stdout.write(`Log file ${files.log.slice(dir.length + 1)} exists, resuming reencryption.\n`);
+          const prompt =
+            slotArg !== undefined ? `Enter passphrase for key slot ${slotArg}: ` : 'Enter any existing passphrase: ';
+          runPass = await getPassphrase(io, prompt, passSrc);
+          passes.set(-1, runPass);
+          runSlot = slotArg;
+        } else {
+          const l1 = vol!;
+          const active = [0, 1, 2, 3, 4, 5, 6, 7].filter((i) => luks1SlotActive(l1, i));
+          const check = async (pass: Buffer, slot: number | undefined): Promise<number> => {
+            try {
+              return (await l1.unlock(pass, slot !== undefined ? { keySlot: slot } : {})).keyslot;
+            } catch (e) {
+              if (isCryptmapError(e) && (e.code === 'ENOKEY' || e.code === 'EKEYSLOT')) noKey();
+              throw e;
+            }
+          };
+          if (slotArg !== undefined && !active.includes(slotArg))
+            throw new CryptmapError('EKEYSLOT', `Keyslot ${slotArg} is not active.`, { exitCode: 1 });
+          if (passSrc.keyFile !== undefined) {
+            const p = await getPassphrase(io, '', passSrc);
+            passes.set(-1, p);
+            const r = await check(p, slotArg);
+            if (slotArg === undefined && active.length !== 1)
+              throw new CryptmapError(
+                'EINVAL',
+                'Key file can be used only with --key-slot or with exactly one key slot active.',
+                { exitCode: 1 },
+              );
+            passes.set(r, p);
+          } else if (slotArg !== undefined || v.decrypt) {
+            const prompt =
+              slotArg !== undefined ? `Enter passphrase for key slot ${slotArg}: ` : 'Enter any existing passphrase: ';
+            const p = await getPassphrase(io, prompt, passSrc);
+            passes.set(-1, p);
+            passes.set(await check(p, slotArg), p);
+          } else {
+            for (const i of active) {
+              const p = await getPassphrase(io, `Enter passphrase for key slot ${i}: `, passSrc);
+              passes.set(-1 - i - 1, p);
+              passes.set(await check(p, i), p);
+            }
+          }
+          const slots = [...passes.keys()].filter((k) => k >= 0).sort((a, b) => a - b);
+          runSlot = slots[slots.length - 1]!;
+          runPass = passes.get(runSlot)!;
+          const ko = keyslotOptions(v, 'luks1');
+          delete ko.keySlot;
+          const keyBits = intOpt(v['key-size'], '--key-size', 8, 4096);
+          const keyBytes = keepKey ? l1.header.keyBytes : keyBits !== undefined ? keyBits / 8 : l1.header.keyBytes;
+          let vk: Buffer | undefined;
+          if (v['volume-key-file'] !== undefined && !keepKey && !v.decrypt)
+            vk = await readVolumeKeyFile(v['volume-key-file'], keyBytes);
+          try {
+            await initLuks1Reencrypt(dev, l1, dir, {
+              mode: v.decrypt ? 'decrypt' : 'reencrypt',
+              passphrases: new Map(slots.map((s) => [s, passes.get(s)!])),
+              ...(v.cipher ? { cipher: v.cipher } : {}),
+              keyBytes,
+              ...(v.hash ? { hash: v.hash } : {}),
+              keyslot: ko,
+              keepKey,
+              ...(vk ? { volumeKey: vk } : {}),
+              ...(v['reduce-device-size'] !== undefined
+                ? { reduceBytes: sizeOpt(v['reduce-device-size'], '--reduce-device-size') }
+                : {}),
+            });
+          } finally {
+            vk?.fill(0);
+          }
+        }
+        process.on('SIGINT', onInt);
+        try {
+          const done = await runLuks1Reencrypt(dev, dir, uuid, runPass, {
+            ...(dataDev ? { dataDev } : {}),
+            ...(runSlot !== undefined ? { keySlot: runSlot } : {}),
+            blockBytes: blockMiB << 20,
+            keepKey,
+            signal: ac.signal,
+            onProgress: (d, t) => progress.update(t, d),
+          }).catch((e: unknown) => {
+            if (isCryptmapError(e) && (e.code === 'ENOKEY' || e.code === 'EKEYSLOT')) noKey();
+            throw e;
+          });
+          if (!done) {
+            progress.interrupted();
+            io.stderr.write('\nReencryption interrupted.\n');
+          }
+        } finally {
+          process.off('SIGINT', onInt);
+        }
+        return 0;
+      } finally {
+        for (const p of new Set(passes.values())) p.fill(0);
+      }
+    });
+  } finally {
+    await closeQuietly(dataDev);
+    await closeQuietly(dev);
   }
 }
 
