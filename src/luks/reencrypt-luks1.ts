@@ -28,7 +28,7 @@ import type { BlockDevice } from '../blockdev/types.js';
 import { createSectorCipher } from '../engine/index.js';
 import type { SectorCipher } from '../engine/types.js';
 import { CryptmapError } from '../util/errors.js';
-import { Secret } from '../util/secret.js';
+import type { Secret } from '../util/secret.js';
 import { LUKS_KEY_ENABLED, LUKS_MAGIC, Luks1Volume } from './luks1.js';
 import type { NewKeyslotOptions } from './types.js';
 
