@@ -159,8 +159,7 @@ export const OPTIONS = {
   'progress-json': { type: 'boolean', verbs: ['reencrypt'] },
   decrypt: { type: 'boolean', verbs: ['reencrypt'] },
   'reduce-device-size': { type: 'string', num: 'size', verbs: ['reencrypt'] },
-  // cryptsetup's legacy LUKS1 reencryption (utils_reencrypt_luks1.c).
-  'keep-key': { type: 'boolean', verbs: ['reencrypt'] },
+  // cryptsetup's legacy LUKS1 reencryption (utils_reencrypt_luks1.c); --keep-key is above.
   'block-size': { type: 'string', num: 'u32', short: 'B' },
   new: { type: 'boolean', short: 'N', alias: 'encrypt' },
   'use-directio': { type: 'boolean' },

@@ -208,7 +208,6 @@ const NOT_ACTED_ON: Readonly<Record<string, string>> = {
   'veracrypt-query-pim': 'TCRYPT (TrueCrypt/VeraCrypt) devices are not supported by cryptmap',
   refresh: "use 'cryptmap refresh <name>' to refresh an active mapping",
   'cancel-deferred': 'cryptmap has no deferred removal to cancel (its close is immediate unless the volume is in use)',
-  'keep-key': 'reencrypt --keep-key is not supported by cryptmap',
   'active-name': 'reencrypt --active-name is not supported by cryptmap (name the device; the daemon finds its mapping)',
   'token-replace': 'token import --token-replace is not supported by cryptmap (remove the token first)',
   'reencrypt:device-size': 'reencrypt --device-size is not supported by cryptmap',
