@@ -21,12 +21,15 @@ export function coreIn(prefix: string): { dir: string; core: DaemonCore } {
   return { dir, core: new DaemonCore({ nbdSocketPath: join(dir, 'nbd.sock'), attachDir: join(dir, 'attach') }) };
 }
 
-/** coreIn plus a 6 MiB LUKS2 image (`dir`/luks.img, passphrase PASS, PBKDF2 1000 iterations, data at 2 MiB). */
-export async function coreWithLuks2(prefix: string): Promise<{ dir: string; core: DaemonCore; img: string }> {
+/** coreIn plus a LUKS2 image of `bytes` (`dir`/luks.img, passphrase PASS, PBKDF2 1000 iterations, data at 2 MiB). */
+export async function coreWithLuks2(
+  prefix: string,
+  bytes = 6 * MiB,
+): Promise<{ dir: string; core: DaemonCore; img: string }> {
   const { dir, core } = coreIn(prefix);
   const img = join(dir, 'luks.img');
   writeFileSync(img, Buffer.alloc(0));
-  truncateSync(img, 6 * MiB);
+  truncateSync(img, bytes);
   const fd = await FileDevice.open(img, { readOnly: false });
   try {
     await Luks2Volume.format(fd, PASS, {

@@ -13,12 +13,10 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { mustRun } from '../helpers/tools.js';
 import { prepareLuks } from '../../src/activate/mapping.js';
-import { FileDevice } from '../../src/blockdev/file.js';
 import type { DaemonCore } from '../../src/daemon/core.js';
 import { bestVia } from '../../src/daemon/fuse-export.js';
-import { Luks2Volume } from '../../src/luks/index.js';
 import { Secret } from '../../src/util/secret.js';
-import { coreIn, MiB, PASS, plainMapping } from './fixtures.js';
+import { coreWithLuks2, MiB, PASS, plainMapping } from './fixtures.js';
 
 let dir: string;
 let core: DaemonCore;
@@ -29,21 +27,7 @@ const sh = (cmd: string, args: string[], timeoutMs = 120_000) => mustRun(cmd, ar
 
 before(async () => {
   assert.equal(process.getuid?.(), 0, 'the FUSE export tests run as root (mount(2), losetup)');
-  ({ dir, core } = coreIn('cm-fuse-'));
-  img = join(dir, 'luks.img');
-  writeFileSync(img, Buffer.alloc(0));
-  truncateSync(img, 66 * MiB);
-  const fd = await FileDevice.open(img, { readOnly: false });
-  try {
-    await Luks2Volume.format(fd, PASS, {
-      keyslot: { kdf: { type: 'pbkdf2', hash: 'sha256', iterations: 1000 } },
-      offsetBytes: 2 * MiB,
-      keyslotsBytes: 2 * MiB - 2 * 16384,
-      digestIterations: 1000,
-    });
-  } finally {
-    await fd.close();
-  }
+  ({ dir, core, img } = await coreWithLuks2('cm-fuse-', 66 * MiB));
   await core.listen();
 });
 

@@ -8,7 +8,7 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { prepareLuks } from '../../src/activate/mapping.js';
@@ -18,7 +18,7 @@ import { Secret } from '../../src/util/secret.js';
 import { startFio } from '../helpers/fio.js';
 import { mustRun } from '../helpers/tools.js';
 import { pollUntil } from '../helpers/wait.js';
-import { coreIn, MiB, PASS } from './fixtures.js';
+import { coreWithLuks2, MiB, PASS } from './fixtures.js';
 
 const sh = (cmd: string, args: string[], timeoutMs = 120_000) => mustRun(cmd, args, { timeoutMs });
 
@@ -26,7 +26,7 @@ test('online reencryption while a FUSE-mounted ext4 takes fio verify: no error, 
   timeout: 600_000,
 }, async (t) => {
   assert.equal(process.getuid?.(), 0, 'the FUSE export tests run as root (mount(2), losetup)');
-  const { dir, core } = coreIn('cm-reenc-fuse-');
+  const { dir, core, img } = await coreWithLuks2('cm-reenc-fuse-', 66 * MiB);
   const mnt = join(dir, 'mnt');
   let mounted = false;
   t.after(async () => {
@@ -34,22 +34,6 @@ test('online reencryption while a FUSE-mounted ext4 takes fio verify: no error, 
     await core.shutdown();
     rmSync(dir, { recursive: true, force: true });
   });
-  const img = join(dir, 'luks.img');
-  writeFileSync(img, Buffer.alloc(0));
-  truncateSync(img, 66 * MiB);
-  {
-    const fd = await FileDevice.open(img, { readOnly: false });
-    try {
-      await Luks2Volume.format(fd, PASS, {
-        keyslot: { kdf: { type: 'pbkdf2', hash: 'sha256', iterations: 1000 } },
-        offsetBytes: 2 * MiB,
-        keyslotsBytes: 2 * MiB - 2 * 16384,
-        digestIterations: 1000,
-      });
-    } finally {
-      await fd.close();
-    }
-  }
   await core.listen();
   const { mapping, volumeKey } = await prepareLuks({ name: 'rf', device: img, passphrase: PASS });
   const vk0 = Buffer.from(volumeKey.expose());
