@@ -6,19 +6,18 @@
 // crashed in cryptmap (FaultDevice). Afterwards cryptsetup's tools find the result: the encrypted
 // volume's plaintext under the volume key it dumps, or the plaintext on the data device.
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { before, test } from 'node:test';
 import { FaultDevice } from '../../src/blockdev/fault.js';
 import { FileDevice } from '../../src/blockdev/file.js';
-import { ControlClient } from '../../src/control/client.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import { initEncrypt, Luks2Volume, runReencrypt } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
 import { requireTool, cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
-import { cli, cliOk, startDaemon } from '../load/helpers.js';
+import { cli, cliOk, volumeStatus, readVolume, startDaemon } from '../load/helpers.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { FAST_PBKDF } from '../helpers/luks.js';
 
@@ -152,35 +151,18 @@ async function cryptsetupStopped(v: Vol, args: string[], sig: 'SIGINT' | 'SIGKIL
   );
 }
 
-async function status(run: string, name: string) {
-  const c = await ControlClient.connect(run);
-  try {
-    return await c.call('volume.status', { name });
-  } finally {
-    c.close();
-  }
-}
-
-/** The whole volume as an NBD client reads it. */
-async function readAll(run: string, name: string, bytes: number): Promise<Buffer> {
-  const st = await status(run, name);
-  const r = spawnSync('nbdcopy', [st.nbdUri, '-'], { maxBuffer: 2 * bytes, timeout: 120_000 });
-  assert.equal(r.status, 0, String(r.stderr));
-  return r.stdout;
-}
-
 /** Open mid-way, read the plaintext, finish online, read it again, close. */
 async function openResumeOnline(v: Vol): Promise<void> {
   const daemon = await startDaemon(v.run);
   try {
     await cliOk(['open', ...hdrArgs(v), '--key-file', v.key, v.img, 'vol'], { env: v.env });
-    const st = await status(v.run, 'vol');
+    const st = await volumeStatus(v.run, 'vol');
     assert.equal(st.reencrypt?.state, 'stopped');
-    assert.ok((await readAll(v.run, 'vol', v.plain.length)).equals(v.plain), 'the plaintext reads back whole');
+    assert.ok((await readVolume(v.run, 'vol', v.plain.length)).equals(v.plain), 'the plaintext reads back whole');
     const r = await cli(['reencrypt', '--resume-only', '-q', '--key-file', v.key, 'vol'], { env: v.env });
     assert.equal(r.code, 0, r.stderr);
-    assert.equal((await status(v.run, 'vol')).reencrypt?.state, 'finished');
-    assert.ok((await readAll(v.run, 'vol', v.plain.length)).equals(v.plain), 'after the online run');
+    assert.equal((await volumeStatus(v.run, 'vol')).reencrypt?.state, 'finished');
+    assert.ok((await readVolume(v.run, 'vol', v.plain.length)).equals(v.plain), 'after the online run');
     await cliOk(['close', 'vol'], { env: v.env });
   } finally {
     await daemon.kill();

@@ -6,19 +6,18 @@
 // cryptmap (FaultDevice). Refusals: cryptsetup's reencryption lock held ("Reencryption in-progress.
 // Cannot activate device.", exit 5), a wrong passphrase (exit 2), resize while mapped that way (exit 5).
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { before, test } from 'node:test';
 import { FaultDevice } from '../../src/blockdev/fault.js';
 import { FileDevice } from '../../src/blockdev/file.js';
-import { ControlClient } from '../../src/control/client.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import { initReencrypt, Luks2Volume, reencryptLockPath, runReencrypt } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
 import { requireTool, cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
-import { cli, cliOk, startDaemon } from '../load/helpers.js';
+import { cli, cliOk, volumeStatus, readVolume, startDaemon } from '../load/helpers.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { FAST_PBKDF } from '../helpers/luks.js';
 
@@ -119,38 +118,24 @@ async function cryptsetupStopped(v: Vol, sig: 'SIGINT' | 'SIGKILL'): Promise<voi
   assert.match(cs('luksDump', v.img).out, /online-reencrypt/, 'cryptsetup finished before it could be stopped');
 }
 
-async function status(run: string, name: string) {
-  const c = await ControlClient.connect(run);
-  try {
-    return await c.call('volume.status', { name });
-  } finally {
-    c.close();
-  }
-}
-
-/** The whole volume as an NBD client reads it. */
-async function readAll(run: string, name: string): Promise<Buffer> {
-  const st = await status(run, name);
-  const r = spawnSync('nbdcopy', [st.nbdUri, '-'], { maxBuffer: 2 * DATA, timeout: 120_000 });
-  assert.equal(r.status, 0, String(r.stderr));
-  return r.stdout;
-}
-
 /** Open mid-way, read the plaintext, finish online, close; the image then holds the plaintext under the new key. */
 async function openResumeOnline(v: Vol): Promise<void> {
   const daemon = await startDaemon(v.run);
   try {
     await cliOk(['open', '--key-file', v.key, v.img, 'vol'], { env: v.env });
-    const st = await status(v.run, 'vol');
+    const st = await volumeStatus(v.run, 'vol');
     assert.equal(st.reencrypt?.state, 'stopped');
-    assert.ok((await readAll(v.run, 'vol')).equals(v.plain), 'the plaintext reads back whole across both layouts');
+    assert.ok(
+      (await readVolume(v.run, 'vol', DATA)).equals(v.plain),
+      'the plaintext reads back whole across both layouts',
+    );
     // The table is rebuilt only by the reencryption itself meanwhile.
     const rs = await cli(['resize', '--size', '2048', '--key-file', v.key, 'vol'], { env: v.env });
     assert.equal(rs.code, 5, rs.stderr);
     const r = await cli(['reencrypt', '--resume-only', '-q', '--key-file', v.key, 'vol'], { env: v.env });
     assert.equal(r.code, 0, r.stderr);
-    assert.equal((await status(v.run, 'vol')).reencrypt?.state, 'finished');
-    assert.ok((await readAll(v.run, 'vol')).equals(v.plain));
+    assert.equal((await volumeStatus(v.run, 'vol')).reencrypt?.state, 'finished');
+    assert.ok((await readVolume(v.run, 'vol', DATA)).equals(v.plain));
     await cliOk(['close', 'vol'], { env: v.env });
   } finally {
     await daemon.kill();
@@ -237,10 +222,10 @@ test('open mid-reencryption refused: reencryption lock held (exit 5), wrong pass
     writeFileSync(bad, 'wrong', { mode: 0o600 });
     const w = await cli(['open', '--key-file', bad, v.img, 'vol'], { env: v.env });
     assert.equal(w.code, 2, w.stderr);
-    assert.equal((await status(v.run, 'vol')).active, false);
+    assert.equal((await volumeStatus(v.run, 'vol')).active, false);
     // Nothing reencrypted yet: all of it is mapped with the old key, and reads back whole.
     await cliOk(['open', '--key-file', v.key, v.img, 'vol'], { env: v.env });
-    assert.ok((await readAll(v.run, 'vol')).equals(v.plain));
+    assert.ok((await readVolume(v.run, 'vol', DATA)).equals(v.plain));
     await cliOk(['close', 'vol'], { env: v.env });
   } finally {
     await daemon.kill();

@@ -12,9 +12,8 @@ import { truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { FileDevice } from '../../src/blockdev/file.js';
-import { ControlClient } from '../../src/control/client.js';
 import { createSectorCipher } from '../../src/engine/index.js';
-import { cli, cliOk, type Daemon, startDaemon } from '../load/helpers.js';
+import { cli, cliOk, type Daemon, volumeStatus, startDaemon } from '../load/helpers.js';
 import { startFio } from '../helpers/fio.js';
 import { FAST_PBKDF } from '../helpers/luks.js';
 import { fileTempDir } from '../helpers/tmp.js';
@@ -83,22 +82,13 @@ async function readData(e: Env, dataOff: number, at: number, n: number, vk?: Buf
   }
 }
 
-async function status(run: string, name: string) {
-  const c = await ControlClient.connect(run);
-  try {
-    return await c.call('volume.status', { name });
-  } finally {
-    c.close();
-  }
-}
-
 /** fio runs on the open volume `vol` while `job` runs; then no fio error, and the job's CLI exited 0. */
 async function underFio(e: Env, name: string, job: () => Promise<{ code: number; stderr: string }>): Promise<void> {
   const fio = startFio(`nbd+unix:///vol?socket=${join(e.run, 'nbd.sock')}`, name, dir, FIO_MIB);
   let r: { code: number; stderr: string };
   let f: Awaited<ReturnType<typeof fio.stop>>;
   try {
-    await pollUntil(async () => (await status(e.run, 'vol')).nbdConnections > 0, {
+    await pollUntil(async () => (await volumeStatus(e.run, 'vol')).nbdConnections > 0, {
       deadlineMs: 30_000,
       what: 'fio to connect',
     });
@@ -109,7 +99,7 @@ async function underFio(e: Env, name: string, job: () => Promise<{ code: number;
   assert.equal(r.code, 0, r.stderr);
   assert.equal(f.errors, 0, f.out);
   assert.ok(f.ops > 0, f.out);
-  const st = await status(e.run, 'vol');
+  const st = await volumeStatus(e.run, 'vol');
   assert.equal(st.reencrypt?.state, 'finished');
   assert.equal(st.reencrypt?.doneBytes, st.reencrypt?.totalBytes);
 }
@@ -203,7 +193,7 @@ for (const shift of [false, true]) {
         { env: e.env },
       );
       assert.match(init.stdout, /vol is now active and ready for online encryption\./);
-      assert.equal((await status(e.run, 'vol')).reencrypt?.state, 'stopped');
+      assert.equal((await volumeStatus(e.run, 'vol')).reencrypt?.state, 'stopped');
       await underFio(e, shift ? 'enc-s' : 'enc-h', () =>
         cli(['reencrypt', '--resume-only', '-q', '--hotzone-size', '1M', '--key-file', e.key, 'vol'], { env: e.env }),
       );

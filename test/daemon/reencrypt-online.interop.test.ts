@@ -14,7 +14,7 @@ import { FileDevice } from '../../src/blockdev/file.js';
 import { ControlClient } from '../../src/control/client.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import { reencryptLockPath, takeReencryptLock } from '../../src/luks/index.js';
-import { cli, cliOk, type Daemon, startDaemon } from '../load/helpers.js';
+import { cli, cliOk, type Daemon, volumeStatus, startDaemon } from '../load/helpers.js';
 import { requireTool, cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
 import { FAST_PBKDF } from '../helpers/luks.js';
 import { startFio } from '../helpers/fio.js';
@@ -82,15 +82,6 @@ async function setup(name: string): Promise<Env> {
   return { img, key, run, env: { CRYPTMAP_RUNTIME_DIR: run, CRYPTMAP_LOCK_DIR: join(dir, 'locks') }, tail };
 }
 
-async function status(run: string, name: string) {
-  const c = await ControlClient.connect(run);
-  try {
-    return await c.call('volume.status', { name });
-  } finally {
-    c.close();
-  }
-}
-
 test('online reencryption under fio verify: no error, cryptsetup finds the new key, plaintext intact', {
   timeout: 600_000,
 }, async () => {
@@ -102,7 +93,7 @@ test('online reencryption under fio verify: no error, cryptsetup finds the new k
     await cliOk(['open', '--key-file', e.key, e.img, 'vol'], { env: e.env });
     const fio = startFio(`nbd+unix:///vol?socket=${join(e.run, 'nbd.sock')}`, 'a', dir, FIO_MIB);
     // fio is connected and working before the reencryption starts.
-    for (let i = 0; (await status(e.run, 'vol')).nbdConnections === 0; i++) {
+    for (let i = 0; (await volumeStatus(e.run, 'vol')).nbdConnections === 0; i++) {
       assert.ok(i < 300, 'fio did not connect within 30 s');
       await new Promise((r) => setTimeout(r, 100));
     }
@@ -111,7 +102,7 @@ test('online reencryption under fio verify: no error, cryptsetup finds the new k
     const r = await cli(['reencrypt', '-q', ...FAST_PBKDF, '--hotzone-size', '1M', '--key-file', e.key, 'vol'], {
       env: e.env,
     });
-    const st = await status(e.run, 'vol');
+    const st = await volumeStatus(e.run, 'vol');
     const f = await fio.stop();
     assert.equal(r.code, 0, r.stderr);
     assert.equal(f.errors, 0, f.out);
@@ -178,7 +169,7 @@ for (const resumer of ['cryptsetup', 'cryptmap']) {
       });
       // Kill once a few hotzones are done.
       for (let i = 0; ; i++) {
-        const st = await status(e.run, 'vol');
+        const st = await volumeStatus(e.run, 'vol');
         if ((st.reencrypt?.doneBytes ?? 0) >= 4 * MiB && st.reencrypt?.state === 'running') break;
         assert.ok(
           i < 1200 && st.reencrypt?.state !== 'finished',
@@ -220,7 +211,7 @@ test('online reencryption refusals: a second one while it runs, suspend while it
     const first = cli(['reencrypt', '-q', ...FAST_PBKDF, '--hotzone-size', '64K', '--key-file', e.key, 'vol'], {
       env: e.env,
     });
-    for (let i = 0; (await status(e.run, 'vol')).reencrypt?.state !== 'running'; i++) {
+    for (let i = 0; (await volumeStatus(e.run, 'vol')).reencrypt?.state !== 'running'; i++) {
       assert.ok(i < 1200, 'the reencryption did not start');
       await new Promise((r) => setTimeout(r, 25));
     }
@@ -235,12 +226,12 @@ test('online reencryption refusals: a second one while it runs, suspend while it
       c.close();
     }
     const susp = await cli(['luksSuspend', 'vol'], { env: e.env });
-    if ((await status(e.run, 'vol')).reencrypt?.state === 'running') {
+    if ((await volumeStatus(e.run, 'vol')).reencrypt?.state === 'running') {
       assert.equal(susp.code, 5, susp.stderr);
       assert.match(susp.stderr, /Reencryption of vol is running/);
     }
     assert.equal((await first).code, 0);
-    assert.equal((await status(e.run, 'vol')).reencrypt?.state, 'finished');
+    assert.equal((await volumeStatus(e.run, 'vol')).reencrypt?.state, 'finished');
     await cliOk(['close', 'vol'], { env: e.env });
     assert.ok((await crypt(e.img, volumeKey(e.img, e.key), FIO_MIB * MiB, e.tail.length)).equals(e.tail));
     assert.equal(statSync(e.img).size, DATA_OFF + DATA);
@@ -270,7 +261,7 @@ test("online reencryption takes cryptsetup's reencryption lock: refused while it
     const job = cli(['reencrypt', '--resume-only', '-q', '--hotzone-size', '64K', '--key-file', e.key, 'vol'], {
       env: e.env,
     });
-    for (let i = 0; (await status(e.run, 'vol')).reencrypt?.state !== 'running'; i++) {
+    for (let i = 0; (await volumeStatus(e.run, 'vol')).reencrypt?.state !== 'running'; i++) {
       assert.ok(i < 1200, 'the reencryption did not start');
       await new Promise((r) => setTimeout(r, 25));
     }
@@ -294,7 +285,7 @@ test("online reencryption takes cryptsetup's reencryption lock: refused while it
       process.kill(daemon.pid, 'SIGCONT');
     }
     assert.equal((await job).code, 0);
-    assert.equal((await status(e.run, 'vol')).reencrypt?.state, 'finished');
+    assert.equal((await volumeStatus(e.run, 'vol')).reencrypt?.state, 'finished');
     assert.equal(existsSync(reencryptLockPath(uuid)), false, 'released (and removed) when the job ended');
     await cliOk(['close', 'vol'], { env: e.env });
     assert.ok((await crypt(e.img, volumeKey(e.img, e.key), FIO_MIB * MiB, e.tail.length)).equals(e.tail));

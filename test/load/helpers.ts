@@ -3,7 +3,8 @@
  * as child processes, start/kill a `cryptmap daemon`, read a process's peak RSS, check tools.
  * Every spawned argv is recorded in `spawnedArgv` so the secrets suite can grep it.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
+import assert from 'node:assert/strict';
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { ControlClient } from '../../src/control/client.js';
 
@@ -108,4 +109,22 @@ export async function startDaemon(dir: string, env: NodeJS.ProcessEnv = {}): Pro
 export function peakRssBytes(pid: number): number {
   const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
   return m ? Number(m[1]) * 1024 : 0;
+}
+
+/** `volume.status` of `name` from the daemon at runtime dir `run`. */
+export async function volumeStatus(run: string, name: string) {
+  const c = await ControlClient.connect(run);
+  try {
+    return await c.call('volume.status', { name });
+  } finally {
+    c.close();
+  }
+}
+
+/** The whole of volume `name` (`bytes` long) as an NBD client reads it (nbdcopy of its export). */
+export async function readVolume(run: string, name: string, bytes: number): Promise<Buffer> {
+  const st = await volumeStatus(run, name);
+  const r = spawnSync('nbdcopy', [st.nbdUri, '-'], { maxBuffer: 2 * bytes, timeout: 120_000 });
+  assert.equal(r.status, 0, String(r.stderr));
+  return r.stdout;
 }
