@@ -1,10 +1,10 @@
 // `cryptmap reencrypt` refusals before any work, with cryptsetup 2.6 as the oracle (same message, same
 // exit code): a --type that is not the device's ("Conflicting versions. ..."), --resume-only of a device
-// not in reencryption. LUKS1 reencryption is not built (cryptsetup's legacy one runs through
-// device-mapper): a LUKS1 device, or one in cryptsetup's legacy LUKS1 reencryption (magic LUKS\xde\xad,
-// which cryptsetup itself reports as "in LUKS1 reencryption"), is refused with exit 1 and left as it was.
+// not in reencryption. LUKS1 reencryption in cryptsetup's legacy format (magic LUKS\xde\xad, log and
+// header copies in the working directory): cryptsetup begins (and stops here without device-mapper),
+// cryptmap resumes; a working directory another user can write to is refused.
 import assert from 'node:assert/strict';
-import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { before, test } from 'node:test';
@@ -188,4 +188,23 @@ test('LUKS1 legacy reencryption: cryptsetup begins (it stops here without device
   assert.equal(r.code, 1, r.err);
   assert.match(r.err, /header exported to .* is not supported by cryptmap yet/);
   assert.ok(readFileSync(l2).equals(was));
+});
+
+test('LUKS1 legacy reencryption refuses a working directory others can write to (a planted journal or symlink)', async () => {
+  const shared = join(dir, 'shared');
+  mkdirSync(shared);
+  chmodSync(shared, 0o1777); // as /tmp
+  const l1 = image('r-shared.img', 'luks1');
+  const before = readFileSync(l1);
+  const cwd = process.cwd();
+  process.chdir(shared);
+  try {
+    const got = await cm('reencrypt', '-q', '--key-file', key, l1);
+    assert.equal(got.code, 2, got.err);
+    assert.match(got.err, /refusing .*shared: it is writable by group or others \(mode 1777\)/);
+  } finally {
+    process.chdir(cwd);
+  }
+  assert.deepEqual(readdirSync(shared), [], 'no file was created there');
+  assert.ok(readFileSync(l1).equals(before), 'the device is untouched');
 });

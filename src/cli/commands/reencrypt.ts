@@ -32,6 +32,7 @@ import {
 import type { SectorBytes } from '../../engine/types.js';
 import type { BlockDevice } from '../../blockdev/types.js';
 import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
+import { ensureTrustedDir } from '../../util/trusted-path.js';
 import { activeInDaemon, connectDaemon } from '../daemon-client.js';
 import { mapInDaemon } from './open-reencrypt.js';
 import { activeByName, runOnline } from './reencrypt-online.js';
@@ -515,7 +516,10 @@ async function luks1Main(
       exitCode: 1,
     });
   const blockMiB = intOpt(v['block-size'], '--block-size', 1, 64) ?? 4;
-  const dir = process.cwd();
+  // The legacy files (log, header copies, cryptmap's journal with the bytes a block overwrites) live in
+  // the working directory, as cryptsetup keeps them. A directory another user can write to could hold
+  // a planted journal (written to the device on resume) or a symlink (followed by root): refused.
+  const dir = ensureTrustedDir(process.cwd(), { private: false });
   const dev = await openDevice(hdrPath, true);
   let dataDev: BlockDevice | undefined;
   try {
