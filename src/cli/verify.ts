@@ -45,8 +45,11 @@ const REQUIRED_ARGS: Readonly<Record<string, readonly [number, string]>> = {
   token: [2, '<add|remove|import|export> <device>'],
 };
 
-/** The device type an old action name stands for (cryptsetup main's alias handling); undefined: none given. */
-const ALIAS_TYPE: Readonly<Record<string, string>> = {
+/**
+ * The device type an old action name stands for (cryptsetup main's alias handling; open.ts uses it too:
+ * an open alias sets the type over any --type given); undefined: none given.
+ */
+export const ALIAS_TYPE: Readonly<Record<string, string>> = {
   create: 'plain',
   plainOpen: 'plain',
   luksOpen: 'luks',

@@ -24,6 +24,7 @@ import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { Secret } from '../../util/secret.js';
 import { withDaemon } from '../daemon-client.js';
 import type { CliIO, VerbMain } from '../types.js';
+import { ALIAS_TYPE } from '../verify.js';
 import {
   cipherOption,
   closeQuietly,
@@ -202,20 +203,6 @@ export async function sendOpen(
     volumeKey.dispose();
   }
 }
-
-/**
- * cryptsetup's old action names for open (src/cryptsetup.c main): each sets the device type, over any
- * --type given; `create` also takes its arguments the other way round (<name> <device>).
- */
-const ALIAS_TYPE: Record<string, string> = {
-  create: 'plain',
-  plainOpen: 'plain',
-  luksOpen: 'luks',
-  loopaesOpen: 'loopaes',
-  tcryptOpen: 'tcrypt',
-  bitlkOpen: 'bitlk',
-  fvault2Open: 'fvault2',
-};
 
 const main: VerbMain = async (argv: string[], io: CliIO) => {
   const { values: v, positionals } = parseLuksArgs(argv);
