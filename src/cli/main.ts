@@ -4,7 +4,7 @@
  * (luksFormat, luksDump, ...) and dmsetup (`cryptmap dm create ...`).
  */
 import { cryptmapVersion } from '../util/version.js';
-import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS, isCryptmapError } from '../util/errors.js';
+import { CryptmapError, EXIT_WRONG_PARAMS, isCryptmapError } from '../util/errors.js';
 import { checkOptionsAllowed, parseCommandLine, takesNextValue } from './options.js';
 import type { CliIO, VerbMain } from './types.js';
 import { refuseNotActedOn, verifyCommandLine } from './verify.js';
@@ -206,15 +206,7 @@ async function run(argv: string[], io: CliIO): Promise<number> {
     return 0;
   }
   refuseNotActedOn(cli.values, entry.action);
-  if (entry.action !== 'reencrypt') return runVerb(verb!, entry.file, args, io);
-  try {
-    return await runVerb(verb!, entry.file, args, io);
-  } catch (e) {
-    // cryptsetup 2.6's reencrypt reports a missing device with exit 1 (its other actions: 4).
-    if (isCryptmapError(e) && e.code === 'ENODEV' && e.exitCode === EXIT_WRONG_DEVICE)
-      throw new CryptmapError(e.code, e.message, { exitCode: EXIT_FAILURE, cause: e });
-    throw e;
-  }
+  return runVerb(verb!, entry.file, args, io);
 }
 
 async function runVerb(verb: string, file: string, args: string[], io: CliIO): Promise<number> {

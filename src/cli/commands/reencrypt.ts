@@ -31,7 +31,13 @@ import {
 } from '../../luks/index.js';
 import type { SectorBytes } from '../../engine/types.js';
 import type { BlockDevice } from '../../blockdev/types.js';
-import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
+import {
+  CryptmapError,
+  EXIT_FAILURE,
+  EXIT_WRONG_DEVICE,
+  EXIT_WRONG_PARAMS,
+  isCryptmapError,
+} from '../../util/errors.js';
 import { ensureTrustedDir } from '../../util/trusted-path.js';
 import { activeInDaemon, connectDaemon } from '../daemon-client.js';
 import { mapInDaemon } from './open-reencrypt.js';
@@ -189,7 +195,7 @@ function wrongParams(msg: string): never {
   throw new CryptmapError('EARGS', msg, { exitCode: EXIT_WRONG_PARAMS });
 }
 
-const main: VerbMain = async (argv: string[], io: CliIO) => {
+const reencrypt: VerbMain = async (argv: string[], io: CliIO) => {
   const { values: v, positionals } = parseLuksArgs(argv);
   const device = needDevice(positionals, 'cryptmap reencrypt [OPTION...] <device>');
   if (v['init-only'] && v['resume-only']) wrongParams('Options --init-only and --resume-only cannot be combined.');
@@ -661,5 +667,16 @@ async function luks1Main(
     await closeQuietly(dev);
   }
 }
+
+/** cryptsetup 2.6's reencrypt reports a missing device with exit 1 (its other actions: 4). */
+const main: VerbMain = async (argv, io) => {
+  try {
+    return await reencrypt(argv, io);
+  } catch (e) {
+    if (isCryptmapError(e) && e.code === 'ENODEV' && e.exitCode === EXIT_WRONG_DEVICE)
+      throw new CryptmapError(e.code, e.message, { exitCode: EXIT_FAILURE, cause: e });
+    throw e;
+  }
+};
 
 export default main;
