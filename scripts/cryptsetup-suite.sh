@@ -27,6 +27,10 @@ CM=$(cd "$(dirname "$0")/.." && pwd)
 LOGS=${CST_LOGS:-/tmp/cst-logs}
 TMP=${CST_TMP:-/tmp/cst}
 mkdir -p "$TMP" "$LOGS"
+TMP=$(cd "$TMP" && pwd) LOGS=$(cd "$LOGS" && pwd)
+# The scripts' losetup (scripts/cryptsetup-suite/bin/losetup): loop devices from CST_LOOP_BASE (400) up,
+# detached only when bound to a file under $TMP, so no other process's loop devices are touched.
+REAL_LOSETUP=$(command -v losetup)
 
 if [ -d "$SRC/tests" ]; then
 	TREE=$SRC
@@ -70,12 +74,13 @@ for s in $SCRIPTS; do
 		set +e
 		(cd "$WORK/tests" && env CST_RES="$RES" CST_MODE="$mode" CST_HARNESS="$H" CST_CM="$CM/bin/cryptmap.js" \
 			CRYPTMAP_RUNTIME_DIR="$RUN" CRYPTSETUP_PATH="$TMP/bin/$mode" CST_HAVE_KEYRING=1 srcdir=. \
+			CST_TMP="$TMP" CST_REAL_LOSETUP="$REAL_LOSETUP" PATH="$H/bin:$PATH" \
 			timeout "${CST_TIMEOUT:-5400}" bash "./$s.cst" > "$RES/stdout.log" 2>&1)
 		echo "rc=$? seconds=$(( $(date +%s) - start ))" > "$RES/exit"
 		set -e
 		python3 "$H/pack-calls.py" "$RES"
 		CST_MODE=cm CST_CM="$CM/bin/cryptmap.js" CRYPTMAP_RUNTIME_DIR=$RUN bash -c "source '$H/close-all.sh'; cst_close_all"
-		losetup -a | grep "$WORK" | cut -d: -f1 | xargs -r -n1 losetup -d
+		"$REAL_LOSETUP" -a | grep "$WORK" | cut -d: -f1 | CST_TMP=$TMP CST_REAL_LOSETUP=$REAL_LOSETUP xargs -r -n1 "$H/bin/losetup" -d
 	done
 	CST_LOGS=$LOGS CST_SRC=$TREE python3 "$H/analyze.py" "$s" --summary | python3 -c '
 import json, os, sys
