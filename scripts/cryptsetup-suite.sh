@@ -85,6 +85,10 @@ for s in $SCRIPTS; do
 	CST_LOGS=$LOGS CST_SRC=$TREE python3 "$H/analyze.py" "$s" --summary | python3 -c '
 import json, os, sys
 r = json.load(sys.stdin)
+if "images" in r:  # luks1-compat-test: one case per image (its passphrase check); the activation part needs dm
+    print("%s: %d images, %d runnable without device-mapper (per cryptsetup\x27s run); passes: %s" % (r["script"], r["images"], r["nodm_images"],
+          ", ".join("%s %d" % ("cryptsetup" if m == "real" else "cryptmap", r[m + "_ok"]) for m in ("real", "cm") if m + "_ok" in r)))
+    sys.exit(0)
 modes = [m for m in ("real", "cm") if os.path.isdir(os.path.join(sys.argv[1], r["script"], m))]
 print("%s: %d cases, %d need device-mapper (left out), %d runnable; passes: %s" % (r["script"], r["cases"], r["dm"], r["nodm_run"],
       ", ".join("%s %d (not reached %d)" % ("cryptsetup" if m == "real" else "cryptmap", r[m + "_pass"], r[m + "_notrun"]) for m in modes)))

@@ -69,7 +69,7 @@ test('suite losetup: own range, re-created on bind, removed when unbound, never 
   other = (await ok(LOSETUP, ['-f', '--show', file(join(dir, 'outside.img'))])).trim();
   const r = await shim(['-d', other]);
   assert.equal(r.code, 1);
-  assert.match(r.stderr, /refused: not bound to a file of this run/);
+  assert.match(r.stderr, /refused: bound to a file outside this run/);
   assert.equal(backing(other), join(dir, 'outside.img'));
   assert.equal((await shim(['-D'])).code, 1);
   assert.equal(backing(other), join(dir, 'outside.img'));
