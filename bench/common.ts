@@ -1,6 +1,7 @@
 /**
  * What the benchmarks share: running a tool, waiting for a server's socket, the load average printed
- * beside every figure, medians, a process's CPU time, and cryptsetup's fast LUKS1 format arguments.
+ * beside every figure, medians, a process's CPU time, fio's random-read IOPS over NBD, and cryptsetup's fast
+ * LUKS1 format arguments.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
@@ -86,3 +87,26 @@ export const CRYPTSETUP_FAST_LUKS1_FORMAT = [
   '--pbkdf-force-iterations',
   '1000',
 ];
+
+/** IOPS of fio's nbd engine reading 4 KiB at random, queue depth 32, for `seconds`, over the first `sizeBytes`. */
+export async function fioRandRead(uri: string, sizeBytes: number, seconds: number): Promise<number> {
+  const out = await run(
+    'fio',
+    [
+      '--name=randread',
+      '--ioengine=nbd',
+      `--uri=${uri}`,
+      '--rw=randread',
+      '--bs=4k',
+      '--iodepth=32',
+      `--size=${sizeBytes}`,
+      '--time_based',
+      `--runtime=${seconds}`,
+      '--randseed=42',
+      '--output-format=json',
+    ],
+    'fio',
+  );
+  const j = JSON.parse(out.slice(out.indexOf('{'))) as { jobs: { read: { iops: number } }[] };
+  return j.jobs[0]!.read.iops;
+}

@@ -21,7 +21,7 @@ import { parseArgs } from 'node:util';
 import { MemoryDevice } from '../src/blockdev/memory.js';
 import { NbdServer } from '../src/nbd/server.js';
 import { nbdUnixUri } from '../src/nbd-wire/uri.js';
-import { cpuSeconds, run, waitFor } from './common.js';
+import { cpuSeconds, fioRandRead, run, waitFor } from './common.js';
 
 const { values } = parseArgs({
   options: {
@@ -33,26 +33,6 @@ const { values } = parseArgs({
 });
 const sizeBytes = Number(values['size-mib']) * 1024 * 1024;
 const rounds = Number(values.rounds);
-
-async function randread(uri: string): Promise<number> {
-  const out = await run(
-    'fio',
-    [
-      '--name=randread',
-      '--ioengine=nbd',
-      `--uri=${uri}`,
-      '--rw=randread',
-      '--bs=4k',
-      '--iodepth=32',
-      `--size=${sizeBytes}`,
-      '--runtime=5',
-      '--time_based',
-      '--output-format=json',
-    ],
-    'fio',
-  );
-  return JSON.parse(out.slice(out.indexOf('{'))).jobs[0].read.iops as number;
-}
 
 interface Sample {
   mbps: number;
@@ -131,8 +111,8 @@ async function main(): Promise<void> {
     let ourIops = 0;
     let kitIops = 0;
     for (let r = 1; r <= 2; r++) {
-      ourIops = Math.max(ourIops, await randread(ours));
-      kitIops = Math.max(kitIops, await randread(theirs));
+      ourIops = Math.max(ourIops, await fioRandRead(ours, sizeBytes, 5));
+      kitIops = Math.max(kitIops, await fioRandRead(theirs, sizeBytes, 5));
     }
     console.log(
       `fio randread 4k QD32: cryptmap ${ourIops.toFixed(0)} IOPS, nbdkit memory ${kitIops.toFixed(0)} IOPS, ratio ${(ourIops / kitIops).toFixed(2)}`,

@@ -27,7 +27,7 @@ import { parseArgs } from 'node:util';
 import { prepareLuks } from '../src/activate/mapping.js';
 import { DaemonCore } from '../src/daemon/core.js';
 import { nbdUnixUri } from '../src/nbd-wire/uri.js';
-import { CRYPTSETUP_FAST_LUKS1_FORMAT, cpuSeconds, loadavg, median, run, waitFor } from './common.js';
+import { CRYPTSETUP_FAST_LUKS1_FORMAT, cpuSeconds, fioRandRead, loadavg, median, run, waitFor } from './common.js';
 
 const PASSPHRASE_BYTES = 32;
 
@@ -181,28 +181,6 @@ async function main(): Promise<void> {
       const secs = Number(process.hrtime.bigint() - t0) / 1e9;
       return { mbps: mbps(secs), cpu: ((cpuSeconds(pid) - c0) * 1073741824) / sizeBytes };
     };
-    const fio = async (uri: string) => {
-      const out = await run(
-        'fio',
-        [
-          '--name=rr',
-          '--ioengine=nbd',
-          `--uri=${uri}`,
-          '--rw=randread',
-          '--bs=4k',
-          '--iodepth=32',
-          `--size=${sizeBytes}`,
-          '--time_based',
-          `--runtime=${fioSeconds}`,
-          '--randseed=42',
-          '--output-format=json',
-        ],
-        'fio',
-      );
-      const j = JSON.parse(out.slice(out.indexOf('{'))) as { jobs: { read: { iops: number } }[] };
-      return j.jobs[0]!.read.iops;
-    };
-
     const res = new Map<string, { w: number[]; r: number[]; iops: number[]; wCpu: number[]; rCpu: number[] }>();
     for (const s of servers) res.set(s.name, { w: [], r: [], iops: [], wCpu: [], rCpu: [] });
     console.log(
@@ -225,7 +203,7 @@ async function main(): Promise<void> {
         x.wCpu.push(w.cpu);
         x.r.push(rd.mbps);
         x.rCpu.push(rd.cpu);
-        if (s.name !== 'cryptmap-plain') x.iops.push(await fio(s.uri));
+        if (s.name !== 'cryptmap-plain') x.iops.push(await fioRandRead(s.uri, sizeBytes, fioSeconds));
         line.push(
           `${s.name} W ${x.w.at(-1)!.toFixed(0)} R ${x.r.at(-1)!.toFixed(0)}${x.iops.length ? ` IOPS ${x.iops.at(-1)!.toFixed(0)}` : ''}`,
         );
