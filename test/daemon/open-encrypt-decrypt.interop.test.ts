@@ -16,7 +16,7 @@ import { FileDevice } from '../../src/blockdev/file.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import { initEncrypt, Luks2Volume, runReencrypt } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
-import { requireTool, cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
+import { requireTool, cryptsetupSync, cryptsetupVolumeKey, type CryptsetupResult } from '../helpers/tools.js';
 import { cli, cliOk, volumeStatus, readVolume, startDaemon } from '../load/helpers.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { FAST_PBKDF } from '../helpers/luks.js';
@@ -71,10 +71,7 @@ function plainDevice(name: string, bytes: number, plainBytes: number, detached: 
 }
 
 function volumeKey(v: Vol): Buffer {
-  const r = cs('luksDump', '--dump-volume-key', '--batch-mode', ...hdrArgs(v), '--key-file', v.key, v.hdr ?? v.img);
-  const m = /MK dump:\t([\s\S]*)$/.exec(r.out);
-  assert.ok(m, r.out);
-  return Buffer.from(m[1]!.replace(/\s/g, ''), 'hex');
+  return cryptsetupVolumeKey(v.key, v.hdr ?? v.img, hdrArgs(v));
 }
 
 /** A LUKS2 volume with a detached header (data offset 0) holding `bytes` of random plaintext. */

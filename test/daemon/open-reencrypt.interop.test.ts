@@ -16,7 +16,7 @@ import { FileDevice } from '../../src/blockdev/file.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import { initReencrypt, Luks2Volume, reencryptLockPath, runReencrypt } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
-import { requireTool, cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
+import { requireTool, cryptsetupSync, cryptsetupVolumeKey, type CryptsetupResult } from '../helpers/tools.js';
 import { cli, cliOk, volumeStatus, readVolume, startDaemon } from '../load/helpers.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { FAST_PBKDF } from '../helpers/luks.js';
@@ -33,17 +33,10 @@ function cs(...args: string[]): CryptsetupResult {
   return cryptsetupSync(args);
 }
 
-function volumeKey(img: string, key: string): Buffer {
-  const r = cs('luksDump', '--dump-volume-key', '--batch-mode', '--key-file', key, img);
-  const m = /MK dump:\t([\s\S]*)$/.exec(r.out);
-  assert.ok(m, r.out);
-  return Buffer.from(m[1]!.replace(/\s/g, ''), 'hex');
-}
-
 /** The plaintext of the finished image (one segment, 512-byte sectors) through the key cryptsetup dumps. */
 async function plainOf(img: string, key: string): Promise<Buffer> {
   const dev = await FileDevice.open(img);
-  const c = createSectorCipher({ spec: 'aes-xts-plain64', key: volumeKey(img, key), sectorBytes: 512 });
+  const c = createSectorCipher({ spec: 'aes-xts-plain64', key: cryptsetupVolumeKey(key, img), sectorBytes: 512 });
   try {
     const b = Buffer.alloc(DATA);
     await dev.read(DATA_OFF, b);
@@ -74,7 +67,7 @@ async function fresh(name: string): Promise<Vol> {
   assert.equal(f.status, 0, f.out);
   const plain = randomBytes(DATA);
   const dev = await FileDevice.open(img);
-  const c = createSectorCipher({ spec: 'aes-xts-plain64', key: volumeKey(img, key), sectorBytes: 512 });
+  const c = createSectorCipher({ spec: 'aes-xts-plain64', key: cryptsetupVolumeKey(key, img), sectorBytes: 512 });
   try {
     const b = Buffer.from(plain);
     c.encrypt(b, 0n);

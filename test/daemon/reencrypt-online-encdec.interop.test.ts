@@ -17,7 +17,7 @@ import { cli, cliOk, type Daemon, volumeStatus, startDaemon } from '../load/help
 import { startFio } from '../helpers/fio.js';
 import { FAST_PBKDF } from '../helpers/luks.js';
 import { fileTempDir } from '../helpers/tmp.js';
-import { cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
+import { cryptsetupSync, cryptsetupVolumeKey, type CryptsetupResult } from '../helpers/tools.js';
 import { pollUntil } from '../helpers/wait.js';
 
 const MiB = 1 << 20;
@@ -59,10 +59,7 @@ function files(name: string, bytes: number, detached: boolean): Env {
 }
 
 function volumeKey(e: Env): Buffer {
-  const r = cs('luksDump', '--dump-volume-key', '--batch-mode', '--key-file', e.key, e.hdr ?? e.img);
-  const m = /MK dump:\t([\s\S]*)$/.exec(r.out);
-  assert.ok(m, r.out);
-  return Buffer.from(m[1]!.replace(/\s/g, ''), 'hex');
+  return cryptsetupVolumeKey(e.key, e.hdr ?? e.img);
 }
 
 /** Bytes [at, at+n) of the data device, decrypted with `vk` (volume data at `dataOff`, IVs from 0) unless plain. */

@@ -15,7 +15,7 @@ import { ControlClient } from '../../src/control/client.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import { reencryptLockPath, takeReencryptLock } from '../../src/luks/index.js';
 import { cli, cliOk, type Daemon, volumeStatus, startDaemon } from '../load/helpers.js';
-import { requireTool, cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
+import { requireTool, cryptsetupSync, cryptsetupVolumeKey, type CryptsetupResult } from '../helpers/tools.js';
 import { FAST_PBKDF } from '../helpers/luks.js';
 import { startFio } from '../helpers/fio.js';
 
@@ -29,13 +29,6 @@ const dir = fileTempDir('cm-reenc-online-');
 
 function cs(...args: string[]): CryptsetupResult {
   return cryptsetupSync(args);
-}
-
-function volumeKey(img: string, key: string): Buffer {
-  const r = cs('luksDump', '--dump-volume-key', '--batch-mode', '--key-file', key, img);
-  const m = /MK dump:\t([\s\S]*)$/.exec(r.out);
-  assert.ok(m, r.out);
-  return Buffer.from(m[1]!.replace(/\s/g, ''), 'hex');
 }
 
 /** Encrypt `plain` into the data at byte `at` (aes-xts-plain64, 512-byte sectors) or read it back decrypted. */
@@ -78,7 +71,7 @@ async function setup(name: string): Promise<Env> {
   const f = cs('luksFormat', '-q', '--type', 'luks2', '--sector-size', '512', ...FAST_PBKDF, '--key-file', key, img);
   assert.equal(f.status, 0, f.out);
   const tail = randomBytes(DATA - FIO_MIB * MiB);
-  await crypt(img, volumeKey(img, key), FIO_MIB * MiB, tail);
+  await crypt(img, cryptsetupVolumeKey(key, img), FIO_MIB * MiB, tail);
   return { img, key, run, env: { CRYPTMAP_RUNTIME_DIR: run, CRYPTMAP_LOCK_DIR: join(dir, 'locks') }, tail };
 }
 
@@ -87,7 +80,7 @@ test('online reencryption under fio verify: no error, cryptsetup finds the new k
 }, async () => {
   requireTool('fio');
   const e = await setup('a');
-  const vk0 = volumeKey(e.img, e.key);
+  const vk0 = cryptsetupVolumeKey(e.key, e.img);
   let daemon: Daemon | undefined = await startDaemon(e.run);
   try {
     await cliOk(['open', '--key-file', e.key, e.img, 'vol'], { env: e.env });
@@ -137,7 +130,7 @@ test('online reencryption under fio verify: no error, cryptsetup finds the new k
     const d = cs('luksDump', e.img);
     assert.doesNotMatch(d.out, /online-reencrypt|backup-|reencrypt/);
     assert.equal(cs('open', '--test-passphrase', '--key-file', e.key, e.img).status, 0);
-    const vk1 = volumeKey(e.img, e.key);
+    const vk1 = cryptsetupVolumeKey(e.key, e.img);
     assert.notDeepEqual(vk1, vk0);
     assert.ok((await crypt(e.img, vk1, FIO_MIB * MiB, e.tail.length)).equals(e.tail));
   } finally {
@@ -192,7 +185,7 @@ for (const resumer of ['cryptsetup', 'cryptmap']) {
         assert.equal(r.code, 0, r.stderr);
       }
       assert.doesNotMatch(cs('luksDump', e.img).out, /online-reencrypt|backup-/);
-      const vk = volumeKey(e.img, e.key);
+      const vk = cryptsetupVolumeKey(e.key, e.img);
       assert.ok((await crypt(e.img, vk, 0, head.length)).equals(head));
       assert.ok((await crypt(e.img, vk, FIO_MIB * MiB, e.tail.length)).equals(e.tail));
     } finally {
@@ -234,7 +227,7 @@ test('online reencryption refusals: a second one while it runs, suspend while it
     assert.equal((await first).code, 0);
     assert.equal((await volumeStatus(e.run, 'vol')).reencrypt?.state, 'finished');
     await cliOk(['close', 'vol'], { env: e.env });
-    assert.ok((await crypt(e.img, volumeKey(e.img, e.key), FIO_MIB * MiB, e.tail.length)).equals(e.tail));
+    assert.ok((await crypt(e.img, cryptsetupVolumeKey(e.key, e.img), FIO_MIB * MiB, e.tail.length)).equals(e.tail));
     assert.equal(statSync(e.img).size, DATA_OFF + DATA);
   } finally {
     await daemon.kill();
@@ -289,7 +282,7 @@ test("online reencryption takes cryptsetup's reencryption lock: refused while it
     assert.equal((await volumeStatus(e.run, 'vol')).reencrypt?.state, 'finished');
     assert.equal(existsSync(reencryptLockPath(uuid)), false, 'released (and removed) when the job ended');
     await cliOk(['close', 'vol'], { env: e.env });
-    assert.ok((await crypt(e.img, volumeKey(e.img, e.key), FIO_MIB * MiB, e.tail.length)).equals(e.tail));
+    assert.ok((await crypt(e.img, cryptsetupVolumeKey(e.key, e.img), FIO_MIB * MiB, e.tail.length)).equals(e.tail));
   } finally {
     await daemon.kill();
   }

@@ -134,3 +134,14 @@ export function cryptsetupSync(args: string[], opts: { cwd?: string; timeoutMs?:
   if (r.error) throw new Error(`cryptsetup ${args.join(' ')} did not run: ${r.error.message}`);
   return { status: r.status, out: `${r.stdout}${r.stderr}` };
 }
+
+/**
+ * The volume key real cryptsetup dumps (`luksDump --dump-volume-key --batch-mode --key-file KEY ... DEVICE`);
+ * `extra` goes before the device (e.g. `--header H`). Fails with cryptsetup's output when it dumps none.
+ */
+export function cryptsetupVolumeKey(keyFile: string, device: string, extra: string[] = []): Buffer {
+  const r = cryptsetupSync(['luksDump', '--dump-volume-key', '--batch-mode', '--key-file', keyFile, ...extra, device]);
+  const m = /MK dump:\t([\s\S]*)$/.exec(r.out);
+  if (r.status !== 0 || !m) throw new Error(`cryptsetup dumped no volume key (exit ${r.status}):\n${r.out}`);
+  return Buffer.from(m[1]!.replace(/\s/g, ''), 'hex');
+}

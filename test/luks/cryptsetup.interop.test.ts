@@ -5,7 +5,7 @@ import { randomBytes } from 'node:crypto';
 import { chmodSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { before, test } from 'node:test';
-import { requireTool } from '../helpers/tools.js';
+import { cryptsetupVolumeKey, requireTool } from '../helpers/tools.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { FileDevice } from '../../src/blockdev/file.js';
 import { main } from '../../src/cli/main.js';
@@ -46,9 +46,7 @@ async function cm(...argv: string[]): Promise<{ code: number; out: string; err: 
   return { code, out: stdout.data, err: stderr.data };
 }
 function vkFromCryptsetup(img: string, key: string, extra: string[] = []): string {
-  const out = cs('luksDump', '--dump-volume-key', '--batch-mode', '--key-file', key, ...extra, img);
-  const m = /MK dump:\t([\s\S]*)$/.exec(out);
-  return m![1]!.replace(/\s+/g, '');
+  return cryptsetupVolumeKey(key, img, extra).toString('hex');
 }
 async function vkFromCryptmap(img: string, pass: Buffer, header?: string): Promise<string> {
   const dev = await FileDevice.open(header ?? img, { readOnly: true });
