@@ -58,6 +58,12 @@ export interface ReencryptInitOptions extends NewKeyslotOptions {
   cipher?: string;
   keyBytes?: number;
   sectorBytes?: SectorBytes;
+  /**
+   * cryptsetup reencrypt --reduce-device-size N (no --encrypt): the data moves N bytes up while it is
+   * reencrypted (resilience datashift, backward, hotzones of N from the end); the new data offset is the
+   * old one plus N and the last N bytes of the data are given up.
+   */
+  shiftBytes?: number;
 }
 
 /** Options of `runReencrypt` (cryptsetup reencrypt --resume-only): data device, progress, cancellation. */
@@ -317,7 +323,14 @@ export async function initReencrypt(
   const newSector = o.sectorBytes ?? oldSector;
   const align = Math.max(oldSector, newSector);
   // Every check that needs no new keyslot comes before the new keyslot's own header write.
-  const area = checksumArea(o.resilience ?? 'checksum', o.resilienceHash, align);
+  const shift = o.shiftBytes ?? 0;
+  // cryptsetup 2.6: with a data shift the resilience is datashift whatever --resilience says.
+  const area =
+    shift > 0
+      ? { type: 'datashift', shift_size: String(shift) }
+      : checksumArea(o.resilience ?? 'checksum', o.resilienceHash, align);
+  if (shift > 0 && shift % align !== 0)
+    fail(`Data shift value is not aligned to encryption sector size (${align} bytes).`, 'EARGS');
   const { volumeKey, keyslot: oldSlot } = await vol.unlock(passphrase, { keySlot: o.oldKeySlot });
   const cipher = o.cipher ?? old.encryption!;
   const keyBytes = o.keyBytes ?? volumeKey.length;
@@ -337,7 +350,7 @@ export async function initReencrypt(
       const fid = String(firstFreeId(j.segments));
       j.segments[fid] = {
         type: 'crypt',
-        offset: old.offset,
+        offset: String(Number(old.offset) + shift),
         size: 'dynamic',
         iv_tweak: old.iv_tweak ?? '0',
         encryption: cipher,
@@ -351,7 +364,8 @@ export async function initReencrypt(
         [dNew, newVk],
       ]);
       const iterations = Number(j.digests[dNew]!.iterations ?? 1000);
-      await addReencryptState(j, vol.metadataBytes, 'reencrypt', 'forward', area, keys, iterations);
+      const dir = shift > 0 ? 'backward' : 'forward';
+      await addReencryptState(j, vol.metadataBytes, 'reencrypt', dir, area, keys, iterations);
       await vol.commitJson(j);
     } catch (e) {
       // The new keyslot and its digest would stay behind, bound to nothing (cryptsetup rolls its header back too).
@@ -600,7 +614,14 @@ export async function initEncrypt(
 export async function initDecrypt(
   vol: Luks2Volume,
   passphrase: Uint8Array,
-  o: { keySlot?: number; resilience?: Resilience; resilienceHash?: string; dataDev?: BlockDevice } = {},
+  o: {
+    keySlot?: number;
+    resilience?: Resilience;
+    resilienceHash?: string;
+    dataDev?: BlockDevice;
+    /** cryptsetup --reduce-device-size: the plaintext ends up this many bytes further up (datashift). */
+    shiftBytes?: number;
+  } = {},
 ): Promise<void> {
   vol.assertChangeable();
   const j = vol.jsonSnapshot();
@@ -618,11 +639,17 @@ export async function initDecrypt(
   try {
     const ss = old.sector_size ?? 512;
     if (o.dataDev.sizeBytes % ss !== 0) fail(`Data device is not aligned to encryption sector size (${ss} bytes).`);
+    const shift = o.shiftBytes ?? 0;
+    if (shift % ss !== 0) fail(`Data shift value is not aligned to encryption sector size (${ss} bytes).`, 'EARGS');
     const dOld = digestOfSegment(j, '0')!;
     j.segments['1'] = { ...structuredClone(old), flags: [...(old.flags ?? []), 'backup-previous'] };
-    j.segments['2'] = { type: 'linear', offset: old.offset, size: 'dynamic', flags: ['backup-final'] };
+    const newOffset = String(Number(old.offset) + shift);
+    j.segments['2'] = { type: 'linear', offset: newOffset, size: 'dynamic', flags: ['backup-final'] };
     j.digests[dOld]!.segments = ['0', '1'];
-    const area = checksumArea(o.resilience ?? 'checksum', o.resilienceHash, Math.max(ss, 4096));
+    const area =
+      shift > 0
+        ? { type: 'datashift', shift_size: String(shift) }
+        : checksumArea(o.resilience ?? 'checksum', o.resilienceHash, Math.max(ss, 4096));
     await addReencryptState(
       j,
       vol.metadataBytes,
@@ -957,14 +984,15 @@ async function recover(c: Ctx, meta: BlockDevice, data: BlockDevice, off: number
     await transform(c, b, off);
     await data.write(c.newOff + off, b);
     b.fill(0);
-  } else if (c.area.type === 'datashift' && !c.moved) {
+  } else if (c.area.type === 'datashift' && !c.moved && c.newOff === c.oldOff) {
     // In place (detached header, cryptsetup's --header --reduce-device-size): the hotzone was being
     // rewritten over its only copy, and the metadata keeps nothing of it.
     fail(
       'Reencryption was interrupted inside a hotzone with resilience datashift and the data in place (detached header): the hotzone cannot be recovered.',
     );
   } else if (c.area.type === 'datashift') {
-    // The source is intact: every hotzone is at most the shift long, so its write never reaches it.
+    // The source is intact: every hotzone is at most the shift long, so its write never reaches it
+    // (encryption with the head moved, or reencryption moving the data up by the shift).
     const b = await readFull(data, sourceOffset(c, off), len);
     await transform(c, b, off);
     await data.write(c.newOff + off, b);
@@ -1046,7 +1074,7 @@ function following(c: Ctx, off: number, len: number, maxLen: number): { off: num
     if (rest < S) return { off: S, len: rest };
     return { off: rest, len: S };
   }
-  if (c.area.type === 'datashift') {
+  if (c.area.type === 'datashift' && c.mode === 'encrypt') {
     // In place with a detached header: cryptsetup's order (reencrypt_context_update), so that a run
     // stops only where cryptsetup's own runs stop: hotzones of S from the end, then the short rest
     // just above S, then [0, S). Below S from a state cryptsetup left: the rest down to 0.
@@ -1266,7 +1294,9 @@ async function run(
   if (type === 'datashift') {
     // With data moved (header in place), or in place with a detached header (same offsets).
     const inPlace = !moved && prev[1].offset === fin[1].offset;
-    if (!(mode === 'encrypt' && backward && (inPlace || moved?.[1].type === 'linear'))) {
+    // Reencryption with the data moving up by the shift (cryptsetup reencrypt --reduce-device-size).
+    const up = !moved && mode !== 'encrypt' && Number(fin[1].offset) === Number(prev[1].offset) + shift && shift > 0;
+    if (!(backward && ((mode === 'encrypt' && (inPlace || moved?.[1].type === 'linear')) || up))) {
       fail(
         `Reencryption mode ${mode} (${String(ks.direction)}) with data shift is not supported by cryptmap yet; use cryptsetup.`,
         'ENOTSUP',
@@ -1504,6 +1534,13 @@ async function finish(vol: Luks2Volume, c: Ctx, data: BlockDevice): Promise<void
     req.mandatory = (req.mandatory ?? []).filter((x) => !x.startsWith('online-reencrypt'));
     if (req.mandatory.length === 0) delete req.mandatory;
     if (Object.keys(req).length === 0) delete j.config.requirements;
+  }
+  // The data moved up (reencryption with data shift): the keyslots area grows to the new data offset,
+  // as cryptsetup sets it at the end (LUKS2_set_keyslots_size: at most 128 MiB, 4096-aligned).
+  if (c.mode === 'reencrypt' && c.area.type === 'datashift' && data === vol.metadataDevice) {
+    let kss = Math.min(c.newOff - 2 * vol.metadataBytes, 0x8000000);
+    kss -= kss % 4096;
+    if (kss > Number(j.config.keyslots_size)) j.config.keyslots_size = String(kss);
   }
   await vol.commitJson(j);
   for (const [o, n] of wipe) await wipeArea(vol.metadataDevice, o, n);

@@ -23,6 +23,7 @@ import {
   type Luks2Volume,
   openLuks,
   type ReencryptLock,
+  reencryptLayout,
   reencryptSegments,
   type Resilience,
   runReencrypt,
@@ -267,10 +268,6 @@ const reencrypt: VerbMain = async (argv: string[], io: CliIO) => {
   // A LUKS1 decryption whose first blocks already overwrote the header: resumed by its UUID (cryptsetup --decrypt --uuid).
   if (status === 'not-luks' && v.decrypt && v.uuid !== undefined && !v.header)
     return luks1Main(io, v, device, hdr, dataPath, passSrc);
-  if (reduceBytes !== undefined)
-    wrongParams(
-      '--reduce-device-size without --encrypt (LUKS2 reencryption with data shift) is not supported by cryptmap yet.',
-    );
   const dev = await openDevice(hdr, true);
   let dataDev: BlockDevice | undefined;
   try {
@@ -296,6 +293,13 @@ const reencrypt: VerbMain = async (argv: string[], io: CliIO) => {
         });
       if (v.decrypt && !running && !v.header)
         throw new CryptmapError('EINVAL', 'LUKS2 decryption requires --header option.', { exitCode: 1 });
+      // A data shift moves the data under a live mapping: cryptmap's daemon does not do that online.
+      if (active && ((!running && reduceBytes !== undefined) || (running && shiftsData(l2))))
+        throw new CryptmapError(
+          'EBUSY',
+          `Device ${device} is active in the cryptmap daemon (${active.name}): reencryption with a data shift runs offline only; close it first.`,
+          { exitCode: 5 },
+        );
       // A resume checks cryptsetup's lock before asking for the passphrase; a new one takes it after init.
       let lock = running && !active ? cryptsetupLock(io, v, l2) : undefined;
       const pass = await getPassphrase(io, passphrasePrompt(device), passSrc).catch((e: unknown) => {
@@ -309,6 +313,7 @@ const reencrypt: VerbMain = async (argv: string[], io: CliIO) => {
             resilience,
             ...(v['resilience-hash'] ? { resilienceHash: v['resilience-hash'] } : {}),
             ...(dataDev ? { dataDev } : {}),
+            ...(reduceBytes !== undefined ? { shiftBytes: reduceBytes } : {}),
           });
           if (v['init-only']) return 0;
         } else if (!running) {
@@ -323,6 +328,7 @@ const reencrypt: VerbMain = async (argv: string[], io: CliIO) => {
             ...(v.cipher ? { cipher: v.cipher } : {}),
             ...(keyBits !== undefined ? { keyBytes: keyBits / 8 } : {}),
             ...(sector !== undefined ? { sectorBytes: sector as SectorBytes } : {}),
+            ...(reduceBytes !== undefined ? { shiftBytes: reduceBytes } : {}),
           });
           if (v['init-only']) return 0;
         }
@@ -339,6 +345,12 @@ const reencrypt: VerbMain = async (argv: string[], io: CliIO) => {
     await closeQuietly(dev);
   }
 };
+
+/** The reencryption on `vol`'s header moves the data (a reencryption or decryption with data shift, not --encrypt's). */
+function shiftsData(vol: Luks2Volume): boolean {
+  const l = reencryptLayout(vol.jsonSnapshot());
+  return l.mode !== 'encrypt' && l.previous.offset !== l.final.offset;
+}
 
 interface EncryptArgs {
   /** cryptsetup's second argument: the name the device is activated as, for an online encryption. */

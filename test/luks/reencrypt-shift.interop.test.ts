@@ -1,0 +1,323 @@
+// LUKS2 reencryption with a data shift (`reencrypt --reduce-device-size N`, no --encrypt) against
+// cryptsetup 2.6: either tool starts (--init-only, or killed -9 / crashed mid-way), the other finishes;
+// the on-disk result is cryptsetup's (data offset + N, keyslots area grown to it) and the plaintext,
+// all but the last N bytes, is intact. cryptsetup runs offline on files (--force-offline-reencrypt).
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { copyFileSync, mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
+import { fileTempDir } from '../helpers/tmp.js';
+import { FaultDevice } from '../../src/blockdev/fault.js';
+import { FileDevice } from '../../src/blockdev/file.js';
+import { main } from '../../src/cli/main.js';
+import { createSectorCipher } from '../../src/engine/index.js';
+import type { SectorBytes } from '../../src/engine/types.js';
+import { initReencrypt, Luks2Volume, runReencrypt } from '../../src/luks/index.js';
+import { CryptmapError } from '../../src/util/errors.js';
+import { Sink } from './helpers.js';
+import { FAST_PBKDF } from '../helpers/luks.js';
+
+const dir = fileTempDir('cm-reenc-shift-');
+const DATA_OFF = 16 << 20;
+const SIZE = 16 << 20;
+const PASS = 'secret pass';
+
+function cs(...args: string[]): CryptsetupResult {
+  return cryptsetupSync(args, { timeoutMs: 600_000 });
+}
+async function cm(...argv: string[]): Promise<{ code: number; err: string }> {
+  const { Readable } = await import('node:stream');
+  const err = new Sink();
+  mkdirSync(join(dir, 'locks'), { recursive: true, mode: 0o700 });
+  const code = await main(argv, {
+    stdin: Readable.from([]) as unknown as NodeJS.ReadableStream,
+    stdout: new Sink(),
+    stderr: err,
+    env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') },
+  });
+  return { code, err: err.data };
+}
+function volumeKey(img: string, key: string): Buffer {
+  const r = cs('luksDump', '--dump-volume-key', '--batch-mode', '--key-file', key, img);
+  const m = /MK dump:\t([\s\S]*)$/.exec(r.out);
+  assert.ok(m, r.out);
+  return Buffer.from(m[1]!.replace(/[\s]/g, ''), 'hex');
+}
+function json(img: string): {
+  segments: Record<string, { offset: string; type: string; flags?: string[] }>;
+  config: { keyslots_size: string; requirements?: unknown };
+} {
+  const r = cs('luksDump', '--dump-json-metadata', img);
+  assert.equal(r.status, 0, r.out);
+  return JSON.parse(r.out);
+}
+/** `len` bytes of plaintext at logical 0 of the data at `off`, with key `vk` (or encrypt `plain` there). */
+async function crypt(img: string, vk: Buffer, off: number, sector: number, plain?: Buffer): Promise<Buffer> {
+  const dev = await FileDevice.open(img);
+  const c = createSectorCipher({ spec: 'aes-xts-plain64', key: vk, sectorBytes: sector as SectorBytes });
+  try {
+    if (plain) {
+      const b = Buffer.from(plain);
+      c.encrypt(b, 0n);
+      await dev.write(off, b);
+      await dev.flush();
+      return b;
+    }
+    const b = Buffer.alloc(dev.sizeBytes - off);
+    await dev.read(off, b);
+    c.decrypt(b, 0n);
+    return b;
+  } finally {
+    c.dispose();
+    await dev.close();
+  }
+}
+async function fresh(name: string, sector = 512): Promise<{ img: string; key: string; plain: Buffer }> {
+  const img = join(dir, name);
+  const key = join(dir, `${name}.key`);
+  writeFileSync(key, PASS, { mode: 0o600 });
+  writeFileSync(img, Buffer.alloc(0));
+  spawnSync('truncate', ['-s', String(DATA_OFF + SIZE), img]);
+  const f = cs(
+    'luksFormat',
+    '-q',
+    '--type',
+    'luks2',
+    '--sector-size',
+    String(sector),
+    ...FAST_PBKDF,
+    '--key-file',
+    key,
+    img,
+  );
+  assert.equal(f.status, 0, f.out);
+  const plain = randomBytes(SIZE);
+  await crypt(img, volumeKey(img, key), DATA_OFF, sector, plain);
+  return { img, key, plain };
+}
+/** The device after a finished shift of `shift` bytes: cryptsetup's header, the plaintext moved up. */
+async function checkDone(img: string, key: string, plain: Buffer, shift: number, sector = 512): Promise<void> {
+  const j = json(img);
+  assert.deepEqual(Object.keys(j.segments), ['0']);
+  assert.equal(j.segments['0']!.offset, String(DATA_OFF + shift));
+  assert.equal(j.config.keyslots_size, String(DATA_OFF + shift - 2 * 0x4000));
+  assert.equal(j.config.requirements, undefined);
+  const got = await crypt(img, volumeKey(img, key), DATA_OFF + shift, sector);
+  assert.equal(got.length, SIZE - shift);
+  assert.ok(got.equals(plain.subarray(0, SIZE - shift)), 'plaintext damaged');
+}
+
+test('cryptmap reencrypt --reduce-device-size --init-only, cryptsetup --resume-only finishes', async () => {
+  const { img, key, plain } = await fresh('a.img');
+  const vk0 = volumeKey(img, key);
+  const r0 = await cm('reencrypt', '--init-only', '-q', '--reduce-device-size', '2M', ...FAST_PBKDF, '-d', key, img);
+  assert.equal(r0.code, 0, r0.err);
+  const r = cs('reencrypt', '--resume-only', '--force-offline-reencrypt', '-q', '--key-file', key, img);
+  assert.equal(r.status, 0, r.out);
+  assert.notDeepEqual(volumeKey(img, key), vk0);
+  await checkDone(img, key, plain, 2 << 20);
+});
+
+test('cryptsetup reencrypt --reduce-device-size --init-only, cryptmap resumes (4096-byte sectors)', async () => {
+  const { img, key, plain } = await fresh('b.img', 4096);
+  const r = cs(
+    'reencrypt',
+    '--init-only',
+    '--force-offline-reencrypt',
+    '-q',
+    '--resilience',
+    'none',
+    '--reduce-device-size',
+    '1M',
+    ...FAST_PBKDF,
+    '--key-file',
+    key,
+    img,
+  );
+  assert.equal(r.status, 0, r.out);
+  const r1 = await cm('reencrypt', '--resume-only', '-q', '-d', key, img);
+  assert.equal(r1.code, 0, r1.err);
+  await checkDone(img, key, plain, 1 << 20, 4096);
+});
+
+test('cryptmap reencrypt --reduce-device-size in one go leaves the header cryptsetup leaves', async () => {
+  const a = await fresh('c1.img');
+  const b = await fresh('c2.img');
+  const r0 = await cm('reencrypt', '-q', '--reduce-device-size', '256K', ...FAST_PBKDF, '-d', a.key, a.img);
+  assert.equal(r0.code, 0, r0.err);
+  const r = cs(
+    'reencrypt',
+    '-q',
+    '--force-offline-reencrypt',
+    '--reduce-device-size',
+    '256K',
+    ...FAST_PBKDF,
+    '-d',
+    b.key,
+    b.img,
+  );
+  assert.equal(r.status, 0, r.out);
+  const ja = json(a.img);
+  const jb = json(b.img);
+  assert.deepEqual(ja.segments, jb.segments);
+  assert.deepEqual(ja.config, jb.config);
+  await checkDone(a.img, a.key, a.plain, 256 << 10);
+  await checkDone(b.img, b.key, b.plain, 256 << 10);
+});
+
+test('cryptsetup reencrypt --reduce-device-size killed -9 mid-way, cryptmap resumes', async () => {
+  const { img, key, plain } = await fresh('k.img');
+  const child = spawn(
+    'cryptsetup',
+    [
+      'reencrypt',
+      '--force-offline-reencrypt',
+      '-q',
+      '--reduce-device-size',
+      '64K',
+      ...FAST_PBKDF,
+      '--key-file',
+      key,
+      img,
+    ],
+    { stdio: 'ignore' },
+  );
+  const exited = new Promise<void>((r) => child.once('exit', () => r()));
+  // Kill it once the header shows progress (an old data segment of fixed length below the new one).
+  for (let i = 0; i < 600; i++) {
+    const d = cs('luksDump', img).out;
+    if (/Data segments:\n {2}0: crypt\n\toffset: [0-9]+ \[bytes\]\n\tlength: [0-9]+ \[bytes\]/.test(d)) break;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  child.kill('SIGKILL');
+  await exited;
+  assert.match(cs('luksDump', img).out, /online-reencrypt-v2/, 'cryptsetup finished before it could be killed');
+  const r = await cm('reencrypt', '--resume-only', '-q', '-d', key, img);
+  assert.equal(r.code, 0, r.err);
+  await checkDone(img, key, plain, 64 << 10);
+});
+
+test('cryptmap crashes mid-hotzone (data shift), cryptsetup repairs and resumes', async () => {
+  const { img, key, plain } = await fresh('f.img');
+  const file = await FileDevice.open(img);
+  try {
+    const v = await Luks2Volume.open(file);
+    await initReencrypt(v, Buffer.from(PASS), {
+      kdf: { type: 'pbkdf2', hash: 'sha256', iterations: 1000 },
+      shiftBytes: 1 << 20,
+    });
+  } finally {
+    await file.close();
+  }
+  // The first crash point at or after 10 writes that leaves a hotzone in progress.
+  const copy = join(dir, 'f-crash.img');
+  let hot = false;
+  for (let n = 10; n < 40 && !hot; n++) {
+    copyFileSync(img, copy);
+    const f = await FileDevice.open(copy);
+    try {
+      const faulty = await Luks2Volume.open(new FaultDevice(f, { crashAfterWrites: n }));
+      await assert.rejects(
+        runReencrypt(faulty, Buffer.from(PASS)),
+        (e) => e instanceof CryptmapError && e.code === 'EFAULT_CRASH',
+      );
+    } finally {
+      await f.close();
+    }
+    hot = /in-reencryption/.test(cs('luksDump', copy).out);
+  }
+  assert.ok(hot, 'no crash point left a hotzone in progress');
+  const rr = cs('repair', '-q', '--key-file', key, copy);
+  assert.equal(rr.status, 0, rr.out);
+  const r = cs('reencrypt', '--resume-only', '--force-offline-reencrypt', '-q', '--key-file', key, copy);
+  assert.equal(r.status, 0, r.out);
+  await checkDone(copy, key, plain, 1 << 20);
+});
+
+test('a data shift not aligned to the encryption sector size: both tools refuse with the same words and exit code', async () => {
+  const a = await fresh('m1.img', 4096);
+  const b = await fresh('m2.img', 4096);
+  const r0 = await cm(
+    'reencrypt',
+    '-q',
+    '--init-only',
+    '--reduce-device-size',
+    '1536',
+    ...FAST_PBKDF,
+    '-d',
+    a.key,
+    a.img,
+  );
+  const r = cs(
+    'reencrypt',
+    '-q',
+    '--init-only',
+    '--force-offline-reencrypt',
+    '--reduce-device-size',
+    '1536',
+    ...FAST_PBKDF,
+    '-d',
+    b.key,
+    b.img,
+  );
+  assert.equal(r0.code, r.status, `${r0.err} / ${r.out}`);
+  assert.match(r.out, /Data shift value is not aligned to encryption sector size \(4096 bytes\)\./);
+  assert.match(r0.err, /Data shift value is not aligned to encryption sector size \(4096 bytes\)\./);
+  assert.deepEqual(json(a.img).segments, json(b.img).segments);
+  assert.equal(Object.keys(json(a.img).segments).length, 1);
+});
+
+for (const starter of ['cryptsetup', 'cryptmap'] as const) {
+  test(`decryption of a detached header with --reduce-device-size: ${starter} starts, the other finishes`, async () => {
+    const img = join(dir, `d-${starter}.img`);
+    const hdr = join(dir, `d-${starter}.hdr`);
+    const key = join(dir, `d-${starter}.key`);
+    writeFileSync(key, PASS, { mode: 0o600 });
+    writeFileSync(img, Buffer.alloc(0));
+    spawnSync('truncate', ['-s', String(SIZE), img]);
+    const f = cs(
+      'luksFormat',
+      '-q',
+      '--type',
+      'luks2',
+      '--sector-size',
+      '512',
+      '--luks2-keyslots-size',
+      '512K',
+      ...FAST_PBKDF,
+      '--header',
+      hdr,
+      '--key-file',
+      key,
+      img,
+    );
+    assert.equal(f.status, 0, f.out);
+    const plain = randomBytes(SIZE);
+    await crypt(img, volumeKey(hdr, key), 0, 512, plain);
+    const S = 2 << 20;
+    const init = ['reencrypt', '--decrypt', '--init-only', '-q', '--reduce-device-size', '2M', '--header', hdr];
+    if (starter === 'cryptsetup') {
+      const r = cs(...init, '--force-offline-reencrypt', '-d', key, img);
+      assert.equal(r.status, 0, r.out);
+      const r1 = await cm('reencrypt', '--resume-only', '-q', '--header', hdr, '-d', key, img);
+      assert.equal(r1.code, 0, r1.err);
+    } else {
+      const r0 = await cm(...init, '-d', key, img);
+      assert.equal(r0.code, 0, r0.err);
+      const r = cs('reencrypt', '--resume-only', '-q', '--force-offline-reencrypt', '--header', hdr, '-d', key, img);
+      assert.equal(r.status, 0, r.out);
+    }
+    const j = json(hdr);
+    assert.deepEqual(Object.keys(j.segments), ['0']);
+    assert.equal(j.segments['0']!.type, 'linear');
+    assert.equal(j.segments['0']!.offset, String(S));
+    const dev = await FileDevice.open(img);
+    const b = Buffer.alloc(SIZE - S);
+    await dev.read(S, b);
+    await dev.close();
+    assert.ok(b.equals(plain.subarray(0, SIZE - S)), 'plaintext damaged');
+  });
+}
