@@ -8,7 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { copyFileSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
+import { cryptsetupSync, cryptsetupVolumeKey, type CryptsetupResult } from '../helpers/tools.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { FaultDevice } from '../../src/blockdev/fault.js';
 import { FileDevice } from '../../src/blockdev/file.js';
@@ -41,10 +41,7 @@ async function cm(...argv: string[]): Promise<{ code: number; err: string }> {
   return { code, err: err.data };
 }
 function volumeKey(img: string, key: string): Buffer {
-  const r = cs('luksDump', '--dump-volume-key', '--batch-mode', '--key-file', key, img);
-  const m = /MK dump:\t([\s\S]*)$/.exec(r.out);
-  assert.ok(m, r.out);
-  return Buffer.from(m[1]!.replace(/[\s]/g, ''), 'hex');
+  return cryptsetupVolumeKey(key, img);
 }
 function json(img: string): {
   segments: Record<string, { offset: string; type: string; flags?: string[] }>;
