@@ -5,6 +5,10 @@
  * table (PTTYPE). `blkid -p` answers "ambivalent" (exit 8) when two superblocks are found, where
  * cryptsetup's probe loop lists both: then `wipefs --no-act` names them (each type once, in offset
  * order). A device blkid cannot read, or a missing blkid, gives no signatures: this is a warning only.
+ *
+ * cryptsetup then wipes what it found (tools_wipe_all_signatures, libblkid's probe-and-wipe loop over
+ * superblocks and partition tables, the backup GPT at the device's end included) before it writes
+ * the new header: `wipeSignatures` does that with wipefs(8), the same libblkid loop.
  */
 import { runTool } from '../util/tools.js';
 
@@ -65,4 +69,24 @@ export async function deviceSignatures(path: string): Promise<DeviceSignature[]>
 /** cryptsetup's words for each signature (printed to standard output, and only without --batch-mode). */
 export function signatureWarnings(device: string, found: readonly DeviceSignature[]): string {
   return found.map((s) => `WARNING: Device ${device} already contains a '${s.type}' ${s.kind} signature.\n`).join('');
+}
+
+/**
+ * Erase every signature libblkid finds on `path` (`wipefs --all --force`: --force because a regular
+ * file or partition holding a partition table is "nested" to wipefs; whether the device may be
+ * written at all is the caller's check). Returns what was erased, in wipefs's order (cryptsetup's:
+ * the probe order), a type once per copy (a GPT's primary and backup headers are two).
+ */
+export async function wipeSignatures(path: string): Promise<DeviceSignature[]> {
+  const out = await runTool('wipefs', ['--all', '--force', '--', path], { timeoutMs: 60_000 });
+  // "<path>: 8 bytes were erased at offset 0x00000200 (gpt): 45 46 49 20 50 41 52 54"
+  return [...out.matchAll(/ bytes were erased at offset 0x[0-9a-f]+ \(([^)]+)\):/g)].map((m) => ({
+    type: m[1]!,
+    kind: PARTITION_TABLES.has(m[1]!) ? ('partition' as const) : ('superblock' as const),
+  }));
+}
+
+/** cryptsetup -v's line for each signature it wipes (log_verbose, standard output). */
+export function wipeNotes(device: string, wiped: readonly DeviceSignature[]): string {
+  return wiped.map((s) => `Existing '${s.type}' ${s.kind} signature on device ${device} will be wiped.\n`).join('');
 }

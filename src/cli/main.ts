@@ -229,7 +229,8 @@ async function runVerb(verb: string, file: string, args: string[], io: CliIO): P
 /** Print an error the way cryptsetup does (one line, no stack) and give its exit code. */
 export function reportError(e: unknown, io: CliIO): number {
   if (isCryptmapError(e)) {
-    io.stderr.write(`${e.message}\n`);
+    // An empty message is an error cryptsetup reports by its exit code only (a refused dialog).
+    if (e.message !== '') io.stderr.write(`${e.message}\n`);
     if (io.env.CRYPTMAP_DEBUG) io.stderr.write(`(code ${e.code})\n`);
     return e.exitCode;
   }

@@ -23,6 +23,7 @@ const PACKAGE_OF: Record<string, string> = {
   'mkfs.btrfs': 'btrfs-progs',
   mkswap: 'util-linux',
   blkid: 'util-linux',
+  wipefs: 'util-linux',
   swapon: 'util-linux',
   swapoff: 'util-linux',
 };

@@ -5,12 +5,19 @@
  */
 import { deviceInUseError, isDeviceInUse } from '../../blockdev/exclusive.js';
 import { isRemoteDevice } from '../../blockdev/open.js';
-import { deviceSignatures, signatureWarnings } from '../../blockdev/signatures.js';
-import { stat, truncate } from 'node:fs/promises';
-import { dirname } from 'node:path';
+import { deviceSignatures, signatureWarnings, wipeNotes, wipeSignatures } from '../../blockdev/signatures.js';
+import { constants as fsConstants } from 'node:fs';
+import { lstat, open, stat, truncate, unlink } from 'node:fs/promises';
 import { Luks1Volume, Luks2Volume, luks2Layout, withDeviceLock } from '../../luks/index.js';
 import type { SectorBytes } from '../../engine/types.js';
-import { CryptmapError, EXIT_FAILURE, EXIT_NOMEM, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import {
+  CryptmapError,
+  EXIT_FAILURE,
+  EXIT_NO_PERMISSION,
+  EXIT_NOMEM,
+  EXIT_WRONG_DEVICE,
+  EXIT_WRONG_PARAMS,
+} from '../../util/errors.js';
 import { runTool } from '../../util/tools.js';
 import type { CliIO, VerbMain } from '../types.js';
 import {
@@ -83,6 +90,50 @@ async function warnNoDataRoom(io: CliIO, device: string, hdrPath: string): Promi
   }
 }
 
+/** A header file this run made: its path and identity, so that only that file is ever removed again. */
+interface CreatedFile {
+  path: string;
+  dev: number;
+  ino: number;
+}
+
+/**
+ * cryptsetup 2.6's header file creation (action_luksFormat): when `path` does not exist, ask "Header
+ * file does not exist, do you want to create it?" (a terminal only, not with -q; no or the end of input
+ * is exit 2), then make it exclusively, mode 0600, 4 KiB ("Cannot create header file X.", exit 1).
+ * Undefined when it exists (or is an NBD URI).
+ */
+async function createHeaderFile(io: CliIO, path: string, batch: boolean | undefined): Promise<CreatedFile | undefined> {
+  if (isRemoteDevice(path)) return undefined;
+  const missing = await lstat(path).then(
+    () => false,
+    (e: NodeJS.ErrnoException) => e.code === 'ENOENT',
+  );
+  if (!missing) return undefined;
+  await confirm(io, 'Header file does not exist, do you want to create it?', batch, { exitCode: EXIT_NO_PERMISSION });
+  const cannot = (cause: unknown) =>
+    new CryptmapError('ECREATE', `Cannot create header file ${path}.`, { exitCode: EXIT_FAILURE, cause });
+  const fh = await open(path, fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_WRONLY, 0o600).catch((e) => {
+    throw cannot(e);
+  });
+  try {
+    await fh.truncate(4096);
+    const st = await fh.stat();
+    return { path, dev: st.dev, ino: st.ino };
+  } catch (e) {
+    await unlink(path).catch(() => {});
+    throw cannot(e);
+  } finally {
+    await fh.close().catch(() => {});
+  }
+}
+
+/** Remove a header file made by createHeaderFile, if `path` is still that file. */
+async function removeCreated(f: CreatedFile): Promise<void> {
+  const st = await lstat(f.path).catch(() => null);
+  if (st && st.dev === f.dev && st.ino === f.ino) await unlink(f.path).catch(() => {});
+}
+
 const main: VerbMain = async (argv: string[], io: CliIO) => {
   const { values: v, positionals } = parseLuksArgs(argv);
   const device = needDevice(positionals, 'cryptmap luksFormat [OPTION...] <device> [<key file>]');
@@ -111,6 +162,10 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
   if (luks === 'luks1' && (v['luks2-metadata-size'] !== undefined || v['luks2-keyslots-size'] !== undefined)) {
     throw new CryptmapError('EARGS', 'Unsupported LUKS2 metadata size options.', { exitCode: EXIT_WRONG_PARAMS });
   }
+  if (luks === 'luks1' && (v.label || v.subsystem))
+    throw new CryptmapError('EARGS', 'Label and subsystem are supported only for LUKS2.', {
+      exitCode: EXIT_WRONG_PARAMS,
+    });
   const headerFile = v.header;
   const ks = keyslotOptions(v, luks);
   const keyFile = v['key-file'] ?? positionals[1];
@@ -121,28 +176,31 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       () => true,
       () => false,
     );
-  if (!(await exists(device))) {
-    const missing = (exitCode: number) =>
-      new CryptmapError('ENODEV', `Device ${device} does not exist or access denied.`, { exitCode });
-    if (headerFile === undefined) throw missing(EXIT_WRONG_DEVICE);
-    // cryptsetup 2.6 with --header makes the header file before it looks at the data device: a header
-    // that cannot be made is reported first (exit 1); then crypt_format's missing data device is exit 3
-    // (cryptsetup's code; cryptmap leaves no header file behind, where cryptsetup leaves 4 KiB of zeros).
-    if (!(await exists(headerFile)) && !(await exists(dirname(headerFile))))
-      throw new CryptmapError('ENODEV', `Cannot create header file ${headerFile}.`, { exitCode: EXIT_FAILURE });
-    throw missing(EXIT_NOMEM);
-  }
-  // cryptsetup lists what blkid finds on the header device first (nothing with -q, as it does).
-  const sigPath = headerFile ?? device;
-  if (!v['batch-mode'] && !isRemoteDevice(sigPath) && (await stat(sigPath).catch(() => null)) !== null)
-    io.stdout.write(signatureWarnings(sigPath, await deviceSignatures(sigPath)));
-  await confirm(io, `This will overwrite data on ${headerFile ?? device} irrevocably.`, v['batch-mode']);
+  // Without --header the device is the header: crypt_init fails on a missing one before anything else.
+  if (headerFile === undefined && !(await exists(device)))
+    throw new CryptmapError('ENODEV', `Device ${device} does not exist or access denied.`, {
+      exitCode: EXIT_WRONG_DEVICE,
+    });
+  // cryptsetup 2.6 luksFormat: a --header file that does not exist is made (0600, 4 KiB) after a
+  // question of its own (no: exit 2), and then the "overwrite" question is not asked.
+  const created = headerFile !== undefined ? await createHeaderFile(io, headerFile, v['batch-mode']) : undefined;
 
   let volumeKey: Buffer | undefined;
   let pass: Buffer | undefined;
   let dev: Awaited<ReturnType<typeof openDevice>> | undefined;
+  let formatted = false;
   // One cleanup path: whatever fails once a secret has been read wipes it.
   try {
+    // cryptsetup lists what blkid finds on the header device first (nothing with -q, as it does), and
+    // wipes those signatures (with -q too) before it writes the header.
+    const sigPath = headerFile ?? device;
+    const signatures =
+      created === undefined && !isRemoteDevice(sigPath) && (await stat(sigPath).catch(() => null)) !== null
+        ? await deviceSignatures(sigPath)
+        : [];
+    if (!v['batch-mode']) io.stdout.write(signatureWarnings(sigPath, signatures));
+    if (created === undefined)
+      await confirm(io, `This will overwrite data on ${headerFile ?? device} irrevocably.`, v['batch-mode']);
     if (v['volume-key-file'] !== undefined) {
       volumeKey = await readVolumeKeyFile(v['volume-key-file'], keyBits / 8);
       if (volumeKey.length !== keyBits / 8)
@@ -158,9 +216,19 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       },
       true,
     );
+    // A missing data device with --header: crypt_format's refusal, after the questions and the passphrase
+    // (exit 3 is cryptsetup's code).
+    if (!(await exists(device)))
+      throw new CryptmapError('ENODEV', `Device ${device} does not exist or access denied.`, { exitCode: EXIT_NOMEM });
     // A detached header file is created (or grown) to hold the metadata and keyslots.
     const hdrPath = headerFile ?? device;
     await refuseHeaderDeviceInUse(hdrPath);
+    if (signatures.length > 0) {
+      const wiped = await wipeSignatures(hdrPath).catch((e: unknown) => {
+        throw new CryptmapError('ETOOL', 'Failed to wipe device signature.', { exitCode: EXIT_FAILURE, cause: e });
+      });
+      if (v.verbose) io.stdout.write(wipeNotes(hdrPath, wiped));
+    }
     const md = sizeOpt(v['luks2-metadata-size'], '--luks2-metadata-size');
     const kss = sizeOpt(v['luks2-keyslots-size'], '--luks2-keyslots-size');
     const hdrNeed = headerFile ? (luks === 'luks1' ? 4096 * 512 : luks2HeaderBytes(md, kss, offsetSectors)) : 0;
@@ -200,10 +268,6 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         keyslot: ks,
       };
       if (luks === 'luks1') {
-        if (v.label || v.subsystem)
-          throw new CryptmapError('EARGS', 'Label and subsystem are supported only for LUKS2.', {
-            exitCode: EXIT_WRONG_PARAMS,
-          });
         await Luks1Volume.format(fmtDev, fmtPass, common);
       } else {
         await Luks2Volume.format(fmtDev, fmtPass, {
@@ -216,7 +280,10 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         });
       }
     });
+    formatted = true;
   } finally {
+    // cryptmap leaves no header file of its own making behind a format that failed (cryptsetup leaves 4 KiB of zeros).
+    if (!formatted && created !== undefined) await removeCreated(created);
     pass?.fill(0);
     volumeKey?.fill(0);
     await closeQuietly(dev);

@@ -292,11 +292,16 @@ export class TerminalInput {
   }
 
   /**
-   * cryptsetup's yesDialog: ask only when stdin is a terminal and not in batch mode; anything but
-   * "YES" aborts (exit 1, "Operation aborted.").
+   * cryptsetup's yesDialog (src/utils_tools.c): asked only when stdin is a terminal and not in batch
+   * mode (elsewhere the answer is yes); anything but "YES" aborts with `fail` on stderr, the end of the
+   * input with "Error reading response from terminal.", both with `exitCode`. cryptsetup prints its
+   * abort messages with a newline of their own plus the one every error gets, so most end in a blank
+   * line (`fail` "Operation aborted.\n", the default); `fail` '' prints nothing (the dialogs cryptsetup
+   * gives no message, e.g. luksDump --dump-volume-key).
    */
-  async confirm(question: string, batch: boolean | undefined): Promise<void> {
+  async confirm(question: string, batch: boolean | undefined, opts: ConfirmOptions = {}): Promise<void> {
     if (batch || !this.#stdin.isTTY) return;
+    const exitCode = opts.exitCode ?? EXIT_WRONG_PARAMS;
     this.#stderr.write(`\nWARNING!\n========\n${question}\n\nAre you sure? (Type 'yes' in capital letters): `);
     const stdin = this.#stdin as NodeJS.ReadStream;
     let acc = '';
@@ -307,11 +312,22 @@ export class TerminalInput {
         const i = acc.indexOf('\n');
         if (i >= 0) done(acc.slice(0, i).replace(/\r$/, ''));
       }, 'Error reading response from terminal.');
+    } catch (e) {
+      if (e instanceof CryptmapError && e.code === 'ETTY') throw new CryptmapError('ETTY', e.message, { exitCode });
+      throw e;
     } finally {
       stdin.pause();
     }
-    if (line !== 'YES') throw new CryptmapError('EABORT', 'Operation aborted.', { exitCode: EXIT_WRONG_PARAMS });
+    if (line !== 'YES') throw new CryptmapError('EABORT', opts.fail ?? 'Operation aborted.\n', { exitCode });
   }
+}
+
+/** What a refused confirmation says and its exit code (cryptsetup's caller: -EINVAL is 1, -EPERM 2). */
+export interface ConfirmOptions {
+  /** The message on stderr (default "Operation aborted.\n"; '' for none). */
+  fail?: string;
+  /** Exit code of a "no" and of the end of input (default 1). */
+  exitCode?: number;
 }
 
 /** The terminal input of `io`, made on its first use. */
@@ -334,8 +350,13 @@ export function readKeyFile(
 }
 
 /** `terminalInput(io).confirm(...)`. */
-export function confirm(io: CliIO, question: string, batch: boolean | undefined): Promise<void> {
-  return terminalInput(io).confirm(question, batch);
+export function confirm(
+  io: CliIO,
+  question: string,
+  batch: boolean | undefined,
+  opts: ConfirmOptions = {},
+): Promise<void> {
+  return terminalInput(io).confirm(question, batch, opts);
 }
 
 /**
