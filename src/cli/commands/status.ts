@@ -66,6 +66,9 @@ export function formatStatus(s: VolumeStatus, raw = '', headerMissing = false): 
   const m = s.mapping;
   if (m) {
     out += `  type:    ${headerMissing ? 'n/a' : m.type}\n`;
+    // cryptsetup 2.6 action_status: a LUKS2 header in reencryption (clean or crashed) says so right
+    // after the type; the daemon knows it from the reencryption it opened or runs (not yet finished).
+    if (!headerMissing && s.reencrypt && s.reencrypt.state !== 'finished') out += '  reencryption:  in-progress\n';
     out += `  cipher:  ${m.cipher}\n`;
     out += `  keysize: ${m.keyBytes * 8} bits\n`;
     out += `  key location: ${keyLocation(m)}\n`;
