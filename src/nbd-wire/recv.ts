@@ -24,6 +24,12 @@ export const DIRECT_MIN_BYTES = 16 << 10;
 const SCRATCH_BYTES = 64 << 10;
 /** A read after a whole header, before the consumer saw it (the payload's buffer is not known yet). */
 const STALE_READ_BYTES = 4096;
+/** Where a payload read with its header starts in its buffer (the header just before it). */
+const SPEC_HEADROOM_BYTES = 64;
+/** Largest payload read with its header (it is allocated before the server's budget is asked). */
+const SPEC_MAX_BYTES = 1 << 20;
+/** Least room a read into scratch is given behind queued bytes (else the read takes a fresh scratch). */
+const SCRATCH_MIN_READ_BYTES = 16 << 10;
 
 /** Who says where an adopted socket's reads land (see adoptSocket). */
 interface SocketReader {
@@ -70,6 +76,13 @@ export function adoptSocket(accepted: Socket): Socket {
   return s;
 }
 
+/** A payload read with its header (RecvQueue #gotSpeculative): it starts at stream position `at`. */
+interface Early {
+  buf: Buffer;
+  at: number;
+  ready: boolean;
+}
+
 export class ConnectionClosed extends Error {
   constructor() {
     super('connection closed');
@@ -100,6 +113,17 @@ export class RecvQueue {
   #streaming = false;
   /** The last message taken was a header (no payload after it yet). */
   #afterHeader = false;
+  /** Payload bytes announced by a header (0: none follows), for reads that take both at once. */
+  #payloadOf: ((header: Buffer) => number) | undefined;
+  #alloc: ((n: number) => Buffer) | undefined;
+  /** Bytes of the last payload read in place: the next header is expected to announce as many. */
+  #lastPayload = 0;
+  /** The buffer the socket was told to read a header and its payload into (see #nextBuffer). */
+  #spec: Buffer | undefined;
+  /** A payload that arrived with its header, before the consumer asked for it (claimed by read()). */
+  #early: Early | undefined;
+  /** Bytes taken out of the queue so far (where in the stream the consumer is). */
+  #taken = 0;
   readonly #onEnd = () => this.close();
 
   constructor(highWaterBytes: number) {
@@ -137,10 +161,16 @@ export class RecvQueue {
    * Switch to direct reads if `source` (the attached source) is a socket adoptSocket made; `headerBytes`
    * is the size of the messages between payloads. False (nothing changes) for other streams (TLS).
    */
-  direct(source: Duplex, headerBytes: number): boolean {
+  direct(
+    source: Duplex,
+    headerBytes: number,
+    payload?: { of: (header: Buffer) => number; alloc: (n: number) => Buffer },
+  ): boolean {
     const reader = readers.get(source);
     if (reader === undefined || source !== this.#source) return false;
     this.#headerBytes = headerBytes;
+    this.#payloadOf = payload?.of;
+    this.#alloc = payload?.alloc;
     this.#scratch = Buffer.allocUnsafe(SCRATCH_BYTES);
     reader.take(
       () => this.#nextBuffer(),
@@ -156,21 +186,42 @@ export class RecvQueue {
       this.#view = sink.buf.subarray(sink.at);
       return this.#view;
     }
+    if (
+      this.#streaming &&
+      this.#queued === 0 &&
+      this.#early === undefined &&
+      this.#lastPayload > 0 &&
+      this.#lastPayload <= SPEC_MAX_BYTES &&
+      this.#alloc !== undefined &&
+      !this.#closed
+    ) {
+      // A run of large payloads: the next header most likely announces one of the same size, so
+      // one read takes both, the header just before the payload in one pooled buffer (which puts the
+      // payload at a 64-byte offset). #got checks the header; if it announces something else, the
+      // bytes are queued as any others.
+      const spec = this.#alloc(SPEC_HEADROOM_BYTES + this.#lastPayload);
+      this.#spec = spec;
+      return spec.subarray(SPEC_HEADROOM_BYTES - this.#headerBytes);
+    }
     let scratch = this.#scratch!;
-    // Queued bytes still in scratch must not be overwritten: the next read takes a fresh one.
+    // Queued bytes still in scratch must not be overwritten: the next read lands after the last of
+    // them (a header waiting for the consumer is 28 bytes), or in a fresh buffer when too little of
+    // scratch is left. A fresh 64 KiB buffer per request cost an allocation, page faults and GC work.
+    let start = 0;
     for (const c of this.#chunks) {
-      if (c.buffer === scratch.buffer) {
-        scratch = this.#scratch = Buffer.allocUnsafe(SCRATCH_BYTES);
-        break;
-      }
+      if (c.buffer === scratch.buffer) start = Math.max(start, c.byteOffset - scratch.byteOffset + c.length);
+    }
+    if (start > SCRATCH_BYTES - SCRATCH_MIN_READ_BYTES) {
+      scratch = this.#scratch = Buffer.allocUnsafe(SCRATCH_BYTES);
+      start = 0;
     }
     if (this.#streaming) {
       // Exactly the rest of the next header; once it is here and not taken yet (the consumer runs
       // after this read), a short read, so that little of the payload after it lands in scratch.
-      if (this.#queued < this.#headerBytes) return scratch.subarray(0, this.#headerBytes - this.#queued);
-      if (this.#queued < this.#headerBytes + STALE_READ_BYTES) return scratch.subarray(0, STALE_READ_BYTES);
+      if (this.#queued < this.#headerBytes) return scratch.subarray(start, start + this.#headerBytes - this.#queued);
+      if (this.#queued < this.#headerBytes + STALE_READ_BYTES) return scratch.subarray(start, start + STALE_READ_BYTES);
     }
-    return scratch;
+    return start === 0 ? scratch : scratch.subarray(start);
   }
 
   /**
@@ -179,7 +230,13 @@ export class RecvQueue {
    * in scratch: its bytes are copied into the payload, and what follows the payload is queued.
    */
   #got(n: number, buf: Uint8Array): void {
+    const spec = this.#spec;
+    this.#spec = undefined;
     if (this.#closed || n <= 0) return;
+    if (spec !== undefined && buf.buffer === spec.buffer) {
+      this.#gotSpeculative(n, spec);
+      return;
+    }
     const sink = this.#sink;
     if (sink === undefined) {
       this.push((buf as Buffer).subarray(0, n));
@@ -198,6 +255,34 @@ export class RecvQueue {
       sink.done();
     }
     if (m < n) this.push((buf as Buffer).subarray(m, n));
+  }
+
+  /** `n` bytes of a read into `spec` (a header and the payload it was expected to announce). */
+  #gotSpeculative(n: number, spec: Buffer): void {
+    const h = this.#headerBytes;
+    const at = SPEC_HEADROOM_BYTES - h;
+    const header = spec.subarray(at, SPEC_HEADROOM_BYTES);
+    if (n < h || this.#payloadOf!(header) !== spec.length - SPEC_HEADROOM_BYTES) {
+      this.push(spec.subarray(at, at + n));
+      return;
+    }
+    const payload = spec.subarray(SPEC_HEADROOM_BYTES);
+    const early: Early = { buf: payload, at: this.#taken + this.#queued + h, ready: false };
+    this.#early = early;
+    this.#received += n - h;
+    this.#sink = {
+      buf: payload,
+      at: n - h,
+      done: () => {
+        early.ready = true;
+      },
+    };
+    if (n - h === payload.length) {
+      this.#sink = undefined;
+      early.ready = true;
+    }
+    // The header goes to the consumer as any message; the payload waits for its read().
+    this.push(header);
   }
 
   get queuedBytes(): number {
@@ -242,6 +327,18 @@ export class RecvQueue {
 
   /** Exactly `n` bytes, or null when they are not queued yet. */
   tryRead(n: number, alloc?: (n: number) => Buffer): Buffer | null {
+    const early = this.#early;
+    if (early !== undefined && this.#taken === early.at) {
+      if (alloc !== undefined && early.buf.length === n) {
+        if (!early.ready) return null;
+        this.#early = undefined;
+        this.#afterHeader = false;
+        this.#lastPayload = n;
+        return early.buf;
+      }
+      this.#early = undefined;
+      this.#unclaim(early);
+    }
     if (this.#queued < n) return null;
     return this.#take(n, alloc);
   }
@@ -261,6 +358,30 @@ export class RecvQueue {
 
   /** A payload read by the socket straight into its buffer, after what is queued already. */
   #readInPlace(n: number, alloc: (n: number) => Buffer): Promise<Buffer> {
+    const early = this.#early;
+    if (early !== undefined) {
+      this.#early = undefined;
+      if (this.#taken === early.at && early.buf.length === n && this.#sink?.buf === early.buf) {
+        // The payload is arriving in the buffer its header came in: wait for the rest of it.
+        this.#afterHeader = false;
+        this.#lastPayload = n;
+        const sink = this.#sink;
+        return new Promise<Buffer>((resolve, reject) => {
+          sink.done = () => {
+            this.#wake = null;
+            resolve(early.buf);
+          };
+          this.#wake = () => {
+            if (this.#sink !== undefined && this.#closed) {
+              this.#sink = undefined;
+              reject(new ConnectionClosed());
+            }
+          };
+          this.#maybeResume(true);
+        });
+      }
+      this.#unclaim(early);
+    }
     const out = alloc(n);
     const have = this.#queued;
     if (have > 0) {
@@ -269,6 +390,7 @@ export class RecvQueue {
     }
     this.#afterHeader = false;
     this.#streaming = true;
+    this.#lastPayload = n;
     return new Promise<Buffer>((resolve, reject) => {
       this.#sink = {
         buf: out,
@@ -289,8 +411,32 @@ export class RecvQueue {
     });
   }
 
+  /**
+   * A payload read with its header that the consumer does not take as one (skip, a read of another
+   * length): its bytes go to the front of the queue, where they are in the stream.
+   */
+  #unclaim(early: Early): void {
+    let have = early.buf.length;
+    if (this.#sink?.buf === early.buf) {
+      have = this.#sink.at;
+      this.#sink = undefined;
+    }
+    if (have === 0) return;
+    if (this.#head > 0) {
+      this.#chunks[0] = this.#chunks[0]!.subarray(this.#head);
+      this.#head = 0;
+    }
+    this.#chunks.unshift(early.buf.subarray(0, have));
+    this.#queued += have;
+  }
+
   /** Discard `n` bytes as they arrive, without buffering them all (oversized payloads). */
   async skip(n: number): Promise<void> {
+    const early = this.#early;
+    if (early !== undefined) {
+      this.#early = undefined;
+      this.#unclaim(early);
+    }
     while (n > 0) {
       if (this.#queued === 0) await this.#waitFor(1);
       const first = this.#chunks[0]!;
@@ -351,6 +497,7 @@ export class RecvQueue {
   }
 
   #advance(m: number): void {
+    this.#taken += m;
     this.#head += m;
     this.#queued -= m;
     if (this.#head === this.#chunks[0]!.length) {

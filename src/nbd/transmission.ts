@@ -614,10 +614,17 @@ async function execute(
   }
 }
 
+/** Payload bytes that follow a request header: a WRITE's length, else 0. */
+function writePayloadBytes(h: Buffer): number {
+  return h.readUInt32BE(0) === NBD_REQUEST_MAGIC && h.readUInt16BE(6) === NBD_CMD_WRITE ? h.readUInt32BE(24) : 0;
+}
+
 export async function transmit(conn: Connection): Promise<void> {
   const rx = conn.rx;
   // A plain socket reads large WRITE payloads straight into their buffers (TLS decrypts into its own).
-  if (!conn.tlsActive) rx.direct(conn.socket, REQUEST_HEADER_BYTES);
+  // A run of WRITEs reads each header together with its payload (one system call, not three).
+  if (!conn.tlsActive)
+    rx.direct(conn.socket, REQUEST_HEADER_BYTES, { of: writePayloadBytes, alloc: conn.payloadAlloc });
   try {
     for (;;) {
       if (conn.draining) break;
