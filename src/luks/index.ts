@@ -47,6 +47,7 @@ export type {
   EncryptInitOptions,
   HotzoneHooks,
   ReencryptInitOptions,
+  DecryptExportOptions,
   MappedSegment,
   ReencryptKeys,
   ReencryptLayout,
@@ -55,6 +56,7 @@ export type {
 } from './reencrypt.js';
 export {
   initDecrypt,
+  initDecryptExport,
   initEncrypt,
   initReencrypt,
   inReencryption,

@@ -42,7 +42,7 @@ import { firstFreeId, type L2Keyslot, type L2Segment, type Luks2Json } from './l
 import type { NewKeyslotOptions } from './types.js';
 
 /** LUKS2 reencryption resilience modes (cryptsetup --resilience). */
-export type Resilience = 'checksum' | 'journal' | 'none' | 'datashift';
+export type Resilience = 'checksum' | 'journal' | 'none' | 'datashift' | 'datashift-checksum' | 'datashift-journal';
 export const REENCRYPT_REQUIREMENT = 'online-reencrypt-v2';
 const REQ_VERSION = 2;
 const MAX_HOTZONE_BYTES = 0x40000000;
@@ -268,7 +268,9 @@ function verificationBlob(j: Luks2Json, keys: Map<string, Buffer>, version: numb
   if (dNew !== undefined && dNew !== dOld) parts.push(keys.get(dNew) ?? fail('Reencryption metadata is invalid.'));
   parts.push(str(ks.mode), str(ks.direction), str(area.type), u64be(String(area.offset)), u64be(String(area.size)));
   if (area.type === 'checksum') parts.push(str(area.hash), u32be(Number(area.sector_size)));
-  else if (area.type === 'datashift') parts.push(u64be(String(area.shift_size)));
+  else if (area.type === 'datashift' || area.type === 'datashift-journal') parts.push(u64be(String(area.shift_size)));
+  else if (area.type === 'datashift-checksum')
+    parts.push(str(area.hash), u32be(Number(area.sector_size)), u64be(String(area.shift_size)));
   else if (area.type !== 'journal' && area.type !== 'none') fail(`Unsupported resilience mode ${String(area.type)}.`);
   parts.push(...segmentBlob(prev[1]), ...segmentBlob(fin[1]));
   const moved = segmentByFlag(j, 'backup-moved-segment');
@@ -413,6 +415,7 @@ async function addReencryptState(
   area: Record<string, unknown>,
   keys: Map<string, Buffer>,
   iterations: number,
+  version = REQ_VERSION,
 ): Promise<void> {
   const rid = firstFreeId(j.keyslots);
   const gap = area.type === 'datashift' ? firstGap(j, hdrBytes) : maxGap(j, hdrBytes);
@@ -425,7 +428,7 @@ async function addReencryptState(
     direction,
     priority: 0,
   } as unknown as L2Keyslot;
-  const blob = verificationBlob(j, keys, REQ_VERSION);
+  const blob = verificationBlob(j, keys, version);
   try {
     const d = await DIGEST_HANDLERS.pbkdf2!.create(blob, { hash: 'sha256', iterations });
     const did = firstFreeId(j.digests);
@@ -434,7 +437,7 @@ async function addReencryptState(
     blob.fill(0);
   }
   const req = j.config.requirements ?? {};
-  req.mandatory = [...(req.mandatory ?? []), REENCRYPT_REQUIREMENT];
+  req.mandatory = [...(req.mandatory ?? []), `online-reencrypt-v${version}`];
   j.config.requirements = req;
 }
 
@@ -665,6 +668,157 @@ export async function initDecrypt(
   }
 }
 
+/** cryptsetup 2.6's requirement version for a decryption with the header exported (LUKS2_DECRYPT_DATASHIFT_REQ_VERSION). */
+const DECRYPT_DATASHIFT_REQ_VERSION = 3;
+/** cryptsetup's default length of the moved segment (LUKS2_DEFAULT_NONE_REENCRYPTION_LENGTH, 20 MiB). */
+const DEFAULT_MOVED_BYTES = 0x1400000;
+
+/** Options of `initDecryptExport` (cryptsetup reencrypt --decrypt --header NEW-FILE). */
+export interface DecryptExportOptions {
+  keySlot?: number;
+  /** How the moved part (decrypted in place last) is protected; default datashift-checksum. */
+  resilience?: 'datashift-checksum' | 'datashift-journal';
+  resilienceHash?: string;
+  /** Length of the moved part (cryptsetup --hotzone-size), at most the data offset; default min(offset, 20 MiB). */
+  movedBytes?: number;
+}
+
+/**
+ * Put the decryption of the LUKS2 device `dev` whose header is in place (cryptsetup 2.6 `reencrypt
+ * --decrypt --header H DEV` with H not existing yet: decrypt_luks2_datashift_init) on disk; returns
+ * the volume of the exported header on `hdr`. Facts from cryptsetup's luks2_reencrypt.c: the header
+ * and keyslots area are copied to H first (a header backup), the LUKS signatures on the device go,
+ * the first M bytes of ciphertext (the moved segment, M at most the data offset) are copied to the
+ * device's start, and only then H gets the reencryption metadata (requirement online-reencrypt-v3,
+ * resilience datashift-checksum|journal with shift_size = the data offset, mode decrypt, forward).
+ * The data is then decrypted forward, each hotzone (the shift long) written the shift lower; the
+ * moved part is decrypted in place last, under checksums or a journal. Until H's write the data is
+ * untouched past the old header area, and H holds the original header (luksHeaderRestore).
+ * On a failure before that write the device's header area is put back.
+ */
+export async function initDecryptExport(
+  dev: BlockDevice,
+  hdr: BlockDevice,
+  passphrase: Uint8Array,
+  o: DecryptExportOptions = {},
+): Promise<Luks2Volume> {
+  const vol = await Luks2Volume.open(dev);
+  vol.assertChangeable();
+  const j = vol.jsonSnapshot();
+  if (inReencryption(j) || reencryptKeyslotId(j) !== undefined)
+    fail('LUKS2 reencryption already initialized. Run --resume-only.', 'EBUSY');
+  if (Object.keys(j.segments).length !== 1 || j.segments['0']?.type !== 'crypt')
+    fail('Unsupported LUKS2 segments layout for reencryption.');
+  const old = j.segments['0']!;
+  const shift = Number(old.offset);
+  if (!(shift > 0)) fail('Reencryption metadata is invalid.', 'EINVAL');
+  if (o.movedBytes !== undefined && o.movedBytes > shift)
+    fail('Moved segment size can not be greater than data shift value.', 'EARGS');
+  const ss = old.sector_size ?? 512;
+  const dataBytes = dev.sizeBytes - shift;
+  if (!(dataBytes > 0)) fail(`Device is too small.`, 'EDEVSIZE');
+  if (dataBytes % ss !== 0) fail(`Data device is not aligned to encryption sector size (${ss} bytes).`);
+  const M = Math.min(o.movedBytes ?? Math.min(shift, DEFAULT_MOVED_BYTES), dataBytes);
+  if (M % ss !== 0) fail(`Hotzone size must be multiple of calculated zone alignment (${ss} bytes).`, 'EARGS');
+  const resilience = o.resilience ?? 'datashift-checksum';
+  const align = Math.max(ss, 4096);
+  const area: Record<string, unknown> = { type: resilience };
+  if (resilience === 'datashift-checksum') {
+    const h = o.resilienceHash ?? 'sha256';
+    try {
+      createHash(h);
+    } catch {
+      fail(`Hash algorithm ${h} is not available.`, 'EARGS');
+    }
+    area.hash = h;
+    area.sector_size = align;
+  }
+  area.shift_size = String(shift);
+  const { volumeKey } = await vol.unlock(passphrase, { keySlot: o.keySlot });
+  const vk = Buffer.from(volumeKey.expose());
+  volumeKey.dispose();
+  const hdrBytes = 2 * vol.metadataBytes + Number(j.config.keyslots_size);
+  const backup = Buffer.alloc(hdrBytes);
+  let touched = false;
+  try {
+    if (hdr.sizeBytes < hdrBytes) fail(`Device is too small. Need at least ${hdrBytes} bytes.`, 'EDEVSIZE');
+    const dOld = digestOfSegment(j, '0')!;
+    const moved: L2Segment = {
+      type: 'crypt',
+      offset: '0',
+      size: String(M),
+      iv_tweak: old.iv_tweak ?? '0',
+      encryption: old.encryption,
+      sector_size: ss,
+    };
+    const segs: Record<string, L2Segment> = { '0': moved };
+    let n = 1;
+    if (dataBytes > M)
+      segs[String(n++)] = {
+        type: 'crypt',
+        offset: String(shift + M),
+        size: 'dynamic',
+        iv_tweak: String(BigInt(old.iv_tweak ?? '0') + BigInt(M / 512)),
+        encryption: old.encryption,
+        sector_size: ss,
+      };
+    const live = n;
+    segs[String(n++)] = { ...structuredClone(moved), flags: ['backup-moved-segment'] };
+    segs[String(n++)] = { ...structuredClone(old), flags: ['backup-previous'] };
+    segs[String(n++)] = { type: 'linear', offset: '0', size: 'dynamic', flags: ['backup-final'] };
+    j.segments = segs;
+    j.digests[dOld]!.segments = Array.from({ length: live + 2 }, (_, i) => String(i));
+    await addReencryptState(
+      j,
+      vol.metadataBytes,
+      'decrypt',
+      'forward',
+      area,
+      new Map([[dOld, vk]]),
+      Number(j.digests[dOld]!.iterations ?? 1000),
+      DECRYPT_DATASHIFT_REQ_VERSION,
+    );
+    const ks = j.keyslots[reencryptKeyslotId(j)!]!.area as unknown as Record<string, unknown>;
+    const room =
+      resilience === 'datashift-checksum'
+        ? Math.floor(Number(ks.size) / hashBytes(String(area.hash))) * align
+        : Number(ks.size);
+    if (M > room) fail(`Moved segment too large. Requested size ${M}, available space for: ${room}.`);
+    // The header backup: cryptsetup's luksHeaderBackup of the device, to H.
+    await dev.read(0, backup);
+    await hdr.write(0, backup);
+    await hdr.flush();
+    // The LUKS signatures of both header copies go (cryptsetup wipes the device's signatures with blkid).
+    touched = true;
+    const zero = Buffer.alloc(8);
+    await dev.write(0, zero);
+    await dev.write(vol.metadataBytes, zero);
+    // The moved segment: the ciphertext's first M bytes to the device's start (inside the old header area).
+    const b = Buffer.alloc(M);
+    try {
+      await dev.read(shift, b);
+      await dev.write(0, b);
+      await dev.flush();
+    } finally {
+      b.fill(0);
+    }
+    const hv = await Luks2Volume.open(hdr);
+    await hv.commitJson(j);
+    touched = false;
+    return hv;
+  } catch (e) {
+    // Not begun after all: the device's header area as it was (cryptsetup restores the header).
+    if (touched && !(isCryptmapError(e) && e.code === 'EFAULT_CRASH')) {
+      await dev.write(0, backup).catch(() => {});
+      await dev.flush().catch(() => {});
+    }
+    throw e;
+  } finally {
+    vk.fill(0);
+    backup.fill(0);
+  }
+}
+
 // ---- run / resume ----
 
 async function dataSize(vol: Luks2Volume, j: Luks2Json, dataDev: BlockDevice | undefined): Promise<number> {
@@ -694,6 +848,12 @@ interface Ctx {
   fin: L2Segment;
   /** Encryption with data shift: the first part of the plaintext, moved to the device's end at init. */
   moved?: L2Segment;
+  /**
+   * Decryption with the header exported (datashift-checksum|journal): the first part of the
+   * ciphertext, moved to the device's start at init; decrypted in place last, under `movedType`.
+   */
+  decMoved?: L2Segment;
+  movedType?: 'checksum' | 'journal';
   dOld?: string;
   dNew?: string;
   /** Undefined: that side is plaintext (linear). */
@@ -797,6 +957,7 @@ function setSegments(c: Ctx, live: Array<[L2Segment, Role]>): void {
     [c.fin, c.dNew],
   ];
   if (c.moved) backups.push([c.moved, c.dOld]);
+  if (c.decMoved) backups.push([c.decMoved, c.dOld]);
   for (const [s, d] of backups) {
     const id = String(n++);
     segs[id] = structuredClone(s);
@@ -823,6 +984,21 @@ function hotSegments(c: Ctx, off: number, len: number): void {
 /** The live segments (with their roles) while hotzone [off, off+len) is rewritten. */
 function hotLive(c: Ctx, off: number, len: number): Array<[L2Segment, Role]> {
   const live: Array<[L2Segment, Role]> = [];
+  if (c.decMoved) {
+    // Decryption with the header exported (forward): the moved ciphertext, the plaintext after it,
+    // the hotzone, the rest of the ciphertext; last the moved part itself in place (offset 0).
+    const M = Number(c.decMoved.size);
+    if (off === 0) {
+      live.push([newSeg(c, 0, len, ['in-reencryption']), 'hot']);
+      if (c.total > M) live.push([newSeg(c, M, 'dynamic'), 'new']);
+      return live;
+    }
+    live.push([stripBackup(c.decMoved), 'old']);
+    if (off > M) live.push([newSeg(c, M, off - M), 'new']);
+    live.push([newSeg(c, off, len, ['in-reencryption']), 'hot']);
+    if (off + len < c.total) live.push([oldSeg(c, off + len, 'dynamic'), 'old']);
+    return live;
+  }
   if (c.moved) {
     // Encryption with data shift (backward): moved part, rest of the plaintext, hotzone, encrypted part.
     const S = c.area.shift;
@@ -848,7 +1024,13 @@ function hotLive(c: Ctx, off: number, len: number): Array<[L2Segment, Role]> {
 /** The segments once hotzone [off, off+len) is done (never called for the last one: finish() writes that). */
 function postSegments(c: Ctx, off: number, len: number): void {
   const live: Array<[L2Segment, Role]> = [];
-  if (c.moved) {
+  if (c.decMoved) {
+    const M = Number(c.decMoved.size);
+    const rest = off + len < c.total;
+    live.push([stripBackup(c.decMoved), 'old']);
+    live.push([newSeg(c, M, rest ? off + len - M : 'dynamic'), 'new']);
+    if (rest) live.push([oldSeg(c, off + len, 'dynamic'), 'old']);
+  } else if (c.moved) {
     const S = c.area.shift;
     live.push([structuredClone(stripBackup(c.moved)), 'old']);
     if (off > S) live.push([oldSeg(c, S, off - S), 'old']);
@@ -958,12 +1140,20 @@ async function transform(c: Ctx, b: Buffer, off: number): Promise<void> {
 /** Where the old data of logical [off, ...) lies now (the moved part for offset 0 with data shift). */
 function sourceOffset(c: Ctx, off: number): number {
   if (c.moved && off === 0) return Number(c.moved.offset);
+  if (c.decMoved && off === 0) return Number(c.decMoved.offset);
   return c.oldOff + off;
 }
 
 /** Finish a hotzone the header says was in progress (reencrypt_recover_segment). */
+/** The resilience of hotzone [off, ...): the moved part's own (checksum|journal) for a decryption with the header exported. */
+function zoneType(c: Ctx, off: number): Resilience {
+  if (c.decMoved) return off === 0 ? c.movedType! : 'datashift';
+  return c.area.type;
+}
+
 async function recover(c: Ctx, meta: BlockDevice, data: BlockDevice, off: number, len: number): Promise<void> {
-  if (c.area.type === 'checksum') {
+  const zt = zoneType(c, off);
+  if (zt === 'checksum') {
     const hs = hashBytes(c.area.hash!);
     const count = Math.ceil(len / c.area.blockBytes);
     if (count * hs > c.area.size) fail('Reencryption metadata is invalid.');
@@ -978,19 +1168,19 @@ async function recover(c: Ctx, meta: BlockDevice, data: BlockDevice, off: number
       await data.write(c.newOff + off + i * c.area.blockBytes, b);
     }
     raw.fill(0);
-  } else if (c.area.type === 'journal') {
+  } else if (zt === 'journal') {
     if (len > c.area.size) fail('Reencryption metadata is invalid.');
     const b = await readFull(meta, c.area.offset, len);
     await transform(c, b, off);
     await data.write(c.newOff + off, b);
     b.fill(0);
-  } else if (c.area.type === 'datashift' && !c.moved && c.newOff === c.oldOff) {
+  } else if (zt === 'datashift' && !c.moved && c.newOff === c.oldOff) {
     // In place (detached header, cryptsetup's --header --reduce-device-size): the hotzone was being
     // rewritten over its only copy, and the metadata keeps nothing of it.
     fail(
       'Reencryption was interrupted inside a hotzone with resilience datashift and the data in place (detached header): the hotzone cannot be recovered.',
     );
-  } else if (c.area.type === 'datashift') {
+  } else if (zt === 'datashift') {
     // The source is intact: every hotzone is at most the shift long, so its write never reaches it
     // (encryption with the head moved, or reencryption moving the data up by the shift).
     const b = await readFull(data, sourceOffset(c, off), len);
@@ -1009,7 +1199,7 @@ function hotzoneLength(c: Ctx, max: number | undefined): number {
   if (max !== undefined && max % align !== 0)
     fail(`Hotzone size must be multiple of calculated zone alignment (${align} bytes).`, 'EARGS');
   let len: number;
-  if (c.area.type === 'datashift') return c.area.shift; // cryptsetup: the hotzone is the shift, whatever --hotzone-size says
+  if (c.area.type.startsWith('datashift')) return c.area.shift; // cryptsetup: the hotzone is the shift, whatever --hotzone-size says
   if (c.area.type === 'none') len = max ?? DEFAULT_NONE_HOTZONE_BYTES;
   else if (c.area.type === 'checksum')
     len = Math.floor(c.area.size / createHash(c.area.hash!).digest().length) * c.area.blockBytes;
@@ -1039,6 +1229,17 @@ function isNew(c: Ctx, id: string, s: L2Segment): boolean {
 function nextHotzone(c: Ctx, maxLen: number): { off: number; len: number } | null {
   const live = Object.entries(c.j.segments).filter(([, s]) => !s.flags?.some((f) => f.startsWith('backup-')));
   if (live.length === 0) fail('Reencryption metadata is invalid.');
+  if (c.decMoved) {
+    // cryptsetup (reencrypt_offset_forward_moved): from the last crypt segment; the moved part is last.
+    const M = Number(c.decMoved.size);
+    const crypt = live.map(([, s], i) => [s, i] as const).filter(([s]) => s.type === 'crypt');
+    if (crypt.length === 0) return null;
+    const [last, i] = crypt[crypt.length - 1]!;
+    if (i === 0) return { off: 0, len: M };
+    const off = Number(last.offset) - c.area.shift;
+    if (!(off >= M) || off > c.total) fail('Reencryption metadata is invalid.');
+    return off === c.total ? { off: 0, len: M } : { off, len: Math.min(c.area.shift, c.total - off) };
+  }
   if (c.moved) {
     const S = c.area.shift;
     const linear = live.filter(([, s]) => s.type === 'linear');
@@ -1066,6 +1267,12 @@ function nextHotzone(c: Ctx, maxLen: number): { off: number; len: number } | nul
 
 /** The hotzone after [off, off+len), in the run's direction, or null at the end. */
 function following(c: Ctx, off: number, len: number, maxLen: number): { off: number; len: number } | null {
+  if (c.decMoved) {
+    if (off === 0) return null;
+    const o = off + len;
+    if (o >= c.total) return { off: 0, len: Number(c.decMoved.size) };
+    return { off: o, len: Math.min(c.area.shift, c.total - o) };
+  }
   if (c.moved) {
     const S = c.area.shift;
     if (off === 0) return null;
@@ -1096,7 +1303,15 @@ function following(c: Ctx, off: number, len: number, maxLen: number): { off: num
 
 function resilienceOf(a: Record<string, unknown>): Resilience {
   const t = a.type;
-  if (t === 'checksum' || t === 'journal' || t === 'none' || t === 'datashift') return t;
+  if (
+    t === 'checksum' ||
+    t === 'journal' ||
+    t === 'none' ||
+    t === 'datashift' ||
+    t === 'datashift-checksum' ||
+    t === 'datashift-journal'
+  )
+    return t;
   fail(`Unsupported resilience mode ${String(t)}.`, 'ENOTSUP');
 }
 
@@ -1290,8 +1505,25 @@ async function run(
   const wantType = (s: L2Segment, crypt: boolean) => s.type === (crypt ? 'crypt' : 'linear');
   if (!wantType(prev[1], mode !== 'encrypt') || !wantType(fin[1], mode !== 'decrypt'))
     fail('Reencryption metadata is invalid.');
-  const shift = type === 'datashift' ? Number(a.shift_size) : 0;
-  if (type === 'datashift') {
+  const shift = type.startsWith('datashift') ? Number(a.shift_size) : 0;
+  /** Decryption with the header exported: the ciphertext's head moved to the start, the rest shifted down. */
+  const decMoved = type === 'datashift-checksum' || type === 'datashift-journal';
+  if (decMoved) {
+    const m = moved?.[1];
+    if (
+      !(mode === 'decrypt' && !backward && m?.type === 'crypt') ||
+      !(shift > 0) ||
+      shift % 512 !== 0 ||
+      Number(prev[1].offset) - shift !== Number(fin[1].offset) ||
+      m.offset !== fin[1].offset ||
+      !(Number(m.size) > 0) ||
+      Number(m.size) > shift ||
+      m.encryption !== prev[1].encryption ||
+      (m.sector_size ?? 512) !== (prev[1].sector_size ?? 512) ||
+      (m.iv_tweak ?? '0') !== (prev[1].iv_tweak ?? '0')
+    )
+      fail('Reencryption metadata is invalid.');
+  } else if (type === 'datashift') {
     // With data moved (header in place), or in place with a detached header (same offsets).
     const inPlace = !moved && prev[1].offset === fin[1].offset;
     // Reencryption with the data moving up by the shift (cryptsetup reencrypt --reduce-device-size).
@@ -1358,13 +1590,17 @@ async function run(
         shift,
       },
       newOff,
-      oldOff: moved ? newOff - shift : Number(prev[1].offset),
+      oldOff: moved && !decMoved ? newOff - shift : Number(prev[1].offset),
       newIv: BigInt(fin[1].iv_tweak ?? '0'),
       oldIv: BigInt(prev[1].iv_tweak ?? '0'),
-      total: await dataSize(vol, j, o.dataDev),
+      // cryptsetup: a forward data shift's device size ends where the old data ends (data offset + shift).
+      total: (await dataSize(vol, j, o.dataDev)) - (decMoved ? shift : 0),
       prev: prev[1],
       fin: fin[1],
-      ...(moved ? { moved: moved[1] } : {}),
+      ...(moved && !decMoved ? { moved: moved[1] } : {}),
+      ...(moved && decMoved
+        ? { decMoved: moved[1], movedType: type === 'datashift-checksum' ? 'checksum' : 'journal' }
+        : {}),
       ...(dOld !== undefined ? { dOld } : {}),
       ...(dNew !== undefined ? { dNew } : {}),
       ...(oldC ? { oldC } : {}),
@@ -1377,8 +1613,12 @@ async function run(
     }
     const bb = c.area.blockBytes;
     // cryptsetup's check (a power of two from 512); more than a step (4 MiB) is not in any header it writes.
-    if (type === 'checksum' && (!(bb >= 512 && bb <= STEP_BYTES) || (bb & (bb - 1)) !== 0))
+    if (
+      (type === 'checksum' || type === 'datashift-checksum') &&
+      (!(bb >= 512 && bb <= STEP_BYTES) || (bb & (bb - 1)) !== 0)
+    )
       fail('Reencryption metadata is invalid.');
+    if (c.decMoved && (!(c.total > 0) || Number(c.decMoved.size) > c.total)) fail('Device is too small.', 'EDEVSIZE');
     const meta = vol.metadataDevice;
     const maxLen = hotzoneLength(c, o.hotzoneBytes);
     let next: { off: number; len: number } | null;
@@ -1388,7 +1628,7 @@ async function run(
     if (hot) {
       const off = Number(hot.offset) - c.newOff;
       const len = Number(hot.size);
-      if (!(len >= 512) || !(off >= 0) || (type === 'datashift' && len > shift))
+      if (!(len >= 512) || !(off >= 0) || (type.startsWith('datashift') && len > shift))
         fail('Reencryption metadata is invalid.');
       if (off + len > c.total) fail('Device is too small.', 'EDEVSIZE');
       await o.hotzone?.start(off, len, toMapped(hotLive(c, off, len), mappedTotal(c)));
@@ -1406,10 +1646,15 @@ async function run(
     o.onProgress?.(done, c.total);
     const bufs = stepBuffers(Math.min(Math.max(maxLen, shift), c.total));
     const sums =
-      type === 'checksum' ? Buffer.alloc(Math.ceil(maxLen / c.area.blockBytes) * hashBytes(c.area.hash!)) : null;
+      type === 'checksum' || type === 'datashift-checksum'
+        ? Buffer.alloc(Math.ceil(maxLen / c.area.blockBytes) * hashBytes(c.area.hash!))
+        : null;
     const hs = sums ? hashBytes(c.area.hash!) : 0;
     /** Online checksum hotzones up to PREHASH_MAX_BYTES: the whole hotzone in memory (see the loop). */
-    const pre = sums && o.hotzone && maxLen <= PREHASH_MAX_BYTES ? Buffer.alloc(Math.min(maxLen, c.total)) : null;
+    const pre =
+      sums && type === 'checksum' && o.hotzone && maxLen <= PREHASH_MAX_BYTES
+        ? Buffer.alloc(Math.min(maxLen, c.total))
+        : null;
     try {
       while (next) {
         const { off, len } = next;
@@ -1423,7 +1668,9 @@ async function run(
           }
           return false;
         }
-        if (!(len > 0) || (type === 'datashift' && len > shift)) fail('Reencryption metadata is invalid.');
+        if (!(len > 0) || (type.startsWith('datashift') && len > shift)) fail('Reencryption metadata is invalid.');
+        /** This hotzone's resilience (the moved part of a decryption with the header exported has its own). */
+        const zt = zoneType(c, off);
         const h = pre?.subarray(0, len);
         if (h && sums) {
           // Online: read and hash the hotzone while clients still use it. Once its I/O has stopped it
@@ -1452,7 +1699,7 @@ async function run(
             });
             await meta.write(c.area.offset, sums.subarray(0, (len / bb) * hs));
             await meta.flush();
-          } else if (sums) {
+          } else if (sums && zt === 'checksum') {
             // The hotzone is read twice (here for its checksums, then to rewrite it) so that memory
             // stays a few steps long whatever the hotzone's length (cryptsetup's reaches 1 GiB).
             await inSteps(len, bufs, async (pos, b) => {
@@ -1461,7 +1708,7 @@ async function run(
             });
             await meta.write(c.area.offset, sums.subarray(0, (len / c.area.blockBytes) * hs));
             await meta.flush();
-          } else if (type === 'journal') {
+          } else if (zt === 'journal') {
             await inSteps(len, bufs, async (pos, b) => {
               await data.read(sourceOffset(c, off) + pos, b);
               await meta.write(c.area.offset + pos, b);
@@ -1544,10 +1791,12 @@ async function finish(vol: Luks2Volume, c: Ctx, data: BlockDevice): Promise<void
   }
   await vol.commitJson(j);
   for (const [o, n] of wipe) await wipeArea(vol.metadataDevice, o, n);
-  // Encryption with data shift: the moved plaintext copy at the device's end goes (cryptsetup wipes it with random bytes).
-  if (c.moved) {
-    const off = Number(c.moved.offset);
-    const len = Math.min(Number(c.moved.size), data.sizeBytes - off);
+  // Encryption with data shift: the moved plaintext copy at the device's end goes (cryptsetup wipes it
+  // with random bytes); decryption with the header exported: the last shift's worth of the device (the
+  // old ciphertext's tail), as cryptsetup wipes it.
+  if (c.moved || c.decMoved) {
+    const off = c.moved ? Number(c.moved.offset) : Math.max(0, data.sizeBytes - c.area.shift);
+    const len = c.moved ? Math.min(Number(c.moved.size), data.sizeBytes - off) : data.sizeBytes - off;
     const r = Buffer.alloc(Math.min(1 << 20, len));
     for (let p = 0; p < len; p += r.length)
       await data.write(off + p, randomFillSync(r).subarray(0, Math.min(r.length, len - p)));

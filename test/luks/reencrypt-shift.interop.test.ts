@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { copyFileSync, mkdirSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { cryptsetupSync, cryptsetupVolumeKey, type CryptsetupResult } from '../helpers/tools.js';
@@ -318,3 +318,237 @@ for (const starter of ['cryptsetup', 'cryptmap'] as const) {
     assert.ok(b.equals(plain.subarray(0, SIZE - S)), 'plaintext damaged');
   });
 }
+
+// ---- decryption of a device whose header is in place: the header exported to a new --header file ----
+
+const X_OFF = 1 << 20; // the data offset, and so the shift (small, so that a run has many hotzones)
+const X_SIZE = X_OFF + (24 << 20);
+
+async function freshInPlace(name: string): Promise<{ img: string; key: string; plain: Buffer; hdr: string }> {
+  const img = join(dir, name);
+  const key = join(dir, `${name}.key`);
+  writeFileSync(key, PASS, { mode: 0o600 });
+  writeFileSync(img, Buffer.alloc(0));
+  spawnSync('truncate', ['-s', String(X_SIZE), img]);
+  const f = cs(
+    'luksFormat',
+    '-q',
+    '--type',
+    'luks2',
+    '--sector-size',
+    '512',
+    '--luks2-metadata-size',
+    '16K',
+    '--luks2-keyslots-size',
+    '960K',
+    '--offset',
+    String(X_OFF / 512),
+    ...FAST_PBKDF,
+    '--key-file',
+    key,
+    img,
+  );
+  assert.equal(f.status, 0, f.out);
+  const plain = randomBytes(X_SIZE - X_OFF);
+  await crypt(img, volumeKey(img, key), X_OFF, 512, plain);
+  return { img, key, plain, hdr: join(dir, `${name}.hdr`) };
+}
+/** The device after a finished decryption with the header exported: plaintext at 0, H a linear header. */
+async function checkDecrypted(img: string, hdr: string, plain: Buffer): Promise<void> {
+  const j = json(hdr);
+  assert.deepEqual(Object.keys(j.segments), ['0']);
+  assert.equal(j.segments['0']!.type, 'linear');
+  assert.equal(j.segments['0']!.offset, '0');
+  assert.equal(j.config.requirements, undefined);
+  const dev = await FileDevice.open(img);
+  try {
+    const b = Buffer.alloc(plain.length);
+    await dev.read(0, b);
+    assert.ok(b.equals(plain), 'plaintext damaged');
+  } finally {
+    await dev.close();
+  }
+}
+
+test('cryptmap reencrypt --decrypt --header NEW --init-only exports the header as cryptsetup does; cryptsetup finishes', async () => {
+  const a = await freshInPlace('x1.img');
+  const b = await freshInPlace('x2.img');
+  const r0 = await cm('reencrypt', '--decrypt', '--init-only', '-q', '--header', a.hdr, '-d', a.key, a.img);
+  assert.equal(r0.code, 0, r0.err);
+  const r = cs(
+    'reencrypt',
+    '--decrypt',
+    '--init-only',
+    '-q',
+    '--force-offline-reencrypt',
+    '--header',
+    b.hdr,
+    '-d',
+    b.key,
+    b.img,
+  );
+  assert.equal(r.status, 0, r.out);
+  const ja = json(a.hdr);
+  const jb = json(b.hdr);
+  assert.deepEqual(ja.segments, jb.segments);
+  assert.deepEqual(ja.config, jb.config);
+  assert.equal(statSync(a.hdr).mode & 0o777, 0o600);
+  assert.equal(statSync(a.hdr).size, statSync(b.hdr).size);
+  assert.notEqual(cs('isLuks', a.img).status, 0, 'the device keeps no LUKS signature');
+  const r1 = cs('reencrypt', '--resume-only', '-q', '--force-offline-reencrypt', '--header', a.hdr, '-d', a.key, a.img);
+  assert.equal(r1.status, 0, r1.out);
+  await checkDecrypted(a.img, a.hdr, a.plain);
+});
+
+test('cryptsetup reencrypt --decrypt --header NEW --init-only (journal), cryptmap resumes', async () => {
+  const { img, key, plain, hdr } = await freshInPlace('x3.img');
+  const r = cs(
+    'reencrypt',
+    '--decrypt',
+    '--init-only',
+    '-q',
+    '--force-offline-reencrypt',
+    '--resilience',
+    'journal',
+    '--hotzone-size',
+    '512K',
+    '--header',
+    hdr,
+    '-d',
+    key,
+    img,
+  );
+  assert.equal(r.status, 0, r.out);
+  assert.match(cs('luksDump', hdr).out, /online-reencrypt-v3/);
+  const r1 = await cm('reencrypt', '--resume-only', '-q', '--header', hdr, '-d', key, img);
+  assert.equal(r1.code, 0, r1.err);
+  await checkDecrypted(img, hdr, plain);
+});
+
+test('cryptmap reencrypt --decrypt --header NEW in one go', async () => {
+  const { img, key, plain, hdr } = await freshInPlace('x4.img');
+  const r = await cm('reencrypt', '--decrypt', '-q', '--header', hdr, '-d', key, img);
+  assert.equal(r.code, 0, r.err);
+  await checkDecrypted(img, hdr, plain);
+});
+
+test('cryptsetup reencrypt --decrypt --header NEW killed -9 mid-way, cryptmap resumes', async () => {
+  const { img, key, plain, hdr } = await freshInPlace('x5.img');
+  const child = spawn(
+    'cryptsetup',
+    ['reencrypt', '--decrypt', '--force-offline-reencrypt', '-q', '--header', hdr, '--key-file', key, img],
+    { stdio: 'ignore' },
+  );
+  const exited = new Promise<void>((r) => child.once('exit', () => r()));
+  // Kill it once the header shows progress (plaintext after the moved segment).
+  for (let i = 0; i < 600; i++) {
+    const d = cs('luksDump', hdr).out;
+    if (/Data segments:\n {2}0: crypt[\s\S]*\n {2}1: linear/.test(d)) break;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  child.kill('SIGKILL');
+  await exited;
+  assert.match(cs('luksDump', hdr).out, /online-reencrypt-v3/, 'cryptsetup finished before it could be killed');
+  const r = await cm('reencrypt', '--resume-only', '-q', '--header', hdr, '-d', key, img);
+  assert.equal(r.code, 0, r.err);
+  await checkDecrypted(img, hdr, plain);
+});
+
+for (const where of ['a shifted hotzone', 'the moved segment'] as const) {
+  test(`cryptmap crashes inside ${where} of a decryption with the header exported, cryptsetup repairs and resumes`, async () => {
+    const { img, key, plain, hdr } = await freshInPlace(`x6-${where === 'a shifted hotzone' ? 's' : 'm'}.img`);
+    const r0 = await cm('reencrypt', '--decrypt', '--init-only', '-q', '--header', hdr, '-d', key, img);
+    assert.equal(r0.code, 0, r0.err);
+    const imgCopy = `${img}.crash`;
+    const hdrCopy = `${hdr}.crash`;
+    // The writes of the whole run (header and data devices count apart), so that the moved segment's
+    // hotzone, the last one, is looked for near the end.
+    let total = 0;
+    {
+      copyFileSync(img, imgCopy);
+      copyFileSync(hdr, hdrCopy);
+      const h = await FileDevice.open(hdrCopy);
+      const d = await FileDevice.open(imgCopy);
+      try {
+        const fh = new FaultDevice(h);
+        const fdd = new FaultDevice(d);
+        assert.equal(await runReencrypt(await Luks2Volume.open(fh), Buffer.from(PASS), { dataDev: fdd }), true);
+        total = Math.max(fh.stats.writes, fdd.stats.writes);
+      } finally {
+        await h.close();
+        await d.close();
+      }
+    }
+    // The first crash point that leaves a hotzone in progress at the wanted place (offset 0: the moved segment).
+    let hit = false;
+    for (let n = where === 'a shifted hotzone' ? 2 : Math.max(2, total - 12); n < total && !hit; n++) {
+      copyFileSync(img, imgCopy);
+      copyFileSync(hdr, hdrCopy);
+      const h = await FileDevice.open(hdrCopy);
+      const d = await FileDevice.open(imgCopy);
+      try {
+        const hv = await Luks2Volume.open(new FaultDevice(h, { crashAfterWrites: n }));
+        const done = await runReencrypt(hv, Buffer.from(PASS), { dataDev: new FaultDevice(d, { crashAfterWrites: n }) })
+          .then(() => true)
+          .catch((e) => {
+            assert.ok(e instanceof CryptmapError && e.code === 'EFAULT_CRASH', String(e));
+            return false;
+          });
+        if (done) break;
+      } finally {
+        await h.close();
+        await d.close();
+      }
+      const j = json(hdrCopy);
+      const hot = Object.values(j.segments).find((s) => s.flags?.includes('in-reencryption'));
+      if (hot) hit = where === 'the moved segment' ? hot.offset === '0' : hot.offset !== '0';
+    }
+    assert.ok(hit, `no crash point left ${where} in progress`);
+    const rr = cs('repair', '-q', '--header', hdrCopy, '--key-file', key, imgCopy);
+    assert.equal(rr.status, 0, rr.out);
+    // cryptsetup's repair recovers the hotzone; when it was the last one (the moved segment) that finishes.
+    if (/online-reencrypt/.test(cs('luksDump', hdrCopy).out)) {
+      const r = cs(
+        'reencrypt',
+        '--resume-only',
+        '--force-offline-reencrypt',
+        '-q',
+        '--header',
+        hdrCopy,
+        '--key-file',
+        key,
+        imgCopy,
+      );
+      assert.equal(r.status, 0, r.out);
+    }
+    await checkDecrypted(imgCopy, hdrCopy, plain);
+  });
+}
+
+test('decryption with the header exported: refusals as cryptsetup (resilience none, a moved segment longer than the shift)', async () => {
+  for (const [args, msg] of [
+    [['--resilience', 'none'], /Requested --resilience option cannot be applied to current reencryption operation\./],
+    [['--hotzone-size', '2M'], /Moved segment size can not be greater than data shift value\./],
+  ] as const) {
+    const a = await freshInPlace('x7.img');
+    const r0 = await cm('reencrypt', '--decrypt', '--init-only', '-q', ...args, '--header', a.hdr, '-d', a.key, a.img);
+    const r = cs(
+      'reencrypt',
+      '--decrypt',
+      '--init-only',
+      '-q',
+      '--force-offline-reencrypt',
+      ...args,
+      '--header',
+      a.hdr,
+      '-d',
+      a.key,
+      a.img,
+    );
+    assert.equal(r0.code, r.status, `${r0.err} / ${r.out}`);
+    assert.match(r.out, msg);
+    assert.match(r0.err, msg);
+    assert.ok(!existsSync(a.hdr), 'no header file is left');
+    assert.equal(cs('isLuks', a.img).status, 0, 'the device keeps its header');
+  }
+});

@@ -9,7 +9,14 @@ import { test } from 'node:test';
 import { FaultDevice } from '../../src/blockdev/fault.js';
 import type { BlockDevice } from '../../src/blockdev/types.js';
 import { createSectorCipher } from '../../src/engine/index.js';
-import { initDecrypt, initReencrypt, inReencryption, Luks2Volume, runReencrypt } from '../../src/luks/index.js';
+import {
+  initDecrypt,
+  initDecryptExport,
+  initReencrypt,
+  inReencryption,
+  Luks2Volume,
+  runReencrypt,
+} from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
 import { FAST_PBKDF2, memDev, P } from './helpers.js';
 
@@ -190,4 +197,85 @@ function sliceOf(dev: BlockDevice, base: number, len: number): BlockDevice {
     writeZeroes: (o, n, f) => dev.writeZeroes(base + o, n, f),
     close: async () => {},
   };
+}
+
+async function hasLuksOn(dev: BlockDevice): Promise<boolean> {
+  try {
+    await Luks2Volume.open(dev);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+for (const [resilience, moved] of [
+  ['datashift-checksum', undefined],
+  ['datashift-journal', 128 << 10],
+] as const) {
+  test(`decryption with the header exported (${resilience}) survives a crash after every write`, async () => {
+    const KS2 = 512 << 10;
+    const SHIFT = 2 * META + KS2;
+    const DATA = SHIFT + (1 << 20) + (256 << 10);
+    const H = SHIFT;
+    const base0 = memDev(H + DATA);
+    const dev0 = sliceOf(base0, H, DATA);
+    const v0 = await Luks2Volume.format(dev0, PASS, {
+      metadataBytes: META,
+      keyslotsBytes: KS2,
+      offsetBytes: SHIFT,
+      keyslot: { kdf: FAST_PBKDF2 },
+    });
+    const plain = randomBytes(DATA - SHIFT);
+    await fill(v0, dev0, plain);
+    const snap = Buffer.alloc(H + DATA);
+    await base0.read(0, snap);
+    let n = 0;
+    let restored = 0;
+    for (; ; n++) {
+      const base = memDev(H + DATA);
+      await base.write(0, snap);
+      const fd = new FaultDevice(base, { crashAfterWrites: n });
+      let crashed = false;
+      const run = async (dev: BlockDevice) => {
+        const hdr = sliceOf(dev, 0, H);
+        const data = sliceOf(dev, H, DATA);
+        let hv: Luks2Volume | undefined = (await hasLuksOn(hdr)) ? await Luks2Volume.open(hdr) : undefined;
+        if (hv && !inReencryption(hv.jsonSnapshot())) {
+          if (hv.jsonSnapshot().segments['0']!.type === 'linear') return; // finished
+          hv = undefined;
+        }
+        if (!hv) {
+          if (!(await hasLuksOn(data))) {
+            // Crashed after the device's signatures went: the header file holds the backup (luksHeaderRestore).
+            const b = Buffer.alloc(H);
+            await hdr.read(0, b);
+            await data.write(0, b);
+            restored++;
+          }
+          hv = await initDecryptExport(data, hdr, PASS, {
+            resilience,
+            ...(moved !== undefined ? { movedBytes: moved } : {}),
+          });
+        }
+        assert.equal(await runReencrypt(hv, PASS, { dataDev: data }), true);
+      };
+      try {
+        await run(fd);
+      } catch (e) {
+        if (!isCrash(e)) throw e;
+        crashed = true;
+      }
+      if (crashed) await run(base);
+      const j = (await Luks2Volume.open(sliceOf(base, 0, H))).jsonSnapshot();
+      assert.equal(inReencryption(j), false);
+      assert.deepEqual(Object.keys(j.segments), ['0']);
+      assert.equal(j.segments['0']!.type, 'linear');
+      assert.equal(j.segments['0']!.offset, '0');
+      const b = Buffer.alloc(DATA - SHIFT);
+      await base.read(H, b);
+      assert.ok(b.equals(plain), `plaintext damaged after a crash after ${n} writes`);
+      if (!crashed) break;
+    }
+    assert.ok(n > 10 && restored > 0, `only ${n} writes, ${restored} restores`);
+  });
 }

@@ -4,10 +4,11 @@
  * when the header is already in reencryption (begun by cryptmap or cryptsetup), resumes.
  * SIGINT stops after the current hotzone; the device stays resumable.
  */
-import { stat } from 'node:fs/promises';
+import { open, stat, unlink } from 'node:fs/promises';
 import { isRemoteDevice } from '../../blockdev/open.js';
 import {
   initDecrypt,
+  initDecryptExport,
   initEncrypt,
   initLuks1Reencrypt,
   Luks1Volume,
@@ -202,7 +203,7 @@ const reencrypt: VerbMain = async (argv: string[], io: CliIO) => {
   if (v['init-only'] && v['resume-only']) wrongParams('Options --init-only and --resume-only cannot be combined.');
   if (v.encrypt && v.decrypt) wrongParams('Options --encrypt and --decrypt cannot be combined.');
   const resilience = (v.resilience ?? 'checksum') as Resilience;
-  if (!['checksum', 'journal', 'none', 'datashift'].includes(resilience))
+  if (!['checksum', 'journal', 'none', 'datashift', 'datashift-checksum', 'datashift-journal'].includes(resilience))
     wrongParams(`Resilience mode ${v.resilience} is invalid.`);
   const reduceBytes = bytesOpt(v['reduce-device-size'], '--reduce-device-size');
   if (reduceBytes !== undefined && reduceBytes % 512 !== 0)
@@ -255,13 +256,14 @@ const reencrypt: VerbMain = async (argv: string[], io: CliIO) => {
     }
   }
   // cryptsetup 2.6 exports the header of an in-place LUKS2 device to a --header file that does not exist
-  // yet and shifts the data down (decrypt_luks2_datashift_init): not built here.
-  if (v.decrypt && v.header && !(await stat(v.header).catch(() => null)) && (await deviceStatus(device)) === 'luks2')
-    throw new CryptmapError(
-      'ENOTSUP',
-      `Decryption with the header exported to ${v.header} (a LUKS2 header in place on ${device}, the data shifted down) is not supported by cryptmap yet; use cryptsetup reencrypt --decrypt --header.`,
-      { exitCode: EXIT_FAILURE, errno: 'ENOTSUP' },
-    );
+  // yet and shifts the data down (decrypt_luks2_datashift_init).
+  if (v.decrypt && v.header && !(await stat(v.header).catch(() => null))) {
+    const st = await deviceStatus(device);
+    if (st === 'luks2') return decryptExportMain(io, v, device, v.header, { hotzoneBytes, passSrc });
+    // cryptsetup: the data device is not LUKS2 either: the header is what is missing.
+    if (st !== 'luks1' && st !== 'luks1-unusable' && st !== 'luks2-reencrypt')
+      throw new CryptmapError('ENODEV', `Device ${v.header} does not exist or access denied.`, { exitCode: 1 });
+  }
   const status = await deviceStatus(hdr);
   await checkVersions(v, v.header ?? device, status);
   if (status === 'luks1' || status === 'luks1-unusable') return luks1Main(io, v, device, hdr, dataPath, passSrc);
@@ -345,6 +347,101 @@ const reencrypt: VerbMain = async (argv: string[], io: CliIO) => {
     await closeQuietly(dev);
   }
 };
+
+/**
+ * `reencrypt --decrypt --header H DEVICE` of a LUKS2 device whose header is in place, H not existing
+ * yet (cryptsetup 2.6 decrypt_luks2_datashift_init): the header is exported to H (created 0600), the
+ * data decrypted and moved to the device's start (datashift-checksum|journal). A failure before the
+ * reencryption metadata is on H puts the device's header back and removes H, as cryptsetup does.
+ */
+async function decryptExportMain(
+  io: CliIO,
+  v: LuksArgs,
+  device: string,
+  headerFile: string,
+  a: { hotzoneBytes: number | undefined; passSrc: Parameters<typeof getPassphrase>[2] },
+): Promise<number> {
+  let resilience: 'datashift-checksum' | 'datashift-journal' = 'datashift-checksum';
+  if (v.resilience !== undefined) {
+    if (v.resilience === 'journal' || v.resilience === 'datashift-journal') resilience = 'datashift-journal';
+    else if (v.resilience === 'checksum' || v.resilience === 'datashift-checksum') resilience = 'datashift-checksum';
+    else
+      throw new CryptmapError(
+        'EINVAL',
+        'Requested --resilience option cannot be applied to current reencryption operation.',
+        { exitCode: EXIT_FAILURE },
+      );
+  }
+  await confirm(
+    io,
+    `Header file ${headerFile} does not exist. Do you want to initialize LUKS2 decryption of device ${device} and export LUKS2 header to file ${headerFile}?`,
+    v['batch-mode'],
+  );
+  const dev = await openDevice(device, true);
+  try {
+    return await reencryptLock(io, device, async () => {
+      const vol = await loadLuks(dev, device);
+      if (vol.type !== 'luks2') throw new CryptmapError('EINVAL', 'Device is not a LUKS2 device.', { exitCode: 1 });
+      const l2 = vol as Luks2Volume;
+      const active = await activeInDaemon(v['runtime-dir'], io.env, l2.uuid, 'reencrypt');
+      if (active)
+        throw new CryptmapError(
+          'EBUSY',
+          `Device ${device} is active in the cryptmap daemon (${active.name}): decryption with the header exported runs offline only; close it first.`,
+          { exitCode: 5 },
+        );
+      const pass = await getPassphrase(io, passphrasePrompt(device), a.passSrc);
+      let lock: ReencryptLock | undefined;
+      let hdrDev: BlockDevice | undefined;
+      try {
+        // Checked before H is created (cryptsetup: reencrypt_check_passphrase before the header backup).
+        await l2
+          .unlock(pass, {
+            ...(v['key-slot'] !== undefined ? { keySlot: intOpt(v['key-slot'], '--key-slot', 0, 31)! } : {}),
+          })
+          .then((r) => r.volumeKey.dispose());
+        lock = cryptsetupLock(io, v, l2);
+        const hdrBytes = 2 * l2.metadataBytes + Number(l2.jsonSnapshot().config.keyslots_size);
+        hdrDev = await createHeaderFile(headerFile, hdrBytes);
+        let hv: Luks2Volume;
+        try {
+          hv = await initDecryptExport(dev, hdrDev, pass, {
+            ...(v['key-slot'] !== undefined ? { keySlot: intOpt(v['key-slot'], '--key-slot', 0, 31)! } : {}),
+            resilience,
+            ...(v['resilience-hash'] ? { resilienceHash: v['resilience-hash'] } : {}),
+            ...(a.hotzoneBytes !== undefined ? { movedBytes: a.hotzoneBytes } : {}),
+          });
+        } catch (e) {
+          await closeQuietly(hdrDev);
+          hdrDev = undefined;
+          await unlink(headerFile).catch(() => {});
+          throw e;
+        }
+        if (v['init-only']) return 0;
+        return await run(io, v, device, hv, pass, dev, undefined);
+      } finally {
+        lock?.release();
+        pass.fill(0);
+        await closeQuietly(hdrDev);
+      }
+    });
+  } finally {
+    await closeQuietly(dev);
+  }
+}
+
+/** A new header file of `bytes` (0600, refused if it exists), open for writing. */
+async function createHeaderFile(path: string, bytes: number): Promise<BlockDevice> {
+  const fh = await open(path, 'wx', 0o600).catch((e: NodeJS.ErrnoException) => {
+    throw new CryptmapError('EIO', `Cannot create header file ${path}: ${e.message}`, { exitCode: 1, cause: e });
+  });
+  try {
+    await fh.truncate(bytes);
+  } finally {
+    await fh.close();
+  }
+  return openDevice(path, true);
+}
 
 /** The reencryption on `vol`'s header moves the data (a reencryption or decryption with data shift, not --encrypt's). */
 function shiftsData(vol: Luks2Volume): boolean {
