@@ -206,6 +206,11 @@ function fail(msg: string, code: ErrorCode = 'EREENCRYPT', exitCode = 1): never 
   throw new CryptmapError(code, msg, { exitCode });
 }
 
+/** cryptsetup 2.6 (luks2_reencrypt_eligible): a data segment with an integrity profile (AEAD) is not reencrypted. */
+function assertEligible(seg: L2Segment | undefined): void {
+  if (seg?.integrity !== undefined) fail('Reencryption of device with integrity profile is not supported.', 'ENOTSUP');
+}
+
 /** The reencrypt keyslot's id, or undefined. */
 export function reencryptKeyslotId(j: Luks2Json): string | undefined {
   return Object.keys(j.keyslots).find((k) => j.keyslots[k]!.type === 'reencrypt');
@@ -318,6 +323,7 @@ export async function initReencrypt(
   if (inReencryption(j0) || reencryptKeyslotId(j0) !== undefined)
     fail('LUKS2 reencryption already initialized. Run --resume-only.', 'EBUSY');
   const ids = Object.keys(j0.segments);
+  assertEligible(j0.segments['0']);
   if (ids.length !== 1 || j0.segments['0']?.type !== 'crypt')
     fail('Unsupported LUKS2 segments layout for reencryption.');
   const old = j0.segments['0']!;
@@ -630,6 +636,7 @@ export async function initDecrypt(
   const j = vol.jsonSnapshot();
   if (inReencryption(j) || reencryptKeyslotId(j) !== undefined)
     fail('LUKS2 reencryption already initialized. Run --resume-only.', 'EBUSY');
+  assertEligible(j.segments['0']);
   if (Object.keys(j.segments).length !== 1 || j.segments['0']?.type !== 'crypt')
     fail('Unsupported LUKS2 segments layout for reencryption.');
   const old = j.segments['0']!;
@@ -707,6 +714,7 @@ export async function initDecryptExport(
   const j = vol.jsonSnapshot();
   if (inReencryption(j) || reencryptKeyslotId(j) !== undefined)
     fail('LUKS2 reencryption already initialized. Run --resume-only.', 'EBUSY');
+  assertEligible(j.segments['0']);
   if (Object.keys(j.segments).length !== 1 || j.segments['0']?.type !== 'crypt')
     fail('Unsupported LUKS2 segments layout for reencryption.');
   const old = j.segments['0']!;

@@ -279,3 +279,23 @@ for (const [resilience, moved] of [
     assert.ok(n > 10 && restored > 0, `only ${n} writes, ${restored} restores`);
   });
 }
+
+test('a data segment with an integrity profile is not reencrypted (cryptsetup: luks2_reencrypt_eligible)', async () => {
+  const dev = memDev(OFF + (1 << 20));
+  const v = await Luks2Volume.format(dev, PASS, {
+    metadataBytes: META,
+    keyslotsBytes: KS,
+    offsetBytes: OFF,
+    keyslot: { kdf: FAST_PBKDF2 },
+  });
+  const j = v.jsonSnapshot();
+  j.segments['0']!.integrity = { type: 'hmac(sha256)', journal_encryption: 'none', journal_integrity: 'none' };
+  await v.commitJson(j);
+  const before = JSON.stringify(v.jsonSnapshot());
+  const msg = /Reencryption of device with integrity profile is not supported\./;
+  await assert.rejects(initReencrypt(v, PASS, { kdf: FAST_PBKDF2 }), msg);
+  await assert.rejects(initReencrypt(v, PASS, { kdf: FAST_PBKDF2, shiftBytes: 64 << 10 }), msg);
+  const hdr = memDev(OFF);
+  await assert.rejects(initDecryptExport(dev, hdr, PASS), msg);
+  assert.equal(JSON.stringify((await Luks2Volume.open(dev)).jsonSnapshot()), before);
+});
