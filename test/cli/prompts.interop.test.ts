@@ -12,6 +12,7 @@ import { FAST_PBKDF } from '../helpers/luks.js';
 import { runTool } from '../helpers/tools.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { ENTRY } from './harness.js';
+import { readVolume, startDaemon } from '../load/helpers.js';
 
 const CS = '/usr/sbin/cryptsetup';
 const CM = [process.execPath, ENTRY];
@@ -48,16 +49,17 @@ async function run(
   setup: (dir: string) => void | Promise<void>,
   args: string[],
   how: How,
+  env: NodeJS.ProcessEnv = process.env,
 ): Promise<Run> {
   const dir = join(root, `r${n++}`);
   mkdirSync(dir);
   await setup(dir);
   let out: string;
   if ('steps' in how) {
-    const r = await runTool('python3', [PTY, JSON.stringify(how.steps), '60', ...bin, ...args], { cwd: dir });
+    const r = await runTool('python3', [PTY, JSON.stringify(how.steps), '60', ...bin, ...args], { cwd: dir, env });
     out = r.stdout.replaceAll('\r', '');
   } else {
-    const r = await runTool(bin[0]!, [...bin.slice(1), ...args], { cwd: dir, input: how.input });
+    const r = await runTool(bin[0]!, [...bin.slice(1), ...args], { cwd: dir, input: how.input, env });
     out = `${r.stdout}${r.stderr}\nEXIT ${r.code}\n`;
   }
   // The speed of a reencryption's progress line differs between runs.
@@ -195,4 +197,88 @@ test('luksFormat wipes the signatures it found (a GPT backup header at the end t
     const left = await runTool('wipefs', ['--no-act', '--noheadings', '--output', 'TYPE', join(cm.dir, 'd')]);
     assert.equal(left.stdout.trim(), 'crypto_LUKS');
   }
+});
+
+/** cryptmap's daemon for the plain opens (cryptsetup fails at device-mapper after its questions). */
+async function withDaemon<T>(body: (env: NodeJS.ProcessEnv) => Promise<T>): Promise<T> {
+  const runDir = join(root, `run${n++}`);
+  const daemon = await startDaemon(runDir);
+  try {
+    return await body({ ...process.env, CRYPTMAP_RUNTIME_DIR: runDir });
+  } finally {
+    await daemon.kill();
+  }
+}
+
+test('open --type plain on a device with signatures: blkid\'s notes and "Detected device signature(s) on DEV." as cryptsetup; --hash ignored with a key file', {
+  timeout: 600_000,
+}, async () => {
+  const ext4 = async (dir: string) => {
+    data(dir);
+    key(dir);
+    writeFileSync(join(dir, 'kf'), 'k'.repeat(64), { mode: 0o600 });
+    const r = await runTool('mkfs.ext4', ['-q', '-F', join(dir, 'd')]);
+    assert.equal(r.code, 0, r.stderr);
+  };
+  await withDaemon(async (env) => {
+    const open = ['open', '--type', 'plain', 'd', 'x'];
+    for (const [steps, what] of [
+      [[[YES, 'no']], 'no'],
+      [[EOF], 'end of input'],
+    ] as [[string, string | null, boolean?][], string][]) {
+      const cs = await run([CS], ext4, open, { steps });
+      const cm = await run(CM, ext4, open, { steps }, env);
+      assert.equal(cm.out, cs.out, what);
+      assert.match(
+        cm.out,
+        /^WARNING: Device d already contains a 'ext4' superblock signature\.\n\nWARNING!\n========\nDetected device signature\(s\) on d\. Proceeding further may damage existing data\.\n\nAre you sure\? \(Type 'yes' in capital letters\): /,
+      );
+      assert.equal(exitOf(cm.out), 1, what);
+    }
+    // Yes, -q (no notes, no question) and --offset (no probe): then the passphrase, as cryptsetup asks
+    // it ("for d"); cryptsetup stops at device-mapper there, cryptmap maps it.
+    for (const [args, steps, what] of [
+      [open, [[YES, 'YES']], 'yes'],
+      [['-q', ...open], [], '-q'],
+      [['--offset', '8', ...open], [], '--offset'],
+    ] as [string[], [string, string | null, boolean?][], string][]) {
+      const ask = 'Enter passphrase for d: ';
+      const cs = await run([CS], ext4, args, { steps: [...steps, [ask, 'pw']] });
+      const cm = await run(CM, ext4, args, { steps: [...steps, [ask, 'pw']] }, env);
+      const upTo = (s: string) => s.slice(0, s.indexOf(ask) + ask.length);
+      assert.ok(cs.out.includes(ask), `${what}: ${cs.out}`);
+      assert.equal(upTo(cm.out), upTo(cs.out), what);
+      assert.equal(exitOf(cm.out), 0, `${what}: ${cm.out}`);
+      assert.equal((await runTool(process.execPath, [ENTRY, 'close', 'x'], { env })).code, 0);
+    }
+    // Standard input a pipe: the notes, no question.
+    const cs = await run([CS], ext4, open, { input: 'pw\n' });
+    const cm = await run(CM, ext4, open, { input: 'pw\n' }, env);
+    const notes = (s: string) => s.split('\n').filter((l) => l.startsWith('WARNING'));
+    assert.deepEqual(notes(cm.out), notes(cs.out));
+    assert.equal(notes(cm.out).length, 1);
+    assert.equal(exitOf(cm.out), 0, cm.out);
+    await runTool(process.execPath, [ENTRY, 'close', 'x'], { env });
+    // A key file is the key, raw: --hash is ignored with cryptsetup's warning (the same key as without it).
+    const withHash = ['open', '--type', 'plain', '--hash', 'sha256', '-d', 'kf', 'd', 'x'];
+    const hcs = await run([CS], ext4, withHash, { input: '' });
+    const hcm = await run(CM, ext4, withHash, { input: '' }, env);
+    assert.deepEqual(notes(hcm.out), notes(hcs.out));
+    assert.equal(exitOf(hcm.out), 0, hcm.out);
+    assert.ok(
+      notes(hcs.out).includes('WARNING: The --hash parameter is being ignored in plain mode with keyfile specified.'),
+    );
+    const run2 = env.CRYPTMAP_RUNTIME_DIR!;
+    const a = await readVolume(run2, 'x', 20 << 20);
+    await runTool(process.execPath, [ENTRY, 'close', 'x'], { env });
+    const plainDir = hcm.dir;
+    const r = await runTool(process.execPath, [ENTRY, 'open', '--type', 'plain', '-q', '-d', 'kf', 'd', 'x'], {
+      cwd: plainDir,
+      env,
+    });
+    assert.equal(r.code, 0, r.stderr);
+    const b = await readVolume(run2, 'x', 20 << 20);
+    await runTool(process.execPath, [ENTRY, 'close', 'x'], { env });
+    assert.ok(a.equals(b), 'the key file was hashed with --hash');
+  });
 });

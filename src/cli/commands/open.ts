@@ -39,7 +39,10 @@ import {
 } from './luks-common.js';
 import { loadLuks, loadLuksForRead, testPassphrase, unlockForOpen } from './luks-unlock.js';
 import { openInReencryption } from './open-reencrypt.js';
-import { getPassphrase, readKeyFile } from './terminal-input.js';
+import { confirm, getPassphrase, readKeyFile } from './terminal-input.js';
+import { passphrasePrompt } from '../device-name.js';
+import { deviceSignatures, signatureWarnings } from '../../blockdev/signatures.js';
+import { isRemoteDevice } from '../../blockdev/open.js';
 
 type OpenArgs = LuksArgs;
 
@@ -76,6 +79,19 @@ export async function makeFlagsPersistent(io: CliIO, device: string, v: Persiste
   }
 }
 
+/**
+ * cryptsetup 2.6's signature check before a plain mapping (action_open_plain): blkid's notes on what is
+ * on the device (not with -q) and, when it found anything, "Detected device signature(s) on DEV.
+ * Proceeding further may damage existing data." (a terminal only; no: "Operation aborted.", exit 1).
+ */
+async function confirmNoSignatures(io: CliIO, device: string, batch: boolean | undefined): Promise<void> {
+  if (isRemoteDevice(device)) return;
+  const found = await deviceSignatures(device);
+  if (found.length === 0 || batch) return;
+  io.stdout.write(signatureWarnings(device, found));
+  await confirm(io, `Detected device signature(s) on ${device}. Proceeding further may damage existing data.`, batch);
+}
+
 async function preparePlainFromArgs(
   io: CliIO,
   device: string,
@@ -96,22 +112,36 @@ async function preparePlainFromArgs(
   // --device-size (bytes, a multiple of 512: options.ts) is --size in sectors (cryptsetup action_open_plain).
   const deviceBytes = sizeOpt(v['device-size'], '--device-size');
   const size = deviceBytes !== undefined ? deviceBytes / 512 : intOpt(v.size, '--size', 1);
+  // cryptsetup 2.6 action_open_plain: a key file (not standard input) is the key itself, read raw
+  // (--hash ignored, with a warning); "plain" is no hash. Standard input and the terminal are hashed.
+  const keyFile = v['key-file'];
+  const direct = keyFile !== undefined && keyFile !== '-';
+  let hash = direct ? undefined : (v.hash ?? 'ripemd160');
+  if (direct && !v['batch-mode'] && v.hash !== undefined)
+    io.stdout.write('WARNING: The --hash parameter is being ignored in plain mode with keyfile specified.\n');
+  if (hash === 'plain') hash = undefined;
+  if (direct && !v['batch-mode'] && v['keyfile-size'] !== undefined)
+    io.stdout.write(
+      'WARNING: The --keyfile-size option is being ignored, the read size is the same as the encryption key size.\n',
+    );
+  // Then blkid's look at the device (not with --offset): its notes, and a question when it found any.
+  if (!offset) await confirmNoSignatures(io, device, v['batch-mode']);
   let key: Secret;
-  if (v['key-file'] !== undefined && v.hash === undefined) {
+  if (direct) {
     const raw = await readKeyFile(io, {
-      keyFile: v['key-file'],
+      keyFile,
       keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
       keyfileSize: keyBytes,
     });
     key = new Secret(raw);
   } else {
-    const pass = await getPassphrase(io, 'Enter passphrase: ', {
-      keyFile: v['key-file'],
+    const pass = await getPassphrase(io, passphrasePrompt(device), {
+      keyFile,
       keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
-      keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
+      keyfileSize: keyFile !== undefined && hash === undefined ? keyBytes : intOpt(v['keyfile-size'], '--keyfile-size'),
     });
     try {
-      key = plainKeyFromPassphrase(pass, v.hash ?? 'ripemd160', keyBytes);
+      key = plainKeyFromPassphrase(pass, hash ?? 'plain', keyBytes);
     } finally {
       wipe(pass);
     }
