@@ -208,7 +208,8 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
     }
     pass = await getPassphrase(
       io,
-      passphrasePrompt(device),
+      // cryptsetup's prompt names the device it initialised: the header with --header.
+      passphrasePrompt(headerFile ?? device),
       {
         keyFile,
         keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),

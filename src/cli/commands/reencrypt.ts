@@ -4,7 +4,8 @@
  * when the header is already in reencryption (begun by cryptmap or cryptsetup), resumes.
  * SIGINT stops after the current hotzone; the device stays resumable.
  */
-import { open, stat, unlink } from 'node:fs/promises';
+import { lstat, open, stat, unlink } from 'node:fs/promises';
+import { randomUUID } from 'node:crypto';
 import { isRemoteDevice } from '../../blockdev/open.js';
 import {
   initDecrypt,
@@ -36,6 +37,7 @@ import type { BlockDevice } from '../../blockdev/types.js';
 import {
   CryptmapError,
   EXIT_FAILURE,
+  EXIT_NO_PERMISSION,
   EXIT_WRONG_DEVICE,
   EXIT_WRONG_PARAMS,
   isCryptmapError,
@@ -492,10 +494,23 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
   }
   const dataDev = await openDevice(device, true);
   let hdrDev: BlockDevice | undefined;
+  let headerCreated = false;
+  // Without --header cryptsetup formats a temporary header file LUKS2-temp-<UUID>.new first and names it
+  // in its question and prompt; cryptmap writes no such file, but asks the same (with the UUID it uses).
+  const uuid = v.uuid ?? (headerFile ? undefined : randomUUID());
+  const named = headerFile ?? (uuid !== undefined ? `LUKS2-temp-${uuid}.new` : device);
   try {
     // A fresh header file grows to the metadata and keyslots size; opened once, before the lock
     // (keyed by its inode) so that the lock names the file that is written.
     if (headerFile) {
+      // cryptsetup 2.6 (encrypt_luks2_init -> luksFormat): a --header file that does not exist is
+      // made after a question of its own (no or the end of input: exit 2), then not "overwritten".
+      if (!isRemoteDevice(headerFile) && (await lstat(headerFile).catch(() => null)) === null) {
+        await confirm(io, 'Header file does not exist, do you want to create it?', v['batch-mode'], {
+          exitCode: EXIT_NO_PERMISSION,
+        });
+        headerCreated = true;
+      }
       const layout = luks2Layout({
         detachedHeader: true,
         ...(md !== undefined ? { metadataBytes: md } : {}),
@@ -533,10 +548,11 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
           `Device ${device} is active in the cryptmap daemon (${active.name}): it cannot be encrypted offline.`,
           { exitCode: 5 },
         );
-      if (!existing)
-        await confirm(io, `This will overwrite data on ${headerFile ?? device} irrevocably.`, v['batch-mode']);
+      if (!existing && !headerCreated)
+        await confirm(io, `This will overwrite data on ${named} irrevocably.`, v['batch-mode']);
       let lock = existing && !active ? cryptsetupLock(io, v, existing as Luks2Volume) : undefined;
-      const pass = await getPassphrase(io, passphrasePrompt(device), a.passSrc, !existing).catch((e: unknown) => {
+      const prompt = passphrasePrompt(existing ? device : named);
+      const pass = await getPassphrase(io, prompt, a.passSrc, !existing).catch((e: unknown) => {
         lock?.release();
         throw e;
       });
@@ -549,7 +565,7 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
             ...(a.keyBits !== undefined ? { keyBytes: a.keyBits / 8 } : {}),
             ...(a.sector !== undefined ? { sectorBytes: a.sector as SectorBytes } : {}),
             ...(v.hash ? { hash: v.hash } : {}),
-            ...(v.uuid ? { uuid: v.uuid } : {}),
+            ...(uuid ? { uuid } : {}),
             ...(v.label ? { label: v.label } : {}),
             ...(kss !== undefined ? { keyslotsBytes: kss } : {}),
             ...(md !== undefined ? { metadataBytes: md } : {}),
