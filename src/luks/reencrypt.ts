@@ -449,6 +449,9 @@ async function addReencryptState(
 
 function checksumArea(resilience: Resilience, hash: string | undefined, blockBytes: number): Record<string, unknown> {
   if (resilience === 'datashift') fail('Resilience mode datashift needs --reduce-device-size.', 'EARGS');
+  // cryptsetup: these protect the moved segment of a decryption with the header exported, nothing else.
+  if (resilience === 'datashift-checksum' || resilience === 'datashift-journal')
+    fail('Failed to initialize LUKS2 reencryption in metadata.', 'EARGS');
   const area: Record<string, unknown> = { type: resilience };
   if (resilience === 'checksum') {
     const h = hash ?? 'sha256';

@@ -299,3 +299,20 @@ test('a data segment with an integrity profile is not reencrypted (cryptsetup: l
   await assert.rejects(initDecryptExport(dev, hdr, PASS), msg);
   assert.equal(JSON.stringify((await Luks2Volume.open(dev)).jsonSnapshot()), before);
 });
+
+test('datashift-checksum and datashift-journal protect only a decryption with the header exported', async () => {
+  const dev = memDev(OFF + (1 << 20));
+  const v = await Luks2Volume.format(dev, PASS, {
+    metadataBytes: META,
+    keyslotsBytes: KS,
+    offsetBytes: OFF,
+    keyslot: { kdf: FAST_PBKDF2 },
+  });
+  const before = JSON.stringify(v.jsonSnapshot());
+  for (const resilience of ['datashift-checksum', 'datashift-journal'] as const)
+    await assert.rejects(
+      initReencrypt(v, PASS, { kdf: FAST_PBKDF2, resilience }),
+      /Failed to initialize LUKS2 reencryption in metadata\./,
+    );
+  assert.equal(JSON.stringify((await Luks2Volume.open(dev)).jsonSnapshot()), before);
+});
