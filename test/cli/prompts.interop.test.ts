@@ -316,3 +316,37 @@ test('reencrypt --encrypt: the header question with --header FILE that does not 
   assert.match(cm.out, new RegExp(`This will overwrite data on LUKS2-temp-${uuid}\\.new irrevocably\\.`));
   assert.equal(cm.files, cs.files);
 });
+
+test('the questions of luksKillSlot, luksRemoveKey (last keyslot), erase, convert, luksUUID, luksDump --dump-volume-key: no and the end of input as cryptsetup (message, exit code, header kept)', async () => {
+  const tpl = join(root, 'luks2.img');
+  data(root, 'luks2.img');
+  key(root);
+  const f = await runTool(CS, ['-q', 'luksFormat', '--type', 'luks2', ...FAST_PBKDF, tpl, join(root, 'key')]);
+  assert.equal(f.code, 0, f.stderr);
+  const setup = (dir: string) => {
+    copyFileSync(tpl, join(dir, 'd'));
+    key(dir);
+  };
+  const cases: [string[], [string, string][]][] = [
+    [['luksKillSlot', 'd', '0'], []],
+    [['-v', 'luksKillSlot', 'd', '0'], []],
+    [['luksRemoveKey', 'd'], [['Enter passphrase to be deleted: ', 'pw']]],
+    [['erase', 'd'], []],
+    [['-v', 'erase', 'd'], []],
+    [['convert', '--type', 'luks1', 'd'], []],
+    [['luksUUID', '--uuid', '11111111-2222-3333-4444-555555555555', 'd'], []],
+    [['luksDump', '--dump-volume-key', 'd'], []],
+  ];
+  for (const [args, before] of cases) {
+    for (const [answer, what] of [
+      [[YES, 'no'], 'no'],
+      [EOF, 'end of input'],
+    ] as [[string, string, boolean?], string][]) {
+      const r = await same(setup, args, { steps: [...before, answer] }, `${args.join(' ')}: ${what}`);
+      assert.notEqual(exitOf(r.cm.out), 0, `${args.join(' ')}: ${what}`);
+      const dump = await runTool(CS, ['luksDump', join(r.cm.dir, 'd')]);
+      assert.match(dump.stdout, /^Version:\s+2\n/m, `${args.join(' ')}: ${what}: the header is kept`);
+      assert.match(dump.stdout, /^ {2}0: luks2$/m, `${args.join(' ')}: ${what}: keyslot 0 is kept`);
+    }
+  }
+});

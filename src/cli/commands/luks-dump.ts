@@ -5,7 +5,7 @@
  * `--json` (cryptmap's machine-readable summary).
  */
 import type { Luks1Volume, Luks2Volume } from '../../luks/index.js';
-import { CryptmapError, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
+import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { createExclusiveFile } from '../../util/trusted-path.js';
 import type { CliIO, VerbMain } from '../types.js';
 import { closeQuietly, headerPath, intOpt, type LuksArgs, needDevice, parseLuksArgs } from './luks-common.js';
@@ -186,15 +186,13 @@ async function dumpUnbound(
   const slot = intOpt(v['key-slot'], '--key-slot', 0, 31)!;
   if (!vol.keyslots().some((k) => k.id === slot && k.unbound))
     throw new CryptmapError('EKEYSLOT', `Keyslot ${slot} does not contain unbound key.`, { exitCode: 1 });
-  try {
-    await confirm(
-      io,
-      'The header dump with unbound key is sensitive information.\nThis dump should be stored encrypted in a safe place.',
-      v['batch-mode'],
-    );
-  } catch (e) {
-    throw isCryptmapError(e, 'EABORT') ? new CryptmapError('EABORT', 'Operation aborted.', { exitCode: 2 }) : e;
-  }
+  // cryptsetup gives this dialog no abort message: exit 2 only.
+  await confirm(
+    io,
+    'The header dump with unbound key is sensitive information.\nThis dump should be stored encrypted in a safe place.',
+    v['batch-mode'],
+    { fail: '', exitCode: 2 },
+  );
   const pass = await getPassphrase(io, passphrasePrompt(device), {
     keyFile: v['key-file'],
     keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
@@ -245,6 +243,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         io,
         'The header dump with volume key is sensitive information\nthat allows access to encrypted partition without a passphrase.\nThis dump should be stored encrypted in a safe place.',
         v['batch-mode'],
+        { fail: '', exitCode: 2 },
       );
       const pass = await getPassphrase(io, passphrasePrompt(device), {
         keyFile: v['key-file'],

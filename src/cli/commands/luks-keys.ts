@@ -240,6 +240,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
             io,
             'This is the last keyslot. Device will become unusable after purging this key.',
             v['batch-mode'],
+            { fail: 'Operation aborted, the keyslot was NOT wiped.\n', exitCode: EXIT_NO_PERMISSION },
           );
         }
         await vol.killSlot(keyslot);
@@ -266,13 +267,8 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
               io,
               'This is the last keyslot. Device will become unusable after purging this key.',
               v['batch-mode'],
-            ).catch((e: unknown) => {
-              throw isCryptmapError(e, 'EABORT')
-                ? new CryptmapError('EABORT', 'Operation aborted, the keyslot was NOT wiped.', {
-                    exitCode: EXIT_NO_PERMISSION,
-                  })
-                : e;
-            });
+              { fail: 'Operation aborted, the keyslot was NOT wiped.\n', exitCode: EXIT_NO_PERMISSION },
+            );
           }
           let p: Buffer | undefined;
           try {

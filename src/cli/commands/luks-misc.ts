@@ -15,7 +15,7 @@ import {
   type Luks2Volume,
   withDeviceLock,
 } from '../../luks/index.js';
-import { CryptmapError, EXIT_BUSY, EXIT_NO_PERMISSION, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
+import { CryptmapError, EXIT_BUSY, EXIT_NO_PERMISSION, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { openInDaemon } from '../daemon-client.js';
 import type { CliIO, VerbMain } from '../types.js';
 import {
@@ -143,15 +143,10 @@ async function convert(
   const to = v.type as 'luks1' | 'luks2';
   if (vol.type === to)
     throw new CryptmapError('ECONVERT', `Device is already ${to.toUpperCase()} type.`, { exitCode: 1 });
-  try {
-    await confirm(io, `This operation will convert ${hdr} to ${to.toUpperCase()} format.\n`, v['batch-mode']);
-  } catch (e) {
-    if (isCryptmapError(e, 'EABORT'))
-      throw new CryptmapError('EABORT', 'Operation aborted, device was NOT converted.', {
-        exitCode: EXIT_NO_PERMISSION,
-      });
-    throw e;
-  }
+  await confirm(io, `This operation will convert ${hdr} to ${to.toUpperCase()} format.\n`, v['batch-mode'], {
+    fail: 'Operation aborted, device was NOT converted.\n',
+    exitCode: EXIT_NO_PERMISSION,
+  });
   // After the format checks, before any write, as cryptsetup's luks_header_in_use.
   const beforeWrite = async () => {
     if (await openInDaemon(io.env, vol.uuid, 'convert'))
@@ -262,7 +257,9 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       switch (verb) {
         case 'luksUUID':
           if (v.uuid !== undefined) {
-            await confirm(io, 'Do you really want to change UUID of device?', v['batch-mode']);
+            await confirm(io, 'Do you really want to change UUID of device?', v['batch-mode'], {
+              exitCode: EXIT_NO_PERMISSION,
+            });
             await vol.setUuid(v.uuid);
           } else io.stdout.write(`${vol.uuid}\n`);
           return 0;
@@ -309,6 +306,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
             io,
             `This operation will erase all keyslots on device ${hdr}.\nDevice will become unusable after this operation.`,
             v['batch-mode'],
+            { fail: 'Operation aborted, keyslots were NOT wiped.\n', exitCode: EXIT_NO_PERMISSION },
           );
           {
             const active = vol.keyslots().filter((k) => k.active);
