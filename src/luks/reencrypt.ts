@@ -206,9 +206,19 @@ function fail(msg: string, code: ErrorCode = 'EREENCRYPT', exitCode = 1): never 
   throw new CryptmapError(code, msg, { exitCode });
 }
 
-/** cryptsetup 2.6 (luks2_reencrypt_eligible): a data segment with an integrity profile (AEAD) is not reencrypted. */
-function assertEligible(seg: L2Segment | undefined): void {
+/**
+ * What a reencryption, decryption or header-exporting decryption starts from (cryptsetup 2.6): no
+ * reencryption begun, one crypt data segment, and no integrity profile on it (luks2_reencrypt_eligible:
+ * AEAD is not reencrypted). Returns that segment.
+ */
+function eligibleSegment(j: Luks2Json): L2Segment {
+  if (inReencryption(j) || reencryptKeyslotId(j) !== undefined)
+    fail('LUKS2 reencryption already initialized. Run --resume-only.', 'EBUSY');
+  const seg = j.segments['0'];
   if (seg?.integrity !== undefined) fail('Reencryption of device with integrity profile is not supported.', 'ENOTSUP');
+  if (Object.keys(j.segments).length !== 1 || seg?.type !== 'crypt')
+    fail('Unsupported LUKS2 segments layout for reencryption.');
+  return seg;
 }
 
 /** The reencrypt keyslot's id, or undefined. */
@@ -320,13 +330,7 @@ export async function initReencrypt(
 ): Promise<number> {
   vol.assertChangeable();
   const j0 = vol.jsonSnapshot();
-  if (inReencryption(j0) || reencryptKeyslotId(j0) !== undefined)
-    fail('LUKS2 reencryption already initialized. Run --resume-only.', 'EBUSY');
-  const ids = Object.keys(j0.segments);
-  assertEligible(j0.segments['0']);
-  if (ids.length !== 1 || j0.segments['0']?.type !== 'crypt')
-    fail('Unsupported LUKS2 segments layout for reencryption.');
-  const old = j0.segments['0']!;
+  const old = eligibleSegment(j0);
   const oldSector = (old.sector_size ?? 512) as SectorBytes;
   const newSector = o.sectorBytes ?? oldSector;
   const align = Math.max(oldSector, newSector);
@@ -637,12 +641,7 @@ export async function initDecrypt(
 ): Promise<void> {
   vol.assertChangeable();
   const j = vol.jsonSnapshot();
-  if (inReencryption(j) || reencryptKeyslotId(j) !== undefined)
-    fail('LUKS2 reencryption already initialized. Run --resume-only.', 'EBUSY');
-  assertEligible(j.segments['0']);
-  if (Object.keys(j.segments).length !== 1 || j.segments['0']?.type !== 'crypt')
-    fail('Unsupported LUKS2 segments layout for reencryption.');
-  const old = j.segments['0']!;
+  const old = eligibleSegment(j);
   if (o.dataDev === undefined || o.dataDev === vol.metadataDevice || Number(old.offset) !== 0) {
     fail('LUKS2 decryption is supported with detached header device only (with data offset set to 0).', 'ENOTSUP');
   }
@@ -715,12 +714,7 @@ export async function initDecryptExport(
   const vol = await Luks2Volume.open(dev);
   vol.assertChangeable();
   const j = vol.jsonSnapshot();
-  if (inReencryption(j) || reencryptKeyslotId(j) !== undefined)
-    fail('LUKS2 reencryption already initialized. Run --resume-only.', 'EBUSY');
-  assertEligible(j.segments['0']);
-  if (Object.keys(j.segments).length !== 1 || j.segments['0']?.type !== 'crypt')
-    fail('Unsupported LUKS2 segments layout for reencryption.');
-  const old = j.segments['0']!;
+  const old = eligibleSegment(j);
   const shift = Number(old.offset);
   if (!(shift > 0)) fail('Reencryption metadata is invalid.', 'EINVAL');
   if (o.movedBytes !== undefined && o.movedBytes > shift)
