@@ -293,6 +293,25 @@ function verificationBlob(j: Luks2Json, keys: Map<string, Buffer>, version: numb
   return Buffer.concat(parts);
 }
 
+/**
+ * The reencryption metadata of `j` against the digest of its reencrypt keyslot `ksId`, with the volume
+ * keys by digest id. A mismatch is cryptsetup's "Reencryption metadata is invalid." with its exit 2
+ * (the activation it verifies in fails with EPERM).
+ */
+async function checkReencryptDigest(
+  j: Luks2Json,
+  ksId: string,
+  keys: Map<string, Buffer>,
+  version: number,
+): Promise<void> {
+  const blob = verificationBlob(j, keys, version);
+  const rd = digestOfKeyslot(j, ksId);
+  const d = rd === undefined ? undefined : j.digests[rd];
+  const ok = d !== undefined && (await handlerFor(DIGEST_HANDLERS, d.type)?.verify(d, blob)) === true;
+  blob.fill(0);
+  if (!ok) fail('Reencryption metadata is invalid.', 'EREENCRYPT', 2);
+}
+
 function requirementVersion(j: Luks2Json): number {
   const r = (j.config.requirements?.mandatory ?? []).find((x) => x.startsWith('online-reencrypt'));
   const m = r ? /^online-reencrypt-v([0-9]+)$/.exec(r) : null;
@@ -1483,12 +1502,7 @@ export async function verifyReencryptDigest(vol: Luks2Volume, keys: ReencryptKey
   if (l.oldDigest !== undefined && keys.oldKey) m.set(l.oldDigest, Buffer.from(keys.oldKey));
   if (l.newDigest !== undefined && keys.newKey) m.set(l.newDigest, Buffer.from(keys.newKey));
   try {
-    const blob = verificationBlob(j, m, requirementVersion(j));
-    const rd = digestOfKeyslot(j, ksId);
-    const d = rd === undefined ? undefined : j.digests[rd];
-    const ok = d !== undefined && (await handlerFor(DIGEST_HANDLERS, d.type)?.verify(d, blob)) === true;
-    blob.fill(0);
-    if (!ok) fail('Reencryption metadata is invalid.');
+    await checkReencryptDigest(j, ksId, m, requirementVersion(j));
   } finally {
     for (const k of m.values()) k.fill(0);
   }
@@ -1561,12 +1575,7 @@ async function run(
   let oldC: SectorCipher | undefined;
   let newC: SectorCipher | undefined;
   try {
-    const blob = verificationBlob(j, keys, version);
-    const rd = digestOfKeyslot(j, ksId);
-    const d = rd === undefined ? undefined : j.digests[rd];
-    const ok = d !== undefined && (await handlerFor(DIGEST_HANDLERS, d.type)?.verify(d, blob)) === true;
-    blob.fill(0);
-    if (!ok) fail('Reencryption metadata is invalid.');
+    await checkReencryptDigest(j, ksId, keys, version);
     if (dOld !== undefined)
       oldC = createSectorCipher({
         spec: prev[1].encryption!,

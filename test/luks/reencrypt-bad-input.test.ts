@@ -12,6 +12,7 @@ import { Readable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { test } from 'node:test';
 import { fileTempDir } from '../helpers/tmp.js';
+import { FileDevice } from '../../src/blockdev/file.js';
 import type { BlockDevice } from '../../src/blockdev/types.js';
 import { main } from '../../src/cli/main.js';
 import { createSectorCipher } from '../../src/engine/index.js';
@@ -222,4 +223,50 @@ test('SIGINT stops the CLI at a hotzone boundary (exit 0); cryptsetup and cryptm
   }
   assert.ok(plainOf(img).equals(caught.plain), 'plaintext after cryptsetup resumed');
   assert.ok(plainOf(copy).equals(caught.plain), 'plaintext after cryptmap resumed');
+});
+
+test('repair of a header in reencryption checks the reencryption digest with the passphrase, as cryptsetup: tampered metadata exit 2, nothing written', async () => {
+  const { img, key } = image('repair.img');
+  const init = cs('reencrypt', '--init-only', '-q', '--force-offline-reencrypt', ...FAST_PBKDF, '--key-file', key, img);
+  assert.equal(init.status, 0, init.out);
+  const copy = (to: string) => {
+    writeFileSync(to, readFileSync(img));
+    return to;
+  };
+  // Untouched metadata: both tools repair with exit 0 and change nothing.
+  for (const [tool, f] of [
+    ['cryptsetup', copy(`${img}.cs-clean`)],
+    ['cryptmap', copy(`${img}.cm-clean`)],
+  ] as const) {
+    const was = readFileSync(f);
+    const code =
+      tool === 'cryptsetup'
+        ? cs('repair', '-q', '--key-file', key, f).status
+        : (await cm('repair', '-q', '--key-file', key, f)).code;
+    assert.equal(code, 0, `${tool} repair of a clean reencryption`);
+    assert.ok(readFileSync(f).equals(was), `${tool} changed a clean header`);
+  }
+  // The reencrypt keyslot's direction changed behind its digest (checksums recomputed): exit 2 for both, as for resume.
+  const dev = await FileDevice.open(img);
+  try {
+    const v = await Luks2Volume.open(dev);
+    const j = v.jsonSnapshot();
+    const ks = Object.values(j.keyslots).find((k) => k.type === 'reencrypt')!;
+    (ks as unknown as { direction: string }).direction = 'backward';
+    await v.commitJson(j);
+  } finally {
+    await dev.close();
+  }
+  const csCopy = copy(`${img}.cs-bad`);
+  const cmCopy = copy(`${img}.cm-bad`);
+  const was = readFileSync(img);
+  assert.equal(cs('repair', '-q', '--key-file', key, csCopy).status, 2);
+  const r = await cm('repair', '-q', '--key-file', key, cmCopy);
+  assert.equal(r.code, 2, r.err);
+  assert.match(r.err, /Reencryption metadata is invalid/);
+  assert.ok(readFileSync(cmCopy).equals(was), 'cryptmap wrote to a header it refused');
+  // and a passphrase that opens no key: exit 1, as cryptsetup's repair
+  writeFileSync(`${key}.wrong`, 'not it', { mode: 0o600 });
+  assert.equal(cs('repair', '-q', '--key-file', `${key}.wrong`, copy(`${img}.cs-wrong`)).status, 1);
+  assert.equal((await cm('repair', '-q', '--key-file', `${key}.wrong`, copy(`${img}.cm-wrong`))).code, 1);
 });

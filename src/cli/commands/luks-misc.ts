@@ -11,11 +11,14 @@ import {
   detectLuks,
   headerBackup,
   headerRestore,
+  inReencryption,
   Luks1Volume,
   type Luks2Volume,
+  unlockReencryptKeys,
+  verifyReencryptDigest,
   withDeviceLock,
 } from '../../luks/index.js';
-import { CryptmapError, EXIT_BUSY, EXIT_NO_PERMISSION, EXIT_WRONG_PARAMS } from '../../util/errors.js';
+import { CryptmapError, isCryptmapError, EXIT_BUSY, EXIT_NO_PERMISSION, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { openInDaemon } from '../daemon-client.js';
 import type { CliIO, VerbMain } from '../types.js';
 import {
@@ -28,7 +31,7 @@ import {
   parseLuksArgs,
 } from './luks-common.js';
 import { loadLuks, loadLuksForRead, recoverLoaded } from './luks-unlock.js';
-import { confirm } from './terminal-input.js';
+import { confirm, getPassphrase } from './terminal-input.js';
 
 function needLuks2<T extends { type: string }>(vol: T, what: string): asserts vol is T & Luks2Volume {
   if (vol.type !== 'luks2')
@@ -289,6 +292,8 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
           return 0;
         }
         case 'repair':
+          if (vol.type === 'luks2' && inReencryption((vol as Luks2Volume).jsonSnapshot()))
+            return await repairReencryption(io, vol as Luks2Volume, v);
           // As cryptsetup 2.6: a LUKS2 header that loads gets the load-time recovery only (a bad or
           // stale copy rewritten from the good one) and "No known problems"; the confirmation is
           // asked only to overwrite a damaged primary area that carries another format's signature.
@@ -325,5 +330,54 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
     await closeQuietly(dev);
   }
 };
+
+/**
+ * `repair` of a LUKS2 header in reencryption (cryptsetup 2.6 luks2_reencrypt_repair): the passphrase
+ * must open the keys of the reencryption (else exit 1), and its metadata must match the reencryption
+ * digest, else exit 2 ("Reencryption metadata is invalid."); nothing is written. A crashed hotzone is
+ * recovered by `reencrypt --resume-only` (cryptmap's resume recovers first); legacy `online-reencrypt` metadata
+ * without a digest, which cryptsetup upgrades here, is refused (exit 1).
+ */
+async function repairReencryption(io: CliIO, vol: Luks2Volume, v: LuksArgs): Promise<number> {
+  const j = vol.jsonSnapshot();
+  if ((j.config.requirements?.mandatory ?? []).includes('online-reencrypt'))
+    throw new CryptmapError(
+      'ENOTSUP',
+      'Legacy (online-reencrypt) reencryption metadata cannot be repaired by cryptmap; repair it with cryptsetup 2.6 first.',
+      { exitCode: 1 },
+    );
+  const crashed = Object.values(j.segments).some((s) => s.flags?.includes('in-reencryption'));
+  if (crashed)
+    await confirm(io, 'Really proceed with LUKS2 reencryption recovery?', v['batch-mode'], {
+      fail: 'Operation aborted.\n',
+    });
+  const pass = await getPassphrase(
+    io,
+    crashed
+      ? 'Enter passphrase for reencryption recovery: '
+      : 'Enter passphrase to verify reencryption metadata digest: ',
+    {
+      keyFile: v['key-file'],
+      keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
+      keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
+    },
+  );
+  try {
+    // cryptsetup 2.6 exits 1 here for a passphrase that opens no key (2 for tampered metadata).
+    const keys = await unlockReencryptKeys(vol, pass).catch((e: unknown) => {
+      if (isCryptmapError(e, 'ENOKEY')) throw new CryptmapError('ENOKEY', e.message, { exitCode: 1, cause: e });
+      throw e;
+    });
+    try {
+      await verifyReencryptDigest(vol, keys);
+    } finally {
+      keys.oldKey?.fill(0);
+      keys.newKey?.fill(0);
+    }
+  } finally {
+    pass.fill(0);
+  }
+  return 0;
+}
 
 export default main;
