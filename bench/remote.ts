@@ -19,7 +19,7 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -271,6 +271,34 @@ async function main(): Promise<void> {
         ['cryptR', 'crypt read'],
       ] as const)
         console.log(`  ${what.padEnd(12)} ${cpuLine(m, k)}`);
+      cpuCeiling(m);
+    };
+    /**
+     * The limit the CPUs set, from the same run's figures. The crypt chain has three processes
+     * (nbdcopy, cryptmap, the storage server) where the peer has two; with every CPU busy it moves at
+     * most CPUs / (the sum of their CPU seconds per GiB). Printed: crypt's MB/s as a share of that
+     * ceiling (how much time the chain loses waiting rather than computing), and the CPU seconds per
+     * GiB cryptmap may spend at most for crypt to reach 0.8 x the peer on these CPUs, beside what one
+     * socket hop costs the storage server itself (cryptmap makes two hops and runs the cipher).
+     */
+    const cpuCeiling = (m: Record<string, number>) => {
+      const cpus = availableParallelism();
+      for (const [k, peer, what] of [
+        ['cryptW', 'peerW', 'write'],
+        ['cryptR', 'peerR', 'read'],
+      ] as const) {
+        const copy = m[`${k}.copy`]!;
+        const storage = m[`${k}.storage`]!;
+        const cm = m[`${k}.cryptmap`]!;
+        const sum = copy + storage + cm;
+        if (![copy, storage, cm].every(Number.isFinite) || sum <= 0) continue;
+        const ceilingMBps = (cpus / sum) * 1073.741824;
+        const allowed = (cpus * 1073.741824) / (0.8 * m[peer]!) - copy - storage;
+        console.log(
+          `  crypt ${what.padEnd(5)} at ${q(m[k]! / ceilingMBps)} of the ${cpus}-CPU ceiling (${f(ceilingMBps).trim()} MB/s); ` +
+            `0.8 x peer needs cryptmap <= ${q(allowed)} CPU-s/GiB here (it used ${q(cm)}; one hop costs the storage ${q(storage)})`,
+        );
+      }
     };
 
     // (a) nbdkit memory, large enough for the volume plus its LUKS2 header; the peer gets its own
