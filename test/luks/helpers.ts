@@ -4,9 +4,13 @@ import { spawnSync } from 'node:child_process';
 import { truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
+import { FaultDevice } from '../../src/blockdev/fault.js';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import type { BlockDevice } from '../../src/blockdev/types.js';
 import type { KdfParams } from '../../src/crypto/kdf/index.js';
+import { createSectorCipher } from '../../src/engine/index.js';
+import { type Luks2Volume, readLuks2 } from '../../src/luks/index.js';
+import { CryptmapError } from '../../src/util/errors.js';
 
 export const FAST_PBKDF2: KdfParams = { type: 'pbkdf2', hash: 'sha256', iterations: 1000 };
 export const FAST_ARGON: KdfParams = { type: 'argon2id', time: 4, memoryKiB: 32768, parallel: 1 };
@@ -27,6 +31,112 @@ export async function cloneDevice(
   await src.read(0, buf);
   await d.write(0, buf);
   return d;
+}
+
+/** [base, base+len) of `dev` as a device of its own (header and data on one FaultDevice share its write count). */
+export function sliceDev(dev: BlockDevice, base: number, len: number): BlockDevice {
+  return {
+    sizeBytes: len,
+    capabilities: dev.capabilities,
+    limits: dev.limits,
+    directIo: dev.directIo,
+    read: (o, b) => dev.read(base + o, b),
+    write: (o, d, f) => dev.write(base + o, d, f),
+    flush: () => dev.flush(),
+    discard: (o, n) => dev.discard(base + o, n),
+    writeZeroes: (o, n, f) => dev.writeZeroes(base + o, n, f),
+    close: async () => {},
+  };
+}
+
+/** Whether a LUKS2 header reads from `dev`. */
+export async function hasLuks2(dev: BlockDevice): Promise<boolean> {
+  try {
+    await readLuks2(dev);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Encrypts `plain` with `vol`'s volume key (unlocked by `pass`) to its data segment's offset on `data`. */
+export async function writePlaintext(vol: Luks2Volume, pass: Buffer, data: BlockDevice, plain: Buffer): Promise<void> {
+  const { volumeKey } = await vol.unlock(pass);
+  const seg = vol.dataSegment;
+  const c = createSectorCipher({ spec: seg.cipher, key: volumeKey.expose(), sectorBytes: seg.sectorBytes });
+  try {
+    const b = Buffer.from(plain);
+    c.encrypt(b, 0n);
+    await data.write(seg.offsetBytes, b);
+  } finally {
+    c.dispose();
+    volumeKey.dispose();
+  }
+}
+
+/** The first `bytes` of plaintext at `vol`'s data segment on `data` (its volume key unlocked by `pass`). */
+export async function readPlaintext(vol: Luks2Volume, pass: Buffer, data: BlockDevice, bytes: number): Promise<Buffer> {
+  const { volumeKey } = await vol.unlock(pass);
+  const seg = vol.dataSegment;
+  const c = createSectorCipher({ spec: seg.cipher, key: volumeKey.expose(), sectorBytes: seg.sectorBytes });
+  try {
+    const b = Buffer.alloc(bytes);
+    await data.read(seg.offsetBytes, b);
+    c.decrypt(b, 0n);
+    return b;
+  } finally {
+    c.dispose();
+    volumeKey.dispose();
+  }
+}
+
+/** What one power-cut sweep needs: see sweepCrashes. */
+export interface CrashSweep {
+  /** The device before the operation (each crash point works on a fresh memory copy), or a maker of fresh ones. */
+  makeBase: BlockDevice | (() => Promise<BlockDevice>);
+  /** The operation, begun or resumed as the device shows; `dev` is `base` behind the FaultDevice. */
+  run: (dev: BlockDevice, base: BlockDevice) => Promise<void>;
+  /** After a crash, the recovery on `base` as the crash left it (default: `run(base, base)`); 'refused' skips `check`. */
+  recover?: (base: BlockDevice, n: number) => Promise<undefined | 'refused'>;
+  /** The finished device (after `run` finished, or after the recovery). */
+  check: (base: BlockDevice, n: number) => Promise<void>;
+  /** The sweep fails unless the uninterrupted run took more than this many writes (it cannot pass vacuously). */
+  minWrites: number;
+}
+
+/**
+ * A power cut after every write: for n = 0, 1, 2, ... `run` on a fresh `makeBase()` behind a
+ * FaultDevice that crashes after n writes; after a crash, `recover`; then `check`. Any error but the
+ * crash fails. Ends only at the first n at which `run` finished before its crash point, and fails
+ * unless n > `minWrites`. Returns n (the uninterrupted run's writes) and how many crashes were
+ * recovered or refused.
+ */
+export async function sweepCrashes(s: CrashSweep): Promise<{ writes: number; recovered: number; refused: number }> {
+  let recovered = 0;
+  let refused = 0;
+  for (let n = 0; ; n++) {
+    const from = s.makeBase;
+    const base = typeof from === 'function' ? await from() : await cloneDevice(from, memDev, from.sizeBytes);
+    let crashed = false;
+    try {
+      await s.run(new FaultDevice(base, { crashAfterWrites: n }), base);
+    } catch (e) {
+      if (!(e instanceof CryptmapError && e.code === 'EFAULT_CRASH')) throw e;
+      crashed = true;
+    }
+    if (crashed) {
+      if ((await (s.recover ?? ((b) => s.run(b, b).then(() => undefined)))(base, n)) === 'refused') {
+        refused++;
+        continue;
+      }
+      recovered++;
+    }
+    await s.check(base, n);
+    if (!crashed) {
+      assert.ok(n > s.minWrites, `only ${n} writes (${recovered} crashes recovered, ${refused} refused)`);
+      return { writes: n, recovered, refused };
+    }
+  }
 }
 
 /** Collects what a CLI verb writes (stdout or stderr of a CliIO). */

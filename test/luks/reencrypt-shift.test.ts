@@ -6,9 +6,6 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
-import { FaultDevice } from '../../src/blockdev/fault.js';
-import type { BlockDevice } from '../../src/blockdev/types.js';
-import { createSectorCipher } from '../../src/engine/index.js';
 import {
   initDecrypt,
   initDecryptExport,
@@ -17,42 +14,12 @@ import {
   Luks2Volume,
   runReencrypt,
 } from '../../src/luks/index.js';
-import { CryptmapError } from '../../src/util/errors.js';
-import { FAST_PBKDF2, memDev, P } from './helpers.js';
+import { FAST_PBKDF2, hasLuks2, memDev, P, readPlaintext, sliceDev, sweepCrashes, writePlaintext } from './helpers.js';
 
 const PASS = P('pass');
 const META = 0x4000;
 const KS = 1 << 20;
 const OFF = 2 * META + KS;
-
-/** Encrypt `plain` with the volume's key at its data offset of `data`. */
-async function fill(vol: Luks2Volume, data: BlockDevice, plain: Buffer): Promise<void> {
-  const { volumeKey } = await vol.unlock(PASS);
-  const seg = vol.dataSegment;
-  const c = createSectorCipher({ spec: seg.cipher, key: volumeKey.expose(), sectorBytes: seg.sectorBytes });
-  const b = Buffer.from(plain);
-  c.encrypt(b, 0n);
-  c.dispose();
-  volumeKey.dispose();
-  await data.write(seg.offsetBytes, b);
-}
-
-/** The first `bytes` of plaintext of the (finished) volume. */
-async function plainOf(vol: Luks2Volume, data: BlockDevice, bytes: number): Promise<Buffer> {
-  const { volumeKey } = await vol.unlock(PASS);
-  const seg = vol.dataSegment;
-  const c = createSectorCipher({ spec: seg.cipher, key: volumeKey.expose(), sectorBytes: seg.sectorBytes });
-  const b = Buffer.alloc(bytes);
-  await data.read(seg.offsetBytes, b);
-  c.decrypt(b, 0n);
-  c.dispose();
-  volumeKey.dispose();
-  return b;
-}
-
-function isCrash(e: unknown): boolean {
-  return e instanceof CryptmapError && e.code === 'EFAULT_CRASH';
-}
 
 for (const [S, DATA, sector] of [
   [256 << 10, (1 << 20) + (64 << 10), 512],
@@ -68,17 +35,11 @@ for (const [S, DATA, sector] of [
       keyslot: { kdf: FAST_PBKDF2 },
     });
     const plain = randomBytes(DATA);
-    await fill(v0, base0, plain);
-    const snap = Buffer.alloc(OFF + DATA);
-    await base0.read(0, snap);
-    let n = 0;
+    await writePlaintext(v0, PASS, base0, plain);
     let recovered = 0;
-    for (; ; n++) {
-      const base = memDev(OFF + DATA);
-      await base.write(0, snap);
-      const fd = new FaultDevice(base, { crashAfterWrites: n });
-      let crashed = false;
-      const run = async (dev: BlockDevice) => {
+    await sweepCrashes({
+      makeBase: base0,
+      run: async (dev) => {
         const v = await Luks2Volume.open(dev);
         const j = v.jsonSnapshot();
         if (!inReencryption(j)) {
@@ -88,27 +49,22 @@ for (const [S, DATA, sector] of [
         }
         if (Object.values(v.jsonSnapshot().segments).some((s) => s.flags?.includes('in-reencryption'))) recovered++;
         assert.equal(await runReencrypt(v, PASS), true);
-      };
-      try {
-        await run(fd);
-      } catch (e) {
-        if (!isCrash(e)) throw e;
-        crashed = true;
-      }
-      if (crashed) await run(base);
-      const v = await Luks2Volume.open(base);
-      const j = v.jsonSnapshot();
-      assert.equal(inReencryption(j), false);
-      assert.deepEqual(Object.keys(j.segments), ['0']);
-      assert.equal(j.segments['0']!.offset, String(OFF + S));
-      assert.equal(j.config.keyslots_size, String(KS + S));
-      assert.ok(
-        (await plainOf(v, base, DATA - S)).equals(plain.subarray(0, DATA - S)),
-        `plaintext damaged after a crash after ${n} writes`,
-      );
-      if (!crashed) break;
-    }
-    assert.ok(n > 10 && recovered > 2, `only ${n} writes, ${recovered} hotzones recovered`);
+      },
+      check: async (base, n) => {
+        const v = await Luks2Volume.open(base);
+        const j = v.jsonSnapshot();
+        assert.equal(inReencryption(j), false);
+        assert.deepEqual(Object.keys(j.segments), ['0']);
+        assert.equal(j.segments['0']!.offset, String(OFF + S));
+        assert.equal(j.config.keyslots_size, String(KS + S));
+        assert.ok(
+          (await readPlaintext(v, PASS, base, DATA - S)).equals(plain.subarray(0, DATA - S)),
+          `plaintext damaged after a crash after ${n} writes`,
+        );
+      },
+      minWrites: 10,
+    });
+    assert.ok(recovered > 2, `only ${recovered} hotzones recovered`);
   });
 }
 
@@ -118,8 +74,8 @@ test('decryption with a detached header and a data shift survives a crash after 
   const DATA = (1 << 20) + (256 << 10);
   const H = 2 * META + (256 << 10);
   const base0 = memDev(H + DATA);
-  const hdr0 = sliceOf(base0, 0, H);
-  const data0 = sliceOf(base0, H, DATA);
+  const hdr0 = sliceDev(base0, 0, H);
+  const data0 = sliceDev(base0, H, DATA);
   const v0 = await Luks2Volume.format(hdr0, PASS, {
     metadataBytes: META,
     keyslotsBytes: 256 << 10,
@@ -128,42 +84,30 @@ test('decryption with a detached header and a data shift survives a crash after 
     keyslot: { kdf: FAST_PBKDF2 },
   });
   const plain = randomBytes(DATA);
-  await fill(v0, data0, plain);
-  const snap = Buffer.alloc(H + DATA);
-  await base0.read(0, snap);
-  let n = 0;
-  for (; ; n++) {
-    const base = memDev(H + DATA);
-    await base.write(0, snap);
-    const fd = new FaultDevice(base, { crashAfterWrites: n });
-    let crashed = false;
-    const run = async (dev: BlockDevice) => {
-      const v = await Luks2Volume.open(sliceOf(dev, 0, H));
-      const data = sliceOf(dev, H, DATA);
+  await writePlaintext(v0, PASS, data0, plain);
+  await sweepCrashes({
+    makeBase: base0,
+    run: async (dev) => {
+      const v = await Luks2Volume.open(sliceDev(dev, 0, H));
+      const data = sliceDev(dev, H, DATA);
       const j = v.jsonSnapshot();
       if (!inReencryption(j)) {
         if (j.segments['0']!.type === 'linear') return;
         await initDecrypt(v, PASS, { dataDev: data, shiftBytes: S });
       }
       assert.equal(await runReencrypt(v, PASS, { dataDev: data }), true);
-    };
-    try {
-      await run(fd);
-    } catch (e) {
-      if (!isCrash(e)) throw e;
-      crashed = true;
-    }
-    if (crashed) await run(base);
-    const j = (await Luks2Volume.open(sliceOf(base, 0, H))).jsonSnapshot();
-    assert.equal(inReencryption(j), false);
-    assert.equal(j.segments['0']!.type, 'linear');
-    assert.equal(j.segments['0']!.offset, String(S));
-    const b = Buffer.alloc(DATA - S);
-    await base.read(H + S, b);
-    assert.ok(b.equals(plain.subarray(0, DATA - S)), `plaintext damaged after a crash after ${n} writes`);
-    if (!crashed) break;
-  }
-  assert.ok(n > 5, `only ${n} writes`);
+    },
+    check: async (base, n) => {
+      const j = (await Luks2Volume.open(sliceDev(base, 0, H))).jsonSnapshot();
+      assert.equal(inReencryption(j), false);
+      assert.equal(j.segments['0']!.type, 'linear');
+      assert.equal(j.segments['0']!.offset, String(S));
+      const b = Buffer.alloc(DATA - S);
+      await base.read(H + S, b);
+      assert.ok(b.equals(plain.subarray(0, DATA - S)), `plaintext damaged after a crash after ${n} writes`);
+    },
+    minWrites: 5,
+  });
 });
 
 test('a data shift not aligned to the encryption sector size is refused before anything is written', async () => {
@@ -183,31 +127,6 @@ test('a data shift not aligned to the encryption sector size is refused before a
   assert.equal(JSON.stringify((await Luks2Volume.open(dev)).jsonSnapshot()), before);
 });
 
-/** [base, base+len) of `dev` as a device of its own (header and data on one FaultDevice share its write count). */
-function sliceOf(dev: BlockDevice, base: number, len: number): BlockDevice {
-  return {
-    sizeBytes: len,
-    capabilities: dev.capabilities,
-    limits: dev.limits,
-    directIo: dev.directIo,
-    read: (o, b) => dev.read(base + o, b),
-    write: (o, d, f) => dev.write(base + o, d, f),
-    flush: () => dev.flush(),
-    discard: (o, n) => dev.discard(base + o, n),
-    writeZeroes: (o, n, f) => dev.writeZeroes(base + o, n, f),
-    close: async () => {},
-  };
-}
-
-async function hasLuksOn(dev: BlockDevice): Promise<boolean> {
-  try {
-    await Luks2Volume.open(dev);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 for (const [resilience, moved] of [
   ['datashift-checksum', undefined],
   ['datashift-journal', 128 << 10],
@@ -218,7 +137,7 @@ for (const [resilience, moved] of [
     const DATA = SHIFT + (1 << 20) + (256 << 10);
     const H = SHIFT;
     const base0 = memDev(H + DATA);
-    const dev0 = sliceOf(base0, H, DATA);
+    const dev0 = sliceDev(base0, H, DATA);
     const v0 = await Luks2Volume.format(dev0, PASS, {
       metadataBytes: META,
       keyslotsBytes: KS2,
@@ -226,26 +145,20 @@ for (const [resilience, moved] of [
       keyslot: { kdf: FAST_PBKDF2 },
     });
     const plain = randomBytes(DATA - SHIFT);
-    await fill(v0, dev0, plain);
-    const snap = Buffer.alloc(H + DATA);
-    await base0.read(0, snap);
-    let n = 0;
+    await writePlaintext(v0, PASS, dev0, plain);
     let restored = 0;
-    for (; ; n++) {
-      const base = memDev(H + DATA);
-      await base.write(0, snap);
-      const fd = new FaultDevice(base, { crashAfterWrites: n });
-      let crashed = false;
-      const run = async (dev: BlockDevice) => {
-        const hdr = sliceOf(dev, 0, H);
-        const data = sliceOf(dev, H, DATA);
-        let hv: Luks2Volume | undefined = (await hasLuksOn(hdr)) ? await Luks2Volume.open(hdr) : undefined;
+    await sweepCrashes({
+      makeBase: base0,
+      run: async (dev) => {
+        const hdr = sliceDev(dev, 0, H);
+        const data = sliceDev(dev, H, DATA);
+        let hv: Luks2Volume | undefined = (await hasLuks2(hdr)) ? await Luks2Volume.open(hdr) : undefined;
         if (hv && !inReencryption(hv.jsonSnapshot())) {
           if (hv.jsonSnapshot().segments['0']!.type === 'linear') return; // finished
           hv = undefined;
         }
         if (!hv) {
-          if (!(await hasLuksOn(data))) {
+          if (!(await hasLuks2(data))) {
             // Crashed after the device's signatures went: the header file holds the backup (luksHeaderRestore).
             const b = Buffer.alloc(H);
             await hdr.read(0, b);
@@ -258,25 +171,20 @@ for (const [resilience, moved] of [
           });
         }
         assert.equal(await runReencrypt(hv, PASS, { dataDev: data }), true);
-      };
-      try {
-        await run(fd);
-      } catch (e) {
-        if (!isCrash(e)) throw e;
-        crashed = true;
-      }
-      if (crashed) await run(base);
-      const j = (await Luks2Volume.open(sliceOf(base, 0, H))).jsonSnapshot();
-      assert.equal(inReencryption(j), false);
-      assert.deepEqual(Object.keys(j.segments), ['0']);
-      assert.equal(j.segments['0']!.type, 'linear');
-      assert.equal(j.segments['0']!.offset, '0');
-      const b = Buffer.alloc(DATA - SHIFT);
-      await base.read(H, b);
-      assert.ok(b.equals(plain), `plaintext damaged after a crash after ${n} writes`);
-      if (!crashed) break;
-    }
-    assert.ok(n > 10 && restored > 0, `only ${n} writes, ${restored} restores`);
+      },
+      check: async (base, n) => {
+        const j = (await Luks2Volume.open(sliceDev(base, 0, H))).jsonSnapshot();
+        assert.equal(inReencryption(j), false);
+        assert.deepEqual(Object.keys(j.segments), ['0']);
+        assert.equal(j.segments['0']!.type, 'linear');
+        assert.equal(j.segments['0']!.offset, '0');
+        const b = Buffer.alloc(DATA - SHIFT);
+        await base.read(H, b);
+        assert.ok(b.equals(plain), `plaintext damaged after a crash after ${n} writes`);
+      },
+      minWrites: 10,
+    });
+    assert.ok(restored > 0, `only ${restored} restores`);
   });
 }
 

@@ -4,12 +4,11 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
-import { FaultDevice } from '../../src/blockdev/fault.js';
 import type { BlockDevice } from '../../src/blockdev/types.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import { type HotzoneHooks, initReencrypt, inReencryption, Luks2Volume, runReencrypt } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
-import { cloneDevice, FAST_PBKDF2, memDev, P } from './helpers.js';
+import { cloneDevice, FAST_PBKDF2, memDev, P, sweepCrashes } from './helpers.js';
 
 const OFF = 1 << 20;
 const DATA = 256 << 10;
@@ -60,25 +59,18 @@ for (const [resilience, cipher] of [
     c.dispose();
     volumeKey.dispose();
     await base.write(OFF, enc);
-    let n = 0;
-    for (; ; n++) {
-      const img = await cloneDevice(base, (s) => memDev(s), SIZE);
-      let crashed = false;
-      try {
-        await reencrypt(new FaultDevice(img, { crashAfterWrites: n }), resilience, cipher);
-      } catch (e) {
-        if (!(e instanceof CryptmapError && e.code === 'EFAULT_CRASH')) throw e;
-        crashed = true;
-      }
-      if (crashed) await reencrypt(img, resilience, cipher);
-      const j = (await Luks2Volume.open(img)).jsonSnapshot();
-      assert.equal(inReencryption(j), false, `after ${n} writes`);
-      assert.deepEqual(Object.keys(j.segments), ['0']);
-      if (cipher) assert.equal(j.segments['0']!.encryption, cipher);
-      assert.ok((await plaintext(img)).equals(plain), `plaintext damaged after a crash after ${n} writes`);
-      if (!crashed) break;
-    }
-    assert.ok(n > 20, `only ${n} writes`);
+    await sweepCrashes({
+      makeBase: base,
+      run: (dev) => reencrypt(dev, resilience, cipher),
+      check: async (img, n) => {
+        const j = (await Luks2Volume.open(img)).jsonSnapshot();
+        assert.equal(inReencryption(j), false, `after ${n} writes`);
+        assert.deepEqual(Object.keys(j.segments), ['0']);
+        if (cipher) assert.equal(j.segments['0']!.encryption, cipher);
+        assert.ok((await plaintext(img)).equals(plain), `plaintext damaged after a crash after ${n} writes`);
+      },
+      minWrites: 20,
+    });
   });
 }
 
@@ -98,47 +90,51 @@ test('online (checksum): a client write between the hotzone read and its suspens
   c.encrypt(enc, 0n);
   await base.write(OFF, enc);
   await initReencrypt(v, PASS, { kdf: FAST_PBKDF2, resilience: 'checksum' });
-  let n = 0;
+  // What the client wrote (on top of `plain`) and how often, since the last fresh copy.
+  let want = Buffer.alloc(0);
+  let writes = 0;
   try {
-    for (; ; n++) {
-      const img = await cloneDevice(base, (s) => memDev(s), SIZE);
-      const want = Buffer.from(plain);
-      let writes = 0;
-      // The client: once the run has read and hashed a hotzone (old layout still live), it writes
-      // 1 KiB across two blocks of it in the old layout, as the volume's table then maps it.
-      const client: HotzoneHooks = {
-        async start(off) {
-          const at = off + 512;
-          const p = randomBytes(1024);
-          p.copy(want, at);
-          const x = Buffer.from(p);
-          c.encrypt(x, BigInt(at / 512));
-          await img.write(OFF + at, x);
-          writes++;
-        },
-        async done() {},
-      };
-      let crashed = false;
-      try {
-        const fv = await Luks2Volume.open(new FaultDevice(img, { crashAfterWrites: n }));
+    await sweepCrashes({
+      makeBase: () => {
+        want = Buffer.from(plain);
+        writes = 0;
+        return cloneDevice(base, (s) => memDev(s), SIZE);
+      },
+      run: async (dev, img) => {
+        // The client: once the run has read and hashed a hotzone (old layout still live), it writes
+        // 1 KiB across two blocks of it in the old layout, as the volume's table then maps it.
+        const client: HotzoneHooks = {
+          async start(off) {
+            const at = off + 512;
+            const p = randomBytes(1024);
+            p.copy(want, at);
+            const x = Buffer.from(p);
+            c.encrypt(x, BigInt(at / 512));
+            await img.write(OFF + at, x);
+            writes++;
+          },
+          async done() {},
+        };
+        const fv = await Luks2Volume.open(dev);
         assert.equal(await runReencrypt(fv, PASS, { hotzoneBytes: 64 << 10, hotzone: client }), true);
-      } catch (e) {
-        if (!(e instanceof CryptmapError && e.code === 'EFAULT_CRASH')) throw e;
-        crashed = true;
-      }
-      assert.ok(writes > 0 || n < 3, `no client write before a crash after ${n} writes`);
-      const left = await Luks2Volume.open(img);
-      if (crashed && inReencryption(left.jsonSnapshot())) assert.equal(await runReencrypt(left, PASS), true);
-      const j = (await Luks2Volume.open(img)).jsonSnapshot();
-      assert.equal(inReencryption(j), false, `after ${n} writes`);
-      assert.ok((await plaintext(img)).equals(want), `plaintext damaged after a crash after ${n} writes`);
-      if (!crashed) break;
-    }
+      },
+      recover: async (img) => {
+        const left = await Luks2Volume.open(img);
+        if (inReencryption(left.jsonSnapshot())) assert.equal(await runReencrypt(left, PASS), true);
+        return undefined;
+      },
+      check: async (img, n) => {
+        assert.ok(writes > 0 || n < 3, `no client write before a crash after ${n} writes`);
+        const j = (await Luks2Volume.open(img)).jsonSnapshot();
+        assert.equal(inReencryption(j), false, `after ${n} writes`);
+        assert.ok((await plaintext(img)).equals(want), `plaintext damaged after a crash after ${n} writes`);
+      },
+      minWrites: 10,
+    });
   } finally {
     c.dispose();
     oldKey.fill(0);
   }
-  assert.ok(n > 10, `only ${n} writes`);
 });
 
 test('reencrypt --resilience none interrupted: the data written so far is flushed before the header records the progress', async () => {
