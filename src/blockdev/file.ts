@@ -24,6 +24,7 @@ import { open, readFile, statfs } from 'node:fs/promises';
 import { constants as fsConstants, readSync, writeSync } from 'node:fs';
 import { CryptmapError, fromSystemError, isCryptmapError } from '../util/errors.js';
 import { type NativeAddon, loadNative } from '../util/native.js';
+import { checkNewFileDir, type FileIdentity, unlinkIfSame } from '../util/trusted-path.js';
 import type {
   BlockDevice,
   BlockDeviceCapabilities,
@@ -112,6 +113,8 @@ export class FileDevice implements BlockDevice {
   /** DirectIo runs in progress; close() waits for them before closing the descriptor. */
   #directRuns = 0;
   #directDrained: (() => void) | null = null;
+  /** The identity of the file `createNew` made, for discardCreated. */
+  #created: FileIdentity | undefined;
   readonly directIo: DirectIo = { run: (op, o, n, io) => this.#direct(op, o, n, io) };
 
   private constructor(
@@ -188,6 +191,65 @@ export class FileDevice implements BlockDevice {
   }
 
   /**
+   * A new file root makes where the user asks (a detached LUKS header): the directory rule of
+   * checkNewFileDir (util/trusted-path.ts; its refusal is thrown as it is), then created exclusively
+   * (O_CREAT|O_EXCL|O_NOFOLLOW, 0600: an existing file or a planted symlink fails with EEXIST) and sized
+   * to `sizeBytes`. This one descriptor does every read and write after, so a file put at `path` later
+   * is never written; `discardCreated` removes the file again only if `path` still names it.
+   * @example const hdr = await FileDevice.createNew('/root/hdr.img', 16 << 20);
+   */
+  static async createNew(path: string, sizeBytes: number, opts: FileDeviceOptions = {}): Promise<FileDevice> {
+    checkNewFileDir(path);
+    let fh: FileHandle;
+    try {
+      fh = await open(
+        path,
+        fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW,
+        0o600,
+      );
+    } catch (e) {
+      throw fromSystemError('ECREATE', `cannot create ${path}`, e, { path });
+    }
+    let id: FileIdentity | undefined;
+    try {
+      const st = await fh.stat();
+      id = { dev: st.dev, ino: st.ino };
+      await fh.truncate(sizeBytes);
+      const d = await FileDevice.#init(path, fh, false, opts);
+      d.#created = id;
+      return d;
+    } catch (e) {
+      try {
+        if (id) unlinkIfSame(path, id);
+      } catch {}
+      await fh.close().catch(() => {});
+      throw isCryptmapError(e) ? e : fromSystemError('ECREATE', `cannot size ${path}`, e, { path });
+    }
+  }
+
+  /**
+   * Close a device made by `createNew` and remove its file, but only while `path` still names that
+   * file (checked with the descriptor still open, so that its inode number cannot have been reused);
+   * a file renamed away or put there by someone else is left alone. Not for a device `open` opened.
+   */
+  async discardCreated(): Promise<void> {
+    const id = this.#created;
+    if (id === undefined) throw new CryptmapError('EINVAL', `${this.path} was not created by this device`);
+    try {
+      unlinkIfSame(this.path, id);
+    } finally {
+      await this.close();
+    }
+  }
+
+  /** A regular file shorter than `minBytes` grows to it (a block device stays as it is). */
+  async growTo(minBytes: number): Promise<void> {
+    if (this.isBlockDevice || this.#sizeBytes >= minBytes) return;
+    await this.#handle('grow').truncate(minBytes);
+    await this.refreshSize();
+  }
+
+  /**
    * Open `path` read-write, creating it (O_EXCL, mode 0600: never through a symlink) when absent; a
    * regular file shorter than `minBytes` grows to it (a detached LUKS header file, as cryptsetup makes
    * one). One descriptor does all of it: no second lookup of the path.
@@ -210,10 +272,8 @@ export class FileDevice implements BlockDevice {
   }
 
   static async #grown(d: FileDevice, minBytes: number): Promise<FileDevice> {
-    if (d.isBlockDevice || d.sizeBytes >= minBytes) return d;
     try {
-      await d.#fh!.truncate(minBytes);
-      await d.refreshSize();
+      await d.growTo(minBytes);
       return d;
     } catch (e) {
       await d.close().catch(() => {});

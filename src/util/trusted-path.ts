@@ -23,6 +23,11 @@
  * process may have won the race). Files are opened with O_NOFOLLOW (a planted symlink fails with
  * ELOOP), new ones with O_EXCL, and their owner, type and link count are checked with fstat on the
  * open descriptor, so what is checked is what is read or written.
+ *
+ * Files root makes where the user asks (a detached LUKS header, a header export) follow a narrower rule
+ * (checkNewFileDir): any owner, but no directory on the way writable by others unless sticky; the
+ * file is then used only through the descriptor that created it and removed only while its path still
+ * names it (unlinkIfSame).
  */
 import { randomBytes } from 'node:crypto';
 import {
@@ -47,8 +52,13 @@ import { allocSecretBuffer } from './secret.js';
 export interface TrustOptions {
   /** The uid trusted besides root (default: this process's uid). */
   uid?: number;
-  /** `root-or-caller` (default) or `root`: only root-owned components (the agent's mountpoints). */
-  owners?: 'root-or-caller' | 'root';
+  /**
+   * `root-or-caller` (default) or `root`: only root-owned components (the agent's mountpoints);
+   * `any`: a directory's owner is trusted, whoever it is (checkNewFileDir: the user named the place).
+   */
+  owners?: 'root-or-caller' | 'root' | 'any';
+  /** A sticky directory is accepted as the directory itself too, not only on the way (checkNewFileDir). */
+  stickyDir?: boolean;
   /** Error code for refusals (default EUNTRUSTED_PATH); call sites keep their established codes. */
   code?: ErrorCode;
   /** `follow` (default): trusted symlinks are followed; `refuse`: any symlink on the path is refused (mountpoints). */
@@ -70,7 +80,7 @@ function refuse(o: TrustOptions, path: string, why: string, fix: string): Cryptm
 }
 
 function ownerOk(st: Stats, o: TrustOptions): boolean {
-  return st.uid === 0 || (o.owners !== 'root' && st.uid === callerUid(o));
+  return o.owners === 'any' || st.uid === 0 || (o.owners !== 'root' && st.uid === callerUid(o));
 }
 
 function ownersText(o: TrustOptions): string {
@@ -124,7 +134,8 @@ function checkDir(path: string, st: Stats, o: TrustOptions, asAncestor: boolean)
     );
   }
   if ((st.mode & 0o022) !== 0) {
-    const stickyRoot = asAncestor && st.uid === 0 && (st.mode & 0o1000) !== 0;
+    const stickyRoot =
+      (asAncestor || o.stickyDir === true) && (st.uid === 0 || o.owners === 'any') && (st.mode & 0o1000) !== 0;
     const upg =
       (st.mode & 0o002) === 0 &&
       o.owners !== 'root' &&
@@ -381,6 +392,47 @@ export function createExclusiveFile(path: string, data: Uint8Array | string, mod
 function writeAll(fd: number, data: Uint8Array): void {
   let off = 0;
   while (off < data.length) off += writeSync(fd, data, off, data.length - off);
+}
+
+/**
+ * The rule for a file root creates where the user asks (a detached LUKS header, a header backup, a
+ * volume key file): no directory from `/` down to the one that will hold it lets another user rename
+ * or replace what is in it, that is none is writable by group or others unless it is sticky (`/tmp`:
+ * there nobody but the file's owner and root can rename or remove it, so it is accepted as the
+ * directory itself too). A directory's owner is trusted, whoever it is: the user named a place in it,
+ * as cryptsetup takes it. Without this a file created there exclusively could be renamed away and
+ * replaced by the time it is reopened, written again or removed (another user's header written or
+ * removed by root, or the user's header swapped for a forged one). cryptsetup does not refuse; we do
+ * (refuse, never fix). A missing directory is not refused here: the create fails on it.
+ * @example checkNewFileDir('/srv/hdr.img'); // throws EUNTRUSTED_PATH for /srv mode 0777
+ */
+export function checkNewFileDir(path: string, o: TrustOptions = {}): void {
+  resolveTrusted(dirname(resolve(path)), { ...o, owners: 'any', stickyDir: true });
+}
+
+/** A file's identity (fstat's st_dev and st_ino), to tell whether a path still names it. */
+export interface FileIdentity {
+  dev: number;
+  ino: number;
+}
+
+/**
+ * Remove `path` only when it still names the file `id` (lstat, same st_dev and st_ino): a file that
+ * was renamed away and replaced is left alone, the replacement too. Keep a descriptor of the file open
+ * until this returns, so that its inode number cannot be reused by a replacement. Returns whether it
+ * was removed; other errors than ENOENT are thrown.
+ */
+export function unlinkIfSame(path: string, id: FileIdentity): boolean {
+  let st: Stats;
+  try {
+    st = lstatSync(path);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return false;
+    throw e;
+  }
+  if (st.dev !== id.dev || st.ino !== id.ino) return false;
+  unlinkSync(path);
+  return true;
 }
 
 /**

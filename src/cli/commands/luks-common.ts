@@ -3,16 +3,24 @@
  * KDF options. Passphrase and key-file input: terminal-input.ts; loading a header and the unlock
  * sequence of `open`: luks-unlock.ts.
  */
-import { stat } from 'node:fs/promises';
+import { lstat, stat } from 'node:fs/promises';
 import { cpus, totalmem } from 'node:os';
 import { FileDevice } from '../../blockdev/file.js';
 import { isRemoteDevice, openBlockDevice } from '../../blockdev/open.js';
 import type { BlockDevice } from '../../blockdev/types.js';
 import type { NewKeyslotOptions } from '../../luks/index.js';
-import { CryptmapError, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
+import {
+  CryptmapError,
+  EXIT_FAILURE,
+  EXIT_NO_PERMISSION,
+  EXIT_WRONG_DEVICE,
+  EXIT_WRONG_PARAMS,
+  isCryptmapError,
+} from '../../util/errors.js';
 import { type CliValues, parseCommandLine, parseSize } from '../options.js';
 import { Progress } from '../progress.js';
 import type { CliIO } from '../types.js';
+import { confirm } from './terminal-input.js';
 
 export type LuksArgs = CliValues;
 
@@ -108,6 +116,32 @@ export async function openHeaderFile(path: string, needBytes: number): Promise<B
       cause: e,
     });
   }
+}
+
+/**
+ * cryptsetup 2.6's header file creation (action_luksFormat, also reencrypt --encrypt's): when `path` does not exist, ask "Header
+ * file does not exist, do you want to create it?" (a terminal only, not with -q; no or the end of input
+ * is exit 2), then make it exclusively, mode 0600, 4 KiB ("Cannot create header file X.", exit 1), in a
+ * directory no other user can rewrite (FileDevice.createNew; its refusal is exit 2). The device returned
+ * is what the format writes: a file put at `path` meanwhile is never written. Undefined when it exists
+ * (or is an NBD URI).
+ */
+export async function createHeaderFile(
+  io: CliIO,
+  path: string,
+  batch: boolean | undefined,
+): Promise<FileDevice | undefined> {
+  if (isRemoteDevice(path)) return undefined;
+  const missing = await lstat(path).then(
+    () => false,
+    (e: NodeJS.ErrnoException) => e.code === 'ENOENT',
+  );
+  if (!missing) return undefined;
+  await confirm(io, 'Header file does not exist, do you want to create it?', batch, { exitCode: EXIT_NO_PERMISSION });
+  return FileDevice.createNew(path, 4096).catch((e: unknown) => {
+    if (isCryptmapError(e) && e.code === 'EUNTRUSTED_PATH') throw e;
+    throw new CryptmapError('ECREATE', `Cannot create header file ${path}.`, { exitCode: EXIT_FAILURE, cause: e });
+  });
 }
 
 /** KDF options from --pbkdf, --pbkdf-force-iterations, --pbkdf-memory, --pbkdf-parallel, --iter-time, --hash. */

@@ -6,23 +6,16 @@
 import { deviceInUseError, isDeviceInUse } from '../../blockdev/exclusive.js';
 import { isRemoteDevice } from '../../blockdev/open.js';
 import { deviceSignatures, signatureWarnings, wipeNotes, wipeSignatures } from '../../blockdev/signatures.js';
-import { constants as fsConstants } from 'node:fs';
-import { lstat, open, stat, truncate, unlink } from 'node:fs/promises';
+import { stat, truncate } from 'node:fs/promises';
 import { Luks1Volume, Luks2Volume, luks2Layout, withDeviceLock } from '../../luks/index.js';
 import type { SectorBytes } from '../../engine/types.js';
-import {
-  CryptmapError,
-  EXIT_FAILURE,
-  EXIT_NO_PERMISSION,
-  EXIT_NOMEM,
-  EXIT_WRONG_DEVICE,
-  EXIT_WRONG_PARAMS,
-} from '../../util/errors.js';
+import { CryptmapError, EXIT_FAILURE, EXIT_NOMEM, EXIT_WRONG_DEVICE, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { runTool } from '../../util/tools.js';
 import type { CliIO, VerbMain } from '../types.js';
 import {
   cipherOption,
   closeQuietly,
+  createHeaderFile,
   intOpt,
   keyslotOptions,
   needDevice,
@@ -88,50 +81,6 @@ async function warnNoDataRoom(io: CliIO, device: string, hdrPath: string): Promi
   } finally {
     await closeQuietly(hdr);
   }
-}
-
-/** A header file this run made: its path and identity, so that only that file is ever removed again. */
-interface CreatedFile {
-  path: string;
-  dev: number;
-  ino: number;
-}
-
-/**
- * cryptsetup 2.6's header file creation (action_luksFormat): when `path` does not exist, ask "Header
- * file does not exist, do you want to create it?" (a terminal only, not with -q; no or the end of input
- * is exit 2), then make it exclusively, mode 0600, 4 KiB ("Cannot create header file X.", exit 1).
- * Undefined when it exists (or is an NBD URI).
- */
-async function createHeaderFile(io: CliIO, path: string, batch: boolean | undefined): Promise<CreatedFile | undefined> {
-  if (isRemoteDevice(path)) return undefined;
-  const missing = await lstat(path).then(
-    () => false,
-    (e: NodeJS.ErrnoException) => e.code === 'ENOENT',
-  );
-  if (!missing) return undefined;
-  await confirm(io, 'Header file does not exist, do you want to create it?', batch, { exitCode: EXIT_NO_PERMISSION });
-  const cannot = (cause: unknown) =>
-    new CryptmapError('ECREATE', `Cannot create header file ${path}.`, { exitCode: EXIT_FAILURE, cause });
-  const fh = await open(path, fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_WRONLY, 0o600).catch((e) => {
-    throw cannot(e);
-  });
-  try {
-    await fh.truncate(4096);
-    const st = await fh.stat();
-    return { path, dev: st.dev, ino: st.ino };
-  } catch (e) {
-    await unlink(path).catch(() => {});
-    throw cannot(e);
-  } finally {
-    await fh.close().catch(() => {});
-  }
-}
-
-/** Remove a header file made by createHeaderFile, if `path` is still that file. */
-async function removeCreated(f: CreatedFile): Promise<void> {
-  const st = await lstat(f.path).catch(() => null);
-  if (st && st.dev === f.dev && st.ino === f.ino) await unlink(f.path).catch(() => {});
 }
 
 const main: VerbMain = async (argv: string[], io: CliIO) => {
@@ -252,7 +201,10 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       const need = luks === 'luks1' ? luks1HeaderBytes(keyBits / 8) : luks2HeaderBytes(md, kss, offsetSectors);
       if (st.isFile() && st.size < need) await truncate(device, need);
     }
-    dev = headerFile ? await openHeaderFile(headerFile, hdrNeed) : await openDevice(hdrPath, true);
+    if (created !== undefined) {
+      await created.growTo(hdrNeed);
+      dev = created;
+    } else dev = headerFile ? await openHeaderFile(headerFile, hdrNeed) : await openDevice(hdrPath, true);
     // Narrowed for the closure below.
     const fmtDev = dev;
     const fmtPass = pass;
@@ -284,10 +236,10 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
     formatted = true;
   } finally {
     // cryptmap leaves no header file of its own making behind a format that failed (cryptsetup leaves 4 KiB of zeros).
-    if (!formatted && created !== undefined) await removeCreated(created);
+    if (!formatted && created !== undefined) await created.discardCreated().catch(() => {});
     pass?.fill(0);
     volumeKey?.fill(0);
-    await closeQuietly(dev);
+    await closeQuietly(dev ?? created);
   }
   await warnNoDataRoom(io, device, headerFile ?? device);
   if (v.verbose) io.stdout.write(`Key slot ${ks.keySlot ?? 0} created.\nCommand successful.\n`);

@@ -4,8 +4,9 @@
  * when the header is already in reencryption (begun by cryptmap or cryptsetup), resumes.
  * SIGINT stops after the current hotzone; the device stays resumable.
  */
-import { lstat, open, stat, unlink } from 'node:fs/promises';
+import { stat } from 'node:fs/promises';
 import { randomUUID } from 'node:crypto';
+import { FileDevice } from '../../blockdev/file.js';
 import { isRemoteDevice } from '../../blockdev/open.js';
 import {
   initDecrypt,
@@ -37,7 +38,6 @@ import type { BlockDevice } from '../../blockdev/types.js';
 import {
   CryptmapError,
   EXIT_FAILURE,
-  EXIT_NO_PERMISSION,
   EXIT_WRONG_DEVICE,
   EXIT_WRONG_PARAMS,
   isCryptmapError,
@@ -49,6 +49,7 @@ import { activeByName, runOnline } from './reencrypt-online.js';
 import type { CliIO, VerbMain } from '../types.js';
 import {
   closeQuietly,
+  createHeaderFile,
   headerPath,
   intOpt,
   keyslotOptions,
@@ -404,19 +405,19 @@ async function decryptExportMain(
           .then((r) => r.volumeKey.dispose());
         lock = cryptsetupLock(io, v, l2);
         const hdrBytes = 2 * l2.metadataBytes + Number(l2.jsonSnapshot().config.keyslots_size);
-        hdrDev = await createHeaderFile(headerFile, hdrBytes);
+        const created = await createExportFile(headerFile, hdrBytes);
+        hdrDev = created;
         let hv: Luks2Volume;
         try {
-          hv = await initDecryptExport(dev, hdrDev, pass, {
+          hv = await initDecryptExport(dev, created, pass, {
             ...(v['key-slot'] !== undefined ? { keySlot: intOpt(v['key-slot'], '--key-slot', 0, 31)! } : {}),
             resilience,
             ...(v['resilience-hash'] ? { resilienceHash: v['resilience-hash'] } : {}),
             ...(a.hotzoneBytes !== undefined ? { movedBytes: a.hotzoneBytes } : {}),
           });
         } catch (e) {
-          await closeQuietly(hdrDev);
           hdrDev = undefined;
-          await unlink(headerFile).catch(() => {});
+          await created.discardCreated().catch(() => {});
           throw e;
         }
         if (v['init-only']) return 0;
@@ -432,17 +433,16 @@ async function decryptExportMain(
   }
 }
 
-/** A new header file of `bytes` (0600, refused if it exists), open for writing. */
-async function createHeaderFile(path: string, bytes: number): Promise<BlockDevice> {
-  const fh = await open(path, 'wx', 0o600).catch((e: NodeJS.ErrnoException) => {
-    throw new CryptmapError('EIO', `Cannot create header file ${path}: ${e.message}`, { exitCode: 1, cause: e });
+/**
+ * A new header file of `bytes` for the export (FileDevice.createNew: exclusive, 0600, in a directory
+ * no other user can rewrite; its refusal as it is), written only through the device returned.
+ */
+async function createExportFile(path: string, bytes: number): Promise<FileDevice> {
+  return FileDevice.createNew(path, bytes).catch((e: unknown) => {
+    if (isCryptmapError(e) && e.code === 'EUNTRUSTED_PATH') throw e;
+    const why = e instanceof Error && e.cause instanceof Error ? e.cause.message : String(e);
+    throw new CryptmapError('EIO', `Cannot create header file ${path}: ${why}`, { exitCode: 1, cause: e });
   });
-  try {
-    await fh.truncate(bytes);
-  } finally {
-    await fh.close();
-  }
-  return openDevice(path, true);
 }
 
 /** The reencryption on `vol`'s header moves the data (a reencryption or decryption with data shift, not --encrypt's). */
@@ -505,18 +505,15 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
     if (headerFile) {
       // cryptsetup 2.6 (encrypt_luks2_init -> luksFormat): a --header file that does not exist is
       // made after a question of its own (no or the end of input: exit 2), then not "overwritten".
-      if (!isRemoteDevice(headerFile) && (await lstat(headerFile).catch(() => null)) === null) {
-        await confirm(io, 'Header file does not exist, do you want to create it?', v['batch-mode'], {
-          exitCode: EXIT_NO_PERMISSION,
-        });
-        headerCreated = true;
-      }
+      const created = await createHeaderFile(io, headerFile, v['batch-mode']);
+      headerCreated = created !== undefined;
       const layout = luks2Layout({
         detachedHeader: true,
         ...(md !== undefined ? { metadataBytes: md } : {}),
         ...(kss !== undefined && (a.reduceBytes === undefined || headerFile) ? { keyslotsBytes: kss } : {}),
       });
-      hdrDev = await openHeaderFile(headerFile, layout.hdrAndAreas);
+      hdrDev = created ?? (await openHeaderFile(headerFile, layout.hdrAndAreas));
+      await created?.growTo(layout.hdrAndAreas);
     }
     return await reencryptLock(io, headerFile ?? device, async () => {
       const hdr = hdrDev ?? dataDev;
