@@ -57,6 +57,7 @@ export type {
 export {
   initDecrypt,
   initDecryptExport,
+  initDecryptExportFile,
   initEncrypt,
   initReencrypt,
   inReencryption,

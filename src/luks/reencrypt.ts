@@ -35,6 +35,7 @@ import { createSectorCipher } from '../engine/index.js';
 import type { SectorBytes, SectorCipher } from '../engine/types.js';
 import { CryptmapError, type ErrorCode, isCryptmapError } from '../util/errors.js';
 import { wipeArea } from './keyslot-area.js';
+import { FileDevice } from '../blockdev/file.js';
 import { MemoryDevice } from '../blockdev/memory.js';
 import { type Luks2FormatOptions, Luks2Volume } from './luks2.js';
 import { DIGEST_HANDLERS, handlerFor, KEYSLOT_HANDLERS } from './luks2-handlers.js';
@@ -840,6 +841,41 @@ export async function initDecryptExport(
   } finally {
     vk.fill(0);
     backup.fill(0);
+  }
+}
+
+/**
+ * The header export of `reencrypt --decrypt --header H DEV` from its start to the reencryption on disk:
+ * H (the path `headerFile`, which must not exist) is created for the device's header and keyslots
+ * (FileDevice.createNew: exclusively, 0600, in a directory no other user can rewrite; a refusal of
+ * the directory is thrown as it is, any other failure to create it is "Cannot create header file H: ...",
+ * exit 1), then initDecryptExport runs on it with `passphrase` and `o`. Everything is written through
+ * the descriptor that created H, never by its path again. On a failure H is removed (only while the
+ * path still names the file made here) and the device keeps its header (initDecryptExport's promise).
+ * On success the caller owns `hdr` (close it) and runs the decryption on `vol`.
+ * @example const { vol, hdr } = await initDecryptExportFile(dev, '/root/hdr', pass, { resilience });
+ */
+export async function initDecryptExportFile(
+  dev: BlockDevice,
+  headerFile: string,
+  passphrase: Uint8Array,
+  o: DecryptExportOptions = {},
+): Promise<{ vol: Luks2Volume; hdr: FileDevice }> {
+  const vol = await Luks2Volume.open(dev);
+  const hdrBytes = 2 * vol.metadataBytes + Number(vol.jsonSnapshot().config.keyslots_size);
+  const hdr = await FileDevice.createNew(headerFile, hdrBytes).catch((e: unknown) => {
+    if (isCryptmapError(e) && e.code === 'EUNTRUSTED_PATH') throw e;
+    const why = e instanceof Error && e.cause instanceof Error ? e.cause.message : String(e);
+    throw new CryptmapError('EIO', `Cannot create header file ${headerFile}: ${why}`, {
+      exitCode: 1,
+      cause: e,
+    });
+  });
+  try {
+    return { vol: await initDecryptExport(dev, hdr, passphrase, o), hdr };
+  } catch (e) {
+    await hdr.discardCreated().catch(() => {});
+    throw e;
   }
 }
 

@@ -5,16 +5,22 @@
 // detached-header decryption with --reduce-device-size (the plaintext ends up N bytes further up).
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { existsSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { test } from 'node:test';
+import type { BlockDevice } from '../../src/blockdev/types.js';
 import {
   initDecrypt,
   initDecryptExport,
+  initDecryptExportFile,
   initReencrypt,
   inReencryption,
   Luks2Volume,
   runReencrypt,
 } from '../../src/luks/index.js';
+import { CryptmapError } from '../../src/util/errors.js';
 import { FAST_PBKDF2, hasLuks2, memDev, P, readPlaintext, sliceDev, sweepCrashes, writePlaintext } from './helpers.js';
+import { makeTempDir } from '../helpers/tmp.js';
 
 const PASS = P('pass');
 const META = 0x4000;
@@ -223,4 +229,47 @@ test('datashift-checksum and datashift-journal protect only a decryption with th
       /Failed to initialize LUKS2 reencryption in metadata\./,
     );
   assert.equal(JSON.stringify((await Luks2Volume.open(dev)).jsonSnapshot()), before);
+});
+
+test('initDecryptExportFile writes the header only through the file it created, and on a failure removes only that file', async (t) => {
+  const { dir, cleanup } = makeTempDir('cm-export-');
+  t.after(cleanup);
+  const dev = memDev(OFF + (1 << 20));
+  await Luks2Volume.format(dev, PASS, {
+    metadataBytes: META,
+    keyslotsBytes: KS,
+    offsetBytes: OFF,
+    keyslot: { kdf: FAST_PBKDF2 },
+  });
+  const before = Buffer.alloc(OFF);
+  await dev.read(0, before);
+  const hdr = join(dir, 'hdr');
+  const planted = Buffer.from('another file, put where the header was made\n');
+  // The injected step: at the first write to the device (after the header was copied to H), H is
+  // renamed away and another file put at its path; then the write fails.
+  let swapped = false;
+  const failing: BlockDevice = new Proxy(dev, {
+    get(target, prop) {
+      if (prop === 'write' && !swapped)
+        return async () => {
+          swapped = true;
+          renameSync(hdr, `${hdr}.moved`);
+          writeFileSync(hdr, planted);
+          throw new CryptmapError('EIO', 'injected write failure');
+        };
+      const v = Reflect.get(target, prop, target);
+      return typeof v === 'function' ? v.bind(target) : v;
+    },
+  });
+  await assert.rejects(initDecryptExportFile(failing, hdr, PASS), /injected write failure/);
+  assert.ok(swapped, 'the device was written');
+  assert.ok(readFileSync(hdr).equals(planted), 'the file put at the path is neither written nor removed');
+  assert.ok(readFileSync(`${hdr}.moved`).subarray(0, OFF).equals(before), 'the header went to the file made');
+  const after = Buffer.alloc(OFF);
+  await dev.read(0, after);
+  assert.ok(after.equals(before), 'the device keeps its header');
+  // Without the swap, a failure removes the file it made.
+  rmSync(hdr);
+  await assert.rejects(initDecryptExportFile(dev, hdr, PASS, { movedBytes: 2 * OFF }), /Moved segment size/);
+  assert.ok(!existsSync(hdr), 'the header file made is removed');
 });

@@ -6,11 +6,10 @@
  */
 import { stat } from 'node:fs/promises';
 import { randomUUID } from 'node:crypto';
-import { FileDevice } from '../../blockdev/file.js';
 import { isRemoteDevice } from '../../blockdev/open.js';
 import {
   initDecrypt,
-  initDecryptExport,
+  initDecryptExportFile,
   initEncrypt,
   initLuks1Reencrypt,
   Luks1Volume,
@@ -397,31 +396,20 @@ async function decryptExportMain(
       let lock: ReencryptLock | undefined;
       let hdrDev: BlockDevice | undefined;
       try {
+        const slot = v['key-slot'] !== undefined ? { keySlot: intOpt(v['key-slot'], '--key-slot', 0, 31)! } : {};
         // Checked before H is created (cryptsetup: reencrypt_check_passphrase before the header backup).
-        await l2
-          .unlock(pass, {
-            ...(v['key-slot'] !== undefined ? { keySlot: intOpt(v['key-slot'], '--key-slot', 0, 31)! } : {}),
-          })
-          .then((r) => r.volumeKey.dispose());
+        await l2.unlock(pass, slot).then((r) => r.volumeKey.dispose());
         lock = cryptsetupLock(io, v, l2);
-        const hdrBytes = 2 * l2.metadataBytes + Number(l2.jsonSnapshot().config.keyslots_size);
-        const created = await createExportFile(headerFile, hdrBytes);
-        hdrDev = created;
-        let hv: Luks2Volume;
-        try {
-          hv = await initDecryptExport(dev, created, pass, {
-            ...(v['key-slot'] !== undefined ? { keySlot: intOpt(v['key-slot'], '--key-slot', 0, 31)! } : {}),
-            resilience,
-            ...(v['resilience-hash'] ? { resilienceHash: v['resilience-hash'] } : {}),
-            ...(a.hotzoneBytes !== undefined ? { movedBytes: a.hotzoneBytes } : {}),
-          });
-        } catch (e) {
-          hdrDev = undefined;
-          await created.discardCreated().catch(() => {});
-          throw e;
-        }
+        // H made, the export initialised, H removed again on a failure: the library's sequence.
+        const exported = await initDecryptExportFile(dev, headerFile, pass, {
+          ...slot,
+          resilience,
+          ...(v['resilience-hash'] ? { resilienceHash: v['resilience-hash'] } : {}),
+          ...(a.hotzoneBytes !== undefined ? { movedBytes: a.hotzoneBytes } : {}),
+        });
+        hdrDev = exported.hdr;
         if (v['init-only']) return 0;
-        return await run(io, v, device, hv, pass, dev, undefined);
+        return await run(io, v, device, exported.vol, pass, dev, undefined);
       } finally {
         lock?.release();
         pass.fill(0);
@@ -431,18 +419,6 @@ async function decryptExportMain(
   } finally {
     await closeQuietly(dev);
   }
-}
-
-/**
- * A new header file of `bytes` for the export (FileDevice.createNew: exclusive, 0600, in a directory
- * no other user can rewrite; its refusal as it is), written only through the device returned.
- */
-async function createExportFile(path: string, bytes: number): Promise<FileDevice> {
-  return FileDevice.createNew(path, bytes).catch((e: unknown) => {
-    if (isCryptmapError(e) && e.code === 'EUNTRUSTED_PATH') throw e;
-    const why = e instanceof Error && e.cause instanceof Error ? e.cause.message : String(e);
-    throw new CryptmapError('EIO', `Cannot create header file ${path}: ${why}`, { exitCode: 1, cause: e });
-  });
 }
 
 /** The reencryption on `vol`'s header moves the data (a reencryption or decryption with data shift, not --encrypt's). */
