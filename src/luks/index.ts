@@ -14,6 +14,7 @@ import { open as fsOpen } from 'node:fs/promises';
 import type { BlockDevice } from '../blockdev/types.js';
 import { CryptmapError, EXIT_WRONG_DEVICE, isCryptmapError } from '../util/errors.js';
 import { logger } from '../util/log.js';
+import { checkNewFileDir } from '../util/trusted-path.js';
 import { hasLuks1Magic, Luks1Volume } from './luks1.js';
 import { hasLuks2Magic } from './luks2-disk.js';
 import { Luks2Volume, readLuks2 } from './luks2.js';
@@ -114,8 +115,13 @@ export async function openLuks(dev: BlockDevice): Promise<Luks1Volume | Luks2Vol
   }
 }
 
-/** Copy the header and keyslot areas into a new file (luksHeaderBackup); fails if the file exists. */
+/**
+ * Copy the header and keyslot areas into a new file (luksHeaderBackup); fails if the file exists.
+ * Unlike cryptsetup, refused in a directory another user can rewrite (checkNewFileDir, exit 2): a
+ * backup swapped there would later be restored onto the device.
+ */
 export async function headerBackup(dev: BlockDevice, vol: LuksVolume, file: string): Promise<void> {
+  checkNewFileDir(file);
   const n = vol.headerBytes;
   const buf = Buffer.alloc(n);
   await dev.read(0, buf);

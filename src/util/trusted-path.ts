@@ -24,10 +24,10 @@
  * ELOOP), new ones with O_EXCL, and their owner, type and link count are checked with fstat on the
  * open descriptor, so what is checked is what is read or written.
  *
- * Files root makes where the user asks (a detached LUKS header, a header export) follow a narrower rule
- * (checkNewFileDir): any owner, but no directory on the way writable by others unless sticky; the
- * file is then used only through the descriptor that created it and removed only while its path still
- * names it (unlinkIfSame).
+ * Files root makes where the user asks (a detached LUKS header, a header export, a header backup, a
+ * volume key file) follow a narrower rule (checkNewFileDir): any owner, but no directory on the way
+ * writable by others unless sticky; the file is then used only through the descriptor that created it
+ * and removed only while its path still names it (unlinkIfSame).
  */
 import { randomBytes } from 'node:crypto';
 import {

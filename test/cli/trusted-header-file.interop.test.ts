@@ -1,6 +1,6 @@
-// A header file cryptmap creates for the user (luksFormat --header NEW, reencrypt --encrypt --header NEW,
-// reencrypt --decrypt --header NEW exporting the header): refused in a directory another local user can
-// rewrite (mode 0777 without the sticky bit, owned by nobody: exit 2, nothing created, the device as it
+// A file cryptmap creates for the user (luksFormat --header NEW, reencrypt --encrypt --header NEW,
+// reencrypt --decrypt --header NEW exporting the header, luksHeaderBackup, luksDump --volume-key-file):
+// refused in a directory another local user can rewrite (mode 0777 without the sticky bit, owned by nobody: exit 2, nothing created, the device as it
 // was), where cryptsetup 2.6 (the oracle for the rest) creates it; accepted in a sticky one (as /tmp).
 // In a directory that passes, the file is written through the descriptor that created it: a symlink put
 // at the path while the passphrase is read (the injected step) is never followed.
@@ -127,4 +127,27 @@ test('luksFormat --header NEW: a symlink put at the path while the passphrase is
   assert.ok(readFileSync(victim).equals(Buffer.alloc(1 << 20, 0x11)), 'the file behind the symlink is not written');
   assert.ok(lstatSync(hdr).isSymbolicLink());
   assert.ok(isLuks(`${hdr}.moved`), 'the header is in the file that was made');
+});
+
+test('luksHeaderBackup and luksDump --volume-key-file into a directory others can write to are refused, nothing made', async () => {
+  const open = othersDir('open-b', 0o777);
+  const img = image('b.img', 8 << 20);
+  const f = cryptsetupSync(['luksFormat', '-q', '--type', 'luks2', ...FAST_PBKDF, img, key]);
+  assert.equal(f.status, 0, f.out);
+  const backup = await cm(['luksHeaderBackup', img, '--header-backup-file', join(open, 'backup')]);
+  assert.equal(backup.code, 2, backup.err);
+  assert.match(backup.err, REFUSED);
+  const vk = await cm([
+    'luksDump',
+    '--dump-volume-key',
+    '-q',
+    '--key-file',
+    key,
+    '--volume-key-file',
+    join(open, 'vk'),
+    img,
+  ]);
+  assert.equal(vk.code, 2, vk.err);
+  assert.match(vk.err, REFUSED);
+  assert.deepEqual(readdirSync(open), [], 'nothing is created there');
 });

@@ -6,7 +6,7 @@
  */
 import type { Luks1Volume, Luks2Volume } from '../../luks/index.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
-import { createExclusiveFile } from '../../util/trusted-path.js';
+import { checkNewFileDir, createExclusiveFile } from '../../util/trusted-path.js';
 import type { CliIO, VerbMain } from '../types.js';
 import { closeQuietly, headerPath, intOpt, type LuksArgs, needDevice, parseLuksArgs } from './luks-common.js';
 import { loadLuksForRead } from './luks-unlock.js';
@@ -167,9 +167,11 @@ export function dumpJson(v: Luks1Volume | Luks2Volume): unknown {
  */
 /**
  * --volume-key-file: as cryptsetup, a new file only (O_CREAT|O_EXCL, never through a symlink: an
- * existing file, perhaps world-readable, is refused rather than overwritten), owner read-only.
+ * existing file, perhaps world-readable, is refused rather than overwritten), owner read-only; unlike
+ * cryptsetup, never in a directory another user can rewrite (checkNewFileDir, exit 2).
  */
 function writeVolumeKeyFile(file: string, key: Uint8Array): void {
+  checkNewFileDir(file);
   try {
     createExclusiveFile(file, key, 0o400);
   } catch (e) {
