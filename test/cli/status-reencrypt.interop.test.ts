@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { FAST_PBKDF } from '../helpers/luks.js';
 import { fileTempDir } from '../helpers/tmp.js';
-import { runTool } from '../helpers/tools.js';
+import { mustRun } from '../helpers/tools.js';
 import { cli, cliOk, startDaemon } from '../load/helpers.js';
 
 const CS = '/usr/sbin/cryptsetup';
@@ -22,11 +22,7 @@ test('status of a volume opened mid-reencryption has the "reencryption:  in-prog
   writeFileSync(key, 'pw', { mode: 0o600 });
   writeFileSync(img, '');
   truncateSync(img, 24 << 20);
-  const cs = async (...args: string[]) => {
-    const r = await runTool(CS, args);
-    assert.equal(r.code, 0, `cryptsetup ${args.join(' ')}: ${r.stderr}`);
-    return r.stdout;
-  };
+  const cs = (...args: string[]) => mustRun(CS, args);
   await cs('luksFormat', '-q', '--type', 'luks2', ...FAST_PBKDF, '--key-file', key, img);
   await cs('reencrypt', '--init-only', '--force-offline-reencrypt', '-q', ...FAST_PBKDF, '--key-file', key, img);
   const run = join(dir, 'run');

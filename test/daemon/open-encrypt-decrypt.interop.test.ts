@@ -13,13 +13,13 @@ import { join } from 'node:path';
 import { before, test } from 'node:test';
 import { FaultDevice } from '../../src/blockdev/fault.js';
 import { FileDevice } from '../../src/blockdev/file.js';
-import { createSectorCipher } from '../../src/engine/index.js';
 import { initEncrypt, Luks2Volume, runReencrypt } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
 import { requireTool, cryptsetupSync, cryptsetupVolumeKey, type CryptsetupResult } from '../helpers/tools.js';
 import { cli, cliOk, volumeStatus, readVolume, startDaemon } from '../load/helpers.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { FAST_PBKDF } from '../helpers/luks.js';
+import { cryptFile } from '../luks/helpers.js';
 
 const MiB = 1 << 20;
 const PASS = 'open mid encrypt pass';
@@ -93,17 +93,7 @@ async function encryptedDetached(name: string, bytes: number): Promise<Vol> {
   );
   assert.equal(f1.status, 0, f1.out);
   const v: Vol = { ...f, plain: randomBytes(bytes) };
-  const c = createSectorCipher({ spec: 'aes-xts-plain64', key: volumeKey(v), sectorBytes: 512 });
-  const dev = await FileDevice.open(v.img);
-  try {
-    const b = Buffer.from(v.plain);
-    c.encrypt(b, 0n);
-    await dev.write(0, b);
-    await dev.flush();
-  } finally {
-    c.dispose();
-    await dev.close();
-  }
+  await cryptFile(v.img, volumeKey(v), 0, { plain: v.plain });
   return v;
 }
 
@@ -168,18 +158,8 @@ async function openResumeOnline(v: Vol): Promise<void> {
 }
 
 /** The encrypted volume's plaintext as cryptsetup's volume key decrypts it (data at `offset`, IV from 0). */
-async function encryptedPlain(v: Vol, offset: number): Promise<Buffer> {
-  const dev = await FileDevice.open(v.img);
-  const c = createSectorCipher({ spec: 'aes-xts-plain64', key: volumeKey(v), sectorBytes: 512 });
-  try {
-    const b = Buffer.alloc(v.plain.length);
-    await dev.read(offset, b);
-    c.decrypt(b, 0n);
-    return b;
-  } finally {
-    c.dispose();
-    await dev.close();
-  }
+function encryptedPlain(v: Vol, offset: number): Promise<Buffer> {
+  return cryptFile(v.img, volumeKey(v), offset, { bytes: v.plain.length });
 }
 
 for (const sig of ['SIGINT', 'SIGKILL'] as const) {

@@ -13,13 +13,13 @@ import { join } from 'node:path';
 import { before, test } from 'node:test';
 import { FaultDevice } from '../../src/blockdev/fault.js';
 import { FileDevice } from '../../src/blockdev/file.js';
-import { createSectorCipher } from '../../src/engine/index.js';
 import { initReencrypt, Luks2Volume, reencryptLockPath, runReencrypt } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
 import { requireTool, cryptsetupSync, cryptsetupVolumeKey, type CryptsetupResult } from '../helpers/tools.js';
 import { cli, cliOk, volumeStatus, readVolume, startDaemon } from '../load/helpers.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { FAST_PBKDF } from '../helpers/luks.js';
+import { cryptFile } from '../luks/helpers.js';
 
 const MiB = 1 << 20;
 const DATA_OFF = 16 * MiB;
@@ -34,18 +34,8 @@ function cs(...args: string[]): CryptsetupResult {
 }
 
 /** The plaintext of the finished image (one segment, 512-byte sectors) through the key cryptsetup dumps. */
-async function plainOf(img: string, key: string): Promise<Buffer> {
-  const dev = await FileDevice.open(img);
-  const c = createSectorCipher({ spec: 'aes-xts-plain64', key: cryptsetupVolumeKey(key, img), sectorBytes: 512 });
-  try {
-    const b = Buffer.alloc(DATA);
-    await dev.read(DATA_OFF, b);
-    c.decrypt(b, 0n);
-    return b;
-  } finally {
-    c.dispose();
-    await dev.close();
-  }
+function plainOf(img: string, key: string): Promise<Buffer> {
+  return cryptFile(img, cryptsetupVolumeKey(key, img), DATA_OFF, { bytes: DATA });
 }
 
 interface Vol {
@@ -66,17 +56,7 @@ async function fresh(name: string): Promise<Vol> {
   const f = cs('luksFormat', '-q', '--type', 'luks2', '--sector-size', '512', ...FAST_PBKDF, '--key-file', key, img);
   assert.equal(f.status, 0, f.out);
   const plain = randomBytes(DATA);
-  const dev = await FileDevice.open(img);
-  const c = createSectorCipher({ spec: 'aes-xts-plain64', key: cryptsetupVolumeKey(key, img), sectorBytes: 512 });
-  try {
-    const b = Buffer.from(plain);
-    c.encrypt(b, 0n);
-    await dev.write(DATA_OFF, b);
-    await dev.flush();
-  } finally {
-    c.dispose();
-    await dev.close();
-  }
+  await cryptFile(img, cryptsetupVolumeKey(key, img), DATA_OFF, { plain });
   const run = join(dir, `${name}-run`);
   return { img, key, run, env: { CRYPTMAP_RUNTIME_DIR: run, CRYPTMAP_LOCK_DIR: join(dir, 'locks') }, plain };
 }

@@ -145,3 +145,20 @@ export function cryptsetupVolumeKey(keyFile: string, device: string, extra: stri
   if (r.status !== 0 || !m) throw new Error(`cryptsetup dumped no volume key (exit ${r.status}):\n${r.out}`);
   return Buffer.from(m[1]!.replace(/\s/g, ''), 'hex');
 }
+
+/**
+ * Real cryptsetup started with `args` (a reencryption, say) and killed -9 as soon as `luksDump HEADER`
+ * matches `progress`: a crash mid-way, as far as the header shows. Looks every 20 ms, 600 times at the
+ * most; the caller checks that the header still shows the work unfinished (it may have finished first).
+ */
+export async function cryptsetupKilledWhen(args: string[], header: string, progress: RegExp): Promise<void> {
+  requireTool('cryptsetup');
+  const child = spawn('cryptsetup', args, { stdio: 'ignore' });
+  const exited = new Promise<void>((r) => child.once('exit', () => r()));
+  for (let i = 0; i < 600; i++) {
+    if (progress.test(cryptsetupSync(['luksDump', header]).out)) break;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  child.kill('SIGKILL');
+  await exited;
+}

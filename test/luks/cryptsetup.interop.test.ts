@@ -8,10 +8,9 @@ import { before, test } from 'node:test';
 import { cryptsetupVolumeKey, requireTool } from '../helpers/tools.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { FileDevice } from '../../src/blockdev/file.js';
-import { main } from '../../src/cli/main.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import { openLuks } from '../../src/luks/index.js';
-import { interopTools, Sink } from './helpers.js';
+import { inProcessCli, interopTools } from './helpers.js';
 import { FAST_PBKDF } from '../helpers/luks.js';
 
 const dir = fileTempDir('cryptmap-luks-');
@@ -32,19 +31,7 @@ function keyFile(name: string, content: string | Buffer): string {
   writeFileSync(p, content, { mode: 0o600 });
   return p;
 }
-async function cm(...argv: string[]): Promise<{ code: number; out: string; err: string }> {
-  const stdout = new Sink();
-  const stderr = new Sink();
-  const { Readable } = await import('node:stream');
-  const stdin = Readable.from([]) as unknown as NodeJS.ReadableStream;
-  const code = await main(argv, {
-    stdin,
-    stdout,
-    stderr,
-    env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') },
-  });
-  return { code, out: stdout.data, err: stderr.data };
-}
+const cm = inProcessCli(dir);
 function vkFromCryptsetup(img: string, key: string, extra: string[] = []): string {
   return cryptsetupVolumeKey(key, img, extra).toString('hex');
 }

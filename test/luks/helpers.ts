@@ -1,14 +1,16 @@
 /** Shared test settings: cheap KDFs (tests only), memory devices; the interop tests' tool helpers. */
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { truncateSync, writeFileSync } from 'node:fs';
+import { mkdirSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { Writable } from 'node:stream';
+import { Readable, Writable } from 'node:stream';
 import { FaultDevice } from '../../src/blockdev/fault.js';
+import { FileDevice } from '../../src/blockdev/file.js';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import type { BlockDevice } from '../../src/blockdev/types.js';
 import type { KdfParams } from '../../src/crypto/kdf/index.js';
 import { createSectorCipher } from '../../src/engine/index.js';
+import type { SectorBytes } from '../../src/engine/types.js';
 import { type Luks2Volume, readLuks2 } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
 
@@ -170,4 +172,56 @@ export function interopTools(getDir: () => string) {
     return p;
   };
   return { run, cs, image };
+}
+
+/**
+ * The CLI run in this process (`main`), its lock directory `<dir>/locks`: `cm(...argv)` gives the exit
+ * code and what it wrote to stdout and stderr (stdin is empty).
+ */
+export function inProcessCli(dir: string) {
+  return async (...argv: string[]): Promise<{ code: number; out: string; err: string }> => {
+    const { main } = await import('../../src/cli/main.js');
+    const out = new Sink();
+    const err = new Sink();
+    mkdirSync(join(dir, 'locks'), { recursive: true, mode: 0o700 });
+    const code = await main(argv, {
+      stdin: Readable.from([]) as unknown as NodeJS.ReadableStream,
+      stdout: out,
+      stderr: err,
+      env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') },
+    });
+    return { code, out: out.data, err: err.data };
+  };
+}
+
+/**
+ * aes-xts-plain64 with volume key `vk` (IVs from 0, `sector`-byte sectors, 512 by default) on the image
+ * file `img` at byte `offset`: encrypts `plain` there (and returns the ciphertext), or without it
+ * returns the plaintext of `bytes` bytes from `offset` (by default up to the end of the file).
+ */
+export async function cryptFile(
+  img: string,
+  vk: Buffer,
+  offset: number,
+  o: { sector?: number; plain?: Buffer; bytes?: number } = {},
+): Promise<Buffer> {
+  const { sector = 512, plain } = o;
+  const dev = await FileDevice.open(img);
+  const c = createSectorCipher({ spec: 'aes-xts-plain64', key: vk, sectorBytes: sector as SectorBytes });
+  try {
+    if (plain) {
+      const b = Buffer.from(plain);
+      c.encrypt(b, 0n);
+      await dev.write(offset, b);
+      await dev.flush();
+      return b;
+    }
+    const b = Buffer.alloc(o.bytes ?? dev.sizeBytes - offset);
+    await dev.read(offset, b);
+    c.decrypt(b, 0n);
+    return b;
+  } finally {
+    c.dispose();
+    await dev.close();
+  }
 }

@@ -8,19 +8,17 @@ import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { Readable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { test } from 'node:test';
 import { fileTempDir } from '../helpers/tmp.js';
 import { FileDevice } from '../../src/blockdev/file.js';
 import type { BlockDevice } from '../../src/blockdev/types.js';
-import { main } from '../../src/cli/main.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import { initReencrypt, inReencryption, Luks2Volume, runReencrypt, withDeviceLock } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
-import { cloneDevice, FAST_PBKDF2, memDev, P, Sink } from './helpers.js';
+import { cloneDevice, FAST_PBKDF2, inProcessCli, memDev, P } from './helpers.js';
 import { FAST_LUKS2_FORMAT, FAST_PBKDF } from '../helpers/luks.js';
-import { cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
+import { cryptsetupSync, cryptsetupVolumeKey, type CryptsetupResult } from '../helpers/tools.js';
 
 const OFF = 1 << 20;
 const DATA = 512 << 10;
@@ -120,16 +118,7 @@ test('a header damaged mid-reencryption: one copy is recovered and the run resum
   assert.ok((await bytes(two)).equals(was));
 });
 
-async function cm(...argv: string[]): Promise<{ code: number; err: string }> {
-  const err = new Sink();
-  const code = await main(argv, {
-    stdin: Readable.from([]) as unknown as NodeJS.ReadableStream,
-    stdout: new Sink(),
-    stderr: err,
-    env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') },
-  });
-  return { code, err: err.data };
-}
+const cm = inProcessCli(dir);
 
 function cs(...args: string[]): CryptsetupResult {
   return cryptsetupSync(args);
@@ -147,11 +136,8 @@ function image(name: string): { img: string; key: string } {
 
 /** The plaintext of an image made by image(), through the volume key cryptsetup dumps. */
 function plainOf(f: string): Buffer {
-  const k = cs('luksDump', '--dump-volume-key', '-q', '--key-file', `${f.replace(/\.copy$/, '')}.key`, f).out;
-  const m = /MK dump:\t([\s\S]*)$/.exec(k);
-  assert.ok(m, k);
+  const vk = cryptsetupVolumeKey(`${f.replace(/\.copy$/, '')}.key`, f);
   const b = Buffer.from(readFileSync(f).subarray(16 << 20));
-  const vk = Buffer.from(m[1]!.replace(/\s/g, ''), 'hex');
   const c = createSectorCipher({ spec: 'aes-xts-plain64', key: vk, sectorBytes: 4096 });
   c.decrypt(b, 0n);
   c.dispose();

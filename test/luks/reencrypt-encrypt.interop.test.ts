@@ -7,17 +7,15 @@ import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { Readable } from 'node:stream';
 import { test } from 'node:test';
 import { cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { FaultDevice } from '../../src/blockdev/fault.js';
 import { FileDevice } from '../../src/blockdev/file.js';
-import { main } from '../../src/cli/main.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import { initEncrypt, Luks2Volume, runReencrypt } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
-import { Sink } from './helpers.js';
+import { inProcessCli } from './helpers.js';
 import { FAST_PBKDF } from '../helpers/luks.js';
 
 const dir = fileTempDir('cm-enc-');
@@ -27,17 +25,7 @@ const REDUCE = 4 << 20; // shift 2 MiB: a few hotzones
 function cs(...args: string[]): CryptsetupResult {
   return cryptsetupSync(args);
 }
-async function cm(...argv: string[]): Promise<{ code: number; out: string; err: string }> {
-  const err = new Sink();
-  const out = new Sink();
-  const code = await main(argv, {
-    stdin: Readable.from([]) as unknown as NodeJS.ReadableStream,
-    stdout: out,
-    stderr: err,
-    env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') },
-  });
-  return { code, out: out.data, err: err.data };
-}
+const cm = inProcessCli(dir);
 function dump(hdr: string, key: string): { vk: Buffer; offset: number; linear: boolean } {
   const r = cs('luksDump', '--dump-volume-key', '--batch-mode', '--key-file', key, hdr);
   const d = cs('luksDump', hdr).out;

@@ -3,22 +3,19 @@
 // the on-disk result is cryptsetup's (data offset + N, keyslots area grown to it) and the plaintext,
 // all but the last N bytes, is intact. cryptsetup runs offline on files (--force-offline-reencrypt).
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { copyFileSync, existsSync, mkdirSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { cryptsetupSync, cryptsetupVolumeKey, type CryptsetupResult } from '../helpers/tools.js';
+import { cryptsetupKilledWhen, cryptsetupSync, cryptsetupVolumeKey, type CryptsetupResult } from '../helpers/tools.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { FaultDevice } from '../../src/blockdev/fault.js';
 import { FileDevice } from '../../src/blockdev/file.js';
-import { main } from '../../src/cli/main.js';
-import { createSectorCipher } from '../../src/engine/index.js';
-import type { SectorBytes } from '../../src/engine/types.js';
 import { initReencrypt, Luks2Volume, runReencrypt } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
-import { Sink } from './helpers.js';
-import { FAST_PBKDF } from '../helpers/luks.js';
+import { cryptFile, inProcessCli } from './helpers.js';
+import { FAST_LUKS2_FORMAT, FAST_PBKDF } from '../helpers/luks.js';
 
 const dir = fileTempDir('cm-reenc-shift-');
 const DATA_OFF = 16 << 20;
@@ -28,18 +25,7 @@ const PASS = 'secret pass';
 function cs(...args: string[]): CryptsetupResult {
   return cryptsetupSync(args, { timeoutMs: 600_000 });
 }
-async function cm(...argv: string[]): Promise<{ code: number; err: string }> {
-  const { Readable } = await import('node:stream');
-  const err = new Sink();
-  mkdirSync(join(dir, 'locks'), { recursive: true, mode: 0o700 });
-  const code = await main(argv, {
-    stdin: Readable.from([]) as unknown as NodeJS.ReadableStream,
-    stdout: new Sink(),
-    stderr: err,
-    env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') },
-  });
-  return { code, err: err.data };
-}
+const cm = inProcessCli(dir);
 function volumeKey(img: string, key: string): Buffer {
   return cryptsetupVolumeKey(key, img);
 }
@@ -51,49 +37,32 @@ function json(img: string): {
   assert.equal(r.status, 0, r.out);
   return JSON.parse(r.out);
 }
-/** `len` bytes of plaintext at logical 0 of the data at `off`, with key `vk` (or encrypt `plain` there). */
-async function crypt(img: string, vk: Buffer, off: number, sector: number, plain?: Buffer): Promise<Buffer> {
-  const dev = await FileDevice.open(img);
-  const c = createSectorCipher({ spec: 'aes-xts-plain64', key: vk, sectorBytes: sector as SectorBytes });
-  try {
-    if (plain) {
-      const b = Buffer.from(plain);
-      c.encrypt(b, 0n);
-      await dev.write(off, b);
-      await dev.flush();
-      return b;
-    }
-    const b = Buffer.alloc(dev.sizeBytes - off);
-    await dev.read(off, b);
-    c.decrypt(b, 0n);
-    return b;
-  } finally {
-    c.dispose();
-    await dev.close();
-  }
-}
-async function fresh(name: string, sector = 512): Promise<{ img: string; key: string; plain: Buffer }> {
+/**
+ * Image `name` of `bytes` bytes (and its key file `name.key`), LUKS2 as cryptsetup's luksFormat with
+ * `args` makes it (header in `header` when given), random plaintext encrypted from `off` to its end.
+ */
+async function formatted(
+  name: string,
+  bytes: number,
+  off: number,
+  sector: number,
+  args: string[],
+  header?: string,
+): Promise<{ img: string; key: string; plain: Buffer }> {
   const img = join(dir, name);
   const key = join(dir, `${name}.key`);
   writeFileSync(key, PASS, { mode: 0o600 });
   writeFileSync(img, Buffer.alloc(0));
-  spawnSync('truncate', ['-s', String(DATA_OFF + SIZE), img]);
-  const f = cs(
-    'luksFormat',
-    '-q',
-    '--type',
-    'luks2',
-    '--sector-size',
-    String(sector),
-    ...FAST_PBKDF,
-    '--key-file',
-    key,
-    img,
-  );
+  spawnSync('truncate', ['-s', String(bytes), img]);
+  const hdr = header !== undefined ? ['--header', header] : [];
+  const f = cs(...FAST_LUKS2_FORMAT, '--sector-size', String(sector), ...args, ...hdr, '--key-file', key, img);
   assert.equal(f.status, 0, f.out);
-  const plain = randomBytes(SIZE);
-  await crypt(img, volumeKey(img, key), DATA_OFF, sector, plain);
+  const plain = randomBytes(bytes - off);
+  await cryptFile(img, volumeKey(header ?? img, key), off, { sector, plain });
   return { img, key, plain };
+}
+function fresh(name: string, sector = 512): Promise<{ img: string; key: string; plain: Buffer }> {
+  return formatted(name, DATA_OFF + SIZE, DATA_OFF, sector, []);
 }
 /** The device after a finished shift of `shift` bytes: cryptsetup's header, the plaintext moved up. */
 async function checkDone(img: string, key: string, plain: Buffer, shift: number, sector = 512): Promise<void> {
@@ -102,7 +71,7 @@ async function checkDone(img: string, key: string, plain: Buffer, shift: number,
   assert.equal(j.segments['0']!.offset, String(DATA_OFF + shift));
   assert.equal(j.config.keyslots_size, String(DATA_OFF + shift - 2 * 0x4000));
   assert.equal(j.config.requirements, undefined);
-  const got = await crypt(img, volumeKey(img, key), DATA_OFF + shift, sector);
+  const got = await cryptFile(img, volumeKey(img, key), DATA_OFF + shift, { sector });
   assert.equal(got.length, SIZE - shift);
   assert.ok(got.equals(plain.subarray(0, SIZE - shift)), 'plaintext damaged');
 }
@@ -167,8 +136,8 @@ test('cryptmap reencrypt --reduce-device-size in one go leaves the header crypts
 
 test('cryptsetup reencrypt --reduce-device-size killed -9 mid-way, cryptmap resumes', async () => {
   const { img, key, plain } = await fresh('k.img');
-  const child = spawn(
-    'cryptsetup',
+  // Killed once the header shows progress (an old data segment of fixed length below the new one).
+  await cryptsetupKilledWhen(
     [
       'reencrypt',
       '--force-offline-reencrypt',
@@ -180,17 +149,9 @@ test('cryptsetup reencrypt --reduce-device-size killed -9 mid-way, cryptmap resu
       key,
       img,
     ],
-    { stdio: 'ignore' },
+    img,
+    /Data segments:\n {2}0: crypt\n\toffset: [0-9]+ \[bytes\]\n\tlength: [0-9]+ \[bytes\]/,
   );
-  const exited = new Promise<void>((r) => child.once('exit', () => r()));
-  // Kill it once the header shows progress (an old data segment of fixed length below the new one).
-  for (let i = 0; i < 600; i++) {
-    const d = cs('luksDump', img).out;
-    if (/Data segments:\n {2}0: crypt\n\toffset: [0-9]+ \[bytes\]\n\tlength: [0-9]+ \[bytes\]/.test(d)) break;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  child.kill('SIGKILL');
-  await exited;
   assert.match(cs('luksDump', img).out, /online-reencrypt-v2/, 'cryptsetup finished before it could be killed');
   const r = await cm('reencrypt', '--resume-only', '-q', '-d', key, img);
   assert.equal(r.code, 0, r.err);
@@ -269,31 +230,15 @@ test('a data shift not aligned to the encryption sector size: both tools refuse 
 
 for (const starter of ['cryptsetup', 'cryptmap'] as const) {
   test(`decryption of a detached header with --reduce-device-size: ${starter} starts, the other finishes`, async () => {
-    const img = join(dir, `d-${starter}.img`);
     const hdr = join(dir, `d-${starter}.hdr`);
-    const key = join(dir, `d-${starter}.key`);
-    writeFileSync(key, PASS, { mode: 0o600 });
-    writeFileSync(img, Buffer.alloc(0));
-    spawnSync('truncate', ['-s', String(SIZE), img]);
-    const f = cs(
-      'luksFormat',
-      '-q',
-      '--type',
-      'luks2',
-      '--sector-size',
-      '512',
-      '--luks2-keyslots-size',
-      '512K',
-      ...FAST_PBKDF,
-      '--header',
+    const { img, key, plain } = await formatted(
+      `d-${starter}.img`,
+      SIZE,
+      0,
+      512,
+      ['--luks2-keyslots-size', '512K'],
       hdr,
-      '--key-file',
-      key,
-      img,
     );
-    assert.equal(f.status, 0, f.out);
-    const plain = randomBytes(SIZE);
-    await crypt(img, volumeKey(hdr, key), 0, 512, plain);
     const S = 2 << 20;
     const init = ['reencrypt', '--decrypt', '--init-only', '-q', '--reduce-device-size', '2M', '--header', hdr];
     if (starter === 'cryptsetup') {
@@ -325,33 +270,8 @@ const X_OFF = 1 << 20; // the data offset, and so the shift (small, so that a ru
 const X_SIZE = X_OFF + (24 << 20);
 
 async function freshInPlace(name: string): Promise<{ img: string; key: string; plain: Buffer; hdr: string }> {
-  const img = join(dir, name);
-  const key = join(dir, `${name}.key`);
-  writeFileSync(key, PASS, { mode: 0o600 });
-  writeFileSync(img, Buffer.alloc(0));
-  spawnSync('truncate', ['-s', String(X_SIZE), img]);
-  const f = cs(
-    'luksFormat',
-    '-q',
-    '--type',
-    'luks2',
-    '--sector-size',
-    '512',
-    '--luks2-metadata-size',
-    '16K',
-    '--luks2-keyslots-size',
-    '960K',
-    '--offset',
-    String(X_OFF / 512),
-    ...FAST_PBKDF,
-    '--key-file',
-    key,
-    img,
-  );
-  assert.equal(f.status, 0, f.out);
-  const plain = randomBytes(X_SIZE - X_OFF);
-  await crypt(img, volumeKey(img, key), X_OFF, 512, plain);
-  return { img, key, plain, hdr: join(dir, `${name}.hdr`) };
+  const args = ['--luks2-metadata-size', '16K', '--luks2-keyslots-size', '960K', '--offset', String(X_OFF / 512)];
+  return { ...(await formatted(name, X_SIZE, X_OFF, 512, args)), hdr: join(dir, `${name}.hdr`) };
 }
 /** The device after a finished decryption with the header exported: plaintext at 0, H a linear header. */
 async function checkDecrypted(img: string, hdr: string, plain: Buffer): Promise<void> {
@@ -434,20 +354,12 @@ test('cryptmap reencrypt --decrypt --header NEW in one go', async () => {
 
 test('cryptsetup reencrypt --decrypt --header NEW killed -9 mid-way, cryptmap resumes', async () => {
   const { img, key, plain, hdr } = await freshInPlace('x5.img');
-  const child = spawn(
-    'cryptsetup',
+  // Killed once the header shows progress (plaintext after the moved segment).
+  await cryptsetupKilledWhen(
     ['reencrypt', '--decrypt', '--force-offline-reencrypt', '-q', '--header', hdr, '--key-file', key, img],
-    { stdio: 'ignore' },
+    hdr,
+    /Data segments:\n {2}0: crypt[\s\S]*\n {2}1: linear/,
   );
-  const exited = new Promise<void>((r) => child.once('exit', () => r()));
-  // Kill it once the header shows progress (plaintext after the moved segment).
-  for (let i = 0; i < 600; i++) {
-    const d = cs('luksDump', hdr).out;
-    if (/Data segments:\n {2}0: crypt[\s\S]*\n {2}1: linear/.test(d)) break;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  child.kill('SIGKILL');
-  await exited;
   assert.match(cs('luksDump', hdr).out, /online-reencrypt-v3/, 'cryptsetup finished before it could be killed');
   const r = await cm('reencrypt', '--resume-only', '-q', '--header', hdr, '-d', key, img);
   assert.equal(r.code, 0, r.err);

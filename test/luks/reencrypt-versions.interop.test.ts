@@ -6,11 +6,9 @@
 import assert from 'node:assert/strict';
 import { chmodSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { Readable } from 'node:stream';
 import { before, test } from 'node:test';
-import { main } from '../../src/cli/main.js';
 import { FAST_LUKS2_FORMAT, FAST_PBKDF } from '../helpers/luks.js';
-import { Sink } from './helpers.js';
+import { inProcessCli } from './helpers.js';
 import { cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
 import { fileTempDir } from '../helpers/tmp.js';
 
@@ -22,16 +20,7 @@ function cs(...args: string[]): CryptsetupResult {
   return cryptsetupSync(args, { cwd: dir });
 }
 
-async function cm(...argv: string[]): Promise<{ code: number; err: string }> {
-  const err = new Sink();
-  const code = await main(argv, {
-    stdin: Readable.from([]) as unknown as NodeJS.ReadableStream,
-    stdout: new Sink(),
-    stderr: err,
-    env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') },
-  });
-  return { code, err: err.data };
-}
+const cm = inProcessCli(dir);
 
 function image(name: string, type: 'luks1' | 'luks2'): string {
   const img = join(dir, name);

@@ -2,20 +2,18 @@
 // offline on files (cryptsetup needs --force-offline-reencrypt on a regular file, no device-mapper).
 // The plaintext is checked with the volume key cryptsetup dumps before and after.
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
+import { cryptsetupKilledWhen, cryptsetupSync, cryptsetupVolumeKey, type CryptsetupResult } from '../helpers/tools.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { FaultDevice } from '../../src/blockdev/fault.js';
 import { FileDevice } from '../../src/blockdev/file.js';
-import { main } from '../../src/cli/main.js';
-import { createSectorCipher } from '../../src/engine/index.js';
 import { initReencrypt, Luks2Volume, runReencrypt } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
-import { Sink } from './helpers.js';
+import { cryptFile, inProcessCli } from './helpers.js';
 import { FAST_PBKDF } from '../helpers/luks.js';
 
 const dir = fileTempDir('cm-reenc-');
@@ -25,40 +23,16 @@ const SIZE = 24 << 20;
 function cs(...args: string[]): CryptsetupResult {
   return cryptsetupSync(args, { timeoutMs: 600_000 });
 }
+const cli = inProcessCli(dir);
 async function cm(...argv: string[]): Promise<number> {
-  const { Readable } = await import('node:stream');
-  return main(argv, {
-    stdin: Readable.from([]) as unknown as NodeJS.ReadableStream,
-    stdout: new Sink(),
-    stderr: new Sink(),
-    env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') },
-  });
+  return (await cli(...argv)).code;
 }
 function volumeKey(img: string, key: string): Buffer {
-  const r = cs('luksDump', '--dump-volume-key', '--batch-mode', '--key-file', key, img);
-  const m = /MK dump:\t([\s\S]*)$/.exec(r.out);
-  assert.ok(m, r.out);
-  return Buffer.from(m[1]!.replace(/[\s]/g, ''), 'hex');
+  return cryptsetupVolumeKey(key, img);
 }
-async function crypt(img: string, vk: Buffer, plain: Buffer | undefined): Promise<Buffer> {
-  const dev = await FileDevice.open(img);
-  const c = createSectorCipher({ spec: 'aes-xts-plain64', key: vk, sectorBytes: 512 });
-  try {
-    const b = Buffer.alloc(SIZE);
-    if (plain) {
-      plain.copy(b);
-      c.encrypt(b, 0n);
-      await dev.write(DATA_OFF, b);
-      await dev.flush();
-      return b;
-    }
-    await dev.read(DATA_OFF, b);
-    c.decrypt(b, 0n);
-    return b;
-  } finally {
-    c.dispose();
-    await dev.close();
-  }
+/** The plaintext of the data at DATA_OFF (SIZE bytes: up to the end of the image), or `plain` encrypted there. */
+function crypt(img: string, vk: Buffer, plain: Buffer | undefined): Promise<Buffer> {
+  return cryptFile(img, vk, DATA_OFF, plain ? { plain } : {});
 }
 async function fresh(name: string): Promise<{ img: string; key: string; plain: Buffer }> {
   const img = join(dir, name);
@@ -126,20 +100,12 @@ test('cryptmap reencrypt in one go (checksum, small hotzones) and a wrong passph
 
 test('cryptsetup reencrypt killed -9 mid-way, cryptmap resumes; plaintext intact', async () => {
   const { img, key, plain } = await fresh('k.img');
-  const child = spawn(
-    'cryptsetup',
+  // Killed once the header shows progress (a first data segment of fixed length).
+  await cryptsetupKilledWhen(
     ['reencrypt', '--force-offline-reencrypt', '-q', '--hotzone-size', '64K', ...FAST_PBKDF, '--key-file', key, img],
-    { stdio: 'ignore' },
+    img,
+    /Data segments:\n {2}0: crypt\n\toffset: [0-9]+ \[bytes\]\n\tlength: [0-9]+ \[bytes\]/,
   );
-  const exited = new Promise<void>((r) => child.once('exit', () => r()));
-  // Kill it once the header shows progress (a first data segment of fixed length).
-  for (let i = 0; i < 600; i++) {
-    const d = cs('luksDump', img).out;
-    if (/Data segments:\n {2}0: crypt\n\toffset: [0-9]+ \[bytes\]\n\tlength: [0-9]+ \[bytes\]/.test(d)) break;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  child.kill('SIGKILL');
-  await exited;
   assert.match(cs('luksDump', img).out, /online-reencrypt-v2/, 'cryptsetup finished before it could be killed');
   assert.equal(await cm('reencrypt', '--resume-only', '-q', '--key-file', key, img), 0);
   assert.doesNotMatch(cs('luksDump', img).out, /online-reencrypt/);
