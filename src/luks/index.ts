@@ -15,10 +15,13 @@ import type { BlockDevice } from '../blockdev/types.js';
 import { CryptmapError, EXIT_WRONG_DEVICE, isCryptmapError } from '../util/errors.js';
 import { logger } from '../util/log.js';
 import { checkNewFileDir } from '../util/trusted-path.js';
-import { hasLuks1Magic, Luks1Volume } from './luks1.js';
+import { hasLuks1Magic, LUKS_PHDR_BYTES, Luks1Volume } from './luks1.js';
 import { hasLuks2Magic } from './luks2-disk.js';
 import { Luks2Volume, readLuks2 } from './luks2.js';
+import { unknownRequirements } from './luks2-json.js';
+import { inReencryption } from './reencrypt.js';
 import type { LuksVolume } from './types.js';
+import { backupFileBytes } from './volume-common.js';
 
 const log = logger('luks');
 
@@ -123,8 +126,12 @@ export async function openLuks(dev: BlockDevice): Promise<Luks1Volume | Luks2Vol
 export async function headerBackup(dev: BlockDevice, vol: LuksVolume, file: string): Promise<void> {
   checkNewFileDir(file);
   const n = vol.headerBytes;
-  const buf = Buffer.alloc(n);
-  await dev.read(0, buf);
+  const buf = Buffer.alloc(backupFileBytes(vol));
+  await dev.read(0, buf.subarray(0, n));
+  // As cryptsetup: when LUKS1 keyslots start at 4 KiB, the unused rest of that block is left out
+  // (zeros), so a backup carries no old signature from there.
+  if (vol instanceof Luks1Volume && vol.header.keyblock[0]!.keyMaterialOffset * 512 === 4096)
+    buf.fill(0, LUKS_PHDR_BYTES, 4096);
   let fh: Awaited<ReturnType<typeof fsOpen>>;
   try {
     fh = await fsOpen(file, 'wx', 0o400);
@@ -150,6 +157,65 @@ export async function headerBackup(dev: BlockDevice, vol: LuksVolume, file: stri
   }
 }
 
+/** What a header restore replaces: the facts cryptsetup's question before it names (luksHeaderRestore). */
+export interface RestorePlan {
+  /** The backup's LUKS version. */
+  type: 'luks1' | 'luks2';
+  /** The version of the valid header on the device, if any. */
+  deviceType: 'luks1' | 'luks2' | null;
+  /** The device holds a valid header of the backup's version ("already contains"), else "does not contain". */
+  replacesHeader: boolean;
+  /** That header's UUID differs from the backup's. */
+  otherUuid: boolean;
+  /** LUKS2: that header has requirements this version does not know. */
+  unknownRequirements: boolean;
+  /** LUKS2: that header is in a reencryption. */
+  reencryption: boolean;
+}
+
+export interface HeaderRestoreOptions {
+  /** The backup's path, for messages. */
+  backupPath?: string;
+  /** Called after every check and before the first write; throws to stop (nothing written then). */
+  confirm?: (plan: RestorePlan) => Promise<void>;
+}
+
+/**
+ * The checks cryptsetup 2.6 makes before a header restore, with its messages (exit 1 each): a LUKS2
+ * backup must not carry requirements this version does not know (the reencryption's are allowed);
+ * a header of the backup's version already on the device must describe the same data: LUKS1 the same
+ * payload offset and key size, LUKS2 (unless in a reencryption) the same data offset and the same
+ * size of header and keyslot areas. Restoring another layout would map the data wrongly.
+ */
+function planRestore(src: LuksVolume, old: LuksVolume | null, backupPath: string): RestorePlan {
+  const fail = (m: string) => new CryptmapError('EBACKUP', m, { exitCode: 1 });
+  if (src instanceof Luks2Volume && unknownRequirements(src.json).length > 0)
+    throw fail(`Forbidden LUKS2 requirements detected in backup ${backupPath}.`);
+  const cur = old !== null && old.type === src.type ? old : null;
+  const plan: RestorePlan = {
+    type: src.type,
+    deviceType: old?.type ?? null,
+    replacesHeader: cur !== null,
+    otherUuid: cur !== null && cur.uuid !== src.uuid,
+    unknownRequirements: cur instanceof Luks2Volume && unknownRequirements(cur.json).length > 0,
+    reencryption: cur instanceof Luks2Volume && inReencryption(cur.json),
+  };
+  if (cur === null) return plan;
+  if (src.type === 'luks1') {
+    if (
+      cur.dataSegment.offsetBytes !== src.dataSegment.offsetBytes ||
+      cur.dataSegment.keyBytes !== src.dataSegment.keyBytes
+    )
+      throw fail('Data offset or key size differs on device and backup, restore failed.');
+  } else if (!plan.reencryption) {
+    if (cur.dataSegment.offsetBytes !== src.dataSegment.offsetBytes)
+      throw fail('Data offset differ on device and backup, restore failed.');
+    if (cur.headerBytes !== src.headerBytes)
+      throw fail('Binary header with keyslot areas size differ on device and backup, restore failed.');
+  }
+  return plan;
+}
+
 /**
  * Restore a header backup (luksHeaderRestore): the backup must be a valid LUKS header; afterwards the
  * device's header and keyslot areas are byte for byte the backup's. Written so that a crash between
@@ -162,9 +228,14 @@ export async function headerBackup(dev: BlockDevice, vol: LuksVolume, file: stri
  *  4. the rest of the changes (the old keyslots' material, now unreferenced).
  * Not crash-safe, with a warning: an old LUKS1 header whose keyslots collide with the backup's (LUKS1
  * keyslots cannot move), or a LUKS2 keyslots area with no room to move them; and a restore that
- * changes the metadata size while old keyslots sit where the new header copies go.
+ * changes the metadata size while old keyslots sit where the new header copies go. `opts.confirm`
+ * sees the plan after cryptsetup's checks (planRestore) and before the first write.
  */
-export async function headerRestore(dev: BlockDevice, backup: BlockDevice): Promise<LuksVolume> {
+export async function headerRestore(
+  dev: BlockDevice,
+  backup: BlockDevice,
+  opts: HeaderRestoreOptions = {},
+): Promise<LuksVolume> {
   // cryptsetup: -EINVAL (exit 1) for a backup that is not a usable LUKS header.
   const src = await openLuks(backup).catch((e) => {
     if (isCryptmapError(e, 'ENOTLUKS'))
@@ -184,6 +255,9 @@ export async function headerRestore(dev: BlockDevice, backup: BlockDevice): Prom
   const n = src.headerBytes;
   if (n > backup.sizeBytes)
     throw new CryptmapError('EBACKUP', 'Backup file does not contain valid LUKS header.', { exitCode: 1 });
+  const old = await openLuks(dev).catch(() => null);
+  const plan = planRestore(src, old, opts.backupPath ?? 'file');
+  await opts.confirm?.(plan);
   if (n > dev.sizeBytes)
     throw new CryptmapError('EBACKUP', 'Device is too small for the header backup.', { exitCode: EXIT_WRONG_DEVICE });
   const buf = Buffer.alloc(n);
@@ -196,7 +270,6 @@ export async function headerRestore(dev: BlockDevice, backup: BlockDevice): Prom
     a[0] < b[1] && b[0] < a[1] ? [Math.max(a[0], b[0]), Math.min(a[1], b[1])] : null;
   const span = (a: { offsetBytes: number; sizeBytes: number }): Range => [a.offsetBytes, a.offsetBytes + a.sizeBytes];
   const newAreas = src.keyslotAreas().map(span);
-  const old = await openLuks(dev).catch(() => null);
   let oldLive: Range[] = [];
   if (old) {
     const keep: Range[] = [[0, hdrBytes], ...newAreas];

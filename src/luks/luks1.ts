@@ -334,10 +334,14 @@ export class Luks1Volume implements LuksVolume {
   get cipher(): string {
     return `${this.#h.cipherName}-${this.#h.cipherMode}`;
   }
+  /**
+   * The header and the keyslot areas up to the last one's end, whatever the slots' states
+   * (cryptsetup's LUKS_device_sectors): what a header restore writes. A backup file holds them
+   * rounded up to 4 KiB (headerBackup). The payload offset may lie further out (2 MiB alignment).
+   */
   get headerBytes(): number {
     const afSectors = afSplitBytes(this.#h.keyBytes, LUKS_STRIPES) / 512;
-    const end = Math.max(...this.#h.keyblock.map((k) => k.keyMaterialOffset + afSectors));
-    return (this.#h.payloadOffset || Math.ceil(end / 8) * 8) * 512;
+    return Math.max(...this.#h.keyblock.map((k) => k.keyMaterialOffset + afSectors)) * 512;
   }
   get dataSegment(): DataSegment {
     return {

@@ -31,6 +31,7 @@ import { CryptmapError } from '../util/errors.js';
 import type { Secret } from '../util/secret.js';
 import { LUKS_KEY_ENABLED, LUKS_MAGIC, Luks1Volume } from './luks1.js';
 import type { NewKeyslotOptions } from './types.js';
+import { backupFileBytes } from './volume-common.js';
 
 /** The magic of a LUKS1 device in legacy reencryption. */
 export const LUKS1_NOMAGIC = Buffer.from([0x4c, 0x55, 0x4b, 0x53, 0xde, 0xad]);
@@ -127,16 +128,6 @@ async function writeLog(path: string, l: Log): Promise<void> {
   }
 }
 
-/** Bytes of a LUKS1 header with its keyslots (what luksHeaderBackup writes: the keyslots' end, 4 KiB aligned). */
-function headerBytes(v: Luks1Volume): number {
-  let end = 1;
-  for (const k of v.header.keyblock) {
-    const sectors = Math.ceil((v.header.keyBytes * k.stripes) / 512);
-    end = Math.max(end, k.keyMaterialOffset + sectors);
-  }
-  return Math.ceil((end * 512) / 4096) * 4096;
-}
-
 /** Where the keyslots of a new LUKS1 header with `keyBytes`-byte keys end (LUKS_generate_phdr's layout). */
 function luks1KeyslotsEnd(keyBytes: number): number {
   const stride = Math.ceil((keyBytes * 4000) / 512 / 8) * 8;
@@ -198,7 +189,7 @@ export async function initLuks1Reencrypt(
   const { volumeKey: oldVk } = await vol.unlock(o.passphrases.get(mainSlot)!, { keySlot: mainSlot });
   try {
     await writeNewFile(f.log, formatLog({ uuid: vol.uuid, backward, mode: o.mode, offset: backward ? NO_OFFSET : 0n }));
-    const hb = Buffer.alloc(headerBytes(vol));
+    const hb = Buffer.alloc(backupFileBytes(vol));
     await dev.read(0, hb);
     await writeNewFile(f.org, hb, 0o400);
     const newOff = o.mode === 'decrypt' ? 0 : vol.dataSegment.offsetBytes + (o.reduceBytes ?? 0);
@@ -388,7 +379,7 @@ export async function runLuks1Reencrypt(
     if (log.mode !== 'decrypt') {
       // The new header onto the device: the keyslots, then the header behind the unusable magic, then
       // the magic alone (one sector's write), so a crash anywhere leaves a device that resumes.
-      const hb = Buffer.alloc(headerBytes(nv));
+      const hb = Buffer.alloc(backupFileBytes(nv));
       await nd.read(0, hb);
       if (hb.length > 4096) await hdrDev.write(4096, hb.subarray(4096));
       await hdrDev.flush();

@@ -3,7 +3,7 @@
 // /usr/sbin/cryptsetup and with cryptmap on copies of one image and compares the exit code, the
 // message and the header left on disk (read back by cryptsetup luksDump).
 import assert from 'node:assert/strict';
-import { copyFileSync, truncateSync, writeFileSync } from 'node:fs';
+import { copyFileSync, readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
@@ -432,4 +432,108 @@ test('option values are checked as cryptsetup parses them (popt numbers, size un
     // cryptmap says which option popt's "invalid numeric value" is about.
     assert.ok(last(cm.stderr).startsWith(last(cs.stderr)), `${args.join(' ')}: ${cm.stderr} vs ${cs.stderr}`);
   }
+});
+
+test("luksHeaderRestore: backups are cryptsetup's bytes both ways, layouts that differ are refused, the question is cryptsetup's", async () => {
+  const backup = async (bin: 'cs' | 'cm', img: string) => {
+    const f = join(dir, `bak${n++}`);
+    if (bin === 'cs') await ok(CS, ['luksHeaderBackup', img, '--header-backup-file', f]);
+    else await ok(process.execPath, [ENTRY, 'luksHeaderBackup', img, '--header-backup-file', f]);
+    return f;
+  };
+  const l1 = await image('luks1');
+  const l2 = await image('luks2');
+  // LUKS1: the header and keyslots up to the last one's end (4036 sectors with 512-bit keys), padded
+  // to 4 KiB; cryptmap used to write up to the payload offset (2 MiB) and refused cryptsetup's file.
+  for (const img of [l1, l2]) {
+    const a = readFileSync(await backup('cs', img));
+    const b = readFileSync(await backup('cm', img));
+    assert.ok(a.equals(b), `${img}: cryptmap's backup differs from cryptsetup's (${b.length} / ${a.length} bytes)`);
+  }
+  assert.equal(statSync(await backup('cs', l1)).size, 2068480);
+  // Each restores the other's backup of a header that changed since (a keyslot added): slot 0 only.
+  for (const [img, made] of [
+    [l1, 'cs'],
+    [l1, 'cm'],
+    [l2, 'cs'],
+    [l2, 'cm'],
+  ] as const) {
+    const bak = await backup(made, img);
+    const changed = `${img}.${made}-later`;
+    copyFileSync(img, changed);
+    await ok(CS, ['luksAddKey', ...FAST_PBKDF, changed, '-d', kf('old'), kf('new')]);
+    const r = await same(changed, ['luksHeaderRestore', '-q', 'IMG', '--header-backup-file', bak]);
+    assert.deepEqual(r, { code: 0, err: '', slots: '0' }, `${img} from a backup made by ${made}`);
+  }
+  // Refused before anything is written (exit 1, the header keeps its keyslots): another data offset,
+  // another keyslots area size (LUKS2), another key size (LUKS1).
+  const other = async (args: string[]) => {
+    const img = join(dir, `other${n++}`);
+    writeFileSync(img, '');
+    truncateSync(img, 40 << 20);
+    await ok(CS, ['-q', 'luksFormat', ...args, ...FAST_PBKDF, img, '-d', kf('old')]);
+    return backup('cs', img);
+  };
+  const two = await image('luks2', true, 40);
+  const twoL1 = await image('luks1', true, 40);
+  for (const [img, bak, msg] of [
+    [
+      two,
+      await other(['--type', 'luks2', '--offset', '65536']),
+      'Data offset differ on device and backup, restore failed.',
+    ],
+    [
+      two,
+      await other(['--type', 'luks2', '--luks2-keyslots-size', '1M', '--offset', '32768']),
+      'Binary header with keyslot areas size differ on device and backup, restore failed.',
+    ],
+    [
+      twoL1,
+      await other(['--type', 'luks1', '-s', '256']),
+      'Data offset or key size differs on device and backup, restore failed.',
+    ],
+  ] as const) {
+    const r = await same(img, ['luksHeaderRestore', '-q', 'IMG', '--header-backup-file', bak]);
+    assert.deepEqual(r, { code: 1, err: msg, slots: '0,1' });
+  }
+  // The question on a terminal, answered no: what the device holds (of the backup's version), the UUID
+  // warning, and nothing after the "no" (exit 1); a LUKS1 backup onto LUKS2 also says what it found.
+  const empty = join(dir, `empty${n++}`);
+  writeFileSync(empty, '');
+  truncateSync(empty, 20 << 20);
+  const cmBin = [process.execPath, ENTRY];
+  const l1other = await image('luks1');
+  const seen: string[] = [];
+  for (const [dev, bak] of [
+    [empty, await backup('cs', l2)],
+    [l2, await backup('cs', await image('luks2'))],
+    [l2, await backup('cs', l1)],
+    [l1other, await backup('cs', l1)],
+    [l1other, await backup('cs', l2)],
+  ] as const) {
+    const a = `${dev}.q-cs`;
+    const b = `${dev}.q-cm`;
+    copyFileSync(dev, a);
+    copyFileSync(dev, b);
+    const steps: [string, string][] = [["Are you sure? (Type 'yes' in capital letters):", 'n']];
+    const cs = await dialog([CS], ['luksHeaderRestore', a, '--header-backup-file', bak], steps, { [a]: 'DEV' });
+    const cm = await dialog(cmBin, ['luksHeaderRestore', b, '--header-backup-file', bak], steps, { [b]: 'DEV' });
+    assert.equal(cm, cs, `${dev} <- ${bak}`);
+    assert.ok(readFileSync(b).equals(readFileSync(dev)), 'a refused restore writes nothing');
+    seen.push(cs);
+  }
+  const all = seen.join('\n');
+  for (const line of [
+    'Device DEV does not contain LUKS2 header. Replacing header can destroy data on that device.',
+    'Device DEV already contains LUKS2 header. Replacing header will destroy existing keyslots.',
+    'WARNING: real device header has different UUID than backup!',
+    'Unsupported LUKS version 2.',
+    'Device DEV does not contain LUKS header. Replacing header can destroy data on that device.',
+    'Device DEV already contains LUKS header. Replacing header will destroy existing keyslots.',
+  ])
+    assert.ok(all.includes(line), `no case printed '${line}':\n${all}`);
+  assert.ok(
+    seen.every((t) => /: n\n\nEXIT 1\n?$/.test(t)),
+    all,
+  );
 });

@@ -14,6 +14,7 @@ import {
   inReencryption,
   Luks1Volume,
   type Luks2Volume,
+  type RestorePlan,
   unlockReencryptKeys,
   verifyReencryptDigest,
   withDeviceLock,
@@ -238,15 +239,16 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
           );
         });
         try {
-          const cur = await detectLuks(dev);
-          await confirm(
-            io,
-            cur
-              ? `Device ${hdr} already contains ${cur.toUpperCase()} header. Replacing header will destroy existing keyslots.`
-              : `Device ${hdr} does not contain LUKS header. Replacing header can destroy data on that device.`,
-            v['batch-mode'],
-          );
-          await headerRestore(dev, backup);
+          await headerRestore(dev, backup, {
+            backupPath: file,
+            confirm: (plan) => {
+              // cryptsetup's LUKS1 restore reads the device's header as LUKS1 and says what it found.
+              if (plan.type === 'luks1' && plan.deviceType === 'luks2')
+                io.stderr.write('Unsupported LUKS version 2.\n');
+              // It says nothing more when the answer is no (exit 1).
+              return confirm(io, restoreQuestion(hdr, plan), v['batch-mode'], { fail: '' });
+            },
+          });
         } finally {
           await closeQuietly(backup);
         }
@@ -381,3 +383,25 @@ async function repairReencryption(io: CliIO, vol: Luks2Volume, v: LuksArgs): Pro
 }
 
 export default main;
+
+/** cryptsetup 2.6's question before a header restore: what the device holds, then its warnings. */
+function restoreQuestion(device: string, p: RestorePlan): string {
+  const type = p.type === 'luks1' ? 'LUKS' : 'LUKS2';
+  const lines = [
+    p.replacesHeader
+      ? `Device ${device} already contains ${type} header. Replacing header will destroy existing keyslots.`
+      : `Device ${device} does not contain ${type} header. Replacing header can destroy data on that device.`,
+  ];
+  if (p.otherUuid) lines.push('WARNING: real device header has different UUID than backup!');
+  if (p.unknownRequirements)
+    lines.push(
+      'WARNING: unknown LUKS2 requirements detected in real device header!',
+      'Replacing header with backup may corrupt the data on that device!',
+    );
+  if (p.reencryption)
+    lines.push(
+      'WARNING: Unfinished offline reencryption detected on the device!',
+      'Replacing header with backup may corrupt data.',
+    );
+  return lines.join('\n');
+}
