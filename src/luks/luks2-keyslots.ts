@@ -173,8 +173,9 @@ export async function unlock(h: Luks2Header, passphrase: Uint8Array, opts: Unloc
     const dId = h.digestOfKeyslot(k);
     if (dId === undefined) continue;
     const d = h.json.digests[dId]!;
-    // Keyslots of other segments (unbound keys) only when asked for (LUKS2_keyslot_for_segment).
-    if (!opts.anySegment && !d.segments.includes('0')) continue;
+    // Keyslots of other segments (unbound keys) only when asked for (LUKS2_keyslot_for_segment), of
+    // one digest only when that is asked for (LUKS2_keyslot_open_by_digest).
+    if (opts.digest !== undefined ? dId !== opts.digest : !opts.anySegment && !d.segments.includes('0')) continue;
     let vk: Buffer;
     last[cls] = 'wrong';
     try {

@@ -270,6 +270,14 @@ function segmentBlob(s: L2Segment): Buffer[] {
   return [str(s.type), u64be(s.offset), size, u64be(s.iv_tweak ?? '0'), str(s.encryption), u32be(s.sector_size ?? 512)];
 }
 
+/**
+ * A key the verification needs was not unlocked (`open --test-passphrase --key-slot N` opens one
+ * keyslot only): cryptsetup's -EINVAL (exit 1), which it reports only in its debug output.
+ */
+function keyNotUnlocked(digest: string): never {
+  throw new CryptmapError('EREENCRYPT', '', { exitCode: 1, errno: 'EINVAL', context: { digest } });
+}
+
 function verificationBlob(j: Luks2Json, keys: Map<string, Buffer>, version: number): Buffer {
   const ksId = reencryptKeyslotId(j);
   const prev = segmentByFlag(j, 'backup-previous');
@@ -280,8 +288,8 @@ function verificationBlob(j: Luks2Json, keys: Map<string, Buffer>, version: numb
   const dOld = digestOfSegment(j, prev[0]);
   const dNew = digestOfSegment(j, fin[0]);
   const parts: Buffer[] = [Buffer.from([0x76, 0x30 + version])];
-  if (dOld !== undefined) parts.push(keys.get(dOld) ?? fail('Reencryption metadata is invalid.'));
-  if (dNew !== undefined && dNew !== dOld) parts.push(keys.get(dNew) ?? fail('Reencryption metadata is invalid.'));
+  if (dOld !== undefined) parts.push(keys.get(dOld) ?? keyNotUnlocked(dOld));
+  if (dNew !== undefined && dNew !== dOld) parts.push(keys.get(dNew) ?? keyNotUnlocked(dNew));
   parts.push(str(ks.mode), str(ks.direction), str(area.type), u64be(String(area.offset)), u64be(String(area.size)));
   if (area.type === 'checksum') parts.push(str(area.hash), u32be(Number(area.sector_size)));
   else if (area.type === 'datashift' || area.type === 'datashift-journal') parts.push(u64be(String(area.shift_size)));
@@ -297,7 +305,8 @@ function verificationBlob(j: Luks2Json, keys: Map<string, Buffer>, version: numb
 /**
  * The reencryption metadata of `j` against the digest of its reencrypt keyslot `ksId`, with the volume
  * keys by digest id. A mismatch is cryptsetup's "Reencryption metadata is invalid." with its exit 2
- * (the activation it verifies in fails with EPERM).
+ * (the activation it verifies in fails with EPERM); no digest at all (legacy metadata, or deleted),
+ * the same message with -ENOENT, exit 1.
  */
 async function checkReencryptDigest(
   j: Luks2Json,
@@ -310,13 +319,19 @@ async function checkReencryptDigest(
   const d = rd === undefined ? undefined : j.digests[rd];
   const ok = d !== undefined && (await handlerFor(DIGEST_HANDLERS, d.type)?.verify(d, blob)) === true;
   blob.fill(0);
-  if (!ok) fail('Reencryption metadata is invalid.', 'EREENCRYPT', 2);
+  if (!ok)
+    throw new CryptmapError('EREENCRYPT', 'Reencryption metadata is invalid.', {
+      exitCode: d === undefined ? 1 : 2,
+      errno: d === undefined ? 'ENOENT' : 'EPERM',
+    });
 }
 
+/** The version of the reencryption requirement (LUKS2_config_get_reencrypt_version: legacy `online-reencrypt` is 1). */
 function requirementVersion(j: Luks2Json): number {
   const r = (j.config.requirements?.mandatory ?? []).find((x) => x.startsWith('online-reencrypt'));
+  if (r === 'online-reencrypt') return 1;
   const m = r ? /^online-reencrypt-v([0-9]+)$/.exec(r) : null;
-  if (!m) fail('Legacy (online-reencrypt) reencryption metadata is not supported; use cryptsetup repair.');
+  if (!m) fail('Reencryption metadata is invalid.');
   return Number(m[1]);
 }
 
@@ -945,21 +960,24 @@ async function openVerified(
   return undefined;
 }
 
-/** Unlock every keyslot the passphrase opens; returns the keys by digest id. */
-async function unlockAll(
-  vol: Luks2Volume,
-  j: Luks2Json,
-  passphrase: Uint8Array,
-  want: string[],
-): Promise<Map<string, Buffer>> {
+/**
+ * The keys of the digests `want` (the old one first) that `passphrase` opens, each looked for as
+ * cryptsetup 2.6 looks for it (LUKS2_keyslot_open_all_segments: keyslots of that digest by priority):
+ * one it does not open is cryptsetup's error for it, "No key available with this passphrase." (exit 2)
+ * or "No usable keyslot is available." (exit 1), as the last keyslot tried answers.
+ */
+async function unlockAll(vol: Luks2Volume, passphrase: Uint8Array, want: string[]): Promise<Map<string, Buffer>> {
   const keys = new Map<string, Buffer>();
-  for (const [id, ks] of Object.entries(j.keyslots)) {
-    if (ks.type !== 'luks2') continue;
-    const d = digestOfKeyslot(j, id);
-    if (d === undefined || keys.has(d) || !want.includes(d)) continue;
-    const vk = await openVerified(vol, j, ks, d, passphrase);
-    if (vk) keys.set(d, vk);
-    if (want.every((w) => keys.has(w))) break;
+  try {
+    for (const d of want) {
+      if (keys.has(d)) continue;
+      const { volumeKey } = await vol.unlock(passphrase, { digest: d });
+      keys.set(d, Buffer.from(volumeKey.expose()));
+      volumeKey.dispose();
+    }
+  } catch (e) {
+    for (const k of keys.values()) k.fill(0);
+    throw e;
   }
   return keys;
 }
@@ -1384,7 +1402,7 @@ export async function runReencrypt(
   passphrase: Uint8Array,
   o: ReencryptRunOptions = {},
 ): Promise<boolean> {
-  return run(vol, (j, want) => unlockAll(vol, j, passphrase, want), o);
+  return run(vol, (_j, want) => unlockAll(vol, passphrase, want), o);
 }
 
 /**
@@ -1466,25 +1484,30 @@ export function reencryptLayout(j: Luks2Json): ReencryptLayout {
 
 /**
  * The keys of a reencryption the passphrase opens (the old volume key and the new one, each
- * verified by its digest), for a caller that hands them to the daemon (online reencryption).
- * ENOKEY (exit 2) when it does not open both.
+ * verified by its digest; cryptsetup 2.6 _open_all_keys), for open, open --test-passphrase, repair
+ * and a caller that hands them to the daemon (online reencryption); unlockAll's errors when it does
+ * not open both. With `anySegment` (open --test-passphrase with --key-slot or --unbound, cryptsetup's
+ * CRYPT_ACTIVATE_ALLOW_UNBOUND_KEY) only the one keyslot is opened, so a reencryption that needs two
+ * keys then fails verifyReencryptDigest, as in cryptsetup.
  */
 export async function unlockReencryptKeys(
   vol: Luks2Volume,
   passphrase: Uint8Array,
+  opts: { keySlot?: number; anySegment?: boolean } = {},
 ): Promise<{ oldKey?: Buffer; newKey?: Buffer }> {
   const j = vol.jsonSnapshot();
   const l = reencryptLayout(j);
   const want = [l.oldDigest, l.newDigest].filter((d): d is string => d !== undefined);
-  const keys = await unlockAll(vol, j, passphrase, want);
-  if (!want.every((d) => keys.has(d))) {
-    for (const k of keys.values()) k.fill(0);
-    throw new CryptmapError('ENOKEY', 'No key available with this passphrase.', { exitCode: 2, errno: 'EPERM' });
-  }
-  return {
-    ...(l.oldDigest !== undefined ? { oldKey: keys.get(l.oldDigest)! } : {}),
-    ...(l.newDigest !== undefined ? { newKey: keys.get(l.newDigest)! } : {}),
-  };
+  let keys: Map<string, Buffer>;
+  if (opts.anySegment) {
+    const { volumeKey, keyslot } = await vol.unlock(passphrase, { keySlot: opts.keySlot, anySegment: true });
+    const d = digestOfKeyslot(j, String(keyslot));
+    keys = new Map(d !== undefined && want.includes(d) ? [[d, Buffer.from(volumeKey.expose())]] : []);
+    volumeKey.dispose();
+  } else keys = await unlockAll(vol, passphrase, want);
+  const oldKey = l.oldDigest === undefined ? undefined : keys.get(l.oldDigest);
+  const newKey = l.newDigest === undefined ? undefined : keys.get(l.newDigest);
+  return { ...(oldKey ? { oldKey } : {}), ...(newKey ? { newKey } : {}) };
 }
 
 /**
@@ -1599,6 +1622,7 @@ async function run(
   if ((mode !== 'encrypt' && dOld === undefined) || (mode !== 'decrypt' && dNew === undefined))
     fail('Reencryption metadata is invalid.');
   const version = requirementVersion(j);
+  if (version < 2) fail('Legacy (online-reencrypt) reencryption metadata is not supported; use cryptsetup repair.');
   const want = [dOld, dNew].filter((d): d is string => d !== undefined);
   const keys = await getKeys(j, want);
   const wipeKeys = () => {

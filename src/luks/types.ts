@@ -74,6 +74,11 @@ export interface UnlockOptions {
    * keyslot's own key, not necessarily the volume key.
    */
   anySegment?: boolean;
+  /**
+   * LUKS2: only keyslots of this digest (cryptsetup LUKS2_keyslot_open_by_digest: the old or the new
+   * volume key of a reencryption); the others count as unusable, as cryptsetup counts them.
+   */
+  digest?: string;
 }
 
 /** What a successful unlock gives: the volume key (the caller disposes it) and the keyslot that opened. */

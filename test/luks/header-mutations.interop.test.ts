@@ -13,6 +13,7 @@ import { requireTool } from '../helpers/tools.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { main } from '../../src/cli/main.js';
 import { FAST_PBKDF } from '../helpers/luks.js';
+import { jsonOf, setJson } from './helpers.js';
 
 // biome-ignore lint/suspicious/noExplicitAny: test mutations poke at arbitrary JSON
 type J = Record<string, any>;
@@ -28,24 +29,6 @@ type Case = {
 const MD = 16384;
 const dir = fileTempDir('cryptmap-gen-');
 let base: Buffer;
-
-function rechecksum(img: Buffer, off: number): void {
-  img.fill(0, off + 448, off + 512);
-  const h = createHash('sha256')
-    .update(img.subarray(off, off + 4096))
-    .update(img.subarray(off + 4096, off + MD))
-    .digest();
-  h.copy(img, off + 448);
-}
-function setJson(img: Buffer, off: number, text: Buffer): void {
-  img.fill(0, off + 4096, off + MD);
-  text.copy(img, off + 4096, 0, Math.min(text.length, MD - 4096));
-  rechecksum(img, off);
-}
-function jsonOf(img: Buffer, off: number): J {
-  const a = img.subarray(off + 4096, off + MD);
-  return JSON.parse(a.subarray(0, a.indexOf(0)).toString());
-}
 
 const seg = (j: J) => j.segments['0'];
 const CASES: Case[] = [

@@ -1,6 +1,7 @@
 /** Shared test settings: cheap KDFs (tests only), memory devices; the interop tests' tool helpers. */
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { mkdirSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Readable, Writable } from 'node:stream';
@@ -224,4 +225,28 @@ export async function cryptFile(
     c.dispose();
     await dev.close();
   }
+}
+
+/** The LUKS2 header copy at `off` of `img` (metadata size `md`): its SHA-256 checksum recomputed (binary header and JSON area). */
+export function rechecksum(img: Buffer, off: number, md = 16384): void {
+  img.fill(0, off + 448, off + 512);
+  const h = createHash('sha256')
+    .update(img.subarray(off, off + 4096))
+    .update(img.subarray(off + 4096, off + md))
+    .digest();
+  h.copy(img, off + 448);
+}
+
+/** Put `text` in the JSON area of the LUKS2 header copy at `off` (NUL-padded, cut to fit) and recompute its checksum. */
+export function setJson(img: Buffer, off: number, text: Buffer, md = 16384): void {
+  img.fill(0, off + 4096, off + md);
+  text.copy(img, off + 4096, 0, Math.min(text.length, md - 4096));
+  rechecksum(img, off, md);
+}
+
+/** The JSON metadata of the LUKS2 header copy at `off`, parsed. */
+// biome-ignore lint/suspicious/noExplicitAny: tests poke at arbitrary JSON
+export function jsonOf(img: Buffer, off: number, md = 16384): Record<string, any> {
+  const a = img.subarray(off + 4096, off + md);
+  return JSON.parse(a.subarray(0, a.indexOf(0)).toString());
 }

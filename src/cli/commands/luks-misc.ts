@@ -335,7 +335,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
 
 /**
  * `repair` of a LUKS2 header in reencryption (cryptsetup 2.6 luks2_reencrypt_repair): the passphrase
- * must open the keys of the reencryption (else exit 1), and its metadata must match the reencryption
+ * must open the keys of the reencryption (else exit 2 or 1, silently), and its metadata must match the reencryption
  * digest, else exit 2 ("Reencryption metadata is invalid."); nothing is written. A crashed hotzone is
  * recovered by `reencrypt --resume-only` (cryptmap's resume recovers first); legacy `online-reencrypt` metadata
  * without a digest, which cryptsetup upgrades here, is refused (exit 1).
@@ -365,9 +365,11 @@ async function repairReencryption(io: CliIO, vol: Luks2Volume, v: LuksArgs): Pro
     },
   );
   try {
-    // cryptsetup 2.6 exits 1 here for a passphrase that opens no key (2 for tampered metadata).
+    // A passphrase that does not open both keys: cryptsetup 2.6's repair exits as the key lookup
+    // answers (2 for a wrong passphrase, 1 for a keyslot it could not use), saying nothing.
     const keys = await unlockReencryptKeys(vol, pass).catch((e: unknown) => {
-      if (isCryptmapError(e, 'ENOKEY')) throw new CryptmapError('ENOKEY', e.message, { exitCode: 1, cause: e });
+      if (isCryptmapError(e, 'ENOKEY') || isCryptmapError(e, 'EKEYSLOT'))
+        throw new CryptmapError(e.code, '', { exitCode: e.exitCode, errno: e.errno, cause: e });
       throw e;
     });
     try {

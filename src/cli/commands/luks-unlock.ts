@@ -10,9 +10,11 @@ import {
   type Luks1Volume,
   type Luks2Volume,
   openLuks,
+  type ReencryptKeys,
   type UnlockResult,
   unlockByToken,
-  unlockInReencryption,
+  unlockReencryptKeys,
+  verifyReencryptDigest,
   withDeviceLock,
 } from '../../luks/index.js';
 import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_PARAMS, isCryptmapError } from '../../util/errors.js';
@@ -204,6 +206,30 @@ async function unlockByVolumeKeyFile(vol: Luks1Volume | Luks2Volume, file: strin
 }
 
 /**
+ * The old and new volume keys of `vol` (in reencryption) that `pass` opens, checked against the
+ * reencryption digest, as cryptsetup 2.6's open and open --test-passphrase take them (_open_all_keys,
+ * LUKS2_reencrypt_digest_verify; with --test-passphrase and --key-slot or --unbound one keyslot only)
+ * and report a failure (tools_passphrase_msg after "Reencryption metadata is invalid.": "No key
+ * available with this passphrase.", exit 2, or with no digest at all "No usable keyslot is
+ * available.", exit 1). The caller wipes the keys.
+ */
+export async function openReencryptKeys(vol: Luks2Volume, pass: Uint8Array, v: LuksArgs): Promise<ReencryptKeys> {
+  const keySlot = intOpt(v['key-slot'], '--key-slot', 0, 31);
+  const anySegment = v['test-passphrase'] === true && (keySlot !== undefined || v.unbound === true);
+  const keys = await unlockReencryptKeys(vol, pass, { keySlot, anySegment });
+  try {
+    await verifyReencryptDigest(vol, keys);
+  } catch (e) {
+    keys.oldKey?.fill(0);
+    keys.newKey?.fill(0);
+    if (!isCryptmapError(e, 'EREENCRYPT') || e.message === '' || (e.errno !== 'EPERM' && e.errno !== 'ENOENT')) throw e;
+    const msg = e.errno === 'EPERM' ? 'No key available with this passphrase.' : 'No usable keyslot is available.';
+    throw new CryptmapError(e.code, `${e.message}\n${msg}`, { exitCode: e.exitCode, errno: e.errno, cause: e });
+  }
+  return keys;
+}
+
+/**
  * `open --test-passphrase` complete (what open.ts calls): load the header (with load-time recovery),
  * check --type, run the unlock sequence, report; exit 0, or the error's exit code.
  */
@@ -220,14 +246,15 @@ export async function testPassphrase(io: CliIO, device: string, v: LuksArgs): Pr
         exitCode: 1,
       });
     if (vol.type === 'luks2' && inReencryption(vol.jsonSnapshot())) {
-      // A keyslot of the old or the new volume key will do (segment 0 may have no key in the middle of --encrypt).
       const pass = await getPassphrase(io, `Enter passphrase for ${device}: `, {
         keyFile: v['key-file'],
         keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
         keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
       });
       try {
-        await unlockInReencryption(vol, pass, intOpt(v['key-slot'], '--key-slot', 0, 31));
+        const keys = await openReencryptKeys(vol as Luks2Volume, pass, v);
+        keys.oldKey?.fill(0);
+        keys.newKey?.fill(0);
       } finally {
         pass.fill(0);
       }

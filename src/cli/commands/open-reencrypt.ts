@@ -23,15 +23,13 @@ import {
   reencryptSegments,
   runReencrypt,
   takeReencryptLock,
-  unlockReencryptKeys,
-  verifyReencryptDigest,
   withDeviceLock,
 } from '../../luks/index.js';
 import { CryptmapError } from '../../util/errors.js';
 import { passphrasePrompt } from '../device-name.js';
 import type { CliIO } from '../types.js';
 import { closeQuietly, headerPath, intOpt, type LuksArgs, openDevice } from './luks-common.js';
-import { loadLuks } from './luks-unlock.js';
+import { loadLuks, openReencryptKeys } from './luks-unlock.js';
 import { getPassphrase } from './terminal-input.js';
 
 /** cryptsetup's refusal while another process holds the reencryption lock. */
@@ -80,9 +78,8 @@ export async function mapInDaemon(
   v: LuksArgs,
   pass: Uint8Array,
 ): Promise<VolumeStatus> {
-  const keys = await unlockReencryptKeys(vol, pass);
+  const keys = await openReencryptKeys(vol, pass, v);
   try {
-    await verifyReencryptDigest(vol, keys);
     const dataPath = resolveDevice(device);
     const hdrPathAbs = v.header === undefined ? undefined : resolveDevice(v.header);
     // The daemon maps the header's segments; the mapping names the volume (the crypt side's cipher).

@@ -1,0 +1,117 @@
+// LUKS2 reencryption metadata mangled as cryptsetup's tests/luks2-reencryption-mangle-test mangles it
+// (the JSON rewritten in both header copies, checksums recomputed), each image then given to real
+// cryptsetup 2.6 (the oracle) and to cryptmap: `open --test-passphrase` and `repair` must give the same
+// exit code (and, where cryptsetup says something, the same lines) and neither may write to a header
+// it refuses.
+import assert from 'node:assert/strict';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { before, test } from 'node:test';
+import { FAST_PBKDF } from '../helpers/luks.js';
+import { fileTempDir } from '../helpers/tmp.js';
+import { requireTool } from '../helpers/tools.js';
+import { inProcessCli, interopTools, jsonOf, setJson } from './helpers.js';
+
+const MD = 16384;
+const dir = fileTempDir('cm-reenc-mangle-');
+const { run, cs, image } = interopTools(() => dir);
+const KEY = () => join(dir, 'key1');
+const KEY2 = () => join(dir, 'key2');
+const WRONG = () => join(dir, 'wrong');
+// biome-ignore lint/suspicious/noExplicitAny: mangles poke at arbitrary JSON
+type J = Record<string, any>;
+
+/** The mangle test's img_prepare: luksFormat, a second passphrase (`key2`, on the old key only), reencrypt --init-only. */
+let base: Buffer;
+
+before(() => {
+  requireTool('cryptsetup');
+  writeFileSync(KEY(), 'passphrase one', { mode: 0o600 });
+  writeFileSync(KEY2(), 'passphrase two', { mode: 0o600 });
+  writeFileSync(WRONG(), 'not it', { mode: 0o600 });
+  const img = image('base.img', 32 << 20);
+  cs('luksFormat', '-q', ...FAST_PBKDF, '--luks2-metadata-size', String(MD), '--key-file', KEY(), img);
+  cs('luksAddKey', '-q', ...FAST_PBKDF, '--key-file', KEY(), img, KEY2());
+  cs('reencrypt', '--init-only', '-q', '-S', '0', '--resilience', 'none', '--key-file', KEY(), img);
+  base = readFileSync(img);
+});
+
+/** A copy of the base image with `mangle` applied to its JSON metadata (both copies), as img_update_json does. */
+function mangled(name: string, mangle?: (j: J) => void): string {
+  const img = Buffer.from(base);
+  if (mangle) {
+    const j = jsonOf(img, 0);
+    mangle(j);
+    const text = Buffer.from(JSON.stringify(j));
+    setJson(img, 0, text);
+    setJson(img, MD, text);
+  }
+  const p = join(dir, name);
+  writeFileSync(p, img);
+  return p;
+}
+
+const cm = inProcessCli(dir);
+
+/**
+ * `argv` (with the image last) run by cryptsetup on one copy and by cryptmap on another: same exit
+ * code, `want`; the same stderr when `sameLines`; a copy a tool refused is unchanged.
+ */
+async function both(
+  name: string,
+  mangle: ((j: J) => void) | undefined,
+  argv: string[],
+  want: number,
+  sameLines = true,
+) {
+  const a = mangled(`${name}.cs`, mangle);
+  const b = mangled(`${name}.cm`, mangle);
+  const was = readFileSync(a);
+  const theirs = run('cryptsetup', [...argv, a]);
+  const ours = await cm(...argv, b);
+  assert.equal(theirs.code, want, `${name}: cryptsetup ${argv.join(' ')}: ${theirs.err}`);
+  assert.equal(ours.code, theirs.code, `${name}: cryptmap ${argv.join(' ')}: ${ours.err}`);
+  if (sameLines) assert.equal(ours.err, theirs.err, `${name}: ${argv.join(' ')}`);
+  if (want !== 0) {
+    assert.ok(readFileSync(a).equals(was), `${name}: cryptsetup wrote to a header it refused`);
+    assert.ok(readFileSync(b).equals(was), `${name}: cryptmap wrote to a header it refused`);
+  }
+}
+
+const TEST = (key = KEY()) => ['open', '--test-passphrase', '--key-file', key];
+const REPAIR = (key = KEY()) => ['repair', '-q', '--key-file', key];
+
+test('open --test-passphrase of a header in reencryption needs both volume keys, as cryptsetup: one (-S, --unbound, a passphrase of the old key only) or none fails', async () => {
+  await both('clean', undefined, TEST(), 0);
+  // key2 opens the old key only: the new one is "No key available" (-EPERM, exit 2).
+  await both('old-only', undefined, TEST(KEY2()), 2);
+  // A wrong passphrase: the last keyslot cryptsetup tries for the old key belongs to the new one (-ENOENT, exit 1).
+  await both('wrong', undefined, TEST(WRONG()), 1);
+  // --key-slot or --unbound open one keyslot: the verification lacks the other key (-EINVAL, exit 1, silent).
+  await both('slot', undefined, [...TEST(), '-S', '0'], 1);
+  await both('unbound', undefined, [...TEST(), '--unbound'], 1);
+  // repair: as the key lookup answers, silently.
+  await both('repair-old-only', undefined, REPAIR(KEY2()), 2);
+  await both('repair-wrong', undefined, REPAIR(WRONG()), 1);
+});
+
+test('open --test-passphrase of a header whose reencryption metadata was changed behind its digest: exit 2 with cryptsetup lines, as repair', async () => {
+  const cases: Array<[string, (j: J) => void]> = [
+    ['segment-2-cipher', (j) => (j.segments['2'].encryption = 'aes-cbc-null')],
+    ['mode-decrypt', (j) => (j.keyslots['3'].mode = 'decrypt')],
+    ['direction-backward', (j) => (j.keyslots['3'].direction = 'backward')],
+    ['digest-iterations', (j) => (j.digests['2'].iterations = 1111)],
+    [
+      'digest-of-volume-key',
+      (j) => {
+        j.digests['2'] = { ...j.digests['0'], keyslots: ['3'], segments: [] };
+      },
+    ],
+  ];
+  for (const [name, mangle] of cases) {
+    await both(name, mangle, TEST(), 2);
+    await both(`${name}-repair`, mangle, REPAIR(), 2);
+  }
+  // The reencryption digest deleted: "invalid" with -ENOENT (exit 1).
+  await both('no-digest', (j) => delete j.digests['2'], TEST(), 1);
+});
