@@ -1,10 +1,12 @@
 /**
  * What the benchmarks share: running a tool, waiting for a server's socket, the load average printed
- * beside every figure, medians, a process's CPU time, fio's random-read IOPS over NBD, and cryptsetup's fast
- * LUKS1 format arguments.
+ * beside every figure, medians, a process's CPU time, fio's random-read IOPS over NBD, cryptsetup's fast
+ * LUKS1 format arguments, and opening a LUKS volume on the daemon core of a bench's child process.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
+import { type CryptMapping, prepareLuks } from '../src/activate/mapping.js';
+import type { DaemonCore } from '../src/daemon/core.js';
 
 /** Run `cmd`; its stdout, or an error with its stderr (and, when it is missing, the package to install). */
 export function run(cmd: string, args: string[], pkg?: string): Promise<string> {
@@ -109,4 +111,26 @@ export async function fioRandRead(uri: string, sizeBytes: number, seconds: numbe
   );
   const j = JSON.parse(out.slice(out.indexOf('{'))) as { jobs: { read: { iops: number } }[] };
   return j.jobs[0]!.read.iops;
+}
+
+/** Opens the LUKS volume on `device` as `name` on `core`, the passphrase read from `keyFile` (wiped once used); its mapping. */
+export async function openLuksVolume(
+  core: DaemonCore,
+  name: string,
+  device: string,
+  keyFile: string,
+): Promise<CryptMapping> {
+  const passphrase = readFileSync(keyFile);
+  let prepared: Awaited<ReturnType<typeof prepareLuks>>;
+  try {
+    prepared = await prepareLuks({ name, device, passphrase });
+  } finally {
+    passphrase.fill(0);
+  }
+  try {
+    await core.openVolume(prepared.mapping, prepared.volumeKey);
+  } finally {
+    prepared.volumeKey.dispose();
+  }
+  return prepared.mapping;
 }

@@ -17,16 +17,15 @@
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { prepareLuks } from '../src/activate/mapping.js';
 import { DaemonCore } from '../src/daemon/core.js';
 import type { Via } from '../src/control/protocol.js';
 import { bestVia, fuseUnavailable } from '../src/daemon/fuse-export.js';
-import { CRYPTSETUP_FAST_LUKS1_FORMAT, cpuSeconds, loadavg, median, run } from './common.js';
+import { CRYPTSETUP_FAST_LUKS1_FORMAT, cpuSeconds, loadavg, median, openLuksVolume, run } from './common.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 /** CPU seconds of all of `pids` (NaN if one is gone). */
@@ -36,14 +35,7 @@ const cpuOf = (pids: number[]): number => pids.reduce((s, p) => s + cpuSeconds(p
 
 async function child(dir: string, img: string, keyFile: string, via: Via): Promise<void> {
   const core = new DaemonCore({ nbdSocketPath: join(dir, `nbd-${via}.sock`), attachDir: join(dir, `attach-${via}`) });
-  const passphrase = readFileSync(keyFile);
-  const { mapping, volumeKey } = await prepareLuks({ name: 'vol', device: img, passphrase });
-  passphrase.fill(0);
-  try {
-    await core.openVolume(mapping, volumeKey);
-  } finally {
-    volumeKey.dispose();
-  }
+  await openLuksVolume(core, 'vol', img, keyFile);
   await core.listen();
   const info = await core.attach('vol', { via });
   const stop = () => {

@@ -23,10 +23,10 @@ import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { prepareLuks } from '../src/activate/mapping.js';
 import { NbdDevice } from '../src/blockdev/nbd-client/device.js';
 import { DaemonCore } from '../src/daemon/core.js';
 import { nbdUnixUri } from '../src/nbd-wire/uri.js';
+import { openLuksVolume } from './common.js';
 
 function run(cmd: string, args: string[], pkg: string): Promise<string> {
   return new Promise((resolve, reject) => {
@@ -77,14 +77,7 @@ const reapedCpu = () => {
 
 async function child(sock: string, remote: string, keyFile: string, attachDir: string): Promise<void> {
   const core = new DaemonCore({ nbdSocketPath: sock, attachDir });
-  const passphrase = readFileSync(keyFile);
-  const { mapping, volumeKey } = await prepareLuks({ name: 'crypt', device: remote, passphrase });
-  passphrase.fill(0);
-  try {
-    await core.openVolume(mapping, volumeKey);
-  } finally {
-    volumeKey.dispose();
-  }
+  await openLuksVolume(core, 'crypt', remote, keyFile);
   await core.listen();
   const stop = () =>
     void core

@@ -19,15 +19,23 @@
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
-import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, mkdtempSync, openSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { prepareLuks } from '../src/activate/mapping.js';
 import { DaemonCore } from '../src/daemon/core.js';
 import { nbdUnixUri } from '../src/nbd-wire/uri.js';
-import { CRYPTSETUP_FAST_LUKS1_FORMAT, cpuSeconds, fioRandRead, loadavg, median, run, waitFor } from './common.js';
+import {
+  CRYPTSETUP_FAST_LUKS1_FORMAT,
+  cpuSeconds,
+  fioRandRead,
+  loadavg,
+  median,
+  openLuksVolume,
+  run,
+  waitFor,
+} from './common.js';
 
 const PASSPHRASE_BYTES = 32;
 
@@ -36,22 +44,10 @@ const PASSPHRASE_BYTES = 32;
 /** Child mode: serve the LUKS volume as `crypt` and the same bytes unencrypted as `plain`. */
 async function child(sock: string, img: string, keyFile: string, attachDir: string): Promise<void> {
   const core = new DaemonCore({ nbdSocketPath: sock, attachDir });
-  const passphrase = readFileSync(keyFile);
-  const { mapping, volumeKey } = await prepareLuks({ name: 'crypt', device: img, passphrase });
-  passphrase.fill(0);
-  try {
-    await core.openVolume(mapping, volumeKey);
-  } finally {
-    volumeKey.dispose();
-  }
+  const mapping = await openLuksVolume(core, 'crypt', img, keyFile);
   // The same volume again with the I/O accounting on (a second mapping of the image: the bench
   // writes the same source through both).
-  const again = await prepareLuks({ name: 'crypt-metrics', device: img, passphrase: readFileSync(keyFile) });
-  try {
-    await core.openVolume(again.mapping, again.volumeKey);
-  } finally {
-    again.volumeKey.dispose();
-  }
+  await openLuksVolume(core, 'crypt-metrics', img, keyFile);
   core.registry.get('crypt-metrics').enableIoStats();
   await core.dm().create('plain', { table: `0 ${mapping.sizeSectors} linear ${img} ${mapping.offsetSectors}` });
   await core.listen();
