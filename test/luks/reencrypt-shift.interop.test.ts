@@ -64,6 +64,20 @@ async function formatted(
 function fresh(name: string, sector = 512): Promise<{ img: string; key: string; plain: Buffer }> {
   return formatted(name, DATA_OFF + SIZE, DATA_OFF, sector, []);
 }
+/**
+ * The same arguments run by cryptmap on image `a` and by cryptsetup (offline) on image `b`, each
+ * followed by its own --header (with `header`), key file and image.
+ */
+async function byBoth(
+  args: string[],
+  a: { img: string; key: string; hdr?: string },
+  b: { img: string; key: string; hdr?: string },
+  header = false,
+): Promise<{ ours: { code: number; err: string }; theirs: CryptsetupResult }> {
+  const tail = (x: typeof a) => [...(header ? ['--header', x.hdr!] : []), '-d', x.key, x.img];
+  const ours = await cm(...args, ...tail(a));
+  return { ours, theirs: cs(...args, '--force-offline-reencrypt', ...tail(b)) };
+}
 /** The device after a finished shift of `shift` bytes: cryptsetup's header, the plaintext moved up. */
 async function checkDone(img: string, key: string, plain: Buffer, shift: number, sector = 512): Promise<void> {
   const j = json(img);
@@ -112,19 +126,12 @@ test('cryptsetup reencrypt --reduce-device-size --init-only, cryptmap resumes (4
 test('cryptmap reencrypt --reduce-device-size in one go leaves the header cryptsetup leaves', async () => {
   const a = await fresh('c1.img');
   const b = await fresh('c2.img');
-  const r0 = await cm('reencrypt', '-q', '--reduce-device-size', '256K', ...FAST_PBKDF, '-d', a.key, a.img);
-  assert.equal(r0.code, 0, r0.err);
-  const r = cs(
-    'reencrypt',
-    '-q',
-    '--force-offline-reencrypt',
-    '--reduce-device-size',
-    '256K',
-    ...FAST_PBKDF,
-    '-d',
-    b.key,
-    b.img,
+  const { ours: r0, theirs: r } = await byBoth(
+    ['reencrypt', '-q', '--reduce-device-size', '256K', ...FAST_PBKDF],
+    a,
+    b,
   );
+  assert.equal(r0.code, 0, r0.err);
   assert.equal(r.status, 0, r.out);
   const ja = json(a.img);
   const jb = json(b.img);
@@ -198,28 +205,10 @@ test('cryptmap crashes mid-hotzone (data shift), cryptsetup repairs and resumes'
 test('a data shift not aligned to the encryption sector size: both tools refuse with the same words and exit code', async () => {
   const a = await fresh('m1.img', 4096);
   const b = await fresh('m2.img', 4096);
-  const r0 = await cm(
-    'reencrypt',
-    '-q',
-    '--init-only',
-    '--reduce-device-size',
-    '1536',
-    ...FAST_PBKDF,
-    '-d',
-    a.key,
-    a.img,
-  );
-  const r = cs(
-    'reencrypt',
-    '-q',
-    '--init-only',
-    '--force-offline-reencrypt',
-    '--reduce-device-size',
-    '1536',
-    ...FAST_PBKDF,
-    '-d',
-    b.key,
-    b.img,
+  const { ours: r0, theirs: r } = await byBoth(
+    ['reencrypt', '-q', '--init-only', '--reduce-device-size', '1536', ...FAST_PBKDF],
+    a,
+    b,
   );
   assert.equal(r0.code, r.status, `${r0.err} / ${r.out}`);
   assert.match(r.out, /Data shift value is not aligned to encryption sector size \(4096 bytes\)\./);
@@ -293,20 +282,8 @@ async function checkDecrypted(img: string, hdr: string, plain: Buffer): Promise<
 test('cryptmap reencrypt --decrypt --header NEW --init-only exports the header as cryptsetup does; cryptsetup finishes', async () => {
   const a = await freshInPlace('x1.img');
   const b = await freshInPlace('x2.img');
-  const r0 = await cm('reencrypt', '--decrypt', '--init-only', '-q', '--header', a.hdr, '-d', a.key, a.img);
+  const { ours: r0, theirs: r } = await byBoth(['reencrypt', '--decrypt', '--init-only', '-q'], a, b, true);
   assert.equal(r0.code, 0, r0.err);
-  const r = cs(
-    'reencrypt',
-    '--decrypt',
-    '--init-only',
-    '-q',
-    '--force-offline-reencrypt',
-    '--header',
-    b.hdr,
-    '-d',
-    b.key,
-    b.img,
-  );
   assert.equal(r.status, 0, r.out);
   const ja = json(a.hdr);
   const jb = json(b.hdr);
@@ -443,20 +420,7 @@ test('decryption with the header exported: refusals as cryptsetup (resilience no
     [['--hotzone-size', '2M'], /Moved segment size can not be greater than data shift value\./],
   ] as const) {
     const a = await freshInPlace('x7.img');
-    const r0 = await cm('reencrypt', '--decrypt', '--init-only', '-q', ...args, '--header', a.hdr, '-d', a.key, a.img);
-    const r = cs(
-      'reencrypt',
-      '--decrypt',
-      '--init-only',
-      '-q',
-      '--force-offline-reencrypt',
-      ...args,
-      '--header',
-      a.hdr,
-      '-d',
-      a.key,
-      a.img,
-    );
+    const { ours: r0, theirs: r } = await byBoth(['reencrypt', '--decrypt', '--init-only', '-q', ...args], a, a, true);
     assert.equal(r0.code, r.status, `${r0.err} / ${r.out}`);
     assert.match(r.out, msg);
     assert.match(r0.err, msg);

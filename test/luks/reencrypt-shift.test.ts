@@ -8,6 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import type { MemoryDevice } from '../../src/blockdev/memory.js';
 import type { BlockDevice } from '../../src/blockdev/types.js';
 import {
   initDecrypt,
@@ -27,19 +28,25 @@ const META = 0x4000;
 const KS = 1 << 20;
 const OFF = 2 * META + KS;
 
+/** A LUKS2 volume (metadata META, keyslots KS, data at OFF) on a memory device with `data` bytes of data. */
+async function volume(data: number, sectorBytes: 512 | 4096 = 512): Promise<{ dev: MemoryDevice; v: Luks2Volume }> {
+  const dev = memDev(OFF + data);
+  const v = await Luks2Volume.format(dev, PASS, {
+    metadataBytes: META,
+    keyslotsBytes: KS,
+    offsetBytes: OFF,
+    sectorBytes,
+    keyslot: { kdf: FAST_PBKDF2 },
+  });
+  return { dev, v };
+}
+
 for (const [S, DATA, sector] of [
   [256 << 10, (1 << 20) + (64 << 10), 512],
   [64 << 10, 256 << 10, 4096],
 ] as const) {
   test(`reencryption with a data shift of ${S} bytes (${DATA} bytes of data, sector ${sector}) survives a crash after every write`, async () => {
-    const base0 = memDev(OFF + DATA);
-    const v0 = await Luks2Volume.format(base0, PASS, {
-      metadataBytes: META,
-      keyslotsBytes: KS,
-      offsetBytes: OFF,
-      sectorBytes: sector,
-      keyslot: { kdf: FAST_PBKDF2 },
-    });
+    const { dev: base0, v: v0 } = await volume(DATA, sector);
     const plain = randomBytes(DATA);
     await writePlaintext(v0, PASS, base0, plain);
     let recovered = 0;
@@ -117,14 +124,7 @@ test('decryption with a detached header and a data shift survives a crash after 
 });
 
 test('a data shift not aligned to the encryption sector size is refused before anything is written', async () => {
-  const dev = memDev(OFF + (1 << 20));
-  const v = await Luks2Volume.format(dev, PASS, {
-    metadataBytes: META,
-    keyslotsBytes: KS,
-    offsetBytes: OFF,
-    sectorBytes: 4096,
-    keyslot: { kdf: FAST_PBKDF2 },
-  });
+  const { dev, v } = await volume(1 << 20, 4096);
   const before = JSON.stringify(v.jsonSnapshot());
   await assert.rejects(
     initReencrypt(v, PASS, { kdf: FAST_PBKDF2, shiftBytes: 1536 }),
@@ -195,13 +195,7 @@ for (const [resilience, moved] of [
 }
 
 test('a data segment with an integrity profile is not reencrypted (cryptsetup: luks2_reencrypt_eligible)', async () => {
-  const dev = memDev(OFF + (1 << 20));
-  const v = await Luks2Volume.format(dev, PASS, {
-    metadataBytes: META,
-    keyslotsBytes: KS,
-    offsetBytes: OFF,
-    keyslot: { kdf: FAST_PBKDF2 },
-  });
+  const { dev, v } = await volume(1 << 20);
   const j = v.jsonSnapshot();
   j.segments['0']!.integrity = { type: 'hmac(sha256)', journal_encryption: 'none', journal_integrity: 'none' };
   await v.commitJson(j);
@@ -215,13 +209,7 @@ test('a data segment with an integrity profile is not reencrypted (cryptsetup: l
 });
 
 test('datashift-checksum and datashift-journal protect only a decryption with the header exported', async () => {
-  const dev = memDev(OFF + (1 << 20));
-  const v = await Luks2Volume.format(dev, PASS, {
-    metadataBytes: META,
-    keyslotsBytes: KS,
-    offsetBytes: OFF,
-    keyslot: { kdf: FAST_PBKDF2 },
-  });
+  const { dev, v } = await volume(1 << 20);
   const before = JSON.stringify(v.jsonSnapshot());
   for (const resilience of ['datashift-checksum', 'datashift-journal'] as const)
     await assert.rejects(
