@@ -492,23 +492,33 @@ export async function eraseKeyslots(h: Luks2Header): Promise<void> {
 /**
  * Store a keyslot for `vk` under `passphrase` with a new digest bound to no segment (cryptsetup's
  * CRYPT_VOLUME_KEY_NO_SEGMENT: the reencryption's new key) and write the header. Returns
- * the keyslot and digest ids.
+ * the keyslot and digest ids. With `digest` (the id an earlier call returned for the same `vk`),
+ * the keyslot joins that digest instead (CRYPT_VOLUME_KEY_DIGEST_REUSE: a further passphrase for the
+ * new key).
  */
 export async function addUnboundKey(
   h: Luks2Header,
   vk: Uint8Array,
   passphrase: Uint8Array,
-  opts: NewKeyslotOptions = {},
+  opts: NewKeyslotOptions & { digest?: string } = {},
 ): Promise<{ keyslot: number; digest: string }> {
   h.requireChangeable();
   const slot = freeSlot(h, opts.keySlot);
   const hash = opts.hash ?? 'sha256';
   const kdf = await resolveKdf(opts, vk.length, hash);
-  const dIter = await digestIterations(opts.kdf !== undefined, hash, undefined);
-  const d = await DIGEST_HANDLERS.pbkdf2!.create(vk, { hash, iterations: dIter });
+  const reuse = opts.digest;
+  if (reuse !== undefined && !(await DIGEST_HANDLERS.pbkdf2!.verify(h.json.digests[reuse]!, vk)))
+    throw new CryptmapError('EINVAL', `digest ${reuse} is not the digest of this key`);
+  const d =
+    reuse === undefined
+      ? await DIGEST_HANDLERS.pbkdf2!.create(vk, {
+          hash,
+          iterations: await digestIterations(opts.kdf !== undefined, hash, undefined),
+        })
+      : undefined;
   return h.update(async () => {
-    const id = firstFreeId(h.json.digests);
-    h.json.digests[String(id)] = { ...d, keyslots: [], segments: [] };
+    const id = reuse ?? String(firstFreeId(h.json.digests));
+    if (d !== undefined) h.json.digests[id] = { ...d, keyslots: [], segments: [] };
     // The new key's keyslot area is encrypted with the cipher of the segment it will protect.
     await storeKeyslot(h, slot, vk, passphrase, kdf, String(id), keyslotEncryption(h, opts, vk.length));
     return { keyslot: Number(slot), digest: String(id) };

@@ -174,7 +174,7 @@ export class Luks2Volume implements LuksVolume {
   addUnboundKey(
     vk: Uint8Array,
     passphrase: Uint8Array,
-    opts: NewKeyslotOptions = {},
+    opts: NewKeyslotOptions & { digest?: string } = {},
   ): Promise<{ keyslot: number; digest: string }> {
     return keyslots.addUnboundKey(this.#h, vk, passphrase, opts);
   }

@@ -53,6 +53,12 @@ const DEFAULT_NONE_HOTZONE_BYTES = 0x1400000;
 export interface ReencryptInitOptions extends NewKeyslotOptions {
   /** The keyslot to unlock the old key with (cryptsetup --key-slot); the new keyslot takes the first free one. */
   oldKeySlot?: number;
+  /**
+   * Passphrases of further keyslots of the old key, by keyslot (cryptsetup asks for every active
+   * keyslot's): each gets a keyslot of the new key, so it still opens the volume afterwards. A
+   * keyslot of the old key without one is gone when the reencryption finishes, as in cryptsetup.
+   */
+  morePassphrases?: ReadonlyMap<number, Uint8Array>;
   resilience?: Resilience;
   /** Checksum hash (cryptsetup --resilience-hash), default sha256. */
   resilienceHash?: string;
@@ -388,8 +394,17 @@ export async function initReencrypt(
     createSectorCipher({ spec: cipher, key: newVk, sectorBytes: newSector }).dispose();
     const dataBytes = await dataSize(vol, j0, undefined);
     if (dataBytes % align !== 0) fail(`Data device is not aligned to encryption sector size (${align} bytes).`);
-    const { keyslot: newSlot, digest: dNew } = await vol.addUnboundKey(newVk, passphrase, { ...o, keySlot: undefined });
+    const kso = { ...o, keySlot: undefined, morePassphrases: undefined };
+    const { keyslot: newSlot, digest: dNew } = await vol.addUnboundKey(newVk, passphrase, kso);
+    const added = [newSlot];
     try {
+      for (const [slot, pass] of o.morePassphrases ?? []) {
+        if (slot === oldSlot) continue;
+        // Each passphrase must open its own keyslot of the old key (cryptsetup's init_passphrase).
+        const k = await vol.unlock(pass, { keySlot: slot });
+        k.volumeKey.dispose();
+        added.push((await vol.addUnboundKey(newVk, pass, { ...kso, digest: dNew })).keyslot);
+      }
       const j = vol.jsonSnapshot();
       const dOld = digestOfKeyslot(j, String(oldSlot))!;
       const pid = String(firstFreeId(j.segments));
@@ -415,8 +430,8 @@ export async function initReencrypt(
       await addReencryptState(j, vol.metadataBytes, 'reencrypt', dir, area, keys, iterations);
       await vol.commitJson(j);
     } catch (e) {
-      // The new keyslot and its digest would stay behind, bound to nothing (cryptsetup rolls its header back too).
-      await dropUnbound(vol, newSlot, dNew).catch(() => {});
+      // The new keyslots and their digest would stay behind, bound to nothing (cryptsetup rolls its header back too).
+      await dropUnbound(vol, added, dNew).catch(() => {});
       throw e;
     }
     return newSlot;
@@ -426,17 +441,17 @@ export async function initReencrypt(
   }
 }
 
-/** Remove the keyslot `slot` and digest `d` initReencrypt added, with the keyslot's area wiped. */
-async function dropUnbound(vol: Luks2Volume, slot: number, d: string): Promise<void> {
+/** Remove the keyslots `slots` and their digest `d` initReencrypt added, with the keyslots' areas wiped. */
+async function dropUnbound(vol: Luks2Volume, slots: readonly number[], d: string): Promise<void> {
   const j = vol.jsonSnapshot();
-  const k = String(slot);
-  const ks = j.keyslots[k];
-  if (!ks || !j.digests[d]?.keyslots.every((x) => x === k)) return;
-  delete j.keyslots[k];
+  const ks = slots.map(String);
+  const areas = ks.map((k) => j.keyslots[k]?.area);
+  if (areas.some((a) => a === undefined) || !j.digests[d]?.keyslots.every((x) => ks.includes(x))) return;
+  for (const k of ks) delete j.keyslots[k];
   delete j.digests[d];
-  for (const t of Object.values(j.tokens)) t.keyslots = t.keyslots.filter((x) => x !== k);
+  for (const t of Object.values(j.tokens)) t.keyslots = t.keyslots.filter((x) => !ks.includes(x));
   await vol.commitJson(j);
-  await wipeArea(vol.metadataDevice, Number(ks.area.offset), Number(ks.area.size));
+  for (const a of areas) await wipeArea(vol.metadataDevice, Number(a!.offset), Number(a!.size));
 }
 
 /** The first 4096-byte gap of the keyslots area (LUKS2_find_area_gap for datashift's empty area). */

@@ -537,3 +537,50 @@ test("luksHeaderRestore: backups are cryptsetup's bytes both ways, layouts that 
     all,
   );
 });
+
+test('reencrypt to a new key asks for the passphrase of every keyslot and keeps each (cryptsetup); a key file serves only one keyslot', async () => {
+  // cryptmap used to ask once and re-wrap only the keyslot that passphrase opened: the other
+  // passphrases stopped opening the volume when the reencryption finished.
+  const img = await image('luks2', true);
+  const args = ['reencrypt', '--force-offline-reencrypt', ...FAST_PBKDF, 'IMG'];
+  const done = await same(img, args, 'old\nnew\n');
+  assert.equal(done.code, 0);
+  assert.equal(done.slots.split(',').length, 2, `two keyslots of the new key: ${done.slots}`);
+  for (const pass of ['old', 'new'])
+    assert.equal((await exec(CS, ['open', '--test-passphrase', '-d', kf(pass), `${img}.cm`])).code, 0, pass);
+  // A wrong passphrase for the second keyslot: exit 2, nothing written.
+  const before = readFileSync(img);
+  assert.deepEqual(await same(img, args, 'old\nwrong\n'), {
+    code: 2,
+    err: 'No key available with this passphrase.',
+    slots: '0,1',
+  });
+  assert.ok(readFileSync(`${img}.cm`).equals(before), 'a refused reencryption wrote to the device');
+  // A key file with two keyslots active and no --key-slot: refused (exit 1); with -S it re-wraps that slot only.
+  assert.deepEqual(await same(img, [...args, '-q', '-d', kf('old')]), {
+    code: 1,
+    err: 'Key file can be used only with --key-slot or with exactly one key slot active.',
+    slots: '0,1',
+  });
+  assert.equal((await same(img, [...args, '-q', '-S', '1', '-d', kf('new')])).code, 0);
+  // On a terminal: the same prompts, one per keyslot.
+  const cmBin = [process.execPath, ENTRY];
+  const steps: [string, string][] = [
+    ['Enter passphrase for key slot 0:', 'old'],
+    ['Enter passphrase for key slot 1:', 'new'],
+  ];
+  const t: string[] = [];
+  for (const bin of [[CS], cmBin]) {
+    const copy = `${img}.tty${t.length}`;
+    copyFileSync(img, copy);
+    const out = await dialog(
+      bin,
+      args.map((x) => (x === 'IMG' ? copy : x)),
+      steps,
+      { [copy]: 'IMG' },
+    );
+    t.push(out.replace(/\n[^\n]*Finished, time[^\n]*/, ''));
+  }
+  assert.equal(t[1], t[0]);
+  assert.match(t[0]!, /EXIT 0/);
+});

@@ -306,10 +306,22 @@ const reencrypt: VerbMain = async (argv: string[], io: CliIO) => {
         );
       // A resume checks cryptsetup's lock before asking for the passphrase; a new one takes it after init.
       let lock = running && !active ? cryptsetupLock(io, v, l2) : undefined;
-      const pass = await getPassphrase(io, passphrasePrompt(device), passSrc).catch((e: unknown) => {
-        lock?.release();
-        throw e;
-      });
+      // A new volume key: a passphrase for every keyslot of the old one, each checked (keyslotPassphrases).
+      const newKey = !running && !v.decrypt;
+      const slotArg = intOpt(v['key-slot'], '--key-slot', 0, 31);
+      const passes = newKey
+        ? await keyslotPassphrases(io, l2, slotArg, passSrc).catch((e: unknown) => {
+            lock?.release();
+            throw e;
+          })
+        : undefined;
+      const first = passes ? [...passes.keys()][0]! : undefined;
+      const pass = passes
+        ? passes.get(first!)!
+        : await getPassphrase(io, passphrasePrompt(device), passSrc).catch((e: unknown) => {
+            lock?.release();
+            throw e;
+          });
       try {
         if (!running && v.decrypt) {
           await initDecrypt(l2, pass, {
@@ -322,11 +334,11 @@ const reencrypt: VerbMain = async (argv: string[], io: CliIO) => {
           if (v['init-only']) return 0;
         } else if (!running) {
           const ko = keyslotOptions(v, 'luks2');
-          const oldKeySlot = ko.keySlot;
           delete ko.keySlot;
           await initReencrypt(l2, pass, {
             ...ko,
-            ...(oldKeySlot !== undefined ? { oldKeySlot } : {}),
+            oldKeySlot: first!,
+            morePassphrases: passes!,
             resilience,
             ...(v['resilience-hash'] ? { resilienceHash: v['resilience-hash'] } : {}),
             ...(v.cipher ? { cipher: v.cipher } : {}),
@@ -342,6 +354,7 @@ const reencrypt: VerbMain = async (argv: string[], io: CliIO) => {
       } finally {
         lock?.release();
         pass.fill(0);
+        for (const p of passes?.values() ?? []) p.fill(0);
       }
     });
   } finally {
@@ -585,6 +598,50 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
   } finally {
     await closeQuietly(hdrDev);
     await closeQuietly(dataDev);
+  }
+}
+
+/**
+ * The passphrases a reencryption to a new volume key needs, by keyslot, as cryptsetup 2.6 asks for
+ * them (fill_keyslot_passwords): with --key-slot N only N's; else one per active keyslot of the volume
+ * key, "Enter passphrase for key slot N: ", each checked against its keyslot, so that every passphrase
+ * still opens the volume afterwards (a keyslot without one would be gone at the end). A key file
+ * serves only one keyslot: with several active and no --key-slot it is refused, as cryptsetup does.
+ */
+async function keyslotPassphrases(
+  io: CliIO,
+  vol: Luks2Volume,
+  slotArg: number | undefined,
+  passSrc: Parameters<typeof getPassphrase>[2],
+): Promise<Map<number, Buffer>> {
+  const active = vol
+    .keyslots()
+    .filter((k) => k.active && !k.unbound)
+    .map((k) => k.id);
+  if (slotArg === undefined && passSrc?.keyFile !== undefined && active.length > 1)
+    throw new CryptmapError(
+      'EINVAL',
+      'Key file can be used only with --key-slot or with exactly one key slot active.',
+      {
+        exitCode: 1,
+      },
+    );
+  const passes = new Map<number, Buffer>();
+  try {
+    for (const slot of slotArg !== undefined ? [slotArg] : active) {
+      const p = await getPassphrase(io, `Enter passphrase for key slot ${slot}: `, passSrc);
+      passes.set(slot, p);
+      try {
+        (await vol.unlock(p, { keySlot: slot })).volumeKey.dispose();
+      } catch (e) {
+        if (isCryptmapError(e) && (e.code === 'ENOKEY' || e.code === 'EKEYSLOT')) noKey();
+        throw e;
+      }
+    }
+    return passes;
+  } catch (e) {
+    for (const p of passes.values()) p.fill(0);
+    throw e;
   }
 }
 
