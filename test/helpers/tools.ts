@@ -3,6 +3,7 @@
  * package; `runTool` / `mustRun` run one with its output captured and a deadline (asynchronously: a
  * server under test may live in this process, so never spawnSync it).
  */
+import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { constants } from 'node:os';
 import { debianPackage } from '../../src/util/tools.js';
@@ -133,6 +134,15 @@ export function cryptsetupSync(args: string[], opts: { cwd?: string; timeoutMs?:
   });
   if (r.error) throw new Error(`cryptsetup ${args.join(' ')} did not run: ${r.error.message}`);
   return { status: r.status, out: `${r.stdout}${r.stderr}` };
+}
+
+/**
+ * Real cryptsetup's `reencrypt --force-offline-reencrypt -q` (on files, without device-mapper) with
+ * `args`, which must succeed (exit 0, else its output is the failure).
+ */
+export function cryptsetupReencrypt(args: string[], opts: { timeoutMs?: number } = {}): void {
+  const r = cryptsetupSync(['reencrypt', '--force-offline-reencrypt', '-q', ...args], opts);
+  assert.equal(r.status, 0, r.out);
 }
 
 /**

@@ -8,7 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
+import { cryptsetupReencrypt, cryptsetupSync, type CryptsetupResult } from '../helpers/tools.js';
 import { fileTempDir } from '../helpers/tmp.js';
 import { FaultDevice } from '../../src/blockdev/fault.js';
 import { FileDevice } from '../../src/blockdev/file.js';
@@ -54,6 +54,7 @@ function fresh(name: string, tail: number): { img: string; key: string; plain: B
   writeFileSync(img, Buffer.concat([plain, randomBytes(tail)]));
   return { img, key, plain };
 }
+const csReencrypt = (...args: string[]) => cryptsetupReencrypt(args);
 function noReencrypt(hdr: string): void {
   assert.doesNotMatch(cs('luksDump', hdr).out, /online-reencrypt|backup-|reencrypt/);
 }
@@ -76,18 +77,14 @@ test('encrypt in place: cryptmap --init-only, cryptsetup resumes; cryptsetup --i
   );
   assert.equal(r.code, 0, r.err);
   assert.match(cs('luksDump', a.img).out, /online-reencrypt-v2/);
-  const c = cs('reencrypt', '--resume-only', '--force-offline-reencrypt', '-q', '--key-file', a.key, a.img);
-  assert.equal(c.status, 0, c.out);
+  csReencrypt('--resume-only', '--key-file', a.key, a.img);
   noReencrypt(a.img);
   assert.ok(plaintextOf(a.img, a.img, a.key).equals(a.plain));
 
   const b = fresh('b.img', REDUCE);
-  const i = cs(
-    'reencrypt',
+  csReencrypt(
     '--encrypt',
     '--init-only',
-    '--force-offline-reencrypt',
-    '-q',
     '--type',
     'luks2',
     '--reduce-device-size',
@@ -97,7 +94,6 @@ test('encrypt in place: cryptmap --init-only, cryptsetup resumes; cryptsetup --i
     b.key,
     b.img,
   );
-  assert.equal(i.status, 0, i.out);
   // In the middle: luksDump as cryptsetup's, and the passphrase tests good (segment 0 has no key yet).
   assert.equal((await cm('luksDump', b.img)).out, cs('luksDump', b.img).out);
   assert.equal((await cm('open', '--test-passphrase', '--key-file', b.key, b.img)).code, 0);
@@ -148,37 +144,13 @@ test('encrypt with a detached header, both ways', async () => {
     a.img,
   );
   assert.equal(r.code, 0, r.err);
-  const c = cs(
-    'reencrypt',
-    '--resume-only',
-    '--force-offline-reencrypt',
-    '-q',
-    '--header',
-    ah,
-    '--key-file',
-    a.key,
-    a.img,
-  );
-  assert.equal(c.status, 0, c.out);
+  csReencrypt('--resume-only', '--header', ah, '--key-file', a.key, a.img);
   noReencrypt(ah);
   assert.ok(plaintextOf(a.img, ah, a.key).equals(a.plain));
 
   const b = fresh('e.img', 0);
   const bh = join(dir, 'e.hdr');
-  const i = cs(
-    'reencrypt',
-    '--encrypt',
-    '--init-only',
-    '--force-offline-reencrypt',
-    '-q',
-    '--header',
-    bh,
-    ...FAST_PBKDF,
-    '--key-file',
-    b.key,
-    b.img,
-  );
-  assert.equal(i.status, 0, i.out);
+  csReencrypt('--encrypt', '--init-only', '--header', bh, ...FAST_PBKDF, '--key-file', b.key, b.img);
   r = await cm('reencrypt', '--resume-only', '-q', '--header', bh, '--hotzone-size', '1M', '--key-file', b.key, b.img);
   assert.equal(r.code, 0, r.err);
   noReencrypt(bh);
@@ -230,18 +202,7 @@ test('encrypt with a detached header and --reduce-device-size (cryptsetup 2.6: d
       .join('\n');
   assert.equal(shape(a.hdr), shape(ref.hdr));
   assert.equal(readFileSync(a.hdr).length, readFileSync(ref.hdr).length);
-  const c = cs(
-    'reencrypt',
-    '--resume-only',
-    '--force-offline-reencrypt',
-    '-q',
-    '--header',
-    a.hdr,
-    '--key-file',
-    a.key,
-    a.img,
-  );
-  assert.equal(c.status, 0, c.out);
+  csReencrypt('--resume-only', '--header', a.hdr, '--key-file', a.key, a.img);
   check(a);
   // cryptsetup begins, cryptmap runs.
   r = await cm('reencrypt', '--resume-only', '-q', '--header', ref.hdr, '--key-file', ref.key, ref.img);
@@ -269,18 +230,7 @@ test('encrypt with a detached header and --reduce-device-size (cryptsetup 2.6: d
     await ddev.close();
   }
   assert.match(cs('luksDump', m.hdr).out, /online-reencrypt-v2/);
-  const c2 = cs(
-    'reencrypt',
-    '--resume-only',
-    '--force-offline-reencrypt',
-    '-q',
-    '--header',
-    m.hdr,
-    '--key-file',
-    m.key,
-    m.img,
-  );
-  assert.equal(c2.status, 0, c2.out);
+  csReencrypt('--resume-only', '--header', m.hdr, '--key-file', m.key, m.img);
   check(m);
 });
 
@@ -291,49 +241,14 @@ test('decrypt with a detached header, both ways; without --header it is refused'
   ] as const) {
     const a = fresh(`f-${first}.img`, 0);
     const h = join(dir, `f-${first}.hdr`);
-    const e = cs(
-      'reencrypt',
-      '--encrypt',
-      '--force-offline-reencrypt',
-      '-q',
-      '--header',
-      h,
-      ...FAST_PBKDF,
-      '--key-file',
-      a.key,
-      a.img,
-    );
-    assert.equal(e.status, 0, e.out);
+    csReencrypt('--encrypt', '--header', h, ...FAST_PBKDF, '--key-file', a.key, a.img);
     assert.equal((await cm('reencrypt', '--decrypt', '-q', '--key-file', a.key, h)).code, 1);
     if (first === 'cm') {
       const r = await cm('reencrypt', '--decrypt', '--init-only', '-q', '--header', h, '--key-file', a.key, a.img);
       assert.equal(r.code, 0, r.err);
-      const c = cs(
-        'reencrypt',
-        '--resume-only',
-        '--force-offline-reencrypt',
-        '-q',
-        '--header',
-        h,
-        '--key-file',
-        a.key,
-        a.img,
-      );
-      assert.equal(c.status, 0, c.out);
+      csReencrypt('--resume-only', '--header', h, '--key-file', a.key, a.img);
     } else {
-      const c = cs(
-        'reencrypt',
-        '--decrypt',
-        '--init-only',
-        '--force-offline-reencrypt',
-        '-q',
-        '--header',
-        h,
-        '--key-file',
-        a.key,
-        a.img,
-      );
-      assert.equal(c.status, 0, c.out);
+      csReencrypt('--decrypt', '--init-only', '--header', h, '--key-file', a.key, a.img);
       const r = await cm(
         'reencrypt',
         '--resume-only',
@@ -422,8 +337,7 @@ test('encrypt in place: cryptsetup killed -9 mid-way, cryptmap resumes; cryptmap
   assert.match(cs('luksDump', b.img).out, /online-reencrypt-v2/);
   const rr = cs('repair', '-q', '--key-file', b.key, b.img);
   assert.equal(rr.status, 0, rr.out);
-  const r = cs('reencrypt', '--resume-only', '--force-offline-reencrypt', '-q', '--key-file', b.key, b.img);
-  assert.equal(r.status, 0, r.out);
+  csReencrypt('--resume-only', '--key-file', b.key, b.img);
   noReencrypt(b.img);
   assert.ok(plaintextOf(b.img, b.img, b.key).equals(b.plain));
 });
