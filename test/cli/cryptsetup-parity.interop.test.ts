@@ -563,10 +563,12 @@ test('reencrypt to a new key asks for the passphrase of every keyslot and keeps 
     slots: '0,1',
   });
   assert.equal((await same(img, [...args, '-q', '-S', '1', '-d', kf('new')])).code, 0);
-  // On a terminal: the same prompts, one per keyslot.
+  // On a terminal: the same prompts, one per keyslot, a wrong passphrase asked again (--tries).
   const cmBin = [process.execPath, ENTRY];
-  const steps: [string, string][] = [
+  const steps: [string, string | null][] = [
     ['Enter passphrase for key slot 0:', 'old'],
+    ['Enter passphrase for key slot 1:', 'wrong'],
+    ['No key available with this passphrase.', null],
     ['Enter passphrase for key slot 1:', 'new'],
   ];
   const t: string[] = [];

@@ -144,6 +144,11 @@ export async function tryTokenUnlock(
   }
 }
 
+/** How often a wrong passphrase is asked again (cryptsetup's set_tries_tty): --tries (default 3) on a terminal, else once. */
+export function passphraseTries(io: CliIO, v: LuksArgs): number {
+  return v['key-file'] !== undefined || !io.stdin.isTTY ? 1 : (intOpt(v.tries, '--tries', 1) ?? 3);
+}
+
 /**
  * The whole unlock sequence of `open` / `open --test-passphrase`: tokens (tryTokenUnlock), then the
  * passphrase from --key-file or a prompt, with --tries on a terminal (default 3). The caller disposes
@@ -158,7 +163,7 @@ export async function unlockForOpen(
   if (v['volume-key-file'] !== undefined) return unlockByVolumeKeyFile(vol, v['volume-key-file'], v);
   const byToken = await tryTokenUnlock(io, vol, v);
   if (byToken) return byToken;
-  const tries = v['key-file'] !== undefined || !io.stdin.isTTY ? 1 : (intOpt(v.tries, '--tries', 1) ?? 3);
+  const tries = passphraseTries(io, v);
   for (let i = 0; ; i++) {
     const pass = await getPassphrase(io, passphrasePrompt(device), {
       keyFile: v['key-file'],

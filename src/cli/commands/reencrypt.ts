@@ -60,7 +60,7 @@ import {
   progressFromOptions,
   sizeOpt,
 } from './luks-common.js';
-import { loadLuks } from './luks-unlock.js';
+import { loadLuks, passphraseTries } from './luks-unlock.js';
 import { confirm, getPassphrase, readVolumeKeyFile } from './terminal-input.js';
 import { passphrasePrompt } from '../device-name.js';
 
@@ -310,7 +310,7 @@ const reencrypt: VerbMain = async (argv: string[], io: CliIO) => {
       const newKey = !running && !v.decrypt;
       const slotArg = intOpt(v['key-slot'], '--key-slot', 0, 31);
       const passes = newKey
-        ? await keyslotPassphrases(io, l2, slotArg, passSrc).catch((e: unknown) => {
+        ? await keyslotPassphrases(io, l2, slotArg, passSrc, passphraseTries(io, v)).catch((e: unknown) => {
             lock?.release();
             throw e;
           })
@@ -604,7 +604,8 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
 /**
  * The passphrases a reencryption to a new volume key needs, by keyslot, as cryptsetup 2.6 asks for
  * them (fill_keyslot_passwords): with --key-slot N only N's; else one per active keyslot of the volume
- * key, "Enter passphrase for key slot N: ", each checked against its keyslot, so that every passphrase
+ * key, "Enter passphrase for key slot N: ", each checked against its keyslot (asked again up to --tries
+ * times on a terminal), so that every passphrase
  * still opens the volume afterwards (a keyslot without one would be gone at the end). A key file
  * serves only one keyslot: with several active and no --key-slot it is refused, as cryptsetup does.
  */
@@ -613,6 +614,7 @@ async function keyslotPassphrases(
   vol: Luks2Volume,
   slotArg: number | undefined,
   passSrc: Parameters<typeof getPassphrase>[2],
+  tries: number,
 ): Promise<Map<number, Buffer>> {
   const active = vol
     .keyslots()
@@ -629,13 +631,18 @@ async function keyslotPassphrases(
   const passes = new Map<number, Buffer>();
   try {
     for (const slot of slotArg !== undefined ? [slotArg] : active) {
-      const p = await getPassphrase(io, `Enter passphrase for key slot ${slot}: `, passSrc);
-      passes.set(slot, p);
-      try {
-        (await vol.unlock(p, { keySlot: slot })).volumeKey.dispose();
-      } catch (e) {
-        if (isCryptmapError(e) && (e.code === 'ENOKEY' || e.code === 'EKEYSLOT')) noKey();
-        throw e;
+      for (let i = 0; ; i++) {
+        const p = await getPassphrase(io, `Enter passphrase for key slot ${slot}: `, passSrc);
+        try {
+          (await vol.unlock(p, { keySlot: slot })).volumeKey.dispose();
+          passes.set(slot, p);
+          break;
+        } catch (e) {
+          p.fill(0);
+          if (!isCryptmapError(e) || (e.code !== 'ENOKEY' && e.code !== 'EKEYSLOT')) throw e;
+          if (i + 1 >= tries) noKey();
+          io.stderr.write('No key available with this passphrase.\n');
+        }
       }
     }
     return passes;
