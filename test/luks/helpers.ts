@@ -12,7 +12,7 @@ import type { BlockDevice } from '../../src/blockdev/types.js';
 import type { KdfParams } from '../../src/crypto/kdf/index.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import type { SectorBytes } from '../../src/engine/types.js';
-import { type Luks2Volume, readLuks2 } from '../../src/luks/index.js';
+import { Luks2Volume, readLuks2 } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
 
 export const FAST_PBKDF2: KdfParams = { type: 'pbkdf2', hash: 'sha256', iterations: 1000 };
@@ -75,6 +75,25 @@ export async function writePlaintext(vol: Luks2Volume, pass: Buffer, data: Block
     c.dispose();
     volumeKey.dispose();
   }
+}
+
+/**
+ * A LUKS2 volume (passphrase `pass`, a cheap KDF, aes-xts-plain64, 512-byte sectors) on a new memory
+ * device, its data at `off` (the keyslots area up to it) holding `plain`.
+ */
+export async function volumeHolding(
+  plain: Buffer,
+  off: number,
+  pass: Buffer,
+): Promise<{ dev: MemoryDevice; v: Luks2Volume }> {
+  const dev = memDev(off + plain.length);
+  const v = await Luks2Volume.format(dev, pass, {
+    offsetBytes: off,
+    keyslotsBytes: off - 0x8000,
+    keyslot: { kdf: FAST_PBKDF2 },
+  });
+  await writePlaintext(v, pass, dev, plain);
+  return { dev, v };
 }
 
 /** The first `bytes` of plaintext at `vol`'s data segment on `data` (its volume key unlocked by `pass`). */

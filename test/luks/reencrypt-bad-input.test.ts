@@ -16,7 +16,7 @@ import type { BlockDevice } from '../../src/blockdev/types.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import { initReencrypt, inReencryption, Luks2Volume, runReencrypt, withDeviceLock } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
-import { cloneDevice, FAST_PBKDF2, inProcessCli, memDev, P } from './helpers.js';
+import { cloneDevice, FAST_PBKDF2, inProcessCli, memDev, P, volumeHolding } from './helpers.js';
 import { FAST_LUKS2_FORMAT, FAST_PBKDF } from '../helpers/luks.js';
 import { cryptsetupSync, cryptsetupVolumeKey, type CryptsetupResult } from '../helpers/tools.js';
 
@@ -36,19 +36,7 @@ async function bytes(dev: BlockDevice): Promise<Buffer> {
 
 /** A volume with random data, its reencryption begun and stopped after two hotzones. */
 async function halfway(): Promise<BlockDevice> {
-  const dev = memDev(SIZE);
-  const v = await Luks2Volume.format(dev, PASS, {
-    offsetBytes: OFF,
-    keyslotsBytes: OFF - 0x8000,
-    keyslot: { kdf: FAST_PBKDF2 },
-  });
-  const { volumeKey } = await v.unlock(PASS);
-  const enc = randomBytes(DATA);
-  const c = createSectorCipher({ spec: 'aes-xts-plain64', key: volumeKey.expose(), sectorBytes: 512 });
-  c.encrypt(enc, 0n);
-  c.dispose();
-  volumeKey.dispose();
-  await dev.write(OFF, enc);
+  const { dev, v } = await volumeHolding(randomBytes(DATA), OFF, PASS);
   await initReencrypt(v, PASS, { kdf: FAST_PBKDF2 });
   const ac = new AbortController();
   let n = 0;

@@ -8,7 +8,7 @@ import type { BlockDevice } from '../../src/blockdev/types.js';
 import { createSectorCipher } from '../../src/engine/index.js';
 import { type HotzoneHooks, initReencrypt, inReencryption, Luks2Volume, runReencrypt } from '../../src/luks/index.js';
 import { CryptmapError } from '../../src/util/errors.js';
-import { cloneDevice, FAST_PBKDF2, memDev, P, sweepCrashes } from './helpers.js';
+import { cloneDevice, FAST_PBKDF2, memDev, P, sweepCrashes, volumeHolding } from './helpers.js';
 
 const OFF = 1 << 20;
 const DATA = 256 << 10;
@@ -45,20 +45,8 @@ for (const [resilience, cipher] of [
   ['checksum', 'aes-cbc-essiv:sha256'],
 ] as const) {
   test(`reencrypt (${resilience}${cipher ? `, to ${cipher} 4096-byte sectors` : ''}) survives a crash after every write`, async () => {
-    const base = memDev(SIZE);
-    const v = await Luks2Volume.format(base, PASS, {
-      offsetBytes: OFF,
-      keyslotsBytes: OFF - 0x8000,
-      keyslot: { kdf: FAST_PBKDF2 },
-    });
-    const { volumeKey } = await v.unlock(PASS);
     const plain = randomBytes(DATA);
-    const enc = Buffer.from(plain);
-    const c = createSectorCipher({ spec: 'aes-xts-plain64', key: volumeKey.expose(), sectorBytes: 512 });
-    c.encrypt(enc, 0n);
-    c.dispose();
-    volumeKey.dispose();
-    await base.write(OFF, enc);
+    const { dev: base } = await volumeHolding(plain, OFF, PASS);
     await sweepCrashes({
       makeBase: base,
       run: (dev) => reencrypt(dev, resilience, cipher),
@@ -75,20 +63,12 @@ for (const [resilience, cipher] of [
 }
 
 test('online (checksum): a client write between the hotzone read and its suspension is hashed again; a crash after every write resumes to what the client wrote', async () => {
-  const base = memDev(SIZE);
-  const v = await Luks2Volume.format(base, PASS, {
-    offsetBytes: OFF,
-    keyslotsBytes: OFF - 0x8000,
-    keyslot: { kdf: FAST_PBKDF2 },
-  });
+  const plain = randomBytes(DATA);
+  const { dev: base, v } = await volumeHolding(plain, OFF, PASS);
   const { volumeKey } = await v.unlock(PASS);
   const oldKey = Buffer.from(volumeKey.expose());
   volumeKey.dispose();
-  const plain = randomBytes(DATA);
-  const enc = Buffer.from(plain);
   const c = createSectorCipher({ spec: 'aes-xts-plain64', key: oldKey, sectorBytes: 512 });
-  c.encrypt(enc, 0n);
-  await base.write(OFF, enc);
   await initReencrypt(v, PASS, { kdf: FAST_PBKDF2, resilience: 'checksum' });
   // What the client wrote (on top of `plain`) and how often, since the last fresh copy.
   let want = Buffer.alloc(0);
