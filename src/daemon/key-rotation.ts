@@ -72,8 +72,10 @@ export async function rotateVolumeKey(
   return await withVolume(t, async (vol) => {
     const pass = await passphraseOf(keys, t, vol);
     try {
-      if (!inReencryption(vol.jsonSnapshot()))
+      if (!inReencryption(vol.jsonSnapshot())) {
+        await refuseOtherKeyslots(vol, pass, t);
         await initReencrypt(vol, pass.expose(), { kdf: { ...VOLUME_KEYSLOT_PBKDF }, resilience: 'checksum' });
+      }
       const k = await unlockReencryptKeys(vol, pass.expose());
       const oldKey = k.oldKey ? new Secret(k.oldKey) : undefined;
       const newKey = k.newKey ? new Secret(k.newKey) : undefined;
@@ -119,6 +121,28 @@ async function passphraseOf(keys: KeyPort, t: VolumeTarget, vol: Luks2Volume): P
 }
 
 export type RewrapResult = 'rewrapped' | 'done-already' | 'nothing-to-do';
+
+/**
+ * A new volume key gets a keyslot only for the key service's passphrase (the agent knows no other), so
+ * any other keyslot of the volume key (a recovery passphrase someone added) would be gone when the
+ * reencryption finishes. Refused instead (loses nothing), with what to do: remove those keyslots, or
+ * reencrypt with `cryptmap reencrypt`, which asks for every keyslot's passphrase.
+ */
+async function refuseOtherKeyslots(vol: Luks2Volume, pass: Secret, t: VolumeTarget): Promise<void> {
+  const own = await slotOf(vol, pass);
+  const others = vol
+    .keyslots()
+    .filter((k) => k.active && !k.unbound && k.id !== own)
+    .map((k) => k.id);
+  if (others.length === 0) return;
+  throw new CryptmapError(
+    'EKEYSLOT',
+    `${t.id}: keyslot${others.length > 1 ? 's' : ''} ${others.join(', ')} of ${t.path} hold${others.length > 1 ? '' : 's'} ` +
+      "another passphrase, which a new volume key would drop (only the key service's passphrase gets a keyslot of it); " +
+      'remove it first (cryptmap luksKillSlot), or rotate with cryptmap reencrypt, which asks for every passphrase',
+    { exitCode: 1 },
+  );
+}
 
 /** The keyslot `pass` opens, or undefined. */
 async function slotOf(vol: Luks2Volume, pass: Secret): Promise<number | undefined> {

@@ -115,6 +115,30 @@ test('volume rotate-key: a new volume key, reencrypted online, data kept', { tim
     );
     // Unknown volume, and a plain daemon's refusal is the agent's only (a name that is not in the manifest).
     assert.equal((await cm('volume', 'rotate-key', 'db/nope', '--state-dir', state)).code, 4);
+    // A volume with another passphrase (a recovery keyslot added with cryptsetup) is not rotated: the
+    // new key would get a keyslot only for the key service's passphrase and drop that one.
+    const own = join(t.dir, 'own-pass');
+    writeFileSync(own, passphrase(join(state, 'keyd', 'root.key'), 'web/data').expose(), { mode: 0o600 });
+    const recovery = join(t.dir, 'recovery-pass');
+    writeFileSync(recovery, 'recovery passphrase', { mode: 0o600 });
+    const add = spawnSync('cryptsetup', [
+      'luksAddKey',
+      '--pbkdf',
+      'pbkdf2',
+      '--pbkdf-force-iterations',
+      '1000',
+      '--key-file',
+      own,
+      image(state, 'web/data'),
+      recovery,
+    ]);
+    assert.equal(add.status, 0, String(add.stderr));
+    const webBefore = digests(state, 'web/data');
+    const refused = await cm('volume', 'rotate-key', 'web/data', '--state-dir', state);
+    assert.equal(refused.code, 1, refused.err);
+    assert.match(refused.err, /keyslot 1 of .* holds another passphrase, which a new volume key would drop/);
+    assert.equal(digests(state, 'web/data'), webBefore, 'nothing changed on the refused volume');
+    assert.ok(opens(state, 'web/data', Secret.copyOf(Buffer.from('recovery passphrase'))));
     await host.stop();
     host = undefined;
     // It reopens after a restart with the same derived passphrase and the new key.
