@@ -11,7 +11,7 @@
 import { openBlockDevice, resolveDevice } from '../blockdev/open.js';
 import type { BlockDevice } from '../blockdev/types.js';
 import type { SectorBytes } from '../engine/types.js';
-import { openLuks } from '../luks/index.js';
+import { inReencryption, openLuks } from '../luks/index.js';
 import type { LuksVolume, UnlockResult } from '../luks/types.js';
 import { SECTOR_BYTES } from '../util/bytes.js';
 import { CryptmapError, EXIT_FAILURE, EXIT_WRONG_DEVICE } from '../util/errors.js';
@@ -150,8 +150,7 @@ export async function prepareLoadedLuks(
     // A LUKS2 reencryption in progress (cryptsetup's online-reencrypt requirement): its data is in two
     // layouts, which one mapping of segment 0 would mix up; `cryptmap open` maps each part
     // (cli/commands/open-reencrypt.ts), as cryptsetup maps each segment.
-    const reqs = vol.type === 'luks2' ? (vol.json.config.requirements?.mandatory ?? []) : [];
-    if (reqs.some((r) => r.startsWith('online-reencrypt'))) {
+    if (vol.type === 'luks2' && inReencryption(vol.json)) {
       throw new CryptmapError(
         'EREQUIREMENT',
         `Device ${o.header ?? o.device} is in LUKS2 reencryption: one mapping cannot serve it. Open it with cryptmap open (each part mapped with its key), or finish it with cryptmap reencrypt --resume-only (or cryptsetup reencrypt --resume-only) first.`,

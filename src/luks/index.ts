@@ -37,7 +37,7 @@ export type { KdfParams } from '../crypto/kdf/index.js';
 export type { Secret } from '../util/secret.js';
 export type { CryptmapError } from '../util/errors.js';
 export type { ConvertOptions } from './convert.js';
-export { CHECK_NAMES, validateLuks2Json, parseJsonArea } from './luks2-json.js';
+export { CHECK_NAMES, validateLuks2Json, parseJsonArea, unmetReencryptRequirement } from './luks2-json.js';
 export { withDeviceLock, lockDir } from './lock.js';
 export type { ReencryptLock, ReencryptLockOptions } from './reencrypt-lock.js';
 export {

@@ -21,7 +21,7 @@ import { CryptmapError } from '../util/errors.js';
 import { loadNative } from '../util/native.js';
 import { LUKS_SALTSIZE, LUKS_STRIPES } from './constants.js';
 import { readKeyslotArea, writeKeyslotArea } from './keyslot-area.js';
-import type { L2Digest, L2Keyslot, TypeValidators } from './luks2-json.js';
+import { type L2Digest, type L2Keyslot, type TypeValidators, u64 } from './luks2-json.js';
 
 function invalid(path: string, msg: string): never {
   throw new CryptmapError('ELUKS2JSON', `LUKS2 metadata invalid (keyslot_types: ${path}): ${msg}`, {
@@ -166,6 +166,18 @@ const reencryptKeyslot: KeyslotHandler = {
     if (!isStr(ks.direction) || !['forward', 'backward'].includes(ks.direction))
       invalid(path, 'reencrypt keyslot needs direction');
     if (!isObj(ks.area) || !isStr(ks.area.type)) invalid(path, 'reencrypt keyslot needs an area');
+    // reenc_keyslot_validate: key_size 1; checksum areas a hash and a power-of-two sector size of at
+    // least 512; data shift areas a non-zero shift of whole 512-byte sectors.
+    if (ks.key_size !== 1) invalid(path, 'reencrypt keyslot key_size must be 1');
+    const a = ks.area;
+    if (a.type === 'checksum' || a.type === 'datashift-checksum') {
+      const ss = a.sector_size;
+      if (!isStr(a.hash) || !isInt(ss) || ss < 512 || ss > 0xffffffff || (ss & (ss - 1)) !== 0)
+        invalid(`${path}.area`, 'checksum area needs hash and a power-of-two sector_size of at least 512');
+    } else if (a.type === 'datashift' || a.type === 'datashift-journal') {
+      const shift = isStr(a.shift_size) ? u64(a.shift_size) : null;
+      if (!shift || shift % 512n !== 0n) invalid(`${path}.area`, 'data shift area needs a shift_size in whole sectors');
+    }
   },
 };
 

@@ -89,6 +89,42 @@ const U64_MAX = 0xffffffffffffffffn;
 /** Requirements cryptmap knows; anything else in requirements.mandatory blocks activation and changes. */
 export const KNOWN_REQUIREMENTS: readonly string[] = [];
 
+/**
+ * The online reencryption requirements cryptsetup 2.6 knows (CRYPT_REQUIREMENT_ONLINE_REENCRYPT), at
+ * the index of their metadata version: legacy `online-reencrypt` 1, then 2 and 3.
+ */
+const ONLINE_REENCRYPT_REQUIREMENTS: readonly string[] = [
+  '',
+  'online-reencrypt',
+  'online-reencrypt-v2',
+  'online-reencrypt-v3',
+];
+/** Every requirement cryptsetup 2.6 knows (luks2_json_metadata.c requirements_flags). */
+const CRYPTSETUP_REQUIREMENTS: readonly string[] = ['offline-reencrypt', ...ONLINE_REENCRYPT_REQUIREMENTS.slice(1)];
+
+/**
+ * A requirement that names an online reencryption, known or of a later version (cryptsetup
+ * reencrypt_candidate_flag: `online-reencrypt` or `online-reencrypt-v` and digits); one is allowed,
+ * and a reencrypt keyslot needs one.
+ */
+function reencryptCandidate(x: unknown): boolean {
+  return x === 'online-reencrypt' || (typeof x === 'string' && /^online-reencrypt-v[0-9]+$/.test(x));
+}
+
+/**
+ * The metadata version of the online reencryption `j` is in, when it carries a requirement for one
+ * that cryptsetup 2.6 knows (LUKS2_config_get_reencrypt_version; others, such as a later version, are
+ * unknown requirements and no reencryption); undefined otherwise.
+ */
+export function reencryptRequirementVersion(j: Luks2Json | Obj): number | undefined {
+  const c = j.config;
+  const m = isObj(c) && isObj(c.requirements) ? c.requirements.mandatory : undefined;
+  if (!Array.isArray(m)) return undefined;
+  const v = ONLINE_REENCRYPT_REQUIREMENTS.findIndex((r) => r !== '' && m.includes(r));
+  return v < 0 ? undefined : v;
+}
+
+
 function fail(check: string, message: string, path?: string): never {
   throw new CryptmapError('ELUKS2JSON', `LUKS2 metadata invalid (${check}${path ? `: ${path}` : ''}): ${message}`, {
     context: { check, path },
@@ -272,7 +308,7 @@ const CHECKS: Check[] = [
       let online = 0;
       for (const x of m) {
         if (typeof x !== 'string') fail('requirements', 'mandatory holds a non-string', 'config.requirements');
-        if (x === 'online-reencrypt' || /^online-reencrypt-v[0-9]+$/.test(x)) online++;
+        if (reencryptCandidate(x)) online++;
       }
       if (online > 1) fail('requirements', 'multiple online reencryption requirement flags');
     },
@@ -373,6 +409,7 @@ const CHECKS: Check[] = [
         }
       }
       for (let i = regular; i < keys.length; i++) if (!isObj(segments[String(i)])) fail('segments', `gap at key ${i}`);
+      if (reencryptRequirementVersion(j) !== undefined) reencryptSegmentsMatch(segments, regular, keys.length);
     },
   },
   {
@@ -477,6 +514,12 @@ const CHECKS: Check[] = [
         }
         if (type === 'reencrypt') reencrypt++;
       }
+      // LUKS2_keyslots_validate: an online reencryption needs its keyslot, and the keyslot its requirement.
+      if (validators && reencrypt === 0 && reencryptRequirementVersion(j) !== undefined)
+        fail('keyslot_types', 'online reencryption requirement without a reencrypt keyslot');
+      const mandatory = (j.config as L2Config).requirements?.mandatory ?? [];
+      if (reencrypt > 0 && !mandatory.some(reencryptCandidate))
+        fail('keyslot_types', 'reencrypt keyslot without an online reencryption requirement');
       if (reencrypt > 1) fail('keyslot_types', 'too many reencryption keyslots');
     },
   },
@@ -491,6 +534,31 @@ const CHECKS: Check[] = [
     },
   },
 ];
+
+/**
+ * The segments of a header in online reencryption (validate_reencrypt_segments): a `backup-previous`
+ * and a `backup-final` segment among the backups, and each regular segment like one of them (the one
+ * `in-reencryption` like the final one): the same type and, crypt, the same cipher and sector size.
+ */
+function reencryptSegmentsMatch(segments: Obj, regular: number, count: number): void {
+  let previous: Obj | undefined;
+  let final: Obj | undefined;
+  for (let i = regular; i < count; i++) {
+    const s = segments[String(i)] as Obj;
+    const f = s.flags as unknown[] | undefined;
+    if (f?.includes('backup-final')) final = s;
+    else if (f?.includes('backup-previous')) previous = s;
+  }
+  if (!final || !previous) fail('segments', 'a reencryption backup segment is missing');
+  const like = (a: Obj, b: Obj) =>
+    a.type === b.type && (a.type !== 'crypt' || (a.sector_size === b.sector_size && a.encryption === b.encryption));
+  for (let i = 0; i < regular; i++) {
+    const s = segments[String(i)] as Obj;
+    const hot = (s.flags as unknown[] | undefined)?.includes('in-reencryption');
+    if (hot ? !like(s, final) : !like(s, final) && !like(s, previous))
+      fail('segments', `segment ${i} is like neither the backup-previous nor the backup-final segment`, `segments.${i}`);
+  }
+}
 
 function validateCryptSegment(s: Obj, p: string, size: bigint, digests: Obj, key: string): void {
   const ivStr = needStr(s, 'iv_tweak', 'segments', p);
@@ -547,6 +615,19 @@ export function ids(section: Record<string, unknown>): number[] {
 export function unknownRequirements(j: Luks2Json): string[] {
   const m = j.config.requirements?.mandatory ?? [];
   return m.filter((x) => !KNOWN_REQUIREMENTS.includes(x));
+}
+
+/**
+ * Why `j`'s requirements refuse an operation that a reencryption in progress allows (activating or
+ * repairing it; cryptsetup LUKS2_unmet_requirements with the online reencryption masked): one cryptsetup
+ * 2.6 does not know, or the legacy offline reencryption. Undefined when none does.
+ */
+export function unmetReencryptRequirement(j: Luks2Json): string | undefined {
+  const m = j.config.requirements?.mandatory ?? [];
+  if (m.some((x) => !CRYPTSETUP_REQUIREMENTS.includes(x))) return 'Unmet LUKS2 requirements detected.';
+  if (m.includes('offline-reencrypt'))
+    return 'Operation incompatible with device marked for legacy reencryption. Aborting.';
+  return undefined;
 }
 
 /** The lowest id not yet used in a keyslots, digests, segments or tokens object. */

@@ -39,7 +39,14 @@ import { FileDevice } from '../blockdev/file.js';
 import { MemoryDevice } from '../blockdev/memory.js';
 import { type Luks2FormatOptions, Luks2Volume } from './luks2.js';
 import { DIGEST_HANDLERS, handlerFor, KEYSLOT_HANDLERS } from './luks2-handlers.js';
-import { firstFreeId, type L2Keyslot, type L2Segment, type Luks2Json } from './luks2-json.js';
+import {
+  firstFreeId,
+  type L2Keyslot,
+  type L2Segment,
+  type Luks2Json,
+  reencryptRequirementVersion,
+  unmetReencryptRequirement,
+} from './luks2-json.js';
 import type { NewKeyslotOptions } from './types.js';
 
 /** LUKS2 reencryption resilience modes (cryptsetup --resilience). */
@@ -233,11 +240,12 @@ export function reencryptKeyslotId(j: Luks2Json): string | undefined {
   return Object.keys(j.keyslots).find((k) => j.keyslots[k]!.type === 'reencrypt');
 }
 
-/** True when the metadata carries the online-reencrypt requirement (a reencryption is in progress). */
+/**
+ * True when the metadata carries an online-reencrypt requirement cryptsetup 2.6 knows (a reencryption
+ * is in progress; LUKS2_reencrypt_status: a later version is an unknown requirement, not a reencryption).
+ */
 export function inReencryption(j: Luks2Json): boolean {
-  return (j.config.requirements?.mandatory ?? []).some(
-    (x) => x === 'online-reencrypt' || x.startsWith('online-reencrypt-v'),
-  );
+  return reencryptRequirementVersion(j) !== undefined;
 }
 
 function segmentByFlag(j: Luks2Json, flag: string): [string, L2Segment] | undefined {
@@ -332,13 +340,9 @@ async function checkReencryptDigest(
     });
 }
 
-/** The version of the reencryption requirement (LUKS2_config_get_reencrypt_version: legacy `online-reencrypt` is 1). */
+/** The version of the reencryption requirement (legacy `online-reencrypt` is 1). */
 function requirementVersion(j: Luks2Json): number {
-  const r = (j.config.requirements?.mandatory ?? []).find((x) => x.startsWith('online-reencrypt'));
-  if (r === 'online-reencrypt') return 1;
-  const m = r ? /^online-reencrypt-v([0-9]+)$/.exec(r) : null;
-  if (!m) fail('Reencryption metadata is invalid.');
-  return Number(m[1]);
+  return reencryptRequirementVersion(j) ?? fail('Device is not in reencryption.', 'EINVAL');
 }
 
 // ---- init ----
@@ -1589,6 +1593,9 @@ async function run(
 ): Promise<boolean> {
   const j = vol.jsonSnapshot();
   const { ksId, ks, mode, backward } = reencryptKeyslot(j);
+  // A requirement cryptsetup does not know next to the reencryption's: not resumed (its status is invalid).
+  const unmet = unmetReencryptRequirement(j);
+  if (unmet !== undefined) fail(unmet, 'EREQUIREMENT');
   const a = ks.area as Record<string, unknown>;
   const type = resilienceOf(a);
   const prev = segmentByFlag(j, 'backup-previous');

@@ -115,3 +115,39 @@ test('open --test-passphrase of a header whose reencryption metadata was changed
   // The reencryption digest deleted: "invalid" with -ENOENT (exit 1).
   await both('no-digest', (j) => delete j.digests['2'], TEST(), 1);
 });
+
+test('mangled reencryption requirements, keyslot and segments: refused where cryptsetup refuses them (not a valid LUKS2 header, or an unknown requirement), nothing written', async () => {
+  const RESUME = ['reencrypt', '--resume-only', '-q', '--force-offline-reencrypt', '--key-file', KEY()];
+  const invalid: Array<[string, (j: J) => void]> = [
+    // A reencrypt keyslot needs an online-reencrypt requirement, and a requirement its keyslot.
+    ['requirement-x', (j) => (j.config.requirements.mandatory = ['online-reencryptx'])],
+    ['no-requirement', (j) => (j.config.requirements.mandatory = [])],
+    [
+      'no-reencrypt-keyslot',
+      (j) => {
+        delete j.keyslots['3'];
+        delete j.digests['2'];
+      },
+    ],
+    // The reencrypt keyslot's key_size is 1.
+    ['key-size', (j) => (j.keyslots['3'].key_size = 16)],
+    // Every regular segment is like the backup-previous or the backup-final one.
+    ['segment-0-cipher', (j) => (j.segments['0'].encryption = 'aes-cbc-null')],
+  ];
+  for (const [name, mangle] of invalid) {
+    await both(name, mangle, TEST(), 1, false);
+    await both(`${name}-repair`, mangle, REPAIR(), 1, false);
+    await both(`${name}-resume`, mangle, RESUME, 1, false);
+  }
+  // A requirement cryptsetup 2.6 does not know (beside the reencryption's, or a later version alone):
+  // the header loads and the passphrase tests, but it is neither repaired nor resumed.
+  const unknown: Array<[string, (j: J) => void]> = [
+    ['requirement-v3X', (j) => j.config.requirements.mandatory.push('online-reencrypt-v3X')],
+    ['requirement-v999', (j) => (j.config.requirements.mandatory = ['online-reencrypt-v999'])],
+  ];
+  for (const [name, mangle] of unknown) {
+    await both(name, mangle, TEST(), 0);
+    await both(`${name}-repair`, mangle, REPAIR(), 1);
+    await both(`${name}-resume`, mangle, RESUME, 1, false);
+  }
+});

@@ -16,6 +16,7 @@ import {
   type Luks2Volume,
   type RestorePlan,
   unlockReencryptKeys,
+  unmetReencryptRequirement,
   verifyReencryptDigest,
   withDeviceLock,
 } from '../../luks/index.js';
@@ -294,8 +295,13 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
           return 0;
         }
         case 'repair':
-          if (vol.type === 'luks2' && inReencryption((vol as Luks2Volume).jsonSnapshot()))
-            return await repairReencryption(io, vol as Luks2Volume, v);
+          if (vol.type === 'luks2') {
+            const j = (vol as Luks2Volume).jsonSnapshot();
+            // A requirement cryptsetup does not know: its reencryption status is "invalid" (exit 1, silently).
+            if (unmetReencryptRequirement(j) !== undefined)
+              throw new CryptmapError('EREQUIREMENT', '', { exitCode: 1 });
+            if (inReencryption(j)) return await repairReencryption(io, vol as Luks2Volume, v);
+          }
           // As cryptsetup 2.6: a LUKS2 header that loads gets the load-time recovery only (a bad or
           // stale copy rewritten from the good one) and "No known problems"; the confirmation is
           // asked only to overwrite a damaged primary area that carries another format's signature.

@@ -23,6 +23,7 @@ import {
   reencryptSegments,
   runReencrypt,
   takeReencryptLock,
+  unmetReencryptRequirement,
   withDeviceLock,
 } from '../../luks/index.js';
 import { CryptmapError } from '../../util/errors.js';
@@ -80,6 +81,9 @@ export async function mapInDaemon(
 ): Promise<VolumeStatus> {
   const keys = await openReencryptKeys(vol, pass, v);
   try {
+    // cryptsetup activates (LUKS2_activate_multi) only with no requirement it does not know.
+    const unmet = unmetReencryptRequirement(vol.jsonSnapshot());
+    if (unmet !== undefined) throw new CryptmapError('EREQUIREMENT', unmet, { exitCode: 1 });
     const dataPath = resolveDevice(device);
     const hdrPathAbs = v.header === undefined ? undefined : resolveDevice(v.header);
     // The daemon maps the header's segments; the mapping names the volume (the crypt side's cipher).
