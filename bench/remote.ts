@@ -26,51 +26,14 @@ import { parseArgs } from 'node:util';
 import { NbdDevice } from '../src/blockdev/nbd-client/device.js';
 import { DaemonCore } from '../src/daemon/core.js';
 import { nbdUnixUri } from '../src/nbd-wire/uri.js';
-import { openLuksVolume } from './common.js';
-
-function run(cmd: string, args: string[], pkg: string): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const c = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    c.stdout.on('data', (d: Buffer) => (out += d.toString()));
-    c.stderr.on('data', (d: Buffer) => (err += d.toString()));
-    c.on('error', (e) => reject(new Error(`${cmd}: ${e.message} (install the Debian package ${pkg})`)));
-    c.on('close', (code) =>
-      code === 0 ? resolve(out) : reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err.trim()}`)),
-    );
-  });
-}
-
-async function waitFor(path: string, child: ChildProcess, what: string): Promise<void> {
-  for (let i = 0; i < 400 && !existsSync(path); i++) {
-    if (child.exitCode !== null) throw new Error(`${what} exited with ${child.exitCode} before listening`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  if (!existsSync(path)) throw new Error(`${what}: ${path} did not appear`);
-}
+import { cpuSeconds, loadavg, median, openLuksVolume, run, waitFor } from './common.js';
 
 const CEPH_MINI = fileURLToPath(new URL('../../scripts/ceph-mini.sh', import.meta.url));
-const loadavg = () => readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
-/** /proc/PID/stat fields after the command name: [11] utime, [12] stime, [13] cutime, [14] cstime (ticks). */
-function statTicks(pid: number | 'self'): number[] {
-  const f = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  return f
-    .slice(f.lastIndexOf(')') + 2)
-    .split(' ')
-    .map((x) => Number(x));
-}
-/** CPU seconds (user + system, all threads) process `pid` used so far; NaN without one. */
-const cpuOf = (pid: number | undefined) => {
-  if (pid === undefined) return Number.NaN;
-  const t = statTicks(pid);
-  return (t[11]! + t[12]!) / 100;
-};
-/** CPU seconds of this process's children that were waited for (nbdcopy runs, once they exited). */
+/** CPU seconds of this process's children that were waited for (nbdcopy runs, once they exited): cutime + cstime. */
 const reapedCpu = () => {
-  const t = statTicks('self');
-  return (t[13]! + t[14]!) / 100;
+  const f = readFileSync('/proc/self/stat', 'utf8');
+  const t = f.slice(f.lastIndexOf(')') + 2).split(' ');
+  return (Number(t[13]) + Number(t[14])) / 100;
 };
 
 // ---------------------------------------------------------------- child: the cryptmap daemon core
@@ -143,11 +106,11 @@ async function main(): Promise<void> {
      * and of the cryptmap child `cmPid` (when given) during the pass.
      */
     const nbdcopyPass = async (args: string[], bytes: number, storagePid?: number, cmPid?: number) => {
-      const c0 = [reapedCpu(), cpuOf(storagePid), cpuOf(cmPid)];
+      const c0 = [reapedCpu(), cpuSeconds(storagePid), cpuSeconds(cmPid)];
       const t0 = process.hrtime.bigint();
       await run('nbdcopy', args, 'libnbd-bin');
       const mbps = bytes / 1e6 / (Number(process.hrtime.bigint() - t0) / 1e9);
-      const c1 = [reapedCpu(), cpuOf(storagePid), cpuOf(cmPid)];
+      const c1 = [reapedCpu(), cpuSeconds(storagePid), cpuSeconds(cmPid)];
       const perGiB = c1.map((c, i) => ((c - c0[i]!) * 1073741824) / bytes);
       return { mbps, copy: perGiB[0]!, storage: perGiB[1]!, cryptmap: perGiB[2]! };
     };
