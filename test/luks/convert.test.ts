@@ -4,7 +4,6 @@
 // byte for byte against cryptsetup in convert.interop.test.ts.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { FaultDevice } from '../../src/blockdev/fault.js';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import type { BlockDevice } from '../../src/blockdev/types.js';
 import {
@@ -17,7 +16,7 @@ import {
   planLuks1Moves,
 } from '../../src/luks/index.js';
 import { CryptmapError, isCryptmapError } from '../../src/util/errors.js';
-import { cloneDevice, FAST_ARGON, FAST_PBKDF2, P } from './helpers.js';
+import { cloneDevice, FAST_ARGON, FAST_PBKDF2, P, sweepCrashes } from './helpers.js';
 
 const SIZE = 4 << 20;
 const mk = (n: number) => new MemoryDevice({ sizeBytes: n });
@@ -39,28 +38,27 @@ async function snapshot(dev: BlockDevice): Promise<Buffer> {
   return b;
 }
 
-/** Convert copies of `base`, the device failing after 0, 1, 2, ... writes, until one completes. */
+/**
+ * Convert copies of `base`, the device failing after 0, 1, 2, ... writes (more than 4 writes), until
+ * one completes: each opens with every passphrase, the completed one is `want`.
+ */
 async function sweep(
   base: BlockDevice,
   run: (d: BlockDevice) => Promise<void>,
   passes: string[],
   want: 'luks1' | 'luks2',
-): Promise<number> {
-  for (let n = 0; ; n++) {
-    const img = await cloneDevice(base, mk, SIZE);
-    let crashed = false;
-    try {
-      await run(new FaultDevice(img, { crashAfterWrites: n }));
-    } catch (e) {
-      if (!(e instanceof CryptmapError && e.code === 'EFAULT_CRASH')) throw e;
-      crashed = true;
-    }
-    assert.ok(await opensAll(img, passes), `after ${n} writes the image does not open with every passphrase`);
-    if (!crashed) {
+): Promise<void> {
+  await sweepCrashes({
+    makeBase: base,
+    run: async (dev, img) => {
+      await run(dev);
       assert.equal(await detectLuks(img), want);
-      return n;
-    }
-  }
+    },
+    recover: async () => undefined,
+    check: async (img, n) =>
+      assert.ok(await opensAll(img, passes), `after ${n} writes the image does not open with every passphrase`),
+    minWrites: 4,
+  });
 }
 
 test('LUKS1 -> LUKS2 -> LUKS1 keeps every passphrase and the volume key', async () => {
@@ -93,12 +91,12 @@ test('convert survives a crash after any write, both directions', async () => {
   const v1 = await Luks1Volume.format(l1, P('one'), { keyslot: { kdf: FAST_PBKDF2 }, keyBytes: 32 });
   await v1.addKey({ passphrase: P('one') }, P('two'), { kdf: FAST_PBKDF2, keySlot: 1 });
   await v1.addKey({ passphrase: P('one') }, P('three'), { kdf: FAST_PBKDF2, keySlot: 6 });
-  assert.ok((await sweep(l1, convertLuks1ToLuks2, ['one', 'two', 'three'], 'luks2')) > 4);
+  await sweep(l1, convertLuks1ToLuks2, ['one', 'two', 'three'], 'luks2');
 
   const l2 = mk(SIZE);
   const v2 = await Luks2Volume.format(l2, P('one'), LUKS2);
   await v2.addKey({ passphrase: P('one') }, P('two'), { kdf: FAST_PBKDF2, keySlot: 3 });
-  assert.ok((await sweep(l2, convertLuks2ToLuks1, ['one', 'two'], 'luks1')) > 4);
+  await sweep(l2, convertLuks2ToLuks1, ['one', 'two'], 'luks1');
 });
 
 test('all eight LUKS1 keyslots active: no crash-safe order, converted in one pass', async () => {

@@ -4,10 +4,8 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { MemoryDevice } from '../../src/blockdev/memory.js';
 import type { BlockDevice } from '../../src/blockdev/types.js';
-import { CryptmapError } from '../../src/util/errors.js';
 import { headerRestore, Luks1Volume, Luks2Volume, type LuksVolume, openLuks } from '../../src/luks/index.js';
-import { FaultDevice } from '../../src/blockdev/fault.js';
-import { cloneDevice, FAST_PBKDF2, P } from './helpers.js';
+import { cloneDevice, FAST_PBKDF2, P, sweepCrashes } from './helpers.js';
 
 const SIZE = 4 << 20;
 const LUKS2 = { keyslot: { kdf: FAST_PBKDF2 }, offsetBytes: 2 << 20, keyslotsBytes: (2 << 20) - 2 * 16384 - 4096 * 0 };
@@ -23,37 +21,44 @@ async function opens(dev: BlockDevice, pass: string): Promise<boolean> {
   }
 }
 
-/** A power cut after `n` writes: every later write, write-zeroes or discard fails and reaches nothing. */
-const crashAfter = (dev: BlockDevice, n: number) => new FaultDevice(dev, { crashAfterWrites: n });
+/** Whether every one of `passes` opens the image. */
+async function allOpen(dev: BlockDevice, passes: string[]): Promise<boolean> {
+  return (await Promise.all(passes.map((p) => opens(dev, p)))).every(Boolean);
+}
 
-/** Only the injected power cut may end the operation early. */
-function expectCrash(e: unknown): void {
-  if (!(e instanceof CryptmapError && e.code === 'EFAULT_CRASH')) throw e;
+/**
+ * A power cut after every write of `change` (on a copy of `base`; nothing is recovered): the `old` or
+ * the `neu` secrets open after each crash, and the `neu` ones once `change` completed (then `done`).
+ */
+async function crashSweep(
+  name: string,
+  base: BlockDevice,
+  change: (dev: BlockDevice) => Promise<unknown>,
+  old: string[],
+  neu: string[],
+  done: (img: BlockDevice) => Promise<void> = async () => {},
+): Promise<void> {
+  await sweepCrashes({
+    makeBase: base,
+    run: async (dev, img) => {
+      await change(dev);
+      assert.ok(await allOpen(img, neu), `${name}: completed but the new secrets do not open`);
+      await done(img);
+    },
+    recover: async () => undefined,
+    check: async (img, n) =>
+      assert.ok(
+        (await allOpen(img, old)) || (await allOpen(img, neu)),
+        `${name}: after ${n} writes neither the old nor the new secrets open`,
+      ),
+    minWrites: 0,
+  });
 }
 
 type Op = { name: string; run(v: LuksVolume): Promise<unknown>; old: string[]; neu: string[] };
 
-async function sweep(base: BlockDevice, op: Op): Promise<number> {
-  for (let n = 0; ; n++) {
-    const img = await cloneDevice(base, mk, SIZE);
-    const fd = crashAfter(img, n);
-    let crashed = false;
-    try {
-      const v = await openLuks(fd);
-      await op.run(v);
-    } catch (e) {
-      expectCrash(e);
-      crashed = true;
-    }
-    const oldOk = (await Promise.all(op.old.map((p) => opens(img, p)))).every(Boolean);
-    const newOk = (await Promise.all(op.neu.map((p) => opens(img, p)))).every(Boolean);
-    assert.ok(oldOk || newOk, `${op.name}: after ${n} writes neither the old nor the new secrets open`);
-    if (!crashed) {
-      assert.ok(newOk, `${op.name}: completed but new secrets do not open`);
-      return n;
-    }
-  }
-}
+const sweep = (base: BlockDevice, op: Op) =>
+  crashSweep(op.name, base, async (dev) => op.run(await openLuks(dev)), op.old, op.neu);
 
 test('LUKS2 header changes survive a crash after any write', async () => {
   const base = mk(SIZE);
@@ -88,34 +93,29 @@ test('LUKS2 header changes survive a crash after any write', async () => {
     },
     { name: 'uuid', run: (x) => x.setUuid('12345678-1234-1234-1234-123456789abc'), old: ['one'], neu: ['one'] },
   ];
-  for (const op of ops) assert.ok((await sweep(base, op)) > 0);
+  for (const op of ops) await sweep(base, op);
 });
 
 test('LUKS2 format: after any crash the image is unformatted/invalid or opens with the new passphrase', async () => {
-  for (let n = 0; ; n++) {
-    const img = mk(SIZE);
-    let crashed = false;
-    try {
-      await Luks2Volume.format(crashAfter(img, n), P('new'), LUKS2);
-    } catch (e) {
-      expectCrash(e);
-      crashed = true;
-    }
-    const ok = await opens(img, 'new');
-    if (!crashed) {
-      assert.ok(ok);
-      break;
-    }
+  await sweepCrashes({
+    makeBase: async () => mk(SIZE),
+    run: async (dev, img) => {
+      await Luks2Volume.format(dev, P('new'), LUKS2);
+      assert.ok(await opens(img, 'new'));
+    },
+    recover: async () => undefined,
     // partial format must never leave a header that opens with something else or crashes the loader
-    await openLuks(img).then(
-      (v) =>
-        v.unlock(P('other')).then(
-          () => assert.fail('opened with a wrong passphrase'),
-          () => {},
-        ),
-      () => {},
-    );
-  }
+    check: (img) =>
+      openLuks(img).then(
+        (v) =>
+          v.unlock(P('other')).then(
+            () => assert.fail('opened with a wrong passphrase'),
+            () => {},
+          ),
+        () => {},
+      ),
+    minWrites: 0,
+  });
 });
 
 test('LUKS1 header changes survive a crash after any write', async () => {
@@ -138,7 +138,7 @@ test('LUKS1 header changes survive a crash after any write', async () => {
     { name: 'removeKey', run: (x) => x.removeKey(P('two')), old: ['one'], neu: ['one'] },
     { name: 'uuid', run: (x) => x.setUuid('12345678-1234-1234-1234-123456789abc'), old: ['one'], neu: ['one'] },
   ];
-  for (const op of ops) assert.ok((await sweep(base, op)) > 0);
+  for (const op of ops) await sweep(base, op);
 });
 
 /** Restore `backup` onto a copy of `base`, crashing after every possible write count. */
@@ -148,30 +148,22 @@ async function restoreSweep(
   backup: BlockDevice,
   old: string[],
   neu: string[],
-): Promise<number> {
+): Promise<void> {
   const hdr = (await openLuks(backup)).headerBytes;
   const want = Buffer.alloc(hdr);
   await backup.read(0, want);
-  for (let n = 0; ; n++) {
-    const img = await cloneDevice(base, mk, SIZE);
-    let crashed = false;
-    try {
-      await headerRestore(crashAfter(img, n), backup);
-    } catch (e) {
-      expectCrash(e);
-      crashed = true;
-    }
-    const oldOk = (await Promise.all(old.map((p) => opens(img, p)))).every(Boolean);
-    const newOk = (await Promise.all(neu.map((p) => opens(img, p)))).every(Boolean);
-    assert.ok(oldOk || newOk, `${name}: after ${n} writes neither the old nor the restored secrets open`);
-    if (!crashed) {
-      assert.ok(newOk, `${name}: restore completed but the restored secrets do not open`);
+  await crashSweep(
+    name,
+    base,
+    (dev) => headerRestore(dev, backup),
+    old,
+    neu,
+    async (img) => {
       const got = Buffer.alloc(hdr);
       await img.read(0, got);
       assert.ok(got.equals(want), `${name}: restored header area differs from the backup`);
-      return n;
-    }
-  }
+    },
+  );
 }
 
 test('luksHeaderRestore survives a crash after any write (old or restored secrets open)', async () => {
@@ -182,17 +174,17 @@ test('luksHeaderRestore survives a crash after any write (old or restored secret
   const other = mk(SIZE);
   const w = await Luks2Volume.format(other, P('bk'), LUKS2);
   await w.addKey({ passphrase: P('bk') }, P('bk2'), { kdf: FAST_PBKDF2, keySlot: 2 });
-  assert.ok((await restoreSweep('luks2 other volume', base, other, ['one', 'two'], ['bk', 'bk2'])) > 0);
+  await restoreSweep('luks2 other volume', base, other, ['one', 'two'], ['bk', 'bk2']);
   // LUKS2: an older backup of the same volume (before a passphrase change).
   const same = await cloneDevice(base, mk, SIZE);
   const s2 = await openLuks(same);
   await s2.changeKey(P('one'), P('uno'), { kdf: FAST_PBKDF2 });
-  assert.ok((await restoreSweep('luks2 older backup', same, base, ['uno', 'two'], ['one', 'two'])) > 0);
+  await restoreSweep('luks2 older backup', same, base, ['uno', 'two'], ['one', 'two']);
   // LUKS1: an older backup of the same volume (before a keyslot was added); LUKS1 slots do not move,
   // the dropped slot's material is overwritten only after the header.
   const l1 = mk(SIZE);
   const x = await Luks1Volume.format(l1, P('one'), { keyslot: { kdf: FAST_PBKDF2 }, keyBytes: 32 });
   const l1backup = await cloneDevice(l1, mk, SIZE);
   await x.addKey({ passphrase: P('one') }, P('two'), { kdf: FAST_PBKDF2 });
-  assert.ok((await restoreSweep('luks1 older backup', l1, l1backup, ['one', 'two'], ['one'])) > 0);
+  await restoreSweep('luks1 older backup', l1, l1backup, ['one', 'two'], ['one']);
 });
