@@ -72,6 +72,8 @@ export {
   runReencryptWithKeys,
   unlockInReencryption,
   unlockReencryptKeys,
+  upgradeReencryptMetadata,
+  reencryptDigestMissing,
   verifyReencryptDigest,
 } from './reencrypt.js';
 export type { Luks1ReencryptInit, Luks1RunOptions } from './reencrypt-luks1.js';

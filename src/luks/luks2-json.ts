@@ -111,6 +111,11 @@ function reencryptCandidate(x: unknown): boolean {
   return x === 'online-reencrypt' || (typeof x === 'string' && /^online-reencrypt-v[0-9]+$/.test(x));
 }
 
+/** True for an online reencryption requirement cryptsetup 2.6 knows (`online-reencrypt`, `-v2`, `-v3`). */
+export function knownReencryptRequirement(x: unknown): boolean {
+  return typeof x === 'string' && ONLINE_REENCRYPT_REQUIREMENTS.indexOf(x) > 0;
+}
+
 /**
  * The metadata version of the online reencryption `j` is in, when it carries a requirement for one
  * that cryptsetup 2.6 knows (LUKS2_config_get_reencrypt_version; others, such as a later version, are
@@ -123,7 +128,6 @@ export function reencryptRequirementVersion(j: Luks2Json | Obj): number | undefi
   const v = ONLINE_REENCRYPT_REQUIREMENTS.findIndex((r) => r !== '' && m.includes(r));
   return v < 0 ? undefined : v;
 }
-
 
 function fail(check: string, message: string, path?: string): never {
   throw new CryptmapError('ELUKS2JSON', `LUKS2 metadata invalid (${check}${path ? `: ${path}` : ''}): ${message}`, {
@@ -556,7 +560,11 @@ function reencryptSegmentsMatch(segments: Obj, regular: number, count: number): 
     const s = segments[String(i)] as Obj;
     const hot = (s.flags as unknown[] | undefined)?.includes('in-reencryption');
     if (hot ? !like(s, final) : !like(s, final) && !like(s, previous))
-      fail('segments', `segment ${i} is like neither the backup-previous nor the backup-final segment`, `segments.${i}`);
+      fail(
+        'segments',
+        `segment ${i} is like neither the backup-previous nor the backup-final segment`,
+        `segments.${i}`,
+      );
   }
 }
 

@@ -39,8 +39,10 @@ import { FileDevice } from '../blockdev/file.js';
 import { MemoryDevice } from '../blockdev/memory.js';
 import { type Luks2FormatOptions, Luks2Volume } from './luks2.js';
 import { DIGEST_HANDLERS, handlerFor, KEYSLOT_HANDLERS } from './luks2-handlers.js';
+import { digestIterations } from './luks2-keyslots.js';
 import {
   firstFreeId,
+  knownReencryptRequirement,
   type L2Keyslot,
   type L2Segment,
   type Luks2Json,
@@ -492,16 +494,38 @@ async function addReencryptState(
     direction,
     priority: 0,
   } as unknown as L2Keyslot;
+  await setReencryptDigest(j, String(rid), keys, version, iterations);
+  setReencryptRequirement(j, version);
+}
+
+/**
+ * A new digest of the reencryption metadata of `j` (version `version`, the volume keys by digest id) for
+ * the reencrypt keyslot `ksId`, which leaves any digest it had (LUKS2_keyslot_reencrypt_digest_create).
+ */
+async function setReencryptDigest(
+  j: Luks2Json,
+  ksId: string,
+  keys: Map<string, Buffer>,
+  version: number,
+  iterations: number,
+): Promise<void> {
   const blob = verificationBlob(j, keys, version);
   try {
     const d = await DIGEST_HANDLERS.pbkdf2!.create(blob, { hash: 'sha256', iterations });
-    const did = firstFreeId(j.digests);
-    j.digests[String(did)] = { ...d, keyslots: [String(rid)], segments: [] };
+    for (const x of Object.values(j.digests)) x.keyslots = x.keyslots.filter((k) => k !== ksId);
+    j.digests[String(firstFreeId(j.digests))] = { ...d, keyslots: [ksId], segments: [] };
   } finally {
     blob.fill(0);
   }
+}
+
+/** The online-reencrypt requirement of `j` set to `version` (cryptsetup reencrypt_update_flag: the old one goes, the new one last). */
+function setReencryptRequirement(j: Luks2Json, version: number): void {
   const req = j.config.requirements ?? {};
-  req.mandatory = [...(req.mandatory ?? []), `online-reencrypt-v${version}`];
+  req.mandatory = [
+    ...(req.mandatory ?? []).filter((x) => !knownReencryptRequirement(x)),
+    `online-reencrypt-v${version}`,
+  ];
   j.config.requirements = req;
 }
 
@@ -1586,6 +1610,47 @@ export async function verifyReencryptDigest(vol: Luks2Volume, keys: ReencryptKey
   }
 }
 
+/**
+ * True when the reencryption metadata of `j` has no digest to check it against (legacy `online-reencrypt`
+ * metadata, or its digest deleted): cryptsetup 2.6 then wants it repaired (CRYPT_REENCRYPT_REPAIR_NEEDED),
+ * and its repair upgrades it (upgradeReencryptMetadata).
+ */
+export function reencryptDigestMissing(j: Luks2Json): boolean {
+  const v = reencryptRequirementVersion(j);
+  const ksId = reencryptKeyslotId(j);
+  return v !== undefined && ksId !== undefined && (v < 2 || digestOfKeyslot(j, ksId) === undefined);
+}
+
+/**
+ * Protect reencryption metadata that has no digest (cryptsetup 2.6 repair, reencrypt_repair_by_passphrase):
+ * the passphrase must open the old and the new volume key (unlockAll's errors); a digest of the metadata
+ * as it stands is made for the reencrypt keyslot, and the requirement becomes online-reencrypt-v2 (v3
+ * for a decryption with the header exported), in one header write (both copies, as every commit). The
+ * metadata is taken as it is: the caller asked whether the reencryption is genuine.
+ */
+export async function upgradeReencryptMetadata(vol: Luks2Volume, passphrase: Uint8Array): Promise<void> {
+  const j = vol.jsonSnapshot();
+  const { ksId, ks, mode } = reencryptKeyslot(j);
+  const l = reencryptLayout(j);
+  const area = ks.area as Record<string, unknown>;
+  const version =
+    mode === 'decrypt' && String(area.type).startsWith('datashift-') && segmentByFlag(j, 'backup-moved-segment')
+      ? DECRYPT_DATASHIFT_REQ_VERSION
+      : REQ_VERSION;
+  const keys = await unlockAll(
+    vol,
+    passphrase,
+    [l.oldDigest, l.newDigest].filter((d): d is string => d !== undefined),
+  );
+  try {
+    await setReencryptDigest(j, ksId, keys, version, await digestIterations(false, 'sha256'));
+  } finally {
+    for (const k of keys.values()) k.fill(0);
+  }
+  setReencryptRequirement(j, version);
+  await vol.commitJson(j);
+}
+
 async function run(
   vol: Luks2Volume,
   getKeys: (j: Luks2Json, want: string[]) => Promise<Map<string, Buffer>>,
@@ -1644,7 +1709,7 @@ async function run(
   if ((mode !== 'encrypt' && dOld === undefined) || (mode !== 'decrypt' && dNew === undefined))
     fail('Reencryption metadata is invalid.');
   const version = requirementVersion(j);
-  if (version < 2) fail('Legacy (online-reencrypt) reencryption metadata is not supported; use cryptsetup repair.');
+  if (version < 2) fail('Legacy (online-reencrypt) reencryption metadata has no digest; run repair first.');
   const want = [dOld, dNew].filter((d): d is string => d !== undefined);
   const keys = await getKeys(j, want);
   const wipeKeys = () => {

@@ -151,3 +151,57 @@ test('mangled reencryption requirements, keyslot and segments: refused where cry
     await both(`${name}-resume`, mangle, RESUME, 1, false);
   }
 });
+
+test('reencryption metadata without a digest (legacy online-reencrypt, or the digest deleted): repair upgrades it as cryptsetup does, and either tool then resumes it', async () => {
+  const legacy = (j: J) => {
+    delete j.digests['2'];
+    j.config.requirements.mandatory = ['online-reencrypt'];
+  };
+  // A hotzone left in progress under the legacy requirement (the mangle test's [2], journal).
+  const legacyCrashed = (j: J) => {
+    legacy(j);
+    j.keyslots['3'].area.type = 'journal';
+    const s0 = j.segments['0'];
+    const size = j.keyslots['3'].area.size;
+    j.segments = {
+      '0': { ...s0, size, flags: ['in-reencryption'] },
+      '1': { ...s0, offset: String(Number(s0.offset) + Number(size)) },
+      '2': j.segments['1'],
+      '3': j.segments['2'],
+    };
+    j.digests['0'].segments = ['1', '2'];
+    j.digests['1'].segments = ['0', '3'];
+  };
+  const cases: Array<[string, (j: J) => void]> = [
+    ['legacy', legacy],
+    ['legacy-crashed', legacyCrashed],
+    ['digest-deleted', (j) => delete j.digests['2']],
+  ];
+  for (const [name, mangle] of cases) {
+    // Not opened and not resumed before the repair; a passphrase that opens no key changes nothing.
+    await both(`${name}-test`, mangle, TEST(), 1);
+    await both(`${name}-repair-wrong`, mangle, REPAIR(WRONG()), 1);
+    await both(`${name}-repair-old-only`, mangle, REPAIR(KEY2()), 2);
+    await both(name, mangle, REPAIR(), 0);
+    const theirs = join(dir, `${name}.cs`);
+    const ours = join(dir, `${name}.cm`);
+    for (const f of [theirs, ours]) {
+      const j = jsonOf(readFileSync(f), 0);
+      assert.deepEqual(j.config.requirements.mandatory, ['online-reencrypt-v2'], `${f}`);
+      assert.deepEqual(j.keyslots['3'].key_size, 1);
+      const d = Object.values(j.digests as Record<string, J>).find((x) => x.keyslots.includes('3'));
+      assert.ok(d && d.type === 'pbkdf2' && d.segments.length === 0, `${f}: no reencryption digest`);
+    }
+    // Each tool takes the other's upgrade: the passphrase tests, and the reencryption finishes.
+    assert.equal(run('cryptsetup', TEST().concat(ours)).code, 0, `${name}: cryptsetup on cryptmap's upgrade`);
+    assert.equal((await cm(...TEST(), theirs)).code, 0, `${name}: cryptmap on cryptsetup's upgrade`);
+    const resume = ['reencrypt', '--resume-only', '-q', '--force-offline-reencrypt', '--key-file', KEY()];
+    // (cryptsetup resumes a crashed hotzone only after its repair has recovered it; cryptmap's resume recovers it.)
+    assert.equal(run('cryptsetup', REPAIR().concat(ours)).code, 0, `${name}: cryptsetup repair of cryptmap's upgrade`);
+    const r1 = run('cryptsetup', resume.concat(ours));
+    assert.equal(r1.code, 0, `${name}: cryptsetup resumes cryptmap's upgrade: ${r1.err}`);
+    const r2 = await cm(...resume, theirs);
+    assert.equal(r2.code, 0, `${name}: cryptmap resumes cryptsetup's upgrade: ${r2.err}`);
+    for (const f of [theirs, ours]) assert.equal(jsonOf(readFileSync(f), 0).config.requirements, undefined, f);
+  }
+});

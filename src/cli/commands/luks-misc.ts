@@ -13,6 +13,9 @@ import {
   headerRestore,
   inReencryption,
   Luks1Volume,
+  reencryptDigestMissing,
+  takeReencryptLock,
+  upgradeReencryptMetadata,
   type Luks2Volume,
   type RestorePlan,
   unlockReencryptKeys,
@@ -32,7 +35,7 @@ import {
   openDevice,
   parseLuksArgs,
 } from './luks-common.js';
-import { loadLuks, loadLuksForRead, recoverLoaded } from './luks-unlock.js';
+import { loadLuks, loadLuksForRead, openReencryptKeys, recoverLoaded } from './luks-unlock.js';
 import { confirm, getPassphrase } from './terminal-input.js';
 
 function needLuks2<T extends { type: string }>(vol: T, what: string): asserts vol is T & Luks2Volume {
@@ -340,35 +343,55 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
 };
 
 /**
- * `repair` of a LUKS2 header in reencryption (cryptsetup 2.6 luks2_reencrypt_repair): the passphrase
- * must open the keys of the reencryption (else exit 2 or 1, silently), and its metadata must match the reencryption
- * digest, else exit 2 ("Reencryption metadata is invalid."); nothing is written. A crashed hotzone is
- * recovered by `reencrypt --resume-only` (cryptmap's resume recovers first); legacy `online-reencrypt` metadata
- * without a digest, which cryptsetup upgrades here, is refused (exit 1).
+ * `repair` of a LUKS2 header in reencryption (cryptsetup 2.6 luks2_reencrypt_repair). Metadata without a
+ * reencryption digest (legacy `online-reencrypt`, or the digest deleted) is upgraded once the user
+ * confirms it is genuine: the passphrase must open both keys (their errors, with cryptsetup's words),
+ * the digest is made and the requirement set to online-reencrypt-v2/v3, and the passphrase is then
+ * checked against what was written. Otherwise the passphrase must open the keys of the reencryption
+ * (else exit 2 or 1, silently) and the metadata must match its digest, else exit 2 ("Reencryption
+ * metadata is invalid."); nothing is written. A crashed hotzone is recovered by `reencrypt
+ * --resume-only` (cryptmap's resume recovers first).
  */
 async function repairReencryption(io: CliIO, vol: Luks2Volume, v: LuksArgs): Promise<number> {
   const j = vol.jsonSnapshot();
-  if ((j.config.requirements?.mandatory ?? []).includes('online-reencrypt'))
-    throw new CryptmapError(
-      'ENOTSUP',
-      'Legacy (online-reencrypt) reencryption metadata cannot be repaired by cryptmap; repair it with cryptsetup 2.6 first.',
-      { exitCode: 1 },
+  const passphrase = (prompt: string) =>
+    getPassphrase(io, prompt, {
+      keyFile: v['key-file'],
+      keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
+      keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
+    });
+  if (reencryptDigestMissing(j)) {
+    await confirm(
+      io,
+      'Unprotected LUKS2 reencryption metadata detected. Please verify the reencryption operation is desirable (see luksDump output)\nand continue (upgrade metadata) only if you acknowledge the operation as genuine.',
+      v['batch-mode'],
+      { fail: 'Operation aborted.\n' },
     );
+    const pass = await passphrase('Enter passphrase to protect and upgrade reencryption metadata: ');
+    try {
+      const lock = takeReencryptLock(vol.uuid, { env: io.env, disabled: v['disable-locks'] === true });
+      try {
+        await upgradeReencryptMetadata(vol, pass);
+      } finally {
+        lock.release();
+      }
+      const keys = await openReencryptKeys(vol, pass, v);
+      keys.oldKey?.fill(0);
+      keys.newKey?.fill(0);
+    } finally {
+      pass.fill(0);
+    }
+    return 0;
+  }
   const crashed = Object.values(j.segments).some((s) => s.flags?.includes('in-reencryption'));
   if (crashed)
     await confirm(io, 'Really proceed with LUKS2 reencryption recovery?', v['batch-mode'], {
       fail: 'Operation aborted.\n',
     });
-  const pass = await getPassphrase(
-    io,
+  const pass = await passphrase(
     crashed
       ? 'Enter passphrase for reencryption recovery: '
       : 'Enter passphrase to verify reencryption metadata digest: ',
-    {
-      keyFile: v['key-file'],
-      keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
-      keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
-    },
   );
   try {
     // A passphrase that does not open both keys: cryptsetup 2.6's repair exits as the key lookup
