@@ -175,6 +175,7 @@ export interface RestorePlan {
   reencryption: boolean;
 }
 
+/** Options of headerRestore: the backup's path for messages, and the question asked before the first write. */
 export interface HeaderRestoreOptions {
   /** The backup's path, for messages. */
   backupPath?: string;
