@@ -330,6 +330,23 @@ export function openTrustedFile(path: string, flags: number, o: FileCheck = {}):
 }
 
 /**
+ * If `path` exists, it must pass openTrustedFile's checks (a regular file of a trusted owner, one
+ * link, no symlink, not writable by group or others); a missing file is fine. For files kept in a
+ * sticky directory (the LUKS1 reencryption's working directory may be /tmp or a tmpfs mount): there
+ * another user can create a file under a name we use next but cannot rename or remove one of ours, so
+ * a file that passes stays ours, and one planted before is refused here.
+ */
+export function checkExistingFile(path: string, o: FileCheck = {}): void {
+  try {
+    lstatSync(path);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw fromSystemError(o.code ?? 'EUNTRUSTED_PATH', `cannot look at ${path}`, e, { path });
+  }
+  closeSync(openTrustedFile(path, constants.O_RDONLY, o));
+}
+
+/**
  * Read a whole trusted file (O_NOFOLLOW, fstat checks), at most `maxBytes` (default 1 MiB; more is
  * refused). The caller owns (and wipes, for secrets) the returned buffer.
  * @example const key = readTrustedFile(join(dir, 'root.key'), { private: true, maxBytes: 64 });

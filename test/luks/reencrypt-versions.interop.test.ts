@@ -4,7 +4,7 @@
 // header copies in the working directory): cryptsetup begins (and stops here without device-mapper),
 // cryptmap resumes; a working directory another user can write to is refused.
 import assert from 'node:assert/strict';
-import { chmodSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { before, test } from 'node:test';
 import { FAST_LUKS2_FORMAT, FAST_PBKDF } from '../helpers/luks.js';
@@ -182,21 +182,52 @@ test('LUKS1 legacy reencryption: cryptsetup begins (it stops here without device
   assert.ok(readFileSync(plain).equals(was));
 });
 
-test('LUKS1 legacy reencryption refuses a working directory others can write to (a planted journal or symlink)', async () => {
-  const shared = join(dir, 'shared');
-  mkdirSync(shared);
-  chmodSync(shared, 0o1777); // as /tmp
+test('LUKS1 legacy reencryption: a working directory others can write to is refused unless sticky; there a file planted under its names is refused', async () => {
   const l1 = image('r-shared.img', 'luks1');
   const before = readFileSync(l1);
+  const inDir = async (d: string, mode: number) => {
+    mkdirSync(d);
+    chmodSync(d, mode);
+    const cwd = process.cwd();
+    process.chdir(d);
+    try {
+      return await cm('reencrypt', '-q', '--key-file', key, l1);
+    } finally {
+      process.chdir(cwd);
+    }
+  };
+  // Not sticky (0777): anyone could swap our files there.
+  const open = join(dir, 'shared-open');
+  const r1 = await inDir(open, 0o777);
+  assert.equal(r1.code, 2, r1.err);
+  assert.match(r1.err, /refusing .*shared-open: it is writable by group or others \(mode 777\)/);
+  assert.deepEqual(readdirSync(open), [], 'no file was created there');
+  assert.ok(readFileSync(l1).equals(before), 'the device is untouched');
+  // Sticky (1777, as /tmp or a tmpfs mount) with a journal another user planted under the device's name.
+  const sticky = join(dir, 'shared-sticky');
+  mkdirSync(sticky);
+  const uuid = cryptsetupSync(['luksUUID', l1]).out.trim();
+  const planted = join(sticky, `LUKS-${uuid}.journal`);
+  writeFileSync(planted, 'not ours');
+  chownSync(planted, 65534, 65534);
+  chmodSync(sticky, 0o1777);
   const cwd = process.cwd();
-  process.chdir(shared);
+  process.chdir(sticky);
+  let r2: Awaited<ReturnType<typeof cm>>;
   try {
-    const got = await cm('reencrypt', '-q', '--key-file', key, l1);
-    assert.equal(got.code, 2, got.err);
-    assert.match(got.err, /refusing .*shared: it is writable by group or others \(mode 1777\)/);
+    r2 = await cm('reencrypt', '-q', '--key-file', key, l1);
   } finally {
     process.chdir(cwd);
   }
-  assert.deepEqual(readdirSync(shared), [], 'no file was created there');
+  assert.equal(r2.code, 2, r2.err);
+  assert.match(r2.err, /refusing .*LUKS-.*\.journal: it belongs to uid 65534/);
+  assert.deepEqual(readdirSync(sticky), [`LUKS-${uuid}.journal`], 'nothing else was created there');
   assert.ok(readFileSync(l1).equals(before), 'the device is untouched');
+  // Without the planted file the sticky directory serves, as cryptsetup's test suite runs it (a tmpfs mount).
+  rmSync(planted);
+  const clean = join(dir, 'shared-clean');
+  const r3 = await inDir(clean, 0o1777);
+  assert.equal(r3.code, 0, r3.err);
+  assert.deepEqual(readdirSync(clean), [], 'the log and header copies are gone afterwards');
+  assert.equal(cryptsetupSync(['open', '--test-passphrase', '--key-file', key, l1]).status, 0);
 });

@@ -41,7 +41,7 @@ import {
   EXIT_WRONG_PARAMS,
   isCryptmapError,
 } from '../../util/errors.js';
-import { ensureTrustedDir } from '../../util/trusted-path.js';
+import { checkExistingFile, ensureTrustedDir } from '../../util/trusted-path.js';
 import { activeInDaemon, connectDaemon } from '../daemon-client.js';
 import { mapInDaemon } from './open-reencrypt.js';
 import { activeByName, runOnline } from './reencrypt-online.js';
@@ -652,6 +652,18 @@ async function keyslotPassphrases(
   }
 }
 
+/**
+ * The legacy files of `uuid` in the working directory `dir`, each that exists checked to be ours
+ * (checkExistingFile): the directory may be sticky (/tmp, a tmpfs mount, as cryptsetup users run it),
+ * where another user can plant a file under these names (a journal written to the device on resume,
+ * a log, a header copy) but not replace one of ours.
+ */
+function legacyFiles(dir: string, uuid: string): ReturnType<typeof luks1ReencryptFiles> {
+  const files = luks1ReencryptFiles(dir, uuid);
+  for (const f of Object.values(files)) checkExistingFile(f);
+  return files;
+}
+
 function noKey(): never {
   throw new CryptmapError('ENOKEY', 'No key available with this passphrase.', { exitCode: 2, errno: 'EPERM' });
 }
@@ -686,8 +698,9 @@ async function luks1Main(
   const blockMiB = intOpt(v['block-size'], '--block-size', 1, 64) ?? 4;
   // The legacy files (log, header copies, cryptmap's journal with the bytes a block overwrites) live in
   // the working directory, as cryptsetup keeps them. A directory another user can write to could hold
-  // a planted journal (written to the device on resume) or a symlink (followed by root): refused.
-  const dir = ensureTrustedDir(process.cwd(), { private: false });
+  // a planted journal (written to the device on resume) or a symlink (followed by root): refused,
+  // unless it is sticky (/tmp, a tmpfs mount), where each file is checked to be ours (legacyFiles).
+  const dir = ensureTrustedDir(process.cwd(), { private: false, stickyDir: true });
   const dev = await openDevice(hdrPath, true);
   let dataDev: BlockDevice | undefined;
   try {
@@ -698,7 +711,7 @@ async function luks1Main(
       if (uuid === undefined && v.decrypt && v.uuid !== undefined) {
         if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(v.uuid))
           throw new CryptmapError('EINVAL', 'Provided UUID is invalid.', { exitCode: 1 });
-        if ((await stat(luks1ReencryptFiles(dir, v.uuid).log).catch(() => null)) === null)
+        if ((await stat(legacyFiles(dir, v.uuid).log).catch(() => null)) === null)
           throw new CryptmapError(
             'EINVAL',
             'No decryption in progress, provided UUID can be used only to resume suspended decryption process.',
@@ -709,9 +722,10 @@ async function luks1Main(
       if (uuid === undefined) {
         vol = await Luks1Volume.open(dev);
         uuid = vol.uuid;
+        legacyFiles(dir, uuid);
         if (await luks1ReencryptStale(dev, dir, uuid)) await removeLuks1ReencryptFiles(dir, uuid);
       }
-      const files = luks1ReencryptFiles(dir, uuid);
+      const files = legacyFiles(dir, uuid);
       const inProgress = (await stat(files.log).catch(() => null)) !== null;
       if (!inProgress && !vol)
         throw new CryptmapError(
