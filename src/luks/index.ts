@@ -129,33 +129,37 @@ export async function headerBackup(dev: BlockDevice, vol: LuksVolume, file: stri
   checkNewFileDir(file);
   const n = vol.headerBytes;
   const buf = Buffer.alloc(backupFileBytes(vol));
-  await dev.read(0, buf.subarray(0, n));
-  // As cryptsetup: when LUKS1 keyslots start at 4 KiB, the unused rest of that block is left out
-  // (zeros), so a backup carries no old signature from there.
-  if (vol instanceof Luks1Volume && vol.header.keyblock[0]!.keyMaterialOffset * 512 === 4096)
-    buf.fill(0, LUKS_PHDR_BYTES, 4096);
-  let fh: Awaited<ReturnType<typeof fsOpen>>;
   try {
-    fh = await fsOpen(file, 'wx', 0o400);
-  } catch (e) {
-    const code = (e as NodeJS.ErrnoException).code;
-    throw new CryptmapError(
-      'EBACKUP',
-      code === 'EEXIST'
-        ? `Requested header backup file ${file} already exists.`
-        : `Cannot create header backup file ${file}.`,
-      {
-        exitCode: 1, // cryptsetup returns -EINVAL for both
-        errno: code === 'EEXIST' ? 'EEXIST' : 'EINVAL',
-        cause: e,
-      },
-    );
-  }
-  try {
-    await fh.writeFile(buf);
-    await fh.sync();
+    await dev.read(0, buf.subarray(0, n));
+    // As cryptsetup: when LUKS1 keyslots start at 4 KiB, the unused rest of that block is left out
+    // (zeros), so a backup carries no old signature from there.
+    if (vol instanceof Luks1Volume && vol.header.keyblock[0]!.keyMaterialOffset * 512 === 4096)
+      buf.fill(0, LUKS_PHDR_BYTES, 4096);
+    let fh: Awaited<ReturnType<typeof fsOpen>>;
+    try {
+      fh = await fsOpen(file, 'wx', 0o400);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      throw new CryptmapError(
+        'EBACKUP',
+        code === 'EEXIST'
+          ? `Requested header backup file ${file} already exists.`
+          : `Cannot create header backup file ${file}.`,
+        {
+          exitCode: 1, // cryptsetup returns -EINVAL for both
+          errno: code === 'EEXIST' ? 'EEXIST' : 'EINVAL',
+          cause: e,
+        },
+      );
+    }
+    try {
+      await fh.writeFile(buf);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
   } finally {
-    await fh.close();
+    buf.fill(0); // the keyslots' material, as cryptsetup wipes its buffer
   }
 }
 
