@@ -586,3 +586,45 @@ test('reencrypt to a new key asks for the passphrase of every keyslot and keeps 
   assert.equal(t[1], t[0]);
   assert.match(t[0]!, /EXIT 0/);
 });
+
+test('reencrypt of a regular file offline: refused in batch mode, asked on a terminal, as cryptsetup 2.6 (it cannot tell whether a mapping over a loop device of the file is active)', async () => {
+  const img = await image('luks2');
+  const before = readFileSync(img);
+  // Batch mode: refused before anything is written (exit 1).
+  const refused = await same(img, ['reencrypt', '-q', ...FAST_PBKDF, 'IMG'], 'old\n');
+  assert.deepEqual(refused, {
+    code: 1,
+    err: 'Use --force-offline-reencrypt to bypass the check and run in offline mode (dangerous!).',
+    slots: '0',
+  });
+  assert.ok(readFileSync(`${img}.cm`).equals(before), 'a refused reencryption wrote to the device');
+  assert.ok(readFileSync(`${img}.cs`).equals(before), "cryptsetup's refused reencryption wrote to the device");
+  const r = await cryptmap(['reencrypt', '-q', ...FAST_PBKDF, `${img}.cm`], 'old\n');
+  assert.equal(
+    r.stderr,
+    `Device ${img}.cm is not a block device. Can not auto-detect if it is active or not.\n` +
+      'Use --force-offline-reencrypt to bypass the check and run in offline mode (dangerous!).\n',
+  );
+  // On a terminal: cryptsetup's question after the passphrase; no is "Operation aborted." (exit 1).
+  const cmBin = [process.execPath, ENTRY];
+  const steps: [string, string][] = [
+    ['Enter passphrase for key slot 0:', 'old'],
+    ["Are you sure? (Type 'yes' in capital letters):", 'n'],
+  ];
+  const t: string[] = [];
+  for (const bin of [[CS], cmBin]) {
+    const copy = `${img}.tty${t.length}`;
+    copyFileSync(img, copy);
+    t.push(await dialog(bin, ['reencrypt', ...FAST_PBKDF, copy], steps, { [copy]: 'IMG' }));
+    assert.equal(await slots(copy), '0');
+  }
+  assert.equal(t[1], t[0]);
+  assert.match(t[0]!, /Unable to decide if device IMG is activated or not\.\n.*Operation aborted\.\n.*EXIT 1/s);
+  // cryptmap asks before it writes anything (cryptsetup has already added and wiped the new keyslot then).
+  assert.ok(readFileSync(`${img}.tty1`).equals(before), 'an aborted reencryption wrote to the device');
+  // --init-only (no data rewritten) and --force-offline-reencrypt are not refused.
+  for (const flag of ['--init-only', '--force-offline-reencrypt']) {
+    const done = await same(img, ['reencrypt', '-q', flag, ...FAST_PBKDF, 'IMG', '-d', kf('old')]);
+    assert.equal(done.code, 0, flag);
+  }
+});

@@ -181,7 +181,10 @@ for (const resumer of ['cryptsetup', 'cryptmap']) {
         const r = cs('reencrypt', '--resume-only', '--force-offline-reencrypt', '-q', '--key-file', e.key, e.img);
         assert.equal(r.status, 0, r.out);
       } else {
-        const r = await cli(['reencrypt', '--resume-only', '-q', '--key-file', e.key, e.img], { env: e.env });
+        const r = await cli(
+          ['reencrypt', '--force-offline-reencrypt', '--resume-only', '-q', '--key-file', e.key, e.img],
+          { env: e.env },
+        );
         assert.equal(r.code, 0, r.stderr);
       }
       assert.doesNotMatch(cs('luksDump', e.img).out, /online-reencrypt|backup-/);

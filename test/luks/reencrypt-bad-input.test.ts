@@ -155,7 +155,7 @@ test('SIGINT stops the CLI at a hotzone boundary (exit 0); cryptsetup and cryptm
     const plain = plainOf(img);
     const child = spawn(
       process.execPath,
-      [cli, 'reencrypt', '-q', '--hotzone-size', '64K', ...FAST_PBKDF, '--key-file', key, img],
+      [cli, 'reencrypt', '--force-offline-reencrypt', '-q', '--hotzone-size', '64K', ...FAST_PBKDF, '-d', key, img],
       { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, CRYPTMAP_LOCK_DIR: join(dir, 'locks') } },
     );
     let err = '';
@@ -190,7 +190,10 @@ test('SIGINT stops the CLI at a hotzone boundary (exit 0); cryptsetup and cryptm
   writeFileSync(copy, readFileSync(img));
   const r = cs('reencrypt', '--resume-only', '--force-offline-reencrypt', '-q', '--key-file', key, img);
   assert.equal(r.status, 0, r.out);
-  assert.equal((await cm('reencrypt', '--resume-only', '-q', '--key-file', key, copy)).code, 0);
+  assert.equal(
+    (await cm('reencrypt', '--force-offline-reencrypt', '--resume-only', '-q', '--key-file', key, copy)).code,
+    0,
+  );
   for (const f of [img, copy]) {
     assert.doesNotMatch(cs('luksDump', f).out, /online-reencrypt/);
     assert.equal(cs('open', '--test-passphrase', '--key-file', key, f).status, 0);

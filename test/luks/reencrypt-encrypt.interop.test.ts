@@ -26,6 +26,8 @@ function cs(...args: string[]): CryptsetupResult {
   return cryptsetupSync(args);
 }
 const cm = inProcessCli(dir);
+/** cryptmap's resume of a regular file, offline as csReencrypt's. */
+const RESUME = ['reencrypt', '--force-offline-reencrypt', '--resume-only', '-q'];
 function dump(hdr: string, key: string): { vk: Buffer; offset: number; linear: boolean } {
   const r = cs('luksDump', '--dump-volume-key', '--batch-mode', '--key-file', key, hdr);
   const d = cs('luksDump', hdr).out;
@@ -97,7 +99,7 @@ test('encrypt in place: cryptmap --init-only, cryptsetup resumes; cryptsetup --i
   // In the middle: luksDump as cryptsetup's, and the passphrase tests good (segment 0 has no key yet).
   assert.equal((await cm('luksDump', b.img)).out, cs('luksDump', b.img).out);
   assert.equal((await cm('open', '--test-passphrase', '--key-file', b.key, b.img)).code, 0);
-  r = await cm('reencrypt', '--resume-only', '-q', '--key-file', b.key, b.img);
+  r = await cm(...RESUME, '--key-file', b.key, b.img);
   assert.equal(r.code, 0, r.err);
   noReencrypt(b.img);
   assert.ok(plaintextOf(b.img, b.img, b.key).equals(b.plain));
@@ -151,7 +153,7 @@ test('encrypt with a detached header, both ways', async () => {
   const b = fresh('e.img', 0);
   const bh = join(dir, 'e.hdr');
   csReencrypt('--encrypt', '--init-only', '--header', bh, ...FAST_PBKDF, '--key-file', b.key, b.img);
-  r = await cm('reencrypt', '--resume-only', '-q', '--header', bh, '--hotzone-size', '1M', '--key-file', b.key, b.img);
+  r = await cm(...RESUME, '--header', bh, '--hotzone-size', '1M', '--key-file', b.key, b.img);
   assert.equal(r.code, 0, r.err);
   noReencrypt(bh);
   assert.ok(plaintextOf(b.img, bh, b.key).equals(b.plain));
@@ -205,7 +207,7 @@ test('encrypt with a detached header and --reduce-device-size (cryptsetup 2.6: d
   csReencrypt('--resume-only', '--header', a.hdr, '--key-file', a.key, a.img);
   check(a);
   // cryptsetup begins, cryptmap runs.
-  r = await cm('reencrypt', '--resume-only', '-q', '--header', ref.hdr, '--key-file', ref.key, ref.img);
+  r = await cm(...RESUME, '--header', ref.hdr, '--key-file', ref.key, ref.img);
   assert.equal(r.code, 0, r.err);
   check(ref);
   // cryptmap stops after its first hotzone; cryptsetup finishes.
@@ -249,18 +251,7 @@ test('decrypt with a detached header, both ways; without --header it is refused'
       csReencrypt('--resume-only', '--header', h, '--key-file', a.key, a.img);
     } else {
       csReencrypt('--decrypt', '--init-only', '--header', h, '--key-file', a.key, a.img);
-      const r = await cm(
-        'reencrypt',
-        '--resume-only',
-        '-q',
-        '--header',
-        h,
-        '--hotzone-size',
-        '1M',
-        '--key-file',
-        a.key,
-        a.img,
-      );
+      const r = await cm(...RESUME, '--header', h, '--hotzone-size', '1M', '--key-file', a.key, a.img);
       assert.equal(r.code, 0, r.err);
     }
     noReencrypt(h);
@@ -312,7 +303,7 @@ test('encrypt in place: cryptsetup killed -9 mid-way, cryptmap resumes; cryptmap
     if (midway) a = t;
   }
   assert.ok(a, 'cryptsetup finished every time before it could be killed mid-way: resume was not exercised');
-  const resumed = await cm('reencrypt', '--resume-only', '-q', '--key-file', a.key, a.img);
+  const resumed = await cm(...RESUME, '--key-file', a.key, a.img);
   assert.equal(resumed.code, 0, resumed.err);
   noReencrypt(a.img);
   assert.ok(plaintextOf(a.img, a.img, a.key).equals(a.plain));

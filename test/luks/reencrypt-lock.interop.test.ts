@@ -169,7 +169,7 @@ test('util-linux flock on the lock file: cryptmap refuses a resume as cryptsetup
     const c = cs('reencrypt', '--resume-only', '--force-offline-reencrypt', '-q', '--key-file', key, img);
     assert.equal(c.status, 5, c.out);
     assert.match(c.out, /Reencryption process is already running\./);
-    const r = await cm(['reencrypt', '--resume-only', '-q', '--key-file', key, img]);
+    const r = await cm(['reencrypt', '--force-offline-reencrypt', '--resume-only', '-q', '--key-file', key, img]);
     assert.equal(r.code, 5, r.err);
     assert.match(r.err, /Reencryption process is already running\./);
     assert.ok(readFileSync(img).equals(was), 'nothing written while refused');
@@ -177,7 +177,7 @@ test('util-linux flock on the lock file: cryptmap refuses a resume as cryptsetup
     holder.stdin!.end();
     await gone;
   }
-  const r = await cm(['reencrypt', '--resume-only', '-q', '--key-file', key, img]);
+  const r = await cm(['reencrypt', '--force-offline-reencrypt', '--resume-only', '-q', '--key-file', key, img]);
   assert.equal(r.code, 0, r.err);
   assert.ok(finished(img));
   assert.ok(plainOf(img, key).equals(plain));
@@ -193,10 +193,10 @@ test('cryptsetup resuming (stopped while it holds the lock): cryptmap refuses wi
     file,
   );
   try {
-    const r = await cm(['reencrypt', '--resume-only', '-q', '--key-file', key, img]);
+    const r = await cm(['reencrypt', '--force-offline-reencrypt', '--resume-only', '-q', '--key-file', key, img]);
     assert.equal(r.code, 5, r.err);
     assert.match(r.err, /Reencryption process is already running\./);
-    const again = await cm(['reencrypt', '-q', '--key-file', key, img]);
+    const again = await cm(['reencrypt', '--force-offline-reencrypt', '-q', '--key-file', key, img]);
     assert.equal(again.code, 5, again.err);
   } finally {
     const done = await resume(h);
@@ -211,7 +211,7 @@ test('cryptmap resuming (stopped while it holds the lock): cryptsetup refuses wi
   const file = reencryptLockPath(uuid);
   const h = await stoppedHolding(
     process.execPath,
-    [CLI, 'reencrypt', '--resume-only', '-q', '--key-file', key, img],
+    [CLI, 'reencrypt', '--force-offline-reencrypt', '--resume-only', '-q', '--key-file', key, img],
     file,
   );
   try {
@@ -291,10 +291,16 @@ test('the CLI device lock lives where main() was told (its env, not process.env)
   const st = statSync(img);
   // A live owner (this process) holds cryptmap's lock of the image in that directory only.
   writeFileSync(join(locks, `L_${st.dev}_${st.ino}`), String(process.pid), { mode: 0o600 });
-  const r = await cm(['reencrypt', '--resume-only', '-q', '--key-file', key, img], env({ CRYPTMAP_LOCK_DIR: locks }));
+  const r = await cm(
+    ['reencrypt', '--force-offline-reencrypt', '--resume-only', '-q', '--key-file', key, img],
+    env({ CRYPTMAP_LOCK_DIR: locks }),
+  );
   assert.equal(r.code, 5, r.err);
   assert.match(r.err, /Reencryption process is already running\./);
   rmSync(join(locks, `L_${st.dev}_${st.ino}`));
-  const ok = await cm(['reencrypt', '--resume-only', '-q', '--key-file', key, img], env({ CRYPTMAP_LOCK_DIR: locks }));
+  const ok = await cm(
+    ['reencrypt', '--force-offline-reencrypt', '--resume-only', '-q', '--key-file', key, img],
+    env({ CRYPTMAP_LOCK_DIR: locks }),
+  );
   assert.equal(ok.code, 0, ok.err);
 });

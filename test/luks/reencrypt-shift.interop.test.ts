@@ -82,7 +82,7 @@ async function byBoth(
   header = false,
 ): Promise<{ ours: { code: number; err: string }; theirs: CryptsetupResult }> {
   const tail = (x: typeof a) => [...(header ? ['--header', x.hdr!] : []), '-d', x.key, x.img];
-  const ours = await cm(...args, ...tail(a));
+  const ours = await cm(...args, '--force-offline-reencrypt', ...tail(a));
   return { ours, theirs: cs(...args, '--force-offline-reencrypt', ...tail(b)) };
 }
 /** The device after a finished shift of `shift` bytes: cryptsetup's header, the plaintext moved up. */
@@ -120,7 +120,7 @@ test('cryptsetup reencrypt --reduce-device-size --init-only, cryptmap resumes (4
     key,
     img,
   );
-  const r1 = await cm('reencrypt', '--resume-only', '-q', '-d', key, img);
+  const r1 = await cm('reencrypt', '--force-offline-reencrypt', '--resume-only', '-q', '-d', key, img);
   assert.equal(r1.code, 0, r1.err);
   await checkDone(img, key, plain, 1 << 20, 4096);
 });
@@ -162,7 +162,7 @@ test('cryptsetup reencrypt --reduce-device-size killed -9 mid-way, cryptmap resu
     /Data segments:\n {2}0: crypt\n\toffset: [0-9]+ \[bytes\]\n\tlength: [0-9]+ \[bytes\]/,
   );
   assert.match(cs('luksDump', img).out, /online-reencrypt-v2/, 'cryptsetup finished before it could be killed');
-  const r = await cm('reencrypt', '--resume-only', '-q', '-d', key, img);
+  const r = await cm('reencrypt', '--force-offline-reencrypt', '--resume-only', '-q', '-d', key, img);
   assert.equal(r.code, 0, r.err);
   await checkDone(img, key, plain, 64 << 10);
 });
@@ -234,7 +234,17 @@ for (const starter of ['cryptsetup', 'cryptmap'] as const) {
     if (starter === 'cryptsetup') {
       const r = cs(...init, '--force-offline-reencrypt', '-d', key, img);
       assert.equal(r.status, 0, r.out);
-      const r1 = await cm('reencrypt', '--resume-only', '-q', '--header', hdr, '-d', key, img);
+      const r1 = await cm(
+        'reencrypt',
+        '--force-offline-reencrypt',
+        '--resume-only',
+        '-q',
+        '--header',
+        hdr,
+        '-d',
+        key,
+        img,
+      );
       assert.equal(r1.code, 0, r1.err);
     } else {
       const r0 = await cm(...init, '-d', key, img);
@@ -312,14 +322,14 @@ test('cryptsetup reencrypt --decrypt --header NEW --init-only (journal), cryptma
     img,
   );
   assert.match(cs('luksDump', hdr).out, /online-reencrypt-v3/);
-  const r1 = await cm('reencrypt', '--resume-only', '-q', '--header', hdr, '-d', key, img);
+  const r1 = await cm('reencrypt', '--force-offline-reencrypt', '--resume-only', '-q', '--header', hdr, '-d', key, img);
   assert.equal(r1.code, 0, r1.err);
   await checkDecrypted(img, hdr, plain);
 });
 
 test('cryptmap reencrypt --decrypt --header NEW in one go', async () => {
   const { img, key, plain, hdr } = await freshInPlace('x4.img');
-  const r = await cm('reencrypt', '--decrypt', '-q', '--header', hdr, '-d', key, img);
+  const r = await cm('reencrypt', '--force-offline-reencrypt', '--decrypt', '-q', '--header', hdr, '-d', key, img);
   assert.equal(r.code, 0, r.err);
   await checkDecrypted(img, hdr, plain);
 });
@@ -333,7 +343,7 @@ test('cryptsetup reencrypt --decrypt --header NEW killed -9 mid-way, cryptmap re
     /Data segments:\n {2}0: crypt[\s\S]*\n {2}1: linear/,
   );
   assert.match(cs('luksDump', hdr).out, /online-reencrypt-v3/, 'cryptsetup finished before it could be killed');
-  const r = await cm('reencrypt', '--resume-only', '-q', '--header', hdr, '-d', key, img);
+  const r = await cm('reencrypt', '--force-offline-reencrypt', '--resume-only', '-q', '--header', hdr, '-d', key, img);
   assert.equal(r.code, 0, r.err);
   await checkDecrypted(img, hdr, plain);
 });

@@ -56,7 +56,7 @@ test('type conflicts and --resume-only without a reencryption: cryptsetup 2.6 wo
   ];
   for (const args of cases) {
     const want = cs('reencrypt', '-q', '--force-offline-reencrypt', '--key-file', key, ...args);
-    const got = await cm('reencrypt', '-q', '--key-file', key, ...args);
+    const got = await cm('reencrypt', '--force-offline-reencrypt', '-q', '--key-file', key, ...args);
     assert.equal(got.code, want.status, `${args.join(' ')}: ${got.err} / cryptsetup: ${want.out}`);
     assert.equal(got.err.trim(), want.out.trim(), args.join(' '));
   }

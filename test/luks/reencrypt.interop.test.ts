@@ -71,7 +71,20 @@ for (const resilience of ['checksum', 'journal', 'none']) {
   test(`cryptsetup reencrypt --init-only (${resilience}), cryptmap resumes; plaintext intact`, async () => {
     const { img, key, plain } = await fresh(`b-${resilience}.img`);
     csReencrypt('--init-only', '--resilience', resilience, ...FAST_PBKDF, '--key-file', key, img);
-    assert.equal(await cm('reencrypt', '--resume-only', '-q', '--hotzone-size', '4M', '--key-file', key, img), 0);
+    assert.equal(
+      await cm(
+        'reencrypt',
+        '--force-offline-reencrypt',
+        '--resume-only',
+        '-q',
+        '--hotzone-size',
+        '4M',
+        '--key-file',
+        key,
+        img,
+      ),
+      0,
+    );
     const d = cs('luksDump', img);
     assert.doesNotMatch(d.out, /online-reencrypt|backup-|reencrypt/);
     assert.ok((await crypt(img, volumeKey(img, key), undefined)).equals(plain));
@@ -80,15 +93,28 @@ for (const resilience of ['checksum', 'journal', 'none']) {
 
 test('cryptmap reencrypt in one go (checksum, small hotzones) and a wrong passphrase on resume', async () => {
   const { img, key, plain } = await fresh('c.img');
-  assert.equal(await cm('reencrypt', '-q', '--hotzone-size', '1M', ...FAST_PBKDF, '--key-file', key, img), 0);
+  assert.equal(
+    await cm(
+      'reencrypt',
+      '--force-offline-reencrypt',
+      '-q',
+      '--hotzone-size',
+      '1M',
+      ...FAST_PBKDF,
+      '--key-file',
+      key,
+      img,
+    ),
+    0,
+  );
   assert.ok((await crypt(img, volumeKey(img, key), undefined)).equals(plain));
   assert.equal(cs('isLuks', img).status, 0);
   assert.equal(await cm('reencrypt', '--init-only', '-q', ...FAST_PBKDF, '--key-file', key, img), 0);
   const bad = join(dir, 'bad.key');
   writeFileSync(bad, 'wrong', { mode: 0o600 });
-  assert.equal(await cm('reencrypt', '--resume-only', '-q', '--key-file', bad, img), 2);
+  assert.equal(await cm('reencrypt', '--force-offline-reencrypt', '--resume-only', '-q', '--key-file', bad, img), 2);
   assert.equal(await cm('reencrypt', '--init-only', '-q', '--key-file', key, img), 1);
-  assert.equal(await cm('reencrypt', '--resume-only', '-q', '--key-file', key, img), 0);
+  assert.equal(await cm('reencrypt', '--force-offline-reencrypt', '--resume-only', '-q', '--key-file', key, img), 0);
   assert.ok((await crypt(img, volumeKey(img, key), undefined)).equals(plain));
 });
 
@@ -101,7 +127,7 @@ test('cryptsetup reencrypt killed -9 mid-way, cryptmap resumes; plaintext intact
     /Data segments:\n {2}0: crypt\n\toffset: [0-9]+ \[bytes\]\n\tlength: [0-9]+ \[bytes\]/,
   );
   assert.match(cs('luksDump', img).out, /online-reencrypt-v2/, 'cryptsetup finished before it could be killed');
-  assert.equal(await cm('reencrypt', '--resume-only', '-q', '--key-file', key, img), 0);
+  assert.equal(await cm('reencrypt', '--force-offline-reencrypt', '--resume-only', '-q', '--key-file', key, img), 0);
   assert.doesNotMatch(cs('luksDump', img).out, /online-reencrypt/);
   assert.ok((await crypt(img, volumeKey(img, key), undefined)).equals(plain));
 });

@@ -297,6 +297,7 @@ const reencrypt: VerbMain = async (argv: string[], io: CliIO) => {
         });
       if (v.decrypt && !running && !v.header)
         throw new CryptmapError('EINVAL', 'LUKS2 decryption requires --header option.', { exitCode: 1 });
+      const askOffline = await offlineCheck(v, device, dataPath, !!active);
       // A data shift moves the data under a live mapping: cryptmap's daemon does not do that online.
       if (active && ((!running && reduceBytes !== undefined) || (running && shiftsData(l2))))
         throw new CryptmapError(
@@ -323,6 +324,7 @@ const reencrypt: VerbMain = async (argv: string[], io: CliIO) => {
             throw e;
           });
       try {
+        if (askOffline) await askOfflineRun(io, device);
         if (!running && v.decrypt) {
           await initDecrypt(l2, pass, {
             ...(v['key-slot'] !== undefined ? { keySlot: intOpt(v['key-slot'], '--key-slot', 0, 31)! } : {}),
@@ -599,6 +601,41 @@ async function encryptMain(io: CliIO, v: LuksArgs, device: string, a: EncryptArg
     await closeQuietly(hdrDev);
     await closeQuietly(dataDev);
   }
+}
+
+/**
+ * cryptsetup 2.6 runs a reencryption offline only where it can tell that nothing has the device open
+ * (reencrypt_hint_force_offline_reencrypt, get_active_device_name): a regular file it cannot tell
+ * about (a kernel mapping over a loop device of it would be corrupted). So for a data device that is a
+ * regular file, not active in cryptmap's daemon (that one cryptmap can tell, and then runs online), with
+ * neither --force-offline-reencrypt nor --active-name, and not --init-only (which rewrites no data):
+ * in batch mode it is refused with cryptsetup's words (exit 1); otherwise true: the run asks
+ * (askOfflineRun) after the passphrase, as cryptsetup.
+ */
+async function offlineCheck(v: LuksArgs, device: string, dataPath: string, active: boolean): Promise<boolean> {
+  if (active || v['force-offline-reencrypt'] || v['active-name'] !== undefined || v['init-only']) return false;
+  if (isRemoteDevice(dataPath) || !(await stat(dataPath).catch(() => null))?.isFile()) return false;
+  if (v['batch-mode'])
+    throw new CryptmapError(
+      'EINVAL',
+      `Device ${device} is not a block device. Can not auto-detect if it is active or not.\n` +
+        'Use --force-offline-reencrypt to bypass the check and run in offline mode (dangerous!).',
+      { exitCode: 1 },
+    );
+  return true;
+}
+
+/** cryptsetup's question before an offline run on a regular file (no: "Operation aborted.", exit 1). */
+async function askOfflineRun(io: CliIO, device: string): Promise<void> {
+  io.stdout.write(`Device ${device} is not a block device.\n`);
+  await confirm(
+    io,
+    `Unable to decide if device ${device} is activated or not.\n` +
+      'Are you sure you want to proceed with reencryption in offline mode?\n' +
+      'It may lead to data corruption if the device is actually activated.\n' +
+      'To run reencryption in online mode, use --active-name parameter instead.\n',
+    false,
+  );
 }
 
 /**
