@@ -820,7 +820,7 @@ export async function initDecryptExport(
   const { volumeKey } = await vol.unlock(passphrase, { keySlot: o.keySlot });
   const vk = Buffer.from(volumeKey.expose());
   volumeKey.dispose();
-  const hdrBytes = 2 * vol.metadataBytes + Number(j.config.keyslots_size);
+  const hdrBytes = vol.headerBytes;
   const backup = Buffer.alloc(hdrBytes);
   let touched = false;
   try {
@@ -920,7 +920,7 @@ export async function initDecryptExportFile(
   o: DecryptExportOptions = {},
 ): Promise<{ vol: Luks2Volume; hdr: FileDevice }> {
   const vol = await Luks2Volume.open(dev);
-  const hdrBytes = 2 * vol.metadataBytes + Number(vol.jsonSnapshot().config.keyslots_size);
+  const hdrBytes = vol.headerBytes;
   const hdr = await FileDevice.createNew(headerFile, hdrBytes).catch((e: unknown) => {
     if (isCryptmapError(e) && e.code === 'EUNTRUSTED_PATH') throw e;
     const why = e instanceof Error && e.cause instanceof Error ? e.cause.message : String(e);

@@ -20,7 +20,7 @@ import {
 import { type CliValues, parseCommandLine, parseSize } from '../options.js';
 import { Progress } from '../progress.js';
 import type { CliIO } from '../types.js';
-import { confirm } from './terminal-input.js';
+import { confirm, type PassphraseSource } from './terminal-input.js';
 
 export type LuksArgs = CliValues;
 
@@ -142,6 +142,15 @@ export async function createHeaderFile(
     if (isCryptmapError(e) && e.code === 'EUNTRUSTED_PATH') throw e;
     throw new CryptmapError('ECREATE', `Cannot create header file ${path}.`, { exitCode: EXIT_FAILURE, cause: e });
   });
+}
+
+/** Where an existing passphrase comes from: --key-file with --keyfile-offset and --keyfile-size, else a prompt. */
+export function keyFileSource(v: LuksArgs): PassphraseSource {
+  return {
+    keyFile: v['key-file'],
+    keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
+    keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
+  };
 }
 
 /** KDF options from --pbkdf, --pbkdf-force-iterations, --pbkdf-memory, --pbkdf-parallel, --iter-time, --hash. */

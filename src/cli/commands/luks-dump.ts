@@ -8,7 +8,15 @@ import type { Luks1Volume, Luks2Volume } from '../../luks/index.js';
 import { CryptmapError, EXIT_WRONG_PARAMS } from '../../util/errors.js';
 import { checkNewFileDir, createExclusiveFile } from '../../util/trusted-path.js';
 import type { CliIO, VerbMain } from '../types.js';
-import { closeQuietly, headerPath, intOpt, type LuksArgs, needDevice, parseLuksArgs } from './luks-common.js';
+import {
+  closeQuietly,
+  headerPath,
+  intOpt,
+  keyFileSource,
+  type LuksArgs,
+  needDevice,
+  parseLuksArgs,
+} from './luks-common.js';
 import { loadLuksForRead } from './luks-unlock.js';
 import { confirm, getPassphrase } from './terminal-input.js';
 import { passphrasePrompt } from '../device-name.js';
@@ -195,11 +203,7 @@ async function dumpUnbound(
     v['batch-mode'],
     { fail: '', exitCode: 2 },
   );
-  const pass = await getPassphrase(io, passphrasePrompt(device), {
-    keyFile: v['key-file'],
-    keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
-    keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
-  });
+  const pass = await getPassphrase(io, passphrasePrompt(device), keyFileSource(v));
   let uk: Buffer;
   try {
     const r = await vol.unlock(pass, { keySlot: slot, anySegment: true });
@@ -247,11 +251,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         v['batch-mode'],
         { fail: '', exitCode: 2 },
       );
-      const pass = await getPassphrase(io, passphrasePrompt(device), {
-        keyFile: v['key-file'],
-        keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
-        keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
-      });
+      const pass = await getPassphrase(io, passphrasePrompt(device), keyFileSource(v));
       let vk: Buffer;
       try {
         // Any keyslot, as cryptsetup (crypt_volume_key_get with CRYPT_ANY_SLOT): --key-slot is ignored.

@@ -21,6 +21,7 @@ import {
   closeQuietly,
   headerPath,
   intOpt,
+  keyFileSource,
   keyslotOptions,
   type LuksArgs,
   needDevice,
@@ -61,13 +62,6 @@ async function tokenPassphrase(vol: Luks1Volume | Luks2Volume, id: number): Prom
   return open(tok as unknown as Record<string, unknown>, id);
 }
 
-function existingSource(v: LuksArgs) {
-  return {
-    keyFile: v['key-file'],
-    keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
-    keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
-  };
-}
 function newSource(v: LuksArgs, positional: string | undefined) {
   return {
     keyFile: v['new-keyfile'] ?? positional,
@@ -168,7 +162,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
           say(`Key slot ${r.keyslot} unlocked.\n`);
           if (newTokenId !== undefined && newTokenId === r.tokenId) tokenPass = await tokenPassphrase(vol, newTokenId);
         } else {
-          const p = await getPassphrase(io, 'Enter any existing passphrase: ', existingSource(v));
+          const p = await getPassphrase(io, 'Enter any existing passphrase: ', keyFileSource(v));
           secrets.push(p);
           auth = { passphrase: p };
           // Check the existing passphrase before asking for the new one, as cryptsetup does.
@@ -206,14 +200,14 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
         if (ks.keySlot !== undefined && vol.json.keyslots[String(ks.keySlot)] === undefined) {
           throw new CryptmapError('EKEYSLOT', `Keyslot ${ks.keySlot} is not active.`, { exitCode: 1 });
         }
-        const p = await getPassphrase(io, 'Enter passphrase for keyslot to be converted: ', existingSource(v));
+        const p = await getPassphrase(io, 'Enter passphrase for keyslot to be converted: ', keyFileSource(v));
         secrets.push(p);
         const slot = await vol.changeKey(p, p, ks);
         say(`Key slot ${slot} created.\nCommand successful.\n`);
         return 0;
       }
       if (verb === 'luksChangeKey') {
-        const p = await getPassphrase(io, 'Enter passphrase to be changed: ', existingSource(v));
+        const p = await getPassphrase(io, 'Enter passphrase to be changed: ', keyFileSource(v));
         secrets.push(p);
         // Any segment: an unbound keyslot's passphrase can be changed too (CRYPT_ACTIVATE_ALLOW_UNBOUND_KEY).
         const { volumeKey, keyslot } = await vol.unlock(p, { keySlot: ks.keySlot, anySegment: true });
@@ -228,7 +222,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
       }
       if (verb === 'luksRemoveKey') {
         const p = await getPassphrase(io, 'Enter passphrase to be deleted: ', {
-          ...existingSource(v),
+          ...keyFileSource(v),
           keyFile: v['key-file'] ?? positionals[1],
         });
         secrets.push(p);
@@ -272,7 +266,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
           }
           let p: Buffer | undefined;
           try {
-            p = await getPassphrase(io, 'Enter any remaining passphrase: ', existingSource(v));
+            p = await getPassphrase(io, 'Enter any remaining passphrase: ', keyFileSource(v));
           } catch (e) {
             const fromStdin = v['key-file'] === undefined || v['key-file'] === '-';
             if (!(isCryptmapError(e, 'EPIPE') && fromStdin)) throw e;

@@ -30,6 +30,7 @@ import {
   closeQuietly,
   headerPath,
   intOpt,
+  keyFileSource,
   type LuksArgs,
   needDevice,
   openDevice,
@@ -354,12 +355,7 @@ const main: VerbMain = async (argv: string[], io: CliIO) => {
  */
 async function repairReencryption(io: CliIO, vol: Luks2Volume, v: LuksArgs): Promise<number> {
   const j = vol.jsonSnapshot();
-  const passphrase = (prompt: string) =>
-    getPassphrase(io, prompt, {
-      keyFile: v['key-file'],
-      keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
-      keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
-    });
+  const passphrase = (prompt: string) => getPassphrase(io, prompt, keyFileSource(v));
   if (reencryptDigestMissing(j)) {
     await confirm(
       io,

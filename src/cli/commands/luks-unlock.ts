@@ -21,7 +21,7 @@ import { CryptmapError, EXIT_NO_PERMISSION, EXIT_WRONG_PARAMS, isCryptmapError }
 import { Secret } from '../../util/secret.js';
 import { passphrasePrompt } from '../device-name.js';
 import type { CliIO } from '../types.js';
-import { closeQuietly, headerPath, intOpt, type LuksArgs, openDevice } from './luks-common.js';
+import { closeQuietly, headerPath, intOpt, keyFileSource, type LuksArgs, openDevice } from './luks-common.js';
 import { getPassphrase, readVolumeKeyFile } from './terminal-input.js';
 
 /** openLuks with cryptsetup's message for a device that is not LUKS. */
@@ -165,11 +165,7 @@ export async function unlockForOpen(
   if (byToken) return byToken;
   const tries = passphraseTries(io, v);
   for (let i = 0; ; i++) {
-    const pass = await getPassphrase(io, passphrasePrompt(device), {
-      keyFile: v['key-file'],
-      keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
-      keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
-    });
+    const pass = await getPassphrase(io, passphrasePrompt(device), keyFileSource(v));
     try {
       // --test-passphrase with --key-slot or --unbound may test an unbound keyslot (CRYPT_ACTIVATE_ALLOW_UNBOUND_KEY).
       const anySegment = v['test-passphrase'] === true && (v['key-slot'] !== undefined || v.unbound === true);
@@ -251,11 +247,7 @@ export async function testPassphrase(io: CliIO, device: string, v: LuksArgs): Pr
         exitCode: 1,
       });
     if (vol.type === 'luks2' && inReencryption(vol.jsonSnapshot())) {
-      const pass = await getPassphrase(io, `Enter passphrase for ${device}: `, {
-        keyFile: v['key-file'],
-        keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
-        keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
-      });
+      const pass = await getPassphrase(io, `Enter passphrase for ${device}: `, keyFileSource(v));
       try {
         const keys = await openReencryptKeys(vol as Luks2Volume, pass, v);
         keys.oldKey?.fill(0);

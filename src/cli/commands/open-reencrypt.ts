@@ -29,7 +29,7 @@ import {
 import { CryptmapError } from '../../util/errors.js';
 import { passphrasePrompt } from '../device-name.js';
 import type { CliIO } from '../types.js';
-import { closeQuietly, headerPath, intOpt, type LuksArgs, openDevice } from './luks-common.js';
+import { closeQuietly, headerPath, keyFileSource, type LuksArgs, openDevice } from './luks-common.js';
 import { loadLuks, openReencryptKeys } from './luks-unlock.js';
 import { getPassphrase } from './terminal-input.js';
 
@@ -138,11 +138,7 @@ export async function openInReencryption(
               exitCode: 1,
             });
           let st = await reencryptSegments(vol, dataDev);
-          const pass = await getPassphrase(io, passphrasePrompt(device), {
-            keyFile: v['key-file'],
-            keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
-            keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
-          });
+          const pass = await getPassphrase(io, passphrasePrompt(device), keyFileSource(v));
           try {
             if (st.hotzone) {
               // A crash left a hotzone half rewritten: recover it (as cryptsetup's open does) and stop.

@@ -51,6 +51,7 @@ import {
   createHeaderFile,
   headerPath,
   intOpt,
+  keyFileSource,
   keyslotOptions,
   type LuksArgs,
   needDevice,
@@ -61,7 +62,7 @@ import {
   sizeOpt,
 } from './luks-common.js';
 import { loadLuks, passphraseTries } from './luks-unlock.js';
-import { confirm, getPassphrase, readVolumeKeyFile } from './terminal-input.js';
+import { confirm, getPassphrase, type PassphraseSource, readVolumeKeyFile } from './terminal-input.js';
 import { passphrasePrompt } from '../device-name.js';
 
 /** A size option in bytes (cryptsetup's units, luks-common sizeOpt); zero is refused. */
@@ -221,11 +222,7 @@ const reencrypt: VerbMain = async (argv: string[], io: CliIO) => {
     wrongParams('Unsupported encryption sector size.');
   const offsetSectors = intOpt(v.offset, '--offset');
   intOpt(v['progress-frequency'], '--progress-frequency', 0, 0xffffffff);
-  const passSrc = {
-    keyFile: v['key-file'],
-    keyfileOffset: intOpt(v['keyfile-offset'], '--keyfile-offset'),
-    keyfileSize: intOpt(v['keyfile-size'], '--keyfile-size'),
-  };
+  const passSrc = keyFileSource(v);
   if (v.encrypt) {
     const h = v.header ?? device;
     if (!v.header || (await stat(v.header).catch(() => null))) {
@@ -327,7 +324,7 @@ const reencrypt: VerbMain = async (argv: string[], io: CliIO) => {
         if (askOffline) await askOfflineRun(io, device);
         if (!running && v.decrypt) {
           await initDecrypt(l2, pass, {
-            ...(v['key-slot'] !== undefined ? { keySlot: intOpt(v['key-slot'], '--key-slot', 0, 31)! } : {}),
+            ...(slotArg !== undefined ? { keySlot: slotArg } : {}),
             resilience,
             ...(v['resilience-hash'] ? { resilienceHash: v['resilience-hash'] } : {}),
             ...(dataDev ? { dataDev } : {}),
@@ -451,7 +448,7 @@ interface EncryptArgs {
   keyBits: number | undefined;
   sector: number | undefined;
   offsetSectors: number | undefined;
-  passSrc: { keyFile: string | undefined; keyfileOffset: number | undefined; keyfileSize: number | undefined };
+  passSrc: PassphraseSource;
 }
 
 /**
@@ -650,7 +647,7 @@ async function keyslotPassphrases(
   io: CliIO,
   vol: Luks2Volume,
   slotArg: number | undefined,
-  passSrc: Parameters<typeof getPassphrase>[2],
+  passSrc: PassphraseSource,
   tries: number,
 ): Promise<Map<number, Buffer>> {
   const active = vol
@@ -678,7 +675,7 @@ async function keyslotPassphrases(
           p.fill(0);
           if (!isCryptmapError(e) || (e.code !== 'ENOKEY' && e.code !== 'EKEYSLOT')) throw e;
           if (i + 1 >= tries) noKey();
-          io.stderr.write('No key available with this passphrase.\n');
+          io.stderr.write(`${NO_KEY}\n`);
         }
       }
     }
@@ -701,8 +698,10 @@ function legacyFiles(dir: string, uuid: string): ReturnType<typeof luks1Reencryp
   return files;
 }
 
+const NO_KEY = 'No key available with this passphrase.';
+
 function noKey(): never {
-  throw new CryptmapError('ENOKEY', 'No key available with this passphrase.', { exitCode: 2, errno: 'EPERM' });
+  throw new CryptmapError('ENOKEY', NO_KEY, { exitCode: 2, errno: 'EPERM' });
 }
 
 /**
@@ -718,7 +717,7 @@ async function luks1Main(
   device: string,
   hdrPath: string,
   dataPath: string,
-  passSrc: { keyFile: string | undefined; keyfileOffset: number | undefined; keyfileSize: number | undefined },
+  passSrc: PassphraseSource,
 ): Promise<number> {
   const slotArg = v['key-slot'] !== undefined ? Number(v['key-slot']) : undefined;
   if (slotArg !== undefined && !(slotArg >= 0 && slotArg < 8))
